@@ -1,0 +1,1 @@
+"""Adapters from a host's objects (diffusers pipelines, ...) to the engine."""
