@@ -44,6 +44,15 @@ def load_pipeline(model: str | None, device: str | None):
     return DiffusersPipeline.load(model, device)
 
 
+def parallel_config(args):
+    """The ParallelConfig the options ask for, or None for plain one-device sampling."""
+    if args.devices is None:
+        return None
+    from .config import ParallelConfig
+
+    return ParallelConfig(args.devices, args.strategy, timeout_s=args.timeout)
+
+
 def grid(images: list):
     """Images side by side in one picture."""
     from PIL import Image
@@ -65,20 +74,46 @@ def cmd_generate(args) -> int:
     request_fields = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps,
                           seed=args.seed, scheduler=args.scheduler, num_images=args.num_images)
     GenerationRequest(**request_fields, cfg=args.cfg if args.cfg is not None else 1.0)  # validate before loading
+    config = parallel_config(args)
     with Timer() as load_timer:
         pipeline = load_pipeline(args.model, args.device)
     request = GenerationRequest(**request_fields, cfg=args.cfg if args.cfg is not None else pipeline.default_cfg)
-    result = pipeline.generate(request, progress=not args.quiet)
+    if config is None:
+        result = pipeline.generate(request, progress=not args.quiet)
+    else:
+        with pipeline.parallel(config) as parallel_pipeline:
+            result = parallel_pipeline.generate(request, progress=not args.quiet)
     image = result.images[0] if len(result.images) == 1 else grid(result.images)
     try:
         image.save(out)
     except OSError as exc:
         raise OSError(f"could not write {out}: {exc}") from None
     per_call = 1000 * result.seconds / max(result.model_calls, 1)
+    where = f"{config.strategy} on {len(result.extras['devices'])} devices" if config else f"{pipeline.device}"
     print(f"tandem: {len(result.images)} image(s), {request.steps} steps ({request.scheduler}, cfg {request.cfg:g}) "
-          f"in {result.seconds:.2f} s on {pipeline.device} ({per_call:.1f} ms per model call, "
+          f"in {result.seconds:.2f} s on {where} ({per_call:.1f} ms per model call, "
           f"{result.model_calls} calls; model loaded in {load_timer.seconds:.2f} s) -> {out}")
     return 0
+
+
+def cmd_bench(args) -> int:
+    from .bench import format_table, run_bench, write_json
+
+    strategies = tuple(s.strip() for s in args.strategies.split(",") if s.strip())
+    report = run_bench(args.model, args.devices, strategies, args.steps, args.resolution, args.repeats,
+                       progress=(lambda line: None) if args.quiet else (lambda line: print(line, file=sys.stderr)))
+    print(format_table(report))
+    if args.json:
+        write_json(report, args.json)
+        print(f"tandem: wrote {args.json}")
+    return 0
+
+
+def _add_parallel_options(parser, devices_default):
+    parser.add_argument("--devices", default=devices_default,
+                        help="'cuda:0,cuda:1', 'cpu:2' (two CPU workers) or 'auto'")
+    parser.add_argument("--strategy", default="auto", help="auto, cfg or batch")
+    parser.add_argument("--timeout", type=float, default=300.0, help="longest wait on a worker, seconds")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -97,7 +132,19 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a local diffusers Stable Diffusion / SDXL folder (default: the embedded digits model)")
     gen.add_argument("--device", default=None, help="torch device (default: cuda if present, else cpu)")
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_parallel_options(gen, devices_default=None)
     gen.set_defaults(run=cmd_generate)
+
+    bench = commands.add_parser("bench", help="one device vs each strategy, same model and inputs, one run")
+    bench.add_argument("--model", default="small", help="tiny, small, sd15 or sdxl")
+    bench.add_argument("--devices", default="cpu:2", help="'cuda:0,cuda:1', 'cpu:2' or 'auto'")
+    bench.add_argument("--strategies", default="cfg,batch", help="comma list of strategies")
+    bench.add_argument("--steps", type=int, default=20, help="sampler calls per run")
+    bench.add_argument("--resolution", default=None, help="pixels: 256 or 1024x768 (default: the model's)")
+    bench.add_argument("--repeats", type=int, default=3, help="timed runs of each loop (after one warm-up)")
+    bench.add_argument("--json", default=None, help="also write the report as JSON here")
+    bench.add_argument("--quiet", action="store_true")
+    bench.set_defaults(run=cmd_bench)
     return parser
 
 

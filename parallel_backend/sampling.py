@@ -6,6 +6,7 @@ the seam Tandem parallelises: the loop, the scheduler and classifier-free guidan
 
 from __future__ import annotations
 
+import inspect
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -98,7 +99,9 @@ def denoise(denoiser: Denoiser, scheduler, noise: torch.Tensor, context: torch.T
         if uncond_context is None:
             raise ValueError("cfg != 1 needs an unconditional context")
         both_contexts = torch.cat([uncond_context, context])
-    generator = torch.Generator("cpu").manual_seed(seed + 1)  # for ancestral samplers' fresh noise
+    step_kwargs = {}
+    if "generator" in inspect.signature(scheduler.step).parameters:  # ancestral samplers draw fresh noise
+        step_kwargs["generator"] = torch.Generator("cpu").manual_seed(seed + 1)
     calls = 0
     for t in tqdm(scheduler.timesteps, desc="sampling", unit="call", disable=not progress, leave=False):
         x = scheduler.scale_model_input(latents, t).to(dtype)
@@ -108,7 +111,7 @@ def denoise(denoiser: Denoiser, scheduler, noise: torch.Tensor, context: torch.T
         else:
             eps = denoiser(x, t, context)
         calls += 1
-        latents = scheduler.step(eps.float(), t, latents, generator=generator).prev_sample
+        latents = scheduler.step(eps.float(), t, latents, **step_kwargs).prev_sample
     return latents, calls
 
 

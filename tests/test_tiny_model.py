@@ -110,3 +110,11 @@ def test_training_is_deterministic_and_saves_what_it_trained(tmp_path):
     x, t = torch.randn(1, 4, 8, 8), torch.tensor([500])
     ctx = a.text_encoder(ids)
     assert torch.equal(loaded.unet(x, t, encoder_hidden_states=ctx).sample, a.unet(x, t, encoder_hidden_states=ctx).sample)
+
+
+def test_every_scheduler_runs(digits_pipeline):
+    from parallel_backend.sampling import SCHEDULERS
+
+    for name in SCHEDULERS:
+        result = digits_pipeline.generate(GenerationRequest("a handwritten 6", steps=4, scheduler=name), progress=False)
+        assert torch.isfinite(result.latents).all(), name

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import weakref
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
+from ..models.diffusers_unet import FAMILY as UNET_FAMILY
 from ..sampling import Generation, GenerationRequest, Timer, initial_noise, make_scheduler
 
 SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
@@ -68,4 +71,86 @@ class DiffusersPipeline:
                        num_inference_steps=request.steps, guidance_scale=request.cfg,
                        num_images_per_prompt=request.num_images, latents=noise,
                        generator=torch.Generator("cpu").manual_seed(request.seed + 1), output_type="pil")
-        return Generation(out.images, noise, timer.seconds, len(pipe.scheduler.timesteps))
+        devices = pipe.unet._executor.pool.devices if isinstance(pipe.unet, ParallelUNet) else (str(pipe.device),)
+        return Generation(out.images, noise, timer.seconds, len(pipe.scheduler.timesteps), {"devices": devices})
+
+    @contextmanager
+    def parallel(self, config, pool=None):
+        """Within the block, the pipeline's UNet runs on a pool (see `parallelize`)."""
+        parallelize(self.pipe, config, pool)
+        wrapper = self.pipe.unet
+        wrapper._executor.pool.ensure_model(wrapper.unet, UNET_FAMILY)  # ship the weights before sampling
+        try:
+            yield self
+        finally:
+            unparallelize(self.pipe)
+
+
+class ParallelUNet(torch.nn.Module):
+    """Stands in for a pipeline's UNet: every forward runs on the pool; attributes read through to the UNet.
+
+    The wrapped UNet itself is left untouched (it is what ships to the workers), so `unparallelize` puts it
+    back as it was.
+    """
+
+    def __init__(self, unet, executor, pipe):
+        super().__init__()
+        self.unet = unet
+        object.__setattr__(self, "_executor", executor)
+        object.__setattr__(self, "_pipe", weakref.ref(pipe))
+        self.calls = 0
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["unet"], name)
+
+    def forward(self, sample, timestep, encoder_hidden_states, return_dict: bool = True, **kwargs):
+        from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+
+        from ..calls import ModelCall
+
+        pipe = self._pipe()
+        guided = bool(getattr(pipe, "do_classifier_free_guidance", False))
+        cfg_scale = float(getattr(pipe, "guidance_scale", 1.0)) if guided else 1.0
+        extras = {k: v for k, v in kwargs.items() if v is not None}
+        timestep = timestep if isinstance(timestep, torch.Tensor) else torch.tensor(timestep)
+        call = ModelCall(sample, timestep, encoder_hidden_states, extras, branches=2 if guided else 1,
+                         index=self.calls)
+        self.calls += 1
+        out = self._executor(self.unet, UNET_FAMILY, call, cfg_scale)
+        return UNet2DConditionOutput(sample=out) if return_dict else (out,)
+
+
+def parallelize(pipe, config=None, pool=None):
+    """Runs `pipe`'s UNet on a pool of devices (a diffusers StableDiffusion / SDXL pipeline). Idempotent.
+
+    config: a ParallelConfig (default: all devices, strategy auto). pool: a started or unstarted WorkerPool to
+    use (default: one made for `config.devices`, owned by the pipeline and shut down by `unparallelize`).
+    Returns `pipe`, changed in place; `unparallelize(pipe)` restores it.
+    """
+    from ..config import ParallelConfig
+    from ..executor import ParallelExecutor
+    from ..pool import WorkerPool
+
+    if isinstance(pipe.unet, ParallelUNet):
+        return pipe
+    config = config or ParallelConfig()
+    owned = pool is None
+    pool = pool or WorkerPool(config.devices, timeout_s=config.timeout_s)
+    wrapper = ParallelUNet(pipe.unet, ParallelExecutor(pool, config), pipe)
+    object.__setattr__(wrapper, "_owned_pool", pool if owned else None)
+    pipe.unet = wrapper
+    return pipe
+
+
+def unparallelize(pipe):
+    """Puts the original UNet back; shuts the pool down if `parallelize` made it. Idempotent."""
+    wrapper = pipe.unet
+    if not isinstance(wrapper, ParallelUNet):
+        return pipe
+    pipe.unet = wrapper.unet
+    if wrapper._owned_pool is not None:
+        wrapper._owned_pool.shutdown()
+    return pipe

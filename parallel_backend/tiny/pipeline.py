@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 
 from ..sampling import Generation, GenerationRequest, Timer, denoise, initial_noise, make_scheduler
@@ -29,6 +31,7 @@ class TinyDigitsPipeline:
         self.model = (model or TinyDigitsModel.load()).to(device, dtype).eval()
         self.device, self.dtype = torch.device(device), dtype
         self.unet = self.model.unet
+        self.executor = None  # a ParallelExecutor while inside `parallel(...)`
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
@@ -36,8 +39,32 @@ class TinyDigitsPipeline:
         ids = self.model.tokenizer.encode(prompts).to(self.device)
         return self.model.text_encoder(ids)
 
-    def denoiser(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        return self.unet(x, t, encoder_hidden_states=context).sample
+    @contextmanager
+    def parallel(self, config, pool=None):
+        """Within the block, every UNet call runs on a pool (`pool`, or one started for `config.devices`)."""
+        from ..executor import ParallelExecutor
+        from ..pool import WorkerPool
+
+        owned = pool is None
+        pool = pool or WorkerPool(config.devices, timeout_s=config.timeout_s)
+        self.executor = ParallelExecutor(pool.start(), config)
+        pool.ensure_model(self.unet, "diffusers_unet")  # ship the weights now, not inside the first timed call
+        try:
+            yield self
+        finally:
+            self.executor = None
+            if owned:
+                pool.shutdown()
+
+    def _denoiser(self, cfg: float):
+        if self.executor is None:
+            return lambda x, t, context: self.unet(x, t, encoder_hidden_states=context).sample
+        from ..calls import ModelCall
+        from ..models.diffusers_unet import FAMILY
+
+        index = iter(range(1 << 62))
+        return lambda x, t, context: self.executor(
+            self.unet, FAMILY, ModelCall(x, t, context, branches=2 if cfg != 1.0 else 1, index=next(index)), cfg)
 
     @torch.no_grad()
     def generate(self, request: GenerationRequest, progress: bool = True) -> Generation:
@@ -47,7 +74,8 @@ class TinyDigitsPipeline:
         noise = initial_noise(request.seed, (n, *self.model.config["latent_shape"]))
         scheduler = make_scheduler(request.scheduler, self.model.config["scheduler"])
         with Timer() as timer:
-            latents, calls = denoise(self.denoiser, scheduler, noise, context, uncond, request.cfg, request.steps,
+            latents, calls = denoise(self._denoiser(request.cfg), scheduler, noise, context, uncond, request.cfg, request.steps,
                                      request.seed, progress)
         pixels = self.model.codec.decode(latents.float())
-        return Generation(pixels_to_images(pixels), latents, timer.seconds, calls, {"pixels": pixels})
+        devices = self.executor.pool.devices if self.executor else (str(self.device),)
+        return Generation(pixels_to_images(pixels), latents, timer.seconds, calls, {"pixels": pixels, "devices": devices})

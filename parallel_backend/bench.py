@@ -1,0 +1,201 @@
+"""`tandem bench`: the one-device reference and each strategy on the same model, seed and inputs, in one run.
+
+On CPU devices every device gets an equal share of the cores; the reference ("serial") runs in this process
+with one device's share, a second reference with all cores. Each strategy runs the same sampler loop (DDIM,
+`steps` calls) through a WorkerPool. Ratios from one run are what count.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .benchmodels import BenchModel, build_bench_model
+from .calls import ModelCall
+from .config import ParallelConfig
+from .executor import ParallelExecutor
+from .models.diffusers_unet import FAMILY, forward
+from .pool import WorkerPool
+from .sampling import denoise, initial_noise, make_scheduler
+from .tiny.model import SCHEDULER_CONFIG
+
+CFG_SCALE = 7.5
+
+
+@dataclass
+class Job:
+    """What one strategy is measured on: cfg uses one image with guidance; batch two images without."""
+
+    images: int
+    cfg: float
+
+
+JOBS = {"cfg": Job(1, CFG_SCALE), "batch": Job(2, 1.0)}
+
+
+@dataclass
+class LoopResult:
+    latents: torch.Tensor
+    per_call: list[float]
+    end_to_end: list[float]
+    overhead: list[float]
+
+
+def parse_resolution(text: str | int) -> tuple[int, int]:
+    """"256" -> (256, 256); "1024x768" -> (1024, 768) as (H, W)."""
+    parts = str(text).lower().split("x")
+    try:
+        values = [int(p) for p in parts]
+    except ValueError:
+        raise ValueError(f"resolution {text!r}: write pixels as 256 or 1024x768") from None
+    if len(values) not in (1, 2) or min(values) < 8:
+        raise ValueError(f"resolution {text!r}: write pixels as 256 or 1024x768 (at least 8)")
+    return (values[0], values[-1])
+
+
+def _inputs(model: BenchModel, job: Job, resolution: tuple[int, int]):
+    h, w = (r // model.latent_factor for r in resolution)
+    noise = initial_noise(0, (job.images, model.unet.config.in_channels, h, w))
+    generator = torch.Generator().manual_seed(1)
+    context = torch.randn(job.images, *model.context_shape, generator=generator)
+    uncond = torch.randn(job.images, *model.context_shape, generator=generator)
+    return noise, context, uncond
+
+
+def run_loop(model: BenchModel, job: Job, resolution, steps: int, repeats: int, executor=None) -> LoopResult:
+    """The sampler loop, `repeats` timed runs after one warm-up; locally or through `executor`."""
+    noise, context, uncond = _inputs(model, job, resolution)
+    dtype = next(model.unet.parameters()).dtype
+    per_call, overhead, counter = [], [], [0]
+
+    def denoiser(x, t, ctx):
+        call = ModelCall(x, t, ctx, model.extras(x.shape[0]), branches=2 if job.cfg != 1.0 else 1, index=counter[0])
+        counter[0] += 1
+        started = time.perf_counter()
+        if executor is None:
+            with torch.inference_mode():
+                out = forward(model.unet, call)
+        else:
+            out = executor(model.unet, FAMILY, call, job.cfg)
+        per_call.append(time.perf_counter() - started)
+        if executor is not None:
+            overhead.append(per_call[-1] - max(executor.pool.last_compute_seconds.values()))
+        return out
+
+    totals, latents = [], None
+    for repeat in range(repeats + 1):
+        if repeat == 1:
+            per_call.clear(), overhead.clear()
+        scheduler = make_scheduler("ddim", SCHEDULER_CONFIG)
+        started = time.perf_counter()
+        latents, _ = denoise(denoiser, scheduler, noise, context.to(dtype), uncond.to(dtype), job.cfg, steps,
+                             progress=False)
+        if repeat:
+            totals.append(time.perf_counter() - started)
+    return LoopResult(latents, per_call, totals, overhead)
+
+
+def _time_rows(model: BenchModel, rows: int, resolution, calls: int = 8) -> float:
+    noise, context, _ = _inputs(model, Job(rows, 1.0), resolution)
+    call = ModelCall(noise, torch.tensor(500), context, model.extras(rows))
+    times = []
+    with torch.inference_mode():
+        for i in range(calls + 1):
+            started = time.perf_counter()
+            forward(model.unet, call)
+            times.append(time.perf_counter() - started)
+    return statistics.median(times[1:])
+
+
+def psnr(reference: torch.Tensor, other: torch.Tensor) -> float:
+    """PSNR in dB relative to the reference's value range (inf when identical)."""
+    mse = (reference.double() - other.double()).pow(2).mean().item()
+    span = (reference.max() - reference.min()).item()
+    return float("inf") if mse == 0 else 10 * torch.log10(torch.tensor(span * span / mse)).item()
+
+
+def _max_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def run_bench(model_name: str = "small", devices: str = "cpu:2", strategies=("cfg", "batch"), steps: int = 20,
+              resolution=None, repeats: int = 2, progress=print) -> dict:
+    """Runs the benchmark; returns the JSON-ready report (see PERFORMANCE.md)."""
+    for strategy in strategies:
+        if strategy not in JOBS:
+            raise ValueError(f"bench strategy {strategy!r} is not available; choose from: {', '.join(JOBS)}")
+    model = build_bench_model(model_name)
+    resolution = parse_resolution(resolution or model.default_resolution)
+    pool = WorkerPool(devices)
+    n = len(pool.start().devices)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    share = max(1, cores // n)
+    results, serial_by_job = [], {}
+    try:
+        for strategy in strategies:
+            job = JOBS[strategy]
+            if strategy not in serial_by_job:
+                torch.set_num_threads(share)
+                progress(f"[bench] serial reference ({job.images} image(s), cfg {job.cfg:g}, {share} thread(s))")
+                serial = run_loop(model, job, resolution, steps, repeats)
+                rows = job.images * (2 if job.cfg != 1.0 else 1)
+                ideal = _time_rows(model, rows, resolution) / _time_rows(model, -(-rows // n), resolution)
+                torch.set_num_threads(cores)
+                progress(f"[bench] all-cores reference ({cores} threads)")
+                all_cores = run_loop(model, job, resolution, steps, repeats)
+                serial_by_job[strategy] = (serial, all_cores, ideal)
+                results.append(_row("serial", 1, serial, serial, all_cores, 1.0, [_max_rss()], job))
+            serial, all_cores, ideal = serial_by_job[strategy]
+            torch.set_num_threads(1)  # the host only steps the scheduler; idle OpenMP threads would spin on the workers' cores
+            progress(f"[bench] {strategy} on {n} devices")
+            executor = ParallelExecutor(pool, ParallelConfig(devices, strategy))
+            parallel = run_loop(model, job, resolution, steps, repeats, executor)
+            results.append(_row(strategy, n, parallel, serial, all_cores, ideal, pool.memory(), job))
+    finally:
+        pool.shutdown()
+        torch.set_num_threads(cores)
+    return {"model": model_name, "resolution": list(resolution), "steps": steps, "devices": list(pool.devices),
+            "threads_per_device": share, "results": results}
+
+
+def _row(strategy, n, result: LoopResult, serial: LoopResult, all_cores: LoopResult, ideal, memory, job) -> dict:
+    per_call = statistics.median(result.per_call)
+    serial_call = statistics.median(serial.per_call)
+    return {
+        "strategy": strategy, "devices": n, "job": {"images": job.images, "cfg": job.cfg},
+        "seconds_per_call_median": per_call,
+        "end_to_end_seconds_median": statistics.median(result.end_to_end),
+        "speedup_vs_serial": serial_call / per_call,
+        "ideal_speedup": ideal,
+        "speedup_vs_serial_all_cores": statistics.median(all_cores.per_call) / per_call,
+        "max_abs_diff_vs_serial": (result.latents - serial.latents).abs().max().item(),
+        "psnr_vs_serial_db": psnr(serial.latents, result.latents),
+        "overhead_seconds_per_call_median": statistics.median(result.overhead) if result.overhead else 0.0,
+        "peak_memory_bytes_per_device": memory,
+    }
+
+
+def format_table(report: dict) -> str:
+    head = (f"model {report['model']}, {report['resolution'][0]}x{report['resolution'][1]} px, {report['steps']} calls, "
+            f"devices {','.join(report['devices'])} ({report['threads_per_device']} thread(s) each)")
+    lines = [head, f"{'strategy':<9}{'dev':>4}{'ms/call':>10}{'e2e s':>8}{'speedup':>9}{'ideal':>7}{'%ideal':>8}"
+                   f"{'vs all':>8}{'max|diff|':>11}{'PSNR dB':>9}{'ovh ms':>8}{'peak MiB/dev':>16}"]
+    for r in report["results"]:
+        pct = 100 * r["speedup_vs_serial"] / r["ideal_speedup"]
+        lines.append(f"{r['strategy']:<9}{r['devices']:>4}{1000 * r['seconds_per_call_median']:>10.1f}"
+                     f"{r['end_to_end_seconds_median']:>8.2f}{r['speedup_vs_serial']:>8.2f}x{r['ideal_speedup']:>6.2f}x"
+                     f"{pct:>7.0f}%{r['speedup_vs_serial_all_cores']:>7.2f}x{r['max_abs_diff_vs_serial']:>11.1e}"
+                     f"{r['psnr_vs_serial_db']:>9.1f}{1000 * r['overhead_seconds_per_call_median']:>8.1f}"
+                     f"{'/'.join(str(m // 2**20) for m in r['peak_memory_bytes_per_device']):>16}")
+    return "\n".join(lines)
+
+
+def write_json(report: dict, path: str) -> None:
+    with open(path, "w") as f:
+        json.dump(report, f, indent=2, default=float)

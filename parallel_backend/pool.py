@@ -1,0 +1,353 @@
+"""WorkerPool: one persistent worker process per device, driven by the host.
+
+The host starts the workers once (`python -m parallel_backend.worker`), ships each model to them once per
+fingerprint (through a file in shared memory that CPU workers map rather than copy), and then, per model
+call, sends every worker its share and gathers the results. Every wait is bounded; a worker that dies is
+noticed from its process ending, the error names its device and the call, the pool tears itself down and
+starts afresh on the next job. Workers leave with the host (they watch its process).
+"""
+
+from __future__ import annotations
+
+import atexit
+import hashlib
+import itertools
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import weakref
+from dataclasses import dataclass, field
+from multiprocessing.connection import wait
+from pathlib import Path
+
+from .config import parse_devices, resolve_devices
+from .transport import Channel, ChannelClosed, Listener
+
+PACKAGE_PARENT = str(Path(__file__).resolve().parent.parent)
+
+
+class WorkerError(RuntimeError):
+    """A worker failed or died. The message starts with its device and worker number, then the call."""
+
+    def __init__(self, message: str, device: str = "", rank: int = -1, remote_traceback: str = ""):
+        super().__init__(message)
+        self.device, self.rank, self.remote_traceback = device, rank, remote_traceback
+
+
+_TENSOR_LISTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def model_fingerprint(module, family: str) -> str:
+    """Identity + weights' storage, dtype, shape and version counter: changes when the model or its weights
+    do (an in-place LoRA merge bumps the version counters), stays the same across calls and jobs otherwise.
+
+    The module's tensor list is walked once and cached (a walk costs ~ms per call on a UNet); a parameter
+    replaced by a new tensor object after that is therefore not seen: replace weights in place, or clone.
+    """
+    tensors = _TENSOR_LISTS.get(module)
+    if tensors is None:
+        tensors = _TENSOR_LISTS[module] = list(itertools.chain(module.named_parameters(), module.named_buffers()))
+    digest = hashlib.sha256(f"{family}|{type(module).__module__}.{type(module).__qualname__}|{id(module)}".encode())
+    digest.update(repr([(name, str(t.dtype), tuple(t.shape), t.data_ptr(), t._version) for name, t in tensors]).encode())
+    return digest.hexdigest()
+
+
+@dataclass
+class PoolStats:
+    starts: int = 0
+    restarts: int = 0
+    model_loads: int = 0
+    weights_bytes_shipped: int = 0
+    calls: int = 0
+    last_load_seconds: float = 0.0
+    failures: list = field(default_factory=list)
+
+
+@dataclass
+class _Worker:
+    rank: int
+    device: str
+    process: subprocess.Popen
+    log_path: Path
+    channel: Channel | None = None
+
+    @property
+    def name(self) -> str:
+        return f"{self.device} (worker {self.rank})"
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def death_note(self) -> str:
+        code = self.process.poll()
+        if code is None:
+            return "connection lost"
+        how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+        tail = _tail(self.log_path)
+        return f"worker process died ({how})" + (f"; its log ends: {tail}" if tail else "")
+
+
+def _tail(path: Path, chars: int = 400) -> str:
+    try:
+        return path.read_text(errors="replace")[-chars:].strip().replace("\n", " | ")
+    except OSError:
+        return ""
+
+
+def _shared_tmp_root() -> str | None:
+    return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+
+
+class WorkerPool:
+    """A persistent pool of worker processes, one per device.
+
+    devices: "auto", "cpu:2", "cuda:0,cuda:1", ... (see config.parse_devices).
+    timeout_s: longest wait for any one reply (dead workers are noticed at once, not by this timeout).
+    pg_timeout_s: the workers' process-group timeout: no collective blocks longer on a dead peer.
+    """
+
+    def __init__(self, devices: str | tuple[str, ...] = "auto", *, timeout_s: float = 300.0,
+                 start_timeout_s: float = 120.0, pg_timeout_s: float = 60.0):
+        self.requested_devices = parse_devices(devices)
+        self.timeout_s, self.start_timeout_s, self.pg_timeout_s = timeout_s, start_timeout_s, pg_timeout_s
+        self.stats = PoolStats()
+        self._workers: list[_Worker] = []
+        self._dir: Path | None = None
+        self._loaded: str | None = None
+        self._finalizer = None
+        self.last_compute_seconds: dict[int, float] = {}
+
+    # ---- lifecycle -------------------------------------------------------------------------------------
+
+    @property
+    def started(self) -> bool:
+        return bool(self._workers)
+
+    @property
+    def devices(self) -> tuple[str, ...]:
+        return tuple(w.device for w in self._workers) or self.requested_devices
+
+    def worker_pids(self) -> list[int]:
+        return [w.process.pid for w in self._workers]
+
+    def start(self) -> "WorkerPool":
+        """Starts the workers if they are not running (idempotent); returns once all joined the group."""
+        if self._workers:
+            return self
+        devices = resolve_devices(self.requested_devices)
+        self._dir = Path(tempfile.mkdtemp(prefix="tandem-pool-", dir=_shared_tmp_root()))
+        authkey = secrets.token_bytes(32)
+        listener = Listener(authkey)
+        try:
+            self._spawn(devices, listener.address, authkey)
+            self._handshake(listener)
+        except BaseException:
+            self._teardown()
+            raise
+        finally:
+            listener.close()
+        self.stats.starts += 1
+        self._finalizer = weakref.finalize(self, _kill_all, [w.process for w in self._workers], self._dir)
+        atexit.register(self._finalizer)
+        return self
+
+    def _spawn(self, devices: tuple[str, ...], address, authkey: bytes) -> None:
+        n = len(devices)
+        cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+        per_worker = max(1, len(cores) // n)
+        for rank, device in enumerate(devices):
+            env = dict(os.environ, TANDEM_AUTHKEY=authkey.hex(), GLOO_SOCKET_IFNAME="lo", NCCL_SOCKET_IFNAME="lo",
+                       PYTHONPATH=os.pathsep.join(filter(None, [PACKAGE_PARENT, os.environ.get("PYTHONPATH")])))
+            command = [sys.executable, "-m", "parallel_backend.worker", "--connect", f"{address[0]}:{address[1]}",
+                       "--rank", str(rank), "--world", str(n), "--device", device,
+                       "--rendezvous", f"file://{self._dir}/rendezvous", "--pg-timeout", str(self.pg_timeout_s),
+                       "--host-pid", str(os.getpid())]
+            if device == "cpu":
+                mine = cores[rank * per_worker:(rank + 1) * per_worker] if len(cores) >= n else cores
+                env["OMP_NUM_THREADS"] = str(per_worker)
+                command += ["--threads", str(per_worker), "--cpus", ",".join(map(str, mine))]
+            log_path = self._dir / f"worker-{rank}.log"
+            with open(log_path, "wb") as log:
+                # A new session: the terminal's Ctrl-C goes to the host, which shuts the workers down in order.
+                process = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                           start_new_session=True)
+            self._workers.append(_Worker(rank, device, process, log_path))
+
+    def _handshake(self, listener: Listener) -> None:
+        deadline = time.monotonic() + self.start_timeout_s
+        waiting = {w.rank: w for w in self._workers}
+        while waiting:
+            for w in waiting.values():
+                if not w.alive():
+                    raise WorkerError(f"{w.name}: failed to start: {w.death_note()}", w.device, w.rank)
+            if time.monotonic() > deadline:
+                raise WorkerError(f"workers {sorted(waiting)} did not connect within {self.start_timeout_s:g} s")
+            try:
+                conn = listener.accept(timeout=0.5)
+            except TimeoutError:
+                continue
+            channel = Channel(conn, "worker")
+            hello = channel.recv(timeout=10.0)
+            worker = waiting.pop(hello["rank"])
+            channel.name = worker.name
+            worker.channel = channel
+        for w in self._workers:  # all connected: now each reports joining the process group
+            reply = w.channel.recv(timeout=max(1.0, deadline - time.monotonic()), alive=w.alive)
+            if not reply.get("ok"):
+                raise WorkerError(f"{w.name}: {reply.get('error')}", w.device, w.rank)
+
+    def shutdown(self) -> None:
+        """Stops every worker (politely, then by force) and removes the pool's files. Idempotent."""
+        for w in self._workers:
+            if w.channel is not None and w.alive():
+                try:
+                    w.channel.send({"op": "shutdown"})
+                except ChannelClosed:
+                    pass
+        self._teardown(grace_s=5.0)
+
+    def _teardown(self, grace_s: float = 0.0) -> None:
+        workers, self._workers, self._loaded = self._workers, [], None
+        deadline = time.monotonic() + grace_s
+        for w in workers:
+            try:
+                w.process.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        _kill_all([w.process for w in workers], self._dir)
+        for w in workers:
+            if w.channel is not None:
+                w.channel.close()
+        if self._finalizer is not None:
+            atexit.unregister(self._finalizer)
+            self._finalizer.detach()
+            self._finalizer = None
+        self._dir = None
+
+    def restart(self) -> "WorkerPool":
+        self._teardown()
+        self.stats.restarts += 1
+        return self.start()
+
+    def __enter__(self) -> "WorkerPool":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+    # ---- requests --------------------------------------------------------------------------------------
+
+    def request(self, requests: dict[int, dict], what: str) -> dict[int, dict]:
+        """Sends each worker (by rank) its request, then gathers every reply.
+
+        A worker that answers with an error leaves the pool as it is (every other reply is still read) and
+        raises a WorkerError naming its device and `what` it was doing. A worker that dies, a timeout or an
+        interruption tears the pool down (it restarts on the next start()), since replies may be in flight.
+        """
+        self.start()
+        workers = {rank: self._workers[rank] for rank in requests}
+        try:
+            for rank, message in requests.items():
+                workers[rank].channel.send(message)
+            replies = self._gather(workers, what)
+        except WorkerError as exc:
+            self.stats.failures.append(str(exc))
+            self._teardown()
+            raise
+        except BaseException:
+            self._teardown()
+            raise
+        failed = [(rank, reply) for rank, reply in sorted(replies.items()) if not reply.get("ok")]
+        if failed:
+            rank, reply = failed[0]
+            w = workers[rank]
+            error = WorkerError(f"{w.name}, {what}: {reply.get('error')}", w.device, w.rank, reply.get("traceback", ""))
+            self.stats.failures.append(str(error))
+            raise error
+        return replies
+
+    def _gather(self, workers: dict[int, _Worker], what: str) -> dict[int, dict]:
+        """Every worker's reply (error replies included); raises WorkerError if one dies or time runs out."""
+        replies: dict[int, dict] = {}
+        pending = dict(workers)
+        deadline = time.monotonic() + self.timeout_s
+        by_conn = {w.channel.conn: rank for rank, w in pending.items()}
+        while pending:
+            for conn in wait([w.channel.conn for w in pending.values()], timeout=0.2):
+                w = pending.pop(by_conn[conn])
+                try:
+                    replies[w.rank] = w.channel.recv(timeout=self.timeout_s)
+                except ChannelClosed:
+                    try:
+                        w.process.wait(timeout=2.0)  # a closed connection usually means the process is ending
+                    except subprocess.TimeoutExpired:
+                        pass
+                    raise WorkerError(f"{w.name}, {what}: {w.death_note()}", w.device, w.rank) from None
+            for w in pending.values():
+                if not w.alive():
+                    raise WorkerError(f"{w.name}, {what}: {w.death_note()}", w.device, w.rank)
+            if pending and time.monotonic() > deadline:
+                names = ", ".join(w.name for w in pending.values())
+                raise WorkerError(f"{names}, {what}: no answer within {self.timeout_s:g} s")
+        return replies
+
+    def ensure_model(self, module, family: str) -> str:
+        """Makes every worker hold `module` (a torch.nn.Module of model family `family`); ships its weights
+        only when its fingerprint is new. Returns the fingerprint."""
+        import torch
+
+        self.start()
+        fingerprint = model_fingerprint(module, family)
+        if fingerprint == self._loaded:
+            return fingerprint
+        path = self._dir / f"model-{fingerprint[:16]}.pt"
+        started = time.perf_counter()
+        torch.save(module, path)
+        try:
+            self.request({w.rank: {"op": "load", "fingerprint": fingerprint, "path": str(path), "family": family}
+                          for w in self._workers}, "loading the model")
+        finally:
+            path.unlink(missing_ok=True)  # workers keep their mappings; the file need not outlive the load
+        self._loaded = fingerprint
+        self.stats.model_loads += 1
+        self.stats.weights_bytes_shipped += sum(p.numel() * p.element_size() for p in module.state_dict().values())
+        self.stats.last_load_seconds = time.perf_counter() - started
+        return fingerprint
+
+    def release_models(self) -> None:
+        """Drops the model the workers hold (e.g. when the host frees memory)."""
+        if self._workers:
+            self.request({w.rank: {"op": "unload"} for w in self._workers}, "releasing models")
+        self._loaded = None
+
+    def call(self, fingerprint: str, shares: dict, index: int = 0) -> dict:
+        """Runs ModelCall shares (rank -> ModelCall) of call number `index`; returns rank -> output tensor.
+        The workers' compute seconds for it are left in `last_compute_seconds` (rank -> s)."""
+        replies = self.request({rank: {"op": "call", "fingerprint": fingerprint, "call": share}
+                                for rank, share in shares.items()}, f"call {index}")
+        self.stats.calls += 1
+        self.last_compute_seconds = {rank: reply["seconds"] for rank, reply in replies.items()}
+        return {rank: reply["out"] for rank, reply in replies.items()}
+
+    def memory(self) -> list[int]:
+        """Peak memory per worker, in bytes (CUDA: max allocated; CPU: max resident set)."""
+        replies = self.request({w.rank: {"op": "ping"} for w in self._workers}, "reporting memory")
+        return [replies[r]["peak_bytes"] for r in sorted(replies)]
+
+
+def _kill_all(processes: list, folder: Path | None) -> None:
+    for process in processes:
+        if process.poll() is None:
+            process.kill()
+    for process in processes:
+        try:
+            process.wait(timeout=5.0)
+        except subprocess.TimeoutExpired:
+            pass
+    if folder is not None:
+        shutil.rmtree(folder, ignore_errors=True)

@@ -1,0 +1,22 @@
+"""cfg: the unconditional and conditional branches on different devices. Exact.
+
+A call with classifier-free guidance holds its rows as [uncond; cond] (two equal halves); with degree 2 each
+half goes to its own device, and the host concatenates the two predictions back in that order.
+"""
+
+from __future__ import annotations
+
+NAME = "cfg"
+EXACT = True
+
+
+def partition(rows: range, degree: int, branches: int) -> list[range]:
+    if degree == 1:
+        return [rows]
+    if degree != 2:
+        raise ValueError(f"cfg degree {degree}: there are only two branches (cond, uncond); use 1 or 2")
+    if branches != 2 or len(rows) % 2:
+        raise ValueError("cfg degree 2 needs a call holding both branches ([uncond; cond]); this call has "
+                         f"{len(rows)} rows of {branches} branch(es): with cfg=1 use strategy 'batch'")
+    half = len(rows) // 2
+    return [range(rows.start, rows.start + half), range(rows.start + half, rows.stop)]

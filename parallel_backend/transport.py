@@ -1,0 +1,156 @@
+"""Host <-> worker control channel: authenticated sockets, and tensors sent as raw out-of-band buffers.
+
+Every connection proves knowledge of the pool's secret key (an HMAC challenge, both ways) before a single
+byte is unpickled; the listener binds to loopback unless told otherwise. Tensors travel as their raw bytes
+(pickle protocol 5 out-of-band buffers received straight into writable memory), not through torch.save.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import socket
+import struct
+import time
+from multiprocessing.connection import Client, Connection, answer_challenge, deliver_challenge
+from typing import Any, Callable
+
+import torch
+
+HANDSHAKE_TIMEOUT_S = 10.0
+
+
+class ChannelClosed(ConnectionError):
+    """The peer's end is gone (its process ended or closed the connection)."""
+
+
+def _rebuild_tensor(dtype_name: str, shape: tuple[int, ...], buffer) -> torch.Tensor:
+    dtype = getattr(torch, dtype_name)
+    if len(memoryview(buffer)) == 0:
+        return torch.empty(shape, dtype=dtype)
+    return torch.frombuffer(buffer, dtype=torch.uint8).view(dtype).reshape(shape)
+
+
+class _TensorPickler(pickle.Pickler):
+    def reducer_override(self, obj):
+        if isinstance(obj, torch.Tensor):
+            flat = obj.detach().to("cpu").contiguous().reshape(-1)
+            raw = flat.view(torch.uint8).numpy() if flat.numel() else b""
+            return _rebuild_tensor, (str(obj.dtype).removeprefix("torch."), tuple(obj.shape), pickle.PickleBuffer(raw))
+        return NotImplemented
+
+
+def encode(obj: Any) -> list:
+    """obj -> [header bytes, raw tensor buffers...]."""
+    import io
+
+    buffers: list[pickle.PickleBuffer] = []
+    stream = io.BytesIO()
+    _TensorPickler(stream, protocol=5, buffer_callback=buffers.append).dump(obj)
+    return [stream.getvalue(), *buffers]
+
+
+class Channel:
+    """A message channel over an authenticated Connection, with receive timeouts and liveness checks."""
+
+    def __init__(self, conn: Connection, name: str):
+        self.conn, self.name = conn, name
+        _configure_socket(conn, no_delay=True)  # small frames must not wait for delayed ACKs (Nagle)
+
+    def send(self, obj: Any) -> None:
+        header, *buffers = encode(obj)
+        try:
+            sizes = [len(memoryview(b).cast("B")) for b in buffers]
+            self.conn.send_bytes(pickle.dumps((sizes, header), protocol=5))
+            for buffer in buffers:
+                self.conn.send_bytes(memoryview(buffer).cast("B"))
+        except (BrokenPipeError, ConnectionResetError, OSError) as exc:
+            raise ChannelClosed(f"{self.name}: connection lost while sending ({exc})") from None
+
+    def poll(self, timeout: float) -> bool:
+        try:
+            return self.conn.poll(timeout)
+        except (OSError, EOFError):
+            return True  # recv() will report the closed end
+
+    def recv(self, timeout: float | None = None, alive: Callable[[], bool] | None = None,
+             poll_s: float = 0.2) -> Any:
+        """Waits for one message. Raises TimeoutError after `timeout` s, ChannelClosed when the peer is gone
+        (its socket closed, or `alive()` turned False while waiting)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self.poll(poll_s if deadline is None else max(0.0, min(poll_s, deadline - time.monotonic()))):
+            if alive is not None and not alive():
+                raise ChannelClosed(f"{self.name}: process ended")
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"{self.name}: no answer within {timeout:g} s")
+        try:
+            sizes, header = pickle.loads(self.conn.recv_bytes())
+            buffers = []
+            for size in sizes:
+                buffer = bytearray(size)
+                if size:
+                    self.conn.recv_bytes_into(buffer)
+                else:
+                    self.conn.recv_bytes()
+                buffers.append(buffer)
+        except (EOFError, OSError) as exc:
+            raise ChannelClosed(f"{self.name}: connection closed ({type(exc).__name__})") from None
+        return pickle.loads(header, buffers=buffers)
+
+    def close(self) -> None:
+        try:
+            self.conn.close()
+        except OSError:
+            pass
+
+
+def _configure_socket(conn: Connection, receive_timeout_s: float | None = None, no_delay: bool = False) -> None:
+    """Sets options on a Connection's socket without taking it over: SO_RCVTIMEO (0 = none; the socket stays
+    blocking, as Connection needs) and TCP_NODELAY."""
+    sock = socket.socket(fileno=os.dup(conn.fileno()))
+    try:
+        if receive_timeout_s is not None:
+            whole = int(receive_timeout_s)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
+                            struct.pack("ll", whole, int((receive_timeout_s - whole) * 1e6)))
+        if no_delay and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    finally:
+        sock.close()
+
+
+class Listener:
+    """Accepts authenticated connections on `host` (loopback by default); refuses peers without the key."""
+
+    def __init__(self, authkey: bytes, host: str = "127.0.0.1", port: int = 0):
+        self.authkey = authkey
+        self.sock = socket.create_server((host, port), backlog=64)
+        self.address = self.sock.getsockname()[:2]
+
+    def accept(self, timeout: float) -> Connection:
+        """One authenticated connection within `timeout` s. Raises TimeoutError, or AuthenticationError for a
+        peer that fails the challenge (nothing it sent is unpickled)."""
+        self.sock.settimeout(timeout)
+        try:
+            raw, _ = self.sock.accept()
+        except socket.timeout:
+            raise TimeoutError(f"no worker connected within {timeout:g} s") from None
+        raw.setblocking(True)  # Connection reads the raw fd: it must stay blocking
+        conn = Connection(raw.detach())
+        _configure_socket(conn, receive_timeout_s=HANDSHAKE_TIMEOUT_S)  # a silent peer cannot stall the handshake
+        try:
+            deliver_challenge(conn, self.authkey)
+            answer_challenge(conn, self.authkey)
+        except BaseException:
+            conn.close()
+            raise
+        _configure_socket(conn, receive_timeout_s=0.0)
+        return conn
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def connect(address: tuple[str, int], authkey: bytes, name: str) -> Channel:
+    """Worker side: connect and authenticate (both ways) to the host's listener."""
+    return Channel(Client(tuple(address), authkey=authkey), name)

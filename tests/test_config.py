@@ -1,0 +1,88 @@
+"""ParallelConfig and the row plans of the exact strategies: pure, no processes."""
+
+from __future__ import annotations
+
+import pytest
+
+from parallel_backend.config import ParallelConfig, parse_devices, resolve_devices
+from parallel_backend.strategies import plan_rows
+
+
+def test_device_specs():
+    assert parse_devices("cuda:0,cuda:1") == ("cuda:0", "cuda:1")
+    assert parse_devices("cpu:2") == parse_devices("cpu,cpu") == ("cpu", "cpu")
+    assert parse_devices(["cuda:1", "cuda:0"]) == ("cuda:1", "cuda:0")
+    assert parse_devices("auto") == ("auto",)
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("gpu:0", "not understood"), ("", "empty"), ("cuda:0,cuda:0", "twice"), ("cpu,cuda:0", "mix"), ("cpu:0", "at least one"),
+])
+def test_bad_device_specs_say_what_to_write(spec, message):
+    with pytest.raises(ValueError, match=message):
+        parse_devices(spec)
+
+
+def test_missing_cuda_device_is_named(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_devices(("cuda:0", "cuda:1")) == ("cuda:0", "cuda:1")
+    with pytest.raises(ValueError, match=r"cuda:3 does not exist: this machine has 2 CUDA device\(s\) \(cuda:0, cuda:1\)"):
+        resolve_devices(("cuda:0", "cuda:3"))
+    assert resolve_devices(("auto",)) == ("cuda:0", "cuda:1")
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(devices="cpu:3", strategy="cfg"), "even number of devices"),
+    (dict(devices="cpu:4", strategy="cfg", batch_degree=3), "make the product equal the device count"),
+    (dict(devices="cpu:2", strategy="batch", cfg_degree=2), "choose strategy 'cfg'"),
+    (dict(devices="cpu:2", strategy="cfg", cfg_degree=1), "use strategy 'batch'"),
+    (dict(devices="cpu:2", cfg_degree=3), "only two branches"),
+    (dict(devices="cpu:2", strategy="pipefusion"), "unknown strategy"),
+    (dict(devices="cpu:2", batch_degree=0), "whole number >= 1"),
+    (dict(devices="cpu:2", timeout_s=0), "timeout_s must be > 0"),
+])
+def test_bad_combinations_say_what_to_change(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ParallelConfig(**kwargs)
+
+
+def test_cfg_degree_two_with_cfg_one_is_refused_per_job():
+    config = ParallelConfig("cpu:2", "cfg")
+    assert config.check_job(2, 7.5) == (2, 1)
+    with pytest.raises(ValueError, match="cfg degree 2 needs cfg > 1; this job runs with cfg=1.0"):
+        config.check_job(2, 1.0)
+
+
+def test_auto_picks_cfg_with_guidance_and_batch_without():
+    config = ParallelConfig("cpu:4")
+    assert config.check_job(4, 5.0) == (2, 2)
+    assert config.check_job(4, 1.0) == (1, 4)
+
+
+def test_creating_a_config_checks_no_hardware():
+    import threading
+
+    before = threading.active_count()
+    config = ParallelConfig("cuda:0,cuda:1", "cfg")  # this machine has no CUDA: creation must not look
+    assert threading.active_count() == before and config.device_list == ("cuda:0", "cuda:1")
+
+
+@pytest.mark.parametrize("rows, branches, degrees, expected", [
+    (2, 2, {"cfg": 2}, [range(0, 1), range(1, 2)]),
+    (4, 2, {"cfg": 2, "batch": 2}, [range(0, 1), range(1, 2), range(2, 3), range(3, 4)]),
+    (6, 2, {"cfg": 2, "batch": 2}, [range(0, 2), range(2, 3), range(3, 5), range(5, 6)]),
+    (3, 1, {"batch": 2}, [range(0, 2), range(2, 3)]),
+    (1, 1, {"batch": 2}, [range(0, 1), range(1, 1)]),
+])
+def test_row_plans_cover_every_row_once_in_order(rows, branches, degrees, expected):
+    plan = plan_rows(rows, branches, degrees)
+    assert plan == expected
+    assert [r for share in plan for r in share] == list(range(rows))
+
+
+def test_cfg_split_refuses_a_call_without_both_branches():
+    with pytest.raises(ValueError, match="needs a call holding both branches"):
+        plan_rows(2, 1, {"cfg": 2})

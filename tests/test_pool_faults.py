@@ -1,0 +1,147 @@
+"""Faults: dead workers, worker errors, shutdown, a dying host, Ctrl-C, and what the pool listens on."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+
+from parallel_backend.config import ParallelConfig
+from parallel_backend.pool import WorkerError, WorkerPool
+from parallel_backend.sampling import GenerationRequest
+
+
+def gone(pid: int) -> bool:
+    """True once `pid` has ended (a zombie waiting for its parent to reap it counts as ended)."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            return any(line.startswith("State:") and "Z" in line.split()[1] for line in status)
+    except FileNotFoundError:
+        return True
+
+
+def wait_until_gone(pids, seconds: float) -> list[int]:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and not all(gone(p) for p in pids):
+        time.sleep(0.1)
+    return [p for p in pids if not gone(p)]
+
+
+def test_a_worker_killed_mid_job_gives_a_named_error_fast_and_the_pool_recovers(digits_pipeline):
+    pool = WorkerPool("cpu:2", timeout_s=300)  # a long timeout: the death must be seen from the process ending
+    config = ParallelConfig("cpu:2", "cfg")
+    long_job = GenerationRequest("a handwritten 2", steps=400, cfg=4.0)
+    try:
+        with digits_pipeline.parallel(config, pool=pool) as parallel:
+            victim = pool.worker_pids()[1]
+            killed_at = []
+            killer = threading.Timer(1.0, lambda: (killed_at.append(time.monotonic()), os.kill(victim, signal.SIGKILL)))
+            killer.start()
+            with pytest.raises(WorkerError) as caught:
+                parallel.generate(long_job, progress=False)
+            noticed = time.monotonic() - killed_at[0]
+        message = str(caught.value)
+        assert message.startswith("cpu (worker 1), call ") and "SIGKILL" in message, message
+        assert noticed < 5.0, f"took {noticed:.1f} s to notice"
+        assert caught.value.device == "cpu" and caught.value.rank == 1
+        assert not pool.started and gone(victim) and wait_until_gone([victim], 1) == []
+        # The next job restarts the pool and succeeds, with the same result as one device.
+        request = GenerationRequest("a handwritten 2", steps=5, cfg=4.0)
+        with digits_pipeline.parallel(config, pool=pool) as parallel:
+            result = parallel.generate(request, progress=False)
+        torch.testing.assert_close(result.latents, digits_pipeline.generate(request, progress=False).latents,
+                                   atol=1e-4, rtol=1e-4)
+        assert pool.stats.starts == 2 and victim not in pool.worker_pids()
+    finally:
+        pool.shutdown()
+
+
+def test_an_error_inside_a_worker_names_device_and_call_and_the_pool_stays_usable(cpu_pool):
+    from parallel_backend.benchmodels import build_bench_model
+    from parallel_backend.calls import ModelCall
+    from parallel_backend.executor import ParallelExecutor
+
+    model = build_bench_model("tiny")
+    executor = ParallelExecutor(cpu_pool, ParallelConfig("cpu:2", "batch"))
+    bad = ModelCall(torch.randn(2, 3, 8, 8), torch.tensor(10), torch.randn(2, 8, 64), index=17)  # 3 channels, not 4
+    with pytest.raises(WorkerError, match=r"^cpu \(worker 0\), call 17: RuntimeError") as caught:
+        executor(model.unet, "diffusers_unet", bad, 1.0)
+    assert "Traceback" in caught.value.remote_traceback
+    good = ModelCall(torch.randn(2, 4, 8, 8), torch.tensor(10), torch.randn(2, 8, 64), index=18)
+    with torch.no_grad():
+        expected = model.unet(good.x, good.t, encoder_hidden_states=good.context).sample
+    torch.testing.assert_close(executor(model.unet, "diffusers_unet", good, 1.0), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_shutdown_leaves_no_process_and_no_files():
+    pool = WorkerPool("cpu:2").start()
+    pids, folder = pool.worker_pids(), pool._dir
+    assert folder.exists() and not any(gone(p) for p in pids)
+    pool.shutdown()
+    pool.shutdown()  # idempotent
+    assert wait_until_gone(pids, 5) == [] and not folder.exists()
+
+
+HOST_SCRIPT = """
+import sys, time
+from parallel_backend.pool import WorkerPool
+pool = WorkerPool("cpu:2").start()
+print(*pool.worker_pids(), flush=True)
+time.sleep(120)
+"""
+
+
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGINT, signal.SIGTERM])
+def test_workers_never_outlive_their_host(how):
+    host = subprocess.Popen([sys.executable, "-c", HOST_SCRIPT], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        pids = [int(p) for p in host.stdout.readline().split()]
+        assert len(pids) == 2, host.stderr.read()
+        host.send_signal(how)
+        host.wait(timeout=30)
+        assert wait_until_gone(pids, 10) == [], f"orphans after {how.name}"
+    finally:
+        host.kill()
+
+
+def _listening_sockets(pids):
+    inodes = {}
+    for pid in pids:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if link.startswith("socket:["):
+                inodes[link[8:-1]] = pid
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in open(table).read().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
+                found.append(fields[1].rsplit(":", 1)[0])
+    return found
+
+
+LOOPBACK = {"0100007F", "00000000000000000000000001000000"}  # 127.0.0.1, ::1 as /proc/net shows them
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/net/tcp"), reason="needs Linux /proc/net")
+def test_the_pool_listens_on_loopback_only(cpu_pool):
+    addresses = _listening_sockets([os.getpid(), *cpu_pool.worker_pids()])
+    assert addresses, "expected the workers' process-group listeners"
+    assert set(addresses) <= LOOPBACK, addresses
+
+
+def test_an_unknown_device_fails_before_any_process_starts():
+    pool = WorkerPool("cuda:7")
+    with pytest.raises(ValueError, match="cuda:7 does not exist"):
+        pool.start()
+    assert not pool.started

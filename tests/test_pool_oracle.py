@@ -1,0 +1,107 @@
+"""Exact strategies on the pool equal one device: the oracle, over strategy x model x sampler x host."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from parallel_backend.bench import JOBS, Job, run_loop
+from parallel_backend.benchmodels import build_bench_model
+from parallel_backend.config import ParallelConfig
+from parallel_backend.executor import ParallelExecutor
+from parallel_backend.sampling import GenerationRequest
+
+ATOL = 1e-4  # fp32 on CPU; splitting a batch changes the kernels' blocking, so rounding differs slightly
+
+
+@pytest.fixture(scope="module")
+def models():
+    return {name: build_bench_model(name) for name in ("tiny", "sd15-narrow", "sdxl-narrow")}
+
+
+@pytest.mark.parametrize("model_name", ["tiny", "sd15-narrow", "sdxl-narrow"])
+@pytest.mark.parametrize("strategy", ["cfg", "batch"])
+def test_sampler_loop_on_two_devices_equals_one_device(cpu_pool, models, model_name, strategy):
+    model, job = models[model_name], JOBS[strategy]
+    resolution = (model.default_resolution, model.default_resolution)
+    reference = run_loop(model, job, resolution, steps=6, repeats=0).latents
+    executor = ParallelExecutor(cpu_pool, ParallelConfig("cpu:2", strategy))
+    result = run_loop(model, job, resolution, steps=6, repeats=0, executor=executor).latents
+    assert result.shape == reference.shape
+    torch.testing.assert_close(result, reference, atol=ATOL, rtol=ATOL)
+
+
+@pytest.mark.parametrize("scheduler", ["euler", "dpmpp_2m", "heun", "euler_a"])
+def test_digits_pipeline_with_cfg_split_equals_one_device(cpu_pool, digits_pipeline, scheduler):
+    request = GenerationRequest("a handwritten 4", steps=8, cfg=4.0, seed=11, scheduler=scheduler)
+    reference = digits_pipeline.generate(request, progress=False)
+    with digits_pipeline.parallel(ParallelConfig("cpu:2", "cfg"), pool=cpu_pool) as parallel:
+        result = parallel.generate(request, progress=False)
+    assert result.model_calls == reference.model_calls  # heun: two calls per step, both split
+    torch.testing.assert_close(result.latents, reference.latents, atol=ATOL, rtol=ATOL)
+
+
+def test_second_job_with_the_same_model_sends_no_weights(cpu_pool, digits_pipeline):
+    request = GenerationRequest("a handwritten 9", steps=3, cfg=4.0)
+    config = ParallelConfig("cpu:2", "batch")
+    with digits_pipeline.parallel(config, pool=cpu_pool) as parallel:
+        parallel.generate(request, progress=False)
+    shipped, loads = cpu_pool.stats.weights_bytes_shipped, cpu_pool.stats.model_loads
+    with digits_pipeline.parallel(config, pool=cpu_pool) as parallel:
+        parallel.generate(request, progress=False)
+    assert cpu_pool.stats.weights_bytes_shipped == shipped and cpu_pool.stats.model_loads == loads
+
+
+def test_changed_weights_are_shipped_again(cpu_pool):
+    model = build_bench_model("sd15-narrow")
+    executor = ParallelExecutor(cpu_pool, ParallelConfig("cpu:2", "cfg"))
+    resolution = (model.default_resolution,) * 2
+    run_loop(model, JOBS["cfg"], resolution, steps=2, repeats=0, executor=executor)
+    loads = cpu_pool.stats.model_loads
+    with torch.no_grad():
+        model.unet.conv_out.bias.add_(0.5)  # an in-place change, like a merged LoRA
+    reference = run_loop(model, JOBS["cfg"], resolution, steps=2, repeats=0).latents
+    result = run_loop(model, JOBS["cfg"], resolution, steps=2, repeats=0, executor=executor).latents
+    assert cpu_pool.stats.model_loads == loads + 1
+    torch.testing.assert_close(result, reference, atol=ATOL, rtol=ATOL)
+
+
+def test_batch_times_cfg_on_four_devices_equals_one_device(models):
+    from parallel_backend.pool import WorkerPool
+
+    model, job = models["tiny"], Job(images=2, cfg=4.0)
+    resolution = (model.default_resolution,) * 2
+    reference = run_loop(model, job, resolution, steps=4, repeats=0).latents
+    with WorkerPool("cpu:4") as pool:
+        executor = ParallelExecutor(pool, ParallelConfig("cpu:4", "cfg", cfg_degree=2, batch_degree=2))
+        result = run_loop(model, job, resolution, steps=4, repeats=0, executor=executor).latents
+    torch.testing.assert_close(result, reference, atol=ATOL, rtol=ATOL)
+
+
+@pytest.mark.parametrize("kind", ["sd", "sdxl"])
+def test_parallelized_diffusers_pipeline_equals_plain(cpu_pool, tiny_sd_folder, tiny_sdxl_folder, kind):
+    import diffusers
+
+    from parallel_backend.hosts.diffusers import ParallelUNet, parallelize, unparallelize
+
+    cls, folder = {"sd": (diffusers.StableDiffusionPipeline, tiny_sd_folder),
+                   "sdxl": (diffusers.StableDiffusionXLPipeline, tiny_sdxl_folder)}[kind]
+    pipe = cls.from_pretrained(str(folder), local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    original_unet = pipe.unet
+
+    def run(**kw):
+        return pipe("a red door", num_inference_steps=4, guidance_scale=6.0, output_type="latent",
+                    generator=torch.Generator().manual_seed(0), **kw).images
+
+    reference = run()
+    parallelize(pipe, ParallelConfig("cpu:2", "cfg"), pool=cpu_pool)
+    wrapper = pipe.unet
+    assert parallelize(pipe) is pipe and pipe.unet is wrapper  # idempotent
+    calls = cpu_pool.stats.calls
+    result = run()
+    assert isinstance(pipe.unet, ParallelUNet) and cpu_pool.stats.calls == calls + 4
+    torch.testing.assert_close(result, reference, atol=ATOL, rtol=ATOL)
+    unparallelize(pipe)
+    assert pipe.unet is original_unet
+    torch.testing.assert_close(run(), reference, atol=0, rtol=0)

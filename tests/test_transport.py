@@ -1,0 +1,82 @@
+"""The control channel: tensors survive the trip bit for bit; peers without the key are refused."""
+
+from __future__ import annotations
+
+import socket
+import threading
+from multiprocessing import AuthenticationError
+from multiprocessing.connection import Client
+
+import pytest
+import torch
+
+from parallel_backend.transport import Channel, Listener, connect
+
+
+@pytest.fixture
+def channel_pair():
+    key = b"k" * 32
+    listener = Listener(key)
+    accepted = {}
+    thread = threading.Thread(target=lambda: accepted.setdefault("conn", listener.accept(timeout=10)))
+    thread.start()
+    client = connect(listener.address, key, "client")
+    thread.join()
+    listener.close()
+    server = Channel(accepted["conn"], "server")
+    yield client, server
+    client.close(), server.close()
+
+
+def test_tensors_of_every_kind_round_trip(channel_pair):
+    client, server = channel_pair
+    message = {"x": torch.randn(2, 4, 8, 8), "bf16": torch.randn(3, 5).to(torch.bfloat16), "t": torch.tensor(981),
+               "empty": torch.zeros(0, 7), "strided": torch.arange(12.0).reshape(3, 4).t(),
+               "nested": [{"ids": torch.arange(5)}, None, "text"], "half": torch.randn(4).half()}
+    client.send(message)
+    got = server.recv(timeout=10)
+    for key in ("x", "bf16", "t", "empty", "strided", "half"):
+        assert got[key].dtype == message[key].dtype and torch.equal(got[key], message[key]), key
+    assert torch.equal(got["nested"][0]["ids"], torch.arange(5)) and got["nested"][1:] == [None, "text"]
+    got["x"].add_(1)  # received tensors are ordinary writable tensors
+
+
+def test_recv_times_out_and_notices_a_closed_peer(channel_pair):
+    from parallel_backend.transport import ChannelClosed
+
+    client, server = channel_pair
+    with pytest.raises(TimeoutError):
+        server.recv(timeout=0.3)
+    client.close()
+    with pytest.raises(ChannelClosed):
+        server.recv(timeout=5)
+
+
+def test_a_peer_without_the_key_is_refused_before_anything_is_unpickled():
+    listener = Listener(b"right key" * 4)
+    assert listener.address[0] == "127.0.0.1"
+    errors = []
+
+    def intruder():
+        try:
+            Client(tuple(listener.address), authkey=b"wrong key" * 4)
+        except Exception as exc:  # the host refuses it
+            errors.append(exc)
+
+    thread = threading.Thread(target=intruder)
+    thread.start()
+    with pytest.raises(AuthenticationError):
+        listener.accept(timeout=10)
+    thread.join()
+    assert errors
+
+
+def test_a_silent_peer_cannot_stall_the_listener(monkeypatch):
+    import parallel_backend.transport as transport
+
+    monkeypatch.setattr(transport, "HANDSHAKE_TIMEOUT_S", 0.5)
+    listener = Listener(b"k" * 32)
+    silent = socket.create_connection(tuple(listener.address))  # connects, never answers the challenge
+    with pytest.raises((OSError, EOFError, AuthenticationError)):
+        listener.accept(timeout=5)
+    silent.close(), listener.close()
