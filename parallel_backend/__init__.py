@@ -4,3 +4,20 @@ Importing this package is cheap: torch and diffusers load only when a submodule 
 """
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # Lazy re-exports: `from parallel_backend import ParallelConfig, parallelize` without importing torch eagerly.
+    if name == "ParallelConfig":
+        from .config import ParallelConfig
+
+        return ParallelConfig
+    if name in ("parallelize", "unparallelize"):
+        from .hosts import diffusers
+
+        return getattr(diffusers, name)
+    if name == "WorkerPool":
+        from .pool import WorkerPool
+
+        return WorkerPool
+    raise AttributeError(f"module 'parallel_backend' has no attribute {name!r}")

@@ -68,10 +68,25 @@ def _inputs(model: BenchModel, job: Job, resolution: tuple[int, int]):
     return noise, context, uncond
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _local_forward(model: BenchModel, call: ModelCall) -> torch.Tensor:
+    """One call on the model's own device (the one-device reference), finished before it returns."""
+    device = next(model.unet.parameters()).device
+    with torch.inference_mode():
+        out = forward(model.unet, call.to(device))
+    _sync(device)
+    return out
+
+
 def run_loop(model: BenchModel, job: Job, resolution, steps: int, repeats: int, executor=None) -> LoopResult:
     """The sampler loop, `repeats` timed runs after one warm-up; locally or through `executor`."""
     noise, context, uncond = _inputs(model, job, resolution)
-    dtype = next(model.unet.parameters()).dtype
+    weight = next(model.unet.parameters())
+    context, uncond = context.to(weight.device, weight.dtype), uncond.to(weight.device, weight.dtype)
     per_call, overhead, counter = [], [], [0]
 
     def denoiser(x, t, ctx):
@@ -79,8 +94,7 @@ def run_loop(model: BenchModel, job: Job, resolution, steps: int, repeats: int, 
         counter[0] += 1
         started = time.perf_counter()
         if executor is None:
-            with torch.inference_mode():
-                out = forward(model.unet, call)
+            out = _local_forward(model, call)
         else:
             out = executor(model.unet, FAMILY, call, job.cfg)
         per_call.append(time.perf_counter() - started)
@@ -94,8 +108,7 @@ def run_loop(model: BenchModel, job: Job, resolution, steps: int, repeats: int, 
             per_call.clear(), overhead.clear()
         scheduler = make_scheduler("ddim", SCHEDULER_CONFIG)
         started = time.perf_counter()
-        latents, _ = denoise(denoiser, scheduler, noise, context.to(dtype), uncond.to(dtype), job.cfg, steps,
-                             progress=False)
+        latents, _ = denoise(denoiser, scheduler, noise, context, uncond, job.cfg, steps, progress=False)
         if repeat:
             totals.append(time.perf_counter() - started)
     return LoopResult(latents, per_call, totals, overhead)
@@ -105,11 +118,10 @@ def _time_rows(model: BenchModel, rows: int, resolution, calls: int = 8) -> floa
     noise, context, _ = _inputs(model, Job(rows, 1.0), resolution)
     call = ModelCall(noise, torch.tensor(500), context, model.extras(rows))
     times = []
-    with torch.inference_mode():
-        for i in range(calls + 1):
-            started = time.perf_counter()
-            forward(model.unet, call)
-            times.append(time.perf_counter() - started)
+    for i in range(calls + 1):
+        started = time.perf_counter()
+        _local_forward(model, call)
+        times.append(time.perf_counter() - started)
     return statistics.median(times[1:])
 
 
@@ -120,20 +132,34 @@ def psnr(reference: torch.Tensor, other: torch.Tensor) -> float:
     return float("inf") if mse == 0 else 10 * torch.log10(torch.tensor(span * span / mse)).item()
 
 
-def _max_rss() -> int:
+def _peak_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
 def run_bench(model_name: str = "small", devices: str = "cpu:2", strategies=("cfg", "batch"), steps: int = 20,
-              resolution=None, repeats: int = 2, progress=print) -> dict:
-    """Runs the benchmark; returns the JSON-ready report (see PERFORMANCE.md)."""
+              resolution=None, repeats: int = 2, dtype: str = "auto", progress=print) -> dict:
+    """Runs the benchmark; returns the JSON-ready report (see PERFORMANCE.md).
+
+    On CUDA devices the one-device reference runs on the first of them, in fp16 unless `dtype` says otherwise.
+    """
     for strategy in strategies:
         if strategy not in JOBS:
             raise ValueError(f"bench strategy {strategy!r} is not available; choose from: {', '.join(JOBS)}")
-    model = build_bench_model(model_name)
-    resolution = parse_resolution(resolution or model.default_resolution)
+    if dtype != "auto" and dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r}: choose auto, {', '.join(DTYPES)}")
     pool = WorkerPool(devices)
     n = len(pool.start().devices)
+    reference_device = torch.device(pool.devices[0])
+    if dtype == "auto":
+        dtype = "fp16" if reference_device.type == "cuda" else "fp32"
+    model = build_bench_model(model_name, DTYPES[dtype])
+    model.unet.to(reference_device)
+    resolution = parse_resolution(resolution or model.default_resolution)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     share = max(1, cores // n)
     results, serial_by_job = [], {}
@@ -150,7 +176,7 @@ def run_bench(model_name: str = "small", devices: str = "cpu:2", strategies=("cf
                 progress(f"[bench] all-cores reference ({cores} threads)")
                 all_cores = run_loop(model, job, resolution, steps, repeats)
                 serial_by_job[strategy] = (serial, all_cores, ideal)
-                results.append(_row("serial", 1, serial, serial, all_cores, 1.0, [_max_rss()], job))
+                results.append(_row("serial", 1, serial, serial, all_cores, 1.0, [_peak_memory(reference_device)], job))
             serial, all_cores, ideal = serial_by_job[strategy]
             torch.set_num_threads(1)  # the host only steps the scheduler; idle OpenMP threads would spin on the workers' cores
             progress(f"[bench] {strategy} on {n} devices")
@@ -161,7 +187,7 @@ def run_bench(model_name: str = "small", devices: str = "cpu:2", strategies=("cf
         pool.shutdown()
         torch.set_num_threads(cores)
     return {"model": model_name, "resolution": list(resolution), "steps": steps, "devices": list(pool.devices),
-            "threads_per_device": share, "results": results}
+            "dtype": dtype, "threads_per_device": share, "results": results}
 
 
 def _row(strategy, n, result: LoopResult, serial: LoopResult, all_cores: LoopResult, ideal, memory, job) -> dict:

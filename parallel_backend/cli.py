@@ -100,7 +100,7 @@ def cmd_bench(args) -> int:
     from .bench import format_table, run_bench, write_json
 
     strategies = tuple(s.strip() for s in args.strategies.split(",") if s.strip())
-    report = run_bench(args.model, args.devices, strategies, args.steps, args.resolution, args.repeats,
+    report = run_bench(args.model, args.devices, strategies, args.steps, args.resolution, args.repeats, args.dtype,
                        progress=(lambda line: None) if args.quiet else (lambda line: print(line, file=sys.stderr)))
     print(format_table(report))
     if args.json:
@@ -142,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--steps", type=int, default=20, help="sampler calls per run")
     bench.add_argument("--resolution", default=None, help="pixels: 256 or 1024x768 (default: the model's)")
     bench.add_argument("--repeats", type=int, default=3, help="timed runs of each loop (after one warm-up)")
+    bench.add_argument("--dtype", default="auto", help="auto (fp16 on CUDA, fp32 on CPU), fp32, fp16 or bf16")
     bench.add_argument("--json", default=None, help="also write the report as JSON here")
     bench.add_argument("--quiet", action="store_true")
     bench.set_defaults(run=cmd_bench)

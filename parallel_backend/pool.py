@@ -9,7 +9,6 @@ starts afresh on the next job. Workers leave with the host (they watch its proce
 
 from __future__ import annotations
 
-import atexit
 import hashlib
 import itertools
 import os
@@ -152,8 +151,8 @@ class WorkerPool:
         finally:
             listener.close()
         self.stats.starts += 1
+        # Runs if the pool is garbage-collected or the interpreter exits without shutdown() (Ctrl-C included).
         self._finalizer = weakref.finalize(self, _kill_all, [w.process for w in self._workers], self._dir)
-        atexit.register(self._finalizer)
         return self
 
     def _spawn(self, devices: tuple[str, ...], address, authkey: bytes) -> None:
@@ -224,7 +223,6 @@ class WorkerPool:
             if w.channel is not None:
                 w.channel.close()
         if self._finalizer is not None:
-            atexit.unregister(self._finalizer)
             self._finalizer.detach()
             self._finalizer = None
         self._dir = None

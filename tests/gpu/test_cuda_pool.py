@@ -1,0 +1,44 @@
+"""CUDA paths (NCCL group, CUDA tensors through the pool, fp16). Skipped on machines without CUDA."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from parallel_backend.bench import JOBS, run_loop
+from parallel_backend.benchmodels import build_bench_model
+from parallel_backend.config import ParallelConfig
+from parallel_backend.executor import ParallelExecutor
+from parallel_backend.pool import WorkerPool
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _devices() -> str:
+    return ",".join(f"cuda:{i}" for i in range(min(torch.cuda.device_count(), 2)))
+
+
+@pytest.mark.parametrize("dtype, atol", [(torch.float32, 1e-3), (torch.float16, 2e-2)])
+def test_batch_on_cuda_workers_equals_the_host_device(dtype, atol):
+    model = build_bench_model("sd15-narrow", dtype)
+    model.unet.to("cuda:0")
+    resolution = (model.default_resolution,) * 2
+    reference = run_loop(model, JOBS["batch"], resolution, steps=4, repeats=0).latents
+    devices = _devices()
+    with WorkerPool(devices) as pool:  # NCCL process group, one rank per process
+        executor = ParallelExecutor(pool, ParallelConfig(devices, "batch"))
+        result = run_loop(model, JOBS["batch"], resolution, steps=4, repeats=0, executor=executor).latents
+        assert all(peak > 0 for peak in pool.memory())
+    torch.testing.assert_close(result.cpu(), reference.cpu(), atol=atol, rtol=atol)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_cfg_on_two_gpus_equals_one():
+    model = build_bench_model("sd15-narrow", torch.float16)
+    model.unet.to("cuda:0")
+    resolution = (model.default_resolution,) * 2
+    reference = run_loop(model, JOBS["cfg"], resolution, steps=4, repeats=0).latents
+    with WorkerPool("cuda:0,cuda:1") as pool:
+        executor = ParallelExecutor(pool, ParallelConfig("cuda:0,cuda:1", "cfg"))
+        result = run_loop(model, JOBS["cfg"], resolution, steps=4, repeats=0, executor=executor).latents
+    torch.testing.assert_close(result.cpu(), reference.cpu(), atol=2e-2, rtol=2e-2)

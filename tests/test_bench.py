@@ -1,0 +1,53 @@
+"""`tandem bench` keeps its contract (PERFORMANCE.md's JSON fields) and its exact strategies stay exact.
+
+This checks what the bench reports, not how fast anything is: speed is read from bench runs, not tests.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from parallel_backend.bench import parse_resolution
+from parallel_backend.cli import main
+
+FIELDS = {"strategy", "devices", "seconds_per_call_median", "end_to_end_seconds_median", "speedup_vs_serial",
+          "ideal_speedup", "speedup_vs_serial_all_cores", "max_abs_diff_vs_serial", "psnr_vs_serial_db",
+          "peak_memory_bytes_per_device"}
+
+
+def test_bench_reports_every_field_and_exact_strategies_match(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--model", "tiny", "--devices", "cpu:2", "--strategies", "cfg,batch", "--steps", "3",
+                 "--repeats", "1", "--quiet", "--json", str(out)]) == 0
+    table = capsys.readouterr().out
+    report = json.loads(out.read_text())
+    assert report["model"] == "tiny" and report["resolution"] == [32, 32] and report["steps"] == 3
+    assert report["devices"] == ["cpu", "cpu"]
+    strategies = [r["strategy"] for r in report["results"]]
+    assert strategies == ["serial", "cfg", "serial", "batch"]
+    for row in report["results"]:
+        assert FIELDS <= row.keys()
+        assert row["max_abs_diff_vs_serial"] <= 1e-4
+        assert row["seconds_per_call_median"] > 0 and row["ideal_speedup"] > 0
+        assert len(row["peak_memory_bytes_per_device"]) == row["devices"]
+        assert row["strategy"] != "serial" or math.isinf(row["psnr_vs_serial_db"])
+        assert row["strategy"] in table
+
+
+def test_bench_refuses_unknown_strategies_and_models():
+    assert main(["bench", "--strategies", "warp", "--quiet"]) == 1
+    assert main(["bench", "--model", "sd99", "--steps", "1", "--quiet"]) == 1
+
+
+@pytest.mark.parametrize("text, expected", [("256", (256, 256)), ("1024x768", (1024, 768)), (512, (512, 512))])
+def test_resolutions(text, expected):
+    assert parse_resolution(text) == expected
+
+
+@pytest.mark.parametrize("text", ["big", "0", "12x12x12"])
+def test_bad_resolutions(text):
+    with pytest.raises(ValueError, match="write pixels as"):
+        parse_resolution(text)
