@@ -11,7 +11,7 @@ from .strategies import plan_rows
 
 
 class ParallelExecutor:
-    """`executor(module, family, call, cfg_scale) -> output`: ships the model once, splits, gathers."""
+    """`executor(module, family, call, cfg_scale[, fingerprint]) -> output`: ships the model once, splits, gathers."""
 
     def __init__(self, pool: WorkerPool, config: ParallelConfig):
         self.pool, self.config = pool, config
@@ -20,8 +20,9 @@ class ParallelExecutor:
         cfg_degree, batch_degree = self.config.check_job(len(self.pool.start().devices), cfg_scale)
         return {"cfg": cfg_degree, "batch": batch_degree}
 
-    def __call__(self, module: torch.nn.Module, family: str, call: ModelCall, cfg_scale: float) -> torch.Tensor:
-        fingerprint = self.pool.ensure_model(module, family)
+    def __call__(self, module: torch.nn.Module, family: str, call: ModelCall, cfg_scale: float,
+                 fingerprint: str | None = None) -> torch.Tensor:
+        fingerprint = self.pool.ensure_model(module, family, fingerprint)
         shares = plan_rows(call.rows, call.branches, self.degrees(cfg_scale))
         work = {rank: call.select(rows) for rank, rows in enumerate(shares) if len(rows)}
         outputs = self.pool.call(fingerprint, work, call.index)

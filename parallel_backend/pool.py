@@ -111,8 +111,13 @@ class WorkerPool:
     """
 
     def __init__(self, devices: str | tuple[str, ...] = "auto", *, timeout_s: float = 300.0,
-                 start_timeout_s: float = 120.0, pg_timeout_s: float = 60.0):
+                 start_timeout_s: float = 120.0, pg_timeout_s: float = 60.0, import_paths: tuple[str, ...] = (),
+                 worker_setup: tuple[str, str, object] | None = None):
         self.requested_devices = parse_devices(devices)
+        self.import_paths = tuple(import_paths)  # where workers find the host's model classes (e.g. ComfyUI)
+        # (python file, function, argument): run in every worker once it has joined, before any model arrives,
+        # e.g. to give a host's library the host's settings.
+        self.worker_setup = worker_setup
         self.timeout_s, self.start_timeout_s, self.pg_timeout_s = timeout_s, start_timeout_s, pg_timeout_s
         self.stats = PoolStats()
         self._workers: list[_Worker] = []
@@ -150,6 +155,14 @@ class WorkerPool:
             raise
         finally:
             listener.close()
+        if self.worker_setup is not None:
+            path, function, argument = self.worker_setup
+            try:
+                self.request({w.rank: {"op": "setup", "path": str(path), "function": function, "argument": argument}
+                              for w in self._workers}, "running the host's worker setup")
+            except BaseException:
+                self._teardown()
+                raise
         self.stats.starts += 1
         # Runs if the pool is garbage-collected or the interpreter exits without shutdown() (Ctrl-C included).
         self._finalizer = weakref.finalize(self, _kill_all, [w.process for w in self._workers], self._dir)
@@ -161,7 +174,8 @@ class WorkerPool:
         per_worker = max(1, len(cores) // n)
         for rank, device in enumerate(devices):
             env = dict(os.environ, TANDEM_AUTHKEY=authkey.hex(), GLOO_SOCKET_IFNAME="lo", NCCL_SOCKET_IFNAME="lo",
-                       PYTHONPATH=os.pathsep.join(filter(None, [PACKAGE_PARENT, os.environ.get("PYTHONPATH")])))
+                       PYTHONPATH=os.pathsep.join(filter(None, [PACKAGE_PARENT, *self.import_paths,
+                                                                os.environ.get("PYTHONPATH")])))
             command = [sys.executable, "-m", "parallel_backend.worker", "--connect", f"{address[0]}:{address[1]}",
                        "--rank", str(rank), "--world", str(n), "--device", device,
                        "--rendezvous", f"file://{self._dir}/rendezvous", "--pg-timeout", str(self.pg_timeout_s),
@@ -294,13 +308,14 @@ class WorkerPool:
                 raise WorkerError(f"{names}, {what}: no answer within {self.timeout_s:g} s")
         return replies
 
-    def ensure_model(self, module, family: str) -> str:
+    def ensure_model(self, module, family: str, fingerprint: str | None = None) -> str:
         """Makes every worker hold `module` (a torch.nn.Module of model family `family`); ships its weights
-        only when its fingerprint is new. Returns the fingerprint."""
+        only when its fingerprint is new. A host that tracks its own weight versions (ComfyUI's patch uuid)
+        passes `fingerprint`; otherwise it is computed by model_fingerprint. Returns the fingerprint."""
         import torch
 
         self.start()
-        fingerprint = model_fingerprint(module, family)
+        fingerprint = fingerprint or model_fingerprint(module, family)
         if fingerprint == self._loaded:
             return fingerprint
         path = self._dir / f"model-{fingerprint[:16]}.pt"

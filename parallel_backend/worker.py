@@ -94,6 +94,17 @@ class WorkerState:
         return {"peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
 
+def run_setup(path: str, function: str, argument) -> dict:
+    """Loads a host-provided python file by path (no package name to collide with) and calls function(argument)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"tandem_worker_setup_{abs(hash(path))}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    getattr(module, function)(argument)
+    return {}
+
+
 def serve(channel, state: WorkerState) -> None:
     """Answers requests until told to shut down or the host's end closes."""
     from .transport import ChannelClosed
@@ -114,6 +125,8 @@ def serve(channel, state: WorkerState) -> None:
                 reply = {"ok": True, "out": out, "seconds": time.perf_counter() - started}
             elif op == "load":
                 reply = {"ok": True, **state.load(request["fingerprint"], request["path"], request["family"])}
+            elif op == "setup":
+                reply = {"ok": True, **run_setup(request["path"], request["function"], request["argument"])}
             elif op == "unload":
                 reply = {"ok": True, **state.unload()}
             elif op == "ping":

@@ -11,4 +11,8 @@ def forward_for_family(family: str) -> Callable:
         from .diffusers_unet import forward
 
         return forward
-    raise ValueError(f"unknown model family {family!r}; known: diffusers_unet")
+    if family == "comfy_unet":
+        from .comfy_unet import forward
+
+        return forward
+    raise ValueError(f"unknown model family {family!r}; known: diffusers_unet, comfy_unet")

@@ -1,0 +1,35 @@
+"""ComfyUI nodes of the Tandem pack (V3 API). Thin: they install Tandem's wrappers and call the stock samplers."""
+
+from __future__ import annotations
+
+import threading
+
+from comfy_api.latest import ComfyExtension
+
+from .model import TandemModel
+from .runtime import RUNTIME
+from .samplers import TandemKSampler, TandemKSamplerAdvanced
+from .settings import TandemSettings
+
+NODES = [TandemKSampler, TandemKSamplerAdvanced, TandemSettings, TandemModel]
+_activated = threading.Event()
+
+
+def activate() -> None:
+    """Registers the routes and starts the pool in the background. Once per process, however often called:
+    ComfyUI v0.8 calls the entry point but not `on_load`; newer versions may call both."""
+    if _activated.is_set():
+        return
+    _activated.set()
+    from . import routes
+
+    routes.register()
+    RUNTIME.start_on_load()
+
+
+class TandemExtension(ComfyExtension):
+    async def on_load(self) -> None:
+        activate()
+
+    async def get_node_list(self):
+        return NODES

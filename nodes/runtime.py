@@ -1,0 +1,106 @@
+"""Tandem's process-wide state inside ComfyUI: the worker pool, how and when it starts, the last run's figures.
+
+The pool starts from the pack's entry point (never at import), in a background thread, unless
+TANDEM_POOL_START says otherwise: on_load (default), on_first_use, off. TANDEM_DEVICES picks the devices
+(default auto). Workers import the host's ComfyUI, so they can hold ComfyUI's own model classes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+
+from parallel_backend.config import parse_devices
+from parallel_backend.pool import WorkerPool
+
+START_MODES = ("on_load", "on_first_use", "off")
+log = logging.getLogger("tandem")
+
+
+def _comfy_root() -> str:
+    import comfy  # a namespace package in ComfyUI's tree: it has a __path__, not a __file__
+
+    return str(Path(list(comfy.__path__)[0]).resolve().parent)
+
+
+class Runtime:
+    def __init__(self):
+        self.lock = threading.RLock()
+        self.devices = os.environ.get("TANDEM_DEVICES", "auto")
+        self.mode = os.environ.get("TANDEM_POOL_START", "on_load")
+        if self.mode not in START_MODES:
+            log.warning("Tandem: TANDEM_POOL_START=%s is not one of %s; using on_load", self.mode, START_MODES)
+            self.mode = "on_load"
+        self.pool: WorkerPool | None = None
+        self.error: str | None = None
+        self.last_run: dict = {}
+        self.runs = 0  # sampling runs that went through the pool
+
+    def start_on_load(self) -> None:
+        if self.mode == "on_load":
+            threading.Thread(target=self._start_quietly, name="tandem-pool-start", daemon=True).start()
+
+    def _start_quietly(self) -> None:
+        try:
+            self.get_pool(self.devices)
+        except Exception as exc:  # reported in the log and on /tandem/status; nodes then take the stock path
+            log.warning("Tandem: the worker pool did not start: %s", exc)
+
+    def get_pool(self, devices: str) -> WorkerPool:
+        """The running pool for `devices` (started, or restarted after a failure)."""
+        with self.lock:
+            if self.mode == "off":
+                raise RuntimeError("the Tandem pool is off (TANDEM_POOL_START=off)")
+            wanted = parse_devices(devices)
+            if self.pool is not None and self.pool.requested_devices != wanted:
+                self.pool.shutdown()
+                self.pool = None
+            if self.pool is None:
+                from comfy.cli_args import args
+
+                setup = (str(Path(__file__).with_name("worker_setup.py")), "configure", dict(vars(args)))
+                self.pool = WorkerPool(wanted, import_paths=(_comfy_root(),), worker_setup=setup)
+            started = time.perf_counter()
+            try:
+                if not self.pool.started:
+                    self.pool.start()
+                    log.info("Tandem: %d workers ready on %s in %.1f s", len(self.pool.devices),
+                             ",".join(self.pool.devices), time.perf_counter() - started)
+                self.error = None
+            except Exception as exc:
+                self.error = str(exc)
+                raise
+            return self.pool
+
+    def record_call(self, run_id: int, devices: list, strategy: str, seconds: float, compute: dict) -> None:
+        """Per-call figures of the current sampling run (a new run id starts a new record)."""
+        with self.lock:
+            if self.last_run.get("id") != run_id:
+                self.runs += 1
+                self.last_run = {"id": run_id, "calls": 0, "seconds": [], "devices": devices, "strategy": strategy}
+            self.last_run["calls"] += 1
+            self.last_run["seconds"].append(round(seconds, 6))
+            self.last_run["compute_seconds"] = compute
+
+    def release_models(self) -> None:
+        with self.lock:
+            if self.pool is not None and self.pool.started:
+                self.pool.release_models()
+
+    def status(self) -> dict:
+        pool = self.pool
+        return {"mode": self.mode, "devices": list(pool.devices) if pool else list(parse_devices(self.devices)),
+                "state": "running" if pool and pool.started else ("error" if self.error else "stopped"),
+                "error": self.error, "worker_pids": pool.worker_pids() if pool else [],
+                "stats": vars(pool.stats) if pool else {}, "runs": self.runs, "last_run": self.last_run}
+
+    def shutdown(self) -> None:
+        with self.lock:
+            if self.pool is not None:
+                self.pool.shutdown()
+
+
+RUNTIME = Runtime()

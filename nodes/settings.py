@@ -1,0 +1,40 @@
+"""The Multi-GPU settings node: devices and strategy, fed to the Multi-GPU samplers and the model node."""
+
+from __future__ import annotations
+
+from comfy_api.latest import io
+
+from parallel_backend.config import STRATEGIES, ParallelConfig
+
+Settings = io.Custom("TANDEM_SETTINGS")
+
+
+def default_config() -> ParallelConfig:
+    from .runtime import RUNTIME
+
+    return ParallelConfig(RUNTIME.devices, "auto")
+
+
+class TandemSettings(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="TandemSettings",
+            display_name="Multi-GPU Settings (Tandem)",
+            category="sampling/multi-gpu",
+            description="Which devices share each sampling step, and how.",
+            inputs=[
+                io.String.Input("devices", default="auto",
+                                tooltip="'auto', 'cuda:0,cuda:1', or 'cpu:2' for two CPU workers"),
+                io.Combo.Input("strategy", options=list(STRATEGIES), default="auto",
+                               tooltip="cfg: cond and uncond on different devices; batch: images split over "
+                                       "devices; auto: cfg when guidance is on, batch otherwise"),
+                io.Int.Input("cfg_degree", default=0, min=0, max=2, tooltip="0 = from the strategy"),
+                io.Int.Input("batch_degree", default=0, min=0, max=64, tooltip="0 = from the strategy"),
+            ],
+            outputs=[Settings.Output(display_name="settings")],
+        )
+
+    @classmethod
+    def execute(cls, devices, strategy, cfg_degree, batch_degree) -> io.NodeOutput:
+        return io.NodeOutput(ParallelConfig(devices, strategy, cfg_degree or None, batch_degree or None))

@@ -1,0 +1,102 @@
+"""How Tandem sits inside ComfyUI's sampling: two wrappers installed on a cloned ModelPatcher.
+
+- CALC_COND_BATCH: cond and uncond always reach the model as one batch (the work runs on the workers, so the
+  host device's free memory must not split them apart), and the weights' identity travels with the call.
+- DIFFUSION_MODEL: each UNet call is split over the pool; anything that cannot travel to a worker (a model
+  patch that is a host function, weights only partly loaded) takes the stock path, and the log says why.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import comfy.model_management
+import comfy.patcher_extension
+
+from parallel_backend.calls import ModelCall
+from parallel_backend.config import ParallelConfig
+from parallel_backend.executor import ParallelExecutor
+from parallel_backend.models.comfy_unet import FAMILY
+
+from .runtime import RUNTIME
+
+KEY = "tandem"
+log = logging.getLogger("tandem")
+
+
+def install(model, config: ParallelConfig):
+    """A clone of `model` (a ModelPatcher) whose diffusion-model calls run on the pool per `config`."""
+    patched = model.clone()
+    patched.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, KEY)
+    patched.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, KEY)
+    patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, KEY, batch_cond_and_uncond)
+    patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, KEY, PoolForward(config))
+    return patched
+
+
+def batch_cond_and_uncond(executor, model, conds, x_in, timestep, model_options):
+    options = model_options.setdefault("transformer_options", {})
+    previous = options.get(KEY, {})
+    options[KEY] = {"weights": f"{id(model)}:{model.current_weight_patches_uuid}",
+                    "lowvram": bool(getattr(model, "model_lowvram", False)),
+                    "id": previous.get("id") or id(model_options), "calls": previous.get("calls", 0)}
+    had_own = "memory_required" in vars(model)
+    model.memory_required = lambda *args, **kwargs: 0  # the host only gathers; the workers hold the activations
+    try:
+        return executor(model, conds, x_in, timestep, model_options)
+    finally:
+        if not had_own:
+            del model.memory_required
+
+
+def _host_only_reason(transformer_options: dict) -> str | None:
+    for key in ("patches", "patches_replace"):
+        present = [name for name, value in transformer_options.get(key, {}).items() if value]
+        if present:
+            return f"a model patch ({key}: {', '.join(present)}) runs on the host and cannot travel to a worker"
+    if transformer_options.get(KEY, {}).get("lowvram"):
+        return "the model is only partly loaded (low VRAM): its patched weights are not all in place to ship"
+    if KEY not in transformer_options:
+        return "the sampler bypassed cond batching (no Tandem batch wrapper ran)"
+    return None
+
+
+class PoolForward:
+    """The DIFFUSION_MODEL wrapper: one UNet call, split over the pool."""
+
+    def __init__(self, config: ParallelConfig):
+        self.config = config
+        self.said: set[str] = set()
+
+    def _stock(self, reason: str):
+        if reason not in self.said:
+            self.said.add(reason)
+            log.warning("Tandem: using the stock sampling path: %s", reason)
+
+    def __call__(self, executor, x, timesteps, context=None, y=None, control=None, transformer_options={}, **kwargs):
+        reason = _host_only_reason(transformer_options)
+        pool = None
+        if reason is None:
+            try:
+                pool = RUNTIME.get_pool(self.config.devices)
+            except Exception as exc:
+                reason = f"the worker pool is not available ({exc})"
+        if pool is not None and len(pool.devices) < 2:
+            reason = f"only one device ({pool.devices[0]})"
+        if reason is not None:
+            self._stock(reason)
+            return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        chunks = transformer_options.get("cond_or_uncond", [])
+        guided = sorted(chunks) == [0, 1]
+        extras = {k: v for k, v in dict(kwargs, y=y, control=control).items() if v is not None}
+        run = transformer_options[KEY]
+        call = ModelCall(x, timesteps, context, extras, branches=2 if guided else 1, index=run.setdefault("calls", 0))
+        started = time.perf_counter()
+        out = ParallelExecutor(pool, self.config)(executor.class_obj, FAMILY, call, 2.0 if guided else 1.0,
+                                                  fingerprint=f"{FAMILY}:{run['weights']}")
+        run["calls"] += 1
+        RUNTIME.record_call(run["id"], list(pool.devices), self.config.strategy, time.perf_counter() - started,
+                            dict(pool.last_compute_seconds))
+        return out

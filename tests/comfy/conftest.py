@@ -1,0 +1,110 @@
+"""A real ComfyUI server (COMFYUI_PATH) with the Tandem pack and the test fixture nodes installed.
+
+Skipped when COMFYUI_PATH is unset. The server runs on loopback with --cpu, in a temporary base directory
+whose custom_nodes/ links this repository and tests/comfy/fixture_nodes; the pool uses two CPU workers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+COMFYUI_PATH = os.environ.get("COMFYUI_PATH")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_tiny_lora(path: Path, rank: int = 4, seed: int = 3) -> None:
+    """A LoRA on the tiny model's first time-embedding layer (32 -> 128), in ComfyUI's lora_unet_ key format."""
+    from safetensors.torch import save_file
+
+    generator = torch.Generator().manual_seed(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({"lora_unet_time_embed_0.lora_up.weight": torch.randn(128, rank, generator=generator) * 0.5,
+               "lora_unet_time_embed_0.lora_down.weight": torch.randn(rank, 32, generator=generator) * 0.5},
+              str(path))
+
+
+class ComfyServer:
+    def __init__(self, url: str, base: Path, process: subprocess.Popen):
+        self.url, self.base, self.process = url, base, process
+
+    def get(self, route: str):
+        with urllib.request.urlopen(self.url + route, timeout=30) as response:
+            return json.loads(response.read())
+
+    def post(self, route: str, payload: dict):
+        request = urllib.request.Request(self.url + route, data=json.dumps(payload).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return json.loads(response.read())
+
+    def run(self, workflow: dict, timeout: float = 300) -> dict:
+        """Queues an API-format workflow and waits for it; returns its history entry."""
+        prompt_id = self.post("/prompt", {"prompt": workflow, "client_id": str(uuid.uuid4())})["prompt_id"]
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            history = self.get(f"/history/{prompt_id}")
+            if prompt_id in history and history[prompt_id].get("status", {}).get("completed") is not None:
+                return history[prompt_id]
+            if self.process.poll() is not None:
+                raise RuntimeError("ComfyUI exited")
+            time.sleep(0.3)
+        raise TimeoutError(f"workflow {prompt_id} did not finish in {timeout} s")
+
+    def latent(self, prefix: str) -> torch.Tensor:
+        from safetensors.torch import load_file
+
+        files = sorted((self.base / "output").rglob(f"{prefix}*.latent"))
+        assert files, f"no latent saved with prefix {prefix}"
+        return load_file(str(files[-1]))["latent_tensor"]
+
+
+@pytest.fixture(scope="session")
+def comfy_server(tmp_path_factory):
+    if not COMFYUI_PATH:
+        pytest.skip("COMFYUI_PATH is not set: the ComfyUI tests need a local ComfyUI checkout")
+    base = tmp_path_factory.mktemp("comfy_base")
+    (base / "custom_nodes").mkdir()
+    (base / "custom_nodes" / "tandem").symlink_to(REPO)
+    (base / "custom_nodes" / "tandem_test_fixtures").symlink_to(REPO / "tests" / "comfy" / "fixture_nodes")
+    write_tiny_lora(base / "models" / "loras" / "tiny_lora.safetensors")
+    port = _free_port()
+    env = dict(os.environ, TANDEM_DEVICES="cpu:2", TANDEM_POOL_START="on_load")
+    log = open(base / "comfy.log", "wb")
+    process = subprocess.Popen([sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
+                                "--base-directory", str(base), "--disable-auto-launch"],
+                               cwd=COMFYUI_PATH, env=env, stdout=log, stderr=subprocess.STDOUT)
+    server = ComfyServer(f"http://127.0.0.1:{port}", base, process)
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            server.get("/object_info/KSampler")
+            break
+        except OSError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                raise RuntimeError("ComfyUI did not start: " + (base / "comfy.log").read_text()[-3000:])
+            time.sleep(0.5)
+    yield server
+    process.terminate()
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+    log.close()

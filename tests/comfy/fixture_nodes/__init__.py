@@ -1,0 +1,71 @@
+"""Test-only ComfyUI nodes: a tiny SD1.x-like model built from ComfyUI's own classes, and seeded conditioning.
+
+No checkpoint can be downloaded on test machines, so the model is ComfyUI's SD15 model class with a narrow
+unet_config (SD1.5's block structure: 4 levels, 2 res blocks each, attention where SD1.5 has it) and seeded
+random weights (ComfyUI's ops leave weights uninitialised).
+"""
+
+import torch
+
+import comfy.model_management
+import comfy.model_patcher
+import comfy.supported_models
+
+CONTEXT_DIM = 32
+
+TINY_SD1_UNET = {
+    "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True, "legacy": False,
+    "adm_in_channels": None, "dtype": torch.float32, "in_channels": 4, "model_channels": 32,
+    "num_res_blocks": [2, 2, 2, 2], "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0], "channel_mult": [1, 1, 2, 2],
+    "transformer_depth_middle": 1, "use_linear_in_transformer": False, "context_dim": CONTEXT_DIM,
+    "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], "use_temporal_attention": False,
+    "use_temporal_resblock": False,
+}
+
+
+def tiny_sd1_model(seed: int):
+    config = comfy.supported_models.SD15(dict(TINY_SD1_UNET))
+    model = config.get_model({})
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() > 1:
+                p.copy_(torch.randn(p.shape, generator=generator) * (1.0 / p[0].numel()) ** 0.5)
+            elif name.endswith("weight"):
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=generator))
+            else:
+                p.copy_(0.1 * torch.randn(p.shape, generator=generator))
+    return comfy.model_patcher.ModelPatcher(model, load_device=comfy.model_management.get_torch_device(),
+                                            offload_device=comfy.model_management.unet_offload_device())
+
+
+class TandemTestTinySD1Model:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"seed": ("INT", {"default": 0, "min": 0, "max": 2**31})}}
+
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "build"
+    CATEGORY = "testing"
+
+    def build(self, seed):
+        return (tiny_sd1_model(seed),)
+
+
+class TandemTestConditioning:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"seed": ("INT", {"default": 0, "min": 0, "max": 2**31}),
+                             "tokens": ("INT", {"default": 77, "min": 1, "max": 308})}}
+
+    RETURN_TYPES = ("CONDITIONING",)
+    FUNCTION = "build"
+    CATEGORY = "testing"
+
+    def build(self, seed, tokens):
+        context = torch.randn(1, tokens, CONTEXT_DIM, generator=torch.Generator().manual_seed(seed))
+        return ([[context, {}]],)
+
+
+NODE_CLASS_MAPPINGS = {"TandemTestTinySD1Model": TandemTestTinySD1Model,
+                       "TandemTestConditioning": TandemTestConditioning}
