@@ -50,6 +50,11 @@ def batch_cond_and_uncond(executor, model, conds, x_in, timestep, model_options)
             del model.memory_required
 
 
+def _is_unet(module) -> bool:
+    # ComfyUI's openaimodel.UNetModel (SD1.x, SD2.x, SDXL), recognised by its parts: no import of its class.
+    return all(hasattr(module, part) for part in ("input_blocks", "middle_block", "output_blocks", "time_embed"))
+
+
 def _host_only_reason(transformer_options: dict) -> str | None:
     for key in ("patches", "patches_replace"):
         present = [name for name, value in transformer_options.get(key, {}).items() if value]
@@ -67,6 +72,9 @@ class PoolForward:
 
     def __init__(self, config: ParallelConfig):
         self.config = config
+        # A call holding one branch only (cfg = 1, or area conds in several chunks) has nothing to split by
+        # branch: its rows are split instead, which is just as exact.
+        self.rows_config = ParallelConfig(config.devices, "batch", timeout_s=config.timeout_s)
         self.said: set[str] = set()
 
     def _stock(self, reason: str):
@@ -76,6 +84,8 @@ class PoolForward:
 
     def __call__(self, executor, x, timesteps, context=None, y=None, control=None, transformer_options={}, **kwargs):
         reason = _host_only_reason(transformer_options)
+        if reason is None and not _is_unet(executor.class_obj):
+            reason = f"Tandem splits UNet models (SD1.x, SD2.x, SDXL); this model is a {type(executor.class_obj).__name__}"
         pool = None
         if reason is None:
             try:
@@ -94,8 +104,9 @@ class PoolForward:
         run = transformer_options[KEY]
         call = ModelCall(x, timesteps, context, extras, branches=2 if guided else 1, index=run.setdefault("calls", 0))
         started = time.perf_counter()
-        out = ParallelExecutor(pool, self.config)(executor.class_obj, FAMILY, call, 2.0 if guided else 1.0,
-                                                  fingerprint=f"{FAMILY}:{run['weights']}")
+        config = self.config if guided or self.config.strategy != "cfg" else self.rows_config
+        out = ParallelExecutor(pool, config)(executor.class_obj, FAMILY, call, 2.0 if guided else 1.0,
+                                             fingerprint=f"{FAMILY}:{run['weights']}")
         run["calls"] += 1
         RUNTIME.record_call(run["id"], list(pool.devices), self.config.strategy, time.perf_counter() - started,
                             dict(pool.last_compute_seconds))

@@ -1,0 +1,74 @@
+"""Interrupt and worker failure in a real ComfyUI: the run stops or fails with a named device; the next works."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+
+
+def _queue(server, workflow) -> str:
+    import uuid
+
+    return server.post("/prompt", {"prompt": workflow, "client_id": str(uuid.uuid4())})["prompt_id"]
+
+
+def _wait_for_calls(server, calls: int, timeout: float = 120) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = server.get("/tandem/status")
+        if status["last_run"].get("calls", 0) >= calls and status["state"] == "running":
+            return status
+        time.sleep(0.05)
+    raise TimeoutError(f"the Tandem run did not reach {calls} calls")
+
+
+def _wait_for_history(server, prompt_id: str, timeout: float = 120) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        history = server.get(f"/history/{prompt_id}")
+        if prompt_id in history and history[prompt_id].get("status", {}).get("completed") is not None:
+            return history[prompt_id]
+        time.sleep(0.1)
+    raise TimeoutError(f"{prompt_id} did not finish")
+
+
+def _long_run(server, comfy, prefix: str) -> str:
+    workflow = comfy.sampler_workflow("TandemKSampler", prefix, "cfg")
+    workflow["5"]["inputs"]["steps"] = 3000
+    before = server.get("/tandem/status")["runs"]
+    prompt_id = _queue(server, workflow)
+    deadline = time.monotonic() + 60
+    while server.get("/tandem/status")["runs"] == before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    _wait_for_calls(server, 10)
+    return prompt_id
+
+
+def test_interrupt_stops_the_run_and_leaves_the_pool_usable(comfy_server, comfy):
+    comfy.run_pair(comfy_server, "warm", "cfg")  # the pool is up and holds the model
+    pids = comfy_server.get("/tandem/status")["worker_pids"]
+    prompt_id = _long_run(comfy_server, comfy, "interrupted")
+    comfy_server.post("/interrupt", {})
+    entry = _wait_for_history(comfy_server, prompt_id, timeout=30)
+    messages = [m[0] for m in entry["status"]["messages"]]
+    assert "execution_interrupted" in messages, messages
+    assert comfy_server.get("/tandem/status")["last_run"]["calls"] < 2 * 3000  # stopped long before the end
+    stock, tandem = comfy.run_pair(comfy_server, "after_interrupt", "cfg")
+    comfy.assert_same_latents(tandem, stock)
+    assert comfy_server.get("/tandem/status")["worker_pids"] == pids  # the same pool, not a restarted one
+
+
+def test_a_killed_worker_fails_the_run_with_its_device_named_and_the_next_run_works(comfy_server, comfy):
+    comfy.run_pair(comfy_server, "before_kill", "cfg")
+    prompt_id = _long_run(comfy_server, comfy, "killed")
+    victim = comfy_server.get("/tandem/status")["worker_pids"][1]
+    os.kill(victim, signal.SIGKILL)
+    entry = _wait_for_history(comfy_server, prompt_id, timeout=30)
+    errors = [m[1] for m in entry["status"]["messages"] if m[0] == "execution_error"]
+    assert errors and "cpu (worker 1), call" in errors[0]["exception_message"], entry["status"]
+    assert "SIGKILL" in errors[0]["exception_message"]
+    stock, tandem = comfy.run_pair(comfy_server, "after_kill", "cfg")
+    comfy.assert_same_latents(tandem, stock)
+    assert victim not in comfy_server.get("/tandem/status")["worker_pids"]
