@@ -109,6 +109,29 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_workflow_run(args) -> int:
+    from tqdm.auto import tqdm
+
+    from .workflow import run_workflow
+
+    bars: dict = {}
+
+    def progress(node, value, total):
+        bar = bars.get(node)
+        if bar is None or bar.total != total:
+            bar = bars[node] = tqdm(total=total, desc=f"node {node}", unit="step", leave=False, disable=args.quiet)
+        bar.n = value
+        bar.refresh()
+
+    files = run_workflow(args.file, args.server, args.set, args.out, args.timeout, progress)
+    for bar in bars.values():
+        bar.close()
+    print(f"tandem: workflow finished; {len(files)} output file(s) in {args.out}")
+    for path in files:
+        print(f"  {path}")
+    return 0
+
+
 def _add_parallel_options(parser, devices_default):
     parser.add_argument("--devices", default=devices_default,
                         help="'cuda:0,cuda:1', 'cpu:2' (two CPU workers) or 'auto'")
@@ -146,6 +169,18 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", default=None, help="also write the report as JSON here")
     bench.add_argument("--quiet", action="store_true")
     bench.set_defaults(run=cmd_bench)
+
+    workflow = commands.add_parser("workflow", help="run API-format workflows on a running ComfyUI")
+    actions = workflow.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    run = actions.add_parser("run", help="submit a workflow, follow its progress, download its outputs")
+    run.add_argument("file", help="API-format workflow JSON (ComfyUI: Workflow > Export (API))")
+    run.add_argument("--server", default="http://127.0.0.1:8188")
+    run.add_argument("--set", action="append", default=[], metavar="NODE.INPUT=VALUE",
+                     help="override an input, e.g. --set 3.seed=7 (node id, title or class_type)")
+    run.add_argument("--out", default="tandem-outputs", help="folder for the downloaded outputs")
+    run.add_argument("--timeout", type=float, default=3600.0, help="longest silence from the server, seconds")
+    run.add_argument("--quiet", action="store_true")
+    run.set_defaults(run=cmd_workflow_run)
     return parser
 
 
@@ -156,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         print(f"tandem: error: {exc}", file=sys.stderr)
         return 2
-    except (ValueError, OSError, RuntimeError) as exc:
+    except (ValueError, OSError, RuntimeError) as exc:  # WorkflowError and WorkerError are RuntimeErrors
         print(f"tandem: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

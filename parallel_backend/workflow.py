@@ -1,0 +1,152 @@
+"""`tandem workflow run`: submit an API-format workflow to a running ComfyUI, follow it, download its outputs.
+
+Talks to the server's public HTTP API and websocket (POST /prompt, /ws, /history, /view); nothing here
+imports ComfyUI.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+from pathlib import Path
+
+
+class WorkflowError(RuntimeError):
+    """The server refused the workflow, a node failed, or the run was interrupted: a readable message."""
+
+
+def load_workflow(path: str | Path) -> dict:
+    """Reads an API-format workflow ({node id: {"class_type", "inputs"}}); refuses the UI format with a hint."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise WorkflowError(f"workflow file not found: {path}") from None
+    except json.JSONDecodeError as exc:
+        raise WorkflowError(f"{path} is not JSON: {exc}") from None
+    if isinstance(data, dict) and "nodes" in data and "links" in data:
+        raise WorkflowError(f"{path} is a UI-format workflow; in ComfyUI use Workflow > Export (API) and run that file")
+    if not isinstance(data, dict) or not all(isinstance(v, dict) and "class_type" in v for v in data.values()):
+        raise WorkflowError(f"{path} is not an API-format workflow (expected {{node id: {{class_type, inputs}}}})")
+    return data
+
+
+def apply_settings(workflow: dict, settings: list[str]) -> dict:
+    """Applies "NODE.INPUT=VALUE" overrides; NODE is a node id, a node title or a class_type (if unique).
+    VALUE is read as JSON when it parses (numbers, true, lists), else as a string."""
+    workflow = json.loads(json.dumps(workflow))
+    for setting in settings:
+        target, sep, raw = setting.partition("=")
+        node_ref, dot, name = target.rpartition(".")
+        if not sep or not dot or not node_ref or not name:
+            raise WorkflowError(f"--set {setting!r}: write NODE.INPUT=VALUE, e.g. --set 3.seed=7")
+        matches = [i for i, node in workflow.items()
+                   if node_ref in (i, node.get("_meta", {}).get("title"), node["class_type"])]
+        if len(matches) != 1:
+            found = "no node" if not matches else f"{len(matches)} nodes ({', '.join(matches)})"
+            raise WorkflowError(f"--set {setting!r}: {found} match {node_ref!r}; use a node id")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        workflow[matches[0]].setdefault("inputs", {})[name] = value
+    return workflow
+
+
+def _describe_rejection(body: dict) -> str:
+    error = body.get("error", {})
+    parts = [error.get("message", "the server refused the workflow")]
+    if error.get("details"):
+        parts.append(error["details"])
+    for node_id, node_error in (body.get("node_errors") or {}).items():
+        for item in node_error.get("errors", []):
+            parts.append(f"node {node_id} ({node_error.get('class_type')}): {item.get('message')}: {item.get('details')}")
+    return "; ".join(parts)
+
+
+class ComfyClient:
+    def __init__(self, server: str, timeout_s: float = 30.0):
+        self.server = server.rstrip("/")
+        self.timeout_s = timeout_s
+        self.client_id = str(uuid.uuid4())
+
+    def _open(self, route: str, payload: dict | None = None):
+        data = None if payload is None else json.dumps(payload).encode()
+        request = urllib.request.Request(self.server + route, data=data, headers={"Content-Type": "application/json"})
+        try:
+            return urllib.request.urlopen(request, timeout=self.timeout_s)
+        except urllib.error.HTTPError as exc:
+            body = exc.read()
+            try:
+                message = _describe_rejection(json.loads(body))
+            except (json.JSONDecodeError, AttributeError):
+                message = body.decode(errors="replace")[:500] or str(exc)
+            raise WorkflowError(f"{self.server}{route}: HTTP {exc.code}: {message}") from None
+        except urllib.error.URLError as exc:
+            raise WorkflowError(f"cannot reach ComfyUI at {self.server}: {exc.reason}") from None
+
+    def get_json(self, route: str) -> dict:
+        with self._open(route) as response:
+            return json.loads(response.read())
+
+    def submit(self, workflow: dict) -> str:
+        with self._open("/prompt", {"prompt": workflow, "client_id": self.client_id}) as response:
+            return json.loads(response.read())["prompt_id"]
+
+    def download(self, item: dict, folder: Path) -> Path:
+        query = urllib.parse.urlencode({k: item.get(k, "") for k in ("filename", "subfolder", "type")})
+        target = folder / item["filename"]
+        with self._open(f"/view?{query}") as response:
+            target.write_bytes(response.read())
+        return target
+
+
+def follow(client: ComfyClient, prompt_id: str, socket, progress) -> None:
+    """Reads the websocket until `prompt_id` finishes; raises WorkflowError on a node error or interrupt."""
+    while True:
+        message = socket.recv()
+        if not isinstance(message, str):
+            continue  # binary frames are previews
+        event = json.loads(message)
+        kind, data = event.get("type"), event.get("data", {})
+        if data.get("prompt_id") not in (None, prompt_id):
+            continue
+        if kind == "progress":
+            progress(data.get("node"), data.get("value", 0), data.get("max", 0))
+        elif kind == "execution_error":
+            raise WorkflowError(f"node {data.get('node_id')} ({data.get('node_type')}) failed: "
+                                f"{data.get('exception_type', 'error')}: {data.get('exception_message', '').strip()}")
+        elif kind == "execution_interrupted":
+            raise WorkflowError(f"the run was interrupted at node {data.get('node_id')} ({data.get('node_type')})")
+        elif kind == "execution_success" or (kind == "executing" and data.get("node") is None
+                                              and data.get("prompt_id") == prompt_id):
+            return
+
+
+def run_workflow(path: str, server: str, settings: list[str], out_dir: str, timeout_s: float = 3600.0,
+                 progress=lambda node, value, total: None) -> list[Path]:
+    """Runs the workflow to completion; returns the downloaded output files."""
+    import websocket  # websocket-client
+
+    workflow = apply_settings(load_workflow(path), settings)
+    folder = Path(out_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    client = ComfyClient(server)
+    ws_url = client.server.replace("http", "ws", 1) + f"/ws?clientId={client.client_id}"
+    try:
+        socket = websocket.create_connection(ws_url, timeout=timeout_s)
+    except (OSError, websocket.WebSocketException) as exc:
+        raise WorkflowError(f"cannot open the websocket of {server}: {exc}") from None
+    try:
+        prompt_id = client.submit(workflow)
+        try:
+            follow(client, prompt_id, socket, progress)
+        except websocket.WebSocketTimeoutException:
+            raise WorkflowError(f"no word from the server for {timeout_s:g} s") from None
+    finally:
+        socket.close()
+    outputs = client.get_json(f"/history/{prompt_id}").get(prompt_id, {}).get("outputs", {})
+    return [client.download(item, folder) for node in outputs.values() for items in node.values()
+            if isinstance(items, list) for item in items if isinstance(item, dict) and "filename" in item]

@@ -1,0 +1,40 @@
+"""`tandem workflow run` against the real server: outputs come back; rejections and failures read well."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+
+def tandem(*args):
+    return subprocess.run([sys.executable, "-m", "parallel_backend", *args], capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_run_downloads_the_outputs_and_applies_overrides(comfy_server, comfy, tmp_path):
+    workflow = tmp_path / "wf.json"
+    workflow.write_text(json.dumps(comfy.sampler_workflow("TandemKSampler", "cli_run", "cfg")))
+    run = tandem("workflow", "run", str(workflow), "--server", comfy_server.url, "--set", "5.seed=43",
+                 "--set", "5.steps=4", "--out", str(tmp_path / "out"), "--quiet")
+    assert run.returncode == 0, run.stderr
+    files = list((tmp_path / "out").glob("cli_run*.latent"))
+    assert len(files) == 1 and files[0].stat().st_size > 0, run.stdout
+    assert comfy_server.get("/tandem/status")["last_run"]["calls"] == 4  # the override reached the sampler
+
+
+def test_a_rejected_workflow_gives_a_readable_error(comfy_server, tmp_path):
+    workflow = tmp_path / "bad.json"
+    workflow.write_text(json.dumps({"1": {"class_type": "NoSuchNode", "inputs": {}}}))
+    run = tandem("workflow", "run", str(workflow), "--server", comfy_server.url, "--quiet")
+    assert run.returncode != 0 and "NoSuchNode" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_a_failing_node_is_named(comfy_server, comfy, tmp_path):
+    broken = comfy.sampler_workflow("TandemKSampler", "cli_fail", "cfg")
+    broken["8"]["inputs"]["devices"] = "cpu:3"  # cfg needs an even device count: the settings node raises
+    workflow = tmp_path / "fail.json"
+    workflow.write_text(json.dumps(broken))
+    run = tandem("workflow", "run", str(workflow), "--server", comfy_server.url, "--quiet")
+    assert run.returncode != 0 and "node 8 (TandemSettings) failed" in run.stderr, run.stderr
+    assert "even number of devices" in run.stderr
