@@ -7,6 +7,8 @@ Importing it is cheap and has no side effects: no torch, no processes, no ports.
 import os
 import sys
 
+WEB_DIRECTORY = "./web"  # ComfyUI loads every .js here into its frontend (the Tandem sidebar tab)
+
 
 def _make_engine_importable() -> None:
     # Workers run `python -m parallel_backend.worker`, so the host must know the engine by that same top-level

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 
 from comfy_api.latest import ComfyExtension
 
@@ -23,7 +24,8 @@ def activate() -> None:
     _activated.set()
     from . import routes
 
-    routes.register()
+    # ComfyUI serves web/ at /extensions/<the pack's folder name>/ (the folder as installed, links unresolved).
+    routes.register(Path(__file__).parent.parent.name)
     RUNTIME.start_on_load()
 
 

@@ -7,9 +7,22 @@ from aiohttp import web
 from .runtime import RUNTIME
 
 
-def register() -> None:
+PANEL_PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>Tandem</title></head>
+<body style="background:#202020;margin:0"><div id="panel"></div>
+<script type="module">
+import {{ mountPanel }} from "/extensions/{pack}/tandem_panel.js";
+mountPanel(document.getElementById("panel"));
+</script></body></html>"""
+
+
+def register(pack_name: str) -> None:
+    """pack_name: the pack's folder in custom_nodes/, under which ComfyUI serves web/ at /extensions/."""
     from server import PromptServer
 
     @PromptServer.instance.routes.get("/tandem/status")
     async def tandem_status(request):
         return web.json_response(RUNTIME.status())
+
+    @PromptServer.instance.routes.get("/tandem/panel")
+    async def tandem_panel(request):
+        return web.Response(text=PANEL_PAGE.format(pack=pack_name), content_type="text/html")

@@ -38,6 +38,8 @@ class Runtime:
         self.error: str | None = None
         self.last_run: dict = {}
         self.runs = 0  # sampling runs that went through the pool
+        self._watched = None  # (weakref to the host's BaseModel, its weights id) whose copy the workers hold
+        self._watcher: threading.Thread | None = None
 
     def start_on_load(self) -> None:
         if self.mode == "on_load":
@@ -80,10 +82,41 @@ class Runtime:
         with self.lock:
             if self.last_run.get("id") != run_id:
                 self.runs += 1
-                self.last_run = {"id": run_id, "calls": 0, "seconds": [], "devices": devices, "strategy": strategy}
-            self.last_run["calls"] += 1
-            self.last_run["seconds"].append(round(seconds, 6))
-            self.last_run["compute_seconds"] = compute
+                self.last_run = {"id": run_id, "calls": 0, "seconds": [], "devices": devices, "strategy": strategy,
+                                 "started": time.time()}
+            run = self.last_run
+            run["calls"] += 1
+            run["seconds"].append(round(seconds, 6))
+            run["device_seconds"] = run.get("device_seconds", 0.0) + sum(compute.values())
+            run["wall_seconds"] = run.get("wall_seconds", 0.0) + seconds
+            run["median_seconds_per_call"] = sorted(run["seconds"])[len(run["seconds"]) // 2]
+            # What one device would have spent (all devices' compute time added) over what the call took:
+            # an estimate of the speed-up that assumes the devices are alike.
+            run["estimated_speedup"] = round(run["device_seconds"] / run["wall_seconds"], 3)
+
+    def watch(self, base_model_ref, weights: str) -> None:
+        """Remember which host model the workers' copy belongs to; a watcher releases the copy once ComfyUI
+        unloads that model (free memory, another checkpoint, eviction): its weights are then unpatched
+        (current_weight_patches_uuid None) or the model is gone."""
+        self._watched = (base_model_ref, weights)
+        if self._watcher is None:
+            self._watcher = threading.Thread(target=self._watch_loop, name="tandem-release-watch", daemon=True)
+            self._watcher.start()
+
+    def _watch_loop(self, period_s: float = 2.0) -> None:
+        while True:
+            time.sleep(period_s)
+            watched = self._watched
+            if watched is None:
+                continue
+            model = watched[0]()
+            if model is None or f"{id(model)}:{model.current_weight_patches_uuid}" != watched[1]:
+                self._watched = None
+                try:
+                    self.release_models()
+                    log.info("Tandem: ComfyUI unloaded the model; the workers released their copies")
+                except Exception as exc:  # the pool restarts on the next job anyway
+                    log.warning("Tandem: could not release the workers' model copies: %s", exc)
 
     def release_models(self) -> None:
         with self.lock:
@@ -95,6 +128,7 @@ class Runtime:
         return {"mode": self.mode, "devices": list(pool.devices) if pool else list(parse_devices(self.devices)),
                 "state": "running" if pool and pool.started else ("error" if self.error else "stopped"),
                 "error": self.error, "worker_pids": pool.worker_pids() if pool else [],
+                "model_loaded": bool(pool and pool.loaded_fingerprint),
                 "stats": vars(pool.stats) if pool else {}, "runs": self.runs, "last_run": self.last_run}
 
     def shutdown(self) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+import weakref
 
 import comfy.model_management
 import comfy.patcher_extension
@@ -38,7 +39,7 @@ def install(model, config: ParallelConfig):
 def batch_cond_and_uncond(executor, model, conds, x_in, timestep, model_options):
     options = model_options.setdefault("transformer_options", {})
     previous = options.get(KEY, {})
-    options[KEY] = {"weights": f"{id(model)}:{model.current_weight_patches_uuid}",
+    options[KEY] = {"weights": f"{id(model)}:{model.current_weight_patches_uuid}", "base_model": weakref.ref(model),
                     "lowvram": bool(getattr(model, "model_lowvram", False)),
                     "id": previous.get("id") or id(model_options), "calls": previous.get("calls", 0)}
     had_own = "memory_required" in vars(model)
@@ -103,10 +104,11 @@ class PoolForward:
         extras = {k: v for k, v in dict(kwargs, y=y, control=control).items() if v is not None}
         run = transformer_options[KEY]
         call = ModelCall(x, timesteps, context, extras, branches=2 if guided else 1, index=run.setdefault("calls", 0))
+        fingerprint = pool.ensure_model(executor.class_obj, FAMILY, f"{FAMILY}:{run['weights']}")  # not timed below
+        RUNTIME.watch(run["base_model"], run["weights"])
         started = time.perf_counter()
         config = self.config if guided or self.config.strategy != "cfg" else self.rows_config
-        out = ParallelExecutor(pool, config)(executor.class_obj, FAMILY, call, 2.0 if guided else 1.0,
-                                             fingerprint=f"{FAMILY}:{run['weights']}")
+        out = ParallelExecutor(pool, config)(executor.class_obj, FAMILY, call, 2.0 if guided else 1.0, fingerprint)
         run["calls"] += 1
         RUNTIME.record_call(run["id"], list(pool.devices), self.config.strategy, time.perf_counter() - started,
                             dict(pool.last_compute_seconds))

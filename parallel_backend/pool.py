@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -120,6 +121,7 @@ class WorkerPool:
         self.worker_setup = worker_setup
         self.timeout_s, self.start_timeout_s, self.pg_timeout_s = timeout_s, start_timeout_s, pg_timeout_s
         self.stats = PoolStats()
+        self._lock = threading.RLock()  # one request at a time: replies are read in order on each channel
         self._workers: list[_Worker] = []
         self._dir: Path | None = None
         self._loaded: str | None = None
@@ -135,6 +137,11 @@ class WorkerPool:
     @property
     def devices(self) -> tuple[str, ...]:
         return tuple(w.device for w in self._workers) or self.requested_devices
+
+    @property
+    def loaded_fingerprint(self) -> str | None:
+        """The fingerprint of the model the workers hold, or None."""
+        return self._loaded
 
     def worker_pids(self) -> list[int]:
         return [w.process.pid for w in self._workers]
@@ -261,19 +268,20 @@ class WorkerPool:
         raises a WorkerError naming its device and `what` it was doing. A worker that dies, a timeout or an
         interruption tears the pool down (it restarts on the next start()), since replies may be in flight.
         """
-        self.start()
-        workers = {rank: self._workers[rank] for rank in requests}
-        try:
-            for rank, message in requests.items():
-                workers[rank].channel.send(message)
-            replies = self._gather(workers, what)
-        except WorkerError as exc:
-            self.stats.failures.append(str(exc))
-            self._teardown()
-            raise
-        except BaseException:
-            self._teardown()
-            raise
+        with self._lock:
+            self.start()
+            workers = {rank: self._workers[rank] for rank in requests}
+            try:
+                for rank, message in requests.items():
+                    workers[rank].channel.send(message)
+                replies = self._gather(workers, what)
+            except WorkerError as exc:
+                self.stats.failures.append(str(exc))
+                self._teardown()
+                raise
+            except BaseException:
+                self._teardown()
+                raise
         failed = [(rank, reply) for rank, reply in sorted(replies.items()) if not reply.get("ok")]
         if failed:
             rank, reply = failed[0]

@@ -72,3 +72,19 @@ def test_a_killed_worker_fails_the_run_with_its_device_named_and_the_next_run_wo
     stock, tandem = comfy.run_pair(comfy_server, "after_kill", "cfg")
     comfy.assert_same_latents(tandem, stock)
     assert victim not in comfy_server.get("/tandem/status")["worker_pids"]
+
+
+def test_freeing_memory_in_comfyui_releases_the_workers_copies(comfy_server, comfy):
+    comfy.run_pair(comfy_server, "before_free", "cfg")
+    status = comfy_server.get("/tandem/status")
+    assert status["model_loaded"]
+    loads = status["stats"]["model_loads"]
+    comfy_server.post("/free", {"unload_models": True, "free_memory": True})
+    # An idle ComfyUI unloads at once (the flag wakes its queue); the workers follow within the watch period.
+    deadline = time.monotonic() + 30
+    while comfy_server.get("/tandem/status")["model_loaded"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not comfy_server.get("/tandem/status")["model_loaded"]
+    stock, tandem = comfy.run_pair(comfy_server, "after_free", "cfg")  # the next run ships the model again
+    comfy.assert_same_latents(tandem, stock)
+    assert comfy_server.get("/tandem/status")["stats"]["model_loads"] == loads + 1
