@@ -29,3 +29,16 @@ def test_lora_patched_model_on_workers_equals_stock(comfy_server, comfy):
 def test_samplers_that_call_the_model_twice_per_step(comfy_server, comfy):
     stock, tandem = comfy.run_pair(comfy_server, "heun", "cfg", sampler_name="heun")
     comfy.assert_same_latents(tandem, stock)
+
+
+def test_example_workflow_uses_only_nodes_and_inputs_that_exist(comfy_server, comfy):
+    import json
+    from pathlib import Path
+
+    api = json.loads((Path(__file__).resolve().parents[2] / "workflows" / "multi_gpu_ksampler_api.json").read_text())
+    info = comfy_server.get("/object_info")
+    for node_id, node in api.items():
+        assert node["class_type"] in info, node["class_type"]
+        required = info[node["class_type"]]["input"].get("required", {})
+        missing = [name for name in required if name not in node["inputs"]]
+        assert not missing, f"node {node_id} ({node['class_type']}) lacks {missing}"

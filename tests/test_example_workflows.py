@@ -1,0 +1,27 @@
+"""The example workflows: the API-format file and its UI-format twin describe the same graph."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from parallel_backend.workflow import WorkflowError, load_workflow
+
+FOLDER = Path(__file__).resolve().parents[1] / "workflows"
+
+
+def test_api_and_ui_twins_agree():
+    api = load_workflow(FOLDER / "multi_gpu_ksampler_api.json")
+    ui = json.loads((FOLDER / "multi_gpu_ksampler.json").read_text())
+    assert {str(n["id"]): n["type"] for n in ui["nodes"]} == {k: v["class_type"] for k, v in api.items()}
+    api_links = {(str(src), slot, dst, name) for dst, node in api.items()
+                 for name, value in node["inputs"].items() if isinstance(value, list) for src, slot in [value]}
+    by_id = {n["id"]: n for n in ui["nodes"]}
+    ui_links = {(str(src), src_slot, str(dst), by_id[dst]["inputs"][dst_slot]["name"])
+                for _, src, src_slot, dst, dst_slot, _ in ui["links"]}
+    assert ui_links == api_links
+    try:
+        load_workflow(FOLDER / "multi_gpu_ksampler.json")
+        raise AssertionError("the UI file must be recognised as UI format")
+    except WorkflowError as exc:
+        assert "UI-format" in str(exc)
