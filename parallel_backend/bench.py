@@ -2,7 +2,8 @@
 
 On CPU devices every device gets an equal share of the cores; the reference ("serial") runs in this process
 with one device's share, a second reference with all cores. Each strategy runs the same sampler loop (DDIM,
-`steps` calls) through a WorkerPool. Ratios from one run are what count.
+`steps` calls) through a WorkerPool. The variants take turns within every repeat (serial, all cores, each
+strategy; then again), so a machine whose speed drifts affects them alike. Ratios from one run are what count.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from .tiny.model import SCHEDULER_CONFIG
 CFG_SCALE = 7.5
 
 
-@dataclass
+@dataclass(frozen=True)
 class Job:
     """What one strategy is measured on: cfg uses one image with guidance; batch two images without."""
 
@@ -83,8 +84,9 @@ def _local_forward(model: BenchModel, call: ModelCall) -> torch.Tensor:
     return out
 
 
-def run_loop(model: BenchModel, job: Job, resolution, steps: int, repeats: int, executor=None) -> LoopResult:
-    """The sampler loop, `repeats` timed runs after one warm-up; locally or through `executor`."""
+def run_once(model: BenchModel, job: Job, resolution, steps: int, result: LoopResult, timed: bool,
+             executor=None) -> None:
+    """One run of the sampler loop, locally or through `executor`; its timings go into `result` if `timed`."""
     noise, context, uncond = _inputs(model, job, resolution)
     weight = next(model.unet.parameters())
     context, uncond = context.to(weight.device, weight.dtype), uncond.to(weight.device, weight.dtype)
@@ -104,27 +106,37 @@ def run_loop(model: BenchModel, job: Job, resolution, steps: int, repeats: int, 
             overhead.append(per_call[-1] - compute[-1])
         return out
 
-    totals, latents = [], None
+    started = time.perf_counter()
+    result.latents, _ = denoise(denoiser, make_scheduler("ddim", SCHEDULER_CONFIG), noise, context, uncond, job.cfg,
+                                steps, progress=False)
+    if timed:
+        result.end_to_end.append(time.perf_counter() - started)
+        result.per_call += per_call
+        result.overhead += overhead
+        result.compute += compute
+
+
+def run_loop(model: BenchModel, job: Job, resolution, steps: int, repeats: int, executor=None) -> LoopResult:
+    """The sampler loop: one warm-up run, then `repeats` timed runs (repeats=0: one run, timed)."""
+    result = LoopResult(None, [], [], [], [])
     for repeat in range(repeats + 1):
-        if repeat == 1:
-            per_call.clear(), overhead.clear(), compute.clear()
-        scheduler = make_scheduler("ddim", SCHEDULER_CONFIG)
-        started = time.perf_counter()
-        latents, _ = denoise(denoiser, scheduler, noise, context, uncond, job.cfg, steps, progress=False)
-        if repeat:
-            totals.append(time.perf_counter() - started)
-    return LoopResult(latents, per_call, totals, overhead, compute)
+        run_once(model, job, resolution, steps, result, timed=repeat > 0 or repeats == 0, executor=executor)
+    return result
 
 
-def _time_rows(model: BenchModel, rows: int, resolution, calls: int = 8) -> float:
-    noise, context, _ = _inputs(model, Job(rows, 1.0), resolution)
-    call = ModelCall(noise, torch.tensor(500), context, model.extras(rows))
-    times = []
+def _ideal(model: BenchModel, rows: int, share_rows: int, resolution, calls: int = 8) -> float:
+    """time(whole call) / time(largest share), on one device, measured alternately so drift hits both alike."""
+    whole_inputs, share_inputs = (_inputs(model, Job(r, 1.0), resolution) for r in (rows, share_rows))
+    whole = ModelCall(whole_inputs[0], torch.tensor(500), whole_inputs[1], model.extras(rows))
+    share = ModelCall(share_inputs[0], torch.tensor(500), share_inputs[1], model.extras(share_rows))
+    times: dict[int, list[float]] = {rows: [], share_rows: []}
     for i in range(calls + 1):
-        started = time.perf_counter()
-        _local_forward(model, call)
-        times.append(time.perf_counter() - started)
-    return statistics.median(times[1:])
+        for size, call in ((rows, whole), (share_rows, share)):
+            started = time.perf_counter()
+            _local_forward(model, call)
+            if i:
+                times[size].append(time.perf_counter() - started)
+    return statistics.median(times[rows]) / statistics.median(times[share_rows])
 
 
 def psnr(reference: torch.Tensor, other: torch.Tensor) -> float:
@@ -164,27 +176,27 @@ def run_bench(model_name: str = "small", devices: str = "cpu:2", strategies=("cf
     resolution = parse_resolution(resolution or model.default_resolution)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     share = max(1, cores // n)
-    results, serial_by_job = [], {}
+    results = []
     try:
-        for strategy in strategies:
-            job = JOBS[strategy]
-            if strategy not in serial_by_job:
-                torch.set_num_threads(share)
-                progress(f"[bench] serial reference ({job.images} image(s), cfg {job.cfg:g}, {share} thread(s))")
-                serial = run_loop(model, job, resolution, steps, repeats)
-                rows = job.images * (2 if job.cfg != 1.0 else 1)
-                ideal = _time_rows(model, rows, resolution) / _time_rows(model, -(-rows // n), resolution)
-                torch.set_num_threads(cores)
-                progress(f"[bench] all-cores reference ({cores} threads)")
-                all_cores = run_loop(model, job, resolution, steps, repeats)
-                serial_by_job[strategy] = (serial, all_cores, ideal)
-                results.append(_row("serial", 1, serial, serial, all_cores, 1.0, [_peak_memory(reference_device)], job))
-            serial, all_cores, ideal = serial_by_job[strategy]
-            torch.set_num_threads(1)  # the host only steps the scheduler; idle OpenMP threads would spin on the workers' cores
-            progress(f"[bench] {strategy} on {n} devices")
-            executor = ParallelExecutor(pool, ParallelConfig(devices, strategy))
-            parallel = run_loop(model, job, resolution, steps, repeats, executor)
-            results.append(_row(strategy, n, parallel, serial, all_cores, ideal, pool.memory(), job))
+        for job in dict.fromkeys(JOBS[s] for s in strategies):  # each distinct job once, in the order asked
+            mine = [s for s in strategies if JOBS[s] == job]
+            # Variants run in rotation within every repeat, so the machine's drift hits them all alike.
+            variants = {"serial": (share, None), "all cores": (cores, None)}
+            variants.update({s: (1, ParallelExecutor(pool, ParallelConfig(devices, s))) for s in mine})
+            measured = {name: LoopResult(None, [], [], [], []) for name in variants}
+            progress(f"[bench] {job.images} image(s), cfg {job.cfg:g}: {', '.join(variants)} in rotation")
+            for repeat in range(repeats + 1):
+                for name, (threads, executor) in variants.items():
+                    # The host only steps the scheduler in pool runs: idle OpenMP threads would spin on the workers' cores.
+                    torch.set_num_threads(threads)
+                    run_once(model, job, resolution, steps, measured[name], timed=repeat > 0, executor=executor)
+            torch.set_num_threads(share)
+            rows = job.images * (2 if job.cfg != 1.0 else 1)
+            ideal = _ideal(model, rows, -(-rows // n), resolution)
+            serial, all_cores = measured["serial"], measured["all cores"]
+            results.append(_row("serial", 1, serial, serial, all_cores, 1.0, [_peak_memory(reference_device)], job))
+            for strategy in mine:
+                results.append(_row(strategy, n, measured[strategy], serial, all_cores, ideal, pool.memory(), job))
     finally:
         pool.shutdown()
         torch.set_num_threads(cores)
