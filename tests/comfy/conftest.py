@@ -126,12 +126,12 @@ def assert_same_latents(tandem: torch.Tensor, stock: torch.Tensor) -> None:
 
 
 def sampler_workflow(sampler: str, prefix: str, strategy: str | None, cfg: float = 6.0, batch: int = 1,
-                     sampler_name: str = "euler", lora: bool = False) -> dict:
+                     sampler_name: str = "euler", lora: bool = False, family: str = "sd1") -> dict:
     """Tiny model -> (LoRA) -> sampler -> SaveLatent, as API-format JSON."""
     workflow = {
-        "1": {"class_type": "TandemTestTinySD1Model", "inputs": {"seed": 5}},
-        "2": {"class_type": "TandemTestConditioning", "inputs": {"seed": 1, "tokens": 77}},
-        "3": {"class_type": "TandemTestConditioning", "inputs": {"seed": 2, "tokens": 77}},
+        "1": {"class_type": "TandemTestTinySD1Model", "inputs": {"seed": 5, "family": family}},
+        "2": {"class_type": "TandemTestConditioning", "inputs": {"seed": 1, "tokens": 77, "pooled": family == "sdxl"}},
+        "3": {"class_type": "TandemTestConditioning", "inputs": {"seed": 2, "tokens": 77, "pooled": family == "sdxl"}},
         "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": batch}},
         "6": {"class_type": "SaveLatent", "inputs": {"samples": ["5", 0], "filename_prefix": f"latents/{prefix}"}},
     }

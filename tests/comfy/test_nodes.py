@@ -42,3 +42,10 @@ def test_example_workflow_uses_only_nodes_and_inputs_that_exist(comfy_server, co
         required = info[node["class_type"]]["input"].get("required", {})
         missing = [name for name in required if name not in node["inputs"]]
         assert not missing, f"node {node_id} ({node['class_type']}) lacks {missing}"
+
+
+@pytest.mark.parametrize("strategy, cfg, batch", [("cfg", 6.0, 1), ("batch", 6.0, 2)])
+def test_sdxl_unet_with_its_adm_vector_equals_stock(comfy_server, comfy, strategy, cfg, batch):
+    stock, tandem = comfy.run_pair(comfy_server, f"sdxl_{strategy}", strategy, cfg=cfg, batch=batch, family="sdxl")
+    assert stock.shape == (batch, 4, 8, 8)
+    comfy.assert_same_latents(tandem, stock)

@@ -23,9 +23,22 @@ TINY_SD1_UNET = {
 }
 
 
-def tiny_sd1_model(seed: int):
-    config = comfy.supported_models.SD15(dict(TINY_SD1_UNET))
-    model = config.get_model({})
+# SDXL's structure (3 levels, attention from the second, linear projections, the 2816-wide ADM vector of
+# pooled text embedding + size embeddings), narrow.
+TINY_SDXL_UNET = {
+    "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True, "legacy": False,
+    "num_classes": "sequential", "adm_in_channels": 2816, "dtype": torch.float32, "in_channels": 4,
+    "model_channels": 32, "num_res_blocks": [2, 2, 2], "transformer_depth": [0, 0, 1, 1, 1, 1],
+    "channel_mult": [1, 2, 2], "transformer_depth_middle": 1, "use_linear_in_transformer": True,
+    "context_dim": CONTEXT_DIM, "transformer_depth_output": [0, 0, 0, 1, 1, 1, 1, 1, 1],
+    "use_temporal_attention": False, "use_temporal_resblock": False,
+}
+FAMILIES = {"sd1": (comfy.supported_models.SD15, TINY_SD1_UNET), "sdxl": (comfy.supported_models.SDXL, TINY_SDXL_UNET)}
+
+
+def tiny_sd1_model(seed: int, family: str = "sd1"):
+    config_class, unet_config = FAMILIES[family]
+    model = config_class(dict(unet_config)).get_model({})
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -42,29 +55,33 @@ def tiny_sd1_model(seed: int):
 class TandemTestTinySD1Model:
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"seed": ("INT", {"default": 0, "min": 0, "max": 2**31})}}
+        return {"required": {"seed": ("INT", {"default": 0, "min": 0, "max": 2**31}),
+                             "family": (list(FAMILIES), {"default": "sd1"})}}
 
     RETURN_TYPES = ("MODEL",)
     FUNCTION = "build"
     CATEGORY = "testing"
 
-    def build(self, seed):
-        return (tiny_sd1_model(seed),)
+    def build(self, seed, family="sd1"):
+        return (tiny_sd1_model(seed, family),)
 
 
 class TandemTestConditioning:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {"seed": ("INT", {"default": 0, "min": 0, "max": 2**31}),
-                             "tokens": ("INT", {"default": 77, "min": 1, "max": 308})}}
+                             "tokens": ("INT", {"default": 77, "min": 1, "max": 308}),
+                             "pooled": ("BOOLEAN", {"default": False})}}
 
     RETURN_TYPES = ("CONDITIONING",)
     FUNCTION = "build"
     CATEGORY = "testing"
 
-    def build(self, seed, tokens):
-        context = torch.randn(1, tokens, CONTEXT_DIM, generator=torch.Generator().manual_seed(seed))
-        return ([[context, {}]],)
+    def build(self, seed, tokens, pooled=False):
+        generator = torch.Generator().manual_seed(seed)
+        context = torch.randn(1, tokens, CONTEXT_DIM, generator=generator)
+        extras = {"pooled_output": torch.randn(1, 1280, generator=generator), "width": 64, "height": 64} if pooled else {}
+        return ([[context, extras]],)
 
 
 NODE_CLASS_MAPPINGS = {"TandemTestTinySD1Model": TandemTestTinySD1Model,
