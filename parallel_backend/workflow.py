@@ -7,6 +7,7 @@ imports ComfyUI.
 from __future__ import annotations
 
 import json
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -125,6 +126,18 @@ def follow(client: ComfyClient, prompt_id: str, socket, progress) -> None:
             return
 
 
+def wait_for_history(client: ComfyClient, prompt_id: str, timeout_s: float = 30.0) -> dict:
+    """The run's history entry. ComfyUI announces success before it records the entry, so wait for it."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        entry = client.get_json(f"/history/{prompt_id}").get(prompt_id)
+        if entry is not None:
+            return entry
+        if time.monotonic() > deadline:
+            raise WorkflowError(f"the run finished but ComfyUI recorded no history for it within {timeout_s:g} s")
+        time.sleep(0.1)
+
+
 def run_workflow(path: str, server: str, settings: list[str], out_dir: str, timeout_s: float = 3600.0,
                  progress=lambda node, value, total: None) -> list[Path]:
     """Runs the workflow to completion; returns the downloaded output files."""
@@ -147,6 +160,6 @@ def run_workflow(path: str, server: str, settings: list[str], out_dir: str, time
             raise WorkflowError(f"no word from the server for {timeout_s:g} s") from None
     finally:
         socket.close()
-    outputs = client.get_json(f"/history/{prompt_id}").get(prompt_id, {}).get("outputs", {})
+    outputs = wait_for_history(client, prompt_id).get("outputs", {})
     return [client.download(item, folder) for node in outputs.values() for items in node.values()
             if isinstance(items, list) for item in items if isinstance(item, dict) and "filename" in item]
