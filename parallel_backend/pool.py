@@ -59,8 +59,7 @@ def model_fingerprint(module, family: str) -> str:
 
 @dataclass
 class PoolStats:
-    starts: int = 0
-    restarts: int = 0
+    starts: int = 0  # the first start, then one per restart after a failure
     model_loads: int = 0
     weights_bytes_shipped: int = 0
     calls: int = 0
@@ -248,11 +247,6 @@ class WorkerPool:
             self._finalizer = None
         self._dir = None
 
-    def restart(self) -> "WorkerPool":
-        self._teardown()
-        self.stats.restarts += 1
-        return self.start()
-
     def __enter__(self) -> "WorkerPool":
         return self.start()
 
@@ -322,29 +316,31 @@ class WorkerPool:
         passes `fingerprint`; otherwise it is computed by model_fingerprint. Returns the fingerprint."""
         import torch
 
-        self.start()
         fingerprint = fingerprint or model_fingerprint(module, family)
-        if fingerprint == self._loaded:
-            return fingerprint
-        path = self._dir / f"model-{fingerprint[:16]}.pt"
-        started = time.perf_counter()
-        torch.save(module, path)
-        try:
-            self.request({w.rank: {"op": "load", "fingerprint": fingerprint, "path": str(path), "family": family}
-                          for w in self._workers}, "loading the model")
-        finally:
-            path.unlink(missing_ok=True)  # workers keep their mappings; the file need not outlive the load
-        self._loaded = fingerprint
-        self.stats.model_loads += 1
-        self.stats.weights_bytes_shipped += sum(p.numel() * p.element_size() for p in module.state_dict().values())
-        self.stats.last_load_seconds = time.perf_counter() - started
+        with self._lock:  # check and load as one step: another thread may release or load meanwhile
+            self.start()
+            if fingerprint == self._loaded:
+                return fingerprint
+            path = self._dir / f"model-{fingerprint[:16]}.pt"
+            started = time.perf_counter()
+            torch.save(module, path)
+            try:
+                self.request({w.rank: {"op": "load", "fingerprint": fingerprint, "path": str(path), "family": family}
+                              for w in self._workers}, "loading the model")
+            finally:
+                path.unlink(missing_ok=True)  # workers keep their mappings; the file need not outlive the load
+            self._loaded = fingerprint
+            self.stats.model_loads += 1
+            self.stats.weights_bytes_shipped += sum(p.numel() * p.element_size() for p in module.state_dict().values())
+            self.stats.last_load_seconds = time.perf_counter() - started
         return fingerprint
 
     def release_models(self) -> None:
         """Drops the model the workers hold (e.g. when the host frees memory)."""
-        if self._workers:
-            self.request({w.rank: {"op": "unload"} for w in self._workers}, "releasing models")
-        self._loaded = None
+        with self._lock:
+            if self._workers:
+                self.request({w.rank: {"op": "unload"} for w in self._workers}, "releasing models")
+            self._loaded = None
 
     def call(self, fingerprint: str, shares: dict, index: int = 0) -> dict:
         """Runs ModelCall shares (rank -> ModelCall) of call number `index`; returns rank -> output tensor.
