@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from .settings import Settings, default_config
+from .settings import settings_input
 from .wrappers import install
 
 
@@ -17,10 +17,10 @@ class TandemModel(io.ComfyNode):
             category="sampling/multi-gpu",
             description="Makes any sampler split each model call over several devices.",
             inputs=[io.Model.Input("model"),
-                    Settings.Input("settings", optional=True, tooltip="Multi-GPU Settings; default: auto")],
+                    settings_input()],
             outputs=[io.Model.Output()],
         )
 
     @classmethod
     def execute(cls, model, settings=None) -> io.NodeOutput:
-        return io.NodeOutput(install(model, settings or default_config()))
+        return io.NodeOutput(install(model, settings))

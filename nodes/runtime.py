@@ -77,6 +77,10 @@ class Runtime:
                 raise
             return self.pool
 
+    def call_index(self, run_id: int) -> int:
+        """The number of the next model call of sampling run `run_id` (0 for a new run)."""
+        return self.last_run["calls"] if self.last_run.get("id") == run_id else 0
+
     def record_call(self, run_id: int, devices: list, strategy: str, seconds: float, compute: dict) -> None:
         """Per-call figures of the current sampling run (a new run id starts a new record)."""
         with self.lock:

@@ -6,7 +6,7 @@ import comfy.samplers
 import nodes as comfy_nodes
 from comfy_api.latest import io
 
-from .settings import Settings, default_config
+from .settings import settings_input
 from .wrappers import install
 
 
@@ -34,14 +34,14 @@ class TandemKSampler(io.ComfyNode):
             description="KSampler whose every step is split over several devices (same image, sooner).",
             inputs=[*_common_inputs(),
                     io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01),
-                    Settings.Input("settings", optional=True, tooltip="Multi-GPU Settings; default: auto")],
+                    settings_input()],
             outputs=[io.Latent.Output()],
         )
 
     @classmethod
     def execute(cls, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image,
                 denoise=1.0, settings=None) -> io.NodeOutput:
-        patched = install(model, settings or default_config())
+        patched = install(model, settings)
         return io.NodeOutput(*comfy_nodes.common_ksampler(patched, seed, steps, cfg, sampler_name, scheduler,
                                                           positive, negative, latent_image, denoise=denoise))
 
@@ -59,14 +59,14 @@ class TandemKSamplerAdvanced(io.ComfyNode):
                     io.Int.Input("start_at_step", default=0, min=0, max=10000),
                     io.Int.Input("end_at_step", default=10000, min=0, max=10000),
                     io.Combo.Input("return_with_leftover_noise", options=["disable", "enable"]),
-                    Settings.Input("settings", optional=True, tooltip="Multi-GPU Settings; default: auto")],
+                    settings_input()],
             outputs=[io.Latent.Output()],
         )
 
     @classmethod
     def execute(cls, add_noise, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image,
                 start_at_step, end_at_step, return_with_leftover_noise, settings=None) -> io.NodeOutput:
-        patched = install(model, settings or default_config())
+        patched = install(model, settings)
         return io.NodeOutput(*comfy_nodes.common_ksampler(
             patched, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image,
             disable_noise=add_noise == "disable", start_step=start_at_step, last_step=end_at_step,

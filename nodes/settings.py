@@ -9,6 +9,11 @@ from parallel_backend.config import STRATEGIES, ParallelConfig
 Settings = io.Custom("TANDEM_SETTINGS")
 
 
+def settings_input():
+    """The optional settings socket of the samplers and the model node."""
+    return Settings.Input("settings", optional=True, tooltip="Multi-GPU Settings; default: auto")
+
+
 def default_config() -> ParallelConfig:
     from .runtime import RUNTIME
 

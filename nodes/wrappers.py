@@ -21,13 +21,16 @@ from parallel_backend.executor import ParallelExecutor
 from parallel_backend.models.comfy_unet import FAMILY
 
 from .runtime import RUNTIME
+from .settings import default_config
 
 KEY = "tandem"
 log = logging.getLogger("tandem")
 
 
-def install(model, config: ParallelConfig):
-    """A clone of `model` (a ModelPatcher) whose diffusion-model calls run on the pool per `config`."""
+def install(model, config: ParallelConfig | None = None):
+    """A clone of `model` (a ModelPatcher) whose diffusion-model calls run on the pool per `config`
+    (None: the pack's default devices, strategy auto)."""
+    config = config or default_config()
     patched = model.clone()
     patched.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, KEY)
     patched.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, KEY)
@@ -37,11 +40,10 @@ def install(model, config: ParallelConfig):
 
 
 def batch_cond_and_uncond(executor, model, conds, x_in, timestep, model_options):
-    options = model_options.setdefault("transformer_options", {})
-    previous = options.get(KEY, {})
-    options[KEY] = {"weights": f"{id(model)}:{model.current_weight_patches_uuid}", "base_model": weakref.ref(model),
-                    "lowvram": bool(getattr(model, "model_lowvram", False)),
-                    "id": previous.get("id") or id(model_options), "calls": previous.get("calls", 0)}
+    # ComfyUI hands the diffusion model a merged copy of this dict: it carries facts, never counters.
+    model_options.setdefault("transformer_options", {})[KEY] = {
+        "weights": f"{id(model)}:{model.current_weight_patches_uuid}", "base_model": weakref.ref(model),
+        "lowvram": bool(getattr(model, "model_lowvram", False)), "id": id(model_options)}
     had_own = "memory_required" in vars(model)
     model.memory_required = lambda *args, **kwargs: 0  # the host only gathers; the workers hold the activations
     try:
@@ -103,13 +105,12 @@ class PoolForward:
         guided = sorted(chunks) == [0, 1]
         extras = {k: v for k, v in dict(kwargs, y=y, control=control).items() if v is not None}
         run = transformer_options[KEY]
-        call = ModelCall(x, timesteps, context, extras, branches=2 if guided else 1, index=run.setdefault("calls", 0))
+        call = ModelCall(x, timesteps, context, extras, branches=2 if guided else 1, index=RUNTIME.call_index(run["id"]))
         fingerprint = pool.ensure_model(executor.class_obj, FAMILY, f"{FAMILY}:{run['weights']}")  # not timed below
         RUNTIME.watch(run["base_model"], run["weights"])
         started = time.perf_counter()
         config = self.config if guided or self.config.strategy != "cfg" else self.rows_config
         out = ParallelExecutor(pool, config)(executor.class_obj, FAMILY, call, 2.0 if guided else 1.0, fingerprint)
-        run["calls"] += 1
         RUNTIME.record_call(run["id"], list(pool.devices), self.config.strategy, time.perf_counter() - started,
                             dict(pool.last_compute_seconds))
         return out
