@@ -33,13 +33,28 @@ class TandemSettings(io.ComfyNode):
                                 tooltip="'auto', 'cuda:0,cuda:1', or 'cpu:2' for two CPU workers"),
                 io.Combo.Input("strategy", options=list(STRATEGIES), default="auto",
                                tooltip="cfg: cond and uncond on different devices; batch: images split over "
-                                       "devices; auto: cfg when guidance is on, batch otherwise"),
+                                       "devices; auto: cfg when guidance is on, batch otherwise (all exact); "
+                                       "asyncdiff: the UNet cut into stages run on one-step-stale inputs "
+                                       "(approximate after warm-up, faster, works at cfg 1)"),
                 io.Int.Input("cfg_degree", default=0, min=0, max=2, tooltip="0 = from the strategy"),
                 io.Int.Input("batch_degree", default=0, min=0, max=64, tooltip="0 = from the strategy"),
+                io.Int.Input("stages", default=0, min=0, max=64, optional=True,
+                             tooltip="asyncdiff: UNet stages, one per device (0 = the devices left after cfg and "
+                                     "batch degrees)"),
+                io.Int.Input("warmup", default=1, min=0, max=10000, optional=True,
+                             tooltip="asyncdiff: exact sampler steps at the start (all stages in sequence)"),
+                io.Combo.Input("stride", options=["1", "2"], default="1", optional=True,
+                               tooltip="asyncdiff: 2 exchanges activations every second call only (less traffic, "
+                                       "staler inputs)"),
+                io.Boolean.Input("time_shift", default=False, optional=True,
+                                 tooltip="asyncdiff: each stage embeds the timestep its input came from"),
             ],
             outputs=[Settings.Output(display_name="settings")],
         )
 
     @classmethod
-    def execute(cls, devices, strategy, cfg_degree, batch_degree) -> io.NodeOutput:
-        return io.NodeOutput(ParallelConfig(devices, strategy, cfg_degree or None, batch_degree or None))
+    def execute(cls, devices, strategy, cfg_degree, batch_degree, stages=0, warmup=1, stride="1",
+                time_shift=False) -> io.NodeOutput:
+        return io.NodeOutput(ParallelConfig(devices, strategy, cfg_degree or None, batch_degree or None,
+                                            stages=stages or None, warmup=warmup, stride=int(stride),
+                                            time_shift=time_shift))

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 import weakref
@@ -70,14 +71,27 @@ def _host_only_reason(transformer_options: dict) -> str | None:
     return None
 
 
+def _step_of(transformer_options: dict) -> int | None:
+    """The sampler step of a call: its sigma's position in the run's schedule (a sampler evaluating the model
+    twice per step gets the next step's number for its second evaluation, at the next sigma)."""
+    schedule, sigma = transformer_options.get("sample_sigmas"), transformer_options.get("sigmas")
+    if schedule is None or sigma is None or not len(schedule):
+        return None
+    return int((schedule.to(sigma.device, sigma.dtype) - sigma.reshape(-1)[0]).abs().argmin())
+
+
 class PoolForward:
     """The DIFFUSION_MODEL wrapper: one UNet call, split over the pool."""
 
     def __init__(self, config: ParallelConfig):
         self.config = config
         # A call holding one branch only (cfg = 1, or area conds in several chunks) has nothing to split by
-        # branch: its rows are split instead, which is just as exact.
-        self.rows_config = ParallelConfig(config.devices, "batch", timeout_s=config.timeout_s)
+        # branch: its rows are split instead (exact for cfg; asyncdiff keeps its stages and splits the rows).
+        if config.strategy == "asyncdiff":
+            self.rows_config = dataclasses.replace(config, cfg_degree=1,
+                                                   batch_degree=(config.batch_degree or 1) * (config.cfg_degree or 1))
+        else:
+            self.rows_config = ParallelConfig(config.devices, "batch", timeout_s=config.timeout_s)
         self.said: set[str] = set()
 
     def _stock(self, reason: str):
@@ -105,11 +119,13 @@ class PoolForward:
         guided = sorted(chunks) == [0, 1]
         extras = {k: v for k, v in dict(kwargs, y=y, control=control).items() if v is not None}
         run = transformer_options[KEY]
-        call = ModelCall(x, timesteps, context, extras, branches=2 if guided else 1, index=RUNTIME.call_index(run["id"]))
+        call = ModelCall(x, timesteps, context, extras, branches=2 if guided else 1, index=RUNTIME.call_index(run["id"]),
+                         step=_step_of(transformer_options), job=run["id"],
+                         stream=(tuple(str(u) for u in transformer_options.get("uuids", ())), tuple(chunks)))
         fingerprint = pool.ensure_model(executor.class_obj, FAMILY, f"{FAMILY}:{run['weights']}")  # not timed below
         RUNTIME.watch(run["base_model"], run["weights"])
         started = time.perf_counter()
-        config = self.config if guided or self.config.strategy != "cfg" else self.rows_config
+        config = self.config if guided or self.config.strategy not in ("cfg", "asyncdiff") else self.rows_config
         out = ParallelExecutor(pool, config)(executor.class_obj, FAMILY, call, 2.0 if guided else 1.0, fingerprint)
         RUNTIME.record_call(run["id"], list(pool.devices), self.config.strategy, time.perf_counter() - started,
                             dict(pool.last_compute_seconds))

@@ -37,7 +37,7 @@ class Job:
     cfg: float
 
 
-JOBS = {"cfg": Job(1, CFG_SCALE), "batch": Job(2, 1.0)}
+JOBS = {"cfg": Job(1, CFG_SCALE), "batch": Job(2, 1.0), "asyncdiff": Job(1, CFG_SCALE)}
 
 
 @dataclass
@@ -47,6 +47,7 @@ class LoopResult:
     end_to_end: list[float]
     overhead: list[float]
     compute: list[float]  # the slowest worker's own compute time per call (pool runs only)
+    staged: list[dict] = None  # asyncdiff: per call, bytes handed between stages and the longest exposed wait
 
 
 def parse_resolution(text: str | int) -> tuple[int, int]:
@@ -90,7 +91,9 @@ def run_once(model: BenchModel, job: Job, resolution, steps: int, result: LoopRe
     noise, context, uncond = _inputs(model, job, resolution)
     weight = next(model.unet.parameters())
     context, uncond = context.to(weight.device, weight.dtype), uncond.to(weight.device, weight.dtype)
-    per_call, overhead, compute, counter = [], [], [], [0]
+    per_call, overhead, compute, staged, counter = [], [], [], [], [0]
+    if executor is not None:
+        executor.new_job()
 
     def denoiser(x, t, ctx):
         call = ModelCall(x, t, ctx, model.extras(x.shape[0]), branches=2 if job.cfg != 1.0 else 1, index=counter[0])
@@ -104,6 +107,10 @@ def run_once(model: BenchModel, job: Job, resolution, steps: int, result: LoopRe
         if executor is not None:
             compute.append(max(executor.pool.last_compute_seconds.values()))
             overhead.append(per_call[-1] - compute[-1])
+            if executor.config.strategy == "asyncdiff":
+                replies = executor.last_replies.values()
+                staged.append({"bytes": sum(r["bytes_sent"] for r in replies),
+                               "wait": max(r["wait"] for r in replies), "step": counter[0] - 1})
         return out
 
     started = time.perf_counter()
@@ -114,6 +121,7 @@ def run_once(model: BenchModel, job: Job, resolution, steps: int, result: LoopRe
         result.per_call += per_call
         result.overhead += overhead
         result.compute += compute
+        result.staged = (result.staged or []) + staged
 
 
 def run_loop(model: BenchModel, job: Job, resolution, steps: int, repeats: int, executor=None) -> LoopResult:
@@ -156,10 +164,11 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def run_bench(model_name: str = "small", devices: str = "cpu:2", strategies=("cfg", "batch"), steps: int = 20,
-              resolution=None, repeats: int = 2, dtype: str = "auto", progress=print) -> dict:
+              resolution=None, repeats: int = 2, dtype: str = "auto", progress=print, asyncdiff: dict | None = None) -> dict:
     """Runs the benchmark; returns the JSON-ready report (see PERFORMANCE.md).
 
     On CUDA devices the one-device reference runs on the first of them, in fp16 unless `dtype` says otherwise.
+    asyncdiff: its knobs (warmup, stride, time_shift, stages) when "asyncdiff" is among the strategies.
     """
     for strategy in strategies:
         if strategy not in JOBS:
@@ -182,7 +191,8 @@ def run_bench(model_name: str = "small", devices: str = "cpu:2", strategies=("cf
             mine = [s for s in strategies if JOBS[s] == job]
             # Variants run in rotation within every repeat, so the machine's drift hits them all alike.
             variants = {"serial": (share, None), "all cores": (cores, None)}
-            variants.update({s: (1, ParallelExecutor(pool, ParallelConfig(devices, s))) for s in mine})
+            variants.update({s: (1, ParallelExecutor(pool, ParallelConfig(devices, s, **(
+                (asyncdiff or {}) if s == "asyncdiff" else {})))) for s in mine})
             measured = {name: LoopResult(None, [], [], [], []) for name in variants}
             progress(f"[bench] {job.images} image(s), cfg {job.cfg:g}: {', '.join(variants)} in rotation")
             for repeat in range(repeats + 1):
@@ -196,7 +206,10 @@ def run_bench(model_name: str = "small", devices: str = "cpu:2", strategies=("cf
             serial, all_cores = measured["serial"], measured["all cores"]
             results.append(_row("serial", 1, serial, serial, all_cores, 1.0, [_peak_memory(reference_device)], job))
             for strategy in mine:
-                results.append(_row(strategy, n, measured[strategy], serial, all_cores, ideal, pool.memory(), job))
+                row = _row(strategy, n, measured[strategy], serial, all_cores, ideal, pool.memory(), job)
+                if strategy == "asyncdiff":
+                    row.update(_staged_figures(variants[strategy][1], measured[strategy], row))
+                results.append(row)
     finally:
         pool.shutdown()
         torch.set_num_threads(cores)
@@ -223,6 +236,21 @@ def _row(strategy, n, result: LoopResult, serial: LoopResult, all_cores: LoopRes
     }
 
 
+def _staged_figures(executor, result: LoopResult, row: dict) -> dict:
+    """asyncdiff: the ideal from the measured cut (1 / the largest stage's share of the work), what crosses
+    between stages per call, and how long stages sat waiting on it after their own compute (the part of the
+    transfer not hidden behind compute), over the asynchronous calls."""
+    plan = executor.stage_plan
+    shares = [s["share"] for s in plan["stages"]]
+    warm = executor.config.warmup
+    async_calls = [c for c in result.staged if c["step"] >= warm] or result.staged
+    return {"ideal_speedup": 1.0 / max(shares), "stage_shares": shares,
+            "stage_layers": [s["layers"] for s in plan["stages"]],
+            "warmup": warm, "stride": executor.config.stride, "time_shift": executor.config.time_shift,
+            "transfer_bytes_per_call_median": statistics.median(c["bytes"] for c in async_calls),
+            "exposed_wait_seconds_per_call_median": statistics.median(c["wait"] for c in async_calls)}
+
+
 def format_table(report: dict) -> str:
     """ideal: serial time of the whole call / of the largest share, each measured alone on one device.
     ceiling: serial time / the slowest worker's compute while all devices run at once (shared caches, memory
@@ -238,6 +266,14 @@ def format_table(report: dict) -> str:
                      f"{pct:>7.0f}%{r['compute_bound_speedup']:>7.2f}x{r['speedup_vs_serial_all_cores']:>7.2f}x{r['max_abs_diff_vs_serial']:>11.1e}"
                      f"{r['psnr_vs_serial_db']:>9.1f}{1000 * r['overhead_seconds_per_call_median']:>8.1f}"
                      f"{'/'.join(str(m // 2**20) for m in r['peak_memory_bytes_per_device']):>16}")
+    for r in report["results"]:
+        if "stage_shares" in r:
+            lines.append(f"asyncdiff: {len(r['stage_shares'])} stages, work shares "
+                         f"{' / '.join(f'{100 * s:.1f}%' for s in r['stage_shares'])} (cut after "
+                         f"{', '.join(layers[1] for layers in r['stage_layers'][:-1])}); warm-up {r['warmup']} "
+                         f"step(s), stride {r['stride']}; {r['transfer_bytes_per_call_median'] / 2**20:.2f} MiB "
+                         f"between stages per call, {1000 * r['exposed_wait_seconds_per_call_median']:.1f} ms "
+                         "per call waiting on it after compute")
     return "\n".join(lines)
 
 

@@ -26,7 +26,12 @@ class ModelCall:
     extras: model-specific keyword inputs (e.g. SDXL's added_cond_kwargs); a tensor whose first dim is B is
       per-row and gets sliced with the rows, anything else goes to every device as is.
     branches: 2 when the rows are [uncond; cond] halves (classifier-free guidance in one batch), else 1.
-    index: the call's number within the job (for error messages and schedules).
+    index: the call's number within the job (for error messages).
+    step: the sampler step the call belongs to (its sigma's position in the schedule); None: the executor
+      counts timestep changes. Warm-up of approximate strategies counts steps, not calls.
+    stream: what is being denoised (e.g. the host's ids of the conds in the batch); stale state of
+      approximate strategies is kept per stream, so separate cond and uncond calls never mix.
+    job: the host's id of the sampling run; a new job starts from fresh state. None: the executor decides.
     """
 
     x: torch.Tensor
@@ -35,6 +40,9 @@ class ModelCall:
     extras: dict = field(default_factory=dict)
     branches: int = 1
     index: int = 0
+    step: int | None = None
+    stream: tuple = ()
+    job: object = None
 
     @property
     def rows(self) -> int:

@@ -1,4 +1,4 @@
-"""The `tandem` command line: `tandem generate ...` (more subcommands arrive with the pool)."""
+"""The `tandem` command line: `tandem generate | bench | workflow run`."""
 
 from __future__ import annotations
 
@@ -50,7 +50,28 @@ def parallel_config(args):
         return None
     from .config import ParallelConfig
 
-    return ParallelConfig(args.devices, args.strategy, timeout_s=args.timeout)
+    return ParallelConfig(args.devices, args.strategy, timeout_s=args.timeout, **asyncdiff_options(args))
+
+
+def asyncdiff_options(args) -> dict:
+    return {"stages": args.stages, "warmup": args.warmup, "stride": args.stride, "time_shift": args.time_shift}
+
+
+def explain(config, steps: int) -> str:
+    """What each device does at each call under `config` (asyncdiff's schedule), for --explain."""
+    from .config import resolve_devices
+    from .strategies import asyncdiff
+
+    devices = list(resolve_devices(config.device_list))
+    if config.strategy != "asyncdiff":
+        return f"{config.strategy}: every call is split by rows over {', '.join(devices)}; exact, no stale data."
+    degrees = config.degrees(len(devices))
+    stages = degrees["stages"]
+    groups = len(devices) // stages
+    text = asyncdiff.explain(stages, steps, config.warmup, config.stride, devices[:stages])
+    if groups > 1:
+        text += f"\n(the same for each of {groups} row groups: cfg {degrees['cfg']} x batch {degrees['batch']})"
+    return text
 
 
 def grid(images: list):
@@ -75,6 +96,11 @@ def cmd_generate(args) -> int:
                           seed=args.seed, scheduler=args.scheduler, num_images=args.num_images)
     GenerationRequest(**request_fields, cfg=args.cfg if args.cfg is not None else 1.0)  # validate before loading
     config = parallel_config(args)
+    if args.explain:
+        if config is None:
+            raise UsageError("--explain needs --devices (and --strategy)")
+        print(explain(config, args.steps))
+        return 0
     with Timer() as load_timer:
         pipeline = load_pipeline(args.model, args.device)
     request = GenerationRequest(**request_fields, cfg=args.cfg if args.cfg is not None else pipeline.default_cfg)
@@ -101,7 +127,7 @@ def cmd_bench(args) -> int:
 
     strategies = tuple(s.strip() for s in args.strategies.split(",") if s.strip())
     report = run_bench(args.model, args.devices, strategies, args.steps, args.resolution, args.repeats, args.dtype,
-                       progress=(lambda line: None) if args.quiet else (lambda line: print(line, file=sys.stderr)))
+                       asyncdiff=asyncdiff_options(args), progress=(lambda line: None) if args.quiet else (lambda line: print(line, file=sys.stderr)))
     print(format_table(report))
     if args.json:
         write_json(report, args.json)
@@ -135,8 +161,18 @@ def cmd_workflow_run(args) -> int:
 def _add_parallel_options(parser, devices_default):
     parser.add_argument("--devices", default=devices_default,
                         help="'cuda:0,cuda:1', 'cpu:2' (two CPU workers) or 'auto'")
-    parser.add_argument("--strategy", default="auto", help="auto, cfg or batch")
+    parser.add_argument("--strategy", default="auto", help="auto, cfg, batch or asyncdiff")
     parser.add_argument("--timeout", type=float, default=300.0, help="longest wait on a worker, seconds")
+    _add_asyncdiff_options(parser)
+
+
+def _add_asyncdiff_options(parser):
+    parser.add_argument("--stages", type=int, default=None, help="asyncdiff: stages (default: the devices left "
+                                                                  "after cfg and batch)")
+    parser.add_argument("--warmup", type=int, default=1, help="asyncdiff: exact sampler steps at the start")
+    parser.add_argument("--stride", type=int, default=1, help="asyncdiff: 1, or 2 to exchange every second call")
+    parser.add_argument("--time-shift", action="store_true",
+                        help="asyncdiff: each stage embeds the timestep its input came from")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -155,18 +191,20 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a local diffusers Stable Diffusion / SDXL folder (default: the embedded digits model)")
     gen.add_argument("--device", default=None, help="torch device (default: cuda if present, else cpu)")
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
+    gen.add_argument("--explain", action="store_true", help="print what each device does at each step, then exit")
     _add_parallel_options(gen, devices_default=None)
     gen.set_defaults(run=cmd_generate)
 
     bench = commands.add_parser("bench", help="one device vs each strategy, same model and inputs, one run")
     bench.add_argument("--model", default="small", help="tiny, small, sd15 or sdxl")
     bench.add_argument("--devices", default="cpu:2", help="'cuda:0,cuda:1', 'cpu:2' or 'auto'")
-    bench.add_argument("--strategies", default="cfg,batch", help="comma list of strategies")
+    bench.add_argument("--strategies", default="cfg,batch", help="comma list of strategies: cfg, batch, asyncdiff")
     bench.add_argument("--steps", type=int, default=20, help="sampler calls per run")
     bench.add_argument("--resolution", default=None, help="pixels: 256 or 1024x768 (default: the model's)")
     bench.add_argument("--repeats", type=int, default=3, help="timed runs of each loop (after one warm-up)")
     bench.add_argument("--dtype", default="auto", help="auto (fp16 on CUDA, fp32 on CPU), fp32, fp16 or bf16")
     bench.add_argument("--json", default=None, help="also write the report as JSON here")
+    _add_asyncdiff_options(bench)
     bench.add_argument("--quiet", action="store_true")
     bench.set_defaults(run=cmd_bench)
 

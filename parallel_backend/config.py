@@ -11,7 +11,7 @@ import os
 import re
 from dataclasses import dataclass, field
 
-STRATEGIES = ("auto", "batch", "cfg")
+STRATEGIES = ("auto", "batch", "cfg", "asyncdiff")
 
 _DEVICE = re.compile(r"^(cpu|cuda)(?::(\d+))?$")
 
@@ -69,9 +69,14 @@ class ParallelConfig:
     """How a pool splits each model call.
 
     devices: "auto", "cuda:0,cuda:1", "cpu:2", or a list of device names.
-    strategy: "auto" (picked per job from the device count and cfg), "cfg" or "batch".
-    cfg_degree, batch_degree: the mesh; their product is the device count. None = derived from strategy:
-      cfg -> cfg_degree 2 (x batch for the remaining devices), batch -> every device splits the batch.
+    strategy: "auto" (exact: cfg with guidance, batch without), "cfg", "batch" or "asyncdiff" (the model cut
+      into stages run on one-call-stale inputs: approximate after warm-up).
+    cfg_degree, batch_degree, stages: the mesh (cfg outer, then batch, then stages inner); their product is
+      the device count. None = derived from strategy: cfg -> cfg_degree 2 (x batch for the remaining devices),
+      batch -> every device splits the batch, asyncdiff -> every device holds a stage (set cfg_degree 2 for
+      e.g. 4 devices = cfg 2 x stages 2).
+    warmup: asyncdiff's exact sampler steps at the start (all stages in sequence); stride: 1, or 2 to exchange
+      activations every second call only; time_shift: a stage embeds the timestep its input came from.
     timeout_s: the longest any single wait on a worker may take (a dead worker is noticed at once anyway).
     """
 
@@ -79,6 +84,10 @@ class ParallelConfig:
     strategy: str = "auto"
     cfg_degree: int | None = None
     batch_degree: int | None = None
+    stages: int | None = None
+    warmup: int = 1
+    stride: int = 1
+    time_shift: bool = False
     timeout_s: float = 300.0
     device_list: tuple[str, ...] = field(init=False, repr=False, compare=False)
 
@@ -86,7 +95,7 @@ class ParallelConfig:
         object.__setattr__(self, "device_list", parse_devices(self.devices))
         if self.strategy not in STRATEGIES:
             raise ValueError(f"unknown strategy {self.strategy!r}; choose one of: {', '.join(STRATEGIES)}")
-        for name in ("cfg_degree", "batch_degree"):
+        for name in ("cfg_degree", "batch_degree", "stages"):
             value = getattr(self, name)
             if value is not None and (int(value) != value or value < 1):
                 raise ValueError(f"{name} must be a whole number >= 1; got {value}")
@@ -96,13 +105,19 @@ class ParallelConfig:
             raise ValueError("strategy 'cfg' with cfg_degree 1 splits nothing by branch: use strategy 'batch'")
         if self.strategy == "batch" and self.cfg_degree == 2:
             raise ValueError("strategy 'batch' with cfg_degree 2: choose strategy 'cfg' (it composes with batch)")
+        if self.stages not in (None, 1) and self.strategy != "asyncdiff":
+            raise ValueError(f"stages {self.stages} cut the model: that is strategy 'asyncdiff'")
+        if int(self.warmup) != self.warmup or self.warmup < 0:
+            raise ValueError(f"warmup must be a whole number of sampler steps >= 0; got {self.warmup}")
+        if self.stride not in (1, 2):
+            raise ValueError(f"stride must be 1 or 2; got {self.stride}")
         if self.timeout_s <= 0:
             raise ValueError(f"timeout_s must be > 0; got {self.timeout_s}")
         if self.device_list != ("auto",):
             self.degrees(len(self.device_list))  # validates the mesh against the named devices
 
-    def degrees(self, n_devices: int, cfg_scale: float | None = None) -> tuple[int, int]:
-        """(cfg_degree, batch_degree) for `n_devices`, product checked; cfg_scale decides "auto"."""
+    def degrees(self, n_devices: int, cfg_scale: float | None = None) -> dict[str, int]:
+        """{"cfg", "batch", "stages"} degrees for `n_devices`, product checked; cfg_scale decides "auto"."""
         strategy = self.strategy
         if strategy == "auto":
             strategy = "batch" if cfg_scale == 1.0 or self.cfg_degree == 1 else "cfg"
@@ -110,16 +125,22 @@ class ParallelConfig:
         if cfg_degree == 2 and n_devices % 2:
             raise ValueError(f"strategy 'cfg' splits cond and uncond over an even number of devices; "
                              f"got {n_devices}: use an even count or strategy 'batch'")
-        batch_degree = self.batch_degree or max(1, n_devices // cfg_degree)
-        if cfg_degree * batch_degree != n_devices:
-            raise ValueError(f"cfg_degree {cfg_degree} x batch_degree {batch_degree} = {cfg_degree * batch_degree}, "
-                             f"but there are {n_devices} devices; make the product equal the device count")
-        return cfg_degree, batch_degree
+        if strategy == "asyncdiff":
+            batch_degree = self.batch_degree or 1
+            stages = self.stages or max(1, n_devices // (cfg_degree * batch_degree))
+        else:
+            batch_degree, stages = self.batch_degree or max(1, n_devices // cfg_degree), 1
+        if cfg_degree * batch_degree * stages != n_devices:
+            raise ValueError(f"cfg_degree {cfg_degree} x batch_degree {batch_degree} x stages {stages} = "
+                             f"{cfg_degree * batch_degree * stages}, but there are {n_devices} devices; "
+                             "make the product equal the device count")
+        return {"cfg": cfg_degree, "batch": batch_degree, "stages": stages}
 
-    def check_job(self, n_devices: int, cfg_scale: float) -> tuple[int, int]:
+    def check_job(self, n_devices: int, cfg_scale: float) -> dict[str, int]:
         """Degrees for a job sampled with guidance `cfg_scale`; raises if the mesh cannot serve it."""
-        cfg_degree, batch_degree = self.degrees(n_devices, cfg_scale)
+        degrees = self.degrees(n_devices, cfg_scale)
+        cfg_degree = degrees["cfg"]
         if cfg_degree == 2 and cfg_scale == 1.0:
             raise ValueError("cfg degree 2 needs cfg > 1; this job runs with cfg=1.0 (no uncond branch): "
                              "use strategy 'batch' or 'auto'")
-        return cfg_degree, batch_degree
+        return degrees

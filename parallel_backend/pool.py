@@ -57,6 +57,9 @@ def model_fingerprint(module, family: str) -> str:
     return digest.hexdigest()
 
 
+MAX_FAILURES_KEPT = 20
+
+
 @dataclass
 class PoolStats:
     starts: int = 0  # the first start, then one per restart after a failure
@@ -64,7 +67,7 @@ class PoolStats:
     weights_bytes_shipped: int = 0
     calls: int = 0
     last_load_seconds: float = 0.0
-    failures: list = field(default_factory=list)
+    failures: list = field(default_factory=list)  # the latest MAX_FAILURES_KEPT error messages
 
 
 @dataclass
@@ -255,12 +258,14 @@ class WorkerPool:
 
     # ---- requests --------------------------------------------------------------------------------------
 
-    def request(self, requests: dict[int, dict], what: str) -> dict[int, dict]:
+    def request(self, requests: dict[int, dict], what: str, collective: bool = False) -> dict[int, dict]:
         """Sends each worker (by rank) its request, then gathers every reply.
 
         A worker that answers with an error leaves the pool as it is (every other reply is still read) and
         raises a WorkerError naming its device and `what` it was doing. A worker that dies, a timeout or an
         interruption tears the pool down (it restarts on the next start()), since replies may be in flight.
+        collective: the workers exchange data with each other in this request, so one that fails leaves
+        its peers waiting on it: the first error reply tears the pool down at once instead.
         """
         with self._lock:
             self.start()
@@ -268,9 +273,9 @@ class WorkerPool:
             try:
                 for rank, message in requests.items():
                     workers[rank].channel.send(message)
-                replies = self._gather(workers, what)
+                replies = self._gather(workers, what, stop_on_error=collective)
             except WorkerError as exc:
-                self.stats.failures.append(str(exc))
+                self._note_failure(str(exc))
                 self._teardown()
                 raise
             except BaseException:
@@ -281,11 +286,17 @@ class WorkerPool:
             rank, reply = failed[0]
             w = workers[rank]
             error = WorkerError(f"{w.name}, {what}: {reply.get('error')}", w.device, w.rank, reply.get("traceback", ""))
-            self.stats.failures.append(str(error))
+            self._note_failure(str(error))
+            if collective:
+                with self._lock:
+                    self._teardown()
             raise error
         return replies
 
-    def _gather(self, workers: dict[int, _Worker], what: str) -> dict[int, dict]:
+    def _note_failure(self, message: str) -> None:
+        self.stats.failures = [*self.stats.failures[-(MAX_FAILURES_KEPT - 1):], message]
+
+    def _gather(self, workers: dict[int, _Worker], what: str, stop_on_error: bool = False) -> dict[int, dict]:
         """Every worker's reply (error replies included); raises WorkerError if one dies or time runs out."""
         replies: dict[int, dict] = {}
         pending = dict(workers)
@@ -296,6 +307,8 @@ class WorkerPool:
                 w = pending.pop(by_conn[conn])
                 try:
                     replies[w.rank] = w.channel.recv(timeout=self.timeout_s)
+                    if stop_on_error and not replies[w.rank].get("ok"):
+                        return replies
                 except ChannelClosed:
                     try:
                         w.process.wait(timeout=2.0)  # a closed connection usually means the process is ending
@@ -350,6 +363,17 @@ class WorkerPool:
         self.stats.calls += 1
         self.last_compute_seconds = {rank: reply["seconds"] for rank, reply in replies.items()}
         return {rank: reply["out"] for rank, reply in replies.items()}
+
+    def stage(self, fingerprint: str, action: str, payloads: dict, what: str) -> dict[int, dict]:
+        """asyncdiff requests (see StageRunner): action 'profile', 'setup' or 'call', one payload per rank.
+        Stages exchange activations, so a failing stage tears the pool down at once (its peers wait on it)."""
+        replies = self.request({rank: {"op": "stage", "fingerprint": fingerprint, "action": action,
+                                       "payload": payload} for rank, payload in payloads.items()},
+                               what, collective=action == "call")
+        if action == "call":
+            self.stats.calls += 1
+            self.last_compute_seconds = {rank: reply["compute"] for rank, reply in replies.items()}
+        return replies
 
     def memory(self) -> list[int]:
         """Peak memory per worker, in bytes (CUDA: max allocated; CPU: max resident set)."""

@@ -32,6 +32,22 @@ def leave_group() -> None:
         dist.destroy_process_group()
 
 
+def post_sends(tensors: list[torch.Tensor], dst: int) -> list:
+    """Starts sending `tensors` to rank `dst` without waiting; keep them alive until `wait_all`."""
+    return [dist.isend(t.contiguous(), dst) for t in tensors]
+
+
+def post_receives(specs: list[tuple[tuple[int, ...], torch.dtype]], src: int, device) -> tuple[list, list]:
+    """Starts receiving tensors of `specs` (shape, dtype) from rank `src`; returns (buffers, handles)."""
+    buffers = [torch.empty(shape, dtype=dtype, device=device) for shape, dtype in specs]
+    return buffers, [dist.irecv(b, src) for b in buffers]
+
+
+def wait_all(handles: list) -> None:
+    for handle in handles:
+        handle.wait()
+
+
 def chunk_sizes(total: int, parts: int) -> list[int]:
     """Near-equal contiguous split: chunk_sizes(5, 2) == [3, 2]; never negative, may contain zeros."""
     base, extra = divmod(total, parts)

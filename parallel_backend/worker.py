@@ -53,6 +53,7 @@ class WorkerState:
         self.rank, self.world = rank, world
         self.device = torch.device(device)
         self.models: dict[str, tuple[object, str]] = {}  # fingerprint -> (module, family)
+        self.stages = None  # a StageRunner while the model runs cut into stages (asyncdiff)
 
     def load(self, fingerprint: str, path: str, family: str) -> dict:
         import torch
@@ -62,10 +63,12 @@ class WorkerState:
         module = torch.load(path, mmap=True, map_location="cpu", weights_only=False)
         module = module.to(self.device).eval().requires_grad_(False)
         self.models = {fingerprint: (module, family)}  # one model at a time: a new one releases the old
+        self.stages = None
         return {"seconds": time.perf_counter() - started}
 
     def unload(self) -> dict:
         self.models.clear()
+        self.stages = None
         if self.device.type == "cuda":
             import torch
 
@@ -80,9 +83,27 @@ class WorkerState:
         if fingerprint not in self.models:
             raise RuntimeError(f"model {fingerprint[:12]} is not loaded on this worker")
         module, family = self.models[fingerprint]
+        if self.stages is not None:  # back from stages: the whole model on this device again
+            self.stages.place_whole()
         with torch.inference_mode():
             out = forward_for_family(family)(module, call.to(self.device))
         return out.to("cpu")
+
+    def stage(self, fingerprint: str, action: str, payload) -> dict:
+        """asyncdiff: action 'profile' (payload: a ModelCall), 'setup' (a stage plan) or 'call' (a ModelCall)."""
+        from .stage_runner import StageRunner
+
+        if fingerprint not in self.models:
+            raise RuntimeError(f"model {fingerprint[:12]} is not loaded on this worker")
+        module, family = self.models[fingerprint]
+        if self.stages is None:
+            self.stages = StageRunner(module, family, self.device)
+        if action == "profile":
+            return self.stages.profile(payload)
+        if action == "setup":
+            return self.stages.setup(payload)
+        out, timing = self.stages.call(payload)
+        return {"out": None if out is None else out.to("cpu"), **timing}
 
     def memory(self) -> dict:
         import resource
@@ -123,6 +144,10 @@ def serve(channel, state: WorkerState) -> None:
                 started = time.perf_counter()
                 out = state.call(request["fingerprint"], request["call"])
                 reply = {"ok": True, "out": out, "seconds": time.perf_counter() - started}
+            elif op == "stage":
+                started = time.perf_counter()
+                result = state.stage(request["fingerprint"], request["action"], request["payload"])
+                reply = {"ok": True, "seconds": time.perf_counter() - started, **result}
             elif op == "load":
                 reply = {"ok": True, **state.load(request["fingerprint"], request["path"], request["family"])}
             elif op == "setup":

@@ -43,6 +43,10 @@ def test_missing_cuda_device_is_named(monkeypatch):
     (dict(devices="cpu:2", strategy="pipefusion"), "unknown strategy"),
     (dict(devices="cpu:2", batch_degree=0), "whole number >= 1"),
     (dict(devices="cpu:2", timeout_s=0), "timeout_s must be > 0"),
+    (dict(devices="cpu:2", strategy="cfg", stages=2), "that is strategy 'asyncdiff'"),
+    (dict(devices="cpu:2", strategy="asyncdiff", stride=3), "stride must be 1 or 2"),
+    (dict(devices="cpu:2", strategy="asyncdiff", warmup=-1), "warmup must be a whole number"),
+    (dict(devices="cpu:4", strategy="asyncdiff", cfg_degree=2, stages=3), "x stages 3 = 6, but there are 4"),
 ])
 def test_bad_combinations_say_what_to_change(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -51,15 +55,22 @@ def test_bad_combinations_say_what_to_change(kwargs, message):
 
 def test_cfg_degree_two_with_cfg_one_is_refused_per_job():
     config = ParallelConfig("cpu:2", "cfg")
-    assert config.check_job(2, 7.5) == (2, 1)
+    assert config.check_job(2, 7.5) == {"cfg": 2, "batch": 1, "stages": 1}
     with pytest.raises(ValueError, match="cfg degree 2 needs cfg > 1; this job runs with cfg=1.0"):
         config.check_job(2, 1.0)
 
 
 def test_auto_picks_cfg_with_guidance_and_batch_without():
     config = ParallelConfig("cpu:4")
-    assert config.check_job(4, 5.0) == (2, 2)
-    assert config.check_job(4, 1.0) == (1, 4)
+    assert config.check_job(4, 5.0) == {"cfg": 2, "batch": 2, "stages": 1}
+    assert config.check_job(4, 1.0) == {"cfg": 1, "batch": 4, "stages": 1}
+
+
+def test_asyncdiff_mesh_gives_the_remaining_devices_to_stages():
+    assert ParallelConfig("cpu:2", "asyncdiff").check_job(2, 7.5) == {"cfg": 1, "batch": 1, "stages": 2}
+    assert ParallelConfig("cpu:4", "asyncdiff", cfg_degree=2).check_job(4, 7.5) == {"cfg": 2, "batch": 1, "stages": 2}
+    with pytest.raises(ValueError, match="cfg degree 2 needs cfg > 1"):
+        ParallelConfig("cpu:4", "asyncdiff", cfg_degree=2).check_job(4, 1.0)
 
 
 def test_creating_a_config_checks_no_hardware():

@@ -66,6 +66,8 @@ class DiffusersPipeline:
         size = pipe.unet.config.sample_size
         shape = (request.num_images, pipe.unet.config.in_channels, size, size)
         noise = initial_noise(request.seed, shape).to(pipe.device, pipe.unet.dtype)
+        if isinstance(pipe.unet, ParallelUNet):
+            pipe.unet._executor.new_job()
         with Timer() as timer:
             out = pipe(prompt=request.prompt, negative_prompt=request.negative_prompt or None,
                        num_inference_steps=request.steps, guidance_scale=request.cfg,

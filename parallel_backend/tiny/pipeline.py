@@ -63,6 +63,7 @@ class TinyDigitsPipeline:
         from ..models.diffusers_unet import FAMILY
 
         index = iter(range(1 << 62))
+        self.executor.new_job()
         return lambda x, t, context: self.executor(
             self.unet, FAMILY, ModelCall(x, t, context, branches=2 if cfg != 1.0 else 1, index=next(index)), cfg)
 

@@ -126,7 +126,8 @@ def assert_same_latents(tandem: torch.Tensor, stock: torch.Tensor) -> None:
 
 
 def sampler_workflow(sampler: str, prefix: str, strategy: str | None, cfg: float = 6.0, batch: int = 1,
-                     sampler_name: str = "euler", lora: bool = False, family: str = "sd1") -> dict:
+                     sampler_name: str = "euler", lora: bool = False, family: str = "sd1",
+                     settings: dict | None = None) -> dict:
     """Tiny model -> (LoRA) -> sampler -> SaveLatent, as API-format JSON."""
     workflow = {
         "1": {"class_type": "TandemTestTinySD1Model", "inputs": {"seed": 5, "family": family}},
@@ -144,7 +145,8 @@ def sampler_workflow(sampler: str, prefix: str, strategy: str | None, cfg: float
               "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["4", 0], "denoise": 1.0}
     if strategy is not None:
         workflow["8"] = {"class_type": "TandemSettings",
-                         "inputs": {"devices": "cpu:2", "strategy": strategy, "cfg_degree": 0, "batch_degree": 0}}
+                         "inputs": {"devices": "cpu:2", "strategy": strategy, "cfg_degree": 0, "batch_degree": 0,
+                                    **(settings or {})}}
         inputs["settings"] = ["8", 0]
     workflow["5"] = {"class_type": sampler, "inputs": inputs}
     return workflow

@@ -1,0 +1,143 @@
+"""A denoiser as a sequence of layers that can be cut into stages (for asyncdiff), family-independent.
+
+A family adapter (diffusers_unet, comfy_unet) describes its model as:
+- `layers(model) -> list[Layer]`: the model's work in execution order, at resnet / attention-layer grain.
+  Each layer reads and updates the activations: the hidden state `h` and the stack of skip connections
+  (pushed on the way down, popped on the way up).
+- `prepare(model, call, timestep) -> Context`: what every stage computes for itself from the call's inputs
+  (the timestep embedding, the text context); cheap next to the layers.
+- `shared_modules(model)`: the modules `prepare` uses (every stage holds them).
+
+What crosses a cut between layers i-1 and i is the hidden state plus every skip pushed and not yet popped;
+its shapes are recorded while the model is profiled, so a stage can post its receive before it needs it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+
+@dataclass
+class Activations:
+    """What flows through the layers: the hidden state and the stack of unconsumed skip connections."""
+
+    h: torch.Tensor
+    skips: list = field(default_factory=list)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.h, *self.skips]
+
+    @classmethod
+    def from_tensors(cls, tensors: list[torch.Tensor]) -> "Activations":
+        return cls(tensors[0], list(tensors[1:]))
+
+
+@dataclass
+class Context:
+    """Per-call inputs every stage computes for itself (family-specific fields live in `extra`)."""
+
+    temb: torch.Tensor
+    context: torch.Tensor | None
+    x: torch.Tensor
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class Layer:
+    name: str
+    modules: tuple  # the torch modules whose weights this layer uses
+    run: Callable[[Context, Activations], None]  # updates the activations in place
+
+
+def adapter_for(family: str):
+    """The module describing how `family` is cut into layers."""
+    if family == "diffusers_unet":
+        from . import diffusers_unet
+
+        return diffusers_unet
+    if family == "comfy_unet":
+        from . import comfy_unet
+
+        return comfy_unet
+    raise ValueError(f"model family {family!r} cannot be cut into stages; known: diffusers_unet, comfy_unet")
+
+
+def run_layers(layers: list[Layer], ctx: Context, acts: Activations) -> Activations:
+    for layer in layers:
+        layer.run(ctx, acts)
+    return acts
+
+
+@dataclass
+class Profile:
+    """Measured per-layer cost and what crosses each possible cut, per row of the call (batch dim removed)."""
+
+    names: list[str]
+    seconds: list[float]
+    crossing: list[list[tuple[tuple[int, ...], str]]]  # cut i (before layer i): [(shape[1:], dtype), ...]
+
+    def specs(self, cut: int, rows: int) -> list[tuple[tuple[int, ...], torch.dtype]]:
+        return [((rows, *shape), getattr(torch, dtype)) for shape, dtype in self.crossing[cut]]
+
+    def bytes_per_row(self, cut: int) -> int:
+        return sum(int(torch.tensor([], dtype=getattr(torch, dtype)).element_size() * _prod(shape))
+                   for shape, dtype in self.crossing[cut])
+
+
+def _prod(shape) -> int:
+    out = 1
+    for s in shape:
+        out *= int(s)
+    return out
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def profile(layers: list[Layer], ctx: Context, first: Activations, repeats: int = 3) -> Profile:
+    """Times every layer (the fastest of `repeats` runs after one untimed run) and records the activations'
+    shapes at every cut. `first`: the activations entering layer 0 (not modified)."""
+    device = first.h.device
+    times = [[] for _ in layers]
+    crossing = []
+    for attempt in range(repeats + 1):
+        acts = Activations(first.h, list(first.skips))
+        for i, layer in enumerate(layers):
+            if attempt == 0:
+                crossing.append([(tuple(t.shape[1:]), str(t.dtype).removeprefix("torch.")) for t in acts.tensors()])
+            _sync(device)
+            started = time.perf_counter()
+            layer.run(ctx, acts)
+            _sync(device)
+            if attempt:
+                times[i].append(time.perf_counter() - started)
+    return Profile([layer.name for layer in layers], [min(t) for t in times], crossing)
+
+
+def modules_of(layers: list[Layer]) -> list[torch.nn.Module]:
+    seen, out = set(), []
+    for layer in layers:
+        for module in layer.modules:
+            if module is not None and id(module) not in seen:
+                seen.add(id(module))
+                out.append(module)
+    return out
+
+
+def describe(profile: Profile, cuts: list[int]) -> list[dict[str, Any]]:
+    """Per stage: its first and last layer, its measured share of the work and what it receives."""
+    bounds = [0, *cuts, len(profile.names)]
+    total = sum(profile.seconds) or 1.0
+    out = []
+    for k, (a, b) in enumerate(zip(bounds, bounds[1:])):
+        out.append({"stage": k, "layers": [profile.names[a], profile.names[b - 1]], "count": b - a,
+                    "share": sum(profile.seconds[a:b]) / total,
+                    "receives_tensors": len(profile.crossing[a]) if k else 0,
+                    "receives_bytes_per_row": profile.bytes_per_row(a) if k else 0})
+    return out

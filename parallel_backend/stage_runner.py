@@ -1,0 +1,133 @@
+"""The worker side of asyncdiff: one stage of a cut model, its stale inputs per stream, and the hand-over.
+
+A worker's StageRunner measures the model's layers (on the worker chosen to profile), holds only its own
+stage's weights on its device once the host has chosen the cut, and runs its stage for each call as
+`strategies.asyncdiff.stage_step` says. Activations move between neighbouring stages with torch.distributed
+(non-blocking sends and receives, waited for before the call returns, so nothing is in flight between calls:
+an interrupted job leaves no half-finished exchange behind). Stale inputs are kept per (job, stream).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from . import primitives
+from .models.stages import Activations, Profile, adapter_for, modules_of, profile, run_layers
+from .strategies.asyncdiff import stage_step
+
+ORIGIN_DTYPE = torch.float64  # the timestep a stage's input came from travels with the activations
+
+
+class StageRunner:
+    def __init__(self, module: torch.nn.Module, family: str, device: torch.device):
+        self.module, self.family, self.device = module, family, device
+        self.adapter = adapter_for(family)
+        self.layers = self.adapter.layers(module)
+        self.plan: dict | None = None
+        self.whole_placed = True  # as loaded
+        self.job = None
+        self.streams: dict = {}
+
+    # ---- placement ---------------------------------------------------------------------------------------
+
+    def _place(self, keep: list[torch.nn.Module], whole: bool = False) -> None:
+        """Puts `keep` (and the shared modules) on this worker's device and everything else on the CPU."""
+        self.whole_placed = whole
+        if self.device.type == "cpu":
+            return  # CPU workers share one mapped copy of the weights: nothing to move
+        if whole:
+            self.module.to(self.device)
+            return
+        self.module.to("cpu")
+        for m in [*self.adapter.shared_modules(self.module), *keep]:
+            m.to(self.device)
+        torch.cuda.empty_cache()
+
+    def place_whole(self) -> None:
+        """The whole model on this device (a row strategy runs next); the stage placement returns on the next
+        stage call."""
+        if not self.whole_placed:
+            self._place([], whole=True)
+
+    def profile(self, call, repeats: int = 3) -> dict:
+        """Times every layer on this device with the call's shapes (the whole model is placed here meanwhile)."""
+        self._place([], whole=True)
+        call = call.to(self.device)
+        with torch.inference_mode():
+            ctx = self.adapter.prepare(self.module, call, call.t)
+            measured = profile(self.layers, ctx, Activations(call.x), repeats)
+        self.plan = None  # the placement changed; the host sends a setup next
+        return {"names": measured.names, "layer_seconds": measured.seconds, "crossing": measured.crossing}
+
+    def setup(self, plan: dict) -> dict:
+        """plan: stage, stages, cuts, prev, next (ranks or None), warmup, stride, time_shift, crossing."""
+        bounds = [0, *plan["cuts"], len(self.layers)]
+        stage = plan["stage"]
+        self.mine = self.layers[bounds[stage]:bounds[stage + 1]]
+        self.first_layer = bounds[stage]
+        self.crossing = Profile([], [], plan["crossing"])
+        self._place(modules_of(self.mine))
+        self.plan, self.streams, self.job = plan, {}, None
+        return {"layers": [layer.name for layer in self.mine]}
+
+    # ---- one call ----------------------------------------------------------------------------------------
+
+    def _specs(self, rows: int):
+        return [*self.crossing.specs(self.first_layer, rows), ((rows,), ORIGIN_DTYPE)]
+
+    def call(self, call) -> tuple[torch.Tensor | None, dict]:
+        plan = self.plan
+        if plan is None:
+            raise RuntimeError("this worker has no stage assigned (the host sends a stage setup first)")
+        if self.whole_placed:
+            self._place(modules_of(self.mine))
+        if call.job != self.job:
+            self.job, self.streams = call.job, {}
+        stage, stages = plan["stage"], plan["stages"]
+        state = self.streams.setdefault(call.stream, {"held": None, "async": 0})
+        step = stage_step(stage, stages, call.step, plan["warmup"], plan["stride"], state["async"])
+        call = call.to(self.device)
+        rows = call.x.shape[0]
+        handles, waited, started = [], 0.0, time.perf_counter()
+        if step.input == "fresh":
+            tensors = [call.x, call.t.reshape(-1).to(ORIGIN_DTYPE).expand(rows).contiguous()]
+        elif step.input == "upstream":
+            tensors, receiving = primitives.post_receives(self._specs(rows), plan["prev"], self.device)
+            mark = time.perf_counter()
+            primitives.wait_all(receiving)
+            waited += time.perf_counter() - mark
+            state["held"] = tensors
+        else:
+            tensors = state["held"]
+            if tensors is None or tensors[0].shape[0] != rows:
+                raise RuntimeError(f"stage {stage} holds no input for stream {call.stream!r} (rows {rows}); "
+                                   "the stream changed shape after warm-up")
+        arriving = None
+        if step.receive == "during":
+            arriving, handles = primitives.post_receives(self._specs(rows), plan["prev"], self.device)
+        out, computed = None, 0.0
+        if step.compute:
+            acts, origin = Activations.from_tensors(list(tensors[:-1])), tensors[-1]
+            timestep = origin.to(call.t.dtype) if plan["time_shift"] and not step.sync else call.t
+            mark = time.perf_counter()
+            with torch.inference_mode():
+                ctx = self.adapter.prepare(self.module, call, timestep)
+                run_layers(self.mine, ctx, acts)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            computed = time.perf_counter() - mark
+            if step.send:
+                handles += primitives.post_sends([*acts.tensors(), origin], plan["next"])
+            elif stage == stages - 1:
+                out = acts.h
+        mark = time.perf_counter()
+        primitives.wait_all(handles)
+        waited += time.perf_counter() - mark
+        if arriving is not None:
+            state["held"] = arriving
+        if not step.sync:
+            state["async"] += 1
+        sent = sum(t.numel() * t.element_size() for t in acts.tensors()) if step.compute and step.send else 0
+        return out, {"compute": computed, "wait": waited, "total": time.perf_counter() - started, "bytes_sent": sent}

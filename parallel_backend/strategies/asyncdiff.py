@@ -1,0 +1,139 @@
+"""asyncdiff: the UNet cut into stages, one per device, run asynchronously (AsyncDiff, NeurIPS 2024).
+
+Everything here is pure (no processes, no tensors): how to cut a measured cost profile into balanced stages,
+and what each stage does in each call of a stream (a stream is what is being denoised: one batch item,
+branch or area chunk; its calls arrive in sampling order).
+
+In one call of a stream, stage k runs its layers and hands its output (the hidden state plus every skip
+connection not yet consumed) to stage k+1:
+- warm-up (sampler step < warmup): in sequence, stage k+1 waits for stage k's output of this same call. Exact.
+- after warm-up: every stage computes at once; stage k+1 works on what stage k handed over in the stream's
+  previous exchange (one call stale with stride 1) and receives this call's output while it computes.
+  Stage 0 always works on the call's fresh latent; the output of the last stage is the call's prediction.
+- stride 2: stages exchange on every second asynchronous call only; between exchanges only the last stage
+  computes, on the input it already holds (with the new timestep). That halves the traffic between devices
+  (what costs on PCIe), at the price of inputs two calls stale. Note: the paper's "stride" instead spends an
+  extra device to compute the next step ahead; this one needs no extra device.
+- time_shift: a stage embeds the timestep of the call its input data came from, not the current one.
+
+"Stale" counts calls of the same stream: a sampler that calls the model several times per step (heun, dpm2)
+gets one call stale, which may be the same step's earlier evaluation. Warm-up counts sampler steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+NAME = "asyncdiff"
+EXACT = False
+
+
+def balance(costs: list[float], stages: int) -> list[int]:
+    """Cut points [c_1 < ... < c_{stages-1}] splitting `costs` (per layer, in order) into `stages` contiguous
+    non-empty parts, minimising the most expensive part (ties: the earliest cuts). Stage k runs layers
+    [cut_{k}, cut_{k+1}) with cut_0 = 0 and cut_stages = len(costs)."""
+    n = len(costs)
+    if stages < 1:
+        raise ValueError(f"stages must be >= 1; got {stages}")
+    if stages > n:
+        raise ValueError(f"cannot cut {n} layers into {stages} stages; use at most {n} stages")
+    prefix = [0.0]
+    for cost in costs:
+        prefix.append(prefix[-1] + max(0.0, float(cost)))
+    inf = float("inf")
+    # best[k][i]: the smallest possible max-part cost for the first i layers in k parts; choice: where part k starts
+    best = [[inf] * (n + 1) for _ in range(stages + 1)]
+    choice = [[0] * (n + 1) for _ in range(stages + 1)]
+    best[0][0] = 0.0
+    for k in range(1, stages + 1):
+        for i in range(k, n - (stages - k) + 1):
+            for j in range(k - 1, i):
+                value = max(best[k - 1][j], prefix[i] - prefix[j])
+                if value < best[k][i] - 1e-12:
+                    best[k][i], choice[k][i] = value, j
+    cuts, i = [], n
+    for k in range(stages, 0, -1):
+        i = choice[k][i]
+        cuts.append(i)
+    return sorted(cuts)[1:]  # drop cut_0 == 0
+
+
+def stage_costs(costs: list[float], cuts: list[int]) -> list[float]:
+    bounds = [0, *cuts, len(costs)]
+    return [sum(costs[a:b]) for a, b in zip(bounds, bounds[1:])]
+
+
+@dataclass(frozen=True)
+class StageStep:
+    """What one stage does in one call of a stream."""
+
+    compute: bool
+    input: str  # "fresh" (the call's latent), "upstream" (stage k-1's output of this call), "held" (received earlier)
+    receive: str  # "before" (wait, then compute), "during" (arrives while computing), "none"
+    send: bool  # hands its output to the next stage in this call
+    sync: bool  # a warm-up call: exact
+
+
+def stage_step(stage: int, stages: int, step: int, warmup: int, stride: int, async_index: int) -> StageStep:
+    """What `stage` does in a call at sampler `step`; async_index: how many asynchronous calls the stream has
+    had before this one (the first asynchronous call has 0)."""
+    last = stage == stages - 1
+    if step < warmup:
+        return StageStep(True, "fresh" if stage == 0 else "upstream", "none" if stage == 0 else "before",
+                         not last, True)
+    exchange = async_index % stride == 0
+    if not exchange:
+        return StageStep(last, "fresh" if stage == 0 else "held", "none", False, False)
+    return StageStep(True, "fresh" if stage == 0 else "held", "none" if stage == 0 else "during", not last, False)
+
+
+def simulate(stages: int, steps: int, warmup: int, stride: int = 1, calls_per_step: int = 1) -> list[list[str]]:
+    """One stream's calls as a grid of cells (call x stage) saying what each stage computes and on which
+    call's latent its input is based, e.g. 'S1<c3' = stage 1 computes on data that left stage 0 at call 3.
+    The last column is the call whose latent the prediction is based on (== the call itself when exact)."""
+    origin = [None] * stages  # origin call of the input each stage holds
+    produced = [None] * stages  # origin of the output each stage last produced
+    grid, async_index = [], 0
+    for call in range(steps * calls_per_step):
+        step = call // calls_per_step
+        row, out_origin = [], None
+        plans = [stage_step(k, stages, step, warmup, stride, async_index) for k in range(stages)]
+        for k, plan in enumerate(plans):
+            if plan.input == "fresh":
+                origin[k] = call
+            elif plan.input == "upstream":
+                origin[k] = produced[k - 1]
+            if plan.compute:
+                row.append(f"S{k}<c{origin[k]}")
+                new_output = origin[k]
+            else:
+                row.append("-")
+                new_output = None
+            if k == stages - 1:
+                out_origin = origin[k]
+            if plan.send:
+                produced[k] = new_output
+        for k, plan in enumerate(plans):  # arrivals during the call become the held inputs of the next
+            if plan.receive == "during":
+                origin[k] = produced[k - 1]
+        if not plans[0].sync:
+            async_index += 1
+        row.append(f"c{out_origin}")
+        grid.append(row)
+    return grid
+
+
+def explain(stages: int, steps: int, warmup: int, stride: int = 1, devices: list[str] | None = None,
+            calls_per_step: int = 1) -> str:
+    """The schedule as a call x device table (for --explain and error messages)."""
+    devices = devices or [f"stage {k}" for k in range(stages)]
+    grid = simulate(stages, steps, warmup, stride, calls_per_step)
+    header = ["call", "step", *[f"{d} (stage {k})" if not d.startswith("stage") else d for k, d in enumerate(devices)],
+              "prediction from"]
+    rows = [[str(c), str(c // calls_per_step), *cells[:-1], f"latent of {cells[-1]}" + (
+        " (exact)" if cells[-1] == f"c{c}" else "")] for c, cells in enumerate(grid)]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in [header, *rows]]
+    legend = ("Sk<cN: stage k computes on data that left stage 0 at call N; '-': idle. "
+              f"warm-up {warmup} step(s), stride {stride}.")
+    return "\n".join([*lines, legend])
