@@ -159,3 +159,55 @@ def test_digits_stay_readable_with_two_stages(cpu_pool, digits_pipeline):
         assert accuracy >= reference_accuracy - 0.05, report
         assert db > 20, report
     assert report[5][0] >= report[1][0], report  # more exact steps, closer to one device
+
+
+def test_time_shift_and_stride_act_only_after_warm_up(cpu_pool, models):
+    model = models["tiny"]
+    job, resolution = JOBS["asyncdiff"], (model.default_resolution,) * 2
+    reference = run_loop(model, job, resolution, steps=STEPS, repeats=0).latents
+    results = {}
+    for knobs in ({}, {"time_shift": True}, {"stride": 2}):
+        for warmup in (STEPS, 1):
+            executor = ParallelExecutor(cpu_pool, ParallelConfig("cpu:2", "asyncdiff", warmup=warmup, **knobs))
+            results[tuple(knobs), warmup] = run_loop(model, job, resolution, STEPS, 0, executor).latents
+    quality = {knobs: psnr(reference, results[knobs, 1]) for knobs in ((), ("time_shift",), ("stride",))}
+    for knobs in quality:
+        torch.testing.assert_close(results[knobs, STEPS], reference, atol=ATOL, rtol=ATOL)
+        assert quality[knobs] > 10, quality  # 6 coarse steps on random inputs: far from the digits' 37 dB
+    assert (results[("time_shift",), 1] - results[(), 1]).abs().max() > 1e-4
+    assert (results[("stride",), 1] - results[(), 1]).abs().max() > 1e-4
+
+
+def test_parallelized_diffusers_pipeline_with_asyncdiff(cpu_pool, tiny_sd_folder):
+    import diffusers
+
+    from parallel_backend.hosts.diffusers import parallelize, unparallelize
+
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(str(tiny_sd_folder), local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+
+    def run():
+        return pipe("a red cube", num_inference_steps=4, guidance_scale=5.0, output_type="latent",
+                    generator=torch.Generator().manual_seed(0)).images
+
+    reference = run()
+    parallelize(pipe, ParallelConfig("cpu:2", "asyncdiff", warmup=4), pool=cpu_pool)
+    try:
+        exact, again = run(), run()  # the second run is a new job: the timestep rose again
+    finally:
+        unparallelize(pipe)
+    torch.testing.assert_close(exact, reference, atol=ATOL, rtol=ATOL)
+    torch.testing.assert_close(again, reference, atol=ATOL, rtol=ATOL)
+
+
+def test_cli_explains_and_generates_with_asyncdiff(tmp_path, capsys):
+    from parallel_backend.cli import main
+
+    assert main(["generate", "--devices", "cpu:2", "--strategy", "asyncdiff", "--warmup", "2", "--steps", "4",
+                 "--explain"]) == 0
+    grid = capsys.readouterr().out
+    assert "cpu (stage 0)" in grid and "latent of c1 (exact)" in grid and "latent of c2\n" in grid
+    out = tmp_path / "digit.png"
+    assert main(["generate", "--devices", "cpu:2", "--strategy", "asyncdiff", "--steps", "6", "--quiet",
+                 "--out", str(out)]) == 0
+    assert out.stat().st_size > 0 and "asyncdiff on 2 devices" in capsys.readouterr().out

@@ -51,3 +51,17 @@ def test_resolutions(text, expected):
 def test_bad_resolutions(text):
     with pytest.raises(ValueError, match="write pixels as"):
         parse_resolution(text)
+
+
+def test_bench_reports_asyncdiff_cut_and_transfers(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--model", "tiny", "--devices", "cpu:2", "--strategies", "asyncdiff", "--steps", "4",
+                 "--repeats", "1", "--warmup", "4", "--quiet", "--json", str(out)]) == 0
+    table = capsys.readouterr().out
+    row = json.loads(out.read_text())["results"][1]
+    assert row["strategy"] == "asyncdiff" and FIELDS <= row.keys()
+    assert row["max_abs_diff_vs_serial"] <= 1e-4  # warm-up covering every call: exact
+    assert len(row["stage_shares"]) == 2 and sum(row["stage_shares"]) == pytest.approx(1.0)
+    assert row["ideal_speedup"] == pytest.approx(1 / max(row["stage_shares"]))
+    assert row["transfer_bytes_per_call_median"] > 0 and row["warmup"] == 4
+    assert "asyncdiff: 2 stages, work shares" in table

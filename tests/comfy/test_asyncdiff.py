@@ -16,6 +16,9 @@ def tiny_unets(comfy_server):
     import os
 
     sys.path[:0] = [os.environ["COMFYUI_PATH"], str(Path(__file__).parent)]
+    from comfy.cli_args import args
+
+    args.cpu = True  # before comfy.model_management is imported: this test process has no GPU to look for
     from fixture_nodes import tiny_sd1_model
 
     return {family: tiny_sd1_model(5, family).model.diffusion_model for family in ("sd1", "sdxl")}
