@@ -133,6 +133,8 @@ class Runtime:
                 "state": "running" if pool and pool.started else ("error" if self.error else "stopped"),
                 "error": self.error, "worker_pids": pool.worker_pids() if pool else [],
                 "model_loaded": bool(pool and pool.loaded_fingerprint),
+                # per worker, in device order: CUDA max allocated, CPU max resident set (shared weights count)
+                "peak_memory_bytes": [pool.peak_memory.get(rank) for rank in range(len(pool.devices))] if pool else [],
                 "stats": vars(pool.stats) if pool else {}, "runs": self.runs, "last_run": self.last_run}
 
     def shutdown(self) -> None:

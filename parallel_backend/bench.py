@@ -244,11 +244,15 @@ def _staged_figures(executor, result: LoopResult, row: dict) -> dict:
     shares = [s["share"] for s in plan["stages"]]
     warm = executor.config.warmup
     async_calls = [c for c in result.staged if c["step"] >= warm] or result.staged
+    rows = result.latents.shape[0] * (2 if row["job"]["cfg"] != 1.0 else 1)
+    transfer = executor.probe_transfer(rows) if len(shares) > 1 else 0.0
+    exposed = statistics.median(c["wait"] for c in async_calls)
     return {"ideal_speedup": 1.0 / max(shares), "stage_shares": shares,
             "stage_layers": [s["layers"] for s in plan["stages"]],
             "warmup": warm, "stride": executor.config.stride, "time_shift": executor.config.time_shift,
             "transfer_bytes_per_call_median": statistics.median(c["bytes"] for c in async_calls),
-            "exposed_wait_seconds_per_call_median": statistics.median(c["wait"] for c in async_calls)}
+            "transfer_seconds_alone": transfer, "exposed_wait_seconds_per_call_median": exposed,
+            "overlapped_fraction": max(0.0, 1.0 - exposed / transfer) if transfer > 0 else 1.0}
 
 
 def format_table(report: dict) -> str:
@@ -272,8 +276,9 @@ def format_table(report: dict) -> str:
                          f"{' / '.join(f'{100 * s:.1f}%' for s in r['stage_shares'])} (cut after "
                          f"{', '.join(layers[1] for layers in r['stage_layers'][:-1])}); warm-up {r['warmup']} "
                          f"step(s), stride {r['stride']}; {r['transfer_bytes_per_call_median'] / 2**20:.2f} MiB "
-                         f"between stages per call, {1000 * r['exposed_wait_seconds_per_call_median']:.1f} ms "
-                         "per call waiting on it after compute")
+                         f"between stages per call, {1000 * r['transfer_seconds_alone']:.1f} ms alone, "
+                         f"{1000 * r['exposed_wait_seconds_per_call_median']:.1f} ms of it exposed "
+                         f"({100 * r['overlapped_fraction']:.0f}% overlapped with compute)")
     return "\n".join(lines)
 
 

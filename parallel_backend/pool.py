@@ -129,6 +129,7 @@ class WorkerPool:
         self._loaded: str | None = None
         self._finalizer = None
         self.last_compute_seconds: dict[int, float] = {}
+        self.peak_memory: dict[int, int] = {}  # rank -> peak bytes, as of the last call that rank ran
 
     # ---- lifecycle -------------------------------------------------------------------------------------
 
@@ -235,6 +236,7 @@ class WorkerPool:
 
     def _teardown(self, grace_s: float = 0.0) -> None:
         workers, self._workers, self._loaded = self._workers, [], None
+        self.peak_memory = {}
         deadline = time.monotonic() + grace_s
         for w in workers:
             try:
@@ -362,17 +364,22 @@ class WorkerPool:
                                 for rank, share in shares.items()}, f"call {index}")
         self.stats.calls += 1
         self.last_compute_seconds = {rank: reply["seconds"] for rank, reply in replies.items()}
+        self._note_memory(replies)
         return {rank: reply["out"] for rank, reply in replies.items()}
 
+    def _note_memory(self, replies: dict[int, dict]) -> None:
+        self.peak_memory.update({rank: reply["peak_bytes"] for rank, reply in replies.items() if "peak_bytes" in reply})
+
     def stage(self, fingerprint: str, action: str, payloads: dict, what: str) -> dict[int, dict]:
-        """asyncdiff requests (see StageRunner): action 'profile', 'setup' or 'call', one payload per rank.
+        """asyncdiff requests (see StageRunner): 'profile', 'setup', 'call' or 'probe', one payload per rank.
         Stages exchange activations, so a failing stage tears the pool down at once (its peers wait on it)."""
         replies = self.request({rank: {"op": "stage", "fingerprint": fingerprint, "action": action,
                                        "payload": payload} for rank, payload in payloads.items()},
-                               what, collective=action == "call")
+                               what, collective=action in ("call", "probe"))
         if action == "call":
             self.stats.calls += 1
             self.last_compute_seconds = {rank: reply["compute"] for rank, reply in replies.items()}
+            self._note_memory(replies)
         return replies
 
     def memory(self) -> list[int]:

@@ -72,6 +72,23 @@ class StageRunner:
         self.plan, self.streams, self.job = plan, {}, None
         return {"layers": [layer.name for layer in self.mine]}
 
+    def probe(self, payload: dict) -> dict:
+        """Times handing tensors of `specs` to (send) or from (receive) rank `peer` with nothing else running:
+        what an exchange costs when it is not hidden behind compute."""
+        specs = [(tuple(shape), getattr(torch, dtype)) for shape, dtype in payload["specs"]]
+        tensors = [torch.zeros(shape, dtype=dtype, device=self.device) for shape, dtype in specs]
+        times = []
+        for _ in range(payload["repeats"] + 1):
+            started = time.perf_counter()
+            if payload["send"]:
+                primitives.wait_all(primitives.post_sends(tensors, payload["peer"]))
+            else:
+                primitives.wait_all(primitives.post_receives(specs, payload["peer"], self.device)[1])
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            times.append(time.perf_counter() - started)
+        return {"transfer_seconds": min(times[1:])}
+
     # ---- one call ----------------------------------------------------------------------------------------
 
     def _specs(self, rows: int):

@@ -90,7 +90,8 @@ class WorkerState:
         return out.to("cpu")
 
     def stage(self, fingerprint: str, action: str, payload) -> dict:
-        """asyncdiff: action 'profile' (payload: a ModelCall), 'setup' (a stage plan) or 'call' (a ModelCall)."""
+        """asyncdiff: action 'profile' (payload: a ModelCall), 'setup' (a stage plan), 'call' (a ModelCall) or
+        'probe' (time a bare exchange with a peer)."""
         from .stage_runner import StageRunner
 
         if fingerprint not in self.models:
@@ -102,6 +103,8 @@ class WorkerState:
             return self.stages.profile(payload)
         if action == "setup":
             return self.stages.setup(payload)
+        if action == "probe":
+            return self.stages.probe(payload)
         out, timing = self.stages.call(payload)
         return {"out": None if out is None else out.to("cpu"), **timing}
 
@@ -143,11 +146,11 @@ def serve(channel, state: WorkerState) -> None:
             if op == "call":
                 started = time.perf_counter()
                 out = state.call(request["fingerprint"], request["call"])
-                reply = {"ok": True, "out": out, "seconds": time.perf_counter() - started}
+                reply = {"ok": True, "out": out, "seconds": time.perf_counter() - started, **state.memory()}
             elif op == "stage":
                 started = time.perf_counter()
                 result = state.stage(request["fingerprint"], request["action"], request["payload"])
-                reply = {"ok": True, "seconds": time.perf_counter() - started, **result}
+                reply = {"ok": True, "seconds": time.perf_counter() - started, **result, **state.memory()}
             elif op == "load":
                 reply = {"ok": True, **state.load(request["fingerprint"], request["path"], request["family"])}
             elif op == "setup":

@@ -38,6 +38,7 @@ def test_warm_up_covering_every_step_equals_one_device(cpu_pool, models, model_n
     torch.testing.assert_close(result, reference, atol=ATOL, rtol=ATOL)
     stages = executor.stage_plan["stages"]
     assert len(stages) == 2 and all(s["count"] > 0 for s in stages)
+    assert sorted(cpu_pool.peak_memory) == [0, 1] and min(cpu_pool.peak_memory.values()) > 0
 
 
 @pytest.mark.parametrize("scheduler", ["euler", "dpmpp_2m", "heun"])

@@ -64,4 +64,5 @@ def test_bench_reports_asyncdiff_cut_and_transfers(tmp_path, capsys):
     assert len(row["stage_shares"]) == 2 and sum(row["stage_shares"]) == pytest.approx(1.0)
     assert row["ideal_speedup"] == pytest.approx(1 / max(row["stage_shares"]))
     assert row["transfer_bytes_per_call_median"] > 0 and row["warmup"] == 4
+    assert row["transfer_seconds_alone"] > 0 and 0 <= row["overlapped_fraction"] <= 1
     assert "asyncdiff: 2 stages, work shares" in table

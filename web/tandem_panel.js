@@ -21,7 +21,10 @@ function escape(text) {
 
 export function renderStatus(el, status) {
   const run = status.last_run || {};
-  const devices = (status.devices || []).map((d, i) => `<span class="device">${escape(d)} #${i}</span>`).join("");
+  const peaks = status.peak_memory_bytes || [];
+  const mib = (bytes) => (bytes == null ? "" : ` · ${(bytes / 2 ** 20).toFixed(0)} MiB peak`);
+  const devices = (status.devices || [])
+    .map((d, i) => `<span class="device">${escape(d)} #${i}${mib(peaks[i])}</span>`).join("");
   const lastRun = run.calls
     ? row("strategy", escape(run.strategy)) +
       row("model calls", run.calls) +

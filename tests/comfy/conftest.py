@@ -161,6 +161,7 @@ def run_pair(server, name: str, strategy: str, **kw) -> tuple[torch.Tensor, torc
     status = server.get("/tandem/status")
     assert status["runs"] == runs_before + 1, f"the Multi-GPU KSampler did not run on the pool: {status}"
     assert status["last_run"]["devices"] == ["cpu", "cpu"] and status["last_run"]["calls"] >= 6
+    assert len(status["peak_memory_bytes"]) == 2 and all(b > 0 for b in status["peak_memory_bytes"])
     return server.latent(f"{name}_stock"), server.latent(f"{name}_tandem")
 
 
