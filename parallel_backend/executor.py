@@ -30,20 +30,6 @@ class JobTracker:
     def __init__(self):
         self.new_job()
 
-    @property
-    def stage_plan(self) -> dict | None:
-        """asyncdiff: the cut the workers hold (layer costs, each stage's share and what it receives)."""
-        return _STAGE_STATE.get(self.pool, {}).get("plan")
-
-    def probe_transfer(self, rows: int, repeats: int = 5) -> float:
-        """asyncdiff: seconds to hand the first cut's tensors (`rows` rows) from stage 0 to stage 1 alone."""
-        plan = self.stage_plan
-        specs = [[[rows, *shape], dtype] for shape, dtype in plan["crossing"][0]] + [[[rows], "float64"]]
-        replies = self.pool.stage(plan["fingerprint"], "probe", {
-            0: {"peer": 1, "send": True, "specs": specs, "repeats": repeats},
-            1: {"peer": 0, "send": False, "specs": specs, "repeats": repeats}}, "timing an exchange")
-        return replies[1]["transfer_seconds"]
-
     def new_job(self) -> None:
         self.job, self.step, self.last_t = next(_JOBS), -1, None
 
