@@ -127,13 +127,14 @@ def assert_same_latents(tandem: torch.Tensor, stock: torch.Tensor) -> None:
 
 def sampler_workflow(sampler: str, prefix: str, strategy: str | None, cfg: float = 6.0, batch: int = 1,
                      sampler_name: str = "euler", lora: bool = False, family: str = "sd1",
-                     settings: dict | None = None) -> dict:
-    """Tiny model -> (LoRA) -> sampler -> SaveLatent, as API-format JSON."""
+                     settings: dict | None = None, area: bool = False, size: int = 64) -> dict:
+    """Tiny model -> (LoRA) -> sampler -> SaveLatent, as API-format JSON. area: the positive prompt is
+    combined with a second prompt restricted to the top-left 3/4 (ConditioningSetAreaPercentage)."""
     workflow = {
         "1": {"class_type": "TandemTestTinySD1Model", "inputs": {"seed": 5, "family": family}},
         "2": {"class_type": "TandemTestConditioning", "inputs": {"seed": 1, "tokens": 77, "pooled": family == "sdxl"}},
         "3": {"class_type": "TandemTestConditioning", "inputs": {"seed": 2, "tokens": 77, "pooled": family == "sdxl"}},
-        "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": batch}},
+        "4": {"class_type": "EmptyLatentImage", "inputs": {"width": size, "height": size, "batch_size": batch}},
         "6": {"class_type": "SaveLatent", "inputs": {"samples": ["5", 0], "filename_prefix": f"latents/{prefix}"}},
     }
     model = ["1", 0]
@@ -141,8 +142,16 @@ def sampler_workflow(sampler: str, prefix: str, strategy: str | None, cfg: float
         workflow["7"] = {"class_type": "LoraLoaderModelOnly",
                          "inputs": {"model": model, "lora_name": "tiny_lora.safetensors", "strength_model": 1.0}}
         model = ["7", 0]
+    positive = ["2", 0]
+    if area:
+        workflow["9"] = {"class_type": "TandemTestConditioning", "inputs": {"seed": 9, "tokens": 77, "pooled": family == "sdxl"}}
+        workflow["10"] = {"class_type": "ConditioningSetAreaPercentage",
+                          "inputs": {"conditioning": ["9", 0], "width": 0.75, "height": 0.75, "x": 0, "y": 0, "strength": 1.0}}
+        workflow["11"] = {"class_type": "ConditioningCombine", "inputs": {"conditioning_1": positive,
+                                                                          "conditioning_2": ["10", 0]}}
+        positive = ["11", 0]
     inputs = {"model": model, "seed": 42, "steps": 6, "cfg": cfg, "sampler_name": sampler_name, "scheduler": "normal",
-              "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["4", 0], "denoise": 1.0}
+              "positive": positive, "negative": ["3", 0], "latent_image": ["4", 0], "denoise": 1.0}
     if strategy is not None:
         workflow["8"] = {"class_type": "TandemSettings",
                          "inputs": {"devices": "cpu:2", "strategy": strategy, "cfg_degree": 0, "batch_degree": 0,
@@ -157,7 +166,10 @@ def run_pair(server, name: str, strategy: str, **kw) -> tuple[torch.Tensor, torc
     for sampler, prefix, chosen in (("KSampler", f"{name}_stock", None), ("TandemKSampler", f"{name}_tandem", strategy)):
         runs_before = server.get("/tandem/status")["runs"]
         result = server.run(sampler_workflow(sampler, prefix, chosen, **kw))
-        assert result["status"]["status_str"] == "success", result["status"]
+        errors = [m[1] for m in result["status"]["messages"] if m[0] == "execution_error"]
+        assert result["status"]["status_str"] == "success", (
+            [(e.get("exception_type"), e.get("exception_message")[-1500:], e.get("traceback", [])[-3:]) for e in errors]
+            or result["status"])
     status = server.get("/tandem/status")
     assert status["runs"] == runs_before + 1, f"the Multi-GPU KSampler did not run on the pool: {status}"
     assert status["last_run"]["devices"] == ["cpu", "cpu"] and status["last_run"]["calls"] >= 6

@@ -49,3 +49,13 @@ def test_sdxl_unet_with_its_adm_vector_equals_stock(comfy_server, comfy, strateg
     stock, tandem = comfy.run_pair(comfy_server, f"sdxl_{strategy}", strategy, cfg=cfg, batch=batch, family="sdxl")
     assert stock.shape == (batch, 4, 8, 8)
     comfy.assert_same_latents(tandem, stock)
+
+
+@pytest.mark.parametrize("strategy, settings", [("cfg", None), ("batch", None), ("asyncdiff", {"warmup": 6})])
+def test_area_conditioning_equals_stock(comfy_server, comfy, strategy, settings):
+    """An area cond is evaluated on its own crop of the latent: calls of other shapes and branch mixes.
+    (128 px: this tiny UNet's one-channel norm groups cannot take a 1x1 map of a single row.)"""
+    stock, tandem = comfy.run_pair(comfy_server, f"area_{strategy}", strategy, area=True, settings=settings, size=128)
+    plain = comfy.run_pair(comfy_server, f"no_area_{strategy}", strategy, settings=settings, size=128)[0]
+    assert (stock - plain).abs().max() > 100 * comfy.RTOL_OF_SCALE * stock.abs().max()  # the area matters
+    comfy.assert_same_latents(tandem, stock)
