@@ -127,7 +127,8 @@ def assert_same_latents(tandem: torch.Tensor, stock: torch.Tensor) -> None:
 
 def sampler_workflow(sampler: str, prefix: str, strategy: str | None, cfg: float = 6.0, batch: int = 1,
                      sampler_name: str = "euler", lora: bool = False, family: str = "sd1",
-                     settings: dict | None = None, area: bool = False, size: int = 64) -> dict:
+                     settings: dict | None = None, area: bool = False, size: int = 64,
+                     control: bool = False) -> dict:
     """Tiny model -> (LoRA) -> sampler -> SaveLatent, as API-format JSON. area: the positive prompt is
     combined with a second prompt restricted to the top-left 3/4 (ConditioningSetAreaPercentage)."""
     workflow = {
@@ -150,8 +151,17 @@ def sampler_workflow(sampler: str, prefix: str, strategy: str | None, cfg: float
         workflow["11"] = {"class_type": "ConditioningCombine", "inputs": {"conditioning_1": positive,
                                                                           "conditioning_2": ["10", 0]}}
         positive = ["11", 0]
+    negative = ["3", 0]
+    if control:  # a ControlNet on both prompts, with a seeded noise image as its hint
+        workflow["12"] = {"class_type": "TandemTestTinyControlNet", "inputs": {"seed": 4}}
+        workflow["13"] = {"class_type": "EmptyImage", "inputs": {"width": size, "height": size, "batch_size": 1,
+                                                                 "color": 0x8040C0}}
+        workflow["14"] = {"class_type": "ControlNetApplyAdvanced",
+                          "inputs": {"positive": positive, "negative": negative, "control_net": ["12", 0],
+                                     "image": ["13", 0], "strength": 1.0, "start_percent": 0.0, "end_percent": 1.0}}
+        positive, negative = ["14", 0], ["14", 1]
     inputs = {"model": model, "seed": 42, "steps": 6, "cfg": cfg, "sampler_name": sampler_name, "scheduler": "normal",
-              "positive": positive, "negative": ["3", 0], "latent_image": ["4", 0], "denoise": 1.0}
+              "positive": positive, "negative": negative, "latent_image": ["4", 0], "denoise": 1.0}
     if strategy is not None:
         workflow["8"] = {"class_type": "TandemSettings",
                          "inputs": {"devices": "cpu:2", "strategy": strategy, "cfg_degree": 0, "batch_degree": 0,

@@ -59,3 +59,11 @@ def test_area_conditioning_equals_stock(comfy_server, comfy, strategy, settings)
     plain = comfy.run_pair(comfy_server, f"no_area_{strategy}", strategy, settings=settings, size=128)[0]
     assert (stock - plain).abs().max() > 100 * comfy.RTOL_OF_SCALE * stock.abs().max()  # the area matters
     comfy.assert_same_latents(tandem, stock)
+
+
+@pytest.mark.parametrize("strategy, settings", [("cfg", None), ("batch", None), ("asyncdiff", {"warmup": 6})])
+def test_controlnet_residuals_travel_with_the_call(comfy_server, comfy, strategy, settings):
+    stock, tandem = comfy.run_pair(comfy_server, f"control_{strategy}", strategy, control=True, settings=settings)
+    plain = comfy.run_pair(comfy_server, f"no_control_{strategy}", strategy, settings=settings)[0]
+    assert (stock - plain).abs().max() > 100 * comfy.RTOL_OF_SCALE * stock.abs().max()  # the ControlNet matters
+    comfy.assert_same_latents(tandem, stock)

@@ -36,18 +36,23 @@ TINY_SDXL_UNET = {
 FAMILIES = {"sd1": (comfy.supported_models.SD15, TINY_SD1_UNET), "sdxl": (comfy.supported_models.SDXL, TINY_SDXL_UNET)}
 
 
-def tiny_sd1_model(seed: int, family: str = "sd1"):
-    config_class, unet_config = FAMILIES[family]
-    model = config_class(dict(unet_config)).get_model({})
+def _seeded(module, seed: int):
+    """Fills every parameter with seeded random values (ComfyUI's ops leave weights uninitialised)."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for name, p in module.named_parameters():
             if p.dim() > 1:
                 p.copy_(torch.randn(p.shape, generator=generator) * (1.0 / p[0].numel()) ** 0.5)
             elif name.endswith("weight"):
                 p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=generator))
             else:
                 p.copy_(0.1 * torch.randn(p.shape, generator=generator))
+    return module
+
+
+def tiny_sd1_model(seed: int, family: str = "sd1"):
+    config_class, unet_config = FAMILIES[family]
+    model = _seeded(config_class(dict(unet_config)).get_model({}), seed)
     return comfy.model_patcher.ModelPatcher(model, load_device=comfy.model_management.get_torch_device(),
                                             offload_device=comfy.model_management.unet_offload_device())
 
@@ -84,5 +89,27 @@ class TandemTestConditioning:
         return ([[context, extras]],)
 
 
+class TandemTestTinyControlNet:
+    """A ControlNet of the tiny SD1.x UNet's shape (ComfyUI's cldm.ControlNet), seeded random weights: its
+    residuals are computed on the host and travel with each call to the workers."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"seed": ("INT", {"default": 0, "min": 0, "max": 2**31})}}
+
+    RETURN_TYPES = ("CONTROL_NET",)
+    FUNCTION = "build"
+    CATEGORY = "testing"
+
+    def build(self, seed):
+        import comfy.cldm.cldm
+        import comfy.controlnet
+
+        config = {k: v for k, v in TINY_SD1_UNET.items() if k != "out_channels"}
+        control_model = _seeded(comfy.cldm.cldm.ControlNet(hint_channels=3, device="cpu", num_heads=8, **config), seed)
+        return (comfy.controlnet.ControlNet(control_model, load_device=comfy.model_management.get_torch_device()),)
+
+
 NODE_CLASS_MAPPINGS = {"TandemTestTinySD1Model": TandemTestTinySD1Model,
-                       "TandemTestConditioning": TandemTestConditioning}
+                       "TandemTestConditioning": TandemTestConditioning,
+                       "TandemTestTinyControlNet": TandemTestTinyControlNet}
