@@ -38,3 +38,15 @@ def test_a_failing_node_is_named(comfy_server, comfy, tmp_path):
     run = tandem("workflow", "run", str(workflow), "--server", comfy_server.url, "--quiet")
     assert run.returncode != 0 and "node 8 (TandemSettings) failed" in run.stderr, run.stderr
     assert "even number of devices" in run.stderr
+
+
+def test_the_multi_gpu_sampler_reports_progress_every_step(comfy_server, comfy, tmp_path):
+    from parallel_backend.workflow import run_workflow
+
+    workflow = tmp_path / "progress.json"
+    workflow.write_text(json.dumps(comfy.sampler_workflow("TandemKSampler", "cli_progress", "asyncdiff")))
+    seen = []
+    run_workflow(str(workflow), comfy_server.url, [], str(tmp_path / "out"), 300,
+                 lambda node, value, total: seen.append((node, value, total)))
+    sampler = [(value, total) for node, value, total in seen if node == "5"]
+    assert [value for value, _ in sampler] == list(range(1, 7)) and {total for _, total in sampler} == {6}, seen
