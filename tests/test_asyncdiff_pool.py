@@ -64,15 +64,17 @@ def test_one_stage_equals_one_device(models):
     torch.testing.assert_close(result, reference, atol=ATOL, rtol=ATOL)
 
 
-def test_cfg_times_stages_on_four_devices(models):
+@pytest.mark.parametrize("job, mesh", [(Job(1, 7.5), {"cfg_degree": 2}), (Job(2, 1.0), {"batch_degree": 2})])
+def test_rows_times_stages_on_four_devices(models, job, mesh):
     model = models["sd15-narrow"]
-    job, resolution = Job(1, 7.5), (model.default_resolution,) * 2
+    resolution = (model.default_resolution,) * 2
     reference = run_loop(model, job, resolution, steps=STEPS, repeats=0).latents
     with WorkerPool("cpu:4") as pool:
-        exact = ParallelExecutor(pool, ParallelConfig("cpu:4", "asyncdiff", cfg_degree=2, warmup=STEPS))
+        exact = ParallelExecutor(pool, ParallelConfig("cpu:4", "asyncdiff", warmup=STEPS, **mesh))
         torch.testing.assert_close(run_loop(model, job, resolution, steps=STEPS, repeats=0, executor=exact).latents,
                                    reference, atol=ATOL, rtol=ATOL)
-        stale = ParallelExecutor(pool, ParallelConfig("cpu:4", "asyncdiff", cfg_degree=2, warmup=2))
+        assert len(exact.stage_plan["stages"]) == 2
+        stale = ParallelExecutor(pool, ParallelConfig("cpu:4", "asyncdiff", warmup=2, **mesh))
         result = run_loop(model, job, resolution, steps=STEPS, repeats=0, executor=stale).latents
     assert 0 < (result - reference).abs().max() and psnr(reference, result) > 20
 
