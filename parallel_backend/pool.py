@@ -336,17 +336,26 @@ class WorkerPool:
             self.start()
             if fingerprint == self._loaded:
                 return fingerprint
-            path = self._dir / f"model-{fingerprint[:16]}.pt"
             started = time.perf_counter()
-            torch.save(module, path)
+            # A worker on the GPU that holds the host's copy maps that copy (CUDA IPC): no second copy on it.
+            host_gpu = _only_cuda_device(module)
+            sharing = {w.rank for w in self._workers if w.device == host_gpu}
+            requests = {w.rank: {"op": "load", "fingerprint": fingerprint, "family": family} for w in self._workers}
+            for rank in sharing:
+                requests[rank]["shared"] = _share_cuda(module)
+            path = self._dir / f"model-{fingerprint[:16]}.pt"
+            if len(sharing) < len(self._workers):
+                torch.save(module, path)
+                for rank in set(requests) - sharing:
+                    requests[rank]["path"] = str(path)
             try:
-                self.request({w.rank: {"op": "load", "fingerprint": fingerprint, "path": str(path), "family": family}
-                              for w in self._workers}, "loading the model")
+                self.request(requests, "loading the model")
             finally:
                 path.unlink(missing_ok=True)  # workers keep their mappings; the file need not outlive the load
             self._loaded = fingerprint
             self.stats.model_loads += 1
-            self.stats.weights_bytes_shipped += sum(p.numel() * p.element_size() for p in module.state_dict().values())
+            if len(sharing) < len(self._workers):  # bytes written once for the workers that copy
+                self.stats.weights_bytes_shipped += sum(p.numel() * p.element_size() for p in module.state_dict().values())
             self.stats.last_load_seconds = time.perf_counter() - started
         return fingerprint
 
@@ -386,6 +395,28 @@ class WorkerPool:
         """Peak memory per worker, in bytes (CUDA: max allocated; CPU: max resident set)."""
         replies = self.request({w.rank: {"op": "ping"} for w in self._workers}, "reporting memory")
         return [replies[r]["peak_bytes"] for r in sorted(replies)]
+
+
+def _only_cuda_device(module) -> str | None:
+    """"cuda:N" when every parameter and buffer of `module` is on that one CUDA device, else None."""
+    devices = {t.device for t in itertools.chain(module.parameters(), module.buffers())}
+    if len(devices) != 1:
+        return None
+    device = devices.pop()
+    return f"cuda:{device.index}" if device.type == "cuda" else None
+
+
+def _share_cuda(module) -> bytes:
+    """`module` pickled with CUDA IPC handles instead of its weights: a process on the same GPU that unpickles
+    it maps the host's memory (torch keeps that memory alive until every such process has let go)."""
+    import io
+    from multiprocessing.reduction import ForkingPickler
+
+    import torch.multiprocessing  # noqa: F401  (registers torch's tensor reductions with ForkingPickler)
+
+    buffer = io.BytesIO()
+    ForkingPickler(buffer).dump(module)
+    return buffer.getvalue()
 
 
 def _kill_all(processes: list, folder: Path | None) -> None:

@@ -35,8 +35,8 @@ class StageRunner:
     def _place(self, keep: list[torch.nn.Module], whole: bool = False) -> None:
         """Puts `keep` (and the shared modules) on this worker's device and everything else on the CPU."""
         self.whole_placed = whole
-        if self.device.type == "cpu":
-            return  # CPU workers share one mapped copy of the weights: nothing to move
+        if self.device.type == "cpu" or getattr(self.module, "_tandem_shared_with_host", False):
+            return  # one copy shared with the host (CPU: mapped file; GPU: CUDA IPC): moving would copy it
         if whole:
             self.module.to(self.device)
             return

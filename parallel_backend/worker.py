@@ -55,13 +55,22 @@ class WorkerState:
         self.models: dict[str, tuple[object, str]] = {}  # fingerprint -> (module, family)
         self.stages = None  # a StageRunner while the model runs cut into stages (asyncdiff)
 
-    def load(self, fingerprint: str, path: str, family: str) -> dict:
+    def load(self, fingerprint: str, family: str, path: str | None = None, shared: bytes | None = None) -> dict:
         import torch
 
         started = time.perf_counter()
-        # mmap: CPU workers share the host's page-cache copy instead of each holding their own.
-        module = torch.load(path, mmap=True, map_location="cpu", weights_only=False)
-        module = module.to(self.device).eval().requires_grad_(False)
+        if shared is not None:
+            # The host's own copy on this GPU, mapped through CUDA IPC handles: nothing is copied.
+            import pickle
+
+            import torch.multiprocessing  # noqa: F401  (registers the tensor reductions)
+
+            module = pickle.loads(shared).eval().requires_grad_(False)
+            module._tandem_shared_with_host = True  # never moved off the device (that would copy it)
+        else:
+            # mmap: CPU workers share the host's page-cache copy instead of each holding their own.
+            module = torch.load(path, mmap=True, map_location="cpu", weights_only=False)
+            module = module.to(self.device).eval().requires_grad_(False)
         self.models = {fingerprint: (module, family)}  # one model at a time: a new one releases the old
         self.stages = None
         return {"seconds": time.perf_counter() - started}
@@ -152,7 +161,8 @@ def serve(channel, state: WorkerState) -> None:
                 result = state.stage(request["fingerprint"], request["action"], request["payload"])
                 reply = {"ok": True, "seconds": time.perf_counter() - started, **result, **state.memory()}
             elif op == "load":
-                reply = {"ok": True, **state.load(request["fingerprint"], request["path"], request["family"])}
+                reply = {"ok": True, **state.load(request["fingerprint"], request["family"], request.get("path"),
+                                                  request.get("shared"))}
             elif op == "setup":
                 reply = {"ok": True, **run_setup(request["path"], request["function"], request["argument"])}
             elif op == "unload":

@@ -42,3 +42,19 @@ def test_cfg_on_two_gpus_equals_one():
         executor = ParallelExecutor(pool, ParallelConfig("cuda:0,cuda:1", "cfg"))
         result = run_loop(model, JOBS["cfg"], resolution, steps=4, repeats=0, executor=executor).latents
     torch.testing.assert_close(result.cpu(), reference.cpu(), atol=2e-2, rtol=2e-2)
+
+
+def test_the_worker_on_the_hosts_gpu_maps_the_hosts_weights():
+    """No device holds two copies: the worker on the host model's GPU maps it through CUDA IPC."""
+    model = build_bench_model("small", torch.float16)  # ~25 MB of weights; 64 px keeps activations far below
+    model.unet.to("cuda:0")
+    resolution = (64, 64)
+    reference = run_loop(model, JOBS["cfg"], resolution, steps=3, repeats=0).latents
+    weights = sum(p.numel() * p.element_size() for p in model.unet.parameters())
+    with WorkerPool("cuda:0") as pool:
+        executor = ParallelExecutor(pool, ParallelConfig("cuda:0", "batch"))
+        result = run_loop(model, JOBS["cfg"], resolution, steps=3, repeats=0, executor=executor).latents
+        assert pool.stats.weights_bytes_shipped == 0
+        # the worker's own allocations are activations only: far less than a copy of the weights
+        assert pool.memory()[0] < weights
+    torch.testing.assert_close(result.cpu(), reference.cpu(), atol=2e-2, rtol=2e-2)
