@@ -199,7 +199,8 @@ def run_bench(model_name: str = "small", devices: str = "cpu:2", strategies=("cf
                 for name, (threads, executor) in variants.items():
                     # The host only steps the scheduler in pool runs: idle OpenMP threads would spin on the workers' cores.
                     torch.set_num_threads(threads)
-                    run_once(model, job, resolution, steps, measured[name], timed=repeat > 0, executor=executor)
+                    run_once(model, job, resolution, steps, measured[name], timed=repeat > 0 or repeats == 0,
+                             executor=executor)
             torch.set_num_threads(share)
             rows = job.images * (2 if job.cfg != 1.0 else 1)
             ideal = _ideal(model, rows, -(-rows // n), resolution)

@@ -1,4 +1,4 @@
-"""The `tandem` command line: `tandem generate | bench | workflow run`."""
+"""The `tandem` command line: `tandem generate | bench | demo | workflow run`."""
 
 from __future__ import annotations
 
@@ -135,6 +135,15 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_demo(args) -> int:
+    try:
+        from .demo.app import serve
+    except ImportError as exc:
+        raise UsageError(f"tandem demo needs gradio: pip install 'comfyui-tandem[demo]' ({exc})") from None
+    serve(args.host, args.port, args.model)
+    return 0
+
+
 def cmd_workflow_run(args) -> int:
     from tqdm.auto import tqdm
 
@@ -207,6 +216,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_asyncdiff_options(bench)
     bench.add_argument("--quiet", action="store_true")
     bench.set_defaults(run=cmd_bench)
+
+    demo = commands.add_parser("demo", help="a local Gradio app: one device vs Tandem side by side, bench, pool")
+    demo.add_argument("--host", default="127.0.0.1")
+    demo.add_argument("--port", type=int, default=7860)
+    demo.add_argument("--model", default=None,
+                      help="a local diffusers Stable Diffusion / SDXL folder (default: the embedded digits model)")
+    demo.set_defaults(run=cmd_demo)
 
     workflow = commands.add_parser("workflow", help="run API-format workflows on a running ComfyUI")
     actions = workflow.add_subparsers(dest="action", required=True, parser_class=_Parser)

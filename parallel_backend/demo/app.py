@@ -1,0 +1,214 @@
+"""`tandem demo`: a local Gradio app that shows one device vs Tandem on the same seed, the bench, and the pool.
+
+Served on 127.0.0.1 only, with no share link, no telemetry and nothing fetched at run time.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # before gradio is imported: no telemetry, no version check
+
+import json  # noqa: E402
+import signal  # noqa: E402
+import tempfile  # noqa: E402
+import threading  # noqa: E402
+
+import gradio as gr  # noqa: E402
+
+from ..config import STRATEGIES  # noqa: E402
+from ..sampling import SCHEDULERS  # noqa: E402
+from .bench_view import BENCH_MODELS, BENCH_STRATEGIES, bench_figure, load_report, report_table  # noqa: E402
+from .session import DemoSession, default_devices, generate_pair, pool_status  # noqa: E402
+
+__all__ = ["build_app", "serve", "launch", "generate_handler", "generate_pair", "bench_figure", "pool_status",
+           "readable", "DemoSession"]
+
+IMAGE_BUTTONS = ["download", "fullscreen"]  # no share-to-hub button
+COMPUTE = "compute"  # Generate and Benchmark share one queue: one job at a time on the machine
+
+
+def readable(exc: BaseException) -> str:
+    """The error's own message, without any traceback text."""
+    message = str(exc).split("Traceback (most recent call last)")[0].strip() or type(exc).__name__
+    return message if len(message) < 2000 else message[:2000] + " ..."
+
+
+def _as_gr_error(exc: BaseException) -> gr.Error:
+    return gr.Error(readable(exc), print_exception=False)
+
+
+def generate_handler(session: DemoSession):
+    """The Generate button's function: images, difference and summary; bad input raises gr.Error (no traceback)."""
+    def generate(prompt, negative_prompt, steps, cfg, seed, scheduler, devices, strategy, stages, warmup, stride,
+                 time_shift, progress=gr.Progress()):
+        try:
+            result = generate_pair(session, prompt, negative_prompt, steps, cfg, seed, scheduler, devices, strategy,
+                                   stages, warmup, stride, time_shift,
+                                   progress=lambda fraction, message: progress(fraction, desc=message))
+        except (ValueError, RuntimeError, OSError) as exc:
+            raise _as_gr_error(exc) from None
+        return result.single.images[0], result.tandem.images[0], result.difference, result.summary()
+
+    return generate
+
+
+def _bench(model, steps, repeats, strategies, devices, resolution, warmup, stride, time_shift,
+           progress=gr.Progress()):
+    from ..bench import run_bench
+
+    if not strategies:
+        raise gr.Error("choose at least one strategy")
+    progress(0.0, desc=f"bench {model} on {devices}")
+    try:
+        report = run_bench(model, devices, tuple(strategies), int(steps), resolution.strip() or None, int(repeats),
+                           progress=lambda line: progress(0.5, desc=line),
+                           asyncdiff={"warmup": int(warmup), "stride": int(stride), "time_shift": bool(time_shift),
+                                      "stages": None})
+    except (ValueError, RuntimeError, OSError) as exc:
+        raise _as_gr_error(exc) from None
+    with tempfile.NamedTemporaryFile("w", prefix=f"tandem-bench-{model}-", suffix=".json", delete=False) as f:
+        json.dump(report, f, indent=2, default=float)
+    return bench_figure(report), report_table(report), f.name
+
+
+def _load_bench(path):
+    if not path:
+        raise gr.Error("upload a bench JSON file (`tandem bench --json FILE`)")
+    try:
+        report = load_report(path)
+    except ValueError as exc:
+        raise _as_gr_error(exc) from None
+    return bench_figure(report), report_table(report)
+
+
+def _generate_tab(session: DemoSession, devices_default: str) -> None:
+    with gr.Row():
+        with gr.Column(scale=1):
+            default_prompt = "a handwritten 7" if session.model is None else "a photo of a lighthouse at dusk"
+            prompt = gr.Textbox(default_prompt, label="Prompt")
+            negative = gr.Textbox("", label="Negative prompt")
+            with gr.Row():
+                steps = gr.Slider(1, 100, 20, step=1, label="Steps")
+                cfg = gr.Number(4.0 if session.model is None else 7.5, label="CFG (1 = no guidance)", minimum=0)
+                seed = gr.Number(0, label="Seed", precision=0, minimum=0)
+            with gr.Row():
+                scheduler = gr.Dropdown(list(SCHEDULERS), value="euler", label="Scheduler")
+                devices = gr.Textbox(devices_default, label="Devices", info="'cpu:2', 'cuda:0,cuda:1' or 'auto'")
+                strategy = gr.Dropdown(list(STRATEGIES), value="auto", label="Strategy",
+                                       info="auto/cfg/batch are exact; asyncdiff is approximate after warm-up")
+            with gr.Accordion("asyncdiff", open=False):
+                with gr.Row():
+                    stages = gr.Number(0, label="Stages (0 = auto)", precision=0, minimum=0)
+                    warmup = gr.Number(1, label="Warm-up steps", precision=0, minimum=0)
+                    stride = gr.Radio([1, 2], value=1, label="Stride")
+                    time_shift = gr.Checkbox(False, label="Time shift")
+            button = gr.Button("Generate", variant="primary", elem_id="generate-button")
+        with gr.Column(scale=2):
+            with gr.Row():
+                single = gr.Image(label="One device", type="pil", elem_id="single-image", format="png",
+                                  buttons=IMAGE_BUTTONS)
+                tandem = gr.Image(label="Tandem", type="pil", elem_id="tandem-image", format="png",
+                                  buttons=IMAGE_BUTTONS)
+                difference = gr.Image(label="|difference| x 10", type="pil", elem_id="difference-image", format="png",
+                                  buttons=IMAGE_BUTTONS)
+            summary = gr.Markdown(elem_id="generate-summary")
+    button.click(generate_handler(session), [prompt, negative, steps, cfg, seed, scheduler, devices, strategy,
+                                              stages, warmup, stride, time_shift],
+                 [single, tandem, difference, summary], api_name="generate", concurrency_id=COMPUTE,
+                 concurrency_limit=1)
+
+
+def _bench_tab(devices_default: str) -> None:
+    with gr.Row():
+        with gr.Column(scale=1):
+            model = gr.Dropdown(list(BENCH_MODELS), value="tiny", label="Model",
+                                info="random-weight UNets shaped like SD1.5 / SDXL (nothing downloaded)")
+            with gr.Row():
+                steps = gr.Number(8, label="Steps", precision=0, minimum=1)
+                repeats = gr.Number(1, label="Repeats", precision=0, minimum=1, info="timed runs after one warm-up")
+            strategies = gr.CheckboxGroup(list(BENCH_STRATEGIES), value=["cfg", "batch"], label="Strategies")
+            devices = gr.Textbox(devices_default, label="Devices")
+            resolution = gr.Textbox("", label="Resolution", placeholder="the model's default; or 256, 1024x768")
+            with gr.Accordion("asyncdiff", open=False):
+                warmup = gr.Number(1, label="Warm-up steps", precision=0, minimum=0)
+                stride = gr.Radio([1, 2], value=1, label="Stride")
+                time_shift = gr.Checkbox(False, label="Time shift")
+            run = gr.Button("Run benchmark", variant="primary")
+            upload = gr.File(label="Or load a saved bench JSON", file_types=[".json"], type="filepath")
+        with gr.Column(scale=2):
+            plot = gr.BarPlot(x="strategy", y="speedup", tooltip=["strategy", "speedup", "ideal", "devices"],
+                              title="Speed-up per model call vs one device", y_title="speed-up (x)",
+                              sort=list(BENCH_STRATEGIES), y_lim=[0, None], label="Speed-up")
+            table = gr.Code(label="Table", language=None, interactive=False)
+            saved = gr.File(label="This run's report (JSON)", interactive=False)
+    run.click(_bench, [model, steps, repeats, strategies, devices, resolution, warmup, stride, time_shift],
+              [plot, table, saved], api_name="bench", concurrency_id=COMPUTE, concurrency_limit=1)
+    upload.upload(_load_bench, [upload], [plot, table], api_name="load_bench")
+
+
+def _pool_tab(session: DemoSession, devices_default: str, demo: gr.Blocks) -> None:
+    devices = gr.Textbox(devices_default, label="Devices (for Restart)")
+    status = gr.Markdown(pool_status(session), elem_id="pool-status")
+    with gr.Row():
+        refresh = gr.Button("Refresh")
+        restart = gr.Button("Restart pool", variant="stop")
+
+    def on_restart(text, progress=gr.Progress()):
+        progress(0.0, desc=f"restarting on {text}")
+        try:
+            session.restart(text)
+        except (ValueError, RuntimeError, OSError) as exc:
+            raise _as_gr_error(exc) from None
+        return pool_status(session)
+
+    refresh.click(lambda: pool_status(session), None, status, api_name="pool_status")
+    restart.click(on_restart, devices, status, api_name="restart_pool", concurrency_id=COMPUTE, concurrency_limit=1)
+    demo.load(lambda: pool_status(session), None, status)
+
+
+def build_app(session: DemoSession | None = None, model: str | None = None) -> gr.Blocks:
+    """The app: Generate, Benchmark and Pool tabs around `session` (default: a new one for `model`)."""
+    session = session or DemoSession(model)
+    devices_default = default_devices()
+    with gr.Blocks(title="Tandem demo", analytics_enabled=False) as demo:
+        gr.Markdown(f"# Tandem\nOne image, several devices: the same seed on one device and with a Tandem "
+                    f"strategy, side by side. Model: **{session.model_name}**.")
+        with gr.Tab("Generate"):
+            _generate_tab(session, devices_default)
+        with gr.Tab("Benchmark"):
+            _bench_tab(devices_default)
+        with gr.Tab("Pool"):
+            _pool_tab(session, devices_default, demo)
+    demo.tandem_session = session
+    return demo
+
+
+def launch(demo: gr.Blocks, host: str = "127.0.0.1", port: int = 7860, block: bool = True):
+    """Starts serving `demo` locally (no share link); with block=False returns at once (tests)."""
+    demo.queue(default_concurrency_limit=1)
+    return demo.launch(server_name=host, server_port=port, share=False, ssr_mode=False, inbrowser=False,
+                       prevent_thread_lock=not block, quiet=not block, show_error=True, mcp_server=False)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def serve(host: str = "127.0.0.1", port: int = 7860, model: str | None = None) -> None:
+    """`tandem demo`: loads the model, serves the app until interrupted, then stops the workers."""
+    if model is not None:
+        from ..hosts.diffusers import pipeline_class_name
+
+        pipeline_class_name(model)  # a bad folder fails here, before the server starts
+    session = DemoSession(model)
+    print(f"tandem: loading {session.model_name} ...", flush=True)
+    session.pipeline
+    demo = build_app(session)
+    if threading.current_thread() is threading.main_thread():  # `kill` stops it as Ctrl-C does, workers too
+        signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        launch(demo, host, port, block=True)
+    finally:
+        demo.close()
+        session.shutdown()
