@@ -33,3 +33,44 @@ def test_panel_screenshot_shows_devices_and_last_run(comfy_server, comfy, tmp_pa
                    capture_output=True, timeout=120)
     assert shot.exists() and shot.stat().st_size > 2000
     (comfy_server.base / "tandem_panel.png").write_bytes(shot.read_bytes())  # kept with the server's files
+
+
+def _browser(tmp_path):
+    webdriver = pytest.importorskip("selenium.webdriver", reason="needs selenium (pip install selenium)")
+    if CHROMIUM is None or shutil.which("chromedriver") is None:
+        pytest.skip("needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)")
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,900",
+                 f"--user-data-dir={tmp_path / 'profile'}"):
+        options.add_argument(flag)
+    return webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
+
+
+def test_sidebar_tab_inside_comfyui_shows_the_pool(comfy_server, comfy, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ready
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    comfy.run_pair(comfy_server, "for_tab", "cfg")
+    browser = _browser(tmp_path)
+    try:
+        browser.get(comfy_server.url + "/")
+        wait = WebDriverWait(browser, 90)
+        icon = wait.until(ready.presence_of_element_located((By.CSS_SELECTOR, ".pi-server")))
+        for mask in browser.find_elements(By.CSS_SELECTOR, ".p-dialog-mask"):  # a first-start dialog (templates)
+            browser.execute_script("arguments[0].remove()", mask)
+        browser.execute_script("arguments[0].closest('button').click()", icon)
+        panel = wait.until(ready.visibility_of_element_located((By.CSS_SELECTOR, ".tandem-panel")))
+        wait.until(lambda _: "estimated speed-up" in panel.text)
+        text = panel.text
+        shot = tmp_path / "tandem_sidebar_tab.png"
+        browser.save_screenshot(str(shot))
+    finally:
+        browser.quit()
+    assert "cpu #0" in text and "cpu #1" in text and "running" in text and "MiB peak" in text, text
+    assert shot.stat().st_size > 10000
+    (comfy_server.base / "tandem_sidebar_tab.png").write_bytes(shot.read_bytes())
+    print(f"screenshot: {shot}")
