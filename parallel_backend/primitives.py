@@ -32,15 +32,19 @@ def leave_group() -> None:
         dist.destroy_process_group()
 
 
-def post_sends(tensors: list[torch.Tensor], dst: int) -> list:
-    """Starts sending `tensors` to rank `dst` without waiting; keep them alive until `wait_all`."""
-    return [dist.isend(t.contiguous(), dst) for t in tensors]
+def post_sends(tensors: list[torch.Tensor], dst: int, tags: list[int] | None = None) -> list:
+    """Starts sending `tensors` to rank `dst` without waiting; keep them alive until `wait_all`. With `tags`,
+    each send matches the receive of the same tag whatever the order they are posted in."""
+    tags = tags if tags is not None else [0] * len(tensors)
+    return [dist.isend(t.contiguous(), dst, tag=tag) for t, tag in zip(tensors, tags)]
 
 
-def post_receives(specs: list[tuple[tuple[int, ...], torch.dtype]], src: int, device) -> tuple[list, list]:
+def post_receives(specs: list[tuple[tuple[int, ...], torch.dtype]], src: int, device,
+                  tags: list[int] | None = None) -> tuple[list, list]:
     """Starts receiving tensors of `specs` (shape, dtype) from rank `src`; returns (buffers, handles)."""
     buffers = [torch.empty(shape, dtype=dtype, device=device) for shape, dtype in specs]
-    return buffers, [dist.irecv(b, src) for b in buffers]
+    tags = tags if tags is not None else [0] * len(buffers)
+    return buffers, [dist.irecv(b, src, tag=tag) for b, tag in zip(buffers, tags)]
 
 
 def wait_all(handles: list) -> None:

@@ -14,10 +14,42 @@ import time
 import torch
 
 from . import primitives
-from .models.stages import Activations, Profile, adapter_for, modules_of, profile, run_layers
-from .strategies.asyncdiff import stage_step
+from .models.stages import Activations, Profile, adapter_for, modules_of, profile
+from .strategies.asyncdiff import explain, stage_step
 
 ORIGIN_DTYPE = torch.float64  # the timestep a stage's input came from travels with the activations
+
+
+class HandOver:
+    """Sends a stage's output to the next stage piece by piece, each tensor as soon as its value is final, so
+    most of the transfer overlaps the rest of the stage's compute. A skip connection lying below the lowest
+    the skip stack sinks to before the stage ends is never touched again: it can leave at once (skips passed
+    through from upstream leave before any compute). The hidden state leaves last. Tags pair each tensor with
+    its receive: 0 the hidden state, p + 1 the skip at stack position p, then the origin timestep."""
+
+    def __init__(self, depths: list[int], dst: int):
+        self.floor = [min(depths[i:]) for i in range(len(depths))]  # per cut of the stage: positions now final
+        self.dst, self.sent, self.handles, self.bytes = dst, 0, [], 0
+
+    def send_final(self, cut: int, acts: Activations) -> None:
+        """After `cut` layers of the stage: send the skips whose values are final and not yet sent."""
+        ready = range(self.sent, self.floor[cut])
+        if ready:
+            self._send([acts.skips[p] for p in ready], [p + 1 for p in ready])
+            self.sent = self.floor[cut]
+
+    def finish(self, acts: Activations, origin: torch.Tensor) -> list:
+        self.send_final(len(self.floor) - 1, acts)
+        self._send([acts.h, origin], [0, len(acts.skips) + 1])
+        return self.handles
+
+    def _send(self, tensors: list[torch.Tensor], tags: list[int]) -> None:
+        self.handles += primitives.post_sends(tensors, self.dst, tags)
+        self.bytes += sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _tags(count: int) -> list[int]:
+    return list(range(count))  # received in crossing order: hidden state, skips bottom-up, origin
 
 
 class StageRunner:
@@ -68,6 +100,9 @@ class StageRunner:
         self.mine = self.layers[bounds[stage]:bounds[stage + 1]]
         self.first_layer = bounds[stage]
         self.crossing = Profile([], [], plan["crossing"])
+        # skip-stack depth at every cut of this stage (before each of its layers, and after the last)
+        self.depths = [len(plan["crossing"][c]) - 1 for c in range(bounds[stage], bounds[stage + 1] + 1)
+                       ] if stage < plan["stages"] - 1 else []
         self._place(modules_of(self.mine))
         self.plan, self.streams, self.job = plan, {}, None
         return {"layers": [layer.name for layer in self.mine]}
@@ -111,7 +146,8 @@ class StageRunner:
         if step.input == "fresh":
             tensors = [call.x, call.t.reshape(-1).to(ORIGIN_DTYPE).expand(rows).contiguous()]
         elif step.input == "upstream":
-            tensors, receiving = primitives.post_receives(self._specs(rows), plan["prev"], self.device)
+            specs = self._specs(rows)
+            tensors, receiving = primitives.post_receives(specs, plan["prev"], self.device, _tags(len(specs)))
             mark = time.perf_counter()
             primitives.wait_all(receiving)
             waited += time.perf_counter() - mark
@@ -119,25 +155,35 @@ class StageRunner:
         else:
             tensors = state["held"]
             if tensors is None or tensors[0].shape[0] != rows:
-                raise RuntimeError(f"stage {stage} holds no input for stream {call.stream!r} (rows {rows}); "
-                                   "the stream changed shape after warm-up")
+                grid = explain(stages, call.step + 1, plan["warmup"], plan["stride"])
+                raise RuntimeError(f"stage {stage} holds no input for stream {call.stream!r} ({rows} rows) at step "
+                                   f"{call.step}: the stream began or changed shape after warm-up. The schedule "
+                                   f"for one stream:\n{grid}")
         arriving = None
         if step.receive == "during":
-            arriving, handles = primitives.post_receives(self._specs(rows), plan["prev"], self.device)
-        out, computed = None, 0.0
+            specs = self._specs(rows)
+            arriving, handles = primitives.post_receives(specs, plan["prev"], self.device, _tags(len(specs)))
+        out, computed, sent = None, 0.0, 0
         if step.compute:
             acts, origin = Activations.from_tensors(list(tensors[:-1])), tensors[-1]
             timestep = origin.to(call.t.dtype) if plan["time_shift"] and not step.sync else call.t
+            hand_over = HandOver(self.depths, plan["next"]) if step.send else None
             mark = time.perf_counter()
             with torch.inference_mode():
                 ctx = self.adapter.prepare(self.module, call, timestep)
-                run_layers(self.mine, ctx, acts)
+                if hand_over is not None:
+                    hand_over.send_final(0, acts)
+                for cut, layer in enumerate(self.mine, start=1):
+                    layer.run(ctx, acts)
+                    if hand_over is not None:
+                        hand_over.send_final(cut, acts)
+            if hand_over is not None:
+                handles += hand_over.finish(acts, origin)
+                sent = hand_over.bytes
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             computed = time.perf_counter() - mark
-            if step.send:
-                handles += primitives.post_sends([*acts.tensors(), origin], plan["next"])
-            elif stage == stages - 1:
+            if stage == stages - 1:
                 out = acts.h
         mark = time.perf_counter()
         primitives.wait_all(handles)
@@ -146,5 +192,4 @@ class StageRunner:
             state["held"] = arriving
         if not step.sync:
             state["async"] += 1
-        sent = sum(t.numel() * t.element_size() for t in acts.tensors()) if step.compute and step.send else 0
         return out, {"compute": computed, "wait": waited, "total": time.perf_counter() - started, "bytes_sent": sent}

@@ -214,3 +214,25 @@ def test_cli_explains_and_generates_with_asyncdiff(tmp_path, capsys):
     assert main(["generate", "--devices", "cpu:2", "--strategy", "asyncdiff", "--steps", "6", "--quiet",
                  "--out", str(out)]) == 0
     assert out.stat().st_size > 0 and "asyncdiff on 2 devices" in capsys.readouterr().out
+
+
+def test_a_stream_that_appears_after_warm_up_is_refused_with_the_schedule(cpu_pool, models):
+    model = models["tiny"]
+    executor = ParallelExecutor(cpu_pool, ParallelConfig("cpu:2", "asyncdiff", warmup=1))
+    executor.new_job()
+    call = ModelCall(torch.randn(1, 4, 8, 8), torch.tensor(500), torch.randn(1, *model.context_shape),
+                     stream=("late",), step=3)
+    with pytest.raises(WorkerError, match=r"(?s)holds no input for stream.*step 3.*prediction from.*latent of c0"):
+        executor(model.unet, FAMILY, call, 1.0)
+
+
+def test_three_stages_hand_over_every_skip(models):
+    """A middle stage receives skips it never touches and passes them on before computing (tagged sends)."""
+    model = models["sd15-narrow"]
+    job, resolution = JOBS["asyncdiff"], (model.default_resolution,) * 2
+    reference = run_loop(model, job, resolution, steps=4, repeats=0).latents
+    with WorkerPool("cpu:3") as pool:
+        executor = ParallelExecutor(pool, ParallelConfig("cpu:3", "asyncdiff", warmup=4))
+        result = run_loop(model, job, resolution, steps=4, repeats=0, executor=executor).latents
+        assert len(executor.stage_plan["stages"]) == 3
+    torch.testing.assert_close(result, reference, atol=ATOL, rtol=ATOL)

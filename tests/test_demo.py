@@ -205,3 +205,14 @@ def test_browser_generate_shows_both_images(served, tmp_path):
         assert _requested_hosts(driver) <= {"127.0.0.1"}  # the page fetches nothing from elsewhere
     finally:
         driver.quit()
+
+
+def test_a_local_diffusers_folder_runs_in_the_demo(tiny_sd_folder):
+    """`tandem demo --model PATH`: a diffusers SD folder behind the same Generate function."""
+    session = DemoSession(model=str(tiny_sd_folder))
+    try:
+        result = generate_pair(session, "a red cube", steps=3, cfg=5.0, seed=2, devices="cpu:2", strategy="cfg")
+    finally:
+        session.shutdown()
+    assert result.max_abs_diff <= 1 and result.tandem.model_calls == 3
+    assert result.single.images[0].size == result.tandem.images[0].size
