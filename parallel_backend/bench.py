@@ -13,7 +13,7 @@ import os
 import resource
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -22,6 +22,7 @@ from .calls import ModelCall
 from .config import ParallelConfig
 from .executor import ParallelExecutor
 from .models.diffusers_unet import FAMILY, forward
+from .models.stages import synchronize
 from .pool import WorkerPool
 from .sampling import denoise, initial_noise, make_scheduler
 from .tiny.model import SCHEDULER_CONFIG
@@ -47,7 +48,7 @@ class LoopResult:
     end_to_end: list[float]
     overhead: list[float]
     compute: list[float]  # the slowest worker's own compute time per call (pool runs only)
-    staged: list[dict] = None  # asyncdiff: per call, bytes handed between stages and the longest exposed wait
+    staged: list[dict] = field(default_factory=list)  # asyncdiff, per call: bytes handed over, longest exposed wait
 
 
 def parse_resolution(text: str | int) -> tuple[int, int]:
@@ -71,17 +72,12 @@ def _inputs(model: BenchModel, job: Job, resolution: tuple[int, int]):
     return noise, context, uncond
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _local_forward(model: BenchModel, call: ModelCall) -> torch.Tensor:
     """One call on the model's own device (the one-device reference), finished before it returns."""
     device = next(model.unet.parameters()).device
     with torch.inference_mode():
         out = forward(model.unet, call.to(device))
-    _sync(device)
+    synchronize(device)
     return out
 
 
@@ -121,7 +117,7 @@ def run_once(model: BenchModel, job: Job, resolution, steps: int, result: LoopRe
         result.per_call += per_call
         result.overhead += overhead
         result.compute += compute
-        result.staged = (result.staged or []) + staged
+        result.staged += staged
 
 
 def run_loop(model: BenchModel, job: Job, resolution, steps: int, repeats: int, executor=None) -> LoopResult:

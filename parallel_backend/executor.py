@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import weakref
+from dataclasses import replace
 
 import torch
 
@@ -40,9 +41,8 @@ class JobTracker:
         if call.step is None and t != self.last_t:
             self.step += 1
         self.last_t = t
-        step = call.step if call.step is not None else self.step
-        return ModelCall(call.x, call.t, call.context, call.extras, call.branches, call.index, step, call.stream,
-                         call.job if call.job is not None else self.job)
+        return replace(call, step=call.step if call.step is not None else self.step,
+                       job=call.job if call.job is not None else self.job)
 
 
 class ParallelExecutor:
@@ -91,8 +91,7 @@ class ParallelExecutor:
         self._ensure_stages(fingerprint, call.select(groups[0][1]), stages)
         payloads = {}
         for g, rows in groups:
-            share = call.select(rows)
-            share.stream = (*call.stream, "rows", rows.start, rows.stop)
+            share = replace(call.select(rows), stream=(*call.stream, "rows", rows.start, rows.stop))
             for k in range(stages):
                 payloads[g * stages + k] = share
         replies = self.pool.stage(fingerprint, "call", payloads, f"call {call.index} (step {call.step})")

@@ -343,10 +343,11 @@ class WorkerPool:
             requests = {w.rank: {"op": "load", "fingerprint": fingerprint, "family": family} for w in self._workers}
             for rank in sharing:
                 requests[rank]["shared"] = _share_cuda(module)
+            copying = set(requests) - sharing
             path = self._dir / f"model-{fingerprint[:16]}.pt"
-            if len(sharing) < len(self._workers):
+            if copying:
                 torch.save(module, path)
-                for rank in set(requests) - sharing:
+                for rank in copying:
                     requests[rank]["path"] = str(path)
             try:
                 self.request(requests, "loading the model")
@@ -354,7 +355,7 @@ class WorkerPool:
                 path.unlink(missing_ok=True)  # workers keep their mappings; the file need not outlive the load
             self._loaded = fingerprint
             self.stats.model_loads += 1
-            if len(sharing) < len(self._workers):  # bytes written once for the workers that copy
+            if copying:  # bytes written once for the workers that copy
                 self.stats.weights_bytes_shipped += sum(p.numel() * p.element_size() for p in module.state_dict().values())
             self.stats.last_load_seconds = time.perf_counter() - started
         return fingerprint

@@ -14,7 +14,7 @@ import time
 import torch
 
 from . import primitives
-from .models.stages import Activations, Profile, adapter_for, modules_of, profile
+from .models.stages import Activations, Profile, adapter_for, modules_of, profile, synchronize
 from .strategies.asyncdiff import explain, stage_step
 
 ORIGIN_DTYPE = torch.float64  # the timestep a stage's input came from travels with the activations
@@ -48,13 +48,9 @@ class HandOver:
         self.bytes += sum(t.numel() * t.element_size() for t in tensors)
 
 
-def _tags(count: int) -> list[int]:
-    return list(range(count))  # received in crossing order: hidden state, skips bottom-up, origin
-
-
 class StageRunner:
     def __init__(self, module: torch.nn.Module, family: str, device: torch.device):
-        self.module, self.family, self.device = module, family, device
+        self.module, self.device = module, device
         self.adapter = adapter_for(family)
         self.layers = self.adapter.layers(module)
         self.plan: dict | None = None
@@ -119,15 +115,17 @@ class StageRunner:
                 primitives.wait_all(primitives.post_sends(tensors, payload["peer"]))
             else:
                 primitives.wait_all(primitives.post_receives(specs, payload["peer"], self.device)[1])
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
+            synchronize(self.device)
             times.append(time.perf_counter() - started)
         return {"transfer_seconds": min(times[1:])}
 
     # ---- one call ----------------------------------------------------------------------------------------
 
-    def _specs(self, rows: int):
-        return [*self.crossing.specs(self.first_layer, rows), ((rows,), ORIGIN_DTYPE)]
+    def _post_receive(self, rows: int) -> tuple[list, list]:
+        """Posts the receives of this stage's input (hidden state, skips bottom-up, origin), tagged in that
+        order as HandOver sends them; returns (buffers, handles)."""
+        specs = [*self.crossing.specs(self.first_layer, rows), ((rows,), ORIGIN_DTYPE)]
+        return primitives.post_receives(specs, self.plan["prev"], self.device, list(range(len(specs))))
 
     def call(self, call) -> tuple[torch.Tensor | None, dict]:
         plan = self.plan
@@ -146,8 +144,7 @@ class StageRunner:
         if step.input == "fresh":
             tensors = [call.x, call.t.reshape(-1).to(ORIGIN_DTYPE).expand(rows).contiguous()]
         elif step.input == "upstream":
-            specs = self._specs(rows)
-            tensors, receiving = primitives.post_receives(specs, plan["prev"], self.device, _tags(len(specs)))
+            tensors, receiving = self._post_receive(rows)
             mark = time.perf_counter()
             primitives.wait_all(receiving)
             waited += time.perf_counter() - mark
@@ -161,8 +158,7 @@ class StageRunner:
                                    f"for one stream:\n{grid}")
         arriving = None
         if step.receive == "during":
-            specs = self._specs(rows)
-            arriving, handles = primitives.post_receives(specs, plan["prev"], self.device, _tags(len(specs)))
+            arriving, handles = self._post_receive(rows)
         out, computed, sent = None, 0.0, 0
         if step.compute:
             acts, origin = Activations.from_tensors(list(tensors[:-1])), tensors[-1]
@@ -180,8 +176,7 @@ class StageRunner:
             if hand_over is not None:
                 handles += hand_over.finish(acts, origin)
                 sent = hand_over.bytes
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
+            synchronize(self.device)
             computed = time.perf_counter() - mark
             if stage == stages - 1:
                 out = acts.h

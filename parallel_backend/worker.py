@@ -84,14 +84,17 @@ class WorkerState:
             torch.cuda.empty_cache()
         return {}
 
+    def _model(self, fingerprint: str) -> tuple[object, str]:
+        if fingerprint not in self.models:
+            raise RuntimeError(f"model {fingerprint[:12]} is not loaded on this worker")
+        return self.models[fingerprint]
+
     def call(self, fingerprint: str, call) -> object:
         import torch
 
         from .models import forward_for_family
 
-        if fingerprint not in self.models:
-            raise RuntimeError(f"model {fingerprint[:12]} is not loaded on this worker")
-        module, family = self.models[fingerprint]
+        module, family = self._model(fingerprint)
         if self.stages is not None:  # back from stages: the whole model on this device again
             self.stages.place_whole()
         with torch.inference_mode():
@@ -103,9 +106,7 @@ class WorkerState:
         'probe' (time a bare exchange with a peer)."""
         from .stage_runner import StageRunner
 
-        if fingerprint not in self.models:
-            raise RuntimeError(f"model {fingerprint[:12]} is not loaded on this worker")
-        module, family = self.models[fingerprint]
+        module, family = self._model(fingerprint)
         if self.stages is None:
             self.stages = StageRunner(module, family, self.device)
         if action == "profile":

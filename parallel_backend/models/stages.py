@@ -95,7 +95,8 @@ def _prod(shape) -> int:
     return out
 
 
-def _sync(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
+    """Waits for the device's queued work (timing on CUDA); nothing to wait for on the CPU."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -111,10 +112,10 @@ def profile(layers: list[Layer], ctx: Context, first: Activations, repeats: int 
         for i, layer in enumerate(layers):
             if attempt == 0:
                 crossing.append([(tuple(t.shape[1:]), str(t.dtype).removeprefix("torch.")) for t in acts.tensors()])
-            _sync(device)
+            synchronize(device)
             started = time.perf_counter()
             layer.run(ctx, acts)
-            _sync(device)
+            synchronize(device)
             if attempt:
                 times[i].append(time.perf_counter() - started)
     return Profile([layer.name for layer in layers], [min(t) for t in times], crossing)
