@@ -10,10 +10,12 @@ from .settings import settings_input
 from .wrappers import install
 
 
-def _common_inputs() -> list:
+def _common_inputs(seed: str = "seed") -> list:
+    """The stock samplers' inputs, under the stock names (KSampler's "seed" is KSamplerAdvanced's "noise_seed"),
+    so a workflow swaps a stock sampler for a Multi-GPU one by its class name alone."""
     return [
         io.Model.Input("model"),
-        io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True),
+        io.Int.Input(seed, default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True),
         io.Int.Input("steps", default=20, min=1, max=10000),
         io.Float.Input("cfg", default=8.0, min=0.0, max=100.0, step=0.1, round=0.01),
         io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS),
@@ -55,7 +57,7 @@ class TandemKSamplerAdvanced(io.ComfyNode):
             category="sampling/multi-gpu",
             description="KSampler (Advanced) whose every step is split over several devices.",
             inputs=[io.Combo.Input("add_noise", options=["enable", "disable"]),
-                    *_common_inputs(),
+                    *_common_inputs("noise_seed"),
                     io.Int.Input("start_at_step", default=0, min=0, max=10000),
                     io.Int.Input("end_at_step", default=10000, min=0, max=10000),
                     io.Combo.Input("return_with_leftover_noise", options=["disable", "enable"]),
@@ -64,10 +66,10 @@ class TandemKSamplerAdvanced(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, add_noise, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image,
-                start_at_step, end_at_step, return_with_leftover_noise, settings=None) -> io.NodeOutput:
+    def execute(cls, add_noise, model, noise_seed, steps, cfg, sampler_name, scheduler, positive, negative,
+                latent_image, start_at_step, end_at_step, return_with_leftover_noise, settings=None) -> io.NodeOutput:
         patched = install(model, settings)
         return io.NodeOutput(*comfy_nodes.common_ksampler(
-            patched, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image,
+            patched, noise_seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image,
             disable_noise=add_noise == "disable", start_step=start_at_step, last_step=end_at_step,
             force_full_denoise=return_with_leftover_noise == "disable"))

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import time
 import weakref
@@ -25,7 +26,9 @@ from .runtime import RUNTIME
 from .settings import default_config
 
 KEY = "tandem"
+RUN_KEY = "tandem_run"
 log = logging.getLogger("tandem")
+_RUN_NUMBERS = itertools.count(1)
 
 
 def install(model, config: ParallelConfig | None = None):
@@ -41,10 +44,14 @@ def install(model, config: ParallelConfig | None = None):
 
 
 def batch_cond_and_uncond(executor, model, conds, x_in, timestep, model_options):
+    # model_options is the sampling run's own copy (CFGGuider clones it per run), so a number stored in it names
+    # the run; id() would not: a finished run's dict address is often reused by the next run's.
+    if RUN_KEY not in model_options:
+        model_options[RUN_KEY] = next(_RUN_NUMBERS)
     # ComfyUI hands the diffusion model a merged copy of this dict: it carries facts, never counters.
     model_options.setdefault("transformer_options", {})[KEY] = {
         "weights": f"{id(model)}:{model.current_weight_patches_uuid}", "base_model": weakref.ref(model),
-        "lowvram": bool(getattr(model, "model_lowvram", False)), "id": id(model_options)}
+        "lowvram": bool(getattr(model, "model_lowvram", False)), "id": model_options[RUN_KEY]}
     had_own = "memory_required" in vars(model)
     model.memory_required = lambda *args, **kwargs: 0  # the host only gathers; the workers hold the activations
     try:

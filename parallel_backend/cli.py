@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -144,26 +145,62 @@ def cmd_demo(args) -> int:
     return 0
 
 
-def cmd_workflow_run(args) -> int:
-    from tqdm.auto import tqdm
+class _NodeBars:
+    """One tqdm bar per node that reports progress, as ComfyUI's websocket reports it."""
 
-    from .workflow import run_workflow
+    def __init__(self, quiet: bool):
+        from tqdm.auto import tqdm
 
-    bars: dict = {}
+        self.tqdm, self.quiet, self.bars = tqdm, quiet, {}
 
-    def progress(node, value, total):
-        bar = bars.get(node)
+    def __call__(self, node, value, total) -> None:
+        bar = self.bars.get(node)
         if bar is None or bar.total != total:
-            bar = bars[node] = tqdm(total=total, desc=f"node {node}", unit="step", leave=False, disable=args.quiet)
+            if bar is not None:
+                bar.close()
+            bar = self.bars[node] = self.tqdm(total=total, desc=f"node {node}", unit="step", leave=False,
+                                              disable=self.quiet)
         bar.n = value
         bar.refresh()
 
-    files = run_workflow(args.file, args.server, args.set, args.out, args.timeout, progress)
-    for bar in bars.values():
-        bar.close()
+    def close(self) -> None:
+        for bar in self.bars.values():
+            bar.close()
+        self.bars = {}
+
+
+def cmd_workflow_run(args) -> int:
+    from .workflow import run_workflow
+
+    bars = _NodeBars(args.quiet)
+    files = run_workflow(args.file, args.server, args.set, args.out, args.timeout, bars)
+    bars.close()
     print(f"tandem: workflow finished; {len(files)} output file(s) in {args.out}")
     for path in files:
         print(f"  {path}")
+    return 0
+
+
+def cmd_workflow_compare(args) -> int:
+    from .workflow_compare import compare_workflows
+
+    bars = _NodeBars(args.quiet)
+
+    def say(line: str) -> None:
+        bars.close()
+        if not args.quiet:
+            print(f"tandem: {line}", file=sys.stderr)
+
+    result = compare_workflows(args.file, args.server, args.set, args.against, args.repeats, args.out, args.timeout,
+                               bars, say)
+    bars.close()
+    baseline = "the other workflow" if args.against else "its stock twin"
+    print(f"workflow {args.file} vs {baseline} on {args.server}: {args.repeats} timed run(s) each after a warm-up; "
+          "seconds are ComfyUI's execution time")
+    print(result.table())
+    if args.json:
+        Path(args.json).write_text(json.dumps(result.as_json(), indent=2))
+        print(f"tandem: wrote {args.json}")
     return 0
 
 
@@ -235,6 +272,20 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--timeout", type=float, default=3600.0, help="longest silence from the server, seconds")
     run.add_argument("--quiet", action="store_true")
     run.set_defaults(run=cmd_workflow_run)
+    compare = actions.add_parser("compare", help="time a workflow against its stock twin (Multi-GPU nodes swapped "
+                                                 "for stock ones) or another workflow; compare their outputs")
+    compare.add_argument("file", help="API-format workflow JSON with Multi-GPU nodes")
+    compare.add_argument("--server", default="http://127.0.0.1:8188")
+    compare.add_argument("--set", action="append", default=[], metavar="NODE.INPUT=VALUE",
+                         help="override an input of FILE before its stock twin is derived")
+    compare.add_argument("--against", default=None, metavar="OTHER.json",
+                         help="compare with this workflow instead of the stock twin (e.g. another multi-GPU node)")
+    compare.add_argument("--repeats", type=int, default=2, help="timed runs of each, after one warm-up run each")
+    compare.add_argument("--out", default="tandem-compare", help="folder for both variants' last outputs")
+    compare.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    compare.add_argument("--timeout", type=float, default=3600.0, help="longest silence from the server, seconds")
+    compare.add_argument("--quiet", action="store_true")
+    compare.set_defaults(run=cmd_workflow_compare)
     return parser
 
 

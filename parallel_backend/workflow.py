@@ -138,28 +138,57 @@ def wait_for_history(client: ComfyClient, prompt_id: str, timeout_s: float = 30.
         time.sleep(0.1)
 
 
+class Session:
+    """A client and its open websocket: runs workflows one after another and follows each to its end."""
+
+    def __init__(self, server: str, timeout_s: float = 3600.0):
+        import websocket  # websocket-client
+
+        self.client = ComfyClient(server)
+        self.timeout_s = timeout_s
+        ws_url = self.client.server.replace("http", "ws", 1) + f"/ws?clientId={self.client.client_id}"
+        try:
+            self.socket = websocket.create_connection(ws_url, timeout=timeout_s)
+        except (OSError, websocket.WebSocketException) as exc:
+            raise WorkflowError(f"cannot open the websocket of {server}: {exc}") from None
+
+    def run(self, workflow: dict, progress=lambda node, value, total: None) -> dict:
+        """Runs `workflow` to its end; returns its history entry."""
+        import websocket
+
+        prompt_id = self.client.submit(workflow)
+        try:
+            follow(self.client, prompt_id, self.socket, progress)
+        except websocket.WebSocketTimeoutException:
+            raise WorkflowError(f"no word from the server for {self.timeout_s:g} s") from None
+        return wait_for_history(self.client, prompt_id)
+
+    def download_outputs(self, entry: dict, folder: Path) -> dict[str, Path]:
+        """The run's output files, downloaded into `folder`, keyed "node id/kind/position" (e.g. "9/images/0")."""
+        folder.mkdir(parents=True, exist_ok=True)
+        files = {}
+        for node_id, node in entry.get("outputs", {}).items():
+            for kind, items in node.items():
+                listed = [item for item in items if isinstance(item, dict) and "filename" in item] \
+                    if isinstance(items, list) else []
+                for position, item in enumerate(listed):
+                    files[f"{node_id}/{kind}/{position}"] = self.client.download(item, folder)
+        return files
+
+    def close(self) -> None:
+        self.socket.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
 def run_workflow(path: str, server: str, settings: list[str], out_dir: str, timeout_s: float = 3600.0,
                  progress=lambda node, value, total: None) -> list[Path]:
     """Runs the workflow to completion; returns the downloaded output files."""
-    import websocket  # websocket-client
-
     workflow = apply_settings(load_workflow(path), settings)
-    folder = Path(out_dir)
-    folder.mkdir(parents=True, exist_ok=True)
-    client = ComfyClient(server)
-    ws_url = client.server.replace("http", "ws", 1) + f"/ws?clientId={client.client_id}"
-    try:
-        socket = websocket.create_connection(ws_url, timeout=timeout_s)
-    except (OSError, websocket.WebSocketException) as exc:
-        raise WorkflowError(f"cannot open the websocket of {server}: {exc}") from None
-    try:
-        prompt_id = client.submit(workflow)
-        try:
-            follow(client, prompt_id, socket, progress)
-        except websocket.WebSocketTimeoutException:
-            raise WorkflowError(f"no word from the server for {timeout_s:g} s") from None
-    finally:
-        socket.close()
-    outputs = wait_for_history(client, prompt_id).get("outputs", {})
-    return [client.download(item, folder) for node in outputs.values() for items in node.values()
-            if isinstance(items, list) for item in items if isinstance(item, dict) and "filename" in item]
+    with Session(server, timeout_s) as session:
+        entry = session.run(workflow, progress)
+        return list(session.download_outputs(entry, Path(out_dir)).values())

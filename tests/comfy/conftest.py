@@ -128,9 +128,11 @@ def assert_same_latents(tandem: torch.Tensor, stock: torch.Tensor) -> None:
 def sampler_workflow(sampler: str, prefix: str, strategy: str | None, cfg: float = 6.0, batch: int = 1,
                      sampler_name: str = "euler", lora: bool = False, family: str = "sd1",
                      settings: dict | None = None, area: bool = False, size: int = 64,
-                     control: bool = False) -> dict:
+                     control: bool = False, mask: str | None = None, scheduler: str = "normal",
+                     denoise: float = 1.0, steps: int = 6) -> dict:
     """Tiny model -> (LoRA) -> sampler -> SaveLatent, as API-format JSON. area: the positive prompt is
-    combined with a second prompt restricted to the top-left 3/4 (ConditioningSetAreaPercentage)."""
+    combined with a second prompt restricted to the top-left 3/4 (ConditioningSetAreaPercentage); mask: the
+    same with a mask on the left half instead (ConditioningSetMask, its set_cond_area = `mask`)."""
     workflow = {
         "1": {"class_type": "TandemTestTinySD1Model", "inputs": {"seed": 5, "family": family}},
         "2": {"class_type": "TandemTestConditioning", "inputs": {"seed": 1, "tokens": 77, "pooled": family == "sdxl"}},
@@ -151,6 +153,17 @@ def sampler_workflow(sampler: str, prefix: str, strategy: str | None, cfg: float
         workflow["11"] = {"class_type": "ConditioningCombine", "inputs": {"conditioning_1": positive,
                                                                           "conditioning_2": ["10", 0]}}
         positive = ["11", 0]
+    if mask:
+        workflow["15"] = {"class_type": "SolidMask", "inputs": {"value": 0.0, "width": size * 8, "height": size * 8}}
+        workflow["16"] = {"class_type": "SolidMask", "inputs": {"value": 1.0, "width": size * 4, "height": size * 8}}
+        workflow["17"] = {"class_type": "MaskComposite", "inputs": {"destination": ["15", 0], "source": ["16", 0],
+                                                                    "x": 0, "y": 0, "operation": "add"}}
+        workflow["18"] = {"class_type": "TandemTestConditioning", "inputs": {"seed": 8, "tokens": 77, "pooled": family == "sdxl"}}
+        workflow["19"] = {"class_type": "ConditioningSetMask", "inputs": {"conditioning": ["18", 0], "mask": ["17", 0],
+                                                                          "strength": 1.0, "set_cond_area": mask}}
+        workflow["20"] = {"class_type": "ConditioningCombine", "inputs": {"conditioning_1": positive,
+                                                                          "conditioning_2": ["19", 0]}}
+        positive = ["20", 0]
     negative = ["3", 0]
     if control:  # a ControlNet on both prompts, with a seeded noise image as its hint
         workflow["12"] = {"class_type": "TandemTestTinyControlNet", "inputs": {"seed": 4}}
@@ -160,8 +173,9 @@ def sampler_workflow(sampler: str, prefix: str, strategy: str | None, cfg: float
                           "inputs": {"positive": positive, "negative": negative, "control_net": ["12", 0],
                                      "image": ["13", 0], "strength": 1.0, "start_percent": 0.0, "end_percent": 1.0}}
         positive, negative = ["14", 0], ["14", 1]
-    inputs = {"model": model, "seed": 42, "steps": 6, "cfg": cfg, "sampler_name": sampler_name, "scheduler": "normal",
-              "positive": positive, "negative": negative, "latent_image": ["4", 0], "denoise": 1.0}
+    inputs = {"model": model, "seed": 42, "steps": steps, "cfg": cfg, "sampler_name": sampler_name,
+              "scheduler": scheduler, "positive": positive, "negative": negative, "latent_image": ["4", 0],
+              "denoise": denoise}
     if strategy is not None:
         workflow["8"] = {"class_type": "TandemSettings",
                          "inputs": {"devices": "cpu:2", "strategy": strategy, "cfg_degree": 0, "batch_degree": 0,
@@ -171,22 +185,74 @@ def sampler_workflow(sampler: str, prefix: str, strategy: str | None, cfg: float
     return workflow
 
 
-def run_pair(server, name: str, strategy: str, **kw) -> tuple[torch.Tensor, torch.Tensor]:
-    """The stock KSampler and the Multi-GPU KSampler on the same inputs; checks the pool did the work."""
-    for sampler, prefix, chosen in (("KSampler", f"{name}_stock", None), ("TandemKSampler", f"{name}_tandem", strategy)):
-        runs_before = server.get("/tandem/status")["runs"]
-        result = server.run(sampler_workflow(sampler, prefix, chosen, **kw))
-        errors = [m[1] for m in result["status"]["messages"] if m[0] == "execution_error"]
-        assert result["status"]["status_str"] == "success", (
-            [(e.get("exception_type"), e.get("exception_message")[-1500:], e.get("traceback", [])[-3:]) for e in errors]
-            or result["status"])
+def advanced_workflow(sampler: str, prefix: str, strategy: str | None, split: int = 3, **kw) -> dict:
+    """Two chained KSampler (Advanced) passes, as people split a run between models: steps [0, split) return
+    their leftover noise, steps [split, end) add none."""
+    workflow = sampler_workflow(sampler, prefix, strategy, **kw)
+    inputs = workflow["5"]["inputs"]
+    common = {key: value for key, value in inputs.items() if key not in ("seed", "denoise", "latent_image")}
+    common["noise_seed"] = inputs["seed"]
+    workflow["5"]["inputs"] = {**common, "latent_image": inputs["latent_image"], "add_noise": "enable",
+                               "start_at_step": 0, "end_at_step": split, "return_with_leftover_noise": "enable"}
+    workflow["21"] = {"class_type": sampler, "inputs": {**common, "latent_image": ["5", 0], "add_noise": "disable",
+                                                        "start_at_step": split, "end_at_step": 10000,
+                                                        "return_with_leftover_noise": "disable"}}
+    workflow["6"]["inputs"]["samples"] = ["21", 0]
+    return workflow
+
+
+def custom_workflow(sampler: str, prefix: str, strategy: str | None, **kw) -> dict:
+    """SamplerCustomAdvanced with a CFGGuider; with a strategy its model goes through the Multi-GPU Model node.
+    (`sampler` is the stock node's class either way: the Model node is what differs.)"""
+    workflow = sampler_workflow("KSampler", prefix, strategy, **kw)
+    inputs = workflow["5"]["inputs"]
+    model = inputs["model"]
+    if strategy is not None:
+        workflow["22"] = {"class_type": "TandemModel", "inputs": {"model": model, "settings": inputs["settings"]}}
+        model = ["22", 0]
+    workflow.update({
+        "23": {"class_type": "CFGGuider", "inputs": {"model": model, "positive": inputs["positive"],
+                                                     "negative": inputs["negative"], "cfg": inputs["cfg"]}},
+        "24": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": inputs["sampler_name"]}},
+        "25": {"class_type": "BasicScheduler", "inputs": {"model": model, "scheduler": inputs["scheduler"],
+                                                          "steps": inputs["steps"], "denoise": inputs["denoise"]}},
+        "26": {"class_type": "RandomNoise", "inputs": {"noise_seed": inputs["seed"]}},
+        "5": {"class_type": sampler, "inputs": {"noise": ["26", 0], "guider": ["23", 0], "sampler": ["24", 0],
+                                                "sigmas": ["25", 0], "latent_image": inputs["latent_image"]}},
+    })
+    return workflow
+
+
+KINDS = {  # how a test graph is built, and its stock and Multi-GPU sampler classes
+    "ksampler": (sampler_workflow, "KSampler", "TandemKSampler"),
+    "advanced": (advanced_workflow, "KSamplerAdvanced", "TandemKSamplerAdvanced"),
+    "custom": (custom_workflow, "SamplerCustomAdvanced", "SamplerCustomAdvanced"),
+}
+
+
+def run_checked(server, workflow: dict) -> dict:
+    """Runs a workflow that must succeed; the failure's message and traceback tail otherwise."""
+    result = server.run(workflow)
+    errors = [m[1] for m in result["status"]["messages"] if m[0] == "execution_error"]
+    assert result["status"]["status_str"] == "success", (
+        [(e.get("exception_type"), e.get("exception_message")[-1500:], e.get("traceback", [])[-3:]) for e in errors]
+        or result["status"])
+    return result
+
+
+def run_pair(server, name: str, strategy: str, kind: str = "ksampler", runs: int = 1,
+             **kw) -> tuple[torch.Tensor, torch.Tensor]:
+    """The stock sampler and its Multi-GPU counterpart on the same inputs; checks the pool did the work
+    (`runs` sampling runs, each of at least two calls)."""
+    build, stock, tandem = KINDS[kind]
+    run_checked(server, build(stock, f"{name}_stock", None, **kw))
+    runs_before = server.get("/tandem/status")["runs"]
+    run_checked(server, build(tandem, f"{name}_tandem", strategy, **kw))
     status = server.get("/tandem/status")
-    assert status["runs"] == runs_before + 1, f"the Multi-GPU KSampler did not run on the pool: {status}"
-    assert status["last_run"]["devices"] == ["cpu", "cpu"] and status["last_run"]["calls"] >= 6
+    assert status["runs"] == runs_before + runs, f"the Multi-GPU sampler did not run on the pool {runs} time(s): {status}"
+    assert status["last_run"]["devices"] == ["cpu", "cpu"] and status["last_run"]["calls"] >= 2
     assert len(status["peak_memory_bytes"]) == 2 and all(b > 0 for b in status["peak_memory_bytes"])
     return server.latent(f"{name}_stock"), server.latent(f"{name}_tandem")
-
-
 
 
 class Helpers:
@@ -194,6 +260,7 @@ class Helpers:
 
     sampler_workflow = staticmethod(sampler_workflow)
     run_pair = staticmethod(run_pair)
+    run_checked = staticmethod(run_checked)
     assert_same_latents = staticmethod(assert_same_latents)
     RTOL_OF_SCALE = RTOL_OF_SCALE
 

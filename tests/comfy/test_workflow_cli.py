@@ -50,3 +50,24 @@ def test_the_multi_gpu_sampler_reports_progress_every_step(comfy_server, comfy, 
                  lambda node, value, total: seen.append((node, value, total)))
     sampler = [(value, total) for node, value, total in seen if node == "5"]
     assert [value for value, _ in sampler] == list(range(1, 7)) and {total for _, total in sampler} == {6}, seen
+
+
+def test_compare_times_the_workflow_against_its_stock_twin_and_compares_outputs(comfy_server, comfy, tmp_path):
+    workflow = tmp_path / "compare.json"
+    workflow.write_text(json.dumps(comfy.sampler_workflow("TandemKSampler", "cli_compare", "cfg")))
+    runs_before = comfy_server.get("/tandem/status")["runs"]
+    run = tandem("workflow", "compare", str(workflow), "--server", comfy_server.url, "--repeats", "2",
+                 "--out", str(tmp_path / "out"), "--json", str(tmp_path / "figures.json"), "--quiet")
+    assert run.returncode == 0, run.stderr
+    figures = json.loads((tmp_path / "figures.json").read_text())
+    assert [len(figures["seconds"][name]) for name in ("stock", "tandem")] == [2, 2]
+    assert all(s > 0 for name in ("stock", "tandem") for s in figures["seconds"][name])
+    assert comfy_server.get("/tandem/status")["runs"] == runs_before + 3  # warm-up + 2 timed, all on the pool
+    assert figures["pool"]["devices"] == ["cpu", "cpu"]
+    from safetensors.torch import load_file
+
+    stock, tandem_latent = (load_file(str(next((tmp_path / "out" / name).glob("cli_compare*.latent"))))["latent_tensor"]
+                            for name in ("stock", "tandem"))
+    comfy.assert_same_latents(tandem_latent, stock)  # the downloaded pair compare reported on
+    assert list(figures["outputs"]) == ["6/latents/0"] and "of the scale" in figures["outputs"]["6/latents/0"]
+    assert "speedup" in run.stdout and "tandem " in run.stdout
