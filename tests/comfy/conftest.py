@@ -21,6 +21,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[2]
 COMFYUI_PATH = os.environ.get("COMFYUI_PATH")
+SMALL_SD15_FILE, SMALL_SD15_LORA = "small_sd15.safetensors", "small_sd15_lora.safetensors"  # write_checkpoint.py
 
 
 def _free_port() -> int:
@@ -85,6 +86,11 @@ def comfy_server(tmp_path_factory):
     (base / "custom_nodes" / "tandem").symlink_to(REPO)
     (base / "custom_nodes" / "tandem_test_fixtures").symlink_to(REPO / "tests" / "comfy" / "fixture_nodes")
     write_tiny_lora(base / "models" / "loras" / "tiny_lora.safetensors")
+    (base / "models" / "diffusion_models").mkdir(parents=True)
+    subprocess.run([sys.executable, str(REPO / "tests" / "comfy" / "write_checkpoint.py"),
+                    str(base / "models" / "diffusion_models" / SMALL_SD15_FILE),
+                    str(base / "models" / "loras" / SMALL_SD15_LORA)],
+                   cwd=COMFYUI_PATH, env=dict(os.environ, PYTHONPATH=COMFYUI_PATH), check=True, timeout=300)
     port = _free_port()
     env = dict(os.environ, TANDEM_DEVICES="cpu:2", TANDEM_POOL_START="on_load")
     log = open(base / "comfy.log", "wb")
@@ -223,8 +229,23 @@ def custom_workflow(sampler: str, prefix: str, strategy: str | None, **kw) -> di
     return workflow
 
 
+def checkpoint_workflow(sampler: str, prefix: str, strategy: str | None, lora: bool = False, **kw) -> dict:
+    """The KSampler graph on a model file loaded by ComfyUI's own UNETLoader (fp16, detected as SD1.5), with
+    768-wide text conditioning; lora: through LoraLoaderModelOnly with a LoRA file for that model."""
+    workflow = sampler_workflow(sampler, prefix, strategy, **kw)
+    workflow["1"] = {"class_type": "UNETLoader", "inputs": {"unet_name": SMALL_SD15_FILE, "weight_dtype": "default"}}
+    for node in ("2", "3"):
+        workflow[node]["inputs"]["width"] = 768
+    if lora:
+        workflow["7"] = {"class_type": "LoraLoaderModelOnly",
+                         "inputs": {"model": ["1", 0], "lora_name": SMALL_SD15_LORA, "strength_model": 1.0}}
+        workflow["5"]["inputs"]["model"] = ["7", 0]
+    return workflow
+
+
 KINDS = {  # how a test graph is built, and its stock and Multi-GPU sampler classes
     "ksampler": (sampler_workflow, "KSampler", "TandemKSampler"),
+    "checkpoint": (checkpoint_workflow, "KSampler", "TandemKSampler"),
     "advanced": (advanced_workflow, "KSamplerAdvanced", "TandemKSamplerAdvanced"),
     "custom": (custom_workflow, "SamplerCustomAdvanced", "SamplerCustomAdvanced"),
 }

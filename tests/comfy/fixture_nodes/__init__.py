@@ -33,7 +33,11 @@ TINY_SDXL_UNET = {
     "context_dim": CONTEXT_DIM, "transformer_depth_output": [0, 0, 0, 1, 1, 1, 1, 1, 1],
     "use_temporal_attention": False, "use_temporal_resblock": False,
 }
-FAMILIES = {"sd1": (comfy.supported_models.SD15, TINY_SD1_UNET), "sdxl": (comfy.supported_models.SDXL, TINY_SDXL_UNET)}
+# SD1.5's own widths (320 channels, 768-wide text context, 860 M parameters): for timing the nodes inside
+# ComfyUI (`tandem workflow compare`), not for the tests, which use the narrow models.
+SD15_FULL_UNET = {**TINY_SD1_UNET, "model_channels": 320, "channel_mult": [1, 2, 4, 4], "context_dim": 768}
+FAMILIES = {"sd1": (comfy.supported_models.SD15, TINY_SD1_UNET), "sdxl": (comfy.supported_models.SDXL, TINY_SDXL_UNET),
+            "sd15_full_size": (comfy.supported_models.SD15, SD15_FULL_UNET)}
 
 
 def _seeded(module, seed: int):
@@ -76,15 +80,16 @@ class TandemTestConditioning:
     def INPUT_TYPES(cls):
         return {"required": {"seed": ("INT", {"default": 0, "min": 0, "max": 2**31}),
                              "tokens": ("INT", {"default": 77, "min": 1, "max": 308}),
-                             "pooled": ("BOOLEAN", {"default": False})}}
+                             "pooled": ("BOOLEAN", {"default": False})},
+                "optional": {"width": ("INT", {"default": CONTEXT_DIM, "min": 1, "max": 4096})}}
 
     RETURN_TYPES = ("CONDITIONING",)
     FUNCTION = "build"
     CATEGORY = "testing"
 
-    def build(self, seed, tokens, pooled=False):
+    def build(self, seed, tokens, pooled=False, width=CONTEXT_DIM):
         generator = torch.Generator().manual_seed(seed)
-        context = torch.randn(1, tokens, CONTEXT_DIM, generator=generator)
+        context = torch.randn(1, tokens, width, generator=generator)
         extras = {"pooled_output": torch.randn(1, 1280, generator=generator), "width": 64, "height": 64} if pooled else {}
         return ([[context, extras]],)
 
