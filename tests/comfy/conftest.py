@@ -77,12 +77,9 @@ class ComfyServer:
         return load_file(str(files[-1]))["latent_tensor"]
 
 
-@pytest.fixture(scope="session")
-def comfy_server(tmp_path_factory):
-    if not COMFYUI_PATH:
-        pytest.skip("COMFYUI_PATH is not set: the ComfyUI tests need a local ComfyUI checkout")
-    base = tmp_path_factory.mktemp("comfy_base")
-    (base / "custom_nodes").mkdir()
+def prepare_base(base: Path) -> Path:
+    """A ComfyUI base directory with the pack, the fixture nodes, a LoRA and a small SD1.5-detected model file."""
+    (base / "custom_nodes").mkdir(parents=True)
     (base / "custom_nodes" / "tandem").symlink_to(REPO)
     (base / "custom_nodes" / "tandem_test_fixtures").symlink_to(REPO / "tests" / "comfy" / "fixture_nodes")
     write_tiny_lora(base / "models" / "loras" / "tiny_lora.safetensors")
@@ -91,30 +88,50 @@ def comfy_server(tmp_path_factory):
                     str(base / "models" / "diffusion_models" / SMALL_SD15_FILE),
                     str(base / "models" / "loras" / SMALL_SD15_LORA)],
                    cwd=COMFYUI_PATH, env=dict(os.environ, PYTHONPATH=COMFYUI_PATH), check=True, timeout=300)
+    return base
+
+
+def start_server(base: Path, log_name: str = "comfy.log") -> ComfyServer:
+    """ComfyUI on a free loopback port with --cpu and a two-CPU-worker pool; returns once it answers."""
     port = _free_port()
     env = dict(os.environ, TANDEM_DEVICES="cpu:2", TANDEM_POOL_START="on_load")
-    log = open(base / "comfy.log", "wb")
-    process = subprocess.Popen([sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
-                                "--base-directory", str(base), "--disable-auto-launch"],
-                               cwd=COMFYUI_PATH, env=env, stdout=log, stderr=subprocess.STDOUT)
+    with open(base / log_name, "wb") as log:
+        process = subprocess.Popen([sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
+                                    "--base-directory", str(base), "--disable-auto-launch"],
+                                   cwd=COMFYUI_PATH, env=env, stdout=log, stderr=subprocess.STDOUT)
     server = ComfyServer(f"http://127.0.0.1:{port}", base, process)
     deadline = time.monotonic() + 180
     while True:
         try:
             server.get("/object_info/KSampler")
-            break
+            return server
         except OSError:
             if process.poll() is not None or time.monotonic() > deadline:
                 process.kill()
-                raise RuntimeError("ComfyUI did not start: " + (base / "comfy.log").read_text()[-3000:])
+                raise RuntimeError("ComfyUI did not start: " + (base / log_name).read_text()[-3000:])
             time.sleep(0.5)
-    yield server
-    process.terminate()
+
+
+def stop_server(server: ComfyServer) -> None:
+    server.process.terminate()
     try:
-        process.wait(timeout=30)
+        server.process.wait(timeout=30)
     except subprocess.TimeoutExpired:
-        process.kill()
-    log.close()
+        server.process.kill()
+
+
+@pytest.fixture(scope="session")
+def comfy_base(tmp_path_factory):
+    if not COMFYUI_PATH:
+        pytest.skip("COMFYUI_PATH is not set: the ComfyUI tests need a local ComfyUI checkout")
+    return prepare_base(tmp_path_factory.mktemp("comfy_base"))
+
+
+@pytest.fixture(scope="session")
+def comfy_server(comfy_base):
+    server = start_server(comfy_base)
+    yield server
+    stop_server(server)
 
 
 # fp32 on CPU, relative to the latent's scale: the tiny random model's latents reach ~360 after guided sampling,
@@ -282,6 +299,7 @@ class Helpers:
     sampler_workflow = staticmethod(sampler_workflow)
     run_pair = staticmethod(run_pair)
     run_checked = staticmethod(run_checked)
+    start_server = staticmethod(start_server)
     assert_same_latents = staticmethod(assert_same_latents)
     RTOL_OF_SCALE = RTOL_OF_SCALE
 

@@ -1,4 +1,5 @@
-"""Interrupt and worker failure in a real ComfyUI: the run stops or fails with a named device; the next works."""
+"""Interrupt, worker failure and shutdown in a real ComfyUI: the run stops or fails with a named device, the next
+works; ComfyUI exiting takes its workers with it."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import os
 import signal
 import time
 
+import pytest
 
 
 def _queue(server, workflow) -> str:
@@ -90,3 +92,30 @@ def test_freeing_memory_in_comfyui_releases_the_workers_copies(comfy_server, com
     stock, tandem = comfy.run_pair(comfy_server, "after_free", "cfg")  # the next run ships the model again
     comfy.assert_same_latents(tandem, stock)
     assert comfy_server.get("/tandem/status")["stats"]["model_loads"] == loads + 1
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.parametrize("how", ["SIGINT", "SIGTERM", "SIGKILL"])
+def test_comfyui_shutting_down_leaves_no_worker_behind(comfy_base, comfy, how):
+    """Ctrl+C, a service stop and a hard kill of ComfyUI (its own server, not the shared one): the workers go too."""
+    server = comfy.start_server(comfy_base, f"comfy_{how}.log")
+    try:
+        comfy.run_checked(server, comfy.sampler_workflow("TandemKSampler", f"shutdown_{how}", "cfg"))
+        pids = server.get("/tandem/status")["worker_pids"]
+        assert len(pids) == 2 and all(_alive(pid) for pid in pids)
+        os.kill(server.process.pid, getattr(signal, how))
+        server.process.wait(timeout=30)
+        deadline = time.monotonic() + 15
+        while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not [pid for pid in pids if _alive(pid)], f"workers outlived ComfyUI ({how})"
+    finally:
+        if server.process.poll() is None:
+            server.process.kill()
