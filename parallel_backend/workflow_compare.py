@@ -136,7 +136,7 @@ def compare_workflows(path: str, server: str, settings: list[str], against: str 
         for round_number in range(repeats + 1):
             for name in names:
                 label = "warm-up" if round_number == 0 else f"run {round_number}/{repeats}"
-                say(f"{name}: {label}")
+                say(f"{name} workflow, {label}")
                 entry = session.run(variants[name], progress)
                 if round_number == 0:
                     continue
