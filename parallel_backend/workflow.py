@@ -12,7 +12,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 
 class WorkflowError(RuntimeError):
@@ -97,8 +97,13 @@ class ComfyClient:
             return json.loads(response.read())["prompt_id"]
 
     def download(self, item: dict, folder: Path) -> Path:
+        """Saves one output file as folder/SUBFOLDER/NAME, as the server files it (so two outputs of one name in
+        different subfolders stay apart); path parts that would leave `folder` are dropped."""
         query = urllib.parse.urlencode({k: item.get(k, "") for k in ("filename", "subfolder", "type")})
-        target = folder / item["filename"]
+        parts = [part for part in PurePosixPath(item.get("subfolder", ""), item["filename"]).parts
+                 if part not in ("", ".", "..", "/")]
+        target = folder.joinpath(*parts)
+        target.parent.mkdir(parents=True, exist_ok=True)
         with self._open(f"/view?{query}") as response:
             target.write_bytes(response.read())
         return target
@@ -189,6 +194,7 @@ def run_workflow(path: str, server: str, settings: list[str], out_dir: str, time
                  progress=lambda node, value, total: None) -> list[Path]:
     """Runs the workflow to completion; returns the downloaded output files."""
     workflow = apply_settings(load_workflow(path), settings)
+    Path(out_dir).mkdir(parents=True, exist_ok=True)  # a folder that cannot be made fails before the run
     with Session(server, timeout_s) as session:
         entry = session.run(workflow, progress)
         return list(session.download_outputs(entry, Path(out_dir)).values())

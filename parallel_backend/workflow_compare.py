@@ -68,6 +68,13 @@ def _changed_nodes(a: dict, b: dict) -> set[str]:
 
 def compare_files(a: Path, b: Path) -> str:
     """How two output files differ: images in 8-bit levels and PSNR, latents relative to their scale."""
+    try:
+        return _compare_files(a, b)
+    except Exception as exc:  # an unreadable or unexpected file is a verdict, not a failed comparison run
+        return f"cannot compare ({type(exc).__name__}: {exc})"
+
+
+def _compare_files(a: Path, b: Path) -> str:
     if a.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"):
         import numpy as np
         from PIL import Image
@@ -88,6 +95,28 @@ def compare_files(a: Path, b: Path) -> str:
         scale = max(1.0, x.abs().max().item())
         return f"max |diff| {(x - y).abs().max().item():.3g} ({(x - y).abs().max().item() / scale:.1e} of the scale)"
     return "identical bytes" if a.read_bytes() == b.read_bytes() else "different bytes"
+
+
+def _pool_runs(session: Session) -> int | None:
+    """How many sampling runs the server's Tandem pool has served (None: the server has no Tandem pack)."""
+    try:
+        return session.client.get_json("/tandem/status").get("runs")
+    except WorkflowError:
+        return None
+
+
+def _pool_status(session: Session, runs_before: int | None, expected: int, check: bool) -> dict:
+    """The pool's last run, after checking (for a stock-twin comparison) that every Multi-GPU run used the pool:
+    a node that fell back to the stock path would make the comparison stock against stock."""
+    runs_after = _pool_runs(session)
+    if runs_after is None or runs_before is None:
+        if check:
+            raise WorkflowError(f"{session.client.server} has no Tandem pack (/tandem/status): nothing ran on a pool")
+        return {}
+    if check and runs_after - runs_before < expected:
+        raise WorkflowError(f"only {runs_after - runs_before} of {expected} Multi-GPU runs used the pool; the others "
+                            "took the stock path (ComfyUI's log says why: 'Tandem: using the stock sampling path')")
+    return session.client.get_json("/tandem/status").get("last_run", {}) if runs_after > runs_before else {}
 
 
 @dataclasses.dataclass
@@ -130,9 +159,12 @@ def compare_workflows(path: str, server: str, settings: list[str], against: str 
     names = ("other" if against else "stock", "tandem")
     variants = dict(zip(names, (baseline, tandem)))
     changed = _changed_nodes(baseline, tandem)
+    if not changed:
+        raise WorkflowError("the two workflows are the same graph: ComfyUI would answer the second from its cache")
     seconds: dict[str, list[float]] = {name: [] for name in names}
     last: dict[str, dict] = {}
     with Session(server, timeout_s) as session:
+        runs_before = _pool_runs(session)
         for round_number in range(repeats + 1):
             for name in names:
                 label = "warm-up" if round_number == 0 else f"run {round_number}/{repeats}"
@@ -144,14 +176,14 @@ def compare_workflows(path: str, server: str, settings: list[str], against: str 
                 if cached:
                     raise WorkflowError(f"ComfyUI answered nodes {sorted(cached)} of '{name}' from its cache, so the "
                                         "time means nothing; restart ComfyUI without --cache-lru/--cache-ram")
-                seconds[name].append(_seconds(entry))
+                took = _seconds(entry)
+                if took <= 0:
+                    raise WorkflowError(f"'{name}' ran in no measurable time: nothing was computed")
+                seconds[name].append(took)
                 last[name] = entry
+        pool = _pool_status(session, runs_before, repeats + 1, check=not against)
         folder = Path(out_dir)
         files = {name: session.download_outputs(last[name], folder / name) for name in names}
-        try:
-            pool = session.client.get_json("/tandem/status").get("last_run", {})
-        except WorkflowError:
-            pool = {}  # a server without the pack (an --against comparison elsewhere)
     outputs = {}
     for key in sorted(files[names[0]].keys() | files[names[1]].keys()):
         if key in files[names[0]] and key in files[names[1]]:

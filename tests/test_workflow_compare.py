@@ -114,3 +114,16 @@ def test_cli_refuses_zero_repeats_and_an_unreachable_server_in_one_line(tmp_path
     assert "--repeats must be at least 1" in capsys.readouterr().err
     assert main(["workflow", "compare", str(EXAMPLE), "--server", "http://127.0.0.1:9", "--quiet"]) == 1
     assert "cannot" in capsys.readouterr().err
+
+
+def test_an_unreadable_output_is_a_verdict_not_a_crash(tmp_path):
+    (tmp_path / "a.latent").write_bytes(b"not safetensors")
+    (tmp_path / "b.latent").write_bytes(b"not safetensors")
+    assert compare_files(tmp_path / "a.latent", tmp_path / "b.latent").startswith("cannot compare (")
+
+
+def test_comparing_a_workflow_with_itself_is_refused_before_anything_runs():
+    from parallel_backend.workflow_compare import compare_workflows
+
+    with pytest.raises(WorkflowError, match="same graph"):
+        compare_workflows(str(EXAMPLE), "http://127.0.0.1:9", [], against=str(EXAMPLE))

@@ -6,6 +6,7 @@ whose custom_nodes/ links this repository and tests/comfy/fixture_nodes; the poo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -42,8 +43,8 @@ def write_tiny_lora(path: Path, rank: int = 4, seed: int = 3) -> None:
 
 
 class ComfyServer:
-    def __init__(self, url: str, base: Path, process: subprocess.Popen):
-        self.url, self.base, self.process = url, base, process
+    def __init__(self, url: str, base: Path, process: subprocess.Popen, log_name: str = "comfy.log"):
+        self.url, self.base, self.process, self.log_name = url, base, process, log_name
 
     def get(self, route: str):
         with urllib.request.urlopen(self.url + route, timeout=30) as response:
@@ -68,6 +69,21 @@ class ComfyServer:
                 raise RuntimeError("ComfyUI exited")
             time.sleep(0.3)
         raise TimeoutError(f"workflow {prompt_id} did not finish in {timeout} s")
+
+    @contextlib.contextmanager
+    def on_the_pool(self, runs: int = 1):
+        """Checks that what runs inside made `runs` sampling runs on the pool and that no model call of theirs
+        took the stock path (Tandem logs each fallback with its reason)."""
+        log = self.base / self.log_name
+        runs_before, log_before = self.get("/tandem/status")["runs"], log.stat().st_size
+        yield
+        runs_after = self.get("/tandem/status")["runs"]
+        with open(log, "rb") as text:
+            text.seek(log_before)
+            fallbacks = [line for line in text.read().decode(errors="replace").splitlines()
+                         if "using the stock sampling path" in line]
+        assert not fallbacks, f"Multi-GPU calls took the stock path: {fallbacks}"
+        assert runs_after == runs_before + runs, f"{runs_after - runs_before} runs on the pool, expected {runs}"
 
     def latent(self, prefix: str) -> torch.Tensor:
         from safetensors.torch import load_file
@@ -99,7 +115,7 @@ def start_server(base: Path, log_name: str = "comfy.log") -> ComfyServer:
         process = subprocess.Popen([sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
                                     "--base-directory", str(base), "--disable-auto-launch"],
                                    cwd=COMFYUI_PATH, env=env, stdout=log, stderr=subprocess.STDOUT)
-    server = ComfyServer(f"http://127.0.0.1:{port}", base, process)
+    server = ComfyServer(f"http://127.0.0.1:{port}", base, process, log_name)
     deadline = time.monotonic() + 180
     while True:
         try:
@@ -284,11 +300,11 @@ def run_pair(server, name: str, strategy: str, kind: str = "ksampler", runs: int
     (`runs` sampling runs, each of at least two calls)."""
     build, stock, tandem = KINDS[kind]
     run_checked(server, build(stock, f"{name}_stock", None, **kw))
-    runs_before = server.get("/tandem/status")["runs"]
-    run_checked(server, build(tandem, f"{name}_tandem", strategy, **kw))
+    with server.on_the_pool(runs):
+        run_checked(server, build(tandem, f"{name}_tandem", strategy, **kw))
     status = server.get("/tandem/status")
-    assert status["runs"] == runs_before + runs, f"the Multi-GPU sampler did not run on the pool {runs} time(s): {status}"
-    assert status["last_run"]["devices"] == ["cpu", "cpu"] and status["last_run"]["calls"] >= 2
+    last_pass_steps = kw.get("steps", 6) - (kw.get("split", 3) if kind == "advanced" else 0)
+    assert status["last_run"]["devices"] == ["cpu", "cpu"] and status["last_run"]["calls"] >= last_pass_steps
     assert len(status["peak_memory_bytes"]) == 2 and all(b > 0 for b in status["peak_memory_bytes"])
     return server.latent(f"{name}_stock"), server.latent(f"{name}_tandem")
 

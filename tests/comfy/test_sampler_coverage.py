@@ -115,5 +115,6 @@ def _previews(server, workflow: dict) -> int:
 
 def test_previews_arrive_like_the_stock_samplers(comfy_server, comfy):
     stock = _previews(comfy_server, comfy.sampler_workflow("KSampler", "preview_stock", None))
-    tandem = _previews(comfy_server, comfy.sampler_workflow("TandemKSampler", "preview_tandem", "cfg"))
+    with comfy_server.on_the_pool():
+        tandem = _previews(comfy_server, comfy.sampler_workflow("TandemKSampler", "preview_tandem", "cfg"))
     assert stock == 6 and tandem == stock, (stock, tandem)

@@ -18,7 +18,7 @@ def test_run_downloads_the_outputs_and_applies_overrides(comfy_server, comfy, tm
     run = tandem("workflow", "run", str(workflow), "--server", comfy_server.url, "--set", "5.seed=43",
                  "--set", "5.steps=4", "--out", str(tmp_path / "out"), "--quiet")
     assert run.returncode == 0, run.stderr
-    files = list((tmp_path / "out").glob("cli_run*.latent"))
+    files = list((tmp_path / "out").rglob("cli_run*.latent"))
     assert len(files) == 1 and files[0].stat().st_size > 0, run.stdout
     assert comfy_server.get("/tandem/status")["last_run"]["calls"] == 4  # the override reached the sampler
 
@@ -66,8 +66,21 @@ def test_compare_times_the_workflow_against_its_stock_twin_and_compares_outputs(
     assert figures["pool"]["devices"] == ["cpu", "cpu"]
     from safetensors.torch import load_file
 
-    stock, tandem_latent = (load_file(str(next((tmp_path / "out" / name).glob("cli_compare*.latent"))))["latent_tensor"]
+    stock, tandem_latent = (load_file(str(next((tmp_path / "out" / name).rglob("cli_compare*.latent"))))["latent_tensor"]
                             for name in ("stock", "tandem"))
     comfy.assert_same_latents(tandem_latent, stock)  # the downloaded pair compare reported on
     assert list(figures["outputs"]) == ["6/latents/0"] and "of the scale" in figures["outputs"]["6/latents/0"]
     assert "speedup" in run.stdout and "tandem " in run.stdout
+
+
+def test_compare_refuses_when_the_multi_gpu_runs_took_the_stock_path(comfy_server, comfy, tmp_path):
+    """FreeU patches every call on the host, so the Multi-GPU sampler runs the stock path: stock against stock."""
+    workflow = comfy.sampler_workflow("TandemKSampler", "cli_compare_freeu", "cfg")
+    workflow["30"] = {"class_type": "FreeU", "inputs": {"model": ["1", 0], "b1": 1.1, "b2": 1.2, "s1": 0.9, "s2": 0.2}}
+    workflow["5"]["inputs"]["model"] = ["30", 0]
+    path = tmp_path / "freeu.json"
+    path.write_text(json.dumps(workflow))
+    run = tandem("workflow", "compare", str(path), "--server", comfy_server.url, "--repeats", "1",
+                 "--out", str(tmp_path / "out"), "--quiet")
+    assert run.returncode == 1 and "only 0 of 2 Multi-GPU runs used the pool" in run.stderr, run.stderr
+    assert "Traceback" not in run.stderr
