@@ -98,14 +98,18 @@ class Runtime:
             # an estimate of the speed-up that assumes the devices are alike.
             run["estimated_speedup"] = round(run["device_seconds"] / run["wall_seconds"], 3)
 
-    def watch(self, base_model_ref, weights: str) -> None:
-        """Remember which host model the workers' copy belongs to; a watcher releases the copy once ComfyUI
-        unloads that model (free memory, another checkpoint, eviction): its weights are then unpatched
-        (current_weight_patches_uuid None) or the model is gone."""
-        self._watched = (base_model_ref, weights)
-        if self._watcher is None:
-            self._watcher = threading.Thread(target=self._watch_loop, name="tandem-release-watch", daemon=True)
-            self._watcher.start()
+    def use_model(self, pool: WorkerPool, model, family: str, key: str, base_model_ref, weights: str) -> str:
+        """Loads `model` on the workers (unless they hold it) and remembers which host model the copy belongs to;
+        a watcher releases the copy once ComfyUI unloads that model (free memory, another checkpoint, eviction):
+        its weights are then unpatched (current_weight_patches_uuid changes) or the model is gone. Under the
+        lock, so the watcher never releases a copy that was just loaded for a newer model."""
+        with self.lock:
+            fingerprint = pool.ensure_model(model, family, key)
+            self._watched = (base_model_ref, weights)
+            if self._watcher is None:
+                self._watcher = threading.Thread(target=self._watch_loop, name="tandem-release-watch", daemon=True)
+                self._watcher.start()
+        return fingerprint
 
     def _watch_loop(self, period_s: float = 2.0) -> None:
         while True:
@@ -114,7 +118,11 @@ class Runtime:
             if watched is None:
                 continue
             model = watched[0]()
-            if model is None or f"{id(model)}:{model.current_weight_patches_uuid}" != watched[1]:
+            if model is not None and f"{id(model)}:{model.current_weight_patches_uuid}" == watched[1]:
+                continue
+            with self.lock:
+                if self._watched is not watched:
+                    continue  # a newer model was loaded meanwhile: its copy stays
                 self._watched = None
                 try:
                     self.release_models()

@@ -129,8 +129,8 @@ class PoolForward:
         call = ModelCall(x, timesteps, context, extras, branches=2 if guided else 1, index=RUNTIME.call_index(run["id"]),
                          step=_step_of(transformer_options), job=run["id"],
                          stream=(tuple(str(u) for u in transformer_options.get("uuids", ())), tuple(chunks)))
-        fingerprint = pool.ensure_model(executor.class_obj, FAMILY, f"{FAMILY}:{run['weights']}")  # not timed below
-        RUNTIME.watch(run["base_model"], run["weights"])
+        fingerprint = RUNTIME.use_model(pool, executor.class_obj, FAMILY, f"{FAMILY}:{run['weights']}",
+                                        run["base_model"], run["weights"])  # not timed below
         started = time.perf_counter()
         config = self.config if guided or self.config.strategy not in ("cfg", "asyncdiff") else self.rows_config
         out = ParallelExecutor(pool, config)(executor.class_obj, FAMILY, call, 2.0 if guided else 1.0, fingerprint)
