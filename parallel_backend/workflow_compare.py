@@ -92,31 +92,32 @@ def _compare_files(a: Path, b: Path) -> str:
         x, y = (load(path.read_bytes())["latent_tensor"] for path in (a, b))
         if x.shape != y.shape:
             return f"different shapes {tuple(x.shape)} vs {tuple(y.shape)}"
-        scale = max(1.0, x.abs().max().item())
-        return f"max |diff| {(x - y).abs().max().item():.3g} ({(x - y).abs().max().item() / scale:.1e} of the scale)"
+        difference, scale = (x - y).abs().max().item(), max(1.0, x.abs().max().item())
+        return f"max |diff| {difference:.3g} ({difference / scale:.1e} of the scale)"
     return "identical bytes" if a.read_bytes() == b.read_bytes() else "different bytes"
 
 
-def _pool_runs(session: Session) -> int | None:
-    """How many sampling runs the server's Tandem pool has served (None: the server has no Tandem pack)."""
+def _pool_status(session: Session) -> dict | None:
+    """The server's /tandem/status (None: the server has no Tandem pack)."""
     try:
-        return session.client.get_json("/tandem/status").get("runs")
+        return session.client.get_json("/tandem/status")
     except WorkflowError:
         return None
 
 
-def _pool_status(session: Session, runs_before: int | None, expected: int, check: bool) -> dict:
+def _last_pool_run(session: Session, before: dict | None, expected: int, check: bool) -> dict:
     """The pool's last run, after checking (for a stock-twin comparison) that every Multi-GPU run used the pool:
     a node that fell back to the stock path would make the comparison stock against stock."""
-    runs_after = _pool_runs(session)
-    if runs_after is None or runs_before is None:
+    after = _pool_status(session)
+    if after is None or before is None:
         if check:
             raise WorkflowError(f"{session.client.server} has no Tandem pack (/tandem/status): nothing ran on a pool")
         return {}
-    if check and runs_after - runs_before < expected:
-        raise WorkflowError(f"only {runs_after - runs_before} of {expected} Multi-GPU runs used the pool; the others "
-                            "took the stock path (ComfyUI's log says why: 'Tandem: using the stock sampling path')")
-    return session.client.get_json("/tandem/status").get("last_run", {}) if runs_after > runs_before else {}
+    ran = after["runs"] - before["runs"]
+    if check and ran < expected:
+        raise WorkflowError(f"only {ran} of {expected} Multi-GPU runs used the pool; the others took the stock "
+                            "path (ComfyUI's log says why: 'Tandem: using the stock sampling path')")
+    return after.get("last_run", {}) if ran > 0 else {}
 
 
 @dataclasses.dataclass
@@ -164,7 +165,7 @@ def compare_workflows(path: str, server: str, settings: list[str], against: str 
     seconds: dict[str, list[float]] = {name: [] for name in names}
     last: dict[str, dict] = {}
     with Session(server, timeout_s) as session:
-        runs_before = _pool_runs(session)
+        before = _pool_status(session)
         for round_number in range(repeats + 1):
             for name in names:
                 label = "warm-up" if round_number == 0 else f"run {round_number}/{repeats}"
@@ -181,7 +182,7 @@ def compare_workflows(path: str, server: str, settings: list[str], against: str 
                     raise WorkflowError(f"'{name}' ran in no measurable time: nothing was computed")
                 seconds[name].append(took)
                 last[name] = entry
-        pool = _pool_status(session, runs_before, repeats + 1, check=not against)
+        pool = _last_pool_run(session, before, repeats + 1, check=not against)
         folder = Path(out_dir)
         files = {name: session.download_outputs(last[name], folder / name) for name in names}
     outputs = {}
