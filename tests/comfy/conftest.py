@@ -70,18 +70,23 @@ class ComfyServer:
             time.sleep(0.3)
         raise TimeoutError(f"workflow {prompt_id} did not finish in {timeout} s")
 
+    def log_size(self) -> int:
+        return (self.base / self.log_name).stat().st_size
+
+    def log_since(self, offset: int) -> str:
+        """What the server logged after the log had `offset` bytes."""
+        with open(self.base / self.log_name, "rb") as log:
+            log.seek(offset)
+            return log.read().decode(errors="replace")
+
     @contextlib.contextmanager
     def on_the_pool(self, runs: int = 1):
         """Checks that what runs inside made `runs` sampling runs on the pool and that no model call of theirs
         took the stock path (Tandem logs each fallback with its reason)."""
-        log = self.base / self.log_name
-        runs_before, log_before = self.get("/tandem/status")["runs"], log.stat().st_size
+        runs_before, log_before = self.get("/tandem/status")["runs"], self.log_size()
         yield
         runs_after = self.get("/tandem/status")["runs"]
-        with open(log, "rb") as text:
-            text.seek(log_before)
-            fallbacks = [line for line in text.read().decode(errors="replace").splitlines()
-                         if "using the stock sampling path" in line]
+        fallbacks = [line for line in self.log_since(log_before).splitlines() if "using the stock sampling path" in line]
         assert not fallbacks, f"Multi-GPU calls took the stock path: {fallbacks}"
         assert runs_after == runs_before + runs, f"{runs_after - runs_before} runs on the pool, expected {runs}"
 
@@ -172,10 +177,13 @@ def sampler_workflow(sampler: str, prefix: str, strategy: str | None, cfg: float
     """Tiny model -> (LoRA) -> sampler -> SaveLatent, as API-format JSON. area: the positive prompt is
     combined with a second prompt restricted to the top-left 3/4 (ConditioningSetAreaPercentage); mask: the
     same with a mask on the left half instead (ConditioningSetMask, its set_cond_area = `mask`)."""
+    def prompt(seed: int) -> dict:  # a seeded random text conditioning of the family's shape
+        return {"class_type": "TandemTestConditioning", "inputs": {"seed": seed, "tokens": 77, "pooled": family == "sdxl"}}
+
     workflow = {
         "1": {"class_type": "TandemTestTinySD1Model", "inputs": {"seed": 5, "family": family}},
-        "2": {"class_type": "TandemTestConditioning", "inputs": {"seed": 1, "tokens": 77, "pooled": family == "sdxl"}},
-        "3": {"class_type": "TandemTestConditioning", "inputs": {"seed": 2, "tokens": 77, "pooled": family == "sdxl"}},
+        "2": prompt(1),
+        "3": prompt(2),
         "4": {"class_type": "EmptyLatentImage", "inputs": {"width": size, "height": size, "batch_size": batch}},
         "6": {"class_type": "SaveLatent", "inputs": {"samples": ["5", 0], "filename_prefix": f"latents/{prefix}"}},
     }
@@ -186,7 +194,7 @@ def sampler_workflow(sampler: str, prefix: str, strategy: str | None, cfg: float
         model = ["7", 0]
     positive = ["2", 0]
     if area:
-        workflow["9"] = {"class_type": "TandemTestConditioning", "inputs": {"seed": 9, "tokens": 77, "pooled": family == "sdxl"}}
+        workflow["9"] = prompt(9)
         workflow["10"] = {"class_type": "ConditioningSetAreaPercentage",
                           "inputs": {"conditioning": ["9", 0], "width": 0.75, "height": 0.75, "x": 0, "y": 0, "strength": 1.0}}
         workflow["11"] = {"class_type": "ConditioningCombine", "inputs": {"conditioning_1": positive,
@@ -197,7 +205,7 @@ def sampler_workflow(sampler: str, prefix: str, strategy: str | None, cfg: float
         workflow["16"] = {"class_type": "SolidMask", "inputs": {"value": 1.0, "width": size * 4, "height": size * 8}}
         workflow["17"] = {"class_type": "MaskComposite", "inputs": {"destination": ["15", 0], "source": ["16", 0],
                                                                     "x": 0, "y": 0, "operation": "add"}}
-        workflow["18"] = {"class_type": "TandemTestConditioning", "inputs": {"seed": 8, "tokens": 77, "pooled": family == "sdxl"}}
+        workflow["18"] = prompt(8)
         workflow["19"] = {"class_type": "ConditioningSetMask", "inputs": {"conditioning": ["18", 0], "mask": ["17", 0],
                                                                           "strength": 1.0, "set_cond_area": mask}}
         workflow["20"] = {"class_type": "ConditioningCombine", "inputs": {"conditioning_1": positive,
@@ -276,6 +284,13 @@ def checkpoint_workflow(sampler: str, prefix: str, strategy: str | None, lora: b
     return workflow
 
 
+def with_model_patch(workflow: dict, class_type: str, **inputs) -> dict:
+    """Puts a model-patching node (`class_type`, its inputs besides the model) between the model and sampler 5."""
+    workflow["30"] = {"class_type": class_type, "inputs": {"model": ["1", 0], **inputs}}
+    workflow["5"]["inputs"]["model"] = ["30", 0]
+    return workflow
+
+
 KINDS = {  # how a test graph is built, and its stock and Multi-GPU sampler classes
     "ksampler": (sampler_workflow, "KSampler", "TandemKSampler"),
     "checkpoint": (checkpoint_workflow, "KSampler", "TandemKSampler"),
@@ -315,6 +330,7 @@ class Helpers:
     sampler_workflow = staticmethod(sampler_workflow)
     run_pair = staticmethod(run_pair)
     run_checked = staticmethod(run_checked)
+    with_model_patch = staticmethod(with_model_patch)
     start_server = staticmethod(start_server)
     assert_same_latents = staticmethod(assert_same_latents)
     RTOL_OF_SCALE = RTOL_OF_SCALE

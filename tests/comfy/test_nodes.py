@@ -69,22 +69,16 @@ def test_controlnet_residuals_travel_with_the_call(comfy_server, comfy, strategy
     comfy.assert_same_latents(tandem, stock)
 
 
-def _with_model_patch(workflow: dict, patch: dict) -> dict:
-    """Puts a model-patching node (class_type and its inputs besides the model) between the model and the sampler."""
-    workflow["30"] = {"class_type": patch["class_type"], "inputs": {"model": ["1", 0], **patch["inputs"]}}
-    workflow["5"]["inputs"]["model"] = ["30", 0]
-    return workflow
-
-
 def test_a_host_only_attention_patch_sends_its_calls_the_stock_way_and_says_so(comfy_server, comfy):
     """Perturbed-Attention Guidance adds a third model call per step that carries a host-side attention
     replacement: that call runs on the host (and the log says why); cond and uncond still run on the pool."""
-    pag = {"class_type": "PerturbedAttentionGuidance", "inputs": {"scale": 3.0}}
-    comfy.run_checked(comfy_server, _with_model_patch(comfy.sampler_workflow("KSampler", "pag_stock", None), pag))
-    log = comfy_server.base / comfy_server.log_name
-    log_before, runs_before = log.stat().st_size, comfy_server.get("/tandem/status")["runs"]
-    comfy.run_checked(comfy_server, _with_model_patch(comfy.sampler_workflow("TandemKSampler", "pag_tandem", "cfg"), pag))
+    def with_pag(workflow):
+        return comfy.with_model_patch(workflow, "PerturbedAttentionGuidance", scale=3.0)
+
+    comfy.run_checked(comfy_server, with_pag(comfy.sampler_workflow("KSampler", "pag_stock", None)))
+    log_before, runs_before = comfy_server.log_size(), comfy_server.get("/tandem/status")["runs"]
+    comfy.run_checked(comfy_server, with_pag(comfy.sampler_workflow("TandemKSampler", "pag_tandem", "cfg")))
     assert comfy_server.get("/tandem/status")["runs"] == runs_before + 1  # cond and uncond on the pool
-    said = log.read_bytes()[log_before:].decode(errors="replace")
+    said = comfy_server.log_since(log_before)
     assert "using the stock sampling path: a model patch (patches_replace: attn1)" in said, said[-2000:]
     comfy.assert_same_latents(comfy_server.latent("pag_tandem"), comfy_server.latent("pag_stock"))

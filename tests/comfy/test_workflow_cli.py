@@ -75,9 +75,8 @@ def test_compare_times_the_workflow_against_its_stock_twin_and_compares_outputs(
 
 def test_compare_refuses_when_the_multi_gpu_runs_took_the_stock_path(comfy_server, comfy, tmp_path):
     """FreeU patches every call on the host, so the Multi-GPU sampler runs the stock path: stock against stock."""
-    workflow = comfy.sampler_workflow("TandemKSampler", "cli_compare_freeu", "cfg")
-    workflow["30"] = {"class_type": "FreeU", "inputs": {"model": ["1", 0], "b1": 1.1, "b2": 1.2, "s1": 0.9, "s2": 0.2}}
-    workflow["5"]["inputs"]["model"] = ["30", 0]
+    workflow = comfy.with_model_patch(comfy.sampler_workflow("TandemKSampler", "cli_compare_freeu", "cfg"), "FreeU",
+                                      b1=1.1, b2=1.2, s1=0.9, s2=0.2)
     path = tmp_path / "freeu.json"
     path.write_text(json.dumps(workflow))
     run = tandem("workflow", "compare", str(path), "--server", comfy_server.url, "--repeats", "1",
