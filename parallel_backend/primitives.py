@@ -1,7 +1,18 @@
-"""The only module that calls torch.distributed: joining/leaving the workers' group and collective helpers."""
+"""The only module that calls torch.distributed: joining/leaving the workers' group and collective helpers.
+
+Point-to-point messages pair in the order they are issued. NCCL ignores the `tag` of a send or receive: the
+k-th receive posted from a peer gets the k-th send issued to it, whatever the tags say. gloo matches tags,
+which hides a receiver that posts in another order than its sender sends. Strict mode (TANDEM_STRICT_P2P=1,
+on in the tests) makes gloo behave as NCCL does: every tag becomes 0, so messages pair in issue order only
+and a mismatch fails on CPU as it would on a GPU. Tags stay in the code as labels.
+
+NCCL work is asynchronous: `work.wait()` only makes the current CUDA stream wait. Where the host needs the
+data to have arrived (timings, a copy to the host), `wait_all(handles, device)` also synchronizes the device.
+"""
 
 from __future__ import annotations
 
+import os
 from datetime import timedelta
 
 import torch
@@ -32,24 +43,42 @@ def leave_group() -> None:
         dist.destroy_process_group()
 
 
+STRICT_ENV = "TANDEM_STRICT_P2P"
+
+
+def strict() -> bool:
+    """Point-to-point messages pair in issue order only (tags ignored), as on NCCL."""
+    return os.environ.get(STRICT_ENV) == "1"
+
+
+def _tags(tags: list[int] | None, count: int) -> list[int]:
+    if tags is None or strict():
+        return [0] * count
+    return list(tags)
+
+
 def post_sends(tensors: list[torch.Tensor], dst: int, tags: list[int] | None = None) -> list:
-    """Starts sending `tensors` to rank `dst` without waiting; keep them alive until `wait_all`. With `tags`,
-    each send matches the receive of the same tag whatever the order they are posted in."""
-    tags = tags if tags is not None else [0] * len(tensors)
-    return [dist.isend(t.contiguous(), dst, tag=tag) for t, tag in zip(tensors, tags)]
+    """Starts sending `tensors` to rank `dst`, in list order, without waiting; keep them alive until
+    `wait_all`. The receiver must post its receives from this rank in the same order (see the module doc);
+    `tags` are labels that gloo also matches on, outside strict mode."""
+    return [dist.isend(t.contiguous(), dst, tag=tag) for t, tag in zip(tensors, _tags(tags, len(tensors)))]
 
 
 def post_receives(specs: list[tuple[tuple[int, ...], torch.dtype]], src: int, device,
                   tags: list[int] | None = None) -> tuple[list, list]:
-    """Starts receiving tensors of `specs` (shape, dtype) from rank `src`; returns (buffers, handles)."""
+    """Starts receiving tensors of `specs` (shape, dtype) from rank `src`, in list order: the k-th receive
+    gets the k-th tensor `src` sends here. Returns (buffers, handles)."""
     buffers = [torch.empty(shape, dtype=dtype, device=device) for shape, dtype in specs]
-    tags = tags if tags is not None else [0] * len(buffers)
-    return buffers, [dist.irecv(b, src, tag=tag) for b, tag in zip(buffers, tags)]
+    return buffers, [dist.irecv(b, src, tag=tag) for b, tag in zip(buffers, _tags(tags, len(buffers)))]
 
 
-def wait_all(handles: list) -> None:
+def wait_all(handles: list, device: torch.device | str | None = None) -> None:
+    """Waits for every handle; with a CUDA `device`, also until the device has finished the transfers (NCCL's
+    wait() alone returns before the data has arrived), so a time taken after it is the transfer's."""
     for handle in handles:
         handle.wait()
+    if device is not None and torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def chunk_sizes(total: int, parts: int) -> list[int]:

@@ -41,3 +41,43 @@ def test_a_collective_with_a_dead_peer_fails_instead_of_hanging(tmp_path):
 def test_chunks():
     assert chunk_sizes(5, 2) == [3, 2] and chunk_sizes(1, 3) == [1, 0, 0]
     assert chunk_for_rank(5, 2, 1) == range(3, 5)
+
+
+ORDER_SCRIPT = """
+import sys, torch
+from parallel_backend import primitives
+rank = int(sys.argv[1])
+primitives.join_group(sys.argv[2], rank, 2, "cpu", timeout_s=10.0)
+if rank == 0:  # sends a 3-element tensor (tag 1), then a 5-element one (tag 0)
+    primitives.wait_all(primitives.post_sends([torch.full((3,), 1.0), torch.full((5,), 2.0)], 1, tags=[1, 0]))
+else:  # posts the 5-element receive (tag 0) first: pairs by tag on plain gloo, by order on NCCL
+    try:
+        buffers, handles = primitives.post_receives([((5,), torch.float32), ((3,), torch.float32)], 0, "cpu",
+                                                    tags=[0, 1])
+        primitives.wait_all(handles)
+        print("received", [b.tolist() for b in buffers])
+    except Exception as exc:
+        print("raised", type(exc).__name__)
+primitives.leave_group()
+"""
+
+
+def _exchange_out_of_order(tmp_path, strict: bool) -> str:
+    env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", TANDEM_STRICT_P2P="1" if strict else "0")
+    rendezvous = f"file://{tmp_path}/rdzv-{int(strict)}"
+    ranks = [subprocess.Popen([sys.executable, "-c", ORDER_SCRIPT, str(r), rendezvous], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=env) for r in (0, 1)]
+    try:
+        out, err = ranks[1].communicate(timeout=60)
+    finally:
+        for process in ranks:
+            process.kill() if process.poll() is None else None
+            process.wait(timeout=10)
+    return out + err
+
+
+def test_strict_mode_pairs_point_to_point_messages_in_issue_order_as_nccl_does(tmp_path):
+    # plain gloo pairs the receives with the sends by tag: the out-of-order receiver gets the right tensors
+    assert "received [[2.0, 2.0, 2.0, 2.0, 2.0], [1.0, 1.0, 1.0]]" in _exchange_out_of_order(tmp_path, strict=False)
+    # strict mode ignores tags: the first receive (5 elements) meets the first send (3 elements) and fails
+    assert "received" not in _exchange_out_of_order(tmp_path, strict=True)
