@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from parallel_backend.config import STRATEGIES, ParallelConfig
+from parallel_backend.config import ParallelConfig, strategy_choices
 
 Settings = io.Custom("TANDEM_SETTINGS")
 
@@ -31,7 +31,7 @@ class TandemSettings(io.ComfyNode):
             inputs=[
                 io.String.Input("devices", default="auto",
                                 tooltip="'auto', 'cuda:0,cuda:1', or 'cpu:2' for two CPU workers"),
-                io.Combo.Input("strategy", options=list(STRATEGIES), default="auto",
+                io.Combo.Input("strategy", options=list(strategy_choices()), default="auto",
                                tooltip="cfg: cond and uncond on different devices; batch: images split over "
                                        "devices; auto: cfg when guidance is on, batch otherwise (all exact); "
                                        "asyncdiff: the UNet cut into stages run on one-step-stale inputs "

@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import logging
 import time
@@ -19,7 +18,7 @@ import comfy.patcher_extension
 
 from parallel_backend.calls import ModelCall
 from parallel_backend.config import ParallelConfig
-from parallel_backend.executor import ParallelExecutor
+from parallel_backend.engine import ParallelExecutor
 from parallel_backend.models.comfy_unet import FAMILY
 
 from .runtime import RUNTIME
@@ -91,14 +90,9 @@ class PoolForward:
     """The DIFFUSION_MODEL wrapper: one UNet call, split over the pool."""
 
     def __init__(self, config: ParallelConfig):
-        self.config = config
         # A call holding one branch only (cfg = 1, or area conds in several chunks) has nothing to split by
-        # branch: its rows are split instead (exact for cfg; asyncdiff keeps its stages and splits the rows).
-        if config.strategy == "asyncdiff":
-            self.rows_config = dataclasses.replace(config, cfg_degree=1,
-                                                   batch_degree=(config.batch_degree or 1) * (config.cfg_degree or 1))
-        else:
-            self.rows_config = ParallelConfig(config.devices, "batch", timeout_s=config.timeout_s)
+        # branch: the mesh resolver splits its rows instead (mesh.resolve folds the cfg degree into batch).
+        self.config = config
         self.said: set[str] = set()
 
     def _stock(self, reason: str):
@@ -132,8 +126,7 @@ class PoolForward:
         fingerprint = RUNTIME.use_model(pool, executor.class_obj, FAMILY, f"{FAMILY}:{run['weights']}",
                                         run["base_model"], run["weights"])  # not timed below
         started = time.perf_counter()
-        config = self.config if guided or self.config.strategy not in ("cfg", "asyncdiff") else self.rows_config
-        out = ParallelExecutor(pool, config)(executor.class_obj, FAMILY, call, 2.0 if guided else 1.0, fingerprint)
-        RUNTIME.record_call(run["id"], list(pool.devices), self.config.strategy, time.perf_counter() - started,
-                            dict(pool.last_compute_seconds))
-        return out
+        result = ParallelExecutor(pool, self.config).run(executor.class_obj, FAMILY, call, fingerprint)
+        RUNTIME.record_call(run["id"], list(pool.devices), result.mesh.describe(), time.perf_counter() - started,
+                            result.compute_s)
+        return result.out

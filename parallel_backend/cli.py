@@ -8,6 +8,7 @@ import os
 import sys
 from pathlib import Path
 
+from .config import strategy_choices
 from .sampling import SCHEDULERS, GenerationRequest, Timer
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -51,28 +52,23 @@ def parallel_config(args):
         return None
     from .config import ParallelConfig
 
-    return ParallelConfig(args.devices, args.strategy, timeout_s=args.timeout, **asyncdiff_options(args))
+    return ParallelConfig(args.devices, args.strategy, timeout_s=args.timeout, **strategy_knobs(args))
 
 
-def asyncdiff_options(args) -> dict:
+def strategy_knobs(args) -> dict:
+    """The strategy knobs given on the command line (unset ones left to the strategy)."""
     return {"stages": args.stages, "warmup": args.warmup, "stride": args.stride, "time_shift": args.time_shift}
 
 
-def explain(config, steps: int) -> str:
-    """What each device does at each call under `config` (asyncdiff's schedule), for --explain."""
+def explain(config, steps: int, guided: bool = True) -> str:
+    """What each device does at each call under `config`, in the strategy's own words, for --explain."""
+    from . import strategies
     from .config import resolve_devices
-    from .strategies import asyncdiff
+    from .mesh import resolve
 
     devices = list(resolve_devices(config.device_list))
-    if config.strategy != "asyncdiff":
-        return f"{config.strategy}: every call is split by rows over {', '.join(devices)}; exact, no stale data."
-    degrees = config.degrees(len(devices))
-    stages = degrees["stages"]
-    groups = len(devices) // stages
-    text = asyncdiff.explain(stages, steps, config.warmup, config.stride, devices[:stages])
-    if groups > 1:
-        text += f"\n(the same for each of {groups} row groups: cfg {degrees['cfg']} x batch {degrees['batch']})"
-    return text
+    mesh = resolve(config, len(devices), 2 if guided else 1)
+    return strategies.get(mesh.strategy).explain(mesh, config, steps, devices)
 
 
 def grid(images: list):
@@ -100,8 +96,12 @@ def cmd_generate(args) -> int:
     if args.explain:
         if config is None:
             raise UsageError("--explain needs --devices (and --strategy)")
-        print(explain(config, args.steps))
+        print(explain(config, args.steps, args.cfg != 1.0))
         return 0
+    if config is not None and args.cfg is not None and config.device_list != ("auto",):
+        from .mesh import check_job
+
+        check_job(config, len(config.device_list), args.cfg != 1.0)  # before the model loads or a pool starts
     with Timer() as load_timer:
         pipeline = load_pipeline(args.model, args.device)
     request = GenerationRequest(**request_fields, cfg=args.cfg if args.cfg is not None else pipeline.default_cfg)
@@ -128,7 +128,8 @@ def cmd_bench(args) -> int:
 
     strategies = tuple(s.strip() for s in args.strategies.split(",") if s.strip())
     report = run_bench(args.model, args.devices, strategies, args.steps, args.resolution, args.repeats, args.dtype,
-                       asyncdiff=asyncdiff_options(args), progress=(lambda line: None) if args.quiet else (lambda line: print(line, file=sys.stderr)))
+                       knobs=strategy_knobs(args),
+                       progress=(lambda line: None) if args.quiet else (lambda line: print(line, file=sys.stderr)))
     print(format_table(report))
     if args.json:
         write_json(report, args.json)
@@ -207,18 +208,18 @@ def cmd_workflow_compare(args) -> int:
 def _add_parallel_options(parser, devices_default):
     parser.add_argument("--devices", default=devices_default,
                         help="'cuda:0,cuda:1', 'cpu:2' (two CPU workers) or 'auto'")
-    parser.add_argument("--strategy", default="auto", help="auto, cfg, batch or asyncdiff")
+    parser.add_argument("--strategy", default="auto", help=f"one of: {', '.join(strategy_choices())}")
     parser.add_argument("--timeout", type=float, default=300.0, help="longest wait on a worker, seconds")
-    _add_asyncdiff_options(parser)
+    _add_knob_options(parser)
 
 
-def _add_asyncdiff_options(parser):
-    parser.add_argument("--stages", type=int, default=None, help="asyncdiff: stages (default: the devices left "
-                                                                  "after cfg and batch)")
-    parser.add_argument("--warmup", type=int, default=1, help="asyncdiff: exact sampler steps at the start")
-    parser.add_argument("--stride", type=int, default=1, help="asyncdiff: 1, or 2 to exchange every second call")
+def _add_knob_options(parser):
+    parser.add_argument("--stages", type=int, default=None, help="stages of a model cut into stages (default: the "
+                                                                  "devices left after cfg and batch)")
+    parser.add_argument("--warmup", type=int, default=1, help="staged strategies: exact sampler steps at the start")
+    parser.add_argument("--stride", type=int, default=1, help="staged strategies: 1, or 2 to exchange every second call")
     parser.add_argument("--time-shift", action="store_true",
-                        help="asyncdiff: each stage embeds the timestep its input came from")
+                        help="staged strategies: each stage embeds the timestep its input came from")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -244,13 +245,14 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="one device vs each strategy, same model and inputs, one run")
     bench.add_argument("--model", default="small", help="tiny, small, sd15 or sdxl")
     bench.add_argument("--devices", default="cpu:2", help="'cuda:0,cuda:1', 'cpu:2' or 'auto'")
-    bench.add_argument("--strategies", default="cfg,batch", help="comma list of strategies: cfg, batch, asyncdiff")
+    bench.add_argument("--strategies", default="cfg,batch",
+                       help=f"comma list of strategies: {', '.join(strategy_choices()[1:])}")
     bench.add_argument("--steps", type=int, default=20, help="sampler calls per run")
     bench.add_argument("--resolution", default=None, help="pixels: 256 or 1024x768 (default: the model's)")
     bench.add_argument("--repeats", type=int, default=3, help="timed runs of each loop (after one warm-up)")
     bench.add_argument("--dtype", default="auto", help="auto (fp16 on CUDA, fp32 on CPU), fp32, fp16 or bf16")
     bench.add_argument("--json", default=None, help="also write the report as JSON here")
-    _add_asyncdiff_options(bench)
+    _add_knob_options(bench)
     bench.add_argument("--quiet", action="store_true")
     bench.set_defaults(run=cmd_bench)
 

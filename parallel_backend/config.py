@@ -2,7 +2,8 @@
 
 Creating a config never starts a process, opens a port or touches CUDA. What depends on the machine (do the
 devices exist?) or on the job (is there an uncond branch?) is checked by `resolve_devices()` when a pool
-starts and by `check_job()` when a job starts; every error says what to change.
+starts and by `mesh.check_job()` when a job starts; every error says what to change. The strategy names are
+the registry's (`strategies.names()`), plus "auto".
 """
 
 from __future__ import annotations
@@ -11,7 +12,13 @@ import os
 import re
 from dataclasses import dataclass, field
 
-STRATEGIES = ("auto", "batch", "cfg", "asyncdiff")
+
+
+def strategy_choices() -> tuple[str, ...]:
+    """"auto" and every registered strategy, for option lists (CLI, Settings node, demo)."""
+    from . import strategies
+
+    return ("auto", *strategies.names())
 
 _DEVICE = re.compile(r"^(cpu|cuda)(?::(\d+))?$")
 
@@ -69,12 +76,14 @@ class ParallelConfig:
     """How a pool splits each model call.
 
     devices: "auto", "cuda:0,cuda:1", "cpu:2", or a list of device names.
-    strategy: "auto" (exact: cfg with guidance, batch without), "cfg", "batch" or "asyncdiff" (the model cut
-      into stages run on one-call-stale inputs: approximate after warm-up).
-    cfg_degree, batch_degree, stages: the mesh (cfg outer, then batch, then stages inner); their product is
-      the device count. None = derived from strategy: cfg -> cfg_degree 2 (x batch for the remaining devices),
-      batch -> every device splits the batch, asyncdiff -> every device holds a stage (set cfg_degree 2 for
-      e.g. 4 devices = cfg 2 x stages 2).
+    strategy: "auto" (exact: cfg when a call holds both branches, then batch; devices a call cannot use sit
+      out) or a registered strategy (`strategy_choices()`): "cfg", "batch", "asyncdiff" (the model cut into
+      stages run on one-call-stale inputs: approximate after warm-up).
+    cfg_degree, batch_degree, stages: the mesh (cfg outer, then batch, then the strategy's own axis, e.g.
+      asyncdiff's stages); their product is at most the device count (devices beyond it sit out). None =
+      from the strategy: cfg -> cfg_degree 2 x batch over the devices left, batch -> every device splits the
+      batch, asyncdiff -> the devices left after cfg and batch hold one stage each (cfg_degree 2 on 4
+      devices = cfg 2 x stages 2).
     warmup: asyncdiff's exact sampler steps at the start (all stages in sequence); stride: 1, or 2 to exchange
       activations every second call only; time_shift: a stage embeds the timestep its input came from.
     timeout_s: the longest any single wait on a worker may take (a dead worker is noticed at once anyway).
@@ -93,20 +102,24 @@ class ParallelConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "device_list", parse_devices(self.devices))
-        if self.strategy not in STRATEGIES:
-            raise ValueError(f"unknown strategy {self.strategy!r}; choose one of: {', '.join(STRATEGIES)}")
+        from . import mesh, strategies
+
+        strategy = strategies.get(self.strategy) if self.strategy != "auto" else None
         for name in ("cfg_degree", "batch_degree", "stages"):
             value = getattr(self, name)
             if value is not None and (int(value) != value or value < 1):
                 raise ValueError(f"{name} must be a whole number >= 1; got {value}")
+        if strategy is None and (self.cfg_degree, self.batch_degree, self.stages) != (None, None, None):
+            raise ValueError("strategy 'auto' chooses the degrees itself: name a strategy to set them")
         if self.cfg_degree not in (None, 1, 2):
             raise ValueError(f"cfg_degree {self.cfg_degree}: there are only two branches (cond, uncond); use 1 or 2")
-        if self.strategy == "cfg" and self.cfg_degree == 1:
-            raise ValueError("strategy 'cfg' with cfg_degree 1 splits nothing by branch: use strategy 'batch'")
-        if self.strategy == "batch" and self.cfg_degree == 2:
-            raise ValueError("strategy 'batch' with cfg_degree 2: choose strategy 'cfg' (it composes with batch)")
-        if self.stages not in (None, 1) and self.strategy != "asyncdiff":
-            raise ValueError(f"stages {self.stages} cut the model: that is strategy 'asyncdiff'")
+        if strategy is not None and strategy.default_cfg_degree == 2 and self.cfg_degree == 1:
+            raise ValueError(f"strategy {self.strategy!r} with cfg_degree 1 splits nothing by branch: use strategy 'batch'")
+        if strategy is not None and strategy.default_cfg_degree == 1 and strategy.axis is None and self.cfg_degree == 2:
+            raise ValueError(f"strategy {self.strategy!r} with cfg_degree 2: choose strategy 'cfg' (it composes with batch)")
+        if self.stages is not None and (strategy is None or strategy.axis != "stages"):
+            raise ValueError(f"stages {self.stages} cut the model into stages: choose a strategy that does "
+                             f"({', '.join(s for s in strategies.names() if strategies.get(s).axis == 'stages')})")
         if int(self.warmup) != self.warmup or self.warmup < 0:
             raise ValueError(f"warmup must be a whole number of sampler steps >= 0; got {self.warmup}")
         if self.stride not in (1, 2):
@@ -114,33 +127,4 @@ class ParallelConfig:
         if self.timeout_s <= 0:
             raise ValueError(f"timeout_s must be > 0; got {self.timeout_s}")
         if self.device_list != ("auto",):
-            self.degrees(len(self.device_list))  # validates the mesh against the named devices
-
-    def degrees(self, n_devices: int, cfg_scale: float | None = None) -> dict[str, int]:
-        """{"cfg", "batch", "stages"} degrees for `n_devices`, product checked; cfg_scale decides "auto"."""
-        strategy = self.strategy
-        if strategy == "auto":
-            strategy = "batch" if cfg_scale == 1.0 or self.cfg_degree == 1 else "cfg"
-        cfg_degree = self.cfg_degree or (2 if strategy == "cfg" else 1)
-        if cfg_degree == 2 and n_devices % 2:
-            raise ValueError(f"strategy 'cfg' splits cond and uncond over an even number of devices; "
-                             f"got {n_devices}: use an even count or strategy 'batch'")
-        if strategy == "asyncdiff":
-            batch_degree = self.batch_degree or 1
-            stages = self.stages or max(1, n_devices // (cfg_degree * batch_degree))
-        else:
-            batch_degree, stages = self.batch_degree or max(1, n_devices // cfg_degree), 1
-        if cfg_degree * batch_degree * stages != n_devices:
-            raise ValueError(f"cfg_degree {cfg_degree} x batch_degree {batch_degree} x stages {stages} = "
-                             f"{cfg_degree * batch_degree * stages}, but there are {n_devices} devices; "
-                             "make the product equal the device count")
-        return {"cfg": cfg_degree, "batch": batch_degree, "stages": stages}
-
-    def check_job(self, n_devices: int, cfg_scale: float) -> dict[str, int]:
-        """Degrees for a job sampled with guidance `cfg_scale`; raises if the mesh cannot serve it."""
-        degrees = self.degrees(n_devices, cfg_scale)
-        cfg_degree = degrees["cfg"]
-        if cfg_degree == 2 and cfg_scale == 1.0:
-            raise ValueError("cfg degree 2 needs cfg > 1; this job runs with cfg=1.0 (no uncond branch): "
-                             "use strategy 'batch' or 'auto'")
-        return degrees
+            mesh.resolve(self, len(self.device_list))  # the degrees must fit the named devices

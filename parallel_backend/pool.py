@@ -26,6 +26,7 @@ from multiprocessing.connection import wait
 from pathlib import Path
 
 from .config import parse_devices, resolve_devices
+from .messages import Hello, Load, Ping, Reply, RunSetup, Shutdown, Unload
 from .transport import Channel, ChannelClosed, Listener
 
 PACKAGE_PARENT = str(Path(__file__).resolve().parent.parent)
@@ -111,13 +112,17 @@ class WorkerPool:
     devices: "auto", "cpu:2", "cuda:0,cuda:1", ... (see config.parse_devices).
     timeout_s: longest wait for any one reply (dead workers are noticed at once, not by this timeout).
     pg_timeout_s: the workers' process-group timeout: no collective blocks longer on a dead peer.
+    interface: the network interface gloo/NCCL bind to (None: this machine's loopback interface).
+    import_paths: where workers find the host's model classes (e.g. ComfyUI's root); they come first on the
+      workers' import path, ahead of this package's folder, so nothing here shadows a host module.
     """
 
     def __init__(self, devices: str | tuple[str, ...] = "auto", *, timeout_s: float = 300.0,
                  start_timeout_s: float = 120.0, pg_timeout_s: float = 60.0, import_paths: tuple[str, ...] = (),
-                 worker_setup: tuple[str, str, object] | None = None):
+                 worker_setup: tuple[str, str, object] | None = None, interface: str | None = None):
         self.requested_devices = parse_devices(devices)
-        self.import_paths = tuple(import_paths)  # where workers find the host's model classes (e.g. ComfyUI)
+        self.import_paths = tuple(import_paths)
+        self.interface = interface
         # (python file, function, argument): run in every worker once it has joined, before any model arrives,
         # e.g. to give a host's library the host's settings.
         self.worker_setup = worker_setup
@@ -128,7 +133,6 @@ class WorkerPool:
         self._dir: Path | None = None
         self._loaded: str | None = None
         self._finalizer = None
-        self.last_compute_seconds: dict[int, float] = {}
         self.peak_memory: dict[int, int] = {}  # rank -> peak bytes, as of the last call that rank ran
 
     # ---- lifecycle -------------------------------------------------------------------------------------
@@ -168,8 +172,8 @@ class WorkerPool:
         if self.worker_setup is not None:
             path, function, argument = self.worker_setup
             try:
-                self.request({w.rank: {"op": "setup", "path": str(path), "function": function, "argument": argument}
-                              for w in self._workers}, "running the host's worker setup")
+                self.request({w.rank: RunSetup(str(path), function, argument) for w in self._workers},
+                             "running the host's worker setup")
             except BaseException:
                 self._teardown()
                 raise
@@ -182,10 +186,14 @@ class WorkerPool:
         n = len(devices)
         cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
         per_worker = max(1, len(cores) // n)
+        interface = self.interface or loopback_interface()
         for rank, device in enumerate(devices):
-            env = dict(os.environ, TANDEM_AUTHKEY=authkey.hex(), GLOO_SOCKET_IFNAME="lo", NCCL_SOCKET_IFNAME="lo",
-                       PYTHONPATH=os.pathsep.join(filter(None, [PACKAGE_PARENT, *self.import_paths,
-                                                                os.environ.get("PYTHONPATH")])))
+            # The host's paths first: the pack's own folders (e.g. a ComfyUI pack's nodes/) never shadow them.
+            env = dict(os.environ, TANDEM_AUTHKEY=authkey.hex(),
+                       PYTHONPATH=os.pathsep.join(filter(None, [*self.import_paths, os.environ.get("PYTHONPATH"),
+                                                                PACKAGE_PARENT])))
+            if interface:
+                env.update(GLOO_SOCKET_IFNAME=interface, NCCL_SOCKET_IFNAME=interface)
             command = [sys.executable, "-m", "parallel_backend.worker", "--connect", f"{address[0]}:{address[1]}",
                        "--rank", str(rank), "--world", str(n), "--device", device,
                        "--rendezvous", f"file://{self._dir}/rendezvous", "--pg-timeout", str(self.pg_timeout_s),
@@ -216,20 +224,23 @@ class WorkerPool:
                 continue
             channel = Channel(conn, "worker")
             hello = channel.recv(timeout=10.0)
-            worker = waiting.pop(hello["rank"])
+            if not isinstance(hello, Hello) or hello.rank not in waiting:
+                channel.close()
+                continue
+            worker = waiting.pop(hello.rank)
             channel.name = worker.name
             worker.channel = channel
         for w in self._workers:  # all connected: now each reports joining the process group
             reply = w.channel.recv(timeout=max(1.0, deadline - time.monotonic()), alive=w.alive)
-            if not reply.get("ok"):
-                raise WorkerError(f"{w.name}: {reply.get('error')}", w.device, w.rank)
+            if not reply.ok:
+                raise WorkerError(f"{w.name}: {reply.error}", w.device, w.rank)
 
     def shutdown(self) -> None:
         """Stops every worker (politely, then by force) and removes the pool's files. Idempotent."""
         for w in self._workers:
             if w.channel is not None and w.alive():
                 try:
-                    w.channel.send({"op": "shutdown"})
+                    w.channel.send(Shutdown())
                 except ChannelClosed:
                     pass
         self._teardown(grace_s=5.0)
@@ -260,8 +271,8 @@ class WorkerPool:
 
     # ---- requests --------------------------------------------------------------------------------------
 
-    def request(self, requests: dict[int, dict], what: str, collective: bool = False) -> dict[int, dict]:
-        """Sends each worker (by rank) its request, then gathers every reply.
+    def request(self, requests: dict[int, object], what: str, collective: bool = False) -> dict[int, Reply]:
+        """Sends each worker (by rank) its request (a message of `messages`), then gathers every Reply.
 
         A worker that answers with an error leaves the pool as it is (every other reply is still read) and
         raises a WorkerError naming its device and `what` it was doing. A worker that dies, a timeout or an
@@ -283,11 +294,12 @@ class WorkerPool:
             except BaseException:
                 self._teardown()
                 raise
-        failed = [(rank, reply) for rank, reply in sorted(replies.items()) if not reply.get("ok")]
+        self.peak_memory.update({rank: r.peak_bytes for rank, r in replies.items() if r.peak_bytes is not None})
+        failed = [(rank, reply) for rank, reply in sorted(replies.items()) if not reply.ok]
         if failed:
             rank, reply = failed[0]
             w = workers[rank]
-            error = WorkerError(f"{w.name}, {what}: {reply.get('error')}", w.device, w.rank, reply.get("traceback", ""))
+            error = WorkerError(f"{w.name}, {what}: {reply.error}", w.device, w.rank, reply.traceback)
             self._note_failure(str(error))
             if collective:
                 with self._lock:
@@ -298,7 +310,7 @@ class WorkerPool:
     def _note_failure(self, message: str) -> None:
         self.stats.failures = [*self.stats.failures[-(MAX_FAILURES_KEPT - 1):], message]
 
-    def _gather(self, workers: dict[int, _Worker], what: str, stop_on_error: bool = False) -> dict[int, dict]:
+    def _gather(self, workers: dict[int, _Worker], what: str, stop_on_error: bool = False) -> dict[int, Reply]:
         """Every worker's reply (error replies included); raises WorkerError if one dies or time runs out."""
         replies: dict[int, dict] = {}
         pending = dict(workers)
@@ -309,7 +321,7 @@ class WorkerPool:
                 w = pending.pop(by_conn[conn])
                 try:
                     replies[w.rank] = w.channel.recv(timeout=self.timeout_s)
-                    if stop_on_error and not replies[w.rank].get("ok"):
+                    if stop_on_error and not replies[w.rank].ok:
                         return replies
                 except ChannelClosed:
                     try:
@@ -340,15 +352,13 @@ class WorkerPool:
             # A worker on the GPU that holds the host's copy maps that copy (CUDA IPC): no second copy on it.
             host_gpu = _only_cuda_device(module)
             sharing = {w.rank for w in self._workers if w.device == host_gpu}
-            requests = {w.rank: {"op": "load", "fingerprint": fingerprint, "family": family} for w in self._workers}
-            for rank in sharing:
-                requests[rank]["shared"] = _share_cuda(module)
-            copying = set(requests) - sharing
+            copying = {w.rank for w in self._workers} - sharing
             path = self._dir / f"model-{fingerprint[:16]}.pt"
             if copying:
                 torch.save(module, path)
-                for rank in copying:
-                    requests[rank]["path"] = str(path)
+            shared = _share_cuda(module) if sharing else None
+            requests = {rank: Load(fingerprint, family, path=str(path)) for rank in copying}
+            requests.update({rank: Load(fingerprint, family, shared=shared) for rank in sharing})
             try:
                 self.request(requests, "loading the model")
             finally:
@@ -364,38 +374,25 @@ class WorkerPool:
         """Drops the model the workers hold (e.g. when the host frees memory)."""
         with self._lock:
             if self._workers:
-                self.request({w.rank: {"op": "unload"} for w in self._workers}, "releasing models")
+                self.request({w.rank: Unload() for w in self._workers}, "releasing models")
             self._loaded = None
-
-    def call(self, fingerprint: str, shares: dict, index: int = 0) -> dict:
-        """Runs ModelCall shares (rank -> ModelCall) of call number `index`; returns rank -> output tensor.
-        The workers' compute seconds for it are left in `last_compute_seconds` (rank -> s)."""
-        replies = self.request({rank: {"op": "call", "fingerprint": fingerprint, "call": share}
-                                for rank, share in shares.items()}, f"call {index}")
-        self.stats.calls += 1
-        self.last_compute_seconds = {rank: reply["seconds"] for rank, reply in replies.items()}
-        self._note_memory(replies)
-        return {rank: reply["out"] for rank, reply in replies.items()}
-
-    def _note_memory(self, replies: dict[int, dict]) -> None:
-        self.peak_memory.update({rank: reply["peak_bytes"] for rank, reply in replies.items() if "peak_bytes" in reply})
-
-    def stage(self, fingerprint: str, action: str, payloads: dict, what: str) -> dict[int, dict]:
-        """asyncdiff requests (see StageRunner): 'profile', 'setup', 'call' or 'probe', one payload per rank.
-        Stages exchange activations, so a failing stage tears the pool down at once (its peers wait on it)."""
-        replies = self.request({rank: {"op": "stage", "fingerprint": fingerprint, "action": action,
-                                       "payload": payload} for rank, payload in payloads.items()},
-                               what, collective=action in ("call", "probe"))
-        if action == "call":
-            self.stats.calls += 1
-            self.last_compute_seconds = {rank: reply["compute"] for rank, reply in replies.items()}
-            self._note_memory(replies)
-        return replies
 
     def memory(self) -> list[int]:
         """Peak memory per worker, in bytes (CUDA: max allocated; CPU: max resident set)."""
-        replies = self.request({w.rank: {"op": "ping"} for w in self._workers}, "reporting memory")
-        return [replies[r]["peak_bytes"] for r in sorted(replies)]
+        replies = self.request({w.rank: Ping() for w in self._workers}, "reporting memory")
+        return [replies[r].peak_bytes for r in sorted(replies)]
+
+
+def loopback_interface() -> str | None:
+    """The name of this machine's loopback network interface ("lo" on Linux, "lo0" on macOS), or None where
+    interfaces have no such name (Windows: gloo then picks the interface of the host name)."""
+    import socket
+
+    try:
+        names = [name for _, name in socket.if_nameindex()]
+    except (AttributeError, OSError):
+        return None
+    return next((name for name in ("lo", "lo0") if name in names), None)
 
 
 def _only_cuda_device(module) -> str | None:

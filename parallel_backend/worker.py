@@ -15,6 +15,9 @@ import threading
 import time
 import traceback
 
+from .messages import Computed, Forward, Hello, Load, Ping, Reply, RunSetup, Shutdown, Unload
+from .models.stages import synchronize
+
 WATCHDOG_PERIOD_S = 0.5
 
 
@@ -45,7 +48,7 @@ def _parse_args(argv):
 
 
 class WorkerState:
-    """What one worker holds: its device, its models by fingerprint, and the process group."""
+    """What one worker holds: its device, its model by fingerprint, and per-strategy state (`slot`)."""
 
     def __init__(self, rank: int, world: int, device: str):
         import torch
@@ -53,127 +56,129 @@ class WorkerState:
         self.rank, self.world = rank, world
         self.device = torch.device(device)
         self.models: dict[str, tuple[object, str]] = {}  # fingerprint -> (module, family)
-        self.stages = None  # a StageRunner while the model runs cut into stages (asyncdiff)
+        self.slots: dict[str, object] = {}  # a strategy's worker-side state for the loaded model
+        self._restore = None  # puts the whole model back on the device after a strategy moved parts of it
 
-    def load(self, fingerprint: str, family: str, path: str | None = None, shared: bytes | None = None) -> dict:
+    def load(self, message: Load) -> dict:
         import torch
 
         started = time.perf_counter()
-        if shared is not None:
+        if message.shared is not None:
             # The host's own copy on this GPU, mapped through CUDA IPC handles: nothing is copied.
             import pickle
 
             import torch.multiprocessing  # noqa: F401  (registers the tensor reductions)
 
-            module = pickle.loads(shared).eval().requires_grad_(False)
+            module = pickle.loads(message.shared).eval().requires_grad_(False)
             module._tandem_shared_with_host = True  # never moved off the device (that would copy it)
         else:
             # mmap: CPU workers share the host's page-cache copy instead of each holding their own.
-            module = torch.load(path, mmap=True, map_location="cpu", weights_only=False)
+            module = torch.load(message.path, mmap=True, map_location="cpu", weights_only=False)
             module = module.to(self.device).eval().requires_grad_(False)
-        self.models = {fingerprint: (module, family)}  # one model at a time: a new one releases the old
-        self.stages = None
+        self.models = {message.fingerprint: (module, message.family)}  # one model at a time
+        self.slots, self._restore = {}, None
         return {"seconds": time.perf_counter() - started}
 
-    def unload(self) -> dict:
+    def unload(self, message: Unload = None) -> dict:
         self.models.clear()
-        self.stages = None
+        self.slots, self._restore = {}, None
         if self.device.type == "cuda":
             import torch
 
             torch.cuda.empty_cache()
         return {}
 
-    def _model(self, fingerprint: str) -> tuple[object, str]:
+    def model(self, fingerprint: str) -> tuple[object, str]:
+        """(module, family) of the loaded model with this fingerprint."""
         if fingerprint not in self.models:
             raise RuntimeError(f"model {fingerprint[:12]} is not loaded on this worker")
         return self.models[fingerprint]
 
-    def call(self, fingerprint: str, call) -> object:
+    def slot(self, owner: str, make):
+        """`owner`'s state for the loaded model (made by `make()` on first use; dropped with the model)."""
+        if owner not in self.slots:
+            self.slots[owner] = make()
+        return self.slots[owner]
+
+    def on_forward(self, restore) -> None:
+        """Before the next plain forward, call `restore()` (e.g. a stage placement puts the model back whole)."""
+        self._restore = restore
+
+    def forward(self, message: Forward) -> Computed:
         import torch
 
         from .models import forward_for_family
 
-        module, family = self._model(fingerprint)
-        if self.stages is not None:  # back from stages: the whole model on this device again
-            self.stages.place_whole()
+        module, family = self.model(message.fingerprint)
+        if self._restore is not None:
+            self._restore()
+        started = time.perf_counter()
         with torch.inference_mode():
-            out = forward_for_family(family)(module, call.to(self.device))
-        return out.to("cpu")
+            out = forward_for_family(family)(module, message.call.to(self.device))
+        synchronize(self.device)
+        return Computed(out, time.perf_counter() - started)
 
-    def stage(self, fingerprint: str, action: str, payload) -> dict:
-        """asyncdiff: action 'profile' (payload: a ModelCall), 'setup' (a stage plan), 'call' (a ModelCall) or
-        'probe' (time a bare exchange with a peer)."""
-        from .stage_runner import StageRunner
-
-        module, family = self._model(fingerprint)
-        if self.stages is None:
-            self.stages = StageRunner(module, family, self.device)
-        if action == "profile":
-            return self.stages.profile(payload)
-        if action == "setup":
-            return self.stages.setup(payload)
-        if action == "probe":
-            return self.stages.probe(payload)
-        out, timing = self.stages.call(payload)
-        return {"out": None if out is None else out.to("cpu"), **timing}
-
-    def memory(self) -> dict:
-        import resource
-
-        import torch
-
-        if self.device.type == "cuda":
-            return {"peak_bytes": torch.cuda.max_memory_allocated(self.device)}
-        return {"peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    def ping(self, message: Ping = None) -> dict:
+        return {"pid": os.getpid()}
 
 
-def run_setup(path: str, function: str, argument) -> dict:
+def run_setup(state: WorkerState, message: RunSetup) -> dict:
     """Loads a host-provided python file by path (no package name to collide with) and calls function(argument)."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location(f"tandem_worker_setup_{abs(hash(path))}", path)
+    spec = importlib.util.spec_from_file_location(f"tandem_worker_setup_{abs(hash(message.path))}", message.path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    getattr(module, function)(argument)
+    getattr(module, message.function)(message.argument)
     return {}
 
 
+def reset_peak_memory(device) -> None:  # TODO(merge): portable.reset_peak_memory
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_bytes(device) -> int:  # TODO(merge): portable.peak_memory_bytes
+    import resource
+
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+HANDLERS = {Load: WorkerState.load, Unload: WorkerState.unload, Forward: WorkerState.forward,
+            Ping: WorkerState.ping, RunSetup: run_setup}
+
+
 def serve(channel, state: WorkerState) -> None:
-    """Answers requests until told to shut down or the host's end closes."""
+    """Answers requests, one handler per message type, until told to shut down or the host's end closes."""
+    from . import strategies
     from .transport import ChannelClosed
 
+    handlers = {**HANDLERS, **strategies.worker_handlers()}
     while True:
         try:
             request = channel.recv()
         except ChannelClosed:
             return
-        op = request.get("op")
+        if isinstance(request, Shutdown):
+            channel.send(Reply())
+            return
+        started = time.perf_counter()
         try:
-            if op == "shutdown":
-                channel.send({"ok": True})
-                return
-            if op == "call":
-                started = time.perf_counter()
-                out = state.call(request["fingerprint"], request["call"])
-                reply = {"ok": True, "out": out, "seconds": time.perf_counter() - started, **state.memory()}
-            elif op == "stage":
-                started = time.perf_counter()
-                result = state.stage(request["fingerprint"], request["action"], request["payload"])
-                reply = {"ok": True, "seconds": time.perf_counter() - started, **result, **state.memory()}
-            elif op == "load":
-                reply = {"ok": True, **state.load(request["fingerprint"], request["family"], request.get("path"),
-                                                  request.get("shared"))}
-            elif op == "setup":
-                reply = {"ok": True, **run_setup(request["path"], request["function"], request["argument"])}
-            elif op == "unload":
-                reply = {"ok": True, **state.unload()}
-            elif op == "ping":
-                reply = {"ok": True, "pid": os.getpid(), **state.memory()}
-            else:
-                reply = {"ok": False, "error": f"unknown request {op!r}"}
+            handler = handlers.get(type(request))
+            if handler is None:
+                raise TypeError(f"unknown request {type(request).__name__}")
+            reset_peak_memory(state.device)
+            value = handler(state, request)
+            reply = Reply(value=value, seconds=time.perf_counter() - started, peak_bytes=peak_memory_bytes(state.device))
         except Exception as exc:  # reported to the host, which names this worker and the call
-            reply = {"ok": False, "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
+            reply = Reply(ok=False, error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc(),
+                          seconds=time.perf_counter() - started)
         channel.send(reply)
 
 
@@ -198,12 +203,12 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     host, port = args.connect.rsplit(":", 1)
     channel = connect((host, int(port)), authkey, f"host (worker {args.rank})")
-    channel.send({"op": "hello", "rank": args.rank, "pid": os.getpid()})
+    channel.send(Hello(args.rank, os.getpid()))
     try:
         primitives.join_group(args.rendezvous, args.rank, args.world, args.device, args.pg_timeout)
-        channel.send({"ok": True, "op": "ready", "rank": args.rank})
+        channel.send(Reply())
     except Exception as exc:
-        channel.send({"ok": False, "error": f"joining the process group failed: {type(exc).__name__}: {exc}"})
+        channel.send(Reply(ok=False, error=f"joining the process group failed: {type(exc).__name__}: {exc}"))
         return 1
     try:
         serve(channel, WorkerState(args.rank, args.world, args.device))

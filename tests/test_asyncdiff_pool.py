@@ -8,11 +8,11 @@ import time
 import pytest
 import torch
 
-from parallel_backend.bench import JOBS, Job, psnr, run_loop
+from parallel_backend.oracle import Job, job_for, psnr, run_loop
 from parallel_backend.benchmodels import build_bench_model
 from parallel_backend.calls import ModelCall
 from parallel_backend.config import ParallelConfig
-from parallel_backend.executor import ParallelExecutor
+from parallel_backend.engine import ParallelExecutor
 from parallel_backend.models.diffusers_unet import FAMILY
 from parallel_backend.pool import WorkerError, WorkerPool
 from parallel_backend.sampling import GenerationRequest
@@ -20,6 +20,13 @@ from parallel_backend.tiny.classifier import digit_accuracy
 from parallel_backend.tiny.prompts import prompt_for
 
 ATOL = 1e-4
+
+
+def stage_plan(executor) -> dict:
+    """The cut the pool's workers hold, as asyncdiff's host side recorded it."""
+    from parallel_backend import strategies
+
+    return strategies.get("asyncdiff").stage_plan(executor.engine)
 STEPS = 6
 
 
@@ -30,13 +37,13 @@ def models():
 
 @pytest.mark.parametrize("model_name", ["tiny", "sd15-narrow", "sdxl-narrow"])
 def test_warm_up_covering_every_step_equals_one_device(cpu_pool, models, model_name):
-    model, job = models[model_name], JOBS["asyncdiff"]
+    model, job = models[model_name], job_for("asyncdiff")
     resolution = (model.default_resolution,) * 2
     reference = run_loop(model, job, resolution, steps=STEPS, repeats=0).latents
     executor = ParallelExecutor(cpu_pool, ParallelConfig("cpu:2", "asyncdiff", warmup=STEPS))
     result = run_loop(model, job, resolution, steps=STEPS, repeats=0, executor=executor).latents
     torch.testing.assert_close(result, reference, atol=ATOL, rtol=ATOL)
-    stages = executor.stage_plan["stages"]
+    stages = stage_plan(executor)["stages"]
     assert len(stages) == 2 and all(s["count"] > 0 for s in stages)
     assert sorted(cpu_pool.peak_memory) == [0, 1] and min(cpu_pool.peak_memory.values()) > 0
 
@@ -55,7 +62,7 @@ def test_warm_up_counts_sampler_steps_on_the_digits_pipeline(cpu_pool, digits_pi
 
 
 def test_one_stage_equals_one_device(models):
-    model, job = models["tiny"], JOBS["asyncdiff"]
+    model, job = models["tiny"], job_for("asyncdiff")
     resolution = (model.default_resolution,) * 2
     reference = run_loop(model, job, resolution, steps=STEPS, repeats=0).latents
     with WorkerPool("cpu:1") as pool:
@@ -73,7 +80,7 @@ def test_rows_times_stages_on_four_devices(models, job, mesh):
         exact = ParallelExecutor(pool, ParallelConfig("cpu:4", "asyncdiff", warmup=STEPS, **mesh))
         torch.testing.assert_close(run_loop(model, job, resolution, steps=STEPS, repeats=0, executor=exact).latents,
                                    reference, atol=ATOL, rtol=ATOL)
-        assert len(exact.stage_plan["stages"]) == 2
+        assert len(stage_plan(exact)["stages"]) == 2
         stale = ParallelExecutor(pool, ParallelConfig("cpu:4", "asyncdiff", warmup=2, **mesh))
         result = run_loop(model, job, resolution, steps=STEPS, repeats=0, executor=stale).latents
     assert 0 < (result - reference).abs().max() and psnr(reference, result) > 20
@@ -96,7 +103,7 @@ def _stream_loop(executor, model, streams, steps=STEPS):
         for s in streams:
             t = schedulers[s].timesteps[step]
             call = ModelCall(latents[s], t, contexts[s], stream=("stream", s), step=step)
-            eps = executor(model.unet, FAMILY, call, 1.0)
+            eps = executor(model.unet, FAMILY, call)
             latents[s] = schedulers[s].step(eps, t, latents[s]).prev_sample
     return latents
 
@@ -112,7 +119,7 @@ def test_streams_keep_their_own_stale_state(cpu_pool, models):
 
 def test_a_new_job_starts_from_fresh_state_even_after_an_abandoned_one(cpu_pool, models):
     model = models["tiny"]
-    job, resolution = JOBS["asyncdiff"], (model.default_resolution,) * 2
+    job, resolution = job_for("asyncdiff"), (model.default_resolution,) * 2
     executor = ParallelExecutor(cpu_pool, ParallelConfig("cpu:2", "asyncdiff", warmup=1))
     first = run_loop(model, job, resolution, steps=STEPS, repeats=0, executor=executor).latents
     _stream_loop(executor, model, [0], steps=3)  # a job given up half-way (as an interrupt leaves it)
@@ -126,13 +133,13 @@ def test_a_failing_stage_fails_fast_and_names_its_device(models):
         executor = ParallelExecutor(pool, ParallelConfig("cpu:2", "asyncdiff", warmup=1))
         x = torch.randn(2, 4, 8, 8)
         context = torch.randn(2, *model.context_shape)
-        executor(model.unet, FAMILY, ModelCall(x, torch.tensor(900), context, branches=2), 4.0)
+        executor(model.unet, FAMILY, ModelCall(x, torch.tensor(900), context, branches=2))
         bad = ModelCall(x, torch.tensor(800), context, {"mid_block_additional_residual": x}, branches=2, index=1)
         started = time.monotonic()
         with pytest.raises(WorkerError, match=r"cpu \(worker \d\), call 1 \(step 1\): ValueError: asyncdiff cannot"):
-            executor(model.unet, FAMILY, bad, 4.0)
+            executor(model.unet, FAMILY, bad)
         assert time.monotonic() - started < 20  # not the process group's 60 s timeout
-        ok = executor(model.unet, FAMILY, ModelCall(x, torch.tensor(900), context, branches=2), 4.0)
+        ok = executor(model.unet, FAMILY, ModelCall(x, torch.tensor(900), context, branches=2))
         assert ok.shape == x.shape  # the pool restarted
 
 
@@ -166,7 +173,7 @@ def test_digits_stay_readable_with_two_stages(cpu_pool, digits_pipeline):
 
 def test_time_shift_and_stride_act_only_after_warm_up(cpu_pool, models):
     model = models["tiny"]
-    job, resolution = JOBS["asyncdiff"], (model.default_resolution,) * 2
+    job, resolution = job_for("asyncdiff"), (model.default_resolution,) * 2
     reference = run_loop(model, job, resolution, steps=STEPS, repeats=0).latents
     results = {}
     for knobs in ({}, {"time_shift": True}, {"stride": 2}):
@@ -223,16 +230,16 @@ def test_a_stream_that_appears_after_warm_up_is_refused_with_the_schedule(cpu_po
     call = ModelCall(torch.randn(1, 4, 8, 8), torch.tensor(500), torch.randn(1, *model.context_shape),
                      stream=("late",), step=3)
     with pytest.raises(WorkerError, match=r"(?s)holds no input for stream.*step 3.*prediction from.*latent of c0"):
-        executor(model.unet, FAMILY, call, 1.0)
+        executor(model.unet, FAMILY, call)
 
 
 def test_three_stages_hand_over_every_skip(models):
     """A middle stage receives skips it never touches and passes them on before computing (tagged sends)."""
     model = models["sd15-narrow"]
-    job, resolution = JOBS["asyncdiff"], (model.default_resolution,) * 2
+    job, resolution = job_for("asyncdiff"), (model.default_resolution,) * 2
     reference = run_loop(model, job, resolution, steps=4, repeats=0).latents
     with WorkerPool("cpu:3") as pool:
         executor = ParallelExecutor(pool, ParallelConfig("cpu:3", "asyncdiff", warmup=4))
         result = run_loop(model, job, resolution, steps=4, repeats=0, executor=executor).latents
-        assert len(executor.stage_plan["stages"]) == 3
+        assert len(stage_plan(executor)["stages"]) == 3
     torch.testing.assert_close(result, reference, atol=ATOL, rtol=ATOL)

@@ -5,7 +5,11 @@ from __future__ import annotations
 import pytest
 
 from parallel_backend.config import ParallelConfig, parse_devices, resolve_devices
-from parallel_backend.strategies import plan_rows
+from parallel_backend.mesh import Mesh, check_job, resolve
+
+
+def plan_rows(rows: int, branches: int, degrees: dict) -> list[range]:
+    return Mesh("cfg", degrees.get("cfg", 1), degrees.get("batch", 1)).row_shares(rows, branches)
 
 
 def test_device_specs():
@@ -35,18 +39,19 @@ def test_missing_cuda_device_is_named(monkeypatch):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(devices="cpu:3", strategy="cfg"), "even number of devices"),
-    (dict(devices="cpu:4", strategy="cfg", batch_degree=3), "make the product equal the device count"),
+    (dict(devices="cpu:1", strategy="cfg"), r"cfg 2 x batch 1 = 2 devices, but there are 1"),
+    (dict(devices="cpu:4", strategy="cfg", batch_degree=3), "give more devices or smaller degrees"),
+    (dict(devices="cpu:4", batch_degree=2), "'auto' chooses the degrees itself"),
     (dict(devices="cpu:2", strategy="batch", cfg_degree=2), "choose strategy 'cfg'"),
     (dict(devices="cpu:2", strategy="cfg", cfg_degree=1), "use strategy 'batch'"),
-    (dict(devices="cpu:2", cfg_degree=3), "only two branches"),
+    (dict(devices="cpu:2", strategy="cfg", cfg_degree=3), "only two branches"),
     (dict(devices="cpu:2", strategy="pipefusion"), "unknown strategy"),
-    (dict(devices="cpu:2", batch_degree=0), "whole number >= 1"),
+    (dict(devices="cpu:2", strategy="batch", batch_degree=0), "whole number >= 1"),
     (dict(devices="cpu:2", timeout_s=0), "timeout_s must be > 0"),
-    (dict(devices="cpu:2", strategy="cfg", stages=2), "that is strategy 'asyncdiff'"),
+    (dict(devices="cpu:2", strategy="cfg", stages=2), "cut the model into stages: choose a strategy that does \\(asyncdiff\\)"),
     (dict(devices="cpu:2", strategy="asyncdiff", stride=3), "stride must be 1 or 2"),
     (dict(devices="cpu:2", strategy="asyncdiff", warmup=-1), "warmup must be a whole number"),
-    (dict(devices="cpu:4", strategy="asyncdiff", cfg_degree=2, stages=3), "x stages 3 = 6, but there are 4"),
+    (dict(devices="cpu:4", strategy="asyncdiff", cfg_degree=2, stages=3), "x stages 3 = 6 devices, but there are 4"),
 ])
 def test_bad_combinations_say_what_to_change(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -55,22 +60,47 @@ def test_bad_combinations_say_what_to_change(kwargs, message):
 
 def test_cfg_degree_two_with_cfg_one_is_refused_per_job():
     config = ParallelConfig("cpu:2", "cfg")
-    assert config.check_job(2, 7.5) == {"cfg": 2, "batch": 1, "stages": 1}
+    assert check_job(config, 2, guided=True).degrees() == {"cfg": 2, "batch": 1}
     with pytest.raises(ValueError, match="cfg degree 2 needs cfg > 1; this job runs with cfg=1.0"):
-        config.check_job(2, 1.0)
+        check_job(config, 2, guided=False)
 
 
 def test_auto_picks_cfg_with_guidance_and_batch_without():
     config = ParallelConfig("cpu:4")
-    assert config.check_job(4, 5.0) == {"cfg": 2, "batch": 2, "stages": 1}
-    assert config.check_job(4, 1.0) == {"cfg": 1, "batch": 4, "stages": 1}
+    assert check_job(config, 4, guided=True).degrees() == {"cfg": 2, "batch": 2}
+    assert check_job(config, 4, guided=False).degrees() == {"cfg": 1, "batch": 4}
 
 
 def test_asyncdiff_mesh_gives_the_remaining_devices_to_stages():
-    assert ParallelConfig("cpu:2", "asyncdiff").check_job(2, 7.5) == {"cfg": 1, "batch": 1, "stages": 2}
-    assert ParallelConfig("cpu:4", "asyncdiff", cfg_degree=2).check_job(4, 7.5) == {"cfg": 2, "batch": 1, "stages": 2}
+    assert check_job(ParallelConfig("cpu:2", "asyncdiff"), 2, True).degrees() == {"cfg": 1, "batch": 1, "stages": 2}
+    config = ParallelConfig("cpu:4", "asyncdiff", cfg_degree=2)
+    assert check_job(config, 4, True).degrees() == {"cfg": 2, "batch": 1, "stages": 2}
     with pytest.raises(ValueError, match="cfg degree 2 needs cfg > 1"):
-        ParallelConfig("cpu:4", "asyncdiff", cfg_degree=2).check_job(4, 1.0)
+        check_job(config, 4, False)
+    # a call holding one branch keeps the ranks: the cfg degree folds into batch
+    assert resolve(config, 4, branches=1).degrees() == {"cfg": 1, "batch": 2, "stages": 2}
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("branches, rows", [(2, 2), (2, 4), (1, 1), (1, 3), (1, 8)])
+def test_auto_gives_a_valid_mesh_for_any_device_count_and_call(n, branches, rows):
+    mesh = resolve(ParallelConfig(f"cpu:{n}"), n, branches, rows)
+    assert 1 <= mesh.size <= n and mesh.idle == n - mesh.size
+    assert mesh.cfg == (2 if branches == 2 and n >= 2 else 1)  # cfg first when the call has both branches
+    assert mesh.batch == max(1, min(n // mesh.cfg, rows // mesh.cfg))  # then batch over the rows it has
+    shares = mesh.row_shares(rows, branches)
+    assert [r for share in shares for r in share] == list(range(rows)) and all(len(share) for share in shares)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5])
+def test_every_strategy_that_fits_gets_a_mesh_and_the_rest_are_refused_with_a_sentence(n):
+    for strategy in ("cfg", "batch", "asyncdiff"):
+        if strategy == "cfg" and n < 2:
+            with pytest.raises(ValueError, match="but there are 1"):
+                ParallelConfig(f"cpu:{n}", strategy)
+            continue
+        mesh = resolve(ParallelConfig(f"cpu:{n}", strategy), n)
+        assert mesh.size <= n and mesh.strategy == strategy
 
 
 def test_creating_a_config_checks_no_hardware():

@@ -65,18 +65,18 @@ def test_a_worker_killed_mid_job_gives_a_named_error_fast_and_the_pool_recovers(
 def test_an_error_inside_a_worker_names_device_and_call_and_the_pool_stays_usable(cpu_pool):
     from parallel_backend.benchmodels import build_bench_model
     from parallel_backend.calls import ModelCall
-    from parallel_backend.executor import ParallelExecutor
+    from parallel_backend.engine import ParallelExecutor
 
     model = build_bench_model("tiny")
     executor = ParallelExecutor(cpu_pool, ParallelConfig("cpu:2", "batch"))
     bad = ModelCall(torch.randn(2, 3, 8, 8), torch.tensor(10), torch.randn(2, 8, 64), index=17)  # 3 channels, not 4
     with pytest.raises(WorkerError, match=r"^cpu \(worker 0\), call 17: RuntimeError") as caught:
-        executor(model.unet, "diffusers_unet", bad, 1.0)
+        executor(model.unet, "diffusers_unet", bad)
     assert "Traceback" in caught.value.remote_traceback
     good = ModelCall(torch.randn(2, 4, 8, 8), torch.tensor(10), torch.randn(2, 8, 64), index=18)
     with torch.no_grad():
         expected = model.unet(good.x, good.t, encoder_hidden_states=good.context).sample
-    torch.testing.assert_close(executor(model.unet, "diffusers_unet", good, 1.0), expected, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(executor(model.unet, "diffusers_unet", good), expected, atol=1e-4, rtol=1e-4)
 
 
 def test_shutdown_leaves_no_process_and_no_files():

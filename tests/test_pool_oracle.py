@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from parallel_backend.bench import JOBS, Job, run_loop
+from parallel_backend.oracle import Job, job_for, run_loop
 from parallel_backend.benchmodels import build_bench_model
 from parallel_backend.config import ParallelConfig
-from parallel_backend.executor import ParallelExecutor
+from parallel_backend.engine import ParallelExecutor
 from parallel_backend.sampling import GenerationRequest
 
 ATOL = 1e-4  # fp32 on CPU; splitting a batch changes the kernels' blocking, so rounding differs slightly
@@ -22,7 +22,7 @@ def models():
 @pytest.mark.parametrize("model_name", ["tiny", "sd15-narrow", "sdxl-narrow"])
 @pytest.mark.parametrize("strategy", ["cfg", "batch"])
 def test_sampler_loop_on_two_devices_equals_one_device(cpu_pool, models, model_name, strategy):
-    model, job = models[model_name], JOBS[strategy]
+    model, job = models[model_name], job_for(strategy)
     resolution = (model.default_resolution, model.default_resolution)
     reference = run_loop(model, job, resolution, steps=6, repeats=0).latents
     executor = ParallelExecutor(cpu_pool, ParallelConfig("cpu:2", strategy))
@@ -56,12 +56,12 @@ def test_changed_weights_are_shipped_again(cpu_pool):
     model = build_bench_model("sd15-narrow")
     executor = ParallelExecutor(cpu_pool, ParallelConfig("cpu:2", "cfg"))
     resolution = (model.default_resolution,) * 2
-    run_loop(model, JOBS["cfg"], resolution, steps=2, repeats=0, executor=executor)
+    run_loop(model, job_for("cfg"), resolution, steps=2, repeats=0, executor=executor)
     loads = cpu_pool.stats.model_loads
     with torch.no_grad():
         model.unet.conv_out.bias.add_(0.5)  # an in-place change, like a merged LoRA
-    reference = run_loop(model, JOBS["cfg"], resolution, steps=2, repeats=0).latents
-    result = run_loop(model, JOBS["cfg"], resolution, steps=2, repeats=0, executor=executor).latents
+    reference = run_loop(model, job_for("cfg"), resolution, steps=2, repeats=0).latents
+    result = run_loop(model, job_for("cfg"), resolution, steps=2, repeats=0, executor=executor).latents
     assert cpu_pool.stats.model_loads == loads + 1
     torch.testing.assert_close(result, reference, atol=ATOL, rtol=ATOL)
 

@@ -16,9 +16,9 @@ import threading  # noqa: E402
 
 import gradio as gr  # noqa: E402
 
-from ..config import STRATEGIES  # noqa: E402
+from ..config import strategy_choices  # noqa: E402
 from ..sampling import SCHEDULERS  # noqa: E402
-from .bench_view import BENCH_MODELS, BENCH_STRATEGIES, bench_figure, load_report, report_table  # noqa: E402
+from .bench_view import BENCH_MODELS, bench_figure, bench_strategies, load_report, report_table  # noqa: E402
 from .session import DemoSession, default_devices, generate_pair, pool_status  # noqa: E402
 
 __all__ = ["build_app", "serve", "launch", "generate_handler", "generate_pair", "bench_figure", "pool_status",
@@ -63,7 +63,7 @@ def _bench(model, steps, repeats, strategies, devices, resolution, warmup, strid
     try:
         report = run_bench(model, devices, tuple(strategies), int(steps), resolution.strip() or None, int(repeats),
                            progress=lambda line: progress(0.5, desc=line),
-                           asyncdiff={"warmup": int(warmup), "stride": int(stride), "time_shift": bool(time_shift),
+                           knobs={"warmup": int(warmup), "stride": int(stride), "time_shift": bool(time_shift),
                                       "stages": None})
     except (ValueError, RuntimeError, OSError) as exc:
         raise _as_gr_error(exc) from None
@@ -95,7 +95,7 @@ def _generate_tab(session: DemoSession, devices_default: str) -> None:
             with gr.Row():
                 scheduler = gr.Dropdown(list(SCHEDULERS), value="euler", label="Scheduler")
                 devices = gr.Textbox(devices_default, label="Devices", info="'cpu:2', 'cuda:0,cuda:1' or 'auto'")
-                strategy = gr.Dropdown(list(STRATEGIES), value="auto", label="Strategy",
+                strategy = gr.Dropdown(list(strategy_choices()), value="auto", label="Strategy",
                                        info="auto/cfg/batch are exact; asyncdiff is approximate after warm-up")
             with gr.Accordion("asyncdiff", open=False):
                 with gr.Row():
@@ -127,7 +127,7 @@ def _bench_tab(devices_default: str) -> None:
             with gr.Row():
                 steps = gr.Number(8, label="Steps", precision=0, minimum=1)
                 repeats = gr.Number(1, label="Repeats", precision=0, minimum=1, info="timed runs after one warm-up")
-            strategies = gr.CheckboxGroup(list(BENCH_STRATEGIES), value=["cfg", "batch"], label="Strategies")
+            strategies = gr.CheckboxGroup(list(bench_strategies()), value=["cfg", "batch"], label="Strategies")
             devices = gr.Textbox(devices_default, label="Devices")
             resolution = gr.Textbox("", label="Resolution", placeholder="the model's default; or 256, 1024x768")
             with gr.Accordion("asyncdiff", open=False):
@@ -139,7 +139,7 @@ def _bench_tab(devices_default: str) -> None:
         with gr.Column(scale=2):
             plot = gr.BarPlot(x="strategy", y="speedup", tooltip=["strategy", "speedup", "ideal", "devices"],
                               title="Speed-up per model call vs one device", y_title="speed-up (x)",
-                              sort=list(BENCH_STRATEGIES), y_lim=[0, None], label="Speed-up")
+                              sort=list(bench_strategies()), y_lim=[0, None], label="Speed-up")
             table = gr.Code(label="Table", language=None, interactive=False)
             saved = gr.File(label="This run's report (JSON)", interactive=False)
     run.click(_bench, [model, steps, repeats, strategies, devices, resolution, warmup, stride, time_shift],

@@ -5,7 +5,13 @@ from __future__ import annotations
 import json
 
 BENCH_MODELS = ("tiny", "small", "sd15", "sdxl")
-BENCH_STRATEGIES = ("cfg", "batch", "asyncdiff")
+
+
+def bench_strategies() -> tuple[str, ...]:
+    """Every registered strategy (what `tandem bench --strategies` accepts)."""
+    from .. import strategies
+
+    return strategies.names()
 
 
 def bench_figure(report: dict):

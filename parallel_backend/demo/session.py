@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..bench import psnr
+from ..mesh import check_job
+from ..oracle import psnr
 from ..config import ParallelConfig, parse_devices
 from ..pool import WorkerPool
 from ..sampling import Generation, GenerationRequest
@@ -155,10 +156,8 @@ def generate_pair(session: DemoSession, prompt: str, negative_prompt: str = "", 
         pipeline = session.pipeline
         progress(0.05, f"starting workers on {devices}")
         pool = session.pool_for(devices)
-        degrees = config.check_job(len(pool.devices), request.cfg)
-        label = config.strategy
-        if label == "auto":
-            label = f"auto ({'cfg' if degrees['cfg'] == 2 else 'batch'})"
+        mesh = check_job(config, len(pool.devices), request.cfg != 1.0)
+        label = config.strategy if config.strategy != "auto" else f"auto ({mesh.strategy})"
         cpu = all(d == "cpu" for d in pool.devices)
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         progress(0.15, "one device")

@@ -115,13 +115,12 @@ class ParallelUNet(torch.nn.Module):
 
         pipe = self._pipe()
         guided = bool(getattr(pipe, "do_classifier_free_guidance", False))
-        cfg_scale = float(getattr(pipe, "guidance_scale", 1.0)) if guided else 1.0
         extras = {k: v for k, v in kwargs.items() if v is not None}
         timestep = timestep if isinstance(timestep, torch.Tensor) else torch.tensor(timestep)
         call = ModelCall(sample, timestep, encoder_hidden_states, extras, branches=2 if guided else 1,
                          index=self.calls)
         self.calls += 1
-        out = self._executor(self.unet, UNET_FAMILY, call, cfg_scale)
+        out = self._executor(self.unet, UNET_FAMILY, call)
         return UNet2DConditionOutput(sample=out) if return_dict else (out,)
 
 
@@ -133,7 +132,7 @@ def parallelize(pipe, config=None, pool=None):
     Returns `pipe`, changed in place; `unparallelize(pipe)` restores it.
     """
     from ..config import ParallelConfig
-    from ..executor import ParallelExecutor
+    from ..engine import ParallelExecutor
     from ..pool import WorkerPool
 
     if isinstance(pipe.unet, ParallelUNet):

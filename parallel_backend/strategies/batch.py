@@ -5,15 +5,13 @@ With fewer rows than devices some devices get none and sit out that call (correc
 
 from __future__ import annotations
 
-from ..primitives import chunk_sizes
-
-NAME = "batch"
-EXACT = True
+from .base import BenchJob, RowStrategy
 
 
-def partition(rows: range, degree: int, branches: int) -> list[range]:
-    parts, start = [], rows.start
-    for size in chunk_sizes(len(rows), degree):
-        parts.append(range(start, start + size))
-        start += size
-    return parts
+class Batch(RowStrategy):
+    name = "batch"
+    summary = "a contiguous share of the call's rows (images, prompts) on each device."
+    bench_job = BenchJob(2, False)
+
+
+STRATEGY = Batch()

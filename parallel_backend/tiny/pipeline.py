@@ -42,7 +42,7 @@ class TinyDigitsPipeline:
     @contextmanager
     def parallel(self, config, pool=None):
         """Within the block, every UNet call runs on a pool (`pool`, or one started for `config.devices`)."""
-        from ..executor import ParallelExecutor
+        from ..engine import ParallelExecutor
         from ..pool import WorkerPool
 
         owned = pool is None
@@ -65,7 +65,7 @@ class TinyDigitsPipeline:
         index = iter(range(1 << 62))
         self.executor.new_job()
         return lambda x, t, context: self.executor(
-            self.unet, FAMILY, ModelCall(x, t, context, branches=2 if cfg != 1.0 else 1, index=next(index)), cfg)
+            self.unet, FAMILY, ModelCall(x, t, context, branches=2 if cfg != 1.0 else 1, index=next(index)))
 
     @torch.no_grad()
     def generate(self, request: GenerationRequest, progress: bool = True) -> Generation:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from parallel_backend.bench import JOBS, run_loop
+from parallel_backend.oracle import job_for, run_loop
 from parallel_backend.benchmodels import build_bench_model
 from parallel_backend.config import ParallelConfig
-from parallel_backend.executor import ParallelExecutor
+from parallel_backend.engine import ParallelExecutor
 from parallel_backend.pool import WorkerPool
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -23,11 +23,11 @@ def test_batch_on_cuda_workers_equals_the_host_device(dtype, atol):
     model = build_bench_model("sd15-narrow", dtype)
     model.unet.to("cuda:0")
     resolution = (model.default_resolution,) * 2
-    reference = run_loop(model, JOBS["batch"], resolution, steps=4, repeats=0).latents
+    reference = run_loop(model, job_for("batch"), resolution, steps=4, repeats=0).latents
     devices = _devices()
     with WorkerPool(devices) as pool:  # NCCL process group, one rank per process
         executor = ParallelExecutor(pool, ParallelConfig(devices, "batch"))
-        result = run_loop(model, JOBS["batch"], resolution, steps=4, repeats=0, executor=executor).latents
+        result = run_loop(model, job_for("batch"), resolution, steps=4, repeats=0, executor=executor).latents
         assert all(peak > 0 for peak in pool.memory())
     torch.testing.assert_close(result.cpu(), reference.cpu(), atol=atol, rtol=atol)
 
@@ -37,10 +37,10 @@ def test_cfg_on_two_gpus_equals_one():
     model = build_bench_model("sd15-narrow", torch.float16)
     model.unet.to("cuda:0")
     resolution = (model.default_resolution,) * 2
-    reference = run_loop(model, JOBS["cfg"], resolution, steps=4, repeats=0).latents
+    reference = run_loop(model, job_for("cfg"), resolution, steps=4, repeats=0).latents
     with WorkerPool("cuda:0,cuda:1") as pool:
         executor = ParallelExecutor(pool, ParallelConfig("cuda:0,cuda:1", "cfg"))
-        result = run_loop(model, JOBS["cfg"], resolution, steps=4, repeats=0, executor=executor).latents
+        result = run_loop(model, job_for("cfg"), resolution, steps=4, repeats=0, executor=executor).latents
     torch.testing.assert_close(result.cpu(), reference.cpu(), atol=2e-2, rtol=2e-2)
 
 
@@ -49,11 +49,11 @@ def test_the_worker_on_the_hosts_gpu_maps_the_hosts_weights():
     model = build_bench_model("small", torch.float16)  # ~25 MB of weights; 64 px keeps activations far below
     model.unet.to("cuda:0")
     resolution = (64, 64)
-    reference = run_loop(model, JOBS["cfg"], resolution, steps=3, repeats=0).latents
+    reference = run_loop(model, job_for("cfg"), resolution, steps=3, repeats=0).latents
     weights = sum(p.numel() * p.element_size() for p in model.unet.parameters())
     with WorkerPool("cuda:0") as pool:
         executor = ParallelExecutor(pool, ParallelConfig("cuda:0", "batch"))
-        result = run_loop(model, JOBS["cfg"], resolution, steps=3, repeats=0, executor=executor).latents
+        result = run_loop(model, job_for("cfg"), resolution, steps=3, repeats=0, executor=executor).latents
         assert pool.stats.weights_bytes_shipped == 0
         # the worker's own allocations are activations only: far less than a copy of the weights
         assert pool.memory()[0] < weights

@@ -1,4 +1,4 @@
-"""asyncdiff: the UNet cut into stages, one per device, run asynchronously (AsyncDiff, NeurIPS 2024).
+"""asyncdiff's schedule: the UNet cut into stages, one per device, run asynchronously (AsyncDiff, NeurIPS 2024).
 
 Everything here is pure (no processes, no tensors): how to cut a measured cost profile into balanced stages,
 and what each stage does in each call of a stream (a stream is what is being denoised: one batch item,
@@ -23,10 +23,6 @@ gets one call stale, which may be the same step's earlier evaluation. Warm-up co
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-NAME = "asyncdiff"
-EXACT = False
-
 
 def balance(costs: list[float], stages: int) -> list[int]:
     """Cut points [c_1 < ... < c_{stages-1}] splitting `costs` (per layer, in order) into `stages` contiguous
@@ -87,37 +83,80 @@ def stage_step(stage: int, stages: int, step: int, warmup: int, stride: int, asy
     return StageStep(True, "fresh" if stage == 0 else "held", "none" if stage == 0 else "during", not last, False)
 
 
+# The actions a stage runs for one call, in order (`stage_actions`); the worker's runner and `simulate` both
+# execute exactly this list.
+TAKE_FRESH = "take the call's latent"
+RECEIVE_UPSTREAM = "receive the previous stage's output of this call, wait for it"
+TAKE_HELD = "take the input received earlier"
+POST_RECEIVE = "post the receive of the previous stage's output (arrives while computing)"
+COMPUTE = "compute"
+COMPUTE_AND_SEND = "compute, sending the output to the next stage piece by piece"
+WAIT = "wait for the sends and the posted receive"
+KEEP_ARRIVAL = "hold what arrived as the next call's input"
+COUNT_ASYNC = "count an asynchronous call of the stream"
+
+
+def stage_actions(step: StageStep) -> tuple[str, ...]:
+    """The ordered actions of one stage in one call, from its StageStep."""
+    take = {"fresh": TAKE_FRESH, "upstream": RECEIVE_UPSTREAM, "held": TAKE_HELD}[step.input]
+    actions = [take]
+    if step.receive == "during":
+        actions.append(POST_RECEIVE)
+    if step.compute:
+        actions.append(COMPUTE_AND_SEND if step.send else COMPUTE)
+    actions.append(WAIT)
+    if step.receive == "during":
+        actions.append(KEEP_ARRIVAL)
+    if not step.sync:
+        actions.append(COUNT_ASYNC)
+    return tuple(actions)
+
+
+def handover_order(skips: int) -> list[int]:
+    """The order in which a stage sends its output to the next one, as indexes into [h, skip_0 .. skip_{n-1},
+    origin timestep]: the skips bottom-up (each leaves as soon as its value is final, lowest first), then the
+    hidden state, then the origin. The receiver posts its receives in exactly this order: NCCL pairs
+    point-to-point messages by issue order and ignores tags."""
+    return [*range(1, skips + 1), 0, skips + 1]
+
+
 def simulate(stages: int, steps: int, warmup: int, stride: int = 1, calls_per_step: int = 1) -> list[list[str]]:
     """One stream's calls as a grid of cells (call x stage) saying what each stage computes and on which
     call's latent its input is based, e.g. 'S1<c3' = stage 1 computes on data that left stage 0 at call 3.
-    The last column is the call whose latent the prediction is based on (== the call itself when exact)."""
-    origin = [None] * stages  # origin call of the input each stage holds
-    produced = [None] * stages  # origin of the output each stage last produced
-    grid, async_index = [], 0
+    The last column is the call whose latent the prediction is based on (== the call itself when exact).
+    Runs each stage's `stage_actions`, as the workers do; stages run in order within a call, so a receive
+    posted during a call sees the sender's output of that call."""
+    held = [None] * stages  # origin call of the input each stage holds
+    sent = [None] * stages  # origin of what each stage last handed on
+    async_index = [0] * stages
+    grid = []
     for call in range(steps * calls_per_step):
         step = call // calls_per_step
         row, out_origin = [], None
-        plans = [stage_step(k, stages, step, warmup, stride, async_index) for k in range(stages)]
-        for k, plan in enumerate(plans):
-            if plan.input == "fresh":
-                origin[k] = call
-            elif plan.input == "upstream":
-                origin[k] = produced[k - 1]
-            if plan.compute:
-                row.append(f"S{k}<c{origin[k]}")
-                new_output = origin[k]
-            else:
-                row.append("-")
-                new_output = None
+        arriving = {}
+        for k in range(stages):
+            plan = stage_step(k, stages, step, warmup, stride, async_index[k])
+            origin, computed = None, False
+            for action in stage_actions(plan):
+                if action == TAKE_FRESH:
+                    origin = call
+                elif action == RECEIVE_UPSTREAM:
+                    origin = held[k] = sent[k - 1]
+                elif action == TAKE_HELD:
+                    origin = held[k]
+                elif action in (COMPUTE, COMPUTE_AND_SEND):
+                    computed = True
+                    if action == COMPUTE_AND_SEND:
+                        sent[k] = origin
+                elif action == POST_RECEIVE:
+                    arriving[k] = True
+                elif action == COUNT_ASYNC:
+                    async_index[k] += 1
+            row.append(f"S{k}<c{origin}" if computed else "-")
             if k == stages - 1:
-                out_origin = origin[k]
-            if plan.send:
-                produced[k] = new_output
-        for k, plan in enumerate(plans):  # arrivals during the call become the held inputs of the next
-            if plan.receive == "during":
-                origin[k] = produced[k - 1]
-        if not plans[0].sync:
-            async_index += 1
+                out_origin = origin
+        for k in arriving:  # arrivals during the call become the held inputs of the next
+            held[k] = sent[k - 1]
         row.append(f"c{out_origin}")
         grid.append(row)
     return grid

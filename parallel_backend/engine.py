@@ -1,0 +1,143 @@
+"""The engine: one long-lived object per worker pool that turns model calls into work for the pool's devices.
+
+`engine_for(pool)` gives the pool's one Engine. It resolves each call's mesh (`mesh.resolve`), asks the
+strategy for per-rank work, sends it, and hands the replies back to the strategy to gather. What must
+outlive a call lives here, per pool, behind one lock: each strategy's state (asyncdiff's measured profiles
+and the stage setup the workers hold), job numbers, what the log was already told. Hosts hold a
+`ParallelExecutor`: a config plus the host's own job tracking, bound to the pool's engine.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+from dataclasses import dataclass, field, replace
+
+from . import strategies
+from .calls import ModelCall
+from .config import ParallelConfig
+from .mesh import Mesh, check_job, resolve
+
+log = logging.getLogger("tandem")
+_ENGINES_LOCK = threading.Lock()
+
+
+@dataclass
+class CallResult:
+    """One call's output and what it cost: per rank, its own compute seconds, the seconds it sat waiting on
+    peers and the bytes it sent them; the mesh it ran on."""
+
+    out: object
+    mesh: Mesh
+    compute_s: dict = field(default_factory=dict)
+    wait_s: dict = field(default_factory=dict)
+    bytes_sent: int = 0
+
+
+class Engine:
+    def __init__(self, pool):
+        self.pool = pool
+        self._lock = threading.RLock()
+        self._states: dict[str, dict] = {}
+        self._job_numbers = itertools.count(1)
+        self._said: set[str] = set()
+
+    def state(self, owner: str) -> dict:
+        """The mutable state kept for `owner` (a strategy's name) across calls; use it under `run`'s lock."""
+        with self._lock:
+            return self._states.setdefault(owner, {})
+
+    def next_job(self) -> int:
+        with self._lock:
+            return next(self._job_numbers)
+
+    def pool_generation(self) -> tuple:
+        """Changes whenever the workers' held state is lost (a restart) or replaced (another model loaded)."""
+        return (self.pool.stats.starts, self.pool.loaded_fingerprint)
+
+    def request(self, work: dict, what: str, collective: bool = False) -> dict:
+        """Sends each rank its message; returns rank -> the reply's value (errors raise WorkerError)."""
+        replies = self.pool.request(work, what, collective=collective)
+        return {rank: reply.value for rank, reply in replies.items()}
+
+    def run(self, module, family: str, call: ModelCall, config: ParallelConfig,
+            fingerprint: str | None = None) -> CallResult:
+        """Runs one model call on the pool as `config` says; ships the model first if the workers lack it."""
+        with self._lock:
+            fingerprint = self.pool.ensure_model(module, family, fingerprint)
+            mesh = resolve(config, len(self.pool.devices), call.branches, call.rows)
+            self._say_once(mesh)
+            strategy = strategies.get(mesh.strategy)
+            work = strategy.plan(self, call, mesh, config, fingerprint)
+            step = "" if call.step is None else f" (step {call.step})"
+            computed = self.request(work, f"call {call.index}{step}", collective=strategy.collective)
+            out = strategy.gather(call, mesh, computed)
+            self.pool.stats.calls += 1
+        return CallResult(out, mesh, {r: c.compute_s for r, c in computed.items()},
+                          {r: c.wait_s for r, c in computed.items()}, sum(c.bytes_sent for c in computed.values()))
+
+    def _say_once(self, mesh: Mesh) -> None:
+        if mesh.idle:
+            devices = self.pool.devices
+            note = (f"Tandem: {mesh.describe()}: {', '.join(f'{devices[r]} (worker {r})' for r in range(mesh.size, len(devices)))} "
+                    "sit(s) out: this call cannot use more devices")
+            if note not in self._said:
+                self._said.add(note)
+                log.info(note)
+
+
+def engine_for(pool) -> Engine:
+    """The pool's one engine (made on first use)."""
+    with _ENGINES_LOCK:
+        engine = getattr(pool, "_tandem_engine", None)
+        if engine is None:
+            engine = pool._tandem_engine = Engine(pool)
+        return engine
+
+
+class JobTracker:
+    """Step and job numbers for hosts that do not say them: a step is a change of timestep (a sampler that
+    calls the model twice per step repeats it), a new job begins when the timestep rises or `new_job()`."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.new_job()
+
+    def new_job(self) -> None:
+        self.job, self.step, self.last_t = self.engine.next_job(), -1, None
+
+    def place(self, call: ModelCall) -> ModelCall:
+        t = float(call.t.reshape(-1)[0]) if call.t.numel() else 0.0
+        if call.job is None and self.last_t is not None and t > self.last_t:
+            self.new_job()
+        if call.step is None and t != self.last_t:
+            self.step += 1
+        self.last_t = t
+        return replace(call, step=call.step if call.step is not None else self.step,
+                       job=call.job if call.job is not None else self.job)
+
+
+class ParallelExecutor:
+    """A host's handle on a pool: `executor(module, family, call[, fingerprint]) -> output`, split per `config`.
+    `run(...)` returns the CallResult with the call's figures."""
+
+    def __init__(self, pool, config: ParallelConfig):
+        self.pool, self.config = pool, config
+        self.engine = engine_for(pool)
+        self.jobs = JobTracker(self.engine)
+
+    def check_job(self, guided: bool) -> Mesh:
+        """The mesh of a job's calls; refuses a job the config cannot serve (e.g. cfg at cfg = 1) before work."""
+        return check_job(self.config, len(self.pool.start().devices), guided)
+
+    def new_job(self) -> None:
+        """The next call starts a new sampling run (fresh stale state for approximate strategies)."""
+        self.jobs.new_job()
+
+    def run(self, module, family: str, call: ModelCall, fingerprint: str | None = None) -> CallResult:
+        self.pool.start()
+        return self.engine.run(module, family, self.jobs.place(call), self.config, fingerprint)
+
+    def __call__(self, module, family: str, call: ModelCall, fingerprint: str | None = None):
+        return self.run(module, family, call, fingerprint).out

@@ -1,0 +1,91 @@
+"""Typed messages between the host and its workers (over transport.Channel). The worker runs one handler per
+message type (worker.HANDLERS, plus each strategy's own); every request is answered by one `Reply`.
+
+Messages are plain dataclasses of this package, so a worker unpickles nothing it does not know, and only
+after the channel is authenticated.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+# ---- handshake (worker -> host) ----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Hello:
+    rank: int
+    pid: int
+
+
+# ---- requests (host -> worker) -----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Load:
+    """Hold this model (one at a time): from a file (`path`) or the host's own GPU copy (`shared`: CUDA IPC)."""
+
+    fingerprint: str
+    family: str
+    path: str | None = None
+    shared: bytes | None = None
+
+
+@dataclass(frozen=True)
+class Unload:
+    pass
+
+
+@dataclass(frozen=True)
+class RunSetup:
+    """Run function(argument) from a host-provided python file (e.g. to give a host library its settings)."""
+
+    path: str
+    function: str
+    argument: Any = None
+
+
+@dataclass(frozen=True)
+class Ping:
+    pass
+
+
+@dataclass(frozen=True)
+class Shutdown:
+    pass
+
+
+@dataclass(frozen=True)
+class Forward:
+    """Run the whole model on this ModelCall (a row share of the host's call)."""
+
+    fingerprint: str
+    call: Any  # calls.ModelCall
+
+
+# ---- replies (worker -> host) ------------------------------------------------------------------------------
+
+@dataclass
+class Computed:
+    """What a worker computed for one call: its output (None for a rank that returns none), the seconds of its
+    own compute, the seconds it sat waiting on peers, and the bytes it sent to them."""
+
+    out: Any = None
+    compute_s: float = 0.0
+    wait_s: float = 0.0
+    bytes_sent: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class Reply:
+    """The answer to one request. ok False: `error` (one line) and the worker's `traceback`.
+    seconds: the request's time on the worker; peak_bytes: the worker's peak memory during the request
+    (CUDA: max allocated since the request began; CPU: the process's peak resident set so far)."""
+
+    ok: bool = True
+    value: Any = None
+    error: str = ""
+    traceback: str = ""
+    seconds: float = 0.0
+    peak_bytes: int | None = None

@@ -1,0 +1,113 @@
+"""The test oracle and the bench's sampler loop: one model, seed and inputs, run on one device or on a pool.
+
+`run_loop` denoises with DDIM for `steps` calls, either locally (the one-device reference) or through a
+ParallelExecutor; tests compare the two (TESTING.md), `tandem bench` times them. `psnr` is the one
+definition of PSNR used by the bench, the tests and the demo.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from . import strategies
+from .calls import ModelCall
+from .models.diffusers_unet import FAMILY, forward
+from .models.stages import synchronize
+from .sampling import denoise, initial_noise, make_scheduler
+from .tiny.model import SCHEDULER_CONFIG
+
+CFG_SCALE = 7.5
+
+
+@dataclass(frozen=True)
+class Job:
+    """What is sampled: `images` latents, with guidance `cfg` (1: no uncond branch)."""
+
+    images: int
+    cfg: float
+
+
+def job_for(strategy: str) -> Job:
+    """The job `tandem bench` measures a strategy on (its BenchJob): cfg 7.5 when it is guided, else 1."""
+    bench_job = strategies.get(strategy).bench_job
+    return Job(bench_job.images, CFG_SCALE if bench_job.guided else 1.0)
+
+
+@dataclass
+class LoopResult:
+    latents: torch.Tensor | None = None
+    per_call: list[float] = field(default_factory=list)
+    end_to_end: list[float] = field(default_factory=list)
+    overhead: list[float] = field(default_factory=list)  # per call: its time less the slowest worker's compute
+    compute: list[float] = field(default_factory=list)  # the slowest worker's own compute time per call (pool runs)
+    calls: list[dict] = field(default_factory=list)  # pool runs, per call: step, bytes between devices, longest wait
+
+
+def inputs(model, job: Job, resolution):
+    """(noise, context, uncond) of a job, the same for every run: seeded."""
+    h, w = (r // model.latent_factor for r in resolution)
+    noise = initial_noise(0, (job.images, model.unet.config.in_channels, h, w))
+    generator = torch.Generator().manual_seed(1)
+    context = torch.randn(job.images, *model.context_shape, generator=generator)
+    uncond = torch.randn(job.images, *model.context_shape, generator=generator)
+    return noise, context, uncond
+
+
+def local_forward(model, call: ModelCall) -> torch.Tensor:
+    """One call on the model's own device (the one-device reference), finished before it returns."""
+    device = next(model.unet.parameters()).device
+    with torch.inference_mode():
+        out = forward(model.unet, call.to(device))
+    synchronize(device)
+    return out
+
+
+def run_once(model, job: Job, resolution, steps: int, result: LoopResult, timed: bool, executor=None) -> None:
+    """One run of the sampler loop, locally or through `executor`; its timings go into `result` if `timed`."""
+    noise, context, uncond = inputs(model, job, resolution)
+    weight = next(model.unet.parameters())
+    context, uncond = context.to(weight.device, weight.dtype), uncond.to(weight.device, weight.dtype)
+    run = LoopResult()
+    if executor is not None:
+        executor.new_job()
+
+    def denoiser(x, t, ctx):
+        call = ModelCall(x, t, ctx, model.extras(x.shape[0]), branches=2 if job.cfg != 1.0 else 1,
+                         index=len(run.per_call))
+        started = time.perf_counter()
+        if executor is None:
+            out = local_forward(model, call)
+            run.per_call.append(time.perf_counter() - started)
+            return out
+        done = executor.run(model.unet, FAMILY, call)
+        run.per_call.append(time.perf_counter() - started)
+        run.compute.append(max(done.compute_s.values()))
+        run.overhead.append(run.per_call[-1] - run.compute[-1])
+        run.calls.append({"step": call.index, "bytes": done.bytes_sent, "wait": max(done.wait_s.values())})
+        return done.out
+
+    started = time.perf_counter()
+    result.latents, _ = denoise(denoiser, make_scheduler("ddim", SCHEDULER_CONFIG), noise, context, uncond, job.cfg,
+                                steps, progress=False)
+    if timed:
+        result.end_to_end.append(time.perf_counter() - started)
+        for name in ("per_call", "overhead", "compute", "calls"):
+            getattr(result, name).extend(getattr(run, name))
+
+
+def run_loop(model, job: Job, resolution, steps: int, repeats: int, executor=None) -> LoopResult:
+    """The sampler loop: one warm-up run, then `repeats` timed runs (repeats=0: one run, timed)."""
+    result = LoopResult()
+    for repeat in range(repeats + 1):
+        run_once(model, job, resolution, steps, result, timed=repeat > 0 or repeats == 0, executor=executor)
+    return result
+
+
+def psnr(reference: torch.Tensor, other: torch.Tensor) -> float:
+    """PSNR in dB relative to the reference's value range (inf when identical)."""
+    mse = (reference.double() - other.double()).pow(2).mean().item()
+    span = (reference.max() - reference.min()).item()
+    return float("inf") if mse == 0 else 10 * torch.log10(torch.tensor(span * span / mse)).item()

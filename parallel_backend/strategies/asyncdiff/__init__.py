@@ -1,0 +1,146 @@
+"""asyncdiff: the UNet cut into stages, one per device, run on one-call-stale inputs (AsyncDiff, NeurIPS 2024).
+
+Host side (this module): the first call of a model and input shape measures every layer's cost on one worker;
+the cut that balances the stages is chosen from it (`schedule.balance`) and every worker is told its stage.
+Each row group of the mesh (cfg x batch) runs the call on its own chain of stages; the last stage's output is
+the group's prediction. The schedule (what each stage does in each call) is pure: `schedule.py`; the worker
+side runs its actions: `runner.py`.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import replace
+
+from ...messages import Computed
+from ...models.stages import Profile, describe
+from ..base import BenchJob, Strategy
+from .messages import PlaceStages, ProbeExchange, ProfileLayers, StageCall, StagePlan
+from .schedule import balance, explain, simulate, stage_actions, stage_costs, stage_step  # noqa: F401 (API)
+
+
+class AsyncDiff(Strategy):
+    name = "asyncdiff"
+    exact = False
+    summary = ("the UNet cut into stages, one per device, run on one-step-stale inputs (approximate after "
+               "warm-up; works at cfg 1).")
+    axis = "stages"
+    bench_job = BenchJob(1, True)
+    collective = True
+
+    # ---- host side ---------------------------------------------------------------------------------------
+
+    def plan(self, engine, call, mesh, config, fingerprint: str) -> dict[int, StageCall]:
+        shares = mesh.row_shares(call.rows, call.branches)
+        groups = [(g, rows) for g, rows in enumerate(shares) if len(rows)]
+        self._ensure_stages(engine, fingerprint, call.select(groups[0][1]), mesh, config)
+        work = {}
+        for g, rows in groups:
+            share = replace(call.select(rows), stream=(*call.stream, "rows", rows.start, rows.stop))
+            for rank in mesh.ranks(g):
+                work[rank] = StageCall(fingerprint, share)
+        return work
+
+    def gather(self, call, mesh, replies: dict[int, Computed]):
+        import torch
+
+        last = [mesh.ranks(g)[-1] for g in range(mesh.groups) if mesh.ranks(g)[-1] in replies]
+        return torch.cat([replies[rank].out for rank in last]).to(call.x.device, call.x.dtype)
+
+    def _ensure_stages(self, engine, fingerprint: str, sample, mesh, config) -> None:
+        """Measures the model for this input shape (once per engine), picks the balanced cut, sets up every
+        worker of the mesh (again only when the cut, the knobs, the model or the pool's workers changed)."""
+        state = engine.state(self.name)
+        profiles = state.setdefault("profiles", {})
+        shape_key = (fingerprint, tuple(sample.x.shape[1:]), str(sample.x.dtype),
+                     None if sample.context is None else tuple(sample.context.shape[1:]))
+        if shape_key not in profiles:
+            reply = engine.request({0: ProfileLayers(fingerprint, sample)}, "measuring the model's layers")[0]
+            profiles[shape_key] = Profile(reply["names"], reply["layer_seconds"], reply["crossing"])
+        profile = profiles[shape_key]
+        setup_key = (shape_key, mesh.groups, mesh.inner, config.warmup, config.stride, config.time_shift, engine.pool_generation())
+        if state.get("setup") == setup_key:
+            return
+        stages = mesh.inner
+        cuts = tuple(balance(profile.seconds, stages))
+        crossing = tuple(tuple(c) for c in profile.crossing)
+        work = {}
+        for g in range(mesh.groups):
+            for stage, rank in enumerate(mesh.ranks(g)):
+                work[rank] = PlaceStages(fingerprint, StagePlan(
+                    stage, stages, cuts, rank - 1 if stage else None, rank + 1 if stage < stages - 1 else None,
+                    config.warmup, config.stride, config.time_shift, crossing))
+        engine.request(work, "placing the stages")
+        state["setup"] = setup_key
+        state["plan"] = {"cuts": list(cuts), "fingerprint": fingerprint, "crossing": [profile.crossing[c] for c in cuts],
+                         "stages": describe(profile, list(cuts)), "layer_names": profile.names,
+                         "layer_seconds": profile.seconds}
+
+    def stage_plan(self, engine) -> dict | None:
+        """The cut the workers hold (layer costs, each stage's share and what it receives), or None."""
+        return engine.state(self.name).get("plan")
+
+    def probe_transfer(self, engine, rows: int, repeats: int = 5) -> float:
+        """Seconds to hand the first cut's tensors (`rows` rows) from stage 0 to stage 1, nothing else running."""
+        plan = self.stage_plan(engine)
+        specs = tuple((rows, *shape) for shape, _ in plan["crossing"][0])
+        dtypes = tuple(dtype for _, dtype in plan["crossing"][0])
+        specs = tuple(zip(specs, dtypes)) + (((rows,), "float64"),)
+        replies = engine.request({0: ProbeExchange(plan["fingerprint"], 1, True, specs, repeats),
+                                  1: ProbeExchange(plan["fingerprint"], 0, False, specs, repeats)},
+                                 "timing an exchange", collective=True)
+        return replies[1]["transfer_seconds"]
+
+    def explain(self, mesh, config, steps: int, devices: list[str]) -> str:
+        text = explain(mesh.inner, steps, config.warmup, config.stride, devices[:mesh.inner])
+        if mesh.groups > 1:
+            text += f"\n(the same for each of {mesh.groups} row groups: cfg {mesh.cfg} x batch {mesh.batch})"
+        return text
+
+    def bench_figures(self, executor, loop, row: dict) -> dict:
+        """The ideal from the measured cut (1 / the largest stage's share of the work), what crosses between
+        stages per call, and how long stages sat waiting on it after their own compute (the part of the
+        transfer not hidden behind compute), over the asynchronous calls."""
+        engine, config = executor.engine, executor.config
+        plan = self.stage_plan(engine)
+        shares = [s["share"] for s in plan["stages"]]
+        layers = [s["layers"] for s in plan["stages"]]
+        async_calls = [c for c in loop.calls if c["step"] >= config.warmup] or loop.calls
+        rows = loop.latents.shape[0] * (2 if row["job"]["cfg"] != 1.0 else 1)
+        transfer = self.probe_transfer(engine, rows) if len(shares) > 1 else 0.0
+        exposed = statistics.median(c["wait"] for c in async_calls)
+        moved = statistics.median(c["bytes"] for c in async_calls)
+        overlapped = max(0.0, 1.0 - exposed / transfer) if transfer > 0 else 1.0
+        summary = (f"asyncdiff: {len(shares)} stages, work shares {' / '.join(f'{100 * s:.1f}%' for s in shares)} "
+                   f"(cut after {', '.join(pair[1] for pair in layers[:-1])}); warm-up {config.warmup} step(s), "
+                   f"stride {config.stride}; {moved / 2**20:.2f} MiB between stages per call, "
+                   f"{1000 * transfer:.1f} ms alone, {1000 * exposed:.1f} ms of it exposed "
+                   f"({100 * overlapped:.0f}% overlapped with compute)")
+        return {"ideal_speedup": 1.0 / max(shares), "stage_shares": shares, "stage_layers": layers,
+                "warmup": config.warmup, "stride": config.stride, "time_shift": config.time_shift,
+                "transfer_bytes_per_call_median": moved, "transfer_seconds_alone": transfer,
+                "exposed_wait_seconds_per_call_median": exposed, "overlapped_fraction": overlapped,
+                "summary": summary}
+
+    # ---- worker side -------------------------------------------------------------------------------------
+
+    def worker_handlers(self) -> dict:
+        return {ProfileLayers: _on_runner("profile"), PlaceStages: _on_runner("setup"),
+                StageCall: _on_runner("call"), ProbeExchange: _on_runner("probe")}
+
+
+def _on_runner(method: str):
+    """A worker handler that hands the message to the worker's StageRunner for the message's model."""
+
+    def handle(worker, message):
+        from .runner import StageRunner
+
+        module, family = worker.model(message.fingerprint)
+        runner = worker.slot("asyncdiff", lambda: StageRunner(module, family, worker.device))
+        worker.on_forward(runner.place_whole)  # a plain forward needs the whole model back on the device
+        return getattr(runner, method)(message)
+
+    return handle
+
+
+STRATEGY = AsyncDiff()

@@ -1,0 +1,53 @@
+"""asyncdiff's messages from the host to its stage workers (answered by runner.StageRunner)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """One worker's part of a cut: its stage, the cut points, its neighbours' ranks (None at the ends), the
+    schedule's knobs, and what crosses every possible cut (per row: [(shape[1:], dtype), ...], h first)."""
+
+    stage: int
+    stages: int
+    cuts: tuple[int, ...]
+    prev: int | None
+    next: int | None
+    warmup: int
+    stride: int
+    time_shift: bool
+    crossing: tuple
+
+
+@dataclass(frozen=True)
+class ProfileLayers:
+    """Time every layer of the model on this worker with the call's shapes."""
+
+    fingerprint: str
+    call: Any
+
+
+@dataclass(frozen=True)
+class PlaceStages:
+    fingerprint: str
+    plan: StagePlan
+
+
+@dataclass(frozen=True)
+class StageCall:
+    fingerprint: str
+    call: Any
+
+
+@dataclass(frozen=True)
+class ProbeExchange:
+    """Time handing tensors of `specs` ([(shape, dtype name)]) to (send) or from rank `peer`, nothing else running."""
+
+    fingerprint: str
+    peer: int
+    send: bool
+    specs: tuple
+    repeats: int = 5

@@ -1,0 +1,79 @@
+"""The interface every strategy implements, and the row split that the exact strategies share.
+
+A strategy is one object, registered by name in `strategies/__init__.py`:
+- host side: `plan(engine, call, mesh, config, fingerprint) -> {rank: message}` turns one model call into per-rank
+  work; `gather(call, mesh, replies) -> output` joins the replies (each reply's value is a `Computed`);
+- worker side: `worker_handlers()` maps its message types to the functions a worker runs for them (row
+  strategies need none: they send the worker's plain `Forward`);
+- it says whether it is exact, which mesh axis it adds inside each row group (None: rows only), how many
+  branches it splits by default, what it is measured on in `tandem bench`, and explains itself.
+Nothing outside `strategies/` compares strategy names: hosts ask the registry.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from ..messages import Computed, Forward
+from ..primitives import chunk_sizes
+
+
+@dataclass(frozen=True)
+class BenchJob:
+    """What `tandem bench` measures a strategy on: images per call, with guidance or not."""
+
+    images: int
+    guided: bool
+
+
+class Strategy:
+    name: str = ""
+    exact: bool = True
+    summary: str = ""  # one sentence for help texts and tooltips
+    axis: str | None = None  # the mesh axis it adds inside each row group (its degree is the config field of that name)
+    default_cfg_degree: int = 1  # 2: splits the branches unless told otherwise
+    bench_job: BenchJob = BenchJob(1, True)
+    collective: bool = False  # its workers exchange data with each other during a call
+
+    def plan(self, engine, call, mesh, config, fingerprint: str) -> dict[int, Any]:
+        raise NotImplementedError
+
+    def gather(self, call, mesh, replies: dict[int, Any]):
+        raise NotImplementedError
+
+    def worker_handlers(self) -> dict[type, Callable]:
+        return {}
+
+    def explain(self, mesh, config, steps: int, devices: list[str]) -> str:
+        exact = "exact, no stale data" if self.exact else "approximate"
+        return f"{self.name}: {self.summary} Mesh {mesh.describe()} on {', '.join(devices)}; {exact}."
+
+    def bench_figures(self, executor, loop, row: dict) -> dict:
+        """Extra figures for the bench's row of this strategy (e.g. traffic between devices)."""
+        return {}
+
+
+def split_rows(rows: range, degree: int) -> list[range]:
+    """Near-equal contiguous shares of `rows`, in order (some empty when there are fewer rows than shares)."""
+    parts, start = [], rows.start
+    for size in chunk_sizes(len(rows), degree):
+        parts.append(range(start, start + size))
+        start += size
+    return parts
+
+
+class RowStrategy(Strategy):
+    """Each rank runs the whole model on its share of the call's rows; the host concatenates the outputs."""
+
+    def partition(self, rows: range, degree: int, branches: int) -> list[range]:
+        return split_rows(rows, degree)
+
+    def plan(self, engine, call, mesh, config, fingerprint: str) -> dict[int, Forward]:
+        shares = mesh.row_shares(call.rows, call.branches)
+        return {rank: Forward(fingerprint, call.select(rows)) for rank, rows in enumerate(shares) if len(rows)}
+
+    def gather(self, call, mesh, replies: dict[int, Computed]):
+        import torch
+
+        return torch.cat([replies[rank].out for rank in sorted(replies)]).to(call.x.device, call.x.dtype)
