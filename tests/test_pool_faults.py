@@ -70,7 +70,7 @@ def test_an_error_inside_a_worker_names_device_and_call_and_the_pool_stays_usabl
     model = build_bench_model("tiny")
     executor = ParallelExecutor(cpu_pool, ParallelConfig("cpu:2", "batch"))
     bad = ModelCall(torch.randn(2, 3, 8, 8), torch.tensor(10), torch.randn(2, 8, 64), index=17)  # 3 channels, not 4
-    with pytest.raises(WorkerError, match=r"^cpu \(worker 0\), call 17: RuntimeError") as caught:
+    with pytest.raises(WorkerError, match=r"^cpu \(worker 0\), call 17 \(step 0\): RuntimeError") as caught:
         executor(model.unet, "diffusers_unet", bad)
     assert "Traceback" in caught.value.remote_traceback
     good = ModelCall(torch.randn(2, 4, 8, 8), torch.tensor(10), torch.randn(2, 8, 64), index=18)
