@@ -7,15 +7,15 @@ byte is unpickled; the listener binds to loopback unless told otherwise. Tensors
 
 from __future__ import annotations
 
-import os
 import pickle
 import socket
-import struct
 import time
 from multiprocessing.connection import Client, Connection, answer_challenge, deliver_challenge
 from typing import Any, Callable
 
 import torch
+
+from .portable import receive_timeout_option
 
 HANDSHAKE_TIMEOUT_S = 10.0
 
@@ -107,16 +107,15 @@ class Channel:
 def _configure_socket(conn: Connection, receive_timeout_s: float | None = None, no_delay: bool = False) -> None:
     """Sets options on a Connection's socket without taking it over: SO_RCVTIMEO (0 = none; the socket stays
     blocking, as Connection needs) and TCP_NODELAY."""
-    sock = socket.socket(fileno=os.dup(conn.fileno()))
+    sock = socket.socket(fileno=conn.fileno())  # a second object on the same socket; detach() below leaves it open
     try:
+        sock.setblocking(True)  # socket() made it non-blocking if a default timeout is set (socket.setdefaulttimeout)
         if receive_timeout_s is not None:
-            whole = int(receive_timeout_s)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
-                            struct.pack("ll", whole, int((receive_timeout_s - whole) * 1e6)))
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, receive_timeout_option(receive_timeout_s))
         if no_delay and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     finally:
-        sock.close()
+        sock.detach()
 
 
 class Listener:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 from multiprocessing import AuthenticationError
-from multiprocessing.connection import Client
+from multiprocessing.connection import Client, Connection
 
 import pytest
 import torch
 
-from parallel_backend.transport import Channel, Listener, connect
+from parallel_backend.transport import Channel, Listener, _configure_socket, connect
 
 
 @pytest.fixture
@@ -77,6 +78,60 @@ def test_a_silent_peer_cannot_stall_the_listener(monkeypatch):
     monkeypatch.setattr(transport, "HANDSHAKE_TIMEOUT_S", 0.5)
     listener = Listener(b"k" * 32)
     silent = socket.create_connection(tuple(listener.address))  # connects, never answers the challenge
-    with pytest.raises((OSError, EOFError, AuthenticationError)):
-        listener.accept(timeout=5)
+    outcome = []
+
+    def accept():
+        try:
+            outcome.append(listener.accept(timeout=5))
+        except Exception as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=accept, daemon=True)  # a stalled accept must fail this test, not hang it
+    thread.start()
+    thread.join(timeout=5)
     silent.close(), listener.close()
+    assert not thread.is_alive(), "the handshake still waits on a silent peer"
+    assert isinstance(outcome[0], (OSError, EOFError, AuthenticationError)), outcome
+
+
+@pytest.fixture
+def tcp_connections():
+    """Two ends of a loopback TCP socket, each a multiprocessing Connection (as Listener and Client make)."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        near = socket.create_connection(server.getsockname()[:2])
+        far, _ = server.accept()
+    ends = Connection(near.detach()), Connection(far.detach())
+    yield ends
+    for end in ends:
+        end.close()
+
+
+def test_configuring_the_socket_leaves_the_connection_open_and_usable(tcp_connections):
+    near, far = tcp_connections
+    for _ in range(3):  # configuring it again and again must not close or leak it either
+        _configure_socket(near, receive_timeout_s=5.0, no_delay=True)
+        _configure_socket(near, receive_timeout_s=0.0)
+    near.send_bytes(b"to far")
+    far.send_bytes(b"to near")
+    assert far.recv_bytes() == b"to far" and near.recv_bytes() == b"to near"
+    probe = socket.socket(fileno=near.fileno())
+    try:
+        assert probe.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+    finally:
+        probe.detach()
+
+
+def test_the_connection_stays_blocking_under_a_default_socket_timeout(tcp_connections):
+    near, far = tcp_connections
+    socket.setdefaulttimeout(3.0)  # some libraries set one process-wide; a wrapped socket would turn non-blocking
+    try:
+        _configure_socket(near, no_delay=True)
+    finally:
+        socket.setdefaulttimeout(None)
+    late = threading.Thread(target=lambda: (time.sleep(0.3), far.send_bytes(b"late")))
+    late.start()
+    try:
+        got = near.recv_bytes()  # a non-blocking socket raises BlockingIOError here instead of waiting
+    finally:
+        late.join()
+    assert got == b"late"

@@ -1,0 +1,94 @@
+"""The platform layer: each function gives the answer the platform's own call gives, on this machine."""
+
+from __future__ import annotations
+
+import os
+import struct
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from parallel_backend import portable
+
+
+def test_process_alive_tells_a_running_process_from_a_finished_or_unknown_one():
+    assert portable.process_alive(os.getpid())
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()  # reaped: the pid no longer names a process
+    assert not portable.process_alive(child.pid)
+    assert not portable.process_alive(2**31 - 1)  # above every platform's pid limit
+    assert not portable.process_alive(0)  # a process group on POSIX, not a process
+
+
+def test_temp_root_is_dev_shm_only_when_it_is_a_writable_folder(monkeypatch):
+    shm_usable = os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK)
+    assert portable.temp_root() == ("/dev/shm" if shm_usable else None)
+    monkeypatch.setattr(os, "access", lambda path, mode: False)
+    assert portable.temp_root() is None
+
+
+def test_cpu_peak_memory_is_in_bytes_and_grows_with_an_allocation():
+    # A fresh process, so that the peak so far is about what it holds now, not what earlier tests held.
+    script = (
+        "import torch\n"
+        "from parallel_backend.portable import peak_memory_bytes, reset_peak_memory\n"
+        "reset_peak_memory('cpu')\n"
+        "before = peak_memory_bytes(torch.device('cpu'))\n"
+        "x = torch.ones(50_000_000)\n"  # 200 MB, every page written
+        "print(before, peak_memory_bytes('cpu'))\n"
+    )
+    before, after = map(int, _run_python(script).split())
+    assert before > 10 * 2**20  # a python process with torch holds far more than 10 MiB
+    assert 180e6 <= after - before <= 400e6, (before, after)
+
+
+def test_cuda_devices_read_and_reset_torch_s_counters(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device: calls.append(("peak", device)) or 123)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device: calls.append(("reset", device)))
+    assert portable.peak_memory_bytes("cuda:1") == 123
+    portable.reset_peak_memory(torch.device("cuda", 1))
+    assert calls == [("peak", torch.device("cuda", 1)), ("reset", torch.device("cuda", 1))]
+
+
+def test_cpu_cores_are_the_affinity_or_every_core(monkeypatch):
+    cores = portable.cpu_cores()
+    assert cores and cores == sorted(set(cores))
+    if hasattr(os, "sched_getaffinity"):
+        assert set(cores) == os.sched_getaffinity(0)
+        monkeypatch.delattr(os, "sched_getaffinity")
+    assert portable.cpu_cores() == list(range(os.cpu_count() or 1))
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="this platform cannot pin a process to cores")
+def test_pin_to_cores_restricts_the_process():
+    script = (
+        "import os\n"
+        "from parallel_backend.portable import cpu_cores, pin_to_cores\n"
+        "pin_to_cores([cpu_cores()[-1]])\n"
+        "print(sorted(os.sched_getaffinity(0)), cpu_cores())\n"
+    )
+    last = portable.cpu_cores()[-1]
+    assert _run_python(script).split() == [f"[{last}]", f"[{last}]"]
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX layout of struct timeval")
+@pytest.mark.parametrize("seconds, expected", [(10.0, (10, 0)), (2.25, (2, 250_000)), (0.0, (0, 0)), (1e-9, (0, 1))])
+def test_receive_timeout_is_a_timeval_on_posix(seconds, expected):
+    assert struct.unpack("@ll", portable.receive_timeout_option(seconds)) == expected
+
+
+def test_a_negative_receive_timeout_is_refused():
+    with pytest.raises(ValueError, match="use 0 for none"):
+        portable.receive_timeout_option(-1.0)
+
+
+def _run_python(script: str) -> str:
+    """Runs `script` in a fresh interpreter that imports this checkout's package; returns its stdout."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(portable.__file__)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
