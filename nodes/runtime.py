@@ -94,9 +94,9 @@ class Runtime:
             run["device_seconds"] = run.get("device_seconds", 0.0) + sum(compute.values())
             run["wall_seconds"] = run.get("wall_seconds", 0.0) + seconds
             run["median_seconds_per_call"] = sorted(run["seconds"])[len(run["seconds"]) // 2]
-            # What one device would have spent (all devices' compute time added) over what the call took:
-            # an estimate of the speed-up that assumes the devices are alike.
-            run["estimated_speedup"] = round(run["device_seconds"] / run["wall_seconds"], 3)
+            # How busy the devices were: their compute time over the wall time they were held for. A utilisation,
+            # not a speed-up (that needs a one-device run: `tandem workflow compare` measures it).
+            run["device_utilisation"] = round(run["device_seconds"] / (run["wall_seconds"] * len(devices)), 3)
 
     def use_model(self, pool: WorkerPool, model, family: str, key: str, base_model_ref, weights: str) -> str:
         """Loads `model` on the workers (unless they hold it) and remembers which host model the copy belongs to;

@@ -9,7 +9,6 @@ strategy; then again), so a machine whose speed drifts affects them alike. Ratio
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import time
 
@@ -22,6 +21,7 @@ from .config import ParallelConfig
 from .engine import ParallelExecutor
 from .oracle import Job, LoopResult, inputs, job_for, local_forward, psnr, run_once
 from .pool import WorkerPool
+from .portable import cpu_cores, peak_memory_bytes
 
 SPREAD_LIMIT = 0.10  # repeats of one variant further apart than this (of their median) mark the run disturbed
 OTHER_LOAD_LIMIT = 0.10  # CPU time of other processes above this share of the machine marks it disturbed
@@ -52,14 +52,6 @@ def _ideal(model, rows: int, share_rows: int, resolution, calls: int = 8) -> flo
             if i:
                 times[size].append(time.perf_counter() - started)
     return statistics.median(times[rows]) / statistics.median(times[share_rows])
-
-
-def _peak_memory(device: torch.device) -> int:  # TODO(merge): portable.peak_memory_bytes
-    import resource
-
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -130,7 +122,7 @@ def run_bench(model_name: str = "small", devices: str = "cpu:2", strategies_: tu
     model = build_bench_model(model_name, DTYPES[dtype])
     model.unet.to(reference_device)
     resolution = parse_resolution(resolution or model.default_resolution)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = len(cpu_cores())
     share = max(1, cores // n)
     results, disturbed = [], []
     other_load = _other_load()
@@ -158,7 +150,7 @@ def run_bench(model_name: str = "small", devices: str = "cpu:2", strategies_: tu
             rows = job.images * (2 if job.cfg != 1.0 else 1)
             ideal = _ideal(model, rows, -(-rows // n), resolution)
             serial, all_cores = measured["serial"], measured["all cores"]
-            results.append(_row("serial", 1, serial, serial, all_cores, 1.0, [_peak_memory(reference_device)], job))
+            results.append(_row("serial", 1, serial, serial, all_cores, 1.0, [peak_memory_bytes(reference_device)], job))
             for strategy in mine:
                 row = _row(strategy, n, measured[strategy], serial, all_cores, ideal, pool.memory(), job)
                 row.update(strategies.get(strategy).bench_figures(variants[strategy][1], measured[strategy], row))

@@ -56,9 +56,16 @@ def parse_devices(spec: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
 
 def resolve_devices(devices: tuple[str, ...]) -> tuple[str, ...]:
     """Turns "auto" into this machine's devices and checks that named CUDA devices exist (touches CUDA)."""
+    import sys
+
     import torch
 
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if sys.platform == "win32" and (count if devices == ("auto",) else any(d != "cpu" for d in devices)):
+        # The workers' GPU traffic needs NCCL, which PyTorch does not ship for Windows. Hosts take their stock
+        # path with this sentence (ComfyUI's nodes log it); CPU workers still work.
+        raise RuntimeError("GPU pools need NCCL, which PyTorch does not ship for Windows: Tandem cannot split "
+                           "work over GPUs here (use Linux or WSL2); devices 'cpu:N' still work")
     if devices == ("auto",):
         if count >= 1:
             return tuple(f"cuda:{i}" for i in range(count))

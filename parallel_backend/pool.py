@@ -1,16 +1,16 @@
-"""WorkerPool: one persistent worker process per device, driven by the host.
+"""WorkerPool: one persistent worker process per device, driven by the host: the processes' lifecycle and
+typed requests to them.
 
 The host starts the workers once (`python -m parallel_backend.worker`), ships each model to them once per
-fingerprint (through a file in shared memory that CPU workers map rather than copy), and then, per model
-call, sends every worker its share and gathers the results. Every wait is bounded; a worker that dies is
+fingerprint (shipping.py: a file in shared memory that CPU workers map rather than copy, or CUDA IPC), and
+then sends every worker its request (messages.py) and gathers the replies; what the requests are is the
+engine's and the strategies' business. Every wait is bounded; a worker that dies is
 noticed from its process ending, the error names its device and the call, the pool tears itself down and
 starts afresh on the next job. Workers leave with the host (they watch its process).
 """
 
 from __future__ import annotations
 
-import hashlib
-import itertools
 import os
 import secrets
 import shutil
@@ -26,7 +26,9 @@ from multiprocessing.connection import wait
 from pathlib import Path
 
 from .config import parse_devices, resolve_devices
-from .messages import Hello, Load, Ping, Reply, RunSetup, Shutdown, Unload
+from .messages import Hello, Ping, Reply, RunSetup, Shutdown, Unload
+from .portable import cpu_cores, temp_root
+from .shipping import load_requests, model_fingerprint
 from .transport import Channel, ChannelClosed, Listener
 
 PACKAGE_PARENT = str(Path(__file__).resolve().parent.parent)
@@ -38,24 +40,6 @@ class WorkerError(RuntimeError):
     def __init__(self, message: str, device: str = "", rank: int = -1, remote_traceback: str = ""):
         super().__init__(message)
         self.device, self.rank, self.remote_traceback = device, rank, remote_traceback
-
-
-_TENSOR_LISTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
-def model_fingerprint(module, family: str) -> str:
-    """Identity + weights' storage, dtype, shape and version counter: changes when the model or its weights
-    do (an in-place LoRA merge bumps the version counters), stays the same across calls and jobs otherwise.
-
-    The module's tensor list is walked once and cached (a walk costs ~ms per call on a UNet); a parameter
-    replaced by a new tensor object after that is therefore not seen: replace weights in place, or clone.
-    """
-    tensors = _TENSOR_LISTS.get(module)
-    if tensors is None:
-        tensors = _TENSOR_LISTS[module] = list(itertools.chain(module.named_parameters(), module.named_buffers()))
-    digest = hashlib.sha256(f"{family}|{type(module).__module__}.{type(module).__qualname__}|{id(module)}".encode())
-    digest.update(repr([(name, str(t.dtype), tuple(t.shape), t.data_ptr(), t._version) for name, t in tensors]).encode())
-    return digest.hexdigest()
 
 
 MAX_FAILURES_KEPT = 20
@@ -102,8 +86,8 @@ def _tail(path: Path, chars: int = 400) -> str:
         return ""
 
 
-def _shared_tmp_root() -> str | None:
-    return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+_DETACHED = ({"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP} if sys.platform == "win32"
+             else {"start_new_session": True})
 
 
 class WorkerPool:
@@ -158,7 +142,7 @@ class WorkerPool:
         if self._workers:
             return self
         devices = resolve_devices(self.requested_devices)
-        self._dir = Path(tempfile.mkdtemp(prefix="tandem-pool-", dir=_shared_tmp_root()))
+        self._dir = Path(tempfile.mkdtemp(prefix="tandem-pool-", dir=temp_root()))
         authkey = secrets.token_bytes(32)
         listener = Listener(authkey)
         try:
@@ -184,7 +168,7 @@ class WorkerPool:
 
     def _spawn(self, devices: tuple[str, ...], address, authkey: bytes) -> None:
         n = len(devices)
-        cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+        cores = cpu_cores()
         per_worker = max(1, len(cores) // n)
         interface = self.interface or loopback_interface()
         for rank, device in enumerate(devices):
@@ -204,9 +188,10 @@ class WorkerPool:
                 command += ["--threads", str(per_worker), "--cpus", ",".join(map(str, mine))]
             log_path = self._dir / f"worker-{rank}.log"
             with open(log_path, "wb") as log:
-                # A new session: the terminal's Ctrl-C goes to the host, which shuts the workers down in order.
+                # Its own session / process group: the terminal's Ctrl-C goes to the host, which shuts the workers
+                # down in order.
                 process = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                           start_new_session=True)
+                                           **_DETACHED)
             self._workers.append(_Worker(rank, device, process, log_path))
 
     def _handshake(self, listener: Listener) -> None:
@@ -341,32 +326,21 @@ class WorkerPool:
         """Makes every worker hold `module` (a torch.nn.Module of model family `family`); ships its weights
         only when its fingerprint is new. A host that tracks its own weight versions (ComfyUI's patch uuid)
         passes `fingerprint`; otherwise it is computed by model_fingerprint. Returns the fingerprint."""
-        import torch
-
         fingerprint = fingerprint or model_fingerprint(module, family)
         with self._lock:  # check and load as one step: another thread may release or load meanwhile
             self.start()
             if fingerprint == self._loaded:
                 return fingerprint
             started = time.perf_counter()
-            # A worker on the GPU that holds the host's copy maps that copy (CUDA IPC): no second copy on it.
-            host_gpu = _only_cuda_device(module)
-            sharing = {w.rank for w in self._workers if w.device == host_gpu}
-            copying = {w.rank for w in self._workers} - sharing
-            path = self._dir / f"model-{fingerprint[:16]}.pt"
-            if copying:
-                torch.save(module, path)
-            shared = _share_cuda(module) if sharing else None
-            requests = {rank: Load(fingerprint, family, path=str(path)) for rank in copying}
-            requests.update({rank: Load(fingerprint, family, shared=shared) for rank in sharing})
+            requests, path, shipped = load_requests(module, family, fingerprint, self._workers, self._dir)
             try:
                 self.request(requests, "loading the model")
             finally:
-                path.unlink(missing_ok=True)  # workers keep their mappings; the file need not outlive the load
+                if path is not None:
+                    path.unlink(missing_ok=True)  # workers keep their mappings; the file need not outlive the load
             self._loaded = fingerprint
             self.stats.model_loads += 1
-            if copying:  # bytes written once for the workers that copy
-                self.stats.weights_bytes_shipped += sum(p.numel() * p.element_size() for p in module.state_dict().values())
+            self.stats.weights_bytes_shipped += shipped
             self.stats.last_load_seconds = time.perf_counter() - started
         return fingerprint
 
@@ -393,28 +367,6 @@ def loopback_interface() -> str | None:
     except (AttributeError, OSError):
         return None
     return next((name for name in ("lo", "lo0") if name in names), None)
-
-
-def _only_cuda_device(module) -> str | None:
-    """"cuda:N" when every parameter and buffer of `module` is on that one CUDA device, else None."""
-    devices = {t.device for t in itertools.chain(module.parameters(), module.buffers())}
-    if len(devices) != 1:
-        return None
-    device = devices.pop()
-    return f"cuda:{device.index}" if device.type == "cuda" else None
-
-
-def _share_cuda(module) -> bytes:
-    """`module` pickled with CUDA IPC handles instead of its weights: a process on the same GPU that unpickles
-    it maps the host's memory (torch keeps that memory alive until every such process has let go)."""
-    import io
-    from multiprocessing.reduction import ForkingPickler
-
-    import torch.multiprocessing  # noqa: F401  (registers torch's tensor reductions with ForkingPickler)
-
-    buffer = io.BytesIO()
-    ForkingPickler(buffer).dump(module)
-    return buffer.getvalue()
 
 
 def _kill_all(processes: list, folder: Path | None) -> None:

@@ -68,12 +68,31 @@ def temp_root() -> str | None:
     return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
 
 
-def peak_memory_bytes(device) -> int:
-    """Peak memory in bytes on `device` (a torch.device or a string such as "cuda:1" or "cpu").
+_LINUX_STATUS = "/proc/self/status"
+_LINUX_CLEAR_REFS = "/proc/self/clear_refs"
 
-    CUDA: the most torch has allocated on that device since the last reset_peak_memory. CPU: the whole process's
-    peak resident set so far (it includes everything the process holds, not just tensors, and cannot be reset).
-    0 on Windows without psutil.
+
+def _linux_peak_rss() -> int | None:
+    """VmHWM: this process's own peak resident set, in bytes (Linux). Unlike ru_maxrss, which a process started
+    by a large parent inherits across exec (a pool worker would report its host's peak), VmHWM starts afresh
+    with the process's address space and can be reset."""
+    try:
+        with open(_LINUX_STATUS) as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def peak_memory_bytes(device) -> int:
+    """Peak memory in bytes on `device` (a torch.device or a string such as "cuda:1" or "cpu"), since the last
+    reset_peak_memory.
+
+    CUDA: the most torch has allocated on that device. CPU: the process's peak resident set (everything the
+    process holds, not just tensors): Linux's VmHWM (resettable); elsewhere ru_maxrss (macOS) or the peak
+    working set (Windows, with psutil; else 0), which cannot be reset.
     """
     import torch
 
@@ -86,6 +105,9 @@ def peak_memory_bytes(device) -> int:
         except ImportError:
             return 0
         return psutil.Process().memory_info().peak_wset
+    peak = _linux_peak_rss()
+    if peak is not None:
+        return peak
     import resource
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -93,13 +115,19 @@ def peak_memory_bytes(device) -> int:
 
 
 def reset_peak_memory(device) -> None:
-    """Starts a new peak for peak_memory_bytes on a CUDA device. On CPU it does nothing: the figure there is the
-    process's peak resident set so far, which no portable call resets."""
+    """Starts a new peak for peak_memory_bytes: CUDA's counter; on Linux also the CPU's (VmHWM drops to what the
+    process holds now). Elsewhere the CPU figure is the process's peak so far."""
     import torch
 
     device = torch.device(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    elif os.path.exists(_LINUX_CLEAR_REFS):
+        try:
+            with open(_LINUX_CLEAR_REFS, "w") as clear:
+                clear.write("5")  # resets the peak resident set (proc(5): clear_refs)
+        except OSError:
+            pass
 
 
 def cpu_cores() -> list[int]:

@@ -17,6 +17,7 @@ import traceback
 
 from .messages import Computed, Forward, Hello, Load, Ping, Reply, RunSetup, Shutdown, Unload
 from .models.stages import synchronize
+from .portable import peak_memory_bytes, pin_to_cores, process_alive, reset_peak_memory
 
 WATCHDOG_PERIOD_S = 0.5
 
@@ -25,12 +26,8 @@ def _watch_host(host_pid: int) -> None:
     """Ends this process as soon as the host process is gone (killed, crashed, exited without shutdown)."""
     while True:
         time.sleep(WATCHDOG_PERIOD_S)
-        try:
-            os.kill(host_pid, 0)
-        except ProcessLookupError:
+        if not process_alive(host_pid):
             os._exit(3)
-        except PermissionError:
-            pass
 
 
 def _parse_args(argv):
@@ -133,23 +130,6 @@ def run_setup(state: WorkerState, message: RunSetup) -> dict:
     return {}
 
 
-def reset_peak_memory(device) -> None:  # TODO(merge): portable.reset_peak_memory
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def peak_memory_bytes(device) -> int:  # TODO(merge): portable.peak_memory_bytes
-    import resource
-
-    import torch
-
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 HANDLERS = {Load: WorkerState.load, Unload: WorkerState.unload, Forward: WorkerState.forward,
             Ping: WorkerState.ping, RunSetup: run_setup}
 
@@ -186,8 +166,8 @@ def main(argv=None) -> int:
     args = _parse_args(argv)
     if args.host_pid:
         threading.Thread(target=_watch_host, args=(args.host_pid,), daemon=True).start()
-    if args.cpus and hasattr(os, "sched_setaffinity"):
-        os.sched_setaffinity(0, {int(c) for c in args.cpus.split(",")})
+    if args.cpus:
+        pin_to_cores(int(c) for c in args.cpus.split(","))
     authkey = bytes.fromhex(os.environ.pop("TANDEM_AUTHKEY", ""))
     if not authkey:
         print("parallel_backend.worker: TANDEM_AUTHKEY is not set; workers are started by a WorkerPool",

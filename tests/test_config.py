@@ -127,3 +127,18 @@ def test_row_plans_cover_every_row_once_in_order(rows, branches, degrees, expect
 def test_cfg_split_refuses_a_call_without_both_branches():
     with pytest.raises(ValueError, match="needs a call holding both branches"):
         plan_rows(2, 1, {"cfg": 2})
+
+
+def test_gpu_pools_on_windows_are_refused_with_a_sentence(monkeypatch):
+    import sys
+
+    import torch
+
+    monkeypatch.setattr(sys, "platform", "win32")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(RuntimeError, match="GPU pools need NCCL, which PyTorch does not ship for Windows"):
+        resolve_devices(("cuda:0", "cuda:1"))
+    with pytest.raises(RuntimeError, match="use Linux or WSL2"):
+        resolve_devices(("auto",))
+    assert resolve_devices(("cpu", "cpu")) == ("cpu", "cpu")

@@ -42,7 +42,9 @@ def test_cfg_matches_one_device(session):
     assert (result.single.latents - result.tandem.latents).abs().max().item() <= 1e-4
     assert result.max_abs_diff <= 1  # pixels: at most a rounding step
     assert result.tandem.model_calls == result.single.model_calls == STEPS
-    assert result.speedup > 0 and result.devices == ("cpu", "cpu")
+    # the reported speed-up is the two runs' measured time per call, one over the other (not a timing test)
+    assert result.speedup == pytest.approx((result.single.seconds / STEPS) / (result.tandem.seconds / STEPS))
+    assert result.devices == ("cpu", "cpu")
     assert "per model call" in result.summary()
 
 
@@ -52,7 +54,9 @@ def test_asyncdiff_with_full_warmup_is_exact_and_without_is_close(session):
     assert (exact.single.latents - exact.tandem.latents).abs().max().item() <= 1e-4
     approx = generate_pair(session, "a handwritten 8", steps=STEPS, cfg=4.0, devices="cpu:2", strategy="asyncdiff",
                            warmup=1, stride=1, time_shift=True)
-    assert approx.speedup > 0 and approx.psnr_db > 0
+    # stale by one call after one exact step of 4: close to one device, not equal (measured: 28.5 dB)
+    assert 20 <= approx.psnr_db < float("inf")
+    assert approx.speedup == pytest.approx((approx.single.seconds / STEPS) / (approx.tandem.seconds / STEPS))
     assert approx.difference.size == approx.single.images[0].size
 
 

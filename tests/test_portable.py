@@ -39,9 +39,31 @@ def test_cpu_peak_memory_is_in_bytes_and_grows_with_an_allocation():
         "x = torch.ones(50_000_000)\n"  # 200 MB, every page written
         "print(before, peak_memory_bytes('cpu'))\n"
     )
-    before, after = map(int, _run_python(script).split())
+    # Linux keeps a process's peak resident set across exec, so a child of this (large) test process would start
+    # with our peak: a small interpreter in between starts the measured one from a small address space.
+    relay = f"import subprocess, sys; sys.exit(subprocess.run([sys.executable, '-c', {script!r}]).returncode)"
+    before, after = map(int, _run_python(relay).split())
     assert before > 10 * 2**20  # a python process with torch holds far more than 10 MiB
     assert 180e6 <= after - before <= 400e6, (before, after)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="Linux only: VmHWM and clear_refs")
+def test_cpu_peak_is_the_process_own_and_resets_on_linux():
+    # started straight from this large test process: its own peak must not include ours (ru_maxrss would)
+    script = (
+        "import torch\n"
+        "from parallel_backend.portable import peak_memory_bytes, reset_peak_memory\n"
+        "x = torch.ones(50_000_000)\n"  # 200 MB
+        "high = peak_memory_bytes('cpu')\n"
+        "del x\n"
+        "reset_peak_memory('cpu')\n"
+        "print(high, peak_memory_bytes('cpu'))\n"
+    )
+    ballast = torch.ones(150_000_000)  # 600 MB more in this process before the child starts
+    high, after_reset = map(int, _run_python(script).split())
+    del ballast
+    assert 200e6 <= high < 200e6 + 500 * 2**20  # the child's torch + its 200 MB, not this process's peak
+    assert high - after_reset >= 180e6  # the reset forgot the freed 200 MB
 
 
 def test_cuda_devices_read_and_reset_torch_s_counters(monkeypatch):

@@ -29,7 +29,7 @@ export function renderStatus(el, status) {
     ? row("strategy", escape(run.strategy)) +
       row("model calls", run.calls) +
       row("time per call", `${(1000 * run.median_seconds_per_call).toFixed(1)} ms (median)`) +
-      row("estimated speed-up", `${run.estimated_speedup.toFixed(2)}x <small>(device time / wall time)</small>`)
+      row("device utilisation", `${(100 * run.device_utilisation).toFixed(0)}% <small>(devices' compute time / (devices x wall time); not a speed-up)</small>`)
     : row("last run", "none yet");
   el.innerHTML = `<style>${css}</style><div class="tandem-panel">
     <h3>Tandem · multi-GPU sampling</h3>

@@ -5,7 +5,6 @@ No gradio here: the UI in `app.py` calls these functions, and tests call them di
 
 from __future__ import annotations
 
-import os
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ from ..mesh import check_job
 from ..oracle import psnr
 from ..config import ParallelConfig, parse_devices
 from ..pool import WorkerPool
+from ..portable import cpu_cores
 from ..sampling import Generation, GenerationRequest
 
 DIFF_GAIN = 10  # the difference image shows |a - b| x DIFF_GAIN
@@ -159,7 +159,7 @@ def generate_pair(session: DemoSession, prompt: str, negative_prompt: str = "", 
         mesh = check_job(config, len(pool.devices), request.cfg != 1.0)
         label = config.strategy if config.strategy != "auto" else f"auto ({mesh.strategy})"
         cpu = all(d == "cpu" for d in pool.devices)
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        cores = len(cpu_cores())
         progress(0.15, "one device")
         with _threads(cores // len(pool.devices) if cpu else torch.get_num_threads()):
             single = pipeline.generate(request, progress=False)

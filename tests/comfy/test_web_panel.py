@@ -27,7 +27,7 @@ def test_panel_screenshot_shows_devices_and_last_run(comfy_server, comfy, tmp_pa
              "--window-size=520,420", "--virtual-time-budget=4000"]
     dom = subprocess.run([CHROMIUM, *flags, "--dump-dom", comfy_server.url + "/tandem/panel"], capture_output=True,
                          text=True, timeout=120).stdout
-    assert "Tandem" in dom and "cpu #0" in dom and "cpu #1" in dom and "estimated speed-up" in dom, dom[-2000:]
+    assert "Tandem" in dom and "cpu #0" in dom and "cpu #1" in dom and "device utilisation" in dom, dom[-2000:]
     assert "running" in dom
     subprocess.run([CHROMIUM, *flags, f"--screenshot={shot}", comfy_server.url + "/tandem/panel"],
                    capture_output=True, timeout=120)
@@ -64,7 +64,7 @@ def test_sidebar_tab_inside_comfyui_shows_the_pool(comfy_server, comfy, tmp_path
             browser.execute_script("arguments[0].remove()", mask)
         browser.execute_script("arguments[0].closest('button').click()", icon)
         panel = wait.until(ready.visibility_of_element_located((By.CSS_SELECTOR, ".tandem-panel")))
-        wait.until(lambda _: "estimated speed-up" in panel.text)
+        wait.until(lambda _: "device utilisation" in panel.text)
         text = panel.text
         shot = tmp_path / "tandem_sidebar_tab.png"
         browser.save_screenshot(str(shot))

@@ -1,0 +1,73 @@
+"""Model shipping: which weights the workers hold (a fingerprint) and how a model reaches them.
+
+A worker on the GPU that holds the host's copy maps that copy through CUDA IPC (no second copy on that
+device); every other worker maps one file the host writes once (in shared memory where the platform has it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import weakref
+from pathlib import Path
+
+from .messages import Load
+
+_TENSOR_LISTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def model_fingerprint(module, family: str) -> str:
+    """Identity + weights' storage, dtype, shape and version counter: changes when the model or its weights
+    do (an in-place LoRA merge bumps the version counters), stays the same across calls and jobs otherwise.
+
+    The module's tensor list is walked once and cached (a walk costs ~ms per call on a UNet); a parameter
+    replaced by a new tensor object after that is therefore not seen: replace weights in place, or clone.
+    """
+    tensors = _TENSOR_LISTS.get(module)
+    if tensors is None:
+        tensors = _TENSOR_LISTS[module] = list(itertools.chain(module.named_parameters(), module.named_buffers()))
+    digest = hashlib.sha256(f"{family}|{type(module).__module__}.{type(module).__qualname__}|{id(module)}".encode())
+    digest.update(repr([(name, str(t.dtype), tuple(t.shape), t.data_ptr(), t._version) for name, t in tensors]).encode())
+    return digest.hexdigest()
+
+
+def load_requests(module, family: str, fingerprint: str, workers, folder: Path) -> tuple[dict, Path | None, int]:
+    """The Load message of every worker (objects with .rank and .device), the file written for the workers
+    that copy (None if none does; the caller removes it once they have loaded) and the bytes it holds."""
+    import torch
+
+    host_gpu = _only_cuda_device(module)
+    sharing = {w.rank for w in workers if w.device == host_gpu}
+    copying = {w.rank for w in workers} - sharing
+    path, shipped = None, 0
+    if copying:
+        path = folder / f"model-{fingerprint[:16]}.pt"
+        torch.save(module, path)
+        shipped = sum(t.numel() * t.element_size() for t in module.state_dict().values())
+    requests = {rank: Load(fingerprint, family, path=str(path)) for rank in copying}
+    if sharing:
+        shared = _share_cuda(module)
+        requests.update({rank: Load(fingerprint, family, shared=shared) for rank in sharing})
+    return requests, path, shipped
+
+
+def _only_cuda_device(module) -> str | None:
+    """"cuda:N" when every parameter and buffer of `module` is on that one CUDA device, else None."""
+    devices = {t.device for t in itertools.chain(module.parameters(), module.buffers())}
+    if len(devices) != 1:
+        return None
+    device = devices.pop()
+    return f"cuda:{device.index}" if device.type == "cuda" else None
+
+
+def _share_cuda(module) -> bytes:
+    """`module` pickled with CUDA IPC handles instead of its weights: a process on the same GPU that unpickles
+    it maps the host's memory (torch keeps that memory alive until every such process has let go)."""
+    import io
+    from multiprocessing.reduction import ForkingPickler
+
+    import torch.multiprocessing  # noqa: F401  (registers torch's tensor reductions with ForkingPickler)
+
+    buffer = io.BytesIO()
+    ForkingPickler(buffer).dump(module)
+    return buffer.getvalue()
