@@ -153,7 +153,8 @@ def serve(channel, state: WorkerState) -> None:
             handler = handlers.get(type(request))
             if handler is None:
                 raise TypeError(f"unknown request {type(request).__name__}")
-            reset_peak_memory(state.device)
+            if not isinstance(request, Ping):  # a ping reports the last request's peak
+                reset_peak_memory(state.device)
             value = handler(state, request)
             reply = Reply(value=value, seconds=time.perf_counter() - started, peak_bytes=peak_memory_bytes(state.device))
         except Exception as exc:  # reported to the host, which names this worker and the call
