@@ -81,13 +81,13 @@ class Runtime:
         """The number of the next model call of sampling run `run_id` (0 for a new run)."""
         return self.last_run["calls"] if self.last_run.get("id") == run_id else 0
 
-    def record_call(self, run_id: int, devices: list, strategy: str, seconds: float, compute: dict) -> None:
+    def record_call(self, run_id: int, devices: list, strategy: str, mesh: str, seconds: float, compute: dict) -> None:
         """Per-call figures of the current sampling run (a new run id starts a new record)."""
         with self.lock:
             if self.last_run.get("id") != run_id:
                 self.runs += 1
                 self.last_run = {"id": run_id, "calls": 0, "seconds": [], "devices": devices, "strategy": strategy,
-                                 "started": time.time()}
+                                 "mesh": mesh, "started": time.time()}
             run = self.last_run
             run["calls"] += 1
             run["seconds"].append(round(seconds, 6))

@@ -26,7 +26,7 @@ export function renderStatus(el, status) {
   const devices = (status.devices || [])
     .map((d, i) => `<span class="device">${escape(d)} #${i}${mib(peaks[i])}</span>`).join("");
   const lastRun = run.calls
-    ? row("strategy", escape(run.strategy)) +
+    ? row("strategy", escape(run.mesh || run.strategy)) +
       row("model calls", run.calls) +
       row("time per call", `${(1000 * run.median_seconds_per_call).toFixed(1)} ms (median)`) +
       row("device utilisation", `${(100 * run.device_utilisation).toFixed(0)}% <small>(devices' compute time / (devices x wall time); not a speed-up)</small>`)
