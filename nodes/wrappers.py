@@ -51,13 +51,56 @@ def batch_cond_and_uncond(executor, model, conds, x_in, timestep, model_options)
     model_options.setdefault("transformer_options", {})[KEY] = {
         "weights": f"{id(model)}:{model.current_weight_patches_uuid}", "base_model": weakref.ref(model),
         "lowvram": bool(getattr(model, "model_lowvram", False)), "id": model_options[RUN_KEY]}
-    had_own = "memory_required" in vars(model)
-    model.memory_required = lambda *args, **kwargs: 0  # the host only gathers; the workers hold the activations
+    # ComfyUI batches cond and uncond only while model.memory_required(...) * 1.5 fits the host device's free
+    # memory. A call that goes to the pool holds no activations on the host, so it sees an estimate of 0; every
+    # other call (stock path) keeps ComfyUI's estimate. `model` is the BaseModel that every clone of the
+    # ModelPatcher shares: it is never changed, the call gets a view of it instead.
+    if _goes_to_pool(model, conds, model_options):
+        model = _NoHostActivations(model)
+    return executor(model, conds, x_in, timestep, model_options)
+
+
+class _NoHostActivations:
+    """The host's BaseModel as ComfyUI's cond batching sees it for a call that runs on the pool: every attribute
+    is the model's own (read and written through), except the memory estimate, which is 0."""
+
+    __slots__ = ("_model",)
+
+    def __init__(self, model):
+        object.__setattr__(self, "_model", model)
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+    def __setattr__(self, name, value):
+        setattr(self._model, name, value)
+
+    @staticmethod
+    def memory_required(*args, **kwargs):
+        return 0
+
+
+def _goes_to_pool(model, conds, model_options) -> bool:
+    """Whether PoolForward will send this cond batch's calls to the pool (the same checks, in its order);
+    when in doubt False: ComfyUI's own estimate then decides, as on the stock path."""
+    if "multigpu_clones" in model_options:  # ComfyUI's MultiGPU CFG Split batches per device itself
+        return False
+    if _host_only_reason(model_options.get("transformer_options", {})) is not None:
+        return False
+    if any("gligen" in c or c.get("hooks") is not None for cond in conds if cond for c in cond):
+        return False  # their patches join the call's transformer_options only inside the batching
+    if not _is_unet(model.diffusion_model):
+        return False
+    forwards = [w for w in comfy.patcher_extension.get_wrappers_with_key(
+        comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, KEY, model_options, is_model_options=True)
+        if isinstance(w, PoolForward)]
+    if not forwards:
+        return False
     try:
-        return executor(model, conds, x_in, timestep, model_options)
-    finally:
-        if not had_own:
-            del model.memory_required
+        pool = RUNTIME.get_pool(forwards[-1].config.devices)
+    except Exception:  # PoolForward meets the same error and says so
+        return False
+    return len(pool.devices) >= 2
 
 
 def _is_unet(module) -> bool:

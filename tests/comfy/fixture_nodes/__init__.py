@@ -115,6 +115,42 @@ class TandemTestTinyControlNet:
         return (comfy.controlnet.ControlNet(control_model, load_device=comfy.model_management.get_torch_device()),)
 
 
+class TandemTestBatchProbe:
+    """Records how ComfyUI batches each model call of a sampling run: one JSON line per call (its chunks, as in
+    cond_or_uncond) in output/probes/<name>.jsonl. memory_usage_factor > 0 replaces the model's factor while this
+    clone is loaded (an object patch), so ComfyUI's memory estimate can be made to exceed any free memory."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL",), "name": ("STRING", {"default": "probe"}),
+                             "memory_usage_factor": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1e15})}}
+
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "build"
+    CATEGORY = "testing"
+
+    def build(self, model, name, memory_usage_factor=0.0):
+        import json
+        import os
+
+        import folder_paths
+
+        path = os.path.join(folder_paths.get_output_directory(), "probes", f"{name}.jsonl")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        patched = model.clone()
+        if memory_usage_factor > 0:
+            patched.add_object_patch("memory_usage_factor", memory_usage_factor)
+
+        def record(apply_model, args):
+            with open(path, "a") as out:
+                out.write(json.dumps(list(args["cond_or_uncond"])) + "\n")
+            return apply_model(args["input"], args["timestep"], **args["c"])
+
+        patched.set_model_unet_function_wrapper(record)
+        return (patched,)
+
+
 NODE_CLASS_MAPPINGS = {"TandemTestTinySD1Model": TandemTestTinySD1Model,
                        "TandemTestConditioning": TandemTestConditioning,
-                       "TandemTestTinyControlNet": TandemTestTinyControlNet}
+                       "TandemTestTinyControlNet": TandemTestTinyControlNet,
+                       "TandemTestBatchProbe": TandemTestBatchProbe}
