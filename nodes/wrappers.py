@@ -1,7 +1,8 @@
 """How Tandem sits inside ComfyUI's sampling: two wrappers installed on a cloned ModelPatcher.
 
-- CALC_COND_BATCH: cond and uncond always reach the model as one batch (the work runs on the workers, so the
-  host device's free memory must not split them apart), and the weights' identity travels with the call.
+- CALC_COND_BATCH: a call that goes to the pool gets cond and uncond as one batch (the work runs on the
+  workers, so the host device's free memory must not split them apart); any other call keeps ComfyUI's
+  memory estimate. The weights' identity travels with the call.
 - DIFFUSION_MODEL: each UNet call is split over the pool; anything that cannot travel to a worker (a model
   patch that is a host function, weights only partly loaded) takes the stock path, and the log says why.
 """

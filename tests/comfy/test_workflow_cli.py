@@ -32,12 +32,12 @@ def test_a_rejected_workflow_gives_a_readable_error(comfy_server, tmp_path):
 
 def test_a_failing_node_is_named(comfy_server, comfy, tmp_path):
     broken = comfy.sampler_workflow("TandemKSampler", "cli_fail", "cfg")
-    broken["8"]["inputs"]["devices"] = "cpu:3"  # cfg needs an even device count: the settings node raises
+    broken["8"]["inputs"]["devices"] = "cpu:1"  # cfg needs two devices: the settings node raises
     workflow = tmp_path / "fail.json"
     workflow.write_text(json.dumps(broken))
     run = tandem("workflow", "run", str(workflow), "--server", comfy_server.url, "--quiet")
     assert run.returncode != 0 and "node 8 (TandemSettings) failed" in run.stderr, run.stderr
-    assert "even number of devices" in run.stderr
+    assert "cfg 2 x batch 1 = 2 devices, but there are 1" in run.stderr
 
 
 def test_the_multi_gpu_sampler_reports_progress_every_step(comfy_server, comfy, tmp_path):
@@ -49,7 +49,13 @@ def test_the_multi_gpu_sampler_reports_progress_every_step(comfy_server, comfy, 
     run_workflow(str(workflow), comfy_server.url, [], str(tmp_path / "out"), 300,
                  lambda node, value, total: seen.append((node, value, total)))
     sampler = [(value, total) for node, value, total in seen if node == "5"]
-    assert [value for value, _ in sampler] == list(range(1, 7)) and {total for _, total in sampler} == {6}, seen
+    values = [value for value, _ in sampler]
+    assert {total for _, total in sampler} == {6}, seen
+    version = comfy_server.get("/system_stats")["system"]["comfyui_version"]
+    if tuple(int(part) for part in version.split(".")[:2]) < (0, 24):
+        assert values == list(range(1, 7)), seen
+    else:  # v0.24's ProgressBar drops updates closer than 100 ms to the last one (never the first or the last)
+        assert values[0] == 1 and values[-1] == 6 and values == sorted(set(values)), seen
 
 
 def test_compare_times_the_workflow_against_its_stock_twin_and_compares_outputs(comfy_server, comfy, tmp_path):
