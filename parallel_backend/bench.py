@@ -59,7 +59,8 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 def _other_load() -> "callable":
     """Starts watching the machine; the returned function gives the share of all cores that processes other
-    than this one and its children (the workers) kept busy since (0 where psutil is missing)."""
+    than this one and its children (the workers, running or ended) kept busy since (0 where psutil is
+    missing)."""
     try:
         import psutil
     except ImportError:
@@ -67,7 +68,8 @@ def _other_load() -> "callable":
     me = psutil.Process()
 
     def ours() -> float:
-        total = sum(me.cpu_times()[:2])
+        times = me.cpu_times()  # children_*: children already waited for (e.g. a stopped pool's workers)
+        total = times.user + times.system + times.children_user + times.children_system
         for child in me.children(recursive=True):
             try:
                 total += sum(child.cpu_times()[:2])

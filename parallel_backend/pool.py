@@ -190,8 +190,10 @@ class WorkerPool:
             with open(log_path, "wb") as log:
                 # Its own session / process group: the terminal's Ctrl-C goes to the host, which shuts the workers
                 # down in order.
-                process = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                           **_DETACHED)
+                # Started in the pool's own folder: `python -m` puts the working directory first on the import
+                # path, and the host's (e.g. this pack's root, with its nodes/) must not shadow host modules.
+                process = subprocess.Popen(command, env=env, cwd=self._dir, stdin=subprocess.DEVNULL, stdout=log,
+                                           stderr=log, **_DETACHED)
             self._workers.append(_Worker(rank, device, process, log_path))
 
     def _handshake(self, listener: Listener) -> None:

@@ -66,3 +66,26 @@ def test_bench_reports_asyncdiff_cut_and_transfers(tmp_path, capsys):
     assert row["transfer_bytes_per_call_median"] > 0 and row["warmup"] == 4
     assert row["transfer_seconds_alone"] > 0 and 0 <= row["overlapped_fraction"] <= 1
     assert "asyncdiff: 2 stages, work shares" in table
+
+
+def test_the_bench_notices_other_load_on_the_machine():
+    import subprocess
+    import sys
+    import time
+
+    from parallel_backend.bench import _other_load
+
+    share = _other_load()
+    busy = f"{sys.executable} -c 'import time\nend = time.time() + 1.5\nwhile time.time() < end: pass'"
+    subprocess.run(["sh", "-c", f"{busy} &"], timeout=30)  # not this process's child: an orphan of sh
+    time.sleep(2.0)
+    assert share() >= 0.2  # one busy core of at most a few, while this process slept
+
+
+def test_a_disturbed_run_says_so_in_its_table():
+    from parallel_backend.bench import _spread, format_table
+
+    assert _spread([1.0, 1.05, 1.02]) < 0.10 < _spread([1.0, 1.2])
+    report = {"model": "tiny", "resolution": [32, 32], "steps": 3, "devices": ["cpu", "cpu"], "threads_per_device": 1,
+              "results": [], "disturbed": ["serial (1 image(s), cfg 7.5): repeats spread 20% (> 10%)"]}
+    assert "DISTURBED RUN, figures unreliable: serial (1 image(s), cfg 7.5): repeats spread 20%" in format_table(report)

@@ -145,3 +145,15 @@ def test_an_unknown_device_fails_before_any_process_starts():
     with pytest.raises(ValueError, match="cuda:7 does not exist"):
         pool.start()
     assert not pool.started
+
+
+def test_the_hosts_modules_come_first_on_the_workers_import_path(tmp_path):
+    # ComfyUI has a top-level nodes.py; this pack has a nodes/ package: a worker must import the host's
+    host = tmp_path / "host"
+    host.mkdir()
+    (host / "nodes.py").write_text("WHOSE = 'the host'\n")
+    report = tmp_path / "report.txt"
+    setup = tmp_path / "setup.py"
+    setup.write_text("def configure(path):\n    import nodes\n    open(path, 'w').write(nodes.WHOSE)\n")
+    with WorkerPool("cpu:1", import_paths=(str(host),), worker_setup=(str(setup), "configure", str(report))):
+        assert report.read_text() == "the host"
