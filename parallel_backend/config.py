@@ -8,6 +8,7 @@ the registry's (`strategies.names()`), plus "auto".
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -131,7 +132,7 @@ class ParallelConfig:
             raise ValueError(f"warmup must be a whole number of sampler steps >= 0; got {self.warmup}")
         if self.stride not in (1, 2):
             raise ValueError(f"stride must be 1 or 2; got {self.stride}")
-        if self.timeout_s <= 0:
-            raise ValueError(f"timeout_s must be > 0; got {self.timeout_s}")
+        if not (isinstance(self.timeout_s, (int, float)) and math.isfinite(self.timeout_s) and self.timeout_s > 0):
+            raise ValueError(f"timeout_s must be a finite number of seconds > 0; got {self.timeout_s!r}")
         if self.device_list != ("auto",):
             mesh.resolve(self, len(self.device_list))  # the degrees must fit the named devices

@@ -11,6 +11,8 @@ starts afresh on the next job. Workers leave with the host (they watch its proce
 
 from __future__ import annotations
 
+import logging
+import math
 import os
 import secrets
 import shutil
@@ -22,6 +24,7 @@ import threading
 import time
 import weakref
 from dataclasses import dataclass, field
+from multiprocessing import AuthenticationError
 from multiprocessing.connection import wait
 from pathlib import Path
 
@@ -32,6 +35,7 @@ from .shipping import load_requests, model_fingerprint
 from .transport import Channel, ChannelClosed, Listener
 
 PACKAGE_PARENT = str(Path(__file__).resolve().parent.parent)
+log = logging.getLogger("tandem")
 
 
 class WorkerError(RuntimeError):
@@ -51,6 +55,7 @@ class PoolStats:
     model_loads: int = 0
     weights_bytes_shipped: int = 0
     calls: int = 0
+    refused_connections: int = 0  # connections to the start-up handshake that failed authentication
     last_load_seconds: float = 0.0
     failures: list = field(default_factory=list)  # the latest MAX_FAILURES_KEPT error messages
 
@@ -105,6 +110,10 @@ class WorkerPool:
                  start_timeout_s: float = 120.0, pg_timeout_s: float = 60.0, import_paths: tuple[str, ...] = (),
                  worker_setup: tuple[str, str, object] | None = None, interface: str | None = None):
         self.requested_devices = parse_devices(devices)
+        for name, value in (("timeout_s", timeout_s), ("start_timeout_s", start_timeout_s),
+                            ("pg_timeout_s", pg_timeout_s)):
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a finite number of seconds > 0; got {value!r}")
         self.import_paths = tuple(import_paths)
         self.interface = interface
         # (python file, function, argument): run in every worker once it has joined, before any model arrives,
@@ -138,7 +147,12 @@ class WorkerPool:
         return [w.process.pid for w in self._workers]
 
     def start(self) -> "WorkerPool":
-        """Starts the workers if they are not running (idempotent); returns once all joined the group."""
+        """Starts the workers if they are not running (idempotent, thread-safe: a second caller waits for the
+        first one's start); returns once all joined the group."""
+        with self._lock:
+            return self._start()
+
+    def _start(self) -> "WorkerPool":
         if self._workers:
             return self
         devices = resolve_devices(self.requested_devices)
@@ -208,6 +222,12 @@ class WorkerPool:
             try:
                 conn = listener.accept(timeout=0.5)
             except TimeoutError:
+                continue
+            except (AuthenticationError, EOFError, OSError) as exc:
+                # Some other local process (garbage, a forged hello, a silent peer): nothing it sent was
+                # unpickled; keep waiting for our own workers until the deadline.
+                self.stats.refused_connections += 1
+                log.warning("Tandem: refused a connection to the pool's handshake (%s: %s)", type(exc).__name__, exc)
                 continue
             channel = Channel(conn, "worker")
             hello = channel.recv(timeout=10.0)
