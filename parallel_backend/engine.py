@@ -136,7 +136,6 @@ class ParallelExecutor:
         self.jobs.new_job()
 
     def run(self, module, family: str, call: ModelCall, fingerprint: str | None = None) -> CallResult:
-        self.pool.start()
         return self.engine.run(module, family, self.jobs.place(call), self.config, fingerprint)
 
     def __call__(self, module, family: str, call: ModelCall, fingerprint: str | None = None):

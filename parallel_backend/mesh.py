@@ -53,9 +53,12 @@ class Mesh:
     def ranks(self, group: int) -> range:
         return range(group * self.inner, (group + 1) * self.inner)
 
+    def product(self) -> str:
+        """The degrees as written in messages: "cfg 2 x batch 1 x stages 2"."""
+        return " x ".join(f"{name} {degree}" for name, degree in self.degrees().items())
+
     def describe(self) -> str:
-        text = " x ".join(f"{name} {degree}" for name, degree in self.degrees().items())
-        return f"{self.strategy} ({text})" + (f", {self.idle} device(s) idle" if self.idle else "")
+        return f"{self.strategy} ({self.product()})" + (f", {self.idle} device(s) idle" if self.idle else "")
 
 
 def resolve(config, n_devices: int, branches: int = 2, rows: int | None = None) -> Mesh:
@@ -76,8 +79,7 @@ def resolve(config, n_devices: int, branches: int = 2, rows: int | None = None) 
         inner = getattr(config, strategy.axis, None) or max(1, n_devices // (cfg * batch))
     mesh = Mesh(strategy.name, cfg, batch, inner, n_devices)
     if mesh.size > n_devices:
-        product = " x ".join(f"{name} {degree}" for name, degree in mesh.degrees().items())
-        raise ValueError(f"strategy {strategy.name!r}: {product} = {mesh.size} devices, but there are {n_devices}; "
+        raise ValueError(f"strategy {strategy.name!r}: {mesh.product()} = {mesh.size} devices, but there are {n_devices}; "
                          "give more devices or smaller degrees")
     if branches == 1 and cfg == 2:
         mesh = Mesh(strategy.name, 1, batch * 2, inner, n_devices)

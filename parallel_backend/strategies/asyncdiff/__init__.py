@@ -83,9 +83,7 @@ class AsyncDiff(Strategy):
     def probe_transfer(self, engine, rows: int, repeats: int = 5) -> float:
         """Seconds to hand the first cut's tensors (`rows` rows) from stage 0 to stage 1, nothing else running."""
         plan = self.stage_plan(engine)
-        specs = tuple((rows, *shape) for shape, _ in plan["crossing"][0])
-        dtypes = tuple(dtype for _, dtype in plan["crossing"][0])
-        specs = tuple(zip(specs, dtypes)) + (((rows,), "float64"),)
+        specs = (*(((rows, *shape), dtype) for shape, dtype in plan["crossing"][0]), ((rows,), "float64"))
         replies = engine.request({0: ProbeExchange(plan["fingerprint"], 1, True, specs, repeats),
                                   1: ProbeExchange(plan["fingerprint"], 0, False, specs, repeats)},
                                  "timing an exchange", collective=True)
