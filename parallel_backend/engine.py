@@ -5,6 +5,10 @@ strategy for per-rank work, sends it, and hands the replies back to the strategy
 outlive a call lives here, per pool, behind one lock: each strategy's state (asyncdiff's measured profiles
 and the stage setup the workers hold), job numbers, what the log was already told. Hosts hold a
 `ParallelExecutor`: a config plus the host's own job tracking, bound to the pool's engine.
+
+Jobs queue: a host thread inside `executor.job()` owns the engine until its sampling run ends (asyncdiff keeps
+state between the calls of a job, and a second model's calls would swap models under it); calls made outside
+a job are jobs of one call.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
 from . import strategies
@@ -38,7 +43,7 @@ class CallResult:
 class Engine:
     def __init__(self, pool):
         self.pool = pool
-        self._lock = threading.RLock()
+        self._lock = threading.RLock()  # one job at a time (held by the thread whose job runs)
         self._states: dict[str, dict] = {}
         self._job_numbers = itertools.count(1)
         self._said: set[str] = set()
@@ -53,12 +58,19 @@ class Engine:
             return next(self._job_numbers)
 
     def pool_generation(self) -> tuple:
-        """Changes whenever the workers' held state is lost (a restart) or replaced (another model loaded)."""
-        return (self.pool.stats.starts, self.pool.loaded_fingerprint)
+        """Changes whenever the workers' held state may be lost (a restart, a model loaded or dropped)."""
+        return (self.pool.stats.starts, self.pool.stats.model_loads, self.pool.loaded_fingerprints)
 
-    def request(self, work: dict, what: str, collective: bool = False) -> dict:
-        """Sends each rank its message; returns rank -> the reply's value (errors raise WorkerError)."""
-        replies = self.pool.request(work, what, collective=collective)
+    @contextmanager
+    def job(self):
+        """Holds the engine for one job: other threads' calls wait until the block ends."""
+        with self._lock:
+            yield self
+
+    def request(self, work: dict, what: str, collective: bool = False, kind=None) -> dict:
+        """Sends each rank its message; returns rank -> the reply's value (errors raise WorkerError).
+        kind: the kind of call, whose measured time sets its deadline (see WorkerPool.request)."""
+        replies = self.pool.request(work, what, collective=collective, kind=kind)
         return {rank: reply.value for rank, reply in replies.items()}
 
     def run(self, module, family: str, call: ModelCall, config: ParallelConfig,
@@ -71,7 +83,9 @@ class Engine:
             strategy = strategies.get(mesh.strategy)
             work = strategy.plan(self, call, mesh, config, fingerprint)
             step = "" if call.step is None else f" (step {call.step})"
-            computed = self.request(work, f"call {call.index}{step}", collective=strategy.collective)
+            kind = (fingerprint, mesh.describe(), tuple(call.x.shape), str(call.x.dtype),
+                    None if call.context is None else tuple(call.context.shape))
+            computed = self.request(work, f"call {call.index}{step}", collective=strategy.collective, kind=kind)
             out = strategy.gather(call, mesh, computed)
             self.pool.stats.calls += 1
         return CallResult(out, mesh, {r: c.compute_s for r, c in computed.items()},
@@ -134,6 +148,13 @@ class ParallelExecutor:
     def new_job(self) -> None:
         """The next call starts a new sampling run (fresh stale state for approximate strategies)."""
         self.jobs.new_job()
+
+    @contextmanager
+    def job(self):
+        """One sampling run: a new job whose calls no other thread's calls interleave with (they wait)."""
+        with self.engine.job():
+            self.jobs.new_job()
+            yield self
 
     def run(self, module, family: str, call: ModelCall, fingerprint: str | None = None) -> CallResult:
         return self.engine.run(module, family, self.jobs.place(call), self.config, fingerprint)

@@ -23,17 +23,23 @@ class Hello:
 
 @dataclass(frozen=True)
 class Load:
-    """Hold this model (one at a time): from a file (`path`) or the host's own GPU copy (`shared`: CUDA IPC)."""
+    """Hold this model, from a file (`path`) or the host's own GPU copy (`shared`: CUDA IPC), besides the ones
+    in `keep` (the host's choice of what stays loaded; every other model is dropped first). `bytes`: the
+    weights' size, so a GPU worker short of memory drops the kept models too (its reply says what it holds)."""
 
     fingerprint: str
     family: str
     path: str | None = None
     shared: bytes | None = None
+    keep: tuple[str, ...] = ()
+    bytes: int = 0
 
 
 @dataclass(frozen=True)
 class Unload:
-    pass
+    """Drop the model with this fingerprint (None: every model)."""
+
+    fingerprint: str | None = None
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ definition of PSNR used by the bench, the tests and the demo.
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -71,8 +72,6 @@ def run_once(model, job: Job, resolution, steps: int, result: LoopResult, timed:
     weight = next(model.unet.parameters())
     context, uncond = context.to(weight.device, weight.dtype), uncond.to(weight.device, weight.dtype)
     run = LoopResult()
-    if executor is not None:
-        executor.new_job()
 
     def denoiser(x, t, ctx):
         call = ModelCall(x, t, ctx, model.extras(x.shape[0]), branches=2 if job.cfg != 1.0 else 1,
@@ -90,8 +89,9 @@ def run_once(model, job: Job, resolution, steps: int, result: LoopResult, timed:
         return done.out
 
     started = time.perf_counter()
-    result.latents, _ = denoise(denoiser, make_scheduler("ddim", SCHEDULER_CONFIG), noise, context, uncond, job.cfg,
-                                steps, progress=False)
+    with executor.job() if executor is not None else nullcontext():
+        result.latents, _ = denoise(denoiser, make_scheduler("ddim", SCHEDULER_CONFIG), noise, context, uncond,
+                                    job.cfg, steps, progress=False)
     if timed:
         result.end_to_end.append(time.perf_counter() - started)
         for name in ("per_call", "overhead", "compute", "calls"):

@@ -2,11 +2,13 @@
 typed requests to them.
 
 The host starts the workers once (`python -m parallel_backend.worker`), ships each model to them once per
-fingerprint (shipping.py: a file in shared memory that CPU workers map rather than copy, or CUDA IPC), and
-then sends every worker its request (messages.py) and gathers the replies; what the requests are is the
-engine's and the strategies' business. Every wait is bounded; a worker that dies is
-noticed from its process ending, the error names its device and the call, the pool tears itself down and
-starts afresh on the next job. Workers leave with the host (they watch its process).
+fingerprint (shipping.py: a file in shared memory that CPU workers map rather than copy, or CUDA IPC; up to
+`max_models` stay loaded), and then sends every worker its request (messages.py) and gathers the replies;
+what the requests are is the engine's and the strategies' business. Every wait is bounded (deadlines.py): a
+worker that dies is noticed from its process ending, one that hangs from its silent heartbeat or a call far
+slower than its kind's median; the error names that worker (not a peer that failed because of it) and the
+call, the pool tears itself down and starts afresh on the next job. Workers leave with the host (they watch
+its process) and no file of the pool outlives it (pool_files.py).
 """
 
 from __future__ import annotations
@@ -15,11 +17,9 @@ import logging
 import math
 import os
 import secrets
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import weakref
@@ -28,11 +28,14 @@ from multiprocessing import AuthenticationError
 from multiprocessing.connection import wait
 from pathlib import Path
 
+from . import pool_files
 from .config import parse_devices, resolve_devices
+from .deadlines import SILENT_S, CallClock, load_bound
 from .messages import Hello, Ping, Reply, RunSetup, Shutdown, Unload
-from .portable import cpu_cores, temp_root
-from .shipping import load_requests, model_fingerprint
+from .portable import cpu_cores
+from .shipping import load_requests, model_bytes, model_fingerprint
 from .transport import Channel, ChannelClosed, Listener
+from .worker import heartbeat_path
 
 PACKAGE_PARENT = str(Path(__file__).resolve().parent.parent)
 log = logging.getLogger("tandem")
@@ -66,7 +69,9 @@ class _Worker:
     device: str
     process: subprocess.Popen
     log_path: Path
+    heartbeat: Path
     channel: Channel | None = None
+    spawned: float = field(default_factory=time.time)
 
     @property
     def name(self) -> str:
@@ -74,6 +79,25 @@ class _Worker:
 
     def alive(self) -> bool:
         return self.process.poll() is None
+
+    def silent_for(self) -> float:
+        """Seconds since the worker last renewed its heartbeat (since it was started, before the first)."""
+        try:
+            last = self.heartbeat.stat().st_mtime
+        except OSError:
+            last = self.spawned
+        return max(0.0, time.time() - last)
+
+    def hang_note(self) -> str:
+        """Why a live worker does not answer: its process stopped, or frozen without a sign of life."""
+        import psutil
+
+        try:
+            stopped = psutil.Process(self.process.pid).status() == psutil.STATUS_STOPPED
+        except psutil.Error:
+            stopped = False
+        state = "its process is stopped (SIGSTOP or a debugger)" if stopped else "its process is frozen"
+        return f"stopped answering: no sign of life for {self.silent_for():.0f} s, {state}"
 
     def death_note(self) -> str:
         code = self.process.poll()
@@ -99,7 +123,12 @@ class WorkerPool:
     """A persistent pool of worker processes, one per device.
 
     devices: "auto", "cpu:2", "cuda:0,cuda:1", ... (see config.parse_devices).
-    timeout_s: longest wait for any one reply (dead workers are noticed at once, not by this timeout).
+    timeout_s: longest wait for a call of a kind not yet timed (dead workers are noticed at once, stopped or
+      frozen ones after hang_floor_s without a heartbeat, not by this timeout).
+    hang_factor, hang_floor_s: a timed kind of call (model, strategy, shape) is hung after hang_factor x its
+      median, at least hang_floor_s (deadlines.py); default TANDEM_HANG_FACTOR or 10, TANDEM_HANG_FLOOR_S or 20.
+    max_models: models kept loaded on the workers at once (least recently used goes first; fewer when the
+      memory does not allow); default TANDEM_MAX_MODELS or 2.
     pg_timeout_s: the workers' process-group timeout: no collective blocks longer on a dead peer.
     interface: the network interface gloo/NCCL bind to (None: this machine's loopback interface).
     import_paths: where workers find the host's model classes (e.g. ComfyUI's root); they come first on the
@@ -108,12 +137,22 @@ class WorkerPool:
 
     def __init__(self, devices: str | tuple[str, ...] = "auto", *, timeout_s: float = 300.0,
                  start_timeout_s: float = 120.0, pg_timeout_s: float = 60.0, import_paths: tuple[str, ...] = (),
-                 worker_setup: tuple[str, str, object] | None = None, interface: str | None = None):
+                 worker_setup: tuple[str, str, object] | None = None, interface: str | None = None,
+                 hang_factor: float | None = None, hang_floor_s: float | None = None, max_models: int | None = None):
         self.requested_devices = parse_devices(devices)
+        hang_factor = _setting(hang_factor, "TANDEM_HANG_FACTOR", 10.0, float)
+        hang_floor_s = _setting(hang_floor_s, "TANDEM_HANG_FLOOR_S", 20.0, float)
+        max_models = _setting(max_models, "TANDEM_MAX_MODELS", 2, int)
         for name, value in (("timeout_s", timeout_s), ("start_timeout_s", start_timeout_s),
-                            ("pg_timeout_s", pg_timeout_s)):
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-                raise ValueError(f"{name} must be a finite number of seconds > 0; got {value!r}")
+                            ("pg_timeout_s", pg_timeout_s), ("hang_factor", hang_factor),
+                            ("hang_floor_s", hang_floor_s)):
+            if isinstance(value, bool) or not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                unit = " of seconds" if name.endswith("_s") else ""
+                raise ValueError(f"{name} must be a finite number{unit} > 0; got {value!r}")
+        if isinstance(max_models, bool) or not isinstance(max_models, int) or max_models < 1:
+            raise ValueError(f"max_models must be an integer >= 1; got {max_models!r}")
+        self.max_models = max_models
+        self.clock = CallClock(hang_factor, hang_floor_s, timeout_s)
         self.import_paths = tuple(import_paths)
         self.interface = interface
         # (python file, function, argument): run in every worker once it has joined, before any model arrives,
@@ -124,7 +163,7 @@ class WorkerPool:
         self._lock = threading.RLock()  # one request at a time: replies are read in order on each channel
         self._workers: list[_Worker] = []
         self._dir: Path | None = None
-        self._loaded: str | None = None
+        self._loaded: dict[str, int] = {}  # fingerprint -> weights bytes, least recently used first
         self._finalizer = None
         self.peak_memory: dict[int, int] = {}  # rank -> peak bytes, as of the last call that rank ran
 
@@ -140,8 +179,13 @@ class WorkerPool:
 
     @property
     def loaded_fingerprint(self) -> str | None:
-        """The fingerprint of the model the workers hold, or None."""
-        return self._loaded
+        """The fingerprint of the model the workers used last, or None when they hold none."""
+        return next(reversed(self._loaded), None)
+
+    @property
+    def loaded_fingerprints(self) -> tuple[str, ...]:
+        """Every model the workers hold, least recently used first."""
+        return tuple(self._loaded)
 
     def worker_pids(self) -> list[int]:
         return [w.process.pid for w in self._workers]
@@ -156,7 +200,9 @@ class WorkerPool:
         if self._workers:
             return self
         devices = resolve_devices(self.requested_devices)
-        self._dir = Path(tempfile.mkdtemp(prefix="tandem-pool-", dir=temp_root()))
+        pool_files.sweep_stale_folders()
+        pool_files.install_sigterm_cleanup()
+        self._dir = pool_files.make_pool_folder()
         authkey = secrets.token_bytes(32)
         listener = Listener(authkey)
         try:
@@ -177,7 +223,9 @@ class WorkerPool:
                 raise
         self.stats.starts += 1
         # Runs if the pool is garbage-collected or the interpreter exits without shutdown() (Ctrl-C included).
-        self._finalizer = weakref.finalize(self, _kill_all, [w.process for w in self._workers], self._dir)
+        processes = [w.process for w in self._workers]
+        self._finalizer = weakref.finalize(self, pool_files.kill_and_remove, processes, self._dir)
+        pool_files.track(self, processes, self._dir)
         return self
 
     def _spawn(self, devices: tuple[str, ...], address, authkey: bytes) -> None:
@@ -195,7 +243,7 @@ class WorkerPool:
             command = [sys.executable, "-m", "parallel_backend.worker", "--connect", f"{address[0]}:{address[1]}",
                        "--rank", str(rank), "--world", str(n), "--device", device,
                        "--rendezvous", f"file://{self._dir}/rendezvous", "--pg-timeout", str(self.pg_timeout_s),
-                       "--host-pid", str(os.getpid())]
+                       "--host-pid", str(os.getpid()), "--pool-dir", str(self._dir)]
             if device == "cpu":
                 mine = cores[rank * per_worker:(rank + 1) * per_worker] if len(cores) >= n else cores
                 env["OMP_NUM_THREADS"] = str(per_worker)
@@ -208,7 +256,7 @@ class WorkerPool:
                 # path, and the host's (e.g. this pack's root, with its nodes/) must not shadow host modules.
                 process = subprocess.Popen(command, env=env, cwd=self._dir, stdin=subprocess.DEVNULL, stdout=log,
                                            stderr=log, **_DETACHED)
-            self._workers.append(_Worker(rank, device, process, log_path))
+            self._workers.append(_Worker(rank, device, process, log_path, heartbeat_path(self._dir, rank)))
 
     def _handshake(self, listener: Listener) -> None:
         deadline = time.monotonic() + self.start_timeout_s
@@ -253,7 +301,7 @@ class WorkerPool:
         self._teardown(grace_s=5.0)
 
     def _teardown(self, grace_s: float = 0.0) -> None:
-        workers, self._workers, self._loaded = self._workers, [], None
+        workers, self._workers, self._loaded = self._workers, [], {}
         self.peak_memory = {}
         deadline = time.monotonic() + grace_s
         for w in workers:
@@ -261,7 +309,8 @@ class WorkerPool:
                 w.process.wait(timeout=max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 pass
-        _kill_all([w.process for w in workers], self._dir)
+        pool_files.kill_and_remove([w.process for w in workers], self._dir)
+        pool_files.untrack(self)
         for w in workers:
             if w.channel is not None:
                 w.channel.close()
@@ -278,22 +327,29 @@ class WorkerPool:
 
     # ---- requests --------------------------------------------------------------------------------------
 
-    def request(self, requests: dict[int, object], what: str, collective: bool = False) -> dict[int, Reply]:
+    def request(self, requests: dict[int, object], what: str, collective: bool = False, kind=None,
+                deadline: tuple[float, str] | None = None) -> dict[int, Reply]:
         """Sends each worker (by rank) its request (a message of `messages`), then gathers every Reply.
 
         A worker that answers with an error leaves the pool as it is (every other reply is still read) and
-        raises a WorkerError naming its device and `what` it was doing. A worker that dies, a timeout or an
-        interruption tears the pool down (it restarts on the next start()), since replies may be in flight.
+        raises a WorkerError naming its device and `what` it was doing. A worker that dies or hangs, or an
+        interruption, tears the pool down (it restarts on the next start()), since replies may be in flight.
         collective: the workers exchange data with each other in this request, so one that fails leaves
-        its peers waiting on it: the first error reply tears the pool down at once instead.
+        its peers waiting on it: the first error reply tears the pool down at once instead, and an error that
+        a peer's death or hang caused is reported as that peer's.
+        kind: what kind of call this is (e.g. model, strategy, shape): its deadline follows its own timings
+        (`clock`); deadline: (seconds, why) for a request without a kind (default: timeout_s).
         """
         with self._lock:
             self.start()
             workers = {rank: self._workers[rank] for rank in requests}
+            if deadline is None:
+                deadline = self.clock.deadline(kind) if kind is not None else (self.timeout_s, "the pool's timeout")
+            started = time.monotonic()
             try:
                 for rank, message in requests.items():
                     workers[rank].channel.send(message)
-                replies = self._gather(workers, what, stop_on_error=collective)
+                replies = self._gather(workers, what, deadline, stop_on_error=collective)
             except WorkerError as exc:
                 self._note_failure(str(exc))
                 self._teardown()
@@ -301,33 +357,61 @@ class WorkerPool:
             except BaseException:
                 self._teardown()
                 raise
-        self.peak_memory.update({rank: r.peak_bytes for rank, r in replies.items() if r.peak_bytes is not None})
-        failed = [(rank, reply) for rank, reply in sorted(replies.items()) if not reply.ok]
-        if failed:
-            rank, reply = failed[0]
-            w = workers[rank]
-            error = WorkerError(f"{w.name}, {what}: {reply.error}", w.device, w.rank, reply.traceback)
-            self._note_failure(str(error))
-            if collective:
-                with self._lock:
-                    self._teardown()
-            raise error
+            failed = [(rank, reply) for rank, reply in sorted(replies.items()) if not reply.ok]
+            if not failed and kind is not None:
+                self.clock.record(kind, time.monotonic() - started)
+            self.peak_memory.update({r: reply.peak_bytes for r, reply in replies.items() if reply.peak_bytes is not None})
+            if failed:
+                raise self._reply_error(workers, failed[0], what, collective)
         return replies
+
+    def _reply_error(self, workers: dict, failed: tuple, what: str, collective: bool) -> WorkerError:
+        """The error for a worker's error reply, blaming a peer that died or hangs when there is one (its
+        error then follows from that); tears the pool down when peers may be left waiting."""
+        rank, reply = failed
+        w = workers[rank]
+        error = WorkerError(f"{w.name}, {what}: {reply.error}", w.device, w.rank, reply.traceback)
+        culprit = self._culprit(exclude=rank, wait_s=2.0 if collective else 0.0)
+        if culprit is not None:
+            error = WorkerError(f"{culprit.name}, {what}: {self._fault_note(culprit)}; {w.name} failed as a "
+                                f"consequence: {reply.error}", culprit.device, culprit.rank, reply.traceback)
+        self._note_failure(str(error))
+        if collective or culprit is not None:
+            self._teardown()
+        return error
 
     def _note_failure(self, message: str) -> None:
         self.stats.failures = [*self.stats.failures[-(MAX_FAILURES_KEPT - 1):], message]
 
-    def _gather(self, workers: dict[int, _Worker], what: str, stop_on_error: bool = False) -> dict[int, Reply]:
-        """Every worker's reply (error replies included); raises WorkerError if one dies or time runs out."""
+    def _fault_note(self, w: _Worker) -> str:
+        return w.death_note() if not w.alive() else w.hang_note()
+
+    def _culprit(self, exclude: int = -1, wait_s: float = 0.0) -> _Worker | None:
+        """A worker (other than `exclude`) that is dead or shows no sign of life, looking for up to `wait_s`
+        (a peer's error can arrive before the dying process has ended); None if every one is running."""
+        until = time.monotonic() + wait_s
+        while True:
+            for w in self._workers:
+                if w.rank != exclude and (not w.alive() or w.silent_for() > SILENT_S):
+                    return w
+            if time.monotonic() >= until:
+                return None
+            time.sleep(0.1)
+
+    def _gather(self, workers: dict[int, _Worker], what: str, deadline: tuple[float, str],
+                stop_on_error: bool = False) -> dict[int, Reply]:
+        """Every worker's reply (error replies included); raises WorkerError if one dies or hangs, or the
+        deadline passes (the worker blamed is one that shows no sign of life if any does)."""
         replies: dict[int, dict] = {}
         pending = dict(workers)
-        deadline = time.monotonic() + self.timeout_s
+        seconds, why = deadline
+        until = time.monotonic() + seconds
         by_conn = {w.channel.conn: rank for rank, w in pending.items()}
         while pending:
             for conn in wait([w.channel.conn for w in pending.values()], timeout=0.2):
                 w = pending.pop(by_conn[conn])
                 try:
-                    replies[w.rank] = w.channel.recv(timeout=self.timeout_s)
+                    replies[w.rank] = w.channel.recv(timeout=max(seconds, 10.0))
                     if stop_on_error and not replies[w.rank].ok:
                         return replies
                 except ChannelClosed:
@@ -339,44 +423,96 @@ class WorkerPool:
             for w in pending.values():
                 if not w.alive():
                     raise WorkerError(f"{w.name}, {what}: {w.death_note()}", w.device, w.rank)
-            if pending and time.monotonic() > deadline:
-                names = ", ".join(w.name for w in pending.values())
-                raise WorkerError(f"{names}, {what}: no answer within {self.timeout_s:g} s")
+            hung = [w for w in pending.values() if w.silent_for() > self.clock.floor_s]
+            late = pending and time.monotonic() > until
+            if hung or late:
+                raise self._hang_error(hung or [w for w in pending.values() if w.silent_for() > SILENT_S],
+                                       pending, what, seconds, why)
         return replies
+
+    def _hang_error(self, silent: list, pending: dict, what: str, seconds: float, why: str) -> WorkerError:
+        if silent:
+            w = silent[0]
+            waiting = [p.name for p in pending.values() if p not in silent]
+            also = f"; {', '.join(waiting)} waited on it" if waiting else ""
+            return WorkerError(f"{w.name}, {what}: {w.hang_note()}{also}; the pool restarts on the next job",
+                               w.device, w.rank)
+        names = ", ".join(w.name for w in pending.values())
+        w = next(iter(pending.values()))
+        return WorkerError(f"{names}, {what}: no answer within {seconds:.3g} s ({why}) although still running; "
+                           "declared hung, the pool restarts on the next job", w.device, w.rank)
 
     def ensure_model(self, module, family: str, fingerprint: str | None = None) -> str:
         """Makes every worker hold `module` (a torch.nn.Module of model family `family`); ships its weights
-        only when its fingerprint is new. A host that tracks its own weight versions (ComfyUI's patch uuid)
-        passes `fingerprint`; otherwise it is computed by model_fingerprint. Returns the fingerprint."""
+        only when its fingerprint is new. Up to `max_models` models stay loaded (the least recently used one
+        goes first, and every other one when memory is short). A host that tracks its own weight versions
+        (ComfyUI's patch uuid) passes `fingerprint`; otherwise it is computed by model_fingerprint. Returns the
+        fingerprint."""
         fingerprint = fingerprint or model_fingerprint(module, family)
         with self._lock:  # check and load as one step: another thread may release or load meanwhile
             self.start()
-            if fingerprint == self._loaded:
+            if fingerprint in self._loaded:
+                self._loaded[fingerprint] = self._loaded.pop(fingerprint)  # now the most recently used
                 return fingerprint
             started = time.perf_counter()
-            requests, path, shipped = load_requests(module, family, fingerprint, self._workers, self._dir)
+            nbytes = model_bytes(module)
+            keep = self._models_to_keep(nbytes)
+            requests, path, shipped = load_requests(module, family, fingerprint, self._workers, self._dir,
+                                                    keep=keep, nbytes=nbytes)
             try:
-                self.request(requests, "loading the model")
+                replies = self.request(requests, "loading the model",
+                                       deadline=load_bound(nbytes, self.clock.first_s))
             finally:
                 if path is not None:
                     path.unlink(missing_ok=True)  # workers keep their mappings; the file need not outlive the load
-            self._loaded = fingerprint
+            held = set.intersection(*(set(r.value["held"]) for r in replies.values()))
+            self._loaded = {f: size for f, size in self._loaded.items() if f in held}
+            self._loaded[fingerprint] = nbytes
             self.stats.model_loads += 1
             self.stats.weights_bytes_shipped += shipped
             self.stats.last_load_seconds = time.perf_counter() - started
         return fingerprint
 
-    def release_models(self) -> None:
-        """Drops the model the workers hold (e.g. when the host frees memory)."""
+    def _models_to_keep(self, nbytes: int) -> tuple[str, ...]:
+        """The most recently used models that stay beside a new one of `nbytes`: up to max_models - 1 of them,
+        none when this machine's free memory would not hold the new one twice over (GPU workers also check
+        their own memory)."""
+        import psutil
+
+        kept = list(self._loaded)[len(self._loaded) - (self.max_models - 1):] if self.max_models > 1 else []
+        if kept and psutil.virtual_memory().available < 2 * nbytes:
+            log.info("Tandem: not enough free memory to keep %d other model(s) loaded beside a new one of %.0f MiB",
+                     len(kept), nbytes / 2**20)
+            return ()
+        return tuple(kept)
+
+    def release_models(self, fingerprint: str | None = None) -> None:
+        """Drops the model with this fingerprint from the workers (None: every model), e.g. when the host frees
+        memory or deletes its own copy."""
         with self._lock:
+            if fingerprint is not None and fingerprint not in self._loaded:
+                return
             if self._workers:
-                self.request({w.rank: Unload() for w in self._workers}, "releasing models")
-            self._loaded = None
+                self.request({w.rank: Unload(fingerprint) for w in self._workers}, "releasing models")
+            self._loaded = {} if fingerprint is None else {f: n for f, n in self._loaded.items() if f != fingerprint}
 
     def memory(self) -> list[int]:
         """Peak memory per worker, in bytes (CUDA: max allocated; CPU: max resident set)."""
         replies = self.request({w.rank: Ping() for w in self._workers}, "reporting memory")
         return [replies[r].peak_bytes for r in sorted(replies)]
+
+
+def _setting(value, variable: str, default, kind):
+    """An argument, else the environment variable (checked like the argument), else the default."""
+    if value is not None:
+        return value
+    text = os.environ.get(variable, "").strip()
+    if not text:
+        return default
+    try:
+        return kind(text)
+    except ValueError:
+        raise ValueError(f"{variable}={text!r} is not a valid {'whole ' if kind is int else ''}number") from None
 
 
 def loopback_interface() -> str | None:
@@ -389,16 +525,3 @@ def loopback_interface() -> str | None:
     except (AttributeError, OSError):
         return None
     return next((name for name in ("lo", "lo0") if name in names), None)
-
-
-def _kill_all(processes: list, folder: Path | None) -> None:
-    for process in processes:
-        if process.poll() is None:
-            process.kill()
-    for process in processes:
-        try:
-            process.wait(timeout=5.0)
-        except subprocess.TimeoutExpired:
-            pass
-    if folder is not None:
-        shutil.rmtree(folder, ignore_errors=True)

@@ -31,9 +31,16 @@ def model_fingerprint(module, family: str) -> str:
     return digest.hexdigest()
 
 
-def load_requests(module, family: str, fingerprint: str, workers, folder: Path) -> tuple[dict, Path | None, int]:
+def model_bytes(module) -> int:
+    """The bytes of a module's weights and buffers."""
+    return sum(t.numel() * t.element_size() for t in module.state_dict().values())
+
+
+def load_requests(module, family: str, fingerprint: str, workers, folder: Path, keep: tuple[str, ...] = (),
+                  nbytes: int = 0) -> tuple[dict, Path | None, int]:
     """The Load message of every worker (objects with .rank and .device), the file written for the workers
-    that copy (None if none does; the caller removes it once they have loaded) and the bytes it holds."""
+    that copy (None if none does; the caller removes it once they have loaded) and the bytes it holds.
+    keep: the models the workers keep beside this one; nbytes: its size (see messages.Load)."""
     import torch
 
     host_gpu = _only_cuda_device(module)
@@ -43,11 +50,11 @@ def load_requests(module, family: str, fingerprint: str, workers, folder: Path) 
     if copying:
         path = folder / f"model-{fingerprint[:16]}.pt"
         torch.save(module, path)
-        shipped = sum(t.numel() * t.element_size() for t in module.state_dict().values())
-    requests = {rank: Load(fingerprint, family, path=str(path)) for rank in copying}
+        shipped = model_bytes(module)
+    requests = {rank: Load(fingerprint, family, path=str(path), keep=keep, bytes=nbytes) for rank in copying}
     if sharing:
         shared = _share_cuda(module)
-        requests.update({rank: Load(fingerprint, family, shared=shared) for rank in sharing})
+        requests.update({rank: Load(fingerprint, family, shared=shared, keep=keep, bytes=nbytes) for rank in sharing})
     return requests, path, shipped
 
 

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import threading
 import time
 import traceback
+from pathlib import Path
 
 from .messages import Computed, Forward, Hello, Load, Ping, Reply, RunSetup, Shutdown, Unload
 from .models.stages import synchronize
@@ -22,11 +24,38 @@ from .portable import peak_memory_bytes, pin_to_cores, process_alive, reset_peak
 WATCHDOG_PERIOD_S = 0.5
 
 
-def _watch_host(host_pid: int) -> None:
-    """Ends this process as soon as the host process is gone (killed, crashed, exited without shutdown)."""
+def heartbeat_path(pool_dir, rank: int) -> Path:
+    """The file whose modification time a worker renews every WATCHDOG_PERIOD_S while its process runs: the
+    host's sign of life of a worker busy with a request (a stopped or frozen process stops renewing it)."""
+    return Path(pool_dir) / f"worker-{rank}.alive"
+
+
+def _host_gone(pid: int) -> bool:
+    """The host has ended (a zombie not yet reaped by its parent has ended too)."""
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+    except psutil.Error:
+        return not process_alive(pid)
+
+
+def _watch(host_pid: int, pool_dir: Path | None, rank: int) -> None:
+    """Renews this worker's heartbeat; when the host process is gone (killed, crashed, exited without
+    shutdown), removes the pool's folder (nothing of the pool is left behind) and ends this process."""
+    beat = heartbeat_path(pool_dir, rank) if pool_dir is not None else None
     while True:
+        if beat is not None:
+            try:
+                beat.touch()
+            except OSError:
+                pass
         time.sleep(WATCHDOG_PERIOD_S)
-        if not process_alive(host_pid):
+        if host_pid and _host_gone(host_pid):
+            if pool_dir is not None:
+                shutil.rmtree(pool_dir, ignore_errors=True)
             os._exit(3)
 
 
@@ -41,11 +70,13 @@ def _parse_args(argv):
     parser.add_argument("--rendezvous", required=True, help="torch.distributed init_method (file://...)")
     parser.add_argument("--pg-timeout", type=float, default=60.0, help="process-group timeout, seconds")
     parser.add_argument("--host-pid", type=int, default=0, help="exit when this process ends (0: don't watch)")
+    parser.add_argument("--pool-dir", default="", help="the pool's folder: heartbeat file; removed if the host dies")
     return parser.parse_args(argv)
 
 
 class WorkerState:
-    """What one worker holds: its device, its model by fingerprint, and per-strategy state (`slot`)."""
+    """What one worker holds: its device, its models by fingerprint (as many as the host keeps), and per model
+    each strategy's state (`slot`)."""
 
     def __init__(self, rank: int, world: int, device: str):
         import torch
@@ -53,13 +84,18 @@ class WorkerState:
         self.rank, self.world = rank, world
         self.device = torch.device(device)
         self.models: dict[str, tuple[object, str]] = {}  # fingerprint -> (module, family)
-        self.slots: dict[str, object] = {}  # a strategy's worker-side state for the loaded model
-        self._restore = None  # puts the whole model back on the device after a strategy moved parts of it
+        self.slots: dict[tuple[str, str], object] = {}  # (fingerprint, owner) -> a strategy's worker-side state
+        self._restore: dict[str, object] = {}  # fingerprint -> puts the model back whole after a strategy split it
 
     def load(self, message: Load) -> dict:
         import torch
 
         started = time.perf_counter()
+        for fingerprint in [f for f in self.models if f not in message.keep]:
+            self._drop(fingerprint)
+        if message.shared is None and self._short_of_memory(message.bytes):
+            for fingerprint in list(self.models):
+                self._drop(fingerprint)
         if message.shared is not None:
             # The host's own copy on this GPU, mapped through CUDA IPC handles: nothing is copied.
             import pickle
@@ -72,18 +108,32 @@ class WorkerState:
             # mmap: CPU workers share the host's page-cache copy instead of each holding their own.
             module = torch.load(message.path, mmap=True, map_location="cpu", weights_only=False)
             module = module.to(self.device).eval().requires_grad_(False)
-        self.models = {message.fingerprint: (module, message.family)}  # one model at a time
-        self.slots, self._restore = {}, None
-        return {"seconds": time.perf_counter() - started}
+        self.models[message.fingerprint] = (module, message.family)
+        return {"seconds": time.perf_counter() - started, "held": list(self.models)}
 
-    def unload(self, message: Unload = None) -> dict:
-        self.models.clear()
-        self.slots, self._restore = {}, None
+    def _short_of_memory(self, needed: int) -> bool:
+        """A GPU whose free memory cannot take `needed` more bytes (with a margin) while the others stay."""
+        if self.device.type != "cuda" or not self.models or not needed:
+            return False
+        import torch
+
+        free, _ = torch.cuda.mem_get_info(self.device)
+        return free < 1.2 * needed
+
+    def _drop(self, fingerprint: str) -> None:
+        self.models.pop(fingerprint, None)
+        self._restore.pop(fingerprint, None)
+        self.slots = {key: value for key, value in self.slots.items() if key[0] != fingerprint}
         if self.device.type == "cuda":
             import torch
 
             torch.cuda.empty_cache()
-        return {}
+
+    def unload(self, message: Unload = None) -> dict:
+        wanted = message.fingerprint if message is not None else None
+        for fingerprint in [f for f in self.models if wanted in (None, f)]:
+            self._drop(fingerprint)
+        return {"held": list(self.models)}
 
     def model(self, fingerprint: str) -> tuple[object, str]:
         """(module, family) of the loaded model with this fingerprint."""
@@ -91,15 +141,18 @@ class WorkerState:
             raise RuntimeError(f"model {fingerprint[:12]} is not loaded on this worker")
         return self.models[fingerprint]
 
-    def slot(self, owner: str, make):
-        """`owner`'s state for the loaded model (made by `make()` on first use; dropped with the model)."""
-        if owner not in self.slots:
-            self.slots[owner] = make()
-        return self.slots[owner]
+    def slot(self, fingerprint: str, owner: str, make):
+        """`owner`'s state for the model `fingerprint` (made by `make()` on first use; dropped with the model)."""
+        self.model(fingerprint)
+        key = (fingerprint, owner)
+        if key not in self.slots:
+            self.slots[key] = make()
+        return self.slots[key]
 
-    def on_forward(self, restore) -> None:
-        """Before the next plain forward, call `restore()` (e.g. a stage placement puts the model back whole)."""
-        self._restore = restore
+    def on_forward(self, fingerprint: str, restore) -> None:
+        """Before the next plain forward of this model, call `restore()` (e.g. a stage placement puts the model
+        back whole)."""
+        self._restore[fingerprint] = restore
 
     def forward(self, message: Forward) -> Computed:
         import torch
@@ -107,8 +160,9 @@ class WorkerState:
         from .models import forward_for_family
 
         module, family = self.model(message.fingerprint)
-        if self._restore is not None:
-            self._restore()
+        restore = self._restore.pop(message.fingerprint, None)
+        if restore is not None:
+            restore()
         started = time.perf_counter()
         with torch.inference_mode():
             out = forward_for_family(family)(module, message.call.to(self.device))
@@ -134,8 +188,9 @@ HANDLERS = {Load: WorkerState.load, Unload: WorkerState.unload, Forward: WorkerS
             Ping: WorkerState.ping, RunSetup: run_setup}
 
 
-def serve(channel, state: WorkerState) -> None:
-    """Answers requests, one handler per message type, until told to shut down or the host's end closes."""
+def serve(channel, state: WorkerState) -> bool:
+    """Answers requests, one handler per message type, until told to shut down (returns False) or the host's
+    end closes (returns True: the host is gone, or tearing the pool down)."""
     from . import strategies
     from .transport import ChannelClosed
 
@@ -144,10 +199,10 @@ def serve(channel, state: WorkerState) -> None:
         try:
             request = channel.recv()
         except ChannelClosed:
-            return
+            return True
         if isinstance(request, Shutdown):
             channel.send(Reply())
-            return
+            return False
         started = time.perf_counter()
         try:
             handler = handlers.get(type(request))
@@ -165,8 +220,9 @@ def serve(channel, state: WorkerState) -> None:
 
 def main(argv=None) -> int:
     args = _parse_args(argv)
-    if args.host_pid:
-        threading.Thread(target=_watch_host, args=(args.host_pid,), daemon=True).start()
+    if args.host_pid or args.pool_dir:
+        threading.Thread(target=_watch, args=(args.host_pid, Path(args.pool_dir) if args.pool_dir else None, args.rank),
+                         daemon=True, name="tandem-watch").start()
     if args.cpus:
         pin_to_cores(int(c) for c in args.cpus.split(","))
     authkey = bytes.fromhex(os.environ.pop("TANDEM_AUTHKEY", ""))
@@ -191,11 +247,14 @@ def main(argv=None) -> int:
     except Exception as exc:
         channel.send(Reply(ok=False, error=f"joining the process group failed: {type(exc).__name__}: {exc}"))
         return 1
+    host_left = False
     try:
-        serve(channel, WorkerState(args.rank, args.world, args.device))
+        host_left = serve(channel, WorkerState(args.rank, args.world, args.device))
     finally:
         primitives.leave_group()
         channel.close()
+        if host_left and args.pool_dir:  # a host that died cannot remove its pool's folder; one tearing down will
+            shutil.rmtree(args.pool_dir, ignore_errors=True)
     return 0
 
 

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
+import threading
 import weakref
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -43,6 +44,7 @@ class DiffusersPipeline:
         self.unet = pipe.unet
         self.default_cfg = 7.5
         self.device = pipe.device
+        self._lock = threading.RLock()  # one generation at a time: threads sharing this pipeline queue
 
     @classmethod
     def load(cls, folder: str | Path, device: str | None = None) -> "DiffusersPipeline":
@@ -60,14 +62,16 @@ class DiffusersPipeline:
 
     @torch.no_grad()
     def generate(self, request: GenerationRequest, progress: bool = True) -> Generation:
+        with self._lock:  # the scheduler and progress settings below are the pipeline's own
+            return self._generate(request, progress)
+
+    def _generate(self, request: GenerationRequest, progress: bool) -> Generation:
         pipe = self.pipe
         pipe.scheduler = make_scheduler(request.scheduler, pipe.scheduler.config)
         pipe.set_progress_bar_config(disable=not progress, leave=False)
         size = pipe.unet.config.sample_size
         shape = (request.num_images, pipe.unet.config.in_channels, size, size)
         noise = initial_noise(request.seed, shape).to(pipe.device, pipe.unet.dtype)
-        if isinstance(pipe.unet, ParallelUNet):
-            pipe.unet._executor.new_job()
         with Timer() as timer:
             out = pipe(prompt=request.prompt, negative_prompt=request.negative_prompt or None,
                        num_inference_steps=request.steps, guidance_scale=request.cfg,
@@ -143,7 +147,20 @@ def parallelize(pipe, config=None, pool=None):
     wrapper = ParallelUNet(pipe.unet, ParallelExecutor(pool, config), pipe)
     object.__setattr__(wrapper, "_owned_pool", pool if owned else None)
     pipe.unet = wrapper
+    pipe.__class__ = _one_job_per_call(type(pipe))
     return pipe
+
+
+def _one_job_per_call(cls):
+    """`cls` whose calls each run as one job of the pool (threads sharing the pipeline queue; a new job starts
+    fresh stale state); the same name, so diffusers' config and saving see the pipeline's own class."""
+
+    def __call__(self, *args, **kwargs):
+        wrapper = self.unet
+        with wrapper._executor.job() if isinstance(wrapper, ParallelUNet) else nullcontext():
+            return cls.__call__(self, *args, **kwargs)
+
+    return type(cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__, "_tandem_base": cls})
 
 
 def unparallelize(pipe):
@@ -152,6 +169,7 @@ def unparallelize(pipe):
     if not isinstance(wrapper, ParallelUNet):
         return pipe
     pipe.unet = wrapper.unet
+    pipe.__class__ = getattr(type(pipe), "_tandem_base", type(pipe))
     if wrapper._owned_pool is not None:
         wrapper._owned_pool.shutdown()
     return pipe

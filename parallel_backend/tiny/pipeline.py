@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+import threading
+from contextlib import contextmanager, nullcontext
 
 import torch
 
@@ -32,6 +33,7 @@ class TinyDigitsPipeline:
         self.device, self.dtype = torch.device(device), dtype
         self.unet = self.model.unet
         self.executor = None  # a ParallelExecutor while inside `parallel(...)`
+        self._lock = threading.RLock()  # one generation at a time: threads sharing this pipeline queue
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
@@ -63,12 +65,15 @@ class TinyDigitsPipeline:
         from ..models.diffusers_unet import FAMILY
 
         index = iter(range(1 << 62))
-        self.executor.new_job()
         return lambda x, t, context: self.executor(
             self.unet, FAMILY, ModelCall(x, t, context, branches=2 if cfg != 1.0 else 1, index=next(index)))
 
     @torch.no_grad()
     def generate(self, request: GenerationRequest, progress: bool = True) -> Generation:
+        with self._lock, self.executor.job() if self.executor is not None else nullcontext():
+            return self._generate(request, progress)
+
+    def _generate(self, request: GenerationRequest, progress: bool) -> Generation:
         n = request.num_images
         context = self.encode_prompts([request.prompt] * n)
         uncond = self.encode_prompts([request.negative_prompt] * n) if request.cfg != 1.0 else None

@@ -134,8 +134,8 @@ def _on_runner(method: str):
         from .runner import StageRunner
 
         module, family = worker.model(message.fingerprint)
-        runner = worker.slot("asyncdiff", lambda: StageRunner(module, family, worker.device))
-        worker.on_forward(runner.place_whole)  # a plain forward needs the whole model back on the device
+        runner = worker.slot(message.fingerprint, "asyncdiff", lambda: StageRunner(module, family, worker.device))
+        worker.on_forward(message.fingerprint, runner.place_whole)  # a plain forward needs the whole model back on the device
         return getattr(runner, method)(message)
 
     return handle

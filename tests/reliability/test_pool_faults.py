@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 
@@ -17,23 +15,7 @@ from parallel_backend.pool import WorkerError, WorkerPool
 from parallel_backend.sampling import GenerationRequest
 
 
-def gone(pid: int) -> bool:
-    """True once `pid` has ended (a zombie waiting for its parent to reap it counts as ended)."""
-    try:
-        with open(f"/proc/{pid}/status") as status:
-            return any(line.startswith("State:") and "Z" in line.split()[1] for line in status)
-    except FileNotFoundError:
-        return True
-
-
-def wait_until_gone(pids, seconds: float) -> list[int]:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline and not all(gone(p) for p in pids):
-        time.sleep(0.1)
-    return [p for p in pids if not gone(p)]
-
-
-def test_a_worker_killed_mid_job_gives_a_named_error_fast_and_the_pool_recovers(digits_pipeline):
+def test_a_worker_killed_mid_job_gives_a_named_error_fast_and_the_pool_recovers(digits_pipeline, procs):
     pool = WorkerPool("cpu:2", timeout_s=300)  # a long timeout: the death must be seen from the process ending
     config = ParallelConfig("cpu:2", "cfg")
     long_job = GenerationRequest("a handwritten 2", steps=400, cfg=4.0)
@@ -50,7 +32,7 @@ def test_a_worker_killed_mid_job_gives_a_named_error_fast_and_the_pool_recovers(
         assert message.startswith("cpu (worker 1), call ") and "SIGKILL" in message, message
         assert noticed < 5.0, f"took {noticed:.1f} s to notice"
         assert caught.value.device == "cpu" and caught.value.rank == 1
-        assert not pool.started and gone(victim) and wait_until_gone([victim], 1) == []
+        assert not pool.started and procs.gone(victim) and procs.orphans([victim], 1) == []
         # The next job restarts the pool and succeeds, with the same result as one device.
         request = GenerationRequest("a handwritten 2", steps=5, cfg=4.0)
         with digits_pipeline.parallel(config, pool=pool) as parallel:
@@ -79,36 +61,13 @@ def test_an_error_inside_a_worker_names_device_and_call_and_the_pool_stays_usabl
     torch.testing.assert_close(executor(model.unet, "diffusers_unet", good), expected, atol=1e-4, rtol=1e-4)
 
 
-def test_shutdown_leaves_no_process_and_no_files():
+def test_shutdown_leaves_no_process_and_no_files(procs):
     pool = WorkerPool("cpu:2").start()
     pids, folder = pool.worker_pids(), pool._dir
-    assert folder.exists() and not any(gone(p) for p in pids)
+    assert folder.exists() and not any(procs.gone(p) for p in pids)
     pool.shutdown()
     pool.shutdown()  # idempotent
-    assert wait_until_gone(pids, 5) == [] and not folder.exists()
-
-
-HOST_SCRIPT = """
-import sys, time
-from parallel_backend.pool import WorkerPool
-pool = WorkerPool("cpu:2").start()
-print(*pool.worker_pids(), flush=True)
-time.sleep(120)
-"""
-
-
-@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGINT, signal.SIGTERM])
-def test_workers_never_outlive_their_host(how):
-    host = subprocess.Popen([sys.executable, "-c", HOST_SCRIPT], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-    try:
-        pids = [int(p) for p in host.stdout.readline().split()]
-        assert len(pids) == 2, host.stderr.read()
-        host.send_signal(how)
-        host.wait(timeout=30)
-        assert wait_until_gone(pids, 10) == [], f"orphans after {how.name}"
-    finally:
-        host.kill()
+    assert procs.orphans(pids, 5) == [] and not folder.exists()
 
 
 def _listening_sockets(pids):

@@ -1,0 +1,85 @@
+"""No leftovers: a host killed (SIGKILL, SIGTERM, Ctrl-C) with a model loaded or in the middle of shipping one leaves no
+worker process and no file of its pool; a new pool removes folders whose host process is gone."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from parallel_backend import pool_files
+from parallel_backend.pool import WorkerPool
+
+HOST_SCRIPT = """
+import sys, time
+from parallel_backend.benchmodels import build_bench_model
+from parallel_backend.pool import WorkerPool
+pool = WorkerPool("cpu:2").start()
+print(*pool.worker_pids(), pool._dir, flush=True)
+if sys.argv[1] == "loaded":
+    pool.ensure_model(build_bench_model("small").unet, "diffusers_unet")
+    print("loaded", flush=True)
+else:  # killed while the weights file is being written and read: a large model keeps it there for a while
+    import torch
+    big = torch.nn.Sequential(*[torch.nn.Linear(2048, 2048) for _ in range(24)])  # 400 MB
+    print("shipping", flush=True)
+    pool.ensure_model(big, "diffusers_unet")
+time.sleep(120)
+"""
+
+
+def start_host(stage: str):
+    host = subprocess.Popen([sys.executable, "-c", HOST_SCRIPT, stage], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    first = host.stdout.readline().split()
+    assert len(first) == 3, host.stderr.read()
+    pids, folder = [int(p) for p in first[:2]], Path(first[2])
+    assert host.stdout.readline().strip() == stage.replace("mid-load", "shipping")
+    if stage == "mid-load":
+        deadline = time.monotonic() + 60
+        while not list(folder.glob("model-*.pt")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert list(folder.glob("model-*.pt")), "the weights file never appeared"
+    return host, pids, folder
+
+
+@pytest.mark.parametrize("stage", ["loaded", "mid-load"])
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT])
+def test_a_killed_host_leaves_no_process_and_no_file(how, stage, procs):
+    host, pids, folder = start_host(stage)
+    try:
+        host.send_signal(how)
+        host.wait(timeout=30)
+        assert procs.orphans(pids, 10) == [], f"orphan workers after {how.name}"
+        deadline = time.monotonic() + 10
+        while folder.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not folder.exists(), f"{folder} left after {how.name}: {sorted(p.name for p in folder.iterdir())}"
+    finally:
+        host.kill()
+
+
+def test_a_new_pool_removes_folders_whose_host_is_gone(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    root = Path(pool_files.temp_root() or "/tmp")
+    stale = root / f"{pool_files.PREFIX}{dead.pid}-test"
+    stale.mkdir()
+    (stale / pool_files.STAMP).write_text(f"{dead.pid} 12345.000")
+    (stale / "model-0123.pt").write_bytes(b"\0" * 1024)
+    mine = pool_files.make_pool_folder()  # this process's: alive, so it stays
+    reused = root / f"{pool_files.PREFIX}{os.getpid()}-reused"  # this pid, another process's start time
+    reused.mkdir()
+    (reused / pool_files.STAMP).write_text(f"{os.getpid()} 1.000")
+    try:
+        with WorkerPool("cpu:1") as pool:
+            assert pool._dir.exists()
+        assert not stale.exists() and not reused.exists() and mine.exists()
+    finally:
+        for folder in (stale, mine, reused):
+            pool_files.shutil.rmtree(folder, ignore_errors=True)
