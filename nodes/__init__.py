@@ -22,8 +22,11 @@ def activate() -> None:
     if _activated.is_set():
         return
     _activated.set()
+    from parallel_backend.pool_files import install_sigterm_cleanup
+
     from . import routes
 
+    install_sigterm_cleanup()  # from ComfyUI's main thread: a SIGTERM leaves no worker or pool file behind
     # ComfyUI serves web/ at /extensions/<the pack's folder name>/ (the folder as installed, links unresolved).
     routes.register(Path(__file__).parent.parent.name)
     RUNTIME.start_on_load()
