@@ -67,6 +67,11 @@ class Engine:
         with self._lock:
             yield self
 
+    def load(self, module, family: str, fingerprint: str | None = None) -> str:
+        """Ships a model to the workers ahead of its first call, between jobs (never under a running one)."""
+        with self._lock:
+            return self.pool.ensure_model(module, family, fingerprint)
+
     def request(self, work: dict, what: str, collective: bool = False, kind=None) -> dict:
         """Sends each rank its message; returns rank -> the reply's value (errors raise WorkerError).
         kind: the kind of call, whose measured time sets its deadline (see WorkerPool.request)."""

@@ -85,7 +85,7 @@ class DiffusersPipeline:
         """Within the block, the pipeline's UNet runs on a pool (see `parallelize`)."""
         parallelize(self.pipe, config, pool)
         wrapper = self.pipe.unet
-        wrapper._executor.pool.ensure_model(wrapper.unet, UNET_FAMILY)  # ship the weights before sampling
+        wrapper._executor.engine.load(wrapper.unet, UNET_FAMILY)  # ship the weights before sampling
         try:
             yield self
         finally:

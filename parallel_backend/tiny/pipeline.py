@@ -50,7 +50,7 @@ class TinyDigitsPipeline:
         owned = pool is None
         pool = pool or WorkerPool(config.devices, timeout_s=config.timeout_s)
         self.executor = ParallelExecutor(pool.start(), config)
-        pool.ensure_model(self.unet, "diffusers_unet")  # ship the weights now, not inside the first timed call
+        self.executor.engine.load(self.unet, "diffusers_unet")  # ship the weights now, not inside the first timed call
         try:
             yield self
         finally:
