@@ -14,15 +14,18 @@ import time
 
 import torch
 
-from . import strategies
+from . import strategies, validation
 from .benchmodels import build_bench_model
 from .calls import ModelCall
-from .config import ParallelConfig
+from .config import ParallelConfig, parse_devices, resolve_devices
 from .engine import ParallelExecutor
+from .mesh import check_job
 from .oracle import Job, LoopResult, inputs, job_for, local_forward, psnr, run_once
 from .pool import WorkerPool
 from .portable import cpu_cores, peak_memory_bytes
 
+MAX_RESOLUTION = 16384  # pixels per side
+MAX_REPEATS = 1000
 SPREAD_LIMIT = 0.10  # repeats of one variant further apart than this (of their median) mark the run disturbed
 OTHER_LOAD_LIMIT = 0.10  # CPU time of other processes above this share of the machine marks it disturbed
 
@@ -34,9 +37,42 @@ def parse_resolution(text: str | int) -> tuple[int, int]:
         values = [int(p) for p in parts]
     except ValueError:
         raise ValueError(f"resolution {text!r}: write pixels as 256 or 1024x768") from None
-    if len(values) not in (1, 2) or min(values) < 8:
-        raise ValueError(f"resolution {text!r}: write pixels as 256 or 1024x768 (at least 8)")
+    if len(values) not in (1, 2) or min(values) < 8 or max(values) > MAX_RESOLUTION:
+        raise ValueError(f"resolution {text!r}: write pixels as 256 or 1024x768 (from 8 to {MAX_RESOLUTION})")
     return (values[0], values[-1])
+
+
+def check_bench_request(strategies_: tuple, steps, repeats, dtype: str) -> tuple[int, int]:
+    """The bench's own inputs, before anything is built or started: known strategies, each once; steps and
+    repeats in range (returned as ints); a known dtype."""
+    if isinstance(strategies_, str) or not strategies_:
+        raise ValueError(f"strategies must name at least one strategy ({', '.join(strategies.names())}); "
+                         f"got {strategies_!r}")
+    for strategy in strategies_:
+        strategies.get(validation.text("strategy", strategy))
+    twice = sorted({s for s in strategies_ if strategies_.count(s) > 1})
+    if twice:
+        raise ValueError(f"strategies name {', '.join(twice)} more than once; give each once")
+    if dtype != "auto" and dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r}: choose auto, {', '.join(DTYPES)}")
+    return (validation.whole_number("steps", steps, 1, validation.MAX_STEPS),
+            validation.whole_number("repeats", repeats, 0, MAX_REPEATS))
+
+
+def check_resolution(model, resolution: tuple[int, int], strategies_: tuple, device: str) -> tuple[int, int]:
+    """`resolution` if the model's latents tile it exactly and the largest bench job fits in `device`'s memory."""
+    factor = model.latent_factor
+    if resolution[0] % factor or resolution[1] % factor:
+        raise ValueError(f"resolution {resolution[0]}x{resolution[1]}: model {model.name} needs multiples of "
+                         f"{factor} pixels per side")
+    h, w = (r // factor for r in resolution)
+    rows = max(job_for(s).images * (2 if job_for(s).cfg != 1.0 else 1) for s in strategies_)
+    itemsize = next(model.unet.parameters()).element_size()
+    needed = validation.sampling_bytes(rows, model.unet.config.in_channels * h * w,
+                                       model.unet.config.block_out_channels[0] * h * w, itemsize)
+    validation.fits_in_memory(f"resolution {resolution[0]}x{resolution[1]} for model {model.name}", needed, device,
+                              "choose a smaller --resolution")
+    return resolution
 
 
 def _ideal(model, rows: int, share_rows: int, resolution, calls: int = 8) -> float:
@@ -111,19 +147,21 @@ def run_bench(model_name: str = "small", devices: str = "cpu:2", strategies_: tu
     knobs: strategy knobs (warmup, stride, time_shift, stages, ...) for the strategies they apply to.
     The report's "disturbed" lists what made the figures unreliable (other load, repeats spread > 10 %).
     """
-    for strategy in strategies_:
-        strategies.get(strategy)  # unknown names fail here, before any pool starts
-    if dtype != "auto" and dtype not in DTYPES:
-        raise ValueError(f"dtype {dtype!r}: choose auto, {', '.join(DTYPES)}")
+    steps, repeats = check_bench_request(strategies_, steps, repeats, dtype)
     configs = {s: ParallelConfig(devices, s, **bench_knobs(s, knobs)) for s in strategies_}  # validated up front
-    pool = WorkerPool(devices)
-    n = len(pool.start().devices)
-    reference_device = torch.device(pool.devices[0])
+    resolved = resolve_devices(parse_devices(devices))  # devices that exist; nothing started
+    for s in strategies_:
+        check_job(configs[s], len(resolved), job_for(s).cfg != 1.0)
+    reference_device = torch.device(resolved[0])
     if dtype == "auto":
         dtype = "fp16" if reference_device.type == "cuda" else "fp32"
+    fixed_resolution = parse_resolution(resolution) if resolution is not None else None
     model = build_bench_model(model_name, DTYPES[dtype])
+    resolution = check_resolution(model, fixed_resolution or parse_resolution(model.default_resolution),
+                                  strategies_, str(reference_device))
     model.unet.to(reference_device)
-    resolution = parse_resolution(resolution or model.default_resolution)
+    pool = WorkerPool(devices)
+    n = len(pool.start().devices)
     cores = len(cpu_cores())
     share = max(1, cores // n)
     results, disturbed = [], []
@@ -134,8 +172,6 @@ def run_bench(model_name: str = "small", devices: str = "cpu:2", strategies_: tu
             # Variants run in rotation within every repeat, so the machine's drift hits them all alike.
             variants = {"serial": (share, None), "all cores": (cores, None)}
             variants.update({s: (1, ParallelExecutor(pool, configs[s])) for s in mine})
-            for s in mine:
-                variants[s][1].check_job(job.cfg != 1.0)
             measured = {name: LoopResult() for name in variants}
             progress(f"[bench] {job.images} image(s), cfg {job.cfg:g}: {', '.join(variants)} in rotation")
             for repeat in range(repeats + 1):

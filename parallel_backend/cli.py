@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
+from . import validation
 from .config import strategy_choices
 from .sampling import SCHEDULERS, GenerationRequest, Timer
 
@@ -21,18 +21,6 @@ class UsageError(Exception):
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line instead of usage + traceback-like noise
         raise UsageError(f"{self.prog}: {message} (see --help)")
-
-
-def _check_output(path: str) -> Path:
-    out = Path(path)
-    if out.suffix.lower() not in IMAGE_SUFFIXES:
-        raise UsageError(f"--out {path}: use an image file name ending in {', '.join(IMAGE_SUFFIXES)}")
-    folder = out.parent.resolve()
-    if not folder.is_dir():
-        raise UsageError(f"--out {path}: folder {folder} does not exist")
-    if not os.access(folder, os.W_OK) or (out.exists() and not os.access(out, os.W_OK)):
-        raise UsageError(f"--out {path}: not writable")
-    return out
 
 
 def load_pipeline(model: str | None, device: str | None):
@@ -83,35 +71,67 @@ def grid(images: list):
     return canvas
 
 
-def cmd_generate(args) -> int:
-    out = _check_output(args.out)
+def check_generate_options(args) -> GenerationRequest:
+    """Every option of `tandem generate` that can be checked before the model loads; the request they make
+    (cfg 1 stands in for the model's default until it is known)."""
+    validation.writable_file("--out", args.out, IMAGE_SUFFIXES, "an image file")
+    if args.device is not None:
+        validation.torch_device("--device", args.device)
+    validation.seconds("--timeout", args.timeout)
+    if args.devices is None and (args.strategy != "auto" or args.stages is not None):
+        raise UsageError("--strategy and --stages split the work over --devices: give --devices too (e.g. cpu:2)")
     if args.model is not None:
         from .hosts.diffusers import pipeline_class_name
 
         pipeline_class_name(args.model)  # fail on a bad folder before anything heavy loads
-    request_fields = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps,
-                          seed=args.seed, scheduler=args.scheduler, num_images=args.num_images)
-    GenerationRequest(**request_fields, cfg=args.cfg if args.cfg is not None else 1.0)  # validate before loading
+    return request_for(args, args.cfg if args.cfg is not None else 1.0)
+
+
+def request_for(args, cfg: float) -> GenerationRequest:
+    return GenerationRequest(prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps, cfg=cfg,
+                             seed=args.seed, scheduler=args.scheduler, num_images=args.num_images)
+
+
+def check_split(config, devices: int, cfg: float):
+    """The mesh `config` gives a job at `cfg` on `devices` devices; says in one line when the job runs on one
+    device, with nothing split. Starts nothing."""
+    from .mesh import check_job
+
+    mesh = check_job(config, devices, cfg != 1.0)
+    if mesh.size == 1:
+        print(f"tandem: warning: {mesh.describe()} runs the whole model on one device: nothing is split "
+              "(give two devices or more)", file=sys.stderr)
+    return mesh
+
+
+def cmd_generate(args) -> int:
+    from .config import resolve_devices
+
+    request = check_generate_options(args)
+    out = Path(args.out)
     config = parallel_config(args)
+    if args.explain and config is None:
+        raise UsageError("--explain needs --devices (and --strategy)")
+    devices = len(resolve_devices(config.device_list)) if config is not None else 1  # they exist; none started
+    if config is not None and args.cfg is not None:
+        check_split(config, devices, args.cfg)  # before the model loads or a pool starts
     if args.explain:
-        if config is None:
-            raise UsageError("--explain needs --devices (and --strategy)")
         print(explain(config, args.steps, args.cfg != 1.0))
         return 0
-    if config is not None and args.cfg is not None and config.device_list != ("auto",):
-        from .mesh import check_job
-
-        check_job(config, len(config.device_list), args.cfg != 1.0)  # before the model loads or a pool starts
     with Timer() as load_timer:
         pipeline = load_pipeline(args.model, args.device)
-    request = GenerationRequest(**request_fields, cfg=args.cfg if args.cfg is not None else pipeline.default_cfg)
+    if args.cfg is None:
+        request = request_for(args, pipeline.default_cfg)
+        if config is not None:
+            check_split(config, devices, request.cfg)
+    pipeline.check(request)  # memory: before any step, and before a pool starts
     if config is None:
         result = pipeline.generate(request, progress=not args.quiet)
     else:
         with pipeline.parallel(config) as parallel_pipeline:
             result = parallel_pipeline.generate(request, progress=not args.quiet)
     image = result.images[0] if len(result.images) == 1 else grid(result.images)
-    try:
+    try:  # checked before the work, but the disk may have filled or the folder gone since
         image.save(out)
     except OSError as exc:
         raise OSError(f"could not write {out}: {exc}") from None
@@ -126,6 +146,8 @@ def cmd_generate(args) -> int:
 def cmd_bench(args) -> int:
     from .bench import format_table, run_bench, write_json
 
+    if args.json is not None:
+        validation.writable_file("--json", args.json)  # before the bench, not after it
     strategies = tuple(s.strip() for s in args.strategies.split(",") if s.strip())
     report = run_bench(args.model, args.devices, strategies, args.steps, args.resolution, args.repeats, args.dtype,
                        knobs=strategy_knobs(args),
@@ -138,6 +160,11 @@ def cmd_bench(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    validation.whole_number("--port", args.port, 1, 65535)
+    if args.model is not None:
+        from .hosts.diffusers import pipeline_class_name
+
+        pipeline_class_name(args.model)  # before gradio loads
     try:
         from .demo.app import serve
     except ImportError as exc:
@@ -170,9 +197,19 @@ class _NodeBars:
         self.bars = {}
 
 
+def check_workflow_options(args) -> None:
+    """The options `tandem workflow run | compare` share, before the server is contacted."""
+    validation.seconds("--timeout", args.timeout)
+    validation.http_url("--server", args.server)
+    validation.creatable_folder("--out", args.out)
+    if getattr(args, "json", None) is not None:
+        validation.writable_file("--json", args.json)
+
+
 def cmd_workflow_run(args) -> int:
     from .workflow import run_workflow
 
+    check_workflow_options(args)
     bars = _NodeBars(args.quiet)
     files = run_workflow(args.file, args.server, args.set, args.out, args.timeout, bars)
     bars.close()
@@ -185,6 +222,7 @@ def cmd_workflow_run(args) -> int:
 def cmd_workflow_compare(args) -> int:
     from .workflow_compare import compare_workflows
 
+    check_workflow_options(args)
     bars = _NodeBars(args.quiet)
 
     def say(line: str) -> None:
@@ -209,14 +247,15 @@ def _add_parallel_options(parser, devices_default):
     parser.add_argument("--devices", default=devices_default,
                         help="'cuda:0,cuda:1', 'cpu:2' (two CPU workers) or 'auto'")
     parser.add_argument("--strategy", default="auto", help=f"one of: {', '.join(strategy_choices())}")
-    parser.add_argument("--timeout", type=float, default=300.0, help="longest wait on a worker, seconds")
+    parser.add_argument("--timeout", type=float, default=300.0, help="longest wait on a worker, seconds (finite, > 0)")
     _add_knob_options(parser)
 
 
 def _add_knob_options(parser):
     parser.add_argument("--stages", type=int, default=None, help="stages of a model cut into stages (default: the "
                                                                   "devices left after cfg and batch)")
-    parser.add_argument("--warmup", type=int, default=1, help="staged strategies: exact sampler steps at the start")
+    parser.add_argument("--warmup", type=int, default=1,
+                        help="staged strategies: exact sampler steps at the start (asyncdiff on 2+ stages: >= 1)")
     parser.add_argument("--stride", type=int, default=1, help="staged strategies: 1, or 2 to exchange every second call")
     parser.add_argument("--time-shift", action="store_true",
                         help="staged strategies: each stage embeds the timestep its input came from")
@@ -228,11 +267,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen = commands.add_parser("generate", help="text to image with the embedded digits model or a diffusers folder")
     gen.add_argument("--prompt", default="a handwritten 7")
     gen.add_argument("--negative-prompt", default="")
-    gen.add_argument("--steps", type=int, default=25)
-    gen.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the model's; 1 disables)")
-    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--steps", type=int, default=25, help="sampler steps, 1 to 10000")
+    gen.add_argument("--cfg", type=float, default=None, help="guidance scale from 0 to 100 (default: the model's; 1 disables)")
+    gen.add_argument("--seed", type=int, default=0, help="0 to 2**63 - 1")
     gen.add_argument("--scheduler", default="euler", help=f"one of: {', '.join(SCHEDULERS)}")
-    gen.add_argument("--num-images", type=int, default=1, help="images of the prompt, saved side by side")
+    gen.add_argument("--num-images", type=int, default=1, help="images of the prompt, saved side by side: 1 to 10000, and what memory holds")
     gen.add_argument("--out", default="tandem.png", help="image file to write")
     gen.add_argument("--model", default=None,
                      help="a local diffusers Stable Diffusion / SDXL folder (default: the embedded digits model)")
@@ -247,9 +286,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--devices", default="cpu:2", help="'cuda:0,cuda:1', 'cpu:2' or 'auto'")
     bench.add_argument("--strategies", default="cfg,batch",
                        help=f"comma list of strategies: {', '.join(strategy_choices()[1:])}")
-    bench.add_argument("--steps", type=int, default=20, help="sampler calls per run")
-    bench.add_argument("--resolution", default=None, help="pixels: 256 or 1024x768 (default: the model's)")
-    bench.add_argument("--repeats", type=int, default=3, help="timed runs of each loop (after one warm-up)")
+    bench.add_argument("--steps", type=int, default=20, help="sampler calls per run, 1 to 10000")
+    bench.add_argument("--resolution", default=None, help="pixels: 256 or 1024x768, a multiple of the model's latent size, at most 16384 and what memory holds "
+                            "(default: the model's)")
+    bench.add_argument("--repeats", type=int, default=3, help="timed runs of each loop (after one warm-up), 0 to 1000")
     bench.add_argument("--dtype", default="auto", help="auto (fp16 on CUDA, fp32 on CPU), fp32, fp16 or bf16")
     bench.add_argument("--json", default=None, help="also write the report as JSON here")
     _add_knob_options(bench)

@@ -8,11 +8,11 @@ the registry's (`strategies.names()`), plus "auto".
 
 from __future__ import annotations
 
-import math
 import os
 import re
 from dataclasses import dataclass, field
 
+from . import validation
 
 
 def strategy_choices() -> tuple[str, ...]:
@@ -29,6 +29,9 @@ def parse_devices(spec: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
 
     For CPU, "cpu:N" means N CPU workers (each with its share of the cores); for CUDA, "cuda:N" is device N.
     """
+    if not isinstance(spec, (str, list, tuple)) or not all(isinstance(item, str) for item in spec):
+        raise TypeError(f"devices must be text like 'cuda:0,cuda:1', 'cpu:2' or 'auto', or a list of device "
+                        f"names; got {spec!r}")
     items = [s.strip() for s in (spec.split(",") if isinstance(spec, str) else spec) if s.strip()]
     if items == ["auto"]:
         return ("auto",)
@@ -92,7 +95,8 @@ class ParallelConfig:
       from the strategy: cfg -> cfg_degree 2 x batch over the devices left, batch -> every device splits the
       batch, asyncdiff -> the devices left after cfg and batch hold one stage each (cfg_degree 2 on 4
       devices = cfg 2 x stages 2).
-    warmup: asyncdiff's exact sampler steps at the start (all stages in sequence); stride: 1, or 2 to exchange
+    warmup: asyncdiff's exact sampler steps at the start (all stages in sequence; at least 1 on two stages or
+      more: the later stages start from what the warm-up hands them); stride: 1, or 2 to exchange
       activations every second call only; time_shift: a stage embeds the timestep its input came from.
     timeout_s: the longest any single wait on a worker may take (a dead worker is noticed at once anyway).
     """
@@ -112,11 +116,11 @@ class ParallelConfig:
         object.__setattr__(self, "device_list", parse_devices(self.devices))
         from . import mesh, strategies
 
+        validation.text("strategy", self.strategy)
         strategy = strategies.get(self.strategy) if self.strategy != "auto" else None
         for name in ("cfg_degree", "batch_degree", "stages"):
-            value = getattr(self, name)
-            if value is not None and (int(value) != value or value < 1):
-                raise ValueError(f"{name} must be a whole number >= 1; got {value}")
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, validation.whole_number(name, getattr(self, name), 1))
         if strategy is None and (self.cfg_degree, self.batch_degree, self.stages) != (None, None, None):
             raise ValueError("strategy 'auto' chooses the degrees itself: name a strategy to set them")
         if self.cfg_degree not in (None, 1, 2):
@@ -128,11 +132,17 @@ class ParallelConfig:
         if self.stages is not None and (strategy is None or strategy.axis != "stages"):
             raise ValueError(f"stages {self.stages} cut the model into stages: choose a strategy that does "
                              f"({', '.join(s for s in strategies.names() if strategies.get(s).axis == 'stages')})")
-        if int(self.warmup) != self.warmup or self.warmup < 0:
-            raise ValueError(f"warmup must be a whole number of sampler steps >= 0; got {self.warmup}")
-        if self.stride not in (1, 2):
-            raise ValueError(f"stride must be 1 or 2; got {self.stride}")
-        if not (isinstance(self.timeout_s, (int, float)) and math.isfinite(self.timeout_s) and self.timeout_s > 0):
-            raise ValueError(f"timeout_s must be a finite number of seconds > 0; got {self.timeout_s!r}")
+        self._check_schedule_knobs()
+        object.__setattr__(self, "timeout_s", validation.seconds("timeout_s", self.timeout_s))
         if self.device_list != ("auto",):
             mesh.resolve(self, len(self.device_list))  # the degrees must fit the named devices
+
+    def _check_schedule_knobs(self) -> None:
+        """warmup, stride and time_shift: their kinds and ranges (the least warm-up a strategy needs on more than
+        one stage is the mesh's to check: `mesh.resolve`)."""
+        object.__setattr__(self, "warmup", validation.whole_number(
+            "warmup", self.warmup, 0, validation.MAX_STEPS))
+        if isinstance(self.stride, bool) or self.stride not in (1, 2):
+            raise ValueError(f"stride must be 1 or 2; got {self.stride!r}")
+        object.__setattr__(self, "stride", int(self.stride))
+        validation.flag("time_shift", self.time_shift)

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, replace
 
 from . import strategies
 from .calls import ModelCall
-from .config import ParallelConfig
+from .config import ParallelConfig, resolve_devices
 from .mesh import Mesh, check_job, resolve
 
 log = logging.getLogger("tandem")
@@ -147,8 +147,10 @@ class ParallelExecutor:
         self.jobs = JobTracker(self.engine)
 
     def check_job(self, guided: bool) -> Mesh:
-        """The mesh of a job's calls; refuses a job the config cannot serve (e.g. cfg at cfg = 1) before work."""
-        return check_job(self.config, len(self.pool.start().devices), guided)
+        """The mesh of a job's calls; refuses a job the config cannot serve (e.g. cfg at cfg = 1) before work
+        (a pool not started yet stays so: its devices are counted, not started)."""
+        devices = self.pool.devices if self.pool.started else resolve_devices(self.pool.requested_devices)
+        return check_job(self.config, len(devices), guided)
 
     def new_job(self) -> None:
         """The next call starts a new sampling run (fresh stale state for approximate strategies)."""

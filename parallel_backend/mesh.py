@@ -81,6 +81,9 @@ def resolve(config, n_devices: int, branches: int = 2, rows: int | None = None) 
     if mesh.size > n_devices:
         raise ValueError(f"strategy {strategy.name!r}: {mesh.product()} = {mesh.size} devices, but there are {n_devices}; "
                          "give more devices or smaller degrees")
+    if inner > 1 and config.warmup < strategy.min_warmup:
+        raise ValueError(f"strategy {strategy.name!r} on {inner} stages needs warmup >= {strategy.min_warmup} (its "
+                         f"later stages start from what the warm-up hands them); got {config.warmup}")
     if branches == 1 and cfg == 2:
         mesh = Mesh(strategy.name, 1, batch * 2, inner, n_devices)
     return mesh

@@ -13,6 +13,8 @@ from typing import Callable
 
 import torch
 
+from . import validation
+
 # name -> (diffusers scheduler class, overrides of the model's scheduler config)
 SCHEDULERS: dict[str, tuple[str, dict]] = {
     "euler": ("EulerDiscreteScheduler", {}),
@@ -32,8 +34,7 @@ Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 def make_scheduler(name: str, base_config: dict):
     """A fresh diffusers scheduler `name` (a key of SCHEDULERS) built on a model's scheduler config."""
-    if name not in SCHEDULERS:
-        raise ValueError(f"unknown scheduler {name!r}; choose one of: {', '.join(SCHEDULERS)}")
+    validation.one_of("scheduler", name, SCHEDULERS)
     import diffusers
 
     class_name, overrides = SCHEDULERS[name]
@@ -42,7 +43,9 @@ def make_scheduler(name: str, base_config: dict):
 
 @dataclass
 class GenerationRequest:
-    """What to generate. Validated on creation: a bad value raises ValueError saying what to change."""
+    """What to generate. Validated on creation (`validation`): a value of the wrong kind raises TypeError, one
+    out of range ValueError, each naming the field. steps: 1 to 10000; cfg: 0 to 100 (1: no guidance); seed:
+    0 to 2**63 - 1; num_images: 1 to 10000 (and what memory allows: the pipeline checks it)."""
 
     prompt: str
     negative_prompt: str = ""
@@ -53,16 +56,13 @@ class GenerationRequest:
     num_images: int = 1
 
     def __post_init__(self):
-        if int(self.steps) != self.steps or self.steps < 1:
-            raise ValueError(f"steps must be a whole number >= 1; got {self.steps}")
-        if self.cfg < 0:
-            raise ValueError(f"cfg must be >= 0 (1 disables guidance); got {self.cfg}")
-        if int(self.num_images) != self.num_images or self.num_images < 1:
-            raise ValueError(f"num_images must be a whole number >= 1; got {self.num_images}")
-        if not 0 <= self.seed < 2**63:
-            raise ValueError(f"seed must be in [0, 2**63); got {self.seed}")
-        if self.scheduler not in SCHEDULERS:
-            raise ValueError(f"unknown scheduler {self.scheduler!r}; choose one of: {', '.join(SCHEDULERS)}")
+        self.prompt = validation.text("prompt", self.prompt)
+        self.negative_prompt = validation.text("negative_prompt", self.negative_prompt)
+        self.steps = validation.whole_number("steps", self.steps, 1, validation.MAX_STEPS)
+        self.cfg = validation.finite_number("cfg", self.cfg, 0.0, validation.MAX_CFG)
+        self.seed = validation.seed(self.seed)
+        self.scheduler = validation.one_of("scheduler", self.scheduler, SCHEDULERS)
+        self.num_images = validation.whole_number("num_images", self.num_images, 1, validation.MAX_IMAGES)
 
 
 @dataclass

@@ -36,7 +36,8 @@ def load_workflow(path: str | Path) -> dict:
 
 def apply_settings(workflow: dict, settings: list[str]) -> dict:
     """Applies "NODE.INPUT=VALUE" overrides; NODE is a node id, a node title or a class_type (if unique).
-    VALUE is read as JSON when it parses (numbers, true, lists), else as a string."""
+    VALUE is read as JSON when it parses (numbers, true, lists), else as a string; NaN and infinities (also
+    1e999) are refused."""
     workflow = json.loads(json.dumps(workflow))
     for setting in settings:
         target, sep, raw = setting.partition("=")
@@ -52,6 +53,10 @@ def apply_settings(workflow: dict, settings: list[str]) -> dict:
             value = json.loads(raw)
         except json.JSONDecodeError:
             value = raw
+        try:
+            json.dumps(value, allow_nan=False)
+        except ValueError:
+            raise WorkflowError(f"--set {setting!r}: {raw} is not a finite number; give a finite value") from None
         workflow[matches[0]].setdefault("inputs", {})[name] = value
     return workflow
 

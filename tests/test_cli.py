@@ -35,12 +35,12 @@ def test_generate_several_images_side_by_side(tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--scheduler", "nope"], "unknown scheduler 'nope'"),
-    (["--steps", "0"], "steps must be a whole number >= 1"),
+    (["--steps", "0"], "steps must be a whole number from 1 to 10000"),
     (["--steps", "many"], "invalid int value"),
     (["--model", "/no/such/model"], "model not found"),
     (["--out", "/no/such/folder/x.png"], "does not exist"),
     (["--out", "digit.txt"], "use an image file name"),
-    (["--cfg", "-1"], "cfg must be >= 0"),
+    (["--cfg", "-1"], "cfg must be a finite number from 0 to 100"),
 ])
 def test_bad_input_is_one_line_and_non_zero(tmp_path, args, message):
     run = tandem("generate", "--quiet", *args, cwd=tmp_path)

@@ -46,7 +46,7 @@ def generate_handler(session: DemoSession):
             result = generate_pair(session, prompt, negative_prompt, steps, cfg, seed, scheduler, devices, strategy,
                                    stages, warmup, stride, time_shift,
                                    progress=lambda fraction, message: progress(fraction, desc=message))
-        except (ValueError, RuntimeError, OSError) as exc:
+        except (ValueError, TypeError, RuntimeError, OSError) as exc:
             raise _as_gr_error(exc) from None
         return result.single.images[0], result.tandem.images[0], result.difference, result.summary()
 
@@ -61,11 +61,10 @@ def _bench(model, steps, repeats, strategies, devices, resolution, warmup, strid
         raise gr.Error("choose at least one strategy")
     progress(0.0, desc=f"bench {model} on {devices}")
     try:
-        report = run_bench(model, devices, tuple(strategies), int(steps), resolution.strip() or None, int(repeats),
+        report = run_bench(model, devices, tuple(strategies), steps, resolution.strip() or None, repeats,
                            progress=lambda line: progress(0.5, desc=line),
-                           knobs={"warmup": int(warmup), "stride": int(stride), "time_shift": bool(time_shift),
-                                      "stages": None})
-    except (ValueError, RuntimeError, OSError) as exc:
+                           knobs={"warmup": warmup, "stride": stride, "time_shift": time_shift, "stages": None})
+    except (ValueError, TypeError, RuntimeError, OSError) as exc:
         raise _as_gr_error(exc) from None
     with tempfile.NamedTemporaryFile("w", prefix=f"tandem-bench-{model}-", suffix=".json", delete=False) as f:
         json.dump(report, f, indent=2, default=float)
@@ -100,7 +99,7 @@ def _generate_tab(session: DemoSession, devices_default: str) -> None:
             with gr.Accordion("asyncdiff", open=False):
                 with gr.Row():
                     stages = gr.Number(0, label="Stages (0 = auto)", precision=0, minimum=0)
-                    warmup = gr.Number(1, label="Warm-up steps", precision=0, minimum=0)
+                    warmup = gr.Number(1, label="Warm-up steps", precision=0, minimum=1)
                     stride = gr.Radio([1, 2], value=1, label="Stride")
                     time_shift = gr.Checkbox(False, label="Time shift")
             button = gr.Button("Generate", variant="primary", elem_id="generate-button")
@@ -131,7 +130,7 @@ def _bench_tab(devices_default: str) -> None:
             devices = gr.Textbox(devices_default, label="Devices")
             resolution = gr.Textbox("", label="Resolution", placeholder="the model's default; or 256, 1024x768")
             with gr.Accordion("asyncdiff", open=False):
-                warmup = gr.Number(1, label="Warm-up steps", precision=0, minimum=0)
+                warmup = gr.Number(1, label="Warm-up steps", precision=0, minimum=1)
                 stride = gr.Radio([1, 2], value=1, label="Stride")
                 time_shift = gr.Checkbox(False, label="Time shift")
             run = gr.Button("Run benchmark", variant="primary")

@@ -14,7 +14,7 @@ import torch
 
 from ..mesh import check_job
 from ..oracle import psnr
-from ..config import ParallelConfig, parse_devices
+from ..config import ParallelConfig, parse_devices, resolve_devices
 from ..pool import WorkerPool
 from ..portable import cpu_cores
 from ..sampling import Generation, GenerationRequest
@@ -145,18 +145,20 @@ def generate_pair(session: DemoSession, prompt: str, negative_prompt: str = "", 
                   progress=lambda fraction, message: None) -> PairResult:
     """Generates with one device, then with `strategy` on the pool for `devices`, same seed; compares them.
 
-    stages 0 or None: asyncdiff picks. Bad input raises ValueError; a failing worker raises RuntimeError.
+    stages 0 or None: asyncdiff picks. Bad input raises ValueError or TypeError (the API's checks, before
+    anything loads or starts); a failing worker raises RuntimeError.
     progress(fraction, message) is told about each phase.
     """
-    request = GenerationRequest(prompt, negative_prompt, int(steps), float(cfg), int(seed), scheduler)
-    config = ParallelConfig(devices, strategy, stages=int(stages) if stages else None, warmup=int(warmup),
-                            stride=int(stride), time_shift=bool(time_shift))
+    request = GenerationRequest(prompt, negative_prompt, steps, cfg, seed, scheduler)
+    config = ParallelConfig(devices, strategy, stages=stages or None, warmup=warmup, stride=stride,
+                            time_shift=time_shift)
+    mesh = check_job(config, len(resolve_devices(config.device_list)), request.cfg != 1.0)
     with session.lock:
         progress(0.0, f"loading {session.model_name}")
         pipeline = session.pipeline
+        pipeline.check(request)  # memory, before the pool starts
         progress(0.05, f"starting workers on {devices}")
         pool = session.pool_for(devices)
-        mesh = check_job(config, len(pool.devices), request.cfg != 1.0)
         label = config.strategy if config.strategy != "auto" else f"auto ({mesh.strategy})"
         cpu = all(d == "cpu" for d in pool.devices)
         cores = len(cpu_cores())

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-import json
+import os
 import threading
+import warnings
 import weakref
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
 
+from .. import validation
 from ..models.diffusers_unet import FAMILY as UNET_FAMILY
 from ..sampling import Generation, GenerationRequest, Timer, initial_noise, make_scheduler
 
@@ -17,19 +19,85 @@ SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
 
 
 def pipeline_class_name(folder: str | Path) -> str:
-    """Checks that `folder` is a supported diffusers pipeline folder and returns its pipeline class name."""
+    """Checks that `folder` is a supported, readable diffusers pipeline folder (its model_index.json, each
+    component's folder, JSON files and safetensors headers) and returns its pipeline class name."""
     folder = Path(folder)
     if not folder.exists():
         raise FileNotFoundError(f"model not found: {folder}")
     if folder.is_file():
         raise ValueError(f"{folder} is a single file; give a diffusers pipeline folder (one with model_index.json)")
-    index = folder / "model_index.json"
-    if not index.is_file():
+    _check_readable_folder(folder)
+    index_file = folder / "model_index.json"
+    if not index_file.is_file():
         raise ValueError(f"{folder} is not a diffusers pipeline folder: it has no model_index.json")
-    name = json.loads(index.read_text()).get("_class_name", "")
+    index = validation.read_json_object(index_file)
+    name = index.get("_class_name", "")
     if name not in SUPPORTED_PIPELINES:
         raise ValueError(f"{folder} holds a {name or 'unnamed'} pipeline; supported: {', '.join(SUPPORTED_PIPELINES)}")
+    for component in _components(index):
+        _check_component(folder, component)
     return name
+
+
+def _components(index: dict) -> list[str]:
+    """The components model_index.json names with a library and class (["diffusers", "UNet2DConditionModel"])."""
+    return [name for name, spec in index.items()
+            if not name.startswith("_") and isinstance(spec, list) and len(spec) == 2 and all(spec)]
+
+
+def _check_readable_folder(folder: Path) -> None:
+    if not os.access(folder, os.R_OK | os.X_OK):
+        raise ValueError(f"model folder {folder} is not readable (check its permissions)")
+
+
+def _check_component(folder: Path, component: str) -> None:
+    """The component's folder exists and its JSON files and safetensors headers read (no weights loaded)."""
+    part = folder / component
+    if not part.is_dir():
+        raise ValueError(f"{folder}: model_index.json names {component!r}, but there is no folder {part}")
+    _check_readable_folder(part)
+    for config in sorted(part.glob("*.json")):
+        validation.read_json_object(config)
+    for weights in sorted(part.glob("*.safetensors")):
+        _check_safetensors(weights)
+
+
+def _check_safetensors(path: Path) -> None:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt"):
+            pass
+    except Exception as exc:  # safetensors raises its own SafetensorError, or OSError
+        raise ValueError(f"model file {path} is not a readable safetensors file ({_first_line(exc)})") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    """The error's first line (with the next one when the first only announces it, as torch's "Error(s) in
+    loading state_dict for X:" does)."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()] or [type(exc).__name__]
+    return f"{lines[0]} {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]
+
+
+@contextmanager
+def _quiet_libraries():
+    """diffusers' and transformers' log lines, warnings and progress bars off for the block (restored after)."""
+    import diffusers.utils.logging as diffusers_logging
+    import transformers.utils.logging as transformers_logging
+
+    saved = [(lib, lib.get_verbosity(), lib.is_progress_bar_enabled())
+             for lib in (diffusers_logging, transformers_logging)]
+    for lib, _, _ in saved:
+        lib.set_verbosity_error()
+        lib.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lib, verbosity, bars in saved:
+            lib.set_verbosity(verbosity)
+            (lib.enable_progress_bar if bars else lib.disable_progress_bar)()
 
 
 def default_device() -> str:
@@ -48,20 +116,48 @@ class DiffusersPipeline:
 
     @classmethod
     def load(cls, folder: str | Path, device: str | None = None) -> "DiffusersPipeline":
-        """Loads offline (no hub access); fp16 on CUDA, fp32 on the CPU."""
-        import diffusers
-
+        """Loads offline (no hub access), quietly; fp16 on CUDA, fp32 on the CPU. A folder that does not load
+        raises ValueError in one sentence naming it."""
         name = pipeline_class_name(folder)
         device = device or default_device()
         dtype = torch.float16 if torch.device(device).type == "cuda" else torch.float32
         extra = {}
-        if "safety_checker" in json.loads((Path(folder) / "model_index.json").read_text()):
+        if "safety_checker" in validation.read_json_object(Path(folder) / "model_index.json"):
             extra = {"safety_checker": None, "requires_safety_checker": False}
-        pipe = getattr(diffusers, name).from_pretrained(str(folder), local_files_only=True, torch_dtype=dtype, **extra)
+        with _quiet_libraries():
+            import diffusers
+
+            try:
+                pipe = getattr(diffusers, name).from_pretrained(str(folder), local_files_only=True, torch_dtype=dtype,
+                                                                **extra)
+            except Exception as exc:  # diffusers and transformers raise many kinds for a broken folder
+                raise ValueError(f"could not load the pipeline in {folder}: {_first_line(exc)}") from None
         return cls(pipe.to(device))
+
+    def bytes_per_request(self, request: GenerationRequest) -> int:
+        """A lower bound of the memory `request` takes: its latents and UNet feature maps per row, and per image
+        the VAE decoder's full-size feature maps and the pixels (a float array and an 8-bit image)."""
+        unet, vae = self.pipe.unet.config, self.pipe.vae.config
+        size = unet.sample_size
+        pixels = self.image_side() ** 2
+        itemsize = self.pipe.unet.dtype.itemsize
+        rows = request.num_images * (2 if request.cfg > 1.0 else 1)
+        decoding = validation.FEATURE_COPIES * vae.block_out_channels[0] * pixels * itemsize + pixels * 3 * 5
+        return (validation.sampling_bytes(rows, unet.in_channels * size * size, unet.block_out_channels[0] * size * size,
+                                          itemsize) + request.num_images * decoding)
+
+    def image_side(self) -> int:
+        """Pixels per side of the images this pipeline makes."""
+        return self.pipe.unet.config.sample_size * 2 ** (len(self.pipe.vae.config.block_out_channels) - 1)
+
+    def check(self, request: GenerationRequest) -> None:
+        """Refuses, before any step, a request that this device's memory cannot hold."""
+        validation.fits_in_memory(f"{request.num_images} image(s) of {self.image_side()} px",
+                                  self.bytes_per_request(request), str(self.device), "ask for fewer images")
 
     @torch.no_grad()
     def generate(self, request: GenerationRequest, progress: bool = True) -> Generation:
+        self.check(request)
         with self._lock:  # the scheduler and progress settings below are the pipeline's own
             return self._generate(request, progress)
 

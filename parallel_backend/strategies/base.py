@@ -35,6 +35,7 @@ class Strategy:
     default_cfg_degree: int = 1  # 2: splits the branches unless told otherwise
     bench_job: BenchJob = BenchJob(1, True)
     collective: bool = False  # its workers exchange data with each other during a call
+    min_warmup: int = 0  # the fewest exact warm-up steps (config.warmup) it needs on more than one stage
 
     def plan(self, engine, call, mesh, config, fingerprint: str) -> dict[int, Any]:
         raise NotImplementedError

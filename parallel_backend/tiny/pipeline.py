@@ -7,6 +7,7 @@ from contextlib import contextmanager, nullcontext
 
 import torch
 
+from .. import validation
 from ..sampling import Generation, GenerationRequest, Timer, denoise, initial_noise, make_scheduler
 from .model import TinyDigitsModel
 
@@ -68,8 +69,24 @@ class TinyDigitsPipeline:
         return lambda x, t, context: self.executor(
             self.unet, FAMILY, ModelCall(x, t, context, branches=2 if cfg != 1.0 else 1, index=next(index)))
 
+    def bytes_per_request(self, request: GenerationRequest) -> int:
+        """A lower bound of the memory `request` takes: latents and UNet feature maps per row, and per image its
+        float pixels and the 8x image (and its place in a grid)."""
+        channels, h, w = self.model.config["latent_shape"]
+        rows = request.num_images * (2 if request.cfg != 1.0 else 1)
+        side = self.model.config["pixel_size"]
+        image = side * side * 4 + 2 * (8 * side) ** 2
+        return (validation.sampling_bytes(rows, channels * h * w, self.unet.config.block_out_channels[0] * h * w,
+                                          self.dtype.itemsize) + request.num_images * image)
+
+    def check(self, request: GenerationRequest) -> None:
+        """Refuses, before any step, a request that this device's memory cannot hold."""
+        validation.fits_in_memory(f"{request.num_images} image(s)", self.bytes_per_request(request),
+                                  str(self.device), "ask for fewer images")
+
     @torch.no_grad()
     def generate(self, request: GenerationRequest, progress: bool = True) -> Generation:
+        self.check(request)
         with self._lock, self.executor.job() if self.executor is not None else nullcontext():
             return self._generate(request, progress)
 

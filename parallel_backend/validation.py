@@ -1,0 +1,195 @@
+"""Checks of what users hand in (CLI options, API fields), shared by the CLI, GenerationRequest, ParallelConfig,
+the bench and the demo, so every entry point refuses the same input with the same sentence before any work.
+
+Each check names the field and raises one sentence: TypeError for a value of the wrong kind, ValueError for a
+value out of range, a path that cannot be used or a job that cannot fit in memory. Checks return the value
+normalised (an int for a whole number, a float for a real one) for the caller to keep.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import numbers
+import tempfile
+from pathlib import Path
+
+MAX_STEPS = 10_000  # a sampler's steps; beyond it the schedule alone fills memory (10**9 steps: 23 GB)
+MAX_IMAGES = 10_000  # images of one request (memory bounds it further: `fits_in_memory`)
+MAX_CFG = 100.0  # guidance scale; ComfyUI's KSampler has the same bound
+SEED_LIMIT = 2**63  # seeds are in [0, SEED_LIMIT): the sampler also seeds seed + 1
+
+
+def _kind(value) -> str:
+    return type(value).__name__
+
+
+def whole_number(name: str, value, low: int, high: int | None = None) -> int:
+    """`value` as an int in [low, high]; an integral float (20.0, from a UI or JSON) counts, 2.5 does not."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a whole number; got {value!r} ({_kind(value)})")
+    span = f"from {low} to {high}" if high is not None else f">= {low}"
+    if not (isinstance(value, numbers.Integral) or (math.isfinite(value) and float(value).is_integer())):
+        raise ValueError(f"{name} must be a whole number {span}; got {value!r}")
+    number = int(value)
+    if number < low or (high is not None and number > high):
+        raise ValueError(f"{name} must be a whole number {span}; got {number}")
+    return number
+
+
+def finite_number(name: str, value, low: float | None = None, high: float | None = None) -> float:
+    """`value` as a finite float in [low, high] (either bound may be None)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number; got {value!r} ({_kind(value)})")
+    number = float(value)
+    span = "" if low is None and high is None else (
+        f" from {low:g} to {high:g}" if low is not None and high is not None
+        else f" >= {low:g}" if low is not None else f" <= {high:g}")
+    if not math.isfinite(number) or (low is not None and number < low) or (high is not None and number > high):
+        raise ValueError(f"{name} must be a finite number{span}; got {value!r}")
+    return number
+
+
+def seconds(name: str, value) -> float:
+    """A time limit: a finite number of seconds > 0."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a finite number of seconds > 0; got {value!r}")
+    return float(value)
+
+
+def text(name: str, value) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be text; got {value!r} ({_kind(value)})")
+    return value
+
+
+def one_of(name: str, value, choices) -> str:
+    """`value`, which must be one of `choices` (text)."""
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"unknown {name} {value!r}; choose one of: {', '.join(map(str, choices))}")
+    return value
+
+
+def flag(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False; got {value!r} ({_kind(value)})")
+    return value
+
+
+def seed(value, name: str = "seed") -> int:
+    return whole_number(name, value, 0, SEED_LIMIT - 1)
+
+
+def http_url(option: str, url) -> str:
+    """A server address: http://HOST[:PORT] or https://..."""
+    from urllib.parse import urlparse
+
+    parts = urlparse(url) if isinstance(url, str) else None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{option} {url!r}: give the server's address, e.g. http://127.0.0.1:8188")
+    return url
+
+
+def _probe_writable(option: str, folder: Path, path) -> None:
+    """Creates and removes a file in `folder` (the only sure test: permissions, read-only mounts, /proc)."""
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise ValueError(f"{option} {path}: could not write there ({exc.strerror or exc})") from None
+
+
+def writable_file(option: str, path, suffixes: tuple[str, ...] = (), what: str = "a file") -> Path:
+    """A `what` (e.g. "an image file") path ending in one of `suffixes` (any if none) whose folder exists and
+    takes new files."""
+    if not isinstance(path, (str, Path)) or not str(path).strip():
+        raise ValueError(f"{option} needs {what} name; got {path!r}")
+    out = Path(path)
+    if suffixes and out.suffix.lower() not in suffixes:
+        raise ValueError(f"{option} {path}: use {what} name ending in {', '.join(suffixes)}")
+    folder = out.parent.resolve()
+    if not folder.is_dir():
+        raise ValueError(f"{option} {path}: folder {folder} does not exist")
+    if out.is_dir():
+        raise ValueError(f"{option} {path}: could not write there (it is a folder)")
+    _probe_writable(option, folder, path)
+    return out
+
+
+def creatable_folder(option: str, path) -> Path:
+    """A folder that exists and takes new files, or can be made inside the nearest folder that exists."""
+    if not isinstance(path, (str, Path)) or not str(path).strip():
+        raise ValueError(f"{option} needs a folder name; got {path!r}")
+    folder = Path(path).resolve()
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir():
+        raise ValueError(f"{option} {path}: {existing} is a file, not a folder")
+    _probe_writable(option, existing, path)
+    return Path(path)
+
+
+def read_json_object(path: Path, what: str = "") -> dict:
+    """The JSON object in `path`; every failure is one sentence naming the file."""
+    label = f"{what} {path}".strip()
+    try:
+        data = json.loads(Path(path).read_bytes().decode("utf-8"))
+    except OSError as exc:
+        raise ValueError(f"{label} could not be read ({exc.strerror or exc})") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{label} is not UTF-8 text (a JSON file was expected)") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{label} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{label} holds a JSON {_kind(data)}, not the object expected")
+    return data
+
+
+def torch_device(option: str, name) -> str:
+    """A torch device this machine has: cpu, or cuda[:N] for an existing GPU."""
+    import torch
+
+    if not isinstance(name, str):
+        raise TypeError(f"{option} must be text like 'cpu' or 'cuda:0'; got {name!r} ({_kind(name)})")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"{option} {name!r} is not a device; use cpu or cuda (cuda:N for GPU N)") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"{option} {name!r}: Tandem runs on cpu or cuda devices")
+    count = torch.cuda.device_count() if device.type == "cuda" and torch.cuda.is_available() else 0
+    if device.type == "cuda" and (device.index or 0) >= count:
+        have = "no CUDA device" if count == 0 else f"{count} CUDA device(s), cuda:0 to cuda:{count - 1}"
+        raise ValueError(f"{option} {name}: this machine has {have}; use --device cpu or an existing GPU")
+    return name
+
+
+def available_bytes(device: str = "cpu") -> int:
+    """Memory free for a job now: on a GPU, what torch says is free; else the host's available RAM."""
+    import torch
+
+    if str(device).startswith("cuda"):
+        return torch.cuda.mem_get_info(torch.device(device))[0]
+    try:
+        import psutil
+    except ImportError:
+        return 1 << 62  # no way to tell: assume it fits
+    return psutil.virtual_memory().available
+
+
+def fits_in_memory(what: str, needed: int, device: str = "cpu", fix: str = "ask for less") -> None:
+    """Refuses a job whose estimated memory (`needed` bytes, a lower bound) exceeds what `device` has free."""
+    free = available_bytes(device)
+    if needed > free:
+        raise ValueError(f"{what} needs at least {needed / 2**30:.1f} GiB of memory, more than the "
+                         f"{free / 2**30:.1f} GiB available on {device}; {fix}")
+
+
+LATENT_COPIES = 8  # noise, latents, scaled input, the [uncond; cond] input, predictions, the scheduler's state
+FEATURE_COPIES = 4  # feature maps of a network's widest level alive at once
+
+
+def sampling_bytes(rows: int, latent: int, features: int, itemsize: int) -> int:
+    """A lower bound of the memory `rows` rows of a sampler loop hold: per row its latents (`latent` float32
+    elements, LATENT_COPIES times) and the denoiser's widest feature maps (`features` elements of `itemsize`
+    bytes, FEATURE_COPIES at once). Attention and the weights come on top."""
+    return rows * (LATENT_COPIES * latent * 4 + FEATURE_COPIES * features * itemsize)
