@@ -26,6 +26,13 @@ def _comfy_root() -> str:
     return str(Path(list(comfy.__path__)[0]).resolve().parent)
 
 
+def _still_loaded(watched: tuple) -> bool:
+    """Whether the host model of `watched` (weak reference, weights id) is alive with the same weights. The strong
+    reference it takes ends with this function."""
+    model = watched[0]()
+    return model is not None and f"{id(model)}:{model.current_weight_patches_uuid}" == watched[1]
+
+
 class Runtime:
     def __init__(self):
         self.lock = threading.RLock()
@@ -112,23 +119,24 @@ class Runtime:
         return fingerprint
 
     def _watch_loop(self, period_s: float = 2.0) -> None:
+        # Holds only weak references while it sleeps: a strong one would keep a model ComfyUI dropped alive
+        # (ComfyUI then warns of a memory leak) and the workers' copy with it.
         while True:
             time.sleep(period_s)
             watched = self._watched
-            if watched is None:
-                continue
-            model = watched[0]()
-            if model is not None and f"{id(model)}:{model.current_weight_patches_uuid}" == watched[1]:
-                continue
-            with self.lock:
-                if self._watched is not watched:
-                    continue  # a newer model was loaded meanwhile: its copy stays
-                self._watched = None
-                try:
-                    self.release_models()
-                    log.info("Tandem: ComfyUI unloaded the model; the workers released their copies")
-                except Exception as exc:  # the pool restarts on the next job anyway
-                    log.warning("Tandem: could not release the workers' model copies: %s", exc)
+            if watched is not None and not _still_loaded(watched):
+                self._release_unless_replaced(watched)
+
+    def _release_unless_replaced(self, watched: tuple) -> None:
+        with self.lock:
+            if self._watched is not watched:
+                return  # a newer model was loaded meanwhile: its copy stays
+            self._watched = None
+            try:
+                self.release_models()
+                log.info("Tandem: ComfyUI unloaded the model; the workers released their copies")
+            except Exception as exc:  # the pool restarts on the next job anyway
+                log.warning("Tandem: could not release the workers' model copies: %s", exc)
 
     def release_models(self) -> None:
         with self.lock:
