@@ -13,7 +13,7 @@ import threading
 import time
 from pathlib import Path
 
-from parallel_backend.config import parse_devices
+from parallel_backend.config import check_devices_exist, parse_devices, resolve_devices
 from parallel_backend.pool import WorkerPool
 
 START_MODES = ("on_load", "on_first_use", "off")
@@ -58,13 +58,29 @@ class Runtime:
         except Exception as exc:  # reported in the log and on /tandem/status; nodes then take the stock path
             log.warning("Tandem: the worker pool did not start: %s", exc)
 
+    def named_devices(self, devices: str) -> tuple[str, ...]:
+        """The devices a node's `devices` setting names: its own, or for 'auto' the pack's default
+        (TANDEM_DEVICES when set, else auto)."""
+        parsed = parse_devices(devices)
+        return parse_devices(self.devices) if parsed == ("auto",) else parsed
+
+    def check_devices(self, devices: str) -> None:
+        """Raises ValueError naming the devices of `devices` that this machine lacks: a run that names them fails
+        rather than taking the stock path. Nothing to check while the pool is off."""
+        if self.mode != "off":
+            check_devices_exist(self.named_devices(devices))
+
     def get_pool(self, devices: str) -> WorkerPool:
-        """The running pool for `devices` (started, or restarted after a failure)."""
+        """The running pool for `devices` (started, or restarted after a failure). A pool restarts only when the
+        resolved devices differ ('auto' and 'cpu:2' may be the same two workers); devices that do not exist
+        raise before the running pool is touched."""
         with self.lock:
             if self.mode == "off":
                 raise RuntimeError("the Tandem pool is off (TANDEM_POOL_START=off)")
-            wanted = parse_devices(devices)
+            wanted = resolve_devices(self.named_devices(devices))
             if self.pool is not None and self.pool.requested_devices != wanted:
+                log.info("Tandem: restarting the worker pool for other devices: %s -> %s",
+                         ",".join(self.pool.requested_devices), ",".join(wanted))
                 self.pool.shutdown()
                 self.pool = None
             if self.pool is None:
