@@ -13,7 +13,7 @@ import threading
 import time
 from pathlib import Path
 
-from parallel_backend.config import parse_devices
+from parallel_backend.config import check_devices_exist, parse_devices, resolve_devices
 from parallel_backend.pool import WorkerPool
 
 START_MODES = ("on_load", "on_first_use", "off")
@@ -24,6 +24,13 @@ def _comfy_root() -> str:
     import comfy  # a namespace package in ComfyUI's tree: it has a __path__, not a __file__
 
     return str(Path(list(comfy.__path__)[0]).resolve().parent)
+
+
+def _still_loaded(watched: tuple) -> bool:
+    """Whether the host model of `watched` (weak reference, weights id) is alive with the same weights. The strong
+    reference it takes ends with this function."""
+    model = watched[0]()
+    return model is not None and f"{id(model)}:{model.current_weight_patches_uuid}" == watched[1]
 
 
 class Runtime:
@@ -51,13 +58,29 @@ class Runtime:
         except Exception as exc:  # reported in the log and on /tandem/status; nodes then take the stock path
             log.warning("Tandem: the worker pool did not start: %s", exc)
 
+    def named_devices(self, devices: str) -> tuple[str, ...]:
+        """The devices a node's `devices` setting names: its own, or for 'auto' the pack's default
+        (TANDEM_DEVICES when set, else auto)."""
+        parsed = parse_devices(devices)
+        return parse_devices(self.devices) if parsed == ("auto",) else parsed
+
+    def check_devices(self, devices: str) -> None:
+        """Raises ValueError naming the devices of `devices` that this machine lacks: a run that names them fails
+        rather than taking the stock path. Nothing to check while the pool is off."""
+        if self.mode != "off":
+            check_devices_exist(self.named_devices(devices))
+
     def get_pool(self, devices: str) -> WorkerPool:
-        """The running pool for `devices` (started, or restarted after a failure)."""
+        """The running pool for `devices` (started, or restarted after a failure). A pool restarts only when the
+        resolved devices differ ('auto' and 'cpu:2' may be the same two workers); devices that do not exist
+        raise before the running pool is touched."""
         with self.lock:
             if self.mode == "off":
                 raise RuntimeError("the Tandem pool is off (TANDEM_POOL_START=off)")
-            wanted = parse_devices(devices)
+            wanted = resolve_devices(self.named_devices(devices))
             if self.pool is not None and self.pool.requested_devices != wanted:
+                log.info("Tandem: restarting the worker pool for other devices: %s -> %s",
+                         ",".join(self.pool.requested_devices), ",".join(wanted))
                 self.pool.shutdown()
                 self.pool = None
             if self.pool is None:
@@ -112,23 +135,24 @@ class Runtime:
         return fingerprint
 
     def _watch_loop(self, period_s: float = 2.0) -> None:
+        # Holds only weak references while it sleeps: a strong one would keep a model ComfyUI dropped alive
+        # (ComfyUI then warns of a memory leak) and the workers' copy with it.
         while True:
             time.sleep(period_s)
             watched = self._watched
-            if watched is None:
-                continue
-            model = watched[0]()
-            if model is not None and f"{id(model)}:{model.current_weight_patches_uuid}" == watched[1]:
-                continue
-            with self.lock:
-                if self._watched is not watched:
-                    continue  # a newer model was loaded meanwhile: its copy stays
-                self._watched = None
-                try:
-                    self.release_models()
-                    log.info("Tandem: ComfyUI unloaded the model; the workers released their copies")
-                except Exception as exc:  # the pool restarts on the next job anyway
-                    log.warning("Tandem: could not release the workers' model copies: %s", exc)
+            if watched is not None and not _still_loaded(watched):
+                self._release_unless_replaced(watched)
+
+    def _release_unless_replaced(self, watched: tuple) -> None:
+        with self.lock:
+            if self._watched is not watched:
+                return  # a newer model was loaded meanwhile: its copy stays
+            self._watched = None
+            try:
+                self.release_models()
+                log.info("Tandem: ComfyUI unloaded the model; the workers released their copies")
+            except Exception as exc:  # the pool restarts on the next job anyway
+                log.warning("Tandem: could not release the workers' model copies: %s", exc)
 
     def release_models(self) -> None:
         with self.lock:

@@ -55,6 +55,9 @@ class TandemSettings(io.ComfyNode):
     @classmethod
     def execute(cls, devices, strategy, cfg_degree, batch_degree, stages=0, warmup=1, stride="1",
                 time_shift=False) -> io.NodeOutput:
+        from .runtime import RUNTIME
+
+        RUNTIME.check_devices(devices)  # before the degrees: "cuda:7 does not exist" says more than "got 1"
         return io.NodeOutput(ParallelConfig(devices, strategy, cfg_degree or None, batch_degree or None,
                                             stages=stages or None, warmup=warmup, stride=int(stride),
                                             time_shift=time_shift))

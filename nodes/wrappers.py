@@ -35,6 +35,7 @@ def install(model, config: ParallelConfig | None = None):
     """A clone of `model` (a ModelPatcher) whose diffusion-model calls run on the pool per `config`
     (None: the pack's default devices, strategy auto)."""
     config = config or default_config()
+    RUNTIME.check_devices(config.devices)  # devices that do not exist fail the run, before any work
     patched = model.clone()
     patched.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, KEY)
     patched.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, KEY)

@@ -58,13 +58,34 @@ def parse_devices(spec: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
     return tuple(devices)
 
 
+def _cuda_device_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def missing_devices(devices: tuple[str, ...]) -> tuple[str, ...]:
+    """The CUDA devices among `devices` (as parse_devices gives them) that this machine lacks (touches CUDA)."""
+    count = _cuda_device_count()
+    return tuple(d for d in devices if d.startswith("cuda:") and int(d[5:]) >= count)
+
+
+def check_devices_exist(devices: tuple[str, ...]) -> None:
+    """Raises ValueError naming, in one sentence, every device of `devices` that this machine lacks."""
+    missing = missing_devices(devices)
+    if missing:
+        count = _cuda_device_count()
+        have = ", ".join(f"cuda:{i}" for i in range(count)) or "none"
+        verb = "does" if len(missing) == 1 else "do"
+        raise ValueError(f"{', '.join(missing)} {verb} not exist: this machine has {count} CUDA device(s) ({have}); "
+                         "change devices (or use 'cpu:2' for CPU workers)")
+
+
 def resolve_devices(devices: tuple[str, ...]) -> tuple[str, ...]:
     """Turns "auto" into this machine's devices and checks that named CUDA devices exist (touches CUDA)."""
     import sys
 
-    import torch
-
-    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    count = _cuda_device_count()
     if sys.platform == "win32" and (count if devices == ("auto",) else any(d != "cpu" for d in devices)):
         # The workers' GPU traffic needs NCCL, which PyTorch does not ship for Windows. Hosts take their stock
         # path with this sentence (ComfyUI's nodes log it); CPU workers still work.
@@ -74,11 +95,7 @@ def resolve_devices(devices: tuple[str, ...]) -> tuple[str, ...]:
         if count >= 1:
             return tuple(f"cuda:{i}" for i in range(count))
         return ("cpu",) * (2 if (os.cpu_count() or 1) >= 2 else 1)
-    for device in devices:
-        if device.startswith("cuda:") and int(device[5:]) >= count:
-            have = ", ".join(f"cuda:{i}" for i in range(count)) or "none"
-            raise ValueError(f"{device} does not exist: this machine has {count} CUDA device(s) ({have}); "
-                             "change devices (or use 'cpu:2' for CPU workers)")
+    check_devices_exist(devices)
     return devices
 
 

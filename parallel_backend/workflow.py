@@ -34,10 +34,12 @@ def load_workflow(path: str | Path) -> dict:
     return data
 
 
-def apply_settings(workflow: dict, settings: list[str]) -> dict:
+def apply_settings(workflow: dict, settings: list[str], declared_inputs=None) -> dict:
     """Applies "NODE.INPUT=VALUE" overrides; NODE is a node id, a node title or a class_type (if unique).
     VALUE is read as JSON when it parses (numbers, true, lists), else as a string; NaN and infinities (also
-    1e999) are refused."""
+    1e999) are refused. INPUT must be one the node has in the workflow or, when `declared_inputs(class_type)`
+    is given, one its class declares (the server's /object_info: an optional input the export left out); a
+    misspelt name fails here, before any run."""
     workflow = json.loads(json.dumps(workflow))
     for setting in settings:
         target, sep, raw = setting.partition("=")
@@ -49,6 +51,12 @@ def apply_settings(workflow: dict, settings: list[str]) -> dict:
         if len(matches) != 1:
             found = "no node" if not matches else f"{len(matches)} nodes ({', '.join(matches)})"
             raise WorkflowError(f"--set {setting!r}: {found} match {node_ref!r}; use a node id")
+        node = workflow[matches[0]]
+        inputs = node.setdefault("inputs", {})
+        if name not in inputs and name not in (declared_inputs(node["class_type"]) if declared_inputs else ()):
+            known = ", ".join(sorted(inputs)) or "none in this workflow"
+            raise WorkflowError(f"--set {setting!r}: node {matches[0]} ({node['class_type']}) has no input {name!r} "
+                                f"(its inputs: {known})")
         try:
             value = json.loads(raw)
         except json.JSONDecodeError:
@@ -57,7 +65,7 @@ def apply_settings(workflow: dict, settings: list[str]) -> dict:
             json.dumps(value, allow_nan=False)
         except ValueError:
             raise WorkflowError(f"--set {setting!r}: {raw} is not a finite number; give a finite value") from None
-        workflow[matches[0]].setdefault("inputs", {})[name] = value
+        inputs[name] = value
     return workflow
 
 
@@ -96,6 +104,11 @@ class ComfyClient:
     def get_json(self, route: str) -> dict:
         with self._open(route) as response:
             return json.loads(response.read())
+
+    def declared_inputs(self, class_type: str) -> set[str]:
+        """The inputs (required and optional) the server declares for node class `class_type`."""
+        info = self.get_json(f"/object_info/{urllib.parse.quote(class_type)}").get(class_type, {})
+        return {name for group in ("required", "optional") for name in info.get("input", {}).get(group, {})}
 
     def submit(self, workflow: dict) -> str:
         with self._open("/prompt", {"prompt": workflow, "client_id": self.client_id}) as response:
@@ -198,7 +211,7 @@ class Session:
 def run_workflow(path: str, server: str, settings: list[str], out_dir: str, timeout_s: float = 3600.0,
                  progress=lambda node, value, total: None) -> list[Path]:
     """Runs the workflow to completion; returns the downloaded output files."""
-    workflow = apply_settings(load_workflow(path), settings)
+    workflow = apply_settings(load_workflow(path), settings, ComfyClient(server).declared_inputs)
     Path(out_dir).mkdir(parents=True, exist_ok=True)  # a folder that cannot be made fails before the run
     with Session(server, timeout_s) as session:
         entry = session.run(workflow, progress)

@@ -13,7 +13,7 @@ import math
 import statistics
 from pathlib import Path
 
-from .workflow import Session, WorkflowError, apply_settings, load_workflow
+from .workflow import ComfyClient, Session, WorkflowError, apply_settings, load_workflow
 
 # Multi-GPU sampler node -> the stock node with the same inputs (less "settings").
 STOCK_SAMPLERS = {"TandemKSampler": "KSampler", "TandemKSamplerAdvanced": "KSamplerAdvanced"}
@@ -155,7 +155,7 @@ def compare_workflows(path: str, server: str, settings: list[str], against: str 
     """Times the workflow at `path` against its stock twin (or the workflow at `against`) and compares outputs."""
     if repeats < 1:
         raise WorkflowError(f"--repeats must be at least 1 (got {repeats})")
-    tandem = apply_settings(load_workflow(path), settings)
+    tandem = apply_settings(load_workflow(path), settings, ComfyClient(server).declared_inputs)
     baseline = load_workflow(against) if against else stock_twin(tandem)
     names = ("other" if against else "stock", "tandem")
     variants = dict(zip(names, (baseline, tandem)))

@@ -25,3 +25,25 @@ def test_api_and_ui_twins_agree():
         raise AssertionError("the UI file must be recognised as UI format")
     except WorkflowError as exc:
         assert "UI-format" in str(exc)
+
+
+TITLE_HEIGHT = 30  # the UI draws a node's title bar above its `pos` (LiteGraph's NODE_TITLE_HEIGHT)
+
+
+def _rectangle(node: dict) -> tuple[float, float, float, float]:
+    (x, y), (width, height) = node["pos"], node["size"]
+    return x, y - TITLE_HEIGHT, x + width, y + height
+
+
+def test_no_two_nodes_overlap_in_any_ui_workflow():
+    ui_files = [path for path in sorted(FOLDER.glob("*.json"))
+                if {"nodes", "links"} <= set(json.loads(path.read_text()))]
+    assert ui_files
+    for path in ui_files:
+        nodes = json.loads(path.read_text())["nodes"]
+        for i, a in enumerate(nodes):
+            for b in nodes[i + 1:]:
+                ax0, ay0, ax1, ay1 = _rectangle(a)
+                bx0, by0, bx1, by1 = _rectangle(b)
+                overlap = ax0 < bx1 and bx0 < ax1 and ay0 < by1 and by0 < ay1
+                assert not overlap, f"{path.name}: {a['type']} ({a['id']}) overlaps {b['type']} ({b['id']})"

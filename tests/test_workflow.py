@@ -15,13 +15,44 @@ WORKFLOW = {
 }
 
 
+KSAMPLER_INPUTS = {"model", "seed", "steps", "cfg", "sampler_name", "scheduler", "positive", "negative",
+                   "latent_image", "denoise"}  # as /object_info declares them
+
+
+def declared(class_type):
+    return KSAMPLER_INPUTS if class_type == "KSampler" else set()
+
+
 def test_overrides_by_id_title_and_unique_class(tmp_path):
     out = apply_settings(WORKFLOW, ["3.seed=7", "Main sampler.steps=30", "EmptyLatentImage.width=768",
-                                    "5.sampler_name=dpmpp_2m", "5.denoise=0.5", "5.flag=true"])
+                                    "5.sampler_name=dpmpp_2m", "5.denoise=0.5", "5.steps=[1]"], declared)
     assert out["3"]["inputs"] == {"seed": 7, "steps": 30}
     assert out["4"]["inputs"]["width"] == 768
-    assert out["5"]["inputs"] == {"seed": 2, "sampler_name": "dpmpp_2m", "denoise": 0.5, "flag": True}
+    assert out["5"]["inputs"] == {"seed": 2, "sampler_name": "dpmpp_2m", "denoise": 0.5, "steps": [1]}
     assert WORKFLOW["3"]["inputs"]["seed"] == 1  # the original is untouched
+
+
+@pytest.mark.parametrize("setting, inputs_of", [("3.nosuch=1", None), ("3.nosuch=1", declared),
+                                                ("5.steps=4", None), ("4.batch_size=2", declared)])
+def test_an_input_the_node_does_not_have_is_refused(setting, inputs_of):
+    """Not in the workflow's node, and not declared for its class (or no declarations at hand)."""
+    node = setting.split(".")[0]
+    with pytest.raises(WorkflowError, match=rf"node {node} \(\w+\) has no input '\w+' \(its inputs: "):
+        apply_settings(WORKFLOW, [setting], inputs_of)
+
+
+def test_refused_overrides_fail_before_the_run_starts(tmp_path, capsys):
+    from parallel_backend.cli import main
+
+    api = tmp_path / "api.json"
+    api.write_text(json.dumps(WORKFLOW))
+    # Nothing listens on port 9: a node that does not exist is refused without the server; an input node 3 lacks
+    # needs the server's declarations, and without them nothing is made or run
+    assert main(["workflow", "run", str(api), "--server", "http://127.0.0.1:9", "--set", "9.seed=1"]) == 1
+    assert main(["workflow", "run", str(api), "--server", "http://127.0.0.1:9", "--set", "3.nosuch=1",
+                 "--out", str(tmp_path / "out")]) == 1
+    said = capsys.readouterr().err
+    assert "no node match '9'" in said and "cannot reach" in said and not (tmp_path / "out").exists(), said
 
 
 @pytest.mark.parametrize("setting, message", [

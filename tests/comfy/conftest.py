@@ -112,10 +112,13 @@ def prepare_base(base: Path) -> Path:
     return base
 
 
-def start_server(base: Path, log_name: str = "comfy.log") -> ComfyServer:
-    """ComfyUI on a free loopback port with --cpu and a two-CPU-worker pool; returns once it answers."""
+def start_server(base: Path, log_name: str = "comfy.log", devices: str | None = "cpu:2") -> ComfyServer:
+    """ComfyUI on a free loopback port with --cpu and a pool on TANDEM_DEVICES=`devices` (None: unset, the
+    pack's default); returns once it answers."""
     port = _free_port()
-    env = dict(os.environ, TANDEM_DEVICES="cpu:2", TANDEM_POOL_START="on_load")
+    env = dict(os.environ, TANDEM_DEVICES=devices or "", TANDEM_POOL_START="on_load")
+    if devices is None:
+        del env["TANDEM_DEVICES"]
     with open(base / log_name, "wb") as log:
         process = subprocess.Popen([sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
                                     "--base-directory", str(base), "--disable-auto-launch"],
@@ -332,6 +335,7 @@ class Helpers:
     run_checked = staticmethod(run_checked)
     with_model_patch = staticmethod(with_model_patch)
     start_server = staticmethod(start_server)
+    stop_server = staticmethod(stop_server)
     assert_same_latents = staticmethod(assert_same_latents)
     RTOL_OF_SCALE = RTOL_OF_SCALE
 

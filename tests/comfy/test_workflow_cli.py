@@ -23,6 +23,22 @@ def test_run_downloads_the_outputs_and_applies_overrides(comfy_server, comfy, tm
     assert comfy_server.get("/tandem/status")["last_run"]["calls"] == 4  # the override reached the sampler
 
 
+def test_an_override_of_an_input_the_node_lacks_fails_before_submitting(comfy_server, comfy, tmp_path):
+    workflow = tmp_path / "wf.json"
+    workflow.write_text(json.dumps(comfy.sampler_workflow("TandemKSampler", "cli_misspelt", "asyncdiff")))
+    runs = len(comfy_server.get("/history"))
+    for setting, sentence in (("5.nosuch=1", "node 5 (TandemKSampler) has no input 'nosuch'"),
+                              ("99.seed=1", "no node match '99'")):
+        run = tandem("workflow", "run", str(workflow), "--server", comfy_server.url, "--set", setting,
+                     "--out", str(tmp_path / "out"), "--quiet")
+        assert run.returncode == 1 and sentence in run.stderr and "Traceback" not in run.stderr, run.stderr
+    assert len(comfy_server.get("/history")) == runs  # nothing was submitted
+    # an optional input the workflow leaves out is one the server declares: accepted
+    run = tandem("workflow", "run", str(workflow), "--server", comfy_server.url, "--set", "8.warmup=2",
+                 "--out", str(tmp_path / "out"), "--quiet")
+    assert run.returncode == 0, run.stderr
+
+
 def test_a_rejected_workflow_gives_a_readable_error(comfy_server, tmp_path):
     workflow = tmp_path / "bad.json"
     workflow.write_text(json.dumps({"1": {"class_type": "NoSuchNode", "inputs": {}}}))
