@@ -45,7 +45,8 @@ class Runtime:
         self.error: str | None = None
         self.last_run: dict = {}
         self.runs = 0  # sampling runs that went through the pool
-        self._watched = None  # (weakref to the host's BaseModel, its weights id) whose copy the workers hold
+        # per model the workers hold (fingerprint): (weakref to the host's BaseModel, its weights id)
+        self._watched: dict[str, tuple] = {}
         self._watcher: threading.Thread | None = None
 
     def start_on_load(self) -> None:
@@ -122,13 +123,15 @@ class Runtime:
             run["device_utilisation"] = round(run["device_seconds"] / (run["wall_seconds"] * len(devices)), 3)
 
     def use_model(self, pool: WorkerPool, model, family: str, key: str, base_model_ref, weights: str) -> str:
-        """Loads `model` on the workers (unless they hold it) and remembers which host model the copy belongs to;
-        a watcher releases the copy once ComfyUI unloads that model (free memory, another checkpoint, eviction):
-        its weights are then unpatched (current_weight_patches_uuid changes) or the model is gone. Under the
-        lock, so the watcher never releases a copy that was just loaded for a newer model."""
+        """Loads `model` on the workers (unless they hold it) and remembers which host model each copy belongs
+        to (the pool keeps up to two); a watcher releases a copy once ComfyUI unloads its model (free memory,
+        another checkpoint, eviction): its weights are then unpatched (current_weight_patches_uuid changes) or
+        the model is gone. Under the lock, so the watcher never releases a copy that was just loaded anew."""
         with self.lock:
             fingerprint = pool.ensure_model(model, family, key)
-            self._watched = (base_model_ref, weights)
+            held = set(pool.loaded_fingerprints)  # the pool may have dropped older copies to make room
+            self._watched = {f: w for f, w in self._watched.items() if f in held}
+            self._watched[fingerprint] = (base_model_ref, weights)
             if self._watcher is None:
                 self._watcher = threading.Thread(target=self._watch_loop, name="tandem-release-watch", daemon=True)
                 self._watcher.start()
@@ -139,23 +142,25 @@ class Runtime:
         # (ComfyUI then warns of a memory leak) and the workers' copy with it.
         while True:
             time.sleep(period_s)
-            watched = self._watched
-            if watched is not None and not _still_loaded(watched):
-                self._release_unless_replaced(watched)
+            for fingerprint, watched in list(self._watched.items()):
+                if not _still_loaded(watched):
+                    self._release_unless_replaced(fingerprint, watched)
 
-    def _release_unless_replaced(self, watched: tuple) -> None:
+    def _release_unless_replaced(self, fingerprint: str, watched: tuple) -> None:
         with self.lock:
-            if self._watched is not watched:
-                return  # a newer model was loaded meanwhile: its copy stays
-            self._watched = None
+            if self._watched.get(fingerprint) is not watched:
+                return  # loaded anew meanwhile: its copy stays
+            del self._watched[fingerprint]
             try:
-                self.release_models()
-                log.info("Tandem: ComfyUI unloaded the model; the workers released their copies")
+                if self.pool is not None and self.pool.started:
+                    self.pool.release_models(fingerprint)
+                log.info("Tandem: ComfyUI unloaded a model; the workers released their copies of it")
             except Exception as exc:  # the pool restarts on the next job anyway
                 log.warning("Tandem: could not release the workers' model copies: %s", exc)
 
     def release_models(self) -> None:
         with self.lock:
+            self._watched = {}
             if self.pool is not None and self.pool.started:
                 self.pool.release_models()
 
