@@ -63,7 +63,7 @@ CLI_ROWS = [
     (GEN + ["--device", "cuda"], 1, "--device cuda: this machine has no CUDA device"),
     (GEN + ["--device", "cuda:1"], 1, "--device cuda:1: this machine has no CUDA device"),
     (GEN + ["--device", "banana"], 1, "--device 'banana' is not a device"),
-    (GEN + ["--devices", "cuda:0,cuda:1"], 1, "cuda:0 does not exist: this machine has 0 CUDA device(s)"),
+    (GEN + ["--devices", "cuda:0,cuda:1"], 1, "cuda:0, cuda:1 do not exist: this machine has 0 CUDA device(s)"),
     (GEN + ["--devices", "gpu:0"], 1, "device 'gpu:0' is not understood"),
     (GEN + ["--devices", "cpu:0"], 1, "a CPU pool needs at least one worker"),
     (GEN + ["--devices", "cpu,cuda:0"], 1, "devices mix CPU and CUDA workers"),
@@ -115,7 +115,7 @@ CLI_ROWS = [
     (BENCH + ["--json", "/no/such/dir/x.json"], 1, "--json /no/such/dir/x.json: folder /no/such/dir does not exist"),
     (BENCH + ["--json", "/proc/x.json"], 1, "--json /proc/x.json: could not write there"),
     (BENCH + ["--dtype", "fp8"], 1, "dtype 'fp8': choose auto, fp32"),
-    (BENCH + ["--devices", "cuda:0,cuda:1"], 1, "cuda:0 does not exist"),
+    (BENCH + ["--devices", "cuda:0,cuda:1"], 1, "cuda:0, cuda:1 do not exist"),
     (BENCH + ["--devices", "cpu:1", "--strategies", "cfg"], 1, "cfg 2 x batch 1 = 2 devices, but there are 1"),
     (BENCH + ["--strategies", "asyncdiff", "--warmup", "0"], 1, "strategy 'asyncdiff' on 2 stages needs warmup >= 1"),
     (["bench", "--quiet", "--model", "sd99"], 1, "unknown bench model 'sd99'"),
@@ -316,7 +316,7 @@ DEMO_ROWS = [
     (dict(strategy="asyncdiff", warmup=0), ValueError, "strategy 'asyncdiff' on 2 stages needs warmup >= 1"),
     (dict(strategy="asyncdiff", stages=1.5), ValueError, "stages must be a whole number >= 1; got 1.5"),
     (dict(strategy="cfg", cfg=1.0), ValueError, "cfg degree 2 needs cfg > 1"),
-    (dict(devices="cuda:0,cuda:1"), ValueError, "cuda:0 does not exist"),
+    (dict(devices="cuda:0,cuda:1"), ValueError, "cuda:0, cuda:1 do not exist"),
 ]
 
 
