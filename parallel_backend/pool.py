@@ -14,7 +14,6 @@ its process) and no file of the pool outlives it (pool_files.py).
 from __future__ import annotations
 
 import logging
-import math
 import os
 import secrets
 import signal
@@ -28,7 +27,7 @@ from multiprocessing import AuthenticationError
 from multiprocessing.connection import wait
 from pathlib import Path
 
-from . import pool_files
+from . import pool_files, validation
 from .config import parse_devices, resolve_devices
 from .deadlines import SILENT_S, CallClock, load_bound
 from .messages import Hello, Ping, Reply, RunSetup, Shutdown, Unload
@@ -144,11 +143,9 @@ class WorkerPool:
         hang_floor_s = _setting(hang_floor_s, "TANDEM_HANG_FLOOR_S", 20.0, float)
         max_models = _setting(max_models, "TANDEM_MAX_MODELS", 2, int)
         for name, value in (("timeout_s", timeout_s), ("start_timeout_s", start_timeout_s),
-                            ("pg_timeout_s", pg_timeout_s), ("hang_factor", hang_factor),
-                            ("hang_floor_s", hang_floor_s)):
-            if isinstance(value, bool) or not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-                unit = " of seconds" if name.endswith("_s") else ""
-                raise ValueError(f"{name} must be a finite number{unit} > 0; got {value!r}")
+                            ("pg_timeout_s", pg_timeout_s), ("hang_floor_s", hang_floor_s)):
+            validation.seconds(name, value)
+        validation.positive("hang_factor", hang_factor)
         if isinstance(max_models, bool) or not isinstance(max_models, int) or max_models < 1:
             raise ValueError(f"max_models must be an integer >= 1; got {max_models!r}")
         self.max_models = max_models

@@ -50,11 +50,16 @@ def finite_number(name: str, value, low: float | None = None, high: float | None
     return number
 
 
+def positive(name: str, value, unit: str = "") -> float:
+    """A finite number > 0 (`unit`, e.g. " of seconds", goes into the sentence)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a finite number{unit} > 0; got {value!r}")
+    return float(value)
+
+
 def seconds(name: str, value) -> float:
     """A time limit: a finite number of seconds > 0."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a finite number of seconds > 0; got {value!r}")
-    return float(value)
+    return positive(name, value, " of seconds")
 
 
 def text(name: str, value) -> str:
