@@ -154,3 +154,12 @@ NODE_CLASS_MAPPINGS = {"TandemTestTinySD1Model": TandemTestTinySD1Model,
                        "TandemTestConditioning": TandemTestConditioning,
                        "TandemTestTinyControlNet": TandemTestTinyControlNet,
                        "TandemTestBatchProbe": TandemTestBatchProbe}
+
+try:  # ComfyUI's own multi-GPU node exists from v0.23 on
+    import comfy.multigpu  # noqa: F401
+
+    from .multigpu_stand_in import NODES as _MULTIGPU_NODES
+
+    NODE_CLASS_MAPPINGS.update(_MULTIGPU_NODES)
+except ImportError:
+    pass
