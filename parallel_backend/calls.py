@@ -35,7 +35,7 @@ class ModelCall:
     shared: names of extras every share gets whole even where their first dim happens to equal B (positional
       ids, RoPE tables: the model family says which).
     row_lists: names of extras that are plain lists with one entry per row (e.g. per-image shapes), cut with
-      the rows.
+      the rows; one of another length (Qwen-Image's shapes are per prompt, not per image) goes whole.
     """
 
     x: torch.Tensor
@@ -64,7 +64,7 @@ class ModelCall:
         def cut_input(name: str, value: Any) -> Any:
             if name in self.shared:
                 return value
-            if name in self.row_lists:
+            if name in self.row_lists and len(value) == n:
                 return type(value)(value[rows.start:rows.stop])
             return _map_tensors(value, cut)
 

@@ -5,17 +5,21 @@ from __future__ import annotations
 import os
 import threading
 import warnings
-import weakref
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
 
 from .. import validation
+from ..models.diffusers_dit import FAMILIES as DIT_FAMILIES
+from ..models.diffusers_dit import recognise
 from ..models.diffusers_unet import FAMILY as UNET_FAMILY
 from ..sampling import Generation, GenerationRequest, Timer, initial_noise, make_scheduler
+from .diffusers_transformer import ParallelTransformer
+from .stand_in import StandIn
 
 SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
+TRANSFORMERS = ("transformer", "transformer_2")  # Wan 2.2 has a second one for its low-noise steps
 
 
 def pipeline_class_name(folder: str | Path) -> str:
@@ -188,25 +192,10 @@ class DiffusersPipeline:
             unparallelize(self.pipe)
 
 
-class ParallelUNet(torch.nn.Module):
-    """Stands in for a pipeline's UNet: every forward runs on the pool; attributes read through to the UNet.
+class ParallelUNet(StandIn):
+    """Stands in for a pipeline's UNet: every forward runs on the pool; attributes read through to the UNet."""
 
-    The wrapped UNet itself is left untouched (it is what ships to the workers), so `unparallelize` puts it
-    back as it was.
-    """
-
-    def __init__(self, unet, executor, pipe):
-        super().__init__()
-        self.unet = unet
-        object.__setattr__(self, "_executor", executor)
-        object.__setattr__(self, "_pipe", weakref.ref(pipe))
-        self.calls = 0
-
-    def __getattr__(self, name):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self._modules["unet"], name)
+    inner = "unet"
 
     def forward(self, sample, timestep, encoder_hidden_states, return_dict: bool = True, **kwargs):
         from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
@@ -225,26 +214,54 @@ class ParallelUNet(torch.nn.Module):
 
 
 def parallelize(pipe, config=None, pool=None):
-    """Runs `pipe`'s UNet on a pool of devices (a diffusers StableDiffusion / SDXL pipeline). Idempotent.
+    """Runs `pipe`'s denoiser on a pool of devices: the UNet of a StableDiffusion / SDXL pipeline, or the
+    transformer(s) of a Flux, SD3, Wan or Qwen-Image pipeline. Idempotent.
 
     config: a ParallelConfig (default: all devices, strategy auto). pool: a started or unstarted WorkerPool to
     use (default: one made for `config.devices`, owned by the pipeline and shut down by `unparallelize`).
-    Returns `pipe`, changed in place; `unparallelize(pipe)` restores it.
+    Returns `pipe`, changed in place; `unparallelize(pipe)` restores it. A pipeline with no supported denoiser
+    is refused (ValueError) before any process starts.
     """
     from ..config import ParallelConfig
     from ..engine import ParallelExecutor
     from ..pool import WorkerPool
 
-    if isinstance(pipe.unet, ParallelUNet):
+    if _stand_ins(pipe):
         return pipe
+    denoisers = _denoisers(pipe)
+    if not denoisers:
+        dits = ", ".join(p for family in DIT_FAMILIES for p in family.pipelines)
+        raise ValueError(f"parallelize cannot run a {type(pipe).__name__}: it has neither the UNet2DConditionModel "
+                         f"of {', '.join(SUPPORTED_PIPELINES)} nor the transformer of {dits}")
     config = config or ParallelConfig()
     owned = pool is None
     pool = pool or WorkerPool(config.devices, timeout_s=config.timeout_s)
-    wrapper = ParallelUNet(pipe.unet, ParallelExecutor(pool, config), pipe)
-    object.__setattr__(wrapper, "_owned_pool", pool if owned else None)
-    pipe.unet = wrapper
+    executor = ParallelExecutor(pool, config)
+    for i, (name, family) in enumerate(denoisers):
+        model = getattr(pipe, name)
+        if family is None:
+            wrapper = ParallelUNet(model, executor, pipe)
+        else:
+            wrapper = ParallelTransformer(model, executor, pipe, family)
+        object.__setattr__(wrapper, "_owned_pool", pool if owned and i == 0 else None)
+        setattr(pipe, name, wrapper)
     pipe.__class__ = _one_job_per_call(type(pipe))
     return pipe
+
+
+def _denoisers(pipe) -> list[tuple[str, object]]:
+    """(attribute, family) of each denoiser `parallelize` can run: the family is None for a diffusers UNet."""
+    unet = getattr(pipe, "unet", None)
+    if any(cls.__name__ == "UNet2DConditionModel" for cls in type(unet).__mro__):
+        return [("unet", None)]
+    found = [(name, recognise(getattr(pipe, name, None))) for name in TRANSFORMERS]
+    return [(name, family) for name, family in found if family is not None]
+
+
+def _stand_ins(pipe) -> list[tuple[str, StandIn]]:
+    """(attribute, stand-in) of each denoiser `parallelize` replaced."""
+    found = [(name, getattr(pipe, name, None)) for name in ("unet",) + TRANSFORMERS]
+    return [(name, model) for name, model in found if isinstance(model, StandIn)]
 
 
 def _one_job_per_call(cls):
@@ -252,20 +269,20 @@ def _one_job_per_call(cls):
     fresh stale state); the same name, so diffusers' config and saving see the pipeline's own class."""
 
     def __call__(self, *args, **kwargs):
-        wrapper = self.unet
-        with wrapper._executor.job() if isinstance(wrapper, ParallelUNet) else nullcontext():
+        wrappers = [wrapper for _, wrapper in _stand_ins(self)]
+        with wrappers[0]._executor.job() if wrappers else nullcontext():
+            for wrapper in wrappers:
+                wrapper.new_job()
             return cls.__call__(self, *args, **kwargs)
 
     return type(cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__, "_tandem_base": cls})
 
 
 def unparallelize(pipe):
-    """Puts the original UNet back; shuts the pool down if `parallelize` made it. Idempotent."""
-    wrapper = pipe.unet
-    if not isinstance(wrapper, ParallelUNet):
-        return pipe
-    pipe.unet = wrapper.unet
+    """Puts the original denoisers back; shuts the pool down if `parallelize` made it. Idempotent."""
+    for name, wrapper in _stand_ins(pipe):
+        setattr(pipe, name, wrapper.real)
+        if wrapper._owned_pool is not None:
+            wrapper._owned_pool.shutdown()
     pipe.__class__ = getattr(type(pipe), "_tandem_base", type(pipe))
-    if wrapper._owned_pool is not None:
-        wrapper._owned_pool.shutdown()
     return pipe
