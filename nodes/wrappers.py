@@ -3,8 +3,11 @@
 - CALC_COND_BATCH: a call that goes to the pool gets cond and uncond as one batch (the work runs on the
   workers, so the host device's free memory must not split them apart); any other call keeps ComfyUI's
   memory estimate. The weights' identity travels with the call.
-- DIFFUSION_MODEL: each UNet call is split over the pool; anything that cannot travel to a worker (a model
-  patch that is a host function, weights only partly loaded) takes the stock path, and the log says why.
+- DIFFUSION_MODEL: each diffusion-model call (any family models/comfy_dit.py knows: UNets, Flux, SD3, Wan, ...)
+  is split over the pool; anything that cannot travel to a worker (a model patch that is a host function,
+  weights only partly loaded, a family Tandem has no adapter for) takes the stock path, and the log says why.
+- OUTER_SAMPLE: one multi-GPU split per model. ComfyUI's own MultiGPU CFG Split (v0.23+) on the same model is
+  switched off for the run (its device copies are not loaded), and the log says so.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import comfy.patcher_extension
 from parallel_backend.calls import ModelCall
 from parallel_backend.config import ParallelConfig
 from parallel_backend.engine import ParallelExecutor
-from parallel_backend.models.comfy_unet import FAMILY
+from parallel_backend.models import comfy_dit
 
 from .runtime import RUNTIME
 from .settings import default_config
@@ -37,11 +40,45 @@ def install(model, config: ParallelConfig | None = None):
     config = config or default_config()
     RUNTIME.check_devices(config.devices)  # devices that do not exist fail the run, before any work
     patched = model.clone()
-    patched.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, KEY)
-    patched.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, KEY)
+    earlier = [w for w in patched.get_wrappers(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, KEY)
+               if isinstance(w, PoolForward)]
+    if earlier:
+        log.info("Tandem: this model already went through a Multi-GPU node (devices %s, strategy %s); the later "
+                 "one applies (devices %s, strategy %s)", earlier[-1].config.devices, earlier[-1].config.strategy,
+                 config.devices, config.strategy)
+    for kind in (comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, comfy.patcher_extension.WrappersMP.CALC_COND_BATCH,
+                 comfy.patcher_extension.WrappersMP.OUTER_SAMPLE):
+        patched.remove_wrappers_with_key(kind, KEY)
+    _drop_comfy_multigpu(patched)
+    patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, KEY, one_split_per_model)
     patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, KEY, batch_cond_and_uncond)
     patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, KEY, PoolForward(config))
     return patched
+
+
+def _drop_comfy_multigpu(patcher) -> bool:
+    """Removes the device copies ComfyUI's MultiGPU CFG Split attached to `patcher` (a clone of ours), so they
+    are never loaded; True if there were any. (v0.8 has no such node: nothing to remove.)"""
+    getter = getattr(patcher, "get_additional_models_with_key", None)
+    if getter is None or not getter("multigpu"):
+        return False
+    patcher.remove_additional_models("multigpu")
+    log.warning("Tandem: ComfyUI's MultiGPU CFG Split is also on this model; Tandem's Multi-GPU node splits it "
+                "over its worker processes, so the CFG Split is off for it (both at once would split each call "
+                "twice and load the model again on every GPU)")
+    return True
+
+
+def one_split_per_model(executor, *args, **kwargs):
+    """OUTER_SAMPLE: a MultiGPU CFG Split placed after Tandem's node attached device copies to the model being
+    sampled; they are dropped before ComfyUI loads them (the guider samples a clone without them)."""
+    guider = executor.class_obj
+    patcher = getattr(guider, "model_patcher", None)
+    if patcher is not None and getattr(patcher, "get_additional_models_with_key", None) and \
+            patcher.get_additional_models_with_key("multigpu"):
+        guider.model_patcher = patcher.clone()
+        _drop_comfy_multigpu(guider.model_patcher)
+    return executor(*args, **kwargs)
 
 
 def batch_cond_and_uncond(executor, model, conds, x_in, timestep, model_options):
@@ -91,7 +128,7 @@ def _goes_to_pool(model, conds, model_options) -> bool:
         return False
     if any("gligen" in c or c.get("hooks") is not None for cond in conds if cond for c in cond):
         return False  # their patches join the call's transformer_options only inside the batching
-    if not _is_unet(model.diffusion_model):
+    if comfy_dit.unsupported_reason(model.diffusion_model) is not None:
         return False
     forwards = [w for w in comfy.patcher_extension.get_wrappers_with_key(
         comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, KEY, model_options, is_model_options=True)
@@ -105,16 +142,12 @@ def _goes_to_pool(model, conds, model_options) -> bool:
     return len(pool.devices) >= 2
 
 
-def _is_unet(module) -> bool:
-    # ComfyUI's openaimodel.UNetModel (SD1.x, SD2.x, SDXL), recognised by its parts: no import of its class.
-    return all(hasattr(module, part) for part in ("input_blocks", "middle_block", "output_blocks", "time_embed"))
-
-
 def _host_only_reason(transformer_options: dict) -> str | None:
-    for key in ("patches", "patches_replace"):
-        present = [name for name, value in transformer_options.get(key, {}).items() if value]
-        if present:
-            return f"a model patch ({key}: {', '.join(present)}) runs on the host and cannot travel to a worker"
+    reason = comfy_dit.portable_options(transformer_options)[1]  # a model patch, or another host object
+    if reason is not None:
+        return reason
+    if "multigpu_thread_device" in transformer_options:
+        return "ComfyUI's MultiGPU CFG Split runs this call on its own threads"
     if transformer_options.get(KEY, {}).get("lowvram"):
         return "the model is only partly loaded (low VRAM): its patched weights are not all in place to ship"
     if KEY not in transformer_options:
@@ -132,7 +165,7 @@ def _step_of(transformer_options: dict) -> int | None:
 
 
 class PoolForward:
-    """The DIFFUSION_MODEL wrapper: one UNet call, split over the pool."""
+    """The DIFFUSION_MODEL wrapper: one diffusion-model call, split over the pool."""
 
     def __init__(self, config: ParallelConfig):
         # A call holding one branch only (cfg = 1, or area conds in several chunks) has nothing to split by
@@ -145,10 +178,11 @@ class PoolForward:
             self.said.add(reason)
             log.warning("Tandem: using the stock sampling path: %s", reason)
 
-    def __call__(self, executor, x, timesteps, context=None, y=None, control=None, transformer_options={}, **kwargs):
-        reason = _host_only_reason(transformer_options)
-        if reason is None and not _is_unet(executor.class_obj):
-            reason = f"Tandem splits UNet models (SD1.x, SD2.x, SDXL); this model is a {type(executor.class_obj).__name__}"
+    def __call__(self, executor, *args, **kwargs):
+        # ComfyUI hands the arguments positionally, in the order of the model class's own signature.
+        named = comfy_dit.name_arguments(executor.original, args, kwargs)
+        transformer_options = named.get("transformer_options") or {}
+        reason = _host_only_reason(transformer_options) or comfy_dit.unsupported_reason(executor.class_obj)
         pool = None
         if reason is None:
             try:
@@ -159,19 +193,24 @@ class PoolForward:
             reason = f"only one device ({pool.devices[0]})"
         if reason is not None:
             self._stock(reason)
-            return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
+            return executor(*args, **kwargs)
         comfy.model_management.throw_exception_if_processing_interrupted()
+        family = comfy_dit.recognise(executor.class_obj)
+        (x_name, x), (t_name, timesteps) = list(named.items())[:2]  # every family's first two: latents, timesteps
+        rest = {name: value for name, value in named.items() if name not in (x_name, t_name)}
+        context = rest.pop("context", None)
+        rest["transformer_options"] = comfy_dit.portable_options(transformer_options)[0]
         chunks = transformer_options.get("cond_or_uncond", [])
         guided = sorted(chunks) == [0, 1]
-        extras = {k: v for k, v in dict(kwargs, y=y, control=control).items() if v is not None}
         run = transformer_options[KEY]
-        call = ModelCall(x, timesteps, context, extras, branches=2 if guided else 1, index=RUNTIME.call_index(run["id"]),
+        call = ModelCall(x, timesteps, context, rest, branches=2 if guided else 1, index=RUNTIME.call_index(run["id"]),
                          step=_step_of(transformer_options), job=run["id"],
-                         stream=(tuple(str(u) for u in transformer_options.get("uuids", ())), tuple(chunks)))
-        fingerprint = RUNTIME.use_model(pool, executor.class_obj, FAMILY, f"{FAMILY}:{run['weights']}",
+                         stream=(tuple(str(u) for u in transformer_options.get("uuids", ())), tuple(chunks)),
+                         shared=family.shared | {"transformer_options"})
+        fingerprint = RUNTIME.use_model(pool, executor.class_obj, family.wire, f"{family.wire}:{run['weights']}",
                                         run["base_model"], run["weights"])  # not timed below
         started = time.perf_counter()
-        result = ParallelExecutor(pool, self.config).run(executor.class_obj, FAMILY, call, fingerprint)
+        result = ParallelExecutor(pool, self.config).run(executor.class_obj, family.wire, call, fingerprint)
         RUNTIME.record_call(run["id"], list(pool.devices), result.mesh.strategy, result.mesh.describe(),
                             time.perf_counter() - started, result.compute_s)
         return result.out

@@ -32,6 +32,10 @@ class ModelCall:
     stream: what is being denoised (e.g. the host's ids of the conds in the batch); stale state of
       approximate strategies is kept per stream, so separate cond and uncond calls never mix.
     job: the host's id of the sampling run; a new job starts from fresh state. None: the executor decides.
+    shared: names of extras every share gets whole even where their first dim happens to equal B (positional
+      ids, RoPE tables: the model family says which).
+    row_lists: names of extras that are plain lists with one entry per row (e.g. per-image shapes), cut with
+      the rows.
     """
 
     x: torch.Tensor
@@ -43,6 +47,8 @@ class ModelCall:
     step: int | None = None
     stream: tuple = ()
     job: object = None
+    shared: frozenset = frozenset()
+    row_lists: frozenset = frozenset()
 
     @property
     def rows(self) -> int:
@@ -55,9 +61,16 @@ class ModelCall:
         def cut(value: torch.Tensor) -> torch.Tensor:
             return value[rows.start:rows.stop] if value.dim() > 0 and value.shape[0] == n else value
 
+        def cut_input(name: str, value: Any) -> Any:
+            if name in self.shared:
+                return value
+            if name in self.row_lists:
+                return type(value)(value[rows.start:rows.stop])
+            return _map_tensors(value, cut)
+
         return replace(self, x=self.x[rows.start:rows.stop], t=cut(self.t),
                        context=None if self.context is None else cut(self.context),
-                       extras=_map_tensors(self.extras, cut), branches=1)
+                       extras={name: cut_input(name, value) for name, value in self.extras.items()}, branches=1)
 
     def to(self, device: torch.device | str) -> "ModelCall":
         move = lambda value: value.to(device, non_blocking=True)  # noqa: E731

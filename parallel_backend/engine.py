@@ -82,6 +82,8 @@ class Engine:
             fingerprint: str | None = None) -> CallResult:
         """Runs one model call on the pool as `config` says; ships the model first if the workers lack it."""
         with self._lock:
+            if config.strategy != "auto":  # auto picks only strategies that split any model
+                strategies.get(config.strategy).check_family(family)  # before any weights travel
             fingerprint = self.pool.ensure_model(module, family, fingerprint)
             mesh = resolve(config, len(self.pool.devices), call.branches, call.rows)
             self._say_once(mesh)

@@ -1,18 +1,25 @@
-"""How each model family is called and cut. A family names an adapter; the engine never imports a host."""
+"""How each model family is called and cut. A family names an adapter; the engine never imports a host.
+
+A family travels as a string: the adapter module's name, optionally followed by ':' and the model family it
+serves (e.g. "comfy_dit:flux"), so workers know both how to call the model and what it is.
+"""
 
 from __future__ import annotations
 
+import importlib
 from typing import Callable
+
+ADAPTERS = ("diffusers_unet", "comfy_unet", "comfy_dit", "diffusers_dit")
+
+
+def adapter_name(family: str) -> str:
+    """The adapter module serving `family` ("comfy_dit:flux" -> "comfy_dit")."""
+    return family.split(":", 1)[0]
 
 
 def forward_for_family(family: str) -> Callable:
     """The function `forward(module, call: ModelCall) -> Tensor` for a model family."""
-    if family == "diffusers_unet":
-        from .diffusers_unet import forward
-
-        return forward
-    if family == "comfy_unet":
-        from .comfy_unet import forward
-
-        return forward
-    raise ValueError(f"unknown model family {family!r}; known: diffusers_unet, comfy_unet")
+    name = adapter_name(family)
+    if name not in ADAPTERS:
+        raise ValueError(f"unknown model family {family!r}; known: {', '.join(ADAPTERS)}")
+    return importlib.import_module(f"{__name__}.{name}").forward

@@ -36,6 +36,16 @@ class Strategy:
     bench_job: BenchJob = BenchJob(1, True)
     collective: bool = False  # its workers exchange data with each other during a call
     min_warmup: int = 0  # the fewest exact warm-up steps (config.warmup) it needs on more than one stage
+    adapters: tuple[str, ...] | None = None  # the model adapters it can cut (models.ADAPTERS); None: any model
+
+    def check_family(self, family: str) -> None:
+        """Raises ValueError in one sentence when this strategy cannot split a model of `family`."""
+        from ..models import adapter_name
+
+        if self.adapters is not None and adapter_name(family) not in self.adapters:
+            kind = family.split(":", 1)[1] if ":" in family else family
+            raise ValueError(f"strategy {self.name!r} cuts UNets only, and this model is a {kind} "
+                             "transformer: use cfg, batch or auto for it")
 
     def plan(self, engine, call, mesh, config, fingerprint: str) -> dict[int, Any]:
         raise NotImplementedError
@@ -75,6 +85,14 @@ class RowStrategy(Strategy):
         return {rank: Forward(fingerprint, call.select(rows)) for rank, rows in enumerate(shares) if len(rows)}
 
     def gather(self, call, mesh, replies: dict[int, Computed]):
-        import torch
+        return join_rows([replies[rank].out for rank in sorted(replies)], call.x)
 
-        return torch.cat([replies[rank].out for rank in sorted(replies)]).to(call.x.device, call.x.dtype)
+
+def join_rows(outs: list, like):
+    """The per-share outputs joined along the rows, on `like`'s device and dtype; a model that returns a list or
+    tuple of tensors (one per latent, e.g. video and audio) gets each joined in place."""
+    import torch
+
+    if isinstance(outs[0], (list, tuple)):
+        return type(outs[0])(join_rows([out[i] for out in outs], like) for i in range(len(outs[0])))
+    return torch.cat(outs).to(like.device, like.dtype)

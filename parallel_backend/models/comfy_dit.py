@@ -1,0 +1,154 @@
+"""ComfyUI's diffusion models of every family, as data: how each is recognised by its parts, and how its calls
+travel to a worker. Nothing here imports ComfyUI.
+
+The worker holds the host's own model object (unpickled with the host's ComfyUI on its import path) and calls
+it exactly as ComfyUI's BaseModel does: `model(x, t, context=..., control=..., transformer_options=...,
+**extra_conds)`. The host names every argument it was handed (ComfyUI passes them positionally, in the
+order of the class's own signature), so each family's keywords (`guidance`, `ref_latents`, `y`, attention
+masks, image embeddings, `control`, frame counts ...) reach the worker as they are.
+
+Rows: ComfyUI repeats every tensor condition to the batch (and concatenates cond and uncond along it), so a
+tensor input whose first dim is the batch is per row, and a list of such tensors (reference latents) is
+cut element by element; anything else (numbers, strings, `transformer_options`) goes to every share whole.
+A family's `shared` names inputs that stay whole even when their first dim happens to equal the batch.
+
+`transformer_options` travels as plain data only: ComfyUI's own dispatch machinery (wrappers, callbacks) is
+left behind, and any other host object in it (a patch, an attention override, a cache) keeps the call on the
+host, with a sentence saying which.
+"""
+
+from __future__ import annotations
+
+import enum
+import inspect
+import uuid
+from dataclasses import dataclass
+
+import torch
+
+ADAPTER = "comfy_dit"
+UNET_ADAPTER = "comfy_unet"
+# ComfyUI's dispatch machinery and Tandem's own entry: host-side only, never needed by the model's maths.
+HOST_KEYS = frozenset({"wrappers", "callbacks", "tandem", "multigpu_thread_device"})
+PLAIN = (type(None), bool, int, float, complex, str, bytes, uuid.UUID, enum.Enum, torch.Tensor, torch.dtype,
+         torch.device)
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str  # travels with the model: "comfy_dit:<name>"
+    label: str  # for people, in log lines and the README
+    parts: tuple[str, ...]  # dotted attribute paths its diffusion model has (checked in FAMILIES order)
+    shared: frozenset = frozenset()  # inputs every share gets whole
+    adapter: str = ADAPTER
+
+    @property
+    def wire(self) -> str:
+        """The family string the workers get (models.forward_for_family)."""
+        return self.adapter if self.adapter == UNET_ADAPTER else f"{self.adapter}:{self.name}"
+
+
+# Most specific first: Chroma and HunyuanVideo have Flux's double and single stream blocks too.
+FAMILIES = (
+    Family("unet", "SD1.x / SD2.x / SDXL UNet", ("input_blocks", "middle_block", "output_blocks", "time_embed"),
+           adapter=UNET_ADAPTER),
+    Family("chroma", "Chroma", ("distilled_guidance_layer", "double_blocks", "single_blocks", "img_in")),
+    Family("hunyuan_video", "HunyuanVideo", ("txt_in.individual_token_refiner", "double_blocks", "single_blocks",
+                                             "img_in")),
+    Family("flux", "Flux.1 / Flux.2", ("double_blocks", "single_blocks", "img_in", "txt_in", "time_in")),
+    Family("sd3", "SD3 / SD3.5 (MMDiT)", ("joint_blocks", "x_embedder", "context_embedder", "t_embedder")),
+    Family("qwen_image", "Qwen-Image", ("transformer_blocks", "img_in", "txt_in", "txt_norm", "time_text_embed")),
+    Family("wan", "Wan 2.1 / 2.2", ("patch_embedding", "text_embedding", "time_embedding", "time_projection",
+                                    "blocks", "head")),
+    Family("ltxv", "LTX-Video", ("adaln_single", "transformer_blocks", "patchify_proj")),
+    Family("lumina", "Lumina 2 / Z-Image (NextDiT)", ("noise_refiner", "context_refiner", "cap_embedder", "layers",
+                                                      "final_layer")),
+)
+
+
+def _has(module, path: str) -> bool:
+    for name in path.split("."):
+        module = getattr(module, name, None)
+        if module is None:
+            return False
+    return True
+
+
+def recognise(module) -> Family | None:
+    """The family of a ComfyUI diffusion model (its `diffusion_model`), by its parts; None when unknown."""
+    return next((f for f in FAMILIES if all(_has(module, part) for part in f.parts)), None)
+
+
+def family_named(wire: str) -> Family:
+    return next(f for f in FAMILIES if f.wire == wire)
+
+
+def unsupported_reason(module) -> str | None:
+    """One sentence when Tandem cannot split this model, else None."""
+    if recognise(module) is None:
+        known = ", ".join(f.label for f in FAMILIES)
+        return (f"Tandem has no adapter for this model family ({type(module).__name__}); it splits {known}")
+    return None
+
+
+def name_arguments(function, args: tuple, kwargs: dict) -> dict:
+    """The arguments ComfyUI handed a diffusion model's forward (`function`, positionally in its own order),
+    by name; a catch-all `**kwargs` is flattened into the others."""
+    bound = _signature(function).bind(*args, **kwargs)
+    named = {}
+    for name, value in bound.arguments.items():
+        if bound.signature.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
+            named.update(value)
+        elif bound.signature.parameters[name].kind is inspect.Parameter.VAR_POSITIONAL:
+            if value:
+                raise ValueError(f"{getattr(function, '__qualname__', function)} got extra positional inputs")
+        else:
+            named[name] = value
+    return named
+
+
+_SIGNATURES: dict = {}
+
+
+def _signature(function) -> inspect.Signature:
+    key = getattr(function, "__func__", function)
+    if key not in _SIGNATURES:
+        _SIGNATURES[key] = inspect.signature(function)
+    return _SIGNATURES[key]
+
+
+def portable_options(options: dict) -> tuple[dict, str | None]:
+    """(`transformer_options` as it travels: plain data only, None) or ({}, why it cannot travel)."""
+    out = {}
+    for key, value in options.items():
+        if key in HOST_KEYS:
+            continue
+        if key in ("patches", "patches_replace"):
+            present = [name for name, entries in (value or {}).items() if entries]
+            if present:
+                return {}, (f"a model patch ({key}: {', '.join(present)}) runs on the host and cannot travel "
+                            "to a worker")
+            continue
+        bad = _host_object(value)
+        if bad is not None:
+            return {}, (f"transformer_options[{key!r}] holds a host object ({type(bad).__name__}) that cannot "
+                        "travel to a worker")
+        out[key] = value
+    return out, None
+
+
+def _host_object(value):
+    """The first value inside `value` that is not plain data, or None."""
+    if isinstance(value, (list, tuple)):
+        return next((bad for bad in map(_host_object, value) if bad is not None), None)
+    if isinstance(value, dict):
+        inner = [*value.keys(), *value.values()]
+        return next((bad for bad in map(_host_object, inner) if bad is not None), None)
+    return None if isinstance(value, PLAIN) else value
+
+
+def forward(model, call) -> torch.Tensor:
+    """Calls a ComfyUI diffusion model as BaseModel does, with every input the host handed it."""
+    extras = dict(call.extras)
+    extras.setdefault("transformer_options", {})
+    return model(call.x, call.t, context=call.context, **extras)

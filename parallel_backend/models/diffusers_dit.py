@@ -1,0 +1,59 @@
+"""diffusers' transformer denoisers (Flux, SD3, Wan, Qwen-Image), as data: which class, which inputs are per
+row and which every share gets whole, and how one call runs.
+
+Every one of them is called with keywords: `hidden_states` (the latents: packed tokens for Flux and
+Qwen-Image, a 4-D map for SD3, 5-D frames for Wan), `timestep`, `encoder_hidden_states` (the text tokens) and
+the family's own inputs. A tensor input whose first dim is the call's rows is per row unless the family names
+it `shared` (Flux's positional ids are (tokens, 3): a token count equal to the rows must not cut them); a
+`row_lists` input is a plain list with one entry per row (Qwen-Image's per-image shapes).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+ADAPTER = "diffusers_dit"
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str  # travels with the model: "diffusers_dit:<name>"
+    label: str
+    classes: tuple[str, ...]  # diffusers model class names
+    pipelines: tuple[str, ...]  # diffusers pipeline class names that drive it
+    shared: frozenset = frozenset()
+    row_lists: frozenset = frozenset()
+
+    @property
+    def wire(self) -> str:
+        return f"{ADAPTER}:{self.name}"
+
+
+FAMILIES = (
+    Family("flux", "Flux.1", ("FluxTransformer2DModel",), ("FluxPipeline",),
+           shared=frozenset({"img_ids", "txt_ids", "joint_attention_kwargs"})),
+    Family("sd3", "SD3 / SD3.5", ("SD3Transformer2DModel",), ("StableDiffusion3Pipeline",),
+           shared=frozenset({"joint_attention_kwargs", "skip_layers"})),
+    Family("wan", "Wan 2.1 / 2.2", ("WanTransformer3DModel",), ("WanPipeline", "WanImageToVideoPipeline"),
+           shared=frozenset({"attention_kwargs"})),
+    Family("qwen_image", "Qwen-Image", ("QwenImageTransformer2DModel",), ("QwenImagePipeline",),
+           shared=frozenset({"attention_kwargs"}), row_lists=frozenset({"img_shapes", "txt_seq_lens"})),
+)
+
+
+def recognise(module) -> Family | None:
+    """The family of a diffusers transformer, by its class (or a subclass of one); None when unknown."""
+    names = {cls.__name__ for cls in type(module).__mro__}
+    return next((f for f in FAMILIES if names & set(f.classes)), None)
+
+
+def family_named(wire: str) -> Family:
+    return next(f for f in FAMILIES if f.wire == wire)
+
+
+def forward(model, call) -> torch.Tensor:
+    """Runs a diffusers transformer on a ModelCall; returns its prediction."""
+    return model(hidden_states=call.x, timestep=call.t, encoder_hidden_states=call.context, return_dict=False,
+                 **call.extras)[0]
