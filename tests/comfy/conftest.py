@@ -88,7 +88,9 @@ class ComfyServer:
         runs_after = self.get("/tandem/status")["runs"]
         fallbacks = [line for line in self.log_since(log_before).splitlines() if "using the stock sampling path" in line]
         assert not fallbacks, f"Multi-GPU calls took the stock path: {fallbacks}"
-        assert runs_after == runs_before + runs, f"{runs_after - runs_before} runs on the pool, expected {runs}"
+        assert runs_after == runs_before + runs, f"{runs_after - runs_before} runs on the pool, expected {runs}" + (
+            " (and no stock-path line: the model's calls never reached Tandem's DIFFUSION_MODEL wrapper)"
+            if runs_after == runs_before else "")
 
     def latent(self, prefix: str) -> torch.Tensor:
         from safetensors.torch import load_file

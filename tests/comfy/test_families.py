@@ -55,7 +55,7 @@ def check_family(server, comfy, name: str, family: str, strategy: str, **kw) -> 
     comfy.assert_same_latents(tandem, stock)
 
 
-STRATEGIES = [("cfg", 4.0, 1), ("batch", 1.0, 2)]
+STRATEGIES = [("cfg", 4.0, 1), ("batch", 1.0, 2), ("batch", 4.0, 2)]  # batch: at cfg 1 and with both branches
 
 
 @pytest.mark.parametrize("strategy, cfg, batch", STRATEGIES)
