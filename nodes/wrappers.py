@@ -20,6 +20,7 @@ import weakref
 import comfy.model_management
 import comfy.patcher_extension
 
+from parallel_backend import strategies
 from parallel_backend.calls import ModelCall
 from parallel_backend.config import ParallelConfig
 from parallel_backend.engine import ParallelExecutor
@@ -39,6 +40,9 @@ def install(model, config: ParallelConfig | None = None):
     (None: the pack's default devices, strategy auto)."""
     config = config or default_config()
     RUNTIME.check_devices(config.devices)  # devices that do not exist fail the run, before any work
+    family = comfy_dit.recognise(getattr(model.model, "diffusion_model", None))
+    if family is not None and config.strategy != "auto":  # e.g. asyncdiff on a DiT: refused before any work
+        strategies.get(config.strategy).check_family(family.wire)
     patched = model.clone()
     earlier = [w for w in patched.get_wrappers(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, KEY)
                if isinstance(w, PoolForward)]
