@@ -88,7 +88,9 @@ class ComfyServer:
         runs_after = self.get("/tandem/status")["runs"]
         fallbacks = [line for line in self.log_since(log_before).splitlines() if "using the stock sampling path" in line]
         assert not fallbacks, f"Multi-GPU calls took the stock path: {fallbacks}"
-        assert runs_after == runs_before + runs, f"{runs_after - runs_before} runs on the pool, expected {runs}"
+        assert runs_after == runs_before + runs, f"{runs_after - runs_before} runs on the pool, expected {runs}" + (
+            " (and no stock-path line: the model's calls never reached Tandem's DIFFUSION_MODEL wrapper)"
+            if runs_after == runs_before else "")
 
     def latent(self, prefix: str) -> torch.Tensor:
         from safetensors.torch import load_file
@@ -99,7 +101,9 @@ class ComfyServer:
 
 
 def prepare_base(base: Path) -> Path:
-    """A ComfyUI base directory with the pack, the fixture nodes, a LoRA and a small SD1.5-detected model file."""
+    """A ComfyUI base directory with the pack, the fixture nodes, a LoRA, a small SD1.5-detected model file and
+    tiny Flux, SD3 and Wan 2.1 files (write_families.py: FAMILY_FILES, or FILE.skip where this host cannot
+    detect a tiny one)."""
     (base / "custom_nodes").mkdir(parents=True)
     (base / "custom_nodes" / "tandem").symlink_to(REPO)
     (base / "custom_nodes" / "tandem_test_fixtures").symlink_to(REPO / "tests" / "comfy" / "fixture_nodes")
@@ -108,6 +112,9 @@ def prepare_base(base: Path) -> Path:
     subprocess.run([sys.executable, str(REPO / "tests" / "comfy" / "write_checkpoint.py"),
                     str(base / "models" / "diffusion_models" / SMALL_SD15_FILE),
                     str(base / "models" / "loras" / SMALL_SD15_LORA)],
+                   cwd=COMFYUI_PATH, env=dict(os.environ, PYTHONPATH=COMFYUI_PATH), check=True, timeout=300)
+    subprocess.run([sys.executable, str(REPO / "tests" / "comfy" / "write_families.py"),
+                    str(base / "models" / "diffusion_models")],
                    cwd=COMFYUI_PATH, env=dict(os.environ, PYTHONPATH=COMFYUI_PATH), check=True, timeout=300)
     return base
 
@@ -287,6 +294,38 @@ def checkpoint_workflow(sampler: str, prefix: str, strategy: str | None, lora: b
     return workflow
 
 
+FAMILY_FILES = {"flux": "tiny_flux.safetensors", "sd3": "tiny_sd3.safetensors",  # write_families.py
+                "wan21_t2v": "tiny_wan21_t2v.safetensors"}
+
+
+def family_workflow(sampler: str, prefix: str, strategy: str | None, family: str = "flux", cfg: float = 4.0,
+                    batch: int = 1, sampler_name: str = "euler", scheduler: str = "normal", steps: int = 3,
+                    from_file: bool = False, noise_mask: bool = False) -> dict:
+    """A tiny DiT or video model of `family` (fixture_nodes/families.py; from_file: its file loaded by ComfyUI's
+    UNETLoader) -> sampler -> SaveLatent, with the family's seeded prompts and empty latent (noise_mask: the
+    first frame kept, as image-to-video latents mark it)."""
+    def prompt(seed: int) -> dict:
+        return {"class_type": "TandemTestFamilyConditioning", "inputs": {"seed": seed, "family": family}}
+
+    model = ({"class_type": "UNETLoader", "inputs": {"unet_name": FAMILY_FILES[family], "weight_dtype": "default"}}
+             if from_file else {"class_type": "TandemTestTinyDiT", "inputs": {"seed": 5, "family": family}})
+    inputs = {"model": ["1", 0], "seed": 42, "steps": steps, "cfg": cfg, "sampler_name": sampler_name,
+              "scheduler": scheduler, "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["4", 0],
+              "denoise": 1.0}
+    workflow = {
+        "1": model, "2": prompt(1), "3": prompt(2),
+        "4": {"class_type": "TandemTestFamilyLatent", "inputs": {"family": family, "batch_size": batch,
+                                                                 "noise_mask": noise_mask}},
+        "6": {"class_type": "SaveLatent", "inputs": {"samples": ["5", 0], "filename_prefix": f"latents/{prefix}"}},
+    }
+    if strategy is not None:
+        workflow["8"] = {"class_type": "TandemSettings",
+                         "inputs": {"devices": "cpu:2", "strategy": strategy, "cfg_degree": 0, "batch_degree": 0}}
+        inputs["settings"] = ["8", 0]
+    workflow["5"] = {"class_type": sampler, "inputs": inputs}
+    return workflow
+
+
 def with_model_patch(workflow: dict, class_type: str, **inputs) -> dict:
     """Puts a model-patching node (`class_type`, its inputs besides the model) between the model and sampler 5."""
     workflow["30"] = {"class_type": class_type, "inputs": {"model": ["1", 0], **inputs}}
@@ -299,6 +338,7 @@ KINDS = {  # how a test graph is built, and its stock and Multi-GPU sampler clas
     "checkpoint": (checkpoint_workflow, "KSampler", "TandemKSampler"),
     "advanced": (advanced_workflow, "KSamplerAdvanced", "TandemKSamplerAdvanced"),
     "custom": (custom_workflow, "SamplerCustomAdvanced", "SamplerCustomAdvanced"),
+    "family": (family_workflow, "KSampler", "TandemKSampler"),
 }
 
 
@@ -331,6 +371,8 @@ class Helpers:
     """Shared by the ComfyUI test modules (which cannot import each other): workflows and the oracle."""
 
     sampler_workflow = staticmethod(sampler_workflow)
+    family_workflow = staticmethod(family_workflow)
+    FAMILY_FILES = FAMILY_FILES
     run_pair = staticmethod(run_pair)
     run_checked = staticmethod(run_checked)
     with_model_patch = staticmethod(with_model_patch)

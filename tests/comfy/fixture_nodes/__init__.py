@@ -11,6 +11,8 @@ import comfy.model_management
 import comfy.model_patcher
 import comfy.supported_models
 
+from . import families
+
 CONTEXT_DIM = 32
 
 TINY_SD1_UNET = {
@@ -54,11 +56,14 @@ def _seeded(module, seed: int):
     return module
 
 
-def tiny_sd1_model(seed: int, family: str = "sd1"):
-    config_class, unet_config = FAMILIES[family]
-    model = _seeded(config_class(dict(unet_config)).get_model({}), seed)
+def _patcher(model):
     return comfy.model_patcher.ModelPatcher(model, load_device=comfy.model_management.get_torch_device(),
                                             offload_device=comfy.model_management.unet_offload_device())
+
+
+def tiny_sd1_model(seed: int, family: str = "sd1"):
+    config_class, unet_config = FAMILIES[family]
+    return _patcher(_seeded(config_class(dict(unet_config)).get_model({}), seed))
 
 
 class TandemTestTinySD1Model:
@@ -92,6 +97,55 @@ class TandemTestConditioning:
         context = torch.randn(1, tokens, width, generator=generator)
         extras = {"pooled_output": torch.randn(1, 1280, generator=generator), "width": 64, "height": 64} if pooled else {}
         return ([[context, extras]],)
+
+
+class _SeededFamilyNode:
+    """Inputs of the per-family fixtures: a seed and a DiT or video family this host has (families.py)."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"seed": ("INT", {"default": 0, "min": 0, "max": 2**31}),
+                             "family": (families.available(), {"default": "flux"})}}
+
+    FUNCTION = "build"
+    CATEGORY = "testing"
+
+
+class TandemTestTinyDiT(_SeededFamilyNode):
+    """A tiny model of a DiT or video family, from ComfyUI's own classes, seeded weights."""
+
+    RETURN_TYPES = ("MODEL",)
+
+    def build(self, seed, family):
+        model = families.fill_buffers(_seeded(families.model_config(family).get_model({}), seed), seed)
+        return (_patcher(model),)
+
+
+class TandemTestFamilyConditioning(_SeededFamilyNode):
+    """A seeded random prompt for a DiT or video family: its context width, pooled vector and extra keys."""
+
+    RETURN_TYPES = ("CONDITIONING",)
+
+    def build(self, seed, family):
+        return (families.conditioning(family, seed),)
+
+
+class TandemTestFamilyLatent:
+    """The family's empty latent (video: several latent frames); noise_mask: an image-to-video latent whose
+    first frame is kept."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"family": (families.available(), {"default": "flux"}),
+                             "batch_size": ("INT", {"default": 1, "min": 1, "max": 64}),
+                             "noise_mask": ("BOOLEAN", {"default": False})}}
+
+    RETURN_TYPES = ("LATENT",)
+    FUNCTION = "build"
+    CATEGORY = "testing"
+
+    def build(self, family, batch_size, noise_mask=False):
+        return (families.latent(family, batch_size, noise_mask),)
 
 
 class TandemTestTinyControlNet:
@@ -152,6 +206,9 @@ class TandemTestBatchProbe:
 
 NODE_CLASS_MAPPINGS = {"TandemTestTinySD1Model": TandemTestTinySD1Model,
                        "TandemTestConditioning": TandemTestConditioning,
+                       "TandemTestTinyDiT": TandemTestTinyDiT,
+                       "TandemTestFamilyConditioning": TandemTestFamilyConditioning,
+                       "TandemTestFamilyLatent": TandemTestFamilyLatent,
                        "TandemTestTinyControlNet": TandemTestTinyControlNet,
                        "TandemTestBatchProbe": TandemTestBatchProbe}
 
