@@ -6,6 +6,8 @@
 - DIFFUSION_MODEL: each diffusion-model call (any family models/comfy_dit.py knows: UNets, Flux, SD3, Wan, ...)
   is split over the pool; anything that cannot travel to a worker (a model patch that is a host function,
   weights only partly loaded, a family Tandem has no adapter for) takes the stock path, and the log says why.
+- APPLY_MODEL: a family whose forward has no DIFFUSION_MODEL hook (SD3's MMDiT) has its diffusion model stood in
+  for, during the call, by one that hands each call to the same DIFFUSION_MODEL wrapper.
 - OUTER_SAMPLE: one multi-GPU split per model. ComfyUI's own MultiGPU CFG Split (v0.23+) on the same model is
   switched off for the run (its device copies are not loaded), and the log says so.
 """
@@ -19,6 +21,7 @@ import weakref
 
 import comfy.model_management
 import comfy.patcher_extension
+import torch
 
 from parallel_backend import strategies
 from parallel_backend.calls import ModelCall
@@ -50,13 +53,15 @@ def install(model, config: ParallelConfig | None = None):
         log.info("Tandem: this model already went through a Multi-GPU node (devices %s, strategy %s); the later "
                  "one applies (devices %s, strategy %s)", earlier[-1].config.devices, earlier[-1].config.strategy,
                  config.devices, config.strategy)
-    for kind in (comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, comfy.patcher_extension.WrappersMP.CALC_COND_BATCH,
-                 comfy.patcher_extension.WrappersMP.OUTER_SAMPLE):
+    kinds = comfy.patcher_extension.WrappersMP
+    for kind in (kinds.DIFFUSION_MODEL, kinds.CALC_COND_BATCH, kinds.OUTER_SAMPLE, kinds.APPLY_MODEL):
         patched.remove_wrappers_with_key(kind, KEY)
     _drop_comfy_multigpu(patched)
-    patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, KEY, one_split_per_model)
-    patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, KEY, batch_cond_and_uncond)
-    patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, KEY, PoolForward(config))
+    forward = PoolForward(config)
+    patched.add_wrapper_with_key(kinds.OUTER_SAMPLE, KEY, one_split_per_model)
+    patched.add_wrapper_with_key(kinds.CALC_COND_BATCH, KEY, batch_cond_and_uncond)
+    patched.add_wrapper_with_key(kinds.APPLY_MODEL, KEY, ReachUnhookedModel(forward))
+    patched.add_wrapper_with_key(kinds.DIFFUSION_MODEL, KEY, forward)
     return patched
 
 
@@ -218,3 +223,53 @@ class PoolForward:
         RUNTIME.record_call(run["id"], list(pool.devices), result.mesh.strategy, result.mesh.describe(),
                             time.perf_counter() - started, result.compute_s)
         return result.out
+
+
+class ReachUnhookedModel:
+    """APPLY_MODEL: for a family whose forward has no DIFFUSION_MODEL hook (models/comfy_dit.py: hooked=False),
+    the BaseModel's diffusion model is stood in for during the call by `_Hooked`, which hands each call to the
+    PoolForward as the hook would; the real model is back when the call returns (or fails)."""
+
+    def __init__(self, forward: PoolForward):
+        self.forward = forward
+
+    def __call__(self, executor, *args, **kwargs):
+        base = executor.class_obj
+        model = getattr(base, "diffusion_model", None)
+        family = comfy_dit.recognise(model)
+        if family is None or family.hooked:
+            return executor(*args, **kwargs)
+        base._modules["diffusion_model"] = _Hooked(model, self.forward)
+        try:
+            return executor(*args, **kwargs)
+        finally:
+            base._modules["diffusion_model"] = model
+
+
+class _Hooked(torch.nn.Module):
+    """A diffusion model whose calls go through `forward` (a DIFFUSION_MODEL wrapper); every attribute read is the
+    model's own."""
+
+    def __init__(self, model, forward: PoolForward):
+        super().__init__()
+        self.model = model
+        object.__setattr__(self, "_wrapper", forward)
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["model"], name)
+
+    def forward(self, *args, **kwargs):
+        return self._wrapper(_DirectCall(self._modules["model"]), *args, **kwargs)
+
+
+class _DirectCall:
+    """What a DIFFUSION_MODEL wrapper expects of its executor, for a model called directly."""
+
+    def __init__(self, model):
+        self.class_obj, self.original = model, model.forward
+
+    def __call__(self, *args, **kwargs):
+        return self.class_obj(*args, **kwargs)

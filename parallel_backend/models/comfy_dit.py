@@ -41,6 +41,7 @@ class Family:
     parts: tuple[str, ...]  # dotted attribute paths its diffusion model has (checked in FAMILIES order)
     shared: frozenset = frozenset()  # inputs every share gets whole
     adapter: str = ADAPTER
+    hooked: bool = True  # its forward goes through ComfyUI's DIFFUSION_MODEL wrappers (SD3's MMDiT does not)
 
     @property
     def wire(self) -> str:
@@ -56,7 +57,8 @@ FAMILIES = (
     Family("hunyuan_video", "HunyuanVideo", ("txt_in.individual_token_refiner", "double_blocks", "single_blocks",
                                              "img_in")),
     Family("flux", "Flux.1 / Flux.2", ("double_blocks", "single_blocks", "img_in", "txt_in", "time_in")),
-    Family("sd3", "SD3 / SD3.5 (MMDiT)", ("joint_blocks", "x_embedder", "context_embedder", "t_embedder")),
+    Family("sd3", "SD3 / SD3.5 (MMDiT)", ("joint_blocks", "x_embedder", "context_embedder", "t_embedder"),
+           hooked=False),
     Family("qwen_image", "Qwen-Image", ("transformer_blocks", "img_in", "txt_in", "txt_norm", "time_text_embed")),
     Family("wan", "Wan 2.1 / 2.2", ("patch_embedding", "text_embedding", "time_embedding", "time_projection",
                                     "blocks", "head")),
