@@ -16,10 +16,10 @@ FAMILY_CLASSES = {
     "flux": "Flux", "flux_schnell": "FluxSchnell", "flux2": "Flux2", "chroma": "Chroma", "zimage": "ZImage",
     "sd3": "SD3", "qwen_image": "QwenImage", "wan21_t2v": "WAN21_T2V", "wan21_i2v": "WAN21_I2V",
     "wan22_i2v": "WAN21_T2V", "wan22_5b": "WAN22_T2V", "hunyuan_video": "HunyuanVideo",
-    "hunyuan_video15": "HunyuanVideo15", "ltxv": "LTXV",
+    "hunyuan_video15": "HunyuanVideo15", "ltxv": "LTXV", "aura_flow": "AuraFlow",
 }
 # Families the core declares it cannot split: their Multi-GPU run must say so and still equal stock.
-STOCK_PATH_FAMILIES: dict[str, str] = {}  # family: the reason Tandem logs
+STOCK_PATH_FAMILIES = {"aura_flow": "Tandem has no adapter for this model family (MMDiT); it splits"}
 
 
 @pytest.fixture(scope="module")

@@ -113,6 +113,11 @@ FAMILIES = {
     "ltxv": ("LTXV", {"image_model": "ltxv", "in_channels": 128, "cross_attention_dim": 64, "attention_head_dim": 32,
                       "num_attention_heads": 2, "caption_channels": 64, "num_layers": 2},
              (64, None, lambda g: {"attention_mask": torch.ones(1, TOKENS, dtype=torch.long)}), (128, 3, 4, 4)),
+    # AuraFlow: a family Tandem has no adapter for (its Multi-GPU run takes the stock path and says so)
+    "aura_flow": ("AuraFlow", {"in_channels": 4, "out_channels": 4, "patch_size": 2, "dim": 128, "n_layers": 2,
+                               "n_double_layers": 1, "n_heads": 2, "global_conddim": 128, "cond_seq_dim": 64,
+                               "max_seq": 64},
+                  (64, None, None), (4, None, 8, 8)),
 }
 
 
