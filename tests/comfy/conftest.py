@@ -300,10 +300,11 @@ FAMILY_FILES = {"flux": "tiny_flux.safetensors", "sd3": "tiny_sd3.safetensors", 
 
 def family_workflow(sampler: str, prefix: str, strategy: str | None, family: str = "flux", cfg: float = 4.0,
                     batch: int = 1, sampler_name: str = "euler", scheduler: str = "normal", steps: int = 3,
-                    from_file: bool = False, noise_mask: bool = False) -> dict:
+                    from_file: bool = False, noise_mask: bool = False, reference: bool = False) -> dict:
     """A tiny DiT or video model of `family` (fixture_nodes/families.py; from_file: its file loaded by ComfyUI's
     UNETLoader) -> sampler -> SaveLatent, with the family's seeded prompts and empty latent (noise_mask: the
-    first frame kept, as image-to-video latents mark it)."""
+    first frame kept, as image-to-video latents mark it; reference: both prompts carry a seeded reference latent
+    through the stock ReferenceLatent node, as edit models (Flux Kontext, Flux.2) take one)."""
     def prompt(seed: int) -> dict:
         return {"class_type": "TandemTestFamilyConditioning", "inputs": {"seed": seed, "family": family}}
 
@@ -318,6 +319,13 @@ def family_workflow(sampler: str, prefix: str, strategy: str | None, family: str
                                                                  "noise_mask": noise_mask}},
         "6": {"class_type": "SaveLatent", "inputs": {"samples": ["5", 0], "filename_prefix": f"latents/{prefix}"}},
     }
+    if reference:
+        workflow["9"] = {"class_type": "TandemTestFamilyLatent", "inputs": {"family": family, "batch_size": 1,
+                                                                            "noise_mask": True}}
+        for prompt_node, node in (("2", "10"), ("3", "11")):
+            workflow[node] = {"class_type": "ReferenceLatent", "inputs": {"conditioning": [prompt_node, 0],
+                                                                          "latent": ["9", 0]}}
+        inputs["positive"], inputs["negative"] = ["10", 0], ["11", 0]
     if strategy is not None:
         workflow["8"] = {"class_type": "TandemSettings",
                          "inputs": {"devices": "cpu:2", "strategy": strategy, "cfg_degree": 0, "batch_degree": 0}}

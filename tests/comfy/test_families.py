@@ -87,3 +87,17 @@ def test_wan22_image_to_video_latent_with_per_frame_timesteps(comfy_server, comf
     _need("wan22_5b", host_families)
     check_family(comfy_server, comfy, "wan22_5b_i2v", "wan22_5b", "cfg", cfg=4.0, noise_mask=True)
     check_family(comfy_server, comfy, "wan22_5b_i2v_batch", "wan22_5b", "batch", cfg=1.0, batch=2, noise_mask=True)
+
+
+@pytest.mark.parametrize("strategy, cfg, batch", [("cfg", 4.0, 1), ("batch", 1.0, 2)])
+@pytest.mark.parametrize("family", ["flux", "flux2"])
+def test_reference_latents_reach_the_workers(comfy_server, comfy, host_families, family, strategy, cfg, batch):
+    """Edit models take reference latents (`ref_latents`, a list of per-row tensors): the workers get them cut
+    with the rows, so the Multi-GPU run equals stock, which they change."""
+    _need(family, host_families)
+    name = f"ref_{family}_{strategy}"
+    check_family(comfy_server, comfy, name, family, strategy, cfg=cfg, batch=batch, reference=True)
+    plain = comfy.run_pair(comfy_server, f"noref_{family}_{strategy}", strategy, kind="family", family=family,
+                           steps=STEPS, cfg=cfg, batch=batch)[0]
+    stock = comfy_server.latent(f"{name}_stock")
+    assert (stock - plain).abs().max() > 100 * comfy.RTOL_OF_SCALE * stock.abs().max()  # the reference matters
