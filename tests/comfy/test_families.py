@@ -100,4 +100,4 @@ def test_reference_latents_reach_the_workers(comfy_server, comfy, host_families,
     plain = comfy.run_pair(comfy_server, f"noref_{family}_{strategy}", strategy, kind="family", family=family,
                            steps=STEPS, cfg=cfg, batch=batch)[0]
     stock = comfy_server.latent(f"{name}_stock")
-    assert (stock - plain).abs().max() > 100 * comfy.RTOL_OF_SCALE * stock.abs().max()  # the reference matters
+    assert (stock - plain).abs().max() > 10 * comfy.RTOL_OF_SCALE * stock.abs().max()  # the reference matters
