@@ -191,7 +191,8 @@ class PoolForward:
         # ComfyUI hands the arguments positionally, in the order of the model class's own signature.
         named = comfy_dit.name_arguments(executor.original, args, kwargs)
         transformer_options = named.get("transformer_options") or {}
-        reason = _host_only_reason(transformer_options) or comfy_dit.unsupported_reason(executor.class_obj)
+        reason = (_host_only_reason(transformer_options) or comfy_dit.unsupported_reason(executor.class_obj)
+                  or comfy_dit.host_input_reason(named))
         pool = None
         if reason is None:
             try:

@@ -96,6 +96,15 @@ def test_a_host_object_in_transformer_options_keeps_the_call_on_the_host(options
     assert portable == {} and named in reason
 
 
+def test_a_host_object_among_the_model_inputs_keeps_the_call_on_the_host():
+    named = {"x": torch.ones(1), "control": {"input": [torch.ones(1), None]}, "transformer_options": {"f": print},
+             "frame_rate": 25.0}
+    assert comfy_dit.host_input_reason(named) is None  # transformer_options has its own rule (portable_options)
+    named["audio_encoder"] = torch.nn.Linear(1, 1)
+    assert comfy_dit.host_input_reason(named) == ("the model input 'audio_encoder' holds a host object (Linear) "
+                                                  "that cannot travel to a worker")
+
+
 def test_shared_inputs_stay_whole_and_row_lists_are_cut_with_the_rows():
     rows = 3
     call = ModelCall(torch.arange(rows * 2.0).reshape(rows, 2), torch.ones(rows), torch.zeros(rows, 4, 2),

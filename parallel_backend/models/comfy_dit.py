@@ -139,6 +139,16 @@ def portable_options(options: dict) -> tuple[dict, str | None]:
     return out, None
 
 
+def host_input_reason(named: dict) -> str | None:
+    """One sentence when a model input other than `transformer_options` holds something that is not plain data
+    (a host object cannot travel to a worker), else None."""
+    for name, value in named.items():
+        bad = None if name == "transformer_options" else _host_object(value)
+        if bad is not None:
+            return f"the model input {name!r} holds a host object ({type(bad).__name__}) that cannot travel to a worker"
+    return None
+
+
 def _host_object(value):
     """The first value inside `value` that is not plain data, or None."""
     if isinstance(value, (list, tuple)):
