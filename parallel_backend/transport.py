@@ -35,6 +35,8 @@ class _TensorPickler(pickle.Pickler):
     def reducer_override(self, obj):
         if isinstance(obj, torch.Tensor):
             flat = obj.detach().to("cpu").contiguous().reshape(-1)
+            if flat.numel() and flat.stride(0) != 1:  # one row of a broadcast (stride 0) passes as contiguous
+                flat = flat.clone(memory_format=torch.contiguous_format)
             raw = flat.view(torch.uint8).numpy() if flat.numel() else b""
             return _rebuild_tensor, (str(obj.dtype).removeprefix("torch."), tuple(obj.shape), pickle.PickleBuffer(raw))
         return NotImplemented
