@@ -1,9 +1,10 @@
 """`tandem bench`: the one-device reference and each strategy on the same model, seed and inputs, in one run.
 
 On CPU devices every device gets an equal share of the cores; the reference ("serial") runs in this process
-with one device's share, a second reference with all cores. Each strategy runs the same sampler loop (DDIM,
-`steps` calls) through a WorkerPool. The variants take turns within every repeat (serial, all cores, each
-strategy; then again), so a machine whose speed drifts affects them alike. Ratios from one run are what count.
+with one device's share, a second reference with all cores. Each strategy runs the same sampler loop (the
+model's: DDIM for UNets, flow-matching Euler for transformers; `steps` calls) through a WorkerPool. The variants
+take turns within every repeat (serial, all cores, each strategy; then again), so a machine whose speed drifts
+affects them alike. Ratios from one run are what count.
 """
 
 from __future__ import annotations
@@ -61,15 +62,9 @@ def check_bench_request(strategies_: tuple, steps, repeats, dtype: str) -> tuple
 
 def check_resolution(model, resolution: tuple[int, int], strategies_: tuple, device: str) -> tuple[int, int]:
     """`resolution` if the model's latents tile it exactly and the largest bench job fits in `device`'s memory."""
-    factor = model.latent_factor
-    if resolution[0] % factor or resolution[1] % factor:
-        raise ValueError(f"resolution {resolution[0]}x{resolution[1]}: model {model.name} needs multiples of "
-                         f"{factor} pixels per side")
-    h, w = (r // factor for r in resolution)
+    model.check_resolution(resolution)
     rows = max(job_for(s).images * (2 if job_for(s).cfg != 1.0 else 1) for s in strategies_)
-    itemsize = next(model.unet.parameters()).element_size()
-    needed = validation.sampling_bytes(rows, model.unet.config.in_channels * h * w,
-                                       model.unet.config.block_out_channels[0] * h * w, itemsize)
+    needed = model.memory_bytes(rows, resolution)
     validation.fits_in_memory(f"resolution {resolution[0]}x{resolution[1]} for model {model.name}", needed, device,
                               "choose a smaller --resolution")
     return resolution
@@ -77,9 +72,13 @@ def check_resolution(model, resolution: tuple[int, int], strategies_: tuple, dev
 
 def _ideal(model, rows: int, share_rows: int, resolution, calls: int = 8) -> float:
     """time(whole call) / time(largest share), on one device, measured alternately so drift hits both alike."""
-    whole_inputs, share_inputs = (inputs(model, Job(r, 1.0), resolution) for r in (rows, share_rows))
-    whole = ModelCall(whole_inputs[0], torch.tensor(500), whole_inputs[1], model.extras(rows))
-    share = ModelCall(share_inputs[0], torch.tensor(500), share_inputs[1], model.extras(share_rows))
+    dtype = next(model.module.parameters()).dtype
+
+    def sample_call(images: int) -> ModelCall:
+        noise, context, _ = inputs(model, Job(images, 1.0), resolution)
+        return model.call(noise.to(dtype), torch.tensor(500), context.to(dtype), resolution)
+
+    whole, share = sample_call(rows), sample_call(share_rows)
     times: dict[int, list[float]] = {rows: [], share_rows: []}
     for i in range(calls + 1):
         for size, call in ((rows, whole), (share_rows, share)):
@@ -140,11 +139,12 @@ def bench_knobs(strategy: str, knobs: dict | None) -> dict:
 
 def run_bench(model_name: str = "small", devices: str = "cpu:2", strategies_: tuple = ("cfg", "batch"),
               steps: int = 20, resolution=None, repeats: int = 2, dtype: str = "auto", progress=print,
-              knobs: dict | None = None) -> dict:
+              knobs: dict | None = None, frames: int | None = None) -> dict:
     """Runs the benchmark; returns the JSON-ready report (see PERFORMANCE.md).
 
     On CUDA devices the one-device reference runs on the first of them, in fp16 unless `dtype` says otherwise.
     knobs: strategy knobs (warmup, stride, time_shift, stages, ...) for the strategies they apply to.
+    frames: frames per clip, for video models only (None: the model's default).
     The report's "disturbed" lists what made the figures unreliable (other load, repeats spread > 10 %).
     """
     steps, repeats = check_bench_request(strategies_, steps, repeats, dtype)
@@ -156,10 +156,12 @@ def run_bench(model_name: str = "small", devices: str = "cpu:2", strategies_: tu
     if dtype == "auto":
         dtype = "fp16" if reference_device.type == "cuda" else "fp32"
     fixed_resolution = parse_resolution(resolution) if resolution is not None else None
-    model = build_bench_model(model_name, DTYPES[dtype])
+    model = build_bench_model(model_name, DTYPES[dtype], frames)
+    for s in strategies_:
+        strategies.get(s).check_family(model.family)  # the engine would refuse it at the first call
     resolution = check_resolution(model, fixed_resolution or parse_resolution(model.default_resolution),
                                   strategies_, str(reference_device))
-    model.unet.to(reference_device)
+    model.module.to(reference_device)
     pool = WorkerPool(devices)
     n = len(pool.start().devices)
     cores = len(cpu_cores())
@@ -200,9 +202,9 @@ def run_bench(model_name: str = "small", devices: str = "cpu:2", strategies_: tu
     if load > OTHER_LOAD_LIMIT:
         disturbed.insert(0, f"other processes kept {100 * load:.0f}% of the machine's cores busy "
                             f"(> {100 * OTHER_LOAD_LIMIT:.0f}%)")
-    return {"model": model_name, "resolution": list(resolution), "steps": steps, "devices": list(pool.devices),
-            "dtype": dtype, "threads_per_device": share, "results": results, "disturbed": disturbed,
-            "other_load_share": load}
+    return {"model": model_name, "resolution": list(resolution), "frames": model.frames, "steps": steps,
+            "devices": list(pool.devices), "dtype": dtype, "threads_per_device": share, "results": results,
+            "disturbed": disturbed, "other_load_share": load}
 
 
 def _row(strategy, n, result: LoopResult, serial: LoopResult, all_cores: LoopResult, ideal, memory, job) -> dict:
@@ -228,7 +230,8 @@ def format_table(report: dict) -> str:
     """ideal: serial time of the whole call / of the largest share, each measured alone on one device.
     ceiling: serial time / the slowest worker's compute while all devices run at once (shared caches, memory
     bandwidth, clocks); the gap between speedup and ceiling is the pool's own overhead."""
-    head = (f"model {report['model']}, {report['resolution'][0]}x{report['resolution'][1]} px, {report['steps']} calls, "
+    clip = f" x {report['frames']} frames" if report.get("frames") else ""
+    head = (f"model {report['model']}, {report['resolution'][0]}x{report['resolution'][1]} px{clip}, {report['steps']} calls, "
             f"devices {','.join(report['devices'])} ({report['threads_per_device']} thread(s) each)")
     lines = [head, f"{'strategy':<9}{'dev':>4}{'ms/call':>10}{'e2e s':>8}{'speedup':>9}{'ideal':>7}{'%ideal':>8}"
                    f"{'ceiling':>8}{'vs all':>8}{'max|diff|':>11}{'PSNR dB':>9}{'ovh ms':>8}{'peak MiB/dev':>16}"]

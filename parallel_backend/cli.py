@@ -150,7 +150,7 @@ def cmd_bench(args) -> int:
         validation.writable_file("--json", args.json)  # before the bench, not after it
     strategies = tuple(s.strip() for s in args.strategies.split(",") if s.strip())
     report = run_bench(args.model, args.devices, strategies, args.steps, args.resolution, args.repeats, args.dtype,
-                       knobs=strategy_knobs(args),
+                       knobs=strategy_knobs(args), frames=args.frames,
                        progress=(lambda line: None) if args.quiet else (lambda line: print(line, file=sys.stderr)))
     print(format_table(report))
     if args.json:
@@ -282,13 +282,18 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(run=cmd_generate)
 
     bench = commands.add_parser("bench", help="one device vs each strategy, same model and inputs, one run")
-    bench.add_argument("--model", default="small", help="tiny, small, sd15 or sdxl")
+    bench.add_argument("--model", default="small",
+                       help="tiny, small, sd15, sdxl (UNets), flux-small or wan-small (narrow diffusers Flux / Wan "
+                            "transformers: random weights, real block structure and token counts)")
     bench.add_argument("--devices", default="cpu:2", help="'cuda:0,cuda:1', 'cpu:2' or 'auto'")
     bench.add_argument("--strategies", default="cfg,batch",
                        help=f"comma list of strategies: {', '.join(strategy_choices()[1:])}")
     bench.add_argument("--steps", type=int, default=20, help="sampler calls per run, 1 to 10000")
-    bench.add_argument("--resolution", default=None, help="pixels: 256 or 1024x768, a multiple of the model's latent size, at most 16384 and what memory holds "
-                            "(default: the model's)")
+    bench.add_argument("--resolution", default=None,
+                       help="pixels: 256 or 1024x768 (H x W), a multiple of the model's latent size (16 for flux-small "
+                            "and wan-small), at most 16384 and what memory holds (default: the model's)")
+    bench.add_argument("--frames", type=int, default=None,
+                       help="video models (wan-small) only: frames per clip, 4k + 1 (default: 17)")
     bench.add_argument("--repeats", type=int, default=3, help="timed runs of each loop (after one warm-up), 0 to 1000")
     bench.add_argument("--dtype", default="auto", help="auto (fp16 on CUDA, fp32 on CPU), fp32, fp16 or bf16")
     bench.add_argument("--json", default=None, help="also write the report as JSON here")

@@ -1,8 +1,9 @@
 """The test oracle and the bench's sampler loop: one model, seed and inputs, run on one device or on a pool.
 
-`run_loop` denoises with DDIM for `steps` calls, either locally (the one-device reference) or through a
-ParallelExecutor; tests compare the two (TESTING.md), `tandem bench` times them. `psnr` is the one
-definition of PSNR used by the bench, the tests and the demo.
+`run_loop` denoises with the model's own sampler (DDIM for UNets, flow-matching Euler for transformers) for
+`steps` calls, either locally (the one-device reference) or through a ParallelExecutor; tests compare the two
+(TESTING.md), `tandem bench` times them. `psnr` is the one definition of PSNR used by the bench, the tests and
+the demo.
 """
 
 from __future__ import annotations
@@ -15,10 +16,9 @@ import torch
 
 from . import strategies
 from .calls import ModelCall
-from .models.diffusers_unet import FAMILY, forward
+from .models import forward_for_family
 from .models.stages import synchronize
-from .sampling import denoise, initial_noise, make_scheduler
-from .tiny.model import SCHEDULER_CONFIG
+from .sampling import denoise, initial_noise
 
 CFG_SCALE = 7.5
 
@@ -49,8 +49,7 @@ class LoopResult:
 
 def inputs(model, job: Job, resolution):
     """(noise, context, uncond) of a job, the same for every run: seeded."""
-    h, w = (r // model.latent_factor for r in resolution)
-    noise = initial_noise(0, (job.images, model.unet.config.in_channels, h, w))
+    noise = initial_noise(0, model.latent_shape(job.images, resolution))
     generator = torch.Generator().manual_seed(1)
     context = torch.randn(job.images, *model.context_shape, generator=generator)
     uncond = torch.randn(job.images, *model.context_shape, generator=generator)
@@ -59,9 +58,9 @@ def inputs(model, job: Job, resolution):
 
 def local_forward(model, call: ModelCall) -> torch.Tensor:
     """One call on the model's own device (the one-device reference), finished before it returns."""
-    device = next(model.unet.parameters()).device
+    device = next(model.module.parameters()).device
     with torch.inference_mode():
-        out = forward(model.unet, call.to(device))
+        out = forward_for_family(model.family)(model.module, call.to(device))
     synchronize(device)
     return out
 
@@ -69,19 +68,18 @@ def local_forward(model, call: ModelCall) -> torch.Tensor:
 def run_once(model, job: Job, resolution, steps: int, result: LoopResult, timed: bool, executor=None) -> None:
     """One run of the sampler loop, locally or through `executor`; its timings go into `result` if `timed`."""
     noise, context, uncond = inputs(model, job, resolution)
-    weight = next(model.unet.parameters())
+    weight = next(model.module.parameters())
     context, uncond = context.to(weight.device, weight.dtype), uncond.to(weight.device, weight.dtype)
     run = LoopResult()
 
     def denoiser(x, t, ctx):
-        call = ModelCall(x, t, ctx, model.extras(x.shape[0]), branches=2 if job.cfg != 1.0 else 1,
-                         index=len(run.per_call))
+        call = model.call(x, t, ctx, resolution, branches=2 if job.cfg != 1.0 else 1, index=len(run.per_call))
         started = time.perf_counter()
         if executor is None:
             out = local_forward(model, call)
             run.per_call.append(time.perf_counter() - started)
             return out
-        done = executor.run(model.unet, FAMILY, call)
+        done = executor.run(model.module, model.family, call)
         run.per_call.append(time.perf_counter() - started)
         run.compute.append(max(done.compute_s.values()))
         run.overhead.append(run.per_call[-1] - run.compute[-1])
@@ -90,8 +88,8 @@ def run_once(model, job: Job, resolution, steps: int, result: LoopResult, timed:
 
     started = time.perf_counter()
     with executor.job() if executor is not None else nullcontext():
-        result.latents, _ = denoise(denoiser, make_scheduler("ddim", SCHEDULER_CONFIG), noise, context, uncond,
-                                    job.cfg, steps, progress=False)
+        result.latents, _ = denoise(denoiser, model.make_scheduler(), noise, context, uncond, job.cfg, steps,
+                                    progress=False)
     if timed:
         result.end_to_end.append(time.perf_counter() - started)
         for name in ("per_call", "overhead", "compute", "calls"):

@@ -86,14 +86,16 @@ def denoise(denoiser: Denoiser, scheduler, noise: torch.Tensor, context: torch.T
             progress: bool = True) -> tuple[torch.Tensor, int]:
     """Runs the sampler loop; returns (latents, number of denoiser calls).
 
-    noise: (B, C, h, w) unit noise; context / uncond_context: (B, L, D). With cfg != 1 each call evaluates
-    [uncond; cond] as one batch of 2B (the order diffusers uses) and combines them on the host.
+    noise: (B, ...) unit noise (a UNet's (B, C, h, w), Flux's packed tokens, Wan's frames); context /
+    uncond_context: (B, L, D). With cfg != 1 each call evaluates [uncond; cond] as one batch of 2B (the order
+    diffusers uses) and combines them on the host. Flow-matching schedulers have no noise scale nor input
+    scaling: the latents start as the noise and go in as they are.
     """
     from tqdm.auto import tqdm
 
     device, dtype = context.device, context.dtype
     scheduler.set_timesteps(steps, device=device)
-    latents = noise.to(device) * scheduler.init_noise_sigma
+    latents = noise.to(device) * getattr(scheduler, "init_noise_sigma", 1.0)
     guided = cfg != 1.0
     if guided:
         if uncond_context is None:
@@ -104,7 +106,8 @@ def denoise(denoiser: Denoiser, scheduler, noise: torch.Tensor, context: torch.T
         step_kwargs["generator"] = torch.Generator("cpu").manual_seed(seed + 1)
     calls = 0
     for t in tqdm(scheduler.timesteps, desc="sampling", unit="call", disable=not progress, leave=False):
-        x = scheduler.scale_model_input(latents, t).to(dtype)
+        scaled = scheduler.scale_model_input(latents, t) if hasattr(scheduler, "scale_model_input") else latents
+        x = scaled.to(dtype)
         if guided:
             eps_uncond, eps_cond = denoiser(torch.cat([x, x]), t, both_contexts).chunk(2)
             eps = eps_uncond + cfg * (eps_cond - eps_uncond)

@@ -35,7 +35,7 @@ class _TensorPickler(pickle.Pickler):
     def reducer_override(self, obj):
         if isinstance(obj, torch.Tensor):
             flat = obj.detach().to("cpu").contiguous().reshape(-1)
-            if flat.numel() == 1:  # one element cut from an expanded tensor keeps stride 0, which view() refuses
+            if flat.numel() and flat.stride(0) != 1:  # one row of a broadcast (stride 0) passes as contiguous
                 flat = flat.clone(memory_format=torch.contiguous_format)
             raw = flat.view(torch.uint8).numpy() if flat.numel() else b""
             return _rebuild_tensor, (str(obj.dtype).removeprefix("torch."), tuple(obj.shape), pickle.PickleBuffer(raw))

@@ -34,10 +34,11 @@ def test_tensors_of_every_kind_round_trip(channel_pair):
     message = {"x": torch.randn(2, 4, 8, 8), "bf16": torch.randn(3, 5).to(torch.bfloat16), "t": torch.tensor(981),
                "empty": torch.zeros(0, 7), "strided": torch.arange(12.0).reshape(3, 4).t(),
                "nested": [{"ids": torch.arange(5)}, None, "text"], "half": torch.randn(4).half(),
+               "broadcast_row": torch.tensor(0.5).expand(4)[:1],  # a per-row timestep's share: stride 0
                "expanded_row": torch.full([1], 3.5).expand(2)[1:]}  # one row of an expanded tensor: stride 0
     client.send(message)
     got = server.recv(timeout=10)
-    for key in ("x", "bf16", "t", "empty", "strided", "half", "expanded_row"):
+    for key in ("x", "bf16", "t", "empty", "strided", "half", "broadcast_row", "expanded_row"):
         assert got[key].dtype == message[key].dtype and torch.equal(got[key], message[key]), key
     assert torch.equal(got["nested"][0]["ids"], torch.arange(5)) and got["nested"][1:] == [None, "text"]
     got["x"].add_(1)  # received tensors are ordinary writable tensors
