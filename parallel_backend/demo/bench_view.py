@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-BENCH_MODELS = ("tiny", "small", "sd15", "sdxl")
+BENCH_MODELS = ("tiny", "small", "sd15", "sdxl", "flux-small", "wan-small")
 
 
 def bench_strategies() -> tuple[str, ...]:
