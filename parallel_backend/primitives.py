@@ -81,6 +81,42 @@ def wait_all(handles: list, device: torch.device | str | None = None) -> None:
         torch.cuda.synchronize(device)
 
 
+def exchange(sends: list[tuple[int, torch.Tensor]], receives: list[tuple[int, tuple[int, ...], torch.dtype]],
+             device) -> tuple[list[torch.Tensor], list]:
+    """Starts, as one batch, every send (dst, tensor) and receive (src, shape, dtype), without waiting.
+    Returns (buffers, handles): buffers[i] gets receive i; keep the sent tensors alive until `wait_all(handles)`.
+
+    The batch is one NCCL group (`batch_isend_irecv`): NCCL runs a pair's sends and receives on one stream, so
+    two ranks that each post a large send to the other before the receive would wait for each other forever;
+    inside a group they do not, whatever the order in the list. Per peer, the k-th receive posted from it gets
+    the k-th tensor it sends here (module doc): list the receives from a peer in the order that peer lists its
+    sends to this rank. A message with no element is neither sent nor received (its buffer is made here): both
+    sides know the shapes from the same plan, so they skip the same messages.
+    """
+    buffers = [torch.empty(shape, dtype=dtype, device=device) for _, shape, dtype in receives]
+    ops = [dist.P2POp(dist.isend, t.contiguous(), dst) for dst, t in sends if t.numel()]
+    ops += [dist.P2POp(dist.irecv, b, src) for (src, _, _), b in zip(receives, buffers) if b.numel()]
+    return buffers, (dist.batch_isend_irecv(ops) if ops else [])
+
+
+def all_to_all(pieces: list[torch.Tensor], shapes: list[tuple[int, ...]], peers: list[int], index: int,
+               device) -> list[torch.Tensor]:
+    """The group `peers` (global ranks; this rank is peers[index]) swaps pieces: pieces[s] goes to peers[s] and
+    the returned list holds at s what peers[s] sent here, of shape shapes[s] (known from the plan, no size
+    exchange; the own piece stays in place). One message per peer each way, all in one batch (see `exchange`),
+    so the order between peers cannot deadlock and the per-peer order is trivially the same on both sides.
+    Waits until every piece has arrived (within the group's timeout)."""
+    others = [(index + step) % len(peers) for step in range(1, len(peers))]
+    dtype = pieces[index].dtype
+    buffers, handles = exchange([(peers[s], pieces[s]) for s in others],
+                                [(peers[s], tuple(shapes[s]), dtype) for s in others], device)
+    wait_all(handles)
+    received = list(pieces)
+    for s, buffer in zip(others, buffers):
+        received[s] = buffer
+    return received
+
+
 def chunk_sizes(total: int, parts: int) -> list[int]:
     """Near-equal contiguous split: chunk_sizes(5, 2) == [3, 2]; never negative, may contain zeros."""
     base, extra = divmod(total, parts)

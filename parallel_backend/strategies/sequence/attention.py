@@ -1,0 +1,58 @@
+"""Attention of queries to one block of keys, with the log-sum-exp that lets blocks be merged. Pure.
+
+For a query q and a block of keys k_j (values v_j), with scores s_j = scale * <q, k_j>:
+    lse = log(sum_j exp(s_j)),   out = sum_j exp(s_j - lse) * v_j.
+Two blocks merge exactly (the online-softmax rule): lse = log(exp(lse_a) + exp(lse_b)),
+out = exp(lse_a - lse) * out_a + exp(lse_b - lse) * out_b; merging every block of the sequence gives full
+attention, whatever the order of the blocks. A query that sees no key in a block (every key masked, or an empty
+block) has lse = -inf and out = 0 there, which the merge weighs by 0 (never exp(-inf - -inf) = NaN).
+
+Shapes: q (B, H, Lq, D), k (B, H, Lk, D), v (B, H, Lk, Dv); key_mask (B, Lk) bool, True where the key takes
+part; out (B, H, Lq, Dv) and lse (B, H, Lq), both float32 (the merge accumulates in float32 whatever the input
+dtype). This is the plain math form, holding a (Lq x Lk) score block per head; a fused kernel that returns the
+log-sum-exp can take its place on GPUs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def default_scale(head_dim: int) -> float:
+    return 1.0 / math.sqrt(head_dim)
+
+
+def block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
+                    key_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse) of `q` attending to the block (`k`, `v`) alone; see the module doc for shapes."""
+    scale = default_scale(q.shape[-1]) if scale is None else scale
+    scores = torch.matmul(q.float(), k.float().transpose(-2, -1)) * scale
+    if key_mask is not None:
+        scores = scores.masked_fill(~key_mask[:, None, None, :].to(scores.device), float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    weights = torch.exp(scores - _finite(lse).unsqueeze(-1))  # rows with no key: exp(-inf) = 0 everywhere
+    return torch.matmul(weights, v.float()), lse
+
+
+def merge(acc: tuple[torch.Tensor, torch.Tensor] | None,
+          block: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (out, lse) of attention to the keys of both `acc` and `block`; `acc` None: nothing yet."""
+    if acc is None:
+        return block
+    (out_a, lse_a), (out_b, lse_b) = acc, block
+    top = _finite(torch.maximum(lse_a, lse_b))
+    weight_a, weight_b = torch.exp(lse_a - top), torch.exp(lse_b - top)  # 0 where a side saw no key
+    total = weight_a + weight_b
+    out = (out_a * weight_a.unsqueeze(-1) + out_b * weight_b.unsqueeze(-1)) / _nonzero(total).unsqueeze(-1)
+    return out, top + torch.log(total)  # log(0) = -inf: still no key on either side
+
+
+def _finite(x: torch.Tensor) -> torch.Tensor:
+    """-inf (no key seen) replaced by 0, so subtracting it never gives -inf - -inf."""
+    return torch.where(torch.isfinite(x), x, torch.zeros_like(x))
+
+
+def _nonzero(x: torch.Tensor) -> torch.Tensor:
+    return torch.where(x > 0, x, torch.ones_like(x))

@@ -1,0 +1,100 @@
+"""Ulysses (DeepSpeed-Ulysses): attention over the whole sequence, each rank for its own group of heads.
+
+Before attention, rank r holds q, k, v of shape (B, H, L_r, D): its shard of the tokens (`Shards`), all heads.
+An all-to-all turns that into (B, H/N, L, D): every token, heads [r*H/N, (r+1)*H/N). Attention runs there
+unchanged (each head is independent of the others), and a second all-to-all brings the output back to
+(B, H, L_r, D). Tokens after the first exchange lie rank after rank (`Shards.gathered_positions`), which is
+exact for attention (see shards.py); a key mask is cut in that same order.
+
+The layout functions are pure (they say what goes to whom); `ulysses_attention` runs the exchange through
+`primitives.all_to_all`. In a simulation, rank r's s-th received piece is rank s's r-th piece to send.
+Traffic per attention per rank: q, k, v out and the output back, each (N-1)/N of the rank's share.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from ... import primitives
+from .shards import Shards
+from .traffic import Traffic
+
+HEADS, TOKENS = -3, -2  # dims of (..., H, L, D)
+
+
+def heads_per_rank(heads: int, degree: int) -> int:
+    if heads % degree:
+        raise ValueError(f"ulysses degree {degree} does not divide the model's {heads} attention heads: use ring "
+                         f"for this model, or a ulysses degree that divides {heads}")
+    return heads // degree
+
+
+def to_heads(x: torch.Tensor, degree: int) -> list[torch.Tensor]:
+    """The pieces a rank sends before attention: piece s holds heads group s of its tokens, (..., H/N, L_r, D)."""
+    return list(x.split(heads_per_rank(x.shape[HEADS], degree), HEADS))
+
+
+def join_tokens(received: list[torch.Tensor]) -> torch.Tensor:
+    """Every rank's tokens of this rank's heads, rank after rank: (..., H/N, L, D)."""
+    return torch.cat(received, TOKENS)
+
+
+def to_tokens(out: torch.Tensor, shards: Shards) -> list[torch.Tensor]:
+    """The pieces a rank sends after attention: piece s holds rank s's tokens of this rank's heads."""
+    return list(out.split(shards.sizes, TOKENS))
+
+
+def join_heads(received: list[torch.Tensor]) -> torch.Tensor:
+    """The rank's own tokens with every head again: (..., H, L_r, D)."""
+    return torch.cat(received, HEADS)
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None,
+         scale: float | None) -> torch.Tensor:
+    """torch's attention, the default `attend`: key_mask (B, L) bool, True where the key takes part."""
+    mask = None if key_mask is None else key_mask[:, None, None, :].to(q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None", "float | None"], torch.Tensor]
+
+
+def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shards: Shards, index: int,
+                      peers: list[int] | None = None, key_mask: torch.Tensor | None = None,
+                      scale: float | None = None, attend: Attend = sdpa,
+                      traffic: Traffic | None = None) -> torch.Tensor:
+    """Attention of the whole sequence, computed by the group together; returns this rank's rows.
+
+    q, k, v: (B, H, L_r, D) with L_r = shards.sizes[index], the same D for all three. `peers`: the group's
+    global ranks in shard order (default 0..N-1); this rank is peers[index]. key_mask: (B, L) bool over the
+    whole joint sequence in joint order (True: the key takes part), the same on every rank. `attend(q, k, v,
+    key_mask, scale)` computes attention on (B, H/N, L, D). Returns (B, H, L_r, D).
+    """
+    peers = list(range(shards.degree)) if peers is None else list(peers)
+    if not q.shape == k.shape == v.shape:
+        raise ValueError(f"ulysses exchanges q, k and v of one shape; got {tuple(q.shape)}, {tuple(k.shape)}, "
+                         f"{tuple(v.shape)} (use ring for a value width other than the query's)")
+    batch, heads, _, dim = q.shape
+    group = heads_per_rank(heads, shards.degree)
+    stacked = torch.stack([q, k, v])  # one message per peer carries all three
+    shapes = [(3, batch, group, size, dim) for size in shards.sizes]
+    pieces = to_heads(stacked, shards.degree)
+    received = primitives.all_to_all(pieces, shapes, peers, index, q.device)
+    _count(traffic, pieces, index)
+    gq, gk, gv = join_tokens(received).unbind(0)
+    if key_mask is not None:
+        key_mask = key_mask[:, shards.gathered_positions()]
+    out = attend(gq, gk, gv, key_mask, scale)
+    shapes = [(batch, group, shards.sizes[index], out.shape[-1])] * shards.degree
+    pieces = to_tokens(out, shards)
+    returned = primitives.all_to_all(pieces, shapes, peers, index, q.device)
+    _count(traffic, pieces, index)
+    return join_heads(returned)
+
+
+def _count(traffic: Traffic | None, pieces: list[torch.Tensor], index: int) -> None:
+    if traffic is not None:
+        traffic.record([p for s, p in enumerate(pieces) if s != index])

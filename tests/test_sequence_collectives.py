@@ -1,0 +1,111 @@
+"""Ulysses and ring attention across real processes (gloo, point-to-point in issue order as on NCCL): each rank
+holds a shard of seeded random q, k, v, and its output rows must equal torch's attention on the whole sequence
+in one process. A dead or stalled peer must make the collective raise within the group's timeout."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+RANK_SCRIPT = """
+import json, os, sys, time, torch
+import torch.nn.functional as F
+from parallel_backend import primitives
+from parallel_backend.strategies.sequence import Shards, Traffic, ring_attention, ulysses_attention
+torch.set_num_threads(1)
+rank, world, rendezvous, mode = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+primitives.join_group(rendezvous, rank, world, "cpu", timeout_s=6.0 if mode != "check" else 20.0)
+
+def case(lengths, masked, peers):
+    shards, index = Shards(lengths, world), peers.index(rank)
+    gen = torch.Generator().manual_seed(sum(lengths))
+    q, k, v = (torch.randn(2, 12, shards.length, 8, generator=gen) for _ in range(3))
+    mask = torch.rand(2, shards.length, generator=gen) > 0.4 if masked else None
+    if masked:
+        mask[:, 0] = True
+        mask[1, shards.positions(world - 1)] = False  # a block no query of row 1 sees (when it is not rank 0's)
+    expected = shards.cut(F.scaled_dot_product_attention(
+        q, k, v, attn_mask=None if mask is None else mask[:, None, None, :]), index, 2)
+    mine = [shards.cut(t, index, 2) for t in (q, k, v)]
+    result = {"lengths": lengths, "masked": masked}
+    for name, attention in (("ulysses", ulysses_attention), ("ring", ring_attention)):
+        traffic = Traffic()
+        out = attention(*mine, shards, index, peers=peers, key_mask=mask, traffic=traffic)
+        result[name] = {"diff": (out - expected).abs().max().item() if out.numel() else 0.0,
+                        "shape_ok": out.shape == expected.shape, "passes": traffic.passes}
+    return result
+
+if mode == "check":
+    order = list(range(world))
+    for lengths, masked, peers in [((13,), False, order), ((2,), True, order), ((5, 11), True, order[::-1])]:
+        print(json.dumps(case(lengths, masked, peers)), flush=True)
+    primitives.leave_group()
+    sys.exit(0)
+if rank == world - 1:  # the peer that fails: gone at once, or alive and silent
+    if mode == "exit":
+        os._exit(0)
+    time.sleep(60)
+time.sleep(0.3)
+attention = {"ring": ring_attention, "ulysses": ulysses_attention}[sys.argv[5]]
+started = time.monotonic()
+try:
+    attention(*(torch.ones(1, 12, 4, 8) for _ in range(3)), Shards.of(4 * world, world), rank)
+    outcome = "returned"
+except Exception as exc:
+    outcome = "raised " + type(exc).__name__
+print(json.dumps({"outcome": outcome, "seconds": time.monotonic() - started}), flush=True)
+os._exit(0)
+"""
+
+
+def run_ranks(tmp_path, world: int, mode: str, wait_for: range, attention: str = "") -> list[str]:
+    env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", TANDEM_STRICT_P2P="1",
+               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    rendezvous = f"file://{tmp_path}/rdzv-{mode}-{world}{attention}"
+    ranks = [subprocess.Popen([sys.executable, "-c", RANK_SCRIPT, str(r), str(world), rendezvous, mode, attention],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for r in range(world)]
+    outputs = []
+    try:
+        for r in wait_for:
+            out, err = ranks[r].communicate(timeout=90)
+            assert ranks[r].returncode == 0, f"rank {r}:\n{out}\n{err}"
+            outputs.append(out)
+    finally:
+        for process in ranks:
+            if process.poll() is None:
+                process.kill()
+            process.wait(timeout=10)
+    return outputs
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_ulysses_and_ring_on_shards_equal_full_attention_and_ring_takes_n_minus_1_passes(tmp_path, world):
+    # cases: 13 tokens (uneven), 2 tokens (empty shards from 3 ranks on) with a key mask hiding a whole block,
+    # text 5 + image 11 tokens sharded stream by stream with the ranks in reverse order around the ring
+    for out in run_ranks(tmp_path, world, "check", range(world)):
+        results = [json.loads(line) for line in out.splitlines()]
+        assert len(results) == 3
+        for result in results:
+            for name, passes in (("ulysses", 2), ("ring", world - 1)):
+                assert result[name]["shape_ok"] and result[name]["diff"] <= 1e-5, result
+                assert result[name]["passes"] == passes, result
+
+
+@pytest.mark.parametrize("attention", ["ring", "ulysses"])
+@pytest.mark.parametrize("fault", ["exit", "stall"])
+def test_a_dead_or_silent_peer_makes_the_exchange_raise_within_the_group_timeout(tmp_path, fault, attention):
+    started = time.monotonic()
+    outputs = run_ranks(tmp_path, 3, fault, range(2), attention)  # rank 2 fails; the group's timeout is 6 s
+    for out in outputs:
+        result = json.loads(out)
+        assert result["outcome"].startswith("raised") and result["seconds"] < 15, result
+    assert time.monotonic() - started < 60
