@@ -60,10 +60,11 @@ def check_bench_request(strategies_: tuple, steps, repeats, dtype: str) -> tuple
             validation.whole_number("repeats", repeats, 0, MAX_REPEATS))
 
 
-def check_resolution(model, resolution: tuple[int, int], strategies_: tuple, device: str) -> tuple[int, int]:
+def check_resolution(model, resolution: tuple[int, int], strategies_: tuple, device: str,
+                     cfg: float | None = None) -> tuple[int, int]:
     """`resolution` if the model's latents tile it exactly and the largest bench job fits in `device`'s memory."""
     model.check_resolution(resolution)
-    rows = max(job_for(s).images * (2 if job_for(s).cfg != 1.0 else 1) for s in strategies_)
+    rows = max(job_for(s, cfg).images * (2 if job_for(s, cfg).cfg != 1.0 else 1) for s in strategies_)
     needed = model.memory_bytes(rows, resolution)
     validation.fits_in_memory(f"resolution {resolution[0]}x{resolution[1]} for model {model.name}", needed, device,
                               "choose a smaller --resolution")
@@ -139,19 +140,22 @@ def bench_knobs(strategy: str, knobs: dict | None) -> dict:
 
 def run_bench(model_name: str = "small", devices: str = "cpu:2", strategies_: tuple = ("cfg", "batch"),
               steps: int = 20, resolution=None, repeats: int = 2, dtype: str = "auto", progress=print,
-              knobs: dict | None = None, frames: int | None = None) -> dict:
+              knobs: dict | None = None, frames: int | None = None, cfg: float | None = None) -> dict:
     """Runs the benchmark; returns the JSON-ready report (see PERFORMANCE.md).
 
     On CUDA devices the one-device reference runs on the first of them, in fp16 unless `dtype` says otherwise.
     knobs: strategy knobs (warmup, stride, time_shift, stages, ...) for the strategies they apply to.
+    cfg: the guidance scale of every job (1: one branch; None: each strategy's own bench job).
     frames: frames per clip, for video models only (None: the model's default).
     The report's "disturbed" lists what made the figures unreliable (other load, repeats spread > 10 %).
     """
     steps, repeats = check_bench_request(strategies_, steps, repeats, dtype)
+    if cfg is not None:
+        cfg = validation.finite_number("cfg", cfg, 1.0, validation.MAX_CFG)
     configs = {s: ParallelConfig(devices, s, **bench_knobs(s, knobs)) for s in strategies_}  # validated up front
     resolved = resolve_devices(parse_devices(devices))  # devices that exist; nothing started
     for s in strategies_:
-        check_job(configs[s], len(resolved), job_for(s).cfg != 1.0)
+        check_job(configs[s], len(resolved), job_for(s, cfg).cfg != 1.0)
     reference_device = torch.device(resolved[0])
     if dtype == "auto":
         dtype = "fp16" if reference_device.type == "cuda" else "fp32"
@@ -160,7 +164,7 @@ def run_bench(model_name: str = "small", devices: str = "cpu:2", strategies_: tu
     for s in strategies_:
         strategies.get(s).check_family(model.family)  # the engine would refuse it at the first call
     resolution = check_resolution(model, fixed_resolution or parse_resolution(model.default_resolution),
-                                  strategies_, str(reference_device))
+                                  strategies_, str(reference_device), cfg)
     model.module.to(reference_device)
     pool = WorkerPool(devices)
     n = len(pool.start().devices)
@@ -169,8 +173,8 @@ def run_bench(model_name: str = "small", devices: str = "cpu:2", strategies_: tu
     results, disturbed = [], []
     other_load = _other_load()
     try:
-        for job in dict.fromkeys(job_for(s) for s in strategies_):  # each distinct job once, in the order asked
-            mine = [s for s in strategies_ if job_for(s) == job]
+        for job in dict.fromkeys(job_for(s, cfg) for s in strategies_):  # each distinct job once, in the order asked
+            mine = [s for s in strategies_ if job_for(s, cfg) == job]
             # Variants run in rotation within every repeat, so the machine's drift hits them all alike.
             variants = {"serial": (share, None), "all cores": (cores, None)}
             variants.update({s: (1, ParallelExecutor(pool, configs[s])) for s in mine})

@@ -45,7 +45,8 @@ def parallel_config(args):
 
 def strategy_knobs(args) -> dict:
     """The strategy knobs given on the command line (unset ones left to the strategy)."""
-    return {"stages": args.stages, "warmup": args.warmup, "stride": args.stride, "time_shift": args.time_shift}
+    return {"stages": args.stages, "ulysses": args.ulysses, "ring": args.ring, "warmup": args.warmup,
+            "stride": args.stride, "time_shift": args.time_shift}
 
 
 def explain(config, steps: int, guided: bool = True) -> str:
@@ -150,7 +151,7 @@ def cmd_bench(args) -> int:
         validation.writable_file("--json", args.json)  # before the bench, not after it
     strategies = tuple(s.strip() for s in args.strategies.split(",") if s.strip())
     report = run_bench(args.model, args.devices, strategies, args.steps, args.resolution, args.repeats, args.dtype,
-                       knobs=strategy_knobs(args), frames=args.frames,
+                       knobs=strategy_knobs(args), frames=args.frames, cfg=args.cfg,
                        progress=(lambda line: None) if args.quiet else (lambda line: print(line, file=sys.stderr)))
     print(format_table(report))
     if args.json:
@@ -254,6 +255,10 @@ def _add_parallel_options(parser, devices_default):
 def _add_knob_options(parser):
     parser.add_argument("--stages", type=int, default=None, help="stages of a model cut into stages (default: the "
                                                                   "devices left after cfg and batch)")
+    parser.add_argument("--ulysses", type=int, default=None, help="strategy ulysses: devices sharing one call's "
+                        "token sequence (default: the devices left after cfg and batch)")
+    parser.add_argument("--ring", type=int, default=None, help="strategy ring: devices sharing one call's token "
+                        "sequence (default: the devices left after cfg and batch)")
     parser.add_argument("--warmup", type=int, default=1,
                         help="staged strategies: exact sampler steps at the start (asyncdiff on 2+ stages: >= 1)")
     parser.add_argument("--stride", type=int, default=1, help="staged strategies: 1, or 2 to exchange every second call")
@@ -294,6 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "and wan-small), at most 16384 and what memory holds (default: the model's)")
     bench.add_argument("--frames", type=int, default=None,
                        help="video models (wan-small) only: frames per clip, 4k + 1 (default: 17)")
+    bench.add_argument("--cfg", type=float, default=None,
+                       help="guidance scale of every job, 1 to 100 (1: no uncond branch; default: 7.5 for the strategies "
+                            "that split branches, else 1)")
     bench.add_argument("--repeats", type=int, default=3, help="timed runs of each loop (after one warm-up), 0 to 1000")
     bench.add_argument("--dtype", default="auto", help="auto (fp16 on CUDA, fp32 on CPU), fp32, fp16 or bf16")
     bench.add_argument("--json", default=None, help="also write the report as JSON here")

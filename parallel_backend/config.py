@@ -99,6 +99,12 @@ def resolve_devices(devices: tuple[str, ...]) -> tuple[str, ...]:
     return devices
 
 
+# The inner mesh axes a strategy may add (config field -> what its degree means), in the order the fields sit.
+AXES = {"stages": "they cut the model into stages",
+        "ulysses": "it splits the token sequence and trades tokens for attention heads (all-to-all)",
+        "ring": "it splits the token sequence and passes keys and values around a ring"}
+
+
 @dataclass(frozen=True)
 class ParallelConfig:
     """How a pool splits each model call.
@@ -107,8 +113,8 @@ class ParallelConfig:
     strategy: "auto" (exact: cfg when a call holds both branches, then batch; devices a call cannot use sit
       out) or a registered strategy (`strategy_choices()`): "cfg", "batch", "asyncdiff" (the model cut into
       stages run on one-call-stale inputs: approximate after warm-up).
-    cfg_degree, batch_degree, stages: the mesh (cfg outer, then batch, then the strategy's own axis, e.g.
-      asyncdiff's stages); their product is at most the device count (devices beyond it sit out). None =
+    cfg_degree, batch_degree, stages, ulysses, ring: the mesh (cfg outer, then batch, then the strategy's own
+      axis: asyncdiff's stages, ulysses' or ring's sequence degree); their product is at most the device count (devices beyond it sit out). None =
       from the strategy: cfg -> cfg_degree 2 x batch over the devices left, batch -> every device splits the
       batch, asyncdiff -> the devices left after cfg and batch hold one stage each (cfg_degree 2 on 4
       devices = cfg 2 x stages 2).
@@ -123,6 +129,8 @@ class ParallelConfig:
     cfg_degree: int | None = None
     batch_degree: int | None = None
     stages: int | None = None
+    ulysses: int | None = None
+    ring: int | None = None
     warmup: int = 1
     stride: int = 1
     time_shift: bool = False
@@ -135,10 +143,11 @@ class ParallelConfig:
 
         validation.text("strategy", self.strategy)
         strategy = strategies.get(self.strategy) if self.strategy != "auto" else None
-        for name in ("cfg_degree", "batch_degree", "stages"):
+        axes = AXES
+        for name in ("cfg_degree", "batch_degree", *axes):
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, validation.whole_number(name, getattr(self, name), 1))
-        if strategy is None and (self.cfg_degree, self.batch_degree, self.stages) != (None, None, None):
+        if strategy is None and any(getattr(self, n) is not None for n in ("cfg_degree", "batch_degree", *axes)):
             raise ValueError("strategy 'auto' chooses the degrees itself: name a strategy to set them")
         if self.cfg_degree not in (None, 1, 2):
             raise ValueError(f"cfg_degree {self.cfg_degree}: there are only two branches (cond, uncond); use 1 or 2")
@@ -146,9 +155,10 @@ class ParallelConfig:
             raise ValueError(f"strategy {self.strategy!r} with cfg_degree 1 splits nothing by branch: use strategy 'batch'")
         if strategy is not None and strategy.default_cfg_degree == 1 and strategy.axis is None and self.cfg_degree == 2:
             raise ValueError(f"strategy {self.strategy!r} with cfg_degree 2: choose strategy 'cfg' (it composes with batch)")
-        if self.stages is not None and (strategy is None or strategy.axis != "stages"):
-            raise ValueError(f"stages {self.stages} cut the model into stages: choose a strategy that does "
-                             f"({', '.join(s for s in strategies.names() if strategies.get(s).axis == 'stages')})")
+        for axis in axes:
+            if getattr(self, axis) is not None and (strategy is None or strategy.axis != axis):
+                raise ValueError(f"{axis} {getattr(self, axis)}: {AXES[axis]}: choose a strategy that does "
+                                 f"({', '.join(s for s in strategies.names() if strategies.get(s).axis == axis)})")
         self._check_schedule_knobs()
         object.__setattr__(self, "timeout_s", validation.seconds("timeout_s", self.timeout_s))
         if self.device_list != ("auto",):

@@ -31,10 +31,11 @@ class Job:
     cfg: float
 
 
-def job_for(strategy: str) -> Job:
-    """The job `tandem bench` measures a strategy on (its BenchJob): cfg 7.5 when it is guided, else 1."""
+def job_for(strategy: str, cfg: float | None = None) -> Job:
+    """The job `tandem bench` measures a strategy on (its BenchJob): cfg 7.5 when it is guided, else 1; `cfg`
+    (tandem bench --cfg) sets the guidance of every job (1: no uncond branch)."""
     bench_job = strategies.get(strategy).bench_job
-    return Job(bench_job.images, CFG_SCALE if bench_job.guided else 1.0)
+    return Job(bench_job.images, cfg if cfg is not None else (CFG_SCALE if bench_job.guided else 1.0))
 
 
 @dataclass

@@ -154,15 +154,19 @@ class WorkerState:
         back whole)."""
         self._restore[fingerprint] = restore
 
+    def whole_model(self, fingerprint: str):
+        """(module, family) of a loaded model, put back whole first if a strategy had split it (on_forward)."""
+        restore = self._restore.pop(fingerprint, None)
+        if restore is not None:
+            restore()
+        return self.model(fingerprint)
+
     def forward(self, message: Forward) -> Computed:
         import torch
 
         from .models import forward_for_family
 
-        module, family = self.model(message.fingerprint)
-        restore = self._restore.pop(message.fingerprint, None)
-        if restore is not None:
-            restore()
+        module, family = self.whole_model(message.fingerprint)
         started = time.perf_counter()
         with torch.inference_mode():
             out = forward_for_family(family)(module, message.call.to(self.device))

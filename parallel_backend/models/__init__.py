@@ -23,3 +23,13 @@ def forward_for_family(family: str) -> Callable:
     if name not in ADAPTERS:
         raise ValueError(f"unknown model family {family!r}; known: {', '.join(ADAPTERS)}")
     return importlib.import_module(f"{__name__}.{name}").forward
+
+
+def sequence_runner(family: str) -> Callable | None:
+    """The function `run(module, call, group) -> output` that runs a model of `family` with its token sequence
+    split over a strategies.sequence group, or None where the family has none (yet)."""
+    module = importlib.import_module(f"{__name__}.{adapter_name(family)}")
+    named = getattr(module, "family_named", None)
+    if named is None or ":" not in family:
+        return None
+    return getattr(named(family), "sequence", None)

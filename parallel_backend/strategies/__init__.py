@@ -48,9 +48,9 @@ def worker_handlers() -> dict:
 
 
 def _register_builtins() -> None:
-    from . import asyncdiff, batch, cfg
+    from . import asyncdiff, batch, cfg, ring, ulysses
 
-    for module in (cfg, batch, asyncdiff):
+    for module in (cfg, batch, asyncdiff, ulysses, ring):
         register(module.STRATEGY)
 
 

@@ -37,15 +37,16 @@ class Strategy:
     collective: bool = False  # its workers exchange data with each other during a call
     min_warmup: int = 0  # the fewest exact warm-up steps (config.warmup) it needs on more than one stage
     adapters: tuple[str, ...] | None = None  # the model adapters it can cut (models.ADAPTERS); None: any model
+    scope: str = ""  # what it splits, for the refusal of other models ("cuts UNets only")
 
     def check_family(self, family: str) -> None:
         """Raises ValueError in one sentence when this strategy cannot split a model of `family`."""
         from ..models import adapter_name
 
         if self.adapters is not None and adapter_name(family) not in self.adapters:
-            kind = family.split(":", 1)[1] if ":" in family else family
-            raise ValueError(f"strategy {self.name!r} cuts UNets only, and this model is a {kind} "
-                             "transformer: use cfg, batch or auto for it")
+            noun = "UNet" if adapter_name(family).endswith("_unet") else f"{family.split(':', 1)[-1]} transformer"
+            raise ValueError(f"strategy {self.name!r} {self.scope}, and this model is a {noun}: use cfg, batch or "
+                             "auto for it")
 
     def plan(self, engine, call, mesh, config, fingerprint: str) -> dict[int, Any]:
         raise NotImplementedError

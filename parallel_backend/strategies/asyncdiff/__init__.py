@@ -28,6 +28,7 @@ class AsyncDiff(Strategy):
     bench_job = BenchJob(1, True)
     collective = True
     adapters = ("diffusers_unet", "comfy_unet")  # the families models/stages.py can cut into layers
+    scope = "cuts UNets only"
     min_warmup = 1  # a later stage's first input is what the stage before hands it in an exact step
 
     # ---- host side ---------------------------------------------------------------------------------------

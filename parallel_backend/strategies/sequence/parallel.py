@@ -1,0 +1,83 @@
+"""What ulysses and ring share as strategies: each row group of the mesh is a sequence group whose ranks all get
+the group's rows, run the model's token-local layers on their shard of the token sequence and attention
+through the group (the model family's sequence runner places the split and the gather), and return the same
+full output; the host takes the group's first rank's. Exact up to float tolerance.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from ..base import BenchJob, Strategy, join_rows
+
+
+@dataclass(frozen=True)
+class SequenceForward:
+    """Run the model on `call` (the group's whole rows) with its token sequence split over the ranks `peers`
+    (global ranks, in shard order); this rank is peers[index]."""
+
+    fingerprint: str
+    call: Any  # calls.ModelCall
+    kind: str  # "ulysses" or "ring"
+    peers: tuple[int, ...]
+    index: int
+
+
+class SequenceStrategy(Strategy):
+    kind: str = ""
+    exact = True
+    adapters = ("diffusers_dit",)  # the adapters whose families place a sequence split (models/*: `sequence`)
+    scope = "splits the token sequence of transformers (DiTs) only"
+    bench_job = BenchJob(1, False)  # the case it exists for: one image at cfg = 1
+    collective = True
+
+    def check_family(self, family: str) -> None:
+        from ...models import adapter_name, sequence_runner
+
+        if adapter_name(family).endswith("_unet"):
+            super().check_family(family)  # a UNet: the sentence every family-bound strategy gives
+        if sequence_runner(family) is None:
+            host = "ComfyUI" if adapter_name(family).startswith("comfy") else "diffusers"
+            raise ValueError(f"strategy {self.name!r} has no sequence split for {family.split(':', 1)[-1]} models "
+                             f"in {host} yet: use cfg, batch or auto for it")
+
+    def plan(self, engine, call, mesh, config, fingerprint: str) -> dict[int, SequenceForward]:
+        work = {}
+        for group, rows in enumerate(mesh.row_shares(call.rows, call.branches)):
+            if not len(rows):
+                continue
+            share, peers = call.select(rows), tuple(mesh.ranks(group))
+            for index, rank in enumerate(peers):
+                work[rank] = SequenceForward(fingerprint, share, self.kind, peers, index)
+        return work
+
+    def gather(self, call, mesh, replies: dict[int, Any]):
+        leaders = [mesh.ranks(group)[0] for group in range(mesh.groups) if mesh.ranks(group)[0] in replies]
+        return join_rows([replies[rank].out for rank in leaders], call.x)
+
+    def worker_handlers(self) -> dict:
+        return {SequenceForward: run_sequence_forward}
+
+
+def run_sequence_forward(worker, message: SequenceForward):
+    """Worker side: the family's sequence runner on this rank's part of the group; only the group's first rank
+    sends the output back (every rank holds the same)."""
+    import torch
+
+    from ...messages import Computed
+    from ...models import sequence_runner
+    from ...models.stages import synchronize
+    from .group import SequenceGroup
+    from .traffic import Traffic
+
+    module, family = worker.whole_model(message.fingerprint)
+    group = SequenceGroup(message.kind, message.peers, message.index, worker.device, Traffic())
+    started = time.perf_counter()
+    with torch.inference_mode():
+        out = sequence_runner(family)(module, message.call.to(worker.device), group)
+    synchronize(worker.device)
+    traffic = group.traffic
+    return Computed(out if message.index == 0 else None, time.perf_counter() - started,
+                    bytes_sent=traffic.bytes_sent, extra={"passes": traffic.passes, "messages": traffic.messages})

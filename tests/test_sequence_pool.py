@@ -1,0 +1,90 @@
+"""ulysses and ring on a pool of CPU workers: one diffusers transformer call split by its token sequence equals
+the call on one device, alone and under cfg x sequence; what they refuse, before any work."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from parallel_backend.calls import ModelCall
+from parallel_backend.config import ParallelConfig
+from parallel_backend.engine import ParallelExecutor
+from parallel_backend.models import diffusers_dit, forward_for_family
+from parallel_backend.pool import WorkerPool
+
+TOLERANCE = 1e-4  # of the output's scale (TESTING.md); fp32 sums in another order only
+
+
+def _tiny_flux():
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    return FluxTransformer2DModel(patch_size=1, in_channels=8, num_layers=1, num_single_layers=1,
+                                  attention_head_dim=8, num_attention_heads=4, joint_attention_dim=16,
+                                  pooled_projection_dim=8, guidance_embeds=False,
+                                  axes_dims_rope=(2, 2, 4)).eval().requires_grad_(False)
+
+
+def _flux_call(rows: int, image_tokens: int, text_tokens: int, branches: int = 1) -> ModelCall:
+    generator = torch.Generator().manual_seed(rows * 100 + image_tokens)
+    family = diffusers_dit.family_named("diffusers_dit:flux")
+    ids = torch.stack([torch.zeros(image_tokens), torch.arange(image_tokens) // 3, torch.arange(image_tokens) % 3], 1)
+    return ModelCall(torch.randn(rows, image_tokens, 8, generator=generator), torch.full((rows,), 0.7),
+                     torch.randn(rows, text_tokens, 16, generator=generator),
+                     {"pooled_projections": torch.randn(rows, 8, generator=generator), "img_ids": ids,
+                      "txt_ids": torch.zeros(text_tokens, 3)},
+                     branches=branches, shared=family.shared, row_lists=family.row_lists)
+
+
+@pytest.fixture(scope="module")
+def pool():
+    pool = WorkerPool("cpu:2")
+    pool.start()
+    yield pool
+    pool.shutdown()
+
+
+@pytest.fixture(scope="module")
+def flux():
+    return _tiny_flux()
+
+
+@pytest.mark.parametrize("strategy", ["ulysses", "ring"])
+@pytest.mark.parametrize("image_tokens, text_tokens", [(24, 6), (13, 5)], ids=["even", "odd"])
+def test_a_sequence_split_call_equals_one_device(pool, flux, strategy, image_tokens, text_tokens):
+    call = _flux_call(1, image_tokens, text_tokens)
+    with torch.inference_mode():
+        reference = forward_for_family("diffusers_dit:flux")(flux, call)
+    result = ParallelExecutor(pool, ParallelConfig("cpu:2", strategy)).run(flux, "diffusers_dit:flux", call)
+    assert result.mesh.describe() == f"{strategy} (cfg 1 x batch 1 x {strategy} 2)"
+    assert result.out.shape == reference.shape
+    assert (result.out - reference).abs().max() <= TOLERANCE * max(1.0, reference.abs().max().item())
+    assert result.bytes_sent > 0  # the workers exchanged tokens: the split really happened
+
+
+def test_ulysses_refuses_heads_that_do_not_divide_and_names_ring(pool):
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    three_heads = FluxTransformer2DModel(patch_size=1, in_channels=8, num_layers=1, num_single_layers=0,
+                                         attention_head_dim=8, num_attention_heads=3, joint_attention_dim=16,
+                                         pooled_projection_dim=8, axes_dims_rope=(2, 2, 4)).eval()
+    with pytest.raises(Exception, match="use ring"):
+        ParallelExecutor(pool, ParallelConfig("cpu:2", "ulysses")).run(three_heads, "diffusers_dit:flux",
+                                                                       _flux_call(1, 8, 4))
+
+
+@pytest.mark.parametrize("strategy", ["ulysses", "ring"])
+def test_sequence_strategies_refuse_unets_and_families_without_a_split_before_any_work(strategy):
+    from parallel_backend import strategies
+
+    with pytest.raises(ValueError, match="token sequence of transformers \\(DiTs\\) only, and this model is a UNet"):
+        strategies.get(strategy).check_family("diffusers_unet")
+    with pytest.raises(ValueError, match="no sequence split for sd3 models in diffusers yet"):
+        strategies.get(strategy).check_family("diffusers_dit:sd3")
+
+
+def test_degrees_of_another_strategys_axis_are_refused():
+    with pytest.raises(ValueError, match="ring 2: it splits the token sequence .*choose a strategy that does \\(ring\\)"):
+        ParallelConfig("cpu:2", "ulysses", ring=2)
+    assert ParallelConfig("cpu:4", "ulysses", cfg_degree=2, ulysses=2).ulysses == 2
