@@ -6,13 +6,19 @@ Qwen-Image, a 4-D map for SD3, 5-D frames for Wan), `timestep`, `encoder_hidden_
 the family's own inputs. A tensor input whose first dim is the call's rows is per row unless the family names
 it `shared` (Flux's positional ids are (tokens, 3): a token count equal to the rows must not cut them); a
 `row_lists` input is a plain list with one entry per row (Qwen-Image's per-image shapes).
+
+A family with a `sequence` runner can split its token sequence over a sequence-parallel group (Ulysses, ring):
+see diffusers_sequence.py.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
+
+from .diffusers_sequence import flux_sequence, wan_sequence
 
 ADAPTER = "diffusers_dit"
 
@@ -25,6 +31,7 @@ class Family:
     pipelines: tuple[str, ...]  # diffusers pipeline class names that drive it
     shared: frozenset = frozenset()
     row_lists: frozenset = frozenset()
+    sequence: Callable | None = None  # (model, call, group) -> the whole output, tokens split over the group
 
     @property
     def wire(self) -> str:
@@ -33,11 +40,11 @@ class Family:
 
 FAMILIES = (
     Family("flux", "Flux.1", ("FluxTransformer2DModel",), ("FluxPipeline",),
-           shared=frozenset({"img_ids", "txt_ids", "joint_attention_kwargs"})),
+           shared=frozenset({"img_ids", "txt_ids", "joint_attention_kwargs"}), sequence=flux_sequence),
     Family("sd3", "SD3 / SD3.5", ("SD3Transformer2DModel",), ("StableDiffusion3Pipeline",),
            shared=frozenset({"joint_attention_kwargs", "skip_layers"})),
     Family("wan", "Wan 2.1 / 2.2", ("WanTransformer3DModel",), ("WanPipeline", "WanImageToVideoPipeline"),
-           shared=frozenset({"attention_kwargs"})),
+           shared=frozenset({"attention_kwargs"}), sequence=wan_sequence),
     Family("qwen_image", "Qwen-Image", ("QwenImageTransformer2DModel",), ("QwenImagePipeline",),
            shared=frozenset({"attention_kwargs"}), row_lists=frozenset({"img_shapes", "txt_seq_lens"})),
 )
@@ -57,3 +64,15 @@ def forward(model, call) -> torch.Tensor:
     """Runs a diffusers transformer on a ModelCall; returns its prediction."""
     return model(hidden_states=call.x, timestep=call.t, encoder_hidden_states=call.context, return_dict=False,
                  **call.extras)[0]
+
+
+def run_sequence_parallel(model, call, group) -> torch.Tensor:
+    """`forward(model, call)` computed by a sequence-parallel `group` (strategies/sequence/group.py), every rank
+    of which makes this same call: each runs the per-token layers on its shard of the tokens, attention through
+    the group, and returns the whole output (equal to `forward` within float tolerance)."""
+    family = recognise(model)
+    if family is None or family.sequence is None:
+        name = type(model).__name__ if family is None else family.label
+        raise ValueError(f"{name} has no sequence-parallel adapter (ulysses, ring); those that do: "
+                         f"{', '.join(f.label for f in FAMILIES if f.sequence)}. Use cfg or batch for this model")
+    return family.sequence(model, call, group)

@@ -1,0 +1,172 @@
+"""diffusers' Flux and Wan transformers with their tokens split over a sequence group (Ulysses, ring): every rank
+of 2 or 3 gloo processes (point-to-point in issue order, as on NCCL) builds the same tiny seeded models, runs
+`run_sequence_parallel` on the same calls, and must return the whole output of `forward` in one process; the
+group's traffic must show one exchange per self-attention (ring: N-1 passes), none for Wan's cross-attention,
+and one gather. In one process (a group of degree 1 exchanges nothing): refusals, and that the attention
+dispatcher and the hooks are restored after a call, even a failed one."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from parallel_backend.calls import ModelCall
+from parallel_backend.models import diffusers_dit
+from parallel_backend.models.diffusers_dit import forward, run_sequence_parallel
+from parallel_backend.strategies.sequence.group import SequenceGroup
+
+REPO = Path(__file__).resolve().parents[1]
+ATTENTIONS = 2  # every tiny model: Flux 1 double + 1 single block, Wan 2 blocks (self-attention each)
+
+
+def tiny_flux(heads: int = 6):
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    return FluxTransformer2DModel(patch_size=1, in_channels=8, num_layers=1, num_single_layers=1,
+                                  attention_head_dim=8, num_attention_heads=heads, joint_attention_dim=16,
+                                  pooled_projection_dim=8, axes_dims_rope=(2, 2, 4)).eval().requires_grad_(False)
+
+
+def tiny_wan(i2v: bool = False):
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(0)
+    image = dict(image_dim=16, added_kv_proj_dim=48) if i2v else {}
+    return WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=6, attention_head_dim=8, in_channels=4,
+                                 out_channels=4, text_dim=16, freq_dim=16, ffn_dim=32, num_layers=2,
+                                 **image).eval().requires_grad_(False)
+
+
+def flux_call(rows: int, text: int, height: int, width: int, controlnet: bool = False) -> ModelCall:
+    gen = torch.Generator().manual_seed(text * 100 + height * width)
+    ids = torch.zeros(height, width, 3)
+    ids[..., 1], ids[..., 2] = torch.arange(height)[:, None], torch.arange(width)[None, :]
+    extras = {"pooled_projections": torch.randn(rows, 8, generator=gen), "img_ids": ids.reshape(-1, 3),
+              "txt_ids": torch.zeros(text, 3)}
+    if controlnet:
+        extras["controlnet_block_samples"] = [torch.randn(rows, height * width, 48, generator=gen)]
+    return ModelCall(torch.randn(rows, height * width, 8, generator=gen), torch.rand(rows, generator=gen),
+                     torch.randn(rows, text, 16, generator=gen), extras=extras)
+
+
+def wan_call(rows: int, frames: int, height: int, width: int, per_token_t: bool = False,
+             i2v: bool = False) -> ModelCall:
+    gen = torch.Generator().manual_seed(frames * 100 + height * width)
+    tokens = frames * (height // 2) * (width // 2)
+    t = torch.rand(rows, tokens if per_token_t else 1, generator=gen).squeeze(-1) * 1000
+    extras = {"encoder_hidden_states_image": torch.randn(rows, 4, 16, generator=gen)} if i2v else {}
+    text = 512 if i2v else 9  # diffusers' i2v processor takes the last 512 context tokens as the text
+    return ModelCall(torch.randn(rows, 4, frames, height, width, generator=gen), t,
+                     torch.randn(rows, text, 16, generator=gen), extras=extras)
+
+
+def cases():
+    """(name, model builder, call): odd token counts; Flux with 2 text tokens leaves a 3rd rank none."""
+    return [("flux 7 text + 3x5 image, controlnet", tiny_flux, flux_call(2, 7, 3, 5, controlnet=True)),
+            ("flux 2 text + 2x3 image", tiny_flux, flux_call(1, 2, 2, 3)),
+            ("wan t2v 3 frames 3x5", tiny_wan, wan_call(2, 3, 6, 10)),
+            ("wan timestep per token 1 frame 5x7", tiny_wan, wan_call(1, 1, 10, 14, per_token_t=True)),
+            ("wan i2v 1 frame 5x7", lambda: tiny_wan(i2v=True), wan_call(1, 1, 10, 14, i2v=True))]
+
+
+RANK_SCRIPT = """
+import json, sys, torch
+sys.path.insert(0, sys.argv[4])
+from parallel_backend import primitives
+from parallel_backend.models.diffusers_dit import forward, run_sequence_parallel
+from parallel_backend.strategies.sequence.group import SequenceGroup
+from test_sequence_dit import cases
+torch.set_num_threads(1)
+rank, world, rendezvous = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+primitives.join_group(rendezvous, rank, world, "cpu", timeout_s=30.0)
+peers = tuple(reversed(range(world)))  # shard order other than rank order
+for name, build, call in cases():
+    model = build()
+    expected = forward(model, call)
+    for kind in ("ulysses", "ring"):
+        group = SequenceGroup(kind, peers, peers.index(rank), "cpu")
+        out = run_sequence_parallel(model, call, group)
+        print(json.dumps({"case": name, "kind": kind, "shape_ok": out.shape == expected.shape,
+                          "diff": (out - expected).abs().max().item(), "passes": group.traffic.passes}), flush=True)
+primitives.leave_group()
+"""
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_flux_and_wan_split_over_ranks_equal_one_process(tmp_path, world):
+    env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", TANDEM_STRICT_P2P="1",
+               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    arguments = [str(world), f"file://{tmp_path}/rdzv", str(REPO / "tests")]
+    ranks = [subprocess.Popen([sys.executable, "-c", RANK_SCRIPT, str(r), *arguments], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=env) for r in range(world)]
+    try:
+        outputs = []
+        for r, process in enumerate(ranks):
+            out, err = process.communicate(timeout=120)
+            assert process.returncode == 0, f"rank {r}:\n{out}\n{err}"
+            outputs.append([json.loads(line) for line in out.splitlines()])
+    finally:
+        for process in ranks:
+            if process.poll() is None:
+                process.kill()
+                process.wait(timeout=10)
+    per_attention = {"ulysses": 2, "ring": world - 1}  # then one gather of the output
+    for results in outputs:
+        assert len(results) == 2 * len(cases())
+        for result in results:
+            assert result["shape_ok"] and result["diff"] <= 1e-5, result
+            assert result["passes"] == ATTENTIONS * per_attention[result["kind"]] + 1, result
+
+
+def dispatchers():
+    from diffusers.models.transformers import transformer_flux, transformer_wan
+
+    return transformer_flux.dispatch_attention_fn, transformer_wan.dispatch_attention_fn
+
+
+def hook_count(model) -> int:
+    return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
+
+
+@pytest.mark.parametrize("name,build,call", cases()[::2], ids=lambda v: v if isinstance(v, str) else "")
+def test_a_group_of_one_equals_forward_and_leaves_the_model_as_it_was(name, build, call):
+    model, before = build(), dispatchers()
+    group = SequenceGroup("ring", (5,), 0, "cpu")
+    assert (run_sequence_parallel(model, call, group) - forward(model, call)).abs().max() <= 1e-5
+    assert dispatchers() == before and hook_count(model) == 0
+    assert group.traffic.passes == 1 and group.traffic.bytes_sent == 0  # a ring of one: no pass but the gather
+
+
+def test_an_attention_mask_is_refused_inside_the_call_and_everything_is_restored():
+    model, before = tiny_flux(), dispatchers()
+    call = flux_call(1, 2, 2, 3)
+    call.extras["joint_attention_kwargs"] = {"attention_mask": torch.ones(1, 1, 8, 8, dtype=torch.bool)}
+    with pytest.raises(ValueError, match="no attention mask"):
+        run_sequence_parallel(model, call, SequenceGroup("ulysses", (0,), 0, "cpu"))
+    assert dispatchers() == before and hook_count(model) == 0
+
+
+def test_ulysses_refuses_heads_its_degree_does_not_divide_before_any_exchange():
+    group = SequenceGroup("ulysses", (0, 1, 2), 0, "cpu")  # no process group: refused before any exchange
+    with pytest.raises(ValueError, match="use ring"):
+        run_sequence_parallel(tiny_flux(heads=4), flux_call(1, 2, 2, 3), group)
+    SequenceGroup("ring", (0, 1, 2), 0, "cpu").check_heads(4)
+
+
+def test_only_families_with_a_sequence_runner_are_split():
+    assert {f.name for f in diffusers_dit.FAMILIES if f.sequence} == {"flux", "wan"}
+    with pytest.raises(ValueError, match="no sequence-parallel adapter"):
+        run_sequence_parallel(torch.nn.Linear(2, 2), None, SequenceGroup("ring", (0,), 0, "cpu"))
+
+
+@pytest.mark.parametrize("kind,peers,index", [("usp", (0, 1), 0), ("ring", (0, 0), 0), ("ring", (0, 1), 2)])
+def test_a_group_that_cannot_exist_is_refused(kind, peers, index):
+    with pytest.raises(ValueError):
+        SequenceGroup(kind, peers, index, "cpu")
