@@ -20,7 +20,7 @@ from .benchmodels import build_bench_model
 from .calls import ModelCall
 from .config import ParallelConfig, parse_devices, resolve_devices
 from .engine import ParallelExecutor
-from .mesh import check_job
+from .mesh import check_job, resolve
 from .oracle import Job, LoopResult, inputs, job_for, local_forward, psnr, run_once
 from .pool import WorkerPool
 from .portable import cpu_cores, peak_memory_bytes
@@ -71,23 +71,40 @@ def check_resolution(model, resolution: tuple[int, int], strategies_: tuple, dev
     return resolution
 
 
-def _ideal(model, rows: int, share_rows: int, resolution, calls: int = 8) -> float:
-    """time(whole call) / time(largest share), on one device, measured alternately so drift hits both alike."""
+def _sample_call(model, images: int, resolution) -> ModelCall:
     dtype = next(model.module.parameters()).dtype
+    noise, context, _ = inputs(model, Job(images, 1.0), resolution)
+    return model.call(noise.to(dtype), torch.tensor(500), context.to(dtype), resolution)
 
-    def sample_call(images: int) -> ModelCall:
-        noise, context, _ = inputs(model, Job(images, 1.0), resolution)
-        return model.call(noise.to(dtype), torch.tensor(500), context.to(dtype), resolution)
 
-    whole, share = sample_call(rows), sample_call(share_rows)
-    times: dict[int, list[float]] = {rows: [], share_rows: []}
+def _ratio(whole, part, calls: int = 8) -> float:
+    """time(whole()) / time(part()), each the median of `calls`, measured alternately so drift hits both alike."""
+    times: tuple[list[float], list[float]] = ([], [])
     for i in range(calls + 1):
-        for size, call in ((rows, whole), (share_rows, share)):
+        for measured, run in zip(times, (whole, part)):
             started = time.perf_counter()
-            local_forward(model, call)
+            run()
             if i:
-                times[size].append(time.perf_counter() - started)
-    return statistics.median(times[rows]) / statistics.median(times[share_rows])
+                measured.append(time.perf_counter() - started)
+    return statistics.median(times[0]) / statistics.median(times[1])
+
+
+def _ideal(model, rows: int, share_rows: int, resolution, calls: int = 8) -> float:
+    """time(whole call) / time(largest share), on one device."""
+    whole, share = _sample_call(model, rows, resolution), _sample_call(model, share_rows, resolution)
+    return _ratio(lambda: local_forward(model, whole), lambda: local_forward(model, share), calls)
+
+
+def _strategy_ideal(strategy, model, config, n: int, rows: int, guided: bool, resolution) -> float | None:
+    """The ideal of a strategy whose ranks share rows in another way than by rows (`bench_part`): the whole
+    call on one device over what its busiest rank computes alone; None for row shares."""
+    mesh = resolve(config, n, 2 if guided else 1, rows)
+    group_call = _sample_call(model, -(-rows // mesh.groups), resolution)
+    part = strategy.bench_part(model, group_call, mesh)
+    if part is None:
+        return None
+    whole = _sample_call(model, rows, resolution)
+    return _ratio(lambda: local_forward(model, whole), part)
 
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -196,7 +213,9 @@ def run_bench(model_name: str = "small", devices: str = "cpu:2", strategies_: tu
             serial, all_cores = measured["serial"], measured["all cores"]
             results.append(_row("serial", 1, serial, serial, all_cores, 1.0, [peak_memory_bytes(reference_device)], job))
             for strategy in mine:
-                row = _row(strategy, n, measured[strategy], serial, all_cores, ideal, pool.memory(), job)
+                own = _strategy_ideal(strategies.get(strategy), model, configs[strategy], n, rows, job.cfg != 1.0,
+                                      resolution)
+                row = _row(strategy, n, measured[strategy], serial, all_cores, own or ideal, pool.memory(), job)
                 row.update(strategies.get(strategy).bench_figures(variants[strategy][1], measured[strategy], row))
                 results.append(row)
     finally:

@@ -36,12 +36,21 @@ def _flux_call(rows: int, image_tokens: int, text_tokens: int, branches: int = 1
                      branches=branches, shared=family.shared, row_lists=family.row_lists)
 
 
-@pytest.fixture(scope="module")
-def pool():
-    pool = WorkerPool("cpu:2")
+def _started(devices: str):
+    pool = WorkerPool(devices)
     pool.start()
     yield pool
     pool.shutdown()
+
+
+@pytest.fixture(scope="module")
+def pool():
+    yield from _started("cpu:2")
+
+
+@pytest.fixture(scope="module")
+def four_workers():
+    yield from _started("cpu:4")
 
 
 @pytest.fixture(scope="module")
@@ -88,3 +97,41 @@ def test_degrees_of_another_strategys_axis_are_refused():
     with pytest.raises(ValueError, match="ring 2: it splits the token sequence .*choose a strategy that does \\(ring\\)"):
         ParallelConfig("cpu:2", "ulysses", ring=2)
     assert ParallelConfig("cpu:4", "ulysses", cfg_degree=2, ulysses=2).ulysses == 2
+
+
+def test_bench_measures_ulysses_and_ring_at_cfg_1_with_outputs_equal_to_one_device(tmp_path):
+    from parallel_backend.bench import run_bench
+
+    report = run_bench("flux-small", "cpu:2", ("ulysses", "ring"), steps=2, resolution=64, repeats=0, cfg=1.0,
+                       progress=lambda line: None)
+    rows = {r["strategy"]: r for r in report["results"]}
+    for strategy in ("ulysses", "ring"):
+        row = rows[strategy]
+        assert row["job"] == {"images": 1, "cfg": 1.0}
+        assert row["max_abs_diff_vs_serial"] <= 1e-4  # flow-matching latents are of scale ~1
+        assert row["transfer_bytes_per_call_median"] > 0 and "of the ideal with the exchange stubbed out" in row["summary"]
+
+
+@pytest.mark.parametrize("cfg", [1.0, 0.5])
+def test_bench_cfg_is_checked_before_any_pool_starts(monkeypatch, cfg):
+    from parallel_backend import bench
+
+    def no_pool(*args, **kwargs):
+        raise AssertionError("a pool was started")
+
+    monkeypatch.setattr(bench, "WorkerPool", no_pool)
+    sentence = "cfg degree 2 needs cfg > 1" if cfg == 1.0 else "cfg must be a finite number from 1 to 100"
+    with pytest.raises(ValueError, match=sentence):
+        bench.run_bench("flux-small", "cpu:2", ("cfg",), steps=2, resolution=64, repeats=0, cfg=cfg)
+
+
+@pytest.mark.parametrize("strategy", ["ulysses", "ring"])
+def test_cfg_times_a_sequence_split_on_four_workers_equals_one_device(four_workers, flux, strategy):
+    """4 CPU workers on 2 cores: correctness only (their speed here means nothing)."""
+    call = _flux_call(2, 11, 5, branches=2)  # [uncond; cond]
+    with torch.inference_mode():
+        reference = forward_for_family("diffusers_dit:flux")(flux, call)
+    config = ParallelConfig("cpu:4", strategy, cfg_degree=2, **{strategy: 2})
+    result = ParallelExecutor(four_workers, config).run(flux, "diffusers_dit:flux", call)
+    assert result.mesh.describe() == f"{strategy} (cfg 2 x batch 1 x {strategy} 2)"
+    assert (result.out - reference).abs().max() <= TOLERANCE * max(1.0, reference.abs().max().item())

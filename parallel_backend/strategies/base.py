@@ -61,6 +61,12 @@ class Strategy:
         exact = "exact, no stale data" if self.exact else "approximate"
         return f"{self.name}: {self.summary} Mesh {mesh.describe()} on {', '.join(devices)}; {exact}."
 
+    def bench_part(self, model, call, mesh):
+        """For `tandem bench`'s ideal: a function that runs, on one device, what the busiest rank computes for
+        `call` (one row group's rows) with the communication stubbed out; None: the ideal is the whole call over
+        its largest row share."""
+        return None
+
     def bench_figures(self, executor, loop, row: dict) -> dict:
         """Extra figures for the bench's row of this strategy (e.g. traffic between devices)."""
         return {}

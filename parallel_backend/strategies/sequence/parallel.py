@@ -57,6 +57,33 @@ class SequenceStrategy(Strategy):
         leaders = [mesh.ranks(group)[0] for group in range(mesh.groups) if mesh.ranks(group)[0] in replies]
         return join_rows([replies[rank].out for rank in leaders], call.x)
 
+    def bench_part(self, model, call, mesh):
+        """Rank 0 of a sequence group of the mesh's degree, its exchanges stubbed out (stub.py)."""
+        import torch
+
+        from ...models import sequence_runner
+        from .stub import StubGroup
+
+        runner, group = sequence_runner(model.family), StubGroup(self.kind, mesh.inner)
+
+        def run():
+            with torch.inference_mode():
+                runner(model.module, call, group)
+
+        return run
+
+    def bench_figures(self, executor, loop, row: dict) -> dict:
+        """What crossed between devices per call (every rank's sends, summed) and how close the run came to the
+        ideal (one device's whole call over a rank's own compute for its shard): the share of the exchange that
+        stayed hidden behind compute shows as that percentage."""
+        import statistics
+
+        moved = statistics.median(c["bytes"] for c in loop.calls) if loop.calls else 0
+        summary = (f"{self.name}: {moved / 2**20:.2f} MiB between devices per call; "
+                   f"{100 * row['speedup_vs_serial'] / row['ideal_speedup']:.0f}% of the ideal with the exchange "
+                   "stubbed out")
+        return {"transfer_bytes_per_call_median": moved, "summary": summary}
+
     def worker_handlers(self) -> dict:
         return {SequenceForward: run_sequence_forward}
 
