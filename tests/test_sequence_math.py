@@ -134,3 +134,11 @@ def test_block_lse_is_the_log_sum_exp_of_the_scaled_scores():
     out, lse = block_attention(q, k, v, scale=0.5)
     assert torch.allclose(lse, torch.logsumexp(q @ k.transpose(-2, -1) * 0.5, -1), atol=1e-6)
     assert max_diff(out, F.scaled_dot_product_attention(q, k, v, scale=0.5)) <= 1e-5
+
+
+def test_the_fused_kernel_and_the_plain_math_give_the_same_block_attention():
+    generator = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(2, 3, n, 8, generator=generator) for n in (5, 7, 7))
+    fused = block_attention(q, k, v, 0.3)
+    plain = block_attention(q, k, v, 0.3, key_mask=torch.ones(2, 7, dtype=torch.bool))  # a mask takes the math form
+    assert (fused[0] - plain[0]).abs().max() <= 1e-5 and (fused[1] - plain[1]).abs().max() <= 1e-5

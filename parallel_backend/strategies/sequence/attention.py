@@ -9,8 +9,9 @@ block) has lse = -inf and out = 0 there, which the merge weighs by 0 (never exp(
 
 Shapes: q (B, H, Lq, D), k (B, H, Lk, D), v (B, H, Lk, Dv); key_mask (B, Lk) bool, True where the key takes
 part; out (B, H, Lq, Dv) and lse (B, H, Lq), both float32 (the merge accumulates in float32 whatever the input
-dtype). This is the plain math form, holding a (Lq x Lk) score block per head; a fused kernel that returns the
-log-sum-exp can take its place on GPUs.
+dtype). Without a key mask, torch's fused attention kernels that also return the log-sum-exp compute it (the
+flash kernel on CPU, the memory-efficient one on CUDA); a mask, an empty block or a kernel that refuses the
+input takes the plain math form, which holds an (Lq x Lk) score block per head.
 """
 
 from __future__ import annotations
@@ -28,12 +29,30 @@ def block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
                     key_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, lse) of `q` attending to the block (`k`, `v`) alone; see the module doc for shapes."""
     scale = default_scale(q.shape[-1]) if scale is None else scale
+    if key_mask is None and q.shape[-2] and k.shape[-2]:
+        fused = _fused(q, k, v, scale)
+        if fused is not None:
+            return fused
     scores = torch.matmul(q.float(), k.float().transpose(-2, -1)) * scale
     if key_mask is not None:
         scores = scores.masked_fill(~key_mask[:, None, None, :].to(scores.device), float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
     weights = torch.exp(scores - _finite(lse).unsqueeze(-1))  # rows with no key: exp(-inf) = 0 everywhere
     return torch.matmul(weights, v.float()), lse
+
+
+def _fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float):
+    """(out, lse) from torch's fused kernel for q's device, or None where there is none or it refuses."""
+    try:
+        if q.device.type == "cpu":
+            out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, scale=scale)[:2]
+        elif q.device.type == "cuda":  # its log-sum-exp may be padded along the queries: cut to Lq
+            out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True, scale=scale)[:2]
+        else:
+            return None
+    except (RuntimeError, NotImplementedError):
+        return None
+    return out.float(), lse[..., :q.shape[-2]].float()
 
 
 def merge(acc: tuple[torch.Tensor, torch.Tensor] | None,
