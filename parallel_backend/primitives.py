@@ -93,10 +93,30 @@ def exchange(sends: list[tuple[int, torch.Tensor]], receives: list[tuple[int, tu
     sends to this rank. A message with no element is neither sent nor received (its buffer is made here): both
     sides know the shapes from the same plan, so they skip the same messages.
     """
+    _fault_hook()
     buffers = [torch.empty(shape, dtype=dtype, device=device) for _, shape, dtype in receives]
     ops = [dist.P2POp(dist.isend, t.contiguous(), dst) for dst, t in sends if t.numel()]
     ops += [dist.P2POp(dist.irecv, b, src) for (src, _, _), b in zip(receives, buffers) if b.numel()]
     return buffers, (dist.batch_isend_irecv(ops) if ops else [])
+
+
+FAULT_ENV = "TANDEM_TEST_FAULT_AT_EXCHANGE"  # tests only: "RANK:K:SIGNAL" (e.g. "1:3:SIGKILL")
+_exchanges = 0
+
+
+def _fault_hook() -> None:
+    """For the reliability tests: the worker of global rank RANK sends itself SIGNAL as it posts its K-th
+    exchange (counted from 1 since it started), i.e. in the middle of a ring pass or an all-to-all."""
+    global _exchanges
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return
+    _exchanges += 1
+    rank, at, name = spec.split(":")
+    if dist.get_rank() == int(rank) and _exchanges == int(at):
+        import signal
+
+        os.kill(os.getpid(), getattr(signal, name))
 
 
 def all_to_all(pieces: list[torch.Tensor], shapes: list[tuple[int, ...]], peers: list[int], index: int,
@@ -106,14 +126,26 @@ def all_to_all(pieces: list[torch.Tensor], shapes: list[tuple[int, ...]], peers:
     exchange; the own piece stays in place). One message per peer each way, all in one batch (see `exchange`),
     so the order between peers cannot deadlock and the per-peer order is trivially the same on both sides.
     Waits until every piece has arrived (within the group's timeout)."""
+    return finish_all_to_all(start_all_to_all(pieces, shapes, peers, index, device))
+
+
+def start_all_to_all(pieces: list[torch.Tensor], shapes: list[tuple[int, ...]], peers: list[int], index: int,
+                     device) -> tuple:
+    """`all_to_all` posted without waiting: hand the result to `finish_all_to_all`. Every rank of the group must
+    start its all-to-alls in the same order (their messages pair in that order)."""
     others = [(index + step) % len(peers) for step in range(1, len(peers))]
     dtype = pieces[index].dtype
     buffers, handles = exchange([(peers[s], pieces[s]) for s in others],
                                 [(peers[s], tuple(shapes[s]), dtype) for s in others], device)
-    wait_all(handles)
     received = list(pieces)
     for s, buffer in zip(others, buffers):
         received[s] = buffer
+    return received, handles, pieces  # the sent pieces stay referenced until the wait
+
+
+def finish_all_to_all(started: tuple) -> list[torch.Tensor]:
+    received, handles, _ = started
+    wait_all(handles)
     return received
 
 

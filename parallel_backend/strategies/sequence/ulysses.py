@@ -79,20 +79,37 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shards:
                          f"{tuple(v.shape)} (use ring for a value width other than the query's)")
     batch, heads, _, dim = q.shape
     group = heads_per_rank(heads, shards.degree)
+    chunk = group // pipeline_chunks(group)  # heads per exchange: the next chunk travels while one is attended
     stacked = torch.stack([q, k, v])  # one message per peer carries all three
-    shapes = [(3, batch, group, size, dim) for size in shards.sizes]
-    pieces = to_heads(stacked, shards.degree)
-    received = primitives.all_to_all(pieces, shapes, peers, index, q.device)
-    _count(traffic, pieces, index)
-    gq, gk, gv = join_tokens(received).unbind(0)
     if key_mask is not None:
         key_mask = key_mask[:, shards.gathered_positions()]
-    out = attend(gq, gk, gv, key_mask, scale)
-    shapes = [(batch, group, shards.sizes[index], out.shape[-1])] * shards.degree
-    pieces = to_tokens(out, shards)
-    returned = primitives.all_to_all(pieces, shapes, peers, index, q.device)
-    _count(traffic, pieces, index)
-    return join_heads(returned)
+
+    def start(c: int):
+        pieces = [p.narrow(HEADS, c * chunk, chunk) for p in to_heads(stacked, shards.degree)]
+        shapes = [(3, batch, chunk, size, dim) for size in shards.sizes]
+        return primitives.start_all_to_all(pieces, shapes, peers, index, q.device)
+
+    chunks = group // chunk
+    incoming, outgoing = [start(0)], []
+    for c in range(chunks):
+        received = primitives.finish_all_to_all(incoming[c])
+        if c + 1 < chunks:
+            incoming.append(start(c + 1))
+        gq, gk, gv = join_tokens(received).unbind(0)
+        out = attend(gq, gk, gv, key_mask, scale)
+        shapes = [(batch, chunk, shards.sizes[index], out.shape[-1])] * shards.degree
+        outgoing.append(primitives.start_all_to_all(to_tokens(out, shards), shapes, peers, index, q.device))
+    returned = [primitives.finish_all_to_all(started) for started in outgoing]
+    for direction in (incoming, outgoing):  # one all-to-all each way, whatever the chunks
+        _count(traffic, [torch.cat([started[2][s] for started in direction], HEADS)
+                         for s in range(shards.degree)], index)
+    return join_heads([torch.cat([chunk_out[s] for chunk_out in returned], HEADS) for s in range(shards.degree)])
+
+
+def pipeline_chunks(group: int) -> int:
+    """Exchanges per direction per attention: 2 when the rank's heads split evenly (the second chunk's transfer
+    overlaps the first chunk's attention, and the first output's the second's), else 1."""
+    return 2 if group % 2 == 0 else 1
 
 
 def _count(traffic: Traffic | None, pieces: list[torch.Tensor], index: int) -> None:

@@ -1,0 +1,63 @@
+"""Faults in the middle of a sequence-parallel exchange: a worker killed (SIGKILL) or stopped (SIGSTOP) as it
+posts its k-th exchange (a ring pass, an all-to-all; primitives' test hook). The host must name the right
+worker within the deadline, leave no process behind, and the next job must succeed with the result from
+before. (This is where peers hang: one rank waits forever for a transfer that never comes.)"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from parallel_backend.benchmodels import build_bench_model
+from parallel_backend.config import ParallelConfig
+from parallel_backend.engine import ParallelExecutor
+from parallel_backend.oracle import Job, LoopResult, run_once
+from parallel_backend.pool import WorkerError, WorkerPool
+from parallel_backend.primitives import FAULT_ENV
+
+RESOLUTION, STEPS = (64, 64), 3
+HANG_FLOOR_S = 20.0  # the pool's default
+
+
+@pytest.fixture(scope="module")
+def model():
+    return build_bench_model("flux-small")
+
+
+def sample(model, executor) -> torch.Tensor:
+    result = LoopResult()
+    run_once(model, Job(1, 1.0), RESOLUTION, STEPS, result, timed=False, executor=executor)
+    return result.latents
+
+
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGSTOP"])
+@pytest.mark.parametrize("strategy, victim, at", [("ring", 1, 9), ("ulysses", 0, 14)])
+def test_a_worker_lost_mid_exchange_is_named_and_the_next_job_succeeds(model, strategy, victim, at, how, procs,
+                                                                       monkeypatch):
+    """flux-small has 6 attention blocks (a ring pass each on 2 workers; 2 to 4 all-to-alls for ulysses) and a
+    gather per call, so exchange `at` falls inside one of the restarted pool's first calls; the time until the
+    error includes that restart and the calls before the fault."""
+    executor_pool = WorkerPool("cpu:2")
+    executor = ParallelExecutor(executor_pool, ParallelConfig("cpu:2", strategy))
+    try:
+        before = sample(model, executor)
+        executor_pool.shutdown()
+        monkeypatch.setenv(FAULT_ENV, f"{victim}:{at}:{how}")  # the restarted workers inherit it
+        with pytest.raises(WorkerError) as caught:
+            started = time.monotonic()
+            sample(model, executor)
+        noticed = time.monotonic() - started
+        message = str(caught.value)
+        print(f"{strategy} worker {victim} {how} at exchange {at}: {noticed:.1f} s: {message}")
+        assert caught.value.rank == victim and message.startswith(f"cpu (worker {victim}), call "), message
+        bound = 5.0 if how == "SIGKILL" else HANG_FLOOR_S + 5.0
+        assert noticed < bound + 10.0, (message, noticed)  # + the restart and the calls before the fault
+        pids = executor_pool.worker_pids() or []
+        assert not executor_pool.started and procs.orphans(pids, 10) == []
+        monkeypatch.delenv(FAULT_ENV)
+        after = sample(model, executor)
+        torch.testing.assert_close(after, before, atol=1e-4, rtol=1e-4)
+    finally:
+        executor_pool.shutdown()
