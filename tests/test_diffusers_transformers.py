@@ -191,3 +191,30 @@ def test_a_pipeline_without_a_supported_denoiser_is_refused_before_any_process_s
     with pytest.raises(ValueError, match=r"cannot run a DDPMPipeline: .*StableDiffusionPipeline.*QwenImagePipeline"):
         parallelize(pipe, ParallelConfig("cpu:2", "cfg"))
     assert pipe.unet is unet and type(pipe) is DDPMPipeline
+
+
+@pytest.mark.parametrize("strategy", ["ulysses", "ring"])
+@pytest.mark.parametrize("name", ["flux", "wan"])
+def test_a_sequence_split_pipeline_equals_plain(cpu_pool, monkeypatch, name, strategy):
+    """parallelize with ulysses / ring: each transformer call (here the guided pair, joined) split by its token
+    sequence over both workers."""
+    from parallel_backend.engine import ParallelExecutor
+
+    split, run = [], ParallelExecutor.run
+
+    def run_recording_the_split(self, *args, **kwargs):
+        result = run(self, *args, **kwargs)
+        split.append((result.mesh.strategy, result.mesh.inner, result.bytes_sent > 0))
+        return result
+
+    monkeypatch.setattr(ParallelExecutor, "run", run_recording_the_split)
+    case = PIPELINES[name]()
+    case.pipe.set_progress_bar_config(disable=True)
+    reference = _generate(case, "cfg")
+    parallelize(case.pipe, ParallelConfig("cpu:2", strategy), pool=cpu_pool)
+    try:
+        result = _generate(case, "cfg")
+    finally:
+        unparallelize(case.pipe)
+    _assert_matches(result, reference)
+    assert split and set(split) == {(strategy, 2, True)}  # every call went through the group, tokens crossed
