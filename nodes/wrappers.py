@@ -65,11 +65,16 @@ def install(model, config: ParallelConfig | None = None):
     return patched
 
 
+def _has_comfy_multigpu(patcher) -> bool:
+    """Whether ComfyUI's MultiGPU CFG Split attached device copies to `patcher` (v0.8 has no such node)."""
+    getter = getattr(patcher, "get_additional_models_with_key", None)
+    return getter is not None and bool(getter("multigpu"))
+
+
 def _drop_comfy_multigpu(patcher) -> bool:
     """Removes the device copies ComfyUI's MultiGPU CFG Split attached to `patcher` (a clone of ours), so they
-    are never loaded; True if there were any. (v0.8 has no such node: nothing to remove.)"""
-    getter = getattr(patcher, "get_additional_models_with_key", None)
-    if getter is None or not getter("multigpu"):
+    are never loaded; True if there were any."""
+    if not _has_comfy_multigpu(patcher):
         return False
     patcher.remove_additional_models("multigpu")
     log.warning("Tandem: ComfyUI's MultiGPU CFG Split is also on this model; Tandem's Multi-GPU node splits it "
@@ -83,8 +88,7 @@ def one_split_per_model(executor, *args, **kwargs):
     sampled; they are dropped before ComfyUI loads them (the guider samples a clone without them)."""
     guider = executor.class_obj
     patcher = getattr(guider, "model_patcher", None)
-    if patcher is not None and getattr(patcher, "get_additional_models_with_key", None) and \
-            patcher.get_additional_models_with_key("multigpu"):
+    if patcher is not None and _has_comfy_multigpu(patcher):
         guider.model_patcher = patcher.clone()
         _drop_comfy_multigpu(guider.model_patcher)
     return executor(*args, **kwargs)
@@ -152,9 +156,13 @@ def _goes_to_pool(model, conds, model_options) -> bool:
 
 
 def _host_only_reason(transformer_options: dict) -> str | None:
-    reason = comfy_dit.portable_options(transformer_options)[1]  # a model patch, or another host object
-    if reason is not None:
-        return reason
+    """Why a call with these options stays on the host (something in them cannot travel, or `_run_reason`)."""
+    return comfy_dit.portable_options(transformer_options)[1] or _run_reason(transformer_options)
+
+
+def _run_reason(transformer_options: dict) -> str | None:
+    """Why a call whose options can travel still stays on the host (ComfyUI's own split, a partly loaded
+    model, no Tandem batching), or None."""
     if "multigpu_thread_device" in transformer_options:
         return "ComfyUI's MultiGPU CFG Split runs this call on its own threads"
     if transformer_options.get(KEY, {}).get("lowvram"):
@@ -191,7 +199,10 @@ class PoolForward:
         # ComfyUI hands the arguments positionally, in the order of the model class's own signature.
         named = comfy_dit.name_arguments(executor.original, args, kwargs)
         transformer_options = named.get("transformer_options") or {}
-        reason = (_host_only_reason(transformer_options) or comfy_dit.unsupported_reason(executor.class_obj)
+        options, reason = comfy_dit.portable_options(transformer_options)
+        family = comfy_dit.recognise(executor.class_obj)
+        reason = (reason or _run_reason(transformer_options)
+                  or (comfy_dit.unsupported_reason(executor.class_obj) if family is None else None)
                   or comfy_dit.host_input_reason(named))
         pool = None
         if reason is None:
@@ -205,11 +216,10 @@ class PoolForward:
             self._stock(reason)
             return executor(*args, **kwargs)
         comfy.model_management.throw_exception_if_processing_interrupted()
-        family = comfy_dit.recognise(executor.class_obj)
         (x_name, x), (t_name, timesteps) = list(named.items())[:2]  # every family's first two: latents, timesteps
         rest = {name: value for name, value in named.items() if name not in (x_name, t_name)}
         context = rest.pop("context", None)
-        rest["transformer_options"] = comfy_dit.portable_options(transformer_options)[0]
+        rest["transformer_options"] = options
         chunks = transformer_options.get("cond_or_uncond", [])
         guided = sorted(chunks) == [0, 1]
         run = transformer_options[KEY]

@@ -143,11 +143,10 @@ class ParallelConfig:
 
         validation.text("strategy", self.strategy)
         strategy = strategies.get(self.strategy) if self.strategy != "auto" else None
-        axes = AXES
-        for name in ("cfg_degree", "batch_degree", *axes):
+        for name in ("cfg_degree", "batch_degree", *AXES):
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, validation.whole_number(name, getattr(self, name), 1))
-        if strategy is None and any(getattr(self, n) is not None for n in ("cfg_degree", "batch_degree", *axes)):
+        if strategy is None and any(getattr(self, n) is not None for n in ("cfg_degree", "batch_degree", *AXES)):
             raise ValueError("strategy 'auto' chooses the degrees itself: name a strategy to set them")
         if self.cfg_degree not in (None, 1, 2):
             raise ValueError(f"cfg_degree {self.cfg_degree}: there are only two branches (cond, uncond); use 1 or 2")
@@ -155,7 +154,7 @@ class ParallelConfig:
             raise ValueError(f"strategy {self.strategy!r} with cfg_degree 1 splits nothing by branch: use strategy 'batch'")
         if strategy is not None and strategy.default_cfg_degree == 1 and strategy.axis is None and self.cfg_degree == 2:
             raise ValueError(f"strategy {self.strategy!r} with cfg_degree 2: choose strategy 'cfg' (it composes with batch)")
-        for axis in axes:
+        for axis in AXES:
             if getattr(self, axis) is not None and (strategy is None or strategy.axis != axis):
                 raise ValueError(f"{axis} {getattr(self, axis)}: {AXES[axis]}: choose a strategy that does "
                                  f"({', '.join(s for s in strategies.names() if strategies.get(s).axis == axis)})")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from .group import SequenceGroup
 from .ring import RingAccumulator
 from .shards import Shards
 from .ulysses import heads_per_rank, sdpa
@@ -24,20 +25,12 @@ def _stretch(x: torch.Tensor, length: int, dim: int) -> torch.Tensor:
     return torch.cat([x] * copies, dim).narrow(dim, 0, length)
 
 
-class StubGroup:
-    """Rank 0 of a group of `degree` ranks of `kind` ("ulysses" or "ring"), exchanging nothing."""
-
-    index = 0
+class StubGroup(SequenceGroup):
+    """Rank 0 of a group of `degree` ranks of `kind` ("ulysses" or "ring"): the group's own cut and head check,
+    its attention and gather computed without any exchange."""
 
     def __init__(self, kind: str, degree: int):
-        self.kind, self.degree = kind, degree
-
-    def shards(self, *stream_lengths: int) -> Shards:
-        return Shards(stream_lengths, self.degree)
-
-    def check_heads(self, heads: int) -> None:
-        if self.kind == "ulysses":
-            heads_per_rank(heads, self.degree)
+        super().__init__(kind, tuple(range(degree)), 0, torch.device("cpu"))
 
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shards: Shards,
                   key_mask: torch.Tensor | None = None, scale: float | None = None) -> torch.Tensor:
