@@ -46,6 +46,10 @@ def install(model, config: ParallelConfig | None = None):
     family = comfy_dit.recognise(getattr(model.model, "diffusion_model", None))
     if family is not None and config.strategy != "auto":  # e.g. asyncdiff on a DiT: refused before any work
         strategies.get(config.strategy).check_family(family.wire)
+        if strategies.get(config.strategy).splits_tokens and not _has_attention_override():
+            raise ValueError(f"strategy {config.strategy!r} splits attention through ComfyUI's "
+                             "optimized_attention_override, which this ComfyUI lacks (v0.8 and later have it): "
+                             "update ComfyUI, or use cfg, batch or auto")
     patched = model.clone()
     earlier = [w for w in patched.get_wrappers(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, KEY)
                if isinstance(w, PoolForward)]
@@ -63,6 +67,14 @@ def install(model, config: ParallelConfig | None = None):
     patched.add_wrapper_with_key(kinds.APPLY_MODEL, KEY, ReachUnhookedModel(forward))
     patched.add_wrapper_with_key(kinds.DIFFUSION_MODEL, KEY, forward)
     return patched
+
+
+def _has_attention_override() -> bool:
+    """Whether this ComfyUI's attention functions hand their calls to transformer_options'
+    optimized_attention_override (what a sequence split runs attention through on the workers)."""
+    import comfy.ldm.modules.attention as attention
+
+    return hasattr(attention, "wrap_attn")
 
 
 def _has_comfy_multigpu(patcher) -> bool:

@@ -44,6 +44,13 @@ class Family:
     hooked: bool = True  # its forward goes through ComfyUI's DIFFUSION_MODEL wrappers (SD3's MMDiT does not)
 
     @property
+    def sequence(self):
+        """`run(model, call, group)` with the token sequence split (comfy_sequence.py), or None."""
+        from .comfy_sequence import RUNNERS
+
+        return RUNNERS.get(self.name)
+
+    @property
     def wire(self) -> str:
         """The family string the workers get (models.forward_for_family)."""
         return self.adapter if self.adapter == UNET_ADAPTER else f"{self.adapter}:{self.name}"
@@ -83,6 +90,14 @@ def recognise(module) -> Family | None:
 
 def family_named(wire: str) -> Family:
     return next(f for f in FAMILIES if f.wire == wire)
+
+
+def attention_heads(module) -> int | None:
+    """The attention heads of a ComfyUI diffusion model (what a ulysses degree must divide), None where unknown."""
+    from .comfy_sequence import attention_heads as heads
+
+    family = recognise(module)
+    return None if family is None else heads(family.name, module)
 
 
 def unsupported_reason(module) -> str | None:

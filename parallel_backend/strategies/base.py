@@ -38,6 +38,7 @@ class Strategy:
     min_warmup: int = 0  # the fewest exact warm-up steps (config.warmup) it needs on more than one stage
     adapters: tuple[str, ...] | None = None  # the model adapters it can cut (models.ADAPTERS); None: any model
     scope: str = ""  # what it splits, for the refusal of other models ("cuts UNets only")
+    splits_tokens: bool = False  # it splits a call's token sequence (its attentions run through the group)
 
     def check_family(self, family: str) -> None:
         """Raises ValueError in one sentence when this strategy cannot split a model of `family`."""

@@ -300,11 +300,13 @@ FAMILY_FILES = {"flux": "tiny_flux.safetensors", "sd3": "tiny_sd3.safetensors", 
 
 def family_workflow(sampler: str, prefix: str, strategy: str | None, family: str = "flux", cfg: float = 4.0,
                     batch: int = 1, sampler_name: str = "euler", scheduler: str = "normal", steps: int = 3,
-                    from_file: bool = False, noise_mask: bool = False, reference: bool = False) -> dict:
+                    from_file: bool = False, noise_mask: bool = False, reference: bool = False,
+                    grow: int = 0) -> dict:
     """A tiny DiT or video model of `family` (fixture_nodes/families.py; from_file: its file loaded by ComfyUI's
     UNETLoader) -> sampler -> SaveLatent, with the family's seeded prompts and empty latent (noise_mask: the
     first frame kept, as image-to-video latents mark it; reference: both prompts carry a seeded reference latent
-    through the stock ReferenceLatent node, as edit models (Flux Kontext, Flux.2) take one)."""
+    through the stock ReferenceLatent node, as edit models (Flux Kontext, Flux.2) take one; grow: more latent
+    rows and columns, for odd sizes)."""
     def prompt(seed: int) -> dict:
         return {"class_type": "TandemTestFamilyConditioning", "inputs": {"seed": seed, "family": family}}
 
@@ -316,7 +318,7 @@ def family_workflow(sampler: str, prefix: str, strategy: str | None, family: str
     workflow = {
         "1": model, "2": prompt(1), "3": prompt(2),
         "4": {"class_type": "TandemTestFamilyLatent", "inputs": {"family": family, "batch_size": batch,
-                                                                 "noise_mask": noise_mask}},
+                                                                 "noise_mask": noise_mask, "grow": grow}},
         "6": {"class_type": "SaveLatent", "inputs": {"samples": ["5", 0], "filename_prefix": f"latents/{prefix}"}},
     }
     if reference:

@@ -14,7 +14,7 @@ STEPS = 3
 # family: the comfy.supported_models class it needs (for the skip reason)
 FAMILY_CLASSES = {
     "flux": "Flux", "flux_schnell": "FluxSchnell", "flux2": "Flux2", "chroma": "Chroma", "zimage": "ZImage",
-    "sd3": "SD3", "qwen_image": "QwenImage", "wan21_t2v": "WAN21_T2V", "wan21_i2v": "WAN21_I2V",
+    "sd3": "SD3", "sd35": "SD3", "qwen_image": "QwenImage", "wan21_t2v": "WAN21_T2V", "wan21_i2v": "WAN21_I2V",
     "wan22_i2v": "WAN21_T2V", "wan22_5b": "WAN22_T2V", "hunyuan_video": "HunyuanVideo",
     "hunyuan_video15": "HunyuanVideo15", "ltxv": "LTXV", "aura_flow": "AuraFlow",
 }

@@ -28,10 +28,11 @@ class SequenceForward:
 class SequenceStrategy(Strategy):
     kind: str = ""
     exact = True
-    adapters = ("diffusers_dit",)  # the adapters whose families place a sequence split (models/*: `sequence`)
+    adapters = ("diffusers_dit", "comfy_dit")  # the adapters whose families place a sequence split (models/*: `sequence`)
     scope = "splits the token sequence of transformers (DiTs) only"
     bench_job = BenchJob(1, False)  # the case it exists for: one image at cfg = 1
     collective = True
+    splits_tokens = True
 
     def check_family(self, family: str) -> None:
         from ...models import adapter_name, sequence_runner

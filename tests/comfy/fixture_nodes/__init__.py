@@ -132,20 +132,22 @@ class TandemTestFamilyConditioning(_SeededFamilyNode):
 
 class TandemTestFamilyLatent:
     """The family's empty latent (video: several latent frames); noise_mask: an image-to-video latent whose
-    first frame is kept."""
+    first frame is kept; grow: that many more latent rows and columns (odd sizes, token counts no degree
+    divides)."""
 
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {"family": (families.available(), {"default": "flux"}),
                              "batch_size": ("INT", {"default": 1, "min": 1, "max": 64}),
-                             "noise_mask": ("BOOLEAN", {"default": False})}}
+                             "noise_mask": ("BOOLEAN", {"default": False})},
+                "optional": {"grow": ("INT", {"default": 0, "min": 0, "max": 64})}}
 
     RETURN_TYPES = ("LATENT",)
     FUNCTION = "build"
     CATEGORY = "testing"
 
-    def build(self, family, batch_size, noise_mask=False):
-        return (families.latent(family, batch_size, noise_mask),)
+    def build(self, family, batch_size, noise_mask=False, grow=0):
+        return (families.latent(family, batch_size, noise_mask, grow),)
 
 
 class TandemTestTinyControlNet:

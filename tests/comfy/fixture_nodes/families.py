@@ -90,6 +90,13 @@ FAMILIES = {
                                                 "params": {"in_features": 64, "out_features": 128}},
                     "x_block_self_attn_layers": []},
             (64, 64, None), IMAGE_16),
+    # SD3.5 Medium's structure: a second, image-only self-attention in the first joint block
+    "sd35": ("SD3", {"in_channels": 16, "out_channels": 16, "patch_size": 2, "depth": 2, "input_size": None,
+                     "adm_in_channels": 64, "num_patches": 256, "pos_embed_max_size": 16,
+                     "pos_embed_scaling_factor": None, "x_block_self_attn_layers": [0],
+                     "context_embedder_config": {"target": "torch.nn.Linear",
+                                                 "params": {"in_features": 64, "out_features": 128}}},
+             (64, 64, None), IMAGE_16),
     "qwen_image": ("QwenImage", {"image_model": "qwen_image", "patch_size": 2, "in_channels": 64, "out_channels": 16,
                                  "num_layers": 2, "attention_head_dim": 128, "num_attention_heads": 2,
                                  "joint_attention_dim": 64, "axes_dims_rope": (16, 56, 56)},
@@ -152,10 +159,12 @@ def conditioning(family: str, seed: int) -> list:
     return [[torch.randn(1, TOKENS, width, generator=generator), keys]]
 
 
-def latent(family: str, batch: int, noise_mask: bool = False) -> dict:
+def latent(family: str, batch: int, noise_mask: bool = False, grow: int = 0) -> dict:
     """The empty latent the family's own empty-latent node gives; noise_mask: the first latent frame holds a
-    seeded random encoded image that sampling keeps, as Wan 2.2's image-to-video latent node marks it."""
+    seeded random encoded image that sampling keeps, as Wan 2.2's image-to-video latent node marks it; grow:
+    `grow` more latent rows and columns (an odd size: the models pad it to their patch)."""
     channels, frames, height, width = FAMILIES[family][3]
+    height, width = height + grow, width + grow
     shape = (batch, channels) + ((frames,) if frames else ()) + (height, width)
     out = {"samples": torch.zeros(shape)}
     if noise_mask:

@@ -1,0 +1,68 @@
+"""Which attentions of a model call a sequence-parallel group computes: those issued inside marked modules.
+
+A host's attention entry point (diffusers' `dispatch_attention_fn`, ComfyUI's `optimized_attention_override`)
+is redirected for the call by the model adapter; the redirect asks the call's `Route` whether the attention at
+hand belongs to the group. Marked modules (a family's self- or joint-attention modules, or whole blocks) arm
+the route on entry and disarm it on exit (module hooks), and each run of one must issue exactly the attentions
+it splits (one, or one per entry of a tuple of cuts: SD3.5's blocks issue a joint and an image-only one). A
+module that issued fewer or more (an IP-adapter, a custom attention) raises instead of computing a wrong
+result; every attention outside a marked module is the host's own.
+"""
+
+from __future__ import annotations
+
+from contextlib import ExitStack, contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
+
+
+@dataclass
+class Route:
+    """One call's group attention. shards: the cut of the joint sequence its attentions see (or a tuple, one
+    per attention a marked module issues); via: the host's attention entry point, for messages."""
+
+    group: object
+    shards: object = None
+    via: str = "attention"
+    image: object = None  # the cut of the image stream alone (what an adapter gathers), where it differs
+    module: str = ""
+    issued: int = -1  # -1: no marked module is running
+
+    @property
+    def armed(self) -> bool:
+        return self.issued >= 0
+
+    @property
+    def expected(self) -> int:
+        return len(self.shards) if isinstance(self.shards, tuple) else 1
+
+    def arm(self, name: str) -> None:
+        self.module, self.issued = name, 0
+
+    def disarm(self) -> None:
+        if self.issued != self.expected:
+            raise RuntimeError(f"sequence parallel: {self.module} issued {self.issued} attentions through "
+                               f"{self.via}; it must issue {self.expected} (custom and IP-adapter attention is "
+                               "not supported)")
+        self.issued = -1
+
+    def take(self):
+        """Counts one attention of the running marked module; its cut."""
+        self.issued += 1
+        if self.issued > self.expected:
+            raise RuntimeError(f"sequence parallel: {self.module} issued more attentions than the "
+                               f"{self.expected} it splits")
+        return self.shards[self.issued - 1] if isinstance(self.shards, tuple) else self.shards
+
+
+@contextmanager
+def marked(modules, route: Route, current: ContextVar):
+    """While inside, `route` is `current`'s value and each of `modules` arms it for the length of its run."""
+    with ExitStack() as stack:
+        for index, module in enumerate(modules):
+            label = f"{type(module).__name__} {index}"
+            stack.enter_context(module.register_forward_pre_hook(lambda *_, label=label: route.arm(label)))
+            stack.enter_context(module.register_forward_hook(lambda *_: route.disarm()))
+        token = current.set(route)
+        stack.callback(current.reset, token)
+        yield route

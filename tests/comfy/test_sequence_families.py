@@ -1,0 +1,61 @@
+"""ulysses and ring in ComfyUI: the Multi-GPU KSampler with the token sequence split over two CPU workers gives
+the stock KSampler's latents, on every DiT family Tandem has a sequence split for (tiny models of ComfyUI's own
+classes, fixture_nodes/families.py), at cfg 1 (the case it exists for) and cfg > 1, at odd sizes (token counts
+the degree does not divide) and on several video frames.
+
+Equality here proves the split ran: each worker computes only its shard of the tokens, and a split module that
+issued no group attention raises (models/comfy_sequence.py), so a worker that skipped the exchange could not
+produce the stock latents.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+STEPS = 3
+SEQUENCE_FAMILIES = {  # family: the comfy.supported_models class it needs (for the skip reason)
+    "flux": "Flux", "flux_schnell": "FluxSchnell", "flux2": "Flux2", "chroma": "Chroma",
+    "wan21_t2v": "WAN21_T2V", "wan21_i2v": "WAN21_I2V", "wan22_i2v": "WAN21_T2V", "wan22_5b": "WAN22_T2V",
+    "qwen_image": "QwenImage", "zimage": "ZImage", "hunyuan_video": "HunyuanVideo",
+    "hunyuan_video15": "HunyuanVideo15", "sd3": "SD3", "sd35": "SD3", "ltxv": "LTXV",
+}
+
+
+@pytest.fixture(scope="module")
+def host_families(comfy_server):
+    return comfy_server.get("/object_info/TandemTestTinyDiT")["TandemTestTinyDiT"]["input"]["required"]["family"][0]
+
+
+def _check(server, comfy, host_families, name: str, family: str, strategy: str, **kw) -> None:
+    if family not in host_families:
+        pytest.skip(f"this ComfyUI has no comfy.supported_models.{SEQUENCE_FAMILIES[family]} ({family})")
+    stock, tandem = comfy.run_pair(server, name, strategy, kind="family", family=family, steps=STEPS, **kw)
+    comfy.assert_same_latents(tandem, stock)
+
+
+@pytest.mark.parametrize("cfg", [1.0, 4.0])
+@pytest.mark.parametrize("strategy", ["ulysses", "ring"])
+@pytest.mark.parametrize("family", list(SEQUENCE_FAMILIES))
+def test_sequence_split_equals_stock(comfy_server, comfy, host_families, family, strategy, cfg):
+    _check(comfy_server, comfy, host_families, f"seq_{family}_{strategy}_{cfg:g}", family, strategy, cfg=cfg)
+
+
+@pytest.mark.parametrize("strategy", ["ulysses", "ring"])
+@pytest.mark.parametrize("family", ["flux", "flux2", "chroma", "wan21_t2v", "wan22_5b", "qwen_image", "zimage"])
+def test_odd_sizes_split_unevenly_and_equal_stock(comfy_server, comfy, host_families, family, strategy):
+    """One more latent row and column: odd token counts (Flux 25 image + 8 text tokens; Wan 3 frames of 25),
+    uneven shards. (HunyuanVideo's own model takes no odd sizes: it does not pad to its patch.)"""
+    _check(comfy_server, comfy, host_families, f"seq_odd_{family}_{strategy}", family, strategy, cfg=1.0, grow=1)
+
+
+def test_wan22_per_frame_timesteps_under_a_noise_mask(comfy_server, comfy, host_families):
+    """Wan 2.2 5B's image-to-video latent (first frame kept): one timestep per latent frame, so each token's
+    modulation follows its frame; the shards cut it with the tokens."""
+    _check(comfy_server, comfy, host_families, "seq_wan22_5b_i2v", "wan22_5b", "ulysses", cfg=1.0,
+           noise_mask=True)
+
+
+@pytest.mark.parametrize("family", ["flux", "flux2"])
+def test_reference_latents_join_the_split_sequence(comfy_server, comfy, host_families, family):
+    """Edit models append reference-latent tokens to the image tokens: they are split and gathered with them."""
+    _check(comfy_server, comfy, host_families, f"seq_ref_{family}", family, "ring", cfg=1.0, reference=True)
