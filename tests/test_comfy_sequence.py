@@ -125,3 +125,12 @@ def test_every_comfy_dit_family_has_a_sequence_split_and_its_heads():
             assert sequence_runner(family.wire) is comfy_sequence.RUNNERS[family.name], family.name
             assert family.name in comfy_sequence.HEADS
     assert sequence_runner("comfy_unet") is None
+
+
+def test_controlnet_residuals_are_refused_before_the_model_runs():
+    from parallel_backend.calls import ModelCall
+
+    call = ModelCall(torch.zeros(1, 4, 2, 2), torch.zeros(1), None, extras={"control": {"input": [torch.zeros(1)]}})
+    group = SequenceGroup("ring", (0,), 0, "cpu")
+    with pytest.raises(ValueError, match="ControlNet residuals .* use cfg or batch"):
+        comfy_sequence._call(_unreachable, call, group, [], comfy_sequence._new_route(group))

@@ -95,6 +95,9 @@ def _call(model, call, group, modules, route: Route, hooks=lambda: ()):
     """The model's forward for `call`, as comfy_dit.forward calls it, with the group's attention override in
     its transformer_options, `modules` marked and the family's `hooks()` (module hook handles) in place."""
     extras = dict(call.extras)
+    if extras.get("control") is not None:
+        raise ValueError("sequence parallel does not split a call with ControlNet residuals (they are added to "
+                         "tokens by position); use cfg or batch with ControlNet")
     extras["transformer_options"] = {**(extras.get("transformer_options") or {}), OVERRIDE: attention_override}
     with ExitStack() as stack:
         stack.enter_context(torch.no_grad())
