@@ -1,7 +1,7 @@
 """USP without processes: which ranks of a ulysses x ring group exchange with which, the ring's blocks, and the
 whole layout simulated on a list of ranks (Ulysses' all-to-all inside each subgroup, the subgroups' blocks
 around the ring of the ranks holding the same heads, the all-to-all back) against torch's attention on the
-whole sequence; the group's refusals; the bench's stand-in for a usp rank."""
+whole sequence; the mesh and group refusals; the bench's stand-in for a usp rank."""
 
 from __future__ import annotations
 
@@ -94,3 +94,16 @@ def test_the_bench_stub_attends_a_ranks_share_without_any_exchange(kind, degree,
     assert group.all_gather(out, shards, 2).shape[2] == shards.length
     assert group.traffic.passes == 0  # nothing crossed
 
+
+def test_bench_part_runs_a_usp_rank_of_flux_small():
+    from parallel_backend import strategies
+    from parallel_backend.bench import _sample_call
+    from parallel_backend.benchmodels import build_bench_model
+    from parallel_backend.config import ParallelConfig
+    from parallel_backend.mesh import resolve
+
+    model = build_bench_model("flux-small")  # 8 heads: 4 per rank of a ulysses-2 subgroup
+    mesh = resolve(ParallelConfig("cpu:4", "usp", ulysses=2), 4, 1, 1)
+    assert mesh.degrees() == {"cfg": 1, "batch": 1, "ring": 2, "ulysses": 2}
+    part = strategies.get("usp").bench_part(model, _sample_call(model, 1, (64, 64)), mesh)
+    part()  # raises if any exchange were attempted: no process group exists here
