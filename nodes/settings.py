@@ -33,8 +33,9 @@ class TandemSettings(io.ComfyNode):
                                 tooltip="'auto', 'cuda:0,cuda:1', or 'cpu:2' for two CPU workers"),
                 io.Combo.Input("strategy", options=list(strategy_choices()), default="auto",
                                tooltip="cfg: cond and uncond on different devices; batch: images split over "
-                                       "devices; auto: cfg when guidance is on, batch otherwise (all exact); "
-                                       "asyncdiff: the UNet cut into stages run on one-step-stale "
+                                       "devices; auto: cfg when guidance is on, then batch, or for a DiT with "
+                                       "fewer images than devices its token sequence split (ulysses, else ring) "
+                                       "(all exact); asyncdiff: the UNet cut into stages run on one-step-stale "
                                        "inputs (approximate after warm-up, faster, works at cfg 1); ulysses, "
                                        "ring, usp: each device takes a share of a DiT's tokens, exact, for one "
                                        "image at cfg 1 too (ulysses: attention by heads after an all-to-all, "

@@ -88,7 +88,7 @@ class Engine:
             fingerprint: str | None = None) -> CallResult:
         """Runs one model call on the pool as `config` says; ships the model first if the workers lack it."""
         with self._lock:
-            if config.strategy != "auto":  # auto picks only strategies that split any model
+            if config.strategy != "auto":  # auto splits the sequence only of a model that has a sequence split
                 strategies.get(config.strategy).check_family(family)  # before any weights travel
             mesh = resolve(config, self.device_count(), call.branches, call.rows, sequence_hint(module, family))
             fingerprint = self.pool.ensure_model(module, family, fingerprint)
@@ -106,8 +106,8 @@ class Engine:
                           {r: c.extra for r, c in computed.items()})
 
     def _say_once(self, mesh: Mesh) -> None:
-        """Logs, once each, which devices sit out."""
-        notes = []
+        """Logs, once each, why auto split the token sequence and which devices sit out."""
+        notes = [f"Tandem: auto chose {mesh.describe()}: {mesh.why}"] if mesh.why else []
         if mesh.idle:
             devices = self.pool.devices
             idle = ", ".join(f"{devices[r]} (worker {r})" for r in range(mesh.size, len(devices)))

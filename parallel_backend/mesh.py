@@ -6,8 +6,11 @@ ring x ulysses; none for row strategies), whose product is `inner`.
 Rank = (cfg_index * batch + batch_index) * inner + inner_index. Devices beyond the mesh's size sit out.
 
 `resolve` turns a ParallelConfig, the pool's device count and one call's shape into a valid mesh:
-- "auto" (exact, rule-based): cfg when the call holds two branches and there are two devices, then batch
-  over the rows the call has; devices the call cannot use sit out.
+- "auto" (exact, rule-based): cfg when the call holds two branches and there are two devices; then, on the
+  devices left, batch over the rows the call has, unless the model can split its token sequence (a
+  `SequenceHint`) and the call has fewer rows per cfg group than devices left: then those devices split the
+  sequence, ulysses when their number divides the model's attention heads, else ring. Devices the call
+  cannot use sit out.
 - a named strategy: the degrees the config gives, the rest from the strategy's defaults. A call holding one
   branch folds the cfg degree into batch (same ranks, so a strategy's per-rank state still fits).
 `check_job` refuses, before any work, a job that cannot use the mesh as configured (cfg at cfg = 1).
@@ -17,7 +20,7 @@ This module knows no model: what it needs of one comes in the hint, which the en
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from . import strategies
 
@@ -29,6 +32,9 @@ class SequenceHint:
 
     heads: int | None = None
 
+    def ulysses_fits(self, degree: int) -> bool:
+        return self.heads is not None and self.heads % degree == 0
+
 
 @dataclass(frozen=True)
 class Mesh:
@@ -37,6 +43,7 @@ class Mesh:
     batch: int = 1
     split: tuple[int, ...] = ()  # the degree of each of the strategy's axes, in its order (outer to inner)
     devices: int = 1  # the pool's device count (>= size)
+    why: str = field(default="", compare=False)  # auto: why it split the token sequence (said in the log)
 
     @property
     def inner(self) -> int:
@@ -84,7 +91,7 @@ def resolve(config, n_devices: int, branches: int = 2, rows: int | None = None,
     if n_devices < 1:
         raise ValueError("a pool needs at least one device")
     if config.strategy == "auto":
-        return _auto(n_devices, branches, rows)
+        return _auto(n_devices, branches, rows, sequence)
     strategy = strategies.get(config.strategy)
     cfg = config.cfg_degree or strategy.default_cfg_degree
     if not strategy.axes:
@@ -117,11 +124,20 @@ def _inner_degrees(strategy, config, left: int) -> tuple[int, ...]:
     return tuple(degree if degree is not None else max(1, left // rest) for degree in given)
 
 
-def _auto(n_devices: int, branches: int, rows: int | None) -> Mesh:
+def _auto(n_devices: int, branches: int, rows: int | None, sequence: SequenceHint | None) -> Mesh:
     """The exact mesh auto picks (module doc)."""
     cfg = 2 if branches == 2 and n_devices >= 2 else 1
-    wanted = n_devices // cfg if rows is None else max(1, rows // cfg)
-    return Mesh("batch" if cfg == 1 else "cfg", cfg, max(1, min(n_devices // cfg, wanted)), (), n_devices)
+    left = n_devices // cfg
+    per_group = left if rows is None else max(1, rows // cfg)
+    if sequence is None or per_group >= left:
+        return Mesh("batch" if cfg == 1 else "cfg", cfg, min(left, per_group), (), n_devices)
+    fits = sequence.ulysses_fits(left)
+    kind = "ulysses" if fits else "ring"
+    heads = "the model's attention heads are unknown" if sequence.heads is None else \
+        f"the model's {sequence.heads} attention heads {'divide' if fits else 'do not divide'} by {left}"
+    why = (f"{per_group} row(s) per cfg group cannot give each of its {left} devices a whole row, so they split the "
+           f"token sequence; {kind}: {heads}")
+    return Mesh(kind, cfg, 1, (left,), n_devices, why)
 
 
 def check_job(config, n_devices: int, guided: bool) -> Mesh:

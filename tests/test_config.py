@@ -114,6 +114,25 @@ def test_every_strategy_that_fits_gets_a_mesh_and_the_rest_are_refused_with_a_se
         assert mesh.size <= n and mesh.strategy == strategy
 
 
+@pytest.mark.parametrize("n, branches, rows, heads, expected", [
+    (2, 1, 1, 4, "ulysses (cfg 1 x batch 1 x ulysses 2)"),  # one image at cfg 1: the sequence
+    (3, 1, 1, 4, "ring (cfg 1 x batch 1 x ring 3)"),  # 3 does not divide 4 heads
+    (4, 1, 1, None, "ring (cfg 1 x batch 1 x ring 4)"),  # heads unknown: ring, which takes any
+    (3, 1, 2, 6, "ulysses (cfg 1 x batch 1 x ulysses 3)"),  # 2 rows cannot give 3 devices a whole row each
+    (2, 1, 2, 4, "batch (cfg 1 x batch 2)"),  # a whole row for each device: batch, nothing exchanged
+    (4, 2, 2, 24, "ulysses (cfg 2 x batch 1 x ulysses 2)"),  # cfg first, the sequence on the devices beyond it
+    (5, 2, 2, 24, "ulysses (cfg 2 x batch 1 x ulysses 2), 1 device(s) idle"),
+    (2, 2, 2, 24, "cfg (cfg 2 x batch 1)"),  # no device beyond cfg
+    (5, 2, 4, 24, "cfg (cfg 2 x batch 2), 1 device(s) idle"),  # 2 rows per branch for 2 devices
+    (1, 1, 1, 4, "batch (cfg 1 x batch 1)"),
+])
+def test_auto_splits_the_sequence_of_a_dit_whose_rows_cannot_go_round(n, branches, rows, heads, expected):
+    mesh = resolve(ParallelConfig(f"cpu:{n}"), n, branches, rows, SequenceHint(heads))
+    assert mesh.describe() == expected
+    assert bool(mesh.why) == (mesh.inner > 1)  # the log says why, for a sequence split only
+    assert resolve(ParallelConfig(f"cpu:{n}"), n, branches, rows).inner == 1  # a UNet (no hint): today's rule
+
+
 def test_a_sequence_split_that_does_not_fit_the_models_heads_is_refused_naming_ring():
     usp = ParallelConfig("cpu:6", "usp", ulysses=3)
     assert resolve(usp, 6, 1, 1, SequenceHint(6)).degrees() == {"cfg": 1, "batch": 1, "ring": 2, "ulysses": 3}

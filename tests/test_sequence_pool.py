@@ -1,8 +1,10 @@
 """ulysses, ring and usp on a pool of CPU workers: one diffusers transformer call split by its token sequence
 equals the call on one device, alone and under cfg x sequence, and each rank's counters show the exchanges it
-made; what they refuse, before any work."""
+made; auto splits the sequence of a one-image call; what they refuse, before any work."""
 
 from __future__ import annotations
+
+import logging
 
 import pytest
 import torch
@@ -185,3 +187,15 @@ def test_usp_two_by_two_on_four_workers_equals_one_device(four_workers, flux):
     per_attention = 2 + pipeline_chunks(4 // 2) * 1
     assert {extra["passes"] for extra in result.extra.values()} == {ATTENTIONS * per_attention + 1}
 
+
+def test_auto_splits_the_sequence_of_a_one_image_call_and_says_why(pool, flux, caplog):
+    caplog.set_level(logging.INFO, logger="tandem")
+    call = _flux_call(1, 13, 5)  # cfg 1: one row, two devices
+    result = ParallelExecutor(pool, ParallelConfig("cpu:2")).run(flux, "diffusers_dit:flux", call)
+    assert result.mesh.describe() == "ulysses (cfg 1 x batch 1 x ulysses 2)"  # 4 heads divide by 2
+    _equals_one_device(flux, call, result)
+    assert result.bytes_sent > 0
+    said = [r.getMessage() for r in caplog.records if "auto chose" in r.getMessage()]
+    assert said == ["Tandem: auto chose ulysses (cfg 1 x batch 1 x ulysses 2): 1 row(s) per cfg group cannot give "
+                    "each of its 2 devices a whole row, so they split the token sequence; ulysses: the model's 4 "
+                    "attention heads divide by 2"]
