@@ -33,9 +33,15 @@ class TandemSettings(io.ComfyNode):
                                 tooltip="'auto', 'cuda:0,cuda:1', or 'cpu:2' for two CPU workers"),
                 io.Combo.Input("strategy", options=list(strategy_choices()), default="auto",
                                tooltip="cfg: cond and uncond on different devices; batch: images split over "
-                                       "devices; auto: cfg when guidance is on, batch otherwise (all exact); "
-                                       "asyncdiff: the UNet cut into stages run on one-step-stale inputs "
-                                       "(approximate after warm-up, faster, works at cfg 1)"),
+                                       "devices; auto: cfg when guidance is on, then batch, or for a DiT with "
+                                       "fewer images than devices its token sequence split (ulysses, else ring) "
+                                       "(all exact); asyncdiff: the UNet cut into stages run on one-step-stale "
+                                       "inputs (approximate after warm-up, faster, works at cfg 1); ulysses, "
+                                       "ring, usp: each device takes a share of a DiT's tokens, exact, for one "
+                                       "image at cfg 1 too (ulysses: attention by heads after an all-to-all, "
+                                       "the heads must divide by its degree; ring: keys and values passed "
+                                       "around the devices, any head count; usp: both, ulysses inside "
+                                       "subgroups, ring between them)"),
                 io.Int.Input("cfg_degree", default=0, min=0, max=2, tooltip="0 = from the strategy"),
                 io.Int.Input("batch_degree", default=0, min=0, max=64, tooltip="0 = from the strategy"),
                 io.Int.Input("stages", default=0, min=0, max=64, optional=True,
@@ -48,16 +54,26 @@ class TandemSettings(io.ComfyNode):
                                        "staler inputs)"),
                 io.Boolean.Input("time_shift", default=False, optional=True,
                                  tooltip="asyncdiff: each stage embeds the timestep its input came from"),
+                # new inputs go last: saved workflows keep their widget values in input order
+                io.Int.Input("ulysses", default=0, min=0, max=64, optional=True,
+                             tooltip="ulysses and usp: devices that split a DiT's attention heads after an "
+                                     "all-to-all; it must divide the model's heads (0 = ulysses: the devices "
+                                     "left after cfg and batch; usp: from ring and the devices)"),
+                io.Int.Input("ring", default=0, min=0, max=64, optional=True,
+                             tooltip="ring: devices passing keys and values around a ring; usp: ulysses "
+                                     "subgroups around the ring (0 = ring: the devices left after cfg and batch; "
+                                     "usp: from ulysses and the devices; usp needs one of the two)"),
             ],
             outputs=[Settings.Output(display_name="settings")],
         )
 
     @classmethod
     def execute(cls, devices, strategy, cfg_degree, batch_degree, stages=0, warmup=1, stride="1",
-                time_shift=False) -> io.NodeOutput:
+                time_shift=False, ulysses=0, ring=0) -> io.NodeOutput:
         from .runtime import RUNTIME
 
         RUNTIME.check_devices(devices)  # before the degrees: "cuda:7 does not exist" says more than "got 1"
         return io.NodeOutput(ParallelConfig(devices, strategy, cfg_degree or None, batch_degree or None,
-                                            stages=stages or None, warmup=warmup, stride=int(stride),
+                                            stages=stages or None, ulysses=ulysses or None, ring=ring or None,
+                                            warmup=warmup, stride=int(stride),
                                             time_shift=time_shift))

@@ -19,7 +19,7 @@ from . import strategies, validation
 from .benchmodels import build_bench_model
 from .calls import ModelCall
 from .config import ParallelConfig, parse_devices, resolve_devices
-from .engine import ParallelExecutor
+from .engine import ParallelExecutor, sequence_hint
 from .mesh import check_job, resolve
 from .oracle import Job, LoopResult, inputs, job_for, local_forward, psnr, run_once
 from .pool import WorkerPool
@@ -148,11 +148,11 @@ def _spread(values: list[float]) -> float:
 
 
 def bench_knobs(strategy: str, knobs: dict | None) -> dict:
-    """The config fields of `knobs` that apply to `strategy`: its own axis degree (e.g. asyncdiff's stages)
+    """The config fields of `knobs` that apply to `strategy`: its own axes' degrees (e.g. asyncdiff's stages)
     and the schedule knobs; another strategy's axis degree is left out."""
-    axes = {strategies.get(name).axis for name in strategies.names()} - {None}
-    own = strategies.get(strategy).axis
-    return {k: v for k, v in (knobs or {}).items() if v is not None and (k not in axes or k == own)}
+    axes = {axis for name in strategies.names() for axis in strategies.get(name).axes}
+    own = strategies.get(strategy).axes
+    return {k: v for k, v in (knobs or {}).items() if v is not None and (k not in axes or k in own)}
 
 
 def run_bench(model_name: str = "small", devices: str = "cpu:2", strategies_: tuple = ("cfg", "batch"),
@@ -171,15 +171,16 @@ def run_bench(model_name: str = "small", devices: str = "cpu:2", strategies_: tu
         cfg = validation.finite_number("cfg", cfg, 1.0, validation.MAX_CFG)
     configs = {s: ParallelConfig(devices, s, **bench_knobs(s, knobs)) for s in strategies_}  # validated up front
     resolved = resolve_devices(parse_devices(devices))  # devices that exist; nothing started
-    for s in strategies_:
-        check_job(configs[s], len(resolved), job_for(s, cfg).cfg != 1.0)
+    meshes = {s: check_job(configs[s], len(resolved), job_for(s, cfg).cfg != 1.0) for s in strategies_}
     reference_device = torch.device(resolved[0])
     if dtype == "auto":
         dtype = "fp16" if reference_device.type == "cuda" else "fp32"
     fixed_resolution = parse_resolution(resolution) if resolution is not None else None
     model = build_bench_model(model_name, DTYPES[dtype], frames)
-    for s in strategies_:
-        strategies.get(s).check_family(model.family)  # the engine would refuse it at the first call
+    sequence = sequence_hint(model.module, model.family)
+    for s in strategies_:  # the engine would refuse these at the first call
+        strategies.get(s).check_family(model.family)
+        strategies.get(s).check_model(meshes[s], sequence)
     resolution = check_resolution(model, fixed_resolution or parse_resolution(model.default_resolution),
                                   strategies_, str(reference_device), cfg)
     model.module.to(reference_device)

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from . import validation
-from .config import strategy_choices
+from .config import AXES, strategy_choices
 from .sampling import SCHEDULERS, GenerationRequest, Timer
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -79,8 +79,10 @@ def check_generate_options(args) -> GenerationRequest:
     if args.device is not None:
         validation.torch_device("--device", args.device)
     validation.seconds("--timeout", args.timeout)
-    if args.devices is None and (args.strategy != "auto" or args.stages is not None):
-        raise UsageError("--strategy and --stages split the work over --devices: give --devices too (e.g. cpu:2)")
+    knobs = strategy_knobs(args)
+    if args.devices is None and (args.strategy != "auto" or any(knobs[axis] is not None for axis in AXES)):
+        raise UsageError("--strategy, --stages, --ulysses and --ring split the work over --devices: give --devices "
+                         "too (e.g. cpu:2)")
     if args.model is not None:
         from .hosts.diffusers import pipeline_class_name
 
@@ -256,9 +258,11 @@ def _add_knob_options(parser):
     parser.add_argument("--stages", type=int, default=None, help="stages of a model cut into stages (default: the "
                                                                   "devices left after cfg and batch)")
     parser.add_argument("--ulysses", type=int, default=None, help="strategy ulysses: devices sharing one call's "
-                        "token sequence (default: the devices left after cfg and batch)")
+                        "token sequence by attention heads (default: the devices left after cfg and batch); usp: "
+                        "devices per ulysses subgroup (it must divide the model's heads)")
     parser.add_argument("--ring", type=int, default=None, help="strategy ring: devices sharing one call's token "
-                        "sequence (default: the devices left after cfg and batch)")
+                        "sequence around a ring (default: the devices left after cfg and batch); usp: ulysses "
+                        "subgroups around the ring (usp needs --ulysses or --ring; the other takes the devices left)")
     parser.add_argument("--warmup", type=int, default=1,
                         help="staged strategies: exact sampler steps at the start (asyncdiff on 2+ stages: >= 1)")
     parser.add_argument("--stride", type=int, default=1, help="staged strategies: 1, or 2 to exchange every second call")

@@ -110,14 +110,16 @@ class ParallelConfig:
     """How a pool splits each model call.
 
     devices: "auto", "cuda:0,cuda:1", "cpu:2", or a list of device names.
-    strategy: "auto" (exact: cfg when a call holds both branches, then batch; devices a call cannot use sit
-      out) or a registered strategy (`strategy_choices()`): "cfg", "batch", "asyncdiff" (the model cut into
-      stages run on one-call-stale inputs: approximate after warm-up).
+    strategy: "auto" (exact: cfg when a call holds both branches, then batch, or for a DiT with a sequence
+      split and fewer rows than devices, ulysses or ring: see mesh.py; devices a call cannot use sit out) or a
+      registered strategy (`strategy_choices()`): "cfg", "batch", "asyncdiff" (the model cut into stages run
+      on one-call-stale inputs: approximate after warm-up), "ulysses", "ring", "usp" (the token sequence split).
     cfg_degree, batch_degree, stages, ulysses, ring: the mesh (cfg outer, then batch, then the strategy's own
-      axis: asyncdiff's stages, ulysses' or ring's sequence degree); their product is at most the device count (devices beyond it sit out). None =
-      from the strategy: cfg -> cfg_degree 2 x batch over the devices left, batch -> every device splits the
-      batch, asyncdiff -> the devices left after cfg and batch hold one stage each (cfg_degree 2 on 4
-      devices = cfg 2 x stages 2).
+      axes: asyncdiff's stages, ulysses' or ring's sequence degree, usp's ring x ulysses); their product is at
+      most the device count (devices beyond it sit out). None = from the strategy: cfg -> cfg_degree 2 x
+      batch over the devices left, batch -> every device splits the batch, asyncdiff, ulysses, ring -> the
+      devices left after cfg and batch (cfg_degree 2 on 4 devices = cfg 2 x stages 2), usp -> needs ulysses or
+      ring, the other takes the devices left (usp with ulysses 2 on 4 devices = ring 2 x ulysses 2).
     warmup: asyncdiff's exact sampler steps at the start (all stages in sequence; at least 1 on two stages or
       more: the later stages start from what the warm-up hands them); stride: 1, or 2 to exchange
       activations every second call only; time_shift: a stage embeds the timestep its input came from.
@@ -152,12 +154,12 @@ class ParallelConfig:
             raise ValueError(f"cfg_degree {self.cfg_degree}: there are only two branches (cond, uncond); use 1 or 2")
         if strategy is not None and strategy.default_cfg_degree == 2 and self.cfg_degree == 1:
             raise ValueError(f"strategy {self.strategy!r} with cfg_degree 1 splits nothing by branch: use strategy 'batch'")
-        if strategy is not None and strategy.default_cfg_degree == 1 and strategy.axis is None and self.cfg_degree == 2:
+        if strategy is not None and strategy.default_cfg_degree == 1 and not strategy.axes and self.cfg_degree == 2:
             raise ValueError(f"strategy {self.strategy!r} with cfg_degree 2: choose strategy 'cfg' (it composes with batch)")
         for axis in AXES:
-            if getattr(self, axis) is not None and (strategy is None or strategy.axis != axis):
+            if getattr(self, axis) is not None and (strategy is None or axis not in strategy.axes):
                 raise ValueError(f"{axis} {getattr(self, axis)}: {AXES[axis]}: choose a strategy that does "
-                                 f"({', '.join(s for s in strategies.names() if strategies.get(s).axis == axis)})")
+                                 f"({', '.join(s for s in strategies.names() if axis in strategies.get(s).axes)})")
         self._check_schedule_knobs()
         object.__setattr__(self, "timeout_s", validation.seconds("timeout_s", self.timeout_s))
         if self.device_list != ("auto",):

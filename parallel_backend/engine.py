@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, replace
 from . import strategies
 from .calls import ModelCall
 from .config import ParallelConfig, resolve_devices
-from .mesh import Mesh, check_job, resolve
+from .mesh import Mesh, SequenceHint, check_job, resolve
 
 log = logging.getLogger("tandem")
 _ENGINES_LOCK = threading.Lock()
@@ -31,13 +31,15 @@ _ENGINES_LOCK = threading.Lock()
 @dataclass
 class CallResult:
     """One call's output and what it cost: per rank, its own compute seconds, the seconds it sat waiting on
-    peers and the bytes it sent them; the mesh it ran on."""
+    peers and the strategy's own counters (`Computed.extra`, e.g. a sequence group's passes); the bytes all
+    ranks sent each other; the mesh it ran on."""
 
     out: object
     mesh: Mesh
     compute_s: dict = field(default_factory=dict)
     wait_s: dict = field(default_factory=dict)
     bytes_sent: int = 0
+    extra: dict = field(default_factory=dict)
 
 
 class Engine:
@@ -56,6 +58,10 @@ class Engine:
     def next_job(self) -> int:
         with self._lock:
             return next(self._job_numbers)
+
+    def device_count(self) -> int:
+        """The pool's devices, counted without starting it (they exist: resolve_devices checks)."""
+        return len(self.pool.devices if self.pool.started else resolve_devices(self.pool.requested_devices))
 
     def pool_generation(self) -> tuple:
         """Changes whenever the workers' held state may be lost (a restart, a model loaded or dropped)."""
@@ -82,10 +88,10 @@ class Engine:
             fingerprint: str | None = None) -> CallResult:
         """Runs one model call on the pool as `config` says; ships the model first if the workers lack it."""
         with self._lock:
-            if config.strategy != "auto":  # auto picks only strategies that split any model
+            if config.strategy != "auto":  # auto splits the sequence only of a model that has a sequence split
                 strategies.get(config.strategy).check_family(family)  # before any weights travel
+            mesh = resolve(config, self.device_count(), call.branches, call.rows, sequence_hint(module, family))
             fingerprint = self.pool.ensure_model(module, family, fingerprint)
-            mesh = resolve(config, len(self.pool.devices), call.branches, call.rows)
             self._say_once(mesh)
             strategy = strategies.get(mesh.strategy)
             work = strategy.plan(self, call, mesh, config, fingerprint)
@@ -96,16 +102,30 @@ class Engine:
             out = strategy.gather(call, mesh, computed)
             self.pool.stats.calls += 1
         return CallResult(out, mesh, {r: c.compute_s for r, c in computed.items()},
-                          {r: c.wait_s for r, c in computed.items()}, sum(c.bytes_sent for c in computed.values()))
+                          {r: c.wait_s for r, c in computed.items()}, sum(c.bytes_sent for c in computed.values()),
+                          {r: c.extra for r, c in computed.items()})
 
     def _say_once(self, mesh: Mesh) -> None:
+        """Logs, once each, why auto split the token sequence and which devices sit out."""
+        notes = [f"Tandem: auto chose {mesh.describe()}: {mesh.why}"] if mesh.why else []
         if mesh.idle:
             devices = self.pool.devices
-            note = (f"Tandem: {mesh.describe()}: {', '.join(f'{devices[r]} (worker {r})' for r in range(mesh.size, len(devices)))} "
-                    "sit(s) out: this call cannot use more devices")
+            idle = ", ".join(f"{devices[r]} (worker {r})" for r in range(mesh.size, len(devices)))
+            notes.append(f"Tandem: {mesh.describe()}: {idle} sit(s) out: this call cannot use more devices")
+        for note in notes:
             if note not in self._said:
                 self._said.add(note)
                 log.info(note)
+
+
+def sequence_hint(module, family: str) -> SequenceHint | None:
+    """What the mesh needs of a model whose family can split its token sequence (its attention heads); None for
+    one that cannot."""
+    from .models import attention_heads, sequence_runner
+
+    if sequence_runner(family) is None:
+        return None
+    return SequenceHint(attention_heads(family, module))
 
 
 def engine_for(pool) -> Engine:
@@ -151,8 +171,7 @@ class ParallelExecutor:
     def check_job(self, guided: bool) -> Mesh:
         """The mesh of a job's calls; refuses a job the config cannot serve (e.g. cfg at cfg = 1) before work
         (a pool not started yet stays so: its devices are counted, not started)."""
-        devices = self.pool.devices if self.pool.started else resolve_devices(self.pool.requested_devices)
-        return check_job(self.config, len(devices), guided)
+        return check_job(self.config, self.engine.device_count(), guided)
 
     def new_job(self) -> None:
         """The next call starts a new sampling run (fresh stale state for approximate strategies)."""

@@ -1,22 +1,39 @@
 """The mesh: how a pool's devices share one model call, and the resolver that picks it for any device count.
 
-A mesh has three degrees, outer to inner: cfg (the [uncond; cond] branches), batch (contiguous shares of the
-rows) and the inner axis of the strategy that runs each row group (asyncdiff: stages; 1 for row strategies).
+A mesh has these degrees, outer to inner: cfg (the [uncond; cond] branches), batch (contiguous shares of the
+rows), then the inner axes of the strategy that runs each row group (asyncdiff: stages; ulysses; ring; usp:
+ring x ulysses; none for row strategies), whose product is `inner`.
 Rank = (cfg_index * batch + batch_index) * inner + inner_index. Devices beyond the mesh's size sit out.
 
 `resolve` turns a ParallelConfig, the pool's device count and one call's shape into a valid mesh:
-- "auto" (exact, rule-based): cfg when the call holds two branches and there are two devices, then batch
-  over the rows the call has; devices the call cannot use sit out.
+- "auto" (exact, rule-based): cfg when the call holds two branches and there are two devices; then, on the
+  devices left, batch over the rows the call has, unless the model can split its token sequence (a
+  `SequenceHint`) and the call has fewer rows per cfg group than devices left: then those devices split the
+  sequence, ulysses when their number divides the model's attention heads, else ring. Devices the call
+  cannot use sit out.
 - a named strategy: the degrees the config gives, the rest from the strategy's defaults. A call holding one
   branch folds the cfg degree into batch (same ranks, so a strategy's per-rank state still fits).
 `check_job` refuses, before any work, a job that cannot use the mesh as configured (cfg at cfg = 1).
+This module knows no model: what it needs of one comes in the hint, which the engine computes.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 
 from . import strategies
+
+
+@dataclass(frozen=True)
+class SequenceHint:
+    """What the mesh needs of a model whose family can split its token sequence (models.sequence_runner): its
+    attention heads (None: unknown), which a ulysses degree must divide."""
+
+    heads: int | None = None
+
+    def ulysses_fits(self, degree: int) -> bool:
+        return self.heads is not None and self.heads % degree == 0
 
 
 @dataclass(frozen=True)
@@ -24,8 +41,13 @@ class Mesh:
     strategy: str  # the registered strategy that runs each call on this mesh
     cfg: int = 1
     batch: int = 1
-    inner: int = 1
+    split: tuple[int, ...] = ()  # the degree of each of the strategy's axes, in its order (outer to inner)
     devices: int = 1  # the pool's device count (>= size)
+    why: str = field(default="", compare=False)  # auto: why it split the token sequence (said in the log)
+
+    @property
+    def inner(self) -> int:
+        return math.prod(self.split)
 
     @property
     def size(self) -> int:
@@ -40,8 +62,8 @@ class Mesh:
         return self.devices - self.size
 
     def degrees(self) -> dict[str, int]:
-        axis = strategies.get(self.strategy).axis
-        return {"cfg": self.cfg, "batch": self.batch, **({axis: self.inner} if axis else {})}
+        axes = strategies.get(self.strategy).axes
+        return {"cfg": self.cfg, "batch": self.batch, **dict(zip(axes, self.split))}
 
     def row_shares(self, rows: int, branches: int) -> list[range]:
         """Rows of each row group, group order (one group per cfg x batch cell)."""
@@ -61,32 +83,61 @@ class Mesh:
         return f"{self.strategy} ({self.product()})" + (f", {self.idle} device(s) idle" if self.idle else "")
 
 
-def resolve(config, n_devices: int, branches: int = 2, rows: int | None = None) -> Mesh:
+def resolve(config, n_devices: int, branches: int = 2, rows: int | None = None,
+            sequence: SequenceHint | None = None) -> Mesh:
     """The mesh `config` gives a call of `branches` (1 or 2) and `rows` rows (None: as many as devices) on
-    `n_devices` devices. Raises ValueError (saying what to change) when the config's degrees do not fit."""
+    `n_devices` devices, for a model that `sequence` describes (None: it cannot split its token sequence).
+    Raises ValueError (saying what to change) when the config's degrees do not fit."""
     if n_devices < 1:
         raise ValueError("a pool needs at least one device")
     if config.strategy == "auto":
-        cfg = 2 if branches == 2 and n_devices >= 2 else 1
-        wanted = n_devices // cfg if rows is None else max(1, rows // cfg)
-        return Mesh("batch" if cfg == 1 else "cfg", cfg, max(1, min(n_devices // cfg, wanted)), 1, n_devices)
+        return _auto(n_devices, branches, rows, sequence)
     strategy = strategies.get(config.strategy)
     cfg = config.cfg_degree or strategy.default_cfg_degree
-    if strategy.axis is None:
-        batch, inner = config.batch_degree or max(1, n_devices // cfg), 1
+    if not strategy.axes:
+        batch, split = config.batch_degree or max(1, n_devices // cfg), ()
     else:
         batch = config.batch_degree or 1
-        inner = getattr(config, strategy.axis, None) or max(1, n_devices // (cfg * batch))
-    mesh = Mesh(strategy.name, cfg, batch, inner, n_devices)
+        split = _inner_degrees(strategy, config, max(1, n_devices // (cfg * batch)))
+    mesh = Mesh(strategy.name, cfg, batch, split, n_devices)
     if mesh.size > n_devices:
         raise ValueError(f"strategy {strategy.name!r}: {mesh.product()} = {mesh.size} devices, but there are {n_devices}; "
                          "give more devices or smaller degrees")
-    if inner > 1 and config.warmup < strategy.min_warmup:
-        raise ValueError(f"strategy {strategy.name!r} on {inner} stages needs warmup >= {strategy.min_warmup} (its "
-                         f"later stages start from what the warm-up hands them); got {config.warmup}")
+    if mesh.inner > 1 and config.warmup < strategy.min_warmup:
+        raise ValueError(f"strategy {strategy.name!r} on {mesh.inner} stages needs warmup >= {strategy.min_warmup} "
+                         f"(its later stages start from what the warm-up hands them); got {config.warmup}")
+    strategy.check_model(mesh, sequence)
     if branches == 1 and cfg == 2:
-        mesh = Mesh(strategy.name, 1, batch * 2, inner, n_devices)
+        mesh = Mesh(strategy.name, 1, batch * 2, split, n_devices)
     return mesh
+
+
+def _inner_degrees(strategy, config, left: int) -> tuple[int, ...]:
+    """The degree of each of the strategy's axes: as the config gives it; one left unset takes the `left`
+    devices (over the product of the others)."""
+    given = [getattr(config, axis, None) for axis in strategy.axes]
+    unset = [axis for axis, degree in zip(strategy.axes, given) if degree is None]
+    if len(unset) > 1:
+        raise ValueError(f"strategy {strategy.name!r} needs its {' or its '.join(unset)} degree (the other is "
+                         f"what the {left} device(s) left after cfg and batch allow)")
+    rest = math.prod(degree for degree in given if degree is not None)
+    return tuple(degree if degree is not None else max(1, left // rest) for degree in given)
+
+
+def _auto(n_devices: int, branches: int, rows: int | None, sequence: SequenceHint | None) -> Mesh:
+    """The exact mesh auto picks (module doc)."""
+    cfg = 2 if branches == 2 and n_devices >= 2 else 1
+    left = n_devices // cfg
+    per_group = left if rows is None else max(1, rows // cfg)
+    if sequence is None or per_group >= left:
+        return Mesh("batch" if cfg == 1 else "cfg", cfg, min(left, per_group), (), n_devices)
+    fits = sequence.ulysses_fits(left)
+    kind = "ulysses" if fits else "ring"
+    heads = "the model's attention heads are unknown" if sequence.heads is None else \
+        f"the model's {sequence.heads} attention heads {'divide' if fits else 'do not divide'} by {left}"
+    why = (f"{per_group} row(s) per cfg group cannot give each of its {left} devices a whole row, so they split the "
+           f"token sequence; {kind}: {heads}")
+    return Mesh(kind, cfg, 1, (left,), n_devices, why)
 
 
 def check_job(config, n_devices: int, guided: bool) -> Mesh:

@@ -41,12 +41,32 @@ def test_generate_several_images_side_by_side(tmp_path):
     (["--out", "/no/such/folder/x.png"], "does not exist"),
     (["--out", "digit.txt"], "use an image file name"),
     (["--cfg", "-1"], "cfg must be a finite number from 0 to 100"),
+    (["--devices", "cpu:2", "--strategy", "ulysses", "--ring", "2"],
+     "ring 2: it splits the token sequence and passes keys and values around a ring: choose a strategy that does "
+     "(ring, usp)"),
+    (["--devices", "cpu:4", "--strategy", "usp"], "strategy 'usp' needs its ring or its ulysses degree"),
+    (["--ulysses", "2"], "--strategy, --stages, --ulysses and --ring split the work over --devices"),
 ])
 def test_bad_input_is_one_line_and_non_zero(tmp_path, args, message):
     run = tandem("generate", "--quiet", *args, cwd=tmp_path)
     assert run.returncode != 0
     assert message in run.stderr
     assert "Traceback" not in run.stderr and len(run.stderr.strip().splitlines()) == 1, run.stderr
+
+
+def test_bench_refuses_a_usp_ulysses_degree_that_does_not_divide_the_heads_before_a_pool_starts(monkeypatch, capsys):
+    from parallel_backend import bench
+    from parallel_backend.cli import main
+
+    def no_pool(*_, **__):
+        raise AssertionError("a pool started for a request that should have been refused")
+
+    monkeypatch.setattr(bench, "WorkerPool", no_pool)
+    args = ["bench", "--model", "flux-small", "--devices", "cpu:6", "--strategies", "usp", "--steps", "1", "--quiet"]
+    assert main([*args, "--ulysses", "3", "--ring", "2"]) == 1  # flux-small has 8 heads
+    error = capsys.readouterr().err
+    assert "ulysses degree 3 does not divide the model's 8 attention heads: use ring" in error
+    assert error.count("\n") == 1
 
 
 def test_unwritable_output_is_one_line(tmp_path):

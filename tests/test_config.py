@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from parallel_backend.config import ParallelConfig, parse_devices, resolve_devices
-from parallel_backend.mesh import Mesh, check_job, resolve
+from parallel_backend.mesh import Mesh, SequenceHint, check_job, resolve
 
 
 def plan_rows(rows: int, branches: int, degrees: dict) -> list[range]:
@@ -57,6 +57,12 @@ def test_missing_cuda_device_is_named(monkeypatch):
     (dict(devices="cpu:2", strategy="asyncdiff", stride=3), "stride must be 1 or 2"),
     (dict(devices="cpu:2", strategy="asyncdiff", warmup=-1), "warmup must be a whole number"),
     (dict(devices="cpu:4", strategy="asyncdiff", cfg_degree=2, stages=3), "x stages 3 = 6 devices, but there are 4"),
+    (dict(devices="cpu:2", strategy="ulysses", ring=2), "ring 2: it splits the token sequence and passes keys and "
+     "values around a ring: choose a strategy that does \\(ring, usp\\)"),
+    (dict(devices="cpu:2", strategy="asyncdiff", ulysses=2), "choose a strategy that does \\(ulysses, usp\\)"),
+    (dict(devices="cpu:4", strategy="usp"), "strategy 'usp' needs its ring or its ulysses degree \\(the other is "
+     "what the 4 device\\(s\\) left after cfg and batch allow\\)"),
+    (dict(devices="cpu:4", strategy="usp", ulysses=2, ring=3), "ring 3 x ulysses 2 = 6 devices, but there are 4"),
 ])
 def test_bad_combinations_say_what_to_change(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -106,6 +112,48 @@ def test_every_strategy_that_fits_gets_a_mesh_and_the_rest_are_refused_with_a_se
             continue
         mesh = resolve(ParallelConfig(f"cpu:{n}", strategy), n)
         assert mesh.size <= n and mesh.strategy == strategy
+
+
+@pytest.mark.parametrize("n, branches, rows, heads, expected", [
+    (2, 1, 1, 4, "ulysses (cfg 1 x batch 1 x ulysses 2)"),  # one image at cfg 1: the sequence
+    (3, 1, 1, 4, "ring (cfg 1 x batch 1 x ring 3)"),  # 3 does not divide 4 heads
+    (4, 1, 1, None, "ring (cfg 1 x batch 1 x ring 4)"),  # heads unknown: ring, which takes any
+    (3, 1, 2, 6, "ulysses (cfg 1 x batch 1 x ulysses 3)"),  # 2 rows cannot give 3 devices a whole row each
+    (2, 1, 2, 4, "batch (cfg 1 x batch 2)"),  # a whole row for each device: batch, nothing exchanged
+    (4, 2, 2, 24, "ulysses (cfg 2 x batch 1 x ulysses 2)"),  # cfg first, the sequence on the devices beyond it
+    (5, 2, 2, 24, "ulysses (cfg 2 x batch 1 x ulysses 2), 1 device(s) idle"),
+    (2, 2, 2, 24, "cfg (cfg 2 x batch 1)"),  # no device beyond cfg
+    (5, 2, 4, 24, "cfg (cfg 2 x batch 2), 1 device(s) idle"),  # 2 rows per branch for 2 devices
+    (1, 1, 1, 4, "batch (cfg 1 x batch 1)"),
+])
+def test_auto_splits_the_sequence_of_a_dit_whose_rows_cannot_go_round(n, branches, rows, heads, expected):
+    mesh = resolve(ParallelConfig(f"cpu:{n}"), n, branches, rows, SequenceHint(heads))
+    assert mesh.describe() == expected
+    assert bool(mesh.why) == (mesh.inner > 1)  # the log says why, for a sequence split only
+    assert resolve(ParallelConfig(f"cpu:{n}"), n, branches, rows).inner == 1  # a UNet (no hint): today's rule
+
+
+def test_a_sequence_split_that_does_not_fit_the_models_heads_is_refused_naming_ring():
+    usp = ParallelConfig("cpu:6", "usp", ulysses=3)
+    assert resolve(usp, 6, 1, 1, SequenceHint(6)).degrees() == {"cfg": 1, "batch": 1, "ring": 2, "ulysses": 3}
+    six_for_eight_heads = resolve(ParallelConfig("cpu:6", "usp", ulysses=2), 6, 1, 1, SequenceHint(8))
+    assert six_for_eight_heads.degrees() == {"cfg": 1, "batch": 1, "ring": 3, "ulysses": 2}  # ulysses 6 could not
+    with pytest.raises(ValueError, match="ulysses degree 3 does not divide the model's 8 attention heads: use ring"):
+        resolve(usp, 6, 1, 1, SequenceHint(8))
+    with pytest.raises(ValueError, match="ulysses degree 3 does not divide the model's 8 attention heads: use ring"):
+        resolve(ParallelConfig("cpu:3", "ulysses"), 3, 1, 1, SequenceHint(8))
+    assert resolve(ParallelConfig("cpu:3", "ring"), 3, 1, 1, SequenceHint(8)).degrees()["ring"] == 3
+
+
+def test_usp_takes_ulysses_and_ring_and_derives_the_missing_one_from_the_devices():
+    def degrees(**knobs):
+        return check_job(ParallelConfig("cpu:8", "usp", **knobs), 8, guided=True).degrees()
+
+    assert degrees(ulysses=2) == {"cfg": 1, "batch": 1, "ring": 4, "ulysses": 2}
+    assert degrees(ring=2) == {"cfg": 1, "batch": 1, "ring": 2, "ulysses": 4}
+    assert degrees(ulysses=2, ring=2) == {"cfg": 1, "batch": 1, "ring": 2, "ulysses": 2}  # 4 devices idle
+    assert degrees(cfg_degree=2, ulysses=2) == {"cfg": 2, "batch": 1, "ring": 2, "ulysses": 2}
+    assert degrees(ulysses=3) == {"cfg": 1, "batch": 1, "ring": 2, "ulysses": 3}  # 8 // 3: 2 devices idle
 
 
 def test_creating_a_config_checks_no_hardware():

@@ -1,6 +1,7 @@
-"""Ulysses and ring attention across real processes (gloo, point-to-point in issue order as on NCCL): each rank
-holds a shard of seeded random q, k, v, and its output rows must equal torch's attention on the whole sequence
-in one process. A dead or stalled peer must make the collective raise within the group's timeout."""
+"""Ulysses, ring and (on 4 ranks, 2 x 2) USP attention across real processes (gloo, point-to-point in issue
+order as on NCCL): each rank holds a shard of seeded random q, k, v, and its output rows must equal torch's
+attention on the whole sequence in one process. A dead or stalled peer must make the collective raise within
+the group's timeout."""
 
 from __future__ import annotations
 
@@ -13,13 +14,15 @@ from pathlib import Path
 
 import pytest
 
+from parallel_backend.strategies.sequence.ulysses import pipeline_chunks
+
 REPO = Path(__file__).resolve().parents[1]
 
 RANK_SCRIPT = """
-import json, os, sys, time, torch
+import functools, json, os, sys, time, torch
 import torch.nn.functional as F
 from parallel_backend import primitives
-from parallel_backend.strategies.sequence import Shards, Traffic, ring_attention, ulysses_attention
+from parallel_backend.strategies.sequence import Shards, Traffic, ring_attention, ulysses_attention, usp_attention
 torch.set_num_threads(1)
 rank, world, rendezvous, mode = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
 primitives.join_group(rendezvous, rank, world, "cpu", timeout_s=6.0 if mode != "check" else 20.0)
@@ -36,7 +39,10 @@ def case(lengths, masked, peers):
         q, k, v, attn_mask=None if mask is None else mask[:, None, None, :]), index, 2)
     mine = [shards.cut(t, index, 2) for t in (q, k, v)]
     result = {"lengths": lengths, "masked": masked}
-    for name, attention in (("ulysses", ulysses_attention), ("ring", ring_attention)):
+    attentions = [("ulysses", ulysses_attention), ("ring", ring_attention)]
+    if world == 4:  # 2 subgroups of 2: an all-to-all inside each, a ring of 2 between them
+        attentions.append(("usp", functools.partial(usp_attention, ulysses=2)))
+    for name, attention in attentions:
         traffic = Traffic()
         out = attention(*mine, shards, index, peers=peers, key_mask=mask, traffic=traffic)
         result[name] = {"diff": (out - expected).abs().max().item() if out.numel() else 0.0,
@@ -88,14 +94,19 @@ def run_ranks(tmp_path, world: int, mode: str, wait_for: range, attention: str =
 
 
 @pytest.mark.parametrize("world", [2, 3, 4])
-def test_ulysses_and_ring_on_shards_equal_full_attention_and_ring_takes_n_minus_1_passes(tmp_path, world):
-    # cases: 13 tokens (uneven), 2 tokens (empty shards from 3 ranks on) with a key mask hiding a whole block,
-    # text 5 + image 11 tokens sharded stream by stream with the ranks in reverse order around the ring
+def test_ulysses_ring_and_usp_on_shards_equal_full_attention_and_ring_takes_n_minus_1_passes(tmp_path, world):
+    # cases: 13 tokens (uneven), 2 tokens (empty shards from 3 ranks on; on 4, a whole subgroup of USP empty)
+    # with a key mask hiding a whole block, text 5 + image 11 tokens sharded stream by stream with the ranks in
+    # reverse order around the ring
+    expected = {"ulysses": 2, "ring": world - 1}
+    if world == 4:  # 12 heads, 6 per subgroup rank: attended in 2 chunks, a ring of 2 (1 pass) for each
+        expected["usp"] = 2 + pipeline_chunks(12 // 2) * 1
     for out in run_ranks(tmp_path, world, "check", range(world)):
         results = [json.loads(line) for line in out.splitlines()]
         assert len(results) == 3
         for result in results:
-            for name, passes in (("ulysses", 2), ("ring", world - 1)):
+            assert set(result) - {"lengths", "masked"} == set(expected)
+            for name, passes in expected.items():
                 assert result[name]["shape_ok"] and result[name]["diff"] <= 1e-5, result
                 assert result[name]["passes"] == passes, result
 

@@ -1,7 +1,10 @@
-"""ulysses and ring on a pool of CPU workers: one diffusers transformer call split by its token sequence equals
-the call on one device, alone and under cfg x sequence; what they refuse, before any work."""
+"""ulysses, ring and usp on a pool of CPU workers: one diffusers transformer call split by its token sequence
+equals the call on one device, alone and under cfg x sequence, and each rank's counters show the exchanges it
+made; auto splits the sequence of a one-image call; what they refuse, before any work."""
 
 from __future__ import annotations
+
+import logging
 
 import pytest
 import torch
@@ -13,6 +16,7 @@ from parallel_backend.models import diffusers_dit, forward_for_family
 from parallel_backend.pool import WorkerPool
 
 TOLERANCE = 1e-4  # of the output's scale (TESTING.md); fp32 sums in another order only
+ATTENTIONS = 2  # _tiny_flux: one double and one single block, one joint attention each
 
 
 def _tiny_flux():
@@ -46,6 +50,11 @@ def _started(devices: str):
 @pytest.fixture(scope="module")
 def pool():
     yield from _started("cpu:2")
+
+
+@pytest.fixture(scope="module")
+def three_workers():
+    yield from _started("cpu:3")
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +103,7 @@ def test_sequence_strategies_refuse_unets_and_families_without_a_split_before_an
 
 
 def test_degrees_of_another_strategys_axis_are_refused():
-    with pytest.raises(ValueError, match="ring 2: it splits the token sequence .*choose a strategy that does \\(ring\\)"):
+    with pytest.raises(ValueError, match="ring 2: it splits the token sequence .*choose a strategy that does \\(ring, usp\\)"):
         ParallelConfig("cpu:2", "ulysses", ring=2)
     assert ParallelConfig("cpu:4", "ulysses", cfg_degree=2, ulysses=2).ulysses == 2
 
@@ -110,6 +119,16 @@ def test_bench_measures_ulysses_and_ring_at_cfg_1_with_outputs_equal_to_one_devi
         assert row["job"] == {"images": 1, "cfg": 1.0}
         assert row["max_abs_diff_vs_serial"] <= 1e-4  # flow-matching latents are of scale ~1
         assert row["transfer_bytes_per_call_median"] > 0 and "of the ideal with the exchange stubbed out" in row["summary"]
+
+
+def test_bench_measures_usp_two_by_two_with_outputs_equal_to_one_device():
+    from parallel_backend.bench import run_bench
+
+    report = run_bench("flux-small", "cpu:4", ("usp",), steps=1, resolution=64, repeats=0, cfg=1.0,
+                       knobs={"ulysses": 2}, progress=lambda line: None)
+    row = next(r for r in report["results"] if r["strategy"] == "usp")
+    assert row["devices"] == 4 and row["max_abs_diff_vs_serial"] <= 1e-4
+    assert row["transfer_bytes_per_call_median"] > 0 and "of the ideal with the exchange stubbed out" in row["summary"]
 
 
 @pytest.mark.parametrize("cfg", [1.0, 0.5])
@@ -135,3 +154,48 @@ def test_cfg_times_a_sequence_split_on_four_workers_equals_one_device(four_worke
     result = ParallelExecutor(four_workers, config).run(flux, "diffusers_dit:flux", call)
     assert result.mesh.describe() == f"{strategy} (cfg 2 x batch 1 x {strategy} 2)"
     assert (result.out - reference).abs().max() <= TOLERANCE * max(1.0, reference.abs().max().item())
+
+
+def _equals_one_device(flux, call, result) -> None:
+    with torch.inference_mode():
+        reference = forward_for_family("diffusers_dit:flux")(flux, call)
+    assert result.out.shape == reference.shape
+    assert (result.out - reference).abs().max() <= TOLERANCE * max(1.0, reference.abs().max().item())
+
+
+@pytest.mark.parametrize("workers", [3, 4])
+def test_ring_on_more_workers_equals_one_device_and_each_attention_makes_n_minus_1_passes(request, flux, workers):
+    pool = request.getfixturevalue({3: "three_workers", 4: "four_workers"}[workers])
+    call = _flux_call(1, 13, 5)  # 18 tokens: uneven shards
+    result = ParallelExecutor(pool, ParallelConfig(f"cpu:{workers}", "ring")).run(flux, "diffusers_dit:flux", call)
+    assert result.mesh.describe() == f"ring (cfg 1 x batch 1 x ring {workers})"
+    _equals_one_device(flux, call, result)
+    # every rank: N-1 passes per attention, and one for the gather of the output
+    passes = {rank: extra["passes"] for rank, extra in result.extra.items()}
+    assert passes == {rank: ATTENTIONS * (workers - 1) + 1 for rank in range(workers)}
+
+
+def test_usp_two_by_two_on_four_workers_equals_one_device(four_workers, flux):
+    from parallel_backend.strategies.sequence.ulysses import pipeline_chunks
+
+    call = _flux_call(1, 13, 5)
+    result = ParallelExecutor(four_workers, ParallelConfig("cpu:4", "usp", ulysses=2, ring=2)).run(
+        flux, "diffusers_dit:flux", call)
+    assert result.mesh.describe() == "usp (cfg 1 x batch 1 x ring 2 x ulysses 2)"
+    _equals_one_device(flux, call, result)
+    # per attention: the all-to-all there and back, and a ring of 2 (1 pass) for each chunk of the rank's 2 heads
+    per_attention = 2 + pipeline_chunks(4 // 2) * 1
+    assert {extra["passes"] for extra in result.extra.values()} == {ATTENTIONS * per_attention + 1}
+
+
+def test_auto_splits_the_sequence_of_a_one_image_call_and_says_why(pool, flux, caplog):
+    caplog.set_level(logging.INFO, logger="tandem")
+    call = _flux_call(1, 13, 5)  # cfg 1: one row, two devices
+    result = ParallelExecutor(pool, ParallelConfig("cpu:2")).run(flux, "diffusers_dit:flux", call)
+    assert result.mesh.describe() == "ulysses (cfg 1 x batch 1 x ulysses 2)"  # 4 heads divide by 2
+    _equals_one_device(flux, call, result)
+    assert result.bytes_sent > 0
+    said = [r.getMessage() for r in caplog.records if "auto chose" in r.getMessage()]
+    assert said == ["Tandem: auto chose ulysses (cfg 1 x batch 1 x ulysses 2): 1 row(s) per cfg group cannot give "
+                    "each of its 2 devices a whole row, so they split the token sequence; ulysses: the model's 4 "
+                    "attention heads divide by 2"]

@@ -17,19 +17,30 @@ def adapter_name(family: str) -> str:
     return family.split(":", 1)[0]
 
 
-def forward_for_family(family: str) -> Callable:
-    """The function `forward(module, call: ModelCall) -> Tensor` for a model family."""
+def adapter(family: str):
+    """The adapter module serving `family`; ValueError naming the known ones for any other."""
     name = adapter_name(family)
     if name not in ADAPTERS:
         raise ValueError(f"unknown model family {family!r}; known: {', '.join(ADAPTERS)}")
-    return importlib.import_module(f"{__name__}.{name}").forward
+    return importlib.import_module(f"{__name__}.{name}")
+
+
+def forward_for_family(family: str) -> Callable:
+    """The function `forward(module, call: ModelCall) -> Tensor` for a model family."""
+    return adapter(family).forward
+
+
+def attention_heads(family: str, module) -> int | None:
+    """The attention heads of `module`, a model of `family`, where its adapter can tell (`attention_heads` in the
+    adapter module): what a ulysses degree must divide; None where it cannot."""
+    heads = getattr(adapter(family), "attention_heads", None)
+    return None if heads is None else heads(module)
 
 
 def sequence_runner(family: str) -> Callable | None:
     """The function `run(module, call, group) -> output` that runs a model of `family` with its token sequence
     split over a strategies.sequence group, or None where the family has none (yet)."""
-    module = importlib.import_module(f"{__name__}.{adapter_name(family)}")
-    named = getattr(module, "family_named", None)
+    named = getattr(adapter(family), "family_named", None)
     if named is None or ":" not in family:
         return None
     return getattr(named(family), "sequence", None)

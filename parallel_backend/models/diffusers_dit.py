@@ -60,6 +60,11 @@ def family_named(wire: str) -> Family:
     return next(f for f in FAMILIES if f.wire == wire)
 
 
+def attention_heads(model) -> int | None:
+    """The heads of every attention of a diffusers transformer (its config says them), or None."""
+    return getattr(getattr(model, "config", None), "num_attention_heads", None)
+
+
 def forward(model, call) -> torch.Tensor:
     """Runs a diffusers transformer on a ModelCall; returns its prediction."""
     return model(hidden_states=call.x, timestep=call.t, encoder_hidden_states=call.context, return_dict=False,

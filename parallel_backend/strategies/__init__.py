@@ -3,7 +3,8 @@
 CLI, the bench, the demo and the ComfyUI Settings node; nothing else names it.
 
 Row strategies (cfg, batch) give each device a contiguous share of the call's rows and compose as the outer
-axes of the mesh. A strategy with an inner axis (asyncdiff: stages) runs each row share on a group of devices.
+axes of the mesh. A strategy with inner axes (asyncdiff: stages; usp: ring x ulysses) runs each row share on a
+group of devices.
 """
 
 from __future__ import annotations
@@ -48,9 +49,9 @@ def worker_handlers() -> dict:
 
 
 def _register_builtins() -> None:
-    from . import asyncdiff, batch, cfg, ring, ulysses
+    from . import asyncdiff, batch, cfg, ring, ulysses, usp
 
-    for module in (cfg, batch, asyncdiff, ulysses, ring):
+    for module in (cfg, batch, asyncdiff, ulysses, ring, usp):
         register(module.STRATEGY)
 
 

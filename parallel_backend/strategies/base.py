@@ -5,7 +5,7 @@ A strategy is one object, registered by name in `strategies/__init__.py`:
   work; `gather(call, mesh, replies) -> output` joins the replies (each reply's value is a `Computed`);
 - worker side: `worker_handlers()` maps its message types to the functions a worker runs for them (row
   strategies need none: they send the worker's plain `Forward`);
-- it says whether it is exact, which mesh axis it adds inside each row group (None: rows only), how many
+- it says whether it is exact, which mesh axes it adds inside each row group (none: rows only), how many
   branches it splits by default, what it is measured on in `tandem bench`, and explains itself.
 Nothing outside `strategies/` compares strategy names: hosts ask the registry.
 """
@@ -31,7 +31,8 @@ class Strategy:
     name: str = ""
     exact: bool = True
     summary: str = ""  # one sentence for help texts and tooltips
-    axis: str | None = None  # the mesh axis it adds inside each row group (its degree is the config field of that name)
+    axes: tuple[str, ...] = ()  # the mesh axes it adds inside each row group, outer to inner (each axis' degree is
+    # the config field of that name)
     default_cfg_degree: int = 1  # 2: splits the branches unless told otherwise
     bench_job: BenchJob = BenchJob(1, True)
     collective: bool = False  # its workers exchange data with each other during a call
@@ -48,6 +49,10 @@ class Strategy:
             noun = "UNet" if adapter_name(family).endswith("_unet") else f"{family.split(':', 1)[-1]} transformer"
             raise ValueError(f"strategy {self.name!r} {self.scope}, and this model is a {noun}: use cfg, batch or "
                              "auto for it")
+
+    def check_model(self, mesh, sequence) -> None:
+        """Raises ValueError in one sentence when `mesh` cannot split the model that `sequence` (a
+        mesh.SequenceHint, None for a model without a sequence split) describes; before any work."""
 
     def plan(self, engine, call, mesh, config, fingerprint: str) -> dict[int, Any]:
         raise NotImplementedError

@@ -10,7 +10,7 @@ from .sequence.parallel import SequenceStrategy
 class Ring(SequenceStrategy):
     name = "ring"
     kind = "ring"
-    axis = "ring"
+    axes = ("ring",)
     summary = "a shard of the token sequence on each device; keys and values passed around a ring (DiTs)."
 
 

@@ -10,7 +10,7 @@ from .sequence.parallel import SequenceStrategy
 class Ulysses(SequenceStrategy):
     name = "ulysses"
     kind = "ulysses"
-    axis = "ulysses"
+    axes = ("ulysses",)
     summary = "a shard of the token sequence on each device; attention by heads after an all-to-all (DiTs)."
 
 

@@ -24,7 +24,7 @@ class AsyncDiff(Strategy):
     exact = False
     summary = ("the UNet cut into stages, one per device, run on one-step-stale inputs (approximate after "
                "warm-up; works at cfg 1).")
-    axis = "stages"
+    axes = ("stages",)
     bench_job = BenchJob(1, True)
     collective = True
     adapters = ("diffusers_unet", "comfy_unet")  # the families models/stages.py can cut into layers

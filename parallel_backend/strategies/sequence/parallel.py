@@ -1,4 +1,4 @@
-"""What ulysses and ring share as strategies: each row group of the mesh is a sequence group whose ranks all get
+"""What ulysses, ring and usp share as strategies: each row group of the mesh is a sequence group whose ranks all get
 the group's rows, run the model's token-local layers on their shard of the token sequence and attention
 through the group (the model family's sequence runner places the split and the gather), and return the same
 full output; the host takes the group's first rank's. Exact up to float tolerance.
@@ -20,9 +20,10 @@ class SequenceForward:
 
     fingerprint: str
     call: Any  # calls.ModelCall
-    kind: str  # "ulysses" or "ring"
+    kind: str  # "ulysses", "ring" or "usp"
     peers: tuple[int, ...]
     index: int
+    ulysses: int = 1  # the ranks that split the heads (group.SequenceGroup)
 
 
 class SequenceStrategy(Strategy):
@@ -44,6 +45,13 @@ class SequenceStrategy(Strategy):
             raise ValueError(f"strategy {self.name!r} has no sequence split for {family.split(':', 1)[-1]} models "
                              f"in {host} yet: use cfg, batch or auto for it")
 
+    def check_model(self, mesh, sequence) -> None:
+        """The ulysses degree must divide the model's attention heads (the sentence names ring)."""
+        from .ulysses import heads_per_rank
+
+        if sequence is not None and sequence.heads is not None:
+            heads_per_rank(sequence.heads, ulysses_degree(mesh))
+
     def plan(self, engine, call, mesh, config, fingerprint: str) -> dict[int, SequenceForward]:
         work = {}
         for group, rows in enumerate(mesh.row_shares(call.rows, call.branches)):
@@ -51,7 +59,7 @@ class SequenceStrategy(Strategy):
                 continue
             share, peers = call.select(rows), tuple(mesh.ranks(group))
             for index, rank in enumerate(peers):
-                work[rank] = SequenceForward(fingerprint, share, self.kind, peers, index)
+                work[rank] = SequenceForward(fingerprint, share, self.kind, peers, index, ulysses_degree(mesh))
         return work
 
     def gather(self, call, mesh, replies: dict[int, Any]):
@@ -65,7 +73,7 @@ class SequenceStrategy(Strategy):
         from ...models import sequence_runner
         from .stub import StubGroup
 
-        runner, group = sequence_runner(model.family), StubGroup(self.kind, mesh.inner)
+        runner, group = sequence_runner(model.family), StubGroup(self.kind, mesh.inner, ulysses_degree(mesh))
 
         def run():
             with torch.inference_mode():
@@ -89,6 +97,11 @@ class SequenceStrategy(Strategy):
         return {SequenceForward: run_sequence_forward}
 
 
+def ulysses_degree(mesh) -> int:
+    """The ranks of a sequence group of `mesh` that split the heads: its ulysses degree, 1 without one (ring)."""
+    return mesh.degrees().get("ulysses", 1)
+
+
 def run_sequence_forward(worker, message: SequenceForward):
     """Worker side: the family's sequence runner on this rank's part of the group; only the group's first rank
     sends the output back (every rank holds the same)."""
@@ -101,7 +114,7 @@ def run_sequence_forward(worker, message: SequenceForward):
     from .traffic import Traffic
 
     module, family = worker.whole_model(message.fingerprint)
-    group = SequenceGroup(message.kind, message.peers, message.index, worker.device, Traffic())
+    group = SequenceGroup(message.kind, message.peers, message.index, worker.device, Traffic(), message.ulysses)
     started = time.perf_counter()
     with torch.inference_mode():
         out = sequence_runner(family)(module, message.call.to(worker.device), group)

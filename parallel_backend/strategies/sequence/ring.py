@@ -6,6 +6,7 @@ the block of rank (r - p) mod N, which it then forwards to rank r+1 while it rec
 so the transfer of the next block overlaps the current attention. Each pass gives (out, lse) and the passes
 merge with the online-softmax rule (attention.py): exact up to float rounding, in any order of the blocks.
 Uneven shards: the size of every arriving block is known from the plan (the shard of its origin rank).
+A ring over `Blocks` passes blocks of several ranks' tokens (USP: a ulysses subgroup's, usp.py).
 
 `ring_schedule` is the pure plan; `RingAccumulator` the merge; `ring_attention` runs them with
 `primitives.exchange`. Traffic per attention per rank: (N-1) blocks of k and v.
@@ -19,7 +20,7 @@ import torch
 
 from ... import primitives
 from .attention import block_attention, merge
-from .shards import Shards
+from .shards import Blocks, Shards
 from .traffic import Traffic
 
 
@@ -59,7 +60,7 @@ class RingAccumulator:
         return self.acc
 
 
-def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shards: Shards, index: int,
+def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shards: Shards | Blocks, index: int,
                    peers: list[int] | None = None, key_mask: torch.Tensor | None = None,
                    scale: float | None = None, traffic: Traffic | None = None) -> torch.Tensor:
     """Attention of this rank's queries to the whole sequence, the group passing k/v around; returns its rows.

@@ -15,6 +15,9 @@ everything per token: positional ids or RoPE frequencies, and a key mask (`posit
 Ranks may hold no token (a sequence shorter than the degree, or a short stream): every function here and the
 collectives built on it accept empty shards (nothing crosses for them, attention of an empty shard of queries
 is empty). Whether a model layer accepts an empty shard is the model adapter's concern.
+
+`Blocks` takes runs of ranks as one block each (USP: a ulysses subgroup's tokens are one key/value block of its
+ring); it answers what the collectives ask of a cut (degree, sizes, positions), so they take either.
 """
 
 from __future__ import annotations
@@ -97,3 +100,29 @@ class Shards:
                              f"got {len(pieces)}")
         parts = [piece.split(self.local_sizes(r), dim) for r, piece in enumerate(pieces)]
         return torch.cat([parts[r][s] for s in range(len(self.lengths)) for r in range(self.degree)], dim)
+
+
+@dataclass(frozen=True)
+class Blocks:
+    """The ranks of `shards` in runs, each run one block of tokens: block b holds the tokens of the ranks
+    runs[b], rank after rank, each in its local order (the order an all-to-all among them gathers them in)."""
+
+    shards: Shards
+    runs: tuple[tuple[int, ...], ...]
+
+    @property
+    def degree(self) -> int:
+        return len(self.runs)
+
+    @property
+    def sizes(self) -> list[int]:
+        """Tokens in each block."""
+        sizes = self.shards.sizes
+        return [sum(sizes[rank] for rank in run) for run in self.runs]
+
+    def positions(self, block: int) -> list[int]:
+        """The joint positions of `block`'s tokens, in its order."""
+        return [p for rank in self.runs[block] for p in self.shards.positions(rank)]
+
+    def gathered_positions(self) -> list[int]:
+        return [p for block in range(self.degree) for p in self.positions(block)]

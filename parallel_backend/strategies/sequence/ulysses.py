@@ -5,6 +5,7 @@ An all-to-all turns that into (B, H/N, L, D): every token, heads [r*H/N, (r+1)*H
 unchanged (each head is independent of the others), and a second all-to-all brings the output back to
 (B, H, L_r, D). Tokens after the first exchange lie rank after rank (`Shards.gathered_positions`), which is
 exact for attention (see shards.py); a key mask is cut in that same order.
+Over `Blocks` of single ranks it runs among a subset of a larger cut (USP's subgroups, usp.py).
 
 The layout functions are pure (they say what goes to whom); `ulysses_attention` runs the exchange through
 `primitives.all_to_all`. In a simulation, rank r's s-th received piece is rank s's r-th piece to send.
@@ -19,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ... import primitives
-from .shards import Shards
+from .shards import Blocks, Shards
 from .traffic import Traffic
 
 HEADS, TOKENS = -3, -2  # dims of (..., H, L, D)
@@ -42,7 +43,7 @@ def join_tokens(received: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat(received, TOKENS)
 
 
-def to_tokens(out: torch.Tensor, shards: Shards) -> list[torch.Tensor]:
+def to_tokens(out: torch.Tensor, shards: Shards | Blocks) -> list[torch.Tensor]:
     """The pieces a rank sends after attention: piece s holds rank s's tokens of this rank's heads."""
     return list(out.split(shards.sizes, TOKENS))
 
@@ -62,7 +63,7 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tens
 Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None", "float | None"], torch.Tensor]
 
 
-def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shards: Shards, index: int,
+def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shards: Shards | Blocks, index: int,
                       peers: list[int] | None = None, key_mask: torch.Tensor | None = None,
                       scale: float | None = None, attend: Attend = sdpa,
                       traffic: Traffic | None = None) -> torch.Tensor:
