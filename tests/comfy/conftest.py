@@ -301,12 +301,12 @@ FAMILY_FILES = {"flux": "tiny_flux.safetensors", "sd3": "tiny_sd3.safetensors", 
 def family_workflow(sampler: str, prefix: str, strategy: str | None, family: str = "flux", cfg: float = 4.0,
                     batch: int = 1, sampler_name: str = "euler", scheduler: str = "normal", steps: int = 3,
                     from_file: bool = False, noise_mask: bool = False, reference: bool = False,
-                    grow: int = 0) -> dict:
+                    grow: int = 0, devices: str = "cpu:2", degrees: dict | None = None) -> dict:
     """A tiny DiT or video model of `family` (fixture_nodes/families.py; from_file: its file loaded by ComfyUI's
     UNETLoader) -> sampler -> SaveLatent, with the family's seeded prompts and empty latent (noise_mask: the
     first frame kept, as image-to-video latents mark it; reference: both prompts carry a seeded reference latent
     through the stock ReferenceLatent node, as edit models (Flux Kontext, Flux.2) take one; grow: more latent
-    rows and columns, for odd sizes)."""
+    rows and columns, for odd sizes; devices and degrees (e.g. {"ulysses": 2, "ring": 2}): the Settings node's)."""
     def prompt(seed: int) -> dict:
         return {"class_type": "TandemTestFamilyConditioning", "inputs": {"seed": seed, "family": family}}
 
@@ -330,7 +330,8 @@ def family_workflow(sampler: str, prefix: str, strategy: str | None, family: str
         inputs["positive"], inputs["negative"] = ["10", 0], ["11", 0]
     if strategy is not None:
         workflow["8"] = {"class_type": "TandemSettings",
-                         "inputs": {"devices": "cpu:2", "strategy": strategy, "cfg_degree": 0, "batch_degree": 0}}
+                         "inputs": {"devices": devices, "strategy": strategy, "cfg_degree": 0, "batch_degree": 0,
+                                    **(degrees or {})}}
         inputs["settings"] = ["8", 0]
     workflow["5"] = {"class_type": sampler, "inputs": inputs}
     return workflow
@@ -372,8 +373,9 @@ def run_pair(server, name: str, strategy: str, kind: str = "ksampler", runs: int
         run_checked(server, build(tandem, f"{name}_tandem", strategy, **kw))
     status = server.get("/tandem/status")
     last_pass_steps = kw.get("steps", 6) - (kw.get("split", 3) if kind == "advanced" else 0)
-    assert status["last_run"]["devices"] == ["cpu", "cpu"] and status["last_run"]["calls"] >= last_pass_steps
-    assert len(status["peak_memory_bytes"]) == 2 and all(b > 0 for b in status["peak_memory_bytes"])
+    workers = int(kw.get("devices", "cpu:2").split(":")[1])
+    assert status["last_run"]["devices"] == ["cpu"] * workers and status["last_run"]["calls"] >= last_pass_steps
+    assert len(status["peak_memory_bytes"]) == workers and all(b > 0 for b in status["peak_memory_bytes"])
     return server.latent(f"{name}_stock"), server.latent(f"{name}_tandem")
 
 

@@ -59,3 +59,23 @@ def test_wan22_per_frame_timesteps_under_a_noise_mask(comfy_server, comfy, host_
 def test_reference_latents_join_the_split_sequence(comfy_server, comfy, host_families, family):
     """Edit models append reference-latent tokens to the image tokens: they are split and gathered with them."""
     _check(comfy_server, comfy, host_families, f"seq_ref_{family}", family, "ring", cfg=1.0, reference=True)
+
+
+@pytest.mark.parametrize("family", ["flux", "wan21_t2v"])
+def test_auto_splits_the_sequence_of_one_image_at_cfg_1_and_says_why(comfy_server, comfy, host_families, family):
+    """auto with one image at cfg 1 on two workers: no branch or row to split, so the token sequence is
+    (ulysses: the tiny models' 2 heads divide by 2), and the log says why (once per pool and mesh)."""
+    _check(comfy_server, comfy, host_families, f"seq_auto_{family}", family, "auto", cfg=1.0)
+    assert comfy_server.get("/tandem/status")["last_run"]["mesh"].startswith("ulysses")
+    said = comfy_server.log_since(0)
+    assert "auto chose ulysses" in said and "split the token sequence" in said, said[-2000:]
+
+
+@pytest.mark.parametrize("cfg", [1.0, 3.5])
+def test_usp_and_cfg_times_ulysses_on_four_workers(comfy_server, comfy, host_families, cfg):
+    """Four CPU workers: usp (ring 2 x ulysses 2) at cfg 1, and cfg 2 x ulysses 2 at cfg 3.5 (the mesh of
+    4 GPUs on a guided Flux call). Speed on this 2-core machine means nothing; the latents must equal stock."""
+    strategy, degrees = (("usp", {"ulysses": 2, "ring": 2}) if cfg == 1.0
+                         else ("ulysses", {"cfg_degree": 2, "ulysses": 2}))
+    _check(comfy_server, comfy, host_families, f"seq_four_{strategy}", "flux", strategy, cfg=cfg,
+           devices="cpu:4", degrees=degrees)
