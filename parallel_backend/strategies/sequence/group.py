@@ -21,7 +21,7 @@ import torch
 from ... import primitives
 from .ring import ring_attention
 from .shards import Shards
-from .traffic import Traffic
+from .traffic import Traffic, timed_wait
 from .ulysses import heads_per_rank, ulysses_attention
 from .usp import UspLayout, usp_attention
 
@@ -94,6 +94,7 @@ class SequenceGroup:
         dim = dim % piece.dim()
         shapes = [(*piece.shape[:dim], size, *piece.shape[dim + 1:]) for size in sizes]
         pieces = [piece] * self.degree
-        received = primitives.all_to_all(pieces, shapes, list(self.peers), self.index, self.device)
+        started = primitives.start_all_to_all(pieces, shapes, list(self.peers), self.index, self.device)
+        received = timed_wait(self.traffic, primitives.finish_all_to_all, started)
         self.traffic.record([piece] * (self.degree - 1))
         return shards.join(received, dim)

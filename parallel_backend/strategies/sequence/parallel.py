@@ -82,19 +82,40 @@ class SequenceStrategy(Strategy):
         return run
 
     def bench_figures(self, executor, loop, row: dict) -> dict:
-        """What crossed between devices per call (every rank's sends, summed) and how close the run came to the
-        ideal (one device's whole call over a rank's own compute for its shard): the share of the exchange that
-        stayed hidden behind compute shows as that percentage."""
+        """What crossed between devices per call (every rank's sends, summed), how long the ranks sat waiting
+        for it (the slowest rank; the exchange not hidden behind compute) against the same bytes exchanged
+        alone (probe.py), and how close the run came to the ideal (one device's whole call over a rank's own
+        compute for its shard, the exchange stubbed out)."""
         import statistics
 
-        moved = statistics.median(c["bytes"] for c in loop.calls) if loop.calls else 0
-        summary = (f"{self.name}: {moved / 2**20:.2f} MiB between devices per call; "
+        from .probe import probe_plan
+
+        calls = loop.calls or [{"bytes": 0, "wait": 0.0, "extra": {}, "mesh": None}]
+        moved = statistics.median(c["bytes"] for c in calls)
+        exposed = statistics.median(c["wait"] for c in calls)
+        first = calls[-1].get("extra", {}).get(0, {})
+        mesh = calls[-1]["mesh"]
+        alone = 0.0
+        if mesh is not None and mesh.inner > 1 and first.get("bytes"):
+            replies = executor.engine.request(probe_plan(mesh, first["bytes"], first["passes"]),
+                                              "timing an exchange", collective=True)
+            alone = max(r["transfer_seconds"] for r in replies.values())
+        hidden = max(0.0, 1.0 - exposed / alone) if alone > 0 else None
+        waits = f"waited {1000 * exposed:.1f} ms"
+        if hidden is not None:
+            waits += (f" on an exchange that takes {1000 * alone:.1f} ms alone ("
+                      + (f"{100 * hidden:.0f}% of it hidden behind compute)" if exposed < alone else
+                         "the waits beyond it are ranks waiting for a slower peer)"))
+        summary = (f"{self.name}: {moved / 2**20:.2f} MiB between devices per call; {waits}; "
                    f"{100 * row['speedup_vs_serial'] / row['ideal_speedup']:.0f}% of the ideal with the exchange "
                    "stubbed out")
-        return {"transfer_bytes_per_call_median": moved, "summary": summary}
+        return {"transfer_bytes_per_call_median": moved, "exposed_wait_seconds_per_call_median": exposed,
+                "transfer_seconds_alone": alone, "hidden_fraction": hidden, "summary": summary}
 
     def worker_handlers(self) -> dict:
-        return {SequenceForward: run_sequence_forward}
+        from .probe import ProbeExchange, run_probe
+
+        return {SequenceForward: run_sequence_forward, ProbeExchange: run_probe}
 
 
 def ulysses_degree(mesh) -> int:
@@ -120,5 +141,6 @@ def run_sequence_forward(worker, message: SequenceForward):
         out = sequence_runner(family)(module, message.call.to(worker.device), group)
     synchronize(worker.device)
     traffic = group.traffic
-    return Computed(out if message.index == 0 else None, time.perf_counter() - started,
-                    bytes_sent=traffic.bytes_sent, extra={"passes": traffic.passes, "messages": traffic.messages})
+    return Computed(out if message.index == 0 else None, time.perf_counter() - started - traffic.waited_s,
+                    traffic.waited_s, traffic.bytes_sent, extra={"passes": traffic.passes, "messages": traffic.messages,
+                                                  "bytes": traffic.bytes_sent})

@@ -21,7 +21,7 @@ import torch
 from ... import primitives
 from .attention import block_attention, merge
 from .shards import Blocks, Shards
-from .traffic import Traffic
+from .traffic import Traffic, timed_wait
 
 
 @dataclass(frozen=True)
@@ -85,6 +85,6 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shards: Sh
                 traffic.record(list(block))
         mask = None if key_mask is None else key_mask[:, shards.positions(step.holds)]
         accumulator.add(*block, mask)
-        primitives.wait_all(handles)
+        timed_wait(traffic, primitives.wait_all, handles)
         block = arriving
     return accumulator.result()[0].to(q.dtype)

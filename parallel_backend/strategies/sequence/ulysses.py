@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from ... import primitives
 from .shards import Blocks, Shards
-from .traffic import Traffic
+from .traffic import Traffic, timed_wait
 
 HEADS, TOKENS = -3, -2  # dims of (..., H, L, D)
 
@@ -93,14 +93,14 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shards:
     chunks = group // chunk
     incoming, outgoing = [start(0)], []
     for c in range(chunks):
-        received = primitives.finish_all_to_all(incoming[c])
+        received = timed_wait(traffic, primitives.finish_all_to_all, incoming[c])
         if c + 1 < chunks:
             incoming.append(start(c + 1))
         gq, gk, gv = join_tokens(received).unbind(0)
         out = attend(gq, gk, gv, key_mask, scale)
         shapes = [(batch, chunk, shards.sizes[index], out.shape[-1])] * shards.degree
         outgoing.append(primitives.start_all_to_all(to_tokens(out, shards), shapes, peers, index, q.device))
-    returned = [primitives.finish_all_to_all(started) for started in outgoing]
+    returned = [timed_wait(traffic, primitives.finish_all_to_all, started) for started in outgoing]
     for direction in (incoming, outgoing):  # one all-to-all each way, whatever the chunks
         _count(traffic, [torch.cat([started[2][s] for started in direction], HEADS)
                          for s in range(shards.degree)], index)
