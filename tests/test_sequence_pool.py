@@ -89,8 +89,9 @@ def test_sequence_strategies_refuse_unets_and_families_without_a_split_before_an
 
     with pytest.raises(ValueError, match="token sequence of transformers \\(DiTs\\) only, and this model is a UNet"):
         strategies.get(strategy).check_family("diffusers_unet")
-    with pytest.raises(ValueError, match="no sequence split for sd3 models in diffusers yet"):
-        strategies.get(strategy).check_family("diffusers_dit:sd3")
+    with pytest.raises(ValueError, match="no sequence split for sd3 models in ComfyUI yet"):
+        strategies.get(strategy).check_family("comfy_dit:sd3")
+    strategies.get(strategy).check_family("diffusers_dit:sd3")  # every diffusers transformer family has one
 
 
 def test_degrees_of_another_strategys_axis_are_refused():
