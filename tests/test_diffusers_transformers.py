@@ -99,7 +99,8 @@ def wan(i2v: bool = False) -> Case:
                 batch=dict(num_videos_per_prompt=2, guidance_scale=1.0), images="frames")
 
 
-def qwen_image(negative_tokens: int = 6) -> Case:
+def qwen_image(negative_tokens: int = 6, padded: bool = False) -> Case:
+    """padded: text masks with padding (the cond text's last 2 tokens, a hole in the negative text's)."""
     from diffusers import (AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline,
                            QwenImageTransformer2DModel)
 
@@ -110,9 +111,13 @@ def qwen_image(negative_tokens: int = 6) -> Case:
     vae = AutoencoderKLQwenImage(base_dim=4, z_dim=4, dim_mult=[1, 2, 4], num_res_blocks=1,
                                  temperal_downsample=[False, True], latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
     pipe = QwenImagePipeline(FlowMatchEulerDiscreteScheduler(), vae, None, None, transformer)
-    return Case(pipe, dict(height=32, width=32, prompt_embeds=_embeds(1, 6, 16, seed=1)),
-                guided=dict(negative_prompt_embeds=_embeds(1, negative_tokens, 16, seed=3), true_cfg_scale=4.0),
-                batch=dict(num_images_per_prompt=2, true_cfg_scale=1.0))
+    inputs = dict(height=32, width=32, prompt_embeds=_embeds(1, 6, 16, seed=1))
+    guided = dict(negative_prompt_embeds=_embeds(1, negative_tokens, 16, seed=3), true_cfg_scale=4.0)
+    if padded:
+        inputs["prompt_embeds_mask"] = torch.tensor([[1, 1, 1, 1, 0, 0]])
+        guided["negative_prompt_embeds_mask"] = torch.ones(1, negative_tokens, dtype=torch.long)
+        guided["negative_prompt_embeds_mask"][0, 1] = 0
+    return Case(pipe, inputs, guided=guided, batch=dict(num_images_per_prompt=2, true_cfg_scale=1.0))
 
 
 PIPELINES = {"flux": flux, "sd3": sd3, "wan": wan, "wan_i2v": lambda: wan(i2v=True), "qwen_image": qwen_image}
@@ -193,11 +198,14 @@ def test_a_pipeline_without_a_supported_denoiser_is_refused_before_any_process_s
     assert pipe.unet is unet and type(pipe) is DDPMPipeline
 
 
+SEQUENCE_PIPELINES = {"flux": flux, "wan": wan, "sd3": sd3, "qwen_image padded": lambda: qwen_image(padded=True)}
+
+
 @pytest.mark.parametrize("strategy", ["ulysses", "ring"])
-@pytest.mark.parametrize("name", ["flux", "wan"])
+@pytest.mark.parametrize("name", list(SEQUENCE_PIPELINES))
 def test_a_sequence_split_pipeline_equals_plain(cpu_pool, monkeypatch, name, strategy):
-    """parallelize with ulysses / ring: each transformer call (here the guided pair, joined) split by its token
-    sequence over both workers."""
+    """parallelize with ulysses / ring: each transformer call (here the guided pair, joined; SD3's own [uncond;
+    cond] rows) split by its token sequence over both workers; Qwen-Image's text padding as a key mask."""
     from parallel_backend.engine import ParallelExecutor
 
     split, run = [], ParallelExecutor.run
@@ -208,7 +216,7 @@ def test_a_sequence_split_pipeline_equals_plain(cpu_pool, monkeypatch, name, str
         return result
 
     monkeypatch.setattr(ParallelExecutor, "run", run_recording_the_split)
-    case = PIPELINES[name]()
+    case = SEQUENCE_PIPELINES[name]()
     case.pipe.set_progress_bar_config(disable=True)
     reference = _generate(case, "cfg")
     parallelize(case.pipe, ParallelConfig("cpu:2", strategy), pool=cpu_pool)

@@ -19,6 +19,7 @@ from typing import Callable
 import torch
 
 from .diffusers_sequence import flux_sequence, wan_sequence
+from .diffusers_sequence_joint import qwen_image_sequence, sd3_sequence
 
 ADAPTER = "diffusers_dit"
 
@@ -42,11 +43,12 @@ FAMILIES = (
     Family("flux", "Flux.1", ("FluxTransformer2DModel",), ("FluxPipeline",),
            shared=frozenset({"img_ids", "txt_ids", "joint_attention_kwargs"}), sequence=flux_sequence),
     Family("sd3", "SD3 / SD3.5", ("SD3Transformer2DModel",), ("StableDiffusion3Pipeline",),
-           shared=frozenset({"joint_attention_kwargs", "skip_layers"})),
+           shared=frozenset({"joint_attention_kwargs", "skip_layers"}), sequence=sd3_sequence),
     Family("wan", "Wan 2.1 / 2.2", ("WanTransformer3DModel",), ("WanPipeline", "WanImageToVideoPipeline"),
            shared=frozenset({"attention_kwargs"}), sequence=wan_sequence),
     Family("qwen_image", "Qwen-Image", ("QwenImageTransformer2DModel",), ("QwenImagePipeline",),
-           shared=frozenset({"attention_kwargs"}), row_lists=frozenset({"img_shapes", "txt_seq_lens"})),
+           shared=frozenset({"attention_kwargs"}), row_lists=frozenset({"img_shapes", "txt_seq_lens"}),
+           sequence=qwen_image_sequence),
 )
 
 

@@ -28,7 +28,10 @@ Where the cut and the gather sit, without copying diffusers' forward:
   the one attention issued inside each marked module (forward pre/post hooks), and passes every other call,
   from any module or thread, to diffusers' own. A marked module that issues no attention or two (an
   IP-adapter processor, a processor that does not use the dispatcher) raises instead of computing a wrong
-  result; so does an attention mask, causal attention or dropout.
+  result; so does an attention mask, causal attention or dropout. A runner that knows which keys a model masks
+  (Qwen-Image's text padding) keeps the mask from the model and gives it to `split_attention` as a key mask.
+
+Qwen-Image and SD3 / SD3.5: diffusers_sequence_joint.py.
 """
 
 from __future__ import annotations
@@ -105,6 +108,7 @@ class _Route:
 
     group: object
     shards: object
+    key_mask: torch.Tensor | None = None  # (B, L) bool over the whole joint sequence; True: the key takes part
     module: str = ""
     dispatched: int = -1  # -1: no marked module is running
 
@@ -125,10 +129,11 @@ _INSTALLED: dict[int, list] = {}  # id(module globals) -> [globals, diffusers' d
 
 
 @contextmanager
-def split_attention(modules, group, shards):
+def split_attention(modules, group, shards, key_mask: torch.Tensor | None = None):
     """While inside, the one attention each of `modules` dispatches is computed by `group` over `shards`
-    (q, k, v: this rank's tokens in `shards`' local order); every other attention is diffusers' own."""
-    route = _Route(group, shards)
+    (q, k, v: this rank's tokens in `shards`' local order), its keys masked by `key_mask` (B, L) bool over the
+    whole joint sequence when given; every other attention is diffusers' own."""
+    route = _Route(group, shards, key_mask)
     names = [_namespace(module) for module in modules]
     with ExitStack() as stack:
         for index, module in enumerate(modules):
@@ -186,6 +191,6 @@ def _dispatcher(original):
             raise ValueError("sequence parallel takes no attention mask, causal attention or dropout in "
                              f"{route.module}; run this call without a sequence split")
         q, k, v = (t.transpose(1, 2) for t in (query, key, value))
-        return route.group.attention(q, k, v, route.shards, scale=scale).transpose(1, 2)
+        return route.group.attention(q, k, v, route.shards, key_mask=route.key_mask, scale=scale).transpose(1, 2)
 
     return dispatch
