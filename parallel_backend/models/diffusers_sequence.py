@@ -39,9 +39,10 @@ from __future__ import annotations
 import threading
 from contextlib import ExitStack, contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass
 
 import torch
+
+from .attention_route import Route, marked
 
 DISPATCH = "dispatch_attention_fn"
 IMAGE_TOKEN_LISTS = ("controlnet_block_samples", "controlnet_single_block_samples")  # Flux: (B, L_img, dim) each
@@ -102,28 +103,7 @@ def wan_sequence(model, call, group) -> torch.Tensor:
                      return_dict=False, **call.extras)[0]
 
 
-@dataclass
-class _Route:
-    """The group attention of one call: armed while a marked module runs, which must dispatch exactly once."""
-
-    group: object
-    shards: object
-    key_mask: torch.Tensor | None = None  # (B, L) bool over the whole joint sequence; True: the key takes part
-    module: str = ""
-    dispatched: int = -1  # -1: no marked module is running
-
-    def arm(self, name: str) -> None:
-        self.module, self.dispatched = name, 0
-
-    def disarm(self) -> None:
-        if self.dispatched != 1:
-            raise RuntimeError(f"sequence parallel: {self.module} issued {self.dispatched} attentions through "
-                               f"diffusers' {DISPATCH}; it must issue exactly one (IP-adapter and custom attention "
-                               "processors are not supported)")
-        self.dispatched = -1
-
-
-_ROUTE: ContextVar[_Route | None] = ContextVar("tandem_sequence_route", default=None)
+_ROUTE: ContextVar[Route | None] = ContextVar("tandem_sequence_route", default=None)
 _LOCK = threading.Lock()
 _INSTALLED: dict[int, list] = {}  # id(module globals) -> [globals, diffusers' dispatcher, users]
 
@@ -133,15 +113,10 @@ def split_attention(modules, group, shards, key_mask: torch.Tensor | None = None
     """While inside, the one attention each of `modules` dispatches is computed by `group` over `shards`
     (q, k, v: this rank's tokens in `shards`' local order), its keys masked by `key_mask` (B, L) bool over the
     whole joint sequence when given; every other attention is diffusers' own."""
-    route = _Route(group, shards, key_mask)
+    route = Route(group, shards, via=f"diffusers' {DISPATCH}", key_mask=key_mask)
     names = [_namespace(module) for module in modules]
     with ExitStack() as stack:
-        for index, module in enumerate(modules):
-            label = f"{type(module).__name__} {index}"
-            stack.enter_context(module.register_forward_pre_hook(lambda *_, label=label: route.arm(label)))
-            stack.enter_context(module.register_forward_hook(lambda *_: route.disarm()))
-        token = _ROUTE.set(route)
-        stack.callback(_ROUTE.reset, token)
+        stack.enter_context(marked(modules, route, _ROUTE))
         for namespace in {id(n): n for n in names}.values():
             _install(namespace)
             stack.callback(_uninstall, namespace)
@@ -181,16 +156,13 @@ def _dispatcher(original):
 
     def dispatch(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, *args, **kwargs):
         route = _ROUTE.get()
-        if route is None or route.dispatched < 0:
+        if route is None or not route.armed:
             return original(query, key, value, attn_mask, dropout_p, is_causal, scale, *args, **kwargs)
-        route.dispatched += 1
-        if route.dispatched > 1:
-            raise RuntimeError(f"sequence parallel: {route.module} issued a second attention; only one per "
-                               "attention module can be split")
+        shards = route.take()
         if attn_mask is not None or is_causal or dropout_p:
             raise ValueError("sequence parallel takes no attention mask, causal attention or dropout in "
                              f"{route.module}; run this call without a sequence split")
         q, k, v = (t.transpose(1, 2) for t in (query, key, value))
-        return route.group.attention(q, k, v, route.shards, key_mask=route.key_mask, scale=scale).transpose(1, 2)
+        return route.group.attention(q, k, v, shards, key_mask=route.key_mask, scale=scale).transpose(1, 2)
 
     return dispatch
