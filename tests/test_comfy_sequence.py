@@ -1,4 +1,4 @@
-"""The ComfyUI sequence split's host-independent parts (models/comfy_sequence.py): the attention override that
+"""The ComfyUI sequence split's host-independent parts (models/comfy_sequence/): the attention override that
 ComfyUI's attention hands its calls to, ComfyUI's masks as key masks, per-frame modulation spread over tokens.
 Pure: a sequence group of degree 1 exchanges nothing. The split itself, on every family, against the stock
 KSampler: tests/comfy/test_sequence_families.py.

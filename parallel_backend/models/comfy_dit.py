@@ -45,7 +45,7 @@ class Family:
 
     @property
     def sequence(self):
-        """`run(model, call, group)` with the token sequence split (comfy_sequence.py), or None."""
+        """`run(model, call, group)` with the token sequence split (models/comfy_sequence/), or None."""
         from .comfy_sequence import RUNNERS
 
         return RUNNERS.get(self.name)

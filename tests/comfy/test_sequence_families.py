@@ -4,7 +4,7 @@ classes, fixture_nodes/families.py), at cfg 1 (the case it exists for) and cfg >
 the degree does not divide) and on several video frames.
 
 Equality here proves the split ran: each worker computes only its shard of the tokens, and a split module that
-issued no group attention raises (models/comfy_sequence.py), so a worker that skipped the exchange could not
+issued no group attention raises (models/comfy_sequence/), so a worker that skipped the exchange could not
 produce the stock latents.
 """
 
@@ -79,3 +79,17 @@ def test_usp_and_cfg_times_ulysses_on_four_workers(comfy_server, comfy, host_fam
                          else ("ulysses", {"cfg_degree": 2, "ulysses": 2}))
     _check(comfy_server, comfy, host_families, f"seq_four_{strategy}", "flux", strategy, cfg=cfg,
            devices="cpu:4", degrees=degrees)
+
+
+def test_ulysses_that_does_not_divide_the_heads_is_refused_naming_ring(comfy_server, comfy, host_families):
+    """The tiny Flux has 2 attention heads: ulysses over 3 workers cannot split them. The run fails before any
+    step, with the sentence that names ring (auto would pick ring there)."""
+    if "flux" not in host_families:
+        pytest.skip("this ComfyUI has no comfy.supported_models.Flux (flux)")
+    workflow = comfy.family_workflow("TandemKSampler", "seq_heads_refused", "ulysses", family="flux", cfg=1.0,
+                                     steps=STEPS, devices="cpu:3", degrees={"ulysses": 3})
+    result = comfy_server.run(workflow)
+    errors = [m[1] for m in result["status"]["messages"] if m[0] == "execution_error"]
+    assert result["status"]["status_str"] == "error" and errors, result["status"]
+    message = errors[0]["exception_message"]
+    assert "ulysses degree 3 does not divide the model's 2 attention heads: use ring" in message, message
