@@ -123,6 +123,10 @@ def test_bench_measures_ulysses_and_ring_at_cfg_1_with_outputs_equal_to_one_devi
         assert row["job"] == {"images": 1, "cfg": 1.0}
         assert row["max_abs_diff_vs_serial"] <= 1e-4  # flow-matching latents are of scale ~1
         assert row["transfer_bytes_per_call_median"] > 0 and "of the ideal with the exchange stubbed out" in row["summary"]
+        # the exchange alone (a probe of the call's bytes) and what the ranks waited for it, per call
+        assert row["transfer_seconds_alone"] > 0 and row["exposed_wait_seconds_per_call_median"] > 0
+        assert f"exchange that takes {1000 * row['transfer_seconds_alone']:.1f} ms alone" in row["summary"]
+        assert len(row["peak_memory_bytes_per_device"]) == 2
 
 
 def test_bench_measures_usp_two_by_two_with_outputs_equal_to_one_device():
