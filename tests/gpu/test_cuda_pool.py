@@ -77,3 +77,32 @@ def test_the_worker_on_the_hosts_gpu_maps_the_hosts_weights():
         # less than a copy of the weights
         assert 0 < pool.peak_memory[0] < weights
     torch.testing.assert_close(result.cpu(), reference.cpu(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("dtype, atol", [(torch.float32, 2e-5), (torch.float16, 2e-3)])
+def test_block_attention_on_cuda_merges_to_full_attention(dtype, atol):
+    """The CUDA kernel that returns the log-sum-exp (memory-efficient attention, its lse padded along the
+    queries) against torch's attention: two key blocks merged equal attention to all keys, with odd lengths."""
+    from parallel_backend.strategies.sequence.attention import block_attention, merge
+
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(2, 4, n, 64, device="cuda", dtype=dtype, generator=generator) for n in (37, 53, 53))
+    whole = torch.nn.functional.scaled_dot_product_attention(q, k, v).float()
+    out, _ = merge(block_attention(q, k[:, :, :20], v[:, :, :20]), block_attention(q, k[:, :, 20:], v[:, :, 20:]))
+    torch.testing.assert_close(out, whole, atol=atol, rtol=atol)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices (NCCL refuses two ranks on one GPU)")
+@pytest.mark.parametrize("strategy", ["ulysses", "ring"])
+def test_sequence_split_on_two_gpus_equals_one(strategy):
+    """ulysses and ring over NCCL: every exchange posted in the order the peer posts its receives (NCCL ignores
+    tags), and the local-first Ulysses overlapping both all-to-alls with attention; equal to one device."""
+    model = build_bench_model("flux-small", torch.float16)
+    model.module.to("cuda:0")
+    resolution = (256, 256)
+    job = job_for(strategy, cfg=1.0)
+    reference = run_loop(model, job, resolution, steps=2, repeats=0).latents
+    with WorkerPool("cuda:0,cuda:1") as pool:
+        executor = ParallelExecutor(pool, ParallelConfig("cuda:0,cuda:1", strategy))
+        result = run_loop(model, job, resolution, steps=2, repeats=0, executor=executor).latents
+    torch.testing.assert_close(result.cpu().float(), reference.cpu().float(), atol=2e-2, rtol=2e-2)
