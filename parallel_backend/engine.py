@@ -88,9 +88,18 @@ class Engine:
             fingerprint: str | None = None) -> CallResult:
         """Runs one model call on the pool as `config` says; ships the model first if the workers lack it."""
         with self._lock:
+            refused = _sequence_refusal(family, call)
             if config.strategy != "auto":  # auto splits the sequence only of a model that has a sequence split
-                strategies.get(config.strategy).check_family(family)  # before any weights travel
-            mesh = resolve(config, self.device_count(), call.branches, call.rows, sequence_hint(module, family))
+                strategy = strategies.get(config.strategy)
+                strategy.check_family(family)  # before any weights travel
+                if strategy.splits_tokens and refused:
+                    raise ValueError(f"strategy {config.strategy!r} cannot split this call by tokens: it has "
+                                     f"{refused}; use cfg, batch or auto for it")
+            hint = None if refused else sequence_hint(module, family)
+            if refused and config.strategy == "auto":
+                self._say(f"Tandem: auto keeps this call to whole rows (cfg, batch): it has {refused}, which a "
+                          "split by tokens cannot take")
+            mesh = resolve(config, self.device_count(), call.branches, call.rows, hint)
             fingerprint = self.pool.ensure_model(module, family, fingerprint)
             self._say_once(mesh)
             strategy = strategies.get(mesh.strategy)
@@ -113,9 +122,19 @@ class Engine:
             idle = ", ".join(f"{devices[r]} (worker {r})" for r in range(mesh.size, len(devices)))
             notes.append(f"Tandem: {mesh.describe()}: {idle} sit(s) out: this call cannot use more devices")
         for note in notes:
-            if note not in self._said:
-                self._said.add(note)
-                log.info(note)
+            self._say(note)
+
+    def _say(self, note: str) -> None:
+        if note not in self._said:
+            self._said.add(note)
+            log.info(note)
+
+
+def _sequence_refusal(family: str, call: ModelCall) -> str | None:
+    """Why a call of a family that can split its token sequence cannot have it split (models.sequence_refusal)."""
+    from .models import sequence_refusal, sequence_runner
+
+    return sequence_refusal(family, call) if sequence_runner(family) is not None else None
 
 
 def sequence_hint(module, family: str) -> SequenceHint | None:

@@ -134,3 +134,30 @@ def test_controlnet_residuals_are_refused_before_the_model_runs():
     group = SequenceGroup("ring", (0,), 0, "cpu")
     with pytest.raises(ValueError, match="ControlNet residuals .* use cfg or batch"):
         comfy_sequence._call(_unreachable, call, group, [], comfy_sequence._new_route(group))
+
+
+@pytest.mark.parametrize("family, extras, says", [
+    ("wan", {"control": {"input": []}}, "ControlNet residuals"),
+    ("flux", {"attention_mask": torch.ones(1, 4)}, "an attention mask"),
+    ("qwen_image", {"ref_latents": [torch.zeros(1)], "ref_latents_method": "index_timestep_zero"}, "zero timestep"),
+    ("hunyuan_video", {"guiding_frame_index": 0}, "a guiding frame"),
+    ("lumina", {"ref_latents": [torch.zeros(1)]}, "reference latents"),
+])
+def test_inputs_a_split_cannot_take_are_named_before_the_call(family, extras, says):
+    assert says in comfy_sequence.refusal(family, extras)
+    assert comfy_sequence.refusal(family, {"control": None, "ref_latents": [], "guidance": torch.ones(1)}) is None
+
+
+def test_a_named_sequence_strategy_refuses_such_a_call_before_any_weights_travel():
+    from parallel_backend.calls import ModelCall
+    from parallel_backend.config import ParallelConfig
+    from parallel_backend.engine import ParallelExecutor
+    from parallel_backend.pool import WorkerPool
+
+    call = ModelCall(torch.zeros(1, 4, 2, 2), torch.zeros(1), torch.zeros(1, 3, 8),
+                     extras={"control": {"input": [torch.zeros(1)]}})
+    with WorkerPool("cpu:2") as pool:
+        with pytest.raises(ValueError, match="cannot split this call by tokens: it has ControlNet residuals .*use "
+                                             "cfg, batch or auto"):
+            ParallelExecutor(pool, ParallelConfig("cpu:2", "ring")).run(torch.nn.Identity(), "comfy_dit:flux", call)
+        assert pool.stats.model_loads == 0  # nothing was shipped

@@ -37,6 +37,14 @@ def attention_heads(family: str, module) -> int | None:
     return None if heads is None else heads(module)
 
 
+def sequence_refusal(family: str, call) -> str | None:
+    """Why this call cannot have its token sequence split although its family can (a ControlNet's residuals,
+    a mask the split cannot take ...), where the adapter can tell before the call (`sequence_refusal` in the
+    adapter module); None: it can, or the adapter checks on the workers."""
+    refuse = getattr(adapter(family), "sequence_refusal", None)
+    return None if refuse is None else refuse(family, call)
+
+
 def sequence_runner(family: str) -> Callable | None:
     """The function `run(module, call, group) -> output` that runs a model of `family` with its token sequence
     split over a strategies.sequence group, or None where the family has none (yet)."""

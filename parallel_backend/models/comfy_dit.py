@@ -100,6 +100,13 @@ def attention_heads(module) -> int | None:
     return None if family is None else heads(family.name, module)
 
 
+def sequence_refusal(family: str, call) -> str | None:
+    """Why this call of a ComfyUI family cannot have its token sequence split (one phrase), or None."""
+    from .comfy_sequence import refusal
+
+    return refusal(family.split(":", 1)[-1], call.extras)
+
+
 def unsupported_reason(module) -> str | None:
     """One sentence when Tandem cannot split this model, else None."""
     if recognise(module) is None:

@@ -93,3 +93,23 @@ def test_ulysses_that_does_not_divide_the_heads_is_refused_naming_ring(comfy_ser
     assert result["status"]["status_str"] == "error" and errors, result["status"]
     message = errors[0]["exception_message"]
     assert "ulysses degree 3 does not divide the model's 2 attention heads: use ring" in message, message
+
+
+def test_a_call_a_split_cannot_take_stays_on_whole_rows_under_auto_and_is_refused_by_name(comfy_server, comfy,
+                                                                                        host_families):
+    """Qwen-Image with a text padding mask: auto keeps the call to whole rows (here batch on one worker) and
+    says why; ring named in the Settings node refuses it before any step, naming the mask."""
+    if "qwen_image_masked" not in host_families:
+        pytest.skip("this ComfyUI has no comfy.supported_models.QwenImage (qwen_image)")
+    stock, tandem = comfy.run_pair(comfy_server, "seq_masked_auto", "auto", kind="family",
+                                   family="qwen_image_masked", steps=STEPS, cfg=1.0)
+    comfy.assert_same_latents(tandem, stock)
+    if comfy_server.get("/tandem/status")["last_run"]["mesh"].startswith("ulysses"):
+        pytest.skip("this ComfyUI's Qwen-Image does not hand the text attention mask to its model (v0.8's "
+                    "extra_conds ignores it), so the call has none to refuse")
+    assert comfy_server.get("/tandem/status")["last_run"]["mesh"].startswith("batch")
+    assert "auto keeps this call to whole rows (cfg, batch): it has a text attention mask" in comfy_server.log_since(0)
+    result = comfy_server.run(comfy.family_workflow("TandemKSampler", "seq_masked_ring", "ring",
+                                                    family="qwen_image_masked", cfg=1.0, steps=STEPS))
+    errors = [m[1] for m in result["status"]["messages"] if m[0] == "execution_error"]
+    assert errors and "cannot split this call by tokens: it has a text attention mask" in errors[0]["exception_message"]

@@ -84,3 +84,26 @@ def _refuse(named: dict, names, model: str) -> None:
         if named.get(name) is not None:
             raise ValueError(f"sequence parallel does not split a {model} call with {name} (it addresses tokens by "
                              "position); use cfg or batch")
+
+
+# Inputs a family's split refuses (the runners raise on them on the workers): checked on the host first, so
+# `auto` keeps such a call on cfg / batch and a named sequence strategy refuses it before any work.
+_CONTROL = ("control", "ControlNet residuals (added to tokens by position)")
+REFUSED_INPUTS = {
+    "flux": (_CONTROL, ("attention_mask", "an attention mask")),
+    "chroma": (_CONTROL, ("attention_mask", "an attention mask")),
+    "qwen_image": (_CONTROL, ("attention_mask", "a text attention mask")),
+    "hunyuan_video": (_CONTROL, ("ref_latent", "a reference latent"), ("guiding_frame_index", "a guiding frame")),
+    "lumina": (_CONTROL, ("ref_latents", "reference latents")),
+}
+
+
+def refusal(family: str, extras: dict) -> str | None:
+    """Why a call of `family` with these inputs cannot be split by tokens (one phrase), or None."""
+    for name, what in REFUSED_INPUTS.get(family, (_CONTROL,)):
+        value = extras.get(name)
+        if value is not None and not (isinstance(value, (list, tuple)) and not value):
+            return f"{what} ({name})"
+    if extras.get("ref_latents") and extras.get("ref_latents_method") == "index_timestep_zero":
+        return "reference latents on a zero timestep (ref_latents_method index_timestep_zero)"
+    return None

@@ -101,6 +101,13 @@ FAMILIES = {
                                  "num_layers": 2, "attention_head_dim": 128, "num_attention_heads": 2,
                                  "joint_attention_dim": 64, "axes_dims_rope": (16, 56, 56)},
                    (64, None, None), IMAGE_16),
+    # Qwen-Image with a text attention mask (padding): a call a split by tokens in ComfyUI cannot take
+    "qwen_image_masked": ("QwenImage", {"image_model": "qwen_image", "patch_size": 2, "in_channels": 64,
+                                        "out_channels": 16, "num_layers": 2, "attention_head_dim": 128,
+                                        "num_attention_heads": 2, "joint_attention_dim": 64,
+                                        "axes_dims_rope": (16, 56, 56)},
+                          (64, None, lambda g: {"attention_mask": torch.tensor([[1] * (TOKENS - 2) + [0, 0]])}),
+                          IMAGE_16),
     "wan21_t2v": ("WAN21_T2V", _wan(), (4096, None, None), VIDEO_16),
     # Wan 2.1 i2v: image and mask channels concatenated to the latent, and CLIP vision tokens in the context
     "wan21_i2v": ("WAN21_I2V", _wan(model_type="i2v", in_dim=36),
