@@ -91,6 +91,25 @@ def test_ring_hides_its_transfer_behind_the_block_attention_only_when_shorter():
     assert exposed == pytest.approx(6 * 0.0015)
 
 
+def test_ulysses_hides_its_exchanges_behind_the_own_block_attentions_only_when_shorter():
+    half = 640 * 512 * 4 // 2  # half of one rank's q (its other rank's heads)
+    link = Link("exact", 3 * half / 0.003, 0.0, "made up")  # q, k, v out: 3 ms; the output back: 1 ms
+    mesh = Mesh("ulysses", 1, 1, (2,), 2)
+    gather = FLUX_512.output_bytes / 2 / link.bandwidth
+    # own block: 1/N^3 of the attention: 0.04 / 8 = 5 ms hides both; 0.016 / 8 = 2 ms leaves 1 ms of q, k, v out
+    assert predict(flux_inputs(link, attention_s=0.04), mesh).exposed_seconds - gather == pytest.approx(
+        host_seconds(link, mesh))
+    exposed = predict(flux_inputs(link, attention_s=0.016), mesh).exposed_seconds - gather - host_seconds(link, mesh)
+    assert exposed == pytest.approx(6 * 0.001)
+
+
+def test_on_a_free_link_every_sequence_split_reaches_its_device_count():
+    found = {c.label(): c.predicted_speedup for c in candidates(flux_inputs(FAST), 4)}
+    for label, devices in (("ulysses (cfg 1 x batch 1 x ulysses 4)", 4), ("ring (cfg 1 x batch 1 x ring 3)", 3),
+                           ("usp (cfg 1 x batch 1 x ring 2 x ulysses 2)", 4)):
+        assert found[label] == pytest.approx(devices, rel=1e-5)
+
+
 def host_seconds(link, mesh) -> float:
     return link.seconds(2 * FLUX_512.input_bytes, 2) + link.seconds(FLUX_512.output_bytes, 1)
 

@@ -21,7 +21,7 @@ by the group's size; asyncdiff by the layer profile's balanced cut; row strategi
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..strategies.asyncdiff.schedule import balance, stage_costs
 from .traffic import Traffic, group_rows, handover_peer, per_rank, sequence_peer
@@ -50,22 +50,21 @@ def rows_cost(inp, mesh) -> Cost:
 def sequence_cost(inp, mesh) -> Cost:
     degrees = mesh.degrees()
     u, r = degrees.get("ulysses", 1), degrees.get("ring", 1)
+    rows = [g for g in group_rows(mesh, inp.shape, inp.branches) if g]
+    worst = max((_sequence_group(inp, g, u, r) for g in rows), key=lambda cost: cost.busy)
+    memory = inp.weight_bytes + max(rows) * inp.activation_bytes_per_row // (u * r)
+    return replace(worst, traffic=Traffic(peer=sum(g * sequence_peer(inp.shape, u, r) for g in rows)), memory=memory)
+
+
+def _sequence_group(inp, rows: int, u: int, r: int) -> Cost:
+    """One sequence group of u x r ranks running `rows` rows (traffic and memory left to the caller)."""
     n = u * r
-    worst, peer = (0.0, 0.0, 0.0), 0
-    for g in group_rows(mesh, inp.shape, inp.branches):
-        if not g:
-            continue
-        attention = inp.attention_seconds * g
-        piece = g * per_rank(inp.shape.tokens, n) * inp.shape.width * inp.shape.itemsize  # q, k or v of a rank
-        exposed, alone = _attention_exposure(inp, piece, attention, u, r)
-        gather = inp.link.seconds(g * per_rank(inp.shape.output_bytes, n) * (n - 1), n - 1)
-        compute = inp.seconds(g) / n
-        exposed = inp.shape.attentions * exposed + gather
-        if compute + exposed > sum(worst[:2]):
-            worst = (compute, exposed, inp.shape.attentions * alone + gather)
-        peer += g * sequence_peer(inp.shape, u, r)
-    memory = inp.weight_bytes + max(group_rows(mesh, inp.shape, inp.branches)) * inp.activation_bytes_per_row // n
-    return Cost(worst[0] + worst[1], *worst, Traffic(peer=peer), memory)
+    piece = rows * per_rank(inp.shape.tokens, n) * inp.shape.width * inp.shape.itemsize  # a rank's q, k or v
+    exposed, alone = _attention_exposure(inp, piece, inp.attention_seconds * rows, u, r)
+    gather = inp.link.seconds(rows * per_rank(inp.shape.output_bytes, n) * (n - 1), n - 1)
+    compute = inp.seconds(rows) / n
+    exposed = inp.shape.attentions * exposed + gather
+    return Cost(compute + exposed, compute, exposed, inp.shape.attentions * alone + gather, Traffic(), 0)
 
 
 def _attention_exposure(inp, piece: int, attention: float, u: int, r: int) -> tuple[float, float]:
@@ -91,24 +90,26 @@ def _attention_exposure(inp, piece: int, attention: float, u: int, r: int) -> tu
 
 
 def staged_cost(inp, mesh) -> Cost:
-    """asyncdiff: the balanced cut of the layer profile (schedule.balance), per row group."""
-    stages = mesh.inner
-    worst, peer, memory = None, 0, 0
-    for g in group_rows(mesh, inp.shape, inp.branches):
-        if not g:
-            continue
-        whole = inp.seconds(g)
-        total = sum(inp.layer_seconds) or 1.0
-        costs = [whole * s / total for s in inp.layer_seconds]
-        cuts = balance(costs, stages)  # ValueError: more stages than layers
-        slowest = max(stage_costs(costs, cuts))
-        handovers = [inp.link.seconds(g * inp.shape.handover_bytes[c]) for c in cuts]
-        exposed = max(0.0, max(handovers) - slowest)
-        if worst is None or slowest + exposed > worst.busy:
-            worst = Cost(slowest + exposed, slowest, exposed, max(handovers), Traffic(), 0, whole + sum(handovers))
-        peer += handover_peer(inp.shape, cuts, g)
-        memory = max(memory, _stage_weights(inp, cuts) + g * inp.activation_bytes_per_row)
-    return Cost(worst.busy, worst.compute, worst.exposed, worst.transfer, Traffic(peer=peer), memory, worst.warm)
+    """asyncdiff: the balanced cut of the layer profile (schedule.balance), per row group; stride 1 (an exchange
+    every call)."""
+    rows = [g for g in group_rows(mesh, inp.shape, inp.branches) if g]
+    groups = [_staged_group(inp, g, mesh.inner) for g in rows]
+    worst = max((cost for cost, _ in groups), key=lambda cost: cost.busy)
+    peer = sum(handover_peer(inp.shape, cuts, g) for g, (_, cuts) in zip(rows, groups))
+    memory = max(_stage_weights(inp, cuts) + g * inp.activation_bytes_per_row for g, (_, cuts) in zip(rows, groups))
+    return replace(worst, traffic=Traffic(peer=peer), memory=memory)
+
+
+def _staged_group(inp, rows: int, stages: int) -> tuple[Cost, list[int]]:
+    """One chain of `stages` stages running `rows` rows, and its cuts (ValueError: more stages than layers)."""
+    whole = inp.seconds(rows)
+    total = sum(inp.layer_seconds) or 1.0
+    costs = [whole * s / total for s in inp.layer_seconds]
+    cuts = balance(costs, stages)
+    slowest = max(stage_costs(costs, cuts))
+    handovers = [inp.link.seconds(rows * inp.shape.handover_bytes[c]) for c in cuts]
+    exposed = max(0.0, max(handovers) - slowest)
+    return Cost(slowest + exposed, slowest, exposed, max(handovers), Traffic(), 0, whole + sum(handovers)), cuts
 
 
 def _stage_weights(inp, cuts: list[int]) -> int:
@@ -116,7 +117,7 @@ def _stage_weights(inp, cuts: list[int]) -> int:
     if not inp.layer_weight_bytes:
         return inp.weight_bytes
     shared = max(0, inp.weight_bytes - sum(inp.layer_weight_bytes))
-    return shared + max(stage_costs(list(inp.layer_weight_bytes), cuts))
+    return shared + int(max(stage_costs(list(inp.layer_weight_bytes), cuts)))
 
 
 COSTS = {"cfg": rows_cost, "batch": rows_cost, "ulysses": sequence_cost, "ring": sequence_cost,

@@ -5,6 +5,8 @@ time per call = the busiest device's compute + the exchange it cannot hide (plan
 the host's transfers to and from the devices (exposed) + the host's per-call overhead.
 A whole run adds what no split shares (Amdahl): `serial_seconds` (text encoder, VAE) once, and warm-up calls at
 their own cost (asyncdiff: the stages in turn). The one-device reference is the whole call, in process.
+Not modelled yet: asyncdiff's stride 2, work a sequence split repeats on every rank (Wan's text keys and values
+for cross-attention), devices sharing one link (a PCIe uplink), compute slowed by a concurrent transfer.
 """
 
 from __future__ import annotations
