@@ -79,28 +79,27 @@ def test_a_slow_link_makes_the_chooser_keep_one_device_and_say_why():
     assert "exchange not hidden" in choice.reason
 
 
-def test_ring_hides_its_transfer_behind_the_block_attention_only_when_shorter():
-    pass_bytes = 2 * 640 * 512 * 4  # k and v of one rank's 640 tokens
-    link = Link("exact", pass_bytes / 0.004, 0.0, "made up")  # one pass takes 4 ms
-    mesh = Mesh("ring", 1, 1, (2,), 2)
+def exchange_exposed(link: Link, strategy: str, attention_s: float) -> float:
+    """Seconds per call of a 2-device sequence split's attention exchanges not hidden behind compute (less the
+    output gather and the host's transfers, which are exposed whatever the attention)."""
+    mesh = Mesh(strategy, 1, 1, (2,), 2)
+    host = link.seconds(2 * FLUX_512.input_bytes, 2) + link.seconds(FLUX_512.output_bytes, 1)
     gather = FLUX_512.output_bytes / 2 / link.bandwidth
-    # block attention = 1/N^2 of the whole attention: 0.02 / 4 = 5 ms > 4 ms: hidden; 0.01 / 4 = 2.5 ms: 1.5 ms out
-    assert predict(flux_inputs(link, attention_s=0.02), mesh).exposed_seconds - gather == pytest.approx(
-        host_seconds(link, mesh))
-    exposed = predict(flux_inputs(link, attention_s=0.01), mesh).exposed_seconds - gather - host_seconds(link, mesh)
-    assert exposed == pytest.approx(6 * 0.0015)
+    return predict(flux_inputs(link, attention_s=attention_s), mesh).exposed_seconds - host - gather
+
+
+def test_ring_hides_its_transfer_behind_the_block_attention_only_when_shorter():
+    link = Link("exact", 2 * 640 * 512 * 4 / 0.004, 0.0, "made up")  # a pass (k, v of 640 tokens): 4 ms
+    # block attention = 1/N^2 of the whole attention: 0.02 / 4 = 5 ms hides it; 0.01 / 4 = 2.5 ms leaves 1.5 ms
+    assert exchange_exposed(link, "ring", 0.02) == pytest.approx(0.0, abs=1e-12)
+    assert exchange_exposed(link, "ring", 0.01) == pytest.approx(6 * 0.0015)
 
 
 def test_ulysses_hides_its_exchanges_behind_the_own_block_attentions_only_when_shorter():
-    half = 640 * 512 * 4 // 2  # half of one rank's q (its other rank's heads)
-    link = Link("exact", 3 * half / 0.003, 0.0, "made up")  # q, k, v out: 3 ms; the output back: 1 ms
-    mesh = Mesh("ulysses", 1, 1, (2,), 2)
-    gather = FLUX_512.output_bytes / 2 / link.bandwidth
+    link = Link("exact", 3 * 640 * 512 * 4 / 2 / 0.003, 0.0, "made up")  # q, k, v out: 3 ms; the output back: 1 ms
     # own block: 1/N^3 of the attention: 0.04 / 8 = 5 ms hides both; 0.016 / 8 = 2 ms leaves 1 ms of q, k, v out
-    assert predict(flux_inputs(link, attention_s=0.04), mesh).exposed_seconds - gather == pytest.approx(
-        host_seconds(link, mesh))
-    exposed = predict(flux_inputs(link, attention_s=0.016), mesh).exposed_seconds - gather - host_seconds(link, mesh)
-    assert exposed == pytest.approx(6 * 0.001)
+    assert exchange_exposed(link, "ulysses", 0.04) == pytest.approx(0.0, abs=1e-12)
+    assert exchange_exposed(link, "ulysses", 0.016) == pytest.approx(6 * 0.001)
 
 
 def test_on_a_free_link_every_sequence_split_reaches_its_device_count():
@@ -108,10 +107,6 @@ def test_on_a_free_link_every_sequence_split_reaches_its_device_count():
     for label, devices in (("ulysses (cfg 1 x batch 1 x ulysses 4)", 4), ("ring (cfg 1 x batch 1 x ring 3)", 3),
                            ("usp (cfg 1 x batch 1 x ring 2 x ulysses 2)", 4)):
         assert found[label] == pytest.approx(devices, rel=1e-5)
-
-
-def host_seconds(link, mesh) -> float:
-    return link.seconds(2 * FLUX_512.input_bytes, 2) + link.seconds(FLUX_512.output_bytes, 1)
 
 
 def test_cfg_speedup_is_the_batch_ratio_on_a_free_link_and_the_host_overhead_counts():
