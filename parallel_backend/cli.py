@@ -192,8 +192,10 @@ def cmd_plan(args) -> int:
     model = build_bench_model(args.model, frames=args.frames)
     resolution = resolution or parse_resolution(model.default_resolution)
     model.check_resolution(resolution)
-    model.module.to(devices[0])
     branches = 2 if cfg != 1.0 else 1
+    validation.fits_in_memory(f"resolution {resolution[0]}x{resolution[1]} for model {model.name}",
+                              model.memory_bytes(branches, resolution), devices[0], "choose a smaller --resolution")
+    model.module.to(devices[0])
     inputs = measure_inputs(model, resolution, branches, branches, link, len(devices), args.steps)
     found = candidates(inputs, len(devices))
     choice = choose(found)
@@ -321,6 +323,8 @@ def _add_knob_options(parser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .plan.links import CPU_DEFAULT, CUDA_DEFAULT, PROFILES
+
     parser = _Parser(prog="tandem", description="Tandem: multi-device diffusion sampling.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     gen = commands.add_parser("generate", help="text to image with the embedded digits model or a diffusers folder")
@@ -367,8 +371,8 @@ def build_parser() -> argparse.ArgumentParser:
                                             "with one-device measurements taken here) and choose")
     plan.add_argument("--model", default="small", help="a bench model: tiny, small, sd15, sdxl, flux-small, wan-small")
     plan.add_argument("--devices", default="cpu:2", help="'cuda:0,cuda:1', 'cpu:2' or 'auto'")
-    plan.add_argument("--link", default=None, help="pcie4x16, pcie5x16, nvlink-a100, nvlink-h100, ethernet-10g, "
-                      "ethernet-100g or loopback-gloo (default: loopback-gloo for CPU workers, pcie4x16 for GPUs)")
+    plan.add_argument("--link", default=None, help=f"{', '.join(PROFILES)} (default: {CPU_DEFAULT} for CPU workers, "
+                                                   f"{CUDA_DEFAULT} for GPUs)")
     plan.add_argument("--cfg", type=float, default=7.5, help="guidance scale, 1 to 100 (1: no uncond branch)")
     plan.add_argument("--resolution", default=None, help="pixels: 256 or 1024x768 (default: the model's)")
     plan.add_argument("--frames", type=int, default=None, help="video models (wan-small) only: frames per clip, 4k + 1")

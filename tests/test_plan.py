@@ -115,6 +115,9 @@ def test_cfg_speedup_is_the_batch_ratio_on_a_free_link_and_the_host_overhead_cou
     assert cfg.predicted_speedup == pytest.approx(0.1 / 0.055)
     slower = predict(Inputs(**{**inp.__dict__, "host_overhead_s": 0.045}), Mesh("cfg", 2, 1, (), 2))
     assert slower.predicted_speedup == pytest.approx(1.0)
+    # Amdahl: a text encoder + VAE as long as the 20 calls leave half the run unsplit
+    amdahl = predict(Inputs(**{**inp.__dict__, "serial_seconds": 2.0}), Mesh("cfg", 2, 1, (), 2))
+    assert amdahl.predicted_speedup_end_to_end == pytest.approx(4.0 / (2.0 + 20 * 0.055))
 
 
 def test_asyncdiff_splits_by_the_layer_profile_is_stale_and_pays_its_warmup_end_to_end():

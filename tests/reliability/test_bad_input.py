@@ -129,6 +129,7 @@ CLI_ROWS = [
     (PLAN + ["--resolution", "big"], 1, "resolution 'big': write pixels as 256 or 1024x768"),
     (PLAN + ["--resolution", "30"], 1, "resolution 30x30: model tiny needs multiples of 4 pixels"),
     (PLAN + ["--frames", "17"], 1, "model tiny makes still images"),
+    (PLAN + ["--resolution", "1024"], 1, "resolution 1024x1024 for model tiny needs at least", LOW_MEMORY),
     (PLAN + ["--steps", "0"], 1, "steps must be a whole number from 1 to 10000; got 0"),
     (PLAN + ["--devices", "cuda:0,cuda:1"], 1, "cuda:0, cuda:1 do not exist"),
     (PLAN + ["--devices", "gpu:0"], 1, "device 'gpu:0' is not understood"),
