@@ -59,10 +59,12 @@ PROFILES: dict[str, Link] = {link.name: link for link in (
     _profile("ethernet-10g", 1.25, 0.9, 50e-6, "10 Gigabit Ethernet (IEEE 802.3ae), TCP"),
     # 100 GbE: 12.5 GB/s (IEEE 802.3ba). With RDMA (RoCE v2, as NCCL uses it) ~0.8; plain TCP reaches less.
     _profile("ethernet-100g", 12.5, 0.8, 20e-6, "100 Gigabit Ethernet (IEEE 802.3ba), RoCE v2"),
-    # Two gloo processes on one machine exchanging over loopback TCP: measured on the 2-core development VM
-    # (an exchange of 8 MiB messages between 2 processes, fastest of 5) -- not a spec figure.
-    Link("loopback-gloo", 1.0 * GB, 100e-6, "measured: gloo over loopback TCP between 2 processes on the 2-core "
-         "development VM, 8 MiB messages (~1.0 GB/s per direction, ~100 us per small message)"),
+    # Two gloo processes on one machine exchanging over loopback TCP, measured on the 2-core development VM
+    # (2026-12-01, torch 2.13 CPU): a simultaneous swap of 32 MiB each way took 20-23 ms (1.44-1.66 GB/s per
+    # direction; 8 MiB: 1.07-1.48 GB/s), of 4 bytes 170-190 us; fastest of 5, two runs. Not a spec figure: it
+    # holds for this machine, under that load.
+    Link("loopback-gloo", 1.5 * GB, 150e-6, "measured on the 2-core development VM: gloo over loopback TCP between 2 "
+         "processes, 1.5 GB/s per direction (32 MiB swaps), 150 us per small message"),
 )}
 
 CPU_DEFAULT = "loopback-gloo"  # CPU workers on one machine talk over loopback

@@ -25,10 +25,11 @@ from ..portable import cpu_cores
 from .model import Inputs
 from .traffic import CallShape
 
-# The pool's own cost per call (messages, pickling, the host's scheduler step): on CPU workers, what `tandem bench`
-# reports as "ovh ms" for cfg on `small` on the development VM; on CUDA not measured yet (no GPU here): assumed.
-HOST_OVERHEAD_S = {"cpu": (2e-3, "measured: tandem bench's per-call overhead on 2 CPU workers"),
-                   "cuda": (1e-3, "assumed (not measured: no GPU here)")}
+# The pool's own cost per call (messages, pickling, the host's scheduler step). CPU workers: `tandem bench`'s
+# "ovh ms" for cfg and batch on `small`, 2 CPU workers, 10 calls: 4.8 and 3.3 ms (2026-12-01, a run the bench
+# marked disturbed: other processes kept 47 % of the cores busy). CUDA: not measured (no GPU here): assumed.
+HOST_OVERHEAD_S = {"cpu": (4e-3, "measured: tandem bench's per-call overhead, small on 2 CPU workers"),
+                   "cuda": (1e-3, "assumed: not measured on a GPU yet")}
 
 
 def median_seconds(run, repeats: int) -> float:
