@@ -46,6 +46,15 @@ def test_flux_small_shapes_come_from_the_model_object():
     assert sequence_peer(shape, 2, 1) == 30.25 * MIB
 
 
+def test_wan_small_shapes_give_the_19_mib_the_bench_reports():
+    from parallel_backend.benchmodels import build_bench_model
+    from parallel_backend.plan.measure import call_shape
+
+    shape = call_shape(build_bench_model("wan-small"), (192, 320), rows=1)  # 17 frames: 5 x 12 x 20 tokens
+    assert (shape.tokens, shape.width, shape.attentions, shape.output_bytes) == (1200, 512, 4, 16 * 5 * 24 * 40 * 4)
+    assert sequence_peer(shape, 2, 1) == 4 * 2 * 1200 * 512 * 4 + 16 * 5 * 24 * 40 * 4  # 19.04 MiB
+
+
 def test_sequence_formulas_on_more_devices():
     qkv = FLUX_512.qkv_bytes
     assert ulysses_bytes(FLUX_512, 4) == 4 * qkv * 3 // 4
