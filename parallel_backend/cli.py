@@ -181,7 +181,7 @@ def check_plan_options(args) -> tuple:
 
 
 def cmd_plan(args) -> int:
-    from .bench import parse_resolution
+    from .bench import DTYPES, parse_resolution
     from .benchmodels import build_bench_model
     from .plan import report
     from .plan.choose import choose
@@ -189,7 +189,8 @@ def cmd_plan(args) -> int:
     from .plan.model import candidates
 
     link, cfg, resolution, devices = check_plan_options(args)
-    model = build_bench_model(args.model, frames=args.frames)
+    kind = "cpu" if devices[0] == "cpu" else "cuda"
+    model = build_bench_model(args.model, DTYPES["fp32" if kind == "cpu" else "fp16"], args.frames)  # as the bench
     resolution = resolution or parse_resolution(model.default_resolution)
     model.check_resolution(resolution)
     branches = 2 if cfg != 1.0 else 1
@@ -199,7 +200,6 @@ def cmd_plan(args) -> int:
     inputs = measure_inputs(model, resolution, branches, branches, link, len(devices), args.steps)
     found = candidates(inputs, len(devices))
     choice = choose(found)
-    kind = "cpu" if devices[0] == "cpu" else "cuda"
     clip = f" x {model.frames} frames" if model.frames else ""
     print(f"tandem plan (a prediction of the cost model, not a measurement): model {model.name}, "
           f"{resolution[0]}x{resolution[1]} px{clip}, 1 image at cfg {cfg:g}, {len(devices)} device(s) "
