@@ -71,7 +71,7 @@ def check_resolution(model, resolution: tuple[int, int], strategies_: tuple, dev
     return resolution
 
 
-def _sample_call(model, images: int, resolution) -> ModelCall:
+def sample_call(model, images: int, resolution) -> ModelCall:
     dtype = next(model.module.parameters()).dtype
     noise, context, _ = inputs(model, Job(images, 1.0), resolution)
     return model.call(noise.to(dtype), torch.tensor(500), context.to(dtype), resolution)
@@ -91,7 +91,7 @@ def _ratio(whole, part, calls: int = 8) -> float:
 
 def _ideal(model, rows: int, share_rows: int, resolution, calls: int = 8) -> float:
     """time(whole call) / time(largest share), on one device."""
-    whole, share = _sample_call(model, rows, resolution), _sample_call(model, share_rows, resolution)
+    whole, share = sample_call(model, rows, resolution), sample_call(model, share_rows, resolution)
     return _ratio(lambda: local_forward(model, whole), lambda: local_forward(model, share), calls)
 
 
@@ -99,11 +99,11 @@ def _strategy_ideal(strategy, model, config, n: int, rows: int, guided: bool, re
     """The ideal of a strategy whose ranks share rows in another way than by rows (`bench_part`): the whole
     call on one device over what its busiest rank computes alone; None for row shares."""
     mesh = resolve(config, n, 2 if guided else 1, rows)
-    group_call = _sample_call(model, -(-rows // mesh.groups), resolution)
+    group_call = sample_call(model, -(-rows // mesh.groups), resolution)
     part = strategy.bench_part(model, group_call, mesh)
     if part is None:
         return None
-    whole = _sample_call(model, rows, resolution)
+    whole = sample_call(model, rows, resolution)
     return _ratio(lambda: local_forward(model, whole), part)
 
 

@@ -138,13 +138,20 @@ def check_still_images(name: str, frames: int | None) -> None:
         raise ValueError(f"frames: model {name} makes still images; give --frames only with a video model (wan-small)")
 
 
+def check_bench_model_name(name: str) -> None:
+    """Refuses a name that is no bench model, before anything is built."""
+    from .benchmodels_dit import TRANSFORMERS
+
+    if name not in ("tiny", *UNETS, *TRANSFORMERS):
+        raise ValueError(f"unknown bench model {name!r}; choose one of: tiny, {', '.join([*UNETS, *TRANSFORMERS])}")
+
+
 def build_bench_model(name: str, dtype: torch.dtype = torch.float32, frames: int | None = None) -> BenchModel:
     """name: tiny | small | sd15 | sdxl | sd15-narrow | sdxl-narrow | flux-small | wan-small.
     frames: frames per clip, for video models only (None: the model's default); checked before anything is built."""
     from .benchmodels_dit import TRANSFORMERS
 
-    if name not in ("tiny", *UNETS, *TRANSFORMERS):
-        raise ValueError(f"unknown bench model {name!r}; choose one of: tiny, {', '.join([*UNETS, *TRANSFORMERS])}")
+    check_bench_model_name(name)
     if name in TRANSFORMERS:
         return TRANSFORMERS[name](dtype, frames)
     check_still_images(name, frames)

@@ -60,6 +60,10 @@ class TransformerBenchModel(BenchModel):
     def latent_frames(self) -> int:
         return 1
 
+    def sequence_sizes(self, resolution: tuple[int, int]) -> tuple[int, int]:
+        """(tokens one split attention mixes per row, such attentions per call): what a sequence split exchanges."""
+        raise NotImplementedError
+
 
 @dataclass
 class FluxBenchModel(TransformerBenchModel):
@@ -82,6 +86,11 @@ class FluxBenchModel(TransformerBenchModel):
     def timestep(self, t: torch.Tensor, rows: int) -> torch.Tensor:
         return super().timestep(t, rows) / 1000  # Flux's pipeline passes sigmas; the model scales them by 1000
 
+    def sequence_sizes(self, resolution: tuple[int, int]) -> tuple[int, int]:
+        """Image and text tokens attend jointly in every double- and single-stream block."""
+        blocks = len(self.module.transformer_blocks) + len(self.module.single_transformer_blocks)
+        return self.tokens(resolution) + self.context_shape[0], blocks
+
     def feature_elements(self, resolution: tuple[int, int]) -> int:
         width = self.module.config.num_attention_heads * self.module.config.attention_head_dim
         return (self.tokens(resolution) + self.context_shape[0]) * 4 * width  # the MLP's hidden tokens
@@ -97,6 +106,10 @@ class WanBenchModel(TransformerBenchModel):
     def latent_shape(self, images: int, resolution: tuple[int, int]) -> tuple[int, ...]:
         h, w = (r // self.latent_factor for r in resolution)
         return (images, self.module.config.in_channels, self.latent_frames(), h, w)
+
+    def sequence_sizes(self, resolution: tuple[int, int]) -> tuple[int, int]:
+        """The video tokens' self-attention in every block (cross-attention to the text attends locally)."""
+        return self.tokens(resolution), len(self.module.blocks)
 
     def feature_elements(self, resolution: tuple[int, int]) -> int:
         return self.tokens(resolution) * self.module.config.ffn_dim

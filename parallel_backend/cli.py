@@ -1,4 +1,4 @@
-"""The `tandem` command line: `tandem generate | bench | demo | workflow run`."""
+"""The `tandem` command line: `tandem generate | bench | plan | demo | workflow run`."""
 
 from __future__ import annotations
 
@@ -162,6 +162,58 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def check_plan_options(args) -> tuple:
+    """Every option of `tandem plan`, before the model is built: (link, cfg, resolution or None, devices)."""
+    from .bench import parse_resolution
+    from .benchmodels import check_bench_model_name
+    from .config import parse_devices, resolve_devices
+    from .plan.links import CPU_DEFAULT, CUDA_DEFAULT, link_named
+
+    check_bench_model_name(args.model)
+    link = link_named(args.link) if args.link is not None else None
+    cfg = validation.finite_number("cfg", args.cfg, 1.0, validation.MAX_CFG)
+    resolution = parse_resolution(args.resolution) if args.resolution is not None else None
+    validation.whole_number("steps", args.steps, 1, validation.MAX_STEPS)
+    if args.json is not None:
+        validation.writable_file("--json", args.json)
+    devices = resolve_devices(parse_devices(args.devices))  # they exist; nothing started
+    return link or link_named(CPU_DEFAULT if devices[0] == "cpu" else CUDA_DEFAULT), cfg, resolution, devices
+
+
+def cmd_plan(args) -> int:
+    from .bench import DTYPES, parse_resolution
+    from .benchmodels import build_bench_model
+    from .plan import report
+    from .plan.choose import choose
+    from .plan.measure import HOST_OVERHEAD_S, measure_inputs
+    from .plan.model import candidates
+
+    link, cfg, resolution, devices = check_plan_options(args)
+    kind = "cpu" if devices[0] == "cpu" else "cuda"
+    model = build_bench_model(args.model, DTYPES["fp32" if kind == "cpu" else "fp16"], args.frames)  # as the bench
+    resolution = resolution or parse_resolution(model.default_resolution)
+    model.check_resolution(resolution)
+    branches = 2 if cfg != 1.0 else 1
+    validation.fits_in_memory(f"resolution {resolution[0]}x{resolution[1]} for model {model.name}",
+                              model.memory_bytes(branches, resolution), devices[0], "choose a smaller --resolution")
+    model.module.to(devices[0])
+    inputs = measure_inputs(model, resolution, branches, branches, link, len(devices), args.steps)
+    found = candidates(inputs, len(devices))
+    choice = choose(found)
+    clip = f" x {model.frames} frames" if model.frames else ""
+    print(f"tandem plan (a prediction of the cost model, not a measurement): model {model.name}, "
+          f"{resolution[0]}x{resolution[1]} px{clip}, 1 image at cfg {cfg:g}, {len(devices)} device(s) "
+          f"({','.join(devices)}), link {link.name} ({link.source})")
+    print(report.inputs_line(inputs, HOST_OVERHEAD_S[kind][1]))
+    print(report.format_table(found, choice))
+    if args.json:
+        header = {"model": model.name, "resolution": list(resolution), "frames": model.frames, "cfg": cfg,
+                  "devices": list(devices)}
+        report.write_json(report.as_json(header, inputs, found, choice), args.json)
+        print(f"tandem: wrote {args.json}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     validation.whole_number("--port", args.port, 1, 65535)
     if args.model is not None:
@@ -271,6 +323,8 @@ def _add_knob_options(parser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .plan.links import CPU_DEFAULT, CUDA_DEFAULT, PROFILES
+
     parser = _Parser(prog="tandem", description="Tandem: multi-device diffusion sampling.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     gen = commands.add_parser("generate", help="text to image with the embedded digits model or a diffusers folder")
@@ -312,6 +366,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_knob_options(bench)
     bench.add_argument("--quiet", action="store_true")
     bench.set_defaults(run=cmd_bench)
+
+    plan = commands.add_parser("plan", help="predict each strategy's speed-up on these devices (a cost model fed "
+                                            "with one-device measurements taken here) and choose")
+    plan.add_argument("--model", default="small", help="a bench model: tiny, small, sd15, sdxl, flux-small, wan-small")
+    plan.add_argument("--devices", default="cpu:2", help="'cuda:0,cuda:1', 'cpu:2' or 'auto'")
+    plan.add_argument("--link", default=None, help=f"{', '.join(PROFILES)} (default: {CPU_DEFAULT} for CPU workers, "
+                                                   f"{CUDA_DEFAULT} for GPUs)")
+    plan.add_argument("--cfg", type=float, default=7.5, help="guidance scale, 1 to 100 (1: no uncond branch)")
+    plan.add_argument("--resolution", default=None, help="pixels: 256 or 1024x768 (default: the model's)")
+    plan.add_argument("--frames", type=int, default=None, help="video models (wan-small) only: frames per clip, 4k + 1")
+    plan.add_argument("--steps", type=int, default=20, help="sampler calls of the run the end-to-end figure is for")
+    plan.add_argument("--json", default=None, help="also write the candidates and the choice as JSON here")
+    plan.set_defaults(run=cmd_plan)
 
     demo = commands.add_parser("demo", help="a local Gradio app: one device vs Tandem side by side, bench, pool")
     demo.add_argument("--host", default="127.0.0.1")

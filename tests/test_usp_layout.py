@@ -97,7 +97,7 @@ def test_the_bench_stub_attends_a_ranks_share_without_any_exchange(kind, degree,
 
 def test_bench_part_runs_a_usp_rank_of_flux_small():
     from parallel_backend import strategies
-    from parallel_backend.bench import _sample_call
+    from parallel_backend.bench import sample_call
     from parallel_backend.benchmodels import build_bench_model
     from parallel_backend.config import ParallelConfig
     from parallel_backend.mesh import resolve
@@ -105,5 +105,5 @@ def test_bench_part_runs_a_usp_rank_of_flux_small():
     model = build_bench_model("flux-small")  # 8 heads: 4 per rank of a ulysses-2 subgroup
     mesh = resolve(ParallelConfig("cpu:4", "usp", ulysses=2), 4, 1, 1)
     assert mesh.degrees() == {"cfg": 1, "batch": 1, "ring": 2, "ulysses": 2}
-    part = strategies.get("usp").bench_part(model, _sample_call(model, 1, (64, 64)), mesh)
+    part = strategies.get("usp").bench_part(model, sample_call(model, 1, (64, 64)), mesh)
     part()  # raises if any exchange were attempted: no process group exists here

@@ -25,6 +25,7 @@ from parallel_backend import bench, cli, validation
 from parallel_backend.config import ParallelConfig
 from parallel_backend.engine import ParallelExecutor
 from parallel_backend.hosts import diffusers as diffusers_host
+from parallel_backend.plan import measure as plan_measure
 from parallel_backend.pool import WorkerPool
 from parallel_backend.sampling import GenerationRequest
 from parallel_backend.tiny import pipeline as tiny_pipeline
@@ -33,6 +34,7 @@ SECONDS_LIMIT = 15.0  # a refusal is quick: most rows take milliseconds; those t
 GEN = ["generate", "--quiet", "--out", "{tmp}/x.png"]
 TWO = ["--devices", "cpu:2"]
 BENCH = ["bench", "--quiet", "--model", "tiny"]
+PLAN = ["plan", "--model", "tiny"]
 RUN = ["workflow", "run", "{workflow}", "--quiet", "--out", "{tmp}/outs"]
 COMPARE = ["workflow", "compare", "{workflow}", "--quiet", "--out", "{tmp}/cmp"]
 LOW_MEMORY = "low memory"  # the row runs with 1 MiB of memory available
@@ -119,6 +121,19 @@ CLI_ROWS = [
     (BENCH + ["--devices", "cpu:1", "--strategies", "cfg"], 1, "cfg 2 x batch 1 = 2 devices, but there are 1"),
     (BENCH + ["--strategies", "asyncdiff", "--warmup", "0"], 1, "strategy 'asyncdiff' on 2 stages needs warmup >= 1"),
     (["bench", "--quiet", "--model", "sd99"], 1, "unknown bench model 'sd99'"),
+    # tandem plan (refused before the model is measured)
+    (PLAN + ["--model", "sd99"], 1, "unknown bench model 'sd99'"),
+    (PLAN + ["--link", "pcie9"], 1, "unknown link 'pcie9'; choose one of: pcie4x16"),
+    (PLAN + ["--cfg", "0.5"], 1, "cfg must be a finite number from 1 to 100; got 0.5"),
+    (PLAN + ["--cfg", "nan"], 1, "cfg must be a finite number from 1 to 100; got nan"),
+    (PLAN + ["--resolution", "big"], 1, "resolution 'big': write pixels as 256 or 1024x768"),
+    (PLAN + ["--resolution", "30"], 1, "resolution 30x30: model tiny needs multiples of 4 pixels"),
+    (PLAN + ["--frames", "17"], 1, "model tiny makes still images"),
+    (PLAN + ["--resolution", "1024"], 1, "resolution 1024x1024 for model tiny needs at least", LOW_MEMORY),
+    (PLAN + ["--steps", "0"], 1, "steps must be a whole number from 1 to 10000; got 0"),
+    (PLAN + ["--devices", "cuda:0,cuda:1"], 1, "cuda:0, cuda:1 do not exist"),
+    (PLAN + ["--devices", "gpu:0"], 1, "device 'gpu:0' is not understood"),
+    (PLAN + ["--json", "/no/such/dir/x.json"], 1, "--json /no/such/dir/x.json: folder /no/such/dir does not exist"),
     # tandem demo (refused before gradio loads)
     (["demo", "--port", "0"], 1, "--port must be a whole number from 1 to 65535; got 0"),
     (["demo", "--port", "70000"], 1, "--port must be a whole number from 1 to 65535; got 70000"),
@@ -179,7 +194,7 @@ def _refuse_work(*args, **kwargs):
 
 @pytest.fixture
 def no_work(monkeypatch):
-    """No CUDA, and any pool start, sampler loop or bench run fails the test."""
+    """No CUDA, and any pool start, sampler loop, bench run or plan measurement fails the test."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
     monkeypatch.setattr(WorkerPool, "start", _refuse_work)
@@ -187,6 +202,7 @@ def no_work(monkeypatch):
     monkeypatch.setattr(tiny_pipeline, "denoise", _refuse_work)
     monkeypatch.setattr(diffusers_host, "make_scheduler", _refuse_work)
     monkeypatch.setattr(bench, "run_once", _refuse_work)
+    monkeypatch.setattr(plan_measure, "measure_inputs", _refuse_work)
     return monkeypatch
 
 

@@ -1,0 +1,8 @@
+"""`tandem plan`: a cost model that predicts each strategy's speed-up on a mesh of devices, from one-device
+measurements, the bytes each strategy moves and the link's figures, and chooses (never slower than one device).
+
+Pure parts (tested on made-up inputs): links.py (named link profiles and their sources), traffic.py (bytes per
+call), costs.py (per strategy: compute share and exposed communication), model.py (candidates), choose.py.
+measure.py takes a bench model's inputs on the spot; report.py prints them. Predictions are a model's, labelled
+as such: not measurements, and not yet used by `auto` or checked by the bench.
+"""

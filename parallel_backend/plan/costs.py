@@ -1,0 +1,124 @@
+"""What one call costs each strategy on a mesh: the busiest device's compute, the communication it cannot hide,
+the bytes moved and the memory per device. Pure arithmetic on `model.Inputs`.
+
+Overlap assumptions, per strategy (each as the strategy's code does it):
+- cfg, batch: nothing to overlap inside a call; the host's input and output transfers are exposed (counted by
+  the caller, model.predict, for every strategy alike).
+- ulysses (local-first, strategies/sequence/ulysses.py): the q, k, v all-to-all hides behind the own-block
+  attention (own queries to own keys: 1/N^3 of one device's attention), the output all-to-all behind the own
+  queries' attention to the other ranks' keys ((N-1)/N^3); what is longer is exposed.
+- ring: each of the N-1 key/value transfers hides behind the attention to the block held (1/N^2); longer is
+  exposed.
+- usp (r x u): the heads go in c chunks (2 when a rank's heads split evenly): the first chunk's q, k, v and the
+  last chunk's output are exposed, the others hide behind a chunk's attention; inside a chunk, ring passes as
+  ring does, on blocks of a subgroup's tokens and H/(u c) heads.
+- every sequence split gathers the output at the end: exposed.
+- asyncdiff: after warm-up each stage hands its output over while the next call computes; the hand-over is
+  exposed only where it outlasts the slowest stage. Warm-up calls run the stages in turn, hand-overs exposed.
+Compute: a row group's call on one device, split: sequence splits divide it (per-token layers and attention)
+by the group's size; asyncdiff by the layer profile's balanced cut; row strategies run their rows' call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from ..strategies.asyncdiff.schedule import balance, stage_costs
+from .traffic import Traffic, group_rows, handover_peer, per_rank, sequence_peer
+
+
+@dataclass(frozen=True)
+class Cost:
+    """One call on a mesh: busy (the slowest row group's compute + exposed exchange), its parts, the peer
+    traffic, the memory per device; warm: a warm-up call's busy time (None: as busy)."""
+
+    busy: float
+    compute: float
+    exposed: float
+    transfer: float  # the peer exchanges alone, nothing overlapped (the slowest group's)
+    traffic: Traffic
+    memory: int
+    warm: float | None = None
+
+
+def rows_cost(inp, mesh) -> Cost:
+    rows = group_rows(mesh, inp.shape, inp.branches)
+    compute = max(inp.seconds(r) for r in rows)
+    return Cost(compute, compute, 0.0, 0.0, Traffic(), inp.weight_bytes + max(rows) * inp.activation_bytes_per_row)
+
+
+def sequence_cost(inp, mesh) -> Cost:
+    degrees = mesh.degrees()
+    u, r = degrees.get("ulysses", 1), degrees.get("ring", 1)
+    rows = [g for g in group_rows(mesh, inp.shape, inp.branches) if g]
+    worst = max((_sequence_group(inp, g, u, r) for g in rows), key=lambda cost: cost.busy)
+    memory = inp.weight_bytes + max(rows) * inp.activation_bytes_per_row // (u * r)
+    return replace(worst, traffic=Traffic(peer=sum(g * sequence_peer(inp.shape, u, r) for g in rows)), memory=memory)
+
+
+def _sequence_group(inp, rows: int, u: int, r: int) -> Cost:
+    """One sequence group of u x r ranks running `rows` rows (traffic and memory left to the caller)."""
+    n = u * r
+    piece = rows * per_rank(inp.shape.tokens, n) * inp.shape.width * inp.shape.itemsize  # a rank's q, k or v
+    exposed, alone = _attention_exposure(inp, piece, inp.attention_seconds * rows, u, r)
+    gather = inp.link.seconds(rows * per_rank(inp.shape.output_bytes, n) * (n - 1), n - 1)
+    compute = inp.seconds(rows) / n
+    exposed = inp.shape.attentions * exposed + gather
+    return Cost(compute + exposed, compute, exposed, inp.shape.attentions * alone + gather, Traffic(), 0)
+
+
+def _attention_exposure(inp, piece: int, attention: float, u: int, r: int) -> tuple[float, float]:
+    """(exposed, alone) seconds of one attention's exchanges for one rank; attention: one device's time for it."""
+    link, n = inp.link, u * r
+    if r == 1:  # ulysses, local-first
+        send_qkv = link.seconds(3 * piece * (u - 1) / u, u - 1)
+        send_out = link.seconds(piece * (u - 1) / u, u - 1)
+        exposed = max(0.0, send_qkv - attention / n**3) + max(0.0, send_out - attention * (n - 1) / n**3)
+        return exposed, send_qkv + send_out
+    if u == 1:  # ring
+        step = link.seconds(2 * piece, 2)
+        return (r - 1) * max(0.0, step - attention / n**2), (r - 1) * step
+    chunks = 2 if (inp.shape.heads // u) % 2 == 0 else 1
+    send_qkv = link.seconds(3 * piece * (u - 1) / u / chunks, u - 1)
+    send_out = link.seconds(piece * (u - 1) / u / chunks, u - 1)
+    step = link.seconds(2 * piece / chunks, 2)
+    ring_exposed = (r - 1) * max(0.0, step - attention / (n * r * chunks))
+    chunk = attention / (n * chunks) + ring_exposed  # one chunk's attention through its ring
+    exposed = (chunks * ring_exposed + send_qkv + send_out
+               + (chunks - 1) * (max(0.0, send_qkv - chunk) + max(0.0, send_out - chunk)))
+    return exposed, chunks * (send_qkv + send_out + (r - 1) * step)
+
+
+def staged_cost(inp, mesh) -> Cost:
+    """asyncdiff: the balanced cut of the layer profile (schedule.balance), per row group; stride 1 (an exchange
+    every call)."""
+    rows = [g for g in group_rows(mesh, inp.shape, inp.branches) if g]
+    groups = [_staged_group(inp, g, mesh.inner) for g in rows]
+    worst = max((cost for cost, _ in groups), key=lambda cost: cost.busy)
+    peer = sum(handover_peer(inp.shape, cuts, g) for g, (_, cuts) in zip(rows, groups))
+    memory = max(_stage_weights(inp, cuts) + g * inp.activation_bytes_per_row for g, (_, cuts) in zip(rows, groups))
+    return replace(worst, traffic=Traffic(peer=peer), memory=memory)
+
+
+def _staged_group(inp, rows: int, stages: int) -> tuple[Cost, list[int]]:
+    """One chain of `stages` stages running `rows` rows, and its cuts (ValueError: more stages than layers)."""
+    whole = inp.seconds(rows)
+    total = sum(inp.layer_seconds) or 1.0
+    costs = [whole * s / total for s in inp.layer_seconds]
+    cuts = balance(costs, stages)
+    slowest = max(stage_costs(costs, cuts))
+    handovers = [inp.link.seconds(rows * inp.shape.handover_bytes[c]) for c in cuts]
+    exposed = max(0.0, max(handovers) - slowest)
+    return Cost(slowest + exposed, slowest, exposed, max(handovers), Traffic(), 0, whole + sum(handovers)), cuts
+
+
+def _stage_weights(inp, cuts: list[int]) -> int:
+    """The heaviest stage's weights: its layers' plus what every stage holds (the rest of the model)."""
+    if not inp.layer_weight_bytes:
+        return inp.weight_bytes
+    shared = max(0, inp.weight_bytes - sum(inp.layer_weight_bytes))
+    return shared + int(max(stage_costs(list(inp.layer_weight_bytes), cuts)))
+
+
+COSTS = {"cfg": rows_cost, "batch": rows_cost, "ulysses": sequence_cost, "ring": sequence_cost,
+         "usp": sequence_cost, "asyncdiff": staged_cost}  # strategy name -> its cost; others are not planned yet

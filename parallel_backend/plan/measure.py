@@ -1,0 +1,120 @@
+"""The cost model's inputs for a bench model, taken on the spot: its shapes (counted from the model object and
+the call the bench makes) and its one-device times (measured here, on one device's share of the cores for CPU
+devices, as the bench's reference runs). Nothing here predicts; model.py does.
+
+Measured: the whole call for 1 row and for the job's rows (the median of `repeats` after one warm-up), one
+token-mixing attention of one row (sequence models: torch's attention on the model's heads and tokens), the
+layer profile (UNets: models.stages.profile, what asyncdiff cuts by). Counted: the bytes a device receives per
+row, the prediction's, q/k/v widths, what crosses each cut of the layers, the weights (whole and per layer).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from contextlib import contextmanager
+
+import torch
+
+from ..bench import sample_call
+from ..calls import _map_tensors
+from ..engine import sequence_hint
+from ..oracle import local_forward
+from ..portable import cpu_cores
+from .model import Inputs
+from .traffic import CallShape
+
+# The pool's own cost per call (messages, pickling, the host's scheduler step). CPU workers: `tandem bench`'s
+# "ovh ms" for cfg and batch on `small`, 2 CPU workers, 10 calls: 4.8 and 3.3 ms (2026-12-01, a run the bench
+# marked disturbed: other processes kept 47 % of the cores busy). CUDA: not measured (no GPU here): assumed.
+HOST_OVERHEAD_S = {"cpu": (4e-3, "measured: tandem bench's per-call overhead, small on 2 CPU workers"),
+                   "cuda": (1e-3, "assumed: not measured on a GPU yet")}
+
+
+def median_seconds(run, repeats: int) -> float:
+    """The median time of `repeats` runs of `run()`, after one untimed run."""
+    run()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+@contextmanager
+def device_share(device: str, devices: int):
+    """CPU devices: this process runs on one device's share of the cores meanwhile (as a worker would)."""
+    if device != "cpu":
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, len(cpu_cores()) // devices))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _bytes(value) -> int:
+    sizes = []
+    _map_tensors(value, lambda t: sizes.append(t.numel() * t.element_size()) or t)
+    return sum(sizes)
+
+
+def call_shape(model, resolution: tuple[int, int], rows: int) -> CallShape:
+    """The sizes of a call of `rows` rows of `model` at `resolution` (pixels, H x W)."""
+    one = sample_call(model, 1, resolution)
+    itemsize = next(model.module.parameters()).element_size()
+    fields = dict(rows=rows, input_bytes=_bytes([one.x, one.t, one.context, one.extras]),
+                  output_bytes=math.prod(model.latent_shape(1, resolution)) * itemsize, itemsize=itemsize)
+    hint = sequence_hint(model.module, model.family)
+    if hint is not None and hint.heads:
+        tokens, attentions = model.sequence_sizes(resolution)
+        fields.update(tokens=tokens, attentions=attentions, heads=hint.heads,
+                      width=hint.heads * model.module.config.attention_head_dim)
+    return CallShape(**fields)
+
+
+def _profile(model, resolution, repeats: int):
+    """(layer seconds, bytes crossing each cut per row, each layer's weight bytes); () where the model's family
+    cannot be cut into stages."""
+    from ..models.stages import Activations, adapter_for, modules_of, profile
+
+    try:
+        adapter = adapter_for(model.family)
+    except ValueError:
+        return (), (), ()
+    call = sample_call(model, 1, resolution)
+    layers = adapter.layers(model.module)
+    with torch.inference_mode():
+        measured = profile(layers, adapter.prepare(model.module, call, call.t), Activations(call.x), repeats)
+    weights = tuple(sum(_bytes(list(m.parameters())) for m in modules_of([layer])) for layer in layers)
+    return tuple(measured.seconds), tuple(measured.bytes_per_row(i) for i in range(len(layers))), weights
+
+
+def _attention_seconds(shape: CallShape, device, dtype, repeats: int) -> float:
+    if not shape.attentions:
+        return 0.0
+    q = torch.randn(1, shape.heads, shape.tokens, shape.width // shape.heads, device=device, dtype=dtype)
+    with torch.inference_mode():
+        return median_seconds(lambda: torch.nn.functional.scaled_dot_product_attention(q, q, q), repeats)
+
+
+def measure_inputs(model, resolution: tuple[int, int], rows: int, branches: int, link, devices: int,
+                   steps: int = 20, repeats: int = 3) -> Inputs:
+    """The model's Inputs for a job of `rows` rows (`branches` 2: [uncond; cond]) on `devices` devices joined
+    by `link`, measured on the model's device."""
+    weight = next(model.module.parameters())
+    device = weight.device.type
+    shape = call_shape(model, resolution, rows)
+    with device_share(device, devices):
+        seconds = {r: median_seconds(lambda r=r: local_forward(model, sample_call(model, r, resolution)), repeats)
+                   for r in sorted({1, rows})}
+        attention = _attention_seconds(shape, weight.device, weight.dtype, repeats)
+        layer_seconds, handover, layer_weights = _profile(model, resolution, repeats)
+    shape = CallShape(**{**shape.__dict__, "handover_bytes": handover})
+    return Inputs(shape, model.family, branches, seconds, link, attention, layer_seconds,
+                  _bytes(list(model.module.parameters())), layer_weights, model.memory_bytes(1, resolution),
+                  HOST_OVERHEAD_S[device][0], steps)

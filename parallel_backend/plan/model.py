@@ -1,0 +1,176 @@
+"""The cost model: predicted time per call of each strategy and mesh on N devices, and the speed-up over one
+device. Pure: every input is given (measured or counted elsewhere, plan/measure.py); nothing is timed here.
+
+time per call = the busiest device's compute + the exchange it cannot hide (plan/costs.py, per strategy) +
+the host's transfers to and from the devices (exposed) + the host's per-call overhead.
+A whole run adds what no split shares (Amdahl): `serial_seconds` (text encoder, VAE) once, and warm-up calls at
+their own cost (asyncdiff: the stages in turn). The one-device reference is the whole call, in process.
+Not modelled yet: asyncdiff's stride 2, work a sequence split repeats on every rank (Wan's text keys and values
+for cross-attention), devices sharing one link (a PCIe uplink), compute slowed by a concurrent transfer.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass, field
+
+from .. import strategies
+from ..mesh import Mesh, SequenceHint
+from .costs import COSTS
+from .links import Link
+from .traffic import CallShape, host_traffic
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """What the model predicts from. call_seconds: {rows: one device's seconds for a call of that many rows}
+    (at least the whole call's rows); attention_seconds: one token-mixing attention of one row over the whole
+    sequence on one device; layer_seconds: the layer profile (asyncdiff; only the shares count);
+    weight_bytes: the model's weights; layer_weight_bytes: each layer's own (a stage holds its layers' and the
+    rest); activation_bytes_per_row: a call's activations per row; host_overhead_s: per call, a pool's own cost;
+    steps, warmup (exact steps of stale strategies), serial_seconds: the run around the calls."""
+
+    shape: CallShape
+    family: str
+    branches: int
+    call_seconds: dict
+    link: Link
+    attention_seconds: float = 0.0
+    layer_seconds: tuple = ()
+    weight_bytes: int = 0
+    layer_weight_bytes: tuple = ()
+    activation_bytes_per_row: int = 0
+    host_overhead_s: float = 0.0
+    steps: int = 20
+    warmup: int = 1
+    serial_seconds: float = 0.0
+
+    def seconds(self, rows: int) -> float:
+        """One device's time for `rows` rows: linear between the measured row counts, proportional beyond."""
+        known = sorted(self.call_seconds.items())
+        if rows <= 0:
+            return 0.0
+        for (r0, t0), (r1, t1) in zip(known, known[1:]):
+            if r0 <= rows <= r1:
+                return t0 + (t1 - t0) * (rows - r0) / (r1 - r0)
+        r, t = known[0] if rows < known[0][0] else known[-1]
+        return t * rows / r
+
+    @property
+    def one_device(self) -> float:
+        return self.seconds(self.shape.rows)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A strategy on a mesh, predicted. mesh: its degrees ({} for one device)."""
+
+    strategy: str
+    mesh: dict
+    devices: int
+    predicted_speedup: float
+    predicted_speedup_end_to_end: float
+    seconds_per_call: float
+    exact: bool
+    memory_bytes_per_device: int
+    peer_bytes_per_call: int = 0
+    host_bytes_per_call: int = 0
+    exposed_seconds: float = 0.0
+    transfer_seconds: float = 0.0
+    reason: str = ""
+    extra: dict = field(default_factory=dict, compare=False)
+
+    def label(self) -> str:
+        if not self.mesh:
+            return "one device"
+        return f"{self.strategy} ({' x '.join(f'{k} {v}' for k, v in self.mesh.items())})"
+
+    def as_json(self) -> dict:
+        return {"strategy": self.strategy, "mesh": dict(self.mesh), "devices": self.devices,
+                "predicted_speedup": self.predicted_speedup,
+                "predicted_speedup_end_to_end": self.predicted_speedup_end_to_end,
+                "predicted_seconds_per_call": self.seconds_per_call, "exact": self.exact,
+                "memory_bytes_per_device": self.memory_bytes_per_device, "peer_bytes_per_call": self.peer_bytes_per_call,
+                "host_bytes_per_call": self.host_bytes_per_call, "exposed_seconds_per_call": self.exposed_seconds,
+                "transfer_seconds_per_call": self.transfer_seconds, "reason": self.reason}
+
+
+def one_device(inp: Inputs) -> Candidate:
+    memory = inp.weight_bytes + inp.shape.rows * inp.activation_bytes_per_row
+    return Candidate("serial", {}, 1, 1.0, 1.0, inp.one_device, True, memory,
+                     reason=f"the whole call on one device: {1000 * inp.one_device:.1f} ms")
+
+
+def predict(inp: Inputs, mesh: Mesh) -> Candidate:
+    """The candidate `mesh` gives (ValueError where the mesh cannot run this model, e.g. more stages than layers)."""
+    cost = COSTS[mesh.strategy](inp, mesh)
+    host = host_traffic(mesh, inp.shape, inp.branches)
+    groups = sum(1 for share in mesh.row_shares(inp.shape.rows, inp.branches) if len(share))
+    host_s = inp.link.seconds(host.host_in, groups * mesh.inner) + inp.link.seconds(host.host_out, groups)
+    call = cost.busy + host_s + inp.host_overhead_s
+    warm = (cost.warm if cost.warm is not None else cost.busy) + host_s + inp.host_overhead_s
+    stale = not strategies.get(mesh.strategy).exact
+    warm_calls = min(inp.steps, inp.warmup) if stale else 0
+    one = inp.one_device
+    whole_run = inp.serial_seconds + inp.steps * one
+    split_run = inp.serial_seconds + warm_calls * warm + (inp.steps - warm_calls) * call
+    reason = (f"{1000 * cost.compute:.1f} ms compute on the busiest device + {1000 * cost.exposed:.1f} ms of "
+              f"{1000 * cost.transfer:.1f} ms exchange not hidden ({cost.traffic.peer / 2**20:.2f} MiB between "
+              f"devices) + {1000 * host_s:.1f} ms host transfers ({(host.host_in + host.host_out) / 2**20:.2f} MiB)"
+              + (f" + {1000 * inp.host_overhead_s:.1f} ms overhead" if inp.host_overhead_s else "")
+              + (f"; stale after {inp.warmup} exact step(s)" if stale else ""))
+    return Candidate(mesh.strategy, mesh.degrees(), mesh.size, one / call, whole_run / split_run, call, not stale,
+                     cost.memory, cost.traffic.peer, host.host_in + host.host_out, cost.exposed + host_s,
+                     cost.transfer + host_s, reason)
+
+
+def meshes(inp: Inputs, devices: int) -> list[Mesh]:
+    """Every mesh of 2 to `devices` devices that the strategies with a cost can run this model on: cfg only with
+    two branches, no more row groups than rows, inner degrees of 2 or more that the model accepts."""
+    hint = SequenceHint(inp.shape.heads or None)
+    out = []
+    for name in strategies.names():
+        strategy = strategies.get(name)
+        if name not in COSTS or _refuses(strategy.check_family, inp.family):
+            continue
+        cfgs = [strategy.default_cfg_degree] if not strategy.axes else [1, 2]
+        for cfg in cfgs:
+            if cfg == 2 and inp.branches != 2:
+                continue
+            for batch in range(1, inp.shape.rows // cfg + 1):
+                left = devices // (cfg * batch)
+                for split in _splits(len(strategy.axes), left):
+                    mesh = Mesh(name, cfg, batch, split, devices)
+                    if mesh.size >= 2 and not _refuses(strategy.check_model, mesh, hint):
+                        out.append(mesh)
+    return out
+
+
+def _splits(axes: int, left: int):
+    if not axes:
+        yield ()
+        return
+    for split in itertools.product(range(2, left + 1), repeat=axes):
+        if math.prod(split) <= left:
+            yield split
+
+
+def _refuses(check, *args) -> bool:
+    """Whether a strategy's check (check_family, check_model) refuses these arguments."""
+    try:
+        check(*args)
+    except ValueError:
+        return True
+    return False
+
+
+def candidates(inp: Inputs, devices: int) -> list[Candidate]:
+    """One device and every mesh that can run, predicted; best first (ties: exact, then fewer devices)."""
+    out = [one_device(inp)]
+    for mesh in meshes(inp, devices):
+        try:
+            out.append(predict(inp, mesh))
+        except ValueError:  # e.g. more stages than the model has layers
+            continue
+    return sorted(out, key=lambda c: (-round(c.predicted_speedup, 3), not c.exact, c.devices))

@@ -1,0 +1,49 @@
+"""`tandem plan`'s table and JSON: every candidate, the choice and the inputs it was predicted from."""
+
+from __future__ import annotations
+
+import json
+
+from .choose import Choice
+from .model import Candidate, Inputs
+
+MIB = 2**20
+
+
+def inputs_line(inp: Inputs, overhead_source: str) -> str:
+    """The measured and counted inputs, in one line."""
+    times = ", ".join(f"{rows} row(s) {1000 * s:.1f} ms" for rows, s in sorted(inp.call_seconds.items()))
+    parts = [f"one device per call: {times}"]
+    if inp.attention_seconds:
+        parts.append(f"one attention of one row {1000 * inp.attention_seconds:.2f} ms x {inp.shape.attentions} "
+                     f"({inp.shape.tokens} tokens, {inp.shape.heads} heads)")
+    if inp.layer_seconds:
+        parts.append(f"layer profile of {len(inp.layer_seconds)} layers")
+    parts.append(f"host overhead {1000 * inp.host_overhead_s:.1f} ms per call ({overhead_source})")
+    return "inputs: " + "; ".join(parts)
+
+
+def format_table(candidates: list[Candidate], choice: Choice) -> str:
+    lines = [f"{'strategy (mesh)':<44}{'devices':>8}{'speed-up':>10}{'e2e':>7}{'':>2}{'output':<7}"
+             f"{'MiB/device':>11}{'MiB moved':>11}"]
+    for c in candidates:
+        mark = "*" if c is choice.best else " "
+        lines.append(f"{mark}{c.label():<43}{c.devices:>8}{c.predicted_speedup:>9.2f}x{c.predicted_speedup_end_to_end:>6.2f}x"
+                     f"{'':>2}{'exact' if c.exact else 'stale':<7}{c.memory_bytes_per_device / MIB:>11.0f}"
+                     f"{(c.peer_bytes_per_call + c.host_bytes_per_call) / MIB:>11.2f}")
+    lines.append(f"choice: {choice.reason}")
+    return "\n".join(lines)
+
+
+def as_json(header: dict, inp: Inputs, candidates: list[Candidate], choice: Choice) -> dict:
+    return {**header, "prediction": True, "link": {"name": inp.link.name, "bandwidth_bytes_per_s": inp.link.bandwidth,
+                                                    "latency_s": inp.link.latency, "source": inp.link.source},
+            "inputs": {"call_seconds": {str(r): s for r, s in sorted(inp.call_seconds.items())},
+                       "attention_seconds": inp.attention_seconds, "layers": len(inp.layer_seconds),
+                       "host_overhead_s": inp.host_overhead_s},
+            "candidates": [c.as_json() for c in candidates], "choice": {**choice.best.as_json(), "why": choice.reason}}
+
+
+def write_json(report: dict, path: str) -> None:
+    with open(path, "w") as f:
+        json.dump(report, f, indent=2)
