@@ -120,5 +120,13 @@ def _stage_weights(inp, cuts: list[int]) -> int:
     return shared + int(max(stage_costs(list(inp.layer_weight_bytes), cuts)))
 
 
-COSTS = {"cfg": rows_cost, "batch": rows_cost, "ulysses": sequence_cost, "ring": sequence_cost,
-         "usp": sequence_cost, "asyncdiff": staged_cost}  # strategy name -> its cost; others are not planned yet
+def cost_for(strategy):
+    """The cost function of a registered strategy, by what it declares (it splits rows, tokens or stages), or
+    None where the model has none yet."""
+    if strategy.splits_tokens:
+        return sequence_cost
+    if strategy.axes == ("stages",):
+        return staged_cost
+    if not strategy.axes:
+        return rows_cost
+    return None

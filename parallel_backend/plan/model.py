@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from .. import strategies
 from ..mesh import Mesh, SequenceHint
-from .costs import COSTS
+from .costs import cost_for
 from .links import Link
 from .traffic import CallShape, host_traffic
 
@@ -104,7 +104,7 @@ def one_device(inp: Inputs) -> Candidate:
 
 def predict(inp: Inputs, mesh: Mesh) -> Candidate:
     """The candidate `mesh` gives (ValueError where the mesh cannot run this model, e.g. more stages than layers)."""
-    cost = COSTS[mesh.strategy](inp, mesh)
+    cost = cost_for(strategies.get(mesh.strategy))(inp, mesh)
     host = host_traffic(mesh, inp.shape, inp.branches)
     groups = sum(1 for share in mesh.row_shares(inp.shape.rows, inp.branches) if len(share))
     host_s = inp.link.seconds(host.host_in, groups * mesh.inner) + inp.link.seconds(host.host_out, groups)
@@ -132,7 +132,7 @@ def meshes(inp: Inputs, devices: int) -> list[Mesh]:
     out = []
     for name in strategies.names():
         strategy = strategies.get(name)
-        if name not in COSTS or _refuses(strategy.check_family, inp.family):
+        if cost_for(strategy) is None or _refuses(strategy.check_family, inp.family):
             continue
         cfgs = [strategy.default_cfg_degree] if not strategy.axes else [1, 2]
         for cfg in cfgs:
