@@ -23,6 +23,7 @@ from . import strategies
 from .calls import ModelCall
 from .config import ParallelConfig, resolve_devices
 from .mesh import Mesh, SequenceHint, check_job, resolve
+from .models import sequence_refusal
 
 log = logging.getLogger("tandem")
 _ENGINES_LOCK = threading.Lock()
@@ -88,17 +89,19 @@ class Engine:
             fingerprint: str | None = None) -> CallResult:
         """Runs one model call on the pool as `config` says; ships the model first if the workers lack it."""
         with self._lock:
-            refused = _sequence_refusal(family, call)
-            if config.strategy != "auto":  # auto splits the sequence only of a model that has a sequence split
-                strategy = strategies.get(config.strategy)
-                strategy.check_family(family)  # before any weights travel
-                if strategy.splits_tokens and refused:
-                    raise ValueError(f"strategy {config.strategy!r} cannot split this call by tokens: it has "
-                                     f"{refused}; use cfg, batch or auto for it")
-            hint = None if refused else sequence_hint(module, family)
-            if refused and config.strategy == "auto":
-                self._say(f"Tandem: auto keeps this call to whole rows (cfg, batch): it has {refused}, which a "
-                          "split by tokens cannot take")
+            named = strategies.get(config.strategy) if config.strategy != "auto" else None
+            if named is not None:  # auto splits the sequence only of a model that has a sequence split
+                named.check_family(family)  # before any weights travel
+            hint = sequence_hint(module, family)
+            refused = sequence_refusal(family, call) if hint is not None else None
+            if refused and named is not None and named.splits_tokens:
+                raise ValueError(f"strategy {config.strategy!r} cannot split this call by tokens: it has "
+                                 f"{refused}; use cfg, batch or auto for it")
+            if refused:
+                hint = None
+                if named is None:
+                    self._say(f"Tandem: auto keeps this call to whole rows (cfg, batch): it has {refused}, which "
+                              "a split by tokens cannot take")
             mesh = resolve(config, self.device_count(), call.branches, call.rows, hint)
             fingerprint = self.pool.ensure_model(module, family, fingerprint)
             self._say_once(mesh)
@@ -128,13 +131,6 @@ class Engine:
         if note not in self._said:
             self._said.add(note)
             log.info(note)
-
-
-def _sequence_refusal(family: str, call: ModelCall) -> str | None:
-    """Why a call of a family that can split its token sequence cannot have it split (models.sequence_refusal)."""
-    from .models import sequence_refusal, sequence_runner
-
-    return sequence_refusal(family, call) if sequence_runner(family) is not None else None
 
 
 def sequence_hint(module, family: str) -> SequenceHint | None:

@@ -25,7 +25,6 @@ class Route:
     shards: object = None
     via: str = "attention"
     key_mask: object = None  # (B, L) bool over the whole joint sequence (True: the key takes part), or None
-    image: object = None  # the cut of the image stream alone (what an adapter gathers), where it differs
     module: str = ""
     issued: int = -1  # -1: no marked module is running
 

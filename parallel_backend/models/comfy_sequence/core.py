@@ -4,7 +4,7 @@ refusals of what cannot be split by tokens."""
 
 from __future__ import annotations
 
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from contextvars import ContextVar
 
 import torch
@@ -61,7 +61,7 @@ def _key_mask(mask: torch.Tensor, shards, module: str) -> torch.Tensor:
 
 def _call(model, call, group, modules, route: Route, hooks=lambda: ()):
     """The model's forward for `call`, as comfy_dit.forward calls it, with the group's attention override in
-    its transformer_options, `modules` marked and the family's `hooks()` (module hook handles) in place."""
+    its transformer_options, `modules` marked and the family's `hooks()` in place (module hook handles, `_replaced` methods)."""
     extras = dict(call.extras)
     if extras.get("control") is not None:
         raise ValueError("sequence parallel does not split a call with ControlNet residuals (they are added to "
@@ -73,6 +73,16 @@ def _call(model, call, group, modules, route: Route, hooks=lambda: ()):
         for handle in hooks():
             stack.enter_context(handle)
         return model(call.x, call.t, context=call.context, **extras)
+
+
+@contextmanager
+def _replaced(model, name: str, replacement):
+    """`model.<name>` is `replacement` inside (an instance attribute over the class's method), the class's after."""
+    setattr(model, name, replacement)
+    try:
+        yield
+    finally:
+        delattr(model, name)
 
 
 def _heads(group, heads: int) -> None:

@@ -13,11 +13,12 @@ def _joint_blocks(model, call, group, blocks, streams, table, refuse, label, las
     dim 2) in every block. The tokens are cut at the first block; the output of module `last` (per image token,
     before unpatchify) is gathered, or, without `last`, the joint output of the last block."""
     route = _new_route(group)
+    image = {}  # the cut of the image stream alone, what `last` gathers
 
     def first_block(module, args, kwargs):
         first, second = (kwargs[name] for name in streams)
         route.shards = group.shards(first.shape[1], second.shape[1])
-        route.image = group.shards(kwargs["img" if "img" in streams else streams[1]].shape[1])
+        image["cut"] = group.shards(kwargs["img" if "img" in streams else streams[1]].shape[1])
         kwargs = dict(kwargs)
         for name, tokens in zip(streams, (first, second)):
             kwargs[name] = group.shards(tokens.shape[1]).cut(tokens, group.index, 1)
@@ -35,7 +36,7 @@ def _joint_blocks(model, call, group, blocks, streams, table, refuse, label, las
         for block in blocks:
             yield block.register_forward_pre_hook(every_block, with_kwargs=True)
         if last is not None:
-            yield last.register_forward_hook(lambda module, args, out: group.all_gather(out, route.image, 1))
+            yield last.register_forward_hook(lambda module, args, out: group.all_gather(out, image["cut"], 1))
         else:
             yield blocks[-1].register_forward_hook(lambda module, args, out: group.all_gather(out, route.shards, 1))
 

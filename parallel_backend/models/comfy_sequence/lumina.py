@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .core import _call, _heads, _new_route
+from .core import _call, _heads, _new_route, _replaced
 
 def lumina_sequence(model, call, group) -> torch.Tensor:
     """A ComfyUI NextDiT (Lumina 2, Z-Image) model's output for `call` with its joint [caption, image] sequence
@@ -27,10 +27,7 @@ def lumina_sequence(model, call, group) -> torch.Tensor:
         return group.all_gather(out, route.shards, 1)
 
     def hooks():
+        yield _replaced(model, "patchify_and_embed", patchify_and_embed)
         yield model.final_layer.register_forward_hook(gather)
 
-    model.patchify_and_embed = patchify_and_embed
-    try:
-        return _call(model, call, group, [layer.attention for layer in model.layers], route, hooks)
-    finally:
-        del model.patchify_and_embed
+    return _call(model, call, group, [layer.attention for layer in model.layers], route, hooks)

@@ -8,7 +8,7 @@ import inspect
 
 import torch
 
-from .core import _call, _heads, _new_route, _refuse
+from .core import _call, _heads, _new_route, _refuse, _replaced
 
 def flux_sequence(model, call, group) -> torch.Tensor:
     """A ComfyUI Flux-family model's output for `call` with both token streams split over `group`."""
@@ -20,10 +20,7 @@ def flux_sequence(model, call, group) -> torch.Tensor:
     def forward_orig(*args, **kwargs):
         bound = signature.bind(*args, **kwargs)
         named = bound.arguments
-        for name in ("control", "attn_mask", "timestep_zero_index"):
-            if named.get(name) is not None:
-                raise ValueError(f"sequence parallel does not split a Flux call with {name} (ControlNet, attention "
-                                 "masks and timestep-zero reference latents are per token); use cfg or batch")
+        _refuse(named, ("attn_mask", "timestep_zero_index"), "Flux")  # ControlNet: refused by _call
         img, txt = named["img"], named["txt"]
         route.shards = group.shards(txt.shape[1], img.shape[1])
         images = group.shards(img.shape[1])
@@ -34,11 +31,8 @@ def flux_sequence(model, call, group) -> torch.Tensor:
             named[name] = texts.cut(named[name], group.index, 1)
         return group.all_gather(original(*bound.args, **bound.kwargs), images, 1)
 
-    model.forward_orig = forward_orig  # an instance attribute over the class's method, for this call only
-    try:
-        return _call(model, call, group, [*model.double_blocks, *model.single_blocks], route)
-    finally:
-        del model.forward_orig
+    return _call(model, call, group, [*model.double_blocks, *model.single_blocks], route,
+                 lambda: [_replaced(model, "forward_orig", forward_orig)])
 
 
 def sd3_sequence(model, call, group) -> torch.Tensor:
@@ -57,7 +51,6 @@ def sd3_sequence(model, call, group) -> torch.Tensor:
     def forward_core_with_concat(*args, **kwargs):
         bound = signature.bind(*args, **kwargs)
         named = bound.arguments
-        _refuse(named, ("control",), "SD3")
         x, context = named["x"], named["context"]
         cuts["joint"], cuts["image"] = group.shards(context.shape[1], x.shape[1]), group.shards(x.shape[1])
         named["x"] = cuts["image"].cut(x, group.index, 1)
@@ -69,11 +62,8 @@ def sd3_sequence(model, call, group) -> torch.Tensor:
         route.shards = (cuts["joint"], cuts["image"]) if both else cuts["joint"]
 
     def hooks():
+        yield _replaced(model, "forward_core_with_concat", forward_core_with_concat)
         for block in blocks:
             yield block.register_forward_pre_hook(every_block)
 
-    model.forward_core_with_concat = forward_core_with_concat
-    try:
-        return _call(model, call, group, blocks, route, hooks)
-    finally:
-        del model.forward_core_with_concat
+    return _call(model, call, group, blocks, route, hooks)
