@@ -191,6 +191,9 @@ def run_bench(model_name: str = "small", devices: str = "cpu:2", strategies_: tu
     results, disturbed = [], []
     other_load = _other_load()
     try:
+        from .plan.bench_check import Predictor
+
+        predictor = Predictor(pool, model, resolution, steps, progress)  # before any strategy runs
         for job in dict.fromkeys(job_for(s, cfg) for s in strategies_):  # each distinct job once, in the order asked
             mine = [s for s in strategies_ if job_for(s, cfg) == job]
             # Variants run in rotation within every repeat, so the machine's drift hits them all alike.
@@ -218,6 +221,7 @@ def run_bench(model_name: str = "small", devices: str = "cpu:2", strategies_: tu
                                       resolution)
                 row = _row(strategy, n, measured[strategy], serial, all_cores, own or ideal, pool.memory(), job)
                 row.update(strategies.get(strategy).bench_figures(variants[strategy][1], measured[strategy], row))
+                row.update(_prediction(predictor.predict(configs[strategy], rows, 2 if job.cfg != 1.0 else 1), row))
                 results.append(row)
     finally:
         pool.shutdown()
@@ -229,6 +233,16 @@ def run_bench(model_name: str = "small", devices: str = "cpu:2", strategies_: tu
     return {"model": model_name, "resolution": list(resolution), "frames": model.frames, "steps": steps,
             "devices": list(pool.devices), "dtype": dtype, "threads_per_device": share, "results": results,
             "disturbed": disturbed, "other_load_share": load}
+
+
+def _prediction(candidate, row: dict) -> dict:
+    """The plan's figures for a measured row: its predicted speed-up per call and the error against the measured
+    one (predicted / measured - 1)."""
+    if candidate is None:
+        return {}
+    return {"predicted_speedup": candidate.predicted_speedup,
+            "prediction_error": candidate.predicted_speedup / row["speedup_vs_serial"] - 1.0,
+            "prediction_reason": candidate.reason}
 
 
 def _row(strategy, n, result: LoopResult, serial: LoopResult, all_cores: LoopResult, ideal, memory, job) -> dict:
@@ -258,18 +272,25 @@ def format_table(report: dict) -> str:
     head = (f"model {report['model']}, {report['resolution'][0]}x{report['resolution'][1]} px{clip}, {report['steps']} calls, "
             f"devices {','.join(report['devices'])} ({report['threads_per_device']} thread(s) each)")
     lines = [head, f"{'strategy':<9}{'dev':>4}{'ms/call':>10}{'e2e s':>8}{'speedup':>9}{'ideal':>7}{'%ideal':>8}"
-                   f"{'ceiling':>8}{'vs all':>8}{'max|diff|':>11}{'PSNR dB':>9}{'ovh ms':>8}{'peak MiB/dev':>16}"]
+                   f"{'ceiling':>8}{'plan':>7}{'err':>6}{'vs all':>8}{'max|diff|':>11}{'PSNR dB':>9}{'ovh ms':>8}{'peak MiB/dev':>16}"]
     for r in report["results"]:
         pct = 100 * r["speedup_vs_serial"] / r["ideal_speedup"]
         lines.append(f"{r['strategy']:<9}{r['devices']:>4}{1000 * r['seconds_per_call_median']:>10.1f}"
                      f"{r['end_to_end_seconds_median']:>8.2f}{r['speedup_vs_serial']:>8.2f}x{r['ideal_speedup']:>6.2f}x"
-                     f"{pct:>7.0f}%{r['compute_bound_speedup']:>7.2f}x{r['speedup_vs_serial_all_cores']:>7.2f}x{r['max_abs_diff_vs_serial']:>11.1e}"
+                     f"{pct:>7.0f}%{r['compute_bound_speedup']:>7.2f}x{_plan_cells(r)}"
+                     f"{r['speedup_vs_serial_all_cores']:>7.2f}x{r['max_abs_diff_vs_serial']:>11.1e}"
                      f"{r['psnr_vs_serial_db']:>9.1f}{1000 * r['overhead_seconds_per_call_median']:>8.1f}"
                      f"{'/'.join(str(m // 2**20) for m in r['peak_memory_bytes_per_device']):>16}")
     lines += [r["summary"] for r in report["results"] if r.get("summary")]
     if report.get("disturbed"):
         lines.append("DISTURBED RUN, figures unreliable: " + "; ".join(report["disturbed"]))
     return "\n".join(lines)
+
+
+def _plan_cells(row: dict) -> str:
+    if "predicted_speedup" not in row:
+        return f"{'':>7}{'':>6}"
+    return f"{row['predicted_speedup']:>6.2f}x{100 * row['prediction_error']:>+5.0f}%"
 
 
 def write_json(report: dict, path: str) -> None:

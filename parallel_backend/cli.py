@@ -163,24 +163,29 @@ def cmd_bench(args) -> int:
 
 
 def check_plan_options(args) -> tuple:
-    """Every option of `tandem plan`, before the model is built: (link, cfg, resolution or None, devices)."""
+    """Every option of `tandem plan`, before the model is built: (link or None to measure it, cfg, resolution or
+    None, devices)."""
     from .bench import parse_resolution
     from .benchmodels import check_bench_model_name
     from .config import parse_devices, resolve_devices
-    from .plan.links import CPU_DEFAULT, CUDA_DEFAULT, link_named
+    from .plan.links import CPU_DEFAULT, CUDA_DEFAULT, PROBE, link_named
 
     check_bench_model_name(args.model)
-    link = link_named(args.link) if args.link is not None else None
+    link = link_named(args.link) if args.link not in (None, PROBE) else None
     cfg = validation.finite_number("cfg", args.cfg, 1.0, validation.MAX_CFG)
     resolution = parse_resolution(args.resolution) if args.resolution is not None else None
     validation.whole_number("steps", args.steps, 1, validation.MAX_STEPS)
     if args.json is not None:
         validation.writable_file("--json", args.json)
     devices = resolve_devices(parse_devices(args.devices))  # they exist; nothing started
-    return link or link_named(CPU_DEFAULT if devices[0] == "cpu" else CUDA_DEFAULT), cfg, resolution, devices
+    if link is None and len(devices) < 2:  # nothing to probe: the commonest link, said in the output
+        link = link_named(CPU_DEFAULT if devices[0] == "cpu" else CUDA_DEFAULT)
+    return link, cfg, resolution, devices
 
 
 def cmd_plan(args) -> int:
+    from dataclasses import replace
+
     from .bench import DTYPES, parse_resolution
     from .benchmodels import build_bench_model
     from .plan import report
@@ -197,7 +202,13 @@ def cmd_plan(args) -> int:
     validation.fits_in_memory(f"resolution {resolution[0]}x{resolution[1]} for model {model.name}",
                               model.memory_bytes(branches, resolution), devices[0], "choose a smaller --resolution")
     model.module.to(devices[0])
-    inputs = measure_inputs(model, resolution, branches, branches, link, len(devices), args.steps)
+    contention = 1.0
+    if link is None:
+        from .plan.probe import probe_devices
+
+        link, contention = probe_devices(args.devices, model, resolution)
+    inputs = replace(measure_inputs(model, resolution, branches, branches, link, len(devices), args.steps),
+                     contention=contention)
     found = candidates(inputs, len(devices))
     choice = choose(found)
     clip = f" x {model.frames} frames" if model.frames else ""
@@ -323,7 +334,7 @@ def _add_knob_options(parser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .plan.links import CPU_DEFAULT, CUDA_DEFAULT, PROFILES
+    from .plan.links import PROBE, PROFILES
 
     parser = _Parser(prog="tandem", description="Tandem: multi-device diffusion sampling.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -371,8 +382,8 @@ def build_parser() -> argparse.ArgumentParser:
                                             "with one-device measurements taken here) and choose")
     plan.add_argument("--model", default="small", help="a bench model: tiny, small, sd15, sdxl, flux-small, wan-small")
     plan.add_argument("--devices", default="cpu:2", help="'cuda:0,cuda:1', 'cpu:2' or 'auto'")
-    plan.add_argument("--link", default=None, help=f"{', '.join(PROFILES)} (default: {CPU_DEFAULT} for CPU workers, "
-                                                   f"{CUDA_DEFAULT} for GPUs)")
+    plan.add_argument("--link", default=PROBE, help=f"{PROBE} (default: start workers on the devices and measure "
+                                                    f"their link and contention), or a named link: {', '.join(PROFILES)}")
     plan.add_argument("--cfg", type=float, default=7.5, help="guidance scale, 1 to 100 (1: no uncond branch)")
     plan.add_argument("--resolution", default=None, help="pixels: 256 or 1024x768 (default: the model's)")
     plan.add_argument("--frames", type=int, default=None, help="video models (wan-small) only: frames per clip, 4k + 1")

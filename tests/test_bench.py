@@ -35,6 +35,10 @@ def test_bench_reports_every_field_and_exact_strategies_match(tmp_path, capsys):
         assert len(row["peak_memory_bytes_per_device"]) == row["devices"]
         assert row["strategy"] != "serial" or math.isinf(row["psnr_vs_serial_db"])
         assert row["strategy"] in table
+        if row["strategy"] != "serial":  # the plan's prediction beside the measurement, from one-device inputs
+            assert row["predicted_speedup"] > 0 and "compute on the busiest device" in row["prediction_reason"]
+            assert row["prediction_error"] == pytest.approx(row["predicted_speedup"] / row["speedup_vs_serial"] - 1)
+    assert " plan " in table.splitlines()[1]
 
 
 def test_bench_refuses_unknown_strategies_and_models():

@@ -124,6 +124,9 @@ def test_cfg_speedup_is_the_batch_ratio_on_a_free_link_and_the_host_overhead_cou
     assert cfg.predicted_speedup == pytest.approx(0.1 / 0.055)
     slower = predict(Inputs(**{**inp.__dict__, "host_overhead_s": 0.045}), Mesh("cfg", 2, 1, (), 2))
     assert slower.predicted_speedup == pytest.approx(1.0)
+    # devices that slow each other down when all compute (shared cores): each device's compute stretches
+    crowded = predict(Inputs(**{**inp.__dict__, "contention": 1.1}), Mesh("cfg", 2, 1, (), 2))
+    assert crowded.predicted_speedup == pytest.approx(0.1 / (0.055 * 1.1))
     # Amdahl: a text encoder + VAE as long as the 20 calls leave half the run unsplit
     amdahl = predict(Inputs(**{**inp.__dict__, "serial_seconds": 2.0}), Mesh("cfg", 2, 1, (), 2))
     assert amdahl.predicted_speedup_end_to_end == pytest.approx(4.0 / (2.0 + 20 * 0.055))
@@ -166,7 +169,7 @@ def test_every_named_link_states_its_source_and_an_unknown_one_is_refused():
     assert {"pcie4x16", "pcie5x16", "nvlink-a100", "nvlink-h100", "ethernet-10g", "ethernet-100g"} <= set(PROFILES)
     assert all(link.source and link.bandwidth > 0 for link in PROFILES.values())
     assert link_named("pcie4x16").bandwidth == pytest.approx(31.5e9 * 0.8)
-    with pytest.raises(ValueError, match="unknown link 'pcie9'; choose one of: pcie4x16"):
+    with pytest.raises(ValueError, match="unknown link 'pcie9'; choose probe \\(measure it\\) or one of: pcie4x16"):
         link_named("pcie9")
 
 

@@ -3,6 +3,7 @@ measurements, the bytes each strategy moves and the link's figures, and chooses 
 
 Pure parts (tested on made-up inputs): links.py (named link profiles and their sources), traffic.py (bytes per
 call), costs.py (per strategy: compute share and exposed communication), model.py (candidates), choose.py.
-measure.py takes a bench model's inputs on the spot; report.py prints them. Predictions are a model's, labelled
-as such: not measurements, and not yet used by `auto` or checked by the bench.
+measure.py takes a bench model's one-device inputs on the spot; probe.py measures a pool's link and contention
+on its workers; report.py prints them; bench_check.py puts the prediction beside each `tandem bench` row.
+Predictions are a model's, labelled as such: not measurements.
 """

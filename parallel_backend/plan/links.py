@@ -67,6 +67,7 @@ PROFILES: dict[str, Link] = {link.name: link for link in (
          "processes, 1.5 GB/s per direction (32 MiB swaps), 150 us per small message"),
 )}
 
+PROBE = "probe"  # `tandem plan --link probe`: measured on the devices themselves (plan/probe.py)
 CPU_DEFAULT = "loopback-gloo"  # CPU workers on one machine talk over loopback
 CUDA_DEFAULT = "pcie4x16"  # the commonest link between two GPUs; said in the output when assumed
 
@@ -76,4 +77,4 @@ def link_named(name: str) -> Link:
     try:
         return PROFILES[name]
     except (KeyError, TypeError):
-        raise ValueError(f"unknown link {name!r}; choose one of: {', '.join(PROFILES)}") from None
+        raise ValueError(f"unknown link {name!r}; choose {PROBE} (measure it) or one of: {', '.join(PROFILES)}") from None

@@ -1,12 +1,13 @@
 """The cost model: predicted time per call of each strategy and mesh on N devices, and the speed-up over one
 device. Pure: every input is given (measured or counted elsewhere, plan/measure.py); nothing is timed here.
 
-time per call = the busiest device's compute + the exchange it cannot hide (plan/costs.py, per strategy) +
+time per call = the busiest device's compute (stretched by `contention` while every device computes) + the exchange it cannot hide (plan/costs.py, per strategy) +
 the host's transfers to and from the devices (exposed) + the host's per-call overhead.
 A whole run adds what no split shares (Amdahl): `serial_seconds` (text encoder, VAE) once, and warm-up calls at
 their own cost (asyncdiff: the stages in turn). The one-device reference is the whole call, in process.
 Not modelled yet: asyncdiff's stride 2, work a sequence split repeats on every rank (Wan's text keys and values
-for cross-attention), devices sharing one link (a PCIe uplink), compute slowed by a concurrent transfer.
+for cross-attention), devices sharing one link (a PCIe uplink), compute slowed by a concurrent transfer (beyond
+the contention measured with every device computing).
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ class Inputs:
     sequence on one device; layer_seconds: the layer profile (asyncdiff; only the shares count);
     weight_bytes: the model's weights; layer_weight_bytes: each layer's own (a stage holds its layers' and the
     rest); activation_bytes_per_row: a call's activations per row; host_overhead_s: per call, a pool's own cost;
-    steps, warmup (exact steps of stale strategies), serial_seconds: the run around the calls."""
+    steps, warmup (exact steps of stale strategies), serial_seconds: the run around the calls; contention: how
+    much slower a device computes while every device computes (plan/probe.py; 1.0: not at all)."""
 
     shape: CallShape
     family: str
@@ -45,6 +47,7 @@ class Inputs:
     steps: int = 20
     warmup: int = 1
     serial_seconds: float = 0.0
+    contention: float = 1.0
 
     def seconds(self, rows: int) -> float:
         """One device's time for `rows` rows: linear between the measured row counts, proportional beyond."""
@@ -108,14 +111,15 @@ def predict(inp: Inputs, mesh: Mesh) -> Candidate:
     host = host_traffic(mesh, inp.shape, inp.branches)
     groups = sum(1 for share in mesh.row_shares(inp.shape.rows, inp.branches) if len(share))
     host_s = inp.link.seconds(host.host_in, groups * mesh.inner) + inp.link.seconds(host.host_out, groups)
-    call = cost.busy + host_s + inp.host_overhead_s
+    slowed = (inp.contention - 1.0) * cost.compute  # every device of the mesh computes at once
+    call = cost.busy + slowed + host_s + inp.host_overhead_s
     warm = (cost.warm if cost.warm is not None else cost.busy) + host_s + inp.host_overhead_s
     stale = not strategies.get(mesh.strategy).exact
     warm_calls = min(inp.steps, inp.warmup) if stale else 0
     one = inp.one_device
     whole_run = inp.serial_seconds + inp.steps * one
     split_run = inp.serial_seconds + warm_calls * warm + (inp.steps - warm_calls) * call
-    reason = (f"{1000 * cost.compute:.1f} ms compute on the busiest device + {1000 * cost.exposed:.1f} ms of "
+    reason = (f"{1000 * (cost.compute + slowed):.1f} ms compute on the busiest device + {1000 * cost.exposed:.1f} ms of "
               f"{1000 * cost.transfer:.1f} ms exchange not hidden ({cost.traffic.peer / 2**20:.2f} MiB between "
               f"devices) + {1000 * host_s:.1f} ms host transfers ({(host.host_in + host.host_out) / 2**20:.2f} MiB)"
               + (f" + {1000 * inp.host_overhead_s:.1f} ms overhead" if inp.host_overhead_s else "")

@@ -1,0 +1,38 @@
+"""The bench's prediction beside each measured speed-up: `tandem plan`'s model fed only what is measured before
+any strategy runs: the one-device figures (plan/measure.py, in the bench's process on one device's share of the
+cores, as its reference runs) and the pool's link and contention (plan/probe.py, on its workers)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from ..engine import engine_for, sequence_hint
+from ..mesh import resolve
+from .measure import measure_inputs
+from .model import Candidate, predict
+from .probe import device_figures
+
+
+class Predictor:
+    """Measures the pool's devices once; predicts each strategy's speed-up per job (inputs measured once per
+    job shape)."""
+
+    def __init__(self, pool, model, resolution: tuple[int, int], steps: int, progress=print):
+        engine = engine_for(pool)
+        self.model, self.resolution, self.steps, self.n = model, resolution, steps, engine.device_count()
+        self.link, self.contention = device_figures(engine, model, resolution)
+        self.hint = sequence_hint(model.module, model.family)
+        self._inputs = {}
+        if self.link is not None:
+            progress(f"[bench] the plan's device inputs: link {self.link.source}; compute {self.contention:.2f}x "
+                     "slower with every device busy")
+
+    def predict(self, config, rows: int, branches: int) -> Candidate | None:
+        """The plan's candidate for `config` on a job of `rows` rows (None on one device)."""
+        if self.link is None:
+            return None
+        key = (rows, branches)
+        if key not in self._inputs:
+            inputs = measure_inputs(self.model, self.resolution, rows, branches, self.link, self.n, self.steps)
+            self._inputs[key] = replace(inputs, contention=self.contention)
+        return predict(self._inputs[key], resolve(config, self.n, branches, rows, self.hint))

@@ -1,0 +1,76 @@
+"""The cost model's device inputs, measured on the pool's own workers: the link between two of them and how much
+slower each computes when all compute at once (shared cores, memory bandwidth, clocks), before any strategy runs.
+
+- link: ranks 0 and 1 swap a small and a large buffer at once (each direction carries the buffer, as every
+  strategy's exchanges do), fastest of `repeats`; latency = the small swap, bandwidth = the extra bytes over the
+  extra time. Between CPU workers that is gloo over loopback; between GPUs, NCCL over whatever joins them.
+- contention: a one-row model call on rank 0 alone, then on every rank at once; the slowest rank's own compute
+  over the lone one (1.0 where the devices do not share anything that slows them).
+Neither runs the strategies the plan predicts, so a prediction made from them is not fitted to the run it
+predicts.
+"""
+
+from __future__ import annotations
+
+import statistics
+
+from ..messages import Forward
+from ..strategies.sequence.probe import ProbeExchange
+from .links import Link
+
+SMALL_BYTES = 4
+LARGE_BYTES = 16 * 2**20
+
+
+def measure_link(engine, repeats: int = 5) -> Link | None:
+    """The link between ranks 0 and 1 of the engine's pool, measured (None for a pool of one device)."""
+    if engine.device_count() < 2:
+        return None
+    seconds = {}
+    for nbytes in (SMALL_BYTES, LARGE_BYTES):
+        work = {rank: ProbeExchange((0, 1), rank, 1, nbytes, repeats + 1) for rank in (0, 1)}
+        replies = engine.request(work, "timing the link between two devices", collective=True)
+        seconds[nbytes] = max(reply["transfer_seconds"] for reply in replies.values())
+    latency = seconds[SMALL_BYTES]
+    extra = seconds[LARGE_BYTES] - latency
+    bandwidth = (LARGE_BYTES - SMALL_BYTES) / extra if extra > 0 else LARGE_BYTES / seconds[LARGE_BYTES]
+    devices = engine.pool.devices
+    return Link(f"measured {devices[0]}<->{devices[1]}", bandwidth, latency,
+                f"measured on this pool: {devices[0]} and {devices[1]} swapping {LARGE_BYTES // 2**20} MiB each way "
+                f"in {1000 * seconds[LARGE_BYTES]:.1f} ms ({bandwidth / 1e9:.2f} GB/s per direction), "
+                f"{SMALL_BYTES} bytes in {1e6 * latency:.0f} us; fastest of {repeats}")
+
+
+def measure_contention(engine, fingerprint: str, call, repeats: int = 3) -> float:
+    """How much slower one device computes `call` (a model call of the loaded model `fingerprint`) while every
+    device computes it too: the median over `repeats` of the slowest rank's compute, over rank 0's alone."""
+    n = engine.device_count()
+    if n < 2:
+        return 1.0
+    alone, together = [], []
+    for _ in range(repeats + 1):  # the first of each is a warm-up
+        alone.append(engine.request({0: Forward(fingerprint, call)}, "timing one device alone")[0].compute_s)
+        replies = engine.request({rank: Forward(fingerprint, call) for rank in range(n)},
+                                 "timing every device at once")
+        together.append(max(reply.compute_s for reply in replies.values()))
+    return max(1.0, statistics.median(together[1:]) / statistics.median(alone[1:]))
+
+
+def device_figures(engine, model, resolution: tuple[int, int]) -> tuple[Link | None, float]:
+    """(link, contention) of the engine's pool for a bench model at `resolution` (its weights shipped once)."""
+    from ..bench import sample_call
+
+    link = measure_link(engine)
+    if link is None:
+        return None, 1.0
+    fingerprint = engine.load(model.module, model.family)
+    return link, measure_contention(engine, fingerprint, sample_call(model, 1, resolution))
+
+
+def probe_devices(devices, model, resolution: tuple[int, int]) -> tuple[Link | None, float]:
+    """`device_figures` on a pool started on `devices` for the purpose and stopped after."""
+    from ..engine import engine_for
+    from ..pool import WorkerPool
+
+    with WorkerPool(devices) as pool:
+        return device_figures(engine_for(pool), model, resolution)
