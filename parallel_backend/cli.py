@@ -184,14 +184,13 @@ def check_plan_options(args) -> tuple:
 
 
 def cmd_plan(args) -> int:
-    from dataclasses import replace
-
     from .bench import DTYPES, parse_resolution
     from .benchmodels import build_bench_model
     from .plan import report
     from .plan.choose import choose
     from .plan.measure import HOST_OVERHEAD_S, measure_inputs
     from .plan.model import candidates
+    from .plan.probe import probe_devices
 
     link, cfg, resolution, devices = check_plan_options(args)
     kind = "cpu" if devices[0] == "cpu" else "cuda"
@@ -202,20 +201,17 @@ def cmd_plan(args) -> int:
     validation.fits_in_memory(f"resolution {resolution[0]}x{resolution[1]} for model {model.name}",
                               model.memory_bytes(branches, resolution), devices[0], "choose a smaller --resolution")
     model.module.to(devices[0])
-    contention = 1.0
-    if link is None:
-        from .plan.probe import probe_devices
-
-        link, contention = probe_devices(args.devices, model, resolution)
-    inputs = replace(measure_inputs(model, resolution, branches, branches, link, len(devices), args.steps),
-                     contention=contention)
+    figures = probe_devices(args.devices, model, resolution) if link is None else None
+    inputs = measure_inputs(model, resolution, branches, branches, link or figures.link, len(devices), args.steps)
+    if figures is not None:
+        inputs = figures.apply(inputs)
     found = candidates(inputs, len(devices))
     choice = choose(found)
     clip = f" x {model.frames} frames" if model.frames else ""
     print(f"tandem plan (a prediction of the cost model, not a measurement): model {model.name}, "
           f"{resolution[0]}x{resolution[1]} px{clip}, 1 image at cfg {cfg:g}, {len(devices)} device(s) "
-          f"({','.join(devices)}), link {link.name} ({link.source})")
-    print(report.inputs_line(inputs, HOST_OVERHEAD_S[kind][1]))
+          f"({','.join(devices)}), link {inputs.link.name} ({inputs.link.source})")
+    print(report.inputs_line(inputs, "measured on the pool" if figures else HOST_OVERHEAD_S[kind][1]))
     print(report.format_table(found, choice))
     if args.json:
         header = {"model": model.name, "resolution": list(resolution), "frames": model.frames, "cfg": cfg,

@@ -11,7 +11,7 @@ from parallel_backend import cli
 from parallel_backend.bench import sample_call
 from parallel_backend.benchmodels import build_bench_model
 from parallel_backend.engine import engine_for
-from parallel_backend.plan.probe import LARGE_BYTES, measure_contention, measure_link
+from parallel_backend.plan.probe import LARGE_BYTES, measure_calls, measure_link
 from parallel_backend.pool import WorkerPool
 
 
@@ -35,8 +35,8 @@ def test_contention_compares_one_worker_alone_with_all_at_once(pool):
     engine = engine_for(pool)
     fingerprint = engine.load(model.module, model.family)
     calls_before = pool.stats.calls if hasattr(pool, "stats") else None
-    slowdown = measure_contention(engine, fingerprint, sample_call(model, 1, (32, 32)), repeats=1)
-    assert 1.0 <= slowdown < 100.0
+    slowdown, overhead = measure_calls(engine, fingerprint, sample_call(model, 1, (32, 32)), repeats=1)
+    assert 1.0 <= slowdown < 100.0 and 0.0 <= overhead < 10.0
     assert calls_before is None or pool.stats.calls == calls_before  # probes are not model calls of a job
 
 
@@ -44,7 +44,6 @@ def test_a_pool_of_one_device_has_no_link_to_measure():
     with WorkerPool("cpu:1") as one:
         engine = engine_for(one)
         assert measure_link(engine) is None
-        assert measure_contention(engine, "unused", None) == 1.0
 
 
 def test_tandem_plan_measures_the_link_by_default(tmp_path, capsys):

@@ -4,8 +4,6 @@ cores, as its reference runs) and the pool's link and contention (plan/probe.py,
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 from ..engine import engine_for, sequence_hint
 from ..mesh import resolve
 from .measure import measure_inputs
@@ -20,12 +18,13 @@ class Predictor:
     def __init__(self, pool, model, resolution: tuple[int, int], steps: int, progress=print):
         engine = engine_for(pool)
         self.model, self.resolution, self.steps, self.n = model, resolution, steps, engine.device_count()
-        self.link, self.contention = device_figures(engine, model, resolution)
+        self.figures = device_figures(engine, model, resolution)
+        self.link = self.figures.link
         self.hint = sequence_hint(model.module, model.family)
         self._inputs = {}
         if self.link is not None:
-            progress(f"[bench] the plan's device inputs: link {self.link.source}; compute {self.contention:.2f}x "
-                     "slower with every device busy")
+            progress(f"[bench] the plan's device inputs: link {self.link.source}; compute {self.figures.contention:.2f}x "
+                     f"slower with every device busy; {1000 * self.figures.overhead_s:.1f} ms of pool overhead per call")
 
     def predict(self, config, rows: int, branches: int) -> Candidate | None:
         """The plan's candidate for `config` on a job of `rows` rows (None on one device)."""
@@ -34,5 +33,5 @@ class Predictor:
         key = (rows, branches)
         if key not in self._inputs:
             inputs = measure_inputs(self.model, self.resolution, rows, branches, self.link, self.n, self.steps)
-            self._inputs[key] = replace(inputs, contention=self.contention)
+            self._inputs[key] = self.figures.apply(inputs)
         return predict(self._inputs[key], resolve(config, self.n, branches, rows, self.hint))

@@ -5,7 +5,8 @@ slower each computes when all compute at once (shared cores, memory bandwidth, c
   strategy's exchanges do), fastest of `repeats`; latency = the small swap, bandwidth = the extra bytes over the
   extra time. Between CPU workers that is gloo over loopback; between GPUs, NCCL over whatever joins them.
 - contention: a one-row model call on rank 0 alone, then on every rank at once; the slowest rank's own compute
-  over the lone one (1.0 where the devices do not share anything that slows them).
+  over the lone one (1.0 where the devices do not share anything that slows them);
+- overhead: the host's wall time for the lone call less the worker's compute (the pool's cost per call).
 Neither runs the strategies the plan predicts, so a prediction made from them is not fitted to the run it
 predicts.
 """
@@ -13,6 +14,8 @@ predicts.
 from __future__ import annotations
 
 import statistics
+import time
+from dataclasses import dataclass, replace
 
 from ..messages import Forward
 from ..strategies.sequence.probe import ProbeExchange
@@ -44,30 +47,54 @@ def measure_link(engine, repeats: int = 5) -> Link | None:
 def measure_contention(engine, fingerprint: str, call, repeats: int = 3) -> float:
     """How much slower one device computes `call` (a model call of the loaded model `fingerprint`) while every
     device computes it too: the median over `repeats` of the slowest rank's compute, over rank 0's alone."""
+    return measure_calls(engine, fingerprint, call, repeats)[0]
+
+
+def measure_calls(engine, fingerprint: str, call, repeats: int = 3) -> tuple[float, float]:
+    """(contention, overhead): `measure_contention`'s figure, and the pool's own seconds per call: the host's
+    wall time for rank 0's lone call less that rank's compute (messages, pickling, the inputs and the output
+    crossing), median of `repeats`."""
     n = engine.device_count()
-    if n < 2:
-        return 1.0
-    alone, together = [], []
+    alone, together, overhead = [], [], []
     for _ in range(repeats + 1):  # the first of each is a warm-up
-        alone.append(engine.request({0: Forward(fingerprint, call)}, "timing one device alone")[0].compute_s)
-        replies = engine.request({rank: Forward(fingerprint, call) for rank in range(n)},
-                                 "timing every device at once")
-        together.append(max(reply.compute_s for reply in replies.values()))
-    return max(1.0, statistics.median(together[1:]) / statistics.median(alone[1:]))
+        started = time.perf_counter()
+        computed = engine.request({0: Forward(fingerprint, call)}, "timing one device alone")[0]
+        overhead.append(time.perf_counter() - started - computed.compute_s)
+        alone.append(computed.compute_s)
+        if n > 1:
+            replies = engine.request({rank: Forward(fingerprint, call) for rank in range(n)},
+                                     "timing every device at once")
+            together.append(max(reply.compute_s for reply in replies.values()))
+    contention = max(1.0, statistics.median(together[1:]) / statistics.median(alone[1:])) if n > 1 else 1.0
+    return contention, max(0.0, statistics.median(overhead[1:]))
 
 
-def device_figures(engine, model, resolution: tuple[int, int]) -> tuple[Link | None, float]:
-    """(link, contention) of the engine's pool for a bench model at `resolution` (its weights shipped once)."""
+@dataclass(frozen=True)
+class DeviceFigures:
+    """What plan/probe.py measured on a pool: the link (None for one device), the contention, the per-call
+    overhead (seconds)."""
+
+    link: Link | None
+    contention: float = 1.0
+    overhead_s: float = 0.0
+
+    def apply(self, inputs):
+        """`inputs` (model.Inputs) with these figures in place of assumed ones."""
+        return replace(inputs, link=self.link or inputs.link, contention=self.contention,
+                       host_overhead_s=self.overhead_s)
+
+
+def device_figures(engine, model, resolution: tuple[int, int]) -> DeviceFigures:
+    """The engine's pool measured for a bench model at `resolution` (its weights shipped once)."""
     from ..bench import sample_call
 
     link = measure_link(engine)
-    if link is None:
-        return None, 1.0
     fingerprint = engine.load(model.module, model.family)
-    return link, measure_contention(engine, fingerprint, sample_call(model, 1, resolution))
+    contention, overhead = measure_calls(engine, fingerprint, sample_call(model, 1, resolution))
+    return DeviceFigures(link, contention, overhead)
 
 
-def probe_devices(devices, model, resolution: tuple[int, int]) -> tuple[Link | None, float]:
+def probe_devices(devices, model, resolution: tuple[int, int]) -> DeviceFigures:
     """`device_figures` on a pool started on `devices` for the purpose and stopped after."""
     from ..engine import engine_for
     from ..pool import WorkerPool
