@@ -3,6 +3,8 @@ measurements, the bytes each strategy moves and the link's figures, and chooses 
 
 Pure parts (tested on made-up inputs): links.py (named link profiles and their sources), traffic.py (bytes per
 call), costs.py (per strategy: compute share and exposed communication), model.py (candidates), choose.py.
-measure.py takes a bench model's inputs on the spot; report.py prints them. Predictions are a model's, labelled
+measure.py takes a bench model's inputs on the spot; report.py prints them. paper.py counts full-size models'
+inputs for named GPUs instead (FLOPs on the meta device, published throughput); paper_doc.py writes them to
+docs/gpu-predictions.md. Predictions are a model's, labelled
 as such: not measurements, and not yet used by `auto` or checked by the bench.
 """
