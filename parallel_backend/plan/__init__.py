@@ -5,5 +5,7 @@ Pure parts (tested on made-up inputs): links.py (named link profiles and their s
 call), costs.py (per strategy: compute share and exposed communication), model.py (candidates), choose.py.
 measure.py takes a bench model's one-device inputs on the spot; probe.py measures a pool's link and contention
 on its workers; report.py prints them; bench_check.py puts the prediction beside each `tandem bench` row.
-Predictions are a model's, labelled as such: not measurements.
+paper.py counts full-size models' inputs for named GPUs instead (FLOPs on the meta device, published
+throughput); paper_doc.py writes them to docs/gpu-predictions.md. Predictions are a model's, labelled as such:
+not measurements.
 """

@@ -1,0 +1,249 @@
+"""docs/gpu-predictions.md, generated: the paper scenarios' inputs (plan/paper.py) and, on each GPU and link for
+2, 4 and 8 devices, every candidate model.candidates predicts and the one choose.choose picks, next to the peers'
+published measurements (PEERS). Run: python -m parallel_backend.plan.paper_doc --out docs/gpu-predictions.md
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+import diffusers
+import torch
+
+from .choose import FLOOR, choose
+from .links import link_named
+from .measure import HOST_OVERHEAD_S
+from .model import candidates
+from .paper import EFFICIENCY, SCENARIOS, count, gpu_named, paper_inputs, seconds
+
+COMMAND = "python -m parallel_backend.plan.paper_doc --out docs/gpu-predictions.md"
+DEVICES = (2, 4, 8)
+TOP = 4  # candidates shown per cell (the choice is added when it is not among them)
+MIB, GIB = 2**20, 2**30
+
+
+@dataclass(frozen=True)
+class Peer:
+    """A peer's published measurement, and the cell of this model it is set beside: (scenario, GPU, link,
+    devices, candidate label; None: the choice)."""
+
+    system: str
+    setting: str
+    figure: str
+    source: str
+    beside: tuple | None = None
+
+
+PEERS = (
+    Peer("AsyncDiff", "SD 2.1, 4x RTX A5000 (PCIe)", "2.7x (negligible quality loss); 4.0x with stride denoising "
+         "(CLIP score -0.38)", "Chen et al., AsyncDiff, NeurIPS 2024, arXiv 2406.06911, abstract",
+         ("sdxl-1024", "RTX 4090", "pcie4x16", 4, "asyncdiff (cfg 1 x batch 1 x stages 4)")),
+    Peer("AsyncDiff", "SDXL, 50 steps, RTX A5000", "2 devices 1.7x, 4 devices 2.7x, 4 devices stride 2 3.8x",
+         "AsyncDiff paper's SDXL results as recorded in design/PERFORMANCE.md (not re-read for this page)",
+         ("sdxl-1024", "RTX 4090", "pcie4x16", 2, "asyncdiff (cfg 1 x batch 1 x stages 2)")),
+    Peer("DistriFusion", "SDXL 1024x1024, A100 + NVLink, 2 / 4 / 8 GPUs", "1.5x / 2.2x / 2.8x",
+         "Li et al., DistriFusion, CVPR 2024, arXiv 2402.19481, as recorded in design/PERFORMANCE.md",
+         ("sdxl-1024", "A100 80GB SXM", "nvlink-a100", 8, None)),
+    Peer("DistriFusion", "SDXL 3840x3840, 8x A100", "up to 6.1x (2 / 4 / 8 GPUs: 1.8x / 3.4x / 6.1x)",
+         "DistriFusion abstract (6.1x on 8 A100s); per-count figures as recorded in design/PERFORMANCE.md"),
+    Peer("xDiT", "Flux.1-dev 1024, 28 steps, H100 NVLink, eager PyTorch",
+         "1 GPU 6.71 s; Ulysses-2 4.38 s (1.53x); Ring-2 5.31 s (1.26x); Ulysses-4 4.24 s (1.58x); Ring-4 5.11 s "
+         "(1.31x); Ulysses-2 x Ring-2 5.19 s (1.29x)", "xdit-project/xDiT docs/performance/flux.md",
+         ("flux-dev-1024", "H100 SXM", "nvlink-h100", 4, "ulysses (cfg 1 x batch 1 x ulysses 4)")),
+    Peer("xDiT", "Flux.1-dev 1024, 28 steps, H100 NVLink, torch.compile",
+         "1 GPU 4.30 s; Ulysses-2 2.68 s (1.60x); Ring-2 2.60 s (1.65x); Ulysses-4 1.63 s (2.64x); Ring-4 1.98 s "
+         "(2.17x)", "xdit-project/xDiT docs/performance/flux.md",
+         ("flux-dev-1024", "H100 SXM", "nvlink-h100", 2, "ring (cfg 1 x batch 1 x ring 2)")),
+    Peer("xDiT", "Flux.1-schnell 1024, 8x L40 over PCIe Gen4", "4 GPUs (Ulysses-2 x Ring-2) fastest, 1.41 s; 8 "
+         "GPUs slower than 4", "xdit-project/xDiT docs/performance/flux.md",
+         ("flux-dev-1024", "A100 80GB PCIe", "pcie4x16", 8, None)),
+    Peer("Raylight", "Flux fp8 1024, Ulysses 2, 2x RTX 2000 Ada over PCIe", "2.22 -> 1.26 s/it (1.76x)",
+         "Raylight (ComfyUI nodes, Ray + xDiT USP), figure as given in the issue brief",
+         ("flux-dev-1024", "A100 80GB PCIe", "pcie4x16", 2, "ulysses (cfg 1 x batch 1 x ulysses 2)")),
+    Peer("ComfyUI CFG split", "Wan 2.1 i2v 720p 14B bf16, 2x RTX 4090 (4x: capped at 2x)", "\"essentially 2x\"",
+         "a tester's comment on Comfy-Org/ComfyUI pull request #7063 (MultiGPU work units)",
+         ("wan14b-720p", "A100 80GB PCIe", "pcie4x16", 2, "cfg (cfg 2 x batch 1)")),
+    Peer("ComfyUI CFG split", "SDXL 2048x2048, cfg 7, 2x Intel Arc A770", "1.73-2.00 -> 1.10 s/it (~1.7x)",
+         "Comfy-Org/ComfyUI pull request #14191",
+         ("sdxl-1024", "RTX 4090", "pcie4x16", 2, "cfg (cfg 2 x batch 1)")),
+    Peer("ComfyUI CFG split", "SDXL, 2 GPUs", "1.79x per step, 1.58x end to end", "design/PERFORMANCE.md "
+         "(its source not recorded there)"),
+)
+
+# xDiT's one-H100 Flux.1-dev runs (28 steps, whole pipeline): seconds eager and with torch.compile; a check of
+# the stated efficiency (xdit-project/xDiT docs/performance/flux.md).
+XDIT_FLUX_H100 = {"eager PyTorch": 6.71, "torch.compile": 4.30}
+XDIT_FLUX_STEPS = 28
+
+
+def cell(name: str, gpu: str, link: str, devices: int):
+    """(candidates, choice, exact-only choice) of one scenario on `devices` GPUs."""
+    found = candidates(paper_inputs(name, gpu, link), devices)
+    return found, choose(found), choose(found, exact_only=True)
+
+
+def _mib(c) -> str:
+    return f"{(c.peer_bytes_per_call + c.host_bytes_per_call) / MIB:,.1f}"
+
+
+def _row(c, mark: str = "") -> str:
+    return (f"| {mark}{c.label()} | {c.devices} | {c.predicted_speedup:.2f}x | {c.predicted_speedup_end_to_end:.2f}x "
+            f"| {'exact' if c.exact else 'stale'} | {_mib(c)} | {c.memory_bytes_per_device / GIB:.1f} "
+            f"| {1000 * c.exposed_seconds:.2f} |")
+
+
+def inputs_section() -> list[str]:
+    used = sorted({(g, lk) for s in SCENARIOS.values() for g, lk in s.hardware})
+    out = ["## Inputs", "", "### GPUs (published figures)", "", "| GPU | dense fp16/bf16 tensor TFLOPS | memory GB | "
+           "source |", "|---|---|---|---|"]
+    for gpu in dict.fromkeys(g for g, _ in used):
+        g = gpu_named(gpu)
+        out.append(f"| {g.name} | {g.peak_flops / 1e12:g} | {g.memory_bytes / 1e9:g} | {g.source} |")
+    out += ["", "### Efficiency (stated, not measured)", "", "| model kind | fraction of the peak a call reaches |",
+            "|---|---|"]
+    out += [f"| {kind} | {eff:g} |" for kind, eff in EFFICIENCY.items()]
+    out += ["", "Why: `parallel_backend/plan/paper.py` (EFFICIENCY). The same fraction is applied to the whole call, "
+            "to each layer and to one attention.", "", "### Links (plan/links.py)", "",
+            "| link | effective GB/s per direction | latency per message | source |", "|---|---|---|---|"]
+    for name in dict.fromkeys(lk for _, lk in used):
+        link = link_named(name)
+        out.append(f"| {name} | {link.bandwidth / 1e9:.1f} | {link.latency * 1e6:g} us | {link.source} |")
+    overhead, why = HOST_OVERHEAD_S["cuda"]
+    out += ["", f"Host overhead per call: {1000 * overhead:g} ms ({why}; plan/measure.py).", ""]
+    return out
+
+
+def model_section(name: str) -> list[str]:
+    s, c = SCENARIOS[name], count(name)
+    shape = c.shape
+    out = [f"### {s.title}", "", f"Config: {s.source}.", "",
+           f"- parameters {c.parameters / 1e9:.3f} B; weights {c.weight_bytes / 1e9:.2f} GB in "
+           f"{shape.itemsize * 8}-bit floats",
+           "- FLOPs per call (FlopCounterMode on meta): " + ", ".join(f"{r} row(s) {f / 1e12:,.2f} TFLOP"
+                                                                       for r, f in sorted(c.flops.items())),
+           "- of one row, by op: " + ", ".join(f"{op} {f / 1e12:,.2f}" for op, f in c.flop_ops) + " TFLOP",
+           f"- per row: {shape.input_bytes / MIB:.2f} MiB in (latents, text, extras), {shape.output_bytes / MIB:.2f} "
+           f"MiB prediction out; at least {c.activation_bytes_per_row / MIB:,.0f} MiB of activations held"]
+    if shape.attentions:
+        share = shape.attentions * c.attention_flops / c.flops[1]
+        out.append(f"- {shape.attentions} token-mixing attentions of {shape.tokens:,} tokens x {shape.width} wide "
+                   f"({shape.heads} heads): {c.attention_flops / 1e12:,.3f} TFLOP each per row (4 L^2 W), "
+                   f"{100 * share:.0f} % of the call")
+    if c.layers:
+        handover = shape.handover_bytes
+        out.append(f"- {len(c.layers)} layers (models/stages.py); what crosses a cut per row: "
+                   f"{min(handover[1:]) / MIB:.2f} to {max(handover[1:]) / MIB:.2f} MiB")
+        out += ["", "<details><summary>per-layer FLOPs and hand-over bytes (one row)</summary>", "",
+                "| layer | GFLOP | MiB crossing the cut before it | weights MiB |", "|---|---|---|---|"]
+        out += [f"| {n} | {f / 1e9:,.1f} | {h / MIB:.2f} | {w / MIB:.1f} |"
+                for (n, f), h, w in zip(c.layers, handover, c.layer_weight_bytes)]
+        out += ["", "</details>"]
+    eff = EFFICIENCY[s.kind]
+    times = ", ".join(f"{g} {1000 * seconds(c.flops[s.branches], gpu_named(g), eff):,.1f} ms"
+                      for g in dict.fromkeys(g for g, _ in s.hardware))
+    out += ["", f"One device, the whole call ({s.branches} row(s)) at efficiency {eff:g}: {times}.", ""]
+    return out
+
+
+def efficiency_check() -> list[str]:
+    flops = count("flux-dev-1024").flops[1]
+    h100 = gpu_named("H100 SXM")
+    implied = ", ".join(f"{how} {total} s: {100 * flops * XDIT_FLUX_STEPS / (total * h100.peak_flops):.0f} %"
+                        for how, total in XDIT_FLUX_H100.items())
+    return ["### A check of the stated efficiency", "",
+            f"xDiT's one-H100 Flux.1-dev 1024 runs of {XDIT_FLUX_STEPS} steps (text encoders and VAE included) and "
+            f"the counted {flops / 1e12:.1f} TFLOP per step at {h100.peak_flops / 1e12:g} TFLOPS imply at least "
+            f"this fraction of the peak ({implied}); lower bounds, as the pipeline's other parts are in the time. "
+            f"This page assumes {100 * EFFICIENCY['dit']:.0f} % for DiTs. No published one-device figure was checked "
+            "for SDXL's UNet.", ""]
+
+
+def scenario_section(name: str) -> list[str]:
+    s = SCENARIOS[name]
+    out = [f"### {s.title}", "", "| GPUs | link | devices | chosen | speed-up per step | end to end | output | "
+           "MiB moved per step | GiB per device | best exact |", "|---|---|---|---|---|---|---|---|---|---|"]
+    details = []
+    for gpu, link in s.hardware:
+        for n in DEVICES:
+            found, choice, exact = cell(name, gpu, link, n)
+            best = choice.best
+            fits = "" if best.memory_bytes_per_device <= gpu_named(gpu).memory_bytes else " (does not fit)"
+            out.append(f"| {gpu} | {link} | {n} | {best.label()} | {best.predicted_speedup:.2f}x | "
+                       f"{best.predicted_speedup_end_to_end:.2f}x | {'exact' if best.exact else 'stale'} | "
+                       f"{_mib(best)} | {best.memory_bytes_per_device / GIB:.1f}{fits} | "
+                       f"{exact.best.label()} {exact.best.predicted_speedup:.2f}x |")
+            shown = found[:TOP] + [best] * (best not in found[:TOP])
+            details += [f"**{gpu}, {link}, {n} devices** ({len(found)} candidates; top {TOP} shown)", "",
+                        "| candidate | devices | speed-up per step | end to end | output | MiB moved per step | "
+                        "GiB per device | exposed ms per step |", "|---|---|---|---|---|---|---|---|"]
+            details += [_row(c, "**chosen:** " if c is best else "") for c in shown]
+            details += ["", f"Choice: {choice.reason}", ""]
+    return out + ["", "<details><summary>the top candidates of every cell</summary>", "", *details, "</details>", ""]
+
+
+def _beside(peer: Peer) -> str:
+    if peer.beside is None:
+        return "no matching cell"
+    name, gpu, link, n, label = peer.beside
+    found, choice, _ = cell(name, gpu, link, n)
+    c = choice.best if label is None else next(c for c in found if c.label() == label)
+    what = "chosen: " if label is None else ""
+    return f"{name}, {gpu}, {link}, {n} devices, {what}{c.label()}: {c.predicted_speedup:.2f}x per step"
+
+
+def peers_section() -> list[str]:
+    out = ["## Published peer figures (their measurements, on their hardware; not Tandem's)", "",
+           "Set beside the nearest cell of this model's predictions; models, GPUs and software differ (e.g. fp8 "
+           "and RTX 2000 Ada for Raylight, which this page has no figures for), so a difference is no verdict.", "",
+           "| system | setting | published figure | source | this model's prediction, nearest cell |",
+           "|---|---|---|---|---|"]
+    out += [f"| {p.system} | {p.setting} | {p.figure} | {p.source} | {_beside(p)} |" for p in PEERS]
+    return out + ["", "No published figure was found for ComfyUI's CFG split on 4 or 8 GPUs beyond the 2x cap "
+                  "reported in pull request #7063 (cfg has two branches).", ""]
+
+
+def render() -> str:
+    lines = ["# GPU predictions, on paper", "",
+             "**These are predictions of Tandem's cost model (`parallel_backend/plan/`), not measurements.** No GPU "
+             "ran for this page: every one-device time is counted FLOPs divided by a GPU's published throughput at "
+             "a stated efficiency. Where a GPU is lent, one-device times measured there should replace the "
+             "counted ones (`tandem plan` on CUDA devices measures them).", "",
+             f"Generated by `{COMMAND}` (torch {torch.__version__.split('+')[0]}, diffusers {diffusers.__version__}); "
+             "edit the generator, not this file.", "",
+             "How a figure is made: time per call = the busiest device's compute + the exchange it cannot hide + the "
+             "host's transfers + a per-call overhead (plan/model.py, plan/costs.py). One call per step: the two "
+             "guidance branches go in one call of two rows. *Speed-up per step* is one device's call over the "
+             "split's; *end to end* adds the run's steps with asyncdiff's exact warm-up step (text encoders and VAE "
+             "not counted). *MiB moved per step*: between devices plus host to devices and back. *Stale*: the "
+             f"output differs from one device's (asyncdiff). A split under {FLOOR:g}x is never chosen. "
+             "*Best exact*: the choice among exact strategies. GiB per device: weights plus a lower bound of the "
+             "activations; \"does not fit\" marks a choice over the GPU's memory.", "",
+             "Not modelled (plan/model.py): asyncdiff's stride 2, work a sequence split repeats on every rank (Wan's "
+             "cross-attention to the text), devices sharing one PCIe uplink, compute slowed by a concurrent "
+             "transfer, the batch of 2 costing less than twice a batch of 1 on a GPU (counted FLOPs are linear in "
+             "rows, so cfg on 2 GPUs reaches ~2x here).", ""]
+    lines += inputs_section()
+    lines += ["## The models (counted on the meta device)", ""]
+    for name in SCENARIOS:
+        lines += model_section(name)
+    lines += efficiency_check()
+    lines += ["## Predictions", ""]
+    for name in SCENARIOS:
+        lines += scenario_section(name)
+    lines += peers_section()
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description="Write the GPU prediction tables (predictions, not measurements).")
+    parser.add_argument("--out", required=True, help="the Markdown file to write, e.g. docs/gpu-predictions.md")
+    args = parser.parse_args(argv)
+    text = render()
+    with open(args.out, "w") as f:
+        f.write(text)
+    print(f"wrote {args.out}: predictions of the cost model for {len(SCENARIOS)} scenarios")
+
+
+if __name__ == "__main__":
+    main()
