@@ -1,8 +1,9 @@
-"""`tandem plan`: a cost model that predicts each strategy's speed-up on a mesh of devices, from one-device
+"""`tandem plan` and `auto`: a cost model that predicts each strategy's speed-up on a mesh of devices, from one-device
 measurements, the bytes each strategy moves and the link's figures, and chooses (never slower than one device).
 
 Pure parts (tested on made-up inputs): links.py (named link profiles and their sources), traffic.py (bytes per
 call), costs.py (per strategy: compute share and exposed communication), model.py (candidates), choose.py.
-measure.py takes a bench model's inputs on the spot; report.py prints them. Predictions are a model's, labelled
-as such: not measurements, and not yet used by `auto` or checked by the bench.
+measure.py takes a bench model's inputs on the spot; report.py prints them. calibrate.py (host) and timing.py
+(worker) take a real call's inputs on the pool, for `auto`, which runs the choice. Predictions are a model's,
+labelled as such: not measurements, and not yet checked by the bench.
 """
