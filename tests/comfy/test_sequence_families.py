@@ -65,19 +65,21 @@ def test_reference_latents_join_the_split_sequence(comfy_server, comfy, host_fam
 def test_auto_measures_one_image_at_cfg_1_through_comfys_attention_and_says_its_choice(comfy_server, comfy,
                                                                                        host_families, family):
     """auto with one image at cfg 1 on two workers: its first two calls run on one worker, the second timed with
-    every attention ComfyUI's attention makes (its override), and the plan chooses; the tiny models' calls take
-    a few ms, so it keeps them on one device (tests/test_auto_plan.py checks a split it predicts to pay). The
-    latents equal stock either way, and the log says what was measured and why."""
+    every attention ComfyUI's attention makes (its override), and the plan chooses: the tiny models' calls take
+    a few ms, near what the pool costs per call, so a sequence split or one device (tests/test_auto_plan.py
+    checks choices with wide margins). The latents equal stock either way; the log says what was measured and
+    why, and the panel's last run shows the mesh chosen."""
     offset = (comfy_server.base / comfy_server.log_name).stat().st_size
     _check(comfy_server, comfy, host_families, f"seq_auto_{family}", family, "auto", cfg=1.0)
     said = comfy_server.log_since(offset)
     assert "auto ran the first two calls of this model and shape on one device" in said, said[-2000:]
     assert "token-mixing attention(s) of" in said, said[-2000:]  # ComfyUI's attention was timed on the worker
-    mesh = comfy_server.get("/tandem/status")["last_run"]["mesh"]
-    if mesh.startswith("batch (cfg 1 x batch 1)"):
-        assert "auto runs this call on one device: no split is predicted to reach 1.05x" in said, said[-2000:]
+    mesh = comfy_server.get("/tandem/status")["last_run"]["mesh"]  # the run's last call's
+    if "auto chose" in said:  # a few ms per call: the prediction is near the floor, either way is right
+        assert f"auto chose {mesh} for this model and shape" in said and mesh.startswith(("ulysses", "ring")), mesh
     else:
-        assert f"auto chose {mesh} for this model and shape" in said, said[-2000:]
+        assert "auto runs this call on one device: no split is predicted to reach 1.05x" in said, said[-2000:]
+        assert mesh.startswith("batch (cfg 1 x batch 1)"), mesh
 
 
 @pytest.mark.parametrize("cfg", [1.0, 3.5])
