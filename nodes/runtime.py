@@ -113,6 +113,7 @@ class Runtime:
                 self.last_run = {"id": run_id, "calls": 0, "seconds": [], "devices": devices, "strategy": strategy,
                                  "mesh": mesh, "started": time.time()}
             run = self.last_run
+            run.update(strategy=strategy, mesh=mesh)  # the latest call's (auto's first calls run on one device)
             run["calls"] += 1
             run["seconds"].append(round(seconds, 6))
             run["device_seconds"] = run.get("device_seconds", 0.0) + sum(compute.values())

@@ -187,8 +187,9 @@ def cmd_plan(args) -> int:
     from .bench import DTYPES, parse_resolution
     from .benchmodels import build_bench_model
     from .plan import report
+    from .plan.calibrate import HOST_OVERHEAD_S
     from .plan.choose import choose
-    from .plan.measure import HOST_OVERHEAD_S, measure_inputs
+    from .plan.measure import measure_inputs
     from .plan.model import candidates
     from .plan.probe import probe_devices
 

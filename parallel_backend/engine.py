@@ -1,9 +1,10 @@
 """The engine: one long-lived object per worker pool that turns model calls into work for the pool's devices.
 
-`engine_for(pool)` gives the pool's one Engine. It resolves each call's mesh (`mesh.resolve`), asks the
-strategy for per-rank work, sends it, and hands the replies back to the strategy to gather. What must
-outlive a call lives here, per pool, behind one lock: each strategy's state (asyncdiff's measured profiles
-and the stage setup the workers hold), job numbers, what the log was already told. Hosts hold a
+`engine_for(pool)` gives the pool's one Engine. It resolves each call's mesh (a named strategy: `mesh.resolve`;
+`auto`: the plan's choice per model and shape, plan/calibrate.py), asks the strategy for per-rank work, sends
+it, and hands the replies back to the strategy to gather. What must outlive a call lives here, per pool, behind
+one lock: each strategy's state (asyncdiff's measured profiles and the stage setup the workers hold), auto's
+choices, job numbers, what the log was already told. Hosts hold a
 `ParallelExecutor`: a config plus the host's own job tracking, bound to the pool's engine.
 
 Jobs queue: a host thread inside `executor.job()` owns the engine until its sampling run ends (asyncdiff keeps
@@ -16,6 +17,7 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
@@ -23,7 +25,10 @@ from . import strategies
 from .calls import ModelCall
 from .config import ParallelConfig, resolve_devices
 from .mesh import Mesh, SequenceHint, check_job, resolve
+from .messages import TimedForward
 from .models import sequence_refusal
+from .plan.calibrate import AutoPlans, whole_on_rank_0
+from .strategies.base import join_rows
 
 log = logging.getLogger("tandem")
 _ENGINES_LOCK = threading.Lock()
@@ -50,6 +55,8 @@ class Engine:
         self._states: dict[str, dict] = {}
         self._job_numbers = itertools.count(1)
         self._said: set[str] = set()
+        self.auto = AutoPlans()  # auto's choices per call key
+        self.last_mesh: Mesh | None = None  # the mesh the last call ran on
 
     def state(self, owner: str) -> dict:
         """The mutable state kept for `owner` (a strategy's name) across calls; use it under `run`'s lock."""
@@ -87,7 +94,9 @@ class Engine:
 
     def run(self, module, family: str, call: ModelCall, config: ParallelConfig,
             fingerprint: str | None = None) -> CallResult:
-        """Runs one model call on the pool as `config` says; ships the model first if the workers lack it."""
+        """Runs one model call on the pool as `config` says; ships the model first if the workers lack it.
+        auto: the first two calls of a key run whole on rank 0, the second measured, and choose the key's mesh for
+        the calls after them (plan/calibrate.py)."""
         with self._lock:
             named = strategies.get(config.strategy) if config.strategy != "auto" else None
             if named is not None:  # auto splits the sequence only of a model that has a sequence split
@@ -102,35 +111,71 @@ class Engine:
                 if named is None:
                     self._say(f"Tandem: auto keeps this call to whole rows (cfg, batch): it has {refused}, which "
                               "a split by tokens cannot take")
-            mesh = resolve(config, self.device_count(), call.branches, call.rows, hint)
+            planned = named is None and self.device_count() > 1
+            mesh = None if planned else resolve(config, self.device_count(), call.branches, call.rows, hint)
             fingerprint = self.pool.ensure_model(module, family, fingerprint)
+            if planned:
+                key = self.auto.key(fingerprint, call, hint is not None, self.device_count())
+                mesh = self.auto.mesh(key) or self.auto.warm_up(key, self.device_count())
+                if mesh is None:
+                    return self._measure_and_choose(family, call, fingerprint, hint, key)
             self._say_once(mesh)
             strategy = strategies.get(mesh.strategy)
             work = strategy.plan(self, call, mesh, config, fingerprint)
-            step = "" if call.step is None else f" (step {call.step})"
-            kind = (fingerprint, mesh.describe(), tuple(call.x.shape), str(call.x.dtype),
-                    None if call.context is None else tuple(call.context.shape))
-            computed = self.request(work, f"call {call.index}{step}", collective=strategy.collective, kind=kind)
+            computed = self.request(work, _label(call), collective=strategy.collective,
+                                    kind=_kind(fingerprint, mesh.describe(), call))
             out = strategy.gather(call, mesh, computed)
             self.pool.stats.calls += 1
+            self.last_mesh = mesh
         return CallResult(out, mesh, {r: c.compute_s for r, c in computed.items()},
                           {r: c.wait_s for r, c in computed.items()}, sum(c.bytes_sent for c in computed.values()),
                           {r: c.extra for r, c in computed.items()})
 
+    def _measure_and_choose(self, family: str, call: ModelCall, fingerprint: str, hint, key) -> CallResult:
+        """auto's measured call of a key: the whole call on rank 0, timed there (its output is the call's); the
+        key's mesh chosen from it and said in the log."""
+        message = TimedForward(fingerprint, call, attentions=hint is not None)
+        started = time.perf_counter()
+        computed = self.request({0: message}, f"{_label(call)}, measured on one device for auto",
+                                kind=_kind(fingerprint, "auto's measured call", call))[0]
+        overhead = max(0.0, time.perf_counter() - started - computed.compute_s)
+        devices = list(self.pool.devices)
+        figures = self.auto.device_figures(self, fingerprint, call, overhead)
+        for note in self.auto.decide(key, family, call, computed, hint, devices, figures).notes:
+            self._say(note)
+        self.pool.stats.calls += 1
+        self.last_mesh = whole_on_rank_0(len(devices))
+        return CallResult(join_rows([computed.out], call.x), self.last_mesh, {0: computed.compute_s},
+                          {0: computed.wait_s}, computed.bytes_sent, {0: computed.extra})
+
+    def plan_auto_with(self, link) -> None:
+        """auto plans with `link` (a plan.links.Link; None: the pool's own) from the next call of every key on."""
+        with self._lock:
+            self.auto = AutoPlans()
+            self.auto.link = link
+
     def _say_once(self, mesh: Mesh) -> None:
-        """Logs, once each, why auto split the token sequence and which devices sit out."""
-        notes = [f"Tandem: auto chose {mesh.describe()}: {mesh.why}"] if mesh.why else []
-        if mesh.idle:
+        """Logs, once each, which devices sit out (auto's choices say why in their own line)."""
+        if mesh.idle and not (mesh.why and mesh.size == 1):
             devices = self.pool.devices
             idle = ", ".join(f"{devices[r]} (worker {r})" for r in range(mesh.size, len(devices)))
-            notes.append(f"Tandem: {mesh.describe()}: {idle} sit(s) out: this call cannot use more devices")
-        for note in notes:
-            self._say(note)
+            why = "auto's plan for this call" if mesh.why else "this call cannot use more devices"
+            self._say(f"Tandem: {mesh.describe()}: {idle} sit(s) out: {why}")
 
     def _say(self, note: str) -> None:
         if note not in self._said:
             self._said.add(note)
             log.info(note)
+
+
+def _label(call: ModelCall) -> str:
+    return f"call {call.index}" + ("" if call.step is None else f" (step {call.step})")
+
+
+def _kind(fingerprint: str, how: str, call: ModelCall) -> tuple:
+    """The kind of a call, whose measured times set its deadline (WorkerPool.request)."""
+    return (fingerprint, how, tuple(call.x.shape), str(call.x.dtype),
+            None if call.context is None else tuple(call.context.shape))
 
 
 def sequence_hint(module, family: str) -> SequenceHint | None:

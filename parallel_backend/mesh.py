@@ -6,11 +6,14 @@ ring x ulysses; none for row strategies), whose product is `inner`.
 Rank = (cfg_index * batch + batch_index) * inner + inner_index. Devices beyond the mesh's size sit out.
 
 `resolve` turns a ParallelConfig, the pool's device count and one call's shape into a valid mesh:
-- "auto" (exact, rule-based): cfg when the call holds two branches and there are two devices; then, on the
-  devices left, batch over the rows the call has, unless the model can split its token sequence (a
-  `SequenceHint`) and the call has fewer rows per cfg group than devices left: then those devices split the
-  sequence, ulysses when their number divides the model's attention heads, else ring. Devices the call
-  cannot use sit out.
+- "auto": the engine chooses a call's mesh with the cost model (plan/calibrate.py: the first two calls of a
+  model and shape run on one device, the second measured; the plan's choice, never a split predicted under
+  1.05x, runs the calls after them). `resolve` gives auto's mesh only where nothing is measured yet: `check_job`
+  before a job's first call (auto never refuses a job), `--explain`, the bench's and demo's checks, and a pool
+  of one device. There it is the exact rule it was before the plan: cfg when the call holds two branches and
+  there are two devices; then, on the devices left, batch over the rows the call has, unless the model can
+  split its token sequence (a `SequenceHint`) and the call has fewer rows per cfg group than devices left: then
+  those devices split the sequence, ulysses when their number divides the model's attention heads, else ring.
 - a named strategy: the degrees the config gives, the rest from the strategy's defaults. A call holding one
   branch folds the cfg degree into batch (same ranks, so a strategy's per-rank state still fits).
 `check_job` refuses, before any work, a job that cannot use the mesh as configured (cfg at cfg = 1).
@@ -43,7 +46,7 @@ class Mesh:
     batch: int = 1
     split: tuple[int, ...] = ()  # the degree of each of the strategy's axes, in its order (outer to inner)
     devices: int = 1  # the pool's device count (>= size)
-    why: str = field(default="", compare=False)  # auto: why it split the token sequence (said in the log)
+    why: str = field(default="", compare=False)  # auto: why it was chosen (said in the log)
 
     @property
     def inner(self) -> int:
@@ -125,7 +128,7 @@ def _inner_degrees(strategy, config, left: int) -> tuple[int, ...]:
 
 
 def _auto(n_devices: int, branches: int, rows: int | None, sequence: SequenceHint | None) -> Mesh:
-    """The exact mesh auto picks (module doc)."""
+    """auto's exact mesh where the plan has measured nothing (module doc)."""
     cfg = 2 if branches == 2 and n_devices >= 2 else 1
     left = n_devices // cfg
     per_group = left if rows is None else max(1, rows // cfg)

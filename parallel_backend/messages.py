@@ -69,6 +69,16 @@ class Forward:
     call: Any  # calls.ModelCall
 
 
+@dataclass(frozen=True)
+class TimedForward:
+    """Run the whole model on this ModelCall as Forward does, timed for auto's plan (plan/timing.py): the call,
+    one row of it where it has more, and (`attentions`) every attention's shapes and seconds."""
+
+    fingerprint: str
+    call: Any  # calls.ModelCall
+    attentions: bool = False
+
+
 # ---- replies (worker -> host) ------------------------------------------------------------------------------
 
 @dataclass

@@ -17,7 +17,7 @@ import time
 import traceback
 from pathlib import Path
 
-from .messages import Computed, Forward, Hello, Load, Ping, Reply, RunSetup, Shutdown, Unload
+from .messages import Computed, Forward, Hello, Load, Ping, Reply, RunSetup, Shutdown, TimedForward, Unload
 from .models.stages import synchronize
 from .portable import peak_memory_bytes, pin_to_cores, process_alive, reset_peak_memory
 
@@ -188,8 +188,14 @@ def run_setup(state: WorkerState, message: RunSetup) -> dict:
     return {}
 
 
+def timed_forward(state: WorkerState, message: TimedForward) -> Computed:
+    from .plan.timing import run_timed_forward
+
+    return run_timed_forward(state, message)
+
+
 HANDLERS = {Load: WorkerState.load, Unload: WorkerState.unload, Forward: WorkerState.forward,
-            Ping: WorkerState.ping, RunSetup: run_setup}
+            TimedForward: timed_forward, Ping: WorkerState.ping, RunSetup: run_setup}
 
 
 def serve(channel, state: WorkerState) -> bool:

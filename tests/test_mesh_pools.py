@@ -1,5 +1,6 @@
 """`auto` and every strategy that fits, on pools of 1 to 5 CPU workers: the exact ones (and asyncdiff with a
-warm-up covering every step) equal one device; devices a call cannot use sit out and the log says so."""
+warm-up covering every step) equal one device, auto on whatever mesh its plan chooses (tests/test_auto_plan.py
+checks the choices); devices a call cannot use sit out and the log says so."""
 
 from __future__ import annotations
 
@@ -47,7 +48,7 @@ def test_every_strategy_that_fits_equals_one_device(small, references, n, caplog
                 result = run_loop(small, job, (64, 64), steps=STEPS, repeats=0, executor=executor).latents
                 assert pool.stats.calls == calls + STEPS, (knobs, name)  # the pool ran every call
                 torch.testing.assert_close(result, references[name], atol=ATOL, rtol=ATOL, msg=f"{knobs} {name}")
-    if n >= 5:  # auto on a guided 2-image call uses cfg 2 x batch 2: the fifth device sits out, said once
+    if n >= 5:  # cfg on a guided 2-image call uses cfg 2 x batch 2: the fifth device sits out, said once
         idle = [r.getMessage() for r in caplog.records if "sit(s) out" in r.getMessage()]
         assert any("cpu (worker 4)" in line for line in idle) and len(idle) == len(set(idle))
 

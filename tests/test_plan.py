@@ -150,6 +150,8 @@ def test_meshes_follow_the_strategies_own_checks():
                    for label in labels)  # 3 does not divide 8 heads; asyncdiff cuts UNets; one row, one branch
     unet = Inputs(CallShape(rows=2, input_bytes=1, output_bytes=1), "diffusers_unet", 2, {2: 0.1}, FAST)
     assert {m.strategy for m in meshes(unet, 4)} == {"cfg", "batch", "asyncdiff"}
+    four_rows = Inputs(CallShape(rows=4, input_bytes=1, output_bytes=1), "diffusers_unet", 2, {4: 0.1}, FAST)
+    assert max(m.size for m in meshes(four_rows, 2)) == 2  # no cfg 2 x batch 2 on two devices
 
 
 def test_one_device_time_is_interpolated_between_measured_row_counts():

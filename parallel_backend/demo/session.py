@@ -15,6 +15,7 @@ import torch
 from ..mesh import check_job
 from ..oracle import psnr
 from ..config import ParallelConfig, parse_devices, resolve_devices
+from ..engine import engine_for
 from ..pool import WorkerPool
 from ..portable import cpu_cores
 from ..sampling import Generation, GenerationRequest
@@ -152,14 +153,14 @@ def generate_pair(session: DemoSession, prompt: str, negative_prompt: str = "", 
     request = GenerationRequest(prompt, negative_prompt, steps, cfg, seed, scheduler)
     config = ParallelConfig(devices, strategy, stages=stages or None, warmup=warmup, stride=stride,
                             time_shift=time_shift)
-    mesh = check_job(config, len(resolve_devices(config.device_list)), request.cfg != 1.0)
+    check_job(config, len(resolve_devices(config.device_list)), request.cfg != 1.0)
     with session.lock:
         progress(0.0, f"loading {session.model_name}")
         pipeline = session.pipeline
         pipeline.check(request)  # memory, before the pool starts
         progress(0.05, f"starting workers on {devices}")
         pool = session.pool_for(devices)
-        label = config.strategy if config.strategy != "auto" else f"auto ({mesh.strategy})"
+        label = config.strategy
         cpu = all(d == "cpu" for d in pool.devices)
         cores = len(cpu_cores())
         progress(0.15, "one device")
@@ -169,6 +170,9 @@ def generate_pair(session: DemoSession, prompt: str, negative_prompt: str = "", 
         # The host only steps the scheduler in pool runs: spare host threads would spin on the workers' cores.
         with _threads(1 if cpu else torch.get_num_threads()), pipeline.parallel(config, pool) as parallel:
             tandem = parallel.generate(request, progress=False)
+        if config.strategy == "auto":  # what the plan chose for the run's last call
+            last = engine_for(pool).last_mesh
+            label = f"auto ({'one device' if last.size == 1 else last.strategy})"
         progress(0.95, "comparing")
     a, b = single.images[0], tandem.images[0]
     max_abs = float(np.abs(pixels(a) - pixels(b)).max())

@@ -52,3 +52,9 @@ def sequence_runner(family: str) -> Callable | None:
     if named is None or ":" not in family:
         return None
     return getattr(named(family), "sequence", None)
+
+
+def attention_recorder(family: str) -> Callable | None:
+    """The context `record_attention(call, recorder)` that yields `call` with its attentions timed
+    (models/attention_timing.py), or None where the family's adapter has none."""
+    return getattr(adapter(family), "record_attention", None)

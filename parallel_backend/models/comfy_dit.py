@@ -22,7 +22,8 @@ from __future__ import annotations
 import enum
 import inspect
 import uuid
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -179,6 +180,16 @@ def _host_object(value):
         inner = [*value.keys(), *value.values()]
         return next((bad for bad in map(_host_object, inner) if bad is not None), None)
     return None if isinstance(value, PLAIN) else value
+
+
+@contextmanager
+def record_attention(call, recorder):
+    """`call` with an attention override that times every attention ComfyUI's attention makes in it
+    (models/attention_timing.py), for auto's plan."""
+    from .attention_timing import comfy_override
+
+    options = {**(call.extras.get("transformer_options") or {}), "optimized_attention_override": comfy_override(recorder)}
+    yield replace(call, extras={**call.extras, "transformer_options": options})
 
 
 def forward(model, call) -> torch.Tensor:

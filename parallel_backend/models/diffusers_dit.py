@@ -13,6 +13,7 @@ see diffusers_sequence.py.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable
 
@@ -65,6 +66,15 @@ def family_named(wire: str) -> Family:
 def attention_heads(model) -> int | None:
     """The heads of every attention of a diffusers transformer (its config says them), or None."""
     return getattr(getattr(model, "config", None), "num_attention_heads", None)
+
+
+@contextmanager
+def record_attention(call, recorder):
+    """`call`, with every attention diffusers' native backend makes in it timed (models/attention_timing.py)."""
+    from .attention_timing import torch_attention_recorded
+
+    with torch_attention_recorded(recorder):
+        yield call
 
 
 def forward(model, call) -> torch.Tensor:

@@ -18,18 +18,12 @@ from contextlib import contextmanager
 import torch
 
 from ..bench import sample_call
-from ..calls import _map_tensors
 from ..engine import sequence_hint
 from ..oracle import local_forward
 from ..portable import cpu_cores
+from .calibrate import HOST_OVERHEAD_S, tensor_bytes
 from .model import Inputs
 from .traffic import CallShape
-
-# The pool's own cost per call (messages, pickling, the host's scheduler step). CPU workers: `tandem bench`'s
-# "ovh ms" for cfg and batch on `small`, 2 CPU workers, 10 calls: 4.8 and 3.3 ms (2026-12-01, a run the bench
-# marked disturbed: other processes kept 47 % of the cores busy). CUDA: not measured (no GPU here): assumed.
-HOST_OVERHEAD_S = {"cpu": (4e-3, "measured: tandem bench's per-call overhead, small on 2 CPU workers"),
-                   "cuda": (1e-3, "assumed: not measured on a GPU yet")}
 
 
 def median_seconds(run, repeats: int) -> float:
@@ -57,17 +51,11 @@ def device_share(device: str, devices: int):
         torch.set_num_threads(before)
 
 
-def _bytes(value) -> int:
-    sizes = []
-    _map_tensors(value, lambda t: sizes.append(t.numel() * t.element_size()) or t)
-    return sum(sizes)
-
-
 def call_shape(model, resolution: tuple[int, int], rows: int) -> CallShape:
     """The sizes of a call of `rows` rows of `model` at `resolution` (pixels, H x W)."""
     one = sample_call(model, 1, resolution)
     itemsize = next(model.module.parameters()).element_size()
-    fields = dict(rows=rows, input_bytes=_bytes([one.x, one.t, one.context, one.extras]),
+    fields = dict(rows=rows, input_bytes=tensor_bytes([one.x, one.t, one.context, one.extras]),
                   output_bytes=math.prod(model.latent_shape(1, resolution)) * itemsize, itemsize=itemsize)
     hint = sequence_hint(model.module, model.family)
     if hint is not None and hint.heads:
@@ -90,7 +78,7 @@ def _profile(model, resolution, repeats: int):
     layers = adapter.layers(model.module)
     with torch.inference_mode():
         measured = profile(layers, adapter.prepare(model.module, call, call.t), Activations(call.x), repeats)
-    weights = tuple(sum(_bytes(list(m.parameters())) for m in modules_of([layer])) for layer in layers)
+    weights = tuple(sum(tensor_bytes(list(m.parameters())) for m in modules_of([layer])) for layer in layers)
     return tuple(measured.seconds), tuple(measured.bytes_per_row(i) for i in range(len(layers))), weights
 
 
@@ -116,5 +104,5 @@ def measure_inputs(model, resolution: tuple[int, int], rows: int, branches: int,
         layer_seconds, handover, layer_weights = _profile(model, resolution, repeats)
     shape = CallShape(**{**shape.__dict__, "handover_bytes": handover})
     return Inputs(shape, model.family, branches, seconds, link, attention, layer_seconds,
-                  _bytes(list(model.module.parameters())), layer_weights, model.memory_bytes(1, resolution),
+                  tensor_bytes(list(model.module.parameters())), layer_weights, model.memory_bytes(1, resolution),
                   HOST_OVERHEAD_S[device][0], steps)

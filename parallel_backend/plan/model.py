@@ -131,7 +131,7 @@ def predict(inp: Inputs, mesh: Mesh) -> Candidate:
 
 def meshes(inp: Inputs, devices: int) -> list[Mesh]:
     """Every mesh of 2 to `devices` devices that the strategies with a cost can run this model on: cfg only with
-    two branches, no more row groups than rows, inner degrees of 2 or more that the model accepts."""
+    two branches, no more row groups than rows or devices, inner degrees of 2 or more that the model accepts."""
     hint = SequenceHint(inp.shape.heads or None)
     out = []
     for name in strategies.names():
@@ -146,7 +146,7 @@ def meshes(inp: Inputs, devices: int) -> list[Mesh]:
                 left = devices // (cfg * batch)
                 for split in _splits(len(strategy.axes), left):
                     mesh = Mesh(name, cfg, batch, split, devices)
-                    if mesh.size >= 2 and not _refuses(strategy.check_model, mesh, hint):
+                    if 2 <= mesh.size <= devices and not _refuses(strategy.check_model, mesh, hint):
                         out.append(mesh)
     return out
 

@@ -62,13 +62,24 @@ def test_reference_latents_join_the_split_sequence(comfy_server, comfy, host_fam
 
 
 @pytest.mark.parametrize("family", ["flux", "wan21_t2v"])
-def test_auto_splits_the_sequence_of_one_image_at_cfg_1_and_says_why(comfy_server, comfy, host_families, family):
-    """auto with one image at cfg 1 on two workers: no branch or row to split, so the token sequence is
-    (ulysses: the tiny models' 2 heads divide by 2), and the log says why (once per pool and mesh)."""
+def test_auto_measures_one_image_at_cfg_1_through_comfys_attention_and_says_its_choice(comfy_server, comfy,
+                                                                                       host_families, family):
+    """auto with one image at cfg 1 on two workers: its first two calls run on one worker, the second timed with
+    every attention ComfyUI's attention makes (its override), and the plan chooses: the tiny models' calls take
+    a few ms, near what the pool costs per call, so a sequence split or one device (tests/test_auto_plan.py
+    checks choices with wide margins). The latents equal stock either way; the log says what was measured and
+    why, and the panel's last run shows the mesh chosen."""
+    offset = (comfy_server.base / comfy_server.log_name).stat().st_size
     _check(comfy_server, comfy, host_families, f"seq_auto_{family}", family, "auto", cfg=1.0)
-    assert comfy_server.get("/tandem/status")["last_run"]["mesh"].startswith("ulysses")
-    said = comfy_server.log_since(0)
-    assert "auto chose ulysses" in said and "split the token sequence" in said, said[-2000:]
+    said = comfy_server.log_since(offset)
+    assert "auto ran the first two calls of this model and shape on one device" in said, said[-2000:]
+    assert "token-mixing attention(s) of" in said, said[-2000:]  # ComfyUI's attention was timed on the worker
+    mesh = comfy_server.get("/tandem/status")["last_run"]["mesh"]  # the run's last call's
+    if "auto chose" in said:  # a few ms per call: the prediction is near the floor, either way is right
+        assert f"auto chose {mesh} for this model and shape" in said and mesh.startswith(("ulysses", "ring")), mesh
+    else:
+        assert "auto runs this call on one device: no split is predicted to reach 1.05x" in said, said[-2000:]
+        assert mesh.startswith("batch (cfg 1 x batch 1)"), mesh
 
 
 @pytest.mark.parametrize("cfg", [1.0, 3.5])
@@ -97,14 +108,14 @@ def test_ulysses_that_does_not_divide_the_heads_is_refused_naming_ring(comfy_ser
 
 def test_a_call_a_split_cannot_take_stays_on_whole_rows_under_auto_and_is_refused_by_name(comfy_server, comfy,
                                                                                         host_families):
-    """Qwen-Image with a text padding mask: auto keeps the call to whole rows (here batch on one worker) and
-    says why; ring named in the Settings node refuses it before any step, naming the mask."""
+    """Qwen-Image with a text padding mask: auto keeps the call to whole rows (here one worker: one row cannot go
+    round two) and says why; ring named in the Settings node refuses it before any step, naming the mask."""
     if "qwen_image_masked" not in host_families:
         pytest.skip("this ComfyUI has no comfy.supported_models.QwenImage (qwen_image)")
     stock, tandem = comfy.run_pair(comfy_server, "seq_masked_auto", "auto", kind="family",
                                    family="qwen_image_masked", steps=STEPS, cfg=1.0)
     comfy.assert_same_latents(tandem, stock)
-    if comfy_server.get("/tandem/status")["last_run"]["mesh"].startswith("ulysses"):
+    if "it has a text attention mask" not in comfy_server.log_since(0):
         pytest.skip("this ComfyUI's Qwen-Image does not hand the text attention mask to its model (v0.8's "
                     "extra_conds ignores it), so the call has none to refuse")
     assert comfy_server.get("/tandem/status")["last_run"]["mesh"].startswith("batch")

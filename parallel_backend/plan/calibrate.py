@@ -1,0 +1,202 @@
+"""auto's plan, per call key (host side; plan/timing.py is the worker side), with the cost model `tandem plan` uses.
+
+A key is the model's fingerprint, the call's rows, branches, latent shape and dtype and text shape, whether a
+split by tokens is allowed for the call (engine: refusals), and the pool's device count (a pool restarted on
+other devices chooses again). The first two calls of a key run whole on rank 0 (their outputs are the calls'),
+the first as it is (a warm-up: a shape's first run pays for allocations and kernel choices), the second timed
+there: the whole call, one row of it, and for a model with a sequence split its token-mixing attentions (those
+whose query and key lengths are equal and the longest seen: their count, tokens, heads and width, one row's
+seconds). With the call's shapes (what a device receives per row, the output per row) and the link these make the
+cost model's `Inputs`; `model.candidates` predicts every mesh and `choose(..., exact_only=True)` picks (auto
+promises one device's output: no stale strategy), never a split predicted under choose.FLOOR. Later calls of
+the key run on the chosen mesh; a one-device choice runs whole on rank 0.
+
+The devices: the pool's link, measured once per pool (plan/probe.py: two workers swap 4 bytes and 16 MiB);
+on CPU workers, which share the machine's cores, their contention (a one-row call on rank 0 alone, then on
+every rank at once); GPUs are taken not to slow each other (1.0, said so). The pool's overhead per call: the
+measured call's wall time on the host less its compute on the worker. `AutoPlans.link` replaces the link
+(a test's slow link).
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass, replace
+
+from .. import strategies
+from ..calls import _map_tensors
+from ..mesh import Mesh
+from .choose import Choice, choose
+from .links import CPU_DEFAULT, CUDA_DEFAULT, Link, link_named
+from .model import Inputs, candidates
+from .probe import DeviceFigures, measure_contention, measure_link
+from .traffic import CallShape
+
+# The pool's own cost per call (messages, pickling, the host's scheduler step). CPU workers: `tandem bench`'s
+# "ovh ms" for cfg and batch on `small`, 2 CPU workers, 10 calls: 4.8 and 3.3 ms (2026-12-01, a run the bench
+# marked disturbed: other processes kept 47 % of the cores busy). CUDA: not measured (no GPU here): assumed.
+HOST_OVERHEAD_S = {"cpu": (4e-3, "measured: tandem bench's per-call overhead, small on 2 CPU workers"),
+                   "cuda": (1e-3, "assumed: not measured on a GPU yet")}
+
+
+def tensor_bytes(value) -> int:
+    """The bytes of every tensor in `value` (nested lists, tuples, dicts)."""
+    sizes = []
+    _map_tensors(value, lambda t: sizes.append(t.numel() * t.element_size()) or t)
+    return sum(sizes)
+
+
+def device_kind(devices) -> str:
+    return "cuda" if any(str(d).startswith("cuda") for d in devices) else "cpu"
+
+
+def assumed_link(devices) -> Link:
+    """The link auto plans with until the pool's own is probed: the named profile for these devices."""
+    return link_named(CUDA_DEFAULT if device_kind(devices) == "cuda" else CPU_DEFAULT)
+
+
+@dataclass(frozen=True)
+class TokenMixing:
+    """The call's token-mixing attentions: how many, over how many tokens, heads x head width, bytes per element,
+    and one row's seconds for one of them."""
+
+    count: int
+    tokens: int
+    heads: int
+    width: int
+    itemsize: int
+    seconds_per_row: float
+
+
+def token_mixing(attentions) -> TokenMixing | None:
+    """From a call's timed attentions (models.attention_timing.Attention): those whose query and key lengths are
+    equal and the longest seen (cross-attention to the text and shorter self-attentions left out); None if none."""
+    equal = [a for a in attentions if a.queries == a.keys]
+    if not equal:
+        return None
+    tokens = max(a.queries for a in equal)
+    mixing = [a for a in equal if a.queries == tokens]
+    first = mixing[0]
+    return TokenMixing(len(mixing), tokens, first.heads, first.heads * first.head_dim, first.itemsize,
+                       statistics.median(a.seconds / a.rows for a in mixing))
+
+
+@dataclass(frozen=True)
+class Decision:
+    """A key's mesh, the choice behind it, the inputs it was predicted from and what the log says (in order)."""
+
+    mesh: Mesh
+    choice: Choice
+    inputs: Inputs
+    notes: tuple[str, ...]
+
+
+class AutoPlans:
+    """One engine's auto choices by key (use them under the engine's lock)."""
+
+    def __init__(self):
+        self.link: Link | None = None  # the link to plan with instead of the pool's (None: the pool's)
+        self.decisions: dict[tuple, Decision] = {}
+        self._warmed: set[tuple] = set()
+        self._link_of: tuple = (None, None)  # (the pool start it was measured on, the link)
+        self._contention: dict[str, float] = {}  # by model fingerprint, for the same pool start
+
+    @staticmethod
+    def key(fingerprint: str, call, tokens_allowed: bool, devices: int) -> tuple:
+        return (fingerprint, devices, call.rows, call.branches, tuple(call.x.shape), str(call.x.dtype),
+                None if call.context is None else tuple(call.context.shape), tokens_allowed)
+
+    def device_figures(self, engine, fingerprint: str, call, overhead_s: float) -> DeviceFigures:
+        """The pool's link (measured once per pool start, unless `link` is given), its contention (CPU
+        workers: a one-row call alone and on every worker at once; GPUs: 1.0) and `overhead_s`."""
+        generation = (engine.pool.stats.starts, tuple(engine.pool.devices))  # a restarted pool: measured again
+        if self._link_of[0] != generation:
+            self._link_of = (generation, None if self.link is not None else measure_link(engine))
+            self._contention = {}
+        contention = self._contention.get(fingerprint)
+        if contention is None:
+            cpu = device_kind(engine.pool.devices) == "cpu"
+            contention = measure_contention(engine, fingerprint, call.select(range(1)), repeats=1) if cpu else 1.0
+            self._contention[fingerprint] = contention
+        return DeviceFigures(self._link_of[1], contention, overhead_s)
+
+    def mesh(self, key) -> Mesh | None:
+        """The mesh chosen for `key`, or None before it is measured."""
+        decision = self.decisions.get(key)
+        return None if decision is None else decision.mesh
+
+    def warm_up(self, key, devices: int) -> Mesh | None:
+        """The mesh of `key`'s first call (whole on rank 0, untimed), or None: it had it, measure this one."""
+        if key in self._warmed:
+            return None
+        self._warmed.add(key)
+        return whole_on_rank_0(devices, "auto: this shape's first call warms one device up before it is measured")
+
+    def decide(self, key, family: str, call, computed, hint, devices: list[str], figures: DeviceFigures) -> Decision:
+        """Chooses `key`'s mesh from its measured call, `computed` on one device (a Computed of plan/timing.py);
+        hint: the model's SequenceHint where the call may be split by tokens, else None; figures: the pool's
+        measured link, contention and overhead (plan/probe.py)."""
+        link = self.link or figures.link or assumed_link(devices)
+        mixing = token_mixing(computed.extra.get("attentions", ())) if hint is not None else None
+        inputs = replace(call_inputs(family, call, computed, hint, mixing, link, figures.overhead_s),
+                         contention=figures.contention)
+        found = candidates(inputs, len(devices))
+        if mixing is None:  # nothing measured to predict a split by tokens from
+            found = [c for c in found if not c.mesh or not strategies.get(c.strategy).splits_tokens]
+        choice = choose(found, exact_only=True)
+        mesh = mesh_of(choice, len(devices))
+        source = "given" if self.link is not None else "measured on this pool" if figures.link else "assumed"
+        notes = (measured_note(computed.compute_s, hint, mixing, link, source, figures), choice_note(mesh, choice))
+        decision = self.decisions[key] = Decision(mesh, choice, inputs, notes)
+        return decision
+
+
+def call_inputs(family: str, call, computed, hint, mixing: TokenMixing | None, link: Link,
+                overhead_s: float) -> Inputs:
+    """The cost model's inputs for `call` from its run on one device (`computed`) and its shapes."""
+    one = call.select(range(1))
+    fields = dict(rows=call.rows, input_bytes=tensor_bytes([one.x, one.t, one.context, one.extras]),
+                  output_bytes=tensor_bytes(computed.out) // call.rows, itemsize=call.x.element_size())
+    attention = 0.0
+    if mixing is not None:
+        heads = hint.heads or mixing.heads  # the heads the family's split checks, where it can tell
+        fields.update(tokens=mixing.tokens, width=mixing.width, heads=heads, attentions=mixing.count,
+                      itemsize=mixing.itemsize)
+        attention = mixing.seconds_per_row
+    seconds = {call.rows: computed.compute_s, 1: computed.extra.get("one_row_s", computed.compute_s / call.rows)}
+    return Inputs(CallShape(**fields), family, call.branches, seconds, link, attention, host_overhead_s=overhead_s)
+
+
+def mesh_of(choice: Choice, devices: int) -> Mesh:
+    """The mesh of the chosen candidate (one device: the whole call on rank 0), its reason as `why`."""
+    best = choice.best
+    if not best.mesh:
+        return whole_on_rank_0(devices, choice.reason)
+    axes = strategies.get(best.strategy).axes
+    return Mesh(best.strategy, best.mesh["cfg"], best.mesh["batch"], tuple(best.mesh[a] for a in axes), devices,
+                choice.reason)
+
+
+def measured_note(seconds: float, hint, mixing: TokenMixing | None, link: Link, source: str,
+                  figures: DeviceFigures) -> str:
+    what = f"{1000 * seconds:.1f} ms"
+    if mixing is not None:
+        what += (f"; {mixing.count} token-mixing attention(s) of {mixing.tokens} tokens x {mixing.heads} heads, "
+                 f"{1000 * mixing.seconds_per_row:.2f} ms each per row")
+    elif hint is not None:
+        what += "; no token-mixing attention seen through the model's attention entry point: no split by tokens"
+    return (f"Tandem: auto ran the first two calls of this model and shape on one device and measured the second "
+            f"({what}) to choose the split; "
+            f"link {link.name} ({source}: {link.bandwidth / 1e9:.2f} GB/s, {1e6 * link.latency:.0f} us); devices "
+            f"{figures.contention:.2f}x slower all busy; {1000 * figures.overhead_s:.1f} ms pool overhead per call")
+
+
+def choice_note(mesh: Mesh, choice: Choice) -> str:
+    if mesh.size == 1:
+        return f"Tandem: auto runs this call on one device: {choice.reason.removeprefix('one device: ')}"
+    return f"Tandem: auto chose {mesh.describe()} for this model and shape: {choice.reason}"
+
+
+def whole_on_rank_0(devices: int, why: str = "") -> Mesh:
+    """The whole call on rank 0 of a pool of `devices` (a row strategy at degree 1), the others idle."""
+    return Mesh("batch", 1, 1, (), devices, why)
