@@ -17,7 +17,6 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
@@ -135,12 +134,10 @@ class Engine:
         """auto's measured call of a key: the whole call on rank 0, timed there (its output is the call's); the
         key's mesh chosen from it and said in the log."""
         message = TimedForward(fingerprint, call, attentions=hint is not None)
-        started = time.perf_counter()
         computed = self.request({0: message}, f"{_label(call)}, measured on one device for auto",
                                 kind=_kind(fingerprint, "auto's measured call", call))[0]
-        overhead = max(0.0, time.perf_counter() - started - computed.compute_s)
         devices = list(self.pool.devices)
-        figures = self.auto.device_figures(self, fingerprint, call, overhead)
+        figures = self.auto.device_figures(self, fingerprint, call)
         for note in self.auto.decide(key, family, call, computed, hint, devices, figures).notes:
             self._say(note)
         self.pool.stats.calls += 1
@@ -148,11 +145,15 @@ class Engine:
         return CallResult(join_rows([computed.out], call.x), self.last_mesh, {0: computed.compute_s},
                           {0: computed.wait_s}, computed.bytes_sent, {0: computed.extra})
 
-    def plan_auto_with(self, link) -> None:
-        """auto plans with `link` (a plan.links.Link; None: the pool's own) from the next call of every key on."""
+    def plan_auto_with(self, **given) -> None:
+        """auto plans with these figures instead of the pool's measured ones, from the next call of every key on:
+        `link` (a plan.links.Link), `contention`, `overhead_s` (none: all measured)."""
+        unknown = set(given) - {"link", "contention", "overhead_s"}
+        if unknown:
+            raise ValueError(f"plan_auto_with takes link, contention and overhead_s; got {', '.join(sorted(unknown))}")
         with self._lock:
             self.auto = AutoPlans()
-            self.auto.link = link
+            self.auto.given = {k: v for k, v in given.items() if v is not None}
 
     def _say_once(self, mesh: Mesh) -> None:
         """Logs, once each, which devices sit out (auto's choices say why in their own line)."""

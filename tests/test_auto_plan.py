@@ -18,6 +18,7 @@ from parallel_backend.config import ParallelConfig
 from parallel_backend.engine import ParallelExecutor, engine_for
 from parallel_backend.oracle import Job, run_loop
 from parallel_backend.plan.links import Link
+from parallel_backend.plan.probe import DeviceFigures
 from parallel_backend.pool import WorkerPool
 
 ATOL = 1e-4
@@ -37,9 +38,11 @@ def pool():
 @pytest.fixture
 def engine(pool):
     engine = engine_for(pool)
-    engine.plan_auto_with(None)  # every test starts with no choice made
+    # Every test starts with no choice made; the link is measured, while the cores' contention and the pool's
+    # overhead are given, so load from other processes on this 2-core machine cannot flip a choice.
+    engine.plan_auto_with(contention=1.0, overhead_s=0.004)
     yield engine
-    engine.plan_auto_with(None)
+    engine.plan_auto_with()
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +107,7 @@ def test_auto_splits_the_sequence_of_one_flux_image_at_cfg_1_and_equals_one_devi
 
 def test_a_link_that_makes_every_split_lose_keeps_auto_on_one_device(pool, engine, small, small_reference, caplog):
     caplog.set_level(logging.INFO, logger="tandem")
-    engine.plan_auto_with(SLOW)  # the engine's hook for the link auto plans with
+    engine.plan_auto_with(link=SLOW, contention=1.0, overhead_s=0.004)  # the engine's hook for auto's figures
     run = _auto(pool, small, GUIDED, SMALL_PX)
     torch.testing.assert_close(run.latents, small_reference, atol=ATOL, rtol=ATOL)
     assert _ranks(run) == [{0}] * STEPS  # only rank 0 computed, every call
@@ -112,7 +115,7 @@ def test_a_link_that_makes_every_split_lose_keeps_auto_on_one_device(pool, engin
     said = _said(caplog, "auto runs this call on one device")
     assert len(said) == 1 and said[0].startswith("Tandem: auto runs this call on one device: no split is predicted "
                                                  "to reach 1.05x; the best, "), said
-    assert "link slow-test-link (given)" in _said(caplog, "auto ran the first two calls")[0]
+    assert "link slow-test-link (given: " in _said(caplog, "auto ran the first two calls")[0]
     assert not _said(caplog, "auto chose") and not _said(caplog, "sit(s) out")
 
 
@@ -161,9 +164,27 @@ def test_the_measured_attentions_give_tokens_heads_and_time_and_ulysses_must_div
     assert mixing.seconds_per_row == pytest.approx(0.015)  # the median of 0.01 and 0.02 per row
     call = ModelCall(torch.zeros(2, 600, 16), torch.zeros(2), torch.zeros(2, 77, 8), branches=2)
     computed = Computed(torch.zeros(2, 600, 16), 10.0, extra={"attentions": seen, "one_row_s": 5.0})
-    decision = AutoPlans().decide("key", "diffusers_dit:flux", call, computed, SequenceHint(None), ["cpu"] * 3)
+    figures = DeviceFigures(Link("made up", 1e9, 1e-4, "a test's"), 1.0, 0.004)
+    decision = AutoPlans().decide("key", "diffusers_dit:flux", call, computed, SequenceHint(None), ["cpu"] * 3,
+                                  figures)
     assert decision.inputs.shape.heads == 2 and decision.inputs.shape.attentions == 2
     labels = {f"{m.strategy} {m.product()}" for m in meshes(decision.inputs, 3)}
     assert "ring cfg 1 x batch 1 x ring 3" in labels and "ulysses cfg 1 x batch 1 x ulysses 2" in labels
     assert not any(label.startswith("ulysses cfg 1 x batch 1 x ulysses 3") for label in labels)  # 2 heads
     assert decision.mesh.size > 1  # 10 s of compute: a split pays on any link
+
+
+def test_with_nothing_given_auto_measures_the_pools_link_contention_and_overhead(pool, engine, small,
+                                                                                small_reference, caplog):
+    """No figure given: the pool's link, the CPU workers' contention and the pool's overhead are measured
+    (plan/probe.py) before the choice; which mesh wins then depends on this machine's load, so only the output
+    and the figures' provenance are checked."""
+    caplog.set_level(logging.INFO, logger="tandem")
+    engine.plan_auto_with()
+    run = _auto(pool, small, GUIDED, SMALL_PX)
+    torch.testing.assert_close(run.latents, small_reference, atol=ATOL, rtol=ATOL)
+    (decision,) = engine.auto.decisions.values()
+    assert decision.inputs.link.name == "measured cpu<->cpu" and decision.inputs.contention >= 1.0
+    assert decision.inputs.host_overhead_s > 0.0
+    (measured,) = _said(caplog, "auto ran the first two calls")
+    assert "link measured cpu<->cpu (measured on this pool: " in measured and "slower all busy" in measured

@@ -13,9 +13,9 @@ the key run on the chosen mesh; a one-device choice runs whole on rank 0.
 
 The devices: the pool's link, measured once per pool (plan/probe.py: two workers swap 4 bytes and 16 MiB);
 on CPU workers, which share the machine's cores, their contention (a one-row call on rank 0 alone, then on
-every rank at once); GPUs are taken not to slow each other (1.0, said so). The pool's overhead per call: the
-measured call's wall time on the host less its compute on the worker. `AutoPlans.link` replaces the link
-(a test's slow link).
+every rank at once) and the pool's overhead per call (the lone call's wall time on the host less its compute
+on the worker); GPUs are taken not to slow each other (1.0) and their overhead is assumed (HOST_OVERHEAD_S).
+`AutoPlans.given` replaces any of these (a test's slow link).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from ..mesh import Mesh
 from .choose import Choice, choose
 from .links import CPU_DEFAULT, CUDA_DEFAULT, Link, link_named
 from .model import Inputs, candidates
-from .probe import DeviceFigures, measure_contention, measure_link
+from .probe import DeviceFigures, measure_calls, measure_link
 from .traffic import CallShape
 
 # The pool's own cost per call (messages, pickling, the host's scheduler step). CPU workers: `tandem bench`'s
@@ -95,30 +95,37 @@ class AutoPlans:
     """One engine's auto choices by key (use them under the engine's lock)."""
 
     def __init__(self):
-        self.link: Link | None = None  # the link to plan with instead of the pool's (None: the pool's)
+        self.given: dict = {}  # figures to plan with instead of the pool's: link, contention, overhead_s
         self.decisions: dict[tuple, Decision] = {}
         self._warmed: set[tuple] = set()
-        self._link_of: tuple = (None, None)  # (the pool start it was measured on, the link)
-        self._contention: dict[str, float] = {}  # by model fingerprint, for the same pool start
+        self._measured_on: tuple | None = None  # the pool start the figures below were measured on
+        self._link: Link | None = None
+        self._per_model: dict[str, tuple[float, float]] = {}  # fingerprint -> (contention, overhead seconds)
 
     @staticmethod
     def key(fingerprint: str, call, tokens_allowed: bool, devices: int) -> tuple:
         return (fingerprint, devices, call.rows, call.branches, tuple(call.x.shape), str(call.x.dtype),
                 None if call.context is None else tuple(call.context.shape), tokens_allowed)
 
-    def device_figures(self, engine, fingerprint: str, call, overhead_s: float) -> DeviceFigures:
-        """The pool's link (measured once per pool start, unless `link` is given), its contention (CPU
-        workers: a one-row call alone and on every worker at once; GPUs: 1.0) and `overhead_s`."""
-        generation = (engine.pool.stats.starts, tuple(engine.pool.devices))  # a restarted pool: measured again
-        if self._link_of[0] != generation:
-            self._link_of = (generation, None if self.link is not None else measure_link(engine))
-            self._contention = {}
-        contention = self._contention.get(fingerprint)
-        if contention is None:
-            cpu = device_kind(engine.pool.devices) == "cpu"
-            contention = measure_contention(engine, fingerprint, call.select(range(1)), repeats=1) if cpu else 1.0
-            self._contention[fingerprint] = contention
-        return DeviceFigures(self._link_of[1], contention, overhead_s)
+    def device_figures(self, engine, fingerprint: str, call) -> DeviceFigures:
+        """The pool's link (measured once per pool start), and per model its contention and overhead per call
+        (CPU workers: a one-row call alone and on every worker at once, plan/probe.py; GPUs: 1.0 and the assumed
+        overhead); `given` replaces any of them (a test's slow link)."""
+        start = (engine.pool.stats.starts, tuple(engine.pool.devices))  # a restarted pool: measured again
+        if self._measured_on != start:
+            self._measured_on, self._per_model = start, {}
+            self._link = self.given.get("link") or measure_link(engine)
+        if fingerprint not in self._per_model:
+            if {"contention", "overhead_s"} <= self.given.keys():
+                figures = (self.given["contention"], self.given["overhead_s"])
+            elif device_kind(engine.pool.devices) == "cpu":
+                figures = measure_calls(engine, fingerprint, call.select(range(1)), repeats=1)
+            else:
+                figures = (1.0, HOST_OVERHEAD_S["cuda"][0])
+            self._per_model[fingerprint] = figures
+        contention, overhead = self._per_model[fingerprint]
+        return DeviceFigures(self._link, self.given.get("contention", contention),
+                             self.given.get("overhead_s", overhead))
 
     def mesh(self, key) -> Mesh | None:
         """The mesh chosen for `key`, or None before it is measured."""
@@ -135,8 +142,8 @@ class AutoPlans:
     def decide(self, key, family: str, call, computed, hint, devices: list[str], figures: DeviceFigures) -> Decision:
         """Chooses `key`'s mesh from its measured call, `computed` on one device (a Computed of plan/timing.py);
         hint: the model's SequenceHint where the call may be split by tokens, else None; figures: the pool's
-        measured link, contention and overhead (plan/probe.py)."""
-        link = self.link or figures.link or assumed_link(devices)
+        measured (or given) link, contention and overhead (plan/probe.py)."""
+        link = figures.link or assumed_link(devices)
         mixing = token_mixing(computed.extra.get("attentions", ())) if hint is not None else None
         inputs = replace(call_inputs(family, call, computed, hint, mixing, link, figures.overhead_s),
                          contention=figures.contention)
@@ -145,7 +152,7 @@ class AutoPlans:
             found = [c for c in found if not c.mesh or not strategies.get(c.strategy).splits_tokens]
         choice = choose(found, exact_only=True)
         mesh = mesh_of(choice, len(devices))
-        source = "given" if self.link is not None else "measured on this pool" if figures.link else "assumed"
+        source = "given" if "link" in self.given else "measured on this pool" if figures.link else "assumed"
         notes = (measured_note(computed.compute_s, hint, mixing, link, source, figures), choice_note(mesh, choice))
         decision = self.decisions[key] = Decision(mesh, choice, inputs, notes)
         return decision
