@@ -123,7 +123,7 @@ CLI_ROWS = [
     (["bench", "--quiet", "--model", "sd99"], 1, "unknown bench model 'sd99'"),
     # tandem plan (refused before the model is measured)
     (PLAN + ["--model", "sd99"], 1, "unknown bench model 'sd99'"),
-    (PLAN + ["--link", "pcie9"], 1, "unknown link 'pcie9'; choose one of: pcie4x16"),
+    (PLAN + ["--link", "pcie9"], 1, "unknown link 'pcie9'; choose probe (measure it) or one of: pcie4x16"),
     (PLAN + ["--cfg", "0.5"], 1, "cfg must be a finite number from 1 to 100; got 0.5"),
     (PLAN + ["--cfg", "nan"], 1, "cfg must be a finite number from 1 to 100; got nan"),
     (PLAN + ["--resolution", "big"], 1, "resolution 'big': write pixels as 256 or 1024x768"),
