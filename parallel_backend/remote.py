@@ -30,6 +30,7 @@ from .transport import HANDSHAKE_TIMEOUT_S, Channel, ChannelClosed, Listener
 
 log = logging.getLogger("tandem")
 STATUS_PERIOD_S = 0.5
+REACH_RETRY_S = 5.0  # how long the host retries reaching a machine's daemon at a pool's start
 
 
 def link_timeout_s() -> float:
@@ -80,14 +81,20 @@ class Machine:
     def join(self, join: Join, timeout_s: float) -> None:
         """Asks the daemon for workers; raises RuntimeError with a sentence naming the machine if it cannot."""
         host, port = self.name.rsplit(":", 1)
-        try:
-            conn = connect_tls((host.strip("[]"), int(port)), self.secret, HANDSHAKE_TIMEOUT_S)
-        except HandshakeError as exc:
-            raise RuntimeError(f"{self.name}: its `tandem worker serve` refused this host or was refused ({exc}); "
-                               "both machines must read the same secret file") from None
-        except OSError as exc:
-            raise RuntimeError(f"{self.name}: cannot reach a `tandem worker serve` there ({exc}); is it running, "
-                               "and is its port open in the firewall?") from None
+        retry_until = time.monotonic() + REACH_RETRY_S  # a link just back up may need a moment (ARP, routes)
+        while True:
+            try:
+                conn = connect_tls((host.strip("[]"), int(port)), self.secret, HANDSHAKE_TIMEOUT_S)
+                break
+            except HandshakeError as exc:
+                raise RuntimeError(f"{self.name}: its `tandem worker serve` refused this host or was refused ({exc}); "
+                                   "both machines must read the same secret file") from None
+            except OSError as exc:
+                if time.monotonic() < retry_until:
+                    time.sleep(0.5)
+                    continue
+                raise RuntimeError(f"{self.name}: cannot reach a `tandem worker serve` there ({exc}); is it running, "
+                                   "and is its port open in the firewall?") from None
         self._channel = Channel(conn, self.name)
         try:
             self._channel.send(join)

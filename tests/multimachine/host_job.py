@@ -4,7 +4,7 @@ strategy the tiny bench model's sampler loop on the pool vs one device. Prints o
     host_job.py DEVICES --strategies cfg,batch,asyncdiff [--hold FILE] [--fault-steps N]
 
 --hold FILE: after the jobs, keep the pool up until FILE exists (the test looks at the listening sockets).
---fault-steps N: then run a job of N steps, printing {"event": "running"} first; a WorkerError is printed as
+--fault-steps N: then run eleven jobs of N steps (N < 1000), printing {"event": "running"} first; a WorkerError is printed as
 {"error": ..., "seconds": ...} and one more job is tried (once the file --resume names exists, if given), its
 result or error printed as {"next": ...}.
 """
@@ -60,7 +60,7 @@ def main() -> None:
             say(event="running", pids=pool.worker_pids())
             started = time.monotonic()
             try:
-                run_loop(model, job_for("batch"), resolution, args.fault_steps, 0, executor=ParallelExecutor(pool, config))
+                run_loop(model, job_for("batch"), resolution, args.fault_steps, 10, executor=ParallelExecutor(pool, config))
                 say(error=None, seconds=time.monotonic() - started)
             except WorkerError as exc:
                 say(error=str(exc), seconds=time.monotonic() - started)

@@ -89,7 +89,7 @@ def _gone_but(machines, namespace: str, *allowed: int, wait_s: float = 15.0) -> 
 def test_a_remote_machine_lost_mid_job_is_a_clear_error_in_time(machines, serve, tmp_path, fault):
     process, log = serve
     resume = tmp_path / "resume"
-    host = machines.host(DEVICES, "--strategies", "batch", "--fault-steps", "2000", "--resume", str(resume))
+    host = machines.host(DEVICES, "--strategies", "batch", "--fault-steps", "500", "--resume", str(resume))
     try:
         assert read_line(host, 240)["max_diff"] <= ATOL
         assert read_line(host, 60)["event"] == "running"
