@@ -37,7 +37,7 @@ log = logging.getLogger("tandem")
 def parse_listen(text: str) -> tuple[str, int]:
     """"10.0.0.2:7000" -> ("10.0.0.2", 7000); a ValueError in one sentence otherwise."""
     host, colon, port = str(text).rpartition(":")
-    if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    if not colon or not host or not port.isdigit() or not 0 <= int(port) < 65536:  # 0: a free port, logged
         raise ValueError(f"--listen {text!r}: give ADDRESS:PORT, e.g. 10.0.0.2:7000 (the address of the interface "
                          "the pool's machines share; 0.0.0.0 only if you mean every interface)")
     return host.strip("[]"), int(port)
