@@ -101,15 +101,11 @@ def _kill_all(machines: Machines, namespace: str) -> None:
             pass
 
 
-@pytest.fixture(scope="module")
-def machines(tmp_path_factory):
-    if os.geteuid() != 0:
-        pytest.skip("network namespaces need root: the two-machine tests run as root (CI does)")
-    if shutil.which("ip") is None or shutil.which("ss") is None:
-        pytest.skip("the two-machine tests need the `ip` and `ss` commands (iproute2)")
+def make_machines(secret: Path) -> Machines:
+    """Two namespaces joined by a veth pair (HOST_IP in A, REMOTE_IP in B) and a fresh secret at `secret`.
+    Raises OSError (subprocess.CalledProcessError included) with what failed; nothing is left then."""
     tag = f"{os.getpid() % 100000}{os.urandom(1).hex()}"
-    m = Machines(f"tandem-a-{tag}", f"tandem-b-{tag}", f"tdma{tag}", f"tdmb{tag}",
-                 tmp_path_factory.mktemp("secret") / "secret")
+    m = Machines(f"tandem-a-{tag}", f"tandem-b-{tag}", f"tdma{tag}", f"tdmb{tag}", secret)
     m.secret.write_text(os.urandom(32).hex())
     try:
         _ip("netns", "add", m.a)
@@ -121,14 +117,32 @@ def machines(tmp_path_factory):
             _ip("-n", namespace, "link", "set", veth, "up")
             _ip("-n", namespace, "link", "set", "lo", "up")
     except (subprocess.CalledProcessError, OSError) as exc:
-        for namespace in (m.a, m.b):
-            subprocess.run(["ip", "netns", "del", namespace], capture_output=True)
-        subprocess.run(["ip", "link", "del", m.veth_a], capture_output=True)
-        detail = getattr(exc, "stderr", b"") or b""
-        pytest.skip(f"network namespaces cannot be made here ({exc}: {detail.decode(errors='replace').strip()})")
+        remove_machines(m)
+        detail = (getattr(exc, "stderr", b"") or b"").decode(errors="replace").strip()
+        raise OSError(f"{exc}: {detail}") from None
+    return m
+
+
+def remove_machines(m: Machines) -> None:
+    """Kills every process left in the two namespaces and removes them (the veth pair goes with them)."""
+    for namespace in (m.a, m.b):
+        if subprocess.run(["ip", "netns", "pids", namespace], capture_output=True).returncode == 0:
+            _kill_all(m, namespace)
+        subprocess.run(["ip", "netns", "del", namespace], capture_output=True, timeout=20)
+    subprocess.run(["ip", "link", "del", m.veth_a], capture_output=True, timeout=20)
+
+
+@pytest.fixture(scope="module")
+def machines(tmp_path_factory):
+    if os.geteuid() != 0:
+        pytest.skip("network namespaces need root: the two-machine tests run as root (CI does)")
+    if shutil.which("ip") is None or shutil.which("ss") is None:
+        pytest.skip("the two-machine tests need the `ip` and `ss` commands (iproute2)")
+    try:
+        m = make_machines(tmp_path_factory.mktemp("secret") / "secret")
+    except OSError as exc:
+        pytest.skip(f"network namespaces cannot be made here ({exc})")
     try:
         yield m
     finally:
-        for namespace in (m.a, m.b):
-            _kill_all(m, namespace)
-            subprocess.run(["ip", "netns", "del", namespace], capture_output=True, timeout=20)
+        remove_machines(m)
