@@ -45,11 +45,13 @@ class Machines:
         return subprocess.run(["ip", "netns", "exec", namespace, *command], capture_output=True, text=True,
                               timeout=kwargs.pop("timeout", 30), **kwargs)
 
-    def serve(self, log: Path, devices: str = "cpu:1", secret: Path | None = None) -> subprocess.Popen:
-        """`tandem worker serve` in namespace B, once it listens."""
+    def serve(self, log: Path, devices: str = "cpu:1", secret: Path | None = None,
+              cores: str | None = None) -> subprocess.Popen:
+        """`tandem worker serve` in namespace B (on these `cores` only, as taskset's list), once it listens."""
+        pin = ["taskset", "-c", cores] if cores else []
         with open(log, "wb") as out:
             process = subprocess.Popen(
-                ["ip", "netns", "exec", self.b, sys.executable, "-m", "parallel_backend.cli", "worker", "serve",
+                ["ip", "netns", "exec", self.b, *pin, sys.executable, "-m", "parallel_backend.cli", "worker", "serve",
                  "--listen", f"{REMOTE_IP}:{SERVE_PORT}", "--devices", devices, "--secret-file",
                  str(secret or self.secret)], stdout=out, stderr=subprocess.STDOUT, env=environment(), cwd=REPO)
         deadline = time.monotonic() + 60
