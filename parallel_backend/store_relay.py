@@ -11,12 +11,14 @@ tensors still go between the devices over gloo/NCCL. It stays up for the pool's 
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 from datetime import timedelta
 
 import torch.distributed as dist
 
-from .transport import Channel, ChannelClosed, Listener, connect
+from .secure import HandshakeError, accept_tls
+from .transport import HANDSHAKE_TIMEOUT_S, Channel, ChannelClosed, Listener, connect
 
 log = logging.getLogger("tandem")
 SCHEME = "tandem://"
@@ -40,18 +42,27 @@ class StoreServer:
         return f"{SCHEME}{self.address[0]}:{self.address[1]}"
 
     def _accept(self) -> None:
+        sock = self._listener.sock
+        sock.settimeout(0.5)
         while not self._closed:
             try:
-                conn = self._listener.accept(timeout=0.5)
-            except TimeoutError:
+                raw, peer = sock.accept()
+            except socket.timeout:
                 continue
-            except OSError as exc:  # a refused peer (HandshakeError) or the listener closed
-                if not self._closed:
-                    log.warning("Tandem: refused a connection to the pool's rendezvous store (%s)", exc)
-                continue
-            channel = Channel(conn, "store client")
-            self._channels.append(channel)
-            threading.Thread(target=self._serve, args=(channel,), daemon=True, name="tandem-store-client").start()
+            except OSError:  # the listener closed
+                return
+            threading.Thread(target=self._greet, args=(raw, peer), daemon=True, name="tandem-store-client").start()
+
+    def _greet(self, raw: socket.socket, peer) -> None:
+        """One connection's handshake (in its own thread: a silent peer delays no worker), then its requests."""
+        try:
+            conn = accept_tls(raw, self._listener.authkey, self._listener.tls, HANDSHAKE_TIMEOUT_S)
+        except HandshakeError as exc:
+            log.warning("Tandem: refused a connection to the pool's rendezvous store from %s (%s)", peer[0], exc)
+            return
+        channel = Channel(conn, "store client")
+        self._channels.append(channel)
+        self._serve(channel)
 
     def _serve(self, channel: Channel) -> None:
         while not self._closed:

@@ -163,7 +163,8 @@ def connect(address: tuple[str, int], authkey: bytes, name: str, tls: bool = Fal
     if tls:
         from .secure import connect_tls
 
-        return Channel(connect_tls(tuple(address), authkey, HANDSHAKE_TIMEOUT_S), name)
+        # A listener handshakes one peer at a time: wait out a silent one ahead of this connection.
+        return Channel(connect_tls(tuple(address), authkey, 3 * HANDSHAKE_TIMEOUT_S), name)
     return Channel(Client(tuple(address), authkey=authkey), name)
 
 

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,14 +83,15 @@ def listeners(machines: Machines, namespace: str) -> list[str]:
 
 def read_line(process: subprocess.Popen, timeout_s: float) -> dict:
     """The next JSON line the host script prints (its stderr in the failure message)."""
-    import selectors
-
-    selector = selectors.DefaultSelector()
-    selector.register(process.stdout, selectors.EVENT_READ)
-    if not selector.select(timeout_s):
+    if not hasattr(process, "lines"):  # read by a thread: a select() on the pipe misses lines already buffered
+        process.lines = queue.Queue()
+        threading.Thread(target=lambda: [process.lines.put(line) for line in iter(process.stdout.readline, "")]
+                         + [process.lines.put("")], daemon=True).start()
+    try:
+        line = process.lines.get(timeout=timeout_s)
+    except queue.Empty:
         process.kill()
         raise AssertionError(f"the host printed nothing within {timeout_s:g} s: {process.stderr.read()[-3000:]}")
-    line = process.stdout.readline()
     if not line:
         process.wait(timeout=30)
         raise AssertionError(f"the host ended (code {process.returncode}): {process.stderr.read()[-3000:]}")

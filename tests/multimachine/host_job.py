@@ -3,7 +3,8 @@ strategy the tiny bench model's sampler loop on the pool vs one device. Prints o
 
     host_job.py DEVICES --strategies cfg,batch,asyncdiff [--hold FILE] [--fault-steps N]
 
---hold FILE: after the jobs, keep the pool up until FILE exists (the test looks at the listening sockets).
+--hold FILE: after the jobs, keep the pool up until FILE exists (the test looks at the listening sockets and
+sends them garbage), then run one more batch job: {"after_hold": max diff, "starts": pool starts}.
 --fault-steps N: then run eleven jobs of N steps (N < 1000), printing {"event": "running"} first; a WorkerError is printed as
 {"error": ..., "seconds": ...} and one more job is tried (once the file --resume names exists, if given), its
 result or error printed as {"next": ...}.
@@ -55,6 +56,14 @@ def main() -> None:
             until = time.monotonic() + 120
             while not Path(args.hold).exists() and time.monotonic() < until:
                 time.sleep(0.1)
+            config = ParallelConfig(args.devices, "batch")  # the pool still works after the wait (and intruders)
+            reference = run_loop(model, job_for("batch"), resolution, STEPS, 0).latents
+            try:
+                result = run_loop(model, job_for("batch"), resolution, STEPS, 0,
+                                  executor=ParallelExecutor(pool, config)).latents
+                say(after_hold=(result - reference).abs().max().item(), starts=pool.stats.starts)
+            except WorkerError as exc:
+                say(after_hold=None, error=str(exc))
         if args.fault_steps:
             config = ParallelConfig(args.devices, "batch")
             say(event="running", pids=pool.worker_pids())

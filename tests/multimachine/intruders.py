@@ -4,6 +4,7 @@ a real client's handshake replayed. Prints one JSON object: per intruder, whethe
 the daemon took to drop it.
 
     intruders.py ADDRESS PORT SECRET_FILE
+    intruders.py --spray ADDRESS:PORT...   (garbage to each listener, and a connection left silent for 2 s)
 """
 
 from __future__ import annotations
@@ -82,7 +83,30 @@ def replayed(address, secret: bytes) -> dict:
     return {"refused": True, "seconds": dropped_after(sock), "bytes": len(recorded)}
 
 
+def spray(targets: list[str]) -> dict:
+    """Garbage to every listener, and a connection to each left silent a while; {target: what happened}."""
+    outcome = {}
+    silent_ones = []
+    for target in targets:
+        host, port = target.rsplit(":", 1)
+        try:
+            sock = socket.create_connection((host, int(port)), timeout=5)
+            sock.sendall(os.urandom(2048))
+            sock.close()
+            silent_ones.append(socket.create_connection((host, int(port)), timeout=5))
+            outcome[target] = "sent"
+        except OSError as exc:
+            outcome[target] = f"{type(exc).__name__}: {exc}"
+    time.sleep(2.0)
+    for sock in silent_ones:
+        sock.close()
+    return outcome
+
+
 def main() -> None:
+    if sys.argv[1] == "--spray":
+        print(json.dumps(spray(sys.argv[2:])), flush=True)
+        return
     address, secret = (sys.argv[1], int(sys.argv[2])), read_secret(sys.argv[3])
     results = {}
     threads = [threading.Thread(target=lambda: results.setdefault("silent", silent(address)))]

@@ -1,5 +1,6 @@
 """A pool across two 'machines' (network namespaces, conftest.py): the exact strategies equal one device, only
-the configured listeners exist, intruders are refused while the pool keeps working, and a remote machine that
+the configured listeners exist, intruders are refused (garbage and silent connections to every listener, the
+pool's own and gloo's, are survived) while the pool keeps working, and a remote machine that
 is killed or whose link drops gives a clear error in time, with no process left on either side."""
 
 from __future__ import annotations
@@ -56,7 +57,14 @@ def test_strategies_across_machines_equal_one_device_and_intruders_are_refused(m
             assert line["shipped"] > 0
         assert read_line(host, 60)["event"] == "holding"
         here, there = listeners(machines, machines.a), listeners(machines, machines.b)
+        others = [a for a in here + there if a != f"{REMOTE_IP}:{SERVE_PORT}"]
+        sprayed = machines.run_in(machines.a, sys.executable, str(INTRUDERS), "--spray", *others, timeout=60,
+                                  env=environment(), cwd=REPO)
+        assert sprayed.returncode == 0, sprayed.stderr[-3000:]
         hold.write_text("")
+        after = read_line(host, 240)
+        assert after.get("after_hold") is not None and after["after_hold"] <= ATOL, (after, sprayed.stdout)
+        assert after["starts"] == 1, after  # survived: no restart was needed
         assert read_line(host, 60)["event"] == "done"
     finally:
         host.kill()
