@@ -224,8 +224,7 @@ class WorkerPool:
                 self._spawn(devices, listener.address, authkey, self._link.rendezvous, self._link.interface, tls=True)
                 self._workers += self._link.join_machines(listener.address, self.start_timeout_s)
             else:
-                self._spawn(devices, listener.address, authkey, f"file://{self._dir}/rendezvous",
-                            self.interface or loopback_interface())
+                self._spawn(devices, listener.address, authkey)
             self._workers.sort(key=lambda w: w.rank)
             self._handshake(listener)
         except BaseException:
@@ -248,9 +247,12 @@ class WorkerPool:
         pool_files.track(self, processes, self._dir)
         return self
 
-    def _spawn(self, devices: tuple[str, ...], address, authkey: bytes, rendezvous: str, interface: str | None,
-               tls: bool = False) -> None:
-        """Starts a worker per device of this machine (the (rank, device) pairs of `devices` named locally)."""
+    def _spawn(self, devices: tuple[str, ...], address, authkey: bytes, rendezvous: str | None = None,
+               interface: str | None = None, tls: bool = False) -> None:
+        """Starts a worker per device of this machine (the (rank, device) pairs of `devices` named locally).
+        Defaults: a file rendezvous in the pool's folder, gloo/NCCL on `self.interface` or loopback."""
+        rendezvous = rendezvous or f"file://{self._dir}/rendezvous"
+        interface = interface or self.interface or loopback_interface()
         mine = [(rank, device) for rank, device in enumerate(devices) if split_device(device)[0] is None]
         shares = core_shares(len(mine))
         for (rank, device), cores in zip(mine, shares):
