@@ -1,4 +1,4 @@
-"""The `tandem` command line: `tandem generate | bench | plan | demo | workflow run`."""
+"""The `tandem` command line: `tandem generate | bench | plan | demo | workflow run | worker serve`."""
 
 from __future__ import annotations
 
@@ -306,9 +306,33 @@ def cmd_workflow_compare(args) -> int:
     return 0
 
 
+def cmd_worker_serve(args) -> int:
+    from . import serve
+
+    return serve.main(args.listen, args.devices, args.secret_file, args.interface, args.comfyui)
+
+
+def _add_machine_options(parser):
+    """A host's settings for devices on other machines (HOST:PORT/DEVICE): they go to the pool by environment."""
+    parser.add_argument("--secret-file", default=None, help="devices on other machines: the shared secret file "
+                        "their `tandem worker serve` reads (default: TANDEM_SECRET_FILE)")
+    parser.add_argument("--interface", default=None, help="devices on other machines: this machine's network "
+                        "interface that reaches them, the only one the pool listens on (default: TANDEM_INTERFACE)")
+
+
+def _apply_machine_options(args) -> None:
+    import os
+
+    for option, variable in (("secret_file", "TANDEM_SECRET_FILE"), ("interface", "TANDEM_INTERFACE")):
+        if getattr(args, option, None):
+            os.environ[variable] = getattr(args, option)
+
+
 def _add_parallel_options(parser, devices_default):
     parser.add_argument("--devices", default=devices_default,
-                        help="'cuda:0,cuda:1', 'cpu:2' (two CPU workers) or 'auto'")
+                        help="'cuda:0,cuda:1', 'cpu:2' (two CPU workers) or 'auto'; another machine's device: "
+                        "HOST:PORT/DEVICE (e.g. 10.0.0.2:7000/cuda:0)")
+    _add_machine_options(parser)
     parser.add_argument("--strategy", default="auto", help=f"one of: {', '.join(strategy_choices())}")
     parser.add_argument("--timeout", type=float, default=300.0, help="longest wait on a worker, seconds (finite, > 0)")
     _add_knob_options(parser)
@@ -356,7 +380,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--model", default="small",
                        help="tiny, small, sd15, sdxl (UNets), flux-small or wan-small (narrow diffusers Flux / Wan "
                             "transformers: random weights, real block structure and token counts)")
-    bench.add_argument("--devices", default="cpu:2", help="'cuda:0,cuda:1', 'cpu:2' or 'auto'")
+    bench.add_argument("--devices", default="cpu:2", help="'cuda:0,cuda:1', 'cpu:2' or 'auto' (HOST:PORT/DEVICE: "
+                       "another machine's)")
+    _add_machine_options(bench)
     bench.add_argument("--strategies", default="cfg,batch",
                        help=f"comma list of strategies: {', '.join(strategy_choices()[1:])}")
     bench.add_argument("--steps", type=int, default=20, help="sampler calls per run, 1 to 10000")
@@ -378,7 +404,9 @@ def build_parser() -> argparse.ArgumentParser:
     plan = commands.add_parser("plan", help="predict each strategy's speed-up on these devices (a cost model fed "
                                             "with one-device measurements taken here) and choose")
     plan.add_argument("--model", default="small", help="a bench model: tiny, small, sd15, sdxl, flux-small, wan-small")
-    plan.add_argument("--devices", default="cpu:2", help="'cuda:0,cuda:1', 'cpu:2' or 'auto'")
+    plan.add_argument("--devices", default="cpu:2", help="'cuda:0,cuda:1', 'cpu:2' or 'auto' (HOST:PORT/DEVICE: "
+                      "another machine's)")
+    _add_machine_options(plan)
     plan.add_argument("--link", default=PROBE, help=f"{PROBE} (default: start workers on the devices and measure "
                                                     f"their link and contention), or a named link: {', '.join(PROFILES)}")
     plan.add_argument("--cfg", type=float, default=7.5, help="guidance scale, 1 to 100 (1: no uncond branch)")
@@ -420,12 +448,27 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--timeout", type=float, default=3600.0, help="longest silence from the server, seconds")
     compare.add_argument("--quiet", action="store_true")
     compare.set_defaults(run=cmd_workflow_compare)
+
+    worker = commands.add_parser("worker", help="this machine's devices for a host's pool on another machine")
+    worker_actions = worker.add_subparsers(dest="action", required=True)
+    serve = worker_actions.add_parser("serve", help="keep workers ready for one host at a time (docs/multi-machine.md)")
+    serve.add_argument("--listen", required=True, help="ADDRESS:PORT to listen on: the address of the interface "
+                       "the pool's machines share (the only one used; 0.0.0.0 only if you mean every interface)")
+    serve.add_argument("--devices", default="auto", help="this machine's devices: 'cuda:0,cuda:1', 'cpu:2' or 'auto'")
+    serve.add_argument("--secret-file", required=True, help="the shared secret (at least 16 bytes; e.g. `openssl "
+                       "rand -hex 32 > FILE`), the same file on every machine; its TLS certificate is kept beside it")
+    serve.add_argument("--interface", default=None, help="the interface gloo/NCCL bind to (default: the one that "
+                       "holds the --listen address)")
+    serve.add_argument("--comfyui", default=None, help="ComfyUI's root folder, for hosts that run ComfyUI (its "
+                       "version must match the host's)")
+    serve.set_defaults(run=cmd_worker_serve)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
+        _apply_machine_options(args)
         return args.run(args)
     except UsageError as exc:
         print(f"tandem: error: {exc}", file=sys.stderr)

@@ -22,12 +22,48 @@ def strategy_choices() -> tuple[str, ...]:
     return ("auto", *strategies.names())
 
 _DEVICE = re.compile(r"^(cpu|cuda)(?::(\d+))?$")
+# A device of another machine: HOST:PORT/DEVICE, where HOST:PORT is that machine's `tandem worker serve --listen`.
+_REMOTE = re.compile(r"^(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?):(?P<port>\d{1,5})/(?P<device>.+)$")
+
+
+def split_device(device: str) -> tuple[str | None, str]:
+    """"box2:7000/cuda:0" -> ("box2:7000", "cuda:0"); a device of this machine -> (None, device)."""
+    machine, slash, local = device.rpartition("/")
+    return (machine, local) if slash else (None, device)
+
+
+def remote_machines(devices: tuple[str, ...]) -> tuple[str, ...]:
+    """The HOST:PORT of every other machine that `devices` (as parse_devices gives them) name, in order."""
+    return tuple(dict.fromkeys(m for m, _ in map(split_device, devices) if m is not None))
+
+
+def _parse_item(item: str) -> list[str]:
+    remote = _REMOTE.match(item)
+    prefix, local = (f"{remote['host']}:{remote['port']}/", remote["device"]) if remote else ("", item)
+    if remote and not 0 < int(remote["port"]) < 65536:
+        raise ValueError(f"device {item!r}: port {remote['port']} is not between 1 and 65535")
+    match = _DEVICE.match(local)
+    if not match:
+        if "/" in item:
+            raise ValueError(f"device {item!r} is not understood; a device of another machine is written "
+                             "HOST:PORT/DEVICE, e.g. '10.0.0.2:7000/cuda:0' or 'box2:7000/cpu:2'")
+        raise ValueError(f"device {item!r} is not understood; write 'cuda:0,cuda:1', 'cpu:2' or 'auto'")
+    kind, index = match.groups()
+    if kind == "cuda":
+        return [f"{prefix}cuda:{index or 0}"]
+    count = int(index) if index is not None else 1
+    if count < 1:
+        raise ValueError(f"{item!r}: a CPU pool needs at least one worker")
+    return [f"{prefix}cpu"] * count
 
 
 def parse_devices(spec: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
     """"cuda:0,cuda:1" -> ("cuda:0", "cuda:1"); "cpu:2" and "cpu,cpu" -> ("cpu", "cpu"); "auto" -> ("auto",).
 
     For CPU, "cpu:N" means N CPU workers (each with its share of the cores); for CUDA, "cuda:N" is device N.
+    A device of another machine is HOST:PORT/DEVICE (HOST a name or an IPv4 address, [IPv6] in brackets; PORT
+    where that machine's `tandem worker serve` listens): "cuda:0,box2:7000/cuda:0,box2:7000/cuda:1";
+    "box2:7000/cpu:2" gives two CPU workers there.
     """
     if not isinstance(spec, (str, list, tuple)) or not all(isinstance(item, str) for item in spec):
         raise TypeError(f"devices must be text like 'cuda:0,cuda:1', 'cpu:2' or 'auto', or a list of device "
@@ -37,20 +73,8 @@ def parse_devices(spec: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
         return ("auto",)
     if not items:
         raise ValueError("devices is empty; give e.g. 'cuda:0,cuda:1', 'cpu:2' or 'auto'")
-    devices: list[str] = []
-    for item in items:
-        match = _DEVICE.match(item)
-        if not match:
-            raise ValueError(f"device {item!r} is not understood; write 'cuda:0,cuda:1', 'cpu:2' or 'auto'")
-        kind, index = match.groups()
-        if kind == "cpu":
-            count = int(index) if index is not None else 1
-            if count < 1:
-                raise ValueError(f"{item!r}: a CPU pool needs at least one worker")
-            devices += ["cpu"] * count
-        else:
-            devices.append(f"cuda:{index or 0}")
-    cuda = [d for d in devices if d != "cpu"]
+    devices = [device for item in items for device in _parse_item(item)]
+    cuda = [d for d in devices if split_device(d)[1] != "cpu"]
     if len(set(cuda)) != len(cuda):
         raise ValueError(f"devices {','.join(devices)} name a CUDA device twice; give each GPU once")
     if cuda and len(cuda) != len(devices):
@@ -67,7 +91,7 @@ def _cuda_device_count() -> int:
 def missing_devices(devices: tuple[str, ...]) -> tuple[str, ...]:
     """The CUDA devices among `devices` (as parse_devices gives them) that this machine lacks (touches CUDA)."""
     count = _cuda_device_count()
-    return tuple(d for d in devices if d.startswith("cuda:") and int(d[5:]) >= count)
+    return tuple(d for d in devices if d.startswith("cuda:") and int(d[5:]) >= count)  # another machine's: not here
 
 
 def check_devices_exist(devices: tuple[str, ...]) -> None:

@@ -23,7 +23,8 @@ class Hello:
 
 @dataclass(frozen=True)
 class Load:
-    """Hold this model, from a file (`path`) or the host's own GPU copy (`shared`: CUDA IPC), besides the ones
+    """Hold this model, from a file (`path`), the host's own GPU copy (`shared`: CUDA IPC) or, on another machine,
+    its torch.save image sent along (`blob`: a uint8 tensor, raw bytes on the channel), besides the ones
     in `keep` (the host's choice of what stays loaded; every other model is dropped first). `bytes`: the
     weights' size, so a GPU worker short of memory drops the kept models too (its reply says what it holds)."""
 
@@ -33,6 +34,7 @@ class Load:
     shared: bytes | None = None
     keep: tuple[str, ...] = ()
     bytes: int = 0
+    blob: Any = None
 
 
 @dataclass(frozen=True)
@@ -105,3 +107,51 @@ class Reply:
     traceback: str = ""
     seconds: float = 0.0
     peak_bytes: int | None = None
+
+
+# ---- a host and another machine's `tandem worker serve` (remote.py, serve.py) -------------------------------
+
+@dataclass(frozen=True)
+class Join:
+    """Host -> serve daemon: start workers for my pool. devices: that machine's own names (cpu, cuda:N), for
+    the global `ranks`; they connect to `connect` (HOST:PORT, TLS) with `authkey` and meet at `rendezvous`."""
+
+    versions: dict
+    connect: str
+    authkey: bytes
+    rendezvous: str
+    ranks: tuple[int, ...]
+    devices: tuple[str, ...]
+    world: int
+    pg_timeout: float
+
+
+@dataclass(frozen=True)
+class WorkerStatus:
+    """One remote worker as its daemon sees it: exit code (None: running), seconds since its heartbeat, whether
+    its process is stopped, and its log's last lines once it has ended."""
+
+    code: int | None
+    silent_s: float
+    stopped: bool = False
+    log_tail: str = ""
+
+
+@dataclass(frozen=True)
+class MachineStatus:
+    """Serve daemon -> host, every STATUS_PERIOD_S: rank -> WorkerStatus."""
+
+    workers: dict
+
+
+@dataclass(frozen=True)
+class KeepAlive:
+    """Host -> serve daemon, every STATUS_PERIOD_S: the host is still there (a daemon that hears nothing for
+    LINK_TIMEOUT_S stops the host's workers)."""
+
+
+@dataclass(frozen=True)
+class KillWorkers:
+    """Host -> serve daemon: kill these ranks' processes now (the pool is tearing down)."""
+
+    ranks: tuple[int, ...]

@@ -24,16 +24,15 @@ import time
 import weakref
 from dataclasses import dataclass, field
 from multiprocessing import AuthenticationError
-from multiprocessing.connection import wait
 from pathlib import Path
 
 from . import pool_files, validation
-from .config import parse_devices, resolve_devices
+from .config import parse_devices, remote_machines, resolve_devices, split_device
 from .deadlines import SILENT_S, CallClock, load_bound
 from .messages import Hello, Ping, Reply, RunSetup, Shutdown, Unload
 from .portable import cpu_cores
 from .shipping import load_requests, model_bytes, model_fingerprint
-from .transport import Channel, ChannelClosed, Listener
+from .transport import Channel, ChannelClosed, Listener, ready
 from .worker import heartbeat_path
 
 PACKAGE_PARENT = str(Path(__file__).resolve().parent.parent)
@@ -129,7 +128,10 @@ class WorkerPool:
     max_models: models kept loaded on the workers at once (least recently used goes first; fewer when the
       memory does not allow); default TANDEM_MAX_MODELS or 2.
     pg_timeout_s: the workers' process-group timeout: no collective blocks longer on a dead peer.
-    interface: the network interface gloo/NCCL bind to (None: this machine's loopback interface).
+    interface: the network interface gloo/NCCL bind to (None: this machine's loopback interface; a pool with
+      devices of other machines needs the one that reaches them: default TANDEM_INTERFACE).
+    secret_file: the shared secret of a pool with devices of other machines (docs/multi-machine.md); default
+      TANDEM_SECRET_FILE.
     import_paths: where workers find the host's model classes (e.g. ComfyUI's root); they come first on the
       workers' import path, ahead of this package's folder, so nothing here shadows a host module.
     """
@@ -137,7 +139,8 @@ class WorkerPool:
     def __init__(self, devices: str | tuple[str, ...] = "auto", *, timeout_s: float = 300.0,
                  start_timeout_s: float = 120.0, pg_timeout_s: float = 60.0, import_paths: tuple[str, ...] = (),
                  worker_setup: tuple[str, str, object] | None = None, interface: str | None = None,
-                 hang_factor: float | None = None, hang_floor_s: float | None = None, max_models: int | None = None):
+                 hang_factor: float | None = None, hang_floor_s: float | None = None, max_models: int | None = None,
+                 secret_file: str | None = None):
         self.requested_devices = parse_devices(devices)
         hang_factor = _setting(hang_factor, "TANDEM_HANG_FACTOR", 10.0, float)
         hang_floor_s = _setting(hang_floor_s, "TANDEM_HANG_FLOOR_S", 20.0, float)
@@ -162,6 +165,8 @@ class WorkerPool:
         self._dir: Path | None = None
         self._loaded: dict[str, int] = {}  # fingerprint -> weights bytes, least recently used first
         self._finalizer = None
+        self._link = None  # a pool across machines: its remote.RemoteLink (TLS listener, store, serve daemons)
+        self.secret_file = secret_file
         self.peak_memory: dict[int, int] = {}  # rank -> peak bytes, as of the last call that rank ran
 
     # ---- lifecycle -------------------------------------------------------------------------------------
@@ -197,13 +202,30 @@ class WorkerPool:
         if self._workers:
             return self
         devices = resolve_devices(self.requested_devices)
+        machines = remote_machines(devices)
+        secret = self._check_remote_settings(machines)
         pool_files.sweep_stale_folders()
         pool_files.install_sigterm_cleanup()
         self._dir = pool_files.make_pool_folder()
         authkey = secrets.token_bytes(32)
-        listener = Listener(authkey)
         try:
-            self._spawn(devices, listener.address, authkey)
+            if machines:  # a pool across machines: TLS, on the configured interface, with the host's store
+                from .remote import RemoteLink
+
+                self._link = RemoteLink(devices, authkey, secret, self.secret_file, self.interface, self.pg_timeout_s)
+                listener = self._link.listener
+            else:
+                listener = Listener(authkey)
+        except BaseException:
+            self._teardown()
+            raise
+        try:
+            if machines:
+                self._spawn(devices, listener.address, authkey, self._link.rendezvous, self._link.interface, tls=True)
+                self._workers += self._link.join_machines(listener.address, self.start_timeout_s)
+            else:
+                self._spawn(devices, listener.address, authkey)
+            self._workers.sort(key=lambda w: w.rank)
             self._handshake(listener)
         except BaseException:
             self._teardown()
@@ -225,35 +247,40 @@ class WorkerPool:
         pool_files.track(self, processes, self._dir)
         return self
 
-    def _spawn(self, devices: tuple[str, ...], address, authkey: bytes) -> None:
-        n = len(devices)
-        cores = cpu_cores()
-        per_worker = max(1, len(cores) // n)
-        interface = self.interface or loopback_interface()
-        for rank, device in enumerate(devices):
-            # The host's paths first: the pack's own folders (e.g. a ComfyUI pack's nodes/) never shadow them.
-            env = dict(os.environ, TANDEM_AUTHKEY=authkey.hex(),
-                       PYTHONPATH=os.pathsep.join(filter(None, [*self.import_paths, os.environ.get("PYTHONPATH"),
-                                                                PACKAGE_PARENT])))
-            if interface:
-                env.update(GLOO_SOCKET_IFNAME=interface, NCCL_SOCKET_IFNAME=interface)
-            command = [sys.executable, "-m", "parallel_backend.worker", "--connect", f"{address[0]}:{address[1]}",
-                       "--rank", str(rank), "--world", str(n), "--device", device,
-                       "--rendezvous", f"file://{self._dir}/rendezvous", "--pg-timeout", str(self.pg_timeout_s),
-                       "--host-pid", str(os.getpid()), "--pool-dir", str(self._dir)]
-            if device == "cpu":
-                mine = cores[rank * per_worker:(rank + 1) * per_worker] if len(cores) >= n else cores
-                env["OMP_NUM_THREADS"] = str(per_worker)
-                command += ["--threads", str(per_worker), "--cpus", ",".join(map(str, mine))]
-            log_path = self._dir / f"worker-{rank}.log"
-            with open(log_path, "wb") as log:
-                # Its own session / process group: the terminal's Ctrl-C goes to the host, which shuts the workers
-                # down in order.
-                # Started in the pool's own folder: `python -m` puts the working directory first on the import
-                # path, and the host's (e.g. this pack's root, with its nodes/) must not shadow host modules.
-                process = subprocess.Popen(command, env=env, cwd=self._dir, stdin=subprocess.DEVNULL, stdout=log,
-                                           stderr=log, **_DETACHED)
+    def _spawn(self, devices: tuple[str, ...], address, authkey: bytes, rendezvous: str | None = None,
+               interface: str | None = None, tls: bool = False) -> None:
+        """Starts a worker per device of this machine (the (rank, device) pairs of `devices` named locally).
+        Defaults: a file rendezvous in the pool's folder, gloo/NCCL on `self.interface` or loopback."""
+        rendezvous = rendezvous or f"file://{self._dir}/rendezvous"
+        interface = interface or self.interface or loopback_interface()
+        mine = [(rank, device) for rank, device in enumerate(devices) if split_device(device)[0] is None]
+        shares = core_shares(len(mine))
+        for (rank, device), cores in zip(mine, shares):
+            process, log_path = spawn_worker(
+                rank, len(devices), device, f"{address[0]}:{address[1]}", rendezvous, self._dir, authkey,
+                pg_timeout_s=self.pg_timeout_s, watch_pid=os.getpid(), interface=interface,
+                import_paths=self.import_paths, cores=cores if device == "cpu" else (), tls=tls)
             self._workers.append(_Worker(rank, device, process, log_path, heartbeat_path(self._dir, rank)))
+
+    def _check_remote_settings(self, machines: tuple[str, ...]) -> bytes | None:
+        """The shared secret when `machines` (other machines' HOST:PORT) are named, after checking that the
+        settings a pool across machines needs are given; None for a pool of this machine only."""
+        if not machines:
+            return None
+        from .secure import read_secret
+
+        self.secret_file = self.secret_file or os.environ.get("TANDEM_SECRET_FILE") or None
+        self.interface = self.interface or os.environ.get("TANDEM_INTERFACE") or None
+        named = ", ".join(machines)
+        if not self.secret_file:
+            raise ValueError(f"devices name other machines ({named}): give the pool's shared secret file "
+                             "(secret_file=, TANDEM_SECRET_FILE or --secret-file), the one their `tandem worker "
+                             "serve --secret-file` reads")
+        if not self.interface:
+            raise ValueError(f"devices name other machines ({named}): give the network interface that reaches "
+                             "them (interface=, TANDEM_INTERFACE or --interface, e.g. eth1); the pool listens "
+                             "only there")
+        return read_secret(self.secret_file)
 
     def _handshake(self, listener: Listener) -> None:
         deadline = time.monotonic() + self.start_timeout_s
@@ -307,6 +334,9 @@ class WorkerPool:
             except subprocess.TimeoutExpired:
                 pass
         pool_files.kill_and_remove([w.process for w in workers], self._dir)
+        if self._link is not None:
+            self._link.close()
+            self._link = None
         pool_files.untrack(self)
         for w in workers:
             if w.channel is not None:
@@ -405,7 +435,7 @@ class WorkerPool:
         until = time.monotonic() + seconds
         by_conn = {w.channel.conn: rank for rank, w in pending.items()}
         while pending:
-            for conn in wait([w.channel.conn for w in pending.values()], timeout=0.2):
+            for conn in ready([w.channel.conn for w in pending.values()], timeout=0.2):
                 w = pending.pop(by_conn[conn])
                 try:
                     replies[w.rank] = w.channel.recv(timeout=max(seconds, 10.0))
@@ -497,6 +527,40 @@ class WorkerPool:
         """Peak memory per worker, in bytes (CUDA: max allocated; CPU: max resident set)."""
         replies = self.request({w.rank: Ping() for w in self._workers}, "reporting memory")
         return [replies[r].peak_bytes for r in sorted(replies)]
+
+
+def core_shares(n: int) -> list[tuple[int, ...]]:
+    """This machine's cores split among `n` CPU workers (each gets all of them where there are fewer than n)."""
+    cores = cpu_cores()
+    per_worker = max(1, len(cores) // max(n, 1))
+    return [tuple(cores[i * per_worker:(i + 1) * per_worker]) if len(cores) >= n else tuple(cores) for i in range(n)]
+
+
+def spawn_worker(rank: int, world: int, device: str, connect: str, rendezvous: str, folder: Path, authkey: bytes, *,
+                 pg_timeout_s: float, watch_pid: int, interface: str | None, import_paths: tuple[str, ...] = (),
+                 cores: tuple[int, ...] = (), tls: bool = False) -> tuple[subprocess.Popen, Path]:
+    """Starts one worker process (`python -m parallel_backend.worker`) that connects to `connect` (HOST:PORT),
+    joins the group at `rendezvous`, and ends when process `watch_pid` does; returns it and its log file.
+    cores: a CPU worker's cores (its threads and pinning); interface: where gloo/NCCL bind."""
+    # The host's paths first: the pack's own folders (e.g. a ComfyUI pack's nodes/) never shadow them.
+    env = dict(os.environ, TANDEM_AUTHKEY=authkey.hex(),
+               PYTHONPATH=os.pathsep.join(filter(None, [*import_paths, os.environ.get("PYTHONPATH"), PACKAGE_PARENT])))
+    if interface:
+        env.update(GLOO_SOCKET_IFNAME=interface, NCCL_SOCKET_IFNAME=interface)
+    command = [sys.executable, "-m", "parallel_backend.worker", "--connect", connect, "--rank", str(rank),
+               "--world", str(world), "--device", device, "--rendezvous", rendezvous, "--pg-timeout", str(pg_timeout_s),
+               "--host-pid", str(watch_pid), "--pool-dir", str(folder)] + (["--tls"] if tls else [])
+    if cores:
+        env["OMP_NUM_THREADS"] = str(len(cores))
+        command += ["--threads", str(len(cores)), "--cpus", ",".join(map(str, cores))]
+    log_path = Path(folder) / f"worker-{rank}.log"
+    with open(log_path, "wb") as log_file:
+        # Its own session / process group: the terminal's Ctrl-C goes to the host, which shuts the workers down
+        # in order. Started in the pool's own folder: `python -m` puts the working directory first on the import
+        # path, and the host's (e.g. this pack's root, with its nodes/) must not shadow host modules.
+        process = subprocess.Popen(command, env=env, cwd=folder, stdin=subprocess.DEVNULL, stdout=log_file,
+                                   stderr=log_file, **_DETACHED)
+    return process, log_path
 
 
 def _setting(value, variable: str, default, kind):

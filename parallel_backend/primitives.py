@@ -23,15 +23,17 @@ def backend_for(device: str) -> str:
     return "nccl" if device.startswith("cuda") else "gloo"
 
 
-def join_group(init_method: str, rank: int, world: int, device: str, timeout_s: float) -> None:
-    """Joins the workers' process group and proves it works with one all-reduce.
+def join_group(init_method: str | None, rank: int, world: int, device: str, timeout_s: float, store=None) -> None:
+    """Joins the workers' process group (through `init_method`, or a rendezvous `store` such as
+    store_relay.RelayStore) and proves it works with one all-reduce.
 
     The timeout bounds every collective, so a worker never blocks forever on a dead peer.
     """
     if device.startswith("cuda"):
         torch.cuda.set_device(torch.device(device))
-    dist.init_process_group(backend_for(device), init_method=init_method, rank=rank, world_size=world,
-                            timeout=timedelta(seconds=timeout_s))
+    where = {"store": store} if store is not None else {"init_method": init_method}
+    dist.init_process_group(backend_for(device), rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s),
+                            **where)
     probe = torch.ones(1, device=device)
     dist.all_reduce(probe)
     if int(probe.item()) != world:

@@ -45,13 +45,23 @@ def load_requests(module, family: str, fingerprint: str, workers, folder: Path, 
 
     host_gpu = _only_cuda_device(module)
     sharing = {w.rank for w in workers if w.device == host_gpu}
-    copying = {w.rank for w in workers} - sharing
+    remote = {w.rank for w in workers if "/" in w.device}  # another machine's: the weights travel on its channel
+    copying = {w.rank for w in workers} - sharing - remote
     path, shipped = None, 0
+    requests = {}
+    if remote:
+        import io
+
+        image = io.BytesIO()
+        torch.save(module, image)
+        blob = torch.frombuffer(bytearray(image.getbuffer()), dtype=torch.uint8)
+        requests.update({rank: Load(fingerprint, family, blob=blob, keep=keep, bytes=nbytes) for rank in remote})
+        shipped += len(remote) * blob.numel()
     if copying:
         path = folder / f"model-{fingerprint[:16]}.pt"
         torch.save(module, path)
-        shipped = model_bytes(module)
-    requests = {rank: Load(fingerprint, family, path=str(path), keep=keep, bytes=nbytes) for rank in copying}
+        shipped += model_bytes(module)
+    requests.update({rank: Load(fingerprint, family, path=str(path), keep=keep, bytes=nbytes) for rank in copying})
     if sharing:
         shared = _share_cuda(module)
         requests.update({rank: Load(fingerprint, family, shared=shared, keep=keep, bytes=nbytes) for rank in sharing})

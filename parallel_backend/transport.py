@@ -10,7 +10,7 @@ from __future__ import annotations
 import pickle
 import socket
 import time
-from multiprocessing.connection import Client, Connection, answer_challenge, deliver_challenge
+from multiprocessing.connection import Client, Connection, answer_challenge, deliver_challenge, wait
 from typing import Any, Callable
 
 import torch
@@ -121,10 +121,12 @@ def _configure_socket(conn: Connection, receive_timeout_s: float | None = None, 
 
 
 class Listener:
-    """Accepts authenticated connections on `host` (loopback by default); refuses peers without the key."""
+    """Accepts authenticated connections on `host` (loopback by default); refuses peers without the key.
+    tls: an ssl server context (secure.server_context): connections are then encrypted too, and the proofs of
+    the key cover its certificate (secure.py), as a pool spanning machines needs."""
 
-    def __init__(self, authkey: bytes, host: str = "127.0.0.1", port: int = 0):
-        self.authkey = authkey
+    def __init__(self, authkey: bytes, host: str = "127.0.0.1", port: int = 0, tls=None):
+        self.authkey, self.tls = authkey, tls
         self.sock = socket.create_server((host, port), backlog=64)
         self.address = self.sock.getsockname()[:2]
 
@@ -136,6 +138,10 @@ class Listener:
             raw, _ = self.sock.accept()
         except socket.timeout:
             raise TimeoutError(f"no worker connected within {timeout:g} s") from None
+        if self.tls is not None:
+            from .secure import accept_tls
+
+            return accept_tls(raw, self.authkey, self.tls, HANDSHAKE_TIMEOUT_S)
         raw.setblocking(True)  # Connection reads the raw fd: it must stay blocking
         conn = Connection(raw.detach())
         _configure_socket(conn, receive_timeout_s=HANDSHAKE_TIMEOUT_S)  # a silent peer cannot stall the handshake
@@ -152,6 +158,18 @@ class Listener:
         self.sock.close()
 
 
-def connect(address: tuple[str, int], authkey: bytes, name: str) -> Channel:
-    """Worker side: connect and authenticate (both ways) to the host's listener."""
+def connect(address: tuple[str, int], authkey: bytes, name: str, tls: bool = False) -> Channel:
+    """Worker side: connect and authenticate (both ways) to the host's listener; tls: to one that encrypts."""
+    if tls:
+        from .secure import connect_tls
+
+        # A listener handshakes one peer at a time: wait out a silent one ahead of this connection.
+        return Channel(connect_tls(tuple(address), authkey, 3 * HANDSHAKE_TIMEOUT_S), name)
     return Channel(Client(tuple(address), authkey=authkey), name)
+
+
+def ready(conns: list, timeout: float) -> list:
+    """The connections with something to read within `timeout` s (TLS ones with decrypted bytes waiting first:
+    a select() on their sockets does not see those)."""
+    waiting = [c for c in conns if getattr(c, "pending", lambda: False)()]
+    return waiting or wait(conns, timeout=timeout)

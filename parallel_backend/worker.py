@@ -67,7 +67,9 @@ def _parse_args(argv):
     parser.add_argument("--device", required=True, help="cpu or cuda:N")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     parser.add_argument("--cpus", default="", help="comma list of CPU cores to pin to")
-    parser.add_argument("--rendezvous", required=True, help="torch.distributed init_method (file://...)")
+    parser.add_argument("--rendezvous", required=True,
+                        help="torch.distributed init_method (file://...), or tandem://HOST:PORT: the host's store")
+    parser.add_argument("--tls", action="store_true", help="the host's listener encrypts (a pool across machines)")
     parser.add_argument("--pg-timeout", type=float, default=60.0, help="process-group timeout, seconds")
     parser.add_argument("--host-pid", type=int, default=0, help="exit when this process ends (0: don't watch)")
     parser.add_argument("--pool-dir", default="", help="the pool's folder: heartbeat file; removed if the host dies")
@@ -96,7 +98,13 @@ class WorkerState:
         if message.shared is None and self._short_of_memory(message.bytes):
             for fingerprint in list(self.models):
                 self._drop(fingerprint)
-        if message.shared is not None:
+        if message.blob is not None:
+            # Another machine's worker: the weights came over the control channel, as a torch.save image.
+            import io
+
+            module = torch.load(io.BytesIO(message.blob.numpy().tobytes()), map_location="cpu", weights_only=False)
+            module = module.to(self.device).eval().requires_grad_(False)
+        elif message.shared is not None:
             # The host's own copy on this GPU, mapped through CUDA IPC handles: nothing is copied.
             import pickle
 
@@ -249,10 +257,15 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     host, port = args.connect.rsplit(":", 1)
-    channel = connect((host, int(port)), authkey, f"host (worker {args.rank})")
+    channel = connect((host, int(port)), authkey, f"host (worker {args.rank})", tls=args.tls)
     channel.send(Hello(args.rank, os.getpid()))
     try:
-        primitives.join_group(args.rendezvous, args.rank, args.world, args.device, args.pg_timeout)
+        store = None
+        if args.rendezvous.startswith("tandem://"):
+            from .store_relay import RelayStore
+
+            store = RelayStore(args.rendezvous, authkey, args.pg_timeout)
+        primitives.join_group(args.rendezvous, args.rank, args.world, args.device, args.pg_timeout, store=store)
         channel.send(Reply())
     except Exception as exc:
         channel.send(Reply(ok=False, error=f"joining the process group failed: {type(exc).__name__}: {exc}"))

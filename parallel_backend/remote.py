@@ -1,0 +1,237 @@
+"""The host's side of a pool across machines (docs/multi-machine.md).
+
+The host listens for its workers on the configured interface only, over TLS with the pool's key
+(secure.py), keeps the workers' rendezvous store itself (store_relay.py), and asks each other machine's
+`tandem worker serve` (serve.py) for workers, over a TLS connection authenticated with the shared secret.
+That connection then carries the daemon's status of its workers (exit codes, heartbeats) every
+STATUS_PERIOD_S and the host's keep-alives; a daemon silent for LINK_TIMEOUT_S, or whose connection closes,
+makes its workers dead to the pool, with the machine named.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from . import __version__
+from .config import remote_machines, split_device
+from .messages import Join, KeepAlive, KillWorkers, MachineStatus
+from .pool import _Worker
+from .secure import HandshakeError, certificate_for, connect_tls, server_context
+from .store_relay import StoreServer
+from .transport import HANDSHAKE_TIMEOUT_S, Channel, ChannelClosed, Listener
+
+log = logging.getLogger("tandem")
+STATUS_PERIOD_S = 0.5
+REACH_RETRY_S = 5.0  # how long the host retries reaching a machine's daemon at a pool's start
+
+
+def link_timeout_s() -> float:
+    """Seconds of silence after which the other end of a host-daemon connection counts as gone
+    (TANDEM_LINK_TIMEOUT_S, default 6)."""
+    return float(os.environ.get("TANDEM_LINK_TIMEOUT_S", "6"))
+
+
+def versions() -> dict:
+    """What must match on every machine of a pool: Tandem's version, and ComfyUI's where the host runs one."""
+    comfy = sys.modules.get("comfyui_version")
+    return {"tandem": __version__, "comfyui": getattr(comfy, "__version__", None)}
+
+
+def interface_address(name: str) -> str:
+    """The IPv4 address of network interface `name`; a ValueError naming the interfaces there are otherwise."""
+    import psutil
+
+    interfaces = psutil.net_if_addrs()
+    found = [a.address for a in interfaces.get(name, ()) if a.family == socket.AF_INET]
+    if not found:
+        raise ValueError(f"network interface {name!r} has no IPv4 address here; interfaces with one: "
+                         f"{', '.join(sorted(n for n, addrs in interfaces.items() if any(a.family == socket.AF_INET for a in addrs)))}")
+    return found[0]
+
+
+def interface_of(address: str) -> str | None:
+    """The network interface that holds IPv4 `address`, or None."""
+    import psutil
+
+    return next((name for name, addrs in psutil.net_if_addrs().items()
+                 if any(a.family == socket.AF_INET and a.address == address for a in addrs)), None)
+
+
+class Machine:
+    """One other machine's `tandem worker serve`, as the host follows it."""
+
+    def __init__(self, name: str, secret: bytes):
+        self.name, self.secret = name, secret
+        self.status: dict = {}
+        self.heard = time.monotonic()
+        self.lost: str | None = None
+        self.pids: dict[int, int] = {}
+        self._channel: Channel | None = None
+        self._outbox: queue.Queue = queue.Queue()
+        self._closed = False
+
+    def join(self, join: Join, timeout_s: float) -> None:
+        """Asks the daemon for workers; raises RuntimeError with a sentence naming the machine if it cannot."""
+        host, port = self.name.rsplit(":", 1)
+        retry_until = time.monotonic() + REACH_RETRY_S  # a link just back up may need a moment (ARP, routes)
+        while True:
+            try:
+                conn = connect_tls((host.strip("[]"), int(port)), self.secret, HANDSHAKE_TIMEOUT_S)
+                break
+            except HandshakeError as exc:
+                raise RuntimeError(f"{self.name}: its `tandem worker serve` refused this host or was refused ({exc}); "
+                                   "both machines must read the same secret file") from None
+            except OSError as exc:
+                if time.monotonic() < retry_until:
+                    time.sleep(0.5)
+                    continue
+                raise RuntimeError(f"{self.name}: cannot reach a `tandem worker serve` there ({exc}); is it running, "
+                                   "and is its port open in the firewall?") from None
+        self._channel = Channel(conn, self.name)
+        try:
+            self._channel.send(join)
+            reply = self._channel.recv(timeout=timeout_s)
+        except (ChannelClosed, TimeoutError) as exc:
+            self._channel.close()
+            raise RuntimeError(f"{self.name}: its `tandem worker serve` did not answer ({exc})") from None
+        if not reply.ok:
+            self._channel.close()
+            raise RuntimeError(f"{self.name} refused to serve this pool: {reply.error}")
+        self.pids = reply.value["pids"]
+        self.heard = time.monotonic()
+        threading.Thread(target=self._follow, daemon=True, name=f"tandem-machine-{self.name}").start()
+
+    def _follow(self) -> None:
+        """Reads the daemon's status and sends keep-alives (and kills asked for), all from this one thread: a
+        TLS connection is not read and written from two threads at once."""
+        next_beat = 0.0
+        try:
+            while not self._closed:
+                if time.monotonic() >= next_beat:
+                    self._channel.send(KeepAlive())
+                    next_beat = time.monotonic() + STATUS_PERIOD_S
+                while not self._outbox.empty():
+                    self._channel.send(self._outbox.get_nowait())
+                if self._channel.poll(0.1):
+                    message = self._channel.recv(timeout=link_timeout_s())
+                    if isinstance(message, MachineStatus):
+                        self.status, self.heard = message.workers, time.monotonic()
+        except (ChannelClosed, TimeoutError, OSError) as exc:
+            if not self._closed:
+                self.lost = f"its `tandem worker serve` closed the connection ({exc})"
+                log.warning("Tandem: %s: %s", self.name, self.lost)
+
+    def lost_reason(self) -> str | None:
+        """Why this machine is gone (its daemon closed the connection or fell silent), or None."""
+        if self.lost:
+            return self.lost
+        silent = time.monotonic() - self.heard
+        if silent > link_timeout_s():
+            return f"no word from its `tandem worker serve` for {silent:.0f} s (the link is down or the machine stopped)"
+        return None
+
+    def kill(self, ranks: tuple[int, ...]) -> None:
+        self._outbox.put(KillWorkers(tuple(ranks)))
+
+    def close(self) -> None:
+        self._closed = True
+        if self._channel is not None:
+            time.sleep(min(0.2, STATUS_PERIOD_S))  # lets the follower send the kills queued last
+            self._channel.close()
+
+
+class RemoteProcess:
+    """A worker process on another machine, with the part of subprocess.Popen's interface the pool uses."""
+
+    LOST = 255  # poll()'s code once the machine itself is gone
+
+    def __init__(self, machine: Machine, rank: int):
+        self.machine, self.rank, self.pid = machine, rank, machine.pids.get(rank, -1)
+
+    def poll(self) -> int | None:
+        status = self.machine.status.get(self.rank)
+        if status is not None and status.code is not None:
+            return status.code
+        return self.LOST if self.machine.lost_reason() else None
+
+    def wait(self, timeout: float | None = None) -> int:
+        until = None if timeout is None else time.monotonic() + timeout
+        while (code := self.poll()) is None:
+            if until is not None and time.monotonic() >= until:
+                raise subprocess.TimeoutExpired(f"worker {self.rank} on {self.machine.name}", timeout)
+            time.sleep(0.05)
+        return code
+
+    def kill(self) -> None:
+        self.machine.kill((self.rank,))
+
+
+class RemoteWorker(_Worker):
+    """A pool worker on another machine: its signs of life come from that machine's daemon."""
+
+    def silent_for(self) -> float:
+        status = self.process.machine.status.get(self.rank)
+        return (status.silent_s if status is not None else 0.0) + time.monotonic() - self.process.machine.heard
+
+    def hang_note(self) -> str:
+        status = self.process.machine.status.get(self.rank)
+        state = ("its process is stopped (SIGSTOP or a debugger)" if status is not None and status.stopped
+                 else "its process is frozen")
+        return f"stopped answering: no sign of life for {self.silent_for():.0f} s, {state}"
+
+    def death_note(self) -> str:
+        machine = self.process.machine
+        status = machine.status.get(self.rank)
+        if status is not None and status.code is not None:
+            import signal
+
+            code = status.code
+            how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+            tail = f"; its log ends: {status.log_tail}" if status.log_tail else ""
+            return f"worker process died ({how}) on machine {machine.name}{tail}"
+        lost = machine.lost_reason()
+        return f"lost machine {machine.name}: {lost}" if lost else "connection lost"
+
+
+class RemoteLink:
+    """What a pool across machines holds besides its workers: the TLS listener for them on `interface`, the
+    rendezvous store, and one Machine per other machine named in `devices`."""
+
+    def __init__(self, devices: tuple[str, ...], authkey: bytes, secret: bytes, secret_file: str, interface: str,
+                 pg_timeout_s: float):
+        self.devices, self.authkey, self.interface, self.pg_timeout_s = devices, authkey, interface, pg_timeout_s
+        address = interface_address(interface)
+        tls = server_context(*certificate_for(secret_file))
+        self.listener = Listener(authkey, address, 0, tls=tls)
+        try:
+            self.store = StoreServer(authkey, address, tls)
+        except BaseException:
+            self.listener.close()
+            raise
+        self.rendezvous = self.store.init_method
+        self.machines = {name: Machine(name, secret) for name in remote_machines(devices)}
+
+    def join_machines(self, address: tuple[str, int], timeout_s: float) -> list[RemoteWorker]:
+        """Asks every other machine for its workers, which then connect to `address`; returns them."""
+        workers = []
+        for name, machine in self.machines.items():
+            ranks = tuple(r for r, d in enumerate(self.devices) if split_device(d)[0] == name)
+            machine.join(Join(versions(), f"{address[0]}:{address[1]}", self.authkey, self.rendezvous, ranks,
+                              tuple(split_device(self.devices[r])[1] for r in ranks), len(self.devices),
+                              self.pg_timeout_s), timeout_s)
+            workers += [RemoteWorker(r, self.devices[r], RemoteProcess(machine, r), Path(os.devnull), Path(os.devnull))
+                        for r in ranks]
+        return workers
+
+    def close(self) -> None:
+        self.store.close()
+        for machine in self.machines.values():
+            machine.close()

@@ -1,0 +1,248 @@
+"""`tandem worker serve`: keeps this machine's devices ready for one host's pool at a time
+(docs/multi-machine.md).
+
+It listens on the given address only, over TLS, and serves a host that proves the shared secret (secure.py;
+every other connection is refused, logged, and the daemon goes on). The host's Join names the ranks and
+devices it wants; the daemon checks that both machines run the same versions, then starts one ordinary pool
+worker per device (`python -m parallel_backend.worker`, the same program as on the host) that connects back to
+the host's listener over TLS. While the host is there the daemon reports its workers' state every
+STATUS_PERIOD_S; when the host goes (its connection closes, or it is silent for LINK_TIMEOUT_S) the daemon
+kills the workers and removes their folder, then waits for the next host. Workers watch the daemon's process
+too, so killing the daemon leaves none behind.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+
+from . import pool_files
+from .config import parse_devices, resolve_devices, split_device
+from .messages import Join, KeepAlive, KillWorkers, MachineStatus, Reply, WorkerStatus
+from .pool import _tail, core_shares, spawn_worker
+from .remote import STATUS_PERIOD_S, interface_of, link_timeout_s, versions
+from .secure import HandshakeError, accept_tls, certificate_for, read_secret, server_context
+from .transport import HANDSHAKE_TIMEOUT_S, Channel, ChannelClosed
+from .worker import heartbeat_path
+
+log = logging.getLogger("tandem")
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """"10.0.0.2:7000" -> ("10.0.0.2", 7000); a ValueError in one sentence otherwise."""
+    host, colon, port = str(text).rpartition(":")
+    if not colon or not host or not port.isdigit() or not 0 <= int(port) < 65536:  # 0: a free port, logged
+        raise ValueError(f"--listen {text!r}: give ADDRESS:PORT, e.g. 10.0.0.2:7000 (the address of the interface "
+                         "the pool's machines share; 0.0.0.0 only if you mean every interface)")
+    return host.strip("[]"), int(port)
+
+
+def comfyui_version(root: str | None) -> str | None:
+    """The version in ComfyUI's comfyui_version.py under `root` (None: no ComfyUI given)."""
+    if not root:
+        return None
+    try:
+        text = (Path(root) / "comfyui_version.py").read_text()
+    except OSError:
+        raise ValueError(f"--comfyui {root!r}: no comfyui_version.py there; give ComfyUI's root folder") from None
+    match = re.search(r"__version__\s*=\s*['\"]([^'\"]+)['\"]", text)
+    return match.group(1) if match else "unknown"
+
+
+def version_mismatch(host: dict, mine: dict) -> str | None:
+    """One sentence on how the host's versions differ from this machine's, or None when they match."""
+    if host.get("tandem") != mine["tandem"]:
+        return (f"this machine runs Tandem {mine['tandem']} and the host Tandem {host.get('tandem')}: install the "
+                "same version on every machine of the pool")
+    if host.get("comfyui") != mine["comfyui"]:
+        theirs, ours = host.get("comfyui") or "no ComfyUI", mine["comfyui"] or "no ComfyUI"
+        return (f"the host runs {('ComfyUI ' + theirs) if host.get('comfyui') else theirs} and this machine has "
+                f"{('ComfyUI ' + ours) if mine['comfyui'] else ours} (--comfyui): use the same ComfyUI version on "
+                "every machine of the pool")
+    return None
+
+
+class ServeDaemon:
+    """This machine's devices, served to one host at a time from `listen` (ADDRESS:PORT)."""
+
+    def __init__(self, listen: str, devices: str, secret_file: str, interface: str | None = None,
+                 comfyui: str | None = None):
+        self.host, self.port = parse_listen(listen)
+        self.devices = parse_devices(devices)
+        if any(split_device(d)[0] is not None for d in self.devices):
+            raise ValueError(f"--devices {devices!r}: name this machine's own devices (cpu:2, cuda:0,cuda:1)")
+        self.devices = resolve_devices(self.devices)
+        self.secret = read_secret(secret_file)
+        self.interface = interface or interface_of(self.host)
+        if self.interface is None:
+            raise ValueError(f"--listen {self.host}: no interface of this machine has that address; give the "
+                             "address of the interface the pool's machines share (or --interface NAME)")
+        self.comfyui = comfyui
+        self.versions = {**versions(), "comfyui": comfyui_version(comfyui)}
+        self.tls = server_context(*certificate_for(secret_file))
+        self.sock = socket.create_server((self.host, self.port), backlog=16)
+        self.port = self.sock.getsockname()[1]
+        self.refused = 0
+        self._session_lock = threading.Lock()
+        self._stopping = threading.Event()
+
+    def serve_forever(self) -> None:
+        log.warning("Tandem: serving %s on %s:%d (TLS; gloo/NCCL on %s) for one host at a time",
+                    ",".join(self.devices), self.host, self.port, self.interface)
+        self.sock.settimeout(0.5)
+        while not self._stopping.is_set():
+            try:
+                raw, peer = self.sock.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                if self._stopping.is_set():
+                    return
+                raise
+            threading.Thread(target=self._greet, args=(raw, peer), daemon=True, name="tandem-serve-greet").start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self.sock.close()
+
+    def _greet(self, raw: socket.socket, peer) -> None:
+        """One connection: the TLS + secret handshake (each in its own thread: a silent peer delays no one)."""
+        try:
+            channel = Channel(accept_tls(raw, self.secret, self.tls, HANDSHAKE_TIMEOUT_S), f"host {peer[0]}")
+        except HandshakeError as exc:
+            self.refused += 1
+            log.warning("Tandem: refused a connection from %s:%d (%s)", peer[0], peer[1], exc)
+            return
+        try:
+            if not self._session_lock.acquire(blocking=False):
+                channel.send(Reply(ok=False, error="this machine's workers already serve another host; stop that "
+                                                   "pool first (one host at a time)"))
+                log.warning("Tandem: refused host %s: already serving another host", peer[0])
+                return
+            try:
+                Session(self, channel, peer[0]).run()
+            finally:
+                self._session_lock.release()
+        except (ChannelClosed, TimeoutError) as exc:
+            log.warning("Tandem: host %s left (%s)", peer[0], exc)
+        finally:
+            channel.close()
+
+
+class Session:
+    """One host's workers on this machine, from its Join until it goes."""
+
+    def __init__(self, daemon: ServeDaemon, channel: Channel, peer: str):
+        self.daemon, self.channel, self.peer = daemon, channel, peer
+        self.workers: dict[int, tuple] = {}  # rank -> (process, log path)
+        self.folder: Path | None = None
+
+    def run(self) -> None:
+        join = self.channel.recv(timeout=HANDSHAKE_TIMEOUT_S)
+        problem = self._check(join)
+        if problem:
+            log.warning("Tandem: refused host %s: %s", self.peer, problem)
+            self.channel.send(Reply(ok=False, error=problem))
+            return
+        try:
+            self._start(join)
+            self.channel.send(Reply(value={"pids": {r: p.pid for r, (p, _) in self.workers.items()}}))
+            log.warning("Tandem: serving host %s: workers %s", self.peer, sorted(self.workers))
+            self._follow()
+        finally:
+            self._stop()
+
+    def _check(self, join) -> str | None:
+        if not isinstance(join, Join):
+            return f"expected a Join, got {type(join).__name__}"
+        mismatch = version_mismatch(join.versions, self.daemon.versions)
+        if mismatch:
+            return mismatch
+        served = list(self.daemon.devices)
+        for device in join.devices:
+            if device not in served:
+                return (f"the host asks for {','.join(join.devices)} and this machine serves "
+                        f"{','.join(self.daemon.devices)}")
+            served.remove(device)
+        return None
+
+    def _start(self, join: Join) -> None:
+        self.folder = pool_files.make_pool_folder()
+        cpus = [r for r, d in zip(join.ranks, join.devices) if d == "cpu"]
+        shares = dict(zip(cpus, core_shares(len(cpus))))
+        import_paths = (self.daemon.comfyui,) if self.daemon.comfyui else ()
+        for rank, device in zip(join.ranks, join.devices):
+            self.workers[rank] = spawn_worker(
+                rank, join.world, device, join.connect, join.rendezvous, self.folder, join.authkey,
+                pg_timeout_s=join.pg_timeout, watch_pid=os.getpid(), interface=self.daemon.interface,
+                import_paths=import_paths, cores=shares.get(rank, ()), tls=True)
+
+    def _status(self) -> MachineStatus:
+        import psutil
+
+        workers = {}
+        for rank, (process, log_path) in self.workers.items():
+            code = process.poll()
+            try:
+                silent = max(0.0, time.time() - heartbeat_path(self.folder, rank).stat().st_mtime)
+            except OSError:
+                silent = 0.0
+            try:
+                stopped = code is None and psutil.Process(process.pid).status() == psutil.STATUS_STOPPED
+            except psutil.Error:
+                stopped = False
+            workers[rank] = WorkerStatus(code, silent, stopped, _tail(log_path) if code is not None else "")
+        return MachineStatus(workers)
+
+    def _follow(self) -> None:
+        """Reports the workers' state and reads the host's keep-alives until the host goes."""
+        heard = time.monotonic()
+        while True:
+            self.channel.send(self._status())
+            until = time.monotonic() + STATUS_PERIOD_S
+            while (left := until - time.monotonic()) > 0:
+                if not self.channel.poll(left):
+                    continue
+                message = self.channel.recv(timeout=link_timeout_s())
+                heard = time.monotonic()
+                if isinstance(message, KillWorkers):
+                    for rank in message.ranks:
+                        if rank in self.workers:
+                            self.workers[rank][0].kill()
+                elif not isinstance(message, KeepAlive):
+                    log.warning("Tandem: host %s sent an unexpected %s", self.peer, type(message).__name__)
+            if time.monotonic() - heard > link_timeout_s():
+                log.warning("Tandem: host %s silent for %.0f s: its link is down or it stopped", self.peer,
+                            time.monotonic() - heard)
+                return
+
+    def _stop(self) -> None:
+        processes = [p for p, _ in self.workers.values()]
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+        pool_files.kill_and_remove(processes, None)
+        if self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)
+        if self.workers:
+            log.warning("Tandem: host %s gone; its %d worker(s) stopped; waiting for the next host", self.peer,
+                        len(self.workers))
+
+
+def main(listen: str, devices: str, secret_file: str, interface: str | None = None, comfyui: str | None = None) -> int:
+    """Runs `tandem worker serve` until interrupted."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    daemon = ServeDaemon(listen, devices, secret_file, interface, comfyui)
+    try:
+        daemon.serve_forever()
+    finally:
+        daemon.stop()
+    return 0
+

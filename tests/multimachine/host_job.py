@@ -1,0 +1,90 @@
+"""The host side of the two-machine tests (run inside the host's namespace): one pool over DEVICES, and per
+strategy the tiny bench model's sampler loop on the pool vs one device. Prints one JSON object per line.
+
+    host_job.py DEVICES --strategies cfg,batch,asyncdiff [--hold FILE] [--fault-steps N]
+
+--hold FILE: after the jobs, keep the pool up until FILE exists (the test looks at the listening sockets and
+sends them garbage), then run one more batch job: {"after_hold": max diff, "starts": pool starts}.
+--fault-steps N: then run eleven jobs of N steps (N < 1000), printing {"event": "running"} first; a WorkerError is printed as
+{"error": ..., "seconds": ...} and one more job is tried (once the file --resume names exists, if given), its
+result or error printed as {"next": ...}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from parallel_backend.benchmodels import build_bench_model
+from parallel_backend.config import ParallelConfig
+from parallel_backend.engine import ParallelExecutor
+from parallel_backend.oracle import job_for, run_loop
+from parallel_backend.pool import WorkerError, WorkerPool
+
+STEPS = 4
+
+
+def say(**fields) -> None:
+    print(json.dumps(fields), flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("devices")
+    parser.add_argument("--strategies", default="cfg,batch,asyncdiff")
+    parser.add_argument("--hold", default=None)
+    parser.add_argument("--fault-steps", type=int, default=0)
+    parser.add_argument("--resume", default=None, help="after the fault, wait for this file before the next job")
+    args = parser.parse_args()
+    model = build_bench_model("tiny")
+    resolution = (model.default_resolution,) * 2
+    pool = WorkerPool(args.devices, start_timeout_s=90, hang_floor_s=20)
+    try:
+        for strategy in filter(None, args.strategies.split(",")):
+            # asyncdiff: its warm-up covers every step, so it must equal one device (its exact mode)
+            config = ParallelConfig(args.devices, strategy, **({"warmup": STEPS} if strategy == "asyncdiff" else {}))
+            job = job_for(strategy)
+            reference = run_loop(model, job, resolution, STEPS, 0).latents
+            started = time.perf_counter()
+            result = run_loop(model, job, resolution, STEPS, 0, executor=ParallelExecutor(pool, config)).latents
+            say(strategy=strategy, max_diff=(result - reference).abs().max().item(),
+                seconds=time.perf_counter() - started, shipped=pool.stats.weights_bytes_shipped)
+        if args.hold:
+            say(event="holding", pids=pool.worker_pids())
+            until = time.monotonic() + 120
+            while not Path(args.hold).exists() and time.monotonic() < until:
+                time.sleep(0.1)
+            config = ParallelConfig(args.devices, "batch")  # the pool still works after the wait (and intruders)
+            reference = run_loop(model, job_for("batch"), resolution, STEPS, 0).latents
+            try:
+                result = run_loop(model, job_for("batch"), resolution, STEPS, 0,
+                                  executor=ParallelExecutor(pool, config)).latents
+                say(after_hold=(result - reference).abs().max().item(), starts=pool.stats.starts)
+            except WorkerError as exc:
+                say(after_hold=None, error=str(exc))
+        if args.fault_steps:
+            config = ParallelConfig(args.devices, "batch")
+            say(event="running", pids=pool.worker_pids())
+            started = time.monotonic()
+            try:
+                run_loop(model, job_for("batch"), resolution, args.fault_steps, 10, executor=ParallelExecutor(pool, config))
+                say(error=None, seconds=time.monotonic() - started)
+            except WorkerError as exc:
+                say(error=str(exc), seconds=time.monotonic() - started)
+            until = time.monotonic() + 120
+            while args.resume and not Path(args.resume).exists() and time.monotonic() < until:
+                time.sleep(0.1)
+            try:
+                run_loop(model, job_for("batch"), resolution, 2, 0, executor=ParallelExecutor(pool, config))
+                say(next="ok")
+            except (WorkerError, RuntimeError, OSError) as exc:
+                say(next=f"{type(exc).__name__}: {exc}")
+    finally:
+        pool.shutdown()
+    say(event="done")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,141 @@
+"""A pool across two 'machines' (network namespaces, conftest.py): the exact strategies equal one device, only
+the configured listeners exist, intruders are refused (garbage and silent connections to every listener, the
+pool's own and gloo's, are survived) while the pool keeps working, and a remote machine that
+is killed or whose link drops gives a clear error in time, with no process left on either side."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from .conftest import HOST_IP, REMOTE_IP, REPO, SERVE_PORT, environment, listeners, read_line
+
+INTRUDERS = Path(__file__).with_name("intruders.py")
+
+ATOL = 1e-4  # fp32 on CPU (TESTING.md)
+HANDSHAKE_TIMEOUT_S = 10.0  # transport.HANDSHAKE_TIMEOUT_S
+DEADLINE_S = 20.0 + 10.0  # the reliability deadline (hang floor) + 10 s
+DEVICES = f"cpu:1,{REMOTE_IP}:{SERVE_PORT}/cpu:1"
+
+
+@pytest.fixture
+def serve(machines, tmp_path):
+    """A running `tandem worker serve` in namespace B (killed at the end) and its log file."""
+    log = tmp_path / "serve.log"
+    process = machines.serve(log)
+    yield process, log
+    if process.poll() is None:
+        process.kill()
+    process.wait(timeout=30)
+
+
+def test_strategies_across_machines_equal_one_device_and_intruders_are_refused(machines, serve, tmp_path):
+    process, log = serve
+    attacks = subprocess.run(["ip", "netns", "exec", machines.a, sys.executable, str(INTRUDERS), REMOTE_IP,
+                              str(SERVE_PORT), str(machines.secret)], capture_output=True, text=True, timeout=120,
+                             env=environment(), cwd=REPO)
+    assert attacks.returncode == 0, attacks.stderr[-3000:]
+    refused = json.loads(attacks.stdout.strip().splitlines()[-1])
+    for name, outcome in refused.items():
+        assert outcome["refused"] and outcome.get("seconds", 0) <= HANDSHAKE_TIMEOUT_S + 5, (name, outcome)
+    assert process.poll() is None, "tandem worker serve did not survive the intruders"
+    assert log.read_text().count("refused a connection") >= 4, log.read_text()
+
+    hold = tmp_path / "release"
+    host = machines.host(DEVICES, "--strategies", "cfg,batch,asyncdiff", "--hold", str(hold))
+    try:
+        for _ in range(3):
+            line = read_line(host, 240)
+            assert line["max_diff"] <= ATOL, line
+            assert line["shipped"] > 0
+        assert read_line(host, 60)["event"] == "holding"
+        here, there = listeners(machines, machines.a), listeners(machines, machines.b)
+        others = [a for a in here + there if a != f"{REMOTE_IP}:{SERVE_PORT}"]
+        sprayed = machines.run_in(machines.a, sys.executable, str(INTRUDERS), "--spray", *others, timeout=60,
+                                  env=environment(), cwd=REPO)
+        assert sprayed.returncode == 0, sprayed.stderr[-3000:]
+        hold.write_text("")
+        after = read_line(host, 240)
+        assert after.get("after_hold") is not None and after["after_hold"] <= ATOL, (after, sprayed.stdout)
+        assert after["starts"] == 1, after  # survived: no restart was needed
+        assert read_line(host, 60)["event"] == "done"
+    finally:
+        host.kill()
+        host.wait(timeout=30)
+    # Only the configured address: the host's store and gloo on its interface; the daemon and gloo on B's.
+    assert here and all(a.startswith(f"{HOST_IP}:") for a in here), here
+    assert f"{REMOTE_IP}:{SERVE_PORT}" in there and all(a.startswith(f"{REMOTE_IP}:") for a in there), there
+    assert _gone_but(machines, machines.b, process.pid), "workers left in namespace B after the host shut down"
+
+
+def _gone_but(machines, namespace: str, *allowed: int, wait_s: float = 15.0) -> bool:
+    """Every process in `namespace` other than `allowed` (and their `ip netns exec` parents) ends in time."""
+    import psutil
+
+    keep = set(allowed)
+    for pid in allowed:
+        try:
+            keep |= {c.pid for c in psutil.Process(pid).children(recursive=False)}
+        except psutil.Error:
+            pass
+    until = time.monotonic() + wait_s
+    while time.monotonic() < until:
+        if not set(machines.pids(namespace)) - keep:
+            return True
+        time.sleep(0.2)
+    return False
+
+
+@pytest.mark.parametrize("fault", ["kill_serve", "link_down"])
+def test_a_remote_machine_lost_mid_job_is_a_clear_error_in_time(machines, serve, tmp_path, fault):
+    process, log = serve
+    resume = tmp_path / "resume"
+    host = machines.host(DEVICES, "--strategies", "batch", "--fault-steps", "500", "--resume", str(resume))
+    try:
+        assert read_line(host, 240)["max_diff"] <= ATOL
+        assert read_line(host, 60)["event"] == "running"
+        time.sleep(1.0)
+        if fault == "kill_serve":
+            serve_pids = machines.pids(machines.b)
+            os.kill(next(p for p in serve_pids if _is_serve(p)), signal.SIGKILL)
+        else:
+            machines.run_in(machines.b, "ip", "link", "set", machines.veth_b, "down")
+        outcome = read_line(host, DEADLINE_S + 30)
+        assert outcome["error"] and outcome["seconds"] <= DEADLINE_S, outcome
+        assert f"{REMOTE_IP}:{SERVE_PORT}" in outcome["error"], outcome
+        if fault == "kill_serve":
+            # no orphan on the remote side: the workers watch the daemon's process
+            assert _gone_but(machines, machines.b), machines.pids(machines.b)
+        else:
+            # the daemon stops the host's workers once the host has been silent too long, and stays up
+            assert _gone_but(machines, machines.b, process.pid, wait_s=30), machines.pids(machines.b)
+            machines.run_in(machines.b, "ip", "link", "set", machines.veth_b, "up")
+        resume.write_text("")
+        after = read_line(host, 240)
+        if fault == "link_down":
+            assert after["next"] == "ok", after  # the machine rejoins the pool when its link is back
+        else:
+            assert "cannot reach" in after["next"] and f"{REMOTE_IP}:{SERVE_PORT}" in after["next"], after
+        assert read_line(host, 60)["event"] == "done"
+        host.wait(timeout=30)
+    finally:
+        if host.poll() is None:
+            host.kill()
+            host.wait(timeout=30)
+    assert _gone_but(machines, machines.a), f"processes left in the host's namespace: {machines.pids(machines.a)}"
+
+
+def _is_serve(pid: int) -> bool:
+    import psutil
+
+    try:
+        return "serve" in psutil.Process(pid).cmdline() and "parallel_backend.cli" in psutil.Process(pid).cmdline()
+    except psutil.Error:
+        return False
