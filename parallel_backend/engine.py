@@ -24,6 +24,7 @@ from .calls import ModelCall
 from .config import ParallelConfig, resolve_devices
 from .mesh import Mesh, SequenceHint, check_job, resolve
 from .models import sequence_refusal
+from .speeds import sized_mesh
 
 log = logging.getLogger("tandem")
 _ENGINES_LOCK = threading.Lock()
@@ -105,6 +106,7 @@ class Engine:
             mesh = resolve(config, self.device_count(), call.branches, call.rows, hint)
             fingerprint = self.pool.ensure_model(module, family, fingerprint)
             self._say_once(mesh)
+            mesh = sized_mesh(self, mesh, config, fingerprint, call)
             strategy = strategies.get(mesh.strategy)
             work = strategy.plan(self, call, mesh, config, fingerprint)
             step = "" if call.step is None else f" (step {call.step})"
@@ -126,6 +128,10 @@ class Engine:
             notes.append(f"Tandem: {mesh.describe()}: {idle} sit(s) out: this call cannot use more devices")
         for note in notes:
             self._say(note)
+
+    def say(self, note: str) -> None:
+        """Logs `note` once per engine (a strategy's or the speeds' notes)."""
+        self._say(note)
 
     def _say(self, note: str) -> None:
         if note not in self._said:

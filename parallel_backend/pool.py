@@ -27,7 +27,7 @@ from multiprocessing import AuthenticationError
 from multiprocessing.connection import wait
 from pathlib import Path
 
-from . import pool_files, validation
+from . import pool_files, slowdown, validation
 from .config import parse_devices, resolve_devices
 from .deadlines import SILENT_S, CallClock, load_bound
 from .messages import Hello, Ping, Reply, RunSetup, Shutdown, Unload
@@ -132,13 +132,19 @@ class WorkerPool:
     interface: the network interface gloo/NCCL bind to (None: this machine's loopback interface).
     import_paths: where workers find the host's model classes (e.g. ComfyUI's root); they come first on the
       workers' import path, ahead of this package's folder, so nothing here shadows a host module.
+    test_slowdown: tests only, a stand-in for slower cards: {rank: factor} or "1:2" (worker 1 repeats its heavy
+      compute twice; factors 1 to 10); default TANDEM_TEST_SLOWDOWN or none (slowdown.py).
     """
 
     def __init__(self, devices: str | tuple[str, ...] = "auto", *, timeout_s: float = 300.0,
                  start_timeout_s: float = 120.0, pg_timeout_s: float = 60.0, import_paths: tuple[str, ...] = (),
                  worker_setup: tuple[str, str, object] | None = None, interface: str | None = None,
-                 hang_factor: float | None = None, hang_floor_s: float | None = None, max_models: int | None = None):
+                 hang_factor: float | None = None, hang_floor_s: float | None = None, max_models: int | None = None,
+                 test_slowdown: dict | str | None = None):
         self.requested_devices = parse_devices(devices)
+        known = None if self.requested_devices == ("auto",) else len(self.requested_devices)
+        self.test_slowdown = slowdown.parse(test_slowdown, known) if test_slowdown is not None else \
+            slowdown.from_environment(known)
         hang_factor = _setting(hang_factor, "TANDEM_HANG_FACTOR", 10.0, float)
         hang_floor_s = _setting(hang_floor_s, "TANDEM_HANG_FLOOR_S", 20.0, float)
         max_models = _setting(max_models, "TANDEM_MAX_MODELS", 2, int)
@@ -197,6 +203,7 @@ class WorkerPool:
         if self._workers:
             return self
         devices = resolve_devices(self.requested_devices)
+        slowdown.parse(self.test_slowdown, len(devices))  # "auto" devices: now counted
         pool_files.sweep_stale_folders()
         pool_files.install_sigterm_cleanup()
         self._dir = pool_files.make_pool_folder()
@@ -241,6 +248,8 @@ class WorkerPool:
                        "--rank", str(rank), "--world", str(n), "--device", device,
                        "--rendezvous", f"file://{self._dir}/rendezvous", "--pg-timeout", str(self.pg_timeout_s),
                        "--host-pid", str(os.getpid()), "--pool-dir", str(self._dir)]
+            if self.test_slowdown.get(rank, 1.0) != 1.0:
+                command += ["--test-slowdown", str(self.test_slowdown[rank])]
             if device == "cpu":
                 mine = cores[rank * per_worker:(rank + 1) * per_worker] if len(cores) >= n else cores
                 env["OMP_NUM_THREADS"] = str(per_worker)
