@@ -156,3 +156,39 @@ def test_asyncdiff_cut_follows_the_speeds_within_the_quality_floor(mixed_pool, s
     assert shares[0] > shares[1]  # work moved off the slow worker
     layers = {rank: extra["layers"] for rank, extra in result.calls[-1]["extra"].items()}
     assert layers == {0: plan["stages"][0]["count"], 1: plan["stages"][1]["count"]}
+
+
+def test_ring_token_shards_follow_the_speeds_and_join_back():
+    from parallel_backend.strategies.sequence import Shards
+
+    shards = Shards((10, 30), 2, (1.0, 0.5))
+    assert shards.stream_sizes(0) == [7, 3] and shards.stream_sizes(1) == [20, 10] and shards.sizes == [27, 13]
+    x = torch.arange(40.0).reshape(1, 40, 1)
+    assert torch.equal(shards.join([shards.cut(x, r, 1) for r in range(2)], 1), x)
+    mesh = Mesh("ring", 1, 1, (2,), 2, speeds=(1.0, 0.5))
+    assert strategies.get("ring").token_weights(mesh, (0, 1)) == (1.0, 0.5)
+    assert strategies.get("ulysses").token_weights(Mesh("ulysses", 1, 1, (2,), 2, speeds=(1.0, 0.5)), (0, 1)) is None
+    with pytest.raises(ValueError, match="one positive weight per rank"):
+        Shards((10,), 2, (1.0,))
+
+
+def test_ring_on_given_speeds_equals_one_device(mixed_pool):
+    """The ring's uneven token shards (2:1) on the real pool: the output equals one device's."""
+    import importlib.util
+    from pathlib import Path
+
+    from parallel_backend.models import forward_for_family
+
+    spec = importlib.util.spec_from_file_location("sequence_pool_models", Path(__file__).with_name("test_sequence_pool.py"))
+    built = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(built)  # the tiny Flux transformer and its call, as the sequence pool tests build them
+    TOLERANCE, _flux_call, _tiny_flux = built.TOLERANCE, built._flux_call, built._tiny_flux
+
+    model, call = _tiny_flux(), _flux_call(1, 24, 6)
+    with torch.inference_mode():
+        reference = forward_for_family("diffusers_dit:flux")(model, call)
+    executor = ParallelExecutor(mixed_pool, ParallelConfig("cpu:2", "ring", device_speeds="1,0.5"))
+    result = executor.run(model, "diffusers_dit:flux", call)
+    assert result.mesh.speeds == (1.0, 0.5) and result.bytes_sent > 0
+    assert result.extra[0]["bytes"] > 1.5 * result.extra[1]["bytes"]  # the faster worker held (and sent) more tokens
+    assert (result.out - reference).abs().max() <= TOLERANCE * max(1.0, reference.abs().max().item())
