@@ -3,7 +3,7 @@
 A speed is relative: the fastest device of the pool is 1.0, one taking twice as long for the same call is 0.5.
 Speeds come from the user (`ParallelConfig.device_speeds = "1,0.5"`, one positive number per device) or are
 measured per pool on the first call of a model and shape: every worker times the same one-row call (one untimed
-run, then the median of MEASURE_REPEATS). Speeds within EQUAL_WITHIN of each other count as equal (measurement
+run, then the fastest of MEASURE_REPEATS: other load only ever adds time). Speeds within EQUAL_WITHIN of each other count as equal (measurement
 noise must not unbalance equal cards).
 
 What uses them: row shares (batch, and batch inside cfg) are proportional to the speeds, by largest-remainder
@@ -17,11 +17,10 @@ Pure, except `measure`, which asks the pool.
 from __future__ import annotations
 
 import math
-import statistics
 
 MODES = ("auto", "equal", "measure")
 EQUAL_WITHIN = 0.10
-MEASURE_REPEATS = 3
+MEASURE_REPEATS = 5
 CFG_NOTE_ABOVE = 0.20  # cfg says it cannot rebalance when its two devices differ by more than this
 
 
@@ -109,7 +108,7 @@ def describe(speeds, devices) -> str:
 
 
 def measure(engine, fingerprint: str, call) -> tuple[float, ...]:
-    """Every worker's speed on one row of `call`: all workers at once, one untimed run then the median of
+    """Every worker's speed on one row of `call`: all workers at once, one untimed run then the fastest of
     MEASURE_REPEATS (Computed.compute_s: the worker's own compute), relative to the fastest."""
     from .messages import Forward
 
@@ -121,7 +120,7 @@ def measure(engine, fingerprint: str, call) -> tuple[float, ...]:
         if repeat:
             for rank, computed in replies.items():
                 times[rank].append(computed.compute_s)
-    seconds = [statistics.median(times[rank]) for rank in ranks]
+    seconds = [min(times[rank]) for rank in ranks]
     return relative([1.0 / max(s, 1e-9) for s in seconds])
 
 
