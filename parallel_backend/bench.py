@@ -314,7 +314,7 @@ def format_table(report: dict) -> str:
     clip = f" x {report['frames']} frames" if report.get("frames") else ""
     head = (f"model {report['model']}, {report['resolution'][0]}x{report['resolution'][1]} px{clip}, {report['steps']} calls, "
             f"devices {','.join(report['devices'])} ({report['threads_per_device']} thread(s) each)")
-    width = max(9, *(len(r["strategy"]) + 1 for r in report["results"]))
+    width = max([9, *(len(r["strategy"]) + 1 for r in report["results"])])
     lines = [head, f"{'strategy':<{width}}{'dev':>4}{'ms/call':>10}{'e2e s':>8}{'speedup':>9}{'ideal':>7}{'%ideal':>8}"
                    f"{'ceiling':>8}{'plan':>7}{'err':>6}{'vs all':>8}{'max|diff|':>11}{'PSNR dB':>9}{'ovh ms':>8}{'peak MiB/dev':>16}"]
     for r in report["results"]:
