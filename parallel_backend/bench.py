@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from . import strategies, validation
+from . import slowdown, strategies, validation
 from .benchmodels import build_bench_model
 from .calls import ModelCall
 from .config import ParallelConfig, parse_devices, resolve_devices
@@ -184,7 +184,7 @@ def run_bench(model_name: str = "small", devices: str = "cpu:2", strategies_: tu
     configs = {s: ParallelConfig(devices, s, **bench_knobs(s, knobs)) for s in strategies_}  # validated up front
     resolved = resolve_devices(parse_devices(devices))  # devices that exist; nothing started
     meshes = {s: check_job(configs[s], len(resolved), job_for(s, cfg).cfg != 1.0) for s in strategies_}
-    pool = WorkerPool(devices, test_slowdown=test_slowdown)  # a bad slowdown is refused here; starts nothing
+    slowdown.parse(test_slowdown, len(resolved))  # refused before anything is built or started
     reference_device = torch.device(resolved[0])
     if dtype == "auto":
         dtype = "fp16" if reference_device.type == "cuda" else "fp32"
@@ -197,6 +197,7 @@ def run_bench(model_name: str = "small", devices: str = "cpu:2", strategies_: tu
     resolution = check_resolution(model, fixed_resolution or parse_resolution(model.default_resolution),
                                   strategies_, str(reference_device), cfg, images)
     model.module.to(reference_device)
+    pool = WorkerPool(devices, test_slowdown=test_slowdown)
     n = len(pool.start().devices)
     cores = len(cpu_cores())
     share = max(1, cores // n)
