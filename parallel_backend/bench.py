@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from . import strategies, validation
+from . import slowdown, strategies, validation
 from .benchmodels import build_bench_model
 from .calls import ModelCall
 from .config import ParallelConfig, parse_devices, resolve_devices
@@ -27,6 +27,7 @@ from .portable import cpu_cores, peak_memory_bytes
 
 MAX_RESOLUTION = 16384  # pixels per side
 MAX_REPEATS = 1000
+MAX_IMAGES = 64
 SPREAD_LIMIT = 0.10  # repeats of one variant further apart than this (of their median) mark the run disturbed
 OTHER_LOAD_LIMIT = 0.10  # CPU time of other processes above this share of the machine marks it disturbed
 
@@ -61,10 +62,11 @@ def check_bench_request(strategies_: tuple, steps, repeats, dtype: str) -> tuple
 
 
 def check_resolution(model, resolution: tuple[int, int], strategies_: tuple, device: str,
-                     cfg: float | None = None) -> tuple[int, int]:
+                     cfg: float | None = None, images: int | None = None) -> tuple[int, int]:
     """`resolution` if the model's latents tile it exactly and the largest bench job fits in `device`'s memory."""
     model.check_resolution(resolution)
-    rows = max(job_for(s, cfg).images * (2 if job_for(s, cfg).cfg != 1.0 else 1) for s in strategies_)
+    jobs = [job_for(s, cfg, images) for s in strategies_]
+    rows = max(job.images * (2 if job.cfg != 1.0 else 1) for job in jobs)
     needed = model.memory_bytes(rows, resolution)
     validation.fits_in_memory(f"resolution {resolution[0]}x{resolution[1]} for model {model.name}", needed, device,
                               "choose a smaller --resolution")
@@ -157,21 +159,32 @@ def bench_knobs(strategy: str, knobs: dict | None) -> dict:
 
 def run_bench(model_name: str = "small", devices: str = "cpu:2", strategies_: tuple = ("cfg", "batch"),
               steps: int = 20, resolution=None, repeats: int = 2, dtype: str = "auto", progress=print,
-              knobs: dict | None = None, frames: int | None = None, cfg: float | None = None) -> dict:
+              knobs: dict | None = None, frames: int | None = None, cfg: float | None = None,
+              images: int | None = None, balance: str | None = None, test_slowdown: str | None = None) -> dict:
     """Runs the benchmark; returns the JSON-ready report (see PERFORMANCE.md).
 
     On CUDA devices the one-device reference runs on the first of them, in fp16 unless `dtype` says otherwise.
     knobs: strategy knobs (warmup, stride, time_shift, stages, ...) for the strategies they apply to.
     cfg: the guidance scale of every job (1: one branch; None: each strategy's own bench job).
     frames: frames per clip, for video models only (None: the model's default).
+    images: images per job (None: each strategy's own bench job).
+    balance: mixed devices (speeds.py): "equal", "balanced" or "both" runs each strategy with equal shares and/or
+      shares sized by the measured device speeds, as rows "batch (equal)", "batch (balanced)", whose ideal is
+      the sum of the devices' speeds over the fastest alone; None: the config's default.
+    test_slowdown: tests and proofs only: "1:2" makes worker 1 repeat its compute twice (a stand-in for a
+      slower card; slowdown.py). The serial reference is never slowed: it stands for the fastest device.
     The report's "disturbed" lists what made the figures unreliable (other load, repeats spread > 10 %).
     """
     steps, repeats = check_bench_request(strategies_, steps, repeats, dtype)
     if cfg is not None:
         cfg = validation.finite_number("cfg", cfg, 1.0, validation.MAX_CFG)
+    if images is not None:
+        images = validation.whole_number("images", images, 1, MAX_IMAGES)
+    modes = _balance_modes(balance)
     configs = {s: ParallelConfig(devices, s, **bench_knobs(s, knobs)) for s in strategies_}  # validated up front
     resolved = resolve_devices(parse_devices(devices))  # devices that exist; nothing started
     meshes = {s: check_job(configs[s], len(resolved), job_for(s, cfg).cfg != 1.0) for s in strategies_}
+    slowdown.parse(test_slowdown, len(resolved))  # refused before anything is built or started
     reference_device = torch.device(resolved[0])
     if dtype == "auto":
         dtype = "fp16" if reference_device.type == "cuda" else "fp32"
@@ -182,9 +195,9 @@ def run_bench(model_name: str = "small", devices: str = "cpu:2", strategies_: tu
         strategies.get(s).check_family(model.family)
         strategies.get(s).check_model(meshes[s], sequence)
     resolution = check_resolution(model, fixed_resolution or parse_resolution(model.default_resolution),
-                                  strategies_, str(reference_device), cfg)
+                                  strategies_, str(reference_device), cfg, images)
     model.module.to(reference_device)
-    pool = WorkerPool(devices)
+    pool = WorkerPool(devices, test_slowdown=test_slowdown)
     n = len(pool.start().devices)
     cores = len(cpu_cores())
     share = max(1, cores // n)
@@ -194,11 +207,12 @@ def run_bench(model_name: str = "small", devices: str = "cpu:2", strategies_: tu
         from .plan.bench_check import Predictor
 
         predictor = Predictor(pool, model, resolution, steps, progress)  # before any strategy runs
-        for job in dict.fromkeys(job_for(s, cfg) for s in strategies_):  # each distinct job once, in the order asked
-            mine = [s for s in strategies_ if job_for(s, cfg) == job]
+        for job in dict.fromkeys(job_for(s, cfg, images) for s in strategies_):  # each distinct job once, in order
+            mine = [s for s in strategies_ if job_for(s, cfg, images) == job]
             # Variants run in rotation within every repeat, so the machine's drift hits them all alike.
             variants = {"serial": (share, None), "all cores": (cores, None)}
-            variants.update({s: (1, ParallelExecutor(pool, configs[s])) for s in mine})
+            named = {_variant(s, mode): (s, _with_speeds(configs[s], mode)) for s in mine for mode in modes}
+            variants.update({name: (1, ParallelExecutor(pool, config)) for name, (s, config) in named.items()})
             measured = {name: LoopResult() for name in variants}
             progress(f"[bench] {job.images} image(s), cfg {job.cfg:g}: {', '.join(variants)} in rotation")
             for repeat in range(repeats + 1):
@@ -216,12 +230,14 @@ def run_bench(model_name: str = "small", devices: str = "cpu:2", strategies_: tu
             ideal = _ideal(model, rows, -(-rows // n), resolution)
             serial, all_cores = measured["serial"], measured["all cores"]
             results.append(_row("serial", 1, serial, serial, all_cores, 1.0, [peak_memory_bytes(reference_device)], job))
-            for strategy in mine:
-                own = _strategy_ideal(strategies.get(strategy), model, configs[strategy], n, rows, job.cfg != 1.0,
-                                      resolution)
-                row = _row(strategy, n, measured[strategy], serial, all_cores, own or ideal, pool.memory(), job)
-                row.update(strategies.get(strategy).bench_figures(variants[strategy][1], measured[strategy], row))
+            for name, (strategy, config) in named.items():
+                own = _strategy_ideal(strategies.get(strategy), model, config, n, rows, job.cfg != 1.0, resolution)
+                row = _row(name, n, measured[name], serial, all_cores, own or ideal, pool.memory(), job)
+                if len(modes) > 1:  # the pool holds the last mode's setup (e.g. a stage cut): this variant's again
+                    run_once(model, job, resolution, 1, LoopResult(), timed=False, executor=variants[name][1])
+                row.update(strategies.get(strategy).bench_figures(variants[name][1], measured[name], row))
                 row.update(_prediction(predictor.predict(configs[strategy], rows, 2 if job.cfg != 1.0 else 1), row))
+                row.update(_speeds_ideal(variants[name][1], balance))
                 results.append(row)
     finally:
         pool.shutdown()
@@ -233,6 +249,34 @@ def run_bench(model_name: str = "small", devices: str = "cpu:2", strategies_: tu
     return {"model": model_name, "resolution": list(resolution), "frames": model.frames, "steps": steps,
             "devices": list(pool.devices), "dtype": dtype, "threads_per_device": share, "results": results,
             "disturbed": disturbed, "other_load_share": load}
+
+
+def _balance_modes(balance: str | None) -> tuple:
+    """The share modes each strategy runs in: (None,) for the config's default, else "equal" and/or "balanced"."""
+    if balance is None:
+        return (None,)
+    if balance not in ("equal", "balanced", "both"):
+        raise ValueError(f"balance {balance!r}: choose equal, balanced or both")
+    return ("equal", "balanced") if balance == "both" else (balance,)
+
+
+def _variant(strategy: str, mode: str | None) -> str:
+    return strategy if mode is None else f"{strategy} ({mode})"
+
+
+def _with_speeds(config, mode: str | None):
+    from dataclasses import replace
+
+    return config if mode is None else replace(config, device_speeds="equal" if mode == "equal" else "measure")
+
+
+def _speeds_ideal(executor, balance: str | None) -> dict:
+    """With --balance: the ideal of mixed devices, the sum of their measured speeds over the fastest alone (the
+    serial reference), and those speeds; the speeds of the first model and shape the pool measured."""
+    measured = list(executor.engine.state("device speeds").values()) if balance else []
+    if not measured:
+        return {}
+    return {"ideal_speedup": sum(measured[0]), "device_speeds": list(measured[0])}
 
 
 def _prediction(candidate, row: dict) -> dict:
@@ -271,11 +315,12 @@ def format_table(report: dict) -> str:
     clip = f" x {report['frames']} frames" if report.get("frames") else ""
     head = (f"model {report['model']}, {report['resolution'][0]}x{report['resolution'][1]} px{clip}, {report['steps']} calls, "
             f"devices {','.join(report['devices'])} ({report['threads_per_device']} thread(s) each)")
-    lines = [head, f"{'strategy':<9}{'dev':>4}{'ms/call':>10}{'e2e s':>8}{'speedup':>9}{'ideal':>7}{'%ideal':>8}"
+    width = max([9, *(len(r["strategy"]) + 1 for r in report["results"])])
+    lines = [head, f"{'strategy':<{width}}{'dev':>4}{'ms/call':>10}{'e2e s':>8}{'speedup':>9}{'ideal':>7}{'%ideal':>8}"
                    f"{'ceiling':>8}{'plan':>7}{'err':>6}{'vs all':>8}{'max|diff|':>11}{'PSNR dB':>9}{'ovh ms':>8}{'peak MiB/dev':>16}"]
     for r in report["results"]:
         pct = 100 * r["speedup_vs_serial"] / r["ideal_speedup"]
-        lines.append(f"{r['strategy']:<9}{r['devices']:>4}{1000 * r['seconds_per_call_median']:>10.1f}"
+        lines.append(f"{r['strategy']:<{width}}{r['devices']:>4}{1000 * r['seconds_per_call_median']:>10.1f}"
                      f"{r['end_to_end_seconds_median']:>8.2f}{r['speedup_vs_serial']:>8.2f}x{r['ideal_speedup']:>6.2f}x"
                      f"{pct:>7.0f}%{r['compute_bound_speedup']:>7.2f}x{_plan_cells(r)}"
                      f"{r['speedup_vs_serial_all_cores']:>7.2f}x{r['max_abs_diff_vs_serial']:>11.1e}"

@@ -46,7 +46,7 @@ def parallel_config(args):
 def strategy_knobs(args) -> dict:
     """The strategy knobs given on the command line (unset ones left to the strategy)."""
     return {"stages": args.stages, "ulysses": args.ulysses, "ring": args.ring, "warmup": args.warmup,
-            "stride": args.stride, "time_shift": args.time_shift}
+            "stride": args.stride, "time_shift": args.time_shift, "device_speeds": args.device_speeds}
 
 
 def explain(config, steps: int, guided: bool = True) -> str:
@@ -153,7 +153,8 @@ def cmd_bench(args) -> int:
         validation.writable_file("--json", args.json)  # before the bench, not after it
     strategies = tuple(s.strip() for s in args.strategies.split(",") if s.strip())
     report = run_bench(args.model, args.devices, strategies, args.steps, args.resolution, args.repeats, args.dtype,
-                       knobs=strategy_knobs(args), frames=args.frames, cfg=args.cfg,
+                       knobs=strategy_knobs(args), frames=args.frames, cfg=args.cfg, images=args.images,
+                       balance=args.balance, test_slowdown=args.test_slowdown,
                        progress=(lambda line: None) if args.quiet else (lambda line: print(line, file=sys.stderr)))
     print(format_table(report))
     if args.json:
@@ -352,6 +353,9 @@ def _add_knob_options(parser):
     parser.add_argument("--stride", type=int, default=1, help="staged strategies: 1, or 2 to exchange every second call")
     parser.add_argument("--time-shift", action="store_true",
                         help="staged strategies: each stage embeds the timestep its input came from")
+    parser.add_argument("--device-speeds", default="auto",
+                        help="mixed devices: auto (measured when the devices differ), measure, equal, or one "
+                             "positive number per device such as 1,0.5 (the second takes twice as long)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -397,6 +401,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeats", type=int, default=3, help="timed runs of each loop (after one warm-up), 0 to 1000")
     bench.add_argument("--dtype", default="auto", help="auto (fp16 on CUDA, fp32 on CPU), fp32, fp16 or bf16")
     bench.add_argument("--json", default=None, help="also write the report as JSON here")
+    bench.add_argument("--images", type=int, default=None, help="images per job, 1 to 64 (default: each strategy's own)")
+    bench.add_argument("--balance", default=None, choices=("equal", "balanced", "both"),
+                       help="mixed devices: run each strategy with equal shares, shares sized by measured speed, or "
+                            "both (rows 'batch (equal)', 'batch (balanced)'; ideal: the sum of the speeds)")
+    bench.add_argument("--test-slowdown", default=None,
+                       help="proofs on CPU only: RANK:FACTOR, e.g. 1:2 makes worker 1 repeat its compute twice, a "
+                            "stand-in for a slower card (factor 1 to 10)")
     _add_knob_options(bench)
     bench.add_argument("--quiet", action="store_true")
     bench.set_defaults(run=cmd_bench)

@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass, field
 
 from . import validation
+from .speeds import parse_speeds
 
 
 def strategy_choices() -> tuple[str, ...]:
@@ -148,6 +149,9 @@ class ParallelConfig:
       more: the later stages start from what the warm-up hands them); stride: 1, or 2 to exchange
       activations every second call only; time_shift: a stage embeds the timestep its input came from.
     timeout_s: the longest any single wait on a worker may take (a dead worker is noticed at once anyway).
+    device_speeds: mixed devices (speeds.py): "auto" (measured on the first call of a model and shape when the
+      pool's devices differ), "measure", "equal", or one positive number per device ("1,0.5": the second takes
+      twice as long); row shares, asyncdiff's cut and ring's token shards follow them.
     """
 
     devices: str | tuple[str, ...] = "auto"
@@ -161,6 +165,7 @@ class ParallelConfig:
     stride: int = 1
     time_shift: bool = False
     timeout_s: float = 300.0
+    device_speeds: str | tuple[float, ...] = "auto"
     device_list: tuple[str, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
@@ -186,6 +191,8 @@ class ParallelConfig:
                                  f"({', '.join(s for s in strategies.names() if axis in strategies.get(s).axes)})")
         self._check_schedule_knobs()
         object.__setattr__(self, "timeout_s", validation.seconds("timeout_s", self.timeout_s))
+        known = None if self.device_list == ("auto",) else len(self.device_list)
+        object.__setattr__(self, "device_speeds", parse_speeds(self.device_speeds, known))
         if self.device_list != ("auto",):
             mesh.resolve(self, len(self.device_list))  # the degrees must fit the named devices
 

@@ -27,6 +27,7 @@ from .mesh import Mesh, SequenceHint, check_job, resolve
 from .messages import TimedForward
 from .models import sequence_refusal
 from .plan.calibrate import AutoPlans, whole_on_rank_0
+from .speeds import sized_mesh
 from .strategies.base import join_rows
 
 log = logging.getLogger("tandem")
@@ -119,6 +120,7 @@ class Engine:
                 if mesh is None:
                     return self._measure_and_choose(family, call, fingerprint, hint, key)
             self._say_once(mesh)
+            mesh = sized_mesh(self, mesh, config, fingerprint, call)
             strategy = strategies.get(mesh.strategy)
             work = strategy.plan(self, call, mesh, config, fingerprint)
             computed = self.request(work, _label(call), collective=strategy.collective,
@@ -162,6 +164,10 @@ class Engine:
             idle = ", ".join(f"{devices[r]} (worker {r})" for r in range(mesh.size, len(devices)))
             why = "auto's plan for this call" if mesh.why else "this call cannot use more devices"
             self._say(f"Tandem: {mesh.describe()}: {idle} sit(s) out: {why}")
+
+    def say(self, note: str) -> None:
+        """Logs `note` once per engine (a strategy's or the speeds' notes)."""
+        self._say(note)
 
     def _say(self, note: str) -> None:
         if note not in self._said:

@@ -47,6 +47,7 @@ class Mesh:
     split: tuple[int, ...] = ()  # the degree of each of the strategy's axes, in its order (outer to inner)
     devices: int = 1  # the pool's device count (>= size)
     why: str = field(default="", compare=False)  # auto: why it was chosen (said in the log)
+    speeds: tuple[float, ...] = ()  # each rank's relative speed (speeds.py; 0: it sits out); (): all equal
 
     @property
     def inner(self) -> int:
@@ -69,11 +70,20 @@ class Mesh:
         return {"cfg": self.cfg, "batch": self.batch, **dict(zip(axes, self.split))}
 
     def row_shares(self, rows: int, branches: int) -> list[range]:
-        """Rows of each row group, group order (one group per cfg x batch cell)."""
+        """Rows of each row group, group order (one group per cfg x batch cell); with `speeds`, the batch shares
+        of each cfg half in proportion to their groups' speeds (the sum of their ranks')."""
         shares = [range(rows)]
         for axis, degree in (("cfg", self.cfg), ("batch", self.batch)):
-            shares = [part for share in shares for part in strategies.get(axis).partition(share, degree, branches)]
+            shares = [part for outer, share in enumerate(shares) for part in strategies.get(axis).partition(
+                share, degree, branches, self.group_speeds(outer) if axis == "batch" else None)]
         return shares
+
+    def group_speeds(self, cfg_index: int) -> list[float] | None:
+        """The speeds of the batch groups of one cfg half (each the sum of its ranks' speeds); None: equal."""
+        if not self.speeds:
+            return None
+        groups = range(cfg_index * self.batch, (cfg_index + 1) * self.batch)
+        return [sum(self.speeds[r] for r in self.ranks(g)) for g in groups]
 
     def ranks(self, group: int) -> range:
         return range(group * self.inner, (group + 1) * self.inner)

@@ -31,11 +31,11 @@ class Job:
     cfg: float
 
 
-def job_for(strategy: str, cfg: float | None = None) -> Job:
+def job_for(strategy: str, cfg: float | None = None, images: int | None = None) -> Job:
     """The job `tandem bench` measures a strategy on (its BenchJob): cfg 7.5 when it is guided, else 1; `cfg`
-    (tandem bench --cfg) sets the guidance of every job (1: no uncond branch)."""
+    (tandem bench --cfg) sets the guidance of every job (1: no uncond branch), `images` (--images) its images."""
     bench_job = strategies.get(strategy).bench_job
-    return Job(bench_job.images, cfg if cfg is not None else (CFG_SCALE if bench_job.guided else 1.0))
+    return Job(images or bench_job.images, cfg if cfg is not None else (CFG_SCALE if bench_job.guided else 1.0))
 
 
 @dataclass

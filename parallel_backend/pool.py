@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from multiprocessing import AuthenticationError
 from pathlib import Path
 
-from . import pool_files, validation
+from . import pool_files, slowdown, validation
 from .config import parse_devices, remote_machines, resolve_devices, split_device
 from .deadlines import SILENT_S, CallClock, load_bound
 from .messages import Hello, Ping, Reply, RunSetup, Shutdown, Unload
@@ -134,14 +134,19 @@ class WorkerPool:
       TANDEM_SECRET_FILE.
     import_paths: where workers find the host's model classes (e.g. ComfyUI's root); they come first on the
       workers' import path, ahead of this package's folder, so nothing here shadows a host module.
+    test_slowdown: tests only, a stand-in for slower cards: {rank: factor} or "1:2" (worker 1 repeats its heavy
+      compute twice; factors 1 to 10); default TANDEM_TEST_SLOWDOWN or none (slowdown.py).
     """
 
     def __init__(self, devices: str | tuple[str, ...] = "auto", *, timeout_s: float = 300.0,
                  start_timeout_s: float = 120.0, pg_timeout_s: float = 60.0, import_paths: tuple[str, ...] = (),
                  worker_setup: tuple[str, str, object] | None = None, interface: str | None = None,
                  hang_factor: float | None = None, hang_floor_s: float | None = None, max_models: int | None = None,
-                 secret_file: str | None = None):
+                 secret_file: str | None = None, test_slowdown: dict | str | None = None):
         self.requested_devices = parse_devices(devices)
+        known = None if self.requested_devices == ("auto",) else len(self.requested_devices)
+        self.test_slowdown = slowdown.parse(test_slowdown, known) if test_slowdown is not None else \
+            slowdown.from_environment(known)
         hang_factor = _setting(hang_factor, "TANDEM_HANG_FACTOR", 10.0, float)
         hang_floor_s = _setting(hang_floor_s, "TANDEM_HANG_FLOOR_S", 20.0, float)
         max_models = _setting(max_models, "TANDEM_MAX_MODELS", 2, int)
@@ -204,6 +209,7 @@ class WorkerPool:
         devices = resolve_devices(self.requested_devices)
         machines = remote_machines(devices)
         secret = self._check_remote_settings(machines)
+        slowdown.parse(self.test_slowdown, len(devices))  # "auto" devices: now counted
         pool_files.sweep_stale_folders()
         pool_files.install_sigterm_cleanup()
         self._dir = pool_files.make_pool_folder()
@@ -259,7 +265,8 @@ class WorkerPool:
             process, log_path = spawn_worker(
                 rank, len(devices), device, f"{address[0]}:{address[1]}", rendezvous, self._dir, authkey,
                 pg_timeout_s=self.pg_timeout_s, watch_pid=os.getpid(), interface=interface,
-                import_paths=self.import_paths, cores=cores if device == "cpu" else (), tls=tls)
+                import_paths=self.import_paths, cores=cores if device == "cpu" else (), tls=tls,
+                test_slowdown=self.test_slowdown.get(rank, 1.0))
             self._workers.append(_Worker(rank, device, process, log_path, heartbeat_path(self._dir, rank)))
 
     def _check_remote_settings(self, machines: tuple[str, ...]) -> bytes | None:
@@ -538,10 +545,12 @@ def core_shares(n: int) -> list[tuple[int, ...]]:
 
 def spawn_worker(rank: int, world: int, device: str, connect: str, rendezvous: str, folder: Path, authkey: bytes, *,
                  pg_timeout_s: float, watch_pid: int, interface: str | None, import_paths: tuple[str, ...] = (),
-                 cores: tuple[int, ...] = (), tls: bool = False) -> tuple[subprocess.Popen, Path]:
+                 cores: tuple[int, ...] = (), tls: bool = False, test_slowdown: float = 1.0
+                 ) -> tuple[subprocess.Popen, Path]:
     """Starts one worker process (`python -m parallel_backend.worker`) that connects to `connect` (HOST:PORT),
     joins the group at `rendezvous`, and ends when process `watch_pid` does; returns it and its log file.
-    cores: a CPU worker's cores (its threads and pinning); interface: where gloo/NCCL bind."""
+    cores: a CPU worker's cores (its threads and pinning); interface: where gloo/NCCL bind; test_slowdown: tests
+    only, the factor its heavy compute is repeated by (slowdown.py)."""
     # The host's paths first: the pack's own folders (e.g. a ComfyUI pack's nodes/) never shadow them.
     env = dict(os.environ, TANDEM_AUTHKEY=authkey.hex(),
                PYTHONPATH=os.pathsep.join(filter(None, [*import_paths, os.environ.get("PYTHONPATH"), PACKAGE_PARENT])))
@@ -550,6 +559,8 @@ def spawn_worker(rank: int, world: int, device: str, connect: str, rendezvous: s
     command = [sys.executable, "-m", "parallel_backend.worker", "--connect", connect, "--rank", str(rank),
                "--world", str(world), "--device", device, "--rendezvous", rendezvous, "--pg-timeout", str(pg_timeout_s),
                "--host-pid", str(watch_pid), "--pool-dir", str(folder)] + (["--tls"] if tls else [])
+    if test_slowdown != 1.0:
+        command += ["--test-slowdown", str(test_slowdown)]
     if cores:
         env["OMP_NUM_THREADS"] = str(len(cores))
         command += ["--threads", str(len(cores)), "--cpus", ",".join(map(str, cores))]

@@ -73,6 +73,8 @@ def _parse_args(argv):
     parser.add_argument("--pg-timeout", type=float, default=60.0, help="process-group timeout, seconds")
     parser.add_argument("--host-pid", type=int, default=0, help="exit when this process ends (0: don't watch)")
     parser.add_argument("--pool-dir", default="", help="the pool's folder: heartbeat file; removed if the host dies")
+    parser.add_argument("--test-slowdown", type=float, default=1.0,
+                        help="tests only: repeat heavy compute this many times, a stand-in for a slower card")
     return parser.parse_args(argv)
 
 
@@ -88,6 +90,7 @@ class WorkerState:
         self.models: dict[str, tuple[object, str]] = {}  # fingerprint -> (module, family)
         self.slots: dict[tuple[str, str], object] = {}  # (fingerprint, owner) -> a strategy's worker-side state
         self._restore: dict[str, object] = {}  # fingerprint -> puts the model back whole after a strategy split it
+        self.test_slowdown = 1.0  # tests only: heavy compute repeated this many times (slowdown.py)
 
     def load(self, message: Load) -> dict:
         import torch
@@ -179,7 +182,7 @@ class WorkerState:
         with torch.inference_mode():
             out = forward_for_family(family)(module, message.call.to(self.device))
         synchronize(self.device)
-        return Computed(out, time.perf_counter() - started)
+        return Computed(out, time.perf_counter() - started, extra={"rows": message.call.rows})
 
     def ping(self, message: Ping = None) -> dict:
         return {"pid": os.getpid()}
@@ -210,6 +213,7 @@ def serve(channel, state: WorkerState) -> bool:
     """Answers requests, one handler per message type, until told to shut down (returns False) or the host's
     end closes (returns True: the host is gone, or tearing the pool down)."""
     from . import strategies
+    from .slowdown import repeating
     from .transport import ChannelClosed
 
     handlers = {**HANDLERS, **strategies.worker_handlers()}
@@ -228,7 +232,8 @@ def serve(channel, state: WorkerState) -> bool:
                 raise TypeError(f"unknown request {type(request).__name__}")
             if not isinstance(request, Ping):  # a ping reports the last request's peak
                 reset_peak_memory(state.device)
-            value = handler(state, request)
+            with repeating(state.test_slowdown):
+                value = handler(state, request)
             reply = Reply(value=value, seconds=time.perf_counter() - started, peak_bytes=peak_memory_bytes(state.device))
         except Exception as exc:  # reported to the host, which names this worker and the call
             reply = Reply(ok=False, error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc(),
@@ -271,8 +276,10 @@ def main(argv=None) -> int:
         channel.send(Reply(ok=False, error=f"joining the process group failed: {type(exc).__name__}: {exc}"))
         return 1
     host_left = False
+    state = WorkerState(args.rank, args.world, args.device)
+    state.test_slowdown = args.test_slowdown
     try:
-        host_left = serve(channel, WorkerState(args.rank, args.world, args.device))
+        host_left = serve(channel, state)
     finally:
         primitives.leave_group()
         channel.close()

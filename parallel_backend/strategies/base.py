@@ -78,10 +78,13 @@ class Strategy:
         return {}
 
 
-def split_rows(rows: range, degree: int) -> list[range]:
-    """Near-equal contiguous shares of `rows`, in order (some empty when there are fewer rows than shares)."""
+def split_rows(rows: range, degree: int, weights=None) -> list[range]:
+    """Near-equal contiguous shares of `rows`, in order (some empty when there are fewer rows than shares); with
+    `weights` (one per share, e.g. device speeds), shares in proportion to them (speeds.weighted_sizes)."""
+    from ..speeds import weighted_sizes
+
     parts, start = [], rows.start
-    for size in chunk_sizes(len(rows), degree):
+    for size in chunk_sizes(len(rows), degree) if weights is None else weighted_sizes(len(rows), weights):
         parts.append(range(start, start + size))
         start += size
     return parts
@@ -90,8 +93,8 @@ def split_rows(rows: range, degree: int) -> list[range]:
 class RowStrategy(Strategy):
     """Each rank runs the whole model on its share of the call's rows; the host concatenates the outputs."""
 
-    def partition(self, rows: range, degree: int, branches: int) -> list[range]:
-        return split_rows(rows, degree)
+    def partition(self, rows: range, degree: int, branches: int, weights=None) -> list[range]:
+        return split_rows(rows, degree, weights)
 
     def plan(self, engine, call, mesh, config, fingerprint: str) -> dict[int, Forward]:
         shares = mesh.row_shares(call.rows, call.branches)

@@ -15,7 +15,8 @@ class Cfg(RowStrategy):
     default_cfg_degree = 2
     bench_job = BenchJob(1, True)
 
-    def partition(self, rows: range, degree: int, branches: int) -> list[range]:
+    def partition(self, rows: range, degree: int, branches: int, weights=None) -> list[range]:
+        """The [uncond; cond] halves (`weights` cannot move rows between branches: ignored)."""
         if degree == 1:
             return [rows]
         if degree != 2:

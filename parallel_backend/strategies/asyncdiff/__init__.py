@@ -61,11 +61,13 @@ class AsyncDiff(Strategy):
             reply = engine.request({0: ProfileLayers(fingerprint, sample)}, "measuring the model's layers")[0]
             profiles[shape_key] = Profile(reply["names"], reply["layer_seconds"], reply["crossing"])
         profile = profiles[shape_key]
-        setup_key = (shape_key, mesh.groups, mesh.inner, config.warmup, config.stride, config.time_shift, engine.pool_generation())
+        speeds = stage_speeds(mesh)
+        setup_key = (shape_key, mesh.groups, mesh.inner, config.warmup, config.stride, config.time_shift, speeds,
+                     engine.pool_generation())
         if state.get("setup") == setup_key:
             return
         stages = mesh.inner
-        cuts = tuple(balance(profile.seconds, stages))
+        cuts = tuple(balance(profile.seconds, stages, speeds))
         crossing = tuple(tuple(c) for c in profile.crossing)
         work = {}
         for g in range(mesh.groups):
@@ -75,9 +77,14 @@ class AsyncDiff(Strategy):
                     config.warmup, config.stride, config.time_shift, crossing))
         engine.request(work, "placing the stages")
         state["setup"] = setup_key
+        slowest = max(c / s for c, s in zip(stage_costs(profile.seconds, list(cuts)), speeds or [1.0] * stages))
+        if slowest > sum(profile.seconds):  # its stages cannot leave a device out: say so
+            engine.say(f"Tandem: asyncdiff on {stages} stages of speeds {', '.join(f'{s:.2f}' for s in speeds)}: even "
+                       "the balanced cut leaves the slowest stage busier than the fastest device alone; use fewer "
+                       "stages (--stages) or leave the slow device out of --devices")
         state["plan"] = {"cuts": list(cuts), "fingerprint": fingerprint, "crossing": [profile.crossing[c] for c in cuts],
                          "stages": describe(profile, list(cuts)), "layer_names": profile.names,
-                         "layer_seconds": profile.seconds}
+                         "layer_seconds": profile.seconds, "stage_speeds": list(speeds or [1.0] * stages)}
 
     def stage_plan(self, engine) -> dict | None:
         """The cut the workers hold (layer costs, each stage's share and what it receives), or None."""
@@ -105,6 +112,7 @@ class AsyncDiff(Strategy):
         engine, config = executor.engine, executor.config
         plan = self.stage_plan(engine)
         shares = [s["share"] for s in plan["stages"]]
+        slowest = max(share / speed for share, speed in zip(shares, plan["stage_speeds"]))
         layers = [s["layers"] for s in plan["stages"]]
         async_calls = [c for c in loop.calls if c["step"] >= config.warmup] or loop.calls
         rows = loop.latents.shape[0] * (2 if row["job"]["cfg"] != 1.0 else 1)
@@ -117,7 +125,8 @@ class AsyncDiff(Strategy):
                    f"stride {config.stride}; {moved / 2**20:.2f} MiB between stages per call, "
                    f"{1000 * transfer:.1f} ms alone, {1000 * exposed:.1f} ms of it exposed "
                    f"({100 * overlapped:.0f}% overlapped with compute)")
-        return {"ideal_speedup": 1.0 / max(shares), "stage_shares": shares, "stage_layers": layers,
+        return {"ideal_speedup": 1.0 / slowest, "stage_shares": shares, "stage_layers": layers,
+                "stage_speeds": plan["stage_speeds"],
                 "warmup": config.warmup, "stride": config.stride, "time_shift": config.time_shift,
                 "transfer_bytes_per_call_median": moved, "transfer_seconds_alone": transfer,
                 "exposed_wait_seconds_per_call_median": exposed, "overlapped_fraction": overlapped,
@@ -128,6 +137,14 @@ class AsyncDiff(Strategy):
     def worker_handlers(self) -> dict:
         return {ProfileLayers: _on_runner("profile"), PlaceStages: _on_runner("setup"),
                 StageCall: _on_runner("call"), ProbeExchange: _on_runner("probe")}
+
+
+def stage_speeds(mesh) -> tuple[float, ...] | None:
+    """Each stage's device speed (the slowest of that stage's ranks over the row groups: they share one cut);
+    None when the mesh's devices are all equal."""
+    if not mesh.speeds:
+        return None
+    return tuple(min(mesh.speeds[mesh.ranks(g)[k]] for g in range(mesh.groups)) for k in range(mesh.inner))
 
 
 def _on_runner(method: str):

@@ -167,7 +167,7 @@ class StageRunner:
         stream.handles, stream.compute_s, stream.wait_s, stream.bytes, stream.out = [], 0.0, 0.0, 0, None
         for action in schedule.stage_actions(step):
             self._ACTIONS[action](self, stream, call, step)
-        return Computed(stream.out, stream.compute_s, stream.wait_s, stream.bytes)
+        return Computed(stream.out, stream.compute_s, stream.wait_s, stream.bytes, extra={"layers": len(self.mine)})
 
     # the actions of schedule.stage_actions; each works on the stream's state for this call
 

@@ -24,13 +24,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-def balance(costs: list[float], stages: int) -> list[int]:
+def balance(costs: list[float], stages: int, speeds: list[float] | None = None) -> list[int]:
     """Cut points [c_1 < ... < c_{stages-1}] splitting `costs` (per layer, in order) into `stages` contiguous
-    non-empty parts, minimising the most expensive part (ties: the earliest cuts). Stage k runs layers
-    [cut_{k}, cut_{k+1}) with cut_0 = 0 and cut_stages = len(costs)."""
+    non-empty parts, minimising the slowest part: its cost over its stage's device speed (`speeds`, one per
+    stage, relative; None: all equal); ties: the earliest cuts. Stage k runs layers [cut_{k}, cut_{k+1}) with
+    cut_0 = 0 and cut_stages = len(costs)."""
     n = len(costs)
     if stages < 1:
         raise ValueError(f"stages must be >= 1; got {stages}")
+    speeds = [1.0] * stages if speeds is None else [float(s) for s in speeds]
+    if len(speeds) != stages or min(speeds) <= 0:
+        raise ValueError(f"balance needs one positive speed per stage ({stages}); got {speeds}")
     if stages > n:
         raise ValueError(f"cannot cut {n} layers into {stages} stages; use at most {n} stages")
     prefix = [0.0]
@@ -44,7 +48,7 @@ def balance(costs: list[float], stages: int) -> list[int]:
     for k in range(1, stages + 1):
         for i in range(k, n - (stages - k) + 1):
             for j in range(k - 1, i):
-                value = max(best[k - 1][j], prefix[i] - prefix[j])
+                value = max(best[k - 1][j], (prefix[i] - prefix[j]) / speeds[k - 1])
                 if value < best[k][i] - 1e-12:
                     best[k][i], choice[k][i] = value, j
     cuts, i = [], n

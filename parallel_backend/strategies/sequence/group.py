@@ -35,7 +35,8 @@ class SequenceGroup:
     kind: "ulysses" (all-to-all to head shards), "ring" (key/value blocks around the ring) or "usp" (both: an
     all-to-all inside subgroups of `ulysses` ranks, a ring among the subgroups); peers: the group's global ranks
     in shard order; index: this rank's position in peers; traffic: what this rank sent; ulysses: the ranks that
-    split the heads (usp: given; ulysses: the whole group; ring: 1)."""
+    split the heads (usp: given; ulysses: the whole group; ring: 1); weights: one per peer, token shards in
+    proportion to them (ring on mixed devices; None: near-equal)."""
 
     kind: str
     peers: tuple[int, ...]
@@ -43,6 +44,7 @@ class SequenceGroup:
     device: torch.device
     traffic: Traffic = field(default_factory=Traffic)
     ulysses: int | None = None
+    weights: tuple[float, ...] | None = None
 
     def __post_init__(self):
         self.peers = tuple(int(p) for p in self.peers)
@@ -67,7 +69,7 @@ class SequenceGroup:
 
     def shards(self, *stream_lengths: int) -> Shards:
         """The cut of a joint sequence of streams of these lengths (in joint order) over the group."""
-        return Shards(stream_lengths, self.degree)
+        return Shards(stream_lengths, self.degree, self.weights)
 
     def check_heads(self, heads: int) -> None:
         """Raises, before any work, when this group cannot split a model with `heads` attention heads (Ulysses

@@ -24,6 +24,7 @@ class SequenceForward:
     peers: tuple[int, ...]
     index: int
     ulysses: int = 1  # the ranks that split the heads (group.SequenceGroup)
+    weights: tuple[float, ...] | None = None  # token shares per peer (ring on mixed devices); None: near-equal
 
 
 class SequenceStrategy(Strategy):
@@ -58,9 +59,18 @@ class SequenceStrategy(Strategy):
             if not len(rows):
                 continue
             share, peers = call.select(rows), tuple(mesh.ranks(group))
+            weights = self.token_weights(mesh, peers)
             for index, rank in enumerate(peers):
-                work[rank] = SequenceForward(fingerprint, share, self.kind, peers, index, ulysses_degree(mesh))
+                work[rank] = SequenceForward(fingerprint, share, self.kind, peers, index, ulysses_degree(mesh), weights)
         return work
+
+    def token_weights(self, mesh, peers) -> tuple[float, ...] | None:
+        """Token shares by device speed (mesh.speeds): only ring, where a rank's attention is its own queries
+        against every key, so its work follows its tokens; ulysses and usp split the heads evenly, so their
+        attention cannot follow uneven speeds: equal shares."""
+        if not mesh.speeds or self.kind != "ring":
+            return None
+        return tuple(mesh.speeds[rank] for rank in peers)
 
     def gather(self, call, mesh, replies: dict[int, Any]):
         leaders = [mesh.ranks(group)[0] for group in range(mesh.groups) if mesh.ranks(group)[0] in replies]
@@ -135,7 +145,8 @@ def run_sequence_forward(worker, message: SequenceForward):
     from .traffic import Traffic
 
     module, family = worker.whole_model(message.fingerprint)
-    group = SequenceGroup(message.kind, message.peers, message.index, worker.device, Traffic(), message.ulysses)
+    group = SequenceGroup(message.kind, message.peers, message.index, worker.device, Traffic(), message.ulysses,
+                          message.weights)
     started = time.perf_counter()
     with torch.inference_mode():
         out = sequence_runner(family)(module, message.call.to(worker.device), group)

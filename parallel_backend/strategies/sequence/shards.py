@@ -12,6 +12,9 @@ So the keys may be gathered in any order (Ulysses gathers them rank by rank: [te
 and each output returns to the rank and position its query came from. What must follow the same cut is
 everything per token: positional ids or RoPE frequencies, and a key mask (`positions` gives the indices).
 
+With `weights` (one per rank: ring on mixed devices, speeds.py) each stream is cut in proportion to them instead
+(`speeds.weighted_sizes`); everything below works on any sizes.
+
 Ranks may hold no token (a sequence shorter than the degree, or a short stream): every function here and the
 collectives built on it accept empty shards (nothing crosses for them, attention of an empty shard of queries
 is empty). Whether a model layer accepts an empty shard is the model adapter's concern.
@@ -35,9 +38,13 @@ class Shards:
 
     lengths: tuple[int, ...]
     degree: int
+    weights: tuple[float, ...] | None = None  # one per rank: shares in proportion to them (None: near-equal)
 
     def __post_init__(self):
         object.__setattr__(self, "lengths", tuple(int(n) for n in self.lengths))
+        if self.weights is not None and (len(self.weights) != self.degree or min(self.weights) <= 0):
+            raise ValueError(f"a sequence split over {self.degree} ranks needs one positive weight per rank; got "
+                             f"{list(self.weights)}")
         if self.degree < 1:
             raise ValueError(f"a sequence split needs a degree of at least 1; got {self.degree}")
         if not self.lengths or min(self.lengths) < 0 or sum(self.lengths) < 1:
@@ -55,6 +62,10 @@ class Shards:
 
     def stream_sizes(self, stream: int) -> list[int]:
         """Tokens of `stream` on each rank."""
+        if self.weights is not None:
+            from ...speeds import weighted_sizes
+
+            return weighted_sizes(self.lengths[stream], self.weights)
         return chunk_sizes(self.lengths[stream], self.degree)
 
     def local_sizes(self, rank: int) -> list[int]:

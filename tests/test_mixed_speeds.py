@@ -1,0 +1,194 @@
+"""Mixed devices: shares sized by each device's speed (speeds.py). The arithmetic on made-up speeds, the refusal
+of bad options before any worker starts, and a real pool of two CPU workers, one made about twice as slow by the
+test-only slowdown (a stand-in for a slower card): outputs against one device, and which worker computed what."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+
+import pytest
+import torch
+
+from parallel_backend import slowdown, strategies
+from parallel_backend.benchmodels import build_bench_model
+from parallel_backend.config import ParallelConfig
+from parallel_backend.engine import ParallelExecutor
+from parallel_backend.mesh import Mesh
+from parallel_backend.oracle import Job, psnr, run_loop
+from parallel_backend.pool import WorkerPool
+from parallel_backend.speeds import relative, sit_out, weighted_sizes
+from parallel_backend.strategies.asyncdiff import balance, stage_costs
+from parallel_backend.strategies.base import split_rows
+
+ATOL = 1e-4
+STEPS = 4
+
+
+# ---- arithmetic on made-up speeds ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("total, weights, expected", [
+    (8, [1, 0.5], [5, 3]), (12, [1, 0.5], [8, 4]), (3, [1, 0.1], [2, 1]), (1, [1, 0.5], [1, 0]),
+    (7, [1, 1, 1], [3, 2, 2]), (5, [1, 0, 1], [3, 0, 2]), (0, [1, 0.5], [0, 0])])
+def test_rows_follow_the_weights_by_largest_remainder(total, weights, expected):
+    assert weighted_sizes(total, weights) == expected
+    assert sum(weighted_sizes(total, weights)) == total
+
+
+def test_split_rows_and_the_mesh_take_speeds():
+    assert split_rows(range(8), 2, [1, 0.5]) == [range(0, 5), range(5, 8)]
+    assert split_rows(range(8), 2) == [range(0, 4), range(4, 8)]
+    batch = Mesh("batch", 1, 2, (), 2, speeds=(1.0, 0.5))
+    assert batch.row_shares(8, 1) == [range(0, 5), range(5, 8)]
+    # cfg x batch: each branch half is split by its batch groups' speeds; the halves themselves stay equal
+    cfg = Mesh("cfg", 2, 2, (), 4, speeds=(1.0, 0.5, 1.0, 1.0))
+    assert cfg.row_shares(12, 2) == [range(0, 4), range(4, 6), range(6, 9), range(9, 12)]
+
+
+def test_speeds_are_relative_and_noise_counts_as_equal():
+    assert relative([2.0, 1.0]) == (1.0, 0.5)
+    assert relative([1.0, 0.95]) == (1.0, 1.0)
+
+
+def test_the_asyncdiff_cut_moves_layers_off_the_slow_device():
+    costs = [1.0] * 12
+    assert balance(costs, 2) == [6]
+    assert balance(costs, 2, [1.0, 0.5]) == [8]  # the slow second stage keeps a third of the work
+    assert balance(costs, 2, [0.5, 1.0]) == [4]
+    unet = [0.5, 1, 1, 2, 3, 3, 2, 1, 1, 0.5]
+    speeds = [1.0, 0.25, 1.0]
+
+    def slowest(cuts):
+        return max(c / s for c, s in zip(stage_costs(unet, list(cuts)), speeds))
+
+    best = min(slowest(cuts) for cuts in itertools.combinations(range(1, len(unet)), 2))
+    assert slowest(balance(unet, 3, speeds)) == pytest.approx(best)
+    with pytest.raises(ValueError, match="one positive speed per stage"):
+        balance(costs, 2, [1.0])
+
+
+@pytest.mark.parametrize("total, speeds, out", [
+    (8, [1.0, 0.5], []), (8, [1.0, 0.1], [1]), (2, [1.0, 0.5], [1]), (3, [1.0, 0.5], []),
+    (12, [0.2, 1.0, 1.0], [0]), (4, [1.0, 1.0, 1.0, 1.0], [])])
+def test_a_device_that_would_slow_the_call_sits_out(total, speeds, out):
+    """Kept: the busiest device (rows / speed) finishes sooner with it than without it."""
+    assert sit_out(total, speeds) == out
+
+
+# ---- bad options, before any worker starts ------------------------------------------------------------------
+
+@pytest.mark.parametrize("speeds, match", [("1,-1", "not a positive number"), ("1", "for 2 device"),
+                                           ("fast", "not a positive number"), ((1, 0), "not a positive number"),
+                                           (3, "device_speeds must be")])
+def test_bad_device_speeds_are_refused(speeds, match):
+    with pytest.raises(ValueError, match=match):
+        ParallelConfig("cpu:2", "batch", device_speeds=speeds)
+
+
+@pytest.mark.parametrize("spec, match", [("1:0.5", "from 1 to 10"), ("1:11", "from 1 to 10"), ("2:2", "workers 0 to 1"),
+                                         ("one", "RANK:FACTOR"), ({1: True}, "from 1 to 10")])
+def test_bad_test_slowdowns_are_refused_before_any_worker_starts(spec, match, monkeypatch):
+    with pytest.raises(ValueError, match=match):
+        WorkerPool("cpu:2", test_slowdown=spec)
+    monkeypatch.setenv(slowdown.ENV, spec if isinstance(spec, str) else "1:0")
+    with pytest.raises(ValueError):
+        WorkerPool("cpu:2")
+
+
+# ---- a real pool: worker 1 repeats its compute twice (a stand-in for a slower card) ------------------------
+
+@pytest.fixture(scope="module")
+def mixed_pool():
+    with WorkerPool("cpu:2", test_slowdown="1:2") as pool:
+        yield pool
+
+
+@pytest.fixture(scope="module")
+def small():
+    return build_bench_model("small")
+
+
+def _measured(executor) -> tuple:
+    (speeds,) = executor.engine.state("device speeds").values()
+    return speeds
+
+
+def test_batch_shares_follow_the_measured_speeds_and_equal_one_device(mixed_pool, small, caplog):
+    job, resolution = Job(8, 1.0), (small.default_resolution,) * 2
+    reference = run_loop(small, job, resolution, steps=STEPS, repeats=0)
+    executor = ParallelExecutor(mixed_pool, ParallelConfig("cpu:2", "batch", device_speeds="measure"))
+    with caplog.at_level(logging.INFO, logger="tandem"):
+        result = run_loop(small, job, resolution, steps=STEPS, repeats=0, executor=executor)
+    torch.testing.assert_close(result.latents, reference.latents, atol=ATOL, rtol=ATOL)
+    speeds = _measured(executor)
+    assert speeds[0] == 1.0 and speeds[1] < 0.8, speeds  # the slowed worker measured slower
+    rows = {rank: extra["rows"] for rank, extra in result.calls[-1]["extra"].items()}
+    assert [rows.get(0, 0), rows.get(1, 0)] == weighted_sizes(8, speeds)  # what each worker really ran
+    assert rows[0] > rows[1] > 0
+    assert "measured device speeds" in caplog.text
+    equal = ParallelExecutor(mixed_pool, ParallelConfig("cpu:2", "batch", device_speeds="equal"))
+    done = run_loop(small, job, resolution, steps=1, repeats=0, executor=equal)
+    assert {rank: extra["rows"] for rank, extra in done.calls[-1]["extra"].items()} == {0: 4, 1: 4}
+
+
+def test_given_speeds_leave_a_device_out_and_say_so(mixed_pool, small, caplog):
+    job, resolution = Job(2, 1.0), (small.default_resolution,) * 2
+    reference = run_loop(small, job, resolution, steps=1, repeats=0)
+    executor = ParallelExecutor(mixed_pool, ParallelConfig("cpu:2", "batch", device_speeds="1,0.5"))
+    with caplog.at_level(logging.INFO, logger="tandem"):
+        result = run_loop(small, job, resolution, steps=1, repeats=0, executor=executor)
+    torch.testing.assert_close(result.latents, reference.latents, atol=ATOL, rtol=ATOL)
+    assert {rank: extra["rows"] for rank, extra in result.calls[-1]["extra"].items()} == {0: 2}
+    assert "cpu (worker 1) sits out calls of 2 row(s)" in caplog.text
+
+
+def test_asyncdiff_cut_follows_the_speeds_within_the_quality_floor(mixed_pool, small):
+    job, resolution = Job(8, 1.0), (small.default_resolution,) * 2
+    reference = run_loop(small, job, resolution, steps=STEPS, repeats=0).latents
+    executor = ParallelExecutor(mixed_pool, ParallelConfig("cpu:2", "asyncdiff", device_speeds="measure"))
+    result = run_loop(small, job, resolution, steps=STEPS, repeats=0, executor=executor)
+    assert psnr(reference, result.latents) > 20  # the bound the asyncdiff pool tests use
+    plan = strategies.get("asyncdiff").stage_plan(executor.engine)
+    speeds = _measured(executor)
+    assert plan["stage_speeds"] == list(speeds)
+    assert plan["cuts"] == balance(plan["layer_seconds"], 2, speeds)
+    shares = [stage["share"] for stage in plan["stages"]]
+    assert shares[0] > shares[1]  # work moved off the slow worker
+    layers = {rank: extra["layers"] for rank, extra in result.calls[-1]["extra"].items()}
+    assert layers == {0: plan["stages"][0]["count"], 1: plan["stages"][1]["count"]}
+
+
+def test_ring_token_shards_follow_the_speeds_and_join_back():
+    from parallel_backend.strategies.sequence import Shards
+
+    shards = Shards((10, 30), 2, (1.0, 0.5))
+    assert shards.stream_sizes(0) == [7, 3] and shards.stream_sizes(1) == [20, 10] and shards.sizes == [27, 13]
+    x = torch.arange(40.0).reshape(1, 40, 1)
+    assert torch.equal(shards.join([shards.cut(x, r, 1) for r in range(2)], 1), x)
+    mesh = Mesh("ring", 1, 1, (2,), 2, speeds=(1.0, 0.5))
+    assert strategies.get("ring").token_weights(mesh, (0, 1)) == (1.0, 0.5)
+    assert strategies.get("ulysses").token_weights(Mesh("ulysses", 1, 1, (2,), 2, speeds=(1.0, 0.5)), (0, 1)) is None
+    with pytest.raises(ValueError, match="one positive weight per rank"):
+        Shards((10,), 2, (1.0,))
+
+
+def test_ring_on_given_speeds_equals_one_device(mixed_pool):
+    """The ring's uneven token shards (2:1) on the real pool: the output equals one device's."""
+    import importlib.util
+    from pathlib import Path
+
+    from parallel_backend.models import forward_for_family
+
+    spec = importlib.util.spec_from_file_location("sequence_pool_models", Path(__file__).with_name("test_sequence_pool.py"))
+    built = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(built)  # the tiny Flux transformer and its call, as the sequence pool tests build them
+    TOLERANCE, _flux_call, _tiny_flux = built.TOLERANCE, built._flux_call, built._tiny_flux
+
+    model, call = _tiny_flux(), _flux_call(1, 24, 6)
+    with torch.inference_mode():
+        reference = forward_for_family("diffusers_dit:flux")(model, call)
+    executor = ParallelExecutor(mixed_pool, ParallelConfig("cpu:2", "ring", device_speeds="1,0.5"))
+    result = executor.run(model, "diffusers_dit:flux", call)
+    assert result.mesh.speeds == (1.0, 0.5) and result.bytes_sent > 0
+    assert result.extra[0]["bytes"] > 1.5 * result.extra[1]["bytes"]  # the faster worker held (and sent) more tokens
+    assert (result.out - reference).abs().max() <= TOLERANCE * max(1.0, reference.abs().max().item())
