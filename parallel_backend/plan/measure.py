@@ -2,7 +2,8 @@
 the call the bench makes) and its one-device times (measured here, on one device's share of the cores for CPU
 devices, as the bench's reference runs). Nothing here predicts; model.py does.
 
-Measured: the whole call for 1 row and for the job's rows (the median of `repeats` after one warm-up), one
+Measured: the whole call for 1 row and for the job's rows (the fastest of `repeats`, taking turns, after one
+warm-up each), one
 token-mixing attention of one row (sequence models: torch's attention on the model's heads and tokens), the
 layer profile (UNets: models.stages.profile, what asyncdiff cuts by). Counted: the bytes a device receives per
 row, the prediction's, q/k/v widths, what crosses each cut of the layers, the weights (whole and per layer).
@@ -26,15 +27,24 @@ from .model import Inputs
 from .traffic import CallShape
 
 
-def median_seconds(run, repeats: int) -> float:
-    """The median time of `repeats` runs of `run()`, after one untimed run."""
-    run()
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
+def fastest_seconds(runs: dict, repeats: int) -> dict:
+    """{key: the fastest of `repeats` timed runs of runs[key]()}, after one untimed run of each; the runs take
+    turns, so a drift of the machine's speed hits them alike, and the fastest is kept because other load only
+    ever adds time."""
+    for run in runs.values():
         run()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
+    times = {key: [] for key in runs}
+    for _ in range(repeats):
+        for key, run in runs.items():
+            started = time.perf_counter()
+            run()
+            times[key].append(time.perf_counter() - started)
+    return {key: min(values) for key, values in times.items()}
+
+
+def fastest_seconds_of(run, repeats: int) -> float:
+    """The fastest of `repeats` runs of `run()` after an untimed one."""
+    return fastest_seconds({0: run}, repeats)[0]
 
 
 @contextmanager
@@ -87,7 +97,7 @@ def _attention_seconds(shape: CallShape, device, dtype, repeats: int) -> float:
         return 0.0
     q = torch.randn(1, shape.heads, shape.tokens, shape.width // shape.heads, device=device, dtype=dtype)
     with torch.inference_mode():
-        return median_seconds(lambda: torch.nn.functional.scaled_dot_product_attention(q, q, q), repeats)
+        return fastest_seconds_of(lambda: torch.nn.functional.scaled_dot_product_attention(q, q, q), repeats)
 
 
 def measure_inputs(model, resolution: tuple[int, int], rows: int, branches: int, link, devices: int,
@@ -98,8 +108,8 @@ def measure_inputs(model, resolution: tuple[int, int], rows: int, branches: int,
     device = weight.device.type
     shape = call_shape(model, resolution, rows)
     with device_share(device, devices):
-        seconds = {r: median_seconds(lambda r=r: local_forward(model, sample_call(model, r, resolution)), repeats)
-                   for r in sorted({1, rows})}
+        calls = {r: sample_call(model, r, resolution) for r in sorted({1, rows})}
+        seconds = fastest_seconds({r: lambda c=c: local_forward(model, c) for r, c in calls.items()}, repeats)
         attention = _attention_seconds(shape, weight.device, weight.dtype, repeats)
         layer_seconds, handover, layer_weights = _profile(model, resolution, repeats)
     shape = CallShape(**{**shape.__dict__, "handover_bytes": handover})
