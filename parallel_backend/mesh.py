@@ -72,11 +72,9 @@ class Mesh:
     def row_shares(self, rows: int, branches: int) -> list[range]:
         """Rows of each row group, group order (one group per cfg x batch cell); with `speeds`, the batch shares
         of each cfg half in proportion to their groups' speeds (the sum of their ranks')."""
-        shares = [range(rows)]
-        for axis, degree in (("cfg", self.cfg), ("batch", self.batch)):
-            shares = [part for outer, share in enumerate(shares) for part in strategies.get(axis).partition(
-                share, degree, branches, self.group_speeds(outer) if axis == "batch" else None)]
-        return shares
+        halves = strategies.get("cfg").partition(range(rows), self.cfg, branches)
+        return [part for i, half in enumerate(halves)
+                for part in strategies.get("batch").partition(half, self.batch, branches, self.group_speeds(i))]
 
     def group_speeds(self, cfg_index: int) -> list[float] | None:
         """The speeds of the batch groups of one cfg half (each the sum of its ranks' speeds); None: equal."""
