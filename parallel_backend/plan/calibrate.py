@@ -27,7 +27,7 @@ from .. import strategies
 from ..calls import _map_tensors
 from ..mesh import Mesh
 from .choose import Choice, choose
-from .links import CPU_DEFAULT, CUDA_DEFAULT, Link, link_named
+from .links import Link
 from .model import Inputs, candidates
 from .probe import DeviceFigures, measure_calls, measure_link
 from .traffic import CallShape
@@ -48,11 +48,6 @@ def tensor_bytes(value) -> int:
 
 def device_kind(devices) -> str:
     return "cuda" if any(str(d).startswith("cuda") for d in devices) else "cpu"
-
-
-def assumed_link(devices) -> Link:
-    """The link auto plans with until the pool's own is probed: the named profile for these devices."""
-    return link_named(CUDA_DEFAULT if device_kind(devices) == "cuda" else CPU_DEFAULT)
 
 
 @dataclass(frozen=True)
@@ -143,7 +138,7 @@ class AutoPlans:
         """Chooses `key`'s mesh from its measured call, `computed` on one device (a Computed of plan/timing.py);
         hint: the model's SequenceHint where the call may be split by tokens, else None; figures: the pool's
         measured (or given) link, contention and overhead (plan/probe.py)."""
-        link = figures.link or assumed_link(devices)
+        link = figures.link  # auto plans only on pools of 2 or more devices: always a link
         mixing = token_mixing(computed.extra.get("attentions", ())) if hint is not None else None
         inputs = replace(call_inputs(family, call, computed, hint, mixing, link, figures.overhead_s),
                          contention=figures.contention)
@@ -152,7 +147,7 @@ class AutoPlans:
             found = [c for c in found if not c.mesh or not strategies.get(c.strategy).splits_tokens]
         choice = choose(found, exact_only=True)
         mesh = mesh_of(choice, len(devices))
-        source = "given" if "link" in self.given else "measured on this pool" if figures.link else "assumed"
+        source = "given" if "link" in self.given else "measured on this pool"
         notes = (measured_note(computed.compute_s, hint, mixing, link, source, figures), choice_note(mesh, choice))
         decision = self.decisions[key] = Decision(mesh, choice, inputs, notes)
         return decision

@@ -44,14 +44,10 @@ def measure_link(engine, repeats: int = 5) -> Link | None:
                 f"{SMALL_BYTES} bytes in {1e6 * latency:.0f} us; fastest of {repeats}")
 
 
-def measure_contention(engine, fingerprint: str, call, repeats: int = 3) -> float:
-    """How much slower one device computes `call` (a model call of the loaded model `fingerprint`) while every
-    device computes it too: the median over `repeats` of the slowest rank's compute, over rank 0's alone."""
-    return measure_calls(engine, fingerprint, call, repeats)[0]
-
-
 def measure_calls(engine, fingerprint: str, call, repeats: int = 3) -> tuple[float, float]:
-    """(contention, overhead): `measure_contention`'s figure, and the pool's own seconds per call: the host's
+    """(contention, overhead): how much slower one device computes `call` (of the loaded model `fingerprint`)
+    while every device computes it too (the median over `repeats` of the slowest rank's compute, over rank 0's
+    alone), and the pool's own seconds per call: the host's
     wall time for rank 0's lone call less that rank's compute (messages, pickling, the inputs and the output
     crossing), median of `repeats`."""
     n = engine.device_count()
