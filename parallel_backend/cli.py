@@ -203,7 +203,7 @@ def cmd_plan(args) -> int:
     validation.fits_in_memory(f"resolution {resolution[0]}x{resolution[1]} for model {model.name}",
                               model.memory_bytes(branches, resolution), devices[0], "choose a smaller --resolution")
     model.module.to(devices[0])
-    figures = probe_devices(args.devices, model, resolution) if link is None else None
+    figures = probe_devices(args.devices, model, resolution, branches) if link is None else None
     inputs = measure_inputs(model, resolution, branches, branches, link or figures.link, len(devices), args.steps)
     if figures is not None:
         inputs = figures.apply(inputs)

@@ -183,3 +183,24 @@ def test_tandem_plan_prints_the_table_and_writes_json(tmp_path, capsys):
     report = json.loads(out.read_text())
     assert report["prediction"] is True and report["choice"]["why"]
     assert {c["strategy"] for c in report["candidates"]} == {"serial", "cfg", "batch", "asyncdiff"}
+
+
+def test_contention_follows_the_rows_each_device_computes():
+    shape = CallShape(rows=2, input_bytes=1, output_bytes=1, handover_bytes=(0, 0))
+    inp = Inputs(shape, "diffusers_unet", 2, {1: 0.055, 2: 0.1}, FAST, layer_seconds=(1.0, 1.0), contention=1.1,
+                 contention_by_rows=((2, 1.3),))
+    assert [inp.contention_at(r) for r in (1, 2, 3)] == pytest.approx([1.1, 1.3, 1.3])
+    cfg = predict(inp, Mesh("cfg", 2, 1, (), 2))  # one row per device: the one-row contention
+    assert cfg.predicted_speedup == pytest.approx(0.1 / (0.055 * 1.1))
+    staged = predict(inp, Mesh("asyncdiff", 1, 1, (2,), 2))  # both rows on every stage: the two-row contention
+    assert staged.predicted_speedup == pytest.approx(0.1 / (0.05 * 1.3))
+
+
+def test_a_measured_rank_share_replaces_the_even_split_of_a_sequence_call():
+    even = predict(flux_inputs(FAST), Mesh("ulysses", 1, 1, (2,), 2))
+    assert even.predicted_speedup == pytest.approx(2.0)
+    # one rank computes 0.06 s of the 0.1 s call (the text tokens' work repeated on every rank, say)
+    repeated = predict(flux_inputs(FAST, shard_seconds={(2, 1): 0.06}), Mesh("ulysses", 1, 1, (2,), 2))
+    assert repeated.predicted_speedup == pytest.approx(0.1 / 0.06)
+    ring = predict(flux_inputs(FAST, shard_seconds={(2, 1): 0.06}), Mesh("ring", 1, 1, (2,), 2))
+    assert ring.predicted_speedup == pytest.approx(2.0)  # the ulysses figure is not the ring's

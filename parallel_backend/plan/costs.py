@@ -15,8 +15,8 @@ Overlap assumptions, per strategy (each as the strategy's code does it):
 - every sequence split gathers the output at the end: exposed.
 - asyncdiff: after warm-up each stage hands its output over while the next call computes; the hand-over is
   exposed only where it outlasts the slowest stage. Warm-up calls run the stages in turn, hand-overs exposed.
-Compute: a row group's call on one device, split: sequence splits divide it (per-token layers and attention)
-by the group's size; asyncdiff by the layer profile's balanced cut; row strategies run their rows' call.
+Compute: a row group's call on one device, split: sequence splits take a rank's part as measured on one device
+(Inputs.shard_seconds; else the call over the group's size); asyncdiff by the layer profile's balanced cut; row strategies run their rows' call.
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ from .traffic import Traffic, group_rows, handover_peer, per_rank, sequence_peer
 @dataclass(frozen=True)
 class Cost:
     """One call on a mesh: busy (the slowest row group's compute + exposed exchange), its parts, the peer
-    traffic, the memory per device; warm: a warm-up call's busy time (None: as busy)."""
+    traffic, the memory per device; warm: a warm-up call's busy time (None: as busy); rows: the rows of the
+    busiest device's call (what its contention is measured for)."""
 
     busy: float
     compute: float
@@ -39,12 +40,14 @@ class Cost:
     traffic: Traffic
     memory: int
     warm: float | None = None
+    rows: int = 1
 
 
 def rows_cost(inp, mesh) -> Cost:
     rows = group_rows(mesh, inp.shape, inp.branches)
     compute = max(inp.seconds(r) for r in rows)
-    return Cost(compute, compute, 0.0, 0.0, Traffic(), inp.weight_bytes + max(rows) * inp.activation_bytes_per_row)
+    return Cost(compute, compute, 0.0, 0.0, Traffic(), inp.weight_bytes + max(rows) * inp.activation_bytes_per_row,
+                rows=max(rows))
 
 
 def sequence_cost(inp, mesh) -> Cost:
@@ -62,9 +65,9 @@ def _sequence_group(inp, rows: int, u: int, r: int) -> Cost:
     piece = rows * per_rank(inp.shape.tokens, n) * inp.shape.width * inp.shape.itemsize  # a rank's q, k or v
     exposed, alone = _attention_exposure(inp, piece, inp.attention_seconds * rows, u, r)
     gather = inp.link.seconds(rows * per_rank(inp.shape.output_bytes, n) * (n - 1), n - 1)
-    compute = inp.seconds(rows) / n
+    compute = inp.shard(rows, u, r)
     exposed = inp.shape.attentions * exposed + gather
-    return Cost(compute + exposed, compute, exposed, inp.shape.attentions * alone + gather, Traffic(), 0)
+    return Cost(compute + exposed, compute, exposed, inp.shape.attentions * alone + gather, Traffic(), 0, rows=rows)
 
 
 def _attention_exposure(inp, piece: int, attention: float, u: int, r: int) -> tuple[float, float]:
@@ -109,7 +112,8 @@ def _staged_group(inp, rows: int, stages: int) -> tuple[Cost, list[int]]:
     slowest = max(stage_costs(costs, cuts))
     handovers = [inp.link.seconds(rows * inp.shape.handover_bytes[c]) for c in cuts]
     exposed = max(0.0, max(handovers) - slowest)
-    return Cost(slowest + exposed, slowest, exposed, max(handovers), Traffic(), 0, whole + sum(handovers)), cuts
+    return (Cost(slowest + exposed, slowest, exposed, max(handovers), Traffic(), 0, whole + sum(handovers), rows),
+            cuts)
 
 
 def _stage_weights(inp, cuts: list[int]) -> int:

@@ -3,9 +3,9 @@ the call the bench makes) and its one-device times (measured here, on one device
 devices, as the bench's reference runs). Nothing here predicts; model.py does.
 
 Measured: the whole call for 1 row and for the job's rows (the fastest of `repeats`, taking turns, after one
-warm-up each), one
-token-mixing attention of one row (sequence models: torch's attention on the model's heads and tokens), the
-layer profile (UNets: models.stages.profile, what asyncdiff cuts by). Counted: the bytes a device receives per
+warm-up each), one token-mixing attention of one row (sequence models: torch's attention on the model's heads
+and tokens), what one rank of each sequence split computes for one row with its exchanges stubbed out (the
+bench's ideal does the same), the layer profile (UNets: models.stages.profile, what asyncdiff cuts by). Counted: the bytes a device receives per
 row, the prediction's, q/k/v widths, what crosses each cut of the layers, the weights (whole and per layer).
 """
 
@@ -15,15 +15,17 @@ import math
 import statistics
 import time
 from contextlib import contextmanager
+from dataclasses import replace
 
 import torch
 
+from .. import strategies
 from ..bench import sample_call
 from ..engine import sequence_hint
 from ..oracle import local_forward
 from ..portable import cpu_cores
 from .calibrate import HOST_OVERHEAD_S, tensor_bytes
-from .model import Inputs
+from .model import Inputs, meshes
 from .traffic import CallShape
 
 
@@ -100,6 +102,22 @@ def _attention_seconds(shape: CallShape, device, dtype, repeats: int) -> float:
         return fastest_seconds_of(lambda: torch.nn.functional.scaled_dot_product_attention(q, q, q), repeats)
 
 
+def _shard_seconds(model, resolution, splits, repeats: int) -> dict:
+    """{(ulysses, ring): one rank's compute for a one-row call in a sequence group of that split, its exchanges
+    stubbed out (the strategy's own `bench_part`)}, for each (strategy, split) in `splits`."""
+    from ..mesh import Mesh
+
+    call = sample_call(model, 1, resolution)
+    out = {}
+    for name, split in sorted(splits):
+        mesh = Mesh(name, 1, 1, split, math.prod(split))
+        degrees = mesh.degrees()
+        key = (degrees.get("ulysses", 1), degrees.get("ring", 1))
+        if key not in out:
+            out[key] = fastest_seconds_of(strategies.get(name).bench_part(model, call, mesh), repeats)
+    return out
+
+
 def measure_inputs(model, resolution: tuple[int, int], rows: int, branches: int, link, devices: int,
                    steps: int = 20, repeats: int = 3) -> Inputs:
     """The model's Inputs for a job of `rows` rows (`branches` 2: [uncond; cond]) on `devices` devices joined
@@ -113,6 +131,9 @@ def measure_inputs(model, resolution: tuple[int, int], rows: int, branches: int,
         attention = _attention_seconds(shape, weight.device, weight.dtype, repeats)
         layer_seconds, handover, layer_weights = _profile(model, resolution, repeats)
     shape = CallShape(**{**shape.__dict__, "handover_bytes": handover})
-    return Inputs(shape, model.family, branches, seconds, link, attention, layer_seconds,
-                  tensor_bytes(list(model.module.parameters())), layer_weights, model.memory_bytes(1, resolution),
-                  HOST_OVERHEAD_S[device][0], steps)
+    inputs = Inputs(shape, model.family, branches, seconds, link, attention, layer_seconds,
+                    tensor_bytes(list(model.module.parameters())), layer_weights, model.memory_bytes(1, resolution),
+                    HOST_OVERHEAD_S[device][0], steps)
+    splits = {(m.strategy, m.split) for m in meshes(inputs, devices) if strategies.get(m.strategy).splits_tokens}
+    with device_share(device, devices):
+        return replace(inputs, shard_seconds=_shard_seconds(model, resolution, splits, repeats))

@@ -5,8 +5,8 @@ time per call = the busiest device's compute (stretched by `contention` while ev
 the host's transfers to and from the devices (exposed) + the host's per-call overhead.
 A whole run adds what no split shares (Amdahl): `serial_seconds` (text encoder, VAE) once, and warm-up calls at
 their own cost (asyncdiff: the stages in turn). The one-device reference is the whole call, in process.
-Not modelled yet: asyncdiff's stride 2, work a sequence split repeats on every rank (Wan's text keys and values
-for cross-attention), devices sharing one link (a PCIe uplink), compute slowed by a concurrent transfer (beyond
+Work a sequence split repeats on every rank (Wan's text keys and values for cross-attention) counts where a
+rank's compute was measured (`shard_seconds`). Not modelled yet: asyncdiff's stride 2, devices sharing one link (a PCIe uplink), compute slowed by a concurrent transfer (beyond
 the contention measured with every device computing).
 """
 
@@ -31,7 +31,12 @@ class Inputs:
     weight_bytes: the model's weights; layer_weight_bytes: each layer's own (a stage holds its layers' and the
     rest); activation_bytes_per_row: a call's activations per row; host_overhead_s: per call, a pool's own cost;
     steps, warmup (exact steps of stale strategies), serial_seconds: the run around the calls; contention: how
-    much slower a device computes while every device computes (plan/probe.py; 1.0: not at all)."""
+    much slower a device computes one row while every device computes (plan/probe.py; 1.0: not at all);
+    contention_by_rows: ((rows, factor), ...) the same measured for calls of more rows (a larger working set
+    contends more for shared caches and memory bandwidth); shard_seconds: {(ulysses, ring): one device's time for
+    what one rank of a sequence group of that split computes for one row, its exchanges stubbed out (the
+    per-token layers of its tokens, its share of each attention, and the work every rank repeats)}; without
+    it a rank's compute is the call's over the group's size."""
 
     shape: CallShape
     family: str
@@ -48,21 +53,40 @@ class Inputs:
     warmup: int = 1
     serial_seconds: float = 0.0
     contention: float = 1.0
+    contention_by_rows: tuple = ()
+    shard_seconds: dict = field(default_factory=dict)
+
+    def contention_at(self, rows: int) -> float:
+        """The contention for calls of `rows` rows per device: linear between the measured row counts, the
+        nearest measured one beyond them."""
+        known = sorted({1: self.contention, **dict(self.contention_by_rows)}.items())
+        return _between(known, rows, lambda r, f: f)
+
+    def shard(self, rows: int, ulysses: int, ring: int) -> float:
+        """One rank's compute for `rows` rows in a sequence group of ulysses x ring ranks."""
+        one_row = self.shard_seconds.get((ulysses, ring))
+        if one_row is None:
+            return self.seconds(rows) / (ulysses * ring)
+        return one_row * self.seconds(rows) / self.seconds(1)
 
     def seconds(self, rows: int) -> float:
         """One device's time for `rows` rows: linear between the measured row counts, proportional beyond."""
-        known = sorted(self.call_seconds.items())
         if rows <= 0:
             return 0.0
-        for (r0, t0), (r1, t1) in zip(known, known[1:]):
-            if r0 <= rows <= r1:
-                return t0 + (t1 - t0) * (rows - r0) / (r1 - r0)
-        r, t = known[0] if rows < known[0][0] else known[-1]
-        return t * rows / r
+        return _between(sorted(self.call_seconds.items()), rows, lambda r, t: t * rows / r)
 
     @property
     def one_device(self) -> float:
         return self.seconds(self.shape.rows)
+
+
+def _between(known: list, rows: int, beyond) -> float:
+    """A figure for `rows` from (rows, figure) pairs sorted by rows: linear between two of them, beyond(r, f) of
+    the nearest outside them."""
+    for (r0, f0), (r1, f1) in zip(known, known[1:]):
+        if r0 <= rows <= r1:
+            return f0 + (f1 - f0) * (rows - r0) / (r1 - r0)
+    return beyond(*(known[0] if rows < known[0][0] else known[-1]))
 
 
 @dataclass(frozen=True)
@@ -111,7 +135,7 @@ def predict(inp: Inputs, mesh: Mesh) -> Candidate:
     host = host_traffic(mesh, inp.shape, inp.branches)
     groups = sum(1 for share in mesh.row_shares(inp.shape.rows, inp.branches) if len(share))
     host_s = inp.link.seconds(host.host_in, groups * mesh.inner) + inp.link.seconds(host.host_out, groups)
-    slowed = (inp.contention - 1.0) * cost.compute  # every device of the mesh computes at once
+    slowed = (inp.contention_at(cost.rows) - 1.0) * cost.compute  # every device of the mesh computes at once
     call = cost.busy + slowed + host_s + inp.host_overhead_s
     warm = (cost.warm if cost.warm is not None else cost.busy) + host_s + inp.host_overhead_s
     stale = not strategies.get(mesh.strategy).exact

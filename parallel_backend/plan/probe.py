@@ -5,7 +5,8 @@ slower each computes when all compute at once (shared cores, memory bandwidth, c
   strategy's exchanges do), fastest of `repeats`; latency = the small swap, bandwidth = the extra bytes over the
   extra time. Between CPU workers that is gloo over loopback; between GPUs, NCCL over whatever joins them.
 - contention: a one-row model call on rank 0 alone, then on every rank at once; the slowest rank's own compute
-  over the lone one (1.0 where the devices do not share anything that slows them);
+  over the lone one (1.0 where the devices do not share anything that slows them); again for a call of the
+  job's rows where a device may compute them all (a larger working set can contend more);
 - overhead: the host's wall time for the lone call less the worker's compute (the pool's cost per call).
 Neither runs the strategies the plan predicts, so a prediction made from them is not fitted to the run it
 predicts.
@@ -67,33 +68,36 @@ def measure_calls(engine, fingerprint: str, call, repeats: int = 3) -> tuple[flo
 
 @dataclass(frozen=True)
 class DeviceFigures:
-    """What plan/probe.py measured on a pool: the link (None for one device), the contention, the per-call
-    overhead (seconds)."""
+    """What plan/probe.py measured on a pool: the link (None for one device), the contention of one-row calls,
+    the per-call overhead (seconds), and the contention of larger calls where measured."""
 
     link: Link | None
     contention: float = 1.0
     overhead_s: float = 0.0
+    contention_by_rows: tuple = ()  # ((rows, factor), ...) for calls of more than one row, where measured
 
     def apply(self, inputs):
         """`inputs` (model.Inputs) with these figures in place of assumed ones."""
         return replace(inputs, link=self.link or inputs.link, contention=self.contention,
-                       host_overhead_s=self.overhead_s)
+                       contention_by_rows=self.contention_by_rows, host_overhead_s=self.overhead_s)
 
 
-def device_figures(engine, model, resolution: tuple[int, int]) -> DeviceFigures:
-    """The engine's pool measured for a bench model at `resolution` (its weights shipped once)."""
+def device_figures(engine, model, resolution: tuple[int, int], rows: int = 1) -> DeviceFigures:
+    """The engine's pool measured for a bench model at `resolution` (its weights shipped once); the contention
+    for one-row calls, and for calls of `rows` rows too where that is more."""
     from ..bench import sample_call
 
     link = measure_link(engine)
     fingerprint = engine.load(model.module, model.family)
     contention, overhead = measure_calls(engine, fingerprint, sample_call(model, 1, resolution))
-    return DeviceFigures(link, contention, overhead)
+    larger = ((rows, measure_calls(engine, fingerprint, sample_call(model, rows, resolution))[0]),) if rows > 1 else ()
+    return DeviceFigures(link, contention, overhead, larger)
 
 
-def probe_devices(devices, model, resolution: tuple[int, int]) -> DeviceFigures:
+def probe_devices(devices, model, resolution: tuple[int, int], rows: int = 1) -> DeviceFigures:
     """`device_figures` on a pool started on `devices` for the purpose and stopped after."""
     from ..engine import engine_for
     from ..pool import WorkerPool
 
     with WorkerPool(devices) as pool:
-        return device_figures(engine_for(pool), model, resolution)
+        return device_figures(engine_for(pool), model, resolution, rows)

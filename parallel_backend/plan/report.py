@@ -19,8 +19,9 @@ def inputs_line(inp: Inputs, overhead_source: str) -> str:
                      f"({inp.shape.tokens} tokens, {inp.shape.heads} heads)")
     if inp.layer_seconds:
         parts.append(f"layer profile of {len(inp.layer_seconds)} layers")
-    if inp.contention != 1.0:
-        parts.append(f"compute {inp.contention:.2f}x slower with every device busy (measured on the pool)")
+    if inp.contention != 1.0 or inp.contention_by_rows:
+        factors = ", ".join(f"{f:.2f}x at {r} rows" for r, f in ((1, inp.contention), *inp.contention_by_rows))
+        parts.append(f"compute slower with every device busy: {factors} (measured on the pool)")
     parts.append(f"host overhead {1000 * inp.host_overhead_s:.1f} ms per call ({overhead_source})")
     return "inputs: " + "; ".join(parts)
 
@@ -42,7 +43,8 @@ def as_json(header: dict, inp: Inputs, candidates: list[Candidate], choice: Choi
                                                     "latency_s": inp.link.latency, "source": inp.link.source},
             "inputs": {"call_seconds": {str(r): s for r, s in sorted(inp.call_seconds.items())},
                        "attention_seconds": inp.attention_seconds, "layers": len(inp.layer_seconds),
-                       "host_overhead_s": inp.host_overhead_s, "contention": inp.contention},
+                       "host_overhead_s": inp.host_overhead_s, "contention": inp.contention,
+                       "contention_by_rows": [list(pair) for pair in inp.contention_by_rows]},
             "candidates": [c.as_json() for c in candidates], "choice": {**choice.best.as_json(), "why": choice.reason}}
 
 
