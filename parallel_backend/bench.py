@@ -273,10 +273,13 @@ def _with_speeds(config, mode: str | None):
 def _speeds_ideal(executor, balance: str | None) -> dict:
     """With --balance: the ideal of mixed devices, the sum of their measured speeds over the fastest alone (the
     serial reference), and those speeds; the speeds of the first model and shape the pool measured."""
-    measured = list(executor.engine.state("device speeds").values()) if balance else []
+    from .speeds import speeds_of
+
+    measured = list(executor.engine.state("device speeds").values()) if balance else []  # one-row seconds
     if not measured:
         return {}
-    return {"ideal_speedup": sum(measured[0]), "device_speeds": list(measured[0])}
+    speeds = speeds_of(measured[0])
+    return {"ideal_speedup": sum(speeds), "device_speeds": list(speeds)}
 
 
 def _prediction(candidate, row: dict) -> dict:

@@ -148,8 +148,9 @@ class Engine:
                           {0: computed.wait_s}, computed.bytes_sent, {0: computed.extra})
 
     def plan_auto_with(self, **given) -> None:
-        """auto plans with these figures instead of the pool's measured ones, from the next call of every key on:
-        `link` (a plan.links.Link), `contention`, `overhead_s` (none: all measured)."""
+        """The plan takes these figures instead of the pool's measured ones (auto's choice, and which slow device
+        sits out, speeds.sized_mesh), from the next call of every key on: `link` (a plan.links.Link),
+        `contention`, `overhead_s` (none: all measured)."""
         unknown = set(given) - {"link", "contention", "overhead_s"}
         if unknown:
             raise ValueError(f"plan_auto_with takes link, contention and overhead_s; got {', '.join(sorted(unknown))}")

@@ -10,7 +10,8 @@ What uses them: row shares (batch, and batch inside cfg) are proportional to the
 rounding (`weighted_sizes`); asyncdiff's stage cut is balanced by the layer profile divided by each stage's
 speed (`schedule.balance`); ring's token shards are proportional to the speeds. cfg cannot rebalance: its two
 branches are two equal halves. A device whose share would make the call slower than leaving it out sits out
-(`sit_out`: the plan's arithmetic for row strategies, the busiest device's rows over its speed).
+(`sit_out`: the plan's time of the split, plan.model.row_split_seconds, from the measured one-row time and the
+pool's link, contention and overhead; with speeds given, the busiest device's rows over its speed).
 Pure, except `measure`, which asks the pool.
 """
 
@@ -88,15 +89,16 @@ def busiest(sizes, speeds) -> float:
     return max((n / s for n, s in zip(sizes, speeds) if n), default=0.0)
 
 
-def sit_out(total: int, speeds) -> list[int]:
+def sit_out(total: int, speeds, cost=busiest) -> list[int]:
     """The parts (indexes into `speeds`) that a split of `total` rows is faster without: the slowest go first,
-    one at a time, while dropping one does not make the busiest device slower (a device that does not help is
-    left out). Never all of them."""
+    one at a time, while dropping one does not make the call slower (a device that does not help is left out).
+    cost(sizes, speeds): a split's time (the plan's, plan.model.row_split_seconds, where the pool was measured;
+    else the busiest device's rows over its speed). Never all of them."""
     kept = sorted(range(len(speeds)), key=lambda i: (-speeds[i], i))
     while len(kept) > 1:
-        now = busiest(weighted_sizes(total, [speeds[i] for i in kept]), [speeds[i] for i in kept])
+        now = cost(weighted_sizes(total, [speeds[i] for i in kept]), [speeds[i] for i in kept])
         fewer = kept[:-1]
-        without = busiest(weighted_sizes(total, [speeds[i] for i in fewer]), [speeds[i] for i in fewer])
+        without = cost(weighted_sizes(total, [speeds[i] for i in fewer]), [speeds[i] for i in fewer])
         if without > now:
             break
         kept = fewer
@@ -108,8 +110,8 @@ def describe(speeds, devices) -> str:
 
 
 def measure(engine, fingerprint: str, call) -> tuple[float, ...]:
-    """Every worker's speed on one row of `call`: all workers at once, one untimed run then the fastest of
-    MEASURE_REPEATS (Computed.compute_s: the worker's own compute), relative to the fastest."""
+    """Every worker's seconds for one row of `call`: all workers at once, one untimed run then the fastest of
+    MEASURE_REPEATS (Computed.compute_s: the worker's own compute)."""
     from .messages import Forward
 
     one = call.select(range(0, 1))
@@ -120,7 +122,10 @@ def measure(engine, fingerprint: str, call) -> tuple[float, ...]:
         if repeat:
             for rank, computed in replies.items():
                 times[rank].append(computed.compute_s)
-    seconds = [min(times[rank]) for rank in ranks]
+    return tuple(min(times[rank]) for rank in ranks)
+
+
+def speeds_of(seconds) -> tuple[float, ...]:
     return relative([1.0 / max(s, 1e-9) for s in seconds])
 
 
@@ -149,6 +154,7 @@ def sized_mesh(engine, mesh, config, fingerprint: str, call):
     if wanted == "equal" or (wanted == "auto" and not pool_differs(engine.pool)):
         return mesh
     devices = engine.pool.devices
+    one_row_s = None  # the fastest device's measured seconds for one row (speeds given: not measured)
     if isinstance(wanted, tuple):
         if len(wanted) != len(devices):
             raise ValueError(f"device_speeds gives {len(wanted)} number(s) for {len(devices)} device(s) "
@@ -160,20 +166,23 @@ def sized_mesh(engine, mesh, config, fingerprint: str, call):
         known = engine.state("device speeds")
         if key not in known:
             known[key] = measure(engine, fingerprint, call)
-            engine.say(f"Tandem: measured device speeds (fastest = 1): {describe(known[key], devices)}")
-        speeds = known[key]
+            engine.say(f"Tandem: measured device speeds (fastest = 1): {describe(speeds_of(known[key]), devices)}")
+        speeds, one_row_s = speeds_of(known[key]), min(known[key])
     if min(speeds[:mesh.size]) == 1.0:
         return mesh
     speeds = list(speeds)
     if not strategies.get(mesh.strategy).axes and mesh.batch > 1:
         rows = call.rows // mesh.cfg
+        cost = busiest if one_row_s is None else _plan_cost(engine, fingerprint, call, one_row_s)
+        judge = ("each split's time as tandem plan predicts it: compute, contention, transfers, overhead"
+                 if one_row_s is not None else "the busiest device's rows over its speed")
         for half in range(mesh.cfg):
             ranks = [r for g in range(half * mesh.batch, (half + 1) * mesh.batch) for r in mesh.ranks(g)]
-            for index in sit_out(rows, [speeds[r] for r in ranks]):
+            for index in sit_out(rows, [speeds[r] for r in ranks], cost):
                 rank = ranks[index]
                 engine.say(f"Tandem: {devices[rank]} (worker {rank}) sits out calls of {rows} row(s): at speed "
                            f"{speeds[rank]:.2f} of the fastest, its share would make the call slower than the "
-                           "other devices take without it")
+                           f"other devices take without it ({judge})")
                 speeds[rank] = 0.0
     if mesh.cfg == 2:
         halves = [sum(speeds[r] for g in range(h * mesh.batch, (h + 1) * mesh.batch) for r in mesh.ranks(g))
@@ -182,3 +191,20 @@ def sized_mesh(engine, mesh, config, fingerprint: str, call):
             engine.say(f"Tandem: cfg cannot rebalance its two branches (two equal halves) over devices of speeds "
                        f"{' and '.join(f'{h:.2f}' for h in halves)}: the slower half sets the pace")
     return replace(mesh, speeds=tuple(speeds))
+
+
+def _plan_cost(engine, fingerprint: str, call, one_row_s: float):
+    """The plan's time of a row split (plan.model.row_split_seconds) for `call`: the fastest device's measured
+    one-row seconds, the pool's link, contention and overhead (measured once per pool and model, plan/probe.py)."""
+    from .plan.calibrate import tensor_bytes
+    from .plan.model import Inputs, row_split_seconds
+    from .plan.traffic import CallShape
+
+    figures = engine.auto.device_figures(engine, fingerprint, call)
+    if figures.link is None:
+        return busiest
+    rows = max(1, call.rows)
+    shape = CallShape(rows, tensor_bytes([call.x, call.t, call.context, call.extras]) // rows,
+                      tensor_bytes([call.x]) // rows)
+    inputs = figures.apply(Inputs(shape, "", 1, {1: one_row_s}, figures.link))
+    return lambda sizes, speeds: row_split_seconds(inputs, sizes, speeds)

@@ -153,6 +153,20 @@ def predict(inp: Inputs, mesh: Mesh) -> Candidate:
                      cost.transfer + host_s, reason)
 
 
+def row_split_seconds(inp: Inputs, sizes, speeds) -> float:
+    """One call whose rows are split `sizes` over devices of relative `speeds` (the device `inp` was measured on
+    is 1.0): the busiest device's compute (stretched by the contention where more than one computes) + the
+    host's transfers of the rows to and from the devices that compute + the per-call overhead. What decides
+    whether a slow device is worth its share (speeds.sit_out)."""
+    parts = [(n, speed) for n, speed in zip(sizes, speeds) if n]
+    crowded = len(parts) > 1
+    compute = max(inp.seconds(n) / speed * (inp.contention_at(n) if crowded else 1.0) for n, speed in parts)
+    rows = sum(n for n, _ in parts)
+    host = (inp.link.seconds(rows * inp.shape.input_bytes, len(parts))
+            + inp.link.seconds(rows * inp.shape.output_bytes, len(parts)))
+    return compute + host + inp.host_overhead_s
+
+
 def meshes(inp: Inputs, devices: int) -> list[Mesh]:
     """Every mesh of 2 to `devices` devices that the strategies with a cost can run this model on: cfg only with
     two branches, no more row groups than rows or devices, inner degrees of 2 or more that the model accepts."""

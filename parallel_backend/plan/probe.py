@@ -4,8 +4,8 @@ slower each computes when all compute at once (shared cores, memory bandwidth, c
 - link: ranks 0 and 1 swap a small and a large buffer at once (each direction carries the buffer, as every
   strategy's exchanges do), fastest of `repeats`; latency = the small swap, bandwidth = the extra bytes over the
   extra time. Between CPU workers that is gloo over loopback; between GPUs, NCCL over whatever joins them.
-- contention: a one-row model call on rank 0 alone, then on every rank at once; the slowest rank's own compute
-  over the lone one (1.0 where the devices do not share anything that slows them); again for a call of the
+- contention: a one-row model call on each rank alone, then on every rank at once; the largest of each rank's
+  compute among all over its own alone (1.0 where the devices do not share anything that slows them); again for a call of the
   job's rows where a device may compute them all (a larger working set can contend more);
 - overhead: the host's wall time for the lone call less the worker's compute (the pool's cost per call).
 Neither runs the strategies the plan predicts, so a prediction made from them is not fitted to the run it
@@ -46,24 +46,27 @@ def measure_link(engine, repeats: int = 5) -> Link | None:
 
 
 def measure_calls(engine, fingerprint: str, call, repeats: int = 3) -> tuple[float, float]:
-    """(contention, overhead): how much slower one device computes `call` (of the loaded model `fingerprint`)
-    while every device computes it too (the median over `repeats` of the slowest rank's compute, over rank 0's
-    alone), and the pool's own seconds per call: the host's
-    wall time for rank 0's lone call less that rank's compute (messages, pickling, the inputs and the output
-    crossing), median of `repeats`."""
+    """(contention, overhead): how much slower a device computes `call` (of the loaded model `fingerprint`)
+    while every device computes it too (per rank, the median over `repeats` of its compute among all over its
+    compute alone; the largest over the ranks: each against itself, so a slower device is not taken for
+    contention), and the pool's own seconds per call: the host's wall time for rank 0's lone call less that
+    rank's compute (messages, pickling, the inputs and the output crossing), median of `repeats`."""
     n = engine.device_count()
-    alone, together, overhead = [], [], []
+    alone, together, overhead = {r: [] for r in range(n)}, {r: [] for r in range(n)}, []
     for _ in range(repeats + 1):  # the first of each is a warm-up
-        started = time.perf_counter()
-        computed = engine.request({0: Forward(fingerprint, call)}, "timing one device alone")[0]
-        overhead.append(time.perf_counter() - started - computed.compute_s)
-        alone.append(computed.compute_s)
+        for rank in range(n):
+            started = time.perf_counter()
+            computed = engine.request({rank: Forward(fingerprint, call)}, "timing one device alone")[rank]
+            if rank == 0:
+                overhead.append(time.perf_counter() - started - computed.compute_s)
+            alone[rank].append(computed.compute_s)
         if n > 1:
             replies = engine.request({rank: Forward(fingerprint, call) for rank in range(n)},
                                      "timing every device at once")
-            together.append(max(reply.compute_s for reply in replies.values()))
-    contention = max(1.0, statistics.median(together[1:]) / statistics.median(alone[1:])) if n > 1 else 1.0
-    return contention, max(0.0, statistics.median(overhead[1:]))
+            for rank, reply in replies.items():
+                together[rank].append(reply.compute_s)
+    ratios = [statistics.median(together[r][1:]) / statistics.median(alone[r][1:]) for r in range(n) if n > 1]
+    return max([1.0, *ratios]), max(0.0, statistics.median(overhead[1:]))
 
 
 @dataclass(frozen=True)
