@@ -220,6 +220,7 @@ class PoolForward:
         if reason is None:
             try:
                 pool = RUNTIME.get_pool(self.config.devices)
+                pool.rejoin_missing(transformer_options[KEY]["id"])  # a run's first call: a machine left out may be back
             except Exception as exc:
                 reason = f"the worker pool is not available ({exc})"
         if pool is not None and len(pool.devices) < 2:

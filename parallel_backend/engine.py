@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, replace
 from . import strategies
 from .calls import ModelCall
 from .config import ParallelConfig, resolve_devices
-from .mesh import Mesh, SequenceHint, check_job, resolve
+from .mesh import Mesh, SequenceHint, check_job, fit, resolve
 from .messages import TimedForward
 from .models import sequence_refusal
 from .plan.calibrate import AutoPlans, whole_on_rank_0
@@ -98,6 +98,8 @@ class Engine:
         auto: the first two calls of a key run whole on rank 0, the second measured, and choose the key's mesh for
         the calls after them (plan/calibrate.py)."""
         with self._lock:
+            self.pool.rejoin_missing(call.job)  # a job's first call: a machine left out may be back
+            self.pool.start()  # before the mesh: a machine that cannot be reached leaves fewer devices
             named = strategies.get(config.strategy) if config.strategy != "auto" else None
             if named is not None:  # auto splits the sequence only of a model that has a sequence split
                 named.check_family(family)  # before any weights travel
@@ -112,7 +114,7 @@ class Engine:
                     self._say(f"Tandem: auto keeps this call to whole rows (cfg, batch): it has {refused}, which "
                               "a split by tokens cannot take")
             planned = named is None and self.device_count() > 1
-            mesh = None if planned else resolve(config, self.device_count(), call.branches, call.rows, hint)
+            mesh = None if planned else self._named_mesh(config, call, hint)
             fingerprint = self.pool.ensure_model(module, family, fingerprint)
             if planned:
                 key = self.auto.key(fingerprint, call, hint is not None, self.device_count())
@@ -131,6 +133,17 @@ class Engine:
         return CallResult(out, mesh, {r: c.compute_s for r, c in computed.items()},
                           {r: c.wait_s for r, c in computed.items()}, sum(c.bytes_sent for c in computed.values()),
                           {r: c.extra for r, c in computed.items()})
+
+    def _named_mesh(self, config: ParallelConfig, call: ModelCall, hint) -> Mesh:
+        """The mesh of a named strategy; on a pool running without a machine it could not reach, the one that
+        fits the devices left where the configured degrees no longer do (mesh.fit), said once."""
+        if not self.pool.left_out:
+            return resolve(config, self.device_count(), call.branches, call.rows, hint)
+        mesh = fit(config, self.device_count(), call.branches, call.rows, hint)
+        if mesh.strategy != config.strategy:
+            self._say(f"Tandem: strategy {config.strategy!r} does not fit the {self.device_count()} device(s) left "
+                      f"while {', '.join(self.pool.left_out)} is away: {mesh.describe()} instead (exact)")
+        return mesh
 
     def _measure_and_choose(self, family: str, call: ModelCall, fingerprint: str, hint, key) -> CallResult:
         """auto's measured call of a key: the whole call on rank 0, timed there (its output is the call's); the
@@ -238,8 +251,10 @@ class ParallelExecutor:
 
     def check_job(self, guided: bool) -> Mesh:
         """The mesh of a job's calls; refuses a job the config cannot serve (e.g. cfg at cfg = 1) before work
-        (a pool not started yet stays so: its devices are counted, not started)."""
-        return check_job(self.config, self.engine.device_count(), guided)
+        (a pool not started yet stays so: its devices are counted, not started). The devices counted are those
+        the pool names, also while it runs without a machine it could not reach (its calls then fit the devices
+        left: Engine._named_mesh)."""
+        return check_job(self.config, len(resolve_devices(self.pool.requested_devices)), guided)
 
     def new_job(self) -> None:
         """The next call starts a new sampling run (fresh stale state for approximate strategies)."""

@@ -17,6 +17,8 @@ Rank = (cfg_index * batch + batch_index) * inner + inner_index. Devices beyond t
 - a named strategy: the degrees the config gives, the rest from the strategy's defaults. A call holding one
   branch folds the cfg degree into batch (same ranks, so a strategy's per-rank state still fits).
 `check_job` refuses, before any work, a job that cannot use the mesh as configured (cfg at cfg = 1).
+`fit` is the mesh of a pool that runs without a machine it could not reach: as configured where that fits the
+devices left, else auto's exact rule for them.
 This module knows no model: what it needs of one comes in the hint, which the engine computes.
 """
 
@@ -121,6 +123,17 @@ def resolve(config, n_devices: int, branches: int = 2, rows: int | None = None,
     if branches == 1 and cfg == 2:
         mesh = Mesh(strategy.name, 1, batch * 2, split, n_devices)
     return mesh
+
+
+def fit(config, n_devices: int, branches: int = 2, rows: int | None = None,
+        sequence: SequenceHint | None = None) -> Mesh:
+    """The mesh on a pool that runs without some of its configured devices (another machine that cannot be
+    reached, pool.py): `resolve`'s where the config's degrees fit the `n_devices` left, else auto's exact mesh
+    for them (cfg 2 on one device: that device runs both branches in one call)."""
+    try:
+        return resolve(config, n_devices, branches, rows, sequence)
+    except ValueError:
+        return _auto(n_devices, branches, rows, sequence)
 
 
 def _inner_degrees(strategy, config, left: int) -> tuple[int, ...]:

@@ -9,6 +9,9 @@ worker that dies is noticed from its process ending, one that hangs from its sil
 slower than its kind's median; the error names that worker (not a peer that failed because of it) and the
 call, the pool tears itself down and starts afresh on the next job. Workers leave with the host (they watch
 its process) and no file of the pool outlives it (pool_files.py).
+
+Another machine that cannot be reached when the pool starts is left out, said in one log line, and tried again
+at the start of later jobs (`rejoin_missing`); when it answers, the pool restarts with every device.
 """
 
 from __future__ import annotations
@@ -172,6 +175,9 @@ class WorkerPool:
         self._finalizer = None
         self._link = None  # a pool across machines: its remote.RemoteLink (TLS listener, store, serve daemons)
         self.secret_file = secret_file
+        self.left_out: dict[str, tuple[str, ...]] = {}  # machine -> its devices, left out at the last start
+        self._rejoin_tried = 0.0  # time.monotonic() of the last attempt to reach a machine left out
+        self._last_job = object()  # the job of the last rejoin_missing call (nothing equals it at first)
         self.peak_memory: dict[int, int] = {}  # rank -> peak bytes, as of the last call that rank ran
 
     # ---- lifecycle -------------------------------------------------------------------------------------
@@ -227,6 +233,7 @@ class WorkerPool:
             raise
         try:
             if machines:
+                devices = self._leave_out(devices, self._link.reach())
                 self._spawn(devices, listener.address, authkey, self._link.rendezvous, self._link.interface, tls=True)
                 self._workers += self._link.join_machines(listener.address, self.start_timeout_s)
             else:
@@ -252,6 +259,43 @@ class WorkerPool:
         self._finalizer = weakref.finalize(self, pool_files.kill_and_remove, processes, self._dir)
         pool_files.track(self, processes, self._dir)
         return self
+
+    def _leave_out(self, devices: tuple[str, ...], missing: dict[str, str]) -> tuple[str, ...]:
+        """`devices` without those of the machines `missing` (machine -> why it cannot be reached), said in one
+        log line each; raises RuntimeError when no device is left."""
+        self.left_out = {name: tuple(d for d in devices if split_device(d)[0] == name) for name in missing}
+        kept = tuple(d for d in devices if split_device(d)[0] not in missing)
+        if missing and not kept:
+            raise RuntimeError("no device of the pool can be reached: " + "; ".join(missing.values()))
+        for name, why in missing.items():
+            log.warning("Tandem: %s; its device(s) %s are left out of the pool until it answers again (tried at the "
+                        "start of later jobs); the pool runs on %s", why, ", ".join(self.left_out[name]), ", ".join(kept))
+        self._rejoin_tried = time.monotonic()
+        return kept
+
+    def rejoin_missing(self, job) -> bool:
+        """Called by the engine before each call with the call's job (None: a job of one call): on a job's first
+        call only, when the pool runs without machines it could not reach, tries them again (one handshake of
+        remote.REJOIN_PROBE_S each, at most once per remote.rejoin_every_s()). When one answers, says so and shuts
+        the pool down, so that the job starts it afresh with every device; returns True then."""
+        with self._lock:
+            first_call, self._last_job = job is None or job != self._last_job, job
+            if not (first_call and self.left_out and self._workers):
+                return False
+            from . import remote
+            from .secure import read_secret
+
+            if time.monotonic() - self._rejoin_tried < remote.rejoin_every_s():
+                return False
+            self._rejoin_tried = time.monotonic()
+            secret = read_secret(self.secret_file)
+            back = [name for name in self.left_out if remote.answers(name, secret)]
+            if not back:
+                return False
+            log.warning("Tandem: %s answer(s) again: the pool restarts with every device (%s)", ", ".join(back),
+                        ", ".join(resolve_devices(self.requested_devices)))
+            self.shutdown()
+            return True
 
     def _spawn(self, devices: tuple[str, ...], address, authkey: bytes, rendezvous: str | None = None,
                interface: str | None = None, tls: bool = False) -> None:
@@ -333,7 +377,7 @@ class WorkerPool:
 
     def _teardown(self, grace_s: float = 0.0) -> None:
         workers, self._workers, self._loaded = self._workers, [], {}
-        self.peak_memory = {}
+        self.peak_memory, self.left_out = {}, {}
         deadline = time.monotonic() + grace_s
         for w in workers:
             try:

@@ -6,6 +6,9 @@ The host listens for its workers on the configured interface only, over TLS with
 That connection then carries the daemon's status of its workers (exit codes, heartbeats) every
 STATUS_PERIOD_S and the host's keep-alives; a daemon silent for LINK_TIMEOUT_S, or whose connection closes,
 makes its workers dead to the pool, with the machine named.
+
+A machine that cannot be reached when the pool starts is left out (`RemoteLink.reach`): the pool runs on the
+devices that are there, and tries the machine again at the start of a later job (`answers`, WorkerPool.rejoin_missing).
 """
 
 from __future__ import annotations
@@ -26,17 +29,43 @@ from .messages import Join, KeepAlive, KillWorkers, MachineStatus
 from .pool import _Worker
 from .secure import HandshakeError, certificate_for, connect_tls, server_context
 from .store_relay import StoreServer
-from .transport import HANDSHAKE_TIMEOUT_S, Channel, ChannelClosed, Listener
+from .transport import Channel, ChannelClosed, Listener
 
 log = logging.getLogger("tandem")
 STATUS_PERIOD_S = 0.5
 REACH_RETRY_S = 5.0  # how long the host retries reaching a machine's daemon at a pool's start
+REACH_TIMEOUT_S = 5.0  # one attempt's connect + handshake at a start: a machine is given up after at most 5 + 5 s
+REJOIN_PROBE_S = 2.0  # one attempt to reach a machine left out, at the start of a later job
 
 
 def link_timeout_s() -> float:
     """Seconds of silence after which the other end of a host-daemon connection counts as gone
     (TANDEM_LINK_TIMEOUT_S, default 6)."""
     return float(os.environ.get("TANDEM_LINK_TIMEOUT_S", "6"))
+
+
+def rejoin_every_s() -> float:
+    """The least seconds between two attempts to reach a machine the pool left out (TANDEM_REJOIN_S, default 30):
+    a machine still gone costs a job at most one attempt of REJOIN_PROBE_S, and no more often than this."""
+    text = os.environ.get("TANDEM_REJOIN_S", "").strip() or "30"
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise ValueError(f"TANDEM_REJOIN_S={text!r} is not a number of seconds") from None
+    if not seconds >= 0:
+        raise ValueError(f"TANDEM_REJOIN_S={text!r} must be 0 or more seconds")
+    return seconds
+
+
+def answers(name: str, secret: bytes, timeout_s: float = REJOIN_PROBE_S) -> bool:
+    """Whether machine `name` (HOST:PORT) has a `tandem worker serve` that completes the secret's handshake
+    within `timeout_s`; the connection is closed at once (the daemon logs a host that left)."""
+    host, port = name.rsplit(":", 1)
+    try:
+        connect_tls((host.strip("[]"), int(port)), secret, timeout_s).close()
+    except (HandshakeError, OSError):
+        return False
+    return True
 
 
 def versions() -> dict:
@@ -78,13 +107,14 @@ class Machine:
         self._outbox: queue.Queue = queue.Queue()
         self._closed = False
 
-    def join(self, join: Join, timeout_s: float) -> None:
-        """Asks the daemon for workers; raises RuntimeError with a sentence naming the machine if it cannot."""
+    def connect(self) -> None:
+        """Reaches the daemon (TLS and the secret's proofs), retrying for REACH_RETRY_S; raises RuntimeError with
+        a sentence naming the machine if it cannot."""
         host, port = self.name.rsplit(":", 1)
         retry_until = time.monotonic() + REACH_RETRY_S  # a link just back up may need a moment (ARP, routes)
         while True:
             try:
-                conn = connect_tls((host.strip("[]"), int(port)), self.secret, HANDSHAKE_TIMEOUT_S)
+                conn = connect_tls((host.strip("[]"), int(port)), self.secret, REACH_TIMEOUT_S)
                 break
             except HandshakeError as exc:
                 raise RuntimeError(f"{self.name}: its `tandem worker serve` refused this host or was refused ({exc}); "
@@ -96,6 +126,9 @@ class Machine:
                 raise RuntimeError(f"{self.name}: cannot reach a `tandem worker serve` there ({exc}); is it running, "
                                    "and is its port open in the firewall?") from None
         self._channel = Channel(conn, self.name)
+
+    def join(self, join: Join, timeout_s: float) -> None:
+        """Asks the daemon reached by `connect` for workers; raises RuntimeError naming the machine if it cannot."""
         try:
             self._channel.send(join)
             reply = self._channel.recv(timeout=timeout_s)
@@ -219,8 +252,21 @@ class RemoteLink:
         self.rendezvous = self.store.init_method
         self.machines = {name: Machine(name, secret) for name in remote_machines(devices)}
 
+    def reach(self) -> dict[str, str]:
+        """Reaches every other machine's daemon; those that cannot be reached (refused, silent, or failing the
+        handshake) are dropped with their devices. Returns machine -> why, for each one dropped."""
+        missing = {}
+        for name, machine in list(self.machines.items()):
+            try:
+                machine.connect()
+            except RuntimeError as exc:
+                missing[name] = str(exc)
+                del self.machines[name]
+        self.devices = tuple(d for d in self.devices if split_device(d)[0] not in missing)
+        return missing
+
     def join_machines(self, address: tuple[str, int], timeout_s: float) -> list[RemoteWorker]:
-        """Asks every other machine for its workers, which then connect to `address`; returns them."""
+        """Asks every machine `reach` reached for its workers, which then connect to `address`; returns them."""
         workers = []
         for name, machine in self.machines.items():
             ranks = tuple(r for r, d in enumerate(self.devices) if split_device(d)[0] == name)

@@ -149,12 +149,16 @@ def sized_mesh(engine, mesh, config, fingerprint: str, call):
     from dataclasses import replace
 
     from . import strategies
+    from .config import split_device
 
     wanted = config.device_speeds
     if wanted == "equal" or (wanted == "auto" and not pool_differs(engine.pool)):
         return mesh
     devices = engine.pool.devices
     one_row_s = None  # the fastest device's measured seconds for one row (speeds given: not measured)
+    if isinstance(wanted, tuple) and engine.pool.left_out:  # a machine away: the speeds of the devices left
+        wanted = tuple(speed for speed, device in zip(wanted, engine.pool.requested_devices)
+                       if split_device(device)[0] not in engine.pool.left_out)
     if isinstance(wanted, tuple):
         if len(wanted) != len(devices):
             raise ValueError(f"device_speeds gives {len(wanted)} number(s) for {len(devices)} device(s) "

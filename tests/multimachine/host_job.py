@@ -6,14 +6,18 @@ strategy the tiny bench model's sampler loop on the pool vs one device. Prints o
 --hold FILE: after the jobs, keep the pool up until FILE exists (the test looks at the listening sockets and
 sends them garbage), then run one more batch job: {"after_hold": max diff, "starts": pool starts}.
 --fault-steps N: then run eleven jobs of N steps (N < 1000), printing {"event": "running"} first; a WorkerError is printed as
-{"error": ..., "seconds": ...} and one more job is tried (once the file --resume names exists, if given), its
-result or error printed as {"next": ...}.
+{"error": ..., "seconds": ...} and one more cfg job is tried (once the file --resume names exists, if given), its
+result or error printed as {"next": "ok" or the error, "max_diff", "meshes", "devices", "shipped", "log", "seconds"}
+(against one device; the meshes its calls ran on, the pool's devices then, the weights bytes shipped for it,
+the "tandem" log lines since the last job). --rejoin FILE: then, once FILE exists, one more such job,
+printed as {"rejoin": ...}.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -30,6 +34,45 @@ def say(**fields) -> None:
     print(json.dumps(fields), flush=True)
 
 
+class LogLines(logging.Handler):
+    """The "tandem" log's messages, taken out by `take` (what was logged since the last call)."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+        logger = logging.getLogger("tandem")
+        logger.addHandler(self)
+        logger.setLevel(logging.INFO)
+
+    def emit(self, record) -> None:
+        self.lines.append(record.getMessage())
+
+    def take(self) -> list[str]:
+        lines, self.lines = self.lines, []
+        return lines
+
+
+def wait_for(path: str | None) -> None:
+    until = time.monotonic() + 120
+    while path and not Path(path).exists() and time.monotonic() < until:
+        time.sleep(0.1)
+
+
+def job_after_fault(key: str, model, pool, devices: str, resolution, log: LogLines) -> None:
+    """One cfg job of 2 steps on the pool, vs one device; printed under `key` (module doc)."""
+    job = job_for("cfg")
+    reference = run_loop(model, job, resolution, 2, 0).latents
+    shipped, started = pool.stats.weights_bytes_shipped, time.monotonic()
+    try:
+        result = run_loop(model, job, resolution, 2, 0, executor=ParallelExecutor(pool, ParallelConfig(devices, "cfg")))
+    except (WorkerError, RuntimeError, OSError) as exc:
+        say(**{key: f"{type(exc).__name__}: {exc}"}, log=log.take(), seconds=time.monotonic() - started)
+        return
+    say(**{key: "ok"}, max_diff=(result.latents - reference).abs().max().item(),
+        meshes=sorted({call["mesh"].describe() for call in result.calls}), devices=list(pool.devices),
+        shipped=pool.stats.weights_bytes_shipped - shipped, log=log.take(), seconds=time.monotonic() - started)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("devices")
@@ -37,7 +80,9 @@ def main() -> None:
     parser.add_argument("--hold", default=None)
     parser.add_argument("--fault-steps", type=int, default=0)
     parser.add_argument("--resume", default=None, help="after the fault, wait for this file before the next job")
+    parser.add_argument("--rejoin", default=None, help="then wait for this file and run one more job")
     args = parser.parse_args()
+    log = LogLines()
     model = build_bench_model("tiny")
     resolution = (model.default_resolution,) * 2
     pool = WorkerPool(args.devices, start_timeout_s=90, hang_floor_s=20)
@@ -73,14 +118,12 @@ def main() -> None:
                 say(error=None, seconds=time.monotonic() - started)
             except WorkerError as exc:
                 say(error=str(exc), seconds=time.monotonic() - started)
-            until = time.monotonic() + 120
-            while args.resume and not Path(args.resume).exists() and time.monotonic() < until:
-                time.sleep(0.1)
-            try:
-                run_loop(model, job_for("batch"), resolution, 2, 0, executor=ParallelExecutor(pool, config))
-                say(next="ok")
-            except (WorkerError, RuntimeError, OSError) as exc:
-                say(next=f"{type(exc).__name__}: {exc}")
+            log.take()
+            wait_for(args.resume)
+            job_after_fault("next", model, pool, args.devices, resolution, log)
+            if args.rejoin:
+                wait_for(args.rejoin)
+                job_after_fault("rejoin", model, pool, args.devices, resolution, log)
     finally:
         pool.shutdown()
     say(event="done")

@@ -94,10 +94,15 @@ def _gone_but(machines, namespace: str, *allowed: int, wait_s: float = 15.0) -> 
 
 
 @pytest.mark.parametrize("fault", ["kill_serve", "link_down"])
-def test_a_remote_machine_lost_mid_job_is_a_clear_error_in_time(machines, serve, tmp_path, fault):
+def test_a_remote_machine_lost_mid_job_is_a_clear_error_then_left_out_until_it_rejoins(machines, serve, tmp_path,
+                                                                                      fault):
+    """The job in flight fails in time naming the machine; the next job runs on the host's own device (cfg 2
+    re-resolved for one device) and equals one device, with one log line; once the machine is back, the job
+    after that runs on both again."""
     process, log = serve
-    resume = tmp_path / "resume"
-    host = machines.host(DEVICES, "--strategies", "batch", "--fault-steps", "500", "--resume", str(resume))
+    resume, rejoin = tmp_path / "resume", tmp_path / "rejoin"
+    host = machines.host(DEVICES, "--strategies", "batch", "--fault-steps", "500", "--resume", str(resume),
+                         "--rejoin", str(rejoin), TANDEM_REJOIN_S="0")  # try the machine at every job's start
     try:
         assert read_line(host, 240)["max_diff"] <= ATOL
         assert read_line(host, 60)["event"] == "running"
@@ -116,20 +121,52 @@ def test_a_remote_machine_lost_mid_job_is_a_clear_error_in_time(machines, serve,
         else:
             # the daemon stops the host's workers once the host has been silent too long, and stays up
             assert _gone_but(machines, machines.b, process.pid, wait_s=30), machines.pids(machines.b)
-            machines.run_in(machines.b, "ip", "link", "set", machines.veth_b, "up")
-        resume.write_text("")
+        resume.write_text("")  # the machine is still gone: the next job runs without it
         after = read_line(host, 240)
-        if fault == "link_down":
-            assert after["next"] == "ok", after  # the machine rejoins the pool when its link is back
+        assert after["next"] == "ok" and after["max_diff"] <= ATOL, after
+        assert after["devices"] == ["cpu"] and after["meshes"] == ["batch (cfg 1 x batch 1)"], after
+        left_out = [line for line in after["log"] if "left out" in line]
+        assert len(left_out) == 1 and f"{REMOTE_IP}:{SERVE_PORT}/cpu" in left_out[0], after["log"]
+        if fault == "kill_serve":
+            process = machines.serve(tmp_path / "serve-again.log")
         else:
-            assert "cannot reach" in after["next"] and f"{REMOTE_IP}:{SERVE_PORT}" in after["next"], after
+            machines.run_in(machines.b, "ip", "link", "set", machines.veth_b, "up")
+            _wait_for_carrier(machines)
+        rejoin.write_text("")
+        back = read_line(host, 240)
+        assert back["rejoin"] == "ok" and back["max_diff"] <= ATOL, back
+        # the remote rank ran: cfg 2 on the two devices, the weights shipped to it again
+        assert back["devices"] == ["cpu", f"{REMOTE_IP}:{SERVE_PORT}/cpu"], back
+        assert back["meshes"] == ["cfg (cfg 2 x batch 1)"] and back["shipped"] > 0, back
+        assert [line for line in back["log"] if "again" in line and f"{REMOTE_IP}:{SERVE_PORT}" in line], back["log"]
         assert read_line(host, 60)["event"] == "done"
         host.wait(timeout=30)
     finally:
         if host.poll() is None:
             host.kill()
             host.wait(timeout=30)
+        if process.poll() is None and fault == "kill_serve":
+            process.kill()
+            process.wait(timeout=30)
     assert _gone_but(machines, machines.a), f"processes left in the host's namespace: {machines.pids(machines.a)}"
+    assert _gone_but(machines, machines.b, *([process.pid] if process.poll() is None else [])), \
+        f"processes left in namespace B: {machines.pids(machines.b)}"
+    assert not _pool_folders(host.pid), _pool_folders(host.pid)
+
+
+def _wait_for_carrier(machines, wait_s: float = 10.0) -> None:
+    """The host's end of the veth pair has its carrier back (the peer's link is up)."""
+    until = time.monotonic() + wait_s
+    while "NO-CARRIER" in machines.run_in(machines.a, "ip", "link", "show", machines.veth_a).stdout:
+        assert time.monotonic() < until, "the host's veth has no carrier 10 s after the link came up"
+        time.sleep(0.1)
+
+
+def _pool_folders(pid: int) -> list[str]:
+    """The pool folders process `pid` made that still exist (pool_files.PREFIX, in /dev/shm or the temp folder)."""
+    import tempfile
+
+    return [str(f) for root in ("/dev/shm", tempfile.gettempdir()) for f in Path(root).glob(f"tandem-pool-{pid}-*")]
 
 
 def _is_serve(pid: int) -> bool:

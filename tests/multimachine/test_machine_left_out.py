@@ -1,0 +1,109 @@
+"""A pool naming another machine that cannot be reached, on loopback (no namespaces, no root): it starts with
+the devices that are there and says so in one log line, its jobs equal one device, it tries the machine again
+at most once per job and no more often than TANDEM_REJOIN_S, and once a `tandem worker serve` answers there the
+next job runs on every device. No device left is a clear error. (tests/multimachine/test_two_machines.py
+does the same across two network namespaces, with the machine lost mid-job.)"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+
+import pytest
+
+from parallel_backend import remote
+from parallel_backend.benchmodels import build_bench_model
+from parallel_backend.config import ParallelConfig
+from parallel_backend.engine import ParallelExecutor
+from parallel_backend.oracle import job_for, run_loop
+from parallel_backend.pool import WorkerPool, loopback_interface
+from parallel_backend.portable import temp_root
+
+ATOL = 1e-4  # fp32 on CPU (TESTING.md)
+STEPS = 2
+
+pytestmark = pytest.mark.skipif(loopback_interface() != "lo", reason="needs a loopback interface named 'lo' (Linux)")
+
+
+@pytest.fixture
+def secret_file(tmp_path):
+    path = tmp_path / "secret"
+    path.write_text(os.urandom(32).hex())
+    return path
+
+
+def _free_port() -> int:
+    with socket.create_server(("127.0.0.1", 0)) as sock:
+        return sock.getsockname()[1]
+
+
+def _job(model, pool, devices: str) -> tuple[float, list[str]]:
+    """A cfg job on the pool: its largest difference from one device and the meshes its calls ran on."""
+    resolution = (model.default_resolution,) * 2
+    reference = run_loop(model, job_for("cfg"), resolution, STEPS, 0).latents
+    result = run_loop(model, job_for("cfg"), resolution, STEPS, 0,
+                      executor=ParallelExecutor(pool, ParallelConfig(devices, "cfg")))
+    return (result.latents - reference).abs().max().item(), sorted({c["mesh"].describe() for c in result.calls})
+
+
+def _my_pool_folders() -> list:
+    from pathlib import Path
+    import tempfile
+
+    root = Path(temp_root() or tempfile.gettempdir())
+    return sorted(root.glob(f"tandem-pool-{os.getpid()}-*"))
+
+
+def test_a_machine_that_cannot_be_reached_is_left_out_until_it_answers(secret_file, monkeypatch, caplog):
+    port = _free_port()  # nothing listens there yet
+    machine = f"127.0.0.1:{port}"
+    devices = f"cpu,{machine}/cpu"
+    attempts = []
+    answers = remote.answers
+    monkeypatch.setattr(remote, "answers", lambda *args: attempts.append(args[0]) or answers(*args))
+    monkeypatch.setenv("TANDEM_REJOIN_S", "3600")
+    model = build_bench_model("tiny")
+    pool = WorkerPool(devices, secret_file=str(secret_file), interface="lo", start_timeout_s=60)
+    daemon = None
+    try:
+        with caplog.at_level(logging.INFO, logger="tandem"):
+            diff, meshes = _job(model, pool, devices)
+        assert diff <= ATOL and meshes == ["batch (cfg 1 x batch 1)"], (diff, meshes)  # cfg 2 on the one device left
+        assert pool.devices == ("cpu",) and pool.left_out == {machine: (f"{machine}/cpu",)}
+        said = [r.getMessage() for r in caplog.records if "left out" in r.getMessage()]
+        assert len(said) == 1 and f"{machine}/cpu" in said[0] and "cannot reach" in said[0], said
+
+        from parallel_backend.serve import ServeDaemon
+
+        daemon = ServeDaemon(f"127.0.0.1:{port}", "cpu:1", str(secret_file), interface="lo")
+        threading.Thread(target=daemon.serve_forever, daemon=True).start()
+        diff, meshes = _job(model, pool, devices)  # within TANDEM_REJOIN_S of the last attempt: not tried
+        assert diff <= ATOL and pool.devices == ("cpu",) and attempts == [], (attempts, pool.devices)
+
+        monkeypatch.setenv("TANDEM_REJOIN_S", "0")
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="tandem"):
+            diff, meshes = _job(model, pool, devices)
+        assert attempts == [machine], attempts  # one attempt, at the job's first call only
+        assert diff <= ATOL and meshes == ["cfg (cfg 2 x batch 1)"], (diff, meshes)
+        assert pool.devices == ("cpu", f"{machine}/cpu") and not pool.left_out
+        assert [r for r in caplog.records if "again" in r.getMessage() and machine in r.getMessage()]
+    finally:
+        pool.shutdown()
+        if daemon is not None:
+            daemon.stop()
+    until = time.monotonic() + 15  # the daemon (in this process) removes its workers' folder once the host left
+    while _my_pool_folders() and time.monotonic() < until:
+        time.sleep(0.1)
+    assert not _my_pool_folders(), _my_pool_folders()
+
+
+def test_no_device_left_is_a_clear_error(secret_file):
+    machine = f"127.0.0.1:{_free_port()}"
+    pool = WorkerPool(f"{machine}/cpu", secret_file=str(secret_file), interface="lo")
+    with pytest.raises(RuntimeError, match=f"no device of the pool can be reached: {machine}: cannot reach"):
+        pool.start()
+    assert not pool.started and not pool.left_out and not _my_pool_folders()
