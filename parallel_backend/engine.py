@@ -140,7 +140,7 @@ class Engine:
         if not self.pool.left_out:
             return resolve(config, self.device_count(), call.branches, call.rows, hint)
         mesh = fit(config, self.device_count(), call.branches, call.rows, hint)
-        if mesh.strategy != config.strategy:
+        if config.strategy != "auto" and mesh.strategy != config.strategy:
             self._say(f"Tandem: strategy {config.strategy!r} does not fit the {self.device_count()} device(s) left "
                       f"while {', '.join(self.pool.left_out)} is away: {mesh.describe()} instead (exact)")
         return mesh

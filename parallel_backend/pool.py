@@ -274,10 +274,11 @@ class WorkerPool:
         return kept
 
     def rejoin_missing(self, job) -> bool:
-        """Called by the engine before each call with the call's job (None: a job of one call): on a job's first
-        call only, when the pool runs without machines it could not reach, tries them again (one handshake of
-        remote.REJOIN_PROBE_S each, at most once per remote.rejoin_every_s()). When one answers, says so and shuts
-        the pool down, so that the job starts it afresh with every device; returns True then."""
+        """Called before each call (by the engine, and ComfyUI's node) with the call's job (None: a job of one
+        call), never within a request. On a job's first call only, when the pool runs without machines it could
+        not reach, tries them again (one handshake of remote.REJOIN_PROBE_S each, at most once per
+        remote.rejoin_every_s()). When one answers, says so and shuts the pool down, so that the job starts it
+        afresh with every device; returns True then."""
         with self._lock:
             first_call, self._last_job = job is None or job != self._last_job, job
             if not (first_call and self.left_out and self._workers):
@@ -318,6 +319,7 @@ class WorkerPool:
         settings a pool across machines needs are given; None for a pool of this machine only."""
         if not machines:
             return None
+        from .remote import rejoin_every_s
         from .secure import read_secret
 
         self.secret_file = self.secret_file or os.environ.get("TANDEM_SECRET_FILE") or None
@@ -331,6 +333,7 @@ class WorkerPool:
             raise ValueError(f"devices name other machines ({named}): give the network interface that reaches "
                              "them (interface=, TANDEM_INTERFACE or --interface, e.g. eth1); the pool listens "
                              "only there")
+        rejoin_every_s()  # TANDEM_REJOIN_S checked before anything starts
         return read_secret(self.secret_file)
 
     def _handshake(self, listener: Listener) -> None:

@@ -29,13 +29,13 @@ from .messages import Join, KeepAlive, KillWorkers, MachineStatus
 from .pool import _Worker
 from .secure import HandshakeError, certificate_for, connect_tls, server_context
 from .store_relay import StoreServer
-from .transport import Channel, ChannelClosed, Listener
+from .transport import HANDSHAKE_TIMEOUT_S, Channel, ChannelClosed, Listener
 
 log = logging.getLogger("tandem")
 STATUS_PERIOD_S = 0.5
 REACH_RETRY_S = 5.0  # how long the host retries reaching a machine's daemon at a pool's start
-REACH_TIMEOUT_S = 5.0  # one attempt's connect + handshake at a start: a machine is given up after at most 5 + 5 s
-REJOIN_PROBE_S = 2.0  # one attempt to reach a machine left out, at the start of a later job
+REACH_TIMEOUT_S = 5.0  # one attempt's connect at a start: a machine that takes no connection is given up in 5 + 5 s
+REJOIN_PROBE_S = 2.0  # one attempt to connect to a machine left out, at the start of a later job
 
 
 def link_timeout_s() -> float:
@@ -58,12 +58,14 @@ def rejoin_every_s() -> float:
 
 
 def answers(name: str, secret: bytes, timeout_s: float = REJOIN_PROBE_S) -> bool:
-    """Whether machine `name` (HOST:PORT) has a `tandem worker serve` that completes the secret's handshake
-    within `timeout_s`; the connection is closed at once (the daemon logs a host that left)."""
+    """Whether machine `name` (HOST:PORT) takes a connection within `timeout_s` and its `tandem worker serve`
+    completes the secret's handshake (each step within HANDSHAKE_TIMEOUT_S: a busy machine that answers is not
+    missed); the connection is closed at once (the daemon logs a host that left)."""
     host, port = name.rsplit(":", 1)
     try:
-        connect_tls((host.strip("[]"), int(port)), secret, timeout_s).close()
-    except (HandshakeError, OSError):
+        connect_tls((host.strip("[]"), int(port)), secret, HANDSHAKE_TIMEOUT_S, connect_timeout_s=timeout_s).close()
+    except (HandshakeError, OSError) as exc:
+        log.debug("Tandem: %s still cannot be reached (%s: %s)", name, type(exc).__name__, exc)
         return False
     return True
 
@@ -114,7 +116,8 @@ class Machine:
         retry_until = time.monotonic() + REACH_RETRY_S  # a link just back up may need a moment (ARP, routes)
         while True:
             try:
-                conn = connect_tls((host.strip("[]"), int(port)), self.secret, REACH_TIMEOUT_S)
+                conn = connect_tls((host.strip("[]"), int(port)), self.secret, HANDSHAKE_TIMEOUT_S,
+                                   connect_timeout_s=REACH_TIMEOUT_S)
                 break
             except HandshakeError as exc:
                 raise RuntimeError(f"{self.name}: its `tandem worker serve` refused this host or was refused ({exc}); "

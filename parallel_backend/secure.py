@@ -208,9 +208,12 @@ def accept_tls(raw: socket.socket, secret: bytes, context: ssl.SSLContext, timeo
     return conn
 
 
-def connect_tls(address: tuple[str, int], secret: bytes, timeout_s: float) -> TlsConnection:
-    """Client side: connect, TLS, both proofs within `timeout_s`; raises HandshakeError or OSError."""
-    raw = socket.create_connection(tuple(address), timeout=timeout_s)
+def connect_tls(address: tuple[str, int], secret: bytes, timeout_s: float,
+                connect_timeout_s: float | None = None) -> TlsConnection:
+    """Client side: connect (within `connect_timeout_s`, default `timeout_s`), TLS, both proofs, each step within
+    `timeout_s`; raises HandshakeError or OSError."""
+    raw = socket.create_connection(tuple(address), timeout=connect_timeout_s or timeout_s)
+    raw.settimeout(timeout_s)
     try:
         sock = _client_context().wrap_socket(raw)
         fingerprint = hashlib.sha256(sock.getpeercert(binary_form=True)).digest()

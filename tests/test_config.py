@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from parallel_backend.config import ParallelConfig, parse_devices, resolve_devices
-from parallel_backend.mesh import Mesh, SequenceHint, check_job, resolve
+from parallel_backend.mesh import Mesh, SequenceHint, check_job, fit, resolve
 
 
 def plan_rows(rows: int, branches: int, degrees: dict) -> list[range]:
@@ -74,6 +74,17 @@ def test_cfg_degree_two_with_cfg_one_is_refused_per_job():
     assert check_job(config, 2, guided=True).degrees() == {"cfg": 2, "batch": 1}
     with pytest.raises(ValueError, match="cfg degree 2 needs cfg > 1; this job runs with cfg=1.0"):
         check_job(config, 2, guided=False)
+
+
+def test_a_pool_without_a_machine_fits_the_mesh_to_the_devices_left():
+    """mesh.fit: the configured mesh where it still fits, else auto's exact rule for the devices left."""
+    with pytest.raises(ValueError, match="cfg 2 x batch 1 = 2 devices, but there are 1"):
+        resolve(ParallelConfig("cpu:2", "cfg"), 1)
+    assert fit(ParallelConfig("cpu:2", "cfg"), 1) == Mesh("batch", 1, 1, (), 1)  # both branches on the one device
+    config = ParallelConfig("cpu:4", "asyncdiff", stages=4)
+    assert fit(config, 3) == Mesh("cfg", 2, 1, (), 3)
+    assert fit(ParallelConfig("cpu:4", "cfg"), 3) == resolve(ParallelConfig("cpu:4", "cfg"), 3)  # still fits: as is
+    assert fit(ParallelConfig("cpu:4", "batch"), 2, branches=1, rows=2).degrees() == {"cfg": 1, "batch": 2}
 
 
 def test_auto_picks_cfg_with_guidance_and_batch_without():

@@ -38,11 +38,11 @@ class LogLines(logging.Handler):
     """The "tandem" log's messages, taken out by `take` (what was logged since the last call)."""
 
     def __init__(self):
-        super().__init__(logging.INFO)
+        super().__init__(logging.DEBUG)
         self.lines: list[str] = []
         logger = logging.getLogger("tandem")
         logger.addHandler(self)
-        logger.setLevel(logging.INFO)
+        logger.setLevel(logging.DEBUG)
 
     def emit(self, record) -> None:
         self.lines.append(record.getMessage())

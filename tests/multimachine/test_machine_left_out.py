@@ -9,8 +9,10 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -50,9 +52,7 @@ def _job(model, pool, devices: str) -> tuple[float, list[str]]:
 
 
 def _my_pool_folders() -> list:
-    from pathlib import Path
-    import tempfile
-
+    """This process's pool folders (pool_files.PREFIX + its pid), the pool's and the in-process daemon's."""
     root = Path(temp_root() or tempfile.gettempdir())
     return sorted(root.glob(f"tandem-pool-{os.getpid()}-*"))
 
@@ -66,6 +66,7 @@ def test_a_machine_that_cannot_be_reached_is_left_out_until_it_answers(secret_fi
     monkeypatch.setattr(remote, "answers", lambda *args: attempts.append(args[0]) or answers(*args))
     monkeypatch.setenv("TANDEM_REJOIN_S", "3600")
     model = build_bench_model("tiny")
+    before = _my_pool_folders()  # another test's pool in this process may hold one
     pool = WorkerPool(devices, secret_file=str(secret_file), interface="lo", start_timeout_s=60)
     daemon = None
     try:
@@ -96,14 +97,25 @@ def test_a_machine_that_cannot_be_reached_is_left_out_until_it_answers(secret_fi
         if daemon is not None:
             daemon.stop()
     until = time.monotonic() + 15  # the daemon (in this process) removes its workers' folder once the host left
-    while _my_pool_folders() and time.monotonic() < until:
+    while set(_my_pool_folders()) - set(before) and time.monotonic() < until:
         time.sleep(0.1)
-    assert not _my_pool_folders(), _my_pool_folders()
+    assert _my_pool_folders() == before, _my_pool_folders()
 
 
 def test_no_device_left_is_a_clear_error(secret_file):
     machine = f"127.0.0.1:{_free_port()}"
     pool = WorkerPool(f"{machine}/cpu", secret_file=str(secret_file), interface="lo")
+    before = _my_pool_folders()
     with pytest.raises(RuntimeError, match=f"no device of the pool can be reached: {machine}: cannot reach"):
         pool.start()
-    assert not pool.started and not pool.left_out and not _my_pool_folders()
+    assert not pool.started and not pool.left_out and _my_pool_folders() == before
+
+
+@pytest.mark.parametrize("value, problem", [("soon", "is not a number"), ("-1", "must be 0 or more")])
+def test_a_bad_rejoin_interval_is_refused_before_a_start(secret_file, monkeypatch, value, problem):
+    monkeypatch.setenv("TANDEM_REJOIN_S", value)
+    pool = WorkerPool(f"cpu,127.0.0.1:{_free_port()}/cpu", secret_file=str(secret_file), interface="lo")
+    before = _my_pool_folders()
+    with pytest.raises(ValueError, match=f"TANDEM_REJOIN_S='{value}' {problem}"):
+        pool.start()
+    assert not pool.started and _my_pool_folders() == before
