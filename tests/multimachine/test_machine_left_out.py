@@ -42,12 +42,12 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _job(model, pool, devices: str) -> tuple[float, list[str]]:
-    """A cfg job on the pool: its largest difference from one device and the meshes its calls ran on."""
+def _job(model, pool, devices: str, strategy: str = "cfg", **knobs) -> tuple[float, list[str]]:
+    """A job on the pool: its largest difference from one device and the meshes its calls ran on."""
     resolution = (model.default_resolution,) * 2
-    reference = run_loop(model, job_for("cfg"), resolution, STEPS, 0).latents
-    result = run_loop(model, job_for("cfg"), resolution, STEPS, 0,
-                      executor=ParallelExecutor(pool, ParallelConfig(devices, "cfg")))
+    reference = run_loop(model, job_for(strategy), resolution, STEPS, 0).latents
+    result = run_loop(model, job_for(strategy), resolution, STEPS, 0,
+                      executor=ParallelExecutor(pool, ParallelConfig(devices, strategy, **knobs)))
     return (result.latents - reference).abs().max().item(), sorted({c["mesh"].describe() for c in result.calls})
 
 
@@ -76,6 +76,8 @@ def test_a_machine_that_cannot_be_reached_is_left_out_until_it_answers(secret_fi
         assert pool.devices == ("cpu",) and pool.left_out == {machine: (f"{machine}/cpu",)}
         said = [r.getMessage() for r in caplog.records if "left out" in r.getMessage()]
         assert len(said) == 1 and f"{machine}/cpu" in said[0] and "cannot reach" in said[0], said
+        diff, meshes = _job(model, pool, devices, "batch", device_speeds="1,0.5")  # the speed of the device left
+        assert diff <= ATOL and meshes == ["batch (cfg 1 x batch 1)"], (diff, meshes)
 
         from parallel_backend.serve import ServeDaemon
 
