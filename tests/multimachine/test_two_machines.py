@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import HOST_IP, REMOTE_IP, REPO, SERVE_PORT, environment, listeners, read_line
+from .conftest import HOST_IP, REMOTE_IP, REPO, SERVE_PORT, environment, finish_host, listeners, read_line, stop_host
 
 INTRUDERS = Path(__file__).with_name("intruders.py")
 
@@ -123,12 +123,9 @@ def test_a_remote_machine_lost_mid_job_is_a_clear_error_in_time(machines, serve,
             assert after["next"] == "ok", after  # the machine rejoins the pool when its link is back
         else:
             assert "cannot reach" in after["next"] and f"{REMOTE_IP}:{SERVE_PORT}" in after["next"], after
-        assert read_line(host, 60)["event"] == "done"
-        host.wait(timeout=30)
+        finish_host(host)
     finally:
-        if host.poll() is None:
-            host.kill()
-            host.wait(timeout=30)
+        stop_host(host)
     assert _gone_but(machines, machines.a), f"processes left in the host's namespace: {machines.pids(machines.a)}"
 
 
