@@ -44,11 +44,14 @@ def model_bytes(module) -> int:
 def weights_hash(module, family: str) -> str:
     """sha256 of what a model is, independent of any process: its family, class, and each state_dict entry's
     name, dtype, shape and bytes. Names a model in another machine's weights cache, across host restarts.
-    Reads every byte of the weights (about a second per GiB): see cached_weights_hash."""
+    Reads every byte of the weights: see cached_weights_hash."""
     import torch
 
     digest = hashlib.sha256(f"{family}|{type(module).__module__}.{type(module).__qualname__}".encode())
     for name, tensor in module.state_dict().items():
+        if not isinstance(tensor, torch.Tensor):  # a module's extra state: its type only (its repr may hold ids)
+            digest.update(repr((name, type(tensor).__qualname__)).encode())
+            continue
         flat = tensor.detach().to("cpu").contiguous().reshape(-1)
         digest.update(repr((name, str(tensor.dtype), tuple(tensor.shape))).encode())
         digest.update(flat.view(torch.uint8).numpy() if flat.numel() else b"")

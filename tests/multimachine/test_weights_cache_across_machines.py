@@ -46,25 +46,33 @@ def _cached(folder) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
 
 
+class CachedServe:
+    """`tandem worker serve` with two CPU workers and its weights cache in `folder`/cache."""
+
+    def __init__(self, machines, folder):
+        self.machines, self.folder, self.cache, self.process = machines, folder, folder / "cache", None
+
+    def start(self, gib: float) -> None:
+        self.process = self.machines.serve(self.folder / "serve.log", devices="cpu:2", cache_dir=self.cache,
+                                           cache_gib=gib)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+        if self.process is not None:
+            self.process.wait(timeout=30)
+
+
 @pytest.fixture
-def serve_with_cache(machines, tmp_path):
-    """Starts `tandem worker serve` (two CPU workers) with a weights cache in tmp_path bounded to `gib`."""
-    started = []
-
-    def start(gib: float):
-        started.append(machines.serve(tmp_path / "serve.log", devices="cpu:2", cache_dir=tmp_path / "cache",
-                                      cache_gib=gib))
-        return tmp_path / "cache"
-
-    yield start
-    for process in started:
-        if process.poll() is None:
-            process.kill()
-        process.wait(timeout=30)
+def remote(machines, tmp_path):
+    serve = CachedServe(machines, tmp_path)
+    yield serve
+    serve.stop()
 
 
-def test_a_model_is_sent_to_a_machine_once_and_not_after_the_host_restarts(machines, serve_with_cache):
-    cache = serve_with_cache(1.0)
+def test_a_model_is_sent_to_a_machine_once_and_not_after_host_or_daemon_restarts(machines, remote):
+    remote.start(1.0)
+    cache = remote.cache
     model_hash, image_bytes = _tiny(0)
     first = _job(machines)
     assert first["sent"] == {MACHINE: image_bytes}, first  # once for the machine, not once per worker (two)
@@ -72,14 +80,19 @@ def test_a_model_is_sent_to_a_machine_once_and_not_after_the_host_restarts(machi
     second = _job(machines)  # a new host process: a new fingerprint, the same weights
     assert second["sent"] == {MACHINE: 0}, second
     assert second["shipped"] == first["shipped"] - image_bytes, (first, second)  # only this machine's worker's file
-    print(f"image {image_bytes} B; first job sent {first['sent']}, shipped {first['shipped']}; "
-          f"second sent {second['sent']}, shipped {second['shipped']}")
+    remote.stop()  # the daemon restarts too: the cache is its folder, nothing held in memory
+    remote.start(1.0)
+    third = _job(machines)
+    assert third["sent"] == {MACHINE: 0}, third
+    print(f"image {image_bytes} B; first job sent {first['sent']}, shipped {first['shipped']}; second (new host) "
+          f"sent {second['sent']}, shipped {second['shipped']}; third (new daemon) sent {third['sent']}")
 
 
-def test_a_bound_smaller_than_two_models_evicts_the_older(machines, serve_with_cache):
+def test_a_bound_smaller_than_two_models_evicts_the_older(machines, remote):
     (a_hash, a_bytes), (b_hash, b_bytes) = _tiny(0), _tiny(1)
     assert a_hash != b_hash
-    cache = serve_with_cache(1.5 * max(a_bytes, b_bytes) / 2**30)
+    remote.start(1.5 * max(a_bytes, b_bytes) / 2**30)
+    cache = remote.cache
     assert _job(machines, variant=0)["sent"] == {MACHINE: a_bytes}
     assert _job(machines, variant=1)["sent"] == {MACHINE: b_bytes}
     assert _cached(cache) == [f"{b_hash}.pt"]  # a went to make room
