@@ -177,3 +177,15 @@ def test_serve_refuses_a_cache_folder_it_cannot_write_before_listening(tmp_path)
         ServeDaemon("127.0.0.1:0", "cpu:1", str(secret), interface="lo", cache_dir=str(tmp_path / "w"),
                     cache_size_gib="0")
     assert cache_size_bytes("0.5") == 2**29
+
+
+def test_tandem_worker_serve_refuses_a_bad_cache_size_in_one_line(tmp_path, capsys):
+    from parallel_backend import cli
+
+    secret = tmp_path / "secret"
+    secret.write_text("s" * 32)
+    code = cli.main(["worker", "serve", "--listen", "127.0.0.1:0", "--devices", "cpu:1", "--secret-file",
+                     str(secret), "--cache-dir", str(tmp_path / "w"), "--cache-size", "-2"])
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1 and "--cache-size '-2'" in err, err
+    assert not (tmp_path / "w").exists()  # refused before anything was made
