@@ -310,7 +310,8 @@ def cmd_workflow_compare(args) -> int:
 def cmd_worker_serve(args) -> int:
     from . import serve
 
-    return serve.main(args.listen, args.devices, args.secret_file, args.interface, args.comfyui)
+    return serve.main(args.listen, args.devices, args.secret_file, args.interface, args.comfyui, args.cache_dir,
+                      args.cache_size)
 
 
 def _add_machine_options(parser):
@@ -472,6 +473,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "holds the --listen address)")
     serve.add_argument("--comfyui", default=None, help="ComfyUI's root folder, for hosts that run ComfyUI (its "
                        "version must match the host's)")
+    serve.add_argument("--cache-dir", default=None, help="where the models hosts send are kept, named by a hash of "
+                       "their weights, so each crosses the network once (default: ~/.cache/tandem/weights)")
+    serve.add_argument("--cache-size", default=50.0, help="the weights cache's bound in GiB (default 50): the least "
+                       "recently used models are removed to stay within it; it must hold the largest model")
     serve.set_defaults(run=cmd_worker_serve)
     return parser
 

@@ -24,7 +24,7 @@ class Hello:
 @dataclass(frozen=True)
 class Load:
     """Hold this model, from a file (`path`), the host's own GPU copy (`shared`: CUDA IPC) or, on another machine,
-    its torch.save image sent along (`blob`: a uint8 tensor, raw bytes on the channel), besides the ones
+    the file its weights cache holds under the content hash `cached` (weights_cache.py), besides the ones
     in `keep` (the host's choice of what stays loaded; every other model is dropped first). `bytes`: the
     weights' size, so a GPU worker short of memory drops the kept models too (its reply says what it holds)."""
 
@@ -34,6 +34,25 @@ class Load:
     shared: bytes | None = None
     keep: tuple[str, ...] = ()
     bytes: int = 0
+    cached: str | None = None
+
+
+@dataclass(frozen=True)
+class HoldsWeights:
+    """Another machine's worker: does your machine's weights cache hold `weights_hash`? Reply value:
+    {"held": bool, "limit": the cache's bound in bytes}. Asked of one worker per machine."""
+
+    weights_hash: str
+
+
+@dataclass(frozen=True)
+class StoreWeights:
+    """Another machine's worker: keep this torch.save image (`blob`: a uint8 tensor, raw bytes on the channel) in
+    your machine's weights cache under `weights_hash`, once it hashes to that value (of model family `family`).
+    Sent to one worker per machine that lacks it; every worker of that machine then loads the cached file."""
+
+    weights_hash: str
+    family: str
     blob: Any = None
 
 

@@ -34,6 +34,7 @@ from .config import parse_devices, remote_machines, resolve_devices, split_devic
 from .deadlines import SILENT_S, CallClock, load_bound
 from .messages import Hello, Ping, Reply, RunSetup, Shutdown, Unload
 from .portable import cpu_cores
+from .remote_weights import send_to_machines
 from .shipping import load_requests, model_bytes, model_fingerprint
 from .transport import Channel, ChannelClosed, Listener, ready
 from .worker import heartbeat_path
@@ -57,7 +58,8 @@ MAX_FAILURES_KEPT = 20
 class PoolStats:
     starts: int = 0  # the first start, then one per restart after a failure
     model_loads: int = 0
-    weights_bytes_shipped: int = 0
+    weights_bytes_shipped: int = 0  # written for this machine's workers, plus sent to other machines
+    weights_bytes_per_machine: dict = field(default_factory=dict)  # "HOST:PORT" -> bytes sent to its cache
     calls: int = 0
     refused_connections: int = 0  # connections to the start-up handshake that failed authentication
     last_load_seconds: float = 0.0
@@ -429,7 +431,7 @@ class WorkerPool:
             started = time.monotonic()
             try:
                 for rank, message in requests.items():
-                    workers[rank].channel.send(message)
+                    self._send(workers[rank], message, what)
                 replies = self._gather(workers, what, deadline, stop_on_error=collective)
             except WorkerError as exc:
                 self._note_failure(str(exc))
@@ -445,6 +447,16 @@ class WorkerPool:
             if failed:
                 raise self._reply_error(workers, failed[0], what, collective)
         return replies
+
+    @staticmethod
+    def _send(worker, message, what: str) -> None:
+        """Sends a worker its work; a connection that closes meanwhile (the worker, or its machine, is gone) is
+        a WorkerError naming the worker and its device, like any other loss."""
+        try:
+            worker.channel.send(message)
+        except (ChannelClosed, OSError) as exc:
+            raise WorkerError(f"{worker.name} ({worker.device}), {what}: its connection closed while the host sent "
+                              f"it work ({exc}); the worker or its machine is gone", worker.device, worker.rank) from None
 
     def _reply_error(self, workers: dict, failed: tuple, what: str, collective: bool) -> WorkerError:
         """The error for a worker's error reply, blaming a peer that died or hangs when there is one (its
@@ -538,8 +550,11 @@ class WorkerPool:
             started = time.perf_counter()
             nbytes = model_bytes(module)
             keep = self._models_to_keep(nbytes)
+            remote = [w for w in self._workers if "/" in w.device]
+            cached, sent = send_to_machines(self.request, remote, module, family, fingerprint,
+                                            self.clock.first_s) if remote else (None, {})
             requests, path, shipped = load_requests(module, family, fingerprint, self._workers, self._dir,
-                                                    keep=keep, nbytes=nbytes)
+                                                    keep=keep, nbytes=nbytes, cached=cached)
             try:
                 replies = self.request(requests, "loading the model",
                                        deadline=load_bound(nbytes, self.clock.first_s))
@@ -550,7 +565,10 @@ class WorkerPool:
             self._loaded = {f: size for f, size in self._loaded.items() if f in held}
             self._loaded[fingerprint] = nbytes
             self.stats.model_loads += 1
-            self.stats.weights_bytes_shipped += shipped
+            self.stats.weights_bytes_shipped += shipped + sum(sent.values())
+            per_machine = self.stats.weights_bytes_per_machine
+            for machine, nsent in sent.items():
+                per_machine[machine] = per_machine.get(machine, 0) + nsent
             self.stats.last_load_seconds = time.perf_counter() - started
         return fingerprint
 
@@ -592,12 +610,13 @@ def core_shares(n: int) -> list[tuple[int, ...]]:
 
 def spawn_worker(rank: int, world: int, device: str, connect: str, rendezvous: str, folder: Path, authkey: bytes, *,
                  pg_timeout_s: float, watch_pid: int, interface: str | None, import_paths: tuple[str, ...] = (),
-                 cores: tuple[int, ...] = (), tls: bool = False, test_slowdown: float = 1.0
-                 ) -> tuple[subprocess.Popen, Path]:
+                 cores: tuple[int, ...] = (), tls: bool = False, test_slowdown: float = 1.0,
+                 weights_cache: tuple[str, int] | None = None) -> tuple[subprocess.Popen, Path]:
     """Starts one worker process (`python -m parallel_backend.worker`) that connects to `connect` (HOST:PORT),
     joins the group at `rendezvous`, and ends when process `watch_pid` does; returns it and its log file.
     cores: a CPU worker's cores (its threads and pinning); interface: where gloo/NCCL bind; test_slowdown: tests
-    only, the factor its heavy compute is repeated by (slowdown.py)."""
+    only, the factor its heavy compute is repeated by (slowdown.py); weights_cache: (folder, bound in bytes) of
+    the serving machine's weights cache (weights_cache.py), for a worker of another machine."""
     # The host's paths first: the pack's own folders (e.g. a ComfyUI pack's nodes/) never shadow them.
     env = dict(os.environ, TANDEM_AUTHKEY=authkey.hex(),
                PYTHONPATH=os.pathsep.join(filter(None, [*import_paths, os.environ.get("PYTHONPATH"), PACKAGE_PARENT])))
@@ -608,6 +627,8 @@ def spawn_worker(rank: int, world: int, device: str, connect: str, rendezvous: s
                "--host-pid", str(watch_pid), "--pool-dir", str(folder)] + (["--tls"] if tls else [])
     if test_slowdown != 1.0:
         command += ["--test-slowdown", str(test_slowdown)]
+    if weights_cache is not None:
+        command += ["--weights-cache", str(weights_cache[0]), "--weights-cache-bytes", str(weights_cache[1])]
     if cores:
         env["OMP_NUM_THREADS"] = str(len(cores))
         command += ["--threads", str(len(cores)), "--cpus", ",".join(map(str, cores))]

@@ -8,7 +8,8 @@ worker per device (`python -m parallel_backend.worker`, the same program as on t
 the host's listener over TLS. While the host is there the daemon reports its workers' state every
 STATUS_PERIOD_S; when the host goes (its connection closes, or it is silent for LINK_TIMEOUT_S) the daemon
 kills the workers and removes their folder, then waits for the next host. Workers watch the daemon's process
-too, so killing the daemon leaves none behind.
+too, so killing the daemon leaves none behind. The workers share this machine's weights cache (--cache-dir,
+--cache-size; weights_cache.py): a model is sent to the machine once and survives restarts of either side.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from .pool import _tail, core_shares, spawn_worker
 from .remote import STATUS_PERIOD_S, interface_of, link_timeout_s, versions
 from .secure import HandshakeError, accept_tls, certificate_for, read_secret, server_context
 from .transport import HANDSHAKE_TIMEOUT_S, Channel, ChannelClosed
+from .weights_cache import DEFAULT_SIZE_GIB, WeightsCache, cache_size_bytes, default_cache_dir
 from .worker import heartbeat_path
 
 log = logging.getLogger("tandem")
@@ -72,7 +74,7 @@ class ServeDaemon:
     """This machine's devices, served to one host at a time from `listen` (ADDRESS:PORT)."""
 
     def __init__(self, listen: str, devices: str, secret_file: str, interface: str | None = None,
-                 comfyui: str | None = None):
+                 comfyui: str | None = None, cache_dir: str | None = None, cache_size_gib=DEFAULT_SIZE_GIB):
         self.host, self.port = parse_listen(listen)
         self.devices = parse_devices(devices)
         if any(split_device(d)[0] is not None for d in self.devices):
@@ -85,6 +87,7 @@ class ServeDaemon:
                              "address of the interface the pool's machines share (or --interface NAME)")
         self.comfyui = comfyui
         self.versions = {**versions(), "comfyui": comfyui_version(comfyui)}
+        self.cache = WeightsCache(cache_dir or default_cache_dir(), cache_size_bytes(cache_size_gib))
         self.tls = server_context(*certificate_for(secret_file))
         self.sock = socket.create_server((self.host, self.port), backlog=16)
         self.port = self.sock.getsockname()[1]
@@ -95,6 +98,11 @@ class ServeDaemon:
     def serve_forever(self) -> None:
         log.warning("Tandem: serving %s on %s:%d (TLS; gloo/NCCL on %s) for one host at a time",
                     ",".join(self.devices), self.host, self.port, self.interface)
+        partial = self.cache.remove_partial()  # uploads cut short by a kill: never named by their hash
+        entries = self.cache.entries()
+        log.warning("Tandem: weights cache %s: %d model(s), %.2f of %.2f GiB (%d partial upload(s) removed)",
+                    self.cache.folder, len(entries), sum(size for _, size, _ in entries) / 2**30,
+                    self.cache.limit / 2**30, partial)
         self.sock.settimeout(0.5)
         while not self._stopping.is_set():
             try:
@@ -181,7 +189,8 @@ class Session:
             self.workers[rank] = spawn_worker(
                 rank, join.world, device, join.connect, join.rendezvous, self.folder, join.authkey,
                 pg_timeout_s=join.pg_timeout, watch_pid=os.getpid(), interface=self.daemon.interface,
-                import_paths=import_paths, cores=shares.get(rank, ()), tls=True)
+                import_paths=import_paths, cores=shares.get(rank, ()), tls=True,
+                weights_cache=(str(self.daemon.cache.folder), self.daemon.cache.limit))
 
     def _status(self) -> MachineStatus:
         import psutil
@@ -235,11 +244,12 @@ class Session:
                         len(self.workers))
 
 
-def main(listen: str, devices: str, secret_file: str, interface: str | None = None, comfyui: str | None = None) -> int:
+def main(listen: str, devices: str, secret_file: str, interface: str | None = None, comfyui: str | None = None,
+         cache_dir: str | None = None, cache_size_gib=DEFAULT_SIZE_GIB) -> int:
     """Runs `tandem worker serve` until interrupted."""
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    daemon = ServeDaemon(listen, devices, secret_file, interface, comfyui)
+    daemon = ServeDaemon(listen, devices, secret_file, interface, comfyui, cache_dir, cache_size_gib)
     try:
         daemon.serve_forever()
     finally:

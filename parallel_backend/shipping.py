@@ -1,7 +1,9 @@
 """Model shipping: which weights the workers hold (a fingerprint) and how a model reaches them.
 
 A worker on the GPU that holds the host's copy maps that copy through CUDA IPC (no second copy on that
-device); every other worker maps one file the host writes once (in shared memory where the platform has it).
+device); every other worker of this machine maps one file the host writes once (in shared memory where the
+platform has it); a worker of another machine loads the file its machine's weights cache holds under the
+weights' content hash (weights_hash; remote_weights.py sends it there once).
 """
 
 from __future__ import annotations
@@ -9,11 +11,14 @@ from __future__ import annotations
 import hashlib
 import itertools
 import weakref
+from collections import OrderedDict
 from pathlib import Path
 
 from .messages import Load
 
 _TENSOR_LISTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_WEIGHTS_HASHES: OrderedDict = OrderedDict()  # fingerprint -> weights_hash, the most recently used last
+_WEIGHTS_HASHES_KEPT = 32
 
 
 def model_fingerprint(module, family: str) -> str:
@@ -36,27 +41,62 @@ def model_bytes(module) -> int:
     return sum(t.numel() * t.element_size() for t in module.state_dict().values())
 
 
+def weights_hash(module, family: str) -> str:
+    """sha256 of what a model is, independent of any process: its family, class, and each state_dict entry's
+    name, dtype, shape and bytes. Names a model in another machine's weights cache, across host restarts.
+    Reads every byte of the weights: see cached_weights_hash."""
+    import torch
+
+    digest = hashlib.sha256(f"{family}|{type(module).__module__}.{type(module).__qualname__}".encode())
+    for name, tensor in module.state_dict().items():
+        if not isinstance(tensor, torch.Tensor):  # a module's extra state: its type only (its repr may hold ids)
+            digest.update(repr((name, type(tensor).__qualname__)).encode())
+            continue
+        flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+        digest.update(repr((name, str(tensor.dtype), tuple(tensor.shape))).encode())
+        digest.update(flat.view(torch.uint8).numpy() if flat.numel() else b"")
+    return digest.hexdigest()
+
+
+def cached_weights_hash(module, family: str, fingerprint: str) -> str:
+    """weights_hash, computed once per fingerprint in this process (a changed model has a new fingerprint, so
+    an in-place LoRA merge is hashed again)."""
+    if fingerprint not in _WEIGHTS_HASHES:
+        _WEIGHTS_HASHES[fingerprint] = weights_hash(module, family)
+        while len(_WEIGHTS_HASHES) > _WEIGHTS_HASHES_KEPT:
+            _WEIGHTS_HASHES.popitem(last=False)
+    _WEIGHTS_HASHES.move_to_end(fingerprint)
+    return _WEIGHTS_HASHES[fingerprint]
+
+
+def torch_save_image(module):
+    """`module`'s torch.save image as a uint8 tensor (sent as raw bytes on a channel)."""
+    import io
+
+    import torch
+
+    image = io.BytesIO()
+    torch.save(module, image)
+    return torch.frombuffer(bytearray(image.getbuffer()), dtype=torch.uint8)
+
+
 def load_requests(module, family: str, fingerprint: str, workers, folder: Path, keep: tuple[str, ...] = (),
-                  nbytes: int = 0) -> tuple[dict, Path | None, int]:
+                  nbytes: int = 0, cached: str | None = None) -> tuple[dict, Path | None, int]:
     """The Load message of every worker (objects with .rank and .device), the file written for the workers
     that copy (None if none does; the caller removes it once they have loaded) and the bytes it holds.
-    keep: the models the workers keep beside this one; nbytes: its size (see messages.Load)."""
+    keep: the models the workers keep beside this one; nbytes: its size (see messages.Load); cached: the
+    weights_hash under which the workers of other machines find the model in their machine's cache (already
+    sent there: remote_weights.send_to_machines)."""
     import torch
 
     host_gpu = _only_cuda_device(module)
     sharing = {w.rank for w in workers if w.device == host_gpu}
-    remote = {w.rank for w in workers if "/" in w.device}  # another machine's: the weights travel on its channel
+    remote = {w.rank for w in workers if "/" in w.device}  # another machine's: it loads from that machine's cache
     copying = {w.rank for w in workers} - sharing - remote
+    if remote and cached is None:
+        raise ValueError("workers of other machines load from their machine's weights cache: pass `cached`")
     path, shipped = None, 0
-    requests = {}
-    if remote:
-        import io
-
-        image = io.BytesIO()
-        torch.save(module, image)
-        blob = torch.frombuffer(bytearray(image.getbuffer()), dtype=torch.uint8)
-        requests.update({rank: Load(fingerprint, family, blob=blob, keep=keep, bytes=nbytes) for rank in remote})
-        shipped += len(remote) * blob.numel()
+    requests = {rank: Load(fingerprint, family, cached=cached, keep=keep, bytes=nbytes) for rank in remote}
     if copying:
         path = folder / f"model-{fingerprint[:16]}.pt"
         torch.save(module, path)

@@ -17,9 +17,11 @@ import time
 import traceback
 from pathlib import Path
 
-from .messages import Computed, Forward, Hello, Load, Ping, Reply, RunSetup, Shutdown, TimedForward, Unload
+from .messages import (Computed, Forward, Hello, HoldsWeights, Load, Ping, Reply, RunSetup, Shutdown, StoreWeights,
+                       TimedForward, Unload)
 from .models.stages import synchronize
 from .portable import peak_memory_bytes, pin_to_cores, process_alive, reset_peak_memory
+from .weights_cache import WeightsCache, cached_model_path, holds_weights, store_weights
 
 WATCHDOG_PERIOD_S = 0.5
 
@@ -73,6 +75,8 @@ def _parse_args(argv):
     parser.add_argument("--pg-timeout", type=float, default=60.0, help="process-group timeout, seconds")
     parser.add_argument("--host-pid", type=int, default=0, help="exit when this process ends (0: don't watch)")
     parser.add_argument("--pool-dir", default="", help="the pool's folder: heartbeat file; removed if the host dies")
+    parser.add_argument("--weights-cache", default="", help="another machine's worker: its weights cache folder")
+    parser.add_argument("--weights-cache-bytes", type=int, default=0, help="that cache's bound, in bytes")
     parser.add_argument("--test-slowdown", type=float, default=1.0,
                         help="tests only: repeat heavy compute this many times, a stand-in for a slower card")
     return parser.parse_args(argv)
@@ -91,6 +95,7 @@ class WorkerState:
         self.slots: dict[tuple[str, str], object] = {}  # (fingerprint, owner) -> a strategy's worker-side state
         self._restore: dict[str, object] = {}  # fingerprint -> puts the model back whole after a strategy split it
         self.test_slowdown = 1.0  # tests only: heavy compute repeated this many times (slowdown.py)
+        self.weights_cache = None  # another machine's worker: its machine's WeightsCache (weights_cache.py)
 
     def load(self, message: Load) -> dict:
         import torch
@@ -101,13 +106,7 @@ class WorkerState:
         if message.shared is None and self._short_of_memory(message.bytes):
             for fingerprint in list(self.models):
                 self._drop(fingerprint)
-        if message.blob is not None:
-            # Another machine's worker: the weights came over the control channel, as a torch.save image.
-            import io
-
-            module = torch.load(io.BytesIO(message.blob.numpy().tobytes()), map_location="cpu", weights_only=False)
-            module = module.to(self.device).eval().requires_grad_(False)
-        elif message.shared is not None:
+        if message.shared is not None:
             # The host's own copy on this GPU, mapped through CUDA IPC handles: nothing is copied.
             import pickle
 
@@ -116,8 +115,10 @@ class WorkerState:
             module = pickle.loads(message.shared).eval().requires_grad_(False)
             module._tandem_shared_with_host = True  # never moved off the device (that would copy it)
         else:
-            # mmap: CPU workers share the host's page-cache copy instead of each holding their own.
-            module = torch.load(message.path, mmap=True, map_location="cpu", weights_only=False)
+            # mmap: CPU workers share the page-cache copy of the host's file (or, on another machine, of the
+            # machine's cached one) instead of each holding their own.
+            path = message.path if message.cached is None else cached_model_path(self, message.cached)
+            module = torch.load(path, mmap=True, map_location="cpu", weights_only=False)
             module = module.to(self.device).eval().requires_grad_(False)
         self.models[message.fingerprint] = (module, message.family)
         return {"seconds": time.perf_counter() - started, "held": list(self.models)}
@@ -206,7 +207,8 @@ def timed_forward(state: WorkerState, message: TimedForward) -> Computed:
 
 
 HANDLERS = {Load: WorkerState.load, Unload: WorkerState.unload, Forward: WorkerState.forward,
-            TimedForward: timed_forward, Ping: WorkerState.ping, RunSetup: run_setup}
+            TimedForward: timed_forward, Ping: WorkerState.ping, RunSetup: run_setup, HoldsWeights: holds_weights,
+            StoreWeights: store_weights}
 
 
 def serve(channel, state: WorkerState) -> bool:
@@ -278,6 +280,8 @@ def main(argv=None) -> int:
     host_left = False
     state = WorkerState(args.rank, args.world, args.device)
     state.test_slowdown = args.test_slowdown
+    if args.weights_cache:
+        state.weights_cache = WeightsCache(args.weights_cache, args.weights_cache_bytes)
     try:
         host_left = serve(channel, state)
     finally:

@@ -12,7 +12,6 @@ row, the prediction's, q/k/v widths, what crosses each cut of the layers, the we
 from __future__ import annotations
 
 import math
-import statistics
 import time
 from contextlib import contextmanager
 from dataclasses import replace

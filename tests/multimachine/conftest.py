@@ -48,14 +48,16 @@ class Machines:
                               timeout=kwargs.pop("timeout", 30), **kwargs)
 
     def serve(self, log: Path, devices: str = "cpu:1", secret: Path | None = None,
-              cores: str | None = None) -> subprocess.Popen:
-        """`tandem worker serve` in namespace B (on these `cores` only, as taskset's list), once it listens."""
+              cores: str | None = None, cache_dir: Path | None = None, cache_gib: float = 1.0) -> subprocess.Popen:
+        """`tandem worker serve` in namespace B (on these `cores` only, as taskset's list), once it listens. Its
+        weights cache: `cache_dir` (default: a fresh folder beside the log), bounded to `cache_gib`."""
         pin = ["taskset", "-c", cores] if cores else []
+        cache = ["--cache-dir", str(cache_dir or log.with_name(log.stem + "-weights")), "--cache-size", str(cache_gib)]
         with open(log, "wb") as out:
             process = subprocess.Popen(
                 ["ip", "netns", "exec", self.b, *pin, sys.executable, "-m", "parallel_backend.cli", "worker", "serve",
                  "--listen", f"{REMOTE_IP}:{SERVE_PORT}", "--devices", devices, "--secret-file",
-                 str(secret or self.secret)], stdout=out, stderr=subprocess.STDOUT, env=environment(), cwd=REPO)
+                 str(secret or self.secret), *cache], stdout=out, stderr=subprocess.STDOUT, env=environment(), cwd=REPO)
         deadline = time.monotonic() + 60
         while f"{REMOTE_IP}:{SERVE_PORT}" not in " ".join(listeners(self, self.b)):
             assert process.poll() is None, f"tandem worker serve ended: {log.read_text()}"
@@ -96,6 +98,19 @@ def read_line(process: subprocess.Popen, timeout_s: float) -> dict:
         process.wait(timeout=30)
         raise AssertionError(f"the host ended (code {process.returncode}): {process.stderr.read()[-3000:]}")
     return json.loads(line)
+
+
+def finish_host(process: subprocess.Popen) -> None:
+    """Reads the host script's last line ("done") and waits for it to end."""
+    assert read_line(process, 60)["event"] == "done"
+    process.wait(timeout=30)
+
+
+def stop_host(process: subprocess.Popen) -> None:
+    """Kills the host script if it still runs (a failed test), and reaps it."""
+    if process.poll() is None:
+        process.kill()
+    process.wait(timeout=30)
 
 
 def _kill_all(machines: Machines, namespace: str) -> None:

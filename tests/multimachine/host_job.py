@@ -1,7 +1,10 @@
 """The host side of the two-machine tests (run inside the host's namespace): one pool over DEVICES, and per
 strategy the tiny bench model's sampler loop on the pool vs one device. Prints one JSON object per line.
 
-    host_job.py DEVICES --strategies cfg,batch,asyncdiff [--hold FILE] [--fault-steps N]
+    host_job.py DEVICES --strategies cfg,batch,asyncdiff [--variant N] [--hold FILE] [--fault-steps N]
+
+--variant N: the tiny model's weights scaled by 1 + N/100 (another model of the same size, for the weights
+cache's tests). Each job's line has "shipped" (all bytes) and "sent" (bytes per other machine).
 
 --hold FILE: after the jobs, keep the pool up until FILE exists (the test looks at the listening sockets and
 sends them garbage), then run one more batch job: {"after_hold": max diff, "starts": pool starts}.
@@ -20,6 +23,8 @@ import json
 import logging
 import time
 from pathlib import Path
+
+import torch
 
 from parallel_backend.benchmodels import build_bench_model
 from parallel_backend.config import ParallelConfig
@@ -77,6 +82,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("devices")
     parser.add_argument("--strategies", default="cfg,batch,asyncdiff")
+    parser.add_argument("--variant", type=int, default=0)
     parser.add_argument("--hold", default=None)
     parser.add_argument("--fault-steps", type=int, default=0)
     parser.add_argument("--resume", default=None, help="after the fault, wait for this file before the next job")
@@ -84,6 +90,10 @@ def main() -> None:
     args = parser.parse_args()
     log = LogLines()
     model = build_bench_model("tiny")
+    if args.variant:
+        with torch.no_grad():
+            for parameter in model.module.parameters():
+                parameter.mul_(1 + args.variant / 100)
     resolution = (model.default_resolution,) * 2
     pool = WorkerPool(args.devices, start_timeout_s=90, hang_floor_s=20)
     try:
@@ -95,7 +105,8 @@ def main() -> None:
             started = time.perf_counter()
             result = run_loop(model, job, resolution, STEPS, 0, executor=ParallelExecutor(pool, config)).latents
             say(strategy=strategy, max_diff=(result - reference).abs().max().item(),
-                seconds=time.perf_counter() - started, shipped=pool.stats.weights_bytes_shipped)
+                seconds=time.perf_counter() - started, shipped=pool.stats.weights_bytes_shipped,
+                sent=pool.stats.weights_bytes_per_machine, calls=pool.stats.calls)
         if args.hold:
             say(event="holding", pids=pool.worker_pids())
             until = time.monotonic() + 120

@@ -181,10 +181,10 @@ def test_a_pool_with_other_machines_needs_a_secret_and_an_interface(monkeypatch,
 
 
 @pytest.fixture
-def daemon(secret_file):
+def daemon(secret_file, tmp_path):
     from parallel_backend.serve import ServeDaemon
 
-    serve = ServeDaemon("127.0.0.1:0", "cpu:1", str(secret_file), interface="lo")
+    serve = ServeDaemon("127.0.0.1:0", "cpu:1", str(secret_file), interface="lo", cache_dir=str(tmp_path / "weights"))
     thread = threading.Thread(target=serve.serve_forever, daemon=True)
     thread.start()
     yield serve

@@ -1,0 +1,100 @@
+"""The weights cache across two 'machines' (namespaces, conftest.py): a model crosses to the serving machine
+once however many of its workers the pool has, not at all from a new host process once cached there, and the
+cache's bound evicts the least recently used model; every job still equals one device."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+
+from parallel_backend.benchmodels import build_bench_model
+from parallel_backend.shipping import weights_hash
+
+from .conftest import REMOTE_IP, SERVE_PORT, finish_host, read_line, stop_host
+
+ATOL = 1e-4  # fp32 on CPU (TESTING.md)
+MACHINE = f"{REMOTE_IP}:{SERVE_PORT}"
+DEVICES = f"cpu:1,{MACHINE}/cpu:2"  # one worker here, two on the serving machine
+
+
+def _tiny(variant: int):
+    """host_job.py's model for --variant `variant`: (its weights_hash, the bytes of its torch.save image)."""
+    model = build_bench_model("tiny")
+    with torch.no_grad():
+        for parameter in model.module.parameters():
+            parameter.mul_(1 + variant / 100)
+    image = io.BytesIO()
+    torch.save(model.module, image)
+    return weights_hash(model.module, model.family), len(image.getvalue())
+
+
+def _job(machines, variant: int = 0) -> dict:
+    """One batch job from a new host process: its line (max_diff, shipped, sent per machine, calls)."""
+    host = machines.host(DEVICES, "--strategies", "batch", "--variant", str(variant))
+    try:
+        line = read_line(host, 240)
+        finish_host(host)
+    finally:
+        stop_host(host)
+    assert line["max_diff"] <= ATOL and line["calls"] > 0, line  # the pool ran, and equals one device
+    return line
+
+
+def _cached(folder) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
+
+
+class CachedServe:
+    """`tandem worker serve` with two CPU workers and its weights cache in `folder`/cache."""
+
+    def __init__(self, machines, folder):
+        self.machines, self.folder, self.cache, self.process = machines, folder, folder / "cache", None
+
+    def start(self, gib: float) -> None:
+        self.process = self.machines.serve(self.folder / "serve.log", devices="cpu:2", cache_dir=self.cache,
+                                           cache_gib=gib)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+        if self.process is not None:
+            self.process.wait(timeout=30)
+
+
+@pytest.fixture
+def remote(machines, tmp_path):
+    serve = CachedServe(machines, tmp_path)
+    yield serve
+    serve.stop()
+
+
+def test_a_model_is_sent_to_a_machine_once_and_not_after_host_or_daemon_restarts(machines, remote):
+    remote.start(1.0)
+    cache = remote.cache
+    model_hash, image_bytes = _tiny(0)
+    first = _job(machines)
+    assert first["sent"] == {MACHINE: image_bytes}, first  # once for the machine, not once per worker (two)
+    assert _cached(cache) == [f"{model_hash}.pt"] and (cache / f"{model_hash}.pt").stat().st_size == image_bytes
+    second = _job(machines)  # a new host process: a new fingerprint, the same weights
+    assert second["sent"] == {MACHINE: 0}, second
+    assert second["shipped"] == first["shipped"] - image_bytes, (first, second)  # only this machine's worker's file
+    remote.stop()  # the daemon restarts too: the cache is its folder, nothing held in memory
+    remote.start(1.0)
+    third = _job(machines)
+    assert third["sent"] == {MACHINE: 0}, third
+    print(f"image {image_bytes} B; first job sent {first['sent']}, shipped {first['shipped']}; second (new host) "
+          f"sent {second['sent']}, shipped {second['shipped']}; third (new daemon) sent {third['sent']}")
+
+
+def test_a_bound_smaller_than_two_models_evicts_the_older(machines, remote):
+    (a_hash, a_bytes), (b_hash, b_bytes) = _tiny(0), _tiny(1)
+    assert a_hash != b_hash
+    remote.start(1.5 * max(a_bytes, b_bytes) / 2**30)
+    cache = remote.cache
+    assert _job(machines, variant=0)["sent"] == {MACHINE: a_bytes}
+    assert _job(machines, variant=1)["sent"] == {MACHINE: b_bytes}
+    assert _cached(cache) == [f"{b_hash}.pt"]  # a went to make room
+    assert _job(machines, variant=0)["sent"] == {MACHINE: a_bytes}  # so it crosses again
+    assert _cached(cache) == [f"{a_hash}.pt"]
