@@ -455,7 +455,7 @@ class WorkerPool:
         try:
             worker.channel.send(message)
         except (ChannelClosed, OSError) as exc:
-            raise WorkerError(f"{worker.name} ({worker.device}), {what}: its connection closed while the host sent "
+            raise WorkerError(f"{worker.name}, {what}: its connection closed while the host sent "
                               f"it work ({exc}); the worker or its machine is gone", worker.device, worker.rank) from None
 
     def _reply_error(self, workers: dict, failed: tuple, what: str, collective: bool) -> WorkerError:
