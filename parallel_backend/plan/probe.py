@@ -4,7 +4,7 @@ slower each computes when all compute at once (shared cores, memory bandwidth, c
 - link: ranks 0 and 1 swap a small and a large buffer at once (each direction carries the buffer, as every
   strategy's exchanges do), fastest of `repeats`; latency = the small swap, bandwidth = the extra bytes over the
   extra time. Between CPU workers that is gloo over loopback; between GPUs, NCCL over whatever joins them.
-- contention: a one-row model call on each rank alone, then on every rank at once; the largest of each rank's
+- contention: a one-row model call on each rank alone, then on every rank at once; the mean of each rank's
   compute among all over its own alone (1.0 where the devices do not share anything that slows them); again for a call of the
   job's rows where a device may compute them all (a larger working set can contend more);
 - overhead: the host's wall time for the lone call less the worker's compute (the pool's cost per call).
@@ -45,11 +45,11 @@ def measure_link(engine, repeats: int = 5) -> Link | None:
                 f"{SMALL_BYTES} bytes in {1e6 * latency:.0f} us; fastest of {repeats}")
 
 
-def measure_calls(engine, fingerprint: str, call, repeats: int = 3) -> tuple[float, float]:
+def measure_calls(engine, fingerprint: str, call, repeats: int = 5) -> tuple[float, float]:
     """(contention, overhead): how much slower a device computes `call` (of the loaded model `fingerprint`)
     while every device computes it too (per rank, the median over `repeats` of its compute among all over its
-    compute alone; the largest over the ranks: each against itself, so a slower device is not taken for
-    contention), and the pool's own seconds per call: the host's wall time for rank 0's lone call less that
+    compute alone, each against itself so a slower device is not taken for contention; the mean over the ranks:
+    they share what slows them, and the largest of n noisy ratios would read high), and the pool's own seconds per call: the host's wall time for rank 0's lone call less that
     rank's compute (messages, pickling, the inputs and the output crossing), median of `repeats`."""
     n = engine.device_count()
     alone, together, overhead = {r: [] for r in range(n)}, {r: [] for r in range(n)}, []
@@ -66,7 +66,7 @@ def measure_calls(engine, fingerprint: str, call, repeats: int = 3) -> tuple[flo
             for rank, reply in replies.items():
                 together[rank].append(reply.compute_s)
     ratios = [statistics.median(together[r][1:]) / statistics.median(alone[r][1:]) for r in range(n) if n > 1]
-    return max([1.0, *ratios]), max(0.0, statistics.median(overhead[1:]))
+    return max(1.0, statistics.fmean(ratios or [1.0])), max(0.0, statistics.median(overhead[1:]))
 
 
 @dataclass(frozen=True)
