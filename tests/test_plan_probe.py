@@ -35,8 +35,7 @@ def test_contention_compares_one_worker_alone_with_all_at_once(pool):
     engine = engine_for(pool)
     fingerprint = engine.load(model.module, model.family)
     calls_before = pool.stats.calls if hasattr(pool, "stats") else None
-    slowdown, overhead, alone = measure_calls(engine, fingerprint, sample_call(model, 1, (32, 32)), repeats=1)
-    assert alone > 0
+    slowdown, overhead = measure_calls(engine, fingerprint, sample_call(model, 1, (32, 32)), repeats=1)
     assert 1.0 <= slowdown < 100.0 and 0.0 <= overhead < 10.0
     assert calls_before is None or pool.stats.calls == calls_before  # probes are not model calls of a job
 

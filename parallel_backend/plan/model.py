@@ -36,9 +36,7 @@ class Inputs:
     contends more for shared caches and memory bandwidth); shard_seconds: {(ulysses, ring): one device's time for
     what one rank of a sequence group of that split computes for one row, its exchanges stubbed out (the
     per-token layers of its tokens, its share of each attention, and the work every rank repeats)}; without
-    it a rank's compute is the call's over the group's size; worker_factor: how much slower the pool's
-    workers compute than the process that measured call_seconds (the bench's and `tandem plan`'s one-device
-    reference runs in their own process; 1.0 where the pool's own device measured them, as `auto`'s)."""
+    it a rank's compute is the call's over the group's size."""
 
     shape: CallShape
     family: str
@@ -57,7 +55,6 @@ class Inputs:
     contention: float = 1.0
     contention_by_rows: tuple = ()
     shard_seconds: dict = field(default_factory=dict)
-    worker_factor: float = 1.0
 
     def contention_at(self, rows: int) -> float:
         """The contention for calls of `rows` rows per device: linear between the measured row counts, the
@@ -138,8 +135,7 @@ def predict(inp: Inputs, mesh: Mesh) -> Candidate:
     host = host_traffic(mesh, inp.shape, inp.branches)
     groups = sum(1 for share in mesh.row_shares(inp.shape.rows, inp.branches) if len(share))
     host_s = inp.link.seconds(host.host_in, groups * mesh.inner) + inp.link.seconds(host.host_out, groups)
-    # every device of the mesh computes at once, each as a worker of the pool
-    slowed = (inp.contention_at(cost.rows) * inp.worker_factor - 1.0) * cost.compute
+    slowed = (inp.contention_at(cost.rows) - 1.0) * cost.compute  # every device of the mesh computes at once
     call = cost.busy + slowed + host_s + inp.host_overhead_s
     warm = (cost.warm if cost.warm is not None else cost.busy) + host_s + inp.host_overhead_s
     stale = not strategies.get(mesh.strategy).exact

@@ -45,14 +45,12 @@ def measure_link(engine, repeats: int = 5) -> Link | None:
                 f"{SMALL_BYTES} bytes in {1e6 * latency:.0f} us; fastest of {repeats}")
 
 
-def measure_calls(engine, fingerprint: str, call, repeats: int = 5) -> tuple[float, float, float]:
-    """(contention, overhead, alone): how much slower a device computes `call` (of the loaded model `fingerprint`)
+def measure_calls(engine, fingerprint: str, call, repeats: int = 5) -> tuple[float, float]:
+    """(contention, overhead): how much slower a device computes `call` (of the loaded model `fingerprint`)
     while every device computes it too (per rank, the median over `repeats` of its compute among all over its
     compute alone, each against itself so a slower device is not taken for contention; the mean over the ranks:
     they share what slows them, and the largest of n noisy ratios would read high), and the pool's own seconds per call: the host's wall time for rank 0's lone call less that
-    rank's compute (messages, pickling, the inputs and the output crossing), median of `repeats`; and rank 0's
-    fastest compute of the call alone (what the pool's device takes, against the process that measured the
-    one-device times: plan.model.Inputs.worker_factor)."""
+    rank's compute (messages, pickling, the inputs and the output crossing), median of `repeats`."""
     n = engine.device_count()
     alone, together, overhead = {r: [] for r in range(n)}, {r: [] for r in range(n)}, []
     for _ in range(repeats + 1):  # the first of each is a warm-up
@@ -68,8 +66,7 @@ def measure_calls(engine, fingerprint: str, call, repeats: int = 5) -> tuple[flo
             for rank, reply in replies.items():
                 together[rank].append(reply.compute_s)
     ratios = [statistics.median(together[r][1:]) / statistics.median(alone[r][1:]) for r in range(n) if n > 1]
-    return (max(1.0, statistics.fmean(ratios or [1.0])), max(0.0, statistics.median(overhead[1:])),
-            min(alone[0][1:]))
+    return max(1.0, statistics.fmean(ratios or [1.0])), max(0.0, statistics.median(overhead[1:]))
 
 
 @dataclass(frozen=True)
@@ -81,14 +78,11 @@ class DeviceFigures:
     contention: float = 1.0
     overhead_s: float = 0.0
     contention_by_rows: tuple = ()  # ((rows, factor), ...) for calls of more than one row, where measured
-    alone_s: float = 0.0  # a one-row call's fastest compute on worker 0 alone (0: not measured)
 
     def apply(self, inputs):
         """`inputs` (model.Inputs) with these figures in place of assumed ones."""
-        factor = self.alone_s / inputs.seconds(1) if self.alone_s and inputs.seconds(1) else 1.0
         return replace(inputs, link=self.link or inputs.link, contention=self.contention,
-                       contention_by_rows=self.contention_by_rows, host_overhead_s=self.overhead_s,
-                       worker_factor=factor)
+                       contention_by_rows=self.contention_by_rows, host_overhead_s=self.overhead_s)
 
 
 def device_figures(engine, model, resolution: tuple[int, int], rows: int = 1) -> DeviceFigures:
@@ -98,9 +92,9 @@ def device_figures(engine, model, resolution: tuple[int, int], rows: int = 1) ->
 
     link = measure_link(engine)
     fingerprint = engine.load(model.module, model.family)
-    contention, overhead, alone = measure_calls(engine, fingerprint, sample_call(model, 1, resolution))
+    contention, overhead = measure_calls(engine, fingerprint, sample_call(model, 1, resolution))
     larger = ((rows, measure_calls(engine, fingerprint, sample_call(model, rows, resolution))[0]),) if rows > 1 else ()
-    return DeviceFigures(link, contention, overhead, larger, alone)
+    return DeviceFigures(link, contention, overhead, larger)
 
 
 def probe_devices(devices, model, resolution: tuple[int, int], rows: int = 1) -> DeviceFigures:

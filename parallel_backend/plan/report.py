@@ -22,8 +22,6 @@ def inputs_line(inp: Inputs, overhead_source: str) -> str:
     if inp.contention != 1.0 or inp.contention_by_rows:
         factors = ", ".join(f"{f:.2f}x at {r} rows" for r, f in ((1, inp.contention), *inp.contention_by_rows))
         parts.append(f"compute slower with every device busy: {factors} (measured on the pool)")
-    if inp.worker_factor != 1.0:
-        parts.append(f"the pool's workers compute {inp.worker_factor:.2f}x the time of this process (measured)")
     parts.append(f"host overhead {1000 * inp.host_overhead_s:.1f} ms per call ({overhead_source})")
     return "inputs: " + "; ".join(parts)
 
@@ -46,8 +44,7 @@ def as_json(header: dict, inp: Inputs, candidates: list[Candidate], choice: Choi
             "inputs": {"call_seconds": {str(r): s for r, s in sorted(inp.call_seconds.items())},
                        "attention_seconds": inp.attention_seconds, "layers": len(inp.layer_seconds),
                        "host_overhead_s": inp.host_overhead_s, "contention": inp.contention,
-                       "contention_by_rows": [list(pair) for pair in inp.contention_by_rows],
-                       "worker_factor": inp.worker_factor},
+                       "contention_by_rows": [list(pair) for pair in inp.contention_by_rows]},
             "candidates": [c.as_json() for c in candidates], "choice": {**choice.best.as_json(), "why": choice.reason}}
 
 
