@@ -4,14 +4,11 @@ cores, as its reference runs) and the pool's link and contention (plan/probe.py,
 
 from __future__ import annotations
 
-from dataclasses import replace
-
-from ..bench import sample_call
 from ..engine import engine_for, sequence_hint
 from ..mesh import resolve
 from .measure import measure_inputs
 from .model import Candidate, predict
-from .probe import device_figures, measure_calls
+from .probe import device_figures, with_contention_at
 
 
 class Predictor:
@@ -37,15 +34,6 @@ class Predictor:
         key = (rows, branches)
         if key not in self._inputs:
             inputs = measure_inputs(self.model, self.resolution, rows, branches, self.link, self.n, self.steps)
-            self._inputs[key] = self._with_contention(rows).apply(inputs)
+            self.figures = with_contention_at(self.figures, self.engine, self.model, self.resolution, rows)
+            self._inputs[key] = self.figures.apply(inputs)
         return predict(self._inputs[key], resolve(config, self.n, branches, rows, self.hint))
-
-    def _with_contention(self, rows: int):
-        """The pool's figures with the contention of calls of `rows` rows measured too (a device of a split may
-        compute all of them: asyncdiff's stages, a batch on fewer devices than rows)."""
-        known = dict(self.figures.contention_by_rows)
-        if rows > 1 and rows not in known:
-            fingerprint = self.engine.load(self.model.module, self.model.family)
-            known[rows] = measure_calls(self.engine, fingerprint, sample_call(self.model, rows, self.resolution))[0]
-            self.figures = replace(self.figures, contention_by_rows=tuple(sorted(known.items())))
-        return self.figures

@@ -16,7 +16,8 @@ Overlap assumptions, per strategy (each as the strategy's code does it):
 - asyncdiff: after warm-up each stage hands its output over while the next call computes; the hand-over is
   exposed only where it outlasts the slowest stage. Warm-up calls run the stages in turn, hand-overs exposed.
 Compute: a row group's call on one device, split: sequence splits take a rank's part as measured on one device
-(Inputs.shard_seconds; else the call over the group's size); asyncdiff by the layer profile's balanced cut; row strategies run their rows' call.
+(Inputs.shard_seconds; else the call over the group's size); asyncdiff by the layer profile's balanced cut;
+row strategies run their rows' call.
 """
 
 from __future__ import annotations

@@ -5,8 +5,9 @@ devices, as the bench's reference runs). Nothing here predicts; model.py does.
 Measured: the whole call for 1 row and for the job's rows (the fastest of `repeats`, taking turns, after one
 warm-up each), one token-mixing attention of one row (sequence models: torch's attention on the model's heads
 and tokens), what one rank of each sequence split computes for one row with its exchanges stubbed out (the
-bench's ideal does the same), the layer profile (UNets: models.stages.profile, what asyncdiff cuts by). Counted: the bytes a device receives per
-row, the prediction's, q/k/v widths, what crosses each cut of the layers, the weights (whole and per layer).
+bench's ideal does the same), the layer profile (UNets: models.stages.profile, what asyncdiff cuts by).
+Counted: the bytes a device receives per row, the prediction's, q/k/v widths, what crosses each cut of the
+layers, the weights (whole and per layer).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 from .. import strategies
 from ..bench import sample_call
 from ..engine import sequence_hint
+from ..mesh import Mesh
 from ..oracle import local_forward
 from ..portable import cpu_cores
 from .calibrate import HOST_OVERHEAD_S, tensor_bytes
@@ -104,8 +106,6 @@ def _attention_seconds(shape: CallShape, device, dtype, repeats: int) -> float:
 def _shard_seconds(model, resolution, splits, repeats: int) -> dict:
     """{(ulysses, ring): one rank's compute for a one-row call in a sequence group of that split, its exchanges
     stubbed out (the strategy's own `bench_part`)}, for each (strategy, split) in `splits`."""
-    from ..mesh import Mesh
-
     call = sample_call(model, 1, resolution)
     out = {}
     for name, split in sorted(splits):
@@ -129,10 +129,9 @@ def measure_inputs(model, resolution: tuple[int, int], rows: int, branches: int,
         seconds = fastest_seconds({r: lambda c=c: local_forward(model, c) for r, c in calls.items()}, repeats)
         attention = _attention_seconds(shape, weight.device, weight.dtype, repeats)
         layer_seconds, handover, layer_weights = _profile(model, resolution, repeats)
-    shape = CallShape(**{**shape.__dict__, "handover_bytes": handover})
-    inputs = Inputs(shape, model.family, branches, seconds, link, attention, layer_seconds,
-                    tensor_bytes(list(model.module.parameters())), layer_weights, model.memory_bytes(1, resolution),
-                    HOST_OVERHEAD_S[device][0], steps)
-    splits = {(m.strategy, m.split) for m in meshes(inputs, devices) if strategies.get(m.strategy).splits_tokens}
-    with device_share(device, devices):
+        shape = CallShape(**{**shape.__dict__, "handover_bytes": handover})
+        inputs = Inputs(shape, model.family, branches, seconds, link, attention, layer_seconds,
+                        tensor_bytes(list(model.module.parameters())), layer_weights, model.memory_bytes(1, resolution),
+                        HOST_OVERHEAD_S[device][0], steps)
+        splits = {(m.strategy, m.split) for m in meshes(inputs, devices) if strategies.get(m.strategy).splits_tokens}
         return replace(inputs, shard_seconds=_shard_seconds(model, resolution, splits, repeats))

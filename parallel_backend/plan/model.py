@@ -6,8 +6,9 @@ the host's transfers to and from the devices (exposed) + the host's per-call ove
 A whole run adds what no split shares (Amdahl): `serial_seconds` (text encoder, VAE) once, and warm-up calls at
 their own cost (asyncdiff: the stages in turn). The one-device reference is the whole call, in process.
 Work a sequence split repeats on every rank (Wan's text keys and values for cross-attention) counts where a
-rank's compute was measured (`shard_seconds`). Not modelled yet: asyncdiff's stride 2, devices sharing one link (a PCIe uplink), compute slowed by a concurrent transfer (beyond
-the contention measured with every device computing).
+rank's compute was measured (`shard_seconds`). Not modelled yet: asyncdiff's stride 2, devices sharing one link
+(a PCIe uplink), compute slowed by a concurrent transfer (beyond the contention measured with every device
+computing).
 """
 
 from __future__ import annotations

@@ -5,8 +5,8 @@ slower each computes when all compute at once (shared cores, memory bandwidth, c
   strategy's exchanges do), fastest of `repeats`; latency = the small swap, bandwidth = the extra bytes over the
   extra time. Between CPU workers that is gloo over loopback; between GPUs, NCCL over whatever joins them.
 - contention: a one-row model call on each rank alone, then on every rank at once; the mean of each rank's
-  compute among all over its own alone (1.0 where the devices do not share anything that slows them); again for a call of the
-  job's rows where a device may compute them all (a larger working set can contend more);
+  compute among all over its own alone (1.0 where the devices do not share anything that slows them); again
+  for a call of the job's rows where a device may compute them all (a larger working set can contend more);
 - overhead: the host's wall time for the lone call less the worker's compute (the pool's cost per call).
 Neither runs the strategies the plan predicts, so a prediction made from them is not fitted to the run it
 predicts.
@@ -49,8 +49,9 @@ def measure_calls(engine, fingerprint: str, call, repeats: int = 5) -> tuple[flo
     """(contention, overhead): how much slower a device computes `call` (of the loaded model `fingerprint`)
     while every device computes it too (per rank, the median over `repeats` of its compute among all over its
     compute alone, each against itself so a slower device is not taken for contention; the mean over the ranks:
-    they share what slows them, and the largest of n noisy ratios would read high), and the pool's own seconds per call: the host's wall time for rank 0's lone call less that
-    rank's compute (messages, pickling, the inputs and the output crossing), median of `repeats`."""
+    they share what slows them, and the largest of n noisy ratios would read high), and the pool's own seconds
+    per call: the host's wall time for rank 0's lone call less that rank's compute (messages, pickling, the
+    inputs and the output crossing), median of `repeats`."""
     n = engine.device_count()
     alone, together, overhead = {r: [] for r in range(n)}, {r: [] for r in range(n)}, []
     for _ in range(repeats + 1):  # the first of each is a warm-up
@@ -65,8 +66,9 @@ def measure_calls(engine, fingerprint: str, call, repeats: int = 5) -> tuple[flo
                                      "timing every device at once")
             for rank, reply in replies.items():
                 together[rank].append(reply.compute_s)
-    ratios = [statistics.median(together[r][1:]) / statistics.median(alone[r][1:]) for r in range(n) if n > 1]
-    return max(1.0, statistics.fmean(ratios or [1.0])), max(0.0, statistics.median(overhead[1:]))
+    ratios = ([statistics.median(together[r][1:]) / statistics.median(alone[r][1:]) for r in range(n)]
+              if n > 1 else [1.0])
+    return max(1.0, statistics.fmean(ratios)), max(0.0, statistics.median(overhead[1:]))
 
 
 @dataclass(frozen=True)
@@ -93,8 +95,21 @@ def device_figures(engine, model, resolution: tuple[int, int], rows: int = 1) ->
     link = measure_link(engine)
     fingerprint = engine.load(model.module, model.family)
     contention, overhead = measure_calls(engine, fingerprint, sample_call(model, 1, resolution))
-    larger = ((rows, measure_calls(engine, fingerprint, sample_call(model, rows, resolution))[0]),) if rows > 1 else ()
-    return DeviceFigures(link, contention, overhead, larger)
+    return with_contention_at(DeviceFigures(link, contention, overhead), engine, model, resolution, rows)
+
+
+def with_contention_at(figures: DeviceFigures, engine, model, resolution: tuple[int, int],
+                       rows: int) -> DeviceFigures:
+    """`figures` with the contention of calls of `rows` rows of a bench model measured too (a device of a split
+    may compute them all: asyncdiff's stages, a batch on fewer devices than rows); once per row count."""
+    from ..bench import sample_call
+
+    known = dict(figures.contention_by_rows)
+    if rows <= 1 or rows in known:
+        return figures
+    fingerprint = engine.load(model.module, model.family)
+    known[rows] = measure_calls(engine, fingerprint, sample_call(model, rows, resolution))[0]
+    return replace(figures, contention_by_rows=tuple(sorted(known.items())))
 
 
 def probe_devices(devices, model, resolution: tuple[int, int], rows: int = 1) -> DeviceFigures:
