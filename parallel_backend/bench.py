@@ -214,6 +214,8 @@ def run_bench(model_name: str = "small", devices: str = "cpu:2", strategies_: tu
             named = {_variant(s, mode): (s, _with_speeds(configs[s], mode)) for s in mine for mode in modes}
             variants.update({name: (1, ParallelExecutor(pool, config)) for name, (s, config) in named.items()})
             measured = {name: LoopResult() for name in variants}
+            rows, branches = job.images * (2 if job.cfg != 1.0 else 1), 2 if job.cfg != 1.0 else 1
+            predictor.measure(rows, branches)  # the plan's inputs for this job, before any of its runs
             progress(f"[bench] {job.images} image(s), cfg {job.cfg:g}: {', '.join(variants)} in rotation")
             for repeat in range(repeats + 1):
                 for name, (threads, executor) in variants.items():
@@ -226,7 +228,6 @@ def run_bench(model_name: str = "small", devices: str = "cpu:2", strategies_: tu
                 if _spread(result.end_to_end) > SPREAD_LIMIT:
                     disturbed.append(f"{name} ({job.images} image(s), cfg {job.cfg:g}): repeats spread "
                                      f"{100 * _spread(result.end_to_end):.0f}% (> {100 * SPREAD_LIMIT:.0f}%)")
-            rows = job.images * (2 if job.cfg != 1.0 else 1)
             ideal = _ideal(model, rows, -(-rows // n), resolution)
             serial, all_cores = measured["serial"], measured["all cores"]
             results.append(_row("serial", 1, serial, serial, all_cores, 1.0, [peak_memory_bytes(reference_device)], job))
@@ -236,7 +237,7 @@ def run_bench(model_name: str = "small", devices: str = "cpu:2", strategies_: tu
                 if len(modes) > 1:  # the pool holds the last mode's setup (e.g. a stage cut): this variant's again
                     run_once(model, job, resolution, 1, LoopResult(), timed=False, executor=variants[name][1])
                 row.update(strategies.get(strategy).bench_figures(variants[name][1], measured[name], row))
-                row.update(_prediction(predictor.predict(configs[strategy], rows, 2 if job.cfg != 1.0 else 1), row))
+                row.update(_prediction(predictor.predict(configs[strategy], rows, branches), row))
                 row.update(_speeds_ideal(variants[name][1], balance))
                 results.append(row)
     finally:

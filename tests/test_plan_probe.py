@@ -11,7 +11,7 @@ from parallel_backend import cli
 from parallel_backend.bench import sample_call
 from parallel_backend.benchmodels import build_bench_model
 from parallel_backend.engine import engine_for
-from parallel_backend.plan.probe import LARGE_BYTES, measure_calls, measure_link
+from parallel_backend.plan.probe import LARGE_BYTES, contention_of, measure_calls, measure_link
 from parallel_backend.pool import WorkerPool
 
 
@@ -38,6 +38,20 @@ def test_contention_compares_one_worker_alone_with_all_at_once(pool):
     slowdown, overhead = measure_calls(engine, fingerprint, sample_call(model, 1, (32, 32)), repeats=1)
     assert 1.0 <= slowdown < 100.0 and 0.0 <= overhead < 10.0
     assert calls_before is None or pool.stats.calls == calls_before  # probes are not model calls of a job
+
+
+def test_contention_counts_the_slowest_rank_of_each_round_against_its_own_pace():
+    # rank 1 is a slower device (2x), not contention: each rank is measured against itself
+    assert contention_of([({0: 1.0, 1: 2.0}, {0: 1.0, 1: 2.0})] * 3) == 1.0
+    # no rank slower on average, but every call of both waits for the one that was slower that time
+    alone = {0: 1.0, 1: 1.0}
+    rounds = [(alone, {0: 1.1, 1: 0.9}), (alone, {0: 0.9, 1: 1.1}), (alone, {0: 1.1, 1: 1.0})]
+    assert abs(contention_of(rounds) - 1.1) < 1e-12
+    # a round the whole machine ran slower in (alone and together alike) reads as no contention
+    assert contention_of([({0: 2.0, 1: 2.0}, {0: 2.0, 1: 2.0})]) == 1.0
+    # the median of the rounds: one disturbed round does not move it; faster than alone is no contention
+    assert abs(contention_of(rounds + [(alone, {0: 5.0, 1: 1.0}), (alone, {0: 1.1, 1: 1.1})]) - 1.1) < 1e-12
+    assert contention_of([(alone, {0: 0.8, 1: 0.9})]) == 1.0
 
 
 def test_a_pool_of_one_device_has_no_link_to_measure():

@@ -114,7 +114,7 @@ class AutoPlans:
             if {"contention", "overhead_s"} <= self.given.keys():
                 figures = (self.given["contention"], self.given["overhead_s"])
             elif device_kind(engine.pool.devices) == "cpu":
-                figures = measure_calls(engine, fingerprint, call.select(range(1)), repeats=1)
+                figures = measure_calls(engine, fingerprint, call.select(range(1)), repeats=1, budget_s=0.0)
             else:
                 figures = (1.0, HOST_OVERHEAD_S["cuda"][0])
             self._per_model[fingerprint] = figures

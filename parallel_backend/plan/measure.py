@@ -2,8 +2,8 @@
 the call the bench makes) and its one-device times (measured here, on one device's share of the cores for CPU
 devices, as the bench's reference runs). Nothing here predicts; model.py does.
 
-Measured: the whole call for 1 row and for the job's rows (the fastest of `repeats`, taking turns, after one
-warm-up each), one token-mixing attention of one row (sequence models: torch's attention on the model's heads
+Measured: the whole call for 1 row (the fastest of `repeats` or more rounds, after one warm-up) and for the job's
+rows (taking turns with it: its median ratio to the one-row call of the same round), one token-mixing attention of one row (sequence models: torch's attention on the model's heads
 and tokens), what one rank of each sequence split computes for one row with its exchanges stubbed out (the
 bench's ideal does the same), the layer profile (UNets: models.stages.profile, what asyncdiff cuts by).
 Counted: the bytes a device receives per row, the prediction's, q/k/v widths, what crosses each cut of the
@@ -13,6 +13,7 @@ layers, the weights (whole and per layer).
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from contextlib import contextmanager
 from dataclasses import replace
@@ -30,19 +31,26 @@ from .model import Inputs, meshes
 from .traffic import CallShape
 
 
-def fastest_seconds(runs: dict, repeats: int) -> dict:
-    """{key: the fastest of `repeats` timed runs of runs[key]()}, after one untimed run of each; the runs take
-    turns, so a drift of the machine's speed hits them alike, and the fastest is kept because other load only
-    ever adds time."""
+def fastest_seconds(runs: dict, repeats: int, budget_s: float = 0.0, most: int = 20) -> dict:
+    """{key: seconds of runs[key]()}, after one untimed run of each: `repeats` rounds, and more (up to `most`)
+    while the rounds have taken less than `budget_s` (quick calls: more runs are steadier). The runs take turns.
+    The first key's figure is its fastest run (other load only ever adds time); every other key's is that times
+    the median of its runs over the first key's run of the same round (a drift of the machine's speed, which
+    lasts seconds here, hits the runs of one round alike, so their ratio keeps while their fastest runs may
+    fall in different rounds)."""
     for run in runs.values():
         run()
     times = {key: [] for key in runs}
-    for _ in range(repeats):
+    first = next(iter(runs))
+    started = time.perf_counter()
+    while len(times[first]) < max(repeats, 1) or (time.perf_counter() - started < budget_s and len(times[first]) < most):
         for key, run in runs.items():
-            started = time.perf_counter()
+            began = time.perf_counter()
             run()
-            times[key].append(time.perf_counter() - started)
-    return {key: min(values) for key, values in times.items()}
+            times[key].append(time.perf_counter() - began)
+    fastest = min(times[first])
+    return {key: fastest * statistics.median(t / f for t, f in zip(values, times[first]))
+            for key, values in times.items()}
 
 
 def fastest_seconds_of(run, repeats: int) -> float:
@@ -103,7 +111,7 @@ def _attention_seconds(shape: CallShape, device, dtype, repeats: int) -> float:
         return fastest_seconds_of(lambda: torch.nn.functional.scaled_dot_product_attention(q, q, q), repeats)
 
 
-def _shard_seconds(model, resolution, splits, repeats: int) -> dict:
+def _shard_seconds(model, resolution, splits, repeats: int, budget_s: float = 0.0) -> dict:
     """{(ulysses, ring): one rank's compute for a one-row call in a sequence group of that split, its exchanges
     stubbed out (the strategy's own `bench_part`)}, for each (strategy, split) in `splits`."""
     call = sample_call(model, 1, resolution)
@@ -113,20 +121,22 @@ def _shard_seconds(model, resolution, splits, repeats: int) -> dict:
         degrees = mesh.degrees()
         key = (degrees.get("ulysses", 1), degrees.get("ring", 1))
         if key not in out:
-            out[key] = fastest_seconds_of(strategies.get(name).bench_part(model, call, mesh), repeats)
+            out[key] = fastest_seconds({0: strategies.get(name).bench_part(model, call, mesh)}, repeats, budget_s)[0]
     return out
 
 
 def measure_inputs(model, resolution: tuple[int, int], rows: int, branches: int, link, devices: int,
-                   steps: int = 20, repeats: int = 3) -> Inputs:
+                   steps: int = 20, repeats: int = 3, budget_s: float = 4.0) -> Inputs:
     """The model's Inputs for a job of `rows` rows (`branches` 2: [uncond; cond]) on `devices` devices joined
-    by `link`, measured on the model's device."""
+    by `link`, measured on the model's device; whole calls and a sequence rank's share are timed for at least
+    `budget_s` seconds (more rounds of quick calls)."""
     weight = next(model.module.parameters())
     device = weight.device.type
     shape = call_shape(model, resolution, rows)
     with device_share(device, devices):
         calls = {r: sample_call(model, r, resolution) for r in sorted({1, rows})}
-        seconds = fastest_seconds({r: lambda c=c: local_forward(model, c) for r, c in calls.items()}, repeats)
+        seconds = fastest_seconds({r: lambda c=c: local_forward(model, c) for r, c in calls.items()}, repeats,
+                                  budget_s)
         attention = _attention_seconds(shape, weight.device, weight.dtype, repeats)
         layer_seconds, handover, layer_weights = _profile(model, resolution, repeats)
         shape = CallShape(**{**shape.__dict__, "handover_bytes": handover})
@@ -134,4 +144,4 @@ def measure_inputs(model, resolution: tuple[int, int], rows: int, branches: int,
                         tensor_bytes(list(model.module.parameters())), layer_weights, model.memory_bytes(1, resolution),
                         HOST_OVERHEAD_S[device][0], steps)
         splits = {(m.strategy, m.split) for m in meshes(inputs, devices) if strategies.get(m.strategy).splits_tokens}
-        return replace(inputs, shard_seconds=_shard_seconds(model, resolution, splits, repeats))
+        return replace(inputs, shard_seconds=_shard_seconds(model, resolution, splits, repeats, budget_s))

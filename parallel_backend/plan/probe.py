@@ -2,11 +2,12 @@
 slower each computes when all compute at once (shared cores, memory bandwidth, clocks), before any strategy runs.
 
 - link: ranks 0 and 1 swap a small and a large buffer at once (each direction carries the buffer, as every
-  strategy's exchanges do), fastest of `repeats`; latency = the small swap, bandwidth = the extra bytes over the
+  strategy's exchanges do), fastest of `repeats` swaps in each of BURSTS requests; latency = the small swap, bandwidth = the extra bytes over the
   extra time. Between CPU workers that is gloo over loopback; between GPUs, NCCL over whatever joins them.
-- contention: a one-row model call on each rank alone, then on every rank at once; the mean of each rank's
-  compute among all over its own alone (1.0 where the devices do not share anything that slows them); again
-  for a call of the job's rows where a device may compute them all (a larger working set can contend more);
+- contention: a one-row model call on each rank alone, then on every rank at once, in rounds; per round, the
+  slowest rank's compute among all over its own alone (a step waits for its slowest rank; 1.0 where the devices
+  share nothing that slows them), the median of the rounds; again for a call of the job's rows where a device may compute
+  them all (a larger working set can contend more);
 - overhead: the host's wall time for the lone call less the worker's compute (the pool's cost per call).
 Neither runs the strategies the plan predicts, so a prediction made from them is not fitted to the run it
 predicts.
@@ -24,17 +25,19 @@ from .links import Link
 
 SMALL_BYTES = 4
 LARGE_BYTES = 16 * 2**20
+BURSTS = 3  # the link's swaps go in this many requests, the fastest swap of all kept
 
 
 def measure_link(engine, repeats: int = 5) -> Link | None:
     """The link between ranks 0 and 1 of the engine's pool, measured (None for a pool of one device)."""
     if engine.device_count() < 2:
         return None
-    seconds = {}
-    for nbytes in (SMALL_BYTES, LARGE_BYTES):
-        work = {rank: ProbeExchange((0, 1), rank, 1, nbytes, repeats + 1) for rank in (0, 1)}
-        replies = engine.request(work, "timing the link between two devices", collective=True)
-        seconds[nbytes] = max(reply["transfer_seconds"] for reply in replies.values())
+    seconds = {SMALL_BYTES: float("inf"), LARGE_BYTES: float("inf")}
+    for _ in range(BURSTS):  # bursts apart in time: a disturbance that lasts through one burst misses another
+        for nbytes in seconds:
+            work = {rank: ProbeExchange((0, 1), rank, 1, nbytes, repeats + 1) for rank in (0, 1)}
+            replies = engine.request(work, "timing the link between two devices", collective=True)
+            seconds[nbytes] = min(seconds[nbytes], max(reply["transfer_seconds"] for reply in replies.values()))
     latency = seconds[SMALL_BYTES]
     extra = seconds[LARGE_BYTES] - latency
     bandwidth = (LARGE_BYTES - SMALL_BYTES) / extra if extra > 0 else LARGE_BYTES / seconds[LARGE_BYTES]
@@ -42,33 +45,42 @@ def measure_link(engine, repeats: int = 5) -> Link | None:
     return Link(f"measured {devices[0]}<->{devices[1]}", bandwidth, latency,
                 f"measured on this pool: {devices[0]} and {devices[1]} swapping {LARGE_BYTES // 2**20} MiB each way "
                 f"in {1000 * seconds[LARGE_BYTES]:.1f} ms ({bandwidth / 1e9:.2f} GB/s per direction), "
-                f"{SMALL_BYTES} bytes in {1e6 * latency:.0f} us; fastest of {repeats}")
+                f"{SMALL_BYTES} bytes in {1e6 * latency:.0f} us; fastest of {BURSTS} x {repeats}")
 
 
-def measure_calls(engine, fingerprint: str, call, repeats: int = 5) -> tuple[float, float]:
-    """(contention, overhead): how much slower a device computes `call` (of the loaded model `fingerprint`)
-    while every device computes it too (per rank, the median over `repeats` of its compute among all over its
-    compute alone, each against itself so a slower device is not taken for contention; the mean over the ranks:
-    they share what slows them, and the largest of n noisy ratios would read high), and the pool's own seconds
-    per call: the host's wall time for rank 0's lone call less that rank's compute (messages, pickling, the
-    inputs and the output crossing), median of `repeats`."""
+def measure_calls(engine, fingerprint: str, call, repeats: int = 5, budget_s: float = 8.0,
+                  most: int = 30) -> tuple[float, float]:
+    """(contention, overhead): how much slower a step of `call` (of the loaded model `fingerprint`) computes
+    while every device computes it too (contention_of), and the pool's own seconds per call: the host's wall
+    time for rank 0's lone call less that rank's compute (messages, pickling, the inputs and the output
+    crossing), median of `repeats` rounds, or more (up to `most`) while they have taken less than `budget_s`
+    (quick calls are noisier: more rounds steady the medians)."""
     n = engine.device_count()
-    alone, together, overhead = {r: [] for r in range(n)}, {r: [] for r in range(n)}, []
-    for _ in range(repeats + 1):  # the first of each is a warm-up
+    rounds, overhead = [], []
+    began = time.perf_counter()
+    while len(overhead) < repeats + 1 or (time.perf_counter() - began < budget_s and len(overhead) < most + 1):
+        alone = {}  # the first round is a warm-up
         for rank in range(n):
             started = time.perf_counter()
             computed = engine.request({rank: Forward(fingerprint, call)}, "timing one device alone")[rank]
             if rank == 0:
                 overhead.append(time.perf_counter() - started - computed.compute_s)
-            alone[rank].append(computed.compute_s)
+            alone[rank] = computed.compute_s
         if n > 1:
             replies = engine.request({rank: Forward(fingerprint, call) for rank in range(n)},
                                      "timing every device at once")
-            for rank, reply in replies.items():
-                together[rank].append(reply.compute_s)
-    ratios = ([statistics.median(together[r][1:]) / statistics.median(alone[r][1:]) for r in range(n)]
-              if n > 1 else [1.0])
-    return max(1.0, statistics.fmean(ratios)), max(0.0, statistics.median(overhead[1:]))
+            rounds.append((alone, {rank: reply.compute_s for rank, reply in replies.items()}))
+    return contention_of(rounds[1:]) if n > 1 else 1.0, max(0.0, statistics.median(overhead[1:]))
+
+
+def contention_of(rounds: list) -> float:
+    """rounds: [({rank: compute seconds alone}, {rank: compute seconds with every rank at once})], each round's
+    calls made one after the other. Each rank's time among all is taken against its own alone in the same round
+    (a slower device is not contention, speeds.py sizes shares by speed; a drift of the machine's speed hits
+    both alike), and a call of all waits for its slowest rank, so a round counts its largest ratio; the median
+    of the rounds, at least 1."""
+    return max(1.0, statistics.median(max(t / alone[rank] for rank, t in together.items())
+                                      for alone, together in rounds))
 
 
 @dataclass(frozen=True)
@@ -87,12 +99,12 @@ class DeviceFigures:
                        contention_by_rows=self.contention_by_rows, host_overhead_s=self.overhead_s)
 
 
-def device_figures(engine, model, resolution: tuple[int, int], rows: int = 1) -> DeviceFigures:
+def device_figures(engine, model, resolution: tuple[int, int], rows: int = 1, link: Link | None = None) -> DeviceFigures:
     """The engine's pool measured for a bench model at `resolution` (its weights shipped once); the contention
-    for one-row calls, and for calls of `rows` rows too where that is more."""
+    for one-row calls, and for calls of `rows` rows too where that is more; the link too unless given."""
     from ..bench import sample_call
 
-    link = measure_link(engine)
+    link = link or measure_link(engine)
     fingerprint = engine.load(model.module, model.family)
     contention, overhead = measure_calls(engine, fingerprint, sample_call(model, 1, resolution))
     return with_contention_at(DeviceFigures(link, contention, overhead), engine, model, resolution, rows)
