@@ -223,6 +223,8 @@ def run_bench(model_name: str = "small", devices: str = "cpu:2", strategies_: tu
                     torch.set_num_threads(threads)
                     run_once(model, job, resolution, steps, measured[name], timed=repeat > 0 or repeats == 0,
                              executor=executor)
+                if repeat > 0:
+                    predictor.sample(rows, branches)  # the plan's inputs in turn with the variants, never inside them
             torch.set_num_threads(share)
             for name, result in measured.items():
                 if _spread(result.end_to_end) > SPREAD_LIMIT:

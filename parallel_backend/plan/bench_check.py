@@ -1,49 +1,109 @@
-"""The bench's prediction beside each measured speed-up: `tandem plan`'s model fed only what is measured before
-each job's runs: the one-device figures (plan/measure.py, in the bench's process on one device's share of the
-cores, as its reference runs) and the pool's link and contention (plan/probe.py, on its workers)."""
+"""The bench's prediction beside each measured speed-up: `tandem plan`'s model fed only what is measured apart
+from the runs it predicts: the one-device figures (plan/measure.py, in the bench's process on one device's share
+of the cores, as its reference runs) and the pool's link and contention (plan/probe.py, on its workers).
+
+This machine's pace drifts by tens of percent over seconds to minutes, so the drift-prone inputs are measured
+as the bench measures its variants: in turns. Before a job's runs, a first set of rounds (the whole calls and a
+sequence rank's share taking turns; each rank alone, then all at once); then one more round of each in every
+repeat of the job's rotation (`sample`), beside the variants, never inside their timings. The link is measured
+once; the layer profile and the attention once per job.
+"""
 
 from __future__ import annotations
 
+import time
+
 from ..engine import engine_for, sequence_hint
 from ..mesh import resolve
-from .measure import measure_inputs
+from .measure import add_round, device_share, measure_timed, paced_calls
 from .model import Candidate, predict
-from .probe import device_figures, with_contention_at
+from .probe import DeviceFigures, call_round, contention_and_overhead, measure_calls, measure_link
 
 
 class Predictor:
-    """Measures the pool's link once and its contention before each job; predicts each strategy's speed-up per
-    job (inputs measured once per job shape, `measure`, before the bench runs the job)."""
+    """Measures the pool's link once; per job, its inputs before the job's runs and again in each repeat;
+    predicts each strategy's speed-up from them."""
 
     def __init__(self, pool, model, resolution: tuple[int, int], steps: int, progress=print):
+        from ..bench import sample_call
+
         self.engine = engine = engine_for(pool)
         self.model, self.resolution, self.steps, self.n = model, resolution, steps, engine.device_count()
-        self.figures = device_figures(engine, model, resolution)
-        self.link = self.figures.link
+        self.link = measure_link(engine)
         self.hint = sequence_hint(model.module, model.family)
-        self._inputs = {}
+        self._jobs = {}  # (rows, branches) -> _JobInputs
         if self.link is not None:
-            progress(f"[bench] the plan's device inputs: link {self.link.source}; compute {self.figures.contention:.2f}x "
-                     f"slower with every device busy (one-row calls; larger calls measured per job); "
-                     f"{1000 * self.figures.overhead_s:.1f} ms of pool overhead per call")
+            self.fingerprint = engine.load(model.module, model.family)
+            contention, overhead = measure_calls(engine, self.fingerprint, sample_call(model, 1, resolution))
+            progress(f"[bench] the plan's device inputs: link {self.link.source}; compute {contention:.2f}x "
+                     f"slower with every device busy (one-row calls; measured again with each job, and for its "
+                     f"larger calls); {1000 * overhead:.1f} ms of pool overhead per call")
 
     def measure(self, rows: int, branches: int) -> None:
-        """The inputs of a job of `rows` rows (`branches` 2: with an uncond branch), measured once, before the
-        job's runs: the devices' contention (again for a later job: this machine's pace drifts over minutes;
-        the link is kept) and the one-device figures."""
+        """The inputs of a job of `rows` rows (`branches` 2: with an uncond branch), first measured before the
+        job's runs (once)."""
         key = (rows, branches)
-        if self.link is None or key in self._inputs:
-            return
-        if self._inputs:
-            self.figures = device_figures(self.engine, self.model, self.resolution, rows, self.link)
-        else:
-            self.figures = with_contention_at(self.figures, self.engine, self.model, self.resolution, rows)
-        inputs = measure_inputs(self.model, self.resolution, rows, branches, self.link, self.n, self.steps)
-        self._inputs[key] = self.figures.apply(inputs)
+        if self.link is not None and key not in self._jobs:
+            self._jobs[key] = _JobInputs(self, rows, branches)
+
+    def sample(self, rows: int, branches: int) -> None:
+        """One more round of the job's inputs (call it once per repeat of the job's rotation)."""
+        if self.link is not None:
+            self.measure(rows, branches)
+            self._jobs[(rows, branches)].add_round()
+
+    def figures(self, rows: int, branches: int) -> DeviceFigures:
+        """The pool's figures for the job, from all its rounds so far."""
+        return self._jobs[(rows, branches)].figures()
 
     def predict(self, config, rows: int, branches: int) -> Candidate | None:
         """The plan's candidate for `config` on a job of `rows` rows (None on one device)."""
         if self.link is None:
             return None
         self.measure(rows, branches)
-        return predict(self._inputs[(rows, branches)], resolve(config, self.n, branches, rows, self.hint))
+        inputs = self._jobs[(rows, branches)].inputs()
+        return predict(inputs, resolve(config, self.n, branches, rows, self.hint))
+
+
+class _JobInputs:
+    """One job's inputs: the one-device timed rounds (measure.measure_timed) and the pool's call rounds
+    (probe.call_round) for one-row calls and for calls of the job's rows."""
+
+    ROUNDS, BUDGET_S, MOST = 5, 8.0, 30  # the pool's call rounds before the job's runs: 5, more while under 8 s
+
+    def __init__(self, predictor: Predictor, rows: int, branches: int):
+        from ..bench import sample_call
+
+        p = self.predictor = predictor
+        self.base, self.runs, self.times = measure_timed(p.model, p.resolution, rows, branches, p.link, p.n, p.steps)
+        self.calls = {r: sample_call(p.model, r, p.resolution) for r in sorted({1, rows})}
+        self.rounds = {r: [] for r in self.calls}
+        for call in self.calls.values():  # a warm-up of each call's shape on the workers
+            call_round(p.engine, p.fingerprint, call)
+        began = time.perf_counter()
+        while len(self.rounds[1]) < self.ROUNDS or (time.perf_counter() - began < self.BUDGET_S
+                                                     and len(self.rounds[1]) < self.MOST):
+            self._pool_round()
+
+    def _pool_round(self) -> None:
+        p = self.predictor
+        for r, call in self.calls.items():
+            self.rounds[r].append(call_round(p.engine, p.fingerprint, call))
+
+    def add_round(self) -> None:
+        p = self.predictor
+        with device_share(self.base_device, p.n):
+            add_round(self.runs, self.times)
+        self._pool_round()
+
+    @property
+    def base_device(self) -> str:
+        return next(self.predictor.model.module.parameters()).device.type
+
+    def figures(self) -> DeviceFigures:
+        contention, overhead = contention_and_overhead(self.rounds[1])
+        larger = tuple((r, contention_and_overhead(rounds)[0]) for r, rounds in self.rounds.items() if r > 1)
+        return DeviceFigures(self.predictor.link, contention, overhead, larger)
+
+    def inputs(self):
+        return self.figures().apply(paced_calls(self.base, self.times))

@@ -2,10 +2,11 @@
 the call the bench makes) and its one-device times (measured here, on one device's share of the cores for CPU
 devices, as the bench's reference runs). Nothing here predicts; model.py does.
 
-Measured: the whole call for 1 row (the fastest of `repeats` or more rounds, after one warm-up) and for the job's
-rows (taking turns with it: its median ratio to the one-row call of the same round), one token-mixing attention of one row (sequence models: torch's attention on the model's heads
-and tokens), what one rank of each sequence split computes for one row with its exchanges stubbed out (the
-bench's ideal does the same), the layer profile (UNets: models.stages.profile, what asyncdiff cuts by).
+Measured: the whole call for 1 row (the fastest of `repeats` or more rounds, after one warm-up), and taking turns
+with it in those rounds, the call of the job's rows and what one rank of each sequence split computes for one
+row with its exchanges stubbed out (the bench's ideal does the same), each its median ratio to the one-row call
+of the same round, one token-mixing attention of one row (sequence models: torch's attention on the model's heads
+and tokens), the layer profile (UNets: models.stages.profile, what asyncdiff cuts by).
 Counted: the bytes a device receives per row, the prediction's, q/k/v widths, what crosses each cut of the
 layers, the weights (whole and per layer).
 """
@@ -31,26 +32,40 @@ from .model import Inputs, meshes
 from .traffic import CallShape
 
 
-def fastest_seconds(runs: dict, repeats: int, budget_s: float = 0.0, most: int = 20) -> dict:
-    """{key: seconds of runs[key]()}, after one untimed run of each: `repeats` rounds, and more (up to `most`)
-    while the rounds have taken less than `budget_s` (quick calls: more runs are steadier). The runs take turns.
-    The first key's figure is its fastest run (other load only ever adds time); every other key's is that times
-    the median of its runs over the first key's run of the same round (a drift of the machine's speed, which
-    lasts seconds here, hits the runs of one round alike, so their ratio keeps while their fastest runs may
-    fall in different rounds)."""
+def timed_rounds(runs: dict, repeats: int, budget_s: float = 0.0, most: int = 20) -> dict:
+    """{key: [seconds of each timed run of runs[key]()]}, after one untimed run of each: `repeats` rounds, and
+    more (up to `most`) while the rounds have taken less than `budget_s` (quick calls: more runs are
+    steadier). The runs take turns within a round."""
     for run in runs.values():
         run()
     times = {key: [] for key in runs}
     first = next(iter(runs))
     started = time.perf_counter()
     while len(times[first]) < max(repeats, 1) or (time.perf_counter() - started < budget_s and len(times[first]) < most):
-        for key, run in runs.items():
-            began = time.perf_counter()
-            run()
-            times[key].append(time.perf_counter() - began)
-    fastest = min(times[first])
-    return {key: fastest * statistics.median(t / f for t, f in zip(values, times[first]))
-            for key, values in times.items()}
+        add_round(runs, times)
+    return times
+
+
+def add_round(runs: dict, times: dict) -> None:
+    """One more timed run of each of `runs`, in turn, appended to `times`."""
+    for key, run in runs.items():
+        began = time.perf_counter()
+        run()
+        times[key].append(time.perf_counter() - began)
+
+
+def paced(times: dict) -> dict:
+    """{key: seconds} from timed rounds: the first key's fastest run (other load only ever adds time); every
+    other key's, that times the median of its runs over the first key's run of the same round (a drift of the
+    machine's speed, which lasts seconds here, hits the runs of one round alike, so their ratio keeps while
+    their fastest runs may fall in different rounds)."""
+    first = times[next(iter(times))]
+    return {key: min(first) * statistics.median(t / f for t, f in zip(values, first)) for key, values in times.items()}
+
+
+def fastest_seconds(runs: dict, repeats: int, budget_s: float = 0.0, most: int = 20) -> dict:
+    """paced(timed_rounds(...)): each key's seconds, the first key's fastest and the others by their ratio to it."""
+    return paced(timed_rounds(runs, repeats, budget_s, most))
 
 
 def fastest_seconds_of(run, repeats: int) -> float:
@@ -111,37 +126,53 @@ def _attention_seconds(shape: CallShape, device, dtype, repeats: int) -> float:
         return fastest_seconds_of(lambda: torch.nn.functional.scaled_dot_product_attention(q, q, q), repeats)
 
 
-def _shard_seconds(model, resolution, splits, repeats: int, budget_s: float = 0.0) -> dict:
+def _shard_runs(model, resolution, splits) -> dict:
     """{(ulysses, ring): one rank's compute for a one-row call in a sequence group of that split, its exchanges
-    stubbed out (the strategy's own `bench_part`)}, for each (strategy, split) in `splits`."""
+    stubbed out (the strategy's own `bench_part`), to run}, for each (strategy, split) in `splits`."""
     call = sample_call(model, 1, resolution)
     out = {}
     for name, split in sorted(splits):
         mesh = Mesh(name, 1, 1, split, math.prod(split))
         degrees = mesh.degrees()
-        key = (degrees.get("ulysses", 1), degrees.get("ring", 1))
-        if key not in out:
-            out[key] = fastest_seconds({0: strategies.get(name).bench_part(model, call, mesh)}, repeats, budget_s)[0]
+        out.setdefault((degrees.get("ulysses", 1), degrees.get("ring", 1)),
+                       strategies.get(name).bench_part(model, call, mesh))
     return out
 
 
-def measure_inputs(model, resolution: tuple[int, int], rows: int, branches: int, link, devices: int,
-                   steps: int = 20, repeats: int = 3, budget_s: float = 4.0) -> Inputs:
-    """The model's Inputs for a job of `rows` rows (`branches` 2: [uncond; cond]) on `devices` devices joined
-    by `link`, measured on the model's device; whole calls and a sequence rank's share are timed for at least
-    `budget_s` seconds (more rounds of quick calls)."""
+def paced_calls(inputs: Inputs, times: dict) -> Inputs:
+    """`inputs` with the whole calls' and the sequence ranks' seconds taken from `times` (timing_runs' keys:
+    rows, or ("shard", (ulysses, ring)))."""
+    seconds = paced(times)
+    return replace(inputs, call_seconds={k: v for k, v in seconds.items() if not isinstance(k, tuple)},
+                   shard_seconds={k[1]: v for k, v in seconds.items() if isinstance(k, tuple)})
+
+
+def measure_timed(model, resolution: tuple[int, int], rows: int, branches: int, link, devices: int,
+                  steps: int = 20, repeats: int = 3, budget_s: float = 4.0) -> tuple[Inputs, dict, dict]:
+    """(inputs, runs, times): the model's Inputs for a job of `rows` rows (`branches` 2: [uncond; cond]) on
+    `devices` devices joined by `link`, measured on the model's device, and the timed runs behind its whole
+    calls and sequence ranks' shares ({1: one-row call, rows: the job's, ("shard", (u, r)): a rank's part of a
+    one-row call}, taking turns in rounds, at least `budget_s` seconds of them) with their times so far (more
+    rounds: add_round, then paced_calls)."""
     weight = next(model.module.parameters())
     device = weight.device.type
     shape = call_shape(model, resolution, rows)
     with device_share(device, devices):
-        calls = {r: sample_call(model, r, resolution) for r in sorted({1, rows})}
-        seconds = fastest_seconds({r: lambda c=c: local_forward(model, c) for r, c in calls.items()}, repeats,
-                                  budget_s)
         attention = _attention_seconds(shape, weight.device, weight.dtype, repeats)
         layer_seconds, handover, layer_weights = _profile(model, resolution, repeats)
         shape = CallShape(**{**shape.__dict__, "handover_bytes": handover})
-        inputs = Inputs(shape, model.family, branches, seconds, link, attention, layer_seconds,
+        inputs = Inputs(shape, model.family, branches, {}, link, attention, layer_seconds,
                         tensor_bytes(list(model.module.parameters())), layer_weights, model.memory_bytes(1, resolution),
                         HOST_OVERHEAD_S[device][0], steps)
+        calls = {r: sample_call(model, r, resolution) for r in sorted({1, rows})}
+        runs = {r: lambda c=c: local_forward(model, c) for r, c in calls.items()}
         splits = {(m.strategy, m.split) for m in meshes(inputs, devices) if strategies.get(m.strategy).splits_tokens}
-        return replace(inputs, shard_seconds=_shard_seconds(model, resolution, splits, repeats, budget_s))
+        runs.update({("shard", key): run for key, run in _shard_runs(model, resolution, splits).items()})
+        times = timed_rounds(runs, repeats, budget_s)
+    return paced_calls(inputs, times), runs, times
+
+
+def measure_inputs(model, resolution: tuple[int, int], rows: int, branches: int, link, devices: int,
+                   steps: int = 20, repeats: int = 3, budget_s: float = 4.0) -> Inputs:
+    """measure_timed's Inputs."""
+    return measure_timed(model, resolution, rows, branches, link, devices, steps, repeats, budget_s)[0]

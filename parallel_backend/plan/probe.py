@@ -53,24 +53,39 @@ def measure_calls(engine, fingerprint: str, call, repeats: int = 5, budget_s: fl
     """(contention, overhead): how much slower a step of `call` (of the loaded model `fingerprint`) computes
     while every device computes it too (contention_of), and the pool's own seconds per call: the host's wall
     time for rank 0's lone call less that rank's compute (messages, pickling, the inputs and the output
-    crossing), median of `repeats` rounds, or more (up to `most`) while they have taken less than `budget_s`
-    (quick calls are noisier: more rounds steady the medians)."""
-    n = engine.device_count()
-    rounds, overhead = [], []
+    crossing), median of `repeats` rounds (call_round), or more (up to `most`) while they have taken less than
+    `budget_s` (quick calls are noisier: more rounds steady the medians)."""
+    call_round(engine, fingerprint, call)  # a warm-up
+    rounds = []
     began = time.perf_counter()
-    while len(overhead) < repeats + 1 or (time.perf_counter() - began < budget_s and len(overhead) < most + 1):
-        alone = {}  # the first round is a warm-up
-        for rank in range(n):
-            started = time.perf_counter()
-            computed = engine.request({rank: Forward(fingerprint, call)}, "timing one device alone")[rank]
-            if rank == 0:
-                overhead.append(time.perf_counter() - started - computed.compute_s)
-            alone[rank] = computed.compute_s
-        if n > 1:
-            replies = engine.request({rank: Forward(fingerprint, call) for rank in range(n)},
-                                     "timing every device at once")
-            rounds.append((alone, {rank: reply.compute_s for rank, reply in replies.items()}))
-    return contention_of(rounds[1:]) if n > 1 else 1.0, max(0.0, statistics.median(overhead[1:]))
+    while len(rounds) < repeats or (time.perf_counter() - began < budget_s and len(rounds) < most):
+        rounds.append(call_round(engine, fingerprint, call))
+    return contention_and_overhead(rounds)
+
+
+def call_round(engine, fingerprint: str, call) -> tuple[dict, dict, float]:
+    """One round of `call` on the pool: each rank alone in turn, then every rank at once: ({rank: compute
+    seconds alone}, {rank: compute seconds among all}, the host's wall time for rank 0's lone call less its
+    compute). One device: nothing among all."""
+    n = engine.device_count()
+    alone, overhead = {}, 0.0
+    for rank in range(n):
+        started = time.perf_counter()
+        computed = engine.request({rank: Forward(fingerprint, call)}, "timing one device alone")[rank]
+        if rank == 0:
+            overhead = time.perf_counter() - started - computed.compute_s
+        alone[rank] = computed.compute_s
+    together = {}
+    if n > 1:
+        replies = engine.request({rank: Forward(fingerprint, call) for rank in range(n)}, "timing every device at once")
+        together = {rank: reply.compute_s for rank, reply in replies.items()}
+    return alone, together, overhead
+
+
+def contention_and_overhead(rounds: list) -> tuple[float, float]:
+    """(contention_of the rounds, the median overhead) of call_round's rounds."""
+    contention = contention_of([(alone, together) for alone, together, _ in rounds if together])
+    return contention, max(0.0, statistics.median(overhead for _, _, overhead in rounds))
 
 
 def contention_of(rounds: list) -> float:
@@ -79,6 +94,8 @@ def contention_of(rounds: list) -> float:
     (a slower device is not contention, speeds.py sizes shares by speed; a drift of the machine's speed hits
     both alike), and a call of all waits for its slowest rank, so a round counts its largest ratio; the median
     of the rounds, at least 1."""
+    if not rounds:
+        return 1.0
     return max(1.0, statistics.median(max(t / alone[rank] for rank, t in together.items())
                                       for alone, together in rounds))
 
@@ -99,12 +116,12 @@ class DeviceFigures:
                        contention_by_rows=self.contention_by_rows, host_overhead_s=self.overhead_s)
 
 
-def device_figures(engine, model, resolution: tuple[int, int], rows: int = 1, link: Link | None = None) -> DeviceFigures:
+def device_figures(engine, model, resolution: tuple[int, int], rows: int = 1) -> DeviceFigures:
     """The engine's pool measured for a bench model at `resolution` (its weights shipped once); the contention
-    for one-row calls, and for calls of `rows` rows too where that is more; the link too unless given."""
+    for one-row calls, and for calls of `rows` rows too where that is more."""
     from ..bench import sample_call
 
-    link = link or measure_link(engine)
+    link = measure_link(engine)
     fingerprint = engine.load(model.module, model.family)
     contention, overhead = measure_calls(engine, fingerprint, sample_call(model, 1, resolution))
     return with_contention_at(DeviceFigures(link, contention, overhead), engine, model, resolution, rows)
