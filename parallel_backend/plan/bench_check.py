@@ -52,10 +52,6 @@ class Predictor:
             self.measure(rows, branches)
             self._jobs[(rows, branches)].add_round()
 
-    def figures(self, rows: int, branches: int) -> DeviceFigures:
-        """The pool's figures for the job, from all its rounds so far."""
-        return self._jobs[(rows, branches)].figures()
-
     def predict(self, config, rows: int, branches: int) -> Candidate | None:
         """The plan's candidate for `config` on a job of `rows` rows (None on one device)."""
         if self.link is None:
