@@ -11,13 +11,11 @@ once; the layer profile and the attention once per job.
 
 from __future__ import annotations
 
-import time
-
 from ..engine import engine_for, sequence_hint
 from ..mesh import resolve
 from .measure import add_round, device_share, measure_timed, paced_calls
 from .model import Candidate, predict
-from .probe import DeviceFigures, call_round, contention_and_overhead, measure_calls, measure_link
+from .probe import DeviceFigures, call_round, call_rounds, contention_and_overhead, measure_link
 
 
 class Predictor:
@@ -25,26 +23,28 @@ class Predictor:
     predicts each strategy's speed-up from them."""
 
     def __init__(self, pool, model, resolution: tuple[int, int], steps: int, progress=print):
-        from ..bench import sample_call
-
         self.engine = engine = engine_for(pool)
         self.model, self.resolution, self.steps, self.n = model, resolution, steps, engine.device_count()
+        self.progress = progress
         self.link = measure_link(engine)
         self.hint = sequence_hint(model.module, model.family)
         self._jobs = {}  # (rows, branches) -> _JobInputs
         if self.link is not None:
             self.fingerprint = engine.load(model.module, model.family)
-            contention, overhead = measure_calls(engine, self.fingerprint, sample_call(model, 1, resolution))
-            progress(f"[bench] the plan's device inputs: link {self.link.source}; compute {contention:.2f}x "
-                     f"slower with every device busy (one-row calls; measured again with each job, and for its "
-                     f"larger calls); {1000 * overhead:.1f} ms of pool overhead per call")
 
     def measure(self, rows: int, branches: int) -> None:
         """The inputs of a job of `rows` rows (`branches` 2: with an uncond branch), first measured before the
         job's runs (once)."""
         key = (rows, branches)
-        if self.link is not None and key not in self._jobs:
-            self._jobs[key] = _JobInputs(self, rows, branches)
+        if self.link is None or key in self._jobs:
+            return
+        self._jobs[key] = job = _JobInputs(self, rows, branches)
+        if len(self._jobs) == 1:
+            figures = job.figures()
+            self.progress(f"[bench] the plan's device inputs: link {self.link.source}; compute "
+                          f"{figures.contention:.2f}x slower with every device busy (one-row calls; measured again "
+                          f"with each job, and for its larger calls); {1000 * figures.overhead_s:.1f} ms of pool "
+                          f"overhead per call")
 
     def sample(self, rows: int, branches: int) -> None:
         """One more round of the job's inputs (call it once per repeat of the job's rotation)."""
@@ -65,36 +65,21 @@ class _JobInputs:
     """One job's inputs: the one-device timed rounds (measure.measure_timed) and the pool's call rounds
     (probe.call_round) for one-row calls and for calls of the job's rows."""
 
-    ROUNDS, BUDGET_S, MOST = 5, 8.0, 30  # the pool's call rounds before the job's runs: 5, more while under 8 s
-
     def __init__(self, predictor: Predictor, rows: int, branches: int):
         from ..bench import sample_call
 
         p = self.predictor = predictor
         self.base, self.runs, self.times = measure_timed(p.model, p.resolution, rows, branches, p.link, p.n, p.steps)
         self.calls = {r: sample_call(p.model, r, p.resolution) for r in sorted({1, rows})}
-        self.rounds = {r: [] for r in self.calls}
-        for call in self.calls.values():  # a warm-up of each call's shape on the workers
-            call_round(p.engine, p.fingerprint, call)
-        began = time.perf_counter()
-        while len(self.rounds[1]) < self.ROUNDS or (time.perf_counter() - began < self.BUDGET_S
-                                                     and len(self.rounds[1]) < self.MOST):
-            self._pool_round()
-
-    def _pool_round(self) -> None:
-        p = self.predictor
-        for r, call in self.calls.items():
-            self.rounds[r].append(call_round(p.engine, p.fingerprint, call))
+        self.rounds = call_rounds(p.engine, p.fingerprint, self.calls)  # before the job's runs
+        self.device = next(p.model.module.parameters()).device.type
 
     def add_round(self) -> None:
         p = self.predictor
-        with device_share(self.base_device, p.n):
+        with device_share(self.device, p.n):
             add_round(self.runs, self.times)
-        self._pool_round()
-
-    @property
-    def base_device(self) -> str:
-        return next(self.predictor.model.module.parameters()).device.type
+        for r, call in self.calls.items():
+            self.rounds[r].append(call_round(p.engine, p.fingerprint, call))
 
     def figures(self) -> DeviceFigures:
         contention, overhead = contention_and_overhead(self.rounds[1])

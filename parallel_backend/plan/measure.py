@@ -29,6 +29,7 @@ from ..oracle import local_forward
 from ..portable import cpu_cores
 from .calibrate import HOST_OVERHEAD_S, tensor_bytes
 from .model import Inputs, meshes
+from .probe import more_rounds
 from .traffic import CallShape
 
 
@@ -39,9 +40,8 @@ def timed_rounds(runs: dict, repeats: int, budget_s: float = 0.0, most: int = 20
     for run in runs.values():
         run()
     times = {key: [] for key in runs}
-    first = next(iter(runs))
     started = time.perf_counter()
-    while len(times[first]) < max(repeats, 1) or (time.perf_counter() - started < budget_s and len(times[first]) < most):
+    while more_rounds(len(times[next(iter(runs))]), repeats, started, budget_s, most):
         add_round(runs, times)
     return times
 
@@ -140,7 +140,7 @@ def _shard_runs(model, resolution, splits) -> dict:
 
 
 def paced_calls(inputs: Inputs, times: dict) -> Inputs:
-    """`inputs` with the whole calls' and the sequence ranks' seconds taken from `times` (timing_runs' keys:
+    """`inputs` with the whole calls' and the sequence ranks' seconds taken from `times` (measure_timed's keys:
     rows, or ("shard", (ulysses, ring)))."""
     seconds = paced(times)
     return replace(inputs, call_seconds={k: v for k, v in seconds.items() if not isinstance(k, tuple)},

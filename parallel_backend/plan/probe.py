@@ -2,12 +2,13 @@
 slower each computes when all compute at once (shared cores, memory bandwidth, clocks), before any strategy runs.
 
 - link: ranks 0 and 1 swap a small and a large buffer at once (each direction carries the buffer, as every
-  strategy's exchanges do), fastest of `repeats` swaps in each of BURSTS requests; latency = the small swap, bandwidth = the extra bytes over the
-  extra time. Between CPU workers that is gloo over loopback; between GPUs, NCCL over whatever joins them.
+  strategy's exchanges do), fastest of `repeats` swaps in each of BURSTS requests; latency = the small swap,
+  bandwidth = the extra bytes over the extra time. Between CPU workers that is gloo over loopback; between
+  GPUs, NCCL over whatever joins them.
 - contention: a one-row model call on each rank alone, then on every rank at once, in rounds; per round, the
   slowest rank's compute among all over its own alone (a step waits for its slowest rank; 1.0 where the devices
-  share nothing that slows them), the median of the rounds; again for a call of the job's rows where a device may compute
-  them all (a larger working set can contend more);
+  share nothing that slows them), the median of the rounds; again for a call of the job's rows where a device
+  may compute them all (a larger working set can contend more);
 - overhead: the host's wall time for the lone call less the worker's compute (the pool's cost per call).
 Neither runs the strategies the plan predicts, so a prediction made from them is not fitted to the run it
 predicts.
@@ -55,12 +56,27 @@ def measure_calls(engine, fingerprint: str, call, repeats: int = 5, budget_s: fl
     time for rank 0's lone call less that rank's compute (messages, pickling, the inputs and the output
     crossing), median of `repeats` rounds (call_round), or more (up to `most`) while they have taken less than
     `budget_s` (quick calls are noisier: more rounds steady the medians)."""
-    call_round(engine, fingerprint, call)  # a warm-up
-    rounds = []
-    began = time.perf_counter()
-    while len(rounds) < repeats or (time.perf_counter() - began < budget_s and len(rounds) < most):
-        rounds.append(call_round(engine, fingerprint, call))
-    return contention_and_overhead(rounds)
+    return contention_and_overhead(call_rounds(engine, fingerprint, {0: call}, repeats, budget_s, most)[0])
+
+
+def more_rounds(done: int, repeats: int, started: float, budget_s: float, most: int) -> bool:
+    """Whether to time another round: fewer than `repeats` done, or fewer than `most` while the rounds since
+    `started` (perf_counter) have taken less than `budget_s`."""
+    return done < max(repeats, 1) or (time.perf_counter() - started < budget_s and done < most)
+
+
+def call_rounds(engine, fingerprint: str, calls: dict, repeats: int = 5, budget_s: float = 8.0,
+                most: int = 30) -> dict:
+    """{key: [call_round of calls[key]]}: after one warm-up round of each, rounds of every call in turn (as
+    more_rounds says)."""
+    for call in calls.values():
+        call_round(engine, fingerprint, call)
+    rounds = {key: [] for key in calls}
+    started = time.perf_counter()
+    while more_rounds(len(next(iter(rounds.values()))), repeats, started, budget_s, most):
+        for key, call in calls.items():
+            rounds[key].append(call_round(engine, fingerprint, call))
+    return rounds
 
 
 def call_round(engine, fingerprint: str, call) -> tuple[dict, dict, float]:
@@ -124,21 +140,8 @@ def device_figures(engine, model, resolution: tuple[int, int], rows: int = 1) ->
     link = measure_link(engine)
     fingerprint = engine.load(model.module, model.family)
     contention, overhead = measure_calls(engine, fingerprint, sample_call(model, 1, resolution))
-    return with_contention_at(DeviceFigures(link, contention, overhead), engine, model, resolution, rows)
-
-
-def with_contention_at(figures: DeviceFigures, engine, model, resolution: tuple[int, int],
-                       rows: int) -> DeviceFigures:
-    """`figures` with the contention of calls of `rows` rows of a bench model measured too (a device of a split
-    may compute them all: asyncdiff's stages, a batch on fewer devices than rows); once per row count."""
-    from ..bench import sample_call
-
-    known = dict(figures.contention_by_rows)
-    if rows <= 1 or rows in known:
-        return figures
-    fingerprint = engine.load(model.module, model.family)
-    known[rows] = measure_calls(engine, fingerprint, sample_call(model, rows, resolution))[0]
-    return replace(figures, contention_by_rows=tuple(sorted(known.items())))
+    larger = ((rows, measure_calls(engine, fingerprint, sample_call(model, rows, resolution))[0]),) if rows > 1 else ()
+    return DeviceFigures(link, contention, overhead, larger)
 
 
 def probe_devices(devices, model, resolution: tuple[int, int], rows: int = 1) -> DeviceFigures:
