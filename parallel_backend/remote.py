@@ -35,7 +35,9 @@ log = logging.getLogger("tandem")
 STATUS_PERIOD_S = 0.5
 REACH_RETRY_S = 5.0  # how long the host retries reaching a machine's daemon at a pool's start
 REACH_TIMEOUT_S = 5.0  # one attempt's connect at a start: a machine that takes no connection is given up in 5 + 5 s
-REJOIN_PROBE_S = 2.0  # one attempt to connect to a machine left out, at the start of a later job
+REJOIN_PROBE_S = 2.0  # the time to reach a machine left out, at the start of a later job
+RETRY_PAUSE_S = 0.25  # between two attempts to connect to a machine
+MIN_ATTEMPT_S = 0.1  # the least time one connect attempt is given
 
 
 def link_timeout_s() -> float:
@@ -58,16 +60,35 @@ def rejoin_every_s() -> float:
 
 
 def answers(name: str, secret: bytes, timeout_s: float = REJOIN_PROBE_S) -> bool:
-    """Whether machine `name` (HOST:PORT) takes a connection within `timeout_s` and its `tandem worker serve`
-    completes the secret's handshake (each step within HANDSHAKE_TIMEOUT_S: a busy machine that answers is not
-    missed); the connection is closed at once (the daemon logs a host that left)."""
-    host, port = name.rsplit(":", 1)
+    """Whether machine `name` (HOST:PORT) takes a connection within `timeout_s` (a quick refusal, such as a link
+    just back up that has not resolved its neighbour yet, is tried again within that time) and its `tandem worker
+    serve` completes the secret's handshake (each step within HANDSHAKE_TIMEOUT_S: a busy machine that answers is
+    not missed); the connection is closed at once (the daemon logs a host that left)."""
     try:
-        connect_tls((host.strip("[]"), int(port)), secret, HANDSHAKE_TIMEOUT_S, connect_timeout_s=timeout_s).close()
+        reach(name, secret, retry_s=timeout_s).close()
     except (HandshakeError, OSError) as exc:
         log.debug("Tandem: %s still cannot be reached (%s: %s)", name, type(exc).__name__, exc)
         return False
     return True
+
+
+def reach(name: str, secret: bytes, retry_s: float, attempt_s: float | None = None):
+    """A TLS connection to machine `name`'s daemon (connect_tls). A connect that fails (refused, unreachable, timed
+    out) is tried again every RETRY_PAUSE_S while under `retry_s` seconds have passed; each attempt's connect waits
+    `attempt_s`, or by default what is left of `retry_s`. Raises the last OSError, or a HandshakeError at once."""
+    host, port = name.rsplit(":", 1)
+    until = time.monotonic() + retry_s
+    while True:
+        left = until - time.monotonic()
+        try:
+            return connect_tls((host.strip("[]"), int(port)), secret, HANDSHAKE_TIMEOUT_S,
+                               connect_timeout_s=attempt_s or max(left, MIN_ATTEMPT_S))
+        except HandshakeError:
+            raise
+        except OSError:
+            if time.monotonic() + RETRY_PAUSE_S >= until:
+                raise
+            time.sleep(RETRY_PAUSE_S)
 
 
 def versions() -> dict:
@@ -112,22 +133,14 @@ class Machine:
     def connect(self) -> None:
         """Reaches the daemon (TLS and the secret's proofs), retrying for REACH_RETRY_S; raises RuntimeError with
         a sentence naming the machine if it cannot."""
-        host, port = self.name.rsplit(":", 1)
-        retry_until = time.monotonic() + REACH_RETRY_S  # a link just back up may need a moment (ARP, routes)
-        while True:
-            try:
-                conn = connect_tls((host.strip("[]"), int(port)), self.secret, HANDSHAKE_TIMEOUT_S,
-                                   connect_timeout_s=REACH_TIMEOUT_S)
-                break
-            except HandshakeError as exc:
-                raise RuntimeError(f"{self.name}: its `tandem worker serve` refused this host or was refused ({exc}); "
-                                   "both machines must read the same secret file") from None
-            except OSError as exc:
-                if time.monotonic() < retry_until:
-                    time.sleep(0.5)
-                    continue
-                raise RuntimeError(f"{self.name}: cannot reach a `tandem worker serve` there ({exc}); is it running, "
-                                   "and is its port open in the firewall?") from None
+        try:  # a link just back up may need a moment (ARP, routes)
+            conn = reach(self.name, self.secret, retry_s=REACH_RETRY_S, attempt_s=REACH_TIMEOUT_S)
+        except HandshakeError as exc:
+            raise RuntimeError(f"{self.name}: its `tandem worker serve` refused this host or was refused ({exc}); "
+                               "both machines must read the same secret file") from None
+        except OSError as exc:
+            raise RuntimeError(f"{self.name}: cannot reach a `tandem worker serve` there ({exc}); is it running, "
+                               "and is its port open in the firewall?") from None
         self._channel = Channel(conn, self.name)
 
     def join(self, join: Join, timeout_s: float) -> None:

@@ -104,6 +104,39 @@ def test_a_machine_that_cannot_be_reached_is_left_out_until_it_answers(secret_fi
     assert _my_pool_folders() == before, _my_pool_folders()
 
 
+def test_the_rejoin_probe_retries_a_refused_connection_within_its_time(secret_file, tmp_path):
+    """A machine whose daemon takes connections only part-way into the probe (a link just back up, a daemon just
+    restarted) answers; one where nothing ever listens does not, and the probe keeps to its time."""
+    from parallel_backend.secure import read_secret
+    from parallel_backend.serve import ServeDaemon
+
+    secret, port = read_secret(secret_file), _free_port()
+    machine = f"127.0.0.1:{port}"
+    started = time.monotonic()
+    assert not remote.answers(machine, secret)  # refused at once, every attempt
+    assert remote.REJOIN_PROBE_S - 0.5 <= time.monotonic() - started <= remote.REJOIN_PROBE_S + 1.0
+
+    daemons = []
+
+    def serve_late():  # binds its port only now: the probe's first attempt is refused
+        daemons.append(ServeDaemon(machine, "cpu:1", str(secret_file), interface="lo",
+                                   cache_dir=str(tmp_path / "weights")))
+        daemons[0].serve_forever()
+
+    late = threading.Timer(remote.REJOIN_PROBE_S / 3, serve_late)
+    late.daemon = True
+    started = time.monotonic()
+    late.start()
+    try:
+        assert remote.answers(machine, secret)
+        assert time.monotonic() - started >= remote.REJOIN_PROBE_S / 3
+    finally:
+        late.cancel()
+        for daemon in daemons:
+            daemon.stop()
+        late.join(timeout=10)
+
+
 def test_no_device_left_is_a_clear_error(secret_file):
     machine = f"127.0.0.1:{_free_port()}"
     pool = WorkerPool(f"{machine}/cpu", secret_file=str(secret_file), interface="lo")
