@@ -278,7 +278,7 @@ class WorkerPool:
     def rejoin_missing(self, job) -> bool:
         """Called before each call (by the engine, and ComfyUI's node) with the call's job (None: a job of one
         call), never within a request. On a job's first call only, when the pool runs without machines it could
-        not reach, tries them again (one handshake of remote.REJOIN_PROBE_S each, at most once per
+        not reach, tries them again (each given remote.REJOIN_PROBE_S to answer, at most once per
         remote.rejoin_every_s()). When one answers, says so and shuts the pool down, so that the job starts it
         afresh with every device; returns True then."""
         with self._lock:

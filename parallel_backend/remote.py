@@ -48,7 +48,7 @@ def link_timeout_s() -> float:
 
 def rejoin_every_s() -> float:
     """The least seconds between two attempts to reach a machine the pool left out (TANDEM_REJOIN_S, default 30):
-    a machine still gone costs a job at most one attempt of REJOIN_PROBE_S, and no more often than this."""
+    a machine still gone costs a job at most REJOIN_PROBE_S of attempts, and no more often than this."""
     text = os.environ.get("TANDEM_REJOIN_S", "").strip() or "30"
     try:
         seconds = float(text)
