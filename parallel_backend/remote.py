@@ -65,14 +65,14 @@ def answers(name: str, secret: bytes, timeout_s: float = REJOIN_PROBE_S) -> bool
     serve` completes the secret's handshake (each step within HANDSHAKE_TIMEOUT_S: a busy machine that answers is
     not missed); the connection is closed at once (the daemon logs a host that left)."""
     try:
-        reach(name, secret, retry_s=timeout_s).close()
+        connect_daemon(name, secret, retry_s=timeout_s).close()
     except (HandshakeError, OSError) as exc:
         log.debug("Tandem: %s still cannot be reached (%s: %s)", name, type(exc).__name__, exc)
         return False
     return True
 
 
-def reach(name: str, secret: bytes, retry_s: float, attempt_s: float | None = None):
+def connect_daemon(name: str, secret: bytes, retry_s: float, attempt_s: float | None = None):
     """A TLS connection to machine `name`'s daemon (connect_tls). A connect that fails (refused, unreachable, timed
     out) is tried again every RETRY_PAUSE_S while under `retry_s` seconds have passed; each attempt's connect waits
     `attempt_s`, or by default what is left of `retry_s`. Raises the last OSError, or a HandshakeError at once."""
@@ -134,7 +134,7 @@ class Machine:
         """Reaches the daemon (TLS and the secret's proofs), retrying for REACH_RETRY_S; raises RuntimeError with
         a sentence naming the machine if it cannot."""
         try:  # a link just back up may need a moment (ARP, routes)
-            conn = reach(self.name, self.secret, retry_s=REACH_RETRY_S, attempt_s=REACH_TIMEOUT_S)
+            conn = connect_daemon(self.name, self.secret, retry_s=REACH_RETRY_S, attempt_s=REACH_TIMEOUT_S)
         except HandshakeError as exc:
             raise RuntimeError(f"{self.name}: its `tandem worker serve` refused this host or was refused ({exc}); "
                                "both machines must read the same secret file") from None
