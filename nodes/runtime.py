@@ -105,8 +105,10 @@ class Runtime:
         """The number of the next model call of sampling run `run_id` (0 for a new run)."""
         return self.last_run["calls"] if self.last_run.get("id") == run_id else 0
 
-    def record_call(self, run_id: int, devices: list, strategy: str, mesh: str, seconds: float, compute: dict) -> None:
-        """Per-call figures of the current sampling run (a new run id starts a new record)."""
+    def record_call(self, run_id: int, devices: list, strategy: str, mesh: str, seconds: float, compute: dict,
+                    extra: dict | None = None) -> None:
+        """Per-call figures of the current sampling run (a new run id starts a new record); extra: each rank's
+        own counters (a worker's torch.compile graphs so far, where it compiles)."""
         with self.lock:
             if self.last_run.get("id") != run_id:
                 self.runs += 1
@@ -119,17 +121,21 @@ class Runtime:
             run["device_seconds"] = run.get("device_seconds", 0.0) + sum(compute.values())
             run["wall_seconds"] = run.get("wall_seconds", 0.0) + seconds
             run["median_seconds_per_call"] = sorted(run["seconds"])[len(run["seconds"]) // 2]
+            graphs = {rank: e["compiled_graphs"] for rank, e in (extra or {}).items() if "compiled_graphs" in e}
+            if graphs:
+                run["compiled_graphs"] = [graphs.get(rank) for rank in range(len(devices))]
             # How busy the devices were: their compute time over the wall time they were held for. A utilisation,
             # not a speed-up (that needs a one-device run: `tandem workflow compare` measures it).
             run["device_utilisation"] = round(run["device_seconds"] / (run["wall_seconds"] * len(devices)), 3)
 
-    def use_model(self, pool: WorkerPool, model, family: str, key: str, base_model_ref, weights: str) -> str:
-        """Loads `model` on the workers (unless they hold it) and remembers which host model each copy belongs
-        to (the pool keeps up to two); a watcher releases a copy once ComfyUI unloads its model (free memory,
+    def use_model(self, pool: WorkerPool, model, family: str, key: str, base_model_ref, weights: str,
+                  recipe=None) -> str:
+        """Loads `model` on the workers (unless they hold it; as its `recipe` where given: nodes/recipe.py) and
+        remembers which host model each copy belongs to (the pool keeps up to two); a watcher releases a copy once ComfyUI unloads its model (free memory,
         another checkpoint, eviction): its weights are then unpatched (current_weight_patches_uuid changes) or
         the model is gone. Under the lock, so the watcher never releases a copy that was just loaded anew."""
         with self.lock:
-            fingerprint = pool.ensure_model(model, family, key)
+            fingerprint = pool.ensure_model(model, family, key, recipe)
             held = set(pool.loaded_fingerprints)  # the pool may have dropped older copies to make room
             self._watched = {f: w for f, w in self._watched.items() if f in held}
             self._watched[fingerprint] = (base_model_ref, weights)
@@ -173,6 +179,10 @@ class Runtime:
                 "model_loaded": bool(pool and pool.loaded_fingerprint),
                 # per worker, in device order: CUDA max allocated, CPU max resident set (shared weights count)
                 "peak_memory_bytes": [pool.peak_memory.get(rank) for rank in range(len(pool.devices))] if pool else [],
+                # per worker, in device order: the bytes of the weights of the models it holds (quantized weights
+                # count as stored: a GGUF Q8 model about its file's size)
+                "weights_bytes": [sum(held.get(rank, 0) for held in pool.weights_bytes.values())
+                                  for rank in range(len(pool.devices))] if pool else [],
                 "stats": vars(pool.stats) if pool else {}, "runs": self.runs, "last_run": self.last_run}
 
     def shutdown(self) -> None:

@@ -14,10 +14,10 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import time
-import weakref
 
 import comfy.model_management
 import comfy.patcher_extension
@@ -25,12 +25,15 @@ import torch
 
 from parallel_backend import strategies
 from parallel_backend.calls import ModelCall
+from parallel_backend.carry import CannotCarry
 from parallel_backend.config import ParallelConfig
 from parallel_backend.engine import ParallelExecutor
 from parallel_backend.models import comfy_dit
+from parallel_backend.pool import WorkerError
 
 from .runtime import RUNTIME
 from .settings import default_config
+from .travel import fingerprint, host_reason, recipe_of, run_facts
 
 KEY = "tandem"
 RUN_KEY = "tandem_run"
@@ -112,9 +115,7 @@ def batch_cond_and_uncond(executor, model, conds, x_in, timestep, model_options)
     if RUN_KEY not in model_options:
         model_options[RUN_KEY] = next(_RUN_NUMBERS)
     # ComfyUI hands the diffusion model a merged copy of this dict: it carries facts, never counters.
-    model_options.setdefault("transformer_options", {})[KEY] = {
-        "weights": f"{id(model)}:{model.current_weight_patches_uuid}", "base_model": weakref.ref(model),
-        "lowvram": bool(getattr(model, "model_lowvram", False)), "id": model_options[RUN_KEY]}
+    model_options.setdefault("transformer_options", {})[KEY] = run_facts(model, model_options, model_options[RUN_KEY])
     # ComfyUI batches cond and uncond only while model.memory_required(...) * 1.5 fits the host device's free
     # memory. A call that goes to the pool holds no activations on the host, so it sees an estimate of 0; every
     # other call (stock path) keeps ComfyUI's estimate. `model` is the BaseModel that every clone of the
@@ -149,7 +150,8 @@ def _goes_to_pool(model, conds, model_options) -> bool:
     when in doubt False: ComfyUI's own estimate then decides, as on the stock path."""
     if "multigpu_clones" in model_options:  # ComfyUI's MultiGPU CFG Split batches per device itself
         return False
-    if _host_only_reason(model_options.get("transformer_options", {})) is not None:
+    options = model_options.get("transformer_options", {})
+    if _run_reason(options) is not None or host_reason(options[KEY], model.diffusion_model) is not None:
         return False
     if any("gligen" in c or c.get("hooks") is not None for cond in conds if cond for c in cond):
         return False  # their patches join the call's transformer_options only inside the batching
@@ -165,11 +167,6 @@ def _goes_to_pool(model, conds, model_options) -> bool:
     except Exception:  # PoolForward meets the same error and says so
         return False
     return len(pool.devices) >= 2
-
-
-def _host_only_reason(transformer_options: dict) -> str | None:
-    """Why a call with these options stays on the host (something in them cannot travel, or `_run_reason`)."""
-    return comfy_dit.portable_options(transformer_options)[1] or _run_reason(transformer_options)
 
 
 def _run_reason(transformer_options: dict) -> str | None:
@@ -201,21 +198,37 @@ class PoolForward:
         # branch: the mesh resolver splits its rows instead (mesh.resolve folds the cfg degree into batch).
         self.config = config
         self.said: set[str] = set()
+        self.refused: dict[str, str] = {}  # fingerprint -> why the workers could not take that copy of the model
 
     def _stock(self, reason: str):
         if reason not in self.said:
             self.said.add(reason)
             log.warning("Tandem: using the stock sampling path: %s", reason)
 
+    @torch.compiler.disable  # a host's torch.compile (TorchCompileModel) must not trace the pool's call
     def __call__(self, executor, *args, **kwargs):
+        inner = getattr(executor, "wrappers", [])[getattr(executor, "idx", 0) + 1:]
+        if not inner:
+            return self._split(executor, functools.partial(executor, *args, **kwargs), args, kwargs)
+        # Tandem's call is always the innermost: another node's DIFFUSION_MODEL wrappers placed after this one
+        # (EasyCache's, when the Multi-GPU Model node came first) run around it on the host, as they would
+        # around the model's own forward.
+        def innermost(*inner_args, **inner_kwargs):
+            return self._split(executor, functools.partial(executor.original, *inner_args, **inner_kwargs),
+                               inner_args, inner_kwargs)
+
+        return comfy.patcher_extension.WrapperExecutor.new_class_executor(
+            innermost, executor.class_obj, inner).execute(*args, **kwargs)
+
+    def _split(self, executor, stock, args, kwargs):
+        """The call on the pool; `stock()` (with the call's arguments) computes it on the host instead."""
         # ComfyUI hands the arguments positionally, in the order of the model class's own signature.
         named = comfy_dit.name_arguments(executor.original, args, kwargs)
         transformer_options = named.get("transformer_options") or {}
-        options, reason = comfy_dit.portable_options(transformer_options)
-        family = comfy_dit.recognise(executor.class_obj)
-        reason = (reason or _run_reason(transformer_options)
-                  or (comfy_dit.unsupported_reason(executor.class_obj) if family is None else None)
-                  or comfy_dit.host_input_reason(named))
+        model = executor.class_obj
+        family = comfy_dit.recognise(model)
+        reason = (_run_reason(transformer_options) or (comfy_dit.unsupported_reason(model) if family is None else None)
+                  or host_reason(transformer_options[KEY], model))
         pool = None
         if reason is None:
             try:
@@ -225,28 +238,50 @@ class PoolForward:
                 reason = f"the worker pool is not available ({exc})"
         if pool is not None and len(pool.devices) < 2:
             reason = f"only one device ({pool.devices[0]})"
+        run = transformer_options.get(KEY, {})
+        key = fingerprint(family.wire, run) if reason is None else None
+        reason = reason or self.refused.get(key)
         if reason is not None:
             self._stock(reason)
-            return executor(*args, **kwargs)
+            return stock()
         comfy.model_management.throw_exception_if_processing_interrupted()
         (x_name, x), (t_name, timesteps) = list(named.items())[:2]  # every family's first two: latents, timesteps
         rest = {name: value for name, value in named.items() if name not in (x_name, t_name)}
         context = rest.pop("context", None)
-        rest["transformer_options"] = options
+        rest["transformer_options"] = comfy_dit.portable_options(transformer_options)
         chunks = transformer_options.get("cond_or_uncond", [])
         guided = sorted(chunks) == [0, 1]
-        run = transformer_options[KEY]
         call = ModelCall(x, timesteps, context, rest, branches=2 if guided else 1, index=RUNTIME.call_index(run["id"]),
                          step=_step_of(transformer_options), job=run["id"],
                          stream=(tuple(str(u) for u in transformer_options.get("uuids", ())), tuple(chunks)),
                          shared=family.shared | {"transformer_options"})
-        fingerprint = RUNTIME.use_model(pool, executor.class_obj, family.wire, f"{family.wire}:{run['weights']}",
-                                        run["base_model"], run["weights"])  # not timed below
+        recipe = recipe_of(run, model)
+        try:
+            key = RUNTIME.use_model(pool, model, family.wire, key, run["base_model"], run["weights"], recipe)
+        except (CannotCarry, WorkerError) as exc:
+            self.refused[key] = _not_carried(pool, exc, "this model")
+            self._stock(self.refused[key])
+            return stock()
         started = time.perf_counter()
-        result = ParallelExecutor(pool, self.config).run(executor.class_obj, family.wire, call, fingerprint)
+        try:
+            result = ParallelExecutor(pool, self.config).run(model, family.wire, call, key, recipe)
+        except CannotCarry as exc:  # a patch of this call (a worker's failure to compute fails the run instead)
+            self._stock(str(exc))
+            return stock()
         RUNTIME.record_call(run["id"], list(pool.devices), result.mesh.strategy, result.mesh.describe(),
-                            time.perf_counter() - started, result.compute_s)
+                            time.perf_counter() - started, result.compute_s, result.extra)
         return result.out
+
+
+def _not_carried(pool, exc: Exception, what: str) -> str:
+    """Why `what` stays on the host: it cannot be given to the workers (CannotCarry), or a worker refused it while
+    the pool stayed up (its recipe did not build there). A worker that died or hung is the run's failure instead
+    (re-raised: it names the worker, and the pool restarts on the next run)."""
+    if isinstance(exc, WorkerError):
+        if not pool.started:
+            raise exc
+        return f"the workers could not take {what} ({exc})"
+    return str(exc)
 
 
 class ReachUnhookedModel:

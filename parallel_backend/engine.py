@@ -93,13 +93,15 @@ class Engine:
         return {rank: reply.value for rank, reply in replies.items()}
 
     def run(self, module, family: str, call: ModelCall, config: ParallelConfig,
-            fingerprint: str | None = None) -> CallResult:
-        """Runs one model call on the pool as `config` says; ships the model first if the workers lack it.
+            fingerprint: str | None = None, recipe=None) -> CallResult:
+        """Runs one model call on the pool as `config` says; ships the model first if the workers lack it (as
+        its recipe where the host gives one: WorkerPool.ensure_model).
         auto: the first two calls of a key run whole on rank 0, the second measured, and choose the key's mesh for
         the calls after them (plan/calibrate.py)."""
         with self._lock:
             self.pool.rejoin_missing(call.job)  # a job's first call: a machine left out may be back
             self.pool.start()  # before the mesh: a machine that cannot be reached leaves fewer devices
+            call = self.pool.carry(call)  # host objects in its inputs (a host's patches): carry.CannotCarry if not
             named = strategies.get(config.strategy) if config.strategy != "auto" else None
             if named is not None:  # auto splits the sequence only of a model that has a sequence split
                 named.check_family(family)  # before any weights travel
@@ -115,7 +117,7 @@ class Engine:
                               "a split by tokens cannot take")
             planned = named is None and self.device_count() > 1
             mesh = None if planned else self._named_mesh(config, call, hint)
-            fingerprint = self.pool.ensure_model(module, family, fingerprint)
+            fingerprint = self.pool.ensure_model(module, family, fingerprint, recipe)
             if planned:
                 key = self.auto.key(fingerprint, call, hint is not None, self.device_count())
                 mesh = self.auto.mesh(key) or self.auto.warm_up(key, self.device_count())
@@ -267,8 +269,8 @@ class ParallelExecutor:
             self.jobs.new_job()
             yield self
 
-    def run(self, module, family: str, call: ModelCall, fingerprint: str | None = None) -> CallResult:
-        return self.engine.run(module, family, self.jobs.place(call), self.config, fingerprint)
+    def run(self, module, family: str, call: ModelCall, fingerprint: str | None = None, recipe=None) -> CallResult:
+        return self.engine.run(module, family, self.jobs.place(call), self.config, fingerprint, recipe)
 
     def __call__(self, module, family: str, call: ModelCall, fingerprint: str | None = None):
         return self.run(module, family, call, fingerprint).out

@@ -26,7 +26,9 @@ class Load:
     """Hold this model, from a file (`path`), the host's own GPU copy (`shared`: CUDA IPC) or, on another machine,
     the file its weights cache holds under the content hash `cached` (weights_cache.py), besides the ones
     in `keep` (the host's choice of what stays loaded; every other model is dropped first). `bytes`: the
-    weights' size, so a GPU worker short of memory drops the kept models too (its reply says what it holds)."""
+    weights' size, so a GPU worker short of memory drops the kept models too (its reply says what it holds).
+    What is loaded is a module or a recipe.Recipe; `modules`: the host modules it names that a worker imports by
+    file (host_modules.py)."""
 
     fingerprint: str
     family: str
@@ -35,6 +37,7 @@ class Load:
     keep: tuple[str, ...] = ()
     bytes: int = 0
     cached: str | None = None
+    modules: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -49,11 +52,22 @@ class HoldsWeights:
 class StoreWeights:
     """Another machine's worker: keep this torch.save image (`blob`: a uint8 tensor, raw bytes on the channel) in
     your machine's weights cache under `weights_hash`, once it hashes to that value (of model family `family`).
-    Sent to one worker per machine that lacks it; every worker of that machine then loads the cached file."""
+    Sent to one worker per machine that lacks it; every worker of that machine then loads the cached file.
+    `modules`: the host modules the image names (host_modules.py), registered before it is read."""
 
     weights_hash: str
     family: str
     blob: Any = None
+    modules: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Carry:
+    """Keep these host objects of model calls (carry.py): digest -> cloudpickle bytes. `modules`: the host's
+    modules a worker imports by file (host_modules.py), registered first."""
+
+    blobs: dict
+    modules: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

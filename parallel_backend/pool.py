@@ -25,14 +25,16 @@ import sys
 import threading
 import time
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from multiprocessing import AuthenticationError
 from pathlib import Path
 
 from . import pool_files, slowdown, validation
+from .carry import CannotCarry, Carrier
 from .config import parse_devices, remote_machines, resolve_devices, split_device
 from .deadlines import SILENT_S, CallClock, load_bound
-from .messages import Hello, Ping, Reply, RunSetup, Shutdown, Unload
+from .host_modules import host_modules
+from .messages import Carry, Hello, Ping, Reply, RunSetup, Shutdown, Unload
 from .portable import cpu_cores
 from .remote_weights import send_to_machines
 from .shipping import load_requests, model_bytes, model_fingerprint
@@ -181,6 +183,8 @@ class WorkerPool:
         self._rejoin_tried = 0.0  # time.monotonic() of the last attempt to reach a machine left out
         self._last_job = object()  # the job of the last rejoin_missing call (nothing equals it at first)
         self.peak_memory: dict[int, int] = {}  # rank -> peak bytes, as of the last call that rank ran
+        self.carrier = Carrier()  # the host objects of calls the workers hold (carry.py)
+        self.weights_bytes: dict[str, dict[int, int]] = {}  # fingerprint -> rank -> bytes of weights it holds
 
     # ---- lifecycle -------------------------------------------------------------------------------------
 
@@ -382,7 +386,8 @@ class WorkerPool:
 
     def _teardown(self, grace_s: float = 0.0) -> None:
         workers, self._workers, self._loaded = self._workers, [], {}
-        self.peak_memory, self.left_out = {}, {}
+        self.peak_memory, self.left_out, self.weights_bytes = {}, {}, {}
+        self.carrier.reset()
         deadline = time.monotonic() + grace_s
         for w in workers:
             try:
@@ -535,12 +540,13 @@ class WorkerPool:
         return WorkerError(f"{names}, {what}: no answer within {seconds:.3g} s ({why}) although still running; "
                            "declared hung, the pool restarts on the next job", w.device, w.rank)
 
-    def ensure_model(self, module, family: str, fingerprint: str | None = None) -> str:
+    def ensure_model(self, module, family: str, fingerprint: str | None = None, recipe=None) -> str:
         """Makes every worker hold `module` (a torch.nn.Module of model family `family`); ships its weights
         only when its fingerprint is new. Up to `max_models` models stay loaded (the least recently used one
         goes first, and every other one when memory is short). A host that tracks its own weight versions
-        (ComfyUI's patch uuid) passes `fingerprint`; otherwise it is computed by model_fingerprint. Returns the
-        fingerprint."""
+        (ComfyUI's patch uuid) passes `fingerprint`; otherwise it is computed by model_fingerprint. `recipe`:
+        a function that gives the model's recipe.Recipe, called only when the model ships (the workers then
+        build it from that, not from the pickled module). Returns the fingerprint."""
         fingerprint = fingerprint or model_fingerprint(module, family)
         with self._lock:  # check and load as one step: another thread may release or load meanwhile
             self.start()
@@ -548,22 +554,29 @@ class WorkerPool:
                 self._loaded[fingerprint] = self._loaded.pop(fingerprint)  # now the most recently used
                 return fingerprint
             started = time.perf_counter()
-            nbytes = model_bytes(module)
+            payload = recipe() if recipe is not None else module
+            nbytes, modules = model_bytes(payload), host_modules()
             keep = self._models_to_keep(nbytes)
             remote = [w for w in self._workers if "/" in w.device]
-            cached, sent = send_to_machines(self.request, remote, module, family, fingerprint,
-                                            self.clock.first_s) if remote else (None, {})
-            requests, path, shipped = load_requests(module, family, fingerprint, self._workers, self._dir,
-                                                    keep=keep, nbytes=nbytes, cached=cached)
+            cached, sent = send_to_machines(self.request, remote, payload, family, fingerprint, self.clock.first_s,
+                                            modules) if remote else (None, {})
+            requests, path, shipped = load_requests(payload, family, fingerprint, self._workers, self._dir,
+                                                    keep=keep, nbytes=nbytes, cached=cached, modules=modules)
             try:
                 replies = self.request(requests, "loading the model",
                                        deadline=load_bound(nbytes, self.clock.first_s))
+            except WorkerError:
+                if self._workers:  # a worker refused the model (its recipe did not build, say); the pool is up
+                    self.release_models()  # but what each still holds is unknown: none hold anything now
+                raise
             finally:
                 if path is not None:
                     path.unlink(missing_ok=True)  # workers keep their mappings; the file need not outlive the load
             held = set.intersection(*(set(r.value["held"]) for r in replies.values()))
             self._loaded = {f: size for f, size in self._loaded.items() if f in held}
             self._loaded[fingerprint] = nbytes
+            self.weights_bytes = {f: sizes for f, sizes in self.weights_bytes.items() if f in held}
+            self.weights_bytes[fingerprint] = {rank: r.value.get("weights_bytes", 0) for rank, r in replies.items()}
             self.stats.model_loads += 1
             self.stats.weights_bytes_shipped += shipped + sum(sent.values())
             per_machine = self.stats.weights_bytes_per_machine
@@ -571,6 +584,28 @@ class WorkerPool:
                 per_machine[machine] = per_machine.get(machine, 0) + nsent
             self.stats.last_load_seconds = time.perf_counter() - started
         return fingerprint
+
+    def carry(self, call):
+        """`call` (a calls.ModelCall) with every host object in its inputs replaced by a reference the workers
+        resolve (carry.py); objects the workers lack are sent to them first, in a request of their own. Raises
+        CannotCarry (one sentence; the pool stays as it is) for an object that does not pickle or that a worker
+        cannot load."""
+        if not call.extras:
+            return call
+        with self._lock:
+            self.start()  # first: a restart forgets what the workers held
+            extras, new = self.carrier.prepare(call.extras)
+            if new:
+                try:
+                    self.request({w.rank: Carry(new, host_modules()) for w in self._workers}, "loading a model patch")
+                except WorkerError as exc:
+                    if not self._workers:  # a worker died or hung: a fault of the pool, not of the patch
+                        raise
+                    reason = f"a model patch cannot be loaded on the workers ({exc})"
+                    self.carrier.refuse(new, reason)
+                    raise CannotCarry(reason) from None
+                self.carrier.sent(new)
+        return replace(call, extras=extras)
 
     def _models_to_keep(self, nbytes: int) -> tuple[str, ...]:
         """The most recently used models that stay beside a new one of `nbytes`: up to max_models - 1 of them,
@@ -594,6 +629,7 @@ class WorkerPool:
             if self._workers:
                 self.request({w.rank: Unload(fingerprint) for w in self._workers}, "releasing models")
             self._loaded = {} if fingerprint is None else {f: n for f, n in self._loaded.items() if f != fingerprint}
+            self.weights_bytes = {f: sizes for f, sizes in self.weights_bytes.items() if f in self._loaded}
 
     def memory(self) -> list[int]:
         """Peak memory per worker, in bytes (CUDA: max allocated; CPU: max resident set)."""

@@ -10,10 +10,11 @@ from .messages import HoldsWeights, StoreWeights
 from .shipping import cached_weights_hash, torch_save_image
 
 
-def send_to_machines(request, workers, module, family: str, fingerprint: str,
-                     first_s: float = 0.0) -> tuple[str, dict[str, int]]:
+def send_to_machines(request, workers, payload, family: str, fingerprint: str,
+                     first_s: float = 0.0, modules: dict | None = None) -> tuple[str, dict[str, int]]:
     """Makes every machine of `workers` (another machine's workers: objects with .rank and .device
-    "HOST:PORT/DEVICE") hold `module` in its weights cache. Asks one worker per machine whether it does; sends
+    "HOST:PORT/DEVICE") hold `payload` (a module or its recipe; `modules`: the host modules it names,
+    host_modules.py) in its weights cache. Asks one worker per machine whether it does; sends
     the torch.save image to one worker of each machine that does not. request: the pool's request(requests,
     what, deadline=...). Returns the weights' hash (the cached name the workers load) and the bytes sent to each
     machine (0 where it already held the model). Raises RuntimeError, before sending anything, when the model
@@ -21,21 +22,21 @@ def send_to_machines(request, workers, module, family: str, fingerprint: str,
     machines: dict[str, int] = {}  # machine -> the rank that speaks for it
     for worker in sorted(workers, key=lambda w: w.rank):
         machines.setdefault(split_device(worker.device)[0], worker.rank)
-    weights_hash = cached_weights_hash(module, family, fingerprint)
+    weights_hash = cached_weights_hash(payload, family, fingerprint)
     replies = request({rank: HoldsWeights(weights_hash) for rank in machines.values()},
                       "asking for the model in its machine's weights cache")
     lacking = {name: rank for name, rank in machines.items() if not replies[rank].value["held"]}
     sent = dict.fromkeys(machines, 0)
     if not lacking:
         return weights_hash, sent
-    image = torch_save_image(module)
+    image = torch_save_image(payload)
     for name, rank in lacking.items():
         limit = replies[rank].value["limit"]
         if image.numel() > limit:
             raise RuntimeError(f"{name}: the model's image ({image.numel() / 2**30:.2f} GiB) is larger than that "
                                f"machine's weights cache ({limit / 2**30:.2f} GiB): restart its `tandem worker serve` "
                                "with a larger --cache-size")
-    request({rank: StoreWeights(weights_hash, family, image) for rank in lacking.values()},
+    request({rank: StoreWeights(weights_hash, family, image, modules or {}) for rank in lacking.values()},
             "keeping the model in its machine's weights cache", deadline=load_bound(image.numel(), first_s))
     sent.update(dict.fromkeys(lacking, image.numel()))
     return weights_hash, sent

@@ -1,5 +1,9 @@
 """Model shipping: which weights the workers hold (a fingerprint) and how a model reaches them.
 
+What travels is a model's payload: the module itself, pickled whole (diffusers models, the bench's and the
+digits model), or a recipe.Recipe (a host whose classes cannot be pickled by reference, such as ComfyUI's:
+the workers build the module with the host's code and load its weights).
+
 A worker on the GPU that holds the host's copy maps that copy through CUDA IPC (no second copy on that
 device); every other worker of this machine maps one file the host writes once (in shared memory where the
 platform has it); a worker of another machine loads the file its machine's weights cache holds under the
@@ -14,7 +18,9 @@ import weakref
 from collections import OrderedDict
 from pathlib import Path
 
+from .carry import CannotCarry
 from .messages import Load
+from .recipe import Recipe
 
 _TENSOR_LISTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 _WEIGHTS_HASHES: OrderedDict = OrderedDict()  # fingerprint -> weights_hash, the most recently used last
@@ -36,23 +42,32 @@ def model_fingerprint(module, family: str) -> str:
     return digest.hexdigest()
 
 
-def model_bytes(module) -> int:
-    """The bytes of a module's weights and buffers."""
-    return sum(t.numel() * t.element_size() for t in module.state_dict().values())
+def model_bytes(payload) -> int:
+    """The bytes of a payload's weights and buffers (a module's state dict, or a recipe's weights)."""
+    if isinstance(payload, Recipe):
+        return payload.nbytes
+    return sum(t.numel() * t.element_size() for t in payload.state_dict().values())
 
 
-def weights_hash(module, family: str) -> str:
-    """sha256 of what a model is, independent of any process: its family, class, and each state_dict entry's
-    name, dtype, shape and bytes. Names a model in another machine's weights cache, across host restarts.
-    Reads every byte of the weights: see cached_weights_hash."""
+def _tensors(payload):
+    """(name, tensor) of a payload's weights."""
+    return payload.weights.items() if isinstance(payload, Recipe) else payload.state_dict().items()
+
+
+def weights_hash(payload, family: str) -> str:
+    """sha256 of what a model is, independent of any process: its family, class (a recipe: its identity), and
+    each weight's name, dtype, shape and bytes. Names a model in another machine's weights cache, across host
+    restarts. Reads every byte of the weights: see cached_weights_hash."""
     import torch
 
-    digest = hashlib.sha256(f"{family}|{type(module).__module__}.{type(module).__qualname__}".encode())
-    for name, tensor in module.state_dict().items():
+    what = (f"recipe {payload.identity}" if isinstance(payload, Recipe)
+            else f"{type(payload).__module__}.{type(payload).__qualname__}")
+    digest = hashlib.sha256(f"{family}|{what}".encode())
+    for name, tensor in _tensors(payload):
         if not isinstance(tensor, torch.Tensor):  # a module's extra state: its type only (its repr may hold ids)
             digest.update(repr((name, type(tensor).__qualname__)).encode())
             continue
-        flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+        flat = tensor.detach().as_subclass(torch.Tensor).to("cpu").contiguous().reshape(-1)
         digest.update(repr((name, str(tensor.dtype), tuple(tensor.shape))).encode())
         digest.update(flat.view(torch.uint8).numpy() if flat.numel() else b"")
     return digest.hexdigest()
@@ -69,62 +84,99 @@ def cached_weights_hash(module, family: str, fingerprint: str) -> str:
     return _WEIGHTS_HASHES[fingerprint]
 
 
-def torch_save_image(module):
-    """`module`'s torch.save image as a uint8 tensor (sent as raw bytes on a channel)."""
+def save(payload, target) -> None:
+    """torch.save of a payload to a path or file (a recipe with host_modules' pickler: its overrides may be
+    closures, its classes those of a host's custom-node package)."""
+    import torch
+
+    if isinstance(payload, Recipe):
+        import types
+
+        from .host_modules import host_pickler
+
+        pickle_module = types.ModuleType("tandem_host_pickle")  # what torch.save reads of one: its Pickler
+        pickle_module.Pickler = host_pickler()
+        torch.save(payload, target, pickle_module=pickle_module)
+    else:
+        torch.save(payload, target)
+
+
+def torch_save_image(payload):
+    """A payload's torch.save image as a uint8 tensor (sent as raw bytes on a channel)."""
     import io
 
     import torch
 
     image = io.BytesIO()
-    torch.save(module, image)
+    save(payload, image)
     return torch.frombuffer(bytearray(image.getbuffer()), dtype=torch.uint8)
 
 
-def load_requests(module, family: str, fingerprint: str, workers, folder: Path, keep: tuple[str, ...] = (),
-                  nbytes: int = 0, cached: str | None = None) -> tuple[dict, Path | None, int]:
+def load_requests(payload, family: str, fingerprint: str, workers, folder: Path, keep: tuple[str, ...] = (),
+                  nbytes: int = 0, cached: str | None = None, modules: dict | None = None
+                  ) -> tuple[dict, Path | None, int]:
     """The Load message of every worker (objects with .rank and .device), the file written for the workers
     that copy (None if none does; the caller removes it once they have loaded) and the bytes it holds.
-    keep: the models the workers keep beside this one; nbytes: its size (see messages.Load); cached: the
-    weights_hash under which the workers of other machines find the model in their machine's cache (already
-    sent there: remote_weights.send_to_machines)."""
-    import torch
-
-    host_gpu = _only_cuda_device(module)
+    payload: the module, or its recipe; keep: the models the workers keep beside this one; nbytes: its size
+    (see messages.Load); cached: the weights_hash under which the workers of other machines find the model in
+    their machine's cache (already sent there: remote_weights.send_to_machines); modules: the host modules
+    the workers import by file (host_modules.py). A file that fails to be written is removed."""
+    host_gpu = _only_cuda_device(payload)
     sharing = {w.rank for w in workers if w.device == host_gpu}
     remote = {w.rank for w in workers if "/" in w.device}  # another machine's: it loads from that machine's cache
     copying = {w.rank for w in workers} - sharing - remote
     if remote and cached is None:
         raise ValueError("workers of other machines load from their machine's weights cache: pass `cached`")
-    path, shipped = None, 0
-    requests = {rank: Load(fingerprint, family, cached=cached, keep=keep, bytes=nbytes) for rank in remote}
+    path, shipped, modules = None, 0, modules or {}
+    common = dict(keep=keep, bytes=nbytes, modules=modules)
+    requests = {rank: Load(fingerprint, family, cached=cached, **common) for rank in remote}
     if copying:
         path = folder / f"model-{fingerprint[:16]}.pt"
-        torch.save(module, path)
-        shipped += model_bytes(module)
-    requests.update({rank: Load(fingerprint, family, path=str(path), keep=keep, bytes=nbytes) for rank in copying})
+        try:
+            save(payload, path)
+        except BaseException as exc:
+            path.unlink(missing_ok=True)  # nothing half-written stays in the pool's folder
+            if isinstance(exc, Exception):  # e.g. an object in the model that does not pickle
+                raise CannotCarry(f"the model cannot be written for the workers ({type(exc).__name__}: "
+                                  f"{exc})") from exc
+            raise
+        shipped += model_bytes(payload)
+    requests.update({rank: Load(fingerprint, family, path=str(path), **common) for rank in copying})
     if sharing:
-        shared = _share_cuda(module)
-        requests.update({rank: Load(fingerprint, family, shared=shared, keep=keep, bytes=nbytes) for rank in sharing})
+        shared = _share_cuda(payload)
+        requests.update({rank: Load(fingerprint, family, shared=shared, **common) for rank in sharing})
     return requests, path, shipped
 
 
-def _only_cuda_device(module) -> str | None:
-    """"cuda:N" when every parameter and buffer of `module` is on that one CUDA device, else None."""
-    devices = {t.device for t in itertools.chain(module.parameters(), module.buffers())}
+def _only_cuda_device(payload) -> str | None:
+    """"cuda:N" when every weight of `payload` is on that one CUDA device, else None."""
+    devices = {t.device for _, t in _tensors(payload) if hasattr(t, "device")}
     if len(devices) != 1:
         return None
     device = devices.pop()
     return f"cuda:{device.index}" if device.type == "cuda" else None
 
 
-def _share_cuda(module) -> bytes:
-    """`module` pickled with CUDA IPC handles instead of its weights: a process on the same GPU that unpickles
-    it maps the host's memory (torch keeps that memory alive until every such process has let go)."""
+def _share_cuda(payload) -> bytes:
+    """`payload` pickled with CUDA IPC handles instead of its weights: a process on the same GPU that unpickles
+    it maps the host's memory (torch keeps that memory alive until every such process has let go). A recipe is
+    pickled with cloudpickle (its patches may be closures), with torch's tensor reductions put first."""
     import io
+    from collections import ChainMap
     from multiprocessing.reduction import ForkingPickler
 
     import torch.multiprocessing  # noqa: F401  (registers torch's tensor reductions with ForkingPickler)
 
     buffer = io.BytesIO()
-    ForkingPickler(buffer).dump(module)
+    if isinstance(payload, Recipe):
+        from .host_modules import host_pickler
+
+        base = host_pickler()
+
+        class SharingPickler(base):  # the C pickler reads its dispatch table once, from the class
+            dispatch_table = ChainMap(ForkingPickler._extra_reducers, base.dispatch_table)
+
+        SharingPickler(buffer).dump(payload)
+    else:
+        ForkingPickler(buffer).dump(payload)
     return buffer.getvalue()

@@ -93,11 +93,11 @@ class WeightsCache:
                 out.flush()
                 os.fsync(out.fileno())
             try:
-                module = _load(partial)
+                payload = _load(partial)
             except Exception as exc:  # garbage or a truncated image: whatever torch.load raises for it
                 raise ValueError(f"the upload is not a readable torch.save image ({type(exc).__name__}): "
                                  "not kept") from None
-            found = hash_of(module, family)
+            found = hash_of(payload, family)
             if found != weights_hash:
                 raise ValueError(f"the weights received hash to {found[:16]}..., not the announced "
                                  f"{weights_hash[:16]}...: a corrupt upload, not kept")
@@ -144,7 +144,8 @@ class WeightsCache:
 
 
 def _load(path: Path):
-    """The module in a torch.save image, mapped rather than read (a model as large as memory still loads)."""
+    """The payload in a torch.save image (a module or a recipe.Recipe), mapped rather than read (a model as
+    large as memory still loads)."""
     import torch
 
     return torch.load(path, mmap=True, map_location="cpu", weights_only=False)
@@ -158,6 +159,9 @@ def holds_weights(state, message: HoldsWeights) -> dict:
 
 def store_weights(state, message: StoreWeights) -> dict:
     """Worker handler: keeps the model's image in this machine's cache (checked against its hash)."""
+    from .host_modules import register
+
+    register(message.modules)
     path = _cache_of(state).store(message.weights_hash, message.family, message.blob)
     return {"path": str(path)}
 

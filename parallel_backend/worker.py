@@ -17,8 +17,9 @@ import time
 import traceback
 from pathlib import Path
 
-from .messages import (Computed, Forward, Hello, HoldsWeights, Load, Ping, Reply, RunSetup, Shutdown, StoreWeights,
-                       TimedForward, Unload)
+from .carry import CarriedStore
+from .messages import (Carry, Computed, Forward, Hello, HoldsWeights, Load, Ping, Reply, RunSetup, Shutdown,
+                       StoreWeights, TimedForward, Unload)
 from .models.stages import synchronize
 from .portable import peak_memory_bytes, pin_to_cores, process_alive, reset_peak_memory
 from .weights_cache import WeightsCache, cached_model_path, holds_weights, store_weights
@@ -96,6 +97,7 @@ class WorkerState:
         self._restore: dict[str, object] = {}  # fingerprint -> puts the model back whole after a strategy split it
         self.test_slowdown = 1.0  # tests only: heavy compute repeated this many times (slowdown.py)
         self.weights_cache = None  # another machine's worker: its machine's WeightsCache (weights_cache.py)
+        self.carried = CarriedStore()  # host objects of model calls, by digest (carry.py)
 
     def load(self, message: Load) -> dict:
         import torch
@@ -106,22 +108,25 @@ class WorkerState:
         if message.shared is None and self._short_of_memory(message.bytes):
             for fingerprint in list(self.models):
                 self._drop(fingerprint)
+        from .host_modules import register
+
+        register(message.modules)
         if message.shared is not None:
             # The host's own copy on this GPU, mapped through CUDA IPC handles: nothing is copied.
             import pickle
 
             import torch.multiprocessing  # noqa: F401  (registers the tensor reductions)
 
-            module = pickle.loads(message.shared).eval().requires_grad_(False)
+            module = _materialize(pickle.loads(message.shared), self.device)
             module._tandem_shared_with_host = True  # never moved off the device (that would copy it)
         else:
             # mmap: CPU workers share the page-cache copy of the host's file (or, on another machine, of the
             # machine's cached one) instead of each holding their own.
             path = message.path if message.cached is None else cached_model_path(self, message.cached)
-            module = torch.load(path, mmap=True, map_location="cpu", weights_only=False)
-            module = module.to(self.device).eval().requires_grad_(False)
+            module = _materialize(torch.load(path, mmap=True, map_location="cpu", weights_only=False), self.device)
         self.models[message.fingerprint] = (module, message.family)
-        return {"seconds": time.perf_counter() - started, "held": list(self.models)}
+        return {"seconds": time.perf_counter() - started, "held": list(self.models),
+                "weights_bytes": _weights_bytes(module)}
 
     def _short_of_memory(self, needed: int) -> bool:
         """A GPU whose free memory cannot take `needed` more bytes (with a margin) while the others stay."""
@@ -181,12 +186,59 @@ class WorkerState:
         module, family = self.whole_model(message.fingerprint)
         started = time.perf_counter()
         with torch.inference_mode():
-            out = forward_for_family(family)(module, message.call.to(self.device))
+            compiled = module.__dict__.get("_tandem_compiled")
+            out = forward_for_family(family)(module if compiled is None else compiled, message.call.to(self.device))
         synchronize(self.device)
-        return Computed(out, time.perf_counter() - started, extra={"rows": message.call.rows})
+        extra = {"rows": message.call.rows}
+        if compiled is not None:  # how many graphs torch.compile made in this worker so far (once per shape)
+            from torch._dynamo.utils import counters
+
+            extra["compiled_graphs"] = counters["stats"]["unique_graphs"]
+        return Computed(out, time.perf_counter() - started, extra=extra)
 
     def ping(self, message: Ping = None) -> dict:
         return {"pid": os.getpid()}
+
+    def carry(self, message: Carry) -> dict:
+        from .host_modules import register
+
+        register(message.modules)
+        self.carried.load(message.blobs)
+        return {}
+
+    def with_live_inputs(self, request):
+        """`request` with the host objects its model call refers to (carry.CarriedRef) in place."""
+        from dataclasses import replace
+
+        from .calls import ModelCall
+
+        call = getattr(request, "call", None)
+        if not isinstance(call, ModelCall):
+            return request
+        return replace(request, call=replace(call, extras=self.carried.resolve(call.extras)))
+
+
+def _materialize(payload, device):
+    """The module a Load delivered: a recipe built and loaded (recipe.py), or the pickled module itself, on
+    `device`, in eval mode without gradients. A recipe that asks for torch.compile gets its compiled forward
+    beside it (`_tandem_compiled`, compiled at the first call of each shape), used for whole calls."""
+    from .recipe import Recipe
+
+    if not isinstance(payload, Recipe):
+        return payload.to(device).eval().requires_grad_(False)
+    module = payload.make(device)
+    if payload.compile is not None:
+        import torch
+
+        module.__dict__["_tandem_compiled"] = torch.compile(module, **payload.compile)  # not a submodule
+    return module
+
+
+def _weights_bytes(module) -> int:
+    """The bytes of weights and buffers a module holds (a quantized layer's stored bytes)."""
+    from .recipe import tensor_bytes
+
+    return sum(tensor_bytes(t) for t in (*module.parameters(), *module.buffers()))
 
 
 def run_setup(state: WorkerState, message: RunSetup) -> dict:
@@ -207,8 +259,8 @@ def timed_forward(state: WorkerState, message: TimedForward) -> Computed:
 
 
 HANDLERS = {Load: WorkerState.load, Unload: WorkerState.unload, Forward: WorkerState.forward,
-            TimedForward: timed_forward, Ping: WorkerState.ping, RunSetup: run_setup, HoldsWeights: holds_weights,
-            StoreWeights: store_weights}
+            TimedForward: timed_forward, Ping: WorkerState.ping, RunSetup: run_setup, Carry: WorkerState.carry,
+            HoldsWeights: holds_weights, StoreWeights: store_weights}
 
 
 def serve(channel, state: WorkerState) -> bool:
@@ -235,7 +287,7 @@ def serve(channel, state: WorkerState) -> bool:
             if not isinstance(request, Ping):  # a ping reports the last request's peak
                 reset_peak_memory(state.device)
             with repeating(state.test_slowdown):
-                value = handler(state, request)
+                value = handler(state, state.with_live_inputs(request))
             reply = Reply(value=value, seconds=time.perf_counter() - started, peak_bytes=peak_memory_bytes(state.device))
         except Exception as exc:  # reported to the host, which names this worker and the call
             reply = Reply(ok=False, error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc(),

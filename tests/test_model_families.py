@@ -77,32 +77,26 @@ def test_positional_arguments_are_named_from_the_models_own_signature():
     assert comfy_dit.name_arguments(wan, ("X", "T", "C", "F"), {})["clip_fea"] == "F"
 
 
-def test_transformer_options_travel_as_plain_data_without_the_hosts_machinery():
+def test_transformer_options_travel_without_the_hosts_machinery():
     options = {"cond_or_uncond": [1, 0], "uuids": [uuid.uuid4()], "sigmas": torch.ones(2),
                "rope_options": {"scale_x": 1.0}, "wrappers": {"diffusion_model": {"tandem": [print]}},
-               "callbacks": {}, "tandem": {"base_model": print}, "patches": {}, "patches_replace": {"dit": {}}}
-    portable, reason = comfy_dit.portable_options(options)
-    assert reason is None
-    assert set(portable) == {"cond_or_uncond", "uuids", "sigmas", "rope_options"}
+               "callbacks": {}, "tandem": {"base_model": print}, "patches": {"attn1_patch": [print]},
+               "patches_replace": {"dit": {}}, "easycache": object()}
+    portable = comfy_dit.portable_options(options)
+    # the patches go (the engine carries them: test_carry.py); the wrappers and what only they read stay
+    assert set(portable) == {"cond_or_uncond", "uuids", "sigmas", "rope_options", "patches", "patches_replace"}
 
 
 @pytest.mark.parametrize("options, named", [
-    ({"patches": {"attn1_patch": [print]}}, "model patch (patches: attn1_patch)"),
-    ({"optimized_attention_override": print}, "transformer_options['optimized_attention_override']"),
-    ({"ar_state": {"cache": [object()]}}, "transformer_options['ar_state'] holds a host object (object)"),
+    ({"patches_replace": {"dit": {("double_block", 1): print}}}, "a model patch (patches_replace: dit)"),
+    ({"patches": {"post_input": [], "attn1_patch": [print]}}, "a model patch (patches: attn1_patch)"),
+    ({"optimized_attention_override": print}, "a model patch (optimized_attention_override)"),
 ])
-def test_a_host_object_in_transformer_options_keeps_the_call_on_the_host(options, named):
-    portable, reason = comfy_dit.portable_options(options)
-    assert portable == {} and named in reason
-
-
-def test_a_host_object_among_the_model_inputs_keeps_the_call_on_the_host():
-    named = {"x": torch.ones(1), "control": {"input": [torch.ones(1), None]}, "transformer_options": {"f": print},
-             "frame_rate": 25.0}
-    assert comfy_dit.host_input_reason(named) is None  # transformer_options has its own rule (portable_options)
-    named["audio_encoder"] = torch.nn.Linear(1, 1)
-    assert comfy_dit.host_input_reason(named) == ("the model input 'audio_encoder' holds a host object (Linear) "
-                                                  "that cannot travel to a worker")
+def test_a_model_patch_keeps_a_call_to_whole_rows(options, named):
+    call = ModelCall(torch.ones(1, 4, 8, 8), torch.ones(1), None, {"transformer_options": options})
+    assert comfy_dit.sequence_refusal("comfy_dit:flux", call) == named
+    assert comfy_dit.sequence_refusal("comfy_dit:flux", ModelCall(torch.ones(1), torch.ones(1), None,
+                                                                  {"transformer_options": {"patches": {}}})) is None
 
 
 def test_shared_inputs_stay_whole_and_row_lists_are_cut_with_the_rows():

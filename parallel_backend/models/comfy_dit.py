@@ -12,16 +12,14 @@ tensor input whose first dim is the batch is per row, and a list of such tensors
 cut element by element; anything else (numbers, strings, `transformer_options`) goes to every share whole.
 A family's `shared` names inputs that stay whole even when their first dim happens to equal the batch.
 
-`transformer_options` travels as plain data only: ComfyUI's own dispatch machinery (wrappers, callbacks) is
-left behind, and any other host object in it (a patch, an attention override, a cache) keeps the call on the
-host, with a sentence saying which.
+`transformer_options` travels without ComfyUI's own dispatch machinery (wrappers, callbacks: they run on the
+host, around Tandem's call); its patches (`patches`, `patches_replace`, an attention override) go with the
+call, carried by value or by reference (carry.py), and run on the workers.
 """
 
 from __future__ import annotations
 
-import enum
 import inspect
-import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
@@ -29,10 +27,11 @@ import torch
 
 ADAPTER = "comfy_dit"
 UNET_ADAPTER = "comfy_unet"
-# ComfyUI's dispatch machinery and Tandem's own entry: host-side only, never needed by the model's maths.
-HOST_KEYS = frozenset({"wrappers", "callbacks", "tandem", "multigpu_thread_device"})
-PLAIN = (type(None), bool, int, float, complex, str, bytes, uuid.UUID, enum.Enum, torch.Tensor, torch.dtype,
-         torch.device)
+# Host-side only, never read by the model's own code: ComfyUI's dispatch machinery (the wrappers and
+# callbacks run on the host, around Tandem's call), Tandem's own entry, and the state that other nodes'
+# wrappers keep there for themselves (EasyCache's and LazyCache's holder: read by their wrappers, which run
+# on the host around the pool's call).
+HOST_KEYS = frozenset({"wrappers", "callbacks", "tandem", "multigpu_thread_device", "easycache"})
 
 
 @dataclass(frozen=True)
@@ -142,44 +141,11 @@ def _signature(function) -> inspect.Signature:
     return _SIGNATURES[key]
 
 
-def portable_options(options: dict) -> tuple[dict, str | None]:
-    """(`transformer_options` as it travels: plain data only, None) or ({}, why it cannot travel)."""
-    out = {}
-    for key, value in options.items():
-        if key in HOST_KEYS:
-            continue
-        if key in ("patches", "patches_replace"):
-            present = [name for name, entries in (value or {}).items() if entries]
-            if present:
-                return {}, (f"a model patch ({key}: {', '.join(present)}) runs on the host and cannot travel "
-                            "to a worker")
-            continue
-        bad = _host_object(value)
-        if bad is not None:
-            return {}, (f"transformer_options[{key!r}] holds a host object ({type(bad).__name__}) that cannot "
-                        "travel to a worker")
-        out[key] = value
-    return out, None
-
-
-def host_input_reason(named: dict) -> str | None:
-    """One sentence when a model input other than `transformer_options` holds something that is not plain data
-    (a host object cannot travel to a worker), else None."""
-    for name, value in named.items():
-        bad = None if name == "transformer_options" else _host_object(value)
-        if bad is not None:
-            return f"the model input {name!r} holds a host object ({type(bad).__name__}) that cannot travel to a worker"
-    return None
-
-
-def _host_object(value):
-    """The first value inside `value` that is not plain data, or None."""
-    if isinstance(value, (list, tuple)):
-        return next((bad for bad in map(_host_object, value) if bad is not None), None)
-    if isinstance(value, dict):
-        inner = [*value.keys(), *value.values()]
-        return next((bad for bad in map(_host_object, inner) if bad is not None), None)
-    return None if isinstance(value, PLAIN) else value
+def portable_options(options: dict) -> dict:
+    """`transformer_options` as it travels: without ComfyUI's dispatch machinery and what only the host's own
+    wrappers read. Everything else goes, patches included (the engine carries what is not plain data:
+    carry.py)."""
+    return {key: value for key, value in options.items() if key not in HOST_KEYS}
 
 
 @contextmanager

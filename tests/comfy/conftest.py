@@ -383,6 +383,7 @@ class Helpers:
     """Shared by the ComfyUI test modules (which cannot import each other): workflows and the oracle."""
 
     sampler_workflow = staticmethod(sampler_workflow)
+    checkpoint_workflow = staticmethod(checkpoint_workflow)
     family_workflow = staticmethod(family_workflow)
     FAMILY_FILES = FAMILY_FILES
     run_pair = staticmethod(run_pair)

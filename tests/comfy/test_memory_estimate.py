@@ -13,14 +13,14 @@ import json
 HUGE_FACTOR = 1e12  # the estimate of one 8x8 latent is then ~1e13 MB
 
 
-def _probed(comfy, sampler: str, name: str, strategy: str | None, freeu: bool) -> dict:
+def _probed(comfy, sampler: str, name: str, strategy: str | None, host_only: bool) -> dict:
     workflow = comfy.sampler_workflow(sampler, name, strategy)
     workflow["1"]["inputs"]["seed"] = 31
     workflow["31"] = {"class_type": "TandemTestBatchProbe",
                       "inputs": {"model": ["1", 0], "name": name, "memory_usage_factor": HUGE_FACTOR}}
     model = ["31", 0]
-    if freeu:  # patches every call on the host: the Multi-GPU sampler takes the stock path
-        workflow["30"] = {"class_type": "FreeU", "inputs": {"model": model, "b1": 1.1, "b2": 1.2, "s1": 0.9, "s2": 0.2}}
+    if host_only:  # a method replaced on the model object: the Multi-GPU sampler takes the stock path
+        workflow["30"] = {"class_type": "TandemTestReplacedForward", "inputs": {"model": model}}
         model = ["30", 0]
     workflow["5"]["inputs"]["model"] = model
     return workflow
@@ -32,20 +32,20 @@ def _calls(server, name: str) -> list[list[int]]:
 
 
 def test_a_multi_gpu_run_on_the_stock_path_keeps_the_hosts_memory_estimate(comfy_server, comfy):
-    comfy.run_checked(comfy_server, _probed(comfy, "KSampler", "estimate_stock", None, freeu=True))
+    comfy.run_checked(comfy_server, _probed(comfy, "KSampler", "estimate_stock", None, host_only=True))
     stock = _calls(comfy_server, "estimate_stock")
     assert len(stock) == 12 and all(len(chunks) == 1 for chunks in stock), stock  # the estimate splits them
     runs_before, log_before = comfy_server.get("/tandem/status")["runs"], comfy_server.log_size()
-    comfy.run_checked(comfy_server, _probed(comfy, "TandemKSampler", "estimate_tandem", "cfg", freeu=True))
+    comfy.run_checked(comfy_server, _probed(comfy, "TandemKSampler", "estimate_tandem", "cfg", host_only=True))
     assert comfy_server.get("/tandem/status")["runs"] == runs_before  # nothing ran on the pool
     said = comfy_server.log_since(log_before)
-    assert "using the stock sampling path: a model patch (patches: output_block_patch)" in said, said[-2000:]
+    assert "using the stock sampling path: something replaced methods of the model object" in said, said[-2000:]
     assert _calls(comfy_server, "estimate_tandem") == stock  # batched as ComfyUI batches, not forced together
     comfy.assert_same_latents(comfy_server.latent("estimate_tandem"), comfy_server.latent("estimate_stock"))
 
 
 def test_calls_on_the_pool_batch_cond_and_uncond_whatever_the_hosts_estimate(comfy_server, comfy):
     with comfy_server.on_the_pool():
-        comfy.run_checked(comfy_server, _probed(comfy, "TandemKSampler", "estimate_pool", "cfg", freeu=False))
+        comfy.run_checked(comfy_server, _probed(comfy, "TandemKSampler", "estimate_pool", "cfg", host_only=False))
     calls = _calls(comfy_server, "estimate_pool")
     assert len(calls) == 6 and all(sorted(chunks) == [0, 1] for chunks in calls), calls

@@ -96,10 +96,11 @@ def test_compare_times_the_workflow_against_its_stock_twin_and_compares_outputs(
 
 
 def test_compare_refuses_when_the_multi_gpu_runs_took_the_stock_path(comfy_server, comfy, tmp_path):
-    """FreeU patches every call on the host, so the Multi-GPU sampler runs the stock path: stock against stock."""
-    workflow = comfy.with_model_patch(comfy.sampler_workflow("TandemKSampler", "cli_compare_freeu", "cfg"), "FreeU",
-                                      b1=1.1, b2=1.2, s1=0.9, s2=0.2)
-    path = tmp_path / "freeu.json"
+    """A method replaced on the model object keeps every call on the host, so the Multi-GPU sampler runs the stock
+    path: stock against stock."""
+    workflow = comfy.with_model_patch(comfy.sampler_workflow("TandemKSampler", "cli_compare_host_only", "cfg"),
+                                      "TandemTestReplacedForward")
+    path = tmp_path / "host_only.json"
     path.write_text(json.dumps(workflow))
     run = tandem("workflow", "compare", str(path), "--server", comfy_server.url, "--repeats", "1",
                  "--out", str(tmp_path / "out"), "--quiet")

@@ -108,8 +108,23 @@ REFUSED_INPUTS = {
 }
 
 
+PATCHES = ("patches", "patches_replace", OVERRIDE)  # transformer_options entries that change the model's maths
+
+
 def refusal(family: str, extras: dict) -> str | None:
-    """Why a call of `family` with these inputs cannot be split by tokens (one phrase), or None."""
+    """Why a call of `family` with these inputs cannot be split by tokens (one phrase), or None. A model patch
+    (a replaced block or attention, an attention override) is one: what it computes on a rank's share of the
+    tokens is not known to equal its share of what it computes on all of them."""
+    options = extras.get("transformer_options") or {}
+    patched = []
+    for key in PATCHES:
+        value = options.get(key)
+        if isinstance(value, dict) and any(value.values()):
+            patched.append(f"{key}: {', '.join(str(name) for name, entries in value.items() if entries)}")
+        elif value is not None and not isinstance(value, dict):
+            patched.append(key)
+    if patched:
+        return f"a model patch ({'; '.join(patched)})"
     for name, what in REFUSED_INPUTS.get(family, (_CONTROL,)):
         value = extras.get(name)
         if value is not None and not (isinstance(value, (list, tuple)) and not value):

@@ -12,6 +12,7 @@ import comfy.model_patcher
 import comfy.supported_models
 
 from . import families
+from .model_node import ModelToModel
 
 CONTEXT_DIM = 32
 
@@ -206,7 +207,26 @@ class TandemTestBatchProbe:
         return (patched,)
 
 
+class TandemTestReplacedForward(ModelToModel):
+    """Replaces the diffusion model's `forward` on its instance (an object patch), as caches such as TeaCache swap
+    `forward_orig`; the replacement computes what the class's own forward does. Tandem cannot tell what a
+    replaced method does, so a Multi-GPU run of this model takes the stock path (and says so)."""
+
+    def build(self, model):
+        import types
+
+        patched = model.clone()
+        diffusion_model = patched.get_model_object("diffusion_model")
+
+        def forward(self, *args, **kwargs):
+            return type(self).forward(self, *args, **kwargs)
+
+        patched.add_object_patch("diffusion_model.forward", types.MethodType(forward, diffusion_model))
+        return (patched,)
+
+
 NODE_CLASS_MAPPINGS = {"TandemTestTinySD1Model": TandemTestTinySD1Model,
+                       "TandemTestReplacedForward": TandemTestReplacedForward,
                        "TandemTestConditioning": TandemTestConditioning,
                        "TandemTestTinyDiT": TandemTestTinyDiT,
                        "TandemTestFamilyConditioning": TandemTestFamilyConditioning,

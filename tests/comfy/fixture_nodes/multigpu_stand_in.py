@@ -3,15 +3,10 @@ per extra device under the "multigpu" key. On a CPU-only host the real node find
 nothing, so this node attaches one clone on the model's own device, with ComfyUI's own ModelPatcher methods."""
 
 
-class TandemTestMultiGPUStandIn:
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"model": ("MODEL",)}}
+from .model_node import ModelToModel
 
-    RETURN_TYPES = ("MODEL",)
-    FUNCTION = "build"
-    CATEGORY = "testing"
 
+class TandemTestMultiGPUStandIn(ModelToModel):
     def build(self, model):
         patched = model.clone()
         copy = patched.clone()
