@@ -225,7 +225,29 @@ class TandemTestReplacedForward(ModelToModel):
         return (patched,)
 
 
+class TandemTestObjectPatch:
+    """An object patch of ComfyUI's own kind (add_object_patch) with a JSON value: e.g. key
+    "diffusion_model.params.guidance_embed", value "false"."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL",), "key": ("STRING", {"default": ""}),
+                             "value": ("STRING", {"default": "null"})}}
+
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "build"
+    CATEGORY = "testing"
+
+    def build(self, model, key, value):
+        import json
+
+        patched = model.clone()
+        patched.add_object_patch(key, json.loads(value))
+        return (patched,)
+
+
 NODE_CLASS_MAPPINGS = {"TandemTestTinySD1Model": TandemTestTinySD1Model,
+                       "TandemTestObjectPatch": TandemTestObjectPatch,
                        "TandemTestReplacedForward": TandemTestReplacedForward,
                        "TandemTestConditioning": TandemTestConditioning,
                        "TandemTestTinyDiT": TandemTestTinyDiT,
