@@ -117,8 +117,17 @@ def prepare_base(base: Path) -> Path:
     subprocess.run([sys.executable, str(REPO / "tests" / "comfy" / "write_families.py"),
                     str(base / "models" / "diffusion_models")],
                    cwd=COMFYUI_PATH, env=dict(os.environ, PYTHONPATH=COMFYUI_PATH), check=True, timeout=300)
+    write_quantized_files(base)
     link_third_party_packs(base)
     return base
+
+
+def write_quantized_files(base: Path) -> None:
+    """Tiny fp8_scaled and GGUF Flux / Wan 2.1 files and their dequantized float32 references in the base's
+    diffusion_models/ (write_quantized.py; FILE.skip where this host cannot load one)."""
+    subprocess.run([sys.executable, str(REPO / "tests" / "comfy" / "write_quantized.py"),
+                    str(base / "models" / "diffusion_models")],
+                   cwd=COMFYUI_PATH, env=dict(os.environ, PYTHONPATH=COMFYUI_PATH), check=True, timeout=300)
 
 
 # Third-party packs some tests load: checkouts of these repositories, each in a folder named as the repository,
