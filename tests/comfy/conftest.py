@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -116,7 +117,62 @@ def prepare_base(base: Path) -> Path:
     subprocess.run([sys.executable, str(REPO / "tests" / "comfy" / "write_families.py"),
                     str(base / "models" / "diffusion_models")],
                    cwd=COMFYUI_PATH, env=dict(os.environ, PYTHONPATH=COMFYUI_PATH), check=True, timeout=300)
+    write_quantized_files(base)
+    link_third_party_packs(base)
     return base
+
+
+def write_quantized_files(base: Path) -> None:
+    """Tiny fp8_scaled and GGUF Flux / Wan 2.1 files and their dequantized float32 references in the base's
+    diffusion_models/ (write_quantized.py; FILE.skip where this host cannot load one)."""
+    subprocess.run([sys.executable, str(REPO / "tests" / "comfy" / "write_quantized.py"),
+                    str(base / "models" / "diffusion_models")],
+                   cwd=COMFYUI_PATH, env=dict(os.environ, PYTHONPATH=COMFYUI_PATH), check=True, timeout=300)
+
+
+# Third-party packs some tests load: checkouts of these repositories, each in a folder named as the repository,
+# in the folder TANDEM_TEST_PACKS names (README: "Testing against a real ComfyUI"). Never committed here.
+THIRD_PARTY_PACKS = {"ComfyUI-GGUF": "https://github.com/city96/ComfyUI-GGUF",
+                     "ComfyUI-TeaCache": "https://github.com/welltop-cn/ComfyUI-TeaCache",
+                     "ComfyUI-MagCache": "https://github.com/Zehong-Ma/ComfyUI-MagCache",
+                     "Comfy-WaveSpeed": "https://github.com/chengzeyi/Comfy-WaveSpeed"}
+
+
+def missing_pack(name: str) -> str | None:
+    """Why the third-party pack `name` is not in the test base, or None when it is."""
+    folder = os.environ.get("TANDEM_TEST_PACKS")
+    if not folder:
+        return (f"TANDEM_TEST_PACKS is not set: this test needs the third-party pack {name} "
+                f"(git clone {THIRD_PARTY_PACKS[name]} into the folder it names)")
+    if not (Path(folder) / name / "__init__.py").is_file():
+        return (f"the third-party pack {name} is not in TANDEM_TEST_PACKS={folder} "
+                f"(git clone {THIRD_PARTY_PACKS[name]} {Path(folder) / name})")
+    return None
+
+
+def link_third_party_packs(base: Path) -> None:
+    """Links each third-party pack found in TANDEM_TEST_PACKS into the base's custom_nodes/."""
+    for name in THIRD_PARTY_PACKS:
+        if missing_pack(name) is None:
+            (base / "custom_nodes" / name).symlink_to(Path(os.environ["TANDEM_TEST_PACKS"], name).resolve())
+
+
+def pack_import_error(server: ComfyServer, name: str) -> str | None:
+    """The line in which ComfyUI says it could not import the third-party pack `name`, or None."""
+    lines = re.sub(r"\x1b\[[0-9;]*m", "", server.log_since(0)).splitlines()  # without the log's colours
+    return next((line.strip() for line in lines if "Cannot import" in line and f"custom_nodes/{name} " in line),
+                None)
+
+
+@pytest.fixture(scope="session")
+def need_pack():
+    """need_pack(name, server=None): skips the test, saying why, unless the third-party pack `name` is in the test
+    base (and, given the server, unless ComfyUI could not import it: its error line is the reason)."""
+    def need(name: str, server: ComfyServer | None = None) -> None:
+        reason = missing_pack(name) or (pack_import_error(server, name) if server is not None else None)
+        if reason:
+            pytest.skip(reason)
+    return need
 
 
 def start_server(base: Path, log_name: str = "comfy.log", devices: str | None = "cpu:2") -> ComfyServer:

@@ -12,6 +12,7 @@ import comfy.model_patcher
 import comfy.supported_models
 
 from . import families
+from .describe import NODES as _DESCRIBE_NODES
 from .model_node import ModelToModel
 
 CONTEXT_DIM = 32
@@ -255,6 +256,7 @@ NODE_CLASS_MAPPINGS = {"TandemTestTinySD1Model": TandemTestTinySD1Model,
                        "TandemTestFamilyLatent": TandemTestFamilyLatent,
                        "TandemTestTinyControlNet": TandemTestTinyControlNet,
                        "TandemTestBatchProbe": TandemTestBatchProbe}
+NODE_CLASS_MAPPINGS.update(_DESCRIBE_NODES)
 
 try:  # ComfyUI's own multi-GPU node exists from v0.23 on
     import comfy.multigpu  # noqa: F401
