@@ -179,10 +179,12 @@ class Runtime:
                 "model_loaded": bool(pool and pool.loaded_fingerprint),
                 # per worker, in device order: CUDA max allocated, CPU max resident set (shared weights count)
                 "peak_memory_bytes": [pool.peak_memory.get(rank) for rank in range(len(pool.devices))] if pool else [],
-                # per worker, in device order: the bytes of the weights of the models it holds (quantized weights
-                # count as stored: a GGUF Q8 model about its file's size)
+                # per worker, in device order: the bytes of the weights of the models it holds, and of the model
+                # used last (quantized weights count as stored: a GGUF Q8 model about its file's size)
                 "weights_bytes": [sum(held.get(rank, 0) for held in pool.weights_bytes.values())
                                   for rank in range(len(pool.devices))] if pool else [],
+                "model_weights_bytes": [pool.weights_bytes.get(pool.loaded_fingerprint, {}).get(rank, 0)
+                                        for rank in range(len(pool.devices))] if pool else [],
                 "stats": vars(pool.stats) if pool else {}, "runs": self.runs, "last_run": self.last_run}
 
     def shutdown(self) -> None:

@@ -150,11 +150,37 @@ def missing_pack(name: str) -> str | None:
     return None
 
 
+# TeaCache's and MagCache's main branches import comfy.ldm.lightricks.model.precompute_freqs_cis, which ComfyUI
+# made a method of LTXBaseModel before v0.8 (their issues #178 and #43, open): neither imports in any host we
+# test. Users patch that line; the test base instead gives the module a stand-in that raises if called (only
+# the packs' LTX-Video paths call it) before the pack's own __init__ runs, its files untouched.
+NEEDS_STAND_IN = ("ComfyUI-TeaCache", "ComfyUI-MagCache")
+STAND_IN = """import comfy.ldm.lightricks.model as _ltx
+
+if not hasattr(_ltx, "precompute_freqs_cis"):
+    def precompute_freqs_cis(*args, **kwargs):
+        raise RuntimeError("the test ComfyUI's stand-in for precompute_freqs_cis (removed before v0.8) was called")
+
+    _ltx.precompute_freqs_cis = precompute_freqs_cis
+__path__[:] = [{folder!r}]  # the pack's own modules, from its checkout
+with open({init!r}) as _init:
+    exec(compile(_init.read(), {init!r}, "exec"))
+"""
+
+
 def link_third_party_packs(base: Path) -> None:
-    """Links each third-party pack found in TANDEM_TEST_PACKS into the base's custom_nodes/."""
+    """Links each third-party pack found in TANDEM_TEST_PACKS into the base's custom_nodes/ (NEEDS_STAND_IN: a
+    folder whose __init__ gives ComfyUI the stand-in, then runs the pack's own __init__ from its checkout)."""
     for name in THIRD_PARTY_PACKS:
-        if missing_pack(name) is None:
-            (base / "custom_nodes" / name).symlink_to(Path(os.environ["TANDEM_TEST_PACKS"], name).resolve())
+        if missing_pack(name) is not None:
+            continue
+        checkout = Path(os.environ["TANDEM_TEST_PACKS"], name).resolve()
+        if name in NEEDS_STAND_IN:
+            (base / "custom_nodes" / name).mkdir()
+            (base / "custom_nodes" / name / "__init__.py").write_text(
+                STAND_IN.format(folder=str(checkout), init=str(checkout / "__init__.py")))
+        else:
+            (base / "custom_nodes" / name).symlink_to(checkout)
 
 
 def pack_import_error(server: ComfyServer, name: str) -> str | None:
@@ -440,6 +466,7 @@ class Helpers:
 
     sampler_workflow = staticmethod(sampler_workflow)
     checkpoint_workflow = staticmethod(checkpoint_workflow)
+    pack_import_error = staticmethod(pack_import_error)
     family_workflow = staticmethod(family_workflow)
     FAMILY_FILES = FAMILY_FILES
     run_pair = staticmethod(run_pair)

@@ -33,6 +33,7 @@ class Pattern:
     plain: Callable | None = None
     calls: int | None = None  # model calls on the pool per run, where the pattern adds some
     runs: int = 1  # sampling runs (a sampler node each)
+    pack: str | None = None  # the third-party pack it needs (conftest.THIRD_PARTY_PACKS)
     files: tuple = field(default_factory=tuple)
 
 
@@ -67,6 +68,15 @@ def _loader(base, **inputs):
     def build(comfy, sampler, prefix, strategy):
         workflow = base(comfy, sampler, prefix, strategy)
         workflow["1"]["inputs"].update(inputs)
+        return workflow
+    return build
+
+
+def _gguf(base, name: str):
+    """`base` with ComfyUI-GGUF's UnetLoaderGGUF loading `name` (write_quantized.py) instead of UNETLoader."""
+    def build(comfy, sampler, prefix, strategy):
+        workflow = base(comfy, sampler, prefix, strategy)
+        workflow["1"] = {"class_type": "UnetLoaderGGUF", "inputs": {"unet_name": name}}
         return workflow
     return build
 
@@ -158,8 +168,8 @@ CACHE = {"reuse_threshold": 1.0, "start_percent": 0.0, "end_percent": 1.0, "verb
 REPLACED = "something replaced methods of the model object"
 PATTERNS = {
     "default weights": Pattern(FLUX, matters=False),
-    "fp8_e4m3fn weights": Pattern(_loader(FLUX, weight_dtype="fp8_e4m3fn"), plain=FLUX),
-    "fp8_e4m3fn_fast weights": Pattern(_loader(FLUX, weight_dtype="fp8_e4m3fn_fast"), plain=FLUX),
+    "fp8_e4m3fn weights": Pattern(_loader(FLUX, weight_dtype="fp8_e4m3fn"), matters=False),
+    "fp8_e4m3fn_fast weights": Pattern(_loader(FLUX, weight_dtype="fp8_e4m3fn_fast"), matters=False),
     "LoRA": Pattern(_lora(FLUX), plain=FLUX, nodes=("LoraLoaderModelOnly",)),
     "LoRA on fp8 weights": Pattern(_lora(_loader(FLUX, weight_dtype="fp8_e4m3fn")),
                                    plain=_loader(FLUX, weight_dtype="fp8_e4m3fn")),
@@ -189,6 +199,30 @@ PATTERNS = {
         _with_model_node_first(_family("flux", steps=10), ("EasyCache", CACHE)), plain=_family("flux", steps=10)),
     "LazyCache": Pattern(_patched(_family("flux", steps=10), ("LazyCache", CACHE)), plain=_family("flux", steps=10)),
     "TorchCompileModel": Pattern(_patched(FLUX, ("TorchCompileModel", {"backend": "inductor"})), matters=False),
+    # a weight format changes the weights, not what must travel: `matters` is a patch's check (see Pattern)
+    "fp8_scaled checkpoint (Flux)": Pattern(_loader(FLUX, unet_name="tiny_flux_fp8_scaled.safetensors"),
+                                            matters=False),
+    "fp8_scaled checkpoint (Wan 2.1)": Pattern(_loader(WAN, unet_name="tiny_wan21_t2v_fp8_scaled.safetensors"),
+                                               matters=False),
+    "comfy_quant checkpoint (Flux)": Pattern(_loader(FLUX, unet_name="tiny_flux_fp8_comfy_quant.safetensors"),
+                                             matters=False),
+    "LoRA on an fp8_scaled checkpoint": Pattern(_lora(_loader(FLUX, unet_name="tiny_flux_fp8_scaled.safetensors")),
+                                                plain=_loader(FLUX, unet_name="tiny_flux_fp8_scaled.safetensors")),
+    "GGUF Q8_0 (Flux)": Pattern(_gguf(FLUX, "tiny_flux_Q8_0.gguf"), pack="ComfyUI-GGUF", matters=False),
+    "GGUF F16 (Flux)": Pattern(_gguf(FLUX, "tiny_flux_F16.gguf"), pack="ComfyUI-GGUF", matters=False),
+    "GGUF Q8_0 (Wan 2.1)": Pattern(_gguf(WAN, "tiny_wan21_t2v_Q8_0.gguf"), pack="ComfyUI-GGUF", matters=False),
+    "GGUF F16 (Wan 2.1)": Pattern(_gguf(WAN, "tiny_wan21_t2v_F16.gguf"), pack="ComfyUI-GGUF", matters=False),
+    "LoRA on GGUF Q8_0": Pattern(_lora(_gguf(FLUX, "tiny_flux_Q8_0.gguf")), pack="ComfyUI-GGUF",
+                                 plain=_gguf(FLUX, "tiny_flux_Q8_0.gguf")),
+    "TeaCache (Wan 2.1)": Pattern(_patched(WAN, ("TeaCache", {
+        "model_type": "wan2.1_t2v_1.3B_ret_mode", "rel_l1_thresh": 0.3, "start_percent": 0.0, "end_percent": 1.0,
+        "cache_device": "cpu"})), stock_path=REPLACED, pack="ComfyUI-TeaCache", plain=WAN),
+    "MagCache (Wan 2.1)": Pattern(_patched(WAN, ("MagCache", {
+        "model_type": "wan2.1_t2v_1.3B", "magcache_thresh": 0.24, "retention_ratio": 0.1, "magcache_K": 5,
+        "start_step": 0, "end_step": -1})), stock_path=REPLACED, pack="ComfyUI-MagCache", plain=WAN),
+    "First Block Cache (WaveSpeed, SD1.5)": Pattern(_patched(SD1, ("ApplyFBCacheOnModel", {
+        "object_to_patch": "diffusion_model", "residual_diff_threshold": 0.5, "start": 0.0, "end": 1.0,
+        "max_consecutive_cache_hits": -1})), stock_path=REPLACED, pack="Comfy-WaveSpeed", plain=SD1),
 }
 STRATEGY = {"4 steps at cfg 1, ulysses": "ulysses", "4 steps at cfg 1, auto": "auto"}
 
@@ -260,5 +294,20 @@ def check_pattern(server, comfy, comfy_base, name: str, pattern: Pattern, strate
 
 
 @pytest.mark.parametrize("name", list(PATTERNS))
-def test_pattern(comfy_server, comfy, comfy_base, loras, name):
+def test_pattern(comfy_server, comfy, comfy_base, loras, need_pack, name):
+    if PATTERNS[name].pack:
+        need_pack(PATTERNS[name].pack, comfy_server)
     check_pattern(comfy_server, comfy, comfy_base, name, PATTERNS[name], STRATEGY.get(name, "cfg"))
+
+
+def test_quantized_weights_stay_quantized_on_the_workers(comfy_server, comfy, comfy_base, need_pack):
+    """A GGUF Q8_0 model's weights on each worker take about its file's bytes (its tensors as stored), not their
+    float32 size; /tandem/status says so per worker."""
+    need_pack("ComfyUI-GGUF", comfy_server)
+    check_pattern(comfy_server, comfy, comfy_base, "GGUF Q8_0 (Flux)", PATTERNS["GGUF Q8_0 (Flux)"])
+    file_bytes = (comfy_base / "models" / "diffusion_models" / "tiny_flux_Q8_0.gguf").stat().st_size
+    float32_bytes = (comfy_base / "models" / "diffusion_models" / "reference" /
+                     "tiny_flux_float32.safetensors").stat().st_size
+    held = comfy_server.get("/tandem/status")["model_weights_bytes"]
+    assert len(held) == 2 and all(0.8 * file_bytes < b < 1.3 * file_bytes for b in held), (held, file_bytes)
+    assert all(b < 0.5 * float32_bytes for b in held), (held, float32_bytes)
