@@ -23,9 +23,9 @@ from dataclasses import dataclass, field, replace
 from . import strategies
 from .calls import ModelCall
 from .config import ParallelConfig, resolve_devices
-from .mesh import Mesh, SequenceHint, check_job, fit, resolve
+from .mesh import Mesh, SequenceHint, check_job, fit, resolve, whole_rows
 from .messages import TimedForward
-from .models import sequence_refusal
+from .models import sequence_refusal, sequence_whole_rows
 from .plan.calibrate import AutoPlans, whole_on_rank_0
 from .speeds import sized_mesh
 from .strategies.base import join_rows
@@ -110,13 +110,22 @@ class Engine:
             if refused and named is not None and named.splits_tokens:
                 raise ValueError(f"strategy {config.strategy!r} cannot split this call by tokens: it has "
                                  f"{refused}; use cfg, batch or auto for it")
-            if refused:
+            whole = sequence_whole_rows(family, call) if hint is not None and not refused else None
+            if refused or whole:
                 hint = None
                 if named is None:
-                    self._say(f"Tandem: auto keeps this call to whole rows (cfg, batch): it has {refused}, which "
-                              "a split by tokens cannot take")
+                    self._say(f"Tandem: auto keeps this call to whole rows (cfg, batch): it has {refused or whole}, "
+                              "which a split by tokens cannot take")
+                elif named.splits_tokens:
+                    self._say(f"Tandem: strategy {config.strategy!r} runs this call on whole rows (cfg, batch): it "
+                              f"has {whole}, whose effect on a share of the tokens is not known")
             planned = named is None and self.device_count() > 1
-            mesh = None if planned else self._named_mesh(config, call, hint)
+            if planned:
+                mesh = None
+            elif whole and named.splits_tokens:
+                mesh = whole_rows(self.device_count(), call.branches, call.rows)
+            else:
+                mesh = self._named_mesh(config, call, hint)
             fingerprint = self.pool.ensure_model(module, family, fingerprint, recipe)
             if planned:
                 key = self.auto.key(fingerprint, call, hint is not None, self.device_count())

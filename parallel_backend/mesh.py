@@ -125,6 +125,11 @@ def resolve(config, n_devices: int, branches: int = 2, rows: int | None = None,
     return mesh
 
 
+def whole_rows(n_devices: int, branches: int = 2, rows: int | None = None) -> Mesh:
+    """auto's exact mesh of whole rows (cfg, batch) for a call that must not have its tokens split."""
+    return _auto(n_devices, branches, rows, None)
+
+
 def fit(config, n_devices: int, branches: int = 2, rows: int | None = None,
         sequence: SequenceHint | None = None) -> Mesh:
     """The mesh on a pool that runs without some of its configured devices (another machine that cannot be

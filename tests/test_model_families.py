@@ -94,9 +94,10 @@ def test_transformer_options_travel_without_the_hosts_machinery():
 ])
 def test_a_model_patch_keeps_a_call_to_whole_rows(options, named):
     call = ModelCall(torch.ones(1, 4, 8, 8), torch.ones(1), None, {"transformer_options": options})
-    assert comfy_dit.sequence_refusal("comfy_dit:flux", call) == named
-    assert comfy_dit.sequence_refusal("comfy_dit:flux", ModelCall(torch.ones(1), torch.ones(1), None,
-                                                                  {"transformer_options": {"patches": {}}})) is None
+    assert comfy_dit.sequence_whole_rows("comfy_dit:flux", call) == named
+    assert comfy_dit.sequence_refusal("comfy_dit:flux", call) is None  # whole rows, not a refusal
+    unpatched = ModelCall(torch.ones(1), torch.ones(1), None, {"transformer_options": {"patches": {}}})
+    assert comfy_dit.sequence_whole_rows("comfy_dit:flux", unpatched) is None
 
 
 def test_shared_inputs_stay_whole_and_row_lists_are_cut_with_the_rows():

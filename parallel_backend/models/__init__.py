@@ -45,6 +45,14 @@ def sequence_refusal(family: str, call) -> str | None:
     return None if refuse is None else refuse(family, call)
 
 
+def sequence_whole_rows(family: str, call) -> str | None:
+    """Why this call runs on whole rows (cfg, batch) although its family can split its tokens, under auto and a
+    named sequence strategy alike (a call of a model patch whose effect on a share of the tokens is unknown),
+    where the adapter can tell (`sequence_whole_rows` in the adapter module); None: it can be split."""
+    whole = getattr(adapter(family), "sequence_whole_rows", None)
+    return None if whole is None else whole(family, call)
+
+
 def sequence_runner(family: str) -> Callable | None:
     """The function `run(module, call, group) -> output` that runs a model of `family` with its token sequence
     split over a strategies.sequence group, or None where the family has none (yet)."""

@@ -107,6 +107,13 @@ def sequence_refusal(family: str, call) -> str | None:
     return refusal(family.split(":", 1)[-1], call.extras)
 
 
+def sequence_whole_rows(family: str, call) -> str | None:
+    """Why this call runs on whole rows, even under a named sequence strategy (a model patch), or None."""
+    from .comfy_sequence import patch_refusal
+
+    return patch_refusal(call.extras)
+
+
 def unsupported_reason(module) -> str | None:
     """One sentence when Tandem cannot split this model, else None."""
     if recognise(module) is None:

@@ -191,6 +191,9 @@ PATTERNS = {
     "SkipLayerGuidanceDiT": Pattern(_patched(FLUX, ("SkipLayerGuidanceDiT", {
         "double_layers": "0", "single_layers": "0", "scale": 3.0, "start_percent": 0.0, "end_percent": 1.0,
         "rescaling_scale": 0.0})), calls=2 * STEPS),
+    "SkipLayerGuidanceDiT, ulysses": Pattern(_patched(FLUX, ("SkipLayerGuidanceDiT", {
+        "double_layers": "0", "single_layers": "0", "scale": 3.0, "start_percent": 0.0, "end_percent": 1.0,
+        "rescaling_scale": 0.0})), calls=2 * STEPS),
     "PerturbedAttentionGuidance": Pattern(_patched(SD1, ("PerturbedAttentionGuidance", {"scale": 3.0})),
                                           plain=SD1, calls=2 * STEPS),
     "FreeU_V2": Pattern(_patched(SD1, ("FreeU_V2", {"b1": 1.3, "b2": 1.4, "s1": 0.9, "s2": 0.2})), plain=SD1),
@@ -224,7 +227,8 @@ PATTERNS = {
         "object_to_patch": "diffusion_model", "residual_diff_threshold": 0.5, "start": 0.0, "end": 1.0,
         "max_consecutive_cache_hits": -1})), stock_path=REPLACED, pack="Comfy-WaveSpeed", plain=SD1),
 }
-STRATEGY = {"4 steps at cfg 1, ulysses": "ulysses", "4 steps at cfg 1, auto": "auto"}
+STRATEGY = {"4 steps at cfg 1, ulysses": "ulysses", "4 steps at cfg 1, auto": "auto",
+            "SkipLayerGuidanceDiT, ulysses": "ulysses"}
 
 
 @pytest.fixture(scope="module")

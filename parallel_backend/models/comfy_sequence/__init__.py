@@ -36,7 +36,7 @@ reference latents addressed by position) raises one sentence naming it and the s
 
 from __future__ import annotations
 
-from .core import OVERRIDE, _ROUTE, _call, _new_route, attention_override, refusal  # noqa: F401
+from .core import OVERRIDE, _ROUTE, _call, _new_route, attention_override, patch_refusal, refusal  # noqa: F401
 from .joint_blocks import hunyuan_video_sequence, qwen_image_sequence
 from .lumina import lumina_sequence
 from .stream_inputs import flux_sequence, sd3_sequence

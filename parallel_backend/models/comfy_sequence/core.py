@@ -111,10 +111,10 @@ REFUSED_INPUTS = {
 PATCHES = ("patches", "patches_replace", OVERRIDE)  # transformer_options entries that change the model's maths
 
 
-def refusal(family: str, extras: dict) -> str | None:
-    """Why a call of `family` with these inputs cannot be split by tokens (one phrase), or None. A model patch
-    (a replaced block or attention, an attention override) is one: what it computes on a rank's share of the
-    tokens is not known to equal its share of what it computes on all of them."""
+def patch_refusal(extras: dict) -> str | None:
+    """Why a call with these inputs runs on whole rows although its family can split its tokens (one phrase), or
+    None: a model patch (a replaced block or attention, an attention override). What it computes on a rank's
+    share of the tokens is not known to equal its share of what it computes on all of them."""
     options = extras.get("transformer_options") or {}
     patched = []
     for key in PATCHES:
@@ -123,8 +123,11 @@ def refusal(family: str, extras: dict) -> str | None:
             patched.append(f"{key}: {', '.join(str(name) for name, entries in value.items() if entries)}")
         elif value is not None and not isinstance(value, dict):
             patched.append(key)
-    if patched:
-        return f"a model patch ({'; '.join(patched)})"
+    return f"a model patch ({'; '.join(patched)})" if patched else None
+
+
+def refusal(family: str, extras: dict) -> str | None:
+    """Why a call of `family` with these inputs cannot be split by tokens at all (one phrase), or None."""
     for name, what in REFUSED_INPUTS.get(family, (_CONTROL,)):
         value = extras.get(name)
         if value is not None and not (isinstance(value, (list, tuple)) and not value):
