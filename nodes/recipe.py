@@ -117,11 +117,20 @@ def host_weights(module: torch.nn.Module) -> dict:
     """What `load_state_dict` must be given to make `module` again: its state dict, or where that is a stand-in
     (ComfyUI-GGUF's layers report meta tensors, for ComfyUI's memory estimate) its parameters and buffers as
     they are (the quantized tensors, with the LoRA patches they apply)."""
-    state = module.state_dict()
+    state = {name: _stored(t) for name, t in module.state_dict().items()}
     if not any(isinstance(t, torch.Tensor) and t.is_meta for t in state.values()):
         return state
     persistent = {name for name, _ in module.named_buffers() if _persistent(module, name)}
     return {**dict(module.named_parameters()), **{n: b for n, b in module.named_buffers() if n in persistent}}
+
+
+def _stored(tensor):
+    """A state dict entry as a checkpoint stores it: ComfyUI's QuantizedTensor (which v0.8's mixed precision
+    layers put in their state dict as it is; later versions store its data) as its quantized data, what those
+    layers' loading wraps again; any other entry unchanged."""
+    if type(tensor).__name__ == "QuantizedTensor" and hasattr(tensor, "_qdata"):
+        return tensor._qdata
+    return tensor
 
 
 def _persistent(module, name: str) -> bool:

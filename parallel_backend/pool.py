@@ -460,8 +460,13 @@ class WorkerPool:
         try:
             worker.channel.send(message)
         except (ChannelClosed, OSError) as exc:
-            raise WorkerError(f"{worker.name}, {what}: its connection closed while the host sent "
-                              f"it work ({exc}); the worker or its machine is gone", worker.device, worker.rank) from None
+            try:  # a worker killed between two calls: its process ends within moments, and says how
+                worker.process.wait(timeout=1.0)
+            except subprocess.TimeoutExpired:
+                pass
+            why = (worker.death_note() if not worker.alive() else
+                   f"its connection closed while the host sent it work ({exc}); the worker or its machine is gone")
+            raise WorkerError(f"{worker.name}, {what}: {why}", worker.device, worker.rank) from None
 
     def _reply_error(self, workers: dict, failed: tuple, what: str, collective: bool) -> WorkerError:
         """The error for a worker's error reply, blaming a peer that died or hangs when there is one (its

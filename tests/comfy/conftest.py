@@ -240,6 +240,34 @@ def comfy_base(tmp_path_factory):
     return prepare_base(tmp_path_factory.mktemp("comfy_base"))
 
 
+# LoRA files for the tiny Flux and Wan 2.1 files (FAMILY_FILES), written by the `loras` fixture
+LORA_FILES = {"flux": "tiny_flux_lora.safetensors", "wan21_t2v": "tiny_wan_lora.safetensors"}
+
+
+@pytest.fixture(scope="session")
+def loras(comfy_base):
+    """{family: LoRA file name} for the tiny Flux and Wan 2.1 files: rank-4 LoRAs on four of their Linear
+    weights, seeded, in ComfyUI's diffusion_model.* key format, written into the base's models/loras/."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    generator = torch.Generator().manual_seed(7)
+    for family, name in LORA_FILES.items():
+        model_file = comfy_base / "models" / "diffusion_models" / FAMILY_FILES[family]
+        if not model_file.exists():
+            continue
+        with safe_open(str(model_file), "pt") as weights:
+            linear = [k for k in weights.keys() if k.endswith(".weight") and len(weights.get_slice(k).get_shape()) == 2]
+            shapes = {k: weights.get_slice(k).get_shape() for k in linear[:4]}
+        lora = {}
+        for key, (rows, columns) in shapes.items():
+            base = "diffusion_model." + key[:-len(".weight")]
+            lora[base + ".lora_up.weight"] = torch.randn(rows, 4, generator=generator) * 0.5
+            lora[base + ".lora_down.weight"] = torch.randn(4, columns, generator=generator) * 0.5
+        save_file(lora, str(comfy_base / "models" / "loras" / name))
+    return LORA_FILES
+
+
 @pytest.fixture(scope="session")
 def comfy_server(comfy_base):
     server = start_server(comfy_base)

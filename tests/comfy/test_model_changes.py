@@ -10,6 +10,13 @@ import pytest
 STEPS = 4
 
 
+@pytest.fixture(autouse=True)
+def _flux_file(comfy_base, comfy):
+    skip = comfy_base / "models" / "diffusion_models" / (comfy.FAMILY_FILES["flux"] + ".skip")
+    if skip.exists():
+        pytest.skip(skip.read_text())
+
+
 def _flux(comfy, sampler, prefix, strategy, **loader):
     workflow = comfy.family_workflow(sampler, prefix, strategy, family="flux", from_file=True, steps=STEPS)
     workflow["1"]["inputs"].update(loader)
@@ -85,3 +92,9 @@ def test_torch_compile_compiles_the_workers_copies_once_per_shape(comfy_server, 
     with comfy_server.on_the_pool():  # of the same shapes: nothing compiled anew
         comfy.run_checked(comfy_server, again)
     assert comfy_server.get("/tandem/status")["last_run"]["compiled_graphs"] == graphs
+
+
+def test_a_lora_after_a_plain_run_ships_the_model_again(comfy_server, comfy, loras):
+    def lora(workflow):
+        return _with(workflow, "LoraLoaderModelOnly", lora_name=loras["flux"], strength_model=0.5)
+    _after_a_plain_run(comfy_server, comfy, "change_lora", lora, ships=True)

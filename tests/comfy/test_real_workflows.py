@@ -17,7 +17,7 @@ from typing import Callable
 import pytest
 
 STEPS = 4
-LORA_FILES = {"flux": "tiny_flux_lora.safetensors", "wan21_t2v": "tiny_wan_lora.safetensors"}
+LORA_FILES = {"flux": "tiny_flux_lora.safetensors", "wan21_t2v": "tiny_wan_lora.safetensors"}  # conftest.loras
 
 
 @dataclass(frozen=True)
@@ -229,34 +229,6 @@ PATTERNS = {
 }
 STRATEGY = {"4 steps at cfg 1, ulysses": "ulysses", "4 steps at cfg 1, auto": "auto",
             "SkipLayerGuidanceDiT, ulysses": "ulysses"}
-
-
-@pytest.fixture(scope="module")
-def loras(comfy_base):
-    """LoRA files for the tiny Flux and Wan files (written here, in ComfyUI's diffusion_model.* key format)."""
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-    import torch
-
-    generator = torch.Generator().manual_seed(7)
-    for family, name in LORA_FILES.items():
-        model_file = comfy_base / "models" / "diffusion_models" / _model_file(family)
-        if not model_file.exists():
-            continue
-        with safe_open(str(model_file), "pt") as weights:
-            linear = [k for k in weights.keys() if k.endswith(".weight") and len(weights.get_slice(k).get_shape()) == 2]
-            shapes = {k: weights.get_slice(k).get_shape() for k in linear[:4]}
-        lora = {}
-        for key, (rows, columns) in shapes.items():
-            base = "diffusion_model." + key[:-len(".weight")]
-            lora[base + ".lora_up.weight"] = torch.randn(rows, 4, generator=generator) * 0.5
-            lora[base + ".lora_down.weight"] = torch.randn(4, columns, generator=generator) * 0.5
-        save_file(lora, str(comfy_base / "models" / "loras" / name))
-    return LORA_FILES
-
-
-def _model_file(family: str) -> str:
-    return {"flux": "tiny_flux.safetensors", "wan21_t2v": "tiny_wan21_t2v.safetensors"}[family]
 
 
 def _skip_unless_present(server, comfy_base, pattern: Pattern, workflow: dict) -> None:
