@@ -11,7 +11,10 @@ Settings = io.Custom("TANDEM_SETTINGS")
 
 def settings_input():
     """The optional settings socket of the samplers and the model node."""
-    return Settings.Input("settings", optional=True, tooltip="Multi-GPU Settings; default: auto")
+    return Settings.Input("settings", optional=True,
+                          tooltip="A Multi-GPU Settings node: which devices, and how they split each step; "
+                                  "unconnected: strategy auto on the pack's devices (TANDEM_DEVICES; default: "
+                                  "every GPU)")
 
 
 def default_config() -> ParallelConfig:
