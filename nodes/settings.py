@@ -35,9 +35,13 @@ class TandemSettings(io.ComfyNode):
                 io.String.Input("devices", default="auto",
                                 tooltip="'auto', 'cuda:0,cuda:1', or 'cpu:2' for two CPU workers"),
                 io.Combo.Input("strategy", options=list(strategy_choices()), default="auto",
-                               tooltip="cfg: cond and uncond on different devices; batch: images split over "
-                                       "devices; auto: cfg when guidance is on, then batch, or for a DiT with "
-                                       "fewer images than devices its token sequence split (ulysses, else ring) "
+                               tooltip="auto: for each model and call shape, the first two calls run on one device "
+                                       "and the second is timed; the calls after them run on the split that "
+                                       "Tandem's cost model predicts fastest from that time and the devices' "
+                                       "measured link (any exact mix of cfg, batch, ulysses, ring and usp: e.g. a "
+                                       "sequence split for a guided DiT), or stay on one device when no split is "
+                                       "predicted to reach 1.05x; the log says what it chose and why. cfg: cond "
+                                       "and uncond on different devices; batch: images split over devices "
                                        "(all exact); asyncdiff: the UNet cut into stages run on one-step-stale "
                                        "inputs (approximate after warm-up, faster, works at cfg 1); ulysses, "
                                        "ring, usp: each device takes a share of a DiT's tokens, exact, for one "
