@@ -65,11 +65,15 @@ class TandemSettings(io.ComfyNode):
                 io.Int.Input("ulysses", default=0, min=0, max=64, optional=True,
                              tooltip="ulysses and usp: devices that split a DiT's attention heads after an "
                                      "all-to-all; it must divide the model's heads (0 = ulysses: the devices "
-                                     "left after cfg and batch; usp: from ring and the devices)"),
+                                     "left after cfg and batch; usp: the largest number that divides the model's "
+                                     "heads and fits the devices left over ring, or with ring 0 too the largest "
+                                     "that divides both the devices left and the heads)"),
                 io.Int.Input("ring", default=0, min=0, max=64, optional=True,
                              tooltip="ring: devices passing keys and values around a ring; usp: ulysses "
                                      "subgroups around the ring (0 = ring: the devices left after cfg and batch; "
-                                     "usp: from ulysses and the devices; usp needs one of the two)"),
+                                     "usp: the devices left after cfg and batch over ulysses, rounded down). usp "
+                                     "keeps a degree you set and refuses, before any work, degrees that do not "
+                                     "fit the devices or the model's heads"),
             ],
             outputs=[Settings.Output(display_name="settings")],
         )
