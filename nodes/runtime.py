@@ -105,15 +105,16 @@ class Runtime:
         """The number of the next model call of sampling run `run_id` (0 for a new run)."""
         return self.last_run["calls"] if self.last_run.get("id") == run_id else 0
 
-    def record_call(self, run_id: int, devices: list, strategy: str, mesh: str, seconds: float, compute: dict) -> None:
-        """Per-call figures of the current sampling run (a new run id starts a new record)."""
+    def record_call(self, run_id: int, devices: list, mesh, seconds: float, compute: dict) -> None:
+        """Per-call figures of the current sampling run (a new run id starts a new record); `mesh`: the call's
+        (parallel_backend.mesh.Mesh)."""
         with self.lock:
             if self.last_run.get("id") != run_id:
                 self.runs += 1
-                self.last_run = {"id": run_id, "calls": 0, "seconds": [], "devices": devices, "strategy": strategy,
-                                 "mesh": mesh, "started": time.time()}
+                self.last_run = {"id": run_id, "calls": 0, "seconds": [], "devices": devices, "started": time.time()}
             run = self.last_run
-            run.update(strategy=strategy, mesh=mesh)  # the latest call's (auto's first calls run on one device)
+            # the latest call's (auto's first calls run on one device); devices_used 1: nothing was split
+            run.update(strategy=mesh.strategy, mesh=mesh.describe(), devices_used=mesh.size)
             run["calls"] += 1
             run["seconds"].append(round(seconds, 6))
             run["device_seconds"] = run.get("device_seconds", 0.0) + sum(compute.values())

@@ -244,8 +244,8 @@ class PoolForward:
                                         run["base_model"], run["weights"])  # not timed below
         started = time.perf_counter()
         result = ParallelExecutor(pool, self.config).run(executor.class_obj, family.wire, call, fingerprint)
-        RUNTIME.record_call(run["id"], list(pool.devices), result.mesh.strategy, result.mesh.describe(),
-                            time.perf_counter() - started, result.compute_s)
+        RUNTIME.record_call(run["id"], list(pool.devices), result.mesh, time.perf_counter() - started,
+                            result.compute_s)
         return result.out
 
 
