@@ -16,7 +16,8 @@ class TandemModel(io.ComfyNode):
             display_name="Multi-GPU Model (Tandem)",
             category="sampling/multi-gpu",
             description="Makes any sampler split each model call over several devices.",
-            inputs=[io.Model.Input("model"),
+            inputs=[io.Model.Input("model", tooltip="The model whose calls the returned model runs on the "
+                                                    "devices of the settings, for any sampler node."),
                     settings_input()],
             outputs=[io.Model.Output()],
         )

@@ -105,17 +105,18 @@ class Runtime:
         """The number of the next model call of sampling run `run_id` (0 for a new run)."""
         return self.last_run["calls"] if self.last_run.get("id") == run_id else 0
 
-    def record_call(self, run_id: int, devices: list, strategy: str, mesh: str, seconds: float, compute: dict,
+    def record_call(self, run_id: int, devices: list, mesh, seconds: float, compute: dict,
                     extra: dict | None = None) -> None:
-        """Per-call figures of the current sampling run (a new run id starts a new record); extra: each rank's
-        own counters (a worker's torch.compile graphs so far, where it compiles)."""
+        """Per-call figures of the current sampling run (a new run id starts a new record); `mesh`: the call's
+        (parallel_backend.mesh.Mesh); extra: each rank's own counters (a worker's torch.compile graphs so far,
+        where it compiles)."""
         with self.lock:
             if self.last_run.get("id") != run_id:
                 self.runs += 1
-                self.last_run = {"id": run_id, "calls": 0, "seconds": [], "devices": devices, "strategy": strategy,
-                                 "mesh": mesh, "started": time.time()}
+                self.last_run = {"id": run_id, "calls": 0, "seconds": [], "devices": devices, "started": time.time()}
             run = self.last_run
-            run.update(strategy=strategy, mesh=mesh)  # the latest call's (auto's first calls run on one device)
+            # the latest call's (auto's first calls run on one device); devices_used 1: nothing was split
+            run.update(strategy=mesh.strategy, mesh=mesh.describe(), devices_used=mesh.size)
             run["calls"] += 1
             run["seconds"].append(round(seconds, 6))
             run["device_seconds"] = run.get("device_seconds", 0.0) + sum(compute.values())
@@ -131,9 +132,9 @@ class Runtime:
     def use_model(self, pool: WorkerPool, model, family: str, key: str, base_model_ref, weights: str,
                   recipe=None) -> str:
         """Loads `model` on the workers (unless they hold it; as its `recipe` where given: nodes/recipe.py) and
-        remembers which host model each copy belongs to (the pool keeps up to two); a watcher releases a copy once ComfyUI unloads its model (free memory,
-        another checkpoint, eviction): its weights are then unpatched (current_weight_patches_uuid changes) or
-        the model is gone. Under the lock, so the watcher never releases a copy that was just loaded anew."""
+        remembers which host model each copy belongs to (the pool keeps up to two); a watcher releases a copy
+        once ComfyUI unloads its model (free memory, another checkpoint, eviction): its weights are then unpatched
+        (current_weight_patches_uuid changes) or the model is gone. Under the lock, so the watcher never releases a copy that was just loaded anew."""
         with self.lock:
             fingerprint = pool.ensure_model(model, family, key, recipe)
             held = set(pool.loaded_fingerprints)  # the pool may have dropped older copies to make room

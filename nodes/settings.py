@@ -11,7 +11,10 @@ Settings = io.Custom("TANDEM_SETTINGS")
 
 def settings_input():
     """The optional settings socket of the samplers and the model node."""
-    return Settings.Input("settings", optional=True, tooltip="Multi-GPU Settings; default: auto")
+    return Settings.Input("settings", optional=True,
+                          tooltip="A Multi-GPU Settings node: which devices, and how they split each step; "
+                                  "unconnected: strategy auto on the pack's devices (TANDEM_DEVICES; default: "
+                                  "every GPU)")
 
 
 def default_config() -> ParallelConfig:
@@ -32,9 +35,13 @@ class TandemSettings(io.ComfyNode):
                 io.String.Input("devices", default="auto",
                                 tooltip="'auto', 'cuda:0,cuda:1', or 'cpu:2' for two CPU workers"),
                 io.Combo.Input("strategy", options=list(strategy_choices()), default="auto",
-                               tooltip="cfg: cond and uncond on different devices; batch: images split over "
-                                       "devices; auto: cfg when guidance is on, then batch, or for a DiT with "
-                                       "fewer images than devices its token sequence split (ulysses, else ring) "
+                               tooltip="auto: for each model and call shape, the first two calls run on one device "
+                                       "and the second is timed; the calls after them run on the split that "
+                                       "Tandem's cost model predicts fastest from that time and the devices' "
+                                       "measured link (any exact mix of cfg, batch, ulysses, ring and usp: e.g. a "
+                                       "sequence split for a guided DiT), or stay on one device when no split is "
+                                       "predicted to reach 1.05x; the log says what it chose and why. cfg: cond "
+                                       "and uncond on different devices; batch: images split over devices "
                                        "(all exact); asyncdiff: the UNet cut into stages run on one-step-stale "
                                        "inputs (approximate after warm-up, faster, works at cfg 1); ulysses, "
                                        "ring, usp: each device takes a share of a DiT's tokens, exact, for one "
@@ -58,11 +65,15 @@ class TandemSettings(io.ComfyNode):
                 io.Int.Input("ulysses", default=0, min=0, max=64, optional=True,
                              tooltip="ulysses and usp: devices that split a DiT's attention heads after an "
                                      "all-to-all; it must divide the model's heads (0 = ulysses: the devices "
-                                     "left after cfg and batch; usp: from ring and the devices)"),
+                                     "left after cfg and batch; usp: the largest number that divides the model's "
+                                     "heads and fits the devices left over ring, or with ring 0 too the largest "
+                                     "that divides both the devices left and the heads)"),
                 io.Int.Input("ring", default=0, min=0, max=64, optional=True,
                              tooltip="ring: devices passing keys and values around a ring; usp: ulysses "
                                      "subgroups around the ring (0 = ring: the devices left after cfg and batch; "
-                                     "usp: from ulysses and the devices; usp needs one of the two)"),
+                                     "usp: the devices left after cfg and batch over ulysses, rounded down). usp "
+                                     "keeps a degree you set and refuses, before any work, degrees that do not "
+                                     "fit the devices or the model's heads"),
             ],
             outputs=[Settings.Output(display_name="settings")],
         )

@@ -268,8 +268,8 @@ class PoolForward:
         except CannotCarry as exc:  # a patch of this call (a worker's failure to compute fails the run instead)
             self._stock(str(exc))
             return stock()
-        RUNTIME.record_call(run["id"], list(pool.devices), result.mesh.strategy, result.mesh.describe(),
-                            time.perf_counter() - started, result.compute_s, result.extra)
+        RUNTIME.record_call(run["id"], list(pool.devices), result.mesh, time.perf_counter() - started,
+                            result.compute_s, result.extra)
         return result.out
 
 

@@ -100,7 +100,8 @@ def _ideal(model, rows: int, share_rows: int, resolution, calls: int = 8) -> flo
 def _strategy_ideal(strategy, model, config, n: int, rows: int, guided: bool, resolution) -> float | None:
     """The ideal of a strategy whose ranks share rows in another way than by rows (`bench_part`): the whole
     call on one device over what its busiest rank computes alone; None for row shares."""
-    mesh = resolve(config, n, 2 if guided else 1, rows)
+    hint = sequence_hint(model.module, model.family)  # the mesh the engine gives (usp's default split follows heads)
+    mesh = resolve(config, n, 2 if guided else 1, rows, hint)
     group_call = sample_call(model, -(-rows // mesh.groups), resolution)
     part = strategy.bench_part(model, group_call, mesh)
     if part is None:

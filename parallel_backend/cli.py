@@ -348,7 +348,9 @@ def _add_knob_options(parser):
                         "devices per ulysses subgroup (it must divide the model's heads)")
     parser.add_argument("--ring", type=int, default=None, help="strategy ring: devices sharing one call's token "
                         "sequence around a ring (default: the devices left after cfg and batch); usp: ulysses "
-                        "subgroups around the ring (usp needs --ulysses or --ring; the other takes the devices left)")
+                        "subgroups around the ring (usp: --ring not given takes the devices left over --ulysses, --ulysses "
+                        "not given the most of them the model's heads divide by; neither: ulysses the largest number "
+                        "dividing both the devices left and the heads, ring the rest)")
     parser.add_argument("--warmup", type=int, default=1,
                         help="staged strategies: exact sampler steps at the start (asyncdiff on 2+ stages: >= 1)")
     parser.add_argument("--stride", type=int, default=1, help="staged strategies: 1, or 2 to exchange every second call")

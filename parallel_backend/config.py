@@ -135,16 +135,19 @@ class ParallelConfig:
     """How a pool splits each model call.
 
     devices: "auto", "cuda:0,cuda:1", "cpu:2", or a list of device names.
-    strategy: "auto" (exact: cfg when a call holds both branches, then batch, or for a DiT with a sequence
-      split and fewer rows than devices, ulysses or ring: see mesh.py; devices a call cannot use sit out) or a
-      registered strategy (`strategy_choices()`): "cfg", "batch", "asyncdiff" (the model cut into stages run
-      on one-call-stale inputs: approximate after warm-up), "ulysses", "ring", "usp" (the token sequence split).
+    strategy: "auto" (exact: per model and call shape, the mesh the plan predicts fastest from the shape's
+      second call, timed on one device, or one device where no split is predicted to reach 1.05x; see
+      plan/calibrate.py; devices the choice leaves out sit out) or a registered strategy (`strategy_choices()`):
+      "cfg", "batch", "asyncdiff" (the model cut into stages run on one-call-stale inputs: approximate after
+      warm-up), "ulysses", "ring", "usp" (the token sequence split).
     cfg_degree, batch_degree, stages, ulysses, ring: the mesh (cfg outer, then batch, then the strategy's own
       axes: asyncdiff's stages, ulysses' or ring's sequence degree, usp's ring x ulysses); their product is at
       most the device count (devices beyond it sit out). None = from the strategy: cfg -> cfg_degree 2 x
       batch over the devices left, batch -> every device splits the batch, asyncdiff, ulysses, ring -> the
-      devices left after cfg and batch (cfg_degree 2 on 4 devices = cfg 2 x stages 2), usp -> needs ulysses or
-      ring, the other takes the devices left (usp with ulysses 2 on 4 devices = ring 2 x ulysses 2).
+      devices left after cfg and batch (cfg_degree 2 on 4 devices = cfg 2 x stages 2), usp -> a degree given
+      is kept, ring not given takes the devices left over ulysses (usp with ulysses 2 on 4 devices = ring 2 x
+      ulysses 2), ulysses not given the most of them the model's heads divide by; neither given: ulysses the
+      largest number dividing both the devices left and the heads, ring the rest (strategies/usp.py).
     warmup: asyncdiff's exact sampler steps at the start (all stages in sequence; at least 1 on two stages or
       more: the later stages start from what the warm-up hands them); stride: 1, or 2 to exchange
       activations every second call only; time_shift: a stage embeds the timestep its input came from.

@@ -111,7 +111,8 @@ def resolve(config, n_devices: int, branches: int = 2, rows: int | None = None,
         batch, split = config.batch_degree or max(1, n_devices // cfg), ()
     else:
         batch = config.batch_degree or 1
-        split = _inner_degrees(strategy, config, max(1, n_devices // (cfg * batch)))
+        given = tuple(getattr(config, axis, None) for axis in strategy.axes)
+        split = strategy.fill_degrees(given, max(1, n_devices // (cfg * batch)), sequence)
     mesh = Mesh(strategy.name, cfg, batch, split, n_devices)
     if mesh.size > n_devices:
         raise ValueError(f"strategy {strategy.name!r}: {mesh.product()} = {mesh.size} devices, but there are {n_devices}; "
@@ -139,18 +140,6 @@ def fit(config, n_devices: int, branches: int = 2, rows: int | None = None,
         return resolve(config, n_devices, branches, rows, sequence)
     except ValueError:
         return _auto(n_devices, branches, rows, sequence)
-
-
-def _inner_degrees(strategy, config, left: int) -> tuple[int, ...]:
-    """The degree of each of the strategy's axes: as the config gives it; one left unset takes the `left`
-    devices (over the product of the others)."""
-    given = [getattr(config, axis, None) for axis in strategy.axes]
-    unset = [axis for axis, degree in zip(strategy.axes, given) if degree is None]
-    if len(unset) > 1:
-        raise ValueError(f"strategy {strategy.name!r} needs its {' or its '.join(unset)} degree (the other is "
-                         f"what the {left} device(s) left after cfg and batch allow)")
-    rest = math.prod(degree for degree in given if degree is not None)
-    return tuple(degree if degree is not None else max(1, left // rest) for degree in given)
 
 
 def _auto(n_devices: int, branches: int, rows: int | None, sequence: SequenceHint | None) -> Mesh:

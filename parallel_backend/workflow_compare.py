@@ -120,6 +120,15 @@ def _last_pool_run(session: Session, before: dict | None, expected: int, check: 
     return after.get("last_run", {}) if ran > 0 else {}
 
 
+def what_ran(run: dict) -> str:
+    """How the pool ran a call, from /tandem/status's `last_run`: on one device, nothing split (e.g. `auto` found
+    no split worth it), or the mesh that split it, with the devices it left idle."""
+    idle, used = len(run.get("devices", [])) - 1, run.get("devices_used")
+    if used == 1:
+        return f"the whole model on one device{f' ({idle} idle)' if idle > 0 else ''}: nothing was split"
+    return f"split as {run.get('mesh')}" if used else str(run.get("mesh"))  # used unknown: an older pack's status
+
+
 @dataclasses.dataclass
 class Comparison:
     names: tuple[str, str]
@@ -140,9 +149,9 @@ class Comparison:
                         f"{baseline / statistics.median(times):>8.2f}x")
         rows += [f"output {key}: {verdict}" for key, verdict in sorted(self.outputs.items())]
         if self.pool:
-            rows.append(f"pool: {', '.join(self.pool.get('devices', []))}; last run: strategy "
-                        f"{self.pool.get('strategy')}, {self.pool.get('calls')} calls, median "
-                        f"{1000 * self.pool.get('median_seconds_per_call', 0):.1f} ms per call")
+            rows.append(f"pool: {', '.join(self.pool.get('devices', []))}; last run: {self.pool.get('calls')} calls, "
+                        f"median {1000 * self.pool.get('median_seconds_per_call', 0):.1f} ms per call; its last "
+                        f"call: {what_ran(self.pool)}")
         return "\n".join(rows)
 
     def as_json(self) -> dict:

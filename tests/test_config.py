@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from parallel_backend.config import ParallelConfig, parse_devices, resolve_devices
@@ -60,8 +62,7 @@ def test_missing_cuda_device_is_named(monkeypatch):
     (dict(devices="cpu:2", strategy="ulysses", ring=2), "ring 2: it splits the token sequence and passes keys and "
      "values around a ring: choose a strategy that does \\(ring, usp\\)"),
     (dict(devices="cpu:2", strategy="asyncdiff", ulysses=2), "choose a strategy that does \\(ulysses, usp\\)"),
-    (dict(devices="cpu:4", strategy="usp"), "strategy 'usp' needs its ring or its ulysses degree \\(the other is "
-     "what the 4 device\\(s\\) left after cfg and batch allow\\)"),
+    (dict(devices="cpu:2", strategy="usp", ulysses=4), "ring 1 x ulysses 4 = 4 devices, but there are 2"),
     (dict(devices="cpu:4", strategy="usp", ulysses=2, ring=3), "ring 3 x ulysses 2 = 6 devices, but there are 4"),
 ])
 def test_bad_combinations_say_what_to_change(kwargs, message):
@@ -165,6 +166,36 @@ def test_usp_takes_ulysses_and_ring_and_derives_the_missing_one_from_the_devices
     assert degrees(ulysses=2, ring=2) == {"cfg": 1, "batch": 1, "ring": 2, "ulysses": 2}  # 4 devices idle
     assert degrees(cfg_degree=2, ulysses=2) == {"cfg": 2, "batch": 1, "ring": 2, "ulysses": 2}
     assert degrees(ulysses=3) == {"cfg": 1, "batch": 1, "ring": 2, "ulysses": 3}  # 8 // 3: 2 devices idle
+    assert degrees() == {"cfg": 1, "batch": 1, "ring": 8, "ulysses": 1}  # no model yet: ring fits any heads
+
+
+def _usp_oracle(left: int, heads: int | None, ulysses: int | None, ring: int | None) -> tuple[int, int] | None:
+    """usp's (ring, ulysses) on `left` devices per row group, by brute force over every pair that fits them: the
+    degrees given kept; a ulysses not given divides the model's heads (unknown: 1, or any with ring given); of
+    those, the pair that uses the most devices, then the one with the larger ulysses. None: none fits (refused)."""
+    pairs = [(r, u) for r in range(1, left + 1) for u in range(1, left + 1) if r * u <= left
+             and ring in (None, r) and ulysses in (None, u)
+             and (ulysses is not None or (heads % u == 0 if heads else (ring is not None or u == 1)))]
+    return max(pairs, key=lambda pair: (pair[0] * pair[1], pair[1]), default=None)
+
+
+@pytest.mark.parametrize("n", range(1, 9))
+def test_usp_degrees_left_unset_take_what_the_devices_and_heads_allow(n):
+    """Every cfg and batch degree, head count (None: unknown) and given degree on `n` devices against the oracle;
+    a combination it finds no pair for is refused in one sentence, as is a given ulysses the heads do not take."""
+    given = [(None, None), (2, 2), (3, 2)] + [(k, None) for k in range(1, 10)] + [(None, k) for k in range(1, 10)]
+    for cfg, batch, heads, (ulysses, ring) in itertools.product((None, 2), (None, 2), (None, 1, 2, 3, 8, 24), given):
+        config = ParallelConfig("auto", "usp", cfg_degree=cfg, batch_degree=batch, ulysses=ulysses, ring=ring)
+        expected = _usp_oracle(n // ((cfg or 1) * (batch or 1)), heads, ulysses, ring)
+        if expected is None:
+            with pytest.raises(ValueError, match=r"devices, but there are \d+; give more devices"):
+                resolve(config, n, 2, None, SequenceHint(heads))
+        elif heads and ulysses and heads % ulysses:
+            with pytest.raises(ValueError, match="does not divide the model's .* attention heads: use ring"):
+                resolve(config, n, 2, None, SequenceHint(heads))
+        else:
+            mesh = resolve(config, n, 2, None, SequenceHint(heads))
+            assert (mesh.cfg, mesh.batch, mesh.split) == (cfg or 1, batch or 1, expected), (config, heads)
 
 
 def test_creating_a_config_checks_no_hardware():

@@ -196,6 +196,17 @@ def test_usp_two_by_two_on_four_workers_equals_one_device(four_workers, flux):
     assert {extra["passes"] for extra in result.extra.values()} == {ATTENTIONS * per_attention + 1}
 
 
+@pytest.mark.parametrize("workers, degrees", [(2, "ring 1 x ulysses 2"), (3, "ring 3 x ulysses 1")])
+def test_usp_with_no_degree_given_takes_what_the_workers_and_heads_allow(request, flux, workers, degrees):
+    """The tiny Flux has 4 heads: on 2 workers ulysses takes both; 3 do not divide the heads, so ring takes them."""
+    pool = request.getfixturevalue({2: "pool", 3: "three_workers"}[workers])
+    call = _flux_call(1, 13, 5)
+    result = ParallelExecutor(pool, ParallelConfig(f"cpu:{workers}", "usp")).run(flux, "diffusers_dit:flux", call)
+    assert result.mesh.describe() == f"usp (cfg 1 x batch 1 x {degrees})"
+    _equals_one_device(flux, call, result)
+    assert result.bytes_sent > 0  # the workers exchanged tokens
+
+
 def test_auto_keeps_the_tiny_transformer_on_one_device_and_says_why(pool, flux, caplog):
     """The tiny Flux's call takes a few ms: the pool's own cost per call outweighs any split, so the plan keeps
     it on one device (tests/test_auto_plan.py: flux-small, which it splits)."""

@@ -96,15 +96,26 @@ def test_times_come_from_comfyui_s_history_and_cached_nodes_are_found():
 def test_the_table_shows_median_best_and_speedup():
     result = Comparison(("stock", "tandem"), {"stock": [10.0, 12.0, 11.0], "tandem": [6.0, 5.0, 5.5]},
                         {"9/images/0": "max |diff| 1/255, PSNR 55.0 dB"},
-                        {"devices": ["cuda:0", "cuda:1"], "strategy": "cfg", "calls": 50,
-                         "median_seconds_per_call": 0.1})
+                        {"devices": ["cuda:0", "cuda:1"], "strategy": "cfg", "mesh": "cfg (cfg 2 x batch 1)",
+                         "devices_used": 2, "calls": 50, "median_seconds_per_call": 0.1})
     assert result.speedup() == 2.0
     lines = result.table().splitlines()
     assert lines[1].split() == ["stock", "3", "11.00", "10.00", "1.00x"]
     assert lines[2].split() == ["tandem", "3", "5.50", "5.00", "2.00x"]
     assert lines[3] == "output 9/images/0: max |diff| 1/255, PSNR 55.0 dB"
-    assert "cuda:0, cuda:1" in lines[4] and "100.0 ms per call" in lines[4]
+    assert lines[4] == ("pool: cuda:0, cuda:1; last run: 50 calls, median 100.0 ms per call; its last call: split as "
+                        "cfg (cfg 2 x batch 1)")
     assert result.as_json()["speedup"] == 2.0
+
+
+def test_the_table_says_when_the_pool_ran_the_call_on_one_device():
+    """auto's plan kept the call whole on worker 0 (the status's strategy then reads 'batch'): the line says one
+    device and nothing split, not a strategy that split nothing."""
+    status = {"devices": ["cpu", "cpu"], "strategy": "batch", "mesh": "batch (cfg 1 x batch 1), 1 device(s) idle",
+              "devices_used": 1, "calls": 6, "median_seconds_per_call": 0.01}
+    line = Comparison(("stock", "tandem"), {"stock": [1.0], "tandem": [1.0]}, {}, status).table().splitlines()[-1]
+    assert line.endswith("its last call: the whole model on one device (1 idle): nothing was split")
+    assert "batch" not in line and "strategy" not in line
 
 
 def test_cli_refuses_zero_repeats_and_an_unreachable_server_in_one_line(tmp_path, capsys):

@@ -12,6 +12,7 @@ Nothing outside `strategies/` compares strategy names: hosts ask the registry.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -53,6 +54,13 @@ class Strategy:
     def check_model(self, mesh, sequence) -> None:
         """Raises ValueError in one sentence when `mesh` cannot split the model that `sequence` (a
         mesh.SequenceHint, None for a model without a sequence split) describes; before any work."""
+
+    def fill_degrees(self, given: tuple, devices: int, sequence) -> tuple[int, ...]:
+        """The degree of each of its `axes`: as `given` (one per axis, None: not given); one not given takes the
+        `devices` of a row group over the product of the given ones. `sequence`: the model's mesh.SequenceHint
+        (None: none, or not known yet), for a strategy whose degrees depend on the model."""
+        rest = math.prod(degree for degree in given if degree is not None)
+        return tuple(degree if degree is not None else max(1, devices // rest) for degree in given)
 
     def plan(self, engine, call, mesh, config, fingerprint: str) -> dict[int, Any]:
         raise NotImplementedError

@@ -7,6 +7,8 @@ ring traffic than ring alone."""
 
 from __future__ import annotations
 
+import math
+
 from .sequence.parallel import SequenceStrategy
 
 
@@ -17,5 +19,20 @@ class Usp(SequenceStrategy):
     summary = ("a shard of the token sequence on each device; attention by heads inside ulysses subgroups, "
                "keys and values passed around a ring between them (DiTs).")
 
+    def fill_degrees(self, given: tuple, devices: int, sequence) -> tuple[int, int]:
+        """(ring, ulysses): a degree given is kept; those not given take the most of the `devices` they can,
+        ulysses as many as the model's heads allow: neither given, ulysses the largest number dividing both the
+        devices and the heads, ring the rest (2 devices, 24 heads: ring 1 x ulysses 2; 6 devices, 8 heads: ring 3
+        x ulysses 2); ring given, ulysses the largest divisor of the heads that fits the devices left over ring.
+        Heads unknown (no model yet): ring takes the devices, or with ring given ulysses takes the rest."""
+        ring, ulysses = given
+        heads = sequence.heads if sequence is not None else None
+        if ulysses is None and not heads:
+            ulysses = 1 if ring is None else max(1, devices // ring)
+        elif ulysses is None and ring is None:
+            ulysses = math.gcd(devices, heads)
+        elif ulysses is None:
+            ulysses = max(d for d in range(1, max(1, devices // ring) + 1) if heads % d == 0)
+        return (ring or max(1, devices // ulysses), ulysses)
 
 STRATEGY = Usp()

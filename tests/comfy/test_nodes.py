@@ -5,10 +5,18 @@ from __future__ import annotations
 import pytest
 
 
-def test_the_pack_loads_and_lists_its_nodes(comfy_server, comfy):
+def _untipped(node_info: dict) -> list[str]:
+    """The inputs of a node (as /object_info lists it) that have no tooltip."""
+    inputs = {**node_info["input"]["required"], **node_info["input"].get("optional", {})}
+    return [name for name, spec in inputs.items() if len(spec) < 2 or not spec[1].get("tooltip")]
+
+
+def test_the_pack_loads_and_lists_its_nodes_with_a_tooltip_on_every_input(comfy_server, comfy):
     info = comfy_server.get("/object_info")
+    assert not _untipped(info["KSampler"])  # as the stock KSampler has them
     for node in ("TandemKSampler", "TandemKSamplerAdvanced", "TandemSettings", "TandemModel"):
         assert node in info, f"{node} missing from /object_info"
+        assert not _untipped(info[node]), f"{node}: no tooltip on {_untipped(info[node])}"
     assert "Multi-GPU" in info["TandemKSampler"]["display_name"]
 
 

@@ -92,6 +92,14 @@ def test_usp_and_cfg_times_ulysses_on_four_workers(comfy_server, comfy, host_fam
            devices="cpu:4", degrees=degrees)
 
 
+@pytest.mark.parametrize("cfg", [1.0, 4.0])
+def test_usp_left_at_its_default_degrees_takes_both_workers(comfy_server, comfy, host_families, cfg):
+    """usp with the Settings node's ulysses and ring left at 0 on two CPU workers: the tiny Flux's 2 attention
+    heads divide by 2, so ulysses takes both workers (ring 1); the latents equal stock."""
+    _check(comfy_server, comfy, host_families, f"seq_usp_default_{cfg:g}", "flux", "usp", cfg=cfg)
+    assert comfy_server.get("/tandem/status")["last_run"]["mesh"] == "usp (cfg 1 x batch 1 x ring 1 x ulysses 2)"
+
+
 def test_ulysses_that_does_not_divide_the_heads_is_refused_naming_ring(comfy_server, comfy, host_families):
     """The tiny Flux has 2 attention heads: ulysses over 3 workers cannot split them. The run fails before any
     step, with the sentence that names ring (auto would pick ring there)."""

@@ -35,10 +35,15 @@ def test_panel_screenshot_shows_devices_and_last_run(comfy_server, comfy, tmp_pa
     (comfy_server.base / "tandem_panel.png").write_bytes(shot.read_bytes())  # kept with the server's files
 
 
-def _browser(tmp_path):
+def _webdriver():
+    """selenium's webdriver module; skips the test, before any work, where selenium or the browser is missing."""
     webdriver = pytest.importorskip("selenium.webdriver", reason="needs selenium (pip install selenium)")
     if CHROMIUM is None or shutil.which("chromedriver") is None:
         pytest.skip("needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)")
+    return webdriver
+
+
+def _browser(webdriver, tmp_path):
     from selenium.webdriver.chrome.service import Service
 
     options = webdriver.ChromeOptions()
@@ -50,12 +55,13 @@ def _browser(tmp_path):
 
 
 def test_sidebar_tab_inside_comfyui_shows_the_pool(comfy_server, comfy, tmp_path):
+    webdriver = _webdriver()
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ready
     from selenium.webdriver.support.ui import WebDriverWait
 
     comfy.run_pair(comfy_server, "for_tab", "cfg")
-    browser = _browser(tmp_path)
+    browser = _browser(webdriver, tmp_path)
     try:
         browser.get(comfy_server.url + "/")
         wait = WebDriverWait(browser, 90)

@@ -93,6 +93,7 @@ def test_compare_times_the_workflow_against_its_stock_twin_and_compares_outputs(
     comfy.assert_same_latents(tandem_latent, stock)  # the downloaded pair compare reported on
     assert list(figures["outputs"]) == ["6/latents/0"] and "of the scale" in figures["outputs"]["6/latents/0"]
     assert "speedup" in run.stdout and "tandem " in run.stdout
+    assert "its last call: split as cfg (cfg 2 x batch 1)" in run.stdout  # what ran, from the pool's status
 
 
 def test_compare_refuses_when_the_multi_gpu_runs_took_the_stock_path(comfy_server, comfy, tmp_path):
