@@ -193,6 +193,11 @@ def test_replaced_methods_and_hooks_are_found_against_a_fresh_build(pack):
     handle = model.proj.register_forward_hook(lambda *args: None)
     assert watch.replaced() == ["proj (a forward hook)"]
     handle.remove()
+    assert watch.replaced() == []
+    stand_in = _times(3).__get__(model)  # set, undone (the own method stays on the instance), set again:
+    for value, expected in ((stand_in, 1), (type(model).forward.__get__(model), 0), (stand_in, 1)):
+        model.forward = value  # the same number of attributes each time: the scan must still run again
+        assert len(watch.replaced()) == expected
 
 
 def test_a_model_that_cannot_be_written_leaves_no_file_and_the_pool_goes_on(cpu_pool, pack):
