@@ -194,6 +194,12 @@ def test_replaced_methods_and_hooks_are_found_against_a_fresh_build(pack):
     assert watch.replaced() == ["proj (a forward hook)"]
     handle.remove()
     assert watch.replaced() == []
+    model.state = 1  # a cache's state on the model object, deleted as forward is replaced: the same size
+    assert watch.replaced() == []
+    del model.state
+    model.forward = _times(3).__get__(model)
+    assert len(watch.replaced()) == 1
+    del model.forward
     stand_in = _times(3).__get__(model)  # set, undone (the own method stays on the instance), set again:
     for value, expected in ((stand_in, 1), (type(model).forward.__get__(model), 0), (stand_in, 1)):
         model.forward = value  # the same number of attributes each time: the scan must still run again

@@ -258,7 +258,7 @@ def check_pattern(server, comfy, comfy_base, name: str, pattern: Pattern, strate
         comfy.run_checked(server, tandem_graph)
         said = server.log_since(log_before)
         assert f"using the stock sampling path: {pattern.stock_path}" in said, said[-2000:]
-        assert server.get("/tandem/status")["runs"] == runs
+        assert server.get("/tandem/status")["runs"] == runs, (server.get("/tandem/status")["last_run"], said[-3000:])
     stock, tandem = server.latent(f"{key}_stock"), server.latent(f"{key}_tandem")
     comfy.assert_same_latents(tandem, stock)
     if pattern.matters:
