@@ -2,9 +2,13 @@
 
 Point-to-point messages pair in the order they are issued. NCCL ignores the `tag` of a send or receive: the
 k-th receive posted from a peer gets the k-th send issued to it, whatever the tags say. gloo matches tags,
-which hides a receiver that posts in another order than its sender sends. Strict mode (TANDEM_STRICT_P2P=1,
-on in the tests) makes gloo behave as NCCL does: every tag becomes 0, so messages pair in issue order only
-and a mismatch fails on CPU as it would on a GPU. Tags stay in the code as labels.
+which hides a receiver that posts in another order than its sender sends. Strict mode (`pair_in_issue_order`;
+a worker switches it on at its start when TANDEM_STRICT_P2P=1, as in the tests) makes gloo behave as NCCL does:
+every tag becomes 0, so messages pair in issue order only and a mismatch fails on CPU as it would on a GPU. Tags
+stay in the code as labels.
+
+Test hooks are installed, never looked up: an exchange reads a module flag and an optional hook (`on_exchange`),
+no environment variable.
 
 NCCL work is asynchronous: `work.wait()` only makes the current CUDA stream wait. Where the host needs the
 data to have arrived (timings, a copy to the host), `wait_all(handles, device)` also synchronizes the device.
@@ -12,7 +16,6 @@ data to have arrived (timings, a copy to the host), `wait_all(handles, device)` 
 
 from __future__ import annotations
 
-import os
 from datetime import timedelta
 
 import torch
@@ -45,12 +48,20 @@ def leave_group() -> None:
         dist.destroy_process_group()
 
 
-STRICT_ENV = "TANDEM_STRICT_P2P"
+STRICT_ENV = "TANDEM_STRICT_P2P"  # read once, by a worker as it starts (worker.main)
+_strict = False
+
+
+def pair_in_issue_order(on: bool = True) -> None:
+    """Strict mode on (or off): from now on this process's point-to-point messages pair in issue order only
+    (tags ignored), as on NCCL. Set once, before the process's first exchange."""
+    global _strict
+    _strict = bool(on)
 
 
 def strict() -> bool:
     """Point-to-point messages pair in issue order only (tags ignored), as on NCCL."""
-    return os.environ.get(STRICT_ENV) == "1"
+    return _strict
 
 
 def _tags(tags: list[int] | None, count: int) -> list[int]:
@@ -95,30 +106,23 @@ def exchange(sends: list[tuple[int, torch.Tensor]], receives: list[tuple[int, tu
     sends to this rank. A message with no element is neither sent nor received (its buffer is made here): both
     sides know the shapes from the same plan, so they skip the same messages.
     """
-    _fault_hook()
+    if _exchange_hook is not None:
+        _exchange_hook()
     buffers = [torch.empty(shape, dtype=dtype, device=device) for _, shape, dtype in receives]
     ops = [dist.P2POp(dist.isend, t.contiguous(), dst) for dst, t in sends if t.numel()]
     ops += [dist.P2POp(dist.irecv, b, src) for (src, _, _), b in zip(receives, buffers) if b.numel()]
     return buffers, (dist.batch_isend_irecv(ops) if ops else [])
 
 
-FAULT_ENV = "TANDEM_TEST_FAULT_AT_EXCHANGE"  # tests only: "RANK:K:SIGNAL" (e.g. "1:3:SIGKILL")
-_exchanges = 0
+_exchange_hook = None
 
 
-def _fault_hook() -> None:
-    """For the reliability tests: the worker of global rank RANK sends itself SIGNAL as it posts its K-th
-    exchange (counted from 1 since it started), i.e. in the middle of a ring pass or an all-to-all."""
-    global _exchanges
-    spec = os.environ.get(FAULT_ENV)
-    if not spec:
-        return
-    _exchanges += 1
-    rank, at, name = spec.split(":")
-    if dist.get_rank() == int(rank) and _exchanges == int(at):
-        import signal
-
-        os.kill(os.getpid(), getattr(signal, name))
+def on_exchange(hook) -> None:
+    """Tests only: `hook()` runs as this process posts each exchange, before anything is sent (None: no hook).
+    The reliability tests install one through the pool's worker set-up to stop or kill a worker in the middle of
+    a ring pass or an all-to-all (tests/reliability/exchange_fault.py)."""
+    global _exchange_hook
+    _exchange_hook = hook
 
 
 def all_to_all(pieces: list[torch.Tensor], shapes: list[tuple[int, ...]], peers: list[int], index: int,

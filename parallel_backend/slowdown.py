@@ -4,7 +4,8 @@ Mixed pools (a fast card beside a slow one) cannot be had on a CPU-only test mac
 run every heavy tensor operation (convolutions, matrix products, attention, norms) `factor` times, keeping the
 last result: its outputs are unchanged, only slower. It is off unless asked for, by
 `WorkerPool(test_slowdown=...)` or the environment variable TANDEM_TEST_SLOWDOWN ("1:2": worker 1 repeats its
-compute twice), and never meant for real runs. Only the listed operations repeat; pure functions, so repeating
+compute twice), and never meant for real runs. A worker asked for it runs under it from its start to its end
+(worker.main); a worker not asked wraps nothing. Only the listed operations repeat; pure functions, so repeating
 them changes no state.
 """
 

@@ -95,7 +95,6 @@ class WorkerState:
         self.models: dict[str, tuple[object, str]] = {}  # fingerprint -> (module, family)
         self.slots: dict[tuple[str, str], object] = {}  # (fingerprint, owner) -> a strategy's worker-side state
         self._restore: dict[str, object] = {}  # fingerprint -> puts the model back whole after a strategy split it
-        self.test_slowdown = 1.0  # tests only: heavy compute repeated this many times (slowdown.py)
         self.weights_cache = None  # another machine's worker: its machine's WeightsCache (weights_cache.py)
         self.carried = CarriedStore()  # host objects of model calls, by digest (carry.py)
 
@@ -267,7 +266,6 @@ def serve(channel, state: WorkerState) -> bool:
     """Answers requests, one handler per message type, until told to shut down (returns False) or the host's
     end closes (returns True: the host is gone, or tearing the pool down)."""
     from . import strategies
-    from .slowdown import repeating
     from .transport import ChannelClosed
 
     handlers = {**HANDLERS, **strategies.worker_handlers()}
@@ -286,8 +284,7 @@ def serve(channel, state: WorkerState) -> bool:
                 raise TypeError(f"unknown request {type(request).__name__}")
             if not isinstance(request, Ping):  # a ping reports the last request's peak
                 reset_peak_memory(state.device)
-            with repeating(state.test_slowdown):
-                value = handler(state, state.with_live_inputs(request))
+            value = handler(state, state.with_live_inputs(request))
             reply = Reply(value=value, seconds=time.perf_counter() - started, peak_bytes=peak_memory_bytes(state.device))
         except Exception as exc:  # reported to the host, which names this worker and the call
             reply = Reply(ok=False, error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc(),
@@ -311,8 +308,11 @@ def main(argv=None) -> int:
     import torch
 
     from . import primitives
+    from .slowdown import repeating
     from .transport import connect
 
+    # Test settings, read once here: an exchange or a request never looks them up (primitives, slowdown.py).
+    primitives.pair_in_issue_order(os.environ.get(primitives.STRICT_ENV) == "1")
     if args.threads:
         torch.set_num_threads(args.threads)
     host, port = args.connect.rsplit(":", 1)
@@ -331,11 +331,11 @@ def main(argv=None) -> int:
         return 1
     host_left = False
     state = WorkerState(args.rank, args.world, args.device)
-    state.test_slowdown = args.test_slowdown
     if args.weights_cache:
         state.weights_cache = WeightsCache(args.weights_cache, args.weights_cache_bytes)
     try:
-        host_left = serve(channel, state)
+        with repeating(args.test_slowdown):  # a test's slower card: for the worker's life, not per request
+            host_left = serve(channel, state)
     finally:
         primitives.leave_group()
         channel.close()

@@ -25,6 +25,7 @@ from parallel_backend import primitives
 from parallel_backend.strategies.sequence import Shards, Traffic, ring_attention, ulysses_attention, usp_attention
 torch.set_num_threads(1)
 rank, world, rendezvous, mode = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+primitives.pair_in_issue_order()  # as NCCL pairs messages
 primitives.join_group(rendezvous, rank, world, "cpu", timeout_s=6.0 if mode != "check" else 20.0)
 
 def case(lengths, masked, peers):
@@ -73,7 +74,7 @@ os._exit(0)
 
 
 def run_ranks(tmp_path, world: int, mode: str, wait_for: range, attention: str = "") -> list[str]:
-    env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", TANDEM_STRICT_P2P="1",
+    env = dict(os.environ, GLOO_SOCKET_IFNAME="lo",
                PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     rendezvous = f"file://{tmp_path}/rdzv-{mode}-{world}{attention}"
     ranks = [subprocess.Popen([sys.executable, "-c", RANK_SCRIPT, str(r), str(world), rendezvous, mode, attention],

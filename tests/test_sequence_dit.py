@@ -140,6 +140,7 @@ from parallel_backend.strategies.sequence.group import SequenceGroup
 from test_sequence_dit import cases
 torch.set_num_threads(1)
 rank, world, rendezvous = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+primitives.pair_in_issue_order()  # as NCCL pairs messages
 primitives.join_group(rendezvous, rank, world, "cpu", timeout_s=30.0)
 peers = tuple(reversed(range(world)))  # shard order other than rank order
 for name, build, call, attentions in cases():
@@ -157,7 +158,7 @@ primitives.leave_group()
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_transformers_split_over_ranks_equal_one_process(tmp_path, world):
-    env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", TANDEM_STRICT_P2P="1",
+    env = dict(os.environ, GLOO_SOCKET_IFNAME="lo",
                PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     arguments = [str(world), f"file://{tmp_path}/rdzv", str(REPO / "tests")]
     ranks = [subprocess.Popen([sys.executable, "-c", RANK_SCRIPT, str(r), *arguments], stdout=subprocess.PIPE,

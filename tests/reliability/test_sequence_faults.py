@@ -1,11 +1,13 @@
 """Faults in the middle of a sequence-parallel exchange: a worker killed (SIGKILL) or stopped (SIGSTOP) as it
-posts its k-th exchange (a ring pass, an all-to-all; primitives' test hook). The host must name the right
-worker within the deadline, leave no process behind, and the next job must succeed with the result from
-before. (This is where peers hang: one rank waits forever for a transfer that never comes.)"""
+posts its k-th exchange (a ring pass, an all-to-all; exchange_fault.py, installed through the pool's worker
+set-up). The host must name the right worker within the deadline, leave no process behind, and the next job
+must succeed with the result from before. (This is where peers hang: one rank waits forever for a transfer
+that never comes.)"""
 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,8 +17,8 @@ from parallel_backend.config import ParallelConfig
 from parallel_backend.engine import ParallelExecutor
 from parallel_backend.oracle import Job, LoopResult, run_once
 from parallel_backend.pool import WorkerError, WorkerPool
-from parallel_backend.primitives import FAULT_ENV
 
+FAULT = str(Path(__file__).with_name("exchange_fault.py"))
 RESOLUTION, STEPS = (64, 64), 3
 HANG_FLOOR_S = 20.0  # the pool's default
 
@@ -34,8 +36,7 @@ def sample(model, executor) -> torch.Tensor:
 
 @pytest.mark.parametrize("how", ["SIGKILL", "SIGSTOP"])
 @pytest.mark.parametrize("strategy, victim, at", [("ring", 1, 9), ("ulysses", 0, 14)])
-def test_a_worker_lost_mid_exchange_is_named_and_the_next_job_succeeds(model, strategy, victim, at, how, procs,
-                                                                       monkeypatch):
+def test_a_worker_lost_mid_exchange_is_named_and_the_next_job_succeeds(model, strategy, victim, at, how, procs):
     """flux-small has 6 attention blocks (a ring pass each on 2 workers; 2 to 4 all-to-alls for ulysses) and a
     gather per call, so exchange `at` falls inside one of the restarted pool's first calls; the time until the
     error includes that restart and the calls before the fault."""
@@ -44,7 +45,7 @@ def test_a_worker_lost_mid_exchange_is_named_and_the_next_job_succeeds(model, st
     try:
         before = sample(model, executor)
         executor_pool.shutdown()
-        monkeypatch.setenv(FAULT_ENV, f"{victim}:{at}:{how}")  # the restarted workers inherit it
+        executor_pool.worker_setup = (FAULT, "signal_at_exchange", f"{victim}:{at}:{how}")  # for the restarted workers
         with pytest.raises(WorkerError) as caught:
             started = time.monotonic()
             sample(model, executor)
@@ -56,7 +57,7 @@ def test_a_worker_lost_mid_exchange_is_named_and_the_next_job_succeeds(model, st
         assert noticed < bound + 10.0, (message, noticed)  # + the restart and the calls before the fault
         pids = executor_pool.worker_pids() or []
         assert not executor_pool.started and procs.orphans(pids, 10) == []
-        monkeypatch.delenv(FAULT_ENV)
+        executor_pool.worker_setup = None
         after = sample(model, executor)
         torch.testing.assert_close(after, before, atol=1e-4, rtol=1e-4)
     finally:
