@@ -142,3 +142,22 @@ def test_the_fused_kernel_and_the_plain_math_give_the_same_block_attention():
     fused = block_attention(q, k, v, 0.3)
     plain = block_attention(q, k, v, 0.3, key_mask=torch.ones(2, 7, dtype=torch.bool))  # a mask takes the math form
     assert (fused[0] - plain[0]).abs().max() <= 1e-5 and (fused[1] - plain[1]).abs().max() <= 1e-5
+
+
+def test_a_refusing_fused_kernel_falls_back_to_the_plain_math_and_says_so_once(monkeypatch, caplog):
+    from parallel_backend.strategies.sequence import attention
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("stand-in refusal: no kernel for this input\nsecond line of the error")
+
+    monkeypatch.setattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", refuse)
+    monkeypatch.setattr(attention, "_REFUSALS_SAID", set())
+    q, k, v = random_qkv(7)
+    with caplog.at_level("WARNING", logger="tandem"):
+        for _ in range(3):
+            out, lse = block_attention(q, k, v, scale=0.5)
+    assert max_diff(out, F.scaled_dot_product_attention(q, k, v, scale=0.5)) <= 1e-5
+    said = [r.getMessage() for r in caplog.records if r.name == "tandem" and "attention kernel refused" in r.getMessage()]
+    assert len(said) == 1, said
+    assert "cpu float32 input (RuntimeError: stand-in refusal: no kernel for this input)" in said[0]
+    assert "plain float32 form" in said[0] and "slower" in said[0]

@@ -1,4 +1,5 @@
-"""Attention of queries to one block of keys, with the log-sum-exp that lets blocks be merged. Pure.
+"""Attention of queries to one block of keys, with the log-sum-exp that lets blocks be merged. Pure, but for one log
+line when a fused kernel refuses (below).
 
 For a query q and a block of keys k_j (values v_j), with scores s_j = scale * <q, k_j>:
     lse = log(sum_j exp(s_j)),   out = sum_j exp(s_j - lse) * v_j.
@@ -11,14 +12,19 @@ Shapes: q (B, H, Lq, D), k (B, H, Lk, D), v (B, H, Lk, Dv); key_mask (B, Lk) boo
 part; out (B, H, Lq, Dv) and lse (B, H, Lq), both float32 (the merge accumulates in float32 whatever the input
 dtype). Without a key mask, torch's fused attention kernels that also return the log-sum-exp compute it (the
 flash kernel on CPU, the memory-efficient one on CUDA); a mask, an empty block or a kernel that refuses the
-input takes the plain math form, which holds an (Lq x Lk) score block per head.
+input takes the plain math form, which holds an (Lq x Lk) score block per head. A refusal is said once per
+device type and dtype in the log (logger "tandem"), with the kernel's reason: that form is much slower.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
+
+log = logging.getLogger("tandem")
+_REFUSALS_SAID: set[tuple[str, torch.dtype]] = set()
 
 
 def default_scale(head_dim: int) -> float:
@@ -50,9 +56,22 @@ def _fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float):
             out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True, scale=scale)[:2]
         else:
             return None
-    except (RuntimeError, NotImplementedError):
+    except (RuntimeError, NotImplementedError) as exc:  # the plain math form computes it: said once, as it is slower
+        _say_refusal(q, exc)
         return None
     return out.float(), lse[..., :q.shape[-2]].float()
+
+
+def _say_refusal(q: torch.Tensor, exc: Exception) -> None:
+    """Says once per device type and dtype that the fused kernel refused, and why."""
+    kind = (q.device.type, q.dtype)
+    if kind in _REFUSALS_SAID:
+        return
+    _REFUSALS_SAID.add(kind)
+    reason = (str(exc).strip().splitlines() or [""])[0]
+    log.warning("Tandem: torch's fused attention kernel refused %s %s input (%s: %s); sequence-parallel attention "
+                "takes the plain float32 form instead, much slower (said once per device type and dtype)",
+                q.device.type, str(q.dtype).removeprefix("torch."), type(exc).__name__, reason)
 
 
 def merge(acc: tuple[torch.Tensor, torch.Tensor] | None,
