@@ -13,11 +13,16 @@ import threading
 import time
 from pathlib import Path
 
-from parallel_backend.config import check_devices_exist, parse_devices, resolve_devices
-from parallel_backend.pool import WorkerPool
+from parallel_backend.config import PoolUnavailable, check_devices_exist, parse_devices, resolve_devices
+from parallel_backend.pool import WorkerError, WorkerPool
 
 START_MODES = ("on_load", "on_first_use", "off")
 log = logging.getLogger("tandem")
+# What `get_pool` raises when the pool cannot take calls now, a node's cue to take the stock path saying why: the
+# pool is switched off, or its devices cannot be used here or reached (PoolUnavailable); a worker did not start,
+# join its group or run the host's set-up (WorkerError, naming it); the OS refused a process, a port, a file or
+# a connection (OSError). Any other error is a fault (a bug, a setting to change) and fails the run.
+UNAVAILABLE = (PoolUnavailable, WorkerError, OSError)
 
 
 def _comfy_root() -> str:
@@ -56,7 +61,7 @@ class Runtime:
     def _start_quietly(self) -> None:
         try:
             self.get_pool(self.devices)
-        except Exception as exc:  # reported in the log and on /tandem/status; nodes then take the stock path
+        except Exception as exc:  # reported in the log and on /tandem/status; a run meets it again in get_pool
             log.warning("Tandem: the worker pool did not start: %s", exc)
 
     def named_devices(self, devices: str) -> tuple[str, ...]:
@@ -74,10 +79,10 @@ class Runtime:
     def get_pool(self, devices: str) -> WorkerPool:
         """The running pool for `devices` (started, or restarted after a failure). A pool restarts only when the
         resolved devices differ ('auto' and 'cpu:2' may be the same two workers); devices that do not exist
-        raise before the running pool is touched."""
+        raise before the running pool is touched. Raises one of UNAVAILABLE when the pool cannot take calls now."""
         with self.lock:
             if self.mode == "off":
-                raise RuntimeError("the Tandem pool is off (TANDEM_POOL_START=off)")
+                raise PoolUnavailable("the Tandem pool is off (TANDEM_POOL_START=off)")
             wanted = resolve_devices(self.named_devices(devices))
             if self.pool is not None and self.pool.requested_devices != wanted:
                 log.info("Tandem: restarting the worker pool for other devices: %s -> %s",

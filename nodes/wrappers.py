@@ -31,7 +31,7 @@ from parallel_backend.engine import ParallelExecutor
 from parallel_backend.models import comfy_dit
 from parallel_backend.pool import WorkerError
 
-from .runtime import RUNTIME
+from .runtime import RUNTIME, UNAVAILABLE
 from .settings import default_config
 from .travel import fingerprint, host_reason, recipe_of, run_facts
 
@@ -162,11 +162,25 @@ def _goes_to_pool(model, conds, model_options) -> bool:
         if isinstance(w, PoolForward)]
     if not forwards:
         return False
+    pool, _ = _pool_or_reason(forwards[-1].config.devices)  # why not: PoolForward says it
+    return pool is not None and len(pool.devices) >= 2
+
+
+def _pool_or_reason(devices: str, rejoin_job=None) -> tuple:
+    """(the running pool, None), or (None, why) when it cannot take calls now (runtime.UNAVAILABLE). Any other error
+    is a fault, not a refusal: it fails the run, naming the devices. rejoin_job: a run's id, whose first call tries
+    machines left out of the pool again (None: not tried)."""
+    pool = None
     try:
-        pool = RUNTIME.get_pool(forwards[-1].config.devices)
-    except Exception:  # PoolForward meets the same error and says so
-        return False
-    return len(pool.devices) >= 2
+        pool = RUNTIME.get_pool(devices)
+        if rejoin_job is not None:
+            pool.rejoin_missing(rejoin_job)
+    except UNAVAILABLE as exc:
+        return None, f"the worker pool is not available ({exc})"
+    except Exception as exc:  # a fault: the run fails, its message naming the devices (the cause chained)
+        named = RUNTIME.devices if devices == "auto" else devices if isinstance(devices, str) else ",".join(devices)
+        raise RuntimeError(f"Tandem's worker pool on {named} failed: {type(exc).__name__}: {exc}") from exc
+    return pool, None
 
 
 def _run_reason(transformer_options: dict) -> str | None:
@@ -230,12 +244,8 @@ class PoolForward:
         reason = (_run_reason(transformer_options) or (comfy_dit.unsupported_reason(model) if family is None else None)
                   or host_reason(transformer_options[KEY], model))
         pool = None
-        if reason is None:
-            try:
-                pool = RUNTIME.get_pool(self.config.devices)
-                pool.rejoin_missing(transformer_options[KEY]["id"])  # a run's first call: a machine left out may be back
-            except Exception as exc:
-                reason = f"the worker pool is not available ({exc})"
+        if reason is None:  # a run's first call: a machine left out may be back
+            pool, reason = _pool_or_reason(self.config.devices, rejoin_job=transformer_options[KEY]["id"])
         if pool is not None and len(pool.devices) < 2:
             reason = f"only one device ({pool.devices[0]})"
         run = transformer_options.get(KEY, {})

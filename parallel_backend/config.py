@@ -83,6 +83,12 @@ def parse_devices(spec: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
     return tuple(devices)
 
 
+class PoolUnavailable(RuntimeError):
+    """A pool of the devices cannot take calls here now, for a reason of the machines or of the user's switch,
+    not of the call: GPUs on Windows (no NCCL), no device reachable, another machine that refused or did not
+    answer, a host's pool switched off. A host takes its stock path with this sentence."""
+
+
 def _cuda_device_count() -> int:
     import torch
 
@@ -114,8 +120,8 @@ def resolve_devices(devices: tuple[str, ...]) -> tuple[str, ...]:
     if sys.platform == "win32" and (count if devices == ("auto",) else any(d != "cpu" for d in devices)):
         # The workers' GPU traffic needs NCCL, which PyTorch does not ship for Windows. Hosts take their stock
         # path with this sentence (ComfyUI's nodes log it); CPU workers still work.
-        raise RuntimeError("GPU pools need NCCL, which PyTorch does not ship for Windows: Tandem cannot split "
-                           "work over GPUs here (use Linux or WSL2); devices 'cpu:N' still work")
+        raise PoolUnavailable("GPU pools need NCCL, which PyTorch does not ship for Windows: Tandem cannot split "
+                              "work over GPUs here (use Linux or WSL2); devices 'cpu:N' still work")
     if devices == ("auto",):
         if count >= 1:
             return tuple(f"cuda:{i}" for i in range(count))

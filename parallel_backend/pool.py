@@ -31,7 +31,7 @@ from pathlib import Path
 
 from . import pool_files, slowdown, validation
 from .carry import CannotCarry, Carrier
-from .config import parse_devices, remote_machines, resolve_devices, split_device
+from .config import PoolUnavailable, parse_devices, remote_machines, resolve_devices, split_device
 from .deadlines import SILENT_S, CallClock, load_bound
 from .host_modules import host_modules
 from .messages import Carry, Hello, Ping, Reply, RunSetup, Shutdown, Unload
@@ -268,11 +268,11 @@ class WorkerPool:
 
     def _leave_out(self, devices: tuple[str, ...], missing: dict[str, str]) -> tuple[str, ...]:
         """`devices` without those of the machines `missing` (machine -> why it cannot be reached), said in one
-        log line each; raises RuntimeError when no device is left."""
+        log line each; raises PoolUnavailable when no device is left."""
         self.left_out = {name: tuple(d for d in devices if split_device(d)[0] == name) for name in missing}
         kept = tuple(d for d in devices if split_device(d)[0] not in missing)
         if missing and not kept:
-            raise RuntimeError("no device of the pool can be reached: " + "; ".join(missing.values()))
+            raise PoolUnavailable("no device of the pool can be reached: " + "; ".join(missing.values()))
         for name, why in missing.items():
             log.warning("Tandem: %s; its device(s) %s are left out of the pool until it answers again (tried at the "
                         "start of later jobs); the pool runs on %s", why, ", ".join(self.left_out[name]), ", ".join(kept))

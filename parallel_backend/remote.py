@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from . import __version__
-from .config import remote_machines, split_device
+from .config import PoolUnavailable, remote_machines, split_device
 from .messages import Join, KeepAlive, KillWorkers, MachineStatus
 from .pool import _Worker
 from .secure import HandshakeError, certificate_for, connect_tls, server_context
@@ -131,29 +131,29 @@ class Machine:
         self._closed = False
 
     def connect(self) -> None:
-        """Reaches the daemon (TLS and the secret's proofs), retrying for REACH_RETRY_S; raises RuntimeError with
-        a sentence naming the machine if it cannot."""
+        """Reaches the daemon (TLS and the secret's proofs), retrying for REACH_RETRY_S; raises PoolUnavailable
+        with a sentence naming the machine if it cannot."""
         try:  # a link just back up may need a moment (ARP, routes)
             conn = connect_daemon(self.name, self.secret, retry_s=REACH_RETRY_S, attempt_s=REACH_TIMEOUT_S)
         except HandshakeError as exc:
-            raise RuntimeError(f"{self.name}: its `tandem worker serve` refused this host or was refused ({exc}); "
-                               "both machines must read the same secret file") from None
+            raise PoolUnavailable(f"{self.name}: its `tandem worker serve` refused this host or was refused ({exc}); "
+                                  "both machines must read the same secret file") from None
         except OSError as exc:
-            raise RuntimeError(f"{self.name}: cannot reach a `tandem worker serve` there ({exc}); is it running, "
-                               "and is its port open in the firewall?") from None
+            raise PoolUnavailable(f"{self.name}: cannot reach a `tandem worker serve` there ({exc}); is it running, "
+                                  "and is its port open in the firewall?") from None
         self._channel = Channel(conn, self.name)
 
     def join(self, join: Join, timeout_s: float) -> None:
-        """Asks the daemon reached by `connect` for workers; raises RuntimeError naming the machine if it cannot."""
+        """Asks the daemon reached by `connect` for workers; raises PoolUnavailable naming the machine if it cannot."""
         try:
             self._channel.send(join)
             reply = self._channel.recv(timeout=timeout_s)
         except (ChannelClosed, TimeoutError) as exc:
             self._channel.close()
-            raise RuntimeError(f"{self.name}: its `tandem worker serve` did not answer ({exc})") from None
+            raise PoolUnavailable(f"{self.name}: its `tandem worker serve` did not answer ({exc})") from None
         if not reply.ok:
             self._channel.close()
-            raise RuntimeError(f"{self.name} refused to serve this pool: {reply.error}")
+            raise PoolUnavailable(f"{self.name} refused to serve this pool: {reply.error}")
         self.pids = reply.value["pids"]
         self.heard = time.monotonic()
         threading.Thread(target=self._follow, daemon=True, name=f"tandem-machine-{self.name}").start()
@@ -275,7 +275,7 @@ class RemoteLink:
         for name, machine in list(self.machines.items()):
             try:
                 machine.connect()
-            except RuntimeError as exc:
+            except PoolUnavailable as exc:
                 missing[name] = str(exc)
                 del self.machines[name]
         self.devices = tuple(d for d in self.devices if split_device(d)[0] not in missing)

@@ -201,11 +201,11 @@ def need_pack():
     return need
 
 
-def start_server(base: Path, log_name: str = "comfy.log", devices: str | None = "cpu:2") -> ComfyServer:
+def start_server(base: Path, log_name: str = "comfy.log", devices: str | None = "cpu:2", **variables) -> ComfyServer:
     """ComfyUI on a free loopback port with --cpu and a pool on TANDEM_DEVICES=`devices` (None: unset, the
-    pack's default); returns once it answers."""
+    pack's default), with the environment `variables` (e.g. TANDEM_POOL_START="off"); returns once it answers."""
     port = _free_port()
-    env = dict(os.environ, TANDEM_DEVICES=devices or "", TANDEM_POOL_START="on_load")
+    env = {**os.environ, "TANDEM_DEVICES": devices or "", "TANDEM_POOL_START": "on_load", **variables}
     if devices is None:
         del env["TANDEM_DEVICES"]
     with open(base / log_name, "wb") as log:

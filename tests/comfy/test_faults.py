@@ -96,6 +96,35 @@ def test_freeing_memory_in_comfyui_releases_the_workers_copies(comfy_server, com
     assert comfy_server.get("/tandem/status")["stats"]["model_loads"] == loads + 1
 
 
+def test_a_pool_switched_off_takes_the_stock_path_and_says_why_once(comfy_base, comfy):
+    """An expected refusal (the pool cannot take calls) keeps the stock path and its one sentence."""
+    server = comfy.start_server(comfy_base, "comfy_pool_off.log", TANDEM_POOL_START="off")
+    try:
+        comfy.run_checked(server, comfy.sampler_workflow("KSampler", "pool_off_stock", None))
+        before = server.log_size()
+        comfy.run_checked(server, comfy.sampler_workflow("TandemKSampler", "pool_off_tandem", "cfg"))
+        said = [line for line in server.log_since(before).splitlines() if "using the stock sampling path" in line]
+        assert len(said) == 1 and "the worker pool is not available (the Tandem pool is off" in said[0], said
+        comfy.assert_same_latents(server.latent("pool_off_tandem"), server.latent("pool_off_stock"))
+    finally:
+        comfy.stop_server(server)
+
+
+def test_an_error_on_the_way_to_the_pool_that_is_no_refusal_fails_the_run_naming_the_devices(comfy_base, comfy):
+    """A setting the pool cannot use (a stand-in for any unexpected error before the pool takes the call) fails
+    the run with the devices named and what to change, instead of running stock."""
+    server = comfy.start_server(comfy_base, "comfy_bad_setting.log", TANDEM_HANG_FACTOR="soon")
+    try:
+        before = server.log_size()
+        result = server.run(comfy.sampler_workflow("TandemKSampler", "bad_setting", "cfg"))
+        errors = [m[1]["exception_message"] for m in result["status"]["messages"] if m[0] == "execution_error"]
+        assert errors and errors[0].startswith("Tandem's worker pool on cpu:2 failed: ValueError: "
+                                               "TANDEM_HANG_FACTOR='soon' is not a valid number"), result["status"]
+        assert "using the stock sampling path" not in server.log_since(before)
+    finally:
+        comfy.stop_server(server)
+
+
 def _alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as stat:
