@@ -1,6 +1,6 @@
 """A denoiser as a sequence of layers that can be cut into stages (for asyncdiff), family-independent.
 
-A family adapter (diffusers_unet, comfy_unet) describes its model as:
+A family adapter (diffusers_unet, comfy_unet; listed in stage_families.py) describes its model as:
 - `layers(model) -> list[Layer]`: the model's work in execution order, at resnet / attention-layer grain.
   Each layer reads and updates the activations: the hidden state `h` and the stack of skip connections
   (pushed on the way down, popped on the way up).
@@ -51,19 +51,6 @@ class Layer:
     name: str
     modules: tuple  # the torch modules whose weights this layer uses
     run: Callable[[Context, Activations], None]  # updates the activations in place
-
-
-def adapter_for(family: str):
-    """The module describing how `family` is cut into layers."""
-    if family == "diffusers_unet":
-        from . import diffusers_unet
-
-        return diffusers_unet
-    if family == "comfy_unet":
-        from . import comfy_unet
-
-        return comfy_unet
-    raise ValueError(f"model family {family!r} cannot be cut into stages; known: diffusers_unet, comfy_unet")
 
 
 def run_layers(layers: list[Layer], ctx: Context, acts: Activations) -> Activations:

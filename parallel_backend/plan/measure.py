@@ -104,7 +104,8 @@ def call_shape(model, resolution: tuple[int, int], rows: int) -> CallShape:
 def _profile(model, resolution, repeats: int):
     """(layer seconds, bytes crossing each cut per row, each layer's weight bytes); () where the model's family
     cannot be cut into stages."""
-    from ..models.stages import Activations, adapter_for, modules_of, profile
+    from ..models.stage_families import adapter_for
+    from ..models.stages import Activations, modules_of, profile
 
     try:
         adapter = adapter_for(model.family)

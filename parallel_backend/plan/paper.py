@@ -189,7 +189,8 @@ def _call_flops(model, rows: int, resolution) -> tuple[int, dict]:
 def count_layers(model, resolution) -> tuple[tuple, tuple, tuple]:
     """UNets: ((name, FLOPs of one row) per layer, bytes crossing the cut before each layer per row, each layer's
     weight bytes), from one meta run of models.stages' layers; ((), (), ()) for a family that has no stages."""
-    from ..models.stages import Activations, adapter_for, modules_of
+    from ..models.stage_families import adapter_for
+    from ..models.stages import Activations, modules_of
 
     try:
         adapter = adapter_for(model.family)

@@ -13,6 +13,7 @@ import statistics
 from dataclasses import replace
 
 from ...messages import Computed
+from ...models.stage_families import STAGE_ADAPTERS
 from ...models.stages import Profile, describe
 from ..base import BenchJob, Strategy
 from .messages import PlaceStages, ProbeExchange, ProfileLayers, StageCall, StagePlan
@@ -27,7 +28,7 @@ class AsyncDiff(Strategy):
     axes = ("stages",)
     bench_job = BenchJob(1, True)
     collective = True
-    adapters = ("diffusers_unet", "comfy_unet")  # the families models/stages.py can cut into layers
+    adapters = tuple(STAGE_ADAPTERS)  # the families models/stages.py can cut into layers
     scope = "cuts UNets only"
     min_warmup = 1  # a later stage's first input is what the stage before hands it in an exact step
 

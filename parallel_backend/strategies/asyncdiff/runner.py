@@ -19,7 +19,8 @@ import torch
 
 from ... import primitives
 from ...messages import Computed
-from ...models.stages import Activations, Profile, adapter_for, modules_of, profile, synchronize
+from ...models.stage_families import adapter_for
+from ...models.stages import Activations, Profile, modules_of, profile, synchronize
 from . import schedule
 from .messages import PlaceStages, ProbeExchange, ProfileLayers, StageCall, StagePlan
 
