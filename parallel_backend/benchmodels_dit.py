@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from . import validation
-from .benchmodels import MAX_FRAMES, BenchModel, check_still_images
+from .benchmodels_base import MAX_FRAMES, BenchModel, check_still_images
 from .models.diffusers_dit import family_named
 
 FLOW_SHIFT = 3.0

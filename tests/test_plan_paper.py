@@ -52,7 +52,8 @@ def tiny_wan():
 def tiny_unet():
     from diffusers import UNet2DConditionModel
 
-    from parallel_backend.benchmodels import UNETS, BenchModel
+    from parallel_backend.benchmodels import UNETS
+    from parallel_backend.benchmodels_base import BenchModel
 
     config, context, _, extras = UNETS["sdxl-narrow"]
     return BenchModel("tiny-unet", paper.on_meta(UNet2DConditionModel, dict(sample_size=128, **config), torch.float16),

@@ -114,7 +114,8 @@ def on_meta(cls, config: dict, dtype: torch.dtype) -> torch.nn.Module:
 def sdxl_meta():
     from diffusers import UNet2DConditionModel
 
-    from ..benchmodels import UNETS, BenchModel
+    from ..benchmodels import UNETS
+    from ..benchmodels_base import BenchModel
 
     config, context, resolution, extras = UNETS["sdxl"]
     unet = on_meta(UNet2DConditionModel, dict(sample_size=resolution // 8, **config), torch.float16)
