@@ -9,6 +9,7 @@ from pathlib import Path
 
 from . import validation
 from .config import AXES, strategy_choices
+from .hosts.pipelines import load_pipeline
 from .sampling import SCHEDULERS, GenerationRequest, Timer
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -21,17 +22,6 @@ class UsageError(Exception):
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line instead of usage + traceback-like noise
         raise UsageError(f"{self.prog}: {message} (see --help)")
-
-
-def load_pipeline(model: str | None, device: str | None):
-    """The embedded digits model (model None) or a local diffusers SD/SDXL folder."""
-    if model is None:
-        from .tiny.pipeline import TinyDigitsPipeline
-
-        return TinyDigitsPipeline(device=device or "cpu")
-    from .hosts.diffusers import DiffusersPipeline
-
-    return DiffusersPipeline.load(model, device)
 
 
 def parallel_config(args):

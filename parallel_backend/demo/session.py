@@ -48,8 +48,8 @@ class DemoSession:
     def pipeline(self):
         with self.lock:
             if self._pipeline is None:
-                from ..cli import load_pipeline
                 from ..hosts.diffusers import default_device
+                from ..hosts.pipelines import load_pipeline
 
                 self._pipeline = load_pipeline(self.model, default_device())
             return self._pipeline
