@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import comfy.samplers
-import nodes as comfy_nodes
+import nodes as comfy_nodes  # ComfyUI's own top-level nodes.py (common_ksampler), not this pack's nodes/
 from comfy_api.latest import io
 
 from .settings import settings_input
