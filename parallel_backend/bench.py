@@ -161,7 +161,8 @@ def bench_knobs(strategy: str, knobs: dict | None) -> dict:
 def run_bench(model_name: str = "small", devices: str = "cpu:2", strategies_: tuple = ("cfg", "batch"),
               steps: int = 20, resolution=None, repeats: int = 2, dtype: str = "auto", progress=print,
               knobs: dict | None = None, frames: int | None = None, cfg: float | None = None,
-              images: int | None = None, balance: str | None = None, test_slowdown: str | None = None) -> dict:
+              images: int | None = None, balance: str | None = None, test_slowdown: str | None = None,
+              plan: bool = True) -> dict:
     """Runs the benchmark; returns the JSON-ready report (see PERFORMANCE.md).
 
     On CUDA devices the one-device reference runs on the first of them, in fp16 unless `dtype` says otherwise.
@@ -174,6 +175,8 @@ def run_bench(model_name: str = "small", devices: str = "cpu:2", strategies_: tu
       the sum of the devices' speeds over the fastest alone; None: the config's default.
     test_slowdown: tests and proofs only: "1:2" makes worker 1 repeat its compute twice (a stand-in for a
       slower card; slowdown.py). The serial reference is never slowed: it stands for the fastest device.
+    plan: False leaves out the plan's prediction and the measurements it needs (about 10 s whatever the bench's
+      size): the rows have no predicted_speedup and the table's plan column is blank.
     The report's "disturbed" lists what made the figures unreliable (other load, repeats spread > 10 %).
     """
     steps, repeats = check_bench_request(strategies_, steps, repeats, dtype)
@@ -207,7 +210,7 @@ def run_bench(model_name: str = "small", devices: str = "cpu:2", strategies_: tu
     try:
         from .plan.bench_check import Predictor
 
-        predictor = Predictor(pool, model, resolution, steps, progress)  # before any strategy runs
+        predictor = Predictor(pool, model, resolution, steps, progress) if plan else None  # before any strategy runs
         for job in dict.fromkeys(job_for(s, cfg, images) for s in strategies_):  # each distinct job once, in order
             mine = [s for s in strategies_ if job_for(s, cfg, images) == job]
             # Variants run in rotation within every repeat, so the machine's drift hits them all alike.
@@ -216,7 +219,8 @@ def run_bench(model_name: str = "small", devices: str = "cpu:2", strategies_: tu
             variants.update({name: (1, ParallelExecutor(pool, config)) for name, (s, config) in named.items()})
             measured = {name: LoopResult() for name in variants}
             rows, branches = job.images * (2 if job.cfg != 1.0 else 1), 2 if job.cfg != 1.0 else 1
-            predictor.measure(rows, branches)  # the plan's inputs for this job, before any of its runs
+            if predictor is not None:
+                predictor.measure(rows, branches)  # the plan's inputs for this job, before any of its runs
             progress(f"[bench] {job.images} image(s), cfg {job.cfg:g}: {', '.join(variants)} in rotation")
             for repeat in range(repeats + 1):
                 for name, (threads, executor) in variants.items():
@@ -224,7 +228,7 @@ def run_bench(model_name: str = "small", devices: str = "cpu:2", strategies_: tu
                     torch.set_num_threads(threads)
                     run_once(model, job, resolution, steps, measured[name], timed=repeat > 0 or repeats == 0,
                              executor=executor)
-                if repeat > 0:
+                if repeat > 0 and predictor is not None:
                     predictor.sample(rows, branches)  # the plan's inputs in turn with the variants, never inside them
             torch.set_num_threads(share)
             for name, result in measured.items():
@@ -240,7 +244,8 @@ def run_bench(model_name: str = "small", devices: str = "cpu:2", strategies_: tu
                 if len(modes) > 1:  # the pool holds the last mode's setup (e.g. a stage cut): this variant's again
                     run_once(model, job, resolution, 1, LoopResult(), timed=False, executor=variants[name][1])
                 row.update(strategies.get(strategy).bench_figures(variants[name][1], measured[name], row))
-                row.update(_prediction(predictor.predict(configs[strategy], rows, branches), row))
+                if predictor is not None:
+                    row.update(_prediction(predictor.predict(configs[strategy], rows, branches), row))
                 row.update(_speeds_ideal(variants[name][1], balance))
                 results.append(row)
     finally:

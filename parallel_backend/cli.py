@@ -144,7 +144,7 @@ def cmd_bench(args) -> int:
     strategies = tuple(s.strip() for s in args.strategies.split(",") if s.strip())
     report = run_bench(args.model, args.devices, strategies, args.steps, args.resolution, args.repeats, args.dtype,
                        knobs=strategy_knobs(args), frames=args.frames, cfg=args.cfg, images=args.images,
-                       balance=args.balance, test_slowdown=args.test_slowdown,
+                       balance=args.balance, test_slowdown=args.test_slowdown, plan=not args.no_plan,
                        progress=(lambda line: None) if args.quiet else (lambda line: print(line, file=sys.stderr)))
     print(format_table(report))
     if args.json:
@@ -401,6 +401,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--test-slowdown", default=None,
                        help="proofs on CPU only: RANK:FACTOR, e.g. 1:2 makes worker 1 repeat its compute twice, a "
                             "stand-in for a slower card (factor 1 to 10)")
+    bench.add_argument("--no-plan", action="store_true",
+                       help="leave out the plan's prediction and its measurements (about 10 s): the plan column stays "
+                            "blank")
     _add_knob_options(bench)
     bench.add_argument("--quiet", action="store_true")
     bench.set_defaults(run=cmd_bench)

@@ -174,10 +174,12 @@ class Engine:
     def plan_auto_with(self, **given) -> None:
         """The plan takes these figures instead of the pool's measured ones (auto's choice, and which slow device
         sits out, speeds.sized_mesh), from the next call of every key on: `link` (a plan.links.Link),
-        `contention`, `overhead_s` (none: all measured)."""
-        unknown = set(given) - {"link", "contention", "overhead_s"}
+        `contention`, `overhead_s`, `seconds_per_row` (one device's time per row of auto's measured call; none:
+        all measured)."""
+        unknown = set(given) - {"link", "contention", "overhead_s", "seconds_per_row"}
         if unknown:
-            raise ValueError(f"plan_auto_with takes link, contention and overhead_s; got {', '.join(sorted(unknown))}")
+            raise ValueError(f"plan_auto_with takes link, contention, overhead_s and seconds_per_row; got "
+                             f"{', '.join(sorted(unknown))}")
         with self._lock:
             self.auto = AutoPlans()
             self.auto.given = {k: v for k, v in given.items() if v is not None}

@@ -1,9 +1,12 @@
-"""Shared fixtures: the embedded digits pipeline and a tiny random diffusers SD pipeline saved to disk."""
+"""Shared fixtures: the embedded digits pipeline and a tiny random diffusers SD pipeline saved to disk; the check
+that keeps the fast tier's unit tests free of processes."""
 
 from __future__ import annotations
 
 import json
+import multiprocessing.process
 import os
+import subprocess
 
 import pytest
 import torch
@@ -11,6 +14,55 @@ import torch
 # Point-to-point messages pair in issue order only, as on NCCL (primitives' strict mode): the workers of every
 # pool a test starts inherit it, so a receive posted out of order fails here as it would on a GPU.
 os.environ["TANDEM_STRICT_P2P"] = "1"
+
+# The tiers (pyproject's markers): a test marked neither `pool` nor `slow` is a unit test and starts no process
+# (no worker, daemon, browser or command); one that does fails, naming what it started, until it is marked.
+_started: list[str] = []  # what the running test has started (its setup, call and teardown)
+_popen_init = subprocess.Popen.__init__
+
+
+def _noted_popen_init(self, args, *more, **kwargs):
+    _started.append(" ".join(map(str, args)) if isinstance(args, (list, tuple)) else str(args))
+    _popen_init(self, args, *more, **kwargs)
+
+
+subprocess.Popen.__init__ = _noted_popen_init
+_process_start = multiprocessing.process.BaseProcess.start
+
+
+def _noted_process_start(self):
+    _started.append(f"a multiprocessing process ({self.name})")
+    _process_start(self)
+
+
+multiprocessing.process.BaseProcess.start = _noted_process_start
+
+
+# Every test in these folders is slow: a ComfyUI server, other machines (network namespaces), a CUDA device.
+SLOW_FOLDERS = ("comfy", "multimachine", "gpu")
+
+
+def pytest_collection_modifyitems(items):
+    tests = os.path.dirname(__file__)
+    for item in items:
+        folder = os.path.relpath(str(item.path), tests).split(os.sep)[0]
+        if folder in SLOW_FOLDERS:
+            item.add_marker(pytest.mark.slow)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    _started.clear()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = (yield).get_result()
+    unit = not any(item.iter_markers("pool")) and not any(item.iter_markers("slow"))
+    if call.when == "teardown" and unit and _started and report.passed:
+        report.outcome = "failed"
+        report.longrepr = (f"a unit test (neither pool nor slow) started {len(_started)} process(es), the first: "
+                           f"{_started[0][:300]}; mark it pool (fast tier) or slow")
 
 
 @pytest.fixture(scope="session")

@@ -19,6 +19,8 @@ from parallel_backend.sampling import GenerationRequest
 from parallel_backend.tiny.classifier import digit_accuracy
 from parallel_backend.tiny.prompts import prompt_for
 
+pytestmark = pytest.mark.slow
+
 ATOL = 1e-4
 
 

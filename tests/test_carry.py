@@ -22,6 +22,8 @@ from parallel_backend.engine import ParallelExecutor
 from parallel_backend.pool import WorkerError
 from parallel_backend.recipe import MethodWatch, Recipe, identity_of, instance_overrides, layout
 
+pytestmark = pytest.mark.pool
+
 PACK = Path(__file__).with_name("host_pack")
 FAMILY = "comfy_dit"  # called as ComfyUI calls a diffusion model: model(x, t, context=..., **extras)
 ATOL = 1e-5

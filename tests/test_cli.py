@@ -9,6 +9,8 @@ import sys
 import pytest
 from PIL import Image
 
+pytestmark = pytest.mark.pool
+
 
 def tandem(*args, cwd=None):
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
@@ -16,6 +18,7 @@ def tandem(*args, cwd=None):
                           cwd=cwd, env=env, timeout=300)
 
 
+@pytest.mark.slow
 def test_generate_writes_a_visible_digit(tmp_path):
     out = tmp_path / "seven.png"
     run = tandem("generate", "--prompt", "a handwritten 7", "--steps", "20", "--scheduler", "dpmpp_2m",
@@ -26,6 +29,7 @@ def test_generate_writes_a_visible_digit(tmp_path):
     assert image.size == (256, 256)  # 32x32 pixels, upscaled 8x
 
 
+@pytest.mark.slow
 def test_generate_several_images_side_by_side(tmp_path):
     out = tmp_path / "grid.png"
     run = tandem("generate", "--num-images", "3", "--steps", "5", "--quiet", "--out", str(out))
@@ -81,6 +85,7 @@ def test_folder_that_is_not_a_pipeline_is_refused(tmp_path):
     assert run.returncode != 0 and "no model_index.json" in run.stderr
 
 
+@pytest.mark.slow
 def test_generate_with_a_local_diffusers_folder(tiny_sd_folder, tmp_path):
     out = tmp_path / "sd.png"
     run = tandem("generate", "--model", str(tiny_sd_folder), "--prompt", "a red house", "--steps", "3",

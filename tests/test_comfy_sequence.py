@@ -13,6 +13,8 @@ import torch.nn.functional as F
 from parallel_backend.models import comfy_dit, comfy_sequence, sequence_runner
 from parallel_backend.strategies.sequence.group import SequenceGroup
 
+pytestmark = pytest.mark.pool
+
 B, H, L, D = 2, 4, 6, 8
 
 

@@ -17,6 +17,8 @@ from parallel_backend.demo.app import build_app, generate_handler, launch, reada
 from parallel_backend.demo.bench_view import bench_figure, load_report  # noqa: E402
 from parallel_backend.demo.session import DemoSession, generate_pair, pool_status  # noqa: E402
 
+pytestmark = pytest.mark.slow
+
 STEPS = 4
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 

@@ -16,6 +16,8 @@ import torch
 from parallel_backend.config import ParallelConfig
 from parallel_backend.hosts.diffusers import ParallelTransformer, parallelize, unparallelize
 
+pytestmark = pytest.mark.pool
+
 STEPS = 3
 
 

@@ -15,6 +15,8 @@ from parallel_backend.engine import ParallelExecutor
 from parallel_backend.oracle import Job, run_loop
 from parallel_backend.pool import WorkerPool
 
+pytestmark = pytest.mark.slow
+
 ATOL = 1e-4
 STEPS = 3
 JOBS = {"guided, 2 images": Job(2, 5.0), "cfg 1, 3 images": Job(3, 1.0)}

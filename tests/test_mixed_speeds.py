@@ -130,6 +130,7 @@ def _measured(executor) -> tuple:
     return speeds_of(seconds)
 
 
+@pytest.mark.slow
 def test_batch_shares_follow_the_measured_speeds_and_equal_one_device(mixed_pool, small, caplog):
     job, resolution = Job(8, 1.0), (small.default_resolution,) * 2
     reference = run_loop(small, job, resolution, steps=STEPS, repeats=0)
@@ -150,6 +151,7 @@ def test_batch_shares_follow_the_measured_speeds_and_equal_one_device(mixed_pool
     assert {rank: extra["rows"] for rank, extra in done.calls[-1]["extra"].items()} == {0: 4, 1: 4}
 
 
+@pytest.mark.slow
 def test_given_speeds_leave_a_device_out_and_say_so(mixed_pool, small, caplog):
     job, resolution = Job(2, 1.0), (small.default_resolution,) * 2
     reference = run_loop(small, job, resolution, steps=1, repeats=0)
@@ -161,6 +163,7 @@ def test_given_speeds_leave_a_device_out_and_say_so(mixed_pool, small, caplog):
     assert "cpu (worker 1) sits out calls of 2 row(s)" in caplog.text
 
 
+@pytest.mark.slow
 def test_asyncdiff_cut_follows_the_speeds_within_the_quality_floor(mixed_pool, small):
     job, resolution = Job(8, 1.0), (small.default_resolution,) * 2
     reference = run_loop(small, job, resolution, steps=STEPS, repeats=0).latents
@@ -191,6 +194,7 @@ def test_ring_token_shards_follow_the_speeds_and_join_back():
         Shards((10,), 2, (1.0,))
 
 
+@pytest.mark.slow
 def test_ring_on_given_speeds_equals_one_device(mixed_pool):
     """The ring's uneven token shards (2:1) on the real pool: the output equals one device's."""
     import importlib.util

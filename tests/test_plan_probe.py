@@ -14,6 +14,8 @@ from parallel_backend.engine import engine_for
 from parallel_backend.plan.probe import LARGE_BYTES, contention_of, measure_calls, measure_link
 from parallel_backend.pool import WorkerPool
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def pool():

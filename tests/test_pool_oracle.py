@@ -11,6 +11,8 @@ from parallel_backend.config import ParallelConfig
 from parallel_backend.engine import ParallelExecutor
 from parallel_backend.sampling import GenerationRequest
 
+pytestmark = pytest.mark.pool
+
 ATOL = 1e-4  # fp32 on CPU; splitting a batch changes the kernels' blocking, so rounding differs slightly
 
 

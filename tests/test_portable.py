@@ -12,6 +12,8 @@ import torch
 
 from parallel_backend import portable
 
+pytestmark = pytest.mark.pool
+
 
 def test_process_alive_tells_a_running_process_from_a_finished_or_unknown_one():
     assert portable.process_alive(os.getpid())

@@ -7,9 +7,13 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from parallel_backend import primitives
 from parallel_backend.pool import WorkerPool
 from parallel_backend.primitives import chunk_for_rank, chunk_sizes
+
+pytestmark = pytest.mark.pool
 
 RANK_SCRIPT = """
 import os, sys, time, torch

@@ -16,6 +16,8 @@ import pytest
 
 from parallel_backend.strategies.sequence.ulysses import pipeline_chunks
 
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parents[1]
 
 RANK_SCRIPT = """
@@ -23,6 +25,7 @@ import functools, json, os, sys, time, torch
 import torch.nn.functional as F
 from parallel_backend import primitives
 from parallel_backend.strategies.sequence import Shards, Traffic, ring_attention, ulysses_attention, usp_attention
+
 torch.set_num_threads(1)
 rank, world, rendezvous, mode = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
 primitives.pair_in_issue_order()  # as NCCL pairs messages

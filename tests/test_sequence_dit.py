@@ -22,6 +22,8 @@ from parallel_backend.models import diffusers_dit
 from parallel_backend.models.diffusers_dit import forward, run_sequence_parallel
 from parallel_backend.strategies.sequence.group import SequenceGroup
 
+pytestmark = pytest.mark.pool
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -138,6 +140,7 @@ from parallel_backend import primitives
 from parallel_backend.models.diffusers_dit import forward, run_sequence_parallel
 from parallel_backend.strategies.sequence.group import SequenceGroup
 from test_sequence_dit import cases
+
 torch.set_num_threads(1)
 rank, world, rendezvous = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 primitives.pair_in_issue_order()  # as NCCL pairs messages
@@ -156,6 +159,7 @@ primitives.leave_group()
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world", [2, 3])
 def test_transformers_split_over_ranks_equal_one_process(tmp_path, world):
     env = dict(os.environ, GLOO_SOCKET_IFNAME="lo",

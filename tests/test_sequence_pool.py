@@ -15,6 +15,8 @@ from parallel_backend.engine import ParallelExecutor
 from parallel_backend.models import diffusers_dit, forward_for_family
 from parallel_backend.pool import WorkerPool
 
+pytestmark = pytest.mark.slow
+
 TOLERANCE = 1e-4  # of the output's scale (TESTING.md); fp32 sums in another order only
 ATTENTIONS = 2  # _tiny_flux: one double and one single block, one joint attention each
 
@@ -116,7 +118,7 @@ def test_bench_measures_ulysses_and_ring_at_cfg_1_with_outputs_equal_to_one_devi
     from parallel_backend.bench import run_bench
 
     report = run_bench("flux-small", "cpu:2", ("ulysses", "ring"), steps=2, resolution=64, repeats=0, cfg=1.0,
-                       progress=lambda line: None)
+                       progress=lambda line: None, plan=False)
     rows = {r["strategy"]: r for r in report["results"]}
     for strategy in ("ulysses", "ring"):
         row = rows[strategy]
@@ -133,7 +135,7 @@ def test_bench_measures_usp_two_by_two_with_outputs_equal_to_one_device():
     from parallel_backend.bench import run_bench
 
     report = run_bench("flux-small", "cpu:4", ("usp",), steps=1, resolution=64, repeats=0, cfg=1.0,
-                       knobs={"ulysses": 2}, progress=lambda line: None)
+                       knobs={"ulysses": 2}, progress=lambda line: None, plan=False)
     row = next(r for r in report["results"] if r["strategy"] == "usp")
     assert row["devices"] == 4 and row["max_abs_diff_vs_serial"] <= 1e-4
     assert row["transfer_bytes_per_call_median"] > 0 and "of the ideal with the exchange stubbed out" in row["summary"]

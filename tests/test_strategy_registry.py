@@ -16,6 +16,8 @@ from parallel_backend.cli import main
 from parallel_backend.config import ParallelConfig, strategy_choices
 from parallel_backend.strategies.base import BenchJob, RowStrategy
 
+pytestmark = pytest.mark.pool
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -51,6 +53,7 @@ def test_a_registered_strategy_is_a_choice_everywhere(mirror):
     assert 'io.Combo.Input("strategy", options=list(strategy_choices())' in settings
 
 
+@pytest.mark.slow
 def test_a_registered_strategy_runs_through_the_cli_and_equals_one_device(mirror, tmp_path, capsys):
     from parallel_backend.sampling import GenerationRequest
     from parallel_backend.tiny.pipeline import TinyDigitsPipeline
@@ -69,10 +72,11 @@ def test_a_registered_strategy_runs_through_the_cli_and_equals_one_device(mirror
     torch.testing.assert_close(result.latents, reference.latents, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_a_registered_strategy_runs_in_the_bench(mirror, tmp_path):
     out = tmp_path / "bench.json"
     assert main(["bench", "--model", "tiny", "--devices", "cpu:2", "--strategies", "mirror", "--steps", "3",
-                 "--repeats", "0", "--quiet", "--json", str(out)]) == 0
+                 "--repeats", "0", "--no-plan", "--quiet", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["results"]
     assert [r["strategy"] for r in rows] == ["serial", "mirror"]
     assert rows[1]["job"] == {"images": 2, "cfg": 1.0} and rows[1]["max_abs_diff_vs_serial"] <= 1e-4

@@ -15,6 +15,8 @@ from parallel_backend import shipping
 from parallel_backend.serve import ServeDaemon
 from parallel_backend.weights_cache import WeightsCache, cache_size_bytes
 
+pytestmark = pytest.mark.pool
+
 FAMILY = "test_mlp"
 
 

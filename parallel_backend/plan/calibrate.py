@@ -15,7 +15,8 @@ The devices: the pool's link, measured once per pool (plan/probe.py: two workers
 on CPU workers, which share the machine's cores, their contention (a one-row call on rank 0 alone, then on
 every rank at once) and the pool's overhead per call (the lone call's wall time on the host less its compute
 on the worker); GPUs are taken not to slow each other (1.0) and their overhead is assumed (HOST_OVERHEAD_S).
-`AutoPlans.given` replaces any of these (a test's slow link).
+`AutoPlans.given` replaces any of these and the measured call's seconds (a test's slow link; a test's fixed
+figures, so that its choice is the same on any machine).
 """
 
 from __future__ import annotations
@@ -90,7 +91,7 @@ class AutoPlans:
     """One engine's auto choices by key (use them under the engine's lock)."""
 
     def __init__(self):
-        self.given: dict = {}  # figures to plan with instead of the pool's: link, contention, overhead_s
+        self.given: dict = {}  # figures that replace measured ones (Engine.plan_auto_with)
         self.decisions: dict[tuple, Decision] = {}
         self._warmed: set[tuple] = set()
         self._measured_on: tuple | None = None  # the pool start the figures below were measured on
@@ -139,6 +140,8 @@ class AutoPlans:
         hint: the model's SequenceHint where the call may be split by tokens, else None; figures: the pool's
         measured (or given) link, contention and overhead (plan/probe.py)."""
         link = figures.link  # auto plans only on pools of 2 or more devices: always a link
+        measured_s, per_row = computed.compute_s, self.given.get("seconds_per_row")
+        computed = given_seconds(computed, call.rows, per_row)
         mixing = token_mixing(computed.extra.get("attentions", ())) if hint is not None else None
         inputs = replace(call_inputs(family, call, computed, hint, mixing, link, figures.overhead_s),
                          contention=figures.contention)
@@ -148,9 +151,21 @@ class AutoPlans:
         choice = choose(found, exact_only=True)
         mesh = mesh_of(choice, len(devices))
         source = "given" if "link" in self.given else "measured on this pool"
-        notes = (measured_note(computed.compute_s, hint, mixing, link, source, figures), choice_note(mesh, choice))
+        given_s = None if per_row is None else computed.compute_s
+        notes = (measured_note(measured_s, hint, mixing, link, source, figures, given_s), choice_note(mesh, choice))
         decision = self.decisions[key] = Decision(mesh, choice, inputs, notes)
         return decision
+
+
+def given_seconds(computed, rows: int, per_row: float | None):
+    """`computed` (a measured call of `rows` rows) with `per_row` seconds a row in place of its measured times
+    (None: as measured); its attentions keep their measured share of the call."""
+    if per_row is None:
+        return computed
+    scale = rows * per_row / computed.compute_s if computed.compute_s > 0 else 0.0
+    attentions = [replace(a, seconds=a.seconds * scale) for a in computed.extra.get("attentions", ())]
+    return replace(computed, compute_s=rows * per_row,
+                   extra={**computed.extra, "one_row_s": per_row, "attentions": attentions})
 
 
 def call_inputs(family: str, call, computed, hint, mixing: TokenMixing | None, link: Link,
@@ -180,8 +195,10 @@ def mesh_of(choice: Choice, devices: int) -> Mesh:
 
 
 def measured_note(seconds: float, hint, mixing: TokenMixing | None, link: Link, source: str,
-                  figures: DeviceFigures) -> str:
+                  figures: DeviceFigures, given_s: float | None = None) -> str:
     what = f"{1000 * seconds:.1f} ms"
+    if given_s is not None:
+        what = f"{1000 * given_s:.1f} ms given in place of the measured {what}"
     if mixing is not None:
         what += (f"; {mixing.count} token-mixing attention(s) of {mixing.tokens} tokens x {mixing.heads} heads, "
                  f"{1000 * mixing.seconds_per_row:.2f} ms each per row")

@@ -1,7 +1,7 @@
 """A pool naming another machine that cannot be reached, on loopback (no namespaces, no root): it starts with
 the devices that are there and says so in one log line, its jobs equal one device, it tries the machine again
 at most once per job and no more often than TANDEM_REJOIN_S, and once a `tandem worker serve` answers there the
-next job runs on every device. No device left is a clear error. (tests/multimachine/test_two_machines.py
+next job runs on every device; the probe that tries it keeps to its time. No device left is a clear error. (tests/multimachine/test_two_machines.py
 does the same across two network namespaces, with the machine lost mid-job.)"""
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -104,37 +105,74 @@ def test_a_machine_that_cannot_be_reached_is_left_out_until_it_answers(secret_fi
     assert _my_pool_folders() == before, _my_pool_folders()
 
 
-def test_the_rejoin_probe_retries_a_refused_connection_within_its_time(secret_file, tmp_path):
+class ProbeClock:
+    """remote's clock in the probe tests: it moves only when the probe pauses between attempts, so what the probe
+    does within its time is the same however fast this machine refuses a connection or starts a daemon."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def attempts(monkeypatch):
+    """The rejoin probe on a ProbeClock: `made`, each connect it makes as (the probe's clock, its connect timeout);
+    `after_first`, a function run once, after the first attempt."""
+    clock, connect_tls = ProbeClock(), remote.connect_tls
+    seen = SimpleNamespace(made=[], after_first=None)
+
+    def attempt(address, secret, timeout_s, connect_timeout_s=None):
+        seen.made.append((clock.now, connect_timeout_s))
+        try:
+            return connect_tls(address, secret, timeout_s, connect_timeout_s)
+        finally:
+            if len(seen.made) == 1 and seen.after_first is not None:
+                seen.after_first()
+
+    monkeypatch.setattr(remote, "time", SimpleNamespace(monotonic=clock.monotonic, sleep=clock.sleep))
+    monkeypatch.setattr(remote, "connect_tls", attempt)
+    return seen
+
+
+def test_the_rejoin_probe_keeps_to_its_time_where_nothing_listens(secret_file, attempts):
+    """Refused at once, every attempt: tried again every RETRY_PAUSE_S until its time is spent, each connect given
+    no more than the time left (a silent address cannot hold it longer)."""
+    from parallel_backend.secure import read_secret
+
+    assert not remote.answers(f"127.0.0.1:{_free_port()}", read_secret(secret_file))
+    times = [at for at, _ in attempts.made]
+    assert times == [i * remote.RETRY_PAUSE_S for i in range(len(times))], times
+    assert remote.REJOIN_PROBE_S - remote.RETRY_PAUSE_S <= times[-1] < remote.REJOIN_PROBE_S, times
+    for at, connect_s in attempts.made:
+        assert connect_s <= max(remote.REJOIN_PROBE_S - at, remote.MIN_ATTEMPT_S), attempts.made
+
+
+def test_the_rejoin_probe_retries_a_refused_connection_within_its_time(secret_file, tmp_path, attempts):
     """A machine whose daemon takes connections only part-way into the probe (a link just back up, a daemon just
-    restarted) answers; one where nothing ever listens does not, and the probe keeps to its time."""
+    restarted) answers: here the daemon binds its port after the probe's first attempt was refused."""
     from parallel_backend.secure import read_secret
     from parallel_backend.serve import ServeDaemon
 
-    secret, port = read_secret(secret_file), _free_port()
-    machine = f"127.0.0.1:{port}"
-    started = time.monotonic()
-    assert not remote.answers(machine, secret)  # refused at once, every attempt
-    assert remote.REJOIN_PROBE_S - 0.5 <= time.monotonic() - started <= remote.REJOIN_PROBE_S + 1.0
-
+    machine = f"127.0.0.1:{_free_port()}"
     daemons = []
 
-    def serve_late():  # binds its port only now: the probe's first attempt is refused
+    def serve_late():
         daemons.append(ServeDaemon(machine, "cpu:1", str(secret_file), interface="lo",
                                    cache_dir=str(tmp_path / "weights")))
-        daemons[0].serve_forever()
+        threading.Thread(target=daemons[0].serve_forever, daemon=True).start()
 
-    late = threading.Timer(remote.REJOIN_PROBE_S / 3, serve_late)
-    late.daemon = True
-    started = time.monotonic()
-    late.start()
+    attempts.after_first = serve_late
     try:
-        assert remote.answers(machine, secret)
-        assert time.monotonic() - started >= remote.REJOIN_PROBE_S / 3
+        assert remote.answers(machine, read_secret(secret_file))
+        assert [at for at, _ in attempts.made] == [0.0, remote.RETRY_PAUSE_S], attempts.made  # refused, then answered
     finally:
-        late.cancel()
         for daemon in daemons:
             daemon.stop()
-        late.join(timeout=10)
 
 
 def test_no_device_left_is_a_clear_error(secret_file):

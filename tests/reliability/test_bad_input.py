@@ -30,6 +30,8 @@ from parallel_backend.pool import WorkerPool
 from parallel_backend.sampling import GenerationRequest
 from parallel_backend.tiny import pipeline as tiny_pipeline
 
+pytestmark = pytest.mark.pool
+
 SECONDS_LIMIT = 15.0  # a refusal is quick: most rows take milliseconds; those that load a model, a few seconds
 GEN = ["generate", "--quiet", "--out", "{tmp}/x.png"]
 TWO = ["--devices", "cpu:2"]

@@ -15,6 +15,8 @@ from parallel_backend.oracle import Job, LoopResult, run_once
 from parallel_backend.pool import WorkerPool
 from parallel_backend.sampling import GenerationRequest
 
+pytestmark = pytest.mark.slow
+
 JOBS_PER_THREAD = 4
 STEPS = 8
 

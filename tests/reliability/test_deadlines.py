@@ -16,10 +16,13 @@ from parallel_backend.deadlines import MIN_TIMINGS, CallClock, load_bound
 from parallel_backend.engine import ParallelExecutor
 from parallel_backend.pool import WorkerError, WorkerPool
 
+pytestmark = pytest.mark.slow
+
 # Run in every worker at start: worker 1 sleeps (alive, its heartbeat going) in the call with this index.
 STALL = """
 import sys, time
 import parallel_backend.models as models
+
 
 def stall_at(index):
     if sys.argv[sys.argv.index("--rank") + 1] != "1":

@@ -15,10 +15,13 @@ import pytest
 from parallel_backend import pool_files
 from parallel_backend.pool import WorkerPool
 
+pytestmark = pytest.mark.slow
+
 HOST_SCRIPT = """
 import sys, time
 from parallel_backend.benchmodels import build_bench_model
 from parallel_backend.pool import WorkerPool
+
 pool = WorkerPool("cpu:2").start()
 print(*pool.worker_pids(), pool._dir, flush=True)
 if sys.argv[1] == "loaded":

@@ -14,6 +14,8 @@ from parallel_backend.config import ParallelConfig
 from parallel_backend.pool import WorkerError, WorkerPool
 from parallel_backend.sampling import GenerationRequest
 
+pytestmark = pytest.mark.slow
+
 
 def test_a_worker_killed_mid_job_gives_a_named_error_fast_and_the_pool_recovers(digits_pipeline, procs):
     pool = WorkerPool("cpu:2", timeout_s=300)  # a long timeout: the death must be seen from the process ending

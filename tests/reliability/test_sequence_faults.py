@@ -18,9 +18,11 @@ from parallel_backend.engine import ParallelExecutor
 from parallel_backend.oracle import Job, LoopResult, run_once
 from parallel_backend.pool import WorkerError, WorkerPool
 
+pytestmark = pytest.mark.slow
+
 FAULT = str(Path(__file__).with_name("exchange_fault.py"))
 RESOLUTION, STEPS = (64, 64), 3
-HANG_FLOOR_S = 20.0  # the pool's default
+HANG_FLOOR_S = 5.0  # the pool's default is 20 s; a shorter floor only saves the SIGSTOP cases the wait
 
 
 @pytest.fixture(scope="module")
@@ -36,25 +38,27 @@ def sample(model, executor) -> torch.Tensor:
 
 @pytest.mark.parametrize("how", ["SIGKILL", "SIGSTOP"])
 @pytest.mark.parametrize("strategy, victim, at", [("ring", 1, 9), ("ulysses", 0, 14)])
-def test_a_worker_lost_mid_exchange_is_named_and_the_next_job_succeeds(model, strategy, victim, at, how, procs):
+def test_a_worker_lost_mid_exchange_is_named_and_the_next_job_succeeds(model, strategy, victim, at, how, procs,
+                                                                       tmp_path):
     """flux-small has 6 attention blocks (a ring pass each on 2 workers; 2 to 4 all-to-alls for ulysses) and a
-    gather per call, so exchange `at` falls inside one of the restarted pool's first calls; the time until the
-    error includes that restart and the calls before the fault."""
-    executor_pool = WorkerPool("cpu:2")
+    gather per call, so exchange `at` falls inside one of the restarted pool's first calls. The time until the
+    error is counted from the fault (the victim writes the time as it signals itself), not from the job's start:
+    the restart before it takes what this machine's load makes it take."""
+    executor_pool = WorkerPool("cpu:2", hang_floor_s=HANG_FLOOR_S)
     executor = ParallelExecutor(executor_pool, ParallelConfig("cpu:2", strategy))
     try:
         before = sample(model, executor)
         executor_pool.shutdown()
-        executor_pool.worker_setup = (FAULT, "signal_at_exchange", f"{victim}:{at}:{how}")  # for the restarted workers
+        fired = tmp_path / "fault_time"
+        executor_pool.worker_setup = (FAULT, "signal_at_exchange", f"{victim}:{at}:{how}:{fired}")  # restarted workers
         with pytest.raises(WorkerError) as caught:
-            started = time.monotonic()
             sample(model, executor)
-        noticed = time.monotonic() - started
+        noticed = time.time() - float(fired.read_text())
         message = str(caught.value)
         print(f"{strategy} worker {victim} {how} at exchange {at}: {noticed:.1f} s: {message}")
         assert caught.value.rank == victim and message.startswith(f"cpu (worker {victim}), call "), message
         bound = 5.0 if how == "SIGKILL" else HANG_FLOOR_S + 5.0
-        assert noticed < bound + 10.0, (message, noticed)  # + the restart and the calls before the fault
+        assert noticed < bound, (message, noticed)
         pids = executor_pool.worker_pids() or []
         assert not executor_pool.started and procs.orphans(pids, 10) == []
         executor_pool.worker_setup = None

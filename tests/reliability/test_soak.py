@@ -6,6 +6,7 @@ from __future__ import annotations
 import gc
 import os
 
+import pytest
 import torch
 
 from parallel_backend.benchmodels import build_bench_model
@@ -13,6 +14,8 @@ from parallel_backend.config import ParallelConfig
 from parallel_backend.engine import ParallelExecutor
 from parallel_backend.oracle import Job, LoopResult, run_once
 from parallel_backend.pool import WorkerPool
+
+pytestmark = pytest.mark.slow
 
 JOBS, WARMUP_JOBS, STEPS = 200, 30, 3
 GROWTH_LIMIT = 20 * 2**20

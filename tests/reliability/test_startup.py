@@ -15,6 +15,8 @@ import pytest
 from parallel_backend.messages import Hello, Ping
 from parallel_backend.pool import WorkerPool
 
+pytestmark = pytest.mark.slow
+
 
 def test_garbage_a_forged_hello_and_a_silent_peer_do_not_stop_the_start(monkeypatch):
     intruders = []
