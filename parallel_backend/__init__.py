@@ -3,7 +3,7 @@
 Importing this package is cheap: torch and diffusers load only when a submodule needs them.
 """
 
-__version__ = "0.1.0"
+from .runtime.version import __version__
 
 
 def __getattr__(name):

@@ -23,10 +23,10 @@ import threading
 import time
 from pathlib import Path
 
-from . import __version__
 from .config import PoolUnavailable, remote_machines, split_device
 from .messages import Join, KeepAlive, KillWorkers, MachineStatus
 from .pool import _Worker
+from .runtime.version import __version__
 from .secure import HandshakeError, certificate_for, connect_tls, server_context
 from .store_relay import StoreServer
 from .transport import HANDSHAKE_TIMEOUT_S, Channel, ChannelClosed, Listener
