@@ -19,7 +19,6 @@ from __future__ import annotations
 import logging
 import os
 import secrets
-import signal
 import subprocess
 import sys
 import threading
@@ -37,6 +36,7 @@ from .host_modules import host_modules
 from .messages import Carry, Hello, Ping, Reply, RunSetup, Shutdown, Unload
 from .portable import cpu_cores
 from .remote_weights import send_to_machines
+from .runtime.worker_handle import WorkerHandle
 from .shipping import load_requests, model_bytes, model_fingerprint
 from .transport import Channel, ChannelClosed, Listener, ready
 from .worker import heartbeat_path
@@ -66,58 +66,6 @@ class PoolStats:
     refused_connections: int = 0  # connections to the start-up handshake that failed authentication
     last_load_seconds: float = 0.0
     failures: list = field(default_factory=list)  # the latest MAX_FAILURES_KEPT error messages
-
-
-@dataclass
-class _Worker:
-    rank: int
-    device: str
-    process: subprocess.Popen
-    log_path: Path
-    heartbeat: Path
-    channel: Channel | None = None
-    spawned: float = field(default_factory=time.time)
-
-    @property
-    def name(self) -> str:
-        return f"{self.device} (worker {self.rank})"
-
-    def alive(self) -> bool:
-        return self.process.poll() is None
-
-    def silent_for(self) -> float:
-        """Seconds since the worker last renewed its heartbeat (since it was started, before the first)."""
-        try:
-            last = self.heartbeat.stat().st_mtime
-        except OSError:
-            last = self.spawned
-        return max(0.0, time.time() - last)
-
-    def hang_note(self) -> str:
-        """Why a live worker does not answer: its process stopped, or frozen without a sign of life."""
-        import psutil
-
-        try:
-            stopped = psutil.Process(self.process.pid).status() == psutil.STATUS_STOPPED
-        except psutil.Error:
-            stopped = False
-        state = "its process is stopped (SIGSTOP or a debugger)" if stopped else "its process is frozen"
-        return f"stopped answering: no sign of life for {self.silent_for():.0f} s, {state}"
-
-    def death_note(self) -> str:
-        code = self.process.poll()
-        if code is None:
-            return "connection lost"
-        how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
-        tail = _tail(self.log_path)
-        return f"worker process died ({how})" + (f"; its log ends: {tail}" if tail else "")
-
-
-def _tail(path: Path, chars: int = 400) -> str:
-    try:
-        return path.read_text(errors="replace")[-chars:].strip().replace("\n", " | ")
-    except OSError:
-        return ""
 
 
 _DETACHED = ({"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP} if sys.platform == "win32"
@@ -173,7 +121,7 @@ class WorkerPool:
         self.timeout_s, self.start_timeout_s, self.pg_timeout_s = timeout_s, start_timeout_s, pg_timeout_s
         self.stats = PoolStats()
         self._lock = threading.RLock()  # one request at a time: replies are read in order on each channel
-        self._workers: list[_Worker] = []
+        self._workers: list[WorkerHandle] = []
         self._dir: Path | None = None
         self._loaded: dict[str, int] = {}  # fingerprint -> weights bytes, least recently used first
         self._finalizer = None
@@ -318,7 +266,7 @@ class WorkerPool:
                 pg_timeout_s=self.pg_timeout_s, watch_pid=os.getpid(), interface=interface,
                 import_paths=self.import_paths, cores=cores if device == "cpu" else (), tls=tls,
                 test_slowdown=self.test_slowdown.get(rank, 1.0))
-            self._workers.append(_Worker(rank, device, process, log_path, heartbeat_path(self._dir, rank)))
+            self._workers.append(WorkerHandle(rank, device, process, log_path, heartbeat_path(self._dir, rank)))
 
     def _check_remote_settings(self, machines: tuple[str, ...]) -> bytes | None:
         """The shared secret when `machines` (other machines' HOST:PORT) are named, after checking that the
@@ -486,10 +434,10 @@ class WorkerPool:
     def _note_failure(self, message: str) -> None:
         self.stats.failures = [*self.stats.failures[-(MAX_FAILURES_KEPT - 1):], message]
 
-    def _fault_note(self, w: _Worker) -> str:
+    def _fault_note(self, w: WorkerHandle) -> str:
         return w.death_note() if not w.alive() else w.hang_note()
 
-    def _culprit(self, exclude: int = -1, wait_s: float = 0.0) -> _Worker | None:
+    def _culprit(self, exclude: int = -1, wait_s: float = 0.0) -> WorkerHandle | None:
         """A worker (other than `exclude`) that is dead or shows no sign of life, looking for up to `wait_s`
         (a peer's error can arrive before the dying process has ended); None if every one is running."""
         until = time.monotonic() + wait_s
@@ -501,7 +449,7 @@ class WorkerPool:
                 return None
             time.sleep(0.1)
 
-    def _gather(self, workers: dict[int, _Worker], what: str, deadline: tuple[float, str],
+    def _gather(self, workers: dict[int, WorkerHandle], what: str, deadline: tuple[float, str],
                 stop_on_error: bool = False) -> dict[int, Reply]:
         """Every worker's reply (error replies included); raises WorkerError if one dies or hangs, or the
         deadline passes (the worker blamed is one that shows no sign of life if any does)."""

@@ -25,8 +25,8 @@ from pathlib import Path
 
 from .config import PoolUnavailable, remote_machines, split_device
 from .messages import Join, KeepAlive, KillWorkers, MachineStatus
-from .pool import _Worker
 from .runtime.version import __version__
+from .runtime.worker_handle import WorkerHandle
 from .secure import HandshakeError, certificate_for, connect_tls, server_context
 from .store_relay import StoreServer
 from .transport import HANDSHAKE_TIMEOUT_S, Channel, ChannelClosed, Listener
@@ -223,7 +223,7 @@ class RemoteProcess:
         self.machine.kill((self.rank,))
 
 
-class RemoteWorker(_Worker):
+class RemoteWorker(WorkerHandle):
     """A pool worker on another machine: its signs of life come from that machine's daemon."""
 
     def silent_for(self) -> float:

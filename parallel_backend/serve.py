@@ -26,8 +26,9 @@ from pathlib import Path
 from . import pool_files
 from .config import parse_devices, resolve_devices, split_device
 from .messages import Join, KeepAlive, KillWorkers, MachineStatus, Reply, WorkerStatus
-from .pool import _tail, core_shares, spawn_worker
+from .pool import core_shares, spawn_worker
 from .remote import STATUS_PERIOD_S, interface_of, link_timeout_s, versions
+from .runtime.worker_handle import log_tail
 from .secure import HandshakeError, accept_tls, certificate_for, read_secret, server_context
 from .transport import HANDSHAKE_TIMEOUT_S, Channel, ChannelClosed
 from .weights_cache import DEFAULT_SIZE_GIB, WeightsCache, cache_size_bytes, default_cache_dir
@@ -206,7 +207,7 @@ class Session:
                 stopped = code is None and psutil.Process(process.pid).status() == psutil.STATUS_STOPPED
             except psutil.Error:
                 stopped = False
-            workers[rank] = WorkerStatus(code, silent, stopped, _tail(log_path) if code is not None else "")
+            workers[rank] = WorkerStatus(code, silent, stopped, log_tail(log_path) if code is not None else "")
         return MachineStatus(workers)
 
     def _follow(self) -> None:

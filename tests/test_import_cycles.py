@@ -11,8 +11,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("parallel_backend", "nodes")
 
-# The one circle left (31 modules): config -> speeds -> plan -> engine / bench / pool, pool <-> remote, the
-# strategies' registry and worker. The plan that removes it moves what is shared down, floor by floor.
+# The one circle left (31 modules): config -> speeds -> plan -> engine / bench / pool, pool -> remote -> config,
+# the strategies' registry and worker. The plan that removes it moves what is shared down, floor by floor.
 KNOWN_CIRCLE = frozenset({
     "parallel_backend.bench", "parallel_backend.config", "parallel_backend.engine", "parallel_backend.mesh",
     "parallel_backend.oracle",
