@@ -17,11 +17,10 @@ import torch
 
 from . import slowdown, strategies, validation
 from .benchmodels import build_bench_model
-from .calls import ModelCall
 from .config import ParallelConfig, parse_devices, resolve_devices
 from .engine import ParallelExecutor, sequence_hint
 from .mesh import check_job, resolve
-from .oracle import Job, LoopResult, inputs, job_for, local_forward, psnr, run_once
+from .oracle import LoopResult, job_for, local_forward, psnr, run_once, sample_call
 from .pool import WorkerPool
 from .portable import cpu_cores, peak_memory_bytes
 
@@ -71,12 +70,6 @@ def check_resolution(model, resolution: tuple[int, int], strategies_: tuple, dev
     validation.fits_in_memory(f"resolution {resolution[0]}x{resolution[1]} for model {model.name}", needed, device,
                               "choose a smaller --resolution")
     return resolution
-
-
-def sample_call(model, images: int, resolution) -> ModelCall:
-    dtype = next(model.module.parameters()).dtype
-    noise, context, _ = inputs(model, Job(images, 1.0), resolution)
-    return model.call(noise.to(dtype), torch.tensor(500), context.to(dtype), resolution)
 
 
 def _ratio(whole, part, calls: int = 8) -> float:

@@ -3,7 +3,7 @@
 `run_loop` denoises with the model's own sampler (DDIM for UNets, flow-matching Euler for transformers) for
 `steps` calls, either locally (the one-device reference) or through a ParallelExecutor; tests compare the two
 (TESTING.md), `tandem bench` times them. `psnr` is the one definition of PSNR used by the bench, the tests and
-the demo.
+the demo. `sample_call` is one call on the same seeded inputs, which the bench and the cost model (plan/) time.
 """
 
 from __future__ import annotations
@@ -55,6 +55,14 @@ def inputs(model, job: Job, resolution):
     context = torch.randn(job.images, *model.context_shape, generator=generator)
     uncond = torch.randn(job.images, *model.context_shape, generator=generator)
     return noise, context, uncond
+
+
+def sample_call(model, images: int, resolution) -> ModelCall:
+    """One model call on the seeded inputs of `images` unguided latents at `resolution`, at timestep 500, in the
+    model's dtype: the call the bench and the cost model time and count."""
+    dtype = next(model.module.parameters()).dtype
+    noise, context, _ = inputs(model, Job(images, 1.0), resolution)
+    return model.call(noise.to(dtype), torch.tensor(500), context.to(dtype), resolution)
 
 
 def local_forward(model, call: ModelCall) -> torch.Tensor:

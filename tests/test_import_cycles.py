@@ -11,13 +11,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("parallel_backend", "nodes")
 
-# The one circle left (31 modules): config -> speeds -> plan -> engine / bench / pool, pool -> remote -> config,
+# The one circle left (28 modules): config -> speeds -> plan -> engine / oracle / pool, pool -> remote -> config,
 # the strategies' registry and worker. The plan that removes it moves what is shared down, floor by floor.
 KNOWN_CIRCLE = frozenset({
-    "parallel_backend.bench", "parallel_backend.config", "parallel_backend.engine", "parallel_backend.mesh",
-    "parallel_backend.oracle",
-    "parallel_backend.plan.bench_check", "parallel_backend.plan.calibrate", "parallel_backend.plan.choose",
-    "parallel_backend.plan.measure", "parallel_backend.plan.model", "parallel_backend.plan.probe",
+    "parallel_backend.config", "parallel_backend.engine", "parallel_backend.mesh", "parallel_backend.oracle",
+    "parallel_backend.plan.calibrate", "parallel_backend.plan.choose", "parallel_backend.plan.model",
+    "parallel_backend.plan.probe",
     "parallel_backend.pool", "parallel_backend.remote", "parallel_backend.remote_weights", "parallel_backend.speeds",
     "parallel_backend.strategies", "parallel_backend.strategies.asyncdiff", "parallel_backend.strategies.base",
     "parallel_backend.strategies.batch", "parallel_backend.strategies.cfg", "parallel_backend.strategies.ring",

@@ -10,8 +10,8 @@ import re
 import pytest
 import torch
 
-from parallel_backend.bench import sample_call
 from parallel_backend.models import forward_for_family
+from parallel_backend.oracle import sample_call
 from parallel_backend.plan import paper, paper_doc
 from parallel_backend.plan.choose import choose
 from parallel_backend.plan.model import candidates

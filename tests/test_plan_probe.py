@@ -8,9 +8,9 @@ import json
 import pytest
 
 from parallel_backend import cli
-from parallel_backend.bench import sample_call
 from parallel_backend.benchmodels import build_bench_model
 from parallel_backend.engine import engine_for
+from parallel_backend.oracle import sample_call
 from parallel_backend.plan.probe import LARGE_BYTES, contention_of, measure_calls, measure_link
 from parallel_backend.pool import WorkerPool
 

@@ -97,7 +97,7 @@ def test_the_bench_stub_attends_a_ranks_share_without_any_exchange(kind, degree,
 
 def test_bench_part_runs_a_usp_rank_of_flux_small():
     from parallel_backend import strategies
-    from parallel_backend.bench import sample_call
+    from parallel_backend.oracle import sample_call
     from parallel_backend.benchmodels import build_bench_model
     from parallel_backend.config import ParallelConfig
     from parallel_backend.mesh import resolve

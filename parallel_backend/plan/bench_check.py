@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from ..engine import engine_for, sequence_hint
 from ..mesh import resolve
+from ..oracle import sample_call
 from .measure import add_round, device_share, measure_timed, paced_calls
 from .model import Candidate, predict
 from .probe import DeviceFigures, call_round, call_rounds, contention_and_overhead, measure_link
@@ -66,8 +67,6 @@ class _JobInputs:
     (probe.call_round) for one-row calls and for calls of the job's rows."""
 
     def __init__(self, predictor: Predictor, rows: int, branches: int):
-        from ..bench import sample_call
-
         p = self.predictor = predictor
         self.base, self.runs, self.times = measure_timed(p.model, p.resolution, rows, branches, p.link, p.n, p.steps)
         self.calls = {r: sample_call(p.model, r, p.resolution) for r in sorted({1, rows})}

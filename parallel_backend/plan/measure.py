@@ -22,10 +22,9 @@ from dataclasses import replace
 import torch
 
 from .. import strategies
-from ..bench import sample_call
 from ..engine import sequence_hint
 from ..mesh import Mesh
-from ..oracle import local_forward
+from ..oracle import local_forward, sample_call
 from ..portable import cpu_cores
 from .calibrate import HOST_OVERHEAD_S, tensor_bytes
 from .model import Inputs, meshes

@@ -20,6 +20,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from ..oracle import sample_call
 from .links import link_named
 from .measure import HOST_OVERHEAD_S, call_shape
 from .model import Inputs
@@ -174,8 +175,6 @@ def count_flops(run) -> tuple[int, dict]:
 
 
 def _meta_call(model, rows: int, resolution):
-    from ..bench import sample_call
-
     return sample_call(model, rows, resolution).to(torch.device("meta"))
 
 

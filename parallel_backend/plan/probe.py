@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass, replace
 
 from ..messages import Forward
+from ..oracle import sample_call
 from ..strategies.sequence.probe import ProbeExchange
 from .links import Link
 
@@ -135,8 +136,6 @@ class DeviceFigures:
 def device_figures(engine, model, resolution: tuple[int, int], rows: int = 1) -> DeviceFigures:
     """The engine's pool measured for a bench model at `resolution` (its weights shipped once); the contention
     for one-row calls, and for calls of `rows` rows too where that is more."""
-    from ..bench import sample_call
-
     link = measure_link(engine)
     fingerprint = engine.load(model.module, model.family)
     contention, overhead = measure_calls(engine, fingerprint, sample_call(model, 1, resolution))
