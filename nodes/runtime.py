@@ -13,8 +13,8 @@ import threading
 import time
 from pathlib import Path
 
-from parallel_backend.config import PoolUnavailable, check_devices_exist, parse_devices, resolve_devices
 from parallel_backend.pool import WorkerError, WorkerPool
+from parallel_backend.runtime.devices import PoolUnavailable, check_devices_exist, parse_devices, resolve_devices
 
 START_MODES = ("on_load", "on_first_use", "off")
 log = logging.getLogger("tandem")

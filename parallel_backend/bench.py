@@ -17,12 +17,13 @@ import torch
 
 from . import slowdown, strategies, validation
 from .benchmodels import build_bench_model
-from .config import ParallelConfig, parse_devices, resolve_devices
+from .config import ParallelConfig
 from .engine import ParallelExecutor, sequence_hint
 from .mesh import check_job, resolve
 from .oracle import LoopResult, job_for, local_forward, psnr, run_once, sample_call
 from .pool import WorkerPool
 from .portable import cpu_cores, peak_memory_bytes
+from .runtime.devices import parse_devices, resolve_devices
 
 MAX_RESOLUTION = 16384  # pixels per side
 MAX_REPEATS = 1000

@@ -42,8 +42,8 @@ def strategy_knobs(args) -> dict:
 def explain(config, steps: int, guided: bool = True) -> str:
     """What each device does at each call under `config`, in the strategy's own words, for --explain."""
     from . import strategies
-    from .config import resolve_devices
     from .mesh import resolve
+    from .runtime.devices import resolve_devices
 
     devices = list(resolve_devices(config.device_list))
     mesh = resolve(config, len(devices), 2 if guided else 1)
@@ -98,7 +98,7 @@ def check_split(config, devices: int, cfg: float):
 
 
 def cmd_generate(args) -> int:
-    from .config import resolve_devices
+    from .runtime.devices import resolve_devices
 
     request = check_generate_options(args)
     out = Path(args.out)
@@ -158,8 +158,8 @@ def check_plan_options(args) -> tuple:
     None, devices)."""
     from .bench import parse_resolution
     from .benchmodels import check_bench_model_name
-    from .config import parse_devices, resolve_devices
     from .plan.links import CPU_DEFAULT, CUDA_DEFAULT, PROBE, link_named
+    from .runtime.devices import parse_devices, resolve_devices
 
     check_bench_model_name(args.model)
     link = link_named(args.link) if args.link not in (None, PROBE) else None

@@ -22,11 +22,12 @@ from dataclasses import dataclass, field, replace
 
 from . import strategies
 from .calls import ModelCall
-from .config import ParallelConfig, resolve_devices
+from .config import ParallelConfig
 from .mesh import Mesh, SequenceHint, check_job, fit, resolve, whole_rows
 from .messages import TimedForward
 from .models import sequence_refusal, sequence_whole_rows
 from .plan.calibrate import AutoPlans, whole_on_rank_0
+from .runtime.devices import resolve_devices
 from .speeds import sized_mesh
 from .strategies.base import join_rows
 

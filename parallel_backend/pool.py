@@ -30,12 +30,12 @@ from pathlib import Path
 
 from . import pool_files, slowdown, validation
 from .carry import CannotCarry, Carrier
-from .config import PoolUnavailable, parse_devices, remote_machines, resolve_devices, split_device
 from .deadlines import SILENT_S, CallClock, load_bound
 from .host_modules import host_modules
 from .messages import Carry, Hello, Ping, Reply, RunSetup, Shutdown, Unload
 from .portable import cpu_cores
 from .remote_weights import send_to_machines
+from .runtime.devices import PoolUnavailable, parse_devices, remote_machines, resolve_devices, split_device
 from .runtime.worker_handle import WorkerHandle
 from .shipping import load_requests, model_bytes, model_fingerprint
 from .transport import Channel, ChannelClosed, Listener, ready
@@ -75,7 +75,7 @@ _DETACHED = ({"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP} if sys.platf
 class WorkerPool:
     """A persistent pool of worker processes, one per device.
 
-    devices: "auto", "cpu:2", "cuda:0,cuda:1", ... (see config.parse_devices).
+    devices: "auto", "cpu:2", "cuda:0,cuda:1", ... (see runtime/devices.py, parse_devices).
     timeout_s: longest wait for a call of a kind not yet timed (dead workers are noticed at once, stopped or
       frozen ones after hang_floor_s without a heartbeat, not by this timeout).
     hang_factor, hang_floor_s: a timed kind of call (model, strategy, shape) is hung after hang_factor x its

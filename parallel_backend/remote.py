@@ -23,8 +23,8 @@ import threading
 import time
 from pathlib import Path
 
-from .config import PoolUnavailable, remote_machines, split_device
 from .messages import Join, KeepAlive, KillWorkers, MachineStatus
+from .runtime.devices import PoolUnavailable, remote_machines, split_device
 from .runtime.version import __version__
 from .runtime.worker_handle import WorkerHandle
 from .secure import HandshakeError, certificate_for, connect_tls, server_context

@@ -4,9 +4,9 @@ holds it, also after this host process restarts (the cache is named by the weigh
 
 from __future__ import annotations
 
-from .config import split_device
 from .deadlines import load_bound
 from .messages import HoldsWeights, StoreWeights
+from .runtime.devices import split_device
 from .shipping import cached_weights_hash, torch_save_image
 
 

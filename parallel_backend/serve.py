@@ -24,10 +24,10 @@ import time
 from pathlib import Path
 
 from . import pool_files
-from .config import parse_devices, resolve_devices, split_device
 from .messages import Join, KeepAlive, KillWorkers, MachineStatus, Reply, WorkerStatus
 from .pool import core_shares, spawn_worker
 from .remote import STATUS_PERIOD_S, interface_of, link_timeout_s, versions
+from .runtime.devices import parse_devices, resolve_devices, split_device
 from .runtime.worker_handle import log_tail
 from .secure import HandshakeError, accept_tls, certificate_for, read_secret, server_context
 from .transport import HANDSHAKE_TIMEOUT_S, Channel, ChannelClosed

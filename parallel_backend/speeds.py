@@ -149,7 +149,7 @@ def sized_mesh(engine, mesh, config, fingerprint: str, call):
     from dataclasses import replace
 
     from . import strategies
-    from .config import split_device
+    from .runtime.devices import split_device
 
     wanted = config.device_speeds
     if wanted == "equal" or (wanted == "auto" and not pool_differs(engine.pool)):

@@ -6,8 +6,9 @@ import itertools
 
 import pytest
 
-from parallel_backend.config import ParallelConfig, PoolUnavailable, parse_devices, resolve_devices
+from parallel_backend.config import ParallelConfig
 from parallel_backend.mesh import Mesh, SequenceHint, check_job, fit, resolve
+from parallel_backend.runtime.devices import PoolUnavailable, parse_devices, resolve_devices
 
 
 def plan_rows(rows: int, branches: int, degrees: dict) -> list[range]:

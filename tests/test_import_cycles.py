@@ -11,13 +11,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("parallel_backend", "nodes")
 
-# The one circle left (28 modules): config -> speeds -> plan -> engine / oracle / pool, pool -> remote -> config,
-# the strategies' registry and worker. The plan that removes it moves what is shared down, floor by floor.
+# The one circle left (26 modules): config -> speeds -> plan -> engine / oracle / pool, pool -> worker -> the
+# strategies' registry. The plan that removes it moves what is shared down, floor by floor.
 KNOWN_CIRCLE = frozenset({
     "parallel_backend.config", "parallel_backend.engine", "parallel_backend.mesh", "parallel_backend.oracle",
     "parallel_backend.plan.calibrate", "parallel_backend.plan.choose", "parallel_backend.plan.model",
     "parallel_backend.plan.probe",
-    "parallel_backend.pool", "parallel_backend.remote", "parallel_backend.remote_weights", "parallel_backend.speeds",
+    "parallel_backend.pool", "parallel_backend.speeds",
     "parallel_backend.strategies", "parallel_backend.strategies.asyncdiff", "parallel_backend.strategies.base",
     "parallel_backend.strategies.batch", "parallel_backend.strategies.cfg", "parallel_backend.strategies.ring",
     "parallel_backend.strategies.sequence.group", "parallel_backend.strategies.sequence.parallel",

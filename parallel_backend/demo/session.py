@@ -14,10 +14,11 @@ import torch
 
 from ..mesh import check_job
 from ..oracle import psnr
-from ..config import ParallelConfig, parse_devices, resolve_devices
+from ..config import ParallelConfig
 from ..engine import engine_for
 from ..pool import WorkerPool
 from ..portable import cpu_cores
+from ..runtime.devices import parse_devices, resolve_devices
 from ..sampling import Generation, GenerationRequest
 
 DIFF_GAIN = 10  # the difference image shows |a - b| x DIFF_GAIN

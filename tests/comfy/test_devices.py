@@ -60,7 +60,7 @@ def test_settings_at_auto_mean_tandem_devices_and_named_devices_win(comfy_base, 
 
 
 def test_the_same_devices_written_differently_keep_the_pool(comfy_base, comfy):
-    from parallel_backend.config import resolve_devices
+    from parallel_backend.runtime.devices import resolve_devices
 
     auto = resolve_devices(("auto",))  # TANDEM_DEVICES unset: the pool at load runs on these
     spellings = {"auto": "auto", "listed": ",".join(auto)}

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from parallel_backend import secure
-from parallel_backend.config import parse_devices, remote_machines
 from parallel_backend.messages import Join
+from parallel_backend.runtime.devices import parse_devices, remote_machines
 from parallel_backend.secure import HandshakeError, accept_tls, connect_tls, server_context
 from parallel_backend.transport import Channel, Listener, connect
 
