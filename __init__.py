@@ -11,7 +11,7 @@ WEB_DIRECTORY = "./web"  # ComfyUI loads every .js here into its frontend (the T
 
 
 def _make_engine_importable() -> None:
-    # Workers run `python -m parallel_backend.worker`, so the host must know the engine by that same top-level
+    # Workers run `python -m parallel_backend.engine.worker`, so the host must know the engine by that same top-level
     # name (pickled calls name its classes); a pack copied into custom_nodes/ is not pip-installed.
     here = os.path.dirname(os.path.abspath(__file__))
     try:

@@ -22,7 +22,7 @@ def activate() -> None:
     if _activated.is_set():
         return
     _activated.set()
-    from parallel_backend.pool_files import install_sigterm_cleanup
+    from parallel_backend.runtime.pool_files import install_sigterm_cleanup
 
     from . import routes
 

@@ -1,4 +1,4 @@
-"""A ComfyUI diffusion model as a recipe (parallel_backend/recipe.py): the workers build it with the host's own
+"""A ComfyUI diffusion model as a recipe (parallel_backend/runtime/recipe.py): the workers build it with the host's own
 classes, the way ComfyUI's BaseModel built it, and load the host's weights as they are.
 
 What is the host's: the diffusion model's class and the model config's `unet_config` (what ComfyUI detected);
@@ -23,8 +23,8 @@ from functools import reduce
 
 import torch
 
-from parallel_backend.carry import CannotCarry
-from parallel_backend.recipe import MethodWatch, Recipe, identity_of, instance_overrides, layout
+from parallel_backend.runtime.carry import CannotCarry
+from parallel_backend.runtime.recipe import MethodWatch, Recipe, identity_of, instance_overrides, layout
 
 LAYER_NAMES = ("Linear", "Conv1d", "Conv2d", "Conv3d", "GroupNorm", "LayerNorm", "RMSNorm", "Embedding",
                "ConvTranspose1d", "ConvTranspose2d", "BatchNorm2d")

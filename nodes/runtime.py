@@ -13,7 +13,7 @@ import threading
 import time
 from pathlib import Path
 
-from parallel_backend.pool import WorkerError, WorkerPool
+from parallel_backend.runtime.pool import WorkerError, WorkerPool
 from parallel_backend.runtime.devices import PoolUnavailable, check_devices_exist, parse_devices, resolve_devices
 
 START_MODES = ("on_load", "on_first_use", "off")
@@ -113,7 +113,7 @@ class Runtime:
     def record_call(self, run_id: int, devices: list, mesh, seconds: float, compute: dict,
                     extra: dict | None = None) -> None:
         """Per-call figures of the current sampling run (a new run id starts a new record); `mesh`: the call's
-        (parallel_backend.mesh.Mesh); extra: each rank's own counters (a worker's torch.compile graphs so far,
+        (parallel_backend.engine.mesh.Mesh); extra: each rank's own counters (a worker's torch.compile graphs so far,
         where it compiles)."""
         with self.lock:
             if self.last_run.get("id") != run_id:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from parallel_backend.config import ParallelConfig, strategy_choices
+from parallel_backend.engine.config import ParallelConfig, strategy_choices
 
 Settings = io.Custom("TANDEM_SETTINGS")
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 import functools
 import weakref
 
-from parallel_backend.carry import CannotCarry, is_plain
-from parallel_backend.recipe import identity_of
+from parallel_backend.runtime.carry import CannotCarry, is_plain
+from parallel_backend.runtime.recipe import identity_of
 
 from .recipe import HostModel
 

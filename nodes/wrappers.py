@@ -24,12 +24,12 @@ import comfy.patcher_extension
 import torch
 
 from parallel_backend import strategies
-from parallel_backend.calls import ModelCall
-from parallel_backend.carry import CannotCarry
-from parallel_backend.config import ParallelConfig
-from parallel_backend.engine import ParallelExecutor
+from parallel_backend.runtime.calls import ModelCall
+from parallel_backend.runtime.carry import CannotCarry
+from parallel_backend.engine.config import ParallelConfig
+from parallel_backend.hosts.executor import ParallelExecutor
 from parallel_backend.models import comfy_dit
-from parallel_backend.pool import WorkerError
+from parallel_backend.runtime.pool import WorkerError
 
 from .runtime import RUNTIME, UNAVAILABLE
 from .settings import default_config

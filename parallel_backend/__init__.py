@@ -9,7 +9,7 @@ from .runtime.version import __version__
 def __getattr__(name):
     # Lazy re-exports: `from parallel_backend import ParallelConfig, parallelize` without importing torch eagerly.
     if name == "ParallelConfig":
-        from .config import ParallelConfig
+        from .engine.config import ParallelConfig
 
         return ParallelConfig
     if name in ("parallelize", "unparallelize"):
@@ -17,7 +17,7 @@ def __getattr__(name):
 
         return getattr(diffusers, name)
     if name == "WorkerPool":
-        from .pool import WorkerPool
+        from .runtime.pool import WorkerPool
 
         return WorkerPool
     raise AttributeError(f"module 'parallel_backend' has no attribute {name!r}")

@@ -67,7 +67,7 @@ def pytest_runtest_makereport(item, call):
 
 @pytest.fixture(scope="session")
 def digits_pipeline():
-    from parallel_backend.tiny.pipeline import TinyDigitsPipeline
+    from parallel_backend.hosts.tiny import TinyDigitsPipeline
 
     return TinyDigitsPipeline()
 
@@ -154,7 +154,7 @@ def tiny_sdxl_folder(tmp_path_factory):
 @pytest.fixture(scope="module")
 def cpu_pool():
     """Two CPU workers, started once per test module and shut down after it."""
-    from parallel_backend.pool import WorkerPool
+    from parallel_backend.runtime.pool import WorkerPool
 
     pool = WorkerPool("cpu:2", timeout_s=120).start()
     yield pool

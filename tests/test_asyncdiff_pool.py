@@ -8,14 +8,14 @@ import time
 import pytest
 import torch
 
-from parallel_backend.oracle import Job, job_for, psnr, run_loop
-from parallel_backend.benchmodels import build_bench_model
-from parallel_backend.calls import ModelCall
-from parallel_backend.config import ParallelConfig
-from parallel_backend.engine import ParallelExecutor
+from parallel_backend.engine.oracle import Job, job_for, psnr, run_loop
+from parallel_backend.models.benchmodels import build_bench_model
+from parallel_backend.runtime.calls import ModelCall
+from parallel_backend.engine.config import ParallelConfig
+from parallel_backend.hosts.executor import ParallelExecutor
 from parallel_backend.models.diffusers_unet import FAMILY
-from parallel_backend.pool import WorkerError, WorkerPool
-from parallel_backend.sampling import GenerationRequest
+from parallel_backend.runtime.pool import WorkerError, WorkerPool
+from parallel_backend.models.sampling import GenerationRequest
 from parallel_backend.tiny.classifier import digit_accuracy
 from parallel_backend.tiny.prompts import prompt_for
 
@@ -91,7 +91,7 @@ def test_rows_times_stages_on_four_devices(models, job, mesh):
 def _stream_loop(executor, model, streams, steps=STEPS):
     """Denoises each stream (its own noise and context) with calls interleaved across streams, one branch
     per call, as a host that evaluates cond and uncond separately does. Returns latents per stream."""
-    from parallel_backend.sampling import make_scheduler
+    from parallel_backend.models.sampling import make_scheduler
     from parallel_backend.tiny.model import SCHEDULER_CONFIG
 
     executor.new_job()
@@ -213,7 +213,7 @@ def test_parallelized_diffusers_pipeline_with_asyncdiff(cpu_pool, tiny_sd_folder
 
 
 def test_cli_explains_and_generates_with_asyncdiff(tmp_path, capsys):
-    from parallel_backend.cli import main
+    from parallel_backend.commands.cli import main
 
     assert main(["generate", "--devices", "cpu:2", "--strategy", "asyncdiff", "--warmup", "2", "--steps", "4",
                  "--explain"]) == 0

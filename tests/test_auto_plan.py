@@ -2,7 +2,7 @@
 on rank 0, the second measured; the cost model chooses the mesh of the calls after them, says why once, and never
 a split predicted under 1.05x. Every run equals one device; which ranks computed shows where each call ran.
 
-The choices asserted here are made from figures the tests give (`Engine.plan_auto_with`: the link, the devices'
+The choices asserted here are made from figures the tests give (`plan.calibrate.plan_auto_with`: the link, the devices'
 contention, the pool's overhead and one device's seconds per row of the measured call), so they are the same on 2
 or 64 cores, loaded or idle: cfg on `small` at 128 px predicted at 1.83x; a token split of flux-small at 256 px at
 1.3x or more whatever share of the call its attentions take (its 7.6 ms exchange all exposed); every split under
@@ -16,13 +16,15 @@ import pytest
 import torch
 
 from parallel_backend import strategies
-from parallel_backend.benchmodels import build_bench_model
-from parallel_backend.config import ParallelConfig
-from parallel_backend.engine import ParallelExecutor, engine_for
-from parallel_backend.oracle import Job, run_loop
+from parallel_backend.models.benchmodels import build_bench_model
+from parallel_backend.engine.config import ParallelConfig
+from parallel_backend.engine.pool_engine import engine_for
+from parallel_backend.hosts.executor import ParallelExecutor
+from parallel_backend.engine.oracle import Job, run_loop
+from parallel_backend.plan.calibrate import auto_plans, plan_auto_with
 from parallel_backend.plan.links import Link
 from parallel_backend.plan.probe import DeviceFigures
-from parallel_backend.pool import WorkerPool
+from parallel_backend.runtime.pool import WorkerPool
 
 pytestmark = pytest.mark.slow
 
@@ -45,9 +47,9 @@ def pool():
 @pytest.fixture
 def engine(pool):
     engine = engine_for(pool)
-    engine.plan_auto_with(link=FAST, **GIVEN)  # every test starts with no choice made
+    plan_auto_with(engine, link=FAST, **GIVEN)  # every test starts with no choice made
     yield engine
-    engine.plan_auto_with()
+    plan_auto_with(engine)
 
 
 @pytest.fixture(scope="module")
@@ -85,9 +87,9 @@ def test_auto_at_cfg_chooses_cfg_for_small_measured_once_and_equals_one_device(p
     torch.testing.assert_close(run.latents, small_reference, atol=ATOL, rtol=ATOL)
     assert [c["mesh"].describe() for c in run.calls[2:]] == ["cfg (cfg 2 x batch 1)"] * (STEPS - 2)
     assert _ranks(run) == [{0}, {0}] + [{0, 1}] * (STEPS - 2)  # one device, then both
-    assert len(engine.auto.decisions) == 1  # one key: measured once
+    assert len(auto_plans(engine).decisions) == 1  # one key: measured once
     again = _auto(pool, small, GUIDED, SMALL_PX)  # a second job of the same shape: no new measurement
-    assert _ranks(again) == [{0, 1}] * STEPS and len(engine.auto.decisions) == 1
+    assert _ranks(again) == [{0, 1}] * STEPS and len(auto_plans(engine).decisions) == 1
     torch.testing.assert_close(again.latents, small_reference, atol=ATOL, rtol=ATOL)
     measured = _said(caplog, "auto ran the first two calls")
     assert len(measured) == 1 and "measured the second (100.0 ms given in place of the measured " in measured[0]
@@ -113,7 +115,7 @@ def test_auto_splits_the_sequence_of_one_flux_image_at_cfg_1_and_equals_one_devi
 
 def test_a_link_that_makes_every_split_lose_keeps_auto_on_one_device(pool, engine, small, small_reference, caplog):
     caplog.set_level(logging.INFO, logger="tandem")
-    engine.plan_auto_with(link=SLOW, **GIVEN)  # the engine's hook for auto's figures
+    plan_auto_with(engine, link=SLOW, **GIVEN)  # the engine's hook for auto's figures
     run = _auto(pool, small, GUIDED, SMALL_PX)
     torch.testing.assert_close(run.latents, small_reference, atol=ATOL, rtol=ATOL)
     assert _ranks(run) == [{0}] * STEPS  # only rank 0 computed, every call
@@ -128,7 +130,7 @@ def test_a_link_that_makes_every_split_lose_keeps_auto_on_one_device(pool, engin
 def test_a_call_a_token_split_cannot_take_stays_on_whole_rows(pool, engine, flux, caplog, monkeypatch):
     """flux-small's one-image call that auto splits by tokens (above), refused a token split as a ControlNet
     residual refuses it: no split by tokens is predicted; one row cannot go round two devices: one device."""
-    import parallel_backend.engine as engine_module
+    import parallel_backend.engine.pool_engine as engine_module
 
     caplog.set_level(logging.INFO, logger="tandem")
     monkeypatch.setattr(engine_module, "sequence_refusal", lambda family, call: "a test's input")
@@ -136,7 +138,7 @@ def test_a_call_a_token_split_cannot_take_stays_on_whole_rows(pool, engine, flux
     run = run_loop(flux, ONE_IMAGE, FLUX_PX, steps=3, repeats=0, executor=ParallelExecutor(pool, ParallelConfig("cpu:2")))
     assert (run.latents - reference).abs().max() <= ATOL * max(1.0, reference.abs().max().item())
     assert _ranks(run) == [{0}] * 3
-    (decision,) = engine.auto.decisions.values()
+    (decision,) = auto_plans(engine).decisions.values()
     assert decision.inputs.shape.tokens == 0 and decision.choice.best.devices == 1
     assert _said(caplog, "auto keeps this call to whole rows (cfg, batch): it has a test's input")
     assert "no strategy can split this model on these devices" in _said(caplog, "auto runs this call on one device")[0]
@@ -145,7 +147,7 @@ def test_a_call_a_token_split_cannot_take_stays_on_whole_rows(pool, engine, flux
 def test_a_pool_of_another_size_or_a_refused_token_split_is_another_key():
     """The key holds the pool's device count (a pool restarted on more devices chooses anew) and whether the call
     may be split by tokens."""
-    from parallel_backend.calls import ModelCall
+    from parallel_backend.runtime.calls import ModelCall
     from parallel_backend.plan.calibrate import AutoPlans
 
     call = ModelCall(torch.zeros(2, 4, 8, 8), torch.zeros(2), torch.zeros(2, 3, 8), branches=2)
@@ -156,9 +158,9 @@ def test_a_pool_of_another_size_or_a_refused_token_split_is_another_key():
 def test_the_measured_attentions_give_tokens_heads_and_time_and_ulysses_must_divide_those_heads():
     """Pure: the token-mixing attentions are the longest with equal query and key lengths (cross-attention to the
     text and a shorter self-attention left out); their heads decide which ulysses degrees may be chosen."""
-    from parallel_backend.calls import ModelCall
-    from parallel_backend.mesh import SequenceHint
-    from parallel_backend.messages import Computed
+    from parallel_backend.runtime.calls import ModelCall
+    from parallel_backend.engine.mesh import SequenceHint
+    from parallel_backend.runtime.messages import Computed
     from parallel_backend.models.attention_timing import Attention
     from parallel_backend.plan.calibrate import AutoPlans, token_mixing
     from parallel_backend.plan.model import meshes
@@ -186,10 +188,10 @@ def test_with_nothing_given_auto_measures_the_pools_link_contention_and_overhead
     (plan/probe.py) before the choice; which mesh wins then depends on this machine's load, so only the output
     and the figures' provenance are checked."""
     caplog.set_level(logging.INFO, logger="tandem")
-    engine.plan_auto_with()
+    plan_auto_with(engine)
     run = _auto(pool, small, GUIDED, SMALL_PX)
     torch.testing.assert_close(run.latents, small_reference, atol=ATOL, rtol=ATOL)
-    (decision,) = engine.auto.decisions.values()
+    (decision,) = auto_plans(engine).decisions.values()
     assert decision.inputs.link.name == "measured cpu<->cpu" and decision.inputs.contention >= 1.0
     assert decision.inputs.host_overhead_s > 0.0
     (measured,) = _said(caplog, "auto ran the first two calls")

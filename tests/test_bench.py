@@ -10,8 +10,8 @@ import math
 
 import pytest
 
-from parallel_backend.bench import parse_resolution
-from parallel_backend.cli import main
+from parallel_backend.commands.bench import parse_resolution
+from parallel_backend.commands.cli import main
 
 pytestmark = pytest.mark.pool
 
@@ -84,7 +84,7 @@ def test_the_bench_notices_other_load_on_the_machine(tmp_path):
     import time
 
     psutil = pytest.importorskip("psutil")
-    from parallel_backend.bench import _other_load
+    from parallel_backend.commands.bench import _other_load
 
     spent, script = tmp_path / "cpu_seconds", tmp_path / "busy.py"
     script.write_text("import os, sys, time\nwhile time.process_time() < 1.0: pass\n"  # 1 s of CPU, however loaded
@@ -103,7 +103,7 @@ def test_the_bench_notices_other_load_on_the_machine(tmp_path):
 
 
 def test_a_disturbed_run_says_so_in_its_table():
-    from parallel_backend.bench import _spread, format_table
+    from parallel_backend.commands.bench import _spread, format_table
 
     assert _spread([1.0, 1.05, 1.02]) < 0.10 < _spread([1.0, 1.2])
     report = {"model": "tiny", "resolution": [32, 32], "steps": 3, "devices": ["cpu", "cpu"], "threads_per_device": 1,

@@ -10,9 +10,9 @@ import json
 
 import pytest
 
-from parallel_backend import bench
-from parallel_backend.benchmodels import build_bench_model
-from parallel_backend.cli import main
+from parallel_backend.commands import bench
+from parallel_backend.models.benchmodels import build_bench_model
+from parallel_backend.commands.cli import main
 
 pytestmark = pytest.mark.pool
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from parallel_backend.calls import ModelCall
+from parallel_backend.runtime.calls import ModelCall
 from parallel_backend.hosts.branch_pairs import (REMOVED, CannotJoin, guess, join, matches, replacements, same,
                                                  snapshot)
 

@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from parallel_backend.calls import ModelCall
-from parallel_backend.carry import CannotCarry, Carrier, CarriedRef, CarriedStore
-from parallel_backend.config import ParallelConfig
-from parallel_backend.engine import ParallelExecutor
-from parallel_backend.pool import WorkerError
-from parallel_backend.recipe import MethodWatch, Recipe, identity_of, instance_overrides, layout
+from parallel_backend.runtime.calls import ModelCall
+from parallel_backend.runtime.carry import CannotCarry, Carrier, CarriedRef, CarriedStore
+from parallel_backend.engine.config import ParallelConfig
+from parallel_backend.hosts.executor import ParallelExecutor
+from parallel_backend.runtime.pool import WorkerError
+from parallel_backend.runtime.recipe import MethodWatch, Recipe, identity_of, instance_overrides, layout
 
 pytestmark = pytest.mark.pool
 

@@ -59,8 +59,8 @@ def test_bad_input_is_one_line_and_non_zero(tmp_path, args, message):
 
 
 def test_bench_refuses_a_usp_ulysses_degree_that_does_not_divide_the_heads_before_a_pool_starts(monkeypatch, capsys):
-    from parallel_backend import bench
-    from parallel_backend.cli import main
+    from parallel_backend.commands import bench
+    from parallel_backend.commands.cli import main
 
     def no_pool(*_, **__):
         raise AssertionError("a pool started for a request that should have been refused")

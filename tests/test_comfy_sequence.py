@@ -130,7 +130,7 @@ def test_every_comfy_dit_family_has_a_sequence_split_and_its_heads():
 
 
 def test_controlnet_residuals_are_refused_before_the_model_runs():
-    from parallel_backend.calls import ModelCall
+    from parallel_backend.runtime.calls import ModelCall
 
     call = ModelCall(torch.zeros(1, 4, 2, 2), torch.zeros(1), None, extras={"control": {"input": [torch.zeros(1)]}})
     group = SequenceGroup("ring", (0,), 0, "cpu")
@@ -151,10 +151,10 @@ def test_inputs_a_split_cannot_take_are_named_before_the_call(family, extras, sa
 
 
 def test_a_named_sequence_strategy_refuses_such_a_call_before_any_weights_travel():
-    from parallel_backend.calls import ModelCall
-    from parallel_backend.config import ParallelConfig
-    from parallel_backend.engine import ParallelExecutor
-    from parallel_backend.pool import WorkerPool
+    from parallel_backend.runtime.calls import ModelCall
+    from parallel_backend.engine.config import ParallelConfig
+    from parallel_backend.hosts.executor import ParallelExecutor
+    from parallel_backend.runtime.pool import WorkerPool
 
     call = ModelCall(torch.zeros(1, 4, 2, 2), torch.zeros(1), torch.zeros(1, 3, 8),
                      extras={"control": {"input": [torch.zeros(1)]}})

@@ -6,8 +6,8 @@ import itertools
 
 import pytest
 
-from parallel_backend.config import ParallelConfig
-from parallel_backend.mesh import Mesh, SequenceHint, check_job, fit, resolve
+from parallel_backend.engine.config import ParallelConfig
+from parallel_backend.engine.mesh import Mesh, SequenceHint, check_job, fit, resolve
 from parallel_backend.runtime.devices import PoolUnavailable, parse_devices, resolve_devices
 
 

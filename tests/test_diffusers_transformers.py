@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from parallel_backend.config import ParallelConfig
+from parallel_backend.engine.config import ParallelConfig
 from parallel_backend.hosts.diffusers import ParallelTransformer, parallelize, unparallelize
 
 pytestmark = pytest.mark.pool
@@ -141,7 +141,7 @@ def _assert_matches(result: torch.Tensor, reference: torch.Tensor) -> None:
 @pytest.mark.parametrize("strategy", ["cfg", "batch"])
 @pytest.mark.parametrize("name", list(PIPELINES))
 def test_parallelized_transformer_pipeline_equals_plain(cpu_pool, monkeypatch, name, strategy):
-    from parallel_backend.engine import ParallelExecutor
+    from parallel_backend.hosts.executor import ParallelExecutor
 
     branches, run = [], ParallelExecutor.run
 
@@ -208,7 +208,7 @@ SEQUENCE_PIPELINES = {"flux": flux, "wan": wan, "sd3": sd3, "qwen_image padded":
 def test_a_sequence_split_pipeline_equals_plain(cpu_pool, monkeypatch, name, strategy):
     """parallelize with ulysses / ring: each transformer call (here the guided pair, joined; SD3's own [uncond;
     cond] rows) split by its token sequence over both workers; Qwen-Image's text padding as a key mask."""
-    from parallel_backend.engine import ParallelExecutor
+    from parallel_backend.hosts.executor import ParallelExecutor
 
     split, run = [], ParallelExecutor.run
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from parallel_backend.workflow import WorkflowError, load_workflow
+from parallel_backend.commands.workflow import WorkflowError, load_workflow
 
 FOLDER = Path(__file__).resolve().parents[1] / "workflows"
 

@@ -1,6 +1,6 @@
 """The package's import graph, read with `ast` from every module of parallel_backend/ and nodes/ (imports inside
-functions included): no import circle may appear beyond the one still being taken apart (docs/ARCHITECTURE.md,
-section 1), and that one may only shrink. When it shrinks, KNOWN_CIRCLE is cut to match, so the list stays true.
+functions included): every module sits on a floor, no import points up a floor and none closes a circle. A failure
+names the pair.
 """
 
 from __future__ import annotations
@@ -11,21 +11,25 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("parallel_backend", "nodes")
 
-# The one circle left (26 modules): config -> speeds -> plan -> engine / oracle / pool, pool -> worker -> the
-# strategies' registry. The plan that removes it moves what is shared down, floor by floor.
-KNOWN_CIRCLE = frozenset({
-    "parallel_backend.config", "parallel_backend.engine", "parallel_backend.mesh", "parallel_backend.oracle",
-    "parallel_backend.plan.calibrate", "parallel_backend.plan.choose", "parallel_backend.plan.model",
-    "parallel_backend.plan.probe",
-    "parallel_backend.pool", "parallel_backend.speeds",
-    "parallel_backend.strategies", "parallel_backend.strategies.asyncdiff", "parallel_backend.strategies.base",
-    "parallel_backend.strategies.batch", "parallel_backend.strategies.cfg", "parallel_backend.strategies.ring",
-    "parallel_backend.strategies.sequence.group", "parallel_backend.strategies.sequence.parallel",
-    "parallel_backend.strategies.sequence.ring", "parallel_backend.strategies.sequence.shards",
-    "parallel_backend.strategies.sequence.stub", "parallel_backend.strategies.sequence.ulysses",
-    "parallel_backend.strategies.sequence.usp", "parallel_backend.strategies.ulysses",
-    "parallel_backend.strategies.usp", "parallel_backend.worker",
-})
+# The floors, lowest first (docs/ARCHITECTURE.md, section 1): a module may import its own floor and those below.
+FLOORS = (
+    ("runtime", ("parallel_backend.runtime",)),
+    ("models and strategies", ("parallel_backend.models", "parallel_backend.strategies", "parallel_backend.tiny")),
+    ("engine", ("parallel_backend.engine",)),
+    ("plan", ("parallel_backend.plan",)),
+    ("surfaces", ("parallel_backend.hosts", "parallel_backend.demo", "parallel_backend.commands", "parallel_backend",
+                  "parallel_backend.__main__", "nodes")),
+)
+
+
+def floor_of(module: str) -> int:
+    """The floor (0 = runtime) of a module: the longest folder prefix in FLOORS that holds it."""
+    best, found = -1, None
+    for number, (_, folders) in enumerate(FLOORS):
+        for folder in folders:
+            if (module == folder or module.startswith(folder + ".")) and len(folder) > best:
+                best, found = len(folder), number
+    return found
 
 
 def modules() -> dict[str, Path]:
@@ -116,17 +120,30 @@ def circles(graph: dict[str, set[str]]) -> list[set[str]]:
 
 def test_the_walk_reads_imports_inside_functions_and_relative_ones():
     graph = import_graph()
-    assert "parallel_backend.plan.calibrate" in graph["parallel_backend.speeds"]  # inside _plan_cost
+    assert "parallel_backend.runtime.speeds" in graph["parallel_backend.strategies.base"]  # inside split_rows
     assert "parallel_backend.models.stages" in graph["parallel_backend.models.comfy_unet"]  # `from .stages import`
     assert "nodes.settings" in graph["nodes.samplers"] and "nodes" not in graph["nodes.samplers"]  # ComfyUI's nodes
     assert circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [{"a", "b", "c"}]
 
 
-def test_no_import_circle_beyond_the_known_one_and_that_one_only_shrinks():
+def test_every_module_sits_on_a_floor_and_the_package_root_holds_only_its_entry_points():
+    known = modules()
+    assert all(floor_of(name) is not None for name in known), sorted(n for n in known if floor_of(n) is None)
+    assert floor_of("parallel_backend.engine.worker") == 2 and floor_of("parallel_backend.plan.calibrate") == 3
+    root = sorted(name for name, path in known.items()
+                  if path.parent == ROOT / "parallel_backend" and path.name != "__init__.py")
+    assert root == ["parallel_backend.__main__"], f"modules at the package root: {root}: give each its floor"
+
+
+def test_no_import_points_up_a_floor():
+    graph = import_graph()
+    upward = sorted((a, b) for a, targets in graph.items() for b in targets if floor_of(b) > floor_of(a))
+    assert not upward, "imports that point up a floor: " + "; ".join(
+        f"{a} ({FLOORS[floor_of(a)][0]}) -> {b} ({FLOORS[floor_of(b)][0]})" for a, b in upward)
+
+
+def test_no_import_circle():
     graph = import_graph()
     for group in circles(graph):
-        new = sorted(group - KNOWN_CIRCLE)
-        pairs = sorted((a, b) for a in group for b in graph[a] & group if a in new or b in new)
-        assert not new, f"a new import circle through {', '.join(new)}; its imports: {pairs[:6]}"
-        assert group == KNOWN_CIRCLE, (f"the known circle shrank to {len(group)} modules: cut KNOWN_CIRCLE to match "
-                                       f"(left it: {sorted(KNOWN_CIRCLE - group)})")
+        pairs = sorted((a, b) for a in group for b in graph[a] & group)
+        assert not group, f"an import circle through {', '.join(sorted(group))}; its imports: {pairs[:8]}"

@@ -11,17 +11,19 @@ from dataclasses import replace
 import pytest
 import torch
 
-from parallel_backend import slowdown, strategies
-from parallel_backend.benchmodels import build_bench_model
-from parallel_backend.config import ParallelConfig
-from parallel_backend.engine import ParallelExecutor
-from parallel_backend.mesh import Mesh
-from parallel_backend.oracle import Job, psnr, run_loop
-from parallel_backend.pool import WorkerPool
+from parallel_backend.runtime import slowdown
+from parallel_backend import strategies
+from parallel_backend.models.benchmodels import build_bench_model
+from parallel_backend.engine.config import ParallelConfig
+from parallel_backend.hosts.executor import ParallelExecutor
+from parallel_backend.engine.mesh import Mesh
+from parallel_backend.engine.oracle import Job, psnr, run_loop
+from parallel_backend.runtime.pool import WorkerPool
+from parallel_backend.plan.calibrate import plan_auto_with
 from parallel_backend.plan.links import Link
 from parallel_backend.plan.model import Inputs, row_split_seconds
 from parallel_backend.plan.traffic import CallShape
-from parallel_backend.speeds import relative, sit_out, speeds_of, weighted_sizes
+from parallel_backend.runtime.speeds import relative, sit_out, speeds_of, weighted_sizes
 from parallel_backend.strategies.asyncdiff import balance, stage_costs
 from parallel_backend.strategies.base import split_rows
 
@@ -136,7 +138,7 @@ def test_batch_shares_follow_the_measured_speeds_and_equal_one_device(mixed_pool
     reference = run_loop(small, job, resolution, steps=STEPS, repeats=0)
     executor = ParallelExecutor(mixed_pool, ParallelConfig("cpu:2", "batch", device_speeds="measure"))
     # devices that do not slow each other (other load on the test machine must not make worker 1 sit out)
-    executor.engine.plan_auto_with(contention=1.0, overhead_s=0.004)
+    plan_auto_with(executor.engine, contention=1.0, overhead_s=0.004)
     with caplog.at_level(logging.INFO, logger="tandem"):
         result = run_loop(small, job, resolution, steps=STEPS, repeats=0, executor=executor)
     torch.testing.assert_close(result.latents, reference.latents, atol=ATOL, rtol=ATOL)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from parallel_backend import strategies
-from parallel_backend.calls import ModelCall
+from parallel_backend.runtime.calls import ModelCall
 from parallel_backend.models import comfy_dit, diffusers_dit, forward_for_family
 from parallel_backend.strategies.base import join_rows
 

@@ -8,8 +8,8 @@ import json
 
 import pytest
 
-from parallel_backend import cli
-from parallel_backend.mesh import Mesh
+from parallel_backend.commands import cli
+from parallel_backend.engine.mesh import Mesh
 from parallel_backend.plan.choose import FLOOR, choose
 from parallel_backend.plan.links import PROFILES, Link, link_named
 from parallel_backend.plan.model import Inputs, candidates, meshes, predict
@@ -37,7 +37,7 @@ def test_flux_small_512_moves_30_25_mib_per_call_for_ulysses_and_ring_on_two_dev
 
 
 def test_flux_small_shapes_come_from_the_model_object():
-    from parallel_backend.benchmodels import build_bench_model
+    from parallel_backend.models.benchmodels import build_bench_model
     from parallel_backend.plan.measure import call_shape
 
     shape = call_shape(build_bench_model("flux-small"), (512, 512), rows=1)
@@ -47,7 +47,7 @@ def test_flux_small_shapes_come_from_the_model_object():
 
 
 def test_wan_small_shapes_give_the_19_mib_the_bench_reports():
-    from parallel_backend.benchmodels import build_bench_model
+    from parallel_backend.models.benchmodels import build_bench_model
     from parallel_backend.plan.measure import call_shape
 
     shape = call_shape(build_bench_model("wan-small"), (192, 320), rows=1)  # 17 frames: 5 x 12 x 20 tokens

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from parallel_backend.models import forward_for_family
-from parallel_backend.oracle import sample_call
+from parallel_backend.engine.oracle import sample_call
 from parallel_backend.plan import paper, paper_doc
 from parallel_backend.plan.choose import choose
 from parallel_backend.plan.model import candidates
@@ -26,7 +26,7 @@ TINY_WAN = dict(num_layers=2, num_attention_heads=8, attention_head_dim=8, in_ch
 def tiny_flux(meta: bool = True):
     from diffusers import FluxTransformer2DModel
 
-    from parallel_backend.benchmodels_dit import FluxBenchModel
+    from parallel_backend.models.benchmodels_dit import FluxBenchModel
 
     torch.manual_seed(0)
     module = (paper.on_meta(FluxTransformer2DModel, TINY_FLUX, torch.float32) if meta
@@ -43,7 +43,7 @@ def tiny_flux(meta: bool = True):
 def tiny_wan():
     from diffusers import WanTransformer3DModel
 
-    from parallel_backend.benchmodels_dit import WanBenchModel
+    from parallel_backend.models.benchmodels_dit import WanBenchModel
 
     return WanBenchModel("tiny-wan", paper.on_meta(WanTransformer3DModel, TINY_WAN, torch.bfloat16), (16, 32),
                          latent_factor=8, default_resolution="720x1280", family="diffusers_dit:wan", patch=2, frames=81)
@@ -52,8 +52,8 @@ def tiny_wan():
 def tiny_unet():
     from diffusers import UNet2DConditionModel
 
-    from parallel_backend.benchmodels import UNETS
-    from parallel_backend.benchmodels_base import BenchModel
+    from parallel_backend.models.benchmodels import UNETS
+    from parallel_backend.models.benchmodels_base import BenchModel
 
     config, context, _, extras = UNETS["sdxl-narrow"]
     return BenchModel("tiny-unet", paper.on_meta(UNet2DConditionModel, dict(sample_size=128, **config), torch.float16),

@@ -7,12 +7,12 @@ import json
 
 import pytest
 
-from parallel_backend import cli
-from parallel_backend.benchmodels import build_bench_model
-from parallel_backend.engine import engine_for
-from parallel_backend.oracle import sample_call
+from parallel_backend.commands import cli
+from parallel_backend.models.benchmodels import build_bench_model
+from parallel_backend.engine.pool_engine import engine_for
+from parallel_backend.engine.oracle import sample_call
 from parallel_backend.plan.probe import LARGE_BYTES, contention_of, measure_calls, measure_link
-from parallel_backend.pool import WorkerPool
+from parallel_backend.runtime.pool import WorkerPool
 
 pytestmark = pytest.mark.slow
 

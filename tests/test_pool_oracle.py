@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from parallel_backend.oracle import Job, job_for, run_loop
-from parallel_backend.benchmodels import build_bench_model
-from parallel_backend.config import ParallelConfig
-from parallel_backend.engine import ParallelExecutor
-from parallel_backend.sampling import GenerationRequest
+from parallel_backend.engine.oracle import Job, job_for, run_loop
+from parallel_backend.models.benchmodels import build_bench_model
+from parallel_backend.engine.config import ParallelConfig
+from parallel_backend.hosts.executor import ParallelExecutor
+from parallel_backend.models.sampling import GenerationRequest
 
 pytestmark = pytest.mark.pool
 
@@ -69,7 +69,7 @@ def test_changed_weights_are_shipped_again(cpu_pool):
 
 
 def test_batch_times_cfg_on_four_devices_equals_one_device(models):
-    from parallel_backend.pool import WorkerPool
+    from parallel_backend.runtime.pool import WorkerPool
 
     model, job = models["tiny"], Job(images=2, cfg=4.0)
     resolution = (model.default_resolution,) * 2

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from parallel_backend import portable
+from parallel_backend.runtime import portable
 
 pytestmark = pytest.mark.pool
 
@@ -35,7 +35,7 @@ def test_cpu_peak_memory_is_in_bytes_and_grows_with_an_allocation():
     # A fresh process, so that the peak so far is about what it holds now, not what earlier tests held.
     script = (
         "import torch\n"
-        "from parallel_backend.portable import peak_memory_bytes, reset_peak_memory\n"
+        "from parallel_backend.runtime.portable import peak_memory_bytes, reset_peak_memory\n"
         "reset_peak_memory('cpu')\n"
         "before = peak_memory_bytes(torch.device('cpu'))\n"
         "x = torch.ones(50_000_000)\n"  # 200 MB, every page written
@@ -54,7 +54,7 @@ def test_cpu_peak_is_the_process_own_and_resets_on_linux():
     # started straight from this large test process: its own peak must not include ours (ru_maxrss would)
     script = (
         "import torch\n"
-        "from parallel_backend.portable import peak_memory_bytes, reset_peak_memory\n"
+        "from parallel_backend.runtime.portable import peak_memory_bytes, reset_peak_memory\n"
         "x = torch.ones(50_000_000)\n"  # 200 MB
         "high = peak_memory_bytes('cpu')\n"
         "del x\n"
@@ -90,7 +90,7 @@ def test_cpu_cores_are_the_affinity_or_every_core(monkeypatch):
 def test_pin_to_cores_restricts_the_process():
     script = (
         "import os\n"
-        "from parallel_backend.portable import cpu_cores, pin_to_cores\n"
+        "from parallel_backend.runtime.portable import cpu_cores, pin_to_cores\n"
         "pin_to_cores([cpu_cores()[-1]])\n"
         "print(sorted(os.sched_getaffinity(0)), cpu_cores())\n"
     )

@@ -9,15 +9,15 @@ import time
 
 import pytest
 
-from parallel_backend import primitives
-from parallel_backend.pool import WorkerPool
-from parallel_backend.primitives import chunk_for_rank, chunk_sizes
+from parallel_backend.runtime import primitives
+from parallel_backend.runtime.pool import WorkerPool
+from parallel_backend.runtime.primitives import chunk_for_rank, chunk_sizes
 
 pytestmark = pytest.mark.pool
 
 RANK_SCRIPT = """
 import os, sys, time, torch
-from parallel_backend import primitives
+from parallel_backend.runtime import primitives
 rank = int(sys.argv[1])
 primitives.join_group(sys.argv[2], rank, 2, "cpu", timeout_s=3.0)
 if rank == 1:
@@ -51,7 +51,7 @@ def test_chunks():
 
 ORDER_SCRIPT = """
 import sys, torch
-from parallel_backend import primitives
+from parallel_backend.runtime import primitives
 rank = int(sys.argv[1])
 primitives.pair_in_issue_order(sys.argv[3] == "strict")
 primitives.join_group(sys.argv[2], rank, 2, "cpu", timeout_s=10.0)
@@ -133,7 +133,7 @@ def test_an_exchange_reads_no_environment_variable_and_runs_only_an_installed_ho
 
 REPORT_SETUP = """
 def report(path):
-    from parallel_backend import primitives
+    from parallel_backend.runtime import primitives
     open(path, "w").write(f"{primitives.strict()} {primitives._exchange_hook}")
 """
 

@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 RANK_SCRIPT = """
 import functools, json, os, sys, time, torch
 import torch.nn.functional as F
-from parallel_backend import primitives
+from parallel_backend.runtime import primitives
 from parallel_backend.strategies.sequence import Shards, Traffic, ring_attention, ulysses_attention, usp_attention
 
 torch.set_num_threads(1)

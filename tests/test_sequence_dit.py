@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from parallel_backend.calls import ModelCall
+from parallel_backend.runtime.calls import ModelCall
 from parallel_backend.models import diffusers_dit
 from parallel_backend.models.diffusers_dit import forward, run_sequence_parallel
 from parallel_backend.strategies.sequence.group import SequenceGroup
@@ -136,7 +136,7 @@ def cases():
 RANK_SCRIPT = """
 import json, sys, torch
 sys.path.insert(0, sys.argv[4])
-from parallel_backend import primitives
+from parallel_backend.runtime import primitives
 from parallel_backend.models.diffusers_dit import forward, run_sequence_parallel
 from parallel_backend.strategies.sequence.group import SequenceGroup
 from test_sequence_dit import cases

@@ -9,11 +9,11 @@ import logging
 import pytest
 import torch
 
-from parallel_backend.calls import ModelCall
-from parallel_backend.config import ParallelConfig
-from parallel_backend.engine import ParallelExecutor
+from parallel_backend.runtime.calls import ModelCall
+from parallel_backend.engine.config import ParallelConfig
+from parallel_backend.hosts.executor import ParallelExecutor
 from parallel_backend.models import diffusers_dit, forward_for_family
-from parallel_backend.pool import WorkerPool
+from parallel_backend.runtime.pool import WorkerPool
 
 pytestmark = pytest.mark.slow
 
@@ -115,7 +115,7 @@ def test_degrees_of_another_strategys_axis_are_refused():
 
 
 def test_bench_measures_ulysses_and_ring_at_cfg_1_with_outputs_equal_to_one_device(tmp_path):
-    from parallel_backend.bench import run_bench
+    from parallel_backend.commands.bench import run_bench
 
     report = run_bench("flux-small", "cpu:2", ("ulysses", "ring"), steps=2, resolution=64, repeats=0, cfg=1.0,
                        progress=lambda line: None, plan=False)
@@ -132,7 +132,7 @@ def test_bench_measures_ulysses_and_ring_at_cfg_1_with_outputs_equal_to_one_devi
 
 
 def test_bench_measures_usp_two_by_two_with_outputs_equal_to_one_device():
-    from parallel_backend.bench import run_bench
+    from parallel_backend.commands.bench import run_bench
 
     report = run_bench("flux-small", "cpu:4", ("usp",), steps=1, resolution=64, repeats=0, cfg=1.0,
                        knobs={"ulysses": 2}, progress=lambda line: None, plan=False)
@@ -143,7 +143,7 @@ def test_bench_measures_usp_two_by_two_with_outputs_equal_to_one_device():
 
 @pytest.mark.parametrize("cfg", [1.0, 0.5])
 def test_bench_cfg_is_checked_before_any_pool_starts(monkeypatch, cfg):
-    from parallel_backend import bench
+    from parallel_backend.commands import bench
 
     def no_pool(*args, **kwargs):
         raise AssertionError("a pool was started")

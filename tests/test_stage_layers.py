@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from parallel_backend.benchmodels import build_bench_model
-from parallel_backend.calls import ModelCall
+from parallel_backend.models.benchmodels import build_bench_model
+from parallel_backend.runtime.calls import ModelCall
 from parallel_backend.models import diffusers_unet
 from parallel_backend.models.stages import Activations, profile, run_layers
 

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from parallel_backend import strategies
-from parallel_backend.cli import main
-from parallel_backend.config import ParallelConfig, strategy_choices
+from parallel_backend.commands.cli import main
+from parallel_backend.engine.config import ParallelConfig, strategy_choices
 from parallel_backend.strategies.base import BenchJob, RowStrategy
 
 pytestmark = pytest.mark.pool
@@ -55,8 +55,8 @@ def test_a_registered_strategy_is_a_choice_everywhere(mirror):
 
 @pytest.mark.slow
 def test_a_registered_strategy_runs_through_the_cli_and_equals_one_device(mirror, tmp_path, capsys):
-    from parallel_backend.sampling import GenerationRequest
-    from parallel_backend.tiny.pipeline import TinyDigitsPipeline
+    from parallel_backend.models.sampling import GenerationRequest
+    from parallel_backend.hosts.tiny import TinyDigitsPipeline
 
     out = tmp_path / "two.png"
     args = ["generate", "--prompt", "a handwritten 2", "--num-images", "2", "--cfg", "1", "--steps", "4",

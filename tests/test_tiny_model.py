@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from parallel_backend.sampling import GenerationRequest
+from parallel_backend.models.sampling import GenerationRequest
 from parallel_backend.tiny.classifier import classify_digits, digit_accuracy
 from parallel_backend.tiny.codec import PatchCodec
 from parallel_backend.tiny.data import digits_as_pixels
@@ -113,7 +113,7 @@ def test_training_is_deterministic_and_saves_what_it_trained(tmp_path):
 
 
 def test_every_scheduler_runs(digits_pipeline):
-    from parallel_backend.sampling import SCHEDULERS
+    from parallel_backend.models.sampling import SCHEDULERS
 
     for name in SCHEDULERS:
         result = digits_pipeline.generate(GenerationRequest("a handwritten 6", steps=4, scheduler=name), progress=False)

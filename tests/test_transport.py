@@ -11,7 +11,7 @@ from multiprocessing.connection import Client, Connection
 import pytest
 import torch
 
-from parallel_backend.transport import Channel, Listener, _configure_socket, connect
+from parallel_backend.runtime.transport import Channel, Listener, _configure_socket, connect
 
 
 @pytest.fixture
@@ -45,7 +45,7 @@ def test_tensors_of_every_kind_round_trip(channel_pair):
 
 
 def test_recv_times_out_and_notices_a_closed_peer(channel_pair):
-    from parallel_backend.transport import ChannelClosed
+    from parallel_backend.runtime.transport import ChannelClosed
 
     client, server = channel_pair
     with pytest.raises(TimeoutError):
@@ -75,7 +75,7 @@ def test_a_peer_without_the_key_is_refused_before_anything_is_unpickled():
 
 
 def test_a_silent_peer_cannot_stall_the_listener(monkeypatch):
-    import parallel_backend.transport as transport
+    import parallel_backend.runtime.transport as transport
 
     monkeypatch.setattr(transport, "HANDSHAKE_TIMEOUT_S", 0.5)
     listener = Listener(b"k" * 32)

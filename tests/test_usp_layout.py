@@ -97,10 +97,10 @@ def test_the_bench_stub_attends_a_ranks_share_without_any_exchange(kind, degree,
 
 def test_bench_part_runs_a_usp_rank_of_flux_small():
     from parallel_backend import strategies
-    from parallel_backend.oracle import sample_call
-    from parallel_backend.benchmodels import build_bench_model
-    from parallel_backend.config import ParallelConfig
-    from parallel_backend.mesh import resolve
+    from parallel_backend.engine.oracle import sample_call
+    from parallel_backend.models.benchmodels import build_bench_model
+    from parallel_backend.engine.config import ParallelConfig
+    from parallel_backend.engine.mesh import resolve
 
     model = build_bench_model("flux-small")  # 8 heads: 4 per rank of a ulysses-2 subgroup
     mesh = resolve(ParallelConfig("cpu:4", "usp", ulysses=2), 4, 1, 1)

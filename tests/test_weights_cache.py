@@ -11,9 +11,9 @@ import sys
 import pytest
 import torch
 
-from parallel_backend import shipping
-from parallel_backend.serve import ServeDaemon
-from parallel_backend.weights_cache import WeightsCache, cache_size_bytes
+from parallel_backend.runtime import shipping
+from parallel_backend.runtime.serve import ServeDaemon
+from parallel_backend.runtime.weights_cache import WeightsCache, cache_size_bytes
 
 pytestmark = pytest.mark.pool
 
@@ -182,7 +182,7 @@ def test_serve_refuses_a_cache_folder_it_cannot_write_before_listening(tmp_path)
 
 
 def test_tandem_worker_serve_refuses_a_bad_cache_size_in_one_line(tmp_path, capsys):
-    from parallel_backend import cli
+    from parallel_backend.commands import cli
 
     secret = tmp_path / "secret"
     secret.write_text("s" * 32)

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from parallel_backend.workflow import WorkflowError, apply_settings, load_workflow
+from parallel_backend.commands.workflow import WorkflowError, apply_settings, load_workflow
 
 WORKFLOW = {
     "3": {"class_type": "KSampler", "inputs": {"seed": 1, "steps": 20}, "_meta": {"title": "Main sampler"}},
@@ -42,7 +42,7 @@ def test_an_input_the_node_does_not_have_is_refused(setting, inputs_of):
 
 
 def test_refused_overrides_fail_before_the_run_starts(tmp_path, capsys):
-    from parallel_backend.cli import main
+    from parallel_backend.commands.cli import main
 
     api = tmp_path / "api.json"
     api.write_text(json.dumps(WORKFLOW))
@@ -81,7 +81,7 @@ def test_loading(tmp_path):
 
 
 def test_an_unreachable_server_is_one_line(tmp_path):
-    from parallel_backend.cli import main
+    from parallel_backend.commands.cli import main
 
     api = tmp_path / "api.json"
     api.write_text(json.dumps(WORKFLOW))

@@ -11,8 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from parallel_backend.workflow import WorkflowError
-from parallel_backend.workflow_compare import Comparison, _cached, _seconds, compare_files, stock_twin
+from parallel_backend.commands.workflow import WorkflowError
+from parallel_backend.commands.workflow_compare import Comparison, _cached, _seconds, compare_files, stock_twin
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "workflows" / "multi_gpu_ksampler_api.json"
 
@@ -119,7 +119,7 @@ def test_the_table_says_when_the_pool_ran_the_call_on_one_device():
 
 
 def test_cli_refuses_zero_repeats_and_an_unreachable_server_in_one_line(tmp_path, capsys):
-    from parallel_backend.cli import main
+    from parallel_backend.commands.cli import main
 
     assert main(["workflow", "compare", str(EXAMPLE), "--repeats", "0", "--quiet"]) == 1
     assert "--repeats must be at least 1" in capsys.readouterr().err
@@ -134,7 +134,7 @@ def test_an_unreadable_output_is_a_verdict_not_a_crash(tmp_path):
 
 
 def test_comparing_a_workflow_with_itself_is_refused_before_anything_runs():
-    from parallel_backend.workflow_compare import compare_workflows
+    from parallel_backend.commands.workflow_compare import compare_workflows
 
     with pytest.raises(WorkflowError, match="same graph"):
         compare_workflows(str(EXAMPLE), "http://127.0.0.1:9", [], against=str(EXAMPLE))

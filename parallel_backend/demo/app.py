@@ -16,8 +16,8 @@ import threading  # noqa: E402
 
 import gradio as gr  # noqa: E402
 
-from ..config import strategy_choices  # noqa: E402
-from ..sampling import SCHEDULERS  # noqa: E402
+from ..engine.config import strategy_choices  # noqa: E402
+from ..models.sampling import SCHEDULERS  # noqa: E402
 from .bench_view import BENCH_MODELS, bench_figure, bench_strategies, load_report, report_table  # noqa: E402
 from .session import DemoSession, default_devices, generate_pair, pool_status  # noqa: E402
 
@@ -55,7 +55,7 @@ def generate_handler(session: DemoSession):
 
 def _bench(model, steps, repeats, strategies, devices, resolution, warmup, stride, time_shift,
            progress=gr.Progress()):
-    from ..bench import run_bench
+    from ..commands.bench import run_bench
 
     if not strategies:
         raise gr.Error("choose at least one strategy")

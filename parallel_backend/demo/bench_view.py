@@ -43,7 +43,7 @@ def load_report(path: str) -> dict:
 
 def report_table(report: dict) -> str:
     """The `tandem bench` text table, or a short summary when the report lacks some of its columns."""
-    from ..bench import format_table
+    from ..commands.bench import format_table
 
     try:
         return format_table(report)

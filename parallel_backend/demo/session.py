@@ -12,14 +12,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..mesh import check_job
-from ..oracle import psnr
-from ..config import ParallelConfig
-from ..engine import engine_for
-from ..pool import WorkerPool
-from ..portable import cpu_cores
+from ..engine.mesh import check_job
+from ..engine.oracle import psnr
+from ..engine.config import ParallelConfig
+from ..engine.pool_engine import engine_for
+from ..runtime.pool import WorkerPool
+from ..runtime.portable import cpu_cores
 from ..runtime.devices import parse_devices, resolve_devices
-from ..sampling import Generation, GenerationRequest
+from ..models.sampling import Generation, GenerationRequest
 
 DIFF_GAIN = 10  # the difference image shows |a - b| x DIFF_GAIN
 

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import torch
 
-from .. import validation
+from ..runtime import validation
 from ..models.diffusers_dit import FAMILIES as DIT_FAMILIES
 from ..models.diffusers_dit import recognise
 from ..models.diffusers_unet import FAMILY as UNET_FAMILY
-from ..sampling import Generation, GenerationRequest, Timer, initial_noise, make_scheduler
+from ..models.sampling import Generation, GenerationRequest, Timer, initial_noise, make_scheduler
 from .diffusers_transformer import ParallelTransformer
 from .stand_in import StandIn
 
@@ -200,7 +200,7 @@ class ParallelUNet(StandIn):
     def forward(self, sample, timestep, encoder_hidden_states, return_dict: bool = True, **kwargs):
         from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
-        from ..calls import ModelCall
+        from ..runtime.calls import ModelCall
 
         pipe = self._pipe()
         guided = bool(getattr(pipe, "do_classifier_free_guidance", False))
@@ -222,9 +222,9 @@ def parallelize(pipe, config=None, pool=None):
     Returns `pipe`, changed in place; `unparallelize(pipe)` restores it. A pipeline with no supported denoiser
     is refused (ValueError) before any process starts.
     """
-    from ..config import ParallelConfig
-    from ..engine import ParallelExecutor
-    from ..pool import WorkerPool
+    from ..engine.config import ParallelConfig
+    from .executor import ParallelExecutor
+    from ..runtime.pool import WorkerPool
 
     if _stand_ins(pipe):
         return pipe

@@ -127,7 +127,7 @@ class ParallelTransformer(StandIn):
                      "by rows", type(self._pipe()).__name__, reason)
 
     def _run(self, inputs: dict, branches: int) -> torch.Tensor:
-        from ..calls import ModelCall
+        from ..runtime.calls import ModelCall
 
         t = inputs["timestep"]
         extras = {k: v for k, v in inputs.items() if k not in _CALL_INPUTS and v is not None}

@@ -11,7 +11,7 @@ from __future__ import annotations
 def load_pipeline(model: str | None, device: str | None):
     """The embedded digits model (model None) or a local diffusers SD/SDXL folder."""
     if model is None:
-        from ..tiny.pipeline import TinyDigitsPipeline
+        from .tiny import TinyDigitsPipeline
 
         return TinyDigitsPipeline(device=device or "cpu")
     from .diffusers import DiffusersPipeline

@@ -11,9 +11,9 @@ once; the layer profile and the attention once per job.
 
 from __future__ import annotations
 
-from ..engine import engine_for, sequence_hint
-from ..mesh import resolve
-from ..oracle import sample_call
+from ..engine.pool_engine import engine_for, sequence_hint
+from ..engine.mesh import resolve
+from ..engine.oracle import sample_call
 from .measure import add_round, device_share, measure_timed, paced_calls
 from .model import Candidate, predict
 from .probe import DeviceFigures, call_round, call_rounds, contention_and_overhead, measure_link

@@ -25,11 +25,11 @@ import statistics
 from dataclasses import dataclass, replace
 
 from .. import strategies
-from ..calls import _map_tensors
-from ..mesh import Mesh
+from ..runtime.calls import _map_tensors
+from ..engine.mesh import Mesh, whole_on_rank_0
 from .choose import Choice, choose
 from .links import Link
-from .model import Inputs, candidates
+from .model import Inputs, candidates, row_split_seconds
 from .probe import DeviceFigures, measure_calls, measure_link
 from .traffic import CallShape
 
@@ -91,7 +91,7 @@ class AutoPlans:
     """One engine's auto choices by key (use them under the engine's lock)."""
 
     def __init__(self):
-        self.given: dict = {}  # figures that replace measured ones (Engine.plan_auto_with)
+        self.given: dict = {}  # figures that replace measured ones (plan_auto_with)
         self.decisions: dict[tuple, Decision] = {}
         self._warmed: set[tuple] = set()
         self._measured_on: tuple | None = None  # the pool start the figures below were measured on
@@ -122,6 +122,19 @@ class AutoPlans:
         contention, overhead = self._per_model[fingerprint]
         return DeviceFigures(self._link, self.given.get("contention", contention),
                              self.given.get("overhead_s", overhead))
+
+    def row_split_cost(self, engine, fingerprint: str, call, one_row_s: float):
+        """The plan's time of a row split (model.row_split_seconds) of `call` as `cost(sizes, speeds)`: the
+        fastest device's measured one-row seconds, the pool's link, contention and overhead (device_figures); None
+        where the pool has no link to cost (one device)."""
+        figures = self.device_figures(engine, fingerprint, call)
+        if figures.link is None:
+            return None
+        rows = max(1, call.rows)
+        shape = CallShape(rows, tensor_bytes([call.x, call.t, call.context, call.extras]) // rows,
+                          tensor_bytes([call.x]) // rows)
+        inputs = figures.apply(Inputs(shape, "", 1, {1: one_row_s}, figures.link))
+        return lambda sizes, speeds: row_split_seconds(inputs, sizes, speeds)
 
     def mesh(self, key) -> Mesh | None:
         """The mesh chosen for `key`, or None before it is measured."""
@@ -216,6 +229,23 @@ def choice_note(mesh: Mesh, choice: Choice) -> str:
     return f"Tandem: auto chose {mesh.describe()} for this model and shape: {choice.reason}"
 
 
-def whole_on_rank_0(devices: int, why: str = "") -> Mesh:
-    """The whole call on rank 0 of a pool of `devices` (a row strategy at degree 1), the others idle."""
-    return Mesh("batch", 1, 1, (), devices, why)
+def auto_plans(engine) -> AutoPlans:
+    """The engine's one AutoPlans (made on first use), kept in its state: what hosts pass as Engine.run's planner."""
+    state = engine.state("auto")
+    if "plans" not in state:
+        state["plans"] = AutoPlans()
+    return state["plans"]
+
+
+def plan_auto_with(engine, **given) -> None:
+    """The plan takes these figures instead of the pool's measured ones (auto's choice, and which slow device
+    sits out, engine.sizing.sized_mesh), from the next call of every key on: `link` (a plan.links.Link),
+    `contention`, `overhead_s`, `seconds_per_row` (one device's time per row of auto's measured call; none:
+    all measured). Choices made before are dropped."""
+    unknown = set(given) - {"link", "contention", "overhead_s", "seconds_per_row"}
+    if unknown:
+        raise ValueError(f"plan_auto_with takes link, contention, overhead_s and seconds_per_row; got "
+                         f"{', '.join(sorted(unknown))}")
+    with engine.job():
+        plans = engine.state("auto")["plans"] = AutoPlans()
+        plans.given = {k: v for k, v in given.items() if v is not None}

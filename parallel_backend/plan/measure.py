@@ -22,10 +22,10 @@ from dataclasses import replace
 import torch
 
 from .. import strategies
-from ..engine import sequence_hint
-from ..mesh import Mesh
-from ..oracle import local_forward, sample_call
-from ..portable import cpu_cores
+from ..engine.pool_engine import sequence_hint
+from ..engine.mesh import Mesh
+from ..engine.oracle import local_forward, sample_call
+from ..runtime.portable import cpu_cores
 from .calibrate import HOST_OVERHEAD_S, tensor_bytes
 from .model import Inputs, meshes
 from .probe import more_rounds

@@ -18,7 +18,7 @@ import math
 from dataclasses import dataclass, field
 
 from .. import strategies
-from ..mesh import Mesh, SequenceHint
+from ..engine.mesh import Mesh, SequenceHint
 from .costs import cost_for
 from .links import Link
 from .traffic import CallShape, host_traffic

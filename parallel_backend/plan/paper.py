@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from ..oracle import sample_call
+from ..engine.oracle import sample_call
 from .links import link_named
 from .measure import HOST_OVERHEAD_S, call_shape
 from .model import Inputs
@@ -81,7 +81,7 @@ DATACENTRE = (("A100 80GB PCIe", "pcie4x16"), ("A100 80GB SXM", "nvlink-a100"), 
 SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
     Scenario("sdxl-1024", "SDXL 1024x1024, cfg 7.5 (2 branches), 50 steps", "sdxl_meta", (1024, 1024), 2, 50,
              "unet", (("RTX 4090", "pcie4x16"), *DATACENTRE),
-             "SDXL base 1.0's UNet config (parallel_backend/benchmodels.py SDXL_UNET, the bench's `sdxl`)"),
+             "SDXL base 1.0's UNet config (parallel_backend/models/benchmodels.py SDXL_UNET, the bench's `sdxl`)"),
     Scenario("flux-dev-1024", "Flux.1-dev 1024x1024, guidance-distilled (cfg 1: one branch), 28 steps",
              "flux_dev_meta", (1024, 1024), 1, 28, "dit", DATACENTRE,
              "FLUX.1-dev's transformer config (black-forest-labs/FLUX.1-dev transformer/config.json): 19 double + "
@@ -115,8 +115,8 @@ def on_meta(cls, config: dict, dtype: torch.dtype) -> torch.nn.Module:
 def sdxl_meta():
     from diffusers import UNet2DConditionModel
 
-    from ..benchmodels import UNETS
-    from ..benchmodels_base import BenchModel
+    from ..models.benchmodels import UNETS
+    from ..models.benchmodels_base import BenchModel
 
     config, context, resolution, extras = UNETS["sdxl"]
     unet = on_meta(UNet2DConditionModel, dict(sample_size=resolution // 8, **config), torch.float16)
@@ -126,7 +126,7 @@ def sdxl_meta():
 def flux_dev_meta():
     from diffusers import FluxTransformer2DModel
 
-    from ..benchmodels_dit import FluxBenchModel
+    from ..models.benchmodels_dit import FluxBenchModel
 
     class FluxDev(FluxBenchModel):
         """flux-small's inputs plus the distilled guidance input Flux.1-dev takes per row."""
@@ -142,7 +142,7 @@ def flux_dev_meta():
 def wan14b_meta():
     from diffusers import WanTransformer3DModel
 
-    from ..benchmodels_dit import WAN_TEXT_TOKENS, WanBenchModel
+    from ..models.benchmodels_dit import WAN_TEXT_TOKENS, WanBenchModel
 
     module = on_meta(WanTransformer3DModel, WAN_14B, torch.bfloat16)
     return WanBenchModel("wan-14b", module, (WAN_TEXT_TOKENS, WAN_14B["text_dim"]), latent_factor=8,

@@ -20,8 +20,8 @@ import statistics
 import time
 from dataclasses import dataclass, replace
 
-from ..messages import Forward
-from ..oracle import sample_call
+from ..runtime.messages import Forward
+from ..engine.oracle import sample_call
 from ..strategies.sequence.probe import ProbeExchange
 from .links import Link
 
@@ -145,8 +145,8 @@ def device_figures(engine, model, resolution: tuple[int, int], rows: int = 1) ->
 
 def probe_devices(devices, model, resolution: tuple[int, int], rows: int = 1) -> DeviceFigures:
     """`device_figures` on a pool started on `devices` for the purpose and stopped after."""
-    from ..engine import engine_for
-    from ..pool import WorkerPool
+    from ..engine.pool_engine import engine_for
+    from ..runtime.pool import WorkerPool
 
     with WorkerPool(devices) as pool:
         return device_figures(engine_for(pool), model, resolution, rows)

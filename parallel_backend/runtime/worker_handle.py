@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..transport import Channel
+from .transport import Channel
 
 
 @dataclass

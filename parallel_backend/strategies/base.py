@@ -16,8 +16,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from ..messages import Computed, Forward
-from ..primitives import chunk_sizes
+from ..runtime.messages import Computed, Forward
+from ..runtime.primitives import chunk_sizes
 
 
 @dataclass(frozen=True)
@@ -89,7 +89,7 @@ class Strategy:
 def split_rows(rows: range, degree: int, weights=None) -> list[range]:
     """Near-equal contiguous shares of `rows`, in order (some empty when there are fewer rows than shares); with
     `weights` (one per share, e.g. device speeds), shares in proportion to them (speeds.weighted_sizes)."""
-    from ..speeds import weighted_sizes
+    from ..runtime.speeds import weighted_sizes
 
     parts, start = [], rows.start
     for size in chunk_sizes(len(rows), degree) if weights is None else weighted_sizes(len(rows), weights):

@@ -35,7 +35,7 @@ def _control_like(profile, mid: int, generator) -> dict:
 @pytest.mark.parametrize("family", ["sd1", "sdxl"])
 @pytest.mark.parametrize("side", [8, 9])  # 9: odd latents, upsampled to each skip's size
 def test_layers_equal_comfy_unet_forward_with_control(tiny_unets, family, side):
-    from parallel_backend.calls import ModelCall
+    from parallel_backend.runtime.calls import ModelCall
     from parallel_backend.models import comfy_unet
     from parallel_backend.models.stages import Activations, profile, run_layers
 
@@ -70,7 +70,7 @@ def test_asyncdiff_with_warm_up_covering_every_step_equals_stock(comfy_server, c
 
 def test_asyncdiff_after_warm_up_is_close_but_not_equal(comfy_server, comfy):
     stock, tandem = comfy.run_pair(comfy_server, "asyncdiff_stale", "asyncdiff", settings={"warmup": 2})
-    from parallel_backend.bench import psnr
+    from parallel_backend.commands.bench import psnr
 
     assert (tandem - stock).abs().max() > comfy.RTOL_OF_SCALE * stock.abs().max()  # stale inputs after warm-up
     assert psnr(stock, tandem) > 15, psnr(stock, tandem)

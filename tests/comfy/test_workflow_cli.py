@@ -57,7 +57,7 @@ def test_a_failing_node_is_named(comfy_server, comfy, tmp_path):
 
 
 def test_the_multi_gpu_sampler_reports_progress_every_step(comfy_server, comfy, tmp_path):
-    from parallel_backend.workflow import run_workflow
+    from parallel_backend.commands.workflow import run_workflow
 
     workflow = tmp_path / "progress.json"
     workflow.write_text(json.dumps(comfy.sampler_workflow("TandemKSampler", "cli_progress", "asyncdiff")))

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from parallel_backend.oracle import job_for, run_loop
-from parallel_backend.benchmodels import build_bench_model
-from parallel_backend.config import ParallelConfig
-from parallel_backend.engine import ParallelExecutor
-from parallel_backend.pool import WorkerPool
+from parallel_backend.engine.oracle import job_for, run_loop
+from parallel_backend.models.benchmodels import build_bench_model
+from parallel_backend.engine.config import ParallelConfig
+from parallel_backend.hosts.executor import ParallelExecutor
+from parallel_backend.runtime.pool import WorkerPool
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

@@ -23,7 +23,7 @@ from conftest import REMOTE_IP, REPO, SERVE_PORT, environment, make_machines, re
 
 
 def bench(m, devices: str, args, cores: str) -> str:
-    command = ["ip", "netns", "exec", m.a, "taskset", "-c", cores, sys.executable, "-m", "parallel_backend.cli", "bench", "--model",
+    command = ["ip", "netns", "exec", m.a, "taskset", "-c", cores, sys.executable, "-m", "parallel_backend.commands.cli", "bench", "--model",
                args.model, "--devices", devices, "--strategies", "cfg,batch", "--steps", str(args.steps), "--repeats",
                str(args.repeats), "--secret-file", str(m.secret), "--interface", m.veth_a, "--quiet"]
     done = subprocess.run(command, capture_output=True, text=True, env=environment(), cwd=REPO, timeout=1800)

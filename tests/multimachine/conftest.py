@@ -55,7 +55,7 @@ class Machines:
         cache = ["--cache-dir", str(cache_dir or log.with_name(log.stem + "-weights")), "--cache-size", str(cache_gib)]
         with open(log, "wb") as out:
             process = subprocess.Popen(
-                ["ip", "netns", "exec", self.b, *pin, sys.executable, "-m", "parallel_backend.cli", "worker", "serve",
+                ["ip", "netns", "exec", self.b, *pin, sys.executable, "-m", "parallel_backend.commands.cli", "worker", "serve",
                  "--listen", f"{REMOTE_IP}:{SERVE_PORT}", "--devices", devices, "--secret-file",
                  str(secret or self.secret), *cache], stdout=out, stderr=subprocess.STDOUT, env=environment(), cwd=REPO)
         deadline = time.monotonic() + 60

@@ -26,11 +26,11 @@ from pathlib import Path
 
 import torch
 
-from parallel_backend.benchmodels import build_bench_model
-from parallel_backend.config import ParallelConfig
-from parallel_backend.engine import ParallelExecutor
-from parallel_backend.oracle import job_for, run_loop
-from parallel_backend.pool import WorkerError, WorkerPool
+from parallel_backend.models.benchmodels import build_bench_model
+from parallel_backend.engine.config import ParallelConfig
+from parallel_backend.hosts.executor import ParallelExecutor
+from parallel_backend.engine.oracle import job_for, run_loop
+from parallel_backend.runtime.pool import WorkerError, WorkerPool
 
 STEPS = 4
 

@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 
-from parallel_backend.secure import HandshakeError, connect_tls, read_secret
+from parallel_backend.runtime.secure import HandshakeError, connect_tls, read_secret
 
 
 def dropped_after(sock: socket.socket, limit_s: float = 30.0) -> float:

@@ -17,13 +17,13 @@ from types import SimpleNamespace
 
 import pytest
 
-from parallel_backend import remote
-from parallel_backend.benchmodels import build_bench_model
-from parallel_backend.config import ParallelConfig
-from parallel_backend.engine import ParallelExecutor
-from parallel_backend.oracle import job_for, run_loop
-from parallel_backend.pool import WorkerPool, loopback_interface
-from parallel_backend.portable import temp_root
+from parallel_backend.runtime import remote
+from parallel_backend.models.benchmodels import build_bench_model
+from parallel_backend.engine.config import ParallelConfig
+from parallel_backend.hosts.executor import ParallelExecutor
+from parallel_backend.engine.oracle import job_for, run_loop
+from parallel_backend.runtime.pool import WorkerPool, loopback_interface
+from parallel_backend.runtime.portable import temp_root
 
 ATOL = 1e-4  # fp32 on CPU (TESTING.md)
 STEPS = 2
@@ -80,7 +80,7 @@ def test_a_machine_that_cannot_be_reached_is_left_out_until_it_answers(secret_fi
         diff, meshes = _job(model, pool, devices, "batch", device_speeds="1,0.5")  # the speed of the device left
         assert diff <= ATOL and meshes == ["batch (cfg 1 x batch 1)"], (diff, meshes)
 
-        from parallel_backend.serve import ServeDaemon
+        from parallel_backend.runtime.serve import ServeDaemon
 
         daemon = ServeDaemon(f"127.0.0.1:{port}", "cpu:1", str(secret_file), interface="lo")
         threading.Thread(target=daemon.serve_forever, daemon=True).start()
@@ -142,7 +142,7 @@ def attempts(monkeypatch):
 def test_the_rejoin_probe_keeps_to_its_time_where_nothing_listens(secret_file, attempts):
     """Refused at once, every attempt: tried again every RETRY_PAUSE_S until its time is spent, each connect given
     no more than the time left (a silent address cannot hold it longer)."""
-    from parallel_backend.secure import read_secret
+    from parallel_backend.runtime.secure import read_secret
 
     assert not remote.answers(f"127.0.0.1:{_free_port()}", read_secret(secret_file))
     times = [at for at, _ in attempts.made]
@@ -155,8 +155,8 @@ def test_the_rejoin_probe_keeps_to_its_time_where_nothing_listens(secret_file, a
 def test_the_rejoin_probe_retries_a_refused_connection_within_its_time(secret_file, tmp_path, attempts):
     """A machine whose daemon takes connections only part-way into the probe (a link just back up, a daemon just
     restarted) answers: here the daemon binds its port after the probe's first attempt was refused."""
-    from parallel_backend.secure import read_secret
-    from parallel_backend.serve import ServeDaemon
+    from parallel_backend.runtime.secure import read_secret
+    from parallel_backend.runtime.serve import ServeDaemon
 
     machine = f"127.0.0.1:{_free_port()}"
     daemons = []

@@ -11,11 +11,11 @@ import time
 import pytest
 import torch
 
-from parallel_backend import secure
-from parallel_backend.messages import Join
+from parallel_backend.runtime import secure
+from parallel_backend.runtime.messages import Join
 from parallel_backend.runtime.devices import parse_devices, remote_machines
-from parallel_backend.secure import HandshakeError, accept_tls, connect_tls, server_context
-from parallel_backend.transport import Channel, Listener, connect
+from parallel_backend.runtime.secure import HandshakeError, accept_tls, connect_tls, server_context
+from parallel_backend.runtime.transport import Channel, Listener, connect
 
 SECRET = b"s" * 32
 
@@ -167,7 +167,7 @@ def test_devices_of_other_machines():
 
 
 def test_a_pool_with_other_machines_needs_a_secret_and_an_interface(monkeypatch, tmp_path, secret_file):
-    from parallel_backend.pool import WorkerPool
+    from parallel_backend.runtime.pool import WorkerPool
 
     monkeypatch.delenv("TANDEM_SECRET_FILE", raising=False)
     monkeypatch.delenv("TANDEM_INTERFACE", raising=False)
@@ -182,7 +182,7 @@ def test_a_pool_with_other_machines_needs_a_secret_and_an_interface(monkeypatch,
 
 @pytest.fixture
 def daemon(secret_file, tmp_path):
-    from parallel_backend.serve import ServeDaemon
+    from parallel_backend.runtime.serve import ServeDaemon
 
     serve = ServeDaemon("127.0.0.1:0", "cpu:1", str(secret_file), interface="lo", cache_dir=str(tmp_path / "weights"))
     thread = threading.Thread(target=serve.serve_forever, daemon=True)
@@ -197,7 +197,7 @@ def _join(versions: dict) -> Join:
 
 
 def test_serve_refuses_a_second_host_and_a_host_of_another_version(daemon):
-    from parallel_backend.remote import versions
+    from parallel_backend.runtime.remote import versions
 
     first = Channel(connect_tls(("127.0.0.1", daemon.port), SECRET, 10.0), "first")  # holds the machine, silent
     second = Channel(connect_tls(("127.0.0.1", daemon.port), SECRET, 10.0), "second")

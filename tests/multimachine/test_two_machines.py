@@ -175,6 +175,6 @@ def _is_serve(pid: int) -> bool:
     import psutil
 
     try:
-        return "serve" in psutil.Process(pid).cmdline() and "parallel_backend.cli" in psutil.Process(pid).cmdline()
+        return "serve" in psutil.Process(pid).cmdline() and "parallel_backend.commands.cli" in psutil.Process(pid).cmdline()
     except psutil.Error:
         return False

@@ -9,8 +9,8 @@ import io
 import pytest
 import torch
 
-from parallel_backend.benchmodels import build_bench_model
-from parallel_backend.shipping import weights_hash
+from parallel_backend.models.benchmodels import build_bench_model
+from parallel_backend.runtime.shipping import weights_hash
 
 from .conftest import REMOTE_IP, SERVE_PORT, finish_host, read_line, stop_host
 

@@ -17,7 +17,7 @@ from pathlib import Path
 def signal_at_exchange(spec: str) -> None:
     import torch.distributed as dist
 
-    from parallel_backend import primitives
+    from parallel_backend.runtime import primitives
 
     rank, at, name, *told = spec.split(":", 3)
     if dist.get_rank() != int(rank):

@@ -21,14 +21,15 @@ import psutil
 import pytest
 import torch
 
-from parallel_backend import bench, cli, validation
-from parallel_backend.config import ParallelConfig
-from parallel_backend.engine import ParallelExecutor
+from parallel_backend.commands import bench, cli
+from parallel_backend.runtime import validation
+from parallel_backend.engine.config import ParallelConfig
+from parallel_backend.hosts.executor import ParallelExecutor
 from parallel_backend.hosts import diffusers as diffusers_host
 from parallel_backend.plan import measure as plan_measure
-from parallel_backend.pool import WorkerPool
-from parallel_backend.sampling import GenerationRequest
-from parallel_backend.tiny import pipeline as tiny_pipeline
+from parallel_backend.runtime.pool import WorkerPool
+from parallel_backend.models.sampling import GenerationRequest
+from parallel_backend.hosts import tiny as tiny_pipeline
 
 pytestmark = pytest.mark.pool
 
@@ -356,7 +357,7 @@ def test_a_pipeline_refuses_what_memory_cannot_hold_before_a_step(digits_pipelin
 
 
 def test_asyncdiff_warmup_0_is_refused_where_the_stages_are_known():
-    from parallel_backend.mesh import check_job
+    from parallel_backend.engine.mesh import check_job
 
     config = ParallelConfig("auto", "asyncdiff", warmup=0)  # the stages depend on the machine: known at the job
     with pytest.raises(ValueError, match="strategy 'asyncdiff' on 2 stages needs warmup >= 1"):

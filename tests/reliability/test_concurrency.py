@@ -8,12 +8,12 @@ import threading
 import pytest
 import torch
 
-from parallel_backend.benchmodels import build_bench_model
-from parallel_backend.config import ParallelConfig
-from parallel_backend.engine import ParallelExecutor
-from parallel_backend.oracle import Job, LoopResult, run_once
-from parallel_backend.pool import WorkerPool
-from parallel_backend.sampling import GenerationRequest
+from parallel_backend.models.benchmodels import build_bench_model
+from parallel_backend.engine.config import ParallelConfig
+from parallel_backend.hosts.executor import ParallelExecutor
+from parallel_backend.engine.oracle import Job, LoopResult, run_once
+from parallel_backend.runtime.pool import WorkerPool
+from parallel_backend.models.sampling import GenerationRequest
 
 pytestmark = pytest.mark.slow
 

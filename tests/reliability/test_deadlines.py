@@ -9,12 +9,12 @@ import time
 import pytest
 import torch
 
-from parallel_backend.benchmodels import build_bench_model
-from parallel_backend.calls import ModelCall
-from parallel_backend.config import ParallelConfig
-from parallel_backend.deadlines import MIN_TIMINGS, CallClock, load_bound
-from parallel_backend.engine import ParallelExecutor
-from parallel_backend.pool import WorkerError, WorkerPool
+from parallel_backend.models.benchmodels import build_bench_model
+from parallel_backend.runtime.calls import ModelCall
+from parallel_backend.engine.config import ParallelConfig
+from parallel_backend.runtime.deadlines import MIN_TIMINGS, CallClock, load_bound
+from parallel_backend.hosts.executor import ParallelExecutor
+from parallel_backend.runtime.pool import WorkerError, WorkerPool
 
 pytestmark = pytest.mark.slow
 

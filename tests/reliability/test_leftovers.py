@@ -12,15 +12,15 @@ from pathlib import Path
 
 import pytest
 
-from parallel_backend import pool_files
-from parallel_backend.pool import WorkerPool
+from parallel_backend.runtime import pool_files
+from parallel_backend.runtime.pool import WorkerPool
 
 pytestmark = pytest.mark.slow
 
 HOST_SCRIPT = """
 import sys, time
-from parallel_backend.benchmodels import build_bench_model
-from parallel_backend.pool import WorkerPool
+from parallel_backend.models.benchmodels import build_bench_model
+from parallel_backend.runtime.pool import WorkerPool
 
 pool = WorkerPool("cpu:2").start()
 print(*pool.worker_pids(), pool._dir, flush=True)

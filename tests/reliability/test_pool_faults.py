@@ -10,9 +10,9 @@ import time
 import pytest
 import torch
 
-from parallel_backend.config import ParallelConfig
-from parallel_backend.pool import WorkerError, WorkerPool
-from parallel_backend.sampling import GenerationRequest
+from parallel_backend.engine.config import ParallelConfig
+from parallel_backend.runtime.pool import WorkerError, WorkerPool
+from parallel_backend.models.sampling import GenerationRequest
 
 pytestmark = pytest.mark.slow
 
@@ -47,9 +47,9 @@ def test_a_worker_killed_mid_job_gives_a_named_error_fast_and_the_pool_recovers(
 
 
 def test_an_error_inside_a_worker_names_device_and_call_and_the_pool_stays_usable(cpu_pool):
-    from parallel_backend.benchmodels import build_bench_model
-    from parallel_backend.calls import ModelCall
-    from parallel_backend.engine import ParallelExecutor
+    from parallel_backend.models.benchmodels import build_bench_model
+    from parallel_backend.runtime.calls import ModelCall
+    from parallel_backend.hosts.executor import ParallelExecutor
 
     model = build_bench_model("tiny")
     executor = ParallelExecutor(cpu_pool, ParallelConfig("cpu:2", "batch"))

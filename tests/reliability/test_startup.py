@@ -12,8 +12,8 @@ import threading
 
 import pytest
 
-from parallel_backend.messages import Hello, Ping
-from parallel_backend.pool import WorkerPool
+from parallel_backend.runtime.messages import Hello, Ping
+from parallel_backend.runtime.pool import WorkerPool
 
 pytestmark = pytest.mark.slow
 

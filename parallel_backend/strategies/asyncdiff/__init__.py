@@ -12,7 +12,7 @@ from __future__ import annotations
 import statistics
 from dataclasses import replace
 
-from ...messages import Computed
+from ...runtime.messages import Computed
 from ...models.stage_families import STAGE_ADAPTERS
 from ...models.stages import Profile, describe
 from ..base import BenchJob, Strategy

@@ -17,8 +17,8 @@ import time
 
 import torch
 
-from ... import primitives
-from ...messages import Computed
+from ...runtime import primitives
+from ...runtime.messages import Computed
 from ...models.stage_families import adapter_for
 from ...models.stages import Activations, Profile, modules_of, profile, synchronize
 from . import schedule

@@ -18,7 +18,7 @@ from functools import partial
 
 import torch
 
-from ... import primitives
+from ...runtime import primitives
 from .ring import ring_attention
 from .shards import Shards
 from .traffic import Traffic, timed_wait

@@ -138,7 +138,7 @@ def run_sequence_forward(worker, message: SequenceForward):
     sends the output back (every rank holds the same)."""
     import torch
 
-    from ...messages import Computed
+    from ...runtime.messages import Computed
     from ...models import sequence_runner
     from ...models.stages import synchronize
     from .group import SequenceGroup

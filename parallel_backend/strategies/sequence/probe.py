@@ -38,7 +38,7 @@ def run_probe(worker, message: ProbeExchange) -> dict:
     """Worker side of `ProbeExchange`."""
     import torch
 
-    from ... import primitives
+    from ...runtime import primitives
     from ...models.stages import synchronize
 
     n = len(message.peers)

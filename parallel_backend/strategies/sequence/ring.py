@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ... import primitives
+from ...runtime import primitives
 from .attention import block_attention, merge
 from .shards import Blocks, Shards
 from .traffic import Traffic, timed_wait

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ...primitives import chunk_sizes
+from ...runtime.primitives import chunk_sizes
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,7 @@ class Shards:
     def stream_sizes(self, stream: int) -> list[int]:
         """Tokens of `stream` on each rank."""
         if self.weights is not None:
-            from ...speeds import weighted_sizes
+            from ...runtime.speeds import weighted_sizes
 
             return weighted_sizes(self.lengths[stream], self.weights)
         return chunk_sizes(self.lengths[stream], self.degree)

@@ -26,7 +26,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from ... import primitives
+from ...runtime import primitives
 from .shards import Blocks, Shards
 from .traffic import Traffic, timed_wait
 

@@ -14,8 +14,8 @@ from typing import Callable
 
 import torch
 
-from . import validation
-from .calls import ModelCall
+from ..runtime import validation
+from ..runtime.calls import ModelCall
 
 MAX_FRAMES = 4097  # frames of a bench clip; memory bounds it further
 
@@ -81,7 +81,7 @@ class BenchModel:
 
     def make_scheduler(self):
         from .sampling import make_scheduler
-        from .tiny.model import SCHEDULER_CONFIG
+        from ..tiny.model import SCHEDULER_CONFIG
 
         return make_scheduler("ddim", SCHEDULER_CONFIG)
 

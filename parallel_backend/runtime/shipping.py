@@ -54,6 +54,12 @@ def _tensors(payload):
     return payload.weights.items() if isinstance(payload, Recipe) else payload.state_dict().items()
 
 
+# Part of every weights hash: a cache entry is a torch.save image of the payload, which names its classes by
+# module path. Bumped when those paths move (v2: recipe.py moved to runtime/), so entries written before are
+# missed and evicted in time instead of failing to load.
+CACHE_LAYOUT = "v2"
+
+
 def weights_hash(payload, family: str) -> str:
     """sha256 of what a model is, independent of any process: its family, class (a recipe: its identity), and
     each weight's name, dtype, shape and bytes. Names a model in another machine's weights cache, across host
@@ -62,7 +68,7 @@ def weights_hash(payload, family: str) -> str:
 
     what = (f"recipe {payload.identity}" if isinstance(payload, Recipe)
             else f"{type(payload).__module__}.{type(payload).__qualname__}")
-    digest = hashlib.sha256(f"{family}|{what}".encode())
+    digest = hashlib.sha256(f"{CACHE_LAYOUT}|{family}|{what}".encode())
     for name, tensor in _tensors(payload):
         if not isinstance(tensor, torch.Tensor):  # a module's extra state: its type only (its repr may hold ids)
             digest.update(repr((name, type(tensor).__qualname__)).encode())

@@ -1,7 +1,7 @@
 """WorkerPool: one persistent worker process per device, driven by the host: the processes' lifecycle and
 typed requests to them.
 
-The host starts the workers once (`python -m parallel_backend.worker`), ships each model to them once per
+The host starts the workers once (`python -m parallel_backend.engine.worker`), ships each model to them once per
 fingerprint (shipping.py: a file in shared memory that CPU workers map rather than copy, or CUDA IPC; up to
 `max_models` stay loaded), and then sends every worker its request (messages.py) and gathers the replies;
 what the requests are is the engine's and the strategies' business. Every wait is bounded (deadlines.py): a
@@ -35,11 +35,11 @@ from .host_modules import host_modules
 from .messages import Carry, Hello, Ping, Reply, RunSetup, Shutdown, Unload
 from .portable import cpu_cores
 from .remote_weights import send_to_machines
-from .runtime.devices import PoolUnavailable, parse_devices, remote_machines, resolve_devices, split_device
-from .runtime.worker_handle import WorkerHandle
+from .devices import PoolUnavailable, parse_devices, remote_machines, resolve_devices, split_device
+from .worker_handle import WorkerHandle
 from .shipping import load_requests, model_bytes, model_fingerprint
 from .transport import Channel, ChannelClosed, Listener, ready
-from .worker import heartbeat_path
+from .worker_loop import heartbeat_path
 
 PACKAGE_PARENT = str(Path(__file__).resolve().parent.parent)
 log = logging.getLogger("tandem")
@@ -601,7 +601,7 @@ def spawn_worker(rank: int, world: int, device: str, connect: str, rendezvous: s
                  pg_timeout_s: float, watch_pid: int, interface: str | None, import_paths: tuple[str, ...] = (),
                  cores: tuple[int, ...] = (), tls: bool = False, test_slowdown: float = 1.0,
                  weights_cache: tuple[str, int] | None = None) -> tuple[subprocess.Popen, Path]:
-    """Starts one worker process (`python -m parallel_backend.worker`) that connects to `connect` (HOST:PORT),
+    """Starts one worker process (`python -m parallel_backend.engine.worker`) that connects to `connect` (HOST:PORT),
     joins the group at `rendezvous`, and ends when process `watch_pid` does; returns it and its log file.
     cores: a CPU worker's cores (its threads and pinning); interface: where gloo/NCCL bind; test_slowdown: tests
     only, the factor its heavy compute is repeated by (slowdown.py); weights_cache: (folder, bound in bytes) of
@@ -611,7 +611,7 @@ def spawn_worker(rank: int, world: int, device: str, connect: str, rendezvous: s
                PYTHONPATH=os.pathsep.join(filter(None, [*import_paths, os.environ.get("PYTHONPATH"), PACKAGE_PARENT])))
     if interface:
         env.update(GLOO_SOCKET_IFNAME=interface, NCCL_SOCKET_IFNAME=interface)
-    command = [sys.executable, "-m", "parallel_backend.worker", "--connect", connect, "--rank", str(rank),
+    command = [sys.executable, "-m", "parallel_backend.engine.worker", "--connect", connect, "--rank", str(rank),
                "--world", str(world), "--device", device, "--rendezvous", rendezvous, "--pg-timeout", str(pg_timeout_s),
                "--host-pid", str(watch_pid), "--pool-dir", str(folder)] + (["--tls"] if tls else [])
     if test_slowdown != 1.0:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from .deadlines import load_bound
 from .messages import HoldsWeights, StoreWeights
-from .runtime.devices import split_device
+from .devices import split_device
 from .shipping import cached_weights_hash, torch_save_image
 
 

@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from . import validation
+from ..runtime import validation
 
 # name -> (diffusers scheduler class, overrides of the model's scheduler config)
 SCHEDULERS: dict[str, tuple[str, dict]] = {

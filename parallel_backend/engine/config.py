@@ -10,14 +10,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from . import validation
-from .runtime.devices import parse_devices
-from .speeds import parse_speeds
+from ..runtime import validation
+from ..runtime.devices import parse_devices
+from ..runtime.speeds import parse_speeds
 
 
 def strategy_choices() -> tuple[str, ...]:
     """"auto" and every registered strategy, for option lists (CLI, Settings node, demo)."""
-    from . import strategies
+    from .. import strategies
 
     return ("auto", *strategies.names())
 
@@ -71,7 +71,8 @@ class ParallelConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "device_list", parse_devices(self.devices))
-        from . import mesh, strategies
+        from . import mesh
+        from .. import strategies
 
         validation.text("strategy", self.strategy)
         strategy = strategies.get(self.strategy) if self.strategy != "auto" else None

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 
-from ..messages import Computed, TimedForward
+from ..runtime.messages import Computed, TimedForward
 
 
 def run_timed_forward(worker, message: TimedForward) -> Computed:

@@ -1,4 +1,5 @@
-"""A pool worker: `python -m parallel_backend.worker --connect HOST:PORT --rank R --world N --device D ...`.
+"""The worker process's loop: `python -m parallel_backend.engine.worker --connect HOST:PORT --rank R --world N ...`
+runs `main(argv, handlers)` here with the engine's handlers (engine/worker.py).
 
 One process per device. It authenticates to the host (key in the TANDEM_AUTHKEY environment variable, never
 on the command line), joins the workers' torch.distributed process group, then serves the host's requests:
@@ -18,9 +19,18 @@ import traceback
 from pathlib import Path
 
 from .carry import CarriedStore
-from .messages import (Carry, Computed, Forward, Hello, HoldsWeights, Load, Ping, Reply, RunSetup, Shutdown,
-                       StoreWeights, TimedForward, Unload)
-from .models.stages import synchronize
+from .messages import (
+    Carry,
+    Hello,
+    HoldsWeights,
+    Load,
+    Ping,
+    Reply,
+    RunSetup,
+    Shutdown,
+    StoreWeights,
+    Unload,
+)
 from .portable import peak_memory_bytes, pin_to_cores, process_alive, reset_peak_memory
 from .weights_cache import WeightsCache, cached_model_path, holds_weights, store_weights
 
@@ -63,7 +73,7 @@ def _watch(host_pid: int, pool_dir: Path | None, rank: int) -> None:
 
 
 def _parse_args(argv):
-    parser = argparse.ArgumentParser(prog="python -m parallel_backend.worker")
+    parser = argparse.ArgumentParser(prog="python -m parallel_backend.engine.worker")
     parser.add_argument("--connect", required=True, help="HOST:PORT of the pool's control listener")
     parser.add_argument("--rank", type=int, required=True)
     parser.add_argument("--world", type=int, required=True)
@@ -177,24 +187,6 @@ class WorkerState:
             restore()
         return self.model(fingerprint)
 
-    def forward(self, message: Forward) -> Computed:
-        import torch
-
-        from .models import forward_for_family
-
-        module, family = self.whole_model(message.fingerprint)
-        started = time.perf_counter()
-        with torch.inference_mode():
-            compiled = module.__dict__.get("_tandem_compiled")
-            out = forward_for_family(family)(module if compiled is None else compiled, message.call.to(self.device))
-        synchronize(self.device)
-        extra = {"rows": message.call.rows}
-        if compiled is not None:  # how many graphs torch.compile made in this worker so far (once per shape)
-            from torch._dynamo.utils import counters
-
-            extra["compiled_graphs"] = counters["stats"]["unique_graphs"]
-        return Computed(out, time.perf_counter() - started, extra=extra)
-
     def ping(self, message: Ping = None) -> dict:
         return {"pid": os.getpid()}
 
@@ -251,24 +243,18 @@ def run_setup(state: WorkerState, message: RunSetup) -> dict:
     return {}
 
 
-def timed_forward(state: WorkerState, message: TimedForward) -> Computed:
-    from .plan.timing import run_timed_forward
-
-    return run_timed_forward(state, message)
-
-
-HANDLERS = {Load: WorkerState.load, Unload: WorkerState.unload, Forward: WorkerState.forward,
-            TimedForward: timed_forward, Ping: WorkerState.ping, RunSetup: run_setup, Carry: WorkerState.carry,
-            HoldsWeights: holds_weights, StoreWeights: store_weights}
+# What every worker answers, whatever runs on it; the worker program adds model calls and strategies
+# (engine/worker.py's handlers()).
+RUNTIME_HANDLERS = {Load: WorkerState.load, Unload: WorkerState.unload, Ping: WorkerState.ping, RunSetup: run_setup,
+                    Carry: WorkerState.carry, HoldsWeights: holds_weights, StoreWeights: store_weights}
 
 
-def serve(channel, state: WorkerState) -> bool:
-    """Answers requests, one handler per message type, until told to shut down (returns False) or the host's
-    end closes (returns True: the host is gone, or tearing the pool down)."""
-    from . import strategies
+def serve(channel, state: WorkerState, handlers: dict) -> bool:
+    """Answers requests, one handler per message type (`handlers`: type -> handler(state, request)), until told to
+    shut down (returns False) or the host's end closes (returns True: the host is gone, or tearing the pool
+    down)."""
     from .transport import ChannelClosed
 
-    handlers = {**HANDLERS, **strategies.worker_handlers()}
     while True:
         try:
             request = channel.recv()
@@ -292,7 +278,8 @@ def serve(channel, state: WorkerState) -> bool:
         channel.send(reply)
 
 
-def main(argv=None) -> int:
+def main(argv, handlers: dict) -> int:
+    """The worker process: argv as pool.spawn_worker gives it; handlers: what it answers (serve)."""
     args = _parse_args(argv)
     if args.host_pid or args.pool_dir:
         threading.Thread(target=_watch, args=(args.host_pid, Path(args.pool_dir) if args.pool_dir else None, args.rank),
@@ -301,7 +288,7 @@ def main(argv=None) -> int:
         pin_to_cores(int(c) for c in args.cpus.split(","))
     authkey = bytes.fromhex(os.environ.pop("TANDEM_AUTHKEY", ""))
     if not authkey:
-        print("parallel_backend.worker: TANDEM_AUTHKEY is not set; workers are started by a WorkerPool",
+        print("parallel_backend.engine.worker: TANDEM_AUTHKEY is not set; workers are started by a WorkerPool",
               file=sys.stderr)
         return 2
 
@@ -335,14 +322,10 @@ def main(argv=None) -> int:
         state.weights_cache = WeightsCache(args.weights_cache, args.weights_cache_bytes)
     try:
         with repeating(args.test_slowdown):  # a test's slower card: for the worker's life, not per request
-            host_left = serve(channel, state)
+            host_left = serve(channel, state, handlers)
     finally:
         primitives.leave_group()
         channel.close()
         if host_left and args.pool_dir:  # a host that died cannot remove its pool's folder; one tearing down will
             shutil.rmtree(args.pool_dir, ignore_errors=True)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

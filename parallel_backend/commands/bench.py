@@ -15,15 +15,17 @@ import time
 
 import torch
 
-from . import slowdown, strategies, validation
-from .benchmodels import build_bench_model
-from .config import ParallelConfig
-from .engine import ParallelExecutor, sequence_hint
-from .mesh import check_job, resolve
-from .oracle import LoopResult, job_for, local_forward, psnr, run_once, sample_call
-from .pool import WorkerPool
-from .portable import cpu_cores, peak_memory_bytes
-from .runtime.devices import parse_devices, resolve_devices
+from ..runtime import slowdown, validation
+from .. import strategies
+from ..models.benchmodels import build_bench_model
+from ..engine.config import ParallelConfig
+from ..engine.pool_engine import sequence_hint
+from ..hosts.executor import ParallelExecutor
+from ..engine.mesh import check_job, resolve
+from ..engine.oracle import LoopResult, job_for, local_forward, psnr, run_once, sample_call
+from ..runtime.pool import WorkerPool
+from ..runtime.portable import cpu_cores, peak_memory_bytes
+from ..runtime.devices import parse_devices, resolve_devices
 
 MAX_RESOLUTION = 16384  # pixels per side
 MAX_REPEATS = 1000
@@ -202,7 +204,7 @@ def run_bench(model_name: str = "small", devices: str = "cpu:2", strategies_: tu
     results, disturbed = [], []
     other_load = _other_load()
     try:
-        from .plan.bench_check import Predictor
+        from ..plan.bench_check import Predictor
 
         predictor = Predictor(pool, model, resolution, steps, progress) if plan else None  # before any strategy runs
         for job in dict.fromkeys(job_for(s, cfg, images) for s in strategies_):  # each distinct job once, in order
@@ -276,7 +278,7 @@ def _with_speeds(config, mode: str | None):
 def _speeds_ideal(executor, balance: str | None) -> dict:
     """With --balance: the ideal of mixed devices, the sum of their measured speeds over the fastest alone (the
     serial reference), and those speeds; the speeds of the first model and shape the pool measured."""
-    from .speeds import speeds_of
+    from ..runtime.speeds import speeds_of
 
     measured = list(executor.engine.state("device speeds").values()) if balance else []  # one-row seconds
     if not measured:

@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from . import strategies
+from .. import strategies
 
 
 @dataclass(frozen=True)
@@ -167,3 +167,8 @@ def check_job(config, n_devices: int, guided: bool) -> Mesh:
         raise ValueError("cfg degree 2 needs cfg > 1; this job runs with cfg=1.0 (no uncond branch): use strategy "
                          "'batch' or 'auto'")
     return mesh
+
+
+def whole_on_rank_0(devices: int, why: str = "") -> Mesh:
+    """The whole call on rank 0 of a pool of `devices` (a row strategy at degree 1), the others idle."""
+    return Mesh("batch", 1, 1, (), devices, why)

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 
 import torch
 
-from . import validation
+from ..runtime import validation
 from .benchmodels_base import MAX_FRAMES, BenchModel, check_still_images
-from .models.diffusers_dit import family_named
+from .diffusers_dit import family_named
 
 FLOW_SHIFT = 3.0
 FLUX_TEXT_TOKENS = 256  # Flux.1-schnell's T5 length

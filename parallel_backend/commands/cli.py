@@ -7,10 +7,10 @@ import json
 import sys
 from pathlib import Path
 
-from . import validation
-from .config import AXES, strategy_choices
-from .hosts.pipelines import load_pipeline
-from .sampling import SCHEDULERS, GenerationRequest, Timer
+from ..runtime import validation
+from ..engine.config import AXES, strategy_choices
+from ..hosts.pipelines import load_pipeline
+from ..models.sampling import SCHEDULERS, GenerationRequest, Timer
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -28,7 +28,7 @@ def parallel_config(args):
     """The ParallelConfig the options ask for, or None for plain one-device sampling."""
     if args.devices is None:
         return None
-    from .config import ParallelConfig
+    from ..engine.config import ParallelConfig
 
     return ParallelConfig(args.devices, args.strategy, timeout_s=args.timeout, **strategy_knobs(args))
 
@@ -41,9 +41,9 @@ def strategy_knobs(args) -> dict:
 
 def explain(config, steps: int, guided: bool = True) -> str:
     """What each device does at each call under `config`, in the strategy's own words, for --explain."""
-    from . import strategies
-    from .mesh import resolve
-    from .runtime.devices import resolve_devices
+    from .. import strategies
+    from ..engine.mesh import resolve
+    from ..runtime.devices import resolve_devices
 
     devices = list(resolve_devices(config.device_list))
     mesh = resolve(config, len(devices), 2 if guided else 1)
@@ -74,7 +74,7 @@ def check_generate_options(args) -> GenerationRequest:
         raise UsageError("--strategy, --stages, --ulysses and --ring split the work over --devices: give --devices "
                          "too (e.g. cpu:2)")
     if args.model is not None:
-        from .hosts.diffusers import pipeline_class_name
+        from ..hosts.diffusers import pipeline_class_name
 
         pipeline_class_name(args.model)  # fail on a bad folder before anything heavy loads
     return request_for(args, args.cfg if args.cfg is not None else 1.0)
@@ -88,7 +88,7 @@ def request_for(args, cfg: float) -> GenerationRequest:
 def check_split(config, devices: int, cfg: float):
     """The mesh `config` gives a job at `cfg` on `devices` devices; says in one line when the job runs on one
     device, with nothing split. Starts nothing."""
-    from .mesh import check_job
+    from ..engine.mesh import check_job
 
     mesh = check_job(config, devices, cfg != 1.0)
     if mesh.size == 1:
@@ -98,7 +98,7 @@ def check_split(config, devices: int, cfg: float):
 
 
 def cmd_generate(args) -> int:
-    from .runtime.devices import resolve_devices
+    from ..runtime.devices import resolve_devices
 
     request = check_generate_options(args)
     out = Path(args.out)
@@ -157,9 +157,9 @@ def check_plan_options(args) -> tuple:
     """Every option of `tandem plan`, before the model is built: (link or None to measure it, cfg, resolution or
     None, devices)."""
     from .bench import parse_resolution
-    from .benchmodels import check_bench_model_name
-    from .plan.links import CPU_DEFAULT, CUDA_DEFAULT, PROBE, link_named
-    from .runtime.devices import parse_devices, resolve_devices
+    from ..models.benchmodels import check_bench_model_name
+    from ..plan.links import CPU_DEFAULT, CUDA_DEFAULT, PROBE, link_named
+    from ..runtime.devices import parse_devices, resolve_devices
 
     check_bench_model_name(args.model)
     link = link_named(args.link) if args.link not in (None, PROBE) else None
@@ -176,13 +176,13 @@ def check_plan_options(args) -> tuple:
 
 def cmd_plan(args) -> int:
     from .bench import DTYPES, parse_resolution
-    from .benchmodels import build_bench_model
-    from .plan import report
-    from .plan.calibrate import HOST_OVERHEAD_S
-    from .plan.choose import choose
-    from .plan.measure import measure_inputs
-    from .plan.model import candidates
-    from .plan.probe import probe_devices
+    from ..models.benchmodels import build_bench_model
+    from ..plan import report
+    from ..plan.calibrate import HOST_OVERHEAD_S
+    from ..plan.choose import choose
+    from ..plan.measure import measure_inputs
+    from ..plan.model import candidates
+    from ..plan.probe import probe_devices
 
     link, cfg, resolution, devices = check_plan_options(args)
     kind = "cpu" if devices[0] == "cpu" else "cuda"
@@ -216,11 +216,11 @@ def cmd_plan(args) -> int:
 def cmd_demo(args) -> int:
     validation.whole_number("--port", args.port, 1, 65535)
     if args.model is not None:
-        from .hosts.diffusers import pipeline_class_name
+        from ..hosts.diffusers import pipeline_class_name
 
         pipeline_class_name(args.model)  # before gradio loads
     try:
-        from .demo.app import serve
+        from ..demo.app import serve
     except ImportError as exc:
         raise UsageError(f"tandem demo needs gradio: pip install 'comfyui-tandem[demo]' ({exc})") from None
     serve(args.host, args.port, args.model)
@@ -298,7 +298,7 @@ def cmd_workflow_compare(args) -> int:
 
 
 def cmd_worker_serve(args) -> int:
-    from . import serve
+    from ..runtime import serve
 
     return serve.main(args.listen, args.devices, args.secret_file, args.interface, args.comfyui, args.cache_dir,
                       args.cache_size)
@@ -352,7 +352,7 @@ def _add_knob_options(parser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .plan.links import PROBE, PROFILES
+    from ..plan.links import PROBE, PROFILES
 
     parser = _Parser(prog="tandem", description="Tandem: multi-device diffusion sampling.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)

@@ -66,7 +66,7 @@ def build_bench_model(name: str, dtype: torch.dtype = torch.float32, frames: int
         return TRANSFORMERS[name](dtype, frames)
     check_still_images(name, frames)
     if name == "tiny":
-        from .tiny.model import TinyDigitsModel
+        from ..tiny.model import TinyDigitsModel
 
         model = TinyDigitsModel.load()
         return BenchModel(name, model.unet if dtype == torch.float32 else model.unet.to(dtype), (model.config["text"]["max_length"], model.config["text"]["width"]),

@@ -7,9 +7,9 @@ from contextlib import contextmanager, nullcontext
 
 import torch
 
-from .. import validation
-from ..sampling import Generation, GenerationRequest, Timer, denoise, initial_noise, make_scheduler
-from .model import TinyDigitsModel
+from ..runtime import validation
+from ..models.sampling import Generation, GenerationRequest, Timer, denoise, initial_noise, make_scheduler
+from ..tiny.model import TinyDigitsModel
 
 
 def pixels_to_images(pixels: torch.Tensor, upscale: int = 8) -> list:
@@ -45,8 +45,8 @@ class TinyDigitsPipeline:
     @contextmanager
     def parallel(self, config, pool=None):
         """Within the block, every UNet call runs on a pool (`pool`, or one started for `config.devices`)."""
-        from ..engine import ParallelExecutor
-        from ..pool import WorkerPool
+        from .executor import ParallelExecutor
+        from ..runtime.pool import WorkerPool
 
         owned = pool is None
         pool = pool or WorkerPool(config.devices, timeout_s=config.timeout_s)
@@ -62,7 +62,7 @@ class TinyDigitsPipeline:
     def _denoiser(self, cfg: float):
         if self.executor is None:
             return lambda x, t, context: self.unet(x, t, encoder_hidden_states=context).sample
-        from ..calls import ModelCall
+        from ..runtime.calls import ModelCall
         from ..models.diffusers_unet import FAMILY
 
         index = iter(range(1 << 62))

@@ -4,7 +4,7 @@
 It listens on the given address only, over TLS, and serves a host that proves the shared secret (secure.py;
 every other connection is refused, logged, and the daemon goes on). The host's Join names the ranks and
 devices it wants; the daemon checks that both machines run the same versions, then starts one ordinary pool
-worker per device (`python -m parallel_backend.worker`, the same program as on the host) that connects back to
+worker per device (`python -m parallel_backend.engine.worker`, the same program as on the host) that connects back to
 the host's listener over TLS. While the host is there the daemon reports its workers' state every
 STATUS_PERIOD_S; when the host goes (its connection closes, or it is silent for LINK_TIMEOUT_S) the daemon
 kills the workers and removes their folder, then waits for the next host. Workers watch the daemon's process
@@ -27,12 +27,12 @@ from . import pool_files
 from .messages import Join, KeepAlive, KillWorkers, MachineStatus, Reply, WorkerStatus
 from .pool import core_shares, spawn_worker
 from .remote import STATUS_PERIOD_S, interface_of, link_timeout_s, versions
-from .runtime.devices import parse_devices, resolve_devices, split_device
-from .runtime.worker_handle import log_tail
+from .devices import parse_devices, resolve_devices, split_device
+from .worker_handle import log_tail
 from .secure import HandshakeError, accept_tls, certificate_for, read_secret, server_context
 from .transport import HANDSHAKE_TIMEOUT_S, Channel, ChannelClosed
 from .weights_cache import DEFAULT_SIZE_GIB, WeightsCache, cache_size_bytes, default_cache_dir
-from .worker import heartbeat_path
+from .worker_loop import heartbeat_path
 
 log = logging.getLogger("tandem")
 

@@ -24,9 +24,9 @@ import time
 from pathlib import Path
 
 from .messages import Join, KeepAlive, KillWorkers, MachineStatus
-from .runtime.devices import PoolUnavailable, remote_machines, split_device
-from .runtime.version import __version__
-from .runtime.worker_handle import WorkerHandle
+from .devices import PoolUnavailable, remote_machines, split_device
+from .version import __version__
+from .worker_handle import WorkerHandle
 from .secure import HandshakeError, certificate_for, connect_tls, server_context
 from .store_relay import StoreServer
 from .transport import HANDSHAKE_TIMEOUT_S, Channel, ChannelClosed, Listener

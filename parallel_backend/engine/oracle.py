@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import strategies
-from .calls import ModelCall
-from .models import forward_for_family
-from .models.stages import synchronize
-from .sampling import denoise, initial_noise
+from .. import strategies
+from ..runtime.calls import ModelCall
+from ..models import forward_for_family
+from ..models.stages import synchronize
+from ..models.sampling import denoise, initial_noise
 
 CFG_SCALE = 7.5
 

@@ -1,11 +1,12 @@
 """The engine: one long-lived object per worker pool that turns model calls into work for the pool's devices.
 
 `engine_for(pool)` gives the pool's one Engine. It resolves each call's mesh (a named strategy: `mesh.resolve`;
-`auto`: the plan's choice per model and shape, plan/calibrate.py), asks the strategy for per-rank work, sends
+`auto`: the plan's choice per model and shape, given as `planner`), asks the strategy for per-rank work, sends
 it, and hands the replies back to the strategy to gather. What must outlive a call lives here, per pool, behind
 one lock: each strategy's state (asyncdiff's measured profiles and the stage setup the workers hold), auto's
-choices, job numbers, what the log was already told. Hosts hold a
-`ParallelExecutor`: a config plus the host's own job tracking, bound to the pool's engine.
+choices (kept by the plan in `state("auto")`: plan.calibrate.auto_plans), job numbers, what the log was already
+told. Hosts hold a `hosts.executor.ParallelExecutor`: a config plus the host's own job tracking, bound to the
+pool's engine, which hands the engine auto's planner with each call.
 
 Jobs queue: a host thread inside `executor.job()` owns the engine until its sampling run ends (asyncdiff keeps
 state between the calls of a job, and a second model's calls would swap models under it); calls made outside
@@ -18,18 +19,17 @@ import itertools
 import logging
 import threading
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
-from . import strategies
-from .calls import ModelCall
+from .. import strategies
+from ..models import sequence_refusal, sequence_whole_rows
+from ..runtime.calls import ModelCall
+from ..runtime.devices import resolve_devices
+from ..runtime.messages import TimedForward
+from ..strategies.base import join_rows
 from .config import ParallelConfig
-from .mesh import Mesh, SequenceHint, check_job, fit, resolve, whole_rows
-from .messages import TimedForward
-from .models import sequence_refusal, sequence_whole_rows
-from .plan.calibrate import AutoPlans, whole_on_rank_0
-from .runtime.devices import resolve_devices
-from .speeds import sized_mesh
-from .strategies.base import join_rows
+from .mesh import Mesh, SequenceHint, fit, resolve, whole_on_rank_0, whole_rows
+from .sizing import sized_mesh
 
 log = logging.getLogger("tandem")
 _ENGINES_LOCK = threading.Lock()
@@ -56,7 +56,6 @@ class Engine:
         self._states: dict[str, dict] = {}
         self._job_numbers = itertools.count(1)
         self._said: set[str] = set()
-        self.auto = AutoPlans()  # auto's choices per call key
         self.last_mesh: Mesh | None = None  # the mesh the last call ran on
 
     def state(self, owner: str) -> dict:
@@ -94,11 +93,16 @@ class Engine:
         return {rank: reply.value for rank, reply in replies.items()}
 
     def run(self, module, family: str, call: ModelCall, config: ParallelConfig,
-            fingerprint: str | None = None, recipe=None) -> CallResult:
+            fingerprint: str | None = None, recipe=None, planner=None) -> CallResult:
         """Runs one model call on the pool as `config` says; ships the model first if the workers lack it (as
         its recipe where the host gives one: WorkerPool.ensure_model).
-        auto: the first two calls of a key run whole on rank 0, the second measured, and choose the key's mesh for
-        the calls after them (plan/calibrate.py)."""
+        planner: auto's choices for this engine (plan.calibrate.auto_plans(engine), given by the host: the plan
+        sits above the engine). auto: the first two calls of a key run whole on rank 0, the second measured, and
+        choose the key's mesh for the calls after them; the planner also costs a slow device's share
+        (sizing.sized_mesh). Without one, `auto` is refused and a slow device is judged by its rows alone."""
+        if config.strategy == "auto" and planner is None and self.device_count() > 1:
+            raise ValueError("strategy 'auto' needs auto's planner: run calls through hosts.executor.ParallelExecutor "
+                             "or pass planner=plan.calibrate.auto_plans(engine)")
         with self._lock:
             self.pool.rejoin_missing(call.job)  # a job's first call: a machine left out may be back
             self.pool.start()  # before the mesh: a machine that cannot be reached leaves fewer devices
@@ -129,12 +133,12 @@ class Engine:
                 mesh = self._named_mesh(config, call, hint)
             fingerprint = self.pool.ensure_model(module, family, fingerprint, recipe)
             if planned:
-                key = self.auto.key(fingerprint, call, hint is not None, self.device_count())
-                mesh = self.auto.mesh(key) or self.auto.warm_up(key, self.device_count())
+                key = planner.key(fingerprint, call, hint is not None, self.device_count())
+                mesh = planner.mesh(key) or planner.warm_up(key, self.device_count())
                 if mesh is None:
-                    return self._measure_and_choose(family, call, fingerprint, hint, key)
+                    return self._measure_and_choose(planner, family, call, fingerprint, hint, key)
             self._say_once(mesh)
-            mesh = sized_mesh(self, mesh, config, fingerprint, call)
+            mesh = sized_mesh(self, mesh, config, fingerprint, call, planner)
             strategy = strategies.get(mesh.strategy)
             work = strategy.plan(self, call, mesh, config, fingerprint)
             computed = self.request(work, _label(call), collective=strategy.collective,
@@ -157,33 +161,20 @@ class Engine:
                       f"while {', '.join(self.pool.left_out)} is away: {mesh.describe()} instead (exact)")
         return mesh
 
-    def _measure_and_choose(self, family: str, call: ModelCall, fingerprint: str, hint, key) -> CallResult:
+    def _measure_and_choose(self, planner, family: str, call: ModelCall, fingerprint: str, hint, key) -> CallResult:
         """auto's measured call of a key: the whole call on rank 0, timed there (its output is the call's); the
         key's mesh chosen from it and said in the log."""
         message = TimedForward(fingerprint, call, attentions=hint is not None)
         computed = self.request({0: message}, f"{_label(call)}, measured on one device for auto",
                                 kind=_kind(fingerprint, "auto's measured call", call))[0]
         devices = list(self.pool.devices)
-        figures = self.auto.device_figures(self, fingerprint, call)
-        for note in self.auto.decide(key, family, call, computed, hint, devices, figures).notes:
+        figures = planner.device_figures(self, fingerprint, call)
+        for note in planner.decide(key, family, call, computed, hint, devices, figures).notes:
             self._say(note)
         self.pool.stats.calls += 1
         self.last_mesh = whole_on_rank_0(len(devices))
         return CallResult(join_rows([computed.out], call.x), self.last_mesh, {0: computed.compute_s},
                           {0: computed.wait_s}, computed.bytes_sent, {0: computed.extra})
-
-    def plan_auto_with(self, **given) -> None:
-        """The plan takes these figures instead of the pool's measured ones (auto's choice, and which slow device
-        sits out, speeds.sized_mesh), from the next call of every key on: `link` (a plan.links.Link),
-        `contention`, `overhead_s`, `seconds_per_row` (one device's time per row of auto's measured call; none:
-        all measured)."""
-        unknown = set(given) - {"link", "contention", "overhead_s", "seconds_per_row"}
-        if unknown:
-            raise ValueError(f"plan_auto_with takes link, contention, overhead_s and seconds_per_row; got "
-                             f"{', '.join(sorted(unknown))}")
-        with self._lock:
-            self.auto = AutoPlans()
-            self.auto.given = {k: v for k, v in given.items() if v is not None}
 
     def _say_once(self, mesh: Mesh) -> None:
         """Logs, once each, which devices sit out (auto's choices say why in their own line)."""
@@ -216,7 +207,7 @@ def _kind(fingerprint: str, how: str, call: ModelCall) -> tuple:
 def sequence_hint(module, family: str) -> SequenceHint | None:
     """What the mesh needs of a model whose family can split its token sequence (its attention heads); None for
     one that cannot."""
-    from .models import attention_heads, sequence_runner
+    from ..models import attention_heads, sequence_runner
 
     if sequence_runner(family) is None:
         return None
@@ -230,59 +221,3 @@ def engine_for(pool) -> Engine:
         if engine is None:
             engine = pool._tandem_engine = Engine(pool)
         return engine
-
-
-class JobTracker:
-    """Step and job numbers for hosts that do not say them: a step is a change of timestep (a sampler that
-    calls the model twice per step repeats it), a new job begins when the timestep rises or `new_job()`."""
-
-    def __init__(self, engine: Engine):
-        self.engine = engine
-        self.new_job()
-
-    def new_job(self) -> None:
-        self.job, self.step, self.last_t = self.engine.next_job(), -1, None
-
-    def place(self, call: ModelCall) -> ModelCall:
-        t = float(call.t.reshape(-1)[0]) if call.t.numel() else 0.0
-        if call.job is None and self.last_t is not None and t > self.last_t:
-            self.new_job()
-        if call.step is None and t != self.last_t:
-            self.step += 1
-        self.last_t = t
-        return replace(call, step=call.step if call.step is not None else self.step,
-                       job=call.job if call.job is not None else self.job)
-
-
-class ParallelExecutor:
-    """A host's handle on a pool: `executor(module, family, call[, fingerprint]) -> output`, split per `config`.
-    `run(...)` returns the CallResult with the call's figures."""
-
-    def __init__(self, pool, config: ParallelConfig):
-        self.pool, self.config = pool, config
-        self.engine = engine_for(pool)
-        self.jobs = JobTracker(self.engine)
-
-    def check_job(self, guided: bool) -> Mesh:
-        """The mesh of a job's calls; refuses a job the config cannot serve (e.g. cfg at cfg = 1) before work
-        (a pool not started yet stays so: its devices are counted, not started). The devices counted are those
-        the pool names, also while it runs without a machine it could not reach (its calls then fit the devices
-        left: Engine._named_mesh)."""
-        return check_job(self.config, len(resolve_devices(self.pool.requested_devices)), guided)
-
-    def new_job(self) -> None:
-        """The next call starts a new sampling run (fresh stale state for approximate strategies)."""
-        self.jobs.new_job()
-
-    @contextmanager
-    def job(self):
-        """One sampling run: a new job whose calls no other thread's calls interleave with (they wait)."""
-        with self.engine.job():
-            self.jobs.new_job()
-            yield self
-
-    def run(self, module, family: str, call: ModelCall, fingerprint: str | None = None, recipe=None) -> CallResult:
-        return self.engine.run(module, family, self.jobs.place(call), self.config, fingerprint, recipe)
-
-    def __call__(self, module, family: str, call: ModelCall, fingerprint: str | None = None):
-        return self.run(module, family, call, fingerprint).out

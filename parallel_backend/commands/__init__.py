@@ -1,0 +1,1 @@
+"""Surfaces run from a shell: the CLI, bench and the workflow commands."""

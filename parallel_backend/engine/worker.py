@@ -1,0 +1,51 @@
+"""The worker program: `python -m parallel_backend.engine.worker --connect HOST:PORT --rank R --world N --device D ...`.
+
+One process per device (runtime/pool.py starts it by this module's name: a process boundary, not an import).
+runtime/worker_loop.py is the process (authentication, the process group, the watchdog, the request loop); this
+module adds what the engine asks of a worker: a model call whole on this device (Forward), auto's timed call
+(TimedForward), and each strategy's own requests.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from .. import strategies
+from ..models import forward_for_family
+from ..models.stages import synchronize
+from ..runtime.messages import Computed, Forward, TimedForward
+from ..runtime.worker_loop import RUNTIME_HANDLERS, WorkerState
+from ..runtime.worker_loop import main as run_worker
+from .timing import run_timed_forward
+
+
+def forward(state: WorkerState, message: Forward) -> Computed:
+    """The whole model call on this worker's device (put back whole first if a strategy had split the model)."""
+    import torch
+
+    module, family = state.whole_model(message.fingerprint)
+    started = time.perf_counter()
+    with torch.inference_mode():
+        compiled = module.__dict__.get("_tandem_compiled")
+        out = forward_for_family(family)(module if compiled is None else compiled, message.call.to(state.device))
+    synchronize(state.device)
+    extra = {"rows": message.call.rows}
+    if compiled is not None:  # how many graphs torch.compile made in this worker so far (once per shape)
+        from torch._dynamo.utils import counters
+
+        extra["compiled_graphs"] = counters["stats"]["unique_graphs"]
+    return Computed(out, time.perf_counter() - started, extra=extra)
+
+
+def handlers() -> dict:
+    """Message type -> handler(state, request): the runtime's, model calls, and every registered strategy's."""
+    return {**RUNTIME_HANDLERS, Forward: forward, TimedForward: run_timed_forward, **strategies.worker_handlers()}
+
+
+def main(argv=None) -> int:
+    return run_worker(argv, handlers())
+
+
+if __name__ == "__main__":
+    sys.exit(main())
