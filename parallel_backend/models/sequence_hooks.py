@@ -24,9 +24,12 @@ RETURN = "return"
 def attribute(obj, path: str):
     """`obj`'s attribute at a dotted path ("config.num_attention_heads", "blocks.-1"); None where one is absent."""
     for name in path.split(".") if path else ():
+        try:
+            obj = obj[int(name)] if name.lstrip("-").isdigit() else getattr(obj, name, None)
+        except IndexError:
+            return None
         if obj is None:
             return None
-        obj = obj[int(name)] if name.lstrip("-").isdigit() else getattr(obj, name, None)
     return obj
 
 
@@ -39,18 +42,9 @@ def sites(model, pattern: str) -> list[tuple[str, object]]:
     """(path, object) of every module or method of `model` matching `pattern` ("*": every child), in order."""
     found = [("", model)]
     for name in pattern.split("."):
-        step = []
-        for path, obj in found:
-            if name == "*":
-                step += [(f"{path}.{i}".lstrip("."), child) for i, child in enumerate(obj)]
-            else:
-                try:
-                    child = attribute(obj, name)
-                except IndexError:
-                    child = None
-                if child is not None:
-                    step.append((f"{path}.{name}".lstrip("."), child))
-        found = step
+        found = [(f"{path}.{key}".lstrip("."), child) for path, obj in found
+                 for key, child in (enumerate(obj) if name == "*" else [(name, attribute(obj, name))])
+                 if child is not None]
     return found
 
 
@@ -142,11 +136,11 @@ class SplitCall:
         out for the group, per-token ones are cut."""
         named = dict(named)
         self.refuse(named, "")
-        given = {stream: named.pop(name, None) for name, stream in self.row.key_masks.items()}
+        given = {name: named.pop(name, None) for name in self.row.key_masks}
         for name, cut in self.row.cuts.get("", {}).items():
             _write(named, name, self.cut(_read(named, name), cut, name))
-        for (name, stream), mask in zip(self.row.key_masks.items(), given.values()):
-            self._key_mask(name, stream, mask)
+        for name, stream in self.row.key_masks.items():
+            self._key_mask(name, stream, given[name])
         return named
 
     def _key_mask(self, name: str, stream: str, mask) -> None:
@@ -191,7 +185,8 @@ class SplitCall:
         self.route.shards = cuts[0] if len(cuts) == 1 else tuple(cuts)
         self.route.key_mask = self.key_mask(attend.streams)
         if self.route.key_mask is not None and len(cuts) > 1:
-            raise ValueError(f"sequence parallel: {path} issues two attentions and the call has a key mask")
+            raise ValueError(f"sequence parallel: {path} issues two attentions, and a key mask is known for one cut "
+                             "only; run this call without a sequence split")
         self.route.arm(path)
 
 
@@ -237,7 +232,7 @@ def _hooked(split: SplitCall, at: str, path: str, site):
         inputs = _Inputs(function, args, kwargs)
         split.refuse(inputs, at)
         for name, stream in lengths.items():
-            inputs.set(name, split.lengths[stream])
+            inputs[name] = split.lengths[stream]
         for name, cut in before.items():
             _write(inputs, name, split.cut(_read(inputs, name), cut, f"{path} {name}"))
         return inputs.arguments()
@@ -290,10 +285,7 @@ class _Inputs:
             return self.bound.arguments.get(name, default)
         return self.bound.arguments.get(self.catch_all, {}).get(name, default)
 
-    def __setitem__(self, name, value):
-        self.set(name, value)
-
-    def set(self, name, value) -> None:
+    def __setitem__(self, name, value) -> None:
         if name in self.bound.signature.parameters and name != self.catch_all:
             self.bound.arguments[name] = value
         elif self.catch_all is None:

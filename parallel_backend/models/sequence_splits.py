@@ -17,7 +17,8 @@ The vocabulary (after diffusers' context-parallel plans, `_cp_plan`):
 - A site is where something is cut or gathered: "" (the call's own inputs and output), a module path
   ("blocks.0", "transformer_blocks.*" for every block, "single_blocks.-1"), or a method of the model
   (ComfyUI's `forward_orig`), which is replaced for the call. At a site, an input is named as the module's
-  forward names it ("pe.0": item 0 of input `pe`), an output as "return" or "return.<item>".
+  forward names it ("pe.0": item 0 of input `pe`), an output as "return" or "return.<item>". What a row does
+  not cut stays whole on every rank (per-call values: timestep embeddings, pooled text, guidance).
 - A stream is a named token sequence ("text", "image"): its length is taken from the first tensor cut with
   it, and every later one must have that length. Each rank holds piece r of every stream (`Shards`); a cut or
   gather over a tuple of streams is over their joint sequence, in that order.
