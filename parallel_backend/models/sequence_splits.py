@@ -11,7 +11,8 @@ contiguous shard of each token stream computes exactly those rows of the whole c
 any split (strategies/sequence/shards.py). What is per token (positions, RoPE tables, per-token modulation, a
 key mask) must follow the same cut as its tokens. BOTH streams of a joint text + image attention are cut: the
 text tokens pass through every block beside the image tokens (Flux.1: 512 of 4608 at 1024 px), so keeping
-them whole would leave that share undivided on every rank. Uneven lengths are uneven shards, never padding.
+them whole would leave that share undivided on every rank. Uneven lengths are uneven shards, not padding
+(save a stream that a layer cannot take empty: a row's `short`).
 
 The vocabulary (after diffusers' context-parallel plans, `_cp_plan`):
 - A site is where something is cut or gathered: "" (the call's own inputs and output), a module path
