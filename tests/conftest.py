@@ -151,6 +151,37 @@ def tiny_sdxl_folder(tmp_path_factory):
     return build_tiny_sdxl_pipeline(tmp_path_factory.mktemp("tiny_sdxl"))
 
 
+@pytest.fixture
+def gloo_ranks(tmp_path):
+    """`run(script, world)`: `script` (python -c) in `world` processes; argv: rank, world, a gloo rendezvous and
+    the tests folder. Returns each rank's stdout as JSON lines; a rank that fails fails the test."""
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, GLOO_SOCKET_IFNAME="lo",
+               PYTHONPATH=os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")]))
+
+    def run(script: str, world: int) -> list[list[dict]]:
+        arguments = [str(world), f"file://{tmp_path}/rdzv", str(repo / "tests")]
+        ranks = [subprocess.Popen([sys.executable, "-c", script, str(r), *arguments], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True, env=env) for r in range(world)]
+        try:
+            outputs = []
+            for r, process in enumerate(ranks):
+                out, err = process.communicate(timeout=120)
+                assert process.returncode == 0, f"rank {r}:\n{out}\n{err}"
+                outputs.append([json.loads(line) for line in out.splitlines()])
+            return outputs
+        finally:
+            for process in ranks:
+                if process.poll() is None:
+                    process.kill()
+                    process.wait(timeout=10)
+
+    return run
+
+
 @pytest.fixture(scope="module")
 def cpu_pool():
     """Two CPU workers, started once per test module and shut down after it."""

@@ -1,5 +1,6 @@
-"""The ComfyUI sequence split's host-independent parts (models/comfy_sequence/): the attention override that
-ComfyUI's attention hands its calls to, ComfyUI's masks as key masks, per-frame modulation spread over tokens.
+"""The ComfyUI sequence split's host-independent parts (models/comfy_sequence/, sequence_hooks.py): the attention
+override that ComfyUI's attention hands its calls to, ComfyUI's masks as key masks, per-frame modulation spread
+over tokens.
 Pure: a sequence group of degree 1 exchanges nothing. The split itself, on every family, against the stock
 KSampler: tests/comfy/test_sequence_families.py.
 """
@@ -10,7 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from parallel_backend.models import comfy_dit, comfy_sequence, sequence_runner
+from parallel_backend.models import attention_route, comfy_dit, comfy_sequence, sequence_runner, sequence_splits
+from parallel_backend.models.sequence_hooks import per_token
 from parallel_backend.strategies.sequence.group import SequenceGroup
 
 pytestmark = pytest.mark.pool
@@ -35,11 +37,10 @@ def _comfy_attention(q, k, v, heads, mask=None, attn_precision=None, skip_reshap
 @pytest.fixture
 def route():
     group = SequenceGroup("ring", (0,), 0, "cpu")
-    route = comfy_sequence._new_route(group)
-    route.shards = group.shards(2, L - 2)
-    token = comfy_sequence._ROUTE.set(route)
+    route = attention_route.Route(group, group.shards(2, L - 2))
+    token = attention_route.ROUTE.set(route)
     yield route
-    comfy_sequence._ROUTE.reset(token)
+    attention_route.ROUTE.reset(token)
 
 
 def test_unarmed_attention_is_comfys_own(route):
@@ -114,18 +115,17 @@ def test_a_shard_of_other_length_than_the_cut_is_refused(route):
 @pytest.mark.parametrize("frames, tokens", [(3, 12), (3, 10), (1, 5), (5, 5)])
 def test_per_frame_modulation_spreads_over_tokens_as_wan_does(frames, tokens):
     table = torch.arange(frames, dtype=torch.float32).reshape(1, frames, 1).expand(2, frames, 4)
-    spread = comfy_sequence._per_token(table, tokens)
+    spread = per_token(table, tokens)
     assert spread.shape == (2, tokens, 4)
     # Wan's repeat_e: repeats = tokens // frames (one more when it does not divide), then cut to the tokens
     repeats = tokens // frames + (tokens % frames > 0)
     assert torch.equal(spread, torch.repeat_interleave(table, repeats, dim=1)[:, :tokens])
 
 
-def test_every_comfy_dit_family_has_a_sequence_split_and_its_heads():
+def test_every_comfy_dit_family_has_a_sequence_split_row():
     for family in comfy_dit.FAMILIES:
         if family.adapter == comfy_dit.ADAPTER:
-            assert sequence_runner(family.wire) is comfy_sequence.RUNNERS[family.name], family.name
-            assert family.name in comfy_sequence.HEADS
+            assert sequence_runner(family.wire).args == (sequence_splits.COMFY[family.name],), family.name
     assert sequence_runner("comfy_unet") is None
 
 
@@ -134,8 +134,12 @@ def test_controlnet_residuals_are_refused_before_the_model_runs():
 
     call = ModelCall(torch.zeros(1, 4, 2, 2), torch.zeros(1), None, extras={"control": {"input": [torch.zeros(1)]}})
     group = SequenceGroup("ring", (0,), 0, "cpu")
+    model = torch.nn.Module()
+    model.num_heads, model.blocks, model.head = 2, torch.nn.ModuleList([torch.nn.Module()]), torch.nn.Identity()
+    model.blocks[0].self_attn = torch.nn.Identity()  # a Wan by its row's paths, never called
+    model.forward = _unreachable
     with pytest.raises(ValueError, match="ControlNet residuals .* use cfg or batch"):
-        comfy_sequence._call(_unreachable, call, group, [], comfy_sequence._new_route(group))
+        comfy_sequence.runner("wan")(model, call, group)
 
 
 @pytest.mark.parametrize("family, extras, says", [

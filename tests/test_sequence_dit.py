@@ -8,11 +8,6 @@ failed one."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -24,7 +19,6 @@ from parallel_backend.strategies.sequence.group import SequenceGroup
 
 pytestmark = pytest.mark.pool
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 def tiny_flux(heads: int = 6):
@@ -161,23 +155,8 @@ primitives.leave_group()
 
 @pytest.mark.slow
 @pytest.mark.parametrize("world", [2, 3])
-def test_transformers_split_over_ranks_equal_one_process(tmp_path, world):
-    env = dict(os.environ, GLOO_SOCKET_IFNAME="lo",
-               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-    arguments = [str(world), f"file://{tmp_path}/rdzv", str(REPO / "tests")]
-    ranks = [subprocess.Popen([sys.executable, "-c", RANK_SCRIPT, str(r), *arguments], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, env=env) for r in range(world)]
-    try:
-        outputs = []
-        for r, process in enumerate(ranks):
-            out, err = process.communicate(timeout=120)
-            assert process.returncode == 0, f"rank {r}:\n{out}\n{err}"
-            outputs.append([json.loads(line) for line in out.splitlines()])
-    finally:
-        for process in ranks:
-            if process.poll() is None:
-                process.kill()
-                process.wait(timeout=10)
+def test_transformers_split_over_ranks_equal_one_process(gloo_ranks, world):
+    outputs = gloo_ranks(RANK_SCRIPT, world)
     per_attention = {"ulysses": 2, "ring": world - 1}  # then one gather of the output
     for results in outputs:
         assert len(results) == 2 * len(cases())
@@ -229,7 +208,7 @@ def test_an_sd3_attention_processor_other_than_the_stock_one_is_refused_before_c
     model = tiny_sd3()
     model.transformer_blocks[1].attn.set_processor(PAGJointAttnProcessor2_0())
     before = untouched(model)
-    with pytest.raises(ValueError, match="block 1 attn is PAGJointAttnProcessor2_0; only diffusers' JointAttn"):
+    with pytest.raises(ValueError, match="transformer_blocks.1.attn is PAGJointAttnProcessor2_0; only diffusers' Joint"):
         run_sequence_parallel(model, sd3_call(1, 2, 3, 3), SequenceGroup("ring", (0,), 0, "cpu"))
     assert untouched(model) == before
 

@@ -97,13 +97,13 @@ def test_ulysses_refuses_heads_that_do_not_divide_and_names_ring(pool):
 @pytest.mark.parametrize("strategy", ["ulysses", "ring", "usp"])
 def test_sequence_strategies_refuse_unets_and_families_without_a_split_before_any_work(strategy, monkeypatch):
     from parallel_backend import strategies
-    from parallel_backend.models import comfy_dit, comfy_sequence, diffusers_dit
+    from parallel_backend.models import comfy_dit, diffusers_dit, sequence_splits
 
     with pytest.raises(ValueError, match="token sequence of transformers \\(DiTs\\) only, and this model is a UNet"):
         strategies.get(strategy).check_family("diffusers_unet")
     for family in (*comfy_dit.FAMILIES[1:], *diffusers_dit.FAMILIES):  # every transformer family has a split
         strategies.get(strategy).check_family(family.wire)
-    monkeypatch.delitem(comfy_sequence.RUNNERS, "sd3")  # a family added without one
+    monkeypatch.delitem(sequence_splits.COMFY, "sd3")  # a family added without a row
     with pytest.raises(ValueError, match="no sequence split for sd3 models in ComfyUI yet"):
         strategies.get(strategy).check_family("comfy_dit:sd3")
 

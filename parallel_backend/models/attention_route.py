@@ -1,17 +1,17 @@
 """Which attentions of a model call a sequence-parallel group computes: those issued inside marked modules.
 
-A host's attention entry point (diffusers' `dispatch_attention_fn`, ComfyUI's `optimized_attention_override`)
-is redirected for the call by the model adapter; the redirect asks the call's `Route` whether the attention at
-hand belongs to the group. Marked modules (a family's self- or joint-attention modules, or whole blocks) arm
-the route on entry and disarm it on exit (module hooks), and each run of one must issue exactly the attentions
-it splits (one, or one per entry of a tuple of cuts: SD3.5's blocks issue a joint and an image-only one). A
-module that issued fewer or more (an IP-adapter, a custom attention) raises instead of computing a wrong
-result; every attention outside a marked module is the host's own.
+A host's attention entry point (diffusers' `dispatch_attention_fn` or an attention processor, ComfyUI's
+`optimized_attention_override`) is redirected for the call by the model adapter; the redirect asks the call's
+`Route` (`current()`) whether the attention at hand belongs to the group. Marked modules (a family's self- or
+joint-attention modules, or whole blocks: the `Attend` entries of its row in sequence_splits.py) arm the route
+on entry and disarm it on exit (module hooks, sequence_hooks.py), and each run of one must issue exactly the
+attentions it splits (one, or one per entry of a tuple of cuts: SD3.5's blocks issue a joint and an image-only
+one). A module that issued fewer or more (an IP-adapter, a custom attention) raises instead of computing a
+wrong result; every attention outside a marked module is the host's own.
 """
 
 from __future__ import annotations
 
-from contextlib import ExitStack, contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 
@@ -55,14 +55,9 @@ class Route:
         return self.shards[self.issued - 1] if isinstance(self.shards, tuple) else self.shards
 
 
-@contextmanager
-def marked(modules, route: Route, current: ContextVar):
-    """While inside, `route` is `current`'s value and each of `modules` arms it for the length of its run."""
-    with ExitStack() as stack:
-        for index, module in enumerate(modules):
-            label = f"{type(module).__name__} {index}"
-            stack.enter_context(module.register_forward_pre_hook(lambda *_, label=label: route.arm(label)))
-            stack.enter_context(module.register_forward_hook(lambda *_: route.disarm()))
-        token = current.set(route)
-        stack.callback(current.reset, token)
-        yield route
+ROUTE: ContextVar[Route | None] = ContextVar("tandem_sequence_route", default=None)
+
+
+def current() -> Route | None:
+    """The running split call's route, None outside one."""
+    return ROUTE.get()

@@ -45,10 +45,10 @@ class Family:
 
     @property
     def sequence(self):
-        """`run(model, call, group)` with the token sequence split (models/comfy_sequence/), or None."""
-        from .comfy_sequence import RUNNERS
+        """`run(model, call, group)` with the token sequence split (its row in sequence_splits.COMFY), or None."""
+        from .comfy_sequence import runner
 
-        return RUNNERS.get(self.name)
+        return runner(self.name)
 
     @property
     def wire(self) -> str:

@@ -7,20 +7,16 @@ the family's own inputs. A tensor input whose first dim is the call's rows is pe
 it `shared` (Flux's positional ids are (tokens, 3): a token count equal to the rows must not cut them); a
 `row_lists` input is a plain list with one entry per row (Qwen-Image's per-image shapes).
 
-A family with a `sequence` runner can split its token sequence over a sequence-parallel group (Ulysses, ring):
-see diffusers_sequence.py.
+A family with a row in sequence_splits.py `DIFFUSERS` can split its token sequence over a sequence-parallel
+group (Ulysses, ring): see diffusers_sequence.py.
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
-
-from .diffusers_sequence import flux_sequence, wan_sequence
-from .diffusers_sequence_joint import qwen_image_sequence, sd3_sequence
 
 ADAPTER = "diffusers_dit"
 
@@ -33,7 +29,14 @@ class Family:
     pipelines: tuple[str, ...]  # diffusers pipeline class names that drive it
     shared: frozenset = frozenset()
     row_lists: frozenset = frozenset()
-    sequence: Callable | None = None  # (model, call, group) -> the whole output, tokens split over the group
+
+    @property
+    def sequence(self):
+        """`run(model, call, group)` with the token sequence split over the group (its row in
+        sequence_splits.DIFFUSERS), or None."""
+        from .diffusers_sequence import runner
+
+        return runner(self.name)
 
     @property
     def wire(self) -> str:
@@ -42,14 +45,13 @@ class Family:
 
 FAMILIES = (
     Family("flux", "Flux.1", ("FluxTransformer2DModel",), ("FluxPipeline",),
-           shared=frozenset({"img_ids", "txt_ids", "joint_attention_kwargs"}), sequence=flux_sequence),
+           shared=frozenset({"img_ids", "txt_ids", "joint_attention_kwargs"})),
     Family("sd3", "SD3 / SD3.5", ("SD3Transformer2DModel",), ("StableDiffusion3Pipeline",),
-           shared=frozenset({"joint_attention_kwargs", "skip_layers"}), sequence=sd3_sequence),
+           shared=frozenset({"joint_attention_kwargs", "skip_layers"})),
     Family("wan", "Wan 2.1 / 2.2", ("WanTransformer3DModel",), ("WanPipeline", "WanImageToVideoPipeline"),
-           shared=frozenset({"attention_kwargs"}), sequence=wan_sequence),
+           shared=frozenset({"attention_kwargs"})),
     Family("qwen_image", "Qwen-Image", ("QwenImageTransformer2DModel",), ("QwenImagePipeline",),
-           shared=frozenset({"attention_kwargs"}), row_lists=frozenset({"img_shapes", "txt_seq_lens"}),
-           sequence=qwen_image_sequence),
+           shared=frozenset({"attention_kwargs"}), row_lists=frozenset({"img_shapes", "txt_seq_lens"})),
 )
 
 

@@ -4,7 +4,7 @@ classes, fixture_nodes/families.py), at cfg 1 (the case it exists for) and cfg >
 the degree does not divide) and on several video frames.
 
 Equality here proves the split ran: each worker computes only its shard of the tokens, and a split module that
-issued no group attention raises (models/comfy_sequence/), so a worker that skipped the exchange could not
+issued no group attention raises (models/attention_route.py), so a worker that skipped the exchange could not
 produce the stock latents.
 """
 

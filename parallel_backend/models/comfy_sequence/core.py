@@ -1,31 +1,47 @@
-"""What every ComfyUI family's sequence split shares: the attention override ComfyUI's attention hands its calls
-to, the call itself (the override in transformer_options, the marked modules, the family's hooks), and the
-refusals of what cannot be split by tokens."""
+"""The ComfyUI host of models/sequence_hooks.py: the call (the attention override in transformer_options), the
+attention override ComfyUI's attention hands its calls to, and the refusals of what cannot be split by tokens."""
 
 from __future__ import annotations
 
-from contextlib import ExitStack, contextmanager
-from contextvars import ContextVar
+from functools import partial
 
 import torch
 
-from ..attention_route import Route, marked
+from ..attention_route import current
+from ..sequence_hooks import applied, attribute, chosen, present
+from ..sequence_splits import COMFY
 
 OVERRIDE = "optimized_attention_override"
+VIA = "ComfyUI's optimized_attention"
 
 
-_ROUTE: ContextVar[Route | None] = ContextVar("tandem_comfy_sequence_route", default=None)
+def runner(family: str):
+    """`run(model, call, group)` for a ComfyUI family with a row in sequence_splits.COMFY, else None."""
+    rows = COMFY.get(family)
+    return None if rows is None else partial(run_split, rows)
 
 
-def _new_route(group) -> Route:
-    return Route(group, via="ComfyUI's optimized_attention")
+def run_split(rows, model, call, group) -> torch.Tensor:
+    """The model's output for `call` as comfy_dit.forward calls it, its tokens split over `group` as the family's
+    row says (the group's attention override in its transformer_options); the whole output on every rank."""
+    extras = dict(call.extras)
+    extras["transformer_options"] = {**(extras.get("transformer_options") or {}), OVERRIDE: attention_override}
+    with applied(chosen(rows, model), model, group, via=VIA) as split:
+        named = split.inputs({"x": call.x, "t": call.t, "context": call.context, **extras})
+        return split.output(model(named.pop("x"), named.pop("t"), **named))
+
+
+def attention_heads(family: str, model) -> int | None:
+    """The attention heads of a model of `family` (what ulysses must divide), None where unknown."""
+    rows = COMFY.get(family)
+    return None if rows is None else int(attribute(model, chosen(rows, model).heads))
 
 
 def attention_override(func, q, k, v, heads, mask=None, attn_precision=None, skip_reshape=False,
                        skip_output_reshape=False, *args, **kwargs):
     """ComfyUI's `optimized_attention_override` signature: `func` is ComfyUI's attention, the rest its inputs
     (q, k, v: (B, L, H*D) or (B, L, H, D), or (B, H, L, D) with skip_reshape)."""
-    route = _ROUTE.get()
+    route = current()
     if route is None or not route.armed:
         return func(q, k, v, heads, mask, attn_precision, skip_reshape, skip_output_reshape, *args, **kwargs)
     shards = route.take()
@@ -59,55 +75,6 @@ def _key_mask(mask: torch.Tensor, shards, module: str) -> torch.Tensor:
     return keep
 
 
-def _call(model, call, group, modules, route: Route, hooks=lambda: ()):
-    """The model's forward for `call`, as comfy_dit.forward calls it, with the group's attention override in
-    its transformer_options, `modules` marked and the family's `hooks()` in place (module hook handles, `_replaced` methods)."""
-    extras = dict(call.extras)
-    if extras.get("control") is not None:
-        raise ValueError("sequence parallel does not split a call with ControlNet residuals (they are added to "
-                         "tokens by position); use cfg or batch with ControlNet")
-    extras["transformer_options"] = {**(extras.get("transformer_options") or {}), OVERRIDE: attention_override}
-    with ExitStack() as stack:
-        stack.enter_context(torch.no_grad())
-        stack.enter_context(marked(modules, route, _ROUTE))
-        for handle in hooks():
-            stack.enter_context(handle)
-        return model(call.x, call.t, context=call.context, **extras)
-
-
-@contextmanager
-def _replaced(model, name: str, replacement):
-    """`model.<name>` is `replacement` inside (an instance attribute over the class's method), the class's after."""
-    setattr(model, name, replacement)
-    try:
-        yield
-    finally:
-        delattr(model, name)
-
-
-def _heads(group, heads: int) -> None:
-    group.check_heads(int(heads))
-
-
-def _refuse(named: dict, names, model: str) -> None:
-    for name in names:
-        if named.get(name) is not None:
-            raise ValueError(f"sequence parallel does not split a {model} call with {name} (it addresses tokens by "
-                             "position); use cfg or batch")
-
-
-# Inputs a family's split refuses (the runners raise on them on the workers): checked on the host first, so
-# `auto` keeps such a call on cfg / batch and a named sequence strategy refuses it before any work.
-_CONTROL = ("control", "ControlNet residuals (added to tokens by position)")
-REFUSED_INPUTS = {
-    "flux": (_CONTROL, ("attention_mask", "an attention mask")),
-    "chroma": (_CONTROL, ("attention_mask", "an attention mask")),
-    "qwen_image": (_CONTROL, ("attention_mask", "a text attention mask")),
-    "hunyuan_video": (_CONTROL, ("ref_latent", "a reference latent"), ("guiding_frame_index", "a guiding frame")),
-    "lumina": (_CONTROL, ("ref_latents", "reference latents")),
-}
-
-
 PATCHES = ("patches", "patches_replace", OVERRIDE)  # transformer_options entries that change the model's maths
 
 
@@ -127,11 +94,12 @@ def patch_refusal(extras: dict) -> str | None:
 
 
 def refusal(family: str, extras: dict) -> str | None:
-    """Why a call of `family` with these inputs cannot be split by tokens at all (one phrase), or None."""
-    for name, what in REFUSED_INPUTS.get(family, (_CONTROL,)):
-        value = extras.get(name)
-        if value is not None and not (isinstance(value, (list, tuple)) and not value):
-            return f"{what} ({name})"
+    """Why a call of `family` with these inputs cannot be split by tokens at all (one phrase), or None: checked
+    on the host first (the workers refuse them too), so `auto` keeps such a call on cfg / batch and a named
+    sequence strategy refuses it before any work."""
+    for refused in COMFY[family][0].refuse if family in COMFY else ():
+        if not refused.at and present(extras.get(refused.name)):
+            return f"{refused.what} ({refused.name})"
     if extras.get("ref_latents") and extras.get("ref_latents_method") == "index_timestep_zero":
         return "reference latents on a zero timestep (ref_latents_method index_timestep_zero)"
     return None

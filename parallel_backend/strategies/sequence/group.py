@@ -1,7 +1,7 @@
 """One rank's view of a sequence-parallel group: what a model adapter calls to cut, attend and gather.
 
-A model adapter (models/diffusers_sequence.py) knows where a family forms and gathers its token sequence; it
-asks the group which tokens this rank holds (`shards`), has every token-mixing attention computed by the group
+A family's row (models/sequence_splits.py, applied by models/sequence_hooks.py) says where a family forms and
+gathers its token sequence; the hooks ask the group which tokens this rank holds (`shards`), has every token-mixing attention computed by the group
 (`attention`: Ulysses, ring or both (USP), per `kind`) and joins the ranks' output pieces (`all_gather`). The
 exchanges go through `primitives` (the only module that calls torch.distributed), and every round this rank
 sends in is counted in `traffic`: a Ulysses attention is 2 passes, a ring attention N-1, a USP attention 2 plus
