@@ -146,8 +146,9 @@ class _NoHostActivations:
 
 
 def _goes_to_pool(model, conds, model_options) -> bool:
-    """Whether PoolForward will send this cond batch's calls to the pool (the same checks, in its order, the pool
-    asked for here on their behalf); when in doubt False: ComfyUI's own estimate then decides, as on the stock path."""
+    """Whether PoolForward will send this cond batch's calls to the pool (the same checks, in its order; the pool is
+    asked for here, for them: `_pool_of`); when in doubt False: ComfyUI's own estimate then decides, as on the stock
+    path."""
     if "multigpu_clones" in model_options:  # ComfyUI's MultiGPU CFG Split batches per device itself
         return False
     options = model_options.get("transformer_options", {})
@@ -272,8 +273,8 @@ class PoolForward:
         try:  # the one hand-over: the engine rejoins, starts the pool, carries patches and ships the model
             result = ParallelExecutor(pool, self.config).run(model, family.wire, call, key, recipe_of(run, model),
                                                              needs_split=True)
-        except (CannotCarry, PoolUnavailable) as exc:  # refusals, said once: the model or a patch of this call cannot
-            self._stock(str(exc))  # travel, or the pool is down to one device (a worker's failure fails the run)
+        except (CannotCarry, PoolUnavailable) as exc:  # refusals, said once: the model or a patch cannot travel, or
+            self._stock(str(exc))  # one device is left, or none answers (a worker's failure fails the run instead)
             return stock()
         RUNTIME.record_call(run["id"], list(pool.devices), result.mesh, time.perf_counter() - started,
                             result.compute_s, result.extra)
