@@ -134,21 +134,19 @@ class Runtime:
             # not a speed-up (that needs a one-device run: `tandem workflow compare` measures it).
             run["device_utilisation"] = round(run["device_seconds"] / (run["wall_seconds"] * len(devices)), 3)
 
-    def use_model(self, pool: WorkerPool, model, family: str, key: str, base_model_ref, weights: str,
-                  recipe=None) -> str:
-        """Loads `model` on the workers (unless they hold it; as its `recipe` where given: nodes/recipe.py) and
-        remembers which host model each copy belongs to (the pool keeps up to two); a watcher releases a copy
-        once ComfyUI unloads its model (free memory, another checkpoint, eviction): its weights are then unpatched
-        (current_weight_patches_uuid changes) or the model is gone. Under the lock, so the watcher never releases a copy that was just loaded anew."""
+    def watch(self, pool: WorkerPool, fingerprint: str, base_model_ref, weights: str) -> None:
+        """Remembers which host model the workers' copy `fingerprint` belongs to (the engine ships it with the call
+        when they lack it; the pool keeps up to two); a watcher releases a copy once ComfyUI unloads its model
+        (free memory, another checkpoint, eviction): its weights are then unpatched (current_weight_patches_uuid
+        changes) or the model is gone. Called before the call, under the lock, so the watcher never releases a copy
+        that is about to be used anew. No request to the pool: it reads which copies the pool holds."""
         with self.lock:
-            fingerprint = pool.ensure_model(model, family, key, recipe)
             held = set(pool.loaded_fingerprints)  # the pool may have dropped older copies to make room
             self._watched = {f: w for f, w in self._watched.items() if f in held}
             self._watched[fingerprint] = (base_model_ref, weights)
             if self._watcher is None:
                 self._watcher = threading.Thread(target=self._watch_loop, name="tandem-release-watch", daemon=True)
                 self._watcher.start()
-        return fingerprint
 
     def _watch_loop(self, period_s: float = 2.0) -> None:
         # Holds only weak references while it sleeps: a strong one would keep a model ComfyUI dropped alive
@@ -164,9 +162,10 @@ class Runtime:
             if self._watched.get(fingerprint) is not watched:
                 return  # loaded anew meanwhile: its copy stays
             del self._watched[fingerprint]
+            if self.pool is None or fingerprint not in self.pool.loaded_fingerprints:
+                return  # never loaded (the workers refused it), or dropped already
             try:
-                if self.pool is not None and self.pool.started:
-                    self.pool.release_models(fingerprint)
+                self.pool.release_models(fingerprint)
                 log.info("Tandem: ComfyUI unloaded a model; the workers released their copies of it")
             except Exception as exc:  # the pool restarts on the next job anyway
                 log.warning("Tandem: could not release the workers' model copies: %s", exc)

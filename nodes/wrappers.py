@@ -29,7 +29,7 @@ from parallel_backend.runtime.carry import CannotCarry
 from parallel_backend.engine.config import ParallelConfig
 from parallel_backend.hosts.executor import ParallelExecutor
 from parallel_backend.models import comfy_dit
-from parallel_backend.runtime.pool import WorkerError
+from parallel_backend.runtime.devices import PoolUnavailable
 
 from .runtime import RUNTIME, UNAVAILABLE
 from .settings import default_config
@@ -146,15 +146,14 @@ class _NoHostActivations:
 
 
 def _goes_to_pool(model, conds, model_options) -> bool:
-    """Whether PoolForward will send this cond batch's calls to the pool (the same checks, in its order);
-    when in doubt False: ComfyUI's own estimate then decides, as on the stock path."""
+    """Whether PoolForward will send this cond batch's calls to the pool (the same checks, in its order; the pool is
+    asked for here, for them: `_pool_of`); when in doubt False: ComfyUI's own estimate then decides, as on the stock
+    path."""
     if "multigpu_clones" in model_options:  # ComfyUI's MultiGPU CFG Split batches per device itself
         return False
     options = model_options.get("transformer_options", {})
     if _run_reason(options) is not None or host_reason(options[KEY], model.diffusion_model) is not None:
         return False
-    if any("gligen" in c or c.get("hooks") is not None for cond in conds if cond for c in cond):
-        return False  # their patches join the call's transformer_options only inside the batching
     if comfy_dit.unsupported_reason(model.diffusion_model) is not None:
         return False
     forwards = [w for w in comfy.patcher_extension.get_wrappers_with_key(
@@ -162,19 +161,27 @@ def _goes_to_pool(model, conds, model_options) -> bool:
         if isinstance(w, PoolForward)]
     if not forwards:
         return False
-    pool, _ = _pool_or_reason(forwards[-1].config.devices)  # why not: PoolForward says it
+    pool, _ = _pool_of(options[KEY], forwards[-1].config.devices)  # why not: PoolForward says it
+    if any("gligen" in c or c.get("hooks") is not None for cond in conds if cond for c in cond):
+        return False  # their patches join the call's transformer_options only inside the batching
     return pool is not None and len(pool.devices) >= 2
 
 
-def _pool_or_reason(devices: str, rejoin_job=None) -> tuple:
+def _pool_of(run: dict, devices: str) -> tuple:
+    """(pool, None) or (None, why) for one cond batch's calls, asked of the runtime once, by the batching's
+    estimate (`_goes_to_pool`), and kept in the batch's facts (`run`, made anew per batch), which each of its calls
+    gets a copy of; a call asks itself only where the estimate stopped before the pool. Nothing on the way checks
+    the pool again: the engine looks after its health with the call itself."""
+    if "pool" not in run:
+        run["pool"] = _pool_or_reason(devices)
+    return run["pool"]
+
+
+def _pool_or_reason(devices: str) -> tuple:
     """(the running pool, None), or (None, why) when it cannot take calls now (runtime.UNAVAILABLE). Any other error
-    is a fault, not a refusal: it fails the run, naming the devices. rejoin_job: a run's id, whose first call tries
-    machines left out of the pool again (None: not tried)."""
-    pool = None
+    is a fault, not a refusal: it fails the run, naming the devices."""
     try:
         pool = RUNTIME.get_pool(devices)
-        if rejoin_job is not None:
-            pool.rejoin_missing(rejoin_job)
     except UNAVAILABLE as exc:
         return None, f"the worker pool is not available ({exc})"
     except Exception as exc:  # a fault: the run fails, its message naming the devices (the cause chained)
@@ -212,7 +219,6 @@ class PoolForward:
         # branch: the mesh resolver splits its rows instead (mesh.resolve folds the cfg degree into batch).
         self.config = config
         self.said: set[str] = set()
-        self.refused: dict[str, str] = {}  # fingerprint -> why the workers could not take that copy of the model
 
     def _stock(self, reason: str):
         if reason not in self.said:
@@ -243,14 +249,10 @@ class PoolForward:
         family = comfy_dit.recognise(model)
         reason = (_run_reason(transformer_options) or (comfy_dit.unsupported_reason(model) if family is None else None)
                   or host_reason(transformer_options[KEY], model))
-        pool = None
-        if reason is None:  # a run's first call: a machine left out may be back
-            pool, reason = _pool_or_reason(self.config.devices, rejoin_job=transformer_options[KEY]["id"])
-        if pool is not None and len(pool.devices) < 2:
-            reason = f"only one device ({pool.devices[0]})"
         run = transformer_options.get(KEY, {})
-        key = fingerprint(family.wire, run) if reason is None else None
-        reason = reason or self.refused.get(key)
+        pool = None
+        if reason is None:
+            pool, reason = _pool_of(run, self.config.devices)
         if reason is not None:
             self._stock(reason)
             return stock()
@@ -265,33 +267,18 @@ class PoolForward:
                          step=_step_of(transformer_options), job=run["id"],
                          stream=(tuple(str(u) for u in transformer_options.get("uuids", ())), tuple(chunks)),
                          shared=family.shared | {"transformer_options"})
-        recipe = recipe_of(run, model)
-        try:
-            key = RUNTIME.use_model(pool, model, family.wire, key, run["base_model"], run["weights"], recipe)
-        except (CannotCarry, WorkerError) as exc:
-            self.refused[key] = _not_carried(pool, exc, "this model")
-            self._stock(self.refused[key])
-            return stock()
+        key = fingerprint(family.wire, run)
+        RUNTIME.watch(pool, key, run["base_model"], run["weights"])
         started = time.perf_counter()
-        try:
-            result = ParallelExecutor(pool, self.config).run(model, family.wire, call, key, recipe)
-        except CannotCarry as exc:  # a patch of this call (a worker's failure to compute fails the run instead)
-            self._stock(str(exc))
+        try:  # the one hand-over: the engine rejoins, starts the pool, carries patches and ships the model
+            result = ParallelExecutor(pool, self.config).run(model, family.wire, call, key, recipe_of(run, model),
+                                                             needs_split=True)
+        except (CannotCarry, PoolUnavailable) as exc:  # refusals, said once: the model or a patch cannot travel, or
+            self._stock(str(exc))  # one device is left, or none answers (a worker's failure fails the run instead)
             return stock()
         RUNTIME.record_call(run["id"], list(pool.devices), result.mesh, time.perf_counter() - started,
                             result.compute_s, result.extra)
         return result.out
-
-
-def _not_carried(pool, exc: Exception, what: str) -> str:
-    """Why `what` stays on the host: it cannot be given to the workers (CannotCarry), or a worker refused it while
-    the pool stayed up (its recipe did not build there). A worker that died or hung is the run's failure instead
-    (re-raised: it names the worker, and the pool restarts on the next run)."""
-    if isinstance(exc, WorkerError):
-        if not pool.started:
-            raise exc
-        return f"the workers could not take {what} ({exc})"
-    return str(exc)
 
 
 class ReachUnhookedModel:

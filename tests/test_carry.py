@@ -156,6 +156,23 @@ def test_a_recipe_that_builds_another_model_is_refused_and_the_pool_goes_on(cpu_
     assert not any(path.name.startswith("model-") for path in cpu_pool._dir.iterdir())  # its file is gone
 
 
+def test_the_engine_refuses_a_model_the_workers_cannot_take_and_does_not_ship_it_again(cpu_pool, pack):
+    """A host hands the engine the call alone: the workers' refusal of its model comes back as CannotCarry (the
+    host's cue for its stock path), and the model's later calls are refused without a second shipment."""
+    model = _model(pack, seed=6)
+    wrong = _recipe(pack, model)
+    wrong.build = functools.partial(pack.Patchable, 6)  # not the host's shape
+    wrong.weights = {}
+    executor = ParallelExecutor(cpu_pool, ParallelConfig("cpu:2", "batch"))
+    with pytest.raises(CannotCarry, match="the workers could not take this model .*loading the model"):
+        executor.run(model, FAMILY, _call({}), "refused-recipe", lambda: wrong)
+    checks = cpu_pool.stats.model_checks
+    with pytest.raises(CannotCarry, match="the workers could not take this model"):
+        executor.run(model, FAMILY, _call({}), "refused-recipe", lambda: wrong)
+    assert cpu_pool.stats.model_checks == checks and cpu_pool.started
+    out = executor.run(model, FAMILY, _call({}), "accepted", lambda: _recipe(pack, model)).out
+    torch.testing.assert_close(out, _on_host(model, _call({})), atol=ATOL, rtol=ATOL)
+
 def test_a_recipe_checks_what_it_built_against_the_hosts_layout(pack):
     model = _model(pack)
     recipe = _recipe(pack, model)

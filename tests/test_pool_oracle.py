@@ -107,3 +107,19 @@ def test_parallelized_diffusers_pipeline_equals_plain(cpu_pool, tiny_sd_folder, 
     unparallelize(pipe)
     assert pipe.unet is original_unet
     torch.testing.assert_close(run(), reference, atol=0, rtol=0)
+
+
+def test_each_call_checks_the_pool_and_the_model_once(cpu_pool):
+    """One trip per call: the engine alone rejoins left-out machines and makes the workers hold the model, once
+    per call; the model ships on the first call only."""
+    model = build_bench_model("tiny")
+    executor = ParallelExecutor(cpu_pool, ParallelConfig("cpu:2", "cfg"))
+    resolution = (model.default_resolution,) * 2
+    run_loop(model, job_for("cfg"), resolution, steps=1, repeats=0, executor=executor)  # the model ships here
+    before = dict(vars(cpu_pool.stats))
+    result = run_loop(model, job_for("cfg"), resolution, steps=3, repeats=0, executor=executor).latents
+    counted = {name: vars(cpu_pool.stats)[name] - before[name]
+               for name in ("calls", "rejoin_checks", "model_checks", "model_loads")}
+    assert counted == {"calls": 3, "rejoin_checks": 3, "model_checks": 3, "model_loads": 0}
+    reference = run_loop(model, job_for("cfg"), resolution, steps=3, repeats=0).latents
+    torch.testing.assert_close(result, reference, atol=ATOL, rtol=ATOL)

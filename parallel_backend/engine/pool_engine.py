@@ -24,8 +24,10 @@ from dataclasses import dataclass, field
 from .. import strategies
 from ..models import sequence_refusal, sequence_whole_rows
 from ..runtime.calls import ModelCall
-from ..runtime.devices import resolve_devices
+from ..runtime.carry import CannotCarry
+from ..runtime.devices import PoolUnavailable, resolve_devices
 from ..runtime.messages import TimedForward
+from ..runtime.pool import WorkerError
 from ..strategies.base import join_rows
 from .config import ParallelConfig
 from .mesh import Mesh, SequenceHint, fit, resolve, whole_on_rank_0, whole_rows
@@ -56,6 +58,7 @@ class Engine:
         self._states: dict[str, dict] = {}
         self._job_numbers = itertools.count(1)
         self._said: set[str] = set()
+        self._refused: dict[str, str] = {}  # fingerprint -> why the workers could not take that model
         self.last_mesh: Mesh | None = None  # the mesh the last call ran on
 
     def state(self, owner: str) -> dict:
@@ -93,9 +96,13 @@ class Engine:
         return {rank: reply.value for rank, reply in replies.items()}
 
     def run(self, module, family: str, call: ModelCall, config: ParallelConfig,
-            fingerprint: str | None = None, recipe=None, planner=None) -> CallResult:
-        """Runs one model call on the pool as `config` says; ships the model first if the workers lack it (as
-        its recipe where the host gives one: WorkerPool.ensure_model).
+            fingerprint: str | None = None, recipe=None, needs_split: bool = False, planner=None) -> CallResult:
+        """Runs one model call on the pool as `config` says. The engine alone looks after the pool on the way:
+        on a job's first call it tries machines left out again, it starts the pool if it is down, and it ships
+        the model if the workers lack it (as its recipe where the host gives one: WorkerPool.ensure_model).
+        Refusals a host answers with its own path raise, each one sentence: CannotCarry for a model or a patch
+        the workers cannot take, PoolUnavailable for a pool whose devices cannot be reached or, with
+        `needs_split`, a pool down to one device. Any other error (a worker that fails, dies or hangs) is a fault.
         planner: auto's choices for this engine (plan.calibrate.auto_plans(engine), given by the host: the plan
         sits above the engine). auto: the first two calls of a key run whole on rank 0, the second measured, and
         choose the key's mesh for the calls after them; the planner also costs a slow device's share
@@ -106,6 +113,10 @@ class Engine:
         with self._lock:
             self.pool.rejoin_missing(call.job)  # a job's first call: a machine left out may be back
             self.pool.start()  # before the mesh: a machine that cannot be reached leaves fewer devices
+            if needs_split and len(self.pool.devices) < 2:
+                raise PoolUnavailable(f"only one device ({self.pool.devices[0]})")
+            if fingerprint in self._refused:  # the workers refused this model before: it is not shipped again
+                raise CannotCarry(self._refused[fingerprint])
             call = self.pool.carry(call)  # host objects in its inputs (a host's patches): carry.CannotCarry if not
             named = strategies.get(config.strategy) if config.strategy != "auto" else None
             if named is not None:  # auto splits the sequence only of a model that has a sequence split
@@ -131,7 +142,7 @@ class Engine:
                 mesh = whole_rows(self.device_count(), call.branches, call.rows)
             else:
                 mesh = self._named_mesh(config, call, hint)
-            fingerprint = self.pool.ensure_model(module, family, fingerprint, recipe)
+            fingerprint = self._hold_model(module, family, fingerprint, recipe)
             if planned:
                 key = planner.key(fingerprint, call, hint is not None, self.device_count())
                 mesh = planner.mesh(key) or planner.warm_up(key, self.device_count())
@@ -149,6 +160,22 @@ class Engine:
         return CallResult(out, mesh, {r: c.compute_s for r, c in computed.items()},
                           {r: c.wait_s for r, c in computed.items()}, sum(c.bytes_sent for c in computed.values()),
                           {r: c.extra for r, c in computed.items()})
+
+    def _hold_model(self, module, family: str, fingerprint: str | None, recipe) -> str:
+        """WorkerPool.ensure_model, where a model the workers refuse while the pool stays up (its recipe does not
+        build there, its weights cannot be written) raises CannotCarry, its fingerprint remembered so that its
+        later calls are refused at once (`run`). A worker that died or hung fails the call instead."""
+        try:
+            return self.pool.ensure_model(module, family, fingerprint, recipe)
+        except CannotCarry as exc:
+            reason = str(exc)
+        except WorkerError as exc:
+            if not self.pool.started:
+                raise
+            reason = f"the workers could not take this model ({exc})"
+        if fingerprint is not None:
+            self._refused[fingerprint] = reason
+        raise CannotCarry(reason)
 
     def _named_mesh(self, config: ParallelConfig, call: ModelCall, hint) -> Mesh:
         """The mesh of a named strategy; on a pool running without a machine it could not reach, the one that

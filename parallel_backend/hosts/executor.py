@@ -67,8 +67,10 @@ class ParallelExecutor:
             self.jobs.new_job()
             yield self
 
-    def run(self, module, family: str, call: ModelCall, fingerprint: str | None = None, recipe=None) -> CallResult:
-        return self.engine.run(module, family, self.jobs.place(call), self.config, fingerprint, recipe,
+    def run(self, module, family: str, call: ModelCall, fingerprint: str | None = None, recipe=None,
+            needs_split: bool = False) -> CallResult:
+        """The call on the pool (Engine.run: what it raises, and what `needs_split` refuses), with auto's planner."""
+        return self.engine.run(module, family, self.jobs.place(call), self.config, fingerprint, recipe, needs_split,
                                planner=auto_plans(self.engine))
 
     def __call__(self, module, family: str, call: ModelCall, fingerprint: str | None = None):

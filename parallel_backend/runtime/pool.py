@@ -63,6 +63,8 @@ class PoolStats:
     weights_bytes_shipped: int = 0  # written for this machine's workers, plus sent to other machines
     weights_bytes_per_machine: dict = field(default_factory=dict)  # "HOST:PORT" -> bytes sent to its cache
     calls: int = 0
+    rejoin_checks: int = 0  # rejoin_missing calls (the engine makes one per model call)
+    model_checks: int = 0  # ensure_model calls, for a model held already too (the engine: one per model call)
     refused_connections: int = 0  # connections to the start-up handshake that failed authentication
     last_load_seconds: float = 0.0
     failures: list = field(default_factory=list)  # the latest MAX_FAILURES_KEPT error messages
@@ -228,12 +230,13 @@ class WorkerPool:
         return kept
 
     def rejoin_missing(self, job) -> bool:
-        """Called before each call (by the engine, and ComfyUI's node) with the call's job (None: a job of one
+        """Called before each call (by the engine) with the call's job (None: a job of one
         call), never within a request. On a job's first call only, when the pool runs without machines it could
         not reach, tries them again (each given remote.REJOIN_PROBE_S to answer, at most once per
         remote.rejoin_every_s()). When one answers, says so and shuts the pool down, so that the job starts it
         afresh with every device; returns True then."""
         with self._lock:
+            self.stats.rejoin_checks += 1
             first_call, self._last_job = job is None or job != self._last_job, job
             if not (first_call and self.left_out and self._workers):
                 return False
@@ -502,6 +505,7 @@ class WorkerPool:
         build it from that, not from the pickled module). Returns the fingerprint."""
         fingerprint = fingerprint or model_fingerprint(module, family)
         with self._lock:  # check and load as one step: another thread may release or load meanwhile
+            self.stats.model_checks += 1
             self.start()
             if fingerprint in self._loaded:
                 self._loaded[fingerprint] = self._loaded.pop(fingerprint)  # now the most recently used

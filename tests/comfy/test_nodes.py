@@ -92,3 +92,14 @@ def test_an_attention_patch_travels_with_its_call_to_the_pool(comfy_server, comf
     stock, plain = comfy_server.latent("pag_stock"), comfy_server.latent("pag_plain")
     assert (stock - plain).abs().max() > 100 * comfy.RTOL_OF_SCALE * stock.abs().max()  # the patch matters
     comfy.assert_same_latents(comfy_server.latent("pag_tandem"), stock)
+
+
+def test_each_model_call_goes_to_the_engine_once(comfy_server, comfy):
+    """One trip per call: the node hands each model call to the engine once, and the engine alone tries left-out
+    machines again and makes the workers hold the model (the pool counts both checks)."""
+    before = comfy_server.get("/tandem/status")["stats"]
+    stock, tandem = comfy.run_pair(comfy_server, "one_trip", "cfg", steps=5)  # a graph of its own: none cached
+    after = comfy_server.get("/tandem/status")["stats"]
+    counted = {name: after[name] - before[name] for name in ("calls", "rejoin_checks", "model_checks")}
+    assert counted["calls"] >= 5 and counted == dict.fromkeys(counted, counted["calls"]), counted
+    comfy.assert_same_latents(tandem, stock)
