@@ -49,7 +49,7 @@ class Mesh:
     split: tuple[int, ...] = ()  # the degree of each of the strategy's axes, in its order (outer to inner)
     devices: int = 1  # the pool's device count (>= size)
     why: str = field(default="", compare=False)  # auto: why it was chosen (said in the log)
-    speeds: tuple[float, ...] = ()  # each rank's relative speed (speeds.py; 0: it sits out); (): all equal
+    speeds: tuple[float, ...] = ()  # each rank's relative speed (runtime/speeds.py; 0: it sits out); (): all equal
 
     @property
     def inner(self) -> int:
@@ -134,7 +134,7 @@ def whole_rows(n_devices: int, branches: int = 2, rows: int | None = None) -> Me
 def fit(config, n_devices: int, branches: int = 2, rows: int | None = None,
         sequence: SequenceHint | None = None) -> Mesh:
     """The mesh on a pool that runs without some of its configured devices (another machine that cannot be
-    reached, pool.py): `resolve`'s where the config's degrees fit the `n_devices` left, else auto's exact mesh
+    reached, runtime/pool.py): `resolve`'s where the config's degrees fit the `n_devices` left, else auto's exact mesh
     for them (cfg 2 on one device: that device runs both branches in one call)."""
     try:
         return resolve(config, n_devices, branches, rows, sequence)

@@ -1,7 +1,7 @@
 """The pipeline a surface's model argument names (cli `--model`, the demo's `--model`): the embedded digits
 model or a local diffusers SD/SDXL folder.
 
-It sits with the hosts rather than in cli.py so the demo can load the same way without importing the cli,
+It sits with the hosts rather than in commands/cli.py so the demo can load the same way without importing the cli,
 which imports the demo to serve it.
 """
 

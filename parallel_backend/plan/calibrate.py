@@ -1,4 +1,4 @@
-"""auto's plan, per call key (host side; plan/timing.py is the worker side), with the cost model `tandem plan` uses.
+"""auto's plan, per call key (host side; engine/timing.py is the worker side), with the cost model `tandem plan` uses.
 
 A key is the model's fingerprint, the call's rows, branches, latent shape and dtype and text shape, whether a
 split by tokens is allowed for the call (engine: refusals), and the pool's device count (a pool restarted on
@@ -149,7 +149,7 @@ class AutoPlans:
         return whole_on_rank_0(devices, "auto: this shape's first call warms one device up before it is measured")
 
     def decide(self, key, family: str, call, computed, hint, devices: list[str], figures: DeviceFigures) -> Decision:
-        """Chooses `key`'s mesh from its measured call, `computed` on one device (a Computed of plan/timing.py);
+        """Chooses `key`'s mesh from its measured call, `computed` on one device (a Computed of engine/timing.py);
         hint: the model's SequenceHint where the call may be split by tokens, else None; figures: the pool's
         measured (or given) link, contention and overhead (plan/probe.py)."""
         link = figures.link  # auto plans only on pools of 2 or more devices: always a link

@@ -4,7 +4,7 @@ Two signs, both needed because a hung worker looks alive to the operating system
 - a per-call deadline that fits the work: once a kind of call (model, strategy and input shape) has been
   timed a few times, `factor` x its median, at least `floor_s`; before that (the first calls, where compilers
   and allocators warm up) a generous `first_s`; model loads get `load_bound` from the bytes to move;
-- a heartbeat: every worker renews a file's time twice a second from its own thread (worker.py); a process
+- a heartbeat: every worker renews a file's time twice a second from its own thread (worker_loop.py); a process
   that is stopped (SIGSTOP, a debugger) or frozen stops renewing it, so one silent for `floor_s` is hung at
   any point of a request, first calls and loads included.
 """

@@ -1,5 +1,6 @@
 """Typed messages between the host and its workers (over transport.Channel). The worker runs one handler per
-message type (worker.HANDLERS, plus each strategy's own); every request is answered by one `Reply`.
+message type (engine/worker.py handlers(): the runtime's, model calls, each strategy's); every request is
+answered by one `Reply`.
 
 Messages are plain dataclasses of this package, so a worker unpickles nothing it does not know, and only
 after the channel is authenticated.
@@ -106,7 +107,7 @@ class Forward:
 
 @dataclass(frozen=True)
 class TimedForward:
-    """Run the whole model on this ModelCall as Forward does, timed for auto's plan (plan/timing.py): the call,
+    """Run the whole model on this ModelCall as Forward does, timed for auto's plan (engine/timing.py): the call,
     one row of it where it has more, and (`attentions`) every attention's shapes and seconds."""
 
     fingerprint: str

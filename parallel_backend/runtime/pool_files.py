@@ -2,7 +2,7 @@
 and how none is ever left behind.
 
 Each folder is stamped with its host process (pid and start time). It is removed by the pool's shutdown, by
-the workers when they see their host gone (worker.py), on SIGTERM (`install_sigterm_cleanup`), and by the
+the workers when they see their host gone (worker_loop.py), on SIGTERM (`install_sigterm_cleanup`), and by the
 next pool on this machine for any folder whose host process no longer exists (`sweep_stale_folders`).
 """
 

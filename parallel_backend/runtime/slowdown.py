@@ -5,7 +5,7 @@ run every heavy tensor operation (convolutions, matrix products, attention, norm
 last result: its outputs are unchanged, only slower. It is off unless asked for, by
 `WorkerPool(test_slowdown=...)` or the environment variable TANDEM_TEST_SLOWDOWN ("1:2": worker 1 repeats its
 compute twice), and never meant for real runs. A worker asked for it runs under it from its start to its end
-(worker.main); a worker not asked wraps nothing. Only the listed operations repeat; pure functions, so repeating
+(runtime/worker_loop.main); a worker not asked wraps nothing. Only the listed operations repeat; pure functions, so repeating
 them changes no state.
 """
 
