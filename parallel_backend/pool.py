@@ -35,6 +35,7 @@ from .host_modules import host_modules
 from .messages import Carry, Hello, Ping, Reply, RunSetup, Shutdown, Unload
 from .portable import cpu_cores
 from .remote_weights import send_to_machines
+from .runtime import environment
 from .runtime.devices import PoolUnavailable, parse_devices, remote_machines, resolve_devices, split_device
 from .runtime.worker_handle import WorkerHandle
 from .shipping import load_requests, model_bytes, model_fingerprint
@@ -102,9 +103,9 @@ class WorkerPool:
         known = None if self.requested_devices == ("auto",) else len(self.requested_devices)
         self.test_slowdown = slowdown.parse(test_slowdown, known) if test_slowdown is not None else \
             slowdown.from_environment(known)
-        hang_factor = _setting(hang_factor, "TANDEM_HANG_FACTOR", 10.0, float)
-        hang_floor_s = _setting(hang_floor_s, "TANDEM_HANG_FLOOR_S", 20.0, float)
-        max_models = _setting(max_models, "TANDEM_MAX_MODELS", 2, int)
+        hang_factor = hang_factor if hang_factor is not None else environment.number("TANDEM_HANG_FACTOR")
+        hang_floor_s = hang_floor_s if hang_floor_s is not None else environment.number("TANDEM_HANG_FLOOR_S")
+        max_models = max_models if max_models is not None else environment.number("TANDEM_MAX_MODELS", int)
         for name, value in (("timeout_s", timeout_s), ("start_timeout_s", start_timeout_s),
                             ("pg_timeout_s", pg_timeout_s), ("hang_floor_s", hang_floor_s)):
             validation.seconds(name, value)
@@ -276,8 +277,8 @@ class WorkerPool:
         from .remote import rejoin_every_s
         from .secure import read_secret
 
-        self.secret_file = self.secret_file or os.environ.get("TANDEM_SECRET_FILE") or None
-        self.interface = self.interface or os.environ.get("TANDEM_INTERFACE") or None
+        self.secret_file = self.secret_file or environment.text("TANDEM_SECRET_FILE") or None
+        self.interface = self.interface or environment.text("TANDEM_INTERFACE") or None
         named = ", ".join(machines)
         if not self.secret_file:
             raise ValueError(f"devices name other machines ({named}): give the pool's shared secret file "
@@ -629,19 +630,6 @@ def spawn_worker(rank: int, world: int, device: str, connect: str, rendezvous: s
         process = subprocess.Popen(command, env=env, cwd=folder, stdin=subprocess.DEVNULL, stdout=log_file,
                                    stderr=log_file, **_DETACHED)
     return process, log_path
-
-
-def _setting(value, variable: str, default, kind):
-    """An argument, else the environment variable (checked like the argument), else the default."""
-    if value is not None:
-        return value
-    text = os.environ.get(variable, "").strip()
-    if not text:
-        return default
-    try:
-        return kind(text)
-    except ValueError:
-        raise ValueError(f"{variable}={text!r} is not a valid {'whole ' if kind is int else ''}number") from None
 
 
 def loopback_interface() -> str | None:

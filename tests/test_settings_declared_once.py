@@ -1,11 +1,13 @@
-"""A knob is declared once, by its strategy: registering a strategy with a knob (here, in the test only) makes
-the knob an option of the CLI, an input of the Settings node and the demo, and a checked field of the config,
-with no other file changed."""
+"""Settings are declared once. A knob is declared by its strategy: registering a strategy with a knob (here, in
+the test only) makes the knob an option of the CLI, an input of the Settings node and the demo, and a checked
+field of the config, with no other file changed. Every TANDEM_* variable is read in runtime/environment.py,
+listed in the README with its default, and nothing writes one to pass a setting on."""
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -103,3 +105,25 @@ def test_the_settings_node_schema_offers_the_knob(echo):
     assert list(inputs)[-1] == "echo_rounds"
     assert (inputs["echo_rounds"].default, inputs["echo_rounds"].min, inputs["echo_rounds"].max) == (1, 1, 4)
     assert "echo" in inputs["strategy"].options
+
+
+def test_the_readme_lists_every_environment_variable_with_its_default():
+    from parallel_backend.runtime.environment import VARIABLES
+
+    readme = (ROOT / "README.md").read_text()
+    rows = dict(re.findall(r"^\| `(TANDEM_\w+)` \| ([^|]+) \|", readme, re.M))
+    assert rows == {v.name: f"`{v.default}`" if v.default else "unset" for v in VARIABLES.values()}
+
+
+def test_only_the_environment_module_reads_tandem_variables_and_nothing_writes_them():
+    sources = [*(ROOT / "parallel_backend").rglob("*.py"), *(ROOT / "nodes").rglob("*.py")]
+    reads, writes = [], []
+    for path in sources:
+        text = path.read_text()
+        where = path.relative_to(ROOT).as_posix()
+        if where != "parallel_backend/runtime/environment.py" and re.search(r"environ\.(get|pop)\(\s*[\"']TANDEM_", text):
+            reads.append(where)
+        if re.search(r"environ\[[^\]]+\]\s*=(?!=)|environ\.(setdefault|update)\(|putenv\(", text.replace(
+                'os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"', "")):
+            writes.append(where)
+    assert reads == [] and writes == []
