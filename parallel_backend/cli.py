@@ -8,9 +8,10 @@ import sys
 from pathlib import Path
 
 from . import validation
-from .config import DEVICE_SPEEDS, DEVICES, INTERFACE, SECRET_FILE, TIMEOUT, strategy_choices
+from .config import DEVICE_SPEEDS, DEVICES, TIMEOUT, strategy_choices
 from .hosts.pipelines import load_pipeline
 from .runtime.knobs import add_options
+from .runtime.pool_settings import INTERFACE, SECRET_FILE
 from .sampling import SCHEDULERS, GenerationRequest, Timer
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")

@@ -17,6 +17,7 @@ from typing import Any
 from . import validation
 from .runtime.devices import parse_devices
 from .runtime.knobs import Knob
+from .runtime.pool_settings import POOL_SETTINGS
 from .speeds import parse_speeds
 
 
@@ -49,11 +50,7 @@ TIMEOUT = Knob("timeout_s", float, 300.0, "longest wait on a worker, seconds (fi
 DEVICE_SPEEDS = Knob("device_speeds", str, "auto", "mixed devices: auto (measured when the devices differ), measure, "
                      "equal, or one positive number per device such as 1,0.5 (the second takes twice as long)",
                      check=_as_given)
-SECRET_FILE = Knob("secret_file", str, None, "devices on other machines: the shared secret file their `tandem worker "
-                   "serve` reads (default: TANDEM_SECRET_FILE)", unset=True)
-INTERFACE = Knob("interface", str, None, "devices on other machines: this machine's network interface that reaches "
-                 "them, the only one the pool listens on (default: TANDEM_INTERFACE)", unset=True)
-SETTINGS = (DEVICES, STRATEGY, CFG_DEGREE, BATCH_DEGREE, TIMEOUT, DEVICE_SPEEDS, SECRET_FILE, INTERFACE)
+SETTINGS = (DEVICES, STRATEGY, CFG_DEGREE, BATCH_DEGREE, TIMEOUT, DEVICE_SPEEDS, *POOL_SETTINGS)
 MESH_KNOBS = (CFG_DEGREE, BATCH_DEGREE)  # the outer degrees: inputs of the Settings node, before the strategies'
 POSITIONAL = ("devices", "strategy", "cfg_degree", "batch_degree")
 
@@ -89,8 +86,8 @@ class ParallelConfig:
     device_speeds: mixed devices (speeds.py): "auto" (measured on the first call of a model and shape when the
       pool's devices differ), "measure", "equal", or one positive number per device ("1,0.5": the second takes
       twice as long); row shares, asyncdiff's cut and ring's token shards follow them.
-    secret_file, interface: a pool with devices of other machines (docs/multi-machine.md); None: the
-      environment's (runtime/environment.py).
+    secret_file, interface, hang_factor, hang_floor_s, max_models: the pool's settings (runtime/pool_settings.py;
+      WorkerPool has their meanings); None: the environment's (runtime/environment.py).
     Every value is checked on creation, before any work; creating a config starts nothing.
     """
 
@@ -102,6 +99,9 @@ class ParallelConfig:
     device_speeds: str | tuple[float, ...] = DEVICE_SPEEDS.default
     secret_file: str | None = None
     interface: str | None = None
+    hang_factor: float | None = None
+    hang_floor_s: float | None = None
+    max_models: int | None = None
     knobs: tuple[tuple[str, Any], ...] = ()  # the strategy knobs given, (name, value) in name order, defaults left out
     device_list: tuple[str, ...] = field(init=False, repr=False, compare=False)
 
@@ -165,4 +165,4 @@ class ParallelConfig:
 
     def pool_options(self) -> dict:
         """The WorkerPool arguments this config sets (the host adds its own: import paths, worker set-up)."""
-        return {"timeout_s": self.timeout_s, "secret_file": self.secret_file, "interface": self.interface}
+        return {"timeout_s": self.timeout_s, **{knob.name: getattr(self, knob.name) for knob in POOL_SETTINGS}}

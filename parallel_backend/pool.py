@@ -37,6 +37,7 @@ from .portable import cpu_cores
 from .remote_weights import send_to_machines
 from .runtime import environment
 from .runtime.devices import PoolUnavailable, parse_devices, remote_machines, resolve_devices, split_device
+from .runtime.pool_settings import HANG_FACTOR, HANG_FLOOR_S, INTERFACE, MAX_MODELS, SECRET_FILE
 from .runtime.worker_handle import WorkerHandle
 from .shipping import load_requests, model_bytes, model_fingerprint
 from .transport import Channel, ChannelClosed, Listener, ready
@@ -92,6 +93,8 @@ class WorkerPool:
       workers' import path, ahead of this package's folder, so nothing here shadows a host module.
     test_slowdown: tests only, a stand-in for slower cards: {rank: factor} or "1:2" (worker 1 repeats its heavy
       compute twice; factors 1 to 10); default TANDEM_TEST_SLOWDOWN or none (slowdown.py).
+    The settings a host may choose (secret_file, interface, hang_factor, hang_floor_s, max_models) are declared in
+    runtime/pool_settings.py; a ParallelConfig carries them (`ParallelConfig.pool_options()`).
     """
 
     def __init__(self, devices: str | tuple[str, ...] = "auto", *, timeout_s: float = 300.0,
@@ -103,16 +106,11 @@ class WorkerPool:
         known = None if self.requested_devices == ("auto",) else len(self.requested_devices)
         self.test_slowdown = slowdown.parse(test_slowdown, known) if test_slowdown is not None else \
             slowdown.from_environment(known)
-        hang_factor = hang_factor if hang_factor is not None else environment.number("TANDEM_HANG_FACTOR")
-        hang_floor_s = hang_floor_s if hang_floor_s is not None else environment.number("TANDEM_HANG_FLOOR_S")
-        max_models = max_models if max_models is not None else environment.number("TANDEM_MAX_MODELS", int)
+        hang_factor, hang_floor_s, self.max_models = (environment.setting(knob, value) for knob, value in (
+            (HANG_FACTOR, hang_factor), (HANG_FLOOR_S, hang_floor_s), (MAX_MODELS, max_models)))
         for name, value in (("timeout_s", timeout_s), ("start_timeout_s", start_timeout_s),
-                            ("pg_timeout_s", pg_timeout_s), ("hang_floor_s", hang_floor_s)):
+                            ("pg_timeout_s", pg_timeout_s)):
             validation.seconds(name, value)
-        validation.positive("hang_factor", hang_factor)
-        if isinstance(max_models, bool) or not isinstance(max_models, int) or max_models < 1:
-            raise ValueError(f"max_models must be an integer >= 1; got {max_models!r}")
-        self.max_models = max_models
         self.clock = CallClock(hang_factor, hang_floor_s, timeout_s)
         self.import_paths = tuple(import_paths)
         self.interface = interface
@@ -277,8 +275,8 @@ class WorkerPool:
         from .remote import rejoin_every_s
         from .secure import read_secret
 
-        self.secret_file = self.secret_file or environment.text("TANDEM_SECRET_FILE") or None
-        self.interface = self.interface or environment.text("TANDEM_INTERFACE") or None
+        self.secret_file = environment.setting(SECRET_FILE, self.secret_file or None)
+        self.interface = environment.setting(INTERFACE, self.interface or None)
         named = ", ".join(machines)
         if not self.secret_file:
             raise ValueError(f"devices name other machines ({named}): give the pool's shared secret file "

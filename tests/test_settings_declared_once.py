@@ -127,3 +127,19 @@ def test_only_the_environment_module_reads_tandem_variables_and_nothing_writes_t
                 'os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"', "")):
             writes.append(where)
     assert reads == [] and writes == []
+
+
+def test_the_pool_settings_travel_in_the_config_and_default_to_the_environment(monkeypatch):
+    from parallel_backend.pool import WorkerPool
+
+    config = ParallelConfig("cpu:2", "batch", max_models=3, hang_floor_s=5)
+    options = config.pool_options()
+    assert (options["max_models"], options["hang_floor_s"], options["secret_file"]) == (3, 5.0, None)
+    assert WorkerPool(config.devices, **options).max_models == 3  # nothing starts until start()
+    with pytest.raises(ValueError, match=r"^max_models must be a whole number >= 1; got 0$"):
+        ParallelConfig("cpu:2", max_models=0)
+    monkeypatch.setenv("TANDEM_MAX_MODELS", "4")
+    assert WorkerPool("cpu:2").max_models == 4 and WorkerPool("cpu:2", max_models=1).max_models == 1
+    monkeypatch.setenv("TANDEM_MAX_MODELS", "0")
+    with pytest.raises(ValueError, match=r"^TANDEM_MAX_MODELS='0': max_models must be a whole number >= 1; got 0$"):
+        WorkerPool("cpu:2")

@@ -58,6 +58,22 @@ def number(name: str, kind: type = float):
         raise ValueError(f"{name}={value!r} is not a valid {'whole ' if kind is int else ''}number") from None
 
 
+def setting(knob, value):
+    """`value` checked against `knob` (runtime/knobs.py); where it is None, the knob's variable (None when that is
+    unset too)."""
+    if value is not None or not knob.variable:
+        return knob.validate(value)
+    raw = text(knob.variable)
+    if not raw:
+        return None
+    try:
+        return knob.validate(raw if knob.kind is str else number(knob.variable, knob.kind))
+    except (TypeError, ValueError) as exc:
+        if str(exc).startswith(knob.variable):
+            raise
+        raise ValueError(f"{knob.variable}={raw!r}: {exc}") from None
+
+
 def take(name: str) -> str:
     """The variable's value, removed from this process's environment (a secret a child process is handed)."""
     return os.environ.pop(name, "") or VARIABLES[name].default

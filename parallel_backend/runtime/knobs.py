@@ -27,6 +27,7 @@ class Knob:
     axis: for a mesh axis' degree (a name in some `Strategy.axes`), what the degree does, as a clause for the
       refusal of a strategy that lacks the axis ("they cut the model into stages").
     check: a check of its own, `check(name, value) -> value`, in place of the kind's (e.g. seconds > 0).
+    variable: the TANDEM_* variable that gives its value when none is given (`environment.setting`).
     """
 
     name: str
@@ -39,6 +40,7 @@ class Knob:
     unset: bool = False
     axis: str = ""
     check: Callable[[str, Any], Any] | None = None
+    variable: str = ""
 
     def __post_init__(self):
         if not self.name.isidentifier() or self.kind not in KINDS or "\n" in self.help:
