@@ -52,8 +52,9 @@ def strategy_knobs(args) -> dict:
     return {knob.name: getattr(args, knob.name) for knob in _knobs()}
 
 
-def _axes() -> list[str]:
-    return [knob.name for knob in _knobs() if knob.axis]
+def _axes() -> list:
+    """The knobs that are mesh axes' degrees (they split the work, so they need --devices)."""
+    return [knob for knob in _knobs() if knob.axis]
 
 
 def explain(config, steps: int, guided: bool = True) -> str:
@@ -87,8 +88,8 @@ def check_generate_options(args) -> GenerationRequest:
         validation.torch_device("--device", args.device)
     validation.seconds("--timeout", args.timeout)
     knobs = strategy_knobs(args)
-    if args.devices is None and (args.strategy != "auto" or any(knobs[axis] is not None for axis in _axes())):
-        options = ["--strategy", *(f"--{axis.replace('_', '-')}" for axis in _axes())]
+    if args.devices is None and (args.strategy != "auto" or any(knobs[axis.name] is not None for axis in _axes())):
+        options = ["--strategy", *(axis.option for axis in _axes())]
         raise UsageError(f"{', '.join(options[:-1])} and {options[-1]} split the work over --devices: give "
                          "--devices too (e.g. cpu:2)")
     if args.model is not None:
@@ -160,8 +161,9 @@ def cmd_bench(args) -> int:
     if args.json is not None:
         validation.writable_file("--json", args.json)  # before the bench, not after it
     strategies = tuple(s.strip() for s in args.strategies.split(",") if s.strip())
+    knobs = {**strategy_knobs(args), "device_speeds": args.device_speeds, **machine_settings(args)}
     report = run_bench(args.model, args.devices, strategies, args.steps, args.resolution, args.repeats, args.dtype,
-                       knobs={**strategy_knobs(args), "device_speeds": args.device_speeds, **machine_settings(args)}, frames=args.frames, cfg=args.cfg, images=args.images,
+                       knobs=knobs, frames=args.frames, cfg=args.cfg, images=args.images,
                        balance=args.balance, test_slowdown=args.test_slowdown, plan=not args.no_plan,
                        progress=(lambda line: None) if args.quiet else (lambda line: print(line, file=sys.stderr)))
     print(format_table(report))

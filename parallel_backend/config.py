@@ -107,7 +107,8 @@ class ParallelConfig:
 
     def __init__(self, *args, knobs=(), **named):
         if len(args) > len(POSITIONAL):
-            raise TypeError(f"ParallelConfig takes at most {len(POSITIONAL)} values by position ({', '.join(POSITIONAL)})")
+            raise TypeError(f"ParallelConfig takes at most {len(POSITIONAL)} values by position "
+                            f"({', '.join(POSITIONAL)})")
         for name, value in zip(POSITIONAL, args):
             if name in named:
                 raise TypeError(f"ParallelConfig got {name} twice")

@@ -177,7 +177,8 @@ def _bench_tab(devices_default: str) -> None:
                               sort=list(bench_strategies()), y_lim=[0, None], label="Speed-up")
             table = gr.Code(label="Table", language=None, interactive=False)
             saved = gr.File(label="This run's report (JSON)", interactive=False)
-    run.click(_taking_inputs(BENCH_INPUTS, bench_knobs(), _bench), [model, steps, repeats, strategies, devices, resolution, *knobs],
+    run.click(_taking_inputs(BENCH_INPUTS, bench_knobs(), _bench),
+              [model, steps, repeats, strategies, devices, resolution, *knobs],
               [plot, table, saved], api_name="bench", concurrency_id=COMPUTE, concurrency_limit=1)
     upload.upload(_load_bench, [upload], [plot, table], api_name="load_bench")
 
