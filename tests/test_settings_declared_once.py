@@ -80,6 +80,17 @@ def test_the_settings_form_offers_the_knob_last(echo):
     assert widget.tooltip == ROUNDS.help
 
 
+def test_the_demo_offers_the_knob_in_both_tabs(echo):
+    pytest.importorskip("gradio", reason="the demo needs gradio")
+    from parallel_backend.demo.app import build_app
+    from parallel_backend.demo.session import DemoSession
+
+    demo = build_app(DemoSession())  # builds the controls; loads and starts nothing
+    for endpoint in ("generate", "bench"):
+        inputs = next(fn for fn in demo.fns.values() if fn.api_name == endpoint).inputs
+        assert inputs[-1].label == "Echo rounds" and inputs[-1].value == 1
+
+
 def _comfy_io():
     """ComfyUI's node API where this interpreter can import it (COMFYUI_PATH), else None."""
     path = os.environ.get("COMFYUI_PATH")
