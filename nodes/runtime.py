@@ -8,11 +8,11 @@ TANDEM_POOL_START says otherwise: on_load (default), on_first_use, off. TANDEM_D
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from pathlib import Path
 
+from parallel_backend.runtime import environment
 from parallel_backend.runtime.pool import WorkerError, WorkerPool
 from parallel_backend.runtime.devices import PoolUnavailable, check_devices_exist, parse_devices, resolve_devices
 
@@ -41,8 +41,8 @@ def _still_loaded(watched: tuple) -> bool:
 class Runtime:
     def __init__(self):
         self.lock = threading.RLock()
-        self.devices = os.environ.get("TANDEM_DEVICES", "auto")
-        self.mode = os.environ.get("TANDEM_POOL_START", "on_load")
+        self.devices = environment.text("TANDEM_DEVICES")
+        self.mode = environment.text("TANDEM_POOL_START")
         if self.mode not in START_MODES:
             log.warning("Tandem: TANDEM_POOL_START=%s is not one of %s; using on_load", self.mode, START_MODES)
             self.mode = "on_load"

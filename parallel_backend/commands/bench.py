@@ -147,11 +147,11 @@ def _spread(values: list[float]) -> float:
 
 
 def bench_knobs(strategy: str, knobs: dict | None) -> dict:
-    """The config fields of `knobs` that apply to `strategy`: its own axes' degrees (e.g. asyncdiff's stages)
-    and the schedule knobs; another strategy's axis degree is left out."""
-    axes = {axis for name in strategies.names() for axis in strategies.get(name).axes}
+    """The config fields of `knobs` that apply to `strategy`: all but another strategy's axis degree (e.g.
+    asyncdiff's stages for cfg), which the config would refuse."""
     own = strategies.get(strategy).axes
-    return {k: v for k, v in (knobs or {}).items() if v is not None and (k not in axes or k in own)}
+    return {k: v for k, v in (knobs or {}).items()
+            if v is not None and (k in own or not getattr(strategies.knob(k), "axis", ""))}
 
 
 def run_bench(model_name: str = "small", devices: str = "cpu:2", strategies_: tuple = ("cfg", "batch"),
@@ -197,7 +197,7 @@ def run_bench(model_name: str = "small", devices: str = "cpu:2", strategies_: tu
     resolution = check_resolution(model, fixed_resolution or parse_resolution(model.default_resolution),
                                   strategies_, str(reference_device), cfg, images)
     model.module.to(reference_device)
-    pool = WorkerPool(devices, test_slowdown=test_slowdown)
+    pool = WorkerPool(devices, test_slowdown=test_slowdown, **configs[strategies_[0]].pool_options())
     n = len(pool.start().devices)
     cores = len(cpu_cores())
     share = max(1, cores // n)

@@ -7,10 +7,12 @@ import json
 import sys
 from pathlib import Path
 
-from ..runtime import validation
-from ..engine.config import AXES, strategy_choices
+from ..engine.config import DEVICE_SPEEDS, DEVICES, TIMEOUT, strategy_choices
 from ..hosts.pipelines import load_pipeline
 from ..models.sampling import SCHEDULERS, GenerationRequest, Timer
+from ..runtime import validation
+from ..runtime.knobs import add_options
+from ..runtime.pool_settings import INTERFACE, SECRET_FILE
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -30,13 +32,29 @@ def parallel_config(args):
         return None
     from ..engine.config import ParallelConfig
 
-    return ParallelConfig(args.devices, args.strategy, timeout_s=args.timeout, **strategy_knobs(args))
+    return ParallelConfig(args.devices, args.strategy, timeout_s=args.timeout, device_speeds=args.device_speeds,
+                          **machine_settings(args), **strategy_knobs(args))
+
+
+def machine_settings(args) -> dict:
+    """--secret-file and --interface, for a pool with devices of other machines (None: the environment's)."""
+    return {"secret_file": args.secret_file, "interface": args.interface}
+
+
+def _knobs():
+    from .. import strategies
+
+    return strategies.knobs()
 
 
 def strategy_knobs(args) -> dict:
-    """The strategy knobs given on the command line (unset ones left to the strategy)."""
-    return {"stages": args.stages, "ulysses": args.ulysses, "ring": args.ring, "warmup": args.warmup,
-            "stride": args.stride, "time_shift": args.time_shift, "device_speeds": args.device_speeds}
+    """The strategy knobs given on the command line, by name (unset ones left to the strategy)."""
+    return {knob.name: getattr(args, knob.name) for knob in _knobs()}
+
+
+def _axes() -> list:
+    """The knobs that are mesh axes' degrees (they split the work, so they need --devices)."""
+    return [knob for knob in _knobs() if knob.axis]
 
 
 def explain(config, steps: int, guided: bool = True) -> str:
@@ -70,9 +88,10 @@ def check_generate_options(args) -> GenerationRequest:
         validation.torch_device("--device", args.device)
     validation.seconds("--timeout", args.timeout)
     knobs = strategy_knobs(args)
-    if args.devices is None and (args.strategy != "auto" or any(knobs[axis] is not None for axis in AXES)):
-        raise UsageError("--strategy, --stages, --ulysses and --ring split the work over --devices: give --devices "
-                         "too (e.g. cpu:2)")
+    if args.devices is None and (args.strategy != "auto" or any(knobs[axis.name] is not None for axis in _axes())):
+        options = ["--strategy", *(axis.option for axis in _axes())]
+        raise UsageError(f"{', '.join(options[:-1])} and {options[-1]} split the work over --devices: give "
+                         "--devices too (e.g. cpu:2)")
     if args.model is not None:
         from ..hosts.diffusers import pipeline_class_name
 
@@ -142,8 +161,9 @@ def cmd_bench(args) -> int:
     if args.json is not None:
         validation.writable_file("--json", args.json)  # before the bench, not after it
     strategies = tuple(s.strip() for s in args.strategies.split(",") if s.strip())
+    knobs = {**strategy_knobs(args), "device_speeds": args.device_speeds, **machine_settings(args)}
     report = run_bench(args.model, args.devices, strategies, args.steps, args.resolution, args.repeats, args.dtype,
-                       knobs=strategy_knobs(args), frames=args.frames, cfg=args.cfg, images=args.images,
+                       knobs=knobs, frames=args.frames, cfg=args.cfg, images=args.images,
                        balance=args.balance, test_slowdown=args.test_slowdown, plan=not args.no_plan,
                        progress=(lambda line: None) if args.quiet else (lambda line: print(line, file=sys.stderr)))
     print(format_table(report))
@@ -193,7 +213,8 @@ def cmd_plan(args) -> int:
     validation.fits_in_memory(f"resolution {resolution[0]}x{resolution[1]} for model {model.name}",
                               model.memory_bytes(branches, resolution), devices[0], "choose a smaller --resolution")
     model.module.to(devices[0])
-    figures = probe_devices(args.devices, model, resolution, branches) if link is None else None
+    figures = probe_devices(args.devices, model, resolution, branches, **machine_settings(args)) if link is None \
+        else None
     inputs = measure_inputs(model, resolution, branches, branches, link or figures.link, len(devices), args.steps)
     if figures is not None:
         inputs = figures.apply(inputs)
@@ -305,50 +326,21 @@ def cmd_worker_serve(args) -> int:
 
 
 def _add_machine_options(parser):
-    """A host's settings for devices on other machines (HOST:PORT/DEVICE): they go to the pool by environment."""
-    parser.add_argument("--secret-file", default=None, help="devices on other machines: the shared secret file "
-                        "their `tandem worker serve` reads (default: TANDEM_SECRET_FILE)")
-    parser.add_argument("--interface", default=None, help="devices on other machines: this machine's network "
-                        "interface that reaches them, the only one the pool listens on (default: TANDEM_INTERFACE)")
-
-
-def _apply_machine_options(args) -> None:
-    import os
-
-    for option, variable in (("secret_file", "TANDEM_SECRET_FILE"), ("interface", "TANDEM_INTERFACE")):
-        if getattr(args, option, None):
-            os.environ[variable] = getattr(args, option)
+    """A host's settings for devices on other machines (HOST:PORT/DEVICE), passed to the pool as arguments."""
+    add_options(parser, (SECRET_FILE, INTERFACE))
 
 
 def _add_parallel_options(parser, devices_default):
-    parser.add_argument("--devices", default=devices_default,
-                        help="'cuda:0,cuda:1', 'cpu:2' (two CPU workers) or 'auto'; another machine's device: "
-                        "HOST:PORT/DEVICE (e.g. 10.0.0.2:7000/cuda:0)")
+    parser.add_argument("--devices", default=devices_default, help=DEVICES.help)
     _add_machine_options(parser)
     parser.add_argument("--strategy", default="auto", help=f"one of: {', '.join(strategy_choices())}")
-    parser.add_argument("--timeout", type=float, default=300.0, help="longest wait on a worker, seconds (finite, > 0)")
+    parser.add_argument("--timeout", type=float, default=TIMEOUT.default, help=TIMEOUT.help)
     _add_knob_options(parser)
 
 
 def _add_knob_options(parser):
-    parser.add_argument("--stages", type=int, default=None, help="stages of a model cut into stages (default: the "
-                                                                  "devices left after cfg and batch)")
-    parser.add_argument("--ulysses", type=int, default=None, help="strategy ulysses: devices sharing one call's "
-                        "token sequence by attention heads (default: the devices left after cfg and batch); usp: "
-                        "devices per ulysses subgroup (it must divide the model's heads)")
-    parser.add_argument("--ring", type=int, default=None, help="strategy ring: devices sharing one call's token "
-                        "sequence around a ring (default: the devices left after cfg and batch); usp: ulysses "
-                        "subgroups around the ring (usp: --ring not given takes the devices left over --ulysses, --ulysses "
-                        "not given the most of them the model's heads divide by; neither: ulysses the largest number "
-                        "dividing both the devices left and the heads, ring the rest)")
-    parser.add_argument("--warmup", type=int, default=1,
-                        help="staged strategies: exact sampler steps at the start (asyncdiff on 2+ stages: >= 1)")
-    parser.add_argument("--stride", type=int, default=1, help="staged strategies: 1, or 2 to exchange every second call")
-    parser.add_argument("--time-shift", action="store_true",
-                        help="staged strategies: each stage embeds the timestep its input came from")
-    parser.add_argument("--device-speeds", default="auto",
-                        help="mixed devices: auto (measured when the devices differ), measure, equal, or one "
-                             "positive number per device such as 1,0.5 (the second takes twice as long)")
+    """An option per strategy knob (`strategies.knobs()`), and --device-speeds."""
+    add_options(parser, (*_knobs(), DEVICE_SPEEDS))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -479,7 +471,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        _apply_machine_options(args)
         return args.run(args)
     except UsageError as exc:
         print(f"tandem: error: {exc}", file=sys.stderr)

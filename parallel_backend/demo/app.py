@@ -9,6 +9,7 @@ import os
 
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # before gradio is imported: no telemetry, no version check
 
+import inspect  # noqa: E402
 import json  # noqa: E402
 import signal  # noqa: E402
 import tempfile  # noqa: E402
@@ -16,6 +17,7 @@ import threading  # noqa: E402
 
 import gradio as gr  # noqa: E402
 
+from .. import strategies as registry  # noqa: E402
 from ..engine.config import strategy_choices  # noqa: E402
 from ..models.sampling import SCHEDULERS  # noqa: E402
 from .bench_view import BENCH_MODELS, bench_figure, bench_strategies, load_report, report_table  # noqa: E402
@@ -38,32 +40,72 @@ def _as_gr_error(exc: BaseException) -> gr.Error:
     return gr.Error(readable(exc), print_exception=False)
 
 
+GENERATE_INPUTS = ("prompt", "negative_prompt", "steps", "cfg", "seed", "scheduler", "devices", "strategy")
+BENCH_INPUTS = ("model", "steps", "repeats", "strategies", "devices", "resolution")
+
+
+def bench_knobs() -> tuple:
+    """The knobs the Benchmark tab shows: every strategy knob but the axes' degrees (each strategy picks those)."""
+    return tuple(knob for knob in registry.knobs() if not knob.axis)
+
+
+def knob_control(knob):
+    """The gradio control of a declared knob (runtime/knobs.py)."""
+    w = knob.widget()
+    label = knob.name.replace("_", " ").capitalize() + (" (0 = auto)" if knob.unset else "")
+    if w.kind == "choice":
+        return gr.Radio(list(knob.choices), value=knob.default, label=label, info=w.tooltip)
+    if w.kind == "bool":
+        return gr.Checkbox(w.default, label=label, info=w.tooltip)
+    if w.kind == "str":
+        return gr.Textbox(w.default or "", label=label, info=w.tooltip)
+    return gr.Number(w.default, label=label, info=w.tooltip, minimum=w.low, maximum=w.high,
+                     precision=0 if w.kind == "int" else None)
+
+
+def _taking_inputs(names: tuple[str, ...], knobs: tuple, run):
+    """`run(values, settings, progress)` as a click function of one parameter per input, the fixed `names` then
+    a value per knob of `knobs`, then progress (gradio hands a gr.Progress to that parameter by
+    position). Callers may pass fewer knob values: the rest are their defaults."""
+    def handler(*values, progress=None):
+        count = len(names) + len(knobs)
+        if progress is None and len(values) > count:
+            values, progress = values[:count], values[count]
+        fixed, given = values[:len(names)], values[len(names):]
+        settings = {knob.name: knob.from_widget(value) for knob, value in zip(knobs, given)}
+        return run(fixed, settings, progress or (lambda *a, **k: None))
+
+    parameters = [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+                  for name in (*names, *(knob.name for knob in knobs))]
+    handler.__signature__ = inspect.Signature(
+        [*parameters, inspect.Parameter("progress", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=gr.Progress())])
+    return handler
+
+
 def generate_handler(session: DemoSession):
-    """The Generate button's function: images, difference and summary; bad input raises gr.Error (no traceback)."""
-    def generate(prompt, negative_prompt, steps, cfg, seed, scheduler, devices, strategy, stages, warmup, stride,
-                 time_shift, progress=gr.Progress()):
+    """The Generate button's function: images, difference and summary; bad input raises gr.Error (no traceback).
+    Its inputs: GENERATE_INPUTS, then a value per strategy knob (`strategies.knobs()`)."""
+    def generate(fixed, knobs, progress):
         try:
-            result = generate_pair(session, prompt, negative_prompt, steps, cfg, seed, scheduler, devices, strategy,
-                                   stages, warmup, stride, time_shift,
+            result = generate_pair(session, *fixed, **knobs,
                                    progress=lambda fraction, message: progress(fraction, desc=message))
         except (ValueError, TypeError, RuntimeError, OSError) as exc:
             raise _as_gr_error(exc) from None
         return result.single.images[0], result.tandem.images[0], result.difference, result.summary()
 
-    return generate
+    return _taking_inputs(GENERATE_INPUTS, registry.knobs(), generate)
 
 
-def _bench(model, steps, repeats, strategies, devices, resolution, warmup, stride, time_shift,
-           progress=gr.Progress()):
+def _bench(fixed, knobs, progress):
     from ..commands.bench import run_bench
 
+    model, steps, repeats, strategies, devices, resolution = fixed
     if not strategies:
         raise gr.Error("choose at least one strategy")
     progress(0.0, desc=f"bench {model} on {devices}")
     try:
         report = run_bench(model, devices, tuple(strategies), steps, resolution.strip() or None, repeats,
-                           progress=lambda line: progress(0.5, desc=line),
-                           knobs={"warmup": warmup, "stride": stride, "time_shift": time_shift, "stages": None})
+                           progress=lambda line: progress(0.5, desc=line), knobs=knobs)
     except (ValueError, TypeError, RuntimeError, OSError) as exc:
         raise _as_gr_error(exc) from None
     with tempfile.NamedTemporaryFile("w", prefix=f"tandem-bench-{model}-", suffix=".json", delete=False) as f:
@@ -96,12 +138,9 @@ def _generate_tab(session: DemoSession, devices_default: str) -> None:
                 devices = gr.Textbox(devices_default, label="Devices", info="'cpu:2', 'cuda:0,cuda:1' or 'auto'")
                 strategy = gr.Dropdown(list(strategy_choices()), value="auto", label="Strategy",
                                        info="auto/cfg/batch are exact; asyncdiff is approximate after warm-up")
-            with gr.Accordion("asyncdiff", open=False):
+            with gr.Accordion("Strategy settings", open=False):
                 with gr.Row():
-                    stages = gr.Number(0, label="Stages (0 = auto)", precision=0, minimum=0)
-                    warmup = gr.Number(1, label="Warm-up steps", precision=0, minimum=1)
-                    stride = gr.Radio([1, 2], value=1, label="Stride")
-                    time_shift = gr.Checkbox(False, label="Time shift")
+                    knobs = [knob_control(knob) for knob in registry.knobs()]
             button = gr.Button("Generate", variant="primary", elem_id="generate-button")
         with gr.Column(scale=2):
             with gr.Row():
@@ -112,8 +151,7 @@ def _generate_tab(session: DemoSession, devices_default: str) -> None:
                 difference = gr.Image(label="|difference| x 10", type="pil", elem_id="difference-image", format="png",
                                   buttons=IMAGE_BUTTONS)
             summary = gr.Markdown(elem_id="generate-summary")
-    button.click(generate_handler(session), [prompt, negative, steps, cfg, seed, scheduler, devices, strategy,
-                                              stages, warmup, stride, time_shift],
+    button.click(generate_handler(session), [prompt, negative, steps, cfg, seed, scheduler, devices, strategy, *knobs],
                  [single, tandem, difference, summary], api_name="generate", concurrency_id=COMPUTE,
                  concurrency_limit=1)
 
@@ -129,10 +167,8 @@ def _bench_tab(devices_default: str) -> None:
             strategies = gr.CheckboxGroup(list(bench_strategies()), value=["cfg", "batch"], label="Strategies")
             devices = gr.Textbox(devices_default, label="Devices")
             resolution = gr.Textbox("", label="Resolution", placeholder="the model's default; or 256, 1024x768")
-            with gr.Accordion("asyncdiff", open=False):
-                warmup = gr.Number(1, label="Warm-up steps", precision=0, minimum=1)
-                stride = gr.Radio([1, 2], value=1, label="Stride")
-                time_shift = gr.Checkbox(False, label="Time shift")
+            with gr.Accordion("Strategy settings", open=False):
+                knobs = [knob_control(knob) for knob in bench_knobs()]
             run = gr.Button("Run benchmark", variant="primary")
             upload = gr.File(label="Or load a saved bench JSON", file_types=[".json"], type="filepath")
         with gr.Column(scale=2):
@@ -141,7 +177,8 @@ def _bench_tab(devices_default: str) -> None:
                               sort=list(bench_strategies()), y_lim=[0, None], label="Speed-up")
             table = gr.Code(label="Table", language=None, interactive=False)
             saved = gr.File(label="This run's report (JSON)", interactive=False)
-    run.click(_bench, [model, steps, repeats, strategies, devices, resolution, warmup, stride, time_shift],
+    run.click(_taking_inputs(BENCH_INPUTS, bench_knobs(), _bench),
+              [model, steps, repeats, strategies, devices, resolution, *knobs],
               [plot, table, saved], api_name="bench", concurrency_id=COMPUTE, concurrency_limit=1)
     upload.upload(_load_bench, [upload], [plot, table], api_name="load_bench")
 

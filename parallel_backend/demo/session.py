@@ -143,17 +143,16 @@ def _threads(count: int):
 
 def generate_pair(session: DemoSession, prompt: str, negative_prompt: str = "", steps: int = 20, cfg: float = 4.0,
                   seed: int = 0, scheduler: str = "euler", devices: str = "cpu:2", strategy: str = "auto",
-                  stages: int | None = None, warmup: int = 1, stride: int = 1, time_shift: bool = False,
-                  progress=lambda fraction, message: None) -> PairResult:
+                  progress=lambda fraction, message: None, **knobs) -> PairResult:
     """Generates with one device, then with `strategy` on the pool for `devices`, same seed; compares them.
 
-    stages 0 or None: asyncdiff picks. Bad input raises ValueError or TypeError (the API's checks, before
-    anything loads or starts); a failing worker raises RuntimeError.
+    knobs: the strategy's settings by name (`strategies.knobs()`, e.g. stages=2, warmup=1; None: the strategy
+    picks). Bad input raises ValueError or TypeError (the API's checks, before anything loads or starts); a
+    failing worker raises RuntimeError.
     progress(fraction, message) is told about each phase.
     """
     request = GenerationRequest(prompt, negative_prompt, steps, cfg, seed, scheduler)
-    config = ParallelConfig(devices, strategy, stages=stages or None, warmup=warmup, stride=stride,
-                            time_shift=time_shift)
+    config = ParallelConfig(devices, strategy, **knobs)
     check_job(config, len(resolve_devices(config.device_list)), request.cfg != 1.0)
     with session.lock:
         progress(0.0, f"loading {session.model_name}")

@@ -4,14 +4,20 @@ Creating a config never starts a process, opens a port or touches CUDA. What dep
 devices exist?) or on the job (is there an uncond branch?) is checked by `resolve_devices()` (runtime/devices.py,
 which also parses the device names) when a pool starts and by `mesh.check_job()` when a job starts; every error
 says what to change. The strategy names are the registry's (`strategies.names()`), plus "auto".
+
+The config's own settings are declared here once (`SETTINGS`, runtime/knobs.py `Knob`s), the strategies' in
+their classes (`Strategy.knobs`); the CLI, the Settings node and the demo build their inputs from both.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from ..runtime import validation
 from ..runtime.devices import parse_devices
+from ..runtime.knobs import Knob
+from ..runtime.pool_settings import POOL_SETTINGS
 from ..runtime.speeds import parse_speeds
 
 
@@ -22,15 +28,44 @@ def strategy_choices() -> tuple[str, ...]:
     return ("auto", *strategies.names())
 
 
-# The inner mesh axes a strategy may add (config field -> what its degree means), in the order the fields sit.
-AXES = {"stages": "they cut the model into stages",
-        "ulysses": "it splits the token sequence and trades tokens for attention heads (all-to-all)",
-        "ring": "it splits the token sequence and passes keys and values around a ring"}
+def _cfg_degree(name: str, value) -> int:
+    number = validation.whole_number(name, value, 1)
+    if number > 2:
+        raise ValueError(f"{name} {number}: there are only two branches (cond, uncond); use 1 or 2")
+    return number
 
 
-@dataclass(frozen=True)
+def _as_given(name: str, value):
+    return value  # parsed where the device count is known: ParallelConfig.__init__
+
+
+# The config's own settings, declared once (the strategies declare theirs: `Strategy.knobs`).
+DEVICES = Knob("devices", str, "auto", "'auto', 'cuda:0,cuda:1', 'cpu:2' (two CPU workers), or another machine's "
+               "device HOST:PORT/DEVICE (e.g. 10.0.0.2:7000/cuda:0)", check=_as_given)
+STRATEGY = Knob("strategy", str, "auto", "auto or a registered strategy (`strategy_choices()`)")
+CFG_DEGREE = Knob("cfg_degree", int, None, "devices that split the cond and uncond branches: 1 or 2", low=1, high=2,
+                  unset=True, check=_cfg_degree)
+BATCH_DEGREE = Knob("batch_degree", int, None, "row groups that split the images", low=1, unset=True)
+TIMEOUT = Knob("timeout_s", float, 300.0, "longest wait on a worker, seconds (finite, > 0)", check=validation.seconds)
+DEVICE_SPEEDS = Knob("device_speeds", str, "auto", "mixed devices: auto (measured when the devices differ), measure, "
+                     "equal, or one positive number per device such as 1,0.5 (the second takes twice as long)",
+                     check=_as_given)
+SETTINGS = (DEVICES, STRATEGY, CFG_DEGREE, BATCH_DEGREE, TIMEOUT, DEVICE_SPEEDS, *POOL_SETTINGS)
+MESH_KNOBS = (CFG_DEGREE, BATCH_DEGREE)  # the outer degrees: inputs of the Settings node, before the strategies'
+POSITIONAL = ("devices", "strategy", "cfg_degree", "batch_degree")
+
+
+def form_knobs() -> tuple[Knob, ...]:
+    """The knobs a settings form shows after devices and strategy: the outer degrees, then every registered
+    strategy's (the Settings node's inputs, in order)."""
+    from .. import strategies
+
+    return (*MESH_KNOBS, *strategies.knobs())
+
+
+@dataclass(frozen=True, init=False)
 class ParallelConfig:
-    """How a pool splits each model call.
+    """How a pool splits each model call: the one settings object of a job.
 
     devices: "auto", "cuda:0,cuda:1", "cpu:2", or a list of device names.
     strategy: "auto" (exact: per model and call shape, the mesh the plan predicts fastest from the shape's
@@ -38,72 +73,98 @@ class ParallelConfig:
       plan/calibrate.py; devices the choice leaves out sit out) or a registered strategy (`strategy_choices()`):
       "cfg", "batch", "asyncdiff" (the model cut into stages run on one-call-stale inputs: approximate after
       warm-up), "ulysses", "ring", "usp" (the token sequence split).
-    cfg_degree, batch_degree, stages, ulysses, ring: the mesh (cfg outer, then batch, then the strategy's own
-      axes: asyncdiff's stages, ulysses' or ring's sequence degree, usp's ring x ulysses); their product is at
-      most the device count (devices beyond it sit out). None = from the strategy: cfg -> cfg_degree 2 x
-      batch over the devices left, batch -> every device splits the batch, asyncdiff, ulysses, ring -> the
-      devices left after cfg and batch (cfg_degree 2 on 4 devices = cfg 2 x stages 2), usp -> a degree given
-      is kept, ring not given takes the devices left over ulysses (usp with ulysses 2 on 4 devices = ring 2 x
-      ulysses 2), ulysses not given the most of them the model's heads divide by; neither given: ulysses the
-      largest number dividing both the devices left and the heads, ring the rest (strategies/usp.py).
-    warmup: asyncdiff's exact sampler steps at the start (all stages in sequence; at least 1 on two stages or
-      more: the later stages start from what the warm-up hands them); stride: 1, or 2 to exchange
-      activations every second call only; time_shift: a stage embeds the timestep its input came from.
+    cfg_degree, batch_degree: the outer mesh (cfg outer, then batch); None = from the strategy: cfg -> cfg_degree
+      2 x batch over the devices left, batch -> every device splits the batch, a strategy with axes -> its axes
+      take the devices left after cfg and batch.
+    **knobs: the strategies' own settings, by name (`strategies.knobs()`): their axes' degrees (asyncdiff's
+      stages, ulysses' and ring's sequence degrees, usp's ring x ulysses: strategies/usp.py) and the settings
+      they read (asyncdiff's warmup, stride, time_shift). Read as attributes (`config.warmup`); one not given
+      is its declared default. An axis' degree is refused for a strategy without that axis; the product of the
+      degrees is at most the device count (devices beyond it sit out). Other knobs are ignored by the
+      strategies that do not declare them.
     timeout_s: the longest any single wait on a worker may take (a dead worker is noticed at once anyway).
     device_speeds: mixed devices (speeds.py): "auto" (measured on the first call of a model and shape when the
       pool's devices differ), "measure", "equal", or one positive number per device ("1,0.5": the second takes
       twice as long); row shares, asyncdiff's cut and ring's token shards follow them.
+    secret_file, interface, hang_factor, hang_floor_s, max_models: the pool's settings (runtime/pool_settings.py;
+      WorkerPool has their meanings); None: the environment's (runtime/environment.py).
+    Every value is checked on creation, before any work; creating a config starts nothing.
     """
 
-    devices: str | tuple[str, ...] = "auto"
-    strategy: str = "auto"
+    devices: str | tuple[str, ...] = DEVICES.default
+    strategy: str = STRATEGY.default
     cfg_degree: int | None = None
     batch_degree: int | None = None
-    stages: int | None = None
-    ulysses: int | None = None
-    ring: int | None = None
-    warmup: int = 1
-    stride: int = 1
-    time_shift: bool = False
-    timeout_s: float = 300.0
-    device_speeds: str | tuple[float, ...] = "auto"
+    timeout_s: float = TIMEOUT.default
+    device_speeds: str | tuple[float, ...] = DEVICE_SPEEDS.default
+    secret_file: str | None = None
+    interface: str | None = None
+    hang_factor: float | None = None
+    hang_floor_s: float | None = None
+    max_models: int | None = None
+    knobs: tuple[tuple[str, Any], ...] = ()  # the strategy knobs given, (name, value) in name order, defaults left out
     device_list: tuple[str, ...] = field(init=False, repr=False, compare=False)
 
-    def __post_init__(self):
+    def __init__(self, *args, knobs=(), **named):
+        if len(args) > len(POSITIONAL):
+            raise TypeError(f"ParallelConfig takes at most {len(POSITIONAL)} values by position "
+                            f"({', '.join(POSITIONAL)})")
+        for name, value in zip(POSITIONAL, args):
+            if name in named:
+                raise TypeError(f"ParallelConfig got {name} twice")
+            named[name] = value
+        for knob in SETTINGS:
+            object.__setattr__(self, knob.name, knob.validate(named.pop(knob.name, knob.default)))
+        object.__setattr__(self, "knobs", self._checked_knobs({**dict(knobs), **named}))
+        self._check_combination()
+
+    def __getattr__(self, name: str):
+        """A strategy knob's value (its default when not given)."""
+        from .. import strategies
+
+        knob = strategies.knob(name) if not name.startswith("_") else None
+        if knob is None:
+            raise AttributeError(f"ParallelConfig has no setting {name!r}")
+        return dict(self.__dict__.get("knobs", ())).get(name, knob.default)
+
+    @staticmethod
+    def _checked_knobs(given: dict) -> tuple[tuple[str, Any], ...]:
+        from .. import strategies
+
+        kept = {}
+        for name, value in given.items():
+            knob = strategies.knob(name)
+            if knob is None:
+                raise TypeError(f"unknown setting {name!r}; the strategies' settings are: "
+                                f"{', '.join(k.name for k in strategies.knobs())}")
+            value = knob.validate(value)
+            if value != knob.default:
+                kept[name] = value
+        return tuple(sorted(kept.items()))
+
+    def _check_combination(self) -> None:
         object.__setattr__(self, "device_list", parse_devices(self.devices))
         from . import mesh
         from .. import strategies
 
-        validation.text("strategy", self.strategy)
         strategy = strategies.get(self.strategy) if self.strategy != "auto" else None
-        for name in ("cfg_degree", "batch_degree", *AXES):
-            if getattr(self, name) is not None:
-                object.__setattr__(self, name, validation.whole_number(name, getattr(self, name), 1))
-        if strategy is None and any(getattr(self, n) is not None for n in ("cfg_degree", "batch_degree", *AXES)):
+        axes = [knob.name for knob in strategies.knobs() if knob.axis]
+        degrees = [n for n in ("cfg_degree", "batch_degree", *axes) if getattr(self, n) is not None]
+        if strategy is None and degrees:
             raise ValueError("strategy 'auto' chooses the degrees itself: name a strategy to set them")
-        if self.cfg_degree not in (None, 1, 2):
-            raise ValueError(f"cfg_degree {self.cfg_degree}: there are only two branches (cond, uncond); use 1 or 2")
         if strategy is not None and strategy.default_cfg_degree == 2 and self.cfg_degree == 1:
             raise ValueError(f"strategy {self.strategy!r} with cfg_degree 1 splits nothing by branch: use strategy 'batch'")
         if strategy is not None and strategy.default_cfg_degree == 1 and not strategy.axes and self.cfg_degree == 2:
             raise ValueError(f"strategy {self.strategy!r} with cfg_degree 2: choose strategy 'cfg' (it composes with batch)")
-        for axis in AXES:
+        for axis in axes:
             if getattr(self, axis) is not None and (strategy is None or axis not in strategy.axes):
-                raise ValueError(f"{axis} {getattr(self, axis)}: {AXES[axis]}: choose a strategy that does "
-                                 f"({', '.join(s for s in strategies.names() if axis in strategies.get(s).axes)})")
-        self._check_schedule_knobs()
-        object.__setattr__(self, "timeout_s", validation.seconds("timeout_s", self.timeout_s))
+                raise ValueError(f"{axis} {getattr(self, axis)}: {strategies.knob(axis).axis}: choose a strategy that "
+                                 f"does ({', '.join(strategies.users(axis, axes_only=True))})")
         known = None if self.device_list == ("auto",) else len(self.device_list)
         object.__setattr__(self, "device_speeds", parse_speeds(self.device_speeds, known))
         if self.device_list != ("auto",):
             mesh.resolve(self, len(self.device_list))  # the degrees must fit the named devices
 
-    def _check_schedule_knobs(self) -> None:
-        """warmup, stride and time_shift: their kinds and ranges (the least warm-up a strategy needs on more than
-        one stage is the mesh's to check: `mesh.resolve`)."""
-        object.__setattr__(self, "warmup", validation.whole_number(
-            "warmup", self.warmup, 0, validation.MAX_STEPS))
-        if isinstance(self.stride, bool) or self.stride not in (1, 2):
-            raise ValueError(f"stride must be 1 or 2; got {self.stride!r}")
-        object.__setattr__(self, "stride", int(self.stride))
-        validation.flag("time_shift", self.time_shift)
+    def pool_options(self) -> dict:
+        """The WorkerPool arguments this config sets (the host adds its own: import paths, worker set-up)."""
+        return {"timeout_s": self.timeout_s, **{knob.name: getattr(self, knob.name) for knob in POOL_SETTINGS}}

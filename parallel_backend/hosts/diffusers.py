@@ -235,7 +235,7 @@ def parallelize(pipe, config=None, pool=None):
                          f"of {', '.join(SUPPORTED_PIPELINES)} nor the transformer of {dits}")
     config = config or ParallelConfig()
     owned = pool is None
-    pool = pool or WorkerPool(config.devices, timeout_s=config.timeout_s)
+    pool = pool or WorkerPool(config.devices, **config.pool_options())
     executor = ParallelExecutor(pool, config)
     for i, (name, family) in enumerate(denoisers):
         model = getattr(pipe, name)

@@ -49,7 +49,7 @@ class TinyDigitsPipeline:
         from ..runtime.pool import WorkerPool
 
         owned = pool is None
-        pool = pool or WorkerPool(config.devices, timeout_s=config.timeout_s)
+        pool = pool or WorkerPool(config.devices, **config.pool_options())
         self.executor = ParallelExecutor(pool.start(), config)
         self.executor.engine.load(self.unet, "diffusers_unet")  # ship the weights now, not inside the first timed call
         try:

@@ -183,18 +183,21 @@ def meshes(inp: Inputs, devices: int) -> list[Mesh]:
                 continue
             for batch in range(1, inp.shape.rows // cfg + 1):
                 left = devices // (cfg * batch)
-                for split in _splits(len(strategy.axes), left):
+                for split in _splits(strategy, left):
                     mesh = Mesh(name, cfg, batch, split, devices)
                     if 2 <= mesh.size <= devices and not _refuses(strategy.check_model, mesh, hint):
                         out.append(mesh)
     return out
 
 
-def _splits(axes: int, left: int):
-    if not axes:
-        yield ()
-        return
-    for split in itertools.product(range(2, left + 1), repeat=axes):
+def _splits(strategy, left: int):
+    """The degrees of `strategy`'s axes worth predicting: each from 2 within its knob's declared range, their
+    product at most `left` devices."""
+    knobs = {knob.name: knob for knob in strategy.knobs}
+    ranges = [range(max(2, int(knobs[axis].low or 2)),
+                    min(left, left if knobs[axis].high is None else int(knobs[axis].high)) + 1)
+              for axis in strategy.axes]
+    for split in itertools.product(*ranges):
         if math.prod(split) <= left:
             yield split
 

@@ -143,10 +143,11 @@ def device_figures(engine, model, resolution: tuple[int, int], rows: int = 1) ->
     return DeviceFigures(link, contention, overhead, larger)
 
 
-def probe_devices(devices, model, resolution: tuple[int, int], rows: int = 1) -> DeviceFigures:
-    """`device_figures` on a pool started on `devices` for the purpose and stopped after."""
+def probe_devices(devices, model, resolution: tuple[int, int], rows: int = 1, **pool_options) -> DeviceFigures:
+    """`device_figures` on a pool started on `devices` for the purpose and stopped after; `pool_options`: more
+    WorkerPool arguments (e.g. secret_file and interface for devices of other machines)."""
     from ..engine.pool_engine import engine_for
     from ..runtime.pool import WorkerPool
 
-    with WorkerPool(devices) as pool:
+    with WorkerPool(devices, **pool_options) as pool:
         return device_figures(engine_for(pool), model, resolution, rows)

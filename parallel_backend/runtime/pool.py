@@ -35,7 +35,9 @@ from .host_modules import host_modules
 from .messages import Carry, Hello, Ping, Reply, RunSetup, Shutdown, Unload
 from .portable import cpu_cores
 from .remote_weights import send_to_machines
+from . import environment
 from .devices import PoolUnavailable, parse_devices, remote_machines, resolve_devices, split_device
+from .pool_settings import HANG_FACTOR, HANG_FLOOR_S, INTERFACE, MAX_MODELS, SECRET_FILE
 from .worker_handle import WorkerHandle
 from .shipping import load_requests, model_bytes, model_fingerprint
 from .transport import Channel, ChannelClosed, Listener, ready
@@ -93,6 +95,8 @@ class WorkerPool:
       workers' import path, ahead of this package's folder, so nothing here shadows a host module.
     test_slowdown: tests only, a stand-in for slower cards: {rank: factor} or "1:2" (worker 1 repeats its heavy
       compute twice; factors 1 to 10); default TANDEM_TEST_SLOWDOWN or none (slowdown.py).
+    The settings a host may choose (secret_file, interface, hang_factor, hang_floor_s, max_models) are declared in
+    runtime/pool_settings.py; a ParallelConfig carries them (`ParallelConfig.pool_options()`).
     """
 
     def __init__(self, devices: str | tuple[str, ...] = "auto", *, timeout_s: float = 300.0,
@@ -104,16 +108,11 @@ class WorkerPool:
         known = None if self.requested_devices == ("auto",) else len(self.requested_devices)
         self.test_slowdown = slowdown.parse(test_slowdown, known) if test_slowdown is not None else \
             slowdown.from_environment(known)
-        hang_factor = _setting(hang_factor, "TANDEM_HANG_FACTOR", 10.0, float)
-        hang_floor_s = _setting(hang_floor_s, "TANDEM_HANG_FLOOR_S", 20.0, float)
-        max_models = _setting(max_models, "TANDEM_MAX_MODELS", 2, int)
+        hang_factor, hang_floor_s, self.max_models = (environment.setting(knob, value) for knob, value in (
+            (HANG_FACTOR, hang_factor), (HANG_FLOOR_S, hang_floor_s), (MAX_MODELS, max_models)))
         for name, value in (("timeout_s", timeout_s), ("start_timeout_s", start_timeout_s),
-                            ("pg_timeout_s", pg_timeout_s), ("hang_floor_s", hang_floor_s)):
+                            ("pg_timeout_s", pg_timeout_s)):
             validation.seconds(name, value)
-        validation.positive("hang_factor", hang_factor)
-        if isinstance(max_models, bool) or not isinstance(max_models, int) or max_models < 1:
-            raise ValueError(f"max_models must be an integer >= 1; got {max_models!r}")
-        self.max_models = max_models
         self.clock = CallClock(hang_factor, hang_floor_s, timeout_s)
         self.import_paths = tuple(import_paths)
         self.interface = interface
@@ -279,8 +278,8 @@ class WorkerPool:
         from .remote import rejoin_every_s
         from .secure import read_secret
 
-        self.secret_file = self.secret_file or os.environ.get("TANDEM_SECRET_FILE") or None
-        self.interface = self.interface or os.environ.get("TANDEM_INTERFACE") or None
+        self.secret_file = environment.setting(SECRET_FILE, self.secret_file or None)
+        self.interface = environment.setting(INTERFACE, self.interface or None)
         named = ", ".join(machines)
         if not self.secret_file:
             raise ValueError(f"devices name other machines ({named}): give the pool's shared secret file "
@@ -633,19 +632,6 @@ def spawn_worker(rank: int, world: int, device: str, connect: str, rendezvous: s
         process = subprocess.Popen(command, env=env, cwd=folder, stdin=subprocess.DEVNULL, stdout=log_file,
                                    stderr=log_file, **_DETACHED)
     return process, log_path
-
-
-def _setting(value, variable: str, default, kind):
-    """An argument, else the environment variable (checked like the argument), else the default."""
-    if value is not None:
-        return value
-    text = os.environ.get(variable, "").strip()
-    if not text:
-        return default
-    try:
-        return kind(text)
-    except ValueError:
-        raise ValueError(f"{variable}={text!r} is not a valid {'whole ' if kind is int else ''}number") from None
 
 
 def loopback_interface() -> str | None:

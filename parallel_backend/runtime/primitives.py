@@ -48,7 +48,6 @@ def leave_group() -> None:
         dist.destroy_process_group()
 
 
-STRICT_ENV = "TANDEM_STRICT_P2P"  # read once, by a worker as it starts (worker_loop.main)
 _strict = False
 
 

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 from .messages import Join, KeepAlive, KillWorkers, MachineStatus
+from . import environment
 from .devices import PoolUnavailable, remote_machines, split_device
 from .version import __version__
 from .worker_handle import WorkerHandle
@@ -43,19 +44,15 @@ MIN_ATTEMPT_S = 0.1  # the least time one connect attempt is given
 def link_timeout_s() -> float:
     """Seconds of silence after which the other end of a host-daemon connection counts as gone
     (TANDEM_LINK_TIMEOUT_S, default 6)."""
-    return float(os.environ.get("TANDEM_LINK_TIMEOUT_S", "6"))
+    return environment.number("TANDEM_LINK_TIMEOUT_S")
 
 
 def rejoin_every_s() -> float:
     """The least seconds between two attempts to reach a machine the pool left out (TANDEM_REJOIN_S, default 30):
     a machine still gone costs a job at most REJOIN_PROBE_S of attempts, and no more often than this."""
-    text = os.environ.get("TANDEM_REJOIN_S", "").strip() or "30"
-    try:
-        seconds = float(text)
-    except ValueError:
-        raise ValueError(f"TANDEM_REJOIN_S={text!r} is not a number of seconds") from None
+    seconds = environment.number("TANDEM_REJOIN_S")
     if not seconds >= 0:
-        raise ValueError(f"TANDEM_REJOIN_S={text!r} must be 0 or more seconds")
+        raise ValueError(f"TANDEM_REJOIN_S={environment.text('TANDEM_REJOIN_S')!r} must be 0 or more seconds")
     return seconds
 
 

@@ -12,7 +12,8 @@ them changes no state.
 from __future__ import annotations
 
 import math
-import os
+
+from . import environment
 
 ENV = "TANDEM_TEST_SLOWDOWN"
 MAX_FACTOR = 10
@@ -52,7 +53,7 @@ def parse(spec, devices: int | None = None) -> dict[int, float]:
 
 
 def from_environment(devices: int | None = None) -> dict[int, float]:
-    return parse(os.environ.get(ENV, "").strip(), devices)
+    return parse(environment.text(ENV), devices)
 
 
 def repeating(factor: float):

@@ -32,6 +32,7 @@ from .messages import (
     Unload,
 )
 from .portable import peak_memory_bytes, pin_to_cores, process_alive, reset_peak_memory
+from . import environment
 from .weights_cache import WeightsCache, cached_model_path, holds_weights, store_weights
 
 WATCHDOG_PERIOD_S = 0.5
@@ -286,7 +287,7 @@ def main(argv, handlers: dict) -> int:
                          daemon=True, name="tandem-watch").start()
     if args.cpus:
         pin_to_cores(int(c) for c in args.cpus.split(","))
-    authkey = bytes.fromhex(os.environ.pop("TANDEM_AUTHKEY", ""))
+    authkey = bytes.fromhex(environment.take("TANDEM_AUTHKEY"))
     if not authkey:
         print("parallel_backend.engine.worker: TANDEM_AUTHKEY is not set; workers are started by a WorkerPool",
               file=sys.stderr)
@@ -299,7 +300,7 @@ def main(argv, handlers: dict) -> int:
     from .transport import connect
 
     # Test settings, read once here: an exchange or a request never looks them up (primitives, slowdown.py).
-    primitives.pair_in_issue_order(os.environ.get(primitives.STRICT_ENV) == "1")
+    primitives.pair_in_issue_order(environment.text("TANDEM_STRICT_P2P") == "1")
     if args.threads:
         torch.set_num_threads(args.threads)
     host, port = args.connect.rsplit(":", 1)

@@ -2,6 +2,9 @@
 (`base.Strategy`), one registry by name. Registering a strategy here makes it a choice of the config, the
 CLI, the bench, the demo and the ComfyUI Settings node; nothing else names it.
 
+Each strategy declares its knobs (`Strategy.knobs`); `knobs()` is every registered one, in registration order,
+which the CLI options, the Settings node's inputs and the demo's controls follow.
+
 Row strategies (cfg, batch) give each device a contiguous share of the call's rows and compose as the outer
 axes of the mesh. A strategy with inner axes (asyncdiff: stages; usp: ring x ulysses) runs each row share on a
 group of devices.
@@ -9,6 +12,7 @@ group of devices.
 
 from __future__ import annotations
 
+from ..runtime.knobs import Knob
 from .base import Strategy
 
 _REGISTRY: dict[str, Strategy] = {}
@@ -20,6 +24,7 @@ def register(strategy: Strategy) -> Strategy:
         raise ValueError(f"a strategy needs a name other than 'auto'; got {strategy.name!r}")
     if _REGISTRY.get(strategy.name, strategy) is not strategy:
         raise ValueError(f"strategy {strategy.name!r} is registered already")
+    _check_knobs(strategy)
     _REGISTRY[strategy.name] = strategy
     return strategy
 
@@ -38,6 +43,44 @@ def get(name: str) -> Strategy:
         return _REGISTRY[name]
     except KeyError:
         raise ValueError(f"unknown strategy {name!r}; choose one of: auto, {', '.join(_REGISTRY)}") from None
+
+
+def _check_knobs(strategy: Strategy) -> None:
+    """Each axis has an int knob of its name marked `axis`; a knob another strategy declares too is the same."""
+    own = {knob.name: knob for knob in strategy.knobs}
+    for axis in strategy.axes:
+        knob = own.get(axis)
+        if knob is None or knob.kind is not int or not knob.axis or not knob.unset:
+            raise ValueError(f"strategy {strategy.name!r}: axis {axis!r} needs a knob of that name (int, unset "
+                             "allowed, with its `axis` clause)")
+    for knob in strategy.knobs:
+        if knob.axis and knob.name not in strategy.axes:
+            raise ValueError(f"strategy {strategy.name!r}: knob {knob.name!r} is an axis; list it in `axes`")
+        other = next((k for k in knobs() if k.name == knob.name), knob)
+        if other != knob:
+            raise ValueError(f"strategy {strategy.name!r}: knob {knob.name!r} differs from the one of that name "
+                             "another strategy declares; share that declaration")
+
+
+def knobs() -> tuple[Knob, ...]:
+    """Every registered strategy's knobs, each once, in registration order (new ones come last, as the Settings
+    node needs: saved workflows keep widget values in input order)."""
+    seen: dict[str, Knob] = {}
+    for strategy in _REGISTRY.values():
+        for knob in strategy.knobs:
+            seen.setdefault(knob.name, knob)
+    return tuple(seen.values())
+
+
+def knob(name: str) -> Knob | None:
+    """The registered knob called `name` (None: no strategy declares one)."""
+    return next((k for k in knobs() if k.name == name), None)
+
+
+def users(name: str, axes_only: bool = False) -> tuple[str, ...]:
+    """The strategies that declare knob `name` (with `axes_only`: as an axis)."""
+    return tuple(s.name for s in _REGISTRY.values()
+                 if any(k.name == name for k in s.knobs) and (not axes_only or name in s.axes))
 
 
 def worker_handlers() -> dict:

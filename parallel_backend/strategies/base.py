@@ -6,7 +6,9 @@ A strategy is one object, registered by name in `strategies/__init__.py`:
 - worker side: `worker_handlers()` maps its message types to the functions a worker runs for them (row
   strategies need none: they send the worker's plain `Forward`);
 - it says whether it is exact, which mesh axes it adds inside each row group (none: rows only), how many
-  branches it splits by default, what it is measured on in `tandem bench`, and explains itself.
+  branches it splits by default, what it is measured on in `tandem bench`, and explains itself;
+- it declares its knobs (`knobs`: runtime/knobs.py `Knob`s, one per axis degree and per setting it reads from
+  the config); the CLI, the Settings node, the demo and the config's checks are built from them.
 Nothing outside `strategies/` compares strategy names: hosts ask the registry.
 """
 
@@ -16,6 +18,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from ..runtime.knobs import Knob
 from ..runtime.messages import Computed, Forward
 from ..runtime.primitives import chunk_sizes
 
@@ -41,6 +44,7 @@ class Strategy:
     adapters: tuple[str, ...] | None = None  # the model adapters it can cut (models.ADAPTERS); None: any model
     scope: str = ""  # what it splits, for the refusal of other models ("cuts UNets only")
     splits_tokens: bool = False  # it splits a call's token sequence (its attentions run through the group)
+    knobs: tuple[Knob, ...] = ()  # its settings (config.<name>): one per axis, then the ones it reads
 
     def check_family(self, family: str) -> None:
         """Raises ValueError in one sentence when this strategy cannot split a model of `family`."""

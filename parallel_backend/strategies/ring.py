@@ -4,13 +4,14 @@ merged with the online softmax. Exact; any number of heads."""
 
 from __future__ import annotations
 
-from .sequence.parallel import SequenceStrategy
+from .sequence.parallel import RING, SequenceStrategy
 
 
 class Ring(SequenceStrategy):
     name = "ring"
     kind = "ring"
     axes = ("ring",)
+    knobs = (RING,)
     summary = "a shard of the token sequence on each device; keys and values passed around a ring (DiTs)."
 
 

@@ -4,13 +4,14 @@ reverse. Exact. The heads must divide by the degree; ring has no such limit."""
 
 from __future__ import annotations
 
-from .sequence.parallel import SequenceStrategy
+from .sequence.parallel import ULYSSES, SequenceStrategy
 
 
 class Ulysses(SequenceStrategy):
     name = "ulysses"
     kind = "ulysses"
     axes = ("ulysses",)
+    knobs = (ULYSSES,)
     summary = "a shard of the token sequence on each device; attention by heads after an all-to-all (DiTs)."
 
 

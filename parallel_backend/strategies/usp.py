@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import math
 
-from .sequence.parallel import SequenceStrategy
+from .sequence.parallel import RING, ULYSSES, SequenceStrategy
 
 
 class Usp(SequenceStrategy):
     name = "usp"
     kind = "usp"
     axes = ("ring", "ulysses")  # outer to inner: a ulysses subgroup's devices are adjacent
+    knobs = (RING, ULYSSES)
     summary = ("a shard of the token sequence on each device; attention by heads inside ulysses subgroups, "
                "keys and values passed around a ring between them (DiTs).")
 

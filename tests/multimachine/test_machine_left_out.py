@@ -184,7 +184,7 @@ def test_no_device_left_is_a_clear_error(secret_file):
     assert not pool.started and not pool.left_out and _my_pool_folders() == before
 
 
-@pytest.mark.parametrize("value, problem", [("soon", "is not a number"), ("-1", "must be 0 or more")])
+@pytest.mark.parametrize("value, problem", [("soon", "is not a valid number"), ("-1", "must be 0 or more")])
 def test_a_bad_rejoin_interval_is_refused_before_a_start(secret_file, monkeypatch, value, problem):
     monkeypatch.setenv("TANDEM_REJOIN_S", value)
     pool = WorkerPool(f"cpu,127.0.0.1:{_free_port()}/cpu", secret_file=str(secret_file), interface="lo")

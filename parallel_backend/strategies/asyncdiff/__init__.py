@@ -15,9 +15,20 @@ from dataclasses import replace
 from ...runtime.messages import Computed
 from ...models.stage_families import STAGE_ADAPTERS
 from ...models.stages import Profile, describe
+from ...runtime.knobs import Knob
+from ...runtime.validation import MAX_STEPS
 from ..base import BenchJob, Strategy
 from .messages import PlaceStages, ProbeExchange, ProfileLayers, StageCall, StagePlan
 from .schedule import balance, explain, simulate, stage_actions, stage_costs, stage_step  # noqa: F401 (API)
+
+
+STAGES = Knob("stages", int, None, "asyncdiff: the stages the UNet is cut into, one device each (default: the "
+              "devices left after cfg and batch)", low=1, unset=True, axis="they cut the model into stages")
+WARMUP = Knob("warmup", int, 1, "asyncdiff: exact sampler steps at the start, all stages in sequence (on 2 stages or "
+              "more at least 1: the later stages start from what the warm-up hands them)", low=0, high=MAX_STEPS)
+STRIDE = Knob("stride", int, 1, "asyncdiff: 1, or 2 to exchange activations every second call only (less traffic, "
+              "staler inputs)", choices=(1, 2))
+TIME_SHIFT = Knob("time_shift", bool, False, "asyncdiff: each stage embeds the timestep its input came from")
 
 
 class AsyncDiff(Strategy):
@@ -31,6 +42,7 @@ class AsyncDiff(Strategy):
     adapters = tuple(STAGE_ADAPTERS)  # the families models/stages.py can cut into layers
     scope = "cuts UNets only"
     min_warmup = 1  # a later stage's first input is what the stage before hands it in an exact step
+    knobs = (STAGES, WARMUP, STRIDE, TIME_SHIFT)
 
     # ---- host side ---------------------------------------------------------------------------------------
 

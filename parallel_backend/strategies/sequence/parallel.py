@@ -10,7 +10,17 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from ...runtime.knobs import Knob
 from ..base import BenchJob, Strategy, join_rows
+
+# The sequence axes' degrees, shared by ulysses, ring and usp.
+ULYSSES = Knob("ulysses", int, None, "ulysses and usp: devices that split a DiT's attention heads after an all-to-all; "
+               "it must divide the model's heads (default: ulysses, the devices left after cfg and batch; usp, the "
+               "most of them the heads allow)", low=1, unset=True,
+               axis="it splits the token sequence and trades tokens for attention heads (all-to-all)")
+RING = Knob("ring", int, None, "ring: devices passing keys and values around a ring; usp: ulysses subgroups around "
+            "the ring (default: the devices left after cfg, batch and ulysses)", low=1, unset=True,
+            axis="it splits the token sequence and passes keys and values around a ring")
 
 
 @dataclass(frozen=True)
