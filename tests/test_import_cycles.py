@@ -147,3 +147,14 @@ def test_no_import_circle():
     for group in circles(graph):
         pairs = sorted((a, b) for a in group for b in graph[a] & group)
         assert not group, f"an import circle through {', '.join(sorted(group))}; its imports: {pairs[:8]}"
+
+
+def test_the_worker_program_the_runtime_names_by_string_is_where_workers_find_it():
+    """runtime/pool.py starts `python -m parallel_backend.engine.worker` with PACKAGE_PARENT on the worker's path (a
+    host such as ComfyUI does not install the package): both must follow the folders when modules move."""
+    from parallel_backend.runtime import pool
+
+    source = (ROOT / "parallel_backend" / "runtime" / "pool.py").read_text(encoding="utf-8")
+    assert '"-m", "parallel_backend.engine.worker"' in source
+    assert Path(pool.PACKAGE_PARENT) == ROOT
+    assert (ROOT / "parallel_backend" / "engine" / "worker.py").exists()

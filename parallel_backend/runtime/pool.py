@@ -43,7 +43,9 @@ from .shipping import load_requests, model_bytes, model_fingerprint
 from .transport import Channel, ChannelClosed, Listener, ready
 from .worker_loop import heartbeat_path
 
-PACKAGE_PARENT = str(Path(__file__).resolve().parent.parent)
+# The folder that holds parallel_backend/, on every worker's PYTHONPATH (a host such as ComfyUI may not have the
+# package installed): one level up per dot in this module's name.
+PACKAGE_PARENT = str(Path(__file__).resolve().parents[__name__.count(".")])
 log = logging.getLogger("tandem")
 
 
