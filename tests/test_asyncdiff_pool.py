@@ -73,18 +73,27 @@ def test_one_stage_equals_one_device(models):
     torch.testing.assert_close(result, reference, atol=ATOL, rtol=ATOL)
 
 
+@pytest.fixture(scope="module")
+def four_workers():
+    """One pool of four CPU workers for both meshes below: starting four workers and loading the model into each
+    is most of such a test's time, and each job starts afresh on a pool (test_a_new_job_starts_from_fresh_state)."""
+    with WorkerPool("cpu:4") as pool:
+        yield pool
+
+
 @pytest.mark.parametrize("job, mesh", [(Job(1, 7.5), {"cfg_degree": 2}), (Job(2, 1.0), {"batch_degree": 2})])
-def test_rows_times_stages_on_four_devices(models, job, mesh):
-    model = models["sd15-narrow"]
+def test_rows_times_stages_on_four_devices(models, four_workers, job, mesh):
+    model, pool = models["sd15-narrow"], four_workers
     resolution = (model.default_resolution,) * 2
     reference = run_loop(model, job, resolution, steps=STEPS, repeats=0).latents
-    with WorkerPool("cpu:4") as pool:
-        exact = ParallelExecutor(pool, ParallelConfig("cpu:4", "asyncdiff", warmup=STEPS, **mesh))
-        torch.testing.assert_close(run_loop(model, job, resolution, steps=STEPS, repeats=0, executor=exact).latents,
-                                   reference, atol=ATOL, rtol=ATOL)
-        assert len(stage_plan(exact)["stages"]) == 2
-        stale = ParallelExecutor(pool, ParallelConfig("cpu:4", "asyncdiff", warmup=2, **mesh))
-        result = run_loop(model, job, resolution, steps=STEPS, repeats=0, executor=stale).latents
+    calls = pool.stats.calls
+    exact = ParallelExecutor(pool, ParallelConfig("cpu:4", "asyncdiff", warmup=STEPS, **mesh))
+    torch.testing.assert_close(run_loop(model, job, resolution, steps=STEPS, repeats=0, executor=exact).latents,
+                               reference, atol=ATOL, rtol=ATOL)
+    assert pool.stats.calls == calls + STEPS and len(pool.devices) == 4  # the pool ran every call
+    assert len(stage_plan(exact)["stages"]) == 2
+    stale = ParallelExecutor(pool, ParallelConfig("cpu:4", "asyncdiff", warmup=2, **mesh))
+    result = run_loop(model, job, resolution, steps=STEPS, repeats=0, executor=stale).latents
     assert 0 < (result - reference).abs().max() and psnr(reference, result) > 20
 
 
