@@ -73,21 +73,6 @@ def test_one_stage_equals_one_device(models):
     torch.testing.assert_close(result, reference, atol=ATOL, rtol=ATOL)
 
 
-@pytest.mark.parametrize("job, mesh", [(Job(1, 7.5), {"cfg_degree": 2}), (Job(2, 1.0), {"batch_degree": 2})])
-def test_rows_times_stages_on_four_devices(models, job, mesh):
-    model = models["sd15-narrow"]
-    resolution = (model.default_resolution,) * 2
-    reference = run_loop(model, job, resolution, steps=STEPS, repeats=0).latents
-    with WorkerPool("cpu:4") as pool:
-        exact = ParallelExecutor(pool, ParallelConfig("cpu:4", "asyncdiff", warmup=STEPS, **mesh))
-        torch.testing.assert_close(run_loop(model, job, resolution, steps=STEPS, repeats=0, executor=exact).latents,
-                                   reference, atol=ATOL, rtol=ATOL)
-        assert len(stage_plan(exact)["stages"]) == 2
-        stale = ParallelExecutor(pool, ParallelConfig("cpu:4", "asyncdiff", warmup=2, **mesh))
-        result = run_loop(model, job, resolution, steps=STEPS, repeats=0, executor=stale).latents
-    assert 0 < (result - reference).abs().max() and psnr(reference, result) > 20
-
-
 def _stream_loop(executor, model, streams, steps=STEPS):
     """Denoises each stream (its own noise and context) with calls interleaved across streams, one branch
     per call, as a host that evaluates cond and uncond separately does. Returns latents per stream."""
@@ -245,3 +230,28 @@ def test_three_stages_hand_over_every_skip(models):
         result = run_loop(model, job, resolution, steps=4, repeats=0, executor=executor).latents
         assert len(stage_plan(executor)["stages"]) == 3
     torch.testing.assert_close(result, reference, atol=ATOL, rtol=ATOL)
+
+
+@pytest.fixture(scope="module")
+def four_workers():
+    """One pool of four CPU workers for both meshes below: starting four workers and loading the model into each
+    is most of such a test's time, and each job starts afresh on a pool (test_a_new_job_starts_from_fresh_state).
+    Last in this module, so that these workers end with the two tests that use them."""
+    with WorkerPool("cpu:4") as pool:
+        yield pool
+
+
+@pytest.mark.parametrize("job, mesh", [(Job(1, 7.5), {"cfg_degree": 2}), (Job(2, 1.0), {"batch_degree": 2})])
+def test_rows_times_stages_on_four_devices(models, four_workers, job, mesh):
+    model, pool = models["sd15-narrow"], four_workers
+    resolution = (model.default_resolution,) * 2
+    reference = run_loop(model, job, resolution, steps=STEPS, repeats=0).latents
+    calls = pool.stats.calls
+    exact = ParallelExecutor(pool, ParallelConfig("cpu:4", "asyncdiff", warmup=STEPS, **mesh))
+    torch.testing.assert_close(run_loop(model, job, resolution, steps=STEPS, repeats=0, executor=exact).latents,
+                               reference, atol=ATOL, rtol=ATOL)
+    assert pool.stats.calls == calls + STEPS and len(pool.devices) == 4  # the pool ran every call
+    assert len(stage_plan(exact)["stages"]) == 2
+    stale = ParallelExecutor(pool, ParallelConfig("cpu:4", "asyncdiff", warmup=2, **mesh))
+    result = run_loop(model, job, resolution, steps=STEPS, repeats=0, executor=stale).latents
+    assert 0 < (result - reference).abs().max() and psnr(reference, result) > 20
