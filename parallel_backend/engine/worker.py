@@ -13,8 +13,7 @@ import os
 import sys
 import time
 
-from .. import strategies
-from ..models import forward_for_family
+from .. import models, strategies
 from ..models.stages import synchronize
 from ..runtime.messages import Computed, Forward, TimedForward
 from ..runtime.worker_loop import RUNTIME_HANDLERS, WorkerState
@@ -30,7 +29,8 @@ def forward(state: WorkerState, message: Forward) -> Computed:
     started = time.perf_counter()
     with torch.inference_mode():
         compiled = module.__dict__.get("_tandem_compiled")
-        out = forward_for_family(family)(module if compiled is None else compiled, message.call.to(state.device))
+        # looked up at each call: a test's worker set-up file may wrap it (tests/reliability/test_deadlines.py)
+        out = models.forward_for_family(family)(module if compiled is None else compiled, message.call.to(state.device))
     synchronize(state.device)
     extra = {"rows": message.call.rows}
     if compiled is not None:  # how many graphs torch.compile made in this worker so far (once per shape)
