@@ -112,5 +112,6 @@ def add_options(parser, knobs) -> None:
             parser.add_argument(knob.option, dest=knob.name, action=action, default=knob.default, help=knob.help)
             continue
         default = f"default: {knob.default}" if knob.default is not None else "default: the strategy picks"
+        told = "(default: " in knob.help  # a pool setting names its variable's default itself
         parser.add_argument(knob.option, dest=knob.name, type=knob.kind, default=knob.default,
-                            help=f"{knob.help} ({default})")
+                            help=knob.help if told else f"{knob.help} ({default})")
