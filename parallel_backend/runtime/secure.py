@@ -170,7 +170,12 @@ def _exchange(conn: TlsConnection, secret: bytes, fingerprint: bytes, server: bo
             theirs = _read_frame(conn, NONCE_BYTES)
             conn.send_bytes(mine)
             conn.send_bytes(_proof(secret, b"client", theirs, fingerprint))
-            _check(_read_frame(conn, PROOF_BYTES), _proof(secret, b"server", mine, fingerprint), "server")
+            try:
+                answer = _read_frame(conn, PROOF_BYTES)
+            except EOFError:  # the server closes on a proof it refuses
+                raise HandshakeError("the server refused this machine's proof of the secret (do both sides read "
+                                     "the same secret file?)") from None
+            _check(answer, _proof(secret, b"server", mine, fingerprint), "server")
     except HandshakeError:
         raise
     except (OSError, EOFError) as exc:
@@ -196,13 +201,14 @@ def accept_tls(raw: socket.socket, secret: bytes, context: ssl.SSLContext, timeo
     """Server side of one connection: TLS, then both proofs, all within `timeout_s` (a silent peer cannot stall
     it); raises HandshakeError (the socket is closed)."""
     raw.settimeout(timeout_s)
+    sock = None  # once wrapped, the TLS socket owns the descriptor: closing `raw` would leave the peer waiting
     try:
         sock = context.wrap_socket(raw, server_side=True)
         fingerprint = hashlib.sha256(context.tandem_cert_der).digest()
         conn = TlsConnection(sock)
         _exchange(conn, secret, fingerprint, server=True)
     except (OSError, HandshakeError) as exc:
-        raw.close()
+        (raw if sock is None else sock).close()  # the refused peer hears it now, not at its own timeout
         raise exc if isinstance(exc, HandshakeError) else HandshakeError(f"TLS failed ({exc})") from None
     sock.settimeout(None)
     return conn
@@ -214,13 +220,14 @@ def connect_tls(address: tuple[str, int], secret: bytes, timeout_s: float,
     `timeout_s`; raises HandshakeError or OSError."""
     raw = socket.create_connection(tuple(address), timeout=connect_timeout_s or timeout_s)
     raw.settimeout(timeout_s)
+    sock = None
     try:
         sock = _client_context().wrap_socket(raw)
         fingerprint = hashlib.sha256(sock.getpeercert(binary_form=True)).digest()
         conn = TlsConnection(sock)
         _exchange(conn, secret, fingerprint, server=False)
     except BaseException:
-        raw.close()
+        (raw if sock is None else sock).close()
         raise
     sock.settimeout(None)
     return conn
