@@ -153,31 +153,34 @@ def tiny_sdxl_folder(tmp_path_factory):
 
 @pytest.fixture
 def gloo_ranks(tmp_path):
-    """`run(script, world)`: `script` (python -c) in `world` processes; argv: rank, world, a gloo rendezvous and
-    the tests folder. Returns each rank's stdout as JSON lines; a rank that fails fails the test."""
+    """`run(script, world, *extra, wait_for=None)`: `script` (python -c) in `world` processes; argv: rank, world,
+    a gloo rendezvous, the tests folder, then `extra`. Returns the stdout of each rank in `wait_for` (default:
+    all) as JSON lines; such a rank that fails fails the test, and the others are killed at the end."""
+    import itertools
     import sys
     from pathlib import Path
 
     repo = Path(__file__).resolve().parents[1]
     env = dict(os.environ, GLOO_SOCKET_IFNAME="lo",
                PYTHONPATH=os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")]))
+    calls = itertools.count()
 
-    def run(script: str, world: int) -> list[list[dict]]:
-        arguments = [str(world), f"file://{tmp_path}/rdzv", str(repo / "tests")]
+    def run(script: str, world: int, *extra: str, wait_for=None) -> list[list[dict]]:
+        arguments = [str(world), f"file://{tmp_path}/rdzv-{next(calls)}", str(repo / "tests"), *extra]
         ranks = [subprocess.Popen([sys.executable, "-c", script, str(r), *arguments], stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, text=True, env=env) for r in range(world)]
         try:
             outputs = []
-            for r, process in enumerate(ranks):
-                out, err = process.communicate(timeout=120)
-                assert process.returncode == 0, f"rank {r}:\n{out}\n{err}"
+            for r in range(world) if wait_for is None else wait_for:
+                out, err = ranks[r].communicate(timeout=120)
+                assert ranks[r].returncode == 0, f"rank {r}:\n{out}\n{err}"
                 outputs.append([json.loads(line) for line in out.splitlines()])
             return outputs
         finally:
             for process in ranks:
                 if process.poll() is None:
                     process.kill()
-                    process.wait(timeout=10)
+                process.wait(timeout=10)
 
     return run
 

@@ -5,20 +5,13 @@ the group's timeout."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
 from parallel_backend.strategies.sequence.ulysses import pipeline_chunks
 
 pytestmark = pytest.mark.slow
-
-REPO = Path(__file__).resolve().parents[1]
 
 RANK_SCRIPT = """
 import functools, json, os, sys, time, torch
@@ -27,7 +20,7 @@ from parallel_backend.runtime import primitives
 from parallel_backend.strategies.sequence import Shards, Traffic, ring_attention, ulysses_attention, usp_attention
 
 torch.set_num_threads(1)
-rank, world, rendezvous, mode = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+rank, world, rendezvous, mode = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[5]
 primitives.pair_in_issue_order()  # as NCCL pairs messages
 primitives.join_group(rendezvous, rank, world, "cpu", timeout_s=6.0 if mode != "check" else 20.0)
 
@@ -64,7 +57,7 @@ if rank == world - 1:  # the peer that fails: gone at once, or alive and silent
         os._exit(0)
     time.sleep(60)
 time.sleep(0.3)
-attention = {"ring": ring_attention, "ulysses": ulysses_attention}[sys.argv[5]]
+attention = {"ring": ring_attention, "ulysses": ulysses_attention}[sys.argv[6]]
 started = time.monotonic()
 try:
     attention(*(torch.ones(1, 12, 4, 8) for _ in range(3)), Shards.of(4 * world, world), rank)
@@ -76,37 +69,15 @@ os._exit(0)
 """
 
 
-def run_ranks(tmp_path, world: int, mode: str, wait_for: range, attention: str = "") -> list[str]:
-    env = dict(os.environ, GLOO_SOCKET_IFNAME="lo",
-               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-    rendezvous = f"file://{tmp_path}/rdzv-{mode}-{world}{attention}"
-    ranks = [subprocess.Popen([sys.executable, "-c", RANK_SCRIPT, str(r), str(world), rendezvous, mode, attention],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-             for r in range(world)]
-    outputs = []
-    try:
-        for r in wait_for:
-            out, err = ranks[r].communicate(timeout=90)
-            assert ranks[r].returncode == 0, f"rank {r}:\n{out}\n{err}"
-            outputs.append(out)
-    finally:
-        for process in ranks:
-            if process.poll() is None:
-                process.kill()
-            process.wait(timeout=10)
-    return outputs
-
-
 @pytest.mark.parametrize("world", [2, 3, 4])
-def test_ulysses_ring_and_usp_on_shards_equal_full_attention_and_ring_takes_n_minus_1_passes(tmp_path, world):
+def test_ulysses_ring_and_usp_on_shards_equal_full_attention_and_ring_takes_n_minus_1_passes(gloo_ranks, world):
     # cases: 13 tokens (uneven), 2 tokens (empty shards from 3 ranks on; on 4, a whole subgroup of USP empty)
     # with a key mask hiding a whole block, text 5 + image 11 tokens sharded stream by stream with the ranks in
     # reverse order around the ring
     expected = {"ulysses": 2, "ring": world - 1}
     if world == 4:  # 12 heads, 6 per subgroup rank: attended in 2 chunks, a ring of 2 (1 pass) for each
         expected["usp"] = 2 + pipeline_chunks(12 // 2) * 1
-    for out in run_ranks(tmp_path, world, "check", range(world)):
-        results = [json.loads(line) for line in out.splitlines()]
+    for results in gloo_ranks(RANK_SCRIPT, world, "check"):
         assert len(results) == 3
         for result in results:
             assert set(result) - {"lengths", "masked"} == set(expected)
@@ -117,10 +88,10 @@ def test_ulysses_ring_and_usp_on_shards_equal_full_attention_and_ring_takes_n_mi
 
 @pytest.mark.parametrize("attention", ["ring", "ulysses"])
 @pytest.mark.parametrize("fault", ["exit", "stall"])
-def test_a_dead_or_silent_peer_makes_the_exchange_raise_within_the_group_timeout(tmp_path, fault, attention):
+def test_a_dead_or_silent_peer_makes_the_exchange_raise_within_the_group_timeout(gloo_ranks, fault, attention):
     started = time.monotonic()
-    outputs = run_ranks(tmp_path, 3, fault, range(2), attention)  # rank 2 fails; the group's timeout is 6 s
-    for out in outputs:
-        result = json.loads(out)
+    # rank 2 fails; the group's timeout is 6 s
+    outputs = gloo_ranks(RANK_SCRIPT, 3, fault, attention, wait_for=range(2))
+    for [result] in outputs:
         assert result["outcome"].startswith("raised") and result["seconds"] < 15, result
     assert time.monotonic() - started < 60
