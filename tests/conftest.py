@@ -37,6 +37,18 @@ def _noted_process_start(self):
 
 multiprocessing.process.BaseProcess.start = _noted_process_start
 
+from parallel_backend.runtime import launcher  # noqa: E402 - workers forked by the launcher count as started too
+
+_launcher_spawn = launcher.Launcher.spawn
+
+
+def _noted_launcher_spawn(self, argv, *more, **kwargs):
+    _started.append("a forked worker: " + " ".join(argv))
+    return _launcher_spawn(self, argv, *more, **kwargs)
+
+
+launcher.Launcher.spawn = _noted_launcher_spawn
+
 
 # Every test in these folders is slow: a ComfyUI server, other machines (network namespaces), a CUDA device.
 SLOW_FOLDERS = ("comfy", "multimachine", "gpu")

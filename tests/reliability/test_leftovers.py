@@ -1,5 +1,6 @@
 """No leftovers: a host killed (SIGKILL, SIGTERM, Ctrl-C) with a model loaded or in the middle of shipping one leaves no
-worker process and no file of its pool; a new pool removes folders whose host process is gone."""
+worker process, no launcher (runtime/launcher.py) and no file of its pool; a new pool removes folders whose host
+process is gone."""
 
 from __future__ import annotations
 
@@ -22,8 +23,11 @@ import sys, time
 import torch
 from parallel_backend.runtime.pool import WorkerPool
 
+from parallel_backend.runtime import launcher
+
 pool = WorkerPool("cpu:2").start()
-print(*pool.worker_pids(), pool._dir, flush=True)
+launchers = [l.process.pid for l in launcher._launchers.values()]  # the CPU workers' (one, on Linux)
+print(*pool.worker_pids(), pool._dir, ",".join(map(str, launchers)) or "-", flush=True)
 if sys.argv[1] == "loaded":  # a plain torch model: what is loaded matters here, not its family's imports
     pool.ensure_model(torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.SiLU()), "diffusers_unet")
     print("loaded", flush=True)
@@ -39,8 +43,10 @@ def start_host(stage: str):
     host = subprocess.Popen([sys.executable, "-c", HOST_SCRIPT, stage], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     first = host.stdout.readline().split()
-    assert len(first) == 3, host.stderr.read()
+    assert len(first) == 4, host.stderr.read()
     pids, folder = [int(p) for p in first[:2]], Path(first[2])
+    assert first[3] != "-" or not sys.platform.startswith("linux"), "no launcher forked the CPU workers"
+    pids += [int(p) for p in first[3].split(",") if p != "-"]  # the launcher ends with its host too
     assert host.stdout.readline().strip() == stage.replace("mid-load", "shipping")
     if stage == "mid-load":
         deadline = time.monotonic() + 60
@@ -57,7 +63,7 @@ def test_a_killed_host_leaves_no_process_and_no_file(how, stage, procs):
     try:
         host.send_signal(how)
         host.wait(timeout=30)
-        assert procs.orphans(pids, 10) == [], f"orphan workers after {how.name}"
+        assert procs.orphans(pids, 10) == [], f"orphan workers (or launcher) after {how.name}"
         deadline = time.monotonic() + 10
         while folder.exists() and time.monotonic() < deadline:
             time.sleep(0.1)
