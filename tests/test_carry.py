@@ -194,7 +194,8 @@ def _package_state():
     def scale(h):  # a closure, so it travels by value: this test module is not importable in a worker
         import sys as system
 
-        pack = next((m for name, m in system.modules.items() if name.endswith("host_pack")), None)
+        # a copy: the worker's other threads may import while this looks (a live view then changes size)
+        pack = next((m for name, m in list(system.modules.items()) if name.endswith("host_pack")), None)
         return h * float(getattr(pack, "INIT_RAN", False))
 
     return scale

@@ -33,8 +33,8 @@ VARIABLES = {v.name: v for v in (
     Variable("TANDEM_REJOIN_S", "30", "the least seconds between two attempts to reach a machine left out"),
     Variable("TANDEM_LINK_TIMEOUT_S", "6", "seconds of silence after which the other end of a host-daemon "
              "connection counts as gone"),
-    Variable("TANDEM_FORK_WORKERS", "1", "`0`: start each worker as an interpreter of its own instead of forking it "
-             "from the preloaded launcher (Linux only; runtime/launcher.py)"),
+    Variable("TANDEM_FORK_WORKERS", "1", "`0`: start each CPU worker as an interpreter of its own instead of forking "
+             "it from the preloaded launcher (Linux only; runtime/launcher.py)"),
     Variable("TANDEM_AUTHKEY", "", "set by the pool in each worker's environment, taken (and removed) by the "
              "worker: the key it authenticates with; not for users"),
     Variable("TANDEM_STRICT_P2P", "", "`1`: each worker makes gloo pair sends and receives in issue order, as "

@@ -9,10 +9,11 @@ the pool's folder as working directory, the environment and log the pool gives i
 Why not multiprocessing's forkserver: its children re-import the host's `__main__` (ComfyUI's main.py, with its
 side effects) and take their arguments by pickle; this launcher runs only the worker program.
 
-Only CPU workers are forked for now: a CUDA worker starts as an interpreter of its own (pool.spawn_worker), as on
-macOS and Windows and with TANDEM_FORK_WORKERS=0. The launcher is built for CUDA too (it never initialises it:
-TORCH_NVML_BASED_CUDA_CHECK keeps `torch.cuda.is_available()` from doing so, and a fork is refused once
-`torch.cuda.is_initialized()`), but no GPU has run a forked worker yet.
+Only CPU workers are forked for now (FORKED_KINDS): a CUDA worker starts as an interpreter of its own
+(pool.spawn_worker), as every worker does on macOS and Windows and with TANDEM_FORK_WORKERS=0. The launcher is
+built for CUDA too (it never initialises it: TORCH_NVML_BASED_CUDA_CHECK keeps `torch.cuda.is_available()` from
+doing so, and a fork is refused once `torch.cuda.is_initialized()`), but no GPU has run a forked worker yet
+(tests/gpu has the test that would).
 
 Protocol, one JSON line each way: the host sends {"argv", "env", "cwd", "log"}; the launcher answers
 {"pid"} (or {"error"}) in request order, and {"exited": pid, "code"} when a worker ends (Popen's return codes:
@@ -32,6 +33,7 @@ import tempfile
 import threading
 import time
 
+FORKED_KINDS = ("cpu",)  # device kinds whose workers fork; "cuda" once a GPU has run tests/gpu's forked worker
 WORKER_MODULE = "parallel_backend.engine.worker"  # by name: the process boundary, as pool.spawn_worker's command
 PRELOAD = ("diffusers",)  # imported in the launcher when the host has imported them (they never touch CUDA)
 
@@ -75,6 +77,7 @@ class Launcher:
     """The host's side of one launcher process: `spawn(argv, env, cwd, log_path) -> ForkedProcess`."""
 
     def __init__(self, pythonpath: str):
+        self.owner = os.getpid()  # a host that forks gets a launcher of its own in the child
         self.changed = threading.Condition()
         self._exits: dict[int, int] = {}
         self._answers: list[dict] = []
@@ -147,17 +150,20 @@ _launchers: dict[str, Launcher] = {}
 _launchers_lock = threading.Lock()
 
 
-def fork_available() -> bool:
+def forks(device: str) -> bool:
+    """Whether a worker for `device` of this machine is forked from the launcher (Linux, a kind in FORKED_KINDS,
+    TANDEM_FORK_WORKERS not 0)."""
     from . import environment
 
-    return sys.platform.startswith("linux") and environment.text("TANDEM_FORK_WORKERS") != "0"
+    return (sys.platform.startswith("linux") and device.split(":")[0] in FORKED_KINDS
+            and environment.text("TANDEM_FORK_WORKERS") != "0")
 
 
 def launcher_for(pythonpath: str) -> Launcher:
     """This host's launcher for workers with import path `pythonpath`, started on first use (again if it died)."""
     with _launchers_lock:
         launcher = _launchers.get(pythonpath)
-        if launcher is None or not launcher.alive():
+        if launcher is None or launcher.owner != os.getpid() or not launcher.alive():
             launcher = _launchers[pythonpath] = Launcher(pythonpath)
         return launcher
 

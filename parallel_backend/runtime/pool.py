@@ -36,7 +36,7 @@ from .messages import Carry, Hello, Ping, Reply, RunSetup, Shutdown, Unload
 from .portable import cpu_cores
 from .remote_weights import send_to_machines
 from . import environment
-from .launcher import fork_available, launcher_for
+from .launcher import forks, launcher_for
 from .devices import PoolUnavailable, parse_devices, remote_machines, resolve_devices, split_device
 from .pool_settings import HANG_FACTOR, HANG_FLOOR_S, INTERFACE, MAX_MODELS, SECRET_FILE
 from .worker_handle import WorkerHandle
@@ -270,7 +270,7 @@ class WorkerPool:
                 rank, len(devices), device, f"{address[0]}:{address[1]}", rendezvous, self._dir, authkey,
                 pg_timeout_s=self.pg_timeout_s, watch_pid=os.getpid(), interface=interface,
                 import_paths=self.import_paths, cores=cores if device == "cpu" else (), tls=tls,
-                test_slowdown=self.test_slowdown.get(rank, 1.0), fork=device == "cpu")
+                test_slowdown=self.test_slowdown.get(rank, 1.0), fork=forks(device))
             self._workers.append(WorkerHandle(rank, device, process, log_path, heartbeat_path(self._dir, rank)))
 
     def _check_remote_settings(self, machines: tuple[str, ...]) -> bytes | None:
@@ -612,8 +612,7 @@ def spawn_worker(rank: int, world: int, device: str, connect: str, rendezvous: s
     cores: a CPU worker's cores (its threads and pinning); interface: where gloo/NCCL bind; test_slowdown: tests
     only, the factor its heavy compute is repeated by (slowdown.py); weights_cache: (folder, bound in bytes) of
     the serving machine's weights cache (weights_cache.py), for a worker of another machine; fork: from this
-    process's launcher where it can (launcher.py), not as a new interpreter: CPU workers only, until a GPU run
-    has proven a forked worker's CUDA start (tests/gpu)."""
+    process's launcher (launcher.py `forks`: CPU workers on Linux, until a GPU has run a forked CUDA worker)."""
     # The host's paths first: the pack's own folders (e.g. a ComfyUI pack's nodes/) never shadow them.
     env = dict(os.environ, TANDEM_AUTHKEY=authkey.hex(),
                PYTHONPATH=os.pathsep.join(filter(None, [*import_paths, os.environ.get("PYTHONPATH"), PACKAGE_PARENT])))
@@ -630,7 +629,7 @@ def spawn_worker(rank: int, world: int, device: str, connect: str, rendezvous: s
         env["OMP_NUM_THREADS"] = str(len(cores))
         command += ["--threads", str(len(cores)), "--cpus", ",".join(map(str, cores))]
     log_path = Path(folder) / f"worker-{rank}.log"
-    if fork and fork_available():  # forked from a launcher that has imported torch (launcher.py): ~0.1 s, not seconds
+    if fork:  # forked from a launcher that has imported torch (launcher.py): ~0.1 s, not seconds
         return launcher_for(env["PYTHONPATH"]).spawn(command[3:], env, str(folder), str(log_path)), log_path
     with open(log_path, "wb") as log_file:
         # Its own session / process group: the terminal's Ctrl-C goes to the host, which shuts the workers down

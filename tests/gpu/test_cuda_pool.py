@@ -106,3 +106,24 @@ def test_sequence_split_on_two_gpus_equals_one(strategy):
         executor = ParallelExecutor(pool, ParallelConfig("cuda:0,cuda:1", strategy))
         result = run_loop(model, job, resolution, steps=2, repeats=0, executor=executor).latents
     torch.testing.assert_close(result.cpu().float(), reference.cpu().float(), atol=2e-2, rtol=2e-2)
+
+
+def test_a_cuda_worker_forked_from_the_launcher_equals_the_host_device(monkeypatch):
+    """What FORKED_KINDS needs before it names "cuda": a forked worker starts CUDA as a fresh process would (the
+    launcher never initialises it) and gives the host device's latents."""
+    import psutil
+
+    from parallel_backend.runtime import launcher
+
+    monkeypatch.setattr(launcher, "FORKED_KINDS", ("cpu", "cuda"))
+    model = build_bench_model("sd15-narrow", torch.float16)
+    model.unet.to("cuda:0")
+    resolution = (model.default_resolution,) * 2
+    reference = run_loop(model, job_for("batch"), resolution, steps=4, repeats=0).latents
+    devices = _devices()
+    with WorkerPool(devices) as pool:
+        parents = {psutil.Process(pid).ppid() for pid in pool.worker_pids()}
+        assert all("parallel_backend.runtime.launcher" in psutil.Process(p).cmdline() for p in parents)
+        executor = ParallelExecutor(pool, ParallelConfig(devices, "batch"))
+        result = run_loop(model, job_for("batch"), resolution, steps=4, repeats=0, executor=executor).latents
+    torch.testing.assert_close(result.cpu(), reference.cpu(), atol=2e-2, rtol=2e-2)
