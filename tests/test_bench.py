@@ -102,6 +102,34 @@ def test_the_bench_notices_other_load_on_the_machine(tmp_path):
     assert seen * elapsed * psutil.cpu_count() >= other_cpu_s - 0.1, (seen, elapsed, other_cpu_s)
 
 
+def test_workers_forked_by_the_launcher_count_as_the_bench_own_once_ended(monkeypatch):
+    """The launcher, not the bench, reaps the CPU workers it forked: their CPU time must still count as the bench's
+    own, or every bench run would call its own ended pools other load."""
+    psutil = pytest.importorskip("psutil")
+    from parallel_backend.commands.bench import _own_cpu_seconds
+    from parallel_backend.engine.config import ParallelConfig
+    from parallel_backend.engine.oracle import job_for, run_loop
+    from parallel_backend.hosts.executor import ParallelExecutor
+    from parallel_backend.models.benchmodels import build_bench_model
+    from parallel_backend.runtime.pool import WorkerPool
+
+    monkeypatch.setenv("TANDEM_FORK_WORKERS", "1")
+    me, model = psutil.Process(), build_bench_model("tiny")
+    pool = WorkerPool("cpu:2")
+    try:
+        pool.start()
+        launcher = psutil.Process(psutil.Process(pool.worker_pids()[0]).ppid())
+        ended_before = launcher.cpu_times().children_user + launcher.cpu_times().children_system
+        before = _own_cpu_seconds(me)
+        run_loop(model, job_for("cfg"), (model.default_resolution,) * 2, steps=8, repeats=0,
+                 executor=ParallelExecutor(pool, ParallelConfig("cpu:2", "cfg")))
+    finally:
+        pool.shutdown()
+    ended = launcher.cpu_times().children_user + launcher.cpu_times().children_system - ended_before
+    assert ended > 0  # the workers ended, and the launcher reaped them
+    assert _own_cpu_seconds(me) - before >= ended
+
+
 def test_a_disturbed_run_says_so_in_its_table():
     from parallel_backend.commands.bench import _spread, format_table
 

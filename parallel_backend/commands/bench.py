@@ -109,6 +109,22 @@ def _strategy_ideal(strategy, model, config, n: int, rows: int, guided: bool, re
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
+def _own_cpu_seconds(me) -> float:
+    """CPU seconds of psutil process `me` and its children: running ones, and ended ones whoever reaped them (the
+    pool's, or the launcher's for the CPU workers it forked: runtime/launcher.py)."""
+    import psutil
+
+    times = me.cpu_times()  # children_*: children already waited for (e.g. a stopped pool's workers)
+    total = times.user + times.system + times.children_user + times.children_system
+    for child in me.children(recursive=True):
+        try:
+            child_times = child.cpu_times()
+            total += child_times.user + child_times.system + child_times.children_user + child_times.children_system
+        except psutil.Error:
+            pass
+    return total
+
+
 def _other_load() -> "callable":
     """Starts watching the machine; the returned function gives the share of all cores that processes other
     than this one and its children (the workers, running or ended) kept busy since (0 where psutil is
@@ -119,25 +135,15 @@ def _other_load() -> "callable":
         return lambda: 0.0
     me = psutil.Process()
 
-    def ours() -> float:
-        times = me.cpu_times()  # children_*: children already waited for (e.g. a stopped pool's workers)
-        total = times.user + times.system + times.children_user + times.children_system
-        for child in me.children(recursive=True):
-            try:
-                total += sum(child.cpu_times()[:2])
-            except psutil.Error:
-                pass
-        return total
-
     def busy() -> float:
         times = psutil.cpu_times()
         return times.user + times.system + getattr(times, "nice", 0.0)
 
-    start_busy, start_ours, started = busy(), ours(), time.monotonic()
+    start_busy, start_ours, started = busy(), _own_cpu_seconds(me), time.monotonic()
 
     def share() -> float:
         elapsed = (time.monotonic() - started) * (psutil.cpu_count() or 1)
-        return max(0.0, (busy() - start_busy) - (ours() - start_ours)) / elapsed if elapsed > 0 else 0.0
+        return max(0.0, (busy() - start_busy) - (_own_cpu_seconds(me) - start_ours)) / elapsed if elapsed > 0 else 0.0
 
     return share
 
