@@ -114,12 +114,14 @@ def _own_cpu_seconds(me) -> float:
     pool's, or the launcher's for the CPU workers it forked: runtime/launcher.py)."""
     import psutil
 
-    times = me.cpu_times()  # children_*: children already waited for (e.g. a stopped pool's workers)
-    total = times.user + times.system + times.children_user + times.children_system
+    def spent(process) -> float:  # children_*: its children already waited for (e.g. a stopped pool's workers)
+        times = process.cpu_times()
+        return times.user + times.system + times.children_user + times.children_system
+
+    total = spent(me)
     for child in me.children(recursive=True):
         try:
-            child_times = child.cpu_times()
-            total += child_times.user + child_times.system + child_times.children_user + child_times.children_system
+            total += spent(child)
         except psutil.Error:
             pass
     return total

@@ -33,6 +33,8 @@ import tempfile
 import threading
 import time
 
+from . import environment
+
 FORKED_KINDS = ("cpu",)  # device kinds whose workers fork; "cuda" once a GPU has run tests/gpu's forked worker
 WORKER_MODULE = "parallel_backend.engine.worker"  # by name: the process boundary, as pool.spawn_worker's command
 PRELOAD = ("diffusers",)  # imported in the launcher when the host has imported them (they never touch CUDA)
@@ -40,6 +42,8 @@ PRELOAD = ("diffusers",)  # imported in the launcher when the host has imported 
 
 class ForkedProcess:
     """A worker forked by the launcher, with the part of subprocess.Popen's interface the pool uses."""
+
+    UNKNOWN = 255  # poll()'s code for a worker that ended after its launcher did (nobody reported how)
 
     def __init__(self, launcher: "Launcher", pid: int):
         self.launcher, self.pid, self.returncode = launcher, pid, None
@@ -60,15 +64,9 @@ class ForkedProcess:
         return self.returncode
 
     def kill(self) -> None:
-        self.send_signal(signal.SIGKILL)
-
-    def terminate(self) -> None:
-        self.send_signal(signal.SIGTERM)
-
-    def send_signal(self, signum: int) -> None:
         if self.poll() is None:
             try:
-                os.kill(self.pid, signum)
+                os.kill(self.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
 
@@ -108,11 +106,11 @@ class Launcher:
         with self.changed:
             if pid in self._exits:
                 return self._exits[pid]
-        if not self.alive():  # the launcher is gone: its workers' codes with it; one that still runs is not ended
+        if not self.alive():  # the launcher is gone, and with it how its workers end; one that still runs has not
             try:
                 os.kill(pid, 0)
             except ProcessLookupError:
-                return -signal.SIGKILL
+                return ForkedProcess.UNKNOWN
         return None
 
     def _answer(self, timeout_s: float) -> dict:
@@ -137,13 +135,6 @@ class Launcher:
         with self.changed:
             self.changed.notify_all()
 
-    def close(self) -> None:
-        if self.alive():
-            self.process.stdin.close()  # the launcher ends at the end of its input
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
 
 
 _launchers: dict[str, Launcher] = {}
@@ -153,8 +144,6 @@ _launchers_lock = threading.Lock()
 def forks(device: str) -> bool:
     """Whether a worker for `device` of this machine is forked from the launcher (Linux, a kind in FORKED_KINDS,
     TANDEM_FORK_WORKERS not 0)."""
-    from . import environment
-
     return (sys.platform.startswith("linux") and device.split(":")[0] in FORKED_KINDS
             and environment.text("TANDEM_FORK_WORKERS") != "0")
 
@@ -236,7 +225,6 @@ def serve(preload: list[str]) -> None:
             importlib.import_module(name)
         except Exception:  # noqa: BLE001 - a module the host could import but this process cannot is the worker's
             pass  # to import (or not) as a fresh process would
-    sys.stdin = os.fdopen(0, "r", buffering=1)
     _say({"ready": True})
     while True:
         readable, _, _ = select.select([sys.stdin], [], [], 0.05)
