@@ -3,7 +3,7 @@
 A strategy lists its own knobs (`Strategy.knobs`); the config's own settings are declared in `config.py`. The
 CLI's options, the Settings node's inputs, the demo's controls, the config's checks and the plan's candidates
 are all built from these declarations, so a new knob is written in one place. Imports nothing but
-`validation` (no processes, no UI library).
+`validation` and `environment` (no processes, no UI library).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from . import validation
+from .environment import VARIABLES
 
 KINDS = (int, float, bool, str)
 
@@ -111,7 +112,16 @@ def add_options(parser, knobs) -> None:
             action = argparse.BooleanOptionalAction if knob.default else "store_true"
             parser.add_argument(knob.option, dest=knob.name, action=action, default=knob.default, help=knob.help)
             continue
-        default = f"default: {knob.default}" if knob.default is not None else "default: the strategy picks"
-        told = "(default: " in knob.help  # a pool setting names its variable's default itself
         parser.add_argument(knob.option, dest=knob.name, type=knob.kind, default=knob.default,
-                            help=knob.help if told else f"{knob.help} ({default})")
+                            help=f"{knob.help} (default: {_default_text(knob)})")
+
+
+def _default_text(knob: Knob) -> str:
+    """What a knob's option is when not given: its default; else its TANDEM_* variable's value (and that one's
+    default); else what the strategy picks."""
+    if knob.default is not None:
+        return str(knob.default)
+    if knob.variable:
+        fallback = VARIABLES[knob.variable].default
+        return knob.variable + (f" or {fallback}" if fallback else "")
+    return "the strategy picks"

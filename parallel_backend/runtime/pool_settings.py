@@ -8,15 +8,12 @@ from . import validation
 from .knobs import Knob
 
 SECRET_FILE = Knob("secret_file", str, None, "devices on other machines: the shared secret file their `tandem worker "
-                   "serve` reads (default: TANDEM_SECRET_FILE)", unset=True, variable="TANDEM_SECRET_FILE")
+                   "serve` reads", unset=True, variable="TANDEM_SECRET_FILE")
 INTERFACE = Knob("interface", str, None, "devices on other machines: this machine's network interface that reaches "
-                 "them, the only one the pool listens on (default: TANDEM_INTERFACE)", unset=True,
+                 "them, the only one the pool listens on", unset=True,
                  variable="TANDEM_INTERFACE")
-HANG_FACTOR = Knob("hang_factor", float, None, "a timed kind of call is hung after this many times its median "
-                   "(default: TANDEM_HANG_FACTOR or 10)", unset=True, check=validation.positive,
+HANG_FACTOR = Knob("hang_factor", float, None, "a timed kind of call is hung after this many times its median", unset=True, check=validation.positive,
                    variable="TANDEM_HANG_FACTOR")
-HANG_FLOOR_S = Knob("hang_floor_s", float, None, "... and after at least this many seconds (default: "
-                    "TANDEM_HANG_FLOOR_S or 20)", unset=True, check=validation.seconds, variable="TANDEM_HANG_FLOOR_S")
-MAX_MODELS = Knob("max_models", int, None, "models kept loaded on the workers at once (default: TANDEM_MAX_MODELS "
-                  "or 2)", low=1, unset=True, variable="TANDEM_MAX_MODELS")
+HANG_FLOOR_S = Knob("hang_floor_s", float, None, "... and after at least this many seconds", unset=True, check=validation.seconds, variable="TANDEM_HANG_FLOOR_S")
+MAX_MODELS = Knob("max_models", int, None, "models kept loaded on the workers at once", low=1, unset=True, variable="TANDEM_MAX_MODELS")
 POOL_SETTINGS = (SECRET_FILE, INTERFACE, HANG_FACTOR, HANG_FLOOR_S, MAX_MODELS)
