@@ -128,6 +128,19 @@ def test_a_patch_a_worker_cannot_import_is_refused_and_the_pool_goes_on(cpu_pool
     torch.testing.assert_close(_on_pool(cpu_pool, model, plain), _on_host(model, plain), atol=ATOL, rtol=ATOL)
 
 
+def test_a_pack_under_folders_with_dots_reaches_the_workers(cpu_pool, tmp_path):
+    """ComfyUI names a custom-node module by its path, and `import` splits such a name at every dot: a pack under
+    /opt/ComfyUI-0.24/custom_nodes/ still ships its plain model (no recipe) and its functions by file."""
+    import shutil
+
+    folder = tmp_path / "ComfyUI-0.24" / "custom_nodes" / "pack.v2"
+    shutil.copytree(PACK, folder, ignore=shutil.ignore_patterns("__pycache__"))
+    dotted = import_as_custom_node(folder)
+    model = _model(dotted, seed=5)
+    call = _call({"patches": {"post": [dotted.double]}})
+    torch.testing.assert_close(_on_pool(cpu_pool, model, call), _on_host(model, call), atol=ATOL, rtol=ATOL)
+
+
 def _recipe(pack, model, dim: int = 8) -> Recipe:
     build = functools.partial(pack.Patchable, dim)
     fresh = pack.Patchable(dim, device="meta")

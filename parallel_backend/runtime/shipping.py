@@ -91,20 +91,18 @@ def cached_weights_hash(module, family: str, fingerprint: str) -> str:
 
 
 def save(payload, target) -> None:
-    """torch.save of a payload to a path or file (a recipe with host_modules' pickler: its overrides may be
-    closures, its classes those of a host's custom-node package)."""
+    """torch.save of a payload (a module or its recipe) to a path or file, with host_modules' pickler: a recipe's
+    overrides may be closures, and the classes of a host's custom-node package are named by their file, since
+    ComfyUI names such a module by its path, which the import statement splits at every dot of its folders."""
+    import types
+
     import torch
 
-    if isinstance(payload, Recipe):
-        import types
+    from .host_modules import host_pickler
 
-        from .host_modules import host_pickler
-
-        pickle_module = types.ModuleType("tandem_host_pickle")  # what torch.save reads of one: its Pickler
-        pickle_module.Pickler = host_pickler()
-        torch.save(payload, target, pickle_module=pickle_module)
-    else:
-        torch.save(payload, target)
+    pickle_module = types.ModuleType("tandem_host_pickle")  # what torch.save reads of one: its Pickler
+    pickle_module.Pickler = host_pickler()
+    torch.save(payload, target, pickle_module=pickle_module)
 
 
 def torch_save_image(payload):
