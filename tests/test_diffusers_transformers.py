@@ -203,11 +203,15 @@ def test_a_pipeline_without_a_supported_denoiser_is_refused_before_any_process_s
 SEQUENCE_PIPELINES = {"flux": flux, "wan": wan, "sd3": sd3, "qwen_image padded": lambda: qwen_image(padded=True)}
 
 
-@pytest.mark.parametrize("strategy", ["ulysses", "ring"])
-@pytest.mark.parametrize("name", list(SEQUENCE_PIPELINES))
-def test_a_sequence_split_pipeline_equals_plain(cpu_pool, monkeypatch, name, strategy):
+SPLITS = [(name, strategy) for name in SEQUENCE_PIPELINES for strategy in ("ulysses", "ring")] + [
+    ("flux", "tensor"), ("wan", "tensor")]
+
+
+@pytest.mark.parametrize("name, strategy", SPLITS)
+def test_a_sequence_or_tensor_split_pipeline_equals_plain(cpu_pool, monkeypatch, name, strategy):
     """parallelize with ulysses / ring: each transformer call (here the guided pair, joined; SD3's own [uncond;
-    cond] rows) split by its token sequence over both workers; Qwen-Image's text padding as a key mask."""
+    cond] rows) split by its token sequence over both workers; Qwen-Image's text padding as a key mask. With
+    tensor: each block cut over both workers by heads and MLP units."""
     from parallel_backend.hosts.executor import ParallelExecutor
 
     split, run = [], ParallelExecutor.run

@@ -24,6 +24,7 @@ from ..hosts.executor import ParallelExecutor
 from ..engine.mesh import check_job, resolve
 from ..engine.oracle import LoopResult, job_for, local_forward, psnr, run_once, sample_call
 from ..runtime.pool import WorkerPool
+from ..runtime.recipe import weights_bytes
 from ..runtime.portable import cpu_cores, peak_memory_bytes
 from ..runtime.devices import parse_devices, resolve_devices
 
@@ -241,10 +242,13 @@ def run_bench(model_name: str = "small", devices: str = "cpu:2", strategies_: tu
                                      f"{100 * _spread(result.end_to_end):.0f}% (> {100 * SPREAD_LIMIT:.0f}%)")
             ideal = _ideal(model, rows, -(-rows // n), resolution)
             serial, all_cores = measured["serial"], measured["all cores"]
+            whole = weights_bytes(model.module)
             results.append(_row("serial", 1, serial, serial, all_cores, 1.0, [peak_memory_bytes(reference_device)], job))
+            results[-1]["weights_bytes_per_device"] = [whole]
             for name, (strategy, config) in named.items():
                 own = _strategy_ideal(strategies.get(strategy), model, config, n, rows, job.cfg != 1.0, resolution)
                 row = _row(name, n, measured[name], serial, all_cores, own or ideal, pool.memory(), job)
+                row["weights_bytes_per_device"] = _weights_per_device(measured[name], n, whole)
                 if len(modes) > 1:  # the pool holds the last mode's setup (e.g. a stage cut): this variant's again
                     run_once(model, job, resolution, 1, LoopResult(), timed=False, executor=variants[name][1])
                 row.update(strategies.get(strategy).bench_figures(variants[name][1], measured[name], row))
@@ -295,6 +299,13 @@ def _speeds_ideal(executor, balance: str | None) -> dict:
     return {"ideal_speedup": sum(speeds), "device_speeds": list(speeds)}
 
 
+def _weights_per_device(result: LoopResult, n: int, whole: int) -> list[int]:
+    """The weights each of the pool's `n` devices held in a variant's last call: what a worker that cut them
+    reported (tensor), else the whole model's."""
+    extra = result.calls[-1].get("extra", {}) if result.calls else {}
+    return [extra.get(rank, {}).get("weights_bytes", whole) for rank in range(n)]
+
+
 def _prediction(candidate, row: dict) -> dict:
     """The plan's figures for a measured row: its predicted speed-up per call and the error against the measured
     one (predicted / measured - 1)."""
@@ -333,7 +344,7 @@ def format_table(report: dict) -> str:
             f"devices {','.join(report['devices'])} ({report['threads_per_device']} thread(s) each)")
     width = max([9, *(len(r["strategy"]) + 1 for r in report["results"])])
     lines = [head, f"{'strategy':<{width}}{'dev':>4}{'ms/call':>10}{'e2e s':>8}{'speedup':>9}{'ideal':>7}{'%ideal':>8}"
-                   f"{'ceiling':>8}{'plan':>7}{'err':>6}{'vs all':>8}{'max|diff|':>11}{'PSNR dB':>9}{'ovh ms':>8}{'peak MiB/dev':>16}"]
+                   f"{'ceiling':>8}{'plan':>7}{'err':>6}{'vs all':>8}{'max|diff|':>11}{'PSNR dB':>9}{'ovh ms':>8}{'peak MiB/dev':>16}{'weights MiB/dev':>17}"]
     for r in report["results"]:
         pct = 100 * r["speedup_vs_serial"] / r["ideal_speedup"]
         lines.append(f"{r['strategy']:<{width}}{r['devices']:>4}{1000 * r['seconds_per_call_median']:>10.1f}"
@@ -341,7 +352,8 @@ def format_table(report: dict) -> str:
                      f"{pct:>7.0f}%{r['compute_bound_speedup']:>7.2f}x{_plan_cells(r)}"
                      f"{r['speedup_vs_serial_all_cores']:>7.2f}x{r['max_abs_diff_vs_serial']:>11.1e}"
                      f"{r['psnr_vs_serial_db']:>9.1f}{1000 * r['overhead_seconds_per_call_median']:>8.1f}"
-                     f"{'/'.join(str(m // 2**20) for m in r['peak_memory_bytes_per_device']):>16}")
+                     f"{'/'.join(str(m // 2**20) for m in r['peak_memory_bytes_per_device']):>16}"
+                     f"{'/'.join(f'{w / 2**20:.0f}' for w in r.get('weights_bytes_per_device', [])):>17}")
     lines += [r["summary"] for r in report["results"] if r.get("summary")]
     if report.get("disturbed"):
         lines.append("DISTURBED RUN, figures unreliable: " + "; ".join(report["disturbed"]))

@@ -142,19 +142,25 @@ class Engine:
                 mesh = whole_rows(self.device_count(), call.branches, call.rows)
             else:
                 mesh = self._named_mesh(config, call, hint)
-            fingerprint = self._hold_model(module, family, fingerprint, recipe)
+            layout = None if planned else strategies.get(mesh.strategy).weights_layout(mesh)
+            fingerprint = self._hold_model(module, family, self._fingerprint_as(layout, module, family, fingerprint),
+                                           recipe)
             if planned:
                 key = planner.key(fingerprint, call, hint is not None, self.device_count())
                 mesh = planner.mesh(key) or planner.warm_up(key, self.device_count())
                 if mesh is None:
                     return self._measure_and_choose(planner, family, call, fingerprint, hint, key)
             self._say_once(mesh)
-            mesh = sized_mesh(self, mesh, config, fingerprint, call, planner)
             strategy = strategies.get(mesh.strategy)
+            if layout is None:  # a cut layout splits evenly: the slowest device sets its pace
+                mesh = sized_mesh(self, mesh, config, fingerprint, call, planner)
             work = strategy.plan(self, call, mesh, config, fingerprint)
             computed = self.request(work, _label(call), collective=strategy.collective,
                                     kind=_kind(fingerprint, mesh.describe(), call))
             out = strategy.gather(call, mesh, computed)
+            held = {rank: c.extra["weights_bytes"] for rank, c in computed.items() if "weights_bytes" in c.extra}
+            if held:  # a strategy that cut the weights says what each worker holds now
+                self.pool.note_weights_bytes(fingerprint, held)
             self.pool.stats.calls += 1
             self.last_mesh = mesh
         return CallResult(out, mesh, {r: c.compute_s for r, c in computed.items()},
@@ -176,6 +182,21 @@ class Engine:
         if fingerprint is not None:
             self._refused[fingerprint] = reason
         raise CannotCarry(reason)
+
+    @staticmethod
+    def _fingerprint_as(layout, module, family: str, fingerprint: str | None) -> str | None:
+        """The fingerprint the workers hold the model under for `layout` (Strategy.weights_layout): its own for
+        whole weights; for a cut the workers make in place, one of the cut's own, so that the whole model and
+        each cut are held, kept and evicted as separate models (max_models) and a whole-model call never meets a
+        cut copy."""
+        if layout is None:
+            return fingerprint
+        import hashlib
+
+        from ..runtime.shipping import model_fingerprint
+
+        base = fingerprint or model_fingerprint(module, family)
+        return f"{base}~{hashlib.sha256(repr(layout).encode()).hexdigest()[:12]}"
 
     def _named_mesh(self, config: ParallelConfig, call: ModelCall, hint) -> Mesh:
         """The mesh of a named strategy; on a pool running without a machine it could not reach, the one that

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .. import strategies
 from .model import Candidate
 
 FLOOR = 1.05  # a predicted gain smaller than this is within the model's error: not worth a pool
@@ -23,7 +24,7 @@ class Choice:
 def choose(candidates: list[Candidate], exact_only: bool = False) -> Choice:
     """The best of `candidates` (model.candidates: one device among them, best first)."""
     single = next(c for c in candidates if not c.mesh)
-    splits = [c for c in candidates if c.mesh and (c.exact or not exact_only)]
+    splits = [c for c in candidates if c.mesh and (c.exact or not exact_only) and strategies.get(c.strategy).auto]
     if not splits:
         return Choice(single, "one device: no strategy can split this model on these devices")
     top = max(splits, key=lambda c: (round(c.predicted_speedup, 3), c.exact, -c.devices))

@@ -13,6 +13,7 @@ Overlap assumptions, per strategy (each as the strategy's code does it):
   last chunk's output are exposed, the others hide behind a chunk's attention; inside a chunk, ring passes as
   ring does, on blocks of a subgroup's tokens and H/(u c) heads.
 - every sequence split gathers the output at the end: exposed.
+- tensor: two all-reduces per block, exposed (strategies/tensor.py posts each and waits for it).
 - asyncdiff: after warm-up each stage hands its output over while the next call computes; the hand-over is
   exposed only where it outlasts the slowest stage. Warm-up calls run the stages in turn, hand-overs exposed.
 Compute: a row group's call on one device, split: sequence splits take a rank's part as measured on one device
@@ -125,6 +126,22 @@ def _stage_weights(inp, cuts: list[int]) -> int:
     return shared + int(max(stage_costs(list(inp.layer_weight_bytes), cuts)))
 
 
+def tensor_cost(inp, mesh) -> Cost:
+    """tensor: each rank computes 1/N of a row group's call (the blocks' share; the few whole layers, embeddings
+    and modulation, counted as split too: optimistic) and all-reduces the activations twice per block (after
+    attention, after the MLP), every rank sending its partial to every other; nothing overlaps them."""
+    n = mesh.inner
+    rows = [g for g in group_rows(mesh, inp.shape, inp.branches) if g]
+    busiest = max(rows)
+    activation = inp.shape.tokens * inp.shape.width * inp.shape.itemsize  # one row's hidden states
+    reduces = 2 * inp.shape.attentions
+    exchange = reduces * inp.link.seconds(busiest * activation * (n - 1), n - 1)
+    compute = inp.seconds(busiest) / n
+    peer = sum(g * activation * reduces * (n - 1) * n for g in rows)
+    memory = inp.weight_bytes // n + busiest * inp.activation_bytes_per_row
+    return Cost(compute + exchange, compute, exchange, exchange, Traffic(peer=peer), memory, rows=busiest)
+
+
 def cost_for(strategy):
     """The cost function of a registered strategy, by what it declares (it splits rows, tokens or stages), or
     None where the model has none yet."""
@@ -132,6 +149,8 @@ def cost_for(strategy):
         return sequence_cost
     if strategy.axes == ("stages",):
         return staged_cost
+    if strategy.axes == ("tensor",):
+        return tensor_cost
     if not strategy.axes:
         return rows_cost
     return None

@@ -579,6 +579,12 @@ class WorkerPool:
             return ()
         return tuple(kept)
 
+    def note_weights_bytes(self, fingerprint: str, held: dict[int, int]) -> None:
+        """What workers hold of a loaded model now, where a strategy cut it in place (rank -> bytes)."""
+        with self._lock:
+            if fingerprint in self.weights_bytes:
+                self.weights_bytes[fingerprint].update(held)
+
     def release_models(self, fingerprint: str | None = None) -> None:
         """Drops the model with this fingerprint from the workers (None: every model), e.g. when the host frees
         memory or deletes its own copy."""

@@ -64,6 +64,11 @@ def tensor_bytes(t: torch.Tensor) -> int:
     return plain.numel() * plain.element_size()
 
 
+def weights_bytes(module: torch.nn.Module) -> int:
+    """The bytes of weights and buffers a module holds (a quantized layer's stored bytes)."""
+    return sum(tensor_bytes(t) for t in (*module.parameters(), *module.buffers()))
+
+
 def layout(module: torch.nn.Module) -> tuple:
     """What a module is made of: each submodule's class, each parameter's and buffer's name, tensor class,
     dtype and shape."""

@@ -112,6 +112,8 @@ class WorkerState:
     def load(self, message: Load) -> dict:
         import torch
 
+        from .recipe import weights_bytes
+
         started = time.perf_counter()
         for fingerprint in [f for f in self.models if f not in message.keep]:
             self._drop(fingerprint)
@@ -136,7 +138,7 @@ class WorkerState:
             module = _materialize(torch.load(path, mmap=True, map_location="cpu", weights_only=False), self.device)
         self.models[message.fingerprint] = (module, message.family)
         return {"seconds": time.perf_counter() - started, "held": list(self.models),
-                "weights_bytes": _weights_bytes(module)}
+                "weights_bytes": weights_bytes(module)}
 
     def _short_of_memory(self, needed: int) -> bool:
         """A GPU whose free memory cannot take `needed` more bytes (with a margin) while the others stay."""
@@ -224,13 +226,6 @@ def _materialize(payload, device):
 
         module.__dict__["_tandem_compiled"] = torch.compile(module, **payload.compile)  # not a submodule
     return module
-
-
-def _weights_bytes(module) -> int:
-    """The bytes of weights and buffers a module holds (a quantized layer's stored bytes)."""
-    from .recipe import tensor_bytes
-
-    return sum(tensor_bytes(t) for t in (*module.parameters(), *module.buffers()))
 
 
 def run_setup(state: WorkerState, message: RunSetup) -> dict:

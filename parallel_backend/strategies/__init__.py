@@ -92,9 +92,9 @@ def worker_handlers() -> dict:
 
 
 def _register_builtins() -> None:
-    from . import asyncdiff, batch, cfg, ring, ulysses, usp
+    from . import asyncdiff, batch, cfg, ring, tensor, ulysses, usp
 
-    for module in (cfg, batch, asyncdiff, ulysses, ring, usp):
+    for module in (cfg, batch, asyncdiff, ulysses, ring, usp, tensor):
         register(module.STRATEGY)
 
 

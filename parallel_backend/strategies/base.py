@@ -44,6 +44,7 @@ class Strategy:
     adapters: tuple[str, ...] | None = None  # the model adapters it can cut (models.ADAPTERS); None: any model
     scope: str = ""  # what it splits, for the refusal of other models ("cuts UNets only")
     splits_tokens: bool = False  # it splits a call's token sequence (its attentions run through the group)
+    auto: bool = True  # auto may choose it (tandem plan lists every strategy with a cost either way)
     knobs: tuple[Knob, ...] = ()  # its settings (config.<name>): one per axis, then the ones it reads
 
     def check_family(self, family: str) -> None:
@@ -78,6 +79,12 @@ class Strategy:
     def explain(self, mesh, config, steps: int, devices: list[str]) -> str:
         exact = "exact, no stale data" if self.exact else "approximate"
         return f"{self.name}: {self.summary} Mesh {mesh.describe()} on {', '.join(devices)}; {exact}."
+
+    def weights_layout(self, mesh):
+        """How the workers hold the model's weights for `mesh`: None, whole; anything else (equal when the same)
+        names a cut the workers make in place, which the engine keeps under a fingerprint of its own beside the
+        whole model (engine/pool_engine.py `_fingerprint_as`)."""
+        return None
 
     def bench_part(self, model, call, mesh):
         """For `tandem bench`'s ideal: a function that runs, on one device, what the busiest rank computes for

@@ -108,6 +108,26 @@ def test_sequence_split_on_two_gpus_equals_one(strategy):
     torch.testing.assert_close(result.cpu().float(), reference.cpu().float(), atol=2e-2, rtol=2e-2)
 
 
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices (NCCL refuses two ranks on one GPU)")
+@pytest.mark.parametrize("model_name", ["flux-small", "wan-small"])
+def test_tensor_on_two_gpus_equals_one_and_halves_the_block_weights(model_name):
+    """tensor over NCCL: every all-reduce an exchange posted in the same order on both ranks, the sum taken in
+    rank order; the workers hold their cut of the blocks, not the whole model."""
+    from parallel_backend.runtime.recipe import weights_bytes
+
+    model = build_bench_model(model_name, torch.float16)
+    model.module.to("cuda:0")
+    resolution = (256, 256) if model_name == "flux-small" else (192, 320)
+    job = job_for("tensor", cfg=1.0)
+    reference = run_loop(model, job, resolution, steps=2, repeats=0).latents
+    with WorkerPool("cuda:0,cuda:1") as pool:
+        executor = ParallelExecutor(pool, ParallelConfig("cuda:0,cuda:1", "tensor"))
+        loop = run_loop(model, job, resolution, steps=2, repeats=0, executor=executor)
+    torch.testing.assert_close(loop.latents.cpu().float(), reference.cpu().float(), atol=2e-2, rtol=2e-2)
+    held = [loop.calls[-1]["extra"][rank]["weights_bytes"] for rank in (0, 1)]
+    assert max(held) < 0.6 * weights_bytes(model.module), held
+
+
 def test_a_cuda_worker_forked_from_the_launcher_equals_the_host_device(monkeypatch):
     """What FORKED_KINDS needs before it names "cuda": a forked worker starts CUDA as a fresh process would (the
     launcher never initialises it) and gives the host device's latents."""
