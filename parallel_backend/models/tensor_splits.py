@@ -15,14 +15,15 @@ Everything else (embeddings, per-head norms, the output head) stays whole on eve
 the same activations between blocks.
 
 Where diffusers declares a model's plan itself (`_tp_plan`: Flux, Flux.2, Qwen-Image) that declaration is read;
-families it does not cover have their rows in PLANS. diffusers applies its plan with torch's DTensor
-(`parallelize_module`), which Tandem does not use: its gloo path cost 36 ms more per call of a two-layer MLP
-(64 tokens: 39.6 against 4.0 ms sliced by hand, same output; 4096 tokens: 179 against 148 ms; 2 gloo ranks,
-torch 2.13, docs/measurements/dtensor_vs_slices.py), its meshes are process groups every worker of the pool must create in the
-same order (a cfg x tensor call reaches only some ranks per group), and no style of it covers an RMSNorm that
-spans the heads. Pure but for the exchanges, which the caller passes in (`group`: `sum` and `gather`), so one
-process can run a whole group's ranks in threads (tests/test_tensor_parallel.py). diffusers leaves the modulation whole; the
-rows of EXTRA add it.
+families it does not cover have their rows in PLANS; diffusers leaves the modulation whole, the rows of EXTRA add
+it. diffusers applies its plan with torch's DTensor (`parallelize_module`), which Tandem does not use:
+- its gloo path cost 36 ms more per call of a two-layer MLP (64 tokens: 39.6 against 4.0 ms sliced by hand,
+  same output; 4096 tokens: 179 against 148 ms; 2 ranks, torch 2.13: docs/measurements/dtensor_vs_slices.py);
+- its meshes are process groups that every worker of the pool must create in the same order, while a
+  cfg x tensor call reaches each group's ranks alone;
+- no style of it covers an RMSNorm that spans the heads.
+Pure but for the exchanges, which the caller passes in (`group`: `sum` and `gather`), so one process can run a
+whole group's ranks in threads (tests/test_tensor_parallel.py).
 """
 
 from __future__ import annotations
