@@ -1,4 +1,4 @@
-"""Faults in the middle of a sequence-parallel exchange: a worker killed (SIGKILL) or stopped (SIGSTOP) as it
+"""Faults in the middle of a sequence-parallel or tensor exchange: a worker killed (SIGKILL) or stopped (SIGSTOP) as it
 posts its k-th exchange (a ring pass, an all-to-all; exchange_fault.py, installed through the pool's worker
 set-up). The host must name the right worker within the deadline, leave no process behind, and the next job
 must succeed with the result from before. (This is where peers hang: one rank waits forever for a transfer
@@ -44,11 +44,12 @@ def sample(model, executor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("how", ["SIGKILL", "SIGSTOP"])
-@pytest.mark.parametrize("strategy, victim, at", [("ring", 1, 9), ("ulysses", 0, 14)])
+@pytest.mark.parametrize("strategy, victim, at", [("ring", 1, 9), ("ulysses", 0, 14), ("tensor", 1, 30)])
 def test_a_worker_lost_mid_exchange_is_named_and_the_next_job_succeeds(model, befores, strategy, victim, at, how,
                                                                        procs, tmp_path):
     """flux-small has 6 attention blocks (a ring pass each on 2 workers; 2 to 4 all-to-alls for ulysses) and a
-    gather per call, so exchange `at` falls inside one of the restarted pool's first calls. The time until the
+    gather per call; tensor exchanges 21 times per call (6 per double block, 2 per single block, 1 for the output
+    modulation), so exchange `at` falls inside one of the restarted pool's first calls. The time until the
     error is counted from the fault (the victim writes the time as it signals itself), not from the job's start:
     the restart before it takes what this machine's load makes it take."""
     executor_pool = WorkerPool("cpu:2", hang_floor_s=HANG_FLOOR_S)
