@@ -126,6 +126,7 @@ class WorkerPool:
         self.stats = PoolStats()
         self._lock = threading.RLock()  # one request at a time: replies are read in order on each channel
         self._workers: list[WorkerHandle] = []
+        self._up = False  # set once a start has finished, cleared by the teardown
         self._dir: Path | None = None
         self._loaded: dict[str, int] = {}  # fingerprint -> weights bytes, least recently used first
         self._finalizer = None
@@ -142,7 +143,9 @@ class WorkerPool:
 
     @property
     def started(self) -> bool:
-        return bool(self._workers)
+        """Every worker has joined and the host's set-up ran (a start half done reads False: /tandem/status
+        must not list the workers a start has spawned so far)."""
+        return self._up and bool(self._workers)
 
     @property
     def devices(self) -> tuple[str, ...]:
@@ -212,6 +215,7 @@ class WorkerPool:
                 self._teardown()
                 raise
         self.stats.starts += 1
+        self._up = True
         # Runs if the pool is garbage-collected or the interpreter exits without shutdown() (Ctrl-C included).
         processes = [w.process for w in self._workers]
         self._finalizer = weakref.finalize(self, pool_files.kill_and_remove, processes, self._dir)
@@ -338,7 +342,7 @@ class WorkerPool:
         self._teardown(grace_s=5.0)
 
     def _teardown(self, grace_s: float = 0.0) -> None:
-        workers, self._workers, self._loaded = self._workers, [], {}
+        workers, self._workers, self._loaded, self._up = self._workers, [], {}, False
         self.peak_memory, self.left_out, self.weights_bytes = {}, {}, {}
         self.carrier.reset()
         deadline = time.monotonic() + grace_s
