@@ -78,7 +78,7 @@ def plan_for(module: nn.Module, family: str) -> dict:
     declared = getattr(type(module), "_tp_plan", None) if family in DECLARED_BY_DIFFUSERS else None
     if not declared:
         raise ValueError(f"strategy 'tensor' has no tensor split for {family.split(':', 1)[-1]} models yet: use "
-                         "cfg, batch, ulysses or ring for it")
+                         "cfg, batch, ulysses or ring for it")  # the host's check_family said so before any work
     return {**{path: _style(style) for path, style in declared.items()}, **EXTRA.get(family, {})}
 
 

@@ -51,12 +51,15 @@ class Tensor(Strategy):
     auto = False
 
     def check_family(self, family: str) -> None:
+        from ..models import adapter_name
         from ..models.tensor_splits import families
 
-        super().check_family(family)
+        if adapter_name(family).endswith("_unet"):
+            super().check_family(family)  # the sentence every family-bound strategy gives a UNet
         if family not in families():
-            raise ValueError(f"strategy 'tensor' has no tensor split for {family.split(':', 1)[-1]} models yet: use "
-                             "cfg, batch, ulysses or ring for it")
+            host = "ComfyUI" if adapter_name(family).startswith("comfy") else "diffusers"
+            raise ValueError(f"strategy 'tensor' has no tensor split for {family.split(':', 1)[-1]} models in {host} "
+                             "yet: use cfg, batch, ulysses or ring for it")
 
     def check_model(self, mesh, sequence) -> None:
         from ..models.tensor_splits import check_heads
