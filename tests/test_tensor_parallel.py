@@ -193,6 +193,17 @@ def test_tensor_on_two_workers_equals_one_device_and_halves_the_weights(cpu_pool
     assert cpu_pool.stats.model_loads == loads + 1 and cut in cpu_pool.loaded_fingerprints
 
 
+@pytest.mark.pool
+def test_the_workers_cut_the_model_as_it_loads_before_it_reaches_their_device(cpu_pool):
+    """A Load with a cut: each worker reports the weights it holds once loaded, its share, not the whole."""
+    model = tiny_flux()
+    cuts = {rank: ("tensor", (0, 1), rank) for rank in (0, 1)}
+    cpu_pool.ensure_model(model, FLUX, "cut-on-load", cuts=cuts)
+    held = cpu_pool.weights_bytes["cut-on-load"]
+    assert set(held) == {0, 1} and all(size < 0.8 * weights_bytes(model) for size in held.values()), held
+    cpu_pool.release_models("cut-on-load")
+
+
 @pytest.fixture(scope="module")
 def four_workers():
     with WorkerPool("cpu:4", timeout_s=120) as pool:

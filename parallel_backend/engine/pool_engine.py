@@ -144,7 +144,7 @@ class Engine:
                 mesh = self._named_mesh(config, call, hint)
             layout = None if planned else strategies.get(mesh.strategy).weights_layout(mesh)
             fingerprint = self._hold_model(module, family, self._fingerprint_as(layout, module, family, fingerprint),
-                                           recipe)
+                                           recipe, layout)
             if planned:
                 key = planner.key(fingerprint, call, hint is not None, self.device_count())
                 mesh = planner.mesh(key) or planner.warm_up(key, self.device_count())
@@ -167,12 +167,12 @@ class Engine:
                           {r: c.wait_s for r, c in computed.items()}, sum(c.bytes_sent for c in computed.values()),
                           {r: c.extra for r, c in computed.items()})
 
-    def _hold_model(self, module, family: str, fingerprint: str | None, recipe) -> str:
+    def _hold_model(self, module, family: str, fingerprint: str | None, recipe, cuts: dict | None = None) -> str:
         """WorkerPool.ensure_model, where a model the workers refuse while the pool stays up (its recipe does not
         build there, its weights cannot be written) raises CannotCarry, its fingerprint remembered so that its
         later calls are refused at once (`run`). A worker that died or hung fails the call instead."""
         try:
-            return self.pool.ensure_model(module, family, fingerprint, recipe)
+            return self.pool.ensure_model(module, family, fingerprint, recipe, cuts)
         except CannotCarry as exc:
             reason = str(exc)
         except WorkerError as exc:
@@ -196,7 +196,7 @@ class Engine:
         from ..runtime.shipping import model_fingerprint
 
         base = fingerprint or model_fingerprint(module, family)
-        return f"{base}~{hashlib.sha256(repr(layout).encode()).hexdigest()[:12]}"
+        return f"{base}~{hashlib.sha256(repr(sorted(layout.items())).encode()).hexdigest()[:12]}"
 
     def _named_mesh(self, config: ParallelConfig, call: ModelCall, hint) -> Mesh:
         """The mesh of a named strategy; on a pool running without a machine it could not reach, the one that

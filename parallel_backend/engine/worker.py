@@ -46,7 +46,7 @@ def handlers() -> dict:
 
 
 def main(argv=None) -> int:
-    return run_worker(argv, handlers())
+    return run_worker(argv, handlers(), strategies.worker_cutters())
 
 
 if __name__ == "__main__":

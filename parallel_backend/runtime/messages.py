@@ -29,7 +29,8 @@ class Load:
     in `keep` (the host's choice of what stays loaded; every other model is dropped first). `bytes`: the
     weights' size, so a GPU worker short of memory drops the kept models too (its reply says what it holds).
     What is loaded is a module or a recipe.Recipe; `modules`: the host modules it names that a worker imports by
-    file (host_modules.py)."""
+    file (host_modules.py). `cut`: (strategy name, ...) where a strategy holds the model cut (tensor): the worker
+cuts it on the host's side of the device, so the device never holds the whole weights."""
 
     fingerprint: str
     family: str
@@ -39,6 +40,7 @@ class Load:
     bytes: int = 0
     cached: str | None = None
     modules: dict = field(default_factory=dict)
+    cut: Any = None  # a strategy's cut of the weights, made before they move to the device (WorkerState.cutters)
 
 
 @dataclass(frozen=True)

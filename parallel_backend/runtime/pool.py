@@ -502,13 +502,16 @@ class WorkerPool:
         return WorkerError(f"{names}, {what}: no answer within {seconds:.3g} s ({why}) although still running; "
                            "declared hung, the pool restarts on the next job", w.device, w.rank)
 
-    def ensure_model(self, module, family: str, fingerprint: str | None = None, recipe=None) -> str:
+    def ensure_model(self, module, family: str, fingerprint: str | None = None, recipe=None,
+                     cuts: dict | None = None) -> str:
         """Makes every worker hold `module` (a torch.nn.Module of model family `family`); ships its weights
         only when its fingerprint is new. Up to `max_models` models stay loaded (the least recently used one
         goes first, and every other one when memory is short). A host that tracks its own weight versions
         (ComfyUI's patch uuid) passes `fingerprint`; otherwise it is computed by model_fingerprint. `recipe`:
         a function that gives the model's recipe.Recipe, called only when the model ships (the workers then
-        build it from that, not from the pickled module). Returns the fingerprint."""
+        build it from that, not from the pickled module). cuts: rank -> the cut its worker makes before the
+        weights reach its device (a strategy's weights_layout; the fingerprint must name the cut). Returns the
+        fingerprint."""
         fingerprint = fingerprint or model_fingerprint(module, family)
         with self._lock:  # check and load as one step: another thread may release or load meanwhile
             self.stats.model_checks += 1
@@ -524,7 +527,8 @@ class WorkerPool:
             cached, sent = send_to_machines(self.request, remote, payload, family, fingerprint, self.clock.first_s,
                                             modules) if remote else (None, {})
             requests, path, shipped = load_requests(payload, family, fingerprint, self._workers, self._dir,
-                                                    keep=keep, nbytes=nbytes, cached=cached, modules=modules)
+                                                    keep=keep, nbytes=nbytes, cached=cached, modules=modules,
+                                                    cuts=cuts)
             try:
                 replies = self.request(requests, "loading the model",
                                        deadline=load_bound(nbytes, self.clock.first_s))

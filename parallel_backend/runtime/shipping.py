@@ -117,14 +117,15 @@ def torch_save_image(payload):
 
 
 def load_requests(payload, family: str, fingerprint: str, workers, folder: Path, keep: tuple[str, ...] = (),
-                  nbytes: int = 0, cached: str | None = None, modules: dict | None = None
+                  nbytes: int = 0, cached: str | None = None, modules: dict | None = None, cuts: dict | None = None
                   ) -> tuple[dict, Path | None, int]:
     """The Load message of every worker (objects with .rank and .device), the file written for the workers
     that copy (None if none does; the caller removes it once they have loaded) and the bytes it holds.
     payload: the module, or its recipe; keep: the models the workers keep beside this one; nbytes: its size
     (see messages.Load); cached: the weights_hash under which the workers of other machines find the model in
     their machine's cache (already sent there: remote_weights.send_to_machines); modules: the host modules
-    the workers import by file (host_modules.py). A file that fails to be written is removed."""
+    the workers import by file (host_modules.py); cuts: rank -> the cut its worker makes before the weights reach
+    its device (messages.Load.cut). A file that fails to be written is removed."""
     host_gpu = _only_cuda_device(payload)
     sharing = {w.rank for w in workers if w.device == host_gpu}
     remote = {w.rank for w in workers if "/" in w.device}  # another machine's: it loads from that machine's cache
@@ -133,7 +134,8 @@ def load_requests(payload, family: str, fingerprint: str, workers, folder: Path,
         raise ValueError("workers of other machines load from their machine's weights cache: pass `cached`")
     path, shipped, modules = None, 0, modules or {}
     common = dict(keep=keep, bytes=nbytes, modules=modules)
-    requests = {rank: Load(fingerprint, family, cached=cached, **common) for rank in remote}
+    cuts = cuts or {}
+    requests = {rank: Load(fingerprint, family, cached=cached, cut=cuts.get(rank), **common) for rank in remote}
     if copying:
         path = folder / f"model-{fingerprint[:16]}.pt"
         try:
@@ -145,10 +147,12 @@ def load_requests(payload, family: str, fingerprint: str, workers, folder: Path,
                                   f"{exc})") from exc
             raise
         shipped += model_bytes(payload)
-    requests.update({rank: Load(fingerprint, family, path=str(path), **common) for rank in copying})
+    requests.update({rank: Load(fingerprint, family, path=str(path), cut=cuts.get(rank), **common)
+                     for rank in copying})
     if sharing:
         shared = _share_cuda(payload)
-        requests.update({rank: Load(fingerprint, family, shared=shared, **common) for rank in sharing})
+        requests.update({rank: Load(fingerprint, family, shared=shared, cut=cuts.get(rank), **common)
+                         for rank in sharing})
     return requests, path, shipped
 
 

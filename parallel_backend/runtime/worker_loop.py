@@ -107,6 +107,8 @@ class WorkerState:
         self.slots: dict[tuple[str, str], object] = {}  # (fingerprint, owner) -> a strategy's worker-side state
         self._restore: dict[str, object] = {}  # fingerprint -> puts the model back whole after a strategy split it
         self.weights_cache = None  # another machine's worker: its machine's WeightsCache (weights_cache.py)
+        # strategy name -> cut(state, module, family, cut) -> module: what a Load's `cut` asks (the worker program's)
+        self.cutters: dict = {}
         self.carried = CarriedStore()  # host objects of model calls, by digest (carry.py)
 
     def load(self, message: Load) -> dict:
@@ -129,16 +131,25 @@ class WorkerState:
 
             import torch.multiprocessing  # noqa: F401  (registers the tensor reductions)
 
-            module = _materialize(pickle.loads(message.shared), self.device)
+            module = _materialize(pickle.loads(message.shared), self.device, self._cutter(message))
             module._tandem_shared_with_host = True  # never moved off the device (that would copy it)
         else:
             # mmap: CPU workers share the page-cache copy of the host's file (or, on another machine, of the
             # machine's cached one) instead of each holding their own.
             path = message.path if message.cached is None else cached_model_path(self, message.cached)
-            module = _materialize(torch.load(path, mmap=True, map_location="cpu", weights_only=False), self.device)
+            module = _materialize(torch.load(path, mmap=True, map_location="cpu", weights_only=False), self.device,
+                                  self._cutter(message))
         self.models[message.fingerprint] = (module, message.family)
         return {"seconds": time.perf_counter() - started, "held": list(self.models),
                 "weights_bytes": weights_bytes(module)}
+
+    def _cutter(self, message: Load):
+        """module -> module cut as the Load asks (None: kept whole)."""
+        if message.cut is None:
+            return None
+        if message.cut[0] not in self.cutters:
+            raise RuntimeError(f"this worker cannot make a {message.cut[0]!r} cut of a model")
+        return lambda module: self.cutters[message.cut[0]](self, module, message.family, message.cut)
 
     def _short_of_memory(self, needed: int) -> bool:
         """A GPU whose free memory cannot take `needed` more bytes (with a margin) while the others stay."""
@@ -212,15 +223,20 @@ class WorkerState:
         return replace(request, call=replace(call, extras=self.carried.resolve(call.extras)))
 
 
-def _materialize(payload, device):
+def _materialize(payload, device, cut=None):
     """The module a Load delivered: a recipe built and loaded (recipe.py), or the pickled module itself, on
-    `device`, in eval mode without gradients. A recipe that asks for torch.compile gets its compiled forward
-    beside it (`_tandem_compiled`, compiled at the first call of each shape), used for whole calls."""
+    `device`, in eval mode without gradients. `cut(module) -> module`: made on the CPU (a mapped file's pages, a
+    recipe built there) before the module moves, so the device holds only the cut. A recipe that asks for
+    torch.compile gets its compiled forward beside it (`_tandem_compiled`, compiled at the first call of each
+    shape), used for whole calls."""
     from .recipe import Recipe
 
     if not isinstance(payload, Recipe):
-        return payload.to(device).eval().requires_grad_(False)
-    module = payload.make(device)
+        module = payload if cut is None else cut(payload.eval().requires_grad_(False))
+        return module.to(device).eval().requires_grad_(False)
+    module = payload.make(device if cut is None else "cpu")
+    if cut is not None:
+        module = cut(module).to(device)
     if payload.compile is not None:
         import torch
 
@@ -274,8 +290,9 @@ def serve(channel, state: WorkerState, handlers: dict) -> bool:
         channel.send(reply)
 
 
-def main(argv, handlers: dict) -> int:
-    """The worker process: argv as pool.spawn_worker gives it; handlers: what it answers (serve)."""
+def main(argv, handlers: dict, cutters: dict | None = None) -> int:
+    """The worker process: argv as pool.spawn_worker gives it; handlers: what it answers (serve); cutters: the
+    cuts a Load may ask for (WorkerState.cutters)."""
     args = _parse_args(argv)
     if args.host_pid or args.pool_dir:
         threading.Thread(target=_watch, args=(args.host_pid, Path(args.pool_dir) if args.pool_dir else None, args.rank),
@@ -314,6 +331,7 @@ def main(argv, handlers: dict) -> int:
         return 1
     host_left = False
     state = WorkerState(args.rank, args.world, args.device)
+    state.cutters = dict(cutters or {})
     if args.weights_cache:
         state.weights_cache = WeightsCache(args.weights_cache, args.weights_cache_bytes)
     try:

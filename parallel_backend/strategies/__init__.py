@@ -91,6 +91,11 @@ def worker_handlers() -> dict:
     return handlers
 
 
+def worker_cutters() -> dict:
+    """Strategy name -> its cut_on_load, for the strategies that hold a model cut (messages.Load.cut)."""
+    return {s.name: s.cut_on_load for s in _REGISTRY.values() if s.cut_on_load is not None}
+
+
 def _register_builtins() -> None:
     from . import asyncdiff, batch, cfg, ring, tensor, ulysses, usp
 

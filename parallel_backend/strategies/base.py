@@ -81,10 +81,13 @@ class Strategy:
         return f"{self.name}: {self.summary} Mesh {mesh.describe()} on {', '.join(devices)}; {exact}."
 
     def weights_layout(self, mesh):
-        """How the workers hold the model's weights for `mesh`: None, whole; anything else (equal when the same)
-        names a cut the workers make in place, which the engine keeps under a fingerprint of its own beside the
-        whole model (engine/pool_engine.py `_fingerprint_as`)."""
+        """How the workers hold the model's weights for `mesh`: None, whole; else {rank: cut}, the cut (a tuple
+        starting with this strategy's name) each rank's worker makes as the model loads, before the weights move
+        to its device (`cut_on_load`). The engine keeps a cut model under a fingerprint of its own beside the
+        whole one (engine/pool_engine.py `_fingerprint_as`)."""
         return None
+
+    cut_on_load = None  # with weights_layout: (worker state, module, family, cut) -> the cut module, on the CPU
 
     def bench_part(self, model, call, mesh):
         """For `tandem bench`'s ideal: a function that runs, on one device, what the busiest rank computes for

@@ -3,10 +3,11 @@
 attention and each MLP. Each device holds its share of those weights (the rest of the model whole), so the
 weights per device shrink towards 1/N. Exact: every rank sums the group's partial outputs in the same order.
 
-The workers cut the model they are sent in place at its first tensor call and let the whole weights go. The
-engine holds each cut under a fingerprint of its own (`weights_layout`), so a whole-model strategy never meets
-it, and the workers keep both as two models (max_models). The model still travels whole and each worker
-holds it whole until the cut: weights sent as shards are not built yet. Composes with cfg and batch as the outer
+Each worker cuts the model as it loads it, on the CPU (a mapped file's pages; a recipe built there), before the
+weights move to its device, so a GPU never holds the whole weights. The engine holds each cut under a
+fingerprint of its own (`weights_layout`), so a whole-model strategy never meets it, and the workers keep both as
+two models (max_models). The whole model still travels to every worker (one file, mapped by the CPU workers):
+weights sent as shards are not built yet. Composes with cfg and batch as the outer
 axes (cfg 2 x tensor 2 on 4 devices).
 """
 
@@ -81,7 +82,21 @@ class Tensor(Strategy):
         return join_rows([replies[rank].out for rank in leaders], call.x)
 
     def weights_layout(self, mesh):
-        return ("tensor", tuple(tuple(mesh.ranks(group)) for group in range(mesh.groups)))
+        layout = {}
+        for group in range(mesh.groups):
+            peers = tuple(mesh.ranks(group))
+            layout.update({rank: ("tensor", peers, index) for index, rank in enumerate(peers)})
+        return layout
+
+    def cut_on_load(self, worker, module, family: str, cut):
+        """Worker side, as the model loads (on the CPU): this rank's cut of it, its exchanges ready."""
+        from ..models.tensor_splits import plan_for, split_in_place
+
+        _, peers, index = cut
+        group = _Group(tuple(peers), index, worker.device)
+        split_in_place(module, plan_for(module, family), len(peers), index, group)
+        module.__dict__["_tandem_tensor"] = (tuple(peers), index, group)  # not a submodule
+        return module
 
     def bench_part(self, model, call, mesh):
         """A rank's share of the model, its exchanges stubbed out (_StubGroup)."""
@@ -163,19 +178,23 @@ class _Split:
 
 
 def _cut(worker, message: TensorForward) -> _Split:
+    """The tensor state of a model the worker holds: cut as it loaded (cut_on_load), or now, in place."""
     from ..models.tensor_splits import plan_for, split_in_place
     from ..runtime.recipe import weights_bytes
 
     module, family = worker.whole_model(message.fingerprint)
-    group = _Group(message.peers, message.index, worker.device)
-    split_in_place(module, plan_for(module, family), len(message.peers), message.index, group)
+    held = module.__dict__.get("_tandem_tensor")
+    if held is None:
+        group = _Group(message.peers, message.index, worker.device)
+        split_in_place(module, plan_for(module, family), len(message.peers), message.index, group)
+        held = module.__dict__["_tandem_tensor"] = (message.peers, message.index, group)
 
     def refuse():
         raise RuntimeError(f"model {message.fingerprint[:12]} is held cut by strategy 'tensor' on this worker: "
                            "only tensor calls can run it")
 
     worker.on_forward(message.fingerprint, refuse)
-    return _Split(message.peers, message.index, group, weights_bytes(module))
+    return _Split(held[0], held[1], held[2], weights_bytes(module))
 
 
 def run_tensor_forward(worker, message: TensorForward):
