@@ -42,6 +42,16 @@ class PackedRowwise:
     blocks: tuple[int, ...] | None = None  # proportions of the input's parts; None: the Linear's own attribute
 
 
+@dataclass(frozen=True)
+class PackedColwise:
+    blocks: tuple[int, ...]  # proportions of the output's parts (a fused q, k, v: 1, 1, 1), each cut apart
+
+
+@dataclass(frozen=True)
+class Divide:
+    names: tuple[str, ...]  # int attributes of the module that count what the cut divides (heads, widths)
+
+
 # Families without a diffusers declaration. Wan 2.x: self- and cross-attention by heads (its q/k RMSNorms span
 # every head), the feed-forward by hidden units.
 _WAN_ATTENTION = {f"blocks.*.{attn}.{name}": COLWISE for attn in ("attn1", "attn2")
@@ -57,6 +67,50 @@ PLANS = {
         "blocks.*.ffn.net.0.proj": COLWISE, "blocks.*.ffn.net.2": ROWWISE,
     },
 }
+
+def _comfy_flux(module: nn.Module) -> dict:
+    """ComfyUI's Flux.1 (comfy/ldm/flux/layers.py): q, k, v fused in one Linear; a single block fuses q, k, v and
+    the MLP's first layer, and splits their output by its `hidden_size` and `mlp_hidden_dim_first`, which the cut
+    divides with its heads."""
+    double = module.double_blocks[0] if len(module.double_blocks) else None
+    if double is not None and not (isinstance(double.img_mlp, nn.Sequential) and len(double.img_mlp) == 3):
+        raise ValueError("strategy 'tensor' cuts ComfyUI's Flux.1, not this Flux variant (Flux.2) yet: use cfg, "
+                         "batch, ulysses or ring for it")
+    plan = {}
+    for stream in ("img", "txt"):
+        plan.update({f"double_blocks.*.{stream}_attn.qkv": PackedColwise((1, 1, 1)),
+                     f"double_blocks.*.{stream}_attn.proj": ROWWISE,
+                     f"double_blocks.*.{stream}_mlp.0": COLWISE, f"double_blocks.*.{stream}_mlp.2": ROWWISE,
+                     f"double_blocks.*.{stream}_mod.lin": GATHERED})
+    plan["double_blocks.*"] = Divide(("num_heads",))
+    if len(module.single_blocks):
+        single = module.single_blocks[0]
+        width, mlp = single.hidden_size, single.mlp_hidden_dim
+        if single.mlp_hidden_dim_first != mlp:
+            raise ValueError("strategy 'tensor' cuts ComfyUI's Flux.1, not this Flux variant (a gated MLP) yet: use "
+                             "cfg, batch, ulysses or ring for it")
+        plan.update({"single_blocks.*.linear1": PackedColwise((width, width, width, mlp)),
+                     "single_blocks.*.linear2": PackedRowwise((width, mlp)),
+                     "single_blocks.*.modulation.lin": GATHERED,
+                     "single_blocks.*": Divide(("num_heads", "hidden_size", "mlp_hidden_dim", "mlp_hidden_dim_first"))})
+    plan["final_layer.adaLN_modulation.1"] = GATHERED
+    return plan
+
+
+def _comfy_wan(module: nn.Module) -> dict:
+    """ComfyUI's Wan 2.x (comfy/ldm/wan/model.py): q, k, v, o per attention, q/k RMSNorms over every head, the
+    attention's `num_heads` counting them."""
+    plan = {"time_projection.1": GATHERED, "blocks.*.ffn.0": COLWISE, "blocks.*.ffn.2": ROWWISE}
+    for attention in ("self_attn", "cross_attn"):
+        plan.update({f"blocks.*.{attention}.{name}": COLWISE for name in ("q", "k", "v", "k_img", "v_img")})
+        plan.update({f"blocks.*.{attention}.{name}": NORM_ACROSS for name in ("norm_q", "norm_k", "norm_k_img")})
+        plan.update({f"blocks.*.{attention}.o": ROWWISE, f"blocks.*.{attention}": Divide(("num_heads",))})
+    return plan
+
+
+BUILT = {"comfy_dit:flux": _comfy_flux, "comfy_dit:wan": _comfy_wan}  # plans that read the model's widths
+
+
 DECLARED_BY_DIFFUSERS = ("diffusers_dit:flux",)  # families whose model class carries diffusers' `_tp_plan`
 # Added to a plan: the modulation Linears (a few rows per call, so an all-gather of their output costs little).
 EXTRA = {
@@ -68,13 +122,15 @@ EXTRA = {
 
 
 def families() -> tuple[str, ...]:
-    return (*DECLARED_BY_DIFFUSERS, *PLANS)
+    return (*DECLARED_BY_DIFFUSERS, *PLANS, *BUILT)
 
 
 def plan_for(module: nn.Module, family: str) -> dict:
     """The family's plan as {glob: style}; raises ValueError in one sentence for a family without one."""
     if family in PLANS:
         return {**PLANS[family], **EXTRA.get(family, {})}
+    if family in BUILT:
+        return BUILT[family](module)
     declared = getattr(type(module), "_tp_plan", None) if family in DECLARED_BY_DIFFUSERS else None
     if not declared:
         raise ValueError(f"strategy 'tensor' has no tensor split for {family.split(':', 1)[-1]} models yet: use "
@@ -140,7 +196,7 @@ class SplitRMSNorm(nn.Module):
         squares = self.group.sum(x.float().pow(2).sum(-1, keepdim=True))
         eps = self.eps if self.eps is not None else torch.finfo(x.dtype).eps
         out = (x.float() * torch.rsqrt(squares / self.full + eps)).to(x.dtype)
-        return out if self.weight is None else out * self.weight
+        return out if self.weight is None else out * self.weight.to(out.dtype)
 
 
 def _keep(linear: nn.Linear, dim: int, index) -> None:
@@ -175,7 +231,12 @@ def split_in_place(module: nn.Module, plan: dict, degree: int, index: int, group
     cuts = expand(module, plan)
     for name, style in cuts:  # every check first: nothing is cut when one fails
         layer = module.get_submodule(name)
-        if style == NORM_ACROSS:
+        if isinstance(style, Divide):
+            for attribute in style.names:
+                _piece(getattr(layer, attribute), degree, index, f"{name}.{attribute}")
+        elif isinstance(style, PackedColwise):
+            _packed(layer.out_features, style.blocks, degree, index, name)
+        elif style == NORM_ACROSS:
             _piece(layer.normalized_shape[0], degree, index, name)
         elif isinstance(style, PackedRowwise):
             _packed(layer.in_features, _blocks(layer, style, name), degree, index, name)
@@ -189,7 +250,12 @@ def split_in_place(module: nn.Module, plan: dict, degree: int, index: int, group
         parent_name, _, leaf = name.rpartition(".")
         parent = module.get_submodule(parent_name) if parent_name else module
         layer = module.get_submodule(name)
-        if style == NORM_ACROSS:
+        if isinstance(style, Divide):
+            for attribute in style.names:
+                setattr(layer, attribute, getattr(layer, attribute) // degree)
+        elif isinstance(style, PackedColwise):
+            _keep(layer, 0, _packed(layer.out_features, style.blocks, degree, index, name))
+        elif style == NORM_ACROSS:
             setattr(parent, leaf, SplitRMSNorm(layer, _piece(layer.normalized_shape[0], degree, index, name), group))
         elif style in (COLWISE, GATHERED):
             _keep(layer, 0, _piece(layer.out_features, degree, index, name))
