@@ -161,8 +161,8 @@ def test_families_without_a_cut_are_refused_in_one_sentence():
     tensor = strategies.get("tensor")
     with pytest.raises(ValueError, match="^strategy 'tensor' has no tensor split for sd3 models in diffusers yet"):
         tensor.check_family("diffusers_dit:sd3")
-    with pytest.raises(ValueError, match="^strategy 'tensor' has no tensor split for flux models in ComfyUI yet"):
-        tensor.check_family("comfy_dit:flux")
+    with pytest.raises(ValueError, match="^strategy 'tensor' has no tensor split for sd3 models in ComfyUI yet"):
+        tensor.check_family("comfy_dit:sd3")
     with pytest.raises(ValueError, match="^strategy 'tensor' splits the blocks of transformers .* a UNet"):
         tensor.check_family("diffusers_unet")
 
