@@ -121,24 +121,27 @@ class Engine:
             named = strategies.get(config.strategy) if config.strategy != "auto" else None
             if named is not None:  # auto splits the sequence only of a model that has a sequence split
                 named.check_family(family)  # before any weights travel
+                named.check_weights(module, family)
+            cuts = named is not None and named.cuts_layers  # a patch would see a share of each layer's heads
             hint = sequence_hint(module, family)
             refused = sequence_refusal(family, call) if hint is not None else None
             if refused and named is not None and named.splits_tokens:
                 raise ValueError(f"strategy {config.strategy!r} cannot split this call by tokens: it has "
                                  f"{refused}; use cfg, batch or auto for it")
-            whole = sequence_whole_rows(family, call) if hint is not None and not refused else None
+            whole = sequence_whole_rows(family, call) if hint is not None and (cuts or not refused) else None
             if refused or whole:
                 hint = None
                 if named is None:
                     self._say(f"Tandem: auto keeps this call to whole rows (cfg, batch): it has {refused or whole}, "
                               "which a split by tokens cannot take")
-                elif named.splits_tokens:
+                elif (named.splits_tokens or cuts) and whole:
+                    share = "heads" if cuts else "tokens"
                     self._say(f"Tandem: strategy {config.strategy!r} runs this call on whole rows (cfg, batch): it "
-                              f"has {whole}, whose effect on a share of the tokens is not known")
+                              f"has {whole}, whose effect on a share of the {share} is not known")
             planned = named is None and self.device_count() > 1
             if planned:
                 mesh = None
-            elif whole and named.splits_tokens:
+            elif whole and (named.splits_tokens or named.cuts_layers):
                 mesh = whole_rows(self.device_count(), call.branches, call.rows)
             else:
                 mesh = self._named_mesh(config, call, hint)

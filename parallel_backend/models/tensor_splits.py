@@ -294,6 +294,18 @@ def _blocks(layer, style: PackedRowwise, name: str):
     return tuple(blocks)
 
 
+PLAIN = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_plain_weights(module: nn.Module, family: str) -> None:
+    """Raises ValueError in one sentence when a layer the plan cuts holds quantized weights (fp8 scaled, GGUF)."""
+    for name, _ in expand(module, plan_for(module, family)):
+        for tensor in module.get_submodule(name).parameters(recurse=False):
+            if type(tensor.data) is not torch.Tensor or tensor.dtype not in PLAIN:
+                raise ValueError(f"strategy 'tensor' cannot cut quantized weights yet ({name} holds "
+                                 f"{type(tensor.data).__name__} {tensor.dtype}): use cfg, batch, ulysses or ring")
+
+
 def check_heads(heads: int | None, degree: int) -> None:
     """Raises, before any work, when `degree` does not divide the model's attention heads."""
     if heads is not None:

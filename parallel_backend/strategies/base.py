@@ -45,6 +45,7 @@ class Strategy:
     scope: str = ""  # what it splits, for the refusal of other models ("cuts UNets only")
     splits_tokens: bool = False  # it splits a call's token sequence (its attentions run through the group)
     auto: bool = True  # auto may choose it (tandem plan lists every strategy with a cost either way)
+    cuts_layers: bool = False  # each device runs a share of every layer: a call with a model patch runs whole rows
     knobs: tuple[Knob, ...] = ()  # its settings (config.<name>): one per axis, then the ones it reads
 
     def check_family(self, family: str) -> None:
@@ -55,6 +56,10 @@ class Strategy:
             noun = "UNet" if adapter_name(family).endswith("_unet") else f"{family.split(':', 1)[-1]} transformer"
             raise ValueError(f"strategy {self.name!r} {self.scope}, and this model is a {noun}: use cfg, batch or "
                              "auto for it")
+
+    def check_weights(self, module, family: str) -> None:
+        """Raises ValueError in one sentence when this strategy cannot handle `module`'s weights (a cut of
+        quantized ones, say); before any weights travel."""
 
     def check_model(self, mesh, sequence) -> None:
         """Raises ValueError in one sentence when `mesh` cannot split the model that `sequence` (a

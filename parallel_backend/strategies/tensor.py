@@ -14,6 +14,7 @@ axes (cfg 2 x tensor 2 on 4 devices).
 from __future__ import annotations
 
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,6 +51,7 @@ class Tensor(Strategy):
     # (cfg for guided calls, say) would ship the model at every switch. It becomes auto's choice where the whole
     # model does not fit, once memory is an input of the plan.
     auto = False
+    cuts_layers = True
 
     def check_family(self, family: str) -> None:
         from ..models import adapter_name
@@ -61,6 +63,15 @@ class Tensor(Strategy):
             host = "ComfyUI" if adapter_name(family).startswith("comfy") else "diffusers"
             raise ValueError(f"strategy 'tensor' has no tensor split for {family.split(':', 1)[-1]} models in {host} "
                              "yet: use cfg, batch, ulysses or ring for it")
+
+    def check_weights(self, module, family: str) -> None:
+        """Only plain floating-point weights are cut (a quantized layer's storage is not sliced by rows); each
+        host module is checked once (the walk over its layers costs milliseconds)."""
+        from ..models.tensor_splits import check_plain_weights
+
+        if _CHECKED.get(module) != family:
+            check_plain_weights(module, family)
+            _CHECKED[module] = family
 
     def check_model(self, mesh, sequence) -> None:
         from ..models.tensor_splits import check_heads
@@ -118,6 +129,9 @@ class Tensor(Strategy):
 
     def worker_handlers(self) -> dict:
         return {TensorForward: run_tensor_forward}
+
+
+_CHECKED = weakref.WeakKeyDictionary()  # host modules whose weights check_weights passed -> their family
 
 
 class _Group:

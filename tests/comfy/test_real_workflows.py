@@ -194,6 +194,9 @@ PATTERNS = {
     "SkipLayerGuidanceDiT, ulysses": Pattern(_patched(FLUX, ("SkipLayerGuidanceDiT", {
         "double_layers": "0", "single_layers": "0", "scale": 3.0, "start_percent": 0.0, "end_percent": 1.0,
         "rescaling_scale": 0.0})), calls=2 * STEPS),
+    "SkipLayerGuidanceDiT, tensor": Pattern(_patched(FLUX, ("SkipLayerGuidanceDiT", {
+        "double_layers": "0", "single_layers": "0", "scale": 3.0, "start_percent": 0.0, "end_percent": 1.0,
+        "rescaling_scale": 0.0})), calls=2 * STEPS),
     "PerturbedAttentionGuidance": Pattern(_patched(SD1, ("PerturbedAttentionGuidance", {"scale": 3.0})),
                                           plain=SD1, calls=2 * STEPS),
     "FreeU_V2": Pattern(_patched(SD1, ("FreeU_V2", {"b1": 1.3, "b2": 1.4, "s1": 0.9, "s2": 0.2})), plain=SD1),
@@ -228,7 +231,7 @@ PATTERNS = {
         "max_consecutive_cache_hits": -1})), stock_path=REPLACED, pack="Comfy-WaveSpeed", plain=SD1),
 }
 STRATEGY = {"4 steps at cfg 1, ulysses": "ulysses", "4 steps at cfg 1, auto": "auto",
-            "SkipLayerGuidanceDiT, ulysses": "ulysses"}
+            "SkipLayerGuidanceDiT, ulysses": "ulysses", "SkipLayerGuidanceDiT, tensor": "tensor"}
 
 
 def _skip_unless_present(server, comfy_base, pattern: Pattern, workflow: dict) -> None:

@@ -101,3 +101,15 @@ def test_comfy_models_cut_over_two_ranks_equal_the_whole(comfy_models, fixture, 
     for out in outs:
         assert (out - reference).abs().max() <= 1e-4 * max(1.0, reference.abs().max().item())
     assert torch.equal(outs[0], outs[1])
+
+
+@pytest.mark.parametrize("cfg", [1.0, 4.0])
+@pytest.mark.parametrize("family", ["flux", "wan21_t2v", "wan21_i2v"])
+def test_the_multi_gpu_ksampler_with_tensor_equals_stock(comfy_server, comfy, family, cfg):
+    stock, tandem = comfy.run_pair(comfy_server, f"tensor_{family}_{cfg:g}", "tensor", kind="family", family=family,
+                                   steps=3, cfg=cfg)
+    comfy.assert_same_latents(tandem, stock)
+    status = comfy_server.get("/tandem/status")
+    assert (status["last_run"]["strategy"], status["last_run"]["devices_used"]) == ("tensor", 2), status["last_run"]
+    held = status["model_weights_bytes"]  # the cut: each worker holds its share of the blocks
+    assert len(held) == 2 and held[0] == held[1] > 0, held
