@@ -1,7 +1,7 @@
-"""tensor's cut of ComfyUI's own Flux.1 and Wan classes (models/tensor_splits.py BUILT), in this process: a
-group's ranks run as threads whose exchanges meet at a barrier; each rank's output equals the uncut model's.
-Work in progress (branch wip/tensor-comfy): the node path (refusals of patches that see the heads, quantized
-weights) is not wired yet."""
+"""tensor in ComfyUI. The cut of ComfyUI's own Flux.1 and Wan classes (models/tensor_splits.py BUILT) in this
+process: a group's ranks run as threads whose exchanges meet at a barrier, each rank's output equal to the uncut
+model's. Then the Multi-GPU KSampler with strategy tensor on two CPU workers against the stock KSampler, the
+status saying the pool ran tensor on both. (A patched call's whole rows: test_real_workflows.py.)"""
 
 from __future__ import annotations
 
