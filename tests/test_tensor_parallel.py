@@ -6,7 +6,6 @@ over gloo, and hold a share of the weights."""
 from __future__ import annotations
 
 import copy
-import threading
 
 import pytest
 import torch
@@ -18,18 +17,19 @@ from parallel_backend.models.tensor_splits import check_heads, expand, plan_for,
 from parallel_backend.runtime.pool import WorkerPool
 from parallel_backend.runtime.recipe import weights_bytes
 
-def _sequence_dit_module():
-    """tests/test_sequence_dit.py: its tiny Flux and Wan and their calls (the sequence tests' cases)."""
+def _load(name: str, file: str):
+    """A module of this folder by its file (the tests are not a package)."""
     import importlib.util
     from pathlib import Path
 
-    spec = importlib.util.spec_from_file_location("sequence_dit_cases", Path(__file__).with_name("test_sequence_dit.py"))
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(file))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-_built = _sequence_dit_module()
+_built = _load("sequence_dit_cases", "test_sequence_dit.py")  # its tiny Flux and Wan and their calls
+run_cut = _load("tensor_threads", "tensor_threads.py").run_cut
 flux_call, tiny_flux, tiny_wan, wan_call = _built.flux_call, _built.tiny_flux, _built.tiny_wan, _built.wan_call
 
 FLUX, WAN = "diffusers_dit:flux", "diffusers_dit:wan"
@@ -43,37 +43,6 @@ def _close(out, reference):
     assert (out - reference).abs().max() <= 1e-4 * max(1.0, reference.abs().max().item())
 
 
-class ThreadGroup:
-    """`degree` threads standing in for a group's ranks: every rank's tensor meets at a barrier; sum adds them in
-    rank order, gather joins them along the last dimension."""
-
-    def __init__(self, degree: int):
-        self.barrier, self.slots = threading.Barrier(degree, timeout=60), [None] * degree
-
-    def rank(self, index: int):
-        group = self
-
-        class Rank:
-            def sum(self, partial):
-                everyone = group._everyones(index, partial)
-                out = everyone[0]
-                for piece in everyone[1:]:
-                    out = out + piece
-                return out
-
-            def gather(self, piece):
-                return torch.cat(group._everyones(index, piece), dim=-1)
-
-        return Rank()
-
-    def _everyones(self, index, tensor):
-        self.slots[index] = tensor
-        self.barrier.wait()
-        everyone = list(self.slots)
-        self.barrier.wait()  # every rank has read the slots before the next exchange fills them
-        return everyone
-
-
 class Alone:
     """One rank with its exchanges left out (for the checks of what a cut holds)."""
 
@@ -82,32 +51,6 @@ class Alone:
 
     def gather(self, piece):
         return piece
-
-
-def _run_cut(build, call, family, degree):
-    """Each rank's output and weights (bytes) when `degree` threads run their cut of the model."""
-    group, outs, held = ThreadGroup(degree), [None] * degree, [0] * degree
-    modules, errors = [build() for _ in range(degree)], []  # built here: threads would share the seeded RNG
-
-    def rank(index):
-        try:
-            module = modules[index]
-            split_in_place(module, plan_for(module, family), degree, index, group.rank(index))
-            held[index] = weights_bytes(module)
-            with torch.inference_mode():
-                outs[index] = forward_for_family(family)(module, call)
-        except BaseException as exc:  # noqa: BLE001 - reported below, the barrier broken for the others
-            errors.append(exc)
-            group.barrier.abort()
-
-    threads = [threading.Thread(target=rank, args=(i,)) for i in range(degree)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    if errors:
-        raise errors[0]
-    return outs, held
 
 
 # (case, degree): the tiny Wan's 32 feed-forward units take 2 ranks, not 3
@@ -120,7 +63,7 @@ def test_a_cut_group_equals_the_whole_model_on_every_rank(case, degree):
     model = build()
     with torch.inference_mode():
         reference = forward_for_family(family)(model, call)
-    outs, held = _run_cut(build, call, family, degree)
+    outs, held = run_cut([build() for _ in range(degree)], family, lambda m: forward_for_family(family)(m, call))
     for out in outs:
         _close(out, reference)
         assert torch.equal(out, outs[0])  # the same sum, bit for bit, on every rank

@@ -193,15 +193,12 @@ class _Split:
 
 def _cut(worker, message: TensorForward) -> _Split:
     """The tensor state of a model the worker holds: cut as it loaded (cut_on_load), or now, in place."""
-    from ..models.tensor_splits import plan_for, split_in_place
     from ..runtime.recipe import weights_bytes
 
     module, family = worker.whole_model(message.fingerprint)
-    held = module.__dict__.get("_tandem_tensor")
-    if held is None:
-        group = _Group(message.peers, message.index, worker.device)
-        split_in_place(module, plan_for(module, family), len(message.peers), message.index, group)
-        held = module.__dict__["_tandem_tensor"] = (message.peers, message.index, group)
+    if "_tandem_tensor" not in module.__dict__:  # loaded whole (a Load without its cut): cut it now, as a load would
+        STRATEGY.cut_on_load(worker, module, family, ("tensor", message.peers, message.index))
+    held = module.__dict__["_tandem_tensor"]
 
     def refuse():
         raise RuntimeError(f"model {message.fingerprint[:12]} is held cut by strategy 'tensor' on this worker: "

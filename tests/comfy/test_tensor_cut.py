@@ -8,7 +8,6 @@ from __future__ import annotations
 import copy
 import os
 import sys
-import threading
 from pathlib import Path
 
 import pytest
@@ -29,34 +28,6 @@ def comfy_models(comfy_server):
     return build
 
 
-class ThreadGroup:
-    def __init__(self, degree: int):
-        self.barrier, self.slots = threading.Barrier(degree, timeout=60), [None] * degree
-
-    def rank(self, index: int):
-        group = self
-
-        class Rank:
-            def sum(self, partial):
-                everyone = group.meet(index, partial)
-                out = everyone[0]
-                for piece in everyone[1:]:
-                    out = out + piece
-                return out
-
-            def gather(self, piece):
-                return torch.cat(group.meet(index, piece), dim=-1)
-
-        return Rank()
-
-    def meet(self, index, tensor):
-        self.slots[index] = tensor
-        self.barrier.wait()
-        everyone = list(self.slots)
-        self.barrier.wait()
-        return everyone
-
-
 def _flux_inputs():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, 16, 8, 8, generator=g)
@@ -73,31 +44,17 @@ def _wan_inputs():
 @pytest.mark.parametrize("fixture, family, inputs", [("flux", "flux", _flux_inputs),
                                                      ("wan21_t2v", "wan", _wan_inputs)])
 def test_comfy_models_cut_over_two_ranks_equal_the_whole(comfy_models, fixture, family, inputs):
-    from parallel_backend.models.tensor_splits import plan_for, split_in_place
+    import importlib.util
 
+    spec = importlib.util.spec_from_file_location("tensor_threads", Path(__file__).parents[1] / "tensor_threads.py")
+    threads = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(threads)
     model = comfy_models(fixture)
     args, kwargs = inputs()
     with torch.inference_mode():
         reference = model(*args, **kwargs)
-    group, copies, outs = ThreadGroup(2), [copy.deepcopy(model) for _ in range(2)], [None, None]
-    errors = []
-
-    def rank(index):
-        try:
-            split_in_place(copies[index], plan_for(copies[index], f"comfy_dit:{family}"), 2, index, group.rank(index))
-            with torch.inference_mode():
-                outs[index] = copies[index](*args, **kwargs)
-        except BaseException as exc:  # noqa: BLE001
-            errors.append(exc)
-            group.barrier.abort()
-
-    threads = [threading.Thread(target=rank, args=(i,)) for i in range(2)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    if errors:
-        raise errors[0]
+    outs, _ = threads.run_cut([copy.deepcopy(model) for _ in range(2)], f"comfy_dit:{family}",
+                              lambda m: m(*args, **kwargs))
     for out in outs:
         assert (out - reference).abs().max() <= 1e-4 * max(1.0, reference.abs().max().item())
     assert torch.equal(outs[0], outs[1])

@@ -1,0 +1,68 @@
+"""A tensor group's ranks as threads of one process, for the cut's oracle tests (tests/test_tensor_parallel.py,
+tests/comfy/test_tensor_cut.py, which load this file by path): every rank's tensor meets the others' at a
+barrier; `sum` adds them in rank order, `gather` joins them along the last dimension."""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+
+
+class ThreadGroup:
+    def __init__(self, degree: int):
+        self.barrier, self.slots = threading.Barrier(degree, timeout=60), [None] * degree
+
+    def rank(self, index: int):
+        group = self
+
+        class Rank:
+            def sum(self, partial):
+                everyone = group._everyones(index, partial)
+                out = everyone[0]
+                for piece in everyone[1:]:
+                    out = out + piece
+                return out
+
+            def gather(self, piece):
+                return torch.cat(group._everyones(index, piece), dim=-1)
+
+        return Rank()
+
+    def _everyones(self, index, tensor):
+        self.slots[index] = tensor
+        self.barrier.wait()
+        everyone = list(self.slots)
+        self.barrier.wait()  # every rank has read the slots before the next exchange fills them
+        return everyone
+
+
+def run_cut(modules: list, family: str, forward) -> tuple[list, list]:
+    """Each rank's output and weights (bytes) when len(modules) threads cut their module (built by the caller:
+    threads would share a seeded RNG) for `family` and run `forward(module)`. A rank's error is raised here, the
+    barrier broken for the others."""
+    from parallel_backend.models.tensor_splits import plan_for, split_in_place
+    from parallel_backend.runtime.recipe import weights_bytes
+
+    degree = len(modules)
+    group, outs, held, errors = ThreadGroup(degree), [None] * degree, [0] * degree, []
+
+    def rank(index):
+        try:
+            module = modules[index]
+            split_in_place(module, plan_for(module, family), degree, index, group.rank(index))
+            held[index] = weights_bytes(module)
+            with torch.inference_mode():
+                outs[index] = forward(module)
+        except BaseException as exc:  # noqa: BLE001 - raised below, once every thread has ended
+            errors.append(exc)
+            group.barrier.abort()
+
+    threads = [threading.Thread(target=rank, args=(i,)) for i in range(degree)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+    return outs, held
