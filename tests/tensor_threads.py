@@ -1,6 +1,7 @@
 """A tensor group's ranks as threads of one process, for the cut's oracle tests (tests/test_tensor_parallel.py,
 tests/comfy/test_tensor_cut.py, which load this file by path): every rank's tensor meets the others' at a
-barrier; `sum` adds them in rank order, `gather` joins them along the last dimension."""
+barrier; `sum` adds them in rank order, `gather` joins them along the last dimension, `start` and `finish` hand
+every rank's piece to a shard group (models/weight_shards.py; tests/test_weight_shards.py)."""
 
 from __future__ import annotations
 
@@ -27,6 +28,14 @@ class ThreadGroup:
             def gather(self, piece):
                 return torch.cat(group._everyones(index, piece), dim=-1)
 
+            degree = len(group.slots)
+
+            def start(self, piece):  # a shard group's gather (models/weight_shards.py): met at once
+                return torch.cat(group._everyones(index, piece))
+
+            def finish(self, started):
+                return started
+
         return Rank()
 
     def _everyones(self, index, tensor):
@@ -37,12 +46,16 @@ class ThreadGroup:
         return everyone
 
 
-def run_cut(modules: list, family: str, forward) -> tuple[list, list]:
+def run_cut(modules: list, family: str, forward, cut=None) -> tuple[list, list]:
     """Each rank's output and weights (bytes) when len(modules) threads cut their module (built by the caller:
     threads would share a seeded RNG) for `family` and run `forward(module)`. A rank's error is raised here, the
-    barrier broken for the others."""
+    barrier broken for the others. cut(module, degree, index, group): the cut (default: the tensor split)."""
     from parallel_backend.models.tensor_splits import plan_for, split_in_place
     from parallel_backend.runtime.recipe import weights_bytes
+
+    if cut is None:
+        def cut(module, degree, index, group):
+            split_in_place(module, plan_for(module, family), degree, index, group)
 
     degree = len(modules)
     group, outs, held, errors = ThreadGroup(degree), [None] * degree, [0] * degree, []
@@ -50,7 +63,7 @@ def run_cut(modules: list, family: str, forward) -> tuple[list, list]:
     def rank(index):
         try:
             module = modules[index]
-            split_in_place(module, plan_for(module, family), degree, index, group.rank(index))
+            cut(module, degree, index, group.rank(index))
             held[index] = weights_bytes(module)
             with torch.inference_mode():
                 outs[index] = forward(module)

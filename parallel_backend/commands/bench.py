@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import statistics
 import time
+from dataclasses import replace
 
 import torch
 
@@ -190,7 +191,12 @@ def run_bench(model_name: str = "small", devices: str = "cpu:2", strategies_: tu
     if images is not None:
         images = validation.whole_number("images", images, 1, MAX_IMAGES)
     modes = _balance_modes(balance)
-    configs = {s: ParallelConfig(devices, s, **bench_knobs(s, knobs)) for s in strategies_}  # validated up front
+    knobs = dict(knobs or {})
+    weight_modes = _weight_modes(knobs.pop("weights", None))
+    configs = {s: ParallelConfig(devices, s, weights=weight_modes[0], **bench_knobs(s, knobs))
+               for s in strategies_}  # validated up front, each variant too:
+    variant_configs = {(s, mode, w): replace(_with_speeds(configs[s], mode), weights=w)
+                       for s in strategies_ for mode in modes for w in weight_modes}
     resolved = resolve_devices(parse_devices(devices))  # devices that exist; nothing started
     meshes = {s: check_job(configs[s], len(resolved), job_for(s, cfg).cfg != 1.0) for s in strategies_}
     slowdown.parse(test_slowdown, len(resolved))  # refused before anything is built or started
@@ -206,7 +212,10 @@ def run_bench(model_name: str = "small", devices: str = "cpu:2", strategies_: tu
     resolution = check_resolution(model, fixed_resolution or parse_resolution(model.default_resolution),
                                   strategies_, str(reference_device), cfg, images)
     model.module.to(reference_device)
-    pool = WorkerPool(devices, test_slowdown=test_slowdown, **configs[strategies_[0]].pool_options())
+    options = configs[strategies_[0]].pool_options()
+    if options["max_models"] is None:  # every variant's weights stay loaded: no variant's time pays for a load
+        options["max_models"] = max(2, len(variant_configs) + 1)
+    pool = WorkerPool(devices, test_slowdown=test_slowdown, **options)
     n = len(pool.start().devices)
     cores = len(cpu_cores())
     share = max(1, cores // n)
@@ -220,7 +229,8 @@ def run_bench(model_name: str = "small", devices: str = "cpu:2", strategies_: tu
             mine = [s for s in strategies_ if job_for(s, cfg, images) == job]
             # Variants run in rotation within every repeat, so the machine's drift hits them all alike.
             variants = {"serial": (share, None), "all cores": (cores, None)}
-            named = {_variant(s, mode): (s, _with_speeds(configs[s], mode)) for s in mine for mode in modes}
+            named = {_variant(s, mode, w, weight_modes): (s, variant_configs[s, mode, w])
+                     for s in mine for mode in modes for w in weight_modes}
             variants.update({name: (1, ParallelExecutor(pool, config)) for name, (s, config) in named.items()})
             measured = {name: LoopResult() for name in variants}
             rows, branches = job.images * (2 if job.cfg != 1.0 else 1), 2 if job.cfg != 1.0 else 1
@@ -277,13 +287,27 @@ def _balance_modes(balance: str | None) -> tuple:
     return ("equal", "balanced") if balance == "both" else (balance,)
 
 
-def _variant(strategy: str, mode: str | None) -> str:
-    return strategy if mode is None else f"{strategy} ({mode})"
+def _variant(strategy: str, mode: str | None, weights: str, weight_modes: tuple) -> str:
+    """A row's name: the strategy, then its share mode and where its weights live where the bench compares them
+    (or they are not the default): "ulysses (sharded)", "batch (equal, sharded)"."""
+    shown = weight_modes != ("replicated",)
+    parts = [part for part in (mode, weights if shown else None) if part is not None]
+    return strategy if not parts else f"{strategy} ({', '.join(parts)})"
+
+
+def _weight_modes(weights: str | None) -> tuple:
+    """--weights of the bench: one mode, or several comma-separated (a row per strategy and mode)."""
+    from ..engine.config import WEIGHTS
+
+    if weights is None:
+        return (WEIGHTS.default,)
+    modes = tuple(dict.fromkeys(WEIGHTS.validate(w.strip()) for w in str(weights).split(",") if w.strip()))
+    if not modes:
+        raise ValueError("weights: give replicated, sharded or auto, or several of them separated by commas")
+    return modes
 
 
 def _with_speeds(config, mode: str | None):
-    from dataclasses import replace
-
     return config if mode is None else replace(config, device_speeds="equal" if mode == "equal" else "measure")
 
 
@@ -300,10 +324,10 @@ def _speeds_ideal(executor, balance: str | None) -> dict:
 
 
 def _weights_per_device(result: LoopResult, n: int, whole: int) -> list[int]:
-    """The weights each of the pool's `n` devices held in a variant's last call: what a worker that cut them
-    reported (tensor), else the whole model's."""
-    extra = result.calls[-1].get("extra", {}) if result.calls else {}
-    return [extra.get(rank, {}).get("weights_bytes", whole) for rank in range(n)]
+    """The weights each of the pool's `n` devices held in a variant's last call, as its worker reported them
+    (whole, cut by tensor or sharded); the whole model's for a device that holds none of it (it sat out)."""
+    held = result.calls[-1].get("weights", {}) if result.calls else {}
+    return [held.get(rank, whole) for rank in range(n)]
 
 
 def _prediction(candidate, row: dict) -> dict:

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from ..engine.config import DEVICE_SPEEDS, DEVICES, TIMEOUT, strategy_choices
+from ..engine.config import DEVICE_SPEEDS, DEVICES, MEMORY_KNOBS, TIMEOUT, strategy_choices
 from ..hosts.pipelines import load_pipeline
 from ..models.sampling import SCHEDULERS, GenerationRequest, Timer
 from ..runtime import validation
@@ -33,7 +33,12 @@ def parallel_config(args):
     from ..engine.config import ParallelConfig
 
     return ParallelConfig(args.devices, args.strategy, timeout_s=args.timeout, device_speeds=args.device_speeds,
-                          **machine_settings(args), **strategy_knobs(args))
+                          **memory_settings(args), **machine_settings(args), **strategy_knobs(args))
+
+
+def memory_settings(args) -> dict:
+    """--weights and --memory-per-device."""
+    return {"weights": args.weights, "memory_per_device": args.memory_per_device}
 
 
 def machine_settings(args) -> dict:
@@ -161,7 +166,8 @@ def cmd_bench(args) -> int:
     if args.json is not None:
         validation.writable_file("--json", args.json)  # before the bench, not after it
     strategies = tuple(s.strip() for s in args.strategies.split(",") if s.strip())
-    knobs = {**strategy_knobs(args), "device_speeds": args.device_speeds, **machine_settings(args)}
+    knobs = {**strategy_knobs(args), "device_speeds": args.device_speeds, **memory_settings(args),
+             **machine_settings(args)}
     report = run_bench(args.model, args.devices, strategies, args.steps, args.resolution, args.repeats, args.dtype,
                        knobs=knobs, frames=args.frames, cfg=args.cfg, images=args.images,
                        balance=args.balance, test_slowdown=args.test_slowdown, plan=not args.no_plan,
@@ -339,8 +345,8 @@ def _add_parallel_options(parser, devices_default):
 
 
 def _add_knob_options(parser):
-    """An option per strategy knob (`strategies.knobs()`), and --device-speeds."""
-    add_options(parser, (*_knobs(), DEVICE_SPEEDS))
+    """An option per strategy knob (`strategies.knobs()`), --device-speeds, --weights and --memory-per-device."""
+    add_options(parser, (*_knobs(), DEVICE_SPEEDS, *MEMORY_KNOBS))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -50,17 +50,27 @@ TIMEOUT = Knob("timeout_s", float, 300.0, "longest wait on a worker, seconds (fi
 DEVICE_SPEEDS = Knob("device_speeds", str, "auto", "mixed devices: auto (measured when the devices differ), measure, "
                      "equal, or one positive number per device such as 1,0.5 (the second takes twice as long)",
                      check=_as_given)
-SETTINGS = (DEVICES, STRATEGY, CFG_DEGREE, BATCH_DEGREE, TIMEOUT, DEVICE_SPEEDS, *POOL_SETTINGS)
+WEIGHTS = Knob("weights", str, "replicated", "replicated (every device holds the whole model), sharded (each "
+               "holds 1/N of every block and gathers a block as it runs) or auto (sharded where the whole does not "
+               "fit the memory per device)", choices=("replicated", "sharded", "auto"))
+MEMORY_PER_DEVICE = Knob("memory_per_device", float, None, "GiB each device may hold (default: what a CUDA device "
+                         "has free, or a share of this machine's available memory for CPU workers)", unset=True,
+                         check=validation.positive)
+SETTINGS = (DEVICES, STRATEGY, CFG_DEGREE, BATCH_DEGREE, TIMEOUT, DEVICE_SPEEDS, WEIGHTS, MEMORY_PER_DEVICE,
+            *POOL_SETTINGS)
+MEMORY_KNOBS = (WEIGHTS, MEMORY_PER_DEVICE)  # on forms after the package's strategies' knobs (form_knobs)
 MESH_KNOBS = (CFG_DEGREE, BATCH_DEGREE)  # the outer degrees: inputs of the Settings node, before the strategies'
 POSITIONAL = ("devices", "strategy", "cfg_degree", "batch_degree")
 
 
 def form_knobs() -> tuple[Knob, ...]:
-    """The knobs a settings form shows after devices and strategy: the outer degrees, then every registered
-    strategy's (the Settings node's inputs, in order)."""
+    """The knobs a settings form shows after devices and strategy, in the order they were added (the Settings
+    node's inputs: saved workflows keep widget values in input order): the outer degrees, the package's
+    strategies' knobs, where the weights live, then the knobs of strategies registered later."""
     from .. import strategies
 
-    return (*MESH_KNOBS, *strategies.knobs())
+    builtin = strategies.builtin_knobs()
+    return (*MESH_KNOBS, *builtin, *MEMORY_KNOBS, *strategies.knobs()[len(builtin):])
 
 
 @dataclass(frozen=True, init=False)
@@ -86,6 +96,11 @@ class ParallelConfig:
     device_speeds: mixed devices (speeds.py): "auto" (measured on the first call of a model and shape when the
       pool's devices differ), "measure", "equal", or one positive number per device ("1,0.5": the second takes
       twice as long); row shares, asyncdiff's cut and ring's token shards follow them.
+    weights: "replicated" (every device holds the whole model), "sharded" (each device of a group that runs
+      every call together keeps 1/N of each block's parameters and gathers a block as it runs:
+      engine/weights.py) or "auto" (sharded where the whole weights do not fit `memory_per_device`).
+    memory_per_device: GiB each device may hold; None: what a CUDA device has free, or this machine's available
+      memory shared among its CPU workers.
     secret_file, interface, hang_factor, hang_floor_s, max_models: the pool's settings (runtime/pool_settings.py;
       WorkerPool has their meanings); None: the environment's (runtime/environment.py).
     Every value is checked on creation, before any work; creating a config starts nothing.
@@ -97,6 +112,8 @@ class ParallelConfig:
     batch_degree: int | None = None
     timeout_s: float = TIMEOUT.default
     device_speeds: str | tuple[float, ...] = DEVICE_SPEEDS.default
+    weights: str = WEIGHTS.default
+    memory_per_device: float | None = None
     secret_file: str | None = None
     interface: str | None = None
     hang_factor: float | None = None
@@ -160,6 +177,10 @@ class ParallelConfig:
             if getattr(self, axis) is not None and (strategy is None or axis not in strategy.axes):
                 raise ValueError(f"{axis} {getattr(self, axis)}: {strategies.knob(axis).axis}: choose a strategy that "
                                  f"does ({', '.join(strategies.users(axis, axes_only=True))})")
+        if strategy is not None and self.weights != "replicated" and strategy.stage_weights:
+            raise ValueError(f"strategy {self.strategy!r} with weights {self.weights!r}: its stages run different "
+                             "layers on each device, so no block can gather from the others; use weights "
+                             "'replicated' for it")
         known = None if self.device_list == ("auto",) else len(self.device_list)
         object.__setattr__(self, "device_speeds", parse_speeds(self.device_speeds, known))
         if self.device_list != ("auto",):

@@ -93,7 +93,7 @@ def run_once(model, job: Job, resolution, steps: int, result: LoopResult, timed:
         run.compute.append(max(done.compute_s.values()))
         run.overhead.append(run.per_call[-1] - run.compute[-1])
         run.calls.append({"step": call.index, "bytes": done.bytes_sent, "wait": max(done.wait_s.values()),
-                          "extra": done.extra, "mesh": done.mesh})
+                          "extra": done.extra, "mesh": done.mesh, "weights": done.weights_bytes})
         return done.out
 
     started = time.perf_counter()

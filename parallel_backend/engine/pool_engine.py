@@ -29,6 +29,7 @@ from ..runtime.devices import PoolUnavailable, resolve_devices
 from ..runtime.messages import TimedForward
 from ..runtime.pool import WorkerError
 from ..strategies.base import join_rows
+from . import weights
 from .config import ParallelConfig
 from .mesh import Mesh, SequenceHint, fit, resolve, whole_on_rank_0, whole_rows
 from .sizing import sized_mesh
@@ -41,7 +42,8 @@ _ENGINES_LOCK = threading.Lock()
 class CallResult:
     """One call's output and what it cost: per rank, its own compute seconds, the seconds it sat waiting on
     peers and the strategy's own counters (`Computed.extra`, e.g. a sequence group's passes); the bytes all
-    ranks sent each other; the mesh it ran on."""
+    ranks sent each other; the mesh it ran on; the weights each worker holds of the model (whole, cut or
+    sharded)."""
 
     out: object
     mesh: Mesh
@@ -49,6 +51,7 @@ class CallResult:
     wait_s: dict = field(default_factory=dict)
     bytes_sent: int = 0
     extra: dict = field(default_factory=dict)
+    weights_bytes: dict = field(default_factory=dict)  # rank -> the bytes of this call's model its worker holds
 
 
 class Engine:
@@ -59,6 +62,7 @@ class Engine:
         self._job_numbers = itertools.count(1)
         self._said: set[str] = set()
         self._refused: dict[str, str] = {}  # fingerprint -> why the workers could not take that model
+        self._shards: dict[str, dict] = {}  # fingerprint -> rank -> its shard group (engine/weights.py)
         self.last_mesh: Mesh | None = None  # the mesh the last call ran on
 
     def state(self, owner: str) -> dict:
@@ -92,8 +96,33 @@ class Engine:
     def request(self, work: dict, what: str, collective: bool = False, kind=None) -> dict:
         """Sends each rank its message; returns rank -> the reply's value (errors raise WorkerError).
         kind: the kind of call, whose measured time sets its deadline (see WorkerPool.request)."""
-        replies = self.pool.request(work, what, collective=collective, kind=kind)
-        return {rank: reply.value for rank, reply in replies.items()}
+        extra = {}
+        for message in work.values():
+            groups = self._shards.get(getattr(message, "fingerprint", None))
+            if groups:  # every rank of a shard group runs each call: one row for those without work
+                extra = weights.fillers(work, groups)
+                break
+        replies = self.pool.request({**work, **extra}, what, collective=collective or bool(extra), kind=kind)
+        return {rank: reply.value for rank, reply in replies.items() if rank not in extra}
+
+    def _weights(self, config: ParallelConfig, module, family: str) -> str:
+        """replicated or sharded for this model (config.weights; auto: sharded where the whole weights do not fit
+        the memory per device), said once per model where auto shards."""
+        if config.weights == weights.REPLICATED or self.device_count() < 2:
+            return weights.REPLICATED
+        if config.weights == weights.SHARDED:
+            return weights.SHARDED
+        from ..runtime.recipe import weights_bytes
+
+        size = weights_bytes(module)
+        budget = (int(config.memory_per_device * 2**30) if config.memory_per_device is not None
+                  else weights.default_budget_bytes(list(self.pool.devices)))
+        chosen = weights.resolve(config.weights, size, budget)
+        if chosen == weights.SHARDED:
+            self._say(f"Tandem: weights 'auto' shards this {family.split(':', 1)[-1]} model over the devices: its "
+                      f"{size / 2**30:.2f} GiB of weights do not fit {budget / 2**30:.2f} GiB per device with room "
+                      "for the activations")
+        return chosen
 
     def run(self, module, family: str, call: ModelCall, config: ParallelConfig,
             fingerprint: str | None = None, recipe=None, needs_split: bool = False, planner=None) -> CallResult:
@@ -145,9 +174,11 @@ class Engine:
                 mesh = whole_rows(self.device_count(), call.branches, call.rows)
             else:
                 mesh = self._named_mesh(config, call, hint)
-            layout = None if planned else strategies.get(mesh.strategy).weights_layout(mesh)
+            cut = None if planned else strategies.get(mesh.strategy).weights_layout(mesh)
+            layout = weights.layout(self._weights(config, module, family), cut, self.device_count())
             fingerprint = self._hold_model(module, family, self._fingerprint_as(layout, module, family, fingerprint),
                                            recipe, layout)
+            self._shards[fingerprint] = weights.shard_groups(layout)
             if planned:
                 key = planner.key(fingerprint, call, hint is not None, self.device_count())
                 mesh = planner.mesh(key) or planner.warm_up(key, self.device_count())
@@ -155,7 +186,7 @@ class Engine:
                     return self._measure_and_choose(planner, family, call, fingerprint, hint, key)
             self._say_once(mesh)
             strategy = strategies.get(mesh.strategy)
-            if layout is None:  # a cut layout splits evenly: the slowest device sets its pace
+            if cut is None:  # a strategy's cut splits evenly: the slowest device sets its pace
                 mesh = sized_mesh(self, mesh, config, fingerprint, call, planner)
             work = strategy.plan(self, call, mesh, config, fingerprint)
             computed = self.request(work, _label(call), collective=strategy.collective,
@@ -168,7 +199,7 @@ class Engine:
             self.last_mesh = mesh
         return CallResult(out, mesh, {r: c.compute_s for r, c in computed.items()},
                           {r: c.wait_s for r, c in computed.items()}, sum(c.bytes_sent for c in computed.values()),
-                          {r: c.extra for r, c in computed.items()})
+                          {r: c.extra for r, c in computed.items()}, dict(self.pool.weights_bytes.get(fingerprint, {})))
 
     def _hold_model(self, module, family: str, fingerprint: str | None, recipe, cuts: dict | None = None) -> str:
         """WorkerPool.ensure_model, where a model the workers refuse while the pool stays up (its recipe does not
@@ -225,7 +256,8 @@ class Engine:
         self.pool.stats.calls += 1
         self.last_mesh = whole_on_rank_0(len(devices))
         return CallResult(join_rows([computed.out], call.x), self.last_mesh, {0: computed.compute_s},
-                          {0: computed.wait_s}, computed.bytes_sent, {0: computed.extra})
+                          {0: computed.wait_s}, computed.bytes_sent, {0: computed.extra},
+                          dict(self.pool.weights_bytes.get(fingerprint, {})))
 
     def _say_once(self, mesh: Mesh) -> None:
         """Logs, once each, which devices sit out (auto's choices say why in their own line)."""

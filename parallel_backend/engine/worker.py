@@ -14,6 +14,7 @@ import sys
 import time
 
 from .. import models, strategies
+from ..models import weight_shards
 from ..models.stages import synchronize
 from ..runtime.messages import Computed, Forward, TimedForward
 from ..runtime.worker_loop import RUNTIME_HANDLERS, WorkerState
@@ -46,7 +47,7 @@ def handlers() -> dict:
 
 
 def main(argv=None) -> int:
-    return run_worker(argv, handlers(), strategies.worker_cutters())
+    return run_worker(argv, handlers(), {**strategies.worker_cutters(), "shard": weight_shards.cut_on_load})
 
 
 if __name__ == "__main__":

@@ -37,6 +37,13 @@ from torch import nn
 COLWISE, ROWWISE, NORM_ACROSS, GATHERED = "colwise", "rowwise", "norm_across", "gathered"
 
 
+def own(param: nn.Parameter) -> nn.Parameter:
+    """Marks a parameter this rank's own share (it differs between the group's ranks): sharded weights leave it
+    whole (models/weight_shards.py shards only what every rank of the group holds the same)."""
+    param._tandem_own = True
+    return param
+
+
 @dataclass(frozen=True)
 class PackedRowwise:
     blocks: tuple[int, ...] | None = None  # proportions of the input's parts; None: the Linear's own attribute
@@ -190,7 +197,7 @@ class SplitRMSNorm(nn.Module):
         super().__init__()
         (self.full,) = tuple(norm.normalized_shape)
         self.eps, self.group = norm.eps, group
-        self.weight = None if norm.weight is None else nn.Parameter(norm.weight.detach()[part].clone(), False)
+        self.weight = None if norm.weight is None else own(nn.Parameter(norm.weight.detach()[part].clone(), False))
 
     def forward(self, x):
         squares = self.group.sum(x.float().pow(2).sum(-1, keepdim=True))
@@ -204,10 +211,10 @@ def _keep(linear: nn.Linear, dim: int, index) -> None:
     the whole weight is let go."""
     weight = linear.weight.detach()
     kept = weight[index] if dim == 0 else weight[:, index]
-    linear.weight = nn.Parameter(kept.contiguous().clone(), requires_grad=False)
+    linear.weight = own(nn.Parameter(kept.contiguous().clone(), requires_grad=False))
     linear.in_features, linear.out_features = linear.weight.shape[1], linear.weight.shape[0]
     if linear.bias is not None and dim == 0:
-        linear.bias = nn.Parameter(linear.bias.detach()[index].clone(), requires_grad=False)
+        linear.bias = own(nn.Parameter(linear.bias.detach()[index].clone(), requires_grad=False))
 
 
 def _sum_then_bias(group, bias):

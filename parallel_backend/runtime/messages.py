@@ -29,8 +29,9 @@ class Load:
     in `keep` (the host's choice of what stays loaded; every other model is dropped first). `bytes`: the
     weights' size, so a GPU worker short of memory drops the kept models too (its reply says what it holds).
     What is loaded is a module or a recipe.Recipe; `modules`: the host modules it names that a worker imports by
-    file (host_modules.py). `cut`: (strategy name, ...) where a strategy holds the model cut (tensor): the worker
-cuts it on the host's side of the device, so the device never holds the whole weights."""
+    file (host_modules.py). `cut`: (name, ...) where the model is held cut (a strategy's: tensor; "shard": sharded
+weights), or several such cuts made in order: the worker cuts it on the host's side of the device, so the device
+never holds the whole weights."""
 
     fingerprint: str
     family: str

@@ -94,7 +94,7 @@ def wait_all(handles: list, device: torch.device | str | None = None) -> None:
 
 
 def exchange(sends: list[tuple[int, torch.Tensor]], receives: list[tuple[int, tuple[int, ...], torch.dtype]],
-             device) -> tuple[list[torch.Tensor], list]:
+             device, into: list[torch.Tensor] | None = None) -> tuple[list[torch.Tensor], list]:
     """Starts, as one batch, every send (dst, tensor) and receive (src, shape, dtype), without waiting.
     Returns (buffers, handles): buffers[i] gets receive i; keep the sent tensors alive until `wait_all(handles)`.
 
@@ -103,11 +103,13 @@ def exchange(sends: list[tuple[int, torch.Tensor]], receives: list[tuple[int, tu
     inside a group they do not, whatever the order in the list. Per peer, the k-th receive posted from it gets
     the k-th tensor it sends here (module doc): list the receives from a peer in the order that peer lists its
     sends to this rank. A message with no element is neither sent nor received (its buffer is made here): both
-    sides know the shapes from the same plan, so they skip the same messages.
+    sides know the shapes from the same plan, so they skip the same messages. `into`: the caller's buffers, one
+    per receive (contiguous, of its shape and dtype), in place of new ones.
     """
     if _exchange_hook is not None:
         _exchange_hook()
-    buffers = [torch.empty(shape, dtype=dtype, device=device) for _, shape, dtype in receives]
+    buffers = into if into is not None else [torch.empty(shape, dtype=dtype, device=device)
+                                             for _, shape, dtype in receives]
     ops = [dist.P2POp(dist.isend, t.contiguous(), dst) for dst, t in sends if t.numel()]
     ops += [dist.P2POp(dist.irecv, b, src) for (src, _, _), b in zip(receives, buffers) if b.numel()]
     return buffers, (dist.batch_isend_irecv(ops) if ops else [])
@@ -152,6 +154,26 @@ def finish_all_to_all(started: tuple) -> list[torch.Tensor]:
     received, handles, _ = started
     wait_all(handles)
     return received
+
+
+def start_all_gather(piece: torch.Tensor, peers: list[int], index: int, device) -> tuple:
+    """Every rank of the group `peers` (this rank is peers[index]) sends its `piece` (a flat tensor, the same
+    size on every rank) to every other, received straight into one tensor: the pieces end to end in peer order
+    (no copy after the transfer). Posted without waiting: hand the result to `finish_all_gather`. Every rank of
+    the group must start its gathers in the same order."""
+    size, count = piece.numel(), len(peers)
+    whole = torch.empty(size * count, dtype=piece.dtype, device=device)
+    whole[index * size:(index + 1) * size].copy_(piece)
+    others = [(index + step) % count for step in range(1, count)]
+    _, handles = exchange([(peers[s], piece) for s in others], [(peers[s], (size,), piece.dtype) for s in others],
+                          device, into=[whole[s * size:(s + 1) * size] for s in others])
+    return whole, handles, piece
+
+
+def finish_all_gather(started: tuple) -> torch.Tensor:
+    whole, handles, _ = started
+    wait_all(handles)
+    return whole
 
 
 def chunk_sizes(total: int, parts: int) -> list[int]:

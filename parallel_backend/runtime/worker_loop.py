@@ -144,12 +144,21 @@ class WorkerState:
                 "weights_bytes": weights_bytes(module)}
 
     def _cutter(self, message: Load):
-        """module -> module cut as the Load asks (None: kept whole)."""
+        """module -> module cut as the Load asks (None: kept whole): one cut (name, ...) or several in order
+        (a tensor cut, then its shards)."""
         if message.cut is None:
             return None
-        if message.cut[0] not in self.cutters:
-            raise RuntimeError(f"this worker cannot make a {message.cut[0]!r} cut of a model")
-        return lambda module: self.cutters[message.cut[0]](self, module, message.family, message.cut)
+        cuts = (message.cut,) if isinstance(message.cut[0], str) else tuple(message.cut)
+        for cut in cuts:
+            if cut[0] not in self.cutters:
+                raise RuntimeError(f"this worker cannot make a {cut[0]!r} cut of a model")
+
+        def make(module):
+            for cut in cuts:
+                module = self.cutters[cut[0]](self, module, message.family, cut)
+            return module
+
+        return make
 
     def _short_of_memory(self, needed: int) -> bool:
         """A GPU whose free memory cannot take `needed` more bytes (with a margin) while the others stay."""
@@ -200,6 +209,14 @@ class WorkerState:
         if restore is not None:
             restore()
         return self.model(fingerprint)
+
+    def release_gathered(self) -> None:
+        """After a failed request: frees the blocks a sharded model had gathered when the call stopped
+        (models/weight_shards.py hangs its state on the module as `_tandem_sharded`)."""
+        for module, _ in self.models.values():
+            sharded = getattr(module, "__dict__", {}).get("_tandem_sharded")
+            if sharded is not None:
+                sharded.release()
 
     def ping(self, message: Ping = None) -> dict:
         return {"pid": os.getpid()}
@@ -285,6 +302,7 @@ def serve(channel, state: WorkerState, handlers: dict) -> bool:
             value = handler(state, state.with_live_inputs(request))
             reply = Reply(value=value, seconds=time.perf_counter() - started, peak_bytes=peak_memory_bytes(state.device))
         except Exception as exc:  # reported to the host, which names this worker and the call
+            state.release_gathered()
             reply = Reply(ok=False, error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc(),
                           seconds=time.perf_counter() - started)
         channel.send(reply)

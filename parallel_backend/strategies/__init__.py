@@ -72,6 +72,11 @@ def knobs() -> tuple[Knob, ...]:
     return tuple(seen.values())
 
 
+def builtin_knobs() -> tuple[Knob, ...]:
+    """The knobs of the strategies registered with the package (`_register_builtins`), before any other's."""
+    return knobs()[:_BUILTIN_KNOBS]
+
+
 def knob(name: str) -> Knob | None:
     """The registered knob called `name` (None: no strategy declares one)."""
     return next((k for k in knobs() if k.name == name), None)
@@ -104,3 +109,4 @@ def _register_builtins() -> None:
 
 
 _register_builtins()
+_BUILTIN_KNOBS = len(knobs())

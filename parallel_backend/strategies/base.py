@@ -45,6 +45,7 @@ class Strategy:
     scope: str = ""  # what it splits, for the refusal of other models ("cuts UNets only")
     splits_tokens: bool = False  # it splits a call's token sequence (its attentions run through the group)
     auto: bool = True  # auto may choose it (tandem plan lists every strategy with a cost either way)
+    stage_weights: bool = False  # each device runs its own layers (stages): no sharded gather across devices
     cuts_layers: bool = False  # each device runs a share of every layer: a call with a model patch runs whole rows
     knobs: tuple[Knob, ...] = ()  # its settings (config.<name>): one per axis, then the ones it reads
 
@@ -86,8 +87,9 @@ class Strategy:
         return f"{self.name}: {self.summary} Mesh {mesh.describe()} on {', '.join(devices)}; {exact}."
 
     def weights_layout(self, mesh):
-        """How the workers hold the model's weights for `mesh`: None, whole; else {rank: cut}, the cut (a tuple
-        starting with this strategy's name) each rank's worker makes as the model loads, before the weights move
+        """How the workers hold the model's weights for `mesh`: None, whole; else {rank: cut}, the cut (this
+        strategy's name, the ranks that run every call of the cut model together, this rank's index among them,
+        ...) each rank's worker makes as the model loads, before the weights move
         to its device (`cut_on_load`). The engine keeps a cut model under a fingerprint of its own beside the
         whole one (engine/pool_engine.py `_fingerprint_as`)."""
         return None

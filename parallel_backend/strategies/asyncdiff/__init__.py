@@ -41,6 +41,7 @@ class AsyncDiff(Strategy):
     collective = True
     adapters = tuple(STAGE_ADAPTERS)  # the families models/stages.py can cut into layers
     scope = "cuts UNets only"
+    stage_weights = True
     min_warmup = 1  # a later stage's first input is what the stage before hands it in an exact step
     knobs = (STAGES, WARMUP, STRIDE, TIME_SHIFT)
 

@@ -1,0 +1,98 @@
+"""Where a model's weights live on the pool: whole on every device ("replicated") or each block's parameters
+divided over the devices that run every call together ("sharded", models/weight_shards.py), and "auto": whole
+where the weights fit the memory per device, sharded where they do not.
+
+Sharded weights compose with the strategies' own cuts (`Strategy.weights_layout`): a strategy's cut is (name,
+peers, index, ...), `peers` the ranks that run every call of the cut model together (a tensor group); they
+shard the model further among themselves. Without a strategy's cut, every device of the pool holds a share, and
+a device a call leaves without rows runs one row of it (`fillers`), so that every block's gather finds its group.
+"""
+
+from __future__ import annotations
+
+import os
+
+from ..runtime.messages import Forward, TimedForward
+
+REPLICATED, SHARDED, AUTO = "replicated", "sharded", "auto"
+CHOICES = (REPLICATED, SHARDED, AUTO)
+HEADROOM = 0.8  # "fits": the weights take at most this share of a device's memory (activations take the rest)
+
+
+def layout(weights: str, strategy_layout: dict | None, devices: int) -> dict | None:
+    """{rank: cut} for the workers' Loads (messages.Load.cut): the strategy's, sharded where `weights` (already
+    resolved: replicated or sharded) says so."""
+    if weights != SHARDED or devices < 2:
+        return strategy_layout
+    if strategy_layout is None:
+        peers = tuple(range(devices))
+        return {rank: ("shard", peers, rank) for rank in peers}
+    sharded = {}
+    for rank, cut in strategy_layout.items():
+        peers, index = tuple(cut[1]), cut[2]
+        sharded[rank] = (cut, ("shard", peers, index)) if len(peers) > 1 else cut
+    return sharded
+
+
+def shard_groups(layout_: dict | None) -> dict[int, tuple[int, ...]]:
+    """rank -> the ranks it gathers with, for the ranks of `layout_` that hold shards."""
+    groups = {}
+    for rank, cut in (layout_ or {}).items():
+        for part in ((cut,) if isinstance(cut[0], str) else cut):
+            if part[0] == "shard":
+                groups[rank] = tuple(part[1])
+    return groups
+
+
+def fillers(work: dict, groups: dict[int, tuple[int, ...]]) -> dict:
+    """{rank: message} for the ranks of a shard group that `work` leaves without a message, to run and throw
+    away so that their shards reach the ranks that compute: one row of a call of the group's, or auto's timed
+    call itself (it runs the model more than once: every rank must run as many forwards)."""
+    sample = next((m for r, m in work.items() if r in groups and getattr(m, "call", None) is not None), None)
+    if sample is None:
+        return {}
+    wanted = {peer for rank in work if rank in groups for peer in groups[rank]}
+    one = sample if isinstance(sample, TimedForward) else Forward(sample.fingerprint, sample.call.select(range(1)))
+    return {rank: one for rank in sorted(wanted - set(work))}
+
+
+def resolve(weights: str, model_bytes: int, budget_bytes: int | None) -> str:
+    """replicated or sharded: `auto` shards where the whole weights do not fit the budget per device."""
+    if weights != AUTO:
+        return weights
+    if budget_bytes is None:
+        return REPLICATED
+    return REPLICATED if model_bytes <= HEADROOM * budget_bytes else SHARDED
+
+
+def default_budget_bytes(devices: list[str]) -> int | None:
+    """The memory per device where none is given: the least free memory of this machine's CUDA devices; for CPU
+    workers, the machine's available memory shared among them. None where it cannot be told (another
+    machine's devices only)."""
+    local = [d for d in devices if "/" not in d]
+    budgets = []
+    cpus = [d for d in local if d.startswith("cpu")]
+    if cpus:
+        available = _available_bytes()
+        if available:
+            budgets.append(available // len(cpus))
+    for device in (d for d in local if d.startswith("cuda")):
+        import torch
+
+        free, _ = torch.cuda.mem_get_info(torch.device(device))
+        budgets.append(free)
+    return min(budgets) if budgets else None
+
+
+def _available_bytes() -> int | None:
+    try:
+        with open("/proc/meminfo") as info:
+            for line in info:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return None

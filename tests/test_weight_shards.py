@@ -1,0 +1,168 @@
+"""Sharded weights (models/weight_shards.py): each rank keeps 1/N of every block's parameters and gathers a
+block's whole weights as it runs. Oracle: the same model whole, in one process. A group's ranks run as threads
+whose gathers meet at a barrier (tests/tensor_threads.py); tests/test_weights_sharded_pool.py runs them on a
+pool over gloo."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from parallel_backend.models import forward_for_family
+from parallel_backend.models.weight_shards import SMALL, shard_in_place, units_of
+from parallel_backend.runtime.recipe import weights_bytes
+
+
+def _load(name: str, file: str):
+    """A module of this folder by its file (the tests are not a package)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(file))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_built = _load("sequence_dit_cases", "test_sequence_dit.py")
+run_cut = _load("tensor_threads", "tensor_threads.py").run_cut
+
+
+def _tiny_unet():
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    return UNet2DConditionModel(sample_size=8, block_out_channels=(32, 64), layers_per_block=1,
+                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+                                attention_head_dim=8, norm_num_groups=16).eval().requires_grad_(False)
+
+
+def _unet_call():
+    from parallel_backend.runtime.calls import ModelCall
+
+    gen = torch.Generator().manual_seed(3)
+    return ModelCall(torch.randn(2, 4, 8, 8, generator=gen), torch.tensor([500.0, 20.0]),
+                     torch.randn(2, 5, 32, generator=gen))
+
+
+CASES = [("flux", _built.tiny_flux, _built.flux_call(2, 7, 3, 5), "diffusers_dit:flux"),
+         ("wan", _built.tiny_wan, _built.wan_call(2, 3, 6, 10), "diffusers_dit:wan"),
+         ("sd unet", _tiny_unet, _unet_call(), "diffusers_unet:sd")]
+
+
+def _sharded(prefetch: bool):
+    def cut(module, degree, index, group):
+        shard_in_place(module, degree, index, group, prefetch=prefetch)
+    return cut
+
+
+@pytest.mark.parametrize("prefetch", [False, True], ids=["gathered as it runs", "next gather posted ahead"])
+@pytest.mark.parametrize("degree", [2, 3])
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_sharded_ranks_equal_the_whole_model_and_hold_a_share(case, degree, prefetch):
+    _, build, call, family = case
+    whole = build()
+    reference = forward_for_family(family)(whole, call)
+    modules = [copy.deepcopy(whole) for _ in range(degree)]
+
+    def twice(module):  # the second forward runs with the order learnt (gathers posted ahead)
+        forward_for_family(family)(module, call)
+        return forward_for_family(family)(module, call)
+
+    outs, held = run_cut(modules, family, twice, cut=_sharded(prefetch))
+    for out in outs:
+        assert torch.equal(out, reference)  # the same weights, the same arithmetic: bit for bit
+    blocks = sum(weights_bytes(unit) for _, unit in units_of(whole))
+    assert blocks > 0.3 * weights_bytes(whole)  # tiny models: their embedders and tables weigh more than usual
+    for rank_bytes in held:
+        assert rank_bytes <= weights_bytes(whole) - blocks + blocks / degree + 64 * degree * len(units_of(whole))
+    for module in modules:
+        sharded = module.__dict__["_tandem_sharded"]
+        assert not sharded.gathers.mounted  # nothing stays gathered between calls
+        assert sharded.gathers.units >= 2 * len(sharded.units)
+        assert all(p is None for unit in sharded.units for o, a, *_ in unit.entries for p in [o._parameters[a]])
+
+
+def test_units_are_the_blocks_and_large_leaf_layers():
+    flux = _built.tiny_flux()
+    names = [name for name, _ in units_of(flux)]
+    assert names == ["transformer_blocks.0", "single_transformer_blocks.0"]  # its other layers are small
+    big = torch.nn.Sequential(torch.nn.Linear(300, 300), torch.nn.LayerNorm(300), torch.nn.ModuleList(
+        [torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)]))
+    assert [name for name, _ in units_of(big)] == ["0", "2.0", "2.1"]
+    assert 300 * 301 >= SMALL > 600
+
+
+def test_a_failed_call_leaves_nothing_gathered_after_release():
+    flux = _built.tiny_flux()
+    call = _built.flux_call(1, 7, 3, 5)
+
+    class Alone:  # a group of one: its own piece
+        degree = 1
+
+        def start(self, piece):
+            return piece
+
+        def finish(self, started):
+            return started
+
+    sharded = shard_in_place(flux, 1, 0, Alone())
+    reference = forward_for_family("diffusers_dit:flux")(flux, call)
+    failing = flux.single_transformer_blocks[0].register_forward_pre_hook(lambda *a: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        forward_for_family("diffusers_dit:flux")(flux, call)
+    assert sharded.gathers.mounted == {"transformer_blocks.0"} or sharded.gathers.mounted
+    sharded.release()
+    assert not sharded.gathers.mounted
+    failing.remove()
+    assert torch.equal(forward_for_family("diffusers_dit:flux")(flux, call), reference)
+
+
+def test_a_parameter_read_outside_its_block_fails_naming_it():
+    layer = torch.nn.Sequential(torch.nn.ModuleList([torch.nn.Linear(4, 4)]))
+
+    class Alone:
+        degree = 1
+
+        def start(self, piece):
+            return piece
+
+        def finish(self, started):
+            return started
+
+    shard_in_place(layer, 1, 0, Alone())
+    assert layer[0][0].weight is None
+    with pytest.raises(TypeError):
+        torch.nn.functional.linear(torch.ones(4), layer[0][0].weight)
+
+
+def test_under_a_tensor_cut_only_what_every_rank_holds_the_same_is_sharded():
+    """tensor then shard over the same group: each rank's own cut stays (it differs between ranks); the rest of
+    each block (Flux's modulation, its norms) is divided. The output equals the whole model's."""
+    from parallel_backend.models.tensor_splits import plan_for, split_in_place
+
+    family, whole, call = "diffusers_dit:flux", _built.tiny_flux(), _built.flux_call(2, 7, 3, 5)
+    reference = forward_for_family(family)(whole, call)
+    tensor_only = copy.deepcopy(whole)
+
+    class Alone:
+        def sum(self, partial):
+            return partial
+
+        def gather(self, piece):
+            return torch.cat([piece, piece], dim=-1)
+
+    split_in_place(tensor_only, plan_for(tensor_only, family), 2, 0, Alone())
+
+    def cut(module, degree, index, group):
+        split_in_place(module, plan_for(module, family), degree, index, group)
+        shard_in_place(module, degree, index, group)
+
+    outs, held = run_cut([copy.deepcopy(whole) for _ in range(2)], family,
+                         lambda module: forward_for_family(family)(module, call), cut=cut)
+    for out in outs:
+        assert (out - reference).abs().max() <= 1e-4 * reference.abs().max()
+    assert all(size < weights_bytes(tensor_only) for size in held)

@@ -1,0 +1,100 @@
+"""Sharded weights on a pool (engine/weights.py, models/weight_shards.py): two gloo workers each keep half of
+every block and gather a block as it runs. Oracle: the model whole in this process. Each strategy's output must
+equal it, each worker must report holding a share, and a call that leaves a worker without rows must still run
+(the worker runs one row to serve its shards)."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+
+from parallel_backend.engine.config import ParallelConfig
+from parallel_backend.hosts.executor import ParallelExecutor
+from parallel_backend.models import forward_for_family
+from parallel_backend.models.weight_shards import units_of
+from parallel_backend.runtime.recipe import weights_bytes
+
+pytestmark = pytest.mark.pool
+
+
+_CASES = importlib.util.spec_from_file_location("sequence_dit_cases", Path(__file__).with_name("test_sequence_dit.py"))
+_built = importlib.util.module_from_spec(_CASES)  # its tiny Flux and Wan and their calls (tests are not a package)
+_CASES.loader.exec_module(_built)
+FLUX, WAN = "diffusers_dit:flux", "diffusers_dit:wan"
+
+
+def _close(out, reference):
+    assert (out - reference).abs().max() <= 1e-4 * max(1.0, reference.abs().max().item())
+
+
+def _share_bound(model, degree: int) -> float:
+    """What a rank may hold: everything outside the units, a 1/degree share of them, and their padding."""
+    blocks = sum(weights_bytes(unit) for _, unit in units_of(model))
+    return weights_bytes(model) - blocks + blocks / degree + 64 * degree * len(units_of(model))
+
+
+def _held(pool, result_fingerprint=None) -> list[int]:
+    sizes = pool.weights_bytes[result_fingerprint or pool.loaded_fingerprint]
+    return [sizes[rank] for rank in sorted(sizes)]
+
+
+CASES = [("batch", {}, "wan", 2), ("cfg", {}, "wan", 2), ("ulysses", {}, "flux", 1), ("ring", {}, "flux", 2),
+         ("tensor", {}, "flux", 2), ("auto", {}, "wan", 2)]
+
+
+@pytest.mark.parametrize("strategy, knobs, model_name, branches", CASES, ids=[c[0] for c in CASES])
+def test_sharded_weights_equal_one_device_and_each_worker_holds_a_share(cpu_pool, strategy, knobs, model_name,
+                                                                         branches):
+    if model_name == "wan":
+        model, family, call = _built.tiny_wan(), WAN, _built.wan_call(2, 3, 6, 10)
+    else:
+        model, family, call = _built.tiny_flux(), FLUX, _built.flux_call(2, 7, 3, 5)
+    call = dataclasses.replace(call, branches=branches)
+    with torch.inference_mode():
+        reference = forward_for_family(family)(model, call)
+    executor = ParallelExecutor(cpu_pool, ParallelConfig("cpu:2", strategy, weights="sharded", **knobs))
+    for _ in range(3 if strategy == "auto" else 1):  # auto: two calls on rank 0 (the other serves its shards)
+        result = executor.run(model, family, call)
+        _close(result.out, reference)
+    held = _held(cpu_pool)
+    assert len(held) == 2 and all(size <= _share_bound(model, 2) for size in held), held
+    assert all(size < weights_bytes(model) for size in held)
+    if strategy == "tensor":  # a tensor group of two shards what its cut left whole: less than the cut alone
+        tensor_only = ParallelExecutor(cpu_pool, ParallelConfig("cpu:2", "tensor"))
+        _close(tensor_only.run(model, family, call).out, reference)
+        assert all(size < cut for size, cut in zip(held, _held(cpu_pool))), (held, _held(cpu_pool))
+
+
+def test_a_call_that_leaves_a_worker_without_rows_still_gathers(cpu_pool):
+    """batch over 2 workers, a call of one row: worker 1 has no rows, runs one to serve its shards."""
+    model, call = _built.tiny_wan(), _built.wan_call(1, 3, 6, 10)
+    with torch.inference_mode():
+        reference = forward_for_family(WAN)(model, call)
+    result = ParallelExecutor(cpu_pool, ParallelConfig("cpu:2", "batch", weights="sharded")).run(model, WAN, call)
+    _close(result.out, reference)
+    assert set(result.compute_s) == {0}  # the filler's reply is not the call's
+
+
+def test_weights_auto_shards_only_what_does_not_fit(cpu_pool, caplog):
+    model, call = _built.tiny_flux(), _built.flux_call(2, 7, 3, 5)
+    with torch.inference_mode():
+        reference = forward_for_family(FLUX)(model, call)
+    roomy = ParallelExecutor(cpu_pool, ParallelConfig("cpu:2", "batch", weights="auto", memory_per_device=8))
+    _close(roomy.run(model, FLUX, call).out, reference)
+    assert _held(cpu_pool) == [weights_bytes(model)] * 2
+    tight = weights_bytes(model) / 2**30  # the whole weights, with no room for activations
+    cramped = ParallelExecutor(cpu_pool, ParallelConfig("cpu:2", "batch", weights="auto", memory_per_device=tight))
+    with caplog.at_level(logging.INFO, logger="tandem"):
+        _close(cramped.run(model, FLUX, call).out, reference)
+    assert all(size <= _share_bound(model, 2) for size in _held(cpu_pool))
+    assert any("weights 'auto' shards this flux model" in r.getMessage() for r in caplog.records)
+
+
+def test_asyncdiff_refuses_sharded_weights_before_any_work():
+    with pytest.raises(ValueError, match="its stages run different layers on each device"):
+        ParallelConfig("cpu:2", "asyncdiff", weights="sharded")
