@@ -98,3 +98,20 @@ def test_weights_auto_shards_only_what_does_not_fit(cpu_pool, caplog):
 def test_asyncdiff_refuses_sharded_weights_before_any_work():
     with pytest.raises(ValueError, match="its stages run different layers on each device"):
         ParallelConfig("cpu:2", "asyncdiff", weights="sharded")
+
+
+def test_max_models_keeps_that_many_models_loaded(cpu_pool):
+    """The bench holds a replicated and a sharded copy of each strategy's model at once (max_models 5): a load
+    evicts only the least recently used model beyond the bound, never more."""
+    model = torch.nn.Linear(4, 4)
+    bound = cpu_pool.max_models
+    cpu_pool.max_models = 3
+    try:
+        cpu_pool.release_models()
+        for name in ("first", "second", "third"):
+            cpu_pool.ensure_model(model, "diffusers_dit:flux", name)
+        assert cpu_pool.loaded_fingerprints == ("first", "second", "third")
+        cpu_pool.ensure_model(model, "diffusers_dit:flux", "fourth")
+        assert cpu_pool.loaded_fingerprints == ("second", "third", "fourth")
+    finally:
+        cpu_pool.max_models = bound

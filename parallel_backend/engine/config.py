@@ -53,9 +53,10 @@ DEVICE_SPEEDS = Knob("device_speeds", str, "auto", "mixed devices: auto (measure
 WEIGHTS = Knob("weights", str, "replicated", "replicated (every device holds the whole model), sharded (each "
                "holds 1/N of every block and gathers a block as it runs) or auto (sharded where the whole does not "
                "fit the memory per device)", choices=("replicated", "sharded", "auto"))
-MEMORY_PER_DEVICE = Knob("memory_per_device", float, None, "GiB each device may hold (default: what a CUDA device "
-                         "has free, or a share of this machine's available memory for CPU workers)", unset=True,
-                         check=validation.positive)
+MEMORY_PER_DEVICE = Knob("memory_per_device", float, None, "max memory per device (GiB): what weights 'auto' and the "
+                         "plan may fill", unset=True, check=validation.positive,
+                         unset_means="what a CUDA device has free, or a share of the machine's available memory for "
+                                     "CPU workers")
 SETTINGS = (DEVICES, STRATEGY, CFG_DEGREE, BATCH_DEGREE, TIMEOUT, DEVICE_SPEEDS, WEIGHTS, MEMORY_PER_DEVICE,
             *POOL_SETTINGS)
 MEMORY_KNOBS = (WEIGHTS, MEMORY_PER_DEVICE)  # on forms after the package's strategies' knobs (form_knobs)

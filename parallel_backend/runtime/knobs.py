@@ -29,6 +29,7 @@ class Knob:
       refusal of a strategy that lacks the axis ("they cut the model into stages").
     check: a check of its own, `check(name, value) -> value`, in place of the kind's (e.g. seconds > 0).
     variable: the TANDEM_* variable that gives its value when none is given (`environment.setting`).
+    unset_means: with `unset`, what None stands for ("the strategy picks").
     """
 
     name: str
@@ -42,6 +43,7 @@ class Knob:
     axis: str = ""
     check: Callable[[str, Any], Any] | None = None
     variable: str = ""
+    unset_means: str = "the strategy picks"  # what None (0 on a form) stands for, in the help
 
     def __post_init__(self):
         if not self.name.isidentifier() or self.kind not in KINDS or "\n" in self.help:
@@ -80,7 +82,7 @@ class Knob:
         kind = "choice" if self.choices else self.kind.__name__
         default = self.default if self.default is not None else 0
         return Widget(self.name, kind, str(default) if self.choices else default, 0 if self.unset else self.low,
-                      self.high, tuple(map(str, self.choices)), self.help + (" (0: the strategy picks)" if self.unset
+                      self.high, tuple(map(str, self.choices)), self.help + (f" (0: {self.unset_means})" if self.unset
                                                                              else ""))
 
     def from_widget(self, value):
@@ -124,4 +126,4 @@ def _default_text(knob: Knob) -> str:
     if knob.variable:
         fallback = VARIABLES[knob.variable].default
         return knob.variable + (f" or {fallback}" if fallback else "")
-    return "the strategy picks"
+    return knob.unset_means

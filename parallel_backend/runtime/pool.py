@@ -580,7 +580,7 @@ class WorkerPool:
         their own memory)."""
         import psutil
 
-        kept = list(self._loaded)[len(self._loaded) - (self.max_models - 1):] if self.max_models > 1 else []
+        kept = list(self._loaded)[max(0, len(self._loaded) - (self.max_models - 1)):] if self.max_models > 1 else []
         if kept and psutil.virtual_memory().available < 2 * nbytes:
             log.info("Tandem: not enough free memory to keep %d other model(s) loaded beside a new one of %.0f MiB",
                      len(kept), nbytes / 2**20)
