@@ -30,7 +30,7 @@ class ThreadGroup:
 
             degree = len(group.slots)
 
-            def start(self, piece):  # a shard group's gather (models/weight_shards.py): met at once
+            def start(self, piece, name=""):  # a shard group's gather (models/weight_shards.py): met at once
                 return torch.cat(group._everyones(index, piece))
 
             def finish(self, started):

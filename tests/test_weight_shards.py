@@ -103,7 +103,7 @@ def test_a_failed_call_leaves_nothing_gathered_after_release():
     class Alone:  # a group of one: its own piece
         degree = 1
 
-        def start(self, piece):
+        def start(self, piece, name=""):
             return piece
 
         def finish(self, started):
@@ -127,7 +127,7 @@ def test_a_parameter_read_outside_its_block_fails_naming_it():
     class Alone:
         degree = 1
 
-        def start(self, piece):
+        def start(self, piece, name=""):
             return piece
 
         def finish(self, started):
@@ -166,3 +166,44 @@ def test_under_a_tensor_cut_only_what_every_rank_holds_the_same_is_sharded():
     for out in outs:
         assert (out - reference).abs().max() <= 1e-4 * reference.abs().max()
     assert all(size < weights_bytes(tensor_only) for size in held)
+
+
+GATHER_SCRIPT = """
+import json, sys, torch
+sys.path.insert(0, sys.argv[4])
+from gloo_rank import join
+from parallel_backend.runtime import primitives
+from parallel_backend.models import forward_for_family
+from parallel_backend.models.weight_shards import PeerGroup, shard_in_place
+from test_sequence_dit import flux_call, tiny_flux, tiny_wan, wan_call
+
+rank, world = join()
+peers = tuple(reversed(range(world)))  # an order other than the ranks'
+for name, build, call, family in (("flux", tiny_flux, flux_call(2, 7, 3, 5), "diffusers_dit:flux"),
+                                  ("wan", tiny_wan, wan_call(2, 3, 6, 10), "diffusers_dit:wan")):
+    for prefetch in (False, True):
+        model = build()
+        with torch.inference_mode():
+            expected = forward_for_family(family)(model, call)
+            sharded = shard_in_place(model, world, peers.index(rank), PeerGroup(peers, peers.index(rank), "cpu"),
+                                     prefetch=prefetch)
+            outs = [forward_for_family(family)(model, call) for _ in range(3)]
+        print(json.dumps({"case": name, "prefetch": prefetch, "equal": all(torch.equal(o, expected) for o in outs),
+                          "gathers": sharded.gathers.units, "units": len(sharded.units),
+                          "received": sharded.gathers.bytes_received, "left": sorted(sharded.gathers.mounted)}),
+              flush=True)
+primitives.leave_group()
+"""
+
+
+@pytest.mark.pool
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [2, 3])
+def test_gathers_over_gloo_in_issue_order_equal_the_whole_model(gloo_ranks, world):
+    """The message path (devices that share no memory: GPUs, other machines): each block's pieces cross as
+    point-to-point messages paired in issue order, as on NCCL, also with the next block's gather posted ahead."""
+    for results in gloo_ranks(GATHER_SCRIPT, world):
+        assert len(results) == 4
+        for result in results:
+            assert result["equal"] and not result["left"], result
+            assert result["gathers"] == 3 * result["units"] and result["received"] > 0, result

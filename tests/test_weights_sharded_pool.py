@@ -80,19 +80,46 @@ def test_a_call_that_leaves_a_worker_without_rows_still_gathers(cpu_pool):
     assert set(result.compute_s) == {0}  # the filler's reply is not the call's
 
 
+def _flux_of_blocks():
+    """A tiny Flux of 6 blocks: its blocks, not its embedders, hold most of its weights."""
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    return FluxTransformer2DModel(patch_size=1, in_channels=8, num_layers=2, num_single_layers=4,
+                                  attention_head_dim=8, num_attention_heads=6, joint_attention_dim=16,
+                                  pooled_projection_dim=8, axes_dims_rope=(2, 2, 4)).eval().requires_grad_(False)
+
+
 def test_weights_auto_shards_only_what_does_not_fit(cpu_pool, caplog):
-    model, call = _built.tiny_flux(), _built.flux_call(2, 7, 3, 5)
+    from parallel_backend.engine.weights import HEADROOM, sharded_bytes
+
+    model, call = _flux_of_blocks(), _built.flux_call(2, 7, 3, 5)
     with torch.inference_mode():
         reference = forward_for_family(FLUX)(model, call)
     roomy = ParallelExecutor(cpu_pool, ParallelConfig("cpu:2", "batch", weights="auto", memory_per_device=8))
     _close(roomy.run(model, FLUX, call).out, reference)
     assert _held(cpu_pool) == [weights_bytes(model)] * 2
-    tight = weights_bytes(model) / 2**30  # the whole weights, with no room for activations
+    whole, sharded = weights_bytes(model), sharded_bytes(model, 2)
+    assert sharded < whole / HEADROOM
+    tight = (sharded + whole / HEADROOM) / 2 / 2**30  # GiB: the whole weights leave no room, a share does
     cramped = ParallelExecutor(cpu_pool, ParallelConfig("cpu:2", "batch", weights="auto", memory_per_device=tight))
     with caplog.at_level(logging.INFO, logger="tandem"):
         _close(cramped.run(model, FLUX, call).out, reference)
     assert all(size <= _share_bound(model, 2) for size in _held(cpu_pool))
     assert any("weights 'auto' shards this flux model" in r.getMessage() for r in caplog.records)
+
+
+def test_weights_that_do_not_fit_even_sharded_are_refused_before_they_move(cpu_pool):
+    from parallel_backend.engine.weights import sharded_bytes
+
+    model, call = _flux_of_blocks(), _built.flux_call(2, 7, 3, 5)
+    loads = cpu_pool.stats.model_loads
+    cap = 0.9 * sharded_bytes(model, 2) / 2**30
+    executor = ParallelExecutor(cpu_pool, ParallelConfig("cpu:2", "batch", weights="auto", memory_per_device=cap))
+    with pytest.raises(ValueError, match=r"^this flux model does not fit .* GiB per device even with its weights "
+                                         r"sharded over 2 devices"):
+        executor.run(model, FLUX, call)
+    assert cpu_pool.stats.model_loads == loads
 
 
 def test_asyncdiff_refuses_sharded_weights_before_any_work():
@@ -115,3 +142,31 @@ def test_max_models_keeps_that_many_models_loaded(cpu_pool):
         assert cpu_pool.loaded_fingerprints == ("second", "third", "fourth")
     finally:
         cpu_pool.max_models = bound
+
+
+def test_cpu_workers_keep_their_shards_in_the_pool_folder_until_the_model_goes(cpu_pool):
+    """CPU workers of one machine read each other's shards from files (weight_shards.FileGroup): a call that
+    leaves a worker without rows needs nothing of it; the files go when the model is dropped."""
+    model, call = _built.tiny_wan(), _built.wan_call(1, 3, 6, 10)
+    with torch.inference_mode():
+        reference = forward_for_family(WAN)(model, call)
+    cpu_pool.release_models()
+    result = ParallelExecutor(cpu_pool, ParallelConfig("cpu:2", "batch", weights="sharded")).run(model, WAN, call)
+    _close(result.out, reference)
+    shards = cpu_pool._dir / "shards"
+    files = [p for p in shards.rglob("*") if p.is_file()]
+    assert {p.name.split("-")[0] for p in files} == {"0", "1"}, files  # each worker's own pieces
+    cpu_pool.release_models()
+    assert not [p for p in shards.rglob("*") if p.is_file()]
+
+
+def test_two_sharded_cuts_of_one_model_held_at_once_keep_apart(cpu_pool):
+    """ulysses and tensor, both sharded, on the same model, held side by side and called in turn: each reads
+    its own shards (their files must not share names)."""
+    model, call = _built.tiny_flux(), _built.flux_call(1, 7, 3, 5)
+    with torch.inference_mode():
+        reference = forward_for_family(FLUX)(model, call)
+    runs = [ParallelExecutor(cpu_pool, ParallelConfig("cpu:2", s, weights="sharded")) for s in ("ulysses", "tensor")]
+    for _ in range(2):
+        for executor in runs:
+            _close(executor.run(model, FLUX, call).out, reference)

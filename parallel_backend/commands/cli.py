@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from ..engine.config import DEVICE_SPEEDS, DEVICES, MEMORY_KNOBS, TIMEOUT, strategy_choices
+from ..engine.config import DEVICE_SPEEDS, DEVICES, MEMORY_KNOBS, MEMORY_PER_DEVICE, TIMEOUT, strategy_choices
 from ..hosts.pipelines import load_pipeline
 from ..models.sampling import SCHEDULERS, GenerationRequest, Timer
 from ..runtime import validation
@@ -194,6 +194,8 @@ def check_plan_options(args) -> tuple:
     validation.whole_number("steps", args.steps, 1, validation.MAX_STEPS)
     if args.json is not None:
         validation.writable_file("--json", args.json)
+    if args.memory_per_device is not None:
+        MEMORY_PER_DEVICE.validate(args.memory_per_device)
     devices = resolve_devices(parse_devices(args.devices))  # they exist; nothing started
     if link is None and len(devices) < 2:  # nothing to probe: the commonest link, said in the output
         link = link_named(CPU_DEFAULT if devices[0] == "cpu" else CUDA_DEFAULT)
@@ -205,7 +207,8 @@ def cmd_plan(args) -> int:
     from ..models.benchmodels import build_bench_model
     from ..plan import report
     from ..plan.calibrate import HOST_OVERHEAD_S
-    from ..plan.choose import choose
+    from ..engine.weights import default_budget_bytes
+    from ..plan.choose import NothingFits, choose
     from ..plan.measure import measure_inputs
     from ..plan.model import candidates
     from ..plan.probe import probe_devices
@@ -224,19 +227,29 @@ def cmd_plan(args) -> int:
     inputs = measure_inputs(model, resolution, branches, branches, link or figures.link, len(devices), args.steps)
     if figures is not None:
         inputs = figures.apply(inputs)
-    found = candidates(inputs, len(devices))
-    choice = choose(found)
+    budget = (int(args.memory_per_device * 2**30) if args.memory_per_device is not None
+              else default_budget_bytes(list(devices)))
+    found = candidates(inputs, len(devices), budget)
+    try:
+        choice, nothing_fits = choose(found), ""
+    except NothingFits as exc:
+        choice, nothing_fits = None, str(exc)
     clip = f" x {model.frames} frames" if model.frames else ""
     print(f"tandem plan (a prediction of the cost model, not a measurement): model {model.name}, "
           f"{resolution[0]}x{resolution[1]} px{clip}, 1 image at cfg {cfg:g}, {len(devices)} device(s) "
           f"({','.join(devices)}), link {inputs.link.name} ({inputs.link.source})")
     print(report.inputs_line(inputs, "measured on the pool" if figures else HOST_OVERHEAD_S[kind][1]))
-    print(report.format_table(found, choice))
+    print(f"memory per device: {budget / 2**30:.3f} GiB" + ("" if args.memory_per_device is not None else
+          " (what the devices have free)") if budget is not None else "memory per device: not known (not checked)")
+    print(report.format_table(found, choice, nothing_fits))
     if args.json:
         header = {"model": model.name, "resolution": list(resolution), "frames": model.frames, "cfg": cfg,
-                  "devices": list(devices)}
-        report.write_json(report.as_json(header, inputs, found, choice), args.json)
+                  "devices": list(devices), "memory_per_device_bytes": budget}
+        report.write_json(report.as_json(header, inputs, found, choice, nothing_fits), args.json)
         print(f"tandem: wrote {args.json}")
+    if choice is None:
+        print(f"tandem: {nothing_fits}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -412,6 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--devices", default="cpu:2", help="'cuda:0,cuda:1', 'cpu:2' or 'auto' (HOST:PORT/DEVICE: "
                       "another machine's)")
     _add_machine_options(plan)
+    add_options(plan, (MEMORY_PER_DEVICE,))
     plan.add_argument("--link", default=PROBE, help=f"{PROBE} (default: start workers on the devices and measure "
                                                     f"their link and contention), or a named link: {', '.join(PROFILES)}")
     plan.add_argument("--cfg", type=float, default=7.5, help="guidance scale, 1 to 100 (1: no uncond branch)")

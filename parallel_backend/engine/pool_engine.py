@@ -107,21 +107,25 @@ class Engine:
 
     def _weights(self, config: ParallelConfig, module, family: str) -> str:
         """replicated or sharded for this model (config.weights; auto: sharded where the whole weights do not fit
-        the memory per device), said once per model where auto shards."""
-        if config.weights == weights.REPLICATED or self.device_count() < 2:
+        the memory per device), said once per model where auto shards. With a memory per device given, weights
+        that do not fit it even sharded are refused in one sentence, before any weight moves."""
+        devices = self.device_count()
+        if config.weights == weights.REPLICATED or devices < 2:
             return weights.REPLICATED
-        if config.weights == weights.SHARDED:
-            return weights.SHARDED
-        from ..runtime.recipe import weights_bytes
-
-        size = weights_bytes(module)
-        budget = (int(config.memory_per_device * 2**30) if config.memory_per_device is not None
-                  else weights.default_budget_bytes(list(self.pool.devices)))
+        given = config.memory_per_device is not None
+        budget = int(config.memory_per_device * 2**30) if given else weights.default_budget_bytes(
+            list(self.pool.devices if self.pool.started else resolve_devices(self.pool.requested_devices)))
+        size, _ = weights.sizes(module)
         chosen = weights.resolve(config.weights, size, budget)
-        if chosen == weights.SHARDED:
-            self._say(f"Tandem: weights 'auto' shards this {family.split(':', 1)[-1]} model over the devices: its "
-                      f"{size / 2**30:.2f} GiB of weights do not fit {budget / 2**30:.2f} GiB per device with room "
-                      "for the activations")
+        name = family.split(":", 1)[-1]
+        if chosen == weights.SHARDED and given and weights.sharded_bytes(module, devices) > budget:
+            raise ValueError(f"this {name} model does not fit {config.memory_per_device:g} GiB per device even with "
+                             f"its weights sharded over {devices} devices: each would hold "
+                             f"{weights.sharded_bytes(module, devices) / 2**30:.2f} GiB of weights; raise the memory "
+                             "per device or add devices")
+        if chosen == weights.SHARDED and config.weights == weights.AUTO:
+            self._say(f"Tandem: weights 'auto' shards this {name} model over the devices: its {size / 2**30:.2f} GiB "
+                      f"of weights do not fit {budget / 2**30:.2f} GiB per device with room for the activations")
         return chosen
 
     def run(self, module, family: str, call: ModelCall, config: ParallelConfig,
@@ -175,7 +179,13 @@ class Engine:
             else:
                 mesh = self._named_mesh(config, call, hint)
             cut = None if planned else strategies.get(mesh.strategy).weights_layout(mesh)
-            layout = weights.layout(self._weights(config, module, family), cut, self.device_count())
+            placed = self._weights(config, module, family)
+            if placed == weights.SHARDED or cut is not None:  # a cut model is held under a fingerprint of its own
+                from ..runtime.shipping import model_fingerprint
+
+                fingerprint = fingerprint or model_fingerprint(module, family)
+            local = fingerprint[:24] if fingerprint and weights.local_cpus(self.pool.devices) else None
+            layout = weights.layout(placed, cut, self.device_count(), local)
             fingerprint = self._hold_model(module, family, self._fingerprint_as(layout, module, family, fingerprint),
                                            recipe, layout)
             self._shards[fingerprint] = weights.shard_groups(layout)

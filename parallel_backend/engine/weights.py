@@ -4,13 +4,16 @@ where the weights fit the memory per device, sharded where they do not.
 
 Sharded weights compose with the strategies' own cuts (`Strategy.weights_layout`): a strategy's cut is (name,
 peers, index, ...), `peers` the ranks that run every call of the cut model together (a tensor group); they
-shard the model further among themselves. Without a strategy's cut, every device of the pool holds a share, and
-a device a call leaves without rows runs one row of it (`fillers`), so that every block's gather finds its group.
+shard the model further among themselves. Without a strategy's cut, every device of the pool holds a share.
+CPU workers of one machine keep their shares in files of the pool's folder and read each other's
+(weight_shards.FileGroup); other devices gather by messages, so a device a call leaves without rows runs one row
+of it (`fillers`), and every block's gather finds its group.
 """
 
 from __future__ import annotations
 
 import os
+import weakref
 
 from ..runtime.messages import Forward, TimedForward
 
@@ -19,27 +22,45 @@ CHOICES = (REPLICATED, SHARDED, AUTO)
 HEADROOM = 0.8  # "fits": the weights take at most this share of a device's memory (activations take the rest)
 
 
-def layout(weights: str, strategy_layout: dict | None, devices: int) -> dict | None:
+def layout(weights: str, strategy_layout: dict | None, devices: int, local_key: str | None = None) -> dict | None:
     """{rank: cut} for the workers' Loads (messages.Load.cut): the strategy's, sharded where `weights` (already
-    resolved: replicated or sharded) says so."""
+    resolved: replicated or sharded) says so. local_key: where every device is a CPU worker of this machine, a
+    name for the model, under which their shards live in files of the pool's folder (weight_shards.FileGroup)."""
     if weights != SHARDED or devices < 2:
         return strategy_layout
+    import hashlib
+
+    # files of one model and cut: two cuts of a model held at once (ulysses' whole blocks, tensor's) must not
+    # share a name
+    cut_name = "whole" if strategy_layout is None else hashlib.sha256(
+        repr(sorted(strategy_layout.items())).encode()).hexdigest()[:12]
+
+    def shard(peers: tuple[int, ...], index: int) -> tuple:
+        key = None if local_key is None else f"{local_key}-{cut_name}-{'_'.join(map(str, peers))}"
+        return ("shard", peers, index, key)
+
     if strategy_layout is None:
         peers = tuple(range(devices))
-        return {rank: ("shard", peers, rank) for rank in peers}
+        return {rank: shard(peers, rank) for rank in peers}
     sharded = {}
     for rank, cut in strategy_layout.items():
         peers, index = tuple(cut[1]), cut[2]
-        sharded[rank] = (cut, ("shard", peers, index)) if len(peers) > 1 else cut
+        sharded[rank] = (cut, shard(peers, index)) if len(peers) > 1 else cut
     return sharded
 
 
+def local_cpus(devices) -> bool:
+    """Every device a CPU worker of this machine (its shards can live in shared files)."""
+    return all(d.split(":")[0] == "cpu" for d in devices)
+
+
 def shard_groups(layout_: dict | None) -> dict[int, tuple[int, ...]]:
-    """rank -> the ranks it gathers with, for the ranks of `layout_` that hold shards."""
+    """rank -> the ranks it gathers with by messages, for the ranks of `layout_` that hold shards so (shards in
+    files need no peer to run: not listed)."""
     groups = {}
     for rank, cut in (layout_ or {}).items():
         for part in ((cut,) if isinstance(cut[0], str) else cut):
-            if part[0] == "shard":
+            if part[0] == "shard" and part[3] is None:
                 groups[rank] = tuple(part[1])
     return groups
 
@@ -63,6 +84,29 @@ def resolve(weights: str, model_bytes: int, budget_bytes: int | None) -> str:
     if budget_bytes is None:
         return REPLICATED
     return REPLICATED if model_bytes <= HEADROOM * budget_bytes else SHARDED
+
+
+_SIZES = weakref.WeakKeyDictionary()  # host module -> (its weights' bytes, each unit's bytes)
+
+
+def sizes(module) -> tuple[int, tuple[int, ...]]:
+    """(the bytes of a module's weights, the bytes of each unit sharded weights gather), measured once per
+    module."""
+    if module not in _SIZES:
+        from ..models.weight_shards import units_of
+        from ..runtime.recipe import weights_bytes
+
+        _SIZES[module] = (weights_bytes(module), tuple(weights_bytes(unit) for _, unit in units_of(module)))
+    return _SIZES[module]
+
+
+def sharded_bytes(module, group: int) -> int:
+    """What a device holds of `module` sharded over `group` devices while a unit runs: the weights outside the
+    units, 1/group of the units, and the largest unit gathered."""
+    whole, units = sizes(module)
+    if not units:
+        return whole
+    return whole - sum(units) + sum(units) // group + max(units)
 
 
 def default_budget_bytes(devices: list[str]) -> int | None:

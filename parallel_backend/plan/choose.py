@@ -22,9 +22,22 @@ class Choice:
 
 
 def choose(candidates: list[Candidate], exact_only: bool = False) -> Choice:
-    """The best of `candidates` (model.candidates: one device among them, best first)."""
+    """The best of `candidates` (model.candidates: one device among them, best first). Where they carry a memory
+    budget (`fits`), only those that fit count, tensor among them; when none fits, `NothingFits` says the
+    smallest need."""
+    budgeted = any(c.fits is not None for c in candidates)
+    if budgeted and not any(c.fits for c in candidates):
+        raise NothingFits(candidates)
     single = next(c for c in candidates if not c.mesh)
-    splits = [c for c in candidates if c.mesh and (c.exact or not exact_only) and strategies.get(c.strategy).auto]
+    splits = [c for c in candidates if c.mesh and (c.exact or not exact_only) and c.fits is not False
+              and (strategies.get(c.strategy).auto or budgeted)]
+    if not single.fits and budgeted:  # the whole model does not fit one device: the fastest split that fits
+        if not splits:
+            raise NothingFits(candidates)
+        top = max(splits, key=lambda c: (round(c.predicted_speedup, 3), c.exact, -c.devices))
+        return Choice(top, f"{top.label()} at {top.predicted_speedup:.2f}x predicted: one device cannot hold "
+                           f"{single.memory_bytes_per_device / 2**30:.2f} GiB; it needs "
+                           f"{top.memory_bytes_per_device / 2**30:.2f} GiB per device ({top.reason})")
     if not splits:
         return Choice(single, "one device: no strategy can split this model on these devices")
     top = max(splits, key=lambda c: (round(c.predicted_speedup, 3), c.exact, -c.devices))
@@ -35,3 +48,14 @@ def choose(candidates: list[Candidate], exact_only: bool = False) -> Choice:
     runner_up = f"; next: {rest[0].label()} at {rest[0].predicted_speedup:.2f}x" if rest else ""
     kind = "exact" if top.exact else "stale"
     return Choice(top, f"{top.label()} wins at {top.predicted_speedup:.2f}x predicted ({kind}): {top.reason}{runner_up}")
+
+
+class NothingFits(ValueError):
+    """No candidate fits the memory per device: one sentence naming the smallest need and its devices."""
+
+    def __init__(self, candidates: list[Candidate]):
+        least = min(candidates, key=lambda c: (c.memory_bytes_per_device, -c.predicted_speedup))
+        self.least = least
+        super().__init__(f"nothing fits the memory per device: the smallest need is "
+                         f"{least.memory_bytes_per_device / 2**30:.2f} GiB per device, {least.label()} on "
+                         f"{least.devices} device(s); raise --memory-per-device or add devices")

@@ -16,6 +16,8 @@ Overlap assumptions, per strategy (each as the strategy's code does it):
 - tensor: two all-reduces per block, exposed (strategies/tensor.py posts each and waits for it).
 - asyncdiff: after warm-up each stage hands its output over while the next call computes; the hand-over is
   exposed only where it outlasts the slowest stage. Warm-up calls run the stages in turn, hand-overs exposed.
+- sharded weights (any strategy but asyncdiff and tensor): each block's gather, exposed on CPU workers, hidden
+  behind the compute on CUDA where the compute is longer (`sharded_cost`).
 Compute: a row group's call on one device, split: sequence splits take a rank's part as measured on one device
 (Inputs.shard_seconds; else the call over the group's size); asyncdiff by the layer profile's balanced cut;
 row strategies run their rows' call.
@@ -140,6 +142,24 @@ def tensor_cost(inp, mesh) -> Cost:
     peer = sum(g * activation * reduces * (n - 1) * n for g in rows)
     memory = inp.weight_bytes // n + busiest * inp.activation_bytes_per_row
     return Cost(compute + exchange, compute, exchange, exchange, Traffic(peer=peer), memory, rows=busiest)
+
+
+def sharded_cost(cost: Cost, inp, group: int) -> Cost:
+    """`cost` with sharded weights over `group` devices (models/weight_shards.py): before each block runs, every
+    device receives the other devices' pieces of it (inp.unit_bytes, the blocks and large layers). Where the
+    next block's gather is posted ahead (CUDA: inp.gathers_overlap) it hides behind the compute and only what
+    outlasts it is exposed; on CPU workers all of it is. Memory: the weights outside the blocks, 1/group of the
+    blocks, and the blocks gathered at once (two posted ahead, else one)."""
+    units = inp.unit_bytes
+    if not units or group < 2:
+        return cost
+    moved = sum(units) * (group - 1) / group
+    gather = inp.link.seconds(moved, len(units) * (group - 1))
+    exposed = max(0.0, gather - cost.compute) if inp.gathers_overlap else gather
+    held = inp.weight_bytes - sum(units) + sum(units) // group + (2 if inp.gathers_overlap else 1) * max(units)
+    return replace(cost, busy=cost.busy + exposed, exposed=cost.exposed + exposed, transfer=cost.transfer + gather,
+                   traffic=cost.traffic + Traffic(peer=int(moved * group)),
+                   memory=cost.memory - inp.weight_bytes + int(held))
 
 
 def cost_for(strategy):

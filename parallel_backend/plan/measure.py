@@ -163,13 +163,22 @@ def measure_timed(model, resolution: tuple[int, int], rows: int, branches: int, 
         shape = CallShape(**{**shape.__dict__, "handover_bytes": handover})
         inputs = Inputs(shape, model.family, branches, {}, link, attention, layer_seconds,
                         tensor_bytes(list(model.module.parameters())), layer_weights, model.memory_bytes(1, resolution),
-                        HOST_OVERHEAD_S[device][0], steps)
+                        HOST_OVERHEAD_S[device][0], steps, unit_bytes=shard_units(model.module),
+                        gathers_overlap=device == "cuda")
         calls = {r: sample_call(model, r, resolution) for r in sorted({1, rows})}
         runs = {r: lambda c=c: local_forward(model, c) for r, c in calls.items()}
         splits = {(m.strategy, m.split) for m in meshes(inputs, devices) if strategies.get(m.strategy).splits_tokens}
         runs.update({("shard", key): run for key, run in _shard_runs(model, resolution, splits).items()})
         times = timed_rounds(runs, repeats, budget_s)
     return paced_calls(inputs, times), runs, times
+
+
+def shard_units(module) -> tuple[int, ...]:
+    """The bytes of each unit sharded weights gather (models/weight_shards.py), for the plan's sharded
+    candidates."""
+    from ..models.weight_shards import units_of
+
+    return tuple(tensor_bytes(list(unit.parameters())) for _, unit in units_of(module))
 
 
 def measure_inputs(model, resolution: tuple[int, int], rows: int, branches: int, link, devices: int,

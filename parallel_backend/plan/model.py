@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .. import strategies
 from ..engine.mesh import Mesh, SequenceHint
-from .costs import cost_for
+from .costs import cost_for, sharded_cost
 from .links import Link
 from .traffic import CallShape, host_traffic
 
@@ -37,7 +37,9 @@ class Inputs:
     contends more for shared caches and memory bandwidth); shard_seconds: {(ulysses, ring): one device's time for
     what one rank of a sequence group of that split computes for one row, its exchanges stubbed out (the
     per-token layers of its tokens, its share of each attention, and the work every rank repeats)}; without
-    it a rank's compute is the call's over the group's size."""
+    it a rank's compute is the call's over the group's size. unit_bytes: the bytes of each unit sharded weights
+    gather (models/weight_shards.py units_of; none: no sharded candidates); gathers_overlap: the next unit's
+    gather hides behind the compute (CUDA)."""
 
     shape: CallShape
     family: str
@@ -56,6 +58,8 @@ class Inputs:
     contention: float = 1.0
     contention_by_rows: tuple = ()
     shard_seconds: dict = field(default_factory=dict)
+    unit_bytes: tuple = ()
+    gathers_overlap: bool = False
 
     def contention_at(self, rows: int) -> float:
         """The contention for calls of `rows` rows per device: linear between the measured row counts, the
@@ -108,11 +112,14 @@ class Candidate:
     transfer_seconds: float = 0.0
     reason: str = ""
     extra: dict = field(default_factory=dict, compare=False)
+    weights: str = "replicated"  # or "sharded" (engine/weights.py)
+    fits: bool | None = None  # within the memory per device given to `candidates` (None: none given)
 
     def label(self) -> str:
         if not self.mesh:
             return "one device"
-        return f"{self.strategy} ({' x '.join(f'{k} {v}' for k, v in self.mesh.items())})"
+        sharded = ", sharded" if self.weights == "sharded" else ""
+        return f"{self.strategy} ({' x '.join(f'{k} {v}' for k, v in self.mesh.items())}{sharded})"
 
     def as_json(self) -> dict:
         return {"strategy": self.strategy, "mesh": dict(self.mesh), "devices": self.devices,
@@ -121,7 +128,8 @@ class Candidate:
                 "predicted_seconds_per_call": self.seconds_per_call, "exact": self.exact,
                 "memory_bytes_per_device": self.memory_bytes_per_device, "peer_bytes_per_call": self.peer_bytes_per_call,
                 "host_bytes_per_call": self.host_bytes_per_call, "exposed_seconds_per_call": self.exposed_seconds,
-                "transfer_seconds_per_call": self.transfer_seconds, "reason": self.reason}
+                "transfer_seconds_per_call": self.transfer_seconds, "reason": self.reason, "weights": self.weights,
+                "gib_per_device": self.memory_bytes_per_device / 2**30, "fits": self.fits}
 
 
 def one_device(inp: Inputs) -> Candidate:
@@ -130,9 +138,12 @@ def one_device(inp: Inputs) -> Candidate:
                      reason=f"the whole call on one device: {1000 * inp.one_device:.1f} ms")
 
 
-def predict(inp: Inputs, mesh: Mesh) -> Candidate:
-    """The candidate `mesh` gives (ValueError where the mesh cannot run this model, e.g. more stages than layers)."""
+def predict(inp: Inputs, mesh: Mesh, weights: str = "replicated") -> Candidate:
+    """The candidate `mesh` gives (ValueError where the mesh cannot run this model, e.g. more stages than layers);
+    weights "sharded": over every device of the pool (engine/weights.py)."""
     cost = cost_for(strategies.get(mesh.strategy))(inp, mesh)
+    if weights == "sharded":
+        cost = sharded_cost(cost, inp, mesh.devices)
     host = host_traffic(mesh, inp.shape, inp.branches)
     groups = sum(1 for share in mesh.row_shares(inp.shape.rows, inp.branches) if len(share))
     host_s = inp.link.seconds(host.host_in, groups * mesh.inner) + inp.link.seconds(host.host_out, groups)
@@ -149,9 +160,11 @@ def predict(inp: Inputs, mesh: Mesh) -> Candidate:
               f"devices) + {1000 * host_s:.1f} ms host transfers ({(host.host_in + host.host_out) / 2**20:.2f} MiB)"
               + (f" + {1000 * inp.host_overhead_s:.1f} ms overhead" if inp.host_overhead_s else "")
               + (f"; stale after {inp.warmup} exact step(s)" if stale else ""))
+    if weights == "sharded":
+        reason += f"; weights sharded over {mesh.devices} devices, each block gathered before it runs"
     return Candidate(mesh.strategy, mesh.degrees(), mesh.size, one / call, whole_run / split_run, call, not stale,
                      cost.memory, cost.traffic.peer, host.host_in + host.host_out, cost.exposed + host_s,
-                     cost.transfer + host_s, reason)
+                     cost.transfer + host_s, reason, weights=weights)
 
 
 def row_split_seconds(inp: Inputs, sizes, speeds) -> float:
@@ -211,12 +224,19 @@ def _refuses(check, *args) -> bool:
     return False
 
 
-def candidates(inp: Inputs, devices: int) -> list[Candidate]:
-    """One device and every mesh that can run, predicted; best first (ties: exact, then fewer devices)."""
+def candidates(inp: Inputs, devices: int, budget_bytes: int | None = None) -> list[Candidate]:
+    """One device and every mesh that can run, predicted, each with its weights whole and (where the strategy
+    allows and `inp` knows the units) sharded; best first (ties: exact, then fewer devices). budget_bytes: the
+    memory per device, which sets each candidate's `fits`."""
     out = [one_device(inp)]
     for mesh in meshes(inp, devices):
-        try:
-            out.append(predict(inp, mesh))
-        except ValueError:  # e.g. more stages than the model has layers
-            continue
+        strategy = strategies.get(mesh.strategy)
+        shardable = inp.unit_bytes and not (strategy.stage_weights or strategy.cuts_layers)
+        for weights in ("replicated", "sharded") if shardable else ("replicated",):
+            try:
+                out.append(predict(inp, mesh, weights))
+            except ValueError:  # e.g. more stages than the model has layers
+                continue
+    if budget_bytes is not None:
+        out = [replace(c, fits=c.memory_bytes_per_device <= budget_bytes) for c in out]
     return sorted(out, key=lambda c: (-round(c.predicted_speedup, 3), not c.exact, c.devices))

@@ -110,6 +110,7 @@ class WorkerState:
         # strategy name -> cut(state, module, family, cut) -> module: what a Load's `cut` asks (the worker program's)
         self.cutters: dict = {}
         self.carried = CarriedStore()  # host objects of model calls, by digest (carry.py)
+        self.pool_dir: Path | None = None  # the pool's folder on this machine (a host's own workers only)
 
     def load(self, message: Load) -> dict:
         import torch
@@ -170,7 +171,10 @@ class WorkerState:
         return free < 1.2 * needed
 
     def _drop(self, fingerprint: str) -> None:
-        self.models.pop(fingerprint, None)
+        module = self.models.pop(fingerprint, (None,))[0]
+        sharded = getattr(module, "__dict__", {}).get("_tandem_sharded")  # models/weight_shards.py
+        if sharded is not None:
+            sharded.close()
         self._restore.pop(fingerprint, None)
         self.slots = {key: value for key, value in self.slots.items() if key[0] != fingerprint}
         if self.device.type == "cuda":
@@ -350,6 +354,7 @@ def main(argv, handlers: dict, cutters: dict | None = None) -> int:
     host_left = False
     state = WorkerState(args.rank, args.world, args.device)
     state.cutters = dict(cutters or {})
+    state.pool_dir = Path(args.pool_dir) if args.pool_dir else None
     if args.weights_cache:
         state.weights_cache = WeightsCache(args.weights_cache, args.weights_cache_bytes)
     try:

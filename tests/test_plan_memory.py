@@ -1,0 +1,92 @@
+"""Memory as an input of the plan (plan/model.py candidates, plan/costs.py sharded_cost, plan/choose.py): every
+candidate states its bytes per device, sharded-weights candidates hold 1/N of the blocks and pay their gathers,
+a budget marks what fits, the choice takes the fastest that fits (tensor among them), and when nothing fits one
+sentence names the smallest need. Then `tandem plan --memory-per-device` on flux-small: the chosen candidate
+fits, and `tandem bench` under the same cap runs it and reports weights per device within it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from parallel_backend.commands import cli
+from parallel_backend.engine.mesh import Mesh
+from parallel_backend.plan.choose import NothingFits, choose
+from parallel_backend.plan.links import Link
+from parallel_backend.plan.model import Inputs, candidates, predict
+from parallel_backend.plan.traffic import CallShape
+
+GIB = 2**30
+FLUX = CallShape(rows=1, input_bytes=1024 * 64 * 4, output_bytes=1024 * 64 * 4, tokens=1280, width=512, heads=8,
+                 attentions=6, itemsize=4)
+LINK = Link("made up", 1e9, 0.0, "made up: 1 GB/s")
+# 8 GiB of weights: 1 GiB outside the blocks, 7 blocks of 1 GiB; 0.5 GiB of activations per row
+BIG = Inputs(FLUX, "diffusers_dit:flux", 1, {1: 1.0}, LINK, attention_seconds=0.1, weight_bytes=8 * GIB,
+             activation_bytes_per_row=GIB // 2, unit_bytes=(GIB,) * 7)
+
+
+def test_a_sharded_candidate_holds_a_share_of_the_blocks_and_pays_its_gathers():
+    whole = predict(BIG, Mesh("ulysses", 1, 1, (2,), 2))
+    sharded = predict(BIG, Mesh("ulysses", 1, 1, (2,), 2), "sharded")
+    activations = whole.memory_bytes_per_device - 8 * GIB
+    assert sharded.memory_bytes_per_device == 1 * GIB + 7 * GIB // 2 + GIB + activations  # one block gathered
+    gather = 7 * GIB / 2 / 1e9  # every device receives the other half of each block
+    assert sharded.seconds_per_call == pytest.approx(whole.seconds_per_call + gather)
+    assert sharded.peer_bytes_per_call == whole.peer_bytes_per_call + 7 * GIB
+    hidden = predict(Inputs(**{**BIG.__dict__, "gathers_overlap": True}), Mesh("ulysses", 1, 1, (2,), 2), "sharded")
+    assert hidden.seconds_per_call < sharded.seconds_per_call  # posted ahead: only what outlasts the compute shows
+    assert hidden.memory_bytes_per_device == sharded.memory_bytes_per_device + GIB  # two blocks at once
+
+
+def test_a_budget_marks_what_fits_and_the_choice_takes_the_fastest_that_does():
+    found = candidates(BIG, 2, budget_bytes=8 * GIB)
+    assert all(c.fits == (c.memory_bytes_per_device <= 8 * GIB) for c in found)
+    assert {c.weights for c in found if c.mesh and c.strategy != "tensor"} == {"replicated", "sharded"}
+    assert not any(c.weights == "sharded" for c in found if c.strategy == "tensor")  # tensor divides its own
+    choice = choose(found)
+    assert choice.best.fits and "one device cannot hold" in choice.reason
+    fitting = [c for c in found if c.fits and c.mesh]
+    assert choice.best.predicted_speedup == max(c.predicted_speedup for c in fitting)
+    rows = [c.as_json() for c in found]
+    json.dumps(rows)
+    assert all({"gib_per_device", "fits", "weights"} <= set(r) for r in rows)
+
+
+def test_without_a_budget_nothing_is_marked_and_tensor_is_not_chosen():
+    found = candidates(BIG, 2)
+    assert all(c.fits is None for c in found)
+    assert choose(found).best.strategy != "tensor"
+
+
+def test_when_nothing_fits_one_sentence_names_the_smallest_need():
+    found = candidates(BIG, 2, budget_bytes=GIB)
+    with pytest.raises(NothingFits, match=r"^nothing fits the memory per device: the smallest need is [0-9.]+ GiB "
+                                          r"per device, .* on 2 device\(s\); raise --memory-per-device or add devices$"):
+        choose(found)
+
+
+@pytest.mark.slow
+def test_tandem_plan_under_a_cap_chooses_what_fits_and_bench_runs_it(tmp_path, capsys):
+    """flux-small (138 MiB of fp32 weights) capped at 0.15 GiB per device: one device does not fit with its
+    activations; the plan's choice does, and the bench under the same cap holds its weights within it."""
+    out = tmp_path / "plan.json"
+    cap = "0.15"
+    assert cli.main(["plan", "--model", "flux-small", "--devices", "cpu:2", "--cfg", "1", "--resolution", "256",
+                     "--link", "loopback-gloo", "--memory-per-device", cap, "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "memory per device: 0.150 GiB" in printed and "fits" in printed
+    report = json.loads(out.read_text())
+    choice = report["choice"]
+    assert choice["fits"] is True and choice["gib_per_device"] <= float(cap)
+    serial = next(c for c in report["candidates"] if c["strategy"] == "serial")
+    assert serial["fits"] is False
+    strategy = choice["strategy"]
+    bench = tmp_path / "bench.json"
+    assert cli.main(["bench", "--model", "flux-small", "--devices", "cpu:2", "--strategies", strategy, "--cfg", "1",
+                     "--resolution", "256", "--steps", "2", "--repeats", "1", "--no-plan", "--quiet",
+                     "--weights", choice["weights"], "--memory-per-device", cap, "--json", str(bench)]) == 0
+    rows = json.loads(bench.read_text())["results"]
+    run = next(r for r in rows if r["strategy"].startswith(strategy))
+    assert all(w <= float(cap) * 2**30 for w in run["weights_bytes_per_device"])
+    assert run["max_abs_diff_vs_serial"] <= 1e-4 * 10
