@@ -207,3 +207,19 @@ def test_gathers_over_gloo_in_issue_order_equal_the_whole_model(gloo_ranks, worl
         for result in results:
             assert result["equal"] and not result["left"], result
             assert result["gathers"] == 3 * result["units"] and result["received"] > 0, result
+
+
+def test_a_module_whose_code_reads_its_layers_is_one_unit():
+    """wan-small's condition embedder reads its time embedder's dtype from its parameters in its own forward:
+    the embedder (no ModuleList inside) is one unit, gathered whole, and the sharded model runs."""
+    from parallel_backend.engine.oracle import sample_call
+    from parallel_backend.models.benchmodels import build_bench_model
+
+    model = build_bench_model("wan-small", torch.float32, 5)
+    names = [name for name, _ in units_of(model.module)]
+    assert "condition_embedder" in names and not any(n.startswith("condition_embedder.") for n in names)
+    call = sample_call(model, 1, (64, 64))
+    reference = forward_for_family(model.family)(model.module, call)
+    outs, _ = run_cut([copy.deepcopy(model.module) for _ in range(2)], model.family,
+                      lambda module: forward_for_family(model.family)(module, call), cut=_sharded(False))
+    assert all(torch.equal(out, reference) for out in outs)

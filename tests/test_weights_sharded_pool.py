@@ -170,3 +170,31 @@ def test_two_sharded_cuts_of_one_model_held_at_once_keep_apart(cpu_pool):
     for _ in range(2):
         for executor in runs:
             _close(executor.run(model, FLUX, call).out, reference)
+
+
+def test_a_parallelized_pipeline_with_sharded_weights_equals_plain(cpu_pool, tiny_sd_folder):
+    """parallelize(pipe, devices=..., weights="sharded"): a diffusers SD pipeline's UNet, sharded over two workers
+    (its down and up blocks), gives the plain pipeline's latents; each worker holds less than the whole UNet."""
+    import diffusers
+
+    from parallel_backend.hosts.diffusers import parallelize, unparallelize
+
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(str(tiny_sd_folder), local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+
+    def run():
+        return pipe("a red door", num_inference_steps=3, guidance_scale=6.0, output_type="latent",
+                    generator=torch.Generator().manual_seed(0)).images
+
+    reference = run()
+    whole = weights_bytes(pipe.unet)
+    with pytest.raises(TypeError, match="a config or its settings"):
+        parallelize(pipe, ParallelConfig("cpu:2", "cfg"), weights="sharded")
+    parallelize(pipe, pool=cpu_pool, devices="cpu:2", strategy="cfg", weights="sharded")
+    try:
+        calls = cpu_pool.stats.calls
+        torch.testing.assert_close(run(), reference, atol=1e-4, rtol=1e-4)  # cfg rows apart: float order
+        assert cpu_pool.stats.calls == calls + 3
+        assert all(size < 0.75 * whole for size in _held(cpu_pool)), (_held(cpu_pool), whole)
+    finally:
+        unparallelize(pipe)

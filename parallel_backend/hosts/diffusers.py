@@ -213,12 +213,14 @@ class ParallelUNet(StandIn):
         return UNet2DConditionOutput(sample=out) if return_dict else (out,)
 
 
-def parallelize(pipe, config=None, pool=None):
+def parallelize(pipe, config=None, pool=None, **settings):
     """Runs `pipe`'s denoiser on a pool of devices: the UNet of a StableDiffusion / SDXL pipeline, or the
     transformer(s) of a Flux, SD3, Wan or Qwen-Image pipeline. Idempotent.
 
-    config: a ParallelConfig (default: all devices, strategy auto). pool: a started or unstarted WorkerPool to
-    use (default: one made for `config.devices`, owned by the pipeline and shut down by `unparallelize`).
+    config: a ParallelConfig (default: all devices, strategy auto), or its settings by name in its place
+    (`parallelize(pipe, devices="cuda:0,cuda:1", weights="auto", memory_per_device=20)`). pool: a started or
+    unstarted WorkerPool to use (default: one made for `config.devices`, owned by the pipeline and shut down by
+    `unparallelize`).
     Returns `pipe`, changed in place; `unparallelize(pipe)` restores it. A pipeline with no supported denoiser
     is refused (ValueError) before any process starts.
     """
@@ -233,7 +235,9 @@ def parallelize(pipe, config=None, pool=None):
         dits = ", ".join(p for family in DIT_FAMILIES for p in family.pipelines)
         raise ValueError(f"parallelize cannot run a {type(pipe).__name__}: it has neither the UNet2DConditionModel "
                          f"of {', '.join(SUPPORTED_PIPELINES)} nor the transformer of {dits}")
-    config = config or ParallelConfig()
+    if config is not None and settings:
+        raise TypeError(f"parallelize takes a config or its settings ({', '.join(settings)}), not both")
+    config = config or ParallelConfig(**settings)
     owned = pool is None
     pool = pool or WorkerPool(config.devices, **config.pool_options())
     executor = ParallelExecutor(pool, config)

@@ -3,11 +3,13 @@ weights just before the block runs, freeing them when it returns, so a rank hold
 the block that runs (two where the next block's gather is posted ahead).
 
 The units that gather are the blocks (every child of a ModuleList, the top-most ModuleLists: a DiT's
-transformer blocks, a UNet's down and up blocks) and, outside them, each leaf layer of at least `SMALL`
-parameters (embedders, output heads). A unit's parameters are laid end to end per dtype, padded to a multiple of
+transformer blocks, a UNet's down and up blocks) and, outside them, each module of at least `SMALL` parameters
+that holds no ModuleList, whole (an embedder with its layers, an output head, a UNet's mid block): module code
+may read a layer's parameters inside its parent's forward (diffusers' Wan reads its time embedder's dtype), so a
+unit is the largest module that is called as one. A unit's parameters are laid end to end per dtype, padded to a multiple of
 N; rank i keeps the i-th piece of each as a buffer of the unit (so it moves with the module). Parameters a
 module registers on itself outside every unit (Flux's positional tables, Wan's head modulation) and small
-layers stay whole on every rank: module code may read them without calling a layer, which no hook sees. So do
+modules stay whole on every rank: module code may read them without calling a layer, which no hook sees. So do
 the parameters a tensor cut made this rank's own (`tensor_splits.own`): the group's ranks hold different ones,
 and sharding divides only what they all hold (under tensor: the rest of each block, its modulation and norms).
 
@@ -92,17 +94,27 @@ class _Unit:
             self.pending = [group.start(shard, f"{self.number}-{n}") for n, shard in enumerate(self.shards())]
 
     def mount(self, group, gathers: Gathers) -> None:
-        self.post(group)
-        started, self.pending = self.pending, None
-        whole = {}
-        for dtype, posted in zip(self.dtypes, started):
-            gathered = group.finish(posted)
-            whole[dtype] = gathered[:self.totals[dtype]]
-            gathers.bytes_received += gathered.numel() * gathered.element_size() * (group.degree - 1) // group.degree
+        pieces_of = getattr(group, "pieces", None)  # pieces readable in place (FileGroup): no whole to gather
+        if pieces_of is not None:
+            pieces = {dtype: pieces_of(shard, f"{self.number}-{n}")
+                      for n, (dtype, shard) in enumerate(zip(self.dtypes, self.shards()))}
+            for listed in pieces.values():
+                gathers.bytes_received += sum(p.numel() * p.element_size() for p in listed) * (group.degree - 1) \
+                    // group.degree
+            value = lambda dtype, offset, size: _span(pieces[dtype], offset, size)  # noqa: E731
+        else:
+            self.post(group)
+            started, self.pending = self.pending, None
+            whole = {}
+            for dtype, posted in zip(self.dtypes, started):
+                gathered = group.finish(posted)
+                whole[dtype] = gathered[:self.totals[dtype]]
+                gathers.bytes_received += gathered.numel() * gathered.element_size() * (group.degree - 1) \
+                    // group.degree
+            value = lambda dtype, offset, size: whole[dtype][offset:offset + size]  # noqa: E731
         for owner, attribute, shape, dtype, offset in self.entries:
             size = int(torch.Size(shape).numel())
-            owner._parameters[attribute] = nn.Parameter(whole[dtype][offset:offset + size].view(shape),
-                                                        requires_grad=False)
+            owner._parameters[attribute] = nn.Parameter(value(dtype, offset, size).view(shape), requires_grad=False)
         gathers.units += 1
         gathers.mounted.add(self.name)
 
@@ -110,6 +122,19 @@ class _Unit:
         for owner, attribute, *_ in self.entries:
             owner._parameters[attribute] = None
         gathers.mounted.discard(self.name)
+
+
+def _span(pieces: list[torch.Tensor], offset: int, size: int) -> torch.Tensor:
+    """Elements [offset, offset + size) of the pieces laid end to end (equal sizes): a view of the piece that
+    holds them all (no copy), else the parts joined."""
+    chunk = pieces[0].numel()
+    first, last = offset // chunk, (offset + size - 1) // chunk
+    if first == last:
+        return pieces[first][offset - first * chunk:offset - first * chunk + size]
+    parts = [pieces[first][offset - first * chunk:]]
+    parts += [pieces[s] for s in range(first + 1, last)]
+    parts.append(pieces[last][:offset + size - last * chunk])
+    return torch.cat(parts)
 
 
 def units_of(module: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -122,11 +147,10 @@ def units_of(module: nn.Module) -> list[tuple[str, nn.Module]]:
             if isinstance(parent, nn.ModuleList):
                 if any(True for _ in child.parameters()):
                     found.append((path, child))
-            elif next(child.children(), None) is None:  # a leaf layer
-                if sum(p.numel() for p in child.parameters()) >= SMALL:
-                    found.append((path, child))
-            else:
-                walk(f"{path}.", child)
+            elif isinstance(child, nn.ModuleDict) or any(isinstance(m, nn.ModuleList) for m in child.modules()):
+                walk(f"{path}.", child)  # holds blocks: its blocks gather, not all of it at once
+            elif sum(p.numel() for p in child.parameters()) >= SMALL:
+                found.append((path, child))
 
     walk("", module)
     return found
@@ -212,8 +236,9 @@ class PeerGroup:
 
 class FileGroup:
     """A shard group of CPU workers on one machine: each rank moves its pieces into files of a shared-memory
-    folder as it cuts the model (`keep`); a gather copies the peers' pieces out of their files, mapped once, with
-    no message and no wait on a peer. What gloo's loopback TCP lacks: flux-small's 69 MiB of gathers per call
+    folder as it cuts the model (`keep`); a block's weights are then views of the peers' pieces in their files,
+    mapped once (`pieces`), with no message, no wait on a peer and no copy but of a parameter that spans two
+    pieces. What gloo's loopback TCP lacks: flux-small's 69 MiB of gathers per call
     took a call from 410 to 786 ms under ulysses on 2 CPU workers (`tandem bench --model flux-small --strategies
     ulysses --weights replicated,sharded --cfg 1`, 2-core VM), each process's copies into and out of the
     sockets taking the cores its compute needed. The files go with the pool's folder, or with the model
@@ -232,12 +257,13 @@ class FileGroup:
         shared.copy_(piece)
         return shared
 
+    def pieces(self, piece: torch.Tensor, name: str) -> list[torch.Tensor]:
+        """Every rank's piece in rank order: this rank's own, the peers' mapped from their files (read in place:
+        a block's weights are views of them, only a parameter that spans two pieces is copied)."""
+        return [piece if s == self.index else self._peer(s, name, piece) for s in range(self.degree)]
+
     def start(self, piece: torch.Tensor, name: str):
-        size = piece.numel()
-        whole = torch.empty(size * self.degree, dtype=piece.dtype)
-        for s in range(self.degree):
-            whole[s * size:(s + 1) * size].copy_(piece if s == self.index else self._peer(s, name, piece))
-        return whole
+        return torch.cat(self.pieces(piece, name))
 
     def _peer(self, s: int, name: str, like: torch.Tensor) -> torch.Tensor:
         if (s, name) not in self._mapped:  # every rank wrote its files before any call (all Loads answered)
