@@ -22,9 +22,11 @@ function escape(text) {
 export function renderStatus(el, status) {
   const run = status.last_run || {};
   const peaks = status.peak_memory_bytes || [];
-  const mib = (bytes) => (bytes == null ? "" : ` · ${(bytes / 2 ** 20).toFixed(0)} MiB peak`);
+  const held = status.model_weights_bytes || [];  // the loaded model's weights each worker holds (cut, sharded)
+  const mib = (bytes, what) => (bytes == null ? "" : ` · ${(bytes / 2 ** 20).toFixed(0)} MiB ${what}`);
   const devices = (status.devices || [])
-    .map((d, i) => `<span class="device">${escape(d)} #${i}${mib(peaks[i])}</span>`).join("");
+    .map((d, i) => `<span class="device">${escape(d)} #${i}${mib(held[i], "weights")}${mib(peaks[i], "peak")}</span>`)
+    .join("");
   const lastRun = run.calls
     ? row("strategy", escape(run.mesh || run.strategy)) +
       row("model calls", run.calls) +

@@ -77,6 +77,7 @@ def test_sidebar_tab_inside_comfyui_shows_the_pool(comfy_server, comfy, tmp_path
     finally:
         browser.quit()
     assert "cpu #0" in text and "cpu #1" in text and "running" in text and "MiB peak" in text, text
+    assert "MiB weights" in text, text  # what each worker holds of the model (whole, cut or sharded)
     assert shot.stat().st_size > 10000
     (comfy_server.base / "tandem_sidebar_tab.png").write_bytes(shot.read_bytes())
     print(f"screenshot: {shot}")

@@ -128,6 +128,28 @@ def test_tensor_on_two_gpus_equals_one_and_halves_the_block_weights(model_name):
     assert max(held) < 0.6 * weights_bytes(model.module), held
 
 
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices (NCCL refuses two ranks on one GPU)")
+@pytest.mark.parametrize("strategy, cfg", [("cfg", 4.0), ("ulysses", 1.0), ("tensor", 1.0)])
+def test_sharded_weights_on_two_gpus_equal_one_and_halve_the_weights(strategy, cfg):
+    """Sharded weights over NCCL (models/weight_shards.py PeerGroup): each block's pieces cross as messages
+    posted in the same order on both ranks, the next block's gather posted ahead; a call with fewer rows than
+    devices still finds every gather's peer (the engine's fillers). Equal to one device; each worker holds about
+    half of the weights."""
+    from parallel_backend.runtime.recipe import weights_bytes
+
+    model = build_bench_model("flux-small", torch.float16)
+    model.module.to("cuda:0")
+    resolution = (256, 256)
+    job = job_for(strategy, cfg=cfg)
+    reference = run_loop(model, job, resolution, steps=2, repeats=0).latents
+    with WorkerPool("cuda:0,cuda:1") as pool:
+        executor = ParallelExecutor(pool, ParallelConfig("cuda:0,cuda:1", strategy, weights="sharded"))
+        loop = run_loop(model, job, resolution, steps=2, repeats=0, executor=executor)
+    torch.testing.assert_close(loop.latents.cpu().float(), reference.cpu().float(), atol=2e-2, rtol=2e-2)
+    held = list(loop.calls[-1]["weights"].values())
+    assert len(held) == 2 and max(held) < 0.6 * weights_bytes(model.module), held
+
+
 def test_a_cuda_worker_forked_from_the_launcher_equals_the_host_device(monkeypatch):
     """What FORKED_KINDS needs before it names "cuda": a forked worker starts CUDA as a fresh process would (the
     launcher never initialises it) and gives the host device's latents."""

@@ -44,16 +44,24 @@ def sample(model, executor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("how", ["SIGKILL", "SIGSTOP"])
-@pytest.mark.parametrize("strategy, victim, at", [("ring", 1, 9), ("ulysses", 0, 14), ("tensor", 1, 30)])
+@pytest.mark.parametrize("strategy, victim, at", [("ring", 1, 9), ("ulysses", 0, 14), ("tensor", 1, 30),
+                                                  ("batch+sharded", 1, 20)])
 def test_a_worker_lost_mid_exchange_is_named_and_the_next_job_succeeds(model, befores, strategy, victim, at, how,
-                                                                       procs, tmp_path):
+                                                                       procs, tmp_path, monkeypatch):
     """flux-small has 6 attention blocks (a ring pass each on 2 workers; 2 to 4 all-to-alls for ulysses) and a
     gather per call; tensor exchanges 21 times per call (6 per double block, 2 per single block, 1 for the output
-    modulation), so exchange `at` falls inside one of the restarted pool's first calls. The time until the
+    modulation); batch with sharded weights gathers each of its 9 units once per call, worker 1 running the
+    one-row call's row only to serve its pieces (its gathers by messages, as between GPUs: the CPU workers' files
+    are turned off), so exchange `at` falls inside one of the restarted pool's first calls. The time until the
     error is counted from the fault (the victim writes the time as it signals itself), not from the job's start:
     the restart before it takes what this machine's load makes it take."""
+    from parallel_backend.engine import weights as placement
+
+    name, _, weights = strategy.partition("+")
+    if weights:
+        monkeypatch.setattr(placement, "local_cpus", lambda devices: False)
     executor_pool = WorkerPool("cpu:2", hang_floor_s=HANG_FLOOR_S)
-    executor = ParallelExecutor(executor_pool, ParallelConfig("cpu:2", strategy))
+    executor = ParallelExecutor(executor_pool, ParallelConfig("cpu:2", name, weights=weights or "replicated"))
     try:
         if strategy not in befores:
             befores[strategy] = sample(model, executor)
