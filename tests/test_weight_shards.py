@@ -223,3 +223,14 @@ def test_a_module_whose_code_reads_its_layers_is_one_unit():
     outs, _ = run_cut([copy.deepcopy(model.module) for _ in range(2)], model.family,
                       lambda module: forward_for_family(model.family)(module, call), cut=_sharded(False))
     assert all(torch.equal(out, reference) for out in outs)
+
+
+def test_a_parameter_read_in_place_is_a_view_unless_it_spans_two_pieces():
+    from parallel_backend.models.weight_shards import _span
+
+    whole = torch.arange(12.0)
+    pieces = list(whole.split(4))
+    inside = _span(pieces, 5, 3)
+    assert torch.equal(inside, whole[5:8]) and inside.data_ptr() == pieces[1][1:].data_ptr()  # no copy
+    assert torch.equal(_span(pieces, 2, 9), whole[2:11])  # across three pieces: joined
+    assert _span(pieces, 4, 0).numel() == 0

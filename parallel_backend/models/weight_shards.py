@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-SMALL = 1 << 16  # a leaf layer outside the blocks with fewer parameters stays whole (norms, small embedders)
+SMALL = 1 << 16  # a module outside the blocks with fewer parameters stays whole (norms, small embedders)
 
 
 @dataclass
@@ -128,6 +128,8 @@ def _span(pieces: list[torch.Tensor], offset: int, size: int) -> torch.Tensor:
     """Elements [offset, offset + size) of the pieces laid end to end (equal sizes): a view of the piece that
     holds them all (no copy), else the parts joined."""
     chunk = pieces[0].numel()
+    if size == 0:
+        return pieces[0][:0]
     first, last = offset // chunk, (offset + size - 1) // chunk
     if first == last:
         return pieces[first][offset - first * chunk:offset - first * chunk + size]

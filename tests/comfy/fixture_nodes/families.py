@@ -68,6 +68,8 @@ VIDEO_16 = (16, 3, 8, 8)  # 9 frames at 64 px in Wan 2.1's and HunyuanVideo's la
 FAMILIES = {
     "flux": ("Flux", _flux(), (64, 32, None), IMAGE_16),
     "flux_schnell": ("FluxSchnell", _flux(guidance_embed=False), (64, 32, None), IMAGE_16),
+    # six blocks that hold most of its weights: sharded, a device holds less than the whole (test_weights_sharded)
+    "flux_deep": ("Flux", _flux(depth=2, depth_single_blocks=4), (64, 32, None), IMAGE_16),
     "flux2": ("Flux2", _flux(image_model="flux2", in_channels=128, out_channels=128, vec_in_dim=None,
                              mlp_ratio=3.0, axes_dim=[32, 32, 32, 32], theta=2000, patch_size=1, qkv_bias=False,
                              global_modulation=True, mlp_silu_act=True, ops_bias=False, default_ref_method="index",
