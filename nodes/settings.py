@@ -45,7 +45,8 @@ def knob_input(knob, optional: bool):
     if w.kind == "str":
         return io.String.Input(w.name, default=w.default or "", optional=optional, tooltip=w.tooltip)
     number = io.Int if w.kind == "int" else io.Float
-    return number.Input(w.name, default=w.default, min=w.low, max=w.high, optional=optional, tooltip=w.tooltip)
+    return number.Input(w.name, display_name=w.label or None, default=w.default, min=w.low, max=w.high,
+                        optional=optional, tooltip=w.tooltip)
 
 
 class TandemSettings(io.ComfyNode):

@@ -52,7 +52,7 @@ def bench_knobs() -> tuple:
 def knob_control(knob):
     """The gradio control of a declared knob (runtime/knobs.py)."""
     w = knob.widget()
-    label = knob.name.replace("_", " ").capitalize() + (" (0 = auto)" if knob.unset else "")
+    label = (w.label or knob.name.replace("_", " ").capitalize()) + (" (0 = auto)" if knob.unset else "")
     if w.kind == "choice":
         return gr.Radio(list(knob.choices), value=knob.default, label=label, info=w.tooltip)
     if w.kind == "bool":

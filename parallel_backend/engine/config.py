@@ -56,7 +56,7 @@ WEIGHTS = Knob("weights", str, "replicated", "replicated (every device holds the
 MEMORY_PER_DEVICE = Knob("memory_per_device", float, None, "max memory per device (GiB): what weights 'auto' and the "
                          "plan may fill", unset=True, check=validation.positive,
                          unset_means="what a CUDA device has free, or a share of the machine's available memory for "
-                                     "CPU workers")
+                                     "CPU workers", label="max memory per device (GiB)")
 SETTINGS = (DEVICES, STRATEGY, CFG_DEGREE, BATCH_DEGREE, TIMEOUT, DEVICE_SPEEDS, WEIGHTS, MEMORY_PER_DEVICE,
             *POOL_SETTINGS)
 MEMORY_KNOBS = (WEIGHTS, MEMORY_PER_DEVICE)  # on forms after the package's strategies' knobs (form_knobs)

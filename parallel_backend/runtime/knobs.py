@@ -30,6 +30,7 @@ class Knob:
     check: a check of its own, `check(name, value) -> value`, in place of the kind's (e.g. seconds > 0).
     variable: the TANDEM_* variable that gives its value when none is given (`environment.setting`).
     unset_means: with `unset`, what None stands for ("the strategy picks").
+    label: the name a form shows, where not `name` (its value stays saved under `name`).
     """
 
     name: str
@@ -44,6 +45,7 @@ class Knob:
     check: Callable[[str, Any], Any] | None = None
     variable: str = ""
     unset_means: str = "the strategy picks"  # what None (0 on a form) stands for, in the help
+    label: str = ""  # what a form (the Settings node) names it, where not its name
 
     def __post_init__(self):
         if not self.name.isidentifier() or self.kind not in KINDS or "\n" in self.help:
@@ -83,7 +85,7 @@ class Knob:
         default = self.default if self.default is not None else 0
         return Widget(self.name, kind, str(default) if self.choices else default, 0 if self.unset else self.low,
                       self.high, tuple(map(str, self.choices)), self.help + (f" (0: {self.unset_means})" if self.unset
-                                                                             else ""))
+                                                                             else ""), self.label)
 
     def from_widget(self, value):
         """A form's value as the config takes it: 0 -> None for `unset`, a choice's text -> its value."""
@@ -105,6 +107,7 @@ class Widget:
     high: float | None
     options: tuple[str, ...]
     tooltip: str
+    label: str = ""  # what a form names it, where not its name
 
 
 def add_options(parser, knobs) -> None:
