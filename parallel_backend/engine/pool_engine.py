@@ -113,16 +113,18 @@ class Engine:
         if config.weights == weights.REPLICATED or devices < 2:
             return weights.REPLICATED
         given = config.memory_per_device is not None
+        if not given and config.weights == weights.SHARDED:  # no budget to check: nothing to measure per call
+            return weights.SHARDED
         budget = int(config.memory_per_device * 2**30) if given else weights.default_budget_bytes(
             list(self.pool.devices if self.pool.started else resolve_devices(self.pool.requested_devices)))
         size, _ = weights.sizes(module)
         chosen = weights.resolve(config.weights, size, budget)
         name = family.split(":", 1)[-1]
-        if chosen == weights.SHARDED and given and weights.sharded_bytes(module, devices) > budget:
+        held = weights.sharded_bytes(module, devices) if chosen == weights.SHARDED and given else 0
+        if held > budget:
             raise ValueError(f"this {name} model does not fit {config.memory_per_device:g} GiB per device even with "
-                             f"its weights sharded over {devices} devices: each would hold "
-                             f"{weights.sharded_bytes(module, devices) / 2**30:.2f} GiB of weights; raise the memory "
-                             "per device or add devices")
+                             f"its weights sharded over {devices} devices: each would hold {held / 2**30:.2f} GiB of "
+                             "weights; raise the memory per device or add devices")
         if chosen == weights.SHARDED and config.weights == weights.AUTO:
             self._say(f"Tandem: weights 'auto' shards this {name} model over the devices: its {size / 2**30:.2f} GiB "
                       f"of weights do not fit {budget / 2**30:.2f} GiB per device with room for the activations")
@@ -188,7 +190,10 @@ class Engine:
             layout = weights.layout(placed, cut, self.device_count(), local)
             fingerprint = self._hold_model(module, family, self._fingerprint_as(layout, module, family, fingerprint),
                                            recipe, layout)
-            self._shards[fingerprint] = weights.shard_groups(layout)
+            loaded, groups = self.pool.loaded_fingerprints, weights.shard_groups(layout)
+            self._shards = {f: g for f, g in self._shards.items() if f in loaded and f != fingerprint}  # held ones
+            if groups:
+                self._shards[fingerprint] = groups
             if planned:
                 key = planner.key(fingerprint, call, hint is not None, self.device_count())
                 mesh = planner.mesh(key) or planner.warm_up(key, self.device_count())

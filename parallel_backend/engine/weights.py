@@ -12,9 +12,9 @@ of it (`fillers`), and every block's gather finds its group.
 
 from __future__ import annotations
 
-import os
 import weakref
 
+from ..runtime import validation
 from ..runtime.messages import Forward, TimedForward
 
 REPLICATED, SHARDED, AUTO = "replicated", "sharded", "auto"
@@ -111,32 +111,10 @@ def sharded_bytes(module, group: int) -> int:
 
 def default_budget_bytes(devices: list[str]) -> int | None:
     """The memory per device where none is given: the least free memory of this machine's CUDA devices; for CPU
-    workers, the machine's available memory shared among them. None where it cannot be told (another
-    machine's devices only)."""
+    workers, the machine's available memory shared among them (runtime/validation.py `available_bytes`). None
+    where it cannot be told (another machine's devices only)."""
     local = [d for d in devices if "/" not in d]
-    budgets = []
     cpus = [d for d in local if d.startswith("cpu")]
-    if cpus:
-        available = _available_bytes()
-        if available:
-            budgets.append(available // len(cpus))
-    for device in (d for d in local if d.startswith("cuda")):
-        import torch
-
-        free, _ = torch.cuda.mem_get_info(torch.device(device))
-        budgets.append(free)
+    budgets = [validation.available_bytes("cpu") // len(cpus)] if cpus else []
+    budgets += [validation.available_bytes(d) for d in local if d.startswith("cuda")]
     return min(budgets) if budgets else None
-
-
-def _available_bytes() -> int | None:
-    try:
-        with open("/proc/meminfo") as info:
-            for line in info:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError):
-        return None

@@ -90,7 +90,7 @@ class _Unit:
         return [getattr(self.module, f"_tandem_shard{number}") for number in range(len(self.dtypes))]
 
     def post(self, group) -> None:
-        if self.pending is None:
+        if self.pending is None and not hasattr(group, "pieces"):  # pieces read in place: nothing to post
             self.pending = [group.start(shard, f"{self.number}-{n}") for n, shard in enumerate(self.shards())]
 
     def mount(self, group, gathers: Gathers) -> None:
@@ -98,20 +98,16 @@ class _Unit:
         if pieces_of is not None:
             pieces = {dtype: pieces_of(shard, f"{self.number}-{n}")
                       for n, (dtype, shard) in enumerate(zip(self.dtypes, self.shards()))}
-            for listed in pieces.values():
-                gathers.bytes_received += sum(p.numel() * p.element_size() for p in listed) * (group.degree - 1) \
-                    // group.degree
             value = lambda dtype, offset, size: _span(pieces[dtype], offset, size)  # noqa: E731
         else:
             self.post(group)
             started, self.pending = self.pending, None
             whole = {}
             for dtype, posted in zip(self.dtypes, started):
-                gathered = group.finish(posted)
-                whole[dtype] = gathered[:self.totals[dtype]]
-                gathers.bytes_received += gathered.numel() * gathered.element_size() * (group.degree - 1) \
-                    // group.degree
+                whole[dtype] = group.finish(posted)[:self.totals[dtype]]
             value = lambda dtype, offset, size: whole[dtype][offset:offset + size]  # noqa: E731
+        # every other rank's piece, each the size of this rank's own
+        gathers.bytes_received += sum(s.numel() * s.element_size() for s in self.shards()) * (group.degree - 1)
         for owner, attribute, shape, dtype, offset in self.entries:
             size = int(torch.Size(shape).numel())
             owner._parameters[attribute] = nn.Parameter(value(dtype, offset, size).view(shape), requires_grad=False)
@@ -264,17 +260,11 @@ class FileGroup:
         a block's weights are views of them, only a parameter that spans two pieces is copied)."""
         return [piece if s == self.index else self._peer(s, name, piece) for s in range(self.degree)]
 
-    def start(self, piece: torch.Tensor, name: str):
-        return torch.cat(self.pieces(piece, name))
-
     def _peer(self, s: int, name: str, like: torch.Tensor) -> torch.Tensor:
         if (s, name) not in self._mapped:  # every rank wrote its files before any call (all Loads answered)
             self._mapped[s, name] = torch.from_file(str(self.folder / f"{s}-{name}"), shared=True,
                                                     size=like.numel(), dtype=like.dtype)
         return self._mapped[s, name]
-
-    def finish(self, started) -> torch.Tensor:
-        return started
 
     def remove(self) -> None:
         """Unlinks this rank's files (peers keep what they mapped) once the model is dropped."""

@@ -171,8 +171,7 @@ class WorkerState:
         return free < 1.2 * needed
 
     def _drop(self, fingerprint: str) -> None:
-        module = self.models.pop(fingerprint, (None,))[0]
-        sharded = getattr(module, "__dict__", {}).get("_tandem_sharded")  # models/weight_shards.py
+        sharded = _sharded(self.models.pop(fingerprint, (None,))[0])
         if sharded is not None:
             sharded.close()
         self._restore.pop(fingerprint, None)
@@ -215,10 +214,9 @@ class WorkerState:
         return self.model(fingerprint)
 
     def release_gathered(self) -> None:
-        """After a failed request: frees the blocks a sharded model had gathered when the call stopped
-        (models/weight_shards.py hangs its state on the module as `_tandem_sharded`)."""
+        """After a failed request: frees the blocks a sharded model had gathered when the call stopped."""
         for module, _ in self.models.values():
-            sharded = getattr(module, "__dict__", {}).get("_tandem_sharded")
+            sharded = _sharded(module)
             if sharded is not None:
                 sharded.release()
 
@@ -242,6 +240,12 @@ class WorkerState:
         if not isinstance(call, ModelCall):
             return request
         return replace(request, call=replace(call, extras=self.carried.resolve(call.extras)))
+
+
+def _sharded(module):
+    """The state a sharded model's worker keeps on the module (models/weight_shards.py `_tandem_sharded`), or
+    None."""
+    return getattr(module, "__dict__", {}).get("_tandem_sharded")
 
 
 def _materialize(payload, device, cut=None):
