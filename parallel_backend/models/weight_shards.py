@@ -28,9 +28,10 @@ Hand-written, not torch's FSDP2 (`fully_shard`), for measured and structural rea
 The next unit's gather is posted ahead only on CUDA (NCCL moves it beside the compute); on CPU workers gloo's
 copies take the cores the compute needs, and posting ahead gained nothing (52.0 against 54.5 ms, 408.6 against
 404.1 ms in the same measurement).
-Pure but for the exchange, which the caller passes in (`group`: `degree`, `start(piece)` posts it,
-`finish(started)` returns every rank's piece end to end in rank order), so one process can run a group's ranks
-in threads.
+Pure but for the exchange, which the caller passes in (`group`: `degree`, `start(piece, name)` posts it,
+`finish(started)` returns every rank's piece end to end in rank order; or, for pieces read in place, `keep(name,
+piece)` as the model is cut and `pieces(piece, name)`: FileGroup), so one process can run a group's ranks in
+threads.
 """
 
 from __future__ import annotations
