@@ -122,11 +122,6 @@ def test_weights_that_do_not_fit_even_sharded_are_refused_before_they_move(cpu_p
     assert cpu_pool.stats.model_loads == loads
 
 
-def test_asyncdiff_refuses_sharded_weights_before_any_work():
-    with pytest.raises(ValueError, match="its stages run different layers on each device"):
-        ParallelConfig("cpu:2", "asyncdiff", weights="sharded")
-
-
 def test_max_models_keeps_that_many_models_loaded(cpu_pool):
     """The bench holds a replicated and a sharded copy of each strategy's model at once (max_models 5): a load
     evicts only the least recently used model beyond the bound, never more."""

@@ -110,7 +110,8 @@ class Engine:
         the memory per device), said once per model where auto shards. With a memory per device given, weights
         that do not fit it even sharded are refused in one sentence, before any weight moves."""
         devices = self.device_count()
-        if config.weights == weights.REPLICATED or devices < 2:
+        staged = config.strategy != "auto" and strategies.get(config.strategy).stage_weights
+        if config.weights == weights.REPLICATED or devices < 2 or staged:  # stages hold their own layers only
             return weights.REPLICATED
         given = config.memory_per_device is not None
         if not given and config.weights == weights.SHARDED:  # no budget to check: nothing to measure per call

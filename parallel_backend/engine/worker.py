@@ -26,6 +26,7 @@ def forward(state: WorkerState, message: Forward) -> Computed:
     """The whole model call on this worker's device (put back whole first if a strategy had split the model)."""
     import torch
 
+    restoring = state.restores(message.fingerprint)
     module, family = state.whole_model(message.fingerprint)
     started = time.perf_counter()
     with torch.inference_mode():
@@ -34,6 +35,10 @@ def forward(state: WorkerState, message: Forward) -> Computed:
         out = models.forward_for_family(family)(module if compiled is None else compiled, message.call.to(state.device))
     synchronize(state.device)
     extra = {"rows": message.call.rows}
+    if restoring:  # a strategy had split the weights: the worker holds the whole model again
+        from ..runtime.recipe import weights_bytes
+
+        extra["weights_bytes"] = weights_bytes(module)
     if compiled is not None:  # how many graphs torch.compile made in this worker so far (once per shape)
         from torch._dynamo.utils import counters
 

@@ -206,6 +206,10 @@ class WorkerState:
         back whole)."""
         self._restore[fingerprint] = restore
 
+    def restores(self, fingerprint: str) -> bool:
+        """Whether the next plain forward of this model first puts it back whole (on_forward)."""
+        return fingerprint in self._restore
+
     def whole_model(self, fingerprint: str):
         """(module, family) of a loaded model, put back whole first if a strategy had split it (on_forward)."""
         restore = self._restore.pop(fingerprint, None)
