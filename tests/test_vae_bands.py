@@ -1,0 +1,110 @@
+"""A VAE decoder split into bands of rows (models/vae_bands.py) against the same decoder whole. Oracle: the
+whole decode in this process; the bands run as threads (tests/tensor_threads.py) or as two gloo processes
+(point-to-point messages paired in issue order, as on NCCL), and their rows, joined, must equal it."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from parallel_backend.models.vae_bands import band_in_place, band_rows, check_bands
+
+_THREADS = importlib.util.spec_from_file_location("tensor_threads", Path(__file__).with_name("tensor_threads.py"))
+threads = importlib.util.module_from_spec(_THREADS)
+_THREADS.loader.exec_module(threads)
+
+
+def tiny_vae(latent_channels: int = 4):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
+                        up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(8, 16, 16), layers_per_block=1,
+                        latent_channels=latent_channels, norm_num_groups=4, sample_size=32)
+    return vae.eval().requires_grad_(False)
+
+
+def _close(out, reference):
+    assert out.shape == reference.shape
+    assert (out - reference).abs().max() <= 1e-4 * max(1.0, reference.abs().max().item())
+
+
+def banded_decode(vae, z, degree: int):
+    """Each band's decode, run as `degree` threads, joined along the rows."""
+    bands, outs = threads.ThreadBands(degree), [None] * degree
+
+    def rank(index):
+        mine = copy.deepcopy(vae)
+        band_in_place(mine.decoder, bands.rank(index))
+        rows = band_rows(z.shape[-2], degree, index)
+        with torch.inference_mode():
+            outs[index] = mine.decode(z[..., rows.start:rows.stop, :]).sample
+
+    threads.run_threads(bands.group, rank)
+    return torch.cat(outs, dim=-2)
+
+
+@pytest.mark.parametrize("degree, rows, columns", [(2, 8, 8), (3, 7, 5), (4, 9, 6)])
+def test_banded_decode_equals_the_whole(degree, rows, columns):
+    vae = tiny_vae()
+    z = torch.randn(2, 4, rows, columns, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        reference = vae.decode(z).sample
+    _close(banded_decode(vae, z, degree), reference)
+
+
+def test_a_band_that_skipped_the_halo_would_differ():
+    """The oracle can fail: the same bands decoded alone (no halo, no shared statistics) do not equal it."""
+    vae = tiny_vae()
+    z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        reference = vae.decode(z).sample
+        alone = torch.cat([vae.decode(z[..., :4, :]).sample, vae.decode(z[..., 4:, :]).sample], dim=-2)
+    assert (alone - reference).abs().max() > 1e-2
+
+
+def test_layers_that_cannot_band_exactly_are_refused_before_work():
+    vae = tiny_vae()
+    with pytest.raises(ValueError, match=r"^layer 'down_blocks.0.downsamplers.0.conv' strides or dilates its rows"):
+        band_in_place(vae.encoder, threads.ThreadBands(2).rank(0))
+    with pytest.raises(ValueError, match="cannot be split into 3 bands of at least one row: use at most 2 devices"):
+        check_bands(2, 3)
+    banded = band_in_place(copy.deepcopy(vae.decoder), threads.ThreadBands(2).rank(0))
+    with pytest.raises(ValueError, match="already split into bands"):
+        band_in_place(banded, threads.ThreadBands(2).rank(0))
+
+
+BAND_SCRIPT = '''
+import sys
+sys.path.insert(0, sys.argv[4])
+import torch
+from gloo_rank import join
+from test_vae_bands import tiny_vae
+from parallel_backend.models.vae_bands import PeerBands, band_in_place, band_rows
+
+rank, world = join()
+vae = tiny_vae()
+z = torch.randn(2, 4, 9, 7, generator=torch.Generator().manual_seed(3))
+group = PeerBands(tuple(range(world)), rank, "cpu")
+band_in_place(vae.decoder, group)
+rows = band_rows(9, world, rank)
+with torch.inference_mode():
+    out = vae.decode(z[..., rows.start:rows.stop, :]).sample
+torch.save({"out": out, "bytes": group.bytes}, sys.argv[5] + f"/band{rank}.pt")
+'''
+
+
+@pytest.mark.pool
+def test_bands_over_gloo_processes_equal_the_whole(gloo_ranks, tmp_path):
+    gloo_ranks(BAND_SCRIPT, 2, str(tmp_path))
+    parts = [torch.load(tmp_path / f"band{r}.pt") for r in range(2)]
+    vae = tiny_vae()
+    z = torch.randn(2, 4, 9, 7, generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        reference = vae.decode(z).sample
+    _close(torch.cat([p["out"] for p in parts], dim=-2), reference)
+    assert all(p["bytes"] > 0 for p in parts)  # the halos and statistics really crossed between the processes
