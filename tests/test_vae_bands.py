@@ -108,3 +108,41 @@ def test_bands_over_gloo_processes_equal_the_whole(gloo_ranks, tmp_path):
         reference = vae.decode(z).sample
     _close(torch.cat([p["out"] for p in parts], dim=-2), reference)
     assert all(p["bytes"] > 0 for p in parts)  # the halos and statistics really crossed between the processes
+
+
+@pytest.mark.pool
+def test_a_pool_decodes_in_bands_equal_to_one_device(cpu_pool):
+    from parallel_backend.engine.pool_engine import engine_for
+    from parallel_backend.engine.vae import decode
+
+    vae = tiny_vae()
+    z = torch.randn(2, 4, 7, 6, generator=torch.Generator().manual_seed(4))
+    with torch.inference_mode():
+        reference = vae.decode(z).sample
+    done = decode(engine_for(cpu_pool), vae, z)
+    _close(done.out, reference)
+    assert done.extra["bands"] == 2 and set(done.extra["compute_s"]) == {0, 1} and done.bytes_sent > 0
+    one = decode(engine_for(cpu_pool), vae, z, devices=1)  # one band: the same worker alone, no exchange
+    _close(one.out, reference)
+    assert one.extra["bands"] == 1 and one.bytes_sent == 0
+
+
+def test_a_vae_without_a_band_split_is_left_to_its_host():
+    from parallel_backend.engine.vae import decode
+    from parallel_backend.runtime.carry import CannotCarry
+
+    with pytest.raises(CannotCarry, match="no band split for a Linear VAE"):
+        decode(None, torch.nn.Linear(2, 2), torch.zeros(1, 4, 2, 2))
+
+
+@pytest.mark.pool
+def test_the_vae_bench_decodes_in_bands_and_reports_one_run():
+    from parallel_backend.commands.bench_vae import format_vae_table, run_vae_bench
+
+    report = run_vae_bench("tiny", "cpu:2", repeats=0, progress=lambda _: None)
+    serial, bands = report["results"]
+    assert (serial["strategy"], bands["strategy"], bands["devices"]) == ("serial", "bands", 2)
+    assert bands["max_abs_diff_vs_serial"] <= 1e-4 * max(1.0, bands["output_scale"])
+    assert len(bands["activation_bytes_per_device"]) == 2 and len(bands["peak_memory_bytes_per_device"]) == 2
+    assert bands["bytes_between_devices"] > 0 and bands["speedup_vs_serial"] > 0
+    assert "VAE decode, tiny at 64x64 px" in format_vae_table(report)

@@ -152,6 +152,16 @@ def _other_load() -> "callable":
     return share
 
 
+def note_other_load(other_load, disturbed: list[str]) -> float:
+    """The share of the cores other processes kept busy (`_other_load`'s watch), noted first in `disturbed`
+    when it passes OTHER_LOAD_LIMIT."""
+    load = other_load()
+    if load > OTHER_LOAD_LIMIT:
+        disturbed.insert(0, f"other processes kept {100 * load:.0f}% of the machine's cores busy "
+                            f"(> {100 * OTHER_LOAD_LIMIT:.0f}%)")
+    return load
+
+
 def _spread(values: list[float]) -> float:
     return (max(values) - min(values)) / statistics.median(values) if len(values) > 1 else 0.0
 
@@ -269,10 +279,7 @@ def run_bench(model_name: str = "small", devices: str = "cpu:2", strategies_: tu
     finally:
         pool.shutdown()
         torch.set_num_threads(cores)
-    load = other_load()
-    if load > OTHER_LOAD_LIMIT:
-        disturbed.insert(0, f"other processes kept {100 * load:.0f}% of the machine's cores busy "
-                            f"(> {100 * OTHER_LOAD_LIMIT:.0f}%)")
+    load = note_other_load(other_load, disturbed)
     return {"model": model_name, "resolution": list(resolution), "frames": model.frames, "steps": steps,
             "devices": list(pool.devices), "dtype": dtype, "threads_per_device": share, "results": results,
             "disturbed": disturbed, "other_load_share": load}

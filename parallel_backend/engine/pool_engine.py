@@ -93,6 +93,13 @@ class Engine:
         with self._lock:
             return self.pool.ensure_model(module, family, fingerprint)
 
+    def hold(self, module, family: str, fingerprint: str | None = None, recipe=None) -> str:
+        """Makes every worker hold `module` whole (shipped if they lack it), in a job's middle; returns its
+        fingerprint. Raises CannotCarry where the workers refuse it (see _hold_model)."""
+        with self._lock:
+            self.pool.start()
+            return self._hold_model(module, family, fingerprint, recipe)
+
     def request(self, work: dict, what: str, collective: bool = False, kind=None) -> dict:
         """Sends each rank its message; returns rank -> the reply's value (errors raise WorkerError).
         kind: the kind of call, whose measured time sets its deadline (see WorkerPool.request)."""

@@ -60,21 +60,33 @@ def band_in_place(module: nn.Module, group) -> nn.Module:
     if getattr(module, "_tandem_bands", None) is not None:
         raise ValueError("this module is already split into bands")
     bands = _Bands(group)
+    convs, norms, whole_blocks = check_layers(module)
+    for conv in convs:
+        _wrap_conv(conv, bands)
+    for norm in norms:
+        _wrap_group_norm(norm, bands)
+    for block in whole_blocks:
+        _wrap_whole(block, bands)
+    module.__dict__["_tandem_bands"] = bands
+    return module
+
+
+def check_layers(module: nn.Module) -> tuple[list, list, list]:
+    """The layers a band split wraps: (convolutions that pad their rows, GroupNorms, blocks that run whole),
+    outside the whole blocks. Raises ValueError in one sentence for a layer it cannot band exactly."""
     whole_blocks = [m for m in module.modules() if type(m).__name__ in WHOLE_BLOCKS]
     inside = {id(sub) for block in whole_blocks for sub in block.modules()}
+    convs, norms = [], []
     for name, layer in module.named_modules():
         if id(layer) in inside:
             continue
         if isinstance(layer, (nn.Conv2d, nn.Conv3d)):
             _check_conv(name, layer)
             if layer.padding[-2]:
-                _wrap_conv(layer, bands)
+                convs.append(layer)
         elif isinstance(layer, nn.GroupNorm):
-            _wrap_group_norm(layer, bands)
-    for block in whole_blocks:
-        _wrap_whole(block, bands)
-    module.__dict__["_tandem_bands"] = bands
-    return module
+            norms.append(layer)
+    return convs, norms, whole_blocks
 
 
 def _check_conv(name: str, conv) -> None:

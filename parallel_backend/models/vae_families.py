@@ -1,0 +1,39 @@
+"""The VAEs Tandem can decode in bands (models/vae_bands.py): for each, the part whose rows are split and how
+a latent is decoded. A VAE not listed here takes its host's stock path (issue 29 lists the families to come:
+ComfyUI's classes, Wan's and HunyuanVideo's causal 3D VAEs)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+
+@dataclass(frozen=True)
+class VaeFamily:
+    name: str  # "vae:<host>_<class>", the family the workers hold it under
+    classes: tuple[str, ...]  # the VAE's class names, with their module's prefix
+    banded: Callable  # the VAE -> the module split into bands (its decoder)
+    decode: Callable  # (the VAE, a latent's rows) -> the image's rows
+
+
+def _diffusers_decode(vae, latent):
+    return vae.decode(latent).sample
+
+
+FAMILIES = (
+    VaeFamily("vae:diffusers_autoencoderkl", ("diffusers.models.autoencoders.autoencoder_kl.AutoencoderKL",),
+              lambda vae: vae.decoder, _diffusers_decode),
+)
+
+
+def family_of(vae) -> VaeFamily | None:
+    """The family `vae` belongs to (by its class, exactly: a subclass may decode otherwise), or None."""
+    name = f"{type(vae).__module__}.{type(vae).__qualname__}"
+    return next((family for family in FAMILIES if name in family.classes), None)
+
+
+def family_named(name: str) -> VaeFamily:
+    for family in FAMILIES:
+        if family.name == name:
+            return family
+    raise ValueError(f"no VAE family {name!r}")
