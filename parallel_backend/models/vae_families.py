@@ -20,9 +20,16 @@ def _diffusers_decode(vae, latent):
     return vae.decode(latent).sample
 
 
+def _comfy_decode(vae, latent):
+    return vae.decode(latent)
+
+
 FAMILIES = (
     VaeFamily("vae:diffusers_autoencoderkl", ("diffusers.models.autoencoders.autoencoder_kl.AutoencoderKL",),
               lambda vae: vae.decoder, _diffusers_decode),
+    # ComfyUI's SD1.x / SDXL / SD3 / Flux VAE (comfy.sd.VAE's first_stage_model)
+    VaeFamily("vae:comfy_autoencoderkl", ("comfy.ldm.models.autoencoder.AutoencoderKL",),
+              lambda vae: vae.decoder, _comfy_decode),
 )
 
 

@@ -1,0 +1,46 @@
+"""VAE Decode (Multi-GPU) against the stock VAE Decode in a real ComfyUI: ComfyUI's own SD VAE (seeded), a
+seeded latent, the image kept exactly (wrapped as a latent and saved by the stock SaveLatent). The decode must
+split over the pool's two workers (the node says so in the log) and equal the stock node's within 1e-4 of the
+image's scale; a latent the node cannot split takes the stock path, said in one sentence."""
+
+from __future__ import annotations
+
+import torch
+
+
+def _workflow(node: str, prefix: str, rows: int = 8, columns: int = 6, devices: str | None = "cpu:2") -> dict:
+    workflow = {
+        "1": {"class_type": "TandemTestSeededVAE", "inputs": {"seed": 3}},
+        "2": {"class_type": "TandemTestSeededLatent", "inputs": {"seed": 4, "channels": 4, "rows": rows,
+                                                                 "columns": columns}},
+        "3": {"class_type": node, "inputs": {"samples": ["2", 0], "vae": ["1", 0]}},
+        "4": {"class_type": "TandemTestImageAsLatent", "inputs": {"images": ["3", 0]}},
+        "5": {"class_type": "SaveLatent", "inputs": {"samples": ["4", 0], "filename_prefix": prefix}},
+    }
+    if node == "TandemVAEDecode" and devices is not None:
+        workflow["6"] = {"class_type": "TandemSettings", "inputs": {"devices": devices, "strategy": "auto",
+                                                                    "cfg_degree": 0, "batch_degree": 0}}
+        workflow["3"]["inputs"]["settings"] = ["6", 0]
+    return workflow
+
+
+def test_vae_decode_in_bands_equals_the_stock_node(comfy_server, comfy):
+    comfy.run_checked(comfy_server, _workflow("VAEDecode", "vae_stock"))
+    offset = comfy_server.log_size()
+    comfy.run_checked(comfy_server, _workflow("TandemVAEDecode", "vae_tandem"))
+    said = comfy_server.log_since(offset)
+    assert "VAE Decode (Multi-GPU) decoded a 8x6 latent in 2 bands on cpu, cpu" in said, said[-2000:]
+    stock, tandem = comfy_server.latent("vae_stock"), comfy_server.latent("vae_tandem")
+    assert stock.shape == tandem.shape == (1, 64, 48, 3)
+    comfy.assert_same_latents(tandem, stock)
+    assert (stock - stock.mean()).abs().max() > 1e-3  # the image is not flat: the oracle can tell rows apart
+
+
+def test_a_latent_of_one_row_takes_the_stock_path_and_says_why(comfy_server, comfy):
+    comfy.run_checked(comfy_server, _workflow("VAEDecode", "vae_row_stock", rows=1))
+    offset = comfy_server.log_size()
+    comfy.run_checked(comfy_server, _workflow("TandemVAEDecode", "vae_row_tandem", rows=1))
+    said = comfy_server.log_since(offset)
+    assert "VAE Decode (Multi-GPU) takes the stock path: a latent of one row cannot be split into bands" in said
+    torch.testing.assert_close(comfy_server.latent("vae_row_tandem"), comfy_server.latent("vae_row_stock"),
+                               atol=1e-4, rtol=1e-4)
