@@ -1,6 +1,6 @@
-"""VAE Decode (Multi-GPU): the stock VAE Decode, its rows split in bands over the pool's devices
-(parallel_backend/engine/vae.py). A VAE Tandem cannot split, a video latent, or a pool that cannot take the work
-takes the stock path, said in one sentence."""
+"""VAE Decode and VAE Encode (Multi-GPU): the stock nodes, their rows split in bands over the pool's devices
+(parallel_backend/engine/vae.py). A VAE Tandem cannot split, a video, a single row, or a pool that cannot take
+the work takes the stock path, said in one sentence."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import nodes as comfy_nodes  # ComfyUI's own top-level nodes.py (VAEDecode), not
 from comfy_api.latest import io
 
 from parallel_backend.engine.pool_engine import engine_for
-from parallel_backend.engine.vae import decode
+from parallel_backend.engine.vae import decode, encode
 from parallel_backend.models import vae_families
 from parallel_backend.runtime.carry import CannotCarry
 
@@ -40,37 +40,77 @@ class TandemVAEDecode(io.ComfyNode):
 
     @classmethod
     def execute(cls, samples, vae, settings=None) -> io.NodeOutput:
-        config = settings or default_config()
-        RUNTIME.check_devices(config.devices)  # devices that do not exist fail the run, before any work
-        latent, model = samples["samples"], vae.first_stage_model
-        reason = _reason_to_stay_home(latent, model)
-        pool = None
-        if reason is None:
-            pool, reason = pool_or_reason(config.devices)
-        if reason is None:
-            started = time.perf_counter()
-            try:
-                done = decode(engine_for(pool), model, latent.to(vae.vae_dtype))
-            except CannotCarry as exc:
-                reason = str(exc)
-            else:
-                images = vae.process_output(done.out.to(vae.output_device).float())
-                log.info("Tandem: VAE Decode (Multi-GPU) decoded a %s latent in %d bands on %s in %.2f s",
-                         "x".join(map(str, latent.shape[-2:])), done.extra["bands"],
-                         ", ".join(pool.devices[:done.extra["bands"]]), time.perf_counter() - started)
-                return io.NodeOutput(images.movedim(1, -1))
-        log.info("Tandem: VAE Decode (Multi-GPU) takes the stock path: %s", reason)
-        return io.NodeOutput(*comfy_nodes.VAEDecode().decode(vae, samples))
+        latent = samples["samples"]
+        done = _on_the_pool("VAE Decode", settings, vae, latent, _reason_to_stay_home(latent, vae.first_stage_model),
+                            lambda engine: decode(engine, vae.first_stage_model, latent.to(vae.vae_dtype)))
+        if done is None:
+            return io.NodeOutput(*comfy_nodes.VAEDecode().decode(vae, samples))
+        images = vae.process_output(done.out.to(vae.output_device).float())
+        return io.NodeOutput(images.movedim(1, -1))
 
 
-def _reason_to_stay_home(latent, model) -> str | None:
-    """Why this decode stays on the host (one sentence), or None."""
+class TandemVAEEncode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="TandemVAEEncode",
+            display_name="VAE Encode (Multi-GPU) (Tandem)",
+            category="latent/multi-gpu",
+            description="VAE Encode whose image is split into bands of rows over several devices.",
+            inputs=[io.Image.Input("pixels", tooltip="The image to encode."),
+                    io.Vae.Input("vae", tooltip="The VAE that encodes it; its rows are split over the devices of "
+                                                "the settings."),
+                    settings_input()],
+            outputs=[io.Latent.Output()],
+        )
+
+    @classmethod
+    def execute(cls, pixels, vae, settings=None) -> io.NodeOutput:
+        model = vae.first_stage_model
+        image = vae.vae_encode_crop_pixels(pixels[:, :, :, :3]).movedim(-1, 1)
+        reason = _reason_to_stay_home(image, model, scale=vae_families.family_of(model).scale
+                                      if vae_families.family_of(model) else 1)
+        done = _on_the_pool("VAE Encode", settings, vae, image, reason,
+                            lambda engine: encode(engine, model, vae.process_input(image).to(vae.vae_dtype)))
+        if done is None:
+            return io.NodeOutput(*comfy_nodes.VAEEncode().encode(vae, pixels))
+        return io.NodeOutput({"samples": done.out.to(vae.output_device).float()})
+
+
+def _on_the_pool(node: str, settings, vae, rows_in, reason: str | None, run):
+    """run(engine) on the pool of the settings (its Computed), or None where the node takes the stock path (said
+    in one sentence)."""
+    config = settings or default_config()
+    RUNTIME.check_devices(config.devices)  # devices that do not exist fail the run, before any work
+    pool = None
+    if reason is None:
+        pool, reason = pool_or_reason(config.devices)
+    if reason is None:
+        started = time.perf_counter()
+        try:
+            done = run(engine_for(pool))
+        except CannotCarry as exc:
+            reason = str(exc)
+        else:
+            log.info("Tandem: %s (Multi-GPU) split %s rows into %d bands on %s in %.2f s", node,
+                     "x".join(map(str, rows_in.shape[-2:])), done.extra["bands"],
+                     ", ".join(pool.devices[:done.extra["bands"]]), time.perf_counter() - started)
+            return done
+    log.info("Tandem: %s (Multi-GPU) takes the stock path: %s", node, reason)
+    return None
+
+
+def _reason_to_stay_home(latent, model, scale: int = 1) -> str | None:
+    """Why this decode (or encode: `scale` image rows per latent row) stays on the host (one sentence), or None."""
     if vae_families.family_of(model) is None:
         return f"Tandem has no band split for a {type(model).__name__} VAE yet"
     if latent.ndim != 4:
-        return f"a latent of {latent.ndim} dimensions (video) has no band split yet"
+        return f"an input of {latent.ndim} dimensions (video) has no band split yet"
     if getattr(latent, "is_nested", False):
         return "a nested latent has no band split"
-    if latent.shape[-2] < 2:
+    if latent.shape[-2] % scale or latent.shape[-1] % scale:
+        return (f"an image of {latent.shape[-2]}x{latent.shape[-1]} pixels does not divide into the VAE's "
+                f"{scale}-pixel latent rows and columns")
+    if latent.shape[-2] < 2 * scale:
         return "a latent of one row cannot be split into bands"
     return None

@@ -33,19 +33,31 @@ def _close(out, reference):
     assert (out - reference).abs().max() <= 1e-4 * max(1.0, reference.abs().max().item())
 
 
-def banded_decode(vae, z, degree: int):
-    """Each band's decode, run as `degree` threads, joined along the rows."""
+def banded(vae, x, degree: int, run, unit: int = 1):
+    """run(vae, rows) on each band of `x` (bands of `unit` rows), as `degree` threads, joined along the rows."""
     bands, outs = threads.ThreadBands(degree), [None] * degree
 
     def rank(index):
         mine = copy.deepcopy(vae)
-        band_in_place(mine.decoder, bands.rank(index))
-        rows = band_rows(z.shape[-2], degree, index)
+        band_in_place(mine, bands.rank(index))
+        rows = band_rows(x.shape[-2] // unit, degree, index)
         with torch.inference_mode():
-            outs[index] = mine.decode(z[..., rows.start:rows.stop, :]).sample
+            outs[index] = run(mine, x[..., rows.start * unit:rows.stop * unit, :])
 
     threads.run_threads(bands.group, rank)
     return torch.cat(outs, dim=-2)
+
+
+def _decode(vae, z):
+    return vae.decode(z).sample
+
+
+def _encode(vae, image):
+    return vae.encode(image).latent_dist.mode()
+
+
+def banded_decode(vae, z, degree: int):
+    return banded(vae, z, degree, _decode)
 
 
 @pytest.mark.parametrize("degree, rows, columns", [(2, 8, 8), (3, 7, 5), (4, 9, 6)])
@@ -55,6 +67,16 @@ def test_banded_decode_equals_the_whole(degree, rows, columns):
     with torch.inference_mode():
         reference = vae.decode(z).sample
     _close(banded_decode(vae, z, degree), reference)
+
+
+@pytest.mark.parametrize("degree, rows, columns", [(2, 4, 3), (3, 5, 2)])
+def test_banded_encode_equals_the_whole(degree, rows, columns):
+    """Bands of whole latent rows (8 image rows each: three padded downsamples halve them exactly)."""
+    vae = tiny_vae()
+    image = torch.randn(2, 3, 8 * rows, 8 * columns, generator=torch.Generator().manual_seed(5))
+    with torch.inference_mode():
+        reference = _encode(vae, image)
+    _close(banded(vae, image, degree, _encode, unit=8), reference)
 
 
 def test_a_band_that_skipped_the_halo_would_differ():
@@ -69,8 +91,9 @@ def test_a_band_that_skipped_the_halo_would_differ():
 
 def test_layers_that_cannot_band_exactly_are_refused_before_work():
     vae = tiny_vae()
-    with pytest.raises(ValueError, match=r"^layer 'down_blocks.0.downsamplers.0.conv' strides or dilates its rows"):
-        band_in_place(vae.encoder, threads.ThreadBands(2).rank(0))
+    strided = torch.nn.Sequential(torch.nn.Conv2d(3, 3, 3, stride=2, padding=1))  # no padded downsample
+    with pytest.raises(ValueError, match=r"^layer '0' strides or dilates its rows"):
+        band_in_place(strided, threads.ThreadBands(2).rank(0))
     with pytest.raises(ValueError, match="cannot be split into 3 bands of at least one row: use at most 2 devices"):
         check_bands(2, 3)
     banded = band_in_place(copy.deepcopy(vae.decoder), threads.ThreadBands(2).rank(0))
@@ -90,7 +113,7 @@ rank, world = join()
 vae = tiny_vae()
 z = torch.randn(2, 4, 9, 7, generator=torch.Generator().manual_seed(3))
 group = PeerBands(tuple(range(world)), rank, "cpu")
-band_in_place(vae.decoder, group)
+band_in_place(vae, group)
 rows = band_rows(9, world, rank)
 with torch.inference_mode():
     out = vae.decode(z[..., rows.start:rows.stop, :]).sample
@@ -113,7 +136,7 @@ def test_bands_over_gloo_processes_equal_the_whole(gloo_ranks, tmp_path):
 @pytest.mark.pool
 def test_a_pool_decodes_in_bands_equal_to_one_device(cpu_pool):
     from parallel_backend.engine.pool_engine import engine_for
-    from parallel_backend.engine.vae import decode
+    from parallel_backend.engine.vae import decode, encode
 
     vae = tiny_vae()
     z = torch.randn(2, 4, 7, 6, generator=torch.Generator().manual_seed(4))
@@ -125,6 +148,14 @@ def test_a_pool_decodes_in_bands_equal_to_one_device(cpu_pool):
     one = decode(engine_for(cpu_pool), vae, z, devices=1)  # one band: the same worker alone, no exchange
     _close(one.out, reference)
     assert one.extra["bands"] == 1 and one.bytes_sent == 0
+    image = torch.randn(1, 3, 40, 24, generator=torch.Generator().manual_seed(6))
+    with torch.inference_mode():
+        latent = _encode(vae, image)
+    encoded = encode(engine_for(cpu_pool), vae, image)
+    _close(encoded.out, latent)
+    assert encoded.extra["bands"] == 2 and encoded.bytes_sent > 0
+    with pytest.raises(ValueError, match="does not divide into the VAE's 8-pixel latent rows"):
+        encode(engine_for(cpu_pool), vae, image[..., :36, :])
 
 
 def test_a_vae_without_a_band_split_is_left_to_its_host():

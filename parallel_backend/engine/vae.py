@@ -1,8 +1,8 @@
-"""A VAE decode split over the pool (issue 29): each device decodes a band of the latent's rows, its
-convolutions, norms and attention made exact by models/vae_bands.py, and the host joins the image's rows.
+"""A VAE decode or encode split over the pool (issue 29): each device works on a band of the rows, its
+convolutions, norms and attention made exact by models/vae_bands.py, and the host joins the rows.
 
-Host side: `decode(engine, vae, latent)`. Worker side: `decode_band` (a handler of the worker program), which
-bands the worker's copy of the VAE once and points it at the call's group.
+Host side: `decode(engine, vae, latent)` and `encode(engine, vae, image)`. Worker side: `run_band` (a handler of
+the worker program), which bands its copy of the VAE once and points it at the call's group.
 """
 
 from __future__ import annotations
@@ -16,64 +16,89 @@ from ..runtime.carry import CannotCarry
 from ..runtime.messages import Computed
 from ..runtime.portable import peak_memory_bytes, reset_peak_memory
 
+DECODE, ENCODE = "decode", "encode"
+
 
 @dataclass
-class DecodeBand:
-    """Decode `latent` (this rank's rows of the whole latent) as band `index` of `peers` (global ranks, in image
-    order)."""
+class VaeBand:
+    """`way` (decode or encode) `rows` (this rank's rows of the whole input) as band `index` of `peers` (global
+    ranks, in image order)."""
 
     fingerprint: str
-    latent: object
+    way: str
+    rows: object
     peers: tuple[int, ...]
     index: int
 
 
 def decode(engine, vae, latent, devices: int | None = None) -> Computed:
-    """The image `vae` decodes from `latent` (batch, channels, [frames,] rows, columns), its rows split over
-    `devices` of the pool (default: all; never more bands than the latent has rows). out: the whole image on the
-    latent's device; compute_s per rank and bytes_sent in extra. Raises CannotCarry for a VAE without a family
-    (the host decodes it itself), ValueError before any work for a latent that cannot be split."""
+    """The image `vae` decodes from `latent` (batch, channels, rows, columns), its rows split over `devices` of
+    the pool (default: all; never more bands than the latent has rows). out: the whole image on the latent's
+    device; extra: compute_s and activation_peak_bytes per rank, bands. Raises CannotCarry for a VAE without a
+    family (the host decodes it itself), ValueError before any work for a latent that cannot be split."""
+    return _split(engine, vae, latent, DECODE, 1, devices)
+
+
+def encode(engine, vae, image, devices: int | None = None) -> Computed:
+    """The latent `vae` encodes `image` (batch, channels, rows, columns) to (the distribution's mean, no
+    sampling noise), as `decode` does: bands of whole latent rows (the family's `scale` image rows each)."""
+    family = _family(vae)
+    if image.shape[-2] % family.scale or image.shape[-1] % family.scale:
+        raise ValueError(f"an image of {image.shape[-2]}x{image.shape[-1]} pixels does not divide into the VAE's "
+                         f"{family.scale}-pixel latent rows and columns; crop it to a multiple of {family.scale}")
+    return _split(engine, vae, image, ENCODE, family.scale, devices)
+
+
+def _family(vae):
     family = vae_families.family_of(vae)
     if family is None:
         raise CannotCarry(f"Tandem has no band split for a {type(vae).__name__} VAE")
-    vae_bands.check_layers(family.banded(vae))  # an unsupported layer refused before any work
+    return family
+
+
+def _split(engine, vae, rows_in, way: str, unit: int, devices: int | None) -> Computed:
+    """`way` over bands of `unit` rows of `rows_in`, one per device."""
     import torch
 
+    family = _family(vae)
+    vae_bands.check_layers(vae)  # an unsupported layer refused before any work
+    units = rows_in.shape[-2] // unit
     with engine.job():
-        degree = min(devices or engine.device_count(), engine.device_count(), latent.shape[-2])
-        vae_bands.check_bands(latent.shape[-2], degree)
+        degree = min(devices or engine.device_count(), engine.device_count(), units)
+        vae_bands.check_bands(units, degree)
         fingerprint = engine.hold(vae, family.name)
         peers = tuple(range(degree))
         work = {}
         for index in peers:
-            rows = vae_bands.band_rows(latent.shape[-2], degree, index)
-            work[index] = DecodeBand(fingerprint, latent[..., rows.start:rows.stop, :].contiguous(), peers, index)
-        computed = engine.request(work, "decoding the latent in bands", collective=degree > 1)
-    out = torch.cat([computed[index].out for index in peers], dim=-2).to(latent.device)
+            band = vae_bands.band_rows(units, degree, index)
+            work[index] = VaeBand(fingerprint, way, rows_in[..., band.start * unit:band.stop * unit, :].contiguous(),
+                                  peers, index)
+        computed = engine.request(work, f"{way[:-1]}ing in bands of rows", collective=degree > 1)
+    out = torch.cat([computed[index].out for index in peers], dim=-2).to(rows_in.device)
     return Computed(out, max(c.compute_s for c in computed.values()), 0.0,
                     sum(c.bytes_sent for c in computed.values()),
                     {"compute_s": {r: c.compute_s for r, c in computed.items()}, "bands": degree,
                      "activation_peak_bytes": {r: c.extra["activation_peak_bytes"] for r, c in computed.items()}})
 
 
-def decode_band(state, message: DecodeBand) -> Computed:
-    """Worker side: this rank's rows of the image."""
+def run_band(state, message: VaeBand) -> Computed:
+    """Worker side: this rank's rows of the output."""
     import torch
 
     vae, family_name = state.model(message.fingerprint)
     family = vae_families.family_named(family_name)
     group = vae_bands.PeerBands(message.peers, message.index, state.device)
-    part = family.banded(vae)
-    bands = getattr(part, "__dict__", {}).get("_tandem_bands")
+    bands = getattr(vae, "__dict__", {}).get("_tandem_bands")
     if bands is None:
-        vae_bands.band_in_place(part, group)
+        vae_bands.band_in_place(vae, group)
     else:
         bands.group = group
+    run = family.decode if message.way == DECODE else family.encode
     reset_peak_memory(state.device)
     before = peak_memory_bytes(state.device)
     started = time.perf_counter()
     with torch.inference_mode():
-        out = family.decode(vae, message.latent.to(state.device))
+        out = run(vae, message.rows.to(state.device))
     synchronize(state.device)
     seconds = time.perf_counter() - started
     return Computed(out, seconds, 0.0, group.bytes, {"rows": out.shape[-2],

@@ -10,6 +10,8 @@ and each is made exact (`band_in_place` wraps the module's own layers; the rest 
 - an attention block (the mid block's: every position attends to every other) runs on the whole image: its
   input's bands are gathered (`gather_rows`), the block runs whole on every rank, each keeps its own rows.
   It runs at the network's smallest resolution, where a whole image is cheap.
+- an encoder's padded downsample (a zero row below, then a 3x3 convolution of stride 2) takes, in place of that
+  zero row, the first row of the band below: bands start at rows the downsampling divides.
 Everything else (1x1 convolutions, nearest upsampling, activations, residual additions) works row by row, so a
 band computes exactly its rows. Rows are the second-to-last dimension: a video VAE's (batch, channels, frames,
 rows, columns) bands the same way (its 3D convolutions pad their rows as 2D ones do).
@@ -31,6 +33,10 @@ from ..runtime import primitives
 # Blocks whose every output position reads every input position: run whole on gathered rows. diffusers' VAEs
 # use Attention (attention_processor), ComfyUI's AttnBlock (ldm/modules/diffusionmodules/model.py).
 WHOLE_BLOCKS = ("Attention", "AttnBlock")
+# Encoders' downsamples that pad their input with one zero row below and one zero column on the right, then run
+# a 3x3 convolution of stride 2 without padding (diffusers' Downsample2D, ComfyUI's Downsample): on a band of an
+# even number of rows, the row below is the next band's first row, not a zero (`_wrap_halving_conv`).
+PADDED_DOWNSAMPLES = ("Downsample2D", "Downsample")
 
 
 def band_rows(total: int, degree: int, index: int) -> range:
@@ -62,7 +68,7 @@ def band_in_place(module: nn.Module, group) -> nn.Module:
     bands = _Bands(group)
     convs, norms, whole_blocks = check_layers(module)
     for conv in convs:
-        _wrap_conv(conv, bands)
+        (_wrap_halving_conv if conv.stride[-2] == 2 else _wrap_conv)(conv, bands)
     for norm in norms:
         _wrap_group_norm(norm, bands)
     for block in whole_blocks:
@@ -76,17 +82,28 @@ def check_layers(module: nn.Module) -> tuple[list, list, list]:
     outside the whole blocks. Raises ValueError in one sentence for a layer it cannot band exactly."""
     whole_blocks = [m for m in module.modules() if type(m).__name__ in WHOLE_BLOCKS]
     inside = {id(sub) for block in whole_blocks for sub in block.modules()}
+    halved = {id(m.conv) for m in module.modules() if type(m).__name__ in PADDED_DOWNSAMPLES
+              and isinstance(getattr(m, "conv", None), nn.Conv2d) and _pads_then_halves(m.conv)}
     convs, norms = [], []
     for name, layer in module.named_modules():
         if id(layer) in inside:
             continue
-        if isinstance(layer, (nn.Conv2d, nn.Conv3d)):
+        if id(layer) in halved:
+            convs.append(layer)
+        elif isinstance(layer, (nn.Conv2d, nn.Conv3d)):
             _check_conv(name, layer)
             if layer.padding[-2]:
                 convs.append(layer)
         elif isinstance(layer, nn.GroupNorm):
             norms.append(layer)
     return convs, norms, whole_blocks
+
+
+def _pads_then_halves(conv) -> bool:
+    """A 3x3 convolution of stride 2 without padding of its own: what a padded downsample runs after padding
+    one zero row below (and one zero column right of) its input."""
+    return (conv.kernel_size == (3, 3) and conv.stride == (2, 2) and tuple(conv.padding) == (0, 0)
+            and conv.dilation == (1, 1) and conv.padding_mode == "zeros")
 
 
 def _check_conv(name: str, conv) -> None:
@@ -99,6 +116,25 @@ def _check_conv(name: str, conv) -> None:
     if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
         raise ValueError(f"layer {name!r} pads with {conv.padding_mode!r} ({conv.padding!r}): only numeric zero "
                          "padding splits into bands exactly")
+
+
+def _wrap_halving_conv(conv, bands: _Bands) -> None:
+    """A padded downsample's convolution on a band: the zero row its module padded below the band becomes the
+    first row of the band below (it stays zero at the image's bottom edge). The band's rows must be even."""
+    original = conv.forward
+
+    def forward(x, *args, **kwargs):
+        if bands.whole:
+            return original(x, *args, **kwargs)
+        if (x.shape[-2] - 1) % 2:
+            raise ValueError(f"a band of {x.shape[-2] - 1} rows cannot be halved exactly: bands must start at "
+                             "rows the encoder's downsampling divides")
+        _, below = bands.group.halo(x[..., :1, :], x[..., :0, :])  # nothing goes down: an empty message is skipped
+        if below is not None:
+            x = torch.cat([x[..., :-1, :], below], dim=-2)
+        return original(x, *args, **kwargs)
+
+    conv.forward = forward
 
 
 def _wrap_conv(conv, bands: _Bands) -> None:
@@ -179,7 +215,8 @@ class PeerBands:
         up = self.peers[self.index - 1] if self.index > 0 else None
         down = self.peers[self.index + 1] if self.index < self.degree - 1 else None
         sends = [(peer, t) for peer, t in ((up, top), (down, bottom)) if peer is not None]
-        receives = [(peer, tuple(t.shape), t.dtype) for peer, t in ((up, top), (down, bottom)) if peer is not None]
+        # the band above sends down its bottom rows (shaped as this band's bottom), the band below its top rows
+        receives = [(peer, tuple(t.shape), t.dtype) for peer, t in ((up, bottom), (down, top)) if peer is not None]
         buffers, handles = primitives.exchange(sends, receives, self.device)
         primitives.wait_all(handles)
         self.bytes += sum(t.numel() * t.element_size() for _, t in sends)

@@ -1,5 +1,5 @@
-"""The VAEs Tandem can decode in bands (models/vae_bands.py): for each, the part whose rows are split and how
-a latent is decoded. A VAE not listed here takes its host's stock path (issue 29 lists the families to come:
+"""The VAEs Tandem can split into bands (models/vae_bands.py, the whole VAE banded): for each, how a latent is
+decoded and an image encoded. A VAE not listed here takes its host's stock path (issue 29 lists the families to come:
 ComfyUI's classes, Wan's and HunyuanVideo's causal 3D VAEs)."""
 
 from __future__ import annotations
@@ -12,24 +12,33 @@ from typing import Callable
 class VaeFamily:
     name: str  # "vae:<host>_<class>", the family the workers hold it under
     classes: tuple[str, ...]  # the VAE's class names, with their module's prefix
-    banded: Callable  # the VAE -> the module split into bands (its decoder)
     decode: Callable  # (the VAE, a latent's rows) -> the image's rows
+    encode: Callable  # (the VAE, an image's rows) -> the latent's rows (the distribution's mean: no noise)
+    scale: int = 8  # image rows per latent row: an encoder's bands start at multiples of it
 
 
 def _diffusers_decode(vae, latent):
     return vae.decode(latent).sample
 
 
+def _diffusers_encode(vae, image):
+    return vae.encode(image).latent_dist.mode()
+
+
 def _comfy_decode(vae, latent):
     return vae.decode(latent)
 
 
+def _comfy_encode(vae, image):
+    return vae.encode(image)
+
+
 FAMILIES = (
     VaeFamily("vae:diffusers_autoencoderkl", ("diffusers.models.autoencoders.autoencoder_kl.AutoencoderKL",),
-              lambda vae: vae.decoder, _diffusers_decode),
+              _diffusers_decode, _diffusers_encode),
     # ComfyUI's SD1.x / SDXL / SD3 / Flux VAE (comfy.sd.VAE's first_stage_model)
     VaeFamily("vae:comfy_autoencoderkl", ("comfy.ldm.models.autoencoder.AutoencoderKL",),
-              lambda vae: vae.decoder, _comfy_decode),
+              _comfy_decode, _comfy_encode),
 )
 
 

@@ -29,7 +29,7 @@ def test_vae_decode_in_bands_equals_the_stock_node(comfy_server, comfy):
     offset = comfy_server.log_size()
     comfy.run_checked(comfy_server, _workflow("TandemVAEDecode", "vae_tandem"))
     said = comfy_server.log_since(offset)
-    assert "VAE Decode (Multi-GPU) decoded a 8x6 latent in 2 bands on cpu, cpu" in said, said[-2000:]
+    assert "VAE Decode (Multi-GPU) split 8x6 rows into 2 bands on cpu, cpu" in said, said[-2000:]
     stock, tandem = comfy_server.latent("vae_stock"), comfy_server.latent("vae_tandem")
     assert stock.shape == tandem.shape == (1, 64, 48, 3)
     comfy.assert_same_latents(tandem, stock)
@@ -44,3 +44,24 @@ def test_a_latent_of_one_row_takes_the_stock_path_and_says_why(comfy_server, com
     assert "VAE Decode (Multi-GPU) takes the stock path: a latent of one row cannot be split into bands" in said
     torch.testing.assert_close(comfy_server.latent("vae_row_tandem"), comfy_server.latent("vae_row_stock"),
                                atol=1e-4, rtol=1e-4)
+
+
+def test_vae_encode_in_bands_equals_the_stock_node(comfy_server, comfy):
+    def workflow(node: str, prefix: str) -> dict:
+        flow = _workflow("VAEDecode", prefix, rows=6, columns=4)  # a seeded image: the stock decode of a latent
+        flow["4"] = {"class_type": node, "inputs": {"pixels": ["3", 0], "vae": ["1", 0]}}
+        flow["5"]["inputs"]["samples"] = ["4", 0]
+        if node == "TandemVAEEncode":
+            flow["6"] = {"class_type": "TandemSettings", "inputs": {"devices": "cpu:2", "strategy": "auto",
+                                                                    "cfg_degree": 0, "batch_degree": 0}}
+            flow["4"]["inputs"]["settings"] = ["6", 0]
+        return flow
+
+    comfy.run_checked(comfy_server, workflow("VAEEncode", "vae_encode_stock"))
+    offset = comfy_server.log_size()
+    comfy.run_checked(comfy_server, workflow("TandemVAEEncode", "vae_encode_tandem"))
+    said = comfy_server.log_since(offset)
+    assert "VAE Encode (Multi-GPU) split 48x32 rows into 2 bands on cpu, cpu" in said, said[-2000:]
+    stock, tandem = comfy_server.latent("vae_encode_stock"), comfy_server.latent("vae_encode_tandem")
+    assert stock.shape == tandem.shape == (1, 4, 6, 4)
+    comfy.assert_same_latents(tandem, stock)
