@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import threading
 import warnings
 from contextlib import contextmanager, nullcontext
@@ -16,64 +15,10 @@ from ..models.diffusers_dit import recognise
 from ..models.diffusers_unet import FAMILY as UNET_FAMILY
 from ..models.sampling import Generation, GenerationRequest, Timer, initial_noise, make_scheduler
 from .diffusers_transformer import ParallelTransformer
+from .model_folder import SUPPORTED_PIPELINES, pipeline_class_name
 from .stand_in import StandIn
 
-SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
 TRANSFORMERS = ("transformer", "transformer_2")  # Wan 2.2 has a second one for its low-noise steps
-
-
-def pipeline_class_name(folder: str | Path) -> str:
-    """Checks that `folder` is a supported, readable diffusers pipeline folder (its model_index.json, each
-    component's folder, JSON files and safetensors headers) and returns its pipeline class name."""
-    folder = Path(folder)
-    if not folder.exists():
-        raise FileNotFoundError(f"model not found: {folder}")
-    if folder.is_file():
-        raise ValueError(f"{folder} is a single file; give a diffusers pipeline folder (one with model_index.json)")
-    _check_readable_folder(folder)
-    index_file = folder / "model_index.json"
-    if not index_file.is_file():
-        raise ValueError(f"{folder} is not a diffusers pipeline folder: it has no model_index.json")
-    index = validation.read_json_object(index_file)
-    name = index.get("_class_name", "")
-    if name not in SUPPORTED_PIPELINES:
-        raise ValueError(f"{folder} holds a {name or 'unnamed'} pipeline; supported: {', '.join(SUPPORTED_PIPELINES)}")
-    for component in _components(index):
-        _check_component(folder, component)
-    return name
-
-
-def _components(index: dict) -> list[str]:
-    """The components model_index.json names with a library and class (["diffusers", "UNet2DConditionModel"])."""
-    return [name for name, spec in index.items()
-            if not name.startswith("_") and isinstance(spec, list) and len(spec) == 2 and all(spec)]
-
-
-def _check_readable_folder(folder: Path) -> None:
-    if not os.access(folder, os.R_OK | os.X_OK):
-        raise ValueError(f"model folder {folder} is not readable (check its permissions)")
-
-
-def _check_component(folder: Path, component: str) -> None:
-    """The component's folder exists and its JSON files and safetensors headers read (no weights loaded)."""
-    part = folder / component
-    if not part.is_dir():
-        raise ValueError(f"{folder}: model_index.json names {component!r}, but there is no folder {part}")
-    _check_readable_folder(part)
-    for config in sorted(part.glob("*.json")):
-        validation.read_json_object(config)
-    for weights in sorted(part.glob("*.safetensors")):
-        _check_safetensors(weights)
-
-
-def _check_safetensors(path: Path) -> None:
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt"):
-            pass
-    except Exception as exc:  # safetensors raises its own SafetensorError, or OSError
-        raise ValueError(f"model file {path} is not a readable safetensors file ({_first_line(exc)})") from None
 
 
 def _first_line(exc: BaseException) -> str:
