@@ -177,3 +177,15 @@ def test_the_vae_bench_decodes_in_bands_and_reports_one_run():
     assert len(bands["activation_bytes_per_device"]) == 2 and len(bands["peak_memory_bytes_per_device"]) == 2
     assert bands["bytes_between_devices"] > 0 and bands["speedup_vs_serial"] > 0
     assert "VAE decode, tiny at 64x64 px" in format_vae_table(report)
+
+
+@pytest.mark.parametrize("argv, said", [
+    (["--model", "wan-small"], "--stage vae: bench model 'wan-small' has no VAE to split yet"),
+    (["--model", "sd15", "--resolution", "260"], "a VAE's resolution must be a multiple of 8 pixels; got 260x260"),
+    (["--model", "sd15", "--repeats", "-1"], "repeats"),
+])
+def test_the_vae_bench_refuses_bad_input_before_work(capsys, argv, said):
+    from parallel_backend.commands.cli import main
+
+    assert main(["bench", "--stage", "vae", *argv]) == 1
+    assert said in capsys.readouterr().err

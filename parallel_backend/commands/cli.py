@@ -118,18 +118,47 @@ def cmd_generate(args) -> int:
 
 
 def cmd_bench(args) -> int:
+    if args.stage == "vae":
+        return _bench_vae(args)
     check_bench_options(args)  # the bench checks again, after torch has loaded; these came first
     from .bench import format_table, run_bench
 
     report = run_bench(args.model, args.devices, bench_strategies(args), args.steps, args.resolution, args.repeats,
                        args.dtype, knobs=bench_knobs(args), frames=args.frames, cfg=args.cfg, images=args.images,
                        balance=args.balance, test_slowdown=args.test_slowdown, plan=not args.no_plan,
-                       progress=(lambda line: None) if args.quiet else (lambda line: print(line, file=sys.stderr)))
-    print(format_table(report))
+                       progress=_progress(args))
+    return _report(args, format_table(report), report)
+
+
+def _progress(args):
+    return (lambda line: None) if args.quiet else (lambda line: print(line, file=sys.stderr))
+
+
+def _report(args, table: str, report: dict) -> int:
+    """Prints a bench's table and writes its JSON where --json asks."""
+    print(table)
     if args.json:
         validation.write_json("--json", args.json, report, default=float)
         print(f"tandem: wrote {args.json}")
     return 0
+
+
+def _bench_vae(args) -> int:
+    """`tandem bench --stage vae`: the bench model's VAE decode, one device against bands on the pool."""
+    from ..models.benchmodels_vae import check_vae_bench
+    from ..runtime.devices import check_devices_exist, parse_devices
+    from .bench_inputs import MAX_REPEATS, parse_resolution
+
+    resolution = parse_resolution(args.resolution) if args.resolution is not None else None
+    check_vae_bench(args.model, resolution)
+    repeats = validation.whole_number("repeats", args.repeats, 0, MAX_REPEATS)
+    check_devices_exist(parse_devices(args.devices)) if args.devices != "auto" else None
+    if args.json is not None:
+        validation.writable_file("--json", args.json)  # before the bench, not after it
+    from .bench_vae import format_vae_table, run_vae_bench
+
+    report = run_vae_bench(args.model, args.devices, resolution, repeats, progress=_progress(args))
+    return _report(args, format_vae_table(report), report)
 
 
 def cmd_plan(args) -> int:
@@ -308,6 +337,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--devices", default="cpu:2", help="'cuda:0,cuda:1', 'cpu:2' or 'auto' (HOST:PORT/DEVICE: "
                        "another machine's)")
     _add_machine_options(bench)
+    bench.add_argument("--stage", default="sampler", choices=("sampler", "vae"),
+                       help="sampler: the denoising loop, one device against each strategy; vae: the model's VAE decode, "
+                            "one device against bands of rows on the pool (--model tiny, small, sd15, sdxl or "
+                            "flux-small; --devices, --resolution, --repeats and --json apply)")
     bench.add_argument("--strategies", default="cfg,batch",
                        help=f"comma list of strategies: {', '.join(strategy_choices()[1:])}")
     bench.add_argument("--steps", type=int, default=20, help="sampler calls per run, 1 to 10000")

@@ -5,20 +5,29 @@ band split yet (issue 29)."""
 
 from __future__ import annotations
 
-import torch
-
 LATENT_CHANNELS = {"tiny": 4, "small": 4, "sd15": 4, "sdxl": 4, "flux-small": 16}
 DEFAULT_RESOLUTION = {"tiny": 64, "small": 128, "sd15": 512, "sdxl": 1024, "flux-small": 512}
 SCALE = 8  # pixels per latent row and column
 
 
-def build_bench_vae(name: str, dtype: torch.dtype = torch.float32):
+def check_vae_bench(name: str, resolution: tuple[int, int] | None) -> None:
+    """Raises ValueError in one sentence for a bench model without a VAE or a resolution its VAE cannot take
+    (no torch imported: the CLI checks this first)."""
+    if name not in LATENT_CHANNELS:
+        raise ValueError(f"--stage vae: bench model {name!r} has no VAE to split yet: choose one of "
+                         f"{', '.join(LATENT_CHANNELS)}")
+    if resolution is not None and (resolution[0] % SCALE or resolution[1] % SCALE):
+        raise ValueError(f"--stage vae: a VAE's resolution must be a multiple of {SCALE} pixels; got "
+                         f"{resolution[0]}x{resolution[1]}")
+
+
+def build_bench_vae(name: str, dtype=None):
     """The seeded VAE of bench model `name` (ValueError, one sentence, for a model without one)."""
+    import torch
     from diffusers import AutoencoderKL
 
-    if name not in LATENT_CHANNELS:
-        raise ValueError(f"bench model {name!r} has no VAE to split yet: choose one of "
-                         f"{', '.join(LATENT_CHANNELS)}")
+    check_vae_bench(name, None)
+    dtype = dtype or torch.float32
     narrow = name in ("tiny", "small")  # the test-sized models: a narrow VAE of the same shape
     torch.manual_seed(0)
     vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
@@ -29,10 +38,12 @@ def build_bench_vae(name: str, dtype: torch.dtype = torch.float32):
     return (vae if dtype == torch.float32 else vae.to(dtype)).eval().requires_grad_(False)
 
 
-def bench_latent(name: str, resolution: tuple[int, int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def bench_latent(name: str, resolution: tuple[int, int], dtype=None):
     """A seeded latent of one image at `resolution` (pixels, H x W) for bench model `name`'s VAE."""
+    import torch
+
+    check_vae_bench(name, resolution)
     h, w = resolution
-    if h % SCALE or w % SCALE:
-        raise ValueError(f"a VAE's resolution must be a multiple of {SCALE} pixels; got {h}x{w}")
+    dtype = dtype or torch.float32
     generator = torch.Generator().manual_seed(0)
     return torch.randn(1, LATENT_CHANNELS[name], h // SCALE, w // SCALE, generator=generator).to(dtype)
