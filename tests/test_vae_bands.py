@@ -53,7 +53,7 @@ def _decode(vae, z):
 
 
 def _encode(vae, image):
-    return vae.encode(image).latent_dist.mode()
+    return vae.encode(image).latent_dist.parameters
 
 
 def banded_decode(vae, z, degree: int):

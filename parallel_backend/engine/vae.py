@@ -40,8 +40,9 @@ def decode(engine, vae, latent, devices: int | None = None) -> Computed:
 
 
 def encode(engine, vae, image, devices: int | None = None) -> Computed:
-    """The latent `vae` encodes `image` (batch, channels, rows, columns) to (the distribution's mean, no
-    sampling noise), as `decode` does: bands of whole latent rows (the family's `scale` image rows each)."""
+    """What `vae` encodes `image` (batch, channels, rows, columns) to (the family's encode: ComfyUI's the latent,
+    diffusers' the distribution's parameters), as `decode` does: bands of whole latent rows (the family's `scale`
+    image rows each)."""
     family = _family(vae)
     if image.shape[-2] % family.scale or image.shape[-1] % family.scale:
         raise ValueError(f"an image of {image.shape[-2]}x{image.shape[-1]} pixels does not divide into the VAE's "

@@ -17,6 +17,7 @@ from ..models.sampling import Generation, GenerationRequest, Timer, initial_nois
 from .diffusers_transformer import ParallelTransformer
 from .model_folder import SUPPORTED_PIPELINES, pipeline_class_name
 from .stand_in import StandIn
+from .diffusers_vae import ParallelVAE, splits
 
 TRANSFORMERS = ("transformer", "transformer_2")  # Wan 2.2 has a second one for its low-noise steps
 
@@ -160,7 +161,8 @@ class ParallelUNet(StandIn):
 
 def parallelize(pipe, config=None, pool=None, **settings):
     """Runs `pipe`'s denoiser on a pool of devices: the UNet of a StableDiffusion / SDXL pipeline, or the
-    transformer(s) of a Flux, SD3, Wan or Qwen-Image pipeline. Idempotent.
+    transformer(s) of a Flux, SD3, Wan or Qwen-Image pipeline; and its VAE's decode and encode in bands of rows
+    where it is an AutoencoderKL (hosts/diffusers_vae.py). Idempotent.
 
     config: a ParallelConfig (default: all devices, strategy auto), or its settings by name in its place
     (`parallelize(pipe, devices="cuda:0,cuda:1", weights="auto", memory_per_device=20)`). pool: a started or
@@ -194,6 +196,8 @@ def parallelize(pipe, config=None, pool=None, **settings):
             wrapper = ParallelTransformer(model, executor, pipe, family)
         object.__setattr__(wrapper, "_owned_pool", pool if owned and i == 0 else None)
         setattr(pipe, name, wrapper)
+    if splits(getattr(pipe, "vae", None)):  # its decode (and encode) in bands of rows on the same pool
+        pipe.vae = ParallelVAE(pipe.vae, executor, pipe)
     pipe.__class__ = _one_job_per_call(type(pipe))
     return pipe
 
@@ -209,7 +213,7 @@ def _denoisers(pipe) -> list[tuple[str, object]]:
 
 def _stand_ins(pipe) -> list[tuple[str, StandIn]]:
     """(attribute, stand-in) of each denoiser `parallelize` replaced."""
-    found = [(name, getattr(pipe, name, None)) for name in ("unet",) + TRANSFORMERS]
+    found = [(name, getattr(pipe, name, None)) for name in ("unet",) + TRANSFORMERS + ("vae",)]
     return [(name, model) for name, model in found if isinstance(model, StandIn)]
 
 
@@ -228,7 +232,7 @@ def _one_job_per_call(cls):
 
 
 def unparallelize(pipe):
-    """Puts the original denoisers back; shuts the pool down if `parallelize` made it. Idempotent."""
+    """Puts the original denoisers and VAE back; shuts the pool down if `parallelize` made it. Idempotent."""
     for name, wrapper in _stand_ins(pipe):
         setattr(pipe, name, wrapper.real)
         if wrapper._owned_pool is not None:

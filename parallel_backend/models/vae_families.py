@@ -13,7 +13,7 @@ class VaeFamily:
     name: str  # "vae:<host>_<class>", the family the workers hold it under
     classes: tuple[str, ...]  # the VAE's class names, with their module's prefix
     decode: Callable  # (the VAE, a latent's rows) -> the image's rows
-    encode: Callable  # (the VAE, an image's rows) -> the latent's rows (the distribution's mean: no noise)
+    encode: Callable  # (the VAE, an image's rows) -> the latent's rows (diffusers: the distribution's parameters)
     scale: int = 8  # image rows per latent row: an encoder's bands start at multiples of it
 
 
@@ -22,7 +22,7 @@ def _diffusers_decode(vae, latent):
 
 
 def _diffusers_encode(vae, image):
-    return vae.encode(image).latent_dist.mode()
+    return vae.encode(image).latent_dist.parameters  # mean and log-variance: the host samples (a generator's noise)
 
 
 def _comfy_decode(vae, latent):
