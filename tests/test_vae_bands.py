@@ -28,18 +28,31 @@ def tiny_vae(latent_channels: int = 4):
     return vae.eval().requires_grad_(False)
 
 
+def tiny_wan_vae():
+    """diffusers' Wan 2.1 video VAE (causal 3D convolutions, a cache of the chunk before, attention per frame),
+    narrow, its weights seeded at a scale that keeps the output inside the clamp of [-1, 1]."""
+    from diffusers import AutoencoderKLWan
+
+    from parallel_backend.models.benchmodels_vae import seed_wan_weights
+
+    vae = AutoencoderKLWan(base_dim=16, z_dim=4, dim_mult=[1, 2, 2], num_res_blocks=1,
+                           temperal_downsample=[False, True])
+    return seed_wan_weights(vae).eval().requires_grad_(False)
+
+
 def _close(out, reference):
     assert out.shape == reference.shape
     assert (out - reference).abs().max() <= 1e-4 * max(1.0, reference.abs().max().item())
 
 
-def banded(vae, x, degree: int, run, unit: int = 1):
-    """run(vae, rows) on each band of `x` (bands of `unit` rows), as `degree` threads, joined along the rows."""
+def banded(vae, x, degree: int, run, unit: int = 1, part=lambda vae: vae):
+    """run(vae, rows) on each band of `x` (bands of `unit` rows; `part` of the VAE banded), as `degree` threads,
+    joined along the rows."""
     bands, outs = threads.ThreadBands(degree), [None] * degree
 
     def rank(index):
         mine = copy.deepcopy(vae)
-        band_in_place(mine, bands.rank(index))
+        band_in_place(part(mine), bands.rank(index))
         rows = band_rows(x.shape[-2] // unit, degree, index)
         with torch.inference_mode():
             outs[index] = run(mine, x[..., rows.start * unit:rows.stop * unit, :])
@@ -49,11 +62,13 @@ def banded(vae, x, degree: int, run, unit: int = 1):
 
 
 def _decode(vae, z):
-    return vae.decode(z).sample
+    with torch.inference_mode():
+        return vae.decode(z).sample
 
 
 def _encode(vae, image):
-    return vae.encode(image).latent_dist.parameters
+    with torch.inference_mode():
+        return vae.encode(image).latent_dist.parameters
 
 
 def banded_decode(vae, z, degree: int):
@@ -77,6 +92,20 @@ def test_banded_encode_equals_the_whole(degree, rows, columns):
     with torch.inference_mode():
         reference = _encode(vae, image)
     _close(banded(vae, image, degree, _encode, unit=8), reference)
+
+
+@pytest.mark.parametrize("degree", [2, 3])
+def test_a_video_vae_decodes_in_bands_equal_to_the_whole(degree):
+    """Wan's VAE decodes frame by frame, each causal convolution joining the cached frames before it: every band
+    keeps its own cache and takes its halo after the join."""
+    vae = tiny_wan_vae()
+    z = torch.randn(1, 4, 3, 7, 5, generator=torch.Generator().manual_seed(8))
+    with torch.inference_mode():
+        reference = _decode(vae, z)
+        alone = torch.cat([_decode(vae, z[..., :4, :]), _decode(vae, z[..., 4:, :])], dim=-2)
+    assert reference.shape == (1, 3, 5, 28, 20) and (reference.abs() < 0.99).float().mean() > 0.99  # no clamp
+    assert (alone - reference).abs().max() > 1e-2  # bands without halos differ
+    _close(banded(vae, z, degree, _decode, part=lambda wan: wan.decoder), reference)
 
 
 def test_a_band_that_skipped_the_halo_would_differ():
@@ -137,6 +166,7 @@ def test_bands_over_gloo_processes_equal_the_whole(gloo_ranks, tmp_path):
 def test_a_pool_decodes_in_bands_equal_to_one_device(cpu_pool):
     from parallel_backend.engine.pool_engine import engine_for
     from parallel_backend.engine.vae import decode, encode
+    from parallel_backend.runtime.carry import CannotCarry
 
     vae = tiny_vae()
     z = torch.randn(2, 4, 7, 6, generator=torch.Generator().manual_seed(4))
@@ -149,13 +179,19 @@ def test_a_pool_decodes_in_bands_equal_to_one_device(cpu_pool):
     _close(one.out, reference)
     assert one.extra["bands"] == 1 and one.bytes_sent == 0
     image = torch.randn(1, 3, 40, 24, generator=torch.Generator().manual_seed(6))
-    with torch.inference_mode():
-        latent = _encode(vae, image)
-    encoded = encode(engine_for(cpu_pool), vae, image)
-    _close(encoded.out, latent)
-    assert encoded.extra["bands"] == 2 and encoded.bytes_sent > 0
+    _on_two_bands(encode(engine_for(cpu_pool), vae, image), _encode(vae, image))
     with pytest.raises(ValueError, match="does not divide into the VAE's 8-pixel latent rows"):
         encode(engine_for(cpu_pool), vae, image[..., :36, :])
+    wan = tiny_wan_vae()
+    video = torch.randn(1, 4, 3, 6, 5, generator=torch.Generator().manual_seed(9))
+    _on_two_bands(decode(engine_for(cpu_pool), wan, video), _decode(wan, video))
+    with pytest.raises(CannotCarry, match="splits only the decode of this AutoencoderKLWan VAE yet"):
+        encode(engine_for(cpu_pool), wan, torch.zeros(1, 3, 5, 48, 40))
+
+
+def _on_two_bands(done, reference):
+    _close(done.out, reference)
+    assert done.extra["bands"] == 2 and done.bytes_sent > 0
 
 
 def test_a_vae_without_a_band_split_is_left_to_its_host():
@@ -180,7 +216,7 @@ def test_the_vae_bench_decodes_in_bands_and_reports_one_run():
 
 
 @pytest.mark.parametrize("argv, said", [
-    (["--model", "wan-small"], "--stage vae: bench model 'wan-small' has no VAE to split yet"),
+    (["--model", "sd15-narrow"], "--stage vae: bench model 'sd15-narrow' has no VAE to split yet"),
     (["--model", "sd15", "--resolution", "260"], "a VAE's resolution must be a multiple of 8 pixels; got 260x260"),
     (["--model", "sd15", "--repeats", "-1"], "repeats"),
 ])

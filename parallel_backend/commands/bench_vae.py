@@ -17,7 +17,7 @@ def run_vae_bench(model_name: str = "sd15", devices: str = "cpu:2", resolution=N
 
     from ..engine.pool_engine import engine_for
     from ..engine.vae import decode
-    from ..models.benchmodels_vae import DEFAULT_RESOLUTION, bench_latent, build_bench_vae
+    from ..models.benchmodels_vae import DEFAULT_RESOLUTION, VIDEO_FRAMES, bench_latent, build_bench_vae
     from ..runtime.portable import peak_memory_bytes, reset_peak_memory
     from ..runtime.pool import WorkerPool
 
@@ -32,8 +32,8 @@ def run_vae_bench(model_name: str = "sd15", devices: str = "cpu:2", resolution=N
         pool.start()
         n = len(pool.devices)
         engine, share = engine_for(pool), max(1, cores // n)
-        progress(f"[bench] VAE decode of {resolution[0]}x{resolution[1]} px: one device here, {n} bands on the "
-                 "pool, in rotation")
+        progress(f"[bench] VAE decode of {resolution[0]}x{resolution[1]} px ({tuple(latent.shape)} latent): one "
+                 f"device here, {n} bands on the pool, in rotation")
         for repeat in range(repeats + 1):
             torch.set_num_threads(share)
             reset_peak_memory("cpu")
@@ -67,14 +67,16 @@ def run_vae_bench(model_name: str = "sd15", devices: str = "cpu:2", resolution=N
         pool.shutdown()
         torch.set_num_threads(cores)
     load = note_other_load(other_load, disturbed)
-    return {"stage": "vae", "model": model_name, "resolution": list(resolution), "devices": list(pool.devices),
+    return {"stage": "vae", "model": model_name, "resolution": list(resolution), "frames": VIDEO_FRAMES.get(model_name),
+            "devices": list(pool.devices),
             "dtype": "fp32", "threads_per_device": share, "results": rows, "disturbed": disturbed,
             "other_load_share": load}
 
 
 def format_vae_table(report: dict) -> str:
     h, w = report["resolution"]
-    lines = [f"VAE decode, {report['model']} at {h}x{w} px, on {', '.join(report['devices'])} "
+    frames = f" x {report['frames']} frames" if report.get("frames") else ""
+    lines = [f"VAE decode, {report['model']} at {h}x{w} px{frames}, on {', '.join(report['devices'])} "
              f"({report['threads_per_device']} thread(s) per device)",
              f"{'':8} {'devices':>7} {'s':>8} {'speed-up':>9} {'act. MiB/dev':>13} {'max |diff|':>11}"]
     for row in report["results"]:

@@ -339,8 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_machine_options(bench)
     bench.add_argument("--stage", default="sampler", choices=("sampler", "vae"),
                        help="sampler: the denoising loop, one device against each strategy; vae: the model's VAE decode, "
-                            "one device against bands of rows on the pool (--model tiny, small, sd15, sdxl or "
-                            "flux-small; --devices, --resolution, --repeats and --json apply)")
+                            "one device against bands of rows on the pool (--model tiny, small, sd15, sdxl, flux-small or "
+                            "wan-small: 17 frames; --devices, --resolution, --repeats and --json apply)")
     bench.add_argument("--strategies", default="cfg,batch",
                        help=f"comma list of strategies: {', '.join(strategy_choices()[1:])}")
     bench.add_argument("--steps", type=int, default=20, help="sampler calls per run, 1 to 10000")

@@ -14,7 +14,8 @@ and each is made exact (`band_in_place` wraps the module's own layers; the rest 
   zero row, the first row of the band below: bands start at rows the downsampling divides.
 Everything else (1x1 convolutions, nearest upsampling, activations, residual additions) works row by row, so a
 band computes exactly its rows. Rows are the second-to-last dimension: a video VAE's (batch, channels, frames,
-rows, columns) bands the same way (its 3D convolutions pad their rows as 2D ones do).
+rows, columns) bands the same way; its causal 3D convolutions (which pad themselves and prepend the chunk
+before, cache_x) take their halo after joining that chunk, so each band keeps its own cache of its own rows.
 
 A `group` is what the bands exchange through: `PeerBands` (torch.distributed, one rank per device), or the
 tests' threads (tests/tensor_threads.py). Its interface: `degree`, `index`, `halo(top, bottom)` -> (the rows
@@ -31,8 +32,9 @@ from torch.nn import functional as F
 from ..runtime import primitives
 
 # Blocks whose every output position reads every input position: run whole on gathered rows. diffusers' VAEs
-# use Attention (attention_processor), ComfyUI's AttnBlock (ldm/modules/diffusionmodules/model.py).
-WHOLE_BLOCKS = ("Attention", "AttnBlock")
+# use Attention (attention_processor) and WanAttentionBlock (per frame), ComfyUI's AttnBlock
+# (ldm/modules/diffusionmodules/model.py) and AttentionBlock (ldm/wan/vae.py).
+WHOLE_BLOCKS = ("Attention", "AttnBlock", "WanAttentionBlock", "AttentionBlock")
 # Encoders' downsamples that pad their input with one zero row below and one zero column on the right, then run
 # a 3x3 convolution of stride 2 without padding (diffusers' Downsample2D, ComfyUI's Downsample): on a band of an
 # even number of rows, the row below is the next band's first row, not a zero (`_wrap_halving_conv`).
@@ -68,7 +70,10 @@ def band_in_place(module: nn.Module, group) -> nn.Module:
     bands = _Bands(group)
     convs, norms, whole_blocks = check_layers(module)
     for conv in convs:
-        (_wrap_halving_conv if conv.stride[-2] == 2 else _wrap_conv)(conv, bands)
+        if isinstance(getattr(conv, "_padding", None), tuple):
+            _wrap_causal_conv(conv, bands)
+        else:
+            (_wrap_halving_conv if conv.stride[-2] == 2 else _wrap_conv)(conv, bands)
     for norm in norms:
         _wrap_group_norm(norm, bands)
     for block in whole_blocks:
@@ -90,6 +95,10 @@ def check_layers(module: nn.Module) -> tuple[list, list, list]:
             continue
         if id(layer) in halved:
             convs.append(layer)
+        elif isinstance(layer, nn.Conv3d) and isinstance(getattr(layer, "_padding", None), tuple):
+            _check_causal(name, layer)
+            if layer._padding[2]:
+                convs.append(layer)
         elif isinstance(layer, (nn.Conv2d, nn.Conv3d)):
             _check_conv(name, layer)
             if layer.padding[-2]:
@@ -104,6 +113,15 @@ def _pads_then_halves(conv) -> bool:
     one zero row below (and one zero column right of) its input."""
     return (conv.kernel_size == (3, 3) and conv.stride == (2, 2) and tuple(conv.padding) == (0, 0)
             and conv.dilation == (1, 1) and conv.padding_mode == "zeros")
+
+
+def _check_causal(name: str, conv) -> None:
+    """A video VAE's causal 3D convolution pads itself (`_padding`: columns, rows, frames before) and keeps the
+    frames of the chunk before (`cache_x`); its rows band as a plain convolution's."""
+    pads = conv._padding
+    if conv.stride[-2] != 1 or conv.dilation[-2] != 1 or pads[2] != pads[3] or conv.kernel_size[-2] != 2 * pads[2] + 1:
+        raise ValueError(f"layer {name!r} ({type(conv).__name__}, kernel {conv.kernel_size}, stride {conv.stride}, "
+                         f"padding {pads}) does not keep its rows: splitting it into bands is not supported yet")
 
 
 def _check_conv(name: str, conv) -> None:
@@ -137,6 +155,39 @@ def _wrap_halving_conv(conv, bands: _Bands) -> None:
     conv.forward = forward
 
 
+def _wrap_causal_conv(conv, bands: _Bands) -> None:
+    """A causal 3D convolution: the chunk before (cache_x) joins the input first, then the rows come from the
+    neighbours' bands, as `_wrap_conv`'s; its own padding keeps the columns and the frames."""
+    original, whole_padding = conv.forward, conv._padding
+
+    def forward(x, cache_x=None):
+        if bands.whole:
+            return original(x, cache_x)
+        pads = list(whole_padding)
+        if cache_x is not None and pads[4] > 0:
+            x = torch.cat([cache_x.to(x.device), x], dim=2)
+            pads[4] -= cache_x.shape[2]
+        x = _with_halo(x, pads[2], bands)
+        pads[2] = pads[3] = 0
+        conv._padding = tuple(pads)
+        try:
+            return original(x)
+        finally:
+            conv._padding = whole_padding
+
+    conv.forward = forward
+
+
+def _with_halo(x, rows: int, bands: _Bands):
+    """`x` with `rows` rows of the band above and below it (zeros at the image's edge)."""
+    if x.shape[-2] < rows:
+        raise ValueError(f"a band of {x.shape[-2]} rows cannot give its neighbours the {rows} rows a "
+                         "convolution needs: use fewer devices for this image")
+    above, below = bands.group.halo(x[..., :rows, :], x[..., -rows:, :])
+    edge = x.new_zeros((*x.shape[:-2], rows, x.shape[-1]))
+    return torch.cat([edge if above is None else above, x, edge if below is None else below], dim=-2)
+
+
 def _wrap_conv(conv, bands: _Bands) -> None:
     """The convolution pads only its columns (and frames); its rows come from the neighbours' bands, or zeros at
     the image's edge."""
@@ -147,12 +198,7 @@ def _wrap_conv(conv, bands: _Bands) -> None:
     def forward(x, *args, **kwargs):
         if bands.whole:
             return original(x, *args, **kwargs)
-        if x.shape[-2] < rows:
-            raise ValueError(f"a band of {x.shape[-2]} rows cannot give its neighbours the {rows} rows a "
-                             "convolution needs: use fewer devices for this image")
-        above, below = bands.group.halo(x[..., :rows, :], x[..., -rows:, :])
-        edge = x.new_zeros((*x.shape[:-2], rows, x.shape[-1]))
-        x = torch.cat([edge if above is None else above, x, edge if below is None else below], dim=-2)
+        x = _with_halo(x, rows, bands)
         conv.padding = band_padding
         try:
             return original(x, *args, **kwargs)
