@@ -45,8 +45,10 @@ class TandemVAEDecode(io.ComfyNode):
                             lambda engine: decode(engine, vae.first_stage_model, latent.to(vae.vae_dtype)))
         if done is None:
             return io.NodeOutput(*comfy_nodes.VAEDecode().decode(vae, samples))
-        images = vae.process_output(done.out.to(vae.output_device).float())
-        return io.NodeOutput(images.movedim(1, -1))
+        images = vae.process_output(done.out.to(vae.output_device).float()).movedim(1, -1)
+        if images.ndim == 5:  # a video's frames as a batch of images, as the stock node gives them
+            images = images.reshape(-1, *images.shape[-3:])
+        return io.NodeOutput(images)
 
 
 class TandemVAEEncode(io.ComfyNode):
@@ -66,10 +68,11 @@ class TandemVAEEncode(io.ComfyNode):
 
     @classmethod
     def execute(cls, pixels, vae, settings=None) -> io.NodeOutput:
-        model = vae.first_stage_model
+        model, family = vae.first_stage_model, vae_families.family_of(vae.first_stage_model)
         image = vae.vae_encode_crop_pixels(pixels[:, :, :, :3]).movedim(-1, 1)
-        reason = _reason_to_stay_home(image, model, scale=vae_families.family_of(model).scale
-                                      if vae_families.family_of(model) else 1)
+        reason = (f"Tandem splits only the decode of this {type(model).__name__} VAE yet"
+                  if family is not None and family.encode is None
+                  else _reason_to_stay_home(image, model, scale=family.scale if family else 1))
         done = _on_the_pool("VAE Encode", settings, vae, image, reason,
                             lambda engine: encode(engine, model, vae.process_input(image).to(vae.vae_dtype)))
         if done is None:
@@ -104,8 +107,9 @@ def _reason_to_stay_home(latent, model, scale: int = 1) -> str | None:
     """Why this decode (or encode: `scale` image rows per latent row) stays on the host (one sentence), or None."""
     if vae_families.family_of(model) is None:
         return f"Tandem has no band split for a {type(model).__name__} VAE yet"
-    if latent.ndim != 4:
-        return f"an input of {latent.ndim} dimensions (video) has no band split yet"
+    family = vae_families.family_of(model)
+    if latent.ndim != (5 if family.name.endswith("wan") else 4):
+        return f"an input of {latent.ndim} dimensions has no band split for this {type(model).__name__} VAE"
     if getattr(latent, "is_nested", False):
         return "a nested latent has no band split"
     if latent.shape[-2] % scale or latent.shape[-1] % scale:

@@ -14,8 +14,9 @@ and each is made exact (`band_in_place` wraps the module's own layers; the rest 
   zero row, the first row of the band below: bands start at rows the downsampling divides.
 Everything else (1x1 convolutions, nearest upsampling, activations, residual additions) works row by row, so a
 band computes exactly its rows. Rows are the second-to-last dimension: a video VAE's (batch, channels, frames,
-rows, columns) bands the same way; its causal 3D convolutions (which pad themselves and prepend the chunk
-before, cache_x) take their halo after joining that chunk, so each band keeps its own cache of its own rows.
+rows, columns) bands the same way; its causal 3D convolutions (which pad their frames themselves and prepend
+the chunk before, cache_x) take halos for the input and for the cached frames, so each band keeps its own cache
+of its own rows.
 
 A `group` is what the bands exchange through: `PeerBands` (torch.distributed, one rank per device), or the
 tests' threads (tests/tensor_threads.py). Its interface: `degree`, `index`, `halo(top, bottom)` -> (the rows
@@ -70,7 +71,7 @@ def band_in_place(module: nn.Module, group) -> nn.Module:
     bands = _Bands(group)
     convs, norms, whole_blocks = check_layers(module)
     for conv in convs:
-        if isinstance(getattr(conv, "_padding", None), tuple):
+        if hasattr(conv, "_padding"):
             _wrap_causal_conv(conv, bands)
         else:
             (_wrap_halving_conv if conv.stride[-2] == 2 else _wrap_conv)(conv, bands)
@@ -95,9 +96,8 @@ def check_layers(module: nn.Module) -> tuple[list, list, list]:
             continue
         if id(layer) in halved:
             convs.append(layer)
-        elif isinstance(layer, nn.Conv3d) and isinstance(getattr(layer, "_padding", None), tuple):
-            _check_causal(name, layer)
-            if layer._padding[2]:
+        elif isinstance(layer, nn.Conv3d) and hasattr(layer, "_padding"):
+            if _check_causal(name, layer):
                 convs.append(layer)
         elif isinstance(layer, (nn.Conv2d, nn.Conv3d)):
             _check_conv(name, layer)
@@ -115,13 +115,15 @@ def _pads_then_halves(conv) -> bool:
             and conv.dilation == (1, 1) and conv.padding_mode == "zeros")
 
 
-def _check_causal(name: str, conv) -> None:
-    """A video VAE's causal 3D convolution pads itself (`_padding`: columns, rows, frames before) and keeps the
-    frames of the chunk before (`cache_x`); its rows band as a plain convolution's."""
-    pads = conv._padding
-    if conv.stride[-2] != 1 or conv.dilation[-2] != 1 or pads[2] != pads[3] or conv.kernel_size[-2] != 2 * pads[2] + 1:
+def _check_causal(name: str, conv) -> bool:
+    """A video VAE's causal 3D convolution pads its frames itself and keeps the frames of the chunk before; its
+    rows band as a plain convolution's. Whether it pads rows (then it is wrapped); ValueError if it cannot band."""
+    explicit = isinstance(conv._padding, tuple)
+    above, below = (conv._padding[2], conv._padding[3]) if explicit else (conv.padding[-2],) * 2
+    if conv.stride[-2] != 1 or conv.dilation[-2] != 1 or above != below or conv.kernel_size[-2] != 2 * above + 1:
         raise ValueError(f"layer {name!r} ({type(conv).__name__}, kernel {conv.kernel_size}, stride {conv.stride}, "
-                         f"padding {pads}) does not keep its rows: splitting it into bands is not supported yet")
+                         f"padding {conv._padding}) does not keep its rows: splitting it into bands is not supported yet")
+    return above > 0
 
 
 def _check_conv(name: str, conv) -> None:
@@ -156,24 +158,34 @@ def _wrap_halving_conv(conv, bands: _Bands) -> None:
 
 
 def _wrap_causal_conv(conv, bands: _Bands) -> None:
-    """A causal 3D convolution: the chunk before (cache_x) joins the input first, then the rows come from the
-    neighbours' bands, as `_wrap_conv`'s; its own padding keeps the columns and the frames."""
-    original, whole_padding = conv.forward, conv._padding
+    """A causal 3D convolution (it prepends the frames of the chunk before, `cache_x`, or a list's entry, and pads
+    its frames itself): the input and the cached frames each take their rows from the neighbours' bands, then the
+    convolution runs as written with no row padding of its own. Both forms are met: the row padding in an
+    explicit `_padding` tuple (diffusers, ComfyUI v0.8) or in the convolution's `padding` (ComfyUI v0.24)."""
+    original = conv.forward
+    explicit = isinstance(conv._padding, tuple)
+    rows = conv._padding[2] if explicit else conv.padding[-2]
 
-    def forward(x, cache_x=None):
+    def forward(x, *args, **kwargs):
         if bands.whole:
-            return original(x, cache_x)
-        pads = list(whole_padding)
-        if cache_x is not None and pads[4] > 0:
-            x = torch.cat([cache_x.to(x.device), x], dim=2)
-            pads[4] -= cache_x.shape[2]
-        x = _with_halo(x, pads[2], bands)
-        pads[2] = pads[3] = 0
-        conv._padding = tuple(pads)
+            return original(x, *args, **kwargs)
+        cache_x = args[0] if args else kwargs.get("cache_x")
+        cache_list = args[1] if len(args) > 1 else kwargs.get("cache_list")
+        if cache_list is not None:  # as the convolution itself takes it: the list's entry, then cleared
+            index = args[2] if len(args) > 2 else kwargs.get("cache_idx")
+            cache_x, cache_list[index] = cache_list[index], None
+        x = _with_halo(x, rows, bands)
+        if cache_x is not None:
+            cache_x = _with_halo(cache_x.to(x.device), rows, bands)
+        saved = conv._padding, conv.padding
+        if explicit:
+            conv._padding = (*saved[0][:2], 0, 0, *saved[0][4:])
+        else:
+            conv.padding = (*saved[1][:-2], 0, saved[1][-1])
         try:
-            return original(x)
+            return original(x, cache_x)
         finally:
-            conv._padding = whole_padding
+            conv._padding, conv.padding = saved
 
     conv.forward = forward
 

@@ -51,6 +51,8 @@ FAMILIES = (
     # ComfyUI's SD1.x / SDXL / SD3 / Flux VAE (comfy.sd.VAE's first_stage_model)
     VaeFamily("vae:comfy_autoencoderkl", ("comfy.ldm.models.autoencoder.AutoencoderKL",),
               _comfy_decode, _comfy_encode),
+    # ComfyUI's Wan 2.1 video VAE: decode only, its decoder banded
+    VaeFamily("vae:comfy_wan", ("comfy.ldm.wan.vae.WanVAE",), _comfy_decode, None, banded=_decoder),
 )
 
 

@@ -65,3 +65,22 @@ def test_vae_encode_in_bands_equals_the_stock_node(comfy_server, comfy):
     stock, tandem = comfy_server.latent("vae_encode_stock"), comfy_server.latent("vae_encode_tandem")
     assert stock.shape == tandem.shape == (1, 4, 6, 4)
     comfy.assert_same_latents(tandem, stock)
+
+
+def test_a_wan_video_decode_in_bands_equals_the_stock_node(comfy_server, comfy):
+    """ComfyUI's Wan 2.1 VAE decodes frame by frame with a cache of the frames before: every band keeps its own."""
+    def workflow(node: str, prefix: str) -> dict:
+        flow = _workflow(node, prefix, rows=6, columns=4)
+        flow["1"] = {"class_type": "TandemTestSeededWanVAE", "inputs": {"seed": 5}}
+        flow["2"]["inputs"].update(channels=16, frames=3)
+        return flow
+
+    comfy.run_checked(comfy_server, workflow("VAEDecode", "wan_vae_stock"))
+    offset = comfy_server.log_size()
+    comfy.run_checked(comfy_server, workflow("TandemVAEDecode", "wan_vae_tandem"))
+    said = comfy_server.log_since(offset)
+    assert "VAE Decode (Multi-GPU) split 6x4 rows into 2 bands on cpu, cpu" in said, said[-2000:]
+    stock, tandem = comfy_server.latent("wan_vae_stock"), comfy_server.latent("wan_vae_tandem")
+    assert stock.shape == tandem.shape == (9, 48, 32, 3)  # 3 latent frames: 1 + 2 x 4 frames
+    comfy.assert_same_latents(tandem, stock)
+    assert 0.01 < stock.mean() < 0.99 and stock.std() > 1e-3  # inside the clamp: the oracle can tell bands apart

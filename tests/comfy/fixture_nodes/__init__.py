@@ -269,6 +269,29 @@ class TandemTestSeededVAE:
         return (comfy.sd.VAE(sd=model.state_dict()),)
 
 
+class TandemTestSeededWanVAE:
+    """ComfyUI's own Wan 2.1 video VAE (comfy.sd.VAE from a state dict it detects as Wan 2.1), 8 channels wide,
+    seeded inside the output's clamp (parallel_backend's seed_wan_weights)."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1})}}
+
+    RETURN_TYPES = ("VAE",)
+    FUNCTION = "build"
+    CATEGORY = "testing"
+
+    def build(self, seed):
+        import comfy.sd
+        from comfy.ldm.wan.vae import WanVAE
+
+        from parallel_backend.models.benchmodels_vae import seed_wan_weights
+
+        model = WanVAE(dim=8, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
+                       temperal_downsample=[False, True, True], image_channels=3, dropout=0.0)
+        return (comfy.sd.VAE(sd=seed_wan_weights(model, seed).state_dict()),)
+
+
 class TandemTestSeededLatent:
     """A latent of seeded normal noise (what a VAE decodes in the tests)."""
 
@@ -277,15 +300,18 @@ class TandemTestSeededLatent:
         return {"required": {"seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1}),
                              "channels": ("INT", {"default": 4, "min": 1, "max": 128}),
                              "rows": ("INT", {"default": 8, "min": 1, "max": 256}),
-                             "columns": ("INT", {"default": 8, "min": 1, "max": 256})}}
+                             "columns": ("INT", {"default": 8, "min": 1, "max": 256})},
+                "optional": {"frames": ("INT", {"default": 0, "min": 0, "max": 64})}}
 
     RETURN_TYPES = ("LATENT",)
     FUNCTION = "build"
     CATEGORY = "testing"
 
-    def build(self, seed, channels, rows, columns):
+    def build(self, seed, channels, rows, columns, frames=0):
+        """frames > 0: a video latent (batch, channels, frames, rows, columns)."""
         generator = torch.Generator().manual_seed(seed)
-        return ({"samples": torch.randn(1, channels, rows, columns, generator=generator)},)
+        shape = (1, channels, *((frames,) if frames else ()), rows, columns)
+        return ({"samples": torch.randn(shape, generator=generator)},)
 
 
 class TandemTestImageAsLatent:
@@ -305,6 +331,7 @@ class TandemTestImageAsLatent:
 
 NODE_CLASS_MAPPINGS = {"TandemTestTinySD1Model": TandemTestTinySD1Model,
                        "TandemTestSeededVAE": TandemTestSeededVAE,
+                       "TandemTestSeededWanVAE": TandemTestSeededWanVAE,
                        "TandemTestSeededLatent": TandemTestSeededLatent,
                        "TandemTestImageAsLatent": TandemTestImageAsLatent,
                        "TandemTestObjectPatch": TandemTestObjectPatch,
