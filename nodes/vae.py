@@ -70,9 +70,9 @@ class TandemVAEEncode(io.ComfyNode):
     def execute(cls, pixels, vae, settings=None) -> io.NodeOutput:
         model, family = vae.first_stage_model, vae_families.family_of(vae.first_stage_model)
         image = vae.vae_encode_crop_pixels(pixels[:, :, :, :3]).movedim(-1, 1)
-        reason = (f"Tandem splits only the decode of this {type(model).__name__} VAE yet"
-                  if family is not None and family.encode is None
-                  else _reason_to_stay_home(image, model, scale=family.scale if family else 1))
+        if family is not None and family.name.endswith("wan"):  # frames as the batch: one video (batch, C, T, H, W)
+            image = image.movedim(1, 0).unsqueeze(0)
+        reason = _reason_to_stay_home(image, model, scale=family.scale if family else 1)
         done = _on_the_pool("VAE Encode", settings, vae, image, reason,
                             lambda engine: encode(engine, model, vae.process_input(image).to(vae.vae_dtype)))
         if done is None:

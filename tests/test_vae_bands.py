@@ -45,14 +45,13 @@ def _close(out, reference):
     assert (out - reference).abs().max() <= 1e-4 * max(1.0, reference.abs().max().item())
 
 
-def banded(vae, x, degree: int, run, unit: int = 1, part=lambda vae: vae):
-    """run(vae, rows) on each band of `x` (bands of `unit` rows; `part` of the VAE banded), as `degree` threads,
-    joined along the rows."""
+def banded(vae, x, degree: int, run, unit: int = 1):
+    """run(vae, rows) on each band of `x` (bands of `unit` rows), as `degree` threads, joined along the rows."""
     bands, outs = threads.ThreadBands(degree), [None] * degree
 
     def rank(index):
         mine = copy.deepcopy(vae)
-        band_in_place(part(mine), bands.rank(index))
+        band_in_place(mine, bands.rank(index))
         rows = band_rows(x.shape[-2] // unit, degree, index)
         with torch.inference_mode():
             outs[index] = run(mine, x[..., rows.start * unit:rows.stop * unit, :])
@@ -95,9 +94,9 @@ def test_banded_encode_equals_the_whole(degree, rows, columns):
 
 
 @pytest.mark.parametrize("degree", [2, 3])
-def test_a_video_vae_decodes_in_bands_equal_to_the_whole(degree):
-    """Wan's VAE decodes frame by frame, each causal convolution joining the cached frames before it: every band
-    keeps its own cache and takes its halo after the join."""
+def test_a_video_vae_decodes_and_encodes_in_bands_equal_to_the_whole(degree):
+    """Wan's VAE decodes frame by frame (encodes 1, then 4 frames at a time), each causal convolution joining the
+    cached frames before it: every band keeps its own cache; its downsamples pad through a ZeroPad2d."""
     vae = tiny_wan_vae()
     z = torch.randn(1, 4, 3, 7, 5, generator=torch.Generator().manual_seed(8))
     with torch.inference_mode():
@@ -105,7 +104,9 @@ def test_a_video_vae_decodes_in_bands_equal_to_the_whole(degree):
         alone = torch.cat([_decode(vae, z[..., :4, :]), _decode(vae, z[..., 4:, :])], dim=-2)
     assert reference.shape == (1, 3, 5, 28, 20) and (reference.abs() < 0.99).float().mean() > 0.99  # no clamp
     assert (alone - reference).abs().max() > 1e-2  # bands without halos differ
-    _close(banded(vae, z, degree, _decode, part=lambda wan: wan.decoder), reference)
+    _close(banded(vae, z, degree, _decode), reference)
+    clip = torch.randn(1, 3, 5, 8 * 7, 40, generator=torch.Generator().manual_seed(11))  # 1 + 4 frames
+    _close(banded(vae, clip, degree, _encode, unit=8), _encode(vae, clip))
 
 
 def test_a_band_that_skipped_the_halo_would_differ():
@@ -166,7 +167,6 @@ def test_bands_over_gloo_processes_equal_the_whole(gloo_ranks, tmp_path):
 def test_a_pool_decodes_in_bands_equal_to_one_device(cpu_pool):
     from parallel_backend.engine.pool_engine import engine_for
     from parallel_backend.engine.vae import decode, encode
-    from parallel_backend.runtime.carry import CannotCarry
 
     vae = tiny_vae()
     z = torch.randn(2, 4, 7, 6, generator=torch.Generator().manual_seed(4))
@@ -185,8 +185,8 @@ def test_a_pool_decodes_in_bands_equal_to_one_device(cpu_pool):
     wan = tiny_wan_vae()
     video = torch.randn(1, 4, 3, 6, 5, generator=torch.Generator().manual_seed(9))
     _on_two_bands(decode(engine_for(cpu_pool), wan, video), _decode(wan, video))
-    with pytest.raises(CannotCarry, match="splits only the decode of this AutoencoderKLWan VAE yet"):
-        encode(engine_for(cpu_pool), wan, torch.zeros(1, 3, 5, 48, 40))
+    clip = torch.randn(1, 3, 5, 48, 40, generator=torch.Generator().manual_seed(10))
+    _on_two_bands(encode(engine_for(cpu_pool), wan, clip), _encode(wan, clip))
 
 
 def _on_two_bands(done, reference):

@@ -44,8 +44,6 @@ def encode(engine, vae, image, devices: int | None = None) -> Computed:
     diffusers' the distribution's parameters), as `decode` does: bands of whole latent rows (the family's `scale`
     image rows each)."""
     family = _family(vae)
-    if family.encode is None:
-        raise CannotCarry(f"Tandem splits only the decode of this {type(vae).__name__} VAE yet")
     if image.shape[-2] % family.scale or image.shape[-1] % family.scale:
         raise ValueError(f"an image of {image.shape[-2]}x{image.shape[-1]} pixels does not divide into the VAE's "
                          f"{family.scale}-pixel latent rows and columns; crop it to a multiple of {family.scale}")
@@ -64,7 +62,7 @@ def _split(engine, vae, rows_in, way: str, unit: int, devices: int | None) -> Co
     import torch
 
     family = _family(vae)
-    vae_bands.check_layers(family.part(vae))  # an unsupported layer refused before any work
+    vae_bands.check_layers(vae)  # an unsupported layer refused before any work
     units = rows_in.shape[-2] // unit
     with engine.job():
         degree = min(devices or engine.device_count(), engine.device_count(), units)
@@ -91,10 +89,9 @@ def run_band(state, message: VaeBand) -> Computed:
     vae, family_name = state.model(message.fingerprint)
     family = vae_families.family_named(family_name)
     group = vae_bands.PeerBands(message.peers, message.index, state.device)
-    part = family.part(vae)
-    bands = getattr(part, "__dict__", {}).get("_tandem_bands")
+    bands = getattr(vae, "__dict__", {}).get("_tandem_bands")
     if bands is None:
-        vae_bands.band_in_place(part, group)
+        vae_bands.band_in_place(vae, group)
     else:
         bands.group = group
     run = family.decode if message.way == DECODE else family.encode

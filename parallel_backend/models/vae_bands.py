@@ -11,7 +11,8 @@ and each is made exact (`band_in_place` wraps the module's own layers; the rest 
   input's bands are gathered (`gather_rows`), the block runs whole on every rank, each keeps its own rows.
   It runs at the network's smallest resolution, where a whole image is cheap.
 - an encoder's padded downsample (a zero row below, then a 3x3 convolution of stride 2) takes, in place of that
-  zero row, the first row of the band below: bands start at rows the downsampling divides.
+  zero row, the first row of the band below, whether the module pads in its forward (SD's) or through a
+  ZeroPad2d before the convolution (Wan's): bands start at rows the downsampling divides.
 Everything else (1x1 convolutions, nearest upsampling, activations, residual additions) works row by row, so a
 band computes exactly its rows. Rows are the second-to-last dimension: a video VAE's (batch, channels, frames,
 rows, columns) bands the same way; its causal 3D convolutions (which pad their frames themselves and prepend
@@ -71,7 +72,9 @@ def band_in_place(module: nn.Module, group) -> nn.Module:
     bands = _Bands(group)
     convs, norms, whole_blocks = check_layers(module)
     for conv in convs:
-        if hasattr(conv, "_padding"):
+        if isinstance(conv, nn.ZeroPad2d):
+            _wrap_zero_pad(conv, bands)
+        elif hasattr(conv, "_padding"):
             _wrap_causal_conv(conv, bands)
         else:
             (_wrap_halving_conv if conv.stride[-2] == 2 else _wrap_conv)(conv, bands)
@@ -90,11 +93,16 @@ def check_layers(module: nn.Module) -> tuple[list, list, list]:
     inside = {id(sub) for block in whole_blocks for sub in block.modules()}
     halved = {id(m.conv) for m in module.modules() if type(m).__name__ in PADDED_DOWNSAMPLES
               and isinstance(getattr(m, "conv", None), nn.Conv2d) and _pads_then_halves(m.conv)}
+    # a ZeroPad2d((0, 1, 0, 1)) right before such a convolution (Wan's downsamples): the pad takes the halo
+    pads = {id(pad): conv for m in module.modules() if isinstance(m, nn.Sequential)
+            for pad, conv in zip(m, list(m)[1:]) if isinstance(pad, nn.ZeroPad2d)
+            and tuple(pad.padding) == (0, 1, 0, 1) and isinstance(conv, nn.Conv2d) and _pads_then_halves(conv)}
+    after_pads = {id(conv) for conv in pads.values()}
     convs, norms = [], []
     for name, layer in module.named_modules():
-        if id(layer) in inside:
+        if id(layer) in inside or id(layer) in after_pads:
             continue
-        if id(layer) in halved:
+        if id(layer) in halved or id(layer) in pads:
             convs.append(layer)
         elif isinstance(layer, nn.Conv3d) and hasattr(layer, "_padding"):
             if _check_causal(name, layer):
@@ -136,6 +144,22 @@ def _check_conv(name: str, conv) -> None:
     if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
         raise ValueError(f"layer {name!r} pads with {conv.padding_mode!r} ({conv.padding!r}): only numeric zero "
                          "padding splits into bands exactly")
+
+
+def _wrap_zero_pad(pad: nn.ZeroPad2d, bands: _Bands) -> None:
+    """A downsample's ZeroPad2d((0, 1, 0, 1)) on a band: a zero column on the right, and below the band the first
+    row of the band below (a zero row at the image's bottom edge), so the halving convolution after it sees the
+    whole image's rows."""
+    original = pad.forward
+
+    def forward(x):
+        if bands.whole:
+            return original(x)
+        x = F.pad(x, (0, 1, 0, 0))
+        _, below = bands.group.halo(x[..., :1, :], x[..., :0, :])  # nothing goes down: an empty message is skipped
+        return torch.cat([x, x.new_zeros((*x.shape[:-2], 1, x.shape[-1])) if below is None else below], dim=-2)
+
+    pad.forward = forward
 
 
 def _wrap_halving_conv(conv, bands: _Bands) -> None:

@@ -13,13 +13,8 @@ class VaeFamily:
     name: str  # "vae:<host>_<class>", the family the workers hold it under
     classes: tuple[str, ...]  # the VAE's class names, with their module's prefix
     decode: Callable  # (the VAE, a latent's rows) -> the image's rows
-    encode: Callable | None  # (the VAE, an image's rows) -> the latent's rows (diffusers: the distribution's
-    # parameters); None: decode only
+    encode: Callable  # (the VAE, an image's rows) -> the latent's rows (diffusers: the distribution's parameters)
     scale: int = 8  # image rows per latent row: an encoder's bands start at multiples of it
-    banded: Callable = None  # the VAE -> the part split into bands (None: the whole VAE)
-
-    def part(self, vae):
-        return vae if self.banded is None else self.banded(vae)
 
 
 def _diffusers_decode(vae, latent):
@@ -28,10 +23,6 @@ def _diffusers_decode(vae, latent):
 
 def _diffusers_encode(vae, image):
     return vae.encode(image).latent_dist.parameters  # mean and log-variance: the host samples (a generator's noise)
-
-
-def _decoder(vae):
-    return vae.decoder
 
 
 def _comfy_decode(vae, latent):
@@ -45,14 +36,14 @@ def _comfy_encode(vae, image):
 FAMILIES = (
     VaeFamily("vae:diffusers_autoencoderkl", ("diffusers.models.autoencoders.autoencoder_kl.AutoencoderKL",),
               _diffusers_decode, _diffusers_encode),
-    # Wan 2.1's causal video VAE: decode only (its encoder's downsamples pad through a ZeroPad2d: not yet)
+    # Wan 2.1's causal video VAE
     VaeFamily("vae:diffusers_autoencoderkl_wan", ("diffusers.models.autoencoders.autoencoder_kl_wan.AutoencoderKLWan",),
-              _diffusers_decode, None, banded=_decoder),
+              _diffusers_decode, _diffusers_encode),
     # ComfyUI's SD1.x / SDXL / SD3 / Flux VAE (comfy.sd.VAE's first_stage_model)
     VaeFamily("vae:comfy_autoencoderkl", ("comfy.ldm.models.autoencoder.AutoencoderKL",),
               _comfy_decode, _comfy_encode),
-    # ComfyUI's Wan 2.1 video VAE: decode only, its decoder banded
-    VaeFamily("vae:comfy_wan", ("comfy.ldm.wan.vae.WanVAE",), _comfy_decode, None, banded=_decoder),
+    # ComfyUI's Wan 2.1 video VAE
+    VaeFamily("vae:comfy_wan", ("comfy.ldm.wan.vae.WanVAE",), _comfy_decode, _comfy_encode),
 )
 
 

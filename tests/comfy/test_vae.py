@@ -46,20 +46,36 @@ def test_a_latent_of_one_row_takes_the_stock_path_and_says_why(comfy_server, com
                                atol=1e-4, rtol=1e-4)
 
 
-def test_vae_encode_in_bands_equals_the_stock_node(comfy_server, comfy):
-    def workflow(node: str, prefix: str) -> dict:
-        flow = _workflow("VAEDecode", prefix, rows=6, columns=4)  # a seeded image: the stock decode of a latent
-        flow["4"] = {"class_type": node, "inputs": {"pixels": ["3", 0], "vae": ["1", 0]}}
-        flow["5"]["inputs"]["samples"] = ["4", 0]
-        if node == "TandemVAEEncode":
-            flow["6"] = {"class_type": "TandemSettings", "inputs": {"devices": "cpu:2", "strategy": "auto",
-                                                                    "cfg_degree": 0, "batch_degree": 0}}
-            flow["4"]["inputs"]["settings"] = ["6", 0]
-        return flow
+def _encode_workflow(node: str, prefix: str, wan: bool = False) -> dict:
+    """A seeded image (a video's frames with `wan`): the stock decode of a latent; then `node` encodes it."""
+    flow = _workflow("VAEDecode", prefix, rows=6, columns=4)
+    if wan:
+        flow["1"] = {"class_type": "TandemTestSeededWanVAE", "inputs": {"seed": 5}}
+        flow["2"]["inputs"].update(channels=16, frames=3)
+    flow["4"] = {"class_type": node, "inputs": {"pixels": ["3", 0], "vae": ["1", 0]}}
+    flow["5"]["inputs"]["samples"] = ["4", 0]
+    if node == "TandemVAEEncode":
+        flow["6"] = {"class_type": "TandemSettings", "inputs": {"devices": "cpu:2", "strategy": "auto",
+                                                                "cfg_degree": 0, "batch_degree": 0}}
+        flow["4"]["inputs"]["settings"] = ["6", 0]
+    return flow
 
-    comfy.run_checked(comfy_server, workflow("VAEEncode", "vae_encode_stock"))
+
+def test_a_wan_video_encode_in_bands_equals_the_stock_node(comfy_server, comfy):
+    comfy.run_checked(comfy_server, _encode_workflow("VAEEncode", "wan_encode_stock", wan=True))
     offset = comfy_server.log_size()
-    comfy.run_checked(comfy_server, workflow("TandemVAEEncode", "vae_encode_tandem"))
+    comfy.run_checked(comfy_server, _encode_workflow("TandemVAEEncode", "wan_encode_tandem", wan=True))
+    said = comfy_server.log_since(offset)
+    assert "VAE Encode (Multi-GPU) split 48x32 rows into 2 bands on cpu, cpu" in said, said[-2000:]
+    stock, tandem = comfy_server.latent("wan_encode_stock"), comfy_server.latent("wan_encode_tandem")
+    assert stock.shape == tandem.shape == (1, 16, 3, 6, 4)
+    comfy.assert_same_latents(tandem, stock)
+
+
+def test_vae_encode_in_bands_equals_the_stock_node(comfy_server, comfy):
+    comfy.run_checked(comfy_server, _encode_workflow("VAEEncode", "vae_encode_stock"))
+    offset = comfy_server.log_size()
+    comfy.run_checked(comfy_server, _encode_workflow("TandemVAEEncode", "vae_encode_tandem"))
     said = comfy_server.log_since(offset)
     assert "VAE Encode (Multi-GPU) split 48x32 rows into 2 bands on cpu, cpu" in said, said[-2000:]
     stock, tandem = comfy_server.latent("vae_encode_stock"), comfy_server.latent("vae_encode_tandem")
