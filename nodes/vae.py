@@ -72,7 +72,7 @@ class TandemVAEEncode(io.ComfyNode):
         image = vae.vae_encode_crop_pixels(pixels[:, :, :, :3]).movedim(-1, 1)
         if family is not None and family.name.endswith("wan"):  # frames as the batch: one video (batch, C, T, H, W)
             image = image.movedim(1, 0).unsqueeze(0)
-        reason = _reason_to_stay_home(image, model, scale=family.scale if family else 1)
+        reason = _reason_to_stay_home(image, model, scale=family.scale(model) if family else 1)
         done = _on_the_pool("VAE Encode", settings, vae, image, reason,
                             lambda engine: encode(engine, model, vae.process_input(image).to(vae.vae_dtype)))
         if done is None:

@@ -42,12 +42,12 @@ def decode(engine, vae, latent, devices: int | None = None) -> Computed:
 def encode(engine, vae, image, devices: int | None = None) -> Computed:
     """What `vae` encodes `image` (batch, channels, rows, columns) to (the family's encode: ComfyUI's the latent,
     diffusers' the distribution's parameters), as `decode` does: bands of whole latent rows (the family's `scale`
-    image rows each)."""
-    family = _family(vae)
-    if image.shape[-2] % family.scale or image.shape[-1] % family.scale:
+    of image rows each)."""
+    scale = _family(vae).scale(vae)
+    if image.shape[-2] % scale or image.shape[-1] % scale:
         raise ValueError(f"an image of {image.shape[-2]}x{image.shape[-1]} pixels does not divide into the VAE's "
-                         f"{family.scale}-pixel latent rows and columns; crop it to a multiple of {family.scale}")
-    return _split(engine, vae, image, ENCODE, family.scale, devices)
+                         f"{scale}-pixel latent rows and columns; crop it to a multiple of {scale}")
+    return _split(engine, vae, image, ENCODE, scale, devices)
 
 
 def _family(vae):

@@ -34,9 +34,9 @@ from torch.nn import functional as F
 from ..runtime import primitives
 
 # Blocks whose every output position reads every input position: run whole on gathered rows. diffusers' VAEs
-# use Attention (attention_processor) and WanAttentionBlock (per frame), ComfyUI's AttnBlock
-# (ldm/modules/diffusionmodules/model.py) and AttentionBlock (ldm/wan/vae.py).
-WHOLE_BLOCKS = ("Attention", "AttnBlock", "WanAttentionBlock", "AttentionBlock")
+# use Attention (attention_processor), WanAttentionBlock and QwenImageAttentionBlock (per frame); ComfyUI's
+# AttnBlock (ldm/modules/diffusionmodules/model.py) and AttentionBlock (ldm/wan/vae.py).
+WHOLE_BLOCKS = ("Attention", "AttnBlock", "AttentionBlock")  # class names ending so (a family's prefix before)
 # Encoders' downsamples that pad their input with one zero row below and one zero column on the right, then run
 # a 3x3 convolution of stride 2 without padding (diffusers' Downsample2D, ComfyUI's Downsample): on a band of an
 # even number of rows, the row below is the next band's first row, not a zero (`_wrap_halving_conv`).
@@ -89,7 +89,7 @@ def band_in_place(module: nn.Module, group) -> nn.Module:
 def check_layers(module: nn.Module) -> tuple[list, list, list]:
     """The layers a band split wraps: (convolutions that pad their rows, GroupNorms, blocks that run whole),
     outside the whole blocks. Raises ValueError in one sentence for a layer it cannot band exactly."""
-    whole_blocks = [m for m in module.modules() if type(m).__name__ in WHOLE_BLOCKS]
+    whole_blocks = [m for m in module.modules() if type(m).__name__.endswith(WHOLE_BLOCKS)]
     inside = {id(sub) for block in whole_blocks for sub in block.modules()}
     halved = {id(m.conv) for m in module.modules() if type(m).__name__ in PADDED_DOWNSAMPLES
               and isinstance(getattr(m, "conv", None), nn.Conv2d) and _pads_then_halves(m.conv)}
@@ -114,6 +114,13 @@ def check_layers(module: nn.Module) -> tuple[list, list, list]:
         elif isinstance(layer, nn.GroupNorm):
             norms.append(layer)
     return convs, norms, whole_blocks
+
+
+def row_scale(module: nn.Module) -> int:
+    """Image rows per latent row: 2 to the number of the encoder's row-halving downsamples (what an encoder's bands
+    must start at multiples of)."""
+    convs, _, _ = check_layers(module)
+    return 2 ** sum(1 for layer in convs if isinstance(layer, nn.ZeroPad2d) or layer.stride[-2] == 2)
 
 
 def _pads_then_halves(conv) -> bool:
