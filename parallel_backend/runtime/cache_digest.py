@@ -5,13 +5,14 @@ The name HASH is shipping.weights_hash: a hash of what the model is (its family,
 by unpickling the image, not of the file's bytes; so the file's bytes get a digest of their own.
 
 When a file is checked: hashing a file costs time in proportion to its size, and a stat nothing. Measured on
-this project's 2-core CI machine (loaded), a 500 MiB file in the page cache: sha256 1.0 GiB/s (1 MiB reads into
-one buffer, as here, and hashlib.file_digest alike), blake2b 0.6 GiB/s, a stat some microseconds. Hashing on every
-load would add ~20 s to each pool's first load of a 20 GB model, so a file is hashed as it is written, and again
-only when its size, modification time or inode differ from those recorded then (a write, a truncation, a copy or
-a restore from elsewhere). The record is made with the file's modification time set SEALED_AGO_NS in the past:
-any later write sets it to the present, so it differs from the record even within the file system's timestamp
-tick. A change that leaves all three as they were (a disk that silently returns other bytes) is not seen.
+this project's development machine (2 shared Xeon cores with SHA-NI, loaded), a 500 MiB file in the page
+cache: sha256 1.0 GiB/s (1 MiB reads into one buffer, as here, and hashlib.file_digest alike), blake2b
+0.6 GiB/s, a stat some microseconds. Hashing on every load would add ~20 s to each pool's first load of a 20 GB
+model, so a file is hashed as it is written, and again only when its size, modification time or inode differ
+from those recorded then (a write, a truncation, a copy or a restore from elsewhere). The record is made with
+the file's modification time set SEALED_AGO_NS in the past: any later write sets it to the present, so it
+differs from the record even within the file system's timestamp tick. A change that leaves all three as they
+were (a disk that silently returns other bytes) is not seen.
 """
 
 from __future__ import annotations
