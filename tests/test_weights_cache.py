@@ -237,7 +237,8 @@ def test_a_cached_file_that_changed_is_not_held_and_is_removed_with_its_path_log
     assert _files(cache.folder) == []  # the file and its record are gone: the next store starts clean
     removed = [r.getMessage() for r in caplog.records if "removed" in r.getMessage()]
     assert len(removed) == 1 and str(path) in removed[0] and why in removed[0], removed
-    assert {"flipped_byte": "bytes changed", "truncated": "truncated", "missing_digest": "no content digest"}[how] in why
+    said = {"flipped_byte": "bytes changed", "truncated": "truncated", "missing_digest": "no content digest"}
+    assert said[how] in why, why
     assert not cache.holds(weights_hash)  # asked again: simply not there, nothing more logged
     assert len([r for r in caplog.records if "removed" in r.getMessage()]) == 1
 
