@@ -117,6 +117,10 @@ class WorkerState:
 
         from .recipe import weights_bytes
 
+        if self.weights_cache is not None and message.cached is None:
+            what = f"the path {message.path!r}" if message.path is not None else "the host's own GPU memory"
+            raise RuntimeError(f"a worker of `tandem worker serve` loads a model only from its machine's weights "
+                               f"cache, by hash, not from {what}")
         started = time.perf_counter()
         for fingerprint in [f for f in self.models if f not in message.keep]:
             self._drop(fingerprint)
