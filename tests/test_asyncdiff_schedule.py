@@ -96,4 +96,4 @@ def test_explain_prints_a_call_by_device_grid():
     lines = text.splitlines()
     assert lines[0].split()[:4] == ["call", "step", "cuda:0", "(stage"]
     assert "latent of c1 (exact)" in lines[2] and "latent of c2" in lines[4] and "(exact)" not in lines[4]
-    assert "warm-up 2 step(s), stride 1" in lines[-1]
+    assert "warm-up 2 steps, stride 1" in lines[-1]

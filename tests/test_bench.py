@@ -144,5 +144,5 @@ def test_a_disturbed_run_says_so_in_its_table():
 
     assert _spread([1.0, 1.05, 1.02]) < 0.10 < _spread([1.0, 1.2])
     report = {"model": "tiny", "resolution": [32, 32], "steps": 3, "devices": ["cpu", "cpu"], "threads_per_device": 1,
-              "results": [], "disturbed": ["serial (1 image(s), cfg 7.5): repeats spread 20% (> 10%)"]}
-    assert "DISTURBED RUN, figures unreliable: serial (1 image(s), cfg 7.5): repeats spread 20%" in format_table(report)
+              "results": [], "disturbed": ["serial (1 image, cfg 7.5): repeats spread 20% (> 10%)"]}
+    assert "DISTURBED RUN, figures unreliable: serial (1 image, cfg 7.5): repeats spread 20%" in format_table(report)

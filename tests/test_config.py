@@ -36,7 +36,7 @@ def test_missing_cuda_device_is_named(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     assert resolve_devices(("cuda:0", "cuda:1")) == ("cuda:0", "cuda:1")
-    with pytest.raises(ValueError, match=r"cuda:3 does not exist: this machine has 2 CUDA device\(s\) \(cuda:0, cuda:1\)"):
+    with pytest.raises(ValueError, match=r"cuda:3 does not exist: this machine has 2 CUDA devices \(cuda:0, cuda:1\)"):
         resolve_devices(("cuda:0", "cuda:3"))
     assert resolve_devices(("auto",)) == ("cuda:0", "cuda:1")
     with pytest.raises(ValueError, match=r"^cuda:6, cuda:7 do not exist: this machine has 2"):  # all, one sentence

@@ -164,7 +164,7 @@ def test_given_speeds_leave_a_device_out_and_say_so(mixed_pool, small, caplog):
         result = run_loop(small, job, resolution, steps=1, repeats=0, executor=executor)
     torch.testing.assert_close(result.latents, reference.latents, atol=ATOL, rtol=ATOL)
     assert {rank: extra["rows"] for rank, extra in result.calls[-1]["extra"].items()} == {0: 2}
-    assert "cpu (worker 1) sits out calls of 2 row(s)" in caplog.text
+    assert "cpu (worker 1) sits out calls of 2 rows" in caplog.text
 
 
 @pytest.mark.slow

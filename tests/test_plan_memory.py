@@ -71,7 +71,7 @@ def test_without_a_budget_nothing_is_marked_and_tensor_is_not_chosen():
 def test_when_nothing_fits_one_sentence_names_the_smallest_need():
     found = candidates(BIG, 2, budget_bytes=GIB)
     with pytest.raises(NothingFits, match=r"^nothing fits the memory per device: the smallest need is [0-9.]+ GiB "
-                                          r"per device, .* on 2 device\(s\); raise --memory-per-device or add devices$"):
+                                          r"per device, .* on 2 devices; raise --memory-per-device or add devices$"):
         choose(found)
 
 

@@ -229,6 +229,6 @@ def test_auto_keeps_the_tiny_transformer_on_one_device_and_says_why(pool, flux, 
         _equals_one_device(flux, call, result)
         assert set(result.compute_s) == {0} and result.mesh.size == 1  # only rank 0 computed
     measured = [r.getMessage() for r in caplog.records if "auto ran the first two calls" in r.getMessage()]
-    assert len(measured) == 1 and f"{ATTENTIONS} token-mixing attention(s) of 18 tokens x 4 heads" in measured[0]
+    assert len(measured) == 1 and f"{ATTENTIONS} token-mixing attentions of 18 tokens x 4 heads" in measured[0]
     said = [r.getMessage() for r in caplog.records if "auto runs this call on one device" in r.getMessage()]
     assert len(said) == 1 and "no split is predicted to reach 1.05x" in said[0], said

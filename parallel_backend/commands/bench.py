@@ -25,6 +25,7 @@ from ..runtime.pool import WorkerPool
 from ..runtime.recipe import weights_bytes
 from ..runtime.portable import cpu_cores, peak_memory_bytes
 from .bench_inputs import check_bench_inputs, parse_resolution
+from ..runtime.words import counted
 
 SPREAD_LIMIT = 0.10  # repeats of one variant further apart than this (of their median) mark the run disturbed
 OTHER_LOAD_LIMIT = 0.10  # CPU time of other processes above this share of the machine marks it disturbed
@@ -192,7 +193,7 @@ def run_bench(model_name: str = "small", devices: str = "cpu:2", strategies_: tu
             rows, branches = job.images * (2 if job.cfg != 1.0 else 1), 2 if job.cfg != 1.0 else 1
             if predictor is not None:
                 predictor.measure(rows, branches)  # the plan's inputs for this job, before any of its runs
-            progress(f"[bench] {job.images} image(s), cfg {job.cfg:g}: {', '.join(variants)} in rotation")
+            progress(f"[bench] {counted(job.images, 'image')}, cfg {job.cfg:g}: {', '.join(variants)} in rotation")
             for repeat in range(repeats + 1):
                 for name, (threads, executor) in variants.items():
                     # The host only steps the scheduler in pool runs: idle OpenMP threads would spin on the workers' cores.
@@ -204,7 +205,7 @@ def run_bench(model_name: str = "small", devices: str = "cpu:2", strategies_: tu
             torch.set_num_threads(share)
             for name, result in measured.items():
                 if _spread(result.end_to_end) > SPREAD_LIMIT:
-                    disturbed.append(f"{name} ({job.images} image(s), cfg {job.cfg:g}): repeats spread "
+                    disturbed.append(f"{name} ({counted(job.images, 'image')}, cfg {job.cfg:g}): repeats spread "
                                      f"{100 * _spread(result.end_to_end):.0f}% (> {100 * SPREAD_LIMIT:.0f}%)")
             ideal = _ideal(model, rows, -(-rows // n), resolution)
             serial, all_cores = measured["serial"], measured["all cores"]

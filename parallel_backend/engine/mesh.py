@@ -28,6 +28,7 @@ import math
 from dataclasses import dataclass, field
 
 from .. import strategies
+from ..runtime.words import counted
 
 
 @dataclass(frozen=True)
@@ -93,7 +94,7 @@ class Mesh:
         return " x ".join(f"{name} {degree}" for name, degree in self.degrees().items())
 
     def describe(self) -> str:
-        return f"{self.strategy} ({self.product()})" + (f", {self.idle} device(s) idle" if self.idle else "")
+        return f"{self.strategy} ({self.product()})" + (f", {counted(self.idle, 'device')} idle" if self.idle else "")
 
 
 def resolve(config, n_devices: int, branches: int = 2, rows: int | None = None,
@@ -153,7 +154,7 @@ def _auto(n_devices: int, branches: int, rows: int | None, sequence: SequenceHin
     kind = "ulysses" if fits else "ring"
     heads = "the model's attention heads are unknown" if sequence.heads is None else \
         f"the model's {sequence.heads} attention heads {'divide' if fits else 'do not divide'} by {left}"
-    why = (f"{per_group} row(s) per cfg group cannot give each of its {left} devices a whole row, so they split the "
+    why = (f"{counted(per_group, 'row')} per cfg group cannot give each of its {left} devices a whole row, so they split the "
            f"token sequence; {kind}: {heads}")
     return Mesh(kind, cfg, 1, (left,), n_devices, why)
 

@@ -33,6 +33,7 @@ from . import weights
 from .config import ParallelConfig
 from .mesh import Mesh, SequenceHint, fit, resolve, whole_on_rank_0, whole_rows
 from .sizing import sized_mesh
+from ..runtime.words import agree, counted
 
 log = logging.getLogger("tandem")
 _ENGINES_LOCK = threading.Lock()
@@ -263,7 +264,7 @@ class Engine:
             return resolve(config, self.device_count(), call.branches, call.rows, hint)
         mesh = fit(config, self.device_count(), call.branches, call.rows, hint)
         if config.strategy != "auto" and mesh.strategy != config.strategy:
-            self._say(f"Tandem: strategy {config.strategy!r} does not fit the {self.device_count()} device(s) left "
+            self._say(f"Tandem: strategy {config.strategy!r} does not fit the {counted(self.device_count(), 'device')} left "
                       f"while {', '.join(self.pool.left_out)} is away: {mesh.describe()} instead (exact)")
         return mesh
 
@@ -289,7 +290,7 @@ class Engine:
             devices = self.pool.devices
             idle = ", ".join(f"{devices[r]} (worker {r})" for r in range(mesh.size, len(devices)))
             why = "auto's plan for this call" if mesh.why else "this call cannot use more devices"
-            self._say(f"Tandem: {mesh.describe()}: {idle} sit(s) out: {why}")
+            self._say(f"Tandem: {mesh.describe()}: {idle} {agree(mesh.idle, 'sits')} out: {why}")
 
     def _say_holdings(self, fingerprint: str, module, family: str, strategy: str, placed: str) -> None:
         """Logs, once, which device holds how much of a model whose workers hold less than the whole."""

@@ -12,6 +12,7 @@ from .. import strategies
 from ..runtime.devices import split_device
 from ..runtime.messages import Forward
 from ..runtime.speeds import busiest, describe, sit_out, speeds_of
+from ..runtime.words import counted
 
 MEASURE_REPEATS = 5
 CFG_NOTE_ABOVE = 0.20  # cfg says it cannot rebalance when its two devices differ by more than this
@@ -60,7 +61,7 @@ def sized_mesh(engine, mesh, config, fingerprint: str, call, planner=None):
                        if split_device(device)[0] not in engine.pool.left_out)
     if isinstance(wanted, tuple):
         if len(wanted) != len(devices):
-            raise ValueError(f"device_speeds gives {len(wanted)} number(s) for {len(devices)} device(s) "
+            raise ValueError(f"device_speeds gives {counted(len(wanted), 'number')} for {counted(len(devices), 'device')} "
                              f"({', '.join(devices)}); give one per device")
         speeds = wanted
     else:
@@ -86,7 +87,7 @@ def sized_mesh(engine, mesh, config, fingerprint: str, call, planner=None):
             ranks = [r for g in range(half * mesh.batch, (half + 1) * mesh.batch) for r in mesh.ranks(g)]
             for index in sit_out(rows, [speeds[r] for r in ranks], cost):
                 rank = ranks[index]
-                engine.say(f"Tandem: {devices[rank]} (worker {rank}) sits out calls of {rows} row(s): at speed "
+                engine.say(f"Tandem: {devices[rank]} (worker {rank}) sits out calls of {counted(rows, 'row')}: at speed "
                            f"{speeds[rank]:.2f} of the fastest, its share would make the call slower than the "
                            f"other devices take without it ({judge})")
                 speeds[rank] = 0.0

@@ -18,6 +18,7 @@ from .diffusers_transformer import ParallelTransformer
 from .model_folder import SUPPORTED_PIPELINES, pipeline_class_name
 from .stand_in import StandIn
 from .diffusers_vae import ParallelVAE, splits
+from ..runtime.words import counted
 
 TRANSFORMERS = ("transformer", "transformer_2")  # Wan 2.2 has a second one for its low-noise steps
 
@@ -102,7 +103,7 @@ class DiffusersPipeline:
 
     def check(self, request: GenerationRequest) -> None:
         """Refuses, before any step, a request that this device's memory cannot hold."""
-        validation.fits_in_memory(f"{request.num_images} image(s) of {self.image_side()} px",
+        validation.fits_in_memory(f"{counted(request.num_images, 'image')} of {self.image_side()} px",
                                   self.bytes_per_request(request), str(self.device), "ask for fewer images")
 
     @torch.no_grad()

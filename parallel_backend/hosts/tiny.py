@@ -10,6 +10,7 @@ import torch
 from ..runtime import validation
 from ..models.sampling import Generation, GenerationRequest, Timer, denoise, initial_noise, make_scheduler
 from ..tiny.model import TinyDigitsModel
+from ..runtime.words import counted
 
 
 def pixels_to_images(pixels: torch.Tensor, upscale: int = 8) -> list:
@@ -81,7 +82,7 @@ class TinyDigitsPipeline:
 
     def check(self, request: GenerationRequest) -> None:
         """Refuses, before any step, a request that this device's memory cannot hold."""
-        validation.fits_in_memory(f"{request.num_images} image(s)", self.bytes_per_request(request),
+        validation.fits_in_memory(counted(request.num_images, "image"), self.bytes_per_request(request),
                                   str(self.device), "ask for fewer images")
 
     @torch.no_grad()

@@ -32,6 +32,7 @@ from .links import Link
 from .model import Inputs, candidates, row_split_seconds
 from .probe import DeviceFigures, measure_calls, measure_link
 from .traffic import CallShape
+from ..runtime.words import counted
 
 # The pool's own cost per call (messages, pickling, the host's scheduler step). CPU workers: `tandem bench`'s
 # "ovh ms" for cfg and batch on `small`, 2 CPU workers, 10 calls: 4.8 and 3.3 ms (2026-12-01, a run the bench
@@ -213,7 +214,7 @@ def measured_note(seconds: float, hint, mixing: TokenMixing | None, link: Link, 
     if given_s is not None:
         what = f"{1000 * given_s:.1f} ms given in place of the measured {what}"
     if mixing is not None:
-        what += (f"; {mixing.count} token-mixing attention(s) of {mixing.tokens} tokens x {mixing.heads} heads, "
+        what += (f"; {counted(mixing.count, 'token-mixing attention')} of {mixing.tokens} tokens x {mixing.heads} heads, "
                  f"{1000 * mixing.seconds_per_row:.2f} ms each per row")
     elif hint is not None:
         what += "; no token-mixing attention seen through the model's attention entry point: no split by tokens"

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from .. import strategies
 from .model import Candidate
+from ..runtime.words import counted
 
 FLOOR = 1.05  # a predicted gain smaller than this is within the model's error: not worth a pool
 
@@ -58,4 +59,4 @@ class NothingFits(ValueError):
         self.least = least
         super().__init__(f"nothing fits the memory per device: the smallest need is "
                          f"{least.memory_bytes_per_device / 2**30:.2f} GiB per device, {least.label()} on "
-                         f"{least.devices} device(s); raise --memory-per-device or add devices")
+                         f"{counted(least.devices, 'device')}; raise --memory-per-device or add devices")

@@ -6,13 +6,14 @@ import json
 
 from .choose import Choice
 from .model import Candidate, Inputs
+from ..runtime.words import counted
 
 MIB = 2**20
 
 
 def inputs_line(inp: Inputs, overhead_source: str) -> str:
     """The measured and counted inputs, in one line."""
-    times = ", ".join(f"{rows} row(s) {1000 * s:.1f} ms" for rows, s in sorted(inp.call_seconds.items()))
+    times = ", ".join(f"{counted(rows, 'row')} {1000 * s:.1f} ms" for rows, s in sorted(inp.call_seconds.items()))
     parts = [f"one device per call: {times}"]
     if inp.attention_seconds:
         parts.append(f"one attention of one row {1000 * inp.attention_seconds:.2f} ms x {inp.shape.attentions} "

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+from .words import counted
 
 _DEVICE = re.compile(r"^(cpu|cuda)(?::(\d+))?$")
 # A device of another machine: HOST:PORT/DEVICE, where HOST:PORT is that machine's `tandem worker serve --listen`.
@@ -99,7 +100,7 @@ def cpu_worker_limit() -> tuple[int, str]:
 
     cores = len(cpu_cores())
     by_cores = max(MIN_CPU_WORKERS, CPU_WORKERS_PER_CORE * cores)
-    why = f"{cores} core(s) allow {by_cores} ({CPU_WORKERS_PER_CORE} per core, at least {MIN_CPU_WORKERS})"
+    why = f"{counted(cores, 'core')} allow {by_cores} ({CPU_WORKERS_PER_CORE} per core, at least {MIN_CPU_WORKERS})"
     available = _available_memory()
     if available is None:
         return by_cores, why
@@ -155,7 +156,7 @@ def check_devices_exist(devices: tuple[str, ...]) -> None:
         count = cuda_device_count()
         have = ", ".join(f"cuda:{i}" for i in range(count)) or "none"
         verb = "does" if len(missing) == 1 else "do"
-        raise ValueError(f"{', '.join(missing)} {verb} not exist: this machine has {count} CUDA device(s) ({have}); "
+        raise ValueError(f"{', '.join(missing)} {verb} not exist: this machine has {counted(count, 'CUDA device')} ({have}); "
                          "change devices (or use 'cpu:2' for CPU workers)")
 
 

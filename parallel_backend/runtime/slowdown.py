@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 
 from . import environment
+from .words import counted
 
 ENV = "TANDEM_TEST_SLOWDOWN"
 MAX_FACTOR = 10
@@ -43,7 +44,7 @@ def parse(spec, devices: int | None = None) -> dict[int, float]:
         if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
             raise ValueError(f"test slowdown: worker {rank!r} is not a worker number (0, 1, ...)")
         if devices is not None and rank >= devices:
-            raise ValueError(f"test slowdown names worker {rank}, but the pool has {devices} device(s) "
+            raise ValueError(f"test slowdown names worker {rank}, but the pool has {counted(devices, 'device')} "
                              f"(workers 0 to {devices - 1})")
         if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not math.isfinite(factor) \
                 or not 1 <= factor <= MAX_FACTOR:

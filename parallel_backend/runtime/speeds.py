@@ -18,6 +18,7 @@ Pure: engine/sizing.py measures the pool and applies these to a call's mesh.
 from __future__ import annotations
 
 import math
+from .words import counted
 
 MODES = ("auto", "equal", "measure")
 EQUAL_WITHIN = 0.10
@@ -49,7 +50,7 @@ def parse_speeds(value, devices: int | None = None):
     if not speeds:
         raise ValueError("device_speeds is empty; give one positive number per device such as '1,0.5', or 'measure'")
     if devices is not None and len(speeds) != devices:
-        raise ValueError(f"device_speeds gives {len(speeds)} number(s) for {devices} device(s); give one per device")
+        raise ValueError(f"device_speeds gives {counted(len(speeds), 'number')} for {counted(devices, 'device')}; give one per device")
     return relative(speeds)
 
 

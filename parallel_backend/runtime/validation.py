@@ -17,6 +17,7 @@ import stat
 import sys
 import tempfile
 from pathlib import Path
+from .words import counted
 
 MAX_STEPS = 10_000  # a sampler's steps; beyond it the schedule alone fills memory (10**9 steps: 23 GB)
 MAX_IMAGES = 10_000  # images of one request (memory bounds it further: `fits_in_memory`)
@@ -233,7 +234,7 @@ def torch_device(option: str, name) -> str:
                          "--devices cpu:N)")
     count = cuda_device_count() if kind == "cuda" else 0
     if kind == "cuda" and int(index or 0) >= count:
-        have = "no CUDA device" if count == 0 else f"{count} CUDA device(s), cuda:0 to cuda:{count - 1}"
+        have = "no CUDA device" if count == 0 else f"{counted(count, 'CUDA device')}, cuda:0 to cuda:{count - 1}"
         raise ValueError(f"{option} {name}: this machine has {have}; use --device cpu or an existing GPU")
     return name
 

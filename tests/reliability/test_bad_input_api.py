@@ -132,7 +132,7 @@ def test_the_demo_checks_like_the_api_before_loading(fields, error, fragment, no
 
 def test_a_pipeline_refuses_what_memory_cannot_hold_before_a_step(digits_pipeline, no_work):
     no_work.setattr(validation, "available_bytes", lambda device="cpu": 2**20)
-    with pytest.raises(ValueError, match=r"^64 image\(s\) needs at least .* GiB available on cpu; ask for fewer"):
+    with pytest.raises(ValueError, match=r"^64 images needs at least .* GiB available on cpu; ask for fewer"):
         digits_pipeline.generate(GenerationRequest("a handwritten 7", num_images=64), progress=False)
 
 

@@ -19,6 +19,7 @@ from ...runtime.validation import MAX_STEPS
 from ..base import BenchJob, Strategy
 from .messages import PlaceStages, ProbeExchange, ProfileLayers, StageCall, StagePlan
 from .schedule import balance, explain, simulate, stage_actions, stage_costs, stage_step  # noqa: F401 (API)
+from ...runtime.words import counted
 
 
 STAGES = Knob("stages", int, None, "asyncdiff: the stages the UNet is cut into, one device each (default: the "
@@ -136,7 +137,7 @@ class AsyncDiff(Strategy):
         moved = statistics.median(c["bytes"] for c in async_calls)
         overlapped = max(0.0, 1.0 - exposed / transfer) if transfer > 0 else 1.0
         summary = (f"asyncdiff: {len(shares)} stages, work shares {' / '.join(f'{100 * s:.1f}%' for s in shares)} "
-                   f"(cut after {', '.join(pair[1] for pair in layers[:-1])}); warm-up {config.warmup} step(s), "
+                   f"(cut after {', '.join(pair[1] for pair in layers[:-1])}); warm-up {counted(config.warmup, 'step')}, "
                    f"stride {config.stride}; {moved / 2**20:.2f} MiB between stages per call, "
                    f"{1000 * transfer:.1f} ms alone, {1000 * exposed:.1f} ms of it exposed "
                    f"({100 * overlapped:.0f}% overlapped with compute)")

@@ -23,6 +23,7 @@ gets one call stale, which may be the same step's earlier evaluation. Warm-up co
 from __future__ import annotations
 
 from dataclasses import dataclass
+from ...runtime.words import counted
 
 def balance(costs: list[float], stages: int, speeds: list[float] | None = None) -> list[int]:
     """Cut points [c_1 < ... < c_{stages-1}] splitting `costs` (per layer, in order) into `stages` contiguous
@@ -178,5 +179,5 @@ def explain(stages: int, steps: int, warmup: int, stride: int = 1, devices: list
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in [header, *rows]]
     legend = ("Sk<cN: stage k computes on data that left stage 0 at call N; '-': idle. "
-              f"warm-up {warmup} step(s), stride {stride}.")
+              f"warm-up {counted(warmup, 'step')}, stride {stride}.")
     return "\n".join([*lines, legend])
