@@ -11,8 +11,9 @@ from .model import TandemModel
 from .runtime import RUNTIME
 from .samplers import TandemKSampler, TandemKSamplerAdvanced
 from .settings import TandemSettings
+from .vae import TandemVAEDecode, TandemVAEEncode
 
-NODES = [TandemKSampler, TandemKSamplerAdvanced, TandemSettings, TandemModel]
+NODES = [TandemKSampler, TandemKSamplerAdvanced, TandemSettings, TandemModel, TandemVAEDecode, TandemVAEEncode]
 _activated = threading.Event()
 
 

@@ -2,7 +2,8 @@
 
 The pool starts from the pack's entry point (never at import), in a background thread, unless
 TANDEM_POOL_START says otherwise: on_load (default), on_first_use, off. TANDEM_DEVICES picks the devices
-(default auto). Workers import the host's ComfyUI, so they can hold ComfyUI's own model classes.
+(default auto). A TANDEM_* variable its rule refuses (runtime/environment.py) starts no pool: Tandem's nodes fail
+with the sentence naming it. Workers import the host's ComfyUI, so they can hold ComfyUI's own model classes.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ from pathlib import Path
 from parallel_backend.runtime import environment
 from parallel_backend.runtime.pool import WorkerError, WorkerPool
 from parallel_backend.runtime.devices import PoolUnavailable, check_devices_exist, parse_devices, resolve_devices
+from parallel_backend.runtime.pool_settings import check_environment
 
-START_MODES = ("on_load", "on_first_use", "off")
 log = logging.getLogger("tandem")
 # What `get_pool` raises when the pool cannot take calls now, a node's cue to take the stock path saying why: the
 # pool is switched off, or its devices cannot be used here or reached (PoolUnavailable); a worker did not start,
@@ -41,13 +42,16 @@ def _still_loaded(watched: tuple) -> bool:
 class Runtime:
     def __init__(self):
         self.lock = threading.RLock()
-        self.devices = environment.text("TANDEM_DEVICES")
-        self.mode = environment.text("TANDEM_POOL_START")
-        if self.mode not in START_MODES:
-            log.warning("Tandem: TANDEM_POOL_START=%s is not one of %s; using on_load", self.mode, START_MODES)
-            self.mode = "on_load"
+        self.devices, self.mode, self.setting_error = "auto", "on_load", None
+        try:  # every TANDEM_* variable, by its rule: a wrong one fails Tandem's nodes, naming it, until changed
+            check_environment()
+            self.devices = environment.text("TANDEM_DEVICES")
+            self.mode = environment.check("TANDEM_POOL_START")
+        except ValueError as exc:
+            self.mode, self.setting_error = "on_first_use", str(exc)
+            log.error("Tandem: %s; Tandem's nodes fail until it is changed (ComfyUI's own nodes run as usual)", exc)
         self.pool: WorkerPool | None = None
-        self.error: str | None = None
+        self.error: str | None = self.setting_error
         self.last_run: dict = {}
         self.runs = 0  # sampling runs that went through the pool
         # per model the workers hold (fingerprint): (weakref to the host's BaseModel, its weights id)
@@ -73,6 +77,8 @@ class Runtime:
     def check_devices(self, devices: str) -> None:
         """Raises ValueError naming the devices of `devices` that this machine lacks: a run that names them fails
         rather than taking the stock path. Nothing to check while the pool is off."""
+        if self.setting_error:
+            raise ValueError(self.setting_error)
         if self.mode != "off":
             check_devices_exist(self.named_devices(devices))
 
@@ -81,6 +87,8 @@ class Runtime:
         resolved devices differ ('auto' and 'cpu:2' may be the same two workers); devices that do not exist
         raise before the running pool is touched. Raises one of UNAVAILABLE when the pool cannot take calls now."""
         with self.lock:
+            if self.setting_error:  # a fault, not a refusal: the run fails with the sentence naming the variable
+                raise ValueError(self.setting_error)
             if self.mode == "off":
                 raise PoolUnavailable("the Tandem pool is off (TANDEM_POOL_START=off)")
             wanted = resolve_devices(self.named_devices(devices))

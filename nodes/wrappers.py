@@ -173,11 +173,11 @@ def _pool_of(run: dict, devices: str) -> tuple:
     gets a copy of; a call asks itself only where the estimate stopped before the pool. Nothing on the way checks
     the pool again: the engine looks after its health with the call itself."""
     if "pool" not in run:
-        run["pool"] = _pool_or_reason(devices)
+        run["pool"] = pool_or_reason(devices)
     return run["pool"]
 
 
-def _pool_or_reason(devices: str) -> tuple:
+def pool_or_reason(devices: str) -> tuple:
     """(the running pool, None), or (None, why) when it cannot take calls now (runtime.UNAVAILABLE). Any other error
     is a fault, not a refusal: it fails the run, naming the devices."""
     try:

@@ -19,11 +19,7 @@ class ThreadGroup:
 
         class Rank:
             def sum(self, partial):
-                everyone = group._everyones(index, partial)
-                out = everyone[0]
-                for piece in everyone[1:]:
-                    out = out + piece
-                return out
+                return group.sum(index, partial)
 
             def gather(self, piece):
                 return torch.cat(group._everyones(index, piece), dim=-1)
@@ -38,12 +34,46 @@ class ThreadGroup:
 
         return Rank()
 
+    def sum(self, index, partial):
+        """Every rank's partial, added in rank order."""
+        everyone = self._everyones(index, partial)
+        out = everyone[0]
+        for piece in everyone[1:]:
+            out = out + piece
+        return out
+
     def _everyones(self, index, tensor):
         self.slots[index] = tensor
         self.barrier.wait()
         everyone = list(self.slots)
         self.barrier.wait()  # every rank has read the slots before the next exchange fills them
         return everyone
+
+
+class ThreadBands:
+    """A VAE's bands (models/vae_bands.py) as threads: `rank(index)` is band `index`'s group."""
+
+    def __init__(self, degree: int):
+        self.group = ThreadGroup(degree)
+
+    def rank(self, index: int):
+        group, degree = self.group, len(self.group.slots)
+
+        class Band:
+            def halo(self, top, bottom):
+                everyone = group._everyones(index, (top, bottom))
+                return (everyone[index - 1][1] if index > 0 else None,
+                        everyone[index + 1][0] if index < degree - 1 else None)
+
+            def sum(self, partial):
+                return group.sum(index, partial)
+
+            def gather_rows(self, band):
+                everyone = group._everyones(index, band)
+                return torch.cat(everyone, dim=-2), sum(t.shape[-2] for t in everyone[:index])
+
+        Band.degree, Band.index = degree, index
+        return Band()
 
 
 def run_cut(modules: list, family: str, forward, cut=None) -> tuple[list, list]:
@@ -58,24 +88,35 @@ def run_cut(modules: list, family: str, forward, cut=None) -> tuple[list, list]:
             split_in_place(module, plan_for(module, family), degree, index, group)
 
     degree = len(modules)
-    group, outs, held, errors = ThreadGroup(degree), [None] * degree, [0] * degree, []
+    group, outs, held = ThreadGroup(degree), [None] * degree, [0] * degree
 
     def rank(index):
+        module = modules[index]
+        cut(module, degree, index, group.rank(index))
+        held[index] = weights_bytes(module)
+        with torch.inference_mode():
+            outs[index] = forward(module)
+
+    run_threads(group, rank)
+    return outs, held
+
+
+def run_threads(group: ThreadGroup, rank) -> None:
+    """rank(index) in one thread per rank of `group`; the first error is raised here once every thread has
+    ended (an error breaks the barrier for the others)."""
+    errors = []
+
+    def run(index):
         try:
-            module = modules[index]
-            cut(module, degree, index, group.rank(index))
-            held[index] = weights_bytes(module)
-            with torch.inference_mode():
-                outs[index] = forward(module)
+            rank(index)
         except BaseException as exc:  # noqa: BLE001 - raised below, once every thread has ended
             errors.append(exc)
             group.barrier.abort()
 
-    threads = [threading.Thread(target=rank, args=(i,)) for i in range(degree)]
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(group.slots))]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
     if errors:
         raise errors[0]
-    return outs, held

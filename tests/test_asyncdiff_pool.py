@@ -15,6 +15,7 @@ from parallel_backend.engine.config import ParallelConfig
 from parallel_backend.hosts.executor import ParallelExecutor
 from parallel_backend.models.diffusers_unet import FAMILY
 from parallel_backend.runtime.pool import WorkerError, WorkerPool
+from parallel_backend.runtime.recipe import weights_bytes
 from parallel_backend.models.sampling import GenerationRequest
 from parallel_backend.tiny.classifier import digit_accuracy
 from parallel_backend.tiny.prompts import prompt_for
@@ -42,12 +43,30 @@ def test_warm_up_covering_every_step_equals_one_device(cpu_pool, models, model_n
     model, job = models[model_name], job_for("asyncdiff")
     resolution = (model.default_resolution,) * 2
     reference = run_loop(model, job, resolution, steps=STEPS, repeats=0).latents
-    executor = ParallelExecutor(cpu_pool, ParallelConfig("cpu:2", "asyncdiff", warmup=STEPS))
+    executor = ParallelExecutor(cpu_pool, ParallelConfig("cpu:2", "asyncdiff", warmup=STEPS, weights="sharded"))
     result = run_loop(model, job, resolution, steps=STEPS, repeats=0, executor=executor).latents
     torch.testing.assert_close(result, reference, atol=ATOL, rtol=ATOL)
     stages = stage_plan(executor)["stages"]
     assert len(stages) == 2 and all(s["count"] > 0 for s in stages)
     assert sorted(cpu_pool.peak_memory) == [0, 1] and min(cpu_pool.peak_memory.values()) > 0
+    # each stage holds its own layers only (whatever the weights setting): together they hold the model
+    whole = weights_bytes(model.module)
+    held = cpu_pool.weights_bytes[stage_plan(executor)["fingerprint"]]
+    assert sorted(held) == [0, 1] and max(held.values()) < whole <= sum(held.values())
+
+
+def test_a_whole_forward_after_the_stages_puts_the_model_back(cpu_pool, models):
+    """cfg on the same model after asyncdiff parked each stage's other layers: the workers run it whole again."""
+    model = models["sd15-narrow"]
+    resolution = (model.default_resolution,) * 2
+    staged = ParallelExecutor(cpu_pool, ParallelConfig("cpu:2", "asyncdiff", warmup=2))
+    run_loop(model, job_for("asyncdiff"), resolution, steps=2, repeats=0, executor=staged)
+    job = job_for("cfg")
+    reference = run_loop(model, job, resolution, steps=2, repeats=0).latents
+    whole = ParallelExecutor(cpu_pool, ParallelConfig("cpu:2", "cfg"))
+    torch.testing.assert_close(run_loop(model, job, resolution, steps=2, repeats=0, executor=whole).latents,
+                               reference, atol=ATOL, rtol=ATOL)
+    assert set(cpu_pool.weights_bytes[stage_plan(staged)["fingerprint"]].values()) == {weights_bytes(model.module)}
 
 
 @pytest.mark.parametrize("scheduler", ["euler", "dpmpp_2m", "heun"])

@@ -49,6 +49,15 @@ def test_bench_refuses_unknown_strategies_and_models():
     assert main(["bench", "--model", "sd99", "--steps", "1", "--quiet"]) == 1
 
 
+def test_the_names_checked_without_torch_are_the_catalogue():
+    from parallel_backend.commands.bench import DTYPES
+    from parallel_backend.commands.bench_inputs import DTYPE_NAMES
+    from parallel_backend.models import bench_names, benchmodels, benchmodels_dit
+
+    assert bench_names.UNETS == tuple(benchmodels.UNETS) and bench_names.TRANSFORMERS == tuple(benchmodels_dit.TRANSFORMERS)
+    assert DTYPE_NAMES == tuple(DTYPES)
+
+
 @pytest.mark.parametrize("text, expected", [("256", (256, 256)), ("1024x768", (1024, 768)), (512, (512, 512))])
 def test_resolutions(text, expected):
     assert parse_resolution(text) == expected

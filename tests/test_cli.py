@@ -12,8 +12,13 @@ from PIL import Image
 pytestmark = pytest.mark.pool
 
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
 def tandem(*args, cwd=None):
+    """`tandem ARGS` as a process, running this checkout's package wherever the package is installed."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, (ROOT, env.get("PYTHONPATH"))))
     return subprocess.run([sys.executable, "-m", "parallel_backend", *args], capture_output=True, text=True,
                           cwd=cwd, env=env, timeout=300)
 
@@ -24,7 +29,7 @@ def test_generate_writes_a_visible_digit(tmp_path):
     run = tandem("generate", "--prompt", "a handwritten 7", "--steps", "20", "--scheduler", "dpmpp_2m",
                  "--out", str(out))
     assert run.returncode == 0, run.stderr
-    assert "1 image(s), 20 steps" in run.stdout and "ms per model call" in run.stdout
+    assert "tandem: 1 image, 20 steps (dpmpp_2m, cfg 4) in " in run.stdout and "ms per model call" in run.stdout
     image = Image.open(out)
     assert image.size == (256, 256)  # 32x32 pixels, upscaled 8x
 
@@ -105,3 +110,17 @@ def test_root_package_import_is_cheap_and_side_effect_free():
             "assert callable(module.comfy_entrypoint)\n")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert run.returncode == 0 and run.stdout == "", run.stderr + run.stdout
+
+
+def test_the_cli_and_its_argument_checks_import_no_heavy_library():
+    # A refusal comes before torch, diffusers or gradio load (tests/reliability/test_bad_input.py times each one).
+    light = ("commands.cli", "commands.arguments", "commands.bench_inputs", "commands.workflow", "strategies",
+             "engine.config", "engine.mesh", "engine.jobs", "models.request", "models.bench_names",
+             "hosts.model_folder", "plan.links", "runtime.devices", "runtime.validation", "runtime.pool_settings")
+    code = ("import importlib, sys\n"
+            f"for name in {light!r}:\n"
+            "    importlib.import_module('parallel_backend.' + name)\n"
+            "print([m for m in ('torch', 'numpy', 'diffusers', 'gradio', 'PIL', 'safetensors') if m in sys.modules])\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert run.returncode == 0 and run.stdout.strip() == "[]", run.stderr + run.stdout
+

@@ -37,6 +37,15 @@ def test_a_sharded_candidate_holds_a_share_of_the_blocks_and_pays_its_gathers():
     hidden = predict(Inputs(**{**BIG.__dict__, "gathers_overlap": True}), Mesh("ulysses", 1, 1, (2,), 2), "sharded")
     assert hidden.seconds_per_call < sharded.seconds_per_call  # posted ahead: only what outlasts the compute shows
     assert hidden.memory_bytes_per_device == sharded.memory_bytes_per_device + GIB  # two blocks at once
+    # the parts: the weights kept (the rest whole, half of each block), the blocks gathered, the activations
+    assert (whole.weights_bytes_per_device, whole.gathered_bytes_per_device) == (8 * GIB, 0)
+    assert (sharded.weights_bytes_per_device, sharded.gathered_bytes_per_device) == (1 * GIB + 7 * GIB // 2, GIB)
+    assert (hidden.weights_bytes_per_device, hidden.gathered_bytes_per_device) == (1 * GIB + 7 * GIB // 2, 2 * GIB)
+    for c in (whole, sharded, hidden):
+        assert c.memory_bytes_per_device - c.weights_bytes_per_device - c.gathered_bytes_per_device == activations
+    tensor = predict(BIG, Mesh("tensor", 1, 1, (2,), 2))  # half of the weights, the whole row's activations
+    assert (tensor.weights_bytes_per_device, tensor.gathered_bytes_per_device) == (4 * GIB, 0)
+    assert tensor.memory_bytes_per_device == 4 * GIB + GIB // 2
 
 
 def test_a_budget_marks_what_fits_and_the_choice_takes_the_fastest_that_does():

@@ -85,6 +85,7 @@ def test_parallelized_diffusers_pipeline_equals_plain(cpu_pool, tiny_sd_folder, 
     import diffusers
 
     from parallel_backend.hosts.diffusers import ParallelUNet, parallelize, unparallelize
+    from parallel_backend.hosts.diffusers_vae import ParallelVAE
 
     cls, folder = {"sd": (diffusers.StableDiffusionPipeline, tiny_sd_folder),
                    "sdxl": (diffusers.StableDiffusionXLPipeline, tiny_sdxl_folder)}[kind]
@@ -92,11 +93,13 @@ def test_parallelized_diffusers_pipeline_equals_plain(cpu_pool, tiny_sd_folder, 
     pipe.set_progress_bar_config(disable=True)
     original_unet = pipe.unet
 
-    def run(**kw):
-        return pipe("a red door", num_inference_steps=4, guidance_scale=6.0, output_type="latent",
-                    generator=torch.Generator().manual_seed(0), **kw).images
+    original_vae = pipe.vae
 
-    reference = run()
+    def run(output_type="latent"):
+        return pipe("a red door", num_inference_steps=4, guidance_scale=6.0, output_type=output_type,
+                    generator=torch.Generator().manual_seed(0)).images
+
+    reference, image = run(), run("pt")
     parallelize(pipe, ParallelConfig("cpu:2", "cfg"), pool=cpu_pool)
     wrapper = pipe.unet
     assert parallelize(pipe) is pipe and pipe.unet is wrapper  # idempotent
@@ -104,8 +107,11 @@ def test_parallelized_diffusers_pipeline_equals_plain(cpu_pool, tiny_sd_folder, 
     result = run()
     assert isinstance(pipe.unet, ParallelUNet) and cpu_pool.stats.calls == calls + 4
     torch.testing.assert_close(result, reference, atol=ATOL, rtol=ATOL)
+    assert isinstance(pipe.vae, ParallelVAE) and pipe.vae.calls == 0  # a latent output decodes nothing
+    torch.testing.assert_close(run("pt"), image, atol=ATOL, rtol=ATOL)  # decoded in bands of rows on the pool
+    assert pipe.vae.calls == 1
     unparallelize(pipe)
-    assert pipe.unet is original_unet
+    assert pipe.unet is original_unet and pipe.vae is original_vae
     torch.testing.assert_close(run(), reference, atol=0, rtol=0)
 
 

@@ -72,3 +72,9 @@ def test_unsupported_inputs_are_refused_with_the_way_out():
     call.extras = {"down_block_additional_residuals": ()}
     with pytest.raises(ValueError, match="use strategy cfg or batch"):
         diffusers_unet.prepare(model.unet, call, call.t)
+
+
+def test_the_stage_families_named_without_torch_are_the_adapters():
+    from parallel_backend.models.stage_families import STAGE_FAMILIES, adapter_for, adapters
+
+    assert tuple(adapters()) == STAGE_FAMILIES and all(adapter_for(f).FAMILY == f for f in STAGE_FAMILIES)

@@ -1,19 +1,25 @@
 """A serving machine's weights cache (weights_cache.py) and the content hash naming its files
-(shipping.weights_hash), without processes or namespaces: what is kept, what is refused, what is evicted."""
+(shipping.weights_hash), without processes or namespaces: what is kept, what is refused, what is evicted, and
+how a cached file that changed on disk is found out (cache_digest.py)."""
 
 from __future__ import annotations
 
 import io
+import logging
 import os
+import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from parallel_backend.runtime import shipping
+from parallel_backend.runtime import cache_digest, shipping
+from parallel_backend.runtime.cache_digest import record_path
+from parallel_backend.runtime.messages import Load
 from parallel_backend.runtime.serve import ServeDaemon
-from parallel_backend.runtime.weights_cache import WeightsCache, cache_size_bytes
+from parallel_backend.runtime.weights_cache import WeightsCache, cache_lines, cache_size_bytes
+from parallel_backend.runtime.worker_loop import WorkerState
 
 pytestmark = pytest.mark.pool
 
@@ -33,6 +39,11 @@ def _image(module) -> bytes:
 
 def _files(folder) -> list[str]:
     return sorted(p.name for p in folder.iterdir())
+
+
+def _entry(weights_hash: str) -> list[str]:
+    """A cached model's files: its torch.save image and the record of that file's digest."""
+    return [f"{weights_hash}.pt", f"{weights_hash}.pt.sha256"]
 
 
 def test_the_hash_names_the_weights_not_the_object():
@@ -81,7 +92,7 @@ def test_an_upload_is_kept_under_its_hash_and_loads_back(tmp_path):
     weights_hash = shipping.weights_hash(model, FAMILY)
     assert not cache.holds(weights_hash)
     path = cache.store(weights_hash, FAMILY, torch.frombuffer(bytearray(_image(model)), dtype=torch.uint8))
-    assert _files(cache.folder) == [f"{weights_hash}.pt"] and path == cache.path_of(weights_hash)
+    assert _files(cache.folder) == _entry(weights_hash) and path == cache.path_of(weights_hash)
     assert cache.holds(weights_hash)
     loaded = torch.load(path, mmap=True, weights_only=False)
     x = torch.randn(4, 64)
@@ -115,11 +126,11 @@ def test_the_least_recently_used_model_is_evicted_to_stay_within_the_bound(tmp_p
     cache = WeightsCache(tmp_path, int(2.5 * max(map(len, images))))  # two fit, not three
     cache.store(hashes[0], FAMILY, images[0])
     cache.store(hashes[1], FAMILY, images[1])
-    os.utime(cache.path_of(hashes[0]), (1, 1))  # stored first, then used: the second is now the oldest
-    os.utime(cache.path_of(hashes[1]), (0, 0))
+    os.utime(record_path(cache.path_of(hashes[0])), (1, 1))  # stored first, then used: the second is the oldest
+    os.utime(record_path(cache.path_of(hashes[1])), (0, 0))
     assert cache.holds(hashes[0])  # a use renews it
     cache.store(hashes[2], FAMILY, images[2])
-    assert _files(tmp_path) == sorted(f"{h}.pt" for h in (hashes[0], hashes[2]))
+    assert _files(tmp_path) == sorted(_entry(hashes[0]) + _entry(hashes[2]))
     assert sum(size for _, size, _ in cache.entries()) <= cache.limit
 
 
@@ -149,10 +160,11 @@ def test_partial_uploads_of_dead_processes_are_removed(tmp_path):
     cache = WeightsCache(tmp_path, 2**30)
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead = tmp_path / f".partial-{int(gone.stdout)}-{'a' * 64}.pt"
+    dead_record = tmp_path / f".partial-{int(gone.stdout)}-{'a' * 64}.pt.sha256"
     alive = tmp_path / f".partial-{os.getpid()}-{'b' * 64}.pt"
-    dead.write_bytes(b"x")
-    alive.write_bytes(b"x")
-    assert cache.remove_partial() == 1
+    for path in (dead, dead_record, alive):
+        path.write_bytes(b"x")
+    assert cache.remove_partial() == 2
     assert _files(tmp_path) == [alive.name]
 
 
@@ -191,3 +203,126 @@ def test_tandem_worker_serve_refuses_a_bad_cache_size_in_one_line(tmp_path, caps
     err = capsys.readouterr().err
     assert code == 1 and err.count("\n") == 1 and "--cache-size '-2'" in err, err
     assert not (tmp_path / "w").exists()  # refused before anything was made
+
+
+def _stored(tmp_path, seed: int = 8):
+    """A cache holding one model: (cache, model, its hash, the cached file's bytes)."""
+    cache, model = WeightsCache(tmp_path / "cache", 2**30), _model(seed)
+    weights_hash = shipping.weights_hash(model, FAMILY)
+    path = cache.store(weights_hash, FAMILY, _image(model))
+    return cache, model, weights_hash, path.read_bytes()
+
+
+def _corrupt(path, how: str, model) -> None:
+    """Flips one byte of the first weight's data in the cached file, truncates the file, or removes its digest."""
+    if how == "flipped_byte":
+        data = bytearray(path.read_bytes())
+        data[data.index(model[0].weight.detach().numpy().tobytes()[:64]) + 7] ^= 0xFF
+        with open(path, "r+b") as out:  # in place: the same inode and size, as a disk's error would be
+            out.write(data)
+    elif how == "truncated":
+        os.truncate(path, path.stat().st_size // 2)
+    else:
+        record_path(path).unlink()
+
+
+@pytest.mark.parametrize("how", ["flipped_byte", "truncated", "missing_digest"])
+def test_a_cached_file_that_changed_is_not_held_and_is_removed_with_its_path_logged(tmp_path, caplog, how):
+    cache, model, weights_hash, _ = _stored(tmp_path)
+    path = cache.path_of(weights_hash)
+    _corrupt(path, how, model)
+    caplog.set_level(logging.WARNING, logger="tandem")
+    held, why = cache.check(weights_hash)
+    assert not held and why
+    assert _files(cache.folder) == []  # the file and its record are gone: the next store starts clean
+    removed = [r.getMessage() for r in caplog.records if "removed" in r.getMessage()]
+    assert len(removed) == 1 and str(path) in removed[0] and why in removed[0], removed
+    said = {"flipped_byte": "bytes changed", "truncated": "truncated", "missing_digest": "no content digest"}
+    assert said[how] in why, why
+    assert not cache.holds(weights_hash)  # asked again: simply not there, nothing more logged
+    assert len([r for r in caplog.records if "removed" in r.getMessage()]) == 1
+
+
+def test_a_good_file_is_checked_by_its_stat_and_hashed_again_only_once_it_changed(tmp_path, monkeypatch):
+    cache, model, weights_hash, original = _stored(tmp_path)
+    hashed = []
+    real = cache_digest.file_sha256
+    monkeypatch.setattr(cache_digest, "file_sha256", lambda path: hashed.append(path) or real(path))
+    assert cache.holds(weights_hash) and cache.holds(weights_hash) and hashed == []  # as written: a stat each
+    path = cache.path_of(weights_hash)
+    copy = tmp_path / "copy.pt"
+    shutil.copyfile(path, copy)
+    os.replace(copy, path)  # the same bytes in a new file (a restore, a copy): hashed once, then trusted again
+    assert cache.holds(weights_hash) and len(hashed) == 1
+    assert cache.holds(weights_hash) and len(hashed) == 1
+    loaded = torch.load(path, mmap=True, weights_only=False)
+    x = torch.randn(4, 64)
+    assert path.read_bytes() == original and torch.equal(loaded(x), model(x))
+
+
+def test_a_truncated_cached_file_is_refused_at_load_in_a_sentence_not_a_zip_error(tmp_path):
+    cache, model, weights_hash, _ = _stored(tmp_path)
+    _corrupt(cache.path_of(weights_hash), "truncated", model)
+    state = WorkerState(0, 1, "cpu")
+    state.weights_cache = cache
+    with pytest.raises(RuntimeError) as failed:
+        state.load(Load("f" * 64, FAMILY, cached=weights_hash))
+    message = str(failed.value)
+    assert "failed its check" in message and "truncated" in message and "\n" not in message, message
+    assert "zip" not in message.lower() and state.models == {} and _files(cache.folder) == []
+
+
+@pytest.mark.parametrize("where", ["outside", "inside"])
+def test_a_serving_worker_refuses_a_load_that_names_a_path(tmp_path, where):
+    cache, _, weights_hash, _ = _stored(tmp_path)
+    elsewhere = tmp_path / "elsewhere.pt"
+    torch.save(_model(9), elsewhere)
+    path = elsewhere if where == "outside" else cache.path_of(weights_hash)
+    state = WorkerState(0, 1, "cpu")
+    state.weights_cache = cache
+    with pytest.raises(RuntimeError) as refused:
+        state.load(Load("f" * 64, FAMILY, path=str(path)))
+    message = str(refused.value)
+    assert "only from its machine's weights cache" in message and str(path) in message, message
+    assert message.count(". ") == 0 and "\n" not in message and state.models == {}
+    state.load(Load("f" * 64, FAMILY, cached=weights_hash))  # by hash it loads
+    assert list(state.models) == ["f" * 64]
+
+
+def test_the_daemon_relays_a_workers_cache_lines_from_its_log(tmp_path):
+    worker_log = tmp_path / "worker-1.log"
+    worker_log.write_text("Traceback: nothing to do with it\nTandem: weights cache: removed /c/A.pt: why\n"
+                          "Tandem: weights cache /c: removed B (1.0 MiB")  # the last line is not whole yet
+    lines, offset = cache_lines(worker_log, 0)
+    assert lines == ["Tandem: weights cache: removed /c/A.pt: why"]
+    with open(worker_log, "a") as out:
+        out.write(", the least recently used)\nother\n")
+    lines, end = cache_lines(worker_log, offset)
+    assert lines == ["Tandem: weights cache /c: removed B (1.0 MiB, the least recently used)"]
+    assert end == worker_log.stat().st_size and cache_lines(worker_log, end) == ([], end)
+    assert cache_lines(tmp_path / "gone.log", 7) == ([], 7)
+
+
+def test_the_host_sends_again_a_model_whose_cached_file_was_removed(caplog):
+    from types import SimpleNamespace
+
+    from parallel_backend.runtime.messages import HoldsWeights, Reply, StoreWeights
+    from parallel_backend.runtime.remote_weights import send_to_machines
+
+    model, asked = _model(11), []
+
+    def request(requests, what, deadline=None):
+        asked.append(requests)
+        if isinstance(next(iter(requests.values())), HoldsWeights):
+            return {1: Reply(value={"held": False, "limit": 2**30, "removed": "it is 10 bytes, not the 20"}),
+                    2: Reply(value={"held": True, "limit": 2**30, "removed": None})}
+        return {rank: Reply(value={"path": "x"}) for rank in requests}
+
+    workers = [SimpleNamespace(rank=1, device="10.0.0.2:7000/cpu"), SimpleNamespace(rank=2, device="10.0.0.3:7000/cpu")]
+    caplog.set_level(logging.WARNING, logger="tandem")
+    weights_hash, sent = send_to_machines(request, workers, model, FAMILY, "fp-11")
+    assert weights_hash == shipping.weights_hash(model, FAMILY)
+    assert list(asked[1]) == [1] and isinstance(asked[1][1], StoreWeights)  # only the machine that lacks it
+    assert sent["10.0.0.2:7000"] > 0 and sent["10.0.0.3:7000"] == 0
+    said = [r.getMessage() for r in caplog.records]
+    assert any("10.0.0.2:7000" in m and "it is 10 bytes, not the 20" in m and "sending it again" in m for m in said)

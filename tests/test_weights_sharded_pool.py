@@ -107,6 +107,10 @@ def test_weights_auto_shards_only_what_does_not_fit(cpu_pool, caplog):
         _close(cramped.run(model, FLUX, call).out, reference)
     assert all(size <= _share_bound(model, 2) for size in _held(cpu_pool))
     assert any("weights 'auto' shards this flux model" in r.getMessage() for r in caplog.records)
+    said = [r.getMessage() for r in caplog.records if "MiB of weights (sharded)" in r.getMessage()]
+    held = _held(cpu_pool)  # the log names each device's holding, once
+    assert said == [f"Tandem: the flux model's {whole / 2**20:.1f} MiB of weights (sharded): "
+                    f"worker 0 (cpu) {held[0] / 2**20:.1f} MiB, worker 1 (cpu) {held[1] / 2**20:.1f} MiB"], said
 
 
 def test_weights_that_do_not_fit_even_sharded_are_refused_before_they_move(cpu_pool):
@@ -120,11 +124,6 @@ def test_weights_that_do_not_fit_even_sharded_are_refused_before_they_move(cpu_p
                                          r"sharded over 2 devices"):
         executor.run(model, FLUX, call)
     assert cpu_pool.stats.model_loads == loads
-
-
-def test_asyncdiff_refuses_sharded_weights_before_any_work():
-    with pytest.raises(ValueError, match="its stages run different layers on each device"):
-        ParallelConfig("cpu:2", "asyncdiff", weights="sharded")
 
 
 def test_max_models_keeps_that_many_models_loaded(cpu_pool):

@@ -74,7 +74,7 @@ def test_loading(tmp_path):
         load_workflow(ui)
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
-    with pytest.raises(WorkflowError, match="is not JSON"):
+    with pytest.raises(WorkflowError, match="is not valid JSON"):
         load_workflow(bad)
     with pytest.raises(WorkflowError, match="not found"):
         load_workflow(tmp_path / "missing.json")

@@ -9,60 +9,25 @@ affects them alike. Ratios from one run are what count.
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
-from dataclasses import replace
 
 import torch
 
-from ..runtime import slowdown, validation
+from ..runtime import validation
 from .. import strategies
 from ..models.benchmodels import build_bench_model
-from ..engine.config import ParallelConfig
 from ..engine.pool_engine import sequence_hint
 from ..hosts.executor import ParallelExecutor
-from ..engine.mesh import check_job, resolve
+from ..engine.mesh import resolve
 from ..engine.oracle import LoopResult, job_for, local_forward, psnr, run_once, sample_call
 from ..runtime.pool import WorkerPool
 from ..runtime.recipe import weights_bytes
 from ..runtime.portable import cpu_cores, peak_memory_bytes
-from ..runtime.devices import parse_devices, resolve_devices
+from .bench_inputs import check_bench_inputs, parse_resolution
 
-MAX_RESOLUTION = 16384  # pixels per side
-MAX_REPEATS = 1000
-MAX_IMAGES = 64
 SPREAD_LIMIT = 0.10  # repeats of one variant further apart than this (of their median) mark the run disturbed
 OTHER_LOAD_LIMIT = 0.10  # CPU time of other processes above this share of the machine marks it disturbed
-
-
-def parse_resolution(text: str | int) -> tuple[int, int]:
-    """"256" -> (256, 256); "1024x768" -> (1024, 768) as (H, W)."""
-    parts = str(text).lower().split("x")
-    try:
-        values = [int(p) for p in parts]
-    except ValueError:
-        raise ValueError(f"resolution {text!r}: write pixels as 256 or 1024x768") from None
-    if len(values) not in (1, 2) or min(values) < 8 or max(values) > MAX_RESOLUTION:
-        raise ValueError(f"resolution {text!r}: write pixels as 256 or 1024x768 (from 8 to {MAX_RESOLUTION})")
-    return (values[0], values[-1])
-
-
-def check_bench_request(strategies_: tuple, steps, repeats, dtype: str) -> tuple[int, int]:
-    """The bench's own inputs, before anything is built or started: known strategies, each once; steps and
-    repeats in range (returned as ints); a known dtype."""
-    if isinstance(strategies_, str) or not strategies_:
-        raise ValueError(f"strategies must name at least one strategy ({', '.join(strategies.names())}); "
-                         f"got {strategies_!r}")
-    for strategy in strategies_:
-        strategies.get(validation.text("strategy", strategy))
-    twice = sorted({s for s in strategies_ if strategies_.count(s) > 1})
-    if twice:
-        raise ValueError(f"strategies name {', '.join(twice)} more than once; give each once")
-    if dtype != "auto" and dtype not in DTYPES:
-        raise ValueError(f"dtype {dtype!r}: choose auto, {', '.join(DTYPES)}")
-    return (validation.whole_number("steps", steps, 1, validation.MAX_STEPS),
-            validation.whole_number("repeats", repeats, 0, MAX_REPEATS))
 
 
 def check_resolution(model, resolution: tuple[int, int], strategies_: tuple, device: str,
@@ -108,7 +73,7 @@ def _strategy_ideal(strategy, model, config, n: int, rows: int, guided: bool, re
     return _ratio(lambda: local_forward(model, whole), part)
 
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # bench_inputs.DTYPE_NAMES
 
 
 def _own_cpu_seconds(me) -> float:
@@ -152,16 +117,18 @@ def _other_load() -> "callable":
     return share
 
 
+def note_other_load(other_load, disturbed: list[str]) -> float:
+    """The share of the cores other processes kept busy (`_other_load`'s watch), noted first in `disturbed`
+    when it passes OTHER_LOAD_LIMIT."""
+    load = other_load()
+    if load > OTHER_LOAD_LIMIT:
+        disturbed.insert(0, f"other processes kept {100 * load:.0f}% of the machine's cores busy "
+                            f"(> {100 * OTHER_LOAD_LIMIT:.0f}%)")
+    return load
+
+
 def _spread(values: list[float]) -> float:
     return (max(values) - min(values)) / statistics.median(values) if len(values) > 1 else 0.0
-
-
-def bench_knobs(strategy: str, knobs: dict | None) -> dict:
-    """The config fields of `knobs` that apply to `strategy`: all but another strategy's axis degree (e.g.
-    asyncdiff's stages for cfg), which the config would refuse."""
-    own = strategies.get(strategy).axes
-    return {k: v for k, v in (knobs or {}).items()
-            if v is not None and (k in own or not getattr(strategies.knob(k), "axis", ""))}
 
 
 def run_bench(model_name: str = "small", devices: str = "cpu:2", strategies_: tuple = ("cfg", "batch"),
@@ -185,25 +152,14 @@ def run_bench(model_name: str = "small", devices: str = "cpu:2", strategies_: tu
       size): the rows have no predicted_speedup and the table's plan column is blank.
     The report's "disturbed" lists what made the figures unreliable (other load, repeats spread > 10 %).
     """
-    steps, repeats = check_bench_request(strategies_, steps, repeats, dtype)
-    if cfg is not None:
-        cfg = validation.finite_number("cfg", cfg, 1.0, validation.MAX_CFG)
-    if images is not None:
-        images = validation.whole_number("images", images, 1, MAX_IMAGES)
-    modes = _balance_modes(balance)
-    knobs = dict(knobs or {})
-    weight_modes = _weight_modes(knobs.pop("weights", None))
-    configs = {s: ParallelConfig(devices, s, weights=weight_modes[0], **bench_knobs(s, knobs))
-               for s in strategies_}  # validated up front, each variant too:
-    variant_configs = {(s, mode, w): replace(_with_speeds(configs[s], mode), weights=w)
-                       for s in strategies_ for mode in modes for w in weight_modes}
-    resolved = resolve_devices(parse_devices(devices))  # devices that exist; nothing started
-    meshes = {s: check_job(configs[s], len(resolved), job_for(s, cfg).cfg != 1.0) for s in strategies_}
-    slowdown.parse(test_slowdown, len(resolved))  # refused before anything is built or started
+    checked = check_bench_inputs(model_name, devices, strategies_, steps, resolution, repeats, dtype, knobs, frames,
+                                 cfg, images, balance, test_slowdown)
+    steps, repeats, cfg, images = checked.steps, checked.repeats, checked.cfg, checked.images
+    modes, weight_modes, configs, meshes = checked.modes, checked.weight_modes, checked.configs, checked.meshes
+    variant_configs, resolved, fixed_resolution = checked.variant_configs, checked.devices, checked.resolution
     reference_device = torch.device(resolved[0])
     if dtype == "auto":
         dtype = "fp16" if reference_device.type == "cuda" else "fp32"
-    fixed_resolution = parse_resolution(resolution) if resolution is not None else None
     model = build_bench_model(model_name, DTYPES[dtype], frames)
     sequence = sequence_hint(model.module, model.family)
     for s in strategies_:  # the engine would refuse these at the first call
@@ -269,22 +225,10 @@ def run_bench(model_name: str = "small", devices: str = "cpu:2", strategies_: tu
     finally:
         pool.shutdown()
         torch.set_num_threads(cores)
-    load = other_load()
-    if load > OTHER_LOAD_LIMIT:
-        disturbed.insert(0, f"other processes kept {100 * load:.0f}% of the machine's cores busy "
-                            f"(> {100 * OTHER_LOAD_LIMIT:.0f}%)")
+    load = note_other_load(other_load, disturbed)
     return {"model": model_name, "resolution": list(resolution), "frames": model.frames, "steps": steps,
             "devices": list(pool.devices), "dtype": dtype, "threads_per_device": share, "results": results,
             "disturbed": disturbed, "other_load_share": load}
-
-
-def _balance_modes(balance: str | None) -> tuple:
-    """The share modes each strategy runs in: (None,) for the config's default, else "equal" and/or "balanced"."""
-    if balance is None:
-        return (None,)
-    if balance not in ("equal", "balanced", "both"):
-        raise ValueError(f"balance {balance!r}: choose equal, balanced or both")
-    return ("equal", "balanced") if balance == "both" else (balance,)
 
 
 def _variant(strategy: str, mode: str | None, weights: str, weight_modes: tuple) -> str:
@@ -293,22 +237,6 @@ def _variant(strategy: str, mode: str | None, weights: str, weight_modes: tuple)
     shown = weight_modes != ("replicated",)
     parts = [part for part in (mode, weights if shown else None) if part is not None]
     return strategy if not parts else f"{strategy} ({', '.join(parts)})"
-
-
-def _weight_modes(weights: str | None) -> tuple:
-    """--weights of the bench: one mode, or several comma-separated (a row per strategy and mode)."""
-    from ..engine.config import WEIGHTS
-
-    if weights is None:
-        return (WEIGHTS.default,)
-    modes = tuple(dict.fromkeys(WEIGHTS.validate(w.strip()) for w in str(weights).split(",") if w.strip()))
-    if not modes:
-        raise ValueError("weights: give replicated, sharded or auto, or several of them separated by commas")
-    return modes
-
-
-def _with_speeds(config, mode: str | None):
-    return config if mode is None else replace(config, device_speeds="equal" if mode == "equal" else "measure")
 
 
 def _speeds_ideal(executor, balance: str | None) -> dict:
@@ -388,8 +316,3 @@ def _plan_cells(row: dict) -> str:
     if "predicted_speedup" not in row:
         return f"{'':>7}{'':>6}"
     return f"{row['predicted_speedup']:>6.2f}x{100 * row['prediction_error']:>+5.0f}%"
-
-
-def write_json(report: dict, path: str) -> None:
-    with open(path, "w") as f:
-        json.dump(report, f, indent=2, default=float)

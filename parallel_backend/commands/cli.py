@@ -3,27 +3,30 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 from ..engine.config import DEVICE_SPEEDS, DEVICES, MEMORY_KNOBS, MEMORY_PER_DEVICE, TIMEOUT, strategy_choices
-from ..hosts.pipelines import load_pipeline
-from ..models.sampling import SCHEDULERS, GenerationRequest, Timer
+from ..models.request import SCHEDULERS
 from ..runtime import validation
 from ..runtime.knobs import add_options
 from ..runtime.pool_settings import INTERFACE, SECRET_FILE
+from .arguments import (UsageError, bench_knobs, bench_strategies, check_bench_options, check_demo_options,
+                        check_environment, check_generate_options, check_plan_options, check_workflow_options,
+                        knobs, machine_settings, memory_settings, request_for, strategy_knobs)
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-
-
-class UsageError(Exception):
-    """Bad command-line input: reported in one line, exit status 2."""
+# Argument checks (arguments.py) come before every heavy import: torch, diffusers and gradio load inside the
+# commands, once their arguments have passed.
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line instead of usage + traceback-like noise
         raise UsageError(f"{self.prog}: {message} (see --help)")
+
+
+def plural(count: int, noun: str) -> str:
+    """"1 device", "2 devices": a count as a summary line says it."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 def parallel_config(args):
@@ -34,32 +37,6 @@ def parallel_config(args):
 
     return ParallelConfig(args.devices, args.strategy, timeout_s=args.timeout, device_speeds=args.device_speeds,
                           **memory_settings(args), **machine_settings(args), **strategy_knobs(args))
-
-
-def memory_settings(args) -> dict:
-    """--weights and --memory-per-device."""
-    return {"weights": args.weights, "memory_per_device": args.memory_per_device}
-
-
-def machine_settings(args) -> dict:
-    """--secret-file and --interface, for a pool with devices of other machines (None: the environment's)."""
-    return {"secret_file": args.secret_file, "interface": args.interface}
-
-
-def _knobs():
-    from .. import strategies
-
-    return strategies.knobs()
-
-
-def strategy_knobs(args) -> dict:
-    """The strategy knobs given on the command line, by name (unset ones left to the strategy)."""
-    return {knob.name: getattr(args, knob.name) for knob in _knobs()}
-
-
-def _axes() -> list:
-    """The knobs that are mesh axes' degrees (they split the work, so they need --devices)."""
-    return [knob for knob in _knobs() if knob.axis]
 
 
 def explain(config, steps: int, guided: bool = True) -> str:
@@ -83,30 +60,6 @@ def grid(images: list):
         canvas.paste(im, (x, 0))
         x += im.width
     return canvas
-
-
-def check_generate_options(args) -> GenerationRequest:
-    """Every option of `tandem generate` that can be checked before the model loads; the request they make
-    (cfg 1 stands in for the model's default until it is known)."""
-    validation.writable_file("--out", args.out, IMAGE_SUFFIXES, "an image file")
-    if args.device is not None:
-        validation.torch_device("--device", args.device)
-    validation.seconds("--timeout", args.timeout)
-    knobs = strategy_knobs(args)
-    if args.devices is None and (args.strategy != "auto" or any(knobs[axis.name] is not None for axis in _axes())):
-        options = ["--strategy", *(axis.option for axis in _axes())]
-        raise UsageError(f"{', '.join(options[:-1])} and {options[-1]} split the work over --devices: give "
-                         "--devices too (e.g. cpu:2)")
-    if args.model is not None:
-        from ..hosts.diffusers import pipeline_class_name
-
-        pipeline_class_name(args.model)  # fail on a bad folder before anything heavy loads
-    return request_for(args, args.cfg if args.cfg is not None else 1.0)
-
-
-def request_for(args, cfg: float) -> GenerationRequest:
-    return GenerationRequest(prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps, cfg=cfg,
-                             seed=args.seed, scheduler=args.scheduler, num_images=args.num_images)
 
 
 def check_split(config, devices: int, cfg: float):
@@ -135,6 +88,9 @@ def cmd_generate(args) -> int:
     if args.explain:
         print(explain(config, args.steps, args.cfg != 1.0))
         return 0
+    from ..hosts.pipelines import load_pipeline
+    from ..models.sampling import Timer
+
     with Timer() as load_timer:
         pipeline = load_pipeline(args.model, args.device)
     if args.cfg is None:
@@ -153,56 +109,60 @@ def cmd_generate(args) -> int:
     except OSError as exc:
         raise OSError(f"could not write {out}: {exc}") from None
     per_call = 1000 * result.seconds / max(result.model_calls, 1)
-    where = f"{config.strategy} on {len(result.extras['devices'])} devices" if config else f"{pipeline.device}"
-    print(f"tandem: {len(result.images)} image(s), {request.steps} steps ({request.scheduler}, cfg {request.cfg:g}) "
-          f"in {result.seconds:.2f} s on {where} ({per_call:.1f} ms per model call, "
+    where = (f"with {config.strategy} on {plural(len(result.extras['devices']), 'device')}" if config
+             else f"on {pipeline.device}")
+    print(f"tandem: {plural(len(result.images), 'image')}, {request.steps} steps ({request.scheduler}, cfg "
+          f"{request.cfg:g}) in {result.seconds:.2f} s {where} ({per_call:.1f} ms per model call, "
           f"{result.model_calls} calls; model loaded in {load_timer.seconds:.2f} s) -> {out}")
     return 0
 
 
 def cmd_bench(args) -> int:
-    from .bench import format_table, run_bench, write_json
+    if args.stage == "vae":
+        return _bench_vae(args)
+    check_bench_options(args)  # the bench checks again, after torch has loaded; these came first
+    from .bench import format_table, run_bench
 
-    if args.json is not None:
-        validation.writable_file("--json", args.json)  # before the bench, not after it
-    strategies = tuple(s.strip() for s in args.strategies.split(",") if s.strip())
-    knobs = {**strategy_knobs(args), "device_speeds": args.device_speeds, **memory_settings(args),
-             **machine_settings(args)}
-    report = run_bench(args.model, args.devices, strategies, args.steps, args.resolution, args.repeats, args.dtype,
-                       knobs=knobs, frames=args.frames, cfg=args.cfg, images=args.images,
+    report = run_bench(args.model, args.devices, bench_strategies(args), args.steps, args.resolution, args.repeats,
+                       args.dtype, knobs=bench_knobs(args), frames=args.frames, cfg=args.cfg, images=args.images,
                        balance=args.balance, test_slowdown=args.test_slowdown, plan=not args.no_plan,
-                       progress=(lambda line: None) if args.quiet else (lambda line: print(line, file=sys.stderr)))
-    print(format_table(report))
+                       progress=_progress(args))
+    return _report(args, format_table(report), report)
+
+
+def _progress(args):
+    return (lambda line: None) if args.quiet else (lambda line: print(line, file=sys.stderr))
+
+
+def _report(args, table: str, report: dict) -> int:
+    """Prints a bench's table and writes its JSON where --json asks."""
+    print(table)
     if args.json:
-        write_json(report, args.json)
+        validation.write_json("--json", args.json, report, default=float)
         print(f"tandem: wrote {args.json}")
     return 0
 
 
-def check_plan_options(args) -> tuple:
-    """Every option of `tandem plan`, before the model is built: (link or None to measure it, cfg, resolution or
-    None, devices)."""
-    from .bench import parse_resolution
-    from ..models.benchmodels import check_bench_model_name
-    from ..plan.links import CPU_DEFAULT, CUDA_DEFAULT, PROBE, link_named
-    from ..runtime.devices import parse_devices, resolve_devices
+def _bench_vae(args) -> int:
+    """`tandem bench --stage vae`: the bench model's VAE decode, one device against bands on the pool."""
+    from ..models.benchmodels_vae import check_vae_bench
+    from ..runtime.devices import check_devices_exist, parse_devices
+    from .bench_inputs import MAX_REPEATS, parse_resolution
 
-    check_bench_model_name(args.model)
-    link = link_named(args.link) if args.link not in (None, PROBE) else None
-    cfg = validation.finite_number("cfg", args.cfg, 1.0, validation.MAX_CFG)
     resolution = parse_resolution(args.resolution) if args.resolution is not None else None
-    validation.whole_number("steps", args.steps, 1, validation.MAX_STEPS)
+    check_vae_bench(args.model, resolution)
+    repeats = validation.whole_number("repeats", args.repeats, 0, MAX_REPEATS)
+    check_devices_exist(parse_devices(args.devices)) if args.devices != "auto" else None
     if args.json is not None:
-        validation.writable_file("--json", args.json)
-    if args.memory_per_device is not None:
-        MEMORY_PER_DEVICE.validate(args.memory_per_device)
-    devices = resolve_devices(parse_devices(args.devices))  # they exist; nothing started
-    if link is None and len(devices) < 2:  # nothing to probe: the commonest link, said in the output
-        link = link_named(CPU_DEFAULT if devices[0] == "cpu" else CUDA_DEFAULT)
-    return link, cfg, resolution, devices
+        validation.writable_file("--json", args.json)  # before the bench, not after it
+    from .bench_vae import format_vae_table, run_vae_bench
+
+    report = run_vae_bench(args.model, args.devices, resolution, repeats, progress=_progress(args))
+    return _report(args, format_vae_table(report), report)
 
 
 def cmd_plan(args) -> int:
+    link, cfg, resolution, devices = check_plan_options(args)
     from .bench import DTYPES, parse_resolution
     from ..models.benchmodels import build_bench_model
     from ..plan import report
@@ -213,7 +173,6 @@ def cmd_plan(args) -> int:
     from ..plan.model import candidates
     from ..plan.probe import probe_devices
 
-    link, cfg, resolution, devices = check_plan_options(args)
     kind = "cpu" if devices[0] == "cpu" else "cuda"
     model = build_bench_model(args.model, DTYPES["fp32" if kind == "cpu" else "fp16"], args.frames)  # as the bench
     resolution = resolution or parse_resolution(model.default_resolution)
@@ -236,7 +195,7 @@ def cmd_plan(args) -> int:
         choice, nothing_fits = None, str(exc)
     clip = f" x {model.frames} frames" if model.frames else ""
     print(f"tandem plan (a prediction of the cost model, not a measurement): model {model.name}, "
-          f"{resolution[0]}x{resolution[1]} px{clip}, 1 image at cfg {cfg:g}, {len(devices)} device(s) "
+          f"{resolution[0]}x{resolution[1]} px{clip}, 1 image at cfg {cfg:g}, {plural(len(devices), 'device')} "
           f"({','.join(devices)}), link {inputs.link.name} ({inputs.link.source})")
     print(report.inputs_line(inputs, "measured on the pool" if figures else HOST_OVERHEAD_S[kind][1]))
     print(f"memory per device: {budget / 2**30:.3f} GiB" + ("" if args.memory_per_device is not None else
@@ -245,7 +204,7 @@ def cmd_plan(args) -> int:
     if args.json:
         header = {"model": model.name, "resolution": list(resolution), "frames": model.frames, "cfg": cfg,
                   "devices": list(devices), "memory_per_device_bytes": budget}
-        report.write_json(report.as_json(header, inputs, found, choice, nothing_fits), args.json)
+        validation.write_json("--json", args.json, report.as_json(header, inputs, found, choice, nothing_fits))
         print(f"tandem: wrote {args.json}")
     if choice is None:
         print(f"tandem: {nothing_fits}", file=sys.stderr)
@@ -254,11 +213,7 @@ def cmd_plan(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    validation.whole_number("--port", args.port, 1, 65535)
-    if args.model is not None:
-        from ..hosts.diffusers import pipeline_class_name
-
-        pipeline_class_name(args.model)  # before gradio loads
+    check_demo_options(args)  # before gradio loads
     try:
         from ..demo.app import serve
     except ImportError as exc:
@@ -291,15 +246,6 @@ class _NodeBars:
         self.bars = {}
 
 
-def check_workflow_options(args) -> None:
-    """The options `tandem workflow run | compare` share, before the server is contacted."""
-    validation.seconds("--timeout", args.timeout)
-    validation.http_url("--server", args.server)
-    validation.creatable_folder("--out", args.out)
-    if getattr(args, "json", None) is not None:
-        validation.writable_file("--json", args.json)
-
-
 def cmd_workflow_run(args) -> int:
     from .workflow import run_workflow
 
@@ -307,7 +253,7 @@ def cmd_workflow_run(args) -> int:
     bars = _NodeBars(args.quiet)
     files = run_workflow(args.file, args.server, args.set, args.out, args.timeout, bars)
     bars.close()
-    print(f"tandem: workflow finished; {len(files)} output file(s) in {args.out}")
+    print(f"tandem: workflow finished; {plural(len(files), 'output file')} in {args.out}")
     for path in files:
         print(f"  {path}")
     return 0
@@ -328,11 +274,11 @@ def cmd_workflow_compare(args) -> int:
                                bars, say)
     bars.close()
     baseline = "the other workflow" if args.against else "its stock twin"
-    print(f"workflow {args.file} vs {baseline} on {args.server}: {args.repeats} timed run(s) each after a warm-up; "
+    print(f"workflow {args.file} vs {baseline} on {args.server}: {plural(args.repeats, 'timed run')} each after a warm-up; "
           "seconds are ComfyUI's execution time")
     print(result.table())
     if args.json:
-        Path(args.json).write_text(json.dumps(result.as_json(), indent=2))
+        validation.write_json("--json", args.json, result.as_json())
         print(f"tandem: wrote {args.json}")
     return 0
 
@@ -359,7 +305,7 @@ def _add_parallel_options(parser, devices_default):
 
 def _add_knob_options(parser):
     """An option per strategy knob (`strategies.knobs()`), --device-speeds, --weights and --memory-per-device."""
-    add_options(parser, (*_knobs(), DEVICE_SPEEDS, *MEMORY_KNOBS))
+    add_options(parser, (*knobs(), DEVICE_SPEEDS, *MEMORY_KNOBS))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -391,6 +337,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--devices", default="cpu:2", help="'cuda:0,cuda:1', 'cpu:2' or 'auto' (HOST:PORT/DEVICE: "
                        "another machine's)")
     _add_machine_options(bench)
+    bench.add_argument("--stage", default="sampler", choices=("sampler", "vae"),
+                       help="sampler: the denoising loop, one device against each strategy; vae: the model's VAE decode, "
+                            "one device against bands of rows on the pool (--model tiny, small, sd15, sdxl, flux-small or "
+                            "wan-small: 17 frames; --devices, --resolution, --repeats and --json apply)")
     bench.add_argument("--strategies", default="cfg,batch",
                        help=f"comma list of strategies: {', '.join(strategy_choices()[1:])}")
     bench.add_argument("--steps", type=int, default=20, help="sampler calls per run, 1 to 10000")
@@ -491,6 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
+        check_environment()
         return args.run(args)
     except UsageError as exc:
         print(f"tandem: error: {exc}", file=sys.stderr)

@@ -7,6 +7,7 @@ imports ComfyUI.
 from __future__ import annotations
 
 import json
+import sys
 import time
 import urllib.error
 import urllib.parse
@@ -20,13 +21,16 @@ class WorkflowError(RuntimeError):
 
 
 def load_workflow(path: str | Path) -> dict:
-    """Reads an API-format workflow ({node id: {"class_type", "inputs"}}); refuses the UI format with a hint."""
+    """Reads an API-format workflow ({node id: {"class_type", "inputs"}}); refuses the UI format with a hint, and
+    a device, a pipe or a file too large to be a workflow (validation.read_json) naming the file."""
+    from ..runtime.validation import read_json
+
+    if not Path(path).exists():
+        raise WorkflowError(f"workflow file not found: {path}")
     try:
-        data = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise WorkflowError(f"workflow file not found: {path}") from None
-    except json.JSONDecodeError as exc:
-        raise WorkflowError(f"{path} is not JSON: {exc}") from None
+        data = read_json(path, "workflow file")
+    except ValueError as exc:
+        raise WorkflowError(str(exc)) from None
     if isinstance(data, dict) and "nodes" in data and "links" in data:
         raise WorkflowError(f"{path} is a UI-format workflow; in ComfyUI use Workflow > Export (API) and run that file")
     if not isinstance(data, dict) or not all(isinstance(v, dict) and "class_type" in v for v in data.values()):
@@ -34,37 +38,54 @@ def load_workflow(path: str | Path) -> dict:
     return data
 
 
+def _shown(setting: str, limit: int = 60) -> str:
+    """A --set argument as a refusal quotes it: whole, or its start and its length."""
+    return repr(setting) if len(setting) <= limit else f"{setting[:limit]!r}... ({len(setting)} characters)"
+
+
+def parse_setting(setting: str) -> tuple[str, str, object]:
+    """"NODE.INPUT=VALUE" -> (NODE, INPUT, value). VALUE is read as JSON when it parses (numbers, true, lists),
+    else as a string; NaN and infinities (also 1e999), and numbers too long to read, are refused."""
+    target, sep, raw = setting.partition("=")
+    node_ref, dot, name = target.rpartition(".")
+    if not sep or not dot or not node_ref or not name:
+        raise WorkflowError(f"--set {_shown(setting)}: write NODE.INPUT=VALUE, e.g. --set 3.seed=7")
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    except ValueError:  # an integer of more digits than Python reads (sys.get_int_max_str_digits)
+        digits = sum(c.isdigit() for c in raw)
+        raise WorkflowError(f"--set {_shown(setting)}: its value is a number of {digits} digits, more than the "
+                            f"{sys.get_int_max_str_digits()} a number may have; give a shorter one") from None
+    except RecursionError:
+        raise WorkflowError(f"--set {_shown(setting)}: its value nests lists or objects too deeply to read") from None
+    try:
+        json.dumps(value, allow_nan=False)
+    except ValueError:
+        raise WorkflowError(f"--set {_shown(setting)}: {raw} is not a finite number; give a finite value") from None
+    return node_ref, name, value
+
+
 def apply_settings(workflow: dict, settings: list[str], declared_inputs=None) -> dict:
-    """Applies "NODE.INPUT=VALUE" overrides; NODE is a node id, a node title or a class_type (if unique).
-    VALUE is read as JSON when it parses (numbers, true, lists), else as a string; NaN and infinities (also
-    1e999) are refused. INPUT must be one the node has in the workflow or, when `declared_inputs(class_type)`
-    is given, one its class declares (the server's /object_info: an optional input the export left out); a
-    misspelt name fails here, before any run."""
+    """Applies "NODE.INPUT=VALUE" overrides (parse_setting); NODE is a node id, a node title or a class_type (if
+    unique). INPUT must be one the node has in the workflow or, when `declared_inputs(class_type)` is given, one
+    its class declares (the server's /object_info: an optional input the export left out); a misspelt name fails
+    here, before any run."""
     workflow = json.loads(json.dumps(workflow))
     for setting in settings:
-        target, sep, raw = setting.partition("=")
-        node_ref, dot, name = target.rpartition(".")
-        if not sep or not dot or not node_ref or not name:
-            raise WorkflowError(f"--set {setting!r}: write NODE.INPUT=VALUE, e.g. --set 3.seed=7")
+        node_ref, name, value = parse_setting(setting)
         matches = [i for i, node in workflow.items()
                    if node_ref in (i, node.get("_meta", {}).get("title"), node["class_type"])]
         if len(matches) != 1:
             found = "no node" if not matches else f"{len(matches)} nodes ({', '.join(matches)})"
-            raise WorkflowError(f"--set {setting!r}: {found} match {node_ref!r}; use a node id")
+            raise WorkflowError(f"--set {_shown(setting)}: {found} match {node_ref!r}; use a node id")
         node = workflow[matches[0]]
         inputs = node.setdefault("inputs", {})
         if name not in inputs and name not in (declared_inputs(node["class_type"]) if declared_inputs else ()):
             known = ", ".join(sorted(inputs)) or "none in this workflow"
-            raise WorkflowError(f"--set {setting!r}: node {matches[0]} ({node['class_type']}) has no input {name!r} "
-                                f"(its inputs: {known})")
-        try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw
-        try:
-            json.dumps(value, allow_nan=False)
-        except ValueError:
-            raise WorkflowError(f"--set {setting!r}: {raw} is not a finite number; give a finite value") from None
+            raise WorkflowError(f"--set {_shown(setting)}: node {matches[0]} ({node['class_type']}) has no input "
+                                f"{name!r} (its inputs: {known})")
         inputs[name] = value
     return workflow
 

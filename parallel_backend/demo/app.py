@@ -234,7 +234,7 @@ def _interrupt(signum, frame):
 def serve(host: str = "127.0.0.1", port: int = 7860, model: str | None = None) -> None:
     """`tandem demo`: loads the model, serves the app until interrupted, then stops the workers."""
     if model is not None:
-        from ..hosts.diffusers import pipeline_class_name
+        from ..hosts.model_folder import pipeline_class_name
 
         pipeline_class_name(model)  # a bad folder fails here, before the server starts
     session = DemoSession(model)

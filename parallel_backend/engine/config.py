@@ -52,7 +52,7 @@ DEVICE_SPEEDS = Knob("device_speeds", str, "auto", "mixed devices: auto (measure
                      check=_as_given)
 WEIGHTS = Knob("weights", str, "replicated", "replicated (every device holds the whole model), sharded (each "
                "holds 1/N of every block and gathers a block as it runs) or auto (sharded where the whole does not "
-               "fit the memory per device)", choices=("replicated", "sharded", "auto"))
+               "fit the memory per device); asyncdiff's stages hold only their own layers whatever it says", choices=("replicated", "sharded", "auto"))
 MEMORY_PER_DEVICE = Knob("memory_per_device", float, None, "max memory per device (GiB): what weights 'auto' and the "
                          "plan may fill", unset=True, check=validation.positive,
                          unset_means="what a CUDA device has free, or a share of the machine's available memory for "
@@ -178,10 +178,6 @@ class ParallelConfig:
             if getattr(self, axis) is not None and (strategy is None or axis not in strategy.axes):
                 raise ValueError(f"{axis} {getattr(self, axis)}: {strategies.knob(axis).axis}: choose a strategy that "
                                  f"does ({', '.join(strategies.users(axis, axes_only=True))})")
-        if strategy is not None and self.weights != "replicated" and strategy.stage_weights:
-            raise ValueError(f"strategy {self.strategy!r} with weights {self.weights!r}: its stages run different "
-                             "layers on each device, so no block can gather from the others; use weights "
-                             "'replicated' for it")
         known = None if self.device_list == ("auto",) else len(self.device_list)
         object.__setattr__(self, "device_speeds", parse_speeds(self.device_speeds, known))
         if self.device_list != ("auto",):

@@ -14,29 +14,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .. import strategies
 from ..runtime.calls import ModelCall
 from ..models import forward_for_family
 from ..models.stages import synchronize
 from ..models.sampling import denoise, initial_noise
-
-CFG_SCALE = 7.5
-
-
-@dataclass(frozen=True)
-class Job:
-    """What is sampled: `images` latents, with guidance `cfg` (1: no uncond branch)."""
-
-    images: int
-    cfg: float
-
-
-def job_for(strategy: str, cfg: float | None = None, images: int | None = None) -> Job:
-    """The job `tandem bench` measures a strategy on (its BenchJob): cfg 7.5 when it is guided, else 1; `cfg`
-    (tandem bench --cfg) sets the guidance of every job (1: no uncond branch), `images` (--images) its images."""
-    bench_job = strategies.get(strategy).bench_job
-    return Job(images or bench_job.images, cfg if cfg is not None else (CFG_SCALE if bench_job.guided else 1.0))
-
+from .jobs import CFG_SCALE, Job, job_for  # noqa: F401 (the bench's jobs, run here)
 
 @dataclass
 class LoopResult:

@@ -93,6 +93,13 @@ class Engine:
         with self._lock:
             return self.pool.ensure_model(module, family, fingerprint)
 
+    def hold(self, module, family: str, fingerprint: str | None = None, recipe=None) -> str:
+        """Makes every worker hold `module` whole (shipped if they lack it), in a job's middle; returns its
+        fingerprint. Raises CannotCarry where the workers refuse it (see _hold_model)."""
+        with self._lock:
+            self.pool.start()
+            return self._hold_model(module, family, fingerprint, recipe)
+
     def request(self, work: dict, what: str, collective: bool = False, kind=None) -> dict:
         """Sends each rank its message; returns rank -> the reply's value (errors raise WorkerError).
         kind: the kind of call, whose measured time sets its deadline (see WorkerPool.request)."""
@@ -110,7 +117,8 @@ class Engine:
         the memory per device), said once per model where auto shards. With a memory per device given, weights
         that do not fit it even sharded are refused in one sentence, before any weight moves."""
         devices = self.device_count()
-        if config.weights == weights.REPLICATED or devices < 2:
+        staged = config.strategy != "auto" and strategies.get(config.strategy).stage_weights
+        if config.weights == weights.REPLICATED or devices < 2 or staged:  # stages hold their own layers only
             return weights.REPLICATED
         given = config.memory_per_device is not None
         if not given and config.weights == weights.SHARDED:  # no budget to check: nothing to measure per call
@@ -210,6 +218,7 @@ class Engine:
             held = {rank: c.extra["weights_bytes"] for rank, c in computed.items() if "weights_bytes" in c.extra}
             if held:  # a strategy that cut the weights says what each worker holds now
                 self.pool.note_weights_bytes(fingerprint, held)
+            self._say_holdings(fingerprint, module, family, mesh.strategy, placed)
             self.pool.stats.calls += 1
             self.last_mesh = mesh
         return CallResult(out, mesh, {r: c.compute_s for r, c in computed.items()},
@@ -281,6 +290,20 @@ class Engine:
             idle = ", ".join(f"{devices[r]} (worker {r})" for r in range(mesh.size, len(devices)))
             why = "auto's plan for this call" if mesh.why else "this call cannot use more devices"
             self._say(f"Tandem: {mesh.describe()}: {idle} sit(s) out: {why}")
+
+    def _say_holdings(self, fingerprint: str, module, family: str, strategy: str, placed: str) -> None:
+        """Logs, once, which device holds how much of a model whose workers hold less than the whole."""
+        held = self.pool.weights_bytes.get(fingerprint, {})
+        whole = weights.sizes(module)[0] if held else 0
+        if not held or max(held.values()) >= whole:
+            return
+        named = strategies.get(strategy)
+        how = ["each stage its own layers"] if named.stage_weights else []
+        how += [f"{strategy}'s share of every layer"] if named.cuts_layers else []
+        how += ["sharded"] if placed == weights.SHARDED else []
+        parts = ", ".join(f"worker {r} ({self.pool.devices[r]}) {held[r] / 2**20:.1f} MiB" for r in sorted(held))
+        self._say(f"Tandem: the {family.split(':', 1)[-1]} model's {whole / 2**20:.1f} MiB of weights "
+                  f"({', '.join(how)}): {parts}")
 
     def say(self, note: str) -> None:
         """Logs `note` once per engine (a strategy's or the speeds' notes)."""

@@ -3,7 +3,7 @@
 One process per device (runtime/pool.py starts it by this module's name: a process boundary, not an import).
 runtime/worker_loop.py is the process (authentication, the process group, the watchdog, the request loop); this
 module adds what the engine asks of a worker: a model call whole on this device (Forward), auto's timed call
-(TimedForward), and each strategy's own requests.
+(TimedForward), a VAE's band of rows (VaeBand, engine/vae.py), and each strategy's own requests.
 """
 
 from __future__ import annotations
@@ -20,12 +20,14 @@ from ..runtime.messages import Computed, Forward, TimedForward
 from ..runtime.worker_loop import RUNTIME_HANDLERS, WorkerState
 from ..runtime.worker_loop import main as run_worker
 from .timing import run_timed_forward
+from .vae import VaeBand, run_band
 
 
 def forward(state: WorkerState, message: Forward) -> Computed:
     """The whole model call on this worker's device (put back whole first if a strategy had split the model)."""
     import torch
 
+    restoring = state.restores(message.fingerprint)
     module, family = state.whole_model(message.fingerprint)
     started = time.perf_counter()
     with torch.inference_mode():
@@ -34,6 +36,10 @@ def forward(state: WorkerState, message: Forward) -> Computed:
         out = models.forward_for_family(family)(module if compiled is None else compiled, message.call.to(state.device))
     synchronize(state.device)
     extra = {"rows": message.call.rows}
+    if restoring:  # a strategy had split the weights: the worker holds the whole model again
+        from ..runtime.recipe import weights_bytes
+
+        extra["weights_bytes"] = weights_bytes(module)
     if compiled is not None:  # how many graphs torch.compile made in this worker so far (once per shape)
         from torch._dynamo.utils import counters
 
@@ -43,7 +49,8 @@ def forward(state: WorkerState, message: Forward) -> Computed:
 
 def handlers() -> dict:
     """Message type -> handler(state, request): the runtime's, model calls, and every registered strategy's."""
-    return {**RUNTIME_HANDLERS, Forward: forward, TimedForward: run_timed_forward, **strategies.worker_handlers()}
+    return {**RUNTIME_HANDLERS, Forward: forward, TimedForward: run_timed_forward, VaeBand: run_band,
+            **strategies.worker_handlers()}
 
 
 def main(argv=None) -> int:

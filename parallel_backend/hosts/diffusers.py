@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import threading
 import warnings
 from contextlib import contextmanager, nullcontext
@@ -16,64 +15,11 @@ from ..models.diffusers_dit import recognise
 from ..models.diffusers_unet import FAMILY as UNET_FAMILY
 from ..models.sampling import Generation, GenerationRequest, Timer, initial_noise, make_scheduler
 from .diffusers_transformer import ParallelTransformer
+from .model_folder import SUPPORTED_PIPELINES, pipeline_class_name
 from .stand_in import StandIn
+from .diffusers_vae import ParallelVAE, splits
 
-SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
 TRANSFORMERS = ("transformer", "transformer_2")  # Wan 2.2 has a second one for its low-noise steps
-
-
-def pipeline_class_name(folder: str | Path) -> str:
-    """Checks that `folder` is a supported, readable diffusers pipeline folder (its model_index.json, each
-    component's folder, JSON files and safetensors headers) and returns its pipeline class name."""
-    folder = Path(folder)
-    if not folder.exists():
-        raise FileNotFoundError(f"model not found: {folder}")
-    if folder.is_file():
-        raise ValueError(f"{folder} is a single file; give a diffusers pipeline folder (one with model_index.json)")
-    _check_readable_folder(folder)
-    index_file = folder / "model_index.json"
-    if not index_file.is_file():
-        raise ValueError(f"{folder} is not a diffusers pipeline folder: it has no model_index.json")
-    index = validation.read_json_object(index_file)
-    name = index.get("_class_name", "")
-    if name not in SUPPORTED_PIPELINES:
-        raise ValueError(f"{folder} holds a {name or 'unnamed'} pipeline; supported: {', '.join(SUPPORTED_PIPELINES)}")
-    for component in _components(index):
-        _check_component(folder, component)
-    return name
-
-
-def _components(index: dict) -> list[str]:
-    """The components model_index.json names with a library and class (["diffusers", "UNet2DConditionModel"])."""
-    return [name for name, spec in index.items()
-            if not name.startswith("_") and isinstance(spec, list) and len(spec) == 2 and all(spec)]
-
-
-def _check_readable_folder(folder: Path) -> None:
-    if not os.access(folder, os.R_OK | os.X_OK):
-        raise ValueError(f"model folder {folder} is not readable (check its permissions)")
-
-
-def _check_component(folder: Path, component: str) -> None:
-    """The component's folder exists and its JSON files and safetensors headers read (no weights loaded)."""
-    part = folder / component
-    if not part.is_dir():
-        raise ValueError(f"{folder}: model_index.json names {component!r}, but there is no folder {part}")
-    _check_readable_folder(part)
-    for config in sorted(part.glob("*.json")):
-        validation.read_json_object(config)
-    for weights in sorted(part.glob("*.safetensors")):
-        _check_safetensors(weights)
-
-
-def _check_safetensors(path: Path) -> None:
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt"):
-            pass
-    except Exception as exc:  # safetensors raises its own SafetensorError, or OSError
-        raise ValueError(f"model file {path} is not a readable safetensors file ({_first_line(exc)})") from None
 
 
 def _first_line(exc: BaseException) -> str:
@@ -215,7 +161,8 @@ class ParallelUNet(StandIn):
 
 def parallelize(pipe, config=None, pool=None, **settings):
     """Runs `pipe`'s denoiser on a pool of devices: the UNet of a StableDiffusion / SDXL pipeline, or the
-    transformer(s) of a Flux, SD3, Wan or Qwen-Image pipeline. Idempotent.
+    transformer(s) of a Flux, SD3, Wan or Qwen-Image pipeline; and its VAE's decode and encode in bands of rows
+    where it is an AutoencoderKL (hosts/diffusers_vae.py). Idempotent.
 
     config: a ParallelConfig (default: all devices, strategy auto), or its settings by name in its place
     (`parallelize(pipe, devices="cuda:0,cuda:1", weights="auto", memory_per_device=20)`). pool: a started or
@@ -249,6 +196,8 @@ def parallelize(pipe, config=None, pool=None, **settings):
             wrapper = ParallelTransformer(model, executor, pipe, family)
         object.__setattr__(wrapper, "_owned_pool", pool if owned and i == 0 else None)
         setattr(pipe, name, wrapper)
+    if splits(getattr(pipe, "vae", None)):  # its decode (and encode) in bands of rows on the same pool
+        pipe.vae = ParallelVAE(pipe.vae, executor, pipe)
     pipe.__class__ = _one_job_per_call(type(pipe))
     return pipe
 
@@ -264,7 +213,7 @@ def _denoisers(pipe) -> list[tuple[str, object]]:
 
 def _stand_ins(pipe) -> list[tuple[str, StandIn]]:
     """(attribute, stand-in) of each denoiser `parallelize` replaced."""
-    found = [(name, getattr(pipe, name, None)) for name in ("unet",) + TRANSFORMERS]
+    found = [(name, getattr(pipe, name, None)) for name in ("unet",) + TRANSFORMERS + ("vae",)]
     return [(name, model) for name, model in found if isinstance(model, StandIn)]
 
 
@@ -283,7 +232,7 @@ def _one_job_per_call(cls):
 
 
 def unparallelize(pipe):
-    """Puts the original denoisers back; shuts the pool down if `parallelize` made it. Idempotent."""
+    """Puts the original denoisers and VAE back; shuts the pool down if `parallelize` made it. Idempotent."""
     for name, wrapper in _stand_ins(pipe):
         setattr(pipe, name, wrapper.real)
         if wrapper._owned_pool is not None:

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from .benchmodels_base import BenchModel, check_still_images, no_extras
+from .bench_names import check_bench_model_name, check_still_images
+from .benchmodels_base import BenchModel, no_extras
 from .benchmodels_dit import TRANSFORMERS
 
 SD15_UNET = dict(block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, cross_attention_dim=768,
@@ -50,12 +51,6 @@ UNETS = {"small": (SMALL_UNET, (77, 256), 256, no_extras), "sd15": (SD15_UNET, (
          "sdxl": (SDXL_UNET, (77, 2048), 1024, _sdxl_extras),
          "sd15-narrow": (SD15_NARROW_UNET, (77, 32), 128, no_extras),
          "sdxl-narrow": (SDXL_NARROW_UNET, (77, 32), 128, _sdxl_narrow_extras)}
-
-
-def check_bench_model_name(name: str) -> None:
-    """Refuses a name that is no bench model, before anything is built."""
-    if name not in ("tiny", *UNETS, *TRANSFORMERS):
-        raise ValueError(f"unknown bench model {name!r}; choose one of: tiny, {', '.join([*UNETS, *TRANSFORMERS])}")
 
 
 def build_bench_model(name: str, dtype: torch.dtype = torch.float32, frames: int | None = None) -> BenchModel:

@@ -91,9 +91,3 @@ class BenchModel:
         rows = x.shape[0]
         return ModelCall(x, self.timestep(t, rows), context, self.extras(rows, resolution), shared=self.shared,
                          **fields)
-
-
-def check_still_images(name: str, frames: int | None) -> None:
-    """Refuses a clip length for an image model."""
-    if frames is not None:
-        raise ValueError(f"frames: model {name} makes still images; give --frames only with a video model (wan-small)")

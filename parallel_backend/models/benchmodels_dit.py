@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import torch
 
 from ..runtime import validation
-from .benchmodels_base import MAX_FRAMES, BenchModel, check_still_images
+from .bench_names import check_still_images
+from .benchmodels_base import MAX_FRAMES, BenchModel
 from .diffusers_dit import family_named
 
 FLOW_SHIFT = 3.0

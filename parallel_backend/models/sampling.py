@@ -1,4 +1,5 @@
-"""Host-side sampling: diffusers schedulers by name, a validated request, and the denoising loop.
+"""Host-side sampling: diffusers schedulers built by name, the denoising loop (the request and the schedulers' names:
+request.py).
 
 The loop calls one function per model evaluation, `denoiser(x, t, context) -> noise prediction`. That call is
 the seam Tandem parallelises: the loop, the scheduler and classifier-free guidance stay on the host.
@@ -14,20 +15,7 @@ from typing import Callable
 import torch
 
 from ..runtime import validation
-
-# name -> (diffusers scheduler class, overrides of the model's scheduler config)
-SCHEDULERS: dict[str, tuple[str, dict]] = {
-    "euler": ("EulerDiscreteScheduler", {}),
-    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
-    "heun": ("HeunDiscreteScheduler", {}),
-    "ddim": ("DDIMScheduler", {}),
-    "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),
-    "lms": ("LMSDiscreteScheduler", {}),
-    "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
-    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler",
-                        {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True}),
-    "unipc": ("UniPCMultistepScheduler", {}),
-}
+from .request import SCHEDULERS, GenerationRequest  # noqa: F401 (the request is named here too)
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -39,30 +27,6 @@ def make_scheduler(name: str, base_config: dict):
 
     class_name, overrides = SCHEDULERS[name]
     return getattr(diffusers, class_name).from_config(dict(base_config), **overrides)
-
-
-@dataclass
-class GenerationRequest:
-    """What to generate. Validated on creation (`validation`): a value of the wrong kind raises TypeError, one
-    out of range ValueError, each naming the field. steps: 1 to 10000; cfg: 0 to 100 (1: no guidance); seed:
-    0 to 2**63 - 1; num_images: 1 to 10000 (and what memory allows: the pipeline checks it)."""
-
-    prompt: str
-    negative_prompt: str = ""
-    steps: int = 25
-    cfg: float = 5.0
-    seed: int = 0
-    scheduler: str = "euler"
-    num_images: int = 1
-
-    def __post_init__(self):
-        self.prompt = validation.text("prompt", self.prompt)
-        self.negative_prompt = validation.text("negative_prompt", self.negative_prompt)
-        self.steps = validation.whole_number("steps", self.steps, 1, validation.MAX_STEPS)
-        self.cfg = validation.finite_number("cfg", self.cfg, 0.0, validation.MAX_CFG)
-        self.seed = validation.seed(self.seed)
-        self.scheduler = validation.one_of("scheduler", self.scheduler, SCHEDULERS)
-        self.num_images = validation.whole_number("num_images", self.num_images, 1, validation.MAX_IMAGES)
 
 
 @dataclass

@@ -7,6 +7,6 @@ measure.py takes a bench model's one-device inputs on the spot; probe.py measure
 on its workers; report.py prints them; calibrate.py (host) and timing.py
 (worker) take a real call's inputs on the pool for `auto`, which runs the choice; bench_check.py puts the prediction beside each `tandem bench` row.
 paper.py counts full-size models' inputs for named GPUs instead (FLOPs on the meta device, published
-throughput); paper_doc.py writes them to docs/gpu-predictions.md. Predictions are a model's, labelled as such:
-not measurements.
+throughput), from the models paper_models.py builds there; paper_doc.py writes them to docs/gpu-predictions.md.
+Predictions are a model's, labelled as such: not measurements.
 """

@@ -35,7 +35,9 @@ from .traffic import Traffic, group_rows, handover_peer, per_rank, sequence_peer
 class Cost:
     """One call on a mesh: busy (the slowest row group's compute + exposed exchange), its parts, the peer
     traffic, the memory per device; warm: a warm-up call's busy time (None: as busy); rows: the rows of the
-    busiest device's call (what its contention is measured for)."""
+    busiest device's call (what its contention is measured for); kept, gathered: the parts of `memory` that
+    are the weights a device keeps (whole, its stage's, its cut or its shards) and the blocks sharded weights
+    gather at once (the rest is activations)."""
 
     busy: float
     compute: float
@@ -45,13 +47,15 @@ class Cost:
     memory: int
     warm: float | None = None
     rows: int = 1
+    kept: int = 0
+    gathered: int = 0
 
 
 def rows_cost(inp, mesh) -> Cost:
     rows = group_rows(mesh, inp.shape, inp.branches)
     compute = max(inp.seconds(r) for r in rows)
     return Cost(compute, compute, 0.0, 0.0, Traffic(), inp.weight_bytes + max(rows) * inp.activation_bytes_per_row,
-                rows=max(rows))
+                rows=max(rows), kept=inp.weight_bytes)
 
 
 def sequence_cost(inp, mesh) -> Cost:
@@ -60,7 +64,8 @@ def sequence_cost(inp, mesh) -> Cost:
     rows = [g for g in group_rows(mesh, inp.shape, inp.branches) if g]
     worst = max((_sequence_group(inp, g, u, r) for g in rows), key=lambda cost: cost.busy)
     memory = inp.weight_bytes + max(rows) * inp.activation_bytes_per_row // (u * r)
-    return replace(worst, traffic=Traffic(peer=sum(g * sequence_peer(inp.shape, u, r) for g in rows)), memory=memory)
+    return replace(worst, traffic=Traffic(peer=sum(g * sequence_peer(inp.shape, u, r) for g in rows)), memory=memory,
+                   kept=inp.weight_bytes)
 
 
 def _sequence_group(inp, rows: int, u: int, r: int) -> Cost:
@@ -103,8 +108,9 @@ def staged_cost(inp, mesh) -> Cost:
     groups = [_staged_group(inp, g, mesh.inner) for g in rows]
     worst = max((cost for cost, _ in groups), key=lambda cost: cost.busy)
     peer = sum(handover_peer(inp.shape, cuts, g) for g, (_, cuts) in zip(rows, groups))
-    memory = max(_stage_weights(inp, cuts) + g * inp.activation_bytes_per_row for g, (_, cuts) in zip(rows, groups))
-    return replace(worst, traffic=Traffic(peer=peer), memory=memory)
+    memory, kept = max((_stage_weights(inp, cuts) + g * inp.activation_bytes_per_row, _stage_weights(inp, cuts))
+                       for g, (_, cuts) in zip(rows, groups))
+    return replace(worst, traffic=Traffic(peer=peer), memory=memory, kept=kept)
 
 
 def _staged_group(inp, rows: int, stages: int) -> tuple[Cost, list[int]]:
@@ -141,7 +147,8 @@ def tensor_cost(inp, mesh) -> Cost:
     compute = inp.seconds(busiest) / n
     peer = sum(g * activation * reduces * (n - 1) * n for g in rows)
     memory = inp.weight_bytes // n + busiest * inp.activation_bytes_per_row
-    return Cost(compute + exchange, compute, exchange, exchange, Traffic(peer=peer), memory, rows=busiest)
+    return Cost(compute + exchange, compute, exchange, exchange, Traffic(peer=peer), memory, rows=busiest,
+                kept=inp.weight_bytes // n)
 
 
 def sharded_cost(cost: Cost, inp, group: int) -> Cost:
@@ -156,10 +163,11 @@ def sharded_cost(cost: Cost, inp, group: int) -> Cost:
     moved = sum(units) * (group - 1) / group
     gather = inp.link.seconds(moved, len(units) * (group - 1))
     exposed = max(0.0, gather - cost.compute) if inp.gathers_overlap else gather
-    held = inp.weight_bytes - sum(units) + sum(units) // group + (2 if inp.gathers_overlap else 1) * max(units)
+    kept = inp.weight_bytes - sum(units) + sum(units) // group
+    gathered = (2 if inp.gathers_overlap else 1) * max(units)
     return replace(cost, busy=cost.busy + exposed, exposed=cost.exposed + exposed, transfer=cost.transfer + gather,
                    traffic=cost.traffic + Traffic(peer=int(moved * group)),
-                   memory=cost.memory - inp.weight_bytes + int(held))
+                   memory=cost.memory - cost.kept + kept + gathered, kept=kept, gathered=gathered)
 
 
 def cost_for(strategy):

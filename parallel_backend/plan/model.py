@@ -114,6 +114,8 @@ class Candidate:
     extra: dict = field(default_factory=dict, compare=False)
     weights: str = "replicated"  # or "sharded" (engine/weights.py)
     fits: bool | None = None  # within the memory per device given to `candidates` (None: none given)
+    weights_bytes_per_device: int = 0  # of memory_bytes_per_device: the weights a device keeps
+    gathered_bytes_per_device: int = 0  # and the blocks sharded weights gather at once (the rest: activations)
 
     def label(self) -> str:
         if not self.mesh:
@@ -135,7 +137,8 @@ class Candidate:
 def one_device(inp: Inputs) -> Candidate:
     memory = inp.weight_bytes + inp.shape.rows * inp.activation_bytes_per_row
     return Candidate("serial", {}, 1, 1.0, 1.0, inp.one_device, True, memory,
-                     reason=f"the whole call on one device: {1000 * inp.one_device:.1f} ms")
+                     reason=f"the whole call on one device: {1000 * inp.one_device:.1f} ms",
+                     weights_bytes_per_device=inp.weight_bytes)
 
 
 def predict(inp: Inputs, mesh: Mesh, weights: str = "replicated") -> Candidate:
@@ -164,7 +167,8 @@ def predict(inp: Inputs, mesh: Mesh, weights: str = "replicated") -> Candidate:
         reason += f"; weights sharded over {mesh.devices} devices, each block gathered before it runs"
     return Candidate(mesh.strategy, mesh.degrees(), mesh.size, one / call, whole_run / split_run, call, not stale,
                      cost.memory, cost.traffic.peer, host.host_in + host.host_out, cost.exposed + host_s,
-                     cost.transfer + host_s, reason, weights=weights)
+                     cost.transfer + host_s, reason, weights=weights, weights_bytes_per_device=cost.kept,
+                     gathered_bytes_per_device=cost.gathered)
 
 
 def row_split_seconds(inp: Inputs, sizes, speeds) -> float:

@@ -8,8 +8,10 @@ v, 2 L^2 W each); the weights' bytes from the parameter count in the model's dty
 Published: each GPU's dense fp16/bf16 tensor throughput (GPUS, sources beside them). Stated: the fraction of it
 a call reaches (EFFICIENCY). Time = FLOPs / (peak x efficiency), the same for the whole call, each layer and
 the attention. The links are plan/links.py's profiles; the per-call host overhead is measure.py's CUDA
-assumption. These are a model's predictions, never measurements. `python -m parallel_backend.plan.paper_doc`
-writes them to docs/gpu-predictions.md.
+assumption. The models and their configs: plan/paper_models.py. RIGS: sets of GPUs the models larger than one
+device are predicted on, each candidate's memory per device checked against the GPU's (`rig_candidates`), and
+the smallest set of a GPU that holds a model (`smallest_fit`). These are a model's predictions, never
+measurements. `python -m parallel_backend.plan.paper_doc` writes them to docs/gpu-predictions.md.
 """
 
 from __future__ import annotations
@@ -21,9 +23,12 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..engine.oracle import sample_call
+from ..models.benchmodels_dit import TransformerBenchModel
+from . import paper_models
+from .choose import Choice, NothingFits, choose
 from .links import link_named
-from .measure import HOST_OVERHEAD_S, call_shape
-from .model import Inputs
+from .measure import HOST_OVERHEAD_S, call_shape, shard_units
+from .model import Candidate, Inputs, candidates
 
 TFLOPS = 1e12
 GB = 1e9
@@ -44,6 +49,14 @@ GPUS: dict[str, Gpu] = {gpu.name: gpu for gpu in (
     # 165.2 dense (330.4 with sparsity; 330.3 dense with FP16 accumulate). 24 GB GDDR6X.
     Gpu("RTX 4090", 165.2 * TFLOPS, 24 * GB, "NVIDIA Ada architecture whitepaper: 165.2 TFLOPS dense fp16/bf16 "
         "tensor, FP32 accumulate"),
+    # The same whitepaper's appendix, RTX 4080 (16GB): peak FP16 / BF16 tensor TFLOPS with FP32 accumulate 97.5
+    # dense (194.9 with sparsity). 16 GB GDDR6X.
+    Gpu("RTX 4080", 97.5 * TFLOPS, 16 * GB, "NVIDIA Ada architecture whitepaper (RTX 4080 16GB): 97.5 TFLOPS dense "
+        "fp16/bf16 tensor, FP32 accumulate"),
+    # NVIDIA L40S datasheet: BF16 tensor core 362.05 TFLOPS dense (733 with sparsity). 48 GB GDDR6 with ECC;
+    # PCIe 4.0 x16, no NVLink.
+    Gpu("L40S", 362.05 * TFLOPS, 48 * GB, "NVIDIA L40S datasheet: 733 TFLOPS bf16 tensor with sparsity, 362.05 "
+        "dense"),
     # NVIDIA A100 datasheet: BF16 / FP16 tensor core 312 TFLOPS dense (624 with sparsity), PCIe and SXM alike.
     Gpu("A100 80GB PCIe", 312 * TFLOPS, 80 * GB, "NVIDIA A100 datasheet: 312 TFLOPS dense bf16 tensor"),
     Gpu("A100 80GB SXM", 312 * TFLOPS, 80 * GB, "NVIDIA A100 datasheet: 312 TFLOPS dense bf16 tensor"),
@@ -64,7 +77,10 @@ EFFICIENCY = {"unet": 0.35, "dit": 0.45}
 @dataclass(frozen=True)
 class Scenario:
     """A named job: a full-size model (built on meta by `build`), its resolution, guidance branches (2: cfg > 1),
-    the steps of a run, the kind of efficiency it gets and the hardware it is predicted on (GPU, link)."""
+    the steps of a run, the kind of efficiency it gets and the hardware it is predicted on (GPU, link; () for
+    the models only predicted on RIGS). runs_as: the family Tandem runs the model as where its diffusers class
+    has none in Tandem's diffusers adapter (ComfyUI's); refuses: (strategy, why) the plan lists for that family
+    but Tandem refuses for this model."""
 
     name: str
     title: str
@@ -75,6 +91,8 @@ class Scenario:
     kind: str
     hardware: tuple[tuple[str, str], ...]
     source: str
+    runs_as: str = ""
+    refuses: tuple[tuple[str, str], ...] = ()
 
 
 DATACENTRE = (("A100 80GB PCIe", "pcie4x16"), ("A100 80GB SXM", "nvlink-a100"), ("H100 SXM", "nvlink-h100"))
@@ -92,68 +110,60 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
              "Wan2.1-T2V-14B's transformer config (Wan-AI/Wan2.1-T2V-14B-Diffusers transformer/config.json): 40 "
              "layers, 40 heads x 128, ffn 13824, 16 latent channels, patch (1, 2, 2), umT5 width 4096 "
              "(512 tokens)"),
+    Scenario("qwen-image-1328", "Qwen-Image 20B 1328x1328, true cfg 4.0 (2 branches), 50 steps", "qwen_image_meta",
+             (1328, 1328), 2, 50, "dit", (),
+             "Qwen-Image's transformer config (Qwen/Qwen-Image transformer/config.json): 60 blocks, 24 heads x 128, "
+             "64 input channels (16 latent channels in 2x2 patches), 16 out, Qwen2.5-VL width 3584 (assumed 128 "
+             "prompt tokens: the pipeline pads only to the longest prompt); the model card's call: true_cfg_scale "
+             "4.0 with a negative prompt, 50 steps"),
+    Scenario("flux2-dev-1024", "Flux.2-dev 32B 1024x1024, guidance-distilled (cfg 1: one branch), 50 steps",
+             "flux2_dev_meta", (1024, 1024), 1, 50, "dit", (),
+             "FLUX.2-dev's transformer config (black-forest-labs/FLUX.2-dev transformer/config.json): 8 double + 48 "
+             "single blocks, 48 heads x 128, mlp ratio 3 (SwiGLU), 128 input channels (32 latent channels in 2x2 "
+             "patches), Mistral width 15360 (512 tokens, padded); Flux2Pipeline's defaults: embedded guidance 4.0, "
+             "50 steps. Tandem runs it through ComfyUI (its diffusers adapter has no Flux2Transformer2DModel "
+             "family)", runs_as="comfy_dit:flux",
+             refuses=(("tensor", "Tandem's tensor cut of ComfyUI's Flux refuses Flux.2 (models/tensor_splits.py)"),)),
+    Scenario("hunyuan-video-720p", "HunyuanVideo 13B 720x1280 x 129 frames, guidance-distilled (cfg 1: one "
+             "branch), 50 steps", "hunyuan_video_meta", (720, 1280), 1, 50, "dit", (),
+             "HunyuanVideo's transformer config (hunyuanvideo-community/HunyuanVideo transformer/config.json): 20 "
+             "double + 40 single blocks, 24 heads x 128, mlp ratio 4, 2 text-refiner blocks, 16 latent channels, "
+             "patch (1, 2, 2), Llama width 4096 (256 tokens, padded), pooled CLIP 768; HunyuanVideoPipeline's "
+             "defaults: 720x1280, 129 frames, embedded guidance 6.0, true cfg 1.0, 50 steps. Tandem runs it "
+             "through ComfyUI (its diffusers adapter has no HunyuanVideoTransformer3DModel family)",
+             runs_as="comfy_dit:hunyuan_video"),
 )}
 
-FLUX_DEV = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
-                num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
-                axes_dims_rope=(16, 56, 56))
-FLUX_DEV_TEXT_TOKENS = 512  # FLUX.1-dev's T5 length (schnell's is 256)
-FLUX_DEV_GUIDANCE = 3.5  # the pipeline's default distilled guidance
-WAN_14B = dict(num_layers=40, num_attention_heads=40, attention_head_dim=128, in_channels=16, out_channels=16,
-               text_dim=4096, freq_dim=256, ffn_dim=13824, patch_size=(1, 2, 2), cross_attn_norm=True,
-               qk_norm="rms_norm_across_heads", eps=1e-6)
-WAN_FRAMES = 81
+
+@dataclass(frozen=True)
+class Rig:
+    """A set of equal GPUs joined by one link, the models larger than one device are predicted on."""
+
+    name: str
+    gpu: str
+    devices: int
+    link: str
+    note: str
 
 
-def on_meta(cls, config: dict, dtype: torch.dtype) -> torch.nn.Module:
-    """`cls(**config)` with its parameters on the meta device (shapes only), in `dtype`, for inference."""
-    with torch.device("meta"):
-        module = cls(**config)
-    return module.to(dtype).eval().requires_grad_(False)
-
-
-def sdxl_meta():
-    from diffusers import UNet2DConditionModel
-
-    from ..models.benchmodels import UNETS
-    from ..models.benchmodels_base import BenchModel
-
-    config, context, resolution, extras = UNETS["sdxl"]
-    unet = on_meta(UNet2DConditionModel, dict(sample_size=resolution // 8, **config), torch.float16)
-    return BenchModel("sdxl", unet, context, 8, resolution, extras)
-
-
-def flux_dev_meta():
-    from diffusers import FluxTransformer2DModel
-
-    from ..models.benchmodels_dit import FluxBenchModel
-
-    class FluxDev(FluxBenchModel):
-        """flux-small's inputs plus the distilled guidance input Flux.1-dev takes per row."""
-
-        def extras(self, rows, resolution=None):
-            return {**super().extras(rows, resolution), "guidance": torch.full((rows,), FLUX_DEV_GUIDANCE)}
-
-    module = on_meta(FluxTransformer2DModel, FLUX_DEV, torch.bfloat16)
-    return FluxDev("flux-dev", module, (FLUX_DEV_TEXT_TOKENS, FLUX_DEV["joint_attention_dim"]), latent_factor=8,
-                   default_resolution=1024, family="diffusers_dit:flux", patch=2)
-
-
-def wan14b_meta():
-    from diffusers import WanTransformer3DModel
-
-    from ..models.benchmodels_dit import WAN_TEXT_TOKENS, WanBenchModel
-
-    module = on_meta(WanTransformer3DModel, WAN_14B, torch.bfloat16)
-    return WanBenchModel("wan-14b", module, (WAN_TEXT_TOKENS, WAN_14B["text_dim"]), latent_factor=8,
-                         default_resolution="720x1280", family="diffusers_dit:wan", patch=2, frames=WAN_FRAMES)
-
+# plan/links.py has no profile for PCIe without peer-to-peer (GeForce cards: NCCL copies through host memory), so
+# the consumer rigs take pcie4x16, which assumes peer copies: optimistic for them.
+RIGS = (
+    Rig("2 x 24 GB", "RTX 4090", 2, "pcie4x16", "PCIe 4.0 x16 per card; GeForce cards have no peer-to-peer over "
+        "PCIe, which the profile assumes (optimistic)"),
+    Rig("4 x 16 GB", "RTX 4080", 4, "pcie4x16", "PCIe 4.0 x16 per card (a desktop board rarely gives four cards "
+        "x16 each); no peer-to-peer, as for the 4090s (optimistic)"),
+    Rig("2 x 48 GB", "L40S", 2, "pcie4x16", "PCIe 4.0 x16, no NVLink"),
+    Rig("2 x 80 GB", "H100 SXM", 2, "nvlink-h100", "NVLink 4 (an HGX board's usual pair)"),
+)
+BIG_MODELS = ("wan14b-720p", "qwen-image-1328", "flux2-dev-1024", "hunyuan-video-720p")
 
 @dataclass(frozen=True)
 class Counted:
     """A scenario's counted figures. flops: {rows: FLOPs of one call}; attention_flops: one token-mixing
     attention of one row (4 L^2 W); layers: (name, FLOPs of one row) in order (UNets; () for DiTs);
-    flop_ops: the whole call's FLOPs of one row per aten op, as the counter split them."""
+    flop_ops: the whole call's FLOPs of one row per aten op, as the counter split them; unit_bytes: the bytes of
+    each unit sharded weights gather (models/weight_shards.py)."""
 
     shape: object  # traffic.CallShape
     family: str
@@ -165,6 +175,7 @@ class Counted:
     parameters: int = 0
     activation_bytes_per_row: int = 0
     flop_ops: tuple = ()
+    unit_bytes: tuple = ()
 
 
 def count_flops(run) -> tuple[int, dict]:
@@ -220,17 +231,29 @@ def attention_flops(tokens: int, width: int) -> int:
 def count(name: str) -> Counted:
     """The counted figures of scenario `name` (a few seconds: meta runs of the full-size model)."""
     scenario = scenario_named(name)
-    model = globals()[scenario.build]()
+    model = getattr(paper_models, scenario.build)()
     rows = scenario.branches
-    shape = call_shape(model, scenario.resolution, rows)
+    shape = _shape(model, scenario.resolution, rows)
     one, ops = _call_flops(model, 1, scenario.resolution)
     flops = {1: one} if rows == 1 else {1: one, rows: _call_flops(model, rows, scenario.resolution)[0]}
     layers, handover, layer_weights = count_layers(model, scenario.resolution)
     shape = replace(shape, handover_bytes=handover)
     params = list(model.module.parameters())
-    return Counted(shape, model.family, flops, attention_flops(shape.tokens, shape.width), layers, layer_weights,
-                   sum(p.numel() * p.element_size() for p in params), sum(p.numel() for p in params),
-                   model.memory_bytes(1, scenario.resolution), tuple(sorted(ops.items())))
+    return Counted(shape, scenario.runs_as or model.family, flops, attention_flops(shape.tokens, shape.width), layers,
+                   layer_weights, sum(p.numel() * p.element_size() for p in params), sum(p.numel() for p in params),
+                   model.memory_bytes(1, scenario.resolution), tuple(sorted(ops.items())), shard_units(model.module))
+
+
+def _shape(model, resolution, rows: int):
+    """measure.call_shape; for a transformer whose family the adapter cannot split (counted through diffusers'
+    plain call: Flux.2, HunyuanVideo), its sequence sizes and heads from the model and its config."""
+    shape = call_shape(model, resolution, rows)
+    if shape.heads or not isinstance(model, TransformerBenchModel):
+        return shape
+    config = model.module.config
+    tokens, attentions = model.sequence_sizes(resolution)
+    return replace(shape, tokens=tokens, attentions=attentions, heads=config.num_attention_heads,
+                   width=config.num_attention_heads * config.attention_head_dim)
 
 
 def seconds(flops: float, gpu: Gpu, efficiency: float) -> float:
@@ -258,9 +281,10 @@ def gpu_named(name: str) -> Gpu:
         raise ValueError(f"unknown GPU {name!r}; choose one of: {', '.join(GPUS)}") from None
 
 
-def paper_inputs(name: str, gpu: str, link: str, efficiency: float | None = None) -> Inputs:
+def paper_inputs(name: str, gpu: str, link: str, efficiency: float | None = None, sharded: bool = False) -> Inputs:
     """model.Inputs of scenario `name` on `gpu`s joined by `link`, from counted FLOPs at `efficiency` (None: the
-    scenario kind's EFFICIENCY)."""
+    scenario kind's EFFICIENCY); sharded: with the units sharded weights gather, the next one's gather posted
+    ahead as on CUDA (model.candidates then lists each split's sharded twin)."""
     scenario, device, joined = scenario_named(name), gpu_named(gpu), link_named(link)
     efficiency = check_efficiency(EFFICIENCY[scenario.kind] if efficiency is None else efficiency)
     counted = count(name)
@@ -270,4 +294,24 @@ def paper_inputs(name: str, gpu: str, link: str, efficiency: float | None = None
                   layer_seconds=tuple(seconds(f, device, efficiency) for _, f in counted.layers),
                   weight_bytes=counted.weight_bytes, layer_weight_bytes=counted.layer_weight_bytes,
                   activation_bytes_per_row=counted.activation_bytes_per_row,
-                  host_overhead_s=HOST_OVERHEAD_S["cuda"][0], steps=scenario.steps)
+                  host_overhead_s=HOST_OVERHEAD_S["cuda"][0], steps=scenario.steps,
+                  unit_bytes=counted.unit_bytes if sharded else (), gathers_overlap=sharded)
+
+
+def rig_candidates(name: str, gpu: str, link: str, devices: int) -> list[Candidate]:
+    """model.candidates of scenario `name` on `devices` of `gpu` joined by `link`, weights whole and sharded, each
+    marked whether it fits the GPU's memory; less the strategies Tandem refuses for this model (its `refuses`)."""
+    refused = dict(scenario_named(name).refuses)
+    found = candidates(paper_inputs(name, gpu, link, sharded=True), devices, gpu_named(gpu).memory_bytes)
+    return [c for c in found if c.strategy not in refused]
+
+
+def smallest_fit(name: str, gpu: str, link: str, most: int) -> tuple[int, Choice] | None:
+    """(n, choose.choose of rig_candidates on n devices) for the fewest devices of `gpu`, up to `most`, on which
+    some candidate fits; None where none fits on `most`."""
+    for n in range(1, most + 1):
+        try:
+            return n, choose(rig_candidates(name, gpu, link, n))
+        except NothingFits:
+            continue
+    return None

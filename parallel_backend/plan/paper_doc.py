@@ -1,6 +1,8 @@
 """docs/gpu-predictions.md, generated: the paper scenarios' inputs (plan/paper.py) and, on each GPU and link for
 2, 4 and 8 devices, every candidate model.candidates predicts and the one choose.choose picks, next to the peers'
-published measurements (PEERS). Run: python -m parallel_backend.plan.paper_doc --out docs/gpu-predictions.md
+published measurements (PEERS); and for the models larger than one device, on each rig (paper.RIGS), every
+candidate with its memory per device against the GPU's, and its speed-up over the fewest devices of that GPU
+that hold the model. Run: python -m parallel_backend.plan.paper_doc --out docs/gpu-predictions.md
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from .choose import FLOOR, choose
 from .links import link_named
 from .measure import HOST_OVERHEAD_S
 from .model import candidates
-from .paper import EFFICIENCY, SCENARIOS, count, gpu_named, paper_inputs, seconds
+from .paper import (BIG_MODELS, EFFICIENCY, RIGS, SCENARIOS, count, gpu_named, paper_inputs, rig_candidates,
+                    seconds, smallest_fit)
 
 COMMAND = "python -m parallel_backend.plan.paper_doc --out docs/gpu-predictions.md"
 DEVICES = (2, 4, 8)
@@ -93,8 +96,13 @@ def _row(c, mark: str = "") -> str:
             f"| {1000 * c.exposed_seconds:.2f} |")
 
 
+def _gpus(scenario) -> list[str]:
+    """The GPUs a scenario is predicted on: its hardware's, else the rigs'."""
+    return list(dict.fromkeys(g for g, _ in scenario.hardware or [(r.gpu, r.link) for r in RIGS]))
+
+
 def inputs_section() -> list[str]:
-    used = sorted({(g, lk) for s in SCENARIOS.values() for g, lk in s.hardware})
+    used = sorted({(g, lk) for s in SCENARIOS.values() for g, lk in s.hardware} | {(r.gpu, r.link) for r in RIGS})
     out = ["## Inputs", "", "### GPUs (published figures)", "", "| GPU | dense fp16/bf16 tensor TFLOPS | memory GB | "
            "source |", "|---|---|---|---|"]
     for gpu in dict.fromkeys(g for g, _ in used):
@@ -140,8 +148,7 @@ def model_section(name: str) -> list[str]:
                 for (n, f), h, w in zip(c.layers, handover, c.layer_weight_bytes)]
         out += ["", "</details>"]
     eff = EFFICIENCY[s.kind]
-    times = ", ".join(f"{g} {1000 * seconds(c.flops[s.branches], gpu_named(g), eff):,.1f} ms"
-                      for g in dict.fromkeys(g for g, _ in s.hardware))
+    times = ", ".join(f"{g} {1000 * seconds(c.flops[s.branches], gpu_named(g), eff):,.1f} ms" for g in _gpus(s))
     out += ["", f"One device, the whole call ({s.branches} row(s)) at efficiency {eff:g}: {times}.", ""]
     return out
 
@@ -203,6 +210,94 @@ def peers_section() -> list[str]:
                   "reported in pull request #7063 (cfg has two branches).", ""]
 
 
+def _gib(nbytes: int) -> str:
+    return f"{nbytes / GIB:.1f}"
+
+
+def _parts(c) -> str:
+    """A candidate's memory per device: total (weights + gathered blocks + activations), GiB."""
+    weights, gathered = c.weights_bytes_per_device, c.gathered_bytes_per_device
+    activations = c.memory_bytes_per_device - weights - gathered
+    return f"{_gib(c.memory_bytes_per_device)} ({_gib(weights)} + {_gib(gathered)} + {_gib(activations)})"
+
+
+def rig_cell(name: str, rig):
+    """(every candidate on the rig's devices, the rig's choice or None, (n, choice) of the fewest devices that
+    hold the model or None)."""
+    found = rig_candidates(name, rig.gpu, rig.link, rig.devices)
+    fit = smallest_fit(name, rig.gpu, rig.link, rig.devices)
+    return found, (None if fit is None else choose(found)), fit
+
+
+def _least(found):
+    return min(found, key=lambda c: (c.memory_bytes_per_device, -c.predicted_speedup))
+
+
+def _rig_row(rig, found, choice, fit) -> str:
+    head = f"| {rig.name} ({rig.gpu}, {rig.link}) |"
+    if fit is None:
+        least = _least(found)
+        return (f"{head} does not fit: needs {_gib(least.memory_bytes_per_device)} GiB per device "
+                f"({least.label()}), has {_gib(gpu_named(rig.gpu).memory_bytes)} | - | - | - | - | - |")
+    n, base = fit
+    best = choice.best
+    return (f"{head} {sum(1 for c in found if c.fits)} of {len(found)} candidates fit | {n} device(s): "
+            f"{base.best.label()}, {base.best.seconds_per_call:,.2f} s | {best.label()} | {_parts(best)} | "
+            f"{best.seconds_per_call:,.2f} | {base.best.seconds_per_call / best.seconds_per_call:.2f}x |")
+
+
+def _candidate_row(c, base) -> str:
+    speedup = f"{base / c.seconds_per_call:.2f}x" if c.fits and base else "-"
+    return (f"| {c.label()} | {c.devices} | {c.weights} | {_parts(c)} | {'yes' if c.fits else 'no'} | "
+            f"{c.seconds_per_call:,.2f} | {speedup} |")
+
+
+def big_models_section() -> list[str]:
+    rigs = ["| rig | GPU | memory per device | link | note |", "|---|---|---|---|---|"]
+    rigs += [f"| {r.name} | {r.gpu} | {gpu_named(r.gpu).memory_bytes / 1e9:g} GB "
+             f"({_gib(gpu_named(r.gpu).memory_bytes)} GiB) | {r.link} | {r.note} |" for r in RIGS]
+    out = ["## Models larger than one device", "",
+           "**Predictions, not measurements**, as everything on this page. For each rig, every candidate "
+           "`model.candidates` lists for its devices, its weights whole (replicated) or sharded (each device "
+           "keeps 1/N of every block and gathers a block before it runs, the next gather posted ahead as on "
+           "CUDA; N is every device of the rig, also those a smaller mesh leaves without rows, which run each "
+           "forward to pass their shards on: engine/weights.py), its memory per device against the GPU's "
+           "memory (`fits`, the budget `plan/choose.py` chooses within), its predicted seconds per step (one "
+           "call: both guidance branches) and its predicted speed-up over the **baseline**: what `choose` picks "
+           "on the fewest devices of that GPU that hold the model (one device where one does). GiB per device: "
+           "total (weights kept + blocks gathered at once + activations), the activations a lower bound "
+           "(latents and the widest feature maps; no attention workspace, CUDA context or allocator slack), so "
+           "*fits* is optimistic near the limit. The budget is the card's whole memory.", "",
+           "Flux.2-dev and HunyuanVideo: Tandem runs them through ComfyUI (`comfy_dit:flux`, "
+           "`comfy_dit:hunyuan_video`; its diffusers adapter has no family for their diffusers classes), so "
+           "their candidates are that family's; the FLOPs are counted on diffusers' classes (the same "
+           "architecture). Strategies the plan lists but Tandem refuses for a model are left out, each named "
+           "under its table. Wan 2.2 A14B has two transformers of Wan 2.1 14B's config (high-noise and "
+           "low-noise experts, one per step): holding both doubles the weights; the figures are for one.", "",
+           *rigs, ""]
+    for name in BIG_MODELS:
+        s = SCENARIOS[name]
+        out += [f"### {s.title}", "",
+                "| rig | fits | baseline: the fewest devices that hold it (predicted s per step) | chosen on the "
+                "rig | GiB per device (weights + gathered + activations) | s per step (predicted) | speed-up "
+                "over the baseline (predicted) |", "|---|---|---|---|---|---|---|"]
+        details = []
+        for rig in RIGS:
+            found, choice, fit = rig_cell(name, rig)
+            out.append(_rig_row(rig, found, choice, fit))
+            base = None if fit is None else fit[1].best.seconds_per_call
+            said = ("no candidate fits" if fit is None else
+                    f"baseline {fit[0]} device(s), {fit[1].best.label()}: {base:,.2f} s per step")
+            details += [f"**{rig.name}, {rig.devices} x {rig.gpu}, {rig.link}** ({len(found)} candidates; {said})", "",
+                        "| candidate | devices | weights | GiB per device (weights + gathered + activations) | fits "
+                        "| s per step (predicted) | speed-up over the baseline (predicted) |",
+                        "|---|---|---|---|---|---|---|"]
+            details += [_candidate_row(c, base) for c in found] + [""]
+        out += ["", *(f"Left out: {strategy}: {why}." for strategy, why in s.refuses)] + [""] * bool(s.refuses)
+        out += ["<details><summary>every candidate on each rig</summary>", "", *details, "</details>", ""]
+    return out
+
+
 def render() -> str:
     lines = ["# GPU predictions, on paper", "",
              "**These are predictions of Tandem's cost model (`parallel_backend/plan/`), not measurements.** No GPU "
@@ -229,9 +324,11 @@ def render() -> str:
         lines += model_section(name)
     lines += efficiency_check()
     lines += ["## Predictions", ""]
-    for name in SCENARIOS:
-        lines += scenario_section(name)
+    for name, scenario in SCENARIOS.items():
+        if scenario.hardware:
+            lines += scenario_section(name)
     lines += peers_section()
+    lines += big_models_section()
     return "\n".join(lines)
 
 

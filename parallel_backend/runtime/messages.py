@@ -46,8 +46,9 @@ never holds the whole weights."""
 
 @dataclass(frozen=True)
 class HoldsWeights:
-    """Another machine's worker: does your machine's weights cache hold `weights_hash`? Reply value:
-    {"held": bool, "limit": the cache's bound in bytes}. Asked of one worker per machine."""
+    """Another machine's worker: does your machine's weights cache hold `weights_hash` (its file checked against
+    its digest)? Reply value: {"held": bool, "limit": the cache's bound in bytes, "removed": why the file was just
+    removed (it failed its check), or None}. Asked of one worker per machine."""
 
     weights_hash: str
 

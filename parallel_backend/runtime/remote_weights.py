@@ -1,13 +1,19 @@
 """The host's side of the weights caches of other machines (weights_cache.py): a model crosses the network to
 a machine at most once, however many of its workers the pool has, and not at all when that machine already
-holds it, also after this host process restarts (the cache is named by the weights' content hash)."""
+holds it, also after this host process restarts (the cache is named by the weights' content hash). A machine
+whose cached file failed its check (weights_cache.WeightsCache.check) answers that it does not hold the model,
+and is sent it again."""
 
 from __future__ import annotations
+
+import logging
 
 from .deadlines import load_bound
 from .messages import HoldsWeights, StoreWeights
 from .devices import split_device
 from .shipping import cached_weights_hash, torch_save_image
+
+log = logging.getLogger("tandem")
 
 
 def send_to_machines(request, workers, payload, family: str, fingerprint: str,
@@ -26,6 +32,10 @@ def send_to_machines(request, workers, payload, family: str, fingerprint: str,
     replies = request({rank: HoldsWeights(weights_hash) for rank in machines.values()},
                       "asking for the model in its machine's weights cache")
     lacking = {name: rank for name, rank in machines.items() if not replies[rank].value["held"]}
+    for name, rank in lacking.items():
+        if replies[rank].value.get("removed"):
+            log.warning("Tandem: %s: its weights cache removed the model's file (%s); sending it again", name,
+                        replies[rank].value["removed"])
     sent = dict.fromkeys(machines, 0)
     if not lacking:
         return weights_hash, sent

@@ -34,7 +34,7 @@ from .worker_handle import log_tail
 from .doorway import BACKLOG, HANDSHAKE_TIMEOUT_S, Doorway
 from .secure import accept_tls, certificate_for, read_secret, server_context
 from .transport import Channel, ChannelClosed
-from .weights_cache import DEFAULT_SIZE_GIB, WeightsCache, cache_size_bytes, default_cache_dir
+from .weights_cache import DEFAULT_SIZE_GIB, WeightsCache, cache_lines, cache_size_bytes, default_cache_dir
 from .worker_loop import heartbeat_path
 
 log = logging.getLogger("tandem")
@@ -143,6 +143,7 @@ class Session:
     def __init__(self, daemon: ServeDaemon, channel: Channel, peer: str):
         self.daemon, self.channel, self.peer = daemon, channel, peer
         self.workers: dict[int, tuple] = {}  # rank -> (process, log path)
+        self.relayed: dict[int, int] = {}  # rank -> the bytes of its log read for cache_lines
         self.folder: Path | None = None
 
     def run(self) -> None:
@@ -208,6 +209,7 @@ class Session:
         heard = time.monotonic()
         while True:
             self.channel.send(self._status())
+            self._relay_cache_lines()
             until = time.monotonic() + STATUS_PERIOD_S
             while (left := until - time.monotonic()) > 0:
                 if not self.channel.poll(left):
@@ -225,12 +227,20 @@ class Session:
                             time.monotonic() - heard)
                 return
 
+    def _relay_cache_lines(self) -> None:
+        """The workers' lines about the weights cache, into this daemon's log (weights_cache.cache_lines)."""
+        for rank, (_, log_path) in self.workers.items():
+            lines, self.relayed[rank] = cache_lines(log_path, self.relayed.get(rank, 0))
+            for line in lines:
+                log.warning("%s (worker %d)", line, rank)
+
     def _stop(self) -> None:
         processes = [p for p, _ in self.workers.values()]
         for process in processes:
             if process.poll() is None:
                 process.kill()
         pool_files.kill_and_remove(processes, None)
+        self._relay_cache_lines()
         if self.folder is not None:
             shutil.rmtree(self.folder, ignore_errors=True)
         if self.workers:

@@ -38,8 +38,14 @@ def model_fingerprint(module, family: str) -> str:
     if tensors is None:
         tensors = _TENSOR_LISTS[module] = list(itertools.chain(module.named_parameters(), module.named_buffers()))
     digest = hashlib.sha256(f"{family}|{type(module).__module__}.{type(module).__qualname__}|{id(module)}".encode())
-    digest.update(repr([(name, str(t.dtype), tuple(t.shape), t.data_ptr(), t._version) for name, t in tensors]).encode())
+    digest.update(repr([(name, str(t.dtype), tuple(t.shape), t.data_ptr(), _version(t)) for name, t in tensors]).encode())
     return digest.hexdigest()
+
+
+def _version(t) -> int:
+    """A tensor's version counter; -1 for an inference tensor, which keeps none (ComfyUI loads VAEs under
+    inference mode): only its storage then tells a change."""
+    return -1 if t.is_inference() else t._version
 
 
 def model_bytes(payload) -> int:

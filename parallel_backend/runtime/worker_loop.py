@@ -117,6 +117,10 @@ class WorkerState:
 
         from .recipe import weights_bytes
 
+        if self.weights_cache is not None and message.cached is None:
+            what = f"the path {message.path!r}" if message.path is not None else "the host's own GPU memory"
+            raise RuntimeError(f"a worker of `tandem worker serve` loads a model only from its machine's weights "
+                               f"cache, by hash, not from {what}")
         started = time.perf_counter()
         for fingerprint in [f for f in self.models if f not in message.keep]:
             self._drop(fingerprint)
@@ -205,6 +209,10 @@ class WorkerState:
         """Before the next plain forward of this model, call `restore()` (e.g. a stage placement puts the model
         back whole)."""
         self._restore[fingerprint] = restore
+
+    def restores(self, fingerprint: str) -> bool:
+        """Whether the next plain forward of this model first puts it back whole (on_forward)."""
+        return fingerprint in self._restore
 
     def whole_model(self, fingerprint: str):
         """(module, family) of a loaded model, put back whole first if a strategy had split it (on_forward)."""

@@ -20,7 +20,6 @@ from typing import Any, Callable
 
 from ..runtime.knobs import Knob
 from ..runtime.messages import Computed, Forward
-from ..runtime.primitives import chunk_sizes
 
 
 @dataclass(frozen=True)
@@ -110,6 +109,7 @@ class Strategy:
 def split_rows(rows: range, degree: int, weights=None) -> list[range]:
     """Near-equal contiguous shares of `rows`, in order (some empty when there are fewer rows than shares); with
     `weights` (one per share, e.g. device speeds), shares in proportion to them (speeds.weighted_sizes)."""
+    from ..runtime.primitives import chunk_sizes  # torch: imported where rows are split, not with the registry
     from ..runtime.speeds import weighted_sizes
 
     parts, start = [], rows.start

@@ -1,15 +1,21 @@
 """The weights cache across two 'machines' (namespaces, conftest.py): a model crosses to the serving machine
 once however many of its workers the pool has, not at all from a new host process once cached there, and the
-cache's bound evicts the least recently used model; every job still equals one device."""
+cache's bound evicts the least recently used model, and a cached file changed on disk (a flipped byte, a
+truncation) is found out, removed and sent again in the next job; every job still equals one device."""
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
+import os
+import time
 
 import pytest
 import torch
 
 from parallel_backend.models.benchmodels import build_bench_model
+from parallel_backend.runtime.cache_digest import record_path
 from parallel_backend.runtime.shipping import weights_hash
 
 from .conftest import REMOTE_IP, SERVE_PORT, finish_host, read_line, stop_host
@@ -43,7 +49,10 @@ def _job(machines, variant: int = 0) -> dict:
 
 
 def _cached(folder) -> list[str]:
-    return sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
+    """The cached models' files (each has the record of its digest beside it, HASH.pt.sha256)."""
+    names = {p.name for p in folder.iterdir() if not p.name.startswith(".")}
+    assert names == {n for n in names if n.endswith(".pt")} | {f"{n}.sha256" for n in names if n.endswith(".pt")}
+    return sorted(n for n in names if n.endswith(".pt"))
 
 
 class CachedServe:
@@ -98,3 +107,37 @@ def test_a_bound_smaller_than_two_models_evicts_the_older(machines, remote):
     assert _cached(cache) == [f"{b_hash}.pt"]  # a went to make room
     assert _job(machines, variant=0)["sent"] == {MACHINE: a_bytes}  # so it crosses again
     assert _cached(cache) == [f"{a_hash}.pt"]
+
+
+@pytest.mark.parametrize("how", ["flipped_byte", "truncated"])
+def test_a_cached_file_changed_on_disk_is_removed_logged_and_sent_again_in_the_next_job(machines, remote, how):
+    remote.start(1.0)
+    model_hash, image_bytes = _tiny(0)
+    assert _job(machines)["sent"] == {MACHINE: image_bytes}
+    path = remote.cache / f"{model_hash}.pt"
+    original = path.read_bytes()
+    middle = len(original) // 2  # inside the weights' bytes: the file still reads as a torch.save image
+    if how == "flipped_byte":
+        with open(path, "r+b") as out:
+            out.seek(middle)
+            out.write(bytes([original[middle] ^ 0xFF]))
+    else:
+        os.truncate(path, middle)
+    corrupt = path.read_bytes()
+    again = _job(machines)  # it equals one device (checked there): the workers loaded the file sent again
+    assert again["sent"] == {MACHINE: image_bytes}, again  # answered "not held", so sent in that same job
+    # Replaced: the same model, its record matches its bytes. Not byte-equal to the first file: a torch.save
+    # image differs per saving process (torch's random serialization_id, a diffusers config's set order).
+    assert _cached(remote.cache) == [f"{model_hash}.pt"] and path.read_bytes() != corrupt
+    assert len(path.read_bytes()) == len(original)
+    assert json.loads(record_path(path).read_text())["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert weights_hash(torch.load(path, weights_only=False), build_bench_model("tiny").family) == model_hash
+    serve_log = remote.folder / "serve.log"
+    until = time.monotonic() + 10  # the daemon relays its workers' cache lines every 0.5 s and when they stop
+    while str(path) not in serve_log.read_text() and time.monotonic() < until:
+        time.sleep(0.2)
+    removed = [line for line in serve_log.read_text().splitlines() if f"removed {path}:" in line]
+    reason = {"flipped_byte": "bytes changed", "truncated": "truncated"}[how]
+    assert len(removed) == 1 and reason in removed[0], serve_log.read_text()[-3000:]
+    assert _job(machines)["sent"] == {MACHINE: 0}  # whole again: held, nothing crosses
+    print(f"{how}: the second job sent {again['sent']}; the serve log: {removed[0]}")

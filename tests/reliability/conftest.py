@@ -33,3 +33,30 @@ def rss(pid: int) -> int:
 def procs():
     """gone(pid), orphans(pids, seconds), rss(pid)."""
     return SimpleNamespace(gone=gone, orphans=orphans, rss=rss)
+
+
+def _refuse_work(*args, **kwargs):
+    raise AssertionError("work began before the input was checked (a pool started or a sampler step ran)")
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """No CUDA, and any pool start, sampler loop, bench run or plan measurement fails the test (the bad-input
+    tables: test_bad_input.py, test_bad_input_api.py)."""
+    import torch
+
+    from parallel_backend.commands import bench
+    from parallel_backend.hosts import diffusers as diffusers_host
+    from parallel_backend.hosts import tiny as tiny_pipeline
+    from parallel_backend.plan import measure as plan_measure
+    from parallel_backend.runtime.pool import WorkerPool
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    monkeypatch.setattr(WorkerPool, "start", _refuse_work)
+    monkeypatch.setattr(WorkerPool, "_start", _refuse_work)
+    monkeypatch.setattr(tiny_pipeline, "denoise", _refuse_work)
+    monkeypatch.setattr(diffusers_host, "make_scheduler", _refuse_work)
+    monkeypatch.setattr(bench, "run_once", _refuse_work)
+    monkeypatch.setattr(plan_measure, "measure_inputs", _refuse_work)
+    return monkeypatch

@@ -1,48 +1,54 @@
-"""Bad input is refused before any work (issue 12, part 6): one sentence, exit != 0, no traceback, nothing started.
+"""Bad input is refused before any work (issue 12, part 6; issue 28): one sentence naming the input, exit != 0, no
+traceback, nothing started.
 
-One table per entry point. CLI rows run `cli.main` in this process with a WorkerPool whose start, the sampler
-loops and the bench's runs fail the test if reached, and CUDA made absent (the same on every machine); each row
-must come back with its exit code, one line on stderr holding its fragment, no new child process, and soon.
-API rows call GenerationRequest, ParallelConfig, run_bench, the demo's generate_pair, a pipeline and the
-workflow's --set parser directly. A few rows run `tandem` as a process, for the exit code a shell sees.
+CLI rows run `cli.main` in this process with a WorkerPool whose start, the sampler loops and the bench's runs fail
+the test if reached, and CUDA made absent (the same on every machine); each row must come back with its exit code,
+one line on stderr holding its fragment, no new child process, and soon. The same rows run again as `tandem`
+processes, as a shell sees them: every row the arguments alone decide (all but those marked MODEL or LOW_MEMORY) is
+refused in under a second of wall time with torch never imported. The API's table is test_bad_input_api.py.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
-import math
 import os
+import re
 import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import psutil
 import pytest
-import torch
 
-from parallel_backend.commands import bench, cli
+from parallel_backend.commands import cli
 from parallel_backend.runtime import validation
-from parallel_backend.engine.config import ParallelConfig
-from parallel_backend.hosts.executor import ParallelExecutor
-from parallel_backend.hosts import diffusers as diffusers_host
-from parallel_backend.plan import measure as plan_measure
-from parallel_backend.runtime.pool import WorkerPool
-from parallel_backend.models.sampling import GenerationRequest
-from parallel_backend.hosts import tiny as tiny_pipeline
+from parallel_backend.runtime.devices import GPU_DEVICE_FILES
 
 pytestmark = pytest.mark.pool
 
+ROOT = Path(__file__).resolve().parents[2]
+
 SECONDS_LIMIT = 15.0  # a refusal is quick: most rows take milliseconds; those that load a model, a few seconds
+PROCESS_SECONDS = 1.0  # a refusal the arguments decide, as a process: the interpreter's start included
 GEN = ["generate", "--quiet", "--out", "{tmp}/x.png"]
 TWO = ["--devices", "cpu:2"]
 BENCH = ["bench", "--quiet", "--model", "tiny"]
 PLAN = ["plan", "--model", "tiny"]
 RUN = ["workflow", "run", "{workflow}", "--quiet", "--out", "{tmp}/outs"]
 COMPARE = ["workflow", "compare", "{workflow}", "--quiet", "--out", "{tmp}/cmp"]
-LOW_MEMORY = "low memory"  # the row runs with 1 MiB of memory available
+LOW_MEMORY = "low memory"  # the row runs with 1 MiB of memory available (in this process only)
+MODEL = "model"  # the refusal needs the model itself (its weights, latent size or memory): torch loads first
+DIGITS = "1" * 5000  # more digits than Python reads into an int (4300)
 
-# (arguments, exit code, a fragment of the one line on stderr[, LOW_MEMORY])
+
+def run_file(name: str) -> list[str]:
+    return ["workflow", "run", name, "--quiet", "--out", "{tmp}/outs"]
+
+
+# (arguments, exit code, a fragment of the one line on stderr[, LOW_MEMORY | MODEL | {TANDEM_* variables}])
 CLI_ROWS = [
     # numbers: finite, whole where they count, in range
     (GEN + ["--cfg", "nan"], 1, "cfg must be a finite number from 0 to 100; got nan"),
@@ -75,8 +81,8 @@ CLI_ROWS = [
     # strategies and their knobs
     (GEN + TWO + ["--strategy", "cfg", "--cfg", "1"], 1, "cfg degree 2 needs cfg > 1"),
     (GEN + ["--devices", "auto", "--strategy", "cfg", "--cfg", "1"], 1, "cfg degree 2 needs cfg > 1"),
-    (GEN + ["--devices", "cpu:1", "--strategy", "cfg"], 1, "cfg 2 x batch 1 = 2 devices, but there are 1"),
-    (GEN + TWO + ["--strategy", "asyncdiff", "--warmup", "0"], 1, "strategy 'asyncdiff' on 2 stages needs warmup >= 1"),
+    (GEN + ["--devices", "cpu:1", "--strategy", "cfg"], 1, "cfg 2 x batch 1 = 2 devices, but there are 1", MODEL),
+    (GEN + TWO + ["--strategy", "asyncdiff", "--warmup", "0"], 1, "strategy 'asyncdiff' on 2 stages needs warmup >= 1", MODEL),
     (GEN + TWO + ["--strategy", "asyncdiff", "--warmup", "-1"], 1, "warmup must be a whole number from 0 to 10000"),
     (GEN + TWO + ["--strategy", "asyncdiff", "--stride", "3"], 1, "stride must be 1 or 2; got 3"),
     (GEN + TWO + ["--strategy", "asyncdiff", "--stages", "0"], 1, "stages must be a whole number >= 1; got 0"),
@@ -103,7 +109,7 @@ CLI_ROWS = [
      "garbage_unet/unet/diffusion_pytorch_model.safetensors is not a readable safetensors file"),
     (GEN + ["--model", "{models}/cut_text_encoder"], 1,
      "cut_text_encoder/text_encoder/model.safetensors is not a readable safetensors file"),
-    (GEN + ["--model", "{models}/wrong_shapes"], 1, "could not load the pipeline in"),
+    (GEN + ["--model", "{models}/wrong_shapes"], 1, "could not load the pipeline in", MODEL),
     (GEN + ["--model", "{sd}", "--num-images", "8"], 1, "8 image(s) of 16 px needs at least", LOW_MEMORY),
     # tandem bench
     (BENCH + ["--steps", "0"], 1, "steps must be a whole number from 1 to 10000; got 0"),
@@ -115,7 +121,7 @@ CLI_ROWS = [
     (BENCH + ["--strategies", "cfg,batch,cfg"], 1, "strategies name cfg more than once"),
     (BENCH + ["--resolution", "big"], 1, "resolution 'big': write pixels as 256 or 1024x768"),
     (BENCH + ["--resolution", "100000"], 1, "(from 8 to 16384)"),
-    (BENCH + ["--resolution", "30"], 1, "resolution 30x30: model tiny needs multiples of 4 pixels"),
+    (BENCH + ["--resolution", "30"], 1, "resolution 30x30: model tiny needs multiples of 4 pixels", MODEL),
     (BENCH + ["--resolution", "1024"], 1, "resolution 1024x1024 for model tiny needs at least", LOW_MEMORY),
     (BENCH + ["--json", "/no/such/dir/x.json"], 1, "--json /no/such/dir/x.json: folder /no/such/dir does not exist"),
     (BENCH + ["--json", "/proc/x.json"], 1, "--json /proc/x.json: could not write there"),
@@ -130,7 +136,7 @@ CLI_ROWS = [
     (PLAN + ["--cfg", "0.5"], 1, "cfg must be a finite number from 1 to 100; got 0.5"),
     (PLAN + ["--cfg", "nan"], 1, "cfg must be a finite number from 1 to 100; got nan"),
     (PLAN + ["--resolution", "big"], 1, "resolution 'big': write pixels as 256 or 1024x768"),
-    (PLAN + ["--resolution", "30"], 1, "resolution 30x30: model tiny needs multiples of 4 pixels"),
+    (PLAN + ["--resolution", "30"], 1, "resolution 30x30: model tiny needs multiples of 4 pixels", MODEL),
     (PLAN + ["--frames", "17"], 1, "model tiny makes still images"),
     (PLAN + ["--resolution", "1024"], 1, "resolution 1024x1024 for model tiny needs at least", LOW_MEMORY),
     (PLAN + ["--steps", "0"], 1, "steps must be a whole number from 1 to 10000; got 0"),
@@ -155,6 +161,30 @@ CLI_ROWS = [
     (COMPARE + ["--json", "/no/such/dir/x.json"], 1, "--json /no/such/dir/x.json: folder /no/such/dir does not exist"),
     (COMPARE + ["--timeout", "inf"], 1, "--timeout must be a finite number of seconds > 0; got inf"),
     (COMPARE + ["--repeats", "0"], 1, "--repeats must be at least 1"),
+    # issue 28: CPU workers bounded by the machine's cores and memory, in generate, bench and plan alike
+    (GEN + ["--devices", "cpu:1000"], 1, "devices 'cpu:1000': 1000 CPU workers are more than this machine can run"),
+    (GEN + ["--devices", "cpu:99999999999"], 1, "99999999999 CPU workers are more than this machine can run"),
+    (BENCH + ["--devices", "cpu:1000"], 1, "devices 'cpu:1000': 1000 CPU workers are more than this machine can run"),
+    (PLAN + ["--devices", "cpu:1000"], 1, "devices 'cpu:1000': 1000 CPU workers are more than this machine can run"),
+    # issue 28: the 16 inputs that fell short, each refused before work, naming the option, variable or file
+    (run_file("/dev/zero"), 1, "workflow file /dev/zero is a character device, not a regular file"),
+    (run_file("{tmp}/pipe.json"), 1, "workflow file {tmp}/pipe.json is a named pipe, not a regular file"),
+    (run_file("{tmp}/big.json"), 1, "workflow file {tmp}/big.json holds 65.0 MiB, more than the 64 MiB"),
+    (["generate", "--quiet", "--out", "{tmp}/x.png/"], 1, "--out {tmp}/x.png/: a name ending in '/' is a folder's"),
+    (GEN + ["--device", "cpu:5"], 1, "--device cpu:5: the CPU is one device, without a number; use cpu"),
+    (run_file("{tmp}/latin1.json"), 1, "workflow file {tmp}/latin1.json is not UTF-8 text"),
+    (run_file("{tmp}/deep.json"), 1, "workflow file {tmp}/deep.json nests JSON arrays or objects too deeply"),
+    (RUN + ["--server", "http://[::1"], 1, "--server 'http://[::1' is not an address (Invalid IPv6 URL)"),
+    (RUN + ["--server", "http://127.0.0.1:99999"], 1, "--server 'http://127.0.0.1:99999': the port must be a number"),
+    (RUN + ["--set", f"3.seed={DIGITS}"], 1, "(5007 characters): its value is a number of 5000 digits, more than"),
+    (BENCH + ["--json", "/dev/full"], 1, "--json /dev/full: it is a character device, not a regular file"),
+    (PLAN + ["--json", "/dev/full"], 1, "--json /dev/full: it is a character device, not a regular file"),
+    (COMPARE + ["--json", "/dev/full"], 1, "--json /dev/full: it is a character device, not a regular file"),
+    (["demo", "--host", "8.8.8.8"], 1, "--host 8.8.8.8: this machine cannot listen there"),
+    (GEN, 1, "TANDEM_HANG_FLOOR_S='0.01': hang_floor_s must be a finite number >= 2", {"TANDEM_HANG_FLOOR_S": "0.01"}),
+    (GEN, 1, "TANDEM_LINK_TIMEOUT_S='abc' is not a valid number", {"TANDEM_LINK_TIMEOUT_S": "abc"}),
+    (BENCH, 1, "TANDEM_DEVICES='garbage': device 'garbage' is not understood", {"TANDEM_DEVICES": "garbage"}),
+    (PLAN, 1, "TANDEM_POOL_START='bogus' is not one of: on_load, on_first_use, off", {"TANDEM_POOL_START": "bogus"}),
 ]
 
 
@@ -191,39 +221,46 @@ def workflow_file(tmp_path_factory):
     return path
 
 
-def _refuse_work(*args, **kwargs):
-    raise AssertionError("work began before the input was checked (a pool started or a sampler step ran)")
-
-
-@pytest.fixture
-def no_work(monkeypatch):
-    """No CUDA, and any pool start, sampler loop, bench run or plan measurement fails the test."""
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
-    monkeypatch.setattr(WorkerPool, "start", _refuse_work)
-    monkeypatch.setattr(WorkerPool, "_start", _refuse_work)
-    monkeypatch.setattr(tiny_pipeline, "denoise", _refuse_work)
-    monkeypatch.setattr(diffusers_host, "make_scheduler", _refuse_work)
-    monkeypatch.setattr(bench, "run_once", _refuse_work)
-    monkeypatch.setattr(plan_measure, "measure_inputs", _refuse_work)
-    return monkeypatch
-
-
 def _children() -> set[int]:
     return {child.pid for child in psutil.Process().children(recursive=True)}
 
 
-@pytest.mark.parametrize("row", CLI_ROWS, ids=lambda row: " ".join(row[0]).replace("{", "").replace("}", ""))
-def test_cli_refuses_before_any_work(row, no_work, models, tiny_sd_folder, workflow_file, tmp_path, capfd):
-    args, code, fragment = row[:3]
+def _files(tmp_path: Path) -> None:
+    """The files some rows name: a folder where an image should go, a file where a folder should, a named pipe, a
+    workflow file too large, one nested too deeply and one that is not UTF-8."""
     (tmp_path / "taken.png").mkdir()
     (tmp_path / "x.txt").write_text("a file")
+    os.mkfifo(tmp_path / "pipe.json")
+    with open(tmp_path / "big.json", "wb") as f:
+        f.truncate(65 * 2**20)  # sparse: takes no disk
+    (tmp_path / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
+    (tmp_path / "latin1.json").write_bytes('{"3": {"class_type": "Caf\xe9"}}'.encode("latin-1"))
+
+
+def _argv(row, places: dict) -> list[str]:
+    return [arg.format(**places) for arg in row[0]]
+
+
+def _variables(row) -> dict:
+    return next((mark for mark in row[3:] if isinstance(mark, dict)), {})
+
+
+def _row_id(row) -> str:
+    text = " ".join(row[0]).replace("{", "").replace("}", "").replace(DIGITS, "<5000 digits>")
+    return " ".join([*(f"{k}={v}" for k, v in _variables(row).items()), text])
+
+
+@pytest.mark.parametrize("row", CLI_ROWS, ids=_row_id)
+def test_cli_refuses_before_any_work(row, no_work, models, tiny_sd_folder, workflow_file, tmp_path, capfd):
+    args, code, fragment = row[:3]
+    _files(tmp_path)
     if LOW_MEMORY in row:
         no_work.setattr(validation, "available_bytes", lambda device="cpu": 2**20)
+    for name, value in _variables(row).items():
+        no_work.setenv(name, value)
     places = {"tmp": tmp_path, "models": models, "sd": tiny_sd_folder, "workflow": workflow_file}
-    argv = [arg.format(**places) for arg in args]
     before, started = _children(), time.monotonic()
-    returned = cli.main(argv)
+    returned = cli.main(_argv(row, places))
     took = time.monotonic() - started
     err = capfd.readouterr().err
     assert returned == code, err
@@ -231,6 +268,43 @@ def test_cli_refuses_before_any_work(row, no_work, models, tiny_sd_folder, workf
     assert fragment.format(**places) in err, err
     assert _children() <= before, "a process was left running"
     assert took < SECONDS_LIMIT, f"took {took:.1f} s"
+
+
+# The command as a shell runs it, saying at its exit whether torch was ever imported.
+AS_TANDEM = """
+import runpy, sys
+try:
+    runpy.run_module("parallel_backend", run_name="__main__", alter_sys=True)
+finally:
+    print("torch imported" if "torch" in sys.modules else "torch not imported")
+"""
+GPU_HERE = any(os.path.exists(path) for path in GPU_DEVICE_FILES)  # then torch counts the GPUs: CUDA rows skip
+ARGUMENT_ROWS = [row for row in CLI_ROWS if LOW_MEMORY not in row and MODEL not in row]
+
+
+def tandem_process(argv: list[str], cwd, variables: dict | None = None) -> tuple[subprocess.CompletedProcess, float]:
+    """`tandem ARGV` as a process (the package from this checkout), and its wall time in seconds."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", **(variables or {}))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, (str(ROOT), env.get("PYTHONPATH"))))
+    started = time.monotonic()
+    run = subprocess.run([sys.executable, "-c", AS_TANDEM, *argv], capture_output=True, text=True, cwd=cwd,
+                         env=env, timeout=120)
+    return run, time.monotonic() - started
+
+
+@pytest.mark.parametrize("row", ARGUMENT_ROWS, ids=_row_id)
+def test_as_a_process_refused_in_under_a_second_without_torch(row, models, tiny_sd_folder, workflow_file, tmp_path):
+    if GPU_HERE and any(word in " ".join(row[0]) for word in ("cuda", "auto")):
+        pytest.skip("a machine with a GPU driver: torch counts its GPUs, and the row's CUDA devices may exist")
+    args, code, fragment = row[:3]
+    _files(tmp_path)
+    places = {"tmp": tmp_path, "models": models, "sd": tiny_sd_folder, "workflow": workflow_file}
+    run, took = tandem_process(_argv(row, places), tmp_path, _variables(row))
+    assert run.returncode == code, run.stderr
+    assert run.stderr.startswith("tandem: error: ") and fragment.format(**places) in run.stderr, run.stderr
+    assert "Traceback" not in run.stderr and len(run.stderr.strip().splitlines()) == 1, run.stderr
+    assert run.stdout.strip().splitlines()[-1] == "torch not imported", run.stdout
+    assert took < PROCESS_SECONDS, f"took {took:.2f} s"
 
 
 def test_asyncdiff_on_one_device_says_so_in_one_line(no_work, tmp_path, capfd):
@@ -242,149 +316,24 @@ def test_asyncdiff_on_one_device_says_so_in_one_line(no_work, tmp_path, capfd):
         "split (give two devices or more)"]
 
 
-# ---- the API ------------------------------------------------------------------------------------------------
-
-NAN, INF = math.nan, math.inf
-REQUEST_ROWS = [
-    (dict(cfg=NAN), ValueError, "cfg must be a finite number from 0 to 100; got nan"),
-    (dict(cfg=INF), ValueError, "cfg must be a finite number from 0 to 100; got inf"),
-    (dict(cfg=-0.5), ValueError, "cfg must be a finite number from 0 to 100"),
-    (dict(cfg="7"), TypeError, "cfg must be a number; got '7' (str)"),
-    (dict(cfg=None), TypeError, "cfg must be a number; got None"),
-    (dict(seed=1.5), ValueError, "seed must be a whole number from 0 to 9223372036854775807; got 1.5"),
-    (dict(seed=-1), ValueError, "seed must be a whole number from 0 to"),
-    (dict(seed=2**64), ValueError, "seed must be a whole number from 0 to"),
-    (dict(seed="1"), TypeError, "seed must be a whole number; got '1' (str)"),
-    (dict(seed=True), TypeError, "seed must be a whole number; got True (bool)"),
-    (dict(seed=NAN), ValueError, "seed must be a whole number"),
-    (dict(num_images=10**9), ValueError, "num_images must be a whole number from 1 to 10000; got 1000000000"),
-    (dict(num_images=0), ValueError, "num_images must be a whole number from 1 to 10000; got 0"),
-    (dict(num_images=2.5), ValueError, "num_images must be a whole number"),
-    (dict(steps=0), ValueError, "steps must be a whole number from 1 to 10000; got 0"),
-    (dict(steps=10**9), ValueError, "steps must be a whole number from 1 to 10000"),
-    (dict(steps=INF), ValueError, "steps must be a whole number from 1 to 10000; got inf"),
-    (dict(steps=None), TypeError, "steps must be a whole number; got None (NoneType)"),
-    (dict(prompt=None), TypeError, "prompt must be text; got None (NoneType)"),
-    (dict(prompt=7), TypeError, "prompt must be text; got 7 (int)"),
-    (dict(negative_prompt=None), TypeError, "negative_prompt must be text"),
-    (dict(scheduler=["euler"]), ValueError, "unknown scheduler ['euler']; choose one of"),
-    (dict(scheduler="nope"), ValueError, "unknown scheduler 'nope'"),
-]
-
-
-def test_generation_request_keeps_whole_floats_as_ints():
-    request = GenerationRequest("a handwritten 7", steps=20.0, seed=3.0, num_images=2.0, cfg=4)
-    assert (request.steps, request.seed, request.num_images, request.cfg) == (20, 3, 2, 4.0)
-    assert all(type(v) is int for v in (request.steps, request.seed, request.num_images))
-
-
-CONFIG_ROWS = [
-    (dict(strategy="asyncdiff", warmup=0), ValueError, "strategy 'asyncdiff' on 2 stages needs warmup >= 1"),
-    (dict(strategy="asyncdiff", warmup=1.5), ValueError, "warmup must be a whole number from 0 to 10000; got 1.5"),
-    (dict(strategy="asyncdiff", warmup=NAN), ValueError, "warmup must be a whole number"),
-    (dict(strategy="asyncdiff", stages=NAN), ValueError, "stages must be a whole number >= 1; got nan"),
-    (dict(strategy="asyncdiff", stride="2"), ValueError, "stride must be 1 or 2; got '2'"),
-    (dict(strategy="asyncdiff", stride=True), ValueError, "stride must be 1 or 2; got True"),
-    (dict(strategy="asyncdiff", time_shift="yes"), TypeError, "time_shift must be True or False"),
-    (dict(strategy="batch", batch_degree=1.5), ValueError, "batch_degree must be a whole number >= 1; got 1.5"),
-    (dict(strategy=None), TypeError, "strategy must be text; got None"),
-    (dict(devices=2), TypeError, "devices must be text like 'cuda:0,cuda:1', 'cpu:2' or 'auto'"),
-    (dict(devices=None), TypeError, "devices must be text"),
-    (dict(timeout_s=NAN), ValueError, "timeout_s must be a finite number of seconds > 0; got nan"),
-    (dict(timeout_s="5"), ValueError, "timeout_s must be a finite number of seconds > 0; got '5'"),
-]
-
-
-API_ROWS = ([(GenerationRequest, {"prompt": "a handwritten 7", **fields}, error, fragment)
-             for fields, error, fragment in REQUEST_ROWS]
-            + [(ParallelConfig, {"devices": "cpu:2", **fields}, error, fragment) for fields, error, fragment in CONFIG_ROWS])
-
-
-@pytest.mark.parametrize("build, fields, error, fragment", API_ROWS)
-def test_the_api_names_the_field(build, fields, error, fragment):
-    with pytest.raises(error) as raised:
-        build(**fields)
-    assert fragment in str(raised.value)
-
-
-BENCH_ROWS = [
-    (dict(steps=0), "steps must be a whole number from 1 to 10000; got 0"),
-    (dict(steps=NAN), "steps must be a whole number from 1 to 10000; got nan"),
-    (dict(repeats=-1), "repeats must be a whole number from 0 to 1000; got -1"),
-    (dict(strategies_=()), "strategies must name at least one strategy"),
-    (dict(strategies_="cfg"), "strategies must name at least one strategy"),
-    (dict(resolution="30"), "resolution 30x30: model tiny needs multiples of 4 pixels"),
-    (dict(resolution="0"), "write pixels as 256 or 1024x768"),
-    (dict(dtype="fp8"), "dtype 'fp8'"),
-    (dict(knobs={"warmup": 0}, strategies_=("asyncdiff",)), "strategy 'asyncdiff' on 2 stages needs warmup >= 1"),
-]
-
-
-@pytest.mark.parametrize("fields, fragment", BENCH_ROWS)
-def test_run_bench_refuses_before_a_pool_starts(fields, fragment, no_work):
-    with pytest.raises(ValueError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
-        bench.run_bench(**{"model_name": "tiny", "devices": "cpu:2", "steps": 2, "repeats": 1, "progress": None,
-                           **fields})
-
-
-DEMO_ROWS = [
-    (dict(steps=NAN), ValueError, "steps must be a whole number from 1 to 10000; got nan"),
-    (dict(steps=None), TypeError, "steps must be a whole number; got None"),
-    (dict(seed=1.5), ValueError, "seed must be a whole number"),
-    (dict(cfg=INF), ValueError, "cfg must be a finite number from 0 to 100; got inf"),
-    (dict(strategy="asyncdiff", warmup=0), ValueError, "strategy 'asyncdiff' on 2 stages needs warmup >= 1"),
-    (dict(strategy="asyncdiff", stages=1.5), ValueError, "stages must be a whole number >= 1; got 1.5"),
-    (dict(strategy="cfg", cfg=1.0), ValueError, "cfg degree 2 needs cfg > 1"),
-    (dict(devices="cuda:0,cuda:1"), ValueError, "cuda:0, cuda:1 do not exist"),
-]
-
-
-@pytest.mark.parametrize("fields, error, fragment", DEMO_ROWS)
-def test_the_demo_checks_like_the_api_before_loading(fields, error, fragment, no_work):
-    from parallel_backend.demo.session import DemoSession, generate_pair
-
-    session = DemoSession()
-    with pytest.raises(error) as raised:
-        generate_pair(session, **{"prompt": "a handwritten 7", "steps": 2, "devices": "cpu:2", **fields})
-    assert fragment in str(raised.value)
-    assert session._pipeline is None and session.pool is None  # nothing loaded, nothing started
-
-
-def test_a_pipeline_refuses_what_memory_cannot_hold_before_a_step(digits_pipeline, no_work):
-    no_work.setattr(validation, "available_bytes", lambda device="cpu": 2**20)
-    with pytest.raises(ValueError, match=r"^64 image\(s\) needs at least .* GiB available on cpu; ask for fewer"):
-        digits_pipeline.generate(GenerationRequest("a handwritten 7", num_images=64), progress=False)
-
-
-def test_asyncdiff_warmup_0_is_refused_where_the_stages_are_known():
-    from parallel_backend.engine.mesh import check_job
-
-    config = ParallelConfig("auto", "asyncdiff", warmup=0)  # the stages depend on the machine: known at the job
-    with pytest.raises(ValueError, match="strategy 'asyncdiff' on 2 stages needs warmup >= 1"):
-        check_job(config, 2, guided=True)
-    assert check_job(ParallelConfig("cpu:1", "asyncdiff", warmup=0), 1, True).inner == 1  # one stage: exact
-
-
-def test_an_executor_counts_devices_without_starting_its_pool(no_work):
-    executor = ParallelExecutor(WorkerPool("cpu:2"), ParallelConfig("cpu:2", "cfg"))
-    with pytest.raises(ValueError, match="cfg degree 2 needs cfg > 1"):
-        executor.check_job(guided=False)
-    assert executor.check_job(guided=True).degrees() == {"cfg": 2, "batch": 1}
-    assert not executor.pool.started
-
-
 # ---- as a shell sees it ---------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("args, fragment", [
-    (["generate", "--cfg", "nan"], "cfg must be a finite number"),
-    (["bench", "--steps", "0"], "steps must be a whole number"),
-])
-def test_as_a_process_one_line_and_exit_1(args, fragment, tmp_path):
-    run = subprocess.run([sys.executable, "-m", "parallel_backend", *args, "--quiet"], capture_output=True, text=True,
-                         cwd=tmp_path, timeout=120, env=dict(os.environ, HF_HUB_OFFLINE="1"))
-    assert run.returncode == 1 and run.stdout == ""
-    assert run.stderr.startswith("tandem: error: ") and fragment in run.stderr, run.stderr
-    assert "Traceback" not in run.stderr and len(run.stderr.strip().splitlines()) == 1, run.stderr
+def test_the_comfy_pack_refuses_a_wrong_variable_naming_it(no_work, monkeypatch):
+    """ComfyUI: a wrong TANDEM_DEVICES or TANDEM_POOL_START starts no pool; Tandem's nodes fail naming it."""
+    for variable, value, fragment in (
+            ("TANDEM_DEVICES", "garbage", "TANDEM_DEVICES='garbage': device 'garbage' is not understood"),
+            ("TANDEM_POOL_START", "bogus", "TANDEM_POOL_START='bogus' is not one of: on_load, on_first_use, off")):
+        monkeypatch.setenv(variable, value)
+        spec = importlib.util.spec_from_file_location("tandem_nodes_runtime", ROOT / "nodes" / "runtime.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)  # builds RUNTIME as the pack's load does
+        runtime = module.RUNTIME
+        runtime.start_on_load()  # starts nothing
+        for attempt in (lambda: runtime.get_pool("auto"), lambda: runtime.check_devices("cpu:2")):
+            with pytest.raises(ValueError, match=re.escape(fragment)):
+                attempt()
+        assert runtime.pool is None and runtime.status()["error"].startswith(fragment)
+        monkeypatch.delenv(variable)
 
 
 def test_the_guard_sees_work_begin(no_work, tmp_path):

@@ -13,8 +13,7 @@ import statistics
 from dataclasses import replace
 
 from ...runtime.messages import Computed
-from ...models.stage_families import STAGE_ADAPTERS
-from ...models.stages import Profile, describe
+from ...models.stage_families import STAGE_FAMILIES
 from ...runtime.knobs import Knob
 from ...runtime.validation import MAX_STEPS
 from ..base import BenchJob, Strategy
@@ -39,7 +38,7 @@ class AsyncDiff(Strategy):
     axes = ("stages",)
     bench_job = BenchJob(1, True)
     collective = True
-    adapters = tuple(STAGE_ADAPTERS)  # the families models/stages.py can cut into layers
+    adapters = STAGE_FAMILIES  # the families models/stages.py can cut into layers
     scope = "cuts UNets only"
     stage_weights = True
     min_warmup = 1  # a later stage's first input is what the stage before hands it in an exact step
@@ -67,6 +66,8 @@ class AsyncDiff(Strategy):
     def _ensure_stages(self, engine, fingerprint: str, sample, mesh, config) -> None:
         """Measures the model for this input shape (once per engine), picks the balanced cut, sets up every
         worker of the mesh (again only when the cut, the knobs, the model or the pool's workers changed)."""
+        from ...models.stages import Profile, describe  # torch: imported where stages are cut, not with the registry
+
         state = engine.state(self.name)
         profiles = state.setdefault("profiles", {})
         shape_key = (fingerprint, tuple(sample.x.shape[1:]), str(sample.x.dtype),

@@ -13,12 +13,18 @@ The exchanges go through `primitives` (the only module that calls torch.distribu
 (models/*_sequence.py) place the split and the gather in each DiT family.
 """
 
-from .attention import block_attention, merge
-from .ring import RingAccumulator, RingPass, ring_attention, ring_schedule
-from .shards import Blocks, Shards
-from .traffic import Traffic
-from .ulysses import heads_per_rank, ulysses_attention
-from .usp import UspLayout, usp_attention
+# Each name loads with its module (torch) when first used: the strategy registry imports parallel.py from this
+# package, and loads without torch.
+_WHERE = {"block_attention": "attention", "merge": "attention", "RingAccumulator": "ring", "RingPass": "ring",
+          "ring_attention": "ring", "ring_schedule": "ring", "Blocks": "shards", "Shards": "shards",
+          "Traffic": "traffic", "heads_per_rank": "ulysses", "ulysses_attention": "ulysses", "UspLayout": "usp",
+          "usp_attention": "usp"}
+__all__ = list(_WHERE)
 
-__all__ = ["Shards", "Blocks", "Traffic", "block_attention", "merge", "RingAccumulator", "RingPass",
-           "ring_attention", "ring_schedule", "heads_per_rank", "ulysses_attention", "UspLayout", "usp_attention"]
+
+def __getattr__(name):
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from importlib import import_module
+
+    return getattr(import_module(f".{_WHERE[name]}", __name__), name)

@@ -247,7 +247,93 @@ class TandemTestObjectPatch:
         return (patched,)
 
 
+class TandemTestSeededVAE:
+    """ComfyUI's own SD VAE (comfy.sd.VAE from an SD-shaped state dict: 4 latent channels, 128 to 512 wide),
+    every weight seeded: decoding a small latent is cheap and deterministic."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1})}}
+
+    RETURN_TYPES = ("VAE",)
+    FUNCTION = "build"
+    CATEGORY = "testing"
+
+    def build(self, seed):
+        import comfy.sd
+        from comfy.ldm.models.autoencoder import AutoencoderKL
+
+        ddconfig = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
+                    "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
+        model = _seeded(AutoencoderKL(ddconfig=ddconfig, embed_dim=4), seed)
+        return (comfy.sd.VAE(sd=model.state_dict()),)
+
+
+class TandemTestSeededWanVAE:
+    """ComfyUI's own Wan 2.1 video VAE (comfy.sd.VAE from a state dict it detects as Wan 2.1), 8 channels wide,
+    seeded inside the output's clamp (parallel_backend's seed_wan_weights)."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1})}}
+
+    RETURN_TYPES = ("VAE",)
+    FUNCTION = "build"
+    CATEGORY = "testing"
+
+    def build(self, seed):
+        import comfy.sd
+        from comfy.ldm.wan.vae import WanVAE
+
+        from parallel_backend.models.benchmodels_vae import seed_wan_weights
+
+        model = WanVAE(dim=8, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
+                       temperal_downsample=[False, True, True], image_channels=3, dropout=0.0)
+        return (comfy.sd.VAE(sd=seed_wan_weights(model, seed).state_dict()),)
+
+
+class TandemTestSeededLatent:
+    """A latent of seeded normal noise (what a VAE decodes in the tests)."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1}),
+                             "channels": ("INT", {"default": 4, "min": 1, "max": 128}),
+                             "rows": ("INT", {"default": 8, "min": 1, "max": 256}),
+                             "columns": ("INT", {"default": 8, "min": 1, "max": 256})},
+                "optional": {"frames": ("INT", {"default": 0, "min": 0, "max": 64})}}
+
+    RETURN_TYPES = ("LATENT",)
+    FUNCTION = "build"
+    CATEGORY = "testing"
+
+    def build(self, seed, channels, rows, columns, frames=0):
+        """frames > 0: a video latent (batch, channels, frames, rows, columns)."""
+        generator = torch.Generator().manual_seed(seed)
+        shape = (1, channels, *((frames,) if frames else ()), rows, columns)
+        return ({"samples": torch.randn(shape, generator=generator)},)
+
+
+class TandemTestImageAsLatent:
+    """An IMAGE wrapped as a LATENT, so the stock SaveLatent keeps it exactly (no 8-bit PNG)."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"images": ("IMAGE",)}}
+
+    RETURN_TYPES = ("LATENT",)
+    FUNCTION = "build"
+    CATEGORY = "testing"
+
+    def build(self, images):
+        return ({"samples": images.contiguous()},)
+
+
 NODE_CLASS_MAPPINGS = {"TandemTestTinySD1Model": TandemTestTinySD1Model,
+                       "TandemTestSeededVAE": TandemTestSeededVAE,
+                       "TandemTestSeededWanVAE": TandemTestSeededWanVAE,
+                       "TandemTestSeededLatent": TandemTestSeededLatent,
+                       "TandemTestImageAsLatent": TandemTestImageAsLatent,
                        "TandemTestObjectPatch": TandemTestObjectPatch,
                        "TandemTestReplacedForward": TandemTestReplacedForward,
                        "TandemTestConditioning": TandemTestConditioning,

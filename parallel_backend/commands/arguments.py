@@ -1,0 +1,148 @@
+"""The checks of `tandem`'s arguments, run before any heavy import: nothing here imports torch, diffusers or gradio,
+so a wrong argument, file, address or TANDEM_* variable is refused in one sentence naming it, in well under a
+second. The commands (cli.py) run these first, then import what their work needs."""
+
+from __future__ import annotations
+
+from ..engine.config import MEMORY_PER_DEVICE
+from ..models.request import GenerationRequest
+from ..runtime import validation
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+class UsageError(Exception):
+    """Bad command-line input: reported in one line, exit status 2."""
+
+
+def knobs():
+    from .. import strategies
+
+    return strategies.knobs()
+
+
+def strategy_knobs(args) -> dict:
+    """The strategy knobs given on the command line, by name (unset ones left to the strategy)."""
+    return {knob.name: getattr(args, knob.name) for knob in knobs()}
+
+
+def axes() -> list:
+    """The knobs that are mesh axes' degrees (they split the work, so they need --devices)."""
+    return [knob for knob in knobs() if knob.axis]
+
+
+def memory_settings(args) -> dict:
+    """--weights and --memory-per-device."""
+    return {"weights": args.weights, "memory_per_device": args.memory_per_device}
+
+
+def machine_settings(args) -> dict:
+    """--secret-file and --interface, for a pool with devices of other machines (None: the environment's)."""
+    return {"secret_file": args.secret_file, "interface": args.interface}
+
+
+def bench_knobs(args) -> dict:
+    """What `tandem bench` hands run_bench as its knobs: the strategies', the speeds, memory and machine settings."""
+    return {**strategy_knobs(args), "device_speeds": args.device_speeds, **memory_settings(args),
+            **machine_settings(args)}
+
+
+def check_environment() -> None:
+    """Every TANDEM_* variable, checked with the arguments (runtime/pool_settings.py)."""
+    from ..runtime.pool_settings import check_environment as check
+
+    check()
+
+
+def check_model_folder(model) -> None:
+    """A --model folder: a supported, readable diffusers pipeline (no weights loaded)."""
+    if model is not None:
+        from ..hosts.model_folder import pipeline_class_name
+
+        pipeline_class_name(model)
+
+
+def check_generate_options(args) -> GenerationRequest:
+    """Every option of `tandem generate` that can be checked before the model loads; the request they make
+    (cfg 1 stands in for the model's default until it is known)."""
+    validation.writable_file("--out", args.out, IMAGE_SUFFIXES, "an image file")
+    if args.device is not None:
+        validation.torch_device("--device", args.device)
+    validation.seconds("--timeout", args.timeout)
+    given = strategy_knobs(args)
+    if args.devices is None and (args.strategy != "auto" or any(given[axis.name] is not None for axis in axes())):
+        options = ["--strategy", *(axis.option for axis in axes())]
+        raise UsageError(f"{', '.join(options[:-1])} and {options[-1]} split the work over --devices: give "
+                         "--devices too (e.g. cpu:2)")
+    check_model_folder(args.model)
+    return request_for(args, args.cfg if args.cfg is not None else 1.0)
+
+
+def request_for(args, cfg: float) -> GenerationRequest:
+    return GenerationRequest(prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps, cfg=cfg,
+                             seed=args.seed, scheduler=args.scheduler, num_images=args.num_images)
+
+
+def check_bench_options(args):
+    """Every option of `tandem bench` that can be checked before the model is built (bench_inputs.py)."""
+    from .bench_inputs import check_bench_inputs
+
+    if args.json is not None:
+        validation.writable_file("--json", args.json)  # before the bench, not after it
+    return check_bench_inputs(args.model, args.devices, bench_strategies(args), args.steps, args.resolution,
+                              args.repeats, args.dtype, bench_knobs(args), args.frames, args.cfg, args.images,
+                              args.balance, args.test_slowdown)
+
+
+def bench_strategies(args) -> tuple:
+    return tuple(s.strip() for s in args.strategies.split(",") if s.strip())
+
+
+def check_plan_options(args) -> tuple:
+    """Every option of `tandem plan`, before the model is built: (link or None to measure it, cfg, resolution or
+    None, devices)."""
+    from .bench_inputs import parse_resolution
+    from ..models.bench_names import check_bench_model_name, check_still_images
+    from ..plan.links import CPU_DEFAULT, CUDA_DEFAULT, PROBE, link_named
+    from ..runtime.devices import parse_devices, resolve_devices
+
+    check_bench_model_name(args.model)
+    check_still_images(args.model, args.frames)
+    link = link_named(args.link) if args.link not in (None, PROBE) else None
+    cfg = validation.finite_number("cfg", args.cfg, 1.0, validation.MAX_CFG)
+    resolution = parse_resolution(args.resolution) if args.resolution is not None else None
+    validation.whole_number("steps", args.steps, 1, validation.MAX_STEPS)
+    if args.json is not None:
+        validation.writable_file("--json", args.json)
+    if args.memory_per_device is not None:
+        MEMORY_PER_DEVICE.validate(args.memory_per_device)
+    devices = resolve_devices(parse_devices(args.devices))  # they exist; nothing started
+    if link is None and len(devices) < 2:  # nothing to probe: the commonest link, said in the output
+        link = link_named(CPU_DEFAULT if devices[0] == "cpu" else CUDA_DEFAULT)
+    return link, cfg, resolution, devices
+
+
+def check_demo_options(args) -> None:
+    """`tandem demo`'s address and model folder, before gradio loads."""
+    validation.listen_host("--host", args.host)
+    validation.whole_number("--port", args.port, 1, 65535)
+    check_model_folder(args.model)
+
+
+def check_workflow_options(args) -> None:
+    """The options `tandem workflow run | compare` share, and the workflow files and --set values, before the
+    server is contacted."""
+    from .workflow import load_workflow, parse_setting
+
+    validation.seconds("--timeout", args.timeout)
+    validation.http_url("--server", args.server)
+    validation.creatable_folder("--out", args.out)
+    if getattr(args, "json", None) is not None:
+        validation.writable_file("--json", args.json)
+    if getattr(args, "repeats", 1) < 1:
+        raise ValueError(f"--repeats must be at least 1 (got {args.repeats})")
+    for setting in args.set:
+        parse_setting(setting)
+    load_workflow(args.file)
+    if getattr(args, "against", None):
+        load_workflow(args.against)

@@ -1,0 +1,91 @@
+"""`tandem bench --stage vae`: a VAE decode split into bands of rows over the pool (engine/vae.py) against the
+same decode on one device, in one run: the serial decode in this process with one device's share of the cores,
+the banded decode on the pool's workers, in rotation within every repeat so the machine's drift hits both alike.
+A run whose repeats spread too far, or that other processes disturbed, is marked DISTURBED, as the sampler's."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+from .bench import SPREAD_LIMIT, _other_load, _spread, note_other_load, parse_resolution
+
+
+def run_vae_bench(model_name: str = "sd15", devices: str = "cpu:2", resolution=None, repeats: int = 2,
+                  progress=print) -> dict:
+    import torch
+
+    from ..engine.pool_engine import engine_for
+    from ..engine.vae import decode
+    from ..models.benchmodels_vae import DEFAULT_RESOLUTION, VIDEO_FRAMES, bench_latent, build_bench_vae
+    from ..runtime.portable import peak_memory_bytes, reset_peak_memory
+    from ..runtime.pool import WorkerPool
+
+    vae = build_bench_vae(model_name)
+    resolution = parse_resolution(resolution or DEFAULT_RESOLUTION[model_name])
+    latent = bench_latent(model_name, resolution)
+    pool = WorkerPool(devices)
+    other_load = _other_load()
+    cores = torch.get_num_threads()
+    serial_s, split_s, disturbed = [], [], []
+    try:
+        pool.start()
+        n = len(pool.devices)
+        engine, share = engine_for(pool), max(1, cores // n)
+        progress(f"[bench] VAE decode of {resolution[0]}x{resolution[1]} px ({tuple(latent.shape)} latent): one "
+                 f"device here, {n} bands on the pool, in rotation")
+        for repeat in range(repeats + 1):
+            torch.set_num_threads(share)
+            reset_peak_memory("cpu")
+            before = peak_memory_bytes("cpu")
+            started = time.perf_counter()
+            with torch.inference_mode():
+                reference = vae.decode(latent).sample
+            serial_s.append(time.perf_counter() - started)
+            serial_peak = peak_memory_bytes("cpu") - before
+            torch.set_num_threads(1)  # the host only joins the rows: idle threads would spin on the workers' cores
+            started = time.perf_counter()
+            done = decode(engine, vae, latent)
+            split_s.append(time.perf_counter() - started)
+        serial_s, split_s = serial_s[1:] or serial_s, split_s[1:] or split_s  # the first of each warms up
+        for name, times in (("serial", serial_s), ("bands", split_s)):
+            if _spread(times) > SPREAD_LIMIT:
+                disturbed.append(f"{name}: repeats spread {100 * _spread(times):.0f}% (> {100 * SPREAD_LIMIT:.0f}%)")
+        activations = [done.extra["activation_peak_bytes"][r] for r in sorted(done.extra["activation_peak_bytes"])]
+        memory = pool.memory()
+        rows = [
+            {"strategy": "serial", "devices": 1, "seconds_median": statistics.median(serial_s),
+             "speedup_vs_serial": 1.0, "max_abs_diff_vs_serial": 0.0, "activation_bytes_per_device": [serial_peak]},
+            {"strategy": "bands", "devices": done.extra["bands"], "seconds_median": statistics.median(split_s),
+             "speedup_vs_serial": statistics.median(serial_s) / statistics.median(split_s),
+             "max_abs_diff_vs_serial": (done.out - reference).abs().max().item(),
+             "output_scale": reference.abs().max().item(), "activation_bytes_per_device": activations,
+             "peak_memory_bytes_per_device": memory,
+             "bytes_between_devices": done.bytes_sent},
+        ]
+    finally:
+        pool.shutdown()
+        torch.set_num_threads(cores)
+    load = note_other_load(other_load, disturbed)
+    return {"stage": "vae", "model": model_name, "resolution": list(resolution), "frames": VIDEO_FRAMES.get(model_name),
+            "devices": list(pool.devices),
+            "dtype": "fp32", "threads_per_device": share, "results": rows, "disturbed": disturbed,
+            "other_load_share": load}
+
+
+def format_vae_table(report: dict) -> str:
+    h, w = report["resolution"]
+    frames = f" x {report['frames']} frames" if report.get("frames") else ""
+    lines = [f"VAE decode, {report['model']} at {h}x{w} px{frames}, on {', '.join(report['devices'])} "
+             f"({report['threads_per_device']} thread(s) per device)",
+             f"{'':8} {'devices':>7} {'s':>8} {'speed-up':>9} {'act. MiB/dev':>13} {'max |diff|':>11}"]
+    for row in report["results"]:
+        act = "/".join(f"{b / 2**20:.0f}" for b in row["activation_bytes_per_device"])
+        lines.append(f"{row['strategy']:8} {row['devices']:>7} {row['seconds_median']:>8.2f} "
+                     f"{row['speedup_vs_serial']:>8.2f}x {act:>13} {row['max_abs_diff_vs_serial']:>11.2e}")
+    bands = report["results"][-1]
+    lines.append(f"bands: {bands['bytes_between_devices'] / 2**20:.1f} MiB between devices per decode (halos, "
+                 "norm statistics, the gathered attention input)")
+    if report["disturbed"]:
+        lines.append("DISTURBED RUN, figures unreliable: " + "; ".join(report["disturbed"]))
+    return "\n".join(lines)

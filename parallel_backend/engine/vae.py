@@ -1,0 +1,106 @@
+"""A VAE decode or encode split over the pool (issue 29): each device works on a band of the rows, its
+convolutions, norms and attention made exact by models/vae_bands.py, and the host joins the rows.
+
+Host side: `decode(engine, vae, latent)` and `encode(engine, vae, image)`. Worker side: `run_band` (a handler of
+the worker program), which bands its copy of the VAE once and points it at the call's group.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from ..models import vae_bands, vae_families
+from ..models.stages import synchronize
+from ..runtime.carry import CannotCarry
+from ..runtime.messages import Computed
+from ..runtime.portable import peak_memory_bytes, reset_peak_memory
+
+DECODE, ENCODE = "decode", "encode"
+
+
+@dataclass
+class VaeBand:
+    """`way` (decode or encode) `rows` (this rank's rows of the whole input) as band `index` of `peers` (global
+    ranks, in image order)."""
+
+    fingerprint: str
+    way: str
+    rows: object
+    peers: tuple[int, ...]
+    index: int
+
+
+def decode(engine, vae, latent, devices: int | None = None) -> Computed:
+    """The image `vae` decodes from `latent` (batch, channels, rows, columns), its rows split over `devices` of
+    the pool (default: all; never more bands than the latent has rows). out: the whole image on the latent's
+    device; extra: compute_s and activation_peak_bytes per rank, bands. Raises CannotCarry for a VAE without a
+    family (the host decodes it itself), ValueError before any work for a latent that cannot be split."""
+    return _split(engine, vae, latent, DECODE, 1, devices)
+
+
+def encode(engine, vae, image, devices: int | None = None) -> Computed:
+    """What `vae` encodes `image` (batch, channels, rows, columns) to (the family's encode: ComfyUI's the latent,
+    diffusers' the distribution's parameters), as `decode` does: bands of whole latent rows (the family's `scale`
+    of image rows each)."""
+    scale = _family(vae).scale(vae)
+    if image.shape[-2] % scale or image.shape[-1] % scale:
+        raise ValueError(f"an image of {image.shape[-2]}x{image.shape[-1]} pixels does not divide into the VAE's "
+                         f"{scale}-pixel latent rows and columns; crop it to a multiple of {scale}")
+    return _split(engine, vae, image, ENCODE, scale, devices)
+
+
+def _family(vae):
+    family = vae_families.family_of(vae)
+    if family is None:
+        raise CannotCarry(f"Tandem has no band split for a {type(vae).__name__} VAE")
+    return family
+
+
+def _split(engine, vae, rows_in, way: str, unit: int, devices: int | None) -> Computed:
+    """`way` over bands of `unit` rows of `rows_in`, one per device."""
+    import torch
+
+    family = _family(vae)
+    vae_bands.check_layers(vae)  # an unsupported layer refused before any work
+    units = rows_in.shape[-2] // unit
+    with engine.job():
+        degree = min(devices or engine.device_count(), engine.device_count(), units)
+        vae_bands.check_bands(units, degree)
+        fingerprint = engine.hold(vae, family.name)
+        peers = tuple(range(degree))
+        work = {}
+        for index in peers:
+            band = vae_bands.band_rows(units, degree, index)
+            work[index] = VaeBand(fingerprint, way, rows_in[..., band.start * unit:band.stop * unit, :].contiguous(),
+                                  peers, index)
+        computed = engine.request(work, f"{way[:-1]}ing in bands of rows", collective=degree > 1)
+    out = torch.cat([computed[index].out for index in peers], dim=-2).to(rows_in.device)
+    return Computed(out, max(c.compute_s for c in computed.values()), 0.0,
+                    sum(c.bytes_sent for c in computed.values()),
+                    {"compute_s": {r: c.compute_s for r, c in computed.items()}, "bands": degree,
+                     "activation_peak_bytes": {r: c.extra["activation_peak_bytes"] for r, c in computed.items()}})
+
+
+def run_band(state, message: VaeBand) -> Computed:
+    """Worker side: this rank's rows of the output."""
+    import torch
+
+    vae, family_name = state.model(message.fingerprint)
+    family = vae_families.family_named(family_name)
+    group = vae_bands.PeerBands(message.peers, message.index, state.device)
+    bands = getattr(vae, "__dict__", {}).get("_tandem_bands")
+    if bands is None:
+        vae_bands.band_in_place(vae, group)
+    else:
+        bands.group = group
+    run = family.decode if message.way == DECODE else family.encode
+    reset_peak_memory(state.device)
+    before = peak_memory_bytes(state.device)
+    started = time.perf_counter()
+    with torch.inference_mode():
+        out = run(vae, message.rows.to(state.device))
+    synchronize(state.device)
+    seconds = time.perf_counter() - started
+    return Computed(out, seconds, 0.0, group.bytes, {"rows": out.shape[-2],
+                                                     "activation_peak_bytes": peak_memory_bytes(state.device) - before})

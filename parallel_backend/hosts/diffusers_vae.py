@@ -1,0 +1,53 @@
+"""A diffusers pipeline's VAE, decoding and encoding in bands of rows on the pool (engine/vae.py): what
+`parallelize` puts in place of an AutoencoderKL it can split. Tiling or slicing turned on by the user keeps the
+VAE's own decode (said once)."""
+
+from __future__ import annotations
+
+import logging
+
+from ..engine import vae as bands
+from ..models import vae_families
+from .stand_in import StandIn
+
+log = logging.getLogger("tandem")
+
+
+def splits(vae) -> bool:
+    """Whether `parallelize` can put a ParallelVAE in place of `vae`."""
+    return vae is not None and vae_families.family_of(vae) is not None
+
+
+class ParallelVAE(StandIn):
+    inner = "vae"
+
+    def _own_path(self) -> bool:
+        """Tiling or slicing on: the VAE's own decode (bands of a tile gain nothing), said once."""
+        own = bool(getattr(self.real, "use_tiling", False) or getattr(self.real, "use_slicing", False))
+        if own and not self.__dict__.get("_said"):
+            self.__dict__["_said"] = True
+            log.info("Tandem: the VAE decodes on the host: its tiling or slicing is on (bands replace both)")
+        return own
+
+    def decode(self, z, return_dict: bool = True, generator=None, **kwargs):
+        if self._own_path():
+            return self.real.decode(z, return_dict=return_dict, generator=generator, **kwargs)
+        from diffusers.models.autoencoders.vae import DecoderOutput
+
+        sample = bands.decode(self._executor.engine, self.real, z).out.to(z.dtype)
+        self.calls += 1
+        return DecoderOutput(sample=sample) if return_dict else (sample,)
+
+    def encode(self, x, return_dict: bool = True):
+        if self._own_path():
+            return self.real.encode(x, return_dict=return_dict)
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+        from diffusers.models.modeling_outputs import AutoencoderKLOutput
+
+        moments = bands.encode(self._executor.engine, self.real, x).out.to(x.dtype)
+        self.calls += 1
+        distribution = DiagonalGaussianDistribution(moments)
+        return AutoencoderKLOutput(latent_dist=distribution) if return_dict else (distribution,)
+
+    def forward(self, *args, **kwargs):
+        return self.real(*args, **kwargs)

@@ -1,0 +1,214 @@
+"""The full-size models plan/paper.py counts, built on torch's `meta` device from diffusers' own classes and the
+published configs (typed in here, each beside its source; nothing is downloaded), with the inputs each model's
+pipeline gives it. Shapes only: no weight is allocated and no value computed.
+
+Flux.2-dev and HunyuanVideo are diffusers classes that Tandem's diffusers adapter has no family for (Tandem runs
+them through ComfyUI, plan/paper.py `Scenario.runs_as`); they are counted through diffusers' plain keyword call
+(models/diffusers_dit.py `forward`, family "diffusers_dit"), with their inputs named here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..models.benchmodels_dit import TransformerBenchModel
+
+# black-forest-labs/FLUX.1-dev transformer/config.json
+FLUX_DEV = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+                num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+                axes_dims_rope=(16, 56, 56))
+FLUX_DEV_TEXT_TOKENS = 512  # FLUX.1-dev's T5 length (schnell's is 256)
+FLUX_DEV_GUIDANCE = 3.5  # the pipeline's default distilled guidance
+# Wan-AI/Wan2.1-T2V-14B-Diffusers transformer/config.json (Wan 2.2 A14B: two transformers of this config)
+WAN_14B = dict(num_layers=40, num_attention_heads=40, attention_head_dim=128, in_channels=16, out_channels=16,
+               text_dim=4096, freq_dim=256, ffn_dim=13824, patch_size=(1, 2, 2), cross_attn_norm=True,
+               qk_norm="rms_norm_across_heads", eps=1e-6)
+WAN_FRAMES = 81
+# Qwen/Qwen-Image transformer/config.json
+QWEN_IMAGE = dict(patch_size=2, in_channels=64, out_channels=16, num_layers=60, attention_head_dim=128,
+                  num_attention_heads=24, joint_attention_dim=3584, guidance_embeds=False, axes_dims_rope=(16, 56, 56))
+# Its text is the prompt's Qwen2.5-VL tokens less the template's first 34, padded only to the longest prompt of a
+# batch: no fixed length. Assumed: 128 (a prompt of about 120 words' tokens; the pipeline's limit is 512).
+QWEN_IMAGE_TEXT_TOKENS = 128
+# black-forest-labs/FLUX.2-dev transformer/config.json (diffusers' Flux2Transformer2DModel defaults are these)
+FLUX2_DEV = dict(patch_size=1, in_channels=128, out_channels=None, num_layers=8, num_single_layers=48,
+                 attention_head_dim=128, num_attention_heads=48, joint_attention_dim=15360,
+                 timestep_guidance_channels=256, mlp_ratio=3.0, axes_dims_rope=(32, 32, 32, 32), rope_theta=2000,
+                 eps=1e-6, guidance_embeds=True)
+FLUX2_DEV_TEXT_TOKENS = 512  # Flux2Pipeline pads the Mistral prompt to max_sequence_length, 512
+FLUX2_DEV_GUIDANCE = 4.0  # Flux2Pipeline's default (embedded) guidance_scale
+# hunyuanvideo-community/HunyuanVideo transformer/config.json (the diffusers port of tencent/HunyuanVideo)
+HUNYUAN_VIDEO = dict(in_channels=16, out_channels=16, num_attention_heads=24, attention_head_dim=128, num_layers=20,
+                     num_single_layers=40, num_refiner_layers=2, mlp_ratio=4.0, patch_size=2, patch_size_t=1,
+                     qk_norm="rms_norm", guidance_embeds=True, text_embed_dim=4096, pooled_projection_dim=768,
+                     rope_theta=256.0, rope_axes_dim=(16, 56, 56))
+HUNYUAN_TEXT_TOKENS = 256  # HunyuanVideoPipeline pads the Llama prompt to max_sequence_length, 256
+HUNYUAN_FRAMES = 129  # HunyuanVideoPipeline's default num_frames (at its default 720 x 1280)
+HUNYUAN_GUIDANCE = 6.0  # its default (embedded) guidance_scale; true_cfg_scale 1.0: one branch
+VIDEO_FRAMES_PER_LATENT = 4  # Wan's and HunyuanVideo's VAEs keep the first frame and pack every further 4
+
+
+def on_meta(cls, config: dict, dtype: torch.dtype) -> torch.nn.Module:
+    """`cls(**config)` with its parameters on the meta device (shapes only), in `dtype`, for inference."""
+    with torch.device("meta"):
+        module = cls(**config)
+    return module.to(dtype).eval().requires_grad_(False)
+
+
+def _rows_of(value: float, rows: int) -> torch.Tensor:
+    return torch.full((rows,), value)
+
+
+@dataclass
+class QwenImageModel(TransformerBenchModel):
+    """Qwen-Image's inputs as QwenImagePipeline makes them: latents packed in 2x2 patches (B, tokens, 64), each
+    row's image shape for the RoPE table; one prompt, so no padding and no text mask."""
+
+    def latent_shape(self, images: int, resolution: tuple[int, int]) -> tuple[int, ...]:
+        return (images, self.tokens(resolution), self.module.config.in_channels)
+
+    def extras(self, rows: int, resolution: tuple[int, int] | None = None) -> dict:
+        h, w = (r // (self.latent_factor * self.patch) for r in resolution)
+        return {"img_shapes": [[(1, h, w)]] * rows}
+
+    def sequence_sizes(self, resolution: tuple[int, int]) -> tuple[int, int]:
+        """Image and text tokens attend jointly in every block."""
+        return self.tokens(resolution) + self.context_shape[0], len(self.module.transformer_blocks)
+
+    def feature_elements(self, resolution: tuple[int, int]) -> int:
+        hidden = self.module.transformer_blocks[0].img_mlp.net[0].proj.out_features  # both streams' MLPs
+        return (self.tokens(resolution) + self.context_shape[0]) * hidden
+
+
+@dataclass
+class Flux2Model(TransformerBenchModel):
+    """Flux.2's inputs as Flux2Pipeline makes them: 32-channel latents packed in 2x2 patches (B, tokens, 128),
+    4-axis position ids (time, row, column, text position) shared by the rows, the embedded guidance per row."""
+
+    guidance: float = FLUX2_DEV_GUIDANCE
+
+    @property
+    def shared(self) -> frozenset:
+        return frozenset({"img_ids", "txt_ids", "joint_attention_kwargs"})
+
+    def latent_shape(self, images: int, resolution: tuple[int, int]) -> tuple[int, ...]:
+        return (images, self.tokens(resolution), self.module.config.in_channels)
+
+    def extras(self, rows: int, resolution: tuple[int, int] | None = None) -> dict:
+        h, w = (r // (self.latent_factor * self.patch) for r in resolution)
+        img_ids = torch.zeros(h, w, 4)
+        img_ids[..., 1] = torch.arange(h)[:, None]
+        img_ids[..., 2] = torch.arange(w)[None, :]
+        txt_ids = torch.zeros(self.context_shape[0], 4)
+        txt_ids[:, 3] = torch.arange(self.context_shape[0])
+        return {"img_ids": img_ids.reshape(h * w, 4), "txt_ids": txt_ids, "guidance": _rows_of(self.guidance, rows)}
+
+    def sequence_sizes(self, resolution: tuple[int, int]) -> tuple[int, int]:
+        """Image and text tokens attend jointly in every double- and single-stream block."""
+        blocks = len(self.module.transformer_blocks) + len(self.module.single_transformer_blocks)
+        return self.tokens(resolution) + self.context_shape[0], blocks
+
+    def feature_elements(self, resolution: tuple[int, int]) -> int:
+        hidden = self.module.transformer_blocks[0].ff.linear_in.out_features  # the SwiGLU's gate and input
+        return (self.tokens(resolution) + self.context_shape[0]) * hidden
+
+
+@dataclass
+class HunyuanVideoModel(TransformerBenchModel):
+    """HunyuanVideo's inputs as HunyuanVideoPipeline makes them: video latents (B, 16, latent frames, H/8, W/8),
+    the padded prompt's mask (every token valid), the pooled CLIP text and the embedded guidance per row."""
+
+    guidance: float = HUNYUAN_GUIDANCE
+
+    @property
+    def shared(self) -> frozenset:
+        return frozenset({"attention_kwargs"})
+
+    def latent_frames(self) -> int:
+        return (self.frames - 1) // VIDEO_FRAMES_PER_LATENT + 1
+
+    def latent_shape(self, images: int, resolution: tuple[int, int]) -> tuple[int, ...]:
+        h, w = (r // self.latent_factor for r in resolution)
+        return (images, self.module.config.in_channels, self.latent_frames(), h, w)
+
+    def extras(self, rows: int, resolution: tuple[int, int] | None = None) -> dict:
+        """As the pipeline passes them: the tokenizer's mask (int64), the pooled text and guidance x 1000 in the
+        transformer's dtype (a float32 one would turn the text stream float32)."""
+        dtype = next(self.module.parameters()).dtype
+        pooled = torch.zeros(rows, self.module.config.pooled_projection_dim, dtype=dtype)
+        return {"encoder_attention_mask": torch.ones(rows, self.context_shape[0], dtype=torch.long),
+                "pooled_projections": pooled, "guidance": _rows_of(self.guidance * 1000, rows).to(dtype)}
+
+    def sequence_sizes(self, resolution: tuple[int, int]) -> tuple[int, int]:
+        """Video and text tokens attend jointly in every double- and single-stream block (the text refiner's
+        attention over the prompt alone is left out: every rank runs it whole)."""
+        blocks = len(self.module.transformer_blocks) + len(self.module.single_transformer_blocks)
+        return self.tokens(resolution) + self.context_shape[0], blocks
+
+    def feature_elements(self, resolution: tuple[int, int]) -> int:
+        hidden = self.module.single_transformer_blocks[0].proj_mlp.out_features
+        return (self.tokens(resolution) + self.context_shape[0]) * hidden
+
+
+def sdxl_meta():
+    from diffusers import UNet2DConditionModel
+
+    from ..models.benchmodels import UNETS
+    from ..models.benchmodels_base import BenchModel
+
+    config, context, resolution, extras = UNETS["sdxl"]
+    unet = on_meta(UNet2DConditionModel, dict(sample_size=resolution // 8, **config), torch.float16)
+    return BenchModel("sdxl", unet, context, 8, resolution, extras)
+
+
+def flux_dev_meta():
+    from diffusers import FluxTransformer2DModel
+
+    from ..models.benchmodels_dit import FluxBenchModel
+
+    class FluxDev(FluxBenchModel):
+        """flux-small's inputs plus the distilled guidance input Flux.1-dev takes per row."""
+
+        def extras(self, rows, resolution=None):
+            return {**super().extras(rows, resolution), "guidance": _rows_of(FLUX_DEV_GUIDANCE, rows)}
+
+    module = on_meta(FluxTransformer2DModel, FLUX_DEV, torch.bfloat16)
+    return FluxDev("flux-dev", module, (FLUX_DEV_TEXT_TOKENS, FLUX_DEV["joint_attention_dim"]), latent_factor=8,
+                   default_resolution=1024, family="diffusers_dit:flux", patch=2)
+
+
+def wan14b_meta():
+    from diffusers import WanTransformer3DModel
+
+    from ..models.benchmodels_dit import WAN_TEXT_TOKENS, WanBenchModel
+
+    module = on_meta(WanTransformer3DModel, WAN_14B, torch.bfloat16)
+    return WanBenchModel("wan-14b", module, (WAN_TEXT_TOKENS, WAN_14B["text_dim"]), latent_factor=8,
+                         default_resolution="720x1280", family="diffusers_dit:wan", patch=2, frames=WAN_FRAMES)
+
+
+def qwen_image_meta():
+    from diffusers import QwenImageTransformer2DModel
+
+    module = on_meta(QwenImageTransformer2DModel, QWEN_IMAGE, torch.bfloat16)
+    return QwenImageModel("qwen-image", module, (QWEN_IMAGE_TEXT_TOKENS, QWEN_IMAGE["joint_attention_dim"]),
+                          latent_factor=8, default_resolution=1328, family="diffusers_dit:qwen_image", patch=2)
+
+
+def flux2_dev_meta():
+    from diffusers import Flux2Transformer2DModel
+
+    module = on_meta(Flux2Transformer2DModel, FLUX2_DEV, torch.bfloat16)
+    return Flux2Model("flux2-dev", module, (FLUX2_DEV_TEXT_TOKENS, FLUX2_DEV["joint_attention_dim"]), latent_factor=8,
+                      default_resolution=1024, family="diffusers_dit", patch=2)
+
+
+def hunyuan_video_meta():
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    module = on_meta(HunyuanVideoTransformer3DModel, HUNYUAN_VIDEO, torch.bfloat16)
+    return HunyuanVideoModel("hunyuan-video", module, (HUNYUAN_TEXT_TOKENS, HUNYUAN_VIDEO["text_embed_dim"]),
+                             latent_factor=8, default_resolution="720x1280", family="diffusers_dit", patch=2,
+                             frames=HUNYUAN_FRAMES)

@@ -1,0 +1,102 @@
+"""VAE Decode (Multi-GPU) against the stock VAE Decode in a real ComfyUI: ComfyUI's own SD VAE (seeded), a
+seeded latent, the image kept exactly (wrapped as a latent and saved by the stock SaveLatent). The decode must
+split over the pool's two workers (the node says so in the log) and equal the stock node's within 1e-4 of the
+image's scale; a latent the node cannot split takes the stock path, said in one sentence."""
+
+from __future__ import annotations
+
+import torch
+
+
+def _workflow(node: str, prefix: str, rows: int = 8, columns: int = 6, devices: str | None = "cpu:2") -> dict:
+    workflow = {
+        "1": {"class_type": "TandemTestSeededVAE", "inputs": {"seed": 3}},
+        "2": {"class_type": "TandemTestSeededLatent", "inputs": {"seed": 4, "channels": 4, "rows": rows,
+                                                                 "columns": columns}},
+        "3": {"class_type": node, "inputs": {"samples": ["2", 0], "vae": ["1", 0]}},
+        "4": {"class_type": "TandemTestImageAsLatent", "inputs": {"images": ["3", 0]}},
+        "5": {"class_type": "SaveLatent", "inputs": {"samples": ["4", 0], "filename_prefix": prefix}},
+    }
+    if node == "TandemVAEDecode" and devices is not None:
+        workflow["6"] = {"class_type": "TandemSettings", "inputs": {"devices": devices, "strategy": "auto",
+                                                                    "cfg_degree": 0, "batch_degree": 0}}
+        workflow["3"]["inputs"]["settings"] = ["6", 0]
+    return workflow
+
+
+def test_vae_decode_in_bands_equals_the_stock_node(comfy_server, comfy):
+    comfy.run_checked(comfy_server, _workflow("VAEDecode", "vae_stock"))
+    offset = comfy_server.log_size()
+    comfy.run_checked(comfy_server, _workflow("TandemVAEDecode", "vae_tandem"))
+    said = comfy_server.log_since(offset)
+    assert "VAE Decode (Multi-GPU) split 8x6 rows into 2 bands on cpu, cpu" in said, said[-2000:]
+    stock, tandem = comfy_server.latent("vae_stock"), comfy_server.latent("vae_tandem")
+    assert stock.shape == tandem.shape == (1, 64, 48, 3)
+    comfy.assert_same_latents(tandem, stock)
+    assert (stock - stock.mean()).abs().max() > 1e-3  # the image is not flat: the oracle can tell rows apart
+
+
+def test_a_latent_of_one_row_takes_the_stock_path_and_says_why(comfy_server, comfy):
+    comfy.run_checked(comfy_server, _workflow("VAEDecode", "vae_row_stock", rows=1))
+    offset = comfy_server.log_size()
+    comfy.run_checked(comfy_server, _workflow("TandemVAEDecode", "vae_row_tandem", rows=1))
+    said = comfy_server.log_since(offset)
+    assert "VAE Decode (Multi-GPU) takes the stock path: a latent of one row cannot be split into bands" in said
+    torch.testing.assert_close(comfy_server.latent("vae_row_tandem"), comfy_server.latent("vae_row_stock"),
+                               atol=1e-4, rtol=1e-4)
+
+
+def _encode_workflow(node: str, prefix: str, wan: bool = False) -> dict:
+    """A seeded image (a video's frames with `wan`): the stock decode of a latent; then `node` encodes it."""
+    flow = _workflow("VAEDecode", prefix, rows=6, columns=4)
+    if wan:
+        flow["1"] = {"class_type": "TandemTestSeededWanVAE", "inputs": {"seed": 5}}
+        flow["2"]["inputs"].update(channels=16, frames=3)
+    flow["4"] = {"class_type": node, "inputs": {"pixels": ["3", 0], "vae": ["1", 0]}}
+    flow["5"]["inputs"]["samples"] = ["4", 0]
+    if node == "TandemVAEEncode":
+        flow["6"] = {"class_type": "TandemSettings", "inputs": {"devices": "cpu:2", "strategy": "auto",
+                                                                "cfg_degree": 0, "batch_degree": 0}}
+        flow["4"]["inputs"]["settings"] = ["6", 0]
+    return flow
+
+
+def test_a_wan_video_encode_in_bands_equals_the_stock_node(comfy_server, comfy):
+    comfy.run_checked(comfy_server, _encode_workflow("VAEEncode", "wan_encode_stock", wan=True))
+    offset = comfy_server.log_size()
+    comfy.run_checked(comfy_server, _encode_workflow("TandemVAEEncode", "wan_encode_tandem", wan=True))
+    said = comfy_server.log_since(offset)
+    assert "VAE Encode (Multi-GPU) split 48x32 rows into 2 bands on cpu, cpu" in said, said[-2000:]
+    stock, tandem = comfy_server.latent("wan_encode_stock"), comfy_server.latent("wan_encode_tandem")
+    assert stock.shape == tandem.shape == (1, 16, 3, 6, 4)
+    comfy.assert_same_latents(tandem, stock)
+
+
+def test_vae_encode_in_bands_equals_the_stock_node(comfy_server, comfy):
+    comfy.run_checked(comfy_server, _encode_workflow("VAEEncode", "vae_encode_stock"))
+    offset = comfy_server.log_size()
+    comfy.run_checked(comfy_server, _encode_workflow("TandemVAEEncode", "vae_encode_tandem"))
+    said = comfy_server.log_since(offset)
+    assert "VAE Encode (Multi-GPU) split 48x32 rows into 2 bands on cpu, cpu" in said, said[-2000:]
+    stock, tandem = comfy_server.latent("vae_encode_stock"), comfy_server.latent("vae_encode_tandem")
+    assert stock.shape == tandem.shape == (1, 4, 6, 4)
+    comfy.assert_same_latents(tandem, stock)
+
+
+def test_a_wan_video_decode_in_bands_equals_the_stock_node(comfy_server, comfy):
+    """ComfyUI's Wan 2.1 VAE decodes frame by frame with a cache of the frames before: every band keeps its own."""
+    def workflow(node: str, prefix: str) -> dict:
+        flow = _workflow(node, prefix, rows=6, columns=4)
+        flow["1"] = {"class_type": "TandemTestSeededWanVAE", "inputs": {"seed": 5}}
+        flow["2"]["inputs"].update(channels=16, frames=3)
+        return flow
+
+    comfy.run_checked(comfy_server, workflow("VAEDecode", "wan_vae_stock"))
+    offset = comfy_server.log_size()
+    comfy.run_checked(comfy_server, workflow("TandemVAEDecode", "wan_vae_tandem"))
+    said = comfy_server.log_since(offset)
+    assert "VAE Decode (Multi-GPU) split 6x4 rows into 2 bands on cpu, cpu" in said, said[-2000:]
+    stock, tandem = comfy_server.latent("wan_vae_stock"), comfy_server.latent("wan_vae_tandem")
+    assert stock.shape == tandem.shape == (9, 48, 32, 3)  # 3 latent frames: 1 + 2 x 4 frames
+    comfy.assert_same_latents(tandem, stock)
+    assert 0.01 < stock.mean() < 0.99 and stock.std() > 1e-3  # inside the clamp: the oracle can tell bands apart
