@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import struct
 import subprocess
 import sys
 
@@ -96,17 +95,6 @@ def test_pin_to_cores_restricts_the_process():
     )
     last = portable.cpu_cores()[-1]
     assert _run_python(script).split() == [f"[{last}]", f"[{last}]"]
-
-
-@pytest.mark.skipif(sys.platform == "win32", reason="POSIX layout of struct timeval")
-@pytest.mark.parametrize("seconds, expected", [(10.0, (10, 0)), (2.25, (2, 250_000)), (0.0, (0, 0)), (1e-9, (0, 1))])
-def test_receive_timeout_is_a_timeval_on_posix(seconds, expected):
-    assert struct.unpack("@ll", portable.receive_timeout_option(seconds)) == expected
-
-
-def test_a_negative_receive_timeout_is_refused():
-    with pytest.raises(ValueError, match="use 0 for none"):
-        portable.receive_timeout_option(-1.0)
 
 
 def _run_python(script: str) -> str:

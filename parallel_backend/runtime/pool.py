@@ -70,7 +70,8 @@ class PoolStats:
     calls: int = 0
     rejoin_checks: int = 0  # rejoin_missing calls (the engine makes one per model call)
     model_checks: int = 0  # ensure_model calls, for a model held already too (the engine: one per model call)
-    refused_connections: int = 0  # connections to the start-up handshake that failed authentication
+    refused_connections: int = 0  # connections to the start-up listener that failed the handshake by the
+    #   end of a start (a stranger's still under way then is dropped at its deadline, after)
     last_load_seconds: float = 0.0
     failures: list = field(default_factory=list)  # the latest MAX_FAILURES_KEPT error messages
 
@@ -195,8 +196,11 @@ class WorkerPool:
         try:
             if machines:
                 devices = self._leave_out(devices, self._link.reach())
+                # The Join first: a daemon waits for it only HANDSHAKE_TIMEOUT_S after the handshake, and the local
+                # spawn may first start the launcher (seconds of imports on a loaded machine).
+                remote_workers = self._link.join_machines(listener.address, self.start_timeout_s)
                 self._spawn(devices, listener.address, authkey, self._link.rendezvous, self._link.interface, tls=True)
-                self._workers += self._link.join_machines(listener.address, self.start_timeout_s)
+                self._workers += remote_workers
             else:
                 self._spawn(devices, listener.address, authkey)
             self._workers.sort(key=lambda w: w.rank)
@@ -300,32 +304,35 @@ class WorkerPool:
         return read_secret(self.secret_file)
 
     def _handshake(self, listener: Listener) -> None:
+        """Waits for every worker's connection (the listener handshakes each in a thread of its own: a stranger's
+        connection delays none) and its report of joining the group. A failed start names the strangers that came
+        to the listener as such (Listener.strangers), not a worker that was kept out by them."""
         deadline = time.monotonic() + self.start_timeout_s
         waiting = {w.rank: w for w in self._workers}
-        while waiting:
-            for w in waiting.values():
-                if not w.alive():
-                    raise WorkerError(f"{w.name}: failed to start: {w.death_note()}", w.device, w.rank)
-            if time.monotonic() > deadline:
-                raise WorkerError(f"workers {sorted(waiting)} did not connect within {self.start_timeout_s:g} s")
-            try:
-                conn = listener.accept(timeout=0.5)
-            except TimeoutError:
-                continue
-            except (AuthenticationError, EOFError, OSError) as exc:
-                # Some other local process (garbage, a forged hello, a silent peer): nothing it sent was
-                # unpickled; keep waiting for our own workers until the deadline.
-                self.stats.refused_connections += 1
-                log.warning("Tandem: refused a connection to the pool's handshake (%s: %s)", type(exc).__name__, exc)
-                continue
-            channel = Channel(conn, "worker")
-            hello = channel.recv(timeout=10.0)
-            if not isinstance(hello, Hello) or hello.rank not in waiting:
-                channel.close()
-                continue
-            worker = waiting.pop(hello.rank)
-            channel.name = worker.name
-            worker.channel = channel
+        try:
+            while waiting:
+                for w in waiting.values():
+                    if not w.alive():
+                        raise WorkerError(f"{w.name}: failed to start: {w.death_note()}{_also(listener)}", w.device,
+                                          w.rank)
+                if time.monotonic() > deadline:
+                    raise WorkerError(_not_connected(sorted(waiting), self.start_timeout_s, listener))
+                try:
+                    conn = listener.accept(timeout=0.5)
+                except TimeoutError:
+                    continue
+                except (AuthenticationError, EOFError, OSError):
+                    continue  # a stranger (garbage, a forged hello, a silent peer): refused, said by the listener
+                channel = Channel(conn, "worker")
+                hello = channel.recv(timeout=10.0)
+                if not isinstance(hello, Hello) or hello.rank not in waiting:
+                    channel.close()
+                    continue
+                worker = waiting.pop(hello.rank)
+                channel.name = worker.name
+                worker.channel = channel
+        finally:
+            self.stats.refused_connections += listener.doorway.refusals.total
         for w in self._workers:  # all connected: now each reports joining the process group
             reply = w.channel.recv(timeout=max(1.0, deadline - time.monotonic()), alive=w.alive)
             if not reply.ok:
@@ -608,6 +615,21 @@ class WorkerPool:
         """Peak memory per worker, in bytes (CUDA: max allocated; CPU: max resident set)."""
         replies = self.request({w.rank: Ping() for w in self._workers}, "reporting memory")
         return [replies[r].peak_bytes for r in sorted(replies)]
+
+
+def _also(listener: Listener) -> str:
+    """"; also ..." naming the strangers that came to the start-up listener, or ""."""
+    strangers = listener.strangers()
+    return f"; connections that are no worker of this pool also came to its start-up listener: {strangers}" \
+        if strangers else ""
+
+
+def _not_connected(ranks: list[int], seconds: float, listener: Listener) -> str:
+    """Why workers `ranks` are not there after `seconds`: strangers that kept the listener full come first."""
+    if listener.doorway.turned_away.total and listener.doorway.pending:
+        return (f"the pool's start-up listener was kept full by connections that are no worker of this pool: "
+                f"{listener.strangers()}; workers {ranks} could not connect within {seconds:g} s")
+    return f"workers {ranks} did not connect within {seconds:g} s{_also(listener)}"
 
 
 def core_shares(n: int) -> list[tuple[int, ...]]:

@@ -7,7 +7,6 @@ no-op where none exists. No torch at import: it is imported inside the functions
 from __future__ import annotations
 
 import os
-import struct
 import sys
 
 _IS_WINDOWS = sys.platform == "win32"
@@ -143,17 +142,3 @@ def pin_to_cores(cores) -> None:
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {int(c) for c in cores})
 
-
-def receive_timeout_option(seconds: float) -> bytes:
-    """The value for setsockopt(SOL_SOCKET, SO_RCVTIMEO): a struct timeval on POSIX, a DWORD of milliseconds on
-    Windows. 0 means no timeout; a positive timeout too small for the unit is rounded up, not down to "none"."""
-    if seconds < 0:
-        raise ValueError(f"a receive timeout cannot be negative (got {seconds!r} s); use 0 for none")
-    if _IS_WINDOWS:
-        ms = int(seconds * 1000)
-        return struct.pack("@L", max(ms, 1) if seconds > 0 else 0)
-    whole = int(seconds)
-    micro = int((seconds - whole) * 1e6)
-    if seconds > 0 and whole == 0 and micro == 0:
-        micro = 1
-    return struct.pack("@ll", whole, micro)

@@ -30,7 +30,8 @@ from .version import __version__
 from .worker_handle import WorkerHandle
 from .secure import HandshakeError, certificate_for, connect_tls, server_context
 from .store_relay import StoreServer
-from .transport import HANDSHAKE_TIMEOUT_S, Channel, ChannelClosed, Listener
+from .doorway import HANDSHAKE_TIMEOUT_S
+from .transport import Channel, ChannelClosed, Listener
 
 log = logging.getLogger("tandem")
 STATUS_PERIOD_S = 0.5
@@ -56,7 +57,7 @@ def rejoin_every_s() -> float:
 def answers(name: str, secret: bytes, timeout_s: float = REJOIN_PROBE_S) -> bool:
     """Whether machine `name` (HOST:PORT) takes a connection within `timeout_s` (a quick refusal, such as a link
     just back up that has not resolved its neighbour yet, is tried again within that time) and its `tandem worker
-    serve` completes the secret's handshake (each step within HANDSHAKE_TIMEOUT_S: a busy machine that answers is
+    serve` completes the secret's handshake (the whole within HANDSHAKE_TIMEOUT_S: a busy machine that answers is
     not missed); the connection is closed at once (the daemon logs a host that left)."""
     try:
         connect_daemon(name, secret, retry_s=timeout_s).close()

@@ -20,6 +20,8 @@ import ssl
 import struct
 from pathlib import Path
 
+from .doorway import Deadline
+
 MIN_SECRET_BYTES = 16
 NONCE_BYTES = 32
 PROOF_BYTES = 32
@@ -198,17 +200,24 @@ def _read_frame(conn: TlsConnection, size: int) -> bytes:
 
 
 def accept_tls(raw: socket.socket, secret: bytes, context: ssl.SSLContext, timeout_s: float) -> TlsConnection:
-    """Server side of one connection: TLS, then both proofs, all within `timeout_s` (a silent peer cannot stall
-    it); raises HandshakeError (the socket is closed)."""
-    raw.settimeout(timeout_s)
+    """Server side of one connection: TLS, then both proofs, the whole within `timeout_s` (doorway.Deadline: a silent
+    or trickling peer is dropped then, however it spaces its bytes); raises HandshakeError (the socket is closed)."""
+    raw.settimeout(timeout_s)  # each read too: a backstop
     sock = None  # once wrapped, the TLS socket owns the descriptor: closing `raw` would leave the peer waiting
+    limit = Deadline(raw.fileno(), timeout_s)
     try:
-        sock = context.wrap_socket(raw, server_side=True)
-        fingerprint = hashlib.sha256(context.tandem_cert_der).digest()
-        conn = TlsConnection(sock)
-        _exchange(conn, secret, fingerprint, server=True)
+        with limit:
+            sock = context.wrap_socket(raw, server_side=True, do_handshake_on_connect=False)
+            sock.do_handshake()  # not in wrap_socket: a failure there closes the descriptor before the deadline ends
+            fingerprint = hashlib.sha256(context.tandem_cert_der).digest()
+            conn = TlsConnection(sock)
+            _exchange(conn, secret, fingerprint, server=True)
+        if limit.cut:  # the deadline came as the last byte did
+            raise HandshakeError("late")
     except (OSError, HandshakeError) as exc:
         (raw if sock is None else sock).close()  # the refused peer hears it now, not at its own timeout
+        if limit.cut:
+            raise HandshakeError(f"no complete handshake within {timeout_s:g} s (TLS and the secret's proofs)") from None
         raise exc if isinstance(exc, HandshakeError) else HandshakeError(f"TLS failed ({exc})") from None
     sock.settimeout(None)
     return conn
@@ -216,18 +225,25 @@ def accept_tls(raw: socket.socket, secret: bytes, context: ssl.SSLContext, timeo
 
 def connect_tls(address: tuple[str, int], secret: bytes, timeout_s: float,
                 connect_timeout_s: float | None = None) -> TlsConnection:
-    """Client side: connect (within `connect_timeout_s`, default `timeout_s`), TLS, both proofs, each step within
-    `timeout_s`; raises HandshakeError or OSError."""
+    """Client side: connect (within `connect_timeout_s`, default `timeout_s`), then TLS and both proofs, the whole
+    within `timeout_s`; raises HandshakeError or OSError."""
     raw = socket.create_connection(tuple(address), timeout=connect_timeout_s or timeout_s)
     raw.settimeout(timeout_s)
     sock = None
+    limit = Deadline(raw.fileno(), timeout_s)
     try:
-        sock = _client_context().wrap_socket(raw)
-        fingerprint = hashlib.sha256(sock.getpeercert(binary_form=True)).digest()
-        conn = TlsConnection(sock)
-        _exchange(conn, secret, fingerprint, server=False)
-    except BaseException:
+        with limit:
+            sock = _client_context().wrap_socket(raw, do_handshake_on_connect=False)
+            sock.do_handshake()
+            fingerprint = hashlib.sha256(sock.getpeercert(binary_form=True)).digest()
+            conn = TlsConnection(sock)
+            _exchange(conn, secret, fingerprint, server=False)
+        if limit.cut:
+            raise HandshakeError("late")
+    except BaseException as exc:
         (raw if sock is None else sock).close()
+        if limit.cut and isinstance(exc, (OSError, HandshakeError)):
+            raise HandshakeError(f"the server did not complete the handshake within {timeout_s:g} s") from None
         raise
     sock.settimeout(None)
     return conn

@@ -2,14 +2,16 @@
 (docs/multi-machine.md).
 
 It listens on the given address only, over TLS, and serves a host that proves the shared secret (secure.py;
-every other connection is refused, logged, and the daemon goes on). The host's Join names the ranks and
-devices it wants; the daemon checks that both machines run the same versions, then starts one ordinary pool
-worker per device (`python -m parallel_backend.engine.worker`, the same program as on the host) that connects back to
-the host's listener over TLS. While the host is there the daemon reports its workers' state every
-STATUS_PERIOD_S; when the host goes (its connection closes, or it is silent for LINK_TIMEOUT_S) the daemon
-kills the workers and removes their folder, then waits for the next host. Workers watch the daemon's process
-too, so killing the daemon leaves none behind. The workers share this machine's weights cache (--cache-dir,
---cache-size; weights_cache.py): a model is sent to the machine once and survives restarts of either side.
+every other connection is refused, logged, and the daemon goes on). Strangers cannot knock it over (doorway.py):
+each handshake is bounded as a whole, connections beyond MAX_HANDSHAKES under way are closed at once, and running
+out of descriptors is survived. The host's Join names the ranks and devices it wants; the daemon checks that both
+machines run the same versions, then starts one ordinary pool worker per device (`python -m
+parallel_backend.engine.worker`, the same program as on the host) that connects back to the host's listener over
+TLS. While the host is there the daemon reports its workers' state every STATUS_PERIOD_S; when the host goes (its
+connection closes, or it is silent for LINK_TIMEOUT_S) the daemon kills the workers and removes their folder, then
+waits for the next host. Workers watch the daemon's process too, so killing the daemon leaves none behind. The
+workers share this machine's weights cache (--cache-dir, --cache-size; weights_cache.py): a model is sent to the
+machine once and survives restarts of either side.
 """
 
 from __future__ import annotations
@@ -29,8 +31,9 @@ from .pool import core_shares, spawn_worker
 from .remote import STATUS_PERIOD_S, interface_of, link_timeout_s, versions
 from .devices import parse_devices, resolve_devices, split_device
 from .worker_handle import log_tail
-from .secure import HandshakeError, accept_tls, certificate_for, read_secret, server_context
-from .transport import HANDSHAKE_TIMEOUT_S, Channel, ChannelClosed
+from .doorway import BACKLOG, HANDSHAKE_TIMEOUT_S, Doorway
+from .secure import accept_tls, certificate_for, read_secret, server_context
+from .transport import Channel, ChannelClosed
 from .weights_cache import DEFAULT_SIZE_GIB, WeightsCache, cache_lines, cache_size_bytes, default_cache_dir
 from .worker_loop import heartbeat_path
 
@@ -90,11 +93,14 @@ class ServeDaemon:
         self.versions = {**versions(), "comfyui": comfyui_version(comfyui)}
         self.cache = WeightsCache(cache_dir or default_cache_dir(), cache_size_bytes(cache_size_gib))
         self.tls = server_context(*certificate_for(secret_file))
-        self.sock = socket.create_server((self.host, self.port), backlog=16)
+        self.sock = socket.create_server((self.host, self.port), backlog=BACKLOG)
         self.port = self.sock.getsockname()[1]
-        self.refused = 0
+        # Connections come in through a doorway (doorway.py): each handshake in a thread of its own and within
+        # HANDSHAKE_TIMEOUT_S as a whole, at most MAX_HANDSHAKES at once (more are closed at once), accept()'s
+        # errors (out of descriptors) survived; what is refused or turned away is said a few lines at a time.
+        self.doorway = Doorway(self.sock, f"tandem worker serve on {self.host}:{self.port}", self._handshake,
+                               self._serve_host)
         self._session_lock = threading.Lock()
-        self._stopping = threading.Event()
 
     def serve_forever(self) -> None:
         log.warning("Tandem: serving %s on %s:%d (TLS; gloo/NCCL on %s) for one host at a time",
@@ -104,30 +110,17 @@ class ServeDaemon:
         log.warning("Tandem: weights cache %s: %d model(s), %.2f of %.2f GiB (%d partial upload(s) removed)",
                     self.cache.folder, len(entries), sum(size for _, size, _ in entries) / 2**30,
                     self.cache.limit / 2**30, partial)
-        self.sock.settimeout(0.5)
-        while not self._stopping.is_set():
-            try:
-                raw, peer = self.sock.accept()
-            except socket.timeout:
-                continue
-            except OSError:
-                if self._stopping.is_set():
-                    return
-                raise
-            threading.Thread(target=self._greet, args=(raw, peer), daemon=True, name="tandem-serve-greet").start()
+        self.doorway.run()
 
     def stop(self) -> None:
-        self._stopping.set()
-        self.sock.close()
+        self.doorway.close()
 
-    def _greet(self, raw: socket.socket, peer) -> None:
-        """One connection: the TLS + secret handshake (each in its own thread: a silent peer delays no one)."""
-        try:
-            channel = Channel(accept_tls(raw, self.secret, self.tls, HANDSHAKE_TIMEOUT_S), f"host {peer[0]}")
-        except HandshakeError as exc:
-            self.refused += 1
-            log.warning("Tandem: refused a connection from %s:%d (%s)", peer[0], peer[1], exc)
-            return
+    def _handshake(self, raw: socket.socket):
+        return accept_tls(raw, self.secret, self.tls, HANDSHAKE_TIMEOUT_S)
+
+    def _serve_host(self, conn, peer) -> None:
+        """One authenticated host, in its handshake's thread: its session, unless another host's runs."""
+        channel = Channel(conn, f"host {peer[0]}")
         try:
             if not self._session_lock.acquire(blocking=False):
                 channel.send(Reply(ok=False, error="this machine's workers already serve another host; stop that "
@@ -206,7 +199,7 @@ class Session:
                 silent = 0.0
             try:
                 stopped = code is None and psutil.Process(process.pid).status() == psutil.STATUS_STOPPED
-            except psutil.Error:
+            except (psutil.Error, OSError):  # OSError: /proc cannot be opened while descriptors run out (a flood)
                 stopped = False
             workers[rank] = WorkerStatus(code, silent, stopped, log_tail(log_path) if code is not None else "")
         return MachineStatus(workers)

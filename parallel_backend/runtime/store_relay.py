@@ -10,17 +10,13 @@ tensors still go between the devices over gloo/NCCL. It stays up for the pool's 
 
 from __future__ import annotations
 
-import logging
-import socket
 import threading
 from datetime import timedelta
 
 import torch.distributed as dist
 
-from .secure import HandshakeError, accept_tls
-from .transport import HANDSHAKE_TIMEOUT_S, Channel, ChannelClosed, Listener, connect
+from .transport import Channel, ChannelClosed, Listener, connect
 
-log = logging.getLogger("tandem")
 SCHEME = "tandem://"
 
 
@@ -29,38 +25,25 @@ class StoreServer:
     interface's address) from a thread of the host; `address` is where it listens. close() ends it."""
 
     def __init__(self, authkey: bytes, host: str, tls):
-        self._listener = Listener(authkey, host, 0, tls=tls)
-        self.address = self._listener.address
         self._data: dict[str, bytes] = {}
         self._changed = threading.Condition()
         self._closed = False
         self._channels: list[Channel] = []
-        threading.Thread(target=self._accept, daemon=True, name="tandem-store").start()
+        # Each connection's handshake in a thread of its own, bounded as a whole, at most so many at once
+        # (doorway.py): a stranger delays no worker; then its requests in that thread.
+        self._listener = Listener(authkey, host, 0, tls=tls, what="the pool's rendezvous store",
+                                  arrived=self._arrived)
+        self.address = self._listener.address
 
     @property
     def init_method(self) -> str:
         return f"{SCHEME}{self.address[0]}:{self.address[1]}"
 
-    def _accept(self) -> None:
-        sock = self._listener.sock
-        sock.settimeout(0.5)
-        while not self._closed:
-            try:
-                raw, peer = sock.accept()
-            except socket.timeout:
-                continue
-            except OSError:  # the listener closed
-                return
-            threading.Thread(target=self._greet, args=(raw, peer), daemon=True, name="tandem-store-client").start()
-
-    def _greet(self, raw: socket.socket, peer) -> None:
-        """One connection's handshake (in its own thread: a silent peer delays no worker), then its requests."""
-        try:
-            conn = accept_tls(raw, self._listener.authkey, self._listener.tls, HANDSHAKE_TIMEOUT_S)
-        except HandshakeError as exc:
-            log.warning("Tandem: refused a connection to the pool's rendezvous store from %s (%s)", peer[0], exc)
-            return
+    def _arrived(self, conn, peer) -> None:
         channel = Channel(conn, "store client")
+        if self._closed:  # its handshake ended after close()
+            channel.close()
+            return
         self._channels.append(channel)
         self._serve(channel)
 

@@ -8,16 +8,17 @@ byte is unpickled; the listener binds to loopback unless told otherwise. Tensors
 from __future__ import annotations
 
 import pickle
+import queue
 import socket
+import threading
 import time
+from multiprocessing import AuthenticationError
 from multiprocessing.connection import Client, Connection, answer_challenge, deliver_challenge, wait
 from typing import Any, Callable
 
 import torch
 
-from .portable import receive_timeout_option
-
-HANDSHAKE_TIMEOUT_S = 10.0
+from .doorway import BACKLOG, HANDSHAKE_TIMEOUT_S, RETRY_PAUSE_S, RETRY_TURNED_AWAY_S, Deadline, Doorway
 
 
 class ChannelClosed(ConnectionError):
@@ -106,14 +107,12 @@ class Channel:
             pass
 
 
-def _configure_socket(conn: Connection, receive_timeout_s: float | None = None, no_delay: bool = False) -> None:
-    """Sets options on a Connection's socket without taking it over: SO_RCVTIMEO (0 = none; the socket stays
-    blocking, as Connection needs) and TCP_NODELAY."""
+def _configure_socket(conn: Connection, no_delay: bool = False) -> None:
+    """Sets TCP_NODELAY on a Connection's socket without taking it over (the socket stays blocking, as Connection
+    needs)."""
     sock = socket.socket(fileno=conn.fileno())  # a second object on the same socket; detach() below leaves it open
     try:
         sock.setblocking(True)  # socket() made it non-blocking if a default timeout is set (socket.setdefaulttimeout)
-        if receive_timeout_s is not None:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, receive_timeout_option(receive_timeout_s))
         if no_delay and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     finally:
@@ -123,49 +122,101 @@ def _configure_socket(conn: Connection, receive_timeout_s: float | None = None, 
 class Listener:
     """Accepts authenticated connections on `host` (loopback by default); refuses peers without the key.
     tls: an ssl server context (secure.server_context): connections are then encrypted too, and the proofs of
-    the key cover its certificate (secure.py), as a pool spanning machines needs."""
+    the key cover its certificate (secure.py), as a pool spanning machines needs.
 
-    def __init__(self, authkey: bytes, host: str = "127.0.0.1", port: int = 0, tls=None):
+    Connections come in through a doorway.Doorway from the moment it is made: each handshake in a thread of its own
+    and within HANDSHAKE_TIMEOUT_S as a whole, at most doorway.MAX_HANDSHAKES at once, so a stranger's silent or
+    trickling connection delays no worker. `accept` takes them one by one; given `arrived(conn, peer)`, each is
+    handed to it instead (in its handshake's thread). `what` names the listener in the log."""
+
+    def __init__(self, authkey: bytes, host: str = "127.0.0.1", port: int = 0, tls=None,
+                 what: str = "the pool's start-up listener", arrived=None):
         self.authkey, self.tls = authkey, tls
-        self.sock = socket.create_server((host, port), backlog=64)
+        self.sock = socket.create_server((host, port), backlog=BACKLOG)
         self.address = self.sock.getsockname()[:2]
+        self._arrivals: queue.Queue = queue.Queue()  # connections, and the errors of refused ones, for accept()
+        self._lock = threading.Lock()
+        self._closed = False
+        self.doorway = Doorway(self.sock, f"{what} {self.address[0]}:{self.address[1]}", self._handshake,
+                               arrived or self._queue, refused=None if arrived else self._queue).start()
 
-    def accept(self, timeout: float) -> Connection:
-        """One authenticated connection within `timeout` s. Raises TimeoutError, or AuthenticationError for a
-        peer that fails the challenge (nothing it sent is unpickled)."""
-        self.sock.settimeout(timeout)
-        try:
-            raw, _ = self.sock.accept()
-        except socket.timeout:
-            raise TimeoutError(f"no worker connected within {timeout:g} s") from None
+    def _handshake(self, raw: socket.socket):
         if self.tls is not None:
             from .secure import accept_tls
 
             return accept_tls(raw, self.authkey, self.tls, HANDSHAKE_TIMEOUT_S)
         raw.setblocking(True)  # Connection reads the raw fd: it must stay blocking
         conn = Connection(raw.detach())
-        _configure_socket(conn, receive_timeout_s=HANDSHAKE_TIMEOUT_S)  # a silent peer cannot stall the handshake
+        limit = Deadline(conn.fileno(), HANDSHAKE_TIMEOUT_S)
         try:
-            deliver_challenge(conn, self.authkey)
-            answer_challenge(conn, self.authkey)
+            with limit:
+                deliver_challenge(conn, self.authkey)
+                answer_challenge(conn, self.authkey)
+            if limit.cut:
+                raise EOFError("late")
         except BaseException:
             conn.close()
+            if limit.cut:
+                raise ConnectionAbortedError(f"no complete handshake within {HANDSHAKE_TIMEOUT_S:g} s") from None
             raise
-        _configure_socket(conn, receive_timeout_s=0.0)
         return conn
 
+    def _queue(self, item, peer=None) -> None:
+        with self._lock:
+            if not self._closed:
+                self._arrivals.put(item)
+                return
+        if not isinstance(item, BaseException):  # arrived after close(): nobody will take it
+            item.close()
+
+    def accept(self, timeout: float):
+        """The next authenticated connection within `timeout` s. Raises TimeoutError, or the error of a peer that
+        failed the handshake (AuthenticationError for a wrong key, ...; nothing it sent is unpickled), one per call."""
+        try:
+            item = self._arrivals.get(timeout=timeout)
+        except queue.Empty:
+            raise TimeoutError(f"no worker connected within {timeout:g} s") from None
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def strangers(self) -> str:
+        """The connections that did not complete the handshake, and those turned away (doorway.Doorway.strangers)."""
+        return self.doorway.strangers()
+
     def close(self) -> None:
-        self.sock.close()
+        with self._lock:
+            self._closed = True
+            left = []
+            while not self._arrivals.empty():
+                left.append(self._arrivals.get_nowait())
+        self.doorway.close()
+        for item in left:
+            if not isinstance(item, BaseException):
+                item.close()
 
 
 def connect(address: tuple[str, int], authkey: bytes, name: str, tls: bool = False) -> Channel:
-    """Worker side: connect and authenticate (both ways) to the host's listener; tls: to one that encrypts."""
+    """Worker side: connect and authenticate (both ways) to the host's listener; tls: to one that encrypts. A
+    connection closed before the handshake began (the listener was full of strangers' handshakes, or not yet up) is
+    tried again every RETRY_PAUSE_S for RETRY_TURNED_AWAY_S; a refused key is not."""
+    refusal: tuple = (AuthenticationError,)
     if tls:
-        from .secure import connect_tls
+        from .secure import HandshakeError, connect_tls
 
-        # A listener handshakes one peer at a time: wait out a silent one ahead of this connection.
-        return Channel(connect_tls(tuple(address), authkey, 3 * HANDSHAKE_TIMEOUT_S), name)
-    return Channel(Client(tuple(address), authkey=authkey), name)
+        refusal += (HandshakeError,)
+    until = time.monotonic() + RETRY_TURNED_AWAY_S
+    while True:
+        try:
+            conn = connect_tls(tuple(address), authkey, HANDSHAKE_TIMEOUT_S) if tls else \
+                Client(tuple(address), authkey=authkey)
+            return Channel(conn, name)
+        except refusal:
+            raise
+        except (EOFError, OSError):
+            if time.monotonic() + RETRY_PAUSE_S >= until:
+                raise
+            time.sleep(RETRY_PAUSE_S)
 
 
 def ready(conns: list, timeout: float) -> list:

@@ -48,10 +48,14 @@ class Machines:
                               timeout=kwargs.pop("timeout", 30), **kwargs)
 
     def serve(self, log: Path, devices: str = "cpu:1", secret: Path | None = None,
-              cores: str | None = None, cache_dir: Path | None = None, cache_gib: float = 1.0) -> subprocess.Popen:
+              cores: str | None = None, cache_dir: Path | None = None, cache_gib: float = 1.0,
+              open_files: int | None = None) -> subprocess.Popen:
         """`tandem worker serve` in namespace B (on these `cores` only, as taskset's list), once it listens. Its
-        weights cache: `cache_dir` (default: a fresh folder beside the log), bounded to `cache_gib`."""
+        weights cache: `cache_dir` (default: a fresh folder beside the log), bounded to `cache_gib`. open_files: its
+        limit of open descriptors (the soft one, `prlimit`; its workers inherit it)."""
         pin = ["taskset", "-c", cores] if cores else []
+        if open_files is not None:
+            pin = ["prlimit", f"--nofile={open_files}:", *pin]
         cache = ["--cache-dir", str(cache_dir or log.with_name(log.stem + "-weights")), "--cache-size", str(cache_gib)]
         with open(log, "wb") as out:
             process = subprocess.Popen(

@@ -5,13 +5,16 @@ the daemon took to drop it.
 
     intruders.py ADDRESS PORT SECRET_FILE
     intruders.py --spray ADDRESS:PORT...   (garbage to each listener, and a connection left silent for 2 s)
+    intruders.py --flood ADDRESS:PORT SILENT TRICKLING WATCH_S   (flood(): one line once all are open, one at the end)
 """
 
 from __future__ import annotations
 
 import json
 import os
+import selectors
 import socket
+import ssl
 import sys
 import threading
 import time
@@ -103,9 +106,112 @@ def spray(targets: list[str]) -> dict:
     return outcome
 
 
+TRICKLE_EVERY_S = 4.0  # the issue's slow peer: a byte every 4 s after the TLS handshake, each read's bound reset
+AT_ONCE_S = 3.0  # a connection closed within this of opening was turned away (a loaded machine notices late), not
+#   dropped at a deadline (10 s)
+
+
+def _trickler(address) -> socket.socket:
+    """A connection through TLS (the daemon's certificate unchecked, as any client's) whose proofs then come a byte
+    at a time: it reads the daemon's nonce and announces its own."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    sock = context.wrap_socket(socket.create_connection(address, timeout=10))
+    got = b""
+    while len(got) < 8 + 32:  # the daemon's nonce frame (its header and 32 bytes, maybe in two records)
+        chunk = sock.recv(64)
+        if not chunk:
+            raise ConnectionResetError("closed before its nonce")
+        got += chunk
+    sock.sendall((32).to_bytes(8, "big"))
+    return sock
+
+
+class Flood:
+    """Connections to one address, watched: when each closes, and the trickling ones sent a byte now and then."""
+
+    def __init__(self, address):
+        self.address, self.selector = address, selectors.DefaultSelector()
+        self.outcome = {kind: {"turned_away": 0, "dropped_s": [], "not_opened": 0, "held": 0}
+                        for kind in ("silent", "trickling")}
+        self.next_byte = time.monotonic() + TRICKLE_EVERY_S
+
+    def open(self, kind: str) -> None:
+        started = time.monotonic()
+        try:
+            sock = _trickler(self.address) if kind == "trickling" else socket.create_connection(self.address, timeout=10)
+        except OSError:
+            self.outcome[kind]["turned_away" if time.monotonic() - started < AT_ONCE_S else "not_opened"] += 1
+            return
+        if kind == "silent":
+            started = time.monotonic()  # connect() may wait out a full backlog; the daemon's clock starts later
+        sock.setblocking(False)
+        self.selector.register(sock, selectors.EVENT_READ, (kind, started))
+
+    def watch(self, timeout: float) -> None:
+        """Notes the connections the daemon closed (waiting up to `timeout`), and trickles when it is time."""
+        for key, _ in self.selector.select(timeout=timeout):
+            kind, started = key.data
+            try:
+                if key.fileobj.recv(64):
+                    continue
+            except (BlockingIOError, InterruptedError, ssl.SSLWantReadError):
+                continue
+            except OSError:  # a reset, or TLS's end of file: closed all the same
+                pass
+            lasted = time.monotonic() - started
+            if lasted < AT_ONCE_S:
+                self.outcome[kind]["turned_away"] += 1
+            else:
+                self.outcome[kind]["dropped_s"].append(round(lasted, 2))
+            self.selector.unregister(key.fileobj)
+            key.fileobj.close()
+        if time.monotonic() >= self.next_byte:
+            self.next_byte += TRICKLE_EVERY_S
+            for key in list(self.selector.get_map().values()):
+                if key.data[0] == "trickling":
+                    try:
+                        key.fileobj.send(b"\x07")
+                    except OSError:
+                        pass  # closed: watch() sees it
+
+    def end(self) -> dict:
+        for key in list(self.selector.get_map().values()):
+            self.outcome[key.data[0]]["held"] += 1
+            key.fileobj.close()
+        return self.outcome
+
+
+def flood(target: str, silent: int, trickling: int, watch_s: float) -> dict:
+    """`trickling` connections that complete TLS and then send a byte every TRICKLE_EVERY_S, then `silent` ones that
+    say nothing, opened as fast as they go; then watched until all are closed or `watch_s` passes. Prints
+    {"event": "open"} once all are opened; returns per kind the connections turned away (closed within AT_ONCE_S),
+    the seconds each other one lasted before the daemon dropped it, those never opened, and those still held."""
+    import resource
+
+    host, port = target.rsplit(":", 1)
+    need = silent + trickling + 256
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < need:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (need, max(need, hard)))
+    watched = Flood((host, int(port)))
+    for kind, count in (("trickling", trickling), ("silent", silent)):
+        for _ in range(count):
+            watched.open(kind)
+            watched.watch(0)
+    print(json.dumps({"event": "open", "open": len(watched.selector.get_map())}), flush=True)
+    until = time.monotonic() + watch_s
+    while watched.selector.get_map() and time.monotonic() < until:
+        watched.watch(0.2)
+    return watched.end()
+
+
 def main() -> None:
     if sys.argv[1] == "--spray":
         print(json.dumps(spray(sys.argv[2:])), flush=True)
+        return
+    if sys.argv[1] == "--flood":
+        print(json.dumps(flood(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5]))), flush=True)
         return
     address, secret = (sys.argv[1], int(sys.argv[2])), read_secret(sys.argv[3])
     results = {}

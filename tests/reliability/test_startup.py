@@ -27,12 +27,16 @@ def test_garbage_a_forged_hello_and_a_silent_peer_do_not_stop_the_start(monkeypa
         garbage.sendall(os.urandom(300))
         hello = pickle.dumps(Hello(0, os.getpid()))  # framed as a Connection message, without the key
         forged.sendall(struct.pack("!i", len(hello)) + hello)
-        intruders.extend([garbage, forged, silent])  # the silent one says nothing until the handshake times out
+        intruders.extend([garbage, forged, silent])  # the silent one says nothing until its handshake's deadline
         spawn(self, devices, address, authkey)
 
     monkeypatch.setattr(WorkerPool, "_spawn", spawn_after_intruders)
     with WorkerPool("cpu:2", start_timeout_s=60) as pool:
-        assert pool.stats.refused_connections == 3 and len(pool.worker_pids()) == 2
+        # The garbage and the forged hello are refused; the silent peer's handshake, in a thread of its own, is
+        # usually still under way when the workers are in: the start does not wait for it (tests/reliability/
+        # test_startup_strangers.py checks that), it is dropped at its deadline.
+        assert len(pool.worker_pids()) == 2
+        assert pool.stats.refused_connections in (2, 3)  # 3: a start slower than the deadline (a loaded machine)
         assert all(reply.ok for reply in pool.request({0: Ping(), 1: Ping()}, "checking").values())
     for sock in intruders:
         sock.close()
