@@ -134,9 +134,9 @@ def test_every_strategy_that_fits_gets_a_mesh_and_the_rest_are_refused_with_a_se
     (3, 1, 2, 6, "ulysses (cfg 1 x batch 1 x ulysses 3)"),  # 2 rows cannot give 3 devices a whole row each
     (2, 1, 2, 4, "batch (cfg 1 x batch 2)"),  # a whole row for each device: batch, nothing exchanged
     (4, 2, 2, 24, "ulysses (cfg 2 x batch 1 x ulysses 2)"),  # cfg first, the sequence on the devices beyond it
-    (5, 2, 2, 24, "ulysses (cfg 2 x batch 1 x ulysses 2), 1 device(s) idle"),
+    (5, 2, 2, 24, "ulysses (cfg 2 x batch 1 x ulysses 2), 1 device idle"),
     (2, 2, 2, 24, "cfg (cfg 2 x batch 1)"),  # no device beyond cfg
-    (5, 2, 4, 24, "cfg (cfg 2 x batch 2), 1 device(s) idle"),  # 2 rows per branch for 2 devices
+    (5, 2, 4, 24, "cfg (cfg 2 x batch 2), 1 device idle"),  # 2 rows per branch for 2 devices
     (1, 1, 1, 4, "batch (cfg 1 x batch 1)"),
 ])
 def test_auto_splits_the_sequence_of_a_dit_whose_rows_cannot_go_round(n, branches, rows, heads, expected):

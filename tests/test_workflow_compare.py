@@ -111,7 +111,7 @@ def test_the_table_shows_median_best_and_speedup():
 def test_the_table_says_when_the_pool_ran_the_call_on_one_device():
     """auto's plan kept the call whole on worker 0 (the status's strategy then reads 'batch'): the line says one
     device and nothing split, not a strategy that split nothing."""
-    status = {"devices": ["cpu", "cpu"], "strategy": "batch", "mesh": "batch (cfg 1 x batch 1), 1 device(s) idle",
+    status = {"devices": ["cpu", "cpu"], "strategy": "batch", "mesh": "batch (cfg 1 x batch 1), 1 device idle",
               "devices_used": 1, "calls": 6, "median_seconds_per_call": 0.01}
     line = Comparison(("stock", "tandem"), {"stock": [1.0], "tandem": [1.0]}, {}, status).table().splitlines()[-1]
     assert line.endswith("its last call: the whole model on one device (1 idle): nothing was split")

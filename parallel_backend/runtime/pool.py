@@ -43,6 +43,7 @@ from .worker_handle import WorkerHandle
 from .shipping import load_requests, model_bytes, model_fingerprint
 from .transport import Channel, ChannelClosed, Listener, ready
 from .worker_loop import heartbeat_path
+from .words import counted
 
 # The folder that holds parallel_backend/, on every worker's PYTHONPATH (a host such as ComfyUI may not have the
 # package installed): one level up per dot in this module's name.
@@ -234,8 +235,10 @@ class WorkerPool:
         if missing and not kept:
             raise PoolUnavailable("no device of the pool can be reached: " + "; ".join(missing.values()))
         for name, why in missing.items():
-            log.warning("Tandem: %s; its device(s) %s are left out of the pool until it answers again (tried at the "
-                        "start of later jobs); the pool runs on %s", why, ", ".join(self.left_out[name]), ", ".join(kept))
+            one = len(self.left_out[name]) == 1
+            log.warning("Tandem: %s; its device%s %s %s left out of the pool until it answers again (tried at the start "
+                        "of later jobs); the pool runs on %s", why, "" if one else "s", ", ".join(self.left_out[name]),
+                        "is" if one else "are", ", ".join(kept))
         self._rejoin_tried = time.monotonic()
         return kept
 
@@ -260,7 +263,8 @@ class WorkerPool:
             back = [name for name in self.left_out if remote.answers(name, secret)]
             if not back:
                 return False
-            log.warning("Tandem: %s answer(s) again: the pool restarts with every device (%s)", ", ".join(back),
+            log.warning("Tandem: %s %s again: the pool restarts with every device (%s)", ", ".join(back),
+                        "answers" if len(back) == 1 else "answer",
                         ", ".join(resolve_devices(self.requested_devices)))
             self.shutdown()
             return True
@@ -589,8 +593,8 @@ class WorkerPool:
 
         kept = list(self._loaded)[max(0, len(self._loaded) - (self.max_models - 1)):] if self.max_models > 1 else []
         if kept and psutil.virtual_memory().available < 2 * nbytes:
-            log.info("Tandem: not enough free memory to keep %d other model(s) loaded beside a new one of %.0f MiB",
-                     len(kept), nbytes / 2**20)
+            log.info("Tandem: not enough free memory to keep %s loaded beside a new one of %.0f MiB",
+                     counted(len(kept), "other model"), nbytes / 2**20)
             return ()
         return tuple(kept)
 

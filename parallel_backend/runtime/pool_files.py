@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from .portable import temp_root
+from .words import counted
 
 PREFIX = "tandem-pool-"
 STAMP = "host"
@@ -69,7 +70,7 @@ def sweep_stale_folders(root: str | None = None) -> list[Path]:
             shutil.rmtree(folder, ignore_errors=True)
             removed.append(folder)
     if removed:
-        log.info("Tandem: removed %d folder(s) left by pools whose host process is gone: %s", len(removed),
+        log.info("Tandem: removed %s left by pools whose host process is gone: %s", counted(len(removed), "folder"),
                  ", ".join(str(f) for f in removed))
     return removed
 

@@ -36,6 +36,7 @@ from .secure import accept_tls, certificate_for, read_secret, server_context
 from .transport import Channel, ChannelClosed
 from .weights_cache import DEFAULT_SIZE_GIB, WeightsCache, cache_lines, cache_size_bytes, default_cache_dir
 from .worker_loop import heartbeat_path
+from .words import counted
 
 log = logging.getLogger("tandem")
 
@@ -107,9 +108,9 @@ class ServeDaemon:
                     ",".join(self.devices), self.host, self.port, self.interface)
         partial = self.cache.remove_partial()  # uploads cut short by a kill: never named by their hash
         entries = self.cache.entries()
-        log.warning("Tandem: weights cache %s: %d model(s), %.2f of %.2f GiB (%d partial upload(s) removed)",
-                    self.cache.folder, len(entries), sum(size for _, size, _ in entries) / 2**30,
-                    self.cache.limit / 2**30, partial)
+        log.warning("Tandem: weights cache %s: %s, %.2f of %.2f GiB (%s removed)",
+                    self.cache.folder, counted(len(entries), "model"), sum(size for _, size, _ in entries) / 2**30,
+                    self.cache.limit / 2**30, counted(partial, "partial upload"))
         self.doorway.run()
 
     def stop(self) -> None:
@@ -244,8 +245,8 @@ class Session:
         if self.folder is not None:
             shutil.rmtree(self.folder, ignore_errors=True)
         if self.workers:
-            log.warning("Tandem: host %s gone; its %d worker(s) stopped; waiting for the next host", self.peer,
-                        len(self.workers))
+            log.warning("Tandem: host %s gone; its %s stopped; waiting for the next host", self.peer,
+                        counted(len(self.workers), "worker"))
 
 
 def main(listen: str, devices: str, secret_file: str, interface: str | None = None, comfyui: str | None = None,
