@@ -157,7 +157,7 @@ def _bench_vae(args) -> int:
         validation.writable_file("--json", args.json)  # before the bench, not after it
     from .bench_vae import format_vae_table, run_vae_bench
 
-    report = run_vae_bench(args.model, args.devices, resolution, repeats, progress=_progress(args))
+    report = run_vae_bench(args.model, args.devices, args.resolution, repeats, progress=_progress(args))
     return _report(args, format_vae_table(report), report)
 
 
