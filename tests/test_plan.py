@@ -177,12 +177,19 @@ def test_every_named_link_states_its_source_and_an_unknown_one_is_refused():
 
 def test_tandem_plan_prints_the_table_and_writes_json(tmp_path, capsys):
     out = tmp_path / "plan.json"
-    assert cli.main(["plan", "--model", "tiny", "--devices", "cpu:2", "--link", "nvlink-h100", "--json", str(out)]) == 0
+    assert cli.main(["plan", "--model", "tiny", "--devices", "cpu:2", "--link", "nvlink-h100", "--json", str(out),
+                     "--vae"]) == 0
     printed = capsys.readouterr().out
     assert "a prediction of the cost model" in printed and "choice: " in printed and "link nvlink-h100" in printed
     report = json.loads(out.read_text())
     assert report["prediction"] is True and report["choice"]["why"]
     assert {c["strategy"] for c in report["candidates"]} == {"serial", "cfg", "batch", "asyncdiff"}
+    # --vae: one line after the candidates, the tiny VAE's decode timed here and predicted in 2 bands
+    last = printed.splitlines()[-2]  # then "tandem: wrote ..."
+    vae = report["vae_decode"]
+    assert last.startswith("VAE decode in bands of rows (a prediction): one device ")
+    assert vae["split"]["devices"] == 2 and vae["one_device"]["predicted_seconds"] == vae["one_device_seconds_measured"]
+    assert f"2 devices {vae['split']['predicted_seconds']:.3f} s ({vae['split']['predicted_speedup']:.2f}x)" in last
 
 
 def test_contention_follows_the_rows_each_device_computes():

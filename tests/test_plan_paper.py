@@ -7,6 +7,7 @@ no memory); no timing is asserted."""
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -101,17 +102,39 @@ def tiny_unet():
     return BenchModel("tiny-unet", unet, context, 8, 1024, extras)
 
 
+def tiny_flux_vae():
+    from diffusers import AutoencoderKL
+
+    return paper_models.on_meta(AutoencoderKL, dict(paper_models.FLUX_VAE, block_out_channels=(8, 16, 16, 16),
+                                                    layers_per_block=1, norm_num_groups=4), torch.bfloat16)
+
+
+def tiny_wan_vae():
+    from diffusers import AutoencoderKLWan
+
+    return paper_models.on_meta(AutoencoderKLWan, dict(base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1),
+                                torch.bfloat16)
+
+
 @pytest.fixture
 def tiny_scenarios(monkeypatch):
-    """Every scenario built from a narrow model of its class (its resolution, frames and branches kept)."""
+    """Every scenario built from a narrow model of its class (its resolution, frames and branches kept; the VAE
+    clip's frames cut to 5: 2 latent frames, as each further one repeats the second's layers)."""
     tiny = {"sdxl_meta": tiny_unet, "flux_dev_meta": tiny_flux, "wan14b_meta": tiny_wan, "qwen_image_meta": tiny_qwen,
             "flux2_dev_meta": tiny_flux2, "hunyuan_video_meta": tiny_hunyuan}
     assert set(tiny) == {s.build for s in paper.SCENARIOS.values()}  # a new scenario gets its narrow model here
-    for build, narrow in tiny.items():
+    vaes = {"flux_vae_meta": tiny_flux_vae, "wan_vae_meta": tiny_wan_vae}
+    assert set(vaes) == {s.build for s in paper.VAE_SCENARIOS.values()}
+    for build, narrow in {**tiny, **vaes}.items():
         monkeypatch.setattr(paper_models, build, narrow)
+    for name, scenario in paper.VAE_SCENARIOS.items():
+        if scenario.frames:
+            monkeypatch.setitem(paper.VAE_SCENARIOS, name, replace(scenario, frames=5))
     paper.count.cache_clear()
+    paper.count_vae.cache_clear()
     yield
     paper.count.cache_clear()
+    paper.count_vae.cache_clear()
 
 
 def test_a_linear_layer_counts_2_m_n_k_on_meta():
@@ -170,6 +193,23 @@ def test_the_doc_shows_what_model_candidates_predict(tiny_scenarios):
                 for c in found[:paper_doc.TOP]:
                     assert paper_doc._row(c, "**chosen:** " if c is best else "") in text
     assert len(re.findall(r"\| \d \| \d\.\d\dx \| \d\.\d\dx \| (?:exact|stale) \|", text)) > 0
+
+
+def test_the_doc_shows_each_vae_decode_as_vae_costs_predicts_it(tiny_scenarios):
+    text = "\n".join(paper_doc.vae_section())
+    assert "**Predictions, not measurements.**" in text and "1/64 of the image's pixels" in text
+    for name, scenario in paper.VAE_SCENARIOS.items():
+        decode, _ = paper.count_vae(name)
+        assert f"of which the attention blocks every rank runs whole {decode.whole_flops / 1e12:,.3f} TFLOP" in text
+        for gpu, link in scenario.hardware:
+            one = paper.vae_prediction(name, gpu, link, 1)
+            assert one.seconds == pytest.approx(decode.flops / (paper.gpu_named(gpu).peak_flops * 0.15))
+            for n in paper_doc.VAE_DEVICES:
+                assert paper_doc._vae_row(gpu, link, paper.vae_prediction(name, gpu, link, n)) in text
+    wan, _ = paper.count_vae("wan-vae-720p")
+    assert wan.norms == () and len(wan.whole_inputs) == 2  # RMS norms; one attention per latent frame
+    with pytest.raises(ValueError, match="unknown VAE scenario 'sd-vae'"):
+        paper.vae_prediction("sd-vae", "H100 SXM", "nvlink-h100", 2)
 
 
 def test_bad_input_is_refused_in_one_sentence():

@@ -157,7 +157,7 @@ def _bench_vae(args) -> int:
         validation.writable_file("--json", args.json)  # before the bench, not after it
     from .bench_vae import format_vae_table, run_vae_bench
 
-    report = run_vae_bench(args.model, args.devices, resolution, repeats, progress=_progress(args))
+    report = run_vae_bench(args.model, args.devices, args.resolution, repeats, progress=_progress(args))
     return _report(args, format_vae_table(report), report)
 
 
@@ -201,10 +201,18 @@ def cmd_plan(args) -> int:
     print(f"memory per device: {budget / 2**30:.3f} GiB" + ("" if args.memory_per_device is not None else
           " (what the devices have free)") if budget is not None else "memory per device: not known (not checked)")
     print(report.format_table(found, choice, nothing_fits))
+    vae = None
+    if args.vae:
+        from ..plan.vae_count import plan_vae_line
+
+        line, vae = plan_vae_line(args.model, resolution, model.frames, list(devices), inputs.link,
+                                  inputs.host_overhead_s, inputs.contention)
+        print(line)
     if args.json:
         header = {"model": model.name, "resolution": list(resolution), "frames": model.frames, "cfg": cfg,
                   "devices": list(devices), "memory_per_device_bytes": budget}
-        validation.write_json("--json", args.json, report.as_json(header, inputs, found, choice, nothing_fits))
+        written = report.as_json(header, inputs, found, choice, nothing_fits)
+        validation.write_json("--json", args.json, written if vae is None else {**written, "vae_decode": vae})
         print(f"tandem: wrote {args.json}")
     if choice is None:
         print(f"tandem: {nothing_fits}", file=sys.stderr)
@@ -383,6 +391,8 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--frames", type=int, default=None, help="video models (wan-small) only: frames per clip, 4k + 1")
     plan.add_argument("--steps", type=int, default=20, help="sampler calls of the run the end-to-end figure is for")
     plan.add_argument("--json", default=None, help="also write the candidates and the choice as JSON here")
+    plan.add_argument("--vae", action="store_true", help="also predict the bench model's VAE decode in bands of rows "
+                      "on the devices, from one decode timed on the first (minutes for wan-small on a CPU)")
     plan.set_defaults(run=cmd_plan)
 
     demo = commands.add_parser("demo", help="a local Gradio app: one device vs Tandem side by side, bench, pool")

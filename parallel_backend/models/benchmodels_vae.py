@@ -43,16 +43,17 @@ def build_bench_vae(name: str, dtype=None):
     return (vae if dtype == torch.float32 else vae.to(dtype)).eval().requires_grad_(False)
 
 
-def bench_latent(name: str, resolution: tuple[int, int], dtype=None):
-    """A seeded latent of one image at `resolution` (pixels, H x W) for bench model `name`'s VAE."""
+def bench_latent(name: str, resolution: tuple[int, int], dtype=None, frames: int | None = None):
+    """A seeded latent of one image at `resolution` (pixels, H x W) for bench model `name`'s VAE; a video
+    model's of a clip of `frames` frames (1 + 4k; default VIDEO_FRAMES)."""
     import torch
 
     check_vae_bench(name, resolution)
     h, w = resolution
     dtype = dtype or torch.float32
     generator = torch.Generator().manual_seed(0)
-    frames = () if name not in VIDEO_FRAMES else (1 + (VIDEO_FRAMES[name] - 1) // 4,)
-    return torch.randn(1, LATENT_CHANNELS[name], *frames, h // SCALE, w // SCALE, generator=generator).to(dtype)
+    clip = () if name not in VIDEO_FRAMES else (1 + ((frames or VIDEO_FRAMES[name]) - 1) // 4,)
+    return torch.randn(1, LATENT_CHANNELS[name], *clip, h // SCALE, w // SCALE, generator=generator).to(dtype)
 
 
 def _seeded_wan_vae():

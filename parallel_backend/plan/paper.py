@@ -29,6 +29,8 @@ from .choose import Choice, NothingFits, choose
 from .links import link_named
 from .measure import HOST_OVERHEAD_S, call_shape, shard_units
 from .model import Candidate, Inputs, candidates
+from .vae_costs import VaeDecode, VaePrediction, predict_decode
+from .vae_count import count_decode
 
 TFLOPS = 1e12
 GB = 1e9
@@ -71,7 +73,12 @@ GPUS: dict[str, Gpu] = {gpu.name: gpu for gpu in (
 # one-H100 Flux.1-dev figures (28 steps, whole pipeline): 6.71 s eager and 4.30 s compiled imply at least
 # ~0.31 and ~0.49 of the counted FLOPs. SDXL's UNet spends a larger share in convolutions at 320 channels,
 # group norms and narrow attention heads (64 wide), so less: 0.35 (no published one-device figure was checked).
-EFFICIENCY = {"unet": 0.35, "dit": 0.45}
+#
+# VAEs: 3x3 convolutions over large feature maps (implicit GEMMs, near the peak on their own) between memory-bound
+# passes over the same maps (GroupNorm or RMSNorm, SiLU, upsampling, residual additions, Wan's padding and cache
+# copies): 0.15. Checked against one published figure (the doc's VAE section): sglang's Wan 2.1 VAE decoding a
+# 720p clip on one H20 in 26.3 s implies ~0.16 of that GPU's peak.
+EFFICIENCY = {"unet": 0.35, "dit": 0.45, "vae": 0.15}
 
 
 @dataclass(frozen=True)
@@ -315,3 +322,62 @@ def smallest_fit(name: str, gpu: str, link: str, most: int) -> tuple[int, Choice
         except NothingFits:
             continue
     return None
+
+
+@dataclass(frozen=True)
+class VaeScenario:
+    """A full-size VAE decoding one image or clip (built on meta by `build`, a function of paper_models), predicted
+    in bands of rows (plan/vae_costs.py) on 1 to 4 of each hardware's GPUs."""
+
+    name: str
+    title: str
+    build: str
+    channels: int  # the latent's
+    resolution: tuple[int, int]
+    frames: int | None  # a clip's (the latent has 1 + (frames - 1) / 4), None for an image
+    hardware: tuple[tuple[str, str], ...]
+    source: str
+
+    def latent_shape(self) -> tuple[int, ...]:
+        clip = () if self.frames is None else (1 + (self.frames - 1) // paper_models.VIDEO_FRAMES_PER_LATENT,)
+        return (1, self.channels, *clip, *(r // paper_models.VAE_SCALE for r in self.resolution))
+
+
+VAE_HARDWARE = (("RTX 4090", "pcie4x16"), ("H100 SXM", "nvlink-h100"))
+VAE_DEVICES = (1, 2, 4)
+VAE_SCENARIOS: dict[str, VaeScenario] = {s.name: s for s in (
+    VaeScenario("flux-vae-1024", "Flux.1's VAE decoding 1024x1024", "flux_vae_meta", 16, (1024, 1024), None,
+                VAE_HARDWARE, "FLUX.1-dev's VAE config (black-forest-labs/FLUX.1-dev vae/config.json): diffusers' "
+                "AutoencoderKL, block widths 128, 256, 512, 512, 2 resnets per block, 32 norm groups, 16 latent "
+                "channels, no quant convolutions; SD's and SDXL's VAEs have the same decoder with 4 latent channels"),
+    VaeScenario("wan-vae-720p", "Wan 2.1's VAE decoding 720x1280 x 81 frames", "wan_vae_meta", 16, (720, 1280),
+                paper_models.WAN_FRAMES, VAE_HARDWARE,
+                "Wan 2.1's VAE (Wan-AI/Wan2.1-T2V-14B-Diffusers vae/config.json: diffusers' AutoencoderKLWan "
+                "defaults, base width 96, 16 latent channels); Wan 2.2 A14B uses the same VAE"),
+)}
+
+
+def vae_scenario_named(name: str) -> VaeScenario:
+    try:
+        return VAE_SCENARIOS[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown VAE scenario {name!r}; choose one of: {', '.join(VAE_SCENARIOS)}") from None
+
+
+@functools.lru_cache(maxsize=None)
+def count_vae(name: str) -> tuple[VaeDecode, int]:
+    """(the counted figures of VAE scenario `name`'s whole decode, its parameters): one meta run (seconds; Wan's
+    21 latent frames decode one after another through its feature cache, each counted as it runs)."""
+    scenario = vae_scenario_named(name)
+    vae = getattr(paper_models, scenario.build)()
+    dtype = next(vae.parameters()).dtype
+    latent = torch.empty(scenario.latent_shape(), device="meta", dtype=dtype)
+    return count_decode(vae, latent), sum(p.numel() for p in vae.parameters())
+
+
+def vae_prediction(name: str, gpu: str, link: str, devices: int, efficiency: float | None = None) -> VaePrediction:
+    """VAE scenario `name` decoded in bands on `devices` of `gpu` joined by `link`: one device's time is the counted
+    FLOPs at `efficiency` of the GPU's peak (None: EFFICIENCY["vae"]); a split pays the CUDA host overhead."""
+    decode, _ = count_vae(name)
+    one = seconds(decode.flops, gpu_named(gpu), EFFICIENCY["vae"] if efficiency is None else efficiency)
+    return predict_decode(decode, one, link_named(link), devices, HOST_OVERHEAD_S["cuda"][0])

@@ -17,8 +17,8 @@ from .choose import FLOOR, choose
 from .links import link_named
 from .measure import HOST_OVERHEAD_S
 from .model import candidates
-from .paper import (BIG_MODELS, EFFICIENCY, RIGS, SCENARIOS, count, gpu_named, paper_inputs, rig_candidates,
-                    seconds, smallest_fit)
+from .paper import (BIG_MODELS, EFFICIENCY, RIGS, SCENARIOS, VAE_DEVICES, VAE_SCENARIOS, count, count_vae, gpu_named,
+                    paper_inputs, rig_candidates, seconds, smallest_fit, vae_prediction)
 
 COMMAND = "python -m parallel_backend.plan.paper_doc --out docs/gpu-predictions.md"
 DEVICES = (2, 4, 8)
@@ -298,6 +298,82 @@ def big_models_section() -> list[str]:
     return out
 
 
+# sgl-project/sglang pull request #16510: Wan 2.2 A14B (Wan 2.1's VAE) at 720x1280 on one H20, "VAE decoding
+# time: 26.2795s" (its frames not given; 81, the pipeline's default, assumed). The H20's dense bf16 tensor figure
+# as commonly given, 148 TFLOPS (no NVIDIA datasheet read for it: not in paper.GPUS).
+SGLANG_WAN_VAE_H20_S = 26.2795
+H20_BF16_FLOPS = 148e12
+
+
+def _vae_row(gpu: str, link: str, p) -> str:
+    return (f"| {gpu} | {link} | {p.devices} | {p.seconds:,.3f} | {p.speedup:.2f}x | {_gib(p.memory_bytes)} "
+            f"({_gib(p.weight_bytes)} + {_gib(p.activation_bytes)}) | {1000 * p.exchange_seconds:,.1f} "
+            f"| {p.peer_bytes / MIB:,.1f} |")
+
+
+def vae_model_lines(name: str) -> list[str]:
+    """A VAE scenario's counted figures."""
+    s = VAE_SCENARIOS[name]
+    d, params = count_vae(name)
+    edges = sum(edge * ways for edge, ways in d.halos)
+    attention = ", ".join(f"{size / MIB:,.1f}" for size in sorted(set(d.whole_inputs)))
+    return [f"Config: {s.source}. Latent {' x '.join(map(str, s.latent_shape()))}, bf16.", "",
+            f"- parameters {params / 1e6:.1f} M; weights {d.weight_bytes / 1e6:.0f} MB (the whole VAE, on every device)",
+            f"- FLOPs of the decode (FlopCounterMode on meta): {d.flops / 1e12:,.2f} TFLOP, of which the attention "
+            f"blocks every rank runs whole {d.whole_flops / 1e12:,.3f} TFLOP ({100 * d.whole_flops / d.flops:.1f} %)",
+            f"- {len(d.halos)} padded convolution calls; their halos, one band edge both ways: {edges / MIB:,.1f} MiB "
+            f"per decode (counted from each call's input shape)",
+            f"- {len(d.norms)} GroupNorm calls outside the attention (3 all-gathers each) and {len(d.whole_inputs)} "
+            f"attention call(s) (2 all-gathers each; whole input {attention} MiB): {d.collectives()} small "
+            "collectives per decode on more than one device",
+            f"- one device holds at most {_gib(d.activation_bytes)} GiB of activations (tensors counted live on "
+            f"meta, outside the attention; {d.whole_entry_bytes / MIB:,.0f} MiB held when an attention starts, which "
+            f"adds {d.whole_working_bytes / MIB:,.0f} MiB); latent {d.latent_bytes / MIB:,.2f} MiB in, image "
+            f"{d.image_bytes / MIB:,.1f} MiB out", ""]
+
+
+def vae_section() -> list[str]:
+    wan, _ = count_vae("wan-vae-720p") if "wan-vae-720p" in VAE_SCENARIOS else (None, 0)
+    out = ["## VAE decode in bands of rows (issue 29)", "",
+           "**Predictions, not measurements.** Each device decodes a band of the latent's rows through the whole "
+           "VAE (`models/vae_bands.py`): every padded convolution first takes its edge rows (the halo) from the "
+           "neighbouring bands, every GroupNorm sums its statistics over the bands, and an attention block "
+           "gathers its whole input and runs whole on every rank. Predicted time (`plan/vae_costs.py`) = the "
+           "largest band's share of the FLOPs outside the attention + the attention's FLOPs whole + every halo "
+           "exchange, exposed + a link latency per message of every small collective + the host's transfers and "
+           f"per-call overhead; one device's time: counted FLOPs at {EFFICIENCY['vae']:g} of the GPU's peak "
+           "(`plan/paper.py` EFFICIENCY). GiB per device: the weights (whole on every device) + the activations "
+           "(the band's share of one device's peak, counted as live tensors on the meta device, or while an "
+           "attention runs the band's share of what is held + the attention's working set + its gathered input; "
+           "no allocator slack, cuDNN workspace or CUDA context). Not modelled: slower kernels on narrower bands, "
+           "transfers hidden behind compute, a shared PCIe uplink.", "",
+           "Flux.1's VAE (like SD's and SDXL's) has one attention block, in its mid block, at the latent's "
+           "resolution: 1/64 of the image's pixels. Every rank runs it whole, so it bounds the speed-up "
+           "(Amdahl). Wan's VAE decodes its 21 latent frames one after another (the first to 1 frame, each further "
+           "one to 4), each through a cache of the frames before it: the whole decode is counted on meta, frame "
+           "by frame as it runs; every frame pays its own halos and its attention (per frame, at the latent's "
+           "resolution). Wan's VAE has no GroupNorm (RMS norms over the channels, row by row): no statistics to "
+           "sum.", ""]
+    if wan is not None:
+        implied = wan.flops / (SGLANG_WAN_VAE_H20_S * H20_BF16_FLOPS)
+        out += [f"A check of the stated efficiency: sglang's one-H20 Wan VAE decode of a 720p clip in "
+                f"{SGLANG_WAN_VAE_H20_S:.1f} s (sgl-project/sglang pull request #16510; 81 frames assumed) and the "
+                f"counted {wan.flops / 1e12:,.0f} TFLOP at the H20's {H20_BF16_FLOPS / 1e12:g} TFLOPS (as commonly "
+                f"given) imply {100 * implied:.0f} % of its peak; this page assumes {100 * EFFICIENCY['vae']:.0f} % "
+                "for every VAE on every GPU. A GPU with more compute per byte of memory bandwidth than the H20 "
+                "(the H100 SXM: 989 TFLOPS to 3.35 TB/s; the H20: 148 to 4.0) likely reaches less of its peak on "
+                "the memory-bound passes, so the H100's one-device times below are likely optimistic.", ""]
+    for name, s in VAE_SCENARIOS.items():
+        out += [f"### {s.title}", "", *vae_model_lines(name),
+                "| GPU | link | devices | decode s (predicted) | speed-up over 1 (predicted) | GiB per device "
+                "(weights + activations) | exchange ms (halos, collectives, host) | MiB between devices |",
+                "|---|---|---|---|---|---|---|---|"]
+        out += [_vae_row(gpu, link, vae_prediction(name, gpu, link, n)) for gpu, link in s.hardware
+                for n in VAE_DEVICES]
+        out += [""]
+    return out
+
+
 def render() -> str:
     lines = ["# GPU predictions, on paper", "",
              "**These are predictions of Tandem's cost model (`parallel_backend/plan/`), not measurements.** No GPU "
@@ -329,6 +405,7 @@ def render() -> str:
             lines += scenario_section(name)
     lines += peers_section()
     lines += big_models_section()
+    lines += vae_section()
     return "\n".join(lines)
 
 

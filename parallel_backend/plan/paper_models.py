@@ -48,6 +48,27 @@ HUNYUAN_TEXT_TOKENS = 256  # HunyuanVideoPipeline pads the Llama prompt to max_s
 HUNYUAN_FRAMES = 129  # HunyuanVideoPipeline's default num_frames (at its default 720 x 1280)
 HUNYUAN_GUIDANCE = 6.0  # its default (embedded) guidance_scale; true_cfg_scale 1.0: one branch
 VIDEO_FRAMES_PER_LATENT = 4  # Wan's and HunyuanVideo's VAEs keep the first frame and pack every further 4
+# black-forest-labs/FLUX.1-dev vae/config.json (diffusers' AutoencoderKL): SD's widths, 16 latent channels, no
+# quant convolutions
+FLUX_VAE = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+                latent_channels=16, norm_num_groups=32, use_quant_conv=False, use_post_quant_conv=False)
+# Wan-AI/Wan2.1-T2V-14B-Diffusers vae/config.json: diffusers' AutoencoderKLWan defaults (base_dim 96, z_dim 16,
+# dim_mult (1, 2, 4, 4), 2 residual blocks per level, temporal downsampling in the last two levels)
+WAN_VAE: dict = {}
+VAE_SCALE = 8  # pixels per latent row and column, both VAEs
+
+
+def flux_vae_meta() -> torch.nn.Module:
+    from diffusers import AutoencoderKL
+
+    return on_meta(AutoencoderKL, FLUX_VAE, torch.bfloat16)
+
+
+def wan_vae_meta() -> torch.nn.Module:
+    from diffusers import AutoencoderKLWan
+
+    return on_meta(AutoencoderKLWan, WAN_VAE, torch.bfloat16)
 
 
 def on_meta(cls, config: dict, dtype: torch.dtype) -> torch.nn.Module:

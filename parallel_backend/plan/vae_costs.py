@@ -1,0 +1,148 @@
+"""What a VAE decode split into bands of rows (models/vae_bands.py) costs on N devices: its time and its memory
+per device. Pure arithmetic on a `VaeDecode` (the figures of one decode on one device, counted on the meta device
+by plan/vae_count.py) and a one-device time (measured, or counted FLOPs over a GPU's throughput).
+
+time on N devices = the largest band's compute (the part that bands, in proportion to its rows: every band runs
+the whole network on its rows) + the whole-run blocks' compute (the attention every rank runs whole on the
+gathered input) + every halo exchange (not overlapped with the compute: vae_bands posts and waits for each before
+its convolution) + every small collective (3 all-gathers per GroupNorm call: count, mean, variance; 2 per
+whole-block gather: the bands' heights, then the rows) + the host's transfers (the latent's bands out, the image's
+rows back) + the host's overhead per call. An all-gather is N-1 point-to-point messages from each rank
+(runtime/primitives.py start_all_gather): N-1 latencies. A halo: the busiest band sends its edge rows to both
+neighbours (one at the image's edge): 2 messages. One device: the whole decode, no exchange.
+
+memory per device = the weights (whole on every device) + the larger of the band's activations (the one-device
+peak outside the whole blocks x the band's share of the rows) and, while a whole block runs, the band's share of
+what is held at its entry + the block's own working set (its output and intermediates, on one device) + the
+gathered whole input.
+
+Left out: compute slower on narrower bands (smaller kernels reach less of a GPU's peak; a CPU's contention,
+measured with every device computing, is applied where given), the wait at each exchange for the slower band (on
+busy CPU cores far more than a link latency: `tandem bench --stage vae` on the loaded 2-core development VM
+measured 0.66-0.88x where 1.3x was predicted), halo or gather transfers hiding behind compute (they would make it
+faster), a PCIe tree whose devices share one uplink, the halo rows' extra buffers, allocator slack, cuDNN
+workspaces and the CUDA context, the decode's first call (cuDNN's algorithm search). The halos are counted
+analytically from each padded convolution's input shape, recorded by a hook in a meta run (plan/vae_count.py).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .links import Link
+
+F64 = 8  # bytes of each sum a GroupNorm's all-gathers carry (vae_bands sums in float64)
+
+
+@dataclass(frozen=True)
+class VaeDecode:
+    """One decode on one device. flops: the whole decode's; whole_flops: of them, the blocks every rank runs
+    whole (attention); rows: the latent's rows (the bands split them); halos: per padded convolution call,
+    (bytes of one band edge's rows, neighbours it goes to: 2, or 1 for an encoder's halving downsample);
+    norms: per GroupNorm call outside the whole blocks, the bytes of its per-group sums (batch x groups x 8);
+    whole_inputs: per whole-block call, its whole input's bytes; weight_bytes; activation_bytes: the peak
+    held outside the whole blocks (activations only); whole_entry_bytes, whole_working_bytes: held at a whole
+    block's entry, and what the block adds while it runs (the larger over its calls); latent_bytes,
+    image_bytes: what the host sends and receives."""
+
+    flops: int
+    whole_flops: int
+    rows: int
+    halos: tuple = ()
+    norms: tuple = ()
+    whole_inputs: tuple = ()
+    weight_bytes: int = 0
+    activation_bytes: int = 0
+    whole_entry_bytes: int = 0
+    whole_working_bytes: int = 0
+    latent_bytes: int = 0
+    image_bytes: int = 0
+
+    @property
+    def banded_flops(self) -> int:
+        return self.flops - self.whole_flops
+
+    def halo_bytes(self, devices: int) -> int:
+        """Bytes every halo exchange of one decode moves between the devices, all bands together."""
+        return (devices - 1) * sum(edge * ways for edge, ways in self.halos) if devices > 1 else 0
+
+    def collectives(self) -> int:
+        """The small collectives of one decode on more than one device: 3 per GroupNorm call, 2 per whole
+        block's gather."""
+        return 3 * len(self.norms) + 2 * len(self.whole_inputs)
+
+
+@dataclass(frozen=True)
+class VaePrediction:
+    """A banded decode on `devices` devices, predicted: seconds and its parts (host_seconds: the host's
+    transfers and its per-call overhead), the speed-up over one device, the bytes moved between devices, the
+    memory per device (weights + activations)."""
+
+    devices: int
+    seconds: float
+    speedup: float
+    band_seconds: float
+    whole_seconds: float
+    halo_seconds: float
+    collective_seconds: float
+    host_seconds: float
+    peer_bytes: int
+    weight_bytes: int
+    activation_bytes: int
+
+    @property
+    def memory_bytes(self) -> int:
+        return self.weight_bytes + self.activation_bytes
+
+    @property
+    def exchange_seconds(self) -> float:
+        return self.halo_seconds + self.collective_seconds + self.host_seconds
+
+    def as_json(self) -> dict:
+        return {"devices": self.devices, "predicted_seconds": self.seconds, "predicted_speedup": self.speedup,
+                "band_seconds": self.band_seconds, "whole_seconds": self.whole_seconds,
+                "halo_seconds": self.halo_seconds, "collective_seconds": self.collective_seconds,
+                "host_seconds": self.host_seconds, "peer_bytes": self.peer_bytes,
+                "memory_bytes_per_device": self.memory_bytes, "weight_bytes": self.weight_bytes,
+                "activation_bytes": self.activation_bytes}
+
+
+def band_share(rows: int, devices: int) -> float:
+    """The largest band's share of the rows (vae_bands.band_rows: near-equal bands)."""
+    return math.ceil(rows / devices) / rows
+
+
+def predict_decode(decode: VaeDecode, one_device_s: float, link: Link, devices: int, overhead_s: float = 0.0,
+                   contention: float = 1.0) -> VaePrediction:
+    """`decode` in bands on `devices` devices joined by `link`, from one device's time for the whole decode
+    (split between the banded part and the whole blocks in proportion to their FLOPs); overhead_s: the host's
+    per-call cost, paid by a split decode only; contention: how much slower a device computes while every
+    device computes (plan/probe.py; 1.0: not at all), applied to a split decode's compute. ValueError, in one sentence, where the latent has fewer rows
+    than devices."""
+    if devices < 1 or decode.rows < devices:
+        raise ValueError(f"a latent of {decode.rows} rows cannot be split into {devices} bands of at least one row")
+    rate = one_device_s / decode.flops if decode.flops else 0.0
+    whole_s = decode.whole_flops * rate
+    if devices == 1:
+        activations = max(decode.activation_bytes, decode.whole_entry_bytes + decode.whole_working_bytes)
+        return VaePrediction(1, one_device_s, 1.0, one_device_s - whole_s, whole_s, 0.0, 0.0, 0.0, 0,
+                             decode.weight_bytes, activations)
+    share, others = band_share(decode.rows, devices), devices - 1
+    band_s = decode.banded_flops * rate * share * contention
+    whole_s *= contention
+    ways = min(2, others)  # a middle band has two neighbours
+    halo_s = sum(link.seconds(edge * min(ways, to), min(ways, to)) for edge, to in decode.halos)
+    norm_s = sum(link.seconds(F64 * others, others) + 2 * link.seconds(sums * others, others) for sums in decode.norms)
+    gather_s = sum(link.seconds(F64 * others, others) + link.seconds(math.ceil(size * share) * others, others)
+                   for size in decode.whole_inputs)
+    host_s = link.seconds(decode.latent_bytes, devices) + link.seconds(decode.image_bytes, devices)
+    seconds = band_s + whole_s + halo_s + norm_s + gather_s + host_s + overhead_s
+    pieces = [F64 + 2 * sums for sums in decode.norms] + [F64 + math.ceil(size * share) for size in decode.whole_inputs]
+    peer = decode.halo_bytes(devices) + devices * others * sum(pieces)  # each rank's piece to every other
+    largest_input = max(decode.whole_inputs, default=0)
+    activations = max(int(decode.activation_bytes * share),
+                      int(decode.whole_entry_bytes * share) + decode.whole_working_bytes + largest_input
+                      if decode.whole_inputs else 0)
+    return VaePrediction(devices, seconds, one_device_s / seconds, band_s, whole_s, halo_s, norm_s + gather_s,
+                         host_s + overhead_s, peer, decode.weight_bytes, activations)
