@@ -110,16 +110,17 @@ def test_a_pool_switched_off_takes_the_stock_path_and_says_why_once(comfy_base, 
         comfy.stop_server(server)
 
 
-def test_an_error_on_the_way_to_the_pool_that_is_no_refusal_fails_the_run_naming_the_devices(comfy_base, comfy):
-    """A setting the pool cannot use (a stand-in for any unexpected error before the pool takes the call) fails
-    the run with the devices named and what to change, instead of running stock."""
+def test_a_bad_setting_fails_the_run_naming_it_instead_of_running_stock(comfy_base, comfy):
+    """A TANDEM_* variable the pool cannot use is checked as the pack loads: no pool starts, the log says so once,
+    and the first Tandem node of a run fails with the sentence naming the variable, instead of running stock."""
     server = comfy.start_server(comfy_base, "comfy_bad_setting.log", TANDEM_HANG_FACTOR="soon")
     try:
+        assert "Tandem: TANDEM_HANG_FACTOR='soon' is not a valid number; Tandem's nodes fail until it is changed" in (
+            server.log_since(0))
         before = server.log_size()
         result = server.run(comfy.sampler_workflow("TandemKSampler", "bad_setting", "cfg"))
         errors = [m[1]["exception_message"] for m in result["status"]["messages"] if m[0] == "execution_error"]
-        assert errors and errors[0].startswith("Tandem's worker pool on cpu:2 failed: ValueError: "
-                                               "TANDEM_HANG_FACTOR='soon' is not a valid number"), result["status"]
+        assert errors and errors[0].strip() == "TANDEM_HANG_FACTOR='soon' is not a valid number", result["status"]
         assert "using the stock sampling path" not in server.log_since(before)
     finally:
         comfy.stop_server(server)
