@@ -36,18 +36,19 @@ def decode(engine, vae, latent, devices: int | None = None) -> Computed:
     the pool (default: all; never more bands than the latent has rows). out: the whole image on the latent's
     device; extra: compute_s and activation_peak_bytes per rank, bands. Raises CannotCarry for a VAE without a
     family (the host decodes it itself), ValueError before any work for a latent that cannot be split."""
-    return _split(engine, vae, latent, DECODE, 1, devices)
+    return _split(engine, vae, _family(vae), latent, DECODE, 1, devices)
 
 
 def encode(engine, vae, image, devices: int | None = None) -> Computed:
     """What `vae` encodes `image` (batch, channels, rows, columns) to (the family's encode: ComfyUI's the latent,
     diffusers' the distribution's parameters), as `decode` does: bands of whole latent rows (the family's `scale`
     of image rows each)."""
-    scale = _family(vae).scale(vae)
+    family = _family(vae)
+    scale = family.scale(vae)
     if image.shape[-2] % scale or image.shape[-1] % scale:
         raise ValueError(f"an image of {image.shape[-2]}x{image.shape[-1]} pixels does not divide into the VAE's "
                          f"{scale}-pixel latent rows and columns; crop it to a multiple of {scale}")
-    return _split(engine, vae, image, ENCODE, scale, devices)
+    return _split(engine, vae, family, image, ENCODE, scale, devices)
 
 
 def _family(vae):
@@ -57,11 +58,10 @@ def _family(vae):
     return family
 
 
-def _split(engine, vae, rows_in, way: str, unit: int, devices: int | None) -> Computed:
-    """`way` over bands of `unit` rows of `rows_in`, one per device."""
+def _split(engine, vae, family, rows_in, way: str, unit: int, devices: int | None) -> Computed:
+    """`way` over bands of `unit` rows of `rows_in`, one per device (`family`: the VAE's)."""
     import torch
 
-    family = _family(vae)
     vae_bands.check_layers(vae)  # an unsupported layer refused before any work
     units = rows_in.shape[-2] // unit
     with engine.job():

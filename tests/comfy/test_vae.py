@@ -24,13 +24,22 @@ def _workflow(node: str, prefix: str, rows: int = 8, columns: int = 6, devices: 
     return workflow
 
 
+def _pair(server, comfy, build, prefix: str, said: str) -> tuple:
+    """The stock node's output and the Multi-GPU node's (build(node, prefix) -> a workflow), checking the log
+    says `said` for the Multi-GPU run (the pool ran, in bands)."""
+    stock_node = "VAEDecode" if "VAE Decode" in said else "VAEEncode"
+    tandem_node = "Tandem" + stock_node
+    comfy.run_checked(server, build(stock_node, f"{prefix}_stock"))
+    offset = server.log_size()
+    comfy.run_checked(server, build(tandem_node, f"{prefix}_tandem"))
+    log = server.log_since(offset)
+    assert said in log, log[-2000:]
+    return server.latent(f"{prefix}_stock"), server.latent(f"{prefix}_tandem")
+
+
 def test_vae_decode_in_bands_equals_the_stock_node(comfy_server, comfy):
-    comfy.run_checked(comfy_server, _workflow("VAEDecode", "vae_stock"))
-    offset = comfy_server.log_size()
-    comfy.run_checked(comfy_server, _workflow("TandemVAEDecode", "vae_tandem"))
-    said = comfy_server.log_since(offset)
-    assert "VAE Decode (Multi-GPU) split 8x6 rows into 2 bands on cpu, cpu" in said, said[-2000:]
-    stock, tandem = comfy_server.latent("vae_stock"), comfy_server.latent("vae_tandem")
+    stock, tandem = _pair(comfy_server, comfy, _workflow, "vae",
+                          "VAE Decode (Multi-GPU) split 8x6 rows into 2 bands on cpu, cpu")
     assert stock.shape == tandem.shape == (1, 64, 48, 3)
     comfy.assert_same_latents(tandem, stock)
     assert (stock - stock.mean()).abs().max() > 1e-3  # the image is not flat: the oracle can tell rows apart
@@ -62,23 +71,18 @@ def _encode_workflow(node: str, prefix: str, wan: bool = False) -> dict:
 
 
 def test_a_wan_video_encode_in_bands_equals_the_stock_node(comfy_server, comfy):
-    comfy.run_checked(comfy_server, _encode_workflow("VAEEncode", "wan_encode_stock", wan=True))
-    offset = comfy_server.log_size()
-    comfy.run_checked(comfy_server, _encode_workflow("TandemVAEEncode", "wan_encode_tandem", wan=True))
-    said = comfy_server.log_since(offset)
-    assert "VAE Encode (Multi-GPU) split 48x32 rows into 2 bands on cpu, cpu" in said, said[-2000:]
-    stock, tandem = comfy_server.latent("wan_encode_stock"), comfy_server.latent("wan_encode_tandem")
+    def workflow(node: str, prefix: str) -> dict:
+        return _encode_workflow(node, prefix, wan=True)
+
+    stock, tandem = _pair(comfy_server, comfy, workflow, "wan_encode",
+                          "VAE Encode (Multi-GPU) split 48x32 rows into 2 bands on cpu, cpu")
     assert stock.shape == tandem.shape == (1, 16, 3, 6, 4)
     comfy.assert_same_latents(tandem, stock)
 
 
 def test_vae_encode_in_bands_equals_the_stock_node(comfy_server, comfy):
-    comfy.run_checked(comfy_server, _encode_workflow("VAEEncode", "vae_encode_stock"))
-    offset = comfy_server.log_size()
-    comfy.run_checked(comfy_server, _encode_workflow("TandemVAEEncode", "vae_encode_tandem"))
-    said = comfy_server.log_since(offset)
-    assert "VAE Encode (Multi-GPU) split 48x32 rows into 2 bands on cpu, cpu" in said, said[-2000:]
-    stock, tandem = comfy_server.latent("vae_encode_stock"), comfy_server.latent("vae_encode_tandem")
+    stock, tandem = _pair(comfy_server, comfy, _encode_workflow, "vae_encode",
+                          "VAE Encode (Multi-GPU) split 48x32 rows into 2 bands on cpu, cpu")
     assert stock.shape == tandem.shape == (1, 4, 6, 4)
     comfy.assert_same_latents(tandem, stock)
 
@@ -91,12 +95,8 @@ def test_a_wan_video_decode_in_bands_equals_the_stock_node(comfy_server, comfy):
         flow["2"]["inputs"].update(channels=16, frames=3)
         return flow
 
-    comfy.run_checked(comfy_server, workflow("VAEDecode", "wan_vae_stock"))
-    offset = comfy_server.log_size()
-    comfy.run_checked(comfy_server, workflow("TandemVAEDecode", "wan_vae_tandem"))
-    said = comfy_server.log_since(offset)
-    assert "VAE Decode (Multi-GPU) split 6x4 rows into 2 bands on cpu, cpu" in said, said[-2000:]
-    stock, tandem = comfy_server.latent("wan_vae_stock"), comfy_server.latent("wan_vae_tandem")
+    stock, tandem = _pair(comfy_server, comfy, workflow, "wan_vae",
+                          "VAE Decode (Multi-GPU) split 6x4 rows into 2 bands on cpu, cpu")
     assert stock.shape == tandem.shape == (9, 48, 32, 3)  # 3 latent frames: 1 + 2 x 4 frames
     comfy.assert_same_latents(tandem, stock)
     assert 0.01 < stock.mean() < 0.99 and stock.std() > 1e-3  # inside the clamp: the oracle can tell bands apart

@@ -247,9 +247,8 @@ class TandemTestObjectPatch:
         return (patched,)
 
 
-class TandemTestSeededVAE:
-    """ComfyUI's own SD VAE (comfy.sd.VAE from an SD-shaped state dict: 4 latent channels, 128 to 512 wide),
-    every weight seeded: decoding a small latent is cheap and deterministic."""
+class _SeededVAENode:
+    """A fixture node that builds a VAE from a seed."""
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -258,6 +257,11 @@ class TandemTestSeededVAE:
     RETURN_TYPES = ("VAE",)
     FUNCTION = "build"
     CATEGORY = "testing"
+
+
+class TandemTestSeededVAE(_SeededVAENode):
+    """ComfyUI's own SD VAE (comfy.sd.VAE from an SD-shaped state dict: 4 latent channels, 128 to 512 wide),
+    every weight seeded: decoding a small latent is cheap and deterministic."""
 
     def build(self, seed):
         import comfy.sd
@@ -269,17 +273,9 @@ class TandemTestSeededVAE:
         return (comfy.sd.VAE(sd=model.state_dict()),)
 
 
-class TandemTestSeededWanVAE:
+class TandemTestSeededWanVAE(_SeededVAENode):
     """ComfyUI's own Wan 2.1 video VAE (comfy.sd.VAE from a state dict it detects as Wan 2.1), 8 channels wide,
     seeded inside the output's clamp (parallel_backend's seed_wan_weights)."""
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1})}}
-
-    RETURN_TYPES = ("VAE",)
-    FUNCTION = "build"
-    CATEGORY = "testing"
 
     def build(self, seed):
         import comfy.sd
