@@ -70,6 +70,7 @@ class PoolStats:
     weights_bytes_per_machine: dict = field(default_factory=dict)  # "HOST:PORT" -> bytes sent to its cache
     calls: int = 0
     rejoin_checks: int = 0  # rejoin_missing calls (the engine makes one per model call)
+    rejoin_seconds: float = 0.0  # spent trying machines left out (remote.answers), every job together
     model_checks: int = 0  # ensure_model calls, for a model held already too (the engine: one per model call)
     refused_connections: int = 0  # connections to the start-up listener that failed the handshake by the
     #   end of a start (a stranger's still under way then is dropped at its deadline, after)
@@ -260,7 +261,9 @@ class WorkerPool:
                 return False
             self._rejoin_tried = time.monotonic()
             secret = read_secret(self.secret_file)
+            started = time.monotonic()
             back = [name for name in self.left_out if remote.answers(name, secret)]
+            self.stats.rejoin_seconds += time.monotonic() - started
             if not back:
                 return False
             log.warning("Tandem: %s %s again: the pool restarts with every device (%s)", ", ".join(back),

@@ -55,29 +55,31 @@ def rejoin_every_s() -> float:
 
 
 def answers(name: str, secret: bytes, timeout_s: float = REJOIN_PROBE_S) -> bool:
-    """Whether machine `name` (HOST:PORT) takes a connection within `timeout_s` (a quick refusal, such as a link
-    just back up that has not resolved its neighbour yet, is tried again within that time) and its `tandem worker
-    serve` completes the secret's handshake (the whole within HANDSHAKE_TIMEOUT_S: a busy machine that answers is
-    not missed); the connection is closed at once (the daemon logs a host that left)."""
+    """Whether machine `name` (HOST:PORT) takes a connection and its `tandem worker serve` completes the secret's
+    handshake, the whole within `timeout_s` (a quick refusal, such as a link just back up that has not resolved its
+    neighbour yet, is tried again within that time; a frozen machine, whose kernel takes the connection and whose
+    daemon never answers, costs a job no more than that); the connection is closed at once (the daemon logs a
+    host that left). A machine too busy to answer in time is tried again at a later job."""
     try:
-        connect_daemon(name, secret, retry_s=timeout_s).close()
+        connect_daemon(name, secret, retry_s=timeout_s, whole=True).close()
     except (HandshakeError, OSError) as exc:
         log.debug("Tandem: %s still cannot be reached (%s: %s)", name, type(exc).__name__, exc)
         return False
     return True
 
 
-def connect_daemon(name: str, secret: bytes, retry_s: float, attempt_s: float | None = None):
+def connect_daemon(name: str, secret: bytes, retry_s: float, attempt_s: float | None = None, whole: bool = False):
     """A TLS connection to machine `name`'s daemon (connect_tls). A connect that fails (refused, unreachable, timed
     out) is tried again every RETRY_PAUSE_S while under `retry_s` seconds have passed; each attempt's connect waits
-    `attempt_s`, or by default what is left of `retry_s`. Raises the last OSError, or a HandshakeError at once."""
+    `attempt_s`, or by default what is left of `retry_s`. The handshake is given HANDSHAKE_TIMEOUT_S, or with
+    `whole` what is left of `retry_s`. Raises the last OSError, or a HandshakeError at once."""
     host, port = name.rsplit(":", 1)
     until = time.monotonic() + retry_s
     while True:
-        left = until - time.monotonic()
+        left = max(until - time.monotonic(), MIN_ATTEMPT_S)
         try:
-            return connect_tls((host.strip("[]"), int(port)), secret, HANDSHAKE_TIMEOUT_S,
-                               connect_timeout_s=attempt_s or max(left, MIN_ATTEMPT_S))
+            return connect_tls((host.strip("[]"), int(port)), secret, left if whole else HANDSHAKE_TIMEOUT_S,
+                               connect_timeout_s=attempt_s or left, whole=whole)
         except HandshakeError:
             raise
         except OSError:

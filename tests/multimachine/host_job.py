@@ -13,7 +13,9 @@ sends them garbage), then run one more batch job: {"after_hold": max diff, "star
 result or error printed as {"next": "ok" or the error, "max_diff", "meshes", "devices", "shipped", "log", "seconds"}
 (against one device; the meshes its calls ran on, the pool's devices then, the weights bytes shipped for it,
 the "tandem" log lines since the last job). --rejoin FILE: then, once FILE exists, one more such job,
-printed as {"rejoin": ...}.
+printed as {"rejoin": ...}. --later N: then N more such jobs, each printed as {"later": ...}. Each such line also has
+"reference_seconds", the one-device run's time, and "probe_seconds", the time the pool spent trying machines
+left out during the job (PoolStats.rejoin_seconds).
 """
 
 from __future__ import annotations
@@ -68,8 +70,10 @@ def wait_for(path: str | None) -> None:
 def job_after_fault(key: str, model, pool, devices: str, resolution, log: LogLines) -> None:
     """One cfg job of 2 steps on the pool, vs one device; printed under `key` (module doc)."""
     job = job_for("cfg")
+    started = time.monotonic()
     reference = run_loop(model, job, resolution, 2, 0).latents
-    shipped, started = pool.stats.weights_bytes_shipped, time.monotonic()
+    reference_s = time.monotonic() - started
+    shipped, probing, started = pool.stats.weights_bytes_shipped, pool.stats.rejoin_seconds, time.monotonic()
     try:
         result = run_loop(model, job, resolution, 2, 0, executor=ParallelExecutor(pool, ParallelConfig(devices, "cfg")))
     except (WorkerError, RuntimeError, OSError) as exc:
@@ -77,7 +81,8 @@ def job_after_fault(key: str, model, pool, devices: str, resolution, log: LogLin
         return
     say(**{key: "ok"}, max_diff=(result.latents - reference).abs().max().item(),
         meshes=sorted({call["mesh"].describe() for call in result.calls}), devices=list(pool.devices),
-        shipped=pool.stats.weights_bytes_shipped - shipped, log=log.take(), seconds=time.monotonic() - started)
+        shipped=pool.stats.weights_bytes_shipped - shipped, log=log.take(), seconds=time.monotonic() - started,
+        reference_seconds=reference_s, probe_seconds=pool.stats.rejoin_seconds - probing)
 
 
 def main() -> None:
@@ -89,6 +94,7 @@ def main() -> None:
     parser.add_argument("--fault-steps", type=int, default=0)
     parser.add_argument("--resume", default=None, help="after the fault, wait for this file before the next job")
     parser.add_argument("--rejoin", default=None, help="then wait for this file and run one more job")
+    parser.add_argument("--later", type=int, default=0, help="then run this many more jobs")
     args = parser.parse_args()
     log = LogLines()
     model = build_bench_model("tiny")
@@ -137,6 +143,8 @@ def main() -> None:
             if args.rejoin:
                 wait_for(args.rejoin)
                 job_after_fault("rejoin", model, pool, args.devices, resolution, log)
+            for _ in range(args.later):
+                job_after_fault("later", model, pool, args.devices, resolution, log)
     finally:
         pool.shutdown()
     say(event="done")

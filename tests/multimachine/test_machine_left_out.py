@@ -126,10 +126,10 @@ def attempts(monkeypatch):
     clock, connect_tls = ProbeClock(), remote.connect_tls
     seen = SimpleNamespace(made=[], after_first=None)
 
-    def attempt(address, secret, timeout_s, connect_timeout_s=None):
+    def attempt(address, secret, timeout_s, connect_timeout_s=None, whole=False):
         seen.made.append((clock.now, connect_timeout_s))
         try:
-            return connect_tls(address, secret, timeout_s, connect_timeout_s)
+            return connect_tls(address, secret, timeout_s, connect_timeout_s, whole)
         finally:
             if len(seen.made) == 1 and seen.after_first is not None:
                 seen.after_first()
