@@ -4,6 +4,8 @@ whole decode in this process; the bands run as threads (tests/tensor_threads.py)
 
 from __future__ import annotations
 
+import json
+
 import copy
 import importlib.util
 from pathlib import Path
@@ -251,10 +253,26 @@ def test_the_vae_bench_decodes_in_bands_and_reports_one_run():
     assert "VAE decode, tiny at 64x64 px" in format_vae_table(report)
 
 
+@pytest.mark.pool
+def test_the_encode_bench_encodes_in_bands_equal_to_one_device(tmp_path):
+    """`--stage encode`: the seeded image's encode in bands on the pool, against the whole encode here."""
+    from parallel_backend.commands.cli import main
+
+    out = tmp_path / "encode.json"
+    assert main(["bench", "--stage", "encode", "--model", "tiny", "--devices", "cpu:2", "--repeats", "0",
+                 "--json", str(out), "--quiet"]) == 0
+    report = json.loads(out.read_text())
+    serial, bands = report["results"]
+    assert report["stage"] == "encode" and bands["devices"] == 2
+    assert bands["max_abs_diff_vs_serial"] <= 1e-4 * max(1.0, bands["output_scale"])
+    assert bands["bytes_between_devices"] > 0 and len(bands["activation_bytes_per_device"]) == 2
+
+
 @pytest.mark.parametrize("argv, said", [
     (["--model", "sd15-narrow"], "--stage vae: bench model 'sd15-narrow' has no VAE to split yet"),
     (["--model", "sd15", "--resolution", "260"], "a VAE's resolution must be a multiple of 8 pixels; got 260x260"),
     (["--model", "sd15", "--repeats", "-1"], "repeats"),
+    (["--stage", "encode", "--model", "sd15-narrow"], "--stage encode: bench model 'sd15-narrow' has no VAE"),
 ])
 def test_the_vae_bench_refuses_bad_input_before_work(capsys, argv, said):
     from parallel_backend.commands.cli import main

@@ -1,5 +1,5 @@
-"""`tandem bench --stage vae`: a VAE decode split into bands of rows over the pool (engine/vae.py) against the
-same decode on one device, in one run: the serial decode in this process with one device's share of the cores,
+"""`tandem bench --stage vae` (and `--stage encode`): a VAE decode (an encode) split into bands of rows over the
+pool (engine/vae.py) against the same on one device, in one run: the serial decode in this process with one device's share of the cores,
 the banded decode on the pool's workers, in rotation within every repeat so the machine's drift hits both alike.
 A run whose repeats spread too far, or that other processes disturbed, is marked DISTURBED, as the sampler's."""
 
@@ -10,20 +10,27 @@ import time
 
 from .bench import SPREAD_LIMIT, _other_load, _spread, note_other_load, parse_resolution
 
+WAYS = {"vae": "decode", "encode": "encode"}  # --stage -> what the VAE does in it
+
 
 def run_vae_bench(model_name: str = "sd15", devices: str = "cpu:2", resolution=None, repeats: int = 2,
-                  progress=print) -> dict:
+                  progress=print, stage: str = "vae") -> dict:
+    """stage: "vae" times the decode of a seeded latent, "encode" the encode of a seeded image."""
     import torch
 
+    from ..engine import vae as split
     from ..engine.pool_engine import engine_for
-    from ..engine.vae import decode
-    from ..models.benchmodels_vae import DEFAULT_RESOLUTION, VIDEO_FRAMES, bench_latent, build_bench_vae
+    from ..models.benchmodels_vae import DEFAULT_RESOLUTION, VIDEO_FRAMES, bench_image, bench_latent, build_bench_vae
+    from ..models.vae_families import family_of
     from ..runtime.portable import peak_memory_bytes, reset_peak_memory
     from ..runtime.pool import WorkerPool
 
     vae = build_bench_vae(model_name)
     resolution = parse_resolution(resolution or DEFAULT_RESOLUTION[model_name])
-    latent = bench_latent(model_name, resolution)
+    encoding = stage == "encode"
+    family = family_of(vae)
+    inputs = bench_image(model_name, resolution) if encoding else bench_latent(model_name, resolution)
+    whole, banded = (family.encode, split.encode) if encoding else (family.decode, split.decode)
     pool = WorkerPool(devices)
     other_load = _other_load()
     cores = torch.get_num_threads()
@@ -32,20 +39,20 @@ def run_vae_bench(model_name: str = "sd15", devices: str = "cpu:2", resolution=N
         pool.start()
         n = len(pool.devices)
         engine, share = engine_for(pool), max(1, cores // n)
-        progress(f"[bench] VAE decode of {resolution[0]}x{resolution[1]} px ({tuple(latent.shape)} latent): one "
-                 f"device here, {n} bands on the pool, in rotation")
+        progress(f"[bench] VAE {WAYS[stage]} of {resolution[0]}x{resolution[1]} px ({tuple(inputs.shape)} "
+                 f"{'image' if encoding else 'latent'}): one device here, {n} bands on the pool, in rotation")
         for repeat in range(repeats + 1):
             torch.set_num_threads(share)
             reset_peak_memory("cpu")
             before = peak_memory_bytes("cpu")
             started = time.perf_counter()
             with torch.inference_mode():
-                reference = vae.decode(latent).sample
+                reference = whole(vae, inputs)
             serial_s.append(time.perf_counter() - started)
             serial_peak = peak_memory_bytes("cpu") - before
             torch.set_num_threads(1)  # the host only joins the rows: idle threads would spin on the workers' cores
             started = time.perf_counter()
-            done = decode(engine, vae, latent)
+            done = banded(engine, vae, inputs)
             split_s.append(time.perf_counter() - started)
         serial_s, split_s = serial_s[1:] or serial_s, split_s[1:] or split_s  # the first of each warms up
         for name, times in (("serial", serial_s), ("bands", split_s)):
@@ -67,7 +74,7 @@ def run_vae_bench(model_name: str = "sd15", devices: str = "cpu:2", resolution=N
         pool.shutdown()
         torch.set_num_threads(cores)
     load = note_other_load(other_load, disturbed)
-    return {"stage": "vae", "model": model_name, "resolution": list(resolution), "frames": VIDEO_FRAMES.get(model_name),
+    return {"stage": stage, "model": model_name, "resolution": list(resolution), "frames": VIDEO_FRAMES.get(model_name),
             "devices": list(pool.devices),
             "dtype": "fp32", "threads_per_device": share, "results": rows, "disturbed": disturbed,
             "other_load_share": load}
@@ -76,7 +83,7 @@ def run_vae_bench(model_name: str = "sd15", devices: str = "cpu:2", resolution=N
 def format_vae_table(report: dict) -> str:
     h, w = report["resolution"]
     frames = f" x {report['frames']} frames" if report.get("frames") else ""
-    lines = [f"VAE decode, {report['model']} at {h}x{w} px{frames}, on {', '.join(report['devices'])} "
+    lines = [f"VAE {WAYS[report['stage']]}, {report['model']} at {h}x{w} px{frames}, on {', '.join(report['devices'])} "
              f"({report['threads_per_device']} thread(s) per device)",
              f"{'':8} {'devices':>7} {'s':>8} {'speed-up':>9} {'act. MiB/dev':>13} {'max |diff|':>11}"]
     for row in report["results"]:
@@ -84,8 +91,8 @@ def format_vae_table(report: dict) -> str:
         lines.append(f"{row['strategy']:8} {row['devices']:>7} {row['seconds_median']:>8.2f} "
                      f"{row['speedup_vs_serial']:>8.2f}x {act:>13} {row['max_abs_diff_vs_serial']:>11.2e}")
     bands = report["results"][-1]
-    lines.append(f"bands: {bands['bytes_between_devices'] / 2**20:.1f} MiB between devices per decode (halos, "
-                 "norm statistics, the gathered attention input)")
+    lines.append(f"bands: {bands['bytes_between_devices'] / 2**20:.1f} MiB between devices per "
+                 f"{WAYS[report['stage']]} (halos, norm statistics, the gathered attention input)")
     if report["disturbed"]:
         lines.append("DISTURBED RUN, figures unreliable: " + "; ".join(report["disturbed"]))
     return "\n".join(lines)

@@ -118,7 +118,7 @@ def cmd_generate(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    if args.stage == "vae":
+    if args.stage in ("vae", "encode"):
         return _bench_vae(args)
     check_bench_options(args)  # the bench checks again, after torch has loaded; these came first
     from .bench import format_table, run_bench
@@ -144,20 +144,22 @@ def _report(args, table: str, report: dict) -> int:
 
 
 def _bench_vae(args) -> int:
-    """`tandem bench --stage vae`: the bench model's VAE decode, one device against bands on the pool."""
+    """`tandem bench --stage vae` (`encode`): the bench model's VAE decode (encode), one device against bands on
+    the pool."""
     from ..models.benchmodels_vae import check_vae_bench
     from ..runtime.devices import check_devices_exist, parse_devices
     from .bench_inputs import MAX_REPEATS, parse_resolution
 
     resolution = parse_resolution(args.resolution) if args.resolution is not None else None
-    check_vae_bench(args.model, resolution)
+    check_vae_bench(args.model, resolution, args.stage)
     repeats = validation.whole_number("repeats", args.repeats, 0, MAX_REPEATS)
     check_devices_exist(parse_devices(args.devices)) if args.devices != "auto" else None
     if args.json is not None:
         validation.writable_file("--json", args.json)  # before the bench, not after it
     from .bench_vae import format_vae_table, run_vae_bench
 
-    report = run_vae_bench(args.model, args.devices, args.resolution, repeats, progress=_progress(args))
+    report = run_vae_bench(args.model, args.devices, args.resolution, repeats, progress=_progress(args),
+                           stage=args.stage)
     return _report(args, format_vae_table(report), report)
 
 
@@ -345,10 +347,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--devices", default="cpu:2", help="'cuda:0,cuda:1', 'cpu:2' or 'auto' (HOST:PORT/DEVICE: "
                        "another machine's)")
     _add_machine_options(bench)
-    bench.add_argument("--stage", default="sampler", choices=("sampler", "vae"),
+    bench.add_argument("--stage", default="sampler", choices=("sampler", "vae", "encode"),
                        help="sampler: the denoising loop, one device against each strategy; vae: the model's VAE decode, "
                             "one device against bands of rows on the pool (--model tiny, small, sd15, sdxl, flux-small or "
-                            "wan-small: 17 frames; --devices, --resolution, --repeats and --json apply)")
+                            "wan-small: 17 frames; --devices, --resolution, --repeats and --json apply); encode: the "
+                            "same VAE's encode of a seeded image")
     bench.add_argument("--strategies", default="cfg,batch",
                        help=f"comma list of strategies: {', '.join(strategy_choices()[1:])}")
     bench.add_argument("--steps", type=int, default=20, help="sampler calls per run, 1 to 10000")

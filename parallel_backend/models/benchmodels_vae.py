@@ -12,14 +12,14 @@ VIDEO_FRAMES = {"wan-small": 17}  # frames of a clip: 1 + 4k (the Wan VAE's late
 SCALE = 8  # pixels per latent row and column
 
 
-def check_vae_bench(name: str, resolution: tuple[int, int] | None) -> None:
+def check_vae_bench(name: str, resolution: tuple[int, int] | None, stage: str = "vae") -> None:
     """Raises ValueError in one sentence for a bench model without a VAE or a resolution its VAE cannot take
-    (no torch imported: the CLI checks this first)."""
+    (no torch imported: the CLI checks this first); `stage`: the bench's --stage the sentence names."""
     if name not in LATENT_CHANNELS:
-        raise ValueError(f"--stage vae: bench model {name!r} has no VAE to split yet: choose one of "
+        raise ValueError(f"--stage {stage}: bench model {name!r} has no VAE to split yet: choose one of "
                          f"{', '.join(LATENT_CHANNELS)}")
     if resolution is not None and (resolution[0] % SCALE or resolution[1] % SCALE):
-        raise ValueError(f"--stage vae: a VAE's resolution must be a multiple of {SCALE} pixels; got "
+        raise ValueError(f"--stage {stage}: a VAE's resolution must be a multiple of {SCALE} pixels; got "
                          f"{resolution[0]}x{resolution[1]}")
 
 
@@ -54,6 +54,17 @@ def bench_latent(name: str, resolution: tuple[int, int], dtype=None, frames: int
     generator = torch.Generator().manual_seed(0)
     clip = () if name not in VIDEO_FRAMES else (1 + ((frames or VIDEO_FRAMES[name]) - 1) // 4,)
     return torch.randn(1, LATENT_CHANNELS[name], *clip, h // SCALE, w // SCALE, generator=generator).to(dtype)
+
+
+def bench_image(name: str, resolution: tuple[int, int], dtype=None, frames: int | None = None):
+    """A seeded image in [-1, 1] (what a VAE encodes) at `resolution` for bench model `name`'s VAE; a video
+    model's a clip of `frames` frames (1 + 4k; default VIDEO_FRAMES)."""
+    import torch
+
+    check_vae_bench(name, resolution, "encode")
+    clip = () if name not in VIDEO_FRAMES else (frames or VIDEO_FRAMES[name],)
+    generator = torch.Generator().manual_seed(0)
+    return (torch.rand(1, 3, *clip, *resolution, generator=generator) * 2 - 1).to(dtype or torch.float32)
 
 
 def _seeded_wan_vae():
