@@ -12,8 +12,10 @@ from .runtime import RUNTIME
 from .samplers import TandemKSampler, TandemKSamplerAdvanced
 from .settings import TandemSettings
 from .vae import TandemVAEDecode, TandemVAEEncode
+from .vae_tiled import TandemVAEDecodeTiled
 
-NODES = [TandemKSampler, TandemKSamplerAdvanced, TandemSettings, TandemModel, TandemVAEDecode, TandemVAEEncode]
+NODES = [TandemKSampler, TandemKSamplerAdvanced, TandemSettings, TandemModel, TandemVAEDecode, TandemVAEEncode,
+         TandemVAEDecodeTiled]
 _activated = threading.Event()
 
 

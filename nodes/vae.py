@@ -83,6 +83,14 @@ class TandemVAEEncode(io.ComfyNode):
 def _on_the_pool(node: str, settings, vae, rows_in, reason: str | None, run):
     """run(engine) on the pool of the settings (its Computed), or None where the node takes the stock path (said
     in one sentence)."""
+    return on_the_pool(node, settings, reason, run, lambda done, pool: (
+        f"split {'x'.join(map(str, rows_in.shape[-2:]))} rows into {done.extra['bands']} bands on "
+        f"{', '.join(pool.devices[:done.extra['bands']])}"))
+
+
+def on_the_pool(node: str, settings, reason: str | None, run, what):
+    """run(engine) on the pool of the settings (its Computed), or None where the node takes the stock path (said
+    in one sentence); what(done, pool): what the node did there, for the log line."""
     config = settings or default_config()
     RUNTIME.check_devices(config.devices)  # devices that do not exist fail the run, before any work
     pool = None
@@ -95,9 +103,7 @@ def _on_the_pool(node: str, settings, vae, rows_in, reason: str | None, run):
         except CannotCarry as exc:
             reason = str(exc)
         else:
-            log.info("Tandem: %s (Multi-GPU) split %s rows into %d bands on %s in %.2f s", node,
-                     "x".join(map(str, rows_in.shape[-2:])), done.extra["bands"],
-                     ", ".join(pool.devices[:done.extra["bands"]]), time.perf_counter() - started)
+            log.info("Tandem: %s (Multi-GPU) %s in %.2f s", node, what(done, pool), time.perf_counter() - started)
             return done
     log.info("Tandem: %s (Multi-GPU) takes the stock path: %s", node, reason)
     return None

@@ -3,7 +3,8 @@
 One process per device (runtime/pool.py starts it by this module's name: a process boundary, not an import).
 runtime/worker_loop.py is the process (authentication, the process group, the watchdog, the request loop); this
 module adds what the engine asks of a worker: a model call whole on this device (Forward), auto's timed call
-(TimedForward), a VAE's band of rows (VaeBand, engine/vae.py), and each strategy's own requests.
+(TimedForward), a VAE's band of rows (VaeBand, engine/vae.py), a share of a tiled decode's tiles (VaeTiles,
+engine/vae_tiles.py), and each strategy's own requests.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from ..runtime.worker_loop import RUNTIME_HANDLERS, WorkerState
 from ..runtime.worker_loop import main as run_worker
 from .timing import run_timed_forward
 from .vae import VaeBand, run_band
+from .vae_tiles import VaeTiles, run_tile_share
 
 
 def forward(state: WorkerState, message: Forward) -> Computed:
@@ -50,7 +52,7 @@ def forward(state: WorkerState, message: Forward) -> Computed:
 def handlers() -> dict:
     """Message type -> handler(state, request): the runtime's, model calls, and every registered strategy's."""
     return {**RUNTIME_HANDLERS, Forward: forward, TimedForward: run_timed_forward, VaeBand: run_band,
-            **strategies.worker_handlers()}
+            VaeTiles: run_tile_share, **strategies.worker_handlers()}
 
 
 def main(argv=None) -> int:

@@ -17,7 +17,7 @@ def _workflow(node: str, prefix: str, rows: int = 8, columns: int = 6, devices: 
         "4": {"class_type": "TandemTestImageAsLatent", "inputs": {"images": ["3", 0]}},
         "5": {"class_type": "SaveLatent", "inputs": {"samples": ["4", 0], "filename_prefix": prefix}},
     }
-    if node == "TandemVAEDecode" and devices is not None:
+    if node.startswith("TandemVAEDecode") and devices is not None:
         workflow["6"] = {"class_type": "TandemSettings", "inputs": {"devices": devices, "strategy": "auto",
                                                                     "cfg_degree": 0, "batch_degree": 0}}
         workflow["3"]["inputs"]["settings"] = ["6", 0]
@@ -26,8 +26,8 @@ def _workflow(node: str, prefix: str, rows: int = 8, columns: int = 6, devices: 
 
 def _pair(server, comfy, build, prefix: str, said: str) -> tuple:
     """The stock node's output and the Multi-GPU node's (build(node, prefix) -> a workflow), checking the log
-    says `said` for the Multi-GPU run (the pool ran, in bands)."""
-    stock_node = "VAEDecode" if "VAE Decode" in said else "VAEEncode"
+    says `said` for the Multi-GPU run (the pool ran, in bands or tiles)."""
+    stock_node = "VAEDecodeTiled" if "(Tiled)" in said else "VAEDecode" if "VAE Decode" in said else "VAEEncode"
     tandem_node = "Tandem" + stock_node
     comfy.run_checked(server, build(stock_node, f"{prefix}_stock"))
     offset = server.log_size()
@@ -100,3 +100,33 @@ def test_a_wan_video_decode_in_bands_equals_the_stock_node(comfy_server, comfy):
     assert stock.shape == tandem.shape == (9, 48, 32, 3)  # 3 latent frames: 1 + 2 x 4 frames
     comfy.assert_same_latents(tandem, stock)
     assert 0.01 < stock.mean() < 0.99 and stock.std() > 1e-3  # inside the clamp: the oracle can tell bands apart
+
+
+def _tiled(node: str, prefix: str, wan: bool = False) -> dict:
+    """VAE Decode (Tiled), stock or Multi-GPU, of a latent of many tiles (64-pixel tiles, 16 pixels of overlap;
+    with `wan`, a video of 5 latent frames cut into 2-frame pieces too)."""
+    flow = _workflow(node, prefix, rows=20, columns=12)
+    flow["3"]["inputs"].update(tile_size=64, overlap=16, temporal_size=8, temporal_overlap=4)
+    if wan:
+        flow["1"] = {"class_type": "TandemTestSeededWanVAE", "inputs": {"seed": 5}}
+        flow["2"]["inputs"].update(channels=16, frames=5, rows=12, columns=8)
+    return flow
+
+
+def test_a_tiled_decode_spread_over_the_pool_equals_the_stock_tiled_node(comfy_server, comfy):
+    """25 tiles: ComfyUI tiles a 20x12 latent three ways (4x16, 16x4 and 8x8 latent rows x columns, 2 of overlap)
+    and averages them."""
+    stock, tandem = _pair(comfy_server, comfy, _tiled, "vae_tiled",
+                          "VAE Decode (Tiled) (Multi-GPU) decoded 25 tiles on cpu, cpu")
+    assert stock.shape == tandem.shape == (1, 160, 96, 3)
+    comfy.assert_same_latents(tandem, stock)
+    assert (stock - stock.mean()).abs().max() > 1e-3
+
+
+def test_a_tiled_wan_video_decode_spread_over_the_pool_equals_the_stock_tiled_node(comfy_server, comfy):
+    def workflow(node: str, prefix: str) -> dict:
+        return _tiled(node, prefix, wan=True)
+
+    stock, tandem = _pair(comfy_server, comfy, workflow, "wan_tiled", "VAE Decode (Tiled) (Multi-GPU) decoded")
+    assert stock.shape == tandem.shape == (17, 96, 64, 3)  # 5 latent frames: 1 + 4 x 4 frames
+    comfy.assert_same_latents(tandem, stock)
