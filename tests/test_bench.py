@@ -41,7 +41,13 @@ def test_bench_reports_every_field_and_exact_strategies_match(tmp_path, capsys):
         if row["strategy"] != "serial":  # the plan's prediction beside the measurement, from one-device inputs
             assert row["predicted_speedup"] > 0 and "compute on the busiest device" in row["prediction_reason"]
             assert row["prediction_error"] == pytest.approx(row["predicted_speedup"] / row["speedup_vs_serial"] - 1)
+        # end to end with the VAE decode: here for serial, in two bands equal to it for the strategies
+        assert row["decode_seconds"] > 0 and row["decode_bands"] == (1 if row["strategy"] == "serial" else 2)
+        assert row["decode_max_abs_diff_vs_serial"] <= 1e-4
+        assert row["end_to_end_with_decode_seconds"] == pytest.approx(row["end_to_end_seconds_median"]
+                                                                      + row["decode_seconds"])
     assert " plan " in table.splitlines()[1]
+    assert "end to end with the VAE decode" in table
 
 
 def test_bench_refuses_unknown_strategies_and_models():
@@ -93,7 +99,7 @@ def test_the_bench_notices_other_load_on_the_machine(tmp_path):
     import time
 
     psutil = pytest.importorskip("psutil")
-    from parallel_backend.commands.bench import _other_load
+    from parallel_backend.commands.bench_load import _other_load
 
     spent, script = tmp_path / "cpu_seconds", tmp_path / "busy.py"
     script.write_text("import os, sys, time\nwhile time.process_time() < 1.0: pass\n"  # 1 s of CPU, however loaded
@@ -115,7 +121,7 @@ def test_workers_forked_by_the_launcher_count_as_the_bench_own_once_ended(monkey
     """The launcher, not the bench, reaps the CPU workers it forked: their CPU time must still count as the bench's
     own, or every bench run would call its own ended pools other load."""
     psutil = pytest.importorskip("psutil")
-    from parallel_backend.commands.bench import _own_cpu_seconds
+    from parallel_backend.commands.bench_load import _own_cpu_seconds
     from parallel_backend.engine.config import ParallelConfig
     from parallel_backend.engine.oracle import job_for, run_loop
     from parallel_backend.hosts.executor import ParallelExecutor
@@ -140,7 +146,8 @@ def test_workers_forked_by_the_launcher_count_as_the_bench_own_once_ended(monkey
 
 
 def test_a_disturbed_run_says_so_in_its_table():
-    from parallel_backend.commands.bench import _spread, format_table
+    from parallel_backend.commands.bench import format_table
+    from parallel_backend.commands.bench_load import _spread
 
     assert _spread([1.0, 1.05, 1.02]) < 0.10 < _spread([1.0, 1.2])
     report = {"model": "tiny", "resolution": [32, 32], "steps": 3, "devices": ["cpu", "cpu"], "threads_per_device": 1,

@@ -17,7 +17,7 @@ import torch
 from ..runtime import validation
 from .. import strategies
 from ..models.benchmodels import build_bench_model
-from ..engine.pool_engine import sequence_hint
+from ..engine.pool_engine import engine_for, sequence_hint
 from ..hosts.executor import ParallelExecutor
 from ..engine.mesh import resolve
 from ..engine.oracle import LoopResult, job_for, local_forward, psnr, run_once, sample_call
@@ -25,10 +25,10 @@ from ..runtime.pool import WorkerPool
 from ..runtime.recipe import weights_bytes
 from ..runtime.portable import cpu_cores, peak_memory_bytes
 from .bench_inputs import check_bench_inputs, parse_resolution
+from .bench_load import SPREAD_LIMIT, _other_load, _spread, note_other_load
+from .bench_vae import decode_figures
 from ..runtime.words import counted
 
-SPREAD_LIMIT = 0.10  # repeats of one variant further apart than this (of their median) mark the run disturbed
-OTHER_LOAD_LIMIT = 0.10  # CPU time of other processes above this share of the machine marks it disturbed
 
 
 def check_resolution(model, resolution: tuple[int, int], strategies_: tuple, device: str,
@@ -77,66 +77,11 @@ def _strategy_ideal(strategy, model, config, n: int, rows: int, guided: bool, re
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # bench_inputs.DTYPE_NAMES
 
 
-def _own_cpu_seconds(me) -> float:
-    """CPU seconds of psutil process `me` and its children: running ones, and ended ones whoever reaped them (the
-    pool's, or the launcher's for the CPU workers it forked: runtime/launcher.py)."""
-    import psutil
-
-    def spent(process) -> float:  # children_*: its children already waited for (e.g. a stopped pool's workers)
-        times = process.cpu_times()
-        return times.user + times.system + times.children_user + times.children_system
-
-    total = spent(me)
-    for child in me.children(recursive=True):
-        try:
-            total += spent(child)
-        except psutil.Error:
-            pass
-    return total
-
-
-def _other_load() -> "callable":
-    """Starts watching the machine; the returned function gives the share of all cores that processes other
-    than this one and its children (the workers, running or ended) kept busy since (0 where psutil is
-    missing)."""
-    try:
-        import psutil
-    except ImportError:
-        return lambda: 0.0
-    me = psutil.Process()
-
-    def busy() -> float:
-        times = psutil.cpu_times()
-        return times.user + times.system + getattr(times, "nice", 0.0)
-
-    start_busy, start_ours, started = busy(), _own_cpu_seconds(me), time.monotonic()
-
-    def share() -> float:
-        elapsed = (time.monotonic() - started) * (psutil.cpu_count() or 1)
-        return max(0.0, (busy() - start_busy) - (_own_cpu_seconds(me) - start_ours)) / elapsed if elapsed > 0 else 0.0
-
-    return share
-
-
-def note_other_load(other_load, disturbed: list[str]) -> float:
-    """The share of the cores other processes kept busy (`_other_load`'s watch), noted first in `disturbed`
-    when it passes OTHER_LOAD_LIMIT."""
-    load = other_load()
-    if load > OTHER_LOAD_LIMIT:
-        disturbed.insert(0, f"other processes kept {100 * load:.0f}% of the machine's cores busy "
-                            f"(> {100 * OTHER_LOAD_LIMIT:.0f}%)")
-    return load
-
-
-def _spread(values: list[float]) -> float:
-    return (max(values) - min(values)) / statistics.median(values) if len(values) > 1 else 0.0
-
-
 def run_bench(model_name: str = "small", devices: str = "cpu:2", strategies_: tuple = ("cfg", "batch"),
               steps: int = 20, resolution=None, repeats: int = 2, dtype: str = "auto", progress=print,
               knobs: dict | None = None, frames: int | None = None, cfg: float | None = None,
               images: int | None = None, balance: str | None = None, test_slowdown: str | None = None,
-              plan: bool = True) -> dict:
+              plan: bool = True, decode: bool = True) -> dict:
     """Runs the benchmark; returns the JSON-ready report (see PERFORMANCE.md).
 
     On CUDA devices the one-device reference runs on the first of them, in fp16 unless `dtype` says otherwise.
@@ -151,6 +96,9 @@ def run_bench(model_name: str = "small", devices: str = "cpu:2", strategies_: tu
       slower card; slowdown.py). The serial reference is never slowed: it stands for the fastest device.
     plan: False leaves out the plan's prediction and the measurements it needs (about 10 s whatever the bench's
       size): the rows have no predicted_speedup and the table's plan column is blank.
+    decode: each job's end to end also with the VAE decode of its images (the bench model's VAE, bench_vae.py:
+      here for the serial row, in bands on the pool for the others), timed in turn after the job's runs; False, or
+      a bench model without a VAE, leaves it out.
     The report's "disturbed" lists what made the figures unreliable (other load, repeats spread > 10 %).
     """
     checked = check_bench_inputs(model_name, devices, strategies_, steps, resolution, repeats, dtype, knobs, frames,
@@ -203,6 +151,8 @@ def run_bench(model_name: str = "small", devices: str = "cpu:2", strategies_: tu
                 if repeat > 0 and predictor is not None:
                     predictor.sample(rows, branches)  # the plan's inputs in turn with the variants, never inside them
             torch.set_num_threads(share)
+            vae = decode_figures(engine_for(pool), model_name, resolution, job.images, model.frames, repeats, share,
+                                 disturbed) if decode else None
             for name, result in measured.items():
                 if _spread(result.end_to_end) > SPREAD_LIMIT:
                     disturbed.append(f"{name} ({counted(job.images, 'image')}, cfg {job.cfg:g}): repeats spread "
@@ -212,6 +162,8 @@ def run_bench(model_name: str = "small", devices: str = "cpu:2", strategies_: tu
             whole = weights_bytes(model.module)
             results.append(_row("serial", 1, serial, serial, all_cores, 1.0, [peak_memory_bytes(reference_device)], job))
             results[-1]["weights_bytes_per_device"] = [whole]
+            serial_row = results[-1]
+            serial_row.update(_with_decode(serial_row, vae, "serial_seconds", serial_row))
             for name, (strategy, config) in named.items():
                 own = _strategy_ideal(strategies.get(strategy), model, config, n, rows, job.cfg != 1.0, resolution)
                 row = _row(name, n, measured[name], serial, all_cores, own or ideal, pool.memory(), job)
@@ -222,6 +174,7 @@ def run_bench(model_name: str = "small", devices: str = "cpu:2", strategies_: tu
                 if predictor is not None:
                     row.update(_prediction(predictor.predict(configs[strategy], rows, branches), row))
                 row.update(_speeds_ideal(variants[name][1], balance))
+                row.update(_with_decode(row, vae, "bands_seconds", serial_row))
                 results.append(row)
     finally:
         pool.shutdown()
@@ -230,6 +183,18 @@ def run_bench(model_name: str = "small", devices: str = "cpu:2", strategies_: tu
     return {"model": model_name, "resolution": list(resolution), "frames": model.frames, "steps": steps,
             "devices": list(pool.devices), "dtype": dtype, "threads_per_device": share, "results": results,
             "disturbed": disturbed, "other_load_share": load}
+
+
+def _with_decode(row: dict, vae: dict | None, which: str, serial_row: dict) -> dict:
+    """A row's end to end with its VAE decode (`which` of decode_figures: here or in bands), and its speed-up
+    over the serial row's, decode included."""
+    if vae is None:
+        return {}
+    total = row["end_to_end_seconds_median"] + vae[which]
+    serial_total = serial_row.get("end_to_end_with_decode_seconds", total)
+    return {"decode_seconds": vae[which], "decode_bands": 1 if which == "serial_seconds" else vae["bands"],
+            "decode_max_abs_diff_vs_serial": 0.0 if which == "serial_seconds" else vae["max_abs_diff_vs_serial"],
+            "end_to_end_with_decode_seconds": total, "speedup_end_to_end_with_decode": serial_total / total}
 
 
 def _variant(strategy: str, mode: str | None, weights: str, weight_modes: tuple) -> str:
@@ -308,6 +273,11 @@ def format_table(report: dict) -> str:
                      f"{'/'.join(str(m // 2**20) for m in r['peak_memory_bytes_per_device']):>16}"
                      f"{'/'.join(f'{w / 2**20:.0f}' for w in r.get('weights_bytes_per_device', [])):>17}")
     lines += [r["summary"] for r in report["results"] if r.get("summary")]
+    decoded = [r for r in report["results"] if "end_to_end_with_decode_seconds" in r]
+    if decoded:
+        lines.append("end to end with the VAE decode (here for serial, in bands on the pool for the others): " + "; ".join(
+            f"{r['strategy']} {r['end_to_end_with_decode_seconds']:.2f} s (decode {r['decode_seconds']:.2f} s, "
+            f"{r['speedup_end_to_end_with_decode']:.2f}x)" for r in decoded))
     if report.get("disturbed"):
         lines.append("DISTURBED RUN, figures unreliable: " + "; ".join(report["disturbed"]))
     return "\n".join(lines)

@@ -8,7 +8,8 @@ from __future__ import annotations
 import statistics
 import time
 
-from .bench import SPREAD_LIMIT, _other_load, _spread, note_other_load, parse_resolution
+from .bench_inputs import parse_resolution
+from .bench_load import SPREAD_LIMIT, _other_load, _spread, note_other_load
 
 WAYS = {"vae": "decode", "encode": "encode"}  # --stage -> what the VAE does in it
 
@@ -22,7 +23,6 @@ def run_vae_bench(model_name: str = "sd15", devices: str = "cpu:2", resolution=N
     from ..engine.pool_engine import engine_for
     from ..models.benchmodels_vae import DEFAULT_RESOLUTION, VIDEO_FRAMES, bench_image, bench_latent, build_bench_vae
     from ..models.vae_families import family_of
-    from ..runtime.portable import peak_memory_bytes, reset_peak_memory
     from ..runtime.pool import WorkerPool
 
     vae = build_bench_vae(model_name)
@@ -34,30 +34,15 @@ def run_vae_bench(model_name: str = "sd15", devices: str = "cpu:2", resolution=N
     pool = WorkerPool(devices)
     other_load = _other_load()
     cores = torch.get_num_threads()
-    serial_s, split_s, disturbed = [], [], []
+    disturbed = []
     try:
         pool.start()
         n = len(pool.devices)
         engine, share = engine_for(pool), max(1, cores // n)
         progress(f"[bench] VAE {WAYS[stage]} of {resolution[0]}x{resolution[1]} px ({tuple(inputs.shape)} "
                  f"{'image' if encoding else 'latent'}): one device here, {n} bands on the pool, in rotation")
-        for repeat in range(repeats + 1):
-            torch.set_num_threads(share)
-            reset_peak_memory("cpu")
-            before = peak_memory_bytes("cpu")
-            started = time.perf_counter()
-            with torch.inference_mode():
-                reference = whole(vae, inputs)
-            serial_s.append(time.perf_counter() - started)
-            serial_peak = peak_memory_bytes("cpu") - before
-            torch.set_num_threads(1)  # the host only joins the rows: idle threads would spin on the workers' cores
-            started = time.perf_counter()
-            done = banded(engine, vae, inputs)
-            split_s.append(time.perf_counter() - started)
-        serial_s, split_s = serial_s[1:] or serial_s, split_s[1:] or split_s  # the first of each warms up
-        for name, times in (("serial", serial_s), ("bands", split_s)):
-            if _spread(times) > SPREAD_LIMIT:
-                disturbed.append(f"{name}: repeats spread {100 * _spread(times):.0f}% (> {100 * SPREAD_LIMIT:.0f}%)")
+        serial_s, split_s, reference, done, serial_peak = rotate(vae, inputs, whole, banded, engine, repeats, share,
+                                                                 disturbed)
         activations = [done.extra["activation_peak_bytes"][r] for r in sorted(done.extra["activation_peak_bytes"])]
         memory = pool.memory()
         rows = [
@@ -78,6 +63,59 @@ def run_vae_bench(model_name: str = "sd15", devices: str = "cpu:2", resolution=N
             "devices": list(pool.devices),
             "dtype": "fp32", "threads_per_device": share, "results": rows, "disturbed": disturbed,
             "other_load_share": load}
+
+
+def rotate(vae, inputs, whole, banded, engine, repeats: int, share: int, disturbed: list, label: str = ""):
+    """`whole(vae, inputs)` here with `share` threads and `banded(engine, vae, inputs)` on the pool, in turn,
+    repeats + 1 times (the first of each warms up). Returns (serial seconds, banded seconds, the whole output, the
+    last banded Computed, the serial run's peak bytes); repeats spread too far are noted in `disturbed`."""
+    import torch
+
+    from ..runtime.portable import peak_memory_bytes, reset_peak_memory
+
+    serial_s, split_s = [], []
+    threads = torch.get_num_threads()
+    try:
+        for _ in range(repeats + 1):
+            torch.set_num_threads(share)
+            reset_peak_memory("cpu")
+            before = peak_memory_bytes("cpu")
+            started = time.perf_counter()
+            with torch.inference_mode():
+                reference = whole(vae, inputs)
+            serial_s.append(time.perf_counter() - started)
+            serial_peak = peak_memory_bytes("cpu") - before
+            torch.set_num_threads(1)  # the host only joins the rows: idle threads would spin on the workers' cores
+            started = time.perf_counter()
+            done = banded(engine, vae, inputs)
+            split_s.append(time.perf_counter() - started)
+    finally:
+        torch.set_num_threads(threads)
+    serial_s, split_s = serial_s[1:] or serial_s, split_s[1:] or split_s
+    for name, times in (("serial", serial_s), ("bands", split_s)):
+        if _spread(times) > SPREAD_LIMIT:
+            disturbed.append(f"{label}{name}: repeats spread {100 * _spread(times):.0f}% (> {100 * SPREAD_LIMIT:.0f}%)")
+    return serial_s, split_s, reference, done, serial_peak
+
+
+def decode_figures(engine, model_name: str, resolution, images: int, frames, repeats: int, share: int,
+                   disturbed: list) -> dict | None:
+    """The sampler bench's decode (end to end includes it): bench model `model_name`'s VAE decoding a seeded latent
+    of `images` images at `resolution` (`frames` for a video) here and in bands on the pool, in turn. None for a
+    bench model without a VAE."""
+    from ..engine.vae import decode
+    from ..models.benchmodels_vae import LATENT_CHANNELS, bench_latent, build_bench_vae
+    from ..models.vae_families import family_of
+
+    if model_name not in LATENT_CHANNELS:
+        return None
+    vae = build_bench_vae(model_name)
+    latent = bench_latent(model_name, resolution, frames=frames)
+    latent = latent.expand(images, *latent.shape[1:])
+    serial_s, split_s, reference, done, _ = rotate(vae, latent.contiguous(), family_of(vae).decode, decode, engine,
+                                                   repeats, share, disturbed, "VAE decode, ")
+    return {"serial_seconds": statistics.median(serial_s), "bands_seconds": statistics.median(split_s),
+            "bands": done.extra["bands"], "max_abs_diff_vs_serial": (done.out - reference).abs().max().item()}
 
 
 def format_vae_table(report: dict) -> str:

@@ -126,6 +126,7 @@ def cmd_bench(args) -> int:
     report = run_bench(args.model, args.devices, bench_strategies(args), args.steps, args.resolution, args.repeats,
                        args.dtype, knobs=bench_knobs(args), frames=args.frames, cfg=args.cfg, images=args.images,
                        balance=args.balance, test_slowdown=args.test_slowdown, plan=not args.no_plan,
+                       decode=not args.no_decode,
                        progress=_progress(args))
     return _report(args, format_table(report), report)
 
@@ -376,6 +377,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--no-plan", action="store_true",
                        help="leave out the plan's prediction and its measurements (about 10 s): the plan column stays "
                             "blank")
+    bench.add_argument("--no-decode", action="store_true",
+                       help="leave out the VAE decode that end to end includes (the bench model's VAE, here for serial, "
+                            "in bands on the pool for the strategies)")
     _add_knob_options(bench)
     bench.add_argument("--quiet", action="store_true")
     bench.set_defaults(run=cmd_bench)
