@@ -54,7 +54,7 @@ def encode(engine, vae, image, devices: int | None = None) -> Computed:
 def _family(vae):
     family = vae_families.family_of(vae)
     if family is None:
-        raise CannotCarry(f"Tandem has no band split for a {type(vae).__name__} VAE")
+        raise CannotCarry(vae_families.refusal(vae))
     return family
 
 

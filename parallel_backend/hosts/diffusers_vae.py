@@ -29,11 +29,19 @@ class ParallelVAE(StandIn):
             log.info("Tandem: the VAE decodes on the host: its tiling or slicing is on (bands replace both)")
         return own
 
-    def decode(self, z, return_dict: bool = True, generator=None, **kwargs):
-        if self._own_path():
-            return self.real.decode(z, return_dict=return_dict, generator=generator, **kwargs)
+    def decode(self, z, *args, **kwargs):
+        """The real VAE's decode, its arguments as its own signature reads them (LTX-Video's takes a timestep
+        second: `decode(z, temb, return_dict)`); one the bands do not pass on (a timestep) keeps the VAE's own."""
+        import inspect
+
+        given = inspect.signature(self.real.decode).bind(z, *args, **kwargs).arguments
+        unpassed = [name for name, value in given.items() if name not in ("z", "return_dict", "generator")
+                    and value is not None and not (isinstance(value, dict) and not value)]
+        if self._own_path() or unpassed:
+            return self.real.decode(z, *args, **kwargs)
         from diffusers.models.autoencoders.vae import DecoderOutput
 
+        return_dict = given.get("return_dict", True)
         sample = bands.decode(self._executor.engine, self.real, z).out.to(z.dtype)
         self.calls += 1
         return DecoderOutput(sample=sample) if return_dict else (sample,)
