@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from parallel_backend.models.vae_bands import band_in_place, check_layers, row_scale
-from parallel_backend.models.vae_families import family_of, refusal
+from parallel_backend.models.vae_families import family_of
 
 
 def _load(name):
@@ -72,10 +72,10 @@ def ltx_vae(**config):
     return vae.eval().requires_grad_(False)
 
 
-def ltx095_vae():
+def ltx095_vae(**config):
     """LTX-Video 0.9.5's shape: downsamples that fold rows into channels after a convolution of stride 1
-    ('spatial', 'temporal', 'spatiotemporal'), residual upsamples; without its timestep conditioning."""
-    return ltx_vae(block_out_channels=(8, 16, 32, 32), decoder_block_out_channels=(8, 16, 32),
+    ('spatial', 'temporal', 'spatiotemporal'), residual upsamples; `config` overrides."""
+    return ltx_vae(**config, block_out_channels=(8, 16, 32, 32), decoder_block_out_channels=(8, 16, 32),
                    decoder_layers_per_block=(1,) * 4, down_block_types=("LTXVideo095DownBlock3D",) * 4,
                    downsample_type=("spatial", "temporal", "spatiotemporal", "spatiotemporal"),
                    decoder_spatio_temporal_scaling=(True,) * 3, decoder_inject_noise=(False,) * 4,
@@ -165,21 +165,33 @@ def test_a_band_that_does_not_hold_whole_strides_is_refused():
         banded(vae, clip, 2, _encode, unit=8)  # bands of 8-pixel rows where the encoder needs 16
 
 
-def test_ltx_video_vaes_the_bands_cannot_run_take_the_stock_path():
-    """A decoder conditioned on the timestep (0.9.1 and later) stays on the host with one sentence; one that
-    injects noise drawn over its input's shape is refused by name before any work."""
-    from parallel_backend.engine.vae import decode
-    from parallel_backend.runtime.carry import CannotCarry
+@pytest.mark.parametrize("degree", [2, 3])
+def test_ltx_videos_timestep_conditioned_decoder_bands_with_the_timestep(degree):
+    """LTX-Video 0.9.1 and later condition the decoder on the timestep (per sample): every band takes it whole."""
+    vae = ltx095_vae(timestep_conditioning=True)
+    family = family_of(vae)
+    z = torch.randn(2, 4, 2, 7, 4, generator=torch.Generator().manual_seed(14))
+    timestep = torch.tensor([0.05, 0.4])
+    with torch.inference_mode():
+        reference = vae.decode(z, timestep).sample
+        unconditioned = vae.decode(z, torch.zeros(2)).sample
+    assert (unconditioned - reference).abs().max() > 1e-3  # the timestep counts
+    _close(banded(vae, z, degree, lambda v, rows: family.decode(v, rows, timestep=timestep)), reference)
 
-    conditioned = ltx_vae(timestep_conditioning=True)
-    assert family_of(conditioned) is None
-    assert refusal(conditioned).startswith("this LTX-Video VAE's decoder is conditioned on the timestep")
-    with pytest.raises(CannotCarry, match="conditioned on the timestep"):
-        decode(None, conditioned, torch.zeros(1, 4, 1, 2, 2))
+
+def test_ltx_videos_noise_injection_is_refused_before_work():
+    """A decoder that injects noise drawn over its input's shape cannot band: refused by name (`parallelize`
+    keeps its own decode); and a timestep given for a VAE that takes none is refused in one sentence."""
+    from parallel_backend.engine.vae import decode
+    from parallel_backend.hosts.diffusers_vae import splits
+
     noisy = ltx_vae(decoder_inject_noise=(True, False, False, False, False))
+    assert not splits(noisy) and splits(ltx_vae())
     with pytest.raises(ValueError, match=r"^layer 'decoder\.up_blocks\.3\.conv_in' \(LTXVideoResnetBlock3d\) adds "
                                          r"noise drawn over its input's shape \(per_channel_scale1\)"):
         check_layers(noisy)
+    with pytest.raises(ValueError, match="^this AutoencoderKLHunyuanVideo VAE decodes without a timestep; pass none$"):
+        decode(None, hunyuan_vae(), torch.zeros(1, 4, 1, 2, 2), timestep=torch.zeros(1))
 
 
 def test_layers_that_still_cannot_band_are_refused_by_name():
@@ -202,7 +214,8 @@ def test_layers_that_still_cannot_band_are_refused_by_name():
 @pytest.mark.pool
 def test_a_pool_decodes_and_encodes_the_video_families_equal_to_one_device(cpu_pool):
     """Over gloo: the halos of a strided convolution (one row up, an empty message down) and of replicate
-    padding cross between the processes; the diffusers stand-in reads LTX-Video's decode(z, temb, return_dict)."""
+    padding cross between the processes; the diffusers stand-in reads LTX-Video's decode(z, temb, return_dict)
+    and passes the timestep on."""
     from parallel_backend.engine.pool_engine import engine_for
     from parallel_backend.engine.vae import decode, encode
     from parallel_backend.hosts.diffusers_vae import ParallelVAE
@@ -224,8 +237,11 @@ def test_a_pool_decodes_and_encodes_the_video_families_equal_to_one_device(cpu_p
     class Executor:
         engine = engine_for(cpu_pool)
 
-    vae, (_, frames, _) = ltx_vae(), VAES["ltx"]
+    vae, (_, frames, _) = ltx095_vae(timestep_conditioning=True), VAES["ltx-0.9.5"]
     stand_in = ParallelVAE(vae, Executor(), torch.nn.Module())
     z = torch.randn(1, 4, frames, 4, 3, generator=torch.Generator().manual_seed(12))
-    _close(stand_in.decode(z, None, return_dict=False)[0], _decode(vae, z))  # as pipeline_ltx.py calls it
+    timestep = torch.tensor([0.05])
+    with torch.inference_mode():
+        reference = vae.decode(z, timestep).sample
+    _close(stand_in.decode(z, timestep, return_dict=False)[0], reference)  # as pipeline_ltx.py calls it
     assert stand_in.calls == 1

@@ -1,7 +1,6 @@
 """The VAEs Tandem can split into bands (models/vae_bands.py, the whole VAE banded): for each, how a latent is
-decoded and an image encoded. A VAE not listed here (or one its family declines: `declines`) takes its host's stock
-path; `refusal` says why in one sentence. Not yet listed (issue 29): ComfyUI's HunyuanVideo and LTX-Video VAEs and
-its Wan 2.2 VAE."""
+decoded and an image encoded. A VAE not listed here takes its host's stock path. Not yet listed (issue 29):
+ComfyUI's HunyuanVideo and LTX-Video VAEs and its Wan 2.2 VAE."""
 
 from __future__ import annotations
 
@@ -17,7 +16,7 @@ class VaeFamily:
     encode: Callable  # (the VAE, an image's rows) -> the latent's rows (diffusers: the distribution's parameters)
     latent_patch: Callable = None  # the VAE -> image rows it folds into one by reshapes, not strided convolutions
     # (a patchify before the encoder, a pixel-unshuffle, a batch-normed latent's patches; None: 1)
-    declines: Callable = None  # the VAE -> why this one of the class stays on the stock path (one sentence), or None
+    takes_timestep: bool = False  # decode(vae, latent, timestep=...) for a decoder conditioned on the timestep
 
     def scale(self, vae) -> int:
         """Image rows per latent row: an encoder's bands start at multiples of it."""
@@ -50,11 +49,10 @@ def _ltx_patch(vae) -> int:
     return patch
 
 
-def _ltx_declines(vae) -> str | None:
-    if vae.config.timestep_conditioning:
-        return ("this LTX-Video VAE's decoder is conditioned on the timestep, which the band split does not pass "
-                "on yet")
-    return None
+def _ltx_decode(vae, latent, timestep=None):
+    """LTX-Video 0.9.1 and later condition the decoder on the timestep (`decode(z, temb)`): per sample, so each
+    band takes the whole value."""
+    return vae.decode(latent, timestep).sample
 
 
 def _comfy_latent_patch(vae) -> int:
@@ -81,8 +79,8 @@ FAMILIES = (
               ("diffusers.models.autoencoders.autoencoder_kl_hunyuan_video.AutoencoderKLHunyuanVideo",),
               _diffusers_decode, _diffusers_encode),
     VaeFamily("vae:diffusers_autoencoderkl_ltx_video",
-              ("diffusers.models.autoencoders.autoencoder_kl_ltx.AutoencoderKLLTXVideo",), _diffusers_decode,
-              _diffusers_encode, latent_patch=_ltx_patch, declines=_ltx_declines),
+              ("diffusers.models.autoencoders.autoencoder_kl_ltx.AutoencoderKLLTXVideo",), _ltx_decode,
+              _diffusers_encode, latent_patch=_ltx_patch, takes_timestep=True),
     # Qwen-Image's (Wan 2.1's architecture) and Flux.2's (an AutoencoderKL with 32 latent channels)
     VaeFamily("vae:diffusers_autoencoderkl_qwenimage",
               ("diffusers.models.autoencoders.autoencoder_kl_qwenimage.AutoencoderKLQwenImage",),
@@ -99,20 +97,7 @@ FAMILIES = (
 
 
 def family_of(vae) -> VaeFamily | None:
-    """The family `vae` belongs to (by its class, exactly: a subclass may decode otherwise), or None (none, or
-    its family declines this one)."""
-    family = _class_family(vae)
-    return None if family is None or (family.declines and family.declines(vae)) else family
-
-
-def refusal(vae) -> str:
-    """Why `vae` takes its host's stock path, in one sentence (for a VAE `family_of` gives None for)."""
-    family = _class_family(vae)
-    reason = family.declines(vae) if family is not None and family.declines else None
-    return reason or f"Tandem has no band split for a {type(vae).__name__} VAE"
-
-
-def _class_family(vae) -> VaeFamily | None:
+    """The family `vae` belongs to (by its class, exactly: a subclass may decode otherwise), or None."""
     name = f"{type(vae).__module__}.{type(vae).__qualname__}"
     return next((family for family in FAMILIES if name in family.classes), None)
 

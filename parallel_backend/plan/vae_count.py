@@ -105,7 +105,7 @@ def count_decode(vae, latent: torch.Tensor) -> VaeDecode:
     for a VAE Tandem cannot split into bands)."""
     family = vae_families.family_of(vae)
     if family is None:
-        raise ValueError(vae_families.refusal(vae))
+        raise ValueError(f"Tandem has no band split for a {type(vae).__name__} VAE")
     convs, norms, whole = vae_bands.check_layers(vae)
     halos, norm_bytes, inputs, whole_flops = [], [], [], [0]
     counter = FlopCounterMode(display=False)
