@@ -128,6 +128,8 @@ def test_hunyuans_frame_tiles_band_as_the_whole_does():
     blended: each band tiles its frames as the whole does."""
     vae = hunyuan_vae()
     assert vae.use_framewise_decoding and vae.use_framewise_encoding
+    # the mid blocks run whole (their attention flattens frames and rows into one sequence), not also their Attention
+    assert [type(block).__name__ for block in check_layers(vae)[2]] == ["HunyuanVideoMidBlock3D"] * 2
     z = torch.randn(1, 4, 6, 5, 3, generator=torch.Generator().manual_seed(5))
     _close(banded(vae, z, 2, _decode), _decode(vae, z))
     clip = torch.randn(1, 3, 21, 12, 8, generator=torch.Generator().manual_seed(6))

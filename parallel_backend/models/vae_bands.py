@@ -106,8 +106,9 @@ def band_in_place(module: nn.Module, group) -> nn.Module:
 def check_layers(module: nn.Module) -> tuple[list, list, list]:
     """The layers a band split wraps: (convolutions that pad their rows, GroupNorms, blocks that run whole),
     outside the whole blocks. Raises ValueError in one sentence for a layer it cannot band exactly."""
-    whole_blocks = [m for m in module.modules() if type(m).__name__.endswith(WHOLE_BLOCKS)]
-    inside = {id(sub) for block in whole_blocks for sub in block.modules()}
+    named = [m for m in module.modules() if type(m).__name__.endswith(WHOLE_BLOCKS)]
+    inside = {id(sub) for block in named for sub in block.modules() if sub is not block}
+    whole_blocks = [m for m in named if id(m) not in inside]  # outermost: HunyuanVideo's mid block, not its Attention
     halved = _padded_downsamples(module)
     # a ZeroPad2d((0, 1, 0, 1)) right before such a convolution (Wan's downsamples): the pad takes the halo
     pads = {id(pad): conv for m in module.modules() if isinstance(m, nn.Sequential)
