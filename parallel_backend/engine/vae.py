@@ -7,6 +7,7 @@ the worker program), which bands its copy of the VAE once and points it at the c
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 
@@ -29,14 +30,19 @@ class VaeBand:
     rows: object
     peers: tuple[int, ...]
     index: int
+    timestep: object = None  # a decoder conditioned on the timestep (LTX-Video's): its value, per sample
 
 
-def decode(engine, vae, latent, devices: int | None = None) -> Computed:
+def decode(engine, vae, latent, devices: int | None = None, timestep=None) -> Computed:
     """The image `vae` decodes from `latent` (batch, channels, rows, columns), its rows split over `devices` of
     the pool (default: all; never more bands than the latent has rows). out: the whole image on the latent's
-    device; extra: compute_s and activation_peak_bytes per rank, bands. Raises CannotCarry for a VAE without a
-    family (the host decodes it itself), ValueError before any work for a latent that cannot be split."""
-    return _split(engine, vae, _family(vae), latent, DECODE, 1, devices)
+    device; extra: compute_s and activation_peak_bytes per rank, bands. `timestep`: for a decoder conditioned on
+    it (the family's `takes_timestep`). Raises CannotCarry for a VAE without a family (the host decodes it
+    itself), ValueError before any work for a latent that cannot be split or a timestep the VAE does not take."""
+    family = _family(vae)
+    if timestep is not None and not family.takes_timestep:
+        raise ValueError(f"this {type(vae).__name__} VAE decodes without a timestep; pass none")
+    return _split(engine, vae, family, latent, DECODE, 1, devices, timestep)
 
 
 def encode(engine, vae, image, devices: int | None = None) -> Computed:
@@ -58,7 +64,7 @@ def _family(vae):
     return family
 
 
-def _split(engine, vae, family, rows_in, way: str, unit: int, devices: int | None) -> Computed:
+def _split(engine, vae, family, rows_in, way: str, unit: int, devices: int | None, timestep=None) -> Computed:
     """`way` over bands of `unit` rows of `rows_in`, one per device (`family`: the VAE's)."""
     import torch
 
@@ -73,7 +79,7 @@ def _split(engine, vae, family, rows_in, way: str, unit: int, devices: int | Non
         for index in peers:
             band = vae_bands.band_rows(units, degree, index)
             work[index] = VaeBand(fingerprint, way, rows_in[..., band.start * unit:band.stop * unit, :].contiguous(),
-                                  peers, index)
+                                  peers, index, timestep)
         computed = engine.request(work, f"{way[:-1]}ing in bands of rows", collective=degree > 1)
     out = torch.cat([computed[index].out for index in peers], dim=-2).to(rows_in.device)
     return Computed(out, max(c.compute_s for c in computed.values()), 0.0,
@@ -95,6 +101,8 @@ def run_band(state, message: VaeBand) -> Computed:
     else:
         bands.group = group
     run = family.decode if message.way == DECODE else family.encode
+    if message.timestep is not None:
+        run = functools.partial(run, timestep=torch.as_tensor(message.timestep).to(state.device))
     reset_peak_memory(state.device)
     before = peak_memory_bytes(state.device)
     started = time.perf_counter()

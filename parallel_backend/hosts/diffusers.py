@@ -163,7 +163,7 @@ class ParallelUNet(StandIn):
 def parallelize(pipe, config=None, pool=None, **settings):
     """Runs `pipe`'s denoiser on a pool of devices: the UNet of a StableDiffusion / SDXL pipeline, or the
     transformer(s) of a Flux, SD3, Wan or Qwen-Image pipeline; and its VAE's decode and encode in bands of rows
-    where it is an AutoencoderKL (hosts/diffusers_vae.py). Idempotent.
+    where models/vae_families.py lists its class and its layers band exactly (hosts/diffusers_vae.py). Idempotent.
 
     config: a ParallelConfig (default: all devices, strategy auto), or its settings by name in its place
     (`parallelize(pipe, devices="cuda:0,cuda:1", weights="auto", memory_per_device=20)`). pool: a started or

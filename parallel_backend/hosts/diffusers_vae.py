@@ -7,15 +7,23 @@ from __future__ import annotations
 import logging
 
 from ..engine import vae as bands
-from ..models import vae_families
+from ..models import vae_bands, vae_families
 from .stand_in import StandIn
 
 log = logging.getLogger("tandem")
 
 
 def splits(vae) -> bool:
-    """Whether `parallelize` can put a ParallelVAE in place of `vae`."""
-    return vae is not None and vae_families.family_of(vae) is not None
+    """Whether `parallelize` can put a ParallelVAE in place of `vae`: its family is listed and every layer bands
+    exactly (a layer that cannot keeps the VAE's own decode, said once with the layer's name)."""
+    if vae is None or vae_families.family_of(vae) is None:
+        return False
+    try:
+        vae_bands.check_layers(vae)
+    except ValueError as exc:
+        log.info("Tandem: the VAE decodes on the host: %s", exc)
+        return False
+    return True
 
 
 class ParallelVAE(StandIn):
@@ -29,12 +37,21 @@ class ParallelVAE(StandIn):
             log.info("Tandem: the VAE decodes on the host: its tiling or slicing is on (bands replace both)")
         return own
 
-    def decode(self, z, return_dict: bool = True, generator=None, **kwargs):
-        if self._own_path():
-            return self.real.decode(z, return_dict=return_dict, generator=generator, **kwargs)
+    def decode(self, z, *args, **kwargs):
+        """The real VAE's decode, its arguments as its own signature reads them (LTX-Video's takes the timestep
+        second: `decode(z, temb, return_dict)`, passed on to the bands); any other the bands do not pass on keeps
+        the VAE's own decode."""
+        import inspect
+
+        given = inspect.signature(self.real.decode).bind(z, *args, **kwargs).arguments
+        unpassed = [name for name, value in given.items() if name not in ("z", "return_dict", "generator", "temb")
+                    and value is not None and not (isinstance(value, dict) and not value)]
+        if self._own_path() or unpassed:
+            return self.real.decode(z, *args, **kwargs)
         from diffusers.models.autoencoders.vae import DecoderOutput
 
-        sample = bands.decode(self._executor.engine, self.real, z).out.to(z.dtype)
+        return_dict = given.get("return_dict", True)
+        sample = bands.decode(self._executor.engine, self.real, z, timestep=given.get("temb")).out.to(z.dtype)
         self.calls += 1
         return DecoderOutput(sample=sample) if return_dict else (sample,)
 

@@ -1,9 +1,10 @@
 """A VAE's convolutional network split into bands of rows over a group of devices, equal to one device (issue 29).
 
-Each rank runs the whole network on its own band of the image's rows. Three kinds of layer see beyond a band,
-and each is made exact (`band_in_place` wraps the module's own layers; the rest of the network is untouched):
+Each rank runs the whole network on its own band of the image's rows. These layers see beyond a band, and each
+is made exact (`band_in_place` wraps the module's own layers; the rest of the network is untouched):
 - a convolution that pads its rows (3x3: one row above and below) first takes those rows from its neighbours'
-  bands (`halo`), and pads its own rows only where the band meets the image's edge (zeros, as the whole does);
+  bands (`halo`), and pads its own rows only where the band meets the image's edge (zeros, or its 'replicate'
+  or 'reflect' padding_mode, as the whole does);
 - a GroupNorm takes its statistics over the whole image: each rank's sums per group are added over the group
   (`sum`: every rank's partial, added in rank order, so every rank gets the same bits), mean first, then the
   squared deviations from it (two passes, as numerically sound as the whole's);
@@ -12,12 +13,18 @@ and each is made exact (`band_in_place` wraps the module's own layers; the rest 
   It runs at the network's smallest resolution, where a whole image is cheap.
 - an encoder's padded downsample (a zero row below, then a 3x3 convolution of stride 2) takes, in place of that
   zero row, the first row of the band below, whether the module pads in its forward (SD's) or through a
-  ZeroPad2d before the convolution (Wan's): bands start at rows the downsampling divides.
-Everything else (1x1 convolutions, nearest upsampling, activations, residual additions) works row by row, so a
-band computes exactly its rows. Rows are the second-to-last dimension: a video VAE's (batch, channels, frames,
-rows, columns) bands the same way; its causal 3D convolutions (which pad their frames themselves and prepend
-the chunk before, cache_x) take halos for the input and for the cached frames, so each band keeps its own cache
-of its own rows.
+  ZeroPad2d before the convolution (Wan's): bands start at rows the downsampling divides;
+- a convolution of stride s over rows (LTX-Video's downsamples, HunyuanVideo's) takes its `padding` rows from
+  the band above and `kernel - s - padding` from the band below, on bands that start at multiples of s;
+- a convolution that pads itself before it runs (HunyuanVideo's: 'replicate' padding of rows, columns and
+  frames, then a convolution without padding) takes its halos from the neighbours and pads, in its own mode,
+  only where the band meets the image's edge (padding per dimension commutes with joining rows).
+Everything else (1x1 convolutions, nearest upsampling, activations, residual additions, norms over channels,
+patchify and pixel-(un)shuffle reshapes whose patches do not straddle a band: Wan 2.2's, LTX-Video's) works row
+by row, so a band computes exactly its rows. Rows are the second-to-last dimension: a video VAE's (batch,
+channels, frames, rows, columns) bands the same way; its causal 3D convolutions (which pad their frames
+themselves and prepend the chunk before, cache_x) take halos for the input and for the cached frames, so each
+band keeps its own cache of its own rows.
 
 A `group` is what the bands exchange through: `PeerBands` (torch.distributed, one rank per device), or the
 tests' threads (tests/tensor_threads.py). Its interface: `degree`, `index`, `halo(top, bottom)` -> (the rows
@@ -36,11 +43,18 @@ from ..runtime import primitives
 # Blocks whose every output position reads every input position: run whole on gathered rows. diffusers' VAEs
 # use Attention (attention_processor), WanAttentionBlock and QwenImageAttentionBlock (per frame); ComfyUI's
 # AttnBlock (ldm/modules/diffusionmodules/model.py) and AttentionBlock (ldm/wan/vae.py).
-WHOLE_BLOCKS = ("Attention", "AttnBlock", "AttentionBlock")  # class names ending so (a family's prefix before)
+# HunyuanVideo's mid block flattens frames and rows into one sequence before its attention (a causal mask over
+# frames): the whole block runs on the gathered rows.
+WHOLE_BLOCKS = ("Attention", "AttnBlock", "AttentionBlock", "HunyuanVideoMidBlock3D")  # class names ending so
 # Encoders' downsamples that pad their input with one zero row below and one zero column on the right, then run
 # a 3x3 convolution of stride 2 without padding (diffusers' Downsample2D, ComfyUI's Downsample): on a band of an
 # even number of rows, the row below is the next band's first row, not a zero (`_wrap_halving_conv`).
 PADDED_DOWNSAMPLES = ("Downsample2D", "Downsample")
+# Layers that add noise drawn over their input's shape (LTX-Video's decoder with inject_noise): a band cannot draw
+# the whole's noise.
+NOISE_SCALES = ("per_channel_scale1", "per_channel_scale2")
+# Paddings that read only the band at the image's edge (its own rows): 'circular' would read the other edge.
+EDGE_MODES = ("zeros", "constant", "replicate", "reflect")
 
 
 def band_rows(total: int, degree: int, index: int) -> range:
@@ -71,13 +85,16 @@ def band_in_place(module: nn.Module, group) -> nn.Module:
         raise ValueError("this module is already split into bands")
     bands = _Bands(group)
     convs, norms, whole_blocks = check_layers(module)
+    halved = _padded_downsamples(module)
     for conv in convs:
         if isinstance(conv, nn.ZeroPad2d):
             _wrap_zero_pad(conv, bands)
+        elif _pads_itself(conv):
+            _wrap_self_padding(conv, bands)
         elif hasattr(conv, "_padding"):
             _wrap_causal_conv(conv, bands)
         else:
-            (_wrap_halving_conv if conv.stride[-2] == 2 else _wrap_conv)(conv, bands)
+            (_wrap_halving_conv if id(conv) in halved else _wrap_conv)(conv, bands)
     for norm in norms:
         _wrap_group_norm(norm, bands)
     for block in whole_blocks:
@@ -89,38 +106,102 @@ def band_in_place(module: nn.Module, group) -> nn.Module:
 def check_layers(module: nn.Module) -> tuple[list, list, list]:
     """The layers a band split wraps: (convolutions that pad their rows, GroupNorms, blocks that run whole),
     outside the whole blocks. Raises ValueError in one sentence for a layer it cannot band exactly."""
-    whole_blocks = [m for m in module.modules() if type(m).__name__.endswith(WHOLE_BLOCKS)]
-    inside = {id(sub) for block in whole_blocks for sub in block.modules()}
-    halved = {id(m.conv) for m in module.modules() if type(m).__name__ in PADDED_DOWNSAMPLES
-              and isinstance(getattr(m, "conv", None), nn.Conv2d) and _pads_then_halves(m.conv)}
+    named = [m for m in module.modules() if type(m).__name__.endswith(WHOLE_BLOCKS)]
+    inside = {id(sub) for block in named for sub in block.modules() if sub is not block}
+    whole_blocks = [m for m in named if id(m) not in inside]  # outermost: HunyuanVideo's mid block, not its Attention
+    halved = _padded_downsamples(module)
     # a ZeroPad2d((0, 1, 0, 1)) right before such a convolution (Wan's downsamples): the pad takes the halo
     pads = {id(pad): conv for m in module.modules() if isinstance(m, nn.Sequential)
             for pad, conv in zip(m, list(m)[1:]) if isinstance(pad, nn.ZeroPad2d)
             and tuple(pad.padding) == (0, 1, 0, 1) and isinstance(conv, nn.Conv2d) and _pads_then_halves(conv)}
     after_pads = {id(conv) for conv in pads.values()}
+    padded_inside = {id(m.conv) for m in module.modules() if _pads_itself(m)}
     convs, norms = [], []
     for name, layer in module.named_modules():
-        if id(layer) in inside or id(layer) in after_pads:
+        if id(layer) in inside or id(layer) in after_pads or id(layer) in padded_inside:
             continue
+        noise = [attr for attr in NOISE_SCALES if getattr(layer, attr, None) is not None]
+        if noise:
+            raise ValueError(f"layer {name!r} ({type(layer).__name__}) adds noise drawn over its input's shape "
+                             f"({noise[0]}): a band cannot draw the whole image's noise, so it is not split")
         if id(layer) in halved or id(layer) in pads:
+            convs.append(layer)
+        elif _pads_itself(layer):
+            _check_self_padding(name, layer)
             convs.append(layer)
         elif isinstance(layer, nn.Conv3d) and hasattr(layer, "_padding"):
             if _check_causal(name, layer):
                 convs.append(layer)
         elif isinstance(layer, (nn.Conv2d, nn.Conv3d)):
             _check_conv(name, layer)
-            if layer.padding[-2]:
+            if any(_halo_rows(layer.kernel_size[-2], layer.stride[-2], layer.padding[-2])):
                 convs.append(layer)
         elif isinstance(layer, nn.GroupNorm):
             norms.append(layer)
     return convs, norms, whole_blocks
 
 
+def _padded_downsamples(module: nn.Module) -> set[int]:
+    """The ids of the convolutions of `module`'s padded downsamples (PADDED_DOWNSAMPLES)."""
+    return {id(m.conv) for m in module.modules() if type(m).__name__ in PADDED_DOWNSAMPLES
+            and isinstance(getattr(m, "conv", None), nn.Conv2d) and _pads_then_halves(m.conv)}
+
+
 def row_scale(module: nn.Module) -> int:
-    """Image rows per latent row: 2 to the number of the encoder's row-halving downsamples (what an encoder's bands
-    must start at multiples of)."""
+    """Image rows per latent row through the convolutions: the product of the row strides of the encoder's
+    downsamples (what an encoder's bands must start at multiples of; reshapes are the family's `latent_patch`)."""
     convs, _, _ = check_layers(module)
-    return 2 ** sum(1 for layer in convs if isinstance(layer, nn.ZeroPad2d) or layer.stride[-2] == 2)
+    scale = 1
+    for layer in convs:
+        scale *= 2 if isinstance(layer, nn.ZeroPad2d) else (layer.conv if _pads_itself(layer) else layer).stride[-2]
+    return scale
+
+
+def halo_rows(layer) -> tuple[int, int]:
+    """(rows from the band above, rows from the band below) one call of `layer`, a convolution `check_layers`
+    lists, takes on an inner band."""
+    if isinstance(layer, nn.ZeroPad2d):
+        return 0, 1  # a padded downsample: the first row of the band below (its convolution's halos say the same)
+    if _pads_itself(layer):
+        return _halo_rows(layer.conv.kernel_size[-2], layer.conv.stride[-2], layer.time_causal_padding[2])
+    if isinstance(getattr(layer, "_padding", None), tuple):
+        return layer._padding[2], layer._padding[2]
+    return _halo_rows(layer.kernel_size[-2], layer.stride[-2], layer.padding[-2])
+
+
+def _pads_itself(module) -> bool:
+    """A module that pads its input (`time_causal_padding`, in `pad_mode`) and runs its `conv` on it
+    (HunyuanVideo's causal 3D convolution)."""
+    return (isinstance(getattr(module, "time_causal_padding", None), tuple) and hasattr(module, "pad_mode")
+            and isinstance(getattr(module, "conv", None), (nn.Conv2d, nn.Conv3d)))
+
+
+def _halo_rows(kernel: int, stride: int, above: int) -> tuple[int, int]:
+    """(rows from the band above, rows from the band below) a convolution of `kernel` rows and `stride` that pads
+    `above` rows above needs on a band that starts at a multiple of its stride: its first output row reads from
+    `above` rows before the band, its last up to `kernel - stride - above` rows after it (3x3, stride 1: 1 and 1;
+    stride 2, padding 1: 1 and 0)."""
+    return above, max(0, kernel - stride - above)
+
+
+def _banded_rows(kernel: int, stride: int, above: int, below: int) -> bool:
+    """Whether a convolution that pads `above` and `below` rows keeps its rows (stride 1) or divides them by its
+    stride on bands that start at multiples of it, exactly."""
+    if stride == 1:
+        return above == below and kernel == 2 * above + 1
+    return above == below and above < kernel
+
+
+def _check_self_padding(name: str, layer) -> None:
+    conv, (_, _, above, below, *_) = layer.conv, layer.time_causal_padding
+    if layer.pad_mode not in EDGE_MODES:
+        raise ValueError(f"layer {name!r} ({type(layer).__name__}) pads with {layer.pad_mode!r}: only zero, "
+                         "'replicate' or 'reflect' padding splits into bands exactly")
+    if conv.padding[-2] or conv.dilation[-2] != 1 or not _banded_rows(conv.kernel_size[-2], conv.stride[-2], above,
+                                                                       below):
+        raise ValueError(f"layer {name!r} ({type(layer).__name__}, kernel {conv.kernel_size}, stride {conv.stride}, "
+                         f"padding {layer.time_causal_padding} then {conv.padding}) cannot take its rows from its "
+                         "neighbours' bands exactly: splitting it into bands is not supported yet")
 
 
 def _pads_then_halves(conv) -> bool:
@@ -142,15 +223,17 @@ def _check_causal(name: str, conv) -> bool:
 
 
 def _check_conv(name: str, conv) -> None:
-    if conv.stride[-2] != 1 or conv.dilation[-2] != 1:
-        raise ValueError(f"layer {name!r} strides or dilates its rows ({type(conv).__name__} stride {conv.stride}, "
-                         f"dilation {conv.dilation}): splitting it into bands is not supported yet")
-    if not isinstance(conv.padding, str) and conv.kernel_size[-2] != 2 * conv.padding[-2] + 1:
-        raise ValueError(f"layer {name!r} changes the number of rows (kernel {conv.kernel_size}, padding "
-                         f"{conv.padding}): splitting it into bands is not supported yet")
-    if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
-        raise ValueError(f"layer {name!r} pads with {conv.padding_mode!r} ({conv.padding!r}): only numeric zero "
-                         "padding splits into bands exactly")
+    if conv.dilation[-2] != 1:
+        raise ValueError(f"layer {name!r} dilates its rows ({type(conv).__name__} dilation {conv.dilation}): "
+                         "splitting it into bands is not supported yet")
+    if not isinstance(conv.padding, str) and not _banded_rows(conv.kernel_size[-2], conv.stride[-2],
+                                                              conv.padding[-2], conv.padding[-2]):
+        raise ValueError(f"layer {name!r} changes the number of rows in a way bands cannot share (kernel "
+                         f"{conv.kernel_size}, stride {conv.stride}, padding {conv.padding}): splitting it into bands "
+                         "is not supported yet")
+    if conv.padding_mode not in EDGE_MODES or isinstance(conv.padding, str):
+        raise ValueError(f"layer {name!r} pads with {conv.padding_mode!r} (padding {conv.padding!r}): only numeric "
+                         "zero, 'replicate' or 'reflect' padding splits into bands exactly")
 
 
 def _wrap_zero_pad(pad: nn.ZeroPad2d, bands: _Bands) -> None:
@@ -221,34 +304,78 @@ def _wrap_causal_conv(conv, bands: _Bands) -> None:
     conv.forward = forward
 
 
-def _with_halo(x, rows: int, bands: _Bands):
-    """`x` with `rows` rows of the band above and below it (zeros at the image's edge)."""
-    if x.shape[-2] < rows:
-        raise ValueError(f"a band of {x.shape[-2]} rows cannot give its neighbours the {rows} rows a "
+def _neighbours_rows(x, above: int, below: int, bands: _Bands, stride: int = 1):
+    """(the last `above` rows of the band above, the first `below` rows of the band below; None at the image's
+    edge). A band with a band below must hold whole strides (bands start at multiples of the stride)."""
+    if x.shape[-2] < max(above, below):
+        raise ValueError(f"a band of {x.shape[-2]} rows cannot give its neighbours the {max(above, below)} rows a "
                          "convolution needs: use fewer devices for this image")
-    above, below = bands.group.halo(x[..., :rows, :], x[..., -rows:, :])
-    edge = x.new_zeros((*x.shape[:-2], rows, x.shape[-1]))
-    return torch.cat([edge if above is None else above, x, edge if below is None else below], dim=-2)
+    if x.shape[-2] % stride and bands.group.index < bands.group.degree - 1:
+        raise ValueError(f"a band of {x.shape[-2]} rows cannot be divided by a stride of {stride} exactly: bands "
+                         "must start at rows the encoder's downsampling divides")
+    # the band above takes this band's first rows (its rows below), the band below this band's last rows
+    return bands.group.halo(x[..., :below, :], x[..., x.shape[-2] - above:, :])
+
+
+def _with_halo(x, above: int, bands: _Bands, below: int | None = None, stride: int = 1):
+    """`x` with `above` rows of the band above and `below` (default: `above`) of the band below; at the image's
+    edge, `above` zero rows (what the convolution pads on both sides)."""
+    upper, lower = _neighbours_rows(x, above, above if below is None else below, bands, stride)
+    edge = x.new_zeros((*x.shape[:-2], above, x.shape[-1]))
+    return torch.cat([edge if upper is None else upper, x, edge if lower is None else lower], dim=-2)
 
 
 def _wrap_conv(conv, bands: _Bands) -> None:
-    """The convolution pads only its columns (and frames); its rows come from the neighbours' bands, or zeros at
-    the image's edge."""
+    """The convolution pads only its columns (and frames); its rows come from the neighbours' bands, and it pads
+    them (zeros, or its 'replicate' or 'reflect' `padding_mode`) only at the image's edge. Strided over rows, it
+    takes the rows `_halo_rows` counts."""
     original, whole_padding = conv.forward, tuple(conv.padding)
     band_padding = (*whole_padding[:-2], 0, whole_padding[-1])
-    rows = whole_padding[-2]
+    stride = conv.stride[-2]
+    above, below = _halo_rows(conv.kernel_size[-2], stride, whole_padding[-2])
+    modes = list(conv._reversed_padding_repeated_twice)  # (columns, columns, rows, rows, ...): for a padding_mode
 
     def forward(x, *args, **kwargs):
         if bands.whole:
             return original(x, *args, **kwargs)
-        x = _with_halo(x, rows, bands)
-        conv.padding = band_padding
+        if conv.padding_mode == "zeros":
+            x = _with_halo(x, above, bands, below, stride)
+            conv.padding = band_padding
+            try:
+                return original(x, *args, **kwargs)
+            finally:
+                conv.padding = whole_padding
+        upper, lower = _neighbours_rows(x, above, below, bands, stride)
+        x = torch.cat([t for t in (upper, x, lower) if t is not None], dim=-2)
+        conv._reversed_padding_repeated_twice = [*modes[:2], 0 if upper is not None else modes[2],
+                                                 0 if lower is not None else modes[3], *modes[4:]]
         try:
             return original(x, *args, **kwargs)
         finally:
-            conv.padding = whole_padding
+            conv._reversed_padding_repeated_twice = modes
 
     conv.forward = forward
+
+
+def _wrap_self_padding(layer, bands: _Bands) -> None:
+    """A convolution that pads its input itself (in its `pad_mode`: HunyuanVideo's replicates) and then runs
+    unpadded: its rows come from the neighbours' bands, and it pads rows only at the image's edge (columns and
+    frames as written). Padding is per dimension, so joining the rows first gives the whole's padded values."""
+    conv, padding = layer.conv, tuple(layer.time_causal_padding)
+    stride = conv.stride[-2]
+    above, below = _halo_rows(conv.kernel_size[-2], stride, padding[2])
+    original = layer.forward
+
+    def forward(x):
+        if bands.whole:
+            return original(x)
+        upper, lower = _neighbours_rows(x, above, below, bands, stride)
+        x = torch.cat([t for t in (upper, x, lower) if t is not None], dim=-2)
+        pad = (*padding[:2], 0 if upper is not None else padding[2], 0 if lower is not None else padding[3],
+               *padding[4:])
+        return conv(F.pad(x, pad, mode=layer.pad_mode))
+
+    layer.forward = forward
 
 
 def _wrap_group_norm(norm: nn.GroupNorm, bands: _Bands) -> None:

@@ -1,6 +1,6 @@
 """The VAEs Tandem can split into bands (models/vae_bands.py, the whole VAE banded): for each, how a latent is
-decoded and an image encoded. A VAE not listed here takes its host's stock path (issue 29 lists the families to come:
-ComfyUI's classes, Wan's and HunyuanVideo's causal 3D VAEs)."""
+decoded and an image encoded. A VAE not listed here takes its host's stock path. Not yet listed (issue 29):
+ComfyUI's HunyuanVideo and LTX-Video VAEs and its Wan 2.2 VAE."""
 
 from __future__ import annotations
 
@@ -14,7 +14,9 @@ class VaeFamily:
     classes: tuple[str, ...]  # the VAE's class names, with their module's prefix
     decode: Callable  # (the VAE, a latent's rows) -> the image's rows
     encode: Callable  # (the VAE, an image's rows) -> the latent's rows (diffusers: the distribution's parameters)
-    latent_patch: Callable = None  # the VAE -> latent rows it folds into one after encoding (None: 1)
+    latent_patch: Callable = None  # the VAE -> image rows it folds into one by reshapes, not strided convolutions
+    # (a patchify before the encoder, a pixel-unshuffle, a batch-normed latent's patches; None: 1)
+    takes_timestep: bool = False  # decode(vae, latent, timestep=...) for a decoder conditioned on the timestep
 
     def scale(self, vae) -> int:
         """Image rows per latent row: an encoder's bands start at multiples of it."""
@@ -29,6 +31,28 @@ def _diffusers_decode(vae, latent):
 
 def _diffusers_encode(vae, image):
     return vae.encode(image).latent_dist.parameters  # mean and log-variance: the host samples (a generator's noise)
+
+
+def _wan_patch(vae) -> int:
+    """Wan 2.2's VAE patchifies 2x2 pixels into channels before its encoder (`patch_size`); Wan 2.1's does not."""
+    return vae.config.patch_size or 1
+
+
+def _ltx_patch(vae) -> int:
+    """LTX-Video's encoder patchifies `patch_size` rows into channels, and its downsamplers of type 'spatial' or
+    'spatiotemporal' (0.9.5's LTXVideoDownsampler3d) fold their row stride into channels after a convolution of
+    stride 1 (its 'conv' downsamples are strided convolutions, counted by vae_bands.row_scale)."""
+    patch = vae.config.patch_size
+    for module in vae.encoder.modules():
+        if type(module).__name__ == "LTXVideoDownsampler3d":
+            patch *= module.stride[1]
+    return patch
+
+
+def _ltx_decode(vae, latent, timestep=None):
+    """LTX-Video 0.9.1 and later condition the decoder on the timestep (`decode(z, temb)`): per sample, so each
+    band takes the whole value."""
+    return vae.decode(latent, timestep).sample
 
 
 def _comfy_latent_patch(vae) -> int:
@@ -46,9 +70,17 @@ def _comfy_encode(vae, image):
 FAMILIES = (
     VaeFamily("vae:diffusers_autoencoderkl", ("diffusers.models.autoencoders.autoencoder_kl.AutoencoderKL",),
               _diffusers_decode, _diffusers_encode),
-    # Wan 2.1's causal video VAE
+    # Wan 2.1's causal video VAE, and Wan 2.2's (the same class with is_residual and patch_size 2)
     VaeFamily("vae:diffusers_autoencoderkl_wan", ("diffusers.models.autoencoders.autoencoder_kl_wan.AutoencoderKLWan",),
+              _diffusers_decode, _diffusers_encode, latent_patch=_wan_patch),
+    # HunyuanVideo's causal video VAE (replicate-padded 3D convolutions, the whole mid block on gathered rows) and
+    # LTX-Video's (strided downsamples, pixel-shuffle upsamples)
+    VaeFamily("vae:diffusers_autoencoderkl_hunyuan_video",
+              ("diffusers.models.autoencoders.autoencoder_kl_hunyuan_video.AutoencoderKLHunyuanVideo",),
               _diffusers_decode, _diffusers_encode),
+    VaeFamily("vae:diffusers_autoencoderkl_ltx_video",
+              ("diffusers.models.autoencoders.autoencoder_kl_ltx.AutoencoderKLLTXVideo",), _ltx_decode,
+              _diffusers_encode, latent_patch=_ltx_patch, takes_timestep=True),
     # Qwen-Image's (Wan 2.1's architecture) and Flux.2's (an AutoencoderKL with 32 latent channels)
     VaeFamily("vae:diffusers_autoencoderkl_qwenimage",
               ("diffusers.models.autoencoders.autoencoder_kl_qwenimage.AutoencoderKLQwenImage",),

@@ -96,9 +96,8 @@ def _edge(conv, args, kwargs) -> tuple[int, int]:
         cache = args[1] if len(args) > 1 else kwargs.get("cache_x")
         joined = [x, cache] if isinstance(cache, torch.Tensor) and pads[4] > 0 else [x]
         return sum(pads[2] * _nbytes(t) // t.shape[-2] for t in joined), 2
-    if conv.stride[-2] == 2:  # an encoder's halving downsample: one row up (vae_bands._wrap_halving_conv)
-        return _nbytes(x) // x.shape[-2], 1
-    return conv.padding[-2] * _nbytes(x) // x.shape[-2], 2
+    above, below = vae_bands.halo_rows(conv)  # an encoder's halving downsample: one row up, none down
+    return max(above, below) * _nbytes(x) // x.shape[-2], (above > 0) + (below > 0)
 
 
 def count_decode(vae, latent: torch.Tensor) -> VaeDecode:
