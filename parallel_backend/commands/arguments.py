@@ -37,8 +37,39 @@ def memory_settings(args) -> dict:
 
 
 def machine_settings(args) -> dict:
-    """--secret-file and --interface, for a pool with devices of other machines (None: the environment's)."""
-    return {"secret_file": args.secret_file, "interface": args.interface}
+    """--secret-file, --interface and --allow-missing-machines, for a pool with devices of other machines (None: the
+    environment's)."""
+    return {"secret_file": args.secret_file, "interface": args.interface,
+            "allow_missing_machines": args.allow_missing_machines}
+
+
+def check_machines(args) -> None:
+    """Devices on other machines (--devices), before any model loads: --secret-file and --interface, given or from
+    TANDEM_* (runtime/addresses.py: no torch), then, unless --allow-missing-machines, that each machine's `tandem
+    worker serve` answers and takes the secret, as a pool's first start requires (remote.check_answers, which
+    imports torch and loads nothing)."""
+    from ..runtime import environment
+    from ..runtime.devices import parse_devices, remote_machines
+    from ..runtime.pool_settings import ALLOW_MISSING_MACHINES
+
+    machines = remote_machines(parse_devices(args.devices)) if args.devices is not None else ()
+    if not machines:
+        return
+    from ..runtime.addresses import host_settings
+
+    secret = host_settings(machines, args.secret_file, args.interface)[2]
+    if not environment.setting(ALLOW_MISSING_MACHINES, args.allow_missing_machines):
+        from ..runtime.remote import check_answers
+
+        check_answers(machines, secret)
+
+
+def check_serve_options(args) -> None:
+    """`tandem worker serve`'s --listen (a name resolved to its IPv4 address) and the interface its workers use
+    (--interface, needed with 0.0.0.0), before torch loads (runtime/addresses.py)."""
+    from ..runtime.addresses import listen_address, serve_interface
+
+    serve_interface(*listen_address(args.listen), args.interface)
 
 
 def bench_knobs(args) -> dict:

@@ -10,10 +10,11 @@ from ..engine.config import DEVICE_SPEEDS, DEVICES, MEMORY_KNOBS, MEMORY_PER_DEV
 from ..models.request import SCHEDULERS
 from ..runtime import validation
 from ..runtime.knobs import add_options
-from ..runtime.pool_settings import INTERFACE, SECRET_FILE
+from ..runtime.pool_settings import ALLOW_MISSING_MACHINES, INTERFACE, SECRET_FILE
 from .arguments import (UsageError, bench_knobs, bench_strategies, check_bench_options, check_demo_options,
-                        check_environment, check_generate_options, check_plan_options, check_workflow_options,
-                        knobs, machine_settings, memory_settings, request_for, strategy_knobs)
+                        check_environment, check_generate_options, check_machines, check_plan_options,
+                        check_serve_options, check_workflow_options, knobs, machine_settings, memory_settings,
+                        request_for, strategy_knobs)
 
 # Argument checks (arguments.py) come before every heavy import: torch, diffusers and gradio load inside the
 # commands, once their arguments have passed.
@@ -88,6 +89,7 @@ def cmd_generate(args) -> int:
     if args.explain:
         print(explain(config, args.steps, args.cfg != 1.0))
         return 0
+    check_machines(args)  # the other machines' settings, and that they answer: before the model loads
     from ..hosts.pipelines import load_pipeline
     from ..models.sampling import Timer
 
@@ -121,6 +123,7 @@ def cmd_bench(args) -> int:
     if args.stage in ("vae", "encode"):
         return _bench_vae(args)
     check_bench_options(args)  # the bench checks again, after torch has loaded; these came first
+    check_machines(args)
     from .bench import format_table, run_bench
 
     report = run_bench(args.model, args.devices, bench_strategies(args), args.steps, args.resolution, args.repeats,
@@ -166,6 +169,8 @@ def _bench_vae(args) -> int:
 
 def cmd_plan(args) -> int:
     link, cfg, resolution, devices = check_plan_options(args)
+    if link is None:  # a pool starts to measure the link
+        check_machines(args)
     from .bench import DTYPES, parse_resolution
     from ..models.benchmodels import build_bench_model
     from ..plan import report
@@ -295,6 +300,7 @@ def cmd_workflow_compare(args) -> int:
 
 
 def cmd_worker_serve(args) -> int:
+    check_serve_options(args)  # before torch loads
     from ..runtime import serve
 
     return serve.main(args.listen, args.devices, args.secret_file, args.interface, args.comfyui, args.cache_dir,
@@ -303,7 +309,7 @@ def cmd_worker_serve(args) -> int:
 
 def _add_machine_options(parser):
     """A host's settings for devices on other machines (HOST:PORT/DEVICE), passed to the pool as arguments."""
-    add_options(parser, (SECRET_FILE, INTERFACE))
+    add_options(parser, (SECRET_FILE, INTERFACE, ALLOW_MISSING_MACHINES))
 
 
 def _add_parallel_options(parser, devices_default):
@@ -438,13 +444,14 @@ def build_parser() -> argparse.ArgumentParser:
     worker = commands.add_parser("worker", help="this machine's devices for a host's pool on another machine")
     worker_actions = worker.add_subparsers(dest="action", required=True)
     serve = worker_actions.add_parser("serve", help="keep workers ready for one host at a time (docs/multi-machine.md)")
-    serve.add_argument("--listen", required=True, help="ADDRESS:PORT to listen on: the address of the interface "
-                       "the pool's machines share (the only one used; 0.0.0.0 only if you mean every interface)")
+    serve.add_argument("--listen", required=True, help="ADDRESS:PORT or NAME:PORT to listen on (a name is resolved to "
+                       "its IPv4 address): the address of the interface the pool's machines share, the only one used "
+                       "(0.0.0.0, every interface, only with --interface)")
     serve.add_argument("--devices", default="auto", help="this machine's devices: 'cuda:0,cuda:1', 'cpu:2' or 'auto'")
     serve.add_argument("--secret-file", required=True, help="the shared secret (at least 16 bytes; e.g. `openssl "
                        "rand -hex 32 > FILE`), the same file on every machine; its TLS certificate is kept beside it")
     serve.add_argument("--interface", default=None, help="the interface gloo/NCCL bind to (default: the one that "
-                       "holds the --listen address)")
+                       "holds the --listen address; needed with --listen 0.0.0.0:PORT)")
     serve.add_argument("--comfyui", default=None, help="ComfyUI's root folder, for hosts that run ComfyUI (its "
                        "version must match the host's)")
     serve.add_argument("--cache-dir", default=None, help="where the models hosts send are kept, named by a hash of "

@@ -102,8 +102,8 @@ class ParallelConfig:
       engine/weights.py) or "auto" (sharded where the whole weights do not fit `memory_per_device`).
     memory_per_device: GiB each device may hold; None: what a CUDA device has free, or this machine's available
       memory shared among its CPU workers.
-    secret_file, interface, hang_factor, hang_floor_s, max_models: the pool's settings (runtime/pool_settings.py;
-      WorkerPool has their meanings); None: the environment's (runtime/environment.py).
+    secret_file, interface, allow_missing_machines, hang_factor, hang_floor_s, max_models: the pool's settings
+      (runtime/pool_settings.py; WorkerPool has their meanings); None: the environment's (runtime/environment.py).
     Every value is checked on creation, before any work; creating a config starts nothing.
     """
 
@@ -117,6 +117,7 @@ class ParallelConfig:
     memory_per_device: float | None = None
     secret_file: str | None = None
     interface: str | None = None
+    allow_missing_machines: bool | None = None
     hang_factor: float | None = None
     hang_floor_s: float | None = None
     max_models: int | None = None

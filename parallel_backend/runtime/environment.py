@@ -41,6 +41,9 @@ VARIABLES = {v.name: v for v in (
              "`secret_file=` win)"),
     Variable("TANDEM_INTERFACE", "", "devices on other machines: the network interface that reaches them "
              "(`--interface`, `interface=` win)"),
+    Variable("TANDEM_ALLOW_MISSING_MACHINES", "0", "`1`: a pool starts without another machine that cannot be "
+             "reached or refuses the secret, with a warning (`--allow-missing-machines`, `allow_missing_machines=` "
+             "win); `0`: its start fails naming it", choices=("0", "1")),
     Variable("TANDEM_REJOIN_S", "30", "the least seconds between two attempts to reach a machine left out", low=0),
     Variable("TANDEM_LINK_TIMEOUT_S", "6", "seconds of silence after which the other end of a host-daemon "
              "connection counts as gone (at least 1: two of the daemon's status periods)", low=1),
@@ -104,6 +107,8 @@ def setting(knob, value):
     raw = text(knob.variable)
     if not raw:
         return None
+    if knob.kind is bool:  # a flag's variable is 0 or 1 (its `choices`), refused naming it otherwise
+        return check(knob.variable) == "1"
     try:
         return knob.validate(raw if knob.kind is str else number(knob.variable, knob.kind))
     except (TypeError, ValueError) as exc:

@@ -10,8 +10,10 @@ slower than its kind's median; the error names that worker (not a peer that fail
 call, the pool tears itself down and starts afresh on the next job. Workers leave with the host (they watch
 its process) and no file of the pool outlives it (pool_files.py).
 
-Another machine that cannot be reached when the pool starts is left out, said in one log line, and tried again
-at the start of later jobs (`rejoin_missing`); when it answers, the pool restarts with every device.
+Another machine that cannot be reached when the pool first starts fails the start, naming it, unless
+`allow_missing_machines`; then, and when it cannot be reached as a pool that has run restarts, it is left out, said
+in one log line, and tried again at the start of later jobs (`rejoin_missing`); when it answers, the pool restarts
+with every device.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from .remote_weights import send_to_machines
 from . import environment
 from .launcher import forks, launcher_for
 from .devices import PoolUnavailable, parse_devices, remote_machines, resolve_devices, split_device
-from .pool_settings import HANG_FACTOR, HANG_FLOOR_S, INTERFACE, MAX_MODELS, SECRET_FILE
+from .pool_settings import ALLOW_MISSING_MACHINES, HANG_FACTOR, HANG_FLOOR_S, MAX_MODELS
 from .worker_handle import WorkerHandle
 from .shipping import load_requests, model_bytes, model_fingerprint
 from .transport import Channel, ChannelClosed, Listener, ready
@@ -97,25 +99,31 @@ class WorkerPool:
       devices of other machines needs the one that reaches them: default TANDEM_INTERFACE).
     secret_file: the shared secret of a pool with devices of other machines (docs/multi-machine.md); default
       TANDEM_SECRET_FILE.
+    allow_missing_machines: a first start leaves out another machine that cannot be reached or refuses the secret,
+      with a warning, instead of failing (default TANDEM_ALLOW_MISSING_MACHINES or False).
     import_paths: where workers find the host's model classes (e.g. ComfyUI's root); they come first on the
       workers' import path, ahead of this package's folder, so nothing here shadows a host module.
     test_slowdown: tests only, a stand-in for slower cards: {rank: factor} or "1:2" (worker 1 repeats its heavy
       compute twice; factors 1 to 10); default TANDEM_TEST_SLOWDOWN or none (slowdown.py).
-    The settings a host may choose (secret_file, interface, hang_factor, hang_floor_s, max_models) are declared in
-    runtime/pool_settings.py; a ParallelConfig carries them (`ParallelConfig.pool_options()`).
+    The settings a host may choose (secret_file, interface, allow_missing_machines, hang_factor, hang_floor_s,
+    max_models) are declared in runtime/pool_settings.py; a ParallelConfig carries them
+    (`ParallelConfig.pool_options()`).
     """
 
     def __init__(self, devices: str | tuple[str, ...] = "auto", *, timeout_s: float = 300.0,
                  start_timeout_s: float = 120.0, pg_timeout_s: float = 60.0, import_paths: tuple[str, ...] = (),
                  worker_setup: tuple[str, str, object] | None = None, interface: str | None = None,
                  hang_factor: float | None = None, hang_floor_s: float | None = None, max_models: int | None = None,
-                 secret_file: str | None = None, test_slowdown: dict | str | None = None):
+                 secret_file: str | None = None, allow_missing_machines: bool | None = None,
+                 test_slowdown: dict | str | None = None):
         self.requested_devices = parse_devices(devices)
         known = None if self.requested_devices == ("auto",) else len(self.requested_devices)
         self.test_slowdown = slowdown.parse(test_slowdown, known) if test_slowdown is not None else \
             slowdown.from_environment(known)
-        hang_factor, hang_floor_s, self.max_models = (environment.setting(knob, value) for knob, value in (
-            (HANG_FACTOR, hang_factor), (HANG_FLOOR_S, hang_floor_s), (MAX_MODELS, max_models)))
+        hang_factor, hang_floor_s, self.max_models, self.allow_missing_machines = (
+            environment.setting(knob, value) for knob, value in (
+                (HANG_FACTOR, hang_factor), (HANG_FLOOR_S, hang_floor_s), (MAX_MODELS, max_models),
+                (ALLOW_MISSING_MACHINES, allow_missing_machines)))
         for name, value in (("timeout_s", timeout_s), ("start_timeout_s", start_timeout_s),
                             ("pg_timeout_s", pg_timeout_s)):
             validation.seconds(name, value)
@@ -197,7 +205,9 @@ class WorkerPool:
             raise
         try:
             if machines:
-                devices = self._leave_out(devices, self._link.reach())
+                # A first start refuses a machine it cannot reach; a pool that has run leaves it out (rejoin_missing)
+                leave_out = self.allow_missing_machines or self.stats.starts > 0
+                devices = self._leave_out(devices, self._link.reach(leave_out))
                 # The Join first: a daemon waits for it only HANDSHAKE_TIMEOUT_S after the handshake, and the local
                 # spawn may first start the launcher (seconds of imports on a loaded machine).
                 remote_workers = self._link.join_machines(listener.address, self.start_timeout_s)
@@ -293,22 +303,12 @@ class WorkerPool:
         settings a pool across machines needs are given; None for a pool of this machine only."""
         if not machines:
             return None
+        from .addresses import host_settings
         from .remote import rejoin_every_s
-        from .secure import read_secret
 
-        self.secret_file = environment.setting(SECRET_FILE, self.secret_file or None)
-        self.interface = environment.setting(INTERFACE, self.interface or None)
-        named = ", ".join(machines)
-        if not self.secret_file:
-            raise ValueError(f"devices name other machines ({named}): give the pool's shared secret file "
-                             "(secret_file=, TANDEM_SECRET_FILE or --secret-file), the one their `tandem worker "
-                             "serve --secret-file` reads")
-        if not self.interface:
-            raise ValueError(f"devices name other machines ({named}): give the network interface that reaches "
-                             "them (interface=, TANDEM_INTERFACE or --interface, e.g. eth1); the pool listens "
-                             "only there")
+        self.secret_file, self.interface, secret = host_settings(machines, self.secret_file, self.interface)
         rejoin_every_s()  # TANDEM_REJOIN_S checked before anything starts
-        return read_secret(self.secret_file)
+        return secret
 
     def _handshake(self, listener: Listener) -> None:
         """Waits for every worker's connection (the listener handshakes each in a thread of its own: a stranger's

@@ -25,13 +25,17 @@ SECRET_FILE = Knob("secret_file", str, None, "devices on other machines: the sha
 INTERFACE = Knob("interface", str, None, "devices on other machines: this machine's network interface that reaches "
                  "them, the only one the pool listens on", unset=True,
                  variable="TANDEM_INTERFACE")
+ALLOW_MISSING_MACHINES = Knob("allow_missing_machines", bool, None, "devices on other machines: start the pool "
+                              "without a machine that cannot be reached or refuses the secret, with a warning "
+                              "(otherwise the start fails naming it)", unset=True,
+                              variable="TANDEM_ALLOW_MISSING_MACHINES", unset_means="no")
 HANG_FACTOR = Knob("hang_factor", float, None, "a timed kind of call is hung after this many times its median (at "
                    "least 1)", unset=True, check=_hang_factor, variable="TANDEM_HANG_FACTOR")
 HANG_FLOOR_S = Knob("hang_floor_s", float, None, f"... and after at least this many seconds (at least {SILENT_S:g}: a "
                     "worker's heartbeat may be that late)", unset=True, check=_hang_floor,
                     variable="TANDEM_HANG_FLOOR_S")
 MAX_MODELS = Knob("max_models", int, None, "models kept loaded on the workers at once", low=1, unset=True, variable="TANDEM_MAX_MODELS")
-POOL_SETTINGS = (SECRET_FILE, INTERFACE, HANG_FACTOR, HANG_FLOOR_S, MAX_MODELS)
+POOL_SETTINGS = (SECRET_FILE, INTERFACE, ALLOW_MISSING_MACHINES, HANG_FACTOR, HANG_FLOOR_S, MAX_MODELS)
 
 
 def devices_variable() -> tuple[str, ...]:

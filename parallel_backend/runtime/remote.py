@@ -7,8 +7,11 @@ That connection then carries the daemon's status of its workers (exit codes, hea
 STATUS_PERIOD_S and the host's keep-alives; a daemon silent for LINK_TIMEOUT_S, or whose connection closes,
 makes its workers dead to the pool, with the machine named.
 
-A machine that cannot be reached when the pool starts is left out (`RemoteLink.reach`): the pool runs on the
-devices that are there, and tries the machine again at the start of a later job (`answers`, WorkerPool.rejoin_missing).
+A machine that cannot be reached (or refuses the secret) when the pool starts for the first time fails the start,
+naming it (`RemoteLink.reach`; a command checks it before it loads a model: `check_answers`), unless the pool allows
+missing machines (`allow_missing_machines`). Then, and when a pool that has run restarts without it, the machine is
+left out: the pool runs on the devices that are there, and tries the machine again at the start of a later job
+(`answers`, WorkerPool.rejoin_missing).
 """
 
 from __future__ import annotations
@@ -16,7 +19,6 @@ from __future__ import annotations
 import logging
 import os
 import queue
-import socket
 import subprocess
 import sys
 import threading
@@ -25,6 +27,7 @@ from pathlib import Path
 
 from .messages import Join, KeepAlive, KillWorkers, MachineStatus
 from . import environment
+from .addresses import interface_address
 from .devices import PoolUnavailable, remote_machines, split_device
 from .version import __version__
 from .worker_handle import WorkerHandle
@@ -40,6 +43,8 @@ REACH_TIMEOUT_S = 5.0  # one attempt's connect at a start: a machine that takes 
 REJOIN_PROBE_S = 2.0  # the time to reach a machine left out, at the start of a later job
 RETRY_PAUSE_S = 0.25  # between two attempts to connect to a machine
 MIN_ATTEMPT_S = 0.1  # the least time one connect attempt is given
+NOT_WITHOUT = ("the pool does not start without it (allow_missing_machines=True, --allow-missing-machines or "
+               "TANDEM_ALLOW_MISSING_MACHINES=1 start it on the devices that answer)")
 
 
 def link_timeout_s() -> float:
@@ -88,30 +93,34 @@ def connect_daemon(name: str, secret: bytes, retry_s: float, attempt_s: float | 
             time.sleep(RETRY_PAUSE_S)
 
 
+def reach_daemon(name: str, secret: bytes):
+    """A connection to machine `name`'s daemon, TLS and the secret's proofs done, retrying for REACH_RETRY_S (a link
+    just back up may need a moment: ARP, routes); raises PoolUnavailable with a sentence naming the machine."""
+    try:
+        return connect_daemon(name, secret, retry_s=REACH_RETRY_S, attempt_s=REACH_TIMEOUT_S)
+    except HandshakeError as exc:
+        raise PoolUnavailable(f"{name}: its `tandem worker serve` refused this host or was refused ({exc}); "
+                              "both machines must read the same secret file") from None
+    except OSError as exc:
+        raise PoolUnavailable(f"{name}: cannot reach a `tandem worker serve` there ({exc}: is it running, with its "
+                              "port open in the firewall?)") from None
+
+
+def check_answers(machines: tuple[str, ...], secret: bytes) -> None:
+    """Reaches each machine's daemon as a pool's first start does, then hangs up (the daemon logs a host that
+    left): a command calls it before it loads a model, so that a machine that cannot be reached or refuses the
+    secret is refused first. Raises PoolUnavailable naming the first such machine."""
+    for name in machines:
+        try:
+            reach_daemon(name, secret).close()
+        except PoolUnavailable as exc:
+            raise PoolUnavailable(f"{exc}; {NOT_WITHOUT}") from None
+
+
 def versions() -> dict:
     """What must match on every machine of a pool: Tandem's version, and ComfyUI's where the host runs one."""
     comfy = sys.modules.get("comfyui_version")
     return {"tandem": __version__, "comfyui": getattr(comfy, "__version__", None)}
-
-
-def interface_address(name: str) -> str:
-    """The IPv4 address of network interface `name`; a ValueError naming the interfaces there are otherwise."""
-    import psutil
-
-    interfaces = psutil.net_if_addrs()
-    found = [a.address for a in interfaces.get(name, ()) if a.family == socket.AF_INET]
-    if not found:
-        raise ValueError(f"network interface {name!r} has no IPv4 address here; interfaces with one: "
-                         f"{', '.join(sorted(n for n, addrs in interfaces.items() if any(a.family == socket.AF_INET for a in addrs)))}")
-    return found[0]
-
-
-def interface_of(address: str) -> str | None:
-    """The network interface that holds IPv4 `address`, or None."""
-    import psutil
-
-    return next((name for name, addrs in psutil.net_if_addrs().items()
-                 if any(a.family == socket.AF_INET and a.address == address for a in addrs)), None)
 
 
 class Machine:
@@ -128,17 +137,9 @@ class Machine:
         self._closed = False
 
     def connect(self) -> None:
-        """Reaches the daemon (TLS and the secret's proofs), retrying for REACH_RETRY_S; raises PoolUnavailable
-        with a sentence naming the machine if it cannot."""
-        try:  # a link just back up may need a moment (ARP, routes)
-            conn = connect_daemon(self.name, self.secret, retry_s=REACH_RETRY_S, attempt_s=REACH_TIMEOUT_S)
-        except HandshakeError as exc:
-            raise PoolUnavailable(f"{self.name}: its `tandem worker serve` refused this host or was refused ({exc}); "
-                                  "both machines must read the same secret file") from None
-        except OSError as exc:
-            raise PoolUnavailable(f"{self.name}: cannot reach a `tandem worker serve` there ({exc}); is it running, "
-                                  "and is its port open in the firewall?") from None
-        self._channel = Channel(conn, self.name)
+        """Reaches the daemon (`reach_daemon`); raises PoolUnavailable with a sentence naming the machine if it
+        cannot."""
+        self._channel = Channel(reach_daemon(self.name, self.secret), self.name)
 
     def join(self, join: Join, timeout_s: float) -> None:
         """Asks the daemon reached by `connect` for workers; raises PoolUnavailable naming the machine if it cannot."""
@@ -265,14 +266,17 @@ class RemoteLink:
         self.rendezvous = self.store.init_method
         self.machines = {name: Machine(name, secret) for name in remote_machines(devices)}
 
-    def reach(self) -> dict[str, str]:
-        """Reaches every other machine's daemon; those that cannot be reached (refused, silent, or failing the
-        handshake) are dropped with their devices. Returns machine -> why, for each one dropped."""
+    def reach(self, leave_out: bool) -> dict[str, str]:
+        """Reaches every other machine's daemon. One that cannot be reached (refused, silent, or failing the
+        handshake) raises PoolUnavailable naming it, or with `leave_out` is dropped with its devices. Returns machine
+        -> why, for each one dropped."""
         missing = {}
         for name, machine in list(self.machines.items()):
             try:
                 machine.connect()
             except PoolUnavailable as exc:
+                if not leave_out:
+                    raise PoolUnavailable(f"{exc}; {NOT_WITHOUT}") from None
                 missing[name] = str(exc)
                 del self.machines[name]
         self.devices = tuple(d for d in self.devices if split_device(d)[0] not in missing)

@@ -28,7 +28,8 @@ from pathlib import Path
 from . import pool_files
 from .messages import Join, KeepAlive, KillWorkers, MachineStatus, Reply, WorkerStatus
 from .pool import core_shares, spawn_worker
-from .remote import STATUS_PERIOD_S, interface_of, link_timeout_s, versions
+from .addresses import listen_address, serve_interface
+from .remote import STATUS_PERIOD_S, link_timeout_s, versions
 from .devices import parse_devices, resolve_devices, split_device
 from .worker_handle import log_tail
 from .doorway import BACKLOG, HANDSHAKE_TIMEOUT_S, Doorway
@@ -39,15 +40,6 @@ from .worker_loop import heartbeat_path
 from .words import counted
 
 log = logging.getLogger("tandem")
-
-
-def parse_listen(text: str) -> tuple[str, int]:
-    """"10.0.0.2:7000" -> ("10.0.0.2", 7000); a ValueError in one sentence otherwise."""
-    host, colon, port = str(text).rpartition(":")
-    if not colon or not host or not port.isdigit() or not 0 <= int(port) < 65536:  # 0: a free port, logged
-        raise ValueError(f"--listen {text!r}: give ADDRESS:PORT, e.g. 10.0.0.2:7000 (the address of the interface "
-                         "the pool's machines share; 0.0.0.0 only if you mean every interface)")
-    return host.strip("[]"), int(port)
 
 
 def comfyui_version(root: str | None) -> str | None:
@@ -76,20 +68,18 @@ def version_mismatch(host: dict, mine: dict) -> str | None:
 
 
 class ServeDaemon:
-    """This machine's devices, served to one host at a time from `listen` (ADDRESS:PORT)."""
+    """This machine's devices, served to one host at a time from `listen` (ADDRESS:PORT or NAME:PORT; 0.0.0.0, every
+    interface, only with `interface`: addresses.py)."""
 
     def __init__(self, listen: str, devices: str, secret_file: str, interface: str | None = None,
                  comfyui: str | None = None, cache_dir: str | None = None, cache_size_gib=DEFAULT_SIZE_GIB):
-        self.host, self.port = parse_listen(listen)
+        self.host, self.port = listen_address(listen)  # a name resolved to its IPv4 address
+        self.interface = serve_interface(self.host, self.port, interface)
         self.devices = parse_devices(devices)
         if any(split_device(d)[0] is not None for d in self.devices):
             raise ValueError(f"--devices {devices!r}: name this machine's own devices (cpu:2, cuda:0,cuda:1)")
         self.devices = resolve_devices(self.devices)
         self.secret = read_secret(secret_file)
-        self.interface = interface or interface_of(self.host)
-        if self.interface is None:
-            raise ValueError(f"--listen {self.host}: no interface of this machine has that address; give the "
-                             "address of the interface the pool's machines share (or --interface NAME)")
         self.comfyui = comfyui
         self.versions = {**versions(), "comfyui": comfyui_version(comfyui)}
         self.cache = WeightsCache(cache_dir or default_cache_dir(), cache_size_bytes(cache_size_gib))

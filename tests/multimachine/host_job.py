@@ -4,7 +4,8 @@ strategy the tiny bench model's sampler loop on the pool vs one device. Prints o
     host_job.py DEVICES --strategies cfg,batch,asyncdiff [--variant N] [--hold FILE] [--fault-steps N]
 
 --variant N: the tiny model's weights scaled by 1 + N/100 (another model of the same size, for the weights
-cache's tests). Each job's line has "shipped" (all bytes) and "sent" (bytes per other machine).
+cache's tests). Each job's line has "shipped" (all bytes), "sent" (bytes per other machine), the pool's "devices"
+and the machines it "left_out".
 
 --hold FILE: after the jobs, keep the pool up until FILE exists (the test looks at the listening sockets and
 sends them garbage), then run one more batch job: {"after_hold": max diff, "starts": pool starts}.
@@ -114,7 +115,8 @@ def main() -> None:
             result = run_loop(model, job, resolution, STEPS, 0, executor=ParallelExecutor(pool, config)).latents
             say(strategy=strategy, max_diff=(result - reference).abs().max().item(),
                 seconds=time.perf_counter() - started, shipped=pool.stats.weights_bytes_shipped,
-                sent=pool.stats.weights_bytes_per_machine, calls=pool.stats.calls)
+                sent=pool.stats.weights_bytes_per_machine, calls=pool.stats.calls, devices=list(pool.devices),
+                left_out=sorted(pool.left_out))
         if args.hold:
             say(event="holding", pids=pool.worker_pids())
             until = time.monotonic() + 120

@@ -177,7 +177,8 @@ def test_a_pool_with_other_machines_needs_a_secret_and_an_interface(monkeypatch,
         WorkerPool("cpu,127.0.0.1:7000/cpu").start()
     with pytest.raises(ValueError, match="network interface"):
         WorkerPool("cpu,127.0.0.1:7000/cpu", secret_file=str(secret_file)).start()
-    with pytest.raises(ValueError, match="no IPv4 address"):
+    with pytest.raises(ValueError, match=r"network interface 'nonexistent0' \(interface=, TANDEM_INTERFACE or "
+                                         r"--interface\) does not exist"):
         WorkerPool("cpu,127.0.0.1:7000/cpu", secret_file=str(secret_file), interface="nonexistent0").start()
     assert not list(tmp_path.glob("tandem-pool-*"))
 

@@ -1,7 +1,8 @@
 """A pool across two 'machines' (network namespaces, conftest.py): the exact strategies equal one device, only
 the configured listeners exist, intruders are refused (garbage and silent connections to every listener, the
 pool's own and gloo's, are survived) while the pool keeps working, and a remote machine that
-is killed or whose link drops gives a clear error in time, with no process left on either side."""
+is killed or whose link drops gives a clear error in time, with no process left on either side. A configuration
+error (a wrong secret, a missing or wrong interface) fails the command in one sentence before any model loads."""
 
 from __future__ import annotations
 
@@ -178,3 +179,78 @@ def _is_serve(pid: int) -> bool:
         return "serve" in psutil.Process(pid).cmdline() and "parallel_backend.commands.cli" in psutil.Process(pid).cmdline()
     except psutil.Error:
         return False
+
+
+# ---- configuration errors fail (issue 28): before any model loads, one sentence, exit 1 -------------------------
+
+MODEL_MODULES = {"generate": "parallel_backend.hosts.pipelines", "bench": "parallel_backend.commands.bench"}
+
+
+@pytest.fixture
+def serve_other_secret(machines, tmp_path):
+    """`tandem worker serve` in namespace B reading a secret other than the host's, and its log file."""
+    other = tmp_path / "other-secret"
+    other.write_text(os.urandom(32).hex())
+    log = tmp_path / "serve-other.log"
+    process = machines.serve(log, secret=other)
+    yield process, log
+    if process.poll() is None:
+        process.kill()
+    process.wait(timeout=30)
+
+
+def _tandem_in_a(machines, tmp_path, command: str, *args: str, **env) -> tuple[int, list[str], set[str], float]:
+    """`tandem COMMAND --devices DEVICES ARGS` in the host's namespace under `python -X importtime`: its exit code,
+    its stderr lines (import times left out), the modules it imported and its wall time."""
+    options = {"generate": ["--steps", "2", "--out", str(tmp_path / "x.png")],
+               "bench": ["--model", "tiny", "--steps", "2", "--repeats", "0", "--no-plan"]}[command]
+    variables = {"TANDEM_SECRET_FILE": str(machines.secret), "TANDEM_INTERFACE": machines.veth_a, **env}
+    started = time.monotonic()
+    done = machines.run_in(machines.a, sys.executable, "-X", "importtime", "-m", "parallel_backend.commands.cli",
+                           command, "--quiet", "--devices", DEVICES, *options, *args, timeout=120, cwd=REPO,
+                           env={k: v for k, v in environment(**variables).items() if v is not None})
+    seconds = time.monotonic() - started
+    lines = done.stderr.splitlines()
+    imported = {line.rsplit("|", 1)[1].strip() for line in lines if line.startswith("import time:")}
+    assert not done.stdout.strip(), done.stdout
+    return done.returncode, [line for line in lines if not line.startswith("import time:")], imported, seconds
+
+
+@pytest.mark.parametrize("command", ["generate", "bench"])
+def test_a_wrong_secret_fails_the_command_before_the_model_loads(machines, serve_other_secret, tmp_path, command):
+    process, log = serve_other_secret
+    code, lines, imported, seconds = _tandem_in_a(machines, tmp_path, command)
+    machine = f"{REMOTE_IP}:{SERVE_PORT}"
+    assert code == 1 and len(lines) == 1, lines
+    assert lines[0].startswith(f"tandem: error: {machine}: its `tandem worker serve` refused this host"), lines
+    assert "--allow-missing-machines" in lines[0], lines
+    assert MODEL_MODULES[command] not in imported and not (tmp_path / "x.png").exists()  # no model was loaded
+    assert seconds < 30, seconds  # torch's import on a loaded machine; the refusal itself is at once
+    assert process.poll() is None and "refused a connection" in log.read_text(), log.read_text()
+    assert "serving host" not in log.read_text()  # no worker was started for it
+
+
+@pytest.mark.parametrize("interface, fragment", [
+    (None, "give the network interface that reaches them (interface=, TANDEM_INTERFACE or --interface, e.g. eth1)"),
+    ("tdm-none", "network interface 'tdm-none' (interface=, TANDEM_INTERFACE or --interface) does not exist"),
+])
+def test_a_missing_or_wrong_interface_fails_the_command_before_torch_is_imported(machines, serve, tmp_path,
+                                                                                   interface, fragment):
+    process, log = serve
+    code, lines, imported, seconds = _tandem_in_a(machines, tmp_path, "generate", TANDEM_INTERFACE=interface)
+    assert code == 1 and len(lines) == 1 and fragment in lines[0], lines
+    assert "torch" not in imported and seconds < 10, (seconds, sorted(imported)[:20])
+    assert f"host {HOST_IP}" not in log.read_text(), log.read_text()  # the machine was never contacted
+
+
+def test_allow_missing_machines_runs_a_wrong_secret_pool_on_the_host_alone(machines, serve_other_secret):
+    host = machines.host(DEVICES, "--strategies", "cfg", TANDEM_ALLOW_MISSING_MACHINES="1")
+    try:
+        line = read_line(host, 240)
+        assert line["max_diff"] <= ATOL, line  # equals one device
+        assert line["devices"] == ["cpu"] and line["left_out"] == [f"{REMOTE_IP}:{SERVE_PORT}"], line
+        assert read_line(host, 60)["event"] == "done"
+    finally:
+        if host.poll() is None:
+            host.kill()
+        host.wait(timeout=30)
