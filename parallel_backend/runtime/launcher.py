@@ -255,6 +255,7 @@ def serve(host: int, preload: list[str]) -> None:
             pass  # to import (or not) as a fresh process would
     _say({"ready": True})
     workers: dict[int, str] = {}  # pid -> its pool's folder
+    launcher = os.getpid()
     while True:
         readable, _, _ = select.select([sys.stdin], [], [], 0.05)
         _reap(workers)
@@ -268,7 +269,6 @@ def serve(host: int, preload: list[str]) -> None:
         if torch.cuda.is_initialized():
             _say({"error": "CUDA is initialised in the launcher; a forked worker could not use it"})
             continue
-        launcher = os.getpid()
         try:
             pid = os.fork()
         except OSError as exc:

@@ -237,10 +237,10 @@ class WorkerPool:
         return kept
 
     def before_job(self, job) -> bool:
-        """Called by the engine before each call with its job (None: a job of one call). On a job's first call:
-        a worker of this machine that died or stopped while the pool was idle shuts the pool down (one log
-        line; worker_health.py), and machines left out are tried again (rejoin_missing). True: the pool was shut
-        down, and the job starts it afresh."""
+        """Called by the engine before each model call with its job, and before a VAE decode in bands (None: a job
+        of one call), never within a request. On a job's first call: a worker of this machine that died or
+        stopped while the pool was idle shuts the pool down (one log line; worker_health.py), and machines left
+        out are tried again (rejoin_missing). True: the pool was shut down, and the job starts it afresh."""
         with self._lock:
             first_call = job is None or job != self._last_job
             fault = worker_health.idle_fault(self._workers) if first_call and self.started else None
