@@ -1,9 +1,10 @@
 """Whether a pool's own workers (of this machine) can take work: looked at before each job, while the pool is
-idle (`idle_fault`), and while they start (`start_fault`). A worker on another machine is judged by its
-machine's daemon instead (remote.py), when a request reaches it.
+idle (`idle_fault`), while they start (`start_fault`), and after a request failed, for the worker that caused it
+(`culprit`). Before a job and at start-up a worker on another machine is judged by its machine's daemon instead
+(remote.py), when a request reaches it.
 
-A worker that died, or whose process is stopped, between two jobs would fail the next job; the pool restarts
-before it instead (WorkerPool.before_job). A process group takes no new member, so the whole pool restarts.
+A worker that died, was stopped or froze between two jobs would fail the next job; the pool restarts before it
+instead (WorkerPool.before_job). A process group takes no new member, so the whole pool restarts.
 """
 
 from __future__ import annotations
