@@ -72,6 +72,9 @@ def test_a_healthy_pool_is_not_restarted_between_jobs(cpu_pool):
     from parallel_backend.runtime import worker_health
 
     assert worker_health.idle_fault(cpu_pool._workers) is None
+    late = time.time() - 10  # a heartbeat that looks old (a machine too busy for a moment) but is renewed
+    os.utime(cpu_pool._workers[1].heartbeat, (late, late))
+    assert cpu_pool._workers[1].silent_for() > 9 and worker_health.idle_fault(cpu_pool._workers) is None
     assert cpu_pool.before_job("job a") is False and cpu_pool.before_job("job b") is False
     assert cpu_pool.stats.idle_restarts == 0 and cpu_pool.started
 
