@@ -142,8 +142,9 @@ class Engine:
     def run(self, module, family: str, call: ModelCall, config: ParallelConfig,
             fingerprint: str | None = None, recipe=None, needs_split: bool = False, planner=None) -> CallResult:
         """Runs one model call on the pool as `config` says. The engine alone looks after the pool on the way:
-        on a job's first call it tries machines left out again, it starts the pool if it is down, and it ships
-        the model if the workers lack it (as its recipe where the host gives one: WorkerPool.ensure_model).
+        on a job's first call it restarts a pool whose worker died or stopped since the last job and tries
+        machines left out again, it starts the pool if it is down, and it ships the model if the workers lack it
+        (as its recipe where the host gives one: WorkerPool.ensure_model).
         Refusals a host answers with its own path raise, each one sentence: CannotCarry for a model or a patch
         the workers cannot take, PoolUnavailable for a pool whose devices cannot be reached or, with
         `needs_split`, a pool down to one device. Any other error (a worker that fails, dies or hangs) is a fault.
@@ -155,7 +156,7 @@ class Engine:
             raise ValueError("strategy 'auto' needs auto's planner: run calls through hosts.executor.ParallelExecutor "
                              "or pass planner=plan.calibrate.auto_plans(engine)")
         with self._lock:
-            self.pool.rejoin_missing(call.job)  # a job's first call: a machine left out may be back
+            self.pool.before_job(call.job)  # a job's first call: a worker lost since the last job, a machine back
             self.pool.start()  # before the mesh: a machine that cannot be reached leaves fewer devices
             if needs_split and len(self.pool.devices) < 2:
                 raise PoolUnavailable(f"only one device ({self.pool.devices[0]})")

@@ -71,6 +71,7 @@ def _split(engine, vae, family, rows_in, way: str, unit: int, devices: int | Non
     vae_bands.check_layers(vae)  # an unsupported layer refused before any work
     units = rows_in.shape[-2] // unit
     with engine.job():
+        engine.pool.before_job(None)  # a decode is a job of its own: a worker lost since the last one restarts the pool
         degree = min(devices or engine.device_count(), engine.device_count(), units)
         vae_bands.check_bands(units, degree)
         fingerprint = engine.hold(vae, family.name)

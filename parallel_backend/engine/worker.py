@@ -14,6 +14,11 @@ import os
 import sys
 import time
 
+if __name__ == "__main__":  # the host's watch first: a host killed while torch loads below leaves nothing behind
+    from ..runtime import worker_watch
+
+    worker_watch.start_from_argv(sys.argv[1:])
+
 from .. import models, strategies
 from ..models import weight_shards
 from ..models.stages import synchronize

@@ -4,7 +4,9 @@ torch (1.9 s on a 2-core machine) and, at its first model, the model's library (
 One launcher process per host process and import path: started once (`python -m parallel_backend.runtime.launcher`),
 it imports torch, the worker program and the libraries the host itself has loaded among PRELOAD, then forks a
 worker per request. The worker becomes what `python -m parallel_backend.engine.worker` would be: its own session,
-the pool's folder as working directory, the environment and log the pool gives it.
+the pool's folder as working directory, the environment and log the pool gives it. Its watch on the host starts
+first thing after the fork (worker_watch.py), with the launcher as the parent it follows. When the host has gone
+(its pipe closes) the launcher kills the workers it forked, stopped ones too, and removes their pool folders.
 
 Why not multiprocessing's forkserver: its children re-import the host's `__main__` (ComfyUI's main.py, with its
 side effects) and take their arguments by pickle; this launcher runs only the worker program.
@@ -26,6 +28,7 @@ import importlib
 import json
 import os
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -33,7 +36,7 @@ import tempfile
 import threading
 import time
 
-from . import environment
+from . import environment, pool_files, worker_watch
 
 FORKED_KINDS = ("cpu",)  # device kinds whose workers fork; "cuda" once a GPU has run tests/gpu's forked worker
 WORKER_MODULE = "parallel_backend.engine.worker"  # by name: the process boundary, as pool.spawn_worker's command
@@ -83,9 +86,9 @@ class Launcher:
         env = dict(os.environ, PYTHONPATH=pythonpath, TORCH_NVML_BASED_CUDA_CHECK="1")
         # The host's own modules of those libraries: a package's __init__ alone imports little (diffusers is lazy)
         preload = sorted(name for name in list(sys.modules) if name.split(".")[0] in PRELOAD)
-        self.process = subprocess.Popen([sys.executable, "-m", __name__, *preload], stdin=subprocess.PIPE,
-                                        stdout=subprocess.PIPE, env=env, cwd=tempfile.gettempdir(),
-                                        start_new_session=True, text=True, bufsize=1)
+        self.process = subprocess.Popen([sys.executable, "-m", __name__, str(os.getpid()), *preload],
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
+                                        cwd=tempfile.gettempdir(), start_new_session=True, text=True, bufsize=1)
         threading.Thread(target=self._read, daemon=True, name="tandem-launcher").start()
         self._answer(timeout_s=120)  # {"ready": true} once the imports are done
 
@@ -161,11 +164,15 @@ def launcher_for(pythonpath: str) -> Launcher:
 
 
 def _say(message: dict) -> None:
-    sys.stdout.write(json.dumps(message) + "\n")
-    sys.stdout.flush()
+    try:
+        sys.stdout.write(json.dumps(message) + "\n")
+        sys.stdout.flush()
+    except BrokenPipeError:  # the host has gone: the end of its pipe, read next, ends its workers
+        pass
 
 
-def _reap() -> None:
+def _reap(workers: dict[int, str]) -> None:
+    """Reports the workers that ended; `workers` (pid -> pool folder) keeps those still running."""
     while True:
         try:
             pid, status = os.waitpid(-1, os.WNOHANG)
@@ -173,14 +180,32 @@ def _reap() -> None:
             return
         if pid == 0:
             return
+        workers.pop(pid, None)
         _say({"exited": pid, "code": os.waitstatus_to_exitcode(status)})
 
 
-def _become_worker(request: dict) -> None:
-    """In the forked child: what `python -m WORKER_MODULE argv` started with `env` in `cwd` would be. Never
-    returns."""
+def _end_with_host(workers: dict[int, str]) -> None:
+    """The host has gone: its workers end (stopped and frozen ones too) and their pool folders go."""
+    for pid in workers:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    for pid, folder in workers.items():
+        try:
+            os.waitpid(pid, 0)
+        except ChildProcessError:
+            pass
+        if os.path.basename(folder).startswith(pool_files.PREFIX):  # only a pool's folder, whatever was asked
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _become_worker(request: dict, launcher: int) -> None:
+    """In the forked child of process `launcher`: what `python -m WORKER_MODULE argv` started with `env` in `cwd`
+    would be. Never returns."""
     code = 1
     try:
+        worker_watch.start_from_argv(request["argv"], parent_pid=launcher)  # first: the host may be gone already
         os.setsid()
         log = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         null = os.open(os.devnull, os.O_RDONLY)
@@ -216,7 +241,10 @@ def _become_worker(request: dict) -> None:
             os._exit(code if isinstance(code, int) else 1)
 
 
-def serve(preload: list[str]) -> None:
+def serve(host: int, preload: list[str]) -> None:
+    """Forks a worker per request of process `host` until the host has gone (its pipe closes), then ends them."""
+    if not worker_watch.follow_parent(host) and worker_watch.host_gone(host):
+        return
     import torch
 
     importlib.import_module(WORKER_MODULE)
@@ -226,13 +254,16 @@ def serve(preload: list[str]) -> None:
         except Exception:  # noqa: BLE001 - a module the host could import but this process cannot is the worker's
             pass  # to import (or not) as a fresh process would
     _say({"ready": True})
+    workers: dict[int, str] = {}  # pid -> its pool's folder
+    launcher = os.getpid()
     while True:
         readable, _, _ = select.select([sys.stdin], [], [], 0.05)
-        _reap()
+        _reap(workers)
         if not readable:
             continue
         line = sys.stdin.readline()
-        if not line:  # the host has gone (or closed us): the workers watch the host themselves
+        if not line:  # the host has gone (or closed us)
+            _end_with_host(workers)
             return
         request = json.loads(line)
         if torch.cuda.is_initialized():
@@ -244,11 +275,12 @@ def serve(preload: list[str]) -> None:
             _say({"error": str(exc)})
             continue
         if pid == 0:
-            _become_worker(request)
+            _become_worker(request, launcher)
+        workers[pid] = request["cwd"]
         _say({"pid": pid})
 
 
 if __name__ == "__main__":
-    serve(sys.argv[1:])
+    serve(int(sys.argv[1]), sys.argv[2:])
     sys.stdout.flush()
     os._exit(0)

@@ -7,8 +7,9 @@ fingerprint (shipping.py: a file in shared memory that CPU workers map rather th
 what the requests are is the engine's and the strategies' business. Every wait is bounded (deadlines.py): a
 worker that dies is noticed from its process ending, one that hangs from its silent heartbeat or a call far
 slower than its kind's median; the error names that worker (not a peer that failed because of it) and the
-call, the pool tears itself down and starts afresh on the next job. Workers leave with the host (they watch
-its process) and no file of the pool outlives it (pool_files.py).
+call, the pool tears itself down and starts afresh on the next job; one that died or stopped between jobs
+restarts the pool before the next (`before_job`, worker_health.py). Workers leave with the host, stopped ones
+too (worker_watch.py), and no file of the pool outlives it (pool_files.py).
 
 Another machine that cannot be reached when the pool first starts fails the start, naming it, unless
 `allow_missing_machines`; then, and when it cannot be reached as a pool that has run restarts, it is left out, said
@@ -30,7 +31,7 @@ from dataclasses import dataclass, field, replace
 from multiprocessing import AuthenticationError
 from pathlib import Path
 
-from . import pool_files, slowdown, validation
+from . import pool_files, slowdown, validation, worker_health
 from .carry import CannotCarry, Carrier
 from .deadlines import SILENT_S, CallClock, load_bound
 from .host_modules import host_modules
@@ -41,24 +42,16 @@ from . import environment
 from .launcher import forks, launcher_for
 from .devices import PoolUnavailable, parse_devices, remote_machines, resolve_devices, split_device
 from .pool_settings import ALLOW_MISSING_MACHINES, HANG_FACTOR, HANG_FLOOR_S, MAX_MODELS
-from .worker_handle import WorkerHandle
+from .worker_handle import WorkerError, WorkerHandle
 from .shipping import load_requests, model_bytes, model_fingerprint
 from .transport import Channel, ChannelClosed, Listener, ready
-from .worker_loop import heartbeat_path
+from .worker_watch import heartbeat_path
 from .words import counted
 
 # The folder that holds parallel_backend/, on every worker's PYTHONPATH (a host such as ComfyUI may not have the
 # package installed): one level up per dot in this module's name.
 PACKAGE_PARENT = str(Path(__file__).resolve().parents[__name__.count(".")])
 log = logging.getLogger("tandem")
-
-
-class WorkerError(RuntimeError):
-    """A worker failed or died. The message starts with its device and worker number, then the call."""
-
-    def __init__(self, message: str, device: str = "", rank: int = -1, remote_traceback: str = ""):
-        super().__init__(message)
-        self.device, self.rank, self.remote_traceback = device, rank, remote_traceback
 
 
 MAX_FAILURES_KEPT = 20
@@ -71,8 +64,9 @@ class PoolStats:
     weights_bytes_shipped: int = 0  # written for this machine's workers, plus sent to other machines
     weights_bytes_per_machine: dict = field(default_factory=dict)  # "HOST:PORT" -> bytes sent to its cache
     calls: int = 0
-    rejoin_checks: int = 0  # rejoin_missing calls (the engine makes one per model call)
+    rejoin_checks: int = 0  # before_job calls (the engine makes one per model call)
     rejoin_seconds: float = 0.0  # spent trying machines left out (remote.answers), every job together
+    idle_restarts: int = 0  # restarts before a job, for a worker that died or stopped while the pool was idle
     model_checks: int = 0  # ensure_model calls, for a model held already too (the engine: one per model call)
     refused_connections: int = 0  # connections to the start-up listener that failed the handshake by the
     #   end of a start (a stranger's still under way then is dropped at its deadline, after)
@@ -253,8 +247,22 @@ class WorkerPool:
         self._rejoin_tried = time.monotonic()
         return kept
 
+    def before_job(self, job) -> bool:
+        """Called by the engine before each model call with its job, and before a VAE decode in bands (None: a job
+        of one call), never within a request. On a job's first call: a worker of this machine that died or
+        stopped while the pool was idle shuts the pool down (one log line; worker_health.py), and machines left
+        out are tried again (rejoin_missing). True: the pool was shut down, and the job starts it afresh."""
+        with self._lock:
+            first_call = job is None or job != self._last_job
+            fault = worker_health.idle_fault(self._workers) if first_call and self.started else None
+            if fault is not None:  # a process group takes no new member: the whole pool restarts
+                log.warning("Tandem: %s while the pool was idle; the pool restarts", fault)
+                self.stats.idle_restarts += 1
+                self._teardown()
+            return self.rejoin_missing(job) or fault is not None
+
     def rejoin_missing(self, job) -> bool:
-        """Called before each call (by the engine) with the call's job (None: a job of one
+        """Called by before_job with the call's job (None: a job of one
         call), never within a request. On a job's first call only, when the pool runs without machines it could
         not reach, tries them again (each given remote.REJOIN_PROBE_S to answer, at most once per
         remote.rejoin_every_s()). When one answers, says so and shuts the pool down, so that the job starts it
@@ -318,10 +326,9 @@ class WorkerPool:
         waiting = {w.rank: w for w in self._workers}
         try:
             while waiting:
-                for w in waiting.values():
-                    if not w.alive():
-                        raise WorkerError(f"{w.name}: failed to start: {w.death_note()}{_also(listener)}", w.device,
-                                          w.rank)
+                failed = worker_health.start_error(waiting.values(), _also(listener))
+                if failed is not None:
+                    raise failed
                 if time.monotonic() > deadline:
                     raise WorkerError(_not_connected(sorted(waiting), self.start_timeout_s, listener))
                 try:
@@ -340,8 +347,13 @@ class WorkerPool:
                 worker.channel = channel
         finally:
             self.stats.refused_connections += listener.doorway.refusals.total
-        for w in self._workers:  # all connected: now each reports joining the process group
-            reply = w.channel.recv(timeout=max(1.0, deadline - time.monotonic()), alive=w.alive)
+        for w in self._workers:  # all connected: now each reports joining the process group (which waits for all)
+            try:
+                reply = w.channel.recv(timeout=max(1.0, deadline - time.monotonic()),
+                                       alive=lambda: worker_health.start_error(self._workers) is None)
+            except ChannelClosed:
+                raise worker_health.start_error(self._workers, _also(listener)) or WorkerError(
+                    f"{w.name}: failed to start: {w.death_note()}", w.device, w.rank) from None
             if not reply.ok:
                 raise WorkerError(f"{w.name}: {reply.error}", w.device, w.rank)
 
@@ -445,9 +457,9 @@ class WorkerPool:
         rank, reply = failed
         w = workers[rank]
         error = WorkerError(f"{w.name}, {what}: {reply.error}", w.device, w.rank, reply.traceback)
-        culprit = self._culprit(exclude=rank, wait_s=2.0 if collective else 0.0)
+        culprit = worker_health.culprit(self._workers, exclude=rank, wait_s=2.0 if collective else 0.0)
         if culprit is not None:
-            error = WorkerError(f"{culprit.name}, {what}: {self._fault_note(culprit)}; {w.name} failed as a "
+            error = WorkerError(f"{culprit.name}, {what}: {culprit.fault_note()}; {w.name} failed as a "
                                 f"consequence: {reply.error}", culprit.device, culprit.rank, reply.traceback)
         self._note_failure(str(error))
         if collective or culprit is not None:
@@ -456,21 +468,6 @@ class WorkerPool:
 
     def _note_failure(self, message: str) -> None:
         self.stats.failures = [*self.stats.failures[-(MAX_FAILURES_KEPT - 1):], message]
-
-    def _fault_note(self, w: WorkerHandle) -> str:
-        return w.death_note() if not w.alive() else w.hang_note()
-
-    def _culprit(self, exclude: int = -1, wait_s: float = 0.0) -> WorkerHandle | None:
-        """A worker (other than `exclude`) that is dead or shows no sign of life, looking for up to `wait_s`
-        (a peer's error can arrive before the dying process has ended); None if every one is running."""
-        until = time.monotonic() + wait_s
-        while True:
-            for w in self._workers:
-                if w.rank != exclude and (not w.alive() or w.silent_for() > SILENT_S):
-                    return w
-            if time.monotonic() >= until:
-                return None
-            time.sleep(0.1)
 
     def _gather(self, workers: dict[int, WorkerHandle], what: str, deadline: tuple[float, str],
                 stop_on_error: bool = False) -> dict[int, Reply]:

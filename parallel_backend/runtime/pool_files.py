@@ -2,8 +2,9 @@
 and how none is ever left behind.
 
 Each folder is stamped with its host process (pid and start time). It is removed by the pool's shutdown, by
-the workers when they see their host gone (worker_loop.py), on SIGTERM (`install_sigterm_cleanup`), and by the
-next pool on this machine for any folder whose host process no longer exists (`sweep_stale_folders`).
+the workers when they see their host gone (worker_watch.py) or the launcher that forked them (launcher.py), on
+SIGTERM (`install_sigterm_cleanup`), and by the next pool on this machine for any folder whose host process no
+longer exists (`sweep_stale_folders`).
 """
 
 from __future__ import annotations

@@ -36,7 +36,7 @@ from .doorway import BACKLOG, HANDSHAKE_TIMEOUT_S, Doorway
 from .secure import accept_tls, certificate_for, read_secret, server_context
 from .transport import Channel, ChannelClosed
 from .weights_cache import DEFAULT_SIZE_GIB, WeightsCache, cache_lines, cache_size_bytes, default_cache_dir
-from .worker_loop import heartbeat_path
+from .worker_watch import heartbeat_path
 from .words import counted
 
 log = logging.getLogger("tandem")

@@ -1,5 +1,5 @@
-"""The host's handle on one worker process: its process, log, heartbeat file and channel, and the sentence that
-says why the worker stopped answering. The pool holds one per worker; remote.py's RemoteWorker subclasses it for a
+"""The host's handle on one worker process: its process, log, heartbeat file and channel, the sentence that says
+why the worker stopped answering, and the error that carries it (WorkerError). The pool holds one per worker; remote.py's RemoteWorker subclasses it for a
 worker on another machine, whose daemon (serve.py) sends the end of the worker's log (log_tail) to the host."""
 
 from __future__ import annotations
@@ -11,6 +11,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .transport import Channel
+
+
+class WorkerError(RuntimeError):
+    """A worker failed or died. The message starts with its device and worker number, then the call."""
+
+    def __init__(self, message: str, device: str = "", rank: int = -1, remote_traceback: str = ""):
+        super().__init__(message)
+        self.device, self.rank, self.remote_traceback = device, rank, remote_traceback
 
 
 @dataclass
@@ -40,22 +48,35 @@ class WorkerHandle:
             last = self.spawned
         return max(0.0, time.time() - last)
 
-    def hang_note(self) -> str:
-        """Why a live worker does not answer: its process stopped, or frozen without a sign of life."""
+    def stopped(self) -> bool:
+        """Its process is stopped (SIGSTOP, a terminal's stop, a debugger): it runs nothing until continued."""
         import psutil
 
         try:
-            stopped = psutil.Process(self.process.pid).status() == psutil.STATUS_STOPPED
+            return psutil.Process(self.process.pid).status() in (psutil.STATUS_STOPPED, psutil.STATUS_TRACING_STOP)
         except psutil.Error:
-            stopped = False
-        state = "its process is stopped (SIGSTOP or a debugger)" if stopped else "its process is frozen"
+            return False
+
+    def hang_note(self) -> str:
+        """Why a live worker does not answer: its process stopped, or frozen without a sign of life."""
+        state = "its process is stopped (SIGSTOP or a debugger)" if self.stopped() else "its process is frozen"
         return f"stopped answering: no sign of life for {self.silent_for():.0f} s, {state}"
 
-    def death_note(self) -> str:
+    def ended_how(self) -> str:
+        """How its process ended ("signal SIGKILL", "exit code 1"); "" while it runs."""
         code = self.process.poll()
         if code is None:
+            return ""
+        return f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+
+    def fault_note(self) -> str:
+        """Why it does not answer, dead or alive."""
+        return self.death_note() if not self.alive() else self.hang_note()
+
+    def death_note(self) -> str:
+        how = self.ended_how()
+        if not how:
             return "connection lost"
-        how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
         tail = log_tail(self.log_path)
         return f"worker process died ({how})" + (f"; its log ends: {tail}" if tail else "")
 

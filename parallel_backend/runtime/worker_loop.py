@@ -4,7 +4,7 @@ runs `main(argv, handlers)` here with the engine's handlers (engine/worker.py).
 One process per device. It authenticates to the host (key in the TANDEM_AUTHKEY environment variable, never
 on the command line), joins the workers' torch.distributed process group, then serves the host's requests:
 load a model (once per fingerprint), run a share of a model call, unload, shutdown. It exits by itself when
-the host goes away, so no worker outlives its host.
+the host goes away (its watch: worker_watch.py), so no worker outlives its host.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import argparse
 import os
 import shutil
 import sys
-import threading
 import time
 import traceback
 from pathlib import Path
@@ -31,47 +30,10 @@ from .messages import (
     StoreWeights,
     Unload,
 )
-from .portable import peak_memory_bytes, pin_to_cores, process_alive, reset_peak_memory
+from .portable import peak_memory_bytes, pin_to_cores, reset_peak_memory
 from . import environment
 from .weights_cache import WeightsCache, cached_model_path, holds_weights, store_weights
-
-WATCHDOG_PERIOD_S = 0.5
-
-
-def heartbeat_path(pool_dir, rank: int) -> Path:
-    """The file whose modification time a worker renews every WATCHDOG_PERIOD_S while its process runs: the
-    host's sign of life of a worker busy with a request (a stopped or frozen process stops renewing it)."""
-    return Path(pool_dir) / f"worker-{rank}.alive"
-
-
-def _host_gone(pid: int) -> bool:
-    """The host has ended (a zombie not yet reaped by its parent has ended too)."""
-    import psutil
-
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
-    except psutil.Error:
-        return not process_alive(pid)
-
-
-def _watch(host_pid: int, pool_dir: Path | None, rank: int) -> None:
-    """Renews this worker's heartbeat; when the host process is gone (killed, crashed, exited without
-    shutdown), removes the pool's folder (nothing of the pool is left behind) and ends this process."""
-    beat = heartbeat_path(pool_dir, rank) if pool_dir is not None else None
-    while True:
-        if beat is not None:
-            try:
-                beat.touch()
-            except OSError:
-                pass
-        time.sleep(WATCHDOG_PERIOD_S)
-        if host_pid and _host_gone(host_pid):
-            if pool_dir is not None:
-                shutil.rmtree(pool_dir, ignore_errors=True)
-            os._exit(3)
-
+from . import worker_watch
 
 def _parse_args(argv):
     parser = argparse.ArgumentParser(prog="python -m parallel_backend.engine.worker")
@@ -328,9 +290,7 @@ def main(argv, handlers: dict, cutters: dict | None = None) -> int:
     """The worker process: argv as pool.spawn_worker gives it; handlers: what it answers (serve); cutters: the
     cuts a Load may ask for (WorkerState.cutters)."""
     args = _parse_args(argv)
-    if args.host_pid or args.pool_dir:
-        threading.Thread(target=_watch, args=(args.host_pid, Path(args.pool_dir) if args.pool_dir else None, args.rank),
-                         daemon=True, name="tandem-watch").start()
+    worker_watch.start(args.host_pid, args.pool_dir, args.rank)  # running already where the worker started it early
     if args.cpus:
         pin_to_cores(int(c) for c in args.cpus.split(","))
     authkey = bytes.fromhex(environment.take("TANDEM_AUTHKEY"))

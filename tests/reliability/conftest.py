@@ -25,14 +25,22 @@ def orphans(pids, seconds: float) -> list[int]:
     return [p for p in pids if not gone(p)]
 
 
+def removed(path, seconds: float) -> bool:
+    """True once `path` no longer exists, waiting up to `seconds`."""
+    deadline = time.monotonic() + seconds
+    while path.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return not path.exists()
+
+
 def rss(pid: int) -> int:
     return psutil.Process(pid).memory_info().rss
 
 
 @pytest.fixture
 def procs():
-    """gone(pid), orphans(pids, seconds), rss(pid)."""
-    return SimpleNamespace(gone=gone, orphans=orphans, rss=rss)
+    """gone(pid), orphans(pids, seconds), removed(path, seconds), rss(pid)."""
+    return SimpleNamespace(gone=gone, orphans=orphans, removed=removed, rss=rss)
 
 
 def _refuse_work(*args, **kwargs):

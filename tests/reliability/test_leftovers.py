@@ -64,10 +64,7 @@ def test_a_killed_host_leaves_no_process_and_no_file(how, stage, procs):
         host.send_signal(how)
         host.wait(timeout=30)
         assert procs.orphans(pids, 10) == [], f"orphan workers (or launcher) after {how.name}"
-        deadline = time.monotonic() + 10
-        while folder.exists() and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert not folder.exists(), f"{folder} left after {how.name}: {sorted(p.name for p in folder.iterdir())}"
+        assert procs.removed(folder, 10), f"{folder} left after {how.name}: {sorted(p.name for p in folder.iterdir())}"
     finally:
         host.kill()
 

@@ -25,7 +25,15 @@ def test_a_worker_killed_mid_job_gives_a_named_error_fast_and_the_pool_recovers(
         with digits_pipeline.parallel(config, pool=pool) as parallel:
             victim = pool.worker_pids()[1]
             killed_at = []
-            killer = threading.Timer(1.0, lambda: (killed_at.append(time.monotonic()), os.kill(victim, signal.SIGKILL)))
+
+            def kill_mid_job():  # a few calls in: a worker lost before a job's first call only restarts the pool
+                deadline = time.monotonic() + 120
+                while pool.stats.calls < 5 and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                killed_at.append(time.monotonic())
+                os.kill(victim, signal.SIGKILL)
+
+            killer = threading.Thread(target=kill_mid_job, daemon=True)
             killer.start()
             with pytest.raises(WorkerError) as caught:
                 parallel.generate(long_job, progress=False)

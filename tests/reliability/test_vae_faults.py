@@ -1,10 +1,13 @@
 """A worker lost in the middle of a VAE decode in bands (engine/vae.py): killed (SIGKILL) or stopped (SIGSTOP) as
 it posts its k-th halo or statistics exchange (exchange_fault.py). The host must name that worker within the
-deadline, leave no process behind, and the next decode must equal the one before."""
+deadline, leave no process behind, and the next decode must equal the one before. A worker killed between two
+decodes restarts the pool before the second, which succeeds."""
 
 from __future__ import annotations
 
 import importlib.util
+import os
+import signal
 import time
 from pathlib import Path
 
@@ -45,5 +48,21 @@ def test_a_worker_lost_mid_decode_is_named_and_the_next_decode_succeeds(how, pro
         after = decode(engine_for(pool), vae, z)
         assert after.extra["bands"] == 2
         torch.testing.assert_close(after.out, before, atol=1e-5, rtol=1e-5)
+    finally:
+        pool.shutdown()
+
+
+def test_a_worker_killed_between_decodes_restarts_the_pool_and_the_next_decode_succeeds(procs):
+    vae = cases.tiny_vae()
+    z = torch.randn(1, 4, 8, 6, generator=torch.Generator().manual_seed(7))
+    pool = WorkerPool("cpu:2")
+    try:
+        before = decode(engine_for(pool), vae, z).out
+        victim = pool.worker_pids()[1]
+        os.kill(victim, signal.SIGKILL)
+        assert procs.orphans([victim], 5) == []
+        after = decode(engine_for(pool), vae, z)
+        assert after.extra["bands"] == 2 and pool.stats.idle_restarts == 1 and victim not in pool.worker_pids()
+        torch.testing.assert_close(after.out, before, atol=0, rtol=0)
     finally:
         pool.shutdown()
