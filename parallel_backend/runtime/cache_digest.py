@@ -1,8 +1,8 @@
 """The content digest of a weights cache's file (weights_cache.py): the sha256 of the file's own bytes, recorded
-beside it (`HASH.pt.sha256`) once the file is whole, and the check of the file against that record.
+beside it (`HASH.safetensors.sha256`, `HASH.skeleton.sha256`) once the file is whole, and the check of the file against that record.
 
 The name HASH is shipping.weights_hash: a hash of what the model is (its family, class and weights), computed
-by unpickling the image, not of the file's bytes; so the file's bytes get a digest of their own.
+from the loaded model, not of the files' bytes; so each file's bytes get a digest of their own.
 
 When a file is checked: hashing a file costs time in proportion to its size, and a stat nothing. Measured on
 this project's development machine (2 shared Xeon cores with SHA-NI, loaded), a 500 MiB file in the page
@@ -38,7 +38,7 @@ def file_sha256(path: Path) -> str:
 
 
 def record_path(path: Path) -> Path:
-    """Where the digest of cached file `path` is recorded: HASH.pt -> HASH.pt.sha256."""
+    """Where the digest of cached file `path` is recorded: HASH.skeleton -> HASH.skeleton.sha256."""
     return path.with_name(path.name + ".sha256")
 
 
@@ -54,6 +54,15 @@ def seal(path: Path, digest: str, record: Path, partial: Path) -> None:
         os.replace(partial, record)
     finally:
         partial.unlink(missing_ok=True)
+
+
+def recorded_sha256(path: Path) -> str | None:
+    """The sha256 recorded for cached file `path` when it was written (None: no readable record)."""
+    try:
+        digest = json.loads(record_path(path).read_text())["sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return digest if isinstance(digest, str) else None
 
 
 def problem(path: Path, partial: Path) -> str | None:
