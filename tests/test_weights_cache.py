@@ -459,3 +459,25 @@ def test_the_host_sends_again_a_model_whose_cached_file_was_removed(caplog):
     assert sent["10.0.0.2:7000"] > 0 and sent["10.0.0.3:7000"] == 0
     said = [r.getMessage() for r in caplog.records]
     assert any("10.0.0.2:7000" in m and "it is 10 bytes, not the 20" in m and "sending it again" in m for m in said)
+
+
+def test_a_model_that_does_not_pickle_is_refused_before_anything_is_sent():
+    import threading
+    from types import SimpleNamespace
+
+    from parallel_backend.runtime.carry import CannotCarry
+    from parallel_backend.runtime.messages import HoldsWeights, Reply
+    from parallel_backend.runtime.remote_weights import send_to_machines
+
+    model, asked = _model(15), []
+    model.guard = threading.Lock()  # kept on the model by some host: no pickler takes it
+
+    def request(requests, what, deadline=None):
+        asked.append(requests)
+        assert all(isinstance(r, HoldsWeights) for r in requests.values())
+        return {rank: Reply(value={"held": False, "limit": 2**30, "removed": None}) for rank in requests}
+
+    workers = [SimpleNamespace(rank=1, device="10.0.0.2:7000/cpu")]
+    with pytest.raises(CannotCarry, match="cannot be written for the workers of other machines .*lock"):
+        send_to_machines(request, workers, model, FAMILY, "fp-15")
+    assert len(asked) == 1  # the question only: no StoreWeights

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 
+from .carry import CannotCarry
 from .deadlines import load_bound
 from .messages import HoldsWeights, StoreWeights
 from .devices import split_device
@@ -55,14 +56,19 @@ def send_to_machines(request, workers, payload, family: str, fingerprint: str,
 
 def cache_image(payload) -> tuple[bytes, object]:
     """(skeleton, tensors): what a machine's cache is sent of a payload (cache_format.py), the tensors' safetensors
-    file as a uint8 tensor (raw bytes on the channel, not copied again). Their sizes add up to the bytes sent."""
+    file as a uint8 tensor (raw bytes on the channel, not copied again). Their sizes add up to the bytes sent.
+    Raises CannotCarry (the host's cue for its stock path) for a payload that does not pickle."""
     import warnings
 
     import torch
 
     from .cache_format import split, tensors_image
 
-    skeleton, tensors = split(payload)
+    try:
+        skeleton, tensors = split(payload)
+    except Exception as exc:  # e.g. a lock or an open file kept on the model
+        raise CannotCarry(f"the model cannot be written for the workers of other machines ({type(exc).__name__}: "
+                          f"{exc})") from exc
     image = tensors_image(tensors)
     with warnings.catch_warnings():  # a read-only buffer: the tensor is only read (sent), never written
         warnings.simplefilter("ignore", UserWarning)
