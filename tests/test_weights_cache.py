@@ -1,10 +1,10 @@
 """A serving machine's weights cache (weights_cache.py) and the content hash naming its files
-(shipping.weights_hash), without processes or namespaces: what is kept, what is refused, what is evicted, and
-how a cached file that changed on disk is found out (cache_digest.py)."""
+(shipping.weights_hash), without processes or namespaces: what is kept (a safetensors file of the tensors and a
+skeleton of the rest, cache_format.py), what is refused, what is evicted, how a cached file that changed on disk
+is found out (cache_digest.py), and that loading an entry never runs torch.load."""
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import shutil
@@ -14,9 +14,11 @@ import sys
 import pytest
 import torch
 
-from parallel_backend.runtime import cache_digest, shipping
+from parallel_backend.runtime import cache_digest, cache_format, shipping
 from parallel_backend.runtime.cache_digest import record_path
 from parallel_backend.runtime.messages import Load
+from parallel_backend.runtime.recipe import Recipe, identity_of, layout
+from parallel_backend.runtime.remote_weights import cache_image
 from parallel_backend.runtime.serve import ServeDaemon
 from parallel_backend.runtime.weights_cache import WeightsCache, cache_lines, cache_size_bytes
 from parallel_backend.runtime.worker_loop import WorkerState
@@ -31,10 +33,14 @@ def _model(seed: int) -> torch.nn.Module:
     return torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.LayerNorm(64), torch.nn.Linear(64, 8))
 
 
-def _image(module) -> bytes:
-    buffer = io.BytesIO()
-    torch.save(module, buffer)
-    return buffer.getvalue()
+def _image(payload) -> tuple[bytes, bytes]:
+    """What a host sends a machine's cache of `payload`: (skeleton, the tensors' safetensors file)."""
+    skeleton, tensors = cache_image(payload)
+    return skeleton, tensors.numpy().tobytes()
+
+
+def _size(image) -> int:
+    return sum(map(len, image))
 
 
 def _files(folder) -> list[str]:
@@ -42,8 +48,18 @@ def _files(folder) -> list[str]:
 
 
 def _entry(weights_hash: str) -> list[str]:
-    """A cached model's files: its torch.save image and the record of that file's digest."""
-    return [f"{weights_hash}.pt", f"{weights_hash}.pt.sha256"]
+    """A cached model's files: its tensors, its skeleton, and the record of each file's digest."""
+    return [f"{weights_hash}{suffix}" for suffix in (".safetensors", ".safetensors.sha256", ".skeleton",
+                                                      ".skeleton.sha256")]
+
+
+@pytest.fixture
+def no_torch_load(monkeypatch):
+    """torch.load fails when called: loading from the cache must not call it."""
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"torch.load called ({args}, {kwargs})")
+
+    monkeypatch.setattr(torch, "load", refuse)
 
 
 def test_the_hash_names_the_weights_not_the_object():
@@ -87,35 +103,113 @@ def test_the_hash_is_computed_once_per_fingerprint(monkeypatch):
     assert changed != first and len(calls) == 2
 
 
-def test_an_upload_is_kept_under_its_hash_and_loads_back(tmp_path):
+def test_an_upload_is_kept_under_its_hash_and_loads_back(tmp_path, no_torch_load):
     cache, model = WeightsCache(tmp_path / "cache", 2**30), _model(3)
     weights_hash = shipping.weights_hash(model, FAMILY)
     assert not cache.holds(weights_hash)
-    path = cache.store(weights_hash, FAMILY, torch.frombuffer(bytearray(_image(model)), dtype=torch.uint8))
-    assert _files(cache.folder) == _entry(weights_hash) and path == cache.path_of(weights_hash)
+    skeleton, tensors = cache_image(model)
+    files = cache.store(weights_hash, FAMILY, skeleton, tensors)
+    assert _files(cache.folder) == _entry(weights_hash) and files == cache.files_of(weights_hash)
     assert cache.holds(weights_hash)
-    loaded = torch.load(path, mmap=True, weights_only=False)
+    assert files[1].read_bytes() == skeleton and len(skeleton) < 4096  # everything but the tensors: small
+    from safetensors.torch import load_file
+
+    on_disk = load_file(files[0])  # a plain safetensors file, named as the module names its weights
+    assert set(on_disk) == set(model.state_dict()) and all(torch.equal(on_disk[k], v)
+                                                           for k, v in model.state_dict().items())
+    loaded = cache.load(weights_hash)
     x = torch.randn(4, 64)
     assert torch.equal(loaded(x), model(x))
 
 
-@pytest.mark.parametrize("corruption", ["other_model", "flipped_byte", "truncated", "garbage"])
+class Quantized(torch.Tensor):
+    """A tensor subclass with attributes of its own (as ComfyUI-GGUF's): safetensors cannot name its class."""
+
+
+def _unusual_model(seed: int) -> torch.nn.Module:
+    """Tied weights, a view of a weight, a non-contiguous buffer and a tensor subclass with an attribute."""
+    model = _model(seed)
+    model[2] = torch.nn.Linear(64, 64)
+    model[2].weight = model[0].weight  # tied
+    model.register_buffer("head", model[0].bias[:8])  # a view of another weight
+    model.register_buffer("turned", torch.randn(16, 64).t())  # not contiguous
+    packed = torch.randn(8, 8).as_subclass(Quantized)
+    packed.kind = "q4"
+    model.register_buffer("packed", packed)
+    return model
+
+
+def test_tied_views_non_contiguous_and_subclass_tensors_come_back_without_torch_load(tmp_path, no_torch_load):
+    cache, model = WeightsCache(tmp_path, 2**30), _unusual_model(12)
+    weights_hash = shipping.weights_hash(model, FAMILY)
+    cache.store(weights_hash, FAMILY, *_image(model))
+    loaded = cache.load(weights_hash)
+    x = torch.randn(4, 64)
+    assert torch.equal(loaded(x), model(x)) and shipping.weights_hash(loaded, FAMILY) == weights_hash
+    assert loaded[2].weight is loaded[0].weight  # still tied
+    assert type(loaded.packed) is Quantized and loaded.packed.kind == "q4" and torch.equal(loaded.packed, model.packed)
+    assert torch.equal(loaded.turned, model.turned) and torch.equal(loaded.head, model.head)
+
+
+def _build_mlp() -> torch.nn.Module:
+    return torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.LayerNorm(64), torch.nn.Linear(64, 8))
+
+
+def _recipe(seed: int) -> tuple[Recipe, torch.nn.Module]:
+    model = _model(seed)
+    model[1].eps = 1e-3  # a setting written after building: carried as an override
+    build = lambda: _build_mlp()  # noqa: E731  (a closure: travels by value in the skeleton)
+    return Recipe(build, dict(model.state_dict()), layout(model), identity_of("mlp", seed),
+                  overrides={"1": {"eps": 1e-3}}), model
+
+
+def test_a_recipe_round_trips_through_the_cache_and_builds_the_hosts_model(tmp_path, no_torch_load):
+    cache = WeightsCache(tmp_path, 2**30)
+    recipe, model = _recipe(13)
+    weights_hash = shipping.weights_hash(recipe, FAMILY)
+    skeleton, tensors = _image(recipe)
+    assert len(skeleton) < 8192 and len(tensors) > shipping.model_bytes(recipe)  # the weights are in the tensors
+    cache.store(weights_hash, FAMILY, skeleton, tensors)
+    loaded = cache.load(weights_hash)
+    assert isinstance(loaded, Recipe) and loaded.identity == recipe.identity and loaded.overrides == recipe.overrides
+    built = loaded.make("cpu")
+    x = torch.randn(4, 64)
+    assert built[1].eps == 1e-3 and torch.equal(built(x), model.eval()(x))
+
+
+def test_a_serving_worker_loads_a_cached_model_without_torch_load(tmp_path, no_torch_load):
+    cache, model = WeightsCache(tmp_path, 2**30), _model(14)
+    weights_hash = shipping.weights_hash(model, FAMILY)
+    cache.store(weights_hash, FAMILY, *_image(model))
+    state = WorkerState(0, 1, "cpu")
+    state.weights_cache = cache
+    state.load(Load("f" * 64, FAMILY, cached=weights_hash))
+    x = torch.randn(4, 64)
+    assert torch.equal(state.model("f" * 64)[0](x), model(x))
+
+
+@pytest.mark.parametrize("corruption", ["other_model", "flipped_byte", "truncated", "garbage", "garbage_skeleton",
+                                        "skeleton_of_another"])
 def test_a_corrupt_upload_is_never_kept(tmp_path, corruption):
     cache, model = WeightsCache(tmp_path, 2**30), _model(4)
     weights_hash = shipping.weights_hash(model, FAMILY)
-    image = bytearray(_image(model))
+    skeleton, tensors = _image(model)
+    tensors = bytearray(tensors)
     if corruption == "other_model":
-        image = bytearray(_image(_model(5)))
+        skeleton, tensors = _image(_model(5))
     elif corruption == "flipped_byte":
-        data = _image(model)
-        weights_at = data.index(model[0].weight.detach().numpy().tobytes()[:64])  # inside the weights' bytes
-        image[weights_at + 7] ^= 0xFF
+        weights_at = bytes(tensors).index(model[0].weight.detach().numpy().tobytes()[:64])  # inside the weights
+        tensors[weights_at + 7] ^= 0xFF
     elif corruption == "truncated":
-        image = image[: len(image) // 2]
-    else:
-        image = bytearray(os.urandom(4096))
+        tensors = tensors[: len(tensors) // 2]
+    elif corruption == "garbage":
+        tensors = bytearray(os.urandom(4096))
+    elif corruption == "garbage_skeleton":
+        skeleton = os.urandom(512)
+    else:  # the skeleton of a larger model: it names a tensor the tensors file lacks
+        skeleton = _image(torch.nn.Sequential(*_model(4), torch.nn.Linear(8, 8)))[0]
     with pytest.raises(ValueError, match="not kept"):
-        cache.store(weights_hash, FAMILY, bytes(image))
+        cache.store(weights_hash, FAMILY, skeleton, bytes(tensors))
     assert _files(tmp_path) == [] and not cache.holds(weights_hash)
 
 
@@ -123,23 +217,25 @@ def test_the_least_recently_used_model_is_evicted_to_stay_within_the_bound(tmp_p
     models = [_model(10 + i) for i in range(3)]
     images = [_image(m) for m in models]
     hashes = [shipping.weights_hash(m, FAMILY) for m in models]
-    cache = WeightsCache(tmp_path, int(2.5 * max(map(len, images))))  # two fit, not three
-    cache.store(hashes[0], FAMILY, images[0])
-    cache.store(hashes[1], FAMILY, images[1])
-    os.utime(record_path(cache.path_of(hashes[0])), (1, 1))  # stored first, then used: the second is the oldest
-    os.utime(record_path(cache.path_of(hashes[1])), (0, 0))
+    cache = WeightsCache(tmp_path, int(2.5 * max(map(_size, images))))  # two fit, not three
+    cache.store(hashes[0], FAMILY, *images[0])
+    cache.store(hashes[1], FAMILY, *images[1])
+    os.utime(record_path(cache.files_of(hashes[0])[1]), (1, 1))  # stored first, then used: the second is the oldest
+    os.utime(record_path(cache.files_of(hashes[1])[1]), (0, 0))
     assert cache.holds(hashes[0])  # a use renews it
-    cache.store(hashes[2], FAMILY, images[2])
+    cache.store(hashes[2], FAMILY, *images[2])
     assert _files(tmp_path) == sorted(_entry(hashes[0]) + _entry(hashes[2]))
     assert sum(size for _, size, _ in cache.entries()) <= cache.limit
+    assert [h for _, _, h in cache.entries()] == [hashes[0], hashes[2]]
+    assert [size for _, size, _ in cache.entries()] == [_size(images[0]), _size(images[2])]
 
 
 def test_a_model_larger_than_the_bound_is_refused_before_writing(tmp_path):
     model = _model(6)
     image = _image(model)
-    cache = WeightsCache(tmp_path, len(image) - 1)
+    cache = WeightsCache(tmp_path, _size(image) - 1)
     with pytest.raises(ValueError, match="larger than this machine's weights cache.*--cache-size"):
-        cache.store(shipping.weights_hash(model, FAMILY), FAMILY, image)
+        cache.store(shipping.weights_hash(model, FAMILY), FAMILY, *image)
     assert _files(tmp_path) == []
 
 
@@ -150,28 +246,31 @@ def test_a_write_cut_short_leaves_no_file_under_the_hash(tmp_path, monkeypatch):
     def fail(*_):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(os, "replace", fail)  # the rename that publishes it fails
-    with pytest.raises(OSError):
-        cache.store(weights_hash, FAMILY, _image(model))
+    real = os.replace
+    monkeypatch.setattr(os, "replace", lambda a, b: fail() if str(b).endswith(".skeleton") else real(a, b))
+    with pytest.raises(OSError):  # the rename that publishes it (the skeleton's, the last) fails
+        cache.store(weights_hash, FAMILY, *_image(model))
     assert _files(tmp_path) == [] and not cache.holds(weights_hash)
 
 
-def test_partial_uploads_of_dead_processes_are_removed(tmp_path):
+def test_partial_uploads_of_dead_processes_and_an_older_tandems_entries_are_removed(tmp_path):
     cache = WeightsCache(tmp_path, 2**30)
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    dead = tmp_path / f".partial-{int(gone.stdout)}-{'a' * 64}.pt"
-    dead_record = tmp_path / f".partial-{int(gone.stdout)}-{'a' * 64}.pt.sha256"
-    alive = tmp_path / f".partial-{os.getpid()}-{'b' * 64}.pt"
-    for path in (dead, dead_record, alive):
+    dead = [tmp_path / f".partial-{int(gone.stdout)}-{'a' * 64}{suffix}"
+            for suffix in (".safetensors", ".skeleton.sha256", ".pt", ".pt.sha256")]
+    old = [tmp_path / f"{'c' * 64}.pt", tmp_path / f"{'c' * 64}.pt.sha256"]  # a torch.save image: never loaded now
+    alive = tmp_path / f".partial-{os.getpid()}-{'b' * 64}.safetensors"
+    other = tmp_path / "notes.txt"
+    for path in (*dead, *old, alive, other):
         path.write_bytes(b"x")
-    assert cache.remove_partial() == 2
-    assert _files(tmp_path) == [alive.name]
+    assert cache.remove_stale() == 6
+    assert _files(tmp_path) == sorted([alive.name, other.name])
 
 
 def test_only_hex_hashes_name_files(tmp_path):
     cache = WeightsCache(tmp_path, 2**30)
     with pytest.raises(ValueError, match="not a weights hash"):
-        cache.path_of("../../etc/passwd")
+        cache.files_of("../../etc/passwd")
 
 
 @pytest.mark.parametrize("size", ["0", "-1", "abc", "inf", "nan"])
@@ -206,30 +305,47 @@ def test_tandem_worker_serve_refuses_a_bad_cache_size_in_one_line(tmp_path, caps
 
 
 def _stored(tmp_path, seed: int = 8):
-    """A cache holding one model: (cache, model, its hash, the cached file's bytes)."""
+    """A cache holding one model: (cache, model, its hash, the cached tensors file's bytes)."""
     cache, model = WeightsCache(tmp_path / "cache", 2**30), _model(seed)
     weights_hash = shipping.weights_hash(model, FAMILY)
-    path = cache.store(weights_hash, FAMILY, _image(model))
-    return cache, model, weights_hash, path.read_bytes()
+    tensors, _ = cache.store(weights_hash, FAMILY, *_image(model))
+    return cache, model, weights_hash, tensors.read_bytes()
+
+
+def _flip(path, at: int) -> None:
+    """Flips the byte at `at` in place: the same inode and size, as a disk's error would be."""
+    with open(path, "r+b") as out:
+        out.seek(at)
+        byte = out.read(1)
+        out.seek(at)
+        out.write(bytes([byte[0] ^ 0xFF]))
 
 
 def _corrupt(path, how: str, model) -> None:
-    """Flips one byte of the first weight's data in the cached file, truncates the file, or removes its digest."""
+    """Flips one byte of the first weight's data in the cached tensors file or one byte of the skeleton, truncates
+    the file, removes its digest, or removes the file."""
     if how == "flipped_byte":
-        data = bytearray(path.read_bytes())
-        data[data.index(model[0].weight.detach().numpy().tobytes()[:64]) + 7] ^= 0xFF
-        with open(path, "r+b") as out:  # in place: the same inode and size, as a disk's error would be
-            out.write(data)
+        _flip(path, path.read_bytes().index(model[0].weight.detach().numpy().tobytes()[:64]) + 7)
+    elif how == "flipped_skeleton_byte":
+        _flip(path, path.stat().st_size // 2)
     elif how == "truncated":
         os.truncate(path, path.stat().st_size // 2)
-    else:
+    elif how == "missing_digest":
         record_path(path).unlink()
+    else:
+        path.unlink()
 
 
-@pytest.mark.parametrize("how", ["flipped_byte", "truncated", "missing_digest"])
+CHANGES = {"flipped_byte": (0, "bytes changed"), "flipped_skeleton_byte": (1, "bytes changed"),
+           "truncated": (0, "truncated"), "missing_digest": (0, "no content digest"),
+           "missing_tensors": (0, "it is missing")}  # how -> (which file: tensors 0, skeleton 1, what is said)
+
+
+@pytest.mark.parametrize("how", sorted(CHANGES))
 def test_a_cached_file_that_changed_is_not_held_and_is_removed_with_its_path_logged(tmp_path, caplog, how):
     cache, model, weights_hash, _ = _stored(tmp_path)
-    path = cache.path_of(weights_hash)
+    which, said = CHANGES[how]
+    path = cache.files_of(weights_hash)[which]
     _corrupt(path, how, model)
     caplog.set_level(logging.WARNING, logger="tandem")
     held, why = cache.check(weights_hash)
@@ -237,8 +353,7 @@ def test_a_cached_file_that_changed_is_not_held_and_is_removed_with_its_path_log
     assert _files(cache.folder) == []  # the file and its record are gone: the next store starts clean
     removed = [r.getMessage() for r in caplog.records if "removed" in r.getMessage()]
     assert len(removed) == 1 and str(path) in removed[0] and why in removed[0], removed
-    said = {"flipped_byte": "bytes changed", "truncated": "truncated", "missing_digest": "no content digest"}
-    assert said[how] in why, why
+    assert said in why, why
     assert not cache.holds(weights_hash)  # asked again: simply not there, nothing more logged
     assert len([r for r in caplog.records if "removed" in r.getMessage()]) == 1
 
@@ -249,27 +364,45 @@ def test_a_good_file_is_checked_by_its_stat_and_hashed_again_only_once_it_change
     real = cache_digest.file_sha256
     monkeypatch.setattr(cache_digest, "file_sha256", lambda path: hashed.append(path) or real(path))
     assert cache.holds(weights_hash) and cache.holds(weights_hash) and hashed == []  # as written: a stat each
-    path = cache.path_of(weights_hash)
-    copy = tmp_path / "copy.pt"
+    path = cache.files_of(weights_hash)[0]
+    copy = tmp_path / "copy.safetensors"
     shutil.copyfile(path, copy)
     os.replace(copy, path)  # the same bytes in a new file (a restore, a copy): hashed once, then trusted again
     assert cache.holds(weights_hash) and len(hashed) == 1
     assert cache.holds(weights_hash) and len(hashed) == 1
-    loaded = torch.load(path, mmap=True, weights_only=False)
+    loaded = cache.load(weights_hash)  # the tensors file by its stat; the skeleton (small) hashed as it is read
     x = torch.randn(4, 64)
-    assert path.read_bytes() == original and torch.equal(loaded(x), model(x))
+    assert path.read_bytes() == original and torch.equal(loaded(x), model(x)) and len(hashed) == 1
+
+
+def test_a_skeleton_changed_behind_an_unchanged_stat_is_never_unpickled(tmp_path, caplog, monkeypatch):
+    """A check goes by the files' stat; a load hashes the skeleton's bytes as it reads them, so bytes that differ
+    from the record are not unpickled even when size, modification time and inode are as recorded."""
+    cache, model, weights_hash, _ = _stored(tmp_path)
+    skeleton = cache.files_of(weights_hash)[1]
+    stat = skeleton.stat()
+    _flip(skeleton, stat.st_size // 2)
+    os.utime(skeleton, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # as recorded: the check cannot tell
+    assert cache.holds(weights_hash)
+    unpickled = []
+    monkeypatch.setattr(cache_format, "join", lambda *args: unpickled.append(args))  # the one place it unpickles
+    caplog.set_level(logging.WARNING, logger="tandem")
+    with pytest.raises(RuntimeError, match="failed its check and was removed .*bytes changed.*run the job again"):
+        cache.load(weights_hash)
+    assert unpickled == [] and _files(cache.folder) == []
+    assert any(f"removed {skeleton}:" in r.getMessage() for r in caplog.records)
 
 
 def test_a_truncated_cached_file_is_refused_at_load_in_a_sentence_not_a_zip_error(tmp_path):
     cache, model, weights_hash, _ = _stored(tmp_path)
-    _corrupt(cache.path_of(weights_hash), "truncated", model)
+    _corrupt(cache.files_of(weights_hash)[0], "truncated", model)
     state = WorkerState(0, 1, "cpu")
     state.weights_cache = cache
     with pytest.raises(RuntimeError) as failed:
         state.load(Load("f" * 64, FAMILY, cached=weights_hash))
     message = str(failed.value)
     assert "failed its check" in message and "truncated" in message and "\n" not in message, message
-    assert "zip" not in message.lower() and state.models == {} and _files(cache.folder) == []
+    assert "safetensor" not in message.lower() and state.models == {} and _files(cache.folder) == []
 
 
 @pytest.mark.parametrize("where", ["outside", "inside"])
@@ -277,7 +410,7 @@ def test_a_serving_worker_refuses_a_load_that_names_a_path(tmp_path, where):
     cache, _, weights_hash, _ = _stored(tmp_path)
     elsewhere = tmp_path / "elsewhere.pt"
     torch.save(_model(9), elsewhere)
-    path = elsewhere if where == "outside" else cache.path_of(weights_hash)
+    path = elsewhere if where == "outside" else cache.files_of(weights_hash)[0]
     state = WorkerState(0, 1, "cpu")
     state.weights_cache = cache
     with pytest.raises(RuntimeError) as refused:
@@ -291,10 +424,10 @@ def test_a_serving_worker_refuses_a_load_that_names_a_path(tmp_path, where):
 
 def test_the_daemon_relays_a_workers_cache_lines_from_its_log(tmp_path):
     worker_log = tmp_path / "worker-1.log"
-    worker_log.write_text("Traceback: nothing to do with it\nTandem: weights cache: removed /c/A.pt: why\n"
+    worker_log.write_text("Traceback: nothing to do with it\nTandem: weights cache: removed /c/A.skeleton: why\n"
                           "Tandem: weights cache /c: removed B (1.0 MiB")  # the last line is not whole yet
     lines, offset = cache_lines(worker_log, 0)
-    assert lines == ["Tandem: weights cache: removed /c/A.pt: why"]
+    assert lines == ["Tandem: weights cache: removed /c/A.skeleton: why"]
     with open(worker_log, "a") as out:
         out.write(", the least recently used)\nother\n")
     lines, end = cache_lines(worker_log, offset)
@@ -326,3 +459,25 @@ def test_the_host_sends_again_a_model_whose_cached_file_was_removed(caplog):
     assert sent["10.0.0.2:7000"] > 0 and sent["10.0.0.3:7000"] == 0
     said = [r.getMessage() for r in caplog.records]
     assert any("10.0.0.2:7000" in m and "it is 10 bytes, not the 20" in m and "sending it again" in m for m in said)
+
+
+def test_a_model_that_does_not_pickle_is_refused_before_anything_is_sent():
+    import threading
+    from types import SimpleNamespace
+
+    from parallel_backend.runtime.carry import CannotCarry
+    from parallel_backend.runtime.messages import HoldsWeights, Reply
+    from parallel_backend.runtime.remote_weights import send_to_machines
+
+    model, asked = _model(15), []
+    model.guard = threading.Lock()  # kept on the model by some host: no pickler takes it
+
+    def request(requests, what, deadline=None):
+        asked.append(requests)
+        assert all(isinstance(r, HoldsWeights) for r in requests.values())
+        return {rank: Reply(value={"held": False, "limit": 2**30, "removed": None}) for rank in requests}
+
+    workers = [SimpleNamespace(rank=1, device="10.0.0.2:7000/cpu")]
+    with pytest.raises(CannotCarry, match="cannot be written for the workers of other machines .*lock"):
+        send_to_machines(request, workers, model, FAMILY, "fp-15")
+    assert len(asked) == 1  # the question only: no StoreWeights

@@ -1,8 +1,9 @@
 """The content digest of a weights cache's file (weights_cache.py): the sha256 of the file's own bytes, recorded
-beside it (`HASH.pt.sha256`) once the file is whole, and the check of the file against that record.
+beside it (`HASH.safetensors.sha256`, `HASH.skeleton.sha256`) once the file is whole, and the check of the file
+against that record.
 
 The name HASH is shipping.weights_hash: a hash of what the model is (its family, class and weights), computed
-by unpickling the image, not of the file's bytes; so the file's bytes get a digest of their own.
+from the loaded model, not of the files' bytes; so each file's bytes get a digest of their own.
 
 When a file is checked: hashing a file costs time in proportion to its size, and a stat nothing. Measured on
 this project's development machine (2 shared Xeon cores with SHA-NI, loaded), a 500 MiB file in the page
@@ -38,7 +39,7 @@ def file_sha256(path: Path) -> str:
 
 
 def record_path(path: Path) -> Path:
-    """Where the digest of cached file `path` is recorded: HASH.pt -> HASH.pt.sha256."""
+    """Where the digest of cached file `path` is recorded: HASH.skeleton -> HASH.skeleton.sha256."""
     return path.with_name(path.name + ".sha256")
 
 
@@ -56,6 +57,21 @@ def seal(path: Path, digest: str, record: Path, partial: Path) -> None:
         partial.unlink(missing_ok=True)
 
 
+def _record(path: Path) -> tuple | None:
+    """(sha256, size, mtime_ns, inode) recorded for cached file `path`; None when there is no readable record."""
+    try:
+        recorded = json.loads(record_path(path).read_text())
+        return tuple(recorded[k] for k in ("sha256", "size", "mtime_ns", "inode"))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def recorded_sha256(path: Path) -> str | None:
+    """The sha256 recorded for cached file `path` when it was written (None: no readable record)."""
+    record = _record(path)
+    return record[0] if record is not None else None
+
+
 def problem(path: Path, partial: Path) -> str | None:
     """Why cached file `path` is not whole, in words (a truncated file is told by its size, unread); "" when
     there is no such file; None when it is whole (re-recorded if only its stat changed: a copy or a restore
@@ -64,11 +80,10 @@ def problem(path: Path, partial: Path) -> str | None:
         stat = path.stat()
     except FileNotFoundError:
         return ""
-    try:
-        recorded = json.loads(record_path(path).read_text())
-        digest, size, mtime_ns, inode = (recorded[k] for k in ("sha256", "size", "mtime_ns", "inode"))
-    except (OSError, ValueError, KeyError, TypeError):
+    record = _record(path)
+    if record is None:
         return "no content digest beside it (written by an older Tandem, or its write was cut short)"
+    digest, size, mtime_ns, inode = record
     if stat.st_size != size:
         return f"it is {stat.st_size} bytes, not the {size} it was written with (truncated or extended)"
     if (stat.st_mtime_ns, stat.st_ino) == (mtime_ns, inode):

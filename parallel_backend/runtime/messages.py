@@ -25,7 +25,7 @@ class Hello:
 @dataclass(frozen=True)
 class Load:
     """Hold this model, from a file (`path`), the host's own GPU copy (`shared`: CUDA IPC) or, on another machine,
-    the file its weights cache holds under the content hash `cached` (weights_cache.py), besides the ones
+    the entry its weights cache holds under the content hash `cached` (weights_cache.py), besides the ones
     in `keep` (the host's choice of what stays loaded; every other model is dropped first). `bytes`: the
     weights' size, so a GPU worker short of memory drops the kept models too (its reply says what it holds).
     What is loaded is a module or a recipe.Recipe; `modules`: the host modules it names that a worker imports by
@@ -55,13 +55,15 @@ class HoldsWeights:
 
 @dataclass(frozen=True)
 class StoreWeights:
-    """Another machine's worker: keep this torch.save image (`blob`: a uint8 tensor, raw bytes on the channel) in
-    your machine's weights cache under `weights_hash`, once it hashes to that value (of model family `family`).
-    Sent to one worker per machine that lacks it; every worker of that machine then loads the cached file.
-    `modules`: the host modules the image names (host_modules.py), registered before it is read."""
+    """Another machine's worker: keep this model in your machine's weights cache under `weights_hash`, once it
+    hashes to that value (of model family `family`): `skeleton`, everything but its tensors (bytes, pickled), and
+    `blob`, its tensors' safetensors file (a uint8 tensor, raw bytes on the channel; cache_format.py). Sent to one
+    worker per machine that lacks it; every worker of that machine then loads the cached entry. `modules`: the
+    host modules the skeleton names (host_modules.py), registered before it is read."""
 
     weights_hash: str
     family: str
+    skeleton: bytes = b""
     blob: Any = None
     modules: dict = field(default_factory=dict)
 

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import logging
 
+from .carry import CannotCarry
 from .deadlines import load_bound
 from .messages import HoldsWeights, StoreWeights
 from .devices import split_device
-from .shipping import cached_weights_hash, torch_save_image
+from .shipping import cached_weights_hash
 
 log = logging.getLogger("tandem")
 
@@ -21,7 +22,7 @@ def send_to_machines(request, workers, payload, family: str, fingerprint: str,
     """Makes every machine of `workers` (another machine's workers: objects with .rank and .device
     "HOST:PORT/DEVICE") hold `payload` (a module or its recipe; `modules`: the host modules it names,
     host_modules.py) in its weights cache. Asks one worker per machine whether it does; sends
-    the torch.save image to one worker of each machine that does not. request: the pool's request(requests,
+    its skeleton and its tensors' safetensors file (cache_format.py) to one worker of each machine that does not. request: the pool's request(requests,
     what, deadline=...). Returns the weights' hash (the cached name the workers load) and the bytes sent to each
     machine (0 where it already held the model). Raises RuntimeError, before sending anything, when the model
     is larger than a machine's cache bound."""
@@ -39,14 +40,36 @@ def send_to_machines(request, workers, payload, family: str, fingerprint: str,
     sent = dict.fromkeys(machines, 0)
     if not lacking:
         return weights_hash, sent
-    image = torch_save_image(payload)
+    skeleton, blob = cache_image(payload)
+    nbytes = len(skeleton) + blob.numel()
     for name, rank in lacking.items():
         limit = replies[rank].value["limit"]
-        if image.numel() > limit:
-            raise RuntimeError(f"{name}: the model's image ({image.numel() / 2**30:.2f} GiB) is larger than that "
-                               f"machine's weights cache ({limit / 2**30:.2f} GiB): restart its `tandem worker serve` "
-                               "with a larger --cache-size")
-    request({rank: StoreWeights(weights_hash, family, image, modules or {}) for rank in lacking.values()},
-            "keeping the model in its machine's weights cache", deadline=load_bound(image.numel(), first_s))
-    sent.update(dict.fromkeys(lacking, image.numel()))
+        if nbytes > limit:
+            raise RuntimeError(f"{name}: the model ({nbytes / 2**30:.2f} GiB) is larger than that machine's weights "
+                               f"cache ({limit / 2**30:.2f} GiB): restart its `tandem worker serve` with a larger "
+                               "--cache-size")
+    request({rank: StoreWeights(weights_hash, family, skeleton, blob, modules or {}) for rank in lacking.values()},
+            "keeping the model in its machine's weights cache", deadline=load_bound(nbytes, first_s))
+    sent.update(dict.fromkeys(lacking, nbytes))
     return weights_hash, sent
+
+
+def cache_image(payload) -> tuple[bytes, object]:
+    """(skeleton, tensors): what a machine's cache is sent of a payload (cache_format.py), the tensors' safetensors
+    file as a uint8 tensor (raw bytes on the channel, not copied again). Their sizes add up to the bytes sent.
+    Raises CannotCarry (the host's cue for its stock path) for a payload that does not pickle."""
+    import warnings
+
+    import torch
+
+    from .cache_format import split, tensors_image
+
+    try:
+        skeleton, tensors = split(payload)
+    except Exception as exc:  # e.g. a lock or an open file kept on the model
+        raise CannotCarry(f"the model cannot be written for the workers of other machines ({type(exc).__name__}: "
+                          f"{exc})") from exc
+    image = tensors_image(tensors)
+    with warnings.catch_warnings():  # a read-only buffer: the tensor is only read (sent), never written
+        warnings.simplefilter("ignore", UserWarning)
+        return skeleton, torch.frombuffer(image, dtype=torch.uint8)

@@ -96,11 +96,11 @@ class ServeDaemon:
     def serve_forever(self) -> None:
         log.warning("Tandem: serving %s on %s:%d (TLS; gloo/NCCL on %s) for one host at a time",
                     ",".join(self.devices), self.host, self.port, self.interface)
-        partial = self.cache.remove_partial()  # uploads cut short by a kill: never named by their hash
+        stale = self.cache.remove_stale()  # uploads cut short by a kill, an older Tandem's entries
         entries = self.cache.entries()
         log.warning("Tandem: weights cache %s: %s, %.2f of %.2f GiB (%s removed)",
                     self.cache.folder, counted(len(entries), "model"), sum(size for _, size, _ in entries) / 2**30,
-                    self.cache.limit / 2**30, counted(partial, "partial upload"))
+                    self.cache.limit / 2**30, counted(stale, "stale file"))
         self.doorway.run()
 
     def stop(self) -> None:

@@ -6,8 +6,9 @@ the workers build the module with the host's code and load its weights).
 
 A worker on the GPU that holds the host's copy maps that copy through CUDA IPC (no second copy on that
 device); every other worker of this machine maps one file the host writes once (in shared memory where the
-platform has it); a worker of another machine loads the file its machine's weights cache holds under the
-weights' content hash (weights_hash; remote_weights.py sends it there once).
+platform has it); a worker of another machine loads the entry its machine's weights cache holds under the
+weights' content hash (weights_hash; remote_weights.py sends it there once, as a safetensors file of its tensors
+and a skeleton of the rest: cache_format.py).
 """
 
 from __future__ import annotations
@@ -60,9 +61,10 @@ def _tensors(payload):
     return payload.weights.items() if isinstance(payload, Recipe) else payload.state_dict().items()
 
 
-# Part of every weights hash: a cache entry is a torch.save image of the payload, which names its classes by
-# module path. Bumped when those paths move (v2: recipe.py moved to runtime/), so entries written before are
-# missed and evicted in time instead of failing to load.
+# Part of every weights hash: a cache entry's skeleton (cache_format.py) names the payload's classes by module
+# path. Bumped when those paths move (v2: recipe.py moved to runtime/), so entries written before are missed and
+# evicted in time instead of failing to load. (The move from torch.save images to safetensors + skeleton changed
+# the files' names, HASH.pt to HASH.safetensors and HASH.skeleton, so it needed no bump.)
 CACHE_LAYOUT = "v2"
 
 
@@ -109,17 +111,6 @@ def save(payload, target) -> None:
     pickle_module = types.ModuleType("tandem_host_pickle")  # what torch.save reads of one: its Pickler
     pickle_module.Pickler = host_pickler()
     torch.save(payload, target, pickle_module=pickle_module)
-
-
-def torch_save_image(payload):
-    """A payload's torch.save image as a uint8 tensor (sent as raw bytes on a channel)."""
-    import io
-
-    import torch
-
-    image = io.BytesIO()
-    save(payload, image)
-    return torch.frombuffer(bytearray(image.getbuffer()), dtype=torch.uint8)
 
 
 def load_requests(payload, family: str, fingerprint: str, workers, folder: Path, keep: tuple[str, ...] = (),

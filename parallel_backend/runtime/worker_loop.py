@@ -32,7 +32,7 @@ from .messages import (
 )
 from .portable import peak_memory_bytes, pin_to_cores, reset_peak_memory
 from . import environment
-from .weights_cache import WeightsCache, cached_model_path, holds_weights, store_weights
+from .weights_cache import WeightsCache, cached_payload, holds_weights, store_weights
 from . import worker_watch
 
 def _parse_args(argv):
@@ -100,12 +100,13 @@ class WorkerState:
 
             module = _materialize(pickle.loads(message.shared), self.device, self._cutter(message))
             module._tandem_shared_with_host = True  # never moved off the device (that would copy it)
+        elif message.cached is not None:
+            # Another machine's worker: its cache's entry, the tensors mapped from safetensors (shared pages).
+            module = _materialize(cached_payload(self, message.cached), self.device, self._cutter(message))
         else:
-            # mmap: CPU workers share the page-cache copy of the host's file (or, on another machine, of the
-            # machine's cached one) instead of each holding their own.
-            path = message.path if message.cached is None else cached_model_path(self, message.cached)
-            module = _materialize(torch.load(path, mmap=True, map_location="cpu", weights_only=False), self.device,
-                                  self._cutter(message))
+            # mmap: CPU workers share the page-cache copy of the host's file instead of each holding their own.
+            module = _materialize(torch.load(message.path, mmap=True, map_location="cpu", weights_only=False),
+                                  self.device, self._cutter(message))
         self.models[message.fingerprint] = (module, message.family)
         return {"seconds": time.perf_counter() - started, "held": list(self.models),
                 "weights_bytes": weights_bytes(module)}

@@ -1,12 +1,13 @@
 """The weights cache across two 'machines' (namespaces, conftest.py): a model crosses to the serving machine
 once however many of its workers the pool has, not at all from a new host process once cached there, and the
 cache's bound evicts the least recently used model, and a cached file changed on disk (a flipped byte, a
-truncation) is found out, removed and sent again in the next job; every job still equals one device."""
+truncation, in the tensors file or the skeleton) is found out, removed and sent again in the next job; every job
+still equals one device. An entry is a safetensors file of the tensors and a skeleton of the rest
+(cache_format.py)."""
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import time
@@ -16,6 +17,8 @@ import torch
 
 from parallel_backend.models.benchmodels import build_bench_model
 from parallel_backend.runtime.cache_digest import record_path
+from parallel_backend.runtime.cache_format import join
+from parallel_backend.runtime.remote_weights import cache_image
 from parallel_backend.runtime.shipping import weights_hash
 
 from .conftest import REMOTE_IP, SERVE_PORT, finish_host, read_line, stop_host
@@ -26,14 +29,13 @@ DEVICES = f"cpu:1,{MACHINE}/cpu:2"  # one worker here, two on the serving machin
 
 
 def _tiny(variant: int):
-    """host_job.py's model for --variant `variant`: (its weights_hash, the bytes of its torch.save image)."""
+    """host_job.py's model for --variant `variant`: (its weights_hash, the bytes sent of it: skeleton + tensors)."""
     model = build_bench_model("tiny")
     with torch.no_grad():
         for parameter in model.module.parameters():
             parameter.mul_(1 + variant / 100)
-    image = io.BytesIO()
-    torch.save(model.module, image)
-    return weights_hash(model.module, model.family), len(image.getvalue())
+    skeleton, tensors = cache_image(model.module)
+    return weights_hash(model.module, model.family), len(skeleton) + tensors.numel()
 
 
 def _job(machines, variant: int = 0) -> dict:
@@ -49,10 +51,17 @@ def _job(machines, variant: int = 0) -> dict:
 
 
 def _cached(folder) -> list[str]:
-    """The cached models' files (each has the record of its digest beside it, HASH.pt.sha256)."""
+    """The hashes of the cached models: each has HASH.safetensors and HASH.skeleton, each with the record of its
+    digest beside it (HASH.safetensors.sha256), and nothing else is there."""
     names = {p.name for p in folder.iterdir() if not p.name.startswith(".")}
-    assert names == {n for n in names if n.endswith(".pt")} | {f"{n}.sha256" for n in names if n.endswith(".pt")}
-    return sorted(n for n in names if n.endswith(".pt"))
+    hashes = sorted({n.split(".")[0] for n in names})
+    assert names == {f"{h}{suffix}" for h in hashes for suffix in (".safetensors", ".safetensors.sha256",
+                                                                   ".skeleton", ".skeleton.sha256")}, names
+    return hashes
+
+
+def _size(folder, model_hash: str) -> int:
+    return sum((folder / f"{model_hash}{suffix}").stat().st_size for suffix in (".safetensors", ".skeleton"))
 
 
 class CachedServe:
@@ -85,7 +94,7 @@ def test_a_model_is_sent_to_a_machine_once_and_not_after_host_or_daemon_restarts
     model_hash, image_bytes = _tiny(0)
     first = _job(machines)
     assert first["sent"] == {MACHINE: image_bytes}, first  # once for the machine, not once per worker (two)
-    assert _cached(cache) == [f"{model_hash}.pt"] and (cache / f"{model_hash}.pt").stat().st_size == image_bytes
+    assert _cached(cache) == [model_hash] and _size(cache, model_hash) == image_bytes
     second = _job(machines)  # a new host process: a new fingerprint, the same weights
     assert second["sent"] == {MACHINE: 0}, second
     assert second["shipped"] == first["shipped"] - image_bytes, (first, second)  # only this machine's worker's file
@@ -104,20 +113,20 @@ def test_a_bound_smaller_than_two_models_evicts_the_older(machines, remote):
     cache = remote.cache
     assert _job(machines, variant=0)["sent"] == {MACHINE: a_bytes}
     assert _job(machines, variant=1)["sent"] == {MACHINE: b_bytes}
-    assert _cached(cache) == [f"{b_hash}.pt"]  # a went to make room
+    assert _cached(cache) == [b_hash]  # a went to make room
     assert _job(machines, variant=0)["sent"] == {MACHINE: a_bytes}  # so it crosses again
-    assert _cached(cache) == [f"{a_hash}.pt"]
+    assert _cached(cache) == [a_hash]
 
 
-@pytest.mark.parametrize("how", ["flipped_byte", "truncated"])
+@pytest.mark.parametrize("how", ["flipped_byte", "truncated", "flipped_skeleton_byte"])
 def test_a_cached_file_changed_on_disk_is_removed_logged_and_sent_again_in_the_next_job(machines, remote, how):
     remote.start(1.0)
     model_hash, image_bytes = _tiny(0)
     assert _job(machines)["sent"] == {MACHINE: image_bytes}
-    path = remote.cache / f"{model_hash}.pt"
+    path = remote.cache / f"{model_hash}{'.skeleton' if how == 'flipped_skeleton_byte' else '.safetensors'}"
     original = path.read_bytes()
-    middle = len(original) // 2  # inside the weights' bytes: the file still reads as a torch.save image
-    if how == "flipped_byte":
+    middle = len(original) // 2  # in the tensors file: inside the weights' bytes, so it still reads as safetensors
+    if how != "truncated":
         with open(path, "r+b") as out:
             out.seek(middle)
             out.write(bytes([original[middle] ^ 0xFF]))
@@ -126,18 +135,21 @@ def test_a_cached_file_changed_on_disk_is_removed_logged_and_sent_again_in_the_n
     corrupt = path.read_bytes()
     again = _job(machines)  # it equals one device (checked there): the workers loaded the file sent again
     assert again["sent"] == {MACHINE: image_bytes}, again  # answered "not held", so sent in that same job
-    # Replaced: the same model, its record matches its bytes. Not byte-equal to the first file: a torch.save
-    # image differs per saving process (torch's random serialization_id, a diffusers config's set order).
-    assert _cached(remote.cache) == [f"{model_hash}.pt"] and path.read_bytes() != corrupt
+    # Replaced: the same model, each record matches its file's bytes.
+    assert _cached(remote.cache) == [model_hash] and path.read_bytes() != corrupt
     assert len(path.read_bytes()) == len(original)
-    assert json.loads(record_path(path).read_text())["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
-    assert weights_hash(torch.load(path, weights_only=False), build_bench_model("tiny").family) == model_hash
+    assert path.suffix == ".skeleton" or path.read_bytes() == original  # a safetensors file is made the same each time
+    for part in (".safetensors", ".skeleton"):
+        written = remote.cache / f"{model_hash}{part}"
+        assert json.loads(record_path(written).read_text())["sha256"] == hashlib.sha256(written.read_bytes()).hexdigest()
+    loaded = join((remote.cache / f"{model_hash}.skeleton").read_bytes(), remote.cache / f"{model_hash}.safetensors")
+    assert weights_hash(loaded, build_bench_model("tiny").family) == model_hash
     serve_log = remote.folder / "serve.log"
     until = time.monotonic() + 10  # the daemon relays its workers' cache lines every 0.5 s and when they stop
     while str(path) not in serve_log.read_text() and time.monotonic() < until:
         time.sleep(0.2)
     removed = [line for line in serve_log.read_text().splitlines() if f"removed {path}:" in line]
-    reason = {"flipped_byte": "bytes changed", "truncated": "truncated"}[how]
+    reason = {"flipped_byte": "bytes changed", "truncated": "truncated", "flipped_skeleton_byte": "bytes changed"}[how]
     assert len(removed) == 1 and reason in removed[0], serve_log.read_text()[-3000:]
     assert _job(machines)["sent"] == {MACHINE: 0}  # whole again: held, nothing crosses
     print(f"{how}: the second job sent {again['sent']}; the serve log: {removed[0]}")
