@@ -216,7 +216,7 @@ def test_bad_input_is_refused_in_one_sentence():
     with pytest.raises(ValueError, match="unknown scenario 'sd3'"):
         paper.paper_inputs("sd3", "H100 SXM", "nvlink-h100")
     with pytest.raises(ValueError, match="unknown GPU"):
-        paper.paper_inputs("sdxl-1024", "B200", "nvlink-h100")
+        paper.paper_inputs("sdxl-1024", "GTX 480", "nvlink-h100")
     with pytest.raises(ValueError, match="unknown link"):
         paper.paper_inputs("sdxl-1024", "H100 SXM", "nvlink-9")
     for bad in (0, -0.1, 1.01, float("nan"), "0.5", None):

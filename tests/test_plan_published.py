@@ -4,7 +4,8 @@ predict is predicted by the paper model and by the fitted one, and again with th
 global constants; the fit is deterministic; and the errors meet issue 31's targets (median absolute error
 <= 10 %, every row <= 25 %), fitted and left out alike. The errors are printed (pytest -s) and the fitted model
 must beat the paper model's. No process is started; the counting runs the full-size models on the meta device
-(about a minute) and the leave-one-out fits take a few minutes more."""
+(about a minute) and the leave-one-out fits take a few minutes more: those tests are marked slow (long jobs).
+`tandem plan --gpu` is checked here too: its JSON and its one-sentence refusals."""
 
 from __future__ import annotations
 
@@ -53,6 +54,7 @@ def test_a_row_whose_mesh_does_not_use_its_devices_is_refused(tmp_path):
         published.load(path)
 
 
+@pytest.mark.slow  # counts the full-size models on meta and fits once per row: minutes
 def test_unpredicted_rows_say_why_and_the_rest_are_predicted(result):
     rows = published.load()
     unpredicted = dict(result.unpredicted)
@@ -64,6 +66,7 @@ def test_unpredicted_rows_say_why_and_the_rest_are_predicted(result):
     assert [rid for rid, *_ in result.left_out.rows] == predicted == [rid for rid, *_ in result.paper.rows]
 
 
+@pytest.mark.slow  # counts the full-size models on meta and fits once per row: minutes
 def test_fit_is_deterministic_and_uses_no_row_alone(result):
     usable = [r for r in published.load() if not r.unpredicted()]
     again = published.fit(usable)
@@ -73,6 +76,7 @@ def test_fit_is_deterministic_and_uses_no_row_alone(result):
     assert 0 < result.constants.peak_fraction <= 1
 
 
+@pytest.mark.slow  # counts the full-size models on meta and fits once per row: minutes
 def test_fitted_model_meets_the_targets_and_beats_the_paper_model(result):
     fitted, left_out, paper = result.fitted, result.left_out, result.paper
     assert fitted.median < paper.median and fitted.worst < paper.worst
