@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import diffusers
 import torch
 
-from .choose import FLOOR, choose
+from .choose import FLOOR, NothingFits, choose
 from .links import link_named
 from . import published
 from .fitted import FITTED
@@ -236,6 +236,41 @@ def published_section() -> list[str]:
     return out + [""]
 
 
+CONSUMER_GPUS = (("RTX 3090", "pcie4x16"), ("RTX 4090", "pcie4x16"), ("RTX 5090", "pcie5x16"))
+CONSUMER_DEVICES = (2, 4)
+
+
+def consumer_cell(name: str, gpu: str, link: str, devices: int) -> str:
+    """One scenario on `devices` consumer cards: the choice within the card's memory, or what it would need."""
+    found = rig_candidates(name, gpu, link, devices)
+    try:
+        best = choose(found).best
+    except NothingFits:
+        return f"does not fit: needs {_gib(_least(found).memory_bytes_per_device)} GiB per device"
+    alone = next(c for c in found if not c.mesh)
+    speedup = f"{best.predicted_speedup:.2f}x, " if alone.fits else ""  # over one card only where one holds it
+    return f"{best.label()}: {speedup}{best.seconds_per_call:,.2f} s per step"
+
+
+def consumer_section() -> list[str]:
+    """Two and four consumer cards, with and without peer-to-peer, for every scenario: what the plan chooses."""
+    out = ["## Two and four consumer cards, with and without peer-to-peer", "",
+           "**Predictions, not measurements.** GeForce cards have no peer-to-peer over PCIe: their exchanges go "
+           "through host memory (`pcie4-nop2p`, `pcie5-nop2p`); *with* is the same slot with peer copies "
+           "(`pcie4x16`, `pcie5x16`: what a workstation card gets). Each cell is what `plan/choose.py` picks within "
+           "the card's memory (weights whole or sharded), its speed-up per step over one card (only where one card "
+           "holds the model) and its seconds per step. Weights in bf16 "
+           "(fp16 for SDXL); fp8 weights, which would let the large models fit fewer cards, are not counted yet.",
+           "", "| model | GPUs | link | " + " | ".join(f"{n} cards" for n in CONSUMER_DEVICES) + " |",
+           "|---|---|---|" + "---|" * len(CONSUMER_DEVICES)]
+    for name in SCENARIOS:
+        for gpu, p2p in CONSUMER_GPUS:
+            for link in (p2p, gpu_named(gpu).link):
+                cells = " | ".join(consumer_cell(name, gpu, link, n) for n in CONSUMER_DEVICES)
+                out.append(f"| {name} | {gpu} | {link} | {cells} |")
+    return out + [""]
+
+
 def peers_section() -> list[str]:
     out = ["## Published peer figures (their measurements, on their hardware; not Tandem's)", "",
            "Set beside the nearest cell of this model's predictions; models, GPUs and software differ (e.g. fp8 "
@@ -444,6 +479,7 @@ def render() -> str:
     lines += published_section()
     lines += peers_section()
     lines += big_models_section()
+    lines += consumer_section()
     lines += vae_section()
     return "\n".join(lines)
 
