@@ -216,7 +216,7 @@ def test_bad_input_is_refused_in_one_sentence():
     with pytest.raises(ValueError, match="unknown scenario 'sd3'"):
         paper.paper_inputs("sd3", "H100 SXM", "nvlink-h100")
     with pytest.raises(ValueError, match="unknown GPU"):
-        paper.paper_inputs("sdxl-1024", "B200", "nvlink-h100")
+        paper.paper_inputs("sdxl-1024", "GTX 480", "nvlink-h100")
     with pytest.raises(ValueError, match="unknown link"):
         paper.paper_inputs("sdxl-1024", "H100 SXM", "nvlink-9")
     for bad in (0, -0.1, 1.01, float("nan"), "0.5", None):
@@ -283,9 +283,9 @@ def test_the_rig_rows_agree_with_choose_for_full_size_flux2(monkeypatch):
     text = "\n".join(paper_doc.big_models_section())
     for n in (1, 2):
         with pytest.raises(NothingFits) as refused:
-            _flux2_plan("RTX 4090", "pcie4x16", n)
+            _flux2_plan("RTX 4090", "pcie4-nop2p", n)
     need = refused.value.least.memory_bytes_per_device / 2**30
-    assert f"| 2 x 24 GB (RTX 4090, pcie4x16) | does not fit: needs {need:.1f} GiB per device" in text
+    assert f"| 2 x 24 GB (RTX 4090, pcie4-nop2p) | does not fit: needs {need:.1f} GiB per device" in text
     with pytest.raises(NothingFits):
         _flux2_plan("L40S", "pcie4x16", 1)
     found, two = _flux2_plan("L40S", "pcie4x16", 2)

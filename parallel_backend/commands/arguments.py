@@ -153,6 +153,39 @@ def check_plan_options(args) -> tuple:
     return link, cfg, resolution, devices
 
 
+def check_gpu_plan_options(args) -> tuple:
+    """`tandem plan --gpu`'s options, before anything is counted: (the paper model, the GPU, how many, the link or
+    None for the GPU's usual one, cfg, resolution or None, frames or None). --devices and a measured link make no
+    sense without devices."""
+    from .bench_inputs import parse_resolution
+    from ..plan.links import PROBE, link_named
+    from ..plan.paper import gpu_for, paper_model_named
+
+    model, gpu = paper_model_named(args.model), gpu_for(args.gpu)
+    gpus = validation.whole_number("--gpus", args.gpus, 1, 64)
+    if args.devices != "cpu:2":
+        raise ValueError("--gpu predicts named GPUs on paper: leave out --devices (or leave out --gpu to plan for "
+                         "the devices given)")
+    if args.vae:
+        raise ValueError("--vae times a decode on the devices: it does not go with --gpu")
+    link = None if args.link in (None, PROBE) else link_named(args.link).name
+    cfg = validation.finite_number("cfg", args.cfg, 1.0, validation.MAX_CFG)
+    resolution = parse_resolution(args.resolution) if args.resolution is not None else None
+    frames = None
+    if args.frames is not None:
+        frames = validation.whole_number("--frames", args.frames, 1, 1024)
+        if model.frames is None:
+            raise ValueError(f"{args.model} makes images: --frames is for video models")
+        if (frames - 1) % 4:
+            raise ValueError(f"--frames {frames}: a video model's clip has 4k + 1 frames (e.g. 33, 81, 129)")
+    validation.whole_number("steps", args.steps, 1, validation.MAX_STEPS)
+    if args.json is not None:
+        validation.writable_file("--json", args.json)
+    if args.memory_per_device is not None:
+        MEMORY_PER_DEVICE.validate(args.memory_per_device)
+    return args.model, gpu, gpus, link, cfg, resolution, frames
+
+
 def check_demo_options(args) -> None:
     """`tandem demo`'s address and model folder, before gradio loads."""
     validation.listen_host("--host", args.host)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -12,9 +13,9 @@ from ..runtime import validation
 from ..runtime.knobs import add_options
 from ..runtime.pool_settings import ALLOW_MISSING_MACHINES, INTERFACE, SECRET_FILE
 from .arguments import (UsageError, bench_knobs, bench_strategies, check_bench_options, check_demo_options,
-                        check_environment, check_generate_options, check_machines, check_plan_options,
-                        check_serve_options, check_workflow_options, knobs, machine_settings, memory_settings,
-                        request_for, strategy_knobs)
+                        check_environment, check_generate_options, check_gpu_plan_options, check_machines,
+                        check_plan_options, check_serve_options, check_workflow_options, knobs, machine_settings,
+                        memory_settings, request_for, strategy_knobs)
 
 # Argument checks (arguments.py) come before every heavy import: torch, diffusers and gradio load inside the
 # commands, once their arguments have passed.
@@ -168,6 +169,8 @@ def _bench_vae(args) -> int:
 
 
 def cmd_plan(args) -> int:
+    if args.gpu is not None:
+        return cmd_plan_gpu(args)
     link, cfg, resolution, devices = check_plan_options(args)
     if link is None:  # a pool starts to measure the link
         check_machines(args)
@@ -221,6 +224,43 @@ def cmd_plan(args) -> int:
                   "devices": list(devices), "memory_per_device_bytes": budget}
         written = report.as_json(header, inputs, found, choice, nothing_fits)
         validation.write_json("--json", args.json, written if vae is None else {**written, "vae_decode": vae})
+        print(f"tandem: wrote {args.json}")
+    if choice is None:
+        print(f"tandem: {nothing_fits}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_plan_gpu(args) -> int:
+    """`tandem plan --gpu NAME --gpus N`: a full-size model counted on the meta device, predicted on named GPUs with
+    the constants fitted to published measurements (plan/fitted.py); nothing runs on a device."""
+    name, gpu, gpus, link, cfg, resolution, frames = check_gpu_plan_options(args)
+    from ..plan import report
+    from ..plan.choose import NothingFits, choose
+    from ..plan.paper import gpu_plan, paper_model_named
+
+    job = paper_model_named(name)
+    resolution, frames = resolution or job.resolution, frames or job.frames
+    branches = 2 if cfg != 1.0 else 1
+    inputs, found, card = gpu_plan(name, gpu.name, gpus, link, resolution, frames, args.steps, branches)
+    budget = (int(args.memory_per_device * 2**30) if args.memory_per_device is not None else card.memory_bytes)
+    found = [dataclasses.replace(c, fits=c.memory_bytes_per_device <= budget) for c in found]
+    try:
+        choice, nothing_fits = choose(found), ""
+    except NothingFits as exc:
+        choice, nothing_fits = None, str(exc)
+    clip = f" x {frames} frames" if frames else ""
+    print(f"tandem plan (a prediction on paper, not a measurement): model {name}, {resolution[0]}x{resolution[1]} "
+          f"px{clip}, cfg {cfg:g}, "
+          f"{args.steps} steps, {plural(gpus, 'GPU')} {card.name} ({card.source}), link {inputs.link.name} "
+          f"({inputs.link.source}); constants fitted to published measurements (plan/fitted.py)")
+    print(report.inputs_line(inputs, "fitted split cost"))
+    print(f"memory per device: {budget / 2**30:.3f} GiB")
+    print(report.format_table(found, choice, nothing_fits))
+    if args.json:
+        header = {"model": name, "resolution": list(resolution), "frames": frames, "cfg": cfg,
+                  "steps": args.steps, "gpu": card.name, "gpus": gpus, "memory_per_device_bytes": budget}
+        validation.write_json("--json", args.json, report.as_json(header, inputs, found, choice, nothing_fits))
         print(f"tandem: wrote {args.json}")
     if choice is None:
         print(f"tandem: {nothing_fits}", file=sys.stderr)
@@ -392,13 +432,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     plan = commands.add_parser("plan", help="predict each strategy's speed-up on these devices (a cost model fed "
                                             "with one-device measurements taken here) and choose")
-    plan.add_argument("--model", default="small", help="a bench model: tiny, small, sd15, sdxl, flux-small, wan-small")
+    plan.add_argument("--model", default="small", help="a bench model: tiny, small, sd15, sdxl, flux-small, wan-small; "
+                      "with --gpu a full-size model: sdxl, flux-dev, flux2-dev, qwen-image, wan-14b, hunyuanvideo")
+    plan.add_argument("--gpu", default=None, help="predict on paper for named GPUs instead of the devices given: "
+                      "rtx3090, rtx4090, rtx5090, l20, l40, a100, h100, h200, h800, b200, ... (no device needed)")
+    plan.add_argument("--gpus", type=int, default=2, help="with --gpu: how many of them")
     plan.add_argument("--devices", default="cpu:2", help="'cuda:0,cuda:1', 'cpu:2' or 'auto' (HOST:PORT/DEVICE: "
                       "another machine's)")
     _add_machine_options(plan)
     add_options(plan, (MEMORY_PER_DEVICE,))
     plan.add_argument("--link", default=PROBE, help=f"{PROBE} (default: start workers on the devices and measure "
-                                                    f"their link and contention), or a named link: {', '.join(PROFILES)}")
+                                                    f"their link and contention; with --gpu: that GPU's usual link), or a named link: "
+                                                    f"{', '.join(PROFILES)}")
     plan.add_argument("--cfg", type=float, default=7.5, help="guidance scale, 1 to 100 (1: no uncond branch)")
     plan.add_argument("--resolution", default=None, help="pixels: 256 or 1024x768 (default: the model's)")
     plan.add_argument("--frames", type=int, default=None, help="video models (wan-small) only: frames per clip, 4k + 1")

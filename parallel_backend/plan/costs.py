@@ -6,7 +6,9 @@ Overlap assumptions, per strategy (each as the strategy's code does it):
   the caller, model.predict, for every strategy alike).
 - ulysses (local-first, strategies/sequence/ulysses.py): the q, k, v all-to-all hides behind the own-block
   attention (own queries to own keys: 1/N^3 of one device's attention), the output all-to-all behind the own
-  queries' attention to the other ranks' keys ((N-1)/N^3); what is longer is exposed.
+  queries' attention to the other ranks' keys ((N-1)/N^3); what is longer is exposed. Where the all-to-all is
+  not overlapped (Inputs.overlaps_all_to_all False: a peer's plain Ulysses, as plan/published.py fits it) all of
+  it is exposed, in usp too.
 - ring: each of the N-1 key/value transfers hides behind the attention to the block held (1/N^2); longer is
   exposed.
 - usp (r x u): the heads go in c chunks (2 when a rank's heads split evenly): the first chunk's q, k, v and the
@@ -20,7 +22,8 @@ Overlap assumptions, per strategy (each as the strategy's code does it):
   behind the compute on CUDA where the compute is longer (`sharded_cost`).
 Compute: a row group's call on one device, split: sequence splits take a rank's part as measured on one device
 (Inputs.shard_seconds; else the call over the group's size); asyncdiff by the layer profile's balanced cut;
-row strategies run their rows' call.
+row strategies run their rows' call. Sequence and tensor splits divide the call's work, never its fixed part
+(Inputs.fixed_seconds: every rank launches every layer); a stage launches only its own layers.
 """
 
 from __future__ import annotations
@@ -82,10 +85,11 @@ def _sequence_group(inp, rows: int, u: int, r: int) -> Cost:
 def _attention_exposure(inp, piece: int, attention: float, u: int, r: int) -> tuple[float, float]:
     """(exposed, alone) seconds of one attention's exchanges for one rank; attention: one device's time for it."""
     link, n = inp.link, u * r
+    behind = attention if inp.overlaps_all_to_all else 0.0  # what an all-to-all may hide behind
     if r == 1:  # ulysses, local-first
         send_qkv = link.seconds(3 * piece * (u - 1) / u, u - 1)
         send_out = link.seconds(piece * (u - 1) / u, u - 1)
-        exposed = max(0.0, send_qkv - attention / n**3) + max(0.0, send_out - attention * (n - 1) / n**3)
+        exposed = max(0.0, send_qkv - behind / n**3) + max(0.0, send_out - behind * (n - 1) / n**3)
         return exposed, send_qkv + send_out
     if u == 1:  # ring
         step = link.seconds(2 * piece, 2)
@@ -95,7 +99,7 @@ def _attention_exposure(inp, piece: int, attention: float, u: int, r: int) -> tu
     send_out = link.seconds(piece * (u - 1) / u / chunks, u - 1)
     step = link.seconds(2 * piece / chunks, 2)
     ring_exposed = (r - 1) * max(0.0, step - attention / (n * r * chunks))
-    chunk = attention / (n * chunks) + ring_exposed  # one chunk's attention through its ring
+    chunk = (behind / (n * chunks) + ring_exposed) if inp.overlaps_all_to_all else 0.0  # a chunk through its ring
     exposed = (chunks * ring_exposed + send_qkv + send_out
                + (chunks - 1) * (max(0.0, send_qkv - chunk) + max(0.0, send_out - chunk)))
     return exposed, chunks * (send_qkv + send_out + (r - 1) * step)
@@ -117,7 +121,7 @@ def _staged_group(inp, rows: int, stages: int) -> tuple[Cost, list[int]]:
     """One chain of `stages` stages running `rows` rows, and its cuts (ValueError: more stages than layers)."""
     whole = inp.seconds(rows)
     total = sum(inp.layer_seconds) or 1.0
-    costs = [whole * s / total for s in inp.layer_seconds]
+    costs = [whole * s / total for s in inp.layer_seconds]  # the fixed part too: a stage launches its layers' only
     cuts = balance(costs, stages)
     slowest = max(stage_costs(costs, cuts))
     handovers = [inp.link.seconds(rows * inp.shape.handover_bytes[c]) for c in cuts]
@@ -144,7 +148,7 @@ def tensor_cost(inp, mesh) -> Cost:
     activation = inp.shape.tokens * inp.shape.width * inp.shape.itemsize  # one row's hidden states
     reduces = 2 * inp.shape.attentions
     exchange = reduces * inp.link.seconds(busiest * activation * (n - 1), n - 1)
-    compute = inp.seconds(busiest) / n
+    compute = inp.part(busiest, 1 / n)
     peer = sum(g * activation * reduces * (n - 1) * n for g in rows)
     memory = inp.weight_bytes // n + busiest * inp.activation_bytes_per_row
     return Cost(compute + exchange, compute, exchange, exchange, Traffic(peer=peer), memory, rows=busiest,

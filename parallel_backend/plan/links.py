@@ -54,6 +54,24 @@ PROFILES: dict[str, Link] = {link.name: link for link in (
     # H100 SXM, NVLink 4: 18 links, 900 GB/s total -> 450 GB/s per direction (NVIDIA H100 datasheet).
     # nccl-tests reach ~360 GB/s bus bandwidth on 8x H100: 0.8.
     _profile("nvlink-h100", 450.0, 0.8, 5e-6, "H100 SXM NVLink 4 (NVIDIA datasheet: 900 GB/s bidirectional)"),
+    # GeForce and Intel Arc cards have no peer-to-peer over PCIe: NCCL (or oneCCL) copies through pinned host
+    # memory, two hops. design/PERFORMANCE.md records about 6-25 GB/s with 12-18 us per message on PCIe 4.0 x16
+    # and about 42 GB/s, 14 us on PCIe 5.0 x16 without peer-to-peer. Taken: 12 GB/s, 15 us (4.0); 42 GB/s, 14 us
+    # (5.0), as 31.5 x 0.38 and 63 x 0.67 of the raw rate.
+    _profile("pcie4-nop2p", 31.5, 0.38, 15e-6, "PCIe 4.0 x16 without peer-to-peer (copies through host memory)"),
+    _profile("pcie5-nop2p", 63.0, 0.67, 14e-6, "PCIe 5.0 x16 without peer-to-peer (copies through host memory)"),
+    # PCIe 4.0 x8 (15.75 GB/s raw; the RTX 2000 Ada's slot) with peer-to-peer over the SYS path (across the CPU
+    # sockets, as Raylight's README reports for its two cards): the inter-socket hop halves what a copy reaches,
+    # 0.5; latency as without peer-to-peer.
+    _profile("pcie4x8-sys", 15.75, 0.5, 15e-6, "PCIe 4.0 x8, peer-to-peer across CPU sockets (SYS path)"),
+    # H20: NVLink 4 at 900 GB/s bidirectional, as the H100 SXM (willitrunai.com's H20 page); the same efficiency.
+    _profile("nvlink-h20", 450.0, 0.8, 5e-6, "H20 NVLink 4 (900 GB/s bidirectional)"),
+    # H800: NVLink cut to 400 GB/s bidirectional -> 200 per direction (the export model); the H100's efficiency.
+    _profile("nvlink-h800", 200.0, 0.8, 5e-6, "H800 NVLink (400 GB/s bidirectional)"),
+    # B200, NVLink 5: 1.8 TB/s bidirectional per GPU -> 900 per direction (NVIDIA HGX B200); the H100's efficiency.
+    _profile("nvlink-b200", 900.0, 0.8, 5e-6, "B200 NVLink 5 (1.8 TB/s bidirectional)"),
+    # 25 GbE: 25 Gbit/s = 3.125 GB/s (IEEE 802.3by), TCP as 10 GbE: 0.9, ~50 us per message across one switch.
+    _profile("ethernet-25g", 3.125, 0.9, 50e-6, "25 Gigabit Ethernet (IEEE 802.3by), TCP"),
     # 10 GbE: 10 Gbit/s = 1.25 GB/s (IEEE 802.3ae). TCP over Ethernet frames of 1500 bytes keeps ~94 % as
     # payload; 0.9 with the stack's copies. Latency of a TCP message across one switch: ~50 us.
     _profile("ethernet-10g", 1.25, 0.9, 50e-6, "10 Gigabit Ethernet (IEEE 802.3ae), TCP"),
@@ -72,9 +90,12 @@ CPU_DEFAULT = "loopback-gloo"  # CPU workers on one machine talk over loopback
 CUDA_DEFAULT = "pcie4x16"  # the commonest link between two GPUs; said in the output when assumed
 
 
+ALIASES = {"pcie4": "pcie4x16", "pcie5": "pcie5x16"}  # `tandem plan --link`'s short names
+
+
 def link_named(name: str) -> Link:
-    """The named profile; a name that is not one is refused in one sentence."""
+    """The named profile (or ALIASES' short name for one); a name that is not one is refused in one sentence."""
     try:
-        return PROFILES[name]
+        return PROFILES[ALIASES.get(name, name)]
     except (KeyError, TypeError):
         raise ValueError(f"unknown link {name!r}; choose {PROBE} (measure it) or one of: {', '.join(PROFILES)}") from None

@@ -40,7 +40,10 @@ class Inputs:
     per-token layers of its tokens, its share of each attention, and the work every rank repeats)}; without
     it a rank's compute is the call's over the group's size. unit_bytes: the bytes of each unit sharded weights
     gather (models/weight_shards.py units_of; none: no sharded candidates); gathers_overlap: the next unit's
-    gather hides behind the compute (CUDA)."""
+    gather hides behind the compute (CUDA); overlaps_all_to_all: the Ulysses all-to-alls hide behind the
+    attention blocks computed meanwhile (plan/costs.py; False: all of them exposed); fixed_seconds: the part of
+    every call's time that no split divides (a per-step cost each device pays whole, plan/fitted.py), within
+    call_seconds and shard_seconds."""
 
     shape: CallShape
     family: str
@@ -61,6 +64,13 @@ class Inputs:
     shard_seconds: dict = field(default_factory=dict)
     unit_bytes: tuple = ()
     gathers_overlap: bool = False
+    overlaps_all_to_all: bool = True
+    fixed_seconds: float = 0.0
+
+    def part(self, rows: int, share: float) -> float:
+        """A device's time for `share` of a `rows`-row call's work: the call's time less its fixed part, times the
+        share, plus the fixed part whole (every device pays it)."""
+        return (self.seconds(rows) - self.fixed_seconds) * share + self.fixed_seconds
 
     def contention_at(self, rows: int) -> float:
         """The contention for calls of `rows` rows per device: linear between the measured row counts, the
@@ -72,7 +82,7 @@ class Inputs:
         """One rank's compute for `rows` rows in a sequence group of ulysses x ring ranks."""
         one_row = self.shard_seconds.get((ulysses, ring))
         if one_row is None:
-            return self.seconds(rows) / (ulysses * ring)
+            return self.part(rows, 1 / (ulysses * ring))
         return one_row * self.seconds(rows) / self.seconds(1)
 
     def seconds(self, rows: int) -> float:
@@ -128,7 +138,9 @@ class Candidate:
         return {"strategy": self.strategy, "mesh": dict(self.mesh), "devices": self.devices,
                 "predicted_speedup": self.predicted_speedup,
                 "predicted_speedup_end_to_end": self.predicted_speedup_end_to_end,
-                "predicted_seconds_per_call": self.seconds_per_call, "exact": self.exact,
+                "predicted_seconds_per_call": self.seconds_per_call,
+                "seconds_per_step": self.seconds_per_call,  # one call per step: the guidance branches go in one
+                "exact": self.exact,
                 "memory_bytes_per_device": self.memory_bytes_per_device, "peer_bytes_per_call": self.peer_bytes_per_call,
                 "host_bytes_per_call": self.host_bytes_per_call, "exposed_seconds_per_call": self.exposed_seconds,
                 "transfer_seconds_per_call": self.transfer_seconds, "reason": self.reason, "weights": self.weights,

@@ -26,6 +26,7 @@ from ..engine.oracle import sample_call
 from ..models.benchmodels_dit import TransformerBenchModel
 from . import paper_models
 from .choose import Choice, NothingFits, choose
+from .fitted import FITTED, job_inputs
 from .links import link_named
 from .measure import HOST_OVERHEAD_S, call_shape, shard_units
 from .model import Candidate, Inputs, candidates
@@ -44,28 +45,81 @@ class Gpu:
     peak_flops: float
     memory_bytes: int
     source: str
+    link: str = "pcie4x16"  # the link `tandem plan --gpu` assumes for a set of these cards unless --link says
 
 
 GPUS: dict[str, Gpu] = {gpu.name: gpu for gpu in (
     # NVIDIA Ada GPU architecture whitepaper, RTX 4090: peak FP16 / BF16 tensor TFLOPS with FP32 accumulate
     # 165.2 dense (330.4 with sparsity; 330.3 dense with FP16 accumulate). 24 GB GDDR6X.
     Gpu("RTX 4090", 165.2 * TFLOPS, 24 * GB, "NVIDIA Ada architecture whitepaper: 165.2 TFLOPS dense fp16/bf16 "
-        "tensor, FP32 accumulate"),
+        "tensor, FP32 accumulate", "pcie4-nop2p"),
     # The same whitepaper's appendix, RTX 4080 (16GB): peak FP16 / BF16 tensor TFLOPS with FP32 accumulate 97.5
     # dense (194.9 with sparsity). 16 GB GDDR6X.
     Gpu("RTX 4080", 97.5 * TFLOPS, 16 * GB, "NVIDIA Ada architecture whitepaper (RTX 4080 16GB): 97.5 TFLOPS dense "
-        "fp16/bf16 tensor, FP32 accumulate"),
+        "fp16/bf16 tensor, FP32 accumulate", "pcie4-nop2p"),
     # NVIDIA L40S datasheet: BF16 tensor core 362.05 TFLOPS dense (733 with sparsity). 48 GB GDDR6 with ECC;
     # PCIe 4.0 x16, no NVLink.
     Gpu("L40S", 362.05 * TFLOPS, 48 * GB, "NVIDIA L40S datasheet: 733 TFLOPS bf16 tensor with sparsity, 362.05 "
         "dense"),
     # NVIDIA A100 datasheet: BF16 / FP16 tensor core 312 TFLOPS dense (624 with sparsity), PCIe and SXM alike.
     Gpu("A100 80GB PCIe", 312 * TFLOPS, 80 * GB, "NVIDIA A100 datasheet: 312 TFLOPS dense bf16 tensor"),
-    Gpu("A100 80GB SXM", 312 * TFLOPS, 80 * GB, "NVIDIA A100 datasheet: 312 TFLOPS dense bf16 tensor"),
+    Gpu("A100 80GB SXM", 312 * TFLOPS, 80 * GB, "NVIDIA A100 datasheet: 312 TFLOPS dense bf16 tensor", "nvlink-a100"),
     # NVIDIA H100 datasheet, SXM: BF16 tensor core 1,979 TFLOPS with sparsity -> 989 dense. 80 GB HBM3.
     Gpu("H100 SXM", 989 * TFLOPS, 80 * GB, "NVIDIA H100 datasheet: 1,979 TFLOPS bf16 tensor with sparsity, "
-        "989 dense"),
+        "989 dense", "nvlink-h100"),
+    # The GPUs of the published measurements (tests/data/published_gpu_figures.csv); each figure as its source gives
+    # it or, where marked, derived from one.
+    # H20 (Hopper, export model): 148 TFLOPS FP16 dense, 96 GB HBM3, NVLink 4 at 900 GB/s (willitrunai.com's H20
+    # page, which gives NVIDIA's figures).
+    Gpu("H20", 148 * TFLOPS, 96 * GB, "NVIDIA's figures as willitrunai.com's H20 page gives them: 148 TFLOPS FP16 "
+        "dense", "nvlink-h20"),
+    # L20 (AD102, export model): 59.35 TFLOPS FP32 (technical.city's L20 page); its tensor rate is capped like the
+    # H20's: 119.5 TFLOPS FP16/BF16 dense is NVIDIA's L20 datasheet figure as recalled, not re-read (marked so).
+    Gpu("L20", 119.5 * TFLOPS, 48 * GB, "NVIDIA L20 datasheet: 119.5 TFLOPS dense fp16/bf16 tensor (recalled, not "
+        "re-read for this table)"),
+    # RTX 2000 Ada: "Tensor Performance 191.9 TFLOPS", 16 GB GDDR6, PCIe 4.0 x8 (itcreations.com's listing of
+    # NVIDIA's datasheet). For Ada that headline is FP8 with sparsity; dense fp16 is a quarter of it: 48 (derived).
+    Gpu("RTX 2000 Ada", 191.9 / 4 * TFLOPS, 16 * GB, "NVIDIA datasheet's 191.9 tensor TFLOPS (FP8, sparse) / 4: "
+        "48 dense fp16 (derived)", "pcie4x8-sys"),
+    # RTX A5000 (GA102): 222.2 tensor TFLOPS with sparsity in NVIDIA's datasheet -> 111.1 dense (recalled).
+    Gpu("RTX A5000", 111.1 * TFLOPS, 24 * GB, "NVIDIA RTX A5000 datasheet: 222.2 tensor TFLOPS with sparsity, "
+        "111.1 dense (recalled, not re-read)"),
+    # Intel Arc A770: 32 Xe cores, 512 XMX engines at 2100 MHz, 16 GB (svethardware.cz on Intel's published
+    # specifications); an Xe-HPG XMX engine does 64 fp16 multiply-adds a clock: 512 x 2.1 GHz x 128 = 137.6 TFLOPS
+    # (derived).
+    Gpu("Arc A770", 137.6 * TFLOPS, 16 * GB, "512 XMX engines x 2.1 GHz x 128 fp16 FLOP per clock (derived from "
+        "Intel's published engine count and clock)", "pcie4-nop2p"),
+    # Intel Arc B580: 20 Xe2 cores (160 XMX engines), 12 GB, ~2.85 GHz (a Geekbench listing as reported by chip.pl);
+    # an Xe2 XMX engine does 128 fp16 multiply-adds a clock: 160 x 2.85 GHz x 256 = 116.7 TFLOPS (derived).
+    Gpu("Arc B580", 116.7 * TFLOPS, 12 * GB, "160 XMX engines x 2.85 GHz x 256 fp16 FLOP per clock (derived)",
+        "pcie4-nop2p"),
+    # `tandem plan --gpu`'s other cards. Figures marked "recalled" are the vendor's as recalled, not re-read.
+    # NVIDIA Ampere GA102 whitepaper, RTX 3090: peak FP16 tensor TFLOPS with FP32 accumulate 71 dense (142 sparse);
+    # 24 GB GDDR6X. GeForce: no peer-to-peer over PCIe.
+    Gpu("RTX 3090", 71 * TFLOPS, 24 * GB, "NVIDIA GA102 whitepaper: 71 TFLOPS dense fp16 tensor, FP32 accumulate "
+        "(recalled)", "pcie4-nop2p"),
+    # NVIDIA RTX Blackwell GPU architecture whitepaper, RTX 5090: FP16/BF16 tensor with FP32 accumulate 209.5 dense
+    # (419 sparse); 32 GB GDDR7; PCIe 5.0 x16, no peer-to-peer.
+    Gpu("RTX 5090", 209.5 * TFLOPS, 32 * GB, "NVIDIA RTX Blackwell whitepaper: 209.5 TFLOPS dense fp16/bf16 tensor, "
+        "FP32 accumulate (recalled)", "pcie5-nop2p"),
+    # NVIDIA L40 datasheet: BF16 tensor 181.05 TFLOPS dense (362.1 sparse); 48 GB GDDR6; PCIe 4.0 x16.
+    Gpu("L40", 181.05 * TFLOPS, 48 * GB, "NVIDIA L40 datasheet: 362.1 TFLOPS bf16 tensor with sparsity, 181.05 dense "
+        "(recalled)"),
+    # H200 SXM: the H100's Hopper compute (989 dense bf16) with 141 GB HBM3e; NVLink 4 (NVIDIA H200 datasheet).
+    Gpu("H200", 989 * TFLOPS, 141 * GB, "NVIDIA H200 datasheet: 1,979 TFLOPS bf16 tensor with sparsity, 989 dense; "
+        "141 GB (recalled)", "nvlink-h100"),
+    # H800 SXM: the H100's compute, 80 GB; its NVLink is cut to 400 GB/s bidirectional (the export model).
+    Gpu("H800", 989 * TFLOPS, 80 * GB, "NVIDIA H800: the H100 SXM's 989 TFLOPS dense bf16; NVLink 400 GB/s "
+        "(recalled)", "nvlink-h800"),
+    # B200 (HGX): FP16/BF16 tensor 4.5 PFLOPS with sparsity -> 2.25 dense; 180 GB HBM3e; NVLink 5 at 1.8 TB/s.
+    Gpu("B200", 2250 * TFLOPS, 180 * GB, "NVIDIA B200 (HGX): 4.5 PFLOPS bf16 tensor with sparsity, 2.25 dense; "
+        "180 GB (recalled)", "nvlink-b200"),
 )}
+# `tandem plan --gpu`'s short names
+GPU_NAMES = {"rtx3090": "RTX 3090", "rtx4080": "RTX 4080", "rtx4090": "RTX 4090", "rtx5090": "RTX 5090",
+             "rtx2000ada": "RTX 2000 Ada", "a5000": "RTX A5000", "l20": "L20", "l40": "L40", "l40s": "L40S",
+             "a100": "A100 80GB SXM", "a100-pcie": "A100 80GB PCIe", "h100": "H100 SXM", "h200": "H200",
+             "h800": "H800", "h20": "H20", "b200": "B200", "arc-a770": "Arc A770", "arc-b580": "Arc B580"}
 
 # The fraction of the peak a one-device call reaches (model FLOPs utilisation), stated, not measured. DiTs are
 # almost all large GEMMs and flash attention over thousands of tokens, which run near 60-70 % of the peak;
@@ -87,7 +141,7 @@ class Scenario:
     the steps of a run, the kind of efficiency it gets and the hardware it is predicted on (GPU, link; () for
     the models only predicted on RIGS). runs_as: the family Tandem runs the model as where its diffusers class
     has none in Tandem's diffusers adapter (ComfyUI's); refuses: (strategy, why) the plan lists for that family
-    but Tandem refuses for this model."""
+    but Tandem refuses for this model; frames: a video's clip length."""
 
     name: str
     title: str
@@ -100,12 +154,13 @@ class Scenario:
     source: str
     runs_as: str = ""
     refuses: tuple[tuple[str, str], ...] = ()
+    frames: int | None = None  # a video's pixel frames per clip (its builder's), None for an image
 
 
 DATACENTRE = (("A100 80GB PCIe", "pcie4x16"), ("A100 80GB SXM", "nvlink-a100"), ("H100 SXM", "nvlink-h100"))
 SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
     Scenario("sdxl-1024", "SDXL 1024x1024, cfg 7.5 (2 branches), 50 steps", "sdxl_meta", (1024, 1024), 2, 50,
-             "unet", (("RTX 4090", "pcie4x16"), *DATACENTRE),
+             "unet", (("RTX 4090", "pcie4-nop2p"), *DATACENTRE),
              "SDXL base 1.0's UNet config (parallel_backend/models/benchmodels.py SDXL_UNET, the bench's `sdxl`)"),
     Scenario("flux-dev-1024", "Flux.1-dev 1024x1024, guidance-distilled (cfg 1: one branch), 28 steps",
              "flux_dev_meta", (1024, 1024), 1, 28, "dit", DATACENTRE,
@@ -116,7 +171,7 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
              (720, 1280), 2, 50, "dit", DATACENTRE,
              "Wan2.1-T2V-14B's transformer config (Wan-AI/Wan2.1-T2V-14B-Diffusers transformer/config.json): 40 "
              "layers, 40 heads x 128, ffn 13824, 16 latent channels, patch (1, 2, 2), umT5 width 4096 "
-             "(512 tokens)"),
+             "(512 tokens)", frames=paper_models.WAN_FRAMES),
     Scenario("qwen-image-1328", "Qwen-Image 20B 1328x1328, true cfg 4.0 (2 branches), 50 steps", "qwen_image_meta",
              (1328, 1328), 2, 50, "dit", (),
              "Qwen-Image's transformer config (Qwen/Qwen-Image transformer/config.json): 60 blocks, 24 heads x 128, "
@@ -138,7 +193,7 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
              "patch (1, 2, 2), Llama width 4096 (256 tokens, padded), pooled CLIP 768; HunyuanVideoPipeline's "
              "defaults: 720x1280, 129 frames, embedded guidance 6.0, true cfg 1.0, 50 steps. Tandem runs it "
              "through ComfyUI (its diffusers adapter has no HunyuanVideoTransformer3DModel family)",
-             runs_as="comfy_dit:hunyuan_video"),
+             runs_as="comfy_dit:hunyuan_video", frames=paper_models.HUNYUAN_FRAMES),
 )}
 
 
@@ -153,13 +208,12 @@ class Rig:
     note: str
 
 
-# plan/links.py has no profile for PCIe without peer-to-peer (GeForce cards: NCCL copies through host memory), so
-# the consumer rigs take pcie4x16, which assumes peer copies: optimistic for them.
+# GeForce cards have no peer-to-peer over PCIe: NCCL copies through host memory (plan/links.py pcie4-nop2p).
 RIGS = (
-    Rig("2 x 24 GB", "RTX 4090", 2, "pcie4x16", "PCIe 4.0 x16 per card; GeForce cards have no peer-to-peer over "
-        "PCIe, which the profile assumes (optimistic)"),
-    Rig("4 x 16 GB", "RTX 4080", 4, "pcie4x16", "PCIe 4.0 x16 per card (a desktop board rarely gives four cards "
-        "x16 each); no peer-to-peer, as for the 4090s (optimistic)"),
+    Rig("2 x 24 GB", "RTX 4090", 2, "pcie4-nop2p", "PCIe 4.0 x16 per card, no peer-to-peer (GeForce): copies "
+        "through host memory"),
+    Rig("4 x 16 GB", "RTX 4080", 4, "pcie4-nop2p", "PCIe 4.0 x16 per card (a desktop board rarely gives four cards "
+        "x16 each: optimistic), no peer-to-peer"),
     Rig("2 x 48 GB", "L40S", 2, "pcie4x16", "PCIe 4.0 x16, no NVLink"),
     Rig("2 x 80 GB", "H100 SXM", 2, "nvlink-h100", "NVLink 4 (an HGX board's usual pair)"),
 )
@@ -234,21 +288,34 @@ def attention_flops(tokens: int, width: int) -> int:
     return 4 * tokens * tokens * width
 
 
-@functools.lru_cache(maxsize=None)
 def count(name: str) -> Counted:
     """The counted figures of scenario `name` (a few seconds: meta runs of the full-size model)."""
     scenario = scenario_named(name)
-    model = getattr(paper_models, scenario.build)()
-    rows = scenario.branches
-    shape = _shape(model, scenario.resolution, rows)
-    one, ops = _call_flops(model, 1, scenario.resolution)
-    flops = {1: one} if rows == 1 else {1: one, rows: _call_flops(model, rows, scenario.resolution)[0]}
-    layers, handover, layer_weights = count_layers(model, scenario.resolution)
+    return count_job(scenario.build, scenario.resolution, scenario.branches, scenario.frames, scenario.runs_as)
+
+
+@functools.lru_cache(maxsize=None)
+def count_job(build: str, resolution: tuple, rows: int, frames: int | None = None, runs_as: str = "") -> Counted:
+    """The counted figures of paper_models.`build`'s model at `resolution` (and `frames` for a video model; None:
+    the builder's) for calls of 1 and `rows` rows: meta runs of the full-size model, a few seconds each."""
+    model = getattr(paper_models, build)()
+    if frames is not None:
+        if not hasattr(model, "frames"):
+            raise ValueError(f"{build} makes images: it takes no frames (got {frames})")
+        model = replace(model, frames=frames)
+    resolution = tuple(resolution)
+    shape = _shape(model, resolution, rows)
+    one, ops = _call_flops(model, 1, resolution)
+    flops = {1: one} if rows == 1 else {1: one, rows: _call_flops(model, rows, resolution)[0]}
+    layers, handover, layer_weights = count_layers(model, resolution)
     shape = replace(shape, handover_bytes=handover)
     params = list(model.module.parameters())
-    return Counted(shape, scenario.runs_as or model.family, flops, attention_flops(shape.tokens, shape.width), layers,
+    return Counted(shape, runs_as or model.family, flops, attention_flops(shape.tokens, shape.width), layers,
                    layer_weights, sum(p.numel() * p.element_size() for p in params), sum(p.numel() for p in params),
-                   model.memory_bytes(1, scenario.resolution), tuple(sorted(ops.items())), shard_units(model.module))
+                   model.memory_bytes(1, resolution), tuple(sorted(ops.items())), shard_units(model.module))
+
+
+count.cache_clear = count_job.cache_clear  # callers (tests) clear count's cache: it is count_job's
 
 
 def _shape(model, resolution, rows: int):
@@ -289,12 +356,18 @@ def gpu_named(name: str) -> Gpu:
 
 
 def paper_inputs(name: str, gpu: str, link: str, efficiency: float | None = None, sharded: bool = False) -> Inputs:
-    """model.Inputs of scenario `name` on `gpu`s joined by `link`, from counted FLOPs at `efficiency` (None: the
-    scenario kind's EFFICIENCY); sharded: with the units sharded weights gather, the next one's gather posted
-    ahead as on CUDA (model.candidates then lists each split's sharded twin)."""
+    """model.Inputs of scenario `name` on `gpu`s joined by `link`, from counted FLOPs: under the constants fitted
+    to the published measurements (plan/fitted.py FITTED), or, given an `efficiency`, at that fraction of the peak
+    for every call with the CUDA host overhead and nothing else (the model before the fit); sharded: with the units
+    sharded weights gather, the next one's gather posted ahead as on CUDA (model.candidates then lists each
+    split's sharded twin)."""
     scenario, device, joined = scenario_named(name), gpu_named(gpu), link_named(link)
-    efficiency = check_efficiency(EFFICIENCY[scenario.kind] if efficiency is None else efficiency)
     counted = count(name)
+    if efficiency is None:
+        pixels = scenario.resolution[0] * scenario.resolution[1] * (scenario.frames or 1)
+        return job_inputs(counted, device.peak_flops, joined, scenario.branches, scenario.steps, pixels, FITTED,
+                          FITTED_RANKS, sharded=sharded)
+    efficiency = check_efficiency(efficiency)
     return Inputs(counted.shape, counted.family, scenario.branches,
                   {rows: seconds(f, device, efficiency) for rows, f in counted.flops.items()}, joined,
                   attention_seconds=seconds(counted.attention_flops, device, efficiency),
@@ -303,6 +376,9 @@ def paper_inputs(name: str, gpu: str, link: str, efficiency: float | None = None
                   activation_bytes_per_row=counted.activation_bytes_per_row,
                   host_overhead_s=HOST_OVERHEAD_S["cuda"][0], steps=scenario.steps,
                   unit_bytes=counted.unit_bytes if sharded else (), gathers_overlap=sharded)
+
+
+FITTED_RANKS = 8  # the most ranks of a sequence split paper_inputs gives a rank's part for
 
 
 def rig_candidates(name: str, gpu: str, link: str, devices: int) -> list[Candidate]:
@@ -343,7 +419,7 @@ class VaeScenario:
         return (1, self.channels, *clip, *(r // paper_models.VAE_SCALE for r in self.resolution))
 
 
-VAE_HARDWARE = (("RTX 4090", "pcie4x16"), ("H100 SXM", "nvlink-h100"))
+VAE_HARDWARE = (("RTX 4090", "pcie4-nop2p"), ("H100 SXM", "nvlink-h100"))
 VAE_DEVICES = (1, 2, 4)
 VAE_SCENARIOS: dict[str, VaeScenario] = {s.name: s for s in (
     VaeScenario("flux-vae-1024", "Flux.1's VAE decoding 1024x1024", "flux_vae_meta", 16, (1024, 1024), None,
@@ -381,3 +457,66 @@ def vae_prediction(name: str, gpu: str, link: str, devices: int, efficiency: flo
     decode, _ = count_vae(name)
     one = seconds(decode.flops, gpu_named(gpu), EFFICIENCY["vae"] if efficiency is None else efficiency)
     return predict_decode(decode, one, link_named(link), devices, HOST_OVERHEAD_S["cuda"][0])
+
+
+@dataclass(frozen=True)
+class PaperModel:
+    """A full-size model `tandem plan --gpu` predicts: its builder (paper_models), resolution, frames (videos) and
+    the family Tandem runs it as where its diffusers class has none (Scenario.runs_as), and what Tandem refuses."""
+
+    build: str
+    resolution: tuple[int, int]
+    frames: int | None = None
+    runs_as: str = ""
+    refuses: tuple[tuple[str, str], ...] = ()
+
+
+PAPER_MODELS = {
+    "sdxl": PaperModel("sdxl_meta", (1024, 1024)),
+    "flux-dev": PaperModel("flux_dev_meta", (1024, 1024)),
+    "flux2-dev": PaperModel("flux2_dev_meta", (1024, 1024), runs_as=SCENARIOS["flux2-dev-1024"].runs_as,
+                            refuses=SCENARIOS["flux2-dev-1024"].refuses),
+    "qwen-image": PaperModel("qwen_image_meta", (1328, 1328)),
+    "wan-14b": PaperModel("wan14b_meta", (720, 1280), paper_models.WAN_FRAMES),
+    "hunyuanvideo": PaperModel("hunyuan_video_meta", (720, 1280), paper_models.HUNYUAN_FRAMES,
+                               runs_as=SCENARIOS["hunyuan-video-720p"].runs_as),
+}
+NOT_COUNTED = ("sd3.5-large", "ltx-video")  # named by issue 31, not built on meta yet
+
+
+def paper_model_named(name: str) -> PaperModel:
+    if name in NOT_COUNTED:
+        raise ValueError(f"{name} is not counted on the meta device yet; choose one of: {', '.join(PAPER_MODELS)}")
+    try:
+        return PAPER_MODELS[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown model {name!r} for --gpu; choose one of: {', '.join(PAPER_MODELS)}") from None
+
+
+def gpu_for(name: str) -> Gpu:
+    """A GPU by `tandem plan --gpu`'s short name (GPU_NAMES) or its full name."""
+    if name in GPU_NAMES:
+        return GPUS[GPU_NAMES[name]]
+    try:
+        return GPUS[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown GPU {name!r}; choose one of: {', '.join(GPU_NAMES)}") from None
+
+
+def gpu_plan(model: str, gpu: str, gpus: int, link: str | None, resolution=None, frames: int | None = None,
+             steps: int = 50, branches: int = 2) -> tuple[Inputs, list[Candidate], Gpu]:
+    """(inputs, candidates, the GPU) of paper model `model` on `gpus` of `gpu` joined by `link` (None: the GPU's
+    usual link), under the fitted constants: every mesh with its weights whole and sharded, each marked whether
+    it fits the GPU's memory, less the strategies Tandem refuses for the model."""
+    job, card = paper_model_named(model), gpu_for(gpu)
+    joined = link_named(link or card.link)
+    resolution = tuple(resolution or job.resolution)
+    frames = job.frames if frames is None else frames
+    if frames is not None and job.frames is None:
+        raise ValueError(f"{model} makes images: --frames is for video models")
+    counted = count_job(job.build, resolution, branches, frames, job.runs_as)
+    pixels = resolution[0] * resolution[1] * (frames or 1)
+    inputs = job_inputs(counted, card.peak_flops, joined, branches, steps, pixels, FITTED, gpus, sharded=True)
+    refused = dict(job.refuses)
+    found = [c for c in candidates(inputs, gpus, card.memory_bytes) if c.strategy not in refused]
+    return inputs, found, card

@@ -13,12 +13,13 @@ from dataclasses import dataclass
 import diffusers
 import torch
 
-from .choose import FLOOR, choose
+from .choose import FLOOR, NothingFits, choose
 from .links import link_named
-from .measure import HOST_OVERHEAD_S
+from . import published
+from .fitted import FITTED
 from .model import candidates
 from .paper import (BIG_MODELS, EFFICIENCY, RIGS, SCENARIOS, VAE_DEVICES, VAE_SCENARIOS, count, count_vae, gpu_named,
-                    paper_inputs, rig_candidates, seconds, smallest_fit, vae_prediction)
+                    paper_inputs, rig_candidates, smallest_fit, vae_prediction)
 
 COMMAND = "python -m parallel_backend.plan.paper_doc --out docs/gpu-predictions.md"
 DEVICES = (2, 4, 8)
@@ -41,10 +42,10 @@ class Peer:
 PEERS = (
     Peer("AsyncDiff", "SD 2.1, 4x RTX A5000 (PCIe)", "2.7x (negligible quality loss); 4.0x with stride denoising "
          "(CLIP score -0.38)", "Chen et al., AsyncDiff, NeurIPS 2024, arXiv 2406.06911, abstract",
-         ("sdxl-1024", "RTX 4090", "pcie4x16", 4, "asyncdiff (cfg 1 x batch 1 x stages 4)")),
+         ("sdxl-1024", "RTX 4090", "pcie4-nop2p", 4, "asyncdiff (cfg 1 x batch 1 x stages 4)")),
     Peer("AsyncDiff", "SDXL, 50 steps, RTX A5000", "2 devices 1.7x, 4 devices 2.7x, 4 devices stride 2 3.8x",
          "AsyncDiff paper's SDXL results as recorded in design/PERFORMANCE.md (not re-read for this page)",
-         ("sdxl-1024", "RTX 4090", "pcie4x16", 2, "asyncdiff (cfg 1 x batch 1 x stages 2)")),
+         ("sdxl-1024", "RTX 4090", "pcie4-nop2p", 2, "asyncdiff (cfg 1 x batch 1 x stages 2)")),
     Peer("DistriFusion", "SDXL 1024x1024, A100 + NVLink, 2 / 4 / 8 GPUs", "1.5x / 2.2x / 2.8x",
          "Li et al., DistriFusion, CVPR 2024, arXiv 2402.19481, as recorded in design/PERFORMANCE.md",
          ("sdxl-1024", "A100 80GB SXM", "nvlink-a100", 8, None)),
@@ -69,7 +70,7 @@ PEERS = (
          ("wan14b-720p", "A100 80GB PCIe", "pcie4x16", 2, "cfg (cfg 2 x batch 1)")),
     Peer("ComfyUI CFG split", "SDXL 2048x2048, cfg 7, 2x Intel Arc A770", "1.73-2.00 -> 1.10 s/it (~1.7x)",
          "Comfy-Org/ComfyUI pull request #14191",
-         ("sdxl-1024", "RTX 4090", "pcie4x16", 2, "cfg (cfg 2 x batch 1)")),
+         ("sdxl-1024", "RTX 4090", "pcie4-nop2p", 2, "cfg (cfg 2 x batch 1)")),
     Peer("ComfyUI CFG split", "SDXL, 2 GPUs", "1.79x per step, 1.58x end to end", "design/PERFORMANCE.md "
          "(its source not recorded there)"),
 )
@@ -108,18 +109,30 @@ def inputs_section() -> list[str]:
     for gpu in dict.fromkeys(g for g, _ in used):
         g = gpu_named(gpu)
         out.append(f"| {g.name} | {g.peak_flops / 1e12:g} | {g.memory_bytes / 1e9:g} | {g.source} |")
-    out += ["", "### Efficiency (stated, not measured)", "", "| model kind | fraction of the peak a call reaches |",
-            "|---|---|"]
-    out += [f"| {kind} | {eff:g} |" for kind, eff in EFFICIENCY.items()]
-    out += ["", "Why: `parallel_backend/plan/paper.py` (EFFICIENCY). The same fraction is applied to the whole call, "
-            "to each layer and to one attention.", "", "### Links (plan/links.py)", "",
+    c = FITTED
+    out += ["", "### Constants fitted to published measurements (plan/fitted.py FITTED)", "",
+            "| constant | fitted | what it is |", "|---|---|---|",
+            f"| fixed_s | {1000 * c.fixed_s:.1f} ms | per step (launches, synchronisation, the sampler): every rank of a "
+            "sequence or tensor split pays it whole, an asyncdiff stage its layers' share |",
+            f"| compiled_fixed | {c.compiled_fixed:.3f} | the fixed cost's share left with torch.compile |",
+            f"| peak_fraction | {c.peak_fraction:.3f} | the fraction of the peak a large call reaches |",
+            f"| half_work | {c.half_work / 1e9:.3g} GFLOP | the work per device at which a call runs at half of "
+            "peak_fraction |",
+            f"| split_s | {1000 * c.split_s:.3g} ms | per step, any split |",
+            f"| message_s | {1e6 * c.message_s:.0f} us | added to every message's latency |",
+            f"| serial_flops_per_pixel | {c.serial_flops_per_pixel / 1e6:.0f} MFLOP | the text encoder and VAE of a "
+            "run, per output pixel (and frame), at the GPU's peak x peak_fraction: the end-to-end figures |", "",
+            "Fitted by `plan/published.py` (least squares on the log of the speed-up) to the rows of "
+            "`tests/data/published_gpu_figures.csv` it can predict; nothing is fitted per row. How well they fit, "
+            "row by row, and with each row left out of the fit: the section *Published measurements against the "
+            "fitted model* below and `tests/test_plan_published.py`. A constant the table does not support (it ran "
+            "to the search's floor) is shown as fitted. Ulysses' all-to-all is counted exposed whole, as the "
+            "peers' Ulysses runs it.", "", "### Links (plan/links.py)", "",
             "| link | effective GB/s per direction | latency per message | source |", "|---|---|---|---|"]
     for name in dict.fromkeys(lk for _, lk in used):
         link = link_named(name)
         out.append(f"| {name} | {link.bandwidth / 1e9:.1f} | {link.latency * 1e6:g} us | {link.source} |")
-    overhead, why = HOST_OVERHEAD_S["cuda"]
-    out += ["", f"Host overhead per call: {1000 * overhead:g} ms ({why}; plan/measure.py).", ""]
-    return out
+    return out + [""]
 
 
 def model_section(name: str) -> list[str]:
@@ -147,23 +160,23 @@ def model_section(name: str) -> list[str]:
         out += [f"| {n} | {f / 1e9:,.1f} | {h / MIB:.2f} | {w / MIB:.1f} |"
                 for (n, f), h, w in zip(c.layers, handover, c.layer_weight_bytes)]
         out += ["", "</details>"]
-    eff = EFFICIENCY[s.kind]
-    times = ", ".join(f"{g} {1000 * seconds(c.flops[s.branches], gpu_named(g), eff):,.1f} ms" for g in _gpus(s))
-    out += ["", f"One device, the whole call ({s.branches} row(s)) at efficiency {eff:g}: {times}.", ""]
+    hardware = s.hardware or [(r.gpu, r.link) for r in RIGS]
+    times = ", ".join(f"{g} {1000 * paper_inputs(name, g, lk).one_device:,.1f} ms"
+                      for g, lk in dict(hardware).items())
+    out += ["", f"One device, the whole call ({s.branches} row(s)), with the fitted constants: {times}.", ""]
     return out
 
 
 def efficiency_check() -> list[str]:
-    flops = count("flux-dev-1024").flops[1]
-    h100 = gpu_named("H100 SXM")
-    implied = ", ".join(f"{how} {total} s: {100 * flops * XDIT_FLUX_STEPS / (total * h100.peak_flops):.0f} %"
-                        for how, total in XDIT_FLUX_H100.items())
-    return ["### A check of the stated efficiency", "",
-            f"xDiT's one-H100 Flux.1-dev 1024 runs of {XDIT_FLUX_STEPS} steps (text encoders and VAE included) and "
-            f"the counted {flops / 1e12:.1f} TFLOP per step at {h100.peak_flops / 1e12:g} TFLOPS imply at least "
-            f"this fraction of the peak ({implied}); lower bounds, as the pipeline's other parts are in the time. "
-            f"This page assumes {100 * EFFICIENCY['dit']:.0f} % for DiTs. No published one-device figure was checked "
-            "for SDXL's UNet.", ""]
+    inp = paper_inputs("flux-dev-1024", "H100 SXM", "nvlink-h100")
+    run = XDIT_FLUX_STEPS * inp.one_device + inp.serial_seconds
+    published = ", ".join(f"{how} {total} s" for how, total in XDIT_FLUX_H100.items())
+    return ["### A check of the fitted constants on one device", "",
+            f"xDiT's one-H100 Flux.1-dev 1024 runs of {XDIT_FLUX_STEPS} steps, text encoders and VAE included: "
+            f"{published}. With the fitted constants one eager run is predicted at {run:.2f} s "
+            f"({1000 * inp.one_device:.0f} ms per step and {inp.serial_seconds:.2f} s for the text encoder and "
+            "VAE). The constants were fitted to speed-ups, not to seconds: this is a check, not a fitted figure.",
+            ""]
 
 
 def scenario_section(name: str) -> list[str]:
@@ -199,10 +212,70 @@ def _beside(peer: Peer) -> str:
     return f"{name}, {gpu}, {link}, {n} devices, {what}{c.label()}: {c.predicted_speedup:.2f}x per step"
 
 
+def published_section() -> list[str]:
+    """Every row of the published table beside the fitted model's prediction for it (or why it has none)."""
+    rows = published.load()
+    out = ["## Published measurements against the fitted model", "",
+           "Each row of `tests/data/published_gpu_figures.csv` (its source in the table), the figure its peer "
+           "published (speed-up over one GPU of the same source: per step, or end to end), this model's "
+           "prediction with the fitted constants, and the error. The constants were fitted to these rows "
+           "(`tests/test_plan_published.py` also checks each row with it left out of the fit).", "",
+           "| row | peer | model, size | GPUs, link | strategy | published | predicted | error |",
+           "|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        size = f"{row.height}x{row.width}" + (f" x {row.frames}" if row.frames else "")
+        mesh = " x ".join(f"{k} {v}" for k, v in row.mesh.items())
+        head = (f"| {row.id} | {row.peer} | {row.model} {size} | {row.devices} x {row.gpu}, {row.link} | {mesh} "
+                f"({row.mode}, {row.metric.replace('_', ' ')}) | {row.published_speedup:.2f}x |")
+        why = row.unpredicted()
+        if why:
+            out.append(f"{head} - | not predicted: {why} |")
+        else:
+            guess = published.predicted(row, FITTED)
+            out.append(f"{head} {guess:.2f}x | {100 * published.error(guess, row):+.0f} % |")
+    return out + [""]
+
+
+CONSUMER_GPUS = (("RTX 3090", "pcie4x16"), ("RTX 4090", "pcie4x16"), ("RTX 5090", "pcie5x16"))
+CONSUMER_DEVICES = (2, 4)
+
+
+def consumer_cell(name: str, gpu: str, link: str, devices: int) -> str:
+    """One scenario on `devices` consumer cards: the choice within the card's memory, or what it would need."""
+    found = rig_candidates(name, gpu, link, devices)
+    try:
+        best = choose(found).best
+    except NothingFits:
+        return f"does not fit: needs {_gib(_least(found).memory_bytes_per_device)} GiB per device"
+    alone = next(c for c in found if not c.mesh)
+    speedup = f"{best.predicted_speedup:.2f}x, " if alone.fits else ""  # over one card only where one holds it
+    return f"{best.label()}: {speedup}{best.seconds_per_call:,.2f} s per step"
+
+
+def consumer_section() -> list[str]:
+    """Two and four consumer cards, with and without peer-to-peer, for every scenario: what the plan chooses."""
+    out = ["## Two and four consumer cards, with and without peer-to-peer", "",
+           "**Predictions, not measurements.** GeForce cards have no peer-to-peer over PCIe: their exchanges go "
+           "through host memory (`pcie4-nop2p`, `pcie5-nop2p`); *with* is the same slot with peer copies "
+           "(`pcie4x16`, `pcie5x16`: what a workstation card gets). Each cell is what `plan/choose.py` picks within "
+           "the card's memory (weights whole or sharded), its speed-up per step over one card (only where one card "
+           "holds the model) and its seconds per step. Weights in bf16 "
+           "(fp16 for SDXL); fp8 weights, which would let the large models fit fewer cards, are not counted yet.",
+           "", "| model | GPUs | link | " + " | ".join(f"{n} cards" for n in CONSUMER_DEVICES) + " |",
+           "|---|---|---|" + "---|" * len(CONSUMER_DEVICES)]
+    for name in SCENARIOS:
+        for gpu, p2p in CONSUMER_GPUS:
+            for link in (p2p, gpu_named(gpu).link):
+                cells = " | ".join(consumer_cell(name, gpu, link, n) for n in CONSUMER_DEVICES)
+                out.append(f"| {name} | {gpu} | {link} | {cells} |")
+    return out + [""]
+
+
 def peers_section() -> list[str]:
     out = ["## Published peer figures (their measurements, on their hardware; not Tandem's)", "",
            "Set beside the nearest cell of this model's predictions; models, GPUs and software differ (e.g. fp8 "
-           "and RTX 2000 Ada for Raylight, which this page has no figures for), so a difference is no verdict.", "",
+           "on RTX 2000 Ada for Raylight: the section above predicts it on its own GPU), so a difference is no "
+           "verdict.", "",
            "| system | setting | published figure | source | this model's prediction, nearest cell |",
            "|---|---|---|---|---|"]
     out += [f"| {p.system} | {p.setting} | {p.figure} | {p.source} | {_beside(p)} |" for p in PEERS]
@@ -377,23 +450,23 @@ def vae_section() -> list[str]:
 def render() -> str:
     lines = ["# GPU predictions, on paper", "",
              "**These are predictions of Tandem's cost model (`parallel_backend/plan/`), not measurements.** No GPU "
-             "ran for this page: every one-device time is counted FLOPs divided by a GPU's published throughput at "
-             "a stated efficiency. Where a GPU is lent, one-device times measured there should replace the "
+             "ran for this page: every one-device time is counted FLOPs over a GPU's published throughput, with "
+             "global constants fitted to peers' published speed-ups (plan/fitted.py). Where a GPU is lent, one-device times measured there should replace the "
              "counted ones (`tandem plan` on CUDA devices measures them).", "",
              f"Generated by `{COMMAND}` (torch {torch.__version__.split('+')[0]}, diffusers {diffusers.__version__}); "
              "edit the generator, not this file.", "",
              "How a figure is made: time per call = the busiest device's compute + the exchange it cannot hide + the "
              "host's transfers + a per-call overhead (plan/model.py, plan/costs.py). One call per step: the two "
              "guidance branches go in one call of two rows. *Speed-up per step* is one device's call over the "
-             "split's; *end to end* adds the run's steps with asyncdiff's exact warm-up step (text encoders and VAE "
-             "not counted). *MiB moved per step*: between devices plus host to devices and back. *Stale*: the "
+             "split's; *end to end* adds the run's steps with asyncdiff's exact warm-up step and the text encoders and "
+             "VAE once (the fitted serial part). *MiB moved per step*: between devices plus host to devices and back. *Stale*: the "
              f"output differs from one device's (asyncdiff). A split under {FLOOR:g}x is never chosen. "
              "*Best exact*: the choice among exact strategies. GiB per device: weights plus a lower bound of the "
              "activations; \"does not fit\" marks a choice over the GPU's memory.", "",
              "Not modelled (plan/model.py): asyncdiff's stride 2, work a sequence split repeats on every rank (Wan's "
              "cross-attention to the text), devices sharing one PCIe uplink, compute slowed by a concurrent "
-             "transfer, the batch of 2 costing less than twice a batch of 1 on a GPU (counted FLOPs are linear in "
-             "rows, so cfg on 2 GPUs reaches ~2x here).", ""]
+             "transfer, torch.compile's faster kernels (only its smaller fixed cost is), the text encoders and VAE "
+             "split over devices.", ""]
     lines += inputs_section()
     lines += ["## The models (counted on the meta device)", ""]
     for name in SCENARIOS:
@@ -403,8 +476,10 @@ def render() -> str:
     for name, scenario in SCENARIOS.items():
         if scenario.hardware:
             lines += scenario_section(name)
+    lines += published_section()
     lines += peers_section()
     lines += big_models_section()
+    lines += consumer_section()
     lines += vae_section()
     return "\n".join(lines)
 
