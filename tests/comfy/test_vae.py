@@ -59,8 +59,7 @@ def _encode_workflow(node: str, prefix: str, wan: bool = False) -> dict:
     """A seeded image (a video's frames with `wan`): the stock decode of a latent; then `node` encodes it."""
     flow = _workflow("VAEDecode", prefix, rows=6, columns=4)
     if wan:
-        flow["1"] = {"class_type": "TandemTestSeededWanVAE", "inputs": {"seed": 5}}
-        flow["2"]["inputs"].update(channels=16, frames=3)
+        _with_vae(flow, "TandemTestSeededWanVAE", 5, 16, frames=3)
     flow["4"] = {"class_type": node, "inputs": {"pixels": ["3", 0], "vae": ["1", 0]}}
     flow["5"]["inputs"]["samples"] = ["4", 0]
     if node == "TandemVAEEncode":
@@ -90,10 +89,7 @@ def test_vae_encode_in_bands_equals_the_stock_node(comfy_server, comfy):
 def test_a_wan_video_decode_in_bands_equals_the_stock_node(comfy_server, comfy):
     """ComfyUI's Wan 2.1 VAE decodes frame by frame with a cache of the frames before: every band keeps its own."""
     def workflow(node: str, prefix: str) -> dict:
-        flow = _workflow(node, prefix, rows=6, columns=4)
-        flow["1"] = {"class_type": "TandemTestSeededWanVAE", "inputs": {"seed": 5}}
-        flow["2"]["inputs"].update(channels=16, frames=3)
-        return flow
+        return _with_vae(_workflow(node, prefix, rows=6, columns=4), "TandemTestSeededWanVAE", 5, 16, frames=3)
 
     stock, tandem = _pair(comfy_server, comfy, workflow, "wan_vae",
                           "VAE Decode (Multi-GPU) split 6x4 rows into 2 bands on cpu, cpu")
@@ -108,8 +104,8 @@ def _tiled(node: str, prefix: str, wan: bool = False) -> dict:
     flow = _workflow(node, prefix, rows=20, columns=12)
     flow["3"]["inputs"].update(tile_size=64, overlap=16, temporal_size=8, temporal_overlap=4)
     if wan:
-        flow["1"] = {"class_type": "TandemTestSeededWanVAE", "inputs": {"seed": 5}}
-        flow["2"]["inputs"].update(channels=16, frames=5, rows=12, columns=8)
+        _with_vae(flow, "TandemTestSeededWanVAE", 5, 16, frames=5)
+        flow["2"]["inputs"].update(rows=12, columns=8)
     return flow
 
 
@@ -129,4 +125,39 @@ def test_a_tiled_wan_video_decode_spread_over_the_pool_equals_the_stock_tiled_no
 
     stock, tandem = _pair(comfy_server, comfy, workflow, "wan_tiled", "VAE Decode (Tiled) (Multi-GPU) decoded")
     assert stock.shape == tandem.shape == (17, 96, 64, 3)  # 5 latent frames: 1 + 4 x 4 frames
+    comfy.assert_same_latents(tandem, stock)
+
+
+def _with_vae(flow: dict, vae: str, seed: int, channels: int, frames: int = 0) -> dict:
+    """The workflow with the seeded VAE fixture `vae` and a latent of `channels` (a video's `frames`)."""
+    flow["1"] = {"class_type": vae, "inputs": {"seed": seed}}
+    flow["2"]["inputs"].update(channels=channels, **({"frames": frames} if frames else {}))
+    return flow
+
+
+def _flux2(flow: dict) -> dict:
+    """ComfyUI's Flux.2 VAE and a 128-channel latent (its 32 channels folded 2x2)."""
+    return _with_vae(flow, "TandemTestSeededFlux2VAE", 6, 128)
+
+
+def test_a_flux2_vae_decode_in_bands_equals_the_stock_node(comfy_server, comfy):
+    """ComfyUI's Flux.2 VAE un-folds its latent 2x2 before decoding: each band's latent rows are whole 16-pixel
+    rows of the image."""
+    def workflow(node: str, prefix: str) -> dict:
+        return _flux2(_workflow(node, prefix, rows=4, columns=3))
+
+    stock, tandem = _pair(comfy_server, comfy, workflow, "flux2_vae",
+                          "VAE Decode (Multi-GPU) split 4x3 rows into 2 bands on cpu, cpu")
+    assert stock.shape == tandem.shape == (1, 64, 48, 3)
+    comfy.assert_same_latents(tandem, stock)
+    assert (stock - stock.mean()).abs().max() > 1e-3
+
+
+def test_a_flux2_vae_encode_in_bands_equals_the_stock_node(comfy_server, comfy):
+    def workflow(node: str, prefix: str) -> dict:
+        return _flux2(_encode_workflow(node, prefix))
+
+    stock, tandem = _pair(comfy_server, comfy, workflow, "flux2_encode",
+                          "VAE Encode (Multi-GPU) split 96x64 rows into 2 bands on cpu, cpu")
+    assert stock.shape == tandem.shape == (1, 128, 6, 4)
     comfy.assert_same_latents(tandem, stock)

@@ -273,6 +273,25 @@ class TandemTestSeededVAE(_SeededVAENode):
         return (comfy.sd.VAE(sd=model.state_dict()),)
 
 
+class TandemTestSeededFlux2VAE(_SeededVAENode):
+    """ComfyUI's own Flux.2 VAE (comfy.sd.VAE detects it by its batch-norm statistics: 32 channels folded 2x2 into a
+    128-channel latent, 16 pixels per latent row), every weight and statistic seeded."""
+
+    def build(self, seed):
+        import comfy.sd
+        from comfy.ldm.models.autoencoder import AutoencoderKL
+
+        ddconfig = {"double_z": True, "z_channels": 32, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
+                    "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0,
+                    "batch_norm_latent": True}
+        model = _seeded(AutoencoderKL(ddconfig=ddconfig, embed_dim=32), seed)
+        generator = torch.Generator().manual_seed(seed + 1)
+        with torch.no_grad():  # the latent's statistics: a mean near 0, a variance near 1, never negative
+            model.bn.running_mean.copy_(0.1 * torch.randn(model.bn.running_mean.shape, generator=generator))
+            model.bn.running_var.copy_(0.5 + torch.rand(model.bn.running_var.shape, generator=generator))
+        return (comfy.sd.VAE(sd=model.state_dict()),)
+
+
 class TandemTestSeededWanVAE(_SeededVAENode):
     """ComfyUI's own Wan 2.1 video VAE (comfy.sd.VAE from a state dict it detects as Wan 2.1), 8 channels wide,
     seeded inside the output's clamp (parallel_backend's seed_wan_weights)."""
@@ -328,6 +347,7 @@ class TandemTestImageAsLatent:
 NODE_CLASS_MAPPINGS = {"TandemTestTinySD1Model": TandemTestTinySD1Model,
                        "TandemTestSeededVAE": TandemTestSeededVAE,
                        "TandemTestSeededWanVAE": TandemTestSeededWanVAE,
+                       "TandemTestSeededFlux2VAE": TandemTestSeededFlux2VAE,
                        "TandemTestSeededLatent": TandemTestSeededLatent,
                        "TandemTestImageAsLatent": TandemTestImageAsLatent,
                        "TandemTestObjectPatch": TandemTestObjectPatch,
