@@ -111,11 +111,24 @@ def test_tandem_plan_on_named_gpus_writes_every_candidate_and_the_fastest_that_f
     assert choice["mesh"]["cfg"] == 1  # one branch at cfg 1
 
 
+def test_sd35_large_is_counted_on_meta_as_its_published_size():
+    """SD3.5 Large (stabilityai's config): 8.1 B parameters; a call's FLOPs about twice its parameters per token
+    (each joint block's image and text weights serve their own tokens: half the block per token) over its 4096
+    image and 333 text tokens at 1024 px; its pipeline's two branches cost twice one."""
+    from parallel_backend.plan.paper import count_job
+
+    counted = count_job("sd35_large_meta", (1024, 1024), 2)
+    assert 8.0e9 < counted.parameters < 8.2e9
+    tokens = (1024 // 16) ** 2 + 333
+    assert 0.8 < counted.flops[1] / (2 * counted.parameters / 2 * tokens) < 1.2
+    assert counted.flops[2] == 2 * counted.flops[1]
+
+
 def test_tandem_plan_gpu_refuses_bad_options_in_one_sentence_before_counting(capsys):
     from parallel_backend.commands import cli
 
     for argv, said in ((["--model", "flux-dev", "--gpu", "gtx480"], "unknown GPU 'gtx480'"),
-                       (["--model", "sd3.5-large", "--gpu", "h100"], "not counted on the meta device yet"),
+                       (["--model", "ltx-video", "--gpu", "h100"], "not counted on the meta device yet"),
                        (["--model", "tiny", "--gpu", "h100"], "unknown model 'tiny' for --gpu"),
                        (["--model", "flux-dev", "--gpu", "h100", "--frames", "33"], "makes images"),
                        (["--model", "wan-14b", "--gpu", "h100", "--frames", "32"], "4k + 1 frames"),

@@ -44,6 +44,11 @@ HUNYUAN_VIDEO = dict(in_channels=16, out_channels=16, num_attention_heads=24, at
                      num_single_layers=40, num_refiner_layers=2, mlp_ratio=4.0, patch_size=2, patch_size_t=1,
                      qk_norm="rms_norm", guidance_embeds=True, text_embed_dim=4096, pooled_projection_dim=768,
                      rope_theta=256.0, rope_axes_dim=(16, 56, 56))
+# stabilityai/stable-diffusion-3.5-large transformer/config.json
+SD35_LARGE = dict(sample_size=128, patch_size=2, in_channels=16, num_layers=38, attention_head_dim=64,
+                  num_attention_heads=38, joint_attention_dim=4096, caption_projection_dim=2432,
+                  pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=192, qk_norm="rms_norm")
+SD35_TEXT_TOKENS = 77 + 256  # StableDiffusion3Pipeline: CLIP's 77 tokens, then T5's max_sequence_length 256
 HUNYUAN_TEXT_TOKENS = 256  # HunyuanVideoPipeline pads the Llama prompt to max_sequence_length, 256
 HUNYUAN_FRAMES = 129  # HunyuanVideoPipeline's default num_frames (at its default 720 x 1280)
 HUNYUAN_GUIDANCE = 6.0  # its default (embedded) guidance_scale; true_cfg_scale 1.0: one branch
@@ -173,6 +178,28 @@ class HunyuanVideoModel(TransformerBenchModel):
         return (self.tokens(resolution) + self.context_shape[0]) * hidden
 
 
+@dataclass
+class SD35Model(TransformerBenchModel):
+    """SD3.5's inputs as StableDiffusion3Pipeline makes them: a latent map (B, 16, H/8, W/8) the model cuts into
+    2x2 patches, CLIP's and T5's tokens in one sequence, the pooled CLIP text per row."""
+
+    def latent_shape(self, images: int, resolution: tuple[int, int]) -> tuple[int, ...]:
+        h, w = (r // self.latent_factor for r in resolution)
+        return (images, self.module.config.in_channels, h, w)
+
+    def extras(self, rows: int, resolution: tuple[int, int] | None = None) -> dict:
+        dtype = next(self.module.parameters()).dtype
+        return {"pooled_projections": torch.zeros(rows, self.module.config.pooled_projection_dim, dtype=dtype)}
+
+    def sequence_sizes(self, resolution: tuple[int, int]) -> tuple[int, int]:
+        """Image and text tokens attend jointly in every block."""
+        return self.tokens(resolution) + self.context_shape[0], len(self.module.transformer_blocks)
+
+    def feature_elements(self, resolution: tuple[int, int]) -> int:
+        hidden = self.module.transformer_blocks[0].ff.net[0].proj.out_features  # the image stream's MLP
+        return (self.tokens(resolution) + self.context_shape[0]) * hidden
+
+
 def sdxl_meta():
     from diffusers import UNet2DConditionModel
 
@@ -233,3 +260,11 @@ def hunyuan_video_meta():
     return HunyuanVideoModel("hunyuan-video", module, (HUNYUAN_TEXT_TOKENS, HUNYUAN_VIDEO["text_embed_dim"]),
                              latent_factor=8, default_resolution="720x1280", family="diffusers_dit", patch=2,
                              frames=HUNYUAN_FRAMES)
+
+
+def sd35_large_meta():
+    from diffusers import SD3Transformer2DModel
+
+    module = on_meta(SD3Transformer2DModel, SD35_LARGE, torch.bfloat16)
+    return SD35Model("sd3.5-large", module, (SD35_TEXT_TOKENS, SD35_LARGE["joint_attention_dim"]), latent_factor=8,
+                     default_resolution=1024, family="diffusers_dit:sd3", patch=2)
