@@ -27,6 +27,7 @@ from ..runtime.portable import cpu_cores, peak_memory_bytes
 from .bench_inputs import check_bench_inputs, parse_resolution
 from .bench_load import SPREAD_LIMIT, _other_load, _spread, note_other_load
 from .bench_vae import decode_figures
+from ..models.benchmodels_vae import LATENT_CHANNELS, build_bench_vae
 from ..runtime.words import counted
 
 
@@ -120,6 +121,8 @@ def run_bench(model_name: str = "small", devices: str = "cpu:2", strategies_: tu
     options = configs[strategies_[0]].pool_options()
     if options["max_models"] is None:  # every variant's weights stay loaded: no variant's time pays for a load
         options["max_models"] = max(2, len(variant_configs) + 1)
+    # built once for every job's decode (None: left out, or a bench model without a VAE)
+    bench_vae = build_bench_vae(model_name) if decode and model_name in LATENT_CHANNELS else None
     pool = WorkerPool(devices, test_slowdown=test_slowdown, **options)
     n = len(pool.start().devices)
     cores = len(cpu_cores())
@@ -151,8 +154,8 @@ def run_bench(model_name: str = "small", devices: str = "cpu:2", strategies_: tu
                 if repeat > 0 and predictor is not None:
                     predictor.sample(rows, branches)  # the plan's inputs in turn with the variants, never inside them
             torch.set_num_threads(share)
-            vae = decode_figures(engine_for(pool), model_name, resolution, job.images, model.frames, repeats, share,
-                                 disturbed) if decode else None
+            vae = decode_figures(engine_for(pool), bench_vae, model_name, resolution, job.images, model.frames,
+                                 repeats, share, disturbed) if bench_vae is not None else None
             for name, result in measured.items():
                 if _spread(result.end_to_end) > SPREAD_LIMIT:
                     disturbed.append(f"{name} ({counted(job.images, 'image')}, cfg {job.cfg:g}): repeats spread "

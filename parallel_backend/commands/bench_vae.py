@@ -98,18 +98,15 @@ def rotate(vae, inputs, whole, banded, engine, repeats: int, share: int, disturb
     return serial_s, split_s, reference, done, serial_peak
 
 
-def decode_figures(engine, model_name: str, resolution, images: int, frames, repeats: int, share: int,
-                   disturbed: list) -> dict | None:
-    """The sampler bench's decode (end to end includes it): bench model `model_name`'s VAE decoding a seeded latent
-    of `images` images at `resolution` (`frames` for a video) here and in bands on the pool, in turn. None for a
-    bench model without a VAE."""
+def decode_figures(engine, vae, model_name: str, resolution, images: int, frames, repeats: int, share: int,
+                   disturbed: list) -> dict:
+    """The sampler bench's decode (end to end includes it): `vae` (bench model `model_name`'s, build_bench_vae)
+    decoding a seeded latent of `images` images at `resolution` (`frames` for a video) here and in bands on the
+    pool, in turn."""
     from ..engine.vae import decode
-    from ..models.benchmodels_vae import LATENT_CHANNELS, bench_latent, build_bench_vae
+    from ..models.benchmodels_vae import bench_latent
     from ..models.vae_families import family_of
 
-    if model_name not in LATENT_CHANNELS:
-        return None
-    vae = build_bench_vae(model_name)
     latent = bench_latent(model_name, resolution, frames=frames)
     latent = latent.expand(images, *latent.shape[1:])
     serial_s, split_s, reference, done, _ = rotate(vae, latent.contiguous(), family_of(vae).decode, decode, engine,

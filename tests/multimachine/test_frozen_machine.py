@@ -10,8 +10,6 @@ import signal
 import socket
 import time
 
-import pytest
-
 from parallel_backend.runtime import remote
 from parallel_backend.runtime.secure import read_secret
 
