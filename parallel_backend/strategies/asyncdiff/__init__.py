@@ -15,8 +15,8 @@ from dataclasses import replace
 from ...runtime.messages import Computed
 from ...models.stage_families import STAGE_FAMILIES
 from ...runtime.knobs import Knob
-from ...runtime.validation import MAX_STEPS
 from ..base import BenchJob, Strategy
+from ..stale import WARMUP
 from .messages import PlaceStages, ProbeExchange, ProfileLayers, StageCall, StagePlan
 from .schedule import balance, explain, simulate, stage_actions, stage_costs, stage_step  # noqa: F401 (API)
 from ...runtime.words import counted
@@ -24,8 +24,6 @@ from ...runtime.words import counted
 
 STAGES = Knob("stages", int, None, "asyncdiff: the stages the UNet is cut into, one device each (default: the "
               "devices left after cfg and batch)", low=1, unset=True, axis="they cut the model into stages")
-WARMUP = Knob("warmup", int, 1, "asyncdiff: exact sampler steps at the start, all stages in sequence (on 2 stages or "
-              "more at least 1: the later stages start from what the warm-up hands them)", low=0, high=MAX_STEPS)
 STRIDE = Knob("stride", int, 1, "asyncdiff: 1, or 2 to exchange activations every second call only (less traffic, "
               "staler inputs)", choices=(1, 2))
 TIME_SHIFT = Knob("time_shift", bool, False, "asyncdiff: each stage embeds the timestep its input came from")
