@@ -124,11 +124,28 @@ def test_sd35_large_is_counted_on_meta_as_its_published_size():
     assert counted.flops[2] == 2 * counted.flops[1]
 
 
+def test_ltx_video_is_counted_on_meta_as_its_published_size():
+    """LTX-Video 2B (Lightricks' 0.9.x config): 1.9 B parameters (its paper, arXiv 2501.00103, and model card), within
+    3 %; at LTXPipeline's default 512x704 x 161 frames its 128-channel latent is one token per latent pixel, 32x
+    smaller per side and 8x in time: 16 x 22 x 21 tokens. A call's FLOPs: about twice its block parameters per video
+    token (the cross-attention's keys and values run over the 128 text tokens only) plus the self-attention's
+    4 L^2 W in each of the 28 blocks; two branches cost twice one."""
+    from parallel_backend.plan.paper import count_job
+
+    counted = count_job("ltx_video_meta", (512, 704), 2, 161)
+    assert abs(counted.parameters / 1.9e9 - 1) < 0.03
+    tokens = 16 * 22 * 21
+    assert counted.shape.tokens == tokens and counted.shape.attentions == 28 and counted.shape.width == 2048
+    dense = 2 * counted.parameters * tokens
+    assert 0.8 < counted.flops[1] / (dense + 28 * counted.attention_flops) < 1.2
+    assert counted.flops[2] == 2 * counted.flops[1]
+
+
 def test_tandem_plan_gpu_refuses_bad_options_in_one_sentence_before_counting(capsys):
     from parallel_backend.commands import cli
 
     for argv, said in ((["--model", "flux-dev", "--gpu", "gtx480"], "unknown GPU 'gtx480'"),
-                       (["--model", "ltx-video", "--gpu", "h100"], "not counted on the meta device yet"),
+                       (["--model", "ltx-video", "--gpu", "h100", "--frames", "37"], "8k + 1 frames"),
                        (["--model", "tiny", "--gpu", "h100"], "unknown model 'tiny' for --gpu"),
                        (["--model", "flux-dev", "--gpu", "h100", "--frames", "33"], "makes images"),
                        (["--model", "wan-14b", "--gpu", "h100", "--frames", "32"], "4k + 1 frames"),

@@ -176,8 +176,10 @@ def check_gpu_plan_options(args) -> tuple:
         frames = validation.whole_number("--frames", args.frames, 1, 1024)
         if model.frames is None:
             raise ValueError(f"{args.model} makes images: --frames is for video models")
-        if (frames - 1) % 4:
-            raise ValueError(f"--frames {frames}: a video model's clip has 4k + 1 frames (e.g. 33, 81, 129)")
+        k = model.frames_per_latent
+        if (frames - 1) % k:
+            raise ValueError(f"--frames {frames}: {args.model}'s clip has {k}k + 1 frames (e.g. "
+                             f"{', '.join(str(k * n + 1) for n in (4, 10, 16))})")
     validation.whole_number("steps", args.steps, 1, validation.MAX_STEPS)
     if args.json is not None:
         validation.writable_file("--json", args.json)

@@ -434,7 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
                                             "with one-device measurements taken here) and choose")
     plan.add_argument("--model", default="small", help="a bench model: tiny, small, sd15, sdxl, flux-small, wan-small; "
                       "with --gpu a full-size model: sdxl, sd3.5-large, flux-dev, flux2-dev, qwen-image, wan-14b, "
-                      "hunyuanvideo")
+                      "hunyuanvideo, ltx-video")
     plan.add_argument("--gpu", default=None, help="predict on paper for named GPUs instead of the devices given: "
                       "rtx3090, rtx4090, rtx5090, l20, l40, a100, h100, h200, h800, b200, ... (no device needed)")
     plan.add_argument("--gpus", type=int, default=2, help="with --gpu: how many of them")

@@ -49,6 +49,15 @@ SD35_LARGE = dict(sample_size=128, patch_size=2, in_channels=16, num_layers=38, 
                   num_attention_heads=38, joint_attention_dim=4096, caption_projection_dim=2432,
                   pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=192, qk_norm="rms_norm")
 SD35_TEXT_TOKENS = 77 + 256  # StableDiffusion3Pipeline: CLIP's 77 tokens, then T5's max_sequence_length 256
+# Lightricks/LTX-Video transformer/config.json (LTX-Video 2B, 0.9.x; diffusers' LTXVideoTransformer3DModel defaults
+# are these): 28 layers, 32 heads x 64, cross-attention to T5-XXL's 4096-wide tokens projected to 2048, patch size 1
+# over a 128-channel latent that its VAE compresses 32x per side and 8x in time.
+LTX_VIDEO = dict(in_channels=128, out_channels=128, patch_size=1, patch_size_t=1, num_attention_heads=32,
+                 attention_head_dim=64, cross_attention_dim=2048, num_layers=28, caption_channels=4096,
+                 qk_norm="rms_norm_across_heads")
+LTX_TEXT_TOKENS = 128  # LTXPipeline pads the T5 prompt to max_sequence_length, 128
+LTX_FRAMES = 161  # LTXPipeline's default num_frames (at its default 512 x 704, 50 steps, guidance 3.0)
+LTX_SCALE, LTX_FRAMES_PER_LATENT = 32, 8  # its VAE: 32x per side, the first frame then every 8 in one latent frame
 HUNYUAN_TEXT_TOKENS = 256  # HunyuanVideoPipeline pads the Llama prompt to max_sequence_length, 256
 HUNYUAN_FRAMES = 129  # HunyuanVideoPipeline's default num_frames (at its default 720 x 1280)
 HUNYUAN_GUIDANCE = 6.0  # its default (embedded) guidance_scale; true_cfg_scale 1.0: one branch
@@ -179,6 +188,37 @@ class HunyuanVideoModel(TransformerBenchModel):
 
 
 @dataclass
+class LTXVideoModel(TransformerBenchModel):
+    """LTX-Video's inputs as LTXPipeline makes them: latents packed one token per latent pixel (B, tokens, 128), the
+    padded prompt's mask (every token valid), the latent's frames, rows and columns for its RoPE and the pipeline's
+    interpolation scale (the VAE's compression over the frame rate, 25)."""
+
+    @property
+    def shared(self) -> frozenset:
+        return frozenset({"attention_kwargs", "rope_interpolation_scale"})
+
+    def latent_frames(self) -> int:
+        return (self.frames - 1) // LTX_FRAMES_PER_LATENT + 1
+
+    def latent_shape(self, images: int, resolution: tuple[int, int]) -> tuple[int, ...]:
+        return (images, self.tokens(resolution), self.module.config.in_channels)
+
+    def extras(self, rows: int, resolution: tuple[int, int] | None = None) -> dict:
+        h, w = (r // self.latent_factor for r in resolution)
+        return {"encoder_attention_mask": torch.ones(rows, self.context_shape[0], dtype=torch.long),
+                "num_frames": self.latent_frames(), "height": h, "width": w,
+                "rope_interpolation_scale": (LTX_FRAMES_PER_LATENT / 25.0, LTX_SCALE, LTX_SCALE)}
+
+    def sequence_sizes(self, resolution: tuple[int, int]) -> tuple[int, int]:
+        """Only the video tokens attend to each other (the text enters by cross-attention), in every block."""
+        return self.tokens(resolution), len(self.module.transformer_blocks)
+
+    def feature_elements(self, resolution: tuple[int, int]) -> int:
+        hidden = self.module.transformer_blocks[0].ff.net[0].proj.out_features  # the GELU MLP, 4x wide
+        return self.tokens(resolution) * hidden
+
+
+@dataclass
 class SD35Model(TransformerBenchModel):
     """SD3.5's inputs as StableDiffusion3Pipeline makes them: a latent map (B, 16, H/8, W/8) the model cuts into
     2x2 patches, CLIP's and T5's tokens in one sequence, the pooled CLIP text per row."""
@@ -260,6 +300,14 @@ def hunyuan_video_meta():
     return HunyuanVideoModel("hunyuan-video", module, (HUNYUAN_TEXT_TOKENS, HUNYUAN_VIDEO["text_embed_dim"]),
                              latent_factor=8, default_resolution="720x1280", family="diffusers_dit", patch=2,
                              frames=HUNYUAN_FRAMES)
+
+
+def ltx_video_meta():
+    from diffusers import LTXVideoTransformer3DModel
+
+    module = on_meta(LTXVideoTransformer3DModel, LTX_VIDEO, torch.bfloat16)
+    return LTXVideoModel("ltx-video", module, (LTX_TEXT_TOKENS, LTX_VIDEO["caption_channels"]), latent_factor=LTX_SCALE,
+                         default_resolution="512x704", family="diffusers_dit", patch=1, frames=LTX_FRAMES)
 
 
 def sd35_large_meta():
