@@ -5,6 +5,7 @@ second. The commands (cli.py) run these first, then import what their work needs
 from __future__ import annotations
 
 from ..engine.config import MEMORY_PER_DEVICE
+from ..plan.fitted import WEIGHTS_DTYPE
 from ..models.request import GenerationRequest
 from ..runtime import validation
 
@@ -137,6 +138,11 @@ def check_plan_options(args) -> tuple:
     from ..plan.links import CPU_DEFAULT, CUDA_DEFAULT, PROBE, link_named
     from ..runtime.devices import parse_devices, resolve_devices
 
+    for given, option in ((args.constants, "--constants"), (args.weights_dtype != WEIGHTS_DTYPE.default,
+                                                            "--weights-dtype"), (args.out, "--out")):
+        if given:
+            raise ValueError(f"{option} is for {'--calibrate' if option == '--out' else '--gpu'}: a plan on the "
+                             "devices measures the model's own call")
     check_bench_model_name(args.model)
     check_still_images(args.model, args.frames)
     link = link_named(args.link) if args.link not in (None, PROBE) else None
@@ -153,10 +159,25 @@ def check_plan_options(args) -> tuple:
     return link, cfg, resolution, devices
 
 
+def check_calibrate_options(args) -> list[str]:
+    """`tandem plan --calibrate`'s options: the devices (resolved; they exist, nothing started) and --out."""
+    from ..runtime.devices import parse_devices, resolve_devices
+
+    if args.gpu is not None or args.constants is not None:
+        raise ValueError("--calibrate measures the devices given (--devices): leave out --gpu and --constants")
+    if args.out is None:
+        raise ValueError("--calibrate needs --out FILE: the JSON file its figures go to")
+    validation.writable_file("--out", args.out)
+    devices = resolve_devices(parse_devices(args.devices))
+    if devices[0] not in ("cpu",) and not devices[0].startswith("cuda"):
+        raise ValueError(f"--calibrate measures CPU or CUDA devices on this machine; got {devices[0]}")
+    return list(devices)
+
+
 def check_gpu_plan_options(args) -> tuple:
     """`tandem plan --gpu`'s options, before anything is counted: (the paper model, the GPU, how many, the link or
-    None for the GPU's usual one, cfg, resolution or None, frames or None). --devices and a measured link make no
-    sense without devices."""
+    None for the GPU's usual one (or the calibration's), cfg, resolution or None, frames or None, the --constants
+    file's figures or None). --devices and a measured link make no sense without devices."""
     from .bench_inputs import parse_resolution
     from ..plan.links import PROBE, link_named
     from ..plan.paper import gpu_for, paper_model_named
@@ -185,7 +206,15 @@ def check_gpu_plan_options(args) -> tuple:
         validation.writable_file("--json", args.json)
     if args.memory_per_device is not None:
         MEMORY_PER_DEVICE.validate(args.memory_per_device)
-    return args.model, gpu, gpus, link, cfg, resolution, frames
+    WEIGHTS_DTYPE.validate(args.weights_dtype)
+    if args.out is not None:
+        raise ValueError("--out is for --calibrate; with --gpu, --json writes the candidates")
+    calibration = None
+    if args.constants is not None:
+        from ..plan.gpu_calibration import load
+
+        calibration = load(args.constants)
+    return args.model, gpu, gpus, link, cfg, resolution, frames, calibration
 
 
 def check_demo_options(args) -> None:

@@ -9,11 +9,13 @@ from pathlib import Path
 
 from ..engine.config import DEVICE_SPEEDS, DEVICES, MEMORY_KNOBS, MEMORY_PER_DEVICE, TIMEOUT, strategy_choices
 from ..models.request import SCHEDULERS
+from ..plan.fitted import WEIGHTS_DTYPE
 from ..runtime import validation
 from ..runtime.knobs import add_options
 from ..runtime.pool_settings import ALLOW_MISSING_MACHINES, INTERFACE, SECRET_FILE
 from .arguments import (UsageError, bench_knobs, bench_strategies, check_bench_options, check_demo_options,
-                        check_environment, check_generate_options, check_gpu_plan_options, check_machines,
+                        check_calibrate_options, check_environment, check_generate_options, check_gpu_plan_options,
+                        check_machines,
                         check_plan_options, check_serve_options, check_workflow_options, knobs, machine_settings,
                         memory_settings, request_for, strategy_knobs)
 
@@ -169,6 +171,8 @@ def _bench_vae(args) -> int:
 
 
 def cmd_plan(args) -> int:
+    if args.calibrate:
+        return cmd_plan_calibrate(args)
     if args.gpu is not None:
         return cmd_plan_gpu(args)
     link, cfg, resolution, devices = check_plan_options(args)
@@ -234,15 +238,19 @@ def cmd_plan(args) -> int:
 def cmd_plan_gpu(args) -> int:
     """`tandem plan --gpu NAME --gpus N`: a full-size model counted on the meta device, predicted on named GPUs with
     the constants fitted to published measurements (plan/fitted.py); nothing runs on a device."""
-    name, gpu, gpus, link, cfg, resolution, frames = check_gpu_plan_options(args)
+    name, gpu, gpus, link, cfg, resolution, frames, calibration = check_gpu_plan_options(args)
     from ..plan import report
     from ..plan.choose import NothingFits, choose
+    from ..plan.fitted import FITTED
+    from ..plan.gpu_calibration import constants_for, describe
     from ..plan.paper import gpu_plan, paper_model_named
 
     job = paper_model_named(name)
     resolution, frames = resolution or job.resolution, frames or job.frames
     branches = 2 if cfg != 1.0 else 1
-    inputs, found, card = gpu_plan(name, gpu.name, gpus, link, resolution, frames, args.steps, branches)
+    constants, measured_link = constants_for(calibration, gpu.peak_flops) if calibration else (FITTED, None)
+    inputs, found, card = gpu_plan(name, gpu.name, gpus, link or measured_link, resolution, frames, args.steps,
+                                   branches, args.weights_dtype, constants)
     budget = (int(args.memory_per_device * 2**30) if args.memory_per_device is not None else card.memory_bytes)
     found = [dataclasses.replace(c, fits=c.memory_bytes_per_device <= budget) for c in found]
     try:
@@ -252,19 +260,39 @@ def cmd_plan_gpu(args) -> int:
     clip = f" x {frames} frames" if frames else ""
     print(f"tandem plan (a prediction on paper, not a measurement): model {name}, {resolution[0]}x{resolution[1]} "
           f"px{clip}, cfg {cfg:g}, "
-          f"{args.steps} steps, {plural(gpus, 'GPU')} {card.name} ({card.source}), link {inputs.link.name} "
-          f"({inputs.link.source}); constants fitted to published measurements (plan/fitted.py)")
+          f"{args.steps} steps, weights {args.weights_dtype}, {plural(gpus, 'GPU')} {card.name} ({card.source}), "
+          f"link {inputs.link.name} ({inputs.link.source}); "
+          + (f"constants from {args.constants}, {describe(calibration)}" if calibration else
+             "constants fitted to published measurements (plan/fitted.py)"))
     print(report.inputs_line(inputs, "fitted split cost"))
     print(f"memory per device: {budget / 2**30:.3f} GiB")
     print(report.format_table(found, choice, nothing_fits))
     if args.json:
         header = {"model": name, "resolution": list(resolution), "frames": frames, "cfg": cfg,
-                  "steps": args.steps, "gpu": card.name, "gpus": gpus, "memory_per_device_bytes": budget}
-        validation.write_json("--json", args.json, report.as_json(header, inputs, found, choice, nothing_fits))
+                  "steps": args.steps, "gpu": card.name, "gpus": gpus, "memory_per_device_bytes": budget,
+                  "weights_dtype": args.weights_dtype, "constants": args.constants or "fitted"}
+        written = report.as_json(header, inputs, found, choice, nothing_fits)
+        if choice is not None:  # auto promises one device's output: its choice is among the exact strategies
+            written["auto"] = report.as_json({}, inputs, found, choose(found, exact_only=True))["choice"]
+        validation.write_json("--json", args.json, written)
         print(f"tandem: wrote {args.json}")
     if choice is None:
         print(f"tandem: {nothing_fits}", file=sys.stderr)
         return 1
+    return 0
+
+
+def cmd_plan_calibrate(args) -> int:
+    """`tandem plan --calibrate --devices D --out FILE`: the GPU model's figures measured on the devices
+    (plan/gpu_calibration.py), for `tandem plan --gpu NAME --constants FILE`."""
+    devices = check_calibrate_options(args)
+    from ..plan.gpu_calibration import calibrate, describe
+
+    print(f"tandem plan --calibrate: measuring on {', '.join(devices)} (a minute or so)", flush=True)
+    figures = calibrate(devices)
+    validation.write_json("--out", args.out, figures)
+    print(describe(figures))
+    print(f"tandem: wrote {args.out}; use it with tandem plan --gpu NAME --constants {args.out}")
     return 0
 
 
@@ -441,7 +469,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--devices", default="cpu:2", help="'cuda:0,cuda:1', 'cpu:2' or 'auto' (HOST:PORT/DEVICE: "
                       "another machine's)")
     _add_machine_options(plan)
-    add_options(plan, (MEMORY_PER_DEVICE,))
+    add_options(plan, (MEMORY_PER_DEVICE, WEIGHTS_DTYPE))
     plan.add_argument("--link", default=PROBE, help=f"{PROBE} (default: start workers on the devices and measure "
                                                     f"their link and contention; with --gpu: that GPU's usual link), or a named link: "
                                                     f"{', '.join(PROFILES)}")
@@ -452,6 +480,11 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--json", default=None, help="also write the candidates and the choice as JSON here")
     plan.add_argument("--vae", action="store_true", help="also predict the bench model's VAE decode in bands of rows "
                       "on the devices, from one decode timed on the first (minutes for wan-small on a CPU)")
+    plan.add_argument("--calibrate", action="store_true", help="measure the GPU model's figures on --devices (the "
+                      "per-call fixed cost, the compute rate by work per device, the link) and write them to --out")
+    plan.add_argument("--out", default=None, help="with --calibrate: the JSON file to write")
+    plan.add_argument("--constants", default=None, help="with --gpu: a file of --calibrate, measured on that card, "
+                      "in place of the constants fitted to published measurements")
     plan.set_defaults(run=cmd_plan)
 
     demo = commands.add_parser("demo", help="a local Gradio app: one device vs Tandem side by side, bench, pool")

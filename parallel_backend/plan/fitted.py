@@ -21,8 +21,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..runtime.knobs import Knob
 from .links import Link
 from .model import Inputs
+
+# Bytes a weight takes: 16-bit floats as the checkpoints ship (bf16; fp16 for SDXL), or fp8 (e4m3fn) as ComfyUI's
+# fp8 checkpoints store them, 1 byte a parameter (the norms and biases such files keep in 16 bits, under 1 % of a
+# DiT's parameters, are counted at 1 too). Compute is counted at bf16 either way: ComfyUI casts fp8 weights up to the
+# compute dtype layer by layer (fp8 matmuls, its "fp8_e4m3fn_fast", are not modelled).
+WEIGHT_BYTES = {"bf16": 2, "fp8": 1}
+WEIGHTS_DTYPE = Knob("weights_dtype", str, "bf16", "with --gpu: the full-size model's weights in bf16 (2 bytes a "
+                     "parameter) or fp8 (1 byte, as ComfyUI's fp8 checkpoints; compute still counted at bf16)",
+                     choices=tuple(WEIGHT_BYTES))
 
 
 @dataclass(frozen=True)
@@ -43,20 +53,26 @@ class Constants:
 
 
 # plan/published.py `fit` over the table's predictable rows (tests/test_plan_published.py refits and checks these
-# figures, so a change of the table or the model shows here). A constant near 0 (half_work, split_s) ran to the
+# figures, so a change of the table or the model shows here). A constant near 0 (split_s, compiled_fixed) ran to the
 # search's floor: the table does not support it; it stays a term so that a calibration on a lent GPU can set it.
-FITTED = Constants(fixed_s=0.10413959654359702, peak_fraction=0.610701379080085, half_work=102.6187963170188,
-                   split_s=5.130939815850942e-13, message_s=3.011942119122015e-05,
-                   serial_flops_per_pixel=141174963.9214767, compiled_fixed=0.015872818189034025)
+FITTED = Constants(fixed_s=0.08526229030337645, peak_fraction=0.6749294037880016, half_work=37.75134544279094,
+                   split_s=1.887567272139548e-13, message_s=2.8650479686018935e-05,
+                   serial_flops_per_pixel=141174963.9214767, compiled_fixed=5.380082719247674e-10)
 
 
 def job_inputs(counted, peak_flops: float, link: Link, branches: int, steps: int, pixels: int, c: Constants,
                ranks: int, compiled: bool = False, overlaps_all_to_all: bool = False,
-               sharded: bool = False) -> Inputs:
+               sharded: bool = False, weights_dtype: str = "bf16") -> Inputs:
     """model.Inputs of a job from its counted figures (plan/paper.py Counted) on a GPU of `peak_flops` joined by
     `link`, under constants `c`: every call (f + half_work) / (peak x peak_fraction) plus the fixed cost; a sequence
     rank's part, for every split of up to `ranks` ranks, from its share of one row's FLOPs; the serial part of the
-    run from its output's `pixels`. sharded: with the units sharded weights gather, posted ahead as on CUDA."""
+    run from its output's `pixels`. sharded: with the units sharded weights gather, posted ahead as on CUDA.
+    weights_dtype: a WEIGHT_BYTES name; the weights' bytes (held, per layer, gathered) at that size a parameter."""
+    scale = WEIGHT_BYTES[WEIGHTS_DTYPE.validate(weights_dtype)] * counted.parameters / counted.weight_bytes
+
+    def held(nbytes) -> int:
+        return round(nbytes * scale)
+
     rate = peak_flops * c.peak_fraction
     fixed = c.fixed_s * (c.compiled_fixed if compiled else 1.0)
 
@@ -68,9 +84,9 @@ def job_inputs(counted, peak_flops: float, link: Link, branches: int, steps: int
     return Inputs(counted.shape, counted.family, branches, {r: call(f) for r, f in counted.flops.items()},
                   Link(link.name, link.bandwidth, link.latency + c.message_s, link.source),
                   attention_seconds=counted.attention_flops * (one + c.half_work) / one / rate,
-                  layer_seconds=tuple(f for _, f in counted.layers), weight_bytes=counted.weight_bytes,
-                  layer_weight_bytes=counted.layer_weight_bytes,
+                  layer_seconds=tuple(f for _, f in counted.layers), weight_bytes=held(counted.weight_bytes),
+                  layer_weight_bytes=tuple(map(held, counted.layer_weight_bytes)),
                   activation_bytes_per_row=counted.activation_bytes_per_row, host_overhead_s=c.split_s, steps=steps,
                   serial_seconds=c.serial_flops_per_pixel * pixels / rate, shard_seconds=shard,
-                  unit_bytes=counted.unit_bytes if sharded else (), gathers_overlap=sharded,
+                  unit_bytes=tuple(map(held, counted.unit_bytes)) if sharded else (), gathers_overlap=sharded,
                   overlaps_all_to_all=overlaps_all_to_all, fixed_seconds=fixed)

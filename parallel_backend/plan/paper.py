@@ -26,8 +26,8 @@ from ..engine.oracle import sample_call
 from ..models.benchmodels_dit import TransformerBenchModel
 from . import paper_models
 from .choose import Choice, NothingFits, choose
-from .fitted import FITTED, job_inputs
-from .links import link_named
+from .fitted import FITTED, Constants, job_inputs
+from .links import Link, link_named
 from .measure import HOST_OVERHEAD_S, call_shape, shard_units
 from .model import Candidate, Inputs, candidates
 from .vae_costs import VaeDecode, VaePrediction, predict_decode
@@ -362,18 +362,19 @@ def gpu_named(name: str) -> Gpu:
         raise ValueError(f"unknown GPU {name!r}; choose one of: {', '.join(GPUS)}") from None
 
 
-def paper_inputs(name: str, gpu: str, link: str, efficiency: float | None = None, sharded: bool = False) -> Inputs:
+def paper_inputs(name: str, gpu: str, link: str, efficiency: float | None = None, sharded: bool = False,
+                 weights_dtype: str = "bf16") -> Inputs:
     """model.Inputs of scenario `name` on `gpu`s joined by `link`, from counted FLOPs: under the constants fitted
     to the published measurements (plan/fitted.py FITTED), or, given an `efficiency`, at that fraction of the peak
     for every call with the CUDA host overhead and nothing else (the model before the fit); sharded: with the units
     sharded weights gather, the next one's gather posted ahead as on CUDA (model.candidates then lists each
-    split's sharded twin)."""
+    split's sharded twin); weights_dtype: fitted.WEIGHT_BYTES' name of the weights' size (the fitted model only)."""
     scenario, device, joined = scenario_named(name), gpu_named(gpu), link_named(link)
     counted = count(name)
     if efficiency is None:
         pixels = scenario.resolution[0] * scenario.resolution[1] * (scenario.frames or 1)
         return job_inputs(counted, device.peak_flops, joined, scenario.branches, scenario.steps, pixels, FITTED,
-                          FITTED_RANKS, sharded=sharded)
+                          FITTED_RANKS, sharded=sharded, weights_dtype=weights_dtype)
     efficiency = check_efficiency(efficiency)
     return Inputs(counted.shape, counted.family, scenario.branches,
                   {rows: seconds(f, device, efficiency) for rows, f in counted.flops.items()}, joined,
@@ -388,11 +389,13 @@ def paper_inputs(name: str, gpu: str, link: str, efficiency: float | None = None
 FITTED_RANKS = 8  # the most ranks of a sequence split paper_inputs gives a rank's part for
 
 
-def rig_candidates(name: str, gpu: str, link: str, devices: int) -> list[Candidate]:
-    """model.candidates of scenario `name` on `devices` of `gpu` joined by `link`, weights whole and sharded, each
-    marked whether it fits the GPU's memory; less the strategies Tandem refuses for this model (its `refuses`)."""
+def rig_candidates(name: str, gpu: str, link: str, devices: int, weights_dtype: str = "bf16") -> list[Candidate]:
+    """model.candidates of scenario `name` on `devices` of `gpu` joined by `link`, weights whole and sharded (in
+    `weights_dtype`), each marked whether it fits the GPU's memory; less the strategies Tandem refuses for this model
+    (its `refuses`)."""
     refused = dict(scenario_named(name).refuses)
-    found = candidates(paper_inputs(name, gpu, link, sharded=True), devices, gpu_named(gpu).memory_bytes)
+    found = candidates(paper_inputs(name, gpu, link, sharded=True, weights_dtype=weights_dtype), devices,
+                       gpu_named(gpu).memory_bytes)
     return [c for c in found if c.strategy not in refused]
 
 
@@ -512,20 +515,24 @@ def gpu_for(name: str) -> Gpu:
         raise ValueError(f"unknown GPU {name!r}; choose one of: {', '.join(GPU_NAMES)}") from None
 
 
-def gpu_plan(model: str, gpu: str, gpus: int, link: str | None, resolution=None, frames: int | None = None,
-             steps: int = 50, branches: int = 2) -> tuple[Inputs, list[Candidate], Gpu]:
+def gpu_plan(model: str, gpu: str, gpus: int, link: str | Link | None, resolution=None, frames: int | None = None,
+             steps: int = 50, branches: int = 2, weights_dtype: str = "bf16",
+             constants: Constants = FITTED) -> tuple[Inputs, list[Candidate], Gpu]:
     """(inputs, candidates, the GPU) of paper model `model` on `gpus` of `gpu` joined by `link` (None: the GPU's
-    usual link), under the fitted constants: every mesh with its weights whole and sharded, each marked whether
-    it fits the GPU's memory, less the strategies Tandem refuses for the model."""
+    usual link; a Link: a calibration's), under `constants` (the fitted ones, or a calibration's:
+    plan/gpu_calibration.py): every mesh with its
+    weights (in `weights_dtype`) whole and sharded, each marked whether it fits the GPU's memory, less the
+    strategies Tandem refuses for the model."""
     job, card = paper_model_named(model), gpu_for(gpu)
-    joined = link_named(link or card.link)
+    joined = link if isinstance(link, Link) else link_named(link or card.link)
     resolution = tuple(resolution or job.resolution)
     frames = job.frames if frames is None else frames
     if frames is not None and job.frames is None:
         raise ValueError(f"{model} makes images: --frames is for video models")
     counted = count_job(job.build, resolution, branches, frames, job.runs_as)
     pixels = resolution[0] * resolution[1] * (frames or 1)
-    inputs = job_inputs(counted, card.peak_flops, joined, branches, steps, pixels, FITTED, gpus, sharded=True)
+    inputs = job_inputs(counted, card.peak_flops, joined, branches, steps, pixels, constants, gpus, sharded=True,
+                        weights_dtype=weights_dtype)
     refused = dict(job.refuses)
     found = [c for c in candidates(inputs, gpus, card.memory_bytes) if c.strategy not in refused]
     return inputs, found, card

@@ -223,7 +223,8 @@ def published_section() -> list[str]:
            "| row | peer | model, size | GPUs, link | strategy | published | predicted | error |",
            "|---|---|---|---|---|---|---|---|"]
     for row in rows:
-        size = f"{row.height}x{row.width}" + (f" x {row.frames}" if row.frames else "")
+        size = (f"{row.height}x{row.width}" if row.height else "size not stated") + (
+            f" x {row.frames}" if row.frames else "")
         mesh = " x ".join(f"{k} {v}" for k, v in row.mesh.items())
         head = (f"| {row.id} | {row.peer} | {row.model} {size} | {row.devices} x {row.gpu}, {row.link} | {mesh} "
                 f"({row.mode}, {row.metric.replace('_', ' ')}) | {row.published_speedup:.2f}x |")

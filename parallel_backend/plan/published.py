@@ -32,6 +32,8 @@ PUBLISHED = Path(__file__).resolve().parents[2] / "tests" / "data" / "published_
 BUILDS = {"sdxl": ("sdxl_meta", "unet"), "flux-dev": ("flux_dev_meta", "dit"),
           "hunyuan-video": ("hunyuan_video_meta", "dit"), "wan-14b": ("wan14b_meta", "dit")}
 TARGET_MEDIAN, TARGET_WORST = 0.10, 0.25  # issue 31's targets for the absolute relative error
+METRICS = ("per_step", "end_to_end", "vae_decode")  # what a row's speed-up is of: a step, a run, a VAE decode
+VAE_DECODE = METRICS[2]
 
 
 @dataclass(frozen=True)
@@ -41,8 +43,8 @@ class Row:
     id: str
     peer: str
     model: str
-    height: int
-    width: int
+    height: int | None  # None: not stated by the source
+    width: int | None
     frames: int | None
     branches: int
     steps: int | None
@@ -59,10 +61,15 @@ class Row:
 
     def unpredicted(self) -> str:
         """Why the plan cannot predict this row ("" where it can)."""
+        if self.metric == VAE_DECODE:
+            return (f"a VAE decode: plan/vae_costs.py predicts the VAEs plan/paper.py counts (Flux.1's, Wan 2.1's), "
+                    f"not {self.model}'s")
         if self.model not in BUILDS:
             return f"{self.model} is not a model plan/paper_models.py builds"
         if self.strategy not in strategies.names():
             return f"{self.strategy} is not a Tandem strategy"
+        if self.height is None or self.width is None:
+            return "its resolution is not stated"
         return ""
 
 
@@ -77,13 +84,14 @@ def load(path: Path = PUBLISHED) -> list[Row]:
     with open(path, newline="") as f:
         for line in csv.DictReader(f):
             mesh = {k: int(v) for k, v in (part.split("=") for part in line["mesh"].split(";"))}
-            row = Row(line["id"], line["peer"], line["model"], int(line["height"]), int(line["width"]),
+            row = Row(line["id"], line["peer"], line["model"], _whole(line["height"]), _whole(line["width"]),
                       _whole(line["frames"]), int(line["branches"]), _whole(line["steps"]), line["gpu"], line["link"],
                       int(line["devices"]), line["strategy"], mesh, line["mode"], line["metric"],
                       float(line["published_speedup"]), line["source"], line["note"])
-            if not row.source or row.published_speedup <= 0 or math.prod(mesh.values()) != row.devices:
-                raise ValueError(f"{path.name} row {row.id!r} needs a source, a speed-up > 0 and a mesh of its "
-                                 f"{row.devices} devices")
+            if (not row.source or row.published_speedup <= 0 or math.prod(mesh.values()) != row.devices
+                    or row.metric not in METRICS):
+                raise ValueError(f"{path.name} row {row.id!r} needs a source, a speed-up > 0, a mesh of its "
+                                 f"{row.devices} devices and a metric of {', '.join(METRICS)}")
             rows.append(row)
     return rows
 
