@@ -62,6 +62,10 @@ TINY_HUNYUAN = dict(in_channels=16, out_channels=16, num_attention_heads=4, atte
                     pooled_projection_dim=16, rope_axes_dim=(4, 6, 6))
 
 
+TINY_LTX = dict(in_channels=8, out_channels=8, num_attention_heads=4, attention_head_dim=16, cross_attention_dim=64,
+                num_layers=2, caption_channels=32)
+
+
 def _module(cls, config: dict, meta: bool):
     torch.manual_seed(0)
     return (paper_models.on_meta(cls, config, torch.bfloat16) if meta
@@ -89,6 +93,14 @@ def tiny_hunyuan(meta: bool = True, frames: int = paper_models.HUNYUAN_FRAMES):
     return paper_models.HunyuanVideoModel("tiny-hunyuan", _module(HunyuanVideoTransformer3DModel, TINY_HUNYUAN, meta),
                                           (8, 32), latent_factor=8, default_resolution="720x1280",
                                           family="diffusers_dit", patch=2, frames=frames)
+
+
+def tiny_ltx(meta: bool = True, frames: int = paper_models.LTX_FRAMES):
+    from diffusers import LTXVideoTransformer3DModel
+
+    return paper_models.LTXVideoModel("tiny-ltx", _module(LTXVideoTransformer3DModel, TINY_LTX, meta), (8, 32),
+                                      latent_factor=paper_models.LTX_SCALE, default_resolution="512x704",
+                                      family="diffusers_dit", patch=1, frames=frames)
 
 
 def tiny_unet():
@@ -121,7 +133,7 @@ def tiny_scenarios(monkeypatch):
     """Every scenario built from a narrow model of its class (its resolution, frames and branches kept; the VAE
     clip's frames cut to 5: 2 latent frames, as each further one repeats the second's layers)."""
     tiny = {"sdxl_meta": tiny_unet, "flux_dev_meta": tiny_flux, "wan14b_meta": tiny_wan, "qwen_image_meta": tiny_qwen,
-            "flux2_dev_meta": tiny_flux2, "hunyuan_video_meta": tiny_hunyuan}
+            "flux2_dev_meta": tiny_flux2, "hunyuan_video_meta": tiny_hunyuan, "ltx_video_meta": tiny_ltx}
     assert set(tiny) == {s.build for s in paper.SCENARIOS.values()}  # a new scenario gets its narrow model here
     vaes = {"flux_vae_meta": tiny_flux_vae, "wan_vae_meta": tiny_wan_vae}
     assert set(vaes) == {s.build for s in paper.VAE_SCENARIOS.values()}
@@ -226,7 +238,8 @@ def test_bad_input_is_refused_in_one_sentence():
 
 
 @pytest.mark.parametrize("build, published", [("wan14b_meta", 14e9), ("qwen_image_meta", 20e9),
-                                              ("flux2_dev_meta", 32e9), ("hunyuan_video_meta", 13e9)])
+                                              ("flux2_dev_meta", 32e9), ("hunyuan_video_meta", 13e9),
+                                              ("ltx_video_meta", 1.9e9)])  # LTX-Video 2B: 1.9 B (its paper)
 def test_the_large_models_build_on_meta_at_their_published_size(build, published):
     module = getattr(paper_models, build)().module
     assert all(p.is_meta for p in module.parameters())
@@ -251,6 +264,23 @@ def test_the_new_models_inputs_run_their_class_and_count_their_attention(tiny, r
     tokens, attentions = meta.sequence_sizes(resolution)
     _, ops = paper._call_flops(meta, 1, resolution)
     assert ops["aten.bmm"] == attentions * paper.attention_flops(tokens, 4 * 16) + extra
+
+
+def test_ltx_videos_inputs_run_its_class_and_count_its_self_and_cross_attention():
+    # LTXPipeline's inputs: packed latents one token per latent pixel (32x smaller per side, 8x in time), the
+    # prompt's mask, the latent's frames, rows and columns; every block attends over the video tokens (4 L^2 W)
+    # and then from them to the text (4 L T W).
+    model = tiny_ltx(meta=False, frames=9)
+    call = sample_call(model, 2, (64, 96))
+    with torch.inference_mode():
+        out = forward_for_family(model.family)(model.module, call)
+    assert out.shape == call.x.shape == (2, 2 * 2 * 3, 8) and torch.isfinite(out).all()
+    meta = tiny_ltx(meta=True, frames=9)
+    tokens, attentions = meta.sequence_sizes((64, 96))
+    assert (tokens, attentions) == (12, 2)
+    _, ops = paper._call_flops(meta, 1, (64, 96))
+    width = 4 * 16
+    assert ops["aten.bmm"] == attentions * (paper.attention_flops(tokens, width) + 4 * tokens * 8 * width)
 
 
 def test_the_new_scenarios_count_their_shapes_and_run_as_tandem_runs_them(tiny_scenarios):

@@ -267,6 +267,9 @@ def cmd_plan_gpu(args) -> int:
     print(report.inputs_line(inputs, "fitted split cost"))
     print(f"memory per device: {budget / 2**30:.3f} GiB")
     print(report.format_table(found, choice, nothing_fits))
+    if choice is not None and not choice.best.exact:
+        print(f"auto (exact strategies only: it promises one device's output): "
+              f"{choose(found, exact_only=True).reason}")
     if args.json:
         header = {"model": name, "resolution": list(resolution), "frames": frames, "cfg": cfg,
                   "steps": args.steps, "gpu": card.name, "gpus": gpus, "memory_per_device_bytes": budget,

@@ -32,6 +32,7 @@ import math
 import statistics
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 
@@ -45,6 +46,9 @@ TINY = (16, 16)  # pixels: one latent token of flux-small (8x VAE, 2x2 patches)
 RESOLUTION = {"cpu": 256, "cuda": 2048}  # pixels per side: a whole call of ~6 GFLOP on a CPU, ~2 TFLOP on a GPU
 COPY_BYTES = (4, 16 * 2**20)  # the link's two message sizes, as plan/probe.py's
 FORMAT = 1  # the file's layout; a file of another is refused
+# Files of --calibrate run on lent GPUs (tests/gpu/test_plan_calibrate.py copies its file out), kept with the
+# repository: docs/gpu-predictions.md lists each as measured.
+MEASURED = Path(__file__).resolve().parents[2] / "tests" / "data" / "gpu_calibrations"
 FIELDS = ("format", "devices", "device_name", "measured_at", "fixed_s", "flops_per_s", "half_work_flops", "shards",
           "link")
 
@@ -190,3 +194,8 @@ def describe(data: dict) -> str:
     return (f"measured on {', '.join(data['devices'])} ({data['device_name']}) at {data['measured_at']}: fixed "
             f"{1000 * data['fixed_s']:.2f} ms per call, {data['flops_per_s'] / 1e12:.3f} TFLOP/s, half work "
             f"{data['half_work_flops'] / 1e9:.2f} GFLOP, {said}")
+
+
+def measured_files() -> list[tuple[str, dict]]:
+    """(file name, figures) of every calibration kept in MEASURED, by name."""
+    return [(path.name, load(path)) for path in sorted(MEASURED.glob("*.json"))]

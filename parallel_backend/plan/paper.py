@@ -163,7 +163,7 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
              "unet", (("RTX 4090", "pcie4-nop2p"), *DATACENTRE),
              "SDXL base 1.0's UNet config (parallel_backend/models/benchmodels.py SDXL_UNET, the bench's `sdxl`)"),
     Scenario("flux-dev-1024", "Flux.1-dev 1024x1024, guidance-distilled (cfg 1: one branch), 28 steps",
-             "flux_dev_meta", (1024, 1024), 1, 28, "dit", DATACENTRE,
+             "flux_dev_meta", (1024, 1024), 1, 28, "dit", (("RTX 4090", "pcie4-nop2p"), *DATACENTRE),
              "FLUX.1-dev's transformer config (black-forest-labs/FLUX.1-dev transformer/config.json): 19 double + "
              "38 single blocks, 24 heads x 128, 64 input channels, T5 width 4096 (512 tokens), pooled 768, "
              "guidance embedding"),

@@ -73,6 +73,16 @@ PEERS = (
          ("sdxl-1024", "RTX 4090", "pcie4-nop2p", 2, "cfg (cfg 2 x batch 1)")),
     Peer("ComfyUI CFG split", "SDXL, 2 GPUs", "1.79x per step, 1.58x end to end", "design/PERFORMANCE.md "
          "(its source not recorded there)"),
+    Peer("MiniMax-H3 nodes (buqi-minimax-h3-multigpu)", "MiniMax-H3, Ulysses on 2 to 8 GPUs (RTX PRO 5000, RTX "
+         "5090)", "1.35x-3.0x on 2 GPUs, up to 6.9x on 8 (settings not given)",
+         "Comfy-Org/ComfyUI-Manager pull request #3158 (its description); the repository's own table is in the "
+         "published table above"),
+    Peer("Raylight", "Wan 2.1 i2v 14B, Ulysses 2, 2x RTX 4090 (rented on vast.ai; GeForce: no peer-to-peer)",
+         "slower than one 4090 "
+         "(the figures only in screenshots)", "komikndr/raylight issue #22 (2x4090 running slower than one 4090)",
+         ("flux-dev-1024", "RTX 4090", "pcie4-nop2p", 2, "ulysses (cfg 1 x batch 1 x ulysses 2)")),
+    Peer("xDiT", "Ulysses on 8 x L40 (PCIe)", "slower than one GPU (the figure only in a screenshot)",
+         "xdit-project/xDiT issue #553 (Why sp-Ulysses with 8 GPUs slower than a single GPU?)"),
 )
 
 # xDiT's one-H100 Flux.1-dev runs (28 steps, whole pipeline): seconds eager and with torch.compile; a check of
@@ -127,7 +137,7 @@ def inputs_section() -> list[str]:
             "row by row, and with each row left out of the fit: the section *Published measurements against the "
             "fitted model* below and `tests/test_plan_published.py`. A constant the table does not support (it ran "
             "to the search's floor) is shown as fitted. Ulysses' all-to-all is counted exposed whole, as the "
-            "peers' Ulysses runs it.", "", "### Links (plan/links.py)", "",
+            "peers' Ulysses runs it.", "", *measured_lines(), "### Links (plan/links.py)", "",
             "| link | effective GB/s per direction | latency per message | source |", "|---|---|---|---|"]
     for name in dict.fromkeys(lk for _, lk in used):
         link = link_named(name)
@@ -241,16 +251,22 @@ CONSUMER_GPUS = (("RTX 3090", "pcie4x16"), ("RTX 4090", "pcie4x16"), ("RTX 5090"
 CONSUMER_DEVICES = (2, 4)
 
 
-def consumer_cell(name: str, gpu: str, link: str, devices: int) -> str:
-    """One scenario on `devices` consumer cards: the choice within the card's memory, or what it would need."""
-    found = rig_candidates(name, gpu, link, devices)
+def consumer_cell(name: str, gpu: str, link: str, devices: int, weights: str = "bf16") -> str:
+    """One scenario on `devices` consumer cards, its weights in `weights`: the choice within the card's memory, or
+    what it would need."""
+    found = rig_candidates(name, gpu, link, devices, weights)
     try:
         best = choose(found).best
     except NothingFits:
         return f"does not fit: needs {_gib(_least(found).memory_bytes_per_device)} GiB per device"
     alone = next(c for c in found if not c.mesh)
-    speedup = f"{best.predicted_speedup:.2f}x, " if alone.fits else ""  # over one card only where one holds it
-    return f"{best.label()}: {speedup}{best.seconds_per_call:,.2f} s per step"
+
+    def said(c) -> str:
+        speedup = f"{c.predicted_speedup:.2f}x, " if alone.fits else ""  # over one card only where one holds it
+        return f"{c.label()}: {speedup}{c.seconds_per_call:,.2f} s per step"
+
+    exact = "" if best.exact else f"; auto: {said(choose(found, exact_only=True).best)}"
+    return said(best) + exact
 
 
 def consumer_section() -> list[str]:
@@ -260,16 +276,46 @@ def consumer_section() -> list[str]:
            "through host memory (`pcie4-nop2p`, `pcie5-nop2p`); *with* is the same slot with peer copies "
            "(`pcie4x16`, `pcie5x16`: what a workstation card gets). Each cell is what `plan/choose.py` picks within "
            "the card's memory (weights whole or sharded), its speed-up per step over one card (only where one card "
-           "holds the model) and its seconds per step. Weights in bf16 "
-           "(fp16 for SDXL); fp8 weights, which would let the large models fit fewer cards, are not counted yet.",
-           "", "| model | GPUs | link | " + " | ".join(f"{n} cards" for n in CONSUMER_DEVICES) + " |",
-           "|---|---|---|" + "---|" * len(CONSUMER_DEVICES)]
+           "holds the model) and its seconds per step. Weights in bf16 (fp16 for SDXL); a model whose bf16 weights "
+           "and activations do not fit one 24 GB card is shown again with **fp8** weights (`tandem plan --gpu ... "
+           "--weights-dtype fp8`: 1 byte a parameter, as ComfyUI's fp8 checkpoints; compute still counted at bf16, "
+           "as ComfyUI casts fp8 weights up layer by layer). *auto* is the exact choice (`auto` promises one "
+           "device's output: asyncdiff, stale, is left out); where the plan's choice is asyncdiff it follows.",
+           "", "| model | weights | GPUs | link | " + " | ".join(f"{n} cards" for n in CONSUMER_DEVICES) + " |",
+           "|---|---|---|---|" + "---|" * len(CONSUMER_DEVICES)]
     for name in SCENARIOS:
-        for gpu, p2p in CONSUMER_GPUS:
-            for link in (p2p, gpu_named(gpu).link):
-                cells = " | ".join(consumer_cell(name, gpu, link, n) for n in CONSUMER_DEVICES)
-                out.append(f"| {name} | {gpu} | {link} | {cells} |")
+        for weights in ("bf16", "fp8") if _needs_fp8(name) else ("bf16",):
+            for gpu, p2p in CONSUMER_GPUS:
+                for link in (p2p, gpu_named(gpu).link):
+                    cells = " | ".join(consumer_cell(name, gpu, link, n, weights) for n in CONSUMER_DEVICES)
+                    out.append(f"| {name} | {'**fp8**' if weights == 'fp8' else weights} | {gpu} | {link} | {cells} |")
     return out + [""]
+
+
+def _needs_fp8(name: str) -> bool:
+    """Whether scenario `name` in bf16 does not fit one 24 GB card (an RTX 4090)."""
+    return not next(c for c in rig_candidates(name, "RTX 4090", "pcie4-nop2p", 1) if not c.mesh).fits
+
+
+def measured_lines() -> list[str]:
+    """What was measured on a lent GPU (plan/gpu_calibration.py MEASURED), or that nothing was."""
+    from .gpu_calibration import MEASURED, describe, measured_files
+
+    found = measured_files()
+    out = ["### Measured on a lent GPU (tandem plan --calibrate)", "",
+           "`tandem plan --calibrate --devices cuda:0[,cuda:1] --out FILE` measures a card's per-call fixed cost, its "
+           "compute rate by work per device (one rank's part of a Ulysses split of 1, 2, 4 and 8 of the bench model "
+           "flux-small, timed, its FLOPs counted) and the link (two GPUs: their exchange; one: its host copies); "
+           "`tandem plan --gpu CARD --constants FILE` then predicts with the measured fixed cost, half work and rate "
+           "(as peak_fraction of the card's published peak) and a measured peer link, the rest fitted. "
+           "`tests/gpu/test_plan_calibrate.py` runs it where a GPU is lent; its files are kept in "
+           f"`{MEASURED.relative_to(MEASURED.parents[2])}/`.", ""]
+    if not found:
+        return out + ["None is kept yet: no GPU has been lent for this page, so **every figure on it is a "
+                      "prediction from the fitted constants**; none is measured.", ""]
+    out += ["| file | measured |", "|---|---|"] + [f"| {name} | {describe(data)} |" for name, data in found]
+    return out + ["", "The tables below still use the fitted constants; `--constants` gives a card's measured "
+                      "figures in `tandem plan --gpu`.", ""]
 
 
 def peers_section() -> list[str]:
@@ -452,8 +498,9 @@ def render() -> str:
     lines = ["# GPU predictions, on paper", "",
              "**These are predictions of Tandem's cost model (`parallel_backend/plan/`), not measurements.** No GPU "
              "ran for this page: every one-device time is counted FLOPs over a GPU's published throughput, with "
-             "global constants fitted to peers' published speed-ups (plan/fitted.py). Where a GPU is lent, one-device times measured there should replace the "
-             "counted ones (`tandem plan` on CUDA devices measures them).", "",
+             "global constants fitted to peers' published speed-ups (plan/fitted.py). Where a GPU is lent, "
+             "`tandem plan --calibrate` measures its figures (the section *Measured on a lent GPU* below says which "
+             "are), and `tandem plan` on CUDA devices measures a model's own call.", "",
              f"Generated by `{COMMAND}` (torch {torch.__version__.split('+')[0]}, diffusers {diffusers.__version__}); "
              "edit the generator, not this file.", "",
              "How a figure is made: time per call = the busiest device's compute + the exchange it cannot hide + the "
@@ -467,7 +514,9 @@ def render() -> str:
              "Not modelled (plan/model.py): asyncdiff's stride 2, work a sequence split repeats on every rank (Wan's "
              "cross-attention to the text), devices sharing one PCIe uplink, compute slowed by a concurrent "
              "transfer, torch.compile's faster kernels (only its smaller fixed cost is), the text encoders and VAE "
-             "split over devices.", ""]
+             "split over devices, fp8 matmuls (fp8 weights are counted as memory only). The text encoders and VAE "
+             "are one fitted cost per output pixel for every model: LTX-Video's VAE, 32x per side, costs far less "
+             "per pixel than that, so its end-to-end figures are low.", ""]
     lines += inputs_section()
     lines += ["## The models (counted on the meta device)", ""]
     for name in SCENARIOS:
