@@ -4,8 +4,7 @@ second. The commands (cli.py) run these first, then import what their work needs
 
 from __future__ import annotations
 
-from ..engine.config import MEMORY_PER_DEVICE
-from ..plan.fitted import WEIGHTS_DTYPE
+from ..engine.config import MEMORY_PER_DEVICE, WEIGHTS_DTYPE
 from ..models.request import GenerationRequest
 from ..runtime import validation
 

@@ -7,9 +7,9 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from ..engine.config import DEVICE_SPEEDS, DEVICES, MEMORY_KNOBS, MEMORY_PER_DEVICE, TIMEOUT, strategy_choices
+from ..engine.config import (DEVICE_SPEEDS, DEVICES, MEMORY_KNOBS, MEMORY_PER_DEVICE, TIMEOUT, WEIGHTS_DTYPE,
+                             strategy_choices)
 from ..models.request import SCHEDULERS
-from ..plan.fitted import WEIGHTS_DTYPE
 from ..runtime import validation
 from ..runtime.knobs import add_options
 from ..runtime.pool_settings import ALLOW_MISSING_MACHINES, INTERFACE, SECRET_FILE

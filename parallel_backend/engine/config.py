@@ -57,6 +57,14 @@ MEMORY_PER_DEVICE = Knob("memory_per_device", float, None, "max memory per devic
                          "plan may fill", unset=True, check=validation.positive,
                          unset_means="what a CUDA device has free, or a share of the machine's available memory for "
                                      "CPU workers", label="max memory per device (GiB)")
+# `tandem plan --gpu`'s weights on paper (plan/fitted.py job_inputs): 16-bit floats as the checkpoints ship (bf16;
+# fp16 for SDXL), or fp8 (e4m3fn) as ComfyUI's fp8 checkpoints store them, 1 byte a parameter (the norms and biases
+# such files keep in 16 bits, under 1 % of a DiT's parameters, are counted at 1 too). Compute is counted at bf16
+# either way: ComfyUI casts fp8 weights up to the compute dtype layer by layer (its fp8 matmuls are not modelled).
+WEIGHT_BYTES = {"bf16": 2, "fp8": 1}
+WEIGHTS_DTYPE = Knob("weights_dtype", str, "bf16", "with --gpu: the full-size model's weights in bf16 (2 bytes a "
+                     "parameter) or fp8 (1 byte, as ComfyUI's fp8 checkpoints; compute still counted at bf16)",
+                     choices=tuple(WEIGHT_BYTES))
 SETTINGS = (DEVICES, STRATEGY, CFG_DEGREE, BATCH_DEGREE, TIMEOUT, DEVICE_SPEEDS, WEIGHTS, MEMORY_PER_DEVICE,
             *POOL_SETTINGS)
 MEMORY_KNOBS = (WEIGHTS, MEMORY_PER_DEVICE)  # on forms after the package's strategies' knobs (form_knobs)

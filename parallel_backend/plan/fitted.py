@@ -21,18 +21,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..runtime.knobs import Knob
+from ..engine.config import WEIGHT_BYTES, WEIGHTS_DTYPE
 from .links import Link
 from .model import Inputs
-
-# Bytes a weight takes: 16-bit floats as the checkpoints ship (bf16; fp16 for SDXL), or fp8 (e4m3fn) as ComfyUI's
-# fp8 checkpoints store them, 1 byte a parameter (the norms and biases such files keep in 16 bits, under 1 % of a
-# DiT's parameters, are counted at 1 too). Compute is counted at bf16 either way: ComfyUI casts fp8 weights up to the
-# compute dtype layer by layer (fp8 matmuls, its "fp8_e4m3fn_fast", are not modelled).
-WEIGHT_BYTES = {"bf16": 2, "fp8": 1}
-WEIGHTS_DTYPE = Knob("weights_dtype", str, "bf16", "with --gpu: the full-size model's weights in bf16 (2 bytes a "
-                     "parameter) or fp8 (1 byte, as ComfyUI's fp8 checkpoints; compute still counted at bf16)",
-                     choices=tuple(WEIGHT_BYTES))
 
 
 @dataclass(frozen=True)
