@@ -8,7 +8,7 @@ on its workers; report.py prints them; calibrate.py (host) and timing.py
 (worker) take a real call's inputs on the pool for `auto`, which runs the choice; bench_check.py puts the prediction beside each `tandem bench` row.
 paper.py counts full-size models' inputs for named GPUs instead (FLOPs on the meta device, published
 throughput), from the models paper_models.py builds there, under the constants fitted.py holds (published.py fits
-them to peers' published GPU speed-ups, tests/data/published_gpu_figures.csv); paper_doc.py writes them to
-docs/gpu-predictions.md.
+them to peers' published GPU speed-ups, tests/data/published_gpu_figures.csv), or under a card's own figures that
+gpu_calibration.py measures (`tandem plan --calibrate`); paper_doc.py writes them to docs/gpu-predictions.md.
 Predictions are a model's, labelled as such: not measurements.
 """

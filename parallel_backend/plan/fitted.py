@@ -14,7 +14,10 @@ What it adds to FLOPs over a GPU's peak (each constant global, none per job):
 - `message_s` added to every message's latency (a launch and the host's work per exchange);
 - the text encoder and VAE of a run, once and not split: `serial_flops_per_pixel` x the output's pixels (x frames)
   at peak x peak_fraction (model.Inputs.serial_seconds: the end-to-end figures);
-- the links by name (plan/links.py), PCIe without peer-to-peer among them.
+- the links by name (plan/links.py), PCIe without peer-to-peer among them;
+- the weights' bytes in the dtype asked (engine/config.py WEIGHTS_DTYPE: bf16, or fp8 at 1 byte a parameter).
+A card's own figures, measured by `tandem plan --calibrate`, replace the fitted constants for it
+(plan/gpu_calibration.py constants_for).
 """
 
 from __future__ import annotations
