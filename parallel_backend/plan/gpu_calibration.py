@@ -75,15 +75,35 @@ def calibrate(devices: list[str], repeats: int = 5, budget_s: float = 2.0) -> di
 
 def _compute(model, resolution, repeats: int, budget_s: float) -> tuple[dict, list[dict]]:
     """(the tiny call's {flops, seconds}, [{ranks, flops, seconds}] for each of SHARDS), the runs taking turns in
-    rounds, each the fastest of its runs."""
-    from ..engine.oracle import local_forward, sample_call
-    from .measure import _shard_runs, timed_rounds
+    rounds, each the fastest of its runs; every run on the model's device, finished before its time is taken."""
+    from .. import strategies
+    from ..engine.mesh import Mesh
+    from ..engine.oracle import sample_call
+    from ..models import forward_for_family
+    from ..models.stages import synchronize
+    from .measure import timed_rounds
     from .paper import count_flops
 
-    tiny, whole = _tiny_call(sample_call(model, 1, TINY)), sample_call(model, 1, resolution)
-    runs = {"tiny": lambda: local_forward(model, tiny), 1: lambda: local_forward(model, whole)}
-    parts = _shard_runs(model, resolution, {("ulysses", (n,)) for n in SHARDS if n > 1})
-    runs.update({n: parts[(n, 1)] for n in SHARDS if n > 1})
+    device = next(model.module.parameters()).device
+    tiny = _tiny_call(sample_call(model, 1, TINY)).to(device)
+    whole = sample_call(model, 1, resolution).to(device)
+    forward = forward_for_family(model.family)
+
+    def finished(run):
+        def timed():
+            run()
+            synchronize(device)
+        return timed
+
+    def call(c):
+        def run():
+            with torch.inference_mode():
+                forward(model.module, c)
+        return finished(run)
+
+    ulysses = strategies.get("ulysses")
+    runs = {"tiny": call(tiny), 1: call(whole)}
+    runs.update({n: finished(ulysses.bench_part(model, whole, Mesh("ulysses", 1, 1, (n,), n))) for n in SHARDS[1:]})
     times = timed_rounds(runs, repeats, budget_s)
     with torch.inference_mode():
         flops = {key: count_flops(run)[0] for key, run in runs.items()}
