@@ -31,7 +31,8 @@ class Load:
     What is loaded is a module or a recipe.Recipe; `modules`: the host modules it names that a worker imports by
     file (host_modules.py). `cut`: (name, ...) where the model is held cut (a strategy's: tensor; "shard": sharded
 weights), or several such cuts made in order: the worker cuts it on the host's side of the device, so the device
-never holds the whole weights."""
+never holds the whole weights; `parts`: what the cut keeps of each weight, so that only those bytes of `path` are
+read (tensor_parts.py)."""
 
     fingerprint: str
     family: str
@@ -42,6 +43,7 @@ never holds the whole weights."""
     cached: str | None = None
     modules: dict = field(default_factory=dict)
     cut: Any = None  # a strategy's cut of the weights, made before they move to the device (WorkerState.cutters)
+    parts: dict | None = None  # with `path` and `cut`: {tensor name: tensor_parts part}, the parts read of them
 
 
 @dataclass(frozen=True)

@@ -5,8 +5,9 @@ digits model), or a recipe.Recipe (a host whose classes cannot be pickled by ref
 the workers build the module with the host's code and load its weights).
 
 A worker on the GPU that holds the host's copy maps that copy through CUDA IPC (no second copy on that
-device); every other worker of this machine maps one file the host writes once (in shared memory where the
-platform has it); a worker of another machine loads the entry its machine's weights cache holds under the
+device); every other worker of this machine reads the one safetensors file and skeleton the host writes once (in
+shared memory where the platform has it; cache_format.py), a worker whose Load cuts the model only the parts it
+keeps (tensor_parts.py); a worker of another machine loads the entry its machine's weights cache holds under the
 weights' content hash (weights_hash; remote_weights.py sends it there once, as a safetensors file of its tensors
 and a skeleton of the rest: cache_format.py).
 """
@@ -98,59 +99,64 @@ def cached_weights_hash(module, family: str, fingerprint: str) -> str:
     return _WEIGHTS_HASHES[fingerprint]
 
 
-def save(payload, target) -> None:
-    """torch.save of a payload (a module or its recipe) to a path or file, with host_modules' pickler: a recipe's
-    overrides may be closures, and the classes of a host's custom-node package are named by their file, since
-    ComfyUI names such a module by its path, which the import statement splits at every dot of its folders."""
-    import types
+def write(payload, stem: Path) -> tuple[Path, Path]:
+    """Writes a payload (a module or its recipe) as the workers of this machine read it: `STEM.safetensors`, its
+    tensors, and `STEM.skeleton`, the rest (cache_format.py, pickled with host_modules' pickler: a recipe's
+    overrides may be closures, a host's custom-node classes are named by their file). Returns (tensors file,
+    skeleton file). Raises CannotCarry for a payload that does not pickle; nothing half-written stays."""
+    from safetensors.torch import save_file
 
-    import torch
+    from .cache_format import split
 
-    from .host_modules import host_pickler
-
-    pickle_module = types.ModuleType("tandem_host_pickle")  # what torch.save reads of one: its Pickler
-    pickle_module.Pickler = host_pickler()
-    torch.save(payload, target, pickle_module=pickle_module)
+    files = (stem.with_name(stem.name + ".safetensors"), stem.with_name(stem.name + ".skeleton"))
+    try:
+        skeleton, tensors = split(payload)
+        save_file(tensors, str(files[0]))
+        files[1].write_bytes(skeleton)
+    except BaseException as exc:
+        for path in files:
+            path.unlink(missing_ok=True)  # nothing half-written stays in the pool's folder
+        if isinstance(exc, Exception):  # e.g. an object in the model that does not pickle
+            raise CannotCarry(f"the model cannot be written for the workers ({type(exc).__name__}: {exc})") from exc
+        raise
+    return files
 
 
 def load_requests(payload, family: str, fingerprint: str, workers, folder: Path, keep: tuple[str, ...] = (),
-                  nbytes: int = 0, cached: str | None = None, modules: dict | None = None, cuts: dict | None = None
-                  ) -> tuple[dict, Path | None, int]:
-    """The Load message of every worker (objects with .rank and .device), the file written for the workers
-    that copy (None if none does; the caller removes it once they have loaded) and the bytes it holds.
+                  nbytes: int = 0, cached: str | None = None, modules: dict | None = None, cuts: dict | None = None,
+                  reads=None) -> tuple[dict, tuple[Path, ...], int]:
+    """The Load message of every worker (objects with .rank and .device), the files written for the workers
+    that copy (none if none does; the caller removes them once they have loaded) and the bytes they hold.
     payload: the module, or its recipe; keep: the models the workers keep beside this one; nbytes: its size
     (see messages.Load); cached: the weights_hash under which the workers of other machines find the model in
     their machine's cache (already sent there: remote_weights.send_to_machines); modules: the host modules
     the workers import by file (host_modules.py); cuts: rank -> the cut its worker makes before the weights reach
-    its device (messages.Load.cut). A file that fails to be written is removed."""
+    its device (messages.Load.cut); reads: cut -> what a worker keeps of each weight under it (engine/weights.py
+    `reads`), asked for the workers of this machine that copy a module: each reads only those parts of the file.
+    A recipe's workers read it whole (the host's code builds its module, which takes whole weights only)."""
     host_gpu = _only_cuda_device(payload)
     sharing = {w.rank for w in workers if w.device == host_gpu}
     remote = {w.rank for w in workers if "/" in w.device}  # another machine's: it loads from that machine's cache
     copying = {w.rank for w in workers} - sharing - remote
     if remote and cached is None:
         raise ValueError("workers of other machines load from their machine's weights cache: pass `cached`")
-    path, shipped, modules = None, 0, modules or {}
+    files, shipped, modules = (), 0, modules or {}
     common = dict(keep=keep, bytes=nbytes, modules=modules)
     cuts = cuts or {}
     requests = {rank: Load(fingerprint, family, cached=cached, cut=cuts.get(rank), **common) for rank in remote}
     if copying:
-        path = folder / f"model-{fingerprint[:16]}.pt"
-        try:
-            save(payload, path)
-        except BaseException as exc:
-            path.unlink(missing_ok=True)  # nothing half-written stays in the pool's folder
-            if isinstance(exc, Exception):  # e.g. an object in the model that does not pickle
-                raise CannotCarry(f"the model cannot be written for the workers ({type(exc).__name__}: "
-                                  f"{exc})") from exc
-            raise
+        files = write(payload, folder / f"model-{fingerprint[:16]}")
         shipped += model_bytes(payload)
-    requests.update({rank: Load(fingerprint, family, path=str(path), cut=cuts.get(rank), **common)
-                     for rank in copying})
+    partial = reads is not None and not isinstance(payload, Recipe)
+    for rank in sorted(copying):
+        cut = cuts.get(rank)
+        parts = reads(cut) if partial and cut is not None else None
+        requests[rank] = Load(fingerprint, family, path=str(files[0]), cut=cut, parts=parts, **common)
     if sharing:
         shared = _share_cuda(payload)
         requests.update({rank: Load(fingerprint, family, shared=shared, cut=cuts.get(rank), **common)
                          for rank in sharing})
-    return requests, path, shipped
+    return requests, files, shipped
 
 
 def _only_cuda_device(payload) -> str | None:
