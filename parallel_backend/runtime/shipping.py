@@ -132,8 +132,8 @@ def load_requests(payload, family: str, fingerprint: str, workers, folder: Path,
     their machine's cache (already sent there: remote_weights.send_to_machines); modules: the host modules
     the workers import by file (host_modules.py); cuts: rank -> the cut its worker makes before the weights reach
     its device (messages.Load.cut); reads: cut -> what a worker keeps of each weight under it (engine/weights.py
-    `reads`), asked for the workers of this machine that copy a module: each reads only those parts of the file.
-    A recipe's workers read it whole (the host's code builds its module, which takes whole weights only)."""
+    `reads`, of the host's module), asked for the workers of this machine that copy: each reads only those parts
+    of the file (a recipe's too: its build takes them in place, recipe.Recipe.make)."""
     host_gpu = _only_cuda_device(payload)
     sharing = {w.rank for w in workers if w.device == host_gpu}
     remote = {w.rank for w in workers if "/" in w.device}  # another machine's: it loads from that machine's cache
@@ -147,16 +147,42 @@ def load_requests(payload, family: str, fingerprint: str, workers, folder: Path,
     if copying:
         files = write(payload, folder / f"model-{fingerprint[:16]}")
         shipped += model_bytes(payload)
-    partial = reads is not None and not isinstance(payload, Recipe)
     for rank in sorted(copying):
         cut = cuts.get(rank)
-        parts = reads(cut) if partial and cut is not None else None
+        parts = _parts(payload, reads(cut)) if reads is not None and cut is not None else None
         requests[rank] = Load(fingerprint, family, path=str(files[0]), cut=cut, parts=parts, **common)
     if sharing:
         shared = _share_cuda(payload)
         requests.update({rank: Load(fingerprint, family, shared=shared, cut=cuts.get(rank), **common)
                          for rank in sharing})
     return requests, files, shipped
+
+
+def _parts(payload, parts: dict | None) -> dict | None:
+    """`parts` where each names a plain tensor of the payload's file of that whole shape (a recipe's weights are
+    its state dict, which may hold a quantized weight's data or an untied copy where the module holds one
+    tensor); else None: the worker reads the whole model and cuts it."""
+    from .cache_format import plain
+
+    if not parts:
+        return parts
+    tensors = dict(_tensors(payload))
+    held: dict = {}  # a storage two names hold (an untied copy in a state dict): read whole
+    for tensor in tensors.values():
+        held[_storage_key(tensor)] = held.get(_storage_key(tensor), 0) + 1
+    for name, part in parts.items():
+        tensor = tensors.get(name)
+        if tensor is None or not plain(tensor) or tuple(tensor.shape) != tuple(part.shape) \
+                or (_storage_key(tensor) is not None and held[_storage_key(tensor)] > 1):
+            return None
+    return parts
+
+
+def _storage_key(tensor):
+    """Where a tensor's data starts (None: no data, or not a tensor)."""
+    if not hasattr(tensor, "untyped_storage") or tensor.device.type == "meta" or not tensor.numel():
+        return None
+    return str(tensor.device), tensor.untyped_storage().data_ptr(), tensor.storage_offset()
 
 
 def _only_cuda_device(payload) -> str | None:

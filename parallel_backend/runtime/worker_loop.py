@@ -250,7 +250,9 @@ def _materialize(payload, device, cut=None):
         return module.to(device).eval().requires_grad_(False)
     module = payload.make(device if cut is None else "cpu")
     if cut is not None:
-        module = cut(module).to(device)
+        module = cut(module)
+        check_bound(module)
+        module = module.to(device)
     if payload.compile is not None:
         import torch
 
