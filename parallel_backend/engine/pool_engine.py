@@ -211,7 +211,8 @@ class Engine:
                     return self._measure_and_choose(planner, family, call, fingerprint, hint, key)
             self._say_once(mesh)
             strategy = strategies.get(mesh.strategy)
-            if cut is None:  # a strategy's cut splits evenly: the slowest device sets its pace
+            # a tensor cut splits evenly: the slowest device sets its pace; stages are sized by the devices' speeds
+            if cut is None or strategy.stage_weights:
                 mesh = sized_mesh(self, mesh, config, fingerprint, call, planner)
             work = strategy.plan(self, call, mesh, config, fingerprint)
             computed = self.request(work, _label(call), collective=strategy.collective,

@@ -87,9 +87,11 @@ def tensor_bytes(t: torch.Tensor) -> int:
     return plain.numel() * plain.element_size()
 
 
-def weights_bytes(module: torch.nn.Module) -> int:
-    """The bytes of weights and buffers a module holds (a quantized layer's stored bytes)."""
-    return sum(tensor_bytes(t) for t in (*module.parameters(), *module.buffers()))
+def weights_bytes(module: torch.nn.Module, device=None) -> int:
+    """The bytes of weights and buffers a module holds (a quantized layer's stored bytes); with `device`, only
+    of those on that device (a torch.device)."""
+    return sum(tensor_bytes(t) for t in (*module.parameters(), *module.buffers())
+               if device is None or t.device == device)
 
 
 def layout(module: torch.nn.Module) -> tuple:

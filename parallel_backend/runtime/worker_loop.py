@@ -81,6 +81,8 @@ class WorkerState:
             what = f"the path {message.path!r}" if message.path is not None else "the host's own GPU memory"
             raise RuntimeError(f"a worker of `tandem worker serve` loads a model only from its machine's weights "
                                f"cache, by hash, not from {what}")
+        if message.parts is not None and message.cut is None:
+            raise RuntimeError("a Load that reads weights in part must name the cut that takes them")
         started, read = time.perf_counter(), 0
         for fingerprint in [f for f in self.models if f not in message.keep]:
             self._drop(fingerprint)
@@ -108,7 +110,7 @@ class WorkerState:
             module = _materialize(payload, self.device, self._cutter(message))
         self.models[message.fingerprint] = (module, message.family)
         return {"seconds": time.perf_counter() - started, "held": list(self.models),
-                "weights_bytes": weights_bytes(module), "bytes_read": read}
+                "weights_bytes": weights_bytes(module, self.device), "bytes_read": read}
 
     def _cutter(self, message: Load):
         """module -> module cut as the Load asks (None: kept whole): one cut (name, ...) or several in order
@@ -212,6 +214,11 @@ class WorkerState:
         return replace(request, call=replace(call, extras=self.carried.resolve(call.extras)))
 
 
+# A module's flag, set by a cutter (asyncdiff's stage cut): it stays in host memory as it loads; its strategy
+# moves to the device what it runs (strategies/asyncdiff/runner.py).
+ON_HOST = "_tandem_on_host"
+
+
 def _sharded(module):
     """The state a sharded model's worker keeps on the module (models/weight_shards.py `_tandem_sharded`), or
     None."""
@@ -226,8 +233,6 @@ def _read_payload(message: Load) -> tuple[object, int]:
     from .cache_format import join_tensors
     from .tensor_parts import read
 
-    if message.parts is not None and message.cut is None:
-        raise RuntimeError("a Load that reads weights in part must name the cut that takes them")
     tensors_file = Path(message.path)
     skeleton = tensors_file.with_suffix(".skeleton").read_bytes()
     tensors, nbytes = read(tensors_file, message.parts or {})
@@ -247,17 +252,22 @@ def _materialize(payload, device, cut=None):
     if not isinstance(payload, Recipe):
         module = payload if cut is None else cut(payload.eval().requires_grad_(False))
         check_bound(module)  # a weight read in part that no cut took: refused, never computed on
-        return module.to(device).eval().requires_grad_(False)
+        return _to_device(module, device).eval().requires_grad_(False)
     module = payload.make(device if cut is None else "cpu")
     if cut is not None:
         module = cut(module)
         check_bound(module)
-        module = module.to(device)
+        module = _to_device(module, device)
     if payload.compile is not None:
         import torch
 
         module.__dict__["_tandem_compiled"] = torch.compile(module, **payload.compile)  # not a submodule
     return module
+
+
+def _to_device(module, device):
+    """`module` on `device`, unless its cut keeps it in host memory (ON_HOST)."""
+    return module if module.__dict__.get(ON_HOST) else module.to(device)
 
 
 def run_setup(state: WorkerState, message: RunSetup) -> dict:
