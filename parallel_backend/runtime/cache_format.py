@@ -96,17 +96,14 @@ def tensors_image(tensors: dict) -> bytes:
     return save(tensors)
 
 
-def join(skeleton: bytes, tensors_file) -> object:
-    """The payload of `skeleton` (bytes) with its tensors from the safetensors file `tensors_file` (mapped). Raises
+def join(skeleton: bytes, tensors_file, parts: dict | None = None) -> object:
+    """The payload of `skeleton` (bytes) with its tensors from the safetensors file `tensors_file` (mapped); parts:
+    of a cut's file, {name: tensor_parts part} its tensors hold (they carry it: tensor_parts.mark). Raises
     ValueError for a tensors file safetensors cannot read or that lacks a tensor the skeleton names."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from .tensor_parts import mark, read
 
-    try:
-        tensors = load_file(str(tensors_file))
-    except (SafetensorError, OSError) as exc:
-        raise ValueError(f"not a readable safetensors file ({exc})") from None
-    return join_tensors(skeleton, tensors)
+    tensors, _ = read(tensors_file, {})
+    return join_tensors(skeleton, mark(tensors, parts) if parts else tensors)
 
 
 def join_tensors(skeleton: bytes, tensors: dict) -> object:

@@ -61,13 +61,16 @@ class StoreWeights:
     hashes to that value (of model family `family`): `skeleton`, everything but its tensors (bytes, pickled), and
     `blob`, its tensors' safetensors file (a uint8 tensor, raw bytes on the channel; cache_format.py). Sent to one
     worker per machine that lacks it; every worker of that machine then loads the cached entry. `modules`: the
-    host modules the skeleton names (host_modules.py), registered before it is read."""
+    host modules the skeleton names (host_modules.py), registered before it is read. With `parts`, a cut of the
+    model (only what that machine's workers keep), named by tensor_parts.cut_hash."""
 
     weights_hash: str
     family: str
     skeleton: bytes = b""
     blob: Any = None
     modules: dict = field(default_factory=dict)
+    parts: dict | None = None  # a cut of the model: {name: tensor_parts part} its tensors hold
+    whole_hash: str | None = None  # with parts: the whole model's weights_hash (tensor_parts.cut_hash)
 
 
 @dataclass(frozen=True)

@@ -43,7 +43,7 @@ from .launcher import forks, launcher_for
 from .devices import PoolUnavailable, parse_devices, remote_machines, resolve_devices, split_device
 from .pool_settings import ALLOW_MISSING_MACHINES, HANG_FACTOR, HANG_FLOOR_S, MAX_MODELS
 from .worker_handle import WorkerError, WorkerHandle
-from .shipping import load_requests, model_bytes, model_fingerprint
+from .shipping import load_requests, model_bytes, model_fingerprint, worker_parts
 from .transport import Channel, ChannelClosed, Listener, ready
 from .worker_watch import heartbeat_path
 from .words import counted
@@ -523,8 +523,8 @@ class WorkerPool:
         a function that gives the model's recipe.Recipe, called only when the model ships (the workers then
         build it from that, not from the pickled module). cuts: rank -> the cut its worker makes before the
         weights reach its device (a strategy's weights_layout; the fingerprint must name the cut); reads: cut ->
-        what its worker keeps of each weight (shipping.load_requests), so a worker of this machine reads only
-        that. Returns the fingerprint."""
+        what its worker keeps of each weight (shipping.worker_parts), so a worker of this machine reads only
+        that and another machine's cache is sent only what its workers keep. Returns the fingerprint."""
         fingerprint = fingerprint or model_fingerprint(module, family)
         with self._lock:  # check and load as one step: another thread may release or load meanwhile
             self.stats.model_checks += 1
@@ -537,11 +537,12 @@ class WorkerPool:
             nbytes, modules = model_bytes(payload), host_modules()
             keep = self._models_to_keep(nbytes)
             remote = [w for w in self._workers if "/" in w.device]
+            parts = worker_parts(payload, self._workers, cuts, reads)
             cached, sent = send_to_machines(self.request, remote, payload, family, fingerprint, self.clock.first_s,
-                                            modules) if remote else (None, {})
+                                            modules, parts) if remote else ({}, {})
             requests, files, shipped = load_requests(payload, family, fingerprint, self._workers, self._dir,
                                                      keep=keep, nbytes=nbytes, cached=cached, modules=modules,
-                                                     cuts=cuts, reads=reads)
+                                                     cuts=cuts, parts=parts)
             try:
                 replies = self.request(requests, "loading the model",
                                        deadline=load_bound(nbytes, self.clock.first_s))

@@ -9,7 +9,7 @@ device); every other worker of this machine reads the one safetensors file and s
 shared memory where the platform has it; cache_format.py), a worker whose Load cuts the model only the parts it
 keeps (tensor_parts.py); a worker of another machine loads the entry its machine's weights cache holds under the
 weights' content hash (weights_hash; remote_weights.py sends it there once, as a safetensors file of its tensors
-and a skeleton of the rest: cache_format.py).
+and a skeleton of the rest: cache_format.py), or, for workers that keep a cut of it, the entry of only that cut.
 """
 
 from __future__ import annotations
@@ -122,35 +122,52 @@ def write(payload, stem: Path) -> tuple[Path, Path]:
     return files
 
 
+def worker_parts(payload, workers, cuts: dict | None, reads) -> dict[int, dict]:
+    """{rank: {tensor name: tensor_parts part}} for the workers (objects with .rank and .device) whose cut
+    (cuts: rank -> messages.Load.cut) says what they keep of each weight (reads: cut -> engine/weights.py
+    `reads` of the host's module): what each reads of the host's file, or what its machine's cache is sent. A
+    worker that maps the host's CUDA memory takes the whole model (nothing is read)."""
+    if reads is None or not cuts:
+        return {}
+    host_gpu = _only_cuda_device(payload)
+    found = {}
+    for worker in workers:
+        cut = cuts.get(worker.rank)
+        if cut is not None and worker.device != host_gpu:
+            parts = _parts(payload, reads(cut))
+            if parts:
+                found[worker.rank] = parts
+    return found
+
+
 def load_requests(payload, family: str, fingerprint: str, workers, folder: Path, keep: tuple[str, ...] = (),
-                  nbytes: int = 0, cached: str | None = None, modules: dict | None = None, cuts: dict | None = None,
-                  reads=None) -> tuple[dict, tuple[Path, ...], int]:
+                  nbytes: int = 0, cached: dict | None = None, modules: dict | None = None, cuts: dict | None = None,
+                  parts: dict | None = None) -> tuple[dict, tuple[Path, ...], int]:
     """The Load message of every worker (objects with .rank and .device), the files written for the workers
     that copy (none if none does; the caller removes them once they have loaded) and the bytes they hold.
     payload: the module, or its recipe; keep: the models the workers keep beside this one; nbytes: its size
-    (see messages.Load); cached: the weights_hash under which the workers of other machines find the model in
-    their machine's cache (already sent there: remote_weights.send_to_machines); modules: the host modules
+    (see messages.Load); cached: rank -> the entry under which each worker of another machine finds what it loads
+    in its machine's cache (already sent there: remote_weights.send_to_machines); modules: the host modules
     the workers import by file (host_modules.py); cuts: rank -> the cut its worker makes before the weights reach
-    its device (messages.Load.cut); reads: cut -> what a worker keeps of each weight under it (engine/weights.py
-    `reads`, of the host's module), asked for the workers of this machine that copy: each reads only those parts
-    of the file (a recipe's too: its build takes them in place, recipe.Recipe.make)."""
+    its device (messages.Load.cut); parts: rank -> what its cut keeps of each weight (worker_parts): a worker of
+    this machine reads only those parts of the file (a recipe's too: its build takes them in place,
+    recipe.Recipe.make), another machine's loads a cache entry that holds only them."""
     host_gpu = _only_cuda_device(payload)
     sharing = {w.rank for w in workers if w.device == host_gpu}
     remote = {w.rank for w in workers if "/" in w.device}  # another machine's: it loads from that machine's cache
     copying = {w.rank for w in workers} - sharing - remote
-    if remote and cached is None:
+    cached, cuts, parts = cached or {}, cuts or {}, parts or {}
+    if remote - set(cached):
         raise ValueError("workers of other machines load from their machine's weights cache: pass `cached`")
     files, shipped, modules = (), 0, modules or {}
     common = dict(keep=keep, bytes=nbytes, modules=modules)
-    cuts = cuts or {}
-    requests = {rank: Load(fingerprint, family, cached=cached, cut=cuts.get(rank), **common) for rank in remote}
+    requests = {rank: Load(fingerprint, family, cached=cached[rank], cut=cuts.get(rank), parts=parts.get(rank),
+                           **common) for rank in remote}
     if copying:
         files = write(payload, folder / f"model-{fingerprint[:16]}")
         shipped += model_bytes(payload)
-    for rank in sorted(copying):
-        cut = cuts.get(rank)
-        parts = _parts(payload, reads(cut)) if reads is not None and cut is not None else None
-        requests[rank] = Load(fingerprint, family, path=str(files[0]), cut=cut, parts=parts, **common)
+    requests.update({rank: Load(fingerprint, family, path=str(files[0]), cut=cuts.get(rank), parts=parts.get(rank),
+                                **common) for rank in copying})
     if sharing:
         shared = _share_cuda(payload)
         requests.update({rank: Load(fingerprint, family, shared=shared, cut=cuts.get(rank), **common)

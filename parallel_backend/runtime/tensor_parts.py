@@ -124,3 +124,52 @@ def check_bound(module) -> None:
         if getattr(tensor, PART, None) is not None:
             raise RuntimeError(f"{name} was read in part ({getattr(tensor, PART)}) but no cut of this worker took "
                                "it: the host's plan of what each rank reads and the worker's cut disagree")
+
+
+def take(tensor, part):
+    """The part of an in-memory tensor (`tensor` whole), as a contiguous tensor of its own: what `read` gives of
+    it from a file (the host's side of a cut sent to another machine)."""
+    import torch
+
+    data = tensor.detach().to("cpu")
+    if isinstance(part, Span):
+        return data.reshape(-1)[part.start:part.stop].clone()
+    pieces = [data.narrow(part.dim, start, stop - start) for start, stop in part.ranges]
+    return torch.cat(pieces, dim=part.dim).contiguous() if len(pieces) > 1 else pieces[0].contiguous().clone()
+
+
+def mark(tensors: dict, parts: dict) -> dict:
+    """`tensors` ({name: tensor}, a cut's entry as a file holds it: each part a tensor of its own) with each part
+    carrying its Part (PART). Raises ValueError for a part whose tensor is missing or of another size."""
+    for name, part in parts.items():
+        tensor = tensors.get(name)
+        if tensor is None or tensor.numel() != part.numel() or tensor.shape != _kept_shape(part):
+            raise ValueError(f"the tensors file holds {name!r} as {None if tensor is None else tuple(tensor.shape)}, "
+                             f"not as its cut's part {part}")
+        setattr(tensor, PART, part)
+    return tensors
+
+
+def _kept_shape(part) -> tuple:
+    if isinstance(part, Span):
+        return (part.numel(),)
+    kept = sum(stop - start for start, stop in part.ranges)
+    return tuple(kept if d == part.dim else size for d, size in enumerate(part.shape))
+
+
+def cut_hash(weights_hash: str, family: str, tensors: dict, parts: dict) -> str:
+    """sha256 naming a cut of a model in another machine's weights cache: the whole model's weights_hash, its
+    family, each part, and every tensor's name, dtype, shape and bytes as the cut's entry holds them (`tensors`:
+    each part a tensor of its own). Computed alike by the host, from what it sends, and by the machine, from
+    what it received."""
+    import hashlib
+
+    import torch
+
+    digest = hashlib.sha256(f"cut|{weights_hash}|{family}".encode())
+    for name in sorted(tensors):
+        tensor = tensors[name]
+        digest.update(repr((name, str(tensor.dtype), tuple(tensor.shape), parts.get(name))).encode())
+        flat = tensor.detach().as_subclass(torch.Tensor).contiguous().reshape(-1)
+        digest.update(flat.view(torch.uint8).numpy() if flat.numel() else b"")
+    return digest.hexdigest()

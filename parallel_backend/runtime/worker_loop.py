@@ -102,7 +102,9 @@ class WorkerState:
             module._tandem_shared_with_host = True  # never moved off the device (that would copy it)
         elif message.cached is not None:
             # Another machine's worker: its cache's entry, the tensors mapped from safetensors (shared pages).
-            module = _materialize(cached_payload(self, message.cached), self.device, self._cutter(message))
+            # A cut's entry (message.parts) holds only what this worker keeps.
+            module = _materialize(cached_payload(self, message.cached, message.parts), self.device,
+                                  self._cutter(message))
         else:
             # The host's file of this machine: the tensors mapped (CPU workers share its page-cache copy), only
             # the parts the cut keeps where the Load names them (tensor_parts.py).
