@@ -32,7 +32,7 @@ class Load:
     file (host_modules.py). `cut`: (name, ...) where the model is held cut (a strategy's: tensor; "shard": sharded
 weights), or several such cuts made in order: the worker cuts it on the host's side of the device, so the device
 never holds the whole weights; `parts`: what the cut keeps of each weight, so that only those bytes of `path` are
-read (tensor_parts.py)."""
+read (tensor_parts.py), or, with `cached`, the parts its machine's cache entry of the cut holds."""
 
     fingerprint: str
     family: str
@@ -43,7 +43,7 @@ read (tensor_parts.py)."""
     cached: str | None = None
     modules: dict = field(default_factory=dict)
     cut: Any = None  # a strategy's cut of the weights, made before they move to the device (WorkerState.cutters)
-    parts: dict | None = None  # with `path` and `cut`: {tensor name: tensor_parts part}, the parts read of them
+    parts: dict | None = None  # with `cut`: {tensor name: tensor_parts part}, the parts read (or cached) of them
 
 
 @dataclass(frozen=True)

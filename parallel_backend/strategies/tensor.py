@@ -7,8 +7,8 @@ Each worker cuts the model as it loads it, on the CPU (a mapped file's pages; a 
 weights move to its device, so a GPU never holds the whole weights. The engine holds each cut under a
 fingerprint of its own (`weights_layout`), so a whole-model strategy never meets it, and the workers keep both as
 two models (max_models). A worker of this machine reads only its share of the cut weights from the one file the
-host writes (`reads_on_load`, engine/weights.py `reads`); workers of other machines still load the whole model
-from their weights cache. Composes with cfg and batch as the outer
+host writes (`reads_on_load`, engine/weights.py `reads`); a worker of another machine loads its machine's
+cache entry of its cut alone (remote_weights.send_to_machines). Composes with cfg and batch as the outer
 axes (cfg 2 x tensor 2 on 4 devices).
 """
 
