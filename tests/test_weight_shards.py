@@ -330,3 +330,23 @@ def test_a_weight_read_in_part_that_no_cut_takes_is_refused(tmp_path):
 
     with pytest.raises(RuntimeError, match="disagree"):
         shard_in_place(other, 2, 0, Alone())  # read for a group of three, cut for a group of two
+
+
+def test_a_tied_weight_is_read_whole_where_the_file_holds_it_under_two_names():
+    """The host plans parts only where each names one plain tensor of the payload of that shape: a state dict
+    holds a tied weight under two names (a recipe loads two copies), which a shard cut of the module (one
+    tensor) would not match, so such a worker reads the whole file and cuts it; without the tie, parts."""
+    from parallel_backend.engine.weights import reads
+    from parallel_backend.runtime.recipe import Recipe, layout
+    from parallel_backend.runtime.shipping import _parts
+
+    torch.manual_seed(0)
+    tied = torch.nn.Sequential(torch.nn.ModuleList([torch.nn.Linear(300, 300), torch.nn.Linear(300, 300)]))
+    tied[0][1].weight = tied[0][0].weight
+    parts = reads(tied, "test", ("shard", (0, 1), 0, None))
+    assert parts and "0.1.weight" not in parts  # the second name of the tied weight is not planned
+    recipe = Recipe(lambda: None, tied.state_dict(), layout(tied), "tied")
+    assert _parts(recipe, parts) is None
+    untied = torch.nn.Sequential(torch.nn.ModuleList([torch.nn.Linear(300, 300), torch.nn.Linear(300, 300)]))
+    assert _parts(Recipe(lambda: None, untied.state_dict(), layout(untied), "untied"),
+                  reads(untied, "test", ("shard", (0, 1), 0, None)))

@@ -176,9 +176,10 @@ def load_requests(payload, family: str, fingerprint: str, workers, folder: Path,
 
 
 def _parts(payload, parts: dict | None) -> dict | None:
-    """`parts` where each names a plain tensor of the payload's file of that whole shape (a recipe's weights are
-    its state dict, which may hold a quantized weight's data or an untied copy where the module holds one
-    tensor); else None: the worker reads the whole model and cuts it."""
+    """`parts` where each names a plain tensor of the payload's file of that whole shape, held under that name
+    alone (a recipe's weights are its state dict, which may hold a quantized weight's data; a state dict holds a
+    tied weight under each of its names, and a recipe loads them as copies); else None: the worker reads the
+    whole model and cuts it (tied weights: modules and recipes alike)."""
     from .cache_format import plain
 
     if not parts:
