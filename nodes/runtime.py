@@ -39,6 +39,12 @@ def _still_loaded(watched: tuple) -> bool:
     return model is not None and f"{id(model)}:{model.current_weight_patches_uuid}" == watched[1]
 
 
+def _copies(fingerprint: str, held) -> list[str]:
+    """The copies the workers hold of the host model `fingerprint`: the whole one, and each cut of it (a
+    strategy's or sharded weights': the engine holds those as `fingerprint~LAYOUT`, Engine._fingerprint_as)."""
+    return [f for f in held if f == fingerprint or f.startswith(f"{fingerprint}~")]
+
+
 class Runtime:
     def __init__(self):
         self.lock = threading.RLock()
@@ -149,8 +155,8 @@ class Runtime:
         changes) or the model is gone. Called before the call, under the lock, so the watcher never releases a copy
         that is about to be used anew. No request to the pool: it reads which copies the pool holds."""
         with self.lock:
-            held = set(pool.loaded_fingerprints)  # the pool may have dropped older copies to make room
-            self._watched = {f: w for f, w in self._watched.items() if f in held}
+            held = pool.loaded_fingerprints  # the pool may have dropped older copies to make room
+            self._watched = {f: w for f, w in self._watched.items() if _copies(f, held)}
             self._watched[fingerprint] = (base_model_ref, weights)
             if self._watcher is None:
                 self._watcher = threading.Thread(target=self._watch_loop, name="tandem-release-watch", daemon=True)
@@ -170,10 +176,12 @@ class Runtime:
             if self._watched.get(fingerprint) is not watched:
                 return  # loaded anew meanwhile: its copy stays
             del self._watched[fingerprint]
-            if self.pool is None or fingerprint not in self.pool.loaded_fingerprints:
+            copies = _copies(fingerprint, self.pool.loaded_fingerprints) if self.pool is not None else []
+            if not copies:
                 return  # never loaded (the workers refused it), or dropped already
             try:
-                self.pool.release_models(fingerprint)
+                for copy in copies:
+                    self.pool.release_models(copy)
                 log.info("Tandem: ComfyUI unloaded a model; the workers released their copies of it")
             except Exception as exc:  # the pool restarts on the next job anyway
                 log.warning("Tandem: could not release the workers' model copies: %s", exc)

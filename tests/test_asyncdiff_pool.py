@@ -66,7 +66,58 @@ def test_a_whole_forward_after_the_stages_puts_the_model_back(cpu_pool, models):
     whole = ParallelExecutor(cpu_pool, ParallelConfig("cpu:2", "cfg"))
     torch.testing.assert_close(run_loop(model, job, resolution, steps=2, repeats=0, executor=whole).latents,
                                reference, atol=ATOL, rtol=ATOL)
-    assert set(cpu_pool.weights_bytes[stage_plan(staged)["fingerprint"]].values()) == {weights_bytes(model.module)}
+    # the stage cut is held apart from the whole model (a fingerprint of its own): each keeps its placement
+    assert set(cpu_pool.weights_bytes[cpu_pool.loaded_fingerprint].values()) == {weights_bytes(model.module)}
+    staged_held = cpu_pool.weights_bytes[stage_plan(staged)["fingerprint"]]
+    assert stage_plan(staged)["fingerprint"] != cpu_pool.loaded_fingerprint
+    assert max(staged_held.values()) < weights_bytes(model.module)
+    again = run_loop(model, job_for("asyncdiff"), resolution, steps=2, repeats=0, executor=staged).latents
+    torch.testing.assert_close(again, run_loop(model, job_for("asyncdiff"), resolution, steps=2, repeats=0).latents,
+                               atol=ATOL, rtol=ATOL)
+
+
+def test_a_stage_cut_loads_in_host_memory_and_a_device_never_holds_more_than_a_layer_or_its_stage(models):
+    """asyncdiff's cut on load (runtime/worker_loop.py ON_HOST): the worker's model stays in host memory; the
+    profile brings one layer at a time (and the shared modules) to the device, then puts the very same host
+    tensors back; the stage setup moves only its own layers, the others parked without a copy. The meta device
+    stands in for a GPU: what is on it is what a GPU would hold."""
+    import copy
+
+    from parallel_backend.engine.oracle import sample_call
+    from parallel_backend.models.stages import modules_of
+    from parallel_backend.runtime.worker_loop import ON_HOST, _materialize
+    from parallel_backend.strategies.asyncdiff import STRATEGY, balance
+    from parallel_backend.strategies.asyncdiff.messages import PlaceStages, ProfileLayers, StagePlan
+    from parallel_backend.strategies.asyncdiff.runner import StageRunner
+
+    model = models["sd15-narrow"]
+    meta = torch.device("meta")
+    module = _materialize(copy.deepcopy(model.module), meta,
+                          lambda m: STRATEGY.cut_on_load(None, m, model.family, ("asyncdiff", (0,), 0)))
+    assert module.__dict__[ON_HOST] and all(t.device.type == "cpu" for t in module.parameters())
+    originals = {name: t for name, t in module.named_parameters()}
+    runner = StageRunner(module, model.family, meta)
+    assert runner.held_bytes() == 0
+    shared = sum(weights_bytes(m) for m in runner.adapter.shared_modules(module))
+    seen = []
+    for layer in runner.layers:
+        for m in layer.modules:
+            if m is not None:
+                m.register_forward_pre_hook(lambda *_: seen.append(runner.held_bytes()))
+    largest = max(sum(weights_bytes(m) for m in layer.modules if m is not None) for layer in runner.layers)
+    measured = runner.profile(ProfileLayers("fp", sample_call(model, 1, (model.default_resolution,) * 2)))
+    assert seen and max(seen) <= largest + shared < weights_bytes(module) / 2, (max(seen), largest, shared)
+    assert all(originals[name] is t for name, t in module.named_parameters())  # nothing copied back
+    cuts = tuple(balance(measured["layer_seconds"], 2, None))
+    plan = StagePlan(0, 2, cuts, None, 1, 1, 1, False, tuple(tuple(c) for c in measured["crossing"]))
+    runner.setup(PlaceStages("fp", plan))
+    mine = {id(t) for m in modules_of(runner.mine) for t in m.parameters()}
+    assert runner.parked and all(t.device.type == "cpu" for t in runner.parked.values())
+    # the other stage's weights never left host memory: parked as the very tensors loaded
+    assert {id(t) for t in runner.parked.values()} <= {id(t) for t in originals.values()}
+    assert weights_bytes(module, meta) - sum(t.numel() * t.element_size() for t in runner.parked.values()) \
+        <= sum(weights_bytes(m) for m in modules_of(runner.mine)) + shared
+    assert mine and all(t.device == meta for m in modules_of(runner.mine) for t in m.parameters())
 
 
 @pytest.mark.parametrize("scheduler", ["euler", "dpmpp_2m", "heun"])

@@ -6,6 +6,7 @@ pool over gloo."""
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -234,3 +235,118 @@ def test_a_parameter_read_in_place_is_a_view_unless_it_spans_two_pieces():
     assert torch.equal(inside, whole[5:8]) and inside.data_ptr() == pieces[1][1:].data_ptr()  # no copy
     assert torch.equal(_span(pieces, 2, 9), whole[2:11])  # across three pieces: joined
     assert _span(pieces, 4, 0).numel() == 0
+
+
+def _read_as_worker(path, whole, family, cut):
+    """What a worker of this machine loads of the host's file under `cut`: only the parts the host's plan names
+    (engine/weights.py `reads`), the skeleton joined around them; and the bytes it read."""
+    from parallel_backend.engine.weights import reads
+    from parallel_backend.runtime.cache_format import join_tensors
+    from parallel_backend.runtime.tensor_parts import read
+
+    parts = reads(whole, family, cut)
+    tensors, nbytes = read(path[0], parts)
+    return join_tensors(path[1].read_bytes(), tensors), nbytes, parts
+
+
+def _bound_and_checked(module, cut_module):
+    from parallel_backend.runtime.tensor_parts import check_bound
+
+    def cut(m, degree, index, group):
+        cut_module(m, degree, index, group)
+        check_bound(m)  # every weight read in part was taken by the cut
+    return cut
+
+
+@pytest.mark.parametrize("degree", [2, 3])
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_a_rank_reads_only_its_shards_from_the_file_and_equals_the_whole_model(case, degree, tmp_path):
+    """The host writes the model once (safetensors + skeleton); each rank reads its Span of every unit's
+    parameters and the weights outside the units; bound, the group's output equals the whole model's bit for
+    bit, and what a rank read is its share, not the whole."""
+    from parallel_backend.runtime.shipping import write
+
+    _, build, call, family = case
+    whole = build()
+    reference = forward_for_family(family)(whole, call)
+    files = write(whole, tmp_path / "model")
+    loaded = [_read_as_worker(files, whole, family, ("shard", tuple(range(degree)), i, None)) for i in range(degree)]
+    outs, _ = run_cut([m for m, _, _ in loaded], family, lambda module: forward_for_family(family)(module, call),
+                      cut=_bound_and_checked(whole, _sharded(False)))
+    assert all(torch.equal(out, reference) for out in outs)
+    blocks = sum(weights_bytes(unit) for _, unit in units_of(whole))
+    outside = weights_bytes(whole) - blocks
+    for _, nbytes, parts in loaded:
+        assert parts  # the plan names the units' parameters
+        rows = sum(2 * 4 * math.prod(p.shape[1:]) for p in parts.values())  # at most a row more each side (fp32)
+        assert nbytes <= outside + blocks / degree + rows, (nbytes, weights_bytes(whole))
+    # every unit's byte read by one rank (but the rows a weight's run starts and ends in)
+    assert sum(nbytes for _, nbytes, _ in loaded) - degree * outside <= blocks + rows * degree
+
+
+def test_a_tensor_cut_then_its_shards_read_only_their_parts_and_equal_the_whole_model(tmp_path):
+    """tensor then shard over the same group, read from the file: each rank reads its columns or rows of the cut
+    layers and its Span of the rest of each block; bound, the output equals the whole model's."""
+    from parallel_backend.models.tensor_splits import plan_for, split_in_place
+    from parallel_backend.runtime.shipping import write
+    from parallel_backend.runtime.tensor_parts import Slices, Span
+
+    family, whole, call = "diffusers_dit:flux", _built.tiny_flux(), _built.flux_call(2, 7, 3, 5)
+    reference = forward_for_family(family)(whole, call)
+    files = write(whole, tmp_path / "model")
+    peers = (0, 1)
+    loaded = [_read_as_worker(files, whole, family, (("tensor", peers, i), ("shard", peers, i, None)))
+              for i in range(2)]
+    for _, _, parts in loaded:
+        kinds = {type(part) for part in parts.values()}
+        assert kinds == {Slices, Span}
+
+    def cut(module, degree, index, group):
+        split_in_place(module, plan_for(module, family), degree, index, group)
+        shard_in_place(module, degree, index, group)
+
+    outs, _ = run_cut([m for m, _, _ in loaded], family, lambda module: forward_for_family(family)(module, call),
+                      cut=_bound_and_checked(whole, cut))
+    for out in outs:
+        assert (out - reference).abs().max() <= 1e-4 * reference.abs().max()
+    assert all(nbytes < 0.75 * weights_bytes(whole) for _, nbytes, _ in loaded), [n for _, n, _ in loaded]
+
+
+def test_a_weight_read_in_part_that_no_cut_takes_is_refused(tmp_path):
+    """A plan and a cut that disagree never compute on a part as if it were the whole weight: the shard cut
+    refuses a part it did not plan, and a part left untaken is named."""
+    from parallel_backend.runtime.shipping import write
+    from parallel_backend.runtime.tensor_parts import check_bound
+
+    family, whole = "diffusers_dit:flux", _built.tiny_flux()
+    files = write(whole, tmp_path / "model")
+    module, _, _ = _read_as_worker(files, whole, family, ("shard", (0, 1), 0, None))
+    with pytest.raises(RuntimeError, match="was read in part"):
+        check_bound(module)  # read as rank 0's shards, not cut yet
+    other, _, _ = _read_as_worker(files, whole, family, ("shard", (0, 1, 2), 0, None))
+
+    class Alone:
+        degree = 2
+
+    with pytest.raises(RuntimeError, match="disagree"):
+        shard_in_place(other, 2, 0, Alone())  # read for a group of three, cut for a group of two
+
+
+def test_a_tied_weight_is_read_whole_where_the_file_holds_it_under_two_names():
+    """The host plans parts only where each names one plain tensor of the payload of that shape: a state dict
+    holds a tied weight under two names (a recipe loads two copies), which a shard cut of the module (one
+    tensor) would not match, so such a worker reads the whole file and cuts it; without the tie, parts."""
+    from parallel_backend.engine.weights import reads
+    from parallel_backend.runtime.recipe import Recipe, layout
+    from parallel_backend.runtime.shipping import _parts
+
+    torch.manual_seed(0)
+    tied = torch.nn.Sequential(torch.nn.ModuleList([torch.nn.Linear(300, 300), torch.nn.Linear(300, 300)]))
+    tied[0][1].weight = tied[0][0].weight
+    parts = reads(tied, "test", ("shard", (0, 1), 0, None))
+    assert parts and "0.1.weight" not in parts  # the second name of the tied weight is not planned
+    recipe = Recipe(lambda: None, tied.state_dict(), layout(tied), "tied")
+    assert _parts(recipe, parts) is None
+    untied = torch.nn.Sequential(torch.nn.ModuleList([torch.nn.Linear(300, 300), torch.nn.Linear(300, 300)]))
+    assert _parts(Recipe(lambda: None, untied.state_dict(), layout(untied), "untied"),
+                  reads(untied, "test", ("shard", (0, 1), 0, None)))

@@ -453,8 +453,8 @@ def test_the_host_sends_again_a_model_whose_cached_file_was_removed(caplog):
 
     workers = [SimpleNamespace(rank=1, device="10.0.0.2:7000/cpu"), SimpleNamespace(rank=2, device="10.0.0.3:7000/cpu")]
     caplog.set_level(logging.WARNING, logger="tandem")
-    weights_hash, sent = send_to_machines(request, workers, model, FAMILY, "fp-11")
-    assert weights_hash == shipping.weights_hash(model, FAMILY)
+    entries, sent = send_to_machines(request, workers, model, FAMILY, "fp-11")
+    assert entries == dict.fromkeys((1, 2), shipping.weights_hash(model, FAMILY))
     assert list(asked[1]) == [1] and isinstance(asked[1][1], StoreWeights)  # only the machine that lacks it
     assert sent["10.0.0.2:7000"] > 0 and sent["10.0.0.3:7000"] == 0
     said = [r.getMessage() for r in caplog.records]
@@ -481,3 +481,98 @@ def test_a_model_that_does_not_pickle_is_refused_before_anything_is_sent():
     with pytest.raises(CannotCarry, match="cannot be written for the workers of other machines .*lock"):
         send_to_machines(request, workers, model, FAMILY, "fp-15")
     assert len(asked) == 1  # the question only: no StoreWeights
+
+
+def _tiny_flux():
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("sequence_dit_cases", Path(__file__).with_name("test_sequence_dit.py"))
+    cases = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cases)
+    return cases.tiny_flux(), cases.flux_call(2, 7, 3, 5)
+
+
+def test_a_machine_is_sent_only_the_shards_its_workers_keep_and_they_equal_the_whole_model(tmp_path, no_torch_load):
+    """Two workers of one machine, each with its shard cut: the machine is sent two cut entries (each the
+    skeleton, the weights outside the units and that rank's Span of each unit), keyed by the weights hash and
+    the cut; stored, checked, loaded with their parts and bound, the group equals the whole model. Asked
+    again, the machine holds both: nothing is sent."""
+    import importlib.util
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from parallel_backend.engine.weights import reads
+    from parallel_backend.models import forward_for_family
+    from parallel_backend.models.weight_shards import shard_in_place
+    from parallel_backend.runtime.messages import HoldsWeights, Reply
+    from parallel_backend.runtime.remote_weights import send_to_machines
+    from parallel_backend.runtime.tensor_parts import check_bound
+
+    spec = importlib.util.spec_from_file_location("tensor_threads", Path(__file__).with_name("tensor_threads.py"))
+    threads = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(threads)
+    family = "diffusers_dit:flux"
+    model, call = _tiny_flux()
+    reference = forward_for_family(family)(model, call)
+    cache = WeightsCache(tmp_path, 2**30)
+    workers = [SimpleNamespace(rank=r, device=f"10.0.0.2:7000/cpu:{r}") for r in (1, 2)]
+    parts = {r: reads(model, family, ("shard", (1, 2), r - 1, None)) for r in (1, 2)}
+    stored = []
+
+    def request(requests, what, deadline=None):
+        out = {}
+        for rank, message in requests.items():
+            if isinstance(message, HoldsWeights):
+                out[rank] = Reply(value={"held": cache.holds(message.weights_hash), "limit": cache.limit})
+            else:
+                stored.append(message)
+                cache.store(message.weights_hash, message.family, message.skeleton, message.blob, message.parts,
+                            message.whole_hash)
+                out[rank] = Reply(value={})
+        return out
+
+    entries, sent = send_to_machines(request, workers, model, family, "fp-cut", parts=parts)
+    whole_hash = shipping.weights_hash(model, family)
+    assert len(set(entries.values())) == 2 and whole_hash not in entries.values()
+    assert [m.whole_hash for m in stored] == [whole_hash] * 2
+    whole_size = _size(_image(model))
+    sizes = [len(m.skeleton) + m.blob.numel() for m in stored]
+    assert all(size < 0.7 * whole_size for size in sizes), (sizes, whole_size)
+    assert sent == {"10.0.0.2:7000": sum(sizes)}
+    modules = [cache.load(entries[r], parts[r]) for r in (1, 2)]
+
+    def cut(module, degree, index, group):
+        shard_in_place(module, degree, index, group)
+        check_bound(module)
+
+    outs, _ = threads.run_cut(modules, family, lambda m: forward_for_family(family)(m, call), cut=cut)
+    assert all(torch.equal(out, reference) for out in outs)
+    stored.clear()
+    assert send_to_machines(request, workers, model, family, "fp-cut", parts=parts) == (entries, {"10.0.0.2:7000": 0})
+    assert not stored
+
+
+def test_a_cut_upload_that_does_not_hash_to_its_name_is_not_kept(tmp_path):
+    """A cut entry is checked as a whole one is: its tensors, with their parts, must hash to its name."""
+    from parallel_backend.engine.weights import reads
+    from parallel_backend.runtime.remote_weights import cut_image
+
+    family = "diffusers_dit:flux"
+    model, _ = _tiny_flux()
+    whole_hash = shipping.weights_hash(model, family)
+    parts = reads(model, family, ("shard", (0, 1), 0, None))
+    name, skeleton, blob = cut_image(model, parts, whole_hash, family)
+    other = reads(model, family, ("shard", (0, 1), 1, None))
+    cache = WeightsCache(tmp_path, 2**30)
+    with pytest.raises(ValueError):  # another rank's parts: the file's tensors are not what they say
+        cache.store(name, family, skeleton, blob, other, whole_hash)
+    with pytest.raises(ValueError, match="hash to"):  # another model's hash
+        cache.store(name, family, skeleton, blob, parts, "0" * 64)
+    flipped = blob.clone()
+    flipped[-3] ^= 1
+    with pytest.raises(ValueError, match="hash to"):
+        cache.store(name, family, skeleton, flipped, parts, whole_hash)
+    assert not [p for p in tmp_path.iterdir() if not p.name.startswith(".")]
+    cache.store(name, family, skeleton, blob, parts, whole_hash)
+    assert cache.holds(name)

@@ -70,6 +70,57 @@ def test_sharded_weights_equal_one_device_and_each_worker_holds_a_share(cpu_pool
         assert all(size < cut for size, cut in zip(held, _held(cpu_pool))), (held, _held(cpu_pool))
 
 
+READS = [("batch", "sharded", 0.75), ("tensor", "replicated", 0.75), ("tensor", "sharded", 0.75),
+         ("batch", "replicated", None)]
+
+
+@pytest.mark.parametrize("strategy, weights, share", READS, ids=[f"{s}-{w}" for s, w, _ in READS])
+def test_each_worker_reads_only_what_it_keeps_of_the_hosts_file(cpu_pool, strategy, weights, share):
+    """The host writes the model once; a worker whose Load cuts it (shards, a tensor cut, both) reads only its
+    parts of the file, a worker that holds it whole reads all of it. The output equals the whole model's."""
+    model, call = _built.tiny_flux(), _built.flux_call(2, 7, 3, 5)
+    with torch.inference_mode():
+        reference = forward_for_family(FLUX)(model, call)
+    cpu_pool.release_models()
+    executor = ParallelExecutor(cpu_pool, ParallelConfig("cpu:2", strategy, weights=weights))
+    _close(executor.run(model, FLUX, call).out, reference)
+    read = cpu_pool.stats.last_load_bytes_read
+    assert sorted(read) == [0, 1]
+    if share is None:
+        assert list(read.values()) == [weights_bytes(model)] * 2
+    else:  # tiny Flux: its embedders, read whole by each worker, are 17 % of it
+        assert all(0 < nbytes < share * weights_bytes(model) for nbytes in read.values()), read
+    assert not list(cpu_pool._dir.glob("model-*")), "the host's files outlive the load"
+
+
+@pytest.mark.parametrize("strategy", ["tensor", "batch"])
+def test_a_recipes_workers_read_only_their_parts_and_its_build_takes_them(cpu_pool, strategy):
+    """A model that travels as its recipe (ComfyUI's way: the workers build it with the host's code, then load
+    its weights): each worker reads only its parts, its build takes them in place, the cut binds them."""
+    import functools
+
+    from diffusers import FluxTransformer2DModel
+
+    from parallel_backend.runtime.recipe import Recipe, layout
+
+    model, call = _built.tiny_flux(), _built.flux_call(2, 7, 3, 5)
+    with torch.inference_mode():
+        reference = forward_for_family(FLUX)(model, call)
+    build = functools.partial(FluxTransformer2DModel, patch_size=1, in_channels=8, num_layers=1, num_single_layers=1,
+                              attention_head_dim=8, num_attention_heads=6, joint_attention_dim=16,
+                              pooled_projection_dim=8, axes_dims_rope=(2, 2, 4))
+
+    def recipe():
+        return Recipe(build, model.state_dict(), layout(model), "tiny flux")
+
+    cpu_pool.release_models()
+    executor = ParallelExecutor(cpu_pool, ParallelConfig("cpu:2", strategy, weights="sharded"))
+    _close(executor.run(model, FLUX, call, recipe=recipe).out, reference)
+    read = cpu_pool.stats.last_load_bytes_read
+    assert sorted(read) == [0, 1] and all(0 < n < 0.75 * weights_bytes(model) for n in read.values()), read
+    assert all(size <= _share_bound(model, 2) for size in _held(cpu_pool))
+
+
 def test_a_call_that_leaves_a_worker_without_rows_still_gathers(cpu_pool):
     """batch over 2 workers, a call of one row: worker 1 has no rows, runs one to serve its shards."""
     model, call = _built.tiny_wan(), _built.wan_call(1, 3, 6, 10)

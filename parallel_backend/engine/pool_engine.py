@@ -199,7 +199,7 @@ class Engine:
             local = fingerprint[:24] if fingerprint and weights.local_cpus(self.pool.devices) else None
             layout = weights.layout(placed, cut, self.device_count(), local)
             fingerprint = self._hold_model(module, family, self._fingerprint_as(layout, module, family, fingerprint),
-                                           recipe, layout)
+                                           recipe, layout, lambda cut: weights.reads(module, family, cut))
             loaded, groups = self.pool.loaded_fingerprints, weights.shard_groups(layout)
             self._shards = {f: g for f, g in self._shards.items() if f in loaded and f != fingerprint}  # held ones
             if groups:
@@ -211,7 +211,8 @@ class Engine:
                     return self._measure_and_choose(planner, family, call, fingerprint, hint, key)
             self._say_once(mesh)
             strategy = strategies.get(mesh.strategy)
-            if cut is None:  # a strategy's cut splits evenly: the slowest device sets its pace
+            # a tensor cut splits evenly: the slowest device sets its pace; stages are sized by the devices' speeds
+            if cut is None or strategy.stage_weights:
                 mesh = sized_mesh(self, mesh, config, fingerprint, call, planner)
             work = strategy.plan(self, call, mesh, config, fingerprint)
             computed = self.request(work, _label(call), collective=strategy.collective,
@@ -227,12 +228,13 @@ class Engine:
                           {r: c.wait_s for r, c in computed.items()}, sum(c.bytes_sent for c in computed.values()),
                           {r: c.extra for r, c in computed.items()}, dict(self.pool.weights_bytes.get(fingerprint, {})))
 
-    def _hold_model(self, module, family: str, fingerprint: str | None, recipe, cuts: dict | None = None) -> str:
+    def _hold_model(self, module, family: str, fingerprint: str | None, recipe, cuts: dict | None = None,
+                    reads=None) -> str:
         """WorkerPool.ensure_model, where a model the workers refuse while the pool stays up (its recipe does not
         build there, its weights cannot be written) raises CannotCarry, its fingerprint remembered so that its
         later calls are refused at once (`run`). A worker that died or hung fails the call instead."""
         try:
-            return self.pool.ensure_model(module, family, fingerprint, recipe, cuts)
+            return self.pool.ensure_model(module, family, fingerprint, recipe, cuts, reads)
         except CannotCarry as exc:
             reason = str(exc)
         except WorkerError as exc:

@@ -49,6 +49,41 @@ def layout(weights: str, strategy_layout: dict | None, devices: int, local_key: 
     return sharded
 
 
+def reads(module, family: str, cut) -> dict | None:
+    """What a worker keeps of each weight of `module` (the host's, a module, not a recipe) under its Load's `cut`
+    (one cut or several in order: a tensor cut, then its shards), read off the module's names and shapes without
+    touching a weight: {tensor name as the shipped file names it: tensor_parts Slices or Span}; weights not named
+    are read whole. None where a cut has no such plan (the worker then reads the whole model)."""
+    from .. import strategies
+    from ..models import weight_shards
+    from ..runtime.cache_format import plain
+
+    held: dict = {}
+    for part in ((cut,) if isinstance(cut[0], str) else cut):
+        if part[0] == "shard":
+            held.update(weight_shards.reads(module, len(part[1]), part[2], held))
+            continue
+        planned = strategies.get(part[0]).reads_on_load if part[0] in strategies.names() else None
+        if planned is None:
+            return None
+        held.update(planned(module, family, part, held))
+    first: dict[int, str] = {}  # a tied weight travels once, under its first name (cache_format.split)
+    for name, tensor in (*module.named_parameters(remove_duplicate=False), *module.named_buffers()):
+        first.setdefault(id(tensor), name)
+    paths = dict(module.named_parameters(remove_duplicate=False))
+    named = {}
+    for path, part in held.items():
+        if part is None:
+            continue
+        if not plain(paths[path]):  # travels as a storage (a quantized subclass): read whole, cut on the worker
+            return None
+        name = first[id(paths[path])]
+        if named.get(name, part) != part:
+            raise RuntimeError(f"{path} is a tied weight that two cuts keep differently ({named[name]}, {part})")
+        named[name] = part
+    return named
+
+
 def local_cpus(devices) -> bool:
     """Every device a CPU worker of this machine (its shards can live in shared files)."""
     return all(d.split(":")[0] == "cpu" for d in devices)

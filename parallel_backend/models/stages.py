@@ -15,6 +15,7 @@ its shapes are recorded while the model is profiled, so a stage can post its rec
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -88,9 +89,10 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def profile(layers: list[Layer], ctx: Context, first: Activations, repeats: int = 3) -> Profile:
+def profile(layers: list[Layer], ctx: Context, first: Activations, repeats: int = 3, around=None) -> Profile:
     """Times every layer (the fastest of `repeats` runs after one untimed run) and records the activations'
-    shapes at every cut. `first`: the activations entering layer 0 (not modified)."""
+    shapes at every cut. `first`: the activations entering layer 0 (not modified). around(layer): a context
+    each run of the layer is made in, outside its timing (its weights brought to the device)."""
     device = first.h.device
     times = [[] for _ in layers]
     crossing = []
@@ -99,12 +101,13 @@ def profile(layers: list[Layer], ctx: Context, first: Activations, repeats: int 
         for i, layer in enumerate(layers):
             if attempt == 0:
                 crossing.append([(tuple(t.shape[1:]), str(t.dtype).removeprefix("torch.")) for t in acts.tensors()])
-            synchronize(device)
-            started = time.perf_counter()
-            layer.run(ctx, acts)
-            synchronize(device)
-            if attempt:
-                times[i].append(time.perf_counter() - started)
+            with around(layer) if around is not None else nullcontext():
+                synchronize(device)
+                started = time.perf_counter()
+                layer.run(ctx, acts)
+                synchronize(device)
+                if attempt:
+                    times[i].append(time.perf_counter() - started)
     return Profile([layer.name for layer in layers], [min(t) for t in times], crossing)
 
 

@@ -189,6 +189,42 @@ def _packed(total: int, blocks, degree: int, index: int, what: str) -> torch.Ten
     return torch.cat(pieces)
 
 
+def _share(layer: nn.Module, style, degree: int, index: int, name: str):
+    """(dim, index) of the weight `layer` keeps under `style` (0: its output rows, 1: its input columns), or None
+    for a style that keeps no share of a weight (Divide)."""
+    if isinstance(style, Divide):
+        return None
+    if isinstance(style, PackedColwise):
+        return 0, _packed(layer.out_features, style.blocks, degree, index, name)
+    if style == NORM_ACROSS:
+        return 0, _piece(layer.normalized_shape[0], degree, index, name)
+    if style in (COLWISE, GATHERED):
+        return 0, _piece(layer.out_features, degree, index, name)
+    if isinstance(style, PackedRowwise):
+        return 1, _packed(layer.in_features, _blocks(layer, style, name), degree, index, name)
+    return 1, _piece(layer.in_features, degree, index, name)
+
+
+def reads(module: nn.Module, plan: dict, degree: int, index: int) -> dict:
+    """What rank `index` of a group of `degree` keeps of each weight the plan cuts, without reading a weight:
+    {parameter path: tensor_parts.Slices}, and None for a weight the cut holds whole but apart from the module's
+    parameters (a row-split layer's bias, added once after the sum). Raises ValueError as split_in_place does."""
+    from ..runtime.tensor_parts import Slices, ranges_of
+
+    kept = {}
+    for name, style in expand(module, plan):
+        layer = module.get_submodule(name)
+        share = _share(layer, style, degree, index, name)
+        if share is None:
+            continue
+        dim, part = share
+        if getattr(layer, "weight", None) is not None:
+            kept[f"{name}.weight"] = Slices(tuple(layer.weight.shape), dim, ranges_of(part))
+        if getattr(layer, "bias", None) is not None:
+            kept[f"{name}.bias"] = Slices(tuple(layer.bias.shape), 0, ranges_of(part)) if dim == 0 else None
+    return kept
+
+
 class SplitRMSNorm(nn.Module):
     """An RMSNorm over a vector split across the group: this rank's part of the weight, the mean of squares taken
     over the whole vector (one all-reduce of a number per token)."""
@@ -197,7 +233,7 @@ class SplitRMSNorm(nn.Module):
         super().__init__()
         (self.full,) = tuple(norm.normalized_shape)
         self.eps, self.group = norm.eps, group
-        self.weight = None if norm.weight is None else own(nn.Parameter(norm.weight.detach()[part].clone(), False))
+        self.weight = None if norm.weight is None else own(nn.Parameter(_taken(norm.weight, 0, part), False))
 
     def forward(self, x):
         squares = self.group.sum(x.float().pow(2).sum(-1, keepdim=True))
@@ -206,15 +242,28 @@ class SplitRMSNorm(nn.Module):
         return out if self.weight is None else out * self.weight.to(out.dtype)
 
 
+def _taken(tensor: torch.Tensor, dim: int, index) -> torch.Tensor:
+    """`index` (a slice or indices) of `tensor`'s dimension `dim`, as storage of its own; a tensor read in part
+    (runtime/tensor_parts.py) is that share already, checked against it."""
+    from ..runtime.tensor_parts import PART, Slices, ranges_of
+
+    part = getattr(tensor, PART, None)
+    if part is None:
+        kept = tensor.detach()[index] if dim == 0 else tensor.detach()[:, index]
+        return kept.contiguous().clone()
+    if not isinstance(part, Slices) or part.dim != dim or part.ranges != ranges_of(index):
+        raise RuntimeError(f"a weight read as {part} is cut along dimension {dim} at {ranges_of(index)}: the host's "
+                           "plan of what each rank reads and the worker's cut disagree")
+    return tensor.detach()
+
+
 def _keep(linear: nn.Linear, dim: int, index) -> None:
     """`linear` keeps `index` (a slice or indices) of its weight's `dim` (0: outputs, 1: inputs), as new storage:
     the whole weight is let go."""
-    weight = linear.weight.detach()
-    kept = weight[index] if dim == 0 else weight[:, index]
-    linear.weight = own(nn.Parameter(kept.contiguous().clone(), requires_grad=False))
+    linear.weight = own(nn.Parameter(_taken(linear.weight, dim, index), requires_grad=False))
     linear.in_features, linear.out_features = linear.weight.shape[1], linear.weight.shape[0]
     if linear.bias is not None and dim == 0:
-        linear.bias = own(nn.Parameter(linear.bias.detach()[index].clone(), requires_grad=False))
+        linear.bias = own(nn.Parameter(_taken(linear.bias, 0, index), requires_grad=False))
 
 
 def _sum_then_bias(group, bias):
@@ -241,14 +290,8 @@ def split_in_place(module: nn.Module, plan: dict, degree: int, index: int, group
         if isinstance(style, Divide):
             for attribute in style.names:
                 _piece(getattr(layer, attribute), degree, index, f"{name}.{attribute}")
-        elif isinstance(style, PackedColwise):
-            _packed(layer.out_features, style.blocks, degree, index, name)
-        elif style == NORM_ACROSS:
-            _piece(layer.normalized_shape[0], degree, index, name)
-        elif isinstance(style, PackedRowwise):
-            _packed(layer.in_features, _blocks(layer, style, name), degree, index, name)
         else:
-            _piece(layer.out_features if style in (COLWISE, GATHERED) else layer.in_features, degree, index, name)
+            _share(layer, style, degree, index, name)
     attentions = [_attention_above(module, name) for name, style in cuts if style == COLWISE]
     attentions = list({id(a): a for a in attentions if a is not None}.values())
     for attention in attentions:
@@ -260,17 +303,15 @@ def split_in_place(module: nn.Module, plan: dict, degree: int, index: int, group
         if isinstance(style, Divide):
             for attribute in style.names:
                 setattr(layer, attribute, getattr(layer, attribute) // degree)
-        elif isinstance(style, PackedColwise):
-            _keep(layer, 0, _packed(layer.out_features, style.blocks, degree, index, name))
-        elif style == NORM_ACROSS:
-            setattr(parent, leaf, SplitRMSNorm(layer, _piece(layer.normalized_shape[0], degree, index, name), group))
-        elif style in (COLWISE, GATHERED):
-            _keep(layer, 0, _piece(layer.out_features, degree, index, name))
+            continue
+        dim, part = _share(layer, style, degree, index, name)
+        if style == NORM_ACROSS:
+            setattr(parent, leaf, SplitRMSNorm(layer, part, group))
+        elif dim == 0:
+            _keep(layer, 0, part)
             if style == GATHERED:
                 layer.register_forward_hook(_gather(group))
         else:
-            part = (_packed(layer.in_features, _blocks(layer, style, name), degree, index, name)
-                    if isinstance(style, PackedRowwise) else _piece(layer.in_features, degree, index, name))
             bias = None if layer.bias is None else layer.bias.detach().clone()
             layer.bias = None
             _keep(layer, 1, part)

@@ -13,6 +13,10 @@ modules stay whole on every rank: module code may read them without calling a la
 the parameters a tensor cut made this rank's own (`tensor_splits.own`): the group's ranks hold different ones,
 and sharding divides only what they all hold (under tensor: the rest of each block, its modulation and norms).
 
+What a rank keeps is known before any weight is read (`reads`: each parameter's run of elements in its unit's
+pieces, from names and shapes), so a worker reads only that run of the host's file (runtime/tensor_parts.py) and
+the cut takes it as it is (`_elements`); a weight read whole is cut here.
+
 Every rank of the group must run every forward of the model, block for block: the engine gives a rank with no
 rows of a call one row of it to run (engine/weights.py `fillers`). A unit's parameters are None while it
 is not running, so code that reads one outside its block fails at once, naming it, instead of computing on
@@ -41,6 +45,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..runtime.tensor_parts import PART, Span
+
 SMALL = 1 << 16  # a module outside the blocks with fewer parameters stays whole (norms, small embedders)
 
 
@@ -59,27 +65,22 @@ class _Unit:
     def __init__(self, name: str, module: nn.Module, degree: int, index: int, group, unit_number: int):
         self.name, self.module, self.number = name, module, unit_number
         self.entries = []  # (owner, attribute, shape, dtype, offset in its dtype's flat buffer)
-        flats: dict[torch.dtype, list[torch.Tensor]] = {}
+        flats: dict[torch.dtype, list[torch.Tensor]] = {}  # dtype -> its parameters, in order
         seen: dict[int, tuple] = {}
-        for owner in module.modules():
-            for attribute, param in list(owner._parameters.items()):
-                if param is None or getattr(param, "_tandem_own", False):  # a rank's own share: not the group's
-                    continue
-                if id(param) in seen:  # tied weights: one piece, mounted on each owner
-                    self.entries.append((owner, attribute, *seen[id(param)]))
-                    continue
-                pieces = flats.setdefault(param.dtype, [])
-                offset = sum(p.numel() for p in pieces)
-                seen[id(param)] = (tuple(param.shape), param.dtype, offset)
+        for owner, attribute, param in _group_params(module):
+            if id(param) in seen:  # tied weights: one piece, mounted on each owner
                 self.entries.append((owner, attribute, *seen[id(param)]))
-                pieces.append(param.detach().reshape(-1))
+                continue
+            pieces = flats.setdefault(param.dtype, [])
+            seen[id(param)] = (_whole_shape(param), param.dtype, sum(_whole_numel(p) for p in pieces))
+            self.entries.append((owner, attribute, *seen[id(param)]))
+            pieces.append(param)
         self.totals, self.dtypes = {}, list(flats)
-        for number, (dtype, pieces) in enumerate(flats.items()):
-            flat = torch.cat(pieces)
-            self.totals[dtype] = flat.numel()
-            chunk = -(-flat.numel() // degree)
-            flat = nn.functional.pad(flat, (0, chunk * degree - flat.numel()))
-            piece = flat[chunk * index:chunk * (index + 1)].clone()
+        for number, (dtype, params) in enumerate(flats.items()):
+            self.totals[dtype] = sum(_whole_numel(p) for p in params)
+            spans = _spans([_whole_numel(p) for p in params], degree, index)
+            piece = torch.cat([_elements(p, start, stop) for p, (start, stop) in zip(params, spans)])
+            piece = nn.functional.pad(piece, (0, -(-self.totals[dtype] // degree) - piece.numel()))
             keep = getattr(group, "keep", None)  # a group whose pieces live elsewhere (FileGroup) moves it there
             module.register_buffer(f"_tandem_shard{number}", keep(f"{unit_number}-{number}", piece) if keep else piece,
                                    persistent=False)
@@ -136,9 +137,82 @@ def _span(pieces: list[torch.Tensor], offset: int, size: int) -> torch.Tensor:
     return torch.cat(parts)
 
 
-def units_of(module: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(path, module) of each unit, in module order (see the module's docstring)."""
+def _group_params(module: nn.Module):
+    """(owner, attribute, parameter) of every parameter of `module` the group shares, in module order (a rank's
+    own share of a tensor cut is not the group's)."""
+    for owner in module.modules():
+        for attribute, param in list(owner._parameters.items()):
+            if param is not None and not getattr(param, "_tandem_own", False):
+                yield owner, attribute, param
+
+
+def _spans(sizes: list[int], degree: int, index: int) -> list[tuple[int, int]]:
+    """Of tensors of `sizes` elements laid end to end, padded to a multiple of `degree` and cut in `degree` equal
+    pieces: the elements [start, stop) of each tensor that piece `index` holds."""
+    chunk = -(-sum(sizes) // degree)
+    low, high, offset, spans = chunk * index, chunk * (index + 1), 0, []
+    for size in sizes:
+        start, stop = max(offset, low), min(offset + size, high)
+        spans.append((start - offset, max(start, stop) - offset))
+        offset += size
+    return spans
+
+
+def _whole_shape(param) -> tuple[int, ...]:
+    part = getattr(param, PART, None)
+    return tuple(part.shape) if part is not None else tuple(param.shape)
+
+
+def _whole_numel(param) -> int:
+    return int(torch.Size(_whole_shape(param)).numel())
+
+
+def _elements(param, start: int, stop: int) -> torch.Tensor:
+    """Elements [start, stop) of `param` laid end to end; a weight read in part (runtime/tensor_parts.py) is
+    that run already, checked against it."""
+    part = getattr(param, PART, None)
+    if part is None:
+        return param.detach().reshape(-1)[start:stop]
+    if not isinstance(part, Span) or (part.start, part.stop) != (start, stop):
+        raise RuntimeError(f"a weight read as {part} is sharded as its elements [{start}, {stop}): the host's plan "
+                           "of what each rank reads and the worker's cut disagree")
+    return param.detach().reshape(-1)
+
+
+def reads(module: nn.Module, degree: int, index: int, held: dict | None = None) -> dict:
+    """What rank `index` of a group of `degree` keeps of each unit's parameters, without reading a weight:
+    {parameter path: tensor_parts.Span}. held: what an earlier cut (tensor_splits.reads) keeps of the
+    parameters it cuts ({path: Slices, or None for a weight it takes out of the module}): those are this rank's
+    own, not sharded; the units are chosen by the sizes the parameters have after that cut."""
+    held = held or {}
+    names: dict[int, str] = {}
+    for name, param in module.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), name)  # a tied weight: its first path, as the skeleton names it
+    after = {name: (0 if part is None else part.numel()) for name, part in held.items()}
+    kept = {}
+    for _, unit in units_of(module, after):
+        params = {}  # id -> (path, param), in the order the unit's pieces lay them
+        for owner in unit.modules():
+            for param in owner._parameters.values():
+                if param is not None and names[id(param)] not in held:
+                    params.setdefault(id(param), (names[id(param)], param))
+        by_dtype: dict[torch.dtype, list] = {}
+        for path, param in params.values():
+            by_dtype.setdefault(param.dtype, []).append((path, param))
+        for listed in by_dtype.values():
+            spans = _spans([p.numel() for _, p in listed], degree, index)
+            kept.update({path: Span(tuple(p.shape), *span) for (path, p), span in zip(listed, spans)})
+    return kept
+
+
+def units_of(module: nn.Module, sizes: dict | None = None) -> list[tuple[str, nn.Module]]:
+    """(path, module) of each unit, in module order (see the module's docstring). sizes: {parameter path:
+    elements} where a cut made before the shards changes them (tensor_splits.reads)."""
     found: list[tuple[str, nn.Module]] = []
+    sizes = sizes or {}
+
+    def count(path: str, child: nn.Module) -> int:
+        return sum(sizes.get(name, p.numel()) for name, p in child.named_parameters(prefix=path))
 
     def walk(prefix: str, parent: nn.Module) -> None:
         for name, child in parent.named_children():
@@ -148,7 +222,7 @@ def units_of(module: nn.Module) -> list[tuple[str, nn.Module]]:
                     found.append((path, child))
             elif isinstance(child, nn.ModuleDict) or any(isinstance(m, nn.ModuleList) for m in child.modules()):
                 walk(f"{path}.", child)  # holds blocks: its blocks gather, not all of it at once
-            elif sum(p.numel() for p in child.parameters()) >= SMALL:
+            elif count(path, child) >= SMALL:
                 found.append((path, child))
 
     walk("", module)

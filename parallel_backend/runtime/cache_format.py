@@ -64,8 +64,7 @@ def split(payload) -> tuple[bytes, dict]:
 
     class SkeletonPickler(host_pickler()):
         def persistent_id(self, obj):
-            if type(obj) in (torch.Tensor, torch.nn.Parameter) and not getattr(obj, "__dict__", None) \
-                    and obj.layout == torch.strided and obj.device.type != "meta" and obj.dtype in holds:
+            if plain(obj, holds):
                 name = keys.get(id(obj))
                 if name is None:
                     kept.append(obj)
@@ -97,17 +96,24 @@ def tensors_image(tensors: dict) -> bytes:
     return save(tensors)
 
 
-def join(skeleton: bytes, tensors_file) -> object:
-    """The payload of `skeleton` (bytes) with its tensors from the safetensors file `tensors_file` (mapped). Raises
+def join(skeleton: bytes, tensors_file, parts: dict | None = None) -> object:
+    """The payload of `skeleton` (bytes) with its tensors from the safetensors file `tensors_file` (mapped); parts:
+    of a cut's file, {name: tensor_parts part} its tensors hold (they carry it: tensor_parts.mark). Raises
     ValueError for a tensors file safetensors cannot read or that lacks a tensor the skeleton names."""
-    import torch
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from .tensor_parts import mark, read
 
-    try:
-        tensors = load_file(str(tensors_file))
-    except (SafetensorError, OSError) as exc:
-        raise ValueError(f"not a readable safetensors file ({exc})") from None
+    tensors, _ = read(tensors_file, {})
+    return join_tensors(skeleton, mark(tensors, parts) if parts else tensors)
+
+
+def join_tensors(skeleton: bytes, tensors: dict) -> object:
+    """The payload of `skeleton` (bytes) with its tensors taken from `tensors` ({name: tensor}); a tensor read in
+    part (tensor_parts.read) becomes a weight that carries its part (tensor_parts.PART) for its cut to take.
+    Raises ValueError when `tensors` lacks a tensor the skeleton names."""
+    import torch
+
+    from .tensor_parts import PART
+
     made: dict = {}
 
     class SkeletonUnpickler(pickle.Unpickler):
@@ -118,11 +124,16 @@ def join(skeleton: bytes, tensors_file) -> object:
             if name not in tensors:
                 raise ValueError(f"the skeleton names a tensor {name!r} that its tensors file does not hold")
             data = tensors[name]
+            part = getattr(data, PART, None)
+            if kind != _PLAIN and part is not None:
+                raise ValueError(f"the tensor {name!r} is a storage, which is read whole, not in part")
             if kind != _PLAIN and (data.storage_offset() or data.untyped_storage().nbytes() != data.numel()):
                 data = data.clone()  # a loader that slices one storage: the storage must be this entry's alone
             if kind == _PLAIN:
                 value = (torch.nn.Parameter(data, requires_grad=pid[3]) if pid[2]
                          else data.requires_grad_(pid[3]))
+                if part is not None:  # a Parameter is a new object: the part goes with it
+                    setattr(value, PART, part)
             elif kind in (_STORAGE, _UNTYPED):
                 value = data.untyped_storage()
                 if kind == _STORAGE:
@@ -135,6 +146,15 @@ def join(skeleton: bytes, tensors_file) -> object:
     with warnings.catch_warnings():  # TypedStorage: what torch's own tensor pickles name (deprecated for users)
         warnings.filterwarnings("ignore", message="TypedStorage is deprecated")
         return SkeletonUnpickler(io.BytesIO(skeleton)).load()
+
+
+def plain(tensor, holds: frozenset | None = None) -> bool:
+    """Whether `tensor` travels as one tensor of the file under its own name (see above), not as a storage."""
+    import torch
+
+    return (type(tensor) in (torch.Tensor, torch.nn.Parameter) and not getattr(tensor, "__dict__", None)
+            and tensor.layout == torch.strided and tensor.device.type != "meta"
+            and tensor.dtype in (holds or _held_dtypes()))
 
 
 def _held_dtypes() -> frozenset:

@@ -31,7 +31,8 @@ class Load:
     What is loaded is a module or a recipe.Recipe; `modules`: the host modules it names that a worker imports by
     file (host_modules.py). `cut`: (name, ...) where the model is held cut (a strategy's: tensor; "shard": sharded
 weights), or several such cuts made in order: the worker cuts it on the host's side of the device, so the device
-never holds the whole weights."""
+never holds the whole weights; `parts`: what the cut keeps of each weight, so that only those bytes of `path` are
+read (tensor_parts.py), or, with `cached`, the parts its machine's cache entry of the cut holds."""
 
     fingerprint: str
     family: str
@@ -42,6 +43,7 @@ never holds the whole weights."""
     cached: str | None = None
     modules: dict = field(default_factory=dict)
     cut: Any = None  # a strategy's cut of the weights, made before they move to the device (WorkerState.cutters)
+    parts: dict | None = None  # with `cut`: {tensor name: tensor_parts part}, the parts read (or cached) of them
 
 
 @dataclass(frozen=True)
@@ -59,13 +61,16 @@ class StoreWeights:
     hashes to that value (of model family `family`): `skeleton`, everything but its tensors (bytes, pickled), and
     `blob`, its tensors' safetensors file (a uint8 tensor, raw bytes on the channel; cache_format.py). Sent to one
     worker per machine that lacks it; every worker of that machine then loads the cached entry. `modules`: the
-    host modules the skeleton names (host_modules.py), registered before it is read."""
+    host modules the skeleton names (host_modules.py), registered before it is read. With `parts`, a cut of the
+    model (only what that machine's workers keep), named by tensor_parts.cut_hash."""
 
     weights_hash: str
     family: str
     skeleton: bytes = b""
     blob: Any = None
     modules: dict = field(default_factory=dict)
+    parts: dict | None = None  # a cut of the model: {name: tensor_parts part} its tensors hold
+    whole_hash: str | None = None  # with parts: the whole model's weights_hash (tensor_parts.cut_hash)
 
 
 @dataclass(frozen=True)

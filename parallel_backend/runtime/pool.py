@@ -43,7 +43,7 @@ from .launcher import forks, launcher_for
 from .devices import PoolUnavailable, parse_devices, remote_machines, resolve_devices, split_device
 from .pool_settings import ALLOW_MISSING_MACHINES, HANG_FACTOR, HANG_FLOOR_S, MAX_MODELS
 from .worker_handle import WorkerError, WorkerHandle
-from .shipping import load_requests, model_bytes, model_fingerprint
+from .shipping import load_requests, model_bytes, model_fingerprint, worker_parts
 from .transport import Channel, ChannelClosed, Listener, ready
 from .worker_watch import heartbeat_path
 from .words import counted
@@ -71,6 +71,7 @@ class PoolStats:
     refused_connections: int = 0  # connections to the start-up listener that failed the handshake by the
     #   end of a start (a stranger's still under way then is dropped at its deadline, after)
     last_load_seconds: float = 0.0
+    last_load_bytes_read: dict = field(default_factory=dict)  # rank -> bytes of the weights file its worker read
     failures: list = field(default_factory=list)  # the latest MAX_FAILURES_KEPT error messages
 
 
@@ -514,15 +515,16 @@ class WorkerPool:
                            "declared hung, the pool restarts on the next job", w.device, w.rank)
 
     def ensure_model(self, module, family: str, fingerprint: str | None = None, recipe=None,
-                     cuts: dict | None = None) -> str:
+                     cuts: dict | None = None, reads=None) -> str:
         """Makes every worker hold `module` (a torch.nn.Module of model family `family`); ships its weights
         only when its fingerprint is new. Up to `max_models` models stay loaded (the least recently used one
         goes first, and every other one when memory is short). A host that tracks its own weight versions
         (ComfyUI's patch uuid) passes `fingerprint`; otherwise it is computed by model_fingerprint. `recipe`:
         a function that gives the model's recipe.Recipe, called only when the model ships (the workers then
         build it from that, not from the pickled module). cuts: rank -> the cut its worker makes before the
-        weights reach its device (a strategy's weights_layout; the fingerprint must name the cut). Returns the
-        fingerprint."""
+        weights reach its device (a strategy's weights_layout; the fingerprint must name the cut); reads: cut ->
+        what its worker keeps of each weight (shipping.worker_parts), so a worker of this machine reads only
+        that and another machine's cache is sent only what its workers keep. Returns the fingerprint."""
         fingerprint = fingerprint or model_fingerprint(module, family)
         with self._lock:  # check and load as one step: another thread may release or load meanwhile
             self.stats.model_checks += 1
@@ -535,11 +537,12 @@ class WorkerPool:
             nbytes, modules = model_bytes(payload), host_modules()
             keep = self._models_to_keep(nbytes)
             remote = [w for w in self._workers if "/" in w.device]
+            parts = worker_parts(payload, self._workers, cuts, reads)
             cached, sent = send_to_machines(self.request, remote, payload, family, fingerprint, self.clock.first_s,
-                                            modules) if remote else (None, {})
-            requests, path, shipped = load_requests(payload, family, fingerprint, self._workers, self._dir,
-                                                    keep=keep, nbytes=nbytes, cached=cached, modules=modules,
-                                                    cuts=cuts)
+                                            modules, parts) if remote else ({}, {})
+            requests, files, shipped = load_requests(payload, family, fingerprint, self._workers, self._dir,
+                                                     keep=keep, nbytes=nbytes, cached=cached, modules=modules,
+                                                     cuts=cuts, parts=parts)
             try:
                 replies = self.request(requests, "loading the model",
                                        deadline=load_bound(nbytes, self.clock.first_s))
@@ -548,8 +551,8 @@ class WorkerPool:
                     self.release_models()  # but what each still holds is unknown: none hold anything now
                 raise
             finally:
-                if path is not None:
-                    path.unlink(missing_ok=True)  # workers keep their mappings; the file need not outlive the load
+                for path in files:
+                    path.unlink(missing_ok=True)  # workers keep their mappings; the files need not outlive the load
             held = set.intersection(*(set(r.value["held"]) for r in replies.values()))
             self._loaded = {f: size for f, size in self._loaded.items() if f in held}
             self._loaded[fingerprint] = nbytes
@@ -561,6 +564,7 @@ class WorkerPool:
             for machine, nsent in sent.items():
                 per_machine[machine] = per_machine.get(machine, 0) + nsent
             self.stats.last_load_seconds = time.perf_counter() - started
+            self.stats.last_load_bytes_read = {rank: r.value.get("bytes_read", 0) for rank, r in replies.items()}
         return fingerprint
 
     def carry(self, call):

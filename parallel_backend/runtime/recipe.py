@@ -20,6 +20,8 @@ from typing import Callable
 
 import torch
 
+from .tensor_parts import PART
+
 
 @dataclass
 class Recipe:
@@ -42,7 +44,12 @@ class Recipe:
     def make(self, device) -> torch.nn.Module:
         """The module on `device`, built, loaded, patched and checked against the host's layout."""
         module = self.build()
-        missing, unexpected = module.load_state_dict(self.weights, strict=False, assign=True)
+        parted = {name: t for name, t in self.weights.items() if getattr(t, PART, None) is not None}
+        missing, unexpected = module.load_state_dict({n: t for n, t in self.weights.items() if n not in parted},
+                                                     strict=False, assign=True)
+        missing = [name for name in missing if name not in parted]
+        for name, tensor in parted.items():  # a weight read in part: in place as it is, for the cut to take
+            unexpected += _put_part(module, name, tensor)
         if missing or unexpected:
             raise RuntimeError(f"the model built from its recipe does not take the host's weights (missing "
                                f"{missing[:3]}, unexpected {unexpected[:3]})")
@@ -58,24 +65,48 @@ class Recipe:
         return module.to(device).eval().requires_grad_(False)
 
 
+def _put_part(module: torch.nn.Module, name: str, tensor: torch.Tensor) -> list[str]:
+    """Sets the weight `name` of `module` to `tensor`, a part of it (tensor_parts.PART) that load_state_dict would
+    refuse by its shape; [name] where the module has no such weight of the part's whole shape."""
+    path, _, leaf = name.rpartition(".")
+    try:
+        owner = module.get_submodule(path)
+    except AttributeError:
+        return [name]
+    current = owner._parameters.get(leaf)
+    if current is None or tuple(current.shape) != tuple(getattr(tensor, PART).shape):
+        return [name]
+    owner._parameters[leaf] = torch.nn.Parameter(tensor, requires_grad=False)
+    setattr(owner._parameters[leaf], PART, getattr(tensor, PART))
+    return []
+
+
 def tensor_bytes(t: torch.Tensor) -> int:
     """The bytes a tensor holds (a quantized subclass: its stored bytes, not its logical shape's)."""
     plain = t.detach().as_subclass(torch.Tensor) if type(t) is not torch.Tensor else t
     return plain.numel() * plain.element_size()
 
 
-def weights_bytes(module: torch.nn.Module) -> int:
-    """The bytes of weights and buffers a module holds (a quantized layer's stored bytes)."""
-    return sum(tensor_bytes(t) for t in (*module.parameters(), *module.buffers()))
+def weights_bytes(module: torch.nn.Module, device=None) -> int:
+    """The bytes of weights and buffers a module holds (a quantized layer's stored bytes); with `device`, only
+    of those on that device (a torch.device)."""
+    return sum(tensor_bytes(t) for t in (*module.parameters(), *module.buffers())
+               if device is None or t.device == device)
 
 
 def layout(module: torch.nn.Module) -> tuple:
     """What a module is made of: each submodule's class, each parameter's and buffer's name, tensor class,
     dtype and shape."""
     classes = tuple((name, f"{type(m).__module__}.{type(m).__qualname__}") for name, m in module.named_modules())
-    tensors = tuple((name, type(t).__qualname__, str(t.dtype), tuple(t.shape))
+    tensors = tuple((name, type(t).__qualname__, str(t.dtype), _whole_shape(t))
                     for name, t in (*module.named_parameters(), *module.named_buffers()))
     return classes + tensors
+
+
+def _whole_shape(t: torch.Tensor) -> tuple:
+    """A weight's shape; of one read in part (tensor_parts.PART), the whole weight's."""
+    part = getattr(t, PART, None)
+    return tuple(part.shape) if part is not None else tuple(t.shape)
 
 
 _MISSING = object()

@@ -5,10 +5,11 @@ digits model), or a recipe.Recipe (a host whose classes cannot be pickled by ref
 the workers build the module with the host's code and load its weights).
 
 A worker on the GPU that holds the host's copy maps that copy through CUDA IPC (no second copy on that
-device); every other worker of this machine maps one file the host writes once (in shared memory where the
-platform has it); a worker of another machine loads the entry its machine's weights cache holds under the
+device); every other worker of this machine reads the one safetensors file and skeleton the host writes once (in
+shared memory where the platform has it; cache_format.py), a worker whose Load cuts the model only the parts it
+keeps (tensor_parts.py); a worker of another machine loads the entry its machine's weights cache holds under the
 weights' content hash (weights_hash; remote_weights.py sends it there once, as a safetensors file of its tensors
-and a skeleton of the rest: cache_format.py).
+and a skeleton of the rest: cache_format.py), or, for workers that keep a cut of it, the entry of only that cut.
 """
 
 from __future__ import annotations
@@ -98,59 +99,108 @@ def cached_weights_hash(module, family: str, fingerprint: str) -> str:
     return _WEIGHTS_HASHES[fingerprint]
 
 
-def save(payload, target) -> None:
-    """torch.save of a payload (a module or its recipe) to a path or file, with host_modules' pickler: a recipe's
-    overrides may be closures, and the classes of a host's custom-node package are named by their file, since
-    ComfyUI names such a module by its path, which the import statement splits at every dot of its folders."""
-    import types
+def write(payload, stem: Path) -> tuple[Path, Path]:
+    """Writes a payload (a module or its recipe) as the workers of this machine read it: `STEM.safetensors`, its
+    tensors, and `STEM.skeleton`, the rest (cache_format.py, pickled with host_modules' pickler: a recipe's
+    overrides may be closures, a host's custom-node classes are named by their file). Returns (tensors file,
+    skeleton file). Raises CannotCarry for a payload that does not pickle; nothing half-written stays."""
+    from safetensors.torch import save_file
 
-    import torch
+    from .cache_format import split
 
-    from .host_modules import host_pickler
+    files = (stem.with_name(stem.name + ".safetensors"), stem.with_name(stem.name + ".skeleton"))
+    try:
+        skeleton, tensors = split(payload)
+        save_file(tensors, str(files[0]))
+        files[1].write_bytes(skeleton)
+    except BaseException as exc:
+        for path in files:
+            path.unlink(missing_ok=True)  # nothing half-written stays in the pool's folder
+        if isinstance(exc, Exception):  # e.g. an object in the model that does not pickle
+            raise CannotCarry(f"the model cannot be written for the workers ({type(exc).__name__}: {exc})") from exc
+        raise
+    return files
 
-    pickle_module = types.ModuleType("tandem_host_pickle")  # what torch.save reads of one: its Pickler
-    pickle_module.Pickler = host_pickler()
-    torch.save(payload, target, pickle_module=pickle_module)
+
+def worker_parts(payload, workers, cuts: dict | None, reads) -> dict[int, dict]:
+    """{rank: {tensor name: tensor_parts part}} for the workers (objects with .rank and .device) whose cut
+    (cuts: rank -> messages.Load.cut) says what they keep of each weight (reads: cut -> engine/weights.py
+    `reads` of the host's module): what each reads of the host's file, or what its machine's cache is sent. A
+    worker that maps the host's CUDA memory takes the whole model (nothing is read)."""
+    if reads is None or not cuts:
+        return {}
+    host_gpu = _only_cuda_device(payload)
+    found = {}
+    for worker in workers:
+        cut = cuts.get(worker.rank)
+        if cut is not None and worker.device != host_gpu:
+            parts = _parts(payload, reads(cut))
+            if parts:
+                found[worker.rank] = parts
+    return found
 
 
 def load_requests(payload, family: str, fingerprint: str, workers, folder: Path, keep: tuple[str, ...] = (),
-                  nbytes: int = 0, cached: str | None = None, modules: dict | None = None, cuts: dict | None = None
-                  ) -> tuple[dict, Path | None, int]:
-    """The Load message of every worker (objects with .rank and .device), the file written for the workers
-    that copy (None if none does; the caller removes it once they have loaded) and the bytes it holds.
+                  nbytes: int = 0, cached: dict | None = None, modules: dict | None = None, cuts: dict | None = None,
+                  parts: dict | None = None) -> tuple[dict, tuple[Path, ...], int]:
+    """The Load message of every worker (objects with .rank and .device), the files written for the workers
+    that copy (none if none does; the caller removes them once they have loaded) and the bytes they hold.
     payload: the module, or its recipe; keep: the models the workers keep beside this one; nbytes: its size
-    (see messages.Load); cached: the weights_hash under which the workers of other machines find the model in
-    their machine's cache (already sent there: remote_weights.send_to_machines); modules: the host modules
+    (see messages.Load); cached: rank -> the entry under which each worker of another machine finds what it loads
+    in its machine's cache (already sent there: remote_weights.send_to_machines); modules: the host modules
     the workers import by file (host_modules.py); cuts: rank -> the cut its worker makes before the weights reach
-    its device (messages.Load.cut). A file that fails to be written is removed."""
+    its device (messages.Load.cut); parts: rank -> what its cut keeps of each weight (worker_parts): a worker of
+    this machine reads only those parts of the file (a recipe's too: its build takes them in place,
+    recipe.Recipe.make), another machine's loads a cache entry that holds only them."""
     host_gpu = _only_cuda_device(payload)
     sharing = {w.rank for w in workers if w.device == host_gpu}
     remote = {w.rank for w in workers if "/" in w.device}  # another machine's: it loads from that machine's cache
     copying = {w.rank for w in workers} - sharing - remote
-    if remote and cached is None:
+    cached, cuts, parts = cached or {}, cuts or {}, parts or {}
+    if remote - set(cached):
         raise ValueError("workers of other machines load from their machine's weights cache: pass `cached`")
-    path, shipped, modules = None, 0, modules or {}
+    files, shipped, modules = (), 0, modules or {}
     common = dict(keep=keep, bytes=nbytes, modules=modules)
-    cuts = cuts or {}
-    requests = {rank: Load(fingerprint, family, cached=cached, cut=cuts.get(rank), **common) for rank in remote}
+    requests = {rank: Load(fingerprint, family, cached=cached[rank], cut=cuts.get(rank), parts=parts.get(rank),
+                           **common) for rank in remote}
     if copying:
-        path = folder / f"model-{fingerprint[:16]}.pt"
-        try:
-            save(payload, path)
-        except BaseException as exc:
-            path.unlink(missing_ok=True)  # nothing half-written stays in the pool's folder
-            if isinstance(exc, Exception):  # e.g. an object in the model that does not pickle
-                raise CannotCarry(f"the model cannot be written for the workers ({type(exc).__name__}: "
-                                  f"{exc})") from exc
-            raise
+        files = write(payload, folder / f"model-{fingerprint[:16]}")
         shipped += model_bytes(payload)
-    requests.update({rank: Load(fingerprint, family, path=str(path), cut=cuts.get(rank), **common)
-                     for rank in copying})
+    requests.update({rank: Load(fingerprint, family, path=str(files[0]), cut=cuts.get(rank), parts=parts.get(rank),
+                                **common) for rank in copying})
     if sharing:
         shared = _share_cuda(payload)
         requests.update({rank: Load(fingerprint, family, shared=shared, cut=cuts.get(rank), **common)
                          for rank in sharing})
-    return requests, path, shipped
+    return requests, files, shipped
+
+
+def _parts(payload, parts: dict | None) -> dict | None:
+    """`parts` where each names a plain tensor of the payload's file of that whole shape, held under that name
+    alone (a recipe's weights are its state dict, which may hold a quantized weight's data; a state dict holds a
+    tied weight under each of its names, and a recipe loads them as copies); else None: the worker reads the
+    whole model and cuts it (tied weights: modules and recipes alike)."""
+    from .cache_format import plain
+
+    if not parts:
+        return parts
+    tensors = dict(_tensors(payload))
+    held: dict = {}  # a storage two names hold (an untied copy in a state dict): read whole
+    for tensor in tensors.values():
+        held[_storage_key(tensor)] = held.get(_storage_key(tensor), 0) + 1
+    for name, part in parts.items():
+        tensor = tensors.get(name)
+        if tensor is None or not plain(tensor) or tuple(tensor.shape) != tuple(part.shape) \
+                or (_storage_key(tensor) is not None and held[_storage_key(tensor)] > 1):
+            return None
+    return parts
+
+
+def _storage_key(tensor):
+    """Where a tensor's data starts (None: no data, or not a tensor)."""
+    if not hasattr(tensor, "untyped_storage") or tensor.device.type == "meta" or not tensor.numel():
+        return None
+    return str(tensor.device), tensor.untyped_storage().data_ptr(), tensor.storage_offset()
 
 
 def _only_cuda_device(payload) -> str | None:

@@ -116,14 +116,21 @@ class WeightsCache:
     def _partial(self, weights_hash: str, suffix: str) -> Path:
         return self.folder / f".partial-{os.getpid()}-{weights_hash}{suffix}"
 
-    def store(self, weights_hash: str, family: str, skeleton: bytes, tensors) -> tuple[Path, Path]:
+    def store(self, weights_hash: str, family: str, skeleton: bytes, tensors, parts: dict | None = None,
+              whole_hash: str | None = None) -> tuple[Path, Path]:
         """Keeps the model `weights_hash` of `family`, sent as its `skeleton` (bytes) and its `tensors` (the
         safetensors file's bytes, or a uint8 tensor of them; cache_format.py), once it hashes to that value;
-        evicts the least recently used models to stay within the bound. Returns the cached files. Raises
-        ValueError (nothing kept) for an upload that does not hash to it or is larger than the bound."""
-        from .cache_format import join
+        evicts the least recently used models to stay within the bound. Returns the cached files. A cut of a
+        model (`parts`: {name: tensor_parts part}, each part a tensor of the file; `whole_hash`: the whole
+        model's weights_hash) is named by tensor_parts.cut_hash instead. Raises ValueError (nothing kept) for an
+        upload that does not hash to it or is larger than the bound."""
+        from .cache_format import join_tensors
         from .shipping import weights_hash as hash_of
+        from .tensor_parts import cut_hash, mark, read
 
+        cut = parts
+        if cut is not None and whole_hash is None:
+            raise ValueError("a cut of a model is stored with the whole model's weights hash")
         targets = self.files_of(weights_hash)
         parts = (memoryview(tensors.numpy() if hasattr(tensors, "numpy") else tensors).cast("B"),
                  memoryview(skeleton).cast("B"))
@@ -136,8 +143,9 @@ class WeightsCache:
         try:
             digests = [_write(partial, part) for partial, part in zip(partials, parts)]
             try:  # the bytes just written and hashed are the bytes unpickled
-                payload = join(bytes(parts[1]), partials[0])
-                found = hash_of(payload, family)
+                loaded, _ = read(partials[0], {})
+                payload = join_tensors(bytes(parts[1]), loaded if cut is None else mark(dict(loaded), cut))
+                found = hash_of(payload, family) if cut is None else cut_hash(whole_hash, family, loaded, cut)
             except Exception as exc:  # garbage or a truncated upload: whatever loading it raises
                 raise ValueError(f"the upload is not a readable model ({type(exc).__name__}: {exc}): "
                                  "not kept") from None
@@ -158,9 +166,10 @@ class WeightsCache:
                 partial.unlink(missing_ok=True)
         return targets
 
-    def load(self, weights_hash: str):
+    def load(self, weights_hash: str, parts: dict | None = None):
         """The cached model (a module or a recipe.Recipe, its tensors mapped from HASH.safetensors), checked first
-        (check); the skeleton's bytes are hashed as read and unpickled only if they match its record. Raises
+        (check); the skeleton's bytes are hashed as read and unpickled only if they match its record. parts: a cut's
+        entry, {name: tensor_parts part} its tensors hold, which they then carry for the cut to take. Raises
         RuntimeError in one sentence when the model is not held or fails its check (its entry is then removed)."""
         from .cache_format import join
 
@@ -182,7 +191,7 @@ class WeightsCache:
             raise RuntimeError(f"model {weights_hash[:16]}... is not in this machine's weights cache "
                                f"({self.folder}): {why}; run the job again")
         try:
-            return join(data, tensors)
+            return join(data, tensors, parts)
         except ValueError as exc:
             why = self._discard(weights_hash, tensors, str(exc))
             raise RuntimeError(f"model {weights_hash[:16]}... could not be read from this machine's weights cache "
@@ -291,13 +300,15 @@ def store_weights(state, message: StoreWeights) -> dict:
     from .host_modules import register
 
     register(message.modules)
-    files = _cache_of(state).store(message.weights_hash, message.family, message.skeleton, message.blob)
+    files = _cache_of(state).store(message.weights_hash, message.family, message.skeleton, message.blob,
+                                   message.parts, message.whole_hash)
     return {"files": [str(path) for path in files]}
 
 
-def cached_payload(state, weights_hash: str):
-    """The payload of a model this worker is told to load, from its machine's cache (WeightsCache.load)."""
-    return _cache_of(state).load(weights_hash)
+def cached_payload(state, weights_hash: str, parts: dict | None = None):
+    """The payload of a model this worker is told to load, from its machine's cache (WeightsCache.load; parts:
+    a cut's entry)."""
+    return _cache_of(state).load(weights_hash, parts)
 
 
 def _cache_of(state) -> WeightsCache:

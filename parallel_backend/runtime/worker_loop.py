@@ -75,15 +75,15 @@ class WorkerState:
         self.pool_dir: Path | None = None  # the pool's folder on this machine (a host's own workers only)
 
     def load(self, message: Load) -> dict:
-        import torch
-
         from .recipe import weights_bytes
 
         if self.weights_cache is not None and message.cached is None:
             what = f"the path {message.path!r}" if message.path is not None else "the host's own GPU memory"
             raise RuntimeError(f"a worker of `tandem worker serve` loads a model only from its machine's weights "
                                f"cache, by hash, not from {what}")
-        started = time.perf_counter()
+        if message.parts is not None and message.cut is None:
+            raise RuntimeError("a Load that reads weights in part must name the cut that takes them")
+        started, read = time.perf_counter(), 0
         for fingerprint in [f for f in self.models if f not in message.keep]:
             self._drop(fingerprint)
         if message.shared is None and self._short_of_memory(message.bytes):
@@ -102,14 +102,17 @@ class WorkerState:
             module._tandem_shared_with_host = True  # never moved off the device (that would copy it)
         elif message.cached is not None:
             # Another machine's worker: its cache's entry, the tensors mapped from safetensors (shared pages).
-            module = _materialize(cached_payload(self, message.cached), self.device, self._cutter(message))
+            # A cut's entry (message.parts) holds only what this worker keeps.
+            module = _materialize(cached_payload(self, message.cached, message.parts), self.device,
+                                  self._cutter(message))
         else:
-            # mmap: CPU workers share the page-cache copy of the host's file instead of each holding their own.
-            module = _materialize(torch.load(message.path, mmap=True, map_location="cpu", weights_only=False),
-                                  self.device, self._cutter(message))
+            # The host's file of this machine: the tensors mapped (CPU workers share its page-cache copy), only
+            # the parts the cut keeps where the Load names them (tensor_parts.py).
+            payload, read = _read_payload(message)
+            module = _materialize(payload, self.device, self._cutter(message))
         self.models[message.fingerprint] = (module, message.family)
         return {"seconds": time.perf_counter() - started, "held": list(self.models),
-                "weights_bytes": weights_bytes(module)}
+                "weights_bytes": weights_bytes(module, self.device), "bytes_read": read}
 
     def _cutter(self, message: Load):
         """module -> module cut as the Load asks (None: kept whole): one cut (name, ...) or several in order
@@ -213,10 +216,29 @@ class WorkerState:
         return replace(request, call=replace(call, extras=self.carried.resolve(call.extras)))
 
 
+# A module's flag, set by a cutter (asyncdiff's stage cut): it stays in host memory as it loads; its strategy
+# moves to the device what it runs (strategies/asyncdiff/runner.py).
+ON_HOST = "_tandem_on_host"
+
+
 def _sharded(module):
     """The state a sharded model's worker keeps on the module (models/weight_shards.py `_tandem_sharded`), or
     None."""
     return getattr(module, "__dict__", {}).get("_tandem_sharded")
+
+
+def _read_payload(message: Load) -> tuple[object, int]:
+    """(payload, bytes of tensors read) of a Load from the host's files (shipping.write): the skeleton beside the
+    safetensors file `message.path`, with every tensor, or only the parts `message.parts` names."""
+    from pathlib import Path
+
+    from .cache_format import join_tensors
+    from .tensor_parts import read
+
+    tensors_file = Path(message.path)
+    skeleton = tensors_file.with_suffix(".skeleton").read_bytes()
+    tensors, nbytes = read(tensors_file, message.parts or {})
+    return join_tensors(skeleton, tensors), nbytes
 
 
 def _materialize(payload, device, cut=None):
@@ -227,17 +249,27 @@ def _materialize(payload, device, cut=None):
     shape), used for whole calls."""
     from .recipe import Recipe
 
+    from .tensor_parts import check_bound
+
     if not isinstance(payload, Recipe):
         module = payload if cut is None else cut(payload.eval().requires_grad_(False))
-        return module.to(device).eval().requires_grad_(False)
+        check_bound(module)  # a weight read in part that no cut took: refused, never computed on
+        return _to_device(module, device).eval().requires_grad_(False)
     module = payload.make(device if cut is None else "cpu")
     if cut is not None:
-        module = cut(module).to(device)
+        module = cut(module)
+        check_bound(module)
+        module = _to_device(module, device)
     if payload.compile is not None:
         import torch
 
         module.__dict__["_tandem_compiled"] = torch.compile(module, **payload.compile)  # not a submodule
     return module
+
+
+def _to_device(module, device):
+    """`module` on `device`, unless its cut keeps it in host memory (ON_HOST)."""
+    return module if module.__dict__.get(ON_HOST) else module.to(device)
 
 
 def run_setup(state: WorkerState, message: RunSetup) -> dict:

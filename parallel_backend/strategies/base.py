@@ -94,6 +94,9 @@ class Strategy:
         return None
 
     cut_on_load = None  # with weights_layout: (worker state, module, family, cut) -> the cut module, on the CPU
+    # with cut_on_load: (module, family, cut, held) -> {parameter path: tensor_parts part} the cut keeps, read off
+    # the module's names and shapes (no weight read), for a worker to read only those (engine/weights.py `reads`)
+    reads_on_load = None
 
     def bench_part(self, model, call, mesh):
         """For `tandem bench`'s ideal: a function that runs, on one device, what the busiest rank computes for

@@ -6,8 +6,9 @@ weights per device shrink towards 1/N. Exact: every rank sums the group's partia
 Each worker cuts the model as it loads it, on the CPU (a mapped file's pages; a recipe built there), before the
 weights move to its device, so a GPU never holds the whole weights. The engine holds each cut under a
 fingerprint of its own (`weights_layout`), so a whole-model strategy never meets it, and the workers keep both as
-two models (max_models). The whole model still travels to every worker (one file, mapped by the CPU workers):
-weights sent as shards are not built yet. Composes with cfg and batch as the outer
+two models (max_models). A worker of this machine reads only its share of the cut weights from the one file the
+host writes (`reads_on_load`, engine/weights.py `reads`); a worker of another machine loads its machine's
+cache entry of its cut alone (remote_weights.send_to_machines). Composes with cfg and batch as the outer
 axes (cfg 2 x tensor 2 on 4 devices).
 """
 
@@ -108,6 +109,13 @@ class Tensor(Strategy):
         split_in_place(module, plan_for(module, family), len(peers), index, group)
         module.__dict__["_tandem_tensor"] = (tuple(peers), index, group)  # not a submodule
         return module
+
+    def reads_on_load(self, module, family: str, cut, held: dict) -> dict:
+        """What cut_on_load keeps of each weight it cuts (models/tensor_splits.py `reads`), from the host's module."""
+        from ..models.tensor_splits import plan_for, reads
+
+        _, peers, index = cut
+        return reads(module, plan_for(module, family), len(peers), index)
 
     def bench_part(self, model, call, mesh):
         """A rank's share of the model, its exchanges stubbed out (_StubGroup)."""

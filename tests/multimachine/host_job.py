@@ -1,7 +1,8 @@
 """The host side of the two-machine tests (run inside the host's namespace): one pool over DEVICES, and per
 strategy the tiny bench model's sampler loop on the pool vs one device. Prints one JSON object per line.
 
-    host_job.py DEVICES --strategies cfg,batch,asyncdiff [--variant N] [--hold FILE] [--fault-steps N]
+    host_job.py DEVICES --strategies cfg,batch,asyncdiff [--variant N] [--weights sharded] [--hold FILE]
+                [--fault-steps N]
 
 --variant N: the tiny model's weights scaled by 1 + N/100 (another model of the same size, for the weights
 cache's tests). Each job's line has "shipped" (all bytes), "sent" (bytes per other machine), the pool's "devices"
@@ -91,6 +92,7 @@ def main() -> None:
     parser.add_argument("devices")
     parser.add_argument("--strategies", default="cfg,batch,asyncdiff")
     parser.add_argument("--variant", type=int, default=0)
+    parser.add_argument("--weights", default="replicated", help="replicated or sharded (ParallelConfig.weights)")
     parser.add_argument("--hold", default=None)
     parser.add_argument("--fault-steps", type=int, default=0)
     parser.add_argument("--resume", default=None, help="after the fault, wait for this file before the next job")
@@ -108,7 +110,8 @@ def main() -> None:
     try:
         for strategy in filter(None, args.strategies.split(",")):
             # asyncdiff: its warm-up covers every step, so it must equal one device (its exact mode)
-            config = ParallelConfig(args.devices, strategy, **({"warmup": STEPS} if strategy == "asyncdiff" else {}))
+            config = ParallelConfig(args.devices, strategy, weights=args.weights,
+                                    **({"warmup": STEPS} if strategy == "asyncdiff" else {}))
             job = job_for(strategy)
             reference = run_loop(model, job, resolution, STEPS, 0).latents
             started = time.perf_counter()

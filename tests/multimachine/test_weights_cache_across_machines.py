@@ -3,7 +3,7 @@ once however many of its workers the pool has, not at all from a new host proces
 cache's bound evicts the least recently used model, and a cached file changed on disk (a flipped byte, a
 truncation, in the tensors file or the skeleton) is found out, removed and sent again in the next job; every job
 still equals one device. An entry is a safetensors file of the tensors and a skeleton of the rest
-(cache_format.py)."""
+(cache_format.py); with sharded weights, one entry per cut, holding only that worker's shares."""
 
 from __future__ import annotations
 
@@ -38,9 +38,9 @@ def _tiny(variant: int):
     return weights_hash(model.module, model.family), len(skeleton) + tensors.numel()
 
 
-def _job(machines, variant: int = 0) -> dict:
+def _job(machines, variant: int = 0, weights: str = "replicated") -> dict:
     """One batch job from a new host process: its line (max_diff, shipped, sent per machine, calls)."""
-    host = machines.host(DEVICES, "--strategies", "batch", "--variant", str(variant))
+    host = machines.host(DEVICES, "--strategies", "batch", "--variant", str(variant), "--weights", weights)
     try:
         line = read_line(host, 240)
         finish_host(host)
@@ -104,6 +104,23 @@ def test_a_model_is_sent_to_a_machine_once_and_not_after_host_or_daemon_restarts
     assert third["sent"] == {MACHINE: 0}, third
     print(f"image {image_bytes} B; first job sent {first['sent']}, shipped {first['shipped']}; second (new host) "
           f"sent {second['sent']}, shipped {second['shipped']}; third (new daemon) sent {third['sent']}")
+
+
+def test_with_sharded_weights_a_machine_stores_and_loads_only_its_workers_shards(machines, remote):
+    """Sharded over three workers, two of them on the serving machine: the machine is sent one cut entry per
+    worker (the skeleton, the weights outside the units, that worker's share of each unit), each smaller than the
+    whole model, together less than two whole copies; the job equals one device; a new host sends nothing."""
+    remote.start(1.0)
+    cache = remote.cache
+    _, image_bytes = _tiny(0)
+    first = _job(machines, weights="sharded")
+    entries = _cached(cache)
+    assert len(entries) == 2 and all(_size(cache, entry) < image_bytes for entry in entries), (entries, image_bytes)
+    assert first["sent"] == {MACHINE: sum(_size(cache, entry) for entry in entries)} and \
+        first["sent"][MACHINE] < 2 * image_bytes, (first, image_bytes)
+    again = _job(machines, weights="sharded")
+    assert again["sent"] == {MACHINE: 0}, again
+    print(f"whole image {image_bytes} B; cut entries {[_size(cache, e) for e in entries]} B")
 
 
 def test_a_bound_smaller_than_two_models_evicts_the_older(machines, remote):

@@ -39,6 +39,12 @@ time.sleep(120)
 """
 
 
+def _weights_files(folder: Path) -> list[Path]:
+    """The host's weights files (shipping.write), or the one safetensors is writing (a temporary name, renamed
+    when whole)."""
+    return [*folder.glob("model-*"), *folder.glob(".tmp*")]
+
+
 def start_host(stage: str):
     host = subprocess.Popen([sys.executable, "-c", HOST_SCRIPT, stage], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
@@ -50,9 +56,9 @@ def start_host(stage: str):
     assert host.stdout.readline().strip() == stage.replace("mid-load", "shipping")
     if stage == "mid-load":
         deadline = time.monotonic() + 60
-        while not list(folder.glob("model-*.pt")) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert list(folder.glob("model-*.pt")), "the weights file never appeared"
+        while not _weights_files(folder) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert _weights_files(folder), "the weights file never appeared"
     return host, pids, folder
 
 

@@ -100,6 +100,20 @@ class AsyncDiff(Strategy):
                          "stages": describe(profile, list(cuts)), "layer_names": profile.names,
                          "layer_seconds": profile.seconds, "stage_speeds": list(speeds or [1.0] * stages)}
 
+    def weights_layout(self, mesh):
+        """Every rank a stage: its model held in host memory as it loads (`cut_on_load`), so no device holds
+        the whole weights; the stage setup later moves its own layers to the device. A stage's peers are itself
+        alone: sharded weights never divide a stage."""
+        return {rank: ("asyncdiff", (rank,), 0) for group in range(mesh.groups) for rank in mesh.ranks(group)}
+
+    def cut_on_load(self, worker, module, family: str, cut):
+        """Worker side, as the model loads: kept in host memory (runtime/worker_loop.py ON_HOST) until the stage
+        setup places this worker's layers (runner.StageRunner)."""
+        from ...runtime.worker_loop import ON_HOST
+
+        module.__dict__[ON_HOST] = True
+        return module
+
     def stage_plan(self, engine) -> dict | None:
         """The cut the workers hold (layer costs, each stage's share and what it receives), or None."""
         return engine.state(self.name).get("plan")
