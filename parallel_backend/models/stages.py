@@ -118,6 +118,57 @@ def modules_of(layers: list[Layer]) -> list[torch.nn.Module]:
     return out
 
 
+_PLAIN = (torch.Tensor, torch.nn.Parameter)  # weights a stage can park (a meta placeholder stands in)
+
+
+class Placement:
+    """Where a cut model's weights are: the whole model on the worker's device, or only a stage's modules (and
+    the tensors named with them), every other weight parked in host memory, out of the module (a CPU worker's
+    parked weights stay views of the pool's one mapped file) with a meta placeholder in its place. Used by
+    asyncdiff's and pipefusion's stage workers."""
+
+    def __init__(self, module: torch.nn.Module, device: torch.device):
+        self.module, self.device = module, device
+        self.whole = True  # as loaded
+        self.parked: dict = {}  # (module, name, "_parameters" | "_buffers") -> a weight of another stage, on the CPU
+
+    def place(self, keep: list, whole: bool = False) -> None:
+        """Puts `keep` (modules, or single tensors such as a model's own parameter) on the device and parks every
+        other weight, or, `whole`, puts the parked ones back."""
+        self.whole = whole
+        if getattr(self.module, "_tandem_shared_with_host", False):
+            return  # one copy shared with the host (CUDA IPC): moving would copy it
+        for owner, name, kind in list(self.parked):
+            tensor = self.parked.pop((owner, name, kind))
+            getattr(owner, kind)[name] = tensor.to(self.device)
+        if whole:
+            self.module.to(self.device)
+            return
+        modules = [m for m in keep if isinstance(m, torch.nn.Module)]
+        kept = {id(t) for m in modules for t in (*m.parameters(), *m.buffers())}
+        kept |= {id(t) for t in keep if isinstance(t, torch.Tensor)}
+        for owner in self.module.modules():
+            for kind in ("_parameters", "_buffers"):
+                for name, tensor in getattr(owner, kind).items():
+                    if tensor is None or id(tensor) in kept or type(tensor) not in _PLAIN:
+                        continue  # a quantized layer's subclass stays where it is
+                    self.parked[(owner, name, kind)] = tensor.to("cpu")
+                    placeholder = torch.empty_like(tensor, device="meta")
+                    getattr(owner, kind)[name] = (torch.nn.Parameter(placeholder, requires_grad=False)
+                                                  if kind == "_parameters" else placeholder)
+        for m in modules:
+            m.to(self.device)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def held_bytes(self) -> int:
+        """The bytes of weights the model holds on the device now (its stage's and the shared ones')."""
+        from ..runtime.recipe import tensor_bytes
+
+        return sum(tensor_bytes(t) for t in (*self.module.parameters(), *self.module.buffers())
+                   if t.device.type != "meta")
+
+
 def describe(profile: Profile, cuts: list[int]) -> list[dict[str, Any]]:
     """Per stage: its first and last layer, its measured share of the work and what it receives."""
     bounds = [0, *cuts, len(profile.names)]

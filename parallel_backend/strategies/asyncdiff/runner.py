@@ -20,11 +20,10 @@ import torch
 from ...runtime import primitives
 from ...runtime.messages import Computed
 from ...models.stage_families import adapter_for
-from ...models.stages import Activations, Profile, modules_of, profile, synchronize
+from ...models.stages import Activations, Placement, Profile, modules_of, profile, synchronize
 from . import schedule
 from .messages import PlaceStages, ProbeExchange, ProfileLayers, StageCall, StagePlan
 
-_PLAIN = (torch.Tensor, torch.nn.Parameter)  # weights a stage can park (a meta placeholder stands in)
 ORIGIN_DTYPE = torch.float64  # the timestep a stage's input came from travels with the activations
 
 
@@ -78,48 +77,23 @@ class StageRunner:
         self.adapter = adapter_for(family)
         self.layers = self.adapter.layers(module)
         self.plan: StagePlan | None = None
-        self.whole_placed = True  # as loaded
-        self.parked: dict = {}  # (module, name, "_parameters" | "_buffers") -> a weight of another stage, on the CPU
+        self.placement = Placement(module, device)
         self.job = None
         self.streams: dict = {}
 
     # ---- placement ---------------------------------------------------------------------------------------
 
+    @property
+    def whole_placed(self) -> bool:
+        return self.placement.whole
+
     def _place(self, keep: list[torch.nn.Module], whole: bool = False) -> None:
-        """Puts `keep` (and the shared modules) on this worker's device and parks every other weight in host
-        memory, out of the module (a CPU worker's parked weights stay views of the pool's one mapped file), or,
-        `whole`, puts the parked ones back: a stage holds only its own layers' weights."""
-        self.whole_placed = whole
-        if getattr(self.module, "_tandem_shared_with_host", False):
-            return  # one copy shared with the host (CUDA IPC): moving would copy it
-        for owner, name, kind in list(self.parked):
-            tensor = self.parked.pop((owner, name, kind))
-            getattr(owner, kind)[name] = tensor.to(self.device)
-        if whole:
-            self.module.to(self.device)
-            return
-        keep = [*self.adapter.shared_modules(self.module), *keep]
-        kept = {id(t) for m in keep for t in (*m.parameters(), *m.buffers())}
-        for owner in self.module.modules():
-            for kind in ("_parameters", "_buffers"):
-                for name, tensor in getattr(owner, kind).items():
-                    if tensor is None or id(tensor) in kept or type(tensor) not in _PLAIN:
-                        continue  # a quantized layer's subclass stays where it is
-                    self.parked[(owner, name, kind)] = tensor.to("cpu")
-                    placeholder = torch.empty_like(tensor, device="meta")
-                    getattr(owner, kind)[name] = (torch.nn.Parameter(placeholder, requires_grad=False)
-                                                  if kind == "_parameters" else placeholder)
-        for m in keep:
-            m.to(self.device)
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
+        """Puts `keep` and the shared modules on this worker's device, every other weight parked (a stage holds
+        only its own layers' weights), or, `whole`, the whole model back."""
+        self.placement.place([] if whole else [*self.adapter.shared_modules(self.module), *keep], whole)
 
     def held_bytes(self) -> int:
-        """The bytes of weights this worker's model holds on its device now (its stage's and the shared ones')."""
-        from ...runtime.recipe import tensor_bytes
-
-        return sum(tensor_bytes(t) for t in (*self.module.parameters(), *self.module.buffers())
-                   if t.device.type != "meta")
+        return self.placement.held_bytes()
 
     def place_whole(self) -> None:
         """The whole model on this device (a plain forward runs next); the stage placement returns on the next
