@@ -57,6 +57,7 @@ class Cost:
     rows: int = 1
     kept: int = 0
     gathered: int = 0
+    note: str = ""  # what the plan chose inside the strategy (pipefusion: the patches it proposes)
 
 
 def rows_cost(inp, mesh) -> Cost:
@@ -148,7 +149,7 @@ def pipeline_cost(inp, mesh) -> Cost:
     peer = sum(g * _crossing(inp, cuts) * (mesh.inner - 1) for g, (_, cuts) in zip(rows, groups))
     kept = _stage_weights(inp, groups[0][1]) if inp.layer_weight_bytes else inp.weight_bytes // mesh.inner
     return replace(worst, traffic=Traffic(peer=peer), memory=kept + max(rows) * inp.activation_bytes_per_row,
-                   kept=kept)
+                   kept=kept, note=f"{patches} patches proposed (--patches)")
 
 
 def proposed_patches(inp, mesh) -> int:
