@@ -28,7 +28,7 @@ from ..stale import WARMUP
 from .messages import PipeCall, PlaceBlocks, ProfileBlocks
 
 FAMILIES = ("diffusers_dit:flux", "diffusers_dit:wan")  # models/dit_stages.py FAMILIES (tests check)
-DEFAULT_PATCHES = 4
+DEFAULT_PATCHES = 8  # what tandem plan proposes for 2 stages on CPU workers (fill and drain 9/8 of a stage)
 
 PIPEFUSION = Knob("pipefusion", int, None, "pipefusion: the stages a DiT's blocks are cut into, one device each "
                   "(default: the devices left after cfg and batch)", low=1, unset=True,
