@@ -6,6 +6,7 @@ a worker lost in the middle of the pipeline fails the job in time, naming it, an
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -56,8 +57,8 @@ def test_the_strategy_names_the_families_dit_stages_describes():
     assert set(FAMILIES) == set(dit_stages.FAMILIES)
     pipefusion = strategies.get("pipefusion")
     pipefusion.check_family("diffusers_dit:flux")
-    for family in ("diffusers_dit:sd3", "diffusers_unet", "comfy_dit:flux"):
-        with pytest.raises(ValueError, match="pipefusion' cuts diffusers' Flux.1 and Wan transformers only"):
+    for family in ("diffusers_dit:qwen_image", "diffusers_unet", "comfy_dit:flux"):
+        with pytest.raises(ValueError, match="pipefusion' cuts diffusers' Flux.1, Wan and SD3 transformers only"):
             pipefusion.check_family(family)
 
 
@@ -96,6 +97,40 @@ def test_warm_up_covering_every_step_equals_one_device(cpu_pool, models, name):
     for rank, stage in enumerate(plan["stages"]):  # its blocks' share of the block weights, and the rest at most
         assert held[rank] <= whole - blocks + blocks * (stage["count"] + 1) / sum(s["count"] for s in plan["stages"])
         assert held[rank] < 0.8 * whole
+
+
+def _tiny(name: str):
+    """(model, its family, a call) of test_sequence_dit's tiny transformers: odd token counts, SD3.5's dual
+    attention, Flux's text first and SD3's image first in their joint attentions."""
+    import importlib.util
+
+    from parallel_backend.models.diffusers_dit import family_named
+
+    spec = importlib.util.spec_from_file_location("sequence_dit", Path(__file__).with_name("test_sequence_dit.py"))
+    tiny = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tiny)
+    model, call = {"flux": lambda: (tiny.tiny_flux(), tiny.flux_call(1, 5, 4, 6)),
+                   "wan": lambda: (tiny.tiny_wan(), tiny.wan_call(1, 3, 8, 8)),
+                   "sd3.5": lambda: (tiny.tiny_sd3((0,)), tiny.sd3_call(1, 7, 8, 8))}[name]()
+    family = dit_stages.FAMILIES[f"diffusers_dit:{name.split('.')[0]}"].name
+    return model, family, replace(call, shared=family_named(family).shared)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["flux", "wan", "sd3.5"])
+def test_a_patched_call_on_unchanged_inputs_equals_one_device(cpu_pool, name):
+    """When the inputs do not change, the keys and values the call before left are this call's own: a patched
+    call must then equal one device, which checks every patch's tokens, positions, rotary rows and text."""
+    from parallel_backend.models.diffusers_dit import forward
+
+    model, family, call = _tiny(name)
+    reference = forward(model, call)
+    executor = ParallelExecutor(cpu_pool, ParallelConfig("cpu:2", "pipefusion", warmup=1, patches=3))
+    executor.new_job()
+    for step in range(3):
+        result = executor.run(model, family, replace(call, step=step))
+        assert [extra["patches"] for _, extra in sorted(result.extra.items())] == [1 if step == 0 else 3] * 2
+        assert _relative(result.out, reference) < 1e-4, step
 
 
 @pytest.mark.slow

@@ -52,6 +52,8 @@ class PipeFamily:
         return dict(zip(self.streams, self.counts(model, call)))
 
     def patch(self, ctx: Context, positions: torch.Tensor) -> Context:
+        if "rotary" not in ctx.extra:  # absolute positions, added with the tokens' embedding
+            return ctx
         cos, sin = ctx.extra["rotary"]
         rows = positions.to(cos.device)
         cut = tuple(t.index_select(self.rotary_dim, rows) for t in (cos, sin))
@@ -156,4 +158,46 @@ WAN = PipeFamily(
     tokens=_wan_tokens, context=_wan_context, run=_wan_run, finish=_wan_finish, counts=_wan_counts, rotary_dim=1, refuse=_wan_refuse)
 
 
-FAMILIES = {family.name: family for family in (FLUX, WAN)}
+# ---- SD3 / SD3.5 (SD3Transformer2DModel): joint blocks, image first in every attention; SD3.5's second,
+# image-only attention (attn2) is routed too; the last block keeps no text stream (context_pre_only) ----
+
+def _sd3_refuse(call) -> None:
+    for name, what in (("block_controlnet_hidden_states", "ControlNet residuals"), ("skip_layers", "skip_layers"),
+                       ("joint_attention_kwargs", "joint_attention_kwargs (IP-adapter, LoRA scale)")):
+        if call.extras.get(name):
+            raise ValueError(f"pipefusion does not run SD3 with {what}; use cfg, batch or ulysses")
+
+
+def _sd3_tokens(model, call) -> Activations:
+    return Activations(model.pos_embed(call.x).contiguous(), [model.context_embedder(call.context)])
+
+
+def _sd3_context(model, call) -> Context:
+    temb = model.time_text_embed(call.t.reshape(-1).expand(call.rows), call.extras.get("pooled_projections"))
+    return Context(temb, None, call.x, {})
+
+
+def _sd3_run(block, ctx: Context, acts: Activations) -> None:
+    acts.skips[0], acts.h = block(hidden_states=acts.h, encoder_hidden_states=acts.skips[0], temb=ctx.temb)
+
+
+def _sd3_counts(model, call) -> tuple[int, int]:
+    p = model.config.patch_size
+    return (call.x.shape[-2] // p) * (call.x.shape[-1] // p), call.context.shape[1]
+
+
+def _sd3_finish(model, call, ctx: Context, h: torch.Tensor) -> torch.Tensor:
+    p, (height, width) = model.config.patch_size, call.x.shape[-2:]
+    h = model.proj_out(model.norm_out(h, ctx.temb))
+    h = h.reshape(h.shape[0], height // p, width // p, p, p, model.out_channels)
+    return torch.einsum("nhwpqc->nchpwq", h).reshape(h.shape[0], model.out_channels, height, width)
+
+
+SD3 = PipeFamily(
+    "diffusers_dit:sd3", "SD3", ("transformer_blocks",), (IMAGE, TEXT), (IMAGE, TEXT),
+    first=lambda m: [m.pos_embed, m.context_embedder], last=lambda m: [m.norm_out, m.proj_out],
+    shared=lambda m: [m.time_text_embed], tokens=_sd3_tokens, context=_sd3_context, run=_sd3_run,
+    finish=_sd3_finish, counts=_sd3_counts, rotary_dim=0, refuse=_sd3_refuse)
+
+
+FAMILIES = {family.name: family for family in (FLUX, WAN, SD3)}

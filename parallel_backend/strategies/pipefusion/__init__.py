@@ -27,7 +27,7 @@ from ..base import BenchJob
 from ..stale import WARMUP
 from .messages import PipeCall, PlaceBlocks, ProfileBlocks
 
-FAMILIES = ("diffusers_dit:flux", "diffusers_dit:wan")  # models/dit_stages.py FAMILIES (tests check)
+FAMILIES = ("diffusers_dit:flux", "diffusers_dit:wan", "diffusers_dit:sd3")  # models/dit_stages.py FAMILIES (tests check)
 DEFAULT_PATCHES = 8  # what tandem plan proposes for 2 stages on CPU workers (fill and drain 9/8 of a stage)
 
 PIPEFUSION = Knob("pipefusion", int, None, "pipefusion: the stages a DiT's blocks are cut into, one device each "
@@ -47,7 +47,7 @@ class PipeFusion(AsyncDiff):
     axes = ("pipefusion",)
     bench_job = BenchJob(1, False)
     adapters = ("diffusers_dit",)
-    scope = "cuts diffusers' Flux.1 and Wan transformers only"
+    scope = "cuts diffusers' Flux.1, Wan and SD3 transformers only"
     min_warmup = 0  # a call with no keys and values held runs whole
     knobs = (PIPEFUSION, PATCHES, WARMUP)
 
