@@ -50,7 +50,7 @@ def test_missing_cuda_device_is_named(monkeypatch):
     (dict(devices="cpu:2", strategy="batch", cfg_degree=2), "choose strategy 'cfg'"),
     (dict(devices="cpu:2", strategy="cfg", cfg_degree=1), "use strategy 'batch'"),
     (dict(devices="cpu:2", strategy="cfg", cfg_degree=3), "only two branches"),
-    (dict(devices="cpu:2", strategy="pipefusion"), "unknown strategy"),
+    (dict(devices="cpu:2", strategy="zigzag"), "unknown strategy"),
     (dict(devices="cpu:2", strategy="batch", batch_degree=0), "whole number >= 1"),
     (dict(devices="cpu:2", timeout_s=0), "timeout_s must be a finite number of seconds > 0"),
     (dict(devices="cpu:2", timeout_s=float("nan")), "timeout_s must be a finite number of seconds > 0; got nan"),

@@ -430,7 +430,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "one device against bands of rows on the pool (--model tiny, small, sd15, sdxl, flux-small or "
                             "wan-small: 17 frames; --devices, --resolution, --repeats and --json apply); encode: the "
                             "same VAE's encode of a seeded image")
-    bench.add_argument("--strategies", default="cfg,batch",
+    bench.add_argument("--strategies", "--strategy", default="cfg,batch",
                        help=f"comma list of strategies: {', '.join(strategy_choices()[1:])}")
     bench.add_argument("--steps", type=int, default=20, help="sampler calls per run, 1 to 10000")
     bench.add_argument("--resolution", default=None,

@@ -15,7 +15,7 @@ its shapes are recorded while the model is profiled, so a stage can post its rec
 from __future__ import annotations
 
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -119,6 +119,99 @@ def modules_of(layers: list[Layer]) -> list[torch.nn.Module]:
                 seen.add(id(module))
                 out.append(module)
     return out
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)  # weights a stage can park (a meta placeholder stands in)
+
+
+class Placement:
+    """Where a stage-cut model's weights are, used by asyncdiff's and pipefusion's stage workers. `placed`:
+    "host" (as a stage cut loads it: every weight in host memory, none on the device yet), "whole" (every weight
+    on the worker's device) or "stage" (a stage's modules, and the tensors named with them, on the device; every
+    other weight parked in host memory, out of the module, a meta placeholder in its place: a CPU worker's parked
+    weights stay views of the pool's one mapped file). From one stage to another a device never holds more than
+    one stage's weights: what was parked goes back to host memory first."""
+
+    def __init__(self, module: torch.nn.Module, device: torch.device):
+        from ..runtime.worker_loop import ON_HOST
+
+        self.module, self.device = module, device
+        self.placed = "host" if module.__dict__.get(ON_HOST) else "whole"
+        self.parked: dict = {}  # (module, name, "_parameters" | "_buffers") -> a weight of another stage, on the CPU
+
+    @property
+    def staged(self) -> bool:
+        return self.placed == "stage"
+
+    def place(self, keep: list, whole: bool = False) -> None:
+        """Puts `keep` (modules, or single tensors such as a model's own parameter) on the device and parks every
+        other weight, or, `whole`, puts every weight on the device."""
+        self.placed = "whole" if whole else "stage"
+        if getattr(self.module, "_tandem_shared_with_host", False):
+            return  # one copy shared with the host (CUDA IPC): moving would copy it
+        self.unpark(to_device=whole)
+        if whole:
+            self.module.to(self.device)
+            return
+        modules = [m for m in keep if isinstance(m, torch.nn.Module)]
+        kept = {id(t) for m in modules for t in (*m.parameters(), *m.buffers())}
+        kept |= {id(t) for t in keep if isinstance(t, torch.Tensor)}
+        for owner in self.module.modules():
+            for kind in ("_parameters", "_buffers"):
+                for name, tensor in getattr(owner, kind).items():
+                    if tensor is None or id(tensor) in kept or type(tensor) not in _PLAIN:
+                        continue  # a quantized layer's subclass stays where it is
+                    self.parked[(owner, name, kind)] = tensor.to("cpu")
+                    placeholder = torch.empty_like(tensor, device="meta")
+                    getattr(owner, kind)[name] = (torch.nn.Parameter(placeholder, requires_grad=False)
+                                                  if kind == "_parameters" else placeholder)
+        for t in keep:
+            if isinstance(t, torch.nn.Module):
+                t.to(self.device)
+            else:
+                t.data = t.data.to(self.device)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def to_host(self) -> None:
+        """Back to "host" from a stage: the parked weights return to the module as they are (host memory)."""
+        if self.placed == "stage":
+            self.unpark(to_device=False)
+            self.placed = "host"
+
+    def unpark(self, to_device: bool) -> None:
+        """Puts the parked weights back into the module: on the device, or as they are (host memory)."""
+        for (owner, name, kind), tensor in self.parked.items():
+            getattr(owner, kind)[name] = tensor.to(self.device) if to_device else tensor
+        self.parked = {}
+
+    @contextmanager
+    def on_device(self, modules):
+        """`modules`' weights on the device for the block's duration, then the very tensors they held before back
+        in place (nothing copied back): a profile brings one layer at a time to the device."""
+        saved = []
+        for module in modules:
+            for owner in module.modules():
+                for kind in ("_parameters", "_buffers"):
+                    for name, tensor in getattr(owner, kind).items():
+                        if tensor is None or tensor.device == self.device or type(tensor) not in _PLAIN:
+                            continue
+                        saved.append((owner, kind, name, tensor))
+                        moved = tensor.to(self.device)
+                        getattr(owner, kind)[name] = (torch.nn.Parameter(moved, requires_grad=False)
+                                                      if kind == "_parameters" else moved)
+        try:
+            yield
+        finally:
+            for owner, kind, name, tensor in saved:
+                getattr(owner, kind)[name] = tensor
+
+    def held_bytes(self) -> int:
+        """The bytes of weights the model holds on the device now (its stage's and the shared ones')."""
+        from ..runtime.recipe import tensor_bytes
+
+        return sum(tensor_bytes(t) for t in (*self.module.parameters(), *self.module.buffers())
+                   if t.device == self.device)
 
 
 def describe(profile: Profile, cuts: list[int]) -> list[dict[str, Any]]:

@@ -18,7 +18,12 @@ Overlap assumptions, per strategy (each as the strategy's code does it):
 - tensor: two all-reduces per block, exposed (strategies/tensor.py posts each and waits for it).
 - asyncdiff: after warm-up each stage hands its output over while the next call computes; the hand-over is
   exposed only where it outlasts the slowest stage. Warm-up calls run the stages in turn, hand-overs exposed.
-- sharded weights (any strategy but asyncdiff and tensor): each block's gather, exposed on CPU workers, hidden
+- pipefusion: a patched call is a pipeline of M patches through N stages: about (M + N - 1) / M of the slowest
+  stage's whole-sequence time, each extra patch relaunching the stage's layers (its share of the fixed part);
+  the fill's hand-overs (N - 1 patches) are exposed, a later patch's only where it outlasts a patch's compute.
+  Warm-up calls run the stages in turn, the whole sequence handed over at each cut, exposed. M: the best of
+  PATCH_CHOICES (`proposed_patches`).
+- sharded weights (any strategy but asyncdiff, pipefusion and tensor): each block's gather, exposed on CPU workers, hidden
   behind the compute on CUDA where the compute is longer (`sharded_cost`).
 Compute: a row group's call on one device, split: sequence splits take a rank's part as measured on one device
 (Inputs.shard_seconds; else the call over the group's size); asyncdiff by the layer profile's balanced cut;
@@ -52,6 +57,7 @@ class Cost:
     rows: int = 1
     kept: int = 0
     gathered: int = 0
+    note: str = ""  # what the plan chose inside the strategy (pipefusion: the patches it proposes)
 
 
 def rows_cost(inp, mesh) -> Cost:
@@ -130,6 +136,50 @@ def _staged_group(inp, rows: int, stages: int) -> tuple[Cost, list[int]]:
             cuts)
 
 
+PATCH_CHOICES = (2, 4, 8)
+
+
+def pipeline_cost(inp, mesh) -> Cost:
+    """pipefusion: the balanced cut of the blocks' profile (asyncdiff's), per row group, with the patches the
+    plan proposes for the busiest group."""
+    rows = [g for g in group_rows(mesh, inp.shape, inp.branches) if g]
+    patches = proposed_patches(inp, mesh)
+    groups = [_pipeline_group(inp, g, mesh.inner, patches) for g in rows]
+    worst = max((cost for cost, _ in groups), key=lambda cost: cost.busy)
+    peer = sum(g * _crossing(inp, cuts) * (mesh.inner - 1) for g, (_, cuts) in zip(rows, groups))
+    kept = _stage_weights(inp, groups[0][1]) if inp.layer_weight_bytes else inp.weight_bytes // mesh.inner
+    return replace(worst, traffic=Traffic(peer=peer), memory=kept + max(rows) * inp.activation_bytes_per_row,
+                   kept=kept, note=f"{patches} patches proposed (--patches)")
+
+
+def proposed_patches(inp, mesh) -> int:
+    """The patches (of PATCH_CHOICES) with the shortest predicted patched call for the busiest row group."""
+    busiest = max(group_rows(mesh, inp.shape, inp.branches))
+    return min(PATCH_CHOICES, key=lambda m: (_pipeline_group(inp, busiest, mesh.inner, m)[0].busy, m))
+
+
+def _pipeline_group(inp, rows: int, stages: int, patches: int) -> tuple[Cost, list[int]]:
+    """One chain of `stages` stages running `rows` rows in `patches` patches, and its cuts."""
+    whole = inp.seconds(rows)
+    layers = inp.layer_seconds or (1.0,) * stages
+    costs = [whole * s / (sum(layers) or 1.0) for s in layers]
+    cuts = balance(costs, stages)
+    slowest = max(stage_costs(costs, cuts))
+    compute = slowest * (patches + stages - 1) / patches + (patches - 1) * inp.fixed_seconds / stages
+    handover = inp.link.seconds(rows * _crossing(inp, cuts))  # the whole sequence across one cut
+    piece = inp.link.seconds(rows * _crossing(inp, cuts) / patches)
+    exposed = (stages - 1) * piece + (patches - 1) * max(0.0, piece - slowest / patches)
+    return (Cost(compute + exposed, compute, exposed, (stages - 1) * handover, Traffic(), 0,
+                 whole + (stages - 1) * handover, rows), cuts)
+
+
+def _crossing(inp, cuts: list[int]) -> int:
+    """Bytes per row crossing a cut: the tokens (all streams) at the widest cut, else the sequence's width."""
+    if inp.shape.handover_bytes and cuts:
+        return max(inp.shape.handover_bytes[c] for c in cuts)
+    return inp.shape.tokens * inp.shape.width * inp.shape.itemsize
+
+
 def _stage_weights(inp, cuts: list[int]) -> int:
     """The heaviest stage's weights: its layers' plus what every stage holds (the rest of the model)."""
     if not inp.layer_weight_bytes:
@@ -183,6 +233,8 @@ def cost_for(strategy):
         return staged_cost
     if strategy.axes == ("tensor",):
         return tensor_cost
+    if strategy.axes == ("pipefusion",):
+        return pipeline_cost
     if not strategy.axes:
         return rows_cost
     return None

@@ -101,19 +101,27 @@ def call_shape(model, resolution: tuple[int, int], rows: int) -> CallShape:
 
 
 def _profile(model, resolution, repeats: int):
-    """(layer seconds, bytes crossing each cut per row, each layer's weight bytes); () where the model's family
-    cannot be cut into stages."""
+    """(layer seconds, bytes crossing each cut per row, each layer's weight bytes): a UNet's layers (asyncdiff) or
+    a DiT's blocks (pipefusion); () where the model's family cannot be cut into stages."""
     from ..models.stage_families import adapter_for
     from ..models.stages import Activations, modules_of, profile
 
+    from ..models.dit_stages import FAMILIES
+
+    call = sample_call(model, 1, resolution)
+    dit = FAMILIES.get(model.family)
     try:
-        adapter = adapter_for(model.family)
+        adapter = adapter_for(model.family) if dit is None else None
     except ValueError:
         return (), (), ()
-    call = sample_call(model, 1, resolution)
-    layers = adapter.layers(model.module)
     with torch.inference_mode():
-        measured = profile(layers, adapter.prepare(model.module, call, call.t), Activations(call.x), repeats)
+        if dit is not None:  # pipefusion's blocks
+            layers = dit.layers(model.module)
+            ctx, first = dit.context(model.module, call), dit.tokens(model.module, call)
+        else:
+            layers = adapter.layers(model.module)
+            ctx, first = adapter.prepare(model.module, call, call.t), Activations(call.x)
+        measured = profile(layers, ctx, first, repeats)
     weights = tuple(sum(tensor_bytes(list(m.parameters())) for m in modules_of([layer])) for layer in layers)
     return tuple(measured.seconds), tuple(measured.bytes_per_row(i) for i in range(len(layers))), weights
 

@@ -175,7 +175,8 @@ def predict(inp: Inputs, mesh: Mesh, weights: str = "replicated") -> Candidate:
               f"{1000 * cost.transfer:.1f} ms exchange not hidden ({cost.traffic.peer / 2**20:.2f} MiB between "
               f"devices) + {1000 * host_s:.1f} ms host transfers ({(host.host_in + host.host_out) / 2**20:.2f} MiB)"
               + (f" + {1000 * inp.host_overhead_s:.1f} ms overhead" if inp.host_overhead_s else "")
-              + (f"; stale after {counted(inp.warmup, 'exact step')}" if stale else ""))
+              + (f"; stale after {counted(inp.warmup, 'exact step')}" if stale else "")
+              + (f"; {cost.note}" if cost.note else ""))
     if weights == "sharded":
         reason += f"; weights sharded over {mesh.devices} devices, each block gathered before it runs"
     return Candidate(mesh.strategy, mesh.degrees(), mesh.size, one / call, whole_run / split_run, call, not stale,

@@ -45,16 +45,21 @@ class AsyncDiff(Strategy):
 
     # ---- host side ---------------------------------------------------------------------------------------
 
-    def plan(self, engine, call, mesh, config, fingerprint: str) -> dict[int, StageCall]:
+    def plan(self, engine, call, mesh, config, fingerprint: str) -> dict:
         shares = mesh.row_shares(call.rows, call.branches)
         groups = [(g, rows) for g, rows in enumerate(shares) if len(rows)]
         self._ensure_stages(engine, fingerprint, call.select(groups[0][1]), mesh, config)
         work = {}
         for g, rows in groups:
             share = replace(call.select(rows), stream=(*call.stream, "rows", rows.start, rows.stop))
+            message = self.call_message(engine, fingerprint, share, config)
             for rank in mesh.ranks(g):
-                work[rank] = StageCall(fingerprint, share)
+                work[rank] = message
         return work
+
+    def call_message(self, engine, fingerprint: str, share, config):
+        """The message each stage of a row group gets for its share of the call (`share`: its rows, its stream)."""
+        return StageCall(fingerprint, share)
 
     def gather(self, call, mesh, replies: dict[int, Computed]):
         import torch
@@ -72,12 +77,11 @@ class AsyncDiff(Strategy):
         shape_key = (fingerprint, tuple(sample.x.shape[1:]), str(sample.x.dtype),
                      None if sample.context is None else tuple(sample.context.shape[1:]))
         if shape_key not in profiles:
-            reply = engine.request({0: ProfileLayers(fingerprint, sample)}, "measuring the model's layers")[0]
+            reply = engine.request({0: self.profile_message(fingerprint, sample)}, "measuring the model's layers")[0]
             profiles[shape_key] = Profile(reply["names"], reply["layer_seconds"], reply["crossing"])
         profile = profiles[shape_key]
         speeds = stage_speeds(mesh)
-        setup_key = (shape_key, mesh.groups, mesh.inner, config.warmup, config.stride, config.time_shift, speeds,
-                     engine.pool_generation())
+        setup_key = (shape_key, mesh.groups, mesh.inner, self.setup_knobs(config), speeds, engine.pool_generation())
         if state.get("setup") == setup_key:
             return
         stages = mesh.inner
@@ -86,16 +90,17 @@ class AsyncDiff(Strategy):
         work = {}
         for g in range(mesh.groups):
             for stage, rank in enumerate(mesh.ranks(g)):
-                work[rank] = PlaceStages(fingerprint, StagePlan(
+                work[rank] = self.place_message(fingerprint, config, StagePlan(
                     stage, stages, cuts, rank - 1 if stage else None, rank + 1 if stage < stages - 1 else None,
                     config.warmup, config.stride, config.time_shift, crossing))
         engine.request(work, "placing the stages")
         state["setup"] = setup_key
+        state.pop("warm", None)  # what a stage held for the old cut is gone
         slowest = max(c / s for c, s in zip(stage_costs(profile.seconds, list(cuts)), speeds or [1.0] * stages))
         if slowest > sum(profile.seconds):  # its stages cannot leave a device out: say so
-            engine.say(f"Tandem: asyncdiff on {stages} stages of speeds {', '.join(f'{s:.2f}' for s in speeds)}: even "
+            engine.say(f"Tandem: {self.name} on {stages} stages of speeds {', '.join(f'{s:.2f}' for s in speeds)}: even "
                        "the balanced cut leaves the slowest stage busier than the fastest device alone; use fewer "
-                       "stages (--stages) or leave the slow device out of --devices")
+                       f"stages (--{self.axes[0]}) or leave the slow device out of --devices")
         state["plan"] = {"cuts": list(cuts), "fingerprint": fingerprint, "crossing": [profile.crossing[c] for c in cuts],
                          "stages": describe(profile, list(cuts)), "layer_names": profile.names,
                          "layer_seconds": profile.seconds, "stage_speeds": list(speeds or [1.0] * stages)}
@@ -113,6 +118,18 @@ class AsyncDiff(Strategy):
 
         module.__dict__[ON_HOST] = True
         return module
+
+    def profile_message(self, fingerprint: str, sample):
+        """The message that has one worker time every layer for `sample`'s shapes."""
+        return ProfileLayers(fingerprint, sample)
+
+    def place_message(self, fingerprint: str, config, plan: StagePlan):
+        """The message that gives one worker its stage of the cut."""
+        return PlaceStages(fingerprint, plan)
+
+    def setup_knobs(self, config) -> tuple:
+        """The settings the workers' stage set-up depends on (a change sets them up again)."""
+        return config.warmup, config.stride, config.time_shift
 
     def stage_plan(self, engine) -> dict | None:
         """The cut the workers hold (layer costs, each stage's share and what it receives), or None."""

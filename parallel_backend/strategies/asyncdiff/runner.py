@@ -14,19 +14,16 @@ order, since NCCL pairs messages by issue order (primitives' strict mode checks 
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
 
 import torch
 
 from ...runtime import primitives
 from ...runtime.messages import Computed
-from ...runtime.worker_loop import ON_HOST
 from ...models.stage_families import adapter_for
-from ...models.stages import Activations, Profile, modules_of, profile, synchronize
+from ...models.stages import Activations, Placement, Profile, modules_of, profile, synchronize
 from . import schedule
 from .messages import PlaceStages, ProbeExchange, ProfileLayers, StageCall, StagePlan
 
-_PLAIN = (torch.Tensor, torch.nn.Parameter)  # weights a stage can park (a meta placeholder stands in)
 ORIGIN_DTYPE = torch.float64  # the timestep a stage's input came from travels with the activations
 
 
@@ -80,95 +77,36 @@ class StageRunner:
         self.adapter = adapter_for(family)
         self.layers = self.adapter.layers(module)
         self.plan: StagePlan | None = None
-        # where the weights are: "host" (as a stage cut loads them: in host memory, none on the device yet),
-        # "whole" (all on the device), "stage" (this stage's and the shared ones on the device, the rest parked)
-        self.placed = "host" if module.__dict__.get(ON_HOST) else "whole"
-        self.parked: dict = {}  # (module, name, "_parameters" | "_buffers") -> a weight of another stage, on the CPU
+        self.placement = Placement(module, device)
         self.job = None
         self.streams: dict = {}
 
     # ---- placement ---------------------------------------------------------------------------------------
 
     def _place(self, keep: list[torch.nn.Module], whole: bool = False) -> None:
-        """Puts `keep` (and the shared modules) on this worker's device and parks every other weight in host
-        memory, out of the module (a CPU worker's parked weights stay views of the pool's one mapped file), or,
-        `whole`, puts every weight on the device: a stage holds only its own layers' weights. Weights parked
-        before go back where they were (host memory) unless `whole`, so a device never holds more than one
-        stage's weights on the way from one stage to another."""
-        self.placed = "whole" if whole else "stage"
-        if getattr(self.module, "_tandem_shared_with_host", False):
-            return  # one copy shared with the host (CUDA IPC): moving would copy it
-        self._unpark(to_device=whole)
-        if whole:
-            self.module.to(self.device)
-            return
-        keep = [*self.adapter.shared_modules(self.module), *keep]
-        kept = {id(t) for m in keep for t in (*m.parameters(), *m.buffers())}
-        for owner in self.module.modules():
-            for kind in ("_parameters", "_buffers"):
-                for name, tensor in getattr(owner, kind).items():
-                    if tensor is None or id(tensor) in kept or type(tensor) not in _PLAIN:
-                        continue  # a quantized layer's subclass stays where it is
-                    self.parked[(owner, name, kind)] = tensor.to("cpu")
-                    placeholder = torch.empty_like(tensor, device="meta")
-                    getattr(owner, kind)[name] = (torch.nn.Parameter(placeholder, requires_grad=False)
-                                                  if kind == "_parameters" else placeholder)
-        for m in keep:
-            m.to(self.device)
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
-
-    def _unpark(self, to_device: bool) -> None:
-        """Puts the parked weights back into the module: on the device, or as they are (host memory)."""
-        for (owner, name, kind), tensor in self.parked.items():
-            getattr(owner, kind)[name] = tensor.to(self.device) if to_device else tensor
-        self.parked = {}
-
-    @contextmanager
-    def _on_device(self, modules):
-        """`modules`' weights on this worker's device for the block's duration, then the very tensors they held
-        before back in place (nothing copied back)."""
-        saved = []
-        for module in modules:
-            for owner in module.modules():
-                for kind in ("_parameters", "_buffers"):
-                    for name, tensor in getattr(owner, kind).items():
-                        if tensor is None or tensor.device == self.device or type(tensor) not in _PLAIN:
-                            continue
-                        saved.append((owner, kind, name, tensor))
-                        moved = tensor.to(self.device)
-                        getattr(owner, kind)[name] = (torch.nn.Parameter(moved, requires_grad=False)
-                                                      if kind == "_parameters" else moved)
-        try:
-            yield
-        finally:
-            for owner, kind, name, tensor in saved:
-                getattr(owner, kind)[name] = tensor
+        """Puts `keep` and the shared modules on this worker's device, every other weight parked (a stage holds
+        only its own layers' weights), or, `whole`, the whole model back."""
+        self.placement.place([] if whole else [*self.adapter.shared_modules(self.module), *keep], whole)
 
     def held_bytes(self) -> int:
-        """The bytes of weights this worker's model holds on its device now (its stage's and the shared ones')."""
-        from ...runtime.recipe import tensor_bytes
-
-        return sum(tensor_bytes(t) for t in (*self.module.parameters(), *self.module.buffers())
-                   if t.device == self.device)
+        return self.placement.held_bytes()
 
     def place_whole(self) -> None:
         """The whole model on this device (a plain forward runs next); the stage placement returns on the next
         stage call."""
-        if self.placed != "whole":
+        if self.placement.placed != "whole":
             self._place([], whole=True)
 
     def profile(self, message: ProfileLayers) -> dict:
         """Times every layer on this device with the call's shapes. Weights in host memory (a stage cut, as it
         loads) reach the device a layer at a time, outside the timed runs, so the device never holds them all."""
-        if self.placed == "stage":
-            self._unpark(to_device=False)
-            self.placed = "host"
+        self.placement.to_host()
         call = message.call.to(self.device)
-        with torch.inference_mode(), self._on_device(self.adapter.shared_modules(self.module)):
+        on_device = self.placement.on_device
+        with torch.inference_mode(), on_device(self.adapter.shared_modules(self.module)):
             ctx = self.adapter.prepare(self.module, call, call.t)
             measured = profile(self.layers, ctx, Activations(call.x), repeats=3,
-                               around=lambda layer: self._on_device([m for m in layer.modules if m is not None]))
+                               around=lambda layer: on_device([m for m in layer.modules if m is not None]))
         self.plan = None  # the placement changed; the host sends a setup next
         return {"names": measured.names, "layer_seconds": measured.seconds, "crossing": measured.crossing}
 
@@ -217,7 +155,7 @@ class StageRunner:
         plan = self.plan
         if plan is None:
             raise RuntimeError("this worker has no stage assigned (the host sends a stage setup first)")
-        if self.placed != "stage":
+        if not self.placement.staged:
             self._place(modules_of(self.mine))
         call = message.call
         if call.job != self.job:

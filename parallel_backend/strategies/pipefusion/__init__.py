@@ -1,0 +1,135 @@
+"""pipefusion: a DiT's blocks cut into stages, one per device, and its tokens into patches that flow through the
+stages as a pipeline, each attention using this call's fresh keys and values for the patches already computed
+and the call before's for the others (PipeFusion, xDiT).
+
+Host side (this module): the cut is asyncdiff's (the first call of a model and shape measures every block on
+one worker, `schedule.balance` picks the cut, each worker is told its stage and holds only its blocks' weights;
+the embedders sit with the first stage, the output norm and projection with the last). Each row group of the
+mesh (cfg x batch) runs the call on its own chain of stages; the last stage's output is the group's prediction.
+A call runs as one patch (the whole sequence: exact, and it fills every attention's keys and values) during the
+job's first `warmup` steps and whenever its stream has not yet had a whole-sequence call of its shape on the
+current cut; else as `patches` patches. Worker side: runner.py; the patches: patches.py; families:
+models/dit_stages.py.
+
+Text tokens of a joint-attention model (Flux) all go with patch 0, not with every patch: patch 0 passes every
+block before any later patch reaches it (each stage runs its patches in order), so the text's keys and values
+are fresh for every patch at every block, computed once per call instead of once per patch; the text tokens'
+own outputs see patch 0's image tokens fresh and the others from the call before, as every image token does.
+"""
+
+from __future__ import annotations
+
+import statistics
+from ...runtime.knobs import Knob
+from ...runtime.words import counted
+from ..asyncdiff import AsyncDiff
+from ..base import BenchJob
+from ..stale import WARMUP
+from .messages import PipeCall, PlaceBlocks, ProfileBlocks
+
+FAMILIES = ("diffusers_dit:flux", "diffusers_dit:wan", "diffusers_dit:sd3")  # models/dit_stages.py FAMILIES (tests check)
+DEFAULT_PATCHES = 8  # what tandem plan proposes for 2 stages on CPU workers (fill and drain 9/8 of a stage)
+
+PIPEFUSION = Knob("pipefusion", int, None, "pipefusion: the stages a DiT's blocks are cut into, one device each "
+                  "(default: the devices left after cfg and batch)", low=1, unset=True,
+                  axis="they cut a DiT's blocks into pipelined stages")
+PATCHES = Knob("patches", int, None, f"pipefusion: the patches the token sequence is cut into (default "
+               f"{DEFAULT_PATCHES}; more hides more of the pipeline's fill, each costs a launch per block)",
+               low=1, high=64, unset=True, unset_means=f"{DEFAULT_PATCHES}")
+
+
+class PipeFusion(AsyncDiff):
+    """asyncdiff's stages (exact False, collective, each stage its own weights), on a DiT's blocks, pipelined."""
+
+    name = "pipefusion"
+    summary = ("a DiT's blocks cut into stages, one per device, its tokens into patches pipelined through them, "
+               "attention on the other patches' one-step-stale keys and values (approximate after warm-up).")
+    axes = ("pipefusion",)
+    bench_job = BenchJob(1, False)
+    adapters = ("diffusers_dit",)
+    scope = "cuts diffusers' Flux.1, Wan and SD3 transformers only"
+    min_warmup = 0  # a call with no keys and values held runs whole
+    knobs = (PIPEFUSION, PATCHES, WARMUP)
+
+    def check_family(self, family: str) -> None:
+        if family not in FAMILIES:
+            raise ValueError(f"strategy 'pipefusion' {self.scope}, and this model is {family.split(':', 1)[-1]!r}: "
+                             "use cfg, batch, ulysses or auto for it")
+
+    def call_message(self, engine, fingerprint: str, share, config) -> PipeCall:
+        return PipeCall(fingerprint, share, self._patches(engine, share, config))
+
+    def _patches(self, engine, call, config) -> int:
+        """This call's patches: 1 in warm-up and for a stream with no whole-sequence call of this shape since
+        the cut was placed or the job began; else the knob's."""
+        state = engine.state(self.name)
+        if state.get("warm_job") != call.job:
+            state["warm_job"], state["warm"] = call.job, set()
+        warm = state.setdefault("warm", set())
+        key = (call.stream, tuple(call.x.shape), None if call.context is None else tuple(call.context.shape))
+        if (call.step or 0) < config.warmup or key not in warm or mesh_stages(state) < 2:
+            warm.add(key)
+            return 1
+        return config.patches or DEFAULT_PATCHES
+
+    def profile_message(self, fingerprint: str, sample):
+        return ProfileBlocks(fingerprint, sample)
+
+    def place_message(self, fingerprint: str, config, plan):
+        return PlaceBlocks(fingerprint, plan)
+
+    def setup_knobs(self, config) -> tuple:
+        return ()
+
+    def explain(self, mesh, config, steps: int, devices: list[str]) -> str:
+        m, n = config.patches or DEFAULT_PATCHES, mesh.inner
+        text = (f"pipefusion: {n} stages on {', '.join(devices[:n])}, each its share of the blocks; warm-up "
+                f"{counted(config.warmup, 'step')} run the whole sequence through the stages in turn (exact), every "
+                f"later step {m} patches in a pipeline: stage s runs patch p while stage s+1 runs patch p-1, about "
+                f"{(m + n - 1) / m:.2f} of one stage's whole-sequence time per call; approximate.")
+        if mesh.groups > 1:
+            text += f"\n(the same for each of {mesh.groups} row groups: cfg {mesh.cfg} x batch {mesh.batch})"
+        return text
+
+    def bench_figures(self, executor, loop, row: dict) -> dict:
+        """The ideal from the measured cut (1 / the largest stage's share), the bytes crossing between stages
+        per call and the wait not hidden behind compute, over the patched calls."""
+        engine, config = executor.engine, executor.config
+        plan = self.stage_plan(engine)
+        shares = [s["share"] for s in plan["stages"]]
+        slowest = max(share / speed for share, speed in zip(shares, plan["stage_speeds"]))
+        patched = [c for c in loop.calls if c["step"] >= config.warmup] or loop.calls
+        exposed = statistics.median(c["wait"] for c in patched)
+        moved = statistics.median(c["bytes"] for c in patched)
+        m = config.patches or DEFAULT_PATCHES
+        summary = (f"pipefusion: {len(shares)} stages, work shares {' / '.join(f'{100 * s:.1f}%' for s in shares)}, "
+                   f"{m} patches; warm-up {counted(config.warmup, 'step')}; {moved / 2**20:.2f} MiB between stages "
+                   f"per call, {1000 * exposed:.1f} ms waited not hidden by compute")
+        return {"ideal_speedup": 1.0 / slowest, "stage_shares": shares, "patches": m, "warmup": config.warmup,
+                "transfer_bytes_per_call_median": moved, "exposed_wait_seconds_per_call_median": exposed,
+                "summary": summary}
+
+    def worker_handlers(self) -> dict:
+        return {ProfileBlocks: _on_runner("profile"), PlaceBlocks: _on_runner("setup"), PipeCall: _on_runner("call")}
+
+
+def mesh_stages(state: dict) -> int:
+    """The stages of the cut the workers hold (from the plan asyncdiff's set-up records)."""
+    return len(state.get("plan", {}).get("cuts", [])) + 1
+
+
+def _on_runner(method: str):
+    """A worker handler that hands the message to the worker's PipeRunner for the message's model."""
+
+    def handle(worker, message):
+        from .runner import PipeRunner
+
+        module, family = worker.model(message.fingerprint)
+        runner = worker.slot(message.fingerprint, "pipefusion", lambda: PipeRunner(module, family, worker.device))
+        worker.on_forward(message.fingerprint, runner.place_whole)
+        return getattr(runner, method)(message)
+
+    return handle
+
+
+STRATEGY = PipeFusion()

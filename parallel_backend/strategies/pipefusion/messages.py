@@ -1,0 +1,28 @@
+"""pipefusion's messages from the host to its stage workers (answered by runner.PipeRunner). The measuring and
+the cut are asyncdiff's (its StagePlan); the message types are pipefusion's own, so each strategy's worker
+handles its own."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ..asyncdiff.messages import PlaceStages, ProfileLayers
+
+
+class ProfileBlocks(ProfileLayers):
+    """Time every transformer block of the model on this worker with the call's shapes (the whole sequence)."""
+
+
+class PlaceBlocks(PlaceStages):
+    """This worker's stage of the blocks (plan: asyncdiff's StagePlan; stride and time shift unused)."""
+
+
+@dataclass(frozen=True)
+class PipeCall:
+    """One call's share of rows through the chain of stages, its tokens cut into `patches` (1: the whole
+    sequence, exact)."""
+
+    fingerprint: str
+    call: Any
+    patches: int

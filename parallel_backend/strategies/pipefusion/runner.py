@@ -1,0 +1,230 @@
+"""The worker side of pipefusion: one stage of a DiT's blocks, run patch by patch, with every attention's keys
+and values of the whole sequence kept per stream.
+
+A call of `patches` patches: the first stage embeds the tokens and cuts them (patches.Patches); for each patch in
+order, a stage takes it (from the embedders, or from the stage before), runs its blocks on it and hands it on, so
+stage s works on patch m while stage s-1 works on patch m+1. In each routed attention (the family's `Attend`
+modules) the patch's queries attend to the keys and values of the whole sequence held for that attention: the
+rows of this call's earlier patches were written fresh as they passed, the rest are from the call before. A call
+of one patch (warm-up, or the host finding no complete cache) computes the whole sequence exactly and writes
+every row.
+
+Point-to-point order: a stage posts the receives of all its patches at the call's start, in patch order, and its
+sender sends them in that order (NCCL pairs by issue order); every send and receive goes through
+`primitives.exchange`; a wait never synchronizes the device (on CUDA a wait only orders the streams). Every
+exchange is waited for before the call returns: nothing is in flight between calls.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from contextlib import ExitStack, contextmanager
+
+import torch
+
+from ...models import dit_stages
+from ...models.attention_route import ROUTE, Route
+from ...models.sequence_hooks import attribute, sites
+from ...models.stages import Activations, Placement, modules_of, profile, synchronize
+from ...runtime import primitives
+from ...runtime.messages import Computed
+from .messages import PipeCall, PlaceBlocks, ProfileBlocks
+from .patches import Patches
+
+
+@dataclass(frozen=True)
+class Rows:
+    """Where a routed attention's patch sits: the attention (its module path) and the patch's positions in its
+    joint sequence (None: the whole sequence)."""
+
+    path: str
+    positions: torch.Tensor | None
+
+
+class KeyValues:
+    """One stream's keys and values (B, H, L, D) per routed attention, over the whole joint sequence. The
+    sequence route's `group`: the diffusers dispatcher hands it each routed attention (q, k, v: (B, H, l, D))."""
+
+    def __init__(self):
+        self.held: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.shape = None  # (rows, tokens per stream) of the whole-sequence call that wrote them
+
+    def attention(self, q, k, v, shards, key_mask=None, scale=None):
+        path, positions = shards.path, shards.positions
+        if key_mask is not None:
+            raise ValueError(f"pipefusion takes no attention mask in {path}")
+        if positions is None:  # the whole sequence: exact, and every row written
+            self.held[path] = (k.contiguous(), v.contiguous())
+            keys, values = k, v
+        else:
+            keys, values = self.held.get(path, (None, None))
+            if keys is None:
+                raise RuntimeError(f"pipefusion: {path} holds no keys and values for this stream (a patched call "
+                                   "follows a whole-sequence one)")
+            index = positions.to(keys.device)
+            keys.index_copy_(2, index, k)
+            values.index_copy_(2, index, v)
+        return torch.nn.functional.scaled_dot_product_attention(q, keys, values, scale=scale)
+
+    def check(self, shape: tuple, patches: int) -> None:
+        """Before a call of `shape` (rows, tokens per stream): one patch writes every row; a patched call needs the
+        rows of a whole-sequence call of that shape."""
+        if patches == 1:
+            self.held, self.shape = {}, shape
+        elif self.shape != shape:
+            raise RuntimeError(f"pipefusion: a call of {patches} patches and shape {shape} follows keys and values of "
+                               f"shape {self.shape} on this stream (the host runs a whole-sequence call first)")
+
+
+class PipeRunner:
+    def __init__(self, module: torch.nn.Module, family: str, device: torch.device):
+        self.module, self.device = module, device
+        self.family = dit_stages.FAMILIES[family]
+        self.layers = self.family.layers(module)
+        self.placement = Placement(module, device)
+        self.attends = [(path, attention, attend) for attend in self.family.attends()
+                        for path, attention in sites(module, attend.modules)]
+        self.plan = None
+        self.job, self.streams = None, {}
+        self.patch = 0  # the patch being run (the routed attentions' positions)
+
+    def place_whole(self) -> None:
+        """The whole model on this device (a plain forward runs next); the stage returns on the next call."""
+        if self.placement.placed != "whole":
+            self.placement.place([], whole=True)
+
+    def _place_stage(self) -> None:
+        family, plan = self.family, self.plan
+        keep = [*family.shared(self.module), *modules_of(self.mine)]
+        keep += family.first(self.module) if plan.prev is None else []
+        keep += family.last(self.module) if plan.next is None else []
+        self.placement.place(keep)
+
+    def profile(self, message: ProfileBlocks) -> dict:
+        """Times every block on this device over the whole sequence. Weights in host memory (a stage cut, as it
+        loads) reach the device a block at a time, outside the timed runs, beside the embedders and the output
+        layers, so the device never holds them all."""
+        self.placement.to_host()
+        call = message.call.to(self.device)
+        self.family.refuse(call)
+        family, on_device = self.family, self.placement.on_device
+        around = [*family.shared(self.module), *family.first(self.module), *family.last(self.module)]
+        with torch.inference_mode(), on_device([m for m in around if isinstance(m, torch.nn.Module)]):
+            ctx = family.context(self.module, call)
+            measured = profile(self.layers, ctx, family.tokens(self.module, call), repeats=2,
+                               around=lambda layer: on_device([m for m in layer.modules if m is not None]))
+        self.plan = None
+        return {"names": measured.names, "layer_seconds": measured.seconds, "crossing": measured.crossing}
+
+    def setup(self, message: PlaceBlocks) -> dict:
+        plan = message.plan
+        bounds = [0, *plan.cuts, len(self.layers)]
+        self.mine = self.layers[bounds[plan.stage]:bounds[plan.stage + 1]]
+        self.plan, self.streams, self.job = plan, {}, None
+        self._place_stage()
+        return {"layers": [layer.name for layer in self.mine]}
+
+    # ---- one call ----------------------------------------------------------------------------------------
+
+    def call(self, message: PipeCall) -> Computed:
+        plan, family = self.plan, self.family
+        if plan is None:
+            raise RuntimeError("this worker has no stage assigned (the host sends a stage setup first)")
+        if not self.placement.staged:
+            self._place_stage()
+        call = message.call.to(self.device)
+        family.refuse(call)
+        if call.job != self.job:
+            self.job, self.streams = call.job, {}
+        cache = self.streams.setdefault(call.stream, KeyValues())
+        stats = {"compute": 0.0, "wait": 0.0, "bytes": 0}
+        with torch.inference_mode():
+            ctx = family.context(self.module, call)
+            first = family.tokens(self.module, call) if plan.prev is None else None
+            patches = Patches(family.count(self.module, call), message.patches)
+            cache.check((call.rows, tuple(patches.lengths.items())), patches.count)
+            pieces = self._pieces(first, patches) if first is not None else self._receive(call, patches)
+            done, handles = [], []
+            with self._routed(cache, patches):
+                for m in range(patches.count):
+                    acts = self._arrived(pieces, m, stats)
+                    mark = time.perf_counter()
+                    self.patch = m
+                    patch_ctx = ctx if patches.count == 1 else family.patch(
+                        ctx, torch.tensor(patches.positions(m, family.joint)))
+                    for layer in self.mine:
+                        layer.run(patch_ctx, acts)
+                    stats["compute"] += time.perf_counter() - mark
+                    if plan.next is None:
+                        done.append(acts.h)
+                        continue
+                    sent = [t for t in acts.tensors() if t.numel()]
+                    handles += primitives.exchange([(plan.next, t) for t in sent], [], self.device)[1]
+                    stats["bytes"] += sum(t.numel() * t.element_size() for t in sent)
+            mark = time.perf_counter()
+            primitives.wait_all(handles)
+            stats["wait"] += time.perf_counter() - mark
+            out = family.finish(self.module, call, ctx, torch.cat(done, 1)) if plan.next is None else None
+        synchronize(self.device)
+        return Computed(out, stats["compute"], stats["wait"], stats["bytes"],
+                        extra={"layers": len(self.mine), "weights_bytes": self.placement.held_bytes(),
+                               "patches": patches.count})
+
+    def _pieces(self, acts: Activations, patches: Patches) -> list:
+        """The first stage's patches of the embedded whole sequence."""
+        out = []
+        for m in range(patches.count):
+            ranges = patches.ranges(m)
+            out.append(Activations.from_tensors(
+                [t[:, ranges[s].start:ranges[s].stop] for s, t in zip(self.family.streams, acts.tensors())]))
+        return out
+
+    def _receive(self, call, patches: Patches) -> list:
+        """Posts every patch's receives from the stage before, in patch order; [(buffers, handles)] per patch."""
+        rows, (width, dtype) = call.rows, self._width_and_dtype()
+        out = []
+        for m in range(patches.count):
+            ranges = patches.ranges(m)
+            specs = [(self.plan.prev, (rows, len(ranges[s]), width), dtype) for s in self.family.streams]
+            out.append(primitives.exchange([], specs, self.device))
+        return out
+
+    def _arrived(self, pieces: list, m: int, stats: dict) -> Activations:
+        piece = pieces[m]
+        if isinstance(piece, Activations):
+            return piece
+        buffers, handles = piece
+        mark = time.perf_counter()
+        primitives.wait_all(handles)
+        stats["wait"] += time.perf_counter() - mark
+        return Activations.from_tensors(list(buffers))
+
+    def _width_and_dtype(self) -> tuple[int, torch.dtype]:
+        """The tokens' width and dtype as they cross between stages (the model's inner width and dtype)."""
+        config = self.module.config
+        return config.num_attention_heads * config.attention_head_dim, self.module.dtype
+
+    @contextmanager
+    def _routed(self, cache: KeyValues, patches: Patches):
+        """While inside, the routed attentions of this stage's blocks go to `cache`, at the positions of the patch
+        `self.patch` names."""
+        from ...models.diffusers_sequence import group_attention
+
+        route = Route(cache, via="pipefusion")
+        mine = {id(layer.modules[0]) for layer in self.mine}
+        attends = [(p, a, attend) for p, a, attend in self.attends if id(attribute(self.module, p.rsplit(".", 1)[0])) in mine]
+        positions = {attend.streams: [torch.tensor(patches.positions(m, attend.streams)) if patches.count > 1 else None
+                                      for m in range(patches.count)] for _, _, attend in attends}
+        with ExitStack() as stack:
+            for path, attention, attend in attends:
+                def arm(module, args, path=path, streams=attend.streams):
+                    route.shards = Rows(path, positions[streams][self.patch])
+                    route.arm(path)
+
+                stack.enter_context(attention.register_forward_pre_hook(arm))
+                stack.enter_context(attention.register_forward_hook(lambda *_: route.disarm()))
+            token = ROUTE.set(route)
+            stack.callback(ROUTE.reset, token)
+            stack.enter_context(group_attention(self.family.row(), attends))
+            yield

@@ -1,0 +1,200 @@
+"""pipefusion: the patch cut (pure), then on pools of CPU workers: a warm-up covering every step equals one device
+(Flux and Wan) with each worker running its stage and holding only its blocks' weights; after warm-up the result
+stays within the PSNR floor; cfg 2 x pipefusion 2 on four workers; a job never sees another's keys and values;
+a worker lost in the middle of the pipeline fails the job in time, naming it, and the next job runs."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from parallel_backend import strategies
+from parallel_backend.engine.config import ParallelConfig
+from parallel_backend.engine.oracle import Job, job_for, psnr, run_loop
+from parallel_backend.hosts.executor import ParallelExecutor
+from parallel_backend.models import dit_stages
+from parallel_backend.models.benchmodels import build_bench_model
+from parallel_backend.runtime.pool import WorkerError, WorkerPool
+from parallel_backend.runtime.recipe import weights_bytes
+from parallel_backend.strategies.pipefusion import FAMILIES
+from parallel_backend.strategies.pipefusion.patches import Patches
+
+FAULT = str(Path(__file__).with_name("reliability") / "exchange_fault.py")
+STEPS = 4
+RESOLUTION = {"flux-small": (128, 128), "wan-small": (64, 64)}  # 64 image + 256 text tokens; 5 x 16 video tokens
+
+
+def _relative(result, reference) -> float:
+    return float((result - reference).abs().max() / reference.abs().max())
+
+
+# ---- the patches, without processes -------------------------------------------------------------------------
+
+def test_text_goes_with_patch_zero_and_patches_hold_about_equal_tokens():
+    cut = Patches({"image": 1024, "text": 256}, 4)
+    assert [cut.tokens(m) for m in range(4)] == [320, 320, 320, 320]
+    assert cut.ranges(0) == {"image": range(0, 64), "text": range(0, 256)}
+    assert cut.ranges(3)["text"] == range(0, 0)
+    # in the attention's joint [text, image] order: patch 0 is its first 320 rows, the others follow in order
+    joint = [p for m in range(4) for p in cut.positions(m, ("text", "image"))]
+    assert joint == list(range(1280))
+    assert cut.positions(1, ("image",)) == list(range(64, 384))
+    assert Patches({"video": 10}, 3).main_sizes() == [4, 3, 3]
+    long_text = Patches({"image": 8, "text": 100}, 4)  # the text alone outweighs a share: patch 0 keeps 1 image token
+    assert long_text.main_sizes()[0] == 1 and sum(long_text.main_sizes()) == 8
+
+
+def test_more_patches_than_tokens_is_refused_in_one_sentence():
+    with pytest.raises(ValueError, match=r"cannot cut 3 image tokens into 4 patches.*--patches"):
+        Patches({"image": 3, "text": 5}, 4)
+
+
+def test_the_strategy_names_the_families_dit_stages_describes():
+    assert set(FAMILIES) == set(dit_stages.FAMILIES)
+    pipefusion = strategies.get("pipefusion")
+    pipefusion.check_family("diffusers_dit:flux")
+    for family in ("diffusers_dit:qwen_image", "diffusers_unet", "comfy_dit:flux"):
+        with pytest.raises(ValueError, match="pipefusion' cuts diffusers' Flux.1, Wan and SD3 transformers only"):
+            pipefusion.check_family(family)
+
+
+# ---- on a pool ----------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def models():
+    return {name: build_bench_model(name) for name in RESOLUTION}
+
+
+def _run(model, executor=None, warmup_job=None, steps=STEPS):
+    job = warmup_job or job_for("pipefusion")
+    return run_loop(model, job, RESOLUTION[model_name(model)], steps=steps, repeats=0, executor=executor).latents
+
+
+def model_name(model) -> str:
+    return "flux-small" if model.family.endswith("flux") else "wan-small"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(RESOLUTION))
+def test_warm_up_covering_every_step_equals_one_device(cpu_pool, models, name):
+    model = models[name]
+    reference = _run(model)
+    executor = ParallelExecutor(cpu_pool, ParallelConfig("cpu:2", "pipefusion", warmup=STEPS, patches=4))
+    result = _run(model, executor)
+    assert _relative(result, reference) < 1e-4
+    plan = strategies.get("pipefusion").stage_plan(executor.engine)
+    assert [s["count"] > 0 for s in plan["stages"]] == [True, True]  # each worker ran blocks of its own
+    assert sorted(cpu_pool.peak_memory) == [0, 1] and min(cpu_pool.peak_memory.values()) > 0
+    held = cpu_pool.weights_bytes[plan["fingerprint"]]
+    blocks = sum(weights_bytes(b) for family in [dit_stages.FAMILIES[model.family]]
+                 for blocks in family.blocks for b in getattr(model.module, blocks))
+    whole = weights_bytes(model.module)
+    assert sorted(held) == [0, 1]
+    for rank, stage in enumerate(plan["stages"]):  # its blocks' share of the block weights, and the rest at most
+        assert held[rank] <= whole - blocks + blocks * (stage["count"] + 1) / sum(s["count"] for s in plan["stages"])
+        assert held[rank] < 0.8 * whole
+
+
+def _tiny(name: str):
+    """(model, its family, a call) of test_sequence_dit's tiny transformers: odd token counts, SD3.5's dual
+    attention, Flux's text first and SD3's image first in their joint attentions."""
+    import importlib.util
+
+    from parallel_backend.models.diffusers_dit import family_named
+
+    spec = importlib.util.spec_from_file_location("sequence_dit", Path(__file__).with_name("test_sequence_dit.py"))
+    tiny = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tiny)
+    model, call = {"flux": lambda: (tiny.tiny_flux(), tiny.flux_call(1, 5, 4, 6)),
+                   "wan": lambda: (tiny.tiny_wan(), tiny.wan_call(1, 3, 8, 8)),
+                   "sd3.5": lambda: (tiny.tiny_sd3((0,)), tiny.sd3_call(1, 7, 8, 8))}[name]()
+    family = dit_stages.FAMILIES[f"diffusers_dit:{name.split('.')[0]}"].name
+    return model, family, replace(call, shared=family_named(family).shared)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["flux", "wan", "sd3.5"])
+def test_a_patched_call_on_unchanged_inputs_equals_one_device(cpu_pool, name):
+    """When the inputs do not change, the keys and values the call before left are this call's own: a patched
+    call must then equal one device, which checks every patch's tokens, positions, rotary rows and text."""
+    from parallel_backend.models.diffusers_dit import forward
+
+    model, family, call = _tiny(name)
+    reference = forward(model, call)
+    executor = ParallelExecutor(cpu_pool, ParallelConfig("cpu:2", "pipefusion", warmup=1, patches=3))
+    executor.new_job()
+    for step in range(3):
+        result = executor.run(model, family, replace(call, step=step))
+        assert [extra["patches"] for _, extra in sorted(result.extra.items())] == [1 if step == 0 else 3] * 2
+        assert _relative(result.out, reference) < 1e-4, step
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(RESOLUTION))
+def test_after_warm_up_the_result_stays_within_the_psnr_floor(cpu_pool, models, name):
+    model = models[name]
+    steps = 8
+    reference = _run(model, steps=steps)
+    executor = ParallelExecutor(cpu_pool, ParallelConfig("cpu:2", "pipefusion", warmup=1, patches=4))
+    result = _run(model, executor, steps=steps)
+    assert (result - reference).abs().max() > 0  # the patched steps ran on stale keys and values
+    assert psnr(reference, result) >= 30, psnr(reference, result)
+
+
+@pytest.mark.slow
+def test_a_job_never_sees_the_keys_and_values_of_another(cpu_pool, models):
+    """warm-up 0: only a job's first call of a stream runs whole; a second job must start from nothing again,
+    even after a first one abandoned half-way."""
+    model = models["flux-small"]
+    executor = ParallelExecutor(cpu_pool, ParallelConfig("cpu:2", "pipefusion", warmup=0, patches=3))
+    first = _run(model, executor)
+    _run(model, executor, steps=2)  # a shorter job: its last keys and values differ from the first job's
+    again = _run(model, executor)
+    torch.testing.assert_close(again, first, atol=0, rtol=0)
+    reference = _run(model)
+    assert psnr(reference, first) >= 30
+
+
+@pytest.mark.slow
+def test_cfg_times_pipefusion_on_four_workers(models):
+    model, job = models["flux-small"], Job(1, 7.5)
+    reference = _run(model, warmup_job=job)
+    with WorkerPool("cpu:4") as pool:
+        exact = ParallelExecutor(pool, ParallelConfig("cpu:4", "pipefusion", cfg_degree=2, warmup=STEPS))
+        torch.testing.assert_close(_run(model, exact, warmup_job=job), reference, atol=1e-4, rtol=1e-4)
+        plan = strategies.get("pipefusion").stage_plan(exact.engine)
+        assert len(plan["stages"]) == 2 and sorted(pool.weights_bytes[plan["fingerprint"]]) == [0, 1, 2, 3]
+        stale = ParallelExecutor(pool, ParallelConfig("cpu:4", "pipefusion", cfg_degree=2, warmup=1))
+        result = _run(model, stale, warmup_job=job)
+    assert (result - reference).abs().max() > 0 and psnr(reference, result) >= 30
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("victim", [0, 1])
+def test_a_worker_lost_mid_pipeline_is_named_and_the_next_job_runs(models, victim, tmp_path):
+    """Each worker posts one exchange per patch (stage 0 its sends, stage 1 its receives): exchange 3 falls in
+    the first patched call, warm-up 1, four patches."""
+    model = models["flux-small"]
+    pool = WorkerPool("cpu:2", hang_floor_s=5.0)
+    executor = ParallelExecutor(pool, ParallelConfig("cpu:2", "pipefusion", warmup=1, patches=4))
+    try:
+        before = _run(model, executor, steps=3)
+        pool.shutdown()
+        fired = tmp_path / "fault_time"
+        pool.worker_setup = (FAULT, "signal_at_exchange", f"{victim}:3:SIGKILL:{fired}")
+        with pytest.raises(WorkerError) as caught:
+            _run(model, executor, steps=3)
+        noticed = time.time() - float(fired.read_text())
+        assert caught.value.rank == victim and str(caught.value).startswith(f"cpu (worker {victim}), call ")
+        assert noticed < 5.0, noticed
+        pool.worker_setup = None
+        calls = pool.stats.calls
+        after = _run(model, executor, steps=3)
+        assert pool.stats.calls > calls
+        torch.testing.assert_close(after, before, atol=1e-4, rtol=1e-4)
+    finally:
+        pool.shutdown()
