@@ -102,9 +102,9 @@ def worker_cutters() -> dict:
 
 
 def _register_builtins() -> None:
-    from . import asyncdiff, batch, cfg, ring, tensor, ulysses, usp
+    from . import asyncdiff, batch, cfg, patch, ring, tensor, ulysses, usp
 
-    for module in (cfg, batch, asyncdiff, ulysses, ring, usp, tensor):
+    for module in (cfg, batch, asyncdiff, ulysses, ring, usp, tensor, patch):
         register(module.STRATEGY)
 
 
