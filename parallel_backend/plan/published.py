@@ -63,6 +63,11 @@ class Row:
             return f"{self.model} is not a model plan/paper_models.py builds"
         if self.strategy not in strategies.names():
             return f"{self.strategy} is not a Tandem strategy"
+        if BUILDS[self.model][1] == "unet":
+            try:  # e.g. patch, where this build has no UNet bands (models/unet_patch.py)
+                strategies.get(self.strategy).check_family("diffusers_unet")
+            except ValueError:
+                return f"Tandem's {self.strategy} does not split UNets in this build"
         return ""
 
 
