@@ -61,6 +61,7 @@ class PatchGroup(SequenceGroup):
             received = held[1].finish(self.traffic)
             if held[0] == shape_key and not self.context.synchronous:
                 stale = received
+                self.context.stale_reads += 1
         fresh = torch.cat([k, v], -1)
         n = self.degree
         posted = Posted(primitives.start_all_to_all([fresh] * n, shapes, list(self.peers), self.index, self.device))

@@ -30,7 +30,8 @@ class PatchContext:
     device; step: the call's sampler step (None: unknown); synchronous: warm-up, where every exchange is waited
     for in the call and the result is exact; stale: what this rank's runner wrote at the group's previous call
     of this job and stream, which it reads and overwrites (a `Posted` in it is finished before the dict is
-    dropped); traffic: what this rank sent and how long it waited."""
+    dropped); traffic: what this rank sent and how long it waited; stale_reads: the layers that used stale values
+    in this call (the runner counts them; 0: the call was exact)."""
 
     peers: tuple[int, ...]
     index: int
@@ -39,6 +40,7 @@ class PatchContext:
     synchronous: bool
     stale: dict
     traffic: Traffic = field(default_factory=Traffic)
+    stale_reads: int = 0
 
     @property
     def degree(self) -> int:
@@ -99,4 +101,4 @@ def run_patch_forward(worker, message):
     return Computed(out if message.index == 0 else None, time.perf_counter() - started - traffic.waited_s,
                     traffic.waited_s, traffic.bytes_sent,
                     extra={"passes": traffic.passes, "messages": traffic.messages, "bytes": traffic.bytes_sent,
-                           "synchronous": context.synchronous})
+                           "synchronous": context.stale_reads == 0})
