@@ -28,7 +28,9 @@ def _pair(server, comfy, host_families, name: str, family: str, warmup: int, cfg
 
 def test_the_settings_node_offers_patch_and_its_degree(comfy_server):
     inputs = comfy_server.get("/object_info/TandemSettings")["TandemSettings"]["input"]
-    assert "patch" in inputs["required"]["strategy"][0]
+    kind, *details = inputs["required"]["strategy"]  # ["COMBO", {"options": [...]}], or [[...], {...}] before
+    options = details[0]["options"] if kind == "COMBO" else kind
+    assert "patch" in options
     assert "patch" in {**inputs.get("optional", {}), **inputs["required"]}
 
 
