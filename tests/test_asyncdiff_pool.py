@@ -112,10 +112,11 @@ def test_a_stage_cut_loads_in_host_memory_and_a_device_never_holds_more_than_a_l
     plan = StagePlan(0, 2, cuts, None, 1, 1, 1, False, tuple(tuple(c) for c in measured["crossing"]))
     runner.setup(PlaceStages("fp", plan))
     mine = {id(t) for m in modules_of(runner.mine) for t in m.parameters()}
-    assert runner.parked and all(t.device.type == "cpu" for t in runner.parked.values())
+    parked = runner.placement.parked
+    assert parked and all(t.device.type == "cpu" for t in parked.values())
     # the other stage's weights never left host memory: parked as the very tensors loaded
-    assert {id(t) for t in runner.parked.values()} <= {id(t) for t in originals.values()}
-    assert weights_bytes(module, meta) - sum(t.numel() * t.element_size() for t in runner.parked.values()) \
+    assert {id(t) for t in parked.values()} <= {id(t) for t in originals.values()}
+    assert weights_bytes(module, meta) - sum(t.numel() * t.element_size() for t in parked.values()) \
         <= sum(weights_bytes(m) for m in modules_of(runner.mine)) + shared
     assert mine and all(t.device == meta for m in modules_of(runner.mine) for t in m.parameters())
 

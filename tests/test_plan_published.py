@@ -104,7 +104,7 @@ def test_tandem_plan_on_named_gpus_writes_every_candidate_and_the_fastest_that_f
     assert report["gpus"] == 4 and report["resolution"] == [1024, 1024] and len(found) > 4
     for c in found:
         assert {"strategy", "mesh", "predicted_speedup", "seconds_per_step", "gib_per_device", "fits"} <= set(c)
-        assert set(c["mesh"]) <= {"cfg", "batch", "ulysses", "ring", "tensor", "stages", "pipefusion"}
+        assert set(c["mesh"]) <= {"cfg", "batch", "ulysses", "ring", "tensor", "stages", "pipefusion", "patch"}
         assert c["fits"] == (c["memory_bytes_per_device"] <= 80e9)
     choice = report["choice"]
     fitting = [c for c in found if c["mesh"] and c["fits"]]  # a memory budget: tensor counts too (plan/choose.py)

@@ -32,8 +32,8 @@ def axes() -> list:
 
 
 def memory_settings(args) -> dict:
-    """--weights and --memory-per-device."""
-    return {"weights": args.weights, "memory_per_device": args.memory_per_device}
+    """--weights, --memory-per-device and --allow-stale."""
+    return {"weights": args.weights, "memory_per_device": args.memory_per_device, "allow_stale": args.allow_stale}
 
 
 def machine_settings(args) -> dict:

@@ -7,8 +7,8 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from ..engine.config import (DEVICE_SPEEDS, DEVICES, MEMORY_KNOBS, MEMORY_PER_DEVICE, TIMEOUT, WEIGHTS_DTYPE,
-                             strategy_choices)
+from ..engine.config import (AUTO_KNOBS, DEVICE_SPEEDS, DEVICES, MEMORY_KNOBS, MEMORY_PER_DEVICE, TIMEOUT,
+                              WEIGHTS_DTYPE, strategy_choices)
 from ..models.request import SCHEDULERS
 from ..runtime import validation
 from ..runtime.knobs import add_options
@@ -392,8 +392,9 @@ def _add_parallel_options(parser, devices_default):
 
 
 def _add_knob_options(parser):
-    """An option per strategy knob (`strategies.knobs()`), --device-speeds, --weights and --memory-per-device."""
-    add_options(parser, (*knobs(), DEVICE_SPEEDS, *MEMORY_KNOBS))
+    """An option per strategy knob (`strategies.knobs()`), --device-speeds, --weights, --memory-per-device and
+    --allow-stale."""
+    add_options(parser, (*knobs(), DEVICE_SPEEDS, *MEMORY_KNOBS, *AUTO_KNOBS))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -65,21 +65,26 @@ WEIGHT_BYTES = {"bf16": 2, "fp8": 1}
 WEIGHTS_DTYPE = Knob("weights_dtype", str, "bf16", "with --gpu: the full-size model's weights in bf16 (2 bytes a "
                      "parameter) or fp8 (1 byte, as ComfyUI's fp8 checkpoints; compute still counted at bf16)",
                      choices=tuple(WEIGHT_BYTES))
+ALLOW_STALE = Knob("allow_stale", bool, False, "auto may choose an approximate strategy (asyncdiff, patch, "
+                   "pipefusion: stale after their exact warm-up, so the image differs a little from one device's) "
+                   "where it is predicted fastest; off: exact strategies only, the image equal to one device's")
 SETTINGS = (DEVICES, STRATEGY, CFG_DEGREE, BATCH_DEGREE, TIMEOUT, DEVICE_SPEEDS, WEIGHTS, MEMORY_PER_DEVICE,
-            *POOL_SETTINGS)
+            ALLOW_STALE, *POOL_SETTINGS)
 MEMORY_KNOBS = (WEIGHTS, MEMORY_PER_DEVICE)  # on forms after the package's strategies' knobs (form_knobs)
+AUTO_KNOBS = (ALLOW_STALE,)  # on forms after the memory knobs, before the knobs of strategies registered later
 MESH_KNOBS = (CFG_DEGREE, BATCH_DEGREE)  # the outer degrees: inputs of the Settings node, before the strategies'
 POSITIONAL = ("devices", "strategy", "cfg_degree", "batch_degree")
 
 
 def form_knobs() -> tuple[Knob, ...]:
     """The knobs a settings form shows after devices and strategy, in the order they were added (the Settings
-    node's inputs: saved workflows keep widget values in input order): the outer degrees, the package's
-    strategies' knobs, where the weights live, then the knobs of strategies registered later."""
+    node's inputs: saved workflows keep widget values in input order): the outer degrees, the package's first
+    strategies' knobs, where the weights live, whether auto may choose a stale strategy, then the knobs of
+    strategies registered later (the package's newer ones first)."""
     from .. import strategies
 
     builtin = strategies.builtin_knobs()
-    return (*MESH_KNOBS, *builtin, *MEMORY_KNOBS, *strategies.knobs()[len(builtin):])
+    return (*MESH_KNOBS, *builtin, *MEMORY_KNOBS, *AUTO_KNOBS, *strategies.knobs()[len(builtin):])
 
 
 @dataclass(frozen=True, init=False)
@@ -110,6 +115,8 @@ class ParallelConfig:
       engine/weights.py) or "auto" (sharded where the whole weights do not fit `memory_per_device`).
     memory_per_device: GiB each device may hold; None: what a CUDA device has free, or this machine's available
       memory shared among its CPU workers.
+    allow_stale: auto may choose an approximate strategy (asyncdiff, patch) where the plan predicts it fastest;
+      False (the default): exact strategies only.
     secret_file, interface, allow_missing_machines, hang_factor, hang_floor_s, max_models: the pool's settings
       (runtime/pool_settings.py; WorkerPool has their meanings); None: the environment's (runtime/environment.py).
     Every value is checked on creation, before any work; creating a config starts nothing.
@@ -123,6 +130,7 @@ class ParallelConfig:
     device_speeds: str | tuple[float, ...] = DEVICE_SPEEDS.default
     weights: str = WEIGHTS.default
     memory_per_device: float | None = None
+    allow_stale: bool = ALLOW_STALE.default
     secret_file: str | None = None
     interface: str | None = None
     allow_missing_machines: bool | None = None

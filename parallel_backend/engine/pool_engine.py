@@ -205,10 +205,11 @@ class Engine:
             if groups:
                 self._shards[fingerprint] = groups
             if planned:
-                key = planner.key(fingerprint, call, hint is not None, self.device_count())
+                key = planner.key(fingerprint, call, hint is not None, self.device_count(), config.allow_stale)
                 mesh = planner.mesh(key) or planner.warm_up(key, self.device_count())
                 if mesh is None:
-                    return self._measure_and_choose(planner, family, call, fingerprint, hint, key)
+                    return self._measure_and_choose(planner, family, call, fingerprint, hint, key,
+                                                    config.allow_stale)
             self._say_once(mesh)
             strategy = strategies.get(mesh.strategy)
             # a tensor cut splits evenly: the slowest device sets its pace; stages are sized by the devices' speeds
@@ -271,15 +272,16 @@ class Engine:
                       f"while {', '.join(self.pool.left_out)} is away: {mesh.describe()} instead (exact)")
         return mesh
 
-    def _measure_and_choose(self, planner, family: str, call: ModelCall, fingerprint: str, hint, key) -> CallResult:
+    def _measure_and_choose(self, planner, family: str, call: ModelCall, fingerprint: str, hint, key,
+                            allow_stale: bool = False) -> CallResult:
         """auto's measured call of a key: the whole call on rank 0, timed there (its output is the call's); the
-        key's mesh chosen from it and said in the log."""
+        key's mesh chosen from it (among approximate strategies too where `allow_stale`) and said in the log."""
         message = TimedForward(fingerprint, call, attentions=hint is not None)
         computed = self.request({0: message}, f"{_label(call)}, measured on one device for auto",
                                 kind=_kind(fingerprint, "auto's measured call", call))[0]
         devices = list(self.pool.devices)
         figures = planner.device_figures(self, fingerprint, call)
-        for note in planner.decide(key, family, call, computed, hint, devices, figures).notes:
+        for note in planner.decide(key, family, call, computed, hint, devices, figures, allow_stale).notes:
             self._say(note)
         self.pool.stats.calls += 1
         self.last_mesh = whole_on_rank_0(len(devices))

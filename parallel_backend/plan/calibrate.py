@@ -8,7 +8,7 @@ there: the whole call, one row of it, and for a model with a sequence split its 
 whose query and key lengths are equal and the longest seen: their count, tokens, heads and width, one row's
 seconds). With the call's shapes (what a device receives per row, the output per row) and the link these make the
 cost model's `Inputs`; `model.candidates` predicts every mesh and `choose(..., exact_only=True)` picks (auto
-promises one device's output: no stale strategy), never a split predicted under choose.FLOOR. Later calls of
+promises one device's output: no stale strategy, unless the config's `allow_stale` lets them compete), never a split predicted under choose.FLOOR. Later calls of
 the key run on the chosen mesh; a one-device choice runs whole on rank 0.
 
 The devices: the pool's link, measured once per pool (plan/probe.py: two workers swap 4 bytes and 16 MiB);
@@ -100,9 +100,9 @@ class AutoPlans:
         self._per_model: dict[str, tuple[float, float]] = {}  # fingerprint -> (contention, overhead seconds)
 
     @staticmethod
-    def key(fingerprint: str, call, tokens_allowed: bool, devices: int) -> tuple:
+    def key(fingerprint: str, call, tokens_allowed: bool, devices: int, allow_stale: bool = False) -> tuple:
         return (fingerprint, devices, call.rows, call.branches, tuple(call.x.shape), str(call.x.dtype),
-                None if call.context is None else tuple(call.context.shape), tokens_allowed)
+                None if call.context is None else tuple(call.context.shape), tokens_allowed, allow_stale)
 
     def device_figures(self, engine, fingerprint: str, call) -> DeviceFigures:
         """The pool's link (measured once per pool start), and per model its contention and overhead per call
@@ -149,10 +149,12 @@ class AutoPlans:
         self._warmed.add(key)
         return whole_on_rank_0(devices, "auto: this shape's first call warms one device up before it is measured")
 
-    def decide(self, key, family: str, call, computed, hint, devices: list[str], figures: DeviceFigures) -> Decision:
+    def decide(self, key, family: str, call, computed, hint, devices: list[str], figures: DeviceFigures,
+               allow_stale: bool = False) -> Decision:
         """Chooses `key`'s mesh from its measured call, `computed` on one device (a Computed of engine/timing.py);
         hint: the model's SequenceHint where the call may be split by tokens, else None; figures: the pool's
-        measured (or given) link, contention and overhead (plan/probe.py)."""
+        measured (or given) link, contention and overhead (plan/probe.py); allow_stale (config.allow_stale):
+        approximate strategies compete too, else exact ones only."""
         link = figures.link  # auto plans only on pools of 2 or more devices: always a link
         measured_s, per_row = computed.compute_s, self.given.get("seconds_per_row")
         computed = given_seconds(computed, call.rows, per_row)
@@ -162,7 +164,7 @@ class AutoPlans:
         found = candidates(inputs, len(devices))
         if mixing is None:  # nothing measured to predict a split by tokens from
             found = [c for c in found if not c.mesh or not strategies.get(c.strategy).splits_tokens]
-        choice = choose(found, exact_only=True)
+        choice = choose(found, exact_only=not allow_stale)
         mesh = mesh_of(choice, len(devices))
         source = "given" if "link" in self.given else "measured on this pool"
         given_s = None if per_row is None else computed.compute_s

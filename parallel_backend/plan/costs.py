@@ -15,6 +15,10 @@ Overlap assumptions, per strategy (each as the strategy's code does it):
   last chunk's output are exposed, the others hide behind a chunk's attention; inside a chunk, ring passes as
   ring does, on blocks of a subgroup's tokens and H/(u c) heads.
 - every sequence split gathers the output at the end: exposed.
+- patch (DistriFusion, strategies/patch/): after warm-up each attention posts its band's keys and values to every
+  other rank and they are used at the next call, so the whole call's exchange hides behind the whole call's
+  compute: only what outlasts the compute is exposed. Warm-up calls wait for every exchange: costed as ring on
+  the same devices (its compute is the same, its exchange exposed as ring's). The output's gather: exposed.
 - tensor: two all-reduces per block, exposed (strategies/tensor.py posts each and waits for it).
 - asyncdiff: after warm-up each stage hands its output over while the next call computes; the hand-over is
   exposed only where it outlasts the slowest stage. Warm-up calls run the stages in turn, hand-overs exposed.
@@ -69,7 +73,11 @@ def rows_cost(inp, mesh) -> Cost:
 
 def sequence_cost(inp, mesh) -> Cost:
     degrees = mesh.degrees()
-    u, r = degrees.get("ulysses", 1), degrees.get("ring", 1)
+    return split_cost(inp, mesh, degrees.get("ulysses", 1), degrees.get("ring", 1))
+
+
+def split_cost(inp, mesh, u: int, r: int) -> Cost:
+    """Each row group of `mesh` a sequence group of u x r ranks."""
     rows = [g for g in group_rows(mesh, inp.shape, inp.branches) if g]
     worst = max((_sequence_group(inp, g, u, r) for g in rows), key=lambda cost: cost.busy)
     memory = inp.weight_bytes + max(rows) * inp.activation_bytes_per_row // (u * r)
@@ -109,6 +117,25 @@ def _attention_exposure(inp, piece: int, attention: float, u: int, r: int) -> tu
     exposed = (chunks * ring_exposed + send_qkv + send_out
                + (chunks - 1) * (max(0.0, send_qkv - chunk) + max(0.0, send_out - chunk)))
     return exposed, chunks * (send_qkv + send_out + (r - 1) * step)
+
+
+def patch_cost(inp, mesh) -> Cost:
+    """patch over N bands per row group: a rank's compute is a ring rank's (its band through every layer, its
+    queries against every key); its keys and values go to each of the N-1 others once per attention, hidden
+    behind the call up to the call's length; warm-up calls as ring's."""
+    n = mesh.inner
+    rows = [g for g in group_rows(mesh, inp.shape, inp.branches) if g]
+    ring = split_cost(inp, mesh, 1, n)
+    worst = None
+    for g in rows:
+        compute = inp.shard(g, 1, n)
+        piece = g * per_rank(inp.shape.tokens, n) * inp.shape.width * inp.shape.itemsize  # a rank's k or v
+        exchange = inp.shape.attentions * inp.link.seconds(2 * piece * (n - 1), n - 1)
+        gather = inp.link.seconds(g * per_rank(inp.shape.output_bytes, n) * (n - 1), n - 1)
+        exposed = max(0.0, exchange - compute) + gather
+        cost = Cost(compute + exposed, compute, exposed, exchange + gather, Traffic(), 0, rows=g)
+        worst = cost if worst is None or cost.busy > worst.busy else worst
+    return replace(worst, traffic=ring.traffic, memory=ring.memory, kept=ring.kept, warm=ring.busy)
 
 
 def staged_cost(inp, mesh) -> Cost:
@@ -227,6 +254,8 @@ def sharded_cost(cost: Cost, inp, group: int) -> Cost:
 def cost_for(strategy):
     """The cost function of a registered strategy, by what it declares (it splits rows, tokens or stages), or
     None where the model has none yet."""
+    if strategy.axes == ("patch",):
+        return patch_cost
     if strategy.splits_tokens:
         return sequence_cost
     if strategy.axes == ("stages",):

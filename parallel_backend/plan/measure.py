@@ -141,9 +141,11 @@ def _shard_runs(model, resolution, splits) -> dict:
     out = {}
     for name, split in sorted(splits):
         mesh = Mesh(name, 1, 1, split, math.prod(split))
-        degrees = mesh.degrees()
-        out.setdefault((degrees.get("ulysses", 1), degrees.get("ring", 1)),
-                       strategies.get(name).bench_part(model, call, mesh))
+        key = strategies.get(name).shard_split(mesh)
+        if key not in out:
+            run = strategies.get(name).bench_part(model, call, mesh)
+            if run is not None:  # None: nothing to time for this model (a UNet's bands)
+                out[key] = run
     return out
 
 

@@ -70,6 +70,11 @@ class Row:
             return f"{self.strategy} is not a Tandem strategy"
         if self.height is None or self.width is None:
             return "its resolution is not stated"
+        if BUILDS[self.model][1] == "unet":
+            try:  # e.g. patch, where this build has no UNet bands (models/unet_patch.py)
+                strategies.get(self.strategy).check_family("diffusers_unet")
+            except ValueError:
+                return f"Tandem's {self.strategy} does not split UNets in this build"
         return ""
 
 

@@ -73,7 +73,8 @@ def knobs() -> tuple[Knob, ...]:
 
 
 def builtin_knobs() -> tuple[Knob, ...]:
-    """The knobs of the strategies registered with the package (`_register_builtins`), before any other's."""
+    """The knobs of the package's first strategies (`_register_builtins`), which forms show before the memory
+    settings; the package's newer strategies' knobs and any other's come after those (config.form_knobs)."""
     return knobs()[:_BUILTIN_KNOBS]
 
 
@@ -102,11 +103,15 @@ def worker_cutters() -> dict:
 
 
 def _register_builtins() -> None:
-    from . import asyncdiff, batch, cfg, pipefusion, ring, tensor, ulysses, usp
+    from . import asyncdiff, batch, cfg, patch, pipefusion, ring, tensor, ulysses, usp
 
-    for module in (cfg, batch, asyncdiff, ulysses, ring, usp, tensor, pipefusion):
+    for module in (cfg, batch, asyncdiff, ulysses, ring, usp, tensor):
+        register(module.STRATEGY)
+    global _BUILTIN_KNOBS
+    _BUILTIN_KNOBS = len(knobs())
+    for module in (patch, pipefusion):  # after the forms' memory inputs: saved workflows keep widget values in order
         register(module.STRATEGY)
 
 
+_BUILTIN_KNOBS = 0
 _register_builtins()
-_BUILTIN_KNOBS = len(knobs())

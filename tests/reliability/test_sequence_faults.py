@@ -1,4 +1,4 @@
-"""Faults in the middle of a sequence-parallel or tensor exchange: a worker killed (SIGKILL) or stopped (SIGSTOP) as it
+"""Faults in the middle of a sequence-parallel, patch or tensor exchange: a worker killed (SIGKILL) or stopped (SIGSTOP) as it
 posts its k-th exchange (a ring pass, an all-to-all; exchange_fault.py, installed through the pool's worker
 set-up). The host must name the right worker within the deadline, leave no process behind, and the next job
 must succeed with the result from before. (This is where peers hang: one rank waits forever for a transfer
@@ -45,14 +45,16 @@ def sample(model, executor) -> torch.Tensor:
 
 @pytest.mark.parametrize("how", ["SIGKILL", "SIGSTOP"])
 @pytest.mark.parametrize("strategy, victim, at", [("ring", 1, 9), ("ulysses", 0, 14), ("tensor", 1, 30),
-                                                  ("batch+sharded", 1, 20)])
+                                                  ("batch+sharded", 1, 20), ("patch", 1, 10)])
 def test_a_worker_lost_mid_exchange_is_named_and_the_next_job_succeeds(model, befores, strategy, victim, at, how,
                                                                        procs, tmp_path, monkeypatch):
     """flux-small has 6 attention blocks (a ring pass each on 2 workers; 2 to 4 all-to-alls for ulysses) and a
     gather per call; tensor exchanges 21 times per call (6 per double block, 2 per single block, 1 for the output
     modulation); batch with sharded weights gathers each of its 9 units once per call, worker 1 running the
     one-row call's row only to serve its pieces (its gathers by messages, as between GPUs: the CPU workers' files
-    are turned off), so exchange `at` falls inside one of the restarted pool's first calls. The time until the
+    are turned off), so exchange `at` falls inside one of the restarted pool's first calls. patch posts one
+    exchange per attention and one gather per call (7): exchange 10 is the third attention of call 1, the first
+    past warm-up, whose exchange is left in flight for the next call (asynchronous). The time until the
     error is counted from the fault (the victim writes the time as it signals itself), not from the job's start:
     the restart before it takes what this machine's load makes it take."""
     from parallel_backend.engine import weights as placement

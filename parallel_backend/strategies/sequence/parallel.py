@@ -69,10 +69,14 @@ class SequenceStrategy(Strategy):
             if not len(rows):
                 continue
             share, peers = call.select(rows), tuple(mesh.ranks(group))
-            weights = self.token_weights(mesh, peers)
             for index, rank in enumerate(peers):
-                work[rank] = SequenceForward(fingerprint, share, self.kind, peers, index, ulysses_degree(mesh), weights)
+                work[rank] = self.message(fingerprint, share, peers, index, mesh, config)
         return work
+
+    def message(self, fingerprint: str, share, peers: tuple[int, ...], index: int, mesh, config):
+        """What rank peers[index] of a row group is sent to run `share` (the group's rows of the call)."""
+        return SequenceForward(fingerprint, share, self.kind, peers, index, ulysses_degree(mesh),
+                               self.token_weights(mesh, peers))
 
     def token_weights(self, mesh, peers) -> tuple[float, ...] | None:
         """Token shares by device speed (mesh.speeds): only ring, where a rank's attention is its own queries
@@ -85,6 +89,12 @@ class SequenceStrategy(Strategy):
     def gather(self, call, mesh, replies: dict[int, Any]):
         leaders = [mesh.ranks(group)[0] for group in range(mesh.groups) if mesh.ranks(group)[0] in replies]
         return join_rows([replies[rank].out for rank in leaders], call.x)
+
+    def shard_split(self, mesh) -> tuple[int, int]:
+        """(ulysses, ring): the sequence split whose rank computes what a rank of `mesh` does (plan/measure.py
+        times one per split)."""
+        degrees = mesh.degrees()
+        return degrees.get("ulysses", 1), degrees.get("ring", 1)
 
     def bench_part(self, model, call, mesh):
         """Rank 0 of a sequence group of the mesh's degree, its exchanges stubbed out (stub.py)."""
