@@ -9,7 +9,9 @@ from __future__ import annotations
 import itertools
 import math
 import time
+from dataclasses import dataclass
 from types import SimpleNamespace
+from typing import Callable
 
 import pytest
 import torch
@@ -22,28 +24,40 @@ RESOLUTION = (256, 128)  # pixels: a latent of 32 x 16, two bands of 16 rows
 STEPS, WARMUP = 10, 2
 
 
-def inputs(name: str):
+@dataclass
+class Inputs:
+    """A seeded UNet, its noise and text, `call(x, t, text)` -> its ModelCall and `forward(module, call)`."""
+
+    module: torch.nn.Module
+    noise: torch.Tensor
+    text: torch.Tensor
+    call: Callable
+    forward: Callable
+
+
+def diffusers_inputs(name: str) -> Inputs:
+    """A narrow diffusers bench UNet (`sd15-narrow`, `sdxl-narrow`) at RESOLUTION."""
+    from parallel_backend.models.diffusers_unet import forward
+
     model = build_bench_model(name)
     noise = torch.randn(model.latent_shape(1, RESOLUTION), generator=torch.Generator().manual_seed(0))
     text = torch.randn(1, *model.context_shape, generator=torch.Generator().manual_seed(1))
-    return model, noise, text
+    return Inputs(model.module, noise, text, lambda x, t, c: model.call(x, t, c, RESOLUTION), forward)
 
 
-def sample(model, noise, text, forward) -> torch.Tensor:
-    """The bench model's DDIM loop of STEPS steps, each call run by `forward(ModelCall)`."""
-    from parallel_backend.models.sampling import denoise
+def sample(inputs: Inputs, forward) -> torch.Tensor:
+    """A DDIM loop of STEPS steps on `inputs`, each call run by `forward(ModelCall)`."""
+    from parallel_backend.models.sampling import denoise, make_scheduler
+    from parallel_backend.tiny.model import SCHEDULER_CONFIG
 
-    latents, _ = denoise(lambda x, t, c: forward(model.call(x, t, c, RESOLUTION)), model.make_scheduler(), noise,
-                         text, None, 1.0, STEPS, progress=False)
+    with torch.inference_mode():
+        latents, _ = denoise(lambda x, t, c: forward(inputs.call(x, t, c)), make_scheduler("ddim", SCHEDULER_CONFIG),
+                             inputs.noise, inputs.text, None, 1.0, STEPS, progress=False)
     return latents
 
 
-def whole_sample(name: str) -> torch.Tensor:
-    from parallel_backend.models.diffusers_unet import forward
-
-    model, noise, text = inputs(name)
-    with torch.inference_mode():
-        return sample(model, noise, text, lambda call: forward(model.module, call))
+def whole_sample(inputs: Inputs) -> torch.Tensor:
+    return sample(inputs, lambda call: inputs.forward(inputs.module, call))
 
 
 def context(rank: int, world: int, **fields) -> SimpleNamespace:
@@ -51,40 +65,62 @@ def context(rank: int, world: int, **fields) -> SimpleNamespace:
                            synchronous=True, stale={}, traffic=Traffic(), **fields)
 
 
-def patch_sample(name: str, rank: int, world: int, warmup: int, norms: str = "stale") -> dict:
+def patch_sample(inputs: Inputs, rank: int, world: int, warmup: int, norms: str = "stale") -> dict:
     """The loop with each call in bands; calls before `warmup` synchronous, the rest stale."""
-    model, noise, text = inputs(name)
     ctx, calls = context(rank, world, norms=norms), itertools.count()
 
     def forward(call):
         ctx.step = next(calls)
         ctx.synchronous = ctx.step < warmup
-        return run_unet_patch(model.module, call, ctx)
+        return run_unet_patch(inputs.module, call, ctx)
 
     started = time.perf_counter()
-    with torch.inference_mode():
-        latents = sample(model, noise, text, forward)
+    latents = sample(inputs, forward)
     finish_pending(ctx.stale)
     seconds = time.perf_counter() - started
-    restored = not any("forward" in m.__dict__ for m in model.module.modules())
+    restored = not any("forward" in m.__dict__ for m in inputs.module.modules())
     return {"latents": latents, "bytes": ctx.traffic.bytes_sent, "passes": ctx.traffic.passes,
             "waited_s": ctx.traffic.waited_s, "seconds": seconds, "restored": restored}
 
 
+# argv after the rendezvous: the model's name, the folder the ranks write to, and "file:function" building the
+# Inputs (the file's path relative to the tests folder)
 RANK_SCRIPT = '''
+import importlib.util
 import sys
 sys.path.insert(0, sys.argv[4])
 import torch
 from gloo_rank import join
-from test_unet_patch import STEPS, patch_sample
+from test_unet_patch import STEPS, WARMUP, patch_sample
 
 rank, world = join()
-name, out = sys.argv[5], sys.argv[6]
-runs = {"exact": patch_sample(name, rank, world, warmup=STEPS),
-        "stale": patch_sample(name, rank, world, warmup=2),
-        "stale_norms_synchronous": patch_sample(name, rank, world, warmup=2, norms="synchronous")}
+name, out, (path, function) = sys.argv[5], sys.argv[6], sys.argv[7].split(":")
+spec = importlib.util.spec_from_file_location("inputs_builder", f"{sys.argv[4]}/{path}")
+builder = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(builder)
+inputs = getattr(builder, function)(name)
+runs = {"exact": patch_sample(inputs, rank, world, warmup=STEPS),
+        "stale": patch_sample(inputs, rank, world, warmup=WARMUP),
+        "stale_norms_synchronous": patch_sample(inputs, rank, world, warmup=WARMUP, norms="synchronous")}
 torch.save(runs, f"{out}/rank{rank}.pt")
 '''
+
+
+def check_against_whole(gloo_ranks, folder, name: str, builder: str, inputs: Inputs) -> dict:
+    """Runs RANK_SCRIPT on two gloo ranks and checks its runs against the whole loop; returns the PSNRs."""
+    gloo_ranks(RANK_SCRIPT, 2, name, str(folder), builder)
+    ranks = [torch.load(folder / f"rank{r}.pt") for r in range(2)]
+    reference = whole_sample(inputs)
+    scale = max(1.0, reference.abs().max().item())
+    assert (ranks[0]["exact"]["latents"] - reference).abs().max().item() <= 1e-4 * scale
+    for run in ("stale", "stale_norms_synchronous"):
+        latents = ranks[0][run]["latents"]
+        assert torch.equal(latents, ranks[1][run]["latents"])  # every rank returns the same whole
+        assert (latents - reference).abs().max().item() > 1e-4 * scale  # stale values were really used
+        assert psnr(latents, reference) >= 30.0, (run, psnr(latents, reference))
+    for rank in ranks:
+        assert all(run["bytes"] > 0 and run["restored"] for run in rank.values())
+    return {run: round(psnr(ranks[0][run]["latents"], reference), 1) for run in ranks[0]}
 
 
 def psnr(out: torch.Tensor, reference: torch.Tensor) -> float:
@@ -96,30 +132,18 @@ def psnr(out: torch.Tensor, reference: torch.Tensor) -> float:
 @pytest.mark.pool
 @pytest.mark.parametrize("name", ["sd15-narrow", "sdxl-narrow"])
 def test_patch_over_gloo_processes_against_the_whole(gloo_ranks, tmp_path, name):
-    gloo_ranks(RANK_SCRIPT, 2, name, str(tmp_path))
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
-    reference = whole_sample(name)
-    scale = max(1.0, reference.abs().max().item())
-    exact = ranks[0]["exact"]["latents"]
-    assert (exact - reference).abs().max().item() <= 1e-4 * scale
-    for run in ("stale", "stale_norms_synchronous"):
-        latents = ranks[0][run]["latents"]
-        assert torch.equal(latents, ranks[1][run]["latents"])  # every rank returns the same whole
-        assert (latents - reference).abs().max().item() > 1e-4 * scale  # stale values were really used
-        assert psnr(latents, reference) >= 30.0, (run, psnr(latents, reference))
-    for rank in ranks:
-        assert all(run["bytes"] > 0 and run["restored"] for run in rank.values())
-    print({run: round(psnr(ranks[0][run]["latents"], reference), 1) for run in ranks[0]})
+    print(name, check_against_whole(gloo_ranks, tmp_path, name, "test_unet_patch.py:diffusers_inputs",
+                                    diffusers_inputs(name)))
 
 
 def test_rows_that_do_not_make_bands_are_refused_in_one_sentence():
-    model, _, text = inputs("sd15-narrow")
+    inputs = diffusers_inputs("sd15-narrow")
     for rows, words in ((20, "multiples of 8 rows"), (8, "at most 1 devices")):
         x = torch.randn(1, 4, rows, 16)
         with pytest.raises(ValueError, match=words) as refused:
-            run_unet_patch(model.module, model.call(x, torch.tensor(500), text, RESOLUTION), context(0, 2))
+            run_unet_patch(inputs.module, inputs.call(x, torch.tensor(500), inputs.text), context(0, 2))
         assert str(refused.value).count(". ") == 0
-    assert not any("forward" in m.__dict__ for m in model.module.modules())  # refused before any layer was wrapped
+    assert not any("forward" in m.__dict__ for m in inputs.module.modules())  # refused before any layer was wrapped
 
 
 def test_band_heights_are_multiples_of_the_downsampling():
