@@ -41,7 +41,7 @@ def comfy_inputs(name: str) -> Inputs:
 
     def call(x, t, c):
         extras = {"transformer_options": {}, **({"y": y.expand(x.shape[0], -1)} if y is not None else {})}
-        if residuals is not None:  # new lists at every call: the UNet pops them
+        if residuals is not None and x.shape == noise.shape:  # new lists at every call: the UNet pops them
             extras["control"] = {kind: list(tensors) for kind, tensors in residuals.items()}
         return ModelCall(x, t.reshape(1).expand(x.shape[0]).float(), c, extras)
 
