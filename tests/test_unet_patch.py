@@ -83,19 +83,24 @@ def patch_sample(inputs: Inputs, rank: int, world: int, warmup: int, norms: str 
             "waited_s": ctx.traffic.waited_s, "seconds": seconds, "restored": restored}
 
 
+def first(inputs: Inputs):
+    """A call on the loop's noise, at timestep 500."""
+    return inputs.call(inputs.noise, torch.tensor(500), inputs.text)
+
+
 def reshaped(inputs: Inputs):
     """A call of another shape than the loop's: 2 rows of 40 x 16 latents (unequal bands: 24 and 16 rows)."""
     x = torch.randn(2, *inputs.noise.shape[1:-2], 40, inputs.noise.shape[-1], generator=torch.Generator().manual_seed(5))
     return inputs.call(x, torch.tensor(400), inputs.text.expand(2, -1, -1))
 
 
-def reshaped_sample(inputs: Inputs, rank: int, world: int) -> torch.Tensor:
-    """A stale call (not synchronous) after a call of another shape: no stale entry fits, so it runs synchronous."""
+def second_call(inputs: Inputs, rank: int, world: int, second) -> torch.Tensor:
+    """The output of a stale call (not synchronous) of `second` after a synchronous call of the loop's first."""
     ctx = context(rank, world)
     with torch.inference_mode():
-        run_unet_patch(inputs.module, inputs.call(inputs.noise, torch.tensor(500), inputs.text), ctx)
+        run_unet_patch(inputs.module, first(inputs), ctx)
         ctx.synchronous = False
-        return run_unet_patch(inputs.module, reshaped(inputs), ctx)
+        return run_unet_patch(inputs.module, second, ctx)
 
 
 # argv after the rendezvous: the model's name, the folder the ranks write to, and "file:function" building the
@@ -106,7 +111,7 @@ import sys
 sys.path.insert(0, sys.argv[4])
 import torch
 from gloo_rank import join
-from test_unet_patch import STEPS, WARMUP, patch_sample, reshaped_sample
+from test_unet_patch import STEPS, WARMUP, first, patch_sample, reshaped, second_call
 
 rank, world = join()
 name, out, (path, function) = sys.argv[5], sys.argv[6], sys.argv[7].split(":")
@@ -117,7 +122,10 @@ inputs = getattr(builder, function)(name)
 runs = {"exact": patch_sample(inputs, rank, world, warmup=STEPS),
         "stale": patch_sample(inputs, rank, world, warmup=WARMUP),
         "stale_norms_synchronous": patch_sample(inputs, rank, world, warmup=WARMUP, norms="synchronous")}
-runs["reshaped"] = reshaped_sample(inputs, rank, world)
+# no stale entry fits a call of another shape: it runs synchronous
+runs["reshaped"] = second_call(inputs, rank, world, reshaped(inputs))
+# the same call again: what the previous call posted is what this one would compute, so stale equals the whole
+runs["repeated"] = second_call(inputs, rank, world, first(inputs))
 torch.save(runs, f"{out}/rank{rank}.pt")
 '''
 
@@ -126,10 +134,11 @@ def check_against_whole(gloo_ranks, folder, name: str, builder: str, inputs: Inp
     """Runs RANK_SCRIPT on two gloo ranks and checks its runs against the whole loop; returns the PSNRs."""
     gloo_ranks(RANK_SCRIPT, 2, name, str(folder), builder)
     ranks = [torch.load(folder / f"rank{r}.pt") for r in range(2)]
-    with torch.inference_mode():
-        whole = inputs.forward(inputs.module, reshaped(inputs))
-    for rank in ranks:
-        assert (rank.pop("reshaped") - whole).abs().max().item() <= 1e-4 * max(1.0, whole.abs().max().item())
+    for run, call in (("reshaped", reshaped(inputs)), ("repeated", first(inputs))):
+        with torch.inference_mode():
+            whole = inputs.forward(inputs.module, call)
+        for rank in ranks:
+            assert (rank.pop(run) - whole).abs().max().item() <= 1e-4 * max(1.0, whole.abs().max().item()), run
     reference = whole_sample(inputs)
     scale = max(1.0, reference.abs().max().item())
     assert (ranks[0]["exact"]["latents"] - reference).abs().max().item() <= 1e-4 * scale

@@ -129,8 +129,8 @@ def band_heights(rows: int, scale: int, degree: int) -> list[int]:
 
 
 def finish_pending(stale: dict) -> None:
-    """Waits for the exchanges the last call of a job left in flight (call at the job's end, or before dropping
-    `stale`); they are kept for the next call, which a synchronous call does not need."""
+    """Waits for the exchanges the last call left in flight: call it at a job's end, before `stale` is dropped, so
+    nothing is left posted (their buffers stay in `stale` for a next stale call)."""
     state = stale.get(STATE)
     for posted in state["exchanges"] if state else []:
         posted.link.finish(posted)
