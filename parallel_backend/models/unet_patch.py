@@ -52,9 +52,9 @@ def run_unet_patch(module, call, context) -> torch.Tensor:
     if norms not in NORMS:
         raise ValueError(f"norms must be one of {', '.join(NORMS)}, not {norms!r}")
     forward = _check_call(module, call)
-    attentions = unet_patch_attention.self_attentions(module)
-    bands = band_heights(call.x.shape[-2], vae_bands.row_scale(module, whole=()), context.degree)
     state = context.stale.setdefault(STATE, {"exchanges": []})
+    layers, attentions = _layers(module, state)
+    bands = band_heights(call.x.shape[-2], vae_bands.convs_row_scale(layers[0]), context.degree)
     signature = (tuple(call.x.shape), call.x.dtype, None if call.context is None else tuple(call.context.shape),
                  tuple(bands))
     previous = state.pop("signature", None)  # absent until this call completes
@@ -67,7 +67,7 @@ def run_unet_patch(module, call, context) -> torch.Tensor:
     group = PatchBands(link, bands, state["exchanges"], synchronous, norms == "synchronous")
     band_call = _band_call(call, sum(bands[:context.index]), bands[context.index])
     own_forwards = [attn.__dict__.get("forward") for _, attn in attentions]
-    vae_bands.band_in_place(module, group, whole=())
+    vae_bands.band_in_place(module, group, whole=(), layers=layers)
     try:
         for _, attn in attentions:
             unet_patch_attention.wrap(attn, group)
@@ -81,6 +81,16 @@ def run_unet_patch(module, call, context) -> torch.Tensor:
     whole, _ = group.gather_rows(out)
     state["signature"] = signature
     return whole
+
+
+def _layers(module, state: dict):
+    """(vae_bands.band_layers, self-attentions) of `module`, scanned at its first call of the job: the scans walk
+    every module of the UNet, which costs more than a GPU's step of a small UNet."""
+    cached = state.get("layers")
+    if cached is None or cached[0] is not module:
+        cached = state["layers"] = (module, vae_bands.band_layers(module, whole=()),
+                                    unet_patch_attention.self_attentions(module))
+    return cached[1:]
 
 
 def _check_call(module, call):
