@@ -75,17 +75,20 @@ class _Bands:
 
     def __init__(self, group):
         self.group, self.whole = group, 0
+        self.wrapped: list[tuple[nn.Module, object]] = []  # (layer, its own forward before, or None): for `unband`
 
 
-def band_in_place(module: nn.Module, group) -> nn.Module:
+def band_in_place(module: nn.Module, group, whole: tuple[str, ...] = WHOLE_BLOCKS, layers=None) -> nn.Module:
     """Wraps `module`'s row-mixing layers (see the module doc) to run on this rank's band with `group`. Raises
     ValueError in one sentence, before any work, for a layer it cannot band exactly (a strided convolution, or
-    padding other than zeros)."""
+    padding other than zeros). `whole`: the class-name endings of blocks that run on the gathered rows (a UNet
+    passes none: its attentions see tokens, not rows). `layers`: what `band_layers(module, whole)` returned, for a
+    caller that bands the same module at every call (its scan is skipped). `unband` undoes it."""
     if getattr(module, "_tandem_bands", None) is not None:
         raise ValueError("this module is already split into bands")
     bands = _Bands(group)
-    convs, norms, whole_blocks = check_layers(module)
-    halved = _padded_downsamples(module)
+    convs, norms, whole_blocks, halved = band_layers(module, whole) if layers is None else layers
+    bands.wrapped = [(layer, layer.__dict__.get("forward")) for layer in (*convs, *norms, *whole_blocks)]
     for conv in convs:
         if isinstance(conv, nn.ZeroPad2d):
             _wrap_zero_pad(conv, bands)
@@ -103,10 +106,27 @@ def band_in_place(module: nn.Module, group) -> nn.Module:
     return module
 
 
-def check_layers(module: nn.Module) -> tuple[list, list, list]:
-    """The layers a band split wraps: (convolutions that pad their rows, GroupNorms, blocks that run whole),
-    outside the whole blocks. Raises ValueError in one sentence for a layer it cannot band exactly."""
-    named = [m for m in module.modules() if type(m).__name__.endswith(WHOLE_BLOCKS)]
+def unband(module: nn.Module) -> nn.Module:
+    """`module` as it was before `band_in_place`: every wrapped layer's forward restored."""
+    bands = module.__dict__.pop("_tandem_bands", None)
+    for layer, forward in reversed(bands.wrapped if bands is not None else []):
+        if forward is None:
+            layer.__dict__.pop("forward", None)
+        else:
+            layer.forward = forward
+    return module
+
+
+def band_layers(module: nn.Module, whole: tuple[str, ...] = WHOLE_BLOCKS) -> tuple[list, list, list, set]:
+    """What `band_in_place` wraps: `check_layers`' three lists and the ids of the padded downsamples' convolutions."""
+    return (*check_layers(module, whole), _padded_downsamples(module))
+
+
+def check_layers(module: nn.Module, whole: tuple[str, ...] = WHOLE_BLOCKS) -> tuple[list, list, list]:
+    """The layers a band split wraps: (convolutions that pad their rows, GroupNorms, blocks that run whole, those
+    whose class name ends with one of `whole`), outside the whole blocks. Raises ValueError in one sentence for a
+    layer it cannot band exactly."""
+    named = [m for m in module.modules() if whole and type(m).__name__.endswith(whole)]
     inside = {id(sub) for block in named for sub in block.modules() if sub is not block}
     whole_blocks = [m for m in named if id(m) not in inside]  # outermost: HunyuanVideo's mid block, not its Attention
     halved = _padded_downsamples(module)
@@ -147,10 +167,15 @@ def _padded_downsamples(module: nn.Module) -> set[int]:
             and isinstance(getattr(m, "conv", None), nn.Conv2d) and _pads_then_halves(m.conv)}
 
 
-def row_scale(module: nn.Module) -> int:
+def row_scale(module: nn.Module, whole: tuple[str, ...] = WHOLE_BLOCKS) -> int:
     """Image rows per latent row through the convolutions: the product of the row strides of the encoder's
-    downsamples (what an encoder's bands must start at multiples of; reshapes are the family's `latent_patch`)."""
-    convs, _, _ = check_layers(module)
+    downsamples (what an encoder's bands must start at multiples of; reshapes are the family's `latent_patch`).
+    `whole` as `check_layers`'s."""
+    return convs_row_scale(check_layers(module, whole)[0])
+
+
+def convs_row_scale(convs: list) -> int:
+    """`row_scale` of the convolutions `check_layers` lists."""
     scale = 1
     for layer in convs:
         scale *= 2 if isinstance(layer, nn.ZeroPad2d) else (layer.conv if _pads_itself(layer) else layer).stride[-2]
