@@ -42,21 +42,18 @@ class Patch(SequenceStrategy):
     exact = False
     axes = ("patch",)
     knobs = (PATCH, WARMUP)
-    adapters = None  # DiTs through their sequence split; UNets through models/unet_patch.py where it exists
+    adapters = None  # DiTs through their sequence split; UNets through models/unet_patch.py
     scope = "splits transformers (DiTs) by their token sequence and UNets by bands of rows"
     summary = ("the latent in bands, one per device, each attending to the other bands' keys and values from the "
-               "step before, exchanged behind compute (approximate after warm-up; DiTs).")
+               "step before, exchanged behind compute (approximate after warm-up; DiTs and SD1.x / SDXL UNets).")
 
     def check_family(self, family: str) -> None:
+        """DiTs: those with a sequence split (SequenceStrategy's sentence otherwise); UNets: SD1.x and SDXL,
+        diffusers' and ComfyUI's, in bands of rows (models/unet_patch.py)."""
         from ...models import adapter_name
 
         if not adapter_name(family).endswith("_unet"):
-            return super().check_family(family)
-        try:
-            from ...models import unet_patch  # noqa: F401
-        except ImportError:
-            raise ValueError(f"strategy {self.name!r} splits transformers (DiTs) only in this build, and this model "
-                             "is a UNet: use cfg, batch, asyncdiff or auto for it") from None
+            super().check_family(family)
 
     def check_model(self, mesh, sequence) -> None:
         """Any number of heads: each rank attends with all of them."""
@@ -80,8 +77,27 @@ class Patch(SequenceStrategy):
         return {**figures, "exact_calls": len(exact)}
 
     def bench_part(self, model, call, mesh):
-        from ...models import sequence_runner
+        """A DiT: a ring rank's part (SequenceStrategy's); a UNet: the UNet on the largest band's rows alone (no
+        halos, no exchange)."""
+        from ...models import adapter_name, forward_for_family, sequence_runner
 
+        if adapter_name(model.family).endswith("_unet"):
+            import dataclasses
+
+            import torch
+
+            from ...models.unet_patch import band_heights
+            from ...models.vae_bands import band_layers, convs_row_scale
+
+            scale = convs_row_scale(band_layers(model.module, whole=())[0])
+            rows = max(band_heights(call.x.shape[-2], scale, mesh.inner))
+            band, forward = dataclasses.replace(call, x=call.x[..., :rows, :]), forward_for_family(model.family)
+
+            def run():
+                with torch.inference_mode():
+                    forward(model.module, band)
+
+            return run
         return None if sequence_runner(model.family) is None else super().bench_part(model, call, mesh)
 
     def worker_handlers(self) -> dict:

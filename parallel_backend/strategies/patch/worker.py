@@ -69,7 +69,10 @@ class PatchStore:
 
     def drop(self) -> None:
         """Finishes what is in flight (every peer posted its half) and forgets every stale value."""
+        from ...models.unet_patch import finish_pending
+
         for values in self.stale.values():
+            finish_pending(values)  # a UNet's exchanges (models/unet_patch.py keeps them under its own key)
             for value in values.values():
                 for posted in value if isinstance(value, tuple) else (value,):
                     if isinstance(posted, Posted):
