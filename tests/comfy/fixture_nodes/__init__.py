@@ -307,6 +307,62 @@ class TandemTestSeededWanVAE(_SeededVAENode):
         return (comfy.sd.VAE(sd=seed_wan_weights(model, seed).state_dict()),)
 
 
+class TandemTestSeededWan22VAE(_SeededVAENode):
+    """ComfyUI's own Wan 2.2 video VAE (comfy.sd.VAE detects it by its residual upsamples: 48 latent channels, 2x2
+    pixels patchified, 16 pixels per latent row), 16 channels wide. comfy.sd.VAE builds this class at its released
+    width (160); while it reads the state dict, the class is built at the state dict's width instead."""
+
+    def build(self, seed):
+        import comfy.ldm.wan.vae2_2 as wan22
+        import comfy.sd
+
+        from parallel_backend.models.benchmodels_vae import seed_wan_weights
+
+        released = wan22.WanVAE
+
+        def narrow(**config):
+            return released(**{**config, "dim": 16})
+
+        model = seed_wan_weights(narrow(z_dim=48, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
+                                        temperal_downsample=[False, True, True], dropout=0.0), seed)
+        wan22.WanVAE = narrow
+        try:
+            return (comfy.sd.VAE(sd=model.state_dict()),)
+        finally:
+            wan22.WanVAE = released
+
+
+class TandemTestSeededLTXVAE(_SeededVAENode):
+    """ComfyUI's own LTX-Video VAE (comfy.sd.VAE detects it; its config, version 0.9.5's blocks at 16 channels,
+    travels in the metadata as a checkpoint's does), seeded inside the output's range, with its latent statistics.
+    With `noise`, the decoder is conditioned on the timestep (0.9.1 and later): it adds unseeded noise to the
+    latent before it decodes."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        inputs = super().INPUT_TYPES()
+        inputs["optional"] = {"noise": ("BOOLEAN", {"default": False})}
+        return inputs
+
+    def build(self, seed, noise=False):
+        import json
+
+        import comfy.sd
+        from comfy.ldm.lightricks.vae.causal_video_autoencoder import VideoVAE
+
+        from parallel_backend.models.benchmodels_vae import seed_wan_weights
+
+        config = VideoVAE.get_default_config(None, 2)
+        config.update(encoder_base_channels=16, decoder_base_channels=16, timestep_conditioning=noise)
+        model = seed_wan_weights(VideoVAE(config=config), seed)
+        generator = torch.Generator().manual_seed(seed + 1)
+        statistics = model.per_channel_statistics
+        with torch.no_grad():
+            statistics.get_buffer("std-of-means").copy_(0.5 + torch.rand(128, generator=generator))
+            statistics.get_buffer("mean-of-means").copy_(0.1 * torch.randn(128, generator=generator))
+        return (comfy.sd.VAE(sd=model.state_dict(), metadata={"config": json.dumps({"vae": config})}),)
+
+
 class TandemTestSeededLatent:
     """A latent of seeded normal noise (what a VAE decodes in the tests)."""
 
@@ -348,6 +404,8 @@ NODE_CLASS_MAPPINGS = {"TandemTestTinySD1Model": TandemTestTinySD1Model,
                        "TandemTestSeededVAE": TandemTestSeededVAE,
                        "TandemTestSeededWanVAE": TandemTestSeededWanVAE,
                        "TandemTestSeededFlux2VAE": TandemTestSeededFlux2VAE,
+                       "TandemTestSeededWan22VAE": TandemTestSeededWan22VAE,
+                       "TandemTestSeededLTXVAE": TandemTestSeededLTXVAE,
                        "TandemTestSeededLatent": TandemTestSeededLatent,
                        "TandemTestImageAsLatent": TandemTestImageAsLatent,
                        "TandemTestObjectPatch": TandemTestObjectPatch,
