@@ -332,9 +332,26 @@ class TandemTestSeededWan22VAE(_SeededVAENode):
             wan22.WanVAE = released
 
 
+def _ltx_config(noise: bool) -> dict:
+    """LTX-Video 0.9.5's kinds of blocks (space-to-depth downsamples, residual depth-to-space upsamples, pixel
+    norms), one layer each and no widening: 16 channels where ComfyUI reads the base width (v0.24), its 128
+    otherwise (v0.8)."""
+    down = [["res_x", {"num_layers": 1}], ["compress_space_res", {"multiplier": 1}], ["res_x", {"num_layers": 1}],
+            ["compress_time_res", {"multiplier": 1}], ["compress_all_res", {"multiplier": 1}],
+            ["compress_all_res", {"multiplier": 1}], ["res_x", {"num_layers": 1}]]
+    up = [["res_x", {"num_layers": 1, "inject_noise": False}]] + [
+        block for _ in range(3) for block in (["compress_all", {"residual": True, "multiplier": 1}],
+                                              ["res_x", {"num_layers": 1, "inject_noise": False}])]
+    return {"_class_name": "CausalVideoAutoencoder", "dims": 3, "in_channels": 3, "out_channels": 3,
+            "latent_channels": 128, "encoder_blocks": down, "decoder_blocks": up, "scaling_factor": 1.0,
+            "norm_layer": "pixel_norm", "patch_size": 4, "latent_log_var": "uniform", "use_quant_conv": False,
+            "causal_decoder": False, "timestep_conditioning": noise, "encoder_base_channels": 16,
+            "decoder_base_channels": 16}
+
+
 class TandemTestSeededLTXVAE(_SeededVAENode):
-    """ComfyUI's own LTX-Video VAE (comfy.sd.VAE detects it; its config, version 0.9.5's blocks at 16 channels,
-    travels in the metadata as a checkpoint's does), seeded inside the output's range, with its latent statistics.
+    """ComfyUI's own LTX-Video VAE (comfy.sd.VAE detects it; its config, `_ltx_config`, travels in the metadata as
+    a checkpoint's does), seeded inside the output's range, with its latent statistics.
     With `noise`, the decoder is conditioned on the timestep (0.9.1 and later): it adds unseeded noise to the
     latent before it decodes."""
 
@@ -352,8 +369,7 @@ class TandemTestSeededLTXVAE(_SeededVAENode):
 
         from parallel_backend.models.benchmodels_vae import seed_wan_weights
 
-        config = VideoVAE.get_default_config(None, 2)
-        config.update(encoder_base_channels=16, decoder_base_channels=16, timestep_conditioning=noise)
+        config = _ltx_config(noise)
         model = seed_wan_weights(VideoVAE(config=config), seed)
         generator = torch.Generator().manual_seed(seed + 1)
         statistics = model.per_channel_statistics
