@@ -70,7 +70,7 @@ class TandemVAEEncode(io.ComfyNode):
     def execute(cls, pixels, vae, settings=None) -> io.NodeOutput:
         model, family = vae.first_stage_model, vae_families.family_of(vae.first_stage_model)
         image = vae.vae_encode_crop_pixels(pixels[:, :, :, :3]).movedim(-1, 1)
-        if family is not None and family.name.endswith("wan"):  # frames as the batch: one video (batch, C, T, H, W)
+        if family is not None and family.video:  # frames as the batch: one video (batch, C, T, H, W)
             image = image.movedim(1, 0).unsqueeze(0)
         reason = _reason_to_stay_home(image, model, scale=family.scale(model) if family else 1)
         done = _on_the_pool("VAE Encode", settings, vae, image, reason,
@@ -114,7 +114,7 @@ def _reason_to_stay_home(latent, model, scale: int = 1) -> str | None:
     if vae_families.family_of(model) is None:
         return f"Tandem has no band split for a {type(model).__name__} VAE yet"
     family = vae_families.family_of(model)
-    if latent.ndim != (5 if family.name.endswith("wan") else 4):
+    if latent.ndim != (5 if family.video else 4):
         return f"an input of {latent.ndim} dimensions has no band split for this {type(model).__name__} VAE"
     if getattr(latent, "is_nested", False):
         return "a nested latent has no band split"

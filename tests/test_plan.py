@@ -132,6 +132,17 @@ def test_cfg_speedup_is_the_batch_ratio_on_a_free_link_and_the_host_overhead_cou
     assert amdahl.predicted_speedup_end_to_end == pytest.approx(4.0 / (2.0 + 20 * 0.055))
 
 
+def test_the_end_to_end_figure_counts_the_vae_decode_whole_against_in_bands():
+    inp = Inputs(CallShape(rows=2, input_bytes=1, output_bytes=1), "diffusers_unet", 2, {1: 0.055, 2: 0.1}, FAST)
+    mesh = Mesh("cfg", 2, 1, (), 2)
+    decoded = predict(Inputs(**{**inp.__dict__, "decode_seconds": 3.0, "decode_split_seconds": 1.6}), mesh)
+    assert decoded.predicted_speedup == predict(inp, mesh).predicted_speedup  # per step: no decode
+    assert decoded.predicted_speedup_end_to_end == pytest.approx((20 * 0.1 + 3.0) / (20 * 0.055 + 1.6))
+    # a decode that is not split costs the split run what it costs the whole one
+    whole = predict(Inputs(**{**inp.__dict__, "decode_seconds": 3.0}), mesh)
+    assert whole.predicted_speedup_end_to_end == pytest.approx((20 * 0.1 + 3.0) / (20 * 0.055 + 3.0))
+
+
 def test_asyncdiff_splits_by_the_layer_profile_is_stale_and_pays_its_warmup_end_to_end():
     shape = CallShape(rows=1, input_bytes=1, output_bytes=1, handover_bytes=(0, 10, 10, 10))
     inp = Inputs(shape, "diffusers_unet", 1, {1: 0.1}, FAST, layer_seconds=(1.0, 1.0, 1.0, 1.0), steps=10, warmup=2,
@@ -184,6 +195,13 @@ def test_tandem_plan_prints_the_table_and_writes_json(tmp_path, capsys):
     report = json.loads(out.read_text())
     assert report["prediction"] is True and report["choice"]["why"]
     assert {c["strategy"] for c in report["candidates"]} == {"serial", "cfg", "batch", "asyncdiff"}
+    # a CPU pool's end to end includes the tiny VAE's decode: whole on one device, in 2 bands on the pool
+    one, banded = report["inputs"]["decode_seconds"], report["inputs"]["decode_split_seconds"]
+    assert one > 0 and banded > 0 and "end to end with the VAE decode" in printed
+    serial = next(c for c in report["candidates"] if c["strategy"] == "serial")["predicted_seconds_per_call"]
+    cfg = next(c for c in report["candidates"] if c["strategy"] == "cfg")
+    assert cfg["predicted_speedup_end_to_end"] == pytest.approx((20 * serial + one) /
+                                                                (20 * cfg["predicted_seconds_per_call"] + banded))
     # --vae: one line after the candidates, the tiny VAE's decode timed here and predicted in 2 bands
     last = printed.splitlines()[-2]  # then "tandem: wrote ..."
     vae = report["vae_decode"]

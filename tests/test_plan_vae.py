@@ -63,15 +63,15 @@ def test_the_cost_of_a_banded_decode_worked_by_hand():
     assert three.band_seconds == pytest.approx(900 * 0.01 * 0.4) and three.whole_seconds == pytest.approx(1.0)
     # a middle band sends its edge to both neighbours (2 messages); the halving convolution's row goes up only
     assert three.halo_seconds == pytest.approx((2 * 0.01 + 2000 / 1000) + (0.01 + 500 / 1000))
-    # all-gathers to 2 others: the count (8 bytes), the means and variances (16 bytes each); the attention's
-    # bands' heights (8 bytes), then its band of 4 rows of 10 (1600 bytes)
-    norms = (2 * 0.01 + 16 / 1000) + 2 * (2 * 0.01 + 32 / 1000)
+    # one all-gather to 2 others of every band's count, mean and squared deviations (3 slots x 3 x 16 bytes);
+    # the attention's bands' heights (8 bytes), then its band of 4 rows of 10 (1600 bytes)
+    norms = 2 * 0.01 + 2 * 144 / 1000
     gather = (2 * 0.01 + 16 / 1000) + (2 * 0.01 + 3200 / 1000)
     assert three.collective_seconds == pytest.approx(norms + gather)
     assert three.host_seconds == pytest.approx((3 * 0.01 + 0.08) + (3 * 0.01 + 0.3) + 0.5)
     assert three.seconds == pytest.approx(3.6 + 1.0 + 2.53 + norms + gather + 0.44 + 0.5)
     assert three.speedup == pytest.approx(10.0 / three.seconds)
-    assert three.peer_bytes == 2 * (2 * 1000 + 500) + 3 * 2 * ((8 + 2 * 16) + (8 + 1600))
+    assert three.peer_bytes == 2 * (2 * 1000 + 500) + 3 * 2 * (144 + (8 + 1600))
     # while the attention runs: 2/5 of what was held, its own 50 bytes and the gathered 4000
     assert three.activation_bytes == max(400, 80 + 50 + 4000) and three.memory_bytes == 100 + 4130
     assert predict_decode(decode, 10.0, SLOW_LINK, 2, contention=2.0).band_seconds == pytest.approx(900 * 0.01)
@@ -146,7 +146,7 @@ def test_counted_exchanges_equal_what_the_bands_send(build, shape, part, degree)
     logs = _banded_logs(vae, latent, degree, part)
     assert sum(log["halo"] for log in logs) == decode.halo_bytes(degree)
     for log in logs:
-        assert log["sums"] == [size for sums in decode.norms for size in (8, sums, sums)]
+        assert log["sums"] == [3 * degree * sums for sums in decode.norms]  # every band's slot of 3 moments
         assert log["gathers"] == list(decode.whole_inputs)
     # the bytes PeerBands counts: halos, and every all-gather's piece (an attention's band padded to the largest,
     # after the heights) to every other rank

@@ -201,6 +201,13 @@ def cmd_plan(args) -> int:
     inputs = measure_inputs(model, resolution, branches, branches, link or figures.link, len(devices), args.steps)
     if figures is not None:
         inputs = figures.apply(inputs)
+    if kind == "cpu":  # end to end includes the VAE decode, in bands on the pool
+        from ..plan.vae_count import decode_end_to_end
+
+        decode = decode_end_to_end(args.model, resolution, model.frames, list(devices), inputs.link,
+                                   inputs.host_overhead_s, inputs.contention)
+        if decode is not None:
+            inputs = dataclasses.replace(inputs, decode_seconds=decode[0], decode_split_seconds=decode[1])
     budget = (int(args.memory_per_device * 2**30) if args.memory_per_device is not None
               else default_budget_bytes(list(devices)))
     found = candidates(inputs, len(devices), budget)

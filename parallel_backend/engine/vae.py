@@ -38,8 +38,12 @@ def decode(engine, vae, latent, devices: int | None = None, timestep=None) -> Co
     the pool (default: all; never more bands than the latent has rows). out: the whole image on the latent's
     device; extra: compute_s and activation_peak_bytes per rank, bands. `timestep`: for a decoder conditioned on
     it (the family's `takes_timestep`). Raises CannotCarry for a VAE without a family (the host decodes it
-    itself), ValueError before any work for a latent that cannot be split or a timestep the VAE does not take."""
+    itself, or one whose decode its family refuses, with the sentence why), ValueError before any work for a latent
+    that cannot be split or a timestep the VAE does not take."""
     family = _family(vae)
+    refusal = family.decode_refusal and family.decode_refusal(vae)
+    if refusal:
+        raise CannotCarry(refusal)
     if timestep is not None and not family.takes_timestep:
         raise ValueError(f"this {type(vae).__name__} VAE decodes without a timestep; pass none")
     return _split(engine, vae, family, latent, DECODE, 1, devices, timestep)
@@ -73,6 +77,8 @@ def _split(engine, vae, family, rows_in, way: str, unit: int, devices: int | Non
     with engine.job():
         engine.pool.before_job(None)  # a decode is a job of its own: a worker lost since the last one restarts the pool
         degree = min(devices or engine.device_count(), engine.device_count(), units)
+        while family.equal_bands and units % degree:  # fewer devices, so that every band has the same rows
+            degree -= 1
         vae_bands.check_bands(units, degree)
         fingerprint = engine.hold(vae, family.name)
         peers = tuple(range(degree))

@@ -3,11 +3,13 @@
 Each rank runs the whole network on its own band of the image's rows. These layers see beyond a band, and each
 is made exact (`band_in_place` wraps the module's own layers; the rest of the network is untouched):
 - a convolution that pads its rows (3x3: one row above and below) first takes those rows from its neighbours'
-  bands (`halo`), and pads its own rows only where the band meets the image's edge (zeros, or its 'replicate'
-  or 'reflect' padding_mode, as the whole does);
-- a GroupNorm takes its statistics over the whole image: each rank's sums per group are added over the group
-  (`sum`: every rank's partial, added in rank order, so every rank gets the same bits), mean first, then the
-  squared deviations from it (two passes, as numerically sound as the whole's);
+  bands (`halo`); it runs on its band as written, and the rows at an inner edge are computed again from the
+  halo and the band's first (last) rows without row padding, so no copy of the band is made; at the image's
+  edge it pads as the whole does (zeros, or its 'replicate' or 'reflect' padding_mode);
+- a GroupNorm takes its statistics over the whole image in one small collective: each band's count, mean and
+  squared deviations from that mean per group (two passes), every band's in its own slot of a `sum` (every
+  rank's partial added in rank order, so every rank gets the same bits), combined pairwise (Chan's formula: no
+  cancellation), then torch's own normalisation kernel runs with them;
 - an attention block (the mid block's: every position attends to every other) runs on the whole image: its
   input's bands are gathered (`gather_rows`), the block runs whole on every rank, each keeps its own rows.
   It runs at the network's smallest resolution, where a whole image is cheap.
@@ -33,6 +35,8 @@ whole along dim -2, this band's first row in it).
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 from torch import nn
@@ -298,24 +302,15 @@ def _wrap_halving_conv(conv, bands: _Bands) -> None:
 
 def _wrap_causal_conv(conv, bands: _Bands) -> None:
     """A causal 3D convolution (it prepends the frames of the chunk before, `cache_x`, or a list's entry, and pads
-    its frames itself): the input and the cached frames each take their rows from the neighbours' bands, then the
-    convolution runs as written with no row padding of its own. Both forms are met: the row padding in an
+    its frames itself): the input and the cached frames each take their rows from the neighbours' bands. It runs
+    on the band as written, then the rows at an inner edge are recomputed with no row padding (`_fix_edges`); on
+    a band under twice its halo, on the band joined to its halos. Both forms are met: the row padding in an
     explicit `_padding` tuple (diffusers, ComfyUI v0.8) or in the convolution's `padding` (ComfyUI v0.24)."""
     original = conv.forward
     explicit = isinstance(conv._padding, tuple)
     rows = conv._padding[2] if explicit else conv.padding[-2]
 
-    def forward(x, *args, **kwargs):
-        if bands.whole:
-            return original(x, *args, **kwargs)
-        cache_x = args[0] if args else kwargs.get("cache_x")
-        cache_list = args[1] if len(args) > 1 else kwargs.get("cache_list")
-        if cache_list is not None:  # as the convolution itself takes it: the list's entry, then cleared
-            index = args[2] if len(args) > 2 else kwargs.get("cache_idx")
-            cache_x, cache_list[index] = cache_list[index], None
-        x = _with_halo(x, rows, bands)
-        if cache_x is not None:
-            cache_x = _with_halo(cache_x.to(x.device), rows, bands)
+    def unpadded(x, cache_x=None):
         saved = conv._padding, conv.padding
         if explicit:
             conv._padding = (*saved[0][:2], 0, 0, *saved[0][4:])
@@ -325,6 +320,20 @@ def _wrap_causal_conv(conv, bands: _Bands) -> None:
             return original(x, cache_x)
         finally:
             conv._padding, conv.padding = saved
+
+    def forward(x, *args, **kwargs):
+        if bands.whole:
+            return original(x, *args, **kwargs)
+        cache_x = args[0] if args else kwargs.get("cache_x")
+        cache_list = args[1] if len(args) > 1 else kwargs.get("cache_list")
+        if cache_list is not None:  # as the convolution itself takes it: the list's entry, then cleared
+            index = args[2] if len(args) > 2 else kwargs.get("cache_idx")
+            cache_x, cache_list[index] = cache_list[index], None
+        inputs = (x,) if cache_x is None else (x, cache_x.to(x.device))
+        halos = [_neighbours_rows(t, rows, rows, bands) for t in inputs]
+        if x.shape[-2] >= 2 * rows:
+            return _fix_edges(original(*inputs), inputs, *zip(*halos), rows, unpadded)
+        return unpadded(*(_joined(t, upper, lower, rows) for t, (upper, lower) in zip(inputs, halos)))
 
     conv.forward = forward
 
@@ -342,44 +351,63 @@ def _neighbours_rows(x, above: int, below: int, bands: _Bands, stride: int = 1):
     return bands.group.halo(x[..., :below, :], x[..., x.shape[-2] - above:, :])
 
 
-def _with_halo(x, above: int, bands: _Bands, below: int | None = None, stride: int = 1):
-    """`x` with `above` rows of the band above and `below` (default: `above`) of the band below; at the image's
-    edge, `above` zero rows (what the convolution pads on both sides)."""
-    upper, lower = _neighbours_rows(x, above, above if below is None else below, bands, stride)
-    edge = x.new_zeros((*x.shape[:-2], above, x.shape[-1]))
+def _joined(x, upper, lower, edge_rows: int):
+    """`x` between its halos; `edge_rows` zero rows in place of a halo at the image's edge."""
+    edge = x.new_zeros((*x.shape[:-2], edge_rows, x.shape[-1]))
     return torch.cat([edge if upper is None else upper, x, edge if lower is None else lower], dim=-2)
 
 
 def _wrap_conv(conv, bands: _Bands) -> None:
     """The convolution pads only its columns (and frames); its rows come from the neighbours' bands, and it pads
     them (zeros, or its 'replicate' or 'reflect' `padding_mode`) only at the image's edge. Strided over rows, it
-    takes the rows `_halo_rows` counts."""
+    takes the rows `_halo_rows` counts. Of stride 1 on a band of at least twice its halo, it runs on the band as
+    written and then recomputes the rows at an inner edge from the halo and the band's first or last rows
+    (`_fix_edges`): no copy of the band is made."""
     original, whole_padding = conv.forward, tuple(conv.padding)
-    band_padding = (*whole_padding[:-2], 0, whole_padding[-1])
     stride = conv.stride[-2]
     above, below = _halo_rows(conv.kernel_size[-2], stride, whole_padding[-2])
-    modes = list(conv._reversed_padding_repeated_twice)  # (columns, columns, rows, rows, ...): for a padding_mode
+    unpadded = functools.partial(_without_row_padding, conv, original)
 
     def forward(x, *args, **kwargs):
         if bands.whole:
             return original(x, *args, **kwargs)
-        if conv.padding_mode == "zeros":
-            x = _with_halo(x, above, bands, below, stride)
-            conv.padding = band_padding
-            try:
-                return original(x, *args, **kwargs)
-            finally:
-                conv.padding = whole_padding
         upper, lower = _neighbours_rows(x, above, below, bands, stride)
-        x = torch.cat([t for t in (upper, x, lower) if t is not None], dim=-2)
-        conv._reversed_padding_repeated_twice = [*modes[:2], 0 if upper is not None else modes[2],
-                                                 0 if lower is not None else modes[3], *modes[4:]]
-        try:
-            return original(x, *args, **kwargs)
-        finally:
-            conv._reversed_padding_repeated_twice = modes
+        if stride == 1 and x.shape[-2] >= 2 * above:
+            return _fix_edges(original(x, *args, **kwargs), (x,), (upper,), (lower,), above,
+                              lambda t: unpadded(t, *args, **kwargs))
+        if conv.padding_mode == "zeros":
+            return unpadded(_joined(x, upper, lower, above), *args, **kwargs)
+        return unpadded(torch.cat([t for t in (upper, x, lower) if t is not None], dim=-2), *args,
+                        top=upper is None, bottom=lower is None, **kwargs)
 
     conv.forward = forward
+
+
+def _without_row_padding(conv, original, x, *args, top: bool = False, bottom: bool = False, **kwargs):
+    """`original` (conv's forward) on `x` with no row padding, but at the image's `top` or `bottom` edge where
+    a padding mode other than zeros pads rows itself."""
+    padding, modes = conv.padding, conv._reversed_padding_repeated_twice
+    if conv.padding_mode == "zeros":
+        conv.padding = (*padding[:-2], 0, padding[-1])
+    else:  # (columns, columns, rows, rows, ...): what the padding mode pads
+        conv._reversed_padding_repeated_twice = [*modes[:2], modes[2] if top else 0, modes[3] if bottom else 0,
+                                                 *modes[4:]]
+    try:
+        return original(x, *args, **kwargs)
+    finally:
+        conv.padding, conv._reversed_padding_repeated_twice = padding, modes
+
+
+def _fix_edges(out, inputs: tuple, uppers: tuple, lowers: tuple, rows: int, unpadded):
+    """`out`, a stride-1 convolution's output on the band padded at its own edges, with its first and last `rows`
+    rows recomputed where a neighbour's band lies beyond them: `unpadded(*slabs)` on each input's halo joined to
+    its first (last) 2 x `rows` rows gives those rows exactly. inputs, uppers, lowers: the convolution's inputs
+    (a causal one's: the chunk and its cached frames) and their halos (None at the image's edge)."""
+    if uppers[0] is not None:
+        out[..., :rows, :] = unpadded(*(torch.cat([u, t[..., :2 * rows, :]], dim=-2) for u, t in zip(uppers, inputs)))
+    if lowers[0] is not None:
+        out[..., -rows:, :] = unpadded(*(torch.cat([t[..., -2 * rows:, :], d], dim=-2) for d, t in zip(lowers, inputs)))
+    return out
 
 
 def _wrap_self_padding(layer, bands: _Bands) -> None:
@@ -404,25 +432,57 @@ def _wrap_self_padding(layer, bands: _Bands) -> None:
 
 
 def _wrap_group_norm(norm: nn.GroupNorm, bands: _Bands) -> None:
-    """GroupNorm over the whole image: the per-group mean, then the variance about it, summed over the bands."""
+    """GroupNorm over the whole image in one small collective: each band's count, mean and squared deviations per
+    group (`_band_moments`), combined in rank order (`_combined_moments`), then torch's own normalisation kernel
+    with those statistics, the input viewed as one sample of batch x channels (no centred copy is held)."""
     original = norm.forward
 
     def forward(x):
         if bands.whole:
             return original(x)
-        groups = norm.num_groups
-        flat = x.reshape(x.shape[0], groups, -1).float()
-        count = bands.group.sum(torch.tensor([float(flat.shape[-1])], dtype=torch.float64, device=x.device))
-        mean = (bands.group.sum(flat.sum(-1, dtype=torch.float64)) / count).to(flat.dtype)
-        centred = flat - mean[..., None]
-        var = (bands.group.sum((centred * centred).sum(-1, dtype=torch.float64)) / count).to(flat.dtype)
-        out = (centred * torch.rsqrt(var + norm.eps)[..., None]).reshape(x.shape).to(x.dtype)
-        if norm.affine:
-            shape = (1, -1, *([1] * (x.dim() - 2)))
-            out = out * norm.weight.reshape(shape).to(out.dtype) + norm.bias.reshape(shape).to(out.dtype)
-        return out
+        mean, var = _combined_moments(_band_moments(x, norm.num_groups), bands.group)
+        per_channel = x.shape[1] // norm.num_groups
+        dtype = norm.weight.dtype if norm.affine else x.dtype  # torch's kernel takes the statistics so
+        mean, var = (t.repeat_interleave(per_channel, dim=1).reshape(-1).to(dtype) for t in (mean, var))
+        weight, bias = ((None, None) if not norm.affine else
+                        (norm.weight.repeat(x.shape[0]), norm.bias.repeat(x.shape[0])))
+        out = F.batch_norm(x.reshape(1, -1, *x.shape[2:]), mean, var, weight, bias, False, 0.0, norm.eps)
+        return out.reshape(x.shape)
 
     norm.forward = forward
+
+
+CHUNK_ELEMENTS = 1 << 20  # the squared deviations are taken this many elements at a time (a few MiB, in cache)
+
+
+def _band_moments(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """(3, batch, groups) float64: this band's count, mean and sum of squared deviations from it, per group (two
+    passes, the second a group at a time so its scratch stays small)."""
+    flat = x.reshape(x.shape[0], groups, -1)
+    if flat.dtype not in (torch.float32, torch.float64):
+        flat = flat.float()
+    mean = flat.sum(-1) / flat.shape[-1]
+    step = max(1, CHUNK_ELEMENTS // (flat.shape[0] * flat.shape[-1]))
+    norms = torch.cat([torch.linalg.vector_norm(part - m[..., None], dim=-1)
+                       for part, m in zip(flat.split(step, dim=1), mean.split(step, dim=1))], dim=1).double()
+    squares = norms * norms
+    count = torch.full_like(squares, flat.shape[-1])
+    return torch.stack([count, mean.double(), squares])
+
+
+def _combined_moments(moments: torch.Tensor, group) -> tuple[torch.Tensor, torch.Tensor]:
+    """The whole image's (mean, variance) per group from every band's `_band_moments`, by Chan's pairwise
+    combination (no cancellation, unlike a mean of squares less the squared mean), in rank order so every rank
+    gets the same bits. The bands' moments travel in one sum: each band fills its own slot of zeros."""
+    slots = moments.new_zeros((group.degree, *moments.shape))
+    slots[group.index] = moments
+    every = group.sum(slots)
+    count, mean, squares = every[0]
+    for n, m, m2 in every[1:]:
+        total = count + n
+        delta = m - mean
+        mean, squares, count = mean + delta * (n / total), squares + m2 + delta * delta * (count * n / total), total
+    return mean, squares / count
 
 
 def _wrap_whole(block: nn.Module, bands: _Bands) -> None:

@@ -1,6 +1,8 @@
 """The VAEs Tandem can split into bands (models/vae_bands.py, the whole VAE banded): for each, how a latent is
 decoded and an image encoded. A VAE not listed here takes its host's stock path. Not yet listed (issue 29):
-ComfyUI's HunyuanVideo and LTX-Video VAEs and its Wan 2.2 VAE."""
+ComfyUI's HunyuanVideo VAEs: 1.0's (an AutoencoderKL of 3D convolutions that pad themselves, VideoConv3d) and
+1.5's (`hunyuan_video/vae_refiner.py`, whose causal convolutions are padded by a function outside the layer,
+`conv_carry_causal_3d`)."""
 
 from __future__ import annotations
 
@@ -17,6 +19,10 @@ class VaeFamily:
     latent_patch: Callable = None  # the VAE -> image rows it folds into one by reshapes, not strided convolutions
     # (a patchify before the encoder, a pixel-unshuffle, a batch-normed latent's patches; None: 1)
     takes_timestep: bool = False  # decode(vae, latent, timestep=...) for a decoder conditioned on the timestep
+    video: bool = False  # ComfyUI's: a latent of (batch, channels, frames, rows, columns), the image its frames
+    decode_refusal: Callable = None  # the VAE -> why its decode cannot split (one sentence), or None
+    equal_bands: bool = False  # it sizes its work by the band's shape: every band must have the same rows
+    accepts: Callable = None  # the VAE -> whether this family's split fits it (None: every VAE of its classes)
 
     def scale(self, vae) -> int:
         """Image rows per latent row: an encoder's bands start at multiples of it."""
@@ -59,6 +65,29 @@ def _comfy_latent_patch(vae) -> int:
     return vae.ps[0] if getattr(vae, "bn", None) is not None else 1
 
 
+def _comfy_ltx_patch(vae) -> int:
+    """ComfyUI's LTX-Video encoder patchifies `patch_size` rows into channels, and its space-to-depth downsamples
+    fold their row stride into channels after a convolution of stride 1."""
+    patch = vae.encoder.patch_size
+    for module in vae.encoder.modules():
+        if type(module).__name__ == "SpaceToDepthDownsample":
+            patch *= module.stride[1]
+    return patch
+
+
+def _comfy_ltx_noise(vae) -> str | None:
+    if vae.timestep_conditioning:
+        return ("ComfyUI's LTX-Video VAE adds noise drawn over the whole latent before it decodes (a "
+                "timestep-conditioned decoder): a band cannot draw the whole latent's noise")
+    return None
+
+
+def _flat(vae) -> bool:
+    """An image VAE: ComfyUI builds its AutoencoderKL with 3D convolutions that pad themselves for HunyuanVideo
+    1.0 (`conv3d`), which no band split covers yet."""
+    return not any(type(m).__name__ == "VideoConv3d" for m in vae.modules())
+
+
 def _comfy_decode(vae, latent):
     return vae.decode(latent)
 
@@ -90,16 +119,25 @@ FAMILIES = (
     # ComfyUI's SD1.x / SDXL / SD3 / Flux / Flux.2 VAE (comfy.sd.VAE's first_stage_model); Flux.2's folds 2x2
     # latent positions into its channels after a batch norm (`bn`, `ps`)
     VaeFamily("vae:comfy_autoencoderkl", ("comfy.ldm.models.autoencoder.AutoencoderKL",),
-              _comfy_decode, _comfy_encode, latent_patch=_comfy_latent_patch),
-    # ComfyUI's Wan 2.1 video VAE (Qwen-Image's too)
-    VaeFamily("vae:comfy_wan", ("comfy.ldm.wan.vae.WanVAE",), _comfy_decode, _comfy_encode),
+              _comfy_decode, _comfy_encode, latent_patch=_comfy_latent_patch, accepts=_flat),
+    # ComfyUI's Wan 2.1 video VAE (Qwen-Image's too), and Wan 2.2's (it patchifies 2x2 pixels into channels
+    # before its encoder)
+    VaeFamily("vae:comfy_wan", ("comfy.ldm.wan.vae.WanVAE",), _comfy_decode, _comfy_encode, video=True),
+    VaeFamily("vae:comfy_wan22", ("comfy.ldm.wan.vae2_2.WanVAE",), _comfy_decode, _comfy_encode,
+              latent_patch=lambda vae: 2, video=True),
+    # ComfyUI's LTX-Video VAE: its encoder and decoder cut the frames into chunks sized by a frame's bytes (the
+    # band's: every band must cut alike); the timestep-conditioned decoder of 0.9.1 and later is refused
+    VaeFamily("vae:comfy_ltx_video", ("comfy.ldm.lightricks.vae.causal_video_autoencoder.VideoVAE",), _comfy_decode,
+              _comfy_encode, latent_patch=_comfy_ltx_patch, video=True, decode_refusal=_comfy_ltx_noise,
+              equal_bands=True),
 )
 
 
 def family_of(vae) -> VaeFamily | None:
     """The family `vae` belongs to (by its class, exactly: a subclass may decode otherwise), or None."""
     name = f"{type(vae).__module__}.{type(vae).__qualname__}"
-    return next((family for family in FAMILIES if name in family.classes), None)
+    return next((family for family in FAMILIES if name in family.classes
+                 and (family.accepts is None or family.accepts(vae))), None)
 
 
 def family_named(name: str) -> VaeFamily:

@@ -4,7 +4,8 @@ device. Pure: every input is given (measured or counted elsewhere, plan/measure.
 time per call = the busiest device's compute (stretched by `contention` while every device computes) + the exchange it cannot hide (plan/costs.py, per strategy) +
 the host's transfers to and from the devices (exposed) + the host's per-call overhead.
 A whole run adds what no split shares (Amdahl): `serial_seconds` (text encoder, VAE) once, and warm-up calls at
-their own cost (asyncdiff: the stages in turn). The one-device reference is the whole call, in process.
+their own cost (asyncdiff: the stages in turn); and the VAE decode, on one device against in bands on the pool
+(`decode_seconds`, `decode_split_seconds`). The one-device reference is the whole call, in process.
 Work a sequence split repeats on every rank (Wan's text keys and values for cross-attention) counts where a
 rank's compute was measured (`shard_seconds`). Not modelled yet: asyncdiff's stride 2, devices sharing one link
 (a PCIe uplink), compute slowed by a concurrent transfer (beyond the contention measured with every device
@@ -43,7 +44,8 @@ class Inputs:
     gather hides behind the compute (CUDA); overlaps_all_to_all: the Ulysses all-to-alls hide behind the
     attention blocks computed meanwhile (plan/costs.py; False: all of them exposed); fixed_seconds: the part of
     every call's time that no split divides (a per-step cost each device pays whole, plan/fitted.py), within
-    call_seconds and shard_seconds."""
+    call_seconds and shard_seconds. decode_seconds: the run's VAE decode on one device; decode_split_seconds: the
+    same decode in bands of rows on the pool's devices (plan/vae_costs.py; 0: not split), both end to end only."""
 
     shape: CallShape
     family: str
@@ -66,6 +68,8 @@ class Inputs:
     gathers_overlap: bool = False
     overlaps_all_to_all: bool = True
     fixed_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    decode_split_seconds: float = 0.0
 
     def part(self, rows: int, share: float) -> float:
         """A device's time for `share` of a `rows`-row call's work: the call's time less its fixed part, times the
@@ -169,8 +173,9 @@ def predict(inp: Inputs, mesh: Mesh, weights: str = "replicated") -> Candidate:
     stale = not strategies.get(mesh.strategy).exact
     warm_calls = min(inp.steps, inp.warmup) if stale else 0
     one = inp.one_device
-    whole_run = inp.serial_seconds + inp.steps * one
-    split_run = inp.serial_seconds + warm_calls * warm + (inp.steps - warm_calls) * call
+    whole_run = inp.serial_seconds + inp.decode_seconds + inp.steps * one
+    split_run = (inp.serial_seconds + (inp.decode_split_seconds or inp.decode_seconds) + warm_calls * warm
+                 + (inp.steps - warm_calls) * call)
     reason = (f"{1000 * (cost.compute + slowed):.1f} ms compute on the busiest device + {1000 * cost.exposed:.1f} ms of "
               f"{1000 * cost.transfer:.1f} ms exchange not hidden ({cost.traffic.peer / 2**20:.2f} MiB between "
               f"devices) + {1000 * host_s:.1f} ms host transfers ({(host.host_in + host.host_out) / 2**20:.2f} MiB)"

@@ -443,7 +443,7 @@ def vae_model_lines(name: str) -> list[str]:
             f"blocks every rank runs whole {d.whole_flops / 1e12:,.3f} TFLOP ({100 * d.whole_flops / d.flops:.1f} %)",
             f"- {len(d.halos)} padded convolution calls; their halos, one band edge both ways: {edges / MIB:,.1f} MiB "
             f"per decode (counted from each call's input shape)",
-            f"- {len(d.norms)} GroupNorm calls outside the attention (3 all-gathers each) and {len(d.whole_inputs)} "
+            f"- {len(d.norms)} GroupNorm calls outside the attention (1 all-gather each) and {len(d.whole_inputs)} "
             f"attention call(s) (2 all-gathers each; whole input {attention} MiB): {d.collectives()} small "
             "collectives per decode on more than one device",
             f"- one device holds at most {_gib(d.activation_bytes)} GiB of activations (tensors counted live on "

@@ -24,6 +24,9 @@ def inputs_line(inp: Inputs, overhead_source: str) -> str:
         factors = ", ".join(f"{f:.2f}x at {r} rows" for r, f in ((1, inp.contention), *inp.contention_by_rows))
         parts.append(f"compute slower with every device busy: {factors} (measured on the pool)")
     parts.append(f"host overhead {1000 * inp.host_overhead_s:.1f} ms per call ({overhead_source})")
+    if inp.decode_seconds:
+        parts.append(f"end to end with the VAE decode: {inp.decode_seconds:.2f} s on one device, "
+                     f"{inp.decode_split_seconds:.2f} s in bands on every device (predicted)")
     return "inputs: " + "; ".join(parts)
 
 
@@ -49,7 +52,8 @@ def as_json(header: dict, inp: Inputs, candidates: list[Candidate], choice: Choi
             "inputs": {"call_seconds": {str(r): s for r, s in sorted(inp.call_seconds.items())},
                        "attention_seconds": inp.attention_seconds, "layers": len(inp.layer_seconds),
                        "host_overhead_s": inp.host_overhead_s, "contention": inp.contention,
-                       "contention_by_rows": [list(pair) for pair in inp.contention_by_rows]},
+                       "contention_by_rows": [list(pair) for pair in inp.contention_by_rows],
+                       "decode_seconds": inp.decode_seconds, "decode_split_seconds": inp.decode_split_seconds},
             "candidates": [c.as_json() for c in candidates],
             "choice": {**choice.best.as_json(), "why": choice.reason} if choice is not None else
             {"why": nothing_fits}}

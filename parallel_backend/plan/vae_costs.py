@@ -5,7 +5,8 @@ by plan/vae_count.py) and a one-device time (measured, or counted FLOPs over a G
 time on N devices = the largest band's compute (the part that bands, in proportion to its rows: every band runs
 the whole network on its rows) + the whole-run blocks' compute (the attention every rank runs whole on the
 gathered input) + every halo exchange (not overlapped with the compute: vae_bands posts and waits for each before
-its convolution) + every small collective (3 all-gathers per GroupNorm call: count, mean, variance; 2 per
+its convolution) + every small collective (1 all-gather per GroupNorm call: every band's count, mean and squared
+deviations per group, each band in its own slot of N; 2 per
 whole-block gather: the bands' heights, then the rows) + the host's transfers (the latent's bands out, the image's
 rows back) + the host's overhead per call. An all-gather is N-1 point-to-point messages from each rank
 (runtime/primitives.py start_all_gather): N-1 latencies. A halo: the busiest band sends its edge rows to both
@@ -33,6 +34,7 @@ from dataclasses import dataclass
 from .links import Link
 
 F64 = 8  # bytes of each sum a GroupNorm's all-gathers carry (vae_bands sums in float64)
+MOMENTS = 3  # per group, what a GroupNorm's all-gather carries of each band: count, mean, squared deviations
 
 
 @dataclass(frozen=True)
@@ -68,9 +70,9 @@ class VaeDecode:
         return (devices - 1) * sum(edge * ways for edge, ways in self.halos) if devices > 1 else 0
 
     def collectives(self) -> int:
-        """The small collectives of one decode on more than one device: 3 per GroupNorm call, 2 per whole
+        """The small collectives of one decode on more than one device: 1 per GroupNorm call, 2 per whole
         block's gather."""
-        return 3 * len(self.norms) + 2 * len(self.whole_inputs)
+        return len(self.norms) + 2 * len(self.whole_inputs)
 
 
 @dataclass(frozen=True)
@@ -133,12 +135,13 @@ def predict_decode(decode: VaeDecode, one_device_s: float, link: Link, devices: 
     whole_s *= contention
     ways = min(2, others)  # a middle band has two neighbours
     halo_s = sum(link.seconds(edge * min(ways, to), min(ways, to)) for edge, to in decode.halos)
-    norm_s = sum(link.seconds(F64 * others, others) + 2 * link.seconds(sums * others, others) for sums in decode.norms)
+    moments = [MOMENTS * devices * sums for sums in decode.norms]  # each rank's piece: every band's slot
+    norm_s = sum(link.seconds(piece * others, others) for piece in moments)
     gather_s = sum(link.seconds(F64 * others, others) + link.seconds(math.ceil(size * share) * others, others)
                    for size in decode.whole_inputs)
     host_s = link.seconds(decode.latent_bytes, devices) + link.seconds(decode.image_bytes, devices)
     seconds = band_s + whole_s + halo_s + norm_s + gather_s + host_s + overhead_s
-    pieces = [F64 + 2 * sums for sums in decode.norms] + [F64 + math.ceil(size * share) for size in decode.whole_inputs]
+    pieces = moments + [F64 + math.ceil(size * share) for size in decode.whole_inputs]
     peer = decode.halo_bytes(devices) + devices * others * sum(pieces)  # each rank's piece to every other
     largest_input = max(decode.whole_inputs, default=0)
     activations = max(int(decode.activation_bytes * share),

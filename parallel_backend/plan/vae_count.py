@@ -144,13 +144,14 @@ def count_decode(vae, latent: torch.Tensor) -> VaeDecode:
 
 
 def measure_bench_vae(name: str, resolution: tuple[int, int], device, frames: int | None = None,
-                      threads: int | None = None) -> tuple[float, VaeDecode]:
+                      threads: int | None = None, corner: bool = False) -> tuple[float, VaeDecode]:
     """(seconds of one decode, its counted figures) of bench model `name`'s VAE (models/benchmodels_vae.py) at
     `resolution` on `device`: fp32 on a CPU (with `threads` threads), fp16 on CUDA; after one untimed decode
     (the first call pays one-time costs: CUDA's lazy start and cuDNN's algorithm search at the same size; on a
     CPU, where a second decode of a large VAE costs minutes, a decode of the latent's first 8 x 8 rows and
-    columns, and 2 frames of a clip). Then the same VAE, moved to meta, is counted. ValueError, one sentence,
-    for a bench model without a VAE."""
+    columns, and 2 frames of a clip). Then the same VAE, moved to meta, is counted. With `corner`, the timed decode
+    is that corner's again, scaled to the whole by the counted FLOPs (seconds, not minutes, on a CPU: the plan's
+    end to end). ValueError, one sentence, for a bench model without a VAE."""
     from ..models.benchmodels_vae import bench_latent, build_bench_vae
     from ..models.stages import synchronize
 
@@ -166,13 +167,37 @@ def measure_bench_vae(name: str, resolution: tuple[int, int], device, frames: in
         with torch.inference_mode():
             family.decode(vae, latent if device.type == "cuda" else _corner(latent))
             synchronize(device)
+            timed = _corner(latent) if corner else latent
             begun = time.perf_counter()
-            family.decode(vae, latent)
+            family.decode(vae, timed)
             synchronize(device)
             seconds = time.perf_counter() - begun
     finally:
         torch.set_num_threads(cores)
-    return seconds, count_decode(vae.to("meta"), latent.to("meta"))
+    decode = count_decode(vae.to("meta"), latent.to("meta"))
+    if corner:
+        seconds *= decode.flops / count_decode(vae, timed.to("meta")).flops
+    return seconds, decode
+
+
+def decode_end_to_end(name: str, resolution: tuple[int, int], frames: int | None, devices: list, link: Link,
+                      overhead_s: float, contention: float = 1.0) -> tuple[float, float] | None:
+    """(one device's seconds, the pool's in bands) of bench model `name`'s VAE decode, for the plan's end to end:
+    its corner timed on devices[0] with one device's share of the cores and scaled by FLOPs, then predicted in
+    bands on all of `devices` (plan/vae_costs.py). None where the model has no VAE or too few latent rows."""
+    from ..models.benchmodels_vae import check_vae_bench
+
+    try:
+        check_vae_bench(name, resolution)
+    except ValueError:
+        return None
+    threads = max(1, torch.get_num_threads() // len(devices)) if devices[0] == "cpu" else None
+    seconds, decode = measure_bench_vae(name, resolution, devices[0], frames, threads, corner=True)
+    try:
+        split = predict_decode(decode, seconds, link, len(devices), overhead_s, contention)
+    except ValueError:
+        return None
+    return seconds, split.seconds
 
 
 def _corner(latent: torch.Tensor) -> torch.Tensor:

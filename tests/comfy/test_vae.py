@@ -5,6 +5,7 @@ image's scale; a latent the node cannot split takes the stock path, said in one 
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 
@@ -55,11 +56,16 @@ def test_a_latent_of_one_row_takes_the_stock_path_and_says_why(comfy_server, com
                                atol=1e-4, rtol=1e-4)
 
 
-def _encode_workflow(node: str, prefix: str, wan: bool = False) -> dict:
-    """A seeded image (a video's frames with `wan`): the stock decode of a latent; then `node` encodes it."""
+def _encode_workflow(node: str, prefix: str, wan: bool = False, video: tuple = ()) -> dict:
+    """A seeded image (a video's frames with `wan`, or with `video`: (fixture, latent channels, frames, rows,
+    columns)): the stock decode of a latent; then `node` encodes it."""
     flow = _workflow("VAEDecode", prefix, rows=6, columns=4)
     if wan:
         _with_vae(flow, "TandemTestSeededWanVAE", 5, 16, frames=3)
+    if video:
+        fixture, channels, frames, rows, columns = video
+        _with_vae(flow, fixture, 5, channels, frames=frames)
+        flow["2"]["inputs"].update(rows=rows, columns=columns)
     flow["4"] = {"class_type": node, "inputs": {"pixels": ["3", 0], "vae": ["1", 0]}}
     flow["5"]["inputs"]["samples"] = ["4", 0]
     if node == "TandemVAEEncode":
@@ -161,3 +167,57 @@ def test_a_flux2_vae_encode_in_bands_equals_the_stock_node(comfy_server, comfy):
                           "VAE Encode (Multi-GPU) split 96x64 rows into 2 bands on cpu, cpu")
     assert stock.shape == tandem.shape == (1, 128, 6, 4)
     comfy.assert_same_latents(tandem, stock)
+
+
+# ComfyUI's Wan 2.2 VAE (48 latent channels, 16 pixels per latent row) and LTX-Video's (128, 32 pixels per
+# latent row; 8 frames per latent frame after the first): (fixture, latent channels, frames, rows, columns)
+WAN22 = ("TandemTestSeededWan22VAE", 48, 2, 4, 3)
+LTX = ("TandemTestSeededLTXVAE", 128, 2, 4, 3)
+
+
+def _video_decode(video: tuple, noise: bool = False):
+    def workflow(node: str, prefix: str) -> dict:
+        fixture, channels, frames, rows, columns = video
+        flow = _with_vae(_workflow(node, prefix, rows=rows, columns=columns), fixture, 5, channels, frames=frames)
+        if noise:
+            flow["1"]["inputs"]["noise"] = True
+        return flow
+
+    return workflow
+
+
+@pytest.mark.parametrize("video, frames, pixels", [(WAN22, 5, 16), (LTX, 9, 32)], ids=["wan2.2", "ltx-video"])
+def test_a_video_decode_of_wan22_and_ltx_video_in_bands_equals_the_stock_node(comfy_server, comfy, video, frames,
+                                                                             pixels):
+    """Wan 2.2's decoder un-patchifies 2x2 pixels at its end; LTX-Video's pads its rows by reflection and
+    un-folds depth into space at each upsample: every band keeps its own frames' cache."""
+    _, _, _, rows, columns = video
+    stock, tandem = _pair(comfy_server, comfy, _video_decode(video), f"{video[0]}_decode",
+                          f"VAE Decode (Multi-GPU) split {rows}x{columns} rows into 2 bands on cpu, cpu")
+    assert stock.shape == tandem.shape == (frames, rows * pixels, columns * pixels, 3)
+    comfy.assert_same_latents(tandem, stock)
+    assert stock.std() > 1e-3 and (stock - stock.mean()).abs().max() > 1e-2  # the oracle can tell bands apart
+
+
+@pytest.mark.parametrize("video, pixels", [(WAN22, 16), (LTX, 32)], ids=["wan2.2", "ltx-video"])
+def test_a_video_encode_of_wan22_and_ltx_video_in_bands_equals_the_stock_node(comfy_server, comfy, video, pixels):
+    fixture, channels, frames, rows, columns = video
+
+    def workflow(node: str, prefix: str) -> dict:
+        return _encode_workflow(node, prefix, video=video)
+
+    stock, tandem = _pair(comfy_server, comfy, workflow, f"{fixture}_encode",
+                          f"VAE Encode (Multi-GPU) split {rows * pixels}x{columns * pixels} rows into 2 bands on cpu, cpu")
+    assert stock.shape == tandem.shape == (1, channels, frames, rows, columns)
+    comfy.assert_same_latents(tandem, stock)
+
+
+def test_ltx_videos_noise_adding_decoder_takes_the_stock_path_and_says_why(comfy_server, comfy):
+    """LTX-Video 0.9.1's decoder adds unseeded noise over the whole latent: a band cannot draw it. The node decodes
+    on the host, as the stock node does (the noise differs run to run: only the shape and the sentence compare)."""
+    offset = comfy_server.log_size()
+    comfy.run_checked(comfy_server, _video_decode(LTX, noise=True)("TandemVAEDecode", "ltx_noise_tandem"))
+    said = comfy_server.log_since(offset)
+    assert ("VAE Decode (Multi-GPU) takes the stock path: ComfyUI's LTX-Video VAE adds noise drawn over the whole "
+            "latent before it decodes") in said, said[-2000:]
+    assert comfy_server.latent("ltx_noise_tandem").shape == (9, 128, 96, 3)

@@ -307,6 +307,78 @@ class TandemTestSeededWanVAE(_SeededVAENode):
         return (comfy.sd.VAE(sd=seed_wan_weights(model, seed).state_dict()),)
 
 
+class TandemTestSeededWan22VAE(_SeededVAENode):
+    """ComfyUI's own Wan 2.2 video VAE (comfy.sd.VAE detects it by its residual upsamples: 48 latent channels, 2x2
+    pixels patchified, 16 pixels per latent row), 16 channels wide. comfy.sd.VAE builds this class at its released
+    width (160); while it reads the state dict, the class is built at the state dict's width instead."""
+
+    def build(self, seed):
+        import comfy.ldm.wan.vae2_2 as wan22
+        import comfy.sd
+
+        from parallel_backend.models.benchmodels_vae import seed_wan_weights
+
+        released = wan22.WanVAE
+
+        def narrow(**config):
+            return released(**{**config, "dim": 16})
+
+        model = seed_wan_weights(narrow(z_dim=48, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
+                                        temperal_downsample=[False, True, True], dropout=0.0), seed)
+        wan22.WanVAE = narrow
+        try:
+            return (comfy.sd.VAE(sd=model.state_dict()),)
+        finally:
+            wan22.WanVAE = released
+
+
+def _ltx_config(noise: bool) -> dict:
+    """LTX-Video 0.9.5's kinds of blocks (space-to-depth downsamples, residual depth-to-space upsamples, pixel
+    norms), one layer each and no widening: 16 channels where ComfyUI reads the base width (v0.24), its 128
+    otherwise (v0.8)."""
+    down = [["res_x", {"num_layers": 1}], ["compress_space_res", {"multiplier": 1}], ["res_x", {"num_layers": 1}],
+            ["compress_time_res", {"multiplier": 1}], ["compress_all_res", {"multiplier": 1}],
+            ["compress_all_res", {"multiplier": 1}], ["res_x", {"num_layers": 1}]]
+    up = [["res_x", {"num_layers": 1, "inject_noise": False}]] + [
+        block for _ in range(3) for block in (["compress_all", {"residual": True, "multiplier": 1}],
+                                              ["res_x", {"num_layers": 1, "inject_noise": False}])]
+    return {"_class_name": "CausalVideoAutoencoder", "dims": 3, "in_channels": 3, "out_channels": 3,
+            "latent_channels": 128, "encoder_blocks": down, "decoder_blocks": up, "scaling_factor": 1.0,
+            "norm_layer": "pixel_norm", "patch_size": 4, "latent_log_var": "uniform", "use_quant_conv": False,
+            "causal_decoder": False, "timestep_conditioning": noise, "encoder_base_channels": 16,
+            "decoder_base_channels": 16}
+
+
+class TandemTestSeededLTXVAE(_SeededVAENode):
+    """ComfyUI's own LTX-Video VAE (comfy.sd.VAE detects it; its config, `_ltx_config`, travels in the metadata as
+    a checkpoint's does), seeded inside the output's range, with its latent statistics.
+    With `noise`, the decoder is conditioned on the timestep (0.9.1 and later): it adds unseeded noise to the
+    latent before it decodes."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        inputs = super().INPUT_TYPES()
+        inputs["optional"] = {"noise": ("BOOLEAN", {"default": False})}
+        return inputs
+
+    def build(self, seed, noise=False):
+        import json
+
+        import comfy.sd
+        from comfy.ldm.lightricks.vae.causal_video_autoencoder import VideoVAE
+
+        from parallel_backend.models.benchmodels_vae import seed_wan_weights
+
+        config = _ltx_config(noise)
+        model = seed_wan_weights(VideoVAE(config=config), seed)
+        generator = torch.Generator().manual_seed(seed + 1)
+        statistics = model.per_channel_statistics
+        with torch.no_grad():
+            statistics.get_buffer("std-of-means").copy_(0.5 + torch.rand(128, generator=generator))
+            statistics.get_buffer("mean-of-means").copy_(0.1 * torch.randn(128, generator=generator))
+        return (comfy.sd.VAE(sd=model.state_dict(), metadata={"config": json.dumps({"vae": config})}),)
+
+
 class TandemTestSeededLatent:
     """A latent of seeded normal noise (what a VAE decodes in the tests)."""
 
@@ -348,6 +420,8 @@ NODE_CLASS_MAPPINGS = {"TandemTestTinySD1Model": TandemTestTinySD1Model,
                        "TandemTestSeededVAE": TandemTestSeededVAE,
                        "TandemTestSeededWanVAE": TandemTestSeededWanVAE,
                        "TandemTestSeededFlux2VAE": TandemTestSeededFlux2VAE,
+                       "TandemTestSeededWan22VAE": TandemTestSeededWan22VAE,
+                       "TandemTestSeededLTXVAE": TandemTestSeededLTXVAE,
                        "TandemTestSeededLatent": TandemTestSeededLatent,
                        "TandemTestImageAsLatent": TandemTestImageAsLatent,
                        "TandemTestObjectPatch": TandemTestObjectPatch,
