@@ -1,7 +1,8 @@
 """patch (DistriFusion) in ComfyUI: the Multi-GPU KSampler on tiny DiTs of ComfyUI's own classes
-(fixture_nodes/families.py), its latent in two bands over two CPU workers. With warm-up covering every step it
-gives the stock KSampler's latents; after one exact step the other band's keys and values are one step stale:
-close to stock (a PSNR floor), not equal. The Settings node offers it through the strategy registry."""
+(fixture_nodes/families.py) and on the tiny SD1.x / SDXL checkpoints, its latent in two bands over two CPU workers.
+With warm-up covering every step it gives the stock KSampler's latents; after one exact step the other band's
+keys and values (and, in a UNet, its halos and GroupNorm sums) are one step stale: close to stock (a PSNR floor),
+not equal. The Settings node offers it through the strategy registry."""
 
 from __future__ import annotations
 
@@ -46,5 +47,23 @@ def test_after_warm_up_the_bands_are_stale_within_the_psnr_floor(comfy_server, c
     from parallel_backend.engine.oracle import psnr
 
     stock, tandem = _pair(comfy_server, comfy, host_families, f"patch_stale_{family}", family, 1, 1.0)
+    assert (tandem - stock).abs().max() > comfy.RTOL_OF_SCALE * stock.abs().max()  # stale values were used
+    assert psnr(stock, tandem) >= PSNR_FLOOR_DB, psnr(stock, tandem)
+
+
+@pytest.mark.parametrize("cfg, family", [(6.0, "sd1"), (1.0, "sdxl")])
+def test_a_unet_with_warm_up_covering_every_step_equals_stock(comfy_server, comfy, cfg, family):
+    """The tiny SD1.x / SDXL checkpoints through the Multi-GPU KSampler in two bands of latent rows."""
+    stock, tandem = comfy.run_pair(comfy_server, f"patch_unet_exact_{family}_{int(cfg)}", "patch", cfg=cfg,
+                                   family=family, size=128, settings={"warmup": 6, "cfg_degree": 1, "patch": 2})
+    comfy.assert_same_latents(tandem, stock)
+    assert comfy_server.get("/tandem/status")["last_run"]["strategy"] == "patch"
+
+
+def test_a_unet_after_warm_up_is_stale_within_the_psnr_floor(comfy_server, comfy):
+    from parallel_backend.engine.oracle import psnr
+
+    stock, tandem = comfy.run_pair(comfy_server, "patch_unet_stale", "patch", size=128,
+                                   settings={"warmup": 1, "cfg_degree": 1, "patch": 2})
     assert (tandem - stock).abs().max() > comfy.RTOL_OF_SCALE * stock.abs().max()  # stale values were used
     assert psnr(stock, tandem) >= PSNR_FLOOR_DB, psnr(stock, tandem)
