@@ -54,7 +54,7 @@ def test_generate_several_images_side_by_side(tmp_path):
      "ring 2: it splits the token sequence and passes keys and values around a ring: choose a strategy that does "
      "(ring, usp)"),
     (["--devices", "cpu:2", "--strategy", "usp", "--ulysses", "4"], "ring 1 x ulysses 4 = 4 devices, but there are 2"),
-    (["--ulysses", "2"], "--strategy, --stages, --ulysses, --ring, --tensor and --patch split the work over --devices"),
+    (["--ulysses", "2"], "--strategy, --stages, --ulysses, --ring, --tensor, --patch and --pipefusion split the work over --devices"),
 ])
 def test_bad_input_is_one_line_and_non_zero(tmp_path, args, message):
     run = tandem("generate", "--quiet", *args, cwd=tmp_path)

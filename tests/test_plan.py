@@ -160,7 +160,7 @@ def test_meshes_follow_the_strategies_own_checks():
     assert not any(label.startswith(("ulysses cfg 1 x batch 1 x ulysses 3", "asyncdiff", "cfg", "batch"))
                    for label in labels)  # 3 does not divide 8 heads; asyncdiff cuts UNets; one row, one branch
     unet = Inputs(CallShape(rows=2, input_bytes=1, output_bytes=1), "diffusers_unet", 2, {2: 0.1}, FAST)
-    assert {m.strategy for m in meshes(unet, 4)} == {"cfg", "batch", "asyncdiff"}
+    assert {m.strategy for m in meshes(unet, 4)} == {"cfg", "batch", "asyncdiff", "patch"}
     four_rows = Inputs(CallShape(rows=4, input_bytes=1, output_bytes=1), "diffusers_unet", 2, {4: 0.1}, FAST)
     assert max(m.size for m in meshes(four_rows, 2)) == 2  # no cfg 2 x batch 2 on two devices
 
@@ -194,7 +194,7 @@ def test_tandem_plan_prints_the_table_and_writes_json(tmp_path, capsys):
     assert "a prediction of the cost model" in printed and "choice: " in printed and "link nvlink-h100" in printed
     report = json.loads(out.read_text())
     assert report["prediction"] is True and report["choice"]["why"]
-    assert {c["strategy"] for c in report["candidates"]} == {"serial", "cfg", "batch", "asyncdiff"}
+    assert {c["strategy"] for c in report["candidates"]} == {"serial", "cfg", "batch", "asyncdiff", "patch"}
     # a CPU pool's end to end includes the tiny VAE's decode: whole on one device, in 2 bands on the pool
     one, banded = report["inputs"]["decode_seconds"], report["inputs"]["decode_split_seconds"]
     assert one > 0 and banded > 0 and "end to end with the VAE decode" in printed

@@ -75,7 +75,7 @@ class Row:
                 strategies.get(self.strategy).check_family("diffusers_unet")
             except ValueError:
                 return f"Tandem's {self.strategy} does not split UNets in this build"
-        if self.strategy == "patch" and BUILDS[self.model][1] == "unet":
+        if "patch" in self.mesh and BUILDS[self.model][1] == "unet":  # the patch axis: DistriFusion
             # Counted, these rows miss the table's bound: 1.75x, 2.78x and 3.96x against 1.8x, 3.4x and 6.1x (-3 %,
             # -18 %, -35 %): the one fixed cost per step, fitted mostly on DiTs (xDiT's eager Flux), is too large
             # for a UNet at 8 devices. Kept out of the fit until that cost depends on the model (issue 31 stays open).

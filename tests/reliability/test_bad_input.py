@@ -88,7 +88,7 @@ CLI_ROWS = [
     (GEN + TWO + ["--strategy", "asyncdiff", "--stages", "0"], 1, "stages must be a whole number >= 1; got 0"),
     (GEN + TWO + ["--strategy", "cfg", "--stages", "2"], 1, "cut the model into stages"),
     (GEN + TWO + ["--strategy", "warp"], 1, "unknown strategy 'warp'"),
-    (GEN + ["--strategy", "cfg"], 2, "--strategy, --stages, --ulysses, --ring, --tensor and --patch split the work over --devices: give --devices too"),
+    (GEN + ["--strategy", "cfg"], 2, "--strategy, --stages, --ulysses, --ring, --tensor, --patch and --pipefusion split the work over --devices: give --devices too"),
     (GEN + ["--explain"], 2, "--explain needs --devices"),
     # output paths
     (["generate", "--quiet", "--out", "/proc/x.png"], 1, "--out /proc/x.png: could not write there"),
