@@ -87,10 +87,9 @@ class Patch(SequenceStrategy):
             import torch
 
             from ...models.unet_patch import band_heights
-            from ...models.vae_bands import band_layers, convs_row_scale
+            from ...models.vae_bands import row_scale
 
-            scale = convs_row_scale(band_layers(model.module, whole=())[0])
-            rows = max(band_heights(call.x.shape[-2], scale, mesh.inner))
+            rows = max(band_heights(call.x.shape[-2], row_scale(model.module, whole=()), mesh.inner))
             band, forward = dataclasses.replace(call, x=call.x[..., :rows, :]), forward_for_family(model.family)
 
             def run():
