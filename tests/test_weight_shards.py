@@ -338,7 +338,7 @@ def test_a_tied_weight_is_read_whole_where_the_file_holds_it_under_two_names():
     tensor) would not match, so such a worker reads the whole file and cuts it; without the tie, parts."""
     from parallel_backend.engine.weights import reads
     from parallel_backend.runtime.recipe import Recipe, layout
-    from parallel_backend.runtime.shipping import _parts
+    from parallel_backend.runtime.shipping import _parts, _tensor_holders
 
     torch.manual_seed(0)
     tied = torch.nn.Sequential(torch.nn.ModuleList([torch.nn.Linear(300, 300), torch.nn.Linear(300, 300)]))
@@ -346,7 +346,7 @@ def test_a_tied_weight_is_read_whole_where_the_file_holds_it_under_two_names():
     parts = reads(tied, "test", ("shard", (0, 1), 0, None))
     assert parts and "0.1.weight" not in parts  # the second name of the tied weight is not planned
     recipe = Recipe(lambda: None, tied.state_dict(), layout(tied), "tied")
-    assert _parts(recipe, parts) is None
+    assert _parts(*_tensor_holders(recipe), parts) is None
     untied = torch.nn.Sequential(torch.nn.ModuleList([torch.nn.Linear(300, 300), torch.nn.Linear(300, 300)]))
-    assert _parts(Recipe(lambda: None, untied.state_dict(), layout(untied), "untied"),
+    assert _parts(*_tensor_holders(Recipe(lambda: None, untied.state_dict(), layout(untied), "untied")),
                   reads(untied, "test", ("shard", (0, 1), 0, None)))

@@ -130,11 +130,12 @@ def worker_parts(payload, workers, cuts: dict | None, reads) -> dict[int, dict]:
     if reads is None or not cuts:
         return {}
     host_gpu = _only_cuda_device(payload)
+    tensors, holders = _tensor_holders(payload)  # once for every worker's parts
     found = {}
     for worker in workers:
         cut = cuts.get(worker.rank)
         if cut is not None and worker.device != host_gpu:
-            parts = _parts(payload, reads(cut))
+            parts = _parts(tensors, holders, reads(cut))
             if parts:
                 found[worker.rank] = parts
     return found
@@ -175,23 +176,29 @@ def load_requests(payload, family: str, fingerprint: str, workers, folder: Path,
     return requests, files, shipped
 
 
-def _parts(payload, parts: dict | None) -> dict | None:
-    """`parts` where each names a plain tensor of the payload's file of that whole shape, held under that name
-    alone (a recipe's weights are its state dict, which may hold a quantized weight's data; a state dict holds a
-    tied weight under each of its names, and a recipe loads them as copies); else None: the worker reads the
-    whole model and cuts it (tied weights: modules and recipes alike)."""
+def _tensor_holders(payload) -> tuple[dict, dict]:
+    """(name -> tensor of the payload's file, storage -> how many of those names hold it)."""
+    tensors = dict(_tensors(payload))
+    holders: dict = {}
+    for tensor in tensors.values():
+        holders[_storage_key(tensor)] = holders.get(_storage_key(tensor), 0) + 1
+    return tensors, holders
+
+
+def _parts(tensors: dict, holders: dict, parts: dict | None) -> dict | None:
+    """`parts` where each names a plain tensor of the payload's file (`tensors`: name -> tensor) of that whole
+    shape, held under that name alone (`holders`: storage -> how many names hold it; a recipe's weights are its
+    state dict, which may hold a quantized weight's data; a state dict holds a tied weight under each of its names,
+    and a recipe loads them as copies); else None: the worker reads the whole model and cuts it (tied weights:
+    modules and recipes alike)."""
     from .cache_format import plain
 
     if not parts:
         return parts
-    tensors = dict(_tensors(payload))
-    held: dict = {}  # a storage two names hold (an untied copy in a state dict): read whole
-    for tensor in tensors.values():
-        held[_storage_key(tensor)] = held.get(_storage_key(tensor), 0) + 1
     for name, part in parts.items():
         tensor = tensors.get(name)
         if tensor is None or not plain(tensor) or tuple(tensor.shape) != tuple(part.shape) \
-                or (_storage_key(tensor) is not None and held[_storage_key(tensor)] > 1):
+                or (_storage_key(tensor) is not None and holders[_storage_key(tensor)] > 1):
             return None
     return parts
 
