@@ -201,6 +201,7 @@ def cmd_plan(args) -> int:
     inputs = measure_inputs(model, resolution, branches, branches, link or figures.link, len(devices), args.steps)
     if figures is not None:
         inputs = figures.apply(inputs)
+    no_decode = ""
     if kind == "cpu":  # end to end includes the VAE decode, in bands on the pool
         from ..plan.vae_count import decode_end_to_end
 
@@ -208,6 +209,9 @@ def cmd_plan(args) -> int:
                                    inputs.host_overhead_s, inputs.contention)
         if decode is not None:
             inputs = dataclasses.replace(inputs, decode_seconds=decode[0], decode_split_seconds=decode[1])
+        else:
+            no_decode = (f"end to end without the VAE decode: {model.name}'s latent at this size cannot be cut "
+                         f"into {len(devices)} bands (or it has no bench VAE)")
     budget = (int(args.memory_per_device * 2**30) if args.memory_per_device is not None
               else default_budget_bytes(list(devices)))
     found = candidates(inputs, len(devices), budget)
@@ -220,6 +224,8 @@ def cmd_plan(args) -> int:
           f"{resolution[0]}x{resolution[1]} px{clip}, 1 image at cfg {cfg:g}, {plural(len(devices), 'device')} "
           f"({','.join(devices)}), link {inputs.link.name} ({inputs.link.source})")
     print(report.inputs_line(inputs, "measured on the pool" if figures else HOST_OVERHEAD_S[kind][1]))
+    if no_decode:
+        print(no_decode)
     print(f"memory per device: {budget / 2**30:.3f} GiB" + ("" if args.memory_per_device is not None else
           " (what the devices have free)") if budget is not None else "memory per device: not known (not checked)")
     print(report.format_table(found, choice, nothing_fits))
