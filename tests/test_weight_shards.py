@@ -350,3 +350,19 @@ def test_a_tied_weight_is_read_whole_where_the_file_holds_it_under_two_names():
     untied = torch.nn.Sequential(torch.nn.ModuleList([torch.nn.Linear(300, 300), torch.nn.Linear(300, 300)]))
     assert _parts(*_tensor_holders(Recipe(lambda: None, untied.state_dict(), layout(untied), "untied")),
                   reads(untied, "test", ("shard", (0, 1), 0, None)))
+
+
+def test_a_unit_read_in_parts_is_the_same_unit_as_on_the_host():
+    """units_of counts a weight read in part (tensor_parts.PART) at its whole size, as the host counted it: a
+    module of SMALL parameters or more is a unit on the host and stays one on a worker that read only part of it
+    (else the worker's cut would leave the host's planned parts untaken: ComfyUI's Flux with sharded weights)."""
+    from parallel_backend.runtime.tensor_parts import PART, Span
+
+    model = torch.nn.Sequential(torch.nn.ModuleList([torch.nn.Linear(8, 8)]), torch.nn.Linear(256, 256))
+    assert sum(p.numel() for p in model[1].parameters()) >= SMALL
+    whole = [name for name, _ in units_of(model)]
+    weight = model[1].weight
+    part = torch.nn.Parameter(weight.detach().reshape(-1)[:100].clone(), requires_grad=False)
+    setattr(part, PART, Span(tuple(weight.shape), 0, 100))
+    model[1].weight = part
+    assert "1" in whole and [name for name, _ in units_of(model)] == whole

@@ -211,8 +211,8 @@ def units_of(module: nn.Module, sizes: dict | None = None) -> list[tuple[str, nn
     found: list[tuple[str, nn.Module]] = []
     sizes = sizes or {}
 
-    def count(path: str, child: nn.Module) -> int:
-        return sum(sizes.get(name, p.numel()) for name, p in child.named_parameters(prefix=path))
+    def count(path: str, child: nn.Module) -> int:  # a weight read in part counts whole, as on the host
+        return sum(sizes.get(name, _whole_numel(p)) for name, p in child.named_parameters(prefix=path))
 
     def walk(prefix: str, parent: nn.Module) -> None:
         for name, child in parent.named_children():
