@@ -145,7 +145,7 @@ def finish_pending(stale: dict) -> None:
     nothing is left posted (their buffers stay in `stale` for a next stale call)."""
     state = stale.get(STATE)
     for posted in state["exchanges"] if state else []:
-        posted.link.finish(posted)
+        posted.finish()
 
 
 @dataclasses.dataclass
@@ -157,6 +157,9 @@ class Posted:
     handles: list
     sent: list
     link: "PeerLink"
+
+    def finish(self) -> list[torch.Tensor]:
+        return self.link.finish(self)
 
 
 class PeerLink:

@@ -5,7 +5,7 @@ Exchanges stay in flight between calls: an attention posts its fresh keys and va
 the next call takes them. Every rank of a group runs the same calls in the same order and issues one exchange per
 attention per call, so what is in flight pairs up on every rank whatever each decides (synchronous or stale).
 The store keeps, per model (the worker's slot: dropped with the model), the current job's stale values per
-(peers, stream); a new job first finishes what the last job left in flight (`Posted.finish`: its peers posted
+(peers, stream); a new job first finishes what the last job left in flight (each in-flight exchange's `finish`: its peers posted
 the other half, so the wait returns at once), then starts empty. A failed call tears the pool down (the request
 is collective), and the store with it.
 """
@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..sequence.traffic import Traffic
-from .group import PatchGroup, Posted
+from .group import PatchGroup
 
 
 @dataclass
@@ -29,8 +29,8 @@ class PatchContext:
     peers: the group's global ranks in band order; index: this rank's position in them; degree: len(peers);
     device; step: the call's sampler step (None: unknown); synchronous: warm-up, where every exchange is waited
     for in the call and the result is exact; stale: what this rank's runner wrote at the group's previous call
-    of this job and stream, which it reads and overwrites (a `Posted` in it is finished before the dict is
-    dropped); traffic: what this rank sent and how long it waited; stale_reads: the layers that used stale values
+    of this job and stream, which it reads and overwrites (an exchange in flight in it is finished before the
+    dict is dropped); traffic: what this rank sent and how long it waited; stale_reads: the layers that used stale values
     in this call (the runner counts them; 0: the call was exact)."""
 
     peers: tuple[int, ...]
@@ -69,15 +69,23 @@ class PatchStore:
 
     def drop(self) -> None:
         """Finishes what is in flight (every peer posted its half) and forgets every stale value."""
-        from ...models.unet_patch import finish_pending
-
         for values in self.stale.values():
-            finish_pending(values)  # a UNet's exchanges (models/unet_patch.py keeps them under its own key)
-            for value in values.values():
-                for posted in value if isinstance(value, tuple) else (value,):
-                    if isinstance(posted, Posted):
-                        posted.finish()
+            for posted in _in_flight(values):
+                posted.finish()
         self.stale, self.calls = {}, {}
+
+
+def _in_flight(value):
+    """The exchanges in flight anywhere in a runner's stale values: a DiT's (group.Posted, beside its shapes) and
+    a UNet's (models/unet_patch.Posted, listed under its own key): whatever has a `finish`."""
+    if hasattr(value, "finish"):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _in_flight(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _in_flight(item)
 
 
 def run_patch_forward(worker, message):
