@@ -61,3 +61,13 @@ def test_past_warm_up_the_other_band_is_a_step_stale_within_the_floor(model, poo
     difference = (split.latents - reference.latents).abs().max().item()
     assert difference > TOLERANCE * max(1.0, reference.latents.abs().max().item())  # the stale path really ran
     assert psnr(reference.latents, split.latents) >= PSNR_FLOOR_DB
+
+
+def test_a_latent_the_bands_cannot_take_is_refused_on_the_host_before_any_work(model, pool):
+    """12 latent rows do not cut into bands of whole multiples of the UNet's downsampling (8): one sentence from
+    the host, before the workers run a call."""
+    executor = ParallelExecutor(pool, ParallelConfig("cpu:2", "patch", cfg_degree=1, patch=2, warmup=1))
+    calls = pool.stats.calls
+    with pytest.raises(ValueError, match="bands of whole multiples of 8 rows"):
+        run_loop(model, Job(1, 1.0), (96, model.default_resolution), steps=1, repeats=0, executor=executor)
+    assert pool.stats.calls == calls

@@ -190,6 +190,8 @@ class Engine:
                 mesh = whole_rows(self.device_count(), call.branches, call.rows)
             else:
                 mesh = self._named_mesh(config, call, hint)
+            if not planned:
+                strategies.get(mesh.strategy).check_call(mesh, module, family, call)
             cut = None if planned else strategies.get(mesh.strategy).weights_layout(mesh)
             placed = self._weights(config, module, family)
             if placed == weights.SHARDED or cut is not None:  # a cut model is held under a fingerprint of its own

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import weakref
 
 import torch
 
@@ -93,6 +94,19 @@ def _layers(module, state: dict):
         cached = state["layers"] = (module, vae_bands.band_layers(module, whole=()),
                                     unet_patch_attention.self_attentions(module))
     return cached[1:]
+
+
+def check_call(module, call, degree: int) -> None:
+    """ValueError in one sentence, on the host before any work, for a call `degree` bands cannot take (what
+    `run_unet_patch` would refuse on the workers)."""
+    _check_call(module, call)
+    scale = _SCALES.get(module)
+    if scale is None:
+        scale = _SCALES[module] = vae_bands.convs_row_scale(vae_bands.band_layers(module, whole=())[0])
+    band_heights(call.x.shape[-2], scale, degree)
+
+
+_SCALES = weakref.WeakKeyDictionary()  # a UNet -> its downsampling (the scan walks every module: once per UNet)
 
 
 def _check_call(module, call):

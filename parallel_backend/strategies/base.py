@@ -65,6 +65,10 @@ class Strategy:
         """Raises ValueError in one sentence when `mesh` cannot split the model that `sequence` (a
         mesh.SequenceHint, None for a model without a sequence split) describes; before any work."""
 
+    def check_call(self, mesh, module, family: str, call) -> None:
+        """Raises ValueError in one sentence when `mesh` cannot split this call of `module` (its latent's shape,
+        say); on the host, before any weights travel."""
+
     def fill_degrees(self, given: tuple, devices: int, sequence) -> tuple[int, ...]:
         """The degree of each of its `axes`: as `given` (one per axis, None: not given); one not given takes the
         `devices` of a row group over the product of the given ones. `sequence`: the model's mesh.SequenceHint

@@ -58,6 +58,13 @@ class Patch(SequenceStrategy):
     def check_model(self, mesh, sequence) -> None:
         """Any number of heads: each rank attends with all of them."""
 
+    def check_call(self, mesh, module, family: str, call) -> None:
+        """A UNet's latent must cut into bands at multiples of its downsampling, one per device of the group."""
+        from ...models import adapter_name, unet_patch
+
+        if mesh.inner > 1 and adapter_name(family).endswith("_unet"):
+            unet_patch.check_call(module, call, mesh.inner)
+
     def message(self, fingerprint: str, share, peers: tuple[int, ...], index: int, mesh, config) -> PatchForward:
         return PatchForward(fingerprint, share, peers, index, config.warmup)
 
