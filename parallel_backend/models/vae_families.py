@@ -100,7 +100,7 @@ def _carried(vae) -> bool:
     return _convolutions_3d(vae) == {"CarriedConv3d"}
 
 
-HUNYUAN_ENCODERS = {"comfy.ldm.hunyuan_video.vae_refiner.Encoder": "DnSmpl",  # 1.5's (and its image refiner's)
+HUNYUAN_ENCODERS = {"comfy.ldm.hunyuan_video.vae_refiner.Encoder": "DnSmpl",  # 1.5's, HunyuanImage 2.1 refiner's
                     "comfy.ldm.hunyuan_video.vae.Encoder": "PixelShuffle2D"}  # HunyuanImage 2.1's
 # each encoder's downsample: a convolution of stride 1, then 2x2 pixels folded into channels
 
@@ -118,11 +118,13 @@ def _hunyuan_patch(vae) -> int:
 
 
 def _hunyuan_video(vae) -> bool:
-    """1.5's encoder and decoder (`vae_refiner.py`): a latent of frames (the image refiner's has one frame)."""
+    """1.5's encoder and decoder (`vae_refiner.py`, also HunyuanImage 2.1's refiner's): a latent of frames (one
+    frame per image for the refiner)."""
     return _hunyuan_encoder(vae) == "comfy.ldm.hunyuan_video.vae_refiner.Encoder"
 
 
 def _hunyuan_image(vae) -> bool:
+    """HunyuanImage 2.1's encoder and decoder (`hunyuan_video/vae.py`): 2D, a latent of rows and columns."""
     return _hunyuan_encoder(vae) == "comfy.ldm.hunyuan_video.vae.Encoder"
 
 
@@ -163,7 +165,8 @@ FAMILIES = (
     VaeFamily("vae:comfy_hunyuan_video", ("comfy.ldm.models.autoencoder.AutoencoderKL",), _comfy_decode,
               _comfy_encode, video=True, accepts=_carried),
     # ComfyUI's HunyuanVideo 1.5 VAE (CarriedConv3d, RMS norms, downsamples that fold 2x2 pixels into channels;
-    # its image refiner's too: plain 3D convolutions, one frame) and HunyuanImage 2.1's (2D, 32 pixels per row)
+    # HunyuanImage 2.1's refiner is the same coders of plain 3D convolutions and GroupNorms, one frame per image)
+    # and HunyuanImage 2.1's VAE (2D, 32 pixels per latent row)
     VaeFamily("vae:comfy_hunyuan_video15", ("comfy.ldm.models.autoencoder.AutoencodingEngine",), _comfy_decode,
               _comfy_encode, latent_patch=_hunyuan_patch, video=True, accepts=_hunyuan_video),
     VaeFamily("vae:comfy_hunyuan_image21", ("comfy.ldm.models.autoencoder.AutoencodingEngine",), _comfy_decode,
