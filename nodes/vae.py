@@ -70,8 +70,10 @@ class TandemVAEEncode(io.ComfyNode):
     def execute(cls, pixels, vae, settings=None) -> io.NodeOutput:
         model, family = vae.first_stage_model, vae_families.family_of(vae.first_stage_model)
         image = vae.vae_encode_crop_pixels(pixels[:, :, :, :3]).movedim(-1, 1)
-        if family is not None and family.video:  # frames as the batch: one video (batch, C, T, H, W)
-            image = image.movedim(1, 0).unsqueeze(0)
+        if family is not None and family.video:  # frames as the batch: one video (batch, C, T, H, W), or as
+            # ComfyUI encodes for a VAE of frames that is not a video's (`not_video`: HunyuanImage's refiner) a
+            # batch of one-frame videos
+            image = image.unsqueeze(2) if getattr(vae, "not_video", False) else image.movedim(1, 0).unsqueeze(0)
         reason = _reason_to_stay_home(image, model, scale=family.scale(model) if family else 1)
         done = _on_the_pool("VAE Encode", settings, vae, image, reason,
                             lambda engine: encode(engine, model, vae.process_input(image).to(vae.vae_dtype)))

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from parallel_backend.models.vae_bands import band_in_place, band_rows, check_bands
+from parallel_backend.models.vae_bands import band_in_place, band_rows, check_bands, row_scale
 
 _THREADS = importlib.util.spec_from_file_location("tensor_threads", Path(__file__).with_name("tensor_threads.py"))
 threads = importlib.util.module_from_spec(_THREADS)
@@ -167,6 +167,67 @@ def test_layers_that_cannot_band_exactly_are_refused_before_work():
     banded = band_in_place(copy.deepcopy(vae.decoder), threads.ThreadBands(2).rank(0))
     with pytest.raises(ValueError, match="already split into bands"):
         band_in_place(banded, threads.ThreadBands(2).rank(0))
+
+
+class CarriedConv3d(torch.nn.Module):
+    """ComfyUI's class name for a 3D convolution without padding whose caller pads its input (vae_bands matches it by
+    name); a stand-in, so that the fast tier needs no ComfyUI (tests/comfy/test_vae.py runs ComfyUI's own)."""
+
+    def __init__(self, channels: int, out: int, stride=1):
+        super().__init__()
+        self.conv = torch.nn.Conv3d(channels, out, 3, stride=stride)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+class CallerPadded(torch.nn.Module):
+    """Chunks of 2 frames through two such convolutions (the second halves the rows), each input padded by its
+    caller: one replicated row and column on each side, and before it the last 2 padded frames of the chunk
+    before (2 replicated frames before the first chunk); a GroupNorm between them."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.norm, self.down = CarriedConv3d(2, 4), torch.nn.GroupNorm(2, 4), CarriedConv3d(4, 4, (1, 2, 2))
+
+    @staticmethod
+    def _padded(x, carried: list, index: int):
+        x = torch.nn.functional.pad(x, (1, 1, 1, 1, 2 if carried[index] is None else 0, 0), mode="replicate")
+        x = x if carried[index] is None else torch.cat([carried[index], x], dim=2)
+        carried[index] = x[:, :, -2:].clone()
+        return x
+
+    def forward(self, x, pad: bool = True):
+        carried, out = [None, None], []
+        for chunk in x.split(2, dim=2):
+            h = self.norm(self.first(self._padded(chunk, carried, 0) if pad else chunk))
+            out.append(self.down(self._padded(h, carried, 1)))
+        return torch.cat(out, dim=2)
+
+
+@pytest.mark.parametrize("degree, rows", [(2, 10), (3, 14)])
+def test_convolutions_their_caller_pads_band_equal_to_the_whole(degree, rows):
+    """ComfyUI's CarriedConv3d (HunyuanVideo's): the caller's replicated rows at a band's inner edges become the
+    neighbours' rows, in the frames carried from the chunk before too; bands hold whole pairs of rows (the second
+    convolution halves them), unequal: 3 and 2 pairs, or 3, 2 and 2."""
+    torch.manual_seed(0)
+    net = CallerPadded().eval().requires_grad_(False)
+    x = torch.randn(1, 2, 5, rows, 6, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        reference = net(x)
+    assert row_scale(net) == 2
+    out = banded(net, x, degree, lambda module, rows_in: module(rows_in), unit=2)
+    _close(out, reference)
+    alone = banded(net, x, degree, lambda module, rows_in: CallerPadded.forward(copy.deepcopy(net), rows_in), unit=2)
+    assert (alone - reference).abs().max() > 1e-3  # the oracle can tell: bands run alone (padded at their own
+    # edges, their own statistics) differ
+
+
+def test_a_convolution_its_caller_did_not_pad_is_refused():
+    net = band_in_place(CallerPadded().eval(), threads.ThreadBands(1).rank(0))
+    with pytest.raises(RuntimeError, match=r"^a CarriedConv3d's input is not padded by 1 replicated row above and "
+                                           r"below, as ComfyUI's conv_carry_causal_3d pads it"):
+        net(torch.randn(1, 2, 2, 6, 6), pad=False)
 
 
 BAND_SCRIPT = '''

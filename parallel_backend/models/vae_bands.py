@@ -20,7 +20,11 @@ is made exact (`band_in_place` wraps the module's own layers; the rest of the ne
   the band above and `kernel - s - padding` from the band below, on bands that start at multiples of s;
 - a convolution that pads itself before it runs (HunyuanVideo's: 'replicate' padding of rows, columns and
   frames, then a convolution without padding) takes its halos from the neighbours and pads, in its own mode,
-  only where the band meets the image's edge (padding per dimension commutes with joining rows).
+  only where the band meets the image's edge (padding per dimension commutes with joining rows);
+- a convolution its caller pads (ComfyUI's CarriedConv3d, whose input `conv_carry_causal_3d` pads by one
+  replicated row, column and frame, or prepends the frames of the chunk before) runs on that padded band with its
+  first and last rows replaced by the rows of the bands above and below, where there are such bands; the caller's
+  padding is left as it is, so the cached frames it keeps are corrected in the same way when they are used.
 Everything else (1x1 convolutions, nearest upsampling, activations, residual additions, norms over channels,
 patchify and pixel-(un)shuffle reshapes whose patches do not straddle a band: Wan 2.2's, LTX-Video's) works row
 by row, so a band computes exactly its rows. Rows are the second-to-last dimension: a video VAE's (batch,
@@ -98,6 +102,8 @@ def band_in_place(module: nn.Module, group, whole: tuple[str, ...] = WHOLE_BLOCK
             _wrap_zero_pad(conv, bands)
         elif _pads_itself(conv):
             _wrap_self_padding(conv, bands)
+        elif _padded_by_caller(conv):
+            _wrap_caller_padded(conv, bands)
         elif hasattr(conv, "_padding"):
             _wrap_causal_conv(conv, bands)
         else:
@@ -139,7 +145,7 @@ def check_layers(module: nn.Module, whole: tuple[str, ...] = WHOLE_BLOCKS) -> tu
             for pad, conv in zip(m, list(m)[1:]) if isinstance(pad, nn.ZeroPad2d)
             and tuple(pad.padding) == (0, 1, 0, 1) and isinstance(conv, nn.Conv2d) and _pads_then_halves(conv)}
     after_pads = {id(conv) for conv in pads.values()}
-    padded_inside = {id(m.conv) for m in module.modules() if _pads_itself(m)}
+    padded_inside = {id(m.conv) for m in module.modules() if _pads_itself(m) or _padded_by_caller(m)}
     convs, norms = [], []
     for name, layer in module.named_modules():
         if id(layer) in inside or id(layer) in after_pads or id(layer) in padded_inside:
@@ -152,6 +158,9 @@ def check_layers(module: nn.Module, whole: tuple[str, ...] = WHOLE_BLOCKS) -> tu
             convs.append(layer)
         elif _pads_itself(layer):
             _check_self_padding(name, layer)
+            convs.append(layer)
+        elif _padded_by_caller(layer):
+            _check_caller_padded(name, layer)
             convs.append(layer)
         elif isinstance(layer, nn.Conv3d) and hasattr(layer, "_padding"):
             if _check_causal(name, layer):
@@ -182,7 +191,7 @@ def convs_row_scale(convs: list) -> int:
     """`row_scale` of the convolutions `check_layers` lists."""
     scale = 1
     for layer in convs:
-        scale *= 2 if isinstance(layer, nn.ZeroPad2d) else (layer.conv if _pads_itself(layer) else layer).stride[-2]
+        scale *= 2 if isinstance(layer, nn.ZeroPad2d) else _inner_conv(layer).stride[-2]
     return scale
 
 
@@ -193,6 +202,8 @@ def halo_rows(layer) -> tuple[int, int]:
         return 0, 1  # a padded downsample: the first row of the band below (its convolution's halos say the same)
     if _pads_itself(layer):
         return _halo_rows(layer.conv.kernel_size[-2], layer.conv.stride[-2], layer.time_causal_padding[2])
+    if _padded_by_caller(layer):
+        return _halo_rows(layer.conv.kernel_size[-2], layer.conv.stride[-2], CALLER_PADDED_ROWS)
     if isinstance(getattr(layer, "_padding", None), tuple):
         return layer._padding[2], layer._padding[2]
     return _halo_rows(layer.kernel_size[-2], layer.stride[-2], layer.padding[-2])
@@ -203,6 +214,21 @@ def _pads_itself(module) -> bool:
     (HunyuanVideo's causal 3D convolution)."""
     return (isinstance(getattr(module, "time_causal_padding", None), tuple) and hasattr(module, "pad_mode")
             and isinstance(getattr(module, "conv", None), (nn.Conv2d, nn.Conv3d)))
+
+
+def _padded_by_caller(module) -> bool:
+    """ComfyUI's CarriedConv3d of more than one row: an unpadded `conv` whose caller, `conv_carry_causal_3d`,
+    pads its input by CALLER_PADDED_ROWS replicated rows above and below (a 1x1 one is called unpadded)."""
+    return (type(module).__name__ == "CarriedConv3d" and isinstance(getattr(module, "conv", None), nn.Conv3d)
+            and module.conv.kernel_size[-2] > 1)
+
+
+CALLER_PADDED_ROWS = 1  # what conv_carry_causal_3d pads a CarriedConv3d's input with, above and below
+
+
+def _inner_conv(layer):
+    """The convolution a wrapped layer runs: its own `conv` where it pads for it (itself, or its caller)."""
+    return layer.conv if _pads_itself(layer) or _padded_by_caller(layer) else layer
 
 
 def _halo_rows(kernel: int, stride: int, above: int) -> tuple[int, int]:
@@ -231,6 +257,15 @@ def _check_self_padding(name: str, layer) -> None:
         raise ValueError(f"layer {name!r} ({type(layer).__name__}, kernel {conv.kernel_size}, stride {conv.stride}, "
                          f"padding {layer.time_causal_padding} then {conv.padding}) cannot take its rows from its "
                          "neighbours' bands exactly: splitting it into bands is not supported yet")
+
+
+def _check_caller_padded(name: str, layer) -> None:
+    conv = layer.conv
+    if (conv.padding[-2] or conv.dilation[-2] != 1 or conv.padding_mode != "zeros"
+            or not _banded_rows(conv.kernel_size[-2], conv.stride[-2], CALLER_PADDED_ROWS, CALLER_PADDED_ROWS)):
+        raise ValueError(f"layer {name!r} ({type(layer).__name__}, kernel {conv.kernel_size}, stride {conv.stride}, "
+                         f"padding {conv.padding} after its caller's {CALLER_PADDED_ROWS} row) cannot take its rows "
+                         "from its neighbours' bands exactly: splitting it into bands is not supported yet")
 
 
 def _pads_then_halves(conv) -> bool:
@@ -427,6 +462,32 @@ def _wrap_self_padding(layer, bands: _Bands) -> None:
         pad = (*padding[:2], 0 if upper is not None else padding[2], 0 if lower is not None else padding[3],
                *padding[4:])
         return conv(F.pad(x, pad, mode=layer.pad_mode))
+
+    layer.forward = forward
+
+
+def _wrap_caller_padded(layer, bands: _Bands) -> None:
+    """A convolution whose caller padded the band (CarriedConv3d): the padded row above (below) the band becomes
+    the last (first) row of the band above (below), padded as that band's caller padded it, which is what the
+    whole image's padding holds there (replicate padding is per dimension: its frames and columns match). The
+    padded input is the caller's own tensor (a new one at every call), so its rows are replaced in place."""
+    rows, stride = CALLER_PADDED_ROWS, layer.conv.stride[-2]
+    above, below = _halo_rows(layer.conv.kernel_size[-2], stride, rows)
+    original = layer.forward
+
+    def forward(x):
+        if bands.whole:
+            return original(x)
+        if not (torch.equal(x[..., :rows, :], x[..., rows:2 * rows, :])
+                and torch.equal(x[..., -rows:, :], x[..., -2 * rows:-rows, :])):
+            raise RuntimeError(f"a {type(layer).__name__}'s input is not padded by {rows} replicated row above and "
+                               "below, as ComfyUI's conv_carry_causal_3d pads it: this VAE cannot be split into bands")
+        upper, lower = _neighbours_rows(x[..., rows:x.shape[-2] - rows, :], above, below, bands, stride)
+        if upper is not None:
+            x[..., :rows, :] = upper
+        if lower is not None and below:  # a strided one never reads the padded row below
+            x[..., x.shape[-2] - rows:, :] = lower
+        return original(x)
 
     layer.forward = forward
 

@@ -1,8 +1,10 @@
 """The VAEs Tandem can split into bands (models/vae_bands.py, the whole VAE banded): for each, how a latent is
-decoded and an image encoded. A VAE not listed here takes its host's stock path. Not yet listed (issue 29):
-ComfyUI's HunyuanVideo VAEs: 1.0's (an AutoencoderKL of 3D convolutions that pad themselves, VideoConv3d) and
-1.5's (`hunyuan_video/vae_refiner.py`, whose causal convolutions are padded by a function outside the layer,
-`conv_carry_causal_3d`)."""
+decoded and an image encoded. A VAE not listed here takes its host's stock path. ComfyUI's HunyuanVideo VAEs are
+listed: 1.0's (an AutoencoderKL of CarriedConv3d, 3D convolutions padded by their caller, `conv_carry_causal_3d`,
+with the frames of the chunk before) and 1.5's and HunyuanImage 2.1's (an AutoencodingEngine of
+`hunyuan_video/vae_refiner.py`'s or `hunyuan_video/vae.py`'s encoder and decoder). Not listed: an AutoencoderKL of
+ComfyUI's VideoConv3d (3D convolutions that pad themselves), which ComfyUI builds only for a 3D VAE with attention
+blocks outside its mid block, a configuration no checkpoint it detects has."""
 
 from __future__ import annotations
 
@@ -82,10 +84,48 @@ def _comfy_ltx_noise(vae) -> str | None:
     return None
 
 
+def _convolutions_3d(vae) -> set[str]:
+    """The kinds of ComfyUI's 3D convolutions an AutoencoderKL holds: built with `conv3d` (HunyuanVideo 1.0's),
+    CarriedConv3d, or VideoConv3d where it has attention blocks outside its mid block."""
+    return {type(m).__name__ for m in vae.modules()} & {"CarriedConv3d", "VideoConv3d"}
+
+
 def _flat(vae) -> bool:
-    """An image VAE: ComfyUI builds its AutoencoderKL with 3D convolutions that pad themselves for HunyuanVideo
-    1.0 (`conv3d`), which no band split covers yet."""
-    return not any(type(m).__name__ == "VideoConv3d" for m in vae.modules())
+    """An image VAE: 2D convolutions only."""
+    return not _convolutions_3d(vae)
+
+
+def _carried(vae) -> bool:
+    """HunyuanVideo 1.0's: 3D convolutions padded by their caller, and none that pad themselves."""
+    return _convolutions_3d(vae) == {"CarriedConv3d"}
+
+
+HUNYUAN_ENCODERS = {"comfy.ldm.hunyuan_video.vae_refiner.Encoder": "DnSmpl",  # 1.5's, HunyuanImage 2.1 refiner's
+                    "comfy.ldm.hunyuan_video.vae.Encoder": "PixelShuffle2D"}  # HunyuanImage 2.1's
+# each encoder's downsample: a convolution of stride 1, then 2x2 pixels folded into channels
+
+
+def _hunyuan_encoder(vae) -> str:
+    encoder = getattr(vae, "encoder", None)
+    return f"{type(encoder).__module__}.{type(encoder).__qualname__}"
+
+
+def _hunyuan_patch(vae) -> int:
+    """Image rows per latent row of ComfyUI's HunyuanVideo 1.5 or HunyuanImage 2.1 VAE: its encoder's downsamples
+    fold 2 rows into channels each."""
+    downsample = HUNYUAN_ENCODERS[_hunyuan_encoder(vae)]
+    return 2 ** sum(type(m).__name__ == downsample for m in vae.encoder.modules())
+
+
+def _hunyuan_video(vae) -> bool:
+    """1.5's encoder and decoder (`vae_refiner.py`, also HunyuanImage 2.1's refiner's): a latent of frames (one
+    frame per image for the refiner)."""
+    return _hunyuan_encoder(vae) == "comfy.ldm.hunyuan_video.vae_refiner.Encoder"
+
+
+def _hunyuan_image(vae) -> bool:
+    """HunyuanImage 2.1's encoder and decoder (`hunyuan_video/vae.py`): 2D, a latent of rows and columns."""
+    return _hunyuan_encoder(vae) == "comfy.ldm.hunyuan_video.vae.Encoder"
 
 
 def _comfy_decode(vae, latent):
@@ -120,6 +160,17 @@ FAMILIES = (
     # latent positions into its channels after a batch norm (`bn`, `ps`)
     VaeFamily("vae:comfy_autoencoderkl", ("comfy.ldm.models.autoencoder.AutoencoderKL",),
               _comfy_decode, _comfy_encode, latent_patch=_comfy_latent_patch, accepts=_flat),
+    # ComfyUI's HunyuanVideo 1.0 VAE: the same class of CarriedConv3d (replicate padding and the chunk before's
+    # frames, added by their caller), strided downsamples, the mid block's attention whole on gathered rows
+    VaeFamily("vae:comfy_hunyuan_video", ("comfy.ldm.models.autoencoder.AutoencoderKL",), _comfy_decode,
+              _comfy_encode, video=True, accepts=_carried),
+    # ComfyUI's HunyuanVideo 1.5 VAE (CarriedConv3d, RMS norms, downsamples that fold 2x2 pixels into channels;
+    # HunyuanImage 2.1's refiner is the same coders of plain 3D convolutions and GroupNorms, one frame per image)
+    # and HunyuanImage 2.1's VAE (2D, 32 pixels per latent row)
+    VaeFamily("vae:comfy_hunyuan_video15", ("comfy.ldm.models.autoencoder.AutoencodingEngine",), _comfy_decode,
+              _comfy_encode, latent_patch=_hunyuan_patch, video=True, accepts=_hunyuan_video),
+    VaeFamily("vae:comfy_hunyuan_image21", ("comfy.ldm.models.autoencoder.AutoencodingEngine",), _comfy_decode,
+              _comfy_encode, latent_patch=_hunyuan_patch, accepts=_hunyuan_image),
     # ComfyUI's Wan 2.1 video VAE (Qwen-Image's too), and Wan 2.2's (it patchifies 2x2 pixels into channels
     # before its encoder)
     VaeFamily("vae:comfy_wan", ("comfy.ldm.wan.vae.WanVAE",), _comfy_decode, _comfy_encode, video=True),

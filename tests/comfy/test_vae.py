@@ -170,9 +170,14 @@ def test_a_flux2_vae_encode_in_bands_equals_the_stock_node(comfy_server, comfy):
 
 
 # ComfyUI's Wan 2.2 VAE (48 latent channels, 16 pixels per latent row) and LTX-Video's (128, 32 pixels per
-# latent row; 8 frames per latent frame after the first): (fixture, latent channels, frames, rows, columns)
+# latent row; 8 frames per latent frame after the first); HunyuanVideo 1.0's (16, 8 pixels per latent row) and
+# 1.5's (32, 16 pixels per latent row; both 4 frames per latent frame after the first), on 5 latent rows, which
+# split into bands of 3 and 2: (fixture, latent channels, frames, rows, columns)
 WAN22 = ("TandemTestSeededWan22VAE", 48, 2, 4, 3)
 LTX = ("TandemTestSeededLTXVAE", 128, 2, 4, 3)
+HUNYUAN = ("TandemTestSeededHunyuanVideoVAE", 16, 3, 5, 3)
+HUNYUAN15 = ("TandemTestSeededHunyuanVideo15VAE", 32, 3, 5, 3)
+VIDEO_IDS = ["wan2.2", "ltx-video", "hunyuan-video", "hunyuan-video-1.5"]
 
 
 def _video_decode(video: tuple, noise: bool = False):
@@ -186,11 +191,13 @@ def _video_decode(video: tuple, noise: bool = False):
     return workflow
 
 
-@pytest.mark.parametrize("video, frames, pixels", [(WAN22, 5, 16), (LTX, 9, 32)], ids=["wan2.2", "ltx-video"])
-def test_a_video_decode_of_wan22_and_ltx_video_in_bands_equals_the_stock_node(comfy_server, comfy, video, frames,
-                                                                             pixels):
+@pytest.mark.parametrize("video, frames, pixels", [(WAN22, 5, 16), (LTX, 9, 32), (HUNYUAN, 9, 8), (HUNYUAN15, 9, 16)],
+                         ids=VIDEO_IDS)
+def test_a_video_decode_in_bands_equals_the_stock_node(comfy_server, comfy, video, frames, pixels):
     """Wan 2.2's decoder un-patchifies 2x2 pixels at its end; LTX-Video's pads its rows by reflection and
-    un-folds depth into space at each upsample: every band keeps its own frames' cache."""
+    un-folds depth into space at each upsample; HunyuanVideo's convolutions are padded by their caller (replicated
+    rows, and the frames of the chunk before); 1.5's upsamples un-fold channels into 2x2 pixels: every band keeps
+    its own frames' cache."""
     _, _, _, rows, columns = video
     stock, tandem = _pair(comfy_server, comfy, _video_decode(video), f"{video[0]}_decode",
                           f"VAE Decode (Multi-GPU) split {rows}x{columns} rows into 2 bands on cpu, cpu")
@@ -199,8 +206,10 @@ def test_a_video_decode_of_wan22_and_ltx_video_in_bands_equals_the_stock_node(co
     assert stock.std() > 1e-3 and (stock - stock.mean()).abs().max() > 1e-2  # the oracle can tell bands apart
 
 
-@pytest.mark.parametrize("video, pixels", [(WAN22, 16), (LTX, 32)], ids=["wan2.2", "ltx-video"])
-def test_a_video_encode_of_wan22_and_ltx_video_in_bands_equals_the_stock_node(comfy_server, comfy, video, pixels):
+@pytest.mark.parametrize("video, pixels", [(WAN22, 16), (LTX, 32), (HUNYUAN, 8), (HUNYUAN15, 16)], ids=VIDEO_IDS)
+def test_a_video_encode_in_bands_equals_the_stock_node(comfy_server, comfy, video, pixels):
+    """HunyuanVideo 1.0's encoder halves its rows by strided convolutions; 1.5's folds 2x2 pixels into channels:
+    bands start at whole latent rows."""
     fixture, channels, frames, rows, columns = video
 
     def workflow(node: str, prefix: str) -> dict:
@@ -209,6 +218,33 @@ def test_a_video_encode_of_wan22_and_ltx_video_in_bands_equals_the_stock_node(co
     stock, tandem = _pair(comfy_server, comfy, workflow, f"{fixture}_encode",
                           f"VAE Encode (Multi-GPU) split {rows * pixels}x{columns * pixels} rows into 2 bands on cpu, cpu")
     assert stock.shape == tandem.shape == (1, channels, frames, rows, columns)
+    comfy.assert_same_latents(tandem, stock)
+
+
+# ComfyUI's HunyuanImage 2.1 VAE (2D, 64 latent channels, 32 pixels per latent row) and its refiner's (3D
+# convolutions, 32 channels, 16 pixels per latent row, each image one frame: `not_video`), on 5 latent rows
+IMAGE21 = ("TandemTestSeededHunyuanImage21VAE", 64, 0, 5, 3)
+REFINER = ("TandemTestSeededHunyuanImage21RefinerVAE", 32, 1, 5, 3)
+
+
+@pytest.mark.parametrize("vae, pixels", [(IMAGE21, 32), (REFINER, 16)],
+                         ids=["hunyuan-image-2.1", "hunyuan-image-2.1-refiner"])
+def test_hunyuan_image_vaes_decode_and_encode_in_bands_equal_to_the_stock_nodes(comfy_server, comfy, vae, pixels):
+    """Their downsamples fold 2x2 pixels into channels after a convolution, their upsamples unfold them; the
+    refiner's latent has one frame, and its encoder takes each image as a one-frame video, as ComfyUI does."""
+    fixture, channels, frames, rows, columns = vae
+    stock, tandem = _pair(comfy_server, comfy, _video_decode(vae), f"{fixture}_decode",
+                          f"VAE Decode (Multi-GPU) split {rows}x{columns} rows into 2 bands on cpu, cpu")
+    assert stock.shape == tandem.shape == (1, rows * pixels, columns * pixels, 3)
+    comfy.assert_same_latents(tandem, stock)
+    assert stock.std() > 1e-3 and (stock - stock.mean()).abs().max() > 1e-2
+
+    def workflow(node: str, prefix: str) -> dict:
+        return _encode_workflow(node, prefix, video=vae)
+
+    stock, tandem = _pair(comfy_server, comfy, workflow, f"{fixture}_encode",
+                          f"VAE Encode (Multi-GPU) split {rows * pixels}x{columns * pixels} rows into 2 bands on cpu, cpu")
+    assert stock.shape == tandem.shape == (1, channels, *((frames,) if frames else ()), rows, columns)
     comfy.assert_same_latents(tandem, stock)
 
 

@@ -5,6 +5,8 @@ unet_config (SD1.5's block structure: 4 levels, 2 res blocks each, attention whe
 random weights (ComfyUI's ops leave weights uninitialised).
 """
 
+import contextlib
+
 import torch
 
 import comfy.model_management
@@ -325,11 +327,95 @@ class TandemTestSeededWan22VAE(_SeededVAENode):
 
         model = seed_wan_weights(narrow(z_dim=48, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
                                         temperal_downsample=[False, True, True], dropout=0.0), seed)
-        wan22.WanVAE = narrow
-        try:
+        with _building(wan22, "WanVAE", narrow):
             return (comfy.sd.VAE(sd=model.state_dict()),)
-        finally:
-            wan22.WanVAE = released
+
+
+@contextlib.contextmanager
+def _building(owner, name: str, narrow):
+    """While comfy.sd.VAE reads a state dict, `owner.name` (the class it builds, at its released width) is
+    `narrow`, which builds it at the state dict's width."""
+    released = getattr(owner, name)
+    setattr(owner, name, narrow)
+    try:
+        yield
+    finally:
+        setattr(owner, name, released)
+
+
+class TandemTestSeededHunyuanVideoVAE(_SeededVAENode):
+    """ComfyUI's own HunyuanVideo 1.0 VAE (comfy.sd.VAE detects it by its 3D convolutions: an AutoencoderKL of
+    CarriedConv3d, 16 latent channels, 8 pixels per latent row, 4 frames per latent frame after the first), 32
+    channels wide where comfy.sd.VAE builds 128, seeded inside the output's clamp."""
+
+    def build(self, seed):
+        import comfy.sd
+        from comfy.ldm.models.autoencoder import AutoencoderKL
+
+        from parallel_backend.models.benchmodels_vae import seed_wan_weights
+
+        def narrow(ddconfig, **config):
+            return AutoencoderKL(ddconfig={**ddconfig, "ch": 32}, **config)
+
+        ddconfig = {"double_z": True, "z_channels": 16, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 32,
+                    "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0,
+                    "conv3d": True, "time_compress": 4}
+        model = seed_wan_weights(AutoencoderKL(ddconfig=ddconfig, embed_dim=16), seed)
+        with _building(comfy.sd, "AutoencoderKL", narrow):
+            return (comfy.sd.VAE(sd=model.state_dict()),)
+
+
+class TandemTestSeededHunyuanVideo15VAE(_SeededVAENode):
+    """ComfyUI's own HunyuanVideo 1.5 VAE (comfy.sd.VAE detects it by its 32-channel latent and 3D convolutions:
+    an AutoencodingEngine of hunyuan_video/vae_refiner.py's encoder and decoder, 16 pixels per latent row, 4 frames
+    per latent frame after the first), 32 to 64 channels wide where comfy.sd.VAE builds 128 to 1024."""
+
+    def build(self, seed):
+        return (_seeded_engine(seed, "vae_refiner", [32, 32, 64, 64, 64], z_channels=32, ffactor_spatial=16,
+                               ffactor_temporal=4),)
+
+
+class TandemTestSeededHunyuanImage21VAE(_SeededVAENode):
+    """ComfyUI's own HunyuanImage 2.1 VAE (comfy.sd.VAE detects it by its 64-channel latent: an AutoencodingEngine
+    of hunyuan_video/vae.py's 2D encoder and decoder, 32 pixels per latent row), 32 to 128 channels wide where
+    comfy.sd.VAE builds 128 to 1024."""
+
+    def build(self, seed):
+        return (_seeded_engine(seed, "vae", [32, 32, 64, 64, 128, 128], z_channels=64, ffactor_spatial=32),)
+
+
+class TandemTestSeededHunyuanImage21RefinerVAE(_SeededVAENode):
+    """ComfyUI's own HunyuanImage 2.1 refiner VAE (comfy.sd.VAE detects it by its 32-channel latent and 3D
+    convolutions without a caller's padding: vae_refiner.py's encoder and decoder with refiner_vae off, GroupNorms,
+    one frame per image), 32 to 64 channels wide where comfy.sd.VAE builds 128 to 1024."""
+
+    def build(self, seed):
+        return (_seeded_engine(seed, "vae_refiner", [32, 32, 64, 64, 64], z_channels=32, ffactor_spatial=16,
+                               ffactor_temporal=4, refiner_vae=False),)
+
+
+def _seeded_engine(seed: int, coders: str, widths: list, **params):
+    """comfy.sd.VAE of an AutoencodingEngine of comfy.ldm.hunyuan_video.`coders`' encoder and decoder, `widths`
+    wide, seeded inside the output's clamp: built as ComfyUI builds it from the state dict, at `widths` in place of
+    the released widths."""
+    import comfy.sd
+    from comfy.ldm.models.autoencoder import AutoencodingEngine
+
+    from parallel_backend.models.benchmodels_vae import seed_wan_weights
+
+    def narrow(**config):
+        for part in ("encoder_config", "decoder_config"):
+            config[part] = {**config[part], "params": {**config[part]["params"], "block_out_channels": widths}}
+        return AutoencodingEngine(**config)
+
+    params = {"block_out_channels": widths, "in_channels": 3, "out_channels": 3, "num_res_blocks": 2,
+              "downsample_match_channel": True, "upsample_match_channel": True, **params}
+    model = seed_wan_weights(AutoencodingEngine(
+        regularizer_config={"target": "comfy.ldm.models.autoencoder.DiagonalGaussianRegularizer"},
+        encoder_config={"target": f"comfy.ldm.hunyuan_video.{coders}.Encoder", "params": params},
+        decoder_config={"target": f"comfy.ldm.hunyuan_video.{coders}.Decoder", "params": params}), seed)
+    with _building(comfy.sd, "AutoencodingEngine", narrow):
+        return comfy.sd.VAE(sd=model.state_dict())
 
 
 def _ltx_config(noise: bool) -> dict:
@@ -422,6 +508,10 @@ NODE_CLASS_MAPPINGS = {"TandemTestTinySD1Model": TandemTestTinySD1Model,
                        "TandemTestSeededFlux2VAE": TandemTestSeededFlux2VAE,
                        "TandemTestSeededWan22VAE": TandemTestSeededWan22VAE,
                        "TandemTestSeededLTXVAE": TandemTestSeededLTXVAE,
+                       "TandemTestSeededHunyuanVideoVAE": TandemTestSeededHunyuanVideoVAE,
+                       "TandemTestSeededHunyuanVideo15VAE": TandemTestSeededHunyuanVideo15VAE,
+                       "TandemTestSeededHunyuanImage21VAE": TandemTestSeededHunyuanImage21VAE,
+                       "TandemTestSeededHunyuanImage21RefinerVAE": TandemTestSeededHunyuanImage21RefinerVAE,
                        "TandemTestSeededLatent": TandemTestSeededLatent,
                        "TandemTestImageAsLatent": TandemTestImageAsLatent,
                        "TandemTestObjectPatch": TandemTestObjectPatch,
