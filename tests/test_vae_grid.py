@@ -68,6 +68,27 @@ def test_an_sd_vae_decodes_in_a_grid_equal_to_the_whole(grid, shape):
     _close(tiled(vae, z, grid, _decode), reference)
 
 
+def test_each_tile_of_a_2x2_grid_holds_about_a_quarter_of_the_activations():
+    """The point of the grid: the tensors a tile's decode holds at its peak (counted live as they are made,
+    plan/vae_count.py LiveBytes; the whole attention block's included) against the whole decode's."""
+    from parallel_backend.plan.vae_count import LiveBytes
+
+    vae = bands_test.tiny_vae()
+    z = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(3))
+    peaks = []
+
+    def held(module, x):
+        with LiveBytes([*module.parameters(), *module.buffers(), x]) as live, torch.inference_mode():
+            out = module.decode(x).sample
+        peaks.append(max(live.peak, live.block_entry + live.block_peak))
+        return out
+
+    reference = held(vae, z)
+    _close(tiled(vae, z, (2, 2), held), reference)
+    whole, tiles = peaks[0], peaks[1:]
+    assert len(tiles) == 4 and max(tiles) <= 0.35 * whole  # a quarter, and the halos' strips
+
+
 def test_a_grid_without_its_column_halos_would_differ():
     """The oracle can fail: the same 2 x 2 tiles whose column exchange brings nothing (each tile's left and right
     edges padded as the image's) do not equal the whole."""

@@ -89,7 +89,7 @@ def _split(engine, vae, family, rows_in, way: str, unit: int, devices: int | Non
             rows, columns = vae_grid.tile_ranges(*units, grid, index)
             tile = rows_in[..., rows.start * unit:rows.stop * unit, columns.start * unit:columns.stop * unit]
             work[index] = VaeBand(fingerprint, way, tile.contiguous(), peers, index, timestep, grid[1])
-        computed = engine.request(work, f"{way[:-1]}ing in {vae_grid.label(grid)}", collective=len(peers) > 1)
+        computed = engine.request(work, f"{way[:-1]}ing in {vae_grid.words(grid)}", collective=len(peers) > 1)
     lines = [torch.cat([computed[i].out for i in peers[at:at + grid[1]]], dim=-1) for at in peers[::grid[1]]]
     out = torch.cat(lines, dim=-2).to(rows_in.device)
     return Computed(out, max(c.compute_s for c in computed.values()), 0.0,

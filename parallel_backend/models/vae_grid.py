@@ -47,5 +47,10 @@ def tile_ranges(rows: int, columns: int, grid: tuple[int, int], index: int) -> t
 
 
 def label(grid: tuple[int, int]) -> str:
-    """How the bench and the log name a split: 'bands' (one column), else 'grid 2x2'."""
+    """How the bench names a split: 'bands' (one column), else 'grid 2x2'."""
     return "bands" if grid[1] == 1 else f"grid {grid[0]}x{grid[1]}"
+
+
+def words(grid: tuple[int, int]) -> str:
+    """How a sentence names a split: 'bands of rows', else 'a grid of 2x2 tiles'."""
+    return "bands of rows" if grid[1] == 1 else f"a grid of {grid[0]}x{grid[1]} tiles"

@@ -91,6 +91,11 @@ class VaeDecode:
             raise ValueError(f"a latent of {self.rows} rows cannot be split into {devices} bands of at least one row")
         return shape or (devices, 1)
 
+    def collectives(self) -> int:
+        """The small collectives of one decode on more than one device: 1 per GroupNorm call, 2 per whole
+        block's gather."""
+        return len(self.norms) + 2 * len(self.whole_inputs)
+
 
 def grid_halo_bytes(tile: tuple, grid: tuple[int, int]) -> int:
     """Bytes one convolution call's halos (a VaeDecode.tiles entry) move between the tiles of `grid`: the columns
@@ -99,11 +104,6 @@ def grid_halo_bytes(tile: tuple, grid: tuple[int, int]) -> int:
     position, rows, columns, (above, below), (left, right) = tile
     r, c = grid
     return position * ((c - 1) * (left + right) * rows + (r - 1) * (above + below) * (columns + (c - 1) * (left + right)))
-
-    def collectives(self) -> int:
-        """The small collectives of one decode on more than one device: 1 per GroupNorm call, 2 per whole
-        block's gather."""
-        return len(self.norms) + 2 * len(self.whole_inputs)
 
 
 @dataclass(frozen=True)
