@@ -223,7 +223,7 @@ def _halo_rows(kernel: int, stride: int, above: int) -> tuple[int, int]:
     """(rows from the band above, rows from the band below) a convolution of `kernel` rows and `stride` that pads
     `above` rows above needs on a band that starts at a multiple of its stride: its first output row reads from
     `above` rows before the band, its last up to `kernel - stride - above` rows after it (3x3, stride 1: 1 and 1;
-    stride 2, padding 1: 1 and 0)."""
+    stride 2, padding 1: 1 and 0). Columns count the same way, from the tiles on the left and right."""
     return above, max(0, kernel - stride - above)
 
 
