@@ -41,7 +41,7 @@ def run_vae_bench(model_name: str = "sd15", devices: str = "cpu:2", resolution=N
         n = len(pool.devices)
         engine, share = engine_for(pool), max(1, cores // n)
         progress(f"[bench] VAE {WAYS[stage]} of {resolution[0]}x{resolution[1]} px ({tuple(inputs.shape)} "
-                 f"{'image' if encoding else 'latent'}): one device here, {n} bands on the pool, in rotation")
+                 f"{'image' if encoding else 'latent'}): one device here, split over {n} devices of the pool, in rotation")
         serial_s, split_s, reference, done, serial_peak = rotate(vae, inputs, whole, banded, engine, repeats, share,
                                                                  disturbed)
         activations = [done.extra["activation_peak_bytes"][r] for r in sorted(done.extra["activation_peak_bytes"])]
