@@ -17,7 +17,8 @@ from parallel_backend.models.vae_bands import band_in_place
 from parallel_backend.models.vae_grid import choose_grid, grid_shape, label, tile_ranges
 
 
-_VIDEO = importlib.util.spec_from_file_location("video_families", Path(__file__).with_name("test_vae_video_families.py"))
+_VIDEO = importlib.util.spec_from_file_location("video_families",
+                                                Path(__file__).with_name("test_vae_video_families.py"))
 video = importlib.util.module_from_spec(_VIDEO)
 _VIDEO.loader.exec_module(video)
 bands_test, threads = video.bands_test, video.threads

@@ -41,7 +41,8 @@ def run_vae_bench(model_name: str = "sd15", devices: str = "cpu:2", resolution=N
         n = len(pool.devices)
         engine, share = engine_for(pool), max(1, cores // n)
         progress(f"[bench] VAE {WAYS[stage]} of {resolution[0]}x{resolution[1]} px ({tuple(inputs.shape)} "
-                 f"{'image' if encoding else 'latent'}): one device here, split over {n} devices of the pool, in rotation")
+                 f"{'image' if encoding else 'latent'}): one device here, split over {n} devices of the pool, "
+                 "in rotation")
         serial_s, split_s, reference, done, serial_peak = rotate(vae, inputs, whole, banded, engine, repeats, share,
                                                                  disturbed)
         activations = [done.extra["activation_peak_bytes"][r] for r in sorted(done.extra["activation_peak_bytes"])]
@@ -49,7 +50,8 @@ def run_vae_bench(model_name: str = "sd15", devices: str = "cpu:2", resolution=N
         rows = [
             {"strategy": "serial", "devices": 1, "seconds_median": statistics.median(serial_s),
              "speedup_vs_serial": 1.0, "max_abs_diff_vs_serial": 0.0, "activation_bytes_per_device": [serial_peak]},
-            {"strategy": label(done.extra["grid"]), "devices": done.extra["bands"], "grid": list(done.extra["grid"]), "seconds_median": statistics.median(split_s),
+            {"strategy": label(done.extra["grid"]), "devices": done.extra["bands"], "grid": list(done.extra["grid"]),
+             "seconds_median": statistics.median(split_s),
              "speedup_vs_serial": statistics.median(serial_s) / statistics.median(split_s),
              "max_abs_diff_vs_serial": (done.out - reference).abs().max().item(),
              "output_scale": reference.abs().max().item(), "activation_bytes_per_device": activations,

@@ -268,7 +268,8 @@ def _check_causal(name: str, conv) -> bool:
     for dim, lines, parts in DIMENSIONS:
         before, after = ((conv._padding[2:4] if dim == -2 else conv._padding[:2]) if explicit
                          else (conv.padding[dim],) * 2)
-        if conv.stride[dim] != 1 or conv.dilation[dim] != 1 or before != after or conv.kernel_size[dim] != 2 * before + 1:
+        if (conv.stride[dim] != 1 or conv.dilation[dim] != 1 or before != after
+                or conv.kernel_size[dim] != 2 * before + 1):
             raise ValueError(f"layer {name!r} ({type(conv).__name__}, kernel {conv.kernel_size}, stride {conv.stride}, "
                              f"padding {conv._padding}) does not keep its {lines}: splitting it into {parts} is not "
                              "supported yet")

@@ -103,7 +103,8 @@ def grid_halo_bytes(tile: tuple, grid: tuple[int, int]) -> int:
     halos."""
     position, rows, columns, (above, below), (left, right) = tile
     r, c = grid
-    return position * ((c - 1) * (left + right) * rows + (r - 1) * (above + below) * (columns + (c - 1) * (left + right)))
+    across = (c - 1) * (left + right)  # columns the column halos add to each row of tiles
+    return position * (across * rows + (r - 1) * (above + below) * (columns + across))
 
 
 @dataclass(frozen=True)

@@ -230,7 +230,8 @@ def plan_vae_line(name: str, resolution: tuple[int, int], frames: int | None, de
         return f"VAE decode: not predicted: {exc}", {"why_not": str(exc)}
     one = predict_decode(decode, seconds, link, 1)
     on = f", {threads} thread(s)" if threads else ""
-    line = (f"VAE decode in {vae_grid.words(split.grid)} (a prediction): one device {seconds:.3f} s (timed once here{on}), "
+    line = (f"VAE decode in {vae_grid.words(split.grid)} (a prediction): one device {seconds:.3f} s "
+            f"(timed once here{on}), "
             f"{one.memory_bytes / 2**30:.3f} GiB; {n} devices {split.seconds:.3f} s ({split.speedup:.2f}x), "
             f"{split.memory_bytes / 2**30:.3f} GiB per device, {split.peer_bytes / 2**20:.2f} MiB between devices; "
             f"the whole attention {100 * decode.whole_flops / decode.flops:.1f} % of the FLOPs, "
