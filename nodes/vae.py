@@ -12,7 +12,7 @@ from comfy_api.latest import io
 
 from parallel_backend.engine.pool_engine import engine_for
 from parallel_backend.engine.vae import decode, encode
-from parallel_backend.models import vae_families
+from parallel_backend.models import vae_families, vae_grid
 from parallel_backend.runtime.carry import CannotCarry
 
 from .runtime import RUNTIME
@@ -85,9 +85,13 @@ class TandemVAEEncode(io.ComfyNode):
 def _on_the_pool(node: str, settings, vae, rows_in, reason: str | None, run):
     """run(engine) on the pool of the settings (its Computed), or None where the node takes the stock path (said
     in one sentence)."""
-    return on_the_pool(node, settings, reason, run, lambda done, pool: (
-        f"split {'x'.join(map(str, rows_in.shape[-2:]))} rows into {done.extra['bands']} bands on "
-        f"{', '.join(pool.devices[:done.extra['bands']])}"))
+    def what(done, pool):
+        rows, columns = done.extra["grid"]
+        into = f"rows into {rows} bands" if columns == 1 else f"into {vae_grid.words((rows, columns))}"
+        return (f"split {'x'.join(map(str, rows_in.shape[-2:]))} {into} on "
+                f"{', '.join(pool.devices[:done.extra['bands']])}")
+
+    return on_the_pool(node, settings, reason, run, what)
 
 
 def on_the_pool(node: str, settings, reason: str | None, run, what):

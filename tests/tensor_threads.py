@@ -51,19 +51,26 @@ class ThreadGroup:
 
 
 class ThreadBands:
-    """A VAE's bands (models/vae_bands.py) as threads: `rank(index)` is band `index`'s group."""
+    """A VAE's tiles (models/vae_bands.py) as threads: `rank(index)` is tile `index`'s group, `columns` tiles
+    across (1: bands of rows), numbered row by row."""
 
-    def __init__(self, degree: int):
-        self.group = ThreadGroup(degree)
+    def __init__(self, degree: int, columns: int = 1):
+        self.group, self.columns = ThreadGroup(degree), columns
 
     def rank(self, index: int):
-        group, degree = self.group, len(self.group.slots)
+        group, degree, columns = self.group, len(self.group.slots), self.columns
+        at = index % columns
 
         class Band:
             def halo(self, top, bottom):
                 everyone = group._everyones(index, (top, bottom))
-                return (everyone[index - 1][1] if index > 0 else None,
-                        everyone[index + 1][0] if index < degree - 1 else None)
+                return (everyone[index - columns][1] if index >= columns else None,
+                        everyone[index + columns][0] if index + columns < degree else None)
+
+            def halo_columns(self, left, right):
+                everyone = group._everyones(index, (left, right))
+                return (everyone[index - 1][1] if at > 0 else None,
+                        everyone[index + 1][0] if at < columns - 1 else None)
 
             def sum(self, partial):
                 return group.sum(index, partial)
@@ -72,7 +79,13 @@ class ThreadBands:
                 everyone = group._everyones(index, band)
                 return torch.cat(everyone, dim=-2), sum(t.shape[-2] for t in everyone[:index])
 
-        Band.degree, Band.index = degree, index
+            def gather_tiles(self, tile):
+                everyone = group._everyones(index, tile)
+                lines = [torch.cat(everyone[i:i + columns], dim=-1) for i in range(0, degree, columns)]
+                return (torch.cat(lines, dim=-2), sum(t.shape[-2] for t in everyone[at:index:columns]),
+                        sum(t.shape[-1] for t in everyone[index - at:index]))
+
+        Band.degree, Band.index, Band.columns = degree, index, columns
         return Band()
 
 

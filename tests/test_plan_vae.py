@@ -98,17 +98,28 @@ def test_live_bytes_count_each_storage_once_while_referenced():
 
 
 def _counting(band, log):
-    """A band group that logs every message as vae_bands.PeerBands counts it: halo sends, each all-gather's
-    piece once per other rank."""
+    """A band (tile) group that logs every message as vae_bands.PeerBands counts it: halo sends (to each neighbour
+    there is: the one that sends back), each all-gather's piece once per other rank."""
+
+    def swap(exchange, first, last):
+        before, after = exchange(first, last)
+        log["halo"] += sum(t.numel() * t.element_size() for t, there in ((first, before), (last, after))
+                           if there is not None)
+        return before, after
 
     class Counting:
-        degree, index = band.degree, band.index
+        degree, index, columns = band.degree, band.index, getattr(band, "columns", 1)
 
         def halo(self, top, bottom):
-            above, below = band.halo(top, bottom)
-            log["halo"] += sum(t.numel() * t.element_size() for t, n in ((top, self.index > 0),
-                                                                           (bottom, self.index < self.degree - 1)) if n)
-            return above, below
+            return swap(band.halo, top, bottom)
+
+        def halo_columns(self, left, right):
+            return swap(band.halo_columns, left, right)
+
+        def gather_tiles(self, tile):
+            whole, row, column = band.gather_tiles(tile)
+            log["gathers"].append(whole.numel() * whole.element_size())
+            return whole, row, column
 
         def sum(self, partial):
             log["sums"].append(partial.numel() * partial.element_size())
@@ -154,6 +165,36 @@ def test_counted_exchanges_equal_what_the_bands_send(build, shape, part, degree)
     gathered = sum(8 + size * largest // latent.shape[-2] for size in decode.whole_inputs)
     sent = sum(log["halo"] for log in logs) + degree * (degree - 1) * (sum(logs[0]["sums"]) + gathered)
     assert predict_decode(decode, 1.0, SLOW_LINK, degree).peer_bytes == sent
+
+
+@pytest.mark.parametrize("build, shape, part", [(tiny_vae, (1, 4, 7, 5), lambda vae: vae),
+                                                (tiny_wan_vae, (1, 4, 3, 7, 5), lambda wan: wan.decoder)])
+def test_counted_grid_halos_equal_what_the_tiles_send(build, shape, part):
+    """On 4 devices the 7 x 5 latent splits 2 x 2: the columns cross one cut, then the rows (with the corners)
+    the other; the counted bytes are what the tiles send, and the prediction's bytes between devices theirs."""
+    from parallel_backend.models.vae_grid import tile_ranges
+
+    vae = build()
+    latent = torch.randn(*shape, generator=torch.Generator().manual_seed(3))
+    decode = count_decode(*on_meta(vae, latent))
+    assert decode.grid(4) == (2, 2) and decode.grid(3) == (3, 1)
+    tiles, logs = threads.ThreadBands(4, 2), [{"halo": 0, "sums": [], "gathers": []} for _ in range(4)]
+
+    def rank(index):
+        mine = copy.deepcopy(vae)
+        band_in_place(part(mine), _counting(tiles.rank(index), logs[index]))
+        rows, columns = tile_ranges(7, 5, (2, 2), index)
+        with torch.inference_mode():
+            mine.decode(latent[..., rows.start:rows.stop, columns.start:columns.stop])
+
+    threads.run_threads(tiles.group, rank)
+    sent = sum(log["halo"] for log in logs)
+    assert sent == decode.halo_bytes(4, (2, 2)) and sent < decode.halo_bytes(4)  # fewer than bands of rows
+    assert all(log["gathers"] == list(decode.whole_inputs) for log in logs)
+    gathered = sum(16 + size * 4 * 3 // (7 * 5) for size in decode.whole_inputs)  # padded to the largest tile
+    prediction = predict_decode(decode, 1.0, SLOW_LINK, 4)
+    assert prediction.grid == (2, 2) and prediction.peer_bytes == sent + 4 * 3 * (sum(logs[0]["sums"]) + gathered)
+    assert prediction.activation_bytes < predict_decode(decode, 1.0, SLOW_LINK, 2).activation_bytes
 
 
 def test_the_counted_attention_is_the_formula_and_the_rest_bands():

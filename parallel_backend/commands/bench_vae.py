@@ -1,5 +1,5 @@
-"""`tandem bench --stage vae` (and `--stage encode`): a VAE decode (an encode) split into bands of rows over the
-pool (engine/vae.py) against the same on one device, in one run: the serial decode in this process with one device's share of the cores,
+"""`tandem bench --stage vae` (and `--stage encode`): a VAE decode (an encode) split into bands of rows, or a grid
+of tiles on 4 or more devices, over the pool (engine/vae.py) against the same on one device, in one run: the serial decode in this process with one device's share of the cores,
 the banded decode on the pool's workers, in rotation within every repeat so the machine's drift hits both alike.
 A run whose repeats spread too far, or that other processes disturbed, is marked DISTURBED, as the sampler's."""
 
@@ -23,6 +23,7 @@ def run_vae_bench(model_name: str = "sd15", devices: str = "cpu:2", resolution=N
     from ..engine.pool_engine import engine_for
     from ..models.benchmodels_vae import DEFAULT_RESOLUTION, VIDEO_FRAMES, bench_image, bench_latent, build_bench_vae
     from ..models.vae_families import family_of
+    from ..models.vae_grid import label
     from ..runtime.pool import WorkerPool
 
     vae = build_bench_vae(model_name)
@@ -40,7 +41,8 @@ def run_vae_bench(model_name: str = "sd15", devices: str = "cpu:2", resolution=N
         n = len(pool.devices)
         engine, share = engine_for(pool), max(1, cores // n)
         progress(f"[bench] VAE {WAYS[stage]} of {resolution[0]}x{resolution[1]} px ({tuple(inputs.shape)} "
-                 f"{'image' if encoding else 'latent'}): one device here, {n} bands on the pool, in rotation")
+                 f"{'image' if encoding else 'latent'}): one device here, split over {n} devices of the pool, "
+                 "in rotation")
         serial_s, split_s, reference, done, serial_peak = rotate(vae, inputs, whole, banded, engine, repeats, share,
                                                                  disturbed)
         activations = [done.extra["activation_peak_bytes"][r] for r in sorted(done.extra["activation_peak_bytes"])]
@@ -48,7 +50,8 @@ def run_vae_bench(model_name: str = "sd15", devices: str = "cpu:2", resolution=N
         rows = [
             {"strategy": "serial", "devices": 1, "seconds_median": statistics.median(serial_s),
              "speedup_vs_serial": 1.0, "max_abs_diff_vs_serial": 0.0, "activation_bytes_per_device": [serial_peak]},
-            {"strategy": "bands", "devices": done.extra["bands"], "seconds_median": statistics.median(split_s),
+            {"strategy": label(done.extra["grid"]), "devices": done.extra["bands"], "grid": list(done.extra["grid"]),
+             "seconds_median": statistics.median(split_s),
              "speedup_vs_serial": statistics.median(serial_s) / statistics.median(split_s),
              "max_abs_diff_vs_serial": (done.out - reference).abs().max().item(),
              "output_scale": reference.abs().max().item(), "activation_bytes_per_device": activations,
@@ -126,7 +129,7 @@ def format_vae_table(report: dict) -> str:
         lines.append(f"{row['strategy']:8} {row['devices']:>7} {row['seconds_median']:>8.2f} "
                      f"{row['speedup_vs_serial']:>8.2f}x {act:>13} {row['max_abs_diff_vs_serial']:>11.2e}")
     bands = report["results"][-1]
-    lines.append(f"bands: {bands['bytes_between_devices'] / 2**20:.1f} MiB between devices per "
+    lines.append(f"{bands['strategy']}: {bands['bytes_between_devices'] / 2**20:.1f} MiB between devices per "
                  f"{WAYS[report['stage']]} (halos, norm statistics, the gathered attention input)")
     if report["disturbed"]:
         lines.append("DISTURBED RUN, figures unreliable: " + "; ".join(report["disturbed"]))

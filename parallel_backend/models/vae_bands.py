@@ -1,52 +1,59 @@
-"""A VAE's convolutional network split into bands of rows over a group of devices, equal to one device (issue 29).
+"""A VAE's convolutional network split into tiles over a group of devices, equal to one device (issue 29): bands
+of rows (one column of tiles), or a grid of rows x columns of tiles (models/vae_grid.py chooses it).
 
-Each rank runs the whole network on its own band of the image's rows. These layers see beyond a band, and each
-is made exact (`band_in_place` wraps the module's own layers; the rest of the network is untouched):
-- a convolution that pads its rows (3x3: one row above and below) first takes those rows from its neighbours'
-  bands (`halo`); it runs on its band as written, and the rows at an inner edge are computed again from the
-  halo and the band's first (last) rows without row padding, so no copy of the band is made; at the image's
-  edge it pads as the whole does (zeros, or its 'replicate' or 'reflect' padding_mode);
-- a GroupNorm takes its statistics over the whole image in one small collective: each band's count, mean and
-  squared deviations from that mean per group (two passes), every band's in its own slot of a `sum` (every
+Each rank runs the whole network on its own tile of the image. These layers see beyond a tile, and each is made
+exact (`band_in_place` wraps the module's own layers; the rest of the network is untouched):
+- a convolution that pads its rows or columns (3x3: one each side) first takes those rows and columns from its
+  neighbours' tiles (models/vae_halos.py: the columns from the tiles on the left and right, then the rows from
+  those above and below, joined to their own column halos, so the corners come with them); of stride 1 it runs
+  on its tile as written, and the strips at an inner edge are computed again from the halo and the tile's first
+  (last) rows or columns, so no copy of the tile is made; at the image's edge it pads as the whole does, per
+  side (zeros, or its 'replicate' or 'reflect' padding_mode);
+- a GroupNorm takes its statistics over the whole image in one small collective: each tile's count, mean and
+  squared deviations from that mean per group (two passes), every tile's in its own slot of a `sum` (every
   rank's partial added in rank order, so every rank gets the same bits), combined pairwise (Chan's formula: no
   cancellation), then torch's own normalisation kernel runs with them;
 - an attention block (the mid block's: every position attends to every other) runs on the whole image: its
-  input's bands are gathered (`gather_rows`), the block runs whole on every rank, each keeps its own rows.
-  It runs at the network's smallest resolution, where a whole image is cheap.
-- an encoder's padded downsample (a zero row below, then a 3x3 convolution of stride 2) takes, in place of that
-  zero row, the first row of the band below, whether the module pads in its forward (SD's) or through a
-  ZeroPad2d before the convolution (Wan's): bands start at rows the downsampling divides;
-- a convolution of stride s over rows (LTX-Video's downsamples, HunyuanVideo's) takes its `padding` rows from
-  the band above and `kernel - s - padding` from the band below, on bands that start at multiples of s;
+  input's tiles are gathered (`gather_rows`, `gather_tiles`), the block runs whole on every rank, each keeps its
+  own rows and columns. It runs at the network's smallest resolution, where a whole image is cheap.
+- an encoder's padded downsample (a zero column right and a zero row below, then a 3x3 convolution of stride 2)
+  takes, in place of that zero column, the first column of the tile on the right, then in place of the zero row
+  the first row of the tile below, whether the module pads in its forward (SD's) or through a ZeroPad2d before
+  the convolution (Wan's): tiles start at rows and columns the downsampling divides;
+- a convolution of stride s (LTX-Video's downsamples, HunyuanVideo's) takes its `padding` rows (columns) from
+  the tile above (left) and `kernel - s - padding` from the tile below (right), on tiles that start at multiples
+  of s, and runs unpadded on the tile joined to them, padded only at the image's edge;
 - a convolution that pads itself before it runs (HunyuanVideo's: 'replicate' padding of rows, columns and
   frames, then a convolution without padding) takes its halos from the neighbours and pads, in its own mode,
-  only where the band meets the image's edge (padding per dimension commutes with joining rows);
+  only where the tile meets the image's edge (padding per dimension commutes with joining rows and columns);
 - a convolution its caller pads (ComfyUI's CarriedConv3d, whose input `conv_carry_causal_3d` pads by one
-  replicated row, column and frame, or prepends the frames of the chunk before) runs on that padded band with its
-  first and last rows replaced by the rows of the bands above and below, where there are such bands; the caller's
-  padding is left as it is, so the cached frames it keeps are corrected in the same way when they are used.
+  replicated row, column and frame, or prepends the frames of the chunk before) runs on that padded tile with its
+  padded rows and columns at an inner edge replaced by the neighbours' (corners included), and re-replicated at
+  the image's edge; the caller's frames are left as they are, so the cached frames it keeps are corrected in the
+  same way when they are used.
 Everything else (1x1 convolutions, nearest upsampling, activations, residual additions, norms over channels,
-patchify and pixel-(un)shuffle reshapes whose patches do not straddle a band: Wan 2.2's, LTX-Video's) works row
-by row, so a band computes exactly its rows. Rows are the second-to-last dimension: a video VAE's (batch,
-channels, frames, rows, columns) bands the same way; its causal 3D convolutions (which pad their frames
-themselves and prepend the chunk before, cache_x) take halos for the input and for the cached frames, so each
-band keeps its own cache of its own rows.
+patchify and pixel-(un)shuffle reshapes whose patches do not straddle a tile: Wan 2.2's, LTX-Video's) works
+position by position, so a tile computes exactly its rows and columns. Rows are the second-to-last dimension and
+columns the last: a video VAE's (batch, channels, frames, rows, columns) splits the same way; its causal 3D
+convolutions (which pad their frames themselves and prepend the chunk before, cache_x) take halos for the input
+and for the cached frames, so each tile keeps its own cache of its own rows and columns.
 
-A `group` is what the bands exchange through: `PeerBands` (torch.distributed, one rank per device), or the
-tests' threads (tests/tensor_threads.py). Its interface: `degree`, `index`, `halo(top, bottom)` -> (the rows
-of the band above, of the band below; None at the image's edge), `sum(tensor)`, `gather_rows(tensor)` -> (the
-whole along dim -2, this band's first row in it).
+A `group` is what the tiles exchange through: `PeerBands` (torch.distributed, one rank per device), or the
+tests' threads (tests/tensor_threads.py). Its interface: `degree`, `index` (row by row), `halo(top, bottom)` ->
+(the rows of the tile above, of the tile below; None at the image's edge), `sum(tensor)`, `gather_rows(tensor)`
+-> (the whole along dim -2, this band's first row in it); a grid's also `columns` (tiles across; absent: 1),
+`halo_columns(left, right)` -> (the columns of the tile on the left, on the right) and `gather_tiles(tensor)` ->
+(the whole image, this tile's first row, its first column).
 """
 
 from __future__ import annotations
-
-import functools
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from ..runtime import primitives
+from . import vae_halos
 
 # Blocks whose every output position reads every input position: run whole on gathered rows. diffusers' VAEs
 # use Attention (attention_processor), WanAttentionBlock and QwenImageAttentionBlock (per frame); ComfyUI's
@@ -84,6 +91,11 @@ class _Bands:
     def __init__(self, group):
         self.group, self.whole = group, 0
         self.wrapped: list[tuple[nn.Module, object]] = []  # (layer, its own forward before, or None): for `unband`
+
+    @property
+    def columns(self) -> int:
+        """Tiles across the image (1: bands of rows)."""
+        return getattr(self.group, "columns", 1)
 
 
 def band_in_place(module: nn.Module, group, whole: tuple[str, ...] = WHOLE_BLOCKS, layers=None) -> nn.Module:
@@ -167,7 +179,7 @@ def check_layers(module: nn.Module, whole: tuple[str, ...] = WHOLE_BLOCKS) -> tu
                 convs.append(layer)
         elif isinstance(layer, (nn.Conv2d, nn.Conv3d)):
             _check_conv(name, layer)
-            if any(_halo_rows(layer.kernel_size[-2], layer.stride[-2], layer.padding[-2])):
+            if any(map(any, halos(layer))):
                 convs.append(layer)
         elif isinstance(layer, nn.GroupNorm):
             norms.append(layer)
@@ -195,18 +207,23 @@ def convs_row_scale(convs: list) -> int:
     return scale
 
 
-def halo_rows(layer) -> tuple[int, int]:
-    """(rows from the band above, rows from the band below) one call of `layer`, a convolution `check_layers`
-    lists, takes on an inner band."""
+def halos(layer) -> tuple[tuple[int, int], tuple[int, int]]:
+    """((rows from the tile above, from the tile below), (columns from the tile on the left, on the right)) one
+    call of `layer`, a convolution `check_layers` lists, takes on an inner tile."""
     if isinstance(layer, nn.ZeroPad2d):
-        return 0, 1  # a padded downsample: the first row of the band below (its convolution's halos say the same)
+        return (0, 1), (0, 1)  # a padded downsample: the first row (column) of the tile below (on the right)
     if _pads_itself(layer):
-        return _halo_rows(layer.conv.kernel_size[-2], layer.conv.stride[-2], layer.time_causal_padding[2])
+        conv, padding = layer.conv, layer.time_causal_padding
+        return (_halo_rows(conv.kernel_size[-2], conv.stride[-2], padding[2]),
+                _halo_rows(conv.kernel_size[-1], conv.stride[-1], padding[0]))
     if _padded_by_caller(layer):
-        return _halo_rows(layer.conv.kernel_size[-2], layer.conv.stride[-2], CALLER_PADDED_ROWS)
+        conv = layer.conv
+        return (_halo_rows(conv.kernel_size[-2], conv.stride[-2], CALLER_PADDED_ROWS),
+                _halo_rows(conv.kernel_size[-1], conv.stride[-1], CALLER_PADDED_ROWS))
     if isinstance(getattr(layer, "_padding", None), tuple):
-        return layer._padding[2], layer._padding[2]
-    return _halo_rows(layer.kernel_size[-2], layer.stride[-2], layer.padding[-2])
+        return (layer._padding[2],) * 2, (layer._padding[0],) * 2
+    return (_halo_rows(layer.kernel_size[-2], layer.stride[-2], layer.padding[-2]),
+            _halo_rows(layer.kernel_size[-1], layer.stride[-1], layer.padding[-1]))
 
 
 def _pads_itself(module) -> bool:
@@ -235,7 +252,7 @@ def _halo_rows(kernel: int, stride: int, above: int) -> tuple[int, int]:
     """(rows from the band above, rows from the band below) a convolution of `kernel` rows and `stride` that pads
     `above` rows above needs on a band that starts at a multiple of its stride: its first output row reads from
     `above` rows before the band, its last up to `kernel - stride - above` rows after it (3x3, stride 1: 1 and 1;
-    stride 2, padding 1: 1 and 0)."""
+    stride 2, padding 1: 1 and 0). Columns count the same way, from the tiles on the left and right."""
     return above, max(0, kernel - stride - above)
 
 
@@ -247,25 +264,32 @@ def _banded_rows(kernel: int, stride: int, above: int, below: int) -> bool:
     return above == below and above < kernel
 
 
+DIMENSIONS = ((-2, "rows", "bands"), (-1, "columns", "tiles"))  # (dimension, its lines, what splits it)
+
+
 def _check_self_padding(name: str, layer) -> None:
-    conv, (_, _, above, below, *_) = layer.conv, layer.time_causal_padding
+    conv, padding = layer.conv, layer.time_causal_padding
     if layer.pad_mode not in EDGE_MODES:
         raise ValueError(f"layer {name!r} ({type(layer).__name__}) pads with {layer.pad_mode!r}: only zero, "
                          "'replicate' or 'reflect' padding splits into bands exactly")
-    if conv.padding[-2] or conv.dilation[-2] != 1 or not _banded_rows(conv.kernel_size[-2], conv.stride[-2], above,
-                                                                       below):
-        raise ValueError(f"layer {name!r} ({type(layer).__name__}, kernel {conv.kernel_size}, stride {conv.stride}, "
-                         f"padding {layer.time_causal_padding} then {conv.padding}) cannot take its rows from its "
-                         "neighbours' bands exactly: splitting it into bands is not supported yet")
+    for dim, lines, parts in DIMENSIONS:
+        before, after = padding[2:4] if dim == -2 else padding[:2]
+        if conv.padding[dim] or conv.dilation[dim] != 1 or not _banded_rows(conv.kernel_size[dim], conv.stride[dim],
+                                                                             before, after):
+            raise ValueError(f"layer {name!r} ({type(layer).__name__}, kernel {conv.kernel_size}, stride "
+                             f"{conv.stride}, padding {padding} then {conv.padding}) cannot take its {lines} from its "
+                             f"neighbours' {parts} exactly: splitting it into {parts} is not supported yet")
 
 
 def _check_caller_padded(name: str, layer) -> None:
     conv = layer.conv
-    if (conv.padding[-2] or conv.dilation[-2] != 1 or conv.padding_mode != "zeros"
-            or not _banded_rows(conv.kernel_size[-2], conv.stride[-2], CALLER_PADDED_ROWS, CALLER_PADDED_ROWS)):
-        raise ValueError(f"layer {name!r} ({type(layer).__name__}, kernel {conv.kernel_size}, stride {conv.stride}, "
-                         f"padding {conv.padding} after its caller's {CALLER_PADDED_ROWS} row) cannot take its rows "
-                         "from its neighbours' bands exactly: splitting it into bands is not supported yet")
+    for dim, lines, parts in DIMENSIONS:
+        if (conv.padding[dim] or conv.dilation[dim] != 1 or conv.padding_mode != "zeros"
+                or not _banded_rows(conv.kernel_size[dim], conv.stride[dim], CALLER_PADDED_ROWS, CALLER_PADDED_ROWS)):
+            raise ValueError(f"layer {name!r} ({type(layer).__name__}, kernel {conv.kernel_size}, stride "
+                             f"{conv.stride}, padding {conv.padding} after its caller's {CALLER_PADDED_ROWS} line) "
+                             f"cannot take its {lines} from its neighbours' {parts} exactly: splitting it into "
+                             f"{parts} is not supported yet")
 
 
 def _pads_then_halves(conv) -> bool:
@@ -277,84 +301,89 @@ def _pads_then_halves(conv) -> bool:
 
 def _check_causal(name: str, conv) -> bool:
     """A video VAE's causal 3D convolution pads its frames itself and keeps the frames of the chunk before; its
-    rows band as a plain convolution's. Whether it pads rows (then it is wrapped); ValueError if it cannot band."""
+    rows and columns split as a plain convolution's. Whether it pads them (then it is wrapped); ValueError if it
+    cannot split."""
     explicit = isinstance(conv._padding, tuple)
-    above, below = (conv._padding[2], conv._padding[3]) if explicit else (conv.padding[-2],) * 2
-    if conv.stride[-2] != 1 or conv.dilation[-2] != 1 or above != below or conv.kernel_size[-2] != 2 * above + 1:
-        raise ValueError(f"layer {name!r} ({type(conv).__name__}, kernel {conv.kernel_size}, stride {conv.stride}, "
-                         f"padding {conv._padding}) does not keep its rows: splitting it into bands is not supported yet")
-    return above > 0
+    pads = []
+    for dim, lines, parts in DIMENSIONS:
+        before, after = ((conv._padding[2:4] if dim == -2 else conv._padding[:2]) if explicit
+                         else (conv.padding[dim],) * 2)
+        if (conv.stride[dim] != 1 or conv.dilation[dim] != 1 or before != after
+                or conv.kernel_size[dim] != 2 * before + 1):
+            raise ValueError(f"layer {name!r} ({type(conv).__name__}, kernel {conv.kernel_size}, stride {conv.stride}, "
+                             f"padding {conv._padding}) does not keep its {lines}: splitting it into {parts} is not "
+                             "supported yet")
+        pads.append(before)
+    return any(pads)
 
 
 def _check_conv(name: str, conv) -> None:
-    if conv.dilation[-2] != 1:
-        raise ValueError(f"layer {name!r} dilates its rows ({type(conv).__name__} dilation {conv.dilation}): "
-                         "splitting it into bands is not supported yet")
-    if not isinstance(conv.padding, str) and not _banded_rows(conv.kernel_size[-2], conv.stride[-2],
-                                                              conv.padding[-2], conv.padding[-2]):
-        raise ValueError(f"layer {name!r} changes the number of rows in a way bands cannot share (kernel "
-                         f"{conv.kernel_size}, stride {conv.stride}, padding {conv.padding}): splitting it into bands "
-                         "is not supported yet")
+    for dim, lines, parts in DIMENSIONS:
+        if conv.dilation[dim] != 1:
+            raise ValueError(f"layer {name!r} dilates its {lines} ({type(conv).__name__} dilation {conv.dilation}): "
+                             f"splitting it into {parts} is not supported yet")
+        if not isinstance(conv.padding, str) and not _banded_rows(conv.kernel_size[dim], conv.stride[dim],
+                                                                  conv.padding[dim], conv.padding[dim]):
+            raise ValueError(f"layer {name!r} changes the number of {lines} in a way {parts} cannot share (kernel "
+                             f"{conv.kernel_size}, stride {conv.stride}, padding {conv.padding}): splitting it into "
+                             f"{parts} is not supported yet")
     if conv.padding_mode not in EDGE_MODES or isinstance(conv.padding, str):
         raise ValueError(f"layer {name!r} pads with {conv.padding_mode!r} (padding {conv.padding!r}): only numeric "
                          "zero, 'replicate' or 'reflect' padding splits into bands exactly")
 
 
 def _wrap_zero_pad(pad: nn.ZeroPad2d, bands: _Bands) -> None:
-    """A downsample's ZeroPad2d((0, 1, 0, 1)) on a band: a zero column on the right, and below the band the first
-    row of the band below (a zero row at the image's bottom edge), so the halving convolution after it sees the
-    whole image's rows."""
+    """A downsample's ZeroPad2d((0, 1, 0, 1)) on a tile: right of the tile the first column of the tile on the
+    right, and below it the first row of the tile below (zeros at the image's edge), so the halving convolution
+    after it sees the whole image's rows and columns."""
     original = pad.forward
 
     def forward(x):
         if bands.whole:
             return original(x)
-        x = F.pad(x, (0, 1, 0, 0))
-        _, below = bands.group.halo(x[..., :1, :], x[..., :0, :])  # nothing goes down: an empty message is skipped
-        return torch.cat([x, x.new_zeros((*x.shape[:-2], 1, x.shape[-1])) if below is None else below], dim=-2)
+        x = torch.cat([x, _next_line(x[..., :1], -1, bands)], dim=-1)
+        return torch.cat([x, _next_line(x[..., :1, :], -2, bands)], dim=-2)
 
     pad.forward = forward
 
 
+def _next_line(first, dim: int, bands: _Bands):
+    """The first row (dim -2) or column (dim -1) of the tile below (on the right), given this tile's `first`,
+    which goes up (left); zeros at the image's edge, and for columns on bands of rows."""
+    group = bands.group
+    if dim == -1 and bands.columns == 1:
+        return torch.zeros_like(first)
+    swap = group.halo if dim == -2 else group.halo_columns
+    _, after = swap(first, first.narrow(dim, 0, 0))  # nothing goes down (right): an empty message is skipped
+    return torch.zeros_like(first) if after is None else after
+
+
 def _wrap_halving_conv(conv, bands: _Bands) -> None:
-    """A padded downsample's convolution on a band: the zero row its module padded below the band becomes the
-    first row of the band below (it stays zero at the image's bottom edge). The band's rows must be even."""
+    """A padded downsample's convolution on a tile: the zero column its module padded right of the tile becomes
+    the first column of the tile on the right, then the zero row below the first row of the tile below (both stay
+    zero at the image's edge). The tile's rows (and, in a grid, columns) must be even."""
     original = conv.forward
 
     def forward(x, *args, **kwargs):
         if bands.whole:
             return original(x, *args, **kwargs)
-        if (x.shape[-2] - 1) % 2:
-            raise ValueError(f"a band of {x.shape[-2] - 1} rows cannot be halved exactly: bands must start at "
-                             "rows the encoder's downsampling divides")
-        _, below = bands.group.halo(x[..., :1, :], x[..., :0, :])  # nothing goes down: an empty message is skipped
-        if below is not None:
-            x = torch.cat([x[..., :-1, :], below], dim=-2)
-        return original(x, *args, **kwargs)
+        for dim, lines, parts in DIMENSIONS[:1 if bands.columns == 1 else 2]:
+            if (x.shape[dim] - 1) % 2:
+                raise ValueError(f"a {parts[:-1]} of {x.shape[dim] - 1} {lines} cannot be halved exactly: {parts} must "
+                                 f"start at {lines} the encoder's downsampling divides")
+        x = torch.cat([x[..., :-1], _next_line(x[..., :1], -1, bands)], dim=-1) if bands.columns > 1 else x
+        return original(torch.cat([x[..., :-1, :], _next_line(x[..., :1, :], -2, bands)], dim=-2), *args, **kwargs)
 
     conv.forward = forward
 
 
 def _wrap_causal_conv(conv, bands: _Bands) -> None:
     """A causal 3D convolution (it prepends the frames of the chunk before, `cache_x`, or a list's entry, and pads
-    its frames itself): the input and the cached frames each take their rows from the neighbours' bands. It runs
-    on the band as written, then the rows at an inner edge are recomputed with no row padding (`_fix_edges`); on
-    a band under twice its halo, on the band joined to its halos. Both forms are met: the row padding in an
-    explicit `_padding` tuple (diffusers, ComfyUI v0.8) or in the convolution's `padding` (ComfyUI v0.24)."""
+    its frames itself): the input and the cached frames each take their halos from the neighbours' tiles, and it
+    runs as `vae_halos.exact` says. Both forms are met: the padding in an explicit `_padding` tuple (diffusers,
+    ComfyUI v0.8) or in the convolution's `padding` (ComfyUI v0.24)."""
     original = conv.forward
-    explicit = isinstance(conv._padding, tuple)
-    rows = conv._padding[2] if explicit else conv.padding[-2]
-
-    def unpadded(x, cache_x=None):
-        saved = conv._padding, conv.padding
-        if explicit:
-            conv._padding = (*saved[0][:2], 0, 0, *saved[0][4:])
-        else:
-            conv.padding = (*saved[1][:-2], 0, saved[1][-1])
-        try:
-            return original(x, cache_x)
-        finally:
-            conv._padding, conv.padding = saved
+    (rows, _), (columns, _) = halos(conv)
 
     def forward(x, *args, **kwargs):
         if bands.whole:
@@ -365,131 +394,103 @@ def _wrap_causal_conv(conv, bands: _Bands) -> None:
             index = args[2] if len(args) > 2 else kwargs.get("cache_idx")
             cache_x, cache_list[index] = cache_list[index], None
         inputs = (x,) if cache_x is None else (x, cache_x.to(x.device))
-        halos = [_neighbours_rows(t, rows, rows, bands) for t in inputs]
-        if x.shape[-2] >= 2 * rows:
-            return _fix_edges(original(*inputs), inputs, *zip(*halos), rows, unpadded)
-        return unpadded(*(_joined(t, upper, lower, rows) for t, (upper, lower) in zip(inputs, halos)))
+        around = [vae_halos.neighbours(t, (rows, rows), (columns, columns), bands.group) for t in inputs]
+        return vae_halos.exact(original, inputs, around, (rows, columns))
 
     conv.forward = forward
 
 
-def _neighbours_rows(x, above: int, below: int, bands: _Bands, stride: int = 1):
-    """(the last `above` rows of the band above, the first `below` rows of the band below; None at the image's
-    edge). A band with a band below must hold whole strides (bands start at multiples of the stride)."""
-    if x.shape[-2] < max(above, below):
-        raise ValueError(f"a band of {x.shape[-2]} rows cannot give its neighbours the {max(above, below)} rows a "
-                         "convolution needs: use fewer devices for this image")
-    if x.shape[-2] % stride and bands.group.index < bands.group.degree - 1:
-        raise ValueError(f"a band of {x.shape[-2]} rows cannot be divided by a stride of {stride} exactly: bands "
-                         "must start at rows the encoder's downsampling divides")
-    # the band above takes this band's first rows (its rows below), the band below this band's last rows
-    return bands.group.halo(x[..., :below, :], x[..., x.shape[-2] - above:, :])
-
-
-def _joined(x, upper, lower, edge_rows: int):
-    """`x` between its halos; `edge_rows` zero rows in place of a halo at the image's edge."""
-    edge = x.new_zeros((*x.shape[:-2], edge_rows, x.shape[-1]))
-    return torch.cat([edge if upper is None else upper, x, edge if lower is None else lower], dim=-2)
-
-
 def _wrap_conv(conv, bands: _Bands) -> None:
-    """The convolution pads only its columns (and frames); its rows come from the neighbours' bands, and it pads
-    them (zeros, or its 'replicate' or 'reflect' `padding_mode`) only at the image's edge. Strided over rows, it
-    takes the rows `_halo_rows` counts. Of stride 1 on a band of at least twice its halo, it runs on the band as
-    written and then recomputes the rows at an inner edge from the halo and the band's first or last rows
-    (`_fix_edges`): no copy of the band is made."""
-    original, whole_padding = conv.forward, tuple(conv.padding)
-    stride = conv.stride[-2]
-    above, below = _halo_rows(conv.kernel_size[-2], stride, whole_padding[-2])
-    unpadded = functools.partial(_without_row_padding, conv, original)
+    """The convolution takes its rows and columns from the neighbours' tiles and pads them (zeros, or its
+    'replicate' or 'reflect' `padding_mode`) only at the image's edge; its frames as written. Of stride 1 it runs
+    as `vae_halos.exact` says (no copy of the tile); strided, on the tile joined to the halos `halos` counts."""
+    original = conv.forward
+    needs, stride = halos(conv), (conv.stride[-2], conv.stride[-1])
+    padding = (conv.padding[-2], conv.padding[-1])
 
     def forward(x, *args, **kwargs):
         if bands.whole:
             return original(x, *args, **kwargs)
-        upper, lower = _neighbours_rows(x, above, below, bands, stride)
-        if stride == 1 and x.shape[-2] >= 2 * above:
-            return _fix_edges(original(x, *args, **kwargs), (x,), (upper,), (lower,), above,
-                              lambda t: unpadded(t, *args, **kwargs))
-        if conv.padding_mode == "zeros":
-            return unpadded(_joined(x, upper, lower, above), *args, **kwargs)
-        return unpadded(torch.cat([t for t in (upper, x, lower) if t is not None], dim=-2), *args,
-                        top=upper is None, bottom=lower is None, **kwargs)
+        around = vae_halos.neighbours(x, *needs, bands.group, stride)
+        if stride == (1, 1):
+            return vae_halos.exact(lambda t: original(t, *args, **kwargs), (x,), [around], padding)
+        return vae_halos.padded_at_edges(conv, original, x, around, *args, **kwargs)
 
     conv.forward = forward
 
 
-def _without_row_padding(conv, original, x, *args, top: bool = False, bottom: bool = False, **kwargs):
-    """`original` (conv's forward) on `x` with no row padding, but at the image's `top` or `bottom` edge where
-    a padding mode other than zeros pads rows itself."""
-    padding, modes = conv.padding, conv._reversed_padding_repeated_twice
-    if conv.padding_mode == "zeros":
-        conv.padding = (*padding[:-2], 0, padding[-1])
-    else:  # (columns, columns, rows, rows, ...): what the padding mode pads
-        conv._reversed_padding_repeated_twice = [*modes[:2], modes[2] if top else 0, modes[3] if bottom else 0,
-                                                 *modes[4:]]
-    try:
-        return original(x, *args, **kwargs)
-    finally:
-        conv.padding, conv._reversed_padding_repeated_twice = padding, modes
-
-
-def _fix_edges(out, inputs: tuple, uppers: tuple, lowers: tuple, rows: int, unpadded):
-    """`out`, a stride-1 convolution's output on the band padded at its own edges, with its first and last `rows`
-    rows recomputed where a neighbour's band lies beyond them: `unpadded(*slabs)` on each input's halo joined to
-    its first (last) 2 x `rows` rows gives those rows exactly. inputs, uppers, lowers: the convolution's inputs
-    (a causal one's: the chunk and its cached frames) and their halos (None at the image's edge)."""
-    if uppers[0] is not None:
-        out[..., :rows, :] = unpadded(*(torch.cat([u, t[..., :2 * rows, :]], dim=-2) for u, t in zip(uppers, inputs)))
-    if lowers[0] is not None:
-        out[..., -rows:, :] = unpadded(*(torch.cat([t[..., -2 * rows:, :], d], dim=-2) for d, t in zip(lowers, inputs)))
-    return out
-
-
 def _wrap_self_padding(layer, bands: _Bands) -> None:
     """A convolution that pads its input itself (in its `pad_mode`: HunyuanVideo's replicates) and then runs
-    unpadded: its rows come from the neighbours' bands, and it pads rows only at the image's edge (columns and
-    frames as written). Padding is per dimension, so joining the rows first gives the whole's padded values."""
+    unpadded: its rows and columns come from the neighbours' tiles, and it pads them only at the image's edge
+    (frames as written). Padding is per dimension, so joining the halos first gives the whole's padded values."""
     conv, padding = layer.conv, tuple(layer.time_causal_padding)
-    stride = conv.stride[-2]
-    above, below = _halo_rows(conv.kernel_size[-2], stride, padding[2])
+    needs, stride = halos(layer), (conv.stride[-2], conv.stride[-1])
     original = layer.forward
 
     def forward(x):
         if bands.whole:
             return original(x)
-        upper, lower = _neighbours_rows(x, above, below, bands, stride)
-        x = torch.cat([t for t in (upper, x, lower) if t is not None], dim=-2)
-        pad = (*padding[:2], 0 if upper is not None else padding[2], 0 if lower is not None else padding[3],
-               *padding[4:])
-        return conv(F.pad(x, pad, mode=layer.pad_mode))
+        around = vae_halos.neighbours(x, *needs, bands.group, stride)
+        return conv(F.pad(vae_halos.slab(x, *around), vae_halos.edge_padding(padding, around), mode=layer.pad_mode))
 
     layer.forward = forward
 
 
 def _wrap_caller_padded(layer, bands: _Bands) -> None:
-    """A convolution whose caller padded the band (CarriedConv3d): the padded row above (below) the band becomes
-    the last (first) row of the band above (below), padded as that band's caller padded it, which is what the
-    whole image's padding holds there (replicate padding is per dimension: its frames and columns match). The
-    padded input is the caller's own tensor (a new one at every call), so its rows are replaced in place."""
-    rows, stride = CALLER_PADDED_ROWS, layer.conv.stride[-2]
-    above, below = _halo_rows(layer.conv.kernel_size[-2], stride, rows)
+    """A convolution whose caller padded the tile (CarriedConv3d) by one replicated line at each side: a padded
+    column at an inner edge becomes the neighbour's last (first) column, then a padded row at an inner edge the
+    row of the tile above (below) joined to that tile's own column halos, corners included; where the tile meets
+    the image's edge the padded lines are replicated again from their new values. That is what the whole image's
+    padding holds there (replicate padding is per dimension: its frames match). The padded input is the
+    caller's own tensor (a new one at every call), so its lines are replaced in place."""
+    pad, conv = CALLER_PADDED_ROWS, layer.conv
+    (above, below), (before, after) = halos(layer)
+    stride = (conv.stride[-2], conv.stride[-1])
     original = layer.forward
 
     def forward(x):
         if bands.whole:
             return original(x)
-        if not (torch.equal(x[..., :rows, :], x[..., rows:2 * rows, :])
-                and torch.equal(x[..., -rows:, :], x[..., -2 * rows:-rows, :])):
-            raise RuntimeError(f"a {type(layer).__name__}'s input is not padded by {rows} replicated row above and "
-                               "below, as ComfyUI's conv_carry_causal_3d pads it: this VAE cannot be split into bands")
-        upper, lower = _neighbours_rows(x[..., rows:x.shape[-2] - rows, :], above, below, bands, stride)
-        if upper is not None:
-            x[..., :rows, :] = upper
-        if lower is not None and below:  # a strided one never reads the padded row below
-            x[..., x.shape[-2] - rows:, :] = lower
+        across = bands.columns > 1
+        _check_padded(layer, x, -2)
+        if across:
+            _check_padded(layer, x, -1)
+        inner = x[..., pad:x.shape[-2] - pad, pad:x.shape[-1] - pad] if across else x[..., pad:x.shape[-2] - pad, :]
+        left, right, upper, lower = vae_halos.neighbours(inner, (above, below), (before, after) if across else (0, 0),
+                                                         bands.group, stride)
+        rows = slice(pad, x.shape[-2] - pad)
+        if left is not None:
+            x[..., rows, :pad] = left
+        if right is not None and after:  # a strided one never reads the padded line below (on the right)
+            x[..., rows, x.shape[-1] - pad:] = right
+        first = pad if across and left is None else 0  # the columns a halo row from a neighbour covers
+        last = x.shape[-1] - (pad if across and (right is None or not after) else 0)
+        end = x.shape[-2] - pad
+        for halo, lines, edge in ((upper, slice(0, pad), slice(pad, pad + 1)),
+                                  (lower if below else None, slice(end, None), slice(end - 1, end))):
+            if halo is None:
+                if across:  # the image's top (bottom) edge: the padded row replicated from the new columns too
+                    x[..., lines, :] = x[..., edge, :]
+                continue
+            x[..., lines, first:last] = halo
+            if first:  # the image's left (right) edge: its corner replicated from the new row
+                x[..., lines, :first] = x[..., lines, first:first + 1]
+            if last < x.shape[-1]:
+                x[..., lines, last:] = x[..., lines, last - 1:last]
         return original(x)
 
     layer.forward = forward
+
+
+def _check_padded(layer, x, dim: int) -> None:
+    """RuntimeError unless `x` is padded along `dim` by one replicated line at each side, as ComfyUI's
+    conv_carry_causal_3d pads a CarriedConv3d's input (else its lines would be overwritten)."""
+    pad, size = CALLER_PADDED_ROWS, x.shape[dim]
+    if not (torch.equal(x.narrow(dim, 0, pad), x.narrow(dim, pad, pad))
+            and torch.equal(x.narrow(dim, size - pad, pad), x.narrow(dim, size - 2 * pad, pad))):
+        lines = "row above and below" if dim == -2 else "column left and right"
+        raise RuntimeError(f"a {type(layer).__name__}'s input is not padded by {pad} replicated {lines}, as "
+                           "ComfyUI's conv_carry_causal_3d pads it: this VAE cannot be split into bands")
 
 
 def _wrap_group_norm(norm: nn.GroupNorm, bands: _Bands) -> None:
@@ -547,43 +548,60 @@ def _combined_moments(moments: torch.Tensor, group) -> tuple[torch.Tensor, torch
 
 
 def _wrap_whole(block: nn.Module, bands: _Bands) -> None:
-    """The block runs on the whole image (its input's bands gathered), and hands on this band's rows."""
+    """The block runs on the whole image (its input's tiles gathered), and hands on this tile's rows and columns."""
     original = block.forward
 
     def forward(x, *args, **kwargs):
         if bands.whole:
             return original(x, *args, **kwargs)
-        whole, first = bands.group.gather_rows(x)
+        if bands.columns > 1:
+            whole, row, column = bands.group.gather_tiles(x)
+        else:
+            (whole, row), column = bands.group.gather_rows(x), 0
         bands.whole += 1
         try:
             out = original(whole, *args, **kwargs)
         finally:
             bands.whole -= 1
-        return out[..., first:first + x.shape[-2], :]
+        return out[..., row:row + x.shape[-2], column:column + x.shape[-1]]
 
     block.forward = forward
 
 
 class PeerBands:
-    """Bands over torch.distributed: the ranks `peers` (global ranks; this one is peers[index]) in image order,
-    each exchanging halos with the bands above and below it. Messages pair in issue order (NCCL): every rank
-    posts the same exchanges in the same order, as the network's layers run."""
+    """Tiles over torch.distributed: the ranks `peers` (global ranks; this one is peers[index]) in image order, row
+    by row, `columns` tiles across (1: bands of rows), each exchanging halos with the tiles above, below and (in a
+    grid) on its left and right. Messages pair in issue order (NCCL): every rank posts the same exchanges in the
+    same order, as the network's layers run."""
 
-    def __init__(self, peers: tuple[int, ...], index: int, device):
+    def __init__(self, peers: tuple[int, ...], index: int, device, columns: int = 1):
         self.peers, self.index, self.degree, self.device = tuple(peers), index, len(peers), torch.device(device)
+        self.columns = columns
         self.bytes = 0
 
     def halo(self, top: torch.Tensor, bottom: torch.Tensor):
-        up = self.peers[self.index - 1] if self.index > 0 else None
-        down = self.peers[self.index + 1] if self.index < self.degree - 1 else None
-        sends = [(peer, t) for peer, t in ((up, top), (down, bottom)) if peer is not None]
-        # the band above sends down its bottom rows (shaped as this band's bottom), the band below its top rows
-        receives = [(peer, tuple(t.shape), t.dtype) for peer, t in ((up, bottom), (down, top)) if peer is not None]
+        """(the rows the tile above sends down, those the tile below sends up); `top` goes up, `bottom` down."""
+        up = self.index - self.columns if self.index >= self.columns else None
+        down = self.index + self.columns if self.index + self.columns < self.degree else None
+        return self._swap(up, down, top, bottom)
+
+    def halo_columns(self, left: torch.Tensor, right: torch.Tensor):
+        """(the columns the tile on the left sends, those the tile on the right sends); `left` goes left."""
+        at = self.index % self.columns
+        return self._swap(self.index - 1 if at > 0 else None, self.index + 1 if at < self.columns - 1 else None,
+                          left, right)
+
+    def _swap(self, before, after, first: torch.Tensor, last: torch.Tensor):
+        """`first` to tile `before`, `last` to tile `after` (None: no tile there); what each sends back."""
+        before, after = (None if t is None else self.peers[t] for t in (before, after))
+        sends = [(peer, t) for peer, t in ((before, first), (after, last)) if peer is not None]
+        # the tile before sends its last lines (shaped as this tile's last), the tile after its first lines
+        receives = [(peer, tuple(t.shape), t.dtype) for peer, t in ((before, last), (after, first)) if peer is not None]
         buffers, handles = primitives.exchange(sends, receives, self.device)
         primitives.wait_all(handles)
         self.bytes += sum(t.numel() * t.element_size() for _, t in sends)
         received = iter(buffers)
-        return (next(received) if up is not None else None), (next(received) if down is not None else None)
+        return (next(received) if before is not None else None), (next(received) if after is not None else None)
 
     def sum(self, tensor: torch.Tensor) -> torch.Tensor:
         every = self._all_gather(tensor.contiguous().reshape(-1))
@@ -593,13 +611,22 @@ class PeerBands:
         return out.reshape(tensor.shape)
 
     def gather_rows(self, band: torch.Tensor) -> tuple[torch.Tensor, int]:
-        heights = self._all_gather(torch.tensor([band.shape[-2]], dtype=torch.int64, device=self.device))
-        heights = [int(h) for h in heights]
-        width = max(heights)
-        padded = band if band.shape[-2] == width else F.pad(band, (0, 0, 0, width - band.shape[-2]))
+        whole, row, _ = self.gather_tiles(band)
+        return whole, row
+
+    def gather_tiles(self, tile: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+        """(the whole image joined from every tile, this tile's first row and first column in it)."""
+        shapes = self._all_gather(torch.tensor(tile.shape[-2:] if self.columns > 1 else tile.shape[-2:-1],
+                                               dtype=torch.int64, device=self.device))
+        shapes = [(int(s[0]), int(s[-1]) if self.columns > 1 else tile.shape[-1]) for s in shapes]
+        height, width = max(h for h, _ in shapes), max(w for _, w in shapes)
+        padded = F.pad(tile, (0, width - tile.shape[-1], 0, height - tile.shape[-2]))
         pieces = self._all_gather(padded.contiguous().reshape(-1))
-        rows = [piece.reshape(padded.shape)[..., :h, :] for piece, h in zip(pieces, heights)]
-        return torch.cat(rows, dim=-2), sum(heights[:self.index])
+        tiles = [piece.reshape(padded.shape)[..., :h, :w] for piece, (h, w) in zip(pieces, shapes)]
+        lines = [torch.cat(tiles[i:i + self.columns], dim=-1) for i in range(0, self.degree, self.columns)]
+        at = self.index - self.index % self.columns
+        return (torch.cat(lines, dim=-2), sum(shapes[i][0] for i in range(self.index % self.columns, at, self.columns)),
+                sum(w for _, w in shapes[at:self.index]))
 
     def _all_gather(self, flat: torch.Tensor) -> list[torch.Tensor]:
         whole = primitives.finish_all_gather(primitives.start_all_gather(flat, list(self.peers), self.index,

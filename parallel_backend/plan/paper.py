@@ -413,7 +413,7 @@ def smallest_fit(name: str, gpu: str, link: str, most: int) -> tuple[int, Choice
 @dataclass(frozen=True)
 class VaeScenario:
     """A full-size VAE decoding one image or clip (built on meta by `build`, a function of paper_models), predicted
-    in bands of rows (plan/vae_costs.py) on 1 to 4 of each hardware's GPUs."""
+    in bands of rows, or a grid of tiles on 4 (plan/vae_costs.py), on 1 to 4 of each hardware's GPUs."""
 
     name: str
     title: str

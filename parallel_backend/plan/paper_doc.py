@@ -426,7 +426,8 @@ H20_BF16_FLOPS = 148e12
 
 
 def _vae_row(gpu: str, link: str, p) -> str:
-    return (f"| {gpu} | {link} | {p.devices} | {p.seconds:,.3f} | {p.speedup:.2f}x | {_gib(p.memory_bytes)} "
+    devices = p.devices if p.grid[1] == 1 else f"{p.devices} (grid {p.grid[0]}x{p.grid[1]})"
+    return (f"| {gpu} | {link} | {devices} | {p.seconds:,.3f} | {p.speedup:.2f}x | {_gib(p.memory_bytes)} "
             f"({_gib(p.weight_bytes)} + {_gib(p.activation_bytes)}) | {1000 * p.exchange_seconds:,.1f} "
             f"| {p.peer_bytes / MIB:,.1f} |")
 
@@ -454,12 +455,14 @@ def vae_model_lines(name: str) -> list[str]:
 
 def vae_section() -> list[str]:
     wan, _ = count_vae("wan-vae-720p") if "wan-vae-720p" in VAE_SCENARIOS else (None, 0)
-    out = ["## VAE decode in bands of rows (issue 29)", "",
-           "**Predictions, not measurements.** Each device decodes a band of the latent's rows through the whole "
-           "VAE (`models/vae_bands.py`): every padded convolution first takes its edge rows (the halo) from the "
-           "neighbouring bands, every GroupNorm sums its statistics over the bands, and an attention block "
-           "gathers its whole input and runs whole on every rank. Predicted time (`plan/vae_costs.py`) = the "
-           "largest band's share of the FLOPs outside the attention + the attention's FLOPs whole + every halo "
+    out = ["## VAE decode in bands of rows, or a grid of tiles on 4 devices (issue 29)", "",
+           "**Predictions, not measurements.** Each device decodes a band of the latent's rows (on 4 devices a tile "
+           "of a grid of rows x columns, `models/vae_grid.py`: the grid that moves the fewest halo bytes) through "
+           "the whole VAE (`models/vae_bands.py`): every padded convolution first takes its edge rows and columns "
+           "(the halo, corners included) from the neighbouring tiles, every GroupNorm sums its statistics over the "
+           "tiles, and an attention block gathers its whole input and runs whole on every rank. Predicted time "
+           "(`plan/vae_costs.py`) = the largest tile's share of the FLOPs outside the attention + the attention's "
+           "FLOPs whole + every halo "
            "exchange, exposed + a link latency per message of every small collective + the host's transfers and "
            f"per-call overhead; one device's time: counted FLOPs at {EFFICIENCY['vae']:g} of the GPU's peak "
            "(`plan/paper.py` EFFICIENCY). GiB per device: the weights (whole on every device) + the activations "

@@ -21,7 +21,7 @@ from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
 from torch.utils.weak import WeakIdKeyDictionary
 
-from ..models import vae_bands, vae_families
+from ..models import vae_bands, vae_families, vae_grid
 from .links import Link
 from .vae_costs import F64, VaeDecode, predict_decode
 
@@ -88,16 +88,18 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def _edge(conv, args, kwargs) -> tuple[int, int]:
-    """(bytes of one band edge's rows, neighbours they go to) of one call of a convolution vae_bands wraps."""
+def _tile(conv, args, kwargs) -> tuple:
+    """One call of a convolution vae_bands wraps, as VaeDecode.tiles counts it: (bytes of its input, and of the
+    cached frames a causal 3D convolution joins first, per row and column position; rows; columns; (rows from
+    above, from below); (columns from the left, from the right))."""
     x = args[0]
     pads = getattr(conv, "_padding", None)
+    joined = [x]
     if isinstance(pads, tuple):  # a causal 3D convolution: the cached frames join its input first
         cache = args[1] if len(args) > 1 else kwargs.get("cache_x")
         joined = [x, cache] if isinstance(cache, torch.Tensor) and pads[4] > 0 else [x]
-        return sum(pads[2] * _nbytes(t) // t.shape[-2] for t in joined), 2
-    above, below = vae_bands.halo_rows(conv)  # an encoder's halving downsample: one row up, none down
-    return max(above, below) * _nbytes(x) // x.shape[-2], (above > 0) + (below > 0)
+    rows, columns = x.shape[-2], x.shape[-1]
+    return (sum(_nbytes(t) for t in joined) // (rows * columns), rows, columns, *vae_bands.halos(conv))
 
 
 def count_decode(vae, latent: torch.Tensor) -> VaeDecode:
@@ -113,7 +115,7 @@ def count_decode(vae, latent: torch.Tensor) -> VaeDecode:
     started = []
 
     def on_conv(conv, args, kwargs):
-        halos.append(_edge(conv, args, kwargs))
+        halos.append(_tile(conv, args, kwargs))
 
     def on_norm(norm, args):
         norm_bytes.append(args[0].shape[0] * norm.num_groups * F64)
@@ -138,9 +140,11 @@ def count_decode(vae, latent: torch.Tensor) -> VaeDecode:
         for handle in handles:
             handle.remove()
     weights = sum(_nbytes(t) for t in (*vae.parameters(), *vae.buffers()))
-    return VaeDecode(counter.get_total_flops(), whole_flops[0], latent.shape[-2], tuple(halos), tuple(norm_bytes),
+    edges = tuple((max(above) * position * columns, sum(n > 0 for n in above))
+                  for position, _, columns, above, _ in halos)  # one band edge's bytes, to how many neighbours
+    return VaeDecode(counter.get_total_flops(), whole_flops[0], latent.shape[-2], edges, tuple(norm_bytes),
                      tuple(inputs), weights, live.peak, live.block_entry,
-                     live.block_peak, _nbytes(latent), _nbytes(image))
+                     live.block_peak, _nbytes(latent), _nbytes(image), latent.shape[-1], tuple(halos))
 
 
 def measure_bench_vae(name: str, resolution: tuple[int, int], device, frames: int | None = None,
@@ -226,7 +230,8 @@ def plan_vae_line(name: str, resolution: tuple[int, int], frames: int | None, de
         return f"VAE decode: not predicted: {exc}", {"why_not": str(exc)}
     one = predict_decode(decode, seconds, link, 1)
     on = f", {threads} thread(s)" if threads else ""
-    line = (f"VAE decode in bands of rows (a prediction): one device {seconds:.3f} s (timed once here{on}), "
+    line = (f"VAE decode in {vae_grid.words(split.grid)} (a prediction): one device {seconds:.3f} s "
+            f"(timed once here{on}), "
             f"{one.memory_bytes / 2**30:.3f} GiB; {n} devices {split.seconds:.3f} s ({split.speedup:.2f}x), "
             f"{split.memory_bytes / 2**30:.3f} GiB per device, {split.peer_bytes / 2**20:.2f} MiB between devices; "
             f"the whole attention {100 * decode.whole_flops / decode.flops:.1f} % of the FLOPs, "
