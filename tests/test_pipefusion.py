@@ -60,9 +60,10 @@ def test_the_strategy_names_the_families_dit_stages_describes():
     pipefusion = strategies.get("pipefusion")
     pipefusion.check_family("diffusers_dit:flux")
     pipefusion.check_family("comfy_dit:flux")
-    for family in ("diffusers_dit:qwen_image", "diffusers_unet", "comfy_dit:wan", "comfy_unet"):
+    pipefusion.check_family("comfy_dit:wan")
+    for family in ("diffusers_dit:qwen_image", "diffusers_unet", "comfy_dit:qwen_image", "comfy_unet"):
         with pytest.raises(ValueError, match="pipefusion' cuts diffusers' Flux.1, Wan and SD3 transformers and "
-                                             "ComfyUI's Flux.1 / Flux.2 only"):
+                                             "ComfyUI's Flux.1 / Flux.2 and Wan 2.x only"):
             pipefusion.check_family(family)
 
 

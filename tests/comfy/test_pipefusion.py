@@ -15,7 +15,8 @@ import pytest
 
 STEPS = 4
 PSNR_FLOOR_DB = 30.0
-FAMILIES = {"flux": "Flux", "flux2": "Flux2"}  # family: the comfy.supported_models class it needs
+FAMILIES = {"flux": "Flux", "flux2": "Flux2", "wan21_t2v": "WAN21_T2V", "wan21_i2v": "WAN21_I2V"}  # family: the
+# comfy.supported_models class it needs
 
 
 @pytest.fixture(scope="module")
@@ -32,20 +33,25 @@ def fixture_families(comfy_server):
 
 def _tiny(fixture_nodes, family: str):
     """The tiny model of `family` as the fixture node builds it (seeded), and a call of it: two rows, odd latent
-    sides (padded to the patch), the family's guidance and pooled vector."""
+    sides (padded to the patch), Flux's guidance and pooled vector, Wan i2v's image channels and CLIP tokens."""
     import torch
 
     from parallel_backend.runtime.calls import ModelCall
 
     families = fixture_nodes.families
     model = families.fill_buffers(fixture_nodes._seeded(families.model_config(family).get_model({}), 5), 5)
-    (channels, _, height, width), (text_width, pooled, _) = families.FAMILIES[family][3], families.FAMILIES[family][2]
+    (channels, frames, height, width), (text_width, pooled, _) = families.FAMILIES[family][3], families.FAMILIES[family][2]
     generator = torch.Generator().manual_seed(0)
-    extras = {"transformer_options": {}, "guidance": torch.tensor([3.5, 3.5])}
+    extras = {"transformer_options": {}}
+    if family.startswith("flux"):
+        extras["guidance"] = torch.tensor([3.5, 3.5])
     if pooled:
         extras["y"] = torch.randn(2, pooled, generator=generator)
-    call = ModelCall(torch.randn(2, channels, height + 1, width + 1, generator=generator), torch.tensor([0.7, 0.7]),
-                     torch.randn(2, families.TOKENS, text_width, generator=generator), extras, job=1, stream=("s",))
+    if family == "wan21_i2v":
+        channels, extras["clip_fea"] = 36, torch.randn(2, 257, 1280, generator=generator)
+    x = torch.randn(2, channels, *((frames,) if frames else ()), height + 1, width + 1, generator=generator)
+    call = ModelCall(x, torch.tensor([0.7, 0.7]), torch.randn(2, families.TOKENS, text_width, generator=generator),
+                     extras, job=1, stream=("s",))
     return model.diffusion_model, call
 
 
@@ -83,7 +89,7 @@ def test_a_patched_call_on_unchanged_inputs_equals_the_models_forward(fixture_fa
 
     import torch
 
-    from parallel_backend.models.comfy_dit import forward
+    from parallel_backend.models.comfy_dit import forward, recognise
     from parallel_backend.strategies.asyncdiff.messages import StagePlan
     from parallel_backend.strategies.pipefusion.messages import PipeCall, PlaceBlocks
     from parallel_backend.strategies.pipefusion.runner import PipeRunner
@@ -93,9 +99,9 @@ def test_a_patched_call_on_unchanged_inputs_equals_the_models_forward(fixture_fa
     model, call = _tiny(fixture_families, family)
     with torch.inference_mode():
         reference = forward(model, call)
-    runner = PipeRunner(model, "comfy_dit:flux", torch.device("cpu"))
+    runner = PipeRunner(model, recognise(model).wire, torch.device("cpu"))
     runner.setup(PlaceBlocks("tiny", StagePlan(0, 1, (), None, None, 0, 1, False, ())))
-    for patches in (1, 3, 5, 25, 2):
+    for patches in (1, 3, 5, 25, 2):  # 25: one token of a 5 x 5 Flux image, or of 3 x 5 x 5 Wan video tokens
         out = runner.call(PipeCall("tiny", call, patches)).out
         torch.testing.assert_close(out, reference, atol=1e-5, rtol=1e-5, msg=f"{patches} patches")
     changed = replace(call, x=0.9 * call.x)  # stale keys and values now: close, not equal
@@ -127,10 +133,11 @@ def test_each_stage_holds_only_its_blocks_weights(comfy_server, comfy, host_fami
     assert sum(held) >= whole_weights_bytes  # every block is held by one stage (the shared embedders by both)
 
 
-def test_after_warm_up_the_patches_are_stale_within_the_psnr_floor(comfy_server, comfy, host_families):
+@pytest.mark.parametrize("family", ["flux", "wan21_t2v"])
+def test_after_warm_up_the_patches_are_stale_within_the_psnr_floor(comfy_server, comfy, host_families, family):
     from parallel_backend.engine.oracle import psnr
 
-    stock, tandem = _pair(comfy_server, comfy, host_families, "pipefusion_stale", warmup=1)
+    stock, tandem = _pair(comfy_server, comfy, host_families, f"pipefusion_stale_{family}", family, warmup=1)
     assert (tandem - stock).abs().max() > comfy.RTOL_OF_SCALE * stock.abs().max()  # stale values were used
     assert psnr(stock, tandem) >= PSNR_FLOOR_DB, psnr(stock, tandem)
     _ran_two_stages(comfy_server)
@@ -186,10 +193,22 @@ def test_a_call_a_split_by_tokens_cannot_take_is_refused_by_name(comfy_server, c
 
 
 def test_a_dit_pipefusion_does_not_cut_is_refused_before_any_work(comfy_server, comfy, host_families):
-    if "wan21_t2v" not in host_families:
-        pytest.skip("this ComfyUI has no comfy.supported_models.WAN21_T2V (wan21_t2v)")
-    result = comfy_server.run(comfy.family_workflow("TandemKSampler", "pipefusion_wan_refused", "pipefusion",
-                                                    family="wan21_t2v", cfg=1.0, steps=STEPS))
+    if "qwen_image" not in host_families:
+        pytest.skip("this ComfyUI has no comfy.supported_models.QwenImage (qwen_image)")
+    result = comfy_server.run(comfy.family_workflow("TandemKSampler", "pipefusion_qwen_refused", "pipefusion",
+                                                    family="qwen_image", cfg=1.0, steps=STEPS))
     errors = [m[1] for m in result["status"]["messages"] if m[0] == "execution_error"]
     assert result["status"]["status_str"] == "error" and errors, result["status"]
     assert "strategy 'pipefusion' cuts diffusers' Flux.1" in errors[0]["exception_message"], errors[0]
+
+
+def test_wan22_per_frame_timesteps_are_refused_by_name(comfy_server, comfy, host_families):
+    """Wan 2.2 5B under a noise mask (image to video) modulates each frame's tokens with its own timestep, which a
+    patch of the tokens cannot take: the run fails on its first call, naming them."""
+    if "wan22_5b" not in host_families:
+        pytest.skip("this ComfyUI has no comfy.supported_models.WAN22_T2V (wan22_5b)")
+    result = comfy_server.run(comfy.family_workflow("TandemKSampler", "pipefusion_wan22_refused", "pipefusion",
+                                                    family="wan22_5b", cfg=1.0, steps=STEPS, noise_mask=True))
+    errors = [m[1] for m in result["status"]["messages"] if m[0] == "execution_error"]
+    assert result["status"]["status_str"] == "error" and errors, result["status"]
+    assert "pipefusion does not run Wan 2.2's per-frame timesteps" in errors[0]["exception_message"], errors[0]
