@@ -61,9 +61,10 @@ def test_the_strategy_names_the_families_dit_stages_describes():
     pipefusion.check_family("diffusers_dit:flux")
     pipefusion.check_family("comfy_dit:flux")
     pipefusion.check_family("comfy_dit:wan")
-    for family in ("diffusers_dit:qwen_image", "diffusers_unet", "comfy_dit:qwen_image", "comfy_unet"):
+    pipefusion.check_family("comfy_dit:qwen_image")
+    for family in ("diffusers_dit:qwen_image", "diffusers_unet", "comfy_dit:sd3", "comfy_unet"):
         with pytest.raises(ValueError, match="pipefusion' cuts diffusers' Flux.1, Wan and SD3 transformers and "
-                                             "ComfyUI's Flux.1 / Flux.2 and Wan 2.x only"):
+                                             "ComfyUI's Flux.1 / Flux.2, Wan 2.x and Qwen-Image only"):
             pipefusion.check_family(family)
 
 

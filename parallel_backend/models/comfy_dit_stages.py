@@ -2,19 +2,21 @@
 dit_stages.py's contract, on the host's own model object through its attribute names (nothing here imports
 ComfyUI; the worker unpickled the model with the host's ComfyUI on its import path).
 
-Each family's model has a `_forward` that prepares the call (padding to the patch, the tokens' positions or rotary
-table, Flux's reference latents, the rope options) and hands the result to `forward_orig`; `forward_orig`
-stands in for the call's duration as sequence_hooks.py's method sites do: `_inputs` takes what it was handed,
-`finish` hands back the last stage's output for `_forward` to unpatchify and crop. In between, the blocks are
-the layers, ComfyUI's own modules called as `forward_orig` calls them, with the call's transformer_options and
-the attention override (comfy_sequence.attention_override) through which their token-mixing attentions (the
-family's row of sequence_splits.COMFY) reach pipefusion's keys and values.
+Each family's own `_forward` prepares the call and unpatchifies the output (comfy_forward.py: `inputs` stops it
+where it hands its inputs on, `forward_orig_as` hands it the last stage's output; Qwen-Image unpatchifies as its
+`_forward` does). In between, the blocks are the layers, ComfyUI's own modules called as its forward calls them,
+with the call's transformer_options and the attention override (comfy_sequence.attention_override) through
+which their token-mixing attentions (the family's row of sequence_splits.COMFY) reach pipefusion's keys and
+values.
 - Flux.1 / Flux.2 (comfy.ldm.flux.model.Flux): double stream then single stream blocks. A single stream block
   takes the text and image tokens joined, text first, as `forward_orig` joins them; a double stream block
   cannot take an empty text stream (its qkv view), so a patch after patch 0 gives it one zero token that joins
   no attention (the family's placeholder).
 - Wan 2.1 / 2.2 (comfy.ldm.wan.model.WanModel): one stream of video tokens; the cross-attention to the text (and
   CLIP image tokens) is ComfyUI's own, every stage embedding the text itself.
+- Qwen-Image (comfy.ldm.qwen_image.model.QwenImageTransformer2DModel): joint blocks, text first; like Flux's double
+  blocks they cannot take an empty text stream (the same placeholder). Every stage holds the embedders (a small
+  share of the weights) to run `_forward` up to the first block.
 What a patched call cannot take (the sequence split's refusals: ControlNet residuals, attention masks, reference
 latents on a zero timestep; model patches) the host refuses or runs on whole rows before any work
 (engine/pool_engine.py); the worker checks again (`refuse`), and refuses an input `forward_orig` is given that
@@ -24,66 +26,14 @@ the layers do not take (a VACE context, Wan's reference latent) or Wan 2.2's per
 from __future__ import annotations
 
 import sys
-from contextlib import contextmanager
 
 import torch
 
-from .comfy_dit import name_arguments
+from .comfy_forward import at_first_block, forward, forward_orig_as, inputs
 from .comfy_sequence import OVERRIDE, attention_override, patch_refusal, refusal
 from .dit_stages import PipeFamily
 from .sequence_splits import IMAGE, TEXT, VIDEO
 from .stages import Activations, Context
-
-
-class _Reached(Exception):
-    """Raised by the stand-in for forward_orig: the inputs `_forward` prepared, by name."""
-
-    def __init__(self, named: dict):
-        super().__init__("forward_orig reached")
-        self.named = named
-
-
-@contextmanager
-def _forward_orig_as(model, function):
-    """`model.forward_orig` is `function` while inside (an instance attribute over the method)."""
-    model.forward_orig = function
-    try:
-        yield
-    finally:
-        del model.forward_orig
-
-
-def _forward(model, call):
-    """The model's `_forward` on `call`'s inputs, as comfy_dit.forward calls the model (without its wrappers)."""
-    extras = dict(call.extras)
-    extras.setdefault("transformer_options", {})
-    return model._forward(call.x, call.t, context=call.context, **extras)
-
-
-def _inputs(model, call, takes: frozenset, label: str) -> dict:
-    """What `_forward` hands `forward_orig` for `call`, by name (Flux: img, img_ids, txt, txt_ids, timesteps, y,
-    ...). An input outside `takes` that is given (a ControlNet's residuals, a VACE context, a reference latent
-    of Wan's, what a later ComfyUI adds) raises: the family's layers would compute without it."""
-    original = model.forward_orig
-
-    def reached(*args, **kwargs):
-        raise _Reached(name_arguments(original, args, kwargs))
-
-    with _forward_orig_as(model, reached):
-        try:
-            _forward(model, call)
-        except _Reached as stop:
-            named = stop.named
-            extra = [name for name, value in named.items() if name not in takes and _given(value)]
-            if extra:
-                raise ValueError(f"pipefusion does not run {label} with {', '.join(sorted(extra))} (given to "
-                                 f"{type(model).__name__}.forward_orig); use cfg, batch or ulysses") from None
-            return named
-    raise RuntimeError(f"{type(model).__name__}._forward returned without calling forward_orig")
-
-
-def _given(value) -> bool:
-    return value is not None and not (isinstance(value, (list, tuple, dict)) and not value)
 
 
 # ---- Flux.1 / Flux.2: double stream then single stream blocks, text first in every attention ----
@@ -98,7 +48,7 @@ FLUX_TAKES = frozenset({"img", "img_ids", "txt", "txt_ids", "timesteps", "y", "g
 
 
 def _flux_inputs(model, call) -> dict:
-    return _inputs(model, call, FLUX_TAKES, "Flux")
+    return inputs(model, call, FLUX_TAKES, "Flux")
 
 
 def _flux_tokens(model, call) -> Activations:
@@ -131,26 +81,35 @@ def _flux_context(model, call) -> Context:
                                        "single": single, "options": options})
 
 
+def _text_or_stand_in(ctx: Context, acts: Activations) -> tuple:
+    """(text tokens, rotary table, stood in) for a joint block that cannot take an empty text stream: a patch
+    without text gives it one zero token (the family's placeholder: joins no attention, its output dropped) and
+    a text position's rotary row before its own."""
+    txt, pe = acts.skips[0], ctx.extra["rotary"][0]
+    if txt.shape[1]:
+        return txt, pe, False
+    return txt.new_zeros(txt.shape[0], 1, txt.shape[2]), torch.cat((ctx.extra["text_rotary"], pe), 2), True
+
+
 def _flux_run(block, ctx: Context, acts: Activations) -> None:
-    pe, options, txt = ctx.extra["rotary"][0], ctx.extra["options"], acts.skips[0]
+    options = ctx.extra["options"]
     if hasattr(block, "txt_attn"):  # a double stream block
-        if txt.shape[1]:
-            acts.h, acts.skips[0] = block(img=acts.h, txt=txt, vec=ctx.extra["double"], pe=pe, attn_mask=None,
-                                          transformer_options=options)
-            return
-        stand_in = txt.new_zeros(txt.shape[0], 1, txt.shape[2])  # the placeholder: joins no attention, dropped
-        acts.h, _ = block(img=acts.h, txt=stand_in, vec=ctx.extra["double"],
-                          pe=torch.cat((ctx.extra["text_rotary"], pe), 2), attn_mask=None, transformer_options=options)
+        txt, pe, stood_in = _text_or_stand_in(ctx, acts)
+        acts.h, txt = block(img=acts.h, txt=txt, vec=ctx.extra["double"], pe=pe, attn_mask=None,
+                            transformer_options=options)
+        if not stood_in:
+            acts.skips[0] = txt
         return
-    joined = block(torch.cat((txt, acts.h), 1), vec=ctx.extra["single"], pe=pe, attn_mask=None,
+    txt = acts.skips[0]  # a single stream block: [text, image] joined, as forward_orig joins them
+    joined = block(torch.cat((txt, acts.h), 1), vec=ctx.extra["single"], pe=ctx.extra["rotary"][0], attn_mask=None,
                    transformer_options=options)
     acts.skips[0], acts.h = joined[:, :txt.shape[1]], joined[:, txt.shape[1]:]
 
 
 def _flux_finish(model, call, ctx: Context, h: torch.Tensor) -> torch.Tensor:
     out = model.final_layer(h, ctx.temb)
-    with _forward_orig_as(model, lambda *args, **kwargs: out):  # `_forward` unpatchifies it and crops the padding
-        return _forward(model, call)
+    with forward_orig_as(model, lambda *args, **kwargs: out):  # `_forward` unpatchifies it and crops the padding
+        return forward(model, call)
 
 
 def _flux_counts(model, call) -> tuple[int, int]:
@@ -174,14 +133,13 @@ FLUX = PipeFamily(
     placeholder=("double_blocks.*",))
 
 
-
 # ---- Wan 2.1 / 2.2 (comfy.ldm.wan.model.WanModel): video self-attention, text (and CLIP image) cross-attention ----
 
 WAN_TAKES = frozenset({"x", "t", "context", "clip_fea", "freqs", "transformer_options"})
 
 
 def _wan_inputs(model, call) -> dict:
-    return _inputs(model, call, WAN_TAKES, "Wan")
+    return inputs(model, call, WAN_TAKES, "Wan")
 
 
 def _wan_refuse(call) -> None:
@@ -227,8 +185,8 @@ def _wan_grid(model, x: torch.Tensor) -> tuple[int, int, int]:
 
 def _wan_finish(model, call, ctx: Context, h: torch.Tensor) -> torch.Tensor:
     out = model.unpatchify(model.head(h, ctx.temb), _wan_grid(model, _wan_inputs(model, call)["x"]))
-    with _forward_orig_as(model, lambda *args, **kwargs: out):  # `_forward` crops the padding
-        return _forward(model, call)
+    with forward_orig_as(model, lambda *args, **kwargs: out):  # `_forward` crops the padding
+        return forward(model, call)
 
 
 def _wan_counts(model, call) -> tuple[int]:
@@ -244,4 +202,69 @@ WAN = PipeFamily(
     refuse=_wan_refuse, width=lambda m, call: (m.dim, call.x.dtype), host="comfy")
 
 
-FAMILIES = {family.name: family for family in (FLUX, WAN)}
+
+# ---- Qwen-Image (comfy.ldm.qwen_image.model.QwenImageTransformer2DModel): joint blocks, text first ----
+# Its `_forward` has no forward_orig: every stage runs it up to the first block (the embedders are `shared`, a
+# small share of its weights), and the last unpatchifies as `_forward` does.
+
+QWEN_TAKES = frozenset({"hidden_states", "encoder_hidden_states", "temb", "image_rotary_emb", "transformer_options"})
+
+
+def _qwen_inputs(model, call) -> dict:
+    return inputs(model, call, QWEN_TAKES, "Qwen-Image", at_first_block)
+
+
+def _qwen_refuse(call) -> None:
+    what = refusal("qwen_image", call.extras) or patch_refusal(call.extras)
+    if what:
+        raise ValueError(f"pipefusion does not run Qwen-Image with {what}; use cfg, batch or ulysses")
+
+
+def _qwen_tokens(model, call) -> Activations:
+    named = _qwen_inputs(model, call)
+    return Activations(named["hidden_states"], [named["encoder_hidden_states"]])
+
+
+def _qwen_context(model, call) -> Context:
+    named = _qwen_inputs(model, call)
+    pe = named["image_rotary_emb"]  # (B, 1, L, D/2, 2, 2) over [text, image]
+    options = {**(named.get("transformer_options") or {}), OVERRIDE: attention_override}
+    return Context(named["temb"], None, call.x, {"rotary": (pe,), "text_rotary": pe[:, :, :1], "options": options})
+
+
+def _qwen_run(block, ctx: Context, acts: Activations) -> None:
+    txt, pe, stood_in = _text_or_stand_in(ctx, acts)
+    txt, acts.h = block(hidden_states=acts.h, encoder_hidden_states=txt, encoder_hidden_states_mask=None,
+                        temb=ctx.temb, image_rotary_emb=pe, timestep_zero_index=None,
+                        transformer_options=ctx.extra["options"])
+    if not stood_in:
+        acts.skips[0] = txt
+
+
+def _qwen_finish(model, call, ctx: Context, h: torch.Tensor) -> torch.Tensor:
+    """The output norm and projection, then back to the latent's layout: each token's 2 x 2 patch of every channel,
+    the padding to the patch cropped (B, C, F, H, W)."""
+    out = model.proj_out(model.norm_out(h, ctx.temb))
+    tokens, _, padded = model.process_img(call.x)
+    rows, channels, frames, height, width = padded
+    p = model.patch_size
+    out = out[:, :tokens.shape[1]].reshape(rows, frames, height // p, width // p, channels, p, p)
+    out = out.permute(0, 4, 1, 2, 5, 3, 6).reshape(padded)
+    return out[..., :call.x.shape[-2], :call.x.shape[-1]]
+
+
+def _qwen_counts(model, call) -> tuple[int, int]:
+    named = _qwen_inputs(model, call)
+    return named["hidden_states"].shape[1], named["encoder_hidden_states"].shape[1]
+
+
+QWEN_IMAGE = PipeFamily(
+    "comfy_dit:qwen_image", "Qwen-Image", ("transformer_blocks",), (IMAGE, TEXT), (TEXT, IMAGE), first=lambda m: [],
+    last=lambda m: [m.norm_out, m.proj_out],
+    shared=lambda m: [m.img_in, m.txt_norm, m.txt_in, m.time_text_embed, m.pe_embedder],
+    tokens=_qwen_tokens, context=_qwen_context, run=_qwen_run, finish=_qwen_finish, counts=_qwen_counts,
+    rotary_dim=2, refuse=_qwen_refuse, width=lambda m, call: (m.inner_dim, call.x.dtype), host="comfy",
+    placeholder=("transformer_blocks.*",))
+
+
+FAMILIES = {family.name: family for family in (FLUX, WAN, QWEN_IMAGE)}

@@ -15,8 +15,8 @@ import pytest
 
 STEPS = 4
 PSNR_FLOOR_DB = 30.0
-FAMILIES = {"flux": "Flux", "flux2": "Flux2", "wan21_t2v": "WAN21_T2V", "wan21_i2v": "WAN21_I2V"}  # family: the
-# comfy.supported_models class it needs
+FAMILIES = {"flux": "Flux", "flux2": "Flux2", "wan21_t2v": "WAN21_T2V", "wan21_i2v": "WAN21_I2V",
+            "qwen_image": "QwenImage"}  # family: the comfy.supported_models class it needs
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +49,7 @@ def _tiny(fixture_nodes, family: str):
         extras["y"] = torch.randn(2, pooled, generator=generator)
     if family == "wan21_i2v":
         channels, extras["clip_fea"] = 36, torch.randn(2, 257, 1280, generator=generator)
+    frames = frames or (1 if family == "qwen_image" else None)  # Qwen-Image's model takes (B, C, 1, H, W)
     x = torch.randn(2, channels, *((frames,) if frames else ()), height + 1, width + 1, generator=generator)
     call = ModelCall(x, torch.tensor([0.7, 0.7]), torch.randn(2, families.TOKENS, text_width, generator=generator),
                      extras, job=1, stream=("s",))
@@ -133,7 +134,7 @@ def test_each_stage_holds_only_its_blocks_weights(comfy_server, comfy, host_fami
     assert sum(held) >= whole_weights_bytes  # every block is held by one stage (the shared embedders by both)
 
 
-@pytest.mark.parametrize("family", ["flux", "wan21_t2v"])
+@pytest.mark.parametrize("family", ["flux", "wan21_t2v", "qwen_image"])
 def test_after_warm_up_the_patches_are_stale_within_the_psnr_floor(comfy_server, comfy, host_families, family):
     from parallel_backend.engine.oracle import psnr
 
@@ -193,10 +194,10 @@ def test_a_call_a_split_by_tokens_cannot_take_is_refused_by_name(comfy_server, c
 
 
 def test_a_dit_pipefusion_does_not_cut_is_refused_before_any_work(comfy_server, comfy, host_families):
-    if "qwen_image" not in host_families:
-        pytest.skip("this ComfyUI has no comfy.supported_models.QwenImage (qwen_image)")
-    result = comfy_server.run(comfy.family_workflow("TandemKSampler", "pipefusion_qwen_refused", "pipefusion",
-                                                    family="qwen_image", cfg=1.0, steps=STEPS))
+    if "sd3" not in host_families:
+        pytest.skip("this ComfyUI has no comfy.supported_models.SD3 (sd3)")
+    result = comfy_server.run(comfy.family_workflow("TandemKSampler", "pipefusion_sd3_refused", "pipefusion",
+                                                    family="sd3", cfg=1.0, steps=STEPS))
     errors = [m[1] for m in result["status"]["messages"] if m[0] == "execution_error"]
     assert result["status"]["status_str"] == "error" and errors, result["status"]
     assert "strategy 'pipefusion' cuts diffusers' Flux.1" in errors[0]["exception_message"], errors[0]
@@ -212,3 +213,19 @@ def test_wan22_per_frame_timesteps_are_refused_by_name(comfy_server, comfy, host
     errors = [m[1] for m in result["status"]["messages"] if m[0] == "execution_error"]
     assert result["status"]["status_str"] == "error" and errors, result["status"]
     assert "pipefusion does not run Wan 2.2's per-frame timesteps" in errors[0]["exception_message"], errors[0]
+
+
+def test_a_text_attention_mask_is_refused_by_name(comfy_server, comfy, host_families):
+    """Qwen-Image with a text padding mask: a patched call cannot take it; the run fails before any step."""
+    if "qwen_image_masked" not in host_families:
+        pytest.skip("this ComfyUI has no comfy.supported_models.QwenImage (qwen_image)")
+    before = comfy_server.log_size()
+    result = comfy_server.run(comfy.family_workflow("TandemKSampler", "pipefusion_masked_refused", "pipefusion",
+                                                    family="qwen_image_masked", cfg=1.0, steps=STEPS))
+    errors = [m[1] for m in result["status"]["messages"] if m[0] == "execution_error"]
+    if not errors and "attention_mask" not in comfy_server.log_since(before):
+        pytest.skip("this ComfyUI's Qwen-Image does not hand the text attention mask to its model (v0.8's "
+                    "extra_conds ignores it), so the call has none to refuse")
+    assert result["status"]["status_str"] == "error" and errors, result["status"]
+    assert ("strategy 'pipefusion' cannot split this call by tokens: it has a text attention mask"
+            in errors[0]["exception_message"]), errors[0]
