@@ -127,6 +127,15 @@ def test_warm_up_covering_every_step_equals_stock(comfy_server, comfy, host_fami
     _ran_two_stages(comfy_server)
 
 
+def test_cfg_times_pipefusion_on_four_workers_equals_stock(comfy_server, comfy, host_families):
+    """cfg 2 x pipefusion 2: each branch's rows run through a chain of two stages of their own."""
+    stock, tandem = _pair(comfy_server, comfy, host_families, "pipefusion_cfg", cfg=4.0, devices="cpu:4",
+                          degrees={"cfg_degree": 2, "pipefusion": 2})
+    comfy.assert_same_latents(tandem, stock)
+    run = comfy_server.get("/tandem/status")["last_run"]
+    assert run["strategy"] == "pipefusion" and run["devices_used"] == 4 and "cfg 2" in run["mesh"], run
+
+
 def test_each_stage_holds_only_its_blocks_weights(comfy_server, comfy, host_families, whole_weights_bytes):
     _pair(comfy_server, comfy, host_families, "pipefusion_weights")
     held = comfy_server.get("/tandem/status")["model_weights_bytes"]
