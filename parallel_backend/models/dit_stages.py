@@ -15,8 +15,8 @@ The attentions a patch computes against the whole sequence are the family's `Att
 in sequence_splits.py (`host`: DIFFUSERS, reached through diffusers_sequence.group_attention; COMFY, reached
 through ComfyUI's attention override, which the family's `run` hands every block: comfy_dit_stages.py).
 `placeholder`: the `Attend` modules whose blocks cannot take an empty stream (ComfyUI's Flux double blocks and
-the text of a patch after patch 0): the block gets one token standing in for it, leading in the joint order,
-which the attention leaves out (runner.Rows.lead) and whose output is dropped.
+Qwen-Image blocks, given a patch after patch 0, which holds no text): the block gets one token standing in for
+it, leading in the joint order, which the attention leaves out (runner.Rows.lead) and whose output is dropped.
 """
 
 from __future__ import annotations
