@@ -49,7 +49,8 @@ def install(model, config: ParallelConfig | None = None):
     family = comfy_dit.recognise(getattr(model.model, "diffusion_model", None))
     if family is not None and config.strategy != "auto":  # e.g. asyncdiff on a DiT: refused before any work
         strategies.get(config.strategy).check_family(family.wire)
-        if strategies.get(config.strategy).splits_tokens and not _has_attention_override():
+        named = strategies.get(config.strategy)
+        if (named.splits_tokens or named.patches_tokens) and not _has_attention_override():
             raise ValueError(f"strategy {config.strategy!r} splits attention through ComfyUI's "
                              "optimized_attention_override, which this ComfyUI lacks (v0.8 and later have it): "
                              "update ComfyUI, or use cfg, batch or auto")

@@ -54,11 +54,17 @@ def test_more_patches_than_tokens_is_refused_in_one_sentence():
 
 
 def test_the_strategy_names_the_families_dit_stages_describes():
-    assert set(FAMILIES) == set(dit_stages.FAMILIES)
+    from parallel_backend.models import comfy_dit_stages
+
+    assert set(FAMILIES) == set(dit_stages.FAMILIES) | set(comfy_dit_stages.FAMILIES)
     pipefusion = strategies.get("pipefusion")
     pipefusion.check_family("diffusers_dit:flux")
-    for family in ("diffusers_dit:qwen_image", "diffusers_unet", "comfy_dit:flux"):
-        with pytest.raises(ValueError, match="pipefusion' cuts diffusers' Flux.1, Wan and SD3 transformers only"):
+    pipefusion.check_family("comfy_dit:flux")
+    pipefusion.check_family("comfy_dit:wan")
+    pipefusion.check_family("comfy_dit:qwen_image")
+    for family in ("diffusers_dit:qwen_image", "diffusers_unet", "comfy_dit:sd3", "comfy_unet"):
+        with pytest.raises(ValueError, match="pipefusion' cuts diffusers' Flux.1, Wan and SD3 transformers and "
+                                             "ComfyUI's Flux.1 / Flux.2, Wan 2.x and Qwen-Image only"):
             pipefusion.check_family(family)
 
 

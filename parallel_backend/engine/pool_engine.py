@@ -168,9 +168,10 @@ class Engine:
                 named.check_family(family)  # before any weights travel
                 named.check_weights(module, family)
             cuts = named is not None and named.cuts_layers  # a patch would see a share of each layer's heads
+            tokens = named is not None and (named.splits_tokens or named.patches_tokens)
             hint = sequence_hint(module, family)
             refused = sequence_refusal(family, call) if hint is not None else None
-            if refused and named is not None and named.splits_tokens:
+            if refused and tokens:
                 raise ValueError(f"strategy {config.strategy!r} cannot split this call by tokens: it has "
                                  f"{refused}; use cfg, batch or auto for it")
             whole = sequence_whole_rows(family, call) if hint is not None and (cuts or not refused) else None
@@ -179,14 +180,14 @@ class Engine:
                 if named is None:
                     self._say(f"Tandem: auto keeps this call to whole rows (cfg, batch): it has {refused or whole}, "
                               "which a split by tokens cannot take")
-                elif (named.splits_tokens or cuts) and whole:
+                elif (tokens or cuts) and whole:
                     share = "heads" if cuts else "tokens"
                     self._say(f"Tandem: strategy {config.strategy!r} runs this call on whole rows (cfg, batch): it "
                               f"has {whole}, whose effect on a share of the {share} is not known")
             planned = named is None and self.device_count() > 1
             if planned:
                 mesh = None
-            elif whole and (named.splits_tokens or named.cuts_layers):
+            elif whole and (tokens or cuts):
                 mesh = whole_rows(self.device_count(), call.branches, call.rows)
             else:
                 mesh = self._named_mesh(config, call, hint)

@@ -10,18 +10,24 @@ The contract of models/stages.py (a list of `Layer`s run on `Activations` under 
 - `patch(ctx, positions)`: the context of a patch of the tokens: the rotary rows of its positions in the joint
   sequence the attention sees (`joint`: the streams in that order, as sequence_splits.py names them).
 - `refuse(call)`: a one-sentence ValueError for what a patched call cannot take.
-The attentions a patch computes against the whole sequence are the family's `Attend` rows of
-sequence_splits.DIFFUSERS, reached through diffusers_sequence.group_attention.
+- `width(model, call) -> (width, dtype)`: the tokens' width and dtype as they cross between stages.
+The attentions a patch computes against the whole sequence are the family's `Attend` rows of its host's table
+in sequence_splits.py (`host`: DIFFUSERS, reached through diffusers_sequence.group_attention; COMFY, reached
+through ComfyUI's attention override, which the family's `run` hands every block: comfy_dit_stages.py).
+`placeholder`: the `Attend` modules whose blocks cannot take an empty stream (ComfyUI's Flux double blocks and
+Qwen-Image blocks, given a patch after patch 0, which holds no text): the block gets one token standing in for
+it, leading in the joint order, which the attention leaves out (runner.Rows.lead) and whose output is dropped.
 """
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
 
-from .sequence_splits import DIFFUSERS, IMAGE, TEXT, VIDEO
+from .sequence_splits import COMFY, DIFFUSERS, IMAGE, TEXT, VIDEO
 from .stages import Activations, Context, Layer
 
 
@@ -42,6 +48,10 @@ class PipeFamily:
     counts: Callable  # (model, call) -> tokens of each stream, in `streams` order
     rotary_dim: int  # the token dim of the rotary tables
     refuse: Callable  # call -> None, or raises ValueError
+    width: Callable = lambda model, call: (model.config.num_attention_heads * model.config.attention_head_dim,
+                                           model.dtype)
+    host: str = "diffusers"  # whose sequence splits table and attention entry point: "diffusers" or "comfy"
+    placeholder: tuple[str, ...] = ()  # Attend modules whose blocks get a stand-in token for an empty stream
 
     def layers(self, model) -> list[Layer]:
         return [Layer(f"{blocks}.{i}", (block,), lambda ctx, acts, block=block: self.run(block, ctx, acts))
@@ -54,18 +64,28 @@ class PipeFamily:
     def patch(self, ctx: Context, positions: torch.Tensor) -> Context:
         if "rotary" not in ctx.extra:  # absolute positions, added with the tokens' embedding
             return ctx
-        cos, sin = ctx.extra["rotary"]
-        rows = positions.to(cos.device)
-        cut = tuple(t.index_select(self.rotary_dim, rows) for t in (cos, sin))
+        tables = ctx.extra["rotary"]  # (cos, sin), or ComfyUI's one table
+        rows = positions.to(tables[0].device)
+        cut = tuple(t.index_select(self.rotary_dim, rows) for t in tables)
         return replace(ctx, extra={**ctx.extra, "rotary": cut})
 
     def row(self):
-        """The family's sequence split (sequence_splits.DIFFUSERS): which attentions mix tokens, over which streams,
-        and how diffusers' processors reach a route."""
-        return DIFFUSERS[self.name.split(":", 1)[1]][0]
+        """The family's sequence split (sequence_splits.DIFFUSERS or COMFY): which attentions mix tokens, over
+        which streams, and how diffusers' processors reach a route."""
+        return (COMFY if self.host == "comfy" else DIFFUSERS)[self.name.split(":", 1)[1]][0]
 
     def attends(self) -> tuple:
         return self.row().attend
+
+    def routing(self, attentions):
+        """While inside, the routed attentions (`attentions`: (path, module, Attend)) reach the call's route:
+        diffusers' dispatcher redirected; ComfyUI's attention reaches it through the override in the options
+        the family's `run` passes every block."""
+        if self.host == "comfy":
+            return nullcontext()
+        from .diffusers_sequence import group_attention
+
+        return group_attention(self.row(), attentions)
 
 
 # ---- Flux.1 (FluxTransformer2DModel): double-stream then single-stream blocks, text first in every attention ----

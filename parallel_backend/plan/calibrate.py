@@ -162,8 +162,9 @@ class AutoPlans:
         inputs = replace(call_inputs(family, call, computed, hint, mixing, link, figures.overhead_s),
                          contention=figures.contention)
         found = candidates(inputs, len(devices))
-        if mixing is None:  # nothing measured to predict a split by tokens from
-            found = [c for c in found if not c.mesh or not strategies.get(c.strategy).splits_tokens]
+        if mixing is None:  # nothing measured to predict a split by tokens from (or a call it cannot take)
+            found = [c for c in found if not c.mesh or not (strategies.get(c.strategy).splits_tokens
+                                                            or strategies.get(c.strategy).patches_tokens)]
         choice = choose(found, exact_only=not allow_stale)
         mesh = mesh_of(choice, len(devices))
         source = "given" if "link" in self.given else "measured on this pool"

@@ -43,6 +43,8 @@ class Strategy:
     adapters: tuple[str, ...] | None = None  # the model adapters it can cut (models.ADAPTERS); None: any model
     scope: str = ""  # what it splits, for the refusal of other models ("cuts UNets only")
     splits_tokens: bool = False  # it splits a call's token sequence (its attentions run through the group)
+    patches_tokens: bool = False  # it runs a call's tokens in patches by position (pipefusion): a call a split by
+    # tokens cannot take is refused, one with a model patch runs on whole rows, as for splits_tokens
     auto: bool = True  # auto may choose it (tandem plan lists every strategy with a cost either way)
     stage_weights: bool = False  # each device runs its own layers (stages): no sharded gather across devices
     cuts_layers: bool = False  # each device runs a share of every layer: a call with a model patch runs whole rows

@@ -275,6 +275,12 @@ def comfy_server(comfy_base):
     stop_server(server)
 
 
+@pytest.fixture(scope="session")
+def host_families(comfy_server):
+    """The DiT and video families the test server's ComfyUI has (fixture_nodes/families.py `available`)."""
+    return comfy_server.get("/object_info/TandemTestTinyDiT")["TandemTestTinyDiT"]["input"]["required"]["family"][0]
+
+
 # fp32 on CPU, relative to the latent's scale: the tiny random model's latents reach ~360 after guided sampling,
 # where ComfyUI itself differs by 1.0e-3 between cond and uncond run as one batch and run apart (measured:
 # 2.9e-6 of the scale). Splitting a batch over devices rounds the same way, so the bound is 1e-4 of the scale.

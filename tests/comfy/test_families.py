@@ -22,11 +22,6 @@ FAMILY_CLASSES = {
 STOCK_PATH_FAMILIES = {"aura_flow": "Tandem has no adapter for this model family (MMDiT); it splits"}
 
 
-@pytest.fixture(scope="module")
-def host_families(comfy_server):
-    return comfy_server.get("/object_info/TandemTestTinyDiT")["TandemTestTinyDiT"]["input"]["required"]["family"][0]
-
-
 def _need(family: str, host_families) -> None:
     if family not in host_families:
         pytest.skip(f"this ComfyUI has no comfy.supported_models.{FAMILY_CLASSES[family]} ({family})")

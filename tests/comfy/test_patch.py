@@ -13,11 +13,6 @@ PSNR_FLOOR_DB = 30.0
 FAMILIES = {"flux": "Flux", "wan21_t2v": "WAN21_T2V"}  # family: the comfy.supported_models class it needs
 
 
-@pytest.fixture(scope="module")
-def host_families(comfy_server):
-    return comfy_server.get("/object_info/TandemTestTinyDiT")["TandemTestTinyDiT"]["input"]["required"]["family"][0]
-
-
 def _pair(server, comfy, host_families, name: str, family: str, warmup: int, cfg: float):
     if family not in host_families:
         pytest.skip(f"this ComfyUI has no comfy.supported_models.{FAMILIES[family]} ({family})")

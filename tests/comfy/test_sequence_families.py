@@ -21,11 +21,6 @@ SEQUENCE_FAMILIES = {  # family: the comfy.supported_models class it needs (for 
 }
 
 
-@pytest.fixture(scope="module")
-def host_families(comfy_server):
-    return comfy_server.get("/object_info/TandemTestTinyDiT")["TandemTestTinyDiT"]["input"]["required"]["family"][0]
-
-
 def _check(server, comfy, host_families, name: str, family: str, strategy: str, **kw) -> None:
     if family not in host_families:
         pytest.skip(f"this ComfyUI has no comfy.supported_models.{SEQUENCE_FAMILIES[family]} ({family})")

@@ -48,7 +48,7 @@ def attention_override(func, q, k, v, heads, mask=None, attn_precision=None, ski
     key_mask = None if mask is None else _key_mask(mask, shards, route.module)
     if not skip_reshape:
         q, k, v = (t.reshape(t.shape[0], t.shape[1], heads, -1).transpose(1, 2) for t in (q, k, v))
-    local = shards.sizes[route.group.index]
+    local = shards.sizes[route.group.index] if hasattr(shards, "sizes") else q.shape[2]  # pipefusion: its patch
     if q.shape[2] != local or k.shape[2] != local:
         raise RuntimeError(f"sequence parallel: {route.module} attends {q.shape[2]} queries to {k.shape[2]} keys, "
                            f"but this rank holds {local} tokens of the split sequence")

@@ -23,37 +23,45 @@ from contextlib import ExitStack, contextmanager
 
 import torch
 
-from ...models import dit_stages
+from ...models import comfy_dit_stages, dit_stages
 from ...models.attention_route import ROUTE, Route
-from ...models.sequence_hooks import attribute, sites
+from ...models.sequence_hooks import sites
 from ...models.stages import Activations, Placement, modules_of, profile, synchronize
 from ...runtime import primitives
 from ...runtime.messages import Computed
 from .messages import PipeCall, PlaceBlocks, ProfileBlocks
 from .patches import Patches
 
+FAMILIES = {**dit_stages.FAMILIES, **comfy_dit_stages.FAMILIES}  # every family pipefusion cuts, by wire name
+
 
 @dataclass(frozen=True)
 class Rows:
-    """Where a routed attention's patch sits: the attention (its module path) and the patch's positions in its
-    joint sequence (None: the whole sequence)."""
+    """Where a routed attention's patch sits: the attention (its module path), the patch's positions in its
+    joint sequence (None: the whole sequence) and how many stand-in tokens lead its own (the family's
+    `placeholder`: they join no attention, their output is zeros)."""
 
     path: str
     positions: torch.Tensor | None
+    lead: int = 0
 
 
 class KeyValues:
     """One stream's keys and values (B, H, L, D) per routed attention, over the whole joint sequence. The
-    sequence route's `group`: the diffusers dispatcher hands it each routed attention (q, k, v: (B, H, l, D))."""
+    sequence route's `group`: the diffusers dispatcher or ComfyUI's attention override hands it each routed
+    attention (q, k, v: (B, H, l, D))."""
 
     def __init__(self):
         self.held: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.shape = None  # (rows, tokens per stream) of the whole-sequence call that wrote them
 
     def attention(self, q, k, v, shards, key_mask=None, scale=None):
-        path, positions = shards.path, shards.positions
+        path, positions, lead = shards.path, shards.positions, shards.lead
         if key_mask is not None:
             raise ValueError(f"pipefusion takes no attention mask in {path}")
+        if lead:
+            out = self.attention(q[:, :, lead:], k[:, :, lead:], v[:, :, lead:], Rows(path, positions), scale=scale)
+            return torch.cat((out.new_zeros(*out.shape[:2], lead, out.shape[3]), out), 2)
         if positions is None:  # the whole sequence: exact, and every row written
             self.held[path] = (k.contiguous(), v.contiguous())
             keys, values = k, v
@@ -80,7 +88,7 @@ class KeyValues:
 class PipeRunner:
     def __init__(self, module: torch.nn.Module, family: str, device: torch.device):
         self.module, self.device = module, device
-        self.family = dit_stages.FAMILIES[family]
+        self.family = FAMILIES[family]
         self.layers = self.family.layers(module)
         self.placement = Placement(module, device)
         self.attends = [(path, attention, attend) for attend in self.family.attends()
@@ -182,7 +190,7 @@ class PipeRunner:
 
     def _receive(self, call, patches: Patches) -> list:
         """Posts every patch's receives from the stage before, in patch order; [(buffers, handles)] per patch."""
-        rows, (width, dtype) = call.rows, self._width_and_dtype()
+        rows, (width, dtype) = call.rows, self.family.width(self.module, call)
         out = []
         for m in range(patches.count):
             ranges = patches.ranges(m)
@@ -200,31 +208,33 @@ class PipeRunner:
         stats["wait"] += time.perf_counter() - mark
         return Activations.from_tensors(list(buffers))
 
-    def _width_and_dtype(self) -> tuple[int, torch.dtype]:
-        """The tokens' width and dtype as they cross between stages (the model's inner width and dtype)."""
-        config = self.module.config
-        return config.num_attention_heads * config.attention_head_dim, self.module.dtype
-
     @contextmanager
     def _routed(self, cache: KeyValues, patches: Patches):
         """While inside, the routed attentions of this stage's blocks go to `cache`, at the positions of the patch
         `self.patch` names."""
-        from ...models.diffusers_sequence import group_attention
-
         route = Route(cache, via="pipefusion")
-        mine = {id(layer.modules[0]) for layer in self.mine}
-        attends = [(p, a, attend) for p, a, attend in self.attends if id(attribute(self.module, p.rsplit(".", 1)[0])) in mine]
-        positions = {attend.streams: [torch.tensor(patches.positions(m, attend.streams)) if patches.count > 1 else None
-                                      for m in range(patches.count)] for _, _, attend in attends}
+        mine = [layer.name for layer in self.mine]  # a routed attention is a block of this stage or inside one
+        attends = [(p, a, attend) for p, a, attend in self.attends
+                   if any(p == name or p.startswith(name + ".") for name in mine)]
+        rows = {attend: [self._rows(patches, m, attend) for m in range(patches.count)] for _, _, attend in attends}
         with ExitStack() as stack:
             for path, attention, attend in attends:
-                def arm(module, args, path=path, streams=attend.streams):
-                    route.shards = Rows(path, positions[streams][self.patch])
+                def arm(module, args, path=path, attend=attend):
+                    positions, lead = rows[attend][self.patch]
+                    route.shards = Rows(path, positions, lead)
                     route.arm(path)
 
                 stack.enter_context(attention.register_forward_pre_hook(arm))
                 stack.enter_context(attention.register_forward_hook(lambda *_: route.disarm()))
             token = ROUTE.set(route)
             stack.callback(ROUTE.reset, token)
-            stack.enter_context(group_attention(self.family.row(), attends))
+            stack.enter_context(self.family.routing(attends))
             yield
+
+    def _rows(self, patches: Patches, m: int, attend) -> tuple:
+        """(positions, lead) of patch `m` in `attend`'s joint sequence: (None, 0) for the whole sequence; a lead of 1
+        where the family stands in for a stream the patch holds none of (its `placeholder`)."""
+        if patches.count == 1:
+            return None, 0
+        empty = any(not len(tokens) for tokens in patches.ranges(m).values())
+        return torch.tensor(patches.positions(m, attend.streams)), int(empty and attend.modules in self.family.placeholder)

@@ -1,0 +1,88 @@
+"""A ComfyUI diffusion model's own `_forward`, stopped where it hands its prepared inputs on (a site) and given
+the output to finish with: how models/comfy_dit_stages.py runs each family's preparation (padding to the patch,
+positions and rotary tables, reference latents, the rope options) and unpatchifying with the host's own code.
+Nothing here imports ComfyUI: it works on the host's model object through its attribute names.
+
+Sites: `forward_orig` (Flux, Wan), an instance attribute standing over the method for the call's duration as
+sequence_hooks.py's method sites do; the first block (Qwen-Image, which has no forward_orig), a forward
+pre-hook. Both are removed when the call ends, even a failed one.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+from .comfy_dit import name_arguments
+
+
+class _Reached(Exception):
+    """Raised where `_forward` hands its prepared inputs on (a site): those inputs, by name."""
+
+    def __init__(self, named: dict):
+        super().__init__("site reached")
+        self.named = named
+
+
+@contextmanager
+def forward_orig_as(model, function):
+    """`model.forward_orig` is `function` while inside (an instance attribute over the method)."""
+    model.forward_orig = function
+    try:
+        yield
+    finally:
+        del model.forward_orig
+
+
+@contextmanager
+def at_forward_orig(model):
+    """`_forward` stops where it calls forward_orig (Flux, Wan)."""
+    original = model.forward_orig
+
+    def reached(*args, **kwargs):
+        raise _Reached(name_arguments(original, args, kwargs))
+
+    with forward_orig_as(model, reached):
+        yield "forward_orig"
+
+
+@contextmanager
+def at_first_block(model):
+    """`_forward` stops where it calls its first block (Qwen-Image: no forward_orig), by a forward pre-hook."""
+    first = model.transformer_blocks[0]
+
+    def reached(module, args, kwargs):
+        raise _Reached(name_arguments(first.forward, args, kwargs))
+
+    handle = first.register_forward_pre_hook(reached, with_kwargs=True)
+    try:
+        yield "transformer_blocks.0"
+    finally:
+        handle.remove()
+
+
+def forward(model, call):
+    """The model's `_forward` on `call`'s inputs, as comfy_dit.forward calls the model (without its wrappers)."""
+    extras = dict(call.extras)
+    extras.setdefault("transformer_options", {})
+    return model._forward(call.x, call.t, context=call.context, **extras)
+
+
+def inputs(model, call, takes: frozenset, label: str, site=at_forward_orig) -> dict:
+    """What `_forward` hands on at `site` for `call`, by name (Flux: img, img_ids, txt, txt_ids, timesteps, y,
+    ...). An input outside `takes` that is given (a ControlNet's residuals, a VACE context, a reference latent
+    of Wan's, what a later ComfyUI adds) raises: the family's layers would compute without it."""
+    with site(model) as where:
+        try:
+            forward(model, call)
+        except _Reached as stop:
+            named = stop.named
+            extra = [name for name, value in named.items() if name not in takes and _given(value)]
+            if extra:
+                raise ValueError(f"pipefusion does not run {label} with {', '.join(sorted(extra))} (given to "
+                                 f"{type(model).__name__}'s {where}); use cfg, batch or ulysses") from None
+            return named
+    raise RuntimeError(f"{type(model).__name__}._forward returned without reaching {where}")
+
+
+def _given(value) -> bool:
+    return value is not None and not (isinstance(value, (list, tuple, dict)) and not value)

@@ -1,0 +1,240 @@
+"""pipefusion (PipeFusion) in ComfyUI: the Multi-GPU KSampler on the tiny Flux of ComfyUI's own classes
+(fixture_nodes/families.py), its blocks cut into two stages over two CPU workers, each holding only its blocks'
+weights, its tokens in patches pipelined through them. With warm-up covering every step it gives the stock
+KSampler's latents; after one exact step the other patches' keys and values are one step stale: close to stock (a
+PSNR floor), not equal. A call a split by tokens cannot take is refused by name; a call with a model patch runs on
+whole rows and says so."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+STEPS = 4
+PSNR_FLOOR_DB = 30.0
+FAMILIES = {"flux": "Flux", "flux2": "Flux2", "wan21_t2v": "WAN21_T2V", "wan21_i2v": "WAN21_I2V",
+            "qwen_image": "QwenImage"}  # family: the comfy.supported_models class it needs
+
+
+@pytest.fixture(scope="module")
+def fixture_families(comfy_server):
+    """fixture_nodes/families.py, imported in this process (ComfyUI on sys.path), to build the tiny models here."""
+    sys.path[:0] = [os.environ["COMFYUI_PATH"], str(Path(__file__).parent)]
+    from comfy.cli_args import args
+
+    args.cpu = True  # before comfy.model_management is imported: this test process has no GPU to look for
+    import fixture_nodes
+
+    return fixture_nodes
+
+
+def _tiny(fixture_nodes, family: str):
+    """The tiny model of `family` as the fixture node builds it (seeded), and a call of it: two rows, odd latent
+    sides (padded to the patch), Flux's guidance and pooled vector, Wan i2v's image channels and CLIP tokens."""
+    import torch
+
+    from parallel_backend.runtime.calls import ModelCall
+
+    families = fixture_nodes.families
+    model = families.fill_buffers(fixture_nodes._seeded(families.model_config(family).get_model({}), 5), 5)
+    (channels, frames, height, width), (text_width, pooled, _) = families.FAMILIES[family][3], families.FAMILIES[family][2]
+    generator = torch.Generator().manual_seed(0)
+    extras = {"transformer_options": {}}
+    if family.startswith("flux"):
+        extras["guidance"] = torch.tensor([3.5, 3.5])
+    if pooled:
+        extras["y"] = torch.randn(2, pooled, generator=generator)
+    if family == "wan21_i2v":
+        channels, extras["clip_fea"] = 36, torch.randn(2, 257, 1280, generator=generator)
+    frames = frames or (1 if family == "qwen_image" else None)  # Qwen-Image's model takes (B, C, 1, H, W)
+    x = torch.randn(2, channels, *((frames,) if frames else ()), height + 1, width + 1, generator=generator)
+    call = ModelCall(x, torch.tensor([0.7, 0.7]), torch.randn(2, families.TOKENS, text_width, generator=generator),
+                     extras, job=1, stream=("s",))
+    return model.diffusion_model, call
+
+
+@pytest.fixture(scope="module")
+def whole_weights_bytes(fixture_families):
+    from parallel_backend.runtime.recipe import weights_bytes
+
+    return weights_bytes(_tiny(fixture_families, "flux")[0])
+
+
+def _pair(server, comfy, host_families, name: str, family: str = "flux", warmup: int = STEPS, cfg: float = 1.0,
+          **kw):
+    if family not in host_families:
+        pytest.skip(f"this ComfyUI has no comfy.supported_models.{FAMILIES[family]} ({family})")
+    stock, tandem = comfy.run_pair(server, name, "pipefusion", kind="family", family=family, steps=STEPS, cfg=cfg,
+                                   degrees={"warmup": warmup, "patches": 4, **kw.pop("degrees", {})}, **kw)
+    return stock, tandem
+
+
+def _ran_two_stages(server) -> None:
+    """The last run was pipefusion's on both workers, each holding part of the weights (its stage's)."""
+    status = server.get("/tandem/status")
+    assert status["last_run"]["strategy"] == "pipefusion" and status["last_run"]["devices_used"] == 2, status["last_run"]
+    held = status["model_weights_bytes"]
+    assert len(held) == 2 and all(b > 0 for b in held), held
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_a_patched_call_on_unchanged_inputs_equals_the_models_forward(fixture_families, host_families, family):
+    """One stage holding every block, in this process: when the inputs do not change, the keys and values the call
+    before left are this call's own, so a patched call must equal the model's own forward. That checks each
+    patch's tokens, its rows of the rotary table, the text riding with patch 0 and the double blocks' stand-in
+    for it after patch 0, whatever the patches."""
+    from dataclasses import replace
+
+    import torch
+
+    from parallel_backend.models.comfy_dit import forward, recognise
+    from parallel_backend.strategies.asyncdiff.messages import StagePlan
+    from parallel_backend.strategies.pipefusion.messages import PipeCall, PlaceBlocks
+    from parallel_backend.strategies.pipefusion.runner import PipeRunner
+
+    if family not in host_families:
+        pytest.skip(f"this ComfyUI has no comfy.supported_models.{FAMILIES[family]} ({family})")
+    model, call = _tiny(fixture_families, family)
+    with torch.inference_mode():
+        reference = forward(model, call)
+    runner = PipeRunner(model, recognise(model).wire, torch.device("cpu"))
+    runner.setup(PlaceBlocks("tiny", StagePlan(0, 1, (), None, None, 0, 1, False, ())))
+    for patches in (1, 3, 5, 25, 2):  # 25: one token of a 5 x 5 Flux image, or of 3 x 5 x 5 Wan video tokens
+        out = runner.call(PipeCall("tiny", call, patches)).out
+        torch.testing.assert_close(out, reference, atol=1e-5, rtol=1e-5, msg=f"{patches} patches")
+    changed = replace(call, x=0.9 * call.x)  # stale keys and values now: close, not equal
+    out = runner.call(PipeCall("tiny", changed, 4)).out
+    with torch.inference_mode():
+        assert (out - forward(model, changed)).abs().max() > 1e-4
+
+
+def test_the_settings_node_offers_pipefusion_and_its_patches(comfy_server):
+    inputs = comfy_server.get("/object_info/TandemSettings")["TandemSettings"]["input"]
+    kind, *details = inputs["required"]["strategy"]  # ["COMBO", {"options": [...]}], or [[...], {...}] before
+    options = details[0]["options"] if kind == "COMBO" else kind
+    assert "pipefusion" in options
+    assert {"pipefusion", "patches"} <= set({**inputs.get("optional", {}), **inputs["required"]})
+
+
+@pytest.mark.parametrize("cfg", [1.0, 4.0])
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_warm_up_covering_every_step_equals_stock(comfy_server, comfy, host_families, family, cfg):
+    stock, tandem = _pair(comfy_server, comfy, host_families, f"pipefusion_exact_{family}_{cfg:g}", family, cfg=cfg)
+    comfy.assert_same_latents(tandem, stock)
+    _ran_two_stages(comfy_server)
+
+
+def test_cfg_times_pipefusion_on_four_workers_equals_stock(comfy_server, comfy, host_families):
+    """cfg 2 x pipefusion 2: each branch's rows run through a chain of two stages of their own."""
+    stock, tandem = _pair(comfy_server, comfy, host_families, "pipefusion_cfg", cfg=4.0, devices="cpu:4",
+                          degrees={"cfg_degree": 2, "pipefusion": 2})
+    comfy.assert_same_latents(tandem, stock)
+    run = comfy_server.get("/tandem/status")["last_run"]
+    assert run["strategy"] == "pipefusion" and run["devices_used"] == 4 and "cfg 2" in run["mesh"], run
+
+
+def test_each_stage_holds_only_its_blocks_weights(comfy_server, comfy, host_families, whole_weights_bytes):
+    _pair(comfy_server, comfy, host_families, "pipefusion_weights")
+    held = comfy_server.get("/tandem/status")["model_weights_bytes"]
+    assert max(held) < 0.8 * whole_weights_bytes, (held, whole_weights_bytes)
+    assert sum(held) >= whole_weights_bytes  # every block is held by one stage (the shared embedders by both)
+
+
+@pytest.mark.parametrize("family", ["flux", "wan21_t2v", "qwen_image"])
+def test_after_warm_up_the_patches_are_stale_within_the_psnr_floor(comfy_server, comfy, host_families, family):
+    from parallel_backend.engine.oracle import psnr
+
+    stock, tandem = _pair(comfy_server, comfy, host_families, f"pipefusion_stale_{family}", family, warmup=1)
+    assert (tandem - stock).abs().max() > comfy.RTOL_OF_SCALE * stock.abs().max()  # stale values were used
+    assert psnr(stock, tandem) >= PSNR_FLOOR_DB, psnr(stock, tandem)
+    _ran_two_stages(comfy_server)
+
+
+def test_reference_latents_join_the_patched_sequence(comfy_server, comfy, host_families):
+    """Flux Kontext's reference latents (stock ReferenceLatent node) add image tokens to every call: they are cut
+    into patches with the rest, and with warm-up covering every step the result is stock's."""
+    stock, tandem = _pair(comfy_server, comfy, host_families, "pipefusion_reference", reference=True)
+    comfy.assert_same_latents(tandem, stock)
+    _ran_two_stages(comfy_server)
+
+
+def test_a_call_with_a_block_replaced_runs_on_whole_rows_and_says_so(comfy_server, comfy, host_families):
+    """SkipLayerGuidanceDiT adds a call per step whose options replace a double and a single block: that call runs
+    on whole rows (cfg, batch), the others in stages; with warm-up covering every step the result is stock's."""
+    if "flux" not in host_families:
+        pytest.skip("this ComfyUI has no comfy.supported_models.Flux (flux)")
+    skip = {"double_layers": "0", "single_layers": "0", "scale": 3.0, "start_percent": 0.0, "end_percent": 1.0,
+            "rescaling_scale": 0.0}
+    name, before = "pipefusion_slg", comfy_server.log_size()
+    stock = comfy.with_model_patch(comfy.family_workflow("KSampler", f"{name}_stock", None, family="flux", cfg=4.0,
+                                                         steps=STEPS), "SkipLayerGuidanceDiT", **skip)
+    tandem = comfy.with_model_patch(comfy.family_workflow("TandemKSampler", f"{name}_tandem", "pipefusion",
+                                                          family="flux", cfg=4.0, steps=STEPS,
+                                                          degrees={"warmup": STEPS, "patches": 4}),
+                                    "SkipLayerGuidanceDiT", **skip)
+    comfy.run_checked(comfy_server, stock)
+    with comfy_server.on_the_pool():
+        comfy.run_checked(comfy_server, tandem)
+    comfy.assert_same_latents(comfy_server.latent(f"{name}_tandem"), comfy_server.latent(f"{name}_stock"))
+    log = comfy_server.log_since(before)
+    assert "strategy 'pipefusion' runs this call on whole rows (cfg, batch): it has a model patch" in log, log[-3000:]
+
+
+def test_a_call_a_split_by_tokens_cannot_take_is_refused_by_name(comfy_server, comfy, host_families):
+    """Reference latents on a zero timestep (Flux.2's edit method) change the modulation per token: the run fails
+    before any step, naming them."""
+    if "flux2" not in host_families:
+        pytest.skip("this ComfyUI has no comfy.supported_models.Flux2 (flux2)")
+    workflow = comfy.family_workflow("TandemKSampler", "pipefusion_zero_refused", "pipefusion", family="flux2",
+                                     cfg=1.0, steps=STEPS, reference=True)
+    for node, source in (("12", "10"), ("13", "11")):
+        workflow[node] = {"class_type": "FluxKontextMultiReferenceLatentMethod",
+                          "inputs": {"conditioning": [source, 0], "reference_latents_method": "index_timestep_zero"}}
+    workflow["5"]["inputs"]["positive"], workflow["5"]["inputs"]["negative"] = ["12", 0], ["13", 0]
+    result = comfy_server.run(workflow)
+    errors = [m[1] for m in result["status"]["messages"] if m[0] == "execution_error"]
+    assert result["status"]["status_str"] == "error" and errors, result["status"]
+    message = errors[0]["exception_message"]
+    assert ("strategy 'pipefusion' cannot split this call by tokens: it has reference latents on a zero timestep"
+            in message), message
+
+
+def test_a_dit_pipefusion_does_not_cut_is_refused_before_any_work(comfy_server, comfy, host_families):
+    if "sd3" not in host_families:
+        pytest.skip("this ComfyUI has no comfy.supported_models.SD3 (sd3)")
+    result = comfy_server.run(comfy.family_workflow("TandemKSampler", "pipefusion_sd3_refused", "pipefusion",
+                                                    family="sd3", cfg=1.0, steps=STEPS))
+    errors = [m[1] for m in result["status"]["messages"] if m[0] == "execution_error"]
+    assert result["status"]["status_str"] == "error" and errors, result["status"]
+    assert "strategy 'pipefusion' cuts diffusers' Flux.1" in errors[0]["exception_message"], errors[0]
+
+
+def test_wan22_per_frame_timesteps_are_refused_by_name(comfy_server, comfy, host_families):
+    """Wan 2.2 5B under a noise mask (image to video) modulates each frame's tokens with its own timestep, which a
+    patch of the tokens cannot take: the run fails on its first call, naming them."""
+    if "wan22_5b" not in host_families:
+        pytest.skip("this ComfyUI has no comfy.supported_models.WAN22_T2V (wan22_5b)")
+    result = comfy_server.run(comfy.family_workflow("TandemKSampler", "pipefusion_wan22_refused", "pipefusion",
+                                                    family="wan22_5b", cfg=1.0, steps=STEPS, noise_mask=True))
+    errors = [m[1] for m in result["status"]["messages"] if m[0] == "execution_error"]
+    assert result["status"]["status_str"] == "error" and errors, result["status"]
+    assert "pipefusion does not run Wan 2.2's per-frame timesteps" in errors[0]["exception_message"], errors[0]
+
+
+def test_a_text_attention_mask_is_refused_by_name(comfy_server, comfy, host_families):
+    """Qwen-Image with a text padding mask: a patched call cannot take it; the run fails before any step."""
+    if "qwen_image_masked" not in host_families:
+        pytest.skip("this ComfyUI has no comfy.supported_models.QwenImage (qwen_image)")
+    before = comfy_server.log_size()
+    result = comfy_server.run(comfy.family_workflow("TandemKSampler", "pipefusion_masked_refused", "pipefusion",
+                                                    family="qwen_image_masked", cfg=1.0, steps=STEPS))
+    errors = [m[1] for m in result["status"]["messages"] if m[0] == "execution_error"]
+    if not errors and "attention_mask" not in comfy_server.log_since(before):
+        pytest.skip("this ComfyUI's Qwen-Image does not hand the text attention mask to its model (v0.8's "
+                    "extra_conds ignores it), so the call has none to refuse")
+    assert result["status"]["status_str"] == "error" and errors, result["status"]
+    assert ("strategy 'pipefusion' cannot split this call by tokens: it has a text attention mask"
+            in errors[0]["exception_message"]), errors[0]
