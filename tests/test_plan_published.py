@@ -229,8 +229,8 @@ def test_auto_on_two_rtx4090_without_peer_to_peer_picks_what_the_published_figur
 
 
 def test_auto_runs_one_device_where_every_split_is_predicted_below_the_floor(tmp_path):
-    """The floor on named GPUs: a small call (Flux.1-dev at 256 px) on two H100s gains less from any split than the
-    per-step fixed cost each rank pays whole; auto stays on one device and says why."""
+    """The floor on named GPUs: a small call (Flux.1-dev at 256 px) on two H100s waits on its launches, which each
+    rank pays whole (and the per-step host part): no split gains; auto stays on one device and says why."""
     from parallel_backend.plan.choose import FLOOR
 
     report = _plan_json(tmp_path, "--model", "flux-dev", "--gpu", "h100", "--gpus", "2", "--cfg", "1", "--resolution",

@@ -46,8 +46,9 @@ class Inputs:
     every call's time that no split divides (a per-step cost each device pays whole, plan/fitted.py), within
     call_seconds and shard_seconds; launch_seconds: the host's time to launch one call's kernels, issued ahead of
     the device, so a floor under its compute (within call_seconds and shard_seconds above fixed_seconds: a call
-    takes max(its compute, launch_seconds) + fixed_seconds); a split of the work launches every kernel still. decode_seconds: the run's VAE decode on one device; decode_split_seconds: the
-    same decode in bands of rows on the pool's devices (plan/vae_costs.py; 0: not split), both end to end only."""
+    takes max(its compute, launch_seconds) + fixed_seconds); a split of the work launches every kernel still.
+    decode_seconds: the run's VAE decode on one device; decode_split_seconds: the same decode in bands of rows on
+    the pool's devices (plan/vae_costs.py; 0: not split), both end to end only."""
 
     shape: CallShape
     family: str

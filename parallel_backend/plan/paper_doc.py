@@ -122,9 +122,9 @@ def inputs_section() -> list[str]:
     c = FITTED
     out += ["", "### Constants fitted to published measurements (plan/fitted.py FITTED)", "",
             "| constant | fitted | what it is |", "|---|---|---|",
-            f"| launch_s | {1e6 * c.launch_s:.1f} us | the host's time per kernel a call launches (each model's kernels "
-            "counted on meta): a call takes the longer of its GPU work and its launches, issued ahead; every rank of a "
-            "sequence, patch or tensor split launches every kernel, an asyncdiff stage its layers' |",
+            f"| launch_s | {1e6 * c.launch_s:.1f} us | the host's time per kernel a call launches (each model's "
+            "kernels counted on meta): a call takes the longer of its GPU work and its launches, issued ahead; every "
+            "rank of a sequence, patch or tensor split launches every kernel, an asyncdiff stage its layers' |",
             f"| compiled_launches | {c.compiled_launches:.3f} | the launches' share left with torch.compile (CUDA "
             "graphs, DistriFusion's default: none) |",
             f"| step_s | {1000 * c.step_s:.1f} ms | per step and device (the sampler's own work, the synchronisation), "
@@ -234,7 +234,8 @@ def published_section() -> list[str]:
            "Each row of `tests/data/published_gpu_figures.csv` (its source in the table), the figure its peer "
            "published (speed-up over one GPU of the same source: per step, end to end, or of the sampling "
            "alone, latents out), this model's prediction with the fitted constants, and the error. The mode is how "
-           "the peer launched its kernels: eager, compiled (torch.compile) or graphed (CUDA graphs). The constants were fitted to these rows "
+           "the peer launched its kernels: eager, compiled (torch.compile) or graphed (CUDA graphs). The constants "
+           "were fitted to these rows "
            "(`tests/test_plan_published.py` also checks each row with it left out of the fit).", "",
            "| row | peer | model, size | GPUs, link | strategy | published | predicted | error |",
            "|---|---|---|---|---|---|---|---|"]

@@ -9,7 +9,7 @@ deterministic pattern search on the constants' logarithms (FIT_START, FIT_STEPS)
 uplinks and cross-socket hops beyond the links' own figures, compiled kernels running faster than eager ones.
 A row is predicted where its model is one paper_models builds (BUILDS) and its strategy one Tandem has (DistriFusion's
 patch split is Tandem's `patch`); the others stay in the table, unpredicted, with the reason. A row's mode says how
-its peer launched the kernels (fitted.MODES: eager, compiled, graphed), as the per-step fixed cost depends on it.
+its peer launched the kernels (fitted.MODES: eager, compiled, graphed): the host's part of a step depends on it.
 """
 
 from __future__ import annotations
@@ -108,8 +108,8 @@ def load(path: Path = PUBLISHED) -> list[Row]:
 FIT_START = Constants(step_s=0.01, launch_s=2e-5, peak_fraction=0.7, half_work=1e11, split_s=0.001, message_s=1e-5,
                       serial_flops_per_pixel=2e8, compiled_launches=0.2)
 FIT_STEPS = (1.0, 0.25, 0.05)  # the pattern search's steps on each constant's natural logarithm
-REFIT_STEPS = FIT_STEPS[1:]
-PEAK = [f.name for f in fields(Constants)].index("peak_fraction")  # the constant the fit keeps at most 1  # leave-one-out refits start from the whole table's constants
+REFIT_STEPS = FIT_STEPS[1:]  # leave-one-out refits start from the whole table's constants
+PEAK = [f.name for f in fields(Constants)].index("peak_fraction")  # the constant the fit keeps at most 1
 
 
 def counted(row: Row):
