@@ -30,16 +30,22 @@ def _plan(tmp_path, *argv) -> dict:
 
 def test_the_file_holds_each_figure_measured_on_the_devices(calibration):
     _, data = calibration
-    assert data["format"] == 1 and data["devices"] == ["cpu", "cpu"] and data["bench_model"] == "flux-small"
+    assert data["format"] == 2 and data["devices"] == ["cpu", "cpu"] and data["bench_model"] == "flux-small"
     shards = data["shards"]
     assert [s["ranks"] for s in shards] == [1, 2, 4, 8]
     for s in shards:  # one rank of a Ulysses split of n computes about 1/n of the call (the text tokens' share)
         assert s["seconds"] > 0 and s["flops"] == pytest.approx(shards[0]["flops"] / s["ranks"], rel=0.1)
-    assert data["fixed_s"] >= 0 and data["half_work_flops"] >= 0 and data["flops_per_s"] > 1e8
+    assert data["launch_s"] >= 0 and data["half_work_flops"] >= 0 and data["flops_per_s"] > 1e8
+    # the tiny call launches flux-small's kernels (its 2 double and 4 single blocks: some hundreds), and its time is
+    # its launches' and its few FLOPs'
+    tiny = data["tiny"]
+    assert 100 < tiny["launches"] < 2000 and tiny["flops"] < shards[-1]["flops"] / 10
+    launched = data["launch_s"] * tiny["launches"] + tiny["flops"] / data["flops_per_s"]
+    assert launched == pytest.approx(tiny["seconds"], rel=1e-6) or data["launch_s"] == 0
     # the line the figures make holds the timed calls: the whole call and the eighth within a half (a 2-core
     # machine shared with other work times them; a wrong slope or intercept misses by far more)
     for s in (shards[0], shards[-1]):
-        line = data["fixed_s"] + (s["flops"] + data["half_work_flops"]) / data["flops_per_s"]
+        line = (s["flops"] + data["half_work_flops"]) / data["flops_per_s"]
         assert line == pytest.approx(s["seconds"], rel=0.5), (s, data)
     link = data["link"]
     assert link["kind"] == "peer" and link["bandwidth_bytes_per_s"] > 0 and link["latency_s"] > 0
@@ -51,8 +57,11 @@ def test_constants_from_the_file_replace_the_fitted_ones(calibration, tmp_path):
     path, data = calibration
     fitted, measured = _plan(tmp_path, "--cfg", "1"), _plan(tmp_path, "--cfg", "1", "--constants", str(path))
     assert fitted["constants"] == "fitted" and measured["constants"] == str(path)
-    flops = count_job("sdxl_meta", (1024, 1024), 1).flops[1]
-    one = data["fixed_s"] + (flops + data["half_work_flops"]) / data["flops_per_s"]
+    from parallel_backend.plan.fitted import FITTED
+
+    counted = count_job("sdxl_meta", (1024, 1024), 1)
+    compute = (counted.flops[1] + data["half_work_flops"]) / data["flops_per_s"]
+    one = max(compute, counted.launches * data["launch_s"]) + FITTED.step_s  # the sampler's step part stays fitted
     assert measured["inputs"]["call_seconds"]["1"] == pytest.approx(one, rel=1e-9)
     assert fitted["inputs"]["call_seconds"]["1"] != pytest.approx(one, rel=0.5)
     assert measured["link"]["bandwidth_bytes_per_s"] == data["link"]["bandwidth_bytes_per_s"]

@@ -155,13 +155,34 @@ def test_a_linear_layer_counts_2_m_n_k_on_meta():
     assert paper.count_flops(lambda: layer(x))[0] == 2 * (3 * 7) * 80 * 48
 
 
+def test_launches_count_the_ops_that_make_a_tensor_not_views_nor_a_no_op():
+    layer = paper_models.on_meta(torch.nn.Linear, dict(in_features=48, out_features=80), torch.bfloat16)
+    x = torch.empty(3, 7, 48, device="meta", dtype=torch.bfloat16)
+    drop = torch.nn.Dropout(0.1).eval()
+    with torch.inference_mode():
+        assert paper.count_launches(lambda: layer(x)) == 1  # one GEMM
+        assert paper.count_launches(lambda: x.view(21, 48).transpose(0, 1)[:4]) == 0  # views launch nothing
+        assert paper.count_launches(lambda: drop(x)) == 0  # dropout in eval hands back its input
+        assert paper.count_launches(lambda: torch.nn.functional.gelu(layer(x)) + 1) == 3
+
+
+def test_a_call_launches_the_same_kernels_at_any_size():
+    """The launches are the model's, not the work's: the same for a call at 64 and 128 px and for two rows, some per
+    block (norms, projections, modulation, attention)."""
+    meta = tiny_flux()
+    small, big, two = (paper._call_flops(meta, rows, size) for rows, size in ((1, (64, 64)), (1, (128, 128)),
+                                                                            (2, (64, 64))))
+    assert small[2] == big[2] == two[2] > 10 * (TINY_FLUX["num_layers"] + TINY_FLUX["num_single_layers"])
+    assert big[0] > small[0]
+
+
 def test_meta_count_equals_a_cpu_run_plus_the_attention_formula():
     # On CPU torch's counter does not see the fused attention kernel; on meta attention runs as two matmuls.
     # The difference is exactly the joint attention of every block, 4 L^2 W per row (L: 16 image + 8 text).
     cpu, meta = tiny_flux(meta=False), tiny_flux()
     with torch.inference_mode():
         on_cpu, _ = paper.count_flops(lambda: forward_for_family(cpu.family)(cpu.module, sample_call(cpu, 1, (64, 64))))
-    on_meta, ops = paper._call_flops(meta, 1, (64, 64))
+    on_meta, ops, _ = paper._call_flops(meta, 1, (64, 64))
     blocks = TINY_FLUX["num_layers"] + TINY_FLUX["num_single_layers"]
     assert on_meta - on_cpu == blocks * paper.attention_flops(16 + 8, 8 * 16) == ops["aten.bmm"]
 
@@ -169,7 +190,7 @@ def test_meta_count_equals_a_cpu_run_plus_the_attention_formula():
 def test_unet_layers_add_up_to_the_call_less_the_shared_embeddings(tiny_scenarios):
     model = tiny_unet()
     layers, handover, weights = paper.count_layers(model, (1024, 1024))
-    whole, _ = paper._call_flops(model, 1, (1024, 1024))
+    whole, _, _ = paper._call_flops(model, 1, (1024, 1024))
     from parallel_backend.models import diffusers_unet
 
     call = paper._meta_call(model, 1, (1024, 1024))
@@ -262,7 +283,7 @@ def test_the_new_models_inputs_run_their_class_and_count_their_attention(tiny, r
     assert out.shape == call.x.shape and torch.isfinite(out).all()
     meta = tiny(meta=True)
     tokens, attentions = meta.sequence_sizes(resolution)
-    _, ops = paper._call_flops(meta, 1, resolution)
+    _, ops, _ = paper._call_flops(meta, 1, resolution)
     assert ops["aten.bmm"] == attentions * paper.attention_flops(tokens, 4 * 16) + extra
 
 
@@ -278,7 +299,7 @@ def test_ltx_videos_inputs_run_its_class_and_count_its_self_and_cross_attention(
     meta = tiny_ltx(meta=True, frames=9)
     tokens, attentions = meta.sequence_sizes((64, 96))
     assert (tokens, attentions) == (12, 2)
-    _, ops = paper._call_flops(meta, 1, (64, 96))
+    _, ops, _ = paper._call_flops(meta, 1, (64, 96))
     width = 4 * 16
     assert ops["aten.bmm"] == attentions * (paper.attention_flops(tokens, width) + 4 * tokens * 8 * width)
 

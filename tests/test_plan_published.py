@@ -37,7 +37,7 @@ def test_table_is_whole_and_its_speedups_agree_with_the_raw_figures():
         raw = {line["id"]: line for line in csv.DictReader(f)}
     for row in rows:
         line = raw[row.id]
-        assert row.source and row.metric in published.METRICS and row.mode in ("eager", "compiled")
+        assert row.source and row.metric in published.METRICS and row.mode in ("eager", "compiled", "graphed")
         if line["one_gpu"]:  # the speed-up is the two figures' ratio, in the row's unit
             one, split = float(line["one_gpu"]), float(line["split"])
             ratio = split / one if line["unit"] == "it/s" else one / split
@@ -46,14 +46,48 @@ def test_table_is_whole_and_its_speedups_agree_with_the_raw_figures():
             gpu_named(row.gpu), link_named(row.link)
 
 
-def test_a_row_whose_mesh_does_not_use_its_devices_is_refused(tmp_path):
+@pytest.mark.parametrize("good, bad, said", [
+    (",2,ulysses,ulysses=2,", ",3,ulysses,ulysses=2,", "mesh of its 3 devices"),  # a mesh short of its devices
+    (",eager,end_to_end,", ",jit,end_to_end,", "a mode of eager, compiled, graphed"),  # an unknown mode
+])
+def test_a_row_that_does_not_say_what_ran_is_refused(tmp_path, good, bad, said):
     text = published.PUBLISHED.read_text().splitlines()
-    bad = text[1].replace(",2,ulysses,ulysses=2,", ",3,ulysses,ulysses=2,", 1)
-    assert bad != text[1]
+    changed = text[1].replace(good, bad, 1)
+    assert changed != text[1]
     path = tmp_path / "bad.csv"
-    path.write_text("\n".join([text[0], bad]) + "\n")
-    with pytest.raises(ValueError, match="mesh of its 3 devices"):
+    path.write_text("\n".join([text[0], changed]) + "\n")
+    with pytest.raises(ValueError, match=said):
         published.load(path)
+
+
+def test_a_call_takes_the_longer_of_its_gpu_work_and_its_launches_and_every_rank_launches_all():
+    """fitted.job_inputs: a call is max(GPU work, launches x launch_s) + step_s; a rank of a split computes its
+    share but launches every kernel; compiled runs launch compiled_launches of them, graphed (CUDA graphs) none."""
+    from dataclasses import replace
+
+    from parallel_backend.plan.fitted import Constants, job_inputs
+    from parallel_backend.plan.paper import Counted
+    from parallel_backend.plan.traffic import CallShape
+
+    c = Constants(step_s=0.01, launch_s=1e-5, peak_fraction=0.5, half_work=0.0, split_s=0.0, message_s=0.0,
+                  serial_flops_per_pixel=0.0, compiled_launches=0.25)
+    counted = Counted(CallShape(rows=1, input_bytes=0, output_bytes=0), "x", {1: 8e12}, 0, weight_bytes=2,
+                      parameters=1, launches=2000)
+    peak = 100e12  # 8e12 FLOPs at 50 TFLOP/s: 160 ms of GPU work; 2000 launches: 20 ms of the host's
+    link = link_named("nvlink-h100")
+
+    def job(mode="eager", flops=8e12):
+        return job_inputs(replace(counted, flops={1: flops}), peak, link, 1, 20, 0, c, 8, mode=mode)
+
+    eager = job()
+    assert eager.seconds(1) == pytest.approx(0.16 + 0.01) and eager.launch_seconds == pytest.approx(0.02)
+    assert eager.shard(1, 2, 1) == pytest.approx(0.08 + 0.01)  # half the work; the launches still hidden
+    assert eager.shard(1, 8, 1) == pytest.approx(0.02 + 0.01)  # an eighth (20 ms) meets the launches
+    assert eager.part(1, 1 / 16) == pytest.approx(0.02 + 0.01)  # below them, the launches set the time
+    assert job("compiled", 1e11).seconds(1) == pytest.approx(0.005 + 0.01)  # a quarter of the launches: 5 ms
+    assert job("graphed", 1e11).seconds(1) == pytest.approx(0.002 + 0.01)  # none: 2 ms of GPU work alone
+    with pytest.raises(ValueError, match="choose one of eager, compiled, graphed"):
+        job("jit")
 
 
 @pytest.mark.slow  # counts the full-size models on meta and fits once per row: minutes
@@ -195,8 +229,8 @@ def test_auto_on_two_rtx4090_without_peer_to_peer_picks_what_the_published_figur
 
 
 def test_auto_runs_one_device_where_every_split_is_predicted_below_the_floor(tmp_path):
-    """The floor on named GPUs: a small call (Flux.1-dev at 256 px) on two H100s gains less from any split than the
-    per-step fixed cost each rank pays whole; auto stays on one device and says why."""
+    """The floor on named GPUs: a small call (Flux.1-dev at 256 px) on two H100s waits on its launches, which each
+    rank pays whole (and the per-step host part): no split gains; auto stays on one device and says why."""
     from parallel_backend.plan.choose import FLOOR
 
     report = _plan_json(tmp_path, "--model", "flux-dev", "--gpu", "h100", "--gpus", "2", "--cfg", "1", "--resolution",

@@ -498,7 +498,8 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--vae", action="store_true", help="also predict the bench model's VAE decode in bands of rows "
                       "on the devices, from one decode timed on the first (minutes for wan-small on a CPU)")
     plan.add_argument("--calibrate", action="store_true", help="measure the GPU model's figures on --devices (the "
-                      "per-call fixed cost, the compute rate by work per device, the link) and write them to --out")
+                      "time per kernel launched, the compute rate by work per device, the link) and write them to "
+                      "--out")
     plan.add_argument("--out", default=None, help="with --calibrate: the JSON file to write")
     plan.add_argument("--constants", default=None, help="with --gpu: a file of --calibrate, measured on that card, "
                       "in place of the constants fitted to published measurements")

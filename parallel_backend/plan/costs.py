@@ -32,7 +32,8 @@ Overlap assumptions, per strategy (each as the strategy's code does it):
 Compute: a row group's call on one device, split: sequence splits take a rank's part as measured on one device
 (Inputs.shard_seconds; else the call over the group's size); asyncdiff by the layer profile's balanced cut;
 row strategies run their rows' call. Sequence and tensor splits divide the call's work, never its fixed part
-(Inputs.fixed_seconds: every rank launches every layer); a stage launches only its own layers.
+(Inputs.fixed_seconds) nor its launches (Inputs.launch_seconds: every rank launches every layer, a floor under its
+compute); a stage launches only its own layers.
 """
 
 from __future__ import annotations
@@ -192,7 +193,8 @@ def _pipeline_group(inp, rows: int, stages: int, patches: int) -> tuple[Cost, li
     costs = [whole * s / (sum(layers) or 1.0) for s in layers]
     cuts = balance(costs, stages)
     slowest = max(stage_costs(costs, cuts))
-    compute = slowest * (patches + stages - 1) / patches + (patches - 1) * inp.fixed_seconds / stages
+    relaunch = inp.fixed_seconds + inp.launch_seconds  # a patch through a stage launches its layers again
+    compute = slowest * (patches + stages - 1) / patches + (patches - 1) * relaunch / stages
     handover = inp.link.seconds(rows * _crossing(inp, cuts))  # the whole sequence across one cut
     piece = inp.link.seconds(rows * _crossing(inp, cuts) / patches)
     exposed = (stages - 1) * piece + (patches - 1) * max(0.0, piece - slowest / patches)

@@ -44,8 +44,11 @@ class Inputs:
     gather hides behind the compute (CUDA); overlaps_all_to_all: the Ulysses all-to-alls hide behind the
     attention blocks computed meanwhile (plan/costs.py; False: all of them exposed); fixed_seconds: the part of
     every call's time that no split divides (a per-step cost each device pays whole, plan/fitted.py), within
-    call_seconds and shard_seconds. decode_seconds: the run's VAE decode on one device; decode_split_seconds: the
-    same decode in bands of rows on the pool's devices (plan/vae_costs.py; 0: not split), both end to end only."""
+    call_seconds and shard_seconds; launch_seconds: the host's time to launch one call's kernels, issued ahead of
+    the device, so a floor under its compute (within call_seconds and shard_seconds above fixed_seconds: a call
+    takes max(its compute, launch_seconds) + fixed_seconds); a split of the work launches every kernel still.
+    decode_seconds: the run's VAE decode on one device; decode_split_seconds: the same decode in bands of rows on
+    the pool's devices (plan/vae_costs.py; 0: not split), both end to end only."""
 
     shape: CallShape
     family: str
@@ -68,13 +71,15 @@ class Inputs:
     gathers_overlap: bool = False
     overlaps_all_to_all: bool = True
     fixed_seconds: float = 0.0
+    launch_seconds: float = 0.0
     decode_seconds: float = 0.0
     decode_split_seconds: float = 0.0
 
     def part(self, rows: int, share: float) -> float:
-        """A device's time for `share` of a `rows`-row call's work: the call's time less its fixed part, times the
-        share, plus the fixed part whole (every device pays it)."""
-        return (self.seconds(rows) - self.fixed_seconds) * share + self.fixed_seconds
+        """A device's time for `share` of a `rows`-row call's work: the call's compute (its time less its fixed part)
+        times the share, no less than the launches (every device launches every kernel), plus the fixed part whole
+        (every device pays it)."""
+        return max((self.seconds(rows) - self.fixed_seconds) * share, self.launch_seconds) + self.fixed_seconds
 
     def contention_at(self, rows: int) -> float:
         """The contention for calls of `rows` rows per device: linear between the measured row counts, the

@@ -4,7 +4,8 @@ from counted figures only; nothing is timed and no weight is loaded.
 Counted: each model's FLOPs per call by torch's FlopCounterMode running the real-size architecture on the
 `meta` device (shapes only, no memory); for UNets each layer's FLOPs and what crosses each cut (asyncdiff's
 stages), from the same run; one token-mixing attention's FLOPs, 4 L^2 W per row (q k^T and the weighted sum of
-v, 2 L^2 W each); the weights' bytes from the parameter count in the model's dtype.
+v, 2 L^2 W each); the weights' bytes from the parameter count in the model's dtype; the kernels a call launches
+(`count_launches`, in the same run: the host's share of a step, plan/fitted.py).
 Published: each GPU's dense fp16/bf16 tensor throughput (GPUS, sources beside them). Stated: the fraction of it
 a call reaches (EFFICIENCY). Time = FLOPs / (peak x efficiency), the same for the whole call, each layer and
 the attention. The links are plan/links.py's profiles; the per-call host overhead is measure.py's CUDA
@@ -20,6 +21,7 @@ import functools
 from dataclasses import dataclass, replace
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..engine.oracle import sample_call
@@ -231,7 +233,8 @@ class Counted:
     """A scenario's counted figures. flops: {rows: FLOPs of one call}; attention_flops: one token-mixing
     attention of one row (4 L^2 W); layers: (name, FLOPs of one row) in order (UNets; () for DiTs);
     flop_ops: the whole call's FLOPs of one row per aten op, as the counter split them; unit_bytes: the bytes of
-    each unit sharded weights gather (models/weight_shards.py)."""
+    each unit sharded weights gather (models/weight_shards.py); launches: the kernels one call launches (the same
+    for any rows: a call of more rows launches the same kernels on larger tensors), by count_launches."""
 
     shape: object  # traffic.CallShape
     family: str
@@ -244,6 +247,30 @@ class Counted:
     activation_bytes_per_row: int = 0
     flop_ops: tuple = ()
     unit_bytes: tuple = ()
+    launches: int = 0
+
+
+class _Launches(TorchDispatchMode):
+    """Counts the aten ops a run dispatches that make a tensor of their own: the kernels an eager GPU run launches
+    (a view, or an op that hands back its input, as dropout does in inference, launches none)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        view = any(r.alias_info is not None and not r.alias_info.is_write for r in func._schema.returns)
+        if not view and not (args and out is args[0]):
+            self.count += 1
+        return out
+
+
+def count_launches(run) -> int:
+    """The kernels `run()` launches, counted as _Launches counts them (on the meta device: nothing computed)."""
+    with _Launches() as counter:
+        run()
+    return counter.count
 
 
 def count_flops(run) -> tuple[int, dict]:
@@ -257,12 +284,20 @@ def _meta_call(model, rows: int, resolution):
     return sample_call(model, rows, resolution).to(torch.device("meta"))
 
 
-def _call_flops(model, rows: int, resolution) -> tuple[int, dict]:
+def _call_flops(model, rows: int, resolution) -> tuple[int, dict, int]:
+    """(FLOPs, {aten op: FLOPs}, kernels launched) of one call of `rows` rows, from one meta run."""
     from ..models import forward_for_family
 
     call = _meta_call(model, rows, resolution)
+    launches = _Launches()
+
+    def run():
+        with launches:  # inside the FLOP counter: it sees the ops the model calls, before the counter decomposes them
+            forward_for_family(model.family)(model.module, call)
+
     with torch.inference_mode():
-        return count_flops(lambda: forward_for_family(model.family)(model.module, call))
+        flops, ops = count_flops(run)
+    return flops, ops, launches.count
 
 
 def count_layers(model, resolution) -> tuple[tuple, tuple, tuple]:
@@ -312,14 +347,14 @@ def count_job(build: str, resolution: tuple, rows: int, frames: int | None = Non
         model = replace(model, frames=frames)
     resolution = tuple(resolution)
     shape = _shape(model, resolution, rows)
-    one, ops = _call_flops(model, 1, resolution)
+    one, ops, launches = _call_flops(model, 1, resolution)
     flops = {1: one} if rows == 1 else {1: one, rows: _call_flops(model, rows, resolution)[0]}
     layers, handover, layer_weights = count_layers(model, resolution)
     shape = replace(shape, handover_bytes=handover)
     params = list(model.module.parameters())
     return Counted(shape, runs_as or model.family, flops, attention_flops(shape.tokens, shape.width), layers,
                    layer_weights, sum(p.numel() * p.element_size() for p in params), sum(p.numel() for p in params),
-                   model.memory_bytes(1, resolution), tuple(sorted(ops.items())), shard_units(model.module))
+                   model.memory_bytes(1, resolution), tuple(sorted(ops.items())), shard_units(model.module), launches)
 
 
 count.cache_clear = count_job.cache_clear  # callers (tests) clear count's cache: it is count_job's

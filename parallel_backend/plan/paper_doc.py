@@ -122,9 +122,13 @@ def inputs_section() -> list[str]:
     c = FITTED
     out += ["", "### Constants fitted to published measurements (plan/fitted.py FITTED)", "",
             "| constant | fitted | what it is |", "|---|---|---|",
-            f"| fixed_s | {1000 * c.fixed_s:.1f} ms | per step (launches, synchronisation, the sampler): every rank of a "
-            "sequence or tensor split pays it whole, an asyncdiff stage its layers' share |",
-            f"| compiled_fixed | {c.compiled_fixed:.3f} | the fixed cost's share left with torch.compile |",
+            f"| launch_s | {1e6 * c.launch_s:.1f} us | the host's time per kernel a call launches (each model's "
+            "kernels counted on meta): a call takes the longer of its GPU work and its launches, issued ahead; every "
+            "rank of a sequence, patch or tensor split launches every kernel, an asyncdiff stage its layers' |",
+            f"| compiled_launches | {c.compiled_launches:.3f} | the launches' share left with torch.compile (CUDA "
+            "graphs, DistriFusion's default: none) |",
+            f"| step_s | {1000 * c.step_s:.1f} ms | per step and device (the sampler's own work, the synchronisation), "
+            "never hidden |",
             f"| peak_fraction | {c.peak_fraction:.3f} | the fraction of the peak a large call reaches |",
             f"| half_work | {c.half_work / 1e9:.3g} GFLOP | the work per device at which a call runs at half of "
             "peak_fraction |",
@@ -154,6 +158,7 @@ def model_section(name: str) -> list[str]:
            "- FLOPs per call (FlopCounterMode on meta): " + ", ".join(f"{r} row(s) {f / 1e12:,.2f} TFLOP"
                                                                        for r, f in sorted(c.flops.items())),
            "- of one row, by op: " + ", ".join(f"{op} {f / 1e12:,.2f}" for op, f in c.flop_ops) + " TFLOP",
+           f"- kernels launched per call (the ops dispatched on meta that make a tensor): {c.launches:,}",
            f"- per row: {shape.input_bytes / MIB:.2f} MiB in (latents, text, extras), {shape.output_bytes / MIB:.2f} "
            f"MiB prediction out; at least {c.activation_bytes_per_row / MIB:,.0f} MiB of activations held"]
     if shape.attentions:
@@ -227,8 +232,10 @@ def published_section() -> list[str]:
     rows = published.load()
     out = ["## Published measurements against the fitted model", "",
            "Each row of `tests/data/published_gpu_figures.csv` (its source in the table), the figure its peer "
-           "published (speed-up over one GPU of the same source: per step, or end to end), this model's "
-           "prediction with the fitted constants, and the error. The constants were fitted to these rows "
+           "published (speed-up over one GPU of the same source: per step, end to end, or of the sampling "
+           "alone, latents out), this model's prediction with the fitted constants, and the error. The mode is how "
+           "the peer launched its kernels: eager, compiled (torch.compile) or graphed (CUDA graphs). The constants "
+           "were fitted to these rows "
            "(`tests/test_plan_published.py` also checks each row with it left out of the fit).", "",
            "| row | peer | model, size | GPUs, link | strategy | published | predicted | error |",
            "|---|---|---|---|---|---|---|---|"]
@@ -303,10 +310,11 @@ def measured_lines() -> list[str]:
 
     found = measured_files()
     out = ["### Measured on a lent GPU (tandem plan --calibrate)", "",
-           "`tandem plan --calibrate --devices cuda:0[,cuda:1] --out FILE` measures a card's per-call fixed cost, its "
+           "`tandem plan --calibrate --devices cuda:0[,cuda:1] --out FILE` measures a card's time per kernel launched "
+           "(a call of next to no arithmetic, over its counted launches), its "
            "compute rate by work per device (one rank's part of a Ulysses split of 1, 2, 4 and 8 of the bench model "
            "flux-small, timed, its FLOPs counted) and the link (two GPUs: their exchange; one: its host copies); "
-           "`tandem plan --gpu CARD --constants FILE` then predicts with the measured fixed cost, half work and rate "
+           "`tandem plan --gpu CARD --constants FILE` then predicts with the measured launch time, half work and rate "
            "(as peak_fraction of the card's published peak) and a measured peer link, the rest fitted. "
            "`tests/gpu/test_plan_calibrate.py` runs it where a GPU is lent; its files are kept in "
            f"`{MEASURED.relative_to(MEASURED.parents[2])}/`.", ""]
@@ -516,7 +524,7 @@ def render() -> str:
              "activations; \"does not fit\" marks a choice over the GPU's memory.", "",
              "Not modelled (plan/model.py): asyncdiff's stride 2, work a sequence split repeats on every rank (Wan's "
              "cross-attention to the text), devices sharing one PCIe uplink, compute slowed by a concurrent "
-             "transfer, torch.compile's faster kernels (only its smaller fixed cost is), the text encoders and VAE "
+             "transfer, torch.compile's faster kernels (only its fewer launches are), the text encoders and VAE "
              "split over devices, fp8 matmuls (fp8 weights are counted as memory only). The text encoders and VAE "
              "are one fitted cost per output pixel for every model: LTX-Video's VAE, 32x per side, costs far less "
              "per pixel than that, so its end-to-end figures are low.", ""]
