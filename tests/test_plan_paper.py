@@ -328,7 +328,7 @@ def _flux2_plan(gpu: str, link: str, devices: int):
 
 
 def test_the_rig_rows_agree_with_choose_for_full_size_flux2(monkeypatch):
-    # Full-size Flux.2-dev (on meta: a few seconds): 2 x 24 GB hold it nowhere, 2 x 48 GB only sharded over both,
+    # Full-size Flux.2-dev (on meta: a few seconds): 2 x 24 GB hold it nowhere, 2 x 48 GB only cut over both,
     # one 80 GB device on its own.
     monkeypatch.setattr(paper_doc, "BIG_MODELS", ("flux2-dev-1024",))
     text = "\n".join(paper_doc.big_models_section())
@@ -340,7 +340,8 @@ def test_the_rig_rows_agree_with_choose_for_full_size_flux2(monkeypatch):
     with pytest.raises(NothingFits):
         _flux2_plan("L40S", "pcie4x16", 1)
     found, two = _flux2_plan("L40S", "pcie4x16", 2)
-    assert two.best.weights == "sharded" and two.best.fits
+    assert two.best.fits and (two.best.weights == "sharded" or two.best.strategy == "pipefusion")  # each stage
+    # holds its own blocks: pipefusion cuts Flux.2 (ComfyUI's) without sharding
     assert f"| 2 device(s): {two.best.label()}, {two.best.seconds_per_call:,.2f} s | {two.best.label()} |" in text
     assert all(c.fits == (c.memory_bytes_per_device <= 48e9) for c in found)
     assert sum(c.fits for c in found) < len(found)
