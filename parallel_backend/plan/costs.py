@@ -22,8 +22,8 @@ Overlap assumptions, per strategy (each as the strategy's code does it):
 - tensor: two all-reduces per block, exposed (strategies/tensor.py posts each and waits for it).
 - asyncdiff: after warm-up each stage hands its output over while the next call computes; the hand-over is
   exposed only where it outlasts the slowest stage. Warm-up calls run the stages in turn, hand-overs exposed.
-- pipefusion: its cut is the fastest that keeps each stage's weights within the default cap (as the strategy cuts
-  without --memory-per-device); a patched call is a pipeline of M patches through N stages: about (M + N - 1) / M
+- pipefusion: its cut is the fastest that keeps each stage's weights within the memory per device given, else the
+  default cap (as the strategy cuts); a patched call is a pipeline of M patches through N stages: about (M + N - 1) / M
   of the slowest stage's whole-sequence time, each extra patch relaunching the stage's layers (its share of the fixed part);
   the fill's hand-overs (N - 1 patches) are exposed, a later patch's only where it outlasts a patch's compute.
   Warm-up calls run the stages in turn, the whole sequence handed over at each cut, exposed. M: the best of
@@ -203,13 +203,14 @@ def _pipeline_group(inp, rows: int, stages: int, patches: int) -> tuple[Cost, li
 
 
 def _pipeline_cut(inp, costs: list[float], stages: int) -> list[int]:
-    """pipefusion's cut (strategies/pipefusion/cut.py): the fastest within the default cap on a stage's weights
-    (a run given --memory-per-device may cut for time alone); the rest of the model counted on every stage, as
-    `_stage_weights` does. Without the blocks' weights: balanced on time."""
+    """pipefusion's cut (strategies/pipefusion/cut.py): the fastest within the memory per device given
+    (`inp.stage_cap_bytes`), else within the default cap on a stage's weights; the rest of the model counted on
+    every stage, as `_stage_weights` does. Without the blocks' weights: balanced on time."""
     if len(inp.layer_weight_bytes) != len(costs):
         return balance(costs, stages)
     rest = max(0, inp.weight_bytes - sum(inp.layer_weight_bytes))
-    return weights_cut(costs, list(inp.layer_weight_bytes), [rest] * stages, inp.weight_bytes, stages)[0]
+    return weights_cut(costs, list(inp.layer_weight_bytes), [rest] * stages, inp.weight_bytes, stages,
+                       memory_bytes=inp.stage_cap_bytes)[0]
 
 
 def _crossing(inp, cuts: list[int]) -> int:

@@ -45,7 +45,9 @@ class Inputs:
     attention blocks computed meanwhile (plan/costs.py; False: all of them exposed); fixed_seconds: the part of
     every call's time that no split divides (a per-step cost each device pays whole, plan/fitted.py), within
     call_seconds and shard_seconds. decode_seconds: the run's VAE decode on one device; decode_split_seconds: the
-    same decode in bands of rows on the pool's devices (plan/vae_costs.py; 0: not split), both end to end only."""
+    same decode in bands of rows on the pool's devices (plan/vae_costs.py; 0: not split), both end to end only.
+    stage_cap_bytes: the memory per device the user gave, within which pipefusion cuts its stages' weights (None:
+    the default share of strategies/pipefusion/cut.py, as the strategy cuts without one)."""
 
     shape: CallShape
     family: str
@@ -70,6 +72,7 @@ class Inputs:
     fixed_seconds: float = 0.0
     decode_seconds: float = 0.0
     decode_split_seconds: float = 0.0
+    stage_cap_bytes: int | None = None  # the memory per device given: pipefusion cuts within it (None: its default)
 
     def part(self, rows: int, share: float) -> float:
         """A device's time for `share` of a `rows`-row call's work: the call's time less its fixed part, times the
