@@ -22,7 +22,8 @@ from parallel_backend.runtime.pool import WorkerError, WorkerPool
 from parallel_backend.runtime.recipe import weights_bytes
 from parallel_backend.strategies.asyncdiff.schedule import balance, stage_costs
 from parallel_backend.strategies.pipefusion import FAMILIES
-from parallel_backend.strategies.pipefusion.cut import SLACK, default_cap, held_per_stage, stage_bytes, weights_cut
+from parallel_backend.strategies.pipefusion.cut import (SLACK, cost_of_cap, default_cap, held_per_stage, stage_bytes,
+                                                       weights_cut)
 from parallel_backend.strategies.pipefusion.patches import Patches
 
 FAULT = str(Path(__file__).with_name("reliability") / "exchange_fault.py")
@@ -83,6 +84,10 @@ def test_the_cut_keeps_each_stage_under_the_cap_where_time_alone_would_not():
     cuts, cap = weights_cut(seconds, sizes, held, whole, 2)
     assert cap == int(whole * (0.5 + SLACK)) and max(stage_bytes(sizes, held, cuts)) <= cap
     assert cuts[0] in _brute_force(seconds, sizes, held, cap)[1] and cuts == [2]
+    mib = [s * 2**20 for s in sizes]
+    assert cost_of_cap(seconds, mib, held, [2]) == ("cuts the blocks 2 / 4 where time alone would cut 3 / 3 (87 MiB "
+                                                    "on one device), its slowest stage 33% slower")
+    assert cost_of_cap(seconds, mib, held, [3]) == ""
     assert weights_cut(seconds, sizes, held, whole, 2, memory_bytes=10 * whole) == ([3], 10 * whole)
     assert weights_cut(seconds, sizes, held, whole, 2, memory_bytes=100)[0] == [3]  # 91 fits a cap of 100
     with pytest.raises(ValueError, match=r"cannot cut this model's 6 blocks into 2 stages within .* the lightest "

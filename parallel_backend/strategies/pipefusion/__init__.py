@@ -24,10 +24,9 @@ import statistics
 from ...runtime.knobs import Knob
 from ...runtime.words import counted
 from ..asyncdiff import AsyncDiff
-from ..asyncdiff.schedule import balance, stage_costs
 from ..base import BenchJob
 from ..stale import WARMUP
-from .cut import SLACK, held_per_stage, stage_bytes, weights_cut
+from .cut import SLACK, cost_of_cap, held_per_stage, stage_bytes, weights_cut
 from .messages import PipeCall, PlaceBlocks, ProfileBlocks
 
 FAMILIES = ("diffusers_dit:flux", "diffusers_dit:wan", "diffusers_dit:sd3")  # models/dit_stages.py FAMILIES (tests check)
@@ -92,19 +91,13 @@ class PipeFusion(AsyncDiff):
         whole = sum(profile.sizes) + shared + first + last
         memory = None if config.memory_per_device is None else int(config.memory_per_device * 2**30)
         cuts, cap = weights_cut(profile.seconds, profile.sizes, held, whole, stages, speeds, memory)
-        weights = stage_bytes(profile.sizes, held, cuts)
-        fastest = balance(profile.seconds, stages, speeds)
-        slowest = [max(c / s for c, s in zip(stage_costs(profile.seconds, c), speeds or [1.0] * stages))
-                   for c in (cuts, fastest)]
-        if slowest[0] > slowest[1] * 1.001:
-            heaviest = max(stage_bytes(profile.sizes, held, fastest))
-            engine.say(f"Tandem: pipefusion cuts the blocks {' / '.join(map(str, _counts(cuts, len(profile.sizes))))} "
-                       f"so that no device holds over {cap / 2**20:.0f} MiB of the {whole / 2**20:.0f} MiB of weights"
-                       f"{'' if memory else ' (an even share plus ' + f'{100 * SLACK:.0f}%)'}; the cut balanced on "
-                       f"time alone ({' / '.join(map(str, _counts(fastest, len(profile.sizes))))}) would hold "
-                       f"{heaviest / 2**20:.0f} MiB on one device and leave its slowest stage "
-                       f"{100 * (1 - slowest[1] / slowest[0]):.0f}% quicker: give --memory-per-device to allow it")
-        return tuple(cuts), {"stage_weights": weights, "weights_cap": cap, "whole_weights": whole}
+        note = cost_of_cap(profile.seconds, profile.sizes, held, cuts, speeds)
+        if note:
+            within = "--memory-per-device" if memory else f"an even share plus {100 * SLACK:.0f}%"
+            engine.say(f"Tandem: pipefusion {note}: no device holds over {cap / 2**20:.0f} of the "
+                       f"{whole / 2**20:.0f} MiB of weights ({within}; a larger --memory-per-device allows the faster cut)")
+        return tuple(cuts), {"stage_weights": stage_bytes(profile.sizes, held, cuts), "weights_cap": cap,
+                             "whole_weights": whole}
 
     def explain(self, mesh, config, steps: int, devices: list[str]) -> str:
         m, n = config.patches or DEFAULT_PATCHES, mesh.inner
@@ -129,9 +122,10 @@ class PipeFusion(AsyncDiff):
         m = config.patches or DEFAULT_PATCHES
         held = plan["stage_weights"]
         summary = (f"pipefusion: {len(shares)} stages, work shares {' / '.join(f'{100 * s:.1f}%' for s in shares)}, "
-                   f"weights {' / '.join(f'{w / 2**20:.0f}' for w in held)} MiB (cap {plan['weights_cap'] / 2**20:.0f} "
-                   f"of {plan['whole_weights'] / 2**20:.0f}), {m} patches; warm-up {counted(config.warmup, 'step')}; {moved / 2**20:.2f} MiB between stages "
-                   f"per call, {1000 * exposed:.1f} ms waited not hidden by compute")
+                   f"weights {' / '.join(f'{w / 2**20:.0f}' for w in held)} MiB of {plan['whole_weights'] / 2**20:.0f} "
+                   f"(cap {plan['weights_cap'] / 2**20:.0f}), {m} patches; warm-up {counted(config.warmup, 'step')}; "
+                   f"{moved / 2**20:.2f} MiB between stages per call, {1000 * exposed:.1f} ms waited not hidden by "
+                   "compute")
         return {"ideal_speedup": 1.0 / slowest, "stage_shares": shares, "stage_weights_bytes": held,
                 "stage_weights_cap_bytes": plan["weights_cap"], "patches": m, "warmup": config.warmup,
                 "transfer_bytes_per_call_median": moved, "exposed_wait_seconds_per_call_median": exposed,
@@ -139,12 +133,6 @@ class PipeFusion(AsyncDiff):
 
     def worker_handlers(self) -> dict:
         return {ProfileBlocks: _on_runner("profile"), PlaceBlocks: _on_runner("setup"), PipeCall: _on_runner("call")}
-
-
-def _counts(cuts, blocks: int) -> list[int]:
-    """The blocks of each stage under `cuts` of `blocks` blocks."""
-    bounds = [0, *cuts, blocks]
-    return [b - a for a, b in zip(bounds, bounds[1:])]
 
 
 def mesh_stages(state: dict) -> int:

@@ -117,7 +117,8 @@ class PipeRunner:
         self.plan = None
         return {"names": measured.names, "layer_seconds": measured.seconds, "crossing": measured.crossing,
                 "layer_bytes": [weights_of(layer.modules) for layer in self.layers],
-                "held_bytes": tuple(weights_of(part(self.module)) for part in (family.shared, family.first, family.last))}
+                "held_bytes": tuple(weights_of(part(self.module))
+                                    for part in (family.shared, family.first, family.last))}
 
     def setup(self, message: PlaceBlocks) -> dict:
         plan = message.plan
