@@ -9,12 +9,13 @@ import shutil
 import socket
 import time
 
+import numpy as np
 import pytest
 
 pytest.importorskip("gradio")
 
 from parallel_backend.demo.app import build_app, generate_handler, launch, readable  # noqa: E402
-from parallel_backend.demo.bench_view import bench_figure, load_report  # noqa: E402
+from parallel_backend.demo.bench_view import bench_figure, load_report, psnr_text, report_table  # noqa: E402
 from parallel_backend.demo.session import DemoSession, generate_pair, pool_status  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -47,7 +48,7 @@ def test_cfg_matches_one_device(session):
     # the reported speed-up is the two runs' measured time per call, one over the other (not a timing test)
     assert result.speedup == pytest.approx((result.single.seconds / STEPS) / (result.tandem.seconds / STEPS))
     assert result.devices == ("cpu", "cpu")
-    assert "per model call" in result.summary()
+    assert "per model call" in result.summary() and "(cfg is exact)" in result.summary() and result.exact
 
 
 def test_asyncdiff_with_full_warmup_is_exact_and_without_is_close(session):
@@ -58,6 +59,12 @@ def test_asyncdiff_with_full_warmup_is_exact_and_without_is_close(session):
                            warmup=1, stride=1, time_shift=True)
     # stale by one call after one exact step of 4: close to one device, not equal (measured: 28.5 dB)
     assert 20 <= approx.psnr_db < float("inf")
+    a, b = (np.asarray(image.convert("RGB"), dtype=np.float64) for image in (approx.single.images[0],
+                                                                              approx.tandem.images[0]))
+    assert approx.psnr_db == pytest.approx(10 * np.log10(255 ** 2 / np.mean((a - b) ** 2)), abs=0.01)
+    assert not approx.exact and not exact.exact  # the strategy is approximate, whatever this run's warm-up
+    assert (f"Difference against one device: max abs diff {approx.max_abs_diff:.0f}/255, PSNR {approx.psnr_db:.1f} dB "
+            "(asyncdiff is approximate after its warm-up steps" in approx.summary())
     assert approx.speedup == pytest.approx((approx.single.seconds / STEPS) / (approx.tandem.seconds / STEPS))
     assert approx.difference.size == approx.single.images[0].size
 
@@ -106,9 +113,23 @@ def test_bench_figure_from_saved_json(tmp_path):
     frame = bench_figure(load_report(str(path)))
     assert list(frame["strategy"]) == ["cfg", "batch"]
     assert list(frame["speedup"]) == [1.6, 1.4]
+    assert list(frame["psnr"]) == ["not computed"] * 2  # a report saved without it says so
+    assert "PSNR against one device not computed" in report_table(REPORT)
     (tmp_path / "bad.json").write_text("{\"results\": 3}")
     with pytest.raises(ValueError, match="not a tandem bench report"):
         load_report(str(tmp_path / "bad.json"))
+
+
+def test_the_bench_view_shows_each_rows_psnr_against_one_device(tmp_path):
+    """As the bench measured it (a JSON report round trip: identical latents are written as Infinity)."""
+    results = [{**row, "psnr_vs_serial_db": psnr} for row, psnr in zip(REPORT["results"],
+                                                                        [float("inf"), 31.24, float("inf"), 98.1])]
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps({**REPORT, "results": results}))
+    report = load_report(str(path))
+    assert list(bench_figure(report)["psnr"]) == ["31.2 dB", "98.1 dB"]
+    assert "batch      1.40x (ideal 1.80x), PSNR against one device 98.1 dB" in report_table(report)
+    assert psnr_text(results[0]) == "identical"
 
 
 def _free_port() -> int:
@@ -157,6 +178,7 @@ def test_served_app_plots_an_uploaded_report(served, tmp_path):
     path.write_text(json.dumps(REPORT))
     plot, table = Client(served, verbose=False).predict(handle_file(str(path)), api_name="/load_bench")
     assert [row[0] for row in plot["data"]] == ["cfg", "batch"] and plot["mark"] == "bar"
+    assert [row[-1] for row in plot["data"]] == ["not computed"] * 2  # the PSNR column, as the tooltip shows it
     assert "batch" in table
 
 

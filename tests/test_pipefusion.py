@@ -20,7 +20,10 @@ from parallel_backend.models import dit_stages
 from parallel_backend.models.benchmodels import build_bench_model
 from parallel_backend.runtime.pool import WorkerError, WorkerPool
 from parallel_backend.runtime.recipe import weights_bytes
+from parallel_backend.strategies.asyncdiff.schedule import balance, stage_costs
 from parallel_backend.strategies.pipefusion import FAMILIES
+from parallel_backend.strategies.pipefusion.cut import (SLACK, cost_of_cap, default_cap, held_per_stage, stage_bytes,
+                                                       weights_cut)
 from parallel_backend.strategies.pipefusion.patches import Patches
 
 FAULT = str(Path(__file__).with_name("reliability") / "exchange_fault.py")
@@ -68,6 +71,61 @@ def test_the_strategy_names_the_families_dit_stages_describes():
             pipefusion.check_family(family)
 
 
+def _brute_force(seconds, sizes, held, cap):
+    """The least slowest stage of every two-stage cut whose stages hold at most `cap`, and the cuts reaching it."""
+    fits = {c: max(sum(seconds[:c]), sum(seconds[c:])) for c in range(1, len(seconds))
+            if held[0] + sum(sizes[:c]) <= cap and held[1] + sum(sizes[c:]) <= cap}
+    best = min(fits.values())
+    return best, [c for c, slowest in fits.items() if slowest == best]
+
+
+def test_the_cut_keeps_each_stage_under_the_cap_where_time_alone_would_not():
+    """Flux's shape: two double-stream blocks of twice a single block's weights, six blocks of equal time. The
+    time-balanced cut (3 / 3) puts 66% of the weights on stage 0; the default cap (an even share plus SLACK)
+    moves the cut to the fastest one within it, and a memory per device given replaces the default."""
+    seconds, sizes = [1.0, 1.0, 1.0, 1.0, 1.0, 1.0], [36, 36, 15, 15, 15, 15]
+    held = held_per_stage(2, 1, 3, 2)
+    whole = sum(sizes) + 2 + 1 + 3
+    assert balance(seconds, 2) == [3] and max(stage_bytes(sizes, held, [3])) > default_cap(whole, 2)
+    cuts, cap = weights_cut(seconds, sizes, held, whole, 2)
+    assert cap == int(whole * (0.5 + SLACK)) and max(stage_bytes(sizes, held, cuts)) <= cap
+    assert cuts[0] in _brute_force(seconds, sizes, held, cap)[1] and cuts == [2]
+    mib = [s * 2**20 for s in sizes]
+    assert cost_of_cap(seconds, mib, held, [2]) == ("cuts the blocks 2 / 4 where time alone would cut 3 / 3 (87 MiB "
+                                                    "on one device), its slowest stage 33% slower")
+    assert cost_of_cap(seconds, mib, held, [3]) == ""
+    assert weights_cut(seconds, sizes, held, whole, 2, memory_bytes=10 * whole) == ([3], 10 * whole)
+    assert weights_cut(seconds, sizes, held, whole, 2, memory_bytes=100)[0] == [3]  # 91 fits a cap of 100
+    with pytest.raises(ValueError, match=r"cannot cut this model's 6 blocks into 2 stages within .* the lightest "
+                                         r"cut holds .*raise --memory-per-device or add devices"):
+        weights_cut(seconds, sizes, held, whole, 2, memory_bytes=70)
+
+
+def test_the_capped_cut_is_the_fastest_within_the_cap_on_random_profiles():
+    """Against brute force over every two- and three-stage cut; where the default share fits no cut (a block
+    heavier than it), the cap rises to the lightest cut's heaviest stage instead of failing."""
+    import itertools
+    import random
+
+    rng = random.Random(3)
+    for _ in range(200):
+        n, stages = rng.randint(3, 9), rng.choice([2, 3])
+        seconds = [rng.uniform(0.1, 2.0) for _ in range(n)]
+        sizes = [rng.randint(1, 40) for _ in range(n)]
+        shared, first, last = (rng.randint(0, 5) for _ in range(3))
+        held = held_per_stage(shared, first, last, stages)
+        whole = sum(sizes) + shared + first + last
+        cuts, cap = weights_cut(seconds, sizes, held, whole, stages)
+        options = {}
+        for c in itertools.combinations(range(1, n), stages - 1):
+            weights = stage_bytes(sizes, held, list(c))
+            options[c] = (max(weights), max(stage_costs(seconds, list(c))))
+        lightest = min(w for w, _ in options.values())
+        assert cap == max(default_cap(whole, stages), lightest)
+        fastest = min(t for w, t in options.values() if w <= cap)
+        assert options[tuple(cuts)][0] <= cap and options[tuple(cuts)][1] == pytest.approx(fastest)
+
+
 # ---- on a pool ----------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -95,14 +153,32 @@ def test_warm_up_covering_every_step_equals_one_device(cpu_pool, models, name):
     plan = strategies.get("pipefusion").stage_plan(executor.engine)
     assert [s["count"] > 0 for s in plan["stages"]] == [True, True]  # each worker ran blocks of its own
     assert sorted(cpu_pool.peak_memory) == [0, 1] and min(cpu_pool.peak_memory.values()) > 0
+    held, whole = cpu_pool.weights_bytes[plan["fingerprint"]], weights_bytes(model.module)
+    assert sorted(held) == [0, 1] and [held[0], held[1]] == plan["stage_weights"]  # as measured on the workers
+    assert plan["whole_weights"] == whole and max(held.values()) <= default_cap(whole, 2)
+
+
+@pytest.mark.slow
+def test_each_stage_holds_at_most_the_cap_unless_a_memory_per_device_allows_more(cpu_pool, models):
+    """flux-small: the time-balanced cut would hold over the default cap on stage 0 (its double-stream blocks), so
+    the default cut differs from it and keeps every stage within the cap (as measured on the workers); with a
+    memory per device given the cut is the time-balanced one. Both exact (warm-up covering every step)."""
+    model = models["flux-small"]
+    reference, whole = _run(model), weights_bytes(model.module)
+    pipefusion = strategies.get("pipefusion")
+    capped = ParallelExecutor(cpu_pool, ParallelConfig("cpu:2", "pipefusion", warmup=STEPS, patches=4))
+    assert _relative(_run(model, capped), reference) < 1e-4
+    plan = pipefusion.stage_plan(capped.engine)
     held = cpu_pool.weights_bytes[plan["fingerprint"]]
-    blocks = sum(weights_bytes(b) for family in [dit_stages.FAMILIES[model.family]]
-                 for blocks in family.blocks for b in getattr(model.module, blocks))
-    whole = weights_bytes(model.module)
-    assert sorted(held) == [0, 1]
-    for rank, stage in enumerate(plan["stages"]):  # its blocks' share of the block weights, and the rest at most
-        assert held[rank] <= whole - blocks + blocks * (stage["count"] + 1) / sum(s["count"] for s in plan["stages"])
-        assert held[rank] < 0.8 * whole
+    assert plan["weights_cap"] == default_cap(whole, 2) and max(held.values()) <= default_cap(whole, 2)
+    assert plan["cuts"] != balance(plan["layer_seconds"], 2)  # the cap chose: time alone would hold more
+    allowed = ParallelExecutor(cpu_pool, ParallelConfig("cpu:2", "pipefusion", warmup=STEPS, patches=4,
+                                                        memory_per_device=1.0))
+    assert _relative(_run(model, allowed), reference) < 1e-4
+    plan = pipefusion.stage_plan(allowed.engine)
+    held = cpu_pool.weights_bytes[plan["fingerprint"]]
+    assert plan["cuts"] == balance(plan["layer_seconds"], 2) and [held[0], held[1]] == plan["stage_weights"]
+    assert max(held.values()) > default_cap(whole, 2)
 
 
 def _tiny(name: str):

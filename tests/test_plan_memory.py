@@ -48,6 +48,25 @@ def test_a_sharded_candidate_holds_a_share_of_the_blocks_and_pays_its_gathers():
     assert tensor.memory_bytes_per_device == 4 * GIB + GIB // 2
 
 
+def test_pipefusions_candidate_holds_the_weights_of_the_cut_the_strategy_makes():
+    """flux-small's shape: two double-stream blocks of 36 MiB, four single ones of 15, all of equal time. The
+    plan's cut is the strategy's (strategies/pipefusion/cut.py): within the default cap it holds 6 + 72 MiB on
+    stage 0 and runs four blocks on stage 1; given a memory per device (`stage_cap_bytes`) it cuts 3 / 3, faster,
+    heavier."""
+    from parallel_backend.strategies.pipefusion.cut import default_cap
+
+    mib = 2**20
+    flux = Inputs(FLUX, "diffusers_dit:flux", 1, {1: 1.0}, LINK, attention_seconds=0.1, weight_bytes=138 * mib,
+                  layer_seconds=(1.0,) * 6, layer_weight_bytes=(36 * mib, 36 * mib) + (15 * mib,) * 4)
+    mesh = Mesh("pipefusion", 1, 1, (2,), 2)
+    capped, allowed = predict(flux, mesh), predict(Inputs(**{**flux.__dict__, "stage_cap_bytes": GIB}), mesh)
+    assert capped.weights_bytes_per_device == 6 * mib + 72 * mib <= default_cap(138 * mib, 2)
+    assert allowed.weights_bytes_per_device == 6 * mib + 87 * mib
+    assert allowed.seconds_per_call < capped.seconds_per_call
+    with pytest.raises(ValueError, match="raise --memory-per-device"):  # no cut fits: no candidate
+        predict(Inputs(**{**flux.__dict__, "stage_cap_bytes": 70 * mib}), mesh)
+
+
 def test_a_budget_marks_what_fits_and_the_choice_takes_the_fastest_that_does():
     found = candidates(BIG, 2, budget_bytes=8 * GIB)
     assert all(c.fits == (c.memory_bytes_per_device <= 8 * GIB) for c in found)

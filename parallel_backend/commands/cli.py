@@ -214,6 +214,8 @@ def cmd_plan(args) -> int:
                          f"into {len(devices)} bands (or it has no bench VAE)")
     budget = (int(args.memory_per_device * 2**30) if args.memory_per_device is not None
               else default_budget_bytes(list(devices)))
+    if args.memory_per_device is not None:  # pipefusion cuts its stages' weights within it
+        inputs = dataclasses.replace(inputs, stage_cap_bytes=budget)
     found = candidates(inputs, len(devices), budget)
     try:
         choice, nothing_fits = choose(found), ""

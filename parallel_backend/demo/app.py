@@ -49,6 +49,11 @@ def bench_knobs() -> tuple:
     return tuple(knob for knob in registry.knobs() if not knob.axis)
 
 
+def _approximate() -> list[str]:
+    """The registered strategies that differ from one device after their warm-up steps."""
+    return [name for name in registry.names() if not registry.get(name).exact]
+
+
 def knob_control(knob):
     """The gradio control of a declared knob (runtime/knobs.py)."""
     w = knob.widget()
@@ -137,7 +142,8 @@ def _generate_tab(session: DemoSession, devices_default: str) -> None:
                 scheduler = gr.Dropdown(list(SCHEDULERS), value="euler", label="Scheduler")
                 devices = gr.Textbox(devices_default, label="Devices", info="'cpu:2', 'cuda:0,cuda:1' or 'auto'")
                 strategy = gr.Dropdown(list(strategy_choices()), value="auto", label="Strategy",
-                                       info="auto/cfg/batch are exact; asyncdiff is approximate after warm-up")
+                                       info=f"approximate after warm-up: {', '.join(_approximate())} (the "
+                                            "summary gives the PSNR against one device); the others are exact")
             with gr.Accordion("Strategy settings", open=False):
                 with gr.Row():
                     knobs = [knob_control(knob) for knob in registry.knobs()]
@@ -172,7 +178,7 @@ def _bench_tab(devices_default: str) -> None:
             run = gr.Button("Run benchmark", variant="primary")
             upload = gr.File(label="Or load a saved bench JSON", file_types=[".json"], type="filepath")
         with gr.Column(scale=2):
-            plot = gr.BarPlot(x="strategy", y="speedup", tooltip=["strategy", "speedup", "ideal", "devices"],
+            plot = gr.BarPlot(x="strategy", y="speedup", tooltip=["strategy", "speedup", "ideal", "devices", "psnr"],
                               title="Speed-up per model call vs one device", y_title="speed-up (x)",
                               sort=list(bench_strategies()), y_lim=[0, None], label="Speed-up")
             table = gr.Code(label="Table", language=None, interactive=False)

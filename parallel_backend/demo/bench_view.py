@@ -15,16 +15,26 @@ def bench_strategies() -> tuple[str, ...]:
 
 
 def bench_figure(report: dict):
-    """A pandas DataFrame, one row (bar) per strategy measured: speed-up vs one device and the ideal.
+    """A pandas DataFrame, one row (bar) per strategy measured: speed-up vs one device, the ideal, and the PSNR
+    against one device (`psnr_text`).
 
     The one-device "serial" rows are the 1.0x reference and are left out.
     """
     import pandas as pd
 
     rows = [{"strategy": r["strategy"], "speedup": round(float(r["speedup_vs_serial"]), 3),
-             "ideal": round(float(r["ideal_speedup"]), 3), "devices": int(r["devices"])}
+             "ideal": round(float(r["ideal_speedup"]), 3), "devices": int(r["devices"]), "psnr": psnr_text(r)}
             for r in report.get("results", []) if r["strategy"] != "serial"]
-    return pd.DataFrame(rows, columns=["strategy", "speedup", "ideal", "devices"])
+    return pd.DataFrame(rows, columns=["strategy", "speedup", "ideal", "devices", "psnr"])
+
+
+def psnr_text(row: dict) -> str:
+    """A bench row's PSNR against one device (the bench's serial run, same inputs): "identical", "31.2 dB", or
+    "not computed" where the report does not hold it (a report saved without it)."""
+    value = row.get("psnr_vs_serial_db")
+    if value is None:
+        return "not computed"
+    return "identical" if float(value) == float("inf") else f"{float(value):.1f} dB"
 
 
 def load_report(path: str) -> dict:
@@ -49,4 +59,5 @@ def report_table(report: dict) -> str:
         return format_table(report)
     except (KeyError, TypeError, ValueError, ZeroDivisionError):
         return "\n".join(f"{r['strategy']:<10} {float(r['speedup_vs_serial']):.2f}x "
-                         f"(ideal {float(r['ideal_speedup']):.2f}x)" for r in report["results"])
+                         f"(ideal {float(r['ideal_speedup']):.2f}x), PSNR against one device {psnr_text(r)}"
+                         for r in report["results"])

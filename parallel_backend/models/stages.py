@@ -67,6 +67,8 @@ class Profile:
     names: list[str]
     seconds: list[float]
     crossing: list[list[tuple[tuple[int, ...], str]]]  # cut i (before layer i): [(shape[1:], dtype), ...]
+    sizes: list[int] | None = None  # each layer's weights (bytes), where the cut weighs them (pipefusion)
+    held: tuple[int, int, int] | None = None  # the weights besides the layers: every stage's, the first's, the last's
 
     def specs(self, cut: int, rows: int) -> list[tuple[tuple[int, ...], torch.dtype]]:
         return [((rows, *shape), getattr(torch, dtype)) for shape, dtype in self.crossing[cut]]
@@ -109,6 +111,17 @@ def profile(layers: list[Layer], ctx: Context, first: Activations, repeats: int 
                 if attempt:
                     times[i].append(time.perf_counter() - started)
     return Profile([layer.name for layer in layers], [min(t) for t in times], crossing)
+
+
+def weights_of(items) -> int:
+    """The bytes of weights `items` (modules, single tensors or None) hold, each tensor counted once."""
+    from ..runtime.recipe import tensor_bytes
+
+    seen = {}
+    for item in (i for i in items if i is not None):
+        for t in (*item.parameters(), *item.buffers()) if isinstance(item, torch.nn.Module) else (item,):
+            seen[id(t)] = t
+    return sum(tensor_bytes(t) for t in seen.values())
 
 
 def modules_of(layers: list[Layer]) -> list[torch.nn.Module]:

@@ -11,6 +11,8 @@ once; the layer profile and the attention once per job.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from ..engine.pool_engine import engine_for, sequence_hint
 from ..engine.mesh import resolve
 from ..engine.oracle import sample_call
@@ -59,6 +61,8 @@ class Predictor:
             return None
         self.measure(rows, branches)
         inputs = self._jobs[(rows, branches)].inputs()
+        if config.memory_per_device is not None:  # pipefusion cuts within it
+            inputs = replace(inputs, stage_cap_bytes=int(config.memory_per_device * 2**30))
         return predict(inputs, resolve(config, self.n, branches, rows, self.hint))
 
 

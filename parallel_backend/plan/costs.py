@@ -22,8 +22,9 @@ Overlap assumptions, per strategy (each as the strategy's code does it):
 - tensor: two all-reduces per block, exposed (strategies/tensor.py posts each and waits for it).
 - asyncdiff: after warm-up each stage hands its output over while the next call computes; the hand-over is
   exposed only where it outlasts the slowest stage. Warm-up calls run the stages in turn, hand-overs exposed.
-- pipefusion: a patched call is a pipeline of M patches through N stages: about (M + N - 1) / M of the slowest
-  stage's whole-sequence time, each extra patch relaunching the stage's layers (its share of the fixed part);
+- pipefusion: its cut is the fastest that keeps each stage's weights within the memory per device given, else the
+  default cap (as the strategy cuts); a patched call is a pipeline of M patches through N stages: about (M + N - 1) / M
+  of the slowest stage's whole-sequence time, each extra patch relaunching the stage's layers (its share of the fixed part);
   the fill's hand-overs (N - 1 patches) are exposed, a later patch's only where it outlasts a patch's compute.
   Warm-up calls run the stages in turn, the whole sequence handed over at each cut, exposed. M: the best of
   PATCH_CHOICES (`proposed_patches`).
@@ -41,6 +42,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from ..strategies.asyncdiff.schedule import balance, stage_costs
+from ..strategies.pipefusion.cut import weights_cut
 from .traffic import Traffic, group_rows, handover_peer, per_rank, sequence_peer
 
 
@@ -168,8 +170,8 @@ PATCH_CHOICES = (2, 4, 8)
 
 
 def pipeline_cost(inp, mesh) -> Cost:
-    """pipefusion: the balanced cut of the blocks' profile (asyncdiff's), per row group, with the patches the
-    plan proposes for the busiest group."""
+    """pipefusion: the cut of the blocks' profile the strategy makes (the fastest within the cap on a stage's
+    weights), per row group, with the patches the plan proposes for the busiest group."""
     rows = [g for g in group_rows(mesh, inp.shape, inp.branches) if g]
     patches = proposed_patches(inp, mesh)
     groups = [_pipeline_group(inp, g, mesh.inner, patches) for g in rows]
@@ -191,7 +193,7 @@ def _pipeline_group(inp, rows: int, stages: int, patches: int) -> tuple[Cost, li
     whole = inp.seconds(rows)
     layers = inp.layer_seconds or (1.0,) * stages
     costs = [whole * s / (sum(layers) or 1.0) for s in layers]
-    cuts = balance(costs, stages)
+    cuts = _pipeline_cut(inp, costs, stages)
     slowest = max(stage_costs(costs, cuts))
     relaunch = inp.fixed_seconds + inp.launch_seconds  # a patch through a stage launches its layers again
     compute = slowest * (patches + stages - 1) / patches + (patches - 1) * relaunch / stages
@@ -200,6 +202,17 @@ def _pipeline_group(inp, rows: int, stages: int, patches: int) -> tuple[Cost, li
     exposed = (stages - 1) * piece + (patches - 1) * max(0.0, piece - slowest / patches)
     return (Cost(compute + exposed, compute, exposed, (stages - 1) * handover, Traffic(), 0,
                  whole + (stages - 1) * handover, rows), cuts)
+
+
+def _pipeline_cut(inp, costs: list[float], stages: int) -> list[int]:
+    """pipefusion's cut (strategies/pipefusion/cut.py): the fastest within the memory per device given
+    (`inp.stage_cap_bytes`), else within the default cap on a stage's weights; the rest of the model counted on
+    every stage, as `_stage_weights` does. Without the blocks' weights: balanced on time."""
+    if len(inp.layer_weight_bytes) != len(costs):
+        return balance(costs, stages)
+    rest = max(0, inp.weight_bytes - sum(inp.layer_weight_bytes))
+    return weights_cut(costs, list(inp.layer_weight_bytes), [rest] * stages, inp.weight_bytes, stages,
+                       memory_bytes=inp.stage_cap_bytes)[0]
 
 
 def _crossing(inp, cuts: list[int]) -> int:

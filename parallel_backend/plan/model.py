@@ -48,7 +48,9 @@ class Inputs:
     the device, so a floor under its compute (within call_seconds and shard_seconds above fixed_seconds: a call
     takes max(its compute, launch_seconds) + fixed_seconds); a split of the work launches every kernel still.
     decode_seconds: the run's VAE decode on one device; decode_split_seconds: the same decode in bands of rows on
-    the pool's devices (plan/vae_costs.py; 0: not split), both end to end only."""
+    the pool's devices (plan/vae_costs.py; 0: not split), both end to end only.
+    stage_cap_bytes: the memory per device the user gave, within which pipefusion cuts its stages' weights (None:
+    the default share of strategies/pipefusion/cut.py, as the strategy cuts without one)."""
 
     shape: CallShape
     family: str
@@ -74,6 +76,7 @@ class Inputs:
     launch_seconds: float = 0.0
     decode_seconds: float = 0.0
     decode_split_seconds: float = 0.0
+    stage_cap_bytes: int | None = None  # the memory per device given: pipefusion cuts within it (None: its default)
 
     def part(self, rows: int, share: float) -> float:
         """A device's time for `share` of a `rows`-row call's work: the call's compute (its time less its fixed part)

@@ -78,14 +78,15 @@ class AsyncDiff(Strategy):
                      None if sample.context is None else tuple(sample.context.shape[1:]))
         if shape_key not in profiles:
             reply = engine.request({0: self.profile_message(fingerprint, sample)}, "measuring the model's layers")[0]
-            profiles[shape_key] = Profile(reply["names"], reply["layer_seconds"], reply["crossing"])
+            profiles[shape_key] = Profile(reply["names"], reply["layer_seconds"], reply["crossing"],
+                                          reply.get("layer_bytes"), reply.get("held_bytes"))
         profile = profiles[shape_key]
         speeds = stage_speeds(mesh)
         setup_key = (shape_key, mesh.groups, mesh.inner, self.setup_knobs(config), speeds, engine.pool_generation())
         if state.get("setup") == setup_key:
             return
         stages = mesh.inner
-        cuts = tuple(balance(profile.seconds, stages, speeds))
+        cuts, weights = self.cut(engine, profile, stages, speeds, config)
         crossing = tuple(tuple(c) for c in profile.crossing)
         work = {}
         for g in range(mesh.groups):
@@ -103,7 +104,12 @@ class AsyncDiff(Strategy):
                        f"stages (--{self.axes[0]}) or leave the slow device out of --devices")
         state["plan"] = {"cuts": list(cuts), "fingerprint": fingerprint, "crossing": [profile.crossing[c] for c in cuts],
                          "stages": describe(profile, list(cuts)), "layer_names": profile.names,
-                         "layer_seconds": profile.seconds, "stage_speeds": list(speeds or [1.0] * stages)}
+                         "layer_seconds": profile.seconds, "stage_speeds": list(speeds or [1.0] * stages), **weights}
+
+    def cut(self, engine, profile, stages: int, speeds, config) -> tuple[tuple[int, ...], dict]:
+        """(the cut points, what the plan records of its weights): asyncdiff cuts for time alone (the
+        balanced cut, `schedule.balance`), and records nothing of its weights."""
+        return tuple(balance(profile.seconds, stages, speeds)), {}
 
     def weights_layout(self, mesh):
         """Every rank a stage: its model held in host memory as it loads (`cut_on_load`), so no device holds

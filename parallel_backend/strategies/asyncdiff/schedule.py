@@ -25,11 +25,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from ...runtime.words import counted
 
-def balance(costs: list[float], stages: int, speeds: list[float] | None = None) -> list[int]:
+def balance(costs: list[float], stages: int, speeds: list[float] | None = None, sizes: list[int] | None = None,
+            cap: float | None = None, held: list[int] | None = None) -> list[int]:
     """Cut points [c_1 < ... < c_{stages-1}] splitting `costs` (per layer, in order) into `stages` contiguous
     non-empty parts, minimising the slowest part: its cost over its stage's device speed (`speeds`, one per
     stage, relative; None: all equal); ties: the earliest cuts. Stage k runs layers [cut_{k}, cut_{k+1}) with
-    cut_0 = 0 and cut_stages = len(costs)."""
+    cut_0 = 0 and cut_stages = len(costs).
+    With `cap`: only cuts whose every stage holds at most `cap` bytes of weights, its layers' (`sizes`, bytes per
+    layer) plus what it holds besides them (`held`, one per stage; None: nothing); ValueError, naming the lightest
+    cut's heaviest stage, where no cut does."""
     n = len(costs)
     if stages < 1:
         raise ValueError(f"stages must be >= 1; got {stages}")
@@ -38,25 +42,60 @@ def balance(costs: list[float], stages: int, speeds: list[float] | None = None) 
         raise ValueError(f"balance needs one positive speed per stage ({stages}); got {speeds}")
     if stages > n:
         raise ValueError(f"cannot cut {n} layers into {stages} stages; use at most {n} stages")
-    prefix = [0.0]
-    for cost in costs:
-        prefix.append(prefix[-1] + max(0.0, float(cost)))
+    time = _prefix(costs)
+    if cap is None:
+        return _minmax(n, stages, lambda k, j, i: (time[i] - time[j]) / speeds[k])[1]
+    weight = stage_weights(sizes, held, stages)
+    slowest, cuts = _minmax(n, stages, lambda k, j, i: (time[i] - time[j]) / speeds[k] if weight(k, j, i) <= cap
+                            else float("inf"))
+    if slowest == float("inf"):
+        raise ValueError(f"no cut of {n} layers into {stages} stages keeps every stage's weights within {cap:.0f} "
+                         f"bytes: the lightest holds {lightest(sizes, stages, held):.0f} on its heaviest stage")
+    return cuts
+
+
+def lightest(sizes: list[int], stages: int, held: list[int] | None = None) -> float:
+    """The least weights (bytes) the heaviest stage of any cut of `sizes` into `stages` parts holds (`held`: as
+    in `balance`)."""
+    return _minmax(len(sizes), stages, stage_weights(sizes, held, stages))[0]
+
+
+def stage_weights(sizes: list[int], held: list[int] | None, stages: int):
+    """(stage k, first layer j, end i) -> the bytes stage k holds when it runs layers [j, i)."""
+    prefix, held = _prefix(sizes), [0] * stages if held is None else list(held)
+    if len(sizes) and len(held) != stages:
+        raise ValueError(f"held needs one figure per stage ({stages}); got {held}")
+    return lambda k, j, i: held[k] + prefix[i] - prefix[j]
+
+
+def _prefix(values) -> list[float]:
+    out = [0.0]
+    for value in values:
+        out.append(out[-1] + max(0.0, float(value)))
+    return out
+
+
+def _minmax(n: int, stages: int, part) -> tuple[float, list[int]]:
+    """(the least largest part(k, j, i) over cuts of n items into `stages` contiguous non-empty parts, its cuts
+    without cut_0); part(k, j, i): stage k running items [j, i); ties: the earliest cuts."""
     inf = float("inf")
-    # best[k][i]: the smallest possible max-part cost for the first i layers in k parts; choice: where part k starts
+    # best[k][i]: the smallest possible max-part value for the first i items in k parts; choice: where part k starts
     best = [[inf] * (n + 1) for _ in range(stages + 1)]
     choice = [[0] * (n + 1) for _ in range(stages + 1)]
     best[0][0] = 0.0
     for k in range(1, stages + 1):
         for i in range(k, n - (stages - k) + 1):
             for j in range(k - 1, i):
-                value = max(best[k - 1][j], (prefix[i] - prefix[j]) / speeds[k - 1])
+                value = max(best[k - 1][j], part(k - 1, j, i))
                 if value < best[k][i] - 1e-12:
                     best[k][i], choice[k][i] = value, j
+    if best[stages][n] == inf:
+        return inf, []
     cuts, i = [], n
     for k in range(stages, 0, -1):
         i = choice[k][i]
         cuts.append(i)
-    return sorted(cuts)[1:]  # drop cut_0 == 0
+    return best[stages][n], sorted(cuts)[1:]  # drop cut_0 == 0
 
 
 def stage_costs(costs: list[float], cuts: list[int]) -> list[float]:

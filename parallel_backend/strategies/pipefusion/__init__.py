@@ -2,9 +2,10 @@
 stages as a pipeline, each attention using this call's fresh keys and values for the patches already computed
 and the call before's for the others (PipeFusion, xDiT).
 
-Host side (this module): the cut is asyncdiff's (the first call of a model and shape measures every block on
-one worker, `schedule.balance` picks the cut, each worker is told its stage and holds only its blocks' weights;
-the embedders sit with the first stage, the output norm and projection with the last). Each row group of the
+Host side (this module): the stages are set up as asyncdiff's (the first call of a model and shape measures every
+block's time and weights on one worker, each worker is told its stage and holds only its blocks' weights; the
+embedders sit with the first stage, the output norm and projection with the last), but the cut weighs the
+weights too: the fastest cut whose every stage holds at most a cap of them (cut.py). Each row group of the
 mesh (cfg x batch) runs the call on its own chain of stages; the last stage's output is the group's prediction.
 A call runs as one patch (the whole sequence: exact, and it fills every attention's keys and values) during the
 job's first `warmup` steps and whenever its stream has not yet had a whole-sequence call of its shape on the
@@ -26,6 +27,7 @@ from ...runtime.words import counted
 from ..asyncdiff import AsyncDiff
 from ..base import BenchJob
 from ..stale import WARMUP
+from .cut import SLACK, cost_of_cap, held_per_stage, stage_bytes, weights_cut
 from .messages import PipeCall, PlaceBlocks, ProfileBlocks
 
 # runner.FAMILIES: models/dit_stages.py's and models/comfy_dit_stages.py's (tests check)
@@ -84,7 +86,23 @@ class PipeFusion(AsyncDiff):
         return PlaceBlocks(fingerprint, plan)
 
     def setup_knobs(self, config) -> tuple:
-        return ()
+        return (config.memory_per_device,)  # the cut's cap on a stage's weights
+
+    def cut(self, engine, profile, stages: int, speeds, config) -> tuple[tuple[int, ...], dict]:
+        """The fastest cut whose every stage holds at most the cap of weights (cut.py); said once where the cap
+        makes the slowest stage slower than the cut balanced on time alone would."""
+        shared, first, last = profile.held
+        held = held_per_stage(shared, first, last, stages)
+        whole = sum(profile.sizes) + shared + first + last
+        memory = None if config.memory_per_device is None else int(config.memory_per_device * 2**30)
+        cuts, cap = weights_cut(profile.seconds, profile.sizes, held, whole, stages, speeds, memory)
+        note = cost_of_cap(profile.seconds, profile.sizes, held, cuts, speeds)
+        if note:
+            within = "--memory-per-device" if memory else f"an even share plus {100 * SLACK:.0f}%"
+            engine.say(f"Tandem: pipefusion {note}: no device holds over {cap / 2**20:.0f} of the "
+                       f"{whole / 2**20:.0f} MiB of weights ({within}; a larger --memory-per-device allows the faster cut)")
+        return tuple(cuts), {"stage_weights": stage_bytes(profile.sizes, held, cuts), "weights_cap": cap,
+                             "whole_weights": whole}
 
     def explain(self, mesh, config, steps: int, devices: list[str]) -> str:
         m, n = config.patches or DEFAULT_PATCHES, mesh.inner
@@ -107,10 +125,14 @@ class PipeFusion(AsyncDiff):
         exposed = statistics.median(c["wait"] for c in patched)
         moved = statistics.median(c["bytes"] for c in patched)
         m = config.patches or DEFAULT_PATCHES
+        held = plan["stage_weights"]
         summary = (f"pipefusion: {len(shares)} stages, work shares {' / '.join(f'{100 * s:.1f}%' for s in shares)}, "
-                   f"{m} patches; warm-up {counted(config.warmup, 'step')}; {moved / 2**20:.2f} MiB between stages "
-                   f"per call, {1000 * exposed:.1f} ms waited not hidden by compute")
-        return {"ideal_speedup": 1.0 / slowest, "stage_shares": shares, "patches": m, "warmup": config.warmup,
+                   f"weights {' / '.join(f'{w / 2**20:.0f}' for w in held)} MiB of {plan['whole_weights'] / 2**20:.0f} "
+                   f"(cap {plan['weights_cap'] / 2**20:.0f}), {m} patches; warm-up {counted(config.warmup, 'step')}; "
+                   f"{moved / 2**20:.2f} MiB between stages per call, {1000 * exposed:.1f} ms waited not hidden by "
+                   "compute")
+        return {"ideal_speedup": 1.0 / slowest, "stage_shares": shares, "stage_weights_bytes": held,
+                "stage_weights_cap_bytes": plan["weights_cap"], "patches": m, "warmup": config.warmup,
                 "transfer_bytes_per_call_median": moved, "exposed_wait_seconds_per_call_median": exposed,
                 "summary": summary}
 

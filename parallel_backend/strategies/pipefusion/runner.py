@@ -26,7 +26,7 @@ import torch
 from ...models import comfy_dit_stages, dit_stages
 from ...models.attention_route import ROUTE, Route
 from ...models.sequence_hooks import sites
-from ...models.stages import Activations, Placement, modules_of, profile, synchronize
+from ...models.stages import Activations, Placement, modules_of, profile, synchronize, weights_of
 from ...runtime import primitives
 from ...runtime.messages import Computed
 from .messages import PipeCall, PlaceBlocks, ProfileBlocks
@@ -123,7 +123,10 @@ class PipeRunner:
             measured = profile(self.layers, ctx, family.tokens(self.module, call), repeats=2,
                                around=lambda layer: on_device([m for m in layer.modules if m is not None]))
         self.plan = None
-        return {"names": measured.names, "layer_seconds": measured.seconds, "crossing": measured.crossing}
+        return {"names": measured.names, "layer_seconds": measured.seconds, "crossing": measured.crossing,
+                "layer_bytes": [weights_of(layer.modules) for layer in self.layers],
+                "held_bytes": tuple(weights_of(part(self.module))
+                                    for part in (family.shared, family.first, family.last))}
 
     def setup(self, message: PlaceBlocks) -> dict:
         plan = message.plan
