@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from parallel_backend.models.vae_bands import band_in_place, check_layers, row_scale
+from parallel_backend.models.vae_bands import band_in_place, check_layers, check_noise, row_scale
 from parallel_backend.models.vae_families import family_of
 
 
@@ -246,7 +246,7 @@ def test_ltx_videos_noise_mixing_decoder_bands_with_the_hosts_noise(degree):
 
 def test_ltx_videos_noise_injection_is_refused_before_work():
     """A decoder that injects noise drawn over its input's shape cannot band: refused by name (`parallelize`
-    keeps its own decode); and a timestep given for a VAE that takes none is refused in one sentence."""
+    keeps its own decode), its encoder splits; and a timestep given for a VAE that takes none is refused in one sentence."""
     from parallel_backend.engine.vae import decode
     from parallel_backend.hosts.diffusers_vae import splits
 
@@ -254,7 +254,12 @@ def test_ltx_videos_noise_injection_is_refused_before_work():
     assert not splits(noisy) and splits(ltx_vae())
     with pytest.raises(ValueError, match=r"^layer 'decoder\.up_blocks\.3\.conv_in' \(LTXVideoResnetBlock3d\) adds "
                                          r"noise drawn over its input's shape \(per_channel_scale1\)"):
-        check_layers(noisy)
+        check_noise(noisy)
+    with pytest.raises(ValueError, match=r"^layer 'decoder\.up_blocks\.3\.conv_in' .* adds noise"):
+        decode(None, noisy, torch.zeros(1, 4, 2, 4, 3))  # no engine: refused before any work
+    check_layers(noisy)  # its layers band: an encode, which never runs the noise, splits
+    clip = torch.randn(1, 3, 9, 16 * 4, 32, generator=torch.Generator().manual_seed(19))
+    _close(banded(noisy, clip, 2, _encode, unit=16), _encode(noisy, clip))
     with pytest.raises(ValueError, match="^this AutoencoderKLHunyuanVideo VAE decodes without a timestep; pass none$"):
         decode(None, hunyuan_vae(), torch.zeros(1, 4, 1, 2, 2), timestep=torch.zeros(1))
 

@@ -51,6 +51,7 @@ def decode(engine, vae, latent, devices: int | None = None, timestep=None, draw_
         raise CannotCarry(refusal)
     if timestep is not None and not family.takes_timestep:
         raise ValueError(f"this {type(vae).__name__} VAE decodes without a timestep; pass none")
+    vae_bands.check_noise(vae)
     return _split(engine, vae, family, latent, DECODE, 1, devices, timestep, draw_on)
 
 

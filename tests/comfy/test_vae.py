@@ -291,3 +291,18 @@ def test_ltx_091s_noise_inside_the_decoder_takes_the_stock_path_and_says_why(com
                           "each block's own shape inside its decoder (inject_noise, LTX-Video 0.9.1's)")
     assert stock.shape == tandem.shape == (9, 128, 96, 3)
     comfy.assert_same_latents(tandem, stock)
+
+
+def test_ltx_091s_encoder_splits_though_its_decoder_adds_noise(comfy_server, comfy):
+    """0.9.1's noise is its decoder's: its encoder draws none, and encodes in bands equal to the stock node."""
+    _, channels, frames, rows, columns = LTX
+
+    def workflow(node: str, prefix: str) -> dict:
+        flow = _encode_workflow(node, prefix, video=LTX)
+        flow["1"]["inputs"].update(noise=True, inject_noise=True)
+        return flow
+
+    stock, tandem = _pair(comfy_server, comfy, workflow, "ltx_inject_encode",
+                          f"VAE Encode (Multi-GPU) split {rows * 32}x{columns * 32} rows into 2 bands on cpu, cpu")
+    assert stock.shape == tandem.shape == (1, channels, frames, rows, columns)
+    comfy.assert_same_latents(tandem, stock)
