@@ -42,7 +42,8 @@ class TandemVAEDecode(io.ComfyNode):
     def execute(cls, samples, vae, settings=None) -> io.NodeOutput:
         latent = samples["samples"]
         done = _on_the_pool("VAE Decode", settings, vae, latent, _reason_to_stay_home(latent, vae.first_stage_model),
-                            lambda engine: decode(engine, vae.first_stage_model, latent.to(vae.vae_dtype)))
+                            lambda engine: decode(engine, vae.first_stage_model, latent.to(vae.vae_dtype),
+                                                  draw_on=vae.device))  # where the stock decode draws its noise
         if done is None:
             return io.NodeOutput(*comfy_nodes.VAEDecode().decode(vae, samples))
         images = vae.process_output(done.out.to(vae.output_device).float()).movedim(1, -1)

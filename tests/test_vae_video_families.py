@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from parallel_backend.models.vae_bands import band_in_place, check_layers, row_scale
+from parallel_backend.models.vae_bands import band_in_place, check_layers, check_noise, row_scale
 from parallel_backend.models.vae_families import family_of
 
 
@@ -181,9 +181,72 @@ def test_ltx_videos_timestep_conditioned_decoder_bands_with_the_timestep(degree)
     _close(banded(vae, z, degree, lambda v, rows: family.decode(v, rows, timestep=timestep)), reference)
 
 
+class _Statistics(torch.nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        generator = torch.Generator().manual_seed(15)
+        self.register_buffer("std", 0.5 + torch.rand(1, channels, 1, 1, 1, generator=generator))
+        self.register_buffer("mean", 0.1 * torch.randn(1, channels, 1, 1, 1, generator=generator))
+
+    def un_normalize(self, x):
+        return x * self.std + self.mean
+
+
+class _TimestepDecoder(torch.nn.Module):
+    """diffusers' LTX-Video decoder called as ComfyUI's is: decoder(x, timestep=a number)."""
+
+    def __init__(self, ltx):
+        super().__init__()
+        self.ltx = ltx
+
+    def forward(self, x, timestep):
+        return self.ltx(x, torch.full((x.shape[0],), timestep))
+
+
+class VideoVAE(torch.nn.Module):
+    """A stand-in for ComfyUI's LTX-Video VAE (its module and class name: its family finds it) around diffusers'
+    timestep-conditioned decoder: its decode mixes noise drawn over the whole latent by the global generator into
+    the latent, then decodes at `decode_timestep`, as ComfyUI's does."""
+
+    def __init__(self):
+        super().__init__()
+        self.decoder = _TimestepDecoder(ltx095_vae(timestep_conditioning=True).decoder)
+        self.per_channel_statistics = _Statistics(4)
+        self.timestep_conditioning, self.decode_noise_scale, self.decode_timestep = True, 0.025, 0.05
+
+    def decode(self, x):
+        x = torch.randn_like(x) * self.decode_noise_scale + (1.0 - self.decode_noise_scale) * x
+        return self.decoder(self.per_channel_statistics.un_normalize(x), timestep=self.decode_timestep)
+
+
+VideoVAE.__module__ = "comfy.ldm.lightricks.vae.causal_video_autoencoder"
+
+
+@pytest.mark.parametrize("degree", [2, 3])
+def test_ltx_videos_noise_mixing_decoder_bands_with_the_hosts_noise(degree):
+    """ComfyUI's timestep-conditioned LTX-Video decode draws noise over the whole latent: the family's `prepare`
+    draws it on the host by the same call (the same generator: seeded alike, the same noise, and the generator
+    left where the whole decode leaves it), the bands decode the mixed latent without drawing."""
+    vae = VideoVAE().eval().requires_grad_(False)
+    family = family_of(vae)
+    assert family.name == "vae:comfy_ltx_video" and family.decode_refusal(vae) is None
+    z = torch.randn(1, 4, 2, 7, 4, generator=torch.Generator().manual_seed(16))
+    torch.manual_seed(17)
+    with torch.inference_mode():
+        reference = vae.decode(z)
+    after_whole = torch.randn(4)
+    torch.manual_seed(17)
+    mixed = family.prepare(vae, z)
+    after_prepare = torch.randn(4)
+    assert torch.equal(after_prepare, after_whole)
+    _close(banded(vae, mixed, degree, family.decode), reference)
+    torch.manual_seed(18)
+    assert (banded(vae, family.prepare(vae, z), degree, family.decode) - reference).abs().max() > 1e-3
+
+
 def test_ltx_videos_noise_injection_is_refused_before_work():
     """A decoder that injects noise drawn over its input's shape cannot band: refused by name (`parallelize`
-    keeps its own decode); and a timestep given for a VAE that takes none is refused in one sentence."""
+    keeps its own decode), its encoder splits; and a timestep given for a VAE that takes none is refused in one sentence."""
     from parallel_backend.engine.vae import decode
     from parallel_backend.hosts.diffusers_vae import splits
 
@@ -191,7 +254,12 @@ def test_ltx_videos_noise_injection_is_refused_before_work():
     assert not splits(noisy) and splits(ltx_vae())
     with pytest.raises(ValueError, match=r"^layer 'decoder\.up_blocks\.3\.conv_in' \(LTXVideoResnetBlock3d\) adds "
                                          r"noise drawn over its input's shape \(per_channel_scale1\)"):
-        check_layers(noisy)
+        check_noise(noisy)
+    with pytest.raises(ValueError, match=r"^layer 'decoder\.up_blocks\.3\.conv_in' .* adds noise"):
+        decode(None, noisy, torch.zeros(1, 4, 2, 4, 3))  # no engine: refused before any work
+    check_layers(noisy)  # its layers band: an encode, which never runs the noise, splits
+    clip = torch.randn(1, 3, 9, 16 * 4, 32, generator=torch.Generator().manual_seed(19))
+    _close(banded(noisy, clip, 2, _encode, unit=16), _encode(noisy, clip))
     with pytest.raises(ValueError, match="^this AutoencoderKLHunyuanVideo VAE decodes without a timestep; pass none$"):
         decode(None, hunyuan_vae(), torch.zeros(1, 4, 1, 2, 2), timestep=torch.zeros(1))
 

@@ -35,22 +35,24 @@ class VaeBand:
     columns: int = 1
 
 
-def decode(engine, vae, latent, devices: int | None = None, timestep=None) -> Computed:
+def decode(engine, vae, latent, devices: int | None = None, timestep=None, draw_on=None) -> Computed:
     """The image `vae` decodes from `latent` (batch, channels, rows, columns), split over `devices` of the pool
     (default: all; never more tiles than the latent has rows x columns) in bands of rows, or a grid of tiles on 4
     or more (models/vae_grid.py). out: the whole image on the latent's device; extra: compute_s,
     activation_peak_bytes and tile (the output's rows and columns) per rank, bands (the devices used), grid
-    (rows, columns of tiles). `timestep`: for a decoder conditioned on
-    it (the family's `takes_timestep`). Raises CannotCarry for a VAE without a family (the host decodes it
-    itself, or one whose decode its family refuses, with the sentence why), ValueError before any work for a latent
-    that cannot be split or a timestep the VAE does not take."""
+    (rows, columns of tiles). `timestep`: for a decoder conditioned on it (the family's `takes_timestep`).
+    `draw_on`: the device the stock decode runs on, where the family's `prepare` draws its noise over the whole
+    latent (the stock's generator; default: the latent's device). Raises CannotCarry for a VAE without a family
+    (the host decodes it itself, or one whose decode its family refuses, with the sentence why), ValueError before
+    any work for a latent that cannot be split or a timestep the VAE does not take."""
     family = _family(vae)
     refusal = family.decode_refusal and family.decode_refusal(vae)
     if refusal:
         raise CannotCarry(refusal)
     if timestep is not None and not family.takes_timestep:
         raise ValueError(f"this {type(vae).__name__} VAE decodes without a timestep; pass none")
-    return _split(engine, vae, family, latent, DECODE, 1, devices, timestep)
+    vae_bands.check_noise(vae)
+    return _split(engine, vae, family, latent, DECODE, 1, devices, timestep, draw_on)
 
 
 def encode(engine, vae, image, devices: int | None = None) -> Computed:
@@ -72,7 +74,8 @@ def _family(vae):
     return family
 
 
-def _split(engine, vae, family, rows_in, way: str, unit: int, devices: int | None, timestep=None) -> Computed:
+def _split(engine, vae, family, rows_in, way: str, unit: int, devices: int | None, timestep=None,
+           draw_on=None) -> Computed:
     """`way` over tiles of `unit` rows and columns of `rows_in`, one per device (`family`: the VAE's)."""
     import torch
 
@@ -83,6 +86,9 @@ def _split(engine, vae, family, rows_in, way: str, unit: int, devices: int | Non
         most = min(devices or engine.device_count(), engine.device_count())
         grid = vae_grid.choose_grid(*units, most, family.equal_bands)  # equal: every tile of the same shape
         fingerprint = engine.hold(vae, family.name)
+        if way == DECODE and family.prepare is not None:  # once the workers hold the VAE: a refusal before leaves
+            # the host's generator untouched, for the stock path to draw from
+            rows_in = family.prepare(vae, rows_in.to(draw_on or rows_in.device)).to(rows_in.device)
         peers = tuple(range(grid[0] * grid[1]))
         work = {}
         for index in peers:

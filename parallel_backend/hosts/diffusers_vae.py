@@ -20,6 +20,7 @@ def splits(vae) -> bool:
         return False
     try:
         vae_bands.check_layers(vae)
+        vae_bands.check_noise(vae)  # it would split the encode, but keeps the VAE whole for both
     except ValueError as exc:
         log.info("Tandem: the VAE decodes on the host: %s", exc)
         return False

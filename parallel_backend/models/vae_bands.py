@@ -66,7 +66,7 @@ WHOLE_BLOCKS = ("Attention", "AttnBlock", "AttentionBlock", "HunyuanVideoMidBloc
 # even number of rows, the row below is the next band's first row, not a zero (`_wrap_halving_conv`).
 PADDED_DOWNSAMPLES = ("Downsample2D", "Downsample")
 # Layers that add noise drawn over their input's shape (LTX-Video's decoder with inject_noise): a band cannot draw
-# the whole's noise.
+# the whole's noise, so a decode through them is refused (`check_noise`); an encode, which never runs them, splits.
 NOISE_SCALES = ("per_channel_scale1", "per_channel_scale2")
 # Paddings that read only the band at the image's edge (its own rows): 'circular' would read the other edge.
 EDGE_MODES = ("zeros", "constant", "replicate", "reflect")
@@ -144,6 +144,16 @@ def band_layers(module: nn.Module, whole: tuple[str, ...] = WHOLE_BLOCKS) -> tup
     return (*check_layers(module, whole), _padded_downsamples(module))
 
 
+def check_noise(module: nn.Module) -> None:
+    """Raises ValueError in one sentence, naming it, for a layer that adds noise drawn over its input's shape: a
+    decode through it cannot split."""
+    for name, layer in module.named_modules():
+        noise = [attr for attr in NOISE_SCALES if getattr(layer, attr, None) is not None]
+        if noise:
+            raise ValueError(f"layer {name!r} ({type(layer).__name__}) adds noise drawn over its input's shape "
+                             f"({noise[0]}): a band cannot draw the whole image's noise, so it is not split")
+
+
 def check_layers(module: nn.Module, whole: tuple[str, ...] = WHOLE_BLOCKS) -> tuple[list, list, list]:
     """The layers a band split wraps: (convolutions that pad their rows, GroupNorms, blocks that run whole, those
     whose class name ends with one of `whole`), outside the whole blocks. Raises ValueError in one sentence for a
@@ -162,10 +172,6 @@ def check_layers(module: nn.Module, whole: tuple[str, ...] = WHOLE_BLOCKS) -> tu
     for name, layer in module.named_modules():
         if id(layer) in inside or id(layer) in after_pads or id(layer) in padded_inside:
             continue
-        noise = [attr for attr in NOISE_SCALES if getattr(layer, attr, None) is not None]
-        if noise:
-            raise ValueError(f"layer {name!r} ({type(layer).__name__}) adds noise drawn over its input's shape "
-                             f"({noise[0]}): a band cannot draw the whole image's noise, so it is not split")
         if id(layer) in halved or id(layer) in pads:
             convs.append(layer)
         elif _pads_itself(layer):

@@ -4,7 +4,16 @@ listed: 1.0's (an AutoencoderKL of CarriedConv3d, 3D convolutions padded by thei
 with the frames of the chunk before) and 1.5's and HunyuanImage 2.1's (an AutoencodingEngine of
 `hunyuan_video/vae_refiner.py`'s or `hunyuan_video/vae.py`'s encoder and decoder). Not listed: an AutoencoderKL of
 ComfyUI's VideoConv3d (3D convolutions that pad themselves), which ComfyUI builds only for a 3D VAE with attention
-blocks outside its mid block, a configuration no checkpoint it detects has."""
+blocks outside its mid block, a configuration no checkpoint it detects has.
+
+ComfyUI's LTX-Video decoder conditioned on the timestep (0.9.1 and later; ComfyUI's defaults for a checkpoint
+without its config: 0.9.1's for 1024-wide decoders without the encoder's `down_blocks.1.conv` bias, 0.9.5's with
+it) mixes noise drawn over the whole latent into it first: `prepare` draws it on the host by the stock's call, the
+bands decode the mixed latent. 0.9.1's decoder also adds noise inside its first blocks' resnets (`inject_noise`),
+drawn at the shape of each call's input: a band's rows, and frame chunks sized by its own bytes (v0.24), so no band
+can draw the whole's; that decode is refused (`decode_refusal`) and takes the stock path. 0.9.5's defaults have
+no `inject_noise`; a checkpoint whose metadata carries its config decides for itself: the refusal reads the
+built modules."""
 
 from __future__ import annotations
 
@@ -25,6 +34,8 @@ class VaeFamily:
     decode_refusal: Callable = None  # the VAE -> why its decode cannot split (one sentence), or None
     equal_bands: bool = False  # it sizes its work by the band's shape: every band must have the same rows
     accepts: Callable = None  # the VAE -> whether this family's split fits it (None: every VAE of its classes)
+    prepare: Callable = None  # (the VAE, the whole latent) -> the latent its bands decode, run on the host before
+    # the cut (LTX-Video's noise, drawn over the whole latent as the stock decode draws it); None: as it is
 
     def scale(self, vae) -> int:
         """Image rows per latent row: an encoder's bands start at multiples of it."""
@@ -77,10 +88,43 @@ def _comfy_ltx_patch(vae) -> int:
     return patch
 
 
+def _ltx_setting(vae, attribute: str, argument: str):
+    """A timestep-conditioned decode's setting: ComfyUI v0.24 keeps it on the VAE (`decode_noise_scale`,
+    `decode_timestep`), v0.8 as its decode's default argument (`noise_scale`, `timestep`)."""
+    if hasattr(vae, attribute):
+        return getattr(vae, attribute)
+    import inspect
+
+    return inspect.signature(vae.decode).parameters[argument].default
+
+
+def _comfy_ltx_mix(vae, latent):
+    """Host side: ComfyUI's timestep-conditioned LTX-Video decode first mixes noise drawn over the whole latent into
+    it (the global generator, unseeded): drawn here by the same call on the latent as the stock decode gets it (its
+    device and dtype), so a seeded run draws the same noise and leaves the generator where the stock leaves it."""
+    if not vae.timestep_conditioning:
+        return latent
+    import torch
+
+    scale = _ltx_setting(vae, "decode_noise_scale", "noise_scale")
+    return torch.randn_like(latent) * scale + (1.0 - scale) * latent
+
+
+def _comfy_ltx_decode(vae, latent):
+    """A band of ComfyUI's LTX-Video decode: a timestep-conditioned decoder's latent comes mixed (`_comfy_ltx_mix`):
+    the decoder runs on it with the decode's timestep (per sample: each band takes the whole value)."""
+    if not vae.timestep_conditioning:
+        return vae.decode(latent)
+    timestep = _ltx_setting(vae, "decode_timestep", "timestep")
+    return vae.decoder(vae.per_channel_statistics.un_normalize(latent), timestep=timestep)
+
+
 def _comfy_ltx_noise(vae) -> str | None:
-    if vae.timestep_conditioning:
-        return ("ComfyUI's LTX-Video VAE adds noise drawn over the whole latent before it decodes (a "
-                "timestep-conditioned decoder): a band cannot draw the whole latent's noise")
+    """LTX-Video 0.9.1's decoder (`inject_noise` in its first blocks) adds noise drawn at each call's own shape:
+    a band's draws are not the whole's (their shape, and frame chunks sized by the band's bytes, differ)."""
+    if any(getattr(m, "inject_noise", False) for m in vae.decoder.modules()):
+        return ("ComfyUI's LTX-Video VAE adds noise drawn at each block's own shape inside its decoder "
+                "(inject_noise, LTX-Video 0.9.1's): a band cannot draw the whole image's noise")
     return None
 
 
@@ -177,10 +221,11 @@ FAMILIES = (
     VaeFamily("vae:comfy_wan22", ("comfy.ldm.wan.vae2_2.WanVAE",), _comfy_decode, _comfy_encode,
               latent_patch=lambda vae: 2, video=True),
     # ComfyUI's LTX-Video VAE: its encoder and decoder cut the frames into chunks sized by a frame's bytes (the
-    # band's: every band must cut alike); the timestep-conditioned decoder of 0.9.1 and later is refused
-    VaeFamily("vae:comfy_ltx_video", ("comfy.ldm.lightricks.vae.causal_video_autoencoder.VideoVAE",), _comfy_decode,
-              _comfy_encode, latent_patch=_comfy_ltx_patch, video=True, decode_refusal=_comfy_ltx_noise,
-              equal_bands=True),
+    # band's: every band must cut alike); the timestep-conditioned decoder of 0.9.1 and later mixes noise over the
+    # whole latent on the host first; 0.9.1's noise inside its resnet blocks is refused
+    VaeFamily("vae:comfy_ltx_video", ("comfy.ldm.lightricks.vae.causal_video_autoencoder.VideoVAE",),
+              _comfy_ltx_decode, _comfy_encode, latent_patch=_comfy_ltx_patch, video=True,
+              decode_refusal=_comfy_ltx_noise, equal_bands=True, prepare=_comfy_ltx_mix),
 )
 
 

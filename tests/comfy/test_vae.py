@@ -248,12 +248,61 @@ def test_hunyuan_image_vaes_decode_and_encode_in_bands_equal_to_the_stock_nodes(
     comfy.assert_same_latents(tandem, stock)
 
 
-def test_ltx_videos_noise_adding_decoder_takes_the_stock_path_and_says_why(comfy_server, comfy):
-    """LTX-Video 0.9.1's decoder adds unseeded noise over the whole latent: a band cannot draw it. The node decodes
-    on the host, as the stock node does (the noise differs run to run: only the shape and the sentence compare)."""
-    offset = comfy_server.log_size()
-    comfy.run_checked(comfy_server, _video_decode(LTX, noise=True)("TandemVAEDecode", "ltx_noise_tandem"))
-    said = comfy_server.log_since(offset)
-    assert ("VAE Decode (Multi-GPU) takes the stock path: ComfyUI's LTX-Video VAE adds noise drawn over the whole "
-            "latent before it decodes") in said, said[-2000:]
-    assert comfy_server.latent("ltx_noise_tandem").shape == (9, 128, 96, 3)
+def _seeded_noise(flow_of, seed: int):
+    """flow_of(node, prefix) with the server's torch generator seeded right before the decode (TandemTestSeedTorch
+    between the latent and the decode): the stock decode's unseeded noise draws the same at every run."""
+    def workflow(node: str, prefix: str) -> dict:
+        flow = flow_of(node, prefix)
+        flow["7"] = {"class_type": "TandemTestSeedTorch",
+                     "inputs": {"samples": ["2", 0], "vae": ["1", 0], "seed": seed}}
+        flow["3"]["inputs"]["samples"] = ["7", 0]
+        return flow
+
+    return workflow
+
+
+def test_ltx_videos_noise_adding_decoder_in_bands_equals_the_stock_node(comfy_server, comfy):
+    """LTX-Video 0.9.1 and later's decoder is conditioned on the timestep and first mixes noise drawn over the
+    whole latent into it: the host draws it as the stock decode does (the same generator), the bands decode the
+    mixed latent. With the generator seeded alike before each decode, the two images agree; seeded otherwise, the
+    Multi-GPU node's image moves (the noise is drawn, not skipped)."""
+    _, _, _, rows, columns = LTX
+    stock, tandem = _pair(comfy_server, comfy, _seeded_noise(_video_decode(LTX, noise=True), 11), "ltx_noise",
+                          f"VAE Decode (Multi-GPU) split {rows}x{columns} rows into 2 bands on cpu, cpu")
+    assert stock.shape == tandem.shape == (9, rows * 32, columns * 32, 3)
+    comfy.assert_same_latents(tandem, stock)
+    assert stock.std() > 1e-3 and (stock - stock.mean()).abs().max() > 1e-2
+    comfy.run_checked(comfy_server, _seeded_noise(_video_decode(LTX, noise=True), 12)("TandemVAEDecode",
+                                                                                     "ltx_noise_other"))
+    assert (comfy_server.latent("ltx_noise_other") - stock).abs().max() > 1e-3
+
+
+def test_ltx_091s_noise_inside_the_decoder_takes_the_stock_path_and_says_why(comfy_server, comfy):
+    """LTX-Video 0.9.1's first decoder blocks add noise inside their resnets, drawn at the shape of what they get
+    (a band's rows, a chunk's frames): a band cannot draw the whole's. The node decodes on the host, as the stock
+    node does, seeded alike: the same image."""
+    def workflow(node: str, prefix: str) -> dict:
+        flow = _seeded_noise(_video_decode(LTX, noise=True), 13)(node, prefix)
+        flow["1"]["inputs"]["inject_noise"] = True
+        return flow
+
+    stock, tandem = _pair(comfy_server, comfy, workflow, "ltx_inject",
+                          "VAE Decode (Multi-GPU) takes the stock path: ComfyUI's LTX-Video VAE adds noise drawn at "
+                          "each block's own shape inside its decoder (inject_noise, LTX-Video 0.9.1's)")
+    assert stock.shape == tandem.shape == (9, 128, 96, 3)
+    comfy.assert_same_latents(tandem, stock)
+
+
+def test_ltx_091s_encoder_splits_though_its_decoder_adds_noise(comfy_server, comfy):
+    """0.9.1's noise is its decoder's: its encoder draws none, and encodes in bands equal to the stock node."""
+    _, channels, frames, rows, columns = LTX
+
+    def workflow(node: str, prefix: str) -> dict:
+        flow = _encode_workflow(node, prefix, video=LTX)
+        flow["1"]["inputs"].update(noise=True, inject_noise=True)
+        return flow
+
+    stock, tandem = _pair(comfy_server, comfy, workflow, "ltx_inject_encode",
+                          f"VAE Encode (Multi-GPU) split {rows * 32}x{columns * 32} rows into 2 bands on cpu, cpu")
+    assert stock.shape == tandem.shape == (1, channels, frames, rows, columns)
+    comfy.assert_same_latents(tandem, stock)

@@ -418,14 +418,14 @@ def _seeded_engine(seed: int, coders: str, widths: list, **params):
         return comfy.sd.VAE(sd=model.state_dict())
 
 
-def _ltx_config(noise: bool) -> dict:
+def _ltx_config(noise: bool, inject: bool = False) -> dict:
     """LTX-Video 0.9.5's kinds of blocks (space-to-depth downsamples, residual depth-to-space upsamples, pixel
     norms), one layer each and no widening: 16 channels where ComfyUI reads the base width (v0.24), its 128
-    otherwise (v0.8)."""
+    otherwise (v0.8). `inject`: the first decoder block adds noise inside its resnets, as 0.9.1's do."""
     down = [["res_x", {"num_layers": 1}], ["compress_space_res", {"multiplier": 1}], ["res_x", {"num_layers": 1}],
             ["compress_time_res", {"multiplier": 1}], ["compress_all_res", {"multiplier": 1}],
             ["compress_all_res", {"multiplier": 1}], ["res_x", {"num_layers": 1}]]
-    up = [["res_x", {"num_layers": 1, "inject_noise": False}]] + [
+    up = [["res_x", {"num_layers": 1, "inject_noise": inject}]] + [
         block for _ in range(3) for block in (["compress_all", {"residual": True, "multiplier": 1}],
                                               ["res_x", {"num_layers": 1, "inject_noise": False}])]
     return {"_class_name": "CausalVideoAutoencoder", "dims": 3, "in_channels": 3, "out_channels": 3,
@@ -439,15 +439,17 @@ class TandemTestSeededLTXVAE(_SeededVAENode):
     """ComfyUI's own LTX-Video VAE (comfy.sd.VAE detects it; its config, `_ltx_config`, travels in the metadata as
     a checkpoint's does), seeded inside the output's range, with its latent statistics.
     With `noise`, the decoder is conditioned on the timestep (0.9.1 and later): it adds unseeded noise to the
-    latent before it decodes."""
+    latent before it decodes; with `inject_noise` too, its first decoder block adds noise inside its resnets
+    (0.9.1's)."""
 
     @classmethod
     def INPUT_TYPES(cls):
         inputs = super().INPUT_TYPES()
-        inputs["optional"] = {"noise": ("BOOLEAN", {"default": False})}
+        inputs["optional"] = {"noise": ("BOOLEAN", {"default": False}),
+                              "inject_noise": ("BOOLEAN", {"default": False})}
         return inputs
 
-    def build(self, seed, noise=False):
+    def build(self, seed, noise=False, inject_noise=False):
         import json
 
         import comfy.sd
@@ -455,7 +457,7 @@ class TandemTestSeededLTXVAE(_SeededVAENode):
 
         from parallel_backend.models.benchmodels_vae import seed_wan_weights
 
-        config = _ltx_config(noise)
+        config = _ltx_config(noise, inject_noise)
         model = seed_wan_weights(VideoVAE(config=config), seed)
         generator = torch.Generator().manual_seed(seed + 1)
         statistics = model.per_channel_statistics
@@ -487,6 +489,29 @@ class TandemTestSeededLatent:
         return ({"samples": torch.randn(shape, generator=generator)},)
 
 
+class TandemTestSeedTorch:
+    """Passes a latent on after seeding the server's global torch generator: what draws from it next (a decode's
+    unseeded noise) draws the same in every run. It runs at every prompt (`IS_CHANGED`), after the VAE is built
+    (its input: building draws from the generator too)."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"samples": ("LATENT",), "vae": ("VAE",),
+                             "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1})}}
+
+    RETURN_TYPES = ("LATENT",)
+    FUNCTION = "seed"
+    CATEGORY = "testing"
+
+    @classmethod
+    def IS_CHANGED(cls, **_):
+        return float("nan")
+
+    def seed(self, samples, vae, seed):
+        torch.manual_seed(seed)
+        return (samples,)
+
+
 class TandemTestImageAsLatent:
     """An IMAGE wrapped as a LATENT, so the stock SaveLatent keeps it exactly (no 8-bit PNG)."""
 
@@ -514,6 +539,7 @@ NODE_CLASS_MAPPINGS = {"TandemTestTinySD1Model": TandemTestTinySD1Model,
                        "TandemTestSeededHunyuanImage21RefinerVAE": TandemTestSeededHunyuanImage21RefinerVAE,
                        "TandemTestSeededLatent": TandemTestSeededLatent,
                        "TandemTestImageAsLatent": TandemTestImageAsLatent,
+                       "TandemTestSeedTorch": TandemTestSeedTorch,
                        "TandemTestObjectPatch": TandemTestObjectPatch,
                        "TandemTestReplacedForward": TandemTestReplacedForward,
                        "TandemTestConditioning": TandemTestConditioning,
