@@ -141,6 +141,11 @@ def test_the_end_to_end_figure_counts_the_vae_decode_whole_against_in_bands():
     # a decode that is not split costs the split run what it costs the whole one
     whole = predict(Inputs(**{**inp.__dict__, "decode_seconds": 3.0}), mesh)
     assert whole.predicted_speedup_end_to_end == pytest.approx((20 * 0.1 + 3.0) / (20 * 0.055 + 3.0))
+    # each candidate says which decode its end to end counted
+    assert (decoded.decode_seconds, decoded.decode_seconds_whole) == (1.6, 3.0)
+    assert (whole.decode_seconds, whole.decode_seconds_whole) == (3.0, 3.0)
+    assert {k: decoded.as_json()[k] for k in ("decode_seconds", "decode_seconds_whole")} == \
+        {"decode_seconds": 1.6, "decode_seconds_whole": 3.0}
 
 
 def test_asyncdiff_splits_by_the_layer_profile_is_stale_and_pays_its_warmup_end_to_end():

@@ -6,6 +6,7 @@ no memory); no timing is asserted."""
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import replace
 from pathlib import Path
@@ -15,7 +16,10 @@ import torch
 
 from parallel_backend.models import forward_for_family
 from parallel_backend.engine.oracle import sample_call
+from parallel_backend.commands import cli
 from parallel_backend.plan import paper, paper_doc, paper_models
+from parallel_backend.plan.fitted import FITTED, job_inputs
+from parallel_backend.plan.links import link_named
 from parallel_backend.plan.choose import NothingFits, choose
 from parallel_backend.plan.model import candidates
 
@@ -128,6 +132,27 @@ def tiny_wan_vae():
                                 torch.bfloat16)
 
 
+def tiny_vae(cls_name: str, config: dict):
+    """A narrow VAE of diffusers class `cls_name` on meta (`config`: what narrows it), for a model's own VAE."""
+    import diffusers
+
+    return lambda: paper_models.on_meta(getattr(diffusers, cls_name), config, torch.bfloat16)
+
+
+NARROW_KL = dict(block_out_channels=(8, 16, 16, 16), layers_per_block=1, norm_num_groups=4)
+TINY_MODEL_VAES = {
+    "sdxl_vae_meta": tiny_vae("AutoencoderKL", {**paper_models.SDXL_VAE, **NARROW_KL}),
+    "flux2_vae_meta": tiny_vae("AutoencoderKLFlux2", NARROW_KL),
+    "qwen_image_vae_meta": tiny_vae("AutoencoderKLQwenImage", dict(base_dim=8, dim_mult=[1, 2, 2, 2],
+                                                                   num_res_blocks=1)),
+    "hunyuan_video_vae_meta": tiny_vae("AutoencoderKLHunyuanVideo", NARROW_KL),
+    "ltx_video_vae_meta": tiny_vae("AutoencoderKLLTXVideo", dict(block_out_channels=(8, 16, 16, 16),
+                                                                 decoder_block_out_channels=(8, 16, 16, 16),
+                                                                 layers_per_block=(1, 1, 1, 1, 1),
+                                                                 decoder_layers_per_block=(1, 1, 1, 1, 1))),
+}
+
+
 @pytest.fixture
 def tiny_scenarios(monkeypatch):
     """Every scenario built from a narrow model of its class (its resolution, frames and branches kept; the VAE
@@ -135,8 +160,8 @@ def tiny_scenarios(monkeypatch):
     tiny = {"sdxl_meta": tiny_unet, "flux_dev_meta": tiny_flux, "wan14b_meta": tiny_wan, "qwen_image_meta": tiny_qwen,
             "flux2_dev_meta": tiny_flux2, "hunyuan_video_meta": tiny_hunyuan, "ltx_video_meta": tiny_ltx}
     assert set(tiny) == {s.build for s in paper.SCENARIOS.values()}  # a new scenario gets its narrow model here
-    vaes = {"flux_vae_meta": tiny_flux_vae, "wan_vae_meta": tiny_wan_vae}
-    assert set(vaes) == {s.build for s in paper.VAE_SCENARIOS.values()}
+    vaes = {"flux_vae_meta": tiny_flux_vae, "wan_vae_meta": tiny_wan_vae, **TINY_MODEL_VAES}
+    assert set(vaes) == {s.build for s in paper.VAE_SCENARIOS.values()} | {v.build for v in paper.MODEL_VAES.values()}
     for build, narrow in {**tiny, **vaes}.items():
         monkeypatch.setattr(paper_models, build, narrow)
     for name, scenario in paper.VAE_SCENARIOS.items():
@@ -144,9 +169,11 @@ def tiny_scenarios(monkeypatch):
             monkeypatch.setitem(paper.VAE_SCENARIOS, name, replace(scenario, frames=5))
     paper.count.cache_clear()
     paper.count_vae.cache_clear()
+    paper.count_vae_of.cache_clear()
     yield
     paper.count.cache_clear()
     paper.count_vae.cache_clear()
+    paper.count_vae_of.cache_clear()
 
 
 def test_a_linear_layer_counts_2_m_n_k_on_meta():
@@ -219,13 +246,18 @@ def test_the_doc_shows_what_model_candidates_predict(tiny_scenarios):
     for name, scenario in paper.SCENARIOS.items():
         for gpu, link in scenario.hardware:
             for n in paper_doc.DEVICES:
-                found = candidates(paper.paper_inputs(name, gpu, link), n)
+                found = candidates(paper.paper_inputs(name, gpu, link, devices=n), n)
                 best = choose(found).best
                 row = f"| {gpu} | {link} | {n} | {best.label()} | {best.predicted_speedup:.2f}x |"
                 assert row in text
                 for c in found[:paper_doc.TOP]:
                     assert paper_doc._row(c, "**chosen:** " if c is best else "") in text
     assert len(re.findall(r"\| \d \| \d\.\d\dx \| \d\.\d\dx \| (?:exact|stale) \|", text)) > 0
+    for name, scenario in paper.SCENARIOS.items():  # each scenario's decode, whole and on the pool
+        for gpu, link in scenario.hardware:
+            two = paper.paper_inputs(name, gpu, link, devices=2)
+            assert (f"| {name} | {paper.MODEL_VAES[scenario.build].build} | {gpu} | {link} | "
+                    f"{two.serial_seconds:,.2f} | {two.decode_seconds:,.2f} | {two.decode_split_seconds:,.2f} |") in text
 
 
 def test_the_doc_shows_each_vae_decode_as_vae_costs_predicts_it(tiny_scenarios):
@@ -243,6 +275,99 @@ def test_the_doc_shows_each_vae_decode_as_vae_costs_predicts_it(tiny_scenarios):
     assert wan.norms == () and len(wan.whole_inputs) == 2  # RMS norms; one attention per latent frame
     with pytest.raises(ValueError, match="unknown VAE scenario 'sd-vae'"):
         paper.vae_prediction("sd-vae", "H100 SXM", "nvlink-h100", 2)
+
+
+def _fitted_inputs(gpus: int):
+    """Flux.1-dev's inputs as the published rows get them (fitted.job_inputs: the serial part whole, no decode)."""
+    card = paper.gpu_for("h100")
+    counted = paper.count_job("flux_dev_meta", (1024, 1024), 1)
+    return job_inputs(counted, card.peak_flops, link_named(card.link), 1, 28, 1024 * 1024, FITTED, gpus,
+                      sharded=True)
+
+
+FULL_FLUX_VAE = paper_models.flux_vae_meta  # a tiny VAE's bands lose to the host's transfers of a 1024 px image
+
+
+def test_the_gpu_end_to_end_counts_the_decode_in_bands_on_two_gpus_and_whole_on_one(tiny_scenarios, monkeypatch):
+    monkeypatch.setattr(paper_models, "flux_vae_meta", FULL_FLUX_VAE)
+    fitted = _fitted_inputs(2)
+    decode, _ = paper.count_vae_of("flux_vae_meta", (1, 16, 128, 128))  # Flux.1's VAE: 1024 px, 16 channels
+    whole = decode.flops / (989e12 * paper.EFFICIENCY["vae"])
+    inp, found, _, run = paper.gpu_plan("flux-dev", "h100", 2, None, steps=28, branches=1)
+    assert run.serial_seconds == pytest.approx(fitted.serial_seconds) and run.whole.seconds == pytest.approx(whole)
+    assert run.split.devices == 2 and run.split.grid == (2, 1) and 0 < run.split.seconds < whole
+    rest = fitted.serial_seconds - whole
+    assert rest > 0 and inp.serial_seconds == pytest.approx(rest)
+    assert (inp.decode_seconds, inp.decode_split_seconds) == (run.whole.seconds, run.split.seconds)
+    alone = next(c for c in found if not c.mesh)
+    assert alone.decode_seconds == alone.decode_seconds_whole == run.whole.seconds  # one device decodes whole
+    before = {c.label(): c for c in candidates(fitted, 2)}
+    for c in (c for c in found if c.mesh):
+        assert c.decode_seconds == run.split.seconds and c.decode_seconds_whole == run.whole.seconds
+        # the same steps; the end to end: the rest + the decode whole against the rest + the decode in bands
+        assert c.seconds_per_call == pytest.approx(before[c.label()].seconds_per_call)
+        warm = 28 * c.seconds_per_call if c.exact else None
+        if warm is not None:
+            assert c.predicted_speedup_end_to_end == pytest.approx(
+                (fitted.serial_seconds + 28 * alone.seconds_per_call) / (rest + run.split.seconds + warm))
+            assert c.predicted_speedup_end_to_end > before[c.label()].predicted_speedup_end_to_end
+    assert run.line() == (f"end to end: {rest:.2f} s text encoders and the rest + {run.split.seconds:.2f} s decode in "
+                          f"bands of rows on 2 GPUs ({whole:.2f} s whole; {run.split.memory_bytes / 2**30:.2f} GiB "
+                          "per device while it decodes)")
+    inp1, found1, _, one = paper.gpu_plan("flux-dev", "h100", 1, None, steps=28, branches=1)
+    assert one.split.seconds == one.whole.seconds == pytest.approx(whole) and "whole on one GPU" in one.line()
+    assert [c.predicted_speedup_end_to_end for c in found1] == [1.0]
+    assert inp1.serial_seconds + inp1.decode_seconds == pytest.approx(_fitted_inputs(1).serial_seconds)
+
+
+def test_a_model_without_a_known_vae_keeps_the_fitted_serial_part_and_says_so(tiny_scenarios, monkeypatch):
+    monkeypatch.delitem(paper.MODEL_VAES, "flux_dev_meta")
+    inp, found, _, run = paper.gpu_plan("flux-dev", "h100", 2, None, steps=28, branches=1)
+    fitted = _fitted_inputs(2)
+    assert inp.serial_seconds == fitted.serial_seconds and inp.decode_seconds == 0.0
+    assert [c.predicted_speedup_end_to_end for c in found] == [c.predicted_speedup_end_to_end
+                                                               for c in candidates(fitted, 2)]
+    assert run.line().endswith("the fitted serial part whole (the decode not split: no VAE is known for "
+                               "flux_dev_meta)")
+    assert run.as_json() == {"serial_seconds_fitted": fitted.serial_seconds,
+                             "why_not": "no VAE is known for flux_dev_meta"}
+
+
+def test_the_decode_takes_as_many_gpus_as_its_latent_has_tiles_for_and_the_rest_floors_at_0(tiny_scenarios):
+    inp, _, _, run = paper.gpu_plan("ltx-video", "h100", 8, None, resolution=(64, 64), frames=9)
+    assert run.split.devices == 4 and run.split.grid == (2, 2)  # a latent of 2 x 2: engine/vae.py's grid
+    assert inp.decode_split_seconds == run.split.seconds and run.as_json()["decode_devices"] == 4
+    assert "; 4 of the 8 GPUs decode: the latent has too few rows and columns for more tiles" in run.line()
+    short = replace(run, serial_seconds=run.whole.seconds / 2)  # a fitted serial part shorter than the decode
+    assert short.rest_seconds == 0 and short.apply(inp).serial_seconds == 0
+    assert short.line().endswith("is less than the decode: the rest floored at 0")
+
+
+def test_every_paper_models_vae_decodes_its_latent_to_the_models_image(tiny_scenarios):
+    for name, job in paper.PAPER_MODELS.items():
+        vae = paper.MODEL_VAES[job.build]
+        decode, _ = paper.count_vae_of(vae.build, vae.latent_shape(job.resolution, job.frames))
+        frames = job.frames or 1
+        assert decode.image_bytes == 3 * frames * job.resolution[0] * job.resolution[1] * 2, name  # bf16 RGB
+
+
+def test_tandem_plan_gpu_states_the_decode_split_and_writes_it_in_json(tiny_scenarios, monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(paper_models, "flux_vae_meta", FULL_FLUX_VAE)
+    out = tmp_path / "plan.json"
+    assert cli.main(["plan", "--model", "flux-dev", "--gpu", "h100", "--gpus", "2", "--cfg", "1", "--steps", "28",
+                     "--json", str(out)]) == 0
+    _, found, _, run = paper.gpu_plan("flux-dev", "h100", 2, None, steps=28, branches=1)
+    assert run.line() in capsys.readouterr().out.splitlines()
+    report = json.loads(out.read_text())
+    assert report["end_to_end"] == pytest.approx(run.as_json())
+    assert report["end_to_end"]["decode_seconds"] < report["end_to_end"]["decode_seconds_whole"]
+    by_label = {c.label(): c for c in found}
+    assert len(report["candidates"]) == len(found)
+    for row in report["candidates"]:
+        whole = run.whole.seconds
+        assert row["decode_seconds_whole"] == pytest.approx(whole)
+        assert row["decode_seconds"] == pytest.approx(whole if not row["mesh"] else run.split.seconds)
+    assert {c.decode_seconds for c in by_label.values()} == {run.whole.seconds, run.split.seconds}
 
 
 def test_bad_input_is_refused_in_one_sentence():
@@ -322,7 +447,8 @@ def test_the_new_scenarios_count_their_shapes_and_run_as_tandem_runs_them(tiny_s
 
 def _flux2_plan(gpu: str, link: str, devices: int):
     """model.candidates and choose.choose for full-size Flux.2-dev, tensor left out by hand (Tandem refuses it)."""
-    found = [c for c in candidates(paper.paper_inputs("flux2-dev-1024", gpu, link, sharded=True), devices,
+    found = [c for c in candidates(paper.paper_inputs("flux2-dev-1024", gpu, link, sharded=True, devices=devices),
+                                   devices,
                                    paper.gpu_named(gpu).memory_bytes) if c.strategy != "tensor"]
     return found, choose(found)
 

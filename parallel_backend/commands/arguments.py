@@ -187,7 +187,8 @@ def check_gpu_plan_options(args) -> tuple:
         raise ValueError("--gpu predicts named GPUs on paper: leave out --devices (or leave out --gpu to plan for "
                          "the devices given)")
     if args.vae:
-        raise ValueError("--vae times a decode on the devices: it does not go with --gpu")
+        raise ValueError("--vae times a decode on the devices: leave it out with --gpu, whose end to end already "
+                         "counts the model's VAE decode on paper")
     link = None if args.link in (None, PROBE) else link_named(args.link).name
     cfg = validation.finite_number("cfg", args.cfg, 1.0, validation.MAX_CFG)
     resolution = parse_resolution(args.resolution) if args.resolution is not None else None

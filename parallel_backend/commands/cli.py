@@ -264,8 +264,8 @@ def cmd_plan_gpu(args) -> int:
     resolution, frames = resolution or job.resolution, frames or job.frames
     branches = 2 if cfg != 1.0 else 1
     constants, measured_link = constants_for(calibration, gpu.peak_flops) if calibration else (FITTED, None)
-    inputs, found, card = gpu_plan(name, gpu.name, gpus, link or measured_link, resolution, frames, args.steps,
-                                   branches, args.weights_dtype, constants)
+    inputs, found, card, decode = gpu_plan(name, gpu.name, gpus, link or measured_link, resolution, frames,
+                                           args.steps, branches, args.weights_dtype, constants)
     budget = (int(args.memory_per_device * 2**30) if args.memory_per_device is not None else card.memory_bytes)
     found = [dataclasses.replace(c, fits=c.memory_bytes_per_device <= budget) for c in found]
     try:
@@ -280,6 +280,7 @@ def cmd_plan_gpu(args) -> int:
           + (f"constants from {args.constants}, {describe(calibration)}" if calibration else
              "constants fitted to published measurements (plan/fitted.py)"))
     print(report.inputs_line(inputs, "fitted split cost"))
+    print(decode.line())
     print(f"memory per device: {budget / 2**30:.3f} GiB")
     print(report.format_table(found, choice, nothing_fits))
     if choice is not None and not choice.best.exact:
@@ -289,7 +290,7 @@ def cmd_plan_gpu(args) -> int:
         header = {"model": name, "resolution": list(resolution), "frames": frames, "cfg": cfg,
                   "steps": args.steps, "gpu": card.name, "gpus": gpus, "memory_per_device_bytes": budget,
                   "weights_dtype": args.weights_dtype, "constants": args.constants or "fitted"}
-        written = report.as_json(header, inputs, found, choice, nothing_fits)
+        written = {**report.as_json(header, inputs, found, choice, nothing_fits), "end_to_end": decode.as_json()}
         if choice is not None:  # auto promises one device's output: its choice is among the exact strategies
             written["auto"] = report.as_json({}, inputs, found, choose(found, exact_only=True))["choice"]
         validation.write_json("--json", args.json, written)

@@ -139,6 +139,8 @@ class Candidate:
     fits: bool | None = None  # within the memory per device given to `candidates` (None: none given)
     weights_bytes_per_device: int = 0  # of memory_bytes_per_device: the weights a device keeps
     gathered_bytes_per_device: int = 0  # and the blocks sharded weights gather at once (the rest: activations)
+    decode_seconds: float = 0.0  # the VAE decode its end to end counts: whole on one device, else on the pool
+    decode_seconds_whole: float = 0.0  # the same decode on one device (Inputs.decode_seconds)
 
     def label(self) -> str:
         if not self.mesh:
@@ -156,14 +158,16 @@ class Candidate:
                 "memory_bytes_per_device": self.memory_bytes_per_device, "peer_bytes_per_call": self.peer_bytes_per_call,
                 "host_bytes_per_call": self.host_bytes_per_call, "exposed_seconds_per_call": self.exposed_seconds,
                 "transfer_seconds_per_call": self.transfer_seconds, "reason": self.reason, "weights": self.weights,
-                "gib_per_device": self.memory_bytes_per_device / 2**30, "fits": self.fits}
+                "gib_per_device": self.memory_bytes_per_device / 2**30, "fits": self.fits,
+                "decode_seconds": self.decode_seconds, "decode_seconds_whole": self.decode_seconds_whole}
 
 
 def one_device(inp: Inputs) -> Candidate:
     memory = inp.weight_bytes + inp.shape.rows * inp.activation_bytes_per_row
     return Candidate("serial", {}, 1, 1.0, 1.0, inp.one_device, True, memory,
                      reason=f"the whole call on one device: {1000 * inp.one_device:.1f} ms",
-                     weights_bytes_per_device=inp.weight_bytes)
+                     weights_bytes_per_device=inp.weight_bytes, decode_seconds=inp.decode_seconds,
+                     decode_seconds_whole=inp.decode_seconds)
 
 
 def predict(inp: Inputs, mesh: Mesh, weights: str = "replicated") -> Candidate:
@@ -181,9 +185,9 @@ def predict(inp: Inputs, mesh: Mesh, weights: str = "replicated") -> Candidate:
     stale = not strategies.get(mesh.strategy).exact
     warm_calls = min(inp.steps, inp.warmup) if stale else 0
     one = inp.one_device
+    decode = inp.decode_split_seconds or inp.decode_seconds
     whole_run = inp.serial_seconds + inp.decode_seconds + inp.steps * one
-    split_run = (inp.serial_seconds + (inp.decode_split_seconds or inp.decode_seconds) + warm_calls * warm
-                 + (inp.steps - warm_calls) * call)
+    split_run = inp.serial_seconds + decode + warm_calls * warm + (inp.steps - warm_calls) * call
     reason = (f"{1000 * (cost.compute + slowed):.1f} ms compute on the busiest device + {1000 * cost.exposed:.1f} ms of "
               f"{1000 * cost.transfer:.1f} ms exchange not hidden ({cost.traffic.peer / 2**20:.2f} MiB between "
               f"devices) + {1000 * host_s:.1f} ms host transfers ({(host.host_in + host.host_out) / 2**20:.2f} MiB)"
@@ -195,7 +199,8 @@ def predict(inp: Inputs, mesh: Mesh, weights: str = "replicated") -> Candidate:
     return Candidate(mesh.strategy, mesh.degrees(), mesh.size, one / call, whole_run / split_run, call, not stale,
                      cost.memory, cost.traffic.peer, host.host_in + host.host_out, cost.exposed + host_s,
                      cost.transfer + host_s, reason, weights=weights, weights_bytes_per_device=cost.kept,
-                     gathered_bytes_per_device=cost.gathered)
+                     gathered_bytes_per_device=cost.gathered, decode_seconds=decode,
+                     decode_seconds_whole=inp.decode_seconds)
 
 
 def row_split_seconds(inp: Inputs, sizes, speeds) -> float:

@@ -18,8 +18,8 @@ from .links import link_named
 from . import published
 from .fitted import FITTED
 from .model import candidates
-from .paper import (BIG_MODELS, EFFICIENCY, RIGS, SCENARIOS, VAE_DEVICES, VAE_SCENARIOS, count, count_vae, gpu_named,
-                    paper_inputs, rig_candidates, smallest_fit, vae_prediction)
+from .paper import (BIG_MODELS, EFFICIENCY, MODEL_VAES, RIGS, SCENARIOS, VAE_DEVICES, VAE_SCENARIOS, count,
+                    count_vae, gpu_named, paper_inputs, rig_candidates, smallest_fit, vae_prediction)
 
 COMMAND = "python -m parallel_backend.plan.paper_doc --out docs/gpu-predictions.md"
 DEVICES = (2, 4, 8)
@@ -93,7 +93,7 @@ XDIT_FLUX_STEPS = 28
 
 def cell(name: str, gpu: str, link: str, devices: int):
     """(candidates, choice, exact-only choice) of one scenario on `devices` GPUs."""
-    found = candidates(paper_inputs(name, gpu, link), devices)
+    found = candidates(paper_inputs(name, gpu, link, devices=devices), devices)
     return found, choose(found), choose(found, exact_only=True)
 
 
@@ -184,14 +184,34 @@ def model_section(name: str) -> list[str]:
 
 def efficiency_check() -> list[str]:
     inp = paper_inputs("flux-dev-1024", "H100 SXM", "nvlink-h100")
-    run = XDIT_FLUX_STEPS * inp.one_device + inp.serial_seconds
+    run = XDIT_FLUX_STEPS * inp.one_device + inp.serial_seconds + inp.decode_seconds
     published = ", ".join(f"{how} {total} s" for how, total in XDIT_FLUX_H100.items())
     return ["### A check of the fitted constants on one device", "",
             f"xDiT's one-H100 Flux.1-dev 1024 runs of {XDIT_FLUX_STEPS} steps, text encoders and VAE included: "
             f"{published}. With the fitted constants one eager run is predicted at {run:.2f} s "
-            f"({1000 * inp.one_device:.0f} ms per step and {inp.serial_seconds:.2f} s for the text encoder and "
-            "VAE). The constants were fitted to speed-ups, not to seconds: this is a check, not a fitted figure.",
-            ""]
+            f"({1000 * inp.one_device:.0f} ms per step, {inp.serial_seconds:.2f} s for the text encoders and the "
+            f"rest and {inp.decode_seconds:.2f} s for the VAE decode). The constants were fitted to speed-ups, not "
+            "to seconds: this is a check, not a fitted figure.", ""]
+
+
+def decode_section() -> list[str]:
+    """Each scenario's end to end in parts: the rest of the fitted serial part, the decode whole and in tiles."""
+    out = ["### The VAE decode in the end to end", "",
+           "Each scenario's fitted serial part cut into the text encoders and the rest, and its model's own VAE "
+           "decode (`plan/paper.py` MODEL_VAES, counted on meta; the VAE section's efficiency), whole on one GPU "
+           "and in tiles on the pool (what every split's *end to end* below counts; one device decodes whole). "
+           "Seconds, predicted.", "",
+           "| scenario | VAE | GPUs | link | text encoders and the rest | decode whole | "
+           + " | ".join(f"decode on {n}" for n in DEVICES) + " |", "|---|---|---|---|---|---|" + "---|" * len(DEVICES)]
+    for name, s in SCENARIOS.items():
+        vae = MODEL_VAES.get(s.build)
+        for gpu, link in s.hardware:
+            split = [paper_inputs(name, gpu, link, devices=n) for n in DEVICES]
+            rest, whole = split[0].serial_seconds, split[0].decode_seconds
+            cells = " | ".join(f"{i.decode_split_seconds:,.2f}" for i in split)
+            out.append(f"| {name} | {vae.build if vae else 'none known: the serial part whole'} | {gpu} | {link} "
+                       f"| {rest:,.2f} | {whole:,.2f} | {cells} |")
+    return out + [""]
 
 
 def scenario_section(name: str) -> list[str]:
@@ -518,22 +538,30 @@ def render() -> str:
              "host's transfers + a per-call overhead (plan/model.py, plan/costs.py). One call per step: the two "
              "guidance branches go in one call of two rows. *Speed-up per step* is one device's call over the "
              "split's; *end to end* adds the run's steps with asyncdiff's exact warm-up step and the text encoders and "
-             "VAE once (the fitted serial part). *MiB moved per step*: between devices plus host to devices and back. *Stale*: the "
+             "VAE once: the fitted serial part (the peers' text encoders and VAE, whole on one device) cut into the "
+             "VAE decode on one GPU (each model's own VAE counted on meta, at the VAE section's efficiency) and the "
+             "rest (the serial part less that decode, floored at 0); one device decodes whole, a split decodes in "
+             "tiles on all of the pool's devices (plan/vae_costs.py: bands of rows, a grid of tiles on 4 or more), so "
+             "the end-to-end speed-up also counts the decode's split. The published rows keep the serial part whole, as "
+             "their peers ran it. *MiB moved per step*: between devices plus host to devices and back. *Stale*: the "
              f"output differs from one device's (asyncdiff). A split under {FLOOR:g}x is never chosen. "
              "*Best exact*: the choice among exact strategies. GiB per device: weights plus a lower bound of the "
              "activations; \"does not fit\" marks a choice over the GPU's memory.", "",
              "Not modelled (plan/model.py): asyncdiff's stride 2, work a sequence split repeats on every rank (Wan's "
              "cross-attention to the text), devices sharing one PCIe uplink, compute slowed by a concurrent "
-             "transfer, torch.compile's faster kernels (only its fewer launches are), the text encoders and VAE "
-             "split over devices, fp8 matmuls (fp8 weights are counted as memory only). The text encoders and VAE "
-             "are one fitted cost per output pixel for every model: LTX-Video's VAE, 32x per side, costs far less "
-             "per pixel than that, so its end-to-end figures are low.", ""]
+             "transfer, torch.compile's faster kernels (only its fewer launches are), the text encoders split over "
+             "devices, fp8 matmuls (fp8 weights are counted as memory only), the decode's memory in *fits* (the "
+             "decode runs after the steps: `tandem plan --gpu` states its GiB per device apart). The text encoders "
+             "and VAE are one fitted cost per output pixel for every model, of which the rest is what the model's "
+             "counted decode leaves: LTX-Video's VAE, 32x per side, costs far less per pixel than that, so its rest "
+             "is large and its end-to-end figures are low.", ""]
     lines += inputs_section()
     lines += ["## The models (counted on the meta device)", ""]
     for name in SCENARIOS:
         lines += model_section(name)
     lines += efficiency_check()
     lines += ["## Predictions", ""]
+    lines += decode_section()
     for name, scenario in SCENARIOS.items():
         if scenario.hardware:
             lines += scenario_section(name)

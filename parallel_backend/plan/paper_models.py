@@ -70,7 +70,16 @@ FLUX_VAE = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlo
 # Wan-AI/Wan2.1-T2V-14B-Diffusers vae/config.json: diffusers' AutoencoderKLWan defaults (base_dim 96, z_dim 16,
 # dim_mult (1, 2, 4, 4), 2 residual blocks per level, temporal downsampling in the last two levels)
 WAN_VAE: dict = {}
-VAE_SCALE = 8  # pixels per latent row and column, both VAEs
+VAE_SCALE = 8  # pixels per latent row and column, both VAEs (and every VAE below but LTX-Video's)
+# stabilityai/stable-diffusion-xl-base-1.0 vae/config.json: the same decoder with 4 latent channels and quant
+# convolutions (SD3.5's VAE, stabilityai/stable-diffusion-3.5-large vae/config.json, is Flux.1's config: flux_vae_meta)
+SDXL_VAE = {**FLUX_VAE, "latent_channels": 4, "use_quant_conv": True, "use_post_quant_conv": True}
+# The other paper models' VAEs are their diffusers classes' defaults, which are the published configs:
+# black-forest-labs/FLUX.2-dev vae/config.json (AutoencoderKLFlux2: SD's widths, 32 latent channels, 2x2 patches
+# batch-normed), Qwen/Qwen-Image vae/config.json (AutoencoderKLQwenImage: Wan 2.1's architecture, base width 96),
+# hunyuanvideo-community/HunyuanVideo vae/config.json (AutoencoderKLHunyuanVideo: SD's widths in 3D, 16 latent
+# channels, 8x per side and 4x in time) and Lightricks/LTX-Video vae/config.json of 0.9.0 (AutoencoderKLLTXVideo:
+# 128 latent channels, 32x per side and 8x in time, no timestep conditioning).
 
 
 def flux_vae_meta() -> torch.nn.Module:
@@ -83,6 +92,36 @@ def wan_vae_meta() -> torch.nn.Module:
     from diffusers import AutoencoderKLWan
 
     return on_meta(AutoencoderKLWan, WAN_VAE, torch.bfloat16)
+
+
+def sdxl_vae_meta() -> torch.nn.Module:
+    from diffusers import AutoencoderKL
+
+    return on_meta(AutoencoderKL, SDXL_VAE, torch.bfloat16)
+
+
+def flux2_vae_meta() -> torch.nn.Module:
+    from diffusers import AutoencoderKLFlux2
+
+    return on_meta(AutoencoderKLFlux2, {}, torch.bfloat16)
+
+
+def qwen_image_vae_meta() -> torch.nn.Module:
+    from diffusers import AutoencoderKLQwenImage
+
+    return on_meta(AutoencoderKLQwenImage, {}, torch.bfloat16)
+
+
+def hunyuan_video_vae_meta() -> torch.nn.Module:
+    from diffusers import AutoencoderKLHunyuanVideo
+
+    return on_meta(AutoencoderKLHunyuanVideo, {}, torch.bfloat16)
+
+
+def ltx_video_vae_meta() -> torch.nn.Module:
+    from diffusers import AutoencoderKLLTXVideo
+
+    return on_meta(AutoencoderKLLTXVideo, {}, torch.bfloat16)
 
 
 def on_meta(cls, config: dict, dtype: torch.dtype) -> torch.nn.Module:

@@ -26,7 +26,7 @@ def inputs_line(inp: Inputs, overhead_source: str) -> str:
     parts.append(f"host overhead {1000 * inp.host_overhead_s:.1f} ms per call ({overhead_source})")
     if inp.decode_seconds:
         parts.append(f"end to end with the VAE decode: {inp.decode_seconds:.2f} s on one device, "
-                     f"{inp.decode_split_seconds:.2f} s in bands on every device (predicted)")
+                     f"{inp.decode_split_seconds:.2f} s in tiles on every device of the pool (predicted)")
     return "inputs: " + "; ".join(parts)
 
 
