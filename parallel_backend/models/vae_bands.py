@@ -219,17 +219,19 @@ def halos(layer) -> tuple[tuple[int, int], tuple[int, int]]:
     if isinstance(layer, nn.ZeroPad2d):
         return (0, 1), (0, 1)  # a padded downsample: the first row (column) of the tile below (on the right)
     if _pads_itself(layer):
-        conv, padding = layer.conv, layer.time_causal_padding
-        return (_halo_rows(conv.kernel_size[-2], conv.stride[-2], padding[2]),
-                _halo_rows(conv.kernel_size[-1], conv.stride[-1], padding[0]))
+        padding = layer.time_causal_padding  # F.pad's order: left, right, top, bottom, ...
+        return _halos_of(layer.conv.kernel_size, layer.conv.stride, padding[2], padding[0])
     if _padded_by_caller(layer):
-        conv = layer.conv
-        return (_halo_rows(conv.kernel_size[-2], conv.stride[-2], CALLER_PADDED_ROWS),
-                _halo_rows(conv.kernel_size[-1], conv.stride[-1], CALLER_PADDED_ROWS))
+        return _halos_of(layer.conv.kernel_size, layer.conv.stride, CALLER_PADDED_ROWS, CALLER_PADDED_ROWS)
     if isinstance(getattr(layer, "_padding", None), tuple):
         return (layer._padding[2],) * 2, (layer._padding[0],) * 2
-    return (_halo_rows(layer.kernel_size[-2], layer.stride[-2], layer.padding[-2]),
-            _halo_rows(layer.kernel_size[-1], layer.stride[-1], layer.padding[-1]))
+    return _halos_of(layer.kernel_size, layer.stride, layer.padding[-2], layer.padding[-1])
+
+
+def _halos_of(kernel: tuple, stride: tuple, above_rows: int, left_cols: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """`halos` of a convolution of `kernel` and `stride` (their last two entries: rows, columns) whose input is
+    padded by `above_rows` rows above and `left_cols` columns on the left."""
+    return _halo_rows(kernel[-2], stride[-2], above_rows), _halo_rows(kernel[-1], stride[-1], left_cols)
 
 
 def _pads_itself(module) -> bool:
