@@ -4,9 +4,12 @@
 ComfyUI's own tiling code runs twice, unchanged, with the VAE's `decode` stood in for: the first run only
 collects the tiles it cuts (in order; its blend of stand-in outputs is thrown away), the pool decodes them all at
 once, and the second run blends the decoded tiles exactly as the stock node would. So the image is the stock
-node's, for any VAE the workers can hold. A VAE the pool cannot take, an audio VAE (one dimension), or a
-latent that fits one tile takes the stock path, said in one sentence. The host holds every decoded tile at once
-before the blend (a 2D decode tiles the image three ways: about three times the image, plus the overlaps).
+node's, for any VAE the workers can hold. ComfyUI's timestep-conditioned LTX-Video decoder mixes noise into each
+tile first: the host draws it, tile after tile in the first run's order, by the stock's own call and generator
+(engine/vae_tiles.py), so a run seeded alike equals the stock node's. A VAE the pool cannot take, one that draws
+noise inside its decoder (LTX-Video 0.9.1's), an audio VAE (one dimension), or a latent that fits one tile takes
+the stock path, said in one sentence. The host holds every decoded tile at once before the blend (a 2D decode
+tiles the image three ways: about three times the image, plus the overlaps).
 """
 
 from __future__ import annotations

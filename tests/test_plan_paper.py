@@ -17,7 +17,7 @@ import torch
 from parallel_backend.models import forward_for_family
 from parallel_backend.engine.oracle import sample_call
 from parallel_backend.commands import cli
-from parallel_backend.plan import paper, paper_doc, paper_models
+from parallel_backend.plan import paper, paper_decode, paper_doc, paper_models
 from parallel_backend.plan.fitted import FITTED, job_inputs
 from parallel_backend.plan.links import link_named
 from parallel_backend.plan.choose import NothingFits, choose
@@ -161,7 +161,8 @@ def tiny_scenarios(monkeypatch):
             "flux2_dev_meta": tiny_flux2, "hunyuan_video_meta": tiny_hunyuan, "ltx_video_meta": tiny_ltx}
     assert set(tiny) == {s.build for s in paper.SCENARIOS.values()}  # a new scenario gets its narrow model here
     vaes = {"flux_vae_meta": tiny_flux_vae, "wan_vae_meta": tiny_wan_vae, **TINY_MODEL_VAES}
-    assert set(vaes) == {s.build for s in paper.VAE_SCENARIOS.values()} | {v.build for v in paper.MODEL_VAES.values()}
+    assert set(vaes) == ({s.build for s in paper.VAE_SCENARIOS.values()}
+                         | {v.build for v in paper_decode.MODEL_VAES.values()})
     for build, narrow in {**tiny, **vaes}.items():
         monkeypatch.setattr(paper_models, build, narrow)
     for name, scenario in paper.VAE_SCENARIOS.items():
@@ -169,11 +170,11 @@ def tiny_scenarios(monkeypatch):
             monkeypatch.setitem(paper.VAE_SCENARIOS, name, replace(scenario, frames=5))
     paper.count.cache_clear()
     paper.count_vae.cache_clear()
-    paper.count_vae_of.cache_clear()
+    paper_decode.count_vae_of.cache_clear()
     yield
     paper.count.cache_clear()
     paper.count_vae.cache_clear()
-    paper.count_vae_of.cache_clear()
+    paper_decode.count_vae_of.cache_clear()
 
 
 def test_a_linear_layer_counts_2_m_n_k_on_meta():
@@ -256,7 +257,7 @@ def test_the_doc_shows_what_model_candidates_predict(tiny_scenarios):
     for name, scenario in paper.SCENARIOS.items():  # each scenario's decode, whole and on the pool
         for gpu, link in scenario.hardware:
             two = paper.paper_inputs(name, gpu, link, devices=2)
-            assert (f"| {name} | {paper.MODEL_VAES[scenario.build].build} | {gpu} | {link} | "
+            assert (f"| {name} | {paper_decode.MODEL_VAES[scenario.build].build} | {gpu} | {link} | "
                     f"{two.serial_seconds:,.2f} | {two.decode_seconds:,.2f} | {two.decode_split_seconds:,.2f} |") in text
 
 
@@ -291,7 +292,7 @@ FULL_FLUX_VAE = paper_models.flux_vae_meta  # a tiny VAE's bands lose to the hos
 def test_the_gpu_end_to_end_counts_the_decode_in_bands_on_two_gpus_and_whole_on_one(tiny_scenarios, monkeypatch):
     monkeypatch.setattr(paper_models, "flux_vae_meta", FULL_FLUX_VAE)
     fitted = _fitted_inputs(2)
-    decode, _ = paper.count_vae_of("flux_vae_meta", (1, 16, 128, 128))  # Flux.1's VAE: 1024 px, 16 channels
+    decode, _ = paper_decode.count_vae_of("flux_vae_meta", (1, 16, 128, 128))  # Flux.1's VAE: 1024 px, 16 channels
     whole = decode.flops / (989e12 * paper.EFFICIENCY["vae"])
     inp, found, _, run = paper.gpu_plan("flux-dev", "h100", 2, None, steps=28, branches=1)
     assert run.serial_seconds == pytest.approx(fitted.serial_seconds) and run.whole.seconds == pytest.approx(whole)
@@ -321,7 +322,7 @@ def test_the_gpu_end_to_end_counts_the_decode_in_bands_on_two_gpus_and_whole_on_
 
 
 def test_a_model_without_a_known_vae_keeps_the_fitted_serial_part_and_says_so(tiny_scenarios, monkeypatch):
-    monkeypatch.delitem(paper.MODEL_VAES, "flux_dev_meta")
+    monkeypatch.delitem(paper_decode.MODEL_VAES, "flux_dev_meta")
     inp, found, _, run = paper.gpu_plan("flux-dev", "h100", 2, None, steps=28, branches=1)
     fitted = _fitted_inputs(2)
     assert inp.serial_seconds == fitted.serial_seconds and inp.decode_seconds == 0.0
@@ -345,8 +346,8 @@ def test_the_decode_takes_as_many_gpus_as_its_latent_has_tiles_for_and_the_rest_
 
 def test_every_paper_models_vae_decodes_its_latent_to_the_models_image(tiny_scenarios):
     for name, job in paper.PAPER_MODELS.items():
-        vae = paper.MODEL_VAES[job.build]
-        decode, _ = paper.count_vae_of(vae.build, vae.latent_shape(job.resolution, job.frames))
+        vae = paper_decode.MODEL_VAES[job.build]
+        decode, _ = paper_decode.count_vae_of(vae.build, vae.latent_shape(job.resolution, job.frames))
         frames = job.frames or 1
         assert decode.image_bytes == 3 * frames * job.resolution[0] * job.resolution[1] * 2, name  # bf16 RGB
 

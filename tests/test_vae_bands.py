@@ -230,6 +230,27 @@ def test_a_convolution_its_caller_did_not_pad_is_refused():
         net(torch.randn(1, 2, 2, 6, 6), pad=False)
 
 
+def test_convolutions_their_caller_pads_that_cannot_take_their_neighbours_lines_are_refused_by_name():
+    """The caller's one replicated line on each side fits a 3-line kernel, undilated, that pads nothing itself and
+    would pad in zeros: a 5-column kernel, a dilation, or padding of its own (any mode) is refused, naming the
+    lines it cannot take."""
+    def refusal(dimension: str, conv: torch.nn.Conv3d) -> str:
+        return (f"layer 'first' (CarriedConv3d, kernel {conv.kernel_size}, stride {conv.stride}, padding "
+                f"{conv.padding} after its caller's 1 line) cannot take its {dimension} from its neighbours' "
+                f"{'bands' if dimension == 'rows' else 'tiles'} exactly: splitting it into "
+                f"{'bands' if dimension == 'rows' else 'tiles'} is not supported yet")
+
+    for dimension, conv in (("columns", torch.nn.Conv3d(2, 4, (3, 3, 5))),
+                            ("rows", torch.nn.Conv3d(2, 4, 3, dilation=(1, 2, 1))),
+                            ("rows", torch.nn.Conv3d(2, 4, 3, padding=(0, 1, 0))),
+                            ("rows", torch.nn.Conv3d(2, 4, 3, padding=(1, 0, 0), padding_mode="replicate"))):
+        net = CallerPadded()
+        net.first.conv = conv
+        with pytest.raises(ValueError) as refused:
+            band_in_place(net, threads.ThreadBands(2).rank(0))
+        assert str(refused.value) == refusal(dimension, conv)
+
+
 BAND_SCRIPT = '''
 import sys
 sys.path.insert(0, sys.argv[4])

@@ -279,6 +279,16 @@ def test_layers_that_still_cannot_band_are_refused_by_name():
     with pytest.raises(ValueError, match=r"^layer 'decoder\.conv_in' \(HunyuanVideoCausalConv3d\) pads with "
                                          "'circular'"):
         check_layers(hunyuan)
+    for padding, dimension in (((1, 1, 2, 0, 2, 0), "rows"), ((2, 0, 1, 1, 2, 0), "columns")):
+        hunyuan = hunyuan_vae()
+        hunyuan.decoder.conv_in.time_causal_padding = padding  # lines on one side only: no exact halo
+        parts = "bands" if dimension == "rows" else "tiles"
+        with pytest.raises(ValueError) as refused:
+            check_layers(hunyuan)
+        assert str(refused.value) == (f"layer 'decoder.conv_in' (HunyuanVideoCausalConv3d, kernel (3, 3, 3), stride "
+                                      f"(1, 1, 1), padding {padding} then (0, 0, 0)) cannot take its {dimension} from "
+                                      f"its neighbours' {parts} exactly: splitting it into {parts} is not supported "
+                                      f"yet")
 
 
 @pytest.mark.pool

@@ -174,11 +174,8 @@ def check_layers(module: nn.Module, whole: tuple[str, ...] = WHOLE_BLOCKS) -> tu
             continue
         if id(layer) in halved or id(layer) in pads:
             convs.append(layer)
-        elif _pads_itself(layer):
-            _check_self_padding(name, layer)
-            convs.append(layer)
-        elif _padded_by_caller(layer):
-            _check_caller_padded(name, layer)
+        elif _pads_itself(layer) or _padded_by_caller(layer):
+            _check_padded_outside(name, layer)
             convs.append(layer)
         elif isinstance(layer, nn.Conv3d) and hasattr(layer, "_padding"):
             if _check_causal(name, layer):
@@ -218,18 +215,18 @@ def halos(layer) -> tuple[tuple[int, int], tuple[int, int]]:
     call of `layer`, a convolution `check_layers` lists, takes on an inner tile."""
     if isinstance(layer, nn.ZeroPad2d):
         return (0, 1), (0, 1)  # a padded downsample: the first row (column) of the tile below (on the right)
-    if _pads_itself(layer):
-        conv, padding = layer.conv, layer.time_causal_padding
-        return (_halo_rows(conv.kernel_size[-2], conv.stride[-2], padding[2]),
-                _halo_rows(conv.kernel_size[-1], conv.stride[-1], padding[0]))
-    if _padded_by_caller(layer):
-        conv = layer.conv
-        return (_halo_rows(conv.kernel_size[-2], conv.stride[-2], CALLER_PADDED_ROWS),
-                _halo_rows(conv.kernel_size[-1], conv.stride[-1], CALLER_PADDED_ROWS))
+    if _pads_itself(layer) or _padded_by_caller(layer):
+        (above, _), (left, _) = _outer_padding(layer)
+        return _halos_of(layer.conv.kernel_size, layer.conv.stride, above, left)
     if isinstance(getattr(layer, "_padding", None), tuple):
         return (layer._padding[2],) * 2, (layer._padding[0],) * 2
-    return (_halo_rows(layer.kernel_size[-2], layer.stride[-2], layer.padding[-2]),
-            _halo_rows(layer.kernel_size[-1], layer.stride[-1], layer.padding[-1]))
+    return _halos_of(layer.kernel_size, layer.stride, layer.padding[-2], layer.padding[-1])
+
+
+def _halos_of(kernel: tuple, stride: tuple, above_rows: int, left_cols: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """`halos` of a convolution of `kernel` and `stride` (their last two entries: rows, columns) whose input is
+    padded by `above_rows` rows above and `left_cols` columns on the left."""
+    return _halo_rows(kernel[-2], stride[-2], above_rows), _halo_rows(kernel[-1], stride[-1], left_cols)
 
 
 def _pads_itself(module) -> bool:
@@ -247,6 +244,16 @@ def _padded_by_caller(module) -> bool:
 
 
 CALLER_PADDED_ROWS = 1  # what conv_carry_causal_3d pads a CarriedConv3d's input with, above and below
+
+
+def _outer_padding(layer) -> tuple[tuple[int, int], tuple[int, int]]:
+    """((rows above, below), (columns on the left, on the right)) a convolution padded outside its `conv` gets: its
+    own `time_causal_padding` (F.pad's order: left, right, top, bottom, front, back), or its caller's
+    CALLER_PADDED_ROWS on every side."""
+    if _pads_itself(layer):
+        padding = layer.time_causal_padding
+        return tuple(padding[2:4]), tuple(padding[:2])
+    return (CALLER_PADDED_ROWS,) * 2, (CALLER_PADDED_ROWS,) * 2
 
 
 def _inner_conv(layer):
@@ -273,29 +280,23 @@ def _banded_rows(kernel: int, stride: int, above: int, below: int) -> bool:
 DIMENSIONS = ((-2, "rows", "bands"), (-1, "columns", "tiles"))  # (dimension, its lines, what splits it)
 
 
-def _check_self_padding(name: str, layer) -> None:
-    conv, padding = layer.conv, layer.time_causal_padding
-    if layer.pad_mode not in EDGE_MODES:
+def _check_padded_outside(name: str, layer) -> None:
+    """A convolution padded outside its `conv`, by itself (`_pads_itself`, in its `pad_mode`) or by its caller
+    (`_padded_by_caller`; its `conv`, were it to pad, in zeros): raises ValueError in one sentence, naming it,
+    unless its `conv` takes its rows and columns from its neighbours' tiles exactly (it pads and dilates none of
+    them itself, and the lines padded on each side, `_outer_padding`, fit its kernel and stride)."""
+    conv, by_caller = layer.conv, not _pads_itself(layer)
+    if not by_caller and layer.pad_mode not in EDGE_MODES:
         raise ValueError(f"layer {name!r} ({type(layer).__name__}) pads with {layer.pad_mode!r}: only zero, "
                          "'replicate' or 'reflect' padding splits into bands exactly")
-    for dim, lines, parts in DIMENSIONS:
-        before, after = padding[2:4] if dim == -2 else padding[:2]
-        if conv.padding[dim] or conv.dilation[dim] != 1 or not _banded_rows(conv.kernel_size[dim], conv.stride[dim],
-                                                                             before, after):
+    padded = (f"{conv.padding} after its caller's {CALLER_PADDED_ROWS} line" if by_caller
+              else f"{layer.time_causal_padding} then {conv.padding}")
+    for (dim, lines, parts), (before, after) in zip(DIMENSIONS, _outer_padding(layer)):
+        if (conv.padding[dim] or conv.dilation[dim] != 1 or (by_caller and conv.padding_mode != "zeros")
+                or not _banded_rows(conv.kernel_size[dim], conv.stride[dim], before, after)):
             raise ValueError(f"layer {name!r} ({type(layer).__name__}, kernel {conv.kernel_size}, stride "
-                             f"{conv.stride}, padding {padding} then {conv.padding}) cannot take its {lines} from its "
-                             f"neighbours' {parts} exactly: splitting it into {parts} is not supported yet")
-
-
-def _check_caller_padded(name: str, layer) -> None:
-    conv = layer.conv
-    for dim, lines, parts in DIMENSIONS:
-        if (conv.padding[dim] or conv.dilation[dim] != 1 or conv.padding_mode != "zeros"
-                or not _banded_rows(conv.kernel_size[dim], conv.stride[dim], CALLER_PADDED_ROWS, CALLER_PADDED_ROWS)):
-            raise ValueError(f"layer {name!r} ({type(layer).__name__}, kernel {conv.kernel_size}, stride "
-                             f"{conv.stride}, padding {conv.padding} after its caller's {CALLER_PADDED_ROWS} line) "
-                             f"cannot take its {lines} from its neighbours' {parts} exactly: splitting it into "
-                             f"{parts} is not supported yet")
+                             f"{conv.stride}, padding {padded}) cannot take its {lines} from its neighbours' "
+                             f"{parts} exactly: splitting it into {parts} is not supported yet")
 
 
 def _pads_then_halves(conv) -> bool:

@@ -7,13 +7,13 @@ ComfyUI's VideoConv3d (3D convolutions that pad themselves), which ComfyUI build
 blocks outside its mid block, a configuration no checkpoint it detects has.
 
 ComfyUI's LTX-Video decoder conditioned on the timestep (0.9.1 and later; ComfyUI's defaults for a checkpoint
-without its config: 0.9.1's for 1024-wide decoders without the encoder's `down_blocks.1.conv` bias, 0.9.5's with
-it) mixes noise drawn over the whole latent into it first: `prepare` draws it on the host by the stock's call, the
-bands decode the mixed latent. 0.9.1's decoder also adds noise inside its first blocks' resnets (`inject_noise`),
-drawn at the shape of each call's input: a band's rows, and frame chunks sized by its own bytes (v0.24), so no band
-can draw the whole's; that decode is refused (`decode_refusal`) and takes the stock path. 0.9.5's defaults have
-no `inject_noise`; a checkpoint whose metadata carries its config decides for itself: the refusal reads the
-built modules."""
+without its config: 0.9.1's for 1024-wide decoders without the encoder's `down_blocks.1.conv` bias, 0.9.5's with it)
+mixes noise drawn over the whole latent into it first: `prepare` draws it on the host by the stock's call, the bands
+decode the mixed latent (a tiled decode: each tile's, in the stock's order). 0.9.1's decoder also adds noise inside
+its first blocks' resnets (`inject_noise`), drawn at the shape of each call's input: a band's rows, and frame chunks
+sized by its own bytes (v0.24), so no band can draw the whole's (nor a worker decoding a whole tile the host's);
+that decode is refused (`decode_refusal`) and takes the stock path. 0.9.5's defaults have no `inject_noise`; a
+checkpoint whose metadata carries its config decides for itself: the refusal reads the built modules."""
 
 from __future__ import annotations
 
@@ -31,11 +31,12 @@ class VaeFamily:
     # (a patchify before the encoder, a pixel-unshuffle, a batch-normed latent's patches; None: 1)
     takes_timestep: bool = False  # decode(vae, latent, timestep=...) for a decoder conditioned on the timestep
     video: bool = False  # ComfyUI's: a latent of (batch, channels, frames, rows, columns), the image its frames
-    decode_refusal: Callable = None  # the VAE -> why its decode cannot split (one sentence), or None
+    decode_refusal: Callable = None  # the VAE -> why its decode cannot leave the host, in bands or whole tiles (one
+    # sentence), or None
     equal_bands: bool = False  # it sizes its work by the band's shape: every band must have the same rows
     accepts: Callable = None  # the VAE -> whether this family's split fits it (None: every VAE of its classes)
-    prepare: Callable = None  # (the VAE, the whole latent) -> the latent its bands decode, run on the host before
-    # the cut (LTX-Video's noise, drawn over the whole latent as the stock decode draws it); None: as it is
+    prepare: Callable = None  # (the VAE, the whole latent or a tiled decode's tile) -> the latent its bands or a
+    # worker decode, run on the host (LTX-Video's noise, drawn over it as the stock decode draws it); None: as it is
 
     def scale(self, vae) -> int:
         """Image rows per latent row: an encoder's bands start at multiples of it."""
@@ -121,10 +122,11 @@ def _comfy_ltx_decode(vae, latent):
 
 def _comfy_ltx_noise(vae) -> str | None:
     """LTX-Video 0.9.1's decoder (`inject_noise` in its first blocks) adds noise drawn at each call's own shape:
-    a band's draws are not the whole's (their shape, and frame chunks sized by the band's bytes, differ)."""
+    a band's draws are not the whole's (their shape, and frame chunks sized by the band's bytes, differ), and a
+    whole tile's, drawn by a worker, come from the worker's generator, not the host's."""
     if any(getattr(m, "inject_noise", False) for m in vae.decoder.modules()):
         return ("ComfyUI's LTX-Video VAE adds noise drawn at each block's own shape inside its decoder "
-                "(inject_noise, LTX-Video 0.9.1's): a band cannot draw the whole image's noise")
+                "(inject_noise, LTX-Video 0.9.1's): no worker can draw the noise the stock decode draws there")
     return None
 
 

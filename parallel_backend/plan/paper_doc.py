@@ -18,8 +18,9 @@ from .links import link_named
 from . import published
 from .fitted import FITTED
 from .model import candidates
-from .paper import (BIG_MODELS, EFFICIENCY, MODEL_VAES, RIGS, SCENARIOS, VAE_DEVICES, VAE_SCENARIOS, count,
-                    count_vae, gpu_named, paper_inputs, rig_candidates, smallest_fit, vae_prediction)
+from .paper import (BIG_MODELS, EFFICIENCY, RIGS, SCENARIOS, VAE_DEVICES, VAE_SCENARIOS, count, count_vae,
+                    gpu_named, paper_inputs, rig_candidates, smallest_fit, vae_prediction)
+from .paper_decode import MODEL_VAES
 
 COMMAND = "python -m parallel_backend.plan.paper_doc --out docs/gpu-predictions.md"
 DEVICES = (2, 4, 8)
@@ -198,8 +199,8 @@ def decode_section() -> list[str]:
     """Each scenario's end to end in parts: the rest of the fitted serial part, the decode whole and in tiles."""
     out = ["### The VAE decode in the end to end", "",
            "Each scenario's fitted serial part cut into the text encoders and the rest, and its model's own VAE "
-           "decode (`plan/paper.py` MODEL_VAES, counted on meta; the VAE section's efficiency), whole on one GPU "
-           "and in tiles on the pool (what every split's *end to end* below counts; one device decodes whole). "
+           "decode (`plan/paper_decode.py` MODEL_VAES, counted on meta; the VAE section's efficiency), whole on one "
+           "GPU and in tiles on the pool (what every split's *end to end* below counts; one device decodes whole). "
            "Seconds, predicted.", "",
            "| scenario | VAE | GPUs | link | text encoders and the rest | decode whole | "
            + " | ".join(f"decode on {n}" for n in DEVICES) + " |", "|---|---|---|---|---|---|" + "---|" * len(DEVICES)]

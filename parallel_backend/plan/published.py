@@ -65,8 +65,8 @@ class Row:
     def unpredicted(self) -> str:
         """Why the plan cannot predict this row ("" where it can)."""
         if self.metric == VAE_DECODE:
-            return (f"a VAE decode: plan/vae_costs.py predicts the VAEs plan/paper.py counts (its models' own, "
-                    f"MODEL_VAES), not {self.model}'s")
+            return (f"a VAE decode: plan/vae_costs.py predicts the VAEs plan/paper.py counts (its models' own: "
+                    f"plan/paper_decode.py MODEL_VAES), not {self.model}'s")
         if self.model not in BUILDS:
             return f"{self.model} is not a model plan/paper_models.py builds"
         if self.strategy not in strategies.names():

@@ -293,6 +293,43 @@ def test_ltx_091s_noise_inside_the_decoder_takes_the_stock_path_and_says_why(com
     comfy.assert_same_latents(tandem, stock)
 
 
+def _ltx_tiled(seed: int, inject_noise: bool = False):
+    """VAE Decode (Tiled) of LTX-Video's noise-mixing decoder, the generator seeded with `seed` before it: a 6x5
+    latent in 128-pixel tiles with 32 pixels of overlap (4x4 latent rows and columns, 1 of overlap), 4 tiles of
+    4 or 3 rows x 4 or 2 columns, its 2 latent frames in one piece."""
+    def flow_of(node: str, prefix: str) -> dict:
+        flow = _video_decode(LTX, noise=True)(node, prefix)
+        flow["2"]["inputs"].update(rows=6, columns=5)
+        flow["3"]["inputs"].update(tile_size=128, overlap=32, temporal_size=16, temporal_overlap=8)
+        flow["1"]["inputs"]["inject_noise"] = inject_noise
+        return flow
+
+    return _seeded_noise(flow_of, seed)
+
+
+def test_ltx_videos_noise_adding_decoder_tiled_on_the_pool_equals_the_stock_tiled_node(comfy_server, comfy):
+    """The stock tiled decode draws each tile's noise as it decodes it: the host draws them all, in the same order,
+    by the same call, and the workers decode the mixed tiles. Seeded alike, the images agree; seeded otherwise,
+    the Multi-GPU node's image moves (the noise is drawn, not skipped)."""
+    stock, tandem = _pair(comfy_server, comfy, _ltx_tiled(21), "ltx_tiled",
+                          "VAE Decode (Tiled) (Multi-GPU) decoded 4 tiles on cpu, cpu")
+    assert stock.shape == tandem.shape == (9, 6 * 32, 5 * 32, 3)
+    comfy.assert_same_latents(tandem, stock)
+    assert stock.std() > 1e-3 and (stock - stock.mean()).abs().max() > 1e-2
+    comfy.run_checked(comfy_server, _ltx_tiled(22)("TandemVAEDecodeTiled", "ltx_tiled_other"))
+    assert (comfy_server.latent("ltx_tiled_other") - stock).abs().max() > 1e-3
+
+
+def test_ltx_091s_noise_inside_the_decoder_is_tiled_on_the_host_and_says_why(comfy_server, comfy):
+    """A worker decoding a whole tile of 0.9.1's decoder would draw its resnets' noise from its own generator:
+    the tiled node takes the stock path, seeded alike the same image."""
+    stock, tandem = _pair(comfy_server, comfy, _ltx_tiled(23, inject_noise=True), "ltx_tiled_inject",
+                          "VAE Decode (Tiled) (Multi-GPU) takes the stock path: ComfyUI's LTX-Video VAE adds noise "
+                          "drawn at each block's own shape inside its decoder (inject_noise, LTX-Video 0.9.1's)")
+    assert stock.shape == tandem.shape == (9, 6 * 32, 5 * 32, 3)
+    comfy.assert_same_latents(tandem, stock)
+
+
 def test_ltx_091s_encoder_splits_though_its_decoder_adds_noise(comfy_server, comfy):
     """0.9.1's noise is its decoder's: its encoder draws none, and encodes in bands equal to the stock node."""
     _, channels, frames, rows, columns = LTX
