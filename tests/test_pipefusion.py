@@ -187,14 +187,21 @@ def test_each_stage_holds_at_most_the_cap_unless_a_memory_per_device_allows_more
     assert max(held.values()) > default_cap(whole, 2)
 
 
-def _sequence_dit():
-    """tests/test_sequence_dit.py, whose tiny seeded transformers and calls these tests share."""
+def _sibling(name: str):
+    """The test module `name` beside this one, whose tiny seeded transformers, calls or pipelines these tests share."""
     import importlib.util
+    import sys
 
-    spec = importlib.util.spec_from_file_location("sequence_dit", Path(__file__).with_name("test_sequence_dit.py"))
-    tiny = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tiny)
-    return tiny
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(f"{name}.py"))
+    module = sys.modules[name] = importlib.util.module_from_spec(spec)  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def _sequence_dit():
+    return _sibling("test_sequence_dit")
 
 
 def _tiny(name: str):
@@ -264,6 +271,39 @@ def test_qwen_image_warm_up_equals_one_device_each_stage_its_blocks_and_after_it
     result = _qwen_image_loop(model, call, 8, stale)
     assert (result - reference).abs().max() > 1e-4 * reference.abs().max()  # stale keys and values were used
     assert psnr(reference, result) >= 30, psnr(reference, result)
+
+
+@pytest.mark.slow
+def test_a_qwen_image_pipeline_through_parallelize_equals_plain_with_warm_up_covering_every_step(cpu_pool,
+                                                                                                  monkeypatch):
+    """QwenImagePipeline with true CFG (the branches joined into one call from the second step), its transformer
+    of two blocks cut into two stages by parallelize: every call went through pipefusion's stages."""
+    from diffusers import QwenImageTransformer2DModel
+
+    from parallel_backend.hosts.diffusers import parallelize, unparallelize
+
+    pipelines, meshes, run = _sibling("test_diffusers_transformers"), [], ParallelExecutor.run
+
+    def run_recording_the_mesh(self, *args, **kwargs):
+        result = run(self, *args, **kwargs)
+        meshes.append((result.mesh.strategy, result.mesh.inner, result.bytes_sent > 0))
+        return result
+
+    monkeypatch.setattr(ParallelExecutor, "run", run_recording_the_mesh)
+    case = pipelines.qwen_image()
+    torch.manual_seed(0)
+    case.pipe.transformer = QwenImageTransformer2DModel(
+        patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=16, axes_dims_rope=(8, 4, 4)).eval().requires_grad_(False)
+    case.pipe.set_progress_bar_config(disable=True)
+    reference = pipelines._generate(case, "cfg")
+    parallelize(case.pipe, ParallelConfig("cpu:2", "pipefusion", warmup=pipelines.STEPS, patches=2), pool=cpu_pool)
+    try:
+        result = pipelines._generate(case, "cfg")
+    finally:
+        unparallelize(case.pipe)
+    pipelines._assert_matches(result, reference)
+    assert meshes and set(meshes) == {("pipefusion", 2, True)}  # every call ran in stages, tokens crossed
 
 
 @pytest.mark.parametrize("change, refused", [
