@@ -6,6 +6,7 @@ a worker lost in the middle of the pipeline fails the job in time, naming it, an
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from parallel_backend.engine.oracle import Job, job_for, psnr, run_loop
 from parallel_backend.hosts.executor import ParallelExecutor
 from parallel_backend.models import dit_stages
 from parallel_backend.models.benchmodels import build_bench_model
+from parallel_backend.models.stages import weights_of
 from parallel_backend.runtime.pool import WorkerError, WorkerPool
 from parallel_backend.runtime.recipe import weights_bytes
 from parallel_backend.strategies.asyncdiff.schedule import balance, stage_costs
@@ -65,9 +67,13 @@ def test_the_strategy_names_the_families_dit_stages_describes():
     pipefusion.check_family("comfy_dit:flux")
     pipefusion.check_family("comfy_dit:wan")
     pipefusion.check_family("comfy_dit:qwen_image")
-    for family in ("diffusers_dit:qwen_image", "diffusers_unet", "comfy_dit:sd3", "comfy_unet"):
-        with pytest.raises(ValueError, match="pipefusion' cuts diffusers' Flux.1, Wan and SD3 transformers and "
-                                             "ComfyUI's Flux.1 / Flux.2, Wan 2.x and Qwen-Image only"):
+    pipefusion.check_family("diffusers_dit:qwen_image")
+    pipefusion.check_family("comfy_dit:chroma")
+    pipefusion.check_family("comfy_dit:hunyuan_video")
+    for family in ("diffusers_unet", "comfy_dit:sd3", "comfy_unet"):
+        with pytest.raises(ValueError, match="pipefusion' cuts diffusers' Flux.1, Wan, SD3 and Qwen-Image "
+                                             "transformers and ComfyUI's Flux.1 / Flux.2, Chroma, Wan 2.x, Qwen-Image "
+                                             "and HunyuanVideo only"):
             pipefusion.check_family(family)
 
 
@@ -181,25 +187,39 @@ def test_each_stage_holds_at_most_the_cap_unless_a_memory_per_device_allows_more
     assert max(held.values()) > default_cap(whole, 2)
 
 
+def _sibling(name: str):
+    """The test module `name` beside this one, whose tiny seeded transformers, calls or pipelines these tests share."""
+    import importlib.util
+    import sys
+
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(f"{name}.py"))
+    module = sys.modules[name] = importlib.util.module_from_spec(spec)  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def _sequence_dit():
+    return _sibling("test_sequence_dit")
+
+
 def _tiny(name: str):
     """(model, its family, a call) of test_sequence_dit's tiny transformers: odd token counts, SD3.5's dual
-    attention, Flux's text first and SD3's image first in their joint attentions."""
-    import importlib.util
-
+    attention, Flux's and Qwen-Image's text first and SD3's image first in their joint attentions."""
     from parallel_backend.models.diffusers_dit import family_named
 
-    spec = importlib.util.spec_from_file_location("sequence_dit", Path(__file__).with_name("test_sequence_dit.py"))
-    tiny = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tiny)
+    tiny = _sequence_dit()
     model, call = {"flux": lambda: (tiny.tiny_flux(), tiny.flux_call(1, 5, 4, 6)),
                    "wan": lambda: (tiny.tiny_wan(), tiny.wan_call(1, 3, 8, 8)),
-                   "sd3.5": lambda: (tiny.tiny_sd3((0,)), tiny.sd3_call(1, 7, 8, 8))}[name]()
+                   "sd3.5": lambda: (tiny.tiny_sd3((0,)), tiny.sd3_call(1, 7, 8, 8)),
+                   "qwen_image": lambda: (tiny.tiny_qwen_image(), tiny.qwen_image_call(2, 5, [(3, 5)]))}[name]()
     family = dit_stages.FAMILIES[f"diffusers_dit:{name.split('.')[0]}"].name
     return model, family, replace(call, shared=family_named(family).shared)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["flux", "wan", "sd3.5"])
+@pytest.mark.parametrize("name", ["flux", "wan", "sd3.5", "qwen_image"])
 def test_a_patched_call_on_unchanged_inputs_equals_one_device(cpu_pool, name):
     """When the inputs do not change, the keys and values the call before left are this call's own: a patched
     call must then equal one device, which checks every patch's tokens, positions, rotary rows and text."""
@@ -213,6 +233,122 @@ def test_a_patched_call_on_unchanged_inputs_equals_one_device(cpu_pool, name):
         result = executor.run(model, family, replace(call, step=step))
         assert [extra["patches"] for _, extra in sorted(result.extra.items())] == [1 if step == 0 else 3] * 2
         assert _relative(result.out, reference) < 1e-4, step
+
+
+def _qwen_image_loop(model, call, steps: int, executor=None):
+    """Flow-matching Euler from pure noise to 0 in `steps` calls (the timestep is the noise level, as
+    QwenImagePipeline hands it over), on one device or through `executor`, as one job; the final latents."""
+    from parallel_backend.models.diffusers_dit import forward
+
+    x, sigmas = call.x, torch.linspace(1.0, 0.0, steps + 1)
+    with executor.job() if executor is not None else nullcontext():
+        for step, (sigma, after) in enumerate(zip(sigmas, sigmas[1:])):
+            now = replace(call, x=x, t=sigma.expand(call.rows), step=step)
+            velocity = (forward(model, now) if executor is None
+                        else executor.run(model, "diffusers_dit:qwen_image", now).out)
+            x = x + (after - sigma) * velocity
+    return x
+
+
+@pytest.mark.slow
+def test_qwen_image_warm_up_equals_one_device_each_stage_its_blocks_and_after_it_the_psnr_floor(cpu_pool):
+    """diffusers' Qwen-Image (two rows, 5 text tokens, 8 x 8 image tokens) in the sampler loop: warm-up covering every
+    step equals one device, each worker holding only its stage's block (and the embedders every stage runs); after
+    one exact step, patches on stale keys and values stay within the PSNR floor."""
+    tiny = _sequence_dit()
+    model, call = tiny.tiny_qwen_image(), tiny.qwen_image_call(2, 5, [(8, 8)])
+    reference = _qwen_image_loop(model, call, 8)
+    exact = ParallelExecutor(cpu_pool, ParallelConfig("cpu:2", "pipefusion", warmup=8, patches=4))
+    assert _relative(_qwen_image_loop(model, call, 8, exact), reference) < 1e-4
+    plan = strategies.get("pipefusion").stage_plan(exact.engine)
+    held = cpu_pool.weights_bytes[plan["fingerprint"]]
+    family = dit_stages.FAMILIES["diffusers_dit:qwen_image"]
+    blocks = [weights_of([block]) for block in model.transformer_blocks]
+    shared, last = weights_of(family.shared(model)), weights_of(family.last(model))
+    assert [held[0], held[1]] == [shared + blocks[0], shared + blocks[1] + last]
+    assert max(held.values()) < weights_bytes(model)
+    stale = ParallelExecutor(cpu_pool, ParallelConfig("cpu:2", "pipefusion", warmup=1, patches=4))
+    result = _qwen_image_loop(model, call, 8, stale)
+    assert (result - reference).abs().max() > 1e-4 * reference.abs().max()  # stale keys and values were used
+    assert psnr(reference, result) >= 30, psnr(reference, result)
+
+
+@pytest.mark.slow
+def test_a_qwen_image_pipeline_through_parallelize_equals_plain_with_warm_up_covering_every_step(cpu_pool,
+                                                                                                  monkeypatch):
+    """QwenImagePipeline with true CFG (the branches joined into one call from the second step), its transformer
+    of two blocks cut into two stages by parallelize: every call went through pipefusion's stages."""
+    from diffusers import QwenImageTransformer2DModel
+
+    from parallel_backend.hosts.diffusers import parallelize, unparallelize
+
+    pipelines, meshes, run = _sibling("test_diffusers_transformers"), [], ParallelExecutor.run
+
+    def run_recording_the_mesh(self, *args, **kwargs):
+        result = run(self, *args, **kwargs)
+        meshes.append((result.mesh.strategy, result.mesh.inner, result.bytes_sent > 0))
+        return result
+
+    monkeypatch.setattr(ParallelExecutor, "run", run_recording_the_mesh)
+    case = pipelines.qwen_image()
+    torch.manual_seed(0)
+    case.pipe.transformer = QwenImageTransformer2DModel(
+        patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=16, axes_dims_rope=(8, 4, 4)).eval().requires_grad_(False)
+    case.pipe.set_progress_bar_config(disable=True)
+    reference = pipelines._generate(case, "cfg")
+    parallelize(case.pipe, ParallelConfig("cpu:2", "pipefusion", warmup=pipelines.STEPS, patches=2), pool=cpu_pool)
+    try:
+        result = pipelines._generate(case, "cfg")
+    finally:
+        unparallelize(case.pipe)
+    pipelines._assert_matches(result, reference)
+    assert meshes and set(meshes) == {("pipefusion", 2, True)}  # every call ran in stages, tokens crossed
+
+
+@pytest.mark.parametrize("change, refused", [
+    ({"encoder_hidden_states_mask": torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])}, "a text padding mask"),
+    ({"controlnet_block_samples": [torch.zeros(2, 15, 48)]}, "ControlNet residuals"),
+    ({"attention_kwargs": {"scale": 0.5}}, r"attention_kwargs \(LoRA scale\)"),
+    ("zero_cond_t", "zero_cond_t"),
+])
+def test_qwen_image_inputs_a_patched_call_cannot_take_are_refused_by_name_before_any_block(change, refused):
+    from parallel_backend.strategies.asyncdiff.messages import StagePlan
+    from parallel_backend.strategies.pipefusion.messages import PipeCall, PlaceBlocks
+    from parallel_backend.strategies.pipefusion.runner import PipeRunner
+
+    tiny = _sequence_dit()
+    model = tiny.tiny_qwen_image(zero_cond_t=change == "zero_cond_t")
+    call = tiny.qwen_image_call(2, 5, [(3, 5)])
+    call = replace(call, extras={**call.extras, **(change if isinstance(change, dict) else {})}, job=1, stream=("s",))
+    ran = []
+    for block in model.transformer_blocks:
+        block.register_forward_pre_hook(lambda *_: ran.append(1))
+    runner = PipeRunner(model, "diffusers_dit:qwen_image", torch.device("cpu"))
+    runner.setup(PlaceBlocks("tiny", StagePlan(0, 1, (), None, None, 0, 1, False, ())))
+    with pytest.raises(ValueError, match=f"pipefusion does not run Qwen-Image with {refused}.*use cfg, batch or "
+                                         "ulysses"):
+        runner.call(PipeCall("tiny", call, 3))
+    assert not ran
+
+
+def test_an_all_true_text_mask_is_no_mask():
+    """QwenImagePipeline drops a mask with no padding; one handed over anyway masks nothing: the patched call runs
+    (without it) and equals the model's own forward."""
+    from parallel_backend.models.diffusers_dit import forward
+    from parallel_backend.strategies.asyncdiff.messages import StagePlan
+    from parallel_backend.strategies.pipefusion.messages import PipeCall, PlaceBlocks
+    from parallel_backend.strategies.pipefusion.runner import PipeRunner
+
+    tiny = _sequence_dit()
+    model, call = tiny.tiny_qwen_image(), tiny.qwen_image_call(2, 5, [(3, 5)])
+    call = replace(call, extras={**call.extras, "encoder_hidden_states_mask": torch.ones(2, 5, dtype=torch.long)},
+                   job=1, stream=("s",))
+    runner = PipeRunner(model, "diffusers_dit:qwen_image", torch.device("cpu"))
+    runner.setup(PlaceBlocks("tiny", StagePlan(0, 1, (), None, None, 0, 1, False, ())))
+    reference = forward(model, call)
+    for patches in (1, 3):
+        torch.testing.assert_close(runner.call(PipeCall("tiny", call, patches)).out, reference, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.slow

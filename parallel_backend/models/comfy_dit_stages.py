@@ -17,21 +17,31 @@ values.
 - Qwen-Image (comfy.ldm.qwen_image.model.QwenImageTransformer2DModel): joint blocks, text first; like Flux's double
   blocks they cannot take an empty text stream (the same placeholder). Every stage holds the embedders (a small
   share of the weights) to run `_forward` up to the first block.
+- Chroma (comfy.ldm.chroma.model.Chroma): Flux's blocks, modulated not by their own linears but by slices of one
+  approximator's output; every stage runs `_forward` up to the first double block, keeping that output on the way.
+- HunyuanVideo 1.0 / 1.5 (comfy.ldm.hunyuan_video.model.HunyuanVideo): Flux's blocks on video and text tokens;
+  forward_orig embeds them (its text refiner too), so every stage runs it up to the first double block, and the
+  last unpatchifies as forward_orig does. v0.8 joins [video, text] where later versions join [text, video]: its
+  double blocks get their rotary rows in their order and an attention override that hands pipefusion's
+  attention the text first, so the keys and values held are in one order on every version.
 What a patched call cannot take (the sequence split's refusals: ControlNet residuals, attention masks, reference
 latents on a zero timestep; model patches) the host refuses or runs on whole rows before any work
 (engine/pool_engine.py); the worker checks again (`refuse`), and refuses an input `forward_orig` is given that
-the layers do not take (a VACE context, Wan's reference latent) or Wan 2.2's per-frame timesteps.
+the layers do not take (a VACE context, Wan's reference latent, HunyuanVideo's text mask) or Wan 2.2's per-frame
+timesteps.
 """
 
 from __future__ import annotations
 
 import sys
+from functools import partial
 
 import torch
 
-from .comfy_forward import at_first_block, forward, forward_orig_as, inputs
+from .comfy_forward import at_first_block, forward, forward_orig_as, inputs, recorded
 from .comfy_sequence import OVERRIDE, attention_override, patch_refusal, refusal
-from .dit_stages import PipeFamily
+from .dit_stages import PipeFamily, first_block_streams
+from .sequence_hooks import present
 from .sequence_splits import IMAGE, TEXT, VIDEO
 from .stages import Activations, Context
 
@@ -91,19 +101,39 @@ def _text_or_stand_in(ctx: Context, acts: Activations) -> tuple:
     return txt.new_zeros(txt.shape[0], 1, txt.shape[2]), torch.cat((ctx.extra["text_rotary"], pe), 2), True
 
 
-def _flux_run(block, ctx: Context, acts: Activations) -> None:
+def _stream_block(block, ctx: Context, acts: Activations, vec) -> None:
+    """One of Flux's double or single stream blocks (Chroma's, HunyuanVideo's too) on the activations, modulated
+    by `vec`; the rotary table in ctx is the [text, image] sequence's."""
     options = ctx.extra["options"]
     if hasattr(block, "txt_attn"):  # a double stream block
         txt, pe, stood_in = _text_or_stand_in(ctx, acts)
-        acts.h, txt = block(img=acts.h, txt=txt, vec=ctx.extra["double"], pe=pe, attn_mask=None,
-                            transformer_options=options)
+        if getattr(block, "flipped_img_txt", False):  # v0.8's HunyuanVideo joins [image, text]
+            pe, options = _image_first(pe, options, txt.shape[1])
+        acts.h, txt = block(img=acts.h, txt=txt, vec=vec, pe=pe, attn_mask=None, transformer_options=options)
         if not stood_in:
             acts.skips[0] = txt
         return
     txt = acts.skips[0]  # a single stream block: [text, image] joined, as forward_orig joins them
-    joined = block(torch.cat((txt, acts.h), 1), vec=ctx.extra["single"], pe=ctx.extra["rotary"][0], attn_mask=None,
+    joined = block(torch.cat((txt, acts.h), 1), vec=vec, pe=ctx.extra["rotary"][0], attn_mask=None,
                    transformer_options=options)
     acts.skips[0], acts.h = joined[:, :txt.shape[1]], joined[:, txt.shape[1]:]
+
+
+def _image_first(pe: torch.Tensor, options: dict, text: int) -> tuple:
+    """For a double block that joins [image, text] (`text` tokens last): its rotary rows in that order, and an
+    attention override that hands pipefusion's attention the text first, so the keys and values it holds (and a
+    stand-in token's place, leading) are in the same [text, image] order on every ComfyUI version."""
+    inner = options[OVERRIDE]
+
+    def text_first(func, q, k, v, *args, **kwargs):  # q, k, v: (B, H, L, D), as Flux's attention hands them on
+        out = inner(func, *(t.roll(text, 2) for t in (q, k, v)), *args, **kwargs)  # (B, L, H * D)
+        return out.roll(-text, 1)
+
+    return pe.roll(-text, 2), {**options, OVERRIDE: text_first}
+
+
+def _flux_run(block, ctx: Context, acts: Activations) -> None:
+    _stream_block(block, ctx, acts, ctx.extra["double" if hasattr(block, "txt_attn") else "single"])
 
 
 def _flux_finish(model, call, ctx: Context, h: torch.Tensor) -> torch.Tensor:
@@ -220,11 +250,6 @@ def _qwen_refuse(call) -> None:
         raise ValueError(f"pipefusion does not run Qwen-Image with {what}; use cfg, batch or ulysses")
 
 
-def _qwen_tokens(model, call) -> Activations:
-    named = _qwen_inputs(model, call)
-    return Activations(named["hidden_states"], [named["encoder_hidden_states"]])
-
-
 def _qwen_context(model, call) -> Context:
     named = _qwen_inputs(model, call)
     pe = named["image_rotary_emb"]  # (B, 1, L, D/2, 2, 2) over [text, image]
@@ -253,9 +278,7 @@ def _qwen_finish(model, call, ctx: Context, h: torch.Tensor) -> torch.Tensor:
     return out[..., :call.x.shape[-2], :call.x.shape[-1]]
 
 
-def _qwen_counts(model, call) -> tuple[int, int]:
-    named = _qwen_inputs(model, call)
-    return named["hidden_states"].shape[1], named["encoder_hidden_states"].shape[1]
+_qwen_tokens, _qwen_counts = first_block_streams(_qwen_inputs, "hidden_states", "encoder_hidden_states")
 
 
 QWEN_IMAGE = PipeFamily(
@@ -267,4 +290,111 @@ QWEN_IMAGE = PipeFamily(
     placeholder=("transformer_blocks.*",))
 
 
-FAMILIES = {family.name: family for family in (FLUX, WAN, QWEN_IMAGE)}
+# ---- Chroma and HunyuanVideo: Flux's double and single stream blocks; their forward_orig embeds the tokens and
+# prepares the modulations (Chroma's approximator, HunyuanVideo's text refiner), so every stage runs it up to the
+# first double block (the embedders are `shared`, a small share of the weights), as for Qwen-Image ----
+
+STREAM_TAKES = frozenset({"img", "txt", "vec", "pe", "transformer_options"})  # what a first double block takes
+FIRST_DOUBLE = partial(at_first_block, blocks="double_blocks")
+
+
+def _stream_context(named: dict, call, temb, **extra) -> Context:
+    """The context of a first double block's inputs: the [text, image] rotary table, the options every block gets."""
+    pe = named["pe"]  # (B, 1, L, D/2, 2, 2)
+    options = {**(named.get("transformer_options") or {}), OVERRIDE: attention_override}
+    return Context(temb, None, call.x, {"rotary": (pe,), "text_rotary": pe[:, :, :1], "options": options, **extra})
+
+
+def _chroma_inputs(model, call) -> dict:
+    """What Chroma's first double block is handed, and the approximator's modulation vectors (`mods`)."""
+    if hasattr(model, "nerf_blocks"):
+        raise ValueError("pipefusion does not run Chroma Radiance (its pixel decoder follows the blocks); use cfg, "
+                         "batch or ulysses")
+    if model.skip_mmdit or model.skip_dit:
+        raise ValueError("pipefusion does not run Chroma with blocks skipped (skip_mmdit, skip_dit); use cfg, batch "
+                         "or ulysses")
+    with recorded(model.distilled_guidance_layer) as mods:
+        named = inputs(model, call, STREAM_TAKES, "Chroma", FIRST_DOUBLE)
+    return {**named, "mods": mods[0]}
+
+
+_chroma_tokens, _chroma_counts = first_block_streams(_chroma_inputs, "img", "txt")
+
+
+def _chroma_refuse(call) -> None:
+    what = refusal("chroma", call.extras) or patch_refusal(call.extras)
+    if what:
+        raise ValueError(f"pipefusion does not run Chroma with {what}; use cfg, batch or ulysses")
+
+
+def _chroma_context(model, call) -> Context:
+    """Each block's slice of the approximator's modulations (the model's own get_modulations), keyed by the block;
+    the final layer's as the context's temb."""
+    named = _chroma_inputs(model, call)
+    mods, slice_of = named["mods"], model.get_modulations
+    per_block = {block: (slice_of(mods, "double_img", idx=i), slice_of(mods, "double_txt", idx=i))
+                 for i, block in enumerate(model.double_blocks)}
+    per_block.update({block: slice_of(mods, "single", idx=i) for i, block in enumerate(model.single_blocks)})
+    return _stream_context(named, call, slice_of(mods, "final"), modulations=per_block)
+
+
+def _chroma_run(block, ctx: Context, acts: Activations) -> None:
+    _stream_block(block, ctx, acts, ctx.extra["modulations"][block])
+
+
+CHROMA = PipeFamily(
+    "comfy_dit:chroma", "Chroma", ("double_blocks", "single_blocks"), (IMAGE, TEXT), (TEXT, IMAGE),
+    first=lambda m: [], last=lambda m: _present(getattr(m, "final_layer", None)),
+    shared=lambda m: [m.img_in, m.txt_in, m.distilled_guidance_layer, m.pe_embedder],
+    tokens=_chroma_tokens, context=_chroma_context, run=_chroma_run, finish=_flux_finish, counts=_chroma_counts,
+    rotary_dim=2, refuse=_chroma_refuse, width=lambda m, call: (m.hidden_size, call.x.dtype), host="comfy",
+    placeholder=("double_blocks.*",))
+
+
+def _hunyuan_inputs(model, call) -> dict:
+    """What HunyuanVideo's first double block is handed: the embedded video and refined text tokens (CLIP vision
+    and ByT5 tokens joined to the text where given), the time, guidance and pooled-text vector, the rotary table."""
+    return inputs(model, call, STREAM_TAKES, "HunyuanVideo", FIRST_DOUBLE)
+
+
+_hunyuan_tokens, _hunyuan_counts = first_block_streams(_hunyuan_inputs, "img", "txt")
+
+
+def _hunyuan_refuse(call) -> None:
+    what = refusal("hunyuan_video", call.extras) or patch_refusal(call.extras)
+    if what is None and present(call.extras.get("attention_mask")):
+        what = "a text attention mask (attention_mask)"
+    if what:
+        raise ValueError(f"pipefusion does not run HunyuanVideo with {what}; use cfg, batch or ulysses")
+
+
+def _hunyuan_context(model, call) -> Context:
+    named = _hunyuan_inputs(model, call)
+    if getattr(model.double_blocks[0], "flipped_img_txt", False):  # v0.8 joins [video, text]: text first here
+        named = {**named, "pe": named["pe"].roll(named["txt"].shape[1], 2)}
+    vec = named["vec"]
+    return _stream_context(named, call, vec, double=vec, single=vec)
+
+
+def _hunyuan_finish(model, call, ctx: Context, h: torch.Tensor) -> torch.Tensor:
+    """The final layer, then back to the latent's layout as forward_orig unpatchifies: each token's patch of
+    every output channel (B, C, F, H, W; HunyuanImage's 2-D patches: B, C, H, W)."""
+    out, patch = model.final_layer(h, ctx.temb), list(model.patch_size)
+    sizes, n = call.x.shape[-len(patch):], len(patch)
+    out = out.reshape(out.shape[0], *(s // p for s, p in zip(sizes, patch)), model.out_channels, *patch)
+    order = [0, n + 1, *(d for i in range(n) for d in (1 + i, n + 2 + i))]  # (B, C, grid_0, patch_0, grid_1, ...)
+    return out.permute(order).reshape(out.shape[0], model.out_channels, *sizes)
+
+
+HUNYUAN_VIDEO = PipeFamily(
+    "comfy_dit:hunyuan_video", "HunyuanVideo", ("double_blocks", "single_blocks"), (VIDEO, TEXT), (TEXT, VIDEO),
+    first=lambda m: [], last=lambda m: [m.final_layer],
+    shared=lambda m: _present(*(getattr(m, name, None) for name in (
+        "img_in", "time_in", "time_r_in", "vector_in", "guidance_in", "txt_in", "byt5_in", "vision_in",
+        "cond_type_embedding", "pe_embedder"))),
+    tokens=_hunyuan_tokens, context=_hunyuan_context, run=_flux_run, finish=_hunyuan_finish, counts=_hunyuan_counts,
+    rotary_dim=2, refuse=_hunyuan_refuse, width=lambda m, call: (m.hidden_size, call.x.dtype), host="comfy",
+    placeholder=("double_blocks.*",))
+
+
+FAMILIES = {family.name: family for family in (FLUX, WAN, QWEN_IMAGE, CHROMA, HUNYUAN_VIDEO)}

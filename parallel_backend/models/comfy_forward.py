@@ -1,11 +1,15 @@
-"""A ComfyUI diffusion model's own `_forward`, stopped where it hands its prepared inputs on (a site) and given
-the output to finish with: how models/comfy_dit_stages.py runs each family's preparation (padding to the patch,
-positions and rotary tables, reference latents, the rope options) and unpatchifying with the host's own code.
-Nothing here imports ComfyUI: it works on the host's model object through its attribute names.
+"""A DiT's own forward (ComfyUI's `_forward`, diffusers' `forward`), stopped where it hands its prepared inputs on
+(a site) and given the output to finish with: how models/comfy_dit_stages.py runs each family's preparation
+(padding to the patch, positions and rotary tables, reference latents, the rope options, text refiners,
+modulation approximators) and unpatchifying with the host's own code, and models/dit_stages.py diffusers'
+Qwen-Image's. Nothing here imports ComfyUI or diffusers: it works on the host's model object through its
+attribute names.
 
 Sites: `forward_orig` (Flux, Wan), an instance attribute standing over the method for the call's duration as
-sequence_hooks.py's method sites do; the first block (Qwen-Image, which has no forward_orig), a forward
-pre-hook. Both are removed when the call ends, even a failed one.
+sequence_hooks.py's method sites do; the first block of a block list (Qwen-Image, which has no forward_orig;
+Chroma and HunyuanVideo, whose forward_orig embeds the tokens itself), a forward pre-hook. `recorded` keeps a
+module's output on the way (Chroma's modulation approximator). All are removed when the call ends, even a
+failed one.
 """
 
 from __future__ import annotations
@@ -46,16 +50,31 @@ def at_forward_orig(model):
 
 
 @contextmanager
-def at_first_block(model):
-    """`_forward` stops where it calls its first block (Qwen-Image: no forward_orig), by a forward pre-hook."""
-    first = model.transformer_blocks[0]
+def at_first_block(model, blocks: str = "transformer_blocks"):
+    """The forward stops where it calls the first block of its list `blocks`, by a forward pre-hook."""
+    first = getattr(model, blocks)[0]
 
     def reached(module, args, kwargs):
         raise _Reached(name_arguments(first.forward, args, kwargs))
 
     handle = first.register_forward_pre_hook(reached, with_kwargs=True)
     try:
-        yield "transformer_blocks.0"
+        yield f"{blocks}.0"
+    finally:
+        handle.remove()
+
+
+@contextmanager
+def recorded(module):
+    """While inside, `module`'s latest output is kept in the list yielded (its one item)."""
+    kept = []
+
+    def keep(_, args, output):
+        kept[:] = [output]
+
+    handle = module.register_forward_hook(keep)
+    try:
+        yield kept
     finally:
         handle.remove()
 
@@ -67,13 +86,14 @@ def forward(model, call):
     return model._forward(call.x, call.t, context=call.context, **extras)
 
 
-def inputs(model, call, takes: frozenset, label: str, site=at_forward_orig) -> dict:
-    """What `_forward` hands on at `site` for `call`, by name (Flux: img, img_ids, txt, txt_ids, timesteps, y,
-    ...). An input outside `takes` that is given (a ControlNet's residuals, a VACE context, a reference latent
-    of Wan's, what a later ComfyUI adds) raises: the family's layers would compute without it."""
+def inputs(model, call, takes: frozenset, label: str, site=at_forward_orig, run=forward) -> dict:
+    """What the model's forward (`run(model, call)`: ComfyUI's `_forward` unless given) hands on at `site` for
+    `call`, by name (Flux: img, img_ids, txt, txt_ids, timesteps, y, ...). An input outside `takes` that is given
+    (a ControlNet's residuals, a VACE context, a reference latent of Wan's, what a later ComfyUI adds) raises:
+    the family's layers would compute without it."""
     with site(model) as where:
         try:
-            forward(model, call)
+            run(model, call)
         except _Reached as stop:
             named = stop.named
             extra = [name for name, value in named.items() if name not in takes and _given(value)]
@@ -81,7 +101,7 @@ def inputs(model, call, takes: frozenset, label: str, site=at_forward_orig) -> d
                 raise ValueError(f"pipefusion does not run {label} with {', '.join(sorted(extra))} (given to "
                                  f"{type(model).__name__}'s {where}); use cfg, batch or ulysses") from None
             return named
-    raise RuntimeError(f"{type(model).__name__}._forward returned without reaching {where}")
+    raise RuntimeError(f"{type(model).__name__}'s forward returned without reaching {where}")
 
 
 def _given(value) -> bool:

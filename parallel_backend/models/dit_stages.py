@@ -14,9 +14,10 @@ The contract of models/stages.py (a list of `Layer`s run on `Activations` under 
 The attentions a patch computes against the whole sequence are the family's `Attend` rows of its host's table
 in sequence_splits.py (`host`: DIFFUSERS, reached through diffusers_sequence.group_attention; COMFY, reached
 through ComfyUI's attention override, which the family's `run` hands every block: comfy_dit_stages.py).
-`placeholder`: the `Attend` modules whose blocks cannot take an empty stream (ComfyUI's Flux double blocks and
-Qwen-Image blocks, given a patch after patch 0, which holds no text): the block gets one token standing in for
-it, leading in the joint order, which the attention leaves out (runner.Rows.lead) and whose output is dropped.
+`placeholder`: the `Attend` modules whose blocks cannot take an empty stream (ComfyUI's Flux double blocks, Chroma's
+and HunyuanVideo's too, and Qwen-Image blocks; diffusers' Qwen-Image blocks), given a patch after patch 0, which
+holds no text: the block gets one token standing in for it, leading in the joint order, which the attention leaves
+out (runner.Rows.lead) and whose output is dropped.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from typing import Callable
 
 import torch
 
+from .comfy_forward import at_first_block, inputs
+from .diffusers_dit import forward
 from .sequence_splits import COMFY, DIFFUSERS, IMAGE, TEXT, VIDEO
 from .stages import Activations, Context, Layer
 
@@ -71,8 +74,9 @@ class PipeFamily:
 
     def row(self):
         """The family's sequence split (sequence_splits.DIFFUSERS or COMFY): which attentions mix tokens, over
-        which streams, and how diffusers' processors reach a route."""
-        return (COMFY if self.host == "comfy" else DIFFUSERS)[self.name.split(":", 1)[1]][0]
+        which streams, and how diffusers' processors reach a route. Its last row: a host version's variant (v0.8's
+        HunyuanVideo, [video, text]) comes first, and the family's `run` puts the streams in the last row's order."""
+        return (COMFY if self.host == "comfy" else DIFFUSERS)[self.name.split(":", 1)[1]][-1]
 
     def attends(self) -> tuple:
         return self.row().attend
@@ -86,6 +90,20 @@ class PipeFamily:
         from .diffusers_sequence import group_attention
 
         return group_attention(self.row(), attentions)
+
+
+def first_block_streams(inputs, image: str, text: str) -> tuple[Callable, Callable]:
+    """(`tokens`, `counts`) of a joint-attention family whose forward embeds the tokens before its first block
+    (`inputs`: (model, call) -> what that block is handed, by name; `image`, `text`: its two token streams' names)."""
+    def tokens(model, call) -> Activations:
+        named = inputs(model, call)
+        return Activations(named[image], [named[text]])
+
+    def counts(model, call) -> tuple[int, int]:
+        named = inputs(model, call)
+        return named[image].shape[1], named[text].shape[1]
+
+    return tokens, counts
 
 
 # ---- Flux.1 (FluxTransformer2DModel): double-stream then single-stream blocks, text first in every attention ----
@@ -220,4 +238,63 @@ SD3 = PipeFamily(
     finish=_sd3_finish, counts=_sd3_counts, rotary_dim=0, refuse=_sd3_refuse)
 
 
-FAMILIES = {family.name: family for family in (FLUX, WAN, SD3)}
+# ---- Qwen-Image (QwenImageTransformer2DModel): joint blocks, text first in every attention. Its forward prepares
+# the call (the text's norm, the rotary tables of the images and the text, the timestep embedding): every stage
+# runs it up to the first block (comfy_forward.inputs; the embedders are `shared`, a small share of the weights).
+# A block cannot take an empty text stream (its rotary reshape): a patch after patch 0 gives it one zero token
+# that joins no attention (the family's placeholder) ----
+
+QWEN_TAKES = frozenset({"hidden_states", "encoder_hidden_states", "encoder_hidden_states_mask", "temb",
+                        "image_rotary_emb"})
+
+
+def _qwen_inputs(model, call) -> dict:
+    if model.config.zero_cond_t:
+        raise ValueError("pipefusion does not run Qwen-Image with zero_cond_t (Qwen-Image-Edit-2511's modulation per "
+                         "image token); use cfg, batch or ulysses")
+    return inputs(model, call, QWEN_TAKES, "Qwen-Image", at_first_block, run=forward)
+
+
+def _qwen_refuse(call) -> None:
+    mask = call.extras.get("encoder_hidden_states_mask")
+    for what, given in (("ControlNet residuals", call.extras.get("controlnet_block_samples") is not None),
+                        ("attention_kwargs (LoRA scale)", bool(call.extras.get("attention_kwargs"))),
+                        ("a text padding mask (encoder_hidden_states_mask)",
+                         mask is not None and not bool(mask.all()))):
+        if given:
+            raise ValueError(f"pipefusion does not run Qwen-Image with {what}; use cfg, batch or ulysses")
+
+
+def _qwen_context(model, call) -> Context:
+    """The timestep embedding, and the rotary tables of the images and the text joined, text first, as one table of
+    the joint sequence (L, D/2), which a patch's rows are cut from."""
+    named = _qwen_inputs(model, call)
+    image, text = named["image_rotary_emb"]
+    rotary = torch.cat((text, image))
+    return Context(named["temb"], None, call.x, {"rotary": (rotary,), "text_rotary": rotary[:1]})
+
+
+def _qwen_run(block, ctx: Context, acts: Activations) -> None:
+    txt, rotary = acts.skips[0], ctx.extra["rotary"][0]
+    stood_in = not txt.shape[1]
+    if stood_in:  # one zero token and a text position's rotary row before the patch's own
+        txt, rotary = txt.new_zeros(txt.shape[0], 1, txt.shape[2]), torch.cat((ctx.extra["text_rotary"], rotary))
+    text = txt.shape[1]
+    txt, acts.h = block(hidden_states=acts.h, encoder_hidden_states=txt, encoder_hidden_states_mask=None,
+                        temb=ctx.temb, image_rotary_emb=(rotary[text:], rotary[:text]))
+    if not stood_in:
+        acts.skips[0] = txt
+
+
+_qwen_tokens, _qwen_counts = first_block_streams(_qwen_inputs, "hidden_states", "encoder_hidden_states")
+
+
+QWEN_IMAGE = PipeFamily(
+    "diffusers_dit:qwen_image", "Qwen-Image", ("transformer_blocks",), (IMAGE, TEXT), (TEXT, IMAGE),
+    first=lambda m: [], last=lambda m: [m.norm_out, m.proj_out],
+    shared=lambda m: [m.img_in, m.txt_norm, m.txt_in, m.time_text_embed, m.pos_embed], tokens=_qwen_tokens,
+    context=_qwen_context, run=_qwen_run, finish=lambda m, call, ctx, h: m.proj_out(m.norm_out(h, ctx.temb)),
+    counts=_qwen_counts, rotary_dim=0, refuse=_qwen_refuse, placeholder=("transformer_blocks.*.attn",))
+
+
+FAMILIES = {family.name: family for family in (FLUX, WAN, SD3, QWEN_IMAGE)}

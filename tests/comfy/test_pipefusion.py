@@ -16,7 +16,8 @@ import pytest
 STEPS = 4
 PSNR_FLOOR_DB = 30.0
 FAMILIES = {"flux": "Flux", "flux2": "Flux2", "wan21_t2v": "WAN21_T2V", "wan21_i2v": "WAN21_I2V",
-            "qwen_image": "QwenImage"}  # family: the comfy.supported_models class it needs
+            "qwen_image": "QwenImage", "chroma": "Chroma", "hunyuan_video": "HunyuanVideo",
+            "hunyuan_video15": "HunyuanVideo15"}  # family: the comfy.supported_models class it needs
 
 
 @pytest.fixture(scope="module")
@@ -31,9 +32,10 @@ def fixture_families(comfy_server):
     return fixture_nodes
 
 
-def _tiny(fixture_nodes, family: str):
-    """The tiny model of `family` as the fixture node builds it (seeded), and a call of it: two rows, odd latent
-    sides (padded to the patch), Flux's guidance and pooled vector, Wan i2v's image channels and CLIP tokens."""
+def _tiny(fixture_nodes, family: str, **extra):
+    """The tiny model of `family` as the fixture node builds it (seeded), and a call of it (`extra`: more inputs):
+    two rows, odd latent sides where the model pads them to the patch, the guidance and pooled vector of the Flux-
+    like models, Wan i2v's image channels and CLIP tokens, HunyuanVideo 1.5's image and mask channels."""
     import torch
 
     from parallel_backend.runtime.calls import ModelCall
@@ -43,14 +45,18 @@ def _tiny(fixture_nodes, family: str):
     (channels, frames, height, width), (text_width, pooled, _) = families.FAMILIES[family][3], families.FAMILIES[family][2]
     generator = torch.Generator().manual_seed(0)
     extras = {"transformer_options": {}}
-    if family.startswith("flux"):
+    if family.startswith(("flux", "chroma", "hunyuan")):
         extras["guidance"] = torch.tensor([3.5, 3.5])
     if pooled:
         extras["y"] = torch.randn(2, pooled, generator=generator)
     if family == "wan21_i2v":
         channels, extras["clip_fea"] = 36, torch.randn(2, 257, 1280, generator=generator)
+    if family == "hunyuan_video15":
+        channels = model.diffusion_model.in_channels  # the latent, the image's and a mask, joined
     frames = frames or (1 if family == "qwen_image" else None)  # Qwen-Image's model takes (B, C, 1, H, W)
-    x = torch.randn(2, channels, *((frames,) if frames else ()), height + 1, width + 1, generator=generator)
+    odd = 0 if family.startswith("hunyuan") else 1  # HunyuanVideo does not pad to its patch
+    x = torch.randn(2, channels, *((frames,) if frames else ()), height + odd, width + odd, generator=generator)
+    extras.update(extra)
     call = ModelCall(x, torch.tensor([0.7, 0.7]), torch.randn(2, families.TOKENS, text_width, generator=generator),
                      extras, job=1, stream=("s",))
     return model.diffusion_model, call
@@ -78,6 +84,22 @@ def _ran_two_stages(server) -> None:
     assert status["last_run"]["strategy"] == "pipefusion" and status["last_run"]["devices_used"] == 2, status["last_run"]
     held = status["model_weights_bytes"]
     assert len(held) == 2 and all(b > 0 for b in held), held
+
+
+def _each_stage_held_only_its_blocks(server, fixture_nodes, family: str) -> None:
+    """The last run's two workers held, one its first block and the other its second (every tiny model has two),
+    each with what every stage holds, the first stage the embedders, the last the output layers: nothing more."""
+    from parallel_backend.models.comfy_dit import recognise
+    from parallel_backend.models.stages import weights_of
+    from parallel_backend.strategies.pipefusion.runner import FAMILIES as CUTS
+
+    model = _tiny(fixture_nodes, family)[0]
+    cut = CUTS[recognise(model).wire]
+    layers, shared = cut.layers(model), weights_of(cut.shared(model))
+    assert len(layers) == 2, [layer.name for layer in layers]
+    expected = [shared + weights_of([*cut.first(model), *layers[0].modules]),
+                shared + weights_of([*layers[1].modules, *cut.last(model)])]
+    assert server.get("/tandem/status")["model_weights_bytes"] == expected
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -111,6 +133,44 @@ def test_a_patched_call_on_unchanged_inputs_equals_the_models_forward(fixture_fa
         assert (out - forward(model, changed)).abs().max() > 1e-4
 
 
+def _hunyuan_mask(torch) -> dict:
+    return {"attention_mask": torch.tensor([[1] * 6 + [0, 0]] * 2)}
+
+
+@pytest.mark.parametrize("family, change, refused", [
+    ("hunyuan_video", _hunyuan_mask, "pipefusion does not run HunyuanVideo with a text attention mask"),
+    ("hunyuan_video", lambda torch: {"guiding_frame_index": torch.tensor([0.0, 0.0])},
+     "pipefusion does not run HunyuanVideo with a guiding frame"),
+    ("chroma", lambda torch: {"control": {"input": [torch.zeros(2, 25, 256)]}},
+     "pipefusion does not run Chroma with ControlNet residuals"),
+    ("chroma", "skip_mmdit", r"pipefusion does not run Chroma with blocks skipped \(skip_mmdit, skip_dit\)"),
+])
+def test_what_a_patched_call_cannot_take_is_refused_by_name_before_any_block(fixture_families, host_families,
+                                                                             family, change, refused):
+    """Inputs the layers do not take (a text mask, guiding frames, ControlNet residuals) and a model whose forward
+    skips blocks: the stage refuses the call, naming them, before any block runs."""
+    import torch
+
+    from parallel_backend.models.comfy_dit import recognise
+    from parallel_backend.strategies.asyncdiff.messages import StagePlan
+    from parallel_backend.strategies.pipefusion.messages import PipeCall, PlaceBlocks
+    from parallel_backend.strategies.pipefusion.runner import PipeRunner
+
+    if family not in host_families:
+        pytest.skip(f"this ComfyUI has no comfy.supported_models.{FAMILIES[family]} ({family})")
+    model, call = _tiny(fixture_families, family, **(change(torch) if callable(change) else {}))
+    if change == "skip_mmdit":
+        model.skip_mmdit = [0]
+    ran = []
+    for block in (*model.double_blocks, *model.single_blocks):
+        block.register_forward_pre_hook(lambda *_: ran.append(1))
+    runner = PipeRunner(model, recognise(model).wire, torch.device("cpu"))
+    runner.setup(PlaceBlocks("tiny", StagePlan(0, 1, (), None, None, 0, 1, False, ())))
+    with pytest.raises(ValueError, match=refused):
+        runner.call(PipeCall("tiny", call, 3))
+    assert not ran
+
+
 def test_the_settings_node_offers_pipefusion_and_its_patches(comfy_server):
     inputs = comfy_server.get("/object_info/TandemSettings")["TandemSettings"]["input"]
     kind, *details = inputs["required"]["strategy"]  # ["COMBO", {"options": [...]}], or [[...], {...}] before
@@ -121,10 +181,11 @@ def test_the_settings_node_offers_pipefusion_and_its_patches(comfy_server):
 
 @pytest.mark.parametrize("cfg", [1.0, 4.0])
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_warm_up_covering_every_step_equals_stock(comfy_server, comfy, host_families, family, cfg):
+def test_warm_up_covering_every_step_equals_stock(comfy_server, comfy, fixture_families, host_families, family, cfg):
     stock, tandem = _pair(comfy_server, comfy, host_families, f"pipefusion_exact_{family}_{cfg:g}", family, cfg=cfg)
     comfy.assert_same_latents(tandem, stock)
     _ran_two_stages(comfy_server)
+    _each_stage_held_only_its_blocks(comfy_server, fixture_families, family)
 
 
 def test_cfg_times_pipefusion_on_four_workers_equals_stock(comfy_server, comfy, host_families):
@@ -143,7 +204,7 @@ def test_each_stage_holds_only_its_blocks_weights(comfy_server, comfy, host_fami
     assert sum(held) >= whole_weights_bytes  # every block is held by one stage (the shared embedders by both)
 
 
-@pytest.mark.parametrize("family", ["flux", "wan21_t2v", "qwen_image"])
+@pytest.mark.parametrize("family", ["flux", "wan21_t2v", "qwen_image", "chroma", "hunyuan_video"])
 def test_after_warm_up_the_patches_are_stale_within_the_psnr_floor(comfy_server, comfy, host_families, family):
     from parallel_backend.engine.oracle import psnr
 
