@@ -232,3 +232,25 @@ def test_parallelize_notes_each_denoisers_files(tmp_path):
                                                                "diffusion_pytorch_model.safetensors"),)
     finally:
         unparallelize(pipe)
+
+
+@pool_test
+def test_a_weight_the_files_lack_is_written_and_the_rest_read(cpu_pool, tmp_path):
+    """The host writes only what the files lack: here one weight taken out of its shard after loading."""
+    from safetensors.torch import load_file
+
+    model, files = _flux_from_folder(tmp_path)
+    holder = next(f for f in files if "proj_out.weight" in load_file(str(f)))
+    kept = {k: v for k, v in load_file(str(holder)).items() if k != "proj_out.weight"}
+    if kept:
+        save_file(kept, str(holder))
+    else:
+        holder.unlink()
+    sources.note(model, [f for f in files if f.exists()])
+    cpu_pool.release_models()
+    shipped = cpu_pool.stats.weights_bytes_shipped
+    _run(cpu_pool, model, "batch", "sharded")
+    every = len(model.state_dict())
+    assert cpu_pool.stats.last_load_sources == {0: every - 1, 1: every - 1}
+    weight = model.proj_out.weight
+    assert cpu_pool.stats.weights_bytes_shipped - shipped == weight.numel() * weight.element_size()
