@@ -108,7 +108,8 @@ class WorkerState:
                                   self._cutter(message))
         else:
             # The host's file of this machine: the tensors mapped (CPU workers share its page-cache copy), only
-            # the parts the cut keeps where the Load names them (tensor_parts.py).
+            # the parts the cut keeps where the Load names them (tensor_parts.py); the weights `sources` names
+            # from the file the host loaded them from, each checked against the host's digest (sources.py).
             try:
                 payload, read = _read_payload(message)
             except SourceRefused as exc:  # the host writes the model and asks again (pool.py)
