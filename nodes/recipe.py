@@ -101,8 +101,9 @@ class HostModel:
             known = cls._known[diffusion_model] = cls(base_model, diffusion_model)
         return known
 
-    def recipe(self, compile_kwargs: dict | None = None) -> Recipe:
-        """The model's recipe as it is now (patched), with torch.compile's settings for the workers."""
+    def recipe(self, compile_kwargs: dict | None = None, sources: tuple = ()) -> Recipe:
+        """The model's recipe as it is now (patched), with torch.compile's settings for the workers and the
+        safetensors files its weights were loaded from (Recipe.sources)."""
         module = self.module()
         overrides = instance_overrides(module, self.fresh)
         build = self.build
@@ -110,7 +111,7 @@ class HostModel:
                                sorted(build.unet_config.items(), key=str), _describe(build.operations),
                                build.layer_settings, build.channels_last, repr(sorted(overrides.items())),
                                sorted((compile_kwargs or {}).items(), key=str))
-        return Recipe(build, host_weights(module), layout(module), identity, overrides, compile_kwargs)
+        return Recipe(build, host_weights(module), layout(module), identity, overrides, compile_kwargs, sources)
 
 
 def host_weights(module: torch.nn.Module) -> dict:

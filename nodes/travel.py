@@ -97,4 +97,26 @@ def recipe_of(run: dict, diffusion_model):
 
 
 def _recipe(base_model_ref, module_ref, compile_kwargs):
-    return HostModel.of(base_model_ref(), module_ref()).recipe(compile_kwargs)
+    base_model = base_model_ref()
+    return HostModel.of(base_model, module_ref()).recipe(compile_kwargs, source_files(base_model))
+
+
+# ComfyUI's own loaders that record the file a model came from (ModelPatcher.cached_patcher_init, from v0.2x: the
+# function ComfyUI calls to load the same model again, and its arguments, the file's path first).
+_FILE_LOADERS = frozenset({"load_diffusion_model", "load_checkpoint_guess_config"})
+
+
+def source_files(base_model) -> tuple[str, ...]:
+    """The safetensors file ComfyUI's own loader (UNETLoader, CheckpointLoaderSimple) read `base_model` from, where
+    its weights carry no weight patch (a LoRA merged in place no longer equals the file: the host then writes the
+    model for the workers): what ComfyUI itself records to load the model again (`cached_patcher_init`, v0.2x;
+    v0.8 records none: ()). The workers check every weight they read against the host's copy (sources.py)."""
+    patcher = getattr(base_model, "current_patcher", None)
+    init = getattr(patcher, "cached_patcher_init", None)
+    if patcher is None or not init or getattr(patcher, "patches", None):
+        return ()
+    loader, arguments = init[0], init[1]
+    if getattr(loader, "__module__", "") != "comfy.sd" or getattr(loader, "__name__", "") not in _FILE_LOADERS:
+        return ()
+    path = arguments[0] if arguments and isinstance(arguments[0], str) else ""
+    return (path,) if path.lower().endswith((".safetensors", ".sft")) else ()

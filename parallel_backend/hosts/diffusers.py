@@ -9,13 +9,13 @@ from pathlib import Path
 
 import torch
 
-from ..runtime import validation
+from ..runtime import sources, validation
 from ..models.diffusers_dit import FAMILIES as DIT_FAMILIES
 from ..models.diffusers_dit import recognise
 from ..models.diffusers_unet import FAMILY as UNET_FAMILY
 from ..models.sampling import Generation, GenerationRequest, Timer, initial_noise, make_scheduler
 from .diffusers_transformer import ParallelTransformer
-from .model_folder import SUPPORTED_PIPELINES, pipeline_class_name
+from .model_folder import SUPPORTED_PIPELINES, pipeline_class_name, weight_files
 from .stand_in import StandIn
 from .diffusers_vae import ParallelVAE, splits
 from ..runtime.words import counted
@@ -191,6 +191,7 @@ def parallelize(pipe, config=None, pool=None, **settings):
     executor = ParallelExecutor(pool, config)
     for i, (name, family) in enumerate(denoisers):
         model = getattr(pipe, name)
+        sources.note(model, weight_files(model, name))  # its workers read its weights from its own files
         if family is None:
             wrapper = ParallelUNet(model, executor, pipe)
         else:

@@ -80,3 +80,26 @@ def _check_safetensors(path: Path) -> None:
     if not isinstance(header, dict) or max(ends, default=0) != data:
         raise ValueError(f"model file {path} is not a readable safetensors file (its tensors end at byte "
                          f"{max(ends, default=0)} of its {data} bytes of data: cut short or not safetensors)")
+
+
+def weight_files(model, component: str | None = None) -> tuple[Path, ...]:
+    """The safetensors files a diffusers model loaded with from_pretrained from a local folder came from: the
+    folder its config names (`_name_or_path`: the model's own folder, or the pipeline's, whose `component` subfolder
+    then holds it), where its config.json names the model's class; every `*.safetensors` there (a sharded model's
+    shards, a variant's files beside the plain ones: the workers check each weight against the host's copy,
+    runtime/sources.py). () where the model names no such folder (built in memory, or from a hub id)."""
+    named = getattr(getattr(model, "config", None), "_name_or_path", None)
+    if not named:
+        return ()
+    base = Path(named)
+    for folder in (base, base / component) if component else (base,):
+        config = folder / "config.json"
+        if not config.is_file():
+            continue
+        try:
+            class_name = validation.read_json_object(config).get("_class_name")
+        except ValueError:
+            continue
+        if class_name == type(model).__name__:
+            return tuple(sorted(folder.glob("*.safetensors")))
+    return ()

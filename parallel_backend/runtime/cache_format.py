@@ -32,8 +32,9 @@ _STORAGE = "s"  # the storage of another tensor (kind, name, its dtype's name: T
 _UNTYPED = "u"
 
 
-def split(payload) -> tuple[bytes, dict]:
-    """(skeleton: bytes, tensors: {name: CPU tensor}) of a payload (see above)."""
+def split(payload, leave: frozenset = frozenset()) -> tuple[bytes, dict]:
+    """(skeleton: bytes, tensors: {name: CPU tensor}) of a payload (see above). leave: names of plain tensors the
+    skeleton refers to but `tensors` leaves out (not copied: the workers read them elsewhere, sources.py)."""
     import torch
 
     from .host_modules import host_pickler
@@ -50,10 +51,17 @@ def split(payload) -> tuple[bytes, dict]:
     kept: list = []  # the tensors whose ids are keys: alive until pickled, so no id is reused
     storages: set = set()  # (device, pointer) of the storages already in `tensors`
 
+    used: set = set()  # the names in `tensors`, and those left out
+
     def add(key, name: str, data) -> str:
-        while name in tensors:  # a recipe's weight named like an unnamed tensor
-            name = f"#{len(tensors)}-{name}"
+        while name in used:  # a recipe's weight named like an unnamed tensor
+            name = f"#{len(used)}-{name}"
+        used.add(name)
         pointer = (str(data.device), data.untyped_storage().data_ptr())
+        if name in leave:
+            storages.add(pointer)
+            keys[key] = name
+            return name
         data = data.detach().to("cpu").contiguous()
         if pointer[1] and pointer in storages:  # a view of a storage already kept: safetensors holds no overlaps
             data = data.clone()

@@ -32,7 +32,9 @@ class Load:
     file (host_modules.py). `cut`: (name, ...) where the model is held cut (a strategy's: tensor; "shard": sharded
 weights), or several such cuts made in order: the worker cuts it on the host's side of the device, so the device
 never holds the whole weights; `parts`: what the cut keeps of each weight, so that only those bytes of `path` are
-read (tensor_parts.py), or, with `cached`, the parts its machine's cache entry of the cut holds."""
+read (tensor_parts.py), or, with `cached`, the parts its machine's cache entry of the cut holds. `sources`: {tensor
+name: sources.SourceRead}, the weights read from the file the host loaded them from (checked against the host's
+digest), not from `path`; `path` is then the skeleton itself where the host wrote no tensors file."""
 
     fingerprint: str
     family: str
@@ -44,6 +46,7 @@ read (tensor_parts.py), or, with `cached`, the parts its machine's cache entry o
     modules: dict = field(default_factory=dict)
     cut: Any = None  # a strategy's cut of the weights, made before they move to the device (WorkerState.cutters)
     parts: dict | None = None  # with `cut`: {tensor name: tensor_parts part}, the parts read (or cached) of them
+    sources: dict | None = None  # {tensor name: sources.SourceRead}: read from the host's source file instead
 
 
 @dataclass(frozen=True)

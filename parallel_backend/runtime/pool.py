@@ -19,6 +19,7 @@ with every device.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import secrets
@@ -43,7 +44,7 @@ from .launcher import forks, launcher_for
 from .devices import PoolUnavailable, parse_devices, remote_machines, resolve_devices, split_device
 from .pool_settings import ALLOW_MISSING_MACHINES, HANG_FACTOR, HANG_FLOOR_S, MAX_MODELS
 from .worker_handle import WorkerError, WorkerHandle
-from .shipping import load_requests, model_bytes, model_fingerprint, worker_parts
+from .shipping import load_requests, model_bytes, model_fingerprint, source_reads, worker_parts
 from .transport import Channel, ChannelClosed, Listener, ready
 from .worker_watch import heartbeat_path
 from .words import counted
@@ -72,6 +73,8 @@ class PoolStats:
     #   end of a start (a stranger's still under way then is dropped at its deadline, after)
     last_load_seconds: float = 0.0
     last_load_bytes_read: dict = field(default_factory=dict)  # rank -> bytes of the weights file its worker read
+    last_load_bytes_written: int = 0  # of the files the host wrote in the pool's folder for the last load
+    last_load_sources: dict = field(default_factory=dict)  # rank -> weights its worker read from their source file
     failures: list = field(default_factory=list)  # the latest MAX_FAILURES_KEPT error messages
 
 
@@ -135,6 +138,7 @@ class WorkerPool:
         self._up = False  # set once a start has finished, cleared by the teardown
         self._dir: Path | None = None
         self._loaded: dict[str, int] = {}  # fingerprint -> weights bytes, least recently used first
+        self._sources_refused: dict[str, str] = {}  # fingerprint -> why its workers could not read its file
         self._finalizer = None
         self._link = None  # a pool across machines: its remote.RemoteLink (TLS listener, store, serve daemons)
         self.secret_file = secret_file
@@ -524,7 +528,10 @@ class WorkerPool:
         build it from that, not from the pickled module). cuts: rank -> the cut its worker makes before the
         weights reach its device (a strategy's weights_layout; the fingerprint must name the cut); reads: cut ->
         what its worker keeps of each weight (shipping.worker_parts), so a worker of this machine reads only
-        that and another machine's cache is sent only what its workers keep. Returns the fingerprint."""
+        that and another machine's cache is sent only what its workers keep. Where the weights came from
+        safetensors files (sources.files_of), this machine's workers read from those what matches the host's copy
+        (shipping.source_reads), and the host writes only the rest; a worker that finds a weight changed refuses,
+        and the host writes the model for it after all (said once per model in the log). Returns the fingerprint."""
         fingerprint = fingerprint or model_fingerprint(module, family)
         with self._lock:  # check and load as one step: another thread may release or load meanwhile
             self.stats.model_checks += 1
@@ -540,19 +547,21 @@ class WorkerPool:
             parts = worker_parts(payload, self._workers, cuts, reads)
             cached, sent = send_to_machines(self.request, remote, payload, family, fingerprint, self.clock.first_s,
                                             modules, parts) if remote else ({}, {})
-            requests, files, shipped = load_requests(payload, family, fingerprint, self._workers, self._dir,
-                                                     keep=keep, nbytes=nbytes, cached=cached, modules=modules,
-                                                     cuts=cuts, parts=parts)
-            try:
-                replies = self.request(requests, "loading the model",
-                                       deadline=load_bound(nbytes, self.clock.first_s))
-            except WorkerError:
-                if self._workers:  # a worker refused the model (its recipe did not build, say); the pool is up
-                    self.release_models()  # but what each still holds is unknown: none hold anything now
-                raise
-            finally:
-                for path in files:
-                    path.unlink(missing_ok=True)  # workers keep their mappings; the files need not outlive the load
+            load = functools.partial(self._load, payload, family, fingerprint, keep=keep, nbytes=nbytes,
+                                     cached=cached, modules=modules, cuts=cuts, parts=parts)
+            read = {} if fingerprint in self._sources_refused else source_reads(payload, self._workers, parts)
+            replies, shipped, written = load(self._workers, read)
+            refused = {rank: r.value["source_refused"] for rank, r in replies.items() if "source_refused" in r.value}
+            if refused:  # a weight differs from its file (a merged LoRA, say): the host writes the model after all
+                rank = min(refused)
+                log.warning("Tandem: the workers cannot read the model from the file it was loaded from (worker %d: "
+                            "%s); the host writes it for them instead", rank, refused[rank])
+                self._sources_refused[fingerprint] = refused[rank]
+                while len(self._sources_refused) > 64:
+                    self._sources_refused.pop(next(iter(self._sources_refused)))
+                again, more, more_written = load([w for w in self._workers if w.rank in refused], {})
+                replies.update(again)
+                shipped, written = shipped + more, written + more_written
             held = set.intersection(*(set(r.value["held"]) for r in replies.values()))
             self._loaded = {f: size for f, size in self._loaded.items() if f in held}
             self._loaded[fingerprint] = nbytes
@@ -564,8 +573,28 @@ class WorkerPool:
             for machine, nsent in sent.items():
                 per_machine[machine] = per_machine.get(machine, 0) + nsent
             self.stats.last_load_seconds = time.perf_counter() - started
+            self.stats.last_load_bytes_written = written
+            self.stats.last_load_sources = {rank: len(names) for rank, names in read.items() if rank not in refused}
             self.stats.last_load_bytes_read = {rank: r.value.get("bytes_read", 0) for rank, r in replies.items()}
         return fingerprint
+
+    def _load(self, payload, family: str, fingerprint: str, workers, sources: dict, **given) -> tuple[dict, int, int]:
+        """(replies, bytes of weights written, bytes of the files written) of `workers` loading the model: the
+        Loads of shipping.load_requests (`given`: its settings), the files written for them removed after."""
+        requests, files, shipped = load_requests(payload, family, fingerprint, workers, self._dir, sources=sources,
+                                                 **given)
+        written = sum(path.stat().st_size for path in files)
+        try:
+            replies = self.request(requests, "loading the model",
+                                   deadline=load_bound(given["nbytes"], self.clock.first_s))
+        except WorkerError:
+            if self._workers:  # a worker refused the model (its recipe did not build, say); the pool is up
+                self.release_models()  # but what each still holds is unknown: none hold anything now
+            raise
+        finally:
+            for path in files:
+                path.unlink(missing_ok=True)  # workers keep their mappings; the files need not outlive the load
+        return replies, shipped, written
 
     def carry(self, call):
         """`call` (a calls.ModelCall) with every host object in its inputs replaced by a reference the workers

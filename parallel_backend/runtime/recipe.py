@@ -28,7 +28,8 @@ class Recipe:
     """build(): the module with its weights unset. weights: name -> tensor, loaded with assign. overrides:
     {module path ("" for the root): {attribute: value}} set after loading. layout: `layout(host module)`.
     identity: a digest of everything but the weights (what names the model in another machine's cache).
-    compile: torch.compile's keyword arguments for the worker's whole-call forward, or None."""
+    compile: torch.compile's keyword arguments for the worker's whole-call forward, or None. sources: the
+    safetensors files the host loaded the weights from, which its workers may read instead (sources.py)."""
 
     build: Callable[[], torch.nn.Module]
     weights: dict
@@ -36,6 +37,7 @@ class Recipe:
     identity: str
     overrides: dict = field(default_factory=dict)
     compile: dict | None = None
+    sources: tuple = ()
 
     @property
     def nbytes(self) -> int:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from .carry import CannotCarry
 from .messages import Load
-from .recipe import Recipe
+from .recipe import Recipe, tensor_bytes
 
 _TENSOR_LISTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 _WEIGHTS_HASHES: OrderedDict = OrderedDict()  # fingerprint -> weights_hash, the most recently used last
@@ -99,19 +99,21 @@ def cached_weights_hash(module, family: str, fingerprint: str) -> str:
     return _WEIGHTS_HASHES[fingerprint]
 
 
-def write(payload, stem: Path) -> tuple[Path, Path]:
+def write(payload, stem: Path, leave: frozenset = frozenset()) -> tuple[Path, ...]:
     """Writes a payload (a module or its recipe) as the workers of this machine read it: `STEM.safetensors`, its
-    tensors, and `STEM.skeleton`, the rest (cache_format.py, pickled with host_modules' pickler: a recipe's
-    overrides may be closures, a host's custom-node classes are named by their file). Returns (tensors file,
-    skeleton file). Raises CannotCarry for a payload that does not pickle; nothing half-written stays."""
+    tensors but those named in `leave` (read from their source file: sources.py; no file where that leaves none),
+    and `STEM.skeleton`, the rest (cache_format.py, pickled with host_modules' pickler: a recipe's overrides may be
+    closures, a host's custom-node classes are named by their file). Returns the files written, the skeleton last.
+    Raises CannotCarry for a payload that does not pickle; nothing half-written stays."""
     from safetensors.torch import save_file
 
     from .cache_format import split
 
     files = (stem.with_name(stem.name + ".safetensors"), stem.with_name(stem.name + ".skeleton"))
     try:
-        skeleton, tensors = split(payload)
-        save_file(tensors, str(files[0]))
+        skeleton, tensors = split(payload, leave)
+        if tensors or not leave:
+            save_file(tensors, str(files[0]))
         files[1].write_bytes(skeleton)
     except BaseException as exc:
         for path in files:
@@ -119,7 +121,26 @@ def write(payload, stem: Path) -> tuple[Path, Path]:
         if isinstance(exc, Exception):  # e.g. an object in the model that does not pickle
             raise CannotCarry(f"the model cannot be written for the workers ({type(exc).__name__}: {exc})") from exc
         raise
-    return files
+    return tuple(path for path in files if path.exists())
+
+
+def source_reads(payload, workers, parts: dict) -> dict[int, dict]:
+    """{rank: {name: sources.SourceRead}} for the workers (objects with .rank and .device) of this machine that
+    copy the model (not the host's GPU's, nor another machine's): the weights they read from the files the host
+    loaded them from (sources.files_of) rather than from the host's write, each with the host's digest of its
+    part (parts: rank -> worker_parts' parts). Empty where the payload names no such file or none matches."""
+    from . import sources
+
+    files = sources.files_of(payload)
+    host_gpu = _only_cuda_device(payload)
+    ranks = [w.rank for w in workers if w.device != host_gpu and "/" not in w.device]
+    if not files or not ranks:
+        return {}
+    tensors, holders = _tensor_holders(payload)
+    alone = {name: t for name, t in tensors.items()
+             if _storage_key(t) is not None and holders[_storage_key(t)] == 1}  # a tied weight is written
+    found = sources.matches(alone, files)
+    return sources.reads(alone, found, {rank: parts.get(rank) for rank in ranks}) if found else {}
 
 
 def worker_parts(payload, workers, cuts: dict | None, reads) -> dict[int, dict]:
@@ -143,21 +164,23 @@ def worker_parts(payload, workers, cuts: dict | None, reads) -> dict[int, dict]:
 
 def load_requests(payload, family: str, fingerprint: str, workers, folder: Path, keep: tuple[str, ...] = (),
                   nbytes: int = 0, cached: dict | None = None, modules: dict | None = None, cuts: dict | None = None,
-                  parts: dict | None = None) -> tuple[dict, tuple[Path, ...], int]:
+                  parts: dict | None = None, sources: dict | None = None) -> tuple[dict, tuple[Path, ...], int]:
     """The Load message of every worker (objects with .rank and .device), the files written for the workers
-    that copy (none if none does; the caller removes them once they have loaded) and the bytes they hold.
+    that copy (none if none does; the caller removes them once they have loaded) and the bytes of weights written.
     payload: the module, or its recipe; keep: the models the workers keep beside this one; nbytes: its size
     (see messages.Load); cached: rank -> the entry under which each worker of another machine finds what it loads
     in its machine's cache (already sent there: remote_weights.send_to_machines); modules: the host modules
     the workers import by file (host_modules.py); cuts: rank -> the cut its worker makes before the weights reach
     its device (messages.Load.cut); parts: rank -> what its cut keeps of each weight (worker_parts): a worker of
     this machine reads only those parts of the file (a recipe's too: its build takes them in place,
-    recipe.Recipe.make), another machine's loads a cache entry that holds only them."""
+    recipe.Recipe.make), another machine's loads a cache entry that holds only them; sources: rank -> the weights
+    its worker reads from their source file (source_reads; the same names for every copying worker), which the
+    host then does not write."""
     host_gpu = _only_cuda_device(payload)
     sharing = {w.rank for w in workers if w.device == host_gpu}
     remote = {w.rank for w in workers if "/" in w.device}  # another machine's: it loads from that machine's cache
     copying = {w.rank for w in workers} - sharing - remote
-    cached, cuts, parts = cached or {}, cuts or {}, parts or {}
+    cached, cuts, parts, sources = cached or {}, cuts or {}, parts or {}, sources or {}
     if remote - set(cached):
         raise ValueError("workers of other machines load from their machine's weights cache: pass `cached`")
     files, shipped, modules = (), 0, modules or {}
@@ -165,10 +188,12 @@ def load_requests(payload, family: str, fingerprint: str, workers, folder: Path,
     requests = {rank: Load(fingerprint, family, cached=cached[rank], cut=cuts.get(rank), parts=parts.get(rank),
                            **common) for rank in remote}
     if copying:
-        files = write(payload, folder / f"model-{fingerprint[:16]}")
-        shipped += model_bytes(payload)
-    requests.update({rank: Load(fingerprint, family, path=str(files[0]), cut=cuts.get(rank), parts=parts.get(rank),
-                                **common) for rank in copying})
+        read = [sources.get(rank) or {} for rank in copying]
+        leave = frozenset(read[0]) if all(set(r) == set(read[0]) for r in read) else frozenset()
+        files = write(payload, folder / f"model-{fingerprint[:16]}", leave)
+        shipped += model_bytes(payload) - sum(tensor_bytes(t) for name, t in _tensors(payload) if name in leave)
+        requests.update({rank: Load(fingerprint, family, path=str(files[0]), cut=cuts.get(rank), parts=parts.get(rank),
+                                    sources=sources.get(rank) if leave else None, **common) for rank in copying})
     if sharing:
         shared = _share_cuda(payload)
         requests.update({rank: Load(fingerprint, family, shared=shared, cut=cuts.get(rank), **common)

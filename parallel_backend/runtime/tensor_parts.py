@@ -59,39 +59,44 @@ def read(path, parts: dict) -> tuple[dict, int]:
     """({name: tensor}, bytes read) of the safetensors file `path`: every tensor whole, except those `parts` names
     ({name: Slices | Span}), of which only the part is read; those carry their part as PART. Raises ValueError for
     a file safetensors cannot read, or a part that does not fit its tensor's shape."""
-    import torch
     from safetensors import SafetensorError, safe_open
 
     tensors, nbytes = {}, 0
     try:
         with safe_open(str(path), framework="pt") as source:
             for name in source.keys():
-                part = parts.get(name)
-                if part is None:
-                    tensors[name] = source.get_tensor(name)
-                    nbytes += tensors[name].numel() * tensors[name].element_size()
-                    continue
-                sliced = source.get_slice(name)
-                if tuple(sliced.get_shape()) != tuple(part.shape):
-                    raise ValueError(f"{name} has shape {tuple(sliced.get_shape())}, not the {tuple(part.shape)} "
-                                     "its cut was planned for")
-                if isinstance(part, Slices):
-                    pieces = _read_slices(sliced, part)
-                    value = torch.cat(pieces, dim=part.dim) if len(pieces) > 1 else pieces[0]
-                else:
-                    pieces = [_read_span(source, sliced, name, part)]
-                    value = pieces[0].reshape(-1)
-                    skip = part.start - _first_row(part) * _row(part.shape)
-                    value = value[skip:skip + part.numel()].clone() if value.numel() != part.numel() else value
-                nbytes += sum(p.numel() * p.element_size() for p in pieces)
-                setattr(value, PART, part)
-                tensors[name] = value
+                tensors[name], size = read_one(source, name, parts.get(name))
+                nbytes += size
     except (SafetensorError, OSError) as exc:
         raise ValueError(f"not a readable safetensors file ({exc})") from None
     missing = sorted(set(parts) - set(tensors))
     if missing:
         raise ValueError(f"the tensors file lacks {missing[:3]}, which the cut keeps")
     return tensors, nbytes
+
+
+def read_one(source, key: str, part) -> tuple[object, int]:
+    """(tensor, bytes read) of `key` of an open safetensors file (safe_open's handle): whole where `part` is None,
+    else only its part, which then carries it (PART). Raises ValueError for a part that does not fit its shape."""
+    import torch
+
+    if part is None:
+        value = source.get_tensor(key)
+        return value, value.numel() * value.element_size()
+    sliced = source.get_slice(key)
+    if tuple(sliced.get_shape()) != tuple(part.shape):
+        raise ValueError(f"{key} has shape {tuple(sliced.get_shape())}, not the {tuple(part.shape)} its cut was "
+                         "planned for")
+    if isinstance(part, Slices):
+        pieces = _read_slices(sliced, part)
+        value = torch.cat(pieces, dim=part.dim) if len(pieces) > 1 else pieces[0]
+    else:
+        pieces = [_read_span(source, sliced, key, part)]
+        value = pieces[0].reshape(-1)
+        skip = part.start - _first_row(part) * _row(part.shape)
+        value = value[skip:skip + part.numel()].clone() if value.numel() != part.numel() else value
+    setattr(value, PART, part)
+    return value, sum(p.numel() * p.element_size() for p in pieces)
 
 
 def _read_slices(sliced, part: Slices) -> list:

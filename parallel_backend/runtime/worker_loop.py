@@ -30,6 +30,7 @@ from .messages import (
     StoreWeights,
     Unload,
 )
+from .sources import SourceRefused
 from .portable import peak_memory_bytes, pin_to_cores, reset_peak_memory
 from . import environment
 from .weights_cache import WeightsCache, cached_payload, holds_weights, store_weights
@@ -107,8 +108,12 @@ class WorkerState:
                                   self._cutter(message))
         else:
             # The host's file of this machine: the tensors mapped (CPU workers share its page-cache copy), only
-            # the parts the cut keeps where the Load names them (tensor_parts.py).
-            payload, read = _read_payload(message)
+            # the parts the cut keeps where the Load names them (tensor_parts.py); the weights `sources` names
+            # from the file the host loaded them from, each checked against the host's digest (sources.py).
+            try:
+                payload, read = _read_payload(message)
+            except SourceRefused as exc:  # the host writes the model and asks again (pool.py)
+                return {"source_refused": str(exc), "held": list(self.models)}
             module = _materialize(payload, self.device, self._cutter(message))
         self.models[message.fingerprint] = (module, message.family)
         return {"seconds": time.perf_counter() - started, "held": list(self.models),
@@ -229,15 +234,24 @@ def _sharded(module):
 
 def _read_payload(message: Load) -> tuple[object, int]:
     """(payload, bytes of tensors read) of a Load from the host's files (shipping.write): the skeleton beside the
-    safetensors file `message.path`, with every tensor, or only the parts `message.parts` names."""
+    safetensors file `message.path` (or `path` itself, where every tensor is read from `message.sources`), with
+    every tensor, or only the parts `message.parts` names; those `message.sources` names read from the file the
+    host loaded them from (sources.read: raises SourceRefused where they differ from the host's)."""
     from pathlib import Path
 
     from .cache_format import join_tensors
+    from .sources import read as read_sources
     from .tensor_parts import read
 
-    tensors_file = Path(message.path)
-    skeleton = tensors_file.with_suffix(".skeleton").read_bytes()
-    tensors, nbytes = read(tensors_file, message.parts or {})
+    path, parts, sources = Path(message.path), message.parts or {}, message.sources or {}
+    skeleton = path.with_suffix(".skeleton").read_bytes()
+    tensors, nbytes = {}, 0
+    if sources:
+        tensors, nbytes = read_sources(sources, parts)
+    if path.suffix != ".skeleton":
+        written, more = read(path, {name: part for name, part in parts.items() if name not in sources})
+        tensors.update(written)
+        nbytes += more
     return join_tensors(skeleton, tensors), nbytes
 
 
