@@ -5,6 +5,7 @@ a worker lost in the middle of the pipeline fails the job in time, naming it, an
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -64,10 +65,10 @@ def test_the_strategy_names_the_families_dit_stages_describes():
     pipefusion.check_family("diffusers_dit:flux")
     pipefusion.check_family("comfy_dit:flux")
     pipefusion.check_family("comfy_dit:wan")
-    pipefusion.check_family("comfy_dit:qwen_image")
-    for family in ("diffusers_dit:qwen_image", "diffusers_unet", "comfy_dit:sd3", "comfy_unet"):
-        with pytest.raises(ValueError, match="pipefusion' cuts diffusers' Flux.1, Wan and SD3 transformers and "
-                                             "ComfyUI's Flux.1 / Flux.2, Wan 2.x and Qwen-Image only"):
+    for family in ("qwen_image", "sd3", "ltxv", "lumina"):
+        pipefusion.check_family(f"comfy_dit:{family}")
+    for family in ("diffusers_unet", "comfy_unet"):
+        with pytest.raises(ValueError, match=re.escape(f"'pipefusion' {pipefusion.scope}, and this model is {family!r}")):
             pipefusion.check_family(family)
 
 

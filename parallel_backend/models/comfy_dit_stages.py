@@ -29,10 +29,11 @@ import sys
 
 import torch
 
-from .comfy_forward import at_first_block, forward, forward_orig_as, inputs
+from .comfy_forward import (at_first_block, at_first_of, at_method, emptied, forward, forward_orig_as, input_replaced,
+                            inputs, method_as)
 from .comfy_sequence import OVERRIDE, attention_override, patch_refusal, refusal
 from .dit_stages import PipeFamily
-from .sequence_splits import IMAGE, TEXT, VIDEO
+from .sequence_splits import IMAGE, TEXT, TOKENS, VIDEO
 from .stages import Activations, Context
 
 
@@ -267,4 +268,186 @@ QWEN_IMAGE = PipeFamily(
     placeholder=("transformer_blocks.*",))
 
 
-FAMILIES = {family.name: family for family in (FLUX, WAN, QWEN_IMAGE)}
+# ---- shared by SD3, LTX-Video and Lumina 2 ----
+
+def _refuser(family: str, label: str):
+    """The family's `refuse`: what its row of sequence_splits.COMFY refuses, and a model patch."""
+
+    def refuse(call) -> None:
+        what = refusal(family, call.extras) or patch_refusal(call.extras)
+        if what:
+            raise ValueError(f"pipefusion does not run {label} with {what}; use cfg, batch or ulysses")
+
+    return refuse
+
+
+def _options(named: dict) -> dict:
+    """The call's transformer_options with the attention override that routes the token-mixing attentions."""
+    return {**(named.get("transformer_options") or {}), OVERRIDE: attention_override}
+
+
+def _modules(*items) -> list:
+    return [m for m in items if isinstance(m, (torch.nn.Module, torch.Tensor))]
+
+
+def _only(model, cls: str, label: str) -> None:
+    if type(model).__name__ != cls:
+        raise ValueError(f"pipefusion cuts {label}'s {cls}, not {type(model).__name__}; use cfg, batch or ulysses")
+
+
+# ---- SD3 / SD3.5 (comfy.ldm.modules.diffusionmodules.mmdit.MMDiT): joint blocks, text first ----
+# Every stage runs `forward` up to forward_core_with_concat (the embedders are `shared`, a small share of the
+# weights). SD3.5 Medium's blocks also attend over the image tokens alone (x_block_self_attn: the row's `also`);
+# the last block keeps no text (its context block is pre_only). Like Flux's double blocks, a joint block cannot
+# take an empty text stream (its qkv view): the same placeholder.
+
+SD3_TAKES = frozenset({"x", "c_mod", "context", "transformer_options"})
+
+
+def _sd3_inputs(model, call) -> dict:
+    if getattr(model, "register_length", 0):
+        raise ValueError("pipefusion does not run an MMDiT with register tokens; use cfg or batch")
+    return inputs(model, call, SD3_TAKES, "SD3", at_method("forward_core_with_concat"))
+
+
+def _sd3_tokens(model, call) -> Activations:
+    named = _sd3_inputs(model, call)  # x: embedded, its absolute positions added
+    return Activations(named["x"], [named["context"]])
+
+
+def _sd3_context(model, call) -> Context:
+    named = _sd3_inputs(model, call)
+    return Context(named["c_mod"], None, call.x, {"options": _options(named)})
+
+
+def _sd3_run(block, ctx: Context, acts: Activations) -> None:
+    txt = acts.skips[0]
+    stood_in = not txt.shape[1]
+    if stood_in:  # the family's placeholder: one zero token, left out of the attention, its output dropped
+        txt = txt.new_zeros(txt.shape[0], 1, txt.shape[2])
+    txt, acts.h = block(txt, acts.h, c=ctx.temb, use_checkpoint=False, transformer_options=ctx.extra["options"])
+    if not stood_in:
+        acts.skips[0] = txt  # None after the last block (pre_only): nothing follows it
+
+
+def _sd3_finish(model, call, ctx: Context, h: torch.Tensor) -> torch.Tensor:
+    out = model.final_layer(h, ctx.temb)
+    with method_as(model, "forward_core_with_concat", lambda *args, **kwargs: out):  # unpatchified and cropped
+        return forward(model, call)
+
+
+def _sd3_counts(model, call) -> tuple[int, int]:
+    named = _sd3_inputs(model, call)
+    return named["x"].shape[1], named["context"].shape[1]
+
+
+SD3 = PipeFamily(
+    "comfy_dit:sd3", "SD3 / SD3.5", ("joint_blocks",), (IMAGE, TEXT), (TEXT, IMAGE), first=lambda m: [],
+    last=lambda m: [m.final_layer],
+    shared=lambda m: _modules(m.x_embedder, m.t_embedder, m.y_embedder, m.context_embedder, m.context_processor,
+                              m.pos_embed),
+    tokens=_sd3_tokens, context=_sd3_context, run=_sd3_run, finish=_sd3_finish, counts=_sd3_counts, rotary_dim=0,
+    refuse=_refuser("sd3", "SD3"), width=lambda m, call: (m.hidden_size, call.x.dtype), host="comfy",
+    placeholder=("joint_blocks.*",))
+
+
+# ---- LTX-Video (comfy.ldm.lightricks.model.LTXVModel): video self-attention, text cross-attention ----
+# Every stage runs `_forward` up to _process_transformer_blocks (the patchifying projection and the embedders are
+# `shared`); the last hands it its output and `_forward` finishes (the output norm, keyframes, unpatchify). The
+# timestep is per token under a noise mask (image to video, keyframes): its rows follow each patch, as the rotary
+# tables' do. The text's attention mask is the cross-attention's own (every patch sees the whole text); a guide's
+# self-attention mask (attenuated keyframes) is refused by name.
+
+LTXV_TAKES = frozenset({"x", "context", "attention_mask", "timestep", "pe", "transformer_options", "prompt_timestep",
+                        # read by _process_output, or already used where _forward prepared the tokens
+                        "orig_shape", "orig_patchified_shape", "grid_mask", "guide_attention_entries",
+                        "resolved_guide_entries", "num_guide_tokens"})
+
+
+def _ltxv_inputs(model, call) -> dict:
+    _only(model, "LTXVModel", "LTX-Video")
+    options = call.extras.get("transformer_options") or {}  # _forward hands them on merged with the rest
+    return inputs(model, call, LTXV_TAKES | set(options), "LTX-Video", at_method("_process_transformer_blocks"))
+
+
+def _ltxv_tokens(model, call) -> Activations:
+    return Activations(_ltxv_inputs(model, call)["x"])
+
+
+def _ltxv_context(model, call) -> Context:
+    """_forward's per-call values: the timestep's modulations (B, 1 or L, 6D), the text projected, its mask, and
+    what is per token on dim -2 (`rotary`: the rotary cos and sin tables, and a per-token timestep)."""
+    named = _ltxv_inputs(model, call)
+    cos, sin, split = named["pe"]
+    timestep = named["timestep"]
+    per_token = (timestep,) if timestep.shape[1] > 1 else ()
+    return Context(timestep, named["context"], call.x, {
+        "rotary": (cos, sin, *per_token), "split": split, "attention_mask": named["attention_mask"],
+        "prompt_timestep": named.get("prompt_timestep"), "options": _options(named)})
+
+
+def _ltxv_run(block, ctx: Context, acts: Activations) -> None:
+    cos, sin, *per_token = ctx.extra["rotary"]
+    more = {} if ctx.extra["prompt_timestep"] is None else {"prompt_timestep": ctx.extra["prompt_timestep"]}
+    acts.h = block(acts.h, context=ctx.context, attention_mask=ctx.extra["attention_mask"],
+                   timestep=per_token[0] if per_token else ctx.temb, pe=(cos, sin, ctx.extra["split"]),
+                   transformer_options=ctx.extra["options"], **more)
+
+
+def _ltxv_finish(model, call, ctx: Context, h: torch.Tensor) -> torch.Tensor:
+    with method_as(model, "_process_transformer_blocks", lambda *args, **kwargs: h):
+        return forward(model, call)
+
+
+LTXV = PipeFamily(
+    "comfy_dit:ltxv", "LTX-Video", ("transformer_blocks",), (VIDEO,), (VIDEO,), first=lambda m: [],
+    last=lambda m: [m.norm_out, m.proj_out, m.scale_shift_table],
+    shared=lambda m: _modules(m.patchify_proj, m.adaln_single, m.prompt_adaln_single, m.caption_projection),
+    tokens=_ltxv_tokens, context=_ltxv_context, run=_ltxv_run, finish=_ltxv_finish,
+    counts=lambda m, call: (_ltxv_inputs(m, call)["x"].shape[1],), rotary_dim=-2, refuse=_refuser("ltxv", "LTX-Video"),
+    width=lambda m, call: (m.inner_dim, call.x.dtype), host="comfy")
+
+
+# ---- Lumina 2 / Z-Image (comfy.ldm.lumina.model.NextDiT): one joint stream, [caption, image] ----
+# `_forward` stops at the first main layer: the first stage runs it whole (the caption and noise refiners are
+# its own), the others with the refiners emptied (their output unused: the rotary table and the counts do not
+# depend on them). The caption and image tokens are one stream, cut into patches like any other; the last stage
+# hands its output to the final layer and `_forward` unpatchifies it, its layers and refiners emptied.
+
+LUMINA_TAKES = frozenset({"x", "freqs_cis", "adaln_input", "transformer_options"})
+LUMINA_REFINERS = ("context_refiner", "noise_refiner")
+
+
+def _lumina_inputs(model, call, refined: bool) -> dict:
+    _only(model, "NextDiT", "Lumina 2")
+    with emptied(model, () if refined else LUMINA_REFINERS):
+        return inputs(model, call, LUMINA_TAKES, "Lumina 2", at_first_of("layers"))
+
+
+def _lumina_context(model, call) -> Context:
+    named = _lumina_inputs(model, call, refined=False)
+    return Context(named["adaln_input"], None, call.x, {"rotary": (named["freqs_cis"],), "options": _options(named)})
+
+
+def _lumina_run(block, ctx: Context, acts: Activations) -> None:
+    acts.h = block(acts.h, None, ctx.extra["rotary"][0], ctx.temb, transformer_options=ctx.extra["options"])
+
+
+def _lumina_finish(model, call, ctx: Context, h: torch.Tensor) -> torch.Tensor:
+    with emptied(model, (*LUMINA_REFINERS, "layers")), input_replaced(model.final_layer, h):
+        return forward(model, call)
+
+
+LUMINA = PipeFamily(
+    "comfy_dit:lumina", "Lumina 2 / Z-Image", ("layers",), (TOKENS,), (TOKENS,),
+    first=lambda m: [m.context_refiner, m.noise_refiner], last=lambda m: [m.final_layer],
+    shared=lambda m: _modules(m.x_embedder, m.cap_embedder, m.t_embedder, m.rope_embedder,
+                              getattr(m, "clip_text_pooled_proj", None), getattr(m, "time_text_embed", None),
+                              getattr(m, "x_pad_token", None), getattr(m, "cap_pad_token", None)),
+    tokens=lambda m, call: Activations(_lumina_inputs(m, call, refined=True)["x"]), context=_lumina_context,
+    run=_lumina_run, finish=_lumina_finish,
+    counts=lambda m, call: (_lumina_inputs(m, call, refined=False)["x"].shape[1],), rotary_dim=1,
+    refuse=_refuser("lumina", "Lumina 2"), width=lambda m, call: (m.dim, call.x.dtype), host="comfy")
+
+
+FAMILIES = {family.name: family for family in (FLUX, WAN, QWEN_IMAGE, SD3, LTXV, LUMINA)}

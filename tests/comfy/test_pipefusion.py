@@ -16,7 +16,8 @@ import pytest
 STEPS = 4
 PSNR_FLOOR_DB = 30.0
 FAMILIES = {"flux": "Flux", "flux2": "Flux2", "wan21_t2v": "WAN21_T2V", "wan21_i2v": "WAN21_I2V",
-            "qwen_image": "QwenImage"}  # family: the comfy.supported_models class it needs
+            "qwen_image": "QwenImage", "sd3": "SD3", "sd35": "SD3", "ltxv": "LTXV",
+            "zimage": "ZImage"}  # family: the comfy.supported_models class it needs
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +50,10 @@ def _tiny(fixture_nodes, family: str):
         extras["y"] = torch.randn(2, pooled, generator=generator)
     if family == "wan21_i2v":
         channels, extras["clip_fea"] = 36, torch.randn(2, 257, 1280, generator=generator)
+    if family == "ltxv":  # the text encoder's mask: the last two tokens padding
+        extras["attention_mask"] = torch.tensor([[1] * (families.TOKENS - 2) + [0, 0]] * 2)
+    if family == "zimage":
+        extras["num_tokens"] = families.TOKENS
     frames = frames or (1 if family == "qwen_image" else None)  # Qwen-Image's model takes (B, C, 1, H, W)
     x = torch.randn(2, channels, *((frames,) if frames else ()), height + 1, width + 1, generator=generator)
     call = ModelCall(x, torch.tensor([0.7, 0.7]), torch.randn(2, families.TOKENS, text_width, generator=generator),
@@ -109,6 +114,37 @@ def test_a_patched_call_on_unchanged_inputs_equals_the_models_forward(fixture_fa
     out = runner.call(PipeCall("tiny", changed, 4)).out
     with torch.inference_mode():
         assert (out - forward(model, changed)).abs().max() > 1e-4
+
+
+def test_ltxv_per_token_timesteps_follow_each_patch(fixture_families, host_families):
+    """LTX-Video under a noise mask gets a timestep per token (B, L, 1): each patch's blocks take its tokens' rows.
+    Unchanged inputs give the model's own forward; a patched call on other timesteps uses stale keys and values."""
+    from dataclasses import replace
+
+    import torch
+
+    from parallel_backend.models.comfy_dit import forward, recognise
+    from parallel_backend.strategies.asyncdiff.messages import StagePlan
+    from parallel_backend.strategies.pipefusion.messages import PipeCall, PlaceBlocks
+    from parallel_backend.strategies.pipefusion.runner import PipeRunner
+
+    if "ltxv" not in host_families:
+        pytest.skip("this ComfyUI has no comfy.supported_models.LTXV (ltxv)")
+    model, call = _tiny(fixture_families, "ltxv")
+    tokens = call.x[0, 0].numel()  # LTX-Video patchifies 1 x 1 x 1
+    t = torch.linspace(0.1, 0.9, tokens).repeat(2, 1).unsqueeze(-1)  # (B, L, 1), as LTXV.process_timestep gives
+    call = replace(call, t=t)
+    with torch.inference_mode():
+        reference = forward(model, call)
+    runner = PipeRunner(model, recognise(model).wire, torch.device("cpu"))
+    runner.setup(PlaceBlocks("tiny", StagePlan(0, 1, (), None, None, 0, 1, False, ())))
+    for patches in (1, 4, 7):
+        out = runner.call(PipeCall("tiny", call, patches)).out
+        torch.testing.assert_close(out, reference, atol=1e-5, rtol=1e-5, msg=f"{patches} patches")
+    later = replace(call, t=0.5 * t)
+    out = runner.call(PipeCall("tiny", later, 4)).out
+    with torch.inference_mode():
+        assert (out - forward(model, later)).abs().max() > 1e-4
 
 
 def test_the_settings_node_offers_pipefusion_and_its_patches(comfy_server):

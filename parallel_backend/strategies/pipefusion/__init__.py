@@ -32,7 +32,7 @@ from .messages import PipeCall, PlaceBlocks, ProfileBlocks
 
 # runner.FAMILIES: models/dit_stages.py's and models/comfy_dit_stages.py's (tests check)
 FAMILIES = ("diffusers_dit:flux", "diffusers_dit:wan", "diffusers_dit:sd3", "comfy_dit:flux", "comfy_dit:wan",
-            "comfy_dit:qwen_image")
+            "comfy_dit:qwen_image", "comfy_dit:sd3", "comfy_dit:ltxv", "comfy_dit:lumina")
 DEFAULT_PATCHES = 8  # what tandem plan proposes for 2 stages on CPU workers (fill and drain 9/8 of a stage)
 
 PIPEFUSION = Knob("pipefusion", int, None, "pipefusion: the stages a DiT's blocks are cut into, one device each "
@@ -52,8 +52,8 @@ class PipeFusion(AsyncDiff):
     axes = ("pipefusion",)
     bench_job = BenchJob(1, False)
     adapters = ("diffusers_dit", "comfy_dit")
-    scope = ("cuts diffusers' Flux.1, Wan and SD3 transformers and ComfyUI's Flux.1 / Flux.2, Wan 2.x and Qwen-Image "
-             "only")
+    scope = ("cuts diffusers' Flux.1, Wan and SD3 transformers and ComfyUI's Flux.1 / Flux.2, Wan 2.x, Qwen-Image, "
+             "SD3 / SD3.5, LTX-Video and Lumina 2 / Z-Image only")
     patches_tokens = True
     min_warmup = 0  # a call with no keys and values held runs whole
     knobs = (PIPEFUSION, PATCHES, WARMUP)
