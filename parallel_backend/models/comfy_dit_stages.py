@@ -359,6 +359,7 @@ SD3 = PipeFamily(
 # self-attention mask (attenuated keyframes) is refused by name.
 
 LTXV_TAKES = frozenset({"x", "context", "attention_mask", "timestep", "pe", "transformer_options", "prompt_timestep",
+                        "self_attention_mask",  # refused below when given, in words ulysses' refusal shares
                         # read by _process_output, or already used where _forward prepared the tokens
                         "orig_shape", "orig_patchified_shape", "grid_mask", "guide_attention_entries",
                         "resolved_guide_entries", "num_guide_tokens"})
@@ -367,7 +368,11 @@ LTXV_TAKES = frozenset({"x", "context", "attention_mask", "timestep", "pe", "tra
 def _ltxv_inputs(model, call) -> dict:
     _only(model, "LTXVModel", "LTX-Video")
     options = call.extras.get("transformer_options") or {}  # _forward hands them on merged with the rest
-    return inputs(model, call, LTXV_TAKES | set(options), "LTX-Video", at_method("_process_transformer_blocks"))
+    named = inputs(model, call, LTXV_TAKES | set(options), "LTX-Video", at_method("_process_transformer_blocks"))
+    if named.get("self_attention_mask") is not None:
+        raise ValueError("pipefusion does not run LTX-Video with a guide's self-attention mask (a keyframe guide of "
+                         "strength other than 1, or with a pixel mask); use cfg or batch")
+    return named
 
 
 def _ltxv_tokens(model, call) -> Activations:
@@ -402,7 +407,8 @@ def _ltxv_finish(model, call, ctx: Context, h: torch.Tensor) -> torch.Tensor:
 LTXV = PipeFamily(
     "comfy_dit:ltxv", "LTX-Video", ("transformer_blocks",), (VIDEO,), (VIDEO,), first=lambda m: [],
     last=lambda m: [m.norm_out, m.proj_out, m.scale_shift_table],
-    shared=lambda m: _modules(m.patchify_proj, m.adaln_single, m.prompt_adaln_single, m.caption_projection),
+    shared=lambda m: _modules(m.patchify_proj, m.adaln_single, getattr(m, "prompt_adaln_single", None),
+                              m.caption_projection),
     tokens=_ltxv_tokens, context=_ltxv_context, run=_ltxv_run, finish=_ltxv_finish,
     counts=lambda m, call: (_ltxv_inputs(m, call)["x"].shape[1],), rotary_dim=-2, refuse=_refuser("ltxv", "LTX-Video"),
     width=lambda m, call: (m.inner_dim, call.x.dtype), host="comfy")

@@ -61,13 +61,6 @@ def _tiny(fixture_nodes, family: str):
     return model.diffusion_model, call
 
 
-@pytest.fixture(scope="module")
-def whole_weights_bytes(fixture_families):
-    from parallel_backend.runtime.recipe import weights_bytes
-
-    return weights_bytes(_tiny(fixture_families, "flux")[0])
-
-
 def _pair(server, comfy, host_families, name: str, family: str = "flux", warmup: int = STEPS, cfg: float = 1.0,
           **kw):
     if family not in host_families:
@@ -147,6 +140,34 @@ def test_ltxv_per_token_timesteps_follow_each_patch(fixture_families, host_famil
         assert (out - forward(model, later)).abs().max() > 1e-4
 
 
+def test_ltxv_with_a_guides_self_attention_mask_is_refused_by_name(fixture_families, host_families):
+    """A keyframe guide of strength 0.5 attenuates attention between the guide's tokens and the rest (a mask over
+    the whole sequence, not a patch's): refused in one sentence, before a block runs."""
+    from dataclasses import replace
+
+    import torch
+
+    from parallel_backend.models.comfy_dit import recognise
+    from parallel_backend.strategies.asyncdiff.messages import StagePlan
+    from parallel_backend.strategies.pipefusion.messages import PipeCall, PlaceBlocks
+    from parallel_backend.strategies.pipefusion.runner import PipeRunner
+
+    if "ltxv" not in host_families:
+        pytest.skip("this ComfyUI has no comfy.supported_models.LTXV (ltxv)")
+    model, call = _tiny(fixture_families, "ltxv")
+    if not hasattr(model, "_build_guide_self_attention_mask"):
+        pytest.skip("this ComfyUI's LTX-Video has no guide self-attention mask")
+    guide = 5  # the last 5 tokens are a keyframe guide's
+    extras = {**call.extras, "denoise_mask": torch.ones(2, 1, *call.x.shape[2:]),
+              "keyframe_idxs": torch.zeros(2, 3, guide, 2), "guide_attention_entries": [
+                  {"pre_filter_count": guide, "strength": 0.5}]}
+    runner = PipeRunner(model, recognise(model).wire, torch.device("cpu"))
+    runner.setup(PlaceBlocks("tiny", StagePlan(0, 1, (), None, None, 0, 1, False, ())))
+    with pytest.raises(ValueError, match="pipefusion does not run LTX-Video with a guide's self-attention mask"):
+        tokens = call.x[0, 0].numel()  # under a noise mask the timestep is per token, as LTXV.process_timestep gives
+        runner.call(PipeCall("tiny", replace(call, extras=extras, t=call.t.view(2, 1, 1).expand(2, tokens, 1)), 1))
+
+
 def test_the_settings_node_offers_pipefusion_and_its_patches(comfy_server):
     inputs = comfy_server.get("/object_info/TandemSettings")["TandemSettings"]["input"]
     kind, *details = inputs["required"]["strategy"]  # ["COMBO", {"options": [...]}], or [[...], {...}] before
@@ -172,14 +193,22 @@ def test_cfg_times_pipefusion_on_four_workers_equals_stock(comfy_server, comfy, 
     assert run["strategy"] == "pipefusion" and run["devices_used"] == 4 and "cfg 2" in run["mesh"], run
 
 
-def test_each_stage_holds_only_its_blocks_weights(comfy_server, comfy, host_families, whole_weights_bytes):
-    _pair(comfy_server, comfy, host_families, "pipefusion_weights")
-    held = comfy_server.get("/tandem/status")["model_weights_bytes"]
-    assert max(held) < 0.8 * whole_weights_bytes, (held, whole_weights_bytes)
-    assert sum(held) >= whole_weights_bytes  # every block is held by one stage (the shared embedders by both)
+@pytest.mark.parametrize("family", ["flux", "sd35", "ltxv", "zimage"])
+def test_each_stage_holds_only_its_blocks_weights(comfy_server, comfy, host_families, fixture_families, family):
+    from parallel_backend.runtime.recipe import weights_bytes
+
+    _pair(comfy_server, comfy, host_families, f"pipefusion_weights_{family}", family)
+    held, whole = comfy_server.get("/tandem/status")["model_weights_bytes"], weights_bytes(_tiny(fixture_families, family)[0])
+    assert max(held) < 0.8 * whole, (held, whole)
+    assert sum(held) >= whole  # every block is held by one stage (the shared embedders by both)
 
 
-@pytest.mark.parametrize("family", ["flux", "wan21_t2v", "qwen_image"])
+# Measured on v0.24 (one exact step of 4): Flux 38.3 dB, Qwen-Image 43.6, SD3.5 60.5, LTX-Video 50.4; the tiny
+# Z-Image 24.6 (25.5 with two exact steps), below the floor: its random weights move its latent more per step than
+# the others' (one process, 4 patches, the same schedule: Z-Image 35 dB, Flux 50), not its cut (the caption riding
+# whole with patch 0, as Flux's text does, gives the same).
+@pytest.mark.parametrize("family", ["flux", "wan21_t2v", "qwen_image", "sd35", "ltxv", pytest.param(
+    "zimage", marks=pytest.mark.xfail(strict=True, reason="the tiny Z-Image is 24.6 dB after warm-up: below the floor"))])
 def test_after_warm_up_the_patches_are_stale_within_the_psnr_floor(comfy_server, comfy, host_families, family):
     from parallel_backend.engine.oracle import psnr
 
@@ -238,14 +267,21 @@ def test_a_call_a_split_by_tokens_cannot_take_is_refused_by_name(comfy_server, c
             in message), message
 
 
-def test_a_dit_pipefusion_does_not_cut_is_refused_before_any_work(comfy_server, comfy, host_families):
-    if "sd3" not in host_families:
-        pytest.skip("this ComfyUI has no comfy.supported_models.SD3 (sd3)")
-    result = comfy_server.run(comfy.family_workflow("TandemKSampler", "pipefusion_sd3_refused", "pipefusion",
-                                                    family="sd3", cfg=1.0, steps=STEPS))
+def test_a_model_pipefusion_does_not_cut_is_refused_before_any_work(comfy_server, comfy):
+    """An SD1.x UNet has no blocks of a DiT to cut: the run fails naming what pipefusion cuts."""
+    result = comfy_server.run(comfy.sampler_workflow("TandemKSampler", "pipefusion_unet_refused", "pipefusion",
+                                                     cfg=1.0, steps=STEPS))
     errors = [m[1] for m in result["status"]["messages"] if m[0] == "execution_error"]
     assert result["status"]["status_str"] == "error" and errors, result["status"]
     assert "strategy 'pipefusion' cuts diffusers' Flux.1" in errors[0]["exception_message"], errors[0]
+
+
+def test_ltxv_under_a_noise_mask_equals_stock(comfy_server, comfy, host_families):
+    """LTX-Video image to video (the first latent frame kept): a timestep per token, its rows cut with each patch;
+    with warm-up covering every step the result is stock's."""
+    stock, tandem = _pair(comfy_server, comfy, host_families, "pipefusion_ltxv_mask", "ltxv", noise_mask=True)
+    comfy.assert_same_latents(tandem, stock)
+    _ran_two_stages(comfy_server)
 
 
 def test_wan22_per_frame_timesteps_are_refused_by_name(comfy_server, comfy, host_families):
