@@ -17,6 +17,7 @@ values.
 - Qwen-Image (comfy.ldm.qwen_image.model.QwenImageTransformer2DModel): joint blocks, text first; like Flux's double
   blocks they cannot take an empty text stream (the same placeholder). Every stage holds the embedders (a small
   share of the weights) to run `_forward` up to the first block.
+- SD3 / SD3.5 (MMDiT), LTX-Video (LTXVModel), Lumina 2 / Z-Image (NextDiT): see their blocks below.
 What a patched call cannot take (the sequence split's refusals: ControlNet residuals, attention masks, reference
 latents on a zero timestep; model patches) the host refuses or runs on whole rows before any work
 (engine/pool_engine.py); the worker checks again (`refuse`), and refuses an input `forward_orig` is given that
@@ -292,7 +293,7 @@ def _modules(*items) -> list:
 
 def _only(model, cls: str, label: str) -> None:
     if type(model).__name__ != cls:
-        raise ValueError(f"pipefusion cuts {label}'s {cls}, not {type(model).__name__}; use cfg, batch or ulysses")
+        raise ValueError(f"pipefusion cuts {label}'s {cls}, not {type(model).__name__}; use cfg or batch")
 
 
 # ---- SD3 / SD3.5 (comfy.ldm.modules.diffusionmodules.mmdit.MMDiT): joint blocks, text first ----
