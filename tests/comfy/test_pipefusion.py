@@ -1,6 +1,7 @@
 """pipefusion (PipeFusion) in ComfyUI: the Multi-GPU KSampler on the tiny DiTs of ComfyUI's own classes (Flux.1 /
-Flux.2, Wan, Qwen-Image, SD3 / SD3.5, LTX-Video, Lumina 2 / Z-Image: fixture_nodes/families.py), blocks cut into two stages over two CPU workers, each holding only its blocks'
-weights, its tokens in patches pipelined through them. With warm-up covering every step it gives the stock
+Flux.2, Wan, Qwen-Image, SD3 / SD3.5, LTX-Video, Lumina 2 / Z-Image: fixture_nodes/families.py), their blocks cut
+into two stages over two CPU workers, each holding only its blocks' weights, the tokens in patches pipelined
+through them. With warm-up covering every step it gives the stock
 KSampler's latents; after one exact step the other patches' keys and values are one step stale: close to stock (a
 PSNR floor), not equal. A call a split by tokens cannot take is refused by name; a call with a model patch runs on
 whole rows and says so."""
