@@ -10,8 +10,9 @@ mesh (cfg x batch) runs the call on its own chain of stages; the last stage's ou
 A call runs as one patch (the whole sequence: exact, and it fills every attention's keys and values) during the
 job's first `warmup` steps and whenever its stream has not yet had a whole-sequence call of its shape on the
 current cut; else as `patches` patches. Worker side: runner.py; the patches: patches.py; families:
-models/dit_stages.py (diffusers') and models/comfy_dit_stages.py (ComfyUI's, with comfy_flux_stages.py). A call a split by tokens cannot
-take is refused, one with a model patch runs on whole rows (`patches_tokens`: engine/pool_engine.py).
+models/dit_stages.py (diffusers') and models/comfy_dit_stages.py (ComfyUI's, with comfy_flux_stages.py). A call
+a split by tokens cannot take is refused, one with a model patch runs on whole rows (`patches_tokens`:
+engine/pool_engine.py).
 
 Text tokens of a joint-attention model (Flux) all go with patch 0, not with every patch: patch 0 passes every
 block before any later patch reaches it (each stage runs its patches in order), so the text's keys and values
