@@ -5,6 +5,7 @@ a worker lost in the middle of the pipeline fails the job in time, naming it, an
 
 from __future__ import annotations
 
+import re
 import time
 from contextlib import nullcontext
 from dataclasses import replace
@@ -66,14 +67,11 @@ def test_the_strategy_names_the_families_dit_stages_describes():
     pipefusion.check_family("diffusers_dit:flux")
     pipefusion.check_family("comfy_dit:flux")
     pipefusion.check_family("comfy_dit:wan")
-    pipefusion.check_family("comfy_dit:qwen_image")
-    pipefusion.check_family("diffusers_dit:qwen_image")
-    pipefusion.check_family("comfy_dit:chroma")
-    pipefusion.check_family("comfy_dit:hunyuan_video")
-    for family in ("diffusers_unet", "comfy_dit:sd3", "comfy_unet"):
-        with pytest.raises(ValueError, match="pipefusion' cuts diffusers' Flux.1, Wan, SD3 and Qwen-Image "
-                                             "transformers and ComfyUI's Flux.1 / Flux.2, Chroma, Wan 2.x, Qwen-Image "
-                                             "and HunyuanVideo only"):
+    for family in ("comfy_dit:qwen_image", "diffusers_dit:qwen_image", "comfy_dit:chroma", "comfy_dit:hunyuan_video",
+                   "comfy_dit:sd3", "comfy_dit:ltxv", "comfy_dit:lumina"):
+        pipefusion.check_family(family)
+    for family in ("diffusers_unet", "comfy_unet"):
+        with pytest.raises(ValueError, match=re.escape(f"'pipefusion' {pipefusion.scope}, and this model is {family!r}")):
             pipefusion.check_family(family)
 
 

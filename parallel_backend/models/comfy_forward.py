@@ -5,16 +5,20 @@ modulation approximators) and unpatchifying with the host's own code, and models
 Qwen-Image's. Nothing here imports ComfyUI or diffusers: it works on the host's model object through its
 attribute names.
 
-Sites: `forward_orig` (Flux, Wan), an instance attribute standing over the method for the call's duration as
-sequence_hooks.py's method sites do; the first block of a block list (Qwen-Image, which has no forward_orig;
+Sites: a method the forward hands its inputs to (`forward_orig`: Flux, Wan; `forward_core_with_concat`: SD3;
+`_process_transformer_blocks`: LTX-Video), an instance attribute standing over the method for the call's duration
+as sequence_hooks.py's method sites do; the first block of a block list (Qwen-Image, Lumina 2: no such method;
 Chroma and HunyuanVideo, whose forward_orig embeds the tokens itself), a forward pre-hook. `recorded` keeps a
-module's output on the way (Chroma's modulation approximator). All are removed when the call ends, even a
-failed one.
+module's output on the way (Chroma's modulation approximator); `emptied` and `input_replaced` let a stage run
+the forward past layers it does not hold (Lumina 2). All are removed when the call ends, even a failed one.
+SD3's MMDiT has no `_forward`: its `forward` is the same (it goes through no wrappers).
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
+
+import torch
 
 from .comfy_dit import name_arguments
 
@@ -28,38 +32,81 @@ class _Reached(Exception):
 
 
 @contextmanager
-def forward_orig_as(model, function):
-    """`model.forward_orig` is `function` while inside (an instance attribute over the method)."""
-    model.forward_orig = function
+def method_as(model, name: str, function):
+    """`model.<name>` is `function` while inside (an instance attribute over the method)."""
+    setattr(model, name, function)
     try:
         yield
     finally:
-        del model.forward_orig
+        delattr(model, name)
+
+
+def forward_orig_as(model, function):
+    """`model.forward_orig` is `function` while inside (Flux, Wan, Chroma, HunyuanVideo: the last stage's output)."""
+    return method_as(model, "forward_orig", function)
+
+
+def at_method(name: str):
+    """A site: `_forward` stops where it calls the model's method `name`."""
+
+    @contextmanager
+    def site(model):
+        original = getattr(model, name)
+
+        def reached(*args, **kwargs):
+            raise _Reached(name_arguments(original, args, kwargs))
+
+        with method_as(model, name, reached):
+            yield name
+
+    return site
+
+
+at_forward_orig = at_method("forward_orig")  # Flux, Wan
+
+
+def at_first_of(blocks: str):
+    """A site: the forward stops where it calls the first block of the list `blocks`, by a forward pre-hook."""
+
+    @contextmanager
+    def site(model):
+        first = getattr(model, blocks)[0]
+
+        def reached(module, args, kwargs):
+            raise _Reached(name_arguments(first.forward, args, kwargs))
+
+        handle = first.register_forward_pre_hook(reached, with_kwargs=True)
+        try:
+            yield f"{blocks}.0"
+        finally:
+            handle.remove()
+
+    return site
+
+
+at_first_block = at_first_of("transformer_blocks")  # Qwen-Image: no forward_orig
 
 
 @contextmanager
-def at_forward_orig(model):
-    """`_forward` stops where it calls forward_orig (Flux, Wan)."""
-    original = model.forward_orig
-
-    def reached(*args, **kwargs):
-        raise _Reached(name_arguments(original, args, kwargs))
-
-    with forward_orig_as(model, reached):
-        yield "forward_orig"
-
-
-@contextmanager
-def at_first_block(model, blocks: str = "transformer_blocks"):
-    """The forward stops where it calls the first block of its list `blocks`, by a forward pre-hook."""
-    first = getattr(model, blocks)[0]
-
-    def reached(module, args, kwargs):
-        raise _Reached(name_arguments(first.forward, args, kwargs))
-
-    handle = first.register_forward_pre_hook(reached, with_kwargs=True)
+def emptied(model, names: tuple[str, ...]):
+    """`model`'s module lists `names` hold no modules while inside: `_forward` runs past them (a stage that does
+    not use what they compute, and does not hold their weights)."""
+    saved = {name: getattr(model, name) for name in names}
+    for name in names:
+        setattr(model, name, torch.nn.ModuleList())
     try:
-        yield f"{blocks}.0"
+        yield
+    finally:
+        for name, modules in saved.items():
+            setattr(model, name, modules)
+
+
+@contextmanager
+def input_replaced(module, value):
+    """`module`'s first positional input is `value` while inside (a forward pre-hook)."""
+    handle = module.register_forward_pre_hook(lambda m, args: (value, *args[1:]))
+    try:
+        yield
     finally:
         handle.remove()
 
@@ -80,10 +127,11 @@ def recorded(module):
 
 
 def forward(model, call):
-    """The model's `_forward` on `call`'s inputs, as comfy_dit.forward calls the model (without its wrappers)."""
+    """The model's `_forward` (its `forward` where it has none: SD3) on `call`'s inputs, as comfy_dit.forward
+    calls the model (without its wrappers)."""
     extras = dict(call.extras)
     extras.setdefault("transformer_options", {})
-    return model._forward(call.x, call.t, context=call.context, **extras)
+    return getattr(model, "_forward", model.forward)(call.x, call.t, context=call.context, **extras)
 
 
 def inputs(model, call, takes: frozenset, label: str, site=at_forward_orig, run=forward) -> dict:

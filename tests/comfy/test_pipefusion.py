@@ -1,9 +1,9 @@
-"""pipefusion (PipeFusion) in ComfyUI: the Multi-GPU KSampler on the tiny Flux of ComfyUI's own classes
-(fixture_nodes/families.py), its blocks cut into two stages over two CPU workers, each holding only its blocks'
-weights, its tokens in patches pipelined through them. With warm-up covering every step it gives the stock
-KSampler's latents; after one exact step the other patches' keys and values are one step stale: close to stock (a
-PSNR floor), not equal. A call a split by tokens cannot take is refused by name; a call with a model patch runs on
-whole rows and says so."""
+"""pipefusion (PipeFusion) in ComfyUI: the Multi-GPU KSampler on the tiny DiTs of ComfyUI's own classes (Flux.1 /
+Flux.2, Wan, Qwen-Image, Chroma, HunyuanVideo, SD3 / SD3.5, LTX-Video, Lumina 2 / Z-Image: fixture_nodes/families.py),
+their blocks cut into two stages over two CPU workers, each holding only its blocks' weights, the tokens in patches
+pipelined through them. With warm-up covering every step it gives the stock KSampler's latents; after one exact
+step the other patches' keys and values are one step stale: close to stock (a PSNR floor), not equal. A call a
+split by tokens cannot take is refused by name; a call with a model patch runs on whole rows and says so."""
 
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ STEPS = 4
 PSNR_FLOOR_DB = 30.0
 FAMILIES = {"flux": "Flux", "flux2": "Flux2", "wan21_t2v": "WAN21_T2V", "wan21_i2v": "WAN21_I2V",
             "qwen_image": "QwenImage", "chroma": "Chroma", "hunyuan_video": "HunyuanVideo",
-            "hunyuan_video15": "HunyuanVideo15"}  # family: the comfy.supported_models class it needs
+            "hunyuan_video15": "HunyuanVideo15", "sd3": "SD3", "sd35": "SD3", "ltxv": "LTXV", "zimage": "ZImage",
+            "lumina2": "Lumina2"}  # family: the comfy.supported_models class it needs
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +54,10 @@ def _tiny(fixture_nodes, family: str, **extra):
         channels, extras["clip_fea"] = 36, torch.randn(2, 257, 1280, generator=generator)
     if family == "hunyuan_video15":
         channels = model.diffusion_model.in_channels  # the latent, the image's and a mask, joined
+    if family == "ltxv":  # the text encoder's mask: the last two tokens padding
+        extras["attention_mask"] = torch.tensor([[1] * (families.TOKENS - 2) + [0, 0]] * 2)
+    if family in ("zimage", "lumina2"):
+        extras["num_tokens"] = families.TOKENS
     frames = frames or (1 if family == "qwen_image" else None)  # Qwen-Image's model takes (B, C, 1, H, W)
     odd = 0 if family.startswith("hunyuan") else 1  # HunyuanVideo does not pad to its patch
     x = torch.randn(2, channels, *((frames,) if frames else ()), height + odd, width + odd, generator=generator)
@@ -60,13 +65,6 @@ def _tiny(fixture_nodes, family: str, **extra):
     call = ModelCall(x, torch.tensor([0.7, 0.7]), torch.randn(2, families.TOKENS, text_width, generator=generator),
                      extras, job=1, stream=("s",))
     return model.diffusion_model, call
-
-
-@pytest.fixture(scope="module")
-def whole_weights_bytes(fixture_families):
-    from parallel_backend.runtime.recipe import weights_bytes
-
-    return weights_bytes(_tiny(fixture_families, "flux")[0])
 
 
 def _pair(server, comfy, host_families, name: str, family: str = "flux", warmup: int = STEPS, cfg: float = 1.0,
@@ -171,6 +169,65 @@ def test_what_a_patched_call_cannot_take_is_refused_by_name_before_any_block(fix
     assert not ran
 
 
+def test_ltxv_per_token_timesteps_follow_each_patch(fixture_families, host_families):
+    """LTX-Video under a noise mask gets a timestep per token (B, L, 1): each patch's blocks take its tokens' rows.
+    Unchanged inputs give the model's own forward; a patched call on other timesteps uses stale keys and values."""
+    from dataclasses import replace
+
+    import torch
+
+    from parallel_backend.models.comfy_dit import forward, recognise
+    from parallel_backend.strategies.asyncdiff.messages import StagePlan
+    from parallel_backend.strategies.pipefusion.messages import PipeCall, PlaceBlocks
+    from parallel_backend.strategies.pipefusion.runner import PipeRunner
+
+    if "ltxv" not in host_families:
+        pytest.skip("this ComfyUI has no comfy.supported_models.LTXV (ltxv)")
+    model, call = _tiny(fixture_families, "ltxv")
+    tokens = call.x[0, 0].numel()  # LTX-Video patchifies 1 x 1 x 1
+    t = torch.linspace(0.1, 0.9, tokens).repeat(2, 1).unsqueeze(-1)  # (B, L, 1), as LTXV.process_timestep gives
+    call = replace(call, t=t)
+    with torch.inference_mode():
+        reference = forward(model, call)
+    runner = PipeRunner(model, recognise(model).wire, torch.device("cpu"))
+    runner.setup(PlaceBlocks("tiny", StagePlan(0, 1, (), None, None, 0, 1, False, ())))
+    for patches in (1, 4, 7):
+        out = runner.call(PipeCall("tiny", call, patches)).out
+        torch.testing.assert_close(out, reference, atol=1e-5, rtol=1e-5, msg=f"{patches} patches")
+    later = replace(call, t=0.5 * t)
+    out = runner.call(PipeCall("tiny", later, 4)).out
+    with torch.inference_mode():
+        assert (out - forward(model, later)).abs().max() > 1e-4
+
+
+def test_ltxv_with_a_guides_self_attention_mask_is_refused_by_name(fixture_families, host_families):
+    """A keyframe guide of strength 0.5 attenuates attention between the guide's tokens and the rest (a mask over
+    the whole sequence, not a patch's): refused in one sentence, before a block runs."""
+    from dataclasses import replace
+
+    import torch
+
+    from parallel_backend.models.comfy_dit import recognise
+    from parallel_backend.strategies.asyncdiff.messages import StagePlan
+    from parallel_backend.strategies.pipefusion.messages import PipeCall, PlaceBlocks
+    from parallel_backend.strategies.pipefusion.runner import PipeRunner
+
+    if "ltxv" not in host_families:
+        pytest.skip("this ComfyUI has no comfy.supported_models.LTXV (ltxv)")
+    model, call = _tiny(fixture_families, "ltxv")
+    if not hasattr(model, "_build_guide_self_attention_mask"):
+        pytest.skip("this ComfyUI's LTX-Video has no guide self-attention mask")
+    guide = 5  # the last 5 tokens are a keyframe guide's
+    extras = {**call.extras, "denoise_mask": torch.ones(2, 1, *call.x.shape[2:]),
+              "keyframe_idxs": torch.zeros(2, 3, guide, 2), "guide_attention_entries": [
+                  {"pre_filter_count": guide, "strength": 0.5}]}
+    runner = PipeRunner(model, recognise(model).wire, torch.device("cpu"))
+    runner.setup(PlaceBlocks("tiny", StagePlan(0, 1, (), None, None, 0, 1, False, ())))
+    with pytest.raises(ValueError, match="pipefusion does not run LTX-Video with a guide's self-attention mask"):
+        tokens = call.x[0, 0].numel()  # under a noise mask the timestep is per token, as LTXV.process_timestep gives
+        runner.call(PipeCall("tiny", replace(call, extras=extras, t=call.t.view(2, 1, 1).expand(2, tokens, 1)), 1))
+
+
 def test_the_settings_node_offers_pipefusion_and_its_patches(comfy_server):
     inputs = comfy_server.get("/object_info/TandemSettings")["TandemSettings"]["input"]
     kind, *details = inputs["required"]["strategy"]  # ["COMBO", {"options": [...]}], or [[...], {...}] before
@@ -197,14 +254,22 @@ def test_cfg_times_pipefusion_on_four_workers_equals_stock(comfy_server, comfy, 
     assert run["strategy"] == "pipefusion" and run["devices_used"] == 4 and "cfg 2" in run["mesh"], run
 
 
-def test_each_stage_holds_only_its_blocks_weights(comfy_server, comfy, host_families, whole_weights_bytes):
-    _pair(comfy_server, comfy, host_families, "pipefusion_weights")
-    held = comfy_server.get("/tandem/status")["model_weights_bytes"]
-    assert max(held) < 0.8 * whole_weights_bytes, (held, whole_weights_bytes)
-    assert sum(held) >= whole_weights_bytes  # every block is held by one stage (the shared embedders by both)
+@pytest.mark.parametrize("family", ["flux", "sd35", "ltxv", "zimage"])
+def test_each_stage_holds_only_its_blocks_weights(comfy_server, comfy, host_families, fixture_families, family):
+    from parallel_backend.runtime.recipe import weights_bytes
+
+    _pair(comfy_server, comfy, host_families, f"pipefusion_weights_{family}", family)
+    held, whole = comfy_server.get("/tandem/status")["model_weights_bytes"], weights_bytes(_tiny(fixture_families, family)[0])
+    assert max(held) < 0.8 * whole, (held, whole)
+    assert sum(held) >= whole  # every block is held by one stage (the shared embedders by both)
 
 
-@pytest.mark.parametrize("family", ["flux", "wan21_t2v", "qwen_image", "chroma", "hunyuan_video"])
+# Measured on v0.24 (one exact step of 4): Flux 38.3 dB, Qwen-Image 43.6, SD3.5 60.5, LTX-Video 50.4, Lumina 2 38.1;
+# the tiny Z-Image 24.6 (25.5 with two exact steps), below the floor, also in one process on the same schedule
+# (35 dB there, Flux 50): its latent moves more per step; its cut is not the cause (the caption riding whole with
+# patch 0, as Flux's text does, measured no better). Its 64 tokens are 3/4 padding to multiples of 32.
+@pytest.mark.parametrize("family", ["flux", "wan21_t2v", "qwen_image", "chroma", "hunyuan_video", "sd35", "ltxv", "lumina2", pytest.param(
+    "zimage", marks=pytest.mark.xfail(strict=True, reason="the tiny Z-Image is 24.6 dB after warm-up: below the floor"))])
 def test_after_warm_up_the_patches_are_stale_within_the_psnr_floor(comfy_server, comfy, host_families, family):
     from parallel_backend.engine.oracle import psnr
 
@@ -263,14 +328,21 @@ def test_a_call_a_split_by_tokens_cannot_take_is_refused_by_name(comfy_server, c
             in message), message
 
 
-def test_a_dit_pipefusion_does_not_cut_is_refused_before_any_work(comfy_server, comfy, host_families):
-    if "sd3" not in host_families:
-        pytest.skip("this ComfyUI has no comfy.supported_models.SD3 (sd3)")
-    result = comfy_server.run(comfy.family_workflow("TandemKSampler", "pipefusion_sd3_refused", "pipefusion",
-                                                    family="sd3", cfg=1.0, steps=STEPS))
+def test_a_model_pipefusion_does_not_cut_is_refused_before_any_work(comfy_server, comfy):
+    """An SD1.x UNet has no blocks of a DiT to cut: the run fails naming what pipefusion cuts."""
+    result = comfy_server.run(comfy.sampler_workflow("TandemKSampler", "pipefusion_unet_refused", "pipefusion",
+                                                     cfg=1.0, steps=STEPS))
     errors = [m[1] for m in result["status"]["messages"] if m[0] == "execution_error"]
     assert result["status"]["status_str"] == "error" and errors, result["status"]
     assert "strategy 'pipefusion' cuts diffusers' Flux.1" in errors[0]["exception_message"], errors[0]
+
+
+def test_ltxv_under_a_noise_mask_equals_stock(comfy_server, comfy, host_families):
+    """LTX-Video image to video (the first latent frame kept): a timestep per token, its rows cut with each patch;
+    with warm-up covering every step the result is stock's."""
+    stock, tandem = _pair(comfy_server, comfy, host_families, "pipefusion_ltxv_mask", "ltxv", noise_mask=True)
+    comfy.assert_same_latents(tandem, stock)
+    _ran_two_stages(comfy_server)
 
 
 def test_wan22_per_frame_timesteps_are_refused_by_name(comfy_server, comfy, host_families):

@@ -10,8 +10,9 @@ mesh (cfg x batch) runs the call on its own chain of stages; the last stage's ou
 A call runs as one patch (the whole sequence: exact, and it fills every attention's keys and values) during the
 job's first `warmup` steps and whenever its stream has not yet had a whole-sequence call of its shape on the
 current cut; else as `patches` patches. Worker side: runner.py; the patches: patches.py; families:
-models/dit_stages.py (diffusers') and models/comfy_dit_stages.py (ComfyUI's). A call a split by tokens cannot
-take is refused, one with a model patch runs on whole rows (`patches_tokens`: engine/pool_engine.py).
+models/dit_stages.py (diffusers') and models/comfy_dit_stages.py (ComfyUI's, with comfy_flux_stages.py). A call
+a split by tokens cannot take is refused, one with a model patch runs on whole rows (`patches_tokens`:
+engine/pool_engine.py).
 
 Text tokens of a joint-attention model (Flux) all go with patch 0, not with every patch: patch 0 passes every
 block before any later patch reaches it (each stage runs its patches in order), so the text's keys and values
@@ -32,7 +33,8 @@ from .messages import PipeCall, PlaceBlocks, ProfileBlocks
 
 # runner.FAMILIES: models/dit_stages.py's and models/comfy_dit_stages.py's (tests check)
 FAMILIES = ("diffusers_dit:flux", "diffusers_dit:wan", "diffusers_dit:sd3", "diffusers_dit:qwen_image",
-            "comfy_dit:flux", "comfy_dit:wan", "comfy_dit:qwen_image", "comfy_dit:chroma", "comfy_dit:hunyuan_video")
+            "comfy_dit:flux", "comfy_dit:wan", "comfy_dit:qwen_image", "comfy_dit:chroma", "comfy_dit:hunyuan_video",
+            "comfy_dit:sd3", "comfy_dit:ltxv", "comfy_dit:lumina")
 DEFAULT_PATCHES = 8  # what tandem plan proposes for 2 stages on CPU workers (fill and drain 9/8 of a stage)
 
 PIPEFUSION = Knob("pipefusion", int, None, "pipefusion: the stages a DiT's blocks are cut into, one device each "
@@ -53,7 +55,7 @@ class PipeFusion(AsyncDiff):
     bench_job = BenchJob(1, False)
     adapters = ("diffusers_dit", "comfy_dit")
     scope = ("cuts diffusers' Flux.1, Wan, SD3 and Qwen-Image transformers and ComfyUI's Flux.1 / Flux.2, Chroma, "
-             "Wan 2.x, Qwen-Image and HunyuanVideo only")
+             "Wan 2.x, Qwen-Image, HunyuanVideo, SD3 / SD3.5, LTX-Video and Lumina 2 / Z-Image only")
     patches_tokens = True
     min_warmup = 0  # a call with no keys and values held runs whole
     knobs = (PIPEFUSION, PATCHES, WARMUP)

@@ -18,14 +18,14 @@ exchange is waited for before the call returns: nothing is in flight between cal
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from contextlib import ExitStack, contextmanager
 
 import torch
 
 from ...models import comfy_dit_stages, dit_stages
 from ...models.attention_route import ROUTE, Route
-from ...models.sequence_hooks import sites
+from ...models.sequence_hooks import attribute, sites
 from ...models.stages import Activations, Placement, modules_of, profile, synchronize, weights_of
 from ...runtime import primitives
 from ...runtime.messages import Computed
@@ -220,11 +220,15 @@ class PipeRunner:
         attends = [(p, a, attend) for p, a, attend in self.attends
                    if any(p == name or p.startswith(name + ".") for name in mine)]
         rows = {attend: [self._rows(patches, m, attend) for m in range(patches.count)] for _, _, attend in attends}
+        also = {attend: [self._rows(patches, m, replace(attend, streams=attend.also))[0] for m in range(patches.count)]
+                for _, _, attend in attends if attend.also}
         with ExitStack() as stack:
             for path, attention, attend in attends:
                 def arm(module, args, path=path, attend=attend):
                     positions, lead = rows[attend][self.patch]
                     route.shards = Rows(path, positions, lead)
+                    if attend.also and attribute(module, attend.also_if):  # SD3.5's second, image-only attention
+                        route.shards = (route.shards, Rows(f"{path}:also", also[attend][self.patch]))
                     route.arm(path)
 
                 stack.enter_context(attention.register_forward_pre_hook(arm))

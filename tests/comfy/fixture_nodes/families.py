@@ -86,6 +86,13 @@ FAMILIES = {
                           "ffn_dim_multiplier": 8.0 / 3.0, "z_image_modulation": True, "time_scale": 1000.0,
                           "pad_tokens_multiple": 32},
                (64, None, None), IMAGE_16),
+    # Lumina 2: NextDiT without Z-Image's padding to 32 tokens, grouped keys and values (2 heads, 1 key head); no
+    # text padding mask (v0.8's stock sampler fails on one at cfg > 1, in its caption refiner's attention)
+    "lumina2": ("Lumina2", {"image_model": "lumina2", "patch_size": 2, "in_channels": 16, "dim": 256,
+                            "cap_feat_dim": 64, "n_layers": 2, "n_refiner_layers": 1, "qk_norm": True, "n_heads": 2,
+                            "n_kv_heads": 1, "axes_dims": [32, 48, 48], "axes_lens": [300, 512, 512],
+                            "rope_theta": 10000.0, "ffn_dim_multiplier": 4.0},
+                (64, None, None), IMAGE_16),
     "sd3": ("SD3", {"in_channels": 16, "out_channels": 16, "patch_size": 2, "depth": 2, "input_size": None,
                     "adm_in_channels": 64, "num_patches": 256, "pos_embed_max_size": 16, "pos_embed_scaling_factor": None,
                     "context_embedder_config": {"target": "torch.nn.Linear",
