@@ -11,11 +11,13 @@ values.
 - Flux.1 / Flux.2 (comfy.ldm.flux.model.Flux): double stream then single stream blocks. A single stream block
   takes the text and image tokens joined, text first, as `forward_orig` joins them; a double stream block
   cannot take an empty text stream (its qkv view), so a patch after patch 0 gives it one zero token that joins
-  no attention (the family's placeholder).
+  no attention (the family's placeholder). A Flux.1 block's modulation (`img_mod`, `txt_mod`, `modulation`: a
+  Linear on silu(vec)) may sit on another stage; Flux.2's blocks have none (its global modulations are `shared`).
 - Wan 2.1 / 2.2 (comfy.ldm.wan.model.WanModel): one stream of video tokens; the cross-attention to the text (and
   CLIP image tokens) is ComfyUI's own, every stage embedding the text itself.
 - Qwen-Image (comfy.ldm.qwen_image.model.QwenImageTransformer2DModel): joint blocks, text first; like Flux's double
-  blocks they cannot take an empty text stream (the same placeholder). Every stage holds the embedders (a small
+  blocks they cannot take an empty text stream (the same placeholder); a block's `img_mod` and `txt_mod` (SiLU, then
+  a Linear on the time embedding) may sit on another stage. Every stage holds the embedders (a small
   share of the weights) to run `_forward` up to the first block.
 What a patched call cannot take (the sequence split's refusals: ControlNet residuals, attention masks, reference
 latents on a zero timestep; model patches) the host refuses or runs on whole rows before any work
@@ -130,7 +132,7 @@ FLUX = PipeFamily(
                                                                     "single_stream_modulation"))),
     tokens=_flux_tokens, context=_flux_context, run=_flux_run, finish=_flux_finish, counts=_flux_counts,
     rotary_dim=2, refuse=_flux_refuse, width=lambda m, call: (m.hidden_size, call.x.dtype), host="comfy",
-    placeholder=("double_blocks.*",))
+    placeholder=("double_blocks.*",), modulation=("img_mod.lin", "txt_mod.lin", "modulation.lin"))
 
 
 # ---- Wan 2.1 / 2.2 (comfy.ldm.wan.model.WanModel): video self-attention, text (and CLIP image) cross-attention ----
@@ -264,7 +266,7 @@ QWEN_IMAGE = PipeFamily(
     shared=lambda m: [m.img_in, m.txt_norm, m.txt_in, m.time_text_embed, m.pe_embedder],
     tokens=_qwen_tokens, context=_qwen_context, run=_qwen_run, finish=_qwen_finish, counts=_qwen_counts,
     rotary_dim=2, refuse=_qwen_refuse, width=lambda m, call: (m.inner_dim, call.x.dtype), host="comfy",
-    placeholder=("transformer_blocks.*",))
+    placeholder=("transformer_blocks.*",), modulation=("img_mod.1", "txt_mod.1"))
 
 
 FAMILIES = {family.name: family for family in (FLUX, WAN, QWEN_IMAGE)}

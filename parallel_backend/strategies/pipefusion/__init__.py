@@ -27,7 +27,7 @@ from ...runtime.words import counted
 from ..asyncdiff import AsyncDiff
 from ..base import BenchJob
 from ..stale import WARMUP
-from .cut import SLACK, cost_of_cap, held_per_stage, stage_bytes, weights_cut
+from .cut import SLACK, cost_of_cap, held_per_stage, weights_cut
 from .messages import PipeCall, PlaceBlocks, ProfileBlocks
 
 # runner.FAMILIES: models/dit_stages.py's and models/comfy_dit_stages.py's (tests check)
@@ -82,27 +82,30 @@ class PipeFusion(AsyncDiff):
     def profile_message(self, fingerprint: str, sample):
         return ProfileBlocks(fingerprint, sample)
 
-    def place_message(self, fingerprint: str, config, plan):
-        return PlaceBlocks(fingerprint, plan)
+    def place_message(self, fingerprint: str, config, plan, record: dict):
+        return PlaceBlocks(fingerprint, plan, tuple(record["lent"]))
 
     def setup_knobs(self, config) -> tuple:
         return (config.memory_per_device,)  # the cut's cap on a stage's weights
 
     def cut(self, engine, profile, stages: int, speeds, config) -> tuple[tuple[int, ...], dict]:
-        """The fastest cut whose every stage holds at most the cap of weights (cut.py); said once where the cap
-        makes the slowest stage slower than the cut balanced on time alone would."""
+        """The fastest cut whose every stage holds at most the cap of weights, the blocks' modulation spread over
+        the stages (cut.py); said once where the cap makes the slowest stage slower than the cut balanced on time
+        alone would."""
         shared, first, last = profile.held
         held = held_per_stage(shared, first, last, stages)
         whole = sum(profile.sizes) + shared + first + last
         memory = None if config.memory_per_device is None else int(config.memory_per_device * 2**30)
-        cuts, cap = weights_cut(profile.seconds, profile.sizes, held, whole, stages, speeds, memory)
-        note = cost_of_cap(profile.seconds, profile.sizes, held, cuts, speeds)
+        movable = profile.movable or [0] * len(profile.sizes)
+        cut = weights_cut(profile.seconds, profile.sizes, held, whole, stages, speeds, memory, movable)
+        note = cost_of_cap(profile.seconds, profile.sizes, held, cut.cuts, speeds, movable)
         if note:
             within = "--memory-per-device" if memory else f"an even share plus {100 * SLACK:.0f}%"
-            engine.say(f"Tandem: pipefusion {note}: no device holds over {cap / 2**20:.0f} of the "
+            engine.say(f"Tandem: pipefusion {note}: no device holds over {cut.cap / 2**20:.0f} of the "
                        f"{whole / 2**20:.0f} MiB of weights ({within}; a larger --memory-per-device allows the faster cut)")
-        return tuple(cuts), {"stage_weights": stage_bytes(profile.sizes, held, cuts), "weights_cap": cap,
-                             "whole_weights": whole}
+        lent = cut.lent()
+        return tuple(cut.cuts), {"stage_weights": cut.loads, "weights_cap": cut.cap, "whole_weights": whole,
+                                 "lent": lent, "lent_bytes": [movable[i] for i, _, _ in lent]}
 
     def explain(self, mesh, config, steps: int, devices: list[str]) -> str:
         m, n = config.patches or DEFAULT_PATCHES, mesh.inner
@@ -128,16 +131,28 @@ class PipeFusion(AsyncDiff):
         held = plan["stage_weights"]
         summary = (f"pipefusion: {len(shares)} stages, work shares {' / '.join(f'{100 * s:.1f}%' for s in shares)}, "
                    f"weights {' / '.join(f'{w / 2**20:.0f}' for w in held)} MiB of {plan['whole_weights'] / 2**20:.0f} "
-                   f"(cap {plan['weights_cap'] / 2**20:.0f}), {m} patches; warm-up {counted(config.warmup, 'step')}; "
+                   f"(cap {plan['weights_cap'] / 2**20:.0f}{held_elsewhere(plan['lent'], plan['lent_bytes'])}), {m} "
+                   f"patches; warm-up {counted(config.warmup, 'step')}; "
                    f"{moved / 2**20:.2f} MiB between stages per call, {1000 * exposed:.1f} ms waited not hidden by "
                    "compute")
         return {"ideal_speedup": 1.0 / slowest, "stage_shares": shares, "stage_weights_bytes": held,
-                "stage_weights_cap_bytes": plan["weights_cap"], "patches": m, "warmup": config.warmup,
+                "stage_weights_cap_bytes": plan["weights_cap"], "modulation_lent": plan["lent"], "patches": m, "warmup": config.warmup,
                 "transfer_bytes_per_call_median": moved, "exposed_wait_seconds_per_call_median": exposed,
                 "summary": summary}
 
     def worker_handlers(self) -> dict:
         return {ProfileBlocks: _on_runner("profile"), PlaceBlocks: _on_runner("setup"), PipeCall: _on_runner("call")}
+
+
+def held_elsewhere(lent, sizes) -> str:
+    """What `lent` ((block, its stage, the holding stage)) says in words: "; stage 1 holds the modulation of 2 of
+    stage 0's blocks (24 MiB)", "" where none moved."""
+    pairs = {}
+    for (_, owner, holder), size in zip(lent, sizes):
+        count, total = pairs.get((holder, owner), (0, 0))
+        pairs[holder, owner] = count + 1, total + size
+    return "".join(f"; stage {holder} holds the modulation of {count} of stage {owner}'s blocks "
+                   f"({total / 2**20:.0f} MiB)" for (holder, owner), (count, total) in sorted(pairs.items()))
 
 
 def mesh_stages(state: dict) -> int:

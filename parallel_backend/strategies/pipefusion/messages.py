@@ -14,8 +14,12 @@ class ProfileBlocks(ProfileLayers):
     """Time every transformer block of the model on this worker with the call's shapes (the whole sequence)."""
 
 
+@dataclass(frozen=True)
 class PlaceBlocks(PlaceStages):
-    """This worker's stage of the blocks (plan: asyncdiff's StagePlan; stride and time shift unused)."""
+    """This worker's stage of the blocks (plan: asyncdiff's StagePlan; stride and time shift unused) and every
+    block whose modulation another stage holds (`lent`: (block, its stage, the holding stage), cut.StageCut.lent)."""
+
+    lent: tuple = ()
 
 
 @dataclass(frozen=True)
