@@ -51,6 +51,18 @@ def test_text_goes_with_patch_zero_and_patches_hold_about_equal_tokens():
     assert long_text.main_sizes()[0] == 1 and sum(long_text.main_sizes()) == 8
 
 
+def test_text_longer_than_a_share_runs_over_into_the_next_patches():
+    """flux-small at 512 px in 8 patches: 256 text tokens of 1280 outweigh a share (160); given all to patch 0 it
+    would hold 257 tokens and the pipeline's fill 20% of stage 0's call. The text fills patches 0 and 1 instead,
+    every patch holds 160 tokens (each at least one image token), and the patches cover the joint sequence once."""
+    cut = Patches({"image": 1024, "text": 256}, 8)
+    assert [cut.tokens(m) for m in range(8)] == [160] * 8
+    assert cut.text_sizes() == [159, 97, 0, 0, 0, 0, 0, 0] and cut.main_sizes()[:2] == [1, 63]
+    assert cut.ranges(1) == {"image": range(1, 64), "text": range(159, 256)}
+    joint = [p for m in range(8) for p in cut.positions(m, ("text", "image"))]
+    assert sorted(joint) == list(range(1280)) and cut.positions(0, ("text", "image")) == [*range(159), 256]
+
+
 def test_more_patches_than_tokens_is_refused_in_one_sentence():
     with pytest.raises(ValueError, match=r"cannot cut 3 image tokens into 4 patches.*--patches"):
         Patches({"image": 3, "text": 5}, 4)

@@ -34,7 +34,7 @@ from ...models.sequence_hooks import sites
 from ...models.stages import Activations, Placement, modules_of, profile, synchronize, weights_of
 from ...runtime import primitives
 from ...runtime.messages import Computed
-from .messages import PipeCall, PlaceBlocks, ProfileBlocks
+from .messages import WAITS, PipeCall, PlaceBlocks, ProfileBlocks
 from .patches import Patches
 
 FAMILIES = {**dit_stages.FAMILIES, **comfy_dit_stages.FAMILIES}  # every family pipefusion cuts, by wire name
@@ -172,7 +172,8 @@ class PipeRunner:
         if call.job != self.job:
             self.job, self.streams = call.job, {}
         cache = self.streams.setdefault(call.stream, KeyValues())
-        stats = {"compute": 0.0, "wait": 0.0, "bytes": 0}
+        stats = {"compute": 0.0, "wait": 0.0, "bytes": 0, "waits": dict.fromkeys(WAITS, 0.0)}
+        started = time.perf_counter()
         with torch.inference_mode():
             ctx = family.context(self.module, call)
             received, pending = self._exchange_modulation(ctx, stats)
@@ -185,7 +186,7 @@ class PipeRunner:
                 for m in range(patches.count):
                     acts = self._arrived(pieces, m, stats)
                     if pending:  # this stage's lent blocks' vectors: needed from its first block on
-                        self._waited(pending, stats)
+                        self._waited(pending, stats, "modulation")
                         pending = []
                     mark = time.perf_counter()
                     self.patch = m
@@ -200,14 +201,14 @@ class PipeRunner:
                     sent = [t for t in acts.tensors() if t.numel()]
                     handles += primitives.exchange([(plan.next, t) for t in sent], [], self.device)[1]
                     stats["bytes"] += sum(t.numel() * t.element_size() for t in sent)
-            mark = time.perf_counter()
-            primitives.wait_all(handles)
-            stats["wait"] += time.perf_counter() - mark
+            self._waited(handles, stats, "sends")
             out = family.finish(self.module, call, ctx, torch.cat(done, 1)) if plan.next is None else None
         synchronize(self.device)
         return Computed(out, stats["compute"], stats["wait"], stats["bytes"],
                         extra={"layers": len(self.mine), "weights_bytes": self.placement.held_bytes(),
-                               "patches": patches.count})
+                               "patches": patches.count, "waits": stats["waits"],
+                               "seconds": time.perf_counter() - started,
+                               "first_patch_tokens": (patches.tokens(0), sum(patches.lengths.values()))})
 
     def _exchange_modulation(self, ctx, stats: dict) -> tuple[dict, list]:
         """Computes the vectors of the lent blocks' modulation this stage holds and sends them to their blocks'
@@ -251,10 +252,13 @@ class PipeRunner:
             for owner, name, module in reversed(swapped):
                 setattr(owner, name, module)
 
-    def _waited(self, handles: list, stats: dict) -> None:
+    def _waited(self, handles: list, stats: dict, what: str) -> None:
+        """Waits for `handles`, counting the time as waited for `what` (one of WAITS)."""
         mark = time.perf_counter()
         primitives.wait_all(handles)
-        stats["wait"] += time.perf_counter() - mark
+        waited = time.perf_counter() - mark
+        stats["wait"] += waited
+        stats["waits"][what] += waited
 
     def _pieces(self, acts: Activations, patches: Patches) -> list:
         """The first stage's patches of the embedded whole sequence."""
@@ -280,7 +284,7 @@ class PipeRunner:
         if isinstance(piece, Activations):
             return piece
         buffers, handles = piece
-        self._waited(handles, stats)
+        self._waited(handles, stats, "fill" if m == 0 else "later")
         return Activations.from_tensors(list(buffers))
 
     @contextmanager
