@@ -63,6 +63,22 @@ def test_text_longer_than_a_share_runs_over_into_the_next_patches():
     assert sorted(joint) == list(range(1280)) and cut.positions(0, ("text", "image")) == [*range(159), 256]
 
 
+def test_the_bench_says_where_each_stage_waited_and_the_time_outside_the_stages():
+    """Medians per stage and part over the patched calls (the runners' `waits`), and each call's time less its
+    slowest runner's."""
+    from parallel_backend.strategies.pipefusion import wait_parts
+
+    def call(fill, seconds):
+        parts = {"fill": fill, "later": 0.004, "modulation": 0.0, "sends": 0.0}
+        return {"extra": {0: {"waits": dict.fromkeys(parts, 0.0), "seconds": 0.5, "first_patch_tokens": (160, 1280)},
+                          1: {"waits": parts, "seconds": seconds, "first_patch_tokens": (160, 1280)}}}
+
+    parts = wait_parts([call(0.09, 0.6), call(0.07, 0.55), call(0.11, 0.7)], [0.62, 0.56, 0.75])
+    assert parts["stages"][1]["fill"] == pytest.approx(0.09) and parts["outside"] == pytest.approx(0.02)
+    assert parts["summary"] == ("ms per part, worker 0: none; worker 1: fill 90.0, later 4.0; the first patch holds "
+                                "160 of 1280 tokens; 20.0 ms per call outside the stages")
+
+
 def test_more_patches_than_tokens_is_refused_in_one_sentence():
     with pytest.raises(ValueError, match=r"cannot cut 3 image tokens into 4 patches.*--patches"):
         Patches({"image": 3, "text": 5}, 4)

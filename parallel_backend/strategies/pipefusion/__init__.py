@@ -140,7 +140,8 @@ class PipeFusion(AsyncDiff):
                    f"{moved / 2**20:.2f} MiB between stages per call, {1000 * exposed:.1f} ms waited not hidden by "
                    f"compute ({parts['summary']})")
         return {"ideal_speedup": 1.0 / slowest, "stage_shares": shares, "stage_weights_bytes": held,
-                "stage_weights_cap_bytes": plan["weights_cap"], "modulation_lent": plan["lent"], "patches": m, "warmup": config.warmup,
+                "stage_weights_cap_bytes": plan["weights_cap"], "modulation_lent": plan["lent"], "patches": m,
+                "warmup": config.warmup,
                 "transfer_bytes_per_call_median": moved, "exposed_wait_seconds_per_call_median": exposed,
                 "wait_parts_seconds_median": parts["stages"], "outside_stages_seconds_median": parts["outside"],
                 "summary": summary}
@@ -160,10 +161,10 @@ def wait_parts(calls: list[dict], seconds: list[float]) -> dict:
               for r in ranks}
     outside = statistics.median(s - max(c["extra"][r]["seconds"] for r in ranks) for c, s in zip(calls, seconds))
     first, total = calls[0]["extra"][ranks[-1]]["first_patch_tokens"]
-    words = "; ".join(f"worker {r}: " + ", ".join(f"{part} {1000 * t:.1f}" for part, t in stages[r].items() if t >= 5e-4)
-                      for r in ranks)
+    words = "; ".join(f"worker {r}: " + (", ".join(f"{part} {1000 * t:.1f}" for part, t in stages[r].items()
+                                                    if t >= 5e-4) or "none") for r in ranks)
     return {"stages": stages, "outside": outside,
-            "summary": f"ms per part, {words or 'none'}; the first patch holds {first} of {total} tokens; "
+            "summary": f"ms per part, {words}; the first patch holds {first} of {total} tokens; "
                        f"{1000 * outside:.1f} ms per call outside the stages"}
 
 
