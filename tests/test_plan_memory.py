@@ -67,6 +67,24 @@ def test_pipefusions_candidate_holds_the_weights_of_the_cut_the_strategy_makes()
         predict(Inputs(**{**flux.__dict__, "stage_cap_bytes": 70 * mib}), mesh)
 
 
+
+def test_pipefusions_candidate_with_modulation_spread_holds_the_time_cut_within_the_cap():
+    """The same blocks, each block's modulation movable (a double block's 12 MiB, a single block's 3): the plan
+    cuts 3 / 3 as fast as on time alone and holds 72 / 72 MiB (93 / 51 less and plus two double blocks' 12, a
+    single block's 3 back), and its note says what holds what."""
+    from parallel_backend.strategies.pipefusion.cut import default_cap
+
+    mib = 2**20
+    flux = Inputs(FLUX, "diffusers_dit:flux", 1, {1: 1.0}, LINK, attention_seconds=0.1, weight_bytes=138 * mib,
+                  layer_seconds=(1.0,) * 6, layer_weight_bytes=(36 * mib, 36 * mib) + (15 * mib,) * 4)
+    mesh = Mesh("pipefusion", 1, 1, (2,), 2)
+    allowed = predict(Inputs(**{**flux.__dict__, "stage_cap_bytes": GIB}), mesh)
+    spread = predict(Inputs(**{**flux.__dict__, "layer_movable_bytes": (12 * mib, 12 * mib) + (3 * mib,) * 4}), mesh)
+    assert spread.weights_bytes_per_device == 72 * mib <= default_cap(138 * mib, 2)
+    assert spread.seconds_per_call == pytest.approx(allowed.seconds_per_call)
+    assert "weights per stage 72 / 72 MiB, the modulation of 3 blocks on another stage" in spread.reason
+
+
 def test_a_budget_marks_what_fits_and_the_choice_takes_the_fastest_that_does():
     found = candidates(BIG, 2, budget_bytes=8 * GIB)
     assert all(c.fits == (c.memory_bytes_per_device <= 8 * GIB) for c in found)

@@ -10,10 +10,14 @@ unpatchifies as its `_forward` does). In between, the blocks are the layers, Com
 forward calls them, with the call's transformer_options and the attention override
 (comfy_sequence.attention_override) through which their token-mixing attentions (the family's row of
 sequence_splits.COMFY) reach pipefusion's keys and values.
+A Flux.1 block's modulation (`img_mod`, `txt_mod`, `modulation`: a Linear on silu(vec); comfy_flux_stages.py)
+may sit on another stage (strategies/pipefusion/cut.py); Flux.2's blocks have none (its global modulations are
+`shared`).
 - Wan 2.1 / 2.2 (comfy.ldm.wan.model.WanModel): one stream of video tokens; the cross-attention to the text (and
   CLIP image tokens) is ComfyUI's own, every stage embedding the text itself.
 - Qwen-Image (comfy.ldm.qwen_image.model.QwenImageTransformer2DModel): joint blocks, text first; like Flux's double
-  blocks they cannot take an empty text stream (the same placeholder). Every stage holds the embedders (a small
+  blocks they cannot take an empty text stream (the same placeholder); a block's `img_mod` and `txt_mod` (SiLU, then
+  a Linear on the time embedding) may sit on another stage. Every stage holds the embedders (a small
   share of the weights) to run `_forward` up to the first block.
 - SD3 / SD3.5 (MMDiT), LTX-Video (LTXVModel), Lumina 2 / Z-Image (NextDiT): see their blocks below.
 What a patched call cannot take (the sequence split's refusals: ControlNet residuals, attention masks, reference
@@ -158,7 +162,7 @@ QWEN_IMAGE = PipeFamily(
     shared=lambda m: [m.img_in, m.txt_norm, m.txt_in, m.time_text_embed, m.pe_embedder],
     tokens=_qwen_tokens, context=_qwen_context, run=_qwen_run, finish=_qwen_finish, counts=_qwen_counts,
     rotary_dim=2, refuse=refuser("qwen_image", "Qwen-Image"), width=lambda m, call: (m.inner_dim, call.x.dtype), host="comfy",
-    placeholder=("transformer_blocks.*",))
+    placeholder=("transformer_blocks.*",), modulation=("img_mod.1", "txt_mod.1"))
 
 
 def _only(model, cls: str, label: str) -> None:

@@ -157,7 +157,7 @@ FLUX = PipeFamily(
                                                                     "single_stream_modulation"))),
     tokens=_flux_tokens, context=_flux_context, run=_flux_run, finish=_flux_finish, counts=_flux_counts,
     rotary_dim=2, refuse=refuser("flux", "Flux"), width=lambda m, call: (m.hidden_size, call.x.dtype), host="comfy",
-    placeholder=("double_blocks.*",))
+    placeholder=("double_blocks.*",), modulation=("img_mod.lin", "txt_mod.lin", "modulation.lin"))
 
 
 # ---- Chroma and HunyuanVideo: Flux's double and single stream blocks; their forward_orig embeds the tokens and

@@ -18,6 +18,9 @@ through ComfyUI's attention override, which the family's `run` hands every block
 and HunyuanVideo's too, and Qwen-Image blocks; diffusers' Qwen-Image blocks), given a patch after patch 0, which
 holds no text: the block gets one token standing in for it, leading in the joint order, which the attention leaves
 out (runner.Rows.lead) and whose output is dropped.
+`modulation`: the paths, in a block, of its adaLN modulation projections (a Linear applied to
+`modulation_input(ctx)`, by default silu of the time embedding, and to nothing per token): any stage can hold them,
+computing their vectors once per call for the block's stage (strategies/pipefusion/cut.py and runner.py).
 """
 
 from __future__ import annotations
@@ -55,10 +58,23 @@ class PipeFamily:
                                            model.dtype)
     host: str = "diffusers"  # whose sequence splits table and attention entry point: "diffusers" or "comfy"
     placeholder: tuple[str, ...] = ()  # Attend modules whose blocks get a stand-in token for an empty stream
+    modulation: tuple[str, ...] = ()  # a block's modulation projections, by path: applied to modulation_input only
+    modulation_input: Callable = lambda ctx: torch.nn.functional.silu(ctx.temb)  # ctx -> what they are applied to
 
     def layers(self, model) -> list[Layer]:
         return [Layer(f"{blocks}.{i}", (block,), lambda ctx, acts, block=block: self.run(block, ctx, acts))
                 for blocks in self.blocks for i, block in enumerate(getattr(model, blocks))]
+
+    def modulations(self, layer: Layer) -> list[tuple[str, torch.nn.Module]]:
+        """(path in the block, module) of the layer's block's modulation projections: weights with no per-token work,
+        whose output (rows, out_features) any stage can compute from `modulation_input(ctx)` and send (runner.py)."""
+        block, out = layer.modules[0], []
+        for path in self.modulation:
+            try:
+                out.append((path, block.get_submodule(path)))
+            except AttributeError:  # a block of the other kind (Flux's single blocks have no norm1_context)
+                continue
+        return out
 
     def count(self, model, call) -> dict[str, int]:
         """Tokens per stream of the call's whole sequence, from its shapes (in `streams` order)."""
@@ -146,7 +162,8 @@ FLUX = PipeFamily(
     "diffusers_dit:flux", "Flux.1", ("transformer_blocks", "single_transformer_blocks"), (IMAGE, TEXT),
     (TEXT, IMAGE), first=lambda m: [m.x_embedder, m.context_embedder], last=lambda m: [m.norm_out, m.proj_out],
     shared=lambda m: [m.time_text_embed, m.pos_embed], tokens=_flux_tokens, context=_flux_context, run=_flux_run,
-    finish=_flux_finish, counts=lambda m, call: (call.x.shape[1], call.context.shape[1]), rotary_dim=0, refuse=_flux_refuse)
+    finish=_flux_finish, counts=lambda m, call: (call.x.shape[1], call.context.shape[1]), rotary_dim=0, refuse=_flux_refuse,
+    modulation=("norm1.linear", "norm1_context.linear", "norm.linear"))
 
 
 # ---- Wan 2.1 / 2.2 (WanTransformer3DModel): video self-attention, text cross-attention in every block ----
@@ -235,7 +252,8 @@ SD3 = PipeFamily(
     "diffusers_dit:sd3", "SD3", ("transformer_blocks",), (IMAGE, TEXT), (IMAGE, TEXT),
     first=lambda m: [m.pos_embed, m.context_embedder], last=lambda m: [m.norm_out, m.proj_out],
     shared=lambda m: [m.time_text_embed], tokens=_sd3_tokens, context=_sd3_context, run=_sd3_run,
-    finish=_sd3_finish, counts=_sd3_counts, rotary_dim=0, refuse=_sd3_refuse)
+    finish=_sd3_finish, counts=_sd3_counts, rotary_dim=0, refuse=_sd3_refuse,
+    modulation=("norm1.linear", "norm1_context.linear"))
 
 
 # ---- Qwen-Image (QwenImageTransformer2DModel): joint blocks, text first in every attention. Its forward prepares

@@ -69,6 +69,7 @@ class Profile:
     crossing: list[list[tuple[tuple[int, ...], str]]]  # cut i (before layer i): [(shape[1:], dtype), ...]
     sizes: list[int] | None = None  # each layer's weights (bytes), where the cut weighs them (pipefusion)
     held: tuple[int, int, int] | None = None  # the weights besides the layers: every stage's, the first's, the last's
+    movable: list[int] | None = None  # the part of each layer's weights any stage may hold (pipefusion's modulation)
 
     def specs(self, cut: int, rows: int) -> list[tuple[tuple[int, ...], torch.dtype]]:
         return [((rows, *shape), getattr(torch, dtype)) for shape, dtype in self.crossing[cut]]
@@ -156,9 +157,10 @@ class Placement:
     def staged(self) -> bool:
         return self.placed == "stage"
 
-    def place(self, keep: list, whole: bool = False) -> None:
+    def place(self, keep: list, whole: bool = False, drop: list = ()) -> None:
         """Puts `keep` (modules, or single tensors such as a model's own parameter) on the device and parks every
-        other weight, or, `whole`, puts every weight on the device."""
+        other weight, or, `whole`, puts every weight on the device. `drop`: modules inside kept ones whose weights
+        are parked all the same (a block's modulation another stage holds)."""
         self.placed = "whole" if whole else "stage"
         if getattr(self.module, "_tandem_shared_with_host", False):
             return  # one copy shared with the host (CUDA IPC): moving would copy it
@@ -169,6 +171,7 @@ class Placement:
         modules = [m for m in keep if isinstance(m, torch.nn.Module)]
         kept = {id(t) for m in modules for t in (*m.parameters(), *m.buffers())}
         kept |= {id(t) for t in keep if isinstance(t, torch.Tensor)}
+        kept -= {id(t) for m in drop for t in (*m.parameters(), *m.buffers())}
         for owner in self.module.modules():
             for kind in ("_parameters", "_buffers"):
                 for name, tensor in getattr(owner, kind).items():
@@ -179,7 +182,9 @@ class Placement:
                     getattr(owner, kind)[name] = (torch.nn.Parameter(placeholder, requires_grad=False)
                                                   if kind == "_parameters" else placeholder)
         for t in keep:
-            if isinstance(t, torch.nn.Module):
+            if isinstance(t, torch.nn.Module) and drop:  # the dropped modules' placeholders stay on meta
+                t._apply(lambda tensor: tensor if tensor.is_meta else tensor.to(self.device))
+            elif isinstance(t, torch.nn.Module):
                 t.to(self.device)
             else:
                 t.data = t.data.to(self.device)

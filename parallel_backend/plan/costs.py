@@ -41,8 +41,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from ..runtime.words import counted
 from ..strategies.asyncdiff.schedule import balance, stage_costs
-from ..strategies.pipefusion.cut import weights_cut
+from ..strategies.pipefusion.cut import StageCut, spread, weights_cut
 from .traffic import Traffic, group_rows, handover_peer, per_rank, sequence_peer
 
 
@@ -171,15 +172,19 @@ PATCH_CHOICES = (2, 4, 8)
 
 def pipeline_cost(inp, mesh) -> Cost:
     """pipefusion: the cut of the blocks' profile the strategy makes (the fastest within the cap on a stage's
-    weights), per row group, with the patches the plan proposes for the busiest group."""
+    weights, the blocks' modulation spread over the stages), per row group, with the patches the plan proposes for
+    the busiest group."""
     rows = [g for g in group_rows(mesh, inp.shape, inp.branches) if g]
     patches = proposed_patches(inp, mesh)
     groups = [_pipeline_group(inp, g, mesh.inner, patches) for g in rows]
     worst = max((cost for cost, _ in groups), key=lambda cost: cost.busy)
     peer = sum(g * _crossing(inp, cuts) * (mesh.inner - 1) for g, (_, cuts) in zip(rows, groups))
-    kept = _stage_weights(inp, groups[0][1]) if inp.layer_weight_bytes else inp.weight_bytes // mesh.inner
+    cut = _stage_cut(inp, [1.0] * len(inp.layer_weight_bytes), mesh.inner, groups[0][1])
+    kept = max(cut.loads) if cut else inp.weight_bytes // mesh.inner
+    held = f"; weights per stage {' / '.join(f'{w / 2**20:.0f}' for w in cut.loads)} MiB" if cut else ""
+    lent = f", the modulation of {counted(len(cut.lent()), 'block')} on another stage" if cut and cut.lent() else ""
     return replace(worst, traffic=Traffic(peer=peer), memory=kept + max(rows) * inp.activation_bytes_per_row,
-                   kept=kept, note=f"{patches} patches proposed (--patches)")
+                   kept=kept, note=f"{patches} patches proposed (--patches){held}{lent}")
 
 
 def proposed_patches(inp, mesh) -> int:
@@ -206,13 +211,24 @@ def _pipeline_group(inp, rows: int, stages: int, patches: int) -> tuple[Cost, li
 
 def _pipeline_cut(inp, costs: list[float], stages: int) -> list[int]:
     """pipefusion's cut (strategies/pipefusion/cut.py): the fastest within the memory per device given
-    (`inp.stage_cap_bytes`), else within the default cap on a stage's weights; the rest of the model counted on
-    every stage, as `_stage_weights` does. Without the blocks' weights: balanced on time."""
-    if len(inp.layer_weight_bytes) != len(costs):
-        return balance(costs, stages)
-    rest = max(0, inp.weight_bytes - sum(inp.layer_weight_bytes))
-    return weights_cut(costs, list(inp.layer_weight_bytes), [rest] * stages, inp.weight_bytes, stages,
-                       memory_bytes=inp.stage_cap_bytes)[0]
+    (`inp.stage_cap_bytes`), else within the default cap on a stage's weights, the rest of the model counted on
+    every stage, the blocks' modulation spread. Without the blocks' weights: balanced on time."""
+    cut = _stage_cut(inp, costs, stages)
+    return cut.cuts if cut else balance(costs, stages)
+
+
+def _stage_cut(inp, costs: list[float], stages: int, cuts: list[int] | None = None):
+    """cut.StageCut of the blocks' profile (`cuts` given: those cuts, the modulation spread over them); None
+    without the blocks' weights."""
+    if not inp.layer_weight_bytes or len(inp.layer_weight_bytes) != len(costs):
+        return None
+    sizes, held = list(inp.layer_weight_bytes), [max(0, inp.weight_bytes - sum(inp.layer_weight_bytes))] * stages
+    movable = list(inp.layer_movable_bytes) if len(inp.layer_movable_bytes) == len(sizes) else None
+    if cuts is None:
+        return weights_cut(costs, sizes, held, inp.weight_bytes, stages, memory_bytes=inp.stage_cap_bytes,
+                           movable=movable)
+    holders, loads = spread(sizes, movable or [0] * len(sizes), held, cuts)
+    return StageCut(list(cuts), holders, loads, 0)
 
 
 def _crossing(inp, cuts: list[int]) -> int:

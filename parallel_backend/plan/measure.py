@@ -101,8 +101,9 @@ def call_shape(model, resolution: tuple[int, int], rows: int) -> CallShape:
 
 
 def _profile(model, resolution, repeats: int):
-    """(layer seconds, bytes crossing each cut per row, each layer's weight bytes): a UNet's layers (asyncdiff) or
-    a DiT's blocks (pipefusion); () where the model's family cannot be cut into stages."""
+    """(layer seconds, bytes crossing each cut per row, each layer's weight bytes, the part of them any stage may
+    hold (a DiT block's modulation)): a UNet's layers (asyncdiff) or a DiT's blocks (pipefusion); () where the
+    model's family cannot be cut into stages."""
     from ..models.stage_families import adapter_for
     from ..models.stages import Activations, modules_of, profile
 
@@ -113,7 +114,7 @@ def _profile(model, resolution, repeats: int):
     try:
         adapter = adapter_for(model.family) if dit is None else None
     except ValueError:
-        return (), (), ()
+        return (), (), (), ()
     with torch.inference_mode():
         if dit is not None:  # pipefusion's blocks
             layers = dit.layers(model.module)
@@ -123,7 +124,9 @@ def _profile(model, resolution, repeats: int):
             ctx, first = adapter.prepare(model.module, call, call.t), Activations(call.x)
         measured = profile(layers, ctx, first, repeats)
     weights = tuple(sum(tensor_bytes(list(m.parameters())) for m in modules_of([layer])) for layer in layers)
-    return tuple(measured.seconds), tuple(measured.bytes_per_row(i) for i in range(len(layers))), weights
+    movable = tuple(tensor_bytes([p for _, m in dit.modulations(layer) for p in m.parameters()]) for layer in layers
+                    ) if dit is not None else ()
+    return tuple(measured.seconds), tuple(measured.bytes_per_row(i) for i in range(len(layers))), weights, movable
 
 
 def _attention_seconds(shape: CallShape, device, dtype, repeats: int) -> float:
@@ -169,11 +172,12 @@ def measure_timed(model, resolution: tuple[int, int], rows: int, branches: int, 
     shape = call_shape(model, resolution, rows)
     with device_share(device, devices):
         attention = _attention_seconds(shape, weight.device, weight.dtype, repeats)
-        layer_seconds, handover, layer_weights = _profile(model, resolution, repeats)
+        layer_seconds, handover, layer_weights, layer_movable = _profile(model, resolution, repeats)
         shape = CallShape(**{**shape.__dict__, "handover_bytes": handover})
         inputs = Inputs(shape, model.family, branches, {}, link, attention, layer_seconds,
                         tensor_bytes(list(model.module.parameters())), layer_weights, model.memory_bytes(1, resolution),
-                        HOST_OVERHEAD_S[device][0], steps, unit_bytes=shard_units(model.module),
+                        HOST_OVERHEAD_S[device][0], steps, layer_movable_bytes=layer_movable,
+                        unit_bytes=shard_units(model.module),
                         gathers_overlap=device == "cuda")
         calls = {r: sample_call(model, r, resolution) for r in sorted({1, rows})}
         runs = {r: lambda c=c: local_forward(model, c) for r, c in calls.items()}

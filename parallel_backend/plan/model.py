@@ -32,7 +32,8 @@ class Inputs:
     (at least the whole call's rows); attention_seconds: one token-mixing attention of one row over the whole
     sequence on one device; layer_seconds: the layer profile (asyncdiff; only the shares count);
     weight_bytes: the model's weights; layer_weight_bytes: each layer's own (a stage holds its layers' and the
-    rest); activation_bytes_per_row: a call's activations per row; host_overhead_s: per call, a pool's own cost;
+    rest); layer_movable_bytes: the part of each that pipefusion may put on another stage (its modulation);
+    activation_bytes_per_row: a call's activations per row; host_overhead_s: per call, a pool's own cost;
     steps, warmup (exact steps of stale strategies), serial_seconds: the run around the calls; contention: how
     much slower a device computes one row while every device computes (plan/probe.py; 1.0: not at all);
     contention_by_rows: ((rows, factor), ...) the same measured for calls of more rows (a larger working set
@@ -77,6 +78,7 @@ class Inputs:
     decode_seconds: float = 0.0
     decode_split_seconds: float = 0.0
     stage_cap_bytes: int | None = None  # the memory per device given: pipefusion cuts within it (None: its default)
+    layer_movable_bytes: tuple = ()  # the part of each layer's weights any stage may hold (a DiT block's modulation)
 
     def part(self, rows: int, share: float) -> float:
         """A device's time for `share` of a `rows`-row call's work: the call's compute (its time less its fixed part)

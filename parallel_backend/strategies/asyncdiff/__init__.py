@@ -79,7 +79,8 @@ class AsyncDiff(Strategy):
         if shape_key not in profiles:
             reply = engine.request({0: self.profile_message(fingerprint, sample)}, "measuring the model's layers")[0]
             profiles[shape_key] = Profile(reply["names"], reply["layer_seconds"], reply["crossing"],
-                                          reply.get("layer_bytes"), reply.get("held_bytes"))
+                                          reply.get("layer_bytes"), reply.get("held_bytes"),
+                                          reply.get("movable_bytes"))
         profile = profiles[shape_key]
         speeds = stage_speeds(mesh)
         setup_key = (shape_key, mesh.groups, mesh.inner, self.setup_knobs(config), speeds, engine.pool_generation())
@@ -93,7 +94,7 @@ class AsyncDiff(Strategy):
             for stage, rank in enumerate(mesh.ranks(g)):
                 work[rank] = self.place_message(fingerprint, config, StagePlan(
                     stage, stages, cuts, rank - 1 if stage else None, rank + 1 if stage < stages - 1 else None,
-                    config.warmup, config.stride, config.time_shift, crossing))
+                    config.warmup, config.stride, config.time_shift, crossing), weights)
         engine.request(work, "placing the stages")
         state["setup"] = setup_key
         state.pop("warm", None)  # what a stage held for the old cut is gone
@@ -129,8 +130,9 @@ class AsyncDiff(Strategy):
         """The message that has one worker time every layer for `sample`'s shapes."""
         return ProfileLayers(fingerprint, sample)
 
-    def place_message(self, fingerprint: str, config, plan: StagePlan):
-        """The message that gives one worker its stage of the cut."""
+    def place_message(self, fingerprint: str, config, plan: StagePlan, record: dict):
+        """The message that gives one worker its stage of the cut (`record`: what `cut` recorded besides the cut
+        points; asyncdiff records nothing)."""
         return PlaceStages(fingerprint, plan)
 
     def setup_knobs(self, config) -> tuple:

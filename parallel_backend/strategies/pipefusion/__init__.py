@@ -14,10 +14,12 @@ models/dit_stages.py (diffusers') and models/comfy_dit_stages.py (ComfyUI's, wit
 a split by tokens cannot take is refused, one with a model patch runs on whole rows (`patches_tokens`:
 engine/pool_engine.py).
 
-Text tokens of a joint-attention model (Flux) all go with patch 0, not with every patch: patch 0 passes every
-block before any later patch reaches it (each stage runs its patches in order), so the text's keys and values
-are fresh for every patch at every block, computed once per call instead of once per patch; the text tokens'
-own outputs see patch 0's image tokens fresh and the others from the call before, as every image token does.
+Text tokens of a joint-attention model (Flux) go first, with patch 0 wherever they fit in one patch's share of
+the tokens, not with every patch: patch 0 passes every block before any later patch reaches it (each stage runs
+its patches in order), so the text's keys and values are fresh for every patch at every block, computed once per
+call instead of once per patch; the text tokens' own outputs see patch 0's image tokens fresh and the others
+from the call before, as every image token does. Text longer than a share runs over into the next patches
+(patches.py): a heavier patch 0 would lengthen the pipeline's fill by as much.
 """
 
 from __future__ import annotations
@@ -28,8 +30,8 @@ from ...runtime.words import counted
 from ..asyncdiff import AsyncDiff
 from ..base import BenchJob
 from ..stale import WARMUP
-from .cut import SLACK, cost_of_cap, held_per_stage, stage_bytes, weights_cut
-from .messages import PipeCall, PlaceBlocks, ProfileBlocks
+from .cut import SLACK, cost_of_cap, held_per_stage, weights_cut
+from .messages import WAITS, PipeCall, PlaceBlocks, ProfileBlocks
 
 # runner.FAMILIES: models/dit_stages.py's and models/comfy_dit_stages.py's (tests check)
 FAMILIES = ("diffusers_dit:flux", "diffusers_dit:wan", "diffusers_dit:sd3", "diffusers_dit:qwen_image",
@@ -84,27 +86,30 @@ class PipeFusion(AsyncDiff):
     def profile_message(self, fingerprint: str, sample):
         return ProfileBlocks(fingerprint, sample)
 
-    def place_message(self, fingerprint: str, config, plan):
-        return PlaceBlocks(fingerprint, plan)
+    def place_message(self, fingerprint: str, config, plan, record: dict):
+        return PlaceBlocks(fingerprint, plan, tuple(record["lent"]))
 
     def setup_knobs(self, config) -> tuple:
         return (config.memory_per_device,)  # the cut's cap on a stage's weights
 
     def cut(self, engine, profile, stages: int, speeds, config) -> tuple[tuple[int, ...], dict]:
-        """The fastest cut whose every stage holds at most the cap of weights (cut.py); said once where the cap
-        makes the slowest stage slower than the cut balanced on time alone would."""
+        """The fastest cut whose every stage holds at most the cap of weights, the blocks' modulation spread over
+        the stages (cut.py); said once where the cap makes the slowest stage slower than the cut balanced on time
+        alone would."""
         shared, first, last = profile.held
         held = held_per_stage(shared, first, last, stages)
         whole = sum(profile.sizes) + shared + first + last
         memory = None if config.memory_per_device is None else int(config.memory_per_device * 2**30)
-        cuts, cap = weights_cut(profile.seconds, profile.sizes, held, whole, stages, speeds, memory)
-        note = cost_of_cap(profile.seconds, profile.sizes, held, cuts, speeds)
+        movable = profile.movable or [0] * len(profile.sizes)
+        cut = weights_cut(profile.seconds, profile.sizes, held, whole, stages, speeds, memory, movable)
+        note = cost_of_cap(profile.seconds, profile.sizes, held, cut.cuts, speeds, movable)
         if note:
             within = "--memory-per-device" if memory else f"an even share plus {100 * SLACK:.0f}%"
-            engine.say(f"Tandem: pipefusion {note}: no device holds over {cap / 2**20:.0f} of the "
+            engine.say(f"Tandem: pipefusion {note}: no device holds over {cut.cap / 2**20:.0f} of the "
                        f"{whole / 2**20:.0f} MiB of weights ({within}; a larger --memory-per-device allows the faster cut)")
-        return tuple(cuts), {"stage_weights": stage_bytes(profile.sizes, held, cuts), "weights_cap": cap,
-                             "whole_weights": whole}
+        lent = cut.lent()
+        return tuple(cut.cuts), {"stage_weights": cut.loads, "weights_cap": cut.cap, "whole_weights": whole,
+                                 "lent": lent, "lent_bytes": [movable[i] for i, _, _ in lent]}
 
     def explain(self, mesh, config, steps: int, devices: list[str]) -> str:
         m, n = config.patches or DEFAULT_PATCHES, mesh.inner
@@ -123,23 +128,57 @@ class PipeFusion(AsyncDiff):
         plan = self.stage_plan(engine)
         shares = [s["share"] for s in plan["stages"]]
         slowest = max(share / speed for share, speed in zip(shares, plan["stage_speeds"]))
-        patched = [c for c in loop.calls if c["step"] >= config.warmup] or loop.calls
+        patched = [i for i, c in enumerate(loop.calls) if c["step"] >= config.warmup] or range(len(loop.calls))
+        parts = wait_parts([loop.calls[i] for i in patched], [loop.per_call[i] for i in patched])
+        patched = [loop.calls[i] for i in patched]
         exposed = statistics.median(c["wait"] for c in patched)
         moved = statistics.median(c["bytes"] for c in patched)
         m = config.patches or DEFAULT_PATCHES
         held = plan["stage_weights"]
         summary = (f"pipefusion: {len(shares)} stages, work shares {' / '.join(f'{100 * s:.1f}%' for s in shares)}, "
                    f"weights {' / '.join(f'{w / 2**20:.0f}' for w in held)} MiB of {plan['whole_weights'] / 2**20:.0f} "
-                   f"(cap {plan['weights_cap'] / 2**20:.0f}), {m} patches; warm-up {counted(config.warmup, 'step')}; "
+                   f"(cap {plan['weights_cap'] / 2**20:.0f}{held_elsewhere(plan['lent'], plan['lent_bytes'])}), {m} "
+                   f"patches; warm-up {counted(config.warmup, 'step')}; "
                    f"{moved / 2**20:.2f} MiB between stages per call, {1000 * exposed:.1f} ms waited not hidden by "
-                   "compute")
+                   f"compute ({parts['summary']})")
         return {"ideal_speedup": 1.0 / slowest, "stage_shares": shares, "stage_weights_bytes": held,
-                "stage_weights_cap_bytes": plan["weights_cap"], "patches": m, "warmup": config.warmup,
+                "stage_weights_cap_bytes": plan["weights_cap"], "modulation_lent": plan["lent"], "patches": m,
+                "warmup": config.warmup,
                 "transfer_bytes_per_call_median": moved, "exposed_wait_seconds_per_call_median": exposed,
+                "wait_parts_seconds_median": parts["stages"], "outside_stages_seconds_median": parts["outside"],
                 "summary": summary}
 
     def worker_handlers(self) -> dict:
         return {ProfileBlocks: _on_runner("profile"), PlaceBlocks: _on_runner("setup"), PipeCall: _on_runner("call")}
+
+
+def wait_parts(calls: list[dict], seconds: list[float]) -> dict:
+    """Where the patched calls' waits went, per stage (each rank's `waits` from runner.py, medians over the calls):
+    {"stages": {rank: {part: seconds}}, "outside": the call's time outside its slowest stage's runner (the host's
+    dispatch, the output's return and gather), "summary": in words}."""
+    ranks = sorted({r for c in calls for r, extra in c["extra"].items() if "waits" in extra})
+    if not ranks:
+        return {"stages": {}, "outside": 0.0, "summary": "no patched call"}
+    stages = {r: {part: statistics.median(c["extra"][r]["waits"][part] for c in calls) for part in WAITS}
+              for r in ranks}
+    outside = statistics.median(s - max(c["extra"][r]["seconds"] for r in ranks) for c, s in zip(calls, seconds))
+    first, total = calls[0]["extra"][ranks[-1]]["first_patch_tokens"]
+    words = "; ".join(f"worker {r}: " + (", ".join(f"{part} {1000 * t:.1f}" for part, t in stages[r].items()
+                                                    if t >= 5e-4) or "none") for r in ranks)
+    return {"stages": stages, "outside": outside,
+            "summary": f"ms per part, {words}; the first patch holds {first} of {total} tokens; "
+                       f"{1000 * outside:.1f} ms per call outside the stages"}
+
+
+def held_elsewhere(lent, sizes) -> str:
+    """What `lent` ((block, its stage, the holding stage)) says in words: "; stage 1 holds the modulation of 2 of
+    stage 0's blocks (24 MiB)", "" where none moved."""
+    pairs = {}
+    for (_, owner, holder), size in zip(lent, sizes):
+        count, total = pairs.get((holder, owner), (0, 0))
+        pairs[holder, owner] = count + 1, total + size
+    return "".join(f"; stage {holder} holds the modulation of {count} of stage {owner}'s blocks "
+                   f"({total / 2**20:.0f} MiB)" for (holder, owner), (count, total) in sorted(pairs.items()))
 
 
 def mesh_stages(state: dict) -> int:

@@ -9,10 +9,15 @@ rows of this call's earlier patches were written fresh as they passed, the rest 
 of one patch (warm-up, or the host finding no complete cache) computes the whole sequence exactly and writes
 every row.
 
-Point-to-point order: a stage posts the receives of all its patches at the call's start, in patch order, and its
-sender sends them in that order (NCCL pairs by issue order); every send and receive goes through
-`primitives.exchange`; a wait never synchronizes the device (on CUDA a wait only orders the streams). Every
-exchange is waited for before the call returns: nothing is in flight between calls.
+A block whose modulation projections another stage holds (cut.py: `lent`) runs with stand-ins in their place
+that return the vectors the holding stage computed at the call's start, from the call's time embedding, and
+sent: one exchange per stage and call, before any patch's.
+
+Point-to-point order: at the call's start every stage posts its modulation exchange (the sends and receives of
+the lent blocks' vectors, in block order: both sides walk the same list), then the receives of all its patches,
+in patch order, and its sender sends them in that order (NCCL pairs by issue order); every send and receive goes
+through `primitives.exchange`; a wait never synchronizes the device (on CUDA a wait only orders the streams).
+Every exchange is waited for before the call returns: nothing is in flight between calls.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from ...models.sequence_hooks import attribute, sites
 from ...models.stages import Activations, Placement, modules_of, profile, synchronize, weights_of
 from ...runtime import primitives
 from ...runtime.messages import Computed
-from .messages import PipeCall, PlaceBlocks, ProfileBlocks
+from .messages import WAITS, PipeCall, PlaceBlocks, ProfileBlocks
 from .patches import Patches
 
 FAMILIES = {**dit_stages.FAMILIES, **comfy_dit_stages.FAMILIES}  # every family pipefusion cuts, by wire name
@@ -85,6 +90,18 @@ class KeyValues:
                                f"shape {self.shape} on this stream (the host runs a whole-sequence call first)")
 
 
+class Received(torch.nn.Module):
+    """Stands in for a modulation projection another stage computed: returns its vectors (rows, out), shaped as
+    the projection's input's rows."""
+
+    def __init__(self, value: torch.Tensor):
+        super().__init__()
+        self.value = value
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.value.reshape(*x.shape[:-1], self.value.shape[-1])
+
+
 class PipeRunner:
     def __init__(self, module: torch.nn.Module, family: str, device: torch.device):
         self.module, self.device = module, device
@@ -93,7 +110,7 @@ class PipeRunner:
         self.placement = Placement(module, device)
         self.attends = [(path, attention, attend) for attend in self.family.attends()
                         for path, attention in sites(module, attend.modules)]
-        self.plan = None
+        self.plan, self.lent = None, ()
         self.job, self.streams = None, {}
         self.patch = 0  # the patch being run (the routed attentions' positions)
 
@@ -104,10 +121,15 @@ class PipeRunner:
 
     def _place_stage(self) -> None:
         family, plan = self.family, self.plan
-        keep = [*family.shared(self.module), *modules_of(self.mine)]
+        keep = [*family.shared(self.module), *modules_of(self.mine), *self._modulations(holder=plan.stage)]
         keep += family.first(self.module) if plan.prev is None else []
         keep += family.last(self.module) if plan.next is None else []
-        self.placement.place(keep)
+        self.placement.place(keep, drop=self._modulations(owner=plan.stage))
+
+    def _modulations(self, owner: int | None = None, holder: int | None = None) -> list[torch.nn.Module]:
+        """The modulation projections of the lent blocks of stage `owner`, or that stage `holder` holds."""
+        return [module for i, o, h in self.lent if owner in (None, o) and holder in (None, h)
+                for _, module in self.family.modulations(self.layers[i])]
 
     def profile(self, message: ProfileBlocks) -> dict:
         """Times every block on this device over the whole sequence. Weights in host memory (a stage cut, as it
@@ -125,6 +147,7 @@ class PipeRunner:
         self.plan = None
         return {"names": measured.names, "layer_seconds": measured.seconds, "crossing": measured.crossing,
                 "layer_bytes": [weights_of(layer.modules) for layer in self.layers],
+                "movable_bytes": [weights_of([m for _, m in family.modulations(layer)]) for layer in self.layers],
                 "held_bytes": tuple(weights_of(part(self.module))
                                     for part in (family.shared, family.first, family.last))}
 
@@ -132,7 +155,7 @@ class PipeRunner:
         plan = message.plan
         bounds = [0, *plan.cuts, len(self.layers)]
         self.mine = self.layers[bounds[plan.stage]:bounds[plan.stage + 1]]
-        self.plan, self.streams, self.job = plan, {}, None
+        self.plan, self.streams, self.job, self.lent = plan, {}, None, message.lent
         self._place_stage()
         return {"layers": [layer.name for layer in self.mine]}
 
@@ -149,17 +172,22 @@ class PipeRunner:
         if call.job != self.job:
             self.job, self.streams = call.job, {}
         cache = self.streams.setdefault(call.stream, KeyValues())
-        stats = {"compute": 0.0, "wait": 0.0, "bytes": 0}
+        stats = {"compute": 0.0, "wait": 0.0, "bytes": 0, "waits": dict.fromkeys(WAITS, 0.0)}
+        started = time.perf_counter()
         with torch.inference_mode():
             ctx = family.context(self.module, call)
+            received, pending = self._exchange_modulation(ctx, stats)
             first = family.tokens(self.module, call) if plan.prev is None else None
             patches = Patches(family.count(self.module, call), message.patches)
             cache.check((call.rows, tuple(patches.lengths.items())), patches.count)
             pieces = self._pieces(first, patches) if first is not None else self._receive(call, patches)
             done, handles = [], []
-            with self._routed(cache, patches):
+            with self._routed(cache, patches), self._stand_ins(received):
                 for m in range(patches.count):
                     acts = self._arrived(pieces, m, stats)
+                    if pending:  # this stage's lent blocks' vectors: needed from its first block on
+                        self._waited(pending, stats, "modulation")
+                        pending = []
                     mark = time.perf_counter()
                     self.patch = m
                     patch_ctx = ctx if patches.count == 1 else family.patch(
@@ -173,14 +201,64 @@ class PipeRunner:
                     sent = [t for t in acts.tensors() if t.numel()]
                     handles += primitives.exchange([(plan.next, t) for t in sent], [], self.device)[1]
                     stats["bytes"] += sum(t.numel() * t.element_size() for t in sent)
-            mark = time.perf_counter()
-            primitives.wait_all(handles)
-            stats["wait"] += time.perf_counter() - mark
+            self._waited(handles, stats, "sends")
             out = family.finish(self.module, call, ctx, torch.cat(done, 1)) if plan.next is None else None
         synchronize(self.device)
         return Computed(out, stats["compute"], stats["wait"], stats["bytes"],
                         extra={"layers": len(self.mine), "weights_bytes": self.placement.held_bytes(),
-                               "patches": patches.count})
+                               "patches": patches.count, "waits": stats["waits"],
+                               "seconds": time.perf_counter() - started,
+                               "first_patch_tokens": (patches.tokens(0), sum(patches.lengths.values()))})
+
+    def _exchange_modulation(self, ctx, stats: dict) -> tuple[dict, list]:
+        """Computes the vectors of the lent blocks' modulation this stage holds and sends them to their blocks'
+        stages; posts the receives of its own lent blocks'. ({(block, path): its vectors' buffer}, handles)."""
+        plan, x = self.plan, self.family.modulation_input(ctx)
+        stage = plan.stage
+        own = plan.prev + 1 if plan.prev is not None else plan.next - 1 if plan.next is not None else 0
+        sends, receives, paths = [], [], []
+        mark = time.perf_counter()
+        for i, owner, holder in self.lent:
+            for path, module in self.family.modulations(self.layers[i]):
+                shape = (*x.shape[:-1], module.out_features)
+                if holder == stage:
+                    out = module(x)
+                    if tuple(out.shape) != shape or out.dtype != x.dtype:
+                        raise RuntimeError(f"pipefusion: {self.layers[i].name}.{path} gives {tuple(out.shape)} "
+                                           f"{out.dtype}, not the {shape} {x.dtype} its stage expects")
+                    sends.append((own - stage + owner, out))  # a chain's ranks run in stage order
+                elif owner == stage:
+                    receives.append((own - stage + holder, shape, x.dtype))
+                    paths.append((i, path))
+        stats["compute"] += time.perf_counter() - mark
+        if not sends and not receives:
+            return {}, []
+        buffers, handles = primitives.exchange(sends, receives, self.device)
+        stats["bytes"] += sum(t.numel() * t.element_size() for _, t in sends)
+        return dict(zip(paths, buffers)), handles
+
+    @contextmanager
+    def _stand_ins(self, received: dict):
+        """While inside, each lent block's modulation projections are stand-ins returning the vectors received."""
+        swapped = []
+        try:
+            for (i, path), value in received.items():
+                parent, _, name = path.rpartition(".")
+                owner = self.layers[i].modules[0].get_submodule(parent)
+                swapped.append((owner, name, getattr(owner, name)))
+                setattr(owner, name, Received(value))
+            yield
+        finally:
+            for owner, name, module in reversed(swapped):
+                setattr(owner, name, module)
+
+    def _waited(self, handles: list, stats: dict, what: str) -> None:
+        """Waits for `handles`, counting the time as waited for `what` (one of WAITS)."""
+        mark = time.perf_counter()
+        primitives.wait_all(handles)
+        waited = time.perf_counter() - mark
+        stats["wait"] += waited
+        stats["waits"][what] += waited
 
     def _pieces(self, acts: Activations, patches: Patches) -> list:
         """The first stage's patches of the embedded whole sequence."""
@@ -206,9 +284,7 @@ class PipeRunner:
         if isinstance(piece, Activations):
             return piece
         buffers, handles = piece
-        mark = time.perf_counter()
-        primitives.wait_all(handles)
-        stats["wait"] += time.perf_counter() - mark
+        self._waited(handles, stats, "fill" if m == 0 else "later")
         return Activations.from_tensors(list(buffers))
 
     @contextmanager
