@@ -213,6 +213,8 @@ class PipeRunner:
     def _exchange_modulation(self, ctx, stats: dict) -> tuple[dict, list]:
         """Computes the vectors of the lent blocks' modulation this stage holds and sends them to their blocks'
         stages; posts the receives of its own lent blocks'. ({(block, path): its vectors' buffer}, handles)."""
+        if not self.lent:  # nothing lent: modulation_input may not even apply (Chroma's temb is no tensor)
+            return {}, []
         plan, x = self.plan, self.family.modulation_input(ctx)
         stage = plan.stage
         own = plan.prev + 1 if plan.prev is not None else plan.next - 1 if plan.next is not None else 0
