@@ -432,6 +432,32 @@ def test_an_all_true_text_mask_is_no_mask():
         torch.testing.assert_close(runner.call(PipeCall("tiny", call, patches)).out, reference, atol=1e-5, rtol=1e-5)
 
 
+def test_a_patched_call_prepares_its_inputs_once_for_tokens_context_and_counts():
+    """Qwen-Image's forward up to its first block (the embedders, the text's norm and projection, the rotary tables)
+    is what its tokens, context and counts all read: a patched call runs it once, not once for each, and a call
+    outside a runner still runs it every time it is asked."""
+    from parallel_backend.models import dit_stages
+    from parallel_backend.strategies.asyncdiff.messages import StagePlan
+    from parallel_backend.strategies.pipefusion.messages import PipeCall, PlaceBlocks
+    from parallel_backend.strategies.pipefusion.runner import PipeRunner
+
+    tiny = _sequence_dit()
+    model, call = tiny.tiny_qwen_image(), replace(tiny.qwen_image_call(2, 5, [(3, 5)]), job=1, stream=("s",))
+    prepared = []
+    model.txt_in.register_forward_pre_hook(lambda *_: prepared.append(1))
+    runner = PipeRunner(model, "diffusers_dit:qwen_image", torch.device("cpu"))
+    runner.setup(PlaceBlocks("tiny", StagePlan(0, 1, (), None, None, 0, 1, False, ())))
+    for patches in (1, 3):
+        prepared.clear()
+        runner.call(PipeCall("tiny", call, patches))
+        assert len(prepared) == 1, f"{patches} patches"
+    prepared.clear()
+    family = dit_stages.FAMILIES["diffusers_dit:qwen_image"]
+    with torch.inference_mode():
+        family.context(model, call), family.tokens(model, call)
+    assert len(prepared) == 2
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(RESOLUTION))
 def test_after_warm_up_the_result_stays_within_the_psnr_floor(cpu_pool, models, name):

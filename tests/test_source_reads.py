@@ -100,6 +100,28 @@ def test_names_match_under_the_prefix_most_share_and_only_same_shapes_and_castab
                            [_saved(tmp_path, {"i": torch.ones(2, dtype=torch.int32)})]) == {}
 
 
+def test_every_dtype_safetensors_writes_is_named_as_torch_names_it(tmp_path):
+    """The header's dtype names, as safetensors' own writer gives them, map to the dtypes written."""
+    from safetensors import safe_open
+
+    dtypes = {name: getattr(torch, name) for name in (
+        "bool", "uint8", "int8", "uint16", "int16", "uint32", "int32", "uint64", "int64", "float16", "bfloat16",
+        "float32", "float64", "float8_e4m3fn", "float8_e5m2", "float8_e8m0fnu", "float8_e4m3fnuz", "float8_e5m2fnuz")
+        if hasattr(torch, name)}
+    written = {}
+    for name, dtype in dtypes.items():
+        try:
+            save_file({"w": torch.zeros(2).to(dtype)}, str(tmp_path / f"{name}.safetensors"))
+            written[name] = dtype
+        except (TypeError, KeyError, ValueError):  # a dtype this safetensors cannot write
+            continue
+    assert {"float16", "bfloat16", "float32", "float8_e4m3fn", "int64"} <= set(written)
+    for name, dtype in written.items():
+        with safe_open(str(tmp_path / f"{name}.safetensors"), "pt") as f:
+            assert sources._dtype(f.get_slice("w").get_dtype()) == dtype, name
+    assert sources._dtype("F4") is None  # packed, no torch dtype of its own
+
+
 def _saved(folder: Path, tensors: dict) -> Path:
     path = folder / "x.safetensors"
     save_file(tensors, str(path))

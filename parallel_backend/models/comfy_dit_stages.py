@@ -35,7 +35,7 @@ import torch
 
 from .comfy_flux_stages import CHROMA, FLUX, HUNYUAN_VIDEO, held, refuser, text_or_stand_in, with_override
 from .comfy_forward import at_first_block, at_first_of, at_method, emptied, forward, forward_orig_as, input_replaced, \
-    inputs, method_as
+    inputs, method_as, once_per_call
 from .comfy_sequence import patch_refusal, refusal
 from .dit_stages import PipeFamily, first_block_streams
 from .sequence_splits import IMAGE, TEXT, TOKENS, VIDEO
@@ -47,6 +47,7 @@ from .stages import Activations, Context
 WAN_TAKES = frozenset({"x", "t", "context", "clip_fea", "freqs", "transformer_options"})
 
 
+@once_per_call
 def _wan_inputs(model, call) -> dict:
     return inputs(model, call, WAN_TAKES, "Wan")
 
@@ -121,6 +122,7 @@ WAN = PipeFamily(
 QWEN_TAKES = frozenset({"hidden_states", "encoder_hidden_states", "temb", "image_rotary_emb", "transformer_options"})
 
 
+@once_per_call
 def _qwen_inputs(model, call) -> dict:
     return inputs(model, call, QWEN_TAKES, "Qwen-Image", at_first_block)
 
@@ -179,6 +181,7 @@ def _only(model, cls: str, label: str) -> None:
 SD3_TAKES = frozenset({"x", "c_mod", "context", "transformer_options"})
 
 
+@once_per_call
 def _sd3_inputs(model, call) -> dict:
     if getattr(model, "register_length", 0):
         raise ValueError("pipefusion does not run an MMDiT with register tokens; use cfg or batch")
@@ -233,6 +236,7 @@ LTXV_TAKES = frozenset({"x", "context", "attention_mask", "timestep", "pe", "tra
                         "resolved_guide_entries", "num_guide_tokens"})
 
 
+@once_per_call
 def _ltxv_inputs(model, call) -> dict:
     _only(model, "LTXVModel", "LTX-Video")
     options = call.extras.get("transformer_options") or {}  # _forward hands them on merged with the rest
@@ -292,6 +296,7 @@ LUMINA_TAKES = frozenset({"x", "freqs_cis", "adaln_input", "transformer_options"
 LUMINA_REFINERS = ("context_refiner", "noise_refiner")
 
 
+@once_per_call
 def _lumina_inputs(model, call, refined: bool) -> dict:
     _only(model, "NextDiT", "Lumina 2")
     with emptied(model, () if refined else LUMINA_REFINERS):

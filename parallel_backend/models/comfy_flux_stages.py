@@ -22,7 +22,7 @@ import sys
 
 import torch
 
-from .comfy_forward import at_first_of, forward, forward_orig_as, inputs, recorded
+from .comfy_forward import at_first_of, forward, forward_orig_as, inputs, once_per_call, recorded
 from .comfy_sequence import OVERRIDE, attention_override, patch_refusal, refusal
 from .dit_stages import PipeFamily, first_block_streams
 from .sequence_hooks import present
@@ -68,6 +68,7 @@ def text_or_stand_in(ctx: Context, acts: Activations) -> tuple:
 FLUX_TAKES = frozenset({"img", "img_ids", "txt", "txt_ids", "timesteps", "y", "guidance", "transformer_options"})
 
 
+@once_per_call
 def _flux_inputs(model, call) -> dict:
     return inputs(model, call, FLUX_TAKES, "Flux")
 
@@ -175,6 +176,7 @@ def _stream_context(named: dict, call, temb, **extra) -> Context:
     return Context(temb, None, call.x, {"rotary": (pe,), "text_rotary": pe[:, :, :1], "options": options, **extra})
 
 
+@once_per_call
 def _chroma_inputs(model, call) -> dict:
     """What Chroma's first double block is handed, and the approximator's modulation vectors (`mods`)."""
     if hasattr(model, "nerf_blocks"):
@@ -215,6 +217,7 @@ CHROMA = PipeFamily(
     placeholder=("double_blocks.*",))
 
 
+@once_per_call
 def _hunyuan_inputs(model, call) -> dict:
     """What HunyuanVideo's first double block is handed: the embedded video and refined text tokens (CLIP vision
     and ByT5 tokens joined to the text where given), the time, guidance and pooled-text vector, the rotary table."""

@@ -11,16 +11,53 @@ as sequence_hooks.py's method sites do; the first block of a block list (Qwen-Im
 Chroma and HunyuanVideo, whose forward_orig embeds the tokens itself), a forward pre-hook. `recorded` keeps a
 module's output on the way (Chroma's modulation approximator); `emptied` and `input_replaced` let a stage run
 the forward past layers it does not hold (Lumina 2). All are removed when the call ends, even a failed one.
+A family's tokens, context, counts and finish each need what its forward prepares: `once_per_call` runs that
+preparation once per call while `one_call` is open (the pipefusion runner opens it around a call), not once for
+each (the forward up to the site embeds the text, runs Chroma's approximator, HunyuanVideo's text refiner,
+Lumina's refiners).
 SD3's MMDiT has no `_forward`: its `forward` is the same (it goes through no wrappers).
 """
 
 from __future__ import annotations
 
+import functools
 from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 
 from .comfy_dit import name_arguments
+
+
+_PREPARED: ContextVar[dict | None] = ContextVar("tandem_prepared_inputs", default=None)
+
+
+@contextmanager
+def one_call():
+    """While inside, a `once_per_call` preparation runs once for each (model, call, arguments), its result shared;
+    the results are dropped on leaving."""
+    token = _PREPARED.set({})
+    try:
+        yield
+    finally:
+        _PREPARED.reset(token)
+
+
+def once_per_call(prepare):
+    """`prepare(model, call, ...)`, run once per call inside `one_call` (every time outside it). Its callers
+    read the result and do not change it."""
+
+    @functools.wraps(prepare)
+    def prepared(model, call, *args, **kwargs):
+        memo = _PREPARED.get()
+        if memo is None:
+            return prepare(model, call, *args, **kwargs)
+        key = (prepare, id(model), id(call), args, tuple(sorted(kwargs.items())))  # both alive while it is open
+        if key not in memo:
+            memo[key] = prepare(model, call, *args, **kwargs)
+        return memo[key]
+
+    return prepared
 
 
 class _Reached(Exception):

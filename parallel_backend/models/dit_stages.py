@@ -31,7 +31,7 @@ from typing import Callable
 
 import torch
 
-from .comfy_forward import at_first_block, inputs
+from .comfy_forward import at_first_block, inputs, once_per_call
 from .diffusers_dit import forward
 from .sequence_splits import COMFY, DIFFUSERS, IMAGE, TEXT, VIDEO
 from .stages import Activations, Context, Layer
@@ -266,6 +266,7 @@ QWEN_TAKES = frozenset({"hidden_states", "encoder_hidden_states", "encoder_hidde
                         "image_rotary_emb"})
 
 
+@once_per_call
 def _qwen_inputs(model, call) -> dict:
     if model.config.zero_cond_t:
         raise ValueError("pipefusion does not run Qwen-Image with zero_cond_t (Qwen-Image-Edit-2511's modulation per "

@@ -107,6 +107,7 @@ def _profile(model, resolution, repeats: int):
     from ..models.stage_families import adapter_for
     from ..models.stages import Activations, modules_of, profile
 
+    from ..models.comfy_forward import one_call
     from ..models.dit_stages import FAMILIES
 
     call = sample_call(model, 1, resolution)
@@ -115,7 +116,7 @@ def _profile(model, resolution, repeats: int):
         adapter = adapter_for(model.family) if dit is None else None
     except ValueError:
         return (), (), (), ()
-    with torch.inference_mode():
+    with torch.inference_mode(), one_call():
         if dit is not None:  # pipefusion's blocks
             layers = dit.layers(model.module)
             ctx, first = dit.context(model.module, call), dit.tokens(model.module, call)

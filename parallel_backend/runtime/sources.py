@@ -119,11 +119,19 @@ def _castable(file_dtype: str, tensor) -> bool:
     return held is not None and (held == tensor.dtype or (held.is_floating_point and tensor.dtype.is_floating_point))
 
 
-def _dtype(file_dtype: str):
-    """torch's dtype of safetensors' name for it (None: one torch lacks)."""
-    import safetensors.torch as st
+# safetensors' dtype names (its format's header) -> torch's; the library keeps its own table private
+FILE_DTYPES = {"BOOL": "bool", "U8": "uint8", "I8": "int8", "U16": "uint16", "I16": "int16", "U32": "uint32",
+               "I32": "int32", "U64": "uint64", "I64": "int64", "F16": "float16", "BF16": "bfloat16",
+               "F32": "float32", "F64": "float64", "C64": "complex64", "F8_E4M3": "float8_e4m3fn",
+               "F8_E5M2": "float8_e5m2", "F8_E8M0": "float8_e8m0fnu",
+               "F8_E4M3FNUZ": "float8_e4m3fnuz", "F8_E5M2FNUZ": "float8_e5m2fnuz"}
 
-    return getattr(st, "_TYPES", {}).get(file_dtype)
+
+def _dtype(file_dtype: str):
+    """torch's dtype of safetensors' name for it (None: one torch lacks, or a name outside the table)."""
+    import torch
+
+    return getattr(torch, FILE_DTYPES.get(file_dtype, ""), None)
 
 
 def reads(tensors: dict, found: dict, parts: dict[int, dict | None]) -> dict[int, dict]:

@@ -107,7 +107,8 @@ def _each_stage_held_only_its_blocks(server, fixture_nodes, family: str) -> None
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_a_patched_call_on_unchanged_inputs_equals_the_models_forward(fixture_families, host_families, family):
+def test_a_patched_call_on_unchanged_inputs_equals_the_models_forward(fixture_families, host_families, family,
+                                                                      monkeypatch):
     """One stage holding every block, in this process: when the inputs do not change, the keys and values the call
     before left are this call's own, so a patched call must equal the model's own forward. That checks each
     patch's tokens, its rows of the rotary table, the text riding with patch 0 and the double blocks' stand-in
@@ -116,6 +117,7 @@ def test_a_patched_call_on_unchanged_inputs_equals_the_models_forward(fixture_fa
 
     import torch
 
+    from parallel_backend.models import comfy_forward
     from parallel_backend.models.comfy_dit import forward, recognise
     from parallel_backend.strategies.asyncdiff.messages import StagePlan
     from parallel_backend.strategies.pipefusion.messages import PipeCall, PlaceBlocks
@@ -128,9 +130,20 @@ def test_a_patched_call_on_unchanged_inputs_equals_the_models_forward(fixture_fa
         reference = forward(model, call)
     runner = PipeRunner(model, recognise(model).wire, torch.device("cpu"))
     runner.setup(PlaceBlocks("tiny", StagePlan(0, 1, (), None, None, 0, 1, False, ())))
+    reached, init = [], comfy_forward._Reached.__init__
+
+    def counted(self, named):
+        reached.append(1)
+        init(self, named)
+
+    monkeypatch.setattr(comfy_forward._Reached, "__init__", counted)
     for patches in (1, 3, 5, 25, 2):  # 25: one token of a 5 x 5 Flux image, or of 3 x 5 x 5 Wan video tokens
+        reached.clear()
         out = runner.call(PipeCall("tiny", call, patches)).out
         torch.testing.assert_close(out, reference, atol=1e-5, rtol=1e-5, msg=f"{patches} patches")
+        # the forward's preparation ran once for the call's tokens, context and counts (Lumina 2: twice, its
+        # tokens refined, the context and counts without the refiners)
+        assert len(reached) == (2 if recognise(model).wire == "comfy_dit:lumina" else 1), f"{patches} patches"
     changed = replace(call, x=0.9 * call.x)  # stale keys and values now: close, not equal
     out = runner.call(PipeCall("tiny", changed, 4)).out
     with torch.inference_mode():

@@ -30,6 +30,7 @@ import torch
 
 from ...models import comfy_dit_stages, dit_stages
 from ...models.attention_route import ROUTE, Route
+from ...models.comfy_forward import one_call
 from ...models.sequence_hooks import attribute, sites
 from ...models.stages import Activations, Placement, modules_of, profile, synchronize, weights_of
 from ...runtime import primitives
@@ -140,7 +141,7 @@ class PipeRunner:
         self.family.refuse(call)
         family, on_device = self.family, self.placement.on_device
         around = [*family.shared(self.module), *family.first(self.module), *family.last(self.module)]
-        with torch.inference_mode(), on_device([m for m in around if isinstance(m, torch.nn.Module)]):
+        with torch.inference_mode(), one_call(), on_device([m for m in around if isinstance(m, torch.nn.Module)]):
             ctx = family.context(self.module, call)
             measured = profile(self.layers, ctx, family.tokens(self.module, call), repeats=2,
                                around=lambda layer: on_device([m for m in layer.modules if m is not None]))
@@ -174,7 +175,7 @@ class PipeRunner:
         cache = self.streams.setdefault(call.stream, KeyValues())
         stats = {"compute": 0.0, "wait": 0.0, "bytes": 0, "waits": dict.fromkeys(WAITS, 0.0)}
         started = time.perf_counter()
-        with torch.inference_mode():
+        with torch.inference_mode(), one_call():  # the family's forward prepares the call once for all below
             ctx = family.context(self.module, call)
             received, pending = self._exchange_modulation(ctx, stats)
             first = family.tokens(self.module, call) if plan.prev is None else None
