@@ -49,10 +49,38 @@ def test_warm_up_covering_every_step_equals_one_device(cpu_pool, models, model_n
     stages = stage_plan(executor)["stages"]
     assert len(stages) == 2 and all(s["count"] > 0 for s in stages)
     assert sorted(cpu_pool.peak_memory) == [0, 1] and min(cpu_pool.peak_memory.values()) > 0
-    # each stage holds its own layers only (whatever the weights setting): together they hold the model
-    whole = weights_bytes(model.module)
-    held = cpu_pool.weights_bytes[stage_plan(executor)["fingerprint"]]
-    assert sorted(held) == [0, 1] and max(held.values()) < whole <= sum(held.values())
+    # each stage holds its own layers only, and under sharded weights at most the cap (an even share plus 10%):
+    # what a stage holds and what it streams from host memory together are the model
+    whole, plan = weights_bytes(model.module), stage_plan(executor)
+    held = cpu_pool.weights_bytes[plan["fingerprint"]]
+    assert sorted(held) == [0, 1] and max(held.values()) <= plan.get("weights_cap", whole) < whole
+    assert sorted(held.values()) == sorted(plan.get("stage_weights", held.values()))
+    assert whole <= sum(held.values()) + plan.get("streamed_bytes", 0)
+    assert plan["weights_cap"] == int(whole * 0.6)
+
+
+@pytest.mark.parametrize("weights,memory", [("sharded", None), ("replicated", 0.004)])
+def test_a_stage_streaming_its_last_layers_equals_one_holding_them(cpu_pool, models, weights, memory, monkeypatch):
+    """sd15's weights sit in its low-resolution middle, which takes little time: the stage cut balanced on time
+    leaves one stage most of them. Capped (sharded: an even share plus 10%; or a memory per device), it streams its
+    last layers from host memory each call, and computes what the stage holding them computes, after warm-up
+    too; the pool's stages hold at most the cap between calls, and say which layers they stream."""
+    model, job = models["sd15-narrow"], job_for("asyncdiff")
+    resolution = (model.default_resolution,) * 2
+    held_all = ParallelExecutor(cpu_pool, ParallelConfig("cpu:2", "asyncdiff", warmup=1))
+    reference = run_loop(model, job, resolution, steps=STEPS, repeats=0, executor=held_all).latents
+    assert not stage_plan(held_all).get("streamed")
+    capped = ParallelExecutor(cpu_pool, ParallelConfig("cpu:2", "asyncdiff", warmup=1, weights=weights,
+                                                       memory_per_device=memory))
+    said = []
+    monkeypatch.setattr(capped.engine, "say", said.append)
+    result = run_loop(model, job, resolution, steps=STEPS, repeats=0, executor=capped).latents
+    assert torch.equal(result, reference)
+    plan = stage_plan(capped)
+    cap = plan["weights_cap"] if memory is None else int(memory * 2**30)
+    held = cpu_pool.weights_bytes[plan["fingerprint"]]
+    assert plan["streamed"] and max(held.values()) <= cap == plan["weights_cap"]
+    assert any("asyncdiff streams" in line and "from host memory each call" in line for line in said), said
 
 
 def test_a_whole_forward_after_the_stages_puts_the_model_back(cpu_pool, models):
@@ -119,6 +147,64 @@ def test_a_stage_cut_loads_in_host_memory_and_a_device_never_holds_more_than_a_l
     assert weights_bytes(module, meta) - sum(t.numel() * t.element_size() for t in parked.values()) \
         <= sum(weights_bytes(m) for m in modules_of(runner.mine)) + shared
     assert mine and all(t.device == meta for m in modules_of(runner.mine) for t in m.parameters())
+
+
+def test_a_streamed_layer_is_on_the_device_only_for_its_run_even_when_the_call_fails(models):
+    """On the meta device (standing in for a GPU, as above): a stage's streamed layers stay parked; in a call each
+    reaches the device for its own run with at most the next one arriving beside it (none where the cap leaves
+    room for one), and every one is back to its placeholder when the call ends, a failed one too, the parked host
+    tensors untouched."""
+    import copy
+
+    from parallel_backend.engine.oracle import sample_call
+    from parallel_backend.runtime.worker_loop import _materialize
+    from parallel_backend.strategies.asyncdiff import STRATEGY
+    from parallel_backend.strategies.asyncdiff.messages import PlaceStages, ProfileLayers, StagePlan
+    from parallel_backend.strategies.asyncdiff.runner import StageRunner
+
+    model = models["sd15-narrow"]
+    meta = torch.device("meta")
+
+    def runner_of():  # a worker's model as a stage cut loads it (a meta device's weights cannot be parked again)
+        module = _materialize(copy.deepcopy(model.module), meta,
+                              lambda m: STRATEGY.cut_on_load(None, m, model.family, ("asyncdiff", (0,), 0)))
+        return StageRunner(module, model.family, meta)
+
+    measured = runner_of().profile(ProfileLayers("fp", sample_call(model, 1, (model.default_resolution,) * 2)))
+    cut = len(measured["names"]) // 2
+    plan = StagePlan(0, 2, (cut,), None, 1, 1, 1, False, tuple(tuple(c) for c in measured["crossing"]))
+    streamed = (cut - 3, cut - 2, cut - 1, cut + 1)  # the last of stage 1's: not this stage's, ignored
+    sizes = [measured["layer_bytes"][i] for i in streamed[:3]]
+    whole = runner_of()
+    whole.setup(PlaceStages("fp", plan))
+    runner = runner_of()
+    reply = runner.setup(PlaceStages("fp", plan, streamed=streamed))
+    assert reply["streamed"] == [measured["names"][i] for i in streamed[:3]]
+    assert reply["streamed_bytes"] == sum(sizes) > 0
+    kept = runner.held_bytes()
+    assert kept == whole.held_bytes() - sum(sizes)
+    parked = dict(runner.placement.parked)
+
+    def run(stage_runner, fail: bool = False) -> list[int]:
+        seen = []
+        with stage_runner.streamed.call() as stream:
+            for layer in stage_runner.mine:
+                stream.before(layer)
+                seen.append(stage_runner.held_bytes() + sum(stream.sizes[i] for i in stream.arriving))
+                if fail and layer is stage_runner.streamed_layers[0]:
+                    raise RuntimeError("a layer failed")
+                stream.after(layer)
+        return seen
+
+    seen = run(runner)  # no cap: the next copy arrives while one runs
+    assert max(seen) == kept + max(a + b for a, b in zip(sizes, sizes[1:]))
+    assert runner.held_bytes() == kept and runner.placement.parked == parked
+    capped = runner_of()
+    capped.setup(PlaceStages("fp", plan, streamed=streamed, cap=kept + max(sizes)))  # room for one at a time
+    assert max(run(capped)) == kept + max(sizes)
+    with pytest.raises(RuntimeError, match="a layer failed"):
+        run(runner, fail=True)
+    assert runner.held_bytes() == kept and not runner.streamed.arriving and not runner.streamed.mounted
 
 
 @pytest.mark.parametrize("scheduler", ["euler", "dpmpp_2m", "heun"])

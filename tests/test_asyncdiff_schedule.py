@@ -97,3 +97,31 @@ def test_explain_prints_a_call_by_device_grid():
     assert lines[0].split()[:4] == ["call", "step", "cuda:0", "(stage"]
     assert "latent of c1 (exact)" in lines[2] and "latent of c2" in lines[4] and "(exact)" not in lines[4]
     assert "warm-up 2 steps, stride 1" in lines[-1]
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_streamed_layers_keep_every_stage_within_the_cap_streaming_its_last_layers_only(seed):
+    """Against every stage's own brute force: the fewest of its last layers whose streaming keeps the stage within
+    the cap with its largest streamed layer mounted (zero-sized layers never streamed), and nothing of a stage
+    within it already; where none does, one sentence."""
+    from parallel_backend.strategies.asyncdiff import streamed
+
+    rng = random.Random(seed)
+    sizes = [rng.choice([0, rng.randint(1, 100)]) for _ in range(rng.randint(2, 12))]
+    stages = rng.randint(1, min(4, len(sizes)))
+    cuts = sorted(rng.sample(range(1, len(sizes)), stages - 1))
+    held = [rng.randint(0, 20) for _ in range(stages)]
+    cap = rng.randint(60, 250)
+    bounds = [0, *cuts, len(sizes)]
+
+    def fits(k, a, b, j):  # stage k holding layers [a, j), streaming the others
+        return held[k] + sum(sizes[a:j]) + max(sizes[j:b], default=0) <= cap
+
+    if any(not fits(k, a, b, a) for k, (a, b) in enumerate(zip(bounds, bounds[1:]))):
+        with pytest.raises(ValueError, match="even streaming all its layers.*raise the memory per device"):
+            streamed(sizes, held, cuts, cap)
+        return
+    chosen = streamed(sizes, held, cuts, cap)
+    for k, (a, b) in enumerate(zip(bounds, bounds[1:])):
+        start = next(j for j in range(b, a - 1, -1) if fits(k, a, b, j))
+        assert [i for i in chosen if a <= i < b] == [i for i in range(start, b) if sizes[i] > 0]

@@ -85,6 +85,33 @@ def test_pipefusions_candidate_with_modulation_spread_holds_the_time_cut_within_
     assert "weights per stage 72 / 72 MiB, the modulation of 3 blocks on another stage" in spread.reason
 
 
+def test_asyncdiffs_sharded_candidate_streams_what_the_time_cut_leaves_over_the_cap():
+    """A UNet's shape: equal time per layer, the weights in the middle (sd15's low-resolution levels). The cut
+    balanced on time (3 / 3) leaves stage 0 holding 4 + 4 + 30 + 30 = 68 of 100 MiB; sharded (a cap of 60 MiB),
+    it streams its last layers (30, then 30 more: the first alone leaves 38 + 30 running, over the cap), holding
+    8 MiB and one streamed layer at a time (both would not fit): on CPU workers in place (no time), on CUDA over
+    the link beside the compute, exposed only where the copies outlast the slowest stage."""
+    mib = 2**20
+    shape = CallShape(rows=1, input_bytes=4096, output_bytes=4096, handover_bytes=(4096,) * 7)
+    unet = Inputs(shape, "diffusers_unet", 1, {1: 1.0}, LINK, attention_seconds=0.1, weight_bytes=100 * mib,
+                  layer_seconds=(1.0,) * 6, layer_weight_bytes=(4 * mib, 30 * mib, 30 * mib, 12 * mib, 10 * mib,
+                                                                10 * mib))
+    mesh = Mesh("asyncdiff", 1, 1, (2,), 2)
+    held, cpu = predict(unet, mesh), predict(unet, mesh, "sharded")
+    assert held.weights_bytes_per_device == 4 * mib + 64 * mib
+    assert (cpu.weights_bytes_per_device, cpu.gathered_bytes_per_device) == (8 * mib, 30 * mib)
+    assert cpu.memory_bytes_per_device - cpu.weights_bytes_per_device - cpu.gathered_bytes_per_device == \
+        held.memory_bytes_per_device - held.weights_bytes_per_device
+    assert cpu.seconds_per_call == pytest.approx(held.seconds_per_call)
+    assert "2 layers (60 MiB) streamed from host memory per call" in cpu.reason
+    slow = Link("slow", 1e8, 0.0, "made up: 0.1 GB/s")  # 60 MiB take 0.63 s, a stage's compute 0.5
+    on_cuda = Inputs(**{**unet.__dict__, "gathers_overlap": True, "link": slow})
+    held, cuda = predict(on_cuda, mesh), predict(on_cuda, mesh, "sharded")
+    exposed = slow.seconds(60 * mib, 2) - (held.seconds_per_call - held.exposed_seconds)
+    assert exposed > 0 and cuda.seconds_per_call == pytest.approx(held.seconds_per_call + exposed)
+    assert any(c.strategy == "asyncdiff" and c.weights == "sharded" for c in candidates(unet, 2))
+
+
 def test_a_budget_marks_what_fits_and_the_choice_takes_the_fastest_that_does():
     found = candidates(BIG, 2, budget_bytes=8 * GIB)
     assert all(c.fits == (c.memory_bytes_per_device <= 8 * GIB) for c in found)

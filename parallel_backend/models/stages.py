@@ -152,6 +152,7 @@ class Placement:
         self.module, self.device = module, device
         self.placed = "host" if module.__dict__.get(ON_HOST) else "whole"
         self.parked: dict = {}  # (module, name, "_parameters" | "_buffers") -> a weight of another stage, on the CPU
+        self.placeholders: set = set()  # ids of the meta tensors standing in for them (not held, on a meta device too)
 
     @property
     def staged(self) -> bool:
@@ -179,8 +180,10 @@ class Placement:
                         continue  # a quantized layer's subclass stays where it is
                     self.parked[(owner, name, kind)] = tensor.to("cpu")
                     placeholder = torch.empty_like(tensor, device="meta")
-                    getattr(owner, kind)[name] = (torch.nn.Parameter(placeholder, requires_grad=False)
-                                                  if kind == "_parameters" else placeholder)
+                    placeholder = (torch.nn.Parameter(placeholder, requires_grad=False) if kind == "_parameters"
+                                   else placeholder)
+                    getattr(owner, kind)[name] = placeholder
+                    self.placeholders.add(id(placeholder))
         for t in keep:
             if isinstance(t, torch.nn.Module) and drop:  # the dropped modules' placeholders stay on meta
                 t._apply(lambda tensor: tensor if tensor.is_meta else tensor.to(self.device))
@@ -201,7 +204,7 @@ class Placement:
         """Puts the parked weights back into the module: on the device, or as they are (host memory)."""
         for (owner, name, kind), tensor in self.parked.items():
             getattr(owner, kind)[name] = tensor.to(self.device) if to_device else tensor
-        self.parked = {}
+        self.parked, self.placeholders = {}, set()
 
     @contextmanager
     def on_device(self, modules):
@@ -229,7 +232,7 @@ class Placement:
         from ..runtime.recipe import tensor_bytes
 
         return sum(tensor_bytes(t) for t in (*self.module.parameters(), *self.module.buffers())
-                   if t.device == self.device)
+                   if t.device == self.device and id(t) not in self.placeholders)
 
 
 def describe(profile: Profile, cuts: list[int]) -> list[dict[str, Any]]:
@@ -243,3 +246,106 @@ def describe(profile: Profile, cuts: list[int]) -> list[dict[str, Any]]:
                     "receives_tensors": len(profile.crossing[a]) if k else 0,
                     "receives_bytes_per_row": profile.bytes_per_row(a) if k else 0})
     return out
+
+
+class Streamed:
+    """A stage's layers whose weights stay parked in host memory between calls (`Placement` parks them with the
+    other stages'), brought to the device for their own run: what lets a stage hold less than its layers' weights
+    (asyncdiff under sharded weights or a memory per device). In run order, the next streamed layer's copy is
+    posted as one starts, so at most two streamed layers' weights are on the device at once, and each goes back
+    to its placeholder when its run ends, or when the call fails. `room`: the bytes of streamed weights the device
+    may hold at once (the cap less what the stage holds; None: no limit): the next copy waits for the running
+    layer's weights to leave where both would not fit, so the device never holds over the cap.
+    CUDA: the parked tensors are pinned once, copied on a side stream and waited for on the device (the host does
+    not block; the copy runs beside the compute); each copy is marked used by the compute stream, so the allocator
+    does not hand its memory on before the layer's kernels ran. CPU workers: the device's memory is the host's, so
+    the parked tensors are mounted where they are (a CPU worker's are views of the pool's mapped file) and nothing
+    is copied: a CPU bench shows the held weights, not a GPU's transfer, which the plan costs."""
+
+    def __init__(self, placement: Placement, layers: list[Layer], room: int | None = None):
+        self.placement, self.device, self.room = placement, placement.device, room
+        self.order = list(layers)
+        self.keys = {}  # id(layer) -> the parked entries (owner, name, kind) of its modules
+        for layer in self.order:
+            owners = {id(m) for module in layer.modules if module is not None for m in module.modules()}
+            self.keys[id(layer)] = [key for key in placement.parked if id(key[0]) in owners]
+        self.sizes = {layer_id: sum(placement.parked[k].numel() * placement.parked[k].element_size() for k in keys)
+                      for layer_id, keys in self.keys.items()}
+        self.bytes = sum(self.sizes.values())
+        self.cuda = self.device.type == "cuda" and bool(self.order)
+        if self.cuda:
+            for keys in self.keys.values():
+                for key in keys:
+                    placement.parked[key] = placement.parked[key].pin_memory()
+            self.copies = torch.cuda.Stream(self.device)
+        self.arriving: dict = {}  # id(layer) -> ({key: device tensor}, CUDA event or None)
+        self.mounted: dict = {}  # id(layer) -> {key: the placeholder it stands over}
+
+    def __bool__(self) -> bool:
+        return bool(self.order)
+
+    @contextmanager
+    def call(self):
+        """One call's run: the first streamed layer's copy posted; everything mounted or arriving dropped at the
+        end, even when the call fails."""
+        if self.order:
+            self._post(0)
+        try:
+            yield self
+        finally:
+            for layer_id in list(self.mounted):
+                self._unmount(layer_id)
+            self.arriving = {}
+
+    def before(self, layer: Layer) -> None:
+        """Before `layer` runs: where it is streamed, its weights in place (waited for) and the next one's copy
+        posted."""
+        if id(layer) not in self.keys:
+            return
+        index = next(i for i, streamed in enumerate(self.order) if streamed is layer)
+        if id(layer) not in self.arriving:
+            self._post(index)
+        tensors, event = self.arriving.pop(id(layer))
+        if event is not None:
+            torch.cuda.current_stream(self.device).wait_event(event)
+        self.mounted[id(layer)] = {}
+        for (owner, name, kind), tensor in tensors.items():
+            self.mounted[id(layer)][(owner, name, kind)] = getattr(owner, kind)[name]
+            getattr(owner, kind)[name] = (torch.nn.Parameter(tensor, requires_grad=False)
+                                          if kind == "_parameters" else tensor)
+        self._post_next(index)
+
+    def after(self, layer: Layer) -> None:
+        """After `layer` ran: its streamed weights off the device, the placeholders back, and the next one's copy
+        posted if it had to wait for the room."""
+        if id(layer) in self.mounted:
+            self._unmount(id(layer))
+            self._post_next(next(i for i, streamed in enumerate(self.order) if streamed is layer))
+
+    def _post_next(self, index: int) -> None:
+        if index + 1 >= len(self.order):
+            return
+        on_device = sum(self.sizes[i] for i in (*self.mounted, *self.arriving))
+        if self.room is None or on_device + self.sizes[id(self.order[index + 1])] <= self.room or not on_device:
+            self._post(index + 1)
+
+    def _post(self, index: int) -> None:
+        layer = self.order[index]
+        if id(layer) in self.arriving or id(layer) in self.mounted:
+            return
+        parked = self.placement.parked
+        if not self.cuda:
+            self.arriving[id(layer)] = ({key: parked[key].to(self.device) for key in self.keys[id(layer)]}, None)
+            return
+        with torch.cuda.stream(self.copies):
+            tensors = {key: parked[key].to(self.device, non_blocking=True) for key in self.keys[id(layer)]}
+            event = torch.cuda.Event()
+            event.record(self.copies)
+        compute = torch.cuda.current_stream(self.device)
+        for tensor in tensors.values():
+            tensor.record_stream(compute)
+        self.arriving[id(layer)] = (tensors, event)
+
+    def _unmount(self, layer_id: int) -> None:
+        for (owner, name, kind), placeholder in self.mounted.pop(layer_id).items():
+            getattr(owner, kind)[name] = placeholder

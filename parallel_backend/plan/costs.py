@@ -29,7 +29,8 @@ Overlap assumptions, per strategy (each as the strategy's code does it):
   Warm-up calls run the stages in turn, the whole sequence handed over at each cut, exposed. M: the best of
   PATCH_CHOICES (`proposed_patches`).
 - sharded weights (any strategy but asyncdiff, pipefusion and tensor): each block's gather, exposed on CPU workers, hidden
-  behind the compute on CUDA where the compute is longer (`sharded_cost`).
+  behind the compute on CUDA where the compute is longer (`sharded_cost`). asyncdiff's instead: a stage over the
+  cap streams its last layers from host memory each call (`streamed_stage_cost`).
 Compute: a row group's call on one device, split: sequence splits take a rank's part as measured on one device
 (Inputs.shard_seconds; else the call over the group's size); asyncdiff by the layer profile's balanced cut;
 row strategies run their rows' call. Sequence and tensor splits divide the call's work, never its fixed part
@@ -42,7 +43,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from ..runtime.words import counted
-from ..strategies.asyncdiff.schedule import balance, stage_costs
+from ..strategies.asyncdiff.schedule import balance, default_cap, stage_costs, streamed
 from ..strategies.pipefusion.cut import StageCut, spread, weights_cut
 from .traffic import Traffic, group_rows, handover_peer, per_rank, sequence_peer
 
@@ -152,6 +153,42 @@ def staged_cost(inp, mesh) -> Cost:
     memory, kept = max((_stage_weights(inp, cuts) + g * inp.activation_bytes_per_row, _stage_weights(inp, cuts))
                        for g, (_, cuts) in zip(rows, groups))
     return replace(worst, traffic=Traffic(peer=peer), memory=memory, kept=kept)
+
+
+def streamed_stage_cost(inp, mesh) -> Cost:
+    """asyncdiff under sharded weights or a memory per device (strategies/asyncdiff `cut`): the balanced cut, each
+    stage over the cap (the memory per device given, else an even share plus SLACK) streaming its last layers from
+    host memory each call (schedule.streamed). On CUDA (inp.gathers_overlap) the copies run on the link beside the
+    stage's compute, and only what outlasts the slowest stage is exposed; CPU workers mount them in place. Memory:
+    the heaviest stage's held weights, the streamed layers on its device at once (one running, the next arriving
+    where both fit the cap), activations."""
+    cost = staged_cost(inp, mesh)
+    if not inp.layer_weight_bytes or mesh.inner < 2:
+        return cost
+    sizes, stages = list(inp.layer_weight_bytes), mesh.inner
+    shared = max(0, inp.weight_bytes - sum(sizes))
+    cap = inp.stage_cap_bytes or default_cap(inp.weight_bytes, stages)
+    rows = max(g for g in group_rows(mesh, inp.shape, inp.branches) if g)
+    cuts = _staged_group(inp, rows, stages)[1]
+    chosen = set(streamed(sizes, [shared] * stages, cuts, cap))
+    if not chosen:
+        return cost
+    bounds = [0, *cuts, len(sizes)]
+    parts = [[sizes[i] for i in range(a, b) if i in chosen] for a, b in zip(bounds, bounds[1:])]
+    loads = []  # per stage: (what it keeps, the streamed weights on its device at once: two where both fit the cap)
+    for (a, b), part in zip(zip(bounds, bounds[1:]), parts):
+        kept = shared + sum(sizes[a:b]) - sum(part)
+        two, one = sum(sorted(part)[-2:]), max(part, default=0)
+        loads.append((kept, two if kept + two <= cap else one))
+    kept, window = max(loads, key=sum)
+    moved = max(sum(part) for part in parts)
+    transfer = inp.link.seconds(moved, max(len(part) for part in parts)) if inp.gathers_overlap else 0.0
+    exposed = max(0.0, transfer - cost.compute)
+    return replace(cost, busy=cost.busy + exposed, exposed=cost.exposed + exposed, transfer=cost.transfer + transfer,
+                   traffic=cost.traffic + Traffic(host_in=sum(map(sum, parts))),
+                   memory=cost.memory - cost.kept + kept + window, kept=kept, gathered=window,
+                   note=f"{counted(len(chosen), 'layer')} ({sum(map(sum, parts)) / 2**20:.0f} MiB) streamed from host "
+                        "memory per call")
 
 
 def _staged_group(inp, rows: int, stages: int) -> tuple[Cost, list[int]]:

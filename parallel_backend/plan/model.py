@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 
 from .. import strategies
 from ..engine.mesh import Mesh, SequenceHint
-from .costs import cost_for, sharded_cost
+from .costs import cost_for, sharded_cost, streamed_stage_cost
 from .links import Link
 from .traffic import CallShape, host_traffic
 from ..runtime.words import counted
@@ -77,7 +77,7 @@ class Inputs:
     launch_seconds: float = 0.0
     decode_seconds: float = 0.0
     decode_split_seconds: float = 0.0
-    stage_cap_bytes: int | None = None  # the memory per device given: pipefusion cuts within it (None: its default)
+    stage_cap_bytes: int | None = None  # the memory per device given: pipefusion cuts, asyncdiff streams within it
     layer_movable_bytes: tuple = ()  # the part of each layer's weights any stage may hold (a DiT block's modulation)
 
     def part(self, rows: int, share: float) -> float:
@@ -175,8 +175,10 @@ def one_device(inp: Inputs) -> Candidate:
 def predict(inp: Inputs, mesh: Mesh, weights: str = "replicated") -> Candidate:
     """The candidate `mesh` gives (ValueError where the mesh cannot run this model, e.g. more stages than layers);
     weights "sharded": over every device of the pool (engine/weights.py)."""
-    cost = cost_for(strategies.get(mesh.strategy))(inp, mesh)
-    if weights == "sharded":
+    strategy = strategies.get(mesh.strategy)
+    staged = strategy.axes == ("stages",)  # asyncdiff: sharded, its stages stream what exceeds the cap
+    cost = streamed_stage_cost(inp, mesh) if staged and weights == "sharded" else cost_for(strategy)(inp, mesh)
+    if weights == "sharded" and not staged:
         cost = sharded_cost(cost, inp, mesh.devices)
     host = host_traffic(mesh, inp.shape, inp.branches)
     groups = sum(1 for share in mesh.row_shares(inp.shape.rows, inp.branches) if len(share))
@@ -196,7 +198,7 @@ def predict(inp: Inputs, mesh: Mesh, weights: str = "replicated") -> Candidate:
               + (f" + {1000 * inp.host_overhead_s:.1f} ms overhead" if inp.host_overhead_s else "")
               + (f"; stale after {counted(inp.warmup, 'exact step')}" if stale else "")
               + (f"; {cost.note}" if cost.note else ""))
-    if weights == "sharded":
+    if weights == "sharded" and not staged:
         reason += f"; weights sharded over {mesh.devices} devices, each block gathered before it runs"
     return Candidate(mesh.strategy, mesh.degrees(), mesh.size, one / call, whole_run / split_run, call, not stale,
                      cost.memory, cost.traffic.peer, host.host_in + host.host_out, cost.exposed + host_s,
@@ -270,11 +272,16 @@ def candidates(inp: Inputs, devices: int, budget_bytes: int | None = None) -> li
     for mesh in meshes(inp, devices):
         strategy = strategies.get(mesh.strategy)
         shardable = inp.unit_bytes and not (strategy.stage_weights or strategy.cuts_layers)
-        for weights in ("replicated", "sharded") if shardable else ("replicated",):
+        streams = strategy.axes == ("stages",) and bool(inp.layer_weight_bytes)  # asyncdiff: streamed layers
+        for weights in ("replicated", "sharded") if shardable or streams else ("replicated",):
             try:
-                out.append(predict(inp, mesh, weights))
+                candidate = predict(inp, mesh, weights)
             except ValueError:  # e.g. more stages than the model has layers
                 continue
+            if streams and weights == "sharded" and out[-1].mesh == candidate.mesh and \
+                    candidate.memory_bytes_per_device >= out[-1].memory_bytes_per_device:
+                continue  # every stage within the cap already: nothing streamed, the same candidate
+            out.append(candidate)
     if budget_bytes is not None:
         out = [replace(c, fits=c.memory_bytes_per_device <= budget_bytes) for c in out]
     return sorted(out, key=lambda c: (-round(c.predicted_speedup, 3), not c.exact, c.devices))

@@ -18,7 +18,8 @@ from ...runtime.knobs import Knob
 from ..base import BenchJob, Strategy
 from ..stale import WARMUP
 from .messages import PlaceStages, ProbeExchange, ProfileLayers, StageCall, StagePlan
-from .schedule import balance, explain, simulate, stage_actions, stage_costs, stage_step  # noqa: F401 (API)
+from .schedule import SLACK, balance, default_cap, explain, simulate, stage_actions, stage_costs, stage_step, \
+    streamed  # noqa: F401 (API)
 from ...runtime.words import counted
 
 
@@ -26,6 +27,7 @@ STAGES = Knob("stages", int, None, "asyncdiff: the stages the UNet is cut into, 
               "devices left after cfg and batch)", low=1, unset=True, axis="they cut the model into stages")
 STRIDE = Knob("stride", int, 1, "asyncdiff: 1, or 2 to exchange activations every second call only (less traffic, "
               "staler inputs)", choices=(1, 2))
+SHARDED = "sharded"  # config.weights (engine/weights.py, a floor above): stages then stream what exceeds their share
 TIME_SHIFT = Knob("time_shift", bool, False, "asyncdiff: each stage embeds the timestep its input came from")
 
 
@@ -108,9 +110,30 @@ class AsyncDiff(Strategy):
                          "layer_seconds": profile.seconds, "stage_speeds": list(speeds or [1.0] * stages), **weights}
 
     def cut(self, engine, profile, stages: int, speeds, config) -> tuple[tuple[int, ...], dict]:
-        """(the cut points, what the plan records of its weights): asyncdiff cuts for time alone (the
-        balanced cut, `schedule.balance`), and records nothing of its weights."""
-        return tuple(balance(profile.seconds, stages, speeds)), {}
+        """(the cut points, what the plan records of its weights): asyncdiff cuts for time alone (the balanced
+        cut, `schedule.balance`). A stage holds its own layers' weights; under sharded weights (at most an even share
+        plus SLACK per device) or a memory per device, a stage over it streams its last layers' weights
+        from host memory each call (`schedule.streamed`, runner.py), said once."""
+        cuts = tuple(balance(profile.seconds, stages, speeds))
+        memory = None if config.memory_per_device is None else int(config.memory_per_device * 2**30)
+        if stages < 2 or profile.sizes is None or (memory is None and config.weights != SHARDED):
+            return cuts, {}
+        shared = profile.held[0] if profile.held else 0
+        whole = sum(profile.sizes) + shared
+        cap = memory if memory is not None else default_cap(whole, stages)
+        held = [shared] * stages
+        chosen = streamed(profile.sizes, held, list(cuts), cap)
+        bounds = [0, *cuts, len(profile.sizes)]
+        loads = [shared + sum(profile.sizes[i] for i in range(a, b) if i not in chosen)
+                 for a, b in zip(bounds, bounds[1:])]
+        moved = sum(profile.sizes[i] for i in chosen)
+        if chosen:
+            within = "--memory-per-device" if memory is not None else f"an even share plus {100 * SLACK:.0f}%"
+            engine.say(f"Tandem: asyncdiff streams {counted(len(chosen), 'layer')} ({moved / 2**20:.0f} MiB: "
+                       f"{', '.join(profile.names[i] for i in chosen)}) from host memory each call, so no device "
+                       f"holds over {cap / 2**20:.0f} of the {whole / 2**20:.0f} MiB of weights ({within})")
+        return cuts, {"stage_weights": loads, "weights_cap": cap, "whole_weights": whole, "streamed": chosen,
+                      "streamed_bytes": moved}
 
     def weights_layout(self, mesh):
         """Every rank a stage: its model held in host memory as it loads (`cut_on_load`), so no device holds
@@ -132,12 +155,14 @@ class AsyncDiff(Strategy):
 
     def place_message(self, fingerprint: str, config, plan: StagePlan, record: dict):
         """The message that gives one worker its stage of the cut (`record`: what `cut` recorded besides the cut
-        points; asyncdiff records nothing)."""
-        return PlaceStages(fingerprint, plan)
+        points; asyncdiff's: the layers stages stream)."""
+        return PlaceStages(fingerprint, plan, streamed=tuple(record.get("streamed", ())),
+                           cap=record.get("weights_cap"))
 
     def setup_knobs(self, config) -> tuple:
-        """The settings the workers' stage set-up depends on (a change sets them up again)."""
-        return config.warmup, config.stride, config.time_shift
+        """The settings the workers' stage set-up depends on (a change sets them up again): the schedule's knobs,
+        and what caps a stage's weights (the layers it streams)."""
+        return config.warmup, config.stride, config.time_shift, config.weights, config.memory_per_device
 
     def stage_plan(self, engine) -> dict | None:
         """The cut the workers hold (layer costs, each stage's share and what it receives), or None."""
@@ -178,6 +203,11 @@ class AsyncDiff(Strategy):
                    f"stride {config.stride}; {moved / 2**20:.2f} MiB between stages per call, "
                    f"{1000 * transfer:.1f} ms alone, {1000 * exposed:.1f} ms of it exposed "
                    f"({100 * overlapped:.0f}% overlapped with compute)")
+        if plan.get("streamed") and (config.weights == SHARDED or config.memory_per_device is not None):
+            summary += (f"; weights {' / '.join(f'{w / 2**20:.0f}' for w in plan['stage_weights'])} MiB of "
+                        f"{plan['whole_weights'] / 2**20:.0f} (cap {plan['weights_cap'] / 2**20:.0f}), "
+                        f"{counted(len(plan['streamed']), 'layer')} ({plan['streamed_bytes'] / 2**20:.0f} MiB) "
+                        "streamed from host memory per call")
         return {"ideal_speedup": 1.0 / slowest, "stage_shares": shares, "stage_layers": layers,
                 "stage_speeds": plan["stage_speeds"],
                 "warmup": config.warmup, "stride": config.stride, "time_shift": config.time_shift,

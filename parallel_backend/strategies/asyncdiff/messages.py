@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 
@@ -32,8 +32,13 @@ class ProfileLayers:
 
 @dataclass(frozen=True)
 class PlaceStages:
+    """A worker's stage of the cut, and the layers (indices) whose weights it streams from host memory each call
+    instead of holding them (schedule.streamed), within `cap` bytes of weights on its device (None: no cap)."""
+
     fingerprint: str
     plan: StagePlan
+    streamed: tuple[int, ...] = field(default=(), kw_only=True)  # by keyword: pipefusion's PlaceBlocks adds its own
+    cap: int | None = field(default=None, kw_only=True)
 
 
 @dataclass(frozen=True)

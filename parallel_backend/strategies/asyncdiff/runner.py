@@ -20,7 +20,8 @@ import torch
 from ...runtime import primitives
 from ...runtime.messages import Computed
 from ...models.stage_families import adapter_for
-from ...models.stages import Activations, Placement, Profile, modules_of, profile, synchronize
+from ...models.stages import Activations, Placement, Profile, Streamed, modules_of, profile, synchronize, \
+    weights_of
 from . import schedule
 from .messages import PlaceStages, ProbeExchange, ProfileLayers, StageCall, StagePlan
 
@@ -78,6 +79,8 @@ class StageRunner:
         self.layers = self.adapter.layers(module)
         self.plan: StagePlan | None = None
         self.placement = Placement(module, device)
+        self.streamed_layers: list = []  # this stage's layers whose weights come from host memory each call
+        self.streamed, self.cap = Streamed(self.placement, []), None
         self.job = None
         self.streams: dict = {}
 
@@ -87,6 +90,14 @@ class StageRunner:
         """Puts `keep` and the shared modules on this worker's device, every other weight parked (a stage holds
         only its own layers' weights), or, `whole`, the whole model back."""
         self.placement.place([] if whole else [*self.adapter.shared_modules(self.module), *keep], whole)
+
+    def _place_stage(self) -> None:
+        """This stage's layers on the device but those it streams (parked with the other stages' weights, brought
+        to the device for their own run: `Streamed`)."""
+        streamed = {id(layer) for layer in self.streamed_layers}
+        self._place(modules_of([layer for layer in self.mine if id(layer) not in streamed]))
+        room = None if self.cap is None else self.cap - self.held_bytes()
+        self.streamed = Streamed(self.placement, self.streamed_layers, room)
 
     def held_bytes(self) -> int:
         return self.placement.held_bytes()
@@ -108,7 +119,9 @@ class StageRunner:
             measured = profile(self.layers, ctx, Activations(call.x), repeats=3,
                                around=lambda layer: on_device([m for m in layer.modules if m is not None]))
         self.plan = None  # the placement changed; the host sends a setup next
-        return {"names": measured.names, "layer_seconds": measured.seconds, "crossing": measured.crossing}
+        return {"names": measured.names, "layer_seconds": measured.seconds, "crossing": measured.crossing,
+                "layer_bytes": [weights_of(layer.modules) for layer in self.layers],
+                "held_bytes": (weights_of(self.adapter.shared_modules(self.module)), 0, 0)}
 
     def setup(self, message: PlaceStages) -> dict:
         plan = message.plan
@@ -119,9 +132,14 @@ class StageRunner:
         # skip-stack depth at every cut of this stage (before each of its layers, and after the last)
         self.depths = [len(plan.crossing[c]) - 1 for c in range(bounds[plan.stage], bounds[plan.stage + 1] + 1)
                        ] if plan.next is not None else []
-        self._place(modules_of(self.mine))
+        self.cap = message.cap
+        self.streamed_layers = [self.layers[i] for i in sorted(set(message.streamed))
+                                if bounds[plan.stage] <= i < bounds[plan.stage + 1]]
+        self._place_stage()
         self.plan, self.streams, self.job = plan, {}, None
-        return {"layers": [layer.name for layer in self.mine]}
+        return {"layers": [layer.name for layer in self.mine],
+                "streamed": [layer.name for layer in self.streamed_layers],
+                "streamed_bytes": self.streamed.bytes}
 
     def probe(self, message: ProbeExchange) -> dict:
         """Times handing tensors of `specs` to (send) or from (receive) rank `peer` with nothing else running:
@@ -156,7 +174,7 @@ class StageRunner:
         if plan is None:
             raise RuntimeError("this worker has no stage assigned (the host sends a stage setup first)")
         if not self.placement.staged:
-            self._place(modules_of(self.mine))
+            self._place_stage()
         call = message.call
         if call.job != self.job:
             self.job, self.streams = call.job, {}
@@ -167,7 +185,8 @@ class StageRunner:
         for action in schedule.stage_actions(step):
             self._ACTIONS[action](self, stream, call, step)
         return Computed(stream.out, stream.compute_s, stream.wait_s, stream.bytes,
-                        extra={"layers": len(self.mine), "weights_bytes": self.held_bytes()})
+                        extra={"layers": len(self.mine), "weights_bytes": self.held_bytes(),
+                               "streamed_bytes": self.streamed.bytes})
 
     # the actions of schedule.stage_actions; each works on the stream's state for this call
 
@@ -202,12 +221,14 @@ class StageRunner:
         timestep = origin.to(call.t.dtype) if plan.time_shift and not step.sync else call.t
         hand_over = HandOver(self.depths, plan.next) if send else None
         mark = time.perf_counter()
-        with torch.inference_mode():
+        with torch.inference_mode(), self.streamed.call() as streamed:
             ctx = self.adapter.prepare(self.module, call, timestep)
             if hand_over is not None:
                 hand_over.send_final(0, acts)
             for cut, layer in enumerate(self.mine, start=1):
+                streamed.before(layer)
                 layer.run(ctx, acts)
+                streamed.after(layer)
                 if hand_over is not None:
                     hand_over.send_final(cut, acts)
         if hand_over is not None:

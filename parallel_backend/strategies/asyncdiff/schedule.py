@@ -25,6 +25,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from ...runtime.words import counted
 
+SLACK = 0.1  # of the whole model's weights, above an even share: what a stage may hold by default (pipefusion, and
+# asyncdiff under sharded weights)
+
+
+def default_cap(whole: int, stages: int) -> int:
+    """The most bytes one of `stages` stages holds with no memory per device given: an even share plus SLACK."""
+    return whole if stages < 2 else int(whole * (1 / stages + SLACK))
+
+
 def balance(costs: list[float], stages: int, speeds: list[float] | None = None, sizes: list[int] | None = None,
             cap: float | None = None, held: list[int] | None = None) -> list[int]:
     """Cut points [c_1 < ... < c_{stages-1}] splitting `costs` (per layer, in order) into `stages` contiguous
@@ -52,6 +61,28 @@ def balance(costs: list[float], stages: int, speeds: list[float] | None = None, 
         raise ValueError(f"no cut of {n} layers into {stages} stages keeps every stage's weights within {cap:.0f} "
                          f"bytes: the lightest holds {lightest(sizes, stages, held):.0f} on its heaviest stage")
     return cuts
+
+
+def streamed(sizes: list[int], held: list[int], cuts: list[int], cap: float) -> list[int]:
+    """The layers (indices) whose weights their stage streams from host memory each call instead of holding them,
+    so that no stage holds over `cap` bytes, during a call included: its other layers' (`sizes`, bytes per layer),
+    what it holds besides (`held`, one per stage) and the streamed layer running (the runner mounts one at a time,
+    two where both fit: models/stages.py Streamed). From each stage's last layer backwards (the layers it runs
+    last, whose copies have the longest to arrive) until that fits. ValueError, one sentence, where a stage cannot
+    fit even streaming all its layers."""
+    bounds, out = [0, *cuts, len(sizes)], []
+    for k, (a, b) in enumerate(zip(bounds, bounds[1:])):
+        load, largest, i = held[k] + sum(sizes[a:b]), 0, b
+        while load + largest > cap and i > a:
+            i -= 1
+            if sizes[i] > 0:
+                out.append(i)
+                load, largest = load - sizes[i], max(largest, sizes[i])
+        if load + largest > cap:
+            raise ValueError(f"stage {k} needs {(load + largest) / 2**20:.0f} MiB of weights on its device even "
+                             f"streaming all its layers (what it holds besides them and its largest layer), over the "
+                             f"{cap / 2**20:.0f} MiB per device it may hold; raise the memory per device")
+    return sorted(out)
 
 
 def lightest(sizes: list[int], stages: int, held: list[int] | None = None) -> float:

@@ -23,9 +23,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..asyncdiff.schedule import balance, lightest, stage_costs, stage_weights
-
-SLACK = 0.1  # of the whole model's weights, above an even share
+from ..asyncdiff.schedule import (SLACK, balance, default_cap, lightest, stage_costs,  # noqa: F401 (SLACK: API)
+                                  stage_weights)
 
 
 @dataclass(frozen=True)
@@ -49,11 +48,6 @@ def held_per_stage(shared: int, first: int, last: int, stages: int) -> list[int]
     """The weights (bytes) each stage holds besides its blocks: what every stage holds (`shared`), the
     embedders (`first`: stage 0), the output layers (`last`: the last stage)."""
     return [shared + (first if k == 0 else 0) + (last if k == stages - 1 else 0) for k in range(stages)]
-
-
-def default_cap(whole: int, stages: int) -> int:
-    """The most bytes one of `stages` stages holds with no memory per device given: an even share plus SLACK."""
-    return whole if stages < 2 else int(whole * (1 / stages + SLACK))
 
 
 def owner_stages(cuts: list[int], blocks: int) -> list[int]:
