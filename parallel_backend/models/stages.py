@@ -258,7 +258,9 @@ class Streamed:
     layer's weights to leave where both would not fit, so the device never holds over the cap.
     CUDA: the parked tensors are pinned once, copied on a side stream and waited for on the device (the host does
     not block; the copy runs beside the compute); each copy is marked used by the compute stream, so the allocator
-    does not hand its memory on before the layer's kernels ran. CPU workers: the device's memory is the host's, so
+    does not hand its memory on before the layer's kernels ran, and before a new copy is allocated the host waits
+    for the streamed layers that ran to finish on the device: launched ahead, the host would otherwise allocate
+    copies while the memory of those it dropped is still in use, over the cap. CPU workers: the device's memory is the host's, so
     the parked tensors are mounted where they are (a CPU worker's are views of the pool's mapped file) and nothing
     is copied: a CPU bench shows the held weights, not a GPU's transfer, which the plan costs."""
 
@@ -280,6 +282,7 @@ class Streamed:
             self.copies = torch.cuda.Stream(self.device)
         self.arriving: dict = {}  # id(layer) -> ({key: device tensor}, CUDA event or None)
         self.mounted: dict = {}  # id(layer) -> {key: the placeholder it stands over}
+        self.ran: list = []  # CUDA: an event after each streamed layer run since the last copy was posted
 
     def __bool__(self) -> bool:
         return bool(self.order)
@@ -295,7 +298,7 @@ class Streamed:
         finally:
             for layer_id in list(self.mounted):
                 self._unmount(layer_id)
-            self.arriving = {}
+            self.arriving, self.ran = {}, []
 
     def before(self, layer: Layer) -> None:
         """Before `layer` runs: where it is streamed, its weights in place (waited for) and the next one's copy
@@ -319,6 +322,8 @@ class Streamed:
         """After `layer` ran: its streamed weights off the device, the placeholders back, and the next one's copy
         posted if it had to wait for the room."""
         if id(layer) in self.mounted:
+            if self.cuda:
+                self.ran.append(torch.cuda.current_stream(self.device).record_event())
             self._unmount(id(layer))
             self._post_next(next(i for i, streamed in enumerate(self.order) if streamed is layer))
 
@@ -337,6 +342,9 @@ class Streamed:
         if not self.cuda:
             self.arriving[id(layer)] = ({key: parked[key].to(self.device) for key in self.keys[id(layer)]}, None)
             return
+        for ran in self.ran:  # the memory of the streamed weights dropped since is free once these passed
+            ran.synchronize()
+        self.ran = []
         with torch.cuda.stream(self.copies):
             tensors = {key: parked[key].to(self.device, non_blocking=True) for key in self.keys[id(layer)]}
             event = torch.cuda.Event()

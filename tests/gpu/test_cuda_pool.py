@@ -169,3 +169,55 @@ def test_a_cuda_worker_forked_from_the_launcher_equals_the_host_device(monkeypat
         executor = ParallelExecutor(pool, ParallelConfig(devices, "batch"))
         result = run_loop(model, job_for("batch"), resolution, steps=4, repeats=0, executor=executor).latents
     torch.testing.assert_close(result.cpu(), reference.cpu(), atol=2e-2, rtol=2e-2)
+
+
+def streamed_stage_against_held(device: str):
+    """One stage of sd15-narrow on `device` running every layer, its last three streamed from host memory
+    (models/stages.py Streamed) against the same stage holding them: (held output, streamed output, the most the
+    device allocated over the stage's kept weights while streaming (CUDA; 0 elsewhere), the three layers' bytes)."""
+    import copy
+
+    from parallel_backend.engine.oracle import sample_call
+    from parallel_backend.runtime.calls import ModelCall
+    from parallel_backend.runtime.worker_loop import _materialize
+    from parallel_backend.strategies.asyncdiff import STRATEGY
+    from parallel_backend.strategies.asyncdiff.messages import PlaceStages, ProfileLayers, StageCall, StagePlan
+    from parallel_backend.strategies.asyncdiff.runner import StageRunner
+
+    model, where = build_bench_model("sd15-narrow", torch.float16), torch.device(device)
+    sample = sample_call(model, 1, (model.default_resolution,) * 2)
+
+    def runner_of():
+        module = _materialize(copy.deepcopy(model.module), where,
+                              lambda m: STRATEGY.cut_on_load(None, m, model.family, ("asyncdiff", (0,), 0)))
+        return StageRunner(module, model.family, where)
+
+    measured = runner_of().profile(ProfileLayers("fp", sample))
+    plan = StagePlan(0, 1, (), None, None, 0, 1, False, tuple(tuple(c) for c in measured["crossing"]))
+    n = len(measured["names"])
+    streamed = (n - 4, n - 3, n - 2)
+    sizes = [measured["layer_bytes"][i] for i in streamed]
+    call = ModelCall(sample.x, sample.t, sample.context, job=1, stream=("s",), step=0)
+    outputs, extra = [], []
+    for message in (PlaceStages("fp", plan), PlaceStages("fp", plan, streamed=streamed)):
+        runner = runner_of()
+        runner.setup(message)
+        base = 0
+        if where.type == "cuda":
+            torch.cuda.synchronize(where)
+            base = torch.cuda.memory_allocated(where)
+            torch.cuda.reset_peak_memory_stats(where)
+        outputs.append(runner.call(StageCall("fp", call)).out.float().cpu())
+        extra.append(torch.cuda.max_memory_allocated(where) - base if where.type == "cuda" else 0)
+        del runner
+    return outputs[0], outputs[1], extra[1] - extra[0], sizes
+
+
+def test_streamed_layers_on_a_gpu_equal_held_ones():
+    """Streamed on CUDA: pinned host weights copied on a side stream and waited for on the device give the held
+    stage's output, and the device holds streamed layers only while they run: its peak over what the stage keeps
+    exceeds the held stage's (activations alike) by at most two streamed layers, never all three."""
+    held, streamed, extra, sizes = streamed_stage_against_held("cuda:0")
+    torch.testing.assert_close(streamed, held, atol=0, rtol=0)
+    two = max(a + b for a, b in zip(sizes, sizes[1:]))
+    assert extra <= two + 16 * 1024 < sum(sizes), (extra, sizes)  # 16 KiB: the allocator's rounding
