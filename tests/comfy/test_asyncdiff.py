@@ -80,3 +80,19 @@ def test_asyncdiff_with_heun_two_calls_per_step(comfy_server, comfy):
     stock, tandem = comfy.run_pair(comfy_server, "asyncdiff_heun", "asyncdiff", sampler_name="heun",
                                    settings={"warmup": 6})
     comfy.assert_same_latents(tandem, stock)
+
+
+def test_asyncdiff_under_a_memory_cap_streams_within_it_and_equals_stock(comfy_server, comfy):
+    """The Settings node's max memory per device below what the heavier stage holds: that stage streams its last
+    layers from host memory each call and holds at most the cap, and with warm-up covering every step the run
+    still equals the stock KSampler; without the cap it holds them all."""
+    stock, held = comfy.run_pair(comfy_server, "asyncdiff_held", "asyncdiff", settings={"warmup": 6})
+    comfy.assert_same_latents(held, stock)
+    whole = comfy_server.get("/tandem/status")["model_weights_bytes"]
+    cap = 0.85 * max(whole)
+    stock, capped = comfy.run_pair(comfy_server, "asyncdiff_capped", "asyncdiff",
+                                   settings={"warmup": 6, "memory_per_device": cap / 2**30})
+    comfy.assert_same_latents(capped, stock)
+    status = comfy_server.get("/tandem/status")
+    assert status["last_run"]["strategy"] == "asyncdiff"
+    assert max(status["model_weights_bytes"]) <= cap < max(whole), (status["model_weights_bytes"], whole)
