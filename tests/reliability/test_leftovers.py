@@ -19,8 +19,10 @@ from parallel_backend.runtime.pool import WorkerPool
 pytestmark = pytest.mark.slow
 
 HOST_SCRIPT = """
-import sys, time
+import signal, sys, time
 import torch
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as a host in a terminal: a runner started with '&'
+# by a non-interactive shell ignores SIGINT, and its children would inherit that
 from parallel_backend.runtime.pool import WorkerPool
 
 from parallel_backend.runtime import launcher
