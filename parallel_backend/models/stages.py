@@ -138,6 +138,15 @@ def modules_of(layers: list[Layer]) -> list[torch.nn.Module]:
 _PLAIN = (torch.Tensor, torch.nn.Parameter)  # weights a stage can park (a meta placeholder stands in)
 
 
+def _put(owner: torch.nn.Module, kind: str, name: str, tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` as `owner`'s weight `name` (kind: "_parameters", wrapped as a frozen Parameter, or "_buffers");
+    returns what was put."""
+    if kind == "_parameters":
+        tensor = torch.nn.Parameter(tensor, requires_grad=False)
+    getattr(owner, kind)[name] = tensor
+    return tensor
+
+
 class Placement:
     """Where a stage-cut model's weights are, used by asyncdiff's and pipefusion's stage workers. `placed`:
     "host" (as a stage cut loads it: every weight in host memory, none on the device yet), "whole" (every weight
@@ -180,10 +189,7 @@ class Placement:
                         continue  # a quantized layer's subclass stays where it is
                     self.parked[(owner, name, kind)] = tensor.to("cpu")
                     placeholder = torch.empty_like(tensor, device="meta")
-                    placeholder = (torch.nn.Parameter(placeholder, requires_grad=False) if kind == "_parameters"
-                                   else placeholder)
-                    getattr(owner, kind)[name] = placeholder
-                    self.placeholders.add(id(placeholder))
+                    self.placeholders.add(id(_put(owner, kind, name, placeholder)))
         for t in keep:
             if isinstance(t, torch.nn.Module) and drop:  # the dropped modules' placeholders stay on meta
                 t._apply(lambda tensor: tensor if tensor.is_meta else tensor.to(self.device))
@@ -218,9 +224,7 @@ class Placement:
                         if tensor is None or tensor.device == self.device or type(tensor) not in _PLAIN:
                             continue
                         saved.append((owner, kind, name, tensor))
-                        moved = tensor.to(self.device)
-                        getattr(owner, kind)[name] = (torch.nn.Parameter(moved, requires_grad=False)
-                                                      if kind == "_parameters" else moved)
+                        _put(owner, kind, name, tensor.to(self.device))
         try:
             yield
         finally:
@@ -260,18 +264,21 @@ class Streamed:
     not block; the copy runs beside the compute); each copy is marked used by the compute stream, so the allocator
     does not hand its memory on before the layer's kernels ran, and before a new copy is allocated the host waits
     for the streamed layers that ran to finish on the device: launched ahead, the host would otherwise allocate
-    copies while the memory of those it dropped is still in use, over the cap. CPU workers: the device's memory is the host's, so
-    the parked tensors are mounted where they are (a CPU worker's are views of the pool's mapped file) and nothing
-    is copied: a CPU bench shows the held weights, not a GPU's transfer, which the plan costs."""
+    copies while the memory of those it dropped is still in use, over the cap. CPU workers: the device's memory is
+    the host's, so the parked tensors are mounted where they are (a CPU worker's are views of the pool's mapped
+    file) and nothing is copied: a CPU bench shows the held weights, not a GPU's transfer, which the plan costs."""
 
     def __init__(self, placement: Placement, layers: list[Layer], room: int | None = None):
+        from ..runtime.recipe import tensor_bytes
+
         self.placement, self.device, self.room = placement, placement.device, room
         self.order = list(layers)
+        self.index = {id(layer): i for i, layer in enumerate(self.order)}  # id(layer) -> its place in run order
         self.keys = {}  # id(layer) -> the parked entries (owner, name, kind) of its modules
         for layer in self.order:
             owners = {id(m) for module in layer.modules if module is not None for m in module.modules()}
             self.keys[id(layer)] = [key for key in placement.parked if id(key[0]) in owners]
-        self.sizes = {layer_id: sum(placement.parked[k].numel() * placement.parked[k].element_size() for k in keys)
+        self.sizes = {layer_id: sum(tensor_bytes(placement.parked[k]) for k in keys)
                       for layer_id, keys in self.keys.items()}
         self.bytes = sum(self.sizes.values())
         self.cuda = self.device.type == "cuda" and bool(self.order)
@@ -283,9 +290,6 @@ class Streamed:
         self.arriving: dict = {}  # id(layer) -> ({key: device tensor}, CUDA event or None)
         self.mounted: dict = {}  # id(layer) -> {key: the placeholder it stands over}
         self.ran: list = []  # CUDA: an event after each streamed layer run since the last copy was posted
-
-    def __bool__(self) -> bool:
-        return bool(self.order)
 
     @contextmanager
     def call(self):
@@ -303,19 +307,18 @@ class Streamed:
     def before(self, layer: Layer) -> None:
         """Before `layer` runs: where it is streamed, its weights in place (waited for) and the next one's copy
         posted."""
-        if id(layer) not in self.keys:
+        if id(layer) not in self.index:
             return
-        index = next(i for i, streamed in enumerate(self.order) if streamed is layer)
+        index = self.index[id(layer)]
         if id(layer) not in self.arriving:
             self._post(index)
         tensors, event = self.arriving.pop(id(layer))
         if event is not None:
             torch.cuda.current_stream(self.device).wait_event(event)
-        self.mounted[id(layer)] = {}
+        self.mounted[id(layer)] = {(owner, name, kind): getattr(owner, kind)[name]
+                                   for owner, name, kind in tensors}
         for (owner, name, kind), tensor in tensors.items():
-            self.mounted[id(layer)][(owner, name, kind)] = getattr(owner, kind)[name]
-            getattr(owner, kind)[name] = (torch.nn.Parameter(tensor, requires_grad=False)
-                                          if kind == "_parameters" else tensor)
+            _put(owner, kind, name, tensor)
         self._post_next(index)
 
     def after(self, layer: Layer) -> None:
@@ -325,7 +328,7 @@ class Streamed:
             if self.cuda:
                 self.ran.append(torch.cuda.current_stream(self.device).record_event())
             self._unmount(id(layer))
-            self._post_next(next(i for i, streamed in enumerate(self.order) if streamed is layer))
+            self._post_next(self.index[id(layer)])
 
     def _post_next(self, index: int) -> None:
         if index + 1 >= len(self.order):
